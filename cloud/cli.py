@@ -1,0 +1,235 @@
+"""The ``autoglm`` command line. Heavy imports happen inside commands, so ``--help`` is instant
+and the edge commands work on an install without torch."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edge_agent.cli import app as edge_app
+from shared.errors import AutoGLMError
+
+app = typer.Typer(
+    help="Open-AutoGLM: language models on fleets of edge devices, with a cloud behind them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+model_app = typer.Typer(help="Package models and inspect the registry.", no_args_is_help=True)
+cloud_app = typer.Typer(help="Minimal cloud side: serve blobs and set devices' desired state.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(edge_app, name="edge")
+app.add_typer(cloud_app, name="cloud")
+
+console = Console(highlight=False)
+
+RegistryOpt = Annotated[
+    Path | None, typer.Option("--registry", help="Registry folder [default: $AUTOGLM_HOME/registry].")
+]
+KeyOpt = Annotated[
+    Path | None,
+    typer.Option("--signing-key", help="Ed25519 PEM key [default: $AUTOGLM_HOME/keys/manifest-signing.pem]."),
+]
+BrokerOpt = Annotated[str, typer.Option("--broker", help="MQTT broker as HOST:PORT.")]
+TenantOpt = Annotated[str, typer.Option("--tenant", help="Tenant (topic namespace).")]
+
+
+def _registry(path: Path | None):  # type: ignore[no-untyped-def]
+    from cloud.paths import CloudPaths
+    from cloud.registry import ModelRegistry
+
+    return ModelRegistry(path or CloudPaths.from_env().registry)
+
+
+def _signing_key(path: Path | None):  # type: ignore[no-untyped-def]
+    from cloud.paths import CloudPaths
+    from shared.signing import SigningKey
+
+    key_path = path or CloudPaths.from_env().signing_key
+    key, created = SigningKey.load_or_create(key_path)
+    if created:
+        console.print(f"[yellow]Created a new manifest signing key at {key_path} (key id {key.public.key_id}).[/]")
+    return key
+
+
+def _broker(addr: str):  # type: ignore[no-untyped-def]
+    from shared.mqtt import BrokerSettings
+
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise typer.BadParameter(f"expected HOST:PORT, got {addr!r}", param_hint="--broker")
+    return BrokerSettings(host=host or "127.0.0.1", port=int(port))
+
+
+def _split_ref(ref: str) -> tuple[str, str]:
+    name, sep, version = ref.partition(":")
+    if not sep or not name or not version:
+        raise typer.BadParameter(f"expected NAME:VERSION, got {ref!r}")
+    return name, version
+
+
+@model_app.command("package")
+def model_package(
+    src: Annotated[Path, typer.Argument(help="Local Hugging Face causal-LM folder (GLM, Llama, Qwen2, GPT-2).")],
+    name: Annotated[str, typer.Option("--name", help="Model name in the registry.")],
+    version: Annotated[str, typer.Option("--version", help="Version label (new for every package).")],
+    quantize: Annotated[str, typer.Option("--quantize", help="int8 (default) or none.")] = "int8",
+    eval_text: Annotated[
+        Path | None, typer.Option("--eval-text", help="Held-out text for perplexity [default: Python stdlib sample].")
+    ] = None,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", help="Transfer chunk size in bytes.")] = 1024 * 1024,
+    registry: RegistryOpt = None,
+    signing_key: KeyOpt = None,
+) -> None:
+    """Export to ONNX, validate against PyTorch, quantize, measure, split into blobs, sign, store."""
+    from cloud.console import ConsoleReporter
+    from cloud.packaging.packager import ModelPackager, PackageOptions
+
+    if not src.is_dir():
+        raise typer.BadParameter(f"{src} is not a folder", param_hint="SRC")
+    text = eval_text.read_text(encoding="utf-8", errors="replace") if eval_text else None
+    packager = ModelPackager(_registry(registry), _signing_key(signing_key), ConsoleReporter(console))
+    entry = packager.package(
+        src, PackageOptions(name=name, version=version, quantize=quantize, eval_text=text, chunk_size=chunk_size)
+    )
+    console.print(f"[bold green]Packaged {entry.name}:{entry.version}[/] manifest {entry.digest}")
+
+
+@model_app.command("demo")
+def model_demo(
+    steps: Annotated[int, typer.Option("--steps", help="Training steps for the demo model.")] = 400,
+    name: Annotated[str, typer.Option("--name")] = "demo-glm",
+    version: Annotated[str, typer.Option("--version")] = "1",
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Train again even if a demo model exists.")] = False,
+    registry: RegistryOpt = None,
+    signing_key: KeyOpt = None,
+) -> None:
+    """Build the small demonstration GLM model locally (no hub), train it briefly, and package it."""
+    from cloud.demo import ensure_demo_package
+
+    ensure_demo_package(console, _registry(registry), _signing_key(signing_key), name, version, steps, rebuild)
+
+
+@model_app.command("ls")
+def model_ls(
+    registry: RegistryOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List packaged models."""
+    entries = _registry(registry).list()
+    if as_json:
+        rows = [
+            {"name": e.name, "version": e.version, "digest": e.digest, "bytes": e.manifest.total_size}
+            for e in entries
+        ]
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not entries:
+        console.print("No models in the registry. Try `autoglm model demo`.")
+        return
+    table = Table("name", "version", "arch", "quant", "size", "ppl fp32 → shipped", "manifest")
+    for e in entries:
+        m = e.manifest
+        q = m.quality
+        ppl = f"{q.perplexity_fp32:.2f} → {q.perplexity_shipped:.2f}" if q else "-"
+        table.add_row(
+            e.name, e.version, m.architecture, m.quantization.method, f"{m.total_size / 1e6:.1f} MB", ppl, e.digest[:19]
+        )
+    console.print(table)
+
+
+@model_app.command("show")
+def model_show(
+    ref: Annotated[str, typer.Argument(help="NAME:VERSION")],
+    registry: RegistryOpt = None,
+) -> None:
+    """Print a model's signed manifest."""
+    name, version = _split_ref(ref)
+    entry = _registry(registry).get(name, version)
+    typer.echo(f"# manifest digest {entry.digest}")
+    typer.echo(json.dumps(json.loads(entry.signed.to_json()), indent=2))
+
+
+@model_app.command("key")
+def model_key(signing_key: KeyOpt = None) -> None:
+    """Print the public half of the signing key (put it in each edge config's trusted_keys)."""
+    key = _signing_key(signing_key)
+    typer.echo(key.public.b64)
+
+
+@cloud_app.command("blobs")
+def cloud_blobs(
+    broker: BrokerOpt = "127.0.0.1:1883",
+    tenant: TenantOpt = "default",
+    registry: RegistryOpt = None,
+) -> None:
+    """Serve blob chunks to devices that ask for them, until interrupted."""
+    from cloud.blob_server import BlobServer
+    from cloud.control_link import ControlLink
+    from shared.topics import Topics
+
+    reg = _registry(registry)
+    topics = Topics(tenant)
+    link = ControlLink(_broker(broker), topics, BlobServer(reg.blobs, topics))
+    console.print(f"[cloud] serving blobs from {reg.root} on {broker} (tenant {tenant}); Ctrl-C stops")
+    try:
+        asyncio.run(link.run())
+    except KeyboardInterrupt:
+        pass
+
+
+@cloud_app.command("assign")
+def cloud_assign(
+    device: Annotated[str, typer.Argument(help="Device id.")],
+    ref: Annotated[str, typer.Argument(help="NAME:VERSION from the registry.")],
+    revision: Annotated[int, typer.Option("--revision", help="Desired-state revision (must grow).")],
+    broker: BrokerOpt = "127.0.0.1:1883",
+    tenant: TenantOpt = "default",
+    registry: RegistryOpt = None,
+) -> None:
+    """Publish a device's desired state (retained) pointing at a packaged model."""
+    from shared.messages import DesiredState
+    from shared.mqtt import QOS, make_client
+    from shared.topics import Topics
+
+    name, version = _split_ref(ref)
+    entry = _registry(registry).get(name, version)
+    state = DesiredState(revision=revision, model=entry.ref)
+
+    async def publish() -> None:
+        async with make_client(_broker(broker), f"autoglm-cli-{device}"[:60], persistent=False) as client:
+            await client.publish(Topics(tenant).desired(device), state.to_json(), qos=QOS, retain=True)
+
+    asyncio.run(publish())
+    console.print(f"[cloud] {device} → {name}:{version} (revision {revision})")
+
+
+@app.command("demo")
+def demo(
+    steps: Annotated[int, typer.Option("--steps", help="Training steps if the demo model must be built.")] = 400,
+    broker: Annotated[
+        str | None, typer.Option("--broker", help="Use this HOST:PORT broker instead of starting a private one.")
+    ] = None,
+    prompt: Annotated[str, typer.Option("--prompt", help="Prompt for the final completion.")] = "def fibonacci(n):\n",
+) -> None:
+    """End to end on this machine: package the demo model, ship it over MQTT to an edge agent, ask it."""
+    from cloud.demo import run_demo
+
+    run_demo(console, steps=steps, broker=_broker(broker) if broker else None, prompt=prompt)
+
+
+def main() -> None:
+    try:
+        app()
+    except AutoGLMError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise SystemExit(1) from exc
+
+
+if __name__ == "__main__":
+    main()

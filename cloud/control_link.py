@@ -1,0 +1,103 @@
+"""The cloud's MQTT session: serves blob fetches, tracks reported state and presence, sets desired state.
+
+This is the minimal control-plane side of the first end-to-end path; the fleet service builds on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiomqtt
+
+from cloud.blob_server import BlobServer
+from shared.errors import ContractError
+from shared.messages import DesiredState, DeviceStatus, ReportedState
+from shared.mqtt import QOS, BrokerSettings, make_client
+from shared.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DeviceView:
+    """What the cloud last heard from one device."""
+
+    device_id: str
+    reported: ReportedState | None = None
+    status: str = "unknown"
+
+
+@dataclass
+class ControlLink:
+    broker: BrokerSettings
+    topics: Topics
+    blob_server: BlobServer
+    client_id: str = "autoglm-cloud"
+    on_reported: Callable[[ReportedState], None] | None = None
+    devices: dict[str, DeviceView] = field(default_factory=dict)
+    dropped_messages: int = 0
+
+    def __post_init__(self) -> None:
+        self.connected = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+        self._changed = asyncio.Event()
+
+    async def run(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                async with make_client(self.broker, self.client_id) as client:
+                    self._client = client
+                    await self.blob_server.subscribe(client)
+                    await client.subscribe(
+                        [(self.topics.all_devices("reported"), QOS), (self.topics.all_devices("status"), QOS)]
+                    )
+                    self.connected.set()
+                    delay = 0.5
+                    async for message in client.messages:
+                        await self._dispatch(client, message)
+            except aiomqtt.MqttError as exc:
+                log.warning("cloud lost the broker (%s); retrying in %.1fs", exc, delay)
+            finally:
+                self._client = None
+                self.connected.clear()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def _dispatch(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        payload = message.payload if isinstance(message.payload, bytes) else str(message.payload or "").encode()
+        if self.blob_server.handles(topic):
+            await self.blob_server.handle(client, topic, payload)
+            return
+        try:
+            parsed = self.topics.parse(topic)
+            assert parsed.device_id is not None
+            view = self.devices.setdefault(parsed.device_id, DeviceView(parsed.device_id))
+            if parsed.channel == "reported":
+                view.reported = ReportedState.from_json(payload)
+                if self.on_reported is not None:
+                    self.on_reported(view.reported)
+            elif parsed.channel == "status":
+                view.status = DeviceStatus.from_json(payload).state
+        except ContractError as exc:
+            self.dropped_messages += 1
+            log.warning("dropped malformed message on %s: %s", topic, exc)
+            return
+        self._changed.set()
+
+    async def set_desired(self, device_id: str, state: DesiredState) -> None:
+        """Publish retained, so a device that connects later still gets it."""
+        await self.connected.wait()
+        assert self._client is not None
+        await self._client.publish(self.topics.desired(device_id), state.to_json(), qos=QOS, retain=True)
+
+    async def wait_for(self, predicate: Callable[[dict[str, DeviceView]], bool], timeout: float) -> None:
+        """Wait until ``predicate(devices)`` holds; TimeoutError otherwise."""
+        async with asyncio.timeout(timeout):
+            while not predicate(self.devices):
+                self._changed.clear()
+                await self._changed.wait()

@@ -1,0 +1,242 @@
+"""``autoglm model package``: export → validate → quantize → measure → blobs → signed manifest."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from tokenizers import Tokenizer
+
+from cloud.packaging.corpus import heldout_text
+from cloud.packaging.export import GRAPH_FILE, export_onnx, io_signature, read_hf_config, validate_export
+from cloud.packaging.quantize import quantization_record, quantize_int8
+from cloud.registry import ModelRegistry, RegistryEntry
+from edge_agent.runtime.session import OnnxCausalLM, perplexity
+from shared.blobs import DEFAULT_CHUNK_SIZE, describe_file
+from shared.errors import PackagingError, RegistryError
+from shared.manifest import FileEntry, IOSignature, Manifest, QualityReport, SignedManifest
+from shared.signing import SigningKey
+
+log = logging.getLogger(__name__)
+
+# Files an edge runtime needs besides the graph; anything else in the export folder stays behind.
+_SIDE_FILES: dict[str, Literal["tokenizer", "config"]] = {
+    "tokenizer.json": "tokenizer",
+    "tokenizer_config.json": "tokenizer",
+    "special_tokens_map.json": "tokenizer",
+    "config.json": "config",
+    "generation_config.json": "config",
+}
+EVAL_TOKENS = 4096
+VALIDATION_PROMPT = "def main():\n    "
+
+
+class StepReporter(Protocol):
+    """Where packaging tells a person what it is doing (the CLI draws it; tests record it)."""
+
+    def step(self, title: str) -> None: ...
+
+    def done(self, detail: str) -> None: ...
+
+
+class SilentReporter:
+    def step(self, title: str) -> None:
+        log.info("%s", title)
+
+    def done(self, detail: str) -> None:
+        log.info("  %s", detail)
+
+
+@dataclass(frozen=True)
+class PackageOptions:
+    name: str
+    version: str
+    quantize: str = "int8"
+    eval_text: str | None = None
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    # Refuse to ship an export whose greedy tokens differ from PyTorch's.
+    require_token_match: bool = True
+    # Refuse to ship a quantized graph whose perplexity rose by more than this fraction.
+    max_perplexity_increase: float = 0.05
+
+
+class ModelPackager:
+    def __init__(
+        self, registry: ModelRegistry, key: SigningKey, reporter: StepReporter | None = None
+    ) -> None:
+        self.registry = registry
+        self.key = key
+        self.reporter = reporter or SilentReporter()
+
+    def package(self, src: Path, opts: PackageOptions) -> RegistryEntry:
+        quant = quantization_record(opts.quantize)
+        if self.registry.exists(opts.name, opts.version):
+            raise RegistryError(
+                "model version already exists; pick a new version", name=opts.name, version=opts.version
+            )
+        cfg = read_hf_config(src)
+        with tempfile.TemporaryDirectory(prefix="autoglm-package-") as tmp:
+            work = Path(tmp)
+            r = self.reporter
+            r.step(f"Exporting {src} ({cfg['model_type']}) to ONNX with KV cache")
+            fp32_dir = work / "fp32"
+            graph = export_onnx(src, fp32_dir)
+            _ensure_tokenizer(src, fp32_dir)
+            gen_cfg = _read_json(fp32_dir / "generation_config.json")
+            io = io_signature(graph, cfg, gen_cfg)
+            r.done(
+                f"{io.num_layers} layers, {io.num_kv_heads} KV heads × {io.head_dim}, vocab {io.vocab_size}"
+            )
+
+            r.step("Validating the ONNX graph against PyTorch (greedy tokens)")
+            tokenizer = _load_tokenizer(fp32_dir)
+            prompt_ids = tokenizer.encode(VALIDATION_PROMPT).ids or [0]
+            validation = validate_export(src, graph, io, prompt_ids)
+            if opts.require_token_match and not validation.greedy_tokens_match:
+                raise PackagingError(
+                    "exported graph's greedy tokens differ from PyTorch's",
+                    max_abs_logit_diff=validation.max_abs_logit_diff,
+                )
+            r.done(
+                f"{validation.compared_tokens} tokens match; max |Δlogit| {validation.max_abs_logit_diff:.2e}"
+            )
+
+            ship_dir = fp32_dir
+            if quant.method == "int8-dynamic":
+                r.step("Quantizing weights to int8 (dynamic, per-channel)")
+                ship_dir = work / "int8"
+                ship_dir.mkdir()
+                quantize_int8(graph, ship_dir / GRAPH_FILE)
+                for fname in _SIDE_FILES:
+                    if (fp32_dir / fname).is_file():
+                        shutil.copy2(fp32_dir / fname, ship_dir / fname)
+                r.done(f"{_graph_bytes(fp32_dir) / 1e6:.1f} MB → {_graph_bytes(ship_dir) / 1e6:.1f} MB")
+
+            r.step("Measuring perplexity on held-out text")
+            quality = self._quality(fp32_dir, ship_dir, io, tokenizer, opts)
+            r.done(
+                f"fp32 {quality.perplexity_fp32:.3f}, shipped {quality.perplexity_shipped:.3f} "
+                f"({quality.relative_change:+.2%}) over {quality.eval_tokens} tokens"
+            )
+            if quality.relative_change > opts.max_perplexity_increase:
+                raise PackagingError(
+                    f"quantized perplexity rose {quality.relative_change:.1%}, over the "
+                    f"{opts.max_perplexity_increase:.0%} limit",
+                    name=opts.name,
+                )
+
+            r.step(f"Splitting files into content-addressed blobs ({opts.chunk_size // 1024} KiB chunks)")
+            files = self._store_files(ship_dir, opts.chunk_size)
+            new = sum(1 for f in files if f.blob.size)
+            r.done(f"{len(files)} files, {sum(f.blob.size for f in files) / 1e6:.1f} MB, {new} blobs")
+
+            r.step("Signing the manifest (Ed25519) and publishing it to the registry")
+            manifest = Manifest(
+                name=opts.name,
+                version=opts.version,
+                created_at=datetime.now(UTC),
+                architecture=str((cfg.get("architectures") or [cfg["model_type"]])[0]),
+                parameters=_parameter_count(src),
+                files=files,
+                io=io,
+                quantization=quant,
+                validation=validation,
+                quality=quality,
+            )
+            entry = self.registry.publish(SignedManifest.sign(manifest, self.key))
+            r.done(f"{entry.name}:{entry.version} {entry.digest} (key {self.key.public.key_id})")
+            return entry
+
+    def _quality(
+        self, fp32_dir: Path, ship_dir: Path, io: IOSignature, tokenizer: Tokenizer, opts: PackageOptions
+    ) -> QualityReport:
+        text = opts.eval_text if opts.eval_text is not None else heldout_text()
+        source = "user-supplied" if opts.eval_text is not None else "python-stdlib-heldout"
+        ids = tokenizer.encode(text).ids[:EVAL_TOKENS]
+        if len(ids) < 16:
+            raise PackagingError("evaluation text is too short (needs at least 16 tokens)", tokens=len(ids))
+        window = min(io.context_length, 256)
+        ppl_fp32, scored = perplexity(OnnxCausalLM(fp32_dir / GRAPH_FILE, io), ids, window)
+        ppl_ship = ppl_fp32
+        if ship_dir != fp32_dir:
+            ppl_ship, _ = perplexity(OnnxCausalLM(ship_dir / GRAPH_FILE, io), ids, window)
+        return QualityReport(
+            eval_text=source,
+            eval_tokens=scored,
+            perplexity_fp32=ppl_fp32,
+            perplexity_shipped=ppl_ship,
+            relative_change=(ppl_ship - ppl_fp32) / ppl_fp32,
+        )
+
+    def _store_files(self, ship_dir: Path, chunk_size: int) -> list[FileEntry]:
+        entries: list[FileEntry] = []
+        for path in sorted(ship_dir.iterdir()):
+            if path.name == GRAPH_FILE:
+                role: Literal["graph", "weights", "tokenizer", "config"] = "graph"
+            elif path.name.startswith(GRAPH_FILE) or path.suffix == ".onnx_data" or path.suffix == ".data":
+                role = "weights"
+            elif path.name in _SIDE_FILES:
+                role = _SIDE_FILES[path.name]
+            else:
+                continue
+            blob = describe_file(path, chunk_size)
+            stored = self.registry.blobs.put_file(path)
+            if stored != blob.digest:
+                raise PackagingError("file changed while being packaged", path=str(path))
+            entries.append(FileEntry(path=path.name, role=role, blob=blob))
+        return entries
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _graph_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx"))
+
+
+def _ensure_tokenizer(src: Path, out: Path) -> None:
+    """The edge runtime reads tokenizer.json only; convert a slow tokenizer when that is all there is."""
+    if (out / "tokenizer.json").is_file():
+        return
+    if (src / "tokenizer.json").is_file():
+        shutil.copy2(src / "tokenizer.json", out / "tokenizer.json")
+        return
+    try:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(src), use_fast=True, local_files_only=True).save_pretrained(
+            str(out)
+        )
+    except Exception as exc:
+        raise PackagingError(f"no usable tokenizer in the model folder: {exc}", src=str(src)) from exc
+    if not (out / "tokenizer.json").is_file():
+        raise PackagingError("the model's tokenizer cannot be converted to tokenizer.json", src=str(src))
+
+
+def _load_tokenizer(folder: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+
+def _parameter_count(src: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for f in src.glob("*.safetensors"):
+        with safe_open(str(f), framework="numpy") as st:
+            for name in st.keys():
+                total += int(_prod(st.get_slice(name).get_shape()))
+    return total
+
+
+def _prod(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

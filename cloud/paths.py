@@ -1,0 +1,28 @@
+"""Where the operator's registry and signing key live (``$AUTOGLM_HOME``, default ``~/.autoglm``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class CloudPaths:
+    home: Path
+
+    @classmethod
+    def from_env(cls) -> CloudPaths:
+        return cls(Path(os.environ.get("AUTOGLM_HOME", Path.home() / ".autoglm")).expanduser())
+
+    @property
+    def registry(self) -> Path:
+        return self.home / "registry"
+
+    @property
+    def signing_key(self) -> Path:
+        return self.home / "keys" / "manifest-signing.pem"
+
+    @property
+    def demo_source(self) -> Path:
+        return self.home / "demo-model"

@@ -1,0 +1,106 @@
+"""The model registry: a blob store plus signed manifests by name and version."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.blobs import BlobStore, atomic_write, digest_of
+from shared.errors import RegistryError
+from shared.ids import is_valid_name
+from shared.manifest import Manifest, SignedManifest
+from shared.messages import ModelRef
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    name: str
+    version: str
+    digest: str
+    manifest_size: int
+    signed: SignedManifest
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.signed.manifest
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(
+            name=self.name,
+            version=self.version,
+            manifest_digest=self.digest,
+            manifest_size=self.manifest_size,
+        )
+
+
+class ModelRegistry:
+    """``root/blobs`` holds every blob by digest (signed manifests included); ``root/manifests``
+    maps ``name/version.json`` to the signed manifest bytes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = BlobStore(root / "blobs")
+        self._manifests = root / "manifests"
+
+    def _manifest_path(self, name: str, version: str) -> Path:
+        if not is_valid_name(name) or not is_valid_name(version):
+            raise RegistryError("invalid model name or version", name=name, version=version)
+        return self._manifests / name / f"{version}.json"
+
+    def publish(self, signed: SignedManifest) -> RegistryEntry:
+        """Store a signed manifest whose blobs are already in the blob store."""
+        m = signed.manifest
+        path = self._manifest_path(m.name, m.version)
+        if path.exists():
+            raise RegistryError(
+                "model version already exists; pick a new version", name=m.name, version=m.version
+            )
+        for f in m.files:
+            if not self.blobs.has(f.blob.digest):
+                raise RegistryError(
+                    "manifest references a blob not in the store", digest=f.blob.digest, path=f.path
+                )
+        data = signed.to_json()
+        self.blobs.put_bytes(data)
+        atomic_write(path, data)
+        return self._entry(data)
+
+    def exists(self, name: str, version: str) -> bool:
+        return self._manifest_path(name, version).is_file()
+
+    def get(self, name: str, version: str) -> RegistryEntry:
+        path = self._manifest_path(name, version)
+        try:
+            return self._entry(path.read_bytes())
+        except FileNotFoundError as exc:
+            raise RegistryError("model not found", name=name, version=version) from exc
+
+    def list(self) -> list[RegistryEntry]:
+        if not self._manifests.is_dir():
+            return []
+        return [self._entry(p.read_bytes()) for p in sorted(self._manifests.glob("*/*.json"))]
+
+    def delete(self, name: str, version: str) -> int:
+        """Remove a version and every blob no other version references; returns bytes freed."""
+        entry = self.get(name, version)
+        self._manifest_path(name, version).unlink()
+        parent = self._manifests / name
+        if parent.is_dir() and not any(parent.iterdir()):
+            shutil.rmtree(parent)
+        still_used = {f.blob.digest for e in self.list() for f in e.manifest.files} | {
+            e.digest for e in self.list()
+        }
+        freed = 0
+        for digest in {f.blob.digest for f in entry.manifest.files} | {entry.digest}:
+            if digest not in still_used and self.blobs.has(digest):
+                freed += self.blobs.size(digest)
+                self.blobs.remove(digest)
+        return freed
+
+    @staticmethod
+    def _entry(data: bytes) -> RegistryEntry:
+        signed = SignedManifest.from_json(data)
+        m = signed.manifest
+        return RegistryEntry(m.name, m.version, digest_of(data), len(data), signed)

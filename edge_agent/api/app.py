@@ -1,0 +1,39 @@
+"""The local API application; its lifespan owns the agent and its background tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from edge_agent.agent import EdgeAgent
+from edge_agent.api.errors import install_error_handlers
+from edge_agent.api.router import probes, v1
+from edge_agent.api.serving import CompletionService
+from edge_agent.settings import EdgeSettings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: EdgeSettings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        agent = EdgeAgent(settings)
+        app.state.agent = agent
+        app.state.completions = CompletionService(agent.host, settings.runtime)
+        task = asyncio.create_task(agent.run(), name="edge-agent")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    app = FastAPI(title="Open-AutoGLM edge agent", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(probes)
+    app.include_router(v1)
+    return app

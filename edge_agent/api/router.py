@@ -1,0 +1,84 @@
+"""Routes of the local API; logic lives in CompletionService and EdgeAgent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from edge_agent.agent import EdgeAgent
+from edge_agent.api.serving import SERVED_BY_HEADER, CompletionService
+from shared.errors import InferenceError
+from shared.openai_api import CompletionRequest, CompletionResponse, ModelList
+
+
+def _agent(request: Request) -> EdgeAgent:
+    agent: EdgeAgent = request.app.state.agent
+    return agent
+
+
+def _service(request: Request) -> CompletionService:
+    service: CompletionService = request.app.state.completions
+    return service
+
+
+def require_api_key(request: Request) -> None:
+    key = _agent(request).settings.api.api_key
+    if key is None:
+        return
+    if request.headers.get("authorization", "") != f"Bearer {key}":
+        raise InferenceError("missing or wrong API key", status=401, code="invalid_api_key")
+
+
+probes = APIRouter()
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+@probes.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@probes.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    current = _agent(request).host.current
+    if current is None:
+        return JSONResponse({"ready": False, "reason": "no active model"}, status_code=503)
+    return JSONResponse({"ready": True, "model": current.model_id})
+
+
+@v1.get("/models")
+async def models(service: CompletionService = Depends(_service)) -> ModelList:
+    return service.models()
+
+
+@v1.post("/completions", response_model=None)
+async def completions(
+    body: CompletionRequest, response: Response, service: CompletionService = Depends(_service)
+) -> CompletionResponse | StreamingResponse:
+    if body.stream:
+        events = await service.complete_stream(body)
+        return StreamingResponse(events, media_type="text/event-stream", headers={SERVED_BY_HEADER: "local"})
+    result = await service.complete(body)
+    response.headers[SERVED_BY_HEADER] = "local"
+    return result
+
+
+@v1.get("/agent")
+async def agent_state(request: Request) -> dict[str, Any]:
+    agent = _agent(request)
+    reported = agent.reported_state().model_dump(mode="json", by_alias=True)
+    current = agent.host.current
+    return {
+        "device_id": agent.settings.device_id,
+        "online": agent.link.online,
+        "serving": current.model_id if current else None,
+        "reported": reported,
+        "fetch": {
+            "chunks_received": agent.fetcher.stats.chunks_received,
+            "chunks_rejected": agent.fetcher.stats.chunks_rejected,
+            "duplicates": agent.fetcher.stats.duplicates,
+        },
+        "dropped_messages": agent.link.dropped_messages,
+    }

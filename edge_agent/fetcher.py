@@ -1,0 +1,221 @@
+"""ShardFetcher: pulls the chunks of a blob over MQTT into a partial file, verifying each one.
+
+Resume needs no bookkeeping: after a restart each chunk of the partial file is re-hashed against
+the manifest, so only chunks that are missing or damaged are asked for again. A chunk that
+arrives corrupt is dropped and requested again on its own. Duplicates (normal after reconnects)
+are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from shared.blobs import DEFAULT_CHUNK_SIZE, BlobRef, BlobStore, chunk_count_for, file_digest, sha256_hex
+from shared.errors import FetchError, IntegrityError
+from shared.messages import BlobRequest, FetchRequest, ModelRef
+
+log = logging.getLogger(__name__)
+
+# Signed manifests travel as blobs too, in chunks of this size; only their whole digest is known.
+MANIFEST_CHUNK_SIZE = DEFAULT_CHUNK_SIZE
+
+
+class ChunkChannel(Protocol):
+    """What the fetcher needs from the MQTT link."""
+
+    async def subscribe_blob(self, digest: str) -> None: ...
+
+    async def unsubscribe_blob(self, digest: str) -> None: ...
+
+    async def send_fetch(self, request: FetchRequest) -> None: ...
+
+
+@dataclass
+class FetchStats:
+    chunks_received: int = 0
+    chunks_rejected: int = 0
+    duplicates: int = 0
+    bytes_received: int = 0
+    # Every (digest, chunk) asked for, in order: lets tests see exactly what was re-requested.
+    requested: list[tuple[str, int]] = field(default_factory=list)
+
+
+class _Transfer:
+    def __init__(self, digest: str, size: int, chunk_size: int, hashes: list[str] | None, part: Path) -> None:
+        self.digest = digest
+        self.size = size
+        self.chunk_size = chunk_size
+        self.hashes = hashes
+        self.count = len(hashes) if hashes is not None else chunk_count_for(size, chunk_size)
+        self.part = part
+        self.have: set[int] = set()
+        self.rejected: set[int] = set()
+        self.changed = asyncio.Event()
+
+    def expected_length(self, index: int) -> int:
+        return min(self.chunk_size, self.size - index * self.chunk_size) if self.size else 0
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.count) if i not in self.have]
+
+
+class ShardFetcher:
+    def __init__(
+        self,
+        device_id: str,
+        cache: BlobStore,
+        partial_dir: Path,
+        channel: ChunkChannel,
+        *,
+        chunks_per_request: int = 32,
+        request_timeout_s: float = 10.0,
+        max_attempts_without_progress: int = 10,
+    ) -> None:
+        self.device_id = device_id
+        self.cache = cache
+        self.partial_dir = partial_dir
+        self.channel = channel
+        self.chunks_per_request = chunks_per_request
+        self.request_timeout_s = request_timeout_s
+        self.max_stalls = max_attempts_without_progress
+        self.stats = FetchStats()
+        self._active: dict[str, _Transfer] = {}
+        partial_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- called by the link's message loop -------------------------------------------------
+    def on_chunk(self, digest: str, index: int, data: bytes) -> None:
+        t = self._active.get(digest)
+        if t is None or index >= t.count:
+            return
+        if index in t.have:
+            self.stats.duplicates += 1
+            return
+        ok = len(data) == t.expected_length(index)
+        if ok and t.hashes is not None:
+            ok = sha256_hex(data) == t.hashes[index]
+        if not ok:
+            self.stats.chunks_rejected += 1
+            log.warning("rejected corrupt chunk %d of %s (%d bytes); asking again", index, digest, len(data))
+            t.rejected.add(index)
+            t.changed.set()
+            return
+        with t.part.open("r+b") as fh:
+            fh.seek(index * t.chunk_size)
+            fh.write(data)
+        t.have.add(index)
+        self.stats.chunks_received += 1
+        self.stats.bytes_received += len(data)
+        t.changed.set()
+
+    # -- public API -------------------------------------------------------------------------
+    def missing_bytes(self, blobs: list[BlobRef]) -> int:
+        return sum(b.size for b in blobs if not self.cache.has(b.digest))
+
+    async def fetch_blobs(self, blobs: list[BlobRef]) -> None:
+        need = self.missing_bytes(blobs)
+        free = shutil.disk_usage(self.partial_dir).free
+        if need > free:
+            raise FetchError(f"model needs {need} bytes but only {free} are free on disk", device_id=self.device_id)
+        for blob in blobs:
+            if not self.cache.has(blob.digest):
+                await self._fetch(blob.digest, blob.size, blob.chunk_size, list(blob.chunks))
+
+    async def fetch_manifest(self, ref: ModelRef) -> bytes:
+        if not self.cache.has(ref.manifest_digest):
+            await self._fetch(ref.manifest_digest, ref.manifest_size, MANIFEST_CHUNK_SIZE, None)
+        return self.cache.read(ref.manifest_digest)
+
+    # -- internals --------------------------------------------------------------------------
+    async def _fetch(self, digest: str, size: int, chunk_size: int, hashes: list[str] | None) -> None:
+        part = self.partial_dir / (digest.split(":", 1)[1] + ".part")
+        t = _Transfer(digest, size, chunk_size, hashes, part)
+        self._resume(t)
+        self._active[digest] = t
+        await self.channel.subscribe_blob(digest)
+        try:
+            for attempt in range(3):
+                await self._pull_missing(t)
+                actual = await asyncio.to_thread(file_digest, part)
+                if actual == digest:
+                    dest = self.cache.path(digest)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(part, dest)
+                    return
+                # Only possible without per-chunk hashes (a manifest): start that blob over.
+                log.warning("assembled %s hashes to %s; fetching it again (attempt %d)", digest, actual, attempt + 1)
+                t.have.clear()
+            raise IntegrityError("assembled blob never matched its digest", digest=digest)
+        finally:
+            self._active.pop(digest, None)
+            await self.channel.unsubscribe_blob(digest)
+
+    def _resume(self, t: _Transfer) -> None:
+        if not t.part.exists():
+            with t.part.open("wb") as fh:
+                fh.truncate(t.size)
+            return
+        if t.part.stat().st_size != t.size:
+            with t.part.open("r+b") as fh:
+                fh.truncate(t.size)
+        if t.hashes is None:
+            return
+        with t.part.open("rb") as fh:
+            for i in range(t.count):
+                fh.seek(i * t.chunk_size)
+                data = fh.read(t.expected_length(i))
+                if hashlib.sha256(data).hexdigest() == t.hashes[i]:
+                    t.have.add(i)
+        if t.have:
+            log.info("resuming %s: %d of %d chunks already on disk", t.digest, len(t.have), t.count)
+
+    async def _request(self, t: _Transfer, chunks: list[int]) -> None:
+        await self.channel.send_fetch(
+            FetchRequest(
+                device_id=self.device_id,
+                request_id=uuid.uuid4().hex[:16],
+                blobs=[BlobRequest(digest=t.digest, chunk_size=t.chunk_size, chunks=chunks)],
+            )
+        )
+        self.stats.requested.extend((t.digest, i) for i in chunks)
+
+    async def _pull_missing(self, t: _Transfer) -> None:
+        loop = asyncio.get_running_loop()
+        stalls = 0
+        while missing := t.missing():
+            window = set(missing[: self.chunks_per_request])
+            t.rejected.difference_update(window)
+            await self._request(t, sorted(window))
+            deadline = loop.time() + self.request_timeout_s
+            while not window <= t.have:
+                t.changed.clear()
+                redo = sorted(window & t.rejected)
+                if redo:
+                    # Only the damaged chunks go out again; the rest of the window is still in flight.
+                    t.rejected.difference_update(redo)
+                    await self._request(t, redo)
+                    deadline = loop.time() + self.request_timeout_s
+                have_before = len(t.have)
+                try:
+                    await asyncio.wait_for(t.changed.wait(), max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    stalls += 1
+                    if stalls >= self.max_stalls:
+                        raise FetchError(
+                            f"no chunk arrived in {stalls} waits of {self.request_timeout_s}s",
+                            digest=t.digest,
+                            device_id=self.device_id,
+                            missing=len(t.missing()),
+                        ) from None
+                    log.info("fetch of %s stalled; asking again for %d chunk(s)", t.digest, len(window - t.have))
+                    break
+                if len(t.have) > have_before:
+                    stalls = 0
+                    deadline = loop.time() + self.request_timeout_s

@@ -1,0 +1,162 @@
+"""The edge side of MQTT: one persistent session, reconnects with backoff and jitter.
+
+Every inbound payload is validated; a malformed one is dropped with a log line and the agent
+carries on. Retained presence uses the Last Will, so the cloud sees ``offline`` when we vanish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+
+import aiomqtt
+
+from shared.errors import ContractError
+from shared.messages import Command, CommandReply, DesiredState, DeviceStatus, FetchRequest
+from shared.mqtt import QOS, BrokerSettings, make_client
+from shared.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class CloudLink:
+    def __init__(
+        self,
+        broker: BrokerSettings,
+        topics: Topics,
+        device_id: str,
+        *,
+        on_desired: Callable[[DesiredState], None],
+        on_chunk: Callable[[str, int, bytes], None],
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+    ) -> None:
+        self.broker = broker
+        self.topics = topics
+        self.device_id = device_id
+        self.on_desired = on_desired
+        self.on_chunk = on_chunk
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.connected = asyncio.Event()
+        self.dropped_messages = 0
+        self._client: aiomqtt.Client | None = None
+        self._blob_filters: set[str] = set()
+        self._retained: dict[str, bytes] = {}
+
+    @property
+    def online(self) -> bool:
+        return self.connected.is_set()
+
+    async def run(self) -> None:
+        """Stay connected until cancelled."""
+        delay = self.backoff_initial_s
+        while True:
+            will = aiomqtt.Will(
+                self.topics.status(self.device_id),
+                DeviceStatus(device_id=self.device_id, state="offline").to_json(),
+                qos=QOS,
+                retain=True,
+            )
+            try:
+                async with make_client(self.broker, self.device_id, will=will) as client:
+                    self._client = client
+                    await self._on_connect(client)
+                    delay = self.backoff_initial_s
+                    async for message in client.messages:
+                        self._dispatch(client, message)
+            except aiomqtt.MqttError as exc:
+                log.warning("broker %s:%d unreachable or lost (%s); retrying in %.1fs", self.broker.host, self.broker.port, exc, delay)
+            finally:
+                self._client = None
+                self.connected.clear()
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, self.backoff_max_s)
+
+    async def _on_connect(self, client: aiomqtt.Client) -> None:
+        # Subscriptions are renewed on every connect: cheap, and right whether or not the session survived.
+        await client.subscribe(
+            [(self.topics.desired(self.device_id), QOS), (self.topics.commands(self.device_id), QOS)]
+        )
+        for flt in self._blob_filters:
+            await client.subscribe(flt, qos=QOS)
+        await client.publish(
+            self.topics.status(self.device_id),
+            DeviceStatus(device_id=self.device_id, state="online").to_json(),
+            qos=QOS,
+            retain=True,
+        )
+        for topic, payload in self._retained.items():
+            await client.publish(topic, payload, qos=QOS, retain=True)
+        self.connected.set()
+        log.info("connected to broker %s:%d as %s", self.broker.host, self.broker.port, self.device_id)
+
+    def _dispatch(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        payload = message.payload if isinstance(message.payload, bytes) else str(message.payload or "").encode()
+        try:
+            parsed = self.topics.parse(topic)
+            if parsed.channel == "blob":
+                assert parsed.digest is not None and parsed.chunk is not None
+                self.on_chunk(parsed.digest, parsed.chunk, payload)
+            elif parsed.channel == "desired":
+                self.on_desired(DesiredState.from_json(payload))
+            elif parsed.channel == "commands":
+                command = Command.from_json(payload)
+                asyncio.get_running_loop().create_task(self._answer(client, command), name="command-reply")
+            else:
+                raise ContractError("unexpected topic for a device", topic=topic)
+        except ContractError as exc:
+            self.dropped_messages += 1
+            log.warning("dropped malformed message on %s: %s", topic, exc)
+
+    async def _answer(self, client: aiomqtt.Client, command: Command) -> None:
+        ok = command.action == "ping"
+        detail = "pong" if ok else f"command {command.action!r} is not supported by this agent yet"
+        reply = CommandReply(request_id=command.request_id, device_id=self.device_id, ok=ok, detail=detail)
+        try:
+            await client.publish(self.topics.replies(self.device_id), reply.to_json(), qos=QOS)
+        except aiomqtt.MqttError as exc:
+            log.warning("could not reply to %s: %s", command.request_id, exc)
+
+    async def publish_retained(self, topic: str, payload: bytes) -> None:
+        """Publish now if connected; either way the latest value goes out again on reconnect."""
+        self._retained[topic] = payload
+        client = self._client
+        if client is not None and self.online:
+            try:
+                await client.publish(topic, payload, qos=QOS, retain=True)
+            except aiomqtt.MqttError as exc:
+                log.info("publish to %s deferred until reconnect: %s", topic, exc)
+
+    # -- ChunkChannel for the fetcher ---------------------------------------------------------
+    async def subscribe_blob(self, digest: str) -> None:
+        flt = self.topics.blob_chunks(digest)
+        self._blob_filters.add(flt)
+        await self.connected.wait()
+        if self._client is not None:
+            await self._client.subscribe(flt, qos=QOS)
+
+    async def unsubscribe_blob(self, digest: str) -> None:
+        flt = self.topics.blob_chunks(digest)
+        self._blob_filters.discard(flt)
+        if self._client is not None and self.online:
+            try:
+                await self._client.unsubscribe(flt)
+            except aiomqtt.MqttError:
+                pass  # the filter is gone from our set; a new session will not have it
+
+    async def send_fetch(self, request: FetchRequest) -> None:
+        while True:
+            await self.connected.wait()
+            client = self._client
+            if client is None:
+                continue
+            try:
+                await client.publish(self.topics.fetch(self.device_id), request.to_json(), qos=QOS)
+                return
+            except aiomqtt.MqttError as exc:
+                log.info("fetch request waits for the broker: %s", exc)
+                await asyncio.sleep(0.5)

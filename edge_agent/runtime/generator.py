@@ -1,0 +1,117 @@
+"""The KV-cache generation loop: prompt in, text deltas out, with stop sequences and limits."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from edge_agent.runtime.sampling import SamplingConfig, choose_token
+from edge_agent.runtime.session import OnnxCausalLM
+from shared.errors import InferenceError
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int = 16
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class GenerationResult:
+    text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: FinishReason = "length"
+
+
+class TextGenerator:
+    """Drives an :class:`OnnxCausalLM` with a tokenizer; not thread-safe (callers serialize)."""
+
+    def __init__(self, model: OnnxCausalLM, tokenizer: Tokenizer) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = frozenset(model.io.eos_token_ids)
+        self.context_length = model.io.context_length
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text).ids)
+
+    def check_prompt(self, prompt: str) -> list[int]:
+        """Token ids of ``prompt``; InferenceError when it is empty or does not fit the context."""
+        prompt_ids: list[int] = self.tokenizer.encode(prompt).ids
+        if not prompt_ids:
+            raise InferenceError("prompt encodes to zero tokens", param="prompt")
+        room = self.context_length - len(prompt_ids)
+        if room <= 0:
+            raise InferenceError(
+                f"prompt has {len(prompt_ids)} tokens; the local context holds {self.context_length}",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        return prompt_ids
+
+    def stream(self, prompt: str, params: GenerationParams) -> Iterator[str | GenerationResult]:
+        """Yield text deltas as they become final, then one GenerationResult."""
+        prompt_ids = self.check_prompt(prompt)
+        room = self.context_length - len(prompt_ids)
+        budget = min(params.max_tokens, room)
+        rng = np.random.default_rng(params.seed)
+        result = GenerationResult(prompt_tokens=len(prompt_ids))
+        generated: list[int] = []
+        emitted = ""
+        past = self.model.empty_past(1)
+        step_ids = np.asarray([prompt_ids], dtype=np.int64)
+        past_len = 0
+        holdback = max((len(s) for s in params.stop), default=1) - 1
+        stopped_on_sequence = False
+        while len(generated) < budget:
+            logits, past = self.model.forward(step_ids, past, past_len)
+            past_len += step_ids.shape[1]
+            token = choose_token(logits[0, -1], params.sampling, rng)
+            if token in self.eos_ids:
+                result.finish_reason = "stop"
+                break
+            generated.append(token)
+            text = self.tokenizer.decode(generated)
+            cut = _first_stop(text, params.stop)
+            if cut is not None:
+                result.finish_reason = "stop"
+                stopped_on_sequence = True
+                text = text[:cut]
+                if len(text) > len(emitted):
+                    yield text[len(emitted) :]
+                emitted = text
+                break
+            # Hold back an incomplete UTF-8 sequence and anything that may begin a stop sequence.
+            safe = len(text.rstrip("\ufffd")) - holdback
+            if safe > len(emitted):
+                yield text[len(emitted) : safe]
+                emitted = text[:safe]
+            step_ids = np.asarray([[token]], dtype=np.int64)
+        if not stopped_on_sequence:
+            final = self.tokenizer.decode(generated)
+            if len(final) > len(emitted):
+                yield final[len(emitted) :]
+            emitted = final
+        result.text = emitted
+        result.completion_tokens = len(generated)
+        yield result
+
+    def generate(self, prompt: str, params: GenerationParams) -> GenerationResult:
+        for item in self.stream(prompt, params):
+            if isinstance(item, GenerationResult):
+                return item
+        raise AssertionError("stream ended without a result")  # pragma: no cover
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None

@@ -1,0 +1,104 @@
+"""Edge agent settings: one YAML file plus ``AUTOGLM_EDGE__SECTION__KEY`` environment overrides.
+
+Validated once at start-up; an invalid file stops the agent with a ConfigError that names the key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shared.errors import ConfigError
+from shared.ids import Name
+from shared.mqtt import BrokerSettings
+from shared.signing import PublicKey
+
+ENV_PREFIX = "AUTOGLM_EDGE__"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ApiSettings(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    # When set, every /v1 request must carry ``Authorization: Bearer <api_key>``.
+    api_key: str | None = None
+
+
+class RuntimeSettings(_Section):
+    # 0 lets onnxruntime pick (one thread per physical core).
+    threads: Annotated[int, Field(ge=0, le=256)] = 0
+    providers: list[str] | None = None
+    default_max_tokens: Annotated[int, Field(ge=1, le=32768)] = 128
+
+
+class FetchSettings(_Section):
+    chunks_per_request: Annotated[int, Field(ge=1, le=4096)] = 32
+    # With no chunk arriving for this long, the missing ones are asked for again.
+    request_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
+    max_attempts_without_progress: Annotated[int, Field(ge=1, le=1000)] = 10
+
+
+class EdgeSettings(_Section):
+    device_id: Name
+    tenant: Name = "default"
+    data_dir: Path
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    # Base64 raw Ed25519 public keys; manifests signed by any other key are refused.
+    trusted_keys: Annotated[list[str], Field(min_length=1)]
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    fetch: FetchSettings = Field(default_factory=FetchSettings)
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _keys_parse(cls, keys: list[str]) -> list[str]:
+        for k in keys:
+            PublicKey.from_b64(k)
+        return keys
+
+    def public_keys(self) -> list[PublicKey]:
+        return [PublicKey.from_b64(k) for k in self.trusted_keys]
+
+    @classmethod
+    def load(cls, path: Path, env: Mapping[str, str] | None = None) -> EdgeSettings:
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError("config file not found", path=str(path)) from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file is not valid YAML: {exc}", path=str(path)) from exc
+        if not isinstance(raw, dict):
+            raise ConfigError("config file must hold a mapping", path=str(path))
+        _apply_env(raw, os.environ if env is None else env)
+        return cls.from_mapping(raw, source=str(path))
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "<settings>") -> EdgeSettings:
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"invalid edge settings: {problems}", source=source) from exc
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    """``AUTOGLM_EDGE__BROKER__PORT=1884`` sets ``broker.port``; values are parsed as YAML scalars."""
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError("environment override targets a non-mapping", variable=key)
+        if path:
+            node[path[-1]] = yaml.safe_load(value)

@@ -1,0 +1,53 @@
+"""The reconciler's persisted state: written atomically before every step, read back after a crash."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.blobs import atomic_write
+from shared.messages import ErrorInfo, ModelRef, Phase
+
+SlotName = Literal["a", "b"]
+
+
+class AgentState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    phase: Phase = Phase.IDLE
+    # The desired revision being worked on, and the last one fully applied.
+    target_revision: int = -1
+    applied_revision: int = -1
+    target: ModelRef | None = None
+    target_slot: SlotName | None = None
+    active_slot: SlotName | None = None
+    slots: dict[SlotName, ModelRef | None] = Field(default_factory=lambda: {"a": None, "b": None})
+    last_error: ErrorInfo | None = None
+
+    def standby_slot(self) -> SlotName:
+        return "b" if self.active_slot == "a" else "a"
+
+    @property
+    def active_model(self) -> ModelRef | None:
+        return self.slots.get(self.active_slot) if self.active_slot else None
+
+
+class StateFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> AgentState:
+        try:
+            return AgentState.model_validate(json.loads(self.path.read_text()))
+        except FileNotFoundError:
+            return AgentState()
+        except (json.JSONDecodeError, ValidationError):
+            # atomic_write never leaves a torn file; an unreadable one was edited by hand. Keep it aside.
+            self.path.replace(self.path.with_suffix(".corrupt"))
+            return AgentState()
+
+    def save(self, state: AgentState) -> None:
+        atomic_write(self.path, state.model_dump_json(indent=2).encode())

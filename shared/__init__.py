@@ -1,0 +1,73 @@
+"""The wire contract both the cloud and the edge import: messages, topics, manifests, blobs."""
+
+from shared.blobs import DEFAULT_CHUNK_SIZE, BlobRef, BlobStore, describe_bytes, describe_file
+from shared.errors import (
+    AutoGLMError,
+    BrokerError,
+    ConfigError,
+    ContractError,
+    FetchError,
+    InferenceError,
+    IntegrityError,
+    ModelLoadError,
+    PackagingError,
+    RegistryError,
+    SignatureError,
+)
+from shared.manifest import IOSignature, Manifest, SignedManifest, TrustStore
+from shared.messages import (
+    BlobRequest,
+    Capabilities,
+    Command,
+    CommandReply,
+    DesiredState,
+    DeviceStatus,
+    ErrorInfo,
+    FetchRequest,
+    ModelRef,
+    Phase,
+    ReportedState,
+    TelemetryBatch,
+    TelemetryRecord,
+)
+from shared.signing import PublicKey, SigningKey
+from shared.topics import Topics
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "AutoGLMError",
+    "BlobRef",
+    "BlobRequest",
+    "BlobStore",
+    "BrokerError",
+    "Capabilities",
+    "Command",
+    "CommandReply",
+    "ConfigError",
+    "ContractError",
+    "DesiredState",
+    "DeviceStatus",
+    "ErrorInfo",
+    "FetchError",
+    "FetchRequest",
+    "IOSignature",
+    "InferenceError",
+    "IntegrityError",
+    "Manifest",
+    "ModelLoadError",
+    "ModelRef",
+    "PackagingError",
+    "Phase",
+    "PublicKey",
+    "RegistryError",
+    "ReportedState",
+    "SignatureError",
+    "SignedManifest",
+    "SigningKey",
+    "TelemetryBatch",
+    "TelemetryRecord",
+    "Topics",
+    "TrustStore",
+    "describe_bytes",
+    "describe_file",
+]

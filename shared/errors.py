@@ -1,0 +1,83 @@
+"""The one exception tree of Open-AutoGLM.
+
+::
+
+    AutoGLMError
+     ├── ContractError        a wire message or manifest that breaks the contract
+     │                        (malformed JSON, unknown schema/kind, wrong types, oversize)
+     ├── IntegrityError       bytes whose sha256 is not the one promised
+     │    └── SignatureError  a manifest unsigned, signed by an untrusted key, or tampered
+     ├── ConfigError          settings that fail validation at start-up
+     ├── PackagingError       export, validation, quantization or quality check failed
+     ├── RegistryError        a model or blob missing from (or clashing in) the registry
+     ├── ModelLoadError       an ONNX model that cannot be loaded or smoke-tested
+     ├── InferenceError       a request the runtime cannot serve (bad parameters, no model)
+     ├── FetchError           a transfer that cannot complete (timeout, disk, refused)
+     └── BrokerError          a local broker that cannot be started or reached
+
+Errors carry context (device id, digest, parameter) as attributes and in the message,
+so a log line alone says what went wrong and where. Lower-library errors are mapped at the
+boundary with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AutoGLMError(Exception):
+    """Root of every error this project raises on purpose."""
+
+    def __init__(self, message: str, **context: Any) -> None:
+        self.context = {k: v for k, v in context.items() if v is not None}
+        suffix = ", ".join(f"{k}={v}" for k, v in self.context.items())
+        super().__init__(f"{message} ({suffix})" if suffix else message)
+        self.message = message
+
+
+class ContractError(AutoGLMError):
+    """A payload that breaks the wire contract; the receiver drops it and logs this."""
+
+
+class IntegrityError(AutoGLMError):
+    """Bytes whose digest does not match what the manifest promised."""
+
+
+class SignatureError(IntegrityError):
+    """A manifest that is unsigned, signed by an untrusted key, or altered after signing."""
+
+
+class ConfigError(AutoGLMError):
+    """Settings that fail validation; raised at start-up, never later."""
+
+
+class PackagingError(AutoGLMError):
+    """A model that could not be exported, validated, quantized or measured."""
+
+
+class RegistryError(AutoGLMError):
+    """A model or blob that is missing from, or clashes with, the registry."""
+
+
+class ModelLoadError(AutoGLMError):
+    """An ONNX model folder that cannot be loaded or fails its smoke test."""
+
+
+class InferenceError(AutoGLMError):
+    """A request the local runtime cannot serve."""
+
+    def __init__(
+        self, message: str, *, param: str | None = None, status: int = 400, code: str | None = None, **context: Any
+    ) -> None:
+        super().__init__(message, **context)
+        self.param = param
+        self.status = status
+        self.code = code
+
+
+class FetchError(AutoGLMError):
+    """A blob transfer that cannot complete."""
+
+
+class BrokerError(AutoGLMError):
+    """A broker that cannot be started or reached."""

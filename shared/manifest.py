@@ -1,0 +1,209 @@
+"""The model manifest (``autoglm.manifest/v1``): what a rollout ships, signed with Ed25519.
+
+A signed manifest travels and is stored as the canonical JSON of :class:`SignedManifest`; its
+sha256 is the ``manifest_digest`` that a desired state pins. Devices verify the digest first,
+then the signature against the keys they trust.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import PurePosixPath
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+
+from shared.blobs import BlobRef, digest_of
+from shared.errors import ContractError, IntegrityError, SignatureError
+from shared.ids import Name
+from shared.signing import PublicKey, SigningKey
+from shared.wire import WireDocument, WireModel, canonical_json
+
+MANIFEST_SCHEMA = "autoglm.manifest/v1"
+SIGNED_MANIFEST_SCHEMA = "autoglm.signed-manifest/v1"
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+
+
+class FileEntry(WireModel):
+    """A file of the model folder, stored as one blob."""
+
+    path: str
+    role: Literal["graph", "weights", "tokenizer", "config"]
+    blob: BlobRef
+
+    @field_validator("path")
+    @classmethod
+    def _safe_relative_path(cls, value: str) -> str:
+        p = PurePosixPath(value)
+        if not value or p.is_absolute() or ".." in p.parts or "\\" in value or value != p.as_posix():
+            raise ValueError(f"file path must be a plain relative path, got {value!r}")
+        return value
+
+
+class TensorSpec(WireModel):
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+class IOSignature(WireModel):
+    """How to drive the graph: names, KV-cache layout, vocabulary and context length."""
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    num_layers: Annotated[int, Field(strict=True, gt=0)]
+    num_kv_heads: Annotated[int, Field(strict=True, gt=0)]
+    head_dim: Annotated[int, Field(strict=True, gt=0)]
+    kv_layout: Literal["batch,kv_heads,seq,head_dim"] = "batch,kv_heads,seq,head_dim"
+    kv_dtype: Literal["float32", "float16"] = "float32"
+    vocab_size: Annotated[int, Field(strict=True, gt=0)]
+    context_length: Annotated[int, Field(strict=True, gt=0)]
+    eos_token_ids: list[int] = Field(default_factory=list)
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+    model_type: str
+
+
+class Quantization(WireModel):
+    method: Literal["none", "int8-dynamic", "int4-weight-only"]
+    weight_type: Literal["float32", "int8", "int4"]
+
+
+class QualityReport(WireModel):
+    """Perplexity of the fp32 export and of the shipped (quantized) graph on held-out text."""
+
+    eval_text: str
+    eval_tokens: Annotated[int, Field(strict=True, gt=0)]
+    perplexity_fp32: float
+    perplexity_shipped: float
+    relative_change: float
+
+
+class ExportValidation(WireModel):
+    """How the exported graph compared with PyTorch at packaging time."""
+
+    greedy_tokens_match: bool
+    compared_tokens: int
+    max_abs_logit_diff: float
+
+
+class Manifest(WireModel):
+    schema_: Literal["autoglm.manifest/v1"] = Field(default=MANIFEST_SCHEMA, alias="schema")
+    name: Name
+    version: Name
+    created_at: datetime
+    architecture: str
+    parameters: Annotated[int, Field(strict=True, ge=0)]
+    files: Annotated[list[FileEntry], Field(min_length=1)]
+    io: IOSignature
+    quantization: Quantization
+    validation: ExportValidation | None = None
+    quality: QualityReport | None = None
+
+    @field_validator("files")
+    @classmethod
+    def _unique_paths(cls, files: list[FileEntry]) -> list[FileEntry]:
+        paths = [f.path for f in files]
+        if len(set(paths)) != len(paths):
+            raise ValueError("file paths must be unique")
+        return files
+
+    def canonical_bytes(self) -> bytes:
+        return canonical_json(self.model_dump(mode="json", by_alias=True))
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.blob.size for f in self.files)
+
+    def blobs(self) -> list[BlobRef]:
+        """Distinct blobs (two identical files share one)."""
+        seen: dict[str, BlobRef] = {}
+        for f in self.files:
+            seen.setdefault(f.blob.digest, f.blob)
+        return list(seen.values())
+
+
+class Signature(WireModel):
+    alg: Literal["ed25519"] = "ed25519"
+    key_id: str
+    value: str
+
+
+class SignedManifest(WireDocument):
+    SCHEMA = SIGNED_MANIFEST_SCHEMA
+    KIND = "manifest"
+    MAX_BYTES = MAX_MANIFEST_BYTES
+
+    manifest: Manifest
+    signature: Signature | None = None
+
+    @classmethod
+    def sign(cls, manifest: Manifest, key: SigningKey) -> SignedManifest:
+        sig = key.sign(manifest.canonical_bytes())
+        return cls(
+            manifest=manifest,
+            signature=Signature(key_id=key.public.key_id, value=base64.b64encode(sig).decode("ascii")),
+        )
+
+    @property
+    def digest(self) -> str:
+        return digest_of(self.to_json())
+
+
+class TrustStore:
+    """The public keys a device accepts manifests from."""
+
+    def __init__(self, keys: Iterable[PublicKey]) -> None:
+        self._keys = {k.key_id: k for k in keys}
+        if not self._keys:
+            raise ContractError("a trust store needs at least one public key")
+
+    @property
+    def key_ids(self) -> list[str]:
+        return sorted(self._keys)
+
+    def verify(self, payload: bytes, *, expected_digest: str | None = None) -> Manifest:
+        """Check digest (when pinned), schema, signature; return the manifest or raise.
+
+        Raises IntegrityError for a digest mismatch, SignatureError for an unsigned, untrusted or
+        altered manifest, ContractError for a payload that is not a signed manifest at all.
+        """
+        if expected_digest is not None:
+            actual = digest_of(payload)
+            if actual != expected_digest:
+                raise IntegrityError("manifest digest mismatch", expected=expected_digest, actual=actual)
+        signed = _parse_signed(payload)
+        if signed.signature is None:
+            raise SignatureError(
+                "manifest is unsigned", name=signed.manifest.name, version=signed.manifest.version
+            )
+        key = self._keys.get(signed.signature.key_id)
+        if key is None:
+            raise SignatureError(
+                "manifest signed by an untrusted key",
+                key_id=signed.signature.key_id,
+                name=signed.manifest.name,
+            )
+        try:
+            sig = base64.b64decode(signed.signature.value, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise SignatureError("signature is not valid base64", key_id=key.key_id) from exc
+        key.verify(sig, signed.manifest.canonical_bytes())
+        return signed.manifest
+
+
+def _parse_signed(payload: bytes) -> SignedManifest:
+    try:
+        return SignedManifest.from_json(payload)
+    except ContractError:
+        raise
+    except (ValidationError, json.JSONDecodeError) as exc:  # pragma: no cover - from_json maps these
+        raise ContractError(f"invalid manifest: {exc}") from exc
+
+
+def manifest_from_dict(data: dict[str, Any]) -> Manifest:
+    return Manifest.model_validate(data)

@@ -1,0 +1,163 @@
+"""MQTT control messages (DESIGN.md §4). Chunk payloads are raw bytes and have no model."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, StrictBool, model_validator
+
+from shared.ids import Digest, Name
+from shared.wire import WireDocument, WireModel
+
+MQTT_SCHEMA = "autoglm.mqtt/v1"
+
+# Upper bounds keep one message from asking for an unbounded amount of work.
+MAX_BLOBS_PER_FETCH = 64
+MAX_CHUNKS_PER_BLOB_REQUEST = 4096
+MAX_TELEMETRY_RECORDS = 1000
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class ModelRef(WireModel):
+    """Which model a device should run: the manifest digest pins the exact bytes."""
+
+    name: Name
+    version: Name
+    manifest_digest: Digest
+    manifest_size: Annotated[int, Field(strict=True, gt=0, le=64 * 1024 * 1024)]
+
+
+class DesiredState(WireDocument):
+    SCHEMA = MQTT_SCHEMA
+    KIND = "desired"
+
+    revision: Annotated[int, Field(strict=True, ge=0)]
+    model: ModelRef | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    issued_at: datetime = Field(default_factory=utc_now)
+
+
+class Phase(StrEnum):
+    """Update phases of the edge reconciler, in the order a healthy update walks them."""
+
+    IDLE = "idle"
+    FETCHING = "fetching"
+    VERIFYING = "verifying"
+    STAGED = "staged"
+    SMOKE_TESTING = "smoke_testing"
+    ACTIVE = "active"
+    ROLLING_BACK = "rolling_back"
+    FAILED = "failed"
+
+
+class ErrorInfo(WireModel):
+    code: str
+    message: str
+    at: datetime = Field(default_factory=utc_now)
+
+
+class Capabilities(WireModel):
+    providers: list[str] = Field(default_factory=list)
+    memory_bytes: Annotated[int, Field(strict=True, ge=0)] = 0
+    disk_free_bytes: Annotated[int, Field(strict=True, ge=0)] = 0
+
+
+class TransferProgress(WireModel):
+    bytes_done: Annotated[int, Field(strict=True, ge=0)]
+    bytes_total: Annotated[int, Field(strict=True, ge=0)]
+
+
+class ReportedState(WireDocument):
+    SCHEMA = MQTT_SCHEMA
+    KIND = "reported"
+
+    device_id: Name
+    revision: Annotated[int, Field(strict=True, ge=-1)]
+    phase: Phase
+    active_slot: Literal["a", "b"] | None = None
+    slots: dict[Literal["a", "b"], ModelRef | None] = Field(default_factory=dict)
+    last_error: ErrorInfo | None = None
+    capabilities: Capabilities = Field(default_factory=Capabilities)
+    progress: TransferProgress | None = None
+    updated_at: datetime = Field(default_factory=utc_now)
+
+
+class DeviceStatus(WireDocument):
+    """Retained presence; the broker publishes the ``offline`` one as the Last Will."""
+
+    SCHEMA = MQTT_SCHEMA
+    KIND = "status"
+
+    device_id: Name
+    state: Literal["online", "offline"]
+    at: datetime = Field(default_factory=utc_now)
+
+
+class TelemetryRecord(WireModel):
+    id: Annotated[str, Field(min_length=8, max_length=64)]
+    at: datetime
+    model: str
+    served_by: Literal["local", "cloud"]
+    prompt_tokens: Annotated[int, Field(strict=True, ge=0)]
+    completion_tokens: Annotated[int, Field(strict=True, ge=0)]
+    latency_ms: Annotated[float, Field(ge=0)]
+    ok: StrictBool = True
+    error: str | None = None
+
+
+class TelemetryBatch(WireDocument):
+    SCHEMA = MQTT_SCHEMA
+    KIND = "telemetry"
+
+    device_id: Name
+    records: Annotated[list[TelemetryRecord], Field(min_length=1, max_length=MAX_TELEMETRY_RECORDS)]
+
+
+class BlobRequest(WireModel):
+    digest: Digest
+    chunk_size: Annotated[int, Field(strict=True, gt=0, le=16 * 1024 * 1024)]
+    chunks: Annotated[
+        list[Annotated[int, Field(strict=True, ge=0)]],
+        Field(min_length=1, max_length=MAX_CHUNKS_PER_BLOB_REQUEST),
+    ]
+
+    @model_validator(mode="after")
+    def _unique_chunks(self) -> BlobRequest:
+        if len(set(self.chunks)) != len(self.chunks):
+            raise ValueError("chunk indexes must be unique")
+        return self
+
+
+class FetchRequest(WireDocument):
+    """A device asks for the chunks it still misses; the cloud publishes them on blob topics."""
+
+    SCHEMA = MQTT_SCHEMA
+    KIND = "fetch"
+
+    device_id: Name
+    request_id: Annotated[str, Field(min_length=1, max_length=64)]
+    blobs: Annotated[list[BlobRequest], Field(min_length=1, max_length=MAX_BLOBS_PER_FETCH)]
+
+
+class Command(WireDocument):
+    SCHEMA = MQTT_SCHEMA
+    KIND = "command"
+
+    request_id: Annotated[str, Field(min_length=1, max_length=64)]
+    action: Literal["ping", "reload", "rollback"]
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class CommandReply(WireDocument):
+    SCHEMA = MQTT_SCHEMA
+    KIND = "reply"
+
+    request_id: Annotated[str, Field(min_length=1, max_length=64)]
+    device_id: Name
+    ok: StrictBool
+    detail: str = ""

@@ -1,0 +1,194 @@
+"""Shared fixtures: real mosquitto on a free port, the packaged demo model, edge agents as processes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from cloud.local_broker import LocalBroker, free_port
+from cloud.registry import ModelRegistry, RegistryEntry
+from shared.mqtt import BrokerSettings
+from shared.signing import SigningKey
+
+REPO = Path(__file__).resolve().parents[1]
+# Small enough to train in about a minute on two cores, large enough that text is not noise.
+TEST_DEMO_STEPS = int(os.environ.get("AUTOGLM_TEST_DEMO_STEPS", "400"))
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[LocalBroker]:
+    """One private mosquitto for the session; tests keep apart by tenant (topic namespace)."""
+    with LocalBroker() as b:
+        yield b
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path) -> Iterator[LocalBroker]:
+    """A broker of the test's own, for tests that stop or restart it."""
+    b = LocalBroker(workdir=tmp_path / "mosquitto")
+    b.workdir.mkdir()
+    b.start()
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def broker_settings(broker: LocalBroker) -> BrokerSettings:
+    return BrokerSettings(host=broker.host, port=broker.port)
+
+
+@pytest.fixture
+def tenant() -> str:
+    return "t" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture(scope="session")
+def signing_key() -> SigningKey:
+    return SigningKey.generate()
+
+
+def _demo_cache_key() -> str:
+    h = hashlib.sha256(str(TEST_DEMO_STEPS).encode())
+    for rel in ("cloud/packaging/demo_model.py", "cloud/packaging/corpus.py"):
+        h.update((REPO / rel).read_bytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def demo_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained demo model folder; cached across runs by the hash of the code that builds it."""
+    from cloud.packaging.demo_model import DemoModelSpec, build_demo_model
+
+    cache = Path(os.environ.get("AUTOGLM_TEST_CACHE", Path.home() / ".cache" / "autoglm-tests"))
+    folder = cache / f"demo-{_demo_cache_key()}"
+    if not (folder / "config.json").is_file():
+        tmp = tmp_path_factory.mktemp("demo-build")
+        build_demo_model(tmp / "model", DemoModelSpec(train_steps=TEST_DEMO_STEPS))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(tmp / "model", folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> ModelRegistry:
+    return ModelRegistry(tmp_path_factory.mktemp("registry"))
+
+
+@pytest.fixture(scope="session")
+def demo_package(demo_source: Path, registry: ModelRegistry, signing_key: SigningKey) -> RegistryEntry:
+    from cloud.packaging.packager import ModelPackager, PackageOptions
+
+    return ModelPackager(registry, signing_key).package(demo_source, PackageOptions(name="demo-glm", version="1"))
+
+
+@dataclass
+class EdgeProcess:
+    """An edge agent running as its own OS process, as on a device."""
+
+    proc: subprocess.Popen[str]
+    api: str
+    config: Path
+    data_dir: Path
+    lines: list[str] = field(default_factory=list)
+
+    def log_text(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_ready(self, timeout: float = 120.0) -> dict:  # type: ignore[type-arg]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"edge agent exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+            try:
+                r = httpx.get(f"{self.api}/readyz", timeout=2)
+                if r.status_code == 200:
+                    body: dict = r.json()  # type: ignore[type-arg]
+                    return body
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"edge agent not ready in {timeout}s:\n{self.log_text()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_edge(
+    tmp: Path,
+    *,
+    device_id: str,
+    tenant: str,
+    broker: BrokerSettings,
+    trusted: list[str],
+    command: list[str] | None = None,
+    extra: dict | None = None,  # type: ignore[type-arg]
+) -> EdgeProcess:
+    port = free_port()
+    data_dir = tmp / f"edge-{device_id}"
+    config = tmp / f"edge-{device_id}.yaml"
+    settings = {
+        "device_id": device_id,
+        "tenant": tenant,
+        "data_dir": str(data_dir),
+        "broker": broker.model_dump(),
+        "trusted_keys": trusted,
+        "api": {"host": "127.0.0.1", "port": port},
+        "fetch": {"request_timeout_s": 2.0},
+        "runtime": {"threads": 1},
+    }
+    settings.update(extra or {})
+    config.write_text(yaml.safe_dump(settings))
+    cmd = command or [sys.executable, "-m", "cloud.cli"]
+    proc = subprocess.Popen(
+        [*cmd, "edge", "run", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    edge = EdgeProcess(proc, f"http://127.0.0.1:{port}", config, data_dir)
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            edge.lines.append(line.rstrip())
+
+    threading.Thread(target=pump, daemon=True, name=f"log-{device_id}").start()
+    return edge
+
+
+@pytest.fixture
+def edge_factory(tmp_path: Path) -> Iterator[Callable[..., EdgeProcess]]:
+    """Start edge agents (keyword arguments of ``start_edge``); all are stopped after the test."""
+    started: list[EdgeProcess] = []
+
+    def make(**kwargs: Any) -> EdgeProcess:
+        edge = start_edge(tmp_path, **kwargs)
+        started.append(edge)
+        return edge
+
+    yield make
+    for e in started:
+        e.stop()

@@ -1,0 +1,111 @@
+"""Content-addressed blobs and chunks, and the registry built on them."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from cloud.registry import ModelRegistry
+from shared.blobs import BlobStore, describe_bytes, describe_file
+from shared.errors import IntegrityError, RegistryError
+from shared.manifest import FileEntry, IOSignature, Manifest, Quantization, SignedManifest
+from shared.signing import SigningKey
+
+
+def test_describe_file_matches_describe_bytes(tmp_path: Path) -> None:
+    data = os.urandom(10_000)
+    (tmp_path / "f").write_bytes(data)
+    assert describe_file(tmp_path / "f", 4096) == describe_bytes(data, 4096)
+    ref = describe_bytes(data, 4096)
+    assert ref.chunk_count == 3
+    assert [ref.chunk_length(i) for i in range(3)] == [4096, 4096, 10_000 - 8192]
+
+
+def test_empty_file_has_one_empty_chunk(tmp_path: Path) -> None:
+    (tmp_path / "e").write_bytes(b"")
+    ref = describe_file(tmp_path / "e", 1024)
+    assert ref.size == 0 and ref.chunk_count == 1
+    ref.verify_chunk(0, b"")
+
+
+def test_verify_chunk_catches_corruption_and_truncation() -> None:
+    data = os.urandom(5000)
+    ref = describe_bytes(data, 1024)
+    ref.verify_chunk(2, data[2048:3072])
+    bad = bytearray(data[2048:3072])
+    bad[10] ^= 0xFF
+    with pytest.raises(IntegrityError, match="sha256 mismatch"):
+        ref.verify_chunk(2, bytes(bad))
+    with pytest.raises(IntegrityError, match="expected 1024"):
+        ref.verify_chunk(2, data[2048:3000])
+    with pytest.raises(IntegrityError, match="out of range"):
+        ref.verify_chunk(9, b"")
+
+
+def test_blob_store_is_content_addressed_and_chunked(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "store")
+    data = os.urandom(3000)
+    (tmp_path / "src").write_bytes(data)
+    digest = store.put_file(tmp_path / "src")
+    assert digest == describe_bytes(data).digest
+    assert store.put_bytes(data) == digest  # identical content: one blob
+    assert store.read_chunk(digest, 1, 1024) == data[1024:2048]
+    assert store.read_chunk(digest, 2, 1024) == data[2048:]
+    with pytest.raises(RegistryError):
+        store.read_chunk(digest, 3, 1024)
+    with pytest.raises(RegistryError):
+        store.path("sha256:../../etc")
+    assert list(store.digests()) == [digest]
+
+
+def _publish(reg: ModelRegistry, key: SigningKey, version: str, payloads: dict[str, bytes]) -> None:
+    files = []
+    for name, data in payloads.items():
+        reg.blobs.put_bytes(data)
+        files.append(FileEntry(path=name, role="graph" if name.endswith(".onnx") else "config", blob=describe_bytes(data)))
+    m = Manifest(
+        name="m",
+        version=version,
+        created_at=datetime.now(UTC),
+        architecture="x",
+        parameters=0,
+        files=files,
+        io=IOSignature(inputs=[], outputs=[], num_layers=1, num_kv_heads=1, head_dim=1, vocab_size=1, context_length=1, model_type="glm"),
+        quantization=Quantization(method="none", weight_type="float32"),
+    )
+    reg.publish(SignedManifest.sign(m, key))
+
+
+def test_registry_shares_blobs_across_versions_and_collects_garbage(tmp_path: Path) -> None:
+    reg = ModelRegistry(tmp_path / "reg")
+    key = SigningKey.generate()
+    shared_blob = os.urandom(2000)
+    _publish(reg, key, "1", {"model.onnx": shared_blob, "config.json": b"{}"})
+    _publish(reg, key, "2", {"model.onnx": shared_blob, "config.json": b'{"v":2}'})
+    assert [e.version for e in reg.list()] == ["1", "2"]
+    with pytest.raises(RegistryError, match="already exists"):
+        _publish(reg, key, "1", {"model.onnx": b"other"})
+    reg.delete("m", "1")
+    assert reg.blobs.has(describe_bytes(shared_blob).digest)  # still used by version 2
+    assert not reg.blobs.has(describe_bytes(b"{}").digest)
+    with pytest.raises(RegistryError, match="not found"):
+        reg.get("m", "1")
+
+
+def test_registry_refuses_manifest_with_missing_blob(tmp_path: Path) -> None:
+    reg = ModelRegistry(tmp_path / "reg")
+    m = Manifest(
+        name="m",
+        version="1",
+        created_at=datetime.now(UTC),
+        architecture="x",
+        parameters=0,
+        files=[FileEntry(path="model.onnx", role="graph", blob=describe_bytes(b"never stored"))],
+        io=IOSignature(inputs=[], outputs=[], num_layers=1, num_kv_heads=1, head_dim=1, vocab_size=1, context_length=1, model_type="glm"),
+        quantization=Quantization(method="none", weight_type="float32"),
+    )
+    with pytest.raises(RegistryError, match="not in the store"):
+        reg.publish(SignedManifest.sign(m, SigningKey.generate()))

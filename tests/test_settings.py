@@ -1,0 +1,57 @@
+"""Edge settings are validated at start-up; environment overrides apply on top of the YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edge_agent.settings import EdgeSettings
+from shared.errors import ConfigError
+from shared.signing import SigningKey
+
+KEY = SigningKey.generate().public.b64
+
+
+def _write(tmp_path: Path, data: object) -> Path:
+    p = tmp_path / "edge.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_example_config_in_the_repo_is_valid() -> None:
+    example = Path(__file__).resolve().parents[1] / "edge.example.yaml"
+    settings = EdgeSettings.load(example, env={})
+    assert settings.api.host == "127.0.0.1"
+
+
+def test_environment_overrides(tmp_path: Path) -> None:
+    p = _write(tmp_path, {"device_id": "d1", "data_dir": str(tmp_path), "trusted_keys": [KEY]})
+    s = EdgeSettings.load(p, env={"AUTOGLM_EDGE__BROKER__PORT": "1999", "AUTOGLM_EDGE__API__API_KEY": "s3cret"})
+    assert s.broker.port == 1999
+    assert s.api.api_key == "s3cret"
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ({"data_dir": "/x", "trusted_keys": [KEY]}, "device_id"),
+        ({"device_id": "d/1", "data_dir": "/x", "trusted_keys": [KEY]}, "device_id"),
+        ({"device_id": "d", "data_dir": "/x", "trusted_keys": []}, "trusted_keys"),
+        ({"device_id": "d", "data_dir": "/x", "trusted_keys": ["bm90IGEga2V5"]}, "32 raw Ed25519 bytes"),
+        ({"device_id": "d", "data_dir": "/x", "trusted_keys": [KEY], "api": {"port": 99999}}, "api.port"),
+        ({"device_id": "d", "data_dir": "/x", "trusted_keys": [KEY], "typo": 1}, "typo"),
+    ],
+)
+def test_invalid_settings_name_the_problem(tmp_path: Path, data: dict, reason: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ConfigError, match=reason):
+        EdgeSettings.load(_write(tmp_path, data), env={})
+
+
+def test_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        EdgeSettings.load(tmp_path / "missing.yaml", env={})
+    (tmp_path / "bad.yaml").write_text("a: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        EdgeSettings.load(tmp_path / "bad.yaml", env={})
