@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -15,13 +15,20 @@ from rich.table import Table
 from edge_agent.cli import app as edge_app
 from shared.errors import AutoGLMError
 
+if TYPE_CHECKING:
+    from cloud.registry import ModelRegistry
+    from shared.mqtt import BrokerSettings
+    from shared.signing import SigningKey
+
 app = typer.Typer(
     help="Open-AutoGLM: language models on fleets of edge devices, with a cloud behind them.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
 model_app = typer.Typer(help="Package models and inspect the registry.", no_args_is_help=True)
-cloud_app = typer.Typer(help="Minimal cloud side: serve blobs and set devices' desired state.", no_args_is_help=True)
+cloud_app = typer.Typer(
+    help="Minimal cloud side: serve blobs and set devices' desired state.", no_args_is_help=True
+)
 app.add_typer(model_app, name="model")
 app.add_typer(edge_app, name="edge")
 app.add_typer(cloud_app, name="cloud")
@@ -39,25 +46,27 @@ BrokerOpt = Annotated[str, typer.Option("--broker", help="MQTT broker as HOST:PO
 TenantOpt = Annotated[str, typer.Option("--tenant", help="Tenant (topic namespace).")]
 
 
-def _registry(path: Path | None):  # type: ignore[no-untyped-def]
+def _registry(path: Path | None) -> ModelRegistry:
     from cloud.paths import CloudPaths
     from cloud.registry import ModelRegistry
 
     return ModelRegistry(path or CloudPaths.from_env().registry)
 
 
-def _signing_key(path: Path | None):  # type: ignore[no-untyped-def]
+def _signing_key(path: Path | None) -> SigningKey:
     from cloud.paths import CloudPaths
     from shared.signing import SigningKey
 
     key_path = path or CloudPaths.from_env().signing_key
     key, created = SigningKey.load_or_create(key_path)
     if created:
-        console.print(f"[yellow]Created a new manifest signing key at {key_path} (key id {key.public.key_id}).[/]")
+        console.print(
+            f"[yellow]Created a new manifest signing key at {key_path} (key id {key.public.key_id}).[/]"
+        )
     return key
 
 
-def _broker(addr: str):  # type: ignore[no-untyped-def]
+def _broker(addr: str) -> BrokerSettings:
     from shared.mqtt import BrokerSettings
 
     host, sep, port = addr.rpartition(":")
@@ -75,14 +84,24 @@ def _split_ref(ref: str) -> tuple[str, str]:
 
 @model_app.command("package")
 def model_package(
-    src: Annotated[Path, typer.Argument(help="Local Hugging Face causal-LM folder (GLM, Llama, Qwen2, GPT-2).")],
+    src: Annotated[
+        Path, typer.Argument(help="Local Hugging Face causal-LM folder (GLM, Llama, Qwen2, GPT-2).")
+    ],
     name: Annotated[str, typer.Option("--name", help="Model name in the registry.")],
     version: Annotated[str, typer.Option("--version", help="Version label (new for every package).")],
     quantize: Annotated[str, typer.Option("--quantize", help="int8 (default) or none.")] = "int8",
     eval_text: Annotated[
-        Path | None, typer.Option("--eval-text", help="Held-out text for perplexity [default: Python stdlib sample].")
+        Path | None,
+        typer.Option("--eval-text", help="Held-out text for perplexity [default: Python stdlib sample]."),
     ] = None,
-    chunk_size: Annotated[int, typer.Option("--chunk-size", help="Transfer chunk size in bytes.")] = 1024 * 1024,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", help="Transfer chunk size in bytes.")] = 1024
+    * 1024,
+    max_ppl_increase: Annotated[
+        float,
+        typer.Option(
+            "--max-ppl-increase", help="Refuse a quantized graph whose perplexity rose more (0.05 = 5%)."
+        ),
+    ] = 0.05,
     registry: RegistryOpt = None,
     signing_key: KeyOpt = None,
 ) -> None:
@@ -95,7 +114,15 @@ def model_package(
     text = eval_text.read_text(encoding="utf-8", errors="replace") if eval_text else None
     packager = ModelPackager(_registry(registry), _signing_key(signing_key), ConsoleReporter(console))
     entry = packager.package(
-        src, PackageOptions(name=name, version=version, quantize=quantize, eval_text=text, chunk_size=chunk_size)
+        src,
+        PackageOptions(
+            name=name,
+            version=version,
+            quantize=quantize,
+            eval_text=text,
+            chunk_size=chunk_size,
+            max_perplexity_increase=max_ppl_increase,
+        ),
     )
     console.print(f"[bold green]Packaged {entry.name}:{entry.version}[/] manifest {entry.digest}")
 
@@ -105,14 +132,18 @@ def model_demo(
     steps: Annotated[int, typer.Option("--steps", help="Training steps for the demo model.")] = 400,
     name: Annotated[str, typer.Option("--name")] = "demo-glm",
     version: Annotated[str, typer.Option("--version")] = "1",
-    rebuild: Annotated[bool, typer.Option("--rebuild", help="Train again even if a demo model exists.")] = False,
+    rebuild: Annotated[
+        bool, typer.Option("--rebuild", help="Train again even if a demo model exists.")
+    ] = False,
     registry: RegistryOpt = None,
     signing_key: KeyOpt = None,
 ) -> None:
     """Build the small demonstration GLM model locally (no hub), train it briefly, and package it."""
     from cloud.demo import ensure_demo_package
 
-    ensure_demo_package(console, _registry(registry), _signing_key(signing_key), name, version, steps, rebuild)
+    ensure_demo_package(
+        console, _registry(registry), _signing_key(signing_key), name, version, steps, rebuild
+    )
 
 
 @model_app.command("ls")
@@ -138,7 +169,13 @@ def model_ls(
         q = m.quality
         ppl = f"{q.perplexity_fp32:.2f} → {q.perplexity_shipped:.2f}" if q else "-"
         table.add_row(
-            e.name, e.version, m.architecture, m.quantization.method, f"{m.total_size / 1e6:.1f} MB", ppl, e.digest[:19]
+            e.name,
+            e.version,
+            m.architecture,
+            m.quantization.method,
+            f"{m.total_size / 1e6:.1f} MB",
+            ppl,
+            e.digest[:19],
         )
     console.print(table)
 
@@ -211,11 +248,16 @@ def cloud_assign(
 
 @app.command("demo")
 def demo(
-    steps: Annotated[int, typer.Option("--steps", help="Training steps if the demo model must be built.")] = 400,
+    steps: Annotated[
+        int, typer.Option("--steps", help="Training steps if the demo model must be built.")
+    ] = 400,
     broker: Annotated[
-        str | None, typer.Option("--broker", help="Use this HOST:PORT broker instead of starting a private one.")
+        str | None,
+        typer.Option("--broker", help="Use this HOST:PORT broker instead of starting a private one."),
     ] = None,
-    prompt: Annotated[str, typer.Option("--prompt", help="Prompt for the final completion.")] = "def fibonacci(n):\n",
+    prompt: Annotated[
+        str, typer.Option("--prompt", help="Prompt for the final completion.")
+    ] = "def fibonacci(n):\n",
 ) -> None:
     """End to end on this machine: package the demo model, ship it over MQTT to an edge agent, ask it."""
     from cloud.demo import run_demo

@@ -69,7 +69,9 @@ class ControlLink:
 
     async def _dispatch(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         topic = message.topic.value
-        payload = message.payload if isinstance(message.payload, bytes) else str(message.payload or "").encode()
+        payload = (
+            message.payload if isinstance(message.payload, bytes) else str(message.payload or "").encode()
+        )
         if self.blob_server.handles(topic):
             await self.blob_server.handle(client, topic, payload)
             return

@@ -202,19 +202,31 @@ async def _ship_and_ask(
             return r is not None and r.phase == Phase.ACTIVE and r.revision == 1
 
         await link.wait_for(active, timeout=180)
-        console.print(f"{CLOUD}   [green]✓[/] blob server published {link.blob_server.chunks_published} chunk(s)")
+        console.print(
+            f"{CLOUD}   [green]✓[/] blob server published {link.blob_server.chunks_published} chunk(s)"
+        )
 
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", timeout=60) as http:
             console.print(f"{APP}   POST /v1/completions to the edge agent, prompt {escape(repr(prompt))}")
             resp = await http.post(
                 "/v1/completions",
-                json={"model": entry.name, "prompt": prompt, "max_tokens": 48, "temperature": 0},
+                # A 1M-parameter model loops under greedy decoding; mild sampling with a fixed seed reads better.
+                json={
+                    "model": entry.name,
+                    "prompt": prompt,
+                    "max_tokens": 48,
+                    "temperature": 0.6,
+                    "top_p": 0.9,
+                    "seed": 7,
+                },
             )
             resp.raise_for_status()
             body = resp.json()
             info = (await http.get("/v1/agent")).json()
         served = resp.headers.get("x-autoglm-served-by", "?")
-        console.print(f"{APP}   served by [bold]{served}[/] model {body['model']}, usage {escape(str(body['usage']))}")
+        console.print(
+            f"{APP}   served by [bold]{served}[/] model {body['model']}, usage {escape(str(body['usage']))}"
+        )
         console.print(f"{APP}   completion:\n{escape(prompt)}[bold]{escape(body['choices'][0]['text'])}[/]")
         console.print(
             f"{EDGE}  received {info['fetch']['chunks_received']} chunk(s) over MQTT, "

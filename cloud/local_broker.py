@@ -66,12 +66,16 @@ class LocalBroker:
         )
 
     def start(self, timeout: float = 10.0) -> LocalBroker:
-        exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+        exe = shutil.which("mosquitto") or (
+            "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+        )
         if exe is None:
             raise BrokerError("mosquitto is not installed (Debian: apt-get install mosquitto)")
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(self.config_text())
-        self._proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._proc = subprocess.Popen(
+            [exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

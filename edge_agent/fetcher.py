@@ -123,7 +123,9 @@ class ShardFetcher:
         need = self.missing_bytes(blobs)
         free = shutil.disk_usage(self.partial_dir).free
         if need > free:
-            raise FetchError(f"model needs {need} bytes but only {free} are free on disk", device_id=self.device_id)
+            raise FetchError(
+                f"model needs {need} bytes but only {free} are free on disk", device_id=self.device_id
+            )
         for blob in blobs:
             if not self.cache.has(blob.digest):
                 await self._fetch(blob.digest, blob.size, blob.chunk_size, list(blob.chunks))
@@ -150,7 +152,9 @@ class ShardFetcher:
                     os.replace(part, dest)
                     return
                 # Only possible without per-chunk hashes (a manifest): start that blob over.
-                log.warning("assembled %s hashes to %s; fetching it again (attempt %d)", digest, actual, attempt + 1)
+                log.warning(
+                    "assembled %s hashes to %s; fetching it again (attempt %d)", digest, actual, attempt + 1
+                )
                 t.have.clear()
             raise IntegrityError("assembled blob never matched its digest", digest=digest)
         finally:
@@ -214,7 +218,9 @@ class ShardFetcher:
                             device_id=self.device_id,
                             missing=len(t.missing()),
                         ) from None
-                    log.info("fetch of %s stalled; asking again for %d chunk(s)", t.digest, len(window - t.have))
+                    log.info(
+                        "fetch of %s stalled; asking again for %d chunk(s)", t.digest, len(window - t.have)
+                    )
                     break
                 if len(t.have) > have_before:
                     stalls = 0

@@ -68,7 +68,13 @@ class CloudLink:
                     async for message in client.messages:
                         self._dispatch(client, message)
             except aiomqtt.MqttError as exc:
-                log.warning("broker %s:%d unreachable or lost (%s); retrying in %.1fs", self.broker.host, self.broker.port, exc, delay)
+                log.warning(
+                    "broker %s:%d unreachable or lost (%s); retrying in %.1fs",
+                    self.broker.host,
+                    self.broker.port,
+                    exc,
+                    delay,
+                )
             finally:
                 self._client = None
                 self.connected.clear()
@@ -95,7 +101,9 @@ class CloudLink:
 
     def _dispatch(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         topic = message.topic.value
-        payload = message.payload if isinstance(message.payload, bytes) else str(message.payload or "").encode()
+        payload = (
+            message.payload if isinstance(message.payload, bytes) else str(message.payload or "").encode()
+        )
         try:
             parsed = self.topics.parse(topic)
             if parsed.channel == "blob":

@@ -33,7 +33,9 @@ class LoadedModel:
         graph = next((f.path for f in manifest.files if f.role == "graph"), None)
         if graph is None:
             raise ModelLoadError("manifest lists no graph file", name=manifest.name, version=manifest.version)
-        session = OnnxCausalLM(folder / graph, manifest.io, threads=runtime.threads, providers=runtime.providers)
+        session = OnnxCausalLM(
+            folder / graph, manifest.io, threads=runtime.threads, providers=runtime.providers
+        )
         try:
             tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         except Exception as exc:
@@ -43,7 +45,9 @@ class LoadedModel:
     def smoke_test(self) -> None:
         """One greedy token through the whole path; anything wrong raises ModelLoadError."""
         try:
-            self.generator.generate("Hello", GenerationParams(max_tokens=2, sampling=SamplingConfig(temperature=0.0)))
+            self.generator.generate(
+                "Hello", GenerationParams(max_tokens=2, sampling=SamplingConfig(temperature=0.0))
+            )
         except Exception as exc:
             raise ModelLoadError(f"smoke test failed: {exc}", model=self.model_id) from exc
 
@@ -78,7 +82,9 @@ class ModelHost:
 
         return model, await asyncio.to_thread(run)
 
-    async def stream(self, prompt: str, params: GenerationParams) -> tuple[LoadedModel, AsyncIterator[str | GenerationResult]]:
+    async def stream(
+        self, prompt: str, params: GenerationParams
+    ) -> tuple[LoadedModel, AsyncIterator[str | GenerationResult]]:
         model = self._require()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str | GenerationResult | BaseException] = asyncio.Queue()

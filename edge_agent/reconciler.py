@@ -17,7 +17,7 @@ from edge_agent.settings import RuntimeSettings
 from edge_agent.slots import SlotStore
 from edge_agent.state import AgentState, SlotName, StateFile
 from shared.blobs import BlobStore, file_digest
-from shared.errors import AutoGLMError, IntegrityError, ModelLoadError, SignatureError
+from shared.errors import AutoGLMError, FetchError, IntegrityError, ModelLoadError, SignatureError
 from shared.manifest import Manifest, TrustStore
 from shared.messages import DesiredState, ErrorInfo, ModelRef, Phase
 
@@ -74,7 +74,11 @@ class Reconciler:
         if s.active_slot is not None and s.active_model is not None:
             try:
                 self.host.swap(await asyncio.to_thread(self._load_slot, s.active_slot))
-                log.info("serving %s from slot %s", s.active_model.name + ":" + s.active_model.version, s.active_slot)
+                log.info(
+                    "serving %s from slot %s",
+                    s.active_model.name + ":" + s.active_model.version,
+                    s.active_slot,
+                )
             except AutoGLMError as exc:
                 log.error("active slot %s cannot be loaded: %s", s.active_slot, exc)
                 s.last_error = ErrorInfo(code="active_slot_unloadable", message=str(exc))
@@ -147,11 +151,16 @@ class Reconciler:
             await self._fail(exc)
 
     async def _fail(self, exc: BaseException) -> None:
-        code = {
-            SignatureError: "signature_rejected",
-            IntegrityError: "integrity_error",
-            ModelLoadError: "model_load_failed",
-        }.get(type(exc), type(exc).__name__)
+        if isinstance(exc, SignatureError):
+            code = "signature_rejected"
+        elif isinstance(exc, IntegrityError):
+            code = "integrity_error"
+        elif isinstance(exc, ModelLoadError):
+            code = "model_load_failed"
+        elif isinstance(exc, FetchError):
+            code = "fetch_failed"
+        else:
+            code = type(exc).__name__
         log.error("update failed (%s): %s; staying on the current model", code, exc)
         s = self.state
         if s.target_slot is not None and s.target_slot != s.active_slot:

@@ -30,7 +30,9 @@ class SlotStore:
         for f in manifest.files:
             src = cache.path(f.blob.digest)
             if not src.is_file():
-                raise IntegrityError("blob missing from the cache at staging time", digest=f.blob.digest, path=f.path)
+                raise IntegrityError(
+                    "blob missing from the cache at staging time", digest=f.blob.digest, path=f.path
+                )
             dest = staging / f.path
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:

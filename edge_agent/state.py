@@ -14,6 +14,10 @@ from shared.messages import ErrorInfo, ModelRef, Phase
 SlotName = Literal["a", "b"]
 
 
+def _empty_slots() -> dict[SlotName, ModelRef | None]:
+    return {"a": None, "b": None}
+
+
 class AgentState(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -24,7 +28,7 @@ class AgentState(BaseModel):
     target: ModelRef | None = None
     target_slot: SlotName | None = None
     active_slot: SlotName | None = None
-    slots: dict[SlotName, ModelRef | None] = Field(default_factory=lambda: {"a": None, "b": None})
+    slots: dict[SlotName, ModelRef | None] = Field(default_factory=lambda: _empty_slots())
     last_error: ErrorInfo | None = None
 
     def standby_slot(self) -> SlotName:

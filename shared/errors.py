@@ -67,7 +67,13 @@ class InferenceError(AutoGLMError):
     """A request the local runtime cannot serve."""
 
     def __init__(
-        self, message: str, *, param: str | None = None, status: int = 400, code: str | None = None, **context: Any
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        status: int = 400,
+        code: str | None = None,
+        **context: Any,
     ) -> None:
         super().__init__(message, **context)
         self.param = param

@@ -92,7 +92,7 @@ class ExportValidation(WireModel):
 
 
 class Manifest(WireModel):
-    schema_: Literal["autoglm.manifest/v1"] = Field(default=MANIFEST_SCHEMA, alias="schema")
+    schema_: Literal["autoglm.manifest/v1"] = Field(default="autoglm.manifest/v1", alias="schema")
     name: Name
     version: Name
     created_at: datetime

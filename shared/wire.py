@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared.errors import ContractError
 
@@ -35,13 +35,16 @@ class WireDocument(WireModel):
     KIND: ClassVar[str]
     MAX_BYTES: ClassVar[int] = MAX_CONTROL_PAYLOAD
 
-    schema_: str = Field(alias="schema")
-    kind: str
+    # Filled from SCHEMA/KIND when constructed in code; checked strictly when parsed from the wire.
+    schema_: str = Field(default="", alias="schema")
+    kind: str = ""
 
-    def __init__(self, **data: Any) -> None:
-        data.setdefault("schema", type(self).SCHEMA)
-        data.setdefault("kind", type(self).KIND)
-        super().__init__(**data)
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_identity(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {"schema": cls.SCHEMA, "kind": cls.KIND, **data}
+        return data
 
     def to_json(self) -> bytes:
         return canonical_json(self.model_dump(mode="json", by_alias=True, exclude_none=False))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
@@ -19,10 +20,14 @@ import httpx
 import pytest
 import yaml
 
+from cloud.blob_server import BlobServer
+from cloud.control_link import ControlLink, DeviceView
 from cloud.local_broker import LocalBroker, free_port
 from cloud.registry import ModelRegistry, RegistryEntry
-from shared.mqtt import BrokerSettings
+from shared.messages import DesiredState, ReportedState
+from shared.mqtt import QOS, BrokerSettings, make_client
 from shared.signing import SigningKey
+from shared.topics import Topics
 
 REPO = Path(__file__).resolve().parents[1]
 # Small enough to train in about a minute on two cores, large enough that text is not noise.
@@ -93,7 +98,9 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> ModelRegistry:
 def demo_package(demo_source: Path, registry: ModelRegistry, signing_key: SigningKey) -> RegistryEntry:
     from cloud.packaging.packager import ModelPackager, PackageOptions
 
-    return ModelPackager(registry, signing_key).package(demo_source, PackageOptions(name="demo-glm", version="1"))
+    return ModelPackager(registry, signing_key).package(
+        demo_source, PackageOptions(name="demo-glm", version="1")
+    )
 
 
 @dataclass
@@ -109,20 +116,26 @@ class EdgeProcess:
     def log_text(self) -> str:
         return "\n".join(self.lines)
 
-    def wait_ready(self, timeout: float = 120.0) -> dict:  # type: ignore[type-arg]
+    def wait_http(self, path: str = "/readyz", timeout: float = 120.0) -> dict[str, Any]:
+        """Poll ``path`` until it answers 200; fail with the agent's log if it never does."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"edge agent exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+                raise AssertionError(
+                    f"edge agent exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}"
+                )
             try:
-                r = httpx.get(f"{self.api}/readyz", timeout=2)
+                r = httpx.get(f"{self.api}{path}", timeout=2)
                 if r.status_code == 200:
-                    body: dict = r.json()  # type: ignore[type-arg]
+                    body: dict[str, Any] = r.json()
                     return body
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise AssertionError(f"edge agent not ready in {timeout}s:\n{self.log_text()[-4000:]}")
+        raise AssertionError(f"edge agent {path} not 200 in {timeout}s:\n{self.log_text()[-4000:]}")
+
+    def wait_ready(self, timeout: float = 120.0) -> dict[str, Any]:
+        return self.wait_http("/readyz", timeout)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -142,7 +155,7 @@ def start_edge(
     broker: BrokerSettings,
     trusted: list[str],
     command: list[str] | None = None,
-    extra: dict | None = None,  # type: ignore[type-arg]
+    api_key: str | None = None,
 ) -> EdgeProcess:
     port = free_port()
     data_dir = tmp / f"edge-{device_id}"
@@ -153,11 +166,10 @@ def start_edge(
         "data_dir": str(data_dir),
         "broker": broker.model_dump(),
         "trusted_keys": trusted,
-        "api": {"host": "127.0.0.1", "port": port},
+        "api": {"host": "127.0.0.1", "port": port, "api_key": api_key},
         "fetch": {"request_timeout_s": 2.0},
         "runtime": {"threads": 1},
     }
-    settings.update(extra or {})
     config.write_text(yaml.safe_dump(settings))
     cmd = command or [sys.executable, "-m", "cloud.cli"]
     proc = subprocess.Popen(
@@ -192,3 +204,54 @@ def edge_factory(tmp_path: Path) -> Iterator[Callable[..., EdgeProcess]]:
     yield make
     for e in started:
         e.stop()
+
+
+DEVICE = "dev-e2e"
+
+
+class CloudSide:
+    """The minimal cloud: blob server + desired state, run for one step at a time."""
+
+    def __init__(self, broker: BrokerSettings, tenant: str, registry: ModelRegistry) -> None:
+        self.broker = broker
+        self.topics = Topics(tenant)
+        self.registry = registry
+        self.reports: list[ReportedState] = []
+
+    def drive(
+        self, desired: DesiredState, until: Callable[[ReportedState], bool], timeout: float = 120
+    ) -> ReportedState:
+        async def go() -> ReportedState:
+            link = ControlLink(
+                self.broker,
+                self.topics,
+                BlobServer(self.registry.blobs, self.topics),
+                client_id=f"cloud-{uuid.uuid4().hex[:8]}",
+                on_reported=self.reports.append,
+            )
+            task = asyncio.create_task(link.run())
+            try:
+                await asyncio.wait_for(link.connected.wait(), 10)
+                await link.set_desired(DEVICE, desired)
+
+                def done(devices: dict[str, DeviceView]) -> bool:
+                    r = devices.get(DEVICE)
+                    return r is not None and r.reported is not None and until(r.reported)
+
+                await link.wait_for(done, timeout)
+                view = link.devices[DEVICE]
+                assert view.reported is not None
+                return view.reported
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+        return asyncio.run(go())
+
+    def publish_raw(self, pairs: list[tuple[str, bytes]]) -> None:
+        async def go() -> None:
+            async with make_client(self.broker, f"raw-{uuid.uuid4().hex[:8]}", persistent=False) as c:
+                for topic, payload in pairs:
+                    await c.publish(topic, payload, qos=QOS)
+
+        asyncio.run(go())

@@ -65,7 +65,11 @@ def _publish(reg: ModelRegistry, key: SigningKey, version: str, payloads: dict[s
     files = []
     for name, data in payloads.items():
         reg.blobs.put_bytes(data)
-        files.append(FileEntry(path=name, role="graph" if name.endswith(".onnx") else "config", blob=describe_bytes(data)))
+        files.append(
+            FileEntry(
+                path=name, role="graph" if name.endswith(".onnx") else "config", blob=describe_bytes(data)
+            )
+        )
     m = Manifest(
         name="m",
         version=version,
@@ -73,7 +77,16 @@ def _publish(reg: ModelRegistry, key: SigningKey, version: str, payloads: dict[s
         architecture="x",
         parameters=0,
         files=files,
-        io=IOSignature(inputs=[], outputs=[], num_layers=1, num_kv_heads=1, head_dim=1, vocab_size=1, context_length=1, model_type="glm"),
+        io=IOSignature(
+            inputs=[],
+            outputs=[],
+            num_layers=1,
+            num_kv_heads=1,
+            head_dim=1,
+            vocab_size=1,
+            context_length=1,
+            model_type="glm",
+        ),
         quantization=Quantization(method="none", weight_type="float32"),
     )
     reg.publish(SignedManifest.sign(m, key))
@@ -104,7 +117,16 @@ def test_registry_refuses_manifest_with_missing_blob(tmp_path: Path) -> None:
         architecture="x",
         parameters=0,
         files=[FileEntry(path="model.onnx", role="graph", blob=describe_bytes(b"never stored"))],
-        io=IOSignature(inputs=[], outputs=[], num_layers=1, num_kv_heads=1, head_dim=1, vocab_size=1, context_length=1, model_type="glm"),
+        io=IOSignature(
+            inputs=[],
+            outputs=[],
+            num_layers=1,
+            num_kv_heads=1,
+            head_dim=1,
+            vocab_size=1,
+            context_length=1,
+            model_type="glm",
+        ),
         quantization=Quantization(method="none", weight_type="float32"),
     )
     with pytest.raises(RegistryError, match="not in the store"):

@@ -35,7 +35,9 @@ def _tiny(kind: str, out: Path) -> Path:
     elif kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common, **attn, pad_token_id=0, eos_token_id=1))
     else:
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128, eos_token_id=1))
+        model = GPT2LMHeadModel(
+            GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128, eos_token_id=1)
+        )
     # Random weights give near-flat logits; scaling them up makes the greedy path decisive, so a
     # real export bug shows as a token mismatch rather than hiding in ties.
     with torch.no_grad():
@@ -63,7 +65,7 @@ def test_onnx_greedy_tokens_equal_pytorch(kind: str, tmp_path: Path) -> None:
 
 
 def test_unsupported_or_missing_config_is_a_packaging_error(tmp_path: Path) -> None:
-    with pytest.raises(PackagingError, match="config.json is missing"):
+    with pytest.raises(PackagingError, match=r"config\.json is missing"):
         read_hf_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(PackagingError, match="not supported"):

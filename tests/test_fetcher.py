@@ -53,7 +53,9 @@ def _blob(store: BlobStore, size: int) -> tuple[bytes, BlobRef]:
     return data, describe_bytes(data, CHUNK)
 
 
-def test_corrupt_chunk_is_refetched_alone(broker_settings: BrokerSettings, tenant: str, tmp_path: Path) -> None:
+def test_corrupt_chunk_is_refetched_alone(
+    broker_settings: BrokerSettings, tenant: str, tmp_path: Path
+) -> None:
     store = BlobStore(tmp_path / "cloud")
     data, ref = _blob(store, 10 * CHUNK + 123)
     corrupted: list[int] = []
@@ -81,7 +83,9 @@ def test_corrupt_chunk_is_refetched_alone(broker_settings: BrokerSettings, tenan
     assert server.chunks_published == ref.chunk_count + 1
 
 
-def test_resume_asks_only_for_missing_chunks(broker_settings: BrokerSettings, tenant: str, tmp_path: Path) -> None:
+def test_resume_asks_only_for_missing_chunks(
+    broker_settings: BrokerSettings, tenant: str, tmp_path: Path
+) -> None:
     store = BlobStore(tmp_path / "cloud")
     data, ref = _blob(store, 8 * CHUNK)
     # A previous run left chunks 0-4 on disk, and a torn chunk 5.
@@ -112,7 +116,9 @@ def test_duplicates_are_ignored(broker_settings: BrokerSettings, tenant: str, tm
             await super().handle(client, topic, payload)
 
     async def scenario() -> ShardFetcher:
-        async with _wired(broker_settings, tenant, tmp_path, store, DoublingServer(store, Topics(tenant))) as f:
+        async with _wired(
+            broker_settings, tenant, tmp_path, store, DoublingServer(store, Topics(tenant))
+        ) as f:
             await asyncio.wait_for(f.fetch_blobs([ref]), 30)
             await asyncio.sleep(0.3)
             return f
@@ -122,7 +128,9 @@ def test_duplicates_are_ignored(broker_settings: BrokerSettings, tenant: str, tm
     assert fetcher.stats.chunks_received == ref.chunk_count
 
 
-def test_unanswered_fetch_gives_up_with_a_clear_error(broker_settings: BrokerSettings, tenant: str, tmp_path: Path) -> None:
+def test_unanswered_fetch_gives_up_with_a_clear_error(
+    broker_settings: BrokerSettings, tenant: str, tmp_path: Path
+) -> None:
     store = BlobStore(tmp_path / "cloud")
     _, ref = _blob(store, CHUNK)
     store.remove(ref.digest)  # the cloud no longer has it
@@ -143,12 +151,16 @@ def test_unanswered_fetch_gives_up_with_a_clear_error(broker_settings: BrokerSet
         asyncio.run(scenario())
 
 
-def test_refuses_a_model_larger_than_free_disk(broker_settings: BrokerSettings, tenant: str, tmp_path: Path) -> None:
+def test_refuses_a_model_larger_than_free_disk(
+    broker_settings: BrokerSettings, tenant: str, tmp_path: Path
+) -> None:
     huge = BlobRef(digest="sha256:" + "1" * 64, size=1 << 60, chunk_size=CHUNK, chunks=["0" * 64])
 
     async def scenario() -> None:
         store = BlobStore(tmp_path / "cloud")
-        async with _wired(broker_settings, tenant, tmp_path, store, BlobServer(store, Topics(tenant))) as fetcher:
+        async with _wired(
+            broker_settings, tenant, tmp_path, store, BlobServer(store, Topics(tenant))
+        ) as fetcher:
             await fetcher.fetch_blobs([huge])
 
     with pytest.raises(FetchError, match="free on disk"):

@@ -23,7 +23,14 @@ def _manifest(**override: object) -> Manifest:
         "parameters": 1000,
         "files": [FileEntry(path="model.onnx", role="graph", blob=describe_bytes(b"graph bytes", 4))],
         "io": IOSignature(
-            inputs=[], outputs=[], num_layers=2, num_kv_heads=2, head_dim=8, vocab_size=64, context_length=32, model_type="glm"
+            inputs=[],
+            outputs=[],
+            num_layers=2,
+            num_kv_heads=2,
+            head_dim=8,
+            vocab_size=64,
+            context_length=32,
+            model_type="glm",
         ),
         "quantization": Quantization(method="none", weight_type="float32"),
     }
@@ -70,7 +77,9 @@ def test_wrong_key_is_rejected() -> None:
 def test_forged_key_id_with_wrong_key_is_rejected() -> None:
     trusted, attacker = SigningKey.generate(), SigningKey.generate()
     signed = SignedManifest.sign(_manifest(), attacker)
-    forged = signed.model_copy(update={"signature": signed.signature.model_copy(update={"key_id": trusted.public.key_id})})  # type: ignore[union-attr]
+    forged = signed.model_copy(
+        update={"signature": signed.signature.model_copy(update={"key_id": trusted.public.key_id})}
+    )  # type: ignore[union-attr]
     with pytest.raises(SignatureError):
         TrustStore([trusted.public]).verify(forged.to_json())
 

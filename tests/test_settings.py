@@ -28,7 +28,9 @@ def test_example_config_in_the_repo_is_valid() -> None:
 
 def test_environment_overrides(tmp_path: Path) -> None:
     p = _write(tmp_path, {"device_id": "d1", "data_dir": str(tmp_path), "trusted_keys": [KEY]})
-    s = EdgeSettings.load(p, env={"AUTOGLM_EDGE__BROKER__PORT": "1999", "AUTOGLM_EDGE__API__API_KEY": "s3cret"})
+    s = EdgeSettings.load(
+        p, env={"AUTOGLM_EDGE__BROKER__PORT": "1999", "AUTOGLM_EDGE__API__API_KEY": "s3cret"}
+    )
     assert s.broker.port == 1999
     assert s.api.api_key == "s3cret"
 

@@ -29,7 +29,9 @@ REF = ModelRef(name="m", version="1", manifest_digest=DIGEST, manifest_size=100)
 
 EXAMPLES = [
     DesiredState(revision=3, model=REF, config={"threads": 2}),
-    ReportedState(device_id="dev-1", revision=3, phase=Phase.ACTIVE, active_slot="a", slots={"a": REF, "b": None}),
+    ReportedState(
+        device_id="dev-1", revision=3, phase=Phase.ACTIVE, active_slot="a", slots={"a": REF, "b": None}
+    ),
     DeviceStatus(device_id="dev-1", state="offline"),
     TelemetryBatch(
         device_id="dev-1",
@@ -45,7 +47,9 @@ EXAMPLES = [
             )
         ],
     ),
-    FetchRequest(device_id="dev-1", request_id="r1", blobs=[BlobRequest(digest=DIGEST, chunk_size=1024, chunks=[0, 2])]),
+    FetchRequest(
+        device_id="dev-1", request_id="r1", blobs=[BlobRequest(digest=DIGEST, chunk_size=1024, chunks=[0, 2])]
+    ),
     Command(request_id="c1", action="ping"),
     CommandReply(request_id="c1", device_id="dev-1", ok=True, detail="pong"),
 ]
@@ -123,6 +127,10 @@ def test_topics_refuse_ids_that_would_escape_their_namespace(bad: str) -> None:
 
 def test_topics_refuse_foreign_and_unknown_topics() -> None:
     t = Topics("acme")
-    for topic in ["autoglm/v1/other/devices/d/desired", "autoglm/v1/acme/devices/d/nope", "autoglm/v1/acme/blobs/x/1"]:
+    for topic in [
+        "autoglm/v1/other/devices/d/desired",
+        "autoglm/v1/acme/devices/d/nope",
+        "autoglm/v1/acme/blobs/x/1",
+    ]:
         with pytest.raises(ContractError):
             t.parse(topic)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -70,7 +70,7 @@ def io_signature(graph: Path, cfg: dict[str, Any], generation_cfg: dict[str, Any
     heads, head_dim = past[0].shape[1], past[0].shape[3]
     if not isinstance(heads, int) or not isinstance(head_dim, int):
         raise PackagingError("KV cache heads/head_dim are not static in the graph", graph=str(graph))
-    kv_dtype = "float16" if past[0].type == "tensor(float16)" else "float32"
+    kv_dtype: Literal["float32", "float16"] = "float16" if past[0].type == "tensor(float16)" else "float32"
     context = cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048
     eos = generation_cfg.get("eos_token_id", cfg.get("eos_token_id"))
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])

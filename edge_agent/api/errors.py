@@ -14,10 +14,17 @@ from shared.openai_api import ErrorEnvelope
 
 log = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> JSONResponse:
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return JSONResponse(ErrorEnvelope.of(message, kind, param, code), status_code=status)
 
@@ -31,7 +38,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        return error_response(400, f"{'.'.join(loc) or 'body'}: {first.get('msg')}", ".".join(loc) or None)
+        # OpenAI's ``param`` names the request field; the message keeps the full path for humans.
+        return error_response(400, f"{'.'.join(loc) or 'body'}: {first.get('msg')}", loc[0] if loc else None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

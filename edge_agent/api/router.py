@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -21,6 +21,9 @@ def _agent(request: Request) -> EdgeAgent:
 def _service(request: Request) -> CompletionService:
     service: CompletionService = request.app.state.completions
     return service
+
+
+ServiceDep = Annotated[CompletionService, Depends(_service)]
 
 
 def require_api_key(request: Request) -> None:
@@ -49,13 +52,13 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 @v1.get("/models")
-async def models(service: CompletionService = Depends(_service)) -> ModelList:
+async def models(service: ServiceDep) -> ModelList:
     return service.models()
 
 
 @v1.post("/completions", response_model=None)
 async def completions(
-    body: CompletionRequest, response: Response, service: CompletionService = Depends(_service)
+    body: CompletionRequest, response: Response, service: ServiceDep
 ) -> CompletionResponse | StreamingResponse:
     if body.stream:
         events = await service.complete_stream(body)

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Set up everything this project needs on a fresh Debian machine with Python 3.11:
+# Debian's mosquitto (if missing), a virtual environment in .venv, torch==2.13.0 first
+# (so nothing pulls a multi-GB CUDA build), then the project with its cloud and dev extras.
+# Safe to run again: it skips what is already in place.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '[setup] %s\n' "$*"; }
+
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+    say "installing Debian's mosquitto"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto >/dev/null
+fi
+
+PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+if ! "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'; then
+    echo "[setup] Python 3.11 or newer is needed; found $("$PYTHON" --version 2>&1)" >&2
+    exit 1
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    say "creating .venv with $("$PYTHON" --version 2>&1)"
+    "$PYTHON" -m venv .venv
+fi
+
+stamp=".venv/.autoglm-installed"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    say "installing Python packages (torch==2.13.0 first)"
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    .venv/bin/python -m pip install --quiet "torch==2.13.0"
+    .venv/bin/python -m pip install --quiet -e ".[cloud,dev]"
+    echo "$want" > "$stamp"
+fi
+say "ready: $(.venv/bin/autoglm --help >/dev/null && echo 'autoglm installed in .venv')"

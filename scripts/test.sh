@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test suite: set up, lint, type-check, then pytest. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+echo "[test] ruff"
+.venv/bin/ruff check shared cloud edge_agent tests bench
+.venv/bin/ruff format --check shared cloud edge_agent tests bench
+echo "[test] mypy"
+.venv/bin/mypy shared cloud edge_agent
+echo "[test] pytest"
+exec .venv/bin/python -m pytest -ra "$@"

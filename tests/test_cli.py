@@ -1,0 +1,148 @@
+"""The ``autoglm`` command line as an operator runs it (subprocesses, real files, real broker)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+COMMANDS = [
+    [],
+    ["model"],
+    ["model", "package"],
+    ["model", "demo"],
+    ["model", "ls"],
+    ["model", "show"],
+    ["model", "key"],
+    ["edge"],
+    ["edge", "run"],
+    ["cloud"],
+    ["cloud", "blobs"],
+    ["cloud", "assign"],
+    ["demo"],
+]
+
+
+def autoglm(*args: str, home: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cloud.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "AUTOGLM_HOME": str(home), "COLUMNS": "200"},
+    )
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "autoglm")
+def test_every_command_has_help(cmd: list[str], tmp_path: Path) -> None:
+    r = autoglm(*cmd, "--help", home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Usage" in r.stdout
+
+
+def _tiny_llama_with_tokenizer(out: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cloud.packaging.corpus import heldout_text
+    from cloud.packaging.demo_model import train_tokenizer
+
+    train_tokenizer(heldout_text(200_000), 300, out)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.slow
+def test_package_list_show_and_refuse_duplicate(tmp_path: Path) -> None:
+    src = _tiny_llama_with_tokenizer(tmp_path / "src")
+    home = tmp_path / "home"
+    r = autoglm(
+        "model",
+        "package",
+        str(src),
+        "--name",
+        "tiny-llama",
+        "--version",
+        "0.1",
+        "--quantize",
+        "none",
+        home=home,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    for step in ["Exporting", "Validating", "Measuring perplexity", "Splitting", "Signing"]:
+        assert step in r.stdout
+    assert "Created a new manifest signing key" in r.stdout
+    assert (home / "keys" / "manifest-signing.pem").stat().st_mode & 0o777 == 0o600
+
+    listed = json.loads(autoglm("model", "ls", "--json", home=home).stdout)
+    assert [(m["name"], m["version"]) for m in listed] == [("tiny-llama", "0.1")]
+
+    shown = autoglm("model", "show", "tiny-llama:0.1", home=home)
+    assert shown.returncode == 0
+    doc = json.loads(shown.stdout.split("\n", 1)[1])
+    assert doc["manifest"]["schema"] == "autoglm.manifest/v1"
+    assert doc["manifest"]["validation"]["greedy_tokens_match"] is True
+    assert {f["path"] for f in doc["manifest"]["files"]} >= {"model.onnx", "tokenizer.json", "config.json"}
+    assert doc["signature"]["alg"] == "ed25519"
+
+    again = autoglm("model", "package", str(src), "--name", "tiny-llama", "--version", "0.1", home=home)
+    assert again.returncode == 1
+    assert "already exists" in again.stdout
+
+    missing = autoglm("model", "show", "tiny-llama:9", home=home)
+    assert missing.returncode == 1 and "model not found" in missing.stdout
+
+    key = autoglm("model", "key", home=home).stdout.strip()
+    assert len(base64.b64decode(key)) == 32
+
+
+def test_bad_inputs_give_clear_errors(tmp_path: Path) -> None:
+    r = autoglm("model", "package", str(tmp_path), "--name", "x", "--version", "1", home=tmp_path)
+    assert r.returncode == 1 and "config.json is missing" in r.stdout
+    r = autoglm("model", "package", str(tmp_path / "nope"), "--name", "x", "--version", "1", home=tmp_path)
+    assert r.returncode == 2 and "is not a folder" in r.stderr
+    r = autoglm("model", "show", "no-colon", home=tmp_path)
+    assert r.returncode == 2 and "NAME:VERSION" in r.stderr
+    bad = tmp_path / "edge.yaml"
+    bad.write_text(yaml.safe_dump({"device_id": "d", "data_dir": str(tmp_path)}))
+    r = autoglm("edge", "run", "--config", str(bad), home=tmp_path)
+    assert r.returncode == 2 and "trusted_keys" in r.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_says_where_each_step_happened(tmp_path: Path, demo_source: Path) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(demo_source, home / "demo-model")  # already trained by the session fixture
+    r = autoglm("demo", home=home, timeout=600)
+    out = r.stdout
+    assert r.returncode == 0, out + r.stderr
+    for marker in [
+        "[broker] mosquitto started",
+        "[cloud] Exporting",
+        "[cloud] desired state for demo-edge-1",
+    ]:
+        assert marker in out
+    assert "[edge]  starting agent demo-edge-1" in out
+    assert "[cloud] demo-edge-1 reports active (revision 1)" in out
+    assert "[app]   served by local model demo-glm:1" in out
+    assert "Demo finished" in out
+    assert "[broker] mosquitto stopped" in out
