@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +36,18 @@ def read_hf_config(src: Path) -> dict[str, Any]:
             src=str(src),
         )
     return cfg
+
+
+def parameter_count(src: Path) -> int:
+    """Parameters stored in the folder's safetensors files (0 when it has none)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(src.glob("*.safetensors")):
+        with safe_open(str(f), framework="numpy") as st:
+            for name in st.keys():
+                total += math.prod(st.get_slice(name).get_shape())
+    return total
 
 
 def export_onnx(src: Path, out: Path) -> Path:

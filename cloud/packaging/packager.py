@@ -14,7 +14,14 @@ from typing import Any, Literal, Protocol
 from tokenizers import Tokenizer
 
 from cloud.packaging.corpus import heldout_text
-from cloud.packaging.export import GRAPH_FILE, export_onnx, io_signature, read_hf_config, validate_export
+from cloud.packaging.export import (
+    GRAPH_FILE,
+    export_onnx,
+    io_signature,
+    parameter_count,
+    read_hf_config,
+    validate_export,
+)
 from cloud.packaging.quantize import quantization_record, quantize_int8
 from cloud.registry import ModelRegistry, RegistryEntry
 from edge_agent.runtime.session import OnnxCausalLM, perplexity
@@ -142,7 +149,7 @@ class ModelPackager:
                 version=opts.version,
                 created_at=datetime.now(UTC),
                 architecture=str((cfg.get("architectures") or [cfg["model_type"]])[0]),
-                parameters=_parameter_count(src),
+                parameters=parameter_count(src),
                 files=files,
                 io=io,
                 quantization=quant,
@@ -222,21 +229,3 @@ def _ensure_tokenizer(src: Path, out: Path) -> None:
 
 def _load_tokenizer(folder: Path) -> Tokenizer:
     return Tokenizer.from_file(str(folder / "tokenizer.json"))
-
-
-def _parameter_count(src: Path) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    for f in src.glob("*.safetensors"):
-        with safe_open(str(f), framework="numpy") as st:
-            for name in st.keys():
-                total += int(_prod(st.get_slice(name).get_shape()))
-    return total
-
-
-def _prod(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -58,32 +58,35 @@ class TextGenerator:
             )
         return prompt_ids
 
-    def stream(self, prompt: str, params: GenerationParams) -> Iterator[str | GenerationResult]:
-        """Yield text deltas as they become final, then one GenerationResult."""
-        prompt_ids = self.check_prompt(prompt)
-        room = self.context_length - len(prompt_ids)
-        budget = min(params.max_tokens, room)
+    def token_ids(self, prompt_ids: list[int], budget: int, params: GenerationParams) -> Iterator[int]:
+        """The decode loop: one new token id per step, until EOS (not yielded) or ``budget`` tokens."""
         rng = np.random.default_rng(params.seed)
-        result = GenerationResult(prompt_tokens=len(prompt_ids))
-        generated: list[int] = []
-        emitted = ""
         past = self.model.empty_past(1)
         step_ids = np.asarray([prompt_ids], dtype=np.int64)
         past_len = 0
-        holdback = max((len(s) for s in params.stop), default=1) - 1
-        stopped_on_sequence = False
-        while len(generated) < budget:
+        for _ in range(budget):
             logits, past = self.model.forward(step_ids, past, past_len)
             past_len += step_ids.shape[1]
             token = choose_token(logits[0, -1], params.sampling, rng)
             if token in self.eos_ids:
-                result.finish_reason = "stop"
-                break
+                return
+            yield token
+            step_ids = np.asarray([[token]], dtype=np.int64)
+
+    def stream(self, prompt: str, params: GenerationParams) -> Iterator[str | GenerationResult]:
+        """Yield text deltas as they become final, then one GenerationResult."""
+        prompt_ids = self.check_prompt(prompt)
+        budget = min(params.max_tokens, self.context_length - len(prompt_ids))
+        result = GenerationResult(prompt_tokens=len(prompt_ids), finish_reason="stop")
+        generated: list[int] = []
+        emitted = ""
+        holdback = max((len(s) for s in params.stop), default=1) - 1
+        stopped_on_sequence = False
+        for token in self.token_ids(prompt_ids, budget, params):
             generated.append(token)
             text = self.tokenizer.decode(generated)
             cut = _first_stop(text, params.stop)
             if cut is not None:
-                result.finish_reason = "stop"
                 stopped_on_sequence = True
                 text = text[:cut]
                 if len(text) > len(emitted):
@@ -95,7 +98,9 @@ class TextGenerator:
             if safe > len(emitted):
                 yield text[len(emitted) : safe]
                 emitted = text[:safe]
-            step_ids = np.asarray([[token]], dtype=np.int64)
+        else:
+            if len(generated) == budget:
+                result.finish_reason = "length"
         if not stopped_on_sequence:
             final = self.tokenizer.decode(generated)
             if len(final) > len(emitted):
