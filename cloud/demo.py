@@ -28,6 +28,7 @@ from cloud.console import ConsoleReporter, where
 from cloud.control_link import ControlLink, DeviceView
 from cloud.local_broker import LocalBroker, free_port
 from cloud.paths import CloudPaths
+from cloud.processes import stop_process
 from cloud.registry import ModelRegistry, RegistryEntry
 from shared.errors import AutoGLMError
 from shared.messages import DesiredState, Phase, ReportedState
@@ -61,6 +62,9 @@ def ensure_demo_package(
         return entry
     if rebuild or not (src / "config.json").is_file():
         shutil.rmtree(src, ignore_errors=True)
+        # Built beside its final place and renamed, so an interrupted build leaves no half model.
+        building = src.with_name(src.name + ".building")
+        shutil.rmtree(building, ignore_errors=True)
         console.print(f"{CLOUD} Training the demo GLM model ({steps} steps) into {src} …")
         with Progress(
             TextColumn(f"{CLOUD}   training"),
@@ -72,10 +76,11 @@ def ensure_demo_package(
         ) as bar:
             task = bar.add_task("train", total=steps, loss=float("nan"))
             report = build_demo_model(
-                src,
+                building,
                 DemoModelSpec(train_steps=steps),
                 lambda s, _t, loss: bar.update(task, completed=s, loss=loss),
             )
+        building.rename(src)
         console.print(
             f"{CLOUD}   [green]✓[/] {report.parameters:,} parameters, loss "
             f"{report.first_loss:.2f} → {report.final_loss:.2f} [dim]({report.seconds:.0f}s)[/]"
@@ -112,13 +117,7 @@ class _EdgeProcess:
                 self.console.print(f"{EDGE}  {escape(line.split(': ', 1)[-1])}", highlight=False)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def run_demo(console: Console, *, steps: int, broker: BrokerSettings | None, prompt: str) -> None:

@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from cloud.processes import stop_process
 from shared.errors import BrokerError
 
 
@@ -90,13 +91,8 @@ class LocalBroker:
         raise BrokerError("mosquitto did not open its port in time", port=self.port)
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        if self._proc is not None:
+            stop_process(self._proc, grace_s=5)
         self._proc = None
 
     def close(self) -> None:

@@ -66,7 +66,11 @@ class CloudLink:
                     await self._on_connect(client)
                     delay = self.backoff_initial_s
                     async for message in client.messages:
-                        self._dispatch(client, message)
+                        try:
+                            self._dispatch(client, message)
+                        except Exception:
+                            # One bad message (or a full disk while writing a chunk) must not end the session.
+                            log.exception("error while handling a message on %s", message.topic.value)
             except aiomqtt.MqttError as exc:
                 log.warning(
                     "broker %s:%d unreachable or lost (%s); retrying in %.1fs",
@@ -144,8 +148,13 @@ class CloudLink:
         flt = self.topics.blob_chunks(digest)
         self._blob_filters.add(flt)
         await self.connected.wait()
-        if self._client is not None:
-            await self._client.subscribe(flt, qos=QOS)
+        client = self._client
+        if client is not None:
+            try:
+                await client.subscribe(flt, qos=QOS)
+            except aiomqtt.MqttError as exc:
+                # The filter is remembered: _on_connect subscribes it again after the reconnect.
+                log.info("subscription to %s waits for the broker: %s", flt, exc)
 
     async def unsubscribe_blob(self, digest: str) -> None:
         flt = self.topics.blob_chunks(digest)

@@ -149,6 +149,10 @@ class Reconciler:
             log.info("activated %s:%s in slot %s (revision %d)", ref.name, ref.version, slot, revision)
         except (AutoGLMError, OSError) as exc:
             await self._fail(exc)
+        except Exception as exc:
+            # Not a failure we foresaw; the old model keeps serving and the cloud hears about it.
+            log.exception("unexpected error during the update")
+            await self._fail(exc)
 
     async def _fail(self, exc: BaseException) -> None:
         if isinstance(exc, SignatureError):

@@ -23,6 +23,7 @@ import yaml
 from cloud.blob_server import BlobServer
 from cloud.control_link import ControlLink, DeviceView
 from cloud.local_broker import LocalBroker, free_port
+from cloud.processes import stop_process
 from cloud.registry import ModelRegistry, RegistryEntry
 from shared.messages import DesiredState, ReportedState
 from shared.mqtt import QOS, BrokerSettings, make_client
@@ -138,13 +139,7 @@ class EdgeProcess:
         return self.wait_http("/readyz", timeout)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def start_edge(

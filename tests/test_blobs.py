@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -11,8 +10,9 @@ import pytest
 from cloud.registry import ModelRegistry
 from shared.blobs import BlobStore, describe_bytes, describe_file
 from shared.errors import IntegrityError, RegistryError
-from shared.manifest import FileEntry, IOSignature, Manifest, Quantization, SignedManifest
+from shared.manifest import FileEntry, SignedManifest
 from shared.signing import SigningKey
+from tests.factories import make_manifest
 
 
 def test_describe_file_matches_describe_bytes(tmp_path: Path) -> None:
@@ -70,25 +70,7 @@ def _publish(reg: ModelRegistry, key: SigningKey, version: str, payloads: dict[s
                 path=name, role="graph" if name.endswith(".onnx") else "config", blob=describe_bytes(data)
             )
         )
-    m = Manifest(
-        name="m",
-        version=version,
-        created_at=datetime.now(UTC),
-        architecture="x",
-        parameters=0,
-        files=files,
-        io=IOSignature(
-            inputs=[],
-            outputs=[],
-            num_layers=1,
-            num_kv_heads=1,
-            head_dim=1,
-            vocab_size=1,
-            context_length=1,
-            model_type="glm",
-        ),
-        quantization=Quantization(method="none", weight_type="float32"),
-    )
+    m = make_manifest(name="m", version=version, files=files)
     reg.publish(SignedManifest.sign(m, key))
 
 
@@ -110,24 +92,8 @@ def test_registry_shares_blobs_across_versions_and_collects_garbage(tmp_path: Pa
 
 def test_registry_refuses_manifest_with_missing_blob(tmp_path: Path) -> None:
     reg = ModelRegistry(tmp_path / "reg")
-    m = Manifest(
-        name="m",
-        version="1",
-        created_at=datetime.now(UTC),
-        architecture="x",
-        parameters=0,
-        files=[FileEntry(path="model.onnx", role="graph", blob=describe_bytes(b"never stored"))],
-        io=IOSignature(
-            inputs=[],
-            outputs=[],
-            num_layers=1,
-            num_kv_heads=1,
-            head_dim=1,
-            vocab_size=1,
-            context_length=1,
-            model_type="glm",
-        ),
-        quantization=Quantization(method="none", weight_type="float32"),
+    m = make_manifest(
+        files=[FileEntry(path="model.onnx", role="graph", blob=describe_bytes(b"never stored"))]
     )
     with pytest.raises(RegistryError, match="not in the store"):
         reg.publish(SignedManifest.sign(m, SigningKey.generate()))

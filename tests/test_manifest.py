@@ -3,44 +3,20 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 
 import pytest
 
 from shared.blobs import describe_bytes
 from shared.errors import ContractError, IntegrityError, SignatureError
-from shared.manifest import FileEntry, IOSignature, Manifest, Quantization, SignedManifest, TrustStore
+from shared.manifest import FileEntry, SignedManifest, TrustStore
 from shared.signing import SigningKey
 from shared.wire import canonical_json
-
-
-def _manifest(**override: object) -> Manifest:
-    fields: dict[str, object] = {
-        "name": "tiny",
-        "version": "1",
-        "created_at": datetime(2026, 11, 24, tzinfo=UTC),
-        "architecture": "GlmForCausalLM",
-        "parameters": 1000,
-        "files": [FileEntry(path="model.onnx", role="graph", blob=describe_bytes(b"graph bytes", 4))],
-        "io": IOSignature(
-            inputs=[],
-            outputs=[],
-            num_layers=2,
-            num_kv_heads=2,
-            head_dim=8,
-            vocab_size=64,
-            context_length=32,
-            model_type="glm",
-        ),
-        "quantization": Quantization(method="none", weight_type="float32"),
-    }
-    fields.update(override)
-    return Manifest(**fields)  # type: ignore[arg-type]
+from tests.factories import make_manifest
 
 
 def test_canonical_form_is_stable_and_signature_verifies() -> None:
     key = SigningKey.generate()
-    signed = SignedManifest.sign(_manifest(), key)
+    signed = SignedManifest.sign(make_manifest(), key)
     data = signed.to_json()
     assert data == canonical_json(json.loads(data))
     assert TrustStore([key.public]).verify(data, expected_digest=signed.digest) == signed.manifest
@@ -48,7 +24,7 @@ def test_canonical_form_is_stable_and_signature_verifies() -> None:
 
 def test_every_single_byte_tamper_is_rejected() -> None:
     key = SigningKey.generate()
-    data = SignedManifest.sign(_manifest(), key).to_json()
+    data = SignedManifest.sign(make_manifest(), key).to_json()
     doc_start = data.index(b'"manifest":') + len(b'"manifest":')
     trust = TrustStore([key.public])
     rejected = 0
@@ -63,20 +39,20 @@ def test_every_single_byte_tamper_is_rejected() -> None:
 
 def test_tampered_field_is_a_signature_error() -> None:
     key = SigningKey.generate()
-    data = SignedManifest.sign(_manifest(), key).to_json()
+    data = SignedManifest.sign(make_manifest(), key).to_json()
     with pytest.raises(SignatureError, match="does not match"):
         TrustStore([key.public]).verify(data.replace(b'"parameters":1000', b'"parameters":1001'))
 
 
 def test_wrong_key_is_rejected() -> None:
-    data = SignedManifest.sign(_manifest(), SigningKey.generate()).to_json()
+    data = SignedManifest.sign(make_manifest(), SigningKey.generate()).to_json()
     with pytest.raises(SignatureError, match="untrusted key"):
         TrustStore([SigningKey.generate().public]).verify(data)
 
 
 def test_forged_key_id_with_wrong_key_is_rejected() -> None:
     trusted, attacker = SigningKey.generate(), SigningKey.generate()
-    signed = SignedManifest.sign(_manifest(), attacker)
+    signed = SignedManifest.sign(make_manifest(), attacker)
     forged = signed.model_copy(
         update={"signature": signed.signature.model_copy(update={"key_id": trusted.public.key_id})}
     )  # type: ignore[union-attr]
@@ -86,14 +62,14 @@ def test_forged_key_id_with_wrong_key_is_rejected() -> None:
 
 def test_unsigned_is_rejected() -> None:
     key = SigningKey.generate()
-    data = SignedManifest(manifest=_manifest()).to_json()
+    data = SignedManifest(manifest=make_manifest()).to_json()
     with pytest.raises(SignatureError, match="unsigned"):
         TrustStore([key.public]).verify(data)
 
 
 def test_pinned_digest_mismatch_is_an_integrity_error() -> None:
     key = SigningKey.generate()
-    data = SignedManifest.sign(_manifest(), key).to_json()
+    data = SignedManifest.sign(make_manifest(), key).to_json()
     with pytest.raises(IntegrityError, match="digest mismatch"):
         TrustStore([key.public]).verify(data, expected_digest="sha256:" + "0" * 64)
 

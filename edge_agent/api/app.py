@@ -18,6 +18,11 @@ from edge_agent.settings import EdgeSettings
 log = logging.getLogger(__name__)
 
 
+def _log_exit(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the agent's background loop stopped", exc_info=task.exception())
+
+
 def create_app(settings: EdgeSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -25,6 +30,8 @@ def create_app(settings: EdgeSettings) -> FastAPI:
         app.state.agent = agent
         app.state.completions = CompletionService(agent.host, settings.runtime)
         task = asyncio.create_task(agent.run(), name="edge-agent")
+        task.add_done_callback(_log_exit)
+        app.state.agent_task = task
         try:
             yield
         finally:

@@ -45,6 +45,11 @@ async def healthz() -> dict[str, str]:
 
 @probes.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
+    task = request.app.state.agent_task
+    if task.done():
+        return JSONResponse(
+            {"ready": False, "reason": "the agent's background loop stopped"}, status_code=503
+        )
     current = _agent(request).host.current
     if current is None:
         return JSONResponse({"ready": False, "reason": "no active model"}, status_code=503)

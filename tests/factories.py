@@ -1,0 +1,33 @@
+"""Small, valid wire objects for tests that need one and care about a field or two."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from shared.blobs import describe_bytes
+from shared.manifest import FileEntry, IOSignature, Manifest, Quantization
+
+
+def make_manifest(**override: Any) -> Manifest:
+    fields: dict[str, Any] = {
+        "name": "tiny",
+        "version": "1",
+        "created_at": datetime(2026, 11, 24, tzinfo=UTC),
+        "architecture": "GlmForCausalLM",
+        "parameters": 1000,
+        "files": [FileEntry(path="model.onnx", role="graph", blob=describe_bytes(b"graph bytes", 4))],
+        "io": IOSignature(
+            inputs=[],
+            outputs=[],
+            num_layers=2,
+            num_kv_heads=2,
+            head_dim=8,
+            vocab_size=64,
+            context_length=32,
+            model_type="glm",
+        ),
+        "quantization": Quantization(method="none", weight_type="float32"),
+    }
+    fields.update(override)
+    return Manifest(**fields)
