@@ -146,3 +146,58 @@ def test_demo_runs_end_to_end_and_says_where_each_step_happened(tmp_path: Path, 
     assert "[app]   served by local model demo-glm:1" in out
     assert "Demo finished" in out
     assert "[broker] mosquitto stopped" in out
+
+
+@pytest.mark.slow
+def test_manual_path_from_the_readme(tmp_path: Path, demo_source: Path, broker, tenant: str) -> None:  # type: ignore[no-untyped-def]
+    """model package → model key → edge run → cloud blobs → cloud assign, each its own process."""
+    import httpx
+
+    from cloud.processes import stop_process
+    from shared.mqtt import BrokerSettings
+    from tests.conftest import start_edge
+
+    home = tmp_path / "home"
+    packaged = autoglm("model", "package", str(demo_source), "--name", "manual", "--version", "1", home=home)
+    assert packaged.returncode == 0, packaged.stdout + packaged.stderr
+    key = autoglm("model", "key", home=home).stdout.strip()
+    addr = f"{broker.host}:{broker.port}"
+    edge = start_edge(
+        tmp_path,
+        device_id="edge-0001",
+        tenant=tenant,
+        broker=BrokerSettings(host=broker.host, port=broker.port),
+        trusted=[key],
+    )
+    blobs = subprocess.Popen(
+        [sys.executable, "-m", "cloud.cli", "cloud", "blobs", "--broker", addr, "--tenant", tenant],
+        env={**os.environ, "AUTOGLM_HOME": str(home)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assigned = autoglm(
+            "cloud",
+            "assign",
+            "edge-0001",
+            "manual:1",
+            "--revision",
+            "1",
+            "--broker",
+            addr,
+            "--tenant",
+            tenant,
+            home=home,
+        )
+        assert assigned.returncode == 0, assigned.stdout + assigned.stderr
+        assert "edge-0001 → manual:1 (revision 1)" in assigned.stdout
+        assert edge.wait_ready()["model"] == "manual:1"
+        r = httpx.post(
+            f"{edge.api}/v1/completions",
+            json={"model": "manual", "prompt": "def main():\n", "max_tokens": 8},
+            timeout=60,
+        )
+        assert r.status_code == 200 and r.json()["choices"][0]["text"]
+    finally:
+        stop_process(blobs)
+        edge.stop()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,18 +53,37 @@ def parameter_count(src: Path) -> int:
     return total
 
 
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter narrates tracing details (TracerWarnings, tied-weight notes) an operator
+    cannot act on; failures still surface as exceptions."""
+    names = ("transformers", "optimum", "torch.onnx")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for lg in loggers:
+                lg.setLevel(logging.ERROR)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def export_onnx(src: Path, out: Path) -> Path:
     """Export with optimum (text-generation-with-past); returns the graph path."""
     from optimum.exporters.onnx import main_export
 
     try:
-        main_export(
-            str(src),
-            str(out),
-            task="text-generation-with-past",
-            do_validation=False,
-            local_files_only=True,
-        )
+        with _quiet_exporter():
+            main_export(
+                str(src),
+                str(out),
+                task="text-generation-with-past",
+                do_validation=False,
+                local_files_only=True,
+            )
     except Exception as exc:  # optimum raises many unrelated types
         raise PackagingError(f"ONNX export failed: {exc}", src=str(src)) from exc
     graph = out / GRAPH_FILE
