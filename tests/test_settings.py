@@ -21,7 +21,7 @@ def _write(tmp_path: Path, data: object) -> Path:
 
 
 def test_example_config_in_the_repo_is_valid() -> None:
-    example = Path(__file__).resolve().parents[1] / "edge.example.yaml"
+    example = Path(__file__).resolve().parents[1] / "edge_agent" / "edge.example.yaml"
     settings = EdgeSettings.load(example, env={})
     assert settings.api.host == "127.0.0.1"
 

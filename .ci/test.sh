@@ -2,7 +2,7 @@
 # The test suite: set up, lint, type-check, then pytest. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/bootstrap.sh
+bash .ci/bootstrap.sh
 echo "[test] ruff"
 .venv/bin/ruff check shared cloud edge_agent tests bench
 .venv/bin/ruff format --check shared cloud edge_agent tests bench

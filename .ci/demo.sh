@@ -3,5 +3,5 @@
 # to an edge agent, and ask that agent for a completion). Extra arguments go to `autoglm demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/bootstrap.sh
+bash .ci/bootstrap.sh
 exec .venv/bin/autoglm demo "$@"
