@@ -28,8 +28,6 @@ class BlobServer:
         self.topics = topics
         self.chunk_filter = chunk_filter
         self.chunks_published = 0
-        self.requests_served = 0
-        self.requests_dropped = 0
 
     async def subscribe(self, client: aiomqtt.Client) -> None:
         await client.subscribe(self.topics.all_devices("fetch"), qos=QOS)
@@ -44,7 +42,6 @@ class BlobServer:
             if request.device_id != parsed.device_id:
                 raise ContractError("fetch request device_id does not match its topic", topic=topic)
         except ContractError as exc:
-            self.requests_dropped += 1
             log.warning("dropped fetch request on %s: %s", topic, exc)
             return
         for blob in request.blobs:
@@ -58,7 +55,6 @@ class BlobServer:
                     data = self.chunk_filter(blob.digest, index, data)
                 await client.publish(self.topics.blob_chunk(blob.digest, index), data, qos=QOS)
                 self.chunks_published += 1
-        self.requests_served += 1
         log.info(
             "served fetch %s from %s: %d chunk(s)",
             request.request_id,

@@ -58,6 +58,13 @@ class EdgeAgent:
             self._report,
         )
 
+        log.info(
+            "device %s (tenant %s) trusts manifest keys %s",
+            settings.device_id,
+            settings.tenant,
+            ", ".join(self.reconciler.trust.key_ids),
+        )
+
     def _on_desired(self, desired: DesiredState) -> None:
         self.reconciler.offer(desired)
 

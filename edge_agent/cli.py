@@ -16,7 +16,8 @@ app = typer.Typer(help="Run the edge agent on a device.", no_args_is_help=True)
 @app.command("run")
 def run(
     config: Annotated[
-        Path, typer.Option("--config", "-c", help="Edge agent YAML config (see edge_agent/edge.example.yaml).")
+        Path,
+        typer.Option("--config", "-c", help="Edge agent YAML config (see edge_agent/edge.example.yaml)."),
     ],
     log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
 ) -> None:

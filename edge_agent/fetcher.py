@@ -9,7 +9,6 @@ are ignored.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import shutil
@@ -49,12 +48,14 @@ class FetchStats:
 
 
 class _Transfer:
-    def __init__(self, digest: str, size: int, chunk_size: int, hashes: list[str] | None, part: Path) -> None:
+    """One blob being assembled; ``ref`` is None for a manifest, whose chunks have no listed hashes."""
+
+    def __init__(self, digest: str, size: int, chunk_size: int, ref: BlobRef | None, part: Path) -> None:
         self.digest = digest
         self.size = size
         self.chunk_size = chunk_size
-        self.hashes = hashes
-        self.count = len(hashes) if hashes is not None else chunk_count_for(size, chunk_size)
+        self.ref = ref
+        self.count = ref.chunk_count if ref is not None else chunk_count_for(size, chunk_size)
         self.part = part
         self.have: set[int] = set()
         self.rejected: set[int] = set()
@@ -62,6 +63,13 @@ class _Transfer:
 
     def expected_length(self, index: int) -> int:
         return min(self.chunk_size, self.size - index * self.chunk_size) if self.size else 0
+
+    def check(self, index: int, data: bytes) -> None:
+        """IntegrityError unless ``data`` can be chunk ``index``: its hash where known, else its length."""
+        if self.ref is not None:
+            self.ref.verify_chunk(index, data)
+        elif len(data) != self.expected_length(index):
+            raise IntegrityError(f"chunk has {len(data)} bytes", digest=self.digest, chunk=index)
 
     def missing(self) -> list[int]:
         return [i for i in range(self.count) if i not in self.have]
@@ -98,12 +106,11 @@ class ShardFetcher:
         if index in t.have:
             self.stats.duplicates += 1
             return
-        ok = len(data) == t.expected_length(index)
-        if ok and t.hashes is not None:
-            ok = sha256_hex(data) == t.hashes[index]
-        if not ok:
+        try:
+            t.check(index, data)
+        except IntegrityError as exc:
             self.stats.chunks_rejected += 1
-            log.warning("rejected corrupt chunk %d of %s (%d bytes); asking again", index, digest, len(data))
+            log.warning("rejected chunk: %s; asking for it again", exc)
             t.rejected.add(index)
             t.changed.set()
             return
@@ -128,7 +135,7 @@ class ShardFetcher:
             )
         for blob in blobs:
             if not self.cache.has(blob.digest):
-                await self._fetch(blob.digest, blob.size, blob.chunk_size, list(blob.chunks))
+                await self._fetch(blob.digest, blob.size, blob.chunk_size, blob)
 
     async def fetch_manifest(self, ref: ModelRef) -> bytes:
         if not self.cache.has(ref.manifest_digest):
@@ -136,9 +143,9 @@ class ShardFetcher:
         return self.cache.read(ref.manifest_digest)
 
     # -- internals --------------------------------------------------------------------------
-    async def _fetch(self, digest: str, size: int, chunk_size: int, hashes: list[str] | None) -> None:
+    async def _fetch(self, digest: str, size: int, chunk_size: int, ref: BlobRef | None) -> None:
         part = self.partial_dir / (digest.split(":", 1)[1] + ".part")
-        t = _Transfer(digest, size, chunk_size, hashes, part)
+        t = _Transfer(digest, size, chunk_size, ref, part)
         self._resume(t)
         self._active[digest] = t
         await self.channel.subscribe_blob(digest)
@@ -169,13 +176,12 @@ class ShardFetcher:
         if t.part.stat().st_size != t.size:
             with t.part.open("r+b") as fh:
                 fh.truncate(t.size)
-        if t.hashes is None:
+        if t.ref is None:
             return
         with t.part.open("rb") as fh:
             for i in range(t.count):
                 fh.seek(i * t.chunk_size)
-                data = fh.read(t.expected_length(i))
-                if hashlib.sha256(data).hexdigest() == t.hashes[i]:
+                if sha256_hex(fh.read(t.expected_length(i))) == t.ref.chunks[i]:
                     t.have.add(i)
         if t.have:
             log.info("resuming %s: %d of %d chunks already on disk", t.digest, len(t.have), t.count)

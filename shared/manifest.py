@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import PurePosixPath
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from shared.blobs import BlobRef, digest_of
 from shared.errors import ContractError, IntegrityError, SignatureError
@@ -176,7 +175,7 @@ class TrustStore:
             actual = digest_of(payload)
             if actual != expected_digest:
                 raise IntegrityError("manifest digest mismatch", expected=expected_digest, actual=actual)
-        signed = _parse_signed(payload)
+        signed = SignedManifest.from_json(payload)
         if signed.signature is None:
             raise SignatureError(
                 "manifest is unsigned", name=signed.manifest.name, version=signed.manifest.version
@@ -194,16 +193,3 @@ class TrustStore:
             raise SignatureError("signature is not valid base64", key_id=key.key_id) from exc
         key.verify(sig, signed.manifest.canonical_bytes())
         return signed.manifest
-
-
-def _parse_signed(payload: bytes) -> SignedManifest:
-    try:
-        return SignedManifest.from_json(payload)
-    except ContractError:
-        raise
-    except (ValidationError, json.JSONDecodeError) as exc:  # pragma: no cover - from_json maps these
-        raise ContractError(f"invalid manifest: {exc}") from exc
-
-
-def manifest_from_dict(data: dict[str, Any]) -> Manifest:
-    return Manifest.model_validate(data)

@@ -87,6 +87,7 @@ async def agent_state(request: Request) -> dict[str, Any]:
             "chunks_received": agent.fetcher.stats.chunks_received,
             "chunks_rejected": agent.fetcher.stats.chunks_rejected,
             "duplicates": agent.fetcher.stats.duplicates,
+            "bytes_received": agent.fetcher.stats.bytes_received,
         },
         "dropped_messages": agent.link.dropped_messages,
     }

@@ -41,9 +41,6 @@ class TextGenerator:
         self.eos_ids = frozenset(model.io.eos_token_ids)
         self.context_length = model.io.context_length
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text).ids)
-
     def check_prompt(self, prompt: str) -> list[int]:
         """Token ids of ``prompt``; InferenceError when it is empty or does not fit the context."""
         prompt_ids: list[int] = self.tokenizer.encode(prompt).ids
