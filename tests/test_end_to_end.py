@@ -216,3 +216,39 @@ def test_api_key_is_enforced_when_configured(
         f"{edge.api}/v1/completions", json={"model": "x", "prompt": "hi"}, headers=auth, timeout=5
     )
     assert not_ready.status_code == 503 and not_ready.json()["error"]["code"] == "model_not_ready"
+
+
+def test_restarted_agent_serves_its_active_slot_with_no_broker(
+    broker_settings: BrokerSettings,
+    tenant: str,
+    demo_package: RegistryEntry,
+    registry: ModelRegistry,
+    signing_key: SigningKey,
+    edge_factory: Callable[..., EdgeProcess],
+) -> None:
+    first = edge_factory(
+        device_id=DEVICE, tenant=tenant, broker=broker_settings, trusted=[signing_key.public.b64]
+    )
+    CloudSide(broker_settings, tenant, registry).drive(
+        DesiredState(revision=1, model=demo_package.ref), lambda r: r.phase == Phase.ACTIVE
+    )
+    first.wait_ready()
+    first.stop()
+
+    # Same device and data folder, but the broker is now a port nobody listens on.
+    from cloud.local_broker import free_port
+
+    offline = BrokerSettings(host="127.0.0.1", port=free_port())
+    again = edge_factory(device_id=DEVICE, tenant=tenant, broker=offline, trusted=[signing_key.public.b64])
+    assert again.data_dir == first.data_dir
+    assert again.wait_ready(timeout=60)["model"] == "demo-glm:1"
+    r = httpx.post(
+        f"{again.api}/v1/completions",
+        json={"model": "demo-glm", "prompt": "import ", "max_tokens": 6, "temperature": 0},
+        timeout=60,
+    )
+    assert r.status_code == 200 and r.json()["choices"][0]["text"]
+    agent = httpx.get(f"{again.api}/v1/agent", timeout=5).json()
+    assert agent["online"] is False
+    assert agent["reported"]["phase"] == "active" and agent["reported"]["active_slot"] == "a"
+    assert "unreachable" in again.log_text()
