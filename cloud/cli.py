@@ -33,7 +33,8 @@ app.add_typer(model_app, name="model")
 app.add_typer(edge_app, name="edge")
 app.add_typer(cloud_app, name="cloud")
 
-console = Console(highlight=False)
+# soft_wrap: long digests and paths stay on one line when the output is a file or a pipe.
+console = Console(highlight=False, soft_wrap=True)
 
 RegistryOpt = Annotated[
     Path | None, typer.Option("--registry", help="Registry folder [default: $AUTOGLM_HOME/registry].")

@@ -140,8 +140,11 @@ class ModelPackager:
 
             r.step(f"Splitting files into content-addressed blobs ({opts.chunk_size // 1024} KiB chunks)")
             files = self._store_files(ship_dir, opts.chunk_size)
-            new = sum(1 for f in files if f.blob.size)
-            r.done(f"{len(files)} files, {sum(f.blob.size for f in files) / 1e6:.1f} MB, {new} blobs")
+            blobs = len({f.blob.digest for f in files})
+            chunks = sum(f.blob.chunk_count for f in files)
+            r.done(
+                f"{len(files)} files, {sum(f.blob.size for f in files) / 1e6:.1f} MB, {blobs} blobs, {chunks} chunks"
+            )
 
             r.step("Signing the manifest (Ed25519) and publishing it to the registry")
             manifest = Manifest(
