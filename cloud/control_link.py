@@ -15,7 +15,7 @@ import aiomqtt
 from cloud.blob_server import BlobServer
 from shared.errors import ContractError
 from shared.messages import DesiredState, DeviceStatus, ReportedState
-from shared.mqtt import QOS, BrokerSettings, make_client
+from shared.mqtt import QOS, BrokerSettings, ReconnectBackoff, make_client, payload_bytes
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,9 @@ class ControlLink:
         self._changed = asyncio.Event()
 
     async def run(self) -> None:
-        delay = 0.5
+        backoff = ReconnectBackoff(0.5, 30.0, jitter=False)
         while True:
+            lost: aiomqtt.MqttError | None = None
             try:
                 async with make_client(self.broker, self.client_id) as client:
                     self._client = client
@@ -56,22 +57,21 @@ class ControlLink:
                         [(self.topics.all_devices("reported"), QOS), (self.topics.all_devices("status"), QOS)]
                     )
                     self.connected.set()
-                    delay = 0.5
+                    backoff.reset()
                     async for message in client.messages:
                         await self._dispatch(client, message)
             except aiomqtt.MqttError as exc:
-                log.warning("cloud lost the broker (%s); retrying in %.1fs", exc, delay)
+                lost = exc
             finally:
                 self._client = None
                 self.connected.clear()
+            delay = backoff.next_delay()
+            log.warning("cloud lost the broker (%s); retrying in %.1fs", lost, delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
 
     async def _dispatch(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         topic = message.topic.value
-        payload = (
-            message.payload if isinstance(message.payload, bytes) else str(message.payload or "").encode()
-        )
+        payload = payload_bytes(message)
         if self.blob_server.handles(topic):
             await self.blob_server.handle(client, topic, payload)
             return

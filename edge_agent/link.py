@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Callable
 
 import aiomqtt
 
 from shared.errors import ContractError
 from shared.messages import Command, CommandReply, DesiredState, DeviceStatus, FetchRequest
-from shared.mqtt import QOS, BrokerSettings, make_client
+from shared.mqtt import QOS, BrokerSettings, ReconnectBackoff, make_client, payload_bytes
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -52,8 +51,9 @@ class CloudLink:
 
     async def run(self) -> None:
         """Stay connected until cancelled."""
-        delay = self.backoff_initial_s
+        backoff = ReconnectBackoff(self.backoff_initial_s, self.backoff_max_s, jitter=True)
         while True:
+            lost: aiomqtt.MqttError | None = None
             will = aiomqtt.Will(
                 self.topics.status(self.device_id),
                 DeviceStatus(device_id=self.device_id, state="offline").to_json(),
@@ -64,7 +64,7 @@ class CloudLink:
                 async with make_client(self.broker, self.device_id, will=will) as client:
                     self._client = client
                     await self._on_connect(client)
-                    delay = self.backoff_initial_s
+                    backoff.reset()
                     async for message in client.messages:
                         try:
                             self._dispatch(client, message)
@@ -72,18 +72,19 @@ class CloudLink:
                             # One bad message (or a full disk while writing a chunk) must not end the session.
                             log.exception("error while handling a message on %s", message.topic.value)
             except aiomqtt.MqttError as exc:
-                log.warning(
-                    "broker %s:%d unreachable or lost (%s); retrying in %.1fs",
-                    self.broker.host,
-                    self.broker.port,
-                    exc,
-                    delay,
-                )
+                lost = exc
             finally:
                 self._client = None
                 self.connected.clear()
-            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, self.backoff_max_s)
+            delay = backoff.next_delay()
+            log.warning(
+                "broker %s:%d unreachable or lost (%s); retrying in %.1fs",
+                self.broker.host,
+                self.broker.port,
+                lost,
+                delay,
+            )
+            await asyncio.sleep(delay)
 
     async def _on_connect(self, client: aiomqtt.Client) -> None:
         # Subscriptions are renewed on every connect: cheap, and right whether or not the session survived.
@@ -105,9 +106,7 @@ class CloudLink:
 
     def _dispatch(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         topic = message.topic.value
-        payload = (
-            message.payload if isinstance(message.payload, bytes) else str(message.payload or "").encode()
-        )
+        payload = payload_bytes(message)
         try:
             parsed = self.topics.parse(topic)
             if parsed.channel == "blob":

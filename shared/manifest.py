@@ -22,7 +22,6 @@ from shared.ids import Name
 from shared.signing import PublicKey, SigningKey
 from shared.wire import WireDocument, WireModel, canonical_json
 
-MANIFEST_SCHEMA = "autoglm.manifest/v1"
 SIGNED_MANIFEST_SCHEMA = "autoglm.signed-manifest/v1"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 

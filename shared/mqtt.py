@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Annotated
 
 import aiomqtt
@@ -24,6 +25,32 @@ class BrokerSettings(BaseModel):
     # How long the broker keeps a disconnected session's queued messages.
     session_expiry_s: Annotated[int, Field(ge=1)] = 7 * 24 * 3600
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+
+
+def payload_bytes(message: aiomqtt.Message) -> bytes:
+    """The payload as bytes, whatever type paho handed over (bytes, str, number or None)."""
+    if isinstance(message.payload, bytes):
+        return message.payload
+    return str(message.payload or "").encode()
+
+
+class ReconnectBackoff:
+    """Delays between reconnect attempts: doubling from ``initial_s`` up to ``max_s``. With jitter
+    each delay is scaled by 0.5–1.5, so a fleet that lost its broker does not return in lockstep."""
+
+    def __init__(self, initial_s: float, max_s: float, *, jitter: bool) -> None:
+        self.initial_s = initial_s
+        self.max_s = max_s
+        self.jitter = jitter
+        self._next = initial_s
+
+    def reset(self) -> None:
+        self._next = self.initial_s
+
+    def next_delay(self) -> float:
+        delay = self._next * (random.uniform(0.5, 1.5) if self.jitter else 1.0)
+        self._next = min(self._next * 2, self.max_s)
+        return delay
 
 
 def make_client(

@@ -95,10 +95,9 @@ class TextGenerator:
             if safe > len(emitted):
                 yield text[len(emitted) : safe]
                 emitted = text[:safe]
-        else:
+        if not stopped_on_sequence:
             if len(generated) == budget:
                 result.finish_reason = "length"
-        if not stopped_on_sequence:
             final = self.tokenizer.decode(generated)
             if len(final) > len(emitted):
                 yield final[len(emitted) :]
