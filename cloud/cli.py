@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -83,6 +83,12 @@ def _split_ref(ref: str) -> tuple[str, str]:
     return name, version
 
 
+def _graph_kind(value: str) -> Literal["auto", "fused", "generic"]:
+    if value not in ("auto", "fused", "generic"):
+        raise typer.BadParameter("choose auto, fused or generic", param_hint="--graph")
+    return value  # type: ignore[return-value]
+
+
 @model_app.command("package")
 def model_package(
     src: Annotated[
@@ -91,6 +97,13 @@ def model_package(
     name: Annotated[str, typer.Option("--name", help="Model name in the registry.")],
     version: Annotated[str, typer.Option("--version", help="Version label (new for every package).")],
     quantize: Annotated[str, typer.Option("--quantize", help="int8 (default) or none.")] = "int8",
+    graph: Annotated[
+        str,
+        typer.Option(
+            "--graph",
+            help="auto (default): fused decoder for Llama/Qwen2, optimum export otherwise; or fused | generic.",
+        ),
+    ] = "auto",
     eval_text: Annotated[
         Path | None,
         typer.Option("--eval-text", help="Held-out text for perplexity [default: Python stdlib sample]."),
@@ -120,6 +133,7 @@ def model_package(
             name=name,
             version=version,
             quantize=quantize,
+            graph=_graph_kind(graph),
             eval_text=text,
             chunk_size=chunk_size,
             max_perplexity_increase=max_ppl_increase,

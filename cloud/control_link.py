@@ -46,7 +46,7 @@ class ControlLink:
         self._changed = asyncio.Event()
 
     async def run(self) -> None:
-        backoff = ReconnectBackoff(0.5, 30.0, jitter=False)
+        backoff = ReconnectBackoff(self.broker.reconnect_initial_s, self.broker.reconnect_max_s, jitter=False)
         while True:
             lost: aiomqtt.MqttError | None = None
             try:

@@ -1,4 +1,4 @@
-"""EdgeAgent: wires settings, MQTT link, fetcher, reconciler and the model host together."""
+"""EdgeAgent: wires settings, MQTT link, outbox, fetcher, reconciler and the model host together."""
 
 from __future__ import annotations
 
@@ -10,14 +10,19 @@ import shutil
 from edge_agent.fetcher import ShardFetcher
 from edge_agent.link import CloudLink
 from edge_agent.model_host import ModelHost
+from edge_agent.outbox import Outbox
 from edge_agent.reconciler import Reconciler
 from edge_agent.runtime.session import choose_providers
+from edge_agent.serving_config import ServingConfig
 from edge_agent.settings import EdgeSettings
 from edge_agent.slots import SlotStore
 from edge_agent.state import AgentState, StateFile
+from edge_agent.telemetry import OutboxSender, TelemetryRecorder
 from shared.blobs import BlobStore
+from shared.edge_config import EdgeConfig
+from shared.errors import AutoGLMError
 from shared.manifest import TrustStore
-from shared.messages import Capabilities, DesiredState, ReportedState
+from shared.messages import Capabilities, Command, CommandReply, DesiredState, ReportedState
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -30,13 +35,25 @@ class EdgeAgent:
         data.mkdir(parents=True, exist_ok=True)
         self.topics = Topics(settings.tenant)
         self.cache = BlobStore(data / "blobs")
-        self.host = ModelHost()
+        self.local_config = settings.local_config()
+        self.serving = ServingConfig.resolve(self.local_config)
+        self.host = ModelHost(self.serving.queue_size)
         self.link = CloudLink(
             settings.broker,
             self.topics,
             settings.device_id,
             on_desired=self._on_desired,
             on_chunk=self._on_chunk,
+            on_command=self._on_command,
+        )
+        self.outbox = Outbox(data / "outbox.sqlite3", settings.outbox.max_records)
+        self.telemetry = TelemetryRecorder(self.outbox, self.topics, settings.device_id)
+        self.sender = OutboxSender(
+            self.outbox,
+            settings.device_id,
+            self.link.publish,
+            self.link.connected,
+            batch_size=lambda: self.serving.telemetry_batch_size,
         )
         self.fetcher = ShardFetcher(
             settings.device_id,
@@ -46,6 +63,7 @@ class EdgeAgent:
             chunks_per_request=settings.fetch.chunks_per_request,
             request_timeout_s=settings.fetch.request_timeout_s,
             max_attempts_without_progress=settings.fetch.max_attempts_without_progress,
+            max_bytes_per_s=settings.fetch.max_bytes_per_s,
         )
         self.reconciler = Reconciler(
             StateFile(data / "state.json"),
@@ -54,9 +72,11 @@ class EdgeAgent:
             SlotStore(data / "slots"),
             self.host,
             TrustStore(settings.public_keys()),
-            settings.runtime,
+            settings.runtime.providers,
             self._report,
+            self._apply_config,
         )
+        self.reconciler.threads = self.serving.threads
 
         log.info(
             "device %s (tenant %s) trusts manifest keys %s",
@@ -70,6 +90,31 @@ class EdgeAgent:
 
     def _on_chunk(self, digest: str, index: int, data: bytes) -> None:
         self.fetcher.on_chunk(digest, index, data)
+
+    async def _on_command(self, command: Command) -> CommandReply:
+        if command.action == "rollback":
+            ok, detail = await self.reconciler.rollback()
+        elif command.action == "reload":
+            try:
+                await self.reconciler.reload()
+                ok, detail = True, "reloaded"
+            except AutoGLMError as exc:
+                ok, detail = False, str(exc)
+        else:
+            ok, detail = False, f"command {command.action!r} is not supported by this agent"
+        return CommandReply(
+            request_id=command.request_id, device_id=self.settings.device_id, ok=ok, detail=detail
+        )
+
+    async def _apply_config(self, pushed: EdgeConfig) -> None:
+        """Pushed keys override edge.yaml's; a new thread count reloads the active model."""
+        new = ServingConfig.resolve(self.local_config, pushed)
+        old, self.serving = self.serving, new
+        self.host.queue_size = new.queue_size
+        self.reconciler.threads = new.threads
+        if new.reload_needed(old) and self.host.current is not None:
+            # Called from within the reconciler (config step or restore): no lock to take here.
+            await self.reconciler.reload_active()
 
     def capabilities(self) -> Capabilities:
         try:
@@ -92,15 +137,22 @@ class EdgeAgent:
             slots=dict(s.slots),
             last_error=s.last_error,
             capabilities=self.capabilities(),
+            config_revision=s.config_revision,
+            config_error=s.config_error,
         )
 
     async def _report(self, state: AgentState) -> None:
-        await self.link.publish_retained(
-            self.topics.reported(self.settings.device_id), self.reported_state(state).to_json()
+        # Through the outbox: offline, reported states wait there, in order, for the reconnect.
+        self.outbox.append_message(
+            self.topics.reported(self.settings.device_id), self.reported_state(state).to_json(), retain=True
         )
 
     async def run(self) -> None:
-        """Run the link and the reconciler until cancelled."""
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.link.run(), name="mqtt-link")
-            tg.create_task(self.reconciler.run(), name="reconciler")
+        """Run the link, the outbox sender and the reconciler until cancelled."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.link.run(), name="mqtt-link")
+                tg.create_task(self.sender.run(), name="outbox-sender")
+                tg.create_task(self.reconciler.run(), name="reconciler")
+        finally:
+            self.outbox.close()

@@ -47,6 +47,23 @@ class FetchStats:
     requested: list[tuple[str, int]] = field(default_factory=list)
 
 
+class RateLimiter:
+    """Paces fetch requests to an average of ``bytes_per_s``: each request reserves its transfer
+    time, and the next one waits until the previous reservation has elapsed."""
+
+    def __init__(self, bytes_per_s: int) -> None:
+        self.bytes_per_s = bytes_per_s
+        self._next_free = 0.0
+
+    async def acquire(self, nbytes: int) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        start = max(now, self._next_free)
+        self._next_free = start + nbytes / self.bytes_per_s
+        if start > now:
+            await asyncio.sleep(start - now)
+
+
 class _Transfer:
     """One blob being assembled; ``ref`` is None for a manifest, whose chunks have no listed hashes."""
 
@@ -86,6 +103,7 @@ class ShardFetcher:
         chunks_per_request: int = 32,
         request_timeout_s: float = 10.0,
         max_attempts_without_progress: int = 10,
+        max_bytes_per_s: int | None = None,
     ) -> None:
         self.device_id = device_id
         self.cache = cache
@@ -94,6 +112,7 @@ class ShardFetcher:
         self.chunks_per_request = chunks_per_request
         self.request_timeout_s = request_timeout_s
         self.max_stalls = max_attempts_without_progress
+        self.limiter = RateLimiter(max_bytes_per_s) if max_bytes_per_s else None
         self.stats = FetchStats()
         self._active: dict[str, _Transfer] = {}
         partial_dir.mkdir(parents=True, exist_ok=True)
@@ -187,6 +206,8 @@ class ShardFetcher:
             log.info("resuming %s: %d of %d chunks already on disk", t.digest, len(t.have), t.count)
 
     async def _request(self, t: _Transfer, chunks: list[int]) -> None:
+        if self.limiter is not None:
+            await self.limiter.acquire(sum(t.expected_length(i) for i in chunks))
         await self.channel.send_fetch(
             FetchRequest(
                 device_id=self.device_id,
@@ -199,8 +220,12 @@ class ShardFetcher:
     async def _pull_missing(self, t: _Transfer) -> None:
         loop = asyncio.get_running_loop()
         stalls = 0
+        per_request = self.chunks_per_request
+        if self.limiter is not None:
+            # About one second of transfer per request, so a capped fetch flows instead of bursting.
+            per_request = max(1, min(per_request, self.limiter.bytes_per_s // max(1, t.chunk_size)))
         while missing := t.missing():
-            window = set(missing[: self.chunks_per_request])
+            window = set(missing[:per_request])
             t.rejected.difference_update(window)
             await self._request(t, sorted(window))
             deadline = loop.time() + self.request_timeout_s

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiomqtt
 
@@ -29,21 +29,19 @@ class CloudLink:
         *,
         on_desired: Callable[[DesiredState], None],
         on_chunk: Callable[[str, int, bytes], None],
-        backoff_initial_s: float = 0.5,
-        backoff_max_s: float = 30.0,
+        on_command: Callable[[Command], Awaitable[CommandReply]] | None = None,
     ) -> None:
         self.broker = broker
         self.topics = topics
         self.device_id = device_id
         self.on_desired = on_desired
         self.on_chunk = on_chunk
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
+        self.on_command = on_command
         self.connected = asyncio.Event()
         self.dropped_messages = 0
         self._client: aiomqtt.Client | None = None
         self._blob_filters: set[str] = set()
-        self._retained: dict[str, bytes] = {}
+        self.ack_timeout_s = 30.0
 
     @property
     def online(self) -> bool:
@@ -51,7 +49,7 @@ class CloudLink:
 
     async def run(self) -> None:
         """Stay connected until cancelled."""
-        backoff = ReconnectBackoff(self.backoff_initial_s, self.backoff_max_s, jitter=True)
+        backoff = ReconnectBackoff(self.broker.reconnect_initial_s, self.broker.reconnect_max_s, jitter=True)
         while True:
             lost: aiomqtt.MqttError | None = None
             will = aiomqtt.Will(
@@ -99,8 +97,6 @@ class CloudLink:
             qos=QOS,
             retain=True,
         )
-        for topic, payload in self._retained.items():
-            await client.publish(topic, payload, qos=QOS, retain=True)
         self.connected.set()
         log.info("connected to broker %s:%d as %s", self.broker.host, self.broker.port, self.device_id)
 
@@ -124,23 +120,31 @@ class CloudLink:
             log.warning("dropped malformed message on %s: %s", topic, exc)
 
     async def _answer(self, client: aiomqtt.Client, command: Command) -> None:
-        ok = command.action == "ping"
-        detail = "pong" if ok else f"command {command.action!r} is not supported by this agent yet"
-        reply = CommandReply(request_id=command.request_id, device_id=self.device_id, ok=ok, detail=detail)
+        if command.action == "ping" or self.on_command is None:
+            ok = command.action == "ping"
+            detail = "pong" if ok else f"command {command.action!r} is not supported by this agent"
+            reply = CommandReply(
+                request_id=command.request_id, device_id=self.device_id, ok=ok, detail=detail
+            )
+        else:
+            reply = await self.on_command(command)
         try:
             await client.publish(self.topics.replies(self.device_id), reply.to_json(), qos=QOS)
         except aiomqtt.MqttError as exc:
             log.warning("could not reply to %s: %s", command.request_id, exc)
 
-    async def publish_retained(self, topic: str, payload: bytes) -> None:
-        """Publish now if connected; either way the latest value goes out again on reconnect."""
-        self._retained[topic] = payload
+    async def publish(self, topic: str, payload: bytes, retain: bool = False) -> bool:
+        """QoS 1 publish; True once the broker acknowledged it, False when offline or the link broke."""
         client = self._client
-        if client is not None and self.online:
-            try:
-                await client.publish(topic, payload, qos=QOS, retain=True)
-            except aiomqtt.MqttError as exc:
-                log.info("publish to %s deferred until reconnect: %s", topic, exc)
+        if client is None or not self.online:
+            return False
+        try:
+            async with asyncio.timeout(self.ack_timeout_s):
+                await client.publish(topic, payload, qos=QOS, retain=retain)
+            return True
+        except (aiomqtt.MqttError, TimeoutError) as exc:
+            log.info("publish to %s not acknowledged (%s); the outbox keeps it", topic, exc or "timeout")
+            return False
 
     # -- ChunkChannel for the fetcher ---------------------------------------------------------
     async def subscribe_blob(self, digest: str) -> None:

@@ -3,21 +3,35 @@
 Phases and their allowed transitions are in ``TRANSITIONS``; the state is saved before each step,
 so after a crash the agent knows where it was. The active model keeps serving throughout: a new
 model is fetched, verified, staged into the standby slot and smoke-tested before the switch.
+The previous model stays in the other slot: going back to it (a desired state naming it, or a
+``rollback`` command) is a switch through ``rolling_back`` with nothing to download.
+
+Failpoints, for crash tests: ``AUTOGLM_EDGE_FAILPOINTS=verifying,activating`` makes the agent
+stop (hang, after the state is saved) on entering those phases; ``activating`` is the moment
+between a passed smoke test and the switch. Tests SIGKILL the agent there and restart it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
 
 from edge_agent.fetcher import ShardFetcher
 from edge_agent.model_host import LoadedModel, ModelHost
-from edge_agent.settings import RuntimeSettings
 from edge_agent.slots import SlotStore
 from edge_agent.state import AgentState, SlotName, StateFile
 from shared.blobs import BlobStore, file_digest
-from shared.errors import AutoGLMError, FetchError, IntegrityError, ModelLoadError, SignatureError
+from shared.edge_config import EdgeConfig
+from shared.errors import (
+    AutoGLMError,
+    ContractError,
+    FetchError,
+    IntegrityError,
+    ModelLoadError,
+    SignatureError,
+)
 from shared.manifest import Manifest, TrustStore
 from shared.messages import DesiredState, ErrorInfo, ModelRef, Phase
 
@@ -30,12 +44,16 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.VERIFYING: frozenset({Phase.STAGED, Phase.FAILED, Phase.FETCHING}),
     Phase.STAGED: frozenset({Phase.SMOKE_TESTING, Phase.FAILED, Phase.FETCHING}),
     Phase.SMOKE_TESTING: frozenset({Phase.ACTIVE, Phase.FAILED, Phase.FETCHING}),
-    Phase.ACTIVE: frozenset({Phase.FETCHING}),
-    Phase.FAILED: frozenset({Phase.FETCHING}),
+    Phase.ACTIVE: frozenset({Phase.FETCHING, Phase.ROLLING_BACK}),
+    Phase.FAILED: frozenset({Phase.FETCHING, Phase.ROLLING_BACK, Phase.ACTIVE}),
     Phase.ROLLING_BACK: frozenset({Phase.ACTIVE, Phase.FAILED}),
 }
 
+FAILPOINTS_ENV = "AUTOGLM_EDGE_FAILPOINTS"
+
 Reporter = Callable[[AgentState], Awaitable[None]]
+# Applies a validated pushed config (the agent recomputes its serving settings).
+ConfigApplier = Callable[[EdgeConfig], Awaitable[None]]
 
 
 class Reconciler:
@@ -47,8 +65,9 @@ class Reconciler:
         slots: SlotStore,
         host: ModelHost,
         trust: TrustStore,
-        runtime: RuntimeSettings,
+        providers: list[str] | None,
         report: Reporter,
+        apply_config: ConfigApplier,
     ) -> None:
         self.state_file = state_file
         self.state = state_file.load()
@@ -57,10 +76,14 @@ class Reconciler:
         self.slots = slots
         self.host = host
         self.trust = trust
-        self.runtime = runtime
+        self.providers = providers
+        self.threads = 0  # set from the serving config by the agent
         self._report = report
+        self._apply_config = apply_config
         self._pending: DesiredState | None = None
         self._wake = asyncio.Event()
+        self._busy = asyncio.Lock()
+        self.failpoints = frozenset(p for p in os.environ.get(FAILPOINTS_ENV, "").split(",") if p)
 
     def offer(self, desired: DesiredState) -> None:
         """Called for every desired-state message; only the newest revision is kept."""
@@ -71,6 +94,11 @@ class Reconciler:
     async def restore(self) -> None:
         """Serve the active slot again after a restart, before anything else happens."""
         s = self.state
+        if s.config:
+            try:
+                await self._apply_config(EdgeConfig.parse(s.config))
+            except ContractError as exc:  # validated when accepted; only a hand edit gets here
+                log.error("persisted config no longer valid, using edge.yaml alone: %s", exc)
         if s.active_slot is not None and s.active_model is not None:
             try:
                 self.host.swap(await asyncio.to_thread(self._load_slot, s.active_slot))
@@ -86,7 +114,15 @@ class Reconciler:
 
     async def run(self) -> None:
         await self.restore()
-        if self.state.phase not in (Phase.IDLE, Phase.ACTIVE, Phase.FAILED) and self.state.target is not None:
+        if self.state.phase == Phase.ROLLING_BACK:
+            # Killed mid-switch: we serve whatever the saved active slot is; the retained desired
+            # state (or the operator) asks again if the switch is still wanted.
+            self.state.phase = Phase.ACTIVE if self.host.current is not None else Phase.FAILED
+            self.state_file.save(self.state)
+            await self._report(self.state)
+        elif (
+            self.state.phase not in (Phase.IDLE, Phase.ACTIVE, Phase.FAILED) and self.state.target is not None
+        ):
             log.info("resuming an interrupted update to revision %d", self.state.target_revision)
             await self._update(self.state.target, self.state.target_revision)
         while True:
@@ -94,21 +130,101 @@ class Reconciler:
             self._wake.clear()
             desired, self._pending = self._pending, None
             if desired is not None:
-                await self.apply(desired)
+                async with self._busy:
+                    await self.apply(desired)
 
     async def apply(self, desired: DesiredState) -> None:
         s = self.state
         if desired.revision < s.applied_revision:
             log.info("ignoring stale desired revision %d (applied %d)", desired.revision, s.applied_revision)
             return
+        await self._take_config(desired)
         if desired.model is None or desired.model == s.active_model:
             s.applied_revision = desired.revision
+            if s.phase == Phase.FAILED and s.active_model is not None:
+                # The model that failed is no longer wanted; what we serve is what is desired.
+                s.target, s.target_slot = None, None
+                await self._transition(Phase.ACTIVE)
+                return
             self.state_file.save(s)
             await self._report(s)
             return
         if s.phase == Phase.FAILED and s.target == desired.model and s.target_revision == desired.revision:
             return  # already tried and reported; a new revision is needed to try again
+        standby = s.standby_slot()
+        if s.active_slot is not None and s.slots.get(standby) == desired.model:
+            await self._switch(standby, desired.revision)
+            return
         await self._update(desired.model, desired.revision)
+
+    async def _take_config(self, desired: DesiredState) -> None:
+        """Validate the pushed config before anything uses it; a bad one is reported, the old kept."""
+        s = self.state
+        if desired.config == s.config:
+            return
+        try:
+            parsed = EdgeConfig.parse(desired.config)
+        except ContractError as exc:
+            log.error("rejected config of revision %d: %s", desired.revision, exc)
+            s.config_error = ErrorInfo(code="config_rejected", message=exc.message)
+            s.config_error_revision = desired.revision
+        else:
+            await self._apply_config(parsed)
+            s.config = dict(desired.config)
+            s.config_revision = desired.revision
+            s.config_error = None
+            s.config_error_revision = None
+            log.info("applied config of revision %d", desired.revision)
+        self.state_file.save(s)
+        await self._report(s)
+
+    async def rollback(self) -> tuple[bool, str]:
+        """Go back to the model in the standby slot (the ``rollback`` command).
+
+        An emergency tool: the desired state still names the other model, and a re-delivered
+        desired state (after a reconnect) wins. The control plane rolls back by changing it."""
+        async with self._busy:
+            s = self.state
+            standby = s.standby_slot()
+            previous = s.slots.get(standby)
+            if s.active_slot is None or previous is None:
+                return False, "no previous model to roll back to"
+            await self._switch(standby, s.applied_revision)
+            if s.active_slot != standby:
+                return False, f"rollback failed: {s.last_error.message if s.last_error else 'unknown'}"
+            return True, f"serving {previous.name}:{previous.version} from slot {standby}"
+
+    async def reload(self) -> None:
+        """The ``reload`` command: load the active slot again, between updates."""
+        async with self._busy:
+            await self.reload_active()
+
+    async def reload_active(self) -> None:
+        """Load the active slot again (a new thread count); the caller is the reconciler's own flow."""
+        s = self.state
+        if s.active_slot is None:
+            return
+        loaded = await asyncio.to_thread(self._load_slot, s.active_slot)
+        self.host.swap(loaded)
+        log.info("reloaded slot %s with %d threads", s.active_slot, self.threads)
+
+    async def _switch(self, slot: SlotName, revision: int) -> None:
+        """Activate a slot that is already staged: the instant rollback path."""
+        s = self.state
+        try:
+            await self._transition(Phase.ROLLING_BACK)
+            loaded = await asyncio.to_thread(self._load_slot, slot)
+            await asyncio.to_thread(loaded.smoke_test)
+            s.active_slot = slot
+            s.applied_revision = revision
+            s.target = None
+            s.target_slot = None
+            s.last_error = None
+            self.host.swap(loaded)
+            await self._transition(Phase.ACTIVE)
+            log.info("switched to %s in slot %s (revision %d)", loaded.model_id, slot, revision)
+        except (AutoGLMError, OSError) as exc:
+            await self._fail(exc, clear_target_slot=False)
 
     async def _transition(self, to: Phase) -> None:
         if to not in TRANSITIONS[self.state.phase]:
@@ -116,6 +232,12 @@ class Reconciler:
         self.state.phase = to
         self.state_file.save(self.state)
         await self._report(self.state)
+        await self._failpoint(to.value)
+
+    async def _failpoint(self, name: str) -> None:
+        if name in self.failpoints:
+            log.warning("failpoint %s: holding here until the process is killed", name)
+            await asyncio.Event().wait()
 
     async def _update(self, ref: ModelRef, revision: int) -> None:
         s = self.state
@@ -139,6 +261,7 @@ class Reconciler:
             await self._transition(Phase.SMOKE_TESTING)
             loaded = await asyncio.to_thread(self._load_slot, slot)
             await asyncio.to_thread(loaded.smoke_test)
+            await self._failpoint("activating")
 
             s.active_slot = slot
             s.applied_revision = revision
@@ -147,6 +270,7 @@ class Reconciler:
             self.host.swap(loaded)
             await self._transition(Phase.ACTIVE)
             log.info("activated %s:%s in slot %s (revision %d)", ref.name, ref.version, slot, revision)
+            await asyncio.to_thread(self._prune_cache)
         except (AutoGLMError, OSError) as exc:
             await self._fail(exc)
         except Exception as exc:
@@ -154,7 +278,7 @@ class Reconciler:
             log.exception("unexpected error during the update")
             await self._fail(exc)
 
-    async def _fail(self, exc: BaseException) -> None:
+    async def _fail(self, exc: BaseException, clear_target_slot: bool = True) -> None:
         if isinstance(exc, SignatureError):
             code = "signature_rejected"
         elif isinstance(exc, IntegrityError):
@@ -167,7 +291,7 @@ class Reconciler:
             code = type(exc).__name__
         log.error("update failed (%s): %s; staying on the current model", code, exc)
         s = self.state
-        if s.target_slot is not None and s.target_slot != s.active_slot:
+        if clear_target_slot and s.target_slot is not None and s.target_slot != s.active_slot:
             s.slots[s.target_slot] = None
         s.last_error = ErrorInfo(code=code, message=str(exc))
         s.phase = Phase.FAILED
@@ -182,5 +306,31 @@ class Reconciler:
                 raise IntegrityError("cached blob is damaged; it will be fetched again", digest=blob.digest)
 
     def _load_slot(self, slot: SlotName) -> LoadedModel:
-        manifest = self.trust.verify(self.slots.manifest_bytes(slot))
-        return LoadedModel.load(self.slots.path(slot), manifest, slot, self.runtime)
+        try:
+            manifest = self.trust.verify(self.slots.manifest_bytes(slot))
+        except FileNotFoundError as exc:
+            raise ModelLoadError(f"slot {slot} holds no manifest", slot=slot) from exc
+        return LoadedModel.load(
+            self.slots.path(slot), manifest, slot, threads=self.threads, providers=self.providers
+        )
+
+    def _prune_cache(self) -> None:
+        """Keep only blobs the two slots use (and their manifests): disk use stays bounded."""
+        keep: set[str] = set()
+        for ref in self.state.slots.values():
+            if ref is not None:
+                keep.add(ref.manifest_digest)
+        slot: SlotName
+        for slot in ("a", "b"):
+            try:
+                manifest = self.trust.verify(self.slots.manifest_bytes(slot))
+            except (FileNotFoundError, AutoGLMError):
+                continue
+            keep.update(b.digest for b in manifest.blobs())
+        removed = 0
+        for digest in list(self.cache.digests()):
+            if digest not in keep:
+                self.cache.remove(digest)
+                removed += 1
+        if removed:
+            log.info("removed %d cached blob(s) no slot uses", removed)

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from shared.edge_config import EdgeConfig, RouterConfig, RuntimeTuning, SamplingDefaults, TelemetryConfig
 from shared.errors import ConfigError
 from shared.ids import Name
 from shared.mqtt import BrokerSettings
@@ -32,11 +33,11 @@ class ApiSettings(_Section):
     api_key: str | None = None
 
 
-class RuntimeSettings(_Section):
-    # 0 lets onnxruntime pick (one thread per physical core).
-    threads: Annotated[int, Field(ge=0, le=256)] = 0
+class RuntimeSettings(RuntimeTuning):
+    """threads / queue_size / default_max_tokens, which the cloud may also push, plus the providers."""
+
+    # None: CUDA when this onnxruntime build and device have it, then CPU.
     providers: list[str] | None = None
-    default_max_tokens: Annotated[int, Field(ge=1, le=32768)] = 128
 
 
 class FetchSettings(_Section):
@@ -44,6 +45,13 @@ class FetchSettings(_Section):
     # With no chunk arriving for this long, the missing ones are asked for again.
     request_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
     max_attempts_without_progress: Annotated[int, Field(ge=1, le=1000)] = 10
+    # Transfer rate cap in bytes per second (None: as fast as the broker sends).
+    max_bytes_per_s: Annotated[int, Field(gt=0)] | None = None
+
+
+class OutboxSettings(_Section):
+    # Undelivered telemetry beyond this many records drops the oldest first (reported state is kept).
+    max_records: Annotated[int, Field(ge=100, le=10_000_000)] = 1_000_000
 
 
 class EdgeSettings(_Section):
@@ -56,6 +64,19 @@ class EdgeSettings(_Section):
     api: ApiSettings = Field(default_factory=ApiSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     fetch: FetchSettings = Field(default_factory=FetchSettings)
+    outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    # The sections below have the schema the cloud pushes (shared/edge_config.py); a push overrides
+    # them key by key, and keys neither here nor pushed take the defaults in serving_config.py.
+    sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+
+    def local_config(self) -> EdgeConfig:
+        """This file's serving keys as a config document, the base that pushes overlay."""
+        runtime = RuntimeTuning(**self.runtime.model_dump(exclude={"providers"}))
+        return EdgeConfig(
+            runtime=runtime, sampling=self.sampling, router=self.router, telemetry=self.telemetry
+        )
 
     @field_validator("trusted_keys")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -30,6 +30,11 @@ class AgentState(BaseModel):
     active_slot: SlotName | None = None
     slots: dict[SlotName, ModelRef | None] = Field(default_factory=lambda: _empty_slots())
     last_error: ErrorInfo | None = None
+    # The pushed serving config in force (validated when accepted) and the revision it came with.
+    config: dict[str, Any] = Field(default_factory=dict)
+    config_revision: int = -1
+    config_error: ErrorInfo | None = None
+    config_error_revision: int | None = None
 
     def standby_slot(self) -> SlotName:
         return "b" if self.active_slot == "a" else "a"

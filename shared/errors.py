@@ -73,12 +73,15 @@ class InferenceError(AutoGLMError):
         param: str | None = None,
         status: int = 400,
         code: str | None = None,
+        retry_after_s: int | None = None,
         **context: Any,
     ) -> None:
         super().__init__(message, **context)
         self.param = param
         self.status = status
         self.code = code
+        # Sent as Retry-After on 429/503 answers.
+        self.retry_after_s = retry_after_s
 
 
 class FetchError(AutoGLMError):

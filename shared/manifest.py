@@ -57,6 +57,9 @@ class IOSignature(WireModel):
     num_kv_heads: Annotated[int, Field(strict=True, gt=0)]
     head_dim: Annotated[int, Field(strict=True, gt=0)]
     kv_layout: Literal["batch,kv_heads,seq,head_dim"] = "batch,kv_heads,seq,head_dim"
+    # "concat": the graph returns past+new as a fresh tensor each step (optimum exports).
+    # "shared": GroupQueryAttention updates a preallocated buffer bound as both past and present.
+    kv_cache: Literal["concat", "shared"] = "concat"
     kv_dtype: Literal["float32", "float16"] = "float32"
     vocab_size: Annotated[int, Field(strict=True, gt=0)]
     context_length: Annotated[int, Field(strict=True, gt=0)]
@@ -67,7 +70,7 @@ class IOSignature(WireModel):
 
 
 class Quantization(WireModel):
-    method: Literal["none", "int8-dynamic", "int4-weight-only"]
+    method: Literal["none", "int8-dynamic", "int8-weight-only", "int4-weight-only"]
     weight_type: Literal["float32", "int8", "int4"]
 
 

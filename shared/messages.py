@@ -84,6 +84,9 @@ class ReportedState(WireDocument):
     last_error: ErrorInfo | None = None
     capabilities: Capabilities = Field(default_factory=Capabilities)
     progress: TransferProgress | None = None
+    # Revision whose config is in force, and why the latest pushed config was refused (if it was).
+    config_revision: Annotated[int, Field(strict=True, ge=-1)] = -1
+    config_error: ErrorInfo | None = None
     updated_at: datetime = Field(default_factory=utc_now)
 
 

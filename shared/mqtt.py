@@ -25,6 +25,9 @@ class BrokerSettings(BaseModel):
     # How long the broker keeps a disconnected session's queued messages.
     session_expiry_s: Annotated[int, Field(ge=1)] = 7 * 24 * 3600
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    # Reconnect delays double from the first to the longest (with jitter on devices).
+    reconnect_initial_s: Annotated[float, Field(gt=0, le=60)] = 0.5
+    reconnect_max_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
 
 
 def payload_bytes(message: aiomqtt.Message) -> bytes:

@@ -18,9 +18,10 @@ class _Tolerant(BaseModel):
 
 class SamplingParams(_Tolerant):
     max_tokens: Annotated[int, Field(ge=1, le=32768)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, Field(ge=0)] = 0
+    # None: the device's configured default (pushed from the cloud or set in edge.yaml).
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
@@ -53,9 +54,25 @@ class CompletionRequest(SamplingParams):
         return self.prompt
 
 
+class ContentPart(_Tolerant):
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(_Tolerant):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | None = ""
+    content: str | list[ContentPart] | None = ""
+
+    def text(self) -> str:
+        """The message's text; image or audio parts cannot be served by a text model."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        texts = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise ValueError(f"content part of type {part.type!r} is not supported; only text")
+            texts.append(part.text)
+        return "".join(texts)
 
 
 class ChatCompletionRequest(SamplingParams):
@@ -109,6 +126,26 @@ class ChatCompletionResponse(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChunkChoice]
     usage: Usage | None = None
 
 

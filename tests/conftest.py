@@ -25,7 +25,7 @@ from cloud.control_link import ControlLink, DeviceView
 from cloud.local_broker import LocalBroker, free_port
 from cloud.processes import stop_process
 from cloud.registry import ModelRegistry, RegistryEntry
-from shared.messages import DesiredState, ReportedState
+from shared.messages import Command, DesiredState, Phase, ReportedState
 from shared.mqtt import QOS, BrokerSettings, make_client
 from shared.signing import SigningKey
 from shared.topics import Topics
@@ -104,6 +104,37 @@ def demo_package(demo_source: Path, registry: ModelRegistry, signing_key: Signin
     )
 
 
+@pytest.fixture(scope="session")
+def demo_package_v2(demo_source: Path, registry: ModelRegistry, signing_key: SigningKey) -> RegistryEntry:
+    """A second version with different blobs (fp32) in small chunks: updates take many chunks."""
+    from cloud.packaging.packager import ModelPackager, PackageOptions
+
+    return ModelPackager(registry, signing_key).package(
+        demo_source, PackageOptions(name="demo-glm", version="2", quantize="none", chunk_size=64 * 1024)
+    )
+
+
+@pytest.fixture(scope="session")
+def broken_package(
+    demo_package: RegistryEntry, registry: ModelRegistry, signing_key: SigningKey
+) -> RegistryEntry:
+    """Properly signed, every blob intact, but the graph is not ONNX: it can only fail to load."""
+    from shared.blobs import describe_bytes
+    from shared.manifest import SignedManifest
+
+    garbage = b"this is not an ONNX graph\n" * 4096
+    digest = registry.blobs.put_bytes(garbage)
+    files = []
+    for f in demo_package.manifest.files:
+        if f.role == "graph":
+            blob = describe_bytes(garbage, f.blob.chunk_size)
+            assert blob.digest == digest
+            f = f.model_copy(update={"blob": blob})
+        files.append(f)
+    manifest = demo_package.manifest.model_copy(update={"version": "broken", "files": files})
+    return registry.publish(SignedManifest.sign(manifest, signing_key))
+
+
 @dataclass
 class EdgeProcess:
     """An edge agent running as its own OS process, as on a device."""
@@ -151,7 +182,11 @@ def start_edge(
     trusted: list[str],
     command: list[str] | None = None,
     api_key: str | None = None,
+    extra: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
 ) -> EdgeProcess:
+    """Start ``autoglm edge run``; ``extra`` is merged into the config's sections, ``env`` into the
+    process environment. The same device_id reuses its data_dir, as a restarted device would."""
     port = free_port()
     data_dir = tmp / f"edge-{device_id}"
     config = tmp / f"edge-{device_id}.yaml"
@@ -165,6 +200,11 @@ def start_edge(
         "fetch": {"request_timeout_s": 2.0},
         "runtime": {"threads": 1},
     }
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(settings.get(key), dict):
+            settings[key] = {**settings[key], **value}
+        else:
+            settings[key] = value
     config.write_text(yaml.safe_dump(settings))
     cmd = command or [sys.executable, "-m", "cloud.cli"]
     proc = subprocess.Popen(
@@ -173,7 +213,7 @@ def start_edge(
         stderr=subprocess.STDOUT,
         text=True,
         cwd=tmp,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     edge = EdgeProcess(proc, f"http://127.0.0.1:{port}", config, data_dir)
 
@@ -250,3 +290,93 @@ class CloudSide:
                     await c.publish(topic, payload, qos=QOS)
 
         asyncio.run(go())
+
+
+class BackgroundCloud:
+    """The minimal cloud running in a thread while the test does other things (kills, requests).
+
+    Records every chunk it serves, so tests can see exactly what a device asked for again."""
+
+    def __init__(self, broker: BrokerSettings, tenant: str, registry: ModelRegistry) -> None:
+        self.broker = broker
+        self.topics = Topics(tenant)
+        self.served: list[tuple[str, int]] = []
+        self.reports: list[ReportedState] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="cloud")
+
+        def record(digest: str, index: int, data: bytes) -> bytes:
+            self.served.append((digest, index))
+            return data
+
+        self.link = ControlLink(
+            broker,
+            self.topics,
+            BlobServer(registry.blobs, self.topics, chunk_filter=record),
+            client_id=f"cloud-{uuid.uuid4().hex[:8]}",
+            on_reported=self.reports.append,
+        )
+
+    def __enter__(self) -> BackgroundCloud:
+        self._thread.start()
+
+        async def spawn() -> asyncio.Task[None]:
+            return asyncio.create_task(self.link.run(), name="cloud-link")
+
+        self._task: asyncio.Task[None] = self._call(spawn())
+        self._call(asyncio.wait_for(self.link.connected.wait(), 10))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def shutdown() -> None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+        self._call(shutdown(), 10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    def _call(self, coro: Any, timeout: float = 180) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def set_desired(self, device: str, desired: DesiredState) -> None:
+        self._call(self.link.set_desired(device, desired))
+
+    def command(self, device: str, action: str) -> None:
+        async def send() -> None:
+            await self.link.connected.wait()
+            client = self.link._client
+            assert client is not None
+            cmd = Command(request_id=uuid.uuid4().hex[:12], action=action)  # type: ignore[arg-type]
+            await client.publish(self.topics.commands(device), cmd.to_json(), qos=QOS)
+
+        self._call(send())
+
+    def wait_reported(
+        self, device: str, until: Callable[[ReportedState], bool], timeout: float = 120
+    ) -> ReportedState:
+        def done(devices: dict[str, DeviceView]) -> bool:
+            view = devices.get(device)
+            return view is not None and view.reported is not None and until(view.reported)
+
+        try:
+            self._call(self.link.wait_for(done, timeout), timeout + 5)
+        except TimeoutError:
+            view = self.link.devices.get(device)
+            raise AssertionError(f"{device} never reached the state; last: {view}") from None
+        reported = self.link.devices[device].reported
+        assert reported is not None
+        return reported
+
+
+def is_active(model: RegistryEntry, revision: int) -> Callable[[ReportedState], bool]:
+    def check(r: ReportedState) -> bool:
+        return (
+            r.phase == Phase.ACTIVE
+            and r.revision == revision
+            and r.active_slot is not None
+            and (r.slots.get(r.active_slot) == model.ref)
+        )
+
+    return check

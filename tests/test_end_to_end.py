@@ -167,6 +167,73 @@ def test_openai_client_works_unchanged(served: tuple[EdgeProcess, CloudSide]) ->
     assert out.usage is not None and out.usage.completion_tokens > 0
     assert [m.id for m in client.models.list().data] == ["demo-glm:1"]
 
+    chat = client.chat.completions.create(
+        model="demo-glm",
+        messages=[{"role": "system", "content": "You write Python."}, {"role": "user", "content": "A loop:"}],
+        max_tokens=12,
+        temperature=0,
+    )
+    assert chat.object == "chat.completion"
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    assert chat.usage is not None and chat.usage.prompt_tokens > 5
+
+    # Streaming through the client gives the same greedy text as the plain call, for chat and completions.
+    pieces = client.chat.completions.create(
+        model="demo-glm",
+        messages=[{"role": "system", "content": "You write Python."}, {"role": "user", "content": "A loop:"}],
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+    )
+    chunks = list(pieces)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == chat.choices[0].finish_reason
+
+    plain = client.completions.create(model="demo-glm", prompt="import ", max_tokens=10, temperature=0)
+    streamed = client.completions.create(
+        model="demo-glm", prompt="import ", max_tokens=10, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
+
+
+def test_chat_errors_use_the_envelope(served: tuple[EdgeProcess, CloudSide]) -> None:
+    edge, _ = served
+    url = f"{edge.api}/v1/chat/completions"
+    r = httpx.post(url, json={"model": "demo-glm", "messages": []}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]
+    r = httpx.post(url, json={"model": "demo-glm", "messages": image}, timeout=30)
+    assert r.status_code == 400 and "only text" in r.json()["error"]["message"]
+
+
+def test_metrics_expose_requests_tokens_queue_model_phase_outbox_and_presence(
+    served: tuple[EdgeProcess, CloudSide],
+) -> None:
+    edge, _ = served
+    assert _complete(edge).status_code == 200
+    text = httpx.get(f"{edge.api}/metrics", timeout=10).text
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    assert (
+        samples['autoglm_edge_requests_total{endpoint="/v1/completions",served_by="local",status="200"}'] >= 1
+    )
+    assert samples["autoglm_edge_completion_tokens_total"] > 0
+    assert samples["autoglm_edge_decode_tokens_per_second"] > 0
+    assert samples["autoglm_edge_queue_depth"] == 0
+    assert samples["autoglm_edge_queue_capacity"] == 16
+    assert samples['autoglm_edge_active_model{model="demo-glm:1",slot="a"}'] == 1
+    phase = httpx.get(f"{edge.api}/v1/agent", timeout=10).json()["reported"]["phase"]
+    assert samples[f'autoglm_edge_update_phase{{phase="{phase}"}}'] == 1
+    assert sum(v for k, v in samples.items() if k.startswith("autoglm_edge_update_phase{")) == 1
+    assert samples["autoglm_edge_online"] == 1
+    assert "autoglm_edge_outbox_depth" in samples
+    assert samples["autoglm_edge_outbox_delivered_total"] >= 1
+
 
 @pytest.mark.parametrize(
     ("body", "status", "param"),

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from cloud.packaging.export import export_onnx, io_signature, read_hf_config, validate_export
+from cloud.packaging.fused import UnsupportedArchitecture, build_fused, check_supported
+from cloud.packaging.quantize import int8_block_size, quantize_int8
 from shared.errors import PackagingError
 
 
@@ -73,3 +75,48 @@ def test_unsupported_or_missing_config_is_a_packaging_error(tmp_path: Path) -> N
     (tmp_path / "config.json").write_text("{oops")
     with pytest.raises(PackagingError, match="not valid JSON"):
         read_hf_config(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_fused_graph_greedy_tokens_equal_pytorch(kind: str, tmp_path: Path) -> None:
+    """The fused decoder (GroupQueryAttention, KV cache updated in place) matches PyTorch."""
+    src = _tiny(kind, tmp_path / "src")
+    cfg = read_hf_config(src)
+    graph = build_fused(src, cfg, tmp_path / "fused")
+    io = io_signature(graph, cfg, {"eos_token_id": 1})
+    assert io.kv_cache == "shared"
+    report = validate_export(src, graph, io, prompt_ids=[5, 17, 42, 99, 3, 250], new_tokens=24)
+    assert report.greedy_tokens_match, report
+    assert report.max_abs_logit_diff < 1e-3
+
+
+@pytest.mark.slow
+def test_int8_fused_graph_uses_matmulnbits_and_stays_close(tmp_path: Path) -> None:
+    import onnx
+
+    src = _tiny("llama", tmp_path / "src")
+    cfg = read_hf_config(src)
+    graph = build_fused(src, cfg, tmp_path / "fused")
+    q = quantize_int8(graph, tmp_path / "int8" / "model.onnx", int8_block_size(cfg["hidden_size"]))
+    ops = [n.op_type for n in onnx.load(str(q), load_external_data=False).graph.node]
+    # Per layer: qkv, o, gate‖up, down; plus lm_head.
+    assert ops.count("MatMulNBits") == 2 * 4 + 1
+    assert "MatMul" not in ops
+    io = io_signature(q, cfg, {"eos_token_id": 1})
+    report = validate_export(src, q, io, prompt_ids=[5, 17, 42, 99, 3, 250], new_tokens=8)
+    assert report.max_abs_logit_diff < 0.5
+
+
+def test_fused_builder_refuses_what_it_does_not_cover() -> None:
+    base = {"model_type": "llama", "hidden_act": "silu"}
+    check_supported(base)
+    for bad in (
+        {"model_type": "glm"},
+        {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+        {"hidden_act": "gelu"},
+        {"attention_bias": True},
+        {"mlp_bias": True},
+    ):
+        with pytest.raises(UnsupportedArchitecture):
+            check_supported({**base, **bad})

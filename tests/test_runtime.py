@@ -11,7 +11,6 @@ from edge_agent.model_host import LoadedModel
 from edge_agent.runtime.generator import GenerationParams, GenerationResult
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.session import OnnxCausalLM, perplexity
-from edge_agent.settings import RuntimeSettings
 from edge_agent.slots import SlotStore
 from shared.errors import InferenceError
 
@@ -22,12 +21,12 @@ GREEDY = SamplingConfig(temperature=0.0)
 def loaded(demo_package: RegistryEntry, registry, tmp_path_factory) -> LoadedModel:  # type: ignore[no-untyped-def]
     slots = SlotStore(tmp_path_factory.mktemp("slots"))
     folder = slots.stage("a", demo_package.manifest, demo_package.signed.to_json(), registry.blobs)
-    return LoadedModel.load(folder, demo_package.manifest, "a", RuntimeSettings(threads=1))
+    return LoadedModel.load(folder, demo_package.manifest, "a", threads=1, providers=None)
 
 
 def test_int8_perplexity_within_5_percent_of_fp32(demo_package: RegistryEntry, loaded: LoadedModel) -> None:
     q = demo_package.manifest.quality
-    assert q is not None and demo_package.manifest.quantization.method == "int8-dynamic"
+    assert q is not None and demo_package.manifest.quantization.method == "int8-weight-only"
     assert q.perplexity_shipped <= q.perplexity_fp32 * 1.05, q
     # The recorded figure is what the shipped graph really does: measure it again here.
     from cloud.packaging.corpus import heldout_text

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from edge_agent.serving_config import ServingConfig
 from edge_agent.settings import EdgeSettings
 from shared.errors import ConfigError
 from shared.signing import SigningKey
@@ -23,6 +24,8 @@ def _write(tmp_path: Path, data: object) -> Path:
 def test_example_config_in_the_repo_is_valid() -> None:
     example = Path(__file__).resolve().parents[1] / "edge_agent" / "edge.example.yaml"
     settings = EdgeSettings.load(example, env={})
+    # The example documents the defaults: with every serving key spelled out, nothing changes.
+    assert ServingConfig.resolve(settings.local_config()) == ServingConfig()
     assert settings.api.host == "127.0.0.1"
 
 

@@ -116,6 +116,7 @@ def io_signature(graph: Path, cfg: dict[str, Any], generation_cfg: dict[str, Any
         num_kv_heads=heads,
         head_dim=head_dim,
         kv_dtype=kv_dtype,
+        kv_cache="shared" if any(i.name == "seqlens_k" for i in inputs) else "concat",
         vocab_size=int(cfg.get("vocab_size") or outputs[0].shape[-1]),
         context_length=int(context),
         eos_token_ids=[int(e) for e in eos_ids],
@@ -129,19 +130,17 @@ def onnx_greedy(model: OnnxCausalLM, prompt_ids: list[int], new_tokens: int) -> 
     """Greedy continuation without EOS handling; also returns the prompt's last-position logits."""
     greedy = SamplingConfig(temperature=0.0)
     rng = np.random.default_rng(0)
-    past = model.empty_past(1)
-    step = np.asarray([prompt_ids], dtype=np.int64)
-    past_len = 0
+    decoder = model.decoder(len(prompt_ids) + new_tokens)
+    step = prompt_ids
     out: list[int] = []
     first_logits: np.ndarray | None = None
     for _ in range(new_tokens):
-        logits, past = model.forward(step, past, past_len)
+        logits = decoder.step(step)
         if first_logits is None:
-            first_logits = logits[0]
-        past_len += step.shape[1]
-        token = choose_token(logits[0, -1], greedy, rng)
+            first_logits = logits.copy()
+        token = choose_token(logits[-1], greedy, rng)
         out.append(token)
-        step = np.asarray([[token]], dtype=np.int64)
+        step = [token]
     assert first_logits is not None
     return out, first_logits
 

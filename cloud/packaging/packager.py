@@ -22,7 +22,8 @@ from cloud.packaging.export import (
     read_hf_config,
     validate_export,
 )
-from cloud.packaging.quantize import quantization_record, quantize_int8
+from cloud.packaging.fused import FUSED_MODEL_TYPES, build_fused
+from cloud.packaging.quantize import int8_block_size, quantization_record, quantize_int8
 from cloud.registry import ModelRegistry, RegistryEntry
 from edge_agent.runtime.session import OnnxCausalLM, perplexity
 from shared.blobs import DEFAULT_CHUNK_SIZE, describe_file
@@ -65,6 +66,8 @@ class PackageOptions:
     name: str
     version: str
     quantize: str = "int8"
+    # "auto": the fused graph for the architectures it covers (fused.py), optimum's export otherwise.
+    graph: Literal["auto", "fused", "generic"] = "auto"
     eval_text: str | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE
     # Refuse to ship an export whose greedy tokens differ from PyTorch's.
@@ -91,9 +94,18 @@ class ModelPackager:
         with tempfile.TemporaryDirectory(prefix="autoglm-package-") as tmp:
             work = Path(tmp)
             r = self.reporter
-            r.step(f"Exporting {src} ({cfg['model_type']}) to ONNX with KV cache")
             fp32_dir = work / "fp32"
-            graph = export_onnx(src, fp32_dir)
+            fused = opts.graph == "fused" or (
+                opts.graph == "auto" and cfg.get("model_type") in FUSED_MODEL_TYPES
+            )
+            if fused:
+                r.step(f"Building the fused ONNX decoder for {src} ({cfg['model_type']}, shared KV cache)")
+                graph = build_fused(src, cfg, fp32_dir)
+                shutil.copy2(src / "config.json", fp32_dir / "config.json")
+                _copy_generation_config(src, fp32_dir)
+            else:
+                r.step(f"Exporting {src} ({cfg['model_type']}) to ONNX with KV cache")
+                graph = export_onnx(src, fp32_dir)
             _ensure_tokenizer(src, fp32_dir)
             gen_cfg = _read_json(fp32_dir / "generation_config.json")
             io = io_signature(graph, cfg, gen_cfg)
@@ -115,11 +127,13 @@ class ModelPackager:
             )
 
             ship_dir = fp32_dir
-            if quant.method == "int8-dynamic":
-                r.step("Quantizing weights to int8 (dynamic, per-channel)")
+            if quant.weight_type == "int8":
+                r.step("Quantizing weights to int8 (weight-only, blocks of 256, MatMulNBits)")
                 ship_dir = work / "int8"
                 ship_dir.mkdir()
-                quantize_int8(graph, ship_dir / GRAPH_FILE)
+                quantize_int8(
+                    graph, ship_dir / GRAPH_FILE, int8_block_size(int(cfg.get("hidden_size") or 256))
+                )
                 for fname in _SIDE_FILES:
                     if (fp32_dir / fname).is_file():
                         shutil.copy2(fp32_dir / fname, ship_dir / fname)
@@ -201,6 +215,22 @@ class ModelPackager:
                 raise PackagingError("file changed while being packaged", path=str(path))
             entries.append(FileEntry(path=path.name, role=role, blob=blob))
         return entries
+
+
+def _copy_generation_config(src: Path, out: Path) -> None:
+    """What optimum's export writes beside the graph; the fused builder needs the same file."""
+    from transformers import GenerationConfig
+
+    try:
+        GenerationConfig.from_pretrained(str(src), local_files_only=True).save_pretrained(str(out))
+    except OSError:
+        GenerationConfig.from_model_config(_load_config(src)).save_pretrained(str(out))
+
+
+def _load_config(src: Path) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(src), local_files_only=True)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

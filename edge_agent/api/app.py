@@ -13,6 +13,7 @@ from edge_agent.agent import EdgeAgent
 from edge_agent.api.errors import install_error_handlers
 from edge_agent.api.router import probes, v1
 from edge_agent.api.serving import CompletionService
+from edge_agent.metrics import EdgeMetrics, RequestMetrics
 from edge_agent.settings import EdgeSettings
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ def create_app(settings: EdgeSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         agent = EdgeAgent(settings)
         app.state.agent = agent
-        app.state.completions = CompletionService(agent.host, settings.runtime)
+        app.state.metrics = EdgeMetrics(agent)
+        app.state.completions = CompletionService(agent.host, lambda: agent.serving, agent.telemetry)
         task = asyncio.create_task(agent.run(), name="edge-agent")
         task.add_done_callback(_log_exit)
         app.state.agent_task = task
@@ -41,6 +43,7 @@ def create_app(settings: EdgeSettings) -> FastAPI:
 
     app = FastAPI(title="Open-AutoGLM edge agent", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(RequestMetrics)
     app.include_router(probes)
     app.include_router(v1)
     return app

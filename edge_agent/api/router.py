@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edge_agent.agent import EdgeAgent
 from edge_agent.api.serving import SERVED_BY_HEADER, CompletionService
 from shared.errors import InferenceError
-from shared.openai_api import CompletionRequest, CompletionResponse, ModelList
+from shared.openai_api import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelList,
+)
 
 
 def _agent(request: Request) -> EdgeAgent:
@@ -73,6 +81,24 @@ async def completions(
     return result
 
 
+@v1.post("/chat/completions", response_model=None)
+async def chat_completions(
+    body: ChatCompletionRequest, response: Response, service: ServiceDep
+) -> ChatCompletionResponse | StreamingResponse:
+    if body.stream:
+        events = await service.chat_stream(body)
+        return StreamingResponse(events, media_type="text/event-stream", headers={SERVED_BY_HEADER: "local"})
+    result = await service.chat(body)
+    response.headers[SERVED_BY_HEADER] = "local"
+    return result
+
+
+@probes.get("/metrics")
+async def metrics(request: Request) -> Response:
+    registry = request.app.state.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
 @v1.get("/agent")
 async def agent_state(request: Request) -> dict[str, Any]:
     agent = _agent(request)
@@ -90,4 +116,11 @@ async def agent_state(request: Request) -> dict[str, Any]:
             "bytes_received": agent.fetcher.stats.bytes_received,
         },
         "dropped_messages": agent.link.dropped_messages,
+        "outbox": {
+            "depth": agent.outbox.depth(),
+            "delivered": agent.outbox.delivered,
+            "dropped": agent.outbox.dropped,
+        },
+        "queue": {"waiting": agent.host.waiting, "capacity": agent.host.queue_size},
+        "config": dataclasses.asdict(agent.serving),
     }

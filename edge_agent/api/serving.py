@@ -1,21 +1,37 @@
-"""The logic behind the local OpenAI-compatible endpoints (the router stays thin)."""
+"""The logic behind the local OpenAI-compatible endpoints (the router stays thin).
+
+Every request that reaches the runtime leaves one telemetry record in the outbox, success or
+failure, so the cloud sees error rates and latency per model even for offline periods.
+"""
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from pydantic import BaseModel
 
 from edge_agent.model_host import LoadedModel, ModelHost
 from edge_agent.runtime.generator import GenerationParams, GenerationResult
 from edge_agent.runtime.sampling import SamplingConfig
-from edge_agent.settings import RuntimeSettings
+from edge_agent.serving_config import ServingConfig
+from edge_agent.telemetry import TelemetryRecorder
 from shared.errors import InferenceError
 from shared.openai_api import (
+    ChatChoice,
+    ChatChoiceMessage,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
     ModelList,
+    SamplingParams,
     Usage,
     new_id,
 )
@@ -23,46 +39,119 @@ from shared.openai_api import (
 SERVED_BY_HEADER = "X-AutoGLM-Served-By"
 
 
+@dataclass
+class _Prepared:
+    prompt: str
+    params: GenerationParams
+    started: float
+
+
 class CompletionService:
-    def __init__(self, host: ModelHost, runtime: RuntimeSettings) -> None:
+    def __init__(
+        self, host: ModelHost, serving: Callable[[], ServingConfig], telemetry: TelemetryRecorder
+    ) -> None:
         self.host = host
-        self.runtime = runtime
+        self.serving = serving
+        self.telemetry = telemetry
 
     def models(self) -> ModelList:
         current = self.host.current
         return ModelList(data=[ModelCard(id=current.model_id)] if current else [])
 
-    def _check_model(self, requested: str, loaded: LoadedModel) -> None:
+    # -- request preparation -----------------------------------------------------------------
+    def _model_for(self, requested: str) -> LoadedModel:
+        loaded = self.host.require()
         # Clients may name the model by "name", "name:version", or leave the choice to us with "default".
-        names = {loaded.model_id, loaded.manifest.name, "default"}
-        if requested not in names:
+        if requested not in {loaded.model_id, loaded.manifest.name, "default"}:
             raise InferenceError(
                 f"model {requested!r} is not served here; this device serves {loaded.model_id!r}",
                 param="model",
                 status=404,
                 code="model_not_found",
             )
+        return loaded
 
-    def params(self, req: CompletionRequest) -> GenerationParams:
+    def params(self, req: SamplingParams, extra_stop: tuple[str, ...] = ()) -> GenerationParams:
+        cfg = self.serving()
         return GenerationParams(
-            max_tokens=req.max_tokens or self.runtime.default_max_tokens,
-            sampling=SamplingConfig(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k),
-            stop=tuple(req.stop_list()),
+            max_tokens=req.max_tokens or cfg.default_max_tokens,
+            sampling=SamplingConfig(
+                temperature=cfg.temperature if req.temperature is None else req.temperature,
+                top_p=cfg.top_p if req.top_p is None else req.top_p,
+                top_k=cfg.top_k if req.top_k is None else req.top_k,
+            ),
+            stop=tuple(req.stop_list()) + extra_stop,
             seed=req.seed,
         )
 
-    def _prompt(self, req: CompletionRequest) -> str:
+    def _prepare_completion(self, req: CompletionRequest) -> _Prepared:
+        started = time.perf_counter()
+        self._model_for(req.model)
         try:
-            return req.prompt_text()
+            prompt = req.prompt_text()
         except ValueError as exc:
             raise InferenceError(str(exc), param="prompt") from exc
+        return _Prepared(prompt, self.params(req), started)
 
+    def _prepare_chat(self, req: ChatCompletionRequest) -> _Prepared:
+        started = time.perf_counter()
+        loaded = self._model_for(req.model)
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        except ValueError as exc:
+            raise InferenceError(str(exc), param="messages") from exc
+        prompt = loaded.chat.render(messages)
+        return _Prepared(prompt, self.params(req, loaded.chat.stop), started)
+
+    # -- telemetry -----------------------------------------------------------------------------
+    def _record(
+        self, prep: _Prepared, model: str, result: GenerationResult | None, error: str | None
+    ) -> None:
+        self.telemetry.record(
+            model=model,
+            served_by="local",
+            prompt_tokens=result.prompt_tokens if result else 0,
+            completion_tokens=result.completion_tokens if result else 0,
+            latency_ms=(time.perf_counter() - prep.started) * 1000,
+            error=error,
+        )
+
+    async def _generate(self, prep: _Prepared) -> tuple[LoadedModel, GenerationResult]:
+        current = self.host.current
+        try:
+            loaded, result = await self.host.generate(prep.prompt, prep.params)
+        except InferenceError as exc:
+            if exc.status >= 500 or exc.status == 429:
+                self._record(prep, current.model_id if current else "", None, exc.code or "error")
+            raise
+        self._record(prep, loaded.model_id, result, None)
+        return loaded, result
+
+    async def _stream(
+        self, prep: _Prepared, render: Callable[[LoadedModel, str | GenerationResult, bool], BaseModel]
+    ) -> AsyncIterator[str]:
+        loaded, items = await self.host.stream(prep.prompt, prep.params)
+
+        async def events() -> AsyncIterator[str]:
+            first = True
+            result: GenerationResult | None = None
+            try:
+                async for item in items:
+                    if isinstance(item, GenerationResult):
+                        result = item
+                    yield f"data: {render(loaded, item, first).model_dump_json(exclude_none=True)}\n\n"
+                    first = False
+                yield "data: [DONE]\n\n"
+            finally:
+                self._record(prep, loaded.model_id, result, None if result else "stream_interrupted")
+
+        return events()
+
+    # -- endpoints -------------------------------------------------------------------------------
     async def complete(self, req: CompletionRequest) -> CompletionResponse:
-        if self.host.current is not None:
-            self._check_model(req.model, self.host.current)
-        prompt = self._prompt(req)
-        loaded, result = await self.host.generate(prompt, self.params(req))
-        text = prompt + result.text if req.echo else result.text
+        prep = self._prepare_completion(req)
+        loaded, result = await self._generate(prep)
+        text = prep.prompt + result.text if req.echo else result.text
         return CompletionResponse(
             model=loaded.model_id,
             choices=[CompletionChoice(text=text, finish_reason=result.finish_reason)],
@@ -70,10 +159,40 @@ class CompletionService:
         )
 
     async def complete_stream(self, req: CompletionRequest) -> AsyncIterator[str]:
-        if self.host.current is not None:
-            self._check_model(req.model, self.host.current)
-        loaded, items = await self.host.stream(self._prompt(req), self.params(req))
-        return _sse(loaded, items)
+        cid = new_id("cmpl")
+
+        def render(loaded: LoadedModel, item: str | GenerationResult, first: bool) -> BaseModel:
+            if isinstance(item, GenerationResult):
+                choice = CompletionChoice(text="", finish_reason=item.finish_reason)
+                return CompletionResponse(id=cid, model=loaded.model_id, choices=[choice], usage=_usage(item))
+            choice = CompletionChoice(text=item, finish_reason=None)
+            return CompletionResponse(id=cid, model=loaded.model_id, choices=[choice])
+
+        return await self._stream(self._prepare_completion(req), render)
+
+    async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
+        loaded, result = await self._generate(self._prepare_chat(req))
+        return ChatCompletionResponse(
+            model=loaded.model_id,
+            choices=[
+                ChatChoice(message=ChatChoiceMessage(content=result.text), finish_reason=result.finish_reason)
+            ],
+            usage=_usage(result),
+        )
+
+    async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
+        cid = new_id("chatcmpl")
+
+        def render(loaded: LoadedModel, item: str | GenerationResult, first: bool) -> BaseModel:
+            if isinstance(item, GenerationResult):
+                choice = ChatChunkChoice(delta=ChatDelta(), finish_reason=item.finish_reason)
+                return ChatCompletionChunk(
+                    id=cid, model=loaded.model_id, choices=[choice], usage=_usage(item)
+                )
+            delta = ChatDelta(role="assistant" if first else None, content=item)
+            return ChatCompletionChunk(id=cid, model=loaded.model_id, choices=[ChatChunkChoice(delta=delta)])
+
+        return await self._stream(self._prepare_chat(req), render)
 
 
 def _usage(result: GenerationResult) -> Usage:
@@ -82,21 +201,3 @@ def _usage(result: GenerationResult) -> Usage:
         completion_tokens=result.completion_tokens,
         total_tokens=result.prompt_tokens + result.completion_tokens,
     )
-
-
-async def _sse(loaded: LoadedModel, items: AsyncIterator[str | GenerationResult]) -> AsyncIterator[str]:
-    cid = new_id("cmpl")
-    async for item in items:
-        if isinstance(item, GenerationResult):
-            chunk = CompletionResponse(
-                id=cid,
-                model=loaded.model_id,
-                choices=[CompletionChoice(text="", finish_reason=item.finish_reason)],
-                usage=_usage(item),
-            )
-        else:
-            chunk = CompletionResponse(
-                id=cid, model=loaded.model_id, choices=[CompletionChoice(text=item, finish_reason=None)]
-            )
-        yield f"data: {json.dumps(chunk.model_dump(exclude_none=True))}\n\n"
-    yield "data: [DONE]\n\n"

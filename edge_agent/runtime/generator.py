@@ -58,17 +58,15 @@ class TextGenerator:
     def token_ids(self, prompt_ids: list[int], budget: int, params: GenerationParams) -> Iterator[int]:
         """The decode loop: one new token id per step, until EOS (not yielded) or ``budget`` tokens."""
         rng = np.random.default_rng(params.seed)
-        past = self.model.empty_past(1)
-        step_ids = np.asarray([prompt_ids], dtype=np.int64)
-        past_len = 0
+        decoder = self.model.decoder(len(prompt_ids) + budget)
+        step = prompt_ids
         for _ in range(budget):
-            logits, past = self.model.forward(step_ids, past, past_len)
-            past_len += step_ids.shape[1]
-            token = choose_token(logits[0, -1], params.sampling, rng)
+            logits = decoder.step(step)
+            token = choose_token(logits[-1], params.sampling, rng)
             if token in self.eos_ids:
                 return
             yield token
-            step_ids = np.asarray([[token]], dtype=np.int64)
+            step = [token]
 
     def stream(self, prompt: str, params: GenerationParams) -> Iterator[str | GenerationResult]:
         """Yield text deltas as they become final, then one GenerationResult."""

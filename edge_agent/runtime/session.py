@@ -1,22 +1,32 @@
-"""An exported decoder-with-past ONNX graph, driven by input name (GLM/Llama/Qwen2/GPT-2 exports)."""
+"""An exported decoder-with-past ONNX graph, driven by input name (GLM/Llama/Qwen2/GPT-2 exports).
+
+Two KV-cache disciplines, named by the manifest's ``io.kv_cache``:
+
+* ``concat`` (optimum exports): each step feeds the previous ``present`` tensors back as ``past``.
+* ``shared`` (our fused Llama/Qwen2 graphs): one preallocated buffer per layer is bound through
+  IO binding as both ``past`` input and ``present`` output; GroupQueryAttention writes the new
+  positions in place. The buffers, the step inputs and the decode logits are allocated once and
+  reused, so a decode step allocates nothing but the small logits view handed to the sampler.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
 
-from shared.errors import ModelLoadError
+from shared.errors import InferenceError, ModelLoadError
 from shared.manifest import IOSignature
 
 log = logging.getLogger(__name__)
 
 _PROVIDER_ORDER = ("CUDAExecutionProvider", "CPUExecutionProvider")
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
-KVCache = dict[str, np.ndarray]
+# Shared KV buffers grow in steps of this many positions (capped at the context length).
+_KV_GRANULE = 256
 
 
 def choose_providers(preferred: list[str] | None = None) -> list[str]:
@@ -27,6 +37,18 @@ def choose_providers(preferred: list[str] | None = None) -> list[str]:
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
     return chosen
+
+
+class Decoder(Protocol):
+    """One sequence being decoded: feed tokens, get the logits of every fed position."""
+
+    past_len: int
+
+    def step(self, token_ids: list[int]) -> np.ndarray:
+        """Logits [len(token_ids), vocab] for ``token_ids`` appended after ``past_len`` positions.
+
+        The array may be reused by the next step: consume it before stepping again."""
+        ...
 
 
 class OnnxCausalLM:
@@ -64,33 +86,119 @@ class OnnxCausalLM:
             raise ModelLoadError(f"graph lacks KV-cache inputs {missing[:2]}...", path=str(graph))
         self.kv_dtype = _NP_DTYPES.get(inputs[self.past_names[0][0]].type, np.float32)
         self.output_names = ["logits"] + [n for pair in self.present_names for n in pair]
+        self.shared_kv = io.kv_cache == "shared"
+        if self.shared_kv and not {"seqlens_k", "total_sequence_length"} <= self.input_names:
+            raise ModelLoadError(
+                "manifest says kv_cache=shared but the graph lacks seqlens_k", path=str(graph)
+            )
+        self._buffers: _SharedBuffers | None = None
 
-    def empty_past(self, batch: int = 1) -> KVCache:
-        shape = (batch, self.io.num_kv_heads, 0, self.io.head_dim)
-        empty = np.zeros(shape, dtype=self.kv_dtype)
-        return {name: empty for pair in self.past_names for name in pair}
+    def decoder(self, capacity: int) -> Decoder:
+        """A decoder for one sequence of at most ``capacity`` positions (prompt + new tokens)."""
+        if capacity > self.io.context_length:
+            raise InferenceError(
+                f"{capacity} positions exceed the local context of {self.io.context_length}",
+                code="context_length_exceeded",
+            )
+        if not self.shared_kv:
+            return _ConcatDecoder(self)
+        if self._buffers is None or self._buffers.capacity < capacity:
+            size = min(self.io.context_length, -(-capacity // _KV_GRANULE) * _KV_GRANULE)
+            self._buffers = _SharedBuffers(self, size)
+        return self._buffers.start()
 
-    def forward(self, input_ids: np.ndarray, past: KVCache, past_len: int) -> tuple[np.ndarray, KVCache]:
-        """Run one step over ``input_ids`` [batch, seq] after ``past_len`` cached positions."""
-        batch, seq = input_ids.shape
-        feeds: dict[str, np.ndarray] = {"input_ids": input_ids.astype(np.int64, copy=False)}
-        if "attention_mask" in self.input_names:
-            feeds["attention_mask"] = np.ones((batch, past_len + seq), dtype=np.int64)
-        if "position_ids" in self.input_names:
-            feeds["position_ids"] = np.broadcast_to(
-                np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)
-            ).copy()
-        feeds.update(past)
-        outputs = self.session.run(self.output_names, feeds)
-        present: KVCache = {}
-        for (pk, pv), k, v in zip(self.past_names, outputs[1::2], outputs[2::2], strict=True):
-            present[pk] = k
-            present[pv] = v
-        return outputs[0], present
+    def sequence_logits(self, input_ids: list[int]) -> np.ndarray:
+        """Logits [len, vocab] for every position of a full sequence, from an empty cache."""
+        return self.decoder(len(input_ids)).step(input_ids)
 
-    def sequence_logits(self, input_ids: np.ndarray) -> np.ndarray:
-        """Logits for every position of a full sequence, with an empty cache."""
-        logits, _ = self.forward(input_ids, self.empty_past(input_ids.shape[0]), 0)
+
+class _ConcatDecoder:
+    def __init__(self, model: OnnxCausalLM) -> None:
+        self.model = model
+        self.past_len = 0
+        shape = (1, model.io.num_kv_heads, 0, model.io.head_dim)
+        empty = np.zeros(shape, dtype=model.kv_dtype)
+        self.past: dict[str, np.ndarray] = {name: empty for pair in model.past_names for name in pair}
+
+    def step(self, token_ids: list[int]) -> np.ndarray:
+        m = self.model
+        seq = len(token_ids)
+        feeds: dict[str, np.ndarray] = {"input_ids": np.asarray([token_ids], dtype=np.int64)}
+        if "attention_mask" in m.input_names:
+            feeds["attention_mask"] = np.ones((1, self.past_len + seq), dtype=np.int64)
+        if "position_ids" in m.input_names:
+            feeds["position_ids"] = np.arange(self.past_len, self.past_len + seq, dtype=np.int64)[None, :]
+        feeds.update(self.past)
+        outputs = m.session.run(m.output_names, feeds)
+        for (pk, pv), k, v in zip(m.past_names, outputs[1::2], outputs[2::2], strict=True):
+            self.past[pk] = k
+            self.past[pv] = v
+        self.past_len += seq
+        logits: np.ndarray = outputs[0][0]
+        return logits
+
+
+class _SharedBuffers:
+    """KV buffers, step inputs and decode logits for the shared-KV graph, allocated once."""
+
+    def __init__(self, model: OnnxCausalLM, capacity: int) -> None:
+        self.model = model
+        self.capacity = capacity
+        io = model.io
+        shape = (1, io.num_kv_heads, capacity, io.head_dim)
+        self.binding = model.session.io_binding()
+        self.logits = np.zeros((1, 1, io.vocab_size), dtype=np.float32)
+        self._logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits)
+        # Bound first, so the prefill's freshly allocated logits are get_outputs()[0].
+        self.binding.bind_ortvalue_output("logits", self._logits_value)
+        # Keep numpy arrays alive: the OrtValues below wrap their memory without copying.
+        self._arrays: list[np.ndarray] = []
+        for pair_in, pair_out in zip(model.past_names, model.present_names, strict=True):
+            for name_in, name_out in zip(pair_in, pair_out, strict=True):
+                arr = np.zeros(shape, dtype=model.kv_dtype)
+                self._arrays.append(arr)
+                value = ort.OrtValue.ortvalue_from_numpy(arr)
+                self.binding.bind_ortvalue_input(name_in, value)
+                self.binding.bind_ortvalue_output(name_out, value)
+        self.token = np.zeros((1, 1), dtype=np.int64)
+        self.seqlens = np.zeros((1,), dtype=np.int32)
+        self.total = np.zeros((), dtype=np.int32)
+        self._token_value = ort.OrtValue.ortvalue_from_numpy(self.token)
+        self.binding.bind_ortvalue_input("seqlens_k", ort.OrtValue.ortvalue_from_numpy(self.seqlens))
+        self.binding.bind_ortvalue_input(
+            "total_sequence_length", ort.OrtValue.ortvalue_from_numpy(self.total)
+        )
+
+    def start(self) -> _SharedDecoder:
+        return _SharedDecoder(self)
+
+
+class _SharedDecoder:
+    def __init__(self, buffers: _SharedBuffers) -> None:
+        self.b = buffers
+        self.past_len = 0
+
+    def step(self, token_ids: list[int]) -> np.ndarray:
+        b = self.b
+        seq = len(token_ids)
+        total = self.past_len + seq
+        if total > b.capacity:
+            raise InferenceError(f"sequence of {total} positions exceeds the KV buffer of {b.capacity}")
+        b.seqlens[0] = total - 1
+        b.total[()] = total
+        if seq == 1:
+            # The hot path: every tensor is preallocated and already bound.
+            b.token[0, 0] = token_ids[0]
+            b.binding.bind_ortvalue_input("input_ids", b._token_value)
+            b.binding.bind_ortvalue_output("logits", b._logits_value)
+            b.model.session.run_with_iobinding(b.binding)
+            self.past_len = total
+            return b.logits[0]
+        b.binding.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
+        b.binding.bind_output("logits")
+        b.model.session.run_with_iobinding(b.binding)
+        self.past_len = total
+        logits: np.ndarray = b.binding.get_outputs()[0].numpy()[0]
         return logits
 
 
@@ -102,8 +210,7 @@ def perplexity(model: OnnxCausalLM, token_ids: list[int], window: int) -> tuple[
         chunk = token_ids[start : start + window + 1]
         if len(chunk) < 2:
             break
-        ids = np.asarray([chunk[:-1]], dtype=np.int64)
-        logits = model.sequence_logits(ids)[0].astype(np.float64)
+        logits = model.sequence_logits(chunk[:-1]).astype(np.float64)
         logits -= logits.max(axis=-1, keepdims=True)
         logprobs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
         targets = np.asarray(chunk[1:])

@@ -1,0 +1,171 @@
+"""The durable outbox and its sender, the pushed-config schema, fetch pacing and chat templates."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_agent.chat import FALLBACK_STOP, ChatTemplate
+from edge_agent.fetcher import RateLimiter
+from edge_agent.outbox import Outbox
+from edge_agent.serving_config import ServingConfig
+from edge_agent.settings import EdgeSettings
+from edge_agent.telemetry import OutboxSender, TelemetryRecorder
+from shared.edge_config import EdgeConfig, RouterPolicy
+from shared.errors import ContractError, InferenceError
+from shared.messages import TelemetryBatch
+from shared.topics import Topics
+
+
+def _recorder(outbox: Outbox) -> TelemetryRecorder:
+    return TelemetryRecorder(outbox, Topics("t1"), "dev-1")
+
+
+def _record(rec: TelemetryRecorder, n: int) -> list[str]:
+    return [
+        rec.record(model="m:1", served_by="local", prompt_tokens=3, completion_tokens=i, latency_ms=1.5)
+        for i in range(n)
+    ]
+
+
+def test_entries_survive_a_reopen_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    box = Outbox(path)
+    ids = _record(_recorder(box), 5)
+    box.append_message("autoglm/v1/t1/devices/dev-1/reported", b'{"r":1}', retain=True)
+    box.close()  # a killed process commits nothing more; what is committed is there
+
+    again = Outbox(path)
+    assert again.depth() == 6
+    entries = again.peek(10)
+    assert [json.loads(e.payload)["id"] for e in entries[:5]] == ids
+    assert entries[5].retain and not entries[5].record
+    again.remove([e.seq for e in entries[:2]])
+    assert again.depth() == 4 and again.delivered == 2
+
+
+def test_oldest_records_are_dropped_beyond_the_cap_but_messages_stay(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.sqlite3", max_records=100)
+    box.append_message("reported", b"{}", retain=True)
+    ids = _record(_recorder(box), 150)
+    assert box.depth() == 100
+    assert box.dropped == 51
+    entries = box.peek(200)
+    assert not entries[0].record  # the reported state was kept
+    assert json.loads(entries[-1].payload)["id"] == ids[-1]
+
+
+def test_sender_batches_records_keeps_order_and_retries_unacknowledged(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.sqlite3")
+    rec = _recorder(box)
+    first = _record(rec, 5)
+    box.append_message("reported-topic", b'{"state":1}', retain=True)
+    second = _record(rec, 3)
+    sent: list[tuple[str, bytes, bool]] = []
+    failures = [True]  # the first publish is not acknowledged (the link broke)
+
+    async def publish(topic: str, payload: bytes, retain: bool) -> bool:
+        if failures:
+            failures.pop()
+            return False
+        sent.append((topic, payload, retain))
+        return True
+
+    async def run() -> None:
+        connected = asyncio.Event()
+        connected.set()
+        sender = OutboxSender(box, "dev-1", publish, connected, batch_size=lambda: 4)
+        task = asyncio.create_task(sender.run())
+        async with asyncio.timeout(10):
+            while box.depth():
+                await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(run())
+    ids: list[str] = []
+    for topic, payload, retain in sent:
+        if topic == "reported-topic":
+            assert retain and payload == b'{"state":1}'
+            ids.append("REPORTED")
+        else:
+            batch = TelemetryBatch.from_json(payload)
+            assert not retain and batch.device_id == "dev-1" and len(batch.records) <= 4
+            ids.extend(r.id for r in batch.records)
+    assert ids == [*first, "REPORTED", *second]
+
+
+def test_pushed_config_overlays_the_file_key_by_key(tmp_path: Path) -> None:
+    settings = EdgeSettings.from_mapping(
+        {
+            "device_id": "d1",
+            "data_dir": str(tmp_path),
+            "trusted_keys": ["11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="],
+            "runtime": {"threads": 2, "queue_size": 8},
+            "sampling": {"temperature": 0.7},
+        }
+    )
+    local = ServingConfig.resolve(settings.local_config())
+    assert (local.threads, local.queue_size, local.temperature, local.top_p) == (2, 8, 0.7, 1.0)
+    pushed = EdgeConfig.parse({"runtime": {"queue_size": 0}, "router": {"policy": "cloud_first"}})
+    merged = ServingConfig.resolve(settings.local_config(), pushed)
+    assert (merged.threads, merged.queue_size, merged.temperature) == (2, 0, 0.7)
+    assert merged.router_policy == RouterPolicy.CLOUD_FIRST
+    assert not merged.reload_needed(local)
+    assert ServingConfig.resolve(EdgeConfig.parse({"runtime": {"threads": 1}})).reload_needed(local)
+
+
+@pytest.mark.parametrize(
+    ("config", "where"),
+    [
+        ({"runtime": {"queue_size": -1}}, "runtime.queue_size"),
+        ({"runtime": {"threads": "4"}}, "runtime.threads"),
+        ({"sampling": {"top_p": 0}}, "sampling.top_p"),
+        ({"router": {"policy": "anywhere"}}, "router.policy"),
+        ({"router": {"cloud_url": "ftp://x"}}, "router.cloud_url"),
+        ({"telemetry": {"batch_size": 5000}}, "telemetry.batch_size"),
+        ({"unknown": {}}, "unknown"),
+    ],
+)
+def test_invalid_pushed_config_names_the_key(config: dict[str, object], where: str) -> None:
+    with pytest.raises(ContractError, match=where.replace(".", r"\.")):
+        EdgeConfig.parse(config)
+
+
+def test_rate_limiter_paces_to_the_cap() -> None:
+    async def run() -> float:
+        limiter = RateLimiter(1_000_000)
+        start = time.perf_counter()
+        for _ in range(5):
+            await limiter.acquire(100_000)
+        return time.perf_counter() - start
+
+    # Five reservations of 0.1 s: the first goes at once, the fifth waits 0.4 s.
+    assert 0.35 <= asyncio.run(run()) < 1.0
+
+
+def test_chat_template_from_the_model_and_the_fallback(tmp_path: Path) -> None:
+    fallback = ChatTemplate.from_folder(tmp_path)
+    assert fallback.source == "fallback" and fallback.stop == FALLBACK_STOP
+    text = fallback.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert text == "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n"
+
+    template = (
+        "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": template, "bos_token": {"content": "<s>"}})
+    )
+    model = ChatTemplate.from_folder(tmp_path)
+    assert model.source == "model" and model.stop == ()
+    assert model.render([{"role": "user", "content": "Hi"}]) == "<s>[user] Hi\n[assistant] "
+
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": "{{ raise_exception('only user turns') }}"})
+    )
+    with pytest.raises(InferenceError, match="only user turns"):
+        ChatTemplate.from_folder(tmp_path).render([{"role": "user", "content": "Hi"}])
