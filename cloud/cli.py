@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cloud.ops_cli import config_app, fleet_app, register_cloud_commands, rollout_app
 from edge_agent.cli import app as edge_app
 from shared.errors import AutoGLMError
 
@@ -27,11 +28,15 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Package models and inspect the registry.", no_args_is_help=True)
 cloud_app = typer.Typer(
-    help="Minimal cloud side: serve blobs and set devices' desired state.", no_args_is_help=True
+    help="The control plane (serve, keys) and low-level blob serving / desired state.", no_args_is_help=True
 )
+register_cloud_commands(cloud_app)
 app.add_typer(model_app, name="model")
 app.add_typer(edge_app, name="edge")
 app.add_typer(cloud_app, name="cloud")
+app.add_typer(fleet_app, name="fleet")
+app.add_typer(rollout_app, name="rollout")
+app.add_typer(config_app, name="config")
 
 # soft_wrap: long digests and paths stay on one line when the output is a file or a pipe.
 console = Console(highlight=False, soft_wrap=True)

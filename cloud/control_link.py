@@ -14,11 +14,15 @@ import aiomqtt
 
 from cloud.blob_server import BlobServer
 from shared.errors import ContractError
-from shared.messages import DesiredState, DeviceStatus, ReportedState
+from shared.messages import DesiredState, DeviceStatus, ReportedState, TelemetryBatch
 from shared.mqtt import QOS, BrokerSettings, ReconnectBackoff, make_client, payload_bytes
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
+
+
+def _shared(topic_filter: str, group: str | None) -> str:
+    return f"$share/{group}/{topic_filter}" if group else topic_filter
 
 
 @dataclass
@@ -37,6 +41,11 @@ class ControlLink:
     blob_server: BlobServer
     client_id: str = "autoglm-cloud"
     on_reported: Callable[[ReportedState], None] | None = None
+    on_status: Callable[[DeviceStatus], None] | None = None
+    on_telemetry: Callable[[TelemetryBatch], None] | None = None
+    # With several control-plane replicas: an MQTT v5 shared-subscription group, so each fetch
+    # request and telemetry batch reaches exactly one replica.
+    share_group: str | None = None
     devices: dict[str, DeviceView] = field(default_factory=dict)
     dropped_messages: int = 0
 
@@ -52,10 +61,16 @@ class ControlLink:
             try:
                 async with make_client(self.broker, self.client_id) as client:
                     self._client = client
-                    await self.blob_server.subscribe(client)
-                    await client.subscribe(
-                        [(self.topics.all_devices("reported"), QOS), (self.topics.all_devices("status"), QOS)]
-                    )
+                    await self.blob_server.subscribe(client, self.share_group)
+                    subscriptions = [
+                        (self.topics.all_devices("reported"), QOS),
+                        (self.topics.all_devices("status"), QOS),
+                    ]
+                    if self.on_telemetry is not None:
+                        subscriptions.append(
+                            (_shared(self.topics.all_devices("telemetry"), self.share_group), QOS)
+                        )
+                    await client.subscribe(subscriptions)
                     self.connected.set()
                     backoff.reset()
                     async for message in client.messages:
@@ -84,7 +99,15 @@ class ControlLink:
                 if self.on_reported is not None:
                     self.on_reported(view.reported)
             elif parsed.channel == "status":
-                view.status = DeviceStatus.from_json(payload).state
+                status = DeviceStatus.from_json(payload)
+                view.status = status.state
+                if self.on_status is not None:
+                    self.on_status(status)
+            elif parsed.channel == "telemetry" and self.on_telemetry is not None:
+                batch = TelemetryBatch.from_json(payload)
+                if batch.device_id != parsed.device_id:
+                    raise ContractError("telemetry device_id does not match its topic", topic=topic)
+                self.on_telemetry(batch)
         except ContractError as exc:
             self.dropped_messages += 1
             log.warning("dropped malformed message on %s: %s", topic, exc)

@@ -137,6 +137,7 @@ class EdgeAgent:
             slots=dict(s.slots),
             last_error=s.last_error,
             capabilities=self.capabilities(),
+            target_revision=s.target_revision if s.target is not None else -1,
             config_revision=s.config_revision,
             config_error=s.config_error,
         )

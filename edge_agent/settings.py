@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from shared.config_env import apply_env
 from shared.edge_config import EdgeConfig, RouterConfig, RuntimeTuning, SamplingDefaults, TelemetryConfig
 from shared.errors import ConfigError
 from shared.ids import Name
@@ -98,7 +99,7 @@ class EdgeSettings(_Section):
             raise ConfigError(f"config file is not valid YAML: {exc}", path=str(path)) from exc
         if not isinstance(raw, dict):
             raise ConfigError("config file must hold a mapping", path=str(path))
-        _apply_env(raw, os.environ if env is None else env)
+        apply_env(raw, os.environ if env is None else env, ENV_PREFIX)
         return cls.from_mapping(raw, source=str(path))
 
     @classmethod
@@ -108,18 +109,3 @@ class EdgeSettings(_Section):
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise ConfigError(f"invalid edge settings: {problems}", source=source) from exc
-
-
-def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
-    """``AUTOGLM_EDGE__BROKER__PORT=1884`` sets ``broker.port``; values are parsed as YAML scalars."""
-    for key, value in env.items():
-        if not key.startswith(ENV_PREFIX):
-            continue
-        path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
-        node = raw
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError("environment override targets a non-mapping", variable=key)
-        if path:
-            node[path[-1]] = yaml.safe_load(value)

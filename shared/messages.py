@@ -84,6 +84,8 @@ class ReportedState(WireDocument):
     last_error: ErrorInfo | None = None
     capabilities: Capabilities = Field(default_factory=Capabilities)
     progress: TransferProgress | None = None
+    # The desired revision being worked on (or that failed, with phase "failed"); -1 when none.
+    target_revision: Annotated[int, Field(strict=True, ge=-1)] = -1
     # Revision whose config is in force, and why the latest pushed config was refused (if it was).
     config_revision: Annotated[int, Field(strict=True, ge=-1)] = -1
     config_error: ErrorInfo | None = None

@@ -26,6 +26,15 @@ COMMANDS = [
     ["cloud"],
     ["cloud", "blobs"],
     ["cloud", "assign"],
+    ["cloud", "serve"],
+    ["cloud", "key"],
+    ["fleet"],
+    ["fleet", "ls"],
+    ["fleet", "label"],
+    ["rollout"],
+    *[["rollout", c] for c in ("create", "ls", "status", "pause", "resume", "abort", "rollback")],
+    ["config"],
+    ["config", "push"],
     ["demo"],
 ]
 

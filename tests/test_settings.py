@@ -60,3 +60,12 @@ def test_unreadable_files(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("a: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         EdgeSettings.load(tmp_path / "bad.yaml", env={})
+
+
+def test_cloud_example_config_is_valid_and_env_overrides_apply() -> None:
+    from cloud.settings import CloudSettings
+
+    example = Path(__file__).resolve().parents[1] / "cloud" / "cloud.example.yaml"
+    settings = CloudSettings.load(example, env={"AUTOGLM_CLOUD__API__PORT": "9000"})
+    assert settings.database_url.startswith("sqlite:///")
+    assert settings.api.port == 9000 and settings.tenants == ["default"]

@@ -1,0 +1,241 @@
+"""REST API of the control plane (``/v1``). Every route acts for the tenant of the caller's key."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from cloud.auth import Principal, Scope
+from cloud.fleet import Selector
+from cloud.rollouts import Publish, RolloutSpec
+from cloud.service import ControlPlane
+from edge_agent.api.errors import error_response, install_error_handlers
+from shared.edge_config import EdgeConfig
+from shared.errors import ContractError, InferenceError, RegistryError
+from shared.messages import ModelRef
+
+
+def _plane(request: Request) -> ControlPlane:
+    plane: ControlPlane = request.app.state.plane
+    return plane
+
+
+Plane = Annotated[ControlPlane, Depends(_plane)]
+
+
+def _principal(request: Request) -> Principal:
+    header = request.headers.get("authorization", "")
+    key = header[7:] if header.lower().startswith("bearer ") else ""
+    principal = _plane(request).keys.verify(key) if key else None
+    if principal is None:
+        raise InferenceError("missing or unknown API key", status=401, code="invalid_api_key")
+    return principal
+
+
+def scope(needed: Scope) -> Any:
+    def check(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
+        if not principal.allows(needed):
+            raise InferenceError(
+                f"this needs a key with scope {needed!r}; yours is {principal.scope!r}",
+                status=403,
+                code="insufficient_scope",
+            )
+        return principal
+
+    return Depends(check)
+
+
+Operator = Annotated[Principal, scope("operator")]
+Admin = Annotated[Principal, scope("admin")]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LabelsBody(_Body):
+    labels: dict[str, str]
+    replace: bool = False
+
+
+class RolloutBody(_Body):
+    model: Annotated[str, Field(description="name:version in the tenant's registry")]
+    selector: str = ""
+    waves: list[float] = [10.0, 50.0, 100.0]
+    failure_threshold: float = 0.2
+    health_window_s: float = 60.0
+    wave_timeout_s: float = 900.0
+    max_concurrent: int = 100
+    max_error_rate: float = 0.05
+    max_latency_ratio: float = 3.0
+
+
+class ConfigBody(_Body):
+    selector: str = ""
+    config: dict[str, Any]
+
+
+probes = APIRouter()
+v1 = APIRouter(prefix="/v1")
+
+
+@probes.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@probes.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    plane = _plane(request)
+    if request.app.state.plane_task.done():
+        return JSONResponse({"ready": False, "reason": "the control loop stopped"}, status_code=503)
+    offline = [t for t, link in plane.links.items() if not link.connected.is_set()]
+    if offline:
+        return JSONResponse(
+            {"ready": False, "reason": f"no broker connection for {offline}"}, status_code=503
+        )
+    return JSONResponse({"ready": True, "replica": plane.settings.replica_id})
+
+
+# -- devices ---------------------------------------------------------------------------------------
+@v1.get("/devices")
+async def list_devices(plane: Plane, who: Operator, selector: Annotated[str, Query()] = "") -> dict[str, Any]:
+    found = await asyncio.to_thread(plane.fleet.list_devices, who.tenant, Selector.parse(selector))
+    return {"devices": [d.public() for d in found]}
+
+
+@v1.get("/devices/{device_id}")
+async def show_device(device_id: str, plane: Plane, who: Operator) -> dict[str, Any]:
+    device = await asyncio.to_thread(plane.fleet.get, who.tenant, device_id)
+    return device.public()
+
+
+@v1.put("/devices/{device_id}/labels")
+async def set_labels(device_id: str, body: LabelsBody, plane: Plane, who: Operator) -> dict[str, Any]:
+    device = await asyncio.to_thread(
+        plane.fleet.set_labels, who.tenant, device_id, body.labels, replace=body.replace
+    )
+    return device.public()
+
+
+# -- models ----------------------------------------------------------------------------------------
+def _model_view(entry: Any) -> dict[str, Any]:
+    m = entry.manifest
+    return {
+        "name": entry.name,
+        "version": entry.version,
+        "manifest_digest": entry.digest,
+        "architecture": m.architecture,
+        "parameters": m.parameters,
+        "quantization": m.quantization.model_dump(),
+        "size_bytes": sum(f.blob.size for f in m.files),
+        "quality": m.quality.model_dump() if m.quality else None,
+        "kv_cache": m.io.kv_cache,
+    }
+
+
+@v1.get("/models")
+async def list_models(plane: Plane, who: Operator) -> dict[str, Any]:
+    entries = await asyncio.to_thread(plane.registry(who.tenant).list)
+    return {"models": [_model_view(e) for e in entries]}
+
+
+@v1.get("/models/{name}/{version}")
+async def show_model(name: str, version: str, plane: Plane, who: Operator) -> dict[str, Any]:
+    entry = await asyncio.to_thread(plane.registry(who.tenant).get, name, version)
+    view = _model_view(entry)
+    view["manifest"] = entry.manifest.model_dump(mode="json", by_alias=True)
+    return view
+
+
+@v1.delete("/models/{name}/{version}")
+async def delete_model(name: str, version: str, plane: Plane, who: Admin) -> dict[str, Any]:
+    using = plane.rollouts.in_use(who.tenant, name, version)
+    if using:
+        raise InferenceError(
+            f"model is used by rollout(s) {', '.join(using)}; finish or abort them first",
+            status=409,
+            code="model_in_use",
+        )
+    freed = await asyncio.to_thread(plane.registry(who.tenant).delete, name, version)
+    return {"deleted": f"{name}:{version}", "bytes_freed": freed}
+
+
+# -- rollouts --------------------------------------------------------------------------------------
+def _model_ref(plane: ControlPlane, tenant: str, model: str) -> ModelRef:
+    name, sep, version = model.partition(":")
+    if not sep:
+        raise ContractError("model is name:version", model=model)
+    return plane.registry(tenant).get(name, version).ref
+
+
+@v1.post("/rollouts", status_code=201)
+async def create_rollout(body: RolloutBody, plane: Plane, who: Operator) -> dict[str, Any]:
+    spec = RolloutSpec(
+        model=_model_ref(plane, who.tenant, body.model),
+        selector=body.selector,
+        waves=tuple(body.waves),
+        failure_threshold=body.failure_threshold,
+        health_window_s=body.health_window_s,
+        wave_timeout_s=body.wave_timeout_s,
+        max_concurrent=body.max_concurrent,
+        max_error_rate=body.max_error_rate,
+        max_latency_ratio=body.max_latency_ratio,
+    )
+    return await asyncio.to_thread(plane.rollouts.create, who.tenant, spec)
+
+
+@v1.get("/rollouts")
+async def list_rollouts(plane: Plane, who: Operator) -> dict[str, Any]:
+    return {"rollouts": await asyncio.to_thread(plane.rollouts.list, who.tenant)}
+
+
+@v1.get("/rollouts/{rollout_id}")
+async def show_rollout(rollout_id: str, plane: Plane, who: Operator) -> dict[str, Any]:
+    return await asyncio.to_thread(plane.rollouts.show, who.tenant, rollout_id)
+
+
+Action = Literal["pause", "resume", "abort", "rollback"]
+
+
+@v1.post("/rollouts/{rollout_id}/{action}")
+async def rollout_action(rollout_id: str, action: Action, plane: Plane, who: Operator) -> dict[str, Any]:
+    fn = getattr(plane.rollouts, action)
+    result: dict[str, Any] = await asyncio.to_thread(fn, who.tenant, rollout_id)
+    return result
+
+
+# -- config ----------------------------------------------------------------------------------------
+@v1.post("/config")
+async def push_config(body: ConfigBody, plane: Plane, who: Operator) -> dict[str, Any]:
+    EdgeConfig.parse(body.config)  # the agent's own schema: refuse here what devices would refuse
+    targets = await asyncio.to_thread(plane.fleet.list_devices, who.tenant, Selector.parse(body.selector))
+    if not targets:
+        raise ContractError(f"no device matches the selector {body.selector!r}", selector=body.selector)
+    items: list[Publish] = []
+    for d in targets:
+        revision, model, config = await asyncio.to_thread(
+            plane.fleet.next_desired, who.tenant, d.device_id, keep_model=True, config=body.config
+        )
+        items.append(Publish(who.tenant, d.device_id, revision, model, config))
+    await plane.publish(items)
+    return {"devices": [d.device_id for d in targets], "config": body.config}
+
+
+def install(app: FastAPI) -> None:
+    install_error_handlers(app)
+
+    @app.exception_handler(ContractError)
+    async def _contract(_: Request, exc: ContractError) -> JSONResponse:
+        return error_response(400, str(exc), code="invalid_request")
+
+    @app.exception_handler(RegistryError)
+    async def _missing(_: Request, exc: RegistryError) -> JSONResponse:
+        return error_response(404, str(exc), code="not_found")
+
+    app.include_router(probes)
+    app.include_router(v1)

@@ -1,0 +1,278 @@
+"""The fleet in the database: devices as they report themselves, their labels, desired states and
+telemetry (de-duplicated by record id: devices deliver at least once)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, func, select, update
+
+from cloud.store import as_utc, devices, insert_ignore, telemetry, utcnow
+from shared.errors import ContractError, RegistryError
+from shared.ids import is_valid_name
+from shared.messages import DeviceStatus, ModelRef, ReportedState, TelemetryBatch
+
+_SELECTOR_TERM = re.compile(r"^\s*([A-Za-z0-9_.\-/]+)\s*(==|=|!=)?\s*([A-Za-z0-9_.\-]*)\s*$")
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Kubernetes-style equality selector: ``zone=eu,tier!=canary,gpu`` (a bare key: label present)."""
+
+    terms: tuple[tuple[str, str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str | None) -> Selector:
+        if not text or not text.strip():
+            return cls()
+        terms = []
+        for part in text.split(","):
+            m = _SELECTOR_TERM.match(part)
+            if m is None or (m.group(2) and not m.group(3)):
+                raise ContractError(f"invalid label selector term {part!r}", selector=text)
+            key, op, value = m.group(1), m.group(2) or "exists", m.group(3)
+            terms.append((key, "=" if op == "==" else op, value))
+        return cls(tuple(terms))
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        for key, op, value in self.terms:
+            if op == "exists" and key not in labels:
+                return False
+            if op == "=" and labels.get(key) != value:
+                return False
+            if op == "!=" and labels.get(key) == value:
+                return False
+        return True
+
+    def __str__(self) -> str:
+        return ",".join(k if op == "exists" else f"{k}{op}{v}" for k, op, v in self.terms)
+
+
+@dataclass(frozen=True)
+class Device:
+    tenant: str
+    device_id: str
+    labels: dict[str, str]
+    status: str
+    last_seen: datetime | None
+    phase: str | None
+    active_model: str | None
+    reported_revision: int
+    reported: dict[str, Any] | None
+    desired_revision: int
+    desired_model: dict[str, Any] | None
+    desired_config: dict[str, Any]
+
+    @classmethod
+    def from_row(cls, row: Any) -> Device:
+        m = row._mapping
+        return cls(
+            tenant=m["tenant"],
+            device_id=m["device_id"],
+            labels=dict(m["labels"] or {}),
+            status=m["status"],
+            last_seen=as_utc(m["last_seen"]),
+            phase=m["phase"],
+            active_model=m["active_model"],
+            reported_revision=m["reported_revision"],
+            reported=m["reported"],
+            desired_revision=m["desired_revision"],
+            desired_model=m["desired_model"],
+            desired_config=dict(m["desired_config"] or {}),
+        )
+
+    def public(self) -> dict[str, Any]:
+        last_error = (self.reported or {}).get("last_error")
+        return {
+            "device_id": self.device_id,
+            "labels": self.labels,
+            "status": self.status,
+            "last_seen": self.last_seen.isoformat() if self.last_seen else None,
+            "phase": self.phase,
+            "active_model": self.active_model,
+            "reported_revision": self.reported_revision,
+            "desired_revision": self.desired_revision,
+            "desired_model": self.desired_model,
+            "desired_config": self.desired_config,
+            "last_error": last_error,
+            "config_error": (self.reported or {}).get("config_error"),
+            "capabilities": (self.reported or {}).get("capabilities"),
+        }
+
+
+def active_model_of(reported: ReportedState) -> str | None:
+    if reported.active_slot is None:
+        return None
+    ref = reported.slots.get(reported.active_slot)
+    return f"{ref.name}:{ref.version}" if ref else None
+
+
+class Fleet:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # -- ingestion (from MQTT) ----------------------------------------------------------------
+    def _ensure(self, conn: Any, tenant: str, device_id: str) -> None:
+        stmt = insert_ignore(self.engine, devices).values(
+            tenant=tenant,
+            device_id=device_id,
+            labels={},
+            status="unknown",
+            reported_revision=-1,
+            desired_revision=0,
+            desired_config={},
+        )
+        conn.execute(stmt)
+
+    def record_reported(self, tenant: str, reported: ReportedState) -> None:
+        with self.engine.begin() as conn:
+            self._ensure(conn, tenant, reported.device_id)
+            conn.execute(
+                update(devices)
+                .where(and_(devices.c.tenant == tenant, devices.c.device_id == reported.device_id))
+                .values(
+                    phase=reported.phase.value,
+                    active_model=active_model_of(reported),
+                    reported_revision=reported.revision,
+                    reported=reported.model_dump(mode="json", by_alias=True),
+                    last_seen=utcnow(),
+                )
+            )
+
+    def record_status(self, tenant: str, status: DeviceStatus) -> None:
+        with self.engine.begin() as conn:
+            self._ensure(conn, tenant, status.device_id)
+            conn.execute(
+                update(devices)
+                .where(and_(devices.c.tenant == tenant, devices.c.device_id == status.device_id))
+                .values(status=status.state, last_seen=utcnow())
+            )
+
+    def record_telemetry(self, tenant: str, batch: TelemetryBatch) -> int:
+        """Store new records; replays of records already stored are ignored. Returns rows added."""
+        rows = [
+            {
+                "tenant": tenant,
+                "record_id": r.id,
+                "device_id": batch.device_id,
+                "at": r.at,
+                "model": r.model,
+                "served_by": r.served_by,
+                "ok": r.ok,
+                "latency_ms": r.latency_ms,
+                "prompt_tokens": r.prompt_tokens,
+                "completion_tokens": r.completion_tokens,
+            }
+            for r in batch.records
+        ]
+        with self.engine.begin() as conn:
+            self._ensure(conn, tenant, batch.device_id)
+            added = 0
+            for row in rows:
+                added += conn.execute(insert_ignore(self.engine, telemetry).values(**row)).rowcount
+        return added
+
+    # -- queries --------------------------------------------------------------------------------
+    def list_devices(self, tenant: str, selector: Selector | None = None) -> list[Device]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(devices).where(devices.c.tenant == tenant).order_by(devices.c.device_id)
+            ).all()
+        found = [Device.from_row(r) for r in rows]
+        return [d for d in found if selector is None or selector.matches(d.labels)]
+
+    def get(self, tenant: str, device_id: str) -> Device:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(devices).where(and_(devices.c.tenant == tenant, devices.c.device_id == device_id))
+            ).first()
+        if row is None:
+            raise RegistryError("no such device", device_id=device_id)
+        return Device.from_row(row)
+
+    def set_labels(
+        self, tenant: str, device_id: str, labels: dict[str, str], *, replace: bool = False
+    ) -> Device:
+        for key, value in labels.items():
+            if not is_valid_name(key.replace("/", "-")) or (value and not is_valid_name(value)):
+                raise ContractError("labels are names: letters, digits, '.', '_', '-'", label=key)
+        current = self.get(tenant, device_id)
+        merged = dict(labels) if replace else {**current.labels, **labels}
+        merged = {k: v for k, v in merged.items() if v != ""}  # an empty value removes the label
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(devices)
+                .where(and_(devices.c.tenant == tenant, devices.c.device_id == device_id))
+                .values(labels=merged)
+            )
+        return self.get(tenant, device_id)
+
+    def next_desired(
+        self,
+        tenant: str,
+        device_id: str,
+        *,
+        model: ModelRef | None = None,
+        keep_model: bool = False,
+        config: dict[str, Any] | None = None,
+        conn: Connection | None = None,
+    ) -> tuple[int, dict[str, Any] | None, dict[str, Any]]:
+        """Record a new desired state; ``keep_model`` keeps the model, ``config=None`` the config.
+        Returns (revision, model, config) to publish. Runs in ``conn``'s transaction when given."""
+        if conn is None:
+            with self.engine.begin() as own:
+                return self.next_desired(
+                    tenant, device_id, model=model, keep_model=keep_model, config=config, conn=own
+                )
+        self._ensure(conn, tenant, device_id)
+        where = and_(devices.c.tenant == tenant, devices.c.device_id == device_id)
+        conn.execute(update(devices).where(where).values(desired_revision=devices.c.desired_revision + 1))
+        row = conn.execute(select(devices).where(where)).first()
+        assert row is not None
+        m = row._mapping
+        if keep_model:
+            new_model = m["desired_model"]
+        else:
+            new_model = model.model_dump(mode="json") if model is not None else None
+        new_config = m["desired_config"] if config is None else config
+        conn.execute(update(devices).where(where).values(desired_model=new_model, desired_config=new_config))
+        return int(m["desired_revision"]), new_model, dict(new_config or {})
+
+    def health(
+        self, tenant: str, device_id: str, model: str, since: datetime
+    ) -> tuple[int, int, float | None]:
+        """(requests, errors, median latency ms) of ``model`` on the device since ``since``."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(telemetry.c.ok, telemetry.c.latency_ms).where(
+                    and_(
+                        telemetry.c.tenant == tenant,
+                        telemetry.c.device_id == device_id,
+                        telemetry.c.model == model,
+                        telemetry.c.at >= since,
+                    )
+                )
+            ).all()
+        errors = sum(1 for ok, _ in rows if not ok)
+        latencies = sorted(lat for ok, lat in rows if ok)
+        median = latencies[len(latencies) // 2] if latencies else None
+        return len(rows), errors, median
+
+    def telemetry_count(self, tenant: str, device_id: str | None = None) -> int:
+        cond = telemetry.c.tenant == tenant
+        if device_id is not None:
+            cond = and_(cond, telemetry.c.device_id == device_id)
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(telemetry).where(cond)).scalar_one())
+
+    def uses_model(self, tenant: str, name: str, version: str) -> list[str]:
+        """Devices whose desired model is ``name:version``."""
+        out = []
+        for d in self.list_devices(tenant):
+            m = d.desired_model or {}
+            if m.get("name") == name and m.get("version") == version:
+                out.append(d.device_id)
+        return out

@@ -1,0 +1,322 @@
+"""Operator commands (``autoglm fleet|rollout|config``) over the control plane's REST API, and
+``autoglm cloud serve|key``. The API address and key come from ``--url``/``--api-key`` or
+``AUTOGLM_URL``/``AUTOGLM_API_KEY``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Table
+
+from shared.errors import AutoGLMError, ConfigError
+
+console = Console(highlight=False, soft_wrap=True)
+
+UrlOpt = Annotated[str, typer.Option("--url", envvar="AUTOGLM_URL", help="Control-plane URL.")]
+KeyOpt = Annotated[
+    str, typer.Option("--api-key", envvar="AUTOGLM_API_KEY", help="API key (operator or admin scope).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Control-plane YAML config.")]
+
+fleet_app = typer.Typer(help="Devices of the fleet (REST).", no_args_is_help=True)
+rollout_app = typer.Typer(help="Staged rollouts with health gates (REST).", no_args_is_help=True)
+config_app = typer.Typer(help="Push serving config to devices (REST).", no_args_is_help=True)
+
+DEFAULT_URL = "http://127.0.0.1:8400"
+
+
+class ApiError(AutoGLMError):
+    """The control plane answered with an error."""
+
+
+def call(url: str, key: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    import httpx
+
+    if not key:
+        raise ConfigError("no API key: pass --api-key or set AUTOGLM_API_KEY")
+    try:
+        r = httpx.request(
+            method,
+            f"{url.rstrip('/')}{path}",
+            json=body,
+            headers={"authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+    except httpx.HTTPError as exc:
+        raise ApiError(f"cannot reach the control plane at {url}: {exc}") from exc
+    if r.status_code >= 400:
+        try:
+            message = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = r.text
+        raise ApiError(f"{r.status_code}: {message}")
+    return r.json()
+
+
+# -- fleet ---------------------------------------------------------------------------------------
+@fleet_app.command("ls")
+def fleet_ls(
+    selector: Annotated[
+        str, typer.Option("--selector", "-l", help="Label selector, e.g. zone=eu,tier!=canary.")
+    ] = "",
+    as_json: JsonOpt = False,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = "",
+) -> None:
+    """List devices with their status, model and update phase."""
+    from urllib.parse import quote
+
+    devices = call(url, api_key, "GET", f"/v1/devices?selector={quote(selector)}")["devices"]
+    if as_json:
+        console.print_json(json.dumps(devices))
+        return
+    table = Table("device", "status", "model", "phase", "revision", "labels", "last error")
+    for d in devices:
+        err = d.get("last_error") or {}
+        table.add_row(
+            d["device_id"],
+            d["status"],
+            d["active_model"] or "-",
+            d["phase"] or "-",
+            f"{d['reported_revision']}/{d['desired_revision']}",
+            ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items())),
+            err.get("code", ""),
+        )
+    console.print(table)
+
+
+@fleet_app.command("label")
+def fleet_label(
+    device_id: Annotated[str, typer.Argument(help="Device id.")],
+    labels: Annotated[list[str], typer.Argument(help="key=value pairs; key= removes a label.")],
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = "",
+) -> None:
+    """Set labels on a device (what rollout and config selectors match)."""
+    parsed: dict[str, str] = {}
+    for item in labels:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"{item!r} is not key=value", param_hint="LABELS")
+        parsed[key] = value
+    d = call(url, api_key, "PUT", f"/v1/devices/{device_id}/labels", {"labels": parsed})
+    console.print(f"{d['device_id']}: " + ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items())))
+
+
+# -- rollouts ------------------------------------------------------------------------------------
+def _waves(text: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",") if w.strip()]
+    except ValueError as exc:
+        raise typer.BadParameter("waves are percentages like 10,50,100", param_hint="--waves") from exc
+
+
+@rollout_app.command("create")
+def rollout_create(
+    model: Annotated[str, typer.Argument(help="name:version from the tenant's registry.")],
+    selector: Annotated[
+        str, typer.Option("--selector", "-l", help="Label selector (empty: all devices).")
+    ] = "",
+    waves: Annotated[str, typer.Option("--waves", help="Cumulative percentages.")] = "10,50,100",
+    failure_threshold: Annotated[float, typer.Option(help="Fraction of a wave allowed to fail.")] = 0.2,
+    health_window: Annotated[
+        float, typer.Option("--health-window", help="Seconds of healthy telemetry after activation.")
+    ] = 60.0,
+    wave_timeout: Annotated[
+        float, typer.Option("--wave-timeout", help="Seconds before a silent device is skipped.")
+    ] = 900.0,
+    max_concurrent: Annotated[int, typer.Option(help="Devices downloading at once.")] = 100,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = "",
+) -> None:
+    """Start a staged rollout of MODEL to the devices the selector matches."""
+    body = {
+        "model": model,
+        "selector": selector,
+        "waves": _waves(waves),
+        "failure_threshold": failure_threshold,
+        "health_window_s": health_window,
+        "wave_timeout_s": wave_timeout,
+        "max_concurrent": max_concurrent,
+    }
+    r = call(url, api_key, "POST", "/v1/rollouts", body)
+    console.print(
+        f"rollout [bold]{r['rollout_id']}[/] created: {len(r['devices'])} device(s), {len(r['waves'])} wave(s)"
+    )
+
+
+@rollout_app.command("ls")
+def rollout_ls(as_json: JsonOpt = False, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = "") -> None:
+    """List rollouts."""
+    items = call(url, api_key, "GET", "/v1/rollouts")["rollouts"]
+    if as_json:
+        console.print_json(json.dumps(items))
+        return
+    table = Table("rollout", "model", "state", "wave", "devices", "message")
+    for r in items:
+        model = f"{r['model']['name']}:{r['model']['version']}"
+        table.add_row(
+            r["rollout_id"],
+            model,
+            r["state"],
+            f"{r['current_wave'] + 1}/{len(r['waves'])}",
+            str(len(r["devices"])),
+            r["message"],
+        )
+    console.print(table)
+
+
+DONE_STATES = ("healthy", "failed", "timed_out", "rolled_back")
+FINAL = ("completed", "halted", "aborted", "rolled_back")
+
+
+def _print_status(r: dict[str, Any]) -> None:
+    model = f"{r['model']['name']}:{r['model']['version']}"
+    console.print(f"rollout {r['rollout_id']}  {model}  [bold]{r['state']}[/]  {r['message']}")
+    for w in r["waves"]:
+        states = ", ".join(f"{k} {v}" for k, v in sorted(w["states"].items()))
+        console.print(f"  wave {w['index'] + 1} ({w['percent']:g}%): {w['devices']} device(s): {states}")
+
+
+@rollout_app.command("status")
+def rollout_status(
+    rollout_id: Annotated[str, typer.Argument(help="Rollout id.")],
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Show wave progress bars until it ends.")
+    ] = False,
+    as_json: JsonOpt = False,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = "",
+) -> None:
+    """Per-wave progress; --watch follows it with progress bars."""
+    r = call(url, api_key, "GET", f"/v1/rollouts/{rollout_id}")
+    if as_json:
+        console.print_json(json.dumps(r))
+        return
+    if not watch:
+        _print_status(r)
+        return
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} {task.fields[states]}"),
+        console=console,
+    ) as progress:
+        tasks = [
+            progress.add_task(
+                f"wave {w['index'] + 1} ({w['percent']:g}%)", total=max(1, w["devices"]), states=""
+            )
+            for w in r["waves"]
+        ]
+        while True:
+            for task, w in zip(tasks, r["waves"], strict=True):
+                done = sum(n for s, n in w["states"].items() if s in DONE_STATES)
+                states = ", ".join(f"{k} {v}" for k, v in sorted(w["states"].items()))
+                progress.update(task, completed=done, states=states)
+            if r["state"] in FINAL:
+                break
+            time.sleep(1.0)
+            r = call(url, api_key, "GET", f"/v1/rollouts/{rollout_id}")
+    console.print(f"rollout {rollout_id}: [bold]{r['state']}[/] {r['message']}")
+
+
+def _action(action: str) -> Any:
+    def run(
+        rollout_id: Annotated[str, typer.Argument(help="Rollout id.")],
+        url: UrlOpt = DEFAULT_URL,
+        api_key: KeyOpt = "",
+    ) -> None:
+        r = call(url, api_key, "POST", f"/v1/rollouts/{rollout_id}/{action}")
+        _print_status(r)
+
+    run.__doc__ = {
+        "pause": "Pause: no device is sent anything more until resume.",
+        "resume": "Resume a paused rollout.",
+        "abort": "Abort: stop here; devices keep what they run now.",
+        "rollback": "Send every device this rollout touched back to its previous model.",
+    }[action]
+    return run
+
+
+for _name in ("pause", "resume", "abort", "rollback"):
+    rollout_app.command(_name)(_action(_name))
+
+
+# -- config --------------------------------------------------------------------------------------
+@config_app.command("push")
+def config_push(
+    file: Annotated[
+        Path, typer.Argument(help="YAML or JSON file with the config (shared/edge_config.py schema).")
+    ],
+    selector: Annotated[
+        str, typer.Option("--selector", "-l", help="Label selector (empty: all devices).")
+    ] = "",
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = "",
+) -> None:
+    """Validate a serving config here and push it to the devices the selector matches."""
+    import yaml
+
+    from shared.edge_config import EdgeConfig
+
+    try:
+        config = yaml.safe_load(file.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise typer.BadParameter(f"cannot read {file}: {exc}", param_hint="FILE") from exc
+    EdgeConfig.parse(config if isinstance(config, dict) else {"(root)": config})
+    r = call(url, api_key, "POST", "/v1/config", {"selector": selector, "config": config})
+    console.print(f"config pushed to {len(r['devices'])} device(s): {', '.join(r['devices'])}")
+
+
+# -- the service itself --------------------------------------------------------------------------
+def register_cloud_commands(cloud_app: typer.Typer) -> None:
+    @cloud_app.command("serve")
+    def cloud_serve(
+        config: ConfigOpt,
+        log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
+    ) -> None:
+        """Run the control plane: REST API, fleet tracking over MQTT, rollout driver."""
+        import logging
+
+        import uvicorn
+
+        from cloud.service import create_app
+        from cloud.settings import CloudSettings
+
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        settings = CloudSettings.load(config)
+        uvicorn.run(
+            create_app(settings),
+            host=settings.api.host,
+            port=settings.api.port,
+            log_level=log_level.lower(),
+            access_log=False,
+        )
+
+    @cloud_app.command("key")
+    def cloud_key(
+        config: ConfigOpt,
+        tenant: Annotated[str, typer.Option("--tenant", help="Tenant the key acts for.")] = "default",
+        scope: Annotated[str, typer.Option("--scope", help="admin, operator or inference.")] = "admin",
+        name: Annotated[str, typer.Option("--name", help="What the key is for.")] = "cli",
+    ) -> None:
+        """Create an API key directly in the database (bootstrap); it is printed once."""
+        from cloud.auth import SCOPES, ApiKeys
+        from cloud.settings import CloudSettings
+        from cloud.store import make_engine, migrate
+
+        if scope not in SCOPES:
+            raise typer.BadParameter(f"choose one of {', '.join(SCOPES)}", param_hint="--scope")
+        settings = CloudSettings.load(config)
+        engine = make_engine(settings.database_url)
+        migrate(engine)
+        key_id, key = ApiKeys(engine).create(tenant, name, scope)
+        console.print(f"key {key_id} ({scope}, tenant {tenant}):")
+        console.print(key)

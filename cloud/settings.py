@@ -1,0 +1,72 @@
+"""Control-plane settings: one YAML file plus ``AUTOGLM_CLOUD__SECTION__KEY`` environment overrides."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shared.config_env import apply_env
+from shared.errors import ConfigError
+from shared.ids import is_valid_name
+from shared.mqtt import BrokerSettings
+
+ENV_PREFIX = "AUTOGLM_CLOUD__"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CloudApiSettings(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8400
+
+
+class RolloutSettings(_Section):
+    # How often the driver looks at running rollouts, and how long its lease on one lasts.
+    tick_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    lease_s: Annotated[float, Field(gt=0, le=600)] = 15.0
+
+
+class CloudSettings(_Section):
+    # SQLAlchemy URL: sqlite:////var/lib/autoglm/cloud.db or postgresql+psycopg://user@host/db
+    database_url: str
+    # Tenant T's registry is registry_dir/T (what `autoglm model package --registry` writes).
+    registry_dir: Path
+    tenants: Annotated[list[str], Field(min_length=1)] = ["default"]
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    api: CloudApiSettings = Field(default_factory=CloudApiSettings)
+    rollouts: RolloutSettings = Field(default_factory=RolloutSettings)
+    # Unique per replica; the default is host name and process id.
+    replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+    @field_validator("tenants")
+    @classmethod
+    def _names(cls, tenants: list[str]) -> list[str]:
+        for t in tenants:
+            if not is_valid_name(t):
+                raise ValueError(f"invalid tenant name {t!r}")
+        return tenants
+
+    @classmethod
+    def load(cls, path: Path, env: Mapping[str, str] | None = None) -> CloudSettings:
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError("config file not found", path=str(path)) from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file is not valid YAML: {exc}", path=str(path)) from exc
+        if not isinstance(raw, dict):
+            raise ConfigError("config file must hold a mapping", path=str(path))
+        apply_env(raw, os.environ if env is None else env, ENV_PREFIX)
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"invalid cloud settings: {problems}", source=str(path)) from exc

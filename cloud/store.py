@@ -1,0 +1,218 @@
+"""The control plane's database: SQLAlchemy Core tables, SQLite embedded or PostgreSQL.
+
+Schema changes are migrations in ``MIGRATIONS`` (append only); :func:`migrate` applies the
+missing ones at start-up, inside one transaction guarded by a lock (a PostgreSQL advisory lock,
+SQLite's write lock), and records each in ``schema_migrations``. Nobody runs DDL by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    event,
+    insert,
+    select,
+    text,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+from shared.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+metadata = MetaData()
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands timestamps back without their zone; they were written as UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+schema_migrations = Table(
+    "schema_migrations",
+    metadata,
+    Column("version", Integer, primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("applied_at", DateTime(timezone=True), nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("key_id", String(32), primary_key=True),
+    Column("tenant", String(64), nullable=False, index=True),
+    Column("name", String(200), nullable=False),
+    Column("scope", String(16), nullable=False),
+    Column("secret_sha256", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("revoked", Boolean, nullable=False, default=False),
+)
+
+devices = Table(
+    "devices",
+    metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("device_id", String(64), primary_key=True),
+    Column("labels", JSON, nullable=False, default=dict),
+    Column("status", String(16), nullable=False, default="unknown"),
+    Column("last_seen", DateTime(timezone=True)),
+    Column("phase", String(32)),
+    Column("active_model", String(200)),
+    Column("reported_revision", Integer, nullable=False, default=-1),
+    Column("reported", JSON),
+    # What we asked for: the last desired state published to the device.
+    Column("desired_revision", Integer, nullable=False, default=0),
+    Column("desired_model", JSON),
+    Column("desired_config", JSON, nullable=False, default=dict),
+)
+
+telemetry = Table(
+    "telemetry",
+    metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("record_id", String(64), primary_key=True),
+    Column("device_id", String(64), nullable=False, index=True),
+    Column("at", DateTime(timezone=True), nullable=False, index=True),
+    Column("model", String(200), nullable=False),
+    Column("served_by", String(16), nullable=False),
+    Column("ok", Boolean, nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+)
+
+rollouts = Table(
+    "rollouts",
+    metadata,
+    Column("rollout_id", String(32), primary_key=True),
+    Column("tenant", String(64), nullable=False, index=True),
+    Column("model", JSON, nullable=False),  # ModelRef
+    Column("selector", JSON, nullable=False),
+    Column("waves", JSON, nullable=False),  # cumulative percentages, e.g. [10, 50, 100]
+    Column("failure_threshold", Float, nullable=False),
+    Column("health_window_s", Float, nullable=False),
+    Column("wave_timeout_s", Float, nullable=False),
+    Column("max_concurrent", Integer, nullable=False),
+    Column("max_error_rate", Float, nullable=False),
+    Column("max_latency_ratio", Float, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("current_wave", Integer, nullable=False, default=0),
+    Column("wave_started_at", DateTime(timezone=True)),
+    Column("message", String(2000), nullable=False, default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    # Which control-plane replica drives this rollout, and until when (renewed every tick).
+    Column("lease_owner", String(64)),
+    Column("lease_until", DateTime(timezone=True)),
+)
+
+rollout_devices = Table(
+    "rollout_devices",
+    metadata,
+    Column("rollout_id", String(32), primary_key=True),
+    Column("device_id", String(64), primary_key=True),
+    Column("wave", Integer, nullable=False),
+    Column("previous_model", JSON),
+    Column("desired_revision", Integer, nullable=False, default=0),
+    Column("state", String(16), nullable=False),
+    Column("started_at", DateTime(timezone=True)),
+    Column("active_at", DateTime(timezone=True)),
+    Column("detail", String(2000), nullable=False, default=""),
+)
+
+
+def _v1_initial(conn: Connection) -> None:
+    for table in (api_keys, devices, telemetry, rollouts, rollout_devices):
+        table.create(conn, checkfirst=True)
+
+
+# Append only: (version, name, function). A released migration is never edited.
+MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
+    (1, "initial schema", _v1_initial),
+]
+
+
+def make_engine(url: str) -> Engine:
+    try:
+        engine = create_engine(url, pool_pre_ping=True, future=True)
+    except Exception as exc:  # bad URL, missing driver
+        raise ConfigError(f"cannot use database URL: {exc}", url=_redact(url)) from exc
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=10000")
+            cur.close()
+
+    return engine
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def migrate(engine: Engine) -> list[int]:
+    """Apply missing migrations; returns the versions applied now."""
+    applied_now: list[int] = []
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(727001)"))
+        schema_migrations.create(conn, checkfirst=True)
+        done = {row[0] for row in conn.execute(select(schema_migrations.c.version))}
+        for version, name, fn in MIGRATIONS:
+            if version in done:
+                continue
+            log.info("applying migration %d: %s", version, name)
+            fn(conn)
+            conn.execute(insert(schema_migrations).values(version=version, name=name, applied_at=utcnow()))
+            applied_now.append(version)
+    return applied_now
+
+
+def schema_version(engine: Engine) -> int:
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(schema_migrations.c.version).order_by(schema_migrations.c.version.desc())
+        ).first()
+    return int(row[0]) if row else 0
+
+
+def insert_ignore(engine: Engine, table: Table) -> Any:
+    """INSERT … ON CONFLICT DO NOTHING for the engine's dialect (telemetry de-duplication)."""
+    if engine.dialect.name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    return sqlite.insert(table).on_conflict_do_nothing()
+
+
+@contextmanager
+def transaction(engine: Engine) -> Iterator[Connection]:
+    with engine.begin() as conn:
+        yield conn

@@ -1,0 +1,428 @@
+"""The control plane for real: `autoglm cloud serve` as a process, real mosquitto, several real
+edge agents, staged rollouts over REST, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from cloud.auth import ApiKeys
+from cloud.fleet import Fleet, Selector
+from cloud.local_broker import LocalBroker, free_port
+from cloud.processes import stop_process
+from cloud.registry import ModelRegistry, RegistryEntry
+from cloud.rollouts import RolloutDriver, Rollouts, RolloutSpec, assign_waves
+from cloud.store import make_engine, migrate, schema_version
+from shared.errors import ContractError
+from shared.messages import DeviceStatus
+from shared.mqtt import BrokerSettings
+from shared.signing import SigningKey
+from tests.conftest import EdgeProcess
+
+PG_ADMIN = "postgresql+psycopg://root@127.0.0.1:5432/postgres"
+
+
+def _ensure_postgres() -> None:
+    """The machine's PostgreSQL; started if it is down (never skipped)."""
+    if subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", "5432"], capture_output=True).returncode == 0:
+        return
+    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"], check=True)
+    for _ in range(50):
+        if subprocess.run(["pg_isready", "-h", "127.0.0.1"], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError("PostgreSQL did not start")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database per test, dropped afterwards."""
+    import psycopg
+
+    _ensure_postgres()
+    name = "autoglm_" + uuid.uuid4().hex[:10]
+    with psycopg.connect("host=127.0.0.1 user=root dbname=postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield f"postgresql+psycopg://root@127.0.0.1:5432/{name}"
+    with psycopg.connect("host=127.0.0.1 user=root dbname=postgres", autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'cloud.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+class CloudProcess:
+    def __init__(self, proc: subprocess.Popen[str], url: str, key: str) -> None:
+        self.proc = proc
+        self.url = url
+        self.key = key
+        self.lines: list[str] = []
+
+    def api(
+        self, method: str, path: str, body: dict[str, Any] | None = None, key: str | None = None
+    ) -> httpx.Response:
+        return httpx.request(
+            method,
+            f"{self.url}{path}",
+            json=body,
+            headers={"authorization": f"Bearer {key or self.key}"},
+            timeout=30,
+        )
+
+    def ok(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        r = self.api(method, path, body)
+        assert r.status_code < 300, f"{method} {path}: {r.status_code} {r.text}\n" + "\n".join(
+            self.lines[-30:]
+        )
+        return r.json()
+
+    def wait(self, check: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check():
+                return
+            time.sleep(0.25)
+        raise AssertionError(f"timed out waiting for {what}\n" + "\n".join(self.lines[-40:]))
+
+    def rollout(self, rid: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.ok("GET", f"/v1/rollouts/{rid}")
+        return result
+
+    def wait_rollout(self, rid: str, states: tuple[str, ...], timeout: float = 120) -> dict[str, Any]:
+        self.wait(lambda: self.rollout(rid)["state"] in states, timeout, f"rollout {rid} to reach {states}")
+        return self.rollout(rid)
+
+    def devices(self) -> dict[str, dict[str, Any]]:
+        return {d["device_id"]: d for d in self.ok("GET", "/v1/devices")["devices"]}
+
+
+def cli(cloud: CloudProcess, *args: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "AUTOGLM_URL": cloud.url, "AUTOGLM_API_KEY": key or cloud.key, "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "cloud.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def start_cloud(
+    tmp: Path, database_url: str, broker: BrokerSettings, tenant: str, registry: ModelRegistry
+) -> CloudProcess:
+    registries = tmp / "registries"
+    registries.mkdir(exist_ok=True)
+    (registries / tenant).symlink_to(registry.root)
+    port = free_port()
+    config = tmp / "cloud.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "database_url": database_url,
+                "registry_dir": str(registries),
+                "tenants": [tenant],
+                "broker": broker.model_dump(),
+                "api": {"host": "127.0.0.1", "port": port},
+                "rollouts": {"tick_s": 0.3, "lease_s": 5.0},
+            }
+        )
+    )
+    engine = make_engine(database_url)
+    migrate(engine)
+    _, key = ApiKeys(engine).create(tenant, "test", "admin")
+    engine.dispose()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloud.cli", "cloud", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    cloud = CloudProcess(proc, f"http://127.0.0.1:{port}", key)
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            cloud.lines.append(line.rstrip())
+
+    threading.Thread(target=pump, daemon=True).start()
+
+    def ready() -> bool:
+        assert proc.poll() is None, "\n".join(cloud.lines)
+        try:
+            return httpx.get(f"{cloud.url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    cloud.wait(ready, 60, "the control plane to be ready")
+    return cloud
+
+
+def test_staged_rollouts_gates_rollback_pause_abort_and_offline_devices(
+    database_url: str,
+    tmp_path: Path,
+    broker: LocalBroker,
+    tenant: str,
+    registry: ModelRegistry,
+    signing_key: SigningKey,
+    demo_package: RegistryEntry,
+    demo_package_v2: RegistryEntry,
+    broken_package: RegistryEntry,
+    edge_factory: Callable[..., EdgeProcess],
+) -> None:
+    settings = BrokerSettings(host=broker.host, port=broker.port)
+    cloud = start_cloud(tmp_path, database_url, settings, tenant, registry)
+    try:
+        names = [f"edge-{i}" for i in range(4)]
+        edges = {
+            n: edge_factory(device_id=n, tenant=tenant, broker=settings, trusted=[signing_key.public.b64])
+            for n in names
+        }
+        cloud.wait(lambda: len(cloud.devices()) == 4, 60, "four devices to appear")
+        for n in names:
+            cloud.ok("PUT", f"/v1/devices/{n}/labels", {"labels": {"site": "lab"}})
+        assert {d["status"] for d in cloud.devices().values()} == {"online"}
+
+        # 1. Three waves, all healthy.
+        r = cloud.ok(
+            "POST",
+            "/v1/rollouts",
+            {"model": "demo-glm:1", "selector": "site=lab", "waves": [25, 50, 100], "health_window_s": 1.0},
+        )
+        assert [w["devices"] for w in r["waves"]] == [1, 1, 2]
+        done = cloud.wait_rollout(r["rollout_id"], ("completed",))
+        assert all(d["state"] == "healthy" for d in done["devices"]), done
+        watched = cli(cloud, "rollout", "status", r["rollout_id"], "--watch")
+        assert watched.returncode == 0 and "completed" in watched.stdout and "wave 3 (100%)" in watched.stdout
+        assert {d["active_model"] for d in cloud.devices().values()} == {"demo-glm:1"}
+        # A model a running rollout uses cannot be deleted; this one is finished, but v1 runs on devices.
+        for e in edges.values():
+            assert (
+                httpx.post(
+                    f"{e.api}/v1/completions", json={"model": "default", "prompt": "x", "max_tokens": 2}
+                ).status_code
+                == 200
+            )
+
+        # 2. A broken model halts in wave 1; that wave's device goes back to v1, the rest never move.
+        r = cloud.ok(
+            "POST",
+            "/v1/rollouts",
+            {
+                "model": "demo-glm:broken",
+                "waves": [25, 100],
+                "failure_threshold": 0.0,
+                "health_window_s": 1.0,
+            },
+        )
+        halted = cloud.wait_rollout(r["rollout_id"], ("halted",))
+        wave1 = [d for d in halted["devices"] if d["wave"] == 0]
+        assert [d["state"] for d in wave1] == ["rolled_back"]
+        assert "1 of 1 device(s) failed" in halted["message"]
+        assert all(d["state"] == "pending" for d in halted["devices"] if d["wave"] == 1)
+        first = wave1[0]["device_id"]
+        cloud.wait(
+            lambda: (
+                cloud.devices()[first]["active_model"] == "demo-glm:1"
+                and cloud.devices()[first]["phase"] == "active"
+                and cloud.devices()[first]["reported_revision"] == cloud.devices()[first]["desired_revision"]
+            ),
+            60,
+            "the wave-1 device back on v1",
+        )
+        assert {d["active_model"] for d in cloud.devices().values()} == {"demo-glm:1"}
+
+        # 3. Pause stops progress, resume finishes, and a model in use cannot be deleted meanwhile.
+        r = cloud.ok(
+            "POST",
+            "/v1/rollouts",
+            {"model": "demo-glm:2", "waves": [50, 100], "health_window_s": 3.0, "max_concurrent": 1},
+        )
+        rid = r["rollout_id"]
+        paused = cloud.ok("POST", f"/v1/rollouts/{rid}/pause")
+        assert paused["state"] == "paused"
+        assert cloud.api("DELETE", "/v1/models/demo-glm/2").status_code == 409
+        before = cloud.rollout(rid)["devices"]
+        time.sleep(2.0)
+        assert cloud.rollout(rid)["devices"] == before  # nothing moves while paused
+        assert cloud.api("POST", f"/v1/rollouts/{rid}/pause").status_code == 400  # already paused
+        cloud.ok("POST", f"/v1/rollouts/{rid}/resume")
+        cloud.wait_rollout(rid, ("completed",))
+        assert {d["active_model"] for d in cloud.devices().values()} == {"demo-glm:2"}
+
+        # 4. Abort: stops where it is; pending devices are never sent anything.
+        r = cloud.ok(
+            "POST", "/v1/rollouts", {"model": "demo-glm:1", "waves": [25, 100], "health_window_s": 30.0}
+        )
+        aborted = cloud.ok("POST", f"/v1/rollouts/{r['rollout_id']}/abort")
+        assert aborted["state"] == "aborted"
+        time.sleep(1.0)
+        pending = [
+            d["device_id"] for d in cloud.rollout(r["rollout_id"])["devices"] if d["state"] == "pending"
+        ]
+        assert len(pending) >= 3
+        assert all(cloud.devices()[p]["active_model"] == "demo-glm:2" for p in pending)
+
+        # 5. An agent offline during its wave is reported and skipped by the timeout policy.
+        offline = names[-1]
+        edges[offline].proc.kill()
+        edges[offline].proc.wait(10)
+        cloud.wait(lambda: cloud.devices()[offline]["status"] == "offline", 30, "the Last Will")
+        r = cloud.ok(
+            "POST",
+            "/v1/rollouts",
+            {"model": "demo-glm:1", "waves": [100], "health_window_s": 1.0, "wave_timeout_s": 8.0},
+        )
+        finished = cloud.wait_rollout(r["rollout_id"], ("completed",), timeout=120)
+        states = {d["device_id"]: d for d in finished["devices"]}
+        assert states[offline]["state"] == "timed_out" and "offline" in states[offline]["detail"]
+        assert sum(1 for d in finished["devices"] if d["state"] == "healthy") == 3
+        assert "1 timed out" in finished["message"]
+    finally:
+        stop_process(cloud.proc)
+
+
+def test_api_keys_scopes_and_tenants(
+    tmp_path: Path, broker: LocalBroker, tenant: str, registry: ModelRegistry, demo_package: RegistryEntry
+) -> None:
+    settings = BrokerSettings(host=broker.host, port=broker.port)
+    url = f"sqlite:///{tmp_path / 'cloud.db'}"
+    cloud = start_cloud(tmp_path, url, settings, tenant, registry)
+    try:
+        engine = make_engine(url)
+        keys = ApiKeys(engine)
+        _, other_tenant = keys.create("someone-else", "x", "admin")
+        _, inference = keys.create(tenant, "app", "inference")
+        _, operator = keys.create(tenant, "ops", "operator")
+        fleet = Fleet(engine)
+        fleet.record_status(tenant, DeviceStatus(device_id="mine", state="online"))
+        fleet.record_status("someone-else", DeviceStatus(device_id="theirs", state="online"))
+
+        assert cloud.api("GET", "/v1/devices", key="agk_nope_nope").status_code == 401
+        assert httpx.get(f"{cloud.url}/v1/devices").status_code == 401
+        r = cloud.api("GET", "/v1/devices", key=inference)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "insufficient_scope"
+        assert [d["device_id"] for d in cloud.api("GET", "/v1/devices", key=operator).json()["devices"]] == [
+            "mine"
+        ]
+        assert [
+            d["device_id"] for d in cloud.api("GET", "/v1/devices", key=other_tenant).json()["devices"]
+        ] == ["theirs"]
+        # Tenant B sees none of tenant A's models, devices or rollouts.
+        assert cloud.api("GET", "/v1/models", key=other_tenant).json()["models"] == []
+        assert cloud.api("GET", "/v1/devices/mine", key=other_tenant).status_code == 404
+        assert cloud.api("GET", "/v1/models/demo-glm/1", key=operator).json()["version"] == "1"
+        assert cloud.api("DELETE", "/v1/models/demo-glm/1", key=operator).status_code == 403
+        # Bad input is a 400 with the envelope, naming the problem.
+        bad = cloud.api("POST", "/v1/config", {"config": {"runtime": {"queue_size": -3}}}, key=operator)
+        assert bad.status_code == 400 and "runtime.queue_size" in bad.json()["error"]["message"]
+        bad = cloud.api("POST", "/v1/rollouts", {"model": "demo-glm:1", "waves": [50, 40]}, key=operator)
+        assert bad.status_code == 400 and "waves" in bad.json()["error"]["message"]
+        assert cloud.api("POST", "/v1/rollouts", {"model": "nope:1"}, key=operator).status_code == 404
+
+        # The operator CLI talks to the same API.
+        listed = cli(cloud, "fleet", "ls", "--json", key=operator)
+        assert listed.returncode == 0 and '"mine"' in listed.stdout and "theirs" not in listed.stdout
+        good = tmp_path / "good.yaml"
+        good.write_text("sampling:\n  temperature: 0.2\nruntime:\n  queue_size: 4\n")
+        pushed = cli(cloud, "config", "push", str(good), key=operator)
+        assert pushed.returncode == 0 and "1 device(s): mine" in pushed.stdout
+        assert fleet.get(tenant, "mine").desired_config == {
+            "sampling": {"temperature": 0.2},
+            "runtime": {"queue_size": 4},
+        }
+        bad_file = tmp_path / "bad.yaml"
+        bad_file.write_text("runtime:\n  threads: -1\n")
+        refused = cli(cloud, "config", "push", str(bad_file), key=operator)
+        assert refused.returncode == 1 and "runtime.threads" in refused.stdout
+        assert cli(cloud, "fleet", "ls", key="agk_x_y").returncode == 1
+        engine.dispose()
+    finally:
+        stop_process(cloud.proc)
+
+
+def test_two_replicas_never_drive_one_rollout_at_once(postgres_url: str) -> None:
+    """Two drivers with their own connection pools tick concurrently against one PostgreSQL."""
+    engine_a, engine_b = make_engine(postgres_url), make_engine(postgres_url)
+    migrate(engine_a)
+    assert migrate(engine_b) == [] and schema_version(engine_b) == 1
+    fleet = Fleet(engine_a)
+    for i in range(20):
+        fleet.record_status("t1", DeviceStatus(device_id=f"d{i:02d}", state="online"))
+    from shared.messages import ModelRef
+
+    model = ModelRef(name="m", version="2", manifest_digest="sha256:" + "a" * 64, manifest_size=100)
+    rid = Rollouts(engine_a, fleet).create(
+        "t1", RolloutSpec(model=model, waves=(50.0, 100.0), max_concurrent=5)
+    )["rollout_id"]
+    a = RolloutDriver(engine_a, Fleet(engine_a), owner="replica-a", lease_s=1.0)
+    b = RolloutDriver(engine_b, Fleet(engine_b), owner="replica-b", lease_s=1.0)
+    published: list[tuple[str, str, int]] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def run(driver: RolloutDriver, until: threading.Event) -> None:
+        while not until.is_set():
+            for p in driver.tick():
+                with lock:
+                    published.append((driver.owner, p.device_id, p.revision))
+            time.sleep(0.01)
+
+    stop_a = threading.Event()
+    ta = threading.Thread(target=run, args=(a, stop_a))
+    tb = threading.Thread(target=run, args=(b, stop))
+    ta.start()
+    tb.start()
+    time.sleep(2.0)
+    stop_a.set()  # replica A dies; its lease runs out and B takes over
+    ta.join()
+    time.sleep(2.0)
+    stop.set()
+    tb.join()
+
+    assert a.drives > 0 and b.drives > 0, (a.drives, b.drives)
+    # Five devices (max_concurrent) got the model, each exactly once, by one replica or the other.
+    devices = [p[1] for p in published]
+    assert len(devices) == len(set(devices)) == 5, published
+    for d in set(devices):
+        assert fleet.get("t1", d).desired_revision == 1
+    shown = Rollouts(engine_a, fleet).show("t1", rid)
+    assert shown["driver"] == "replica-b"
+    engine_a.dispose()
+    engine_b.dispose()
+
+
+def test_wave_assignment_and_selectors() -> None:
+    ids = [f"dev-{i}" for i in range(10)]
+    waves = assign_waves(ids, (10.0, 50.0, 100.0))
+    assert sorted(waves.values()) == [0] + [1] * 4 + [2] * 5
+    assert assign_waves(ids, (10.0, 50.0, 100.0)) == waves  # stable
+    assert sorted(assign_waves(["a", "b"], (1.0, 2.0, 100.0)).values()) == [0, 1]
+    sel = Selector.parse("zone=eu, tier!=canary,gpu")
+    assert sel.matches({"zone": "eu", "gpu": "a100"})
+    assert not sel.matches({"zone": "eu", "gpu": "a100", "tier": "canary"})
+    assert not sel.matches({"zone": "us", "gpu": "x"})
+    assert not sel.matches({"zone": "eu"})
+    with pytest.raises(ContractError):
+        Selector.parse("zone=")
+    with pytest.raises(ContractError, match="last wave"):
+        RolloutSpec(model=_ref(), waves=(10.0, 50.0)).validate()
+
+
+def _ref() -> Any:
+    from shared.messages import ModelRef
+
+    return ModelRef(name="m", version="1", manifest_digest="sha256:" + "b" * 64, manifest_size=10)
