@@ -33,7 +33,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, or_, select, update
 
-from cloud.fleet import Fleet, Selector
+from cloud.fleet import Device, Fleet, Selector
 from cloud.store import as_utc, rollout_devices, rollouts, utcnow
 from shared.errors import ContractError, RegistryError
 from shared.messages import ModelRef
@@ -370,6 +370,7 @@ class RolloutDriver:
         target_id = f"{target.name}:{target.version}"
         now = utcnow()
         members = [d for d in devs if d["wave"] == wave]
+        fleet_now = {d.device_id: d for d in self.fleet.list_devices(tenant)}
         publishes: list[Publish] = []
         updating = sum(1 for d in members if d["state"] == "updating")
         for d in members:
@@ -380,8 +381,8 @@ class RolloutDriver:
                 publishes.append(Publish(tenant, d["device_id"], revision, model, config))
                 self._update_device(conn, rid, d, state="updating", started_at=now, desired_revision=revision)
                 updating += 1
-            elif d["state"] == "updating":
-                self._check_updating(conn, tenant, r, d, target_id, now, publishes)
+            elif d["state"] == "updating" and d["device_id"] in fleet_now:
+                self._check_updating(conn, tenant, r, d, fleet_now[d["device_id"]], target_id, now, publishes)
             elif d["state"] == "active":
                 self._check_health(conn, tenant, r, d, target_id, now)
         members = [
@@ -431,11 +432,11 @@ class RolloutDriver:
         tenant: str,
         r: dict[str, Any],
         d: dict[str, Any],
+        dev: Device,
         target_id: str,
         now: datetime,
         publishes: list[Publish],
     ) -> None:
-        dev = self.fleet.get(tenant, d["device_id"])
         rev = d["desired_revision"]
         reported = dev.reported or {}
         if dev.phase == "active" and dev.active_model == target_id and dev.reported_revision >= rev:

@@ -31,6 +31,7 @@ from shared.topics import Topics
 log = logging.getLogger(__name__)
 
 SHARE_GROUP = "autoglm-cloud"
+PUBLISH_CONCURRENCY = 200
 
 
 class ControlPlane:
@@ -73,20 +74,26 @@ class ControlPlane:
         return submit
 
     async def publish(self, items: list[Publish]) -> None:
-        for p in items:
+        """Publish desired states concurrently (QoS 1 acks overlap; one at a time is ~50/s under load)."""
+        limit = asyncio.Semaphore(PUBLISH_CONCURRENCY)
+
+        async def one(p: Publish) -> None:
             link = self.links.get(p.tenant)
             if link is None:
-                continue
+                return
             desired = DesiredState(
                 revision=p.revision,
                 model=ModelRef.model_validate(p.model) if p.model else None,
                 config=p.config,
             )
-            try:
-                async with asyncio.timeout(10):
-                    await link.set_desired(p.device_id, desired)
-            except (TimeoutError, Exception) as exc:  # the driver re-publishes unapplied states
-                log.warning("could not publish desired state to %s: %s", p.device_id, exc)
+            async with limit:
+                try:
+                    async with asyncio.timeout(30):
+                        await link.set_desired(p.device_id, desired)
+                except (TimeoutError, Exception) as exc:  # the driver re-publishes unapplied states
+                    log.warning("could not publish desired state to %s: %s", p.device_id, exc)
+
+        await asyncio.gather(*(one(p) for p in items))
 
     async def drive_forever(self) -> None:
         while True:

@@ -166,6 +166,9 @@ def make_engine(url: str) -> Engine:
         def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL: a killed process loses nothing committed; a power cut may lose the
+            # last commits (production fleets use PostgreSQL).
+            cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=10000")
             cur.close()
 

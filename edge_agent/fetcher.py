@@ -37,9 +37,25 @@ class ChunkChannel(Protocol):
     async def send_fetch(self, request: FetchRequest) -> None: ...
 
 
+# chunk sha256 → (file, offset, length) of identical bytes already on this device.
+ChunkIndex = dict[str, tuple[Path, int, int]]
+
+
+def chunk_index(files: list[tuple[Path, BlobRef]]) -> ChunkIndex:
+    """Where each chunk of these (verified, local) files lies: the source of delta updates."""
+    index: ChunkIndex = {}
+    for path, ref in files:
+        for i, h in enumerate(ref.chunks):
+            index.setdefault(h, (path, i * ref.chunk_size, ref.chunk_length(i)))
+    return index
+
+
 @dataclass
 class FetchStats:
     chunks_received: int = 0
+    # Chunks copied from a model already on the device instead of downloaded (delta updates).
+    chunks_reused: int = 0
+    bytes_reused: int = 0
     chunks_rejected: int = 0
     duplicates: int = 0
     bytes_received: int = 0
@@ -145,7 +161,8 @@ class ShardFetcher:
     def missing_bytes(self, blobs: list[BlobRef]) -> int:
         return sum(b.size for b in blobs if not self.cache.has(b.digest))
 
-    async def fetch_blobs(self, blobs: list[BlobRef]) -> None:
+    async def fetch_blobs(self, blobs: list[BlobRef], reuse: ChunkIndex | None = None) -> None:
+        """Fetch what the cache lacks; chunks found in ``reuse`` are copied locally, not downloaded."""
         need = self.missing_bytes(blobs)
         free = shutil.disk_usage(self.partial_dir).free
         if need > free:
@@ -154,7 +171,7 @@ class ShardFetcher:
             )
         for blob in blobs:
             if not self.cache.has(blob.digest):
-                await self._fetch(blob.digest, blob.size, blob.chunk_size, blob)
+                await self._fetch(blob.digest, blob.size, blob.chunk_size, blob, reuse)
 
     async def fetch_manifest(self, ref: ModelRef) -> bytes:
         if not self.cache.has(ref.manifest_digest):
@@ -162,10 +179,14 @@ class ShardFetcher:
         return self.cache.read(ref.manifest_digest)
 
     # -- internals --------------------------------------------------------------------------
-    async def _fetch(self, digest: str, size: int, chunk_size: int, ref: BlobRef | None) -> None:
+    async def _fetch(
+        self, digest: str, size: int, chunk_size: int, ref: BlobRef | None, reuse: ChunkIndex | None = None
+    ) -> None:
         part = self.partial_dir / (digest.split(":", 1)[1] + ".part")
         t = _Transfer(digest, size, chunk_size, ref, part)
         self._resume(t)
+        if reuse:
+            await asyncio.to_thread(self._reuse_local, t, reuse)
         self._active[digest] = t
         await self.channel.subscribe_blob(digest)
         try:
@@ -204,6 +225,38 @@ class ShardFetcher:
                     t.have.add(i)
         if t.have:
             log.info("resuming %s: %d of %d chunks already on disk", t.digest, len(t.have), t.count)
+
+    def _reuse_local(self, t: _Transfer, reuse: ChunkIndex) -> None:
+        """Copy chunks whose hash we already hold (in the other slot) into the partial file."""
+        if t.ref is None:
+            return
+        copied = 0
+        with t.part.open("r+b") as out:
+            for i in t.missing():
+                src = reuse.get(t.ref.chunks[i])
+                if src is None:
+                    continue
+                path, offset, length = src
+                try:
+                    with path.open("rb") as fh:
+                        fh.seek(offset)
+                        data = fh.read(length)
+                    t.check(i, data)
+                except (OSError, IntegrityError):
+                    continue  # a damaged or vanished local copy: download this one
+                out.seek(i * t.chunk_size)
+                out.write(data)
+                t.have.add(i)
+                copied += len(data)
+                self.stats.chunks_reused += 1
+        self.stats.bytes_reused += copied
+        if copied:
+            log.info(
+                "%s: %d bytes reused from models on this device; %d chunk(s) to fetch",
+                t.digest,
+                copied,
+                len(t.missing()),
+            )
 
     async def _request(self, t: _Transfer, chunks: list[int]) -> None:
         if self.limiter is not None:

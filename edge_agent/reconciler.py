@@ -18,7 +18,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 
-from edge_agent.fetcher import ShardFetcher
+from edge_agent.fetcher import ChunkIndex, ShardFetcher, chunk_index
 from edge_agent.model_host import LoadedModel, ModelHost
 from edge_agent.slots import SlotStore
 from edge_agent.state import AgentState, SlotName, StateFile
@@ -249,7 +249,8 @@ class Reconciler:
             manifest_bytes = await self.fetcher.fetch_manifest(ref)
             # The signature is checked before a single weight is downloaded.
             manifest = self.trust.verify(manifest_bytes, expected_digest=ref.manifest_digest)
-            await self.fetcher.fetch_blobs(manifest.blobs())
+            reuse = await asyncio.to_thread(self._local_chunks)
+            await self.fetcher.fetch_blobs(manifest.blobs(), reuse)
 
             await self._transition(Phase.VERIFYING)
             await asyncio.to_thread(self._verify_cache, manifest)
@@ -314,18 +315,29 @@ class Reconciler:
             self.slots.path(slot), manifest, slot, threads=self.threads, providers=self.providers
         )
 
+    def _slot_manifests(self) -> list[tuple[SlotName, Manifest]]:
+        found: list[tuple[SlotName, Manifest]] = []
+        slot: SlotName
+        for slot in ("a", "b"):
+            try:
+                found.append((slot, self.trust.verify(self.slots.manifest_bytes(slot))))
+            except (FileNotFoundError, AutoGLMError):
+                continue
+        return found
+
+    def _local_chunks(self) -> ChunkIndex:
+        """Chunks of the models in both slots: an update re-downloads only what changed."""
+        return chunk_index(
+            [(self.slots.path(slot) / f.path, f.blob) for slot, m in self._slot_manifests() for f in m.files]
+        )
+
     def _prune_cache(self) -> None:
         """Keep only blobs the two slots use (and their manifests): disk use stays bounded."""
         keep: set[str] = set()
         for ref in self.state.slots.values():
             if ref is not None:
                 keep.add(ref.manifest_digest)
-        slot: SlotName
-        for slot in ("a", "b"):
-            try:
-                manifest = self.trust.verify(self.slots.manifest_bytes(slot))
-            except (FileNotFoundError, AutoGLMError):
-                continue
+        for _, manifest in self._slot_manifests():
             keep.update(b.digest for b in manifest.blobs())
         removed = 0
         for digest in list(self.cache.digests()):

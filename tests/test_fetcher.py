@@ -13,7 +13,7 @@ import pytest
 
 from cloud.blob_server import BlobServer
 from cloud.control_link import ControlLink
-from edge_agent.fetcher import ShardFetcher
+from edge_agent.fetcher import ShardFetcher, chunk_index
 from edge_agent.link import CloudLink
 from shared.blobs import BlobRef, BlobStore, describe_bytes
 from shared.errors import FetchError
@@ -165,3 +165,30 @@ def test_refuses_a_model_larger_than_free_disk(
 
     with pytest.raises(FetchError, match="free on disk"):
         asyncio.run(scenario())
+
+
+def test_delta_update_downloads_only_changed_chunks(
+    broker_settings: BrokerSettings, tenant: str, tmp_path: Path
+) -> None:
+    store = BlobStore(tmp_path / "cloud")
+    old, old_ref = _blob(store, 20 * CHUNK + 77)
+    new = bytearray(old)
+    for i in (2, 11):  # two changed chunks out of 21
+        new[i * CHUNK + 5] ^= 0xFF
+    store.put_bytes(bytes(new))
+    new_ref = describe_bytes(bytes(new), CHUNK)
+    local = tmp_path / "slot-a-model.bin"
+    local.write_bytes(old)
+    server = BlobServer(store, Topics(tenant))
+
+    async def scenario() -> ShardFetcher:
+        async with _wired(broker_settings, tenant, tmp_path, store, server) as fetcher:
+            reuse = chunk_index([(local, old_ref)])
+            await asyncio.wait_for(fetcher.fetch_blobs([new_ref], reuse), 30)
+            return fetcher
+
+    fetcher = asyncio.run(scenario())
+    assert fetcher.cache.read(new_ref.digest) == bytes(new)
+    assert sorted(i for _, i in fetcher.stats.requested) == [2, 11]
+    assert fetcher.stats.chunks_reused == 19
+    assert server.chunks_published == 2

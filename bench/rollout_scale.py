@@ -1,0 +1,249 @@
+"""Rollout convergence at fleet scale: N simulated devices, one real control plane.
+
+Starts a private mosquitto and `autoglm cloud serve` (a real process, SQLite or the PostgreSQL
+URL given), then N lightweight protocol clients, each its own persistent MQTT v5 session with
+a Last Will: they report themselves, and when a desired state arrives they report it applied
+(phase active, the model in slot a) as an agent does after an update. Then one rollout of a
+(tiny, signed) model to all of them in a single wave, through the REST API, timed until the
+control plane reports it completed; the control plane's CPU time and peak memory over that
+window are read from /proc.
+
+Usage: python bench/rollout_scale.py [--devices 1000] [--database-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cloud.auth import ApiKeys
+from cloud.local_broker import LocalBroker, free_port
+from cloud.processes import stop_process
+from cloud.registry import ModelRegistry
+from cloud.store import make_engine, migrate
+from shared.blobs import describe_bytes
+from shared.manifest import FileEntry, IOSignature, Manifest, Quantization, SignedManifest
+from shared.messages import DesiredState, DeviceStatus, Phase, ReportedState
+from shared.mqtt import QOS, BrokerSettings, make_client, payload_bytes
+from shared.signing import SigningKey
+from shared.topics import Topics
+
+TENANT = "bench"
+
+
+def fake_model(registry: ModelRegistry) -> None:
+    graph = b"not a real graph: the simulated devices never load it"
+    registry.blobs.put_bytes(graph)
+    manifest = Manifest(
+        name="bench-model",
+        version="1",
+        created_at=datetime.now(UTC),
+        architecture="LlamaForCausalLM",
+        parameters=1,
+        files=[FileEntry(path="model.onnx", role="graph", blob=describe_bytes(graph))],
+        io=IOSignature(
+            inputs=[],
+            outputs=[],
+            num_layers=1,
+            num_kv_heads=1,
+            head_dim=8,
+            vocab_size=8,
+            context_length=8,
+            model_type="llama",
+        ),
+        quantization=Quantization(method="none", weight_type="float32"),
+    )
+    registry.publish(SignedManifest.sign(manifest, SigningKey.generate()))
+
+
+async def device(
+    i: int, broker: BrokerSettings, topics: Topics, ready: asyncio.Event, counter: list[int]
+) -> None:
+    device_id = f"sim-{i:05d}"
+    will = DeviceStatus(device_id=device_id, state="offline").to_json()
+    import aiomqtt
+
+    async with make_client(
+        broker, device_id, will=aiomqtt.Will(topics.status(device_id), will, qos=QOS, retain=True)
+    ) as client:
+        await client.subscribe(topics.desired(device_id), qos=QOS)
+        await client.publish(
+            topics.status(device_id),
+            DeviceStatus(device_id=device_id, state="online").to_json(),
+            qos=QOS,
+            retain=True,
+        )
+        idle = ReportedState(device_id=device_id, revision=-1, phase=Phase.IDLE)
+        await client.publish(topics.reported(device_id), idle.to_json(), qos=QOS, retain=True)
+        counter[0] += 1
+        if counter[0] == counter[1]:
+            ready.set()
+        async for message in client.messages:
+            desired = DesiredState.from_json(payload_bytes(message))
+            reported = ReportedState(
+                device_id=device_id,
+                revision=desired.revision,
+                phase=Phase.ACTIVE,
+                active_slot="a",
+                slots={"a": desired.model, "b": None},
+            )
+            await client.publish(topics.reported(device_id), reported.to_json(), qos=QOS, retain=True)
+
+
+def proc_stats(pid: int) -> tuple[float, int]:
+    """(CPU seconds user+system, resident bytes) of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    return cpu, rss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--devices", type=int, default=1000)
+    ap.add_argument("--database-url", default=None, help="Default: a fresh SQLite file.")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="autoglm-rollout-bench-"))
+    registry = ModelRegistry(work / "registries" / TENANT)
+    fake_model(registry)
+    db_url = args.database_url or f"sqlite:///{work / 'cloud.db'}"
+    engine = make_engine(db_url)
+    migrate(engine)
+    _, key = ApiKeys(engine).create(TENANT, "bench", "admin")
+    engine.dispose()
+
+    (work / "mosquitto").mkdir()
+    with LocalBroker(workdir=work / "mosquitto") as broker:
+        settings = BrokerSettings(host=broker.host, port=broker.port)
+        port = free_port()
+        config = work / "cloud.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "database_url": db_url,
+                    "registry_dir": str(work / "registries"),
+                    "tenants": [TENANT],
+                    "broker": settings.model_dump(),
+                    "api": {"host": "127.0.0.1", "port": port},
+                    "rollouts": {"tick_s": 0.5},
+                }
+            )
+        )
+        cloud = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cloud.cli",
+                "cloud",
+                "serve",
+                "--config",
+                str(config),
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"http://127.0.0.1:{port}"
+        headers = {"authorization": f"Bearer {key}"}
+        try:
+            for _ in range(300):
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+            result = run_devices(args.devices, settings, url, headers, cloud.pid)
+        finally:
+            stop_process(cloud)
+
+    print()
+    print(f"machine: {platform.machine()} {os.cpu_count()} cpus; python {platform.python_version()}")
+    print(
+        f"database: {'PostgreSQL' if db_url.startswith('postgresql') else 'SQLite'}; broker: mosquitto on loopback"
+    )
+    print(f"devices: {args.devices} simulated, one MQTT session each (all in one client process)")
+    for k, v in result.items():
+        print(f"{k:<44}{v}")
+
+
+def run_devices(
+    n: int, broker: BrokerSettings, url: str, headers: dict[str, str], pid: int
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def serve() -> None:
+        asyncio.run(devices_main(n, broker, url, headers, pid, out))
+
+    t = threading.Thread(target=serve)
+    t.start()
+    t.join()
+    return out
+
+
+async def devices_main(
+    n: int, broker: BrokerSettings, url: str, headers: dict[str, str], pid: int, out: dict[str, Any]
+) -> None:
+    topics = Topics(TENANT)
+    ready = asyncio.Event()
+    counter = [0, n]
+    started = time.perf_counter()
+    tasks = []
+    for i in range(n):
+        tasks.append(asyncio.create_task(device(i, broker, topics, ready, counter)))
+        if i % 50 == 49:
+            await asyncio.sleep(0.05)  # do not open 1,000 connections in one burst
+    await asyncio.wait_for(ready.wait(), 300)
+    print(f"{n} devices connected in {time.perf_counter() - started:.1f}s", flush=True)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as http:
+        while len((await http.get("/v1/devices")).json()["devices"]) < n:
+            await asyncio.sleep(0.5)
+        cpu0, _ = proc_stats(pid)
+        peak = 0
+        t0 = time.perf_counter()
+        r = await http.post(
+            "/v1/rollouts",
+            json={"model": "bench-model:1", "waves": [100], "health_window_s": 0, "max_concurrent": n},
+        )
+        r.raise_for_status()
+        rid = r.json()["rollout_id"]
+        state = ""
+        while state != "completed":
+            await asyncio.sleep(0.25)
+            body = (await http.get(f"/v1/rollouts/{rid}")).json()
+            state = body["state"]
+            peak = max(peak, proc_stats(pid)[1])
+            if state in ("halted", "aborted"):
+                raise RuntimeError(f"rollout ended {state}: {body['message']}")
+        elapsed = time.perf_counter() - t0
+        cpu1, rss = proc_stats(pid)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    out["time to converge (POST → completed)"] = f"{elapsed:.1f} s (goal < 60 s)"
+    out["control plane CPU over that window"] = (
+        f"{cpu1 - cpu0:.1f} s ({(cpu1 - cpu0) / elapsed:.0%} of one core)"
+    )
+    out["control plane peak resident memory"] = f"{max(peak, rss) / 2**20:.0f} MiB"
+
+
+if __name__ == "__main__":
+    main()
