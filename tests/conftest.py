@@ -190,7 +190,7 @@ def start_edge(
     port = free_port()
     data_dir = tmp / f"edge-{device_id}"
     config = tmp / f"edge-{device_id}.yaml"
-    settings = {
+    settings: dict[str, Any] = {
         "device_id": device_id,
         "tenant": tenant,
         "data_dir": str(data_dir),

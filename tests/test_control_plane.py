@@ -121,8 +121,15 @@ def cli(cloud: CloudProcess, *args: str, key: str | None = None) -> subprocess.C
 
 
 def start_cloud(
-    tmp: Path, database_url: str, broker: BrokerSettings, tenant: str, registry: ModelRegistry
+    tmp: Path,
+    database_url: str,
+    broker: BrokerSettings,
+    tenant: str,
+    registry: ModelRegistry,
+    replica_id: str = "replica-a",
+    key: str | None = None,
 ) -> CloudProcess:
+    tmp.mkdir(parents=True, exist_ok=True)
     registries = tmp / "registries"
     registries.mkdir(exist_ok=True)
     (registries / tenant).symlink_to(registry.root)
@@ -137,13 +144,15 @@ def start_cloud(
                 "broker": broker.model_dump(),
                 "api": {"host": "127.0.0.1", "port": port},
                 "rollouts": {"tick_s": 0.3, "lease_s": 5.0},
+                "replica_id": replica_id,
             }
         )
     )
-    engine = make_engine(database_url)
-    migrate(engine)
-    _, key = ApiKeys(engine).create(tenant, "test", "admin")
-    engine.dispose()
+    if key is None:
+        engine = make_engine(database_url)
+        migrate(engine)
+        _, key = ApiKeys(engine).create(tenant, "test", "admin")
+        engine.dispose()
     proc = subprocess.Popen(
         [sys.executable, "-m", "cloud.cli", "cloud", "serve", "--config", str(config)],
         stdout=subprocess.PIPE,
@@ -403,6 +412,39 @@ def test_two_replicas_never_drive_one_rollout_at_once(postgres_url: str) -> None
     assert shown["driver"] == "replica-b"
     engine_a.dispose()
     engine_b.dispose()
+
+
+def test_two_control_plane_processes_on_one_postgresql_complete_a_rollout_once(
+    postgres_url: str,
+    tmp_path: Path,
+    broker: LocalBroker,
+    tenant: str,
+    registry: ModelRegistry,
+    signing_key: SigningKey,
+    demo_package: RegistryEntry,
+    edge_factory: Callable[..., EdgeProcess],
+) -> None:
+    settings = BrokerSettings(host=broker.host, port=broker.port)
+    a = start_cloud(tmp_path / "a", postgres_url, settings, tenant, registry, replica_id="replica-a")
+    b = start_cloud(
+        tmp_path / "b", postgres_url, settings, tenant, registry, replica_id="replica-b", key=a.key
+    )
+    try:
+        names = [f"rep-{i}" for i in range(3)]
+        for n in names:
+            edge_factory(device_id=n, tenant=tenant, broker=settings, trusted=[signing_key.public.b64])
+        a.wait(lambda: len(b.devices()) == 3, 60, "three devices, seen through replica B")
+        r = a.ok("POST", "/v1/rollouts", {"model": "demo-glm:1", "waves": [34, 100], "health_window_s": 1.0})
+        done = b.wait_rollout(r["rollout_id"], ("completed",))
+        assert all(d["state"] == "healthy" for d in done["devices"])
+        devices = a.devices()
+        # Each device was sent the model exactly once, whichever replica drove the rollout.
+        assert {d["desired_revision"] for d in devices.values()} == {1}
+        assert {d["active_model"] for d in devices.values()} == {"demo-glm:1"}
+        assert done["driver"] in ("replica-a", "replica-b")
+    finally:
+        stop_process(a.proc)
+        stop_process(b.proc)
 
 
 def test_wave_assignment_and_selectors() -> None:
