@@ -175,17 +175,8 @@ def _model_ref(plane: ControlPlane, tenant: str, model: str) -> ModelRef:
 
 @v1.post("/rollouts", status_code=201)
 async def create_rollout(body: RolloutBody, plane: Plane, who: Operator) -> dict[str, Any]:
-    spec = RolloutSpec(
-        model=_model_ref(plane, who.tenant, body.model),
-        selector=body.selector,
-        waves=tuple(body.waves),
-        failure_threshold=body.failure_threshold,
-        health_window_s=body.health_window_s,
-        wave_timeout_s=body.wave_timeout_s,
-        max_concurrent=body.max_concurrent,
-        max_error_rate=body.max_error_rate,
-        max_latency_ratio=body.max_latency_ratio,
-    )
+    fields = body.model_dump(exclude={"model", "waves"})
+    spec = RolloutSpec(model=_model_ref(plane, who.tenant, body.model), waves=tuple(body.waves), **fields)
     return await asyncio.to_thread(plane.rollouts.create, who.tenant, spec)
 
 

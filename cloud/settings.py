@@ -8,10 +8,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared.config_env import apply_env
+from shared.config_env import read_settings_file, validation_problems
 from shared.errors import ConfigError
 from shared.ids import is_valid_name
 from shared.mqtt import BrokerSettings
@@ -56,17 +55,10 @@ class CloudSettings(_Section):
 
     @classmethod
     def load(cls, path: Path, env: Mapping[str, str] | None = None) -> CloudSettings:
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError as exc:
-            raise ConfigError("config file not found", path=str(path)) from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file is not valid YAML: {exc}", path=str(path)) from exc
-        if not isinstance(raw, dict):
-            raise ConfigError("config file must hold a mapping", path=str(path))
-        apply_env(raw, os.environ if env is None else env, ENV_PREFIX)
+        raw = read_settings_file(path, ENV_PREFIX, env)
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise ConfigError(f"invalid cloud settings: {problems}", source=str(path)) from exc
+            raise ConfigError(
+                f"invalid cloud settings: {validation_problems(exc)}", source=str(path)
+            ) from exc

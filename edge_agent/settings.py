@@ -5,15 +5,13 @@ Validated once at start-up; an invalid file stops the agent with a ConfigError t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared.config_env import apply_env
+from shared.config_env import read_settings_file, validation_problems
 from shared.edge_config import EdgeConfig, RouterConfig, RuntimeTuning, SamplingDefaults, TelemetryConfig
 from shared.errors import ConfigError
 from shared.ids import Name
@@ -91,21 +89,11 @@ class EdgeSettings(_Section):
 
     @classmethod
     def load(cls, path: Path, env: Mapping[str, str] | None = None) -> EdgeSettings:
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError as exc:
-            raise ConfigError("config file not found", path=str(path)) from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file is not valid YAML: {exc}", path=str(path)) from exc
-        if not isinstance(raw, dict):
-            raise ConfigError("config file must hold a mapping", path=str(path))
-        apply_env(raw, os.environ if env is None else env, ENV_PREFIX)
-        return cls.from_mapping(raw, source=str(path))
+        return cls.from_mapping(read_settings_file(path, ENV_PREFIX, env), source=str(path))
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "<settings>") -> EdgeSettings:
         try:
             return cls.model_validate(dict(data))
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise ConfigError(f"invalid edge settings: {problems}", source=source) from exc
+            raise ConfigError(f"invalid edge settings: {validation_problems(exc)}", source=source) from exc
