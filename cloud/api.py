@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,6 +17,7 @@ from edge_agent.api.errors import error_response, install_error_handlers
 from shared.edge_config import EdgeConfig
 from shared.errors import ContractError, InferenceError, RegistryError
 from shared.messages import ModelRef
+from shared.openai_api import ChatCompletionRequest, CompletionRequest
 
 
 def _plane(request: Request) -> ControlPlane:
@@ -49,6 +50,7 @@ def scope(needed: Scope) -> Any:
     return Depends(check)
 
 
+Inference = Annotated[Principal, scope("inference")]
 Operator = Annotated[Principal, scope("operator")]
 Admin = Annotated[Principal, scope("admin")]
 
@@ -139,9 +141,15 @@ def _model_view(entry: Any) -> dict[str, Any]:
 
 
 @v1.get("/models")
-async def list_models(plane: Plane, who: Operator) -> dict[str, Any]:
-    entries = await asyncio.to_thread(plane.registry(who.tenant).list)
-    return {"models": [_model_view(e) for e in entries]}
+async def list_models(plane: Plane, who: Inference) -> dict[str, Any]:
+    """One catalogue, two readers: ``data`` is the OpenAI model list of what the gateway serves
+    (what the ``openai`` client reads); ``models``, for operator keys, the tenant's registry."""
+    served = await plane.gateway.models()
+    out: dict[str, Any] = served.model_dump(mode="json")
+    if who.allows("operator"):
+        entries = await asyncio.to_thread(plane.registry(who.tenant).list)
+        out["models"] = [_model_view(e) for e in entries]
+    return out
 
 
 @v1.get("/models/{name}/{version}")
@@ -215,6 +223,28 @@ async def push_config(body: ConfigBody, plane: Plane, who: Operator) -> dict[str
         items.append(Publish(who.tenant, d.device_id, revision, model, config))
     await plane.publish(items)
     return {"devices": [d.device_id for d in targets], "config": body.config}
+
+
+# -- the fallback gateway (DESIGN.md §6) ------------------------------------------------------------
+@v1.post("/completions", response_model=None)
+async def gateway_completions(body: CompletionRequest, plane: Plane, who: Inference) -> Response:
+    plane.rate_limiter.check(who.tenant)
+    return await plane.gateway.forward("/completions", body.model_dump(exclude_unset=True))
+
+
+@v1.post("/chat/completions", response_model=None)
+async def gateway_chat(body: ChatCompletionRequest, plane: Plane, who: Inference) -> Response:
+    plane.rate_limiter.check(who.tenant)
+    return await plane.gateway.forward("/chat/completions", body.model_dump(exclude_unset=True))
+
+
+@v1.get("/gateway")
+async def gateway_state(plane: Plane, who: Operator) -> dict[str, Any]:
+    return {
+        "replicas": [r.view() for r in plane.gateway.replicas],
+        "retries": plane.gateway.retries,
+        "rate_limited": plane.rate_limiter.refused,
+    }
 
 
 def install(app: FastAPI) -> None:

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cloud.ops_cli import config_app, fleet_app, register_cloud_commands, rollout_app
+from cloud.pool.cli import app as pool_app
 from edge_agent.cli import app as edge_app
 from shared.errors import AutoGLMError
 
@@ -37,6 +38,7 @@ app.add_typer(cloud_app, name="cloud")
 app.add_typer(fleet_app, name="fleet")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(config_app, name="config")
+app.add_typer(pool_app, name="pool")
 
 # soft_wrap: long digests and paths stay on one line when the output is a file or a pipe.
 console = Console(highlight=False, soft_wrap=True)

@@ -244,7 +244,9 @@ class Fleet:
     def health(
         self, tenant: str, device_id: str, model: str, since: datetime
     ) -> tuple[int, int, float | None]:
-        """(requests, errors, median latency ms) of ``model`` on the device since ``since``."""
+        """(requests, errors, median latency ms) of ``model`` served on the device since ``since``.
+
+        Requests the device handed to the cloud say nothing of its model's health and are left out."""
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(telemetry.c.ok, telemetry.c.latency_ms).where(
@@ -252,6 +254,7 @@ class Fleet:
                         telemetry.c.tenant == tenant,
                         telemetry.c.device_id == device_id,
                         telemetry.c.model == model,
+                        telemetry.c.served_by == "local",
                         telemetry.c.at >= since,
                     )
                 )

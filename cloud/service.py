@@ -1,4 +1,5 @@
-"""The control-plane service: database, MQTT links per tenant, the rollout driver, the REST API.
+"""The control-plane service: database, MQTT links per tenant, the rollout driver, the REST API,
+and the fallback gateway in front of the pool.
 
 The FastAPI lifespan owns every long-lived resource (engine, links, driver task). Several
 replicas may run against one PostgreSQL: fetch requests and telemetry reach one replica each
@@ -21,6 +22,8 @@ from cloud.auth import ApiKeys
 from cloud.blob_server import BlobServer
 from cloud.control_link import ControlLink
 from cloud.fleet import Fleet
+from cloud.gateway import PoolGateway
+from cloud.ratelimit import TenantRateLimiter
 from cloud.registry import ModelRegistry
 from cloud.rollouts import Publish, RolloutDriver, Rollouts
 from cloud.settings import CloudSettings
@@ -47,6 +50,9 @@ class ControlPlane:
         self.driver = RolloutDriver(
             self.engine, self.fleet, owner=settings.replica_id, lease_s=settings.rollouts.lease_s
         )
+        self.gateway = PoolGateway(settings.gateway)
+        limit = settings.gateway.rate_limit
+        self.rate_limiter = TenantRateLimiter(limit.requests_per_s, limit.burst)
         # One thread writes what devices report, in arrival order, off the event loop.
         self._ingest = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest")
         self.links: dict[str, ControlLink] = {}
@@ -109,6 +115,7 @@ class ControlPlane:
             for tenant, link in self.links.items():
                 tg.create_task(link.run(), name=f"mqtt-{tenant}")
             tg.create_task(self.drive_forever(), name="rollout-driver")
+            tg.create_task(self.gateway.run_health_checks(), name="gateway-health")
 
     def close(self) -> None:
         self._ingest.shutdown(wait=True)
@@ -136,6 +143,7 @@ def create_app(settings: CloudSettings) -> FastAPI:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+            await plane.gateway.aclose()
             plane.close()
 
     app = FastAPI(title="Open-AutoGLM control plane", version="0.1.0", lifespan=lifespan)

@@ -33,6 +33,29 @@ class RolloutSettings(_Section):
     lease_s: Annotated[float, Field(gt=0, le=600)] = 15.0
 
 
+class UpstreamSettings(_Section):
+    # Base URL of an OpenAI-compatible API: an `autoglm pool serve` replica or e.g. a vLLM server.
+    url: Annotated[str, Field(pattern=r"^https?://", max_length=2048)]
+    name: str | None = None
+    api_key: str | None = None
+
+
+class RateLimitSettings(_Section):
+    # Per tenant and per control-plane replica (buckets are in memory).
+    requests_per_s: Annotated[float, Field(gt=0, le=1_000_000)] = 20.0
+    burst: Annotated[int, Field(ge=1, le=1_000_000)] = 40
+
+
+class GatewaySettings(_Section):
+    upstreams: list[UpstreamSettings] = []
+    health_interval_s: Annotated[float, Field(gt=0, le=300)] = 2.0
+    connect_timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    # The longest a generation may take on a replica.
+    request_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 300.0
+    max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
+    rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
+
+
 class CloudSettings(_Section):
     # SQLAlchemy URL: sqlite:////var/lib/autoglm/cloud.db or postgresql+psycopg://user@host/db
     database_url: str
@@ -42,6 +65,8 @@ class CloudSettings(_Section):
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     api: CloudApiSettings = Field(default_factory=CloudApiSettings)
     rollouts: RolloutSettings = Field(default_factory=RolloutSettings)
+    # The fallback gateway (/v1/chat/completions, /v1/completions) in front of the pool replicas.
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     # Unique per replica; the default is host name and process id.
     replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 

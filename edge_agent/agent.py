@@ -54,6 +54,7 @@ class EdgeAgent:
             self.link.publish,
             self.link.connected,
             batch_size=lambda: self.serving.telemetry_batch_size,
+            linger_s=lambda: self.serving.telemetry_flush_interval_s,
         )
         self.fetcher = ShardFetcher(
             settings.device_id,

@@ -16,6 +16,7 @@ from shared.messages import Phase
 
 if TYPE_CHECKING:
     from edge_agent.agent import EdgeAgent
+    from edge_agent.request_router import RequestRouter
 
 PREFIX = "autoglm_edge"
 # Label values for the endpoint; anything else counts as "other" so clients cannot grow the label set.
@@ -23,7 +24,7 @@ ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", 
 
 
 class EdgeMetrics:
-    def __init__(self, agent: EdgeAgent) -> None:
+    def __init__(self, agent: EdgeAgent, router: RequestRouter) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             f"{PREFIX}_requests",
@@ -38,7 +39,7 @@ class EdgeMetrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=self.registry,
         )
-        self.registry.register(_LiveCollector(agent))
+        self.registry.register(_LiveCollector(agent, router))
 
 
 class RequestMetrics:
@@ -77,8 +78,9 @@ class RequestMetrics:
 
 
 class _LiveCollector(Collector):
-    def __init__(self, agent: EdgeAgent) -> None:
+    def __init__(self, agent: EdgeAgent, router: RequestRouter) -> None:
         self.agent = agent
+        self.router = router
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         a = self.agent
@@ -112,6 +114,17 @@ class _LiveCollector(Collector):
         yield counter("outbox_delivered", "Outbox entries acknowledged by the broker.", a.outbox.delivered)
         yield counter("dropped_messages", "Malformed inbound MQTT messages dropped.", a.link.dropped_messages)
         yield counter("fetch_bytes", "Model bytes received.", a.fetcher.stats.bytes_received)
+        yield counter(
+            "cloud_fallbacks",
+            "Requests the local side could not take, served by the cloud.",
+            self.router.fallbacks,
+        )
+        breaker = self.router.cloud.breaker
+        yield gauge(
+            "cloud_breaker_open",
+            "1 while the cloud fallback's circuit is open (cloud requests refused at once).",
+            1.0 if breaker.state == "open" else 0.0,
+        )
 
         current = a.host.current
         model = GaugeMetricFamily(

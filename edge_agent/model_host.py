@@ -39,6 +39,10 @@ class LoadedModel:
     def model_id(self) -> str:
         return f"{self.manifest.name}:{self.manifest.version}"
 
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset({self.model_id, self.manifest.name})
+
     @classmethod
     def load(
         cls, folder: Path, manifest: Manifest, slot: str, *, threads: int, providers: list[str] | None

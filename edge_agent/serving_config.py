@@ -20,6 +20,7 @@ class ServingConfig:
     cloud_url: str | None = None
     cloud_timeout_s: float = 30.0
     telemetry_batch_size: int = 200
+    telemetry_flush_interval_s: float = 1.0
 
     @classmethod
     def resolve(cls, *layers: EdgeConfig) -> ServingConfig:
@@ -40,4 +41,5 @@ class ServingConfig:
 _FIELD = {
     ("router", "policy"): "router_policy",
     ("telemetry", "batch_size"): "telemetry_batch_size",
+    ("telemetry", "flush_interval_s"): "telemetry_flush_interval_s",
 }

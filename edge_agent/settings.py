@@ -48,6 +48,18 @@ class FetchSettings(_Section):
     max_bytes_per_s: Annotated[int, Field(gt=0)] | None = None
 
 
+class FallbackSettings(_Section):
+    """Device-local half of the cloud fallback (where and under which policy is pushed: ``router``)."""
+
+    # The tenant's inference key for the cloud gateway (never pushed over MQTT).
+    api_key: str | None = None
+    # An unreachable cloud is given up on after this long, however long a generation may take.
+    connect_timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    # Consecutive cloud failures that open the circuit, and how long it stays open before a probe.
+    breaker_failures: Annotated[int, Field(ge=1, le=100)] = 3
+    breaker_reset_s: Annotated[float, Field(gt=0, le=3600)] = 15.0
+
+
 class OutboxSettings(_Section):
     # Undelivered telemetry beyond this many records drops the oldest first (reported state is kept).
     max_records: Annotated[int, Field(ge=100, le=10_000_000)] = 1_000_000
@@ -64,6 +76,7 @@ class EdgeSettings(_Section):
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     fetch: FetchSettings = Field(default_factory=FetchSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    fallback: FallbackSettings = Field(default_factory=FallbackSettings)
     # The sections below have the schema the cloud pushes (shared/edge_config.py); a push overrides
     # them key by key, and keys neither here nor pushed take the defaults in serving_config.py.
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)

@@ -59,18 +59,26 @@ class OutboxSender:
         publish: Publish,
         connected: asyncio.Event,
         batch_size: Callable[[], int],
+        linger_s: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.outbox = outbox
         self.device_id = device_id
         self.publish = publish
         self.connected = connected
         self.batch_size = batch_size
+        self.linger_s = linger_s
 
     async def run(self) -> None:
         while True:
             await self.outbox.wait_for_entries()
             await self.connected.wait()
             entries = self.outbox.peek(self.batch_size())
+            linger = self.linger_s()
+            if linger > 0 and entries[0].record and len(entries) < self.batch_size():
+                # Telemetry waits a moment for company: one message (and one database write in
+                # the cloud) per batch of requests, not per request. A full batch goes at once.
+                await asyncio.sleep(linger)
+                entries = self.outbox.peek(self.batch_size())
             if not await self._send(_leading_group(entries)):
                 await asyncio.sleep(0.5)  # lost the link mid-send; wait for the reconnect
 

@@ -53,6 +53,8 @@ class RouterConfig(WireModel):
 class TelemetryConfig(WireModel):
     # Records per telemetry message when the outbox drains.
     batch_size: Annotated[int, Field(strict=True, ge=1, le=1000)] | None = None
+    # How long a record may wait for others to share its message (0: send each at once).
+    flush_interval_s: Annotated[float, Field(ge=0, le=60)] | None = None
 
 
 class EdgeConfig(WireModel):

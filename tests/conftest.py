@@ -380,3 +380,23 @@ def is_active(model: RegistryEntry, revision: int) -> Callable[[ReportedState], 
         )
 
     return check
+
+
+def provisioned_device(
+    edge_factory: Callable[..., EdgeProcess],
+    *,
+    broker: BrokerSettings,
+    tenant: str,
+    registry: ModelRegistry,
+    trusted: list[str],
+    model: RegistryEntry,
+) -> EdgeProcess:
+    """Start DEVICE, deliver ``model`` over MQTT, wait until it serves, stop it: a device with a
+    model in its active slot, to be started again under other conditions (same data folder)."""
+    edge = edge_factory(device_id=DEVICE, tenant=tenant, broker=broker, trusted=trusted)
+    CloudSide(broker, tenant, registry).drive(
+        DesiredState(revision=1, model=model.ref), lambda r: r.phase == Phase.ACTIVE
+    )
+    edge.wait_ready()
+    edge.stop()
+    return edge

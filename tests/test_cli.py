@@ -35,6 +35,8 @@ COMMANDS = [
     *[["rollout", c] for c in ("create", "ls", "status", "pause", "resume", "abort", "rollback")],
     ["config"],
     ["config", "push"],
+    ["pool"],
+    ["pool", "serve"],
     ["demo"],
 ]
 
@@ -129,6 +131,12 @@ def test_package_list_show_and_refuse_duplicate(tmp_path: Path) -> None:
 
     key = autoglm("model", "key", home=home).stdout.strip()
     assert len(base64.b64decode(key)) == 32
+
+
+def test_pool_refuses_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
+    r = autoglm("pool", "serve", "--model", str(tmp_path), home=tmp_path)
+    assert r.returncode == 1
+    assert "not a Hugging Face model folder" in r.stdout + r.stderr
 
 
 def test_bad_inputs_give_clear_errors(tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -15,11 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from cloud.auth import ApiKeys
 from cloud.fleet import Fleet, Selector
-from cloud.local_broker import LocalBroker, free_port
+from cloud.local_broker import LocalBroker
 from cloud.processes import stop_process
 from cloud.registry import ModelRegistry, RegistryEntry
 from cloud.rollouts import RolloutDriver, Rollouts, RolloutSpec, assign_waves
@@ -29,6 +27,7 @@ from shared.messages import DeviceStatus
 from shared.mqtt import BrokerSettings
 from shared.signing import SigningKey
 from tests.conftest import EdgeProcess
+from tests.services import cli, start_cloud
 
 PG_ADMIN = "postgresql+psycopg://root@127.0.0.1:5432/postgres"
 
@@ -66,118 +65,6 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'cloud.db'}"
     url: str = request.getfixturevalue("postgres_url")
     return url
-
-
-class CloudProcess:
-    def __init__(self, proc: subprocess.Popen[str], url: str, key: str) -> None:
-        self.proc = proc
-        self.url = url
-        self.key = key
-        self.lines: list[str] = []
-
-    def api(
-        self, method: str, path: str, body: dict[str, Any] | None = None, key: str | None = None
-    ) -> httpx.Response:
-        return httpx.request(
-            method,
-            f"{self.url}{path}",
-            json=body,
-            headers={"authorization": f"Bearer {key or self.key}"},
-            timeout=30,
-        )
-
-    def ok(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        r = self.api(method, path, body)
-        assert r.status_code < 300, f"{method} {path}: {r.status_code} {r.text}\n" + "\n".join(
-            self.lines[-30:]
-        )
-        return r.json()
-
-    def wait(self, check: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if check():
-                return
-            time.sleep(0.25)
-        raise AssertionError(f"timed out waiting for {what}\n" + "\n".join(self.lines[-40:]))
-
-    def rollout(self, rid: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.ok("GET", f"/v1/rollouts/{rid}")
-        return result
-
-    def wait_rollout(self, rid: str, states: tuple[str, ...], timeout: float = 120) -> dict[str, Any]:
-        self.wait(lambda: self.rollout(rid)["state"] in states, timeout, f"rollout {rid} to reach {states}")
-        return self.rollout(rid)
-
-    def devices(self) -> dict[str, dict[str, Any]]:
-        return {d["device_id"]: d for d in self.ok("GET", "/v1/devices")["devices"]}
-
-
-def cli(cloud: CloudProcess, *args: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "AUTOGLM_URL": cloud.url, "AUTOGLM_API_KEY": key or cloud.key, "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "cloud.cli", *args], capture_output=True, text=True, env=env, timeout=120
-    )
-
-
-def start_cloud(
-    tmp: Path,
-    database_url: str,
-    broker: BrokerSettings,
-    tenant: str,
-    registry: ModelRegistry,
-    replica_id: str = "replica-a",
-    key: str | None = None,
-) -> CloudProcess:
-    tmp.mkdir(parents=True, exist_ok=True)
-    registries = tmp / "registries"
-    registries.mkdir(exist_ok=True)
-    (registries / tenant).symlink_to(registry.root)
-    port = free_port()
-    config = tmp / "cloud.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "database_url": database_url,
-                "registry_dir": str(registries),
-                "tenants": [tenant],
-                "broker": broker.model_dump(),
-                "api": {"host": "127.0.0.1", "port": port},
-                "rollouts": {"tick_s": 0.3, "lease_s": 5.0},
-                "replica_id": replica_id,
-            }
-        )
-    )
-    if key is None:
-        engine = make_engine(database_url)
-        migrate(engine)
-        _, key = ApiKeys(engine).create(tenant, "test", "admin")
-        engine.dispose()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cloud.cli", "cloud", "serve", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    cloud = CloudProcess(proc, f"http://127.0.0.1:{port}", key)
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            cloud.lines.append(line.rstrip())
-
-    threading.Thread(target=pump, daemon=True).start()
-
-    def ready() -> bool:
-        assert proc.poll() is None, "\n".join(cloud.lines)
-        try:
-            return httpx.get(f"{cloud.url}/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    cloud.wait(ready, 60, "the control plane to be ready")
-    return cloud
 
 
 def test_staged_rollouts_gates_rollback_pause_abort_and_offline_devices(

@@ -14,7 +14,7 @@ from cloud.registry import ModelRegistry, RegistryEntry
 from shared.messages import DesiredState, ModelRef, Phase
 from shared.mqtt import BrokerSettings
 from shared.signing import SigningKey
-from tests.conftest import DEVICE, CloudSide, EdgeProcess, start_edge
+from tests.conftest import DEVICE, CloudSide, EdgeProcess, provisioned_device, start_edge
 
 
 @pytest.fixture(scope="module")
@@ -293,14 +293,14 @@ def test_restarted_agent_serves_its_active_slot_with_no_broker(
     signing_key: SigningKey,
     edge_factory: Callable[..., EdgeProcess],
 ) -> None:
-    first = edge_factory(
-        device_id=DEVICE, tenant=tenant, broker=broker_settings, trusted=[signing_key.public.b64]
+    first = provisioned_device(
+        edge_factory,
+        broker=broker_settings,
+        tenant=tenant,
+        registry=registry,
+        trusted=[signing_key.public.b64],
+        model=demo_package,
     )
-    CloudSide(broker_settings, tenant, registry).drive(
-        DesiredState(revision=1, model=demo_package.ref), lambda r: r.phase == Phase.ACTIVE
-    )
-    first.wait_ready()
-    first.stop()
 
     # Same device and data folder, but the broker is now a port nobody listens on.
     from cloud.local_broker import free_port

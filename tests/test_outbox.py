@@ -169,3 +169,29 @@ def test_chat_template_from_the_model_and_the_fallback(tmp_path: Path) -> None:
     )
     with pytest.raises(InferenceError, match="only user turns"):
         ChatTemplate.from_folder(tmp_path).render([{"role": "user", "content": "Hi"}])
+
+
+def test_sender_lets_records_linger_into_one_message(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.sqlite3")
+    rec = _recorder(box)
+    sent: list[bytes] = []
+
+    async def publish(topic: str, payload: bytes, retain: bool) -> bool:
+        sent.append(payload)
+        return True
+
+    async def run() -> None:
+        connected = asyncio.Event()
+        connected.set()
+        sender = OutboxSender(box, "dev-1", publish, connected, batch_size=lambda: 100, linger_s=lambda: 0.3)
+        task = asyncio.create_task(sender.run())
+        for _ in range(5):  # one request every 20 ms, as a busy device makes them
+            _record(rec, 1)
+            await asyncio.sleep(0.02)
+        async with asyncio.timeout(10):
+            while box.depth():
+                await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(run())
+    assert len(sent) == 1 and len(TelemetryBatch.from_json(sent[0]).records) == 5

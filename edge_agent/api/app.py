@@ -7,13 +7,17 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request
 
 from edge_agent.agent import EdgeAgent
 from edge_agent.api.errors import install_error_handlers
-from edge_agent.api.router import probes, v1
+from edge_agent.api.openai_routes import Responder, ServedByHeader, ServiceResponder, openai_routes
+from edge_agent.api.router import probes, require_api_key, v1
 from edge_agent.api.serving import CompletionService
+from edge_agent.breaker import CircuitBreaker
+from edge_agent.cloud_fallback import CloudFallback
 from edge_agent.metrics import EdgeMetrics, RequestMetrics
+from edge_agent.request_router import RequestRouter
 from edge_agent.settings import EdgeSettings
 
 log = logging.getLogger(__name__)
@@ -29,8 +33,18 @@ def create_app(settings: EdgeSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         agent = EdgeAgent(settings)
         app.state.agent = agent
-        app.state.metrics = EdgeMetrics(agent)
-        app.state.completions = CompletionService(agent.host, lambda: agent.serving, agent.telemetry)
+        fb = settings.fallback
+        cloud = CloudFallback(
+            lambda: agent.serving,
+            api_key=fb.api_key,
+            connect_timeout_s=fb.connect_timeout_s,
+            breaker=CircuitBreaker(fb.breaker_failures, fb.breaker_reset_s),
+        )
+        local = CompletionService(agent.host, lambda: agent.serving, agent.telemetry)
+        app.state.router = RequestRouter(
+            ServiceResponder(local, "local"), cloud, lambda: agent.serving, agent.telemetry
+        )
+        app.state.metrics = EdgeMetrics(agent, app.state.router)
         task = asyncio.create_task(agent.run(), name="edge-agent")
         task.add_done_callback(_log_exit)
         app.state.agent_task = task
@@ -40,10 +54,18 @@ def create_app(settings: EdgeSettings) -> FastAPI:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+            await cloud.aclose()
 
     app = FastAPI(title="Open-AutoGLM edge agent", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(ServedByHeader)
     app.add_middleware(RequestMetrics)
     app.include_router(probes)
     app.include_router(v1)
+    app.include_router(openai_routes(_router, prefix="/v1", dependencies=[Depends(require_api_key)]))
     return app
+
+
+def _router(request: Request) -> Responder:
+    router: RequestRouter = request.app.state.router
+    return router

@@ -1,24 +1,16 @@
-"""Routes of the local API; logic lives in CompletionService and EdgeAgent."""
+"""Probes and agent routes of the local API; the OpenAI routes are in openai_routes.py."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edge_agent.agent import EdgeAgent
-from edge_agent.api.serving import SERVED_BY_HEADER, CompletionService
 from shared.errors import InferenceError
-from shared.openai_api import (
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionRequest,
-    CompletionResponse,
-    ModelList,
-)
 
 
 def _agent(request: Request) -> EdgeAgent:
@@ -26,15 +18,8 @@ def _agent(request: Request) -> EdgeAgent:
     return agent
 
 
-def _service(request: Request) -> CompletionService:
-    service: CompletionService = request.app.state.completions
-    return service
-
-
-ServiceDep = Annotated[CompletionService, Depends(_service)]
-
-
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
+    # async: a sync dependency would cost every request a hop to FastAPI's thread pool.
     key = _agent(request).settings.api.api_key
     if key is None:
         return
@@ -62,35 +47,6 @@ async def readyz(request: Request) -> JSONResponse:
     if current is None:
         return JSONResponse({"ready": False, "reason": "no active model"}, status_code=503)
     return JSONResponse({"ready": True, "model": current.model_id})
-
-
-@v1.get("/models")
-async def models(service: ServiceDep) -> ModelList:
-    return service.models()
-
-
-@v1.post("/completions", response_model=None)
-async def completions(
-    body: CompletionRequest, response: Response, service: ServiceDep
-) -> CompletionResponse | StreamingResponse:
-    if body.stream:
-        events = await service.complete_stream(body)
-        return StreamingResponse(events, media_type="text/event-stream", headers={SERVED_BY_HEADER: "local"})
-    result = await service.complete(body)
-    response.headers[SERVED_BY_HEADER] = "local"
-    return result
-
-
-@v1.post("/chat/completions", response_model=None)
-async def chat_completions(
-    body: ChatCompletionRequest, response: Response, service: ServiceDep
-) -> ChatCompletionResponse | StreamingResponse:
-    if body.stream:
-        events = await service.chat_stream(body)
-        return StreamingResponse(events, media_type="text/event-stream", headers={SERVED_BY_HEADER: "local"})
-    result = await service.chat(body)
-    response.headers[SERVED_BY_HEADER] = "local"
-    return result
 
 
 @probes.get("/metrics")

@@ -1,7 +1,9 @@
-"""The logic behind the local OpenAI-compatible endpoints (the router stays thin).
+"""The logic behind the OpenAI-compatible endpoints (the routers stay thin).
 
-Every request that reaches the runtime leaves one telemetry record in the outbox, success or
-failure, so the cloud sees error rates and latency per model even for offline periods.
+The same service serves the edge's local model (``ModelHost``) and the cloud pool's batch engine,
+through the small :class:`TextBackend` protocol, so a response has one shape wherever it was made.
+On the edge, every request that reaches the runtime leaves one telemetry record in the outbox,
+success or failure, so the cloud sees error rates and latency per model even for offline periods.
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from pydantic import BaseModel
 
-from edge_agent.model_host import LoadedModel, ModelHost
+from edge_agent.chat import ChatTemplate
 from edge_agent.runtime.generator import GenerationParams, GenerationResult
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.serving_config import ServingConfig
@@ -39,6 +42,36 @@ from shared.openai_api import (
 SERVED_BY_HEADER = "X-AutoGLM-Served-By"
 
 
+class ServedModel(Protocol):
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def names(self) -> frozenset[str]:
+        """Every name a client may ask for this model by."""
+        ...
+
+    @property
+    def chat(self) -> ChatTemplate: ...
+
+
+class TextBackend(Protocol):
+    """Where text is generated: admission (429/503) and the model's lifetime are its business."""
+
+    @property
+    def current(self) -> ServedModel | None: ...
+
+    def require(self) -> ServedModel: ...
+
+    async def generate(
+        self, prompt: str, params: GenerationParams
+    ) -> tuple[ServedModel, GenerationResult]: ...
+
+    async def stream(
+        self, prompt: str, params: GenerationParams
+    ) -> tuple[ServedModel, AsyncIterator[str | GenerationResult]]: ...
+
+
 @dataclass
 class _Prepared:
     prompt: str
@@ -48,7 +81,10 @@ class _Prepared:
 
 class CompletionService:
     def __init__(
-        self, host: ModelHost, serving: Callable[[], ServingConfig], telemetry: TelemetryRecorder
+        self,
+        host: TextBackend,
+        serving: Callable[[], ServingConfig],
+        telemetry: TelemetryRecorder | None = None,
     ) -> None:
         self.host = host
         self.serving = serving
@@ -59,10 +95,10 @@ class CompletionService:
         return ModelList(data=[ModelCard(id=current.model_id)] if current else [])
 
     # -- request preparation -----------------------------------------------------------------
-    def _model_for(self, requested: str) -> LoadedModel:
+    def _model_for(self, requested: str) -> ServedModel:
         loaded = self.host.require()
         # Clients may name the model by "name", "name:version", or leave the choice to us with "default".
-        if requested not in {loaded.model_id, loaded.manifest.name, "default"}:
+        if requested != "default" and requested not in loaded.names:
             raise InferenceError(
                 f"model {requested!r} is not served here; this device serves {loaded.model_id!r}",
                 param="model",
@@ -107,6 +143,8 @@ class CompletionService:
     def _record(
         self, prep: _Prepared, model: str, result: GenerationResult | None, error: str | None
     ) -> None:
+        if self.telemetry is None:
+            return
         self.telemetry.record(
             model=model,
             served_by="local",
@@ -116,7 +154,7 @@ class CompletionService:
             error=error,
         )
 
-    async def _generate(self, prep: _Prepared) -> tuple[LoadedModel, GenerationResult]:
+    async def _generate(self, prep: _Prepared) -> tuple[ServedModel, GenerationResult]:
         current = self.host.current
         try:
             loaded, result = await self.host.generate(prep.prompt, prep.params)
@@ -128,7 +166,7 @@ class CompletionService:
         return loaded, result
 
     async def _stream(
-        self, prep: _Prepared, render: Callable[[LoadedModel, str | GenerationResult, bool], BaseModel]
+        self, prep: _Prepared, render: Callable[[ServedModel, str | GenerationResult, bool], BaseModel]
     ) -> AsyncIterator[str]:
         loaded, items = await self.host.stream(prep.prompt, prep.params)
 
@@ -161,7 +199,7 @@ class CompletionService:
     async def complete_stream(self, req: CompletionRequest) -> AsyncIterator[str]:
         cid = new_id("cmpl")
 
-        def render(loaded: LoadedModel, item: str | GenerationResult, first: bool) -> BaseModel:
+        def render(loaded: ServedModel, item: str | GenerationResult, first: bool) -> BaseModel:
             if isinstance(item, GenerationResult):
                 choice = CompletionChoice(text="", finish_reason=item.finish_reason)
                 return CompletionResponse(id=cid, model=loaded.model_id, choices=[choice], usage=_usage(item))
@@ -183,7 +221,7 @@ class CompletionService:
     async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
         cid = new_id("chatcmpl")
 
-        def render(loaded: LoadedModel, item: str | GenerationResult, first: bool) -> BaseModel:
+        def render(loaded: ServedModel, item: str | GenerationResult, first: bool) -> BaseModel:
             if isinstance(item, GenerationResult):
                 choice = ChatChunkChoice(delta=ChatDelta(), finish_reason=item.finish_reason)
                 return ChatCompletionChunk(

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from edge_agent.runtime.sampling import SamplingConfig, choose_token
 from edge_agent.runtime.session import OnnxCausalLM
+from edge_agent.runtime.text import IncrementalText
 from shared.errors import InferenceError
-
-FinishReason = Literal["stop", "length"]
+from shared.openai_api import FinishReason
 
 
 @dataclass(frozen=True)
@@ -72,45 +71,21 @@ class TextGenerator:
         """Yield text deltas as they become final, then one GenerationResult."""
         prompt_ids = self.check_prompt(prompt)
         budget = min(params.max_tokens, self.context_length - len(prompt_ids))
-        result = GenerationResult(prompt_tokens=len(prompt_ids), finish_reason="stop")
-        generated: list[int] = []
-        emitted = ""
-        holdback = max((len(s) for s in params.stop), default=1) - 1
-        stopped_on_sequence = False
+        text = IncrementalText(self.tokenizer, params.stop)
         for token in self.token_ids(prompt_ids, budget, params):
-            generated.append(token)
-            text = self.tokenizer.decode(generated)
-            cut = _first_stop(text, params.stop)
-            if cut is not None:
-                stopped_on_sequence = True
-                text = text[:cut]
-                if len(text) > len(emitted):
-                    yield text[len(emitted) :]
-                emitted = text
+            delta = text.push(token)
+            if delta:
+                yield delta
+            if text.stopped:
                 break
-            # Hold back an incomplete UTF-8 sequence and anything that may begin a stop sequence.
-            safe = len(text.rstrip("\ufffd")) - holdback
-            if safe > len(emitted):
-                yield text[len(emitted) : safe]
-                emitted = text[:safe]
-        if not stopped_on_sequence:
-            if len(generated) == budget:
-                result.finish_reason = "length"
-            final = self.tokenizer.decode(generated)
-            if len(final) > len(emitted):
-                yield final[len(emitted) :]
-            emitted = final
-        result.text = emitted
-        result.completion_tokens = len(generated)
-        yield result
+        tail = text.finish()
+        if tail:
+            yield tail
+        reason: FinishReason = "length" if not text.stopped and len(text.tokens) == budget else "stop"
+        yield GenerationResult(text.emitted, len(prompt_ids), len(text.tokens), reason)
 
     def generate(self, prompt: str, params: GenerationParams) -> GenerationResult:
         for item in self.stream(prompt, params):
             if isinstance(item, GenerationResult):
                 return item
         raise AssertionError("stream ended without a result")  # pragma: no cover
-
-
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None

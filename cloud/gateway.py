@@ -1,0 +1,207 @@
+"""The fallback gateway: OpenAI requests from tenants' inference keys, spread over the pool replicas.
+
+* Balancing: least outstanding requests among the replicas that are up.
+* Health: every replica's ``GET {url}/models`` is polled; a replica that refuses a connection or
+  drops one mid-answer is marked down at once and comes back when a poll succeeds.
+* Retries: a request whose replica failed before an answer reached the client (connection refused
+  or reset, the answer cut off, 502/503/504) is sent to another replica, up to ``max_attempts``.
+  Completions have no side effects, so sending one again is safe. A stream that breaks after its
+  first bytes reached the client cannot be retried and ends there.
+* Any OpenAI-compatible server (e.g. vLLM) can be a replica: only ``/models``,
+  ``/completions`` and ``/chat/completions`` under its base URL are used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from fastapi import Response
+from fastapi.responses import StreamingResponse
+
+from cloud.settings import GatewaySettings
+from edge_agent.api.serving import SERVED_BY_HEADER
+from shared.errors import InferenceError
+from shared.openai_api import ModelCard, ModelList
+
+log = logging.getLogger(__name__)
+
+REPLICA_HEADER = "X-AutoGLM-Replica"
+_RETRY_STATUS = frozenset({502, 503, 504})
+_PASS_HEADERS = ("content-type", "retry-after")
+
+
+@dataclass
+class Replica:
+    name: str
+    url: str
+    api_key: str | None
+    outstanding: int = 0
+    up: bool = True
+    served: int = 0
+    failures: int = 0
+    last_error: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "url": self.url,
+            "up": self.up,
+            "outstanding": self.outstanding,
+            "served": self.served,
+            "failures": self.failures,
+            "last_error": self.last_error,
+        }
+
+
+class _ReplicaFailed(Exception):
+    """This replica could not answer; another may."""
+
+
+class PoolGateway:
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.replicas = [
+            Replica(u.name or f"pool-{i}", u.url.rstrip("/"), u.api_key)
+            for i, u in enumerate(settings.upstreams)
+        ]
+        self.retries = 0
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    # -- health --------------------------------------------------------------------------------
+    async def run_health_checks(self) -> None:
+        if not self.replicas:
+            return
+        while True:
+            await asyncio.gather(*(self._probe(r) for r in self.replicas))
+            await asyncio.sleep(self.settings.health_interval_s)
+
+    async def _probe(self, replica: Replica) -> None:
+        try:
+            r = await self._client.get(
+                f"{replica.url}/models", headers=replica.headers(), timeout=self.settings.connect_timeout_s
+            )
+            ok, why = r.status_code == 200, f"health check answered HTTP {r.status_code}"
+        except httpx.HTTPError as exc:
+            ok, why = False, f"health check failed: {type(exc).__name__}: {exc}"
+        if ok and not replica.up:
+            log.info("pool replica %s is back up", replica.name)
+        if not ok and replica.up:
+            log.warning("pool replica %s is down: %s", replica.name, why)
+        replica.up = ok
+        if not ok:
+            replica.last_error = why
+
+    def _mark_down(self, replica: Replica, why: str) -> None:
+        replica.failures += 1
+        replica.last_error = why
+        if replica.up:
+            log.warning("pool replica %s failed a request and is marked down: %s", replica.name, why)
+        replica.up = False
+
+    def _pick(self, tried: set[str]) -> Replica | None:
+        candidates = [r for r in self.replicas if r.up and r.name not in tried]
+        return min(candidates, key=lambda r: r.outstanding) if candidates else None
+
+    # -- requests ------------------------------------------------------------------------------
+    async def models(self) -> ModelList:
+        """The union of the models the replicas that are up say they serve."""
+        seen: dict[str, ModelCard] = {}
+
+        async def one(replica: Replica) -> None:
+            try:
+                r = await self._client.get(
+                    f"{replica.url}/models",
+                    headers=replica.headers(),
+                    timeout=self.settings.connect_timeout_s,
+                )
+                r.raise_for_status()
+                for card in r.json().get("data", []):
+                    if isinstance(card, dict) and isinstance(card.get("id"), str):
+                        seen.setdefault(card["id"], ModelCard(id=card["id"], owned_by=replica.name))
+            except (httpx.HTTPError, ValueError) as exc:
+                log.info("could not list models of %s: %s", replica.name, exc)
+
+        await asyncio.gather(*(one(r) for r in self.replicas if r.up))
+        return ModelList(data=list(seen.values()))
+
+    async def forward(self, path: str, body: dict[str, Any]) -> Response:
+        """POST ``body`` to the least busy replica that is up, moving on to another when one fails."""
+        if not self.replicas:
+            raise InferenceError("no pool is configured (gateway.upstreams)", status=503, code="no_pool")
+        tried: set[str] = set()
+        errors: list[str] = []
+        for attempt in range(self.settings.max_attempts):
+            replica = self._pick(tried)
+            if replica is None:
+                break
+            tried.add(replica.name)
+            if attempt:
+                self.retries += 1
+            try:
+                return await self._send(replica, path, body)
+            except _ReplicaFailed as exc:
+                errors.append(f"{replica.name}: {exc}")
+        detail = "; ".join(errors) if errors else "none is up"
+        raise InferenceError(
+            f"no pool replica could serve the request ({detail})",
+            status=503,
+            code="pool_unavailable",
+            retry_after_s=2,
+        )
+
+    async def _send(self, replica: Replica, path: str, body: dict[str, Any]) -> Response:
+        replica.outstanding += 1
+        request = self._client.build_request("POST", replica.url + path, json=body, headers=replica.headers())
+        try:
+            upstream = await self._client.send(request, stream=True)
+        except httpx.TransportError as exc:
+            replica.outstanding -= 1
+            self._mark_down(replica, f"{type(exc).__name__}: {exc}")
+            raise _ReplicaFailed(str(exc) or type(exc).__name__) from exc
+        headers = {k: v for k in _PASS_HEADERS if (v := upstream.headers.get(k)) is not None}
+        headers[SERVED_BY_HEADER] = "cloud"
+        headers[REPLICA_HEADER] = replica.name
+        if upstream.status_code == 200 and upstream.headers.get("content-type", "").startswith(
+            "text/event-stream"
+        ):
+            replica.served += 1
+            return StreamingResponse(_relay(upstream, replica), headers=headers)
+        try:
+            content = await upstream.aread()
+        except httpx.TransportError as exc:
+            self._mark_down(replica, f"answer cut off: {type(exc).__name__}")
+            raise _ReplicaFailed(f"answer cut off ({type(exc).__name__})") from exc
+        finally:
+            await upstream.aclose()
+            replica.outstanding -= 1
+        if upstream.status_code in _RETRY_STATUS:
+            self._mark_down(replica, f"HTTP {upstream.status_code}")
+            raise _ReplicaFailed(f"HTTP {upstream.status_code}: {content[:200].decode(errors='replace')}")
+        replica.served += 1
+        return Response(content, status_code=upstream.status_code, headers=headers)
+
+
+async def _relay(upstream: httpx.Response, replica: Replica) -> AsyncIterator[bytes]:
+    """The replica's stream, byte for byte; the replica's count goes down however it ends."""
+    try:
+        async for chunk in upstream.aiter_raw():
+            yield chunk
+    except httpx.TransportError as exc:  # the replica died mid-stream; the client sees the stream end
+        log.warning("a stream from pool replica %s broke off: %s", replica.name, exc)
+    finally:
+        replica.outstanding -= 1
+        await upstream.aclose()

@@ -1,0 +1,149 @@
+"""One pool replica: the OpenAI-compatible API (the edge's own routes and service) over a BatchEngine.
+
+The lifespan loads the model and owns the engine thread; ``/readyz`` is false until the engine
+runs and after it dies, so a gateway or Kubernetes stops sending work to a broken replica.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from cloud.pool.engine import BatchEngine, PoolModel
+from cloud.pool.settings import PoolSettings
+from edge_agent.api.errors import install_error_handlers
+from edge_agent.api.openai_routes import Responder, ServiceResponder, openai_routes
+from edge_agent.api.serving import CompletionService
+from edge_agent.runtime.generator import GenerationParams, GenerationResult
+from edge_agent.serving_config import ServingConfig
+from shared.errors import InferenceError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "autoglm_pool"
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class PoolBackend:
+    """The :class:`~edge_agent.api.serving.TextBackend` of a pool replica."""
+
+    def __init__(self, engine: BatchEngine) -> None:
+        self.engine = engine
+
+    @property
+    def current(self) -> PoolModel | None:
+        return self.engine.info if self.engine.alive else None
+
+    def require(self) -> PoolModel:
+        if not self.engine.alive:
+            raise InferenceError("the pool's engine is not running", status=503, code="engine_down")
+        return self.engine.info
+
+    async def generate(self, prompt: str, params: GenerationParams) -> tuple[PoolModel, GenerationResult]:
+        model, items = await self.stream(prompt, params)
+        async for item in items:
+            if isinstance(item, GenerationResult):
+                return model, item
+        raise InferenceError("generation ended without a result", status=500, code="engine_error")
+
+    async def stream(
+        self, prompt: str, params: GenerationParams
+    ) -> tuple[PoolModel, AsyncIterator[str | GenerationResult]]:
+        return self.require(), self.engine.submit(prompt, params)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, engine: BatchEngine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        s = self.engine.stats
+        yield GaugeMetricFamily(
+            f"{PREFIX}_queue_depth", "Requests waiting for a place in the batch.", s.waiting
+        )
+        yield GaugeMetricFamily(f"{PREFIX}_batch_size", "Sequences in the running batch.", s.batch_size)
+        yield GaugeMetricFamily(
+            f"{PREFIX}_tokens_per_second", "Tokens generated per second over the last 10 s.", s.tokens_per_s()
+        )
+        yield CounterMetricFamily(f"{PREFIX}_tokens", "Tokens generated.", s.tokens_generated)
+        yield CounterMetricFamily(f"{PREFIX}_requests", "Requests finished.", s.requests_done)
+        yield CounterMetricFamily(f"{PREFIX}_rejected_queue_full", "Requests refused with 429.", s.rejected)
+        yield CounterMetricFamily(f"{PREFIX}_decode_steps", "Batched decode steps run.", s.decode_steps)
+
+
+def create_app(settings: PoolSettings) -> FastAPI:
+    registry = CollectorRegistry(auto_describe=True)
+    ttft = Histogram(
+        f"{PREFIX}_time_to_first_token_seconds",
+        "From a request's arrival to its first token (queueing included).",
+        buckets=TTFT_BUCKETS,
+        registry=registry,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = BatchEngine(
+            settings.model_dir,
+            name=settings.name,
+            device=settings.device,
+            max_batch=settings.max_batch,
+            queue_size=settings.queue_size,
+            threads=settings.threads,
+            on_first_token=ttft.observe,
+        )
+        registry.register(_EngineCollector(engine))
+        engine.start()
+        log.info(
+            "pool serving %s on %s (%s), batches of up to %d",
+            engine.info.model_id,
+            engine.device,
+            str(engine.dtype).removeprefix("torch."),
+            settings.max_batch,
+        )
+        defaults = ServingConfig(default_max_tokens=settings.default_max_tokens)
+        service = CompletionService(PoolBackend(engine), lambda: defaults)
+        app.state.engine = engine
+        app.state.responder = ServiceResponder(service, "cloud")
+        try:
+            yield
+        finally:
+            engine.close()
+
+    async def require_api_key(request: Request) -> None:
+        if (
+            settings.api_key is not None
+            and request.headers.get("authorization") != f"Bearer {settings.api_key}"
+        ):
+            raise InferenceError("missing or wrong API key", status=401, code="invalid_api_key")
+
+    def responder(request: Request) -> Responder:
+        r: Responder = request.app.state.responder
+        return r
+
+    app = FastAPI(title="Open-AutoGLM pool", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(openai_routes(responder, prefix="/v1", dependencies=[Depends(require_api_key)]))
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        engine: BatchEngine = request.app.state.engine
+        if not engine.alive:
+            return JSONResponse({"ready": False, "reason": "the engine thread stopped"}, status_code=503)
+        return JSONResponse({"ready": True, "model": engine.info.model_id, "device": engine.device})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

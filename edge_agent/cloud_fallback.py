@@ -1,0 +1,138 @@
+"""The edge's client of the cloud gateway: forwards an OpenAI request as the app sent it.
+
+Connection failures, timeouts and 5xx answers count against a :class:`CircuitBreaker`; while it
+is open, a request is refused at once with :class:`CloudUnavailable` instead of waiting for
+another timeout. 4xx answers are the cloud's verdict on the request and pass through unchanged.
+Streams are passed through byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+from fastapi import Response
+from fastapi.responses import StreamingResponse
+
+from edge_agent.api.serving import SERVED_BY_HEADER
+from edge_agent.breaker import CircuitBreaker
+from edge_agent.serving_config import ServingConfig
+from shared.errors import InferenceError
+
+log = logging.getLogger(__name__)
+
+# Headers of the cloud's answer worth keeping (the rest describe the hop, not the answer).
+_PASS_HEADERS = ("content-type", "retry-after")
+# What a failed hop raises: refused, reset, cut off, or timed out.
+_HOP_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
+class CloudUnavailable(InferenceError):
+    """The cloud cannot take this request now (not configured, unreachable, failing, breaker open)."""
+
+    def __init__(self, message: str, **context: Any) -> None:
+        super().__init__(message, status=503, code="cloud_unavailable", retry_after_s=5, **context)
+
+
+class CloudFallback:
+    # aiohttp rather than httpx on this hop: its C parser keeps what a fallback adds to a
+    # request's latency under a millisecond (bench/fallback_overhead.py).
+    def __init__(
+        self,
+        serving: Callable[[], ServingConfig],
+        *,
+        api_key: str | None,
+        connect_timeout_s: float,
+        breaker: CircuitBreaker,
+    ) -> None:
+        self.serving = serving
+        self.api_key = api_key
+        self.connect_timeout_s = connect_timeout_s
+        self.breaker = breaker
+        self.forwarded = 0
+        self._session: aiohttp.ClientSession | None = None
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _client(self) -> aiohttp.ClientSession:
+        # Created on first use, inside the event loop that serves the API.
+        if self._session is None:
+            headers = {"user-agent": "autoglm-edge"}
+            if self.api_key:
+                headers["authorization"] = f"Bearer {self.api_key}"
+            self._session = aiohttp.ClientSession(headers=headers)
+        return self._session
+
+    def _target(self, path: str) -> tuple[str, aiohttp.ClientTimeout]:
+        cfg = self.serving()
+        if cfg.cloud_url is None:
+            raise CloudUnavailable("no cloud fallback is configured (router.cloud_url)")
+        if not self.breaker.allow():
+            raise CloudUnavailable(
+                f"the cloud fallback failed {self.breaker.failures} time(s) in a row; "
+                f"circuit open, next probe in {self.breaker.retry_in():.1f}s"
+            )
+        connect = min(self.connect_timeout_s, cfg.cloud_timeout_s)
+        return cfg.cloud_url.rstrip("/") + path, aiohttp.ClientTimeout(
+            total=cfg.cloud_timeout_s, sock_connect=connect
+        )
+
+    def _failed(self, url: str, why: str) -> CloudUnavailable:
+        self.breaker.failure()
+        log.warning("cloud fallback %s failed: %s (breaker %s)", url, why, self.breaker.state)
+        return CloudUnavailable(f"the cloud fallback failed: {why}", url=url)
+
+    async def forward(self, path: str, body: dict[str, Any]) -> tuple[Response, dict[str, Any] | None]:
+        """POST ``body`` to the gateway; the answer, and its JSON when it was not a stream."""
+        url, timeout = self._target(path)
+        try:
+            upstream = await self._client().post(url, json=body, timeout=timeout)
+        except _HOP_ERRORS as exc:
+            raise self._failed(url, _describe(exc)) from exc
+        if upstream.status >= 500:
+            detail = (await upstream.read())[:300].decode(errors="replace")
+            upstream.release()
+            raise self._failed(url, f"HTTP {upstream.status}: {detail}")
+        self.breaker.success()
+        self.forwarded += 1
+        headers = {k: v for k in _PASS_HEADERS if (v := upstream.headers.get(k)) is not None}
+        headers[SERVED_BY_HEADER] = "cloud"
+        if upstream.content_type == "text/event-stream":
+            return StreamingResponse(
+                _passthrough(upstream), status_code=upstream.status, headers=headers
+            ), None
+        try:
+            content = await upstream.read()
+        except _HOP_ERRORS as exc:
+            raise self._failed(url, f"the answer broke off: {_describe(exc)}") from exc
+        finally:
+            upstream.release()
+        parsed: dict[str, Any] | None = None
+        if upstream.status < 300 and upstream.content_type == "application/json":
+            try:
+                parsed = json.loads(content)
+            except ValueError:
+                parsed = None
+        return Response(content, status_code=upstream.status, headers=headers), parsed
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def _passthrough(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in upstream.content.iter_any():
+            yield chunk
+    except _HOP_ERRORS as exc:  # the cloud went away mid-stream; the app sees the stream end
+        log.warning("a stream from the cloud broke off: %s", _describe(exc))
+    finally:
+        upstream.release()

@@ -1,0 +1,182 @@
+"""Services the tests run as real processes: the control plane and pool replicas."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from cloud.auth import ApiKeys
+from cloud.local_broker import free_port
+from cloud.processes import stop_process
+from cloud.registry import ModelRegistry
+from cloud.store import make_engine, migrate
+from shared.mqtt import BrokerSettings
+
+
+class Service:
+    """A server of ours as its own OS process, its output collected in ``lines``."""
+
+    def __init__(self, cmd: list[str], url: str, env: dict[str, str] | None = None) -> None:
+        self.url = url
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+
+    def wait(self, check: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check():
+                return
+            time.sleep(0.25)
+        raise AssertionError(f"timed out waiting for {what}\n" + "\n".join(self.lines[-40:]))
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        def ready() -> bool:
+            assert self.proc.poll() is None, "exited:\n" + "\n".join(self.lines)
+            try:
+                return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        self.wait(ready, timeout, f"{self.url}/readyz")
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+class CloudProcess(Service):
+    def __init__(self, cmd: list[str], url: str, key: str) -> None:
+        super().__init__(cmd, url)
+        self.key = key
+
+    def api(
+        self, method: str, path: str, body: dict[str, Any] | None = None, key: str | None = None
+    ) -> httpx.Response:
+        return httpx.request(
+            method,
+            f"{self.url}{path}",
+            json=body,
+            headers={"authorization": f"Bearer {key or self.key}"},
+            timeout=30,
+        )
+
+    def ok(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        r = self.api(method, path, body)
+        assert r.status_code < 300, f"{method} {path}: {r.status_code} {r.text}\n" + "\n".join(
+            self.lines[-30:]
+        )
+        return r.json()
+
+    def rollout(self, rid: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.ok("GET", f"/v1/rollouts/{rid}")
+        return result
+
+    def wait_rollout(self, rid: str, states: tuple[str, ...], timeout: float = 120) -> dict[str, Any]:
+        self.wait(lambda: self.rollout(rid)["state"] in states, timeout, f"rollout {rid} to reach {states}")
+        return self.rollout(rid)
+
+    def devices(self) -> dict[str, dict[str, Any]]:
+        return {d["device_id"]: d for d in self.ok("GET", "/v1/devices")["devices"]}
+
+
+def cli(cloud: CloudProcess, *args: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "AUTOGLM_URL": cloud.url, "AUTOGLM_API_KEY": key or cloud.key, "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "cloud.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def start_cloud(
+    tmp: Path,
+    database_url: str,
+    broker: BrokerSettings,
+    tenant: str,
+    registry: ModelRegistry,
+    replica_id: str = "replica-a",
+    key: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> CloudProcess:
+    """``autoglm cloud serve`` on a free port; ``extra`` is merged into the config's top level."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    registries = tmp / "registries"
+    registries.mkdir(exist_ok=True)
+    (registries / tenant).symlink_to(registry.root)
+    port = free_port()
+    config = tmp / "cloud.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "database_url": database_url,
+                "registry_dir": str(registries),
+                "tenants": [tenant],
+                "broker": broker.model_dump(),
+                "api": {"host": "127.0.0.1", "port": port},
+                "rollouts": {"tick_s": 0.3, "lease_s": 5.0},
+                "replica_id": replica_id,
+                **(extra or {}),
+            }
+        )
+    )
+    if key is None:
+        engine = make_engine(database_url)
+        migrate(engine)
+        _, key = ApiKeys(engine).create(tenant, "test", "admin")
+        engine.dispose()
+    cloud = CloudProcess(
+        [sys.executable, "-m", "cloud.cli", "cloud", "serve", "--config", str(config)],
+        f"http://127.0.0.1:{port}",
+        key,
+    )
+    cloud.wait_ready()
+    return cloud
+
+
+def start_pool(model_dir: Path, *, name: str = "demo-glm", max_batch: int = 16, threads: int = 1) -> Service:
+    """``autoglm pool serve`` on a free port, ready to answer."""
+    port = free_port()
+    pool = Service(
+        [
+            sys.executable,
+            "-m",
+            "cloud.cli",
+            "pool",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--name",
+            name,
+            "--port",
+            str(port),
+            "--max-batch",
+            str(max_batch),
+            "--threads",
+            str(threads),
+        ],
+        f"http://127.0.0.1:{port}",
+    )
+    pool.wait_ready(120)
+    return pool

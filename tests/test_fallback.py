@@ -1,0 +1,435 @@
+"""Cloud fallback for real: pool replicas (`autoglm pool serve`), the control plane's gateway, and
+edge agents routing to it, each as its own process over real HTTP and real mosquitto."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from cloud.auth import ApiKeys
+from cloud.local_broker import free_port
+from cloud.pool.engine import BatchEngine
+from cloud.registry import ModelRegistry, RegistryEntry
+from cloud.store import make_engine
+from edge_agent.breaker import CircuitBreaker
+from edge_agent.runtime.generator import GenerationParams, GenerationResult
+from edge_agent.runtime.sampling import SamplingConfig
+from shared.errors import InferenceError
+from shared.messages import DesiredState
+from shared.mqtt import BrokerSettings
+from shared.signing import SigningKey
+from tests.conftest import DEVICE, CloudSide, EdgeProcess, provisioned_device
+from tests.services import CloudProcess, Service, start_cloud, start_pool
+
+
+def _metrics(url: str) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+# -- the engine, in process ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine(demo_source: Path) -> Iterator[BatchEngine]:
+    eng = BatchEngine(demo_source, name="demo-glm", max_batch=4, queue_size=2, threads=1)
+    eng.start()
+    yield eng
+    eng.close()
+
+
+async def _run(eng: BatchEngine, prompt: str, max_tokens: int, **kw: Any) -> tuple[str, GenerationResult]:
+    params = GenerationParams(max_tokens=max_tokens, sampling=SamplingConfig(temperature=0.0), **kw)
+    pieces, result = [], None
+    async for item in eng.submit(prompt, params):
+        if isinstance(item, GenerationResult):
+            result = item
+        else:
+            pieces.append(item)
+    assert result is not None
+    return "".join(pieces), result
+
+
+def test_continuous_batching_gives_each_request_its_batch_of_one_answer(engine: BatchEngine) -> None:
+    prompts = [f"def f{i}(x):\n" + "    " * i for i in range(6)]
+
+    async def scenario() -> None:
+        alone = [await _run(engine, p, 10 + 7 * i) for i, p in enumerate(prompts)]
+        steps_before = engine.stats.decode_steps
+
+        async def late(i: int) -> tuple[str, GenerationResult]:
+            await asyncio.sleep(0.005 * i)  # join a batch that is already decoding
+            return await _run(engine, prompts[i], 10 + 7 * i)
+
+        together = await asyncio.gather(*(late(i) for i in range(6)))
+        for (text_a, res_a), (text_b, res_b) in zip(alone, together, strict=True):
+            assert text_a == text_b == res_b.text
+            assert res_a.completion_tokens == res_b.completion_tokens
+            assert res_a.finish_reason == res_b.finish_reason
+        # Six requests of up to 45 tokens, four at a time: far fewer steps than tokens.
+        steps = engine.stats.decode_steps - steps_before
+        assert steps < sum(r.completion_tokens for _, r in together) * 0.6
+
+    asyncio.run(scenario())
+
+
+def test_engine_stop_sequences_queue_limit_and_bad_prompts(engine: BatchEngine) -> None:
+    async def scenario() -> None:
+        text, _ = await _run(engine, "def main():\n", 40)
+        stop = text[3:5]
+        cut, result = await _run(engine, "def main():\n", 40, stop=(stop,))
+        assert cut == text[: text.index(stop)] and result.finish_reason == "stop"
+
+        # max_batch 4 + queue 2: the seventh concurrent request is refused at once.
+        params = GenerationParams(max_tokens=200, sampling=SamplingConfig(temperature=0.0))
+        streams = [engine.submit("import os\n", params) for _ in range(6)]
+        with pytest.raises(InferenceError) as full:
+            engine.submit("import os\n", params)
+        assert full.value.status == 429 and full.value.code == "queue_full"
+        for s in streams:
+            async for _ in s:
+                pass
+        with pytest.raises(InferenceError) as long:
+            engine.submit("x " * 5000, params)
+        assert long.value.code == "context_length_exceeded"
+
+    asyncio.run(scenario())
+
+
+def test_circuit_breaker_opens_probes_and_closes() -> None:
+    now = [0.0]
+    b = CircuitBreaker(threshold=2, reset_s=5, clock=lambda: now[0])
+    assert b.allow() and b.state == "closed"
+    b.failure()
+    assert b.allow()
+    b.failure()
+    assert b.state == "open" and not b.allow() and b.retry_in() == 5
+    now[0] = 5.0
+    assert b.state == "half_open" and b.allow() and not b.allow()  # one probe at a time
+    b.failure()
+    assert b.state == "open" and not b.allow()
+    now[0] = 10.0
+    assert b.allow()
+    b.success()
+    assert b.state == "closed" and b.allow()
+
+
+# -- pool + gateway as processes -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pools(demo_source: Path) -> Iterator[list[Service]]:
+    started = [start_pool(demo_source, max_batch=4), start_pool(demo_source, max_batch=4)]
+    yield started
+    for p in started:
+        p.stop()
+
+
+def _gateway(
+    tmp: Path,
+    broker: BrokerSettings,
+    tenant: str,
+    registry: ModelRegistry,
+    pools: list[Service],
+    **gateway: Any,
+) -> tuple[CloudProcess, str, str]:
+    """A control plane fronting ``pools`` plus one dead upstream; returns it, and inference keys
+    of ``tenant`` and of another tenant."""
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    upstreams = [{"url": f"{p.url}/v1", "name": f"pool-{i}"} for i, p in enumerate(pools)]
+    upstreams.append({"url": dead, "name": "dead"})
+    db = f"sqlite:///{tmp / 'cloud.db'}"
+    cloud = start_cloud(
+        tmp,
+        db,
+        broker,
+        tenant,
+        registry,
+        extra={"gateway": {"upstreams": upstreams, "health_interval_s": 0.5, **gateway}},
+    )
+    engine = make_engine(db)
+    keys = ApiKeys(engine)
+    _, mine = keys.create(tenant, "app", "inference")
+    _, other = keys.create("other" + tenant, "app", "inference")
+    engine.dispose()
+    return cloud, mine, other
+
+
+def test_gateway_openai_client_balancing_retry_on_a_killed_replica_and_rate_limits(
+    tmp_path: Path,
+    broker_settings: BrokerSettings,
+    tenant: str,
+    registry: ModelRegistry,
+    demo_source: Path,
+) -> None:
+    # Two replicas of our own, and a third one this test kills under load.
+    doomed = start_pool(demo_source, max_batch=2)
+    replicas = [start_pool(demo_source, max_batch=4), doomed]
+    cloud, key, other_key = _gateway(
+        tmp_path,
+        broker_settings,
+        tenant,
+        registry,
+        replicas,
+        rate_limit={"requests_per_s": 2.0, "burst": 60},
+    )
+    try:
+        client = openai.OpenAI(base_url=f"{cloud.url}/v1", api_key=key, max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["demo-glm"]
+        chat = client.chat.completions.create(
+            model="demo-glm", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0
+        )
+        assert chat.choices[0].message.content is not None and chat.usage is not None
+        done = client.completions.create(
+            model="demo-glm", prompt="def main():\n", max_tokens=8, temperature=0
+        )
+        pieces = [
+            c.choices[0].text
+            for c in client.completions.create(
+                model="demo-glm", prompt="def main():\n", max_tokens=8, temperature=0, stream=True
+            )
+        ]
+        assert "".join(pieces) == done.choices[0].text
+        raw = httpx.post(
+            f"{cloud.url}/v1/completions",
+            json={"model": "demo-glm", "prompt": "x", "max_tokens": 2},
+            headers={"authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+        assert raw.headers["x-autoglm-served-by"] == "cloud"
+        assert raw.headers["x-autoglm-replica"] in {"pool-0", "pool-1"}
+
+        state = cloud.ok("GET", "/v1/gateway")
+        assert {r["name"]: r["up"] for r in state["replicas"]}["dead"] is False
+
+        # Load both replicas, then SIGKILL one while it holds requests: none may be lost.
+        def one(i: int) -> tuple[int, str]:
+            r = httpx.post(
+                f"{cloud.url}/v1/completions",
+                json={"model": "demo-glm", "prompt": f"class C{i}:\n", "max_tokens": 300, "temperature": 0},
+                headers={"authorization": f"Bearer {key}"},
+                timeout=120,
+            )
+            return r.status_code, r.headers.get("x-autoglm-replica", "")
+
+        with concurrent.futures.ThreadPoolExecutor(24) as pool:
+            futures = [pool.submit(one, i) for i in range(24)]
+
+            def doomed_busy() -> bool:
+                views = {r["name"]: r for r in cloud.ok("GET", "/v1/gateway")["replicas"]}
+                return views["pool-1"]["outstanding"] > 0
+
+            cloud.wait(doomed_busy, 30, "the doomed replica to hold requests")
+            doomed.kill()
+            results = [f.result() for f in futures]
+        assert [s for s, _ in results] == [200] * 24, results
+        state = cloud.ok("GET", "/v1/gateway")
+        views = {r["name"]: r for r in state["replicas"]}
+        assert views["pool-1"]["up"] is False and state["retries"] >= 1
+
+        # The burst is spent: this tenant gets 429 with Retry-After; another tenant is unaffected.
+        statuses = []
+        for _ in range(300):
+            r = httpx.post(
+                f"{cloud.url}/v1/completions",
+                json={"model": "demo-glm", "prompt": "x", "max_tokens": 1},
+                headers={"authorization": f"Bearer {key}"},
+                timeout=30,
+            )
+            statuses.append(r.status_code)
+            if r.status_code == 429:
+                assert r.json()["error"]["code"] == "rate_limited"
+                assert int(r.headers["retry-after"]) >= 1
+                break
+        assert statuses[-1] == 429, statuses
+        r = httpx.post(
+            f"{cloud.url}/v1/completions",
+            json={"model": "demo-glm", "prompt": "x", "max_tokens": 1},
+            headers={"authorization": f"Bearer {other_key}"},
+            timeout=30,
+        )
+        assert r.status_code == 200
+        # An inference key cannot run the fleet.
+        assert (
+            httpx.get(
+                f"{cloud.url}/v1/devices", headers={"authorization": f"Bearer {key}"}, timeout=10
+            ).status_code
+            == 403
+        )
+    finally:
+        cloud.stop()
+        for p in replicas:
+            p.stop()
+
+
+def test_pool_metrics_show_batching(pools: list[Service]) -> None:
+    def one(i: int) -> int:
+        return httpx.post(
+            f"{pools[0].url}/v1/completions",
+            json={"model": "demo-glm", "prompt": f"x{i}", "max_tokens": 40, "temperature": 0},
+            timeout=60,
+        ).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        assert list(ex.map(one, range(8))) == [200] * 8
+    m = _metrics(pools[0].url)
+    assert m["autoglm_pool_requests_total"] >= 8
+    assert m["autoglm_pool_tokens_total"] > m["autoglm_pool_decode_steps_total"]  # several per step
+    assert m["autoglm_pool_time_to_first_token_seconds_count"] >= 8
+    assert "autoglm_pool_queue_depth" in m and "autoglm_pool_batch_size" in m
+    assert "autoglm_pool_tokens_per_second" in m
+    bad = httpx.post(f"{pools[0].url}/v1/completions", json={"model": "demo-glm"}, timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+    other = httpx.post(f"{pools[0].url}/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=10)
+    assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
+
+
+# -- the edge router -----------------------------------------------------------------------------------
+def test_edge_with_no_active_model_is_served_by_the_pool_and_says_so(
+    tmp_path: Path,
+    broker_settings: BrokerSettings,
+    tenant: str,
+    registry: ModelRegistry,
+    signing_key: SigningKey,
+    pools: list[Service],
+    edge_factory: Callable[..., EdgeProcess],
+) -> None:
+    cloud, key, _ = _gateway(tmp_path / "cloud", broker_settings, tenant, registry, pools)
+    try:
+        edge = edge_factory(
+            device_id=DEVICE,
+            tenant=tenant,
+            broker=broker_settings,
+            trusted=[signing_key.public.b64],
+            extra={"router": {"cloud_url": f"{cloud.url}/v1"}, "fallback": {"api_key": key}},
+        )
+        edge.wait_http("/healthz")
+        assert httpx.get(f"{edge.api}/readyz", timeout=5).status_code == 503  # nothing local yet
+
+        r = httpx.post(
+            f"{edge.api}/v1/chat/completions",
+            json={"model": "demo-glm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        assert r.headers["x-autoglm-served-by"] == "cloud"
+        assert r.json()["object"] == "chat.completion"
+
+        client = openai.OpenAI(base_url=f"{edge.api}/v1", api_key="unused", max_retries=0)
+        streamed = client.completions.create(
+            model="demo-glm", prompt="def main():\n", max_tokens=8, temperature=0, stream=True
+        )
+        text = "".join(c.choices[0].text for c in streamed)
+        whole = client.completions.create(
+            model="demo-glm", prompt="def main():\n", max_tokens=8, temperature=0
+        )
+        assert text == whole.choices[0].text
+
+        m = _metrics(edge.api)
+        assert m["autoglm_edge_cloud_fallbacks_total"] >= 3
+        assert (
+            m['autoglm_edge_requests_total{endpoint="/v1/completions",served_by="cloud",status="200"}'] >= 2
+        )
+
+        # The cloud pushes local_only: now the device says plainly that it has nothing to serve.
+        CloudSide(broker_settings, tenant, registry).drive(
+            DesiredState(revision=1, config={"router": {"policy": "local_only"}}),
+            lambda rep: rep.revision == 1,
+        )
+        r = httpx.post(f"{edge.api}/v1/completions", json={"model": "demo-glm", "prompt": "x"}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
+        assert r.headers["x-autoglm-served-by"] == "none"
+    finally:
+        cloud.stop()
+
+
+class _Blackhole:
+    """A TCP port that accepts connections and never answers: the worst kind of unreachable cloud."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_offline_device_serves_locally_and_cloud_only_requests_fail_fast(
+    broker_settings: BrokerSettings,
+    tenant: str,
+    demo_package: RegistryEntry,
+    registry: ModelRegistry,
+    signing_key: SigningKey,
+    edge_factory: Callable[..., EdgeProcess],
+) -> None:
+    provisioned_device(
+        edge_factory,
+        broker=broker_settings,
+        tenant=tenant,
+        registry=registry,
+        trusted=[signing_key.public.b64],
+        model=demo_package,
+    )
+
+    # The same device again, with neither the broker nor the cloud reachable.
+    hole = _Blackhole()
+    try:
+        edge = edge_factory(
+            device_id=DEVICE,
+            tenant=tenant,
+            broker=BrokerSettings(host="127.0.0.1", port=free_port()),
+            trusted=[signing_key.public.b64],
+            extra={
+                "router": {"cloud_url": f"http://127.0.0.1:{hole.port}/v1", "cloud_timeout_s": 1.0},
+                "fallback": {"breaker_failures": 2, "breaker_reset_s": 300},
+            },
+        )
+        edge.wait_ready(timeout=60)
+        for _ in range(3):
+            r = httpx.post(
+                f"{edge.api}/v1/completions",
+                json={"model": "demo-glm", "prompt": "import ", "max_tokens": 4, "temperature": 0},
+                timeout=30,
+            )
+            assert r.status_code == 200 and r.headers["x-autoglm-served-by"] == "local"
+
+        timings = []
+        for _ in range(6):
+            started = time.monotonic()
+            r = httpx.post(
+                f"{edge.api}/v1/completions",
+                json={"model": "big-cloud-model", "prompt": "x", "max_tokens": 4},
+                timeout=30,
+            )
+            timings.append(time.monotonic() - started)
+            assert r.status_code == 503, r.text
+            error = r.json()["error"]
+            assert error["code"] == "cloud_unavailable" and "not served here" in error["message"]
+            assert int(r.headers["retry-after"]) >= 1
+        assert "circuit open" in error["message"]
+        # Two timeouts open the circuit; after that, an answer without waiting for the cloud.
+        assert all(t >= 0.9 for t in timings[:2]), timings
+        assert max(timings[2:]) < 0.3, timings
+        m = _metrics(edge.api)
+        assert m["autoglm_edge_cloud_breaker_open"] == 1
+        assert m["autoglm_edge_online"] == 0
+        # And local requests are still served at full speed.
+        r = httpx.post(
+            f"{edge.api}/v1/completions",
+            json={"model": "demo-glm", "prompt": "import ", "max_tokens": 4, "temperature": 0},
+            timeout=30,
+        )
+        assert r.status_code == 200 and r.headers["x-autoglm-served-by"] == "local"
+    finally:
+        hole.close()
