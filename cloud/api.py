@@ -103,6 +103,19 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"ready": True, "replica": plane.settings.replica_id})
 
 
+@probes.get("/metrics")
+async def metrics(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    registry = getattr(request.app.state, "metrics_registry", None)
+    if registry is None:
+        from cloud.metrics import plane_registry
+
+        registry = request.app.state.metrics_registry = plane_registry(_plane(request))
+    body = await asyncio.to_thread(generate_latest, registry)  # the fleet counts read the database
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
 # -- devices ---------------------------------------------------------------------------------------
 @v1.get("/devices")
 async def list_devices(plane: Plane, who: Operator, selector: Annotated[str, Query()] = "") -> dict[str, Any]:

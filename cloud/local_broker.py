@@ -26,8 +26,12 @@ def free_port() -> int:
 class LocalBroker:
     """mosquitto on 127.0.0.1 with persistence and queue limits raised for model transfers."""
 
-    def __init__(self, port: int | None = None, workdir: Path | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, workdir: Path | None = None, security: list[str] | None = None
+    ) -> None:
         self.port = port or free_port()
+        # Listener directives (TLS, ACL: cloud.pki.broker_tls_lines); None: anonymous plain TCP.
+        self.security = security
         self._own_dir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="autoglm-mosquitto-"))
         self._proc: subprocess.Popen[bytes] | None = None
@@ -46,7 +50,7 @@ class LocalBroker:
             [
                 "per_listener_settings false",
                 f"listener {self.port} 127.0.0.1",
-                "allow_anonymous true",
+                *(self.security or ["allow_anonymous true"]),
                 "persistence true",
                 f"persistence_location {self.workdir}/",
                 "autosave_interval 1",

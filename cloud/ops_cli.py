@@ -110,6 +110,92 @@ def fleet_label(
     console.print(f"{d['device_id']}: " + ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items())))
 
 
+# -- credentials (local: where the fleet CA lives, not over REST) ---------------------------------
+PkiOpt = Annotated[
+    Path | None, typer.Option("--pki", help="Fleet CA folder [default: $AUTOGLM_HOME/fleet-pki].")
+]
+
+
+def _pki(path: Path | None) -> Any:
+    from cloud.paths import CloudPaths
+    from cloud.pki import FleetPKI
+
+    return FleetPKI(path or CloudPaths.from_env().fleet_pki)
+
+
+@fleet_app.command("enroll")
+def fleet_enroll(
+    name: Annotated[str, typer.Argument(help="Device id (the certificate CN and MQTT username).")],
+    tenant: Annotated[str, typer.Option("--tenant", help="The device's tenant.")] = "default",
+    cloud: Annotated[
+        bool, typer.Option("--cloud", help="Enroll a control-plane identity (all tenants' topics).")
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder for the key, certificate and CA certificate.")
+    ] = None,
+    pki: PkiOpt = None,
+) -> None:
+    """Issue per-device (or cloud) MQTT credentials signed by the fleet CA, and rewrite the broker ACL."""
+    fleet = _pki(pki)
+    created = fleet.ensure_ca()
+    if created:
+        console.print(f"created the fleet CA in {fleet.root} (keep ca.key secret)")
+    issued = fleet.enroll(name, role="cloud" if cloud else "device", tenant=None if cloud else tenant)
+    if out is not None:
+        import shutil
+
+        out.mkdir(parents=True, exist_ok=True)
+        for src in (issued.key, issued.cert, issued.ca):
+            shutil.copy2(src, out / src.name)
+        folder = out
+    else:
+        folder = issued.folder
+    scope = "all tenants" if cloud else f"autoglm/v1/{tenant}/devices/{name}/# and the tenant's blobs"
+    console.print(f"enrolled {name} ({scope}); credentials in {folder}")
+    console.print(f"broker ACL rewritten: {fleet.acl_path} (reload the broker to apply it)")
+    console.print("broker section for its config:")
+    console.print(
+        f"  tls:\n    ca_file: {folder / 'ca.crt'}\n    cert_file: {folder / (name + '.crt')}\n"
+        f"    key_file: {folder / (name + '.key')}"
+    )
+
+
+@fleet_app.command("broker-config")
+def fleet_broker_config(
+    host: Annotated[list[str], typer.Option("--host", help="Broker DNS name or IP (repeatable).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for mosquitto.conf, certificates and ACL.")],
+    port: Annotated[int, typer.Option("--port", help="TLS listener port.")] = 8883,
+    bind: Annotated[str, typer.Option("--bind", help="Listen address [default: all interfaces].")] = "",
+    pki: PkiOpt = None,
+) -> None:
+    """Write a TLS-only mosquitto config with the broker's certificate and the generated ACL."""
+    import shutil
+
+    from cloud.pki import broker_tls_lines
+
+    fleet = _pki(pki)
+    fleet.ensure_ca()
+    if not fleet.acl_path.is_file():
+        fleet.acl_path.write_text("")
+    issued = fleet.issue("broker", server_names=host, out=out)
+    shutil.copy2(fleet.acl_path, out / "acl")
+    conf = [
+        "per_listener_settings false",
+        f"listener {port} {bind}".rstrip(),
+        *broker_tls_lines(issued.ca.name, issued.cert.name, issued.key.name, "acl"),
+        "persistence true",
+        "autosave_on_changes true",
+        "max_queued_messages 0",
+        "max_queued_bytes 0",
+        "message_size_limit 0",
+        "persistent_client_expiration 7d",
+        "",
+    ]
+    (out / "mosquitto.conf").write_text("\n".join(conf))
+    console.print(f"wrote {out}/mosquitto.conf, broker.crt/key (for {', '.join(host)}), ca.crt and acl")
+    console.print(f"start it there: cd {out} && mosquitto -c mosquitto.conf")
+
+
 # -- rollouts ------------------------------------------------------------------------------------
 def _waves(text: str) -> list[float]:
     try:

@@ -1,4 +1,4 @@
-"""Where the operator's registry and signing key live (``$AUTOGLM_HOME``, default ``~/.autoglm``)."""
+"""Where the operator's registry, signing key and fleet CA live (``$AUTOGLM_HOME``, default ``~/.autoglm``)."""
 
 from __future__ import annotations
 
@@ -26,3 +26,7 @@ class CloudPaths:
     @property
     def demo_source(self) -> Path:
         return self.home / "demo-model"
+
+    @property
+    def fleet_pki(self) -> Path:
+        return self.home / "fleet-pki"

@@ -3,16 +3,47 @@
 from __future__ import annotations
 
 import random
+import ssl
+from pathlib import Path
 from typing import Annotated
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.ids import Name
 
 QOS = 1
+
+
+class TlsSettings(BaseModel):
+    """Mutual TLS with the fleet broker (`autoglm fleet enroll` writes these three files)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The fleet CA that signed the broker's certificate.
+    ca_file: Path
+    # This identity's client certificate and key; the certificate's CN is its MQTT username.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> TlsSettings:
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {path} does not exist")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_file))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.cert_file is not None:
+            ctx.load_cert_chain(str(self.cert_file), str(self.key_file) if self.key_file else None)
+        return ctx
 
 
 class BrokerSettings(BaseModel):
@@ -28,6 +59,8 @@ class BrokerSettings(BaseModel):
     # Reconnect delays double from the first to the longest (with jitter on devices).
     reconnect_initial_s: Annotated[float, Field(gt=0, le=60)] = 0.5
     reconnect_max_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    # None: plain TCP (a broker on a trusted network only). Production brokers require TLS.
+    tls: TlsSettings | None = None
 
 
 def payload_bytes(message: aiomqtt.Message) -> bytes:
@@ -80,4 +113,5 @@ def make_client(
         keepalive=settings.keepalive_s,
         max_inflight_messages=64,
         timeout=10,
+        tls_context=settings.tls.context() if settings.tls else None,
     )

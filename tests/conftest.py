@@ -194,7 +194,7 @@ def start_edge(
         "device_id": device_id,
         "tenant": tenant,
         "data_dir": str(data_dir),
-        "broker": broker.model_dump(),
+        "broker": broker.model_dump(mode="json"),
         "trusted_keys": trusted,
         "api": {"host": "127.0.0.1", "port": port, "api_key": api_key},
         "fetch": {"request_timeout_s": 2.0},

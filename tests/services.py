@@ -133,7 +133,7 @@ def start_cloud(
                 "database_url": database_url,
                 "registry_dir": str(registries),
                 "tenants": [tenant],
-                "broker": broker.model_dump(),
+                "broker": broker.model_dump(mode="json"),
                 "api": {"host": "127.0.0.1", "port": port},
                 "rollouts": {"tick_s": 0.3, "lease_s": 5.0},
                 "replica_id": replica_id,

@@ -31,6 +31,8 @@ COMMANDS = [
     ["fleet"],
     ["fleet", "ls"],
     ["fleet", "label"],
+    ["fleet", "enroll"],
+    ["fleet", "broker-config"],
     ["rollout"],
     *[["rollout", c] for c in ("create", "ls", "status", "pause", "resume", "abort", "rollback")],
     ["config"],

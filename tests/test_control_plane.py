@@ -281,8 +281,12 @@ def test_two_replicas_never_drive_one_rollout_at_once(postgres_url: str) -> None
     ta = threading.Thread(target=run, args=(a, stop_a))
     tb = threading.Thread(target=run, args=(b, stop))
     ta.start()
-    tb.start()
+    deadline = time.monotonic() + 30
+    while a.drives == 0 and time.monotonic() < deadline:  # A holds the lease first ...
+        time.sleep(0.01)
+    tb.start()  # ... while B ticks beside it and must not drive
     time.sleep(2.0)
+    assert b.drives == 0, "B drove a rollout A holds"
     stop_a.set()  # replica A dies; its lease runs out and B takes over
     ta.join()
     time.sleep(2.0)

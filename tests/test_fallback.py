@@ -29,6 +29,7 @@ from shared.mqtt import BrokerSettings
 from shared.signing import SigningKey
 from tests.conftest import DEVICE, CloudSide, EdgeProcess, provisioned_device
 from tests.services import CloudProcess, Service, start_cloud, start_pool
+from tests.test_deploy import dashboard_metrics
 
 
 def _metrics(url: str) -> dict[str, float]:
@@ -38,6 +39,13 @@ def _metrics(url: str) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
+
+
+def _names(url: str) -> set[str]:
+    """Metric names exposed at ``url`` (labels and _total/_bucket/... suffixes stripped)."""
+    import re
+
+    return {re.sub(r"_(total|bucket|count|sum|created)$", "", k.split("{")[0]) for k in _metrics(url)}
 
 
 # -- the engine, in process ----------------------------------------------------------------------
@@ -210,6 +218,11 @@ def test_gateway_openai_client_balancing_retry_on_a_killed_replica_and_rate_limi
 
         state = cloud.ok("GET", "/v1/gateway")
         assert {r["name"]: r["up"] for r in state["replicas"]}["dead"] is False
+        metrics = _metrics(cloud.url)
+        assert metrics['autoglm_cloud_gateway_replica_up{replica="dead"}'] == 0
+        assert metrics['autoglm_cloud_gateway_replica_up{replica="pool-0"}'] == 1
+        assert f'autoglm_cloud_devices{{status="online",tenant="{tenant}"}}' in metrics
+        assert dashboard_metrics("autoglm_cloud_") <= _names(cloud.url)
 
         # Load both replicas, then SIGKILL one while it holds requests: none may be lost.
         def one(i: int) -> tuple[int, str]:
@@ -287,6 +300,7 @@ def test_pool_metrics_show_batching(pools: list[Service]) -> None:
     assert m["autoglm_pool_time_to_first_token_seconds_count"] >= 8
     assert "autoglm_pool_queue_depth" in m and "autoglm_pool_batch_size" in m
     assert "autoglm_pool_tokens_per_second" in m
+    assert dashboard_metrics("autoglm_pool_") <= _names(pools[0].url)  # the dashboard's queries are real
     bad = httpx.post(f"{pools[0].url}/v1/completions", json={"model": "demo-glm"}, timeout=10)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
     other = httpx.post(f"{pools[0].url}/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=10)
@@ -335,6 +349,7 @@ def test_edge_with_no_active_model_is_served_by_the_pool_and_says_so(
         assert text == whole.choices[0].text
 
         m = _metrics(edge.api)
+        assert dashboard_metrics("autoglm_edge_") <= _names(edge.api)
         assert m["autoglm_edge_cloud_fallbacks_total"] >= 3
         assert (
             m['autoglm_edge_requests_total{endpoint="/v1/completions",served_by="cloud",status="200"}'] >= 2
