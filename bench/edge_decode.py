@@ -1,7 +1,7 @@
-"""Edge decode speed: transformers fp32 generate vs our ONNX Runtime loop (fp32, int8), batch 1.
+"""Edge decode speed: transformers fp32 generate vs our ONNX Runtime loop (fp32, int8, int4), batch 1.
 
 Builds a random-weight Llama of ~134M parameters (hidden 768, 12 layers, vocab 32000), builds the
-graph the packager ships for it (fused decoder, int8 weight-only), and times 64 greedy tokens
+graph the packager ships for it (fused decoder; int8 and int4 weight-only), and times 64 greedy tokens
 after a 32-token prompt on each engine, all in one run; the foundation's plain loop (optimum
 export, quantize_dynamic, KV concatenated every step) is timed too for reference. Also measures this machine's memory copy bandwidth, which bounds
 batch-1 decode: every token reads all non-embedding weights once, so
@@ -208,7 +208,7 @@ def main() -> None:
 
     from cloud.packaging.export import export_onnx, io_signature, parameter_count, read_hf_config
     from cloud.packaging.fused import build_fused
-    from cloud.packaging.quantize import int8_block_size, quantize_int8
+    from cloud.packaging.quantize import quantize_weight_only, weight_block_size
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="autoglm-bench-"))
     src = work / "hf"
@@ -219,15 +219,20 @@ def main() -> None:
     gen_cfg = {"eos_token_id": cfg.get("eos_token_id")}
     fused32 = work / "fused-fp32" / "model.onnx"
     fused8 = work / "fused-int8" / "model.onnx"
+    fused4 = work / "fused-int4" / "model.onnx"
     if not fused32.exists():
         print("building the fused graph (what `autoglm model package` ships for Llama) …", flush=True)
         build_fused(src, cfg, fused32.parent)
     if not fused8.exists():
         print("quantizing to int8 (weight-only MatMulNBits) …", flush=True)
-        quantize_int8(fused32, fused8, int8_block_size(cfg["hidden_size"]))
+        quantize_weight_only(fused32, fused8, 8, weight_block_size(8, cfg["hidden_size"]))
+    if not fused4.exists():
+        print("quantizing to int4 (weight-only MatMulNBits) …", flush=True)
+        quantize_weight_only(fused32, fused4, 4, weight_block_size(4, cfg["hidden_size"]))
     engines: list[tuple[str, Path, IOSignature]] = [
         ("autoglm runtime fp32", fused32, io_signature(fused32, cfg, gen_cfg)),
         ("autoglm runtime int8", fused8, io_signature(fused8, cfg, gen_cfg)),
+        ("autoglm runtime int4", fused4, io_signature(fused4, cfg, gen_cfg)),
     ]
     if not args.skip_plain:
         plain = work / "generic-dynamic-int8" / "model.onnx"

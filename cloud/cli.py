@@ -103,7 +103,7 @@ def model_package(
     ],
     name: Annotated[str, typer.Option("--name", help="Model name in the registry.")],
     version: Annotated[str, typer.Option("--version", help="Version label (new for every package).")],
-    quantize: Annotated[str, typer.Option("--quantize", help="int8 (default) or none.")] = "int8",
+    quantize: Annotated[str, typer.Option("--quantize", help="int8 (default), int4 or none.")] = "int8",
     graph: Annotated[
         str,
         typer.Option(

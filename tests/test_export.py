@@ -9,7 +9,7 @@ import pytest
 
 from cloud.packaging.export import export_onnx, io_signature, read_hf_config, validate_export
 from cloud.packaging.fused import UnsupportedArchitecture, build_fused, check_supported
-from cloud.packaging.quantize import int8_block_size, quantize_int8
+from cloud.packaging.quantize import quantize_weight_only, weight_block_size
 from shared.errors import PackagingError
 
 
@@ -92,20 +92,29 @@ def test_fused_graph_greedy_tokens_equal_pytorch(kind: str, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_int8_fused_graph_uses_matmulnbits_and_stays_close(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("bits", "max_diff"), [(8, 0.5), (4, 2.0)])
+def test_weight_only_fused_graph_uses_matmulnbits_and_stays_close(
+    tmp_path: Path, bits: int, max_diff: float
+) -> None:
     import onnx
 
     src = _tiny("llama", tmp_path / "src")
     cfg = read_hf_config(src)
     graph = build_fused(src, cfg, tmp_path / "fused")
-    q = quantize_int8(graph, tmp_path / "int8" / "model.onnx", int8_block_size(cfg["hidden_size"]))
-    ops = [n.op_type for n in onnx.load(str(q), load_external_data=False).graph.node]
+    block = weight_block_size(bits, cfg["hidden_size"])
+    q = quantize_weight_only(graph, tmp_path / f"int{bits}" / "model.onnx", bits, block)
+    nodes = onnx.load(str(q), load_external_data=False).graph.node
+    ops = [n.op_type for n in nodes]
     # Per layer: qkv, o, gate‖up, down; plus lm_head.
     assert ops.count("MatMulNBits") == 2 * 4 + 1
     assert "MatMul" not in ops
+    for n in nodes:
+        if n.op_type == "MatMulNBits":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            assert attrs["bits"] == bits and attrs["block_size"] == block and attrs["accuracy_level"] == 4
     io = io_signature(q, cfg, {"eos_token_id": 1})
     report = validate_export(src, q, io, prompt_ids=[5, 17, 42, 99, 3, 250], new_tokens=8)
-    assert report.max_abs_logit_diff < 0.5
+    assert report.max_abs_logit_diff < max_diff
 
 
 def test_fused_builder_refuses_what_it_does_not_cover() -> None:

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from cloud.registry import RegistryEntry
+from cloud.registry import ModelRegistry, RegistryEntry
 from edge_agent.model_host import LoadedModel
 from edge_agent.runtime.generator import GenerationParams, GenerationResult
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.session import OnnxCausalLM, perplexity
 from edge_agent.slots import SlotStore
 from shared.errors import InferenceError
+from shared.signing import SigningKey
 
 GREEDY = SamplingConfig(temperature=0.0)
 
@@ -37,6 +38,23 @@ def test_int8_perplexity_within_5_percent_of_fp32(demo_package: RegistryEntry, l
     assert again == pytest.approx(q.perplexity_shipped, rel=1e-4)
     # A trained model: far better than guessing uniformly over the vocabulary.
     assert q.perplexity_fp32 < demo_package.manifest.io.vocab_size / 4
+
+
+def test_int4_package_stays_within_5_percent_and_serves(
+    demo_source: Path, registry: ModelRegistry, signing_key: SigningKey, tmp_path: Path
+) -> None:
+    from cloud.packaging.packager import ModelPackager, PackageOptions
+
+    entry = ModelPackager(registry, signing_key).package(
+        demo_source, PackageOptions(name="demo-glm", version="int4", quantize="int4")
+    )
+    m = entry.manifest
+    assert m.quantization.method == "int4-weight-only" and m.quantization.weight_type == "int4"
+    assert m.quality is not None and m.quality.perplexity_shipped <= m.quality.perplexity_fp32 * 1.05
+    folder = SlotStore(tmp_path).stage("a", m, entry.signed.to_json(), registry.blobs)
+    model = LoadedModel.load(folder, m, "a", threads=1, providers=None)
+    model.smoke_test()
+    assert model.generator.generate("import os\n", GenerationParams(max_tokens=8, sampling=GREEDY)).text
 
 
 def test_greedy_is_deterministic_and_respects_max_tokens(loaded: LoadedModel) -> None:

@@ -291,3 +291,85 @@ def test_cli_enrols_devices_and_writes_a_broker_config_that_mosquitto_runs(tmp_p
             peer.close()
     finally:
         stop_process(proc)
+
+
+def test_kubeedge_bridge_carries_only_the_devices_topics(fleet: Fleet, tmp_path: Path) -> None:
+    """kubeedge/mosquitto-bridge.yaml's broker, rendered as its init container does, bridged to
+    the fleet broker with dev-a's certificate: dev-a's topics cross both ways, nothing else."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from cloud.local_broker import free_port
+    from cloud.processes import stop_process
+    from tests.conftest import REPO
+
+    docs = list(yaml.safe_load_all((REPO / "kubeedge" / "mosquitto-bridge.yaml").read_text()))
+    template = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["mosquitto.conf.template"]
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    dev = fleet.ids["dev-a"]
+    shutil.copy(dev.ca, creds / "ca.crt")
+    shutil.copy(dev.cert, creds / "device.crt")
+    shutil.copy(dev.key, creds / "device.key")
+    local_port = free_port()
+    conf = (
+        template.replace("__DEVICE__", "dev-a")
+        .replace("__TENANT__", TENANT)
+        .replace("__CLOUD_BROKER__", f"127.0.0.1:{fleet.broker.port}")
+        # The pod's paths and port, moved into this test's sandbox:
+        .replace("/etc/autoglm/credentials", str(creds))
+        .replace("/mosquitto/data/", f"{tmp_path}/")
+        .replace("listener 1883 127.0.0.1", f"listener {local_port} 127.0.0.1")
+        .replace("log_dest stdout", f"log_dest file {tmp_path}/local.log")
+    )
+    (tmp_path / "mosquitto.conf").write_text(conf + "user root\n")
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    local = subprocess.Popen([exe, "-c", str(tmp_path / "mosquitto.conf")], stderr=subprocess.PIPE)
+    t = Topics(TENANT)
+    cloud = connect(fleet, fleet.ids["autoglm-cloud"])
+    app = paho.Client(CallbackAPIVersion.VERSION2, client_id="agent-on-node", protocol=paho.MQTTv5)
+    got: list[tuple[str, bytes]] = []
+    app.on_message = lambda c, u, m: got.append((m.topic, m.payload))
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                app.connect("127.0.0.1", local_port)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and local.poll() is None, local.stderr
+                time.sleep(0.1)
+        app.loop_start()
+        subscribed = threading.Event()
+        app.on_subscribe = lambda *_: subscribed.set()
+        app.subscribe("autoglm/#", qos=1)
+        assert subscribed.wait(10)
+        cloud.subscribe(f"{t.root}/devices/#")
+
+        # Up: the agent's report reaches the cloud once the bridge is connected.
+        assert _eventually(
+            lambda: (
+                app.publish(t.device("dev-a", "reported"), b"a reports", qos=1),
+                any(p == b"a reports" for _, p in cloud.received),
+            )[1],
+            15,
+        )
+        app.publish(t.device("dev-b", "reported"), b"forged b", qos=1).wait_for_publish(5)
+        # Down: the device's desired state and the tenant's chunks come in; other devices' do not.
+        assert cloud.publish(t.device("dev-b", "desired"), b"for b") < 0x80
+        assert cloud.publish(t.device("dev-a", "desired"), b"for a") < 0x80
+        chunk = f"{t.root}/blobs/sha256:{'2' * 64}/0"
+        assert cloud.publish(chunk, b"chunk") < 0x80
+        assert _eventually(
+            lambda: (chunk, b"chunk") in got and (t.device("dev-a", "desired"), b"for a") in got
+        )
+        time.sleep(0.5)
+        assert not [m for m in got if m[0] == t.device("dev-b", "desired")], got
+        assert not [m for m in cloud.received if m[1] == b"forged b"], cloud.received
+    finally:
+        app.loop_stop()
+        app.disconnect()
+        cloud.close()
+        stop_process(local)

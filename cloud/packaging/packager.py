@@ -23,7 +23,7 @@ from cloud.packaging.export import (
     validate_export,
 )
 from cloud.packaging.fused import FUSED_MODEL_TYPES, build_fused
-from cloud.packaging.quantize import int8_block_size, quantization_record, quantize_int8
+from cloud.packaging.quantize import WEIGHT_BITS, quantization_record, quantize_weight_only, weight_block_size
 from cloud.registry import ModelRegistry, RegistryEntry
 from edge_agent.runtime.session import OnnxCausalLM, perplexity
 from shared.blobs import DEFAULT_CHUNK_SIZE, describe_file
@@ -127,13 +127,13 @@ class ModelPackager:
             )
 
             ship_dir = fp32_dir
-            if quant.weight_type == "int8":
-                r.step("Quantizing weights to int8 (weight-only, blocks of 256, MatMulNBits)")
-                ship_dir = work / "int8"
+            if opts.quantize in WEIGHT_BITS:
+                bits = WEIGHT_BITS[opts.quantize]
+                block = weight_block_size(bits, int(cfg.get("hidden_size") or 256))
+                r.step(f"Quantizing weights to {opts.quantize} (weight-only, blocks of {block}, MatMulNBits)")
+                ship_dir = work / opts.quantize
                 ship_dir.mkdir()
-                quantize_int8(
-                    graph, ship_dir / GRAPH_FILE, int8_block_size(int(cfg.get("hidden_size") or 256))
-                )
+                quantize_weight_only(graph, ship_dir / GRAPH_FILE, bits, block)
                 for fname in _SIDE_FILES:
                     if (fp32_dir / fname).is_file():
                         shutil.copy2(fp32_dir / fname, ship_dir / fname)
