@@ -24,7 +24,7 @@ from edge_agent.breaker import CircuitBreaker
 from edge_agent.runtime.generator import GenerationParams, GenerationResult
 from edge_agent.runtime.sampling import SamplingConfig
 from shared.errors import InferenceError
-from shared.messages import DesiredState
+from shared.messages import DesiredState, Phase
 from shared.mqtt import BrokerSettings
 from shared.signing import SigningKey
 from tests.conftest import DEVICE, CloudSide, EdgeProcess, provisioned_device
@@ -313,6 +313,7 @@ def test_edge_with_no_active_model_is_served_by_the_pool_and_says_so(
     broker_settings: BrokerSettings,
     tenant: str,
     registry: ModelRegistry,
+    demo_package: RegistryEntry,
     signing_key: SigningKey,
     pools: list[Service],
     edge_factory: Callable[..., EdgeProcess],
@@ -363,6 +364,31 @@ def test_edge_with_no_active_model_is_served_by_the_pool_and_says_so(
         r = httpx.post(f"{edge.api}/v1/completions", json={"model": "demo-glm", "prompt": "x"}, timeout=30)
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
         assert r.headers["x-autoglm-served-by"] == "none"
+
+        # Now a local model, local_first again, and no room to wait locally: while one request
+        # generates here, the others are served by the pool rather than refused.
+        CloudSide(broker_settings, tenant, registry).drive(
+            DesiredState(
+                revision=2,
+                model=demo_package.ref,
+                config={"router": {"policy": "local_first"}, "runtime": {"queue_size": 0}},
+            ),
+            lambda rep: rep.revision == 2 and rep.phase == Phase.ACTIVE,
+        )
+        edge.wait_ready()
+
+        def one(i: int) -> tuple[int, str]:
+            r = httpx.post(
+                f"{edge.api}/v1/completions",
+                json={"model": "demo-glm", "prompt": f"def f{i}():\n", "max_tokens": 200, "temperature": 0},
+                timeout=120,
+            )
+            return r.status_code, r.headers["x-autoglm-served-by"]
+
+        with concurrent.futures.ThreadPoolExecutor(4) as ex:
+            results = list(ex.map(one, range(4)))
+        assert all(status == 200 for status, _ in results), results
+        assert {where for _, where in results} == {"local", "cloud"}, results
     finally:
         cloud.stop()
 
