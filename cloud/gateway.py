@@ -69,8 +69,8 @@ class PoolGateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.replicas = [
-            Replica(u.name or f"pool-{i}", u.url.rstrip("/"), u.api_key)
-            for i, u in enumerate(settings.upstreams)
+            Replica(name, u.url.rstrip("/"), u.api_key)
+            for name, u in zip(settings.replica_names(), settings.upstreams, strict=True)
         ]
         self.retries = 0
         self._client = httpx.AsyncClient(

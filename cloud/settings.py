@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.config_env import read_settings_file, validation_problems
 from shared.errors import ConfigError
@@ -54,6 +54,17 @@ class GatewaySettings(_Section):
     request_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 300.0
     max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
     rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
+
+    def replica_names(self) -> list[str]:
+        return [u.name or f"pool-{i}" for i, u in enumerate(self.upstreams)]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> GatewaySettings:
+        names = self.replica_names()
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"upstream names must be unique: {', '.join(dupes)}")
+        return self
 
 
 class CloudSettings(_Section):

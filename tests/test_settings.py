@@ -69,3 +69,16 @@ def test_cloud_example_config_is_valid_and_env_overrides_apply() -> None:
     settings = CloudSettings.load(example, env={"AUTOGLM_CLOUD__API__PORT": "9000"})
     assert settings.database_url.startswith("sqlite:///")
     assert settings.api.port == 9000 and settings.tenants == ["default"]
+
+
+def test_gateway_upstream_names_must_be_unique(tmp_path: Path) -> None:
+    from cloud.settings import CloudSettings
+
+    base = {"database_url": "sqlite://", "registry_dir": str(tmp_path)}
+    up = {"url": "http://127.0.0.1:8500/v1"}
+    ok = CloudSettings.model_validate({**base, "gateway": {"upstreams": [up, up]}})
+    assert ok.gateway.replica_names() == ["pool-0", "pool-1"]
+    with pytest.raises(ValueError, match="unique: a"):
+        CloudSettings.model_validate(
+            {**base, "gateway": {"upstreams": [{**up, "name": "a"}, {**up, "name": "a"}]}}
+        )
