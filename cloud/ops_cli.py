@@ -369,22 +369,13 @@ def register_cloud_commands(cloud_app: typer.Typer) -> None:
         log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
     ) -> None:
         """Run the control plane: REST API, fleet tracking over MQTT, rollout driver."""
-        import logging
-
-        import uvicorn
-
         from cloud.service import create_app
         from cloud.settings import CloudSettings
+        from edge_agent.api.server import configure_logging, run_server
 
-        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging(log_level)
         settings = CloudSettings.load(config)
-        uvicorn.run(
-            create_app(settings),
-            host=settings.api.host,
-            port=settings.api.port,
-            log_level=log_level.lower(),
-            access_log=False,
-        )
+        run_server(create_app(settings), settings.api.host, settings.api.port, log_level)
 
     @cloud_app.command("key")
     def cloud_key(

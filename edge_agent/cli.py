@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -22,21 +21,14 @@ def run(
     log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
 ) -> None:
     """Serve the local OpenAI-compatible API and follow the cloud's desired state over MQTT."""
-    import uvicorn
-
     from edge_agent.api.app import create_app
+    from edge_agent.api.server import configure_logging, run_server
     from edge_agent.settings import EdgeSettings
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level)
     try:
         settings = EdgeSettings.load(config)
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    uvicorn.run(
-        create_app(settings),
-        host=settings.api.host,
-        port=settings.api.port,
-        log_level=log_level.lower(),
-        access_log=False,
-    )
+    run_server(create_app(settings), settings.api.host, settings.api.port, log_level)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -34,12 +33,11 @@ def serve(
     log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
 ) -> None:
     """Serve the OpenAI-compatible API (completions, chat, streaming) from a batching PyTorch engine."""
-    import uvicorn
-
     from cloud.pool.server import create_app
     from cloud.pool.settings import PoolSettings
+    from edge_agent.api.server import configure_logging, run_server
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level)
     settings = PoolSettings.build(
         model_dir=model,
         name=name,
@@ -52,10 +50,4 @@ def serve(
         default_max_tokens=default_max_tokens,
         api_key=api_key,
     )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=log_level.lower(),
-        access_log=False,
-    )
+    run_server(create_app(settings), settings.host, settings.port, log_level)
