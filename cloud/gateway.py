@@ -24,7 +24,7 @@ from fastapi import Response
 from fastapi.responses import StreamingResponse
 
 from cloud.settings import GatewaySettings
-from edge_agent.api.serving import SERVED_BY_HEADER
+from edge_agent.api.serving import cloud_answer_headers
 from shared.errors import InferenceError
 from shared.openai_api import ModelCard, ModelList
 
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 REPLICA_HEADER = "X-AutoGLM-Replica"
 _RETRY_STATUS = frozenset({502, 503, 504})
-_PASS_HEADERS = ("content-type", "retry-after")
 
 
 @dataclass
@@ -172,8 +171,7 @@ class PoolGateway:
             replica.outstanding -= 1
             self._mark_down(replica, f"{type(exc).__name__}: {exc}")
             raise _ReplicaFailed(str(exc) or type(exc).__name__) from exc
-        headers = {k: v for k in _PASS_HEADERS if (v := upstream.headers.get(k)) is not None}
-        headers[SERVED_BY_HEADER] = "cloud"
+        headers = cloud_answer_headers(upstream.headers)
         headers[REPLICA_HEADER] = replica.name
         if upstream.status_code == 200 and upstream.headers.get("content-type", "").startswith(
             "text/event-stream"

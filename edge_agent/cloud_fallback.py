@@ -18,15 +18,13 @@ import aiohttp
 from fastapi import Response
 from fastapi.responses import StreamingResponse
 
-from edge_agent.api.serving import SERVED_BY_HEADER
+from edge_agent.api.serving import cloud_answer_headers
 from edge_agent.breaker import CircuitBreaker
 from edge_agent.serving_config import ServingConfig
 from shared.errors import InferenceError
 
 log = logging.getLogger(__name__)
 
-# Headers of the cloud's answer worth keeping (the rest describe the hop, not the answer).
-_PASS_HEADERS = ("content-type", "retry-after")
 # What a failed hop raises: refused, reset, cut off, or timed out.
 _HOP_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
@@ -101,8 +99,7 @@ class CloudFallback:
             raise self._failed(url, f"HTTP {upstream.status}: {detail}")
         self.breaker.success()
         self.forwarded += 1
-        headers = {k: v for k in _PASS_HEADERS if (v := upstream.headers.get(k)) is not None}
-        headers[SERVED_BY_HEADER] = "cloud"
+        headers = cloud_answer_headers(upstream.headers)
         if upstream.content_type == "text/event-stream":
             return StreamingResponse(
                 _passthrough(upstream), status_code=upstream.status, headers=headers

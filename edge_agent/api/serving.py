@@ -9,7 +9,7 @@ success or failure, so the cloud sees error rates and latency per model even for
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,6 +40,15 @@ from shared.openai_api import (
 )
 
 SERVED_BY_HEADER = "X-AutoGLM-Served-By"
+# Headers of an upstream answer worth relaying (the rest describe the hop, not the answer).
+_RELAYED_HEADERS = ("content-type", "retry-after")
+
+
+def cloud_answer_headers(upstream: Mapping[str, str]) -> dict[str, str]:
+    """The headers for relaying a cloud answer: its content type and Retry-After, served by cloud."""
+    headers = {k: v for k in _RELAYED_HEADERS if (v := upstream.get(k)) is not None}
+    headers[SERVED_BY_HEADER] = "cloud"
+    return headers
 
 
 class ServedModel(Protocol):
