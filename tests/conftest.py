@@ -6,29 +6,25 @@ import asyncio
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 
 from cloud.blob_server import BlobServer
 from cloud.control_link import ControlLink, DeviceView
 from cloud.local_broker import LocalBroker, free_port
-from cloud.processes import stop_process
 from cloud.registry import ModelRegistry, RegistryEntry
 from shared.messages import Command, DesiredState, Phase, ReportedState
 from shared.mqtt import QOS, BrokerSettings, make_client
 from shared.signing import SigningKey
 from shared.topics import Topics
+from tests.services import Service
 
 REPO = Path(__file__).resolve().parents[1]
 # Small enough to train in about a minute on two cores, large enough that text is not noise.
@@ -135,42 +131,19 @@ def broken_package(
     return registry.publish(SignedManifest.sign(manifest, signing_key))
 
 
-@dataclass
-class EdgeProcess:
+class EdgeProcess(Service):
     """An edge agent running as its own OS process, as on a device."""
 
-    proc: subprocess.Popen[str]
-    api: str
-    config: Path
-    data_dir: Path
-    lines: list[str] = field(default_factory=list)
+    def __init__(
+        self, cmd: list[str], api: str, config: Path, data_dir: Path, env: dict[str, str], cwd: Path
+    ) -> None:
+        super().__init__(cmd, api, env=env, cwd=cwd)
+        self.config = config
+        self.data_dir = data_dir
 
-    def log_text(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_http(self, path: str = "/readyz", timeout: float = 120.0) -> dict[str, Any]:
-        """Poll ``path`` until it answers 200; fail with the agent's log if it never does."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"edge agent exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}"
-                )
-            try:
-                r = httpx.get(f"{self.api}{path}", timeout=2)
-                if r.status_code == 200:
-                    body: dict[str, Any] = r.json()
-                    return body
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"edge agent {path} not 200 in {timeout}s:\n{self.log_text()[-4000:]}")
-
-    def wait_ready(self, timeout: float = 120.0) -> dict[str, Any]:
-        return self.wait_http("/readyz", timeout)
-
-    def stop(self) -> None:
-        stop_process(self.proc)
+    @property
+    def api(self) -> str:
+        return self.url
 
 
 def start_edge(
@@ -207,23 +180,14 @@ def start_edge(
             settings[key] = value
     config.write_text(yaml.safe_dump(settings))
     cmd = command or [sys.executable, "-m", "cloud.cli"]
-    proc = subprocess.Popen(
+    return EdgeProcess(
         [*cmd, "edge", "run", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        f"http://127.0.0.1:{port}",
+        config,
+        data_dir,
+        env=env or {},
         cwd=tmp,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
-    edge = EdgeProcess(proc, f"http://127.0.0.1:{port}", config, data_dir)
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            edge.lines.append(line.rstrip())
-
-    threading.Thread(target=pump, daemon=True, name=f"log-{device_id}").start()
-    return edge
 
 
 @pytest.fixture

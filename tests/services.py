@@ -25,7 +25,9 @@ from shared.mqtt import BrokerSettings
 class Service:
     """A server of ours as its own OS process, its output collected in ``lines``."""
 
-    def __init__(self, cmd: list[str], url: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, cmd: list[str], url: str, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
         self.url = url
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
@@ -33,6 +35,7 @@ class Service:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            cwd=cwd,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         threading.Thread(target=self._pump, daemon=True).start()
@@ -42,6 +45,9 @@ class Service:
         for line in self.proc.stdout:
             self.lines.append(line.rstrip())
 
+    def log_text(self) -> str:
+        return "\n".join(self.lines)
+
     def wait(self, check: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -50,15 +56,26 @@ class Service:
             time.sleep(0.25)
         raise AssertionError(f"timed out waiting for {what}\n" + "\n".join(self.lines[-40:]))
 
-    def wait_ready(self, timeout: float = 60) -> None:
-        def ready() -> bool:
-            assert self.proc.poll() is None, "exited:\n" + "\n".join(self.lines)
+    def wait_http(self, path: str = "/readyz", timeout: float = 120.0) -> dict[str, Any]:
+        """Poll ``path`` until it answers 200; fail with the process's log if it never does."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"{self.proc.args} exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}"
+                )
             try:
-                return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+                r = httpx.get(f"{self.url}{path}", timeout=2)
+                if r.status_code == 200:
+                    body: dict[str, Any] = r.json()
+                    return body
             except httpx.HTTPError:
-                return False
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"{self.url}{path} not 200 in {timeout}s:\n{self.log_text()[-4000:]}")
 
-        self.wait(ready, timeout, f"{self.url}/readyz")
+    def wait_ready(self, timeout: float = 120.0) -> dict[str, Any]:
+        return self.wait_http("/readyz", timeout)
 
     def stop(self) -> None:
         stop_process(self.proc)
@@ -101,6 +118,16 @@ class CloudProcess(Service):
 
     def devices(self) -> dict[str, dict[str, Any]]:
         return {d["device_id"]: d for d in self.ok("GET", "/v1/devices")["devices"]}
+
+
+def scrape_metrics(url: str) -> dict[str, float]:
+    """``{url}/metrics`` as {sample name with labels: value}."""
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
 
 
 def cli(cloud: CloudProcess, *args: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -151,7 +178,7 @@ def start_cloud(
         f"http://127.0.0.1:{port}",
         key,
     )
-    cloud.wait_ready()
+    cloud.wait_ready(60)
     return cloud
 
 
@@ -178,5 +205,5 @@ def start_pool(model_dir: Path, *, name: str = "demo-glm", max_batch: int = 16, 
         ],
         f"http://127.0.0.1:{port}",
     )
-    pool.wait_ready(120)
+    pool.wait_ready()
     return pool

@@ -15,6 +15,7 @@ from shared.messages import DesiredState, ModelRef, Phase
 from shared.mqtt import BrokerSettings
 from shared.signing import SigningKey
 from tests.conftest import DEVICE, CloudSide, EdgeProcess, provisioned_device, start_edge
+from tests.services import scrape_metrics
 
 
 @pytest.fixture(scope="module")
@@ -213,12 +214,7 @@ def test_metrics_expose_requests_tokens_queue_model_phase_outbox_and_presence(
 ) -> None:
     edge, _ = served
     assert _complete(edge).status_code == 200
-    text = httpx.get(f"{edge.api}/metrics", timeout=10).text
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
+    samples = scrape_metrics(edge.api)
     assert (
         samples['autoglm_edge_requests_total{endpoint="/v1/completions",served_by="local",status="200"}'] >= 1
     )

@@ -28,24 +28,15 @@ from shared.messages import DesiredState, Phase
 from shared.mqtt import BrokerSettings
 from shared.signing import SigningKey
 from tests.conftest import DEVICE, CloudSide, EdgeProcess, provisioned_device
-from tests.services import CloudProcess, Service, start_cloud, start_pool
+from tests.services import CloudProcess, Service, scrape_metrics, start_cloud, start_pool
 from tests.test_deploy import dashboard_metrics
-
-
-def _metrics(url: str) -> dict[str, float]:
-    out = {}
-    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 def _names(url: str) -> set[str]:
     """Metric names exposed at ``url`` (labels and _total/_bucket/... suffixes stripped)."""
     import re
 
-    return {re.sub(r"_(total|bucket|count|sum|created)$", "", k.split("{")[0]) for k in _metrics(url)}
+    return {re.sub(r"_(total|bucket|count|sum|created)$", "", k.split("{")[0]) for k in scrape_metrics(url)}
 
 
 # -- the engine, in process ----------------------------------------------------------------------
@@ -218,7 +209,7 @@ def test_gateway_openai_client_balancing_retry_on_a_killed_replica_and_rate_limi
 
         state = cloud.ok("GET", "/v1/gateway")
         assert {r["name"]: r["up"] for r in state["replicas"]}["dead"] is False
-        metrics = _metrics(cloud.url)
+        metrics = scrape_metrics(cloud.url)
         assert metrics['autoglm_cloud_gateway_replica_up{replica="dead"}'] == 0
         assert metrics['autoglm_cloud_gateway_replica_up{replica="pool-0"}'] == 1
         assert f'autoglm_cloud_devices{{status="online",tenant="{tenant}"}}' in metrics
@@ -294,7 +285,7 @@ def test_pool_metrics_show_batching(pools: list[Service]) -> None:
 
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
         assert list(ex.map(one, range(8))) == [200] * 8
-    m = _metrics(pools[0].url)
+    m = scrape_metrics(pools[0].url)
     assert m["autoglm_pool_requests_total"] >= 8
     assert m["autoglm_pool_tokens_total"] > m["autoglm_pool_decode_steps_total"]  # several per step
     assert m["autoglm_pool_time_to_first_token_seconds_count"] >= 8
@@ -349,7 +340,7 @@ def test_edge_with_no_active_model_is_served_by_the_pool_and_says_so(
         )
         assert text == whole.choices[0].text
 
-        m = _metrics(edge.api)
+        m = scrape_metrics(edge.api)
         assert dashboard_metrics("autoglm_edge_") <= _names(edge.api)
         assert m["autoglm_edge_cloud_fallbacks_total"] >= 3
         assert (
@@ -462,7 +453,7 @@ def test_offline_device_serves_locally_and_cloud_only_requests_fail_fast(
         # Two timeouts open the circuit; after that, an answer without waiting for the cloud.
         assert all(t >= 0.9 for t in timings[:2]), timings
         assert max(timings[2:]) < 0.3, timings
-        m = _metrics(edge.api)
+        m = scrape_metrics(edge.api)
         assert m["autoglm_edge_cloud_breaker_open"] == 1
         assert m["autoglm_edge_online"] == 0
         # And local requests are still served at full speed.
