@@ -78,7 +78,6 @@ class _Row:
 class EngineStats:
     """Read by /metrics (gauges and counters) and the benchmark."""
 
-    waiting: int = 0
     batch_size: int = 0
     requests_done: int = 0
     rejected: int = 0
@@ -174,6 +173,11 @@ class BatchEngine:
         self._thread.join(timeout=30)
 
     @property
+    def waiting(self) -> int:
+        """Requests queued for a place in the batch."""
+        return len(self._waiting)
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
@@ -216,7 +220,6 @@ class BatchEngine:
             req.submitted = time.monotonic()
             self._in_flight += 1
             self._waiting.append(req)
-            self.stats.waiting = len(self._waiting)
             self._wake.notify()
 
         async def items() -> AsyncIterator[str | GenerationResult]:
@@ -250,7 +253,6 @@ class BatchEngine:
                     admitted: list[_Request] = []
                     while self._waiting and len(rows) + len(admitted) < self.max_batch:
                         admitted.append(self._waiting.popleft())
-                    self.stats.waiting = len(self._waiting)
                 try:
                     for req in admitted:
                         row, row_cache = self._prefill(req)

@@ -66,7 +66,7 @@ class _EngineCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         s = self.engine.stats
         yield GaugeMetricFamily(
-            f"{PREFIX}_queue_depth", "Requests waiting for a place in the batch.", s.waiting
+            f"{PREFIX}_queue_depth", "Requests waiting for a place in the batch.", self.engine.waiting
         )
         yield GaugeMetricFamily(f"{PREFIX}_batch_size", "Sequences in the running batch.", s.batch_size)
         yield GaugeMetricFamily(
