@@ -256,6 +256,7 @@ async def gateway_state(plane: Plane, who: Operator) -> dict[str, Any]:
     return {
         "replicas": [r.view() for r in plane.gateway.replicas],
         "retries": plane.gateway.retries,
+        "timeouts": plane.gateway.timeouts,
         "rate_limited": plane.rate_limiter.refused,
     }
 

@@ -7,6 +7,9 @@
   or reset, the answer cut off, 502/503/504) is sent to another replica, up to ``max_attempts``.
   Completions have no side effects, so sending one again is safe. A stream that breaks after its
   first bytes reached the client cannot be retried and ends there.
+* Timeouts: a replica that accepted a request but has not answered within ``request_timeout_s``
+  is busy, not down: the client gets 504 and the replica stays in rotation. Sending the same long
+  generation to another replica would only double the work (and time out there too).
 * Any OpenAI-compatible server (e.g. vLLM) can be a replica: only ``/models``,
   ``/completions`` and ``/chat/completions`` under its base URL are used.
 """
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 
 REPLICA_HEADER = "X-AutoGLM-Replica"
 _RETRY_STATUS = frozenset({502, 503, 504})
+# The replica took the request and is slow to answer (connect timeouts are failures: retried).
+_GENERATION_TIMEOUTS = (httpx.ReadTimeout, httpx.WriteTimeout)
 
 
 @dataclass
@@ -72,6 +77,7 @@ class PoolGateway:
             for name, u in zip(settings.replica_names(), settings.upstreams, strict=True)
         ]
         self.retries = 0
+        self.timeouts = 0
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
@@ -110,6 +116,19 @@ class PoolGateway:
         if replica.up:
             log.warning("pool replica %s failed a request and is marked down: %s", replica.name, why)
         replica.up = False
+
+    def _timed_out(self, replica: Replica) -> InferenceError:
+        self.timeouts += 1
+        log.warning(
+            "pool replica %s did not answer within %.0f s; it stays up",
+            replica.name,
+            self.settings.request_timeout_s,
+        )
+        return InferenceError(
+            f"pool replica {replica.name} did not answer within {self.settings.request_timeout_s:g} s",
+            status=504,
+            code="pool_timeout",
+        )
 
     def _pick(self, tried: set[str]) -> Replica | None:
         candidates = [r for r in self.replicas if r.up and r.name not in tried]
@@ -167,6 +186,9 @@ class PoolGateway:
         request = self._client.build_request("POST", replica.url + path, json=body, headers=replica.headers())
         try:
             upstream = await self._client.send(request, stream=True)
+        except _GENERATION_TIMEOUTS as exc:
+            replica.outstanding -= 1
+            raise self._timed_out(replica) from exc
         except httpx.TransportError as exc:
             replica.outstanding -= 1
             self._mark_down(replica, f"{type(exc).__name__}: {exc}")
@@ -180,6 +202,8 @@ class PoolGateway:
             return StreamingResponse(_relay(upstream, replica), headers=headers)
         try:
             content = await upstream.aread()
+        except _GENERATION_TIMEOUTS as exc:
+            raise self._timed_out(replica) from exc
         except httpx.TransportError as exc:
             self._mark_down(replica, f"answer cut off: {type(exc).__name__}")
             raise _ReplicaFailed(f"answer cut off ({type(exc).__name__})") from exc

@@ -44,6 +44,11 @@ class _PlaneCollector(Collector):
             f"{PREFIX}_gateway_retries", "Requests sent again to another replica.", value=gw.retries
         )
         yield CounterMetricFamily(
+            f"{PREFIX}_gateway_timeouts",
+            "Requests answered 504: the replica did not answer within request_timeout_s.",
+            value=gw.timeouts,
+        )
+        yield CounterMetricFamily(
             f"{PREFIX}_gateway_rate_limited",
             "Requests refused with 429 by a tenant's rate limit.",
             value=self.plane.rate_limiter.refused,

@@ -124,6 +124,55 @@ def test_circuit_breaker_opens_probes_and_closes() -> None:
     assert b.state == "closed" and b.allow()
 
 
+def test_gateway_answers_504_for_a_slow_replica_and_neither_retries_nor_marks_it_down() -> None:
+    """A generation longer than request_timeout_s is the replica being busy, not dead."""
+    from aiohttp import web
+
+    from cloud.gateway import PoolGateway
+    from cloud.settings import GatewaySettings
+
+    async def scenario() -> None:
+        hits: list[int] = []
+
+        async def models(request: web.Request) -> web.Response:
+            return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+        async def completions(request: web.Request) -> web.Response:
+            hits.append(request.url.port or 0)
+            await asyncio.sleep(2)
+            return web.json_response({"choices": []})
+
+        app = web.Application()
+        app.router.add_get("/v1/models", models)
+        app.router.add_post("/v1/completions", completions)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        ports = [free_port(), free_port()]
+        for port in ports:
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+        gateway = PoolGateway(
+            GatewaySettings.model_validate(
+                {
+                    "upstreams": [{"url": f"http://127.0.0.1:{p}/v1"} for p in ports],
+                    "request_timeout_s": 0.3,
+                }
+            )
+        )
+        try:
+            started = time.monotonic()
+            with pytest.raises(InferenceError) as err:
+                await gateway.forward("/completions", {"model": "m", "prompt": "hi"})
+            assert err.value.status == 504 and err.value.code == "pool_timeout"
+            assert time.monotonic() - started < 1.5
+            assert len(hits) == 1 and gateway.retries == 0 and gateway.timeouts == 1
+            assert all(r.up and r.outstanding == 0 for r in gateway.replicas)
+        finally:
+            await gateway.aclose()
+            await runner.cleanup()
+
+    asyncio.run(scenario())
+
+
 # -- pool + gateway as processes -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pools(demo_source: Path) -> Iterator[list[Service]]:
