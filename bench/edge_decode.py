@@ -112,6 +112,7 @@ class Timing:
 
 
 Runner = Callable[[], Timing]
+SETTLE_S = 0.5
 
 
 def transformers_runner(src: Path, prompt: list[int], new_tokens: int, threads: int) -> Runner:
@@ -267,6 +268,9 @@ def main() -> None:
         print(f"round {r + 1}/{args.runs} …", flush=True)
         bandwidths.append(copy_bandwidth(args.threads, repeats=3)[0])
         for label, run, _ in runners[r % len(runners) :] + runners[: r % len(runners)]:
+            # The engine timed before may leave threads spinning (OpenMP after torch, onnxruntime's
+            # pool after a run) that would take cores from this one: let them go idle first.
+            time.sleep(SETTLE_S)
             timings[label].append(run())
     bw, bw_best = statistics.median(bandwidths), max(bandwidths)
     hf_dec = median_rates(timings[runners[0][0]])[1]

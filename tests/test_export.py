@@ -105,8 +105,8 @@ def test_weight_only_fused_graph_uses_matmulnbits_and_stays_close(
     q = quantize_weight_only(graph, tmp_path / f"int{bits}" / "model.onnx", bits, block)
     nodes = onnx.load(str(q), load_external_data=False).graph.node
     ops = [n.op_type for n in nodes]
-    # Per layer: qkv, o, gate‖up, down; plus lm_head.
-    assert ops.count("MatMulNBits") == 2 * 4 + 1
+    # Per layer: qkv, o, gate, up, down; plus lm_head.
+    assert ops.count("MatMulNBits") == 2 * 5 + 1
     assert "MatMul" not in ops
     for n in nodes:
         if n.op_type == "MatMulNBits":

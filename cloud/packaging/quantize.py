@@ -13,11 +13,12 @@ from shared.manifest import Quantization
 QUANTIZATIONS = ("int8", "int4", "none")
 # Weight bits of the weight-only methods.
 WEIGHT_BITS = {"int8": 8, "int4": 4}
-# Block sizes: int8 the largest MLAS supports (fewer scales to read per token). int4 128: on the
-# Llama-134M bench blocks of 128 decode at 1.6x the speed of blocks of 32 (439 vs 279 tok/s), and
+# Block sizes, measured on the Llama-134M bench (bench/RESULTS.md). int8 128: 7-12 % faster decode
+# than 256 and 2-7 % faster than 64 (paired runs in one process, AMD EPYC VM); the Intel Xeon VM
+# agreed on 128 over 256 and 64. int4 128: 1.6x the speed of blocks of 32 (439 vs 279 tok/s), and
 # the demo model's perplexity rose 0.2% (32: 0.4%); the packager's perplexity gate refuses a model
 # that 4-bit blocks of 128 would harm more than --max-ppl-increase.
-BLOCK_SIZE = {8: 256, 4: 128}
+BLOCK_SIZE = {8: 128, 4: 128}
 
 
 def quantization_record(method: str) -> Quantization:
