@@ -151,13 +151,20 @@ class _SharedBuffers:
         self._logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits)
         # Bound first, so the prefill's freshly allocated logits are get_outputs()[0].
         self.binding.bind_ortvalue_output("logits", self._logits_value)
-        # Keep numpy arrays alive: the OrtValues below wrap their memory without copying.
+        # The cache lives where the attention runs. On CUDA a host buffer would be copied to the
+        # device and back on every step, and past and present would no longer be one buffer.
+        # (Not verified on a GPU yet: no GPU machine was lent to the sessions that wrote this.)
+        on_cuda = model.providers[0] == "CUDAExecutionProvider"
+        # Keep numpy arrays alive: on the CPU the OrtValues below wrap their memory without copying.
         self._arrays: list[np.ndarray] = []
         for pair_in, pair_out in zip(model.past_names, model.present_names, strict=True):
             for name_in, name_out in zip(pair_in, pair_out, strict=True):
                 arr = np.zeros(shape, dtype=model.kv_dtype)
-                self._arrays.append(arr)
-                value = ort.OrtValue.ortvalue_from_numpy(arr)
+                if on_cuda:
+                    value = ort.OrtValue.ortvalue_from_numpy(arr, "cuda", 0)
+                else:
+                    self._arrays.append(arr)
+                    value = ort.OrtValue.ortvalue_from_numpy(arr)
                 self.binding.bind_ortvalue_input(name_in, value)
                 self.binding.bind_ortvalue_output(name_out, value)
         self.token = np.zeros((1, 1), dtype=np.int64)
