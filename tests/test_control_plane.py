@@ -17,7 +17,6 @@ import pytest
 
 from cloud.auth import ApiKeys
 from cloud.fleet import Fleet, Selector
-from cloud.local_broker import LocalBroker
 from cloud.processes import stop_process
 from cloud.registry import ModelRegistry, RegistryEntry
 from cloud.rollouts import RolloutDriver, Rollouts, RolloutSpec, assign_waves
@@ -70,7 +69,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def test_staged_rollouts_gates_rollback_pause_abort_and_offline_devices(
     database_url: str,
     tmp_path: Path,
-    broker: LocalBroker,
+    broker_settings: BrokerSettings,
     tenant: str,
     registry: ModelRegistry,
     signing_key: SigningKey,
@@ -79,12 +78,13 @@ def test_staged_rollouts_gates_rollback_pause_abort_and_offline_devices(
     broken_package: RegistryEntry,
     edge_factory: Callable[..., EdgeProcess],
 ) -> None:
-    settings = BrokerSettings(host=broker.host, port=broker.port)
-    cloud = start_cloud(tmp_path, database_url, settings, tenant, registry)
+    cloud = start_cloud(tmp_path, database_url, broker_settings, tenant, registry)
     try:
         names = [f"edge-{i}" for i in range(4)]
         edges = {
-            n: edge_factory(device_id=n, tenant=tenant, broker=settings, trusted=[signing_key.public.b64])
+            n: edge_factory(
+                device_id=n, tenant=tenant, broker=broker_settings, trusted=[signing_key.public.b64]
+            )
             for n in names
         }
         cloud.wait(lambda: len(cloud.devices()) == 4, 60, "four devices to appear")
@@ -192,11 +192,14 @@ def test_staged_rollouts_gates_rollback_pause_abort_and_offline_devices(
 
 
 def test_api_keys_scopes_and_tenants(
-    tmp_path: Path, broker: LocalBroker, tenant: str, registry: ModelRegistry, demo_package: RegistryEntry
+    tmp_path: Path,
+    broker_settings: BrokerSettings,
+    tenant: str,
+    registry: ModelRegistry,
+    demo_package: RegistryEntry,
 ) -> None:
-    settings = BrokerSettings(host=broker.host, port=broker.port)
     url = f"sqlite:///{tmp_path / 'cloud.db'}"
-    cloud = start_cloud(tmp_path, url, settings, tenant, registry)
+    cloud = start_cloud(tmp_path, url, broker_settings, tenant, registry)
     try:
         engine = make_engine(url)
         keys = ApiKeys(engine)
@@ -308,22 +311,21 @@ def test_two_replicas_never_drive_one_rollout_at_once(postgres_url: str) -> None
 def test_two_control_plane_processes_on_one_postgresql_complete_a_rollout_once(
     postgres_url: str,
     tmp_path: Path,
-    broker: LocalBroker,
+    broker_settings: BrokerSettings,
     tenant: str,
     registry: ModelRegistry,
     signing_key: SigningKey,
     demo_package: RegistryEntry,
     edge_factory: Callable[..., EdgeProcess],
 ) -> None:
-    settings = BrokerSettings(host=broker.host, port=broker.port)
-    a = start_cloud(tmp_path / "a", postgres_url, settings, tenant, registry, replica_id="replica-a")
+    a = start_cloud(tmp_path / "a", postgres_url, broker_settings, tenant, registry, replica_id="replica-a")
     b = start_cloud(
-        tmp_path / "b", postgres_url, settings, tenant, registry, replica_id="replica-b", key=a.key
+        tmp_path / "b", postgres_url, broker_settings, tenant, registry, replica_id="replica-b", key=a.key
     )
     try:
         names = [f"rep-{i}" for i in range(3)]
         for n in names:
-            edge_factory(device_id=n, tenant=tenant, broker=settings, trusted=[signing_key.public.b64])
+            edge_factory(device_id=n, tenant=tenant, broker=broker_settings, trusted=[signing_key.public.b64])
         a.wait(lambda: len(b.devices()) == 3, 60, "three devices, seen through replica B")
         r = a.ok("POST", "/v1/rollouts", {"model": "demo-glm:1", "waves": [34, 100], "health_window_s": 1.0})
         done = b.wait_rollout(r["rollout_id"], ("completed",))

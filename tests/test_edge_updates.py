@@ -55,7 +55,7 @@ def kill(edge: EdgeProcess) -> None:
 @pytest.mark.parametrize("phase", ["fetching", "verifying", "staged", "activating"])
 def test_sigkill_during_an_update_converges_and_the_old_model_serves_until_the_switch(
     phase: str,
-    broker: LocalBroker,
+    broker_settings: BrokerSettings,
     tenant: str,
     registry: ModelRegistry,
     signing_key: SigningKey,
@@ -63,10 +63,14 @@ def test_sigkill_during_an_update_converges_and_the_old_model_serves_until_the_s
     demo_package_v2: RegistryEntry,
     edge_factory: Start,
 ) -> None:
-    settings = BrokerSettings(host=broker.host, port=broker.port)
     device = f"kill-{phase}"
-    common = {"device_id": device, "tenant": tenant, "broker": settings, "trusted": [signing_key.public.b64]}
-    with BackgroundCloud(settings, tenant, registry) as cloud:
+    common = {
+        "device_id": device,
+        "tenant": tenant,
+        "broker": broker_settings,
+        "trusted": [signing_key.public.b64],
+    }
+    with BackgroundCloud(broker_settings, tenant, registry) as cloud:
         edge = edge_factory(**common)
         cloud.set_desired(device, DesiredState(revision=1, model=demo_package.ref))
         cloud.wait_reported(device, is_active(demo_package, 1))
@@ -140,7 +144,7 @@ def test_broker_stopped_mid_transfer_resumes_without_fetching_completed_chunks(
 
 
 def test_failed_load_rejected_config_rollback_and_queue_limit(
-    broker: LocalBroker,
+    broker_settings: BrokerSettings,
     tenant: str,
     registry: ModelRegistry,
     signing_key: SigningKey,
@@ -149,10 +153,11 @@ def test_failed_load_rejected_config_rollback_and_queue_limit(
     broken_package: RegistryEntry,
     edge_factory: Start,
 ) -> None:
-    settings = BrokerSettings(host=broker.host, port=broker.port)
     device = "life-1"
-    edge = edge_factory(device_id=device, tenant=tenant, broker=settings, trusted=[signing_key.public.b64])
-    with BackgroundCloud(settings, tenant, registry) as cloud:
+    edge = edge_factory(
+        device_id=device, tenant=tenant, broker=broker_settings, trusted=[signing_key.public.b64]
+    )
+    with BackgroundCloud(broker_settings, tenant, registry) as cloud:
         cloud.set_desired(device, DesiredState(revision=1, model=demo_package.ref))
         cloud.wait_reported(device, is_active(demo_package, 1))
 
