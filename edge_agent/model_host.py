@@ -20,6 +20,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from edge_agent.chat import ChatTemplate
+from edge_agent.runtime.channel import GenerationChannel
 from edge_agent.runtime.generator import GenerationParams, GenerationResult, TextGenerator
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.session import OnnxCausalLM
@@ -176,19 +177,17 @@ class ModelHost:
         model = self.require()
         model.generator.check_prompt(prompt)
         self._admit()
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[str | GenerationResult | BaseException] = asyncio.Queue()
-        cancelled = threading.Event()
+        channel = GenerationChannel()
 
         def run() -> None:
             try:
                 with self._run_lock:
                     for item in self._timed(model.generator.stream(prompt, params)):
-                        loop.call_soon_threadsafe(queue.put_nowait, item)
-                        if cancelled.is_set():
+                        channel.put(item)
+                        if channel.cancelled.is_set():
                             return  # the client went away; free the runtime for the next request
             except BaseException as exc:
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
+                channel.put(exc)
 
         async def work() -> None:
             try:
@@ -198,18 +197,4 @@ class ModelHost:
                 self._admitted -= 1
 
         worker = asyncio.create_task(work(), name="generation-stream")
-
-        async def items() -> AsyncIterator[str | GenerationResult]:
-            try:
-                while True:
-                    item = await queue.get()
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-                    if isinstance(item, GenerationResult):
-                        await worker
-                        return
-            finally:
-                cancelled.set()
-
-        return model, items()
+        return model, channel.items(finished=worker)

@@ -10,12 +10,11 @@ a short request never waits for a long one and a new one never waits for a whole
 
 Text handling (stop sequences, UTF-8 hold-back) and sampling are the edge's own
 (``IncrementalText``, ``choose_token``), so a request falls back to the cloud without changing
-what it means. Asyncio callers get their items through ``loop.call_soon_threadsafe``.
+what it means. Asyncio callers read their items from a ``GenerationChannel``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
 import logging
@@ -29,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from edge_agent.chat import ChatTemplate
+from edge_agent.runtime.channel import GenerationChannel, Item
 from edge_agent.runtime.generator import GenerationParams, GenerationResult
 from edge_agent.runtime.sampling import choose_token
 from edge_agent.runtime.text import IncrementalText
@@ -36,8 +36,6 @@ from shared.errors import InferenceError, ModelLoadError
 from shared.openai_api import FinishReason
 
 log = logging.getLogger(__name__)
-
-Item = str | GenerationResult | BaseException
 
 
 @dataclass(frozen=True)
@@ -196,17 +194,8 @@ class BatchEngine:
     def submit(self, prompt: str, params: GenerationParams) -> AsyncIterator[str | GenerationResult]:
         """Queue a request (429 at once when the queue is full); iterate for its text deltas."""
         ids = self.check_prompt(prompt)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Item] = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def emit(item: Item) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the caller's event loop is gone: nobody is listening any more
-                cancelled.set()
-
-        req = _Request(ids, params, emit, cancelled, 0.0)
+        channel = GenerationChannel()
+        req = _Request(ids, params, channel.put, channel.cancelled, 0.0)
         with self._wake:
             # Room for a full batch plus queue_size waiting, however fast the engine takes them in.
             if self._in_flight >= self.max_batch + self.queue_size:
@@ -222,19 +211,8 @@ class BatchEngine:
             self._waiting.append(req)
             self._wake.notify()
 
-        async def items() -> AsyncIterator[str | GenerationResult]:
-            try:
-                while True:
-                    item = await queue.get()
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-                    if isinstance(item, GenerationResult):
-                        return
-            finally:
-                cancelled.set()  # a client that went away frees its row at the next step
-
-        return items()
+        # A client that went away (channel cancelled) frees its row at the next step.
+        return channel.items()
 
     # -- the engine thread -------------------------------------------------------------------
     def _run(self) -> None:
