@@ -9,8 +9,8 @@ the architectures we know we build the graph ourselves from ONNX Runtime's fused
 
 ten nodes per layer once ONNX Runtime fuses the SiLU into QuickGelu. GroupQueryAttention reads and
 writes the KV cache in place when the caller binds the same buffer as ``past`` input and
-``present`` output (``kv_cache="shared"`` in the manifest), so decode never copies the cache. Weight-only int8 then turns every MatMul into
-``MatMulNBits`` (see quantize.py).
+``present`` output (``kv_cache="shared"`` in the manifest), so decode never copies the cache.
+Weight-only int8 then turns every MatMul into ``MatMulNBits`` (see quantize.py).
 
 Anything this builder does not cover exactly (other rotary scalings, biases it does not know,
 non-SiLU activations) is refused with :class:`UnsupportedArchitecture`; the packager falls back
@@ -178,7 +178,7 @@ def build_fused(src: Path, cfg: dict[str, Any], out: Path) -> Path:
 
         x = norm(f"{p}.post_attention_layernorm", sd[f"{p}.post_attention_layernorm.weight"])
         # Two MatMuls rather than one packed gate‖up MatMul and a Split: the Split's copy and its
-        # node cost more than the second weight-streaming node (+2-5 % decode, measured int8).
+        # node cost more than the second weight-streaming node (+1.5-5.8 % int8 decode, bench/RESULTS.md).
         g_out = matmul(f"{p}.mlp.gate_proj", x, sd[f"{p}.mlp.gate_proj.weight"].T)
         u_out = matmul(f"{p}.mlp.up_proj", x, sd[f"{p}.mlp.up_proj.weight"].T)
         sig = f"{p}.mlp/sigmoid"
