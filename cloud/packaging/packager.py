@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from tokenizers import Tokenizer
 
@@ -23,9 +23,11 @@ from cloud.packaging.export import (
     validate_export,
 )
 from cloud.packaging.fused import FUSED_MODEL_TYPES, build_fused
+from cloud.packaging.progress import SilentReporter, StepReporter
+from cloud.packaging.quality import CHAT_PROMPTS, GraphPair, greedy_agreement, perplexity_figures, prose_text
 from cloud.packaging.quantize import WEIGHT_BITS, quantization_record, quantize_weight_only, weight_block_size
 from cloud.registry import ModelRegistry, RegistryEntry
-from edge_agent.runtime.session import OnnxCausalLM, perplexity
+from edge_agent.chat import ChatTemplate, turn_end_token_id
 from shared.blobs import DEFAULT_CHUNK_SIZE, describe_file
 from shared.errors import PackagingError, RegistryError
 from shared.manifest import FileEntry, IOSignature, Manifest, QualityReport, SignedManifest
@@ -33,32 +35,20 @@ from shared.signing import SigningKey
 
 log = logging.getLogger(__name__)
 
-# Files an edge runtime needs besides the graph; anything else in the export folder stays behind.
+# Files an edge runtime needs besides the graph (everything chat needs: the tokenizer, its special
+# tokens, the chat template and the generation config); anything else in the export folder stays behind.
 _SIDE_FILES: dict[str, Literal["tokenizer", "config"]] = {
     "tokenizer.json": "tokenizer",
     "tokenizer_config.json": "tokenizer",
     "special_tokens_map.json": "tokenizer",
+    "chat_template.jinja": "tokenizer",
     "config.json": "config",
     "generation_config.json": "config",
 }
+# Copied from the source folder over whatever the exporter wrote: the source is the truth.
+_SOURCE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 EVAL_TOKENS = 4096
 VALIDATION_PROMPT = "def main():\n    "
-
-
-class StepReporter(Protocol):
-    """Where packaging tells a person what it is doing (the CLI draws it; tests record it)."""
-
-    def step(self, title: str) -> None: ...
-
-    def done(self, detail: str) -> None: ...
-
-
-class SilentReporter:
-    def step(self, title: str) -> None:
-        log.info("%s", title)
-
-    def done(self, detail: str) -> None:
-        log.info("  %s", detail)
 
 
 @dataclass(frozen=True)
@@ -106,15 +96,18 @@ class ModelPackager:
             else:
                 r.step(f"Exporting {src} ({cfg['model_type']}) to ONNX with KV cache")
                 graph = export_onnx(src, fp32_dir)
-            _ensure_tokenizer(src, fp32_dir)
+            _copy_tokenizer_files(src, fp32_dir)
             gen_cfg = _read_json(fp32_dir / "generation_config.json")
+            tokenizer = _load_tokenizer(fp32_dir)
+            template = ChatTemplate.from_folder(fp32_dir)
             io = io_signature(graph, cfg, gen_cfg)
+            io = io.model_copy(update={"eos_token_ids": end_of_turn_ids(fp32_dir, io, tokenizer, template)})
             r.done(
-                f"{io.num_layers} layers, {io.num_kv_heads} KV heads × {io.head_dim}, vocab {io.vocab_size}"
+                f"{io.num_layers} layers, {io.num_kv_heads} KV heads × {io.head_dim}, vocab {io.vocab_size}; "
+                f"chat template: {template.source}; end-of-turn ids {io.eos_token_ids}"
             )
 
             r.step("Validating the ONNX graph against PyTorch (greedy tokens)")
-            tokenizer = _load_tokenizer(fp32_dir)
             prompt_ids = tokenizer.encode(VALIDATION_PROMPT).ids or [0]
             validation = validate_export(src, graph, io, prompt_ids)
             if opts.require_token_match and not validation.greedy_tokens_match:
@@ -139,12 +132,7 @@ class ModelPackager:
                         shutil.copy2(fp32_dir / fname, ship_dir / fname)
                 r.done(f"{_graph_bytes(fp32_dir) / 1e6:.1f} MB → {_graph_bytes(ship_dir) / 1e6:.1f} MB")
 
-            r.step("Measuring perplexity on held-out text")
-            quality = self._quality(fp32_dir, ship_dir, io, tokenizer, opts)
-            r.done(
-                f"fp32 {quality.perplexity_fp32:.3f}, shipped {quality.perplexity_shipped:.3f} "
-                f"({quality.relative_change:+.2%}) over {quality.eval_tokens} tokens"
-            )
+            quality = self._quality(fp32_dir, ship_dir, io, tokenizer, template, opts)
             if quality.relative_change > opts.max_perplexity_increase:
                 raise PackagingError(
                     f"quantized perplexity rose {quality.relative_change:.1%}, over the "
@@ -178,25 +166,37 @@ class ModelPackager:
             return entry
 
     def _quality(
-        self, fp32_dir: Path, ship_dir: Path, io: IOSignature, tokenizer: Tokenizer, opts: PackageOptions
+        self,
+        fp32_dir: Path,
+        ship_dir: Path,
+        io: IOSignature,
+        tokenizer: Tokenizer,
+        template: ChatTemplate,
+        opts: PackageOptions,
     ) -> QualityReport:
+        r = self.reporter
+        pair = GraphPair(fp32_dir / GRAPH_FILE, ship_dir / GRAPH_FILE, io, tokenizer)
         text = opts.eval_text if opts.eval_text is not None else heldout_text()
         source = "user-supplied" if opts.eval_text is not None else "python-stdlib-heldout"
-        ids = tokenizer.encode(text).ids[:EVAL_TOKENS]
-        if len(ids) < 16:
-            raise PackagingError("evaluation text is too short (needs at least 16 tokens)", tokens=len(ids))
-        window = min(io.context_length, 256)
-        ppl_fp32, scored = perplexity(OnnxCausalLM(fp32_dir / GRAPH_FILE, io), ids, window)
-        ppl_ship = ppl_fp32
-        if ship_dir != fp32_dir:
-            ppl_ship, _ = perplexity(OnnxCausalLM(ship_dir / GRAPH_FILE, io), ids, window)
-        return QualityReport(
-            eval_text=source,
-            eval_tokens=scored,
-            perplexity_fp32=ppl_fp32,
-            perplexity_shipped=ppl_ship,
-            relative_change=(ppl_ship - ppl_fp32) / ppl_fp32,
+        r.step("Measuring perplexity on held-out text and on English prose")
+        main = perplexity_figures(pair, text, source, EVAL_TOKENS)
+        prose = perplexity_figures(pair, prose_text(), "python-reference-prose", EVAL_TOKENS)
+        r.done(
+            f"{source}: fp32 {main.perplexity_fp32:.3f}, shipped {main.perplexity_shipped:.3f} "
+            f"({main.relative_change:+.2%}) over {main.eval_tokens} tokens; prose: fp32 "
+            f"{prose.perplexity_fp32:.3f}, shipped {prose.perplexity_shipped:.3f} ({prose.relative_change:+.2%})"
         )
+        greedy = None
+        if ship_dir != fp32_dir:
+            r.step(f"Comparing greedy chat answers with fp32 ({len(CHAT_PROMPTS)} prompts)")
+            greedy = greedy_agreement(pair, template)
+            departs = (
+                f"; the others depart at token {greedy.mean_first_difference:.1f} on average"
+                if greedy.mean_first_difference is not None
+                else ""
+            )
+            r.done(f"{greedy.identical}/{greedy.prompts} answers identical ({greedy.share:.0%}){departs}")
+        return QualityReport(**main.model_dump(), prose=prose, greedy=greedy)
 
     def _store_files(self, ship_dir: Path, chunk_size: int) -> list[FileEntry]:
         entries: list[FileEntry] = []
@@ -241,23 +241,40 @@ def _graph_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx"))
 
 
-def _ensure_tokenizer(src: Path, out: Path) -> None:
-    """The edge runtime reads tokenizer.json only; convert a slow tokenizer when that is all there is."""
+def _copy_tokenizer_files(src: Path, out: Path) -> None:
+    """The tokenizer, its special tokens and the chat template, as the source folder has them.
+
+    The edge reads tokenizer.json (the ``tokenizers`` library, no transformers); a model that ships
+    only a slow tokenizer is converted once here."""
+    for name in _SOURCE_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
     if (out / "tokenizer.json").is_file():
-        return
-    if (src / "tokenizer.json").is_file():
-        shutil.copy2(src / "tokenizer.json", out / "tokenizer.json")
         return
     try:
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(str(src), use_fast=True, local_files_only=True).save_pretrained(
-            str(out)
-        )
+        with tempfile.TemporaryDirectory(prefix="autoglm-tokenizer-") as tmp:
+            AutoTokenizer.from_pretrained(str(src), use_fast=True, local_files_only=True).save_pretrained(tmp)
+            for name in _SOURCE_FILES:
+                if (Path(tmp) / name).is_file() and not (out / name).is_file():
+                    shutil.copy2(Path(tmp) / name, out / name)
     except Exception as exc:
         raise PackagingError(f"no usable tokenizer in the model folder: {exc}", src=str(src)) from exc
     if not (out / "tokenizer.json").is_file():
         raise PackagingError("the model's tokenizer cannot be converted to tokenizer.json", src=str(src))
+
+
+def end_of_turn_ids(folder: Path, io: IOSignature, tokenizer: Tokenizer, template: ChatTemplate) -> list[int]:
+    """Every id that ends the model's turn: the generation config's EOS (one or a list, already in
+    ``io``), the tokenizer's EOS, and the special token the chat template closes a turn with."""
+    ids = set(io.eos_token_ids)
+    eos_text = template.special.get("eos_token")
+    if isinstance(eos_text, str) and (eos_id := tokenizer.token_to_id(eos_text)) is not None:
+        ids.add(eos_id)
+    if (turn_end := turn_end_token_id(template, tokenizer)) is not None:
+        ids.add(turn_end)
+    return sorted(ids)
 
 
 def _load_tokenizer(folder: Path) -> Tokenizer:

@@ -6,6 +6,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from shared.errors import PackagingError
 from shared.manifest import Quantization
@@ -54,6 +55,20 @@ def quiet_quantizer() -> Iterator[None]:
         nbits.setLevel(level)
 
 
+def _nbits_quantizer() -> tuple[Any, Any]:
+    """onnxruntime's weight-only quantizer classes, without the ``logging.basicConfig(level=INFO)``
+    its module runs at import: that would turn on every library's INFO lines in the caller's process."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    return nbits.DefaultWeightOnlyQuantConfig, nbits.MatMulNBitsQuantizer
+
+
 def weight_block_size(bits: int, hidden_size: int) -> int:
     """The block size for ``bits``, or the largest power of two MLAS supports that fits a row."""
     block = BLOCK_SIZE[bits]
@@ -73,10 +88,8 @@ def quantize_weight_only(src_graph: Path, out_graph: Path, bits: int, block_size
         raise PackagingError(f"weight-only quantization takes 8 or 4 bits, not {bits}")
     import onnx
     from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
+
+    DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer = _nbits_quantizer()
 
     out_graph.parent.mkdir(parents=True, exist_ok=True)
     config = DefaultWeightOnlyQuantConfig(

@@ -31,7 +31,7 @@ from edge_agent.chat import ChatTemplate
 from edge_agent.runtime.channel import GenerationChannel, Item
 from edge_agent.runtime.generator import GenerationParams, GenerationResult
 from edge_agent.runtime.sampling import choose_token
-from edge_agent.runtime.text import IncrementalText
+from edge_agent.runtime.text import IncrementalText, Prompt
 from shared.errors import InferenceError, ModelLoadError
 from shared.openai_api import FinishReason
 
@@ -179,8 +179,8 @@ class BatchEngine:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def check_prompt(self, prompt: str) -> list[int]:
-        ids: list[int] = self.tokenizer.encode(prompt).ids
+    def check_prompt(self, prompt: Prompt) -> list[int]:
+        ids = prompt.encode(self.tokenizer)
         if not ids:
             raise InferenceError("prompt encodes to zero tokens", param="prompt")
         if len(ids) >= self.info.context_length:
@@ -191,7 +191,7 @@ class BatchEngine:
             )
         return ids
 
-    def submit(self, prompt: str, params: GenerationParams) -> AsyncIterator[str | GenerationResult]:
+    def submit(self, prompt: Prompt, params: GenerationParams) -> AsyncIterator[str | GenerationResult]:
         """Queue a request (429 at once when the queue is full); iterate for its text deltas."""
         ids = self.check_prompt(prompt)
         channel = GenerationChannel()

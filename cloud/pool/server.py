@@ -22,6 +22,7 @@ from edge_agent.api.errors import install_error_handlers
 from edge_agent.api.openai_routes import Responder, ServiceResponder, openai_routes
 from edge_agent.api.serving import CompletionService
 from edge_agent.runtime.generator import GenerationParams, GenerationResult
+from edge_agent.runtime.text import Prompt
 from edge_agent.serving_config import ServingConfig
 from shared.errors import InferenceError
 
@@ -46,7 +47,7 @@ class PoolBackend:
             raise InferenceError("the pool's engine is not running", status=503, code="engine_down")
         return self.engine.info
 
-    async def generate(self, prompt: str, params: GenerationParams) -> tuple[PoolModel, GenerationResult]:
+    async def generate(self, prompt: Prompt, params: GenerationParams) -> tuple[PoolModel, GenerationResult]:
         model, items = await self.stream(prompt, params)
         async for item in items:
             if isinstance(item, GenerationResult):
@@ -54,7 +55,7 @@ class PoolBackend:
         raise InferenceError("generation ended without a result", status=500, code="engine_error")
 
     async def stream(
-        self, prompt: str, params: GenerationParams
+        self, prompt: Prompt, params: GenerationParams
     ) -> tuple[PoolModel, AsyncIterator[str | GenerationResult]]:
         return self.require(), self.engine.submit(prompt, params)
 

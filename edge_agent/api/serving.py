@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from edge_agent.chat import ChatTemplate
 from edge_agent.runtime.generator import GenerationParams, GenerationResult
 from edge_agent.runtime.sampling import SamplingConfig
+from edge_agent.runtime.text import Prompt
 from edge_agent.serving_config import ServingConfig
 from edge_agent.telemetry import TelemetryRecorder
 from shared.errors import InferenceError
@@ -73,17 +74,17 @@ class TextBackend(Protocol):
     def require(self) -> ServedModel: ...
 
     async def generate(
-        self, prompt: str, params: GenerationParams
+        self, prompt: Prompt, params: GenerationParams
     ) -> tuple[ServedModel, GenerationResult]: ...
 
     async def stream(
-        self, prompt: str, params: GenerationParams
+        self, prompt: Prompt, params: GenerationParams
     ) -> tuple[ServedModel, AsyncIterator[str | GenerationResult]]: ...
 
 
 @dataclass
 class _Prepared:
-    prompt: str
+    prompt: Prompt
     params: GenerationParams
     started: float
 
@@ -136,7 +137,7 @@ class CompletionService:
             prompt = req.prompt_text()
         except ValueError as exc:
             raise InferenceError(str(exc), param="prompt") from exc
-        return _Prepared(prompt, self.params(req), started)
+        return _Prepared(Prompt(prompt), self.params(req), started)
 
     def _prepare_chat(self, req: ChatCompletionRequest) -> _Prepared:
         started = time.perf_counter()
@@ -145,8 +146,7 @@ class CompletionService:
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         except ValueError as exc:
             raise InferenceError(str(exc), param="messages") from exc
-        prompt = loaded.chat.render(messages)
-        return _Prepared(prompt, self.params(req, loaded.chat.stop), started)
+        return _Prepared(loaded.chat.prompt(messages), self.params(req, loaded.chat.stop), started)
 
     # -- telemetry -----------------------------------------------------------------------------
     def _record(
@@ -198,7 +198,7 @@ class CompletionService:
     async def complete(self, req: CompletionRequest) -> CompletionResponse:
         prep = self._prepare_completion(req)
         loaded, result = await self._generate(prep)
-        text = prep.prompt + result.text if req.echo else result.text
+        text = prep.prompt.text + result.text if req.echo else result.text
         return CompletionResponse(
             model=loaded.model_id,
             choices=[CompletionChoice(text=text, finish_reason=result.finish_reason)],

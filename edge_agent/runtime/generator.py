@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 
 from edge_agent.runtime.sampling import SamplingConfig, choose_token
 from edge_agent.runtime.session import OnnxCausalLM
-from edge_agent.runtime.text import IncrementalText
+from edge_agent.runtime.text import IncrementalText, Prompt
 from shared.errors import InferenceError
 from shared.openai_api import FinishReason
 
@@ -40,9 +40,9 @@ class TextGenerator:
         self.eos_ids = frozenset(model.io.eos_token_ids)
         self.context_length = model.io.context_length
 
-    def check_prompt(self, prompt: str) -> list[int]:
+    def check_prompt(self, prompt: Prompt) -> list[int]:
         """Token ids of ``prompt``; InferenceError when it is empty or does not fit the context."""
-        prompt_ids: list[int] = self.tokenizer.encode(prompt).ids
+        prompt_ids = prompt.encode(self.tokenizer)
         if not prompt_ids:
             raise InferenceError("prompt encodes to zero tokens", param="prompt")
         room = self.context_length - len(prompt_ids)
@@ -67,7 +67,7 @@ class TextGenerator:
             yield token
             step = [token]
 
-    def stream(self, prompt: str, params: GenerationParams) -> Iterator[str | GenerationResult]:
+    def stream(self, prompt: Prompt, params: GenerationParams) -> Iterator[str | GenerationResult]:
         """Yield text deltas as they become final, then one GenerationResult."""
         prompt_ids = self.check_prompt(prompt)
         budget = min(params.max_tokens, self.context_length - len(prompt_ids))
@@ -84,7 +84,7 @@ class TextGenerator:
         reason: FinishReason = "length" if not text.stopped and len(text.tokens) == budget else "stop"
         yield GenerationResult(text.emitted, len(prompt_ids), len(text.tokens), reason)
 
-    def generate(self, prompt: str, params: GenerationParams) -> GenerationResult:
+    def generate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:
         for item in self.stream(prompt, params):
             if isinstance(item, GenerationResult):
                 return item

