@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,32 +14,46 @@ from cloud.packaging.quantize import quantize_weight_only, weight_block_size
 from shared.errors import PackagingError
 
 
-def _tiny(kind: str, out: Path) -> Path:
+def _tiny(kind: str, out: Path, *, vary_vectors: bool = False, **overrides: Any) -> Path:
+    """A tiny random model of ``kind`` (vocab 256, hidden 64, 2 layers, 4 heads / 2 KV heads of 16);
+    ``overrides`` replace config fields (e.g. ``sliding_window=8``, ``head_dim=32``).
+
+    ``vary_vectors`` perturbs the 1-D weights too (biases start at 0 and norm gains at 1, so a
+    graph that dropped or swapped one would otherwise still match)."""
     import torch
-    from transformers import (
-        GlmConfig,
-        GlmForCausalLM,
-        GPT2Config,
-        GPT2LMHeadModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
+    import transformers
 
     torch.manual_seed(0)
-    common = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
-    attn = {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
-    model: torch.nn.Module
-    if kind == "glm":
-        model = GlmForCausalLM(GlmConfig(**common, **attn, head_dim=16, pad_token_id=0, eos_token_id=1))
-    elif kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common, **attn, pad_token_id=0, eos_token_id=1))
-    elif kind == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**common, **attn, pad_token_id=0, eos_token_id=1))
+    classes = {
+        "glm": ("GlmConfig", "GlmForCausalLM"),
+        "glm4": ("Glm4Config", "Glm4ForCausalLM"),
+        "llama": ("LlamaConfig", "LlamaForCausalLM"),
+        "mistral": ("MistralConfig", "MistralForCausalLM"),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    }
+    model: Any  # a transformers PreTrainedModel
+    if kind in classes:
+        config_cls, model_cls = (getattr(transformers, n) for n in classes[kind])
+        fields: dict[str, Any] = {
+            "vocab_size": 256,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 128,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+        }
+        if kind not in ("llama", "qwen2"):  # those derive head_dim = hidden / heads = 16
+            fields["head_dim"] = 16
+        model = model_cls(config_cls(**{**fields, **overrides}))
     else:
-        model = GPT2LMHeadModel(
-            GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128, eos_token_id=1)
+        model = transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128, eos_token_id=1
+            )
         )
     # Random weights give near-flat logits; scaling them up makes the greedy path decisive, so a
     # real export bug shows as a token mismatch rather than hiding in ties.
@@ -46,6 +61,8 @@ def _tiny(kind: str, out: Path) -> Path:
         for p in model.parameters():
             if p.dim() > 1:
                 p.mul_(4.0)
+            elif vary_vectors:
+                p.add_(0.2 * torch.randn_like(p))
     model.save_pretrained(str(out))
     return out
 
@@ -120,12 +137,62 @@ def test_weight_only_fused_graph_uses_matmulnbits_and_stays_close(
 def test_fused_builder_refuses_what_it_does_not_cover() -> None:
     base = {"model_type": "llama", "hidden_act": "silu"}
     check_supported(base)
-    for bad in (
+    dims = {"hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 128}
+    for covered in (
         {"model_type": "glm"},
+        {"model_type": "glm4", **dims, "head_dim": 16},  # 4 rotary pairs: cache padded to 8
+        {"model_type": "qwen2"},
+        {"model_type": "qwen3", **dims, "head_dim": 128},
+        {"model_type": "mistral", **dims, "sliding_window": 8},
+        {"model_type": "mistral", **dims, "sliding_window": None},
+        # A window as long as the context never drops a key.
+        {
+            "model_type": "qwen3",
+            **dims,
+            "use_sliding_window": True,
+            "sliding_window": 128,
+            "max_window_layers": 0,
+        },
+        # Sliding window switched on, but no layer uses it.
+        {
+            "model_type": "qwen2",
+            **dims,
+            "use_sliding_window": True,
+            "sliding_window": 8,
+            "num_hidden_layers": 2,
+        },
+    ):
+        check_supported({**base, **covered})
+    for bad in (
+        {"model_type": "gpt2"},
+        {"model_type": "phi3"},
         {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+        {"model_type": "glm", "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
         {"hidden_act": "gelu"},
+        {"model_type": "glm4", "hidden_act": "gelu_pytorch_tanh"},
         {"attention_bias": True},
+        {"model_type": "qwen3", "attention_bias": True},  # biases o_proj too
         {"mlp_bias": True},
+        {"use_sliding_window": True},
+        {"partial_rotary_factor": 0.5},  # Llama rotates the whole head
+        {**dims, "hidden_size": 4 * 72},  # head_dim 72: 36 cos columns, GQA wants a multiple of 8
+        {"model_type": "glm", **dims, "head_dim": 8},  # 2 pairs: no cache width GQA takes
+        {"model_type": "mistral", **dims, "sliding_window": 1},
+        {
+            "model_type": "qwen3",
+            **dims,
+            "use_sliding_window": True,
+            "sliding_window": 8,
+            "max_window_layers": 0,
+        },
+        {"model_type": "qwen3", "layer_types": ["sliding_attention", "full_attention"]},
+        {
+            "model_type": "qwen2",
+            **dims,
+            "use_sliding_window": True,
+            "sliding_window": 8,
+            "num_hidden_layers": 30,
+        },
     ):
         with pytest.raises(UnsupportedArchitecture):
             check_supported({**base, **bad})

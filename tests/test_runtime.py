@@ -111,6 +111,7 @@ def test_prompt_longer_than_context_is_refused(loaded: LoadedModel) -> None:
 
 def test_session_feeds_by_name_and_reports_providers(loaded: LoadedModel) -> None:
     model: OnnxCausalLM = loaded.generator.model
-    assert "input_ids" in model.input_names and "attention_mask" in model.input_names
+    # The demo GLM gets the fused decoder: the KV cache is addressed by seqlens_k, not a mask.
+    assert "input_ids" in model.input_names and "seqlens_k" in model.input_names
     assert model.providers[-1] == "CPUExecutionProvider"
     assert Path(model.session._model_path).name == "model.onnx"  # type: ignore[attr-defined]

@@ -20,7 +20,10 @@ from shared.manifest import ExportValidation, IOSignature, TensorSpec
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("glm", "llama", "qwen2", "gpt2")
+# All but gpt2 have a fused graph (fused.py, FUSED_MODEL_TYPES); optimum's export is the generic
+# path. optimum 2.1 / optimum-onnx 0.1 have no glm4 (GLM-4-0414) export config, so glm4 packages
+# only through the fused graph.
+SUPPORTED_MODEL_TYPES = ("glm", "glm4", "llama", "mistral", "qwen2", "qwen3", "gpt2")
 GRAPH_FILE = "model.onnx"
 
 

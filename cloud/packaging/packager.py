@@ -22,7 +22,7 @@ from cloud.packaging.export import (
     read_hf_config,
     validate_export,
 )
-from cloud.packaging.fused import FUSED_MODEL_TYPES, build_fused
+from cloud.packaging.fused import FUSED_MODEL_TYPES, UnsupportedArchitecture, build_fused
 from cloud.packaging.progress import SilentReporter, StepReporter
 from cloud.packaging.quality import CHAT_PROMPTS, GraphPair, greedy_agreement, perplexity_figures, prose_text
 from cloud.packaging.quantize import WEIGHT_BITS, quantization_record, quantize_weight_only, weight_block_size
@@ -85,17 +85,7 @@ class ModelPackager:
             work = Path(tmp)
             r = self.reporter
             fp32_dir = work / "fp32"
-            fused = opts.graph == "fused" or (
-                opts.graph == "auto" and cfg.get("model_type") in FUSED_MODEL_TYPES
-            )
-            if fused:
-                r.step(f"Building the fused ONNX decoder for {src} ({cfg['model_type']}, shared KV cache)")
-                graph = build_fused(src, cfg, fp32_dir)
-                shutil.copy2(src / "config.json", fp32_dir / "config.json")
-                _copy_generation_config(src, fp32_dir)
-            else:
-                r.step(f"Exporting {src} ({cfg['model_type']}) to ONNX with KV cache")
-                graph = export_onnx(src, fp32_dir)
+            graph = self._export(src, cfg, fp32_dir, opts.graph)
             _copy_tokenizer_files(src, fp32_dir)
             gen_cfg = _read_json(fp32_dir / "generation_config.json")
             tokenizer = _load_tokenizer(fp32_dir)
@@ -164,6 +154,28 @@ class ModelPackager:
             entry = self.registry.publish(SignedManifest.sign(manifest, self.key))
             r.done(f"{entry.name}:{entry.version} {entry.digest} (key {self.key.public.key_id})")
             return entry
+
+    def _export(
+        self, src: Path, cfg: dict[str, Any], out: Path, kind: Literal["auto", "fused", "generic"]
+    ) -> Path:
+        """The fp32 graph: fused where the builder covers the model exactly (``auto``: else the
+        generic export, said out loud), optimum's export for ``generic``."""
+        r = self.reporter
+        if kind == "fused" or (kind == "auto" and cfg.get("model_type") in FUSED_MODEL_TYPES):
+            r.step(f"Building the fused ONNX decoder for {src} ({cfg['model_type']}, shared KV cache)")
+            try:
+                graph = build_fused(src, cfg, out)
+            except UnsupportedArchitecture as exc:
+                if kind == "fused":
+                    raise
+                r.done(f"not covered by the fused builder ({exc}); using the generic export")
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                shutil.copy2(src / "config.json", out / "config.json")
+                _copy_generation_config(src, out)
+                return graph
+        r.step(f"Exporting {src} ({cfg['model_type']}) to ONNX with KV cache")
+        return export_onnx(src, out)
 
     def _quality(
         self,

@@ -1,9 +1,9 @@
-"""An exported decoder-with-past ONNX graph, driven by input name (GLM/Llama/Qwen2/GPT-2 exports).
+"""An exported decoder-with-past ONNX graph, driven by input name (fused and generic exports).
 
 Two KV-cache disciplines, named by the manifest's ``io.kv_cache``:
 
 * ``concat`` (optimum exports): each step feeds the previous ``present`` tensors back as ``past``.
-* ``shared`` (our fused Llama/Qwen2 graphs): one preallocated buffer per layer is bound through
+* ``shared`` (our fused graphs: Llama, Mistral, Qwen2, Qwen3, GLM, GLM-4): one preallocated buffer per layer is bound through
   IO binding as both ``past`` input and ``present`` output; GroupQueryAttention writes the new
   positions in place. The buffers, the step inputs and the decode logits are allocated once and
   reused, so a decode step allocates nothing but the small logits view handed to the sampler.
