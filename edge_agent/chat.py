@@ -109,6 +109,19 @@ class ChatTemplate:
         return after if found and after.strip() else None
 
 
+def end_of_turn_ids(configured: list[int], tokenizer: Tokenizer, template: ChatTemplate) -> list[int]:
+    """Every id that ends the model's turn: the configured EOS ids (the generation config's, one or
+    a list), the tokenizer's EOS, and the special token the chat template closes a turn with.
+    The packager writes these into the manifest; the pool computes the same from its folder."""
+    ids = set(configured)
+    eos_text = template.special.get("eos_token")
+    if isinstance(eos_text, str) and (eos_id := tokenizer.token_to_id(eos_text)) is not None:
+        ids.add(eos_id)
+    if (turn_end := turn_end_token_id(template, tokenizer)) is not None:
+        ids.add(turn_end)
+    return sorted(ids)
+
+
 def turn_end_token_id(template: ChatTemplate, tokenizer: Tokenizer) -> int | None:
     """The id of the special token that closes an assistant turn in the template, if there is one."""
     after = template.turn_end_text()

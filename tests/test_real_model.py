@@ -196,3 +196,33 @@ def test_demo_chats_with_smollm2_served_locally(tmp_path: Path, smollm2_source: 
     summary = "\n".join(line for line in shown.stdout.splitlines() if line.startswith("# "))
     assert "perplexity on python-reference-prose" in summary
     assert "greedy chat answers equal to fp32: " in summary
+
+
+@pytest.mark.slow
+def test_pool_chat_equals_transformers_greedy(
+    smollm2_source: Path, transformers_answers: list[Answer]
+) -> None:
+    """The cloud pool renders and encodes chat the same way (its batch engine is PyTorch)."""
+    from tests.services import start_pool
+
+    pool = start_pool(smollm2_source, name="smollm2", threads=2)
+    try:
+        for messages, (text, reason, prompt_tokens) in list(
+            zip(CHAT_PROMPTS, transformers_answers, strict=True)
+        )[:8]:
+            body = {
+                "model": "smollm2",
+                "messages": list(messages),
+                "max_tokens": MAX_TOKENS,
+                "temperature": 0,
+            }
+            r = httpx.post(f"{pool.url}/v1/chat/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            got = r.json()
+            assert got["usage"]["prompt_tokens"] == prompt_tokens, messages
+            assert (got["choices"][0]["message"]["content"], got["choices"][0]["finish_reason"]) == (
+                text,
+                reason,
+            )
+    finally:
+        pool.stop()

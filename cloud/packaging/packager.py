@@ -27,7 +27,7 @@ from cloud.packaging.progress import SilentReporter, StepReporter
 from cloud.packaging.quality import CHAT_PROMPTS, GraphPair, greedy_agreement, perplexity_figures, prose_text
 from cloud.packaging.quantize import WEIGHT_BITS, quantization_record, quantize_weight_only, weight_block_size
 from cloud.registry import ModelRegistry, RegistryEntry
-from edge_agent.chat import ChatTemplate, turn_end_token_id
+from edge_agent.chat import ChatTemplate, end_of_turn_ids
 from shared.blobs import DEFAULT_CHUNK_SIZE, describe_file
 from shared.errors import PackagingError, RegistryError
 from shared.manifest import FileEntry, IOSignature, Manifest, QualityReport, SignedManifest
@@ -91,7 +91,9 @@ class ModelPackager:
             tokenizer = _load_tokenizer(fp32_dir)
             template = ChatTemplate.from_folder(fp32_dir)
             io = io_signature(graph, cfg, gen_cfg)
-            io = io.model_copy(update={"eos_token_ids": end_of_turn_ids(fp32_dir, io, tokenizer, template)})
+            io = io.model_copy(
+                update={"eos_token_ids": end_of_turn_ids(io.eos_token_ids, tokenizer, template)}
+            )
             r.done(
                 f"{io.num_layers} layers, {io.num_kv_heads} KV heads × {io.head_dim}, vocab {io.vocab_size}; "
                 f"chat template: {template.source}; end-of-turn ids {io.eos_token_ids}"
@@ -275,18 +277,6 @@ def _copy_tokenizer_files(src: Path, out: Path) -> None:
         raise PackagingError(f"no usable tokenizer in the model folder: {exc}", src=str(src)) from exc
     if not (out / "tokenizer.json").is_file():
         raise PackagingError("the model's tokenizer cannot be converted to tokenizer.json", src=str(src))
-
-
-def end_of_turn_ids(folder: Path, io: IOSignature, tokenizer: Tokenizer, template: ChatTemplate) -> list[int]:
-    """Every id that ends the model's turn: the generation config's EOS (one or a list, already in
-    ``io``), the tokenizer's EOS, and the special token the chat template closes a turn with."""
-    ids = set(io.eos_token_ids)
-    eos_text = template.special.get("eos_token")
-    if isinstance(eos_text, str) and (eos_id := tokenizer.token_to_id(eos_text)) is not None:
-        ids.add(eos_id)
-    if (turn_end := turn_end_token_id(template, tokenizer)) is not None:
-        ids.add(turn_end)
-    return sorted(ids)
 
 
 def _load_tokenizer(folder: Path) -> Tokenizer:

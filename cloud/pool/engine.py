@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from edge_agent.chat import ChatTemplate
+from edge_agent.chat import ChatTemplate, end_of_turn_ids
 from edge_agent.runtime.channel import GenerationChannel, Item
 from edge_agent.runtime.generator import GenerationParams, GenerationResult
 from edge_agent.runtime.sampling import choose_token
@@ -149,7 +149,7 @@ class BatchEngine:
             chat=ChatTemplate.from_folder(model_dir),
             context_length=int(context or 2048),
         )
-        self.eos_ids = _eos_ids(model_dir, cfg)
+        self.eos_ids = frozenset(end_of_turn_ids(_eos_ids(model_dir, cfg), self.tokenizer, self.info.chat))
         self.max_batch = max_batch
         self.queue_size = queue_size
         self.stats = EngineStats()
@@ -408,7 +408,7 @@ def _merge(cache: Any, mask: Any, row_cache: Any, device: str) -> tuple[Any, Any
     return _rebuild(layers), mask
 
 
-def _eos_ids(model_dir: Path, cfg: Any) -> frozenset[int]:
+def _eos_ids(model_dir: Path, cfg: Any) -> list[int]:
     ids: set[int] = set()
     sources: list[Any] = [getattr(cfg, "eos_token_id", None)]
     gen = model_dir / "generation_config.json"
@@ -422,4 +422,4 @@ def _eos_ids(model_dir: Path, cfg: Any) -> frozenset[int]:
             ids.add(value)
         elif isinstance(value, list):
             ids.update(v for v in value if isinstance(v, int))
-    return frozenset(ids)
+    return sorted(ids)

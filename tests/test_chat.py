@@ -1,0 +1,95 @@
+"""Chat rendering and prompt encoding, as transformers' apply_chat_template does them (fast)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+from edge_agent.chat import ChatTemplate, end_of_turn_ids, turn_end_token_id
+from edge_agent.runtime.text import IncrementalText, Prompt
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _tokenizer() -> Tokenizer:
+    words = ["<unk>", "<|im_start|>", "<|im_end|>", "hi", "there", "user", "assistant", "system"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    # Like SmolLM2's: the post-processor puts BOS (<|im_start|>) in front of every encoding.
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)]
+    )
+    return tok
+
+
+def _folder(tmp_path: Path, **config: object) -> Path:
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_chat_prompt_is_encoded_without_a_second_bos(tmp_path: Path) -> None:
+    tok = _tokenizer()
+    template = ChatTemplate.from_folder(_folder(tmp_path, chat_template=CHATML, eos_token="<|im_end|>"))
+    prompt = template.prompt([{"role": "user", "content": "hi"}])
+    assert prompt.text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert prompt.encode(tok) == [1, 5, 3, 2, 1, 6]  # the template's own <|im_start|> only
+    assert Prompt("hi there").encode(tok) == [1, 3, 4]  # a completion: the tokenizer's default
+
+
+def test_turn_end_token_comes_from_the_template(tmp_path: Path) -> None:
+    tok = _tokenizer()
+    template = ChatTemplate.from_folder(_folder(tmp_path, chat_template=CHATML))
+    assert template.turn_end_text() == "<|im_end|>\n"
+    assert turn_end_token_id(template, tok) == 2
+    # The generation config's EOS, the tokenizer's EOS and the template's turn end, once each.
+    assert end_of_turn_ids([0], tok, template) == [0, 2]
+
+
+def test_templates_that_close_no_turn_add_no_id(tmp_path: Path) -> None:
+    tok = _tokenizer()
+    glm_like = "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{% endfor %}"
+    template = ChatTemplate.from_folder(_folder(tmp_path, chat_template=glm_like))
+    assert turn_end_token_id(template, tok) is None
+    fallback = ChatTemplate.from_folder(tmp_path / "nothing")
+    assert fallback.source == "fallback" and fallback.turn_end_text() is None
+
+
+def test_environment_matches_transformers(tmp_path: Path) -> None:
+    """tojson keeps non-ASCII and does not HTML-escape; loop controls work; the special tokens of
+    special_tokens_map.json are variables, tokenizer_config.json's win."""
+    (tmp_path / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<old>", "pad_token": {"content": "<pad>"}})
+    )
+    text = (
+        "{{ bos_token }}{{ pad_token }}{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}"
+        "{{ m | tojson }}{% endfor %}"
+    )
+    template = ChatTemplate.from_folder(_folder(tmp_path, chat_template=text, bos_token="<s>"))
+    out = template.render([{"role": "user", "content": "café <b>&"}, {"role": "user", "content": "x"}])
+    assert out == '<s><pad>{"role": "user", "content": "café <b>&"}'
+
+
+def test_incremental_text_equals_decoding_everything_at_once() -> None:
+    from tokenizers import decoders
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+
+    tok = Tokenizer(BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(
+        vocab_size=300, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(["plain ascii text"] * 10, trainer)
+    text = "naïve café — 日本語 🚀 done"
+    ids = tok.encode(text).ids
+    inc = IncrementalText(tok, ())
+    pieces = [inc.push(i) for i in ids]
+    assert "".join(pieces) + inc.finish() == tok.decode(ids) == text
+    assert all("\ufffd" not in p for p in pieces)  # multi-byte characters are never split
