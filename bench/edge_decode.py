@@ -68,9 +68,15 @@ def build_model(kind: str, out: Path) -> None:
     if kind == "glm-135m":
         from transformers import GlmConfig, GlmForCausalLM
 
-        GlmForCausalLM(
-            GlmConfig(**SMOLLM2_SHAPE, partial_rotary_factor=0.5, attention_bias=True)
-        ).save_pretrained(str(out))
+        glm = GlmConfig(
+            **SMOLLM2_SHAPE,
+            partial_rotary_factor=0.5,
+            attention_bias=True,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        GlmForCausalLM(glm).save_pretrained(str(out))
         return
     from transformers import LlamaConfig, LlamaForCausalLM
 
