@@ -161,11 +161,11 @@ class ModelHost:
         self, prompt: Prompt, params: GenerationParams
     ) -> tuple[LoadedModel, GenerationResult]:
         model = self.require()
-        model.generator.check_prompt(prompt)
+        prompt_ids = await asyncio.to_thread(model.generator.check_prompt, prompt, params)
 
         def run() -> GenerationResult:
             with self._run_lock:
-                for item in self._timed(model.generator.stream(prompt, params)):
+                for item in self._timed(model.generator.stream_ids(prompt_ids, params)):
                     if isinstance(item, GenerationResult):
                         return item
             raise AssertionError("stream ended without a result")  # pragma: no cover
@@ -178,14 +178,14 @@ class ModelHost:
     ) -> tuple[LoadedModel, AsyncIterator[str | GenerationResult]]:
         """Validate and admit now (errors before the response starts), generate in the background."""
         model = self.require()
-        model.generator.check_prompt(prompt)
+        prompt_ids = await asyncio.to_thread(model.generator.check_prompt, prompt, params)
         self._admit()
         channel = GenerationChannel()
 
         def run() -> None:
             try:
                 with self._run_lock:
-                    for item in self._timed(model.generator.stream(prompt, params)):
+                    for item in self._timed(model.generator.stream_ids(prompt_ids, params)):
                         channel.put(item)
                         if channel.cancelled.is_set():
                             return  # the client went away; free the runtime for the next request

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from edge_agent.api.body_limit import DEFAULT_MAX_BODY_BYTES
 from shared.config_env import read_settings_file, validation_problems
 from shared.edge_config import EdgeConfig, RouterConfig, RuntimeTuning, SamplingDefaults, TelemetryConfig
 from shared.errors import ConfigError
@@ -30,6 +31,8 @@ class ApiSettings(_Section):
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     # When set, every /v1 request must carry ``Authorization: Bearer <api_key>``.
     api_key: str | None = None
+    # Larger request bodies are refused with 413 before they are read.
+    max_body_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = DEFAULT_MAX_BODY_BYTES
 
 
 class RuntimeSettings(RuntimeTuning):

@@ -1,6 +1,8 @@
 """OpenAI-compatible request/response schemas, shared by the edge API and the cloud fallback.
 
 Requests tolerate unknown fields (clients send many we ignore); responses are ours and exact.
+The fields we do read are typed strictly, as OpenAI's API is: ``"10"`` or ``true`` is not a
+number of tokens, and a negative seed is refused with 400 rather than failing later with 500.
 """
 
 from __future__ import annotations
@@ -16,16 +18,30 @@ class _Tolerant(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+def _encodable(value: Any) -> Any:
+    """Text must be valid Unicode: JSON lets a lone surrogate (``"\\ud800"``) through, which no
+    tokenizer can encode."""
+    texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    for text in texts:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"text is not valid Unicode (lone surrogate at index {exc.start})") from exc
+    return value
+
+
 class SamplingParams(_Tolerant):
-    max_tokens: Annotated[int, Field(ge=1, le=32768)] | None = None
+    # Beyond the model's context (prompt included) the answer is 400, not a silently shorter one.
+    max_tokens: Annotated[int, Field(ge=1, le=32768, strict=True)] | None = None
     # None: the device's configured default (pushed from the cloud or set in edge.yaml).
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None
-    seed: int | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0, strict=True)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0, strict=True)] | None = None
+    top_k: Annotated[int, Field(ge=0, strict=True)] | None = None
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1, strict=True)] | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
-    n: Annotated[int, Field(ge=1, le=1)] = 1
+    stream: Annotated[bool, Field(strict=True)] = False
+    n: Annotated[int, Field(ge=1, le=1, strict=True)] = 1
     user: str | None = None
 
     @field_validator("stop")
@@ -33,7 +49,7 @@ class SamplingParams(_Tolerant):
     def _bounded_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > 4:
             raise ValueError("at most 4 stop sequences")
-        return value
+        return _encodable(value)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -44,7 +60,9 @@ class SamplingParams(_Tolerant):
 class CompletionRequest(SamplingParams):
     model: str
     prompt: str | list[str]
-    echo: bool = False
+    echo: Annotated[bool, Field(strict=True)] = False
+
+    _valid_prompt = field_validator("prompt")(_encodable)
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, list):
@@ -58,10 +76,14 @@ class ContentPart(_Tolerant):
     type: str
     text: str | None = None
 
+    _valid_text = field_validator("text")(_encodable)
+
 
 class ChatMessage(_Tolerant):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = ""
+
+    _valid_content = field_validator("content")(_encodable)
 
     def text(self) -> str:
         """The message's text; image or audio parts cannot be served by a text model."""

@@ -148,7 +148,7 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path) -> None:
     r = autoglm("model", "package", str(tmp_path), "--name", "x", "--version", "1", home=tmp_path)
     assert r.returncode == 1 and "config.json is missing" in r.stdout
     r = autoglm("model", "package", str(tmp_path / "nope"), "--name", "x", "--version", "1", home=tmp_path)
-    assert r.returncode == 2 and "is not a folder" in r.stderr
+    assert r.returncode == 2 and "neither a model folder nor a .gguf file" in r.stderr
     r = autoglm("model", "show", "no-colon", home=tmp_path)
     assert r.returncode == 2 and "NAME:VERSION" in r.stderr
     bad = tmp_path / "edge.yaml"

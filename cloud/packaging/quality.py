@@ -18,7 +18,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from edge_agent.chat import ChatTemplate
-from edge_agent.runtime.generator import GenerationParams, TextGenerator
+from edge_agent.runtime.generator import GenerationParams, TextGenerator, token_budget
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.session import OnnxCausalLM, perplexity
 from shared.errors import PackagingError
@@ -126,8 +126,8 @@ def greedy_answers(
     params = GenerationParams(max_tokens=max_new_tokens, sampling=SamplingConfig(temperature=0.0))
     answers = []
     for messages in CHAT_PROMPTS:
-        prompt_ids = generator.check_prompt(template.prompt(list(messages)))
-        budget = min(max_new_tokens, generator.context_length - len(prompt_ids))
+        prompt_ids = generator.check_prompt(template.prompt(list(messages)), params)
+        budget = token_budget(len(prompt_ids), generator.context_length, params, "model's")
         answers.append(list(generator.token_ids(prompt_ids, budget, params)))
     return answers
 

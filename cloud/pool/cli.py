@@ -30,6 +30,9 @@ def serve(
     api_key: Annotated[
         str | None, typer.Option(envvar="AUTOGLM_POOL_API_KEY", help="Require this Bearer key on /v1.")
     ] = None,
+    max_body_bytes: Annotated[
+        int, typer.Option(help="Larger request bodies are refused with 413 before they are read.")
+    ] = 4 * 1024 * 1024,
     log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
 ) -> None:
     """Serve the OpenAI-compatible API (completions, chat, streaming) from a batching PyTorch engine."""
@@ -49,5 +52,6 @@ def serve(
         threads=threads,
         default_max_tokens=default_max_tokens,
         api_key=api_key,
+        max_body_bytes=max_body_bytes,
     )
     run_server(create_app(settings), settings.host, settings.port, log_level)

@@ -29,7 +29,7 @@ import numpy as np
 
 from edge_agent.chat import ChatTemplate, end_of_turn_ids
 from edge_agent.runtime.channel import GenerationChannel, Item
-from edge_agent.runtime.generator import GenerationParams, GenerationResult
+from edge_agent.runtime.generator import GenerationParams, GenerationResult, token_budget
 from edge_agent.runtime.sampling import choose_token
 from edge_agent.runtime.text import IncrementalText, Prompt
 from shared.errors import InferenceError, ModelLoadError
@@ -179,21 +179,20 @@ class BatchEngine:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def check_prompt(self, prompt: Prompt) -> list[int]:
+    def check_prompt(self, prompt: Prompt, params: GenerationParams) -> list[int]:
+        """Token ids of ``prompt``, checked against the context (CPU work: off the event loop)."""
         ids = prompt.encode(self.tokenizer)
         if not ids:
             raise InferenceError("prompt encodes to zero tokens", param="prompt")
-        if len(ids) >= self.info.context_length:
-            raise InferenceError(
-                f"prompt has {len(ids)} tokens; the model's context holds {self.info.context_length}",
-                param="prompt",
-                code="context_length_exceeded",
-            )
+        token_budget(len(ids), self.info.context_length, params, "model's")
         return ids
 
     def submit(self, prompt: Prompt, params: GenerationParams) -> AsyncIterator[str | GenerationResult]:
         """Queue a request (429 at once when the queue is full); iterate for its text deltas."""
-        ids = self.check_prompt(prompt)
+        return self.submit_ids(self.check_prompt(prompt, params), params)
+
+    def submit_ids(self, ids: list[int], params: GenerationParams) -> AsyncIterator[str | GenerationResult]:
+        """``submit`` for a prompt already encoded and checked by :meth:`check_prompt`."""
         channel = GenerationChannel()
         req = _Request(ids, params, channel.put, channel.cancelled, 0.0)
         with self._wake:
@@ -259,7 +258,7 @@ class BatchEngine:
 
         ids = torch.tensor([req.prompt_ids], device=self.device)
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        budget = min(req.params.max_tokens, self.info.context_length - len(req.prompt_ids))
+        budget = token_budget(len(req.prompt_ids), self.info.context_length, req.params, "model's")
         row = _Row(
             req=req,
             text=IncrementalText(self.tokenizer, req.params.stop),

@@ -6,6 +6,7 @@ runs and after it dies, so a gateway or Kubernetes stops sending work to a broke
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -18,6 +19,8 @@ from prometheus_client.registry import Collector
 
 from cloud.pool.engine import BatchEngine, PoolModel
 from cloud.pool.settings import PoolSettings
+from edge_agent.api.auth import check_bearer
+from edge_agent.api.body_limit import BodyLimit
 from edge_agent.api.errors import install_error_handlers
 from edge_agent.api.openai_routes import Responder, ServiceResponder, openai_routes
 from edge_agent.api.serving import CompletionService
@@ -57,7 +60,9 @@ class PoolBackend:
     async def stream(
         self, prompt: Prompt, params: GenerationParams
     ) -> tuple[PoolModel, AsyncIterator[str | GenerationResult]]:
-        return self.require(), self.engine.submit(prompt, params)
+        model = self.require()
+        ids = await asyncio.to_thread(self.engine.check_prompt, prompt, params)
+        return model, self.engine.submit_ids(ids, params)
 
 
 class _EngineCollector(Collector):
@@ -118,11 +123,7 @@ def create_app(settings: PoolSettings) -> FastAPI:
             engine.close()
 
     async def require_api_key(request: Request) -> None:
-        if (
-            settings.api_key is not None
-            and request.headers.get("authorization") != f"Bearer {settings.api_key}"
-        ):
-            raise InferenceError("missing or wrong API key", status=401, code="invalid_api_key")
+        check_bearer(request, settings.api_key)
 
     def responder(request: Request) -> Responder:
         r: Responder = request.app.state.responder
@@ -130,6 +131,7 @@ def create_app(settings: PoolSettings) -> FastAPI:
 
     app = FastAPI(title="Open-AutoGLM pool", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.include_router(openai_routes(responder, prefix="/v1", dependencies=[Depends(require_api_key)]))
 
     @app.get("/healthz")

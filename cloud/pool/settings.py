@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from edge_agent.api.body_limit import DEFAULT_MAX_BODY_BYTES
 from shared.config_env import validation_problems
 from shared.errors import ConfigError
 from shared.ids import is_valid_name
@@ -33,6 +34,8 @@ class PoolSettings(BaseModel):
     default_max_tokens: Annotated[int, Field(ge=1, le=32768)] = 128
     # When set, every /v1 request must carry ``Authorization: Bearer <api_key>`` (the gateway's).
     api_key: str | None = None
+    # Larger request bodies are refused with 413 before they are read.
+    max_body_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = DEFAULT_MAX_BODY_BYTES
 
     @field_validator("model_dir")
     @classmethod

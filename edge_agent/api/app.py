@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import Depends, FastAPI, Request
 
 from edge_agent.agent import EdgeAgent
+from edge_agent.api.body_limit import BodyLimit
 from edge_agent.api.errors import install_error_handlers
 from edge_agent.api.openai_routes import Responder, ServedByHeader, ServiceResponder, openai_routes
 from edge_agent.api.router import probes, require_api_key, v1
@@ -60,6 +61,7 @@ def create_app(settings: EdgeSettings) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(ServedByHeader)
     app.add_middleware(RequestMetrics)
+    app.add_middleware(BodyLimit, max_bytes=settings.api.max_body_bytes)
     app.include_router(probes)
     app.include_router(v1)
     app.include_router(openai_routes(_router, prefix="/v1", dependencies=[Depends(require_api_key)]))

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edge_agent.agent import EdgeAgent
-from shared.errors import InferenceError
+from edge_agent.api.auth import check_bearer
 
 
 def _agent(request: Request) -> EdgeAgent:
@@ -20,11 +20,7 @@ def _agent(request: Request) -> EdgeAgent:
 
 async def require_api_key(request: Request) -> None:
     # async: a sync dependency would cost every request a hop to FastAPI's thread pool.
-    key = _agent(request).settings.api.api_key
-    if key is None:
-        return
-    if request.headers.get("authorization", "") != f"Bearer {key}":
-        raise InferenceError("missing or wrong API key", status=401, code="invalid_api_key")
+    check_bearer(request, _agent(request).settings.api.api_key)
 
 
 probes = APIRouter()

@@ -128,6 +128,7 @@ class CompletionService:
             ),
             stop=tuple(req.stop_list()) + extra_stop,
             seed=req.seed,
+            max_tokens_requested=req.max_tokens is not None,
         )
 
     def _prepare_completion(self, req: CompletionRequest) -> _Prepared:

@@ -21,6 +21,29 @@ class GenerationParams:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # The client asked for max_tokens: a prompt that leaves less room is refused (400), as OpenAI
+    # and vLLM do, instead of silently clipped; a configured default is clipped to the room left.
+    max_tokens_requested: bool = False
+
+
+def token_budget(prompt_tokens: int, context_length: int, params: GenerationParams, where: str) -> int:
+    """How many tokens may be generated; InferenceError when the prompt (or the asked-for
+    max_tokens with it) does not fit ``where``'s context."""
+    room = context_length - prompt_tokens
+    if room <= 0:
+        raise InferenceError(
+            f"prompt has {prompt_tokens} tokens; the {where} context holds {context_length}",
+            param="prompt",
+            code="context_length_exceeded",
+        )
+    if params.max_tokens_requested and params.max_tokens > room:
+        raise InferenceError(
+            f"max_tokens {params.max_tokens} with the prompt's {prompt_tokens} tokens exceeds the "
+            f"{where} context of {context_length}; ask for at most {room}",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return min(params.max_tokens, room)
 
 
 @dataclass
@@ -40,18 +63,13 @@ class TextGenerator:
         self.eos_ids = frozenset(model.io.eos_token_ids)
         self.context_length = model.io.context_length
 
-    def check_prompt(self, prompt: Prompt) -> list[int]:
-        """Token ids of ``prompt``; InferenceError when it is empty or does not fit the context."""
+    def check_prompt(self, prompt: Prompt, params: GenerationParams) -> list[int]:
+        """Token ids of ``prompt``; InferenceError when it is empty or it (with the asked-for
+        max_tokens) does not fit the context. CPU work: call it off the event loop."""
         prompt_ids = prompt.encode(self.tokenizer)
         if not prompt_ids:
             raise InferenceError("prompt encodes to zero tokens", param="prompt")
-        room = self.context_length - len(prompt_ids)
-        if room <= 0:
-            raise InferenceError(
-                f"prompt has {len(prompt_ids)} tokens; the local context holds {self.context_length}",
-                param="prompt",
-                code="context_length_exceeded",
-            )
+        token_budget(len(prompt_ids), self.context_length, params, "local")
         return prompt_ids
 
     def token_ids(self, prompt_ids: list[int], budget: int, params: GenerationParams) -> Iterator[int]:
@@ -69,8 +87,11 @@ class TextGenerator:
 
     def stream(self, prompt: Prompt, params: GenerationParams) -> Iterator[str | GenerationResult]:
         """Yield text deltas as they become final, then one GenerationResult."""
-        prompt_ids = self.check_prompt(prompt)
-        budget = min(params.max_tokens, self.context_length - len(prompt_ids))
+        return self.stream_ids(self.check_prompt(prompt, params), params)
+
+    def stream_ids(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[str | GenerationResult]:
+        """``stream`` for a prompt already encoded and checked by :meth:`check_prompt`."""
+        budget = token_budget(len(prompt_ids), self.context_length, params, "local")
         text = IncrementalText(self.tokenizer, params.stop)
         for token in self.token_ids(prompt_ids, budget, params):
             delta = text.push(token)

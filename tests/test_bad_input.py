@@ -1,0 +1,109 @@
+"""Bad input to the edge's local API and the pool gets a 4xx with a clear message, never a 500,
+and a huge body never reaches the tokenizer (real agent and pool processes, the demo model)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from cloud.registry import ModelRegistry, RegistryEntry
+from shared.messages import DesiredState, Phase
+from shared.mqtt import BrokerSettings
+from shared.signing import SigningKey
+from tests.conftest import DEVICE, CloudSide, EdgeProcess
+from tests.services import Service, start_pool
+
+# (request body fields, status, param): each is a case OpenAI's API refuses too.
+BAD_COMPLETIONS: list[tuple[dict[str, Any], int, str | None]] = [
+    ({"prompt": "a \ud800 b"}, 400, "prompt"),  # a lone surrogate no tokenizer can encode
+    ({"prompt": "hi", "stop": ["\udc00"]}, 400, "stop"),
+    ({"prompt": "hi", "seed": -1}, 400, "seed"),
+    ({"prompt": "hi", "max_tokens": "10"}, 400, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": True}, 400, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "hi", "temperature": "0.5"}, 400, "temperature"),
+    ({"prompt": "hi", "stream": "yes"}, 400, "stream"),
+    # Beyond the model's context with the prompt: refused, not silently clipped.
+    ({"prompt": "hi", "max_tokens": 30000}, 400, "max_tokens"),
+]
+
+
+def _post(url: str, body: dict[str, Any]) -> httpx.Response:
+    # json.dumps escapes a lone surrogate as \\ud800, as a client in any language may send it.
+    return httpx.post(url, content=json.dumps(body), headers={"content-type": "application/json"}, timeout=30)
+
+
+def _check_refusals(base: str, model: str) -> None:
+    for fields, status, param in BAD_COMPLETIONS:
+        r = _post(f"{base}/v1/completions", {"model": model, **fields})
+        assert r.status_code == status, (fields, r.status_code, r.text)
+        error = r.json()["error"]
+        assert error["param"] == param and error["message"], (fields, error)
+    chat = {"model": model, "messages": [{"role": "user", "content": "\ud83d"}]}
+    r = _post(f"{base}/v1/chat/completions", chat)
+    assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"]
+
+
+def _check_body_limit(base: str, model: str) -> None:
+    """10 MB refused with 413, whether announced by Content-Length or sent chunked, and the
+    server stays responsive (a liveness probe would not restart it)."""
+    huge = b'{"model": "' + model.encode() + b'", "prompt": "' + b"x" * 10_000_000 + b'"}'
+    started = time.monotonic()
+    r = httpx.post(f"{base}/v1/completions", content=huge, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(huge), 1 << 20):
+            yield huge[i : i + (1 << 20)]
+
+    r = httpx.post(
+        f"{base}/v1/completions", content=chunks(), headers={"content-type": "application/json"}, timeout=30
+    )
+    assert r.status_code == 413, r.text
+    assert httpx.get(f"{base}/healthz", timeout=2).status_code == 200
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.slow
+def test_edge_refuses_bad_input_with_4xx(
+    demo_package: RegistryEntry,
+    edge_factory: Callable[..., EdgeProcess],
+    broker_settings: BrokerSettings,
+    tenant: str,
+    registry: ModelRegistry,
+    signing_key: SigningKey,
+) -> None:
+    edge = edge_factory(
+        device_id=DEVICE, tenant=tenant, broker=broker_settings, trusted=[signing_key.public.b64]
+    )
+    CloudSide(broker_settings, tenant, registry).drive(
+        DesiredState(revision=1, model=demo_package.ref), lambda r: r.phase == Phase.ACTIVE
+    )
+    edge.wait_ready()
+    _check_refusals(edge.api, "demo-glm")
+    _check_body_limit(edge.api, "demo-glm")
+    ok = httpx.post(
+        f"{edge.api}/v1/completions", json={"model": "demo-glm", "prompt": "def ", "max_tokens": 4}
+    )
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+    assert "Traceback" not in edge.log_text()
+
+
+@pytest.mark.slow
+def test_pool_refuses_bad_input_with_4xx(demo_source: Path) -> None:
+    pool: Service = start_pool(demo_source)
+    try:
+        _check_refusals(pool.url, "demo-glm")
+        _check_body_limit(pool.url, "demo-glm")
+        ok = httpx.post(
+            f"{pool.url}/v1/completions", json={"model": "demo-glm", "prompt": "def ", "max_tokens": 4}
+        )
+        assert ok.status_code == 200
+    finally:
+        pool.stop()
