@@ -10,7 +10,7 @@ import aiomqtt
 
 from shared.blobs import BlobStore
 from shared.errors import ContractError, RegistryError
-from shared.messages import FetchRequest
+from shared.messages import FetchRequest, from_device
 from shared.mqtt import QOS
 from shared.topics import Topics
 
@@ -46,9 +46,7 @@ class BlobServer:
     async def handle(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
         try:
             parsed = self.topics.parse(topic)
-            request = FetchRequest.from_json(payload)
-            if request.device_id != parsed.device_id:
-                raise ContractError("fetch request device_id does not match its topic", topic=topic)
+            request = from_device(FetchRequest, payload, parsed.device_id, topic)
         except ContractError as exc:
             log.warning("dropped fetch request on %s: %s", topic, exc)
             return

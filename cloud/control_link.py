@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import aiomqtt
 
 from cloud.blob_server import BlobServer
-from shared.errors import ContractError
-from shared.messages import DesiredState, DeviceStatus, ReportedState, TelemetryBatch
+from shared.errors import ContractError, ImpersonationError
+from shared.messages import DesiredState, DeviceStatus, ReportedState, TelemetryBatch, from_device
 from shared.mqtt import QOS, BrokerSettings, ReconnectBackoff, make_client, payload_bytes
 from shared.topics import Topics
 
@@ -48,6 +48,8 @@ class ControlLink:
     share_group: str | None = None
     devices: dict[str, DeviceView] = field(default_factory=dict)
     dropped_messages: int = 0
+    # Messages whose payload named another device than their topic (dropped).
+    impersonations: int = 0
 
     def __post_init__(self) -> None:
         self.connected = asyncio.Event()
@@ -95,19 +97,20 @@ class ControlLink:
             assert parsed.device_id is not None
             view = self.devices.setdefault(parsed.device_id, DeviceView(parsed.device_id))
             if parsed.channel == "reported":
-                view.reported = ReportedState.from_json(payload)
+                view.reported = from_device(ReportedState, payload, parsed.device_id, topic)
                 if self.on_reported is not None:
                     self.on_reported(view.reported)
             elif parsed.channel == "status":
-                status = DeviceStatus.from_json(payload)
+                status = from_device(DeviceStatus, payload, parsed.device_id, topic)
                 view.status = status.state
                 if self.on_status is not None:
                     self.on_status(status)
             elif parsed.channel == "telemetry" and self.on_telemetry is not None:
-                batch = TelemetryBatch.from_json(payload)
-                if batch.device_id != parsed.device_id:
-                    raise ContractError("telemetry device_id does not match its topic", topic=topic)
-                self.on_telemetry(batch)
+                self.on_telemetry(from_device(TelemetryBatch, payload, parsed.device_id, topic))
+        except ImpersonationError as exc:
+            self.impersonations += 1
+            log.warning("dropped a message that names another device: %s", exc)
+            return
         except ContractError as exc:
             self.dropped_messages += 1
             log.warning("dropped malformed message on %s: %s", topic, exc)

@@ -4,7 +4,8 @@
 
     AutoGLMError
      ├── ContractError        a wire message or manifest that breaks the contract
-     │                        (malformed JSON, unknown schema/kind, wrong types, oversize)
+     │    │                   (malformed JSON, unknown schema/kind, wrong types, oversize)
+     │    └── ImpersonationError  a device message naming another device than its topic
      ├── IntegrityError       bytes whose sha256 is not the one promised
      │    └── SignatureError  a manifest unsigned, signed by an untrusted key, or tampered
      ├── ConfigError          settings that fail validation at start-up
@@ -37,6 +38,11 @@ class AutoGLMError(Exception):
 
 class ContractError(AutoGLMError):
     """A payload that breaks the wire contract; the receiver drops it and logs this."""
+
+
+class ImpersonationError(ContractError):
+    """A device message whose payload names another device than the topic it came on: the topic
+    is what the broker's ACL vouches for, so the message is dropped and counted."""
 
 
 class IntegrityError(AutoGLMError):

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field, StrictBool, model_validator
 
+from shared.errors import ImpersonationError
 from shared.ids import Digest, Name
 from shared.wire import WireDocument, WireModel
 
 MQTT_SCHEMA = "autoglm.mqtt/v1"
 
+# Revisions are int64 everywhere (the control plane's column): a larger one would pin a device to
+# it forever and no longer fit the fleet's database.
+MAX_REVISION = 2**63 - 1
 # Upper bounds keep one message from asking for an unbounded amount of work.
 MAX_BLOBS_PER_FETCH = 64
 MAX_CHUNKS_PER_BLOB_REQUEST = 4096
@@ -36,7 +40,7 @@ class DesiredState(WireDocument):
     SCHEMA = MQTT_SCHEMA
     KIND = "desired"
 
-    revision: Annotated[int, Field(strict=True, ge=0)]
+    revision: Annotated[int, Field(strict=True, ge=0, le=MAX_REVISION)]
     model: ModelRef | None = None
     config: dict[str, Any] = Field(default_factory=dict)
     issued_at: datetime = Field(default_factory=utc_now)
@@ -77,7 +81,7 @@ class ReportedState(WireDocument):
     KIND = "reported"
 
     device_id: Name
-    revision: Annotated[int, Field(strict=True, ge=-1)]
+    revision: Annotated[int, Field(strict=True, ge=-1, le=MAX_REVISION)]
     phase: Phase
     active_slot: Literal["a", "b"] | None = None
     slots: dict[Literal["a", "b"], ModelRef | None] = Field(default_factory=dict)
@@ -85,9 +89,9 @@ class ReportedState(WireDocument):
     capabilities: Capabilities = Field(default_factory=Capabilities)
     progress: TransferProgress | None = None
     # The desired revision being worked on (or that failed, with phase "failed"); -1 when none.
-    target_revision: Annotated[int, Field(strict=True, ge=-1)] = -1
+    target_revision: Annotated[int, Field(strict=True, ge=-1, le=MAX_REVISION)] = -1
     # Revision whose config is in force, and why the latest pushed config was refused (if it was).
-    config_revision: Annotated[int, Field(strict=True, ge=-1)] = -1
+    config_revision: Annotated[int, Field(strict=True, ge=-1, le=MAX_REVISION)] = -1
     config_error: ErrorInfo | None = None
     updated_at: datetime = Field(default_factory=utc_now)
 
@@ -166,3 +170,22 @@ class CommandReply(WireDocument):
     device_id: Name
     ok: StrictBool
     detail: str = ""
+
+
+DeviceMessage = TypeVar(
+    "DeviceMessage", ReportedState, DeviceStatus, TelemetryBatch, FetchRequest, CommandReply
+)
+
+
+def from_device(
+    cls: type[DeviceMessage], payload: bytes, topic_device: str | None, topic: str
+) -> DeviceMessage:
+    """Parse a device's message, taking its identity from the topic (which the broker's ACL binds
+    to the sender's credentials), never from the payload: one naming another device is refused."""
+    message = cls.from_json(payload)
+    if message.device_id != topic_device:
+        raise ImpersonationError(
+            f"a {cls.KIND} message names device {message.device_id!r} on the topic of {topic_device!r}",
+            topic=topic,
+        )
+    return message
