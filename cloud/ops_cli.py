@@ -166,9 +166,17 @@ def fleet_broker_config(
     out: Annotated[Path, typer.Option("--out", help="Folder for mosquitto.conf, certificates and ACL.")],
     port: Annotated[int, typer.Option("--port", help="TLS listener port.")] = 8883,
     bind: Annotated[str, typer.Option("--bind", help="Listen address [default: all interfaces].")] = "",
+    message_size_limit: Annotated[
+        int,
+        typer.Option(
+            "--message-size-limit",
+            help="Largest MQTT message in bytes: a few times the packages' chunk size (1 MiB by default).",
+        ),
+    ] = 4 * 1024 * 1024,
     pki: PkiOpt = None,
 ) -> None:
     """Write a TLS-only mosquitto config with the broker's certificate and the generated ACL."""
+    import pwd
     import shutil
 
     from cloud.pki import broker_tls_lines
@@ -183,11 +191,17 @@ def fleet_broker_config(
         "per_listener_settings false",
         f"listener {port} {bind}".rstrip(),
         *broker_tls_lines(issued.ca.name, issued.cert.name, issued.key.name, "acl"),
+        # Started as root, mosquitto switches to this user: the owner of these files, who can
+        # read broker.key (mosquitto's own user could not).
+        f"user {pwd.getpwuid(out.stat().st_uid).pw_name}",
         "persistence true",
+        f"persistence_location {out.resolve()}/",
         "autosave_on_changes true",
-        "max_queued_messages 0",
-        "max_queued_bytes 0",
-        "message_size_limit 0",
+        # Bounded per client: a device that stops reading cannot make the broker hold an unbounded
+        # backlog (missed chunks are asked for again).
+        "max_queued_messages 10000",
+        "max_queued_bytes 1073741824",
+        f"message_size_limit {message_size_limit}",
         "persistent_client_expiration 7d",
         "",
     ]

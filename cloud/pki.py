@@ -5,8 +5,10 @@ certificate's common name as the MQTT username (``use_identity_as_username``), s
 cannot claim another's identity by choosing a client id. The ACL is generated from the enrolled
 identities, never edited by hand:
 
-* a device may read and write only ``autoglm/v1/{tenant}/devices/{id}/#`` and read
-  ``autoglm/v1/{tenant}/blobs/#``;
+* a device may only read its own ``desired`` and ``commands`` (never write them: a stolen device
+  certificate cannot give its device orders), only write its own ``reported``, ``status``,
+  ``telemetry``, ``fetch`` and ``replies``, and read ``autoglm/v1/{tenant}/blobs/#``; nothing
+  else, so it cannot leave retained messages on made-up sub-topics either;
 * a cloud identity may read and write everything under ``autoglm/v1/``.
 
 Layout of the PKI folder (default ``$AUTOGLM_HOME/fleet-pki``)::
@@ -222,6 +224,11 @@ class FleetPKI:
         return self.issue(name, out=out)
 
 
+# What a device does with its own topics (DESIGN.md §4): it is told, it tells.
+DEVICE_READS = ("desired", "commands")
+DEVICE_WRITES = ("reported", "status", "telemetry", "fetch", "replies")
+
+
 def acl_text(identities: list[Identity]) -> str:
     """The mosquitto ACL for these identities (usernames are certificate CNs)."""
     lines = [
@@ -234,9 +241,10 @@ def acl_text(identities: list[Identity]) -> str:
         if i.role == "cloud" or i.tenant is None:
             lines.append(f"topic readwrite autoglm/{PROTOCOL_VERSION}/#")
         else:
-            root = Topics(i.tenant).root
-            lines.append(f"topic readwrite {root}/devices/{i.name}/#")
-            lines.append(f"topic read {root}/blobs/#")
+            topics = Topics(i.tenant)
+            lines += [f"topic read {topics.device(i.name, c)}" for c in DEVICE_READS]
+            lines += [f"topic write {topics.device(i.name, c)}" for c in DEVICE_WRITES]
+            lines.append(f"topic read {topics.root}/blobs/#")
         lines.append("")
     return "\n".join(lines)
 

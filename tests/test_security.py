@@ -203,8 +203,10 @@ def test_enrolment_refuses_a_name_in_use_and_rewrites_the_acl(tmp_path: Path) ->
     assert (tmp_path / "ca.key").stat().st_mode & 0o777 == 0o600
     acl = pki.acl_path.read_text()
     assert acl.count("user dev-1") == 1
-    assert "topic readwrite autoglm/v1/t1/devices/dev-1/#" in acl
+    assert "topic read autoglm/v1/t1/devices/dev-1/desired" in acl
+    assert "topic write autoglm/v1/t1/devices/dev-1/reported" in acl
     assert "topic read autoglm/v1/t1/blobs/#" in acl
+    assert "readwrite" not in acl  # a device never both reads and writes one topic
 
 
 def test_edge_agent_connects_with_its_certificate(
@@ -231,6 +233,7 @@ def test_edge_agent_connects_with_its_certificate(
 
 def test_cli_enrols_devices_and_writes_a_broker_config_that_mosquitto_runs(tmp_path: Path) -> None:
     import os
+    import pwd
     import shutil
     import subprocess
     import sys
@@ -252,6 +255,7 @@ def test_cli_enrols_devices_and_writes_a_broker_config_that_mosquitto_runs(tmp_p
         "fleet", "enroll", "dev-x", "--tenant", TENANT, "--out", str(tmp_path / "x")
     )
     autoglm("fleet", "enroll", "dev-y", "--tenant", TENANT, "--out", str(tmp_path / "y"))
+    autoglm("fleet", "enroll", "cloud-1", "--cloud", "--out", str(tmp_path / "c"))
     port = free_port()
     out = tmp_path / "broker"
     autoglm(
@@ -267,8 +271,8 @@ def test_cli_enrols_devices_and_writes_a_broker_config_that_mosquitto_runs(tmp_p
         str(out),
     )
     conf = out / "mosquitto.conf"
-    if os.geteuid() == 0:  # mosquitto started as root would switch to its own user and lose the key
-        conf.write_text(conf.read_text() + "user root\n")
+    # It starts as printed, as root too (it switches to the files' owner, who can read the key).
+    assert f"user {pwd.getpwuid(os.geteuid()).pw_name}" in conf.read_text()
     exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     proc = subprocess.Popen([exe, "-c", str(conf)], cwd=out, stderr=subprocess.PIPE)
     try:
@@ -284,11 +288,40 @@ def test_cli_enrols_devices_and_writes_a_broker_config_that_mosquitto_runs(tmp_p
                 assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
                 time.sleep(0.1)
         t = Topics(TENANT)
+        cloud_id = Issued(
+            "cloud-1",
+            tmp_path / "c",
+            tmp_path / "c/cloud-1.key",
+            tmp_path / "c/cloud-1.crt",
+            tmp_path / "c/ca.crt",
+        )
+        cloud = connect(port, cloud_id, ca=out / "ca.crt")
         try:
-            assert peer.publish(t.device("dev-x", "reported"), b"{}") < 0x80
-            assert peer.publish(t.device("dev-y", "reported"), b"{}") == NOT_AUTHORIZED
+            cloud.subscribe(t.device("dev-x", "reported"))
+            # Larger than message_size_limit (4 MiB): never delivered; then a small one is.
+            peer.client.publish(t.device("dev-x", "reported"), b"x" * (5 * 1024 * 1024), qos=1)
+            time.sleep(0.5)
+            small = connect(port, dev_x, ca=out / "ca.crt")
+            assert small.publish(t.device("dev-x", "reported"), b"{}") < 0x80
+            assert _eventually(lambda: len(cloud.received) >= 1)
+            assert [len(p) for _, p in cloud.received] == [2]
+            small.close()
         finally:
+            cloud.close()
             peer.close()
+        # A device may not write what it is told (its desired state, its commands), anyone
+        # else's topics, or made-up sub-topics of its own (retained junk).
+        for topic in (
+            t.device("dev-y", "reported"),
+            t.device("dev-x", "desired"),
+            t.device("dev-x", "commands"),
+            f"{t.root}/devices/dev-x/junk",
+        ):
+            intruder = connect(port, dev_x, ca=out / "ca.crt")
+            try:
+                assert intruder.publish(topic, b"{}") == NOT_AUTHORIZED, topic
+            finally:
+                intruder.close()
     finally:
         stop_process(proc)
 
