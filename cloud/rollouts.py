@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -57,6 +58,15 @@ OPEN_DEVICE_STATES = ("pending", "updating", "active")
 TOUCHED_DEVICE_STATES = ("updating", "active", "healthy", "failed")
 
 
+# Bounds of a rollout's parameters: beyond them a number is a mistake (or an attack), and a driver
+# tick must never meet a value it cannot compute with.
+MAX_HEALTH_WINDOW_S = 7 * 24 * 3600.0
+MAX_WAVE_TIMEOUT_S = 30 * 24 * 3600.0
+MAX_CONCURRENT = 1_000_000
+MAX_LATENCY_RATIO = 1000.0
+MAX_WAVES = 100
+
+
 @dataclass(frozen=True)
 class RolloutSpec:
     model: ModelRef
@@ -70,8 +80,39 @@ class RolloutSpec:
     max_latency_ratio: float = 3.0
 
     def validate(self) -> None:
+        """ContractError (400) for anything a driver tick could not work with: non-finite numbers,
+        durations or counts beyond the bounds below, inconsistent waves."""
         Selector.parse(self.selector)
+        numbers = {
+            "failure_threshold": self.failure_threshold,
+            "health_window_s": self.health_window_s,
+            "wave_timeout_s": self.wave_timeout_s,
+            "max_error_rate": self.max_error_rate,
+            "max_latency_ratio": self.max_latency_ratio,
+        }
+        for name, value in numbers.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ContractError(f"{name} must be a finite number", value=value)
+        if self.health_window_s > MAX_HEALTH_WINDOW_S or self.wave_timeout_s > MAX_WAVE_TIMEOUT_S:
+            raise ContractError(
+                f"health_window_s is at most {MAX_HEALTH_WINDOW_S:.0f} s and wave_timeout_s at most "
+                f"{MAX_WAVE_TIMEOUT_S:.0f} s",
+                health_window_s=self.health_window_s,
+                wave_timeout_s=self.wave_timeout_s,
+            )
+        if isinstance(self.max_concurrent, bool) or not isinstance(self.max_concurrent, int):
+            raise ContractError("max_concurrent must be an integer", value=self.max_concurrent)
+        if self.max_concurrent > MAX_CONCURRENT or self.max_latency_ratio > MAX_LATENCY_RATIO:
+            raise ContractError(
+                f"max_concurrent is at most {MAX_CONCURRENT} and max_latency_ratio at most {MAX_LATENCY_RATIO:.0f}",
+                max_concurrent=self.max_concurrent,
+                max_latency_ratio=self.max_latency_ratio,
+            )
         waves = list(self.waves)
+        if len(waves) > MAX_WAVES or not all(math.isfinite(w) for w in waves):
+            raise ContractError(
+                f"at most {MAX_WAVES} waves, each a finite percentage", waves=waves[:MAX_WAVES]
+            )
         if not waves or any(not 0 < w <= 100 for w in waves) or waves != sorted(set(waves)):
             raise ContractError("waves are increasing cumulative percentages in (0, 100]", waves=waves)
         if waves[-1] != 100:
@@ -300,6 +341,7 @@ class RolloutDriver:
     owner: str
     lease_s: float = 15.0
     drives: int = 0
+    failures: int = 0
     last_publish: dict[tuple[str, str], datetime] = field(default_factory=dict)
 
     def tick(self) -> list[Publish]:
@@ -311,9 +353,18 @@ class RolloutDriver:
                 )
             ).all()
         for rid, tenant in ids:
-            if self._lease(rid):
-                out.extend(self._drive(tenant, rid))
+            out.extend(self._drive_isolated(tenant, rid))
         return out
+
+    def _drive_isolated(self, tenant: str, rid: str) -> list[Publish]:
+        """One rollout's step; its failure is logged and counted, and the other rollouts (of every
+        tenant) are still driven in this tick."""
+        try:
+            return self._drive(tenant, rid) if self._lease(rid) else []
+        except Exception:
+            self.failures += 1
+            log.exception("driving rollout %s of tenant %s failed; the other rollouts go on", rid, tenant)
+            return []
 
     def _lease(self, rid: str) -> bool:
         now = utcnow()

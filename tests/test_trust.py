@@ -105,3 +105,78 @@ def test_a_revision_beyond_int64_cannot_pin_a_device(
     )
     assert reported.revision == 1
     assert "less than or equal to 9223372036854775807" in edge.log_text()
+
+
+BAD_ROLLOUTS = [
+    ({"wave_timeout_s": 1e308}, "wave_timeout_s at most"),
+    ({"health_window_s": float("nan")}, "health_window_s must be a finite number"),
+    ({"wave_timeout_s": float("inf")}, "wave_timeout_s must be a finite number"),
+    ({"max_latency_ratio": float("inf")}, "max_latency_ratio must be a finite number"),
+    ({"max_concurrent": 10**30}, "max_concurrent is at most"),
+    ({"waves": [10.0, float("nan"), 100.0]}, "finite percentage"),
+]
+
+
+def test_rollout_parameters_are_bounded_and_finite() -> None:
+    from cloud.rollouts import RolloutSpec
+    from shared.errors import ContractError
+    from shared.messages import ModelRef
+
+    ref = ModelRef(name="m", version="1", manifest_digest="sha256:" + "b" * 64, manifest_size=10)
+    RolloutSpec(model=ref).validate()
+    for fields, message in BAD_ROLLOUTS:
+        if "waves" in fields:
+            fields = {"waves": tuple(fields["waves"])}
+        with pytest.raises(ContractError, match=message):
+            RolloutSpec(model=ref, **fields).validate()  # type: ignore[arg-type]
+
+
+def test_one_failing_rollout_does_not_stop_the_others() -> None:
+    from cloud.rollouts import Publish, RolloutDriver
+
+    class Driver(RolloutDriver):
+        def _lease(self, rid: str) -> bool:
+            return True
+
+        def _drive(self, tenant: str, rid: str) -> list[Publish]:
+            if tenant == "broken":
+                raise OverflowError("cannot convert float infinity to integer")
+            return [Publish(tenant, f"dev-{rid}", 1, None, {})]
+
+    driver = Driver(engine=None, fleet=None, owner="replica-a")  # type: ignore[arg-type]
+    out = [
+        p
+        for rid, tenant in [("r1", "broken"), ("r2", "ok"), ("r3", "ok")]
+        for p in driver._drive_isolated(tenant, rid)
+    ]
+    assert [p.device_id for p in out] == ["dev-r2", "dev-r3"]
+    assert driver.failures == 1
+
+
+@pytest.mark.slow
+def test_the_control_plane_answers_400_to_unbounded_rollouts(
+    tmp_path: Path,
+    broker_settings: BrokerSettings,
+    tenant: str,
+    registry: ModelRegistry,
+    demo_package: RegistryEntry,
+) -> None:
+    cloud = start_cloud(
+        tmp_path / "cloud", f"sqlite:///{tmp_path / 'cp.sqlite3'}", broker_settings, tenant, registry
+    )
+    try:
+        model = f"{demo_package.name}:{demo_package.version}"
+        for fields, message in BAD_ROLLOUTS:
+            # JSON has no NaN or Infinity, but Python's parser (and so FastAPI's) takes them.
+            body = json.dumps({"model": model, **fields})
+            r = httpx.post(
+                f"{cloud.url}/v1/rollouts",
+                content=body,
+                headers={"authorization": f"Bearer {cloud.key}", "content-type": "application/json"},
+                timeout=30,
+            )
+            assert r.status_code == 400, (fields, r.status_code, r.text)
+            assert message in r.json()["error"]["message"], (fields, r.text)
+        assert cloud.api("GET", "/healthz").status_code == 200
+    finally:
+        cloud.stop()
