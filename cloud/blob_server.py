@@ -1,23 +1,64 @@
-"""Serves blob chunks over MQTT: answers ``devices/+/fetch`` with publishes on ``blobs/{digest}/{i}``."""
+"""Serves blob chunks over MQTT: answers ``devices/+/fetch`` with publishes on ``blobs/{digest}/{i}``.
+
+A fetch request is a device asking the cloud to publish bytes, so what it may ask for is bounded:
+only blobs that the tenant's registry lists (its packages and their signed manifests), only in the
+chunk size the registry gives them (a client asking for other chunk sizes would otherwise flood
+the shared chunk topics with pieces that fit no one), and only as many bytes per second as the
+device's token bucket holds. Refused parts are dropped with a log line; a device asks again later.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import aiomqtt
 
+from cloud.ratelimit import TokenBuckets
 from shared.blobs import BlobStore
 from shared.errors import ContractError, RegistryError
+from shared.manifest import MANIFEST_CHUNK_SIZE
 from shared.messages import FetchRequest, from_device
 from shared.mqtt import QOS
 from shared.topics import Topics
+
+if TYPE_CHECKING:
+    from cloud.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
 # A narrow seam for tests that need a chunk to arrive corrupted: (digest, index, data) -> data.
 ChunkFilter = Callable[[str, int, bytes], bytes]
+# The chunk size of a blob the tenant may fetch, None for one it may not.
+OfferedChunkSize = Callable[[str], int | None]
+# Per device: 64 MiB/s sustained, 256 MiB at once (a model's worth of chunks asked for in a burst).
+DEVICE_BYTES_PER_S = 64 * 1024 * 1024
+DEVICE_BURST_BYTES = 256 * 1024 * 1024
+
+
+class RegistryOffer:
+    """The chunk size of every blob a tenant's registry lists, manifests included; re-read from
+    the registry (at most once a second) when a device asks for a digest not seen yet."""
+
+    def __init__(self, registry: ModelRegistry, refresh_s: float = 1.0) -> None:
+        self.registry = registry
+        self.refresh_s = refresh_s
+        self._sizes: dict[str, int] = {}
+        self._read_at = -float("inf")
+
+    def __call__(self, digest: str) -> int | None:
+        if digest not in self._sizes and time.monotonic() - self._read_at >= self.refresh_s:
+            self._read_at = time.monotonic()
+            sizes: dict[str, int] = {}
+            for entry in self.registry.list():
+                sizes[entry.digest] = MANIFEST_CHUNK_SIZE
+                for blob in entry.manifest.blobs():
+                    sizes[blob.digest] = blob.chunk_size
+            self._sizes = sizes
+        return self._sizes.get(digest)
 
 
 class BlobServer:
@@ -26,10 +67,23 @@ class BlobServer:
     Requests are coalesced: a chunk asked for while it is still waiting to go out is published
     once, and every device subscribed to that blob receives it (chunk topics are shared)."""
 
-    def __init__(self, store: BlobStore, topics: Topics, chunk_filter: ChunkFilter | None = None) -> None:
+    def __init__(
+        self,
+        store: BlobStore,
+        topics: Topics,
+        chunk_filter: ChunkFilter | None = None,
+        *,
+        offered: OfferedChunkSize | None = None,
+        device_budget: TokenBuckets | None = None,
+    ) -> None:
+        """``offered`` None serves any blob of the store in any chunk size (a bare store with no
+        registry: low-level tests and benchmarks); the control plane always passes a RegistryOffer."""
         self.store = store
         self.topics = topics
         self.chunk_filter = chunk_filter
+        self.offered = offered
+        self.device_budget = device_budget or TokenBuckets(DEVICE_BYTES_PER_S, DEVICE_BURST_BYTES)
+        self.chunks_refused = 0
         self.chunks_published = 0
         self.chunks_coalesced = 0
         self.bytes_published = 0
@@ -51,10 +105,30 @@ class BlobServer:
             log.warning("dropped fetch request on %s: %s", topic, exc)
             return
         for blob in request.blobs:
-            for index in blob.chunks:
+            if self.offered is not None and (size := self.offered(blob.digest)) != blob.chunk_size:
+                why = "is not offered to this tenant" if size is None else f"has chunks of {size} bytes"
+                log.warning(
+                    "refused blob %s to %s: it %s (asked: %d)",
+                    blob.digest,
+                    request.device_id,
+                    why,
+                    blob.chunk_size,
+                )
+                self.chunks_refused += len(blob.chunks)
+                continue
+            for n, index in enumerate(blob.chunks):
                 key = (blob.digest, index)
                 if key in self._pending:
                     self.chunks_coalesced += 1
+                elif self.device_budget.take(request.device_id, blob.chunk_size) > 0:
+                    log.warning(
+                        "device %s is over its fetch budget; %d chunk(s) of %s refused for now",
+                        request.device_id,
+                        len(blob.chunks) - n,
+                        blob.digest,
+                    )
+                    self.chunks_refused += len(blob.chunks) - n
+                    break
                 else:
                     self._pending[key] = blob.chunk_size
         log.info(

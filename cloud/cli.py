@@ -286,13 +286,13 @@ def cloud_blobs(
     registry: RegistryOpt = None,
 ) -> None:
     """Serve blob chunks to devices that ask for them, until interrupted."""
-    from cloud.blob_server import BlobServer
+    from cloud.blob_server import BlobServer, RegistryOffer
     from cloud.control_link import ControlLink
     from shared.topics import Topics
 
     reg = _registry(registry)
     topics = Topics(tenant)
-    link = ControlLink(_broker(broker), topics, BlobServer(reg.blobs, topics))
+    link = ControlLink(_broker(broker), topics, BlobServer(reg.blobs, topics, offered=RegistryOffer(reg)))
     console.print(f"[cloud] serving blobs from {reg.root} on {broker} (tenant {tenant}); Ctrl-C stops")
     try:
         asyncio.run(link.run())

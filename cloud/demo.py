@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cloud.blob_server import BlobServer
+from cloud.blob_server import BlobServer, RegistryOffer
 from cloud.console import ConsoleReporter, where
 from cloud.control_link import ControlLink, DeviceView
 from cloud.local_broker import LocalBroker, free_port
@@ -236,7 +236,8 @@ async def _ship_and_ask(
             extra = f": {escape(r.last_error.message)}" if r.last_error else ""
             console.print(f"{CLOUD} {r.device_id} reports {label}{extra}")
 
-    link = ControlLink(broker, topics, BlobServer(registry.blobs, topics), on_reported=on_reported)
+    server = BlobServer(registry.blobs, topics, offered=RegistryOffer(registry))
+    link = ControlLink(broker, topics, server, on_reported=on_reported)
     link_task = asyncio.create_task(link.run(), name="cloud-link")
     console.print(f"{EDGE}  starting agent {DEVICE_ID} (empty data folder, API on 127.0.0.1:{api_port})")
     edge = _EdgeProcess(console, config)

@@ -1,4 +1,5 @@
-"""Per-tenant request rate limits for the gateway: one token bucket per tenant.
+"""Token buckets: per-tenant request rate limits for the gateway, per-device byte budgets for the
+blob server.
 
 Buckets live in the replica's memory, so with N control-plane replicas behind a load balancer a
 tenant gets up to N × the configured rate; size the limit for that (the replicas share nothing
@@ -22,8 +23,10 @@ class _Bucket:
     updated: float
 
 
-class TenantRateLimiter:
-    def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+class TokenBuckets:
+    """One bucket per key, refilled at ``rate_per_s`` up to ``burst``; thread-safe."""
+
+    def __init__(self, rate_per_s: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
         if rate_per_s <= 0 or burst < 1:
             raise ValueError("rate_per_s must be > 0 and burst ≥ 1")
         self.rate = rate_per_s
@@ -33,23 +36,38 @@ class TenantRateLimiter:
         self._lock = threading.Lock()
         self.refused = 0
 
-    def check(self, tenant: str) -> None:
-        """Take one request from the tenant's bucket; 429 with Retry-After when it is empty."""
+    def take(self, key: str, amount: float = 1.0) -> float:
+        """Take ``amount`` from ``key``'s bucket: 0.0 when taken, else the seconds until it could be."""
         now = self.clock()
         with self._lock:
-            b = self._buckets.get(tenant)
+            b = self._buckets.get(key)
             if b is None:
-                b = self._buckets[tenant] = _Bucket(float(self.burst), now)
+                b = self._buckets[key] = _Bucket(float(self.burst), now)
             b.tokens = min(float(self.burst), b.tokens + (now - b.updated) * self.rate)
             b.updated = now
-            if b.tokens >= 1.0:
-                b.tokens -= 1.0
-                return
+            if b.tokens >= amount:
+                b.tokens -= amount
+                return 0.0
             self.refused += 1
-            wait = (1.0 - b.tokens) / self.rate
-        raise InferenceError(
-            f"tenant {tenant!r} is over its rate limit of {self.rate:g} requests/s (burst {self.burst})",
-            status=429,
-            code="rate_limited",
-            retry_after_s=max(1, math.ceil(wait)),
-        )
+            return (amount - b.tokens) / self.rate
+
+
+class TenantRateLimiter:
+    def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.buckets = TokenBuckets(rate_per_s, burst, clock)
+
+    @property
+    def refused(self) -> int:
+        return self.buckets.refused
+
+    def check(self, tenant: str) -> None:
+        """Take one request from the tenant's bucket; 429 with Retry-After when it is empty."""
+        wait = self.buckets.take(tenant)
+        if wait > 0:
+            b = self.buckets
+            raise InferenceError(
+                f"tenant {tenant!r} is over its rate limit of {b.rate:g} requests/s (burst {b.burst:g})",
+                status=429,
+                code="rate_limited",
+                retry_after_s=max(1, math.ceil(wait)),
+            )

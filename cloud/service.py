@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from cloud.auth import ApiKeys
-from cloud.blob_server import BlobServer
+from cloud.blob_server import BlobServer, RegistryOffer
 from cloud.control_link import ControlLink
 from cloud.fleet import Fleet
 from cloud.gateway import PoolGateway
@@ -61,7 +61,7 @@ class ControlPlane:
             self.links[tenant] = ControlLink(
                 settings.broker,
                 topics,
-                BlobServer(self.registry(tenant).blobs, topics),
+                BlobServer(self.registry(tenant).blobs, topics, offered=RegistryOffer(self.registry(tenant))),
                 client_id=f"autoglm-cloud-{settings.replica_id}-{tenant}"[:64],
                 on_reported=self._ingester(tenant, self.fleet.record_reported),
                 on_status=self._ingester(tenant, self.fleet.record_status),

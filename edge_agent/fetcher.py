@@ -17,15 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from shared.blobs import DEFAULT_CHUNK_SIZE, BlobRef, BlobStore, chunk_count_for, file_digest, sha256_hex
+from shared.blobs import BlobRef, BlobStore, chunk_count_for, file_digest, sha256_hex
 from shared.errors import FetchError, IntegrityError
+from shared.manifest import MANIFEST_CHUNK_SIZE
 from shared.messages import BlobRequest, FetchRequest, ModelRef
 
 log = logging.getLogger(__name__)
-
-# Signed manifests travel as blobs too, in chunks of this size; only their whole digest is known.
-MANIFEST_CHUNK_SIZE = DEFAULT_CHUNK_SIZE
-
 
 class ChunkChannel(Protocol):
     """What the fetcher needs from the MQTT link."""

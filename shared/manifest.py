@@ -21,13 +21,15 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from shared.blobs import BlobRef, digest_of
+from shared.blobs import DEFAULT_CHUNK_SIZE, BlobRef, digest_of
 from shared.errors import ContractError, IntegrityError, SignatureError
 from shared.ids import Name
 from shared.signing import PublicKey, SigningKey
 from shared.wire import WireDocument, WireModel, canonical_json
 
 SIGNED_MANIFEST_SCHEMA = "autoglm.signed-manifest/v1"
+# Signed manifests travel as blobs too, in chunks of this size; only their whole digest is known.
+MANIFEST_CHUNK_SIZE = DEFAULT_CHUNK_SIZE
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cloud.blob_server import BlobServer
+from cloud.blob_server import BlobServer, RegistryOffer
 from cloud.control_link import ControlLink, DeviceView
 from cloud.local_broker import LocalBroker, free_port
 from cloud.registry import ModelRegistry, RegistryEntry
@@ -246,7 +246,7 @@ class CloudSide:
             link = ControlLink(
                 self.broker,
                 self.topics,
-                BlobServer(self.registry.blobs, self.topics),
+                BlobServer(self.registry.blobs, self.topics, offered=RegistryOffer(self.registry)),
                 client_id=f"cloud-{uuid.uuid4().hex[:8]}",
                 on_reported=self.reports.append,
             )
@@ -298,7 +298,7 @@ class BackgroundCloud:
         self.link = ControlLink(
             broker,
             self.topics,
-            BlobServer(registry.blobs, self.topics, chunk_filter=record),
+            BlobServer(registry.blobs, self.topics, chunk_filter=record, offered=RegistryOffer(registry)),
             client_id=f"cloud-{uuid.uuid4().hex[:8]}",
             on_reported=self.reports.append,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -119,9 +120,22 @@ def test_manifest_from_an_untrusted_key_is_refused_and_the_old_model_keeps_servi
         demo_package.manifest.model_copy(update={"version": "forged"}), SigningKey.generate()
     )
     data = forged.to_json()
-    registry.blobs.put_bytes(data)
     ref = ModelRef(name="demo-glm", version="forged", manifest_digest=forged.digest, manifest_size=len(data))
-    report = cloud.drive(DesiredState(revision=2, model=ref), lambda r: r.phase == Phase.FAILED)
+    # The cloud serves only what its registry lists; the forged manifest comes from an attacker on
+    # the broker, who publishes it on its blob topic until the device has taken it.
+    stop = threading.Event()
+
+    def attacker() -> None:
+        while not stop.wait(0.3):
+            cloud.publish_raw([(cloud.topics.blob_chunk(forged.digest, 0), data)])
+
+    thread = threading.Thread(target=attacker, daemon=True)
+    thread.start()
+    try:
+        report = cloud.drive(DesiredState(revision=2, model=ref), lambda r: r.phase == Phase.FAILED)
+    finally:
+        stop.set()
+        thread.join(5)
     assert report.last_error is not None and report.last_error.code == "signature_rejected"
     assert "untrusted key" in report.last_error.message
     assert report.active_slot == "a" and report.slots["a"] == demo_package.ref

@@ -180,3 +180,48 @@ def test_the_control_plane_answers_400_to_unbounded_rollouts(
         assert cloud.api("GET", "/healthz").status_code == 200
     finally:
         cloud.stop()
+
+
+@pytest.mark.slow
+def test_the_blob_server_publishes_only_registry_blobs_in_registry_chunks_within_a_budget(
+    broker_settings: BrokerSettings, tenant: str, registry: ModelRegistry, demo_package_v2: RegistryEntry
+) -> None:
+    import asyncio
+    import uuid
+
+    from cloud.blob_server import BlobServer, RegistryOffer
+    from cloud.ratelimit import TokenBuckets
+    from shared.messages import BlobRequest, FetchRequest
+    from shared.mqtt import make_client
+
+    t = Topics(tenant)
+    big = max(demo_package_v2.manifest.blobs(), key=lambda b: b.size)
+    assert big.chunk_size == 64 * 1024 and big.chunk_count > 32
+    stray = registry.blobs.put_bytes(b"in the store, in no manifest of this tenant" * 100)
+
+    def fetch(digest: str, chunk_size: int, chunks: list[int]) -> bytes:
+        blob = BlobRequest(digest=digest, chunk_size=chunk_size, chunks=chunks)
+        return FetchRequest(device_id="dev-greedy", request_id=uuid.uuid4().hex[:16], blobs=[blob]).to_json()
+
+    async def go() -> BlobServer:
+        budget = TokenBuckets(rate_per_s=64 * 1024, burst=1024 * 1024)  # 1 MiB at once, 64 KiB/s
+        server = BlobServer(registry.blobs, t, offered=RegistryOffer(registry), device_budget=budget)
+        async with make_client(broker_settings, f"cloud-{uuid.uuid4().hex[:8]}", persistent=False) as client:
+            topic = t.fetch("dev-greedy")
+            await server.handle(client, topic, fetch(stray, 4096, [0]))
+            await server.handle(client, topic, fetch(big.digest, 1, list(range(64))))  # 1-byte chunks
+            assert server.chunks_published == 0 and server._pending == {}
+            for _ in range(10):  # the same big blob, over and over
+                await server.handle(
+                    client, topic, fetch(big.digest, big.chunk_size, list(range(big.chunk_count)))
+                )
+            if server._drain is not None:
+                await server._drain
+        return server
+
+    server = asyncio.run(go())
+    # 1 MiB of budget: 16 chunks of 64 KiB (plus what refilled meanwhile), not 10 × the blob.
+    assert server.bytes_published <= 1024 * 1024 + 2 * big.chunk_size, server.bytes_published
+    assert server.chunks_published >= 16
+    # The stray blob, the 64 one-byte chunks, and each request's chunks beyond the budget.
+    assert server.chunks_refused >= 1 + 64 + 10 * (big.chunk_count - 17), server.chunks_refused
