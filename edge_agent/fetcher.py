@@ -24,6 +24,7 @@ from shared.messages import BlobRequest, FetchRequest, ModelRef
 
 log = logging.getLogger(__name__)
 
+
 class ChunkChannel(Protocol):
     """What the fetcher needs from the MQTT link."""
 
