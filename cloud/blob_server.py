@@ -32,33 +32,34 @@ log = logging.getLogger(__name__)
 
 # A narrow seam for tests that need a chunk to arrive corrupted: (digest, index, data) -> data.
 ChunkFilter = Callable[[str, int, bytes], bytes]
-# The chunk size of a blob the tenant may fetch, None for one it may not.
-OfferedChunkSize = Callable[[str], int | None]
+# The chunk sizes a blob the tenant may fetch is listed with (one blob can be in several packages,
+# each chunked its own way); empty for a blob it may not fetch.
+OfferedChunkSizes = Callable[[str], frozenset[int]]
 # Per device: 64 MiB/s sustained, 256 MiB at once (a model's worth of chunks asked for in a burst).
 DEVICE_BYTES_PER_S = 64 * 1024 * 1024
 DEVICE_BURST_BYTES = 256 * 1024 * 1024
 
 
 class RegistryOffer:
-    """The chunk size of every blob a tenant's registry lists, manifests included; re-read from
+    """The chunk sizes of every blob a tenant's registry lists, manifests included; re-read from
     the registry (at most once a second) when a device asks for a digest not seen yet."""
 
     def __init__(self, registry: ModelRegistry, refresh_s: float = 1.0) -> None:
         self.registry = registry
         self.refresh_s = refresh_s
-        self._sizes: dict[str, int] = {}
+        self._sizes: dict[str, frozenset[int]] = {}
         self._read_at = -float("inf")
 
-    def __call__(self, digest: str) -> int | None:
+    def __call__(self, digest: str) -> frozenset[int]:
         if digest not in self._sizes and time.monotonic() - self._read_at >= self.refresh_s:
             self._read_at = time.monotonic()
-            sizes: dict[str, int] = {}
+            sizes: dict[str, set[int]] = {}
             for entry in self.registry.list():
-                sizes[entry.digest] = MANIFEST_CHUNK_SIZE
+                sizes.setdefault(entry.digest, set()).add(MANIFEST_CHUNK_SIZE)
                 for blob in entry.manifest.blobs():
-                    sizes[blob.digest] = blob.chunk_size
-            self._sizes = sizes
-        return self._sizes.get(digest)
+                    sizes.setdefault(blob.digest, set()).add(blob.chunk_size)
+            self._sizes = {digest: frozenset(s) for digest, s in sizes.items()}
+        return self._sizes.get(digest, frozenset())
 
 
 class BlobServer:
@@ -73,7 +74,7 @@ class BlobServer:
         topics: Topics,
         chunk_filter: ChunkFilter | None = None,
         *,
-        offered: OfferedChunkSize | None = None,
+        offered: OfferedChunkSizes | None = None,
         device_budget: TokenBuckets | None = None,
     ) -> None:
         """``offered`` None serves any blob of the store in any chunk size (a bare store with no
@@ -87,7 +88,9 @@ class BlobServer:
         self.chunks_published = 0
         self.chunks_coalesced = 0
         self.bytes_published = 0
-        self._pending: dict[tuple[str, int], int] = {}
+        # (digest, chunk size, index) waiting to go out, in request order. The chunk size is part of
+        # the key: one blob listed in two packages with different chunkings has two chunk i.
+        self._pending: dict[tuple[str, int, int], None] = {}
         self._drain: asyncio.Task[None] | None = None
 
     async def subscribe(self, client: aiomqtt.Client, share_group: str | None = None) -> None:
@@ -105,8 +108,8 @@ class BlobServer:
             log.warning("dropped fetch request on %s: %s", topic, exc)
             return
         for blob in request.blobs:
-            if self.offered is not None and (size := self.offered(blob.digest)) != blob.chunk_size:
-                why = "is not offered to this tenant" if size is None else f"has chunks of {size} bytes"
+            if self.offered is not None and blob.chunk_size not in (sizes := self.offered(blob.digest)):
+                why = f"has chunks of {sorted(sizes)} bytes" if sizes else "is not offered to this tenant"
                 log.warning(
                     "refused blob %s to %s: it %s (asked: %d)",
                     blob.digest,
@@ -117,7 +120,7 @@ class BlobServer:
                 self.chunks_refused += len(blob.chunks)
                 continue
             for n, index in enumerate(blob.chunks):
-                key = (blob.digest, index)
+                key = (blob.digest, blob.chunk_size, index)
                 if key in self._pending:
                     self.chunks_coalesced += 1
                 elif self.device_budget.take(request.device_id, blob.chunk_size) > 0:
@@ -130,7 +133,7 @@ class BlobServer:
                     self.chunks_refused += len(blob.chunks) - n
                     break
                 else:
-                    self._pending[key] = blob.chunk_size
+                    self._pending[key] = None
         log.info(
             "fetch %s from %s: %d chunk(s) asked",
             request.request_id,
@@ -142,7 +145,7 @@ class BlobServer:
 
     async def _publish_pending(self, client: aiomqtt.Client) -> None:
         while self._pending:
-            (digest, index), chunk_size = next(iter(self._pending.items()))
+            digest, chunk_size, index = next(iter(self._pending))
             try:
                 data = await asyncio.to_thread(self.store.read_chunk, digest, index, chunk_size)
             except RegistryError as exc:
@@ -152,7 +155,7 @@ class BlobServer:
             if self.chunk_filter is not None:
                 data = self.chunk_filter(digest, index, data)
             # Removed only now: a request for this chunk until here joins this publish.
-            self._pending.pop((digest, index), None)
+            self._pending.pop((digest, chunk_size, index), None)
             try:
                 await client.publish(self.topics.blob_chunk(digest, index), data, qos=QOS)
             except aiomqtt.MqttError as exc:

@@ -65,6 +65,7 @@ class EdgeAgent:
             request_timeout_s=settings.fetch.request_timeout_s,
             max_attempts_without_progress=settings.fetch.max_attempts_without_progress,
             max_bytes_per_s=settings.fetch.max_bytes_per_s,
+            max_chunk_rejections=settings.fetch.max_chunk_rejections,
         )
         self.reconciler = Reconciler(
             StateFile(data / "state.json"),

@@ -90,6 +90,8 @@ class _Transfer:
         self.part = part
         self.have: set[int] = set()
         self.rejected: set[int] = set()
+        # How often each chunk arrived damaged: a chunk that always does fails the transfer.
+        self.rejections: dict[int, int] = {}
         self.changed = asyncio.Event()
 
     def expected_length(self, index: int) -> int:
@@ -118,6 +120,7 @@ class ShardFetcher:
         request_timeout_s: float = 10.0,
         max_attempts_without_progress: int = 10,
         max_bytes_per_s: int | None = None,
+        max_chunk_rejections: int = 5,
     ) -> None:
         self.device_id = device_id
         self.cache = cache
@@ -126,6 +129,7 @@ class ShardFetcher:
         self.chunks_per_request = chunks_per_request
         self.request_timeout_s = request_timeout_s
         self.max_stalls = max_attempts_without_progress
+        self.max_chunk_rejections = max_chunk_rejections
         self.limiter = RateLimiter(max_bytes_per_s) if max_bytes_per_s else None
         self.stats = FetchStats()
         self._active: dict[str, _Transfer] = {}
@@ -145,6 +149,7 @@ class ShardFetcher:
             self.stats.chunks_rejected += 1
             log.warning("rejected chunk: %s; asking for it again", exc)
             t.rejected.add(index)
+            t.rejections[index] = t.rejections.get(index, 0) + 1
             t.changed.set()
             return
         with t.part.open("r+b") as fh:
@@ -283,6 +288,15 @@ class ShardFetcher:
             while not window <= t.have:
                 t.changed.clear()
                 redo = sorted(window & t.rejected)
+                hopeless = [i for i in redo if t.rejections.get(i, 0) >= self.max_chunk_rejections]
+                if hopeless:
+                    # The same chunk damaged again and again is not line noise: asking forever would
+                    # keep the cloud publishing it and this update from ever ending.
+                    raise IntegrityError(
+                        f"chunk {hopeless[0]} arrived damaged {t.rejections[hopeless[0]]} times; giving up",
+                        digest=t.digest,
+                        device_id=self.device_id,
+                    )
                 if redo:
                     # Only the damaged chunks go out again; the rest of the window is still in flight.
                     t.rejected.difference_update(redo)

@@ -83,6 +83,8 @@ class Reconciler:
         self._pending: DesiredState | None = None
         self._wake = asyncio.Event()
         self._busy = asyncio.Lock()
+        # The download of the update in progress: a newer desired state cancels it (see offer).
+        self._download: asyncio.Task[tuple[bytes, Manifest]] | None = None
         self.failpoints = frozenset(p for p in os.environ.get(FAILPOINTS_ENV, "").split(",") if p)
 
     def offer(self, desired: DesiredState) -> None:
@@ -90,6 +92,16 @@ class Reconciler:
         if self._pending is None or desired.revision >= self._pending.revision:
             self._pending = desired
             self._wake.set()
+            download = self._download
+            if download is not None and not download.done() and desired.revision > self.state.target_revision:
+                # Waiting for a download the operator no longer wants (a blob that never arrives
+                # whole, say) would hold the newer desired state back; the partial files stay.
+                log.info(
+                    "revision %d supersedes the download for revision %d",
+                    desired.revision,
+                    self.state.target_revision,
+                )
+                download.cancel()
 
     async def restore(self) -> None:
         """Serve the active slot again after a restart, before anything else happens."""
@@ -246,11 +258,17 @@ class Reconciler:
         s.last_error = None
         try:
             await self._transition(Phase.FETCHING)
-            manifest_bytes = await self.fetcher.fetch_manifest(ref)
-            # The signature is checked before a single weight is downloaded.
-            manifest = self.trust.verify(manifest_bytes, expected_digest=ref.manifest_digest)
-            reuse = await asyncio.to_thread(self._local_chunks)
-            await self.fetcher.fetch_blobs(manifest.blobs(), reuse)
+            self._download = asyncio.create_task(self._download_model(ref), name="model-download")
+            try:
+                manifest_bytes, manifest = await self._download
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the agent is stopping, not a newer revision
+                await self._superseded()
+                return
+            finally:
+                self._download = None
 
             await self._transition(Phase.VERIFYING)
             await asyncio.to_thread(self._verify_cache, manifest)
@@ -278,6 +296,22 @@ class Reconciler:
             # Not a failure we foresaw; the old model keeps serving and the cloud hears about it.
             log.exception("unexpected error during the update")
             await self._fail(exc)
+
+    async def _download_model(self, ref: ModelRef) -> tuple[bytes, Manifest]:
+        manifest_bytes = await self.fetcher.fetch_manifest(ref)
+        # The signature is checked before a single weight is downloaded.
+        manifest = self.trust.verify(manifest_bytes, expected_digest=ref.manifest_digest)
+        reuse = await asyncio.to_thread(self._local_chunks)
+        await self.fetcher.fetch_blobs(manifest.blobs(), reuse)
+        return manifest_bytes, manifest
+
+    async def _superseded(self) -> None:
+        """A download given up for a newer desired state: back to serving what is active."""
+        s = self.state
+        if s.target_slot is not None and s.target_slot != s.active_slot:
+            s.slots[s.target_slot] = None
+        s.target, s.target_slot = None, None
+        await self._transition(Phase.ACTIVE if self.host.current is not None else Phase.IDLE)
 
     async def _fail(self, exc: BaseException, clear_target_slot: bool = True) -> None:
         if isinstance(exc, SignatureError):

@@ -47,6 +47,8 @@ class FetchSettings(_Section):
     # With no chunk arriving for this long, the missing ones are asked for again.
     request_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
     max_attempts_without_progress: Annotated[int, Field(ge=1, le=1000)] = 10
+    # A chunk that arrives damaged this many times fails the update (integrity_error).
+    max_chunk_rejections: Annotated[int, Field(ge=1, le=1000)] = 5
     # Transfer rate cap in bytes per second (None: as fast as the broker sends).
     max_bytes_per_s: Annotated[int, Field(gt=0)] | None = None
 

@@ -225,3 +225,75 @@ def test_the_blob_server_publishes_only_registry_blobs_in_registry_chunks_within
     assert server.chunks_published >= 16
     # The stray blob, the 64 one-byte chunks, and each request's chunks beyond the budget.
     assert server.chunks_refused >= 1 + 64 + 10 * (big.chunk_count - 17), server.chunks_refused
+
+
+def _unservable_package(
+    base: RegistryEntry, registry: ModelRegistry, signing_key: SigningKey
+) -> RegistryEntry:
+    """Properly signed and listed, but its graph blob is in no store: it can never arrive."""
+    from shared.blobs import describe_bytes
+    from shared.manifest import SignedManifest
+
+    if registry.exists(base.name, "unservable"):
+        return registry.get(base.name, "unservable")
+    lost = b"lost from the store " * 10_000
+    files = []
+    for f in base.manifest.files:
+        if f.role == "graph":
+            f = f.model_copy(update={"blob": describe_bytes(lost, f.blob.chunk_size)})
+        files.append(f)
+    manifest = base.manifest.model_copy(update={"version": "unservable", "files": files})
+    digest = registry.blobs.put_bytes(lost)
+    entry = registry.publish(SignedManifest.sign(manifest, signing_key))
+    registry.blobs.path(digest).unlink()  # the blob server can never read it now
+    return entry
+
+
+@pytest.mark.slow
+def test_a_chunk_that_always_arrives_damaged_fails_the_update_and_a_newer_revision_is_not_held_back(
+    broker_settings: BrokerSettings,
+    tenant: str,
+    registry: ModelRegistry,
+    signing_key: SigningKey,
+    demo_package: RegistryEntry,
+    demo_package_v2: RegistryEntry,
+    edge_factory: Callable[..., EdgeProcess],
+) -> None:
+    from tests.conftest import BackgroundCloud, is_active
+
+    device = "storm-1"
+    edge = edge_factory(
+        device_id=device, tenant=tenant, broker=broker_settings, trusted=[signing_key.public.b64]
+    )
+    graph = max(demo_package_v2.manifest.blobs(), key=lambda b: b.size)  # the weights, many chunks
+    assert graph.chunk_count > 2
+    with BackgroundCloud(broker_settings, tenant, registry) as cloud:
+
+        def always_damaged(digest: str, index: int, data: bytes) -> bytes:
+            cloud.served.append((digest, index))
+            return b"\0" * len(data) if (digest, index) == (graph.digest, 1) else data
+
+        cloud.link.blob_server.chunk_filter = always_damaged
+        cloud.set_desired(device, DesiredState(revision=1, model=demo_package.ref))
+        cloud.wait_reported(device, is_active(demo_package, 1))
+
+        cloud.set_desired(device, DesiredState(revision=2, model=demo_package_v2.ref))
+        failed = cloud.wait_reported(device, lambda r: r.phase == Phase.FAILED, timeout=60)
+        assert failed.last_error is not None and failed.last_error.code == "integrity_error"
+        assert "arrived damaged 5 times" in failed.last_error.message
+        assert cloud.served.count((graph.digest, 1)) <= 6  # not a storm: bounded re-requests
+        assert failed.slots[failed.active_slot or "a"] == demo_package.ref  # still serving v1
+
+        # A model whose blob never arrives is being fetched; a newer revision does not wait for
+        # the fetch to give up (10 stalls of 2 s here) but cancels it.
+        stuck = _unservable_package(demo_package_v2, registry, signing_key)
+        cloud.set_desired(device, DesiredState(revision=3, model=stuck.ref))
+        cloud.wait_reported(
+            device, lambda r: r.phase == Phase.FETCHING and r.target_revision == 3, timeout=30
+        )
+        started = time.monotonic()
+        cloud.set_desired(device, DesiredState(revision=4, model=demo_package.ref))
+        back = cloud.wait_reported(device, lambda r: r.revision == 4 and r.phase == Phase.ACTIVE, timeout=30)
+        assert time.monotonic() - started < 10
+        assert back.slots[back.active_slot or "a"] == demo_package.ref
+        assert "supersedes the download for revision 3" in edge.log_text()
