@@ -259,6 +259,10 @@ class Reconciler:
         try:
             await self._transition(Phase.FETCHING)
             self._download = asyncio.create_task(self._download_model(ref), name="model-download")
+            if self._pending is not None and self._pending.revision > revision:
+                # A newer revision arrived while FETCHING was being reported, before offer() could
+                # see this download.
+                self._download.cancel()
             try:
                 manifest_bytes, manifest = await self._download
             except asyncio.CancelledError:

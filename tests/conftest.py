@@ -8,11 +8,13 @@ import os
 import shutil
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -379,10 +381,39 @@ def provisioned_device(
 ) -> EdgeProcess:
     """Start DEVICE, deliver ``model`` over MQTT, wait until it serves, stop it: a device with a
     model in its active slot, to be started again under other conditions (same data folder)."""
-    edge = edge_factory(device_id=DEVICE, tenant=tenant, broker=broker, trusted=trusted)
+    edge = serving_edge(
+        edge_factory, broker=broker, tenant=tenant, registry=registry, trusted=trusted, model=model
+    )
+    edge.stop()
+    return edge
+
+
+def serving_edge(
+    edge_factory: Callable[..., EdgeProcess],
+    *,
+    broker: BrokerSettings,
+    tenant: str,
+    registry: ModelRegistry,
+    trusted: list[str],
+    model: RegistryEntry,
+    **start: Any,
+) -> EdgeProcess:
+    """Start DEVICE (``start``: more keyword arguments of ``start_edge``), deliver ``model`` over
+    MQTT as revision 1, and return the agent once it serves it."""
+    edge = edge_factory(device_id=DEVICE, tenant=tenant, broker=broker, trusted=trusted, **start)
     CloudSide(broker, tenant, registry).drive(
         DesiredState(revision=1, model=model.ref), lambda r: r.phase == Phase.ACTIVE
     )
     edge.wait_ready()
-    edge.stop()
     return edge
+
+
+def wait_dropped(edge: EdgeProcess, at_least: int, timeout: float = 10.0) -> int:
+    """The agent's count of dropped malformed MQTT messages, once it reaches ``at_least`` (or the
+    count at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        dropped: int = httpx.get(f"{edge.api}/v1/agent", timeout=5).json()["dropped_messages"]
+        if dropped >= at_least or time.monotonic() >= deadline:
+            return dropped
+        time.sleep(0.1)

@@ -13,10 +13,9 @@ import httpx
 import pytest
 
 from cloud.registry import ModelRegistry, RegistryEntry
-from shared.messages import DesiredState, Phase
 from shared.mqtt import BrokerSettings
 from shared.signing import SigningKey
-from tests.conftest import DEVICE, CloudSide, EdgeProcess
+from tests.conftest import EdgeProcess, serving_edge
 from tests.services import Service, start_pool
 
 # (request body fields, status, param): each is a case OpenAI's API refuses too.
@@ -79,13 +78,14 @@ def test_edge_refuses_bad_input_with_4xx(
     registry: ModelRegistry,
     signing_key: SigningKey,
 ) -> None:
-    edge = edge_factory(
-        device_id=DEVICE, tenant=tenant, broker=broker_settings, trusted=[signing_key.public.b64]
+    edge = serving_edge(
+        edge_factory,
+        broker=broker_settings,
+        tenant=tenant,
+        registry=registry,
+        trusted=[signing_key.public.b64],
+        model=demo_package,
     )
-    CloudSide(broker_settings, tenant, registry).drive(
-        DesiredState(revision=1, model=demo_package.ref), lambda r: r.phase == Phase.ACTIVE
-    )
-    edge.wait_ready()
     _check_refusals(edge.api, "demo-glm")
     _check_body_limit(edge.api, "demo-glm")
     ok = httpx.post(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -15,7 +14,7 @@ from cloud.registry import ModelRegistry, RegistryEntry
 from shared.messages import DesiredState, ModelRef, Phase
 from shared.mqtt import BrokerSettings
 from shared.signing import SigningKey
-from tests.conftest import DEVICE, CloudSide, EdgeProcess, provisioned_device, start_edge
+from tests.conftest import DEVICE, CloudSide, EdgeProcess, provisioned_device, start_edge, wait_dropped
 from tests.services import scrape_metrics
 
 
@@ -95,12 +94,7 @@ def test_malformed_payloads_are_dropped_with_a_log_line_and_serving_goes_on(
             (t.commands(DEVICE), b'{"schema": "autoglm.mqtt/v1", "kind": "command"}'),
         ]
     )
-    deadline = time.monotonic() + 10
-    dropped = before
-    while time.monotonic() < deadline and dropped < before + 5:
-        dropped = httpx.get(f"{edge.api}/v1/agent", timeout=5).json()["dropped_messages"]
-        time.sleep(0.1)
-    assert dropped == before + 5
+    assert wait_dropped(edge, before + 5) == before + 5
     log = edge.log_text()
     assert log.count("dropped malformed message") >= 5
     assert "unsupported schema 'autoglm.mqtt/v99'" in log

@@ -17,10 +17,9 @@ import pytest
 
 from cloud.packaging.quality import CHAT_PROMPTS
 from cloud.registry import ModelRegistry, RegistryEntry
-from shared.messages import DesiredState, Phase
 from shared.mqtt import BrokerSettings
 from shared.signing import SigningKey
-from tests.conftest import DEVICE, CloudSide, EdgeProcess
+from tests.conftest import EdgeProcess, serving_edge
 
 MAX_TOKENS = 48
 
@@ -127,17 +126,15 @@ def test_edge_chat_equals_transformers_greedy(
     registry: ModelRegistry,
     signing_key: SigningKey,
 ) -> None:
-    edge = edge_factory(
-        device_id=DEVICE,
-        tenant=tenant,
+    edge = serving_edge(
+        edge_factory,
         broker=broker_settings,
+        tenant=tenant,
+        registry=registry,
         trusted=[signing_key.public.b64],
+        model=smollm2_fp32,
         extra={"runtime": {"threads": 2}},
     )
-    CloudSide(broker_settings, tenant, registry).drive(
-        DesiredState(revision=1, model=smollm2_fp32.ref), lambda r: r.phase == Phase.ACTIVE
-    )
-    edge.wait_ready()
     mismatches = []
     for messages, (text, reason, prompt_tokens) in zip(CHAT_PROMPTS, transformers_answers, strict=True):
         body = {"model": "smollm2", "messages": list(messages), "max_tokens": MAX_TOKENS, "temperature": 0}
