@@ -406,6 +406,13 @@ def register_cloud_commands(cloud_app: typer.Typer) -> None:
         if scope not in SCOPES:
             raise typer.BadParameter(f"choose one of {', '.join(SCOPES)}", param_hint="--scope")
         settings = CloudSettings.load(config)
+        if tenant not in settings.tenants:
+            # A key for a tenant the control plane does not serve would open nothing today and
+            # everything the day a tenant of that name is added.
+            raise typer.BadParameter(
+                f"tenant {tenant!r} is not in the config's tenants ({', '.join(settings.tenants)})",
+                param_hint="--tenant",
+            )
         engine = make_engine(settings.database_url)
         migrate(engine)
         key_id, key = ApiKeys(engine).create(tenant, name, scope)

@@ -210,3 +210,26 @@ def test_manual_path_from_the_readme(tmp_path: Path, demo_source: Path, broker, 
     finally:
         stop_process(blobs)
         edge.stop()
+
+
+def test_cloud_key_refuses_a_tenant_the_config_does_not_serve(tmp_path: Path) -> None:
+    config = tmp_path / "cloud.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "database_url": f"sqlite:///{tmp_path / 'cp.sqlite3'}",
+                "registry_dir": str(tmp_path / "registries"),
+                "tenants": ["acme"],
+            }
+        )
+    )
+    r = autoglm(
+        "cloud", "key", "--config", str(config), "--tenant", "evil", "--scope", "admin", home=tmp_path
+    )
+    assert r.returncode == 2 and "'evil' is not in the config's tenants (acme)" in r.stderr
+    assert not (tmp_path / "cp.sqlite3").exists()  # nothing was written
+    ok = autoglm(
+        "cloud", "key", "--config", str(config), "--tenant", "acme", "--scope", "inference", home=tmp_path
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.strip().splitlines()[-1].startswith("agk_")
