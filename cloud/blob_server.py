@@ -108,7 +108,9 @@ class BlobServer:
             log.warning("dropped fetch request on %s: %s", topic, exc)
             return
         for blob in request.blobs:
-            if self.offered is not None and blob.chunk_size not in (sizes := self.offered(blob.digest)):
+            # A refresh reads every manifest of the registry: off the event loop.
+            sizes = await asyncio.to_thread(self.offered, blob.digest) if self.offered is not None else None
+            if sizes is not None and blob.chunk_size not in sizes:
                 why = f"has chunks of {sorted(sizes)} bytes" if sizes else "is not offered to this tenant"
                 log.warning(
                     "refused blob %s to %s: it %s (asked: %d)",
