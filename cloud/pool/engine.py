@@ -258,7 +258,9 @@ class BatchEngine:
 
         ids = torch.tensor([req.prompt_ids], device=self.device)
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        budget = token_budget(len(req.prompt_ids), self.info.context_length, req.params, "model's")
+        # Checked at admission (check_prompt); here only the room left, so nothing in the engine
+        # thread can fail the whole batch over one request's parameters.
+        budget = min(req.params.max_tokens, self.info.context_length - len(req.prompt_ids))
         row = _Row(
             req=req,
             text=IncrementalText(self.tokenizer, req.params.stop),

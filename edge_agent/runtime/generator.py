@@ -91,7 +91,7 @@ class TextGenerator:
 
     def stream_ids(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[str | GenerationResult]:
         """``stream`` for a prompt already encoded and checked by :meth:`check_prompt`."""
-        budget = token_budget(len(prompt_ids), self.context_length, params, "local")
+        budget = min(params.max_tokens, self.context_length - len(prompt_ids))
         text = IncrementalText(self.tokenizer, params.stop)
         for token in self.token_ids(prompt_ids, budget, params):
             delta = text.push(token)
