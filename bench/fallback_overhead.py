@@ -161,6 +161,7 @@ def main() -> None:
                         "data_dir": str(work / "edge"),
                         "broker": broker_cfg,
                         "trusted_keys": [SigningKey.generate().public.b64],
+                        "control": {"trusted_keys": [SigningKey.generate().public.b64]},
                         "api": {"port": edge_port},
                         "router": {"cloud_url": f"{gateway}/v1"},
                         "fallback": {"api_key": key},

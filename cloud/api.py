@@ -9,9 +9,9 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from cloud.auth import Principal, Scope
-from cloud.fleet import Selector
-from cloud.rollouts import Publish, RolloutSpec
+from cloud.auth import MAX_KEY_LIFETIME_S, Principal, Scope
+from cloud.fleet import DesiredRecord, Selector
+from cloud.rollouts import RolloutSpec
 from cloud.service import ControlPlane
 from edge_agent.api.errors import error_response, install_error_handlers
 from shared.edge_config import EdgeConfig
@@ -74,6 +74,20 @@ class RolloutBody(_Body):
     max_concurrent: int = 100
     max_error_rate: float = 0.05
     max_latency_ratio: float = 3.0
+    allow_downgrade: bool = False
+
+
+class CommandBody(_Body):
+    action: Literal["ping", "reload", "rollback"]
+    # How long to wait for the device's reply (0: send and return at once).
+    wait_s: Annotated[float, Field(ge=0, le=60)] = 10.0
+
+
+class KeyBody(_Body):
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    scope: Scope
+    # None: the key never expires.
+    expires_in_s: Annotated[float, Field(gt=0, le=MAX_KEY_LIFETIME_S)] | None = None
 
 
 class ConfigBody(_Body):
@@ -221,6 +235,43 @@ async def rollout_action(rollout_id: str, action: Action, plane: Plane, who: Ope
     return result
 
 
+# -- API keys (admin) ------------------------------------------------------------------------------
+@v1.get("/keys")
+async def list_keys(plane: Plane, who: Admin) -> dict[str, Any]:
+    """The tenant's keys (never their secrets): scope, creation, expiry, revoked."""
+    return {"keys": await asyncio.to_thread(plane.keys.list, who.tenant)}
+
+
+@v1.post("/keys", status_code=201)
+async def create_key(body: KeyBody, plane: Plane, who: Admin) -> dict[str, Any]:
+    """A new key of the caller's tenant; the full key is in this answer only."""
+    key_id, key = await asyncio.to_thread(
+        plane.keys.create, who.tenant, body.name, body.scope, expires_in_s=body.expires_in_s
+    )
+    listed = next(k for k in await asyncio.to_thread(plane.keys.list, who.tenant) if k["key_id"] == key_id)
+    return {**listed, "key": key}
+
+
+@v1.delete("/keys/{key_id}")
+async def revoke_key(key_id: str, plane: Plane, who: Admin) -> dict[str, Any]:
+    if not await asyncio.to_thread(plane.keys.revoke, who.tenant, key_id):
+        raise RegistryError("no such key", key_id=key_id)
+    return {"key_id": key_id, "revoked": True}
+
+
+# -- commands --------------------------------------------------------------------------------------
+@v1.post("/devices/{device_id}/commands")
+async def send_command(device_id: str, body: CommandBody, plane: Plane, who: Operator) -> JSONResponse:
+    """A signed one-shot command; 200 with the device's reply, or 202 when none came in time (an
+    offline device gets it on reconnect while the command has not expired)."""
+    await asyncio.to_thread(plane.fleet.get, who.tenant, device_id)  # 404 for an unknown device
+    command, reply = await plane.command(who.tenant, device_id, body.action, body.wait_s)
+    sent = {"request_id": command.request_id, "action": command.action, "counter": command.counter}
+    if reply is None:
+        return JSONResponse({**sent, "status": "sent"}, status_code=202)
+    return JSONResponse({**sent, "status": "answered", "ok": reply.ok, "detail": reply.detail})
+
+
 # -- config ----------------------------------------------------------------------------------------
 @v1.post("/config")
 async def push_config(body: ConfigBody, plane: Plane, who: Operator) -> dict[str, Any]:
@@ -228,12 +279,13 @@ async def push_config(body: ConfigBody, plane: Plane, who: Operator) -> dict[str
     targets = await asyncio.to_thread(plane.fleet.list_devices, who.tenant, Selector.parse(body.selector))
     if not targets:
         raise ContractError(f"no device matches the selector {body.selector!r}", selector=body.selector)
-    items: list[Publish] = []
+    items: list[DesiredRecord] = []
     for d in targets:
-        revision, model, config = await asyncio.to_thread(
-            plane.fleet.next_desired, who.tenant, d.device_id, keep_model=True, config=body.config
+        items.append(
+            await asyncio.to_thread(
+                plane.fleet.next_desired, who.tenant, d.device_id, keep_model=True, config=body.config
+            )
         )
-        items.append(Publish(who.tenant, d.device_id, revision, model, config))
     await plane.publish(items)
     return {"devices": [d.device_id for d in targets], "config": body.config}
 

@@ -11,17 +11,22 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Literal
 
 from sqlalchemy import Engine, and_, select, update
 
-from cloud.store import api_keys, utcnow
+from cloud.store import api_keys, as_utc, utcnow
 from shared.errors import ContractError
 from shared.ids import is_valid_name
 
 Scope = Literal["admin", "operator", "inference"]
 SCOPES: tuple[Scope, ...] = ("inference", "operator", "admin")
 KEY_PREFIX = "agk"
+# Longest a key may be made to live (ten years); keys without an expiry never expire.
+MAX_KEY_LIFETIME_S = 10 * 365 * 86400
+# Compared against when a key id is unknown, so a miss costs the same as a wrong secret.
+_NO_SECRET = hashlib.sha256(b"no such key").hexdigest()
 
 
 @dataclass(frozen=True)
@@ -43,12 +48,23 @@ class ApiKeys:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def create(self, tenant: str, name: str, scope: Scope) -> tuple[str, str]:
+    def create(
+        self, tenant: str, name: str, scope: Scope, *, expires_in_s: float | None = None
+    ) -> tuple[str, str]:
         """Returns (key_id, the full key). The key cannot be recovered later."""
         if not is_valid_name(tenant):
             raise ContractError("invalid tenant name", tenant=tenant)
         if scope not in SCOPES:
             raise ContractError(f"scope must be one of {', '.join(SCOPES)}", scope=scope)
+        if not 0 < len(name) <= 200:
+            raise ContractError("a key's name is 1 to 200 characters", name=name[:40])
+        expires_at: datetime | None = None
+        if expires_in_s is not None:
+            if not 0 < expires_in_s <= MAX_KEY_LIFETIME_S:
+                raise ContractError(
+                    f"expires_in_s is in (0, {MAX_KEY_LIFETIME_S}] seconds", expires_in_s=expires_in_s
+                )
+            expires_at = utcnow() + timedelta(seconds=expires_in_s)
         key_id = secrets.token_hex(6)
         secret = secrets.token_urlsafe(24)
         with self.engine.begin() as conn:
@@ -61,11 +77,13 @@ class ApiKeys:
                     secret_sha256=_digest(secret),
                     created_at=utcnow(),
                     revoked=False,
+                    expires_at=expires_at,
                 )
             )
         return key_id, f"{KEY_PREFIX}_{key_id}_{secret}"
 
     def verify(self, key: str) -> Principal | None:
+        """The key's principal, or None for a malformed, unknown, wrong, revoked or expired key."""
         parts = key.split("_", 2)
         if len(parts) != 3 or parts[0] != KEY_PREFIX:
             return None
@@ -74,9 +92,13 @@ class ApiKeys:
             row = conn.execute(
                 select(api_keys).where(and_(api_keys.c.key_id == key_id, api_keys.c.revoked.is_(False)))
             ).first()
-        if row is None or not hmac.compare_digest(row._mapping["secret_sha256"], _digest(secret)):
+        stored = row._mapping["secret_sha256"] if row is not None else _NO_SECRET
+        if not hmac.compare_digest(stored, _digest(secret)) or row is None:
             return None
         m = row._mapping
+        expires_at = as_utc(m["expires_at"])
+        if expires_at is not None and expires_at <= utcnow():
+            return None
         return Principal(tenant=m["tenant"], scope=m["scope"], key_id=key_id, name=m["name"])
 
     def list(self, tenant: str) -> list[dict[str, object]]:
@@ -84,15 +106,24 @@ class ApiKeys:
             rows = conn.execute(
                 select(api_keys).where(api_keys.c.tenant == tenant).order_by(api_keys.c.created_at)
             ).all()
-        return [
-            {
-                "key_id": r._mapping["key_id"],
-                "name": r._mapping["name"],
-                "scope": r._mapping["scope"],
-                "revoked": r._mapping["revoked"],
-            }
-            for r in rows
-        ]
+        now = utcnow()
+        out: list[dict[str, object]] = []
+        for r in rows:
+            m = r._mapping
+            expires_at = as_utc(m["expires_at"])
+            created_at = as_utc(m["created_at"])
+            out.append(
+                {
+                    "key_id": m["key_id"],
+                    "name": m["name"],
+                    "scope": m["scope"],
+                    "created_at": created_at.isoformat() if created_at else None,
+                    "expires_at": expires_at.isoformat() if expires_at else None,
+                    "revoked": m["revoked"],
+                    "expired": expires_at is not None and expires_at <= now,
+                }
+            )
+        return out
 
     def revoke(self, tenant: str, key_id: str) -> bool:
         with self.engine.begin() as conn:

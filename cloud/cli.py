@@ -279,6 +279,27 @@ def model_key(signing_key: KeyOpt = None) -> None:
     typer.echo(key.public.b64)
 
 
+@cloud_app.command("control-key")
+def cloud_control_key(
+    control_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--control-key",
+            help="PEM file [default: $AUTOGLM_HOME/keys/control-signing.pem, created if missing].",
+        ),
+    ] = None,
+) -> None:
+    """Print the public half of the control key (put it in each edge config's control.trusted_keys)."""
+    from cloud.paths import CloudPaths
+    from shared.signing import SigningKey
+
+    path = control_key or CloudPaths.from_env().control_key
+    key, created = SigningKey.load_or_create(path)
+    if created:
+        console.print(f"[cloud] created control key {key.public.key_id} at {path}", style="dim")
+    typer.echo(key.public.b64)
+
+
 @cloud_app.command("blobs")
 def cloud_blobs(
     broker: BrokerOpt = "127.0.0.1:1883",
@@ -308,22 +329,41 @@ def cloud_assign(
     broker: BrokerOpt = "127.0.0.1:1883",
     tenant: TenantOpt = "default",
     registry: RegistryOpt = None,
+    control_key: Annotated[
+        Path | None,
+        typer.Option("--control-key", help="PEM file [default: $AUTOGLM_HOME/keys/control-signing.pem]."),
+    ] = None,
+    allow_downgrade: Annotated[
+        bool, typer.Option("--allow-downgrade", help="Authorize installing a lower release (a rollback).")
+    ] = False,
 ) -> None:
-    """Publish a device's desired state (retained) pointing at a packaged model."""
-    from shared.messages import DesiredState
+    """Publish a device's signed desired state (retained) pointing at a packaged model, without a
+    control plane (a lab, a single device). With a control plane, use rollouts: this bypasses its
+    revision counter."""
+    from cloud.paths import CloudPaths
+    from shared.control import ControlSigner
+    from shared.messages import MAX_REVISION, DesiredState
     from shared.mqtt import QOS, make_client
+    from shared.signing import SigningKey
     from shared.topics import Topics
 
+    if not 0 <= revision <= MAX_REVISION:
+        raise typer.BadParameter(f"a revision is in [0, {MAX_REVISION}]", param_hint="--revision")
     name, version = _split_ref(ref)
     entry = _registry(registry).get(name, version)
-    state = DesiredState(revision=revision, model=entry.ref)
+    key = SigningKey.load(control_key or CloudPaths.from_env().control_key)
+    state = ControlSigner(key).desired(
+        DesiredState(revision=revision, model=entry.ref, allow_downgrade=allow_downgrade),
+        device_id=device,
+        tenant=tenant,
+    )
 
     async def publish() -> None:
         async with make_client(_broker(broker), f"autoglm-cli-{device}"[:60], persistent=False) as client:
             await client.publish(Topics(tenant).desired(device), state.to_json(), qos=QOS, retain=True)
 
     asyncio.run(publish())
-    console.print(f"[cloud] {device} → {name}:{version} (revision {revision})")
+    console.print(f"[cloud] {device} → {name}:{version} (revision {revision}, signed by {key.public.key_id})")
 
 
 @app.command("demo")

@@ -13,8 +13,17 @@ from dataclasses import dataclass, field
 import aiomqtt
 
 from cloud.blob_server import BlobServer
-from shared.errors import ContractError, ImpersonationError
-from shared.messages import DesiredState, DeviceStatus, ReportedState, TelemetryBatch, from_device
+from shared.control import ControlSigner
+from shared.errors import ConfigError, ContractError, ImpersonationError
+from shared.messages import (
+    Command,
+    CommandReply,
+    DesiredState,
+    DeviceStatus,
+    ReportedState,
+    TelemetryBatch,
+    from_device,
+)
 from shared.mqtt import QOS, BrokerSettings, ReconnectBackoff, make_client, payload_bytes
 from shared.topics import Topics
 
@@ -39,6 +48,8 @@ class ControlLink:
     broker: BrokerSettings
     topics: Topics
     blob_server: BlobServer
+    # Signs desired states and commands; a link without one (a bare blob server) gives no orders.
+    signer: ControlSigner | None = None
     client_id: str = "autoglm-cloud"
     on_reported: Callable[[ReportedState], None] | None = None
     on_status: Callable[[DeviceStatus], None] | None = None
@@ -55,38 +66,36 @@ class ControlLink:
         self.connected = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self._changed = asyncio.Event()
+        # Commands this link sent and awaits a reply to, by request id.
+        self._replies: dict[str, asyncio.Future[CommandReply]] = {}
 
     async def run(self) -> None:
-        backoff = ReconnectBackoff(self.broker.reconnect_initial_s, self.broker.reconnect_max_s, jitter=False)
-        while True:
-            lost: aiomqtt.MqttError | None = None
-            try:
-                async with make_client(self.broker, self.client_id) as client:
-                    self._client = client
-                    await self.blob_server.subscribe(client, self.share_group)
-                    subscriptions = [
-                        (self.topics.all_devices("reported"), QOS),
-                        (self.topics.all_devices("status"), QOS),
-                    ]
-                    if self.on_telemetry is not None:
-                        subscriptions.append(
-                            (_shared(self.topics.all_devices("telemetry"), self.share_group), QOS)
-                        )
-                    await client.subscribe(subscriptions)
-                    self.connected.set()
-                    backoff.reset()
-                    async for message in client.messages:
-                        await self._dispatch(client, message)
-            except aiomqtt.MqttError as exc:
-                lost = exc
-            finally:
-                self._client = None
-                self.connected.clear()
-            delay = backoff.next_delay()
-            log.warning("cloud lost the broker (%s); retrying in %.1fs", lost, delay)
-            await asyncio.sleep(delay)
+        """This tenant alone on its own MQTT session (a tool, a test); the control plane runs
+        every tenant's link on one session instead (:class:`CloudSession`)."""
+        await CloudSession(self.broker, self.client_id, [self]).run()
 
-    async def _dispatch(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+    def owns(self, topic: str) -> bool:
+        return topic.startswith(self.topics.root + "/")
+
+    async def attach(self, client: aiomqtt.Client) -> None:
+        """Subscribe this tenant's topics on a (re)connected session."""
+        self._client = client
+        await self.blob_server.subscribe(client, self.share_group)
+        subscriptions = [
+            (self.topics.all_devices("reported"), QOS),
+            (self.topics.all_devices("status"), QOS),
+            (self.topics.all_devices("replies"), QOS),
+        ]
+        if self.on_telemetry is not None:
+            subscriptions.append((_shared(self.topics.all_devices("telemetry"), self.share_group), QOS))
+        await client.subscribe(subscriptions)
+        self.connected.set()
+
+    def detach(self) -> None:
+        self._client = None
+        self.connected.clear()
+
+    async def dispatch(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         topic = message.topic.value
         payload = payload_bytes(message)
         if self.blob_server.handles(topic):
@@ -107,6 +116,11 @@ class ControlLink:
                     self.on_status(status)
             elif parsed.channel == "telemetry" and self.on_telemetry is not None:
                 self.on_telemetry(from_device(TelemetryBatch, payload, parsed.device_id, topic))
+            elif parsed.channel == "replies":
+                reply = from_device(CommandReply, payload, parsed.device_id, topic)
+                waiting = self._replies.get(reply.request_id)
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(reply)
         except ImpersonationError as exc:
             self.impersonations += 1
             log.warning("dropped a message that names another device: %s", exc)
@@ -117,11 +131,36 @@ class ControlLink:
             return
         self._changed.set()
 
-    async def set_desired(self, device_id: str, state: DesiredState) -> None:
-        """Publish retained, so a device that connects later still gets it."""
+    def _signer(self) -> ControlSigner:
+        if self.signer is None:
+            raise ConfigError("this link has no control key: it cannot give devices orders")
+        return self.signer
+
+    async def set_desired(self, device_id: str, state: DesiredState) -> DesiredState:
+        """Sign for ``device_id`` and publish retained, so a device that connects later still gets
+        it. Returns the signed message."""
+        signed = self._signer().desired(state, device_id=device_id, tenant=self.topics.tenant)
         await self.connected.wait()
         assert self._client is not None
-        await self._client.publish(self.topics.desired(device_id), state.to_json(), qos=QOS, retain=True)
+        await self._client.publish(self.topics.desired(device_id), signed.to_json(), qos=QOS, retain=True)
+        return signed
+
+    async def send_command(self, device_id: str, command: Command, wait_s: float) -> CommandReply | None:
+        """Sign and send a one-shot command; the device's reply, or None if none came in ``wait_s``
+        (the broker keeps it for an offline device's session until the command expires)."""
+        signed = self._signer().command(command, device_id=device_id, tenant=self.topics.tenant)
+        waiting: asyncio.Future[CommandReply] = asyncio.get_running_loop().create_future()
+        self._replies[command.request_id] = waiting
+        try:
+            await self.connected.wait()
+            assert self._client is not None
+            await self._client.publish(self.topics.commands(device_id), signed.to_json(), qos=QOS)
+            try:
+                return await asyncio.wait_for(asyncio.shield(waiting), wait_s) if wait_s > 0 else None
+            except TimeoutError:
+                return None
+        finally:
+            self._replies.pop(command.request_id, None)
 
     async def wait_for(self, predicate: Callable[[dict[str, DeviceView]], bool], timeout: float) -> None:
         """Wait until ``predicate(devices)`` holds; TimeoutError otherwise."""
@@ -129,3 +168,41 @@ class ControlLink:
             while not predicate(self.devices):
                 self._changed.clear()
                 await self._changed.wait()
+
+
+class CloudSession:
+    """One MQTT session of a control-plane replica, shared by every tenant's link.
+
+    Under the generated broker config the broker replaces a client's id with its certificate
+    name (so no device can take over another's session); a replica therefore holds exactly one
+    session per identity, and each tenant's link subscribes its topics on it."""
+
+    def __init__(self, broker: BrokerSettings, client_id: str, links: list[ControlLink]) -> None:
+        self.broker = broker
+        self.client_id = client_id
+        self.links = links
+
+    async def run(self) -> None:
+        backoff = ReconnectBackoff(self.broker.reconnect_initial_s, self.broker.reconnect_max_s, jitter=False)
+        while True:
+            lost: aiomqtt.MqttError | None = None
+            try:
+                async with make_client(self.broker, self.client_id) as client:
+                    for link in self.links:
+                        await link.attach(client)
+                    backoff.reset()
+                    async for message in client.messages:
+                        topic = message.topic.value
+                        owner = next((k for k in self.links if k.owns(topic)), None)
+                        if owner is None:
+                            log.warning("dropped a message outside every tenant on %s", topic)
+                            continue
+                        await owner.dispatch(client, message)
+            except aiomqtt.MqttError as exc:
+                lost = exc
+            finally:
+                for link in self.links:
+                    link.detach()
+            delay = backoff.next_delay()
+            log.warning("cloud lost the broker (%s); retrying in %.1fs", lost, delay)
+            await asyncio.sleep(delay)

@@ -36,6 +36,7 @@ from cloud.local_broker import LocalBroker, free_port
 from cloud.paths import CloudPaths
 from cloud.processes import stop_process
 from cloud.registry import ModelRegistry, RegistryEntry
+from shared.control import ControlSigner
 from shared.errors import AutoGLMError
 from shared.messages import DesiredState, Phase, ReportedState
 from shared.mqtt import BrokerSettings
@@ -194,7 +195,10 @@ def run_demo(console: Console, *, broker: BrokerSettings | None, questions: tupl
         if created:
             console.print(f"{CLOUD} created manifest signing key {key.public.key_id} at {paths.signing_key}")
         entry = ensure_smollm2_package(console, registry, key, paths)
-        asyncio.run(_ship_and_ask(console, registry, key, entry, broker, workdir, questions))
+        control, created = SigningKey.load_or_create(paths.control_key)
+        if created:
+            console.print(f"{CLOUD} created control key {control.public.key_id} at {paths.control_key}")
+        asyncio.run(_ship_and_ask(console, registry, key, control, entry, broker, workdir, questions))
         console.print(f"[bold green]Demo finished in {time.monotonic() - started:.0f}s.[/]")
     finally:
         if local is not None:
@@ -207,6 +211,7 @@ async def _ship_and_ask(
     console: Console,
     registry: ModelRegistry,
     key: SigningKey,
+    control: SigningKey,
     entry: RegistryEntry,
     broker: BrokerSettings,
     workdir: Path,
@@ -223,6 +228,7 @@ async def _ship_and_ask(
                 "data_dir": str(workdir / "edge-data"),
                 "broker": broker.model_dump(),
                 "trusted_keys": [key.public.b64],
+                "control": {"trusted_keys": [control.public.b64]},
                 "api": {"host": "127.0.0.1", "port": api_port},
             }
         )
@@ -237,7 +243,7 @@ async def _ship_and_ask(
             console.print(f"{CLOUD} {r.device_id} reports {label}{extra}")
 
     server = BlobServer(registry.blobs, topics, offered=RegistryOffer(registry))
-    link = ControlLink(broker, topics, server, on_reported=on_reported)
+    link = ControlLink(broker, topics, server, signer=ControlSigner(control), on_reported=on_reported)
     link_task = asyncio.create_task(link.run(), name="cloud-link")
     console.print(f"{EDGE}  starting agent {DEVICE_ID} (empty data folder, API on 127.0.0.1:{api_port})")
     edge = _EdgeProcess(console, config)

@@ -13,7 +13,7 @@ from sqlalchemy import Connection, Engine, and_, func, select, update
 from cloud.store import as_utc, devices, insert_ignore, telemetry, utcnow
 from shared.errors import ContractError, RegistryError
 from shared.ids import is_valid_name
-from shared.messages import DeviceStatus, ModelRef, ReportedState, TelemetryBatch
+from shared.messages import DesiredState, DeviceStatus, ModelRef, ReportedState, TelemetryBatch
 
 _SELECTOR_TERM = re.compile(r"^\s*([A-Za-z0-9_.\-/]+)\s*(==|=|!=)?\s*([A-Za-z0-9_.\-]*)\s*$")
 
@@ -49,6 +49,26 @@ class Selector:
 
     def __str__(self) -> str:
         return ",".join(k if op == "exists" else f"{k}{op}{v}" for k, op, v in self.terms)
+
+
+@dataclass(frozen=True)
+class DesiredRecord:
+    """A desired state as recorded, to be signed and published once its transaction committed."""
+
+    tenant: str
+    device_id: str
+    revision: int
+    model: dict[str, Any] | None
+    config: dict[str, Any]
+    allow_downgrade: bool = False
+
+    def message(self) -> DesiredState:
+        return DesiredState(
+            revision=self.revision,
+            model=ModelRef.model_validate(self.model) if self.model else None,
+            config=self.config,
+            allow_downgrade=self.allow_downgrade,
+        )
 
 
 @dataclass(frozen=True)
@@ -99,6 +119,8 @@ class Device:
             "desired_config": self.desired_config,
             "last_error": last_error,
             "config_error": (self.reported or {}).get("config_error"),
+            # The last desired state or command the device refused (unsigned, expired, …), and why.
+            "control_error": (self.reported or {}).get("control_error"),
             "capabilities": (self.reported or {}).get("capabilities"),
         }
 
@@ -218,14 +240,22 @@ class Fleet:
         model: ModelRef | None = None,
         keep_model: bool = False,
         config: dict[str, Any] | None = None,
+        allow_downgrade: bool = False,
         conn: Connection | None = None,
-    ) -> tuple[int, dict[str, Any] | None, dict[str, Any]]:
-        """Record a new desired state; ``keep_model`` keeps the model, ``config=None`` the config.
-        Returns (revision, model, config) to publish. Runs in ``conn``'s transaction when given."""
+    ) -> DesiredRecord:
+        """Record a new desired state; ``keep_model`` keeps the model (and its rollback
+        authorization), ``config=None`` the config. Returns what to publish. Runs in ``conn``'s
+        transaction when given."""
         if conn is None:
             with self.engine.begin() as own:
                 return self.next_desired(
-                    tenant, device_id, model=model, keep_model=keep_model, config=config, conn=own
+                    tenant,
+                    device_id,
+                    model=model,
+                    keep_model=keep_model,
+                    config=config,
+                    allow_downgrade=allow_downgrade,
+                    conn=own,
                 )
         self._ensure(conn, tenant, device_id)
         where = and_(devices.c.tenant == tenant, devices.c.device_id == device_id)
@@ -234,12 +264,45 @@ class Fleet:
         assert row is not None
         m = row._mapping
         if keep_model:
-            new_model = m["desired_model"]
+            new_model, downgrade = m["desired_model"], bool(m["desired_allow_downgrade"])
         else:
             new_model = model.model_dump(mode="json") if model is not None else None
+            downgrade = allow_downgrade
         new_config = m["desired_config"] if config is None else config
-        conn.execute(update(devices).where(where).values(desired_model=new_model, desired_config=new_config))
-        return int(m["desired_revision"]), new_model, dict(new_config or {})
+        conn.execute(
+            update(devices)
+            .where(where)
+            .values(desired_model=new_model, desired_config=new_config, desired_allow_downgrade=downgrade)
+        )
+        return DesiredRecord(
+            tenant, device_id, int(m["desired_revision"]), new_model, dict(new_config or {}), downgrade
+        )
+
+    def current_desired(self, tenant: str, device_id: str) -> DesiredRecord | None:
+        """The desired state last recorded for a device (to publish it again), if any."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(devices).where(and_(devices.c.tenant == tenant, devices.c.device_id == device_id))
+            ).first()
+        if row is None or row._mapping["desired_revision"] < 1:
+            return None
+        m = row._mapping
+        return DesiredRecord(
+            tenant,
+            device_id,
+            int(m["desired_revision"]),
+            m["desired_model"],
+            dict(m["desired_config"] or {}),
+            bool(m["desired_allow_downgrade"]),
+        )
+
+    def next_command_counter(self, tenant: str, device_id: str) -> int:
+        """A new command counter for the device: above every one issued (by any replica)."""
+        with self.engine.begin() as conn:
+            self._ensure(conn, tenant, device_id)
+            where = and_(devices.c.tenant == tenant, devices.c.device_id == device_id)
+            conn.execute(update(devices).where(where).values(command_counter=devices.c.command_counter + 1))
+            return int(conn.execute(select(devices.c.command_counter).where(where)).scalar_one())
 
     def health(
         self, tenant: str, device_id: str, model: str, since: datetime

@@ -24,6 +24,7 @@ KeyOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Control-plane YAML config.")]
+KeyTenantOpt = Annotated[str, typer.Option("--tenant", help="Tenant the key acts for.")]
 
 fleet_app = typer.Typer(help="Devices of the fleet (REST).", no_args_is_help=True)
 rollout_app = typer.Typer(help="Staged rollouts with health gates (REST).", no_args_is_help=True)
@@ -90,6 +91,30 @@ def fleet_ls(
             err.get("code", ""),
         )
     console.print(table)
+
+
+@fleet_app.command("command")
+def fleet_command(
+    device_id: Annotated[str, typer.Argument(help="Device id.")],
+    action: Annotated[
+        str, typer.Argument(help="ping, reload or rollback (to the model in the standby slot).")
+    ],
+    wait: Annotated[
+        float, typer.Option("--wait", help="Seconds to wait for the reply (0: do not wait).")
+    ] = 10.0,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = "",
+) -> None:
+    """Send a device a one-shot command, signed by the control plane's control key."""
+    if action not in ("ping", "reload", "rollback"):
+        raise typer.BadParameter("choose ping, reload or rollback", param_hint="ACTION")
+    r = call(url, api_key, "POST", f"/v1/devices/{device_id}/commands", {"action": action, "wait_s": wait})
+    if r["status"] == "sent":
+        console.print(f"{device_id}: {action} sent (request {r['request_id']}); no reply yet")
+        return
+    console.print(f"{device_id}: {action} {'ok' if r['ok'] else 'FAILED'}: {r['detail']}")
+    if not r["ok"]:
+        raise typer.Exit(1)
 
 
 @fleet_app.command("label")
@@ -233,6 +258,13 @@ def rollout_create(
         float, typer.Option("--wave-timeout", help="Seconds before a silent device is skipped.")
     ] = 900.0,
     max_concurrent: Annotated[int, typer.Option(help="Devices downloading at once.")] = 100,
+    allow_downgrade: Annotated[
+        bool,
+        typer.Option(
+            "--allow-downgrade",
+            help="MODEL may be an older release than devices run (they refuse it otherwise).",
+        ),
+    ] = False,
     url: UrlOpt = DEFAULT_URL,
     api_key: KeyOpt = "",
 ) -> None:
@@ -245,6 +277,7 @@ def rollout_create(
         "health_window_s": health_window,
         "wave_timeout_s": wave_timeout,
         "max_concurrent": max_concurrent,
+        "allow_downgrade": allow_downgrade,
     }
     r = call(url, api_key, "POST", "/v1/rollouts", body)
     console.print(
@@ -391,20 +424,18 @@ def register_cloud_commands(cloud_app: typer.Typer) -> None:
         settings = CloudSettings.load(config)
         run_server(create_app(settings), settings.api.host, settings.api.port, log_level)
 
-    @cloud_app.command("key")
-    def cloud_key(
-        config: ConfigOpt,
-        tenant: Annotated[str, typer.Option("--tenant", help="Tenant the key acts for.")] = "default",
-        scope: Annotated[str, typer.Option("--scope", help="admin, operator or inference.")] = "admin",
-        name: Annotated[str, typer.Option("--name", help="What the key is for.")] = "cli",
-    ) -> None:
-        """Create an API key directly in the database (bootstrap); it is printed once."""
-        from cloud.auth import SCOPES, ApiKeys
+    key_app = typer.Typer(
+        help="API keys: create, list, revoke (directly in the database: the bootstrap path; "
+        "admins can also use REST /v1/keys).",
+        no_args_is_help=True,
+    )
+    cloud_app.add_typer(key_app, name="key")
+
+    def _key_store(config: Path, tenant: str) -> Any:
+        from cloud.auth import ApiKeys
         from cloud.settings import CloudSettings
         from cloud.store import make_engine, migrate
 
-        if scope not in SCOPES:
-            raise typer.BadParameter(f"choose one of {', '.join(SCOPES)}", param_hint="--scope")
         settings = CloudSettings.load(config)
         if tenant not in settings.tenants:
             # A key for a tenant the control plane does not serve would open nothing today and
@@ -415,6 +446,52 @@ def register_cloud_commands(cloud_app: typer.Typer) -> None:
             )
         engine = make_engine(settings.database_url)
         migrate(engine)
-        key_id, key = ApiKeys(engine).create(tenant, name, scope)
-        console.print(f"key {key_id} ({scope}, tenant {tenant}):")
+        return ApiKeys(engine)
+
+    @key_app.command("create")
+    def key_create(
+        config: ConfigOpt,
+        tenant: KeyTenantOpt = "default",
+        scope: Annotated[str, typer.Option("--scope", help="admin, operator or inference.")] = "admin",
+        name: Annotated[str, typer.Option("--name", help="What the key is for.")] = "cli",
+        expires_in: Annotated[
+            float | None,
+            typer.Option("--expires-in", help="Seconds until the key stops working [default: never]."),
+        ] = None,
+    ) -> None:
+        """Create an API key; it is printed once (the last line)."""
+        from cloud.auth import SCOPES
+
+        if scope not in SCOPES:
+            raise typer.BadParameter(f"choose one of {', '.join(SCOPES)}", param_hint="--scope")
+        key_id, key = _key_store(config, tenant).create(tenant, name, scope, expires_in_s=expires_in)
+        until = f", expires in {expires_in:.0f}s" if expires_in else ""
+        console.print(f"key {key_id} ({scope}, tenant {tenant}{until}):")
         console.print(key)
+
+    @key_app.command("ls")
+    def key_ls(config: ConfigOpt, tenant: KeyTenantOpt = "default", as_json: JsonOpt = False) -> None:
+        """List a tenant's keys (ids, names, scopes, expiry; never the secrets)."""
+        keys = _key_store(config, tenant).list(tenant)
+        if as_json:
+            console.print_json(json.dumps(keys))
+            return
+        table = Table("key id", "name", "scope", "created", "expires", "state")
+        for k in keys:
+            state = "revoked" if k["revoked"] else "expired" if k["expired"] else "active"
+            table.add_row(
+                k["key_id"], k["name"], k["scope"], k["created_at"] or "-", k["expires_at"] or "never", state
+            )
+        console.print(table)
+
+    @key_app.command("revoke")
+    def key_revoke(
+        key_id: Annotated[str, typer.Argument(help="The key id (the part after agk_).")],
+        config: ConfigOpt,
+        tenant: KeyTenantOpt = "default",
+    ) -> None:
+        """Revoke a key: it stops working at once, on every replica."""
+        if not _key_store(config, tenant).revoke(tenant, key_id):
+            console.print(f"[red]no key {key_id} in tenant {tenant}[/]")
+            raise typer.Exit(1)
+        console.print(f"key {key_id} revoked")

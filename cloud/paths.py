@@ -24,6 +24,11 @@ class CloudPaths:
         return self.home / "keys" / "manifest-signing.pem"
 
     @property
+    def control_key(self) -> Path:
+        """Signs desired states and commands (distinct from the manifest key)."""
+        return self.home / "keys" / "control-signing.pem"
+
+    @property
     def demo_source(self) -> Path:
         """The toy GLM that ``autoglm model demo`` trains."""
         return self.home / "demo-model"

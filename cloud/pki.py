@@ -1,8 +1,10 @@
 """Fleet credentials: a fleet CA, per-identity client certificates, and the broker's ACL.
 
 The broker (mosquitto) requires a client certificate signed by the fleet CA and takes the
-certificate's common name as the MQTT username (``use_identity_as_username``), so a device
-cannot claim another's identity by choosing a client id. The ACL is generated from the enrolled
+certificate's common name as the MQTT username (``use_identity_as_username``) and as the client
+id (``use_username_as_clientid``), so a device can neither claim another's identity nor take over
+its session by choosing a client id. Each identity therefore holds one session at a time: a
+control-plane replica runs every tenant on one session, and replicas need identities of their own. The ACL is generated from the enrolled
 identities, never edited by hand:
 
 * a device may only read its own ``desired`` and ``commands`` (never write them: a stolen device
@@ -259,6 +261,9 @@ def broker_tls_lines(
         f"keyfile {keyfile}",
         "require_certificate true",
         "use_identity_as_username true",
+        # The client id becomes the certificate's name too: a device connecting with another's
+        # id cannot disconnect it (it only replaces its own session).
+        "use_username_as_clientid true",
         "tls_version tlsv1.2",
         "allow_anonymous false",
         f"acl_file {acl_file}",

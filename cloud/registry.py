@@ -67,6 +67,23 @@ class ModelRegistry:
         atomic_write(path, data)
         return self._entry(data)
 
+    def next_release(self, name: str) -> int:
+        """The release number for a new version of ``name``: above every one issued, deleted
+        versions included (a high-water mark is kept beside the manifests), so devices can refuse
+        anything older than what they run (anti-rollback)."""
+        self._manifest_path(name, "x")  # validates the name
+        mark = self.root / "releases" / name
+        try:
+            issued = int(mark.read_text())
+        except (FileNotFoundError, ValueError):
+            issued = 0
+        present = (self._manifests / name).glob("*.json") if (self._manifests / name).is_dir() else []
+        for path in present:
+            issued = max(issued, SignedManifest.from_json(path.read_bytes()).manifest.release_number)
+        release = issued + 1
+        atomic_write(mark, str(release).encode())
+        return release
+
     def exists(self, name: str, version: str) -> bool:
         return self._manifest_path(name, version).is_file()
 

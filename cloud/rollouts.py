@@ -34,7 +34,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, or_, select, update
 
-from cloud.fleet import Device, Fleet, Selector
+from cloud.fleet import DesiredRecord, Device, Fleet, Selector
 from cloud.store import as_utc, rollout_devices, rollouts, utcnow
 from shared.errors import ContractError, RegistryError
 from shared.messages import ModelRef
@@ -78,6 +78,9 @@ class RolloutSpec:
     max_concurrent: int = 100
     max_error_rate: float = 0.05
     max_latency_ratio: float = 3.0
+    # The target may be a lower release than devices have installed: without this, devices
+    # refuse the downgrade (anti-rollback) and the wave fails.
+    allow_downgrade: bool = False
 
     def validate(self) -> None:
         """ContractError (400) for anything a driver tick could not work with: non-finite numbers,
@@ -123,17 +126,6 @@ class RolloutSpec:
             raise ContractError("health_window_s ≥ 0, wave_timeout_s > 0 and max_concurrent ≥ 1 are required")
         if not 0 <= self.max_error_rate <= 1 or self.max_latency_ratio < 1:
             raise ContractError("max_error_rate in [0, 1] and max_latency_ratio ≥ 1 are required")
-
-
-@dataclass(frozen=True)
-class Publish:
-    """A desired state to publish after the transaction that recorded it has committed."""
-
-    tenant: str
-    device_id: str
-    revision: int
-    model: dict[str, Any] | None
-    config: dict[str, Any]
 
 
 def _order_key(device_id: str) -> str:
@@ -184,6 +176,7 @@ class Rollouts:
                     max_concurrent=spec.max_concurrent,
                     max_error_rate=spec.max_error_rate,
                     max_latency_ratio=spec.max_latency_ratio,
+                    allow_downgrade=spec.allow_downgrade,
                     state=RolloutState.RUNNING.value,
                     current_wave=0,
                     wave_started_at=now,
@@ -316,6 +309,7 @@ class Rollouts:
             "health_window_s": row["health_window_s"],
             "wave_timeout_s": row["wave_timeout_s"],
             "max_concurrent": row["max_concurrent"],
+            "allow_downgrade": bool(row["allow_downgrade"]),
             "created_at": as_utc(row["created_at"]).isoformat(),  # type: ignore[union-attr]
             "updated_at": as_utc(row["updated_at"]).isoformat(),  # type: ignore[union-attr]
             "driver": row["lease_owner"],
@@ -344,8 +338,8 @@ class RolloutDriver:
     failures: int = 0
     last_publish: dict[tuple[str, str], datetime] = field(default_factory=dict)
 
-    def tick(self) -> list[Publish]:
-        out: list[Publish] = []
+    def tick(self) -> list[DesiredRecord]:
+        out: list[DesiredRecord] = []
         with self.engine.connect() as conn:
             ids = conn.execute(
                 select(rollouts.c.rollout_id, rollouts.c.tenant).where(
@@ -356,7 +350,7 @@ class RolloutDriver:
             out.extend(self._drive_isolated(tenant, rid))
         return out
 
-    def _drive_isolated(self, tenant: str, rid: str) -> list[Publish]:
+    def _drive_isolated(self, tenant: str, rid: str) -> list[DesiredRecord]:
         """One rollout's step; its failure is logged and counted, and the other rollouts (of every
         tenant) are still driven in this tick."""
         try:
@@ -386,8 +380,8 @@ class RolloutDriver:
             )
             return bool(result.rowcount == 1)
 
-    def _drive(self, tenant: str, rid: str) -> list[Publish]:
-        publishes: list[Publish] = []
+    def _drive(self, tenant: str, rid: str) -> list[DesiredRecord]:
+        publishes: list[DesiredRecord] = []
         with self.engine.begin() as conn:
             stmt = select(rollouts).where(rollouts.c.rollout_id == rid)
             if self.engine.dialect.name == "postgresql":
@@ -415,22 +409,28 @@ class RolloutDriver:
 
     def _advance_wave(
         self, conn: Connection, tenant: str, r: dict[str, Any], devs: list[dict[str, Any]]
-    ) -> list[Publish]:
+    ) -> list[DesiredRecord]:
         rid, wave = r["rollout_id"], r["current_wave"]
         target = ModelRef.model_validate(r["model"])
         target_id = f"{target.name}:{target.version}"
         now = utcnow()
         members = [d for d in devs if d["wave"] == wave]
         fleet_now = {d.device_id: d for d in self.fleet.list_devices(tenant)}
-        publishes: list[Publish] = []
+        publishes: list[DesiredRecord] = []
         updating = sum(1 for d in members if d["state"] == "updating")
         for d in members:
             if d["state"] == "pending" and updating < r["max_concurrent"]:
-                revision, model, config = self.fleet.next_desired(
-                    tenant, d["device_id"], model=target, conn=conn
+                record = self.fleet.next_desired(
+                    tenant,
+                    d["device_id"],
+                    model=target,
+                    allow_downgrade=bool(r["allow_downgrade"]),
+                    conn=conn,
                 )
-                publishes.append(Publish(tenant, d["device_id"], revision, model, config))
-                self._update_device(conn, rid, d, state="updating", started_at=now, desired_revision=revision)
+                publishes.append(record)
+                self._update_device(
+                    conn, rid, d, state="updating", started_at=now, desired_revision=record.revision
+                )
                 updating += 1
             elif d["state"] == "updating" and d["device_id"] in fleet_now:
                 self._check_updating(conn, tenant, r, d, fleet_now[d["device_id"]], target_id, now, publishes)
@@ -486,7 +486,7 @@ class RolloutDriver:
         dev: Device,
         target_id: str,
         now: datetime,
-        publishes: list[Publish],
+        publishes: list[DesiredRecord],
     ) -> None:
         rev = d["desired_revision"]
         reported = dev.reported or {}
@@ -513,10 +513,9 @@ class RolloutDriver:
             last = self.last_publish.get(key)
             if last is None or now - last > timedelta(seconds=30):
                 self.last_publish[key] = now
-                if last is not None:
-                    publishes.append(
-                        Publish(tenant, d["device_id"], rev, dev.desired_model, dev.desired_config)
-                    )
+                current = self.fleet.current_desired(tenant, d["device_id"]) if last is not None else None
+                if current is not None:
+                    publishes.append(current)
 
     def _check_health(
         self,
@@ -565,15 +564,16 @@ class RolloutDriver:
 
     def _send_back(
         self, conn: Connection, tenant: str, rid: str, devs: list[dict[str, Any]]
-    ) -> list[Publish]:
+    ) -> list[DesiredRecord]:
         out = []
         for d in devs:
             previous = ModelRef.model_validate(d["previous_model"]) if d["previous_model"] else None
-            revision, model, config = self.fleet.next_desired(
-                tenant, d["device_id"], model=previous, conn=conn
+            # Signed as a rollback: devices install a lower release only when told it is one.
+            record = self.fleet.next_desired(
+                tenant, d["device_id"], model=previous, allow_downgrade=True, conn=conn
             )
-            out.append(Publish(tenant, d["device_id"], revision, model, config))
-            self._update_device(conn, rid, d, state="rolled_back", desired_revision=revision)
+            out.append(record)
+            self._update_device(conn, rid, d, state="rolled_back", desired_revision=record.revision)
         return out
 
     def _update_device(self, conn: Connection, rid: str, d: dict[str, Any], **values: Any) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -20,21 +21,27 @@ from fastapi import FastAPI
 
 from cloud.auth import ApiKeys
 from cloud.blob_server import BlobServer, RegistryOffer
-from cloud.control_link import ControlLink
-from cloud.fleet import Fleet
+from cloud.control_link import CloudSession, ControlLink
+from cloud.fleet import DesiredRecord, Fleet
 from cloud.gateway import PoolGateway
+from cloud.paths import CloudPaths
 from cloud.ratelimit import TenantRateLimiter
 from cloud.registry import ModelRegistry
-from cloud.rollouts import Publish, RolloutDriver, Rollouts
+from cloud.rollouts import RolloutDriver, Rollouts
 from cloud.settings import CloudSettings
 from cloud.store import make_engine, migrate
-from shared.messages import DesiredState, DeviceStatus, ModelRef, ReportedState, TelemetryBatch
+from shared.control import ControlSigner
+from shared.errors import RegistryError
+from shared.messages import Command, CommandReply, DeviceStatus, ReportedState, TelemetryBatch
+from shared.signing import SigningKey
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
 
 SHARE_GROUP = "autoglm-cloud"
 PUBLISH_CONCURRENCY = 200
+# A device that refused its desired state as expired gets a freshly signed one, at most this often.
+RESIGN_INTERVAL_S = 60.0
 
 
 class ControlPlane:
@@ -53,6 +60,17 @@ class ControlPlane:
         self.gateway = PoolGateway(settings.gateway)
         limit = settings.gateway.rate_limit
         self.rate_limiter = TenantRateLimiter(limit.requests_per_s, limit.burst)
+        control = settings.control
+        key_path = control.key_file or CloudPaths.from_env().control_key
+        key, created = SigningKey.load_or_create(key_path)
+        if created:
+            log.warning(
+                "created the control key %s at %s; pin it in every edge config", key.public.key_id, key_path
+            )
+        log.info("signing desired states and commands with control key %s", key.public.key_id)
+        self.signer = ControlSigner(key, control.desired_ttl_s, control.command_ttl_s)
+        self._resigned: dict[tuple[str, str], float] = {}
+        self._background: set[asyncio.Task[None]] = set()
         # One thread writes what devices report, in arrival order, off the event loop.
         self._ingest = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest")
         self.links: dict[str, ControlLink] = {}
@@ -62,12 +80,17 @@ class ControlPlane:
                 settings.broker,
                 topics,
                 BlobServer(self.registry(tenant).blobs, topics, offered=RegistryOffer(self.registry(tenant))),
-                client_id=f"autoglm-cloud-{settings.replica_id}-{tenant}"[:64],
-                on_reported=self._ingester(tenant, self.fleet.record_reported),
+                signer=self.signer,
+                on_reported=self._on_reported(tenant),
                 on_status=self._ingester(tenant, self.fleet.record_status),
                 on_telemetry=self._ingester(tenant, self.fleet.record_telemetry),
                 share_group=SHARE_GROUP,
             )
+
+        # One session for every tenant: the broker binds a client id to the certificate's name.
+        self.session = CloudSession(
+            settings.broker, f"autoglm-cloud-{settings.replica_id}"[:64], list(self.links.values())
+        )
 
     def registry(self, tenant: str) -> ModelRegistry:
         return ModelRegistry(self.settings.registry_dir / tenant)
@@ -79,19 +102,60 @@ class ControlPlane:
 
         return submit
 
-    async def publish(self, items: list[Publish]) -> None:
-        """Publish desired states concurrently (QoS 1 acks overlap; one at a time is ~50/s under load)."""
+    def _on_reported(self, tenant: str) -> Any:
+        store = self._ingester(tenant, self.fleet.record_reported)
+
+        def on_reported(reported: ReportedState) -> None:
+            store(reported)
+            error = reported.control_error
+            if error is not None and error.code == "expired":
+                self._resign(tenant, reported.device_id)
+
+        return on_reported
+
+    def _resign(self, tenant: str, device_id: str) -> None:
+        """A device back after longer than the desired-state TTL refused the retained one as
+        expired: publish the current desired state signed afresh."""
+        loop = asyncio.get_running_loop()
+        key = (tenant, device_id)
+        if loop.time() - self._resigned.get(key, -RESIGN_INTERVAL_S) < RESIGN_INTERVAL_S:
+            return
+        self._resigned[key] = loop.time()
+
+        async def go() -> None:
+            record = await asyncio.to_thread(self.fleet.current_desired, tenant, device_id)
+            if record is not None:
+                log.info(
+                    "re-signing the expired desired state of %s (revision %d)", device_id, record.revision
+                )
+                await self.publish([record])
+
+        task = loop.create_task(go(), name=f"resign-{device_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def command(
+        self, tenant: str, device_id: str, action: str, wait_s: float
+    ) -> tuple[Command, CommandReply | None]:
+        """Sign and send a command with the device's next counter; the reply if one came in time."""
+        link = self.links.get(tenant)
+        if link is None:
+            raise RegistryError("no such tenant", tenant=tenant)
+        counter = await asyncio.to_thread(self.fleet.next_command_counter, tenant, device_id)
+        command = Command(request_id=uuid.uuid4().hex[:16], action=action, counter=counter)  # type: ignore[arg-type]
+        reply = await link.send_command(device_id, command, wait_s)
+        return command, reply
+
+    async def publish(self, items: list[DesiredRecord]) -> None:
+        """Sign and publish desired states concurrently (QoS 1 acks overlap; one at a time is
+        ~50/s under load)."""
         limit = asyncio.Semaphore(PUBLISH_CONCURRENCY)
 
-        async def one(p: Publish) -> None:
+        async def one(p: DesiredRecord) -> None:
             link = self.links.get(p.tenant)
             if link is None:
                 return
-            desired = DesiredState(
-                revision=p.revision,
-                model=ModelRef.model_validate(p.model) if p.model else None,
-                config=p.config,
-            )
+            desired = p.message()
             async with limit:
                 try:
                     async with asyncio.timeout(30):
@@ -112,8 +176,7 @@ class ControlPlane:
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
-            for tenant, link in self.links.items():
-                tg.create_task(link.run(), name=f"mqtt-{tenant}")
+            tg.create_task(self.session.run(), name="mqtt")
             tg.create_task(self.drive_forever(), name="rollout-driver")
             tg.create_task(self.gateway.run_health_checks(), name="gateway-health")
 

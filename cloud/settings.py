@@ -11,6 +11,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.config_env import read_settings_file, validation_problems
+from shared.control import DEFAULT_COMMAND_TTL_S, DEFAULT_DESIRED_TTL_S
 from shared.errors import ConfigError
 from shared.ids import is_valid_name
 from shared.mqtt import BrokerSettings
@@ -67,6 +68,19 @@ class GatewaySettings(_Section):
         return self
 
 
+class ControlSettings(_Section):
+    """The control key: devices obey only desired states and commands it signed."""
+
+    # PEM Ed25519 private key; None: $AUTOGLM_HOME/keys/control-signing.pem, created on first
+    # start. Every replica must use the same key (a Kubernetes Secret in manifests/).
+    key_file: Path | None = None
+    # A retained desired state stays valid this long for a device that is offline (one that
+    # expired is signed afresh when the device reports the refusal).
+    desired_ttl_s: Annotated[float, Field(ge=10, le=365 * 86400)] = DEFAULT_DESIRED_TTL_S
+    # A command delivered later than this is refused by the device.
+    command_ttl_s: Annotated[float, Field(ge=1, le=86400)] = DEFAULT_COMMAND_TTL_S
+
+
 class CloudSettings(_Section):
     # SQLAlchemy URL: sqlite:////var/lib/autoglm/cloud.db or postgresql+psycopg://user@host/db
     database_url: str
@@ -78,6 +92,7 @@ class CloudSettings(_Section):
     rollouts: RolloutSettings = Field(default_factory=RolloutSettings)
     # The fallback gateway (/v1/chat/completions, /v1/completions) in front of the pool replicas.
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    control: ControlSettings = Field(default_factory=ControlSettings)
     # Unique per replica; the default is host name and process id.
     replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 

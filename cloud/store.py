@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     Connection,
@@ -28,6 +29,7 @@ from sqlalchemy import (
     create_engine,
     event,
     insert,
+    inspect,
     select,
     text,
 )
@@ -69,6 +71,8 @@ api_keys = Table(
     Column("secret_sha256", String(64), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("revoked", Boolean, nullable=False, default=False),
+    # v2: None never expires.
+    Column("expires_at", DateTime(timezone=True)),
 )
 
 devices = Table(
@@ -87,6 +91,9 @@ devices = Table(
     Column("desired_revision", Integer, nullable=False, default=0),
     Column("desired_model", JSON),
     Column("desired_config", JSON, nullable=False, default=dict),
+    # v2: the desired state authorizes a downgrade (a rollback); the last command counter used.
+    Column("desired_allow_downgrade", Boolean, nullable=False, default=False),
+    Column("command_counter", BigInteger, nullable=False, default=0),
 )
 
 telemetry = Table(
@@ -127,6 +134,8 @@ rollouts = Table(
     # Which control-plane replica drives this rollout, and until when (renewed every tick).
     Column("lease_owner", String(64)),
     Column("lease_until", DateTime(timezone=True)),
+    # v2: the target may be an older release than devices run (the operator said so).
+    Column("allow_downgrade", Boolean, nullable=False, default=False),
 )
 
 rollout_devices = Table(
@@ -144,14 +153,47 @@ rollout_devices = Table(
 )
 
 
+_V2_COLUMNS = (
+    (api_keys, "expires_at", "TIMESTAMP WITH TIME ZONE NULL", "DATETIME NULL"),
+    (devices, "desired_allow_downgrade", "BOOLEAN NOT NULL DEFAULT FALSE", "BOOLEAN NOT NULL DEFAULT 0"),
+    (devices, "command_counter", "BIGINT NOT NULL DEFAULT 0", "BIGINT NOT NULL DEFAULT 0"),
+    (rollouts, "allow_downgrade", "BOOLEAN NOT NULL DEFAULT FALSE", "BOOLEAN NOT NULL DEFAULT 0"),
+)
+
+
 def _v1_initial(conn: Connection) -> None:
+    # The v1 tables, whatever the current Table objects say: later migrations add to them.
+    v2 = {(t.name, c) for t, c, _, _ in _V2_COLUMNS}
     for table in (api_keys, devices, telemetry, rollouts, rollout_devices):
-        table.create(conn, checkfirst=True)
+        if inspect(conn).has_table(table.name):
+            continue
+        v1_table = Table(table.name, MetaData())
+        for column in table.columns:
+            if (table.name, column.name) not in v2:
+                v1_table.append_column(
+                    Column(
+                        column.name,
+                        column.type,
+                        primary_key=column.primary_key,
+                        nullable=column.nullable,
+                        index=column.index,
+                        default=column.default,
+                    )
+                )
+        v1_table.create(conn)
+
+
+def _v2_trust(conn: Connection) -> None:
+    """Key expiry, rollback authorization on desired states and rollouts, command counters."""
+    pg = conn.dialect.name == "postgresql"
+    for table, column, pg_type, sqlite_type in _V2_COLUMNS:
+        conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column} {pg_type if pg else sqlite_type}"))
 
 
 # Append only: (version, name, function). A released migration is never edited.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "initial schema", _v1_initial),
+    (2, "signed control: key expiry, rollback authorization, command counters", _v2_trust),
 ]
 
 

@@ -14,15 +14,16 @@ from edge_agent.outbox import Outbox
 from edge_agent.reconciler import Reconciler
 from edge_agent.runtime.session import choose_providers
 from edge_agent.serving_config import ServingConfig
-from edge_agent.settings import EdgeSettings
+from edge_agent.settings import EdgeSettings, url_allowed
 from edge_agent.slots import SlotStore
 from edge_agent.state import AgentState, StateFile
 from edge_agent.telemetry import OutboxSender, TelemetryRecorder
 from shared.blobs import BlobStore
+from shared.control import ControlVerifier
 from shared.edge_config import EdgeConfig
-from shared.errors import AutoGLMError
+from shared.errors import AutoGLMError, ContractError, ControlRejected
 from shared.manifest import TrustStore
-from shared.messages import Capabilities, Command, CommandReply, DesiredState, ReportedState
+from shared.messages import Capabilities, Command, CommandReply, DesiredState, ErrorInfo, ReportedState
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -79,22 +80,83 @@ class EdgeAgent:
             self._apply_config,
         )
         self.reconciler.threads = self.serving.threads
+        self.control = ControlVerifier(
+            settings.control.public_keys(),
+            device_id=settings.device_id,
+            tenant=settings.tenant,
+            max_clock_skew_s=settings.control.max_clock_skew_s,
+        )
+        self.allowed_cloud_urls = settings.allowed_cloud_urls()
+        # Control messages refused since start (unsigned, forged, replayed, expired, …).
+        self.control_rejections = 0
 
         log.info(
-            "device %s (tenant %s) trusts manifest keys %s",
+            "device %s (tenant %s) trusts manifest keys %s and control keys %s",
             settings.device_id,
             settings.tenant,
             ", ".join(self.reconciler.trust.key_ids),
+            ", ".join(self.control.key_ids),
         )
 
     def _on_desired(self, desired: DesiredState) -> None:
+        s = self.reconciler.state
+        try:
+            self.control.check(desired)
+            if desired.revision < s.applied_revision:
+                raise ControlRejected(
+                    f"desired revision {desired.revision} is older than revision {s.applied_revision} "
+                    "already applied (a replay)",
+                    code="stale_revision",
+                )
+        except ControlRejected as exc:
+            self._refuse(exc)
+            return
+        if s.control_error is not None:
+            s.control_error = None  # saved and reported by the reconciler as it applies this one
         self.reconciler.offer(desired)
+
+    def _refuse(self, exc: ControlRejected) -> None:
+        """Log, count and report a refused control message; the same refusal twice in a row is
+        reported once, so a flood of forgeries cannot flood the outbox."""
+        self.control_rejections += 1
+        log.warning("refused a control message (%s): %s", exc.code, exc)
+        s = self.reconciler.state
+        if s.control_error is not None and (s.control_error.code, s.control_error.message) == (
+            exc.code,
+            str(exc),
+        ):
+            return
+        s.control_error = ErrorInfo(code=exc.code, message=str(exc))
+        self.reconciler.state_file.save(s)
+        self._report_now(s)
 
     def _on_chunk(self, digest: str, index: int, data: bytes) -> None:
         self.fetcher.on_chunk(digest, index, data)
 
     async def _on_command(self, command: Command) -> CommandReply:
-        if command.action == "rollback":
+        s = self.reconciler.state
+        try:
+            self.control.check(command)
+            if command.counter <= s.command_counter:
+                raise ControlRejected(
+                    f"command counter {command.counter} is not above {s.command_counter}, "
+                    "the last one obeyed (a replay)",
+                    code="replayed_command",
+                )
+        except ControlRejected as exc:
+            self._refuse(exc)
+            return CommandReply(
+                request_id=command.request_id,
+                device_id=self.settings.device_id,
+                ok=False,
+                detail=f"refused: {exc}",
+            )
+        # Saved before acting: a command is obeyed at most once, even across a crash.
+        s.command_counter = command.counter
+        self.reconciler.state_file.save(s)
+        if command.action == "ping":
+            ok, detail = True, "pong"
+        elif command.action == "rollback":
             ok, detail = await self.reconciler.rollback()
         elif command.action == "reload":
             try:
@@ -109,7 +171,16 @@ class EdgeAgent:
         )
 
     async def _apply_config(self, pushed: EdgeConfig) -> None:
-        """Pushed keys override edge.yaml's; a new thread count reloads the active model."""
+        """Pushed keys override edge.yaml's; a new thread count reloads the active model.
+
+        A pushed ``router.cloud_url`` must be one this device allows (``fallback.allowed_urls``):
+        prompts and the fallback key go nowhere else, whoever signed the push."""
+        url = pushed.router.cloud_url
+        if url is not None and not url_allowed(url, self.allowed_cloud_urls):
+            raise ContractError(
+                f"router.cloud_url {url!r} is not in this device's fallback.allowed_urls",
+                allowed=", ".join(sorted(self.allowed_cloud_urls)) or "none",
+            )
         new = ServingConfig.resolve(self.local_config, pushed)
         old, self.serving = self.serving, new
         self.host.queue_size = new.queue_size
@@ -142,9 +213,13 @@ class EdgeAgent:
             target_revision=s.target_revision if s.target is not None else -1,
             config_revision=s.config_revision,
             config_error=s.config_error,
+            control_error=s.control_error,
         )
 
     async def _report(self, state: AgentState) -> None:
+        self._report_now(state)
+
+    def _report_now(self, state: AgentState) -> None:
         # Through the outbox: offline, reported states wait there, in order, for the reconnect.
         self.outbox.append_message(
             self.topics.reported(self.settings.device_id), self.reported_state(state).to_json(), retain=True

@@ -21,6 +21,7 @@ from fastapi.responses import StreamingResponse
 from edge_agent.api.serving import cloud_answer_headers
 from edge_agent.breaker import CircuitBreaker
 from edge_agent.serving_config import ServingConfig
+from edge_agent.settings import url_allowed
 from shared.errors import InferenceError
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,14 @@ class CloudFallback:
         serving: Callable[[], ServingConfig],
         *,
         api_key: str | None,
+        allowed_urls: frozenset[str],
         connect_timeout_s: float,
         breaker: CircuitBreaker,
     ) -> None:
         self.serving = serving
         self.api_key = api_key
+        # The key goes only to these (the device's own configuration), whatever a push says.
+        self.allowed_urls = allowed_urls
         self.connect_timeout_s = connect_timeout_s
         self.breaker = breaker
         self.forwarded = 0
@@ -61,16 +65,16 @@ class CloudFallback:
     def _client(self) -> aiohttp.ClientSession:
         # Created on first use, inside the event loop that serves the API.
         if self._session is None:
-            headers = {"user-agent": "autoglm-edge"}
-            if self.api_key:
-                headers["authorization"] = f"Bearer {self.api_key}"
-            self._session = aiohttp.ClientSession(headers=headers)
+            self._session = aiohttp.ClientSession(headers={"user-agent": "autoglm-edge"})
         return self._session
 
     def _target(self, path: str) -> tuple[str, aiohttp.ClientTimeout]:
         cfg = self.serving()
         if cfg.cloud_url is None:
             raise CloudUnavailable("no cloud fallback is configured (router.cloud_url)")
+        if not url_allowed(cfg.cloud_url, self.allowed_urls):
+            # Pushes are checked when applied; this guards every other way a URL could get here.
+            raise CloudUnavailable("router.cloud_url is not one this device allows", url=cfg.cloud_url)
         if not self.breaker.allow():
             raise CloudUnavailable(
                 f"the cloud fallback failed {self.breaker.failures} time(s) in a row; "
@@ -90,7 +94,8 @@ class CloudFallback:
         """POST ``body`` to the gateway; the answer, and its JSON when it was not a stream."""
         url, timeout = self._target(path)
         try:
-            upstream = await self._client().post(url, json=body, timeout=timeout)
+            headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else None
+            upstream = await self._client().post(url, json=body, timeout=timeout, headers=headers)
         except _HOP_ERRORS as exc:
             raise self._failed(url, _describe(exc)) from exc
         if upstream.status >= 500:

@@ -120,13 +120,15 @@ class CloudLink:
             log.warning("dropped malformed message on %s: %s", topic, exc)
 
     async def _answer(self, client: aiomqtt.Client, command: Command) -> None:
-        if command.action == "ping" or self.on_command is None:
-            ok = command.action == "ping"
-            detail = "pong" if ok else f"command {command.action!r} is not supported by this agent"
+        if self.on_command is None:
             reply = CommandReply(
-                request_id=command.request_id, device_id=self.device_id, ok=ok, detail=detail
+                request_id=command.request_id,
+                device_id=self.device_id,
+                ok=False,
+                detail="this link takes no commands",
             )
         else:
+            # The handler checks the signature first, ping included: an unsigned ping is refused.
             reply = await self.on_command(command)
         try:
             await client.publish(self.topics.replies(self.device_id), reply.to_json(), qos=QOS)

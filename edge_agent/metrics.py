@@ -113,6 +113,11 @@ class _LiveCollector(Collector):
         )
         yield counter("outbox_delivered", "Outbox entries acknowledged by the broker.", a.outbox.delivered)
         yield counter("dropped_messages", "Malformed inbound MQTT messages dropped.", a.link.dropped_messages)
+        yield counter(
+            "control_rejections",
+            "Control messages refused (unsigned, forged, for another device, expired, replayed).",
+            a.control_rejections,
+        )
         yield counter("fetch_bytes", "Model bytes received.", a.fetcher.stats.bytes_received)
         yield counter(
             "cloud_fallbacks",

@@ -27,6 +27,7 @@ from shared.edge_config import EdgeConfig
 from shared.errors import (
     AutoGLMError,
     ContractError,
+    DowngradeError,
     FetchError,
     IntegrityError,
     ModelLoadError,
@@ -106,6 +107,9 @@ class Reconciler:
     async def restore(self) -> None:
         """Serve the active slot again after a restart, before anything else happens."""
         s = self.state
+        # Models installed before release numbers were tracked still count as installed.
+        for _, manifest in await asyncio.to_thread(self._slot_manifests):
+            self._record_release(manifest)
         if s.config:
             try:
                 await self._apply_config(EdgeConfig.parse(s.config))
@@ -136,7 +140,11 @@ class Reconciler:
             self.state.phase not in (Phase.IDLE, Phase.ACTIVE, Phase.FAILED) and self.state.target is not None
         ):
             log.info("resuming an interrupted update to revision %d", self.state.target_revision)
-            await self._update(self.state.target, self.state.target_revision)
+            await self._update(
+                self.state.target,
+                self.state.target_revision,
+                allow_downgrade=self.state.target_allow_downgrade,
+            )
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -165,9 +173,9 @@ class Reconciler:
             return  # already tried and reported; a new revision is needed to try again
         standby = s.standby_slot()
         if s.active_slot is not None and s.slots.get(standby) == desired.model:
-            await self._switch(standby, desired.revision)
+            await self._switch(standby, desired.revision, allow_downgrade=desired.allow_downgrade)
             return
-        await self._update(desired.model, desired.revision)
+        await self._update(desired.model, desired.revision, allow_downgrade=desired.allow_downgrade)
 
     async def _take_config(self, desired: DesiredState) -> None:
         """Validate the pushed config before anything uses it; a bad one is reported, the old kept."""
@@ -176,12 +184,12 @@ class Reconciler:
             return
         try:
             parsed = EdgeConfig.parse(desired.config)
+            await self._apply_config(parsed)
         except ContractError as exc:
             log.error("rejected config of revision %d: %s", desired.revision, exc)
-            s.config_error = ErrorInfo(code="config_rejected", message=exc.message)
+            s.config_error = ErrorInfo(code="config_rejected", message=str(exc))
             s.config_error_revision = desired.revision
         else:
-            await self._apply_config(parsed)
             s.config = dict(desired.config)
             s.config_revision = desired.revision
             s.config_error = None
@@ -201,7 +209,8 @@ class Reconciler:
             previous = s.slots.get(standby)
             if s.active_slot is None or previous is None:
                 return False, "no previous model to roll back to"
-            await self._switch(standby, s.applied_revision)
+            # The command is signed by the control key: it is the authorization to go back.
+            await self._switch(standby, s.applied_revision, allow_downgrade=True)
             if s.active_slot != standby:
                 return False, f"rollback failed: {s.last_error.message if s.last_error else 'unknown'}"
             return True, f"serving {previous.name}:{previous.version} from slot {standby}"
@@ -220,11 +229,13 @@ class Reconciler:
         self.host.swap(loaded)
         log.info("reloaded slot %s with %d threads", s.active_slot, self.threads)
 
-    async def _switch(self, slot: SlotName, revision: int) -> None:
+    async def _switch(self, slot: SlotName, revision: int, *, allow_downgrade: bool) -> None:
         """Activate a slot that is already staged: the instant rollback path."""
         s = self.state
         try:
             await self._transition(Phase.ROLLING_BACK)
+            manifest = await asyncio.to_thread(self.trust.verify, self.slots.manifest_bytes(slot))
+            self._check_release(manifest, allow_downgrade)
             loaded = await asyncio.to_thread(self._load_slot, slot)
             await asyncio.to_thread(loaded.smoke_test)
             s.active_slot = slot
@@ -251,9 +262,10 @@ class Reconciler:
             log.warning("failpoint %s: holding here until the process is killed", name)
             await asyncio.Event().wait()
 
-    async def _update(self, ref: ModelRef, revision: int) -> None:
+    async def _update(self, ref: ModelRef, revision: int, *, allow_downgrade: bool) -> None:
         s = self.state
         s.target, s.target_revision = ref, revision
+        s.target_allow_downgrade = allow_downgrade
         s.target_slot = s.standby_slot()
         s.last_error = None
         try:
@@ -290,6 +302,7 @@ class Reconciler:
             s.applied_revision = revision
             s.target = None
             s.target_slot = None
+            self._record_release(manifest)
             self.host.swap(loaded)
             await self._transition(Phase.ACTIVE)
             log.info("activated %s:%s in slot %s (revision %d)", ref.name, ref.version, slot, revision)
@@ -303,11 +316,33 @@ class Reconciler:
 
     async def _download_model(self, ref: ModelRef) -> tuple[bytes, Manifest]:
         manifest_bytes = await self.fetcher.fetch_manifest(ref)
-        # The signature is checked before a single weight is downloaded.
+        # The signature, the name and the release are checked before a single weight is downloaded.
         manifest = self.trust.verify(manifest_bytes, expected_digest=ref.manifest_digest)
+        if (manifest.name, manifest.version) != (ref.name, ref.version):
+            raise SignatureError(
+                f"the signed manifest is {manifest.name}:{manifest.version}, "
+                f"the desired state names {ref.name}:{ref.version}",
+                digest=ref.manifest_digest,
+            )
+        self._check_release(manifest, self.state.target_allow_downgrade)
         reuse = await asyncio.to_thread(self._local_chunks)
         await self.fetcher.fetch_blobs(manifest.blobs(), reuse)
         return manifest_bytes, manifest
+
+    def _check_release(self, manifest: Manifest, allow_downgrade: bool) -> None:
+        """Anti-rollback: never a release below the highest installed, unless the signed desired
+        state (or command) authorizes going back."""
+        highest = self.state.releases.get(manifest.name)
+        if highest is not None and manifest.release_number < highest and not allow_downgrade:
+            raise DowngradeError(
+                f"{manifest.name}:{manifest.version} is release {manifest.release_number}, below release "
+                f"{highest} already installed, and the desired state does not authorize a rollback",
+                name=manifest.name,
+            )
+
+    def _record_release(self, manifest: Manifest) -> None:
+        highest = self.state.releases.get(manifest.name, -1)
+        self.state.releases[manifest.name] = max(highest, manifest.release_number)
 
     async def _superseded(self) -> None:
         """A download given up for a newer desired state: back to serving what is active."""
@@ -318,7 +353,9 @@ class Reconciler:
         await self._transition(Phase.ACTIVE if self.host.current is not None else Phase.IDLE)
 
     async def _fail(self, exc: BaseException, clear_target_slot: bool = True) -> None:
-        if isinstance(exc, SignatureError):
+        if isinstance(exc, DowngradeError):
+            code = "downgrade_refused"
+        elif isinstance(exc, SignatureError):
             code = "signature_rejected"
         elif isinstance(exc, IntegrityError):
             code = "integrity_error"

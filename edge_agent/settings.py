@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from edge_agent.api.body_limit import DEFAULT_MAX_BODY_BYTES
 from shared.config_env import read_settings_file, validation_problems
+from shared.control import DEFAULT_MAX_CLOCK_SKEW_S
 from shared.edge_config import EdgeConfig, RouterConfig, RuntimeTuning, SamplingDefaults, TelemetryConfig
 from shared.errors import ConfigError
 from shared.ids import Name
@@ -56,13 +57,36 @@ class FetchSettings(_Section):
 class FallbackSettings(_Section):
     """Device-local half of the cloud fallback (where and under which policy is pushed: ``router``)."""
 
-    # The tenant's inference key for the cloud gateway (never pushed over MQTT).
+    # The tenant's inference key for the cloud gateway (never pushed over MQTT). It is sent only
+    # to the URLs below or to this file's own router.cloud_url.
     api_key: str | None = None
+    # The cloud URLs a pushed router.cloud_url may name (this file's router.cloud_url is always
+    # allowed); a push naming another is refused, so nobody can redirect prompts and the key.
+    allowed_urls: list[Annotated[str, Field(max_length=2048, pattern=r"^https?://")]] = []
     # An unreachable cloud is given up on after this long, however long a generation may take.
     connect_timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
     # Consecutive cloud failures that open the circuit, and how long it stays open before a probe.
     breaker_failures: Annotated[int, Field(ge=1, le=100)] = 3
     breaker_reset_s: Annotated[float, Field(gt=0, le=3600)] = 15.0
+
+
+class ControlSettings(_Section):
+    """Who may tell this device what to do (signed desired states and commands)."""
+
+    # Base64 raw Ed25519 public keys of the control plane's control key (`autoglm cloud control-key`).
+    trusted_keys: Annotated[list[str], Field(min_length=1)]
+    # Expiry of a control message is judged with this much slack for this device's clock.
+    max_clock_skew_s: Annotated[float, Field(ge=0, le=86400)] = DEFAULT_MAX_CLOCK_SKEW_S
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _keys_parse(cls, keys: list[str]) -> list[str]:
+        for k in keys:
+            PublicKey.from_b64(k)
+        return keys
+
+    def public_keys(self) -> list[PublicKey]:
+        return [PublicKey.from_b64(k) for k in self.trusted_keys]
 
 
 class OutboxSettings(_Section):
@@ -77,6 +101,7 @@ class EdgeSettings(_Section):
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     # Base64 raw Ed25519 public keys; manifests signed by any other key are refused.
     trusted_keys: Annotated[list[str], Field(min_length=1)]
+    control: ControlSettings
     api: ApiSettings = Field(default_factory=ApiSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     fetch: FetchSettings = Field(default_factory=FetchSettings)
@@ -105,6 +130,13 @@ class EdgeSettings(_Section):
     def public_keys(self) -> list[PublicKey]:
         return [PublicKey.from_b64(k) for k in self.trusted_keys]
 
+    def allowed_cloud_urls(self) -> frozenset[str]:
+        """Where the fallback may send prompts and the API key: this file's URL and the allow-list."""
+        urls = {_norm_url(u) for u in self.fallback.allowed_urls}
+        if self.router.cloud_url:
+            urls.add(_norm_url(self.router.cloud_url))
+        return frozenset(urls)
+
     @classmethod
     def load(cls, path: Path, env: Mapping[str, str] | None = None) -> EdgeSettings:
         return cls.from_mapping(read_settings_file(path, ENV_PREFIX, env), source=str(path))
@@ -115,3 +147,11 @@ class EdgeSettings(_Section):
             return cls.model_validate(dict(data))
         except ValidationError as exc:
             raise ConfigError(f"invalid edge settings: {validation_problems(exc)}", source=source) from exc
+
+
+def _norm_url(url: str) -> str:
+    return url.rstrip("/")
+
+
+def url_allowed(url: str, allowed: frozenset[str]) -> bool:
+    return _norm_url(url) in allowed

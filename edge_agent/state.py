@@ -27,6 +27,8 @@ class AgentState(BaseModel):
     applied_revision: int = -1
     target: ModelRef | None = None
     target_slot: SlotName | None = None
+    # The desired state asking for ``target`` authorized a downgrade (a signed rollback).
+    target_allow_downgrade: bool = False
     active_slot: SlotName | None = None
     slots: dict[SlotName, ModelRef | None] = Field(default_factory=lambda: _empty_slots())
     last_error: ErrorInfo | None = None
@@ -35,6 +37,12 @@ class AgentState(BaseModel):
     config_revision: int = -1
     config_error: ErrorInfo | None = None
     config_error_revision: int | None = None
+    # Anti-rollback: the highest manifest release installed per model name.
+    releases: dict[str, int] = Field(default_factory=dict)
+    # The counter of the last command obeyed (commands at or below it are replays).
+    command_counter: int = -1
+    # The last control message refused, and why (reported until a valid desired state arrives).
+    control_error: ErrorInfo | None = None
 
     def standby_slot(self) -> SlotName:
         return "b" if self.active_slot == "a" else "a"

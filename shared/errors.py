@@ -7,7 +7,10 @@
      │    │                   (malformed JSON, unknown schema/kind, wrong types, oversize)
      │    └── ImpersonationError  a device message naming another device than its topic
      ├── IntegrityError       bytes whose sha256 is not the one promised
-     │    └── SignatureError  a manifest unsigned, signed by an untrusted key, or tampered
+     │    ├── SignatureError  a manifest unsigned, signed by an untrusted key, or tampered
+     │    └── DowngradeError  a release older than one installed, not authorized as a rollback
+     ├── ControlRejected      a desired state or command the device will not obey (unsigned,
+     │                        untrusted key, altered, for another device, expired, replayed)
      ├── ConfigError          settings that fail validation at start-up
      ├── PackagingError       export, validation, quantization or quality check failed
      ├── RegistryError        a model or blob missing from (or clashing in) the registry
@@ -51,6 +54,21 @@ class IntegrityError(AutoGLMError):
 
 class SignatureError(IntegrityError):
     """A manifest that is unsigned, signed by an untrusted key, or altered after signing."""
+
+
+class DowngradeError(IntegrityError):
+    """A signed manifest whose release number is lower than the highest this device installed of
+    that model, named by a desired state that does not authorize a rollback."""
+
+
+class ControlRejected(AutoGLMError):
+    """A control message (desired state, command) that is not the control plane's, not for this
+    device, past its expiry or older than one already obeyed. ``code`` says which, for the
+    device's reported state."""
+
+    def __init__(self, message: str, *, code: str, **context: Any) -> None:
+        super().__init__(message, **context)
+        self.code = code
 
 
 class ConfigError(AutoGLMError):

@@ -24,7 +24,7 @@ from pydantic import Field, field_validator
 from shared.blobs import DEFAULT_CHUNK_SIZE, BlobRef, digest_of
 from shared.errors import ContractError, IntegrityError, SignatureError
 from shared.ids import Name
-from shared.signing import PublicKey, SigningKey
+from shared.signing import PublicKey, Signature, SigningKey
 from shared.wire import WireDocument, WireModel, canonical_json
 
 SIGNED_MANIFEST_SCHEMA = "autoglm.signed-manifest/v1"
@@ -138,6 +138,10 @@ class Manifest(WireModel):
     quantization: Quantization
     validation: ExportValidation | None = None
     quality: QualityReport | None = None
+    # Monotonic per model name in a registry (anti-rollback): a device refuses a release lower
+    # than the highest it has installed unless a signed desired state authorizes the rollback.
+    # Manifests made before release numbers existed have none and count as release 0.
+    release: Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)] | None = None
 
     @field_validator("files")
     @classmethod
@@ -148,7 +152,14 @@ class Manifest(WireModel):
         return files
 
     def canonical_bytes(self) -> bytes:
-        return canonical_json(self.model_dump(mode="json", by_alias=True))
+        data = self.model_dump(mode="json", by_alias=True)
+        if data["release"] is None:
+            del data["release"]  # the bytes older manifests were signed over
+        return canonical_json(data)
+
+    @property
+    def release_number(self) -> int:
+        return self.release or 0
 
     @property
     def total_size(self) -> int:
@@ -160,12 +171,6 @@ class Manifest(WireModel):
         for f in self.files:
             seen.setdefault(f.blob.digest, f.blob)
         return list(seen.values())
-
-
-class Signature(WireModel):
-    alg: Literal["ed25519"] = "ed25519"
-    key_id: str
-    value: str
 
 
 class SignedManifest(WireDocument):

@@ -10,9 +10,13 @@ from pydantic import Field, StrictBool, model_validator
 
 from shared.errors import ImpersonationError
 from shared.ids import Digest, Name
+from shared.signing import Signature
 from shared.wire import WireDocument, WireModel
 
-MQTT_SCHEMA = "autoglm.mqtt/v1"
+# v2: desired states and commands are signed by the control key and name their device, tenant
+# and expiry; commands carry a monotonic counter; reported states say why a control message was
+# refused (DESIGN.md §4, §8).
+MQTT_SCHEMA = "autoglm.mqtt/v2"
 
 # Revisions are int64 everywhere (the control plane's column): a larger one would pin a device to
 # it forever and no longer fit the fleet's database.
@@ -36,14 +40,31 @@ class ModelRef(WireModel):
     manifest_size: Annotated[int, Field(strict=True, gt=0, le=64 * 1024 * 1024)]
 
 
-class DesiredState(WireDocument):
+Revision = Annotated[int, Field(strict=True, ge=0, le=MAX_REVISION)]
+
+
+class SignedControl(WireDocument):
+    """What every control message carries beside its content: for whom, until when, signed by
+    whom. Built unsigned in code; :mod:`shared.control` fills these fields when it signs."""
+
+    device_id: Name | None = None
+    tenant: Name | None = None
+    issued_at: datetime = Field(default_factory=utc_now)
+    expires_at: datetime | None = None
+    signature: Signature | None = None
+
+
+class DesiredState(SignedControl):
     SCHEMA = MQTT_SCHEMA
     KIND = "desired"
 
-    revision: Annotated[int, Field(strict=True, ge=0, le=MAX_REVISION)]
+    # Signed and monotonic per device: a lower revision than one applied is a replay.
+    revision: Revision
     model: ModelRef | None = None
     config: dict[str, Any] = Field(default_factory=dict)
-    issued_at: datetime = Field(default_factory=utc_now)
+    # The operator's authorization to install a release lower than the highest this device has
+    # installed of that model (a rollback); without it a device refuses the downgrade.
+    allow_downgrade: StrictBool = False
 
 
 class Phase(StrEnum):
@@ -93,6 +114,9 @@ class ReportedState(WireDocument):
     # Revision whose config is in force, and why the latest pushed config was refused (if it was).
     config_revision: Annotated[int, Field(strict=True, ge=-1, le=MAX_REVISION)] = -1
     config_error: ErrorInfo | None = None
+    # The last control message (desired state, command) this device refused and why; cleared
+    # when a valid desired state arrives.
+    control_error: ErrorInfo | None = None
     updated_at: datetime = Field(default_factory=utc_now)
 
 
@@ -153,11 +177,14 @@ class FetchRequest(WireDocument):
     blobs: Annotated[list[BlobRequest], Field(min_length=1, max_length=MAX_BLOBS_PER_FETCH)]
 
 
-class Command(WireDocument):
+class Command(SignedControl):
     SCHEMA = MQTT_SCHEMA
     KIND = "command"
 
     request_id: Annotated[str, Field(min_length=1, max_length=64)]
+    # Signed and monotonic per device (the control plane's database allocates it): a command
+    # whose counter is not above the last one obeyed is a replay.
+    counter: Revision = 0
     action: Literal["ping", "reload", "rollback"]
     args: dict[str, Any] = Field(default_factory=dict)
 

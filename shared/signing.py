@@ -8,17 +8,27 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from shared.errors import ConfigError, SignatureError
+from shared.wire import WireModel
 
 
 def key_id_of(public_raw: bytes) -> str:
     """A short, stable name for a public key: the first 16 hex digits of its sha256."""
     return hashlib.sha256(public_raw).hexdigest()[:16]
+
+
+class Signature(WireModel):
+    """An Ed25519 signature over a document's canonical JSON (without this field)."""
+
+    alg: Literal["ed25519"] = "ed25519"
+    key_id: str
+    value: str
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,11 @@ from cloud.blob_server import BlobServer, RegistryOffer
 from cloud.control_link import ControlLink, DeviceView
 from cloud.local_broker import LocalBroker, free_port
 from cloud.registry import ModelRegistry, RegistryEntry
-from shared.messages import Command, DesiredState, Phase, ReportedState
+from shared.messages import Command, CommandReply, DesiredState, Phase, ReportedState
 from shared.mqtt import QOS, BrokerSettings, make_client
 from shared.signing import SigningKey
 from shared.topics import Topics
-from tests.services import Service
+from tests.services import CONTROL_KEY, CONTROL_SIGNER, Service
 
 REPO = Path(__file__).resolve().parents[1]
 # Small enough to train in about a minute on two cores, large enough that text is not noise.
@@ -125,8 +125,11 @@ def demo_package(demo_source: Path, registry: ModelRegistry, signing_key: Signin
 
 
 @pytest.fixture(scope="session")
-def demo_package_v2(demo_source: Path, registry: ModelRegistry, signing_key: SigningKey) -> RegistryEntry:
-    """A second version with different blobs (fp32) in small chunks: updates take many chunks."""
+def demo_package_v2(
+    demo_source: Path, registry: ModelRegistry, signing_key: SigningKey, demo_package: RegistryEntry
+) -> RegistryEntry:
+    """A second version with different blobs (fp32) in small chunks: updates take many chunks.
+    Packaged after version 1, so its release number is higher (going back is a downgrade)."""
     from cloud.packaging.packager import ModelPackager, PackageOptions
 
     return ModelPackager(registry, signing_key).package(
@@ -177,6 +180,7 @@ def start_edge(
     tenant: str,
     broker: BrokerSettings,
     trusted: list[str],
+    control_keys: list[str] | None = None,
     command: list[str] | None = None,
     api_key: str | None = None,
     extra: dict[str, Any] | None = None,
@@ -193,6 +197,7 @@ def start_edge(
         "data_dir": str(data_dir),
         "broker": broker.model_dump(mode="json"),
         "trusted_keys": trusted,
+        "control": {"trusted_keys": control_keys or [CONTROL_KEY.public.b64]},
         "api": {"host": "127.0.0.1", "port": port, "api_key": api_key},
         "fetch": {"request_timeout_s": 2.0},
         "runtime": {"threads": 1},
@@ -249,6 +254,7 @@ class CloudSide:
                 self.broker,
                 self.topics,
                 BlobServer(self.registry.blobs, self.topics, offered=RegistryOffer(self.registry)),
+                signer=CONTROL_SIGNER,
                 client_id=f"cloud-{uuid.uuid4().hex[:8]}",
                 on_reported=self.reports.append,
             )
@@ -288,6 +294,7 @@ class BackgroundCloud:
     def __init__(self, broker: BrokerSettings, tenant: str, registry: ModelRegistry) -> None:
         self.broker = broker
         self.topics = Topics(tenant)
+        self._counter = int(time.time() * 1000)  # above any counter a previous cloud of this test used
         self.served: list[tuple[str, int]] = []
         self.reports: list[ReportedState] = []
         self._loop = asyncio.new_event_loop()
@@ -301,6 +308,7 @@ class BackgroundCloud:
             broker,
             self.topics,
             BlobServer(registry.blobs, self.topics, chunk_filter=record, offered=RegistryOffer(registry)),
+            signer=CONTROL_SIGNER,
             client_id=f"cloud-{uuid.uuid4().hex[:8]}",
             on_reported=self.reports.append,
         )
@@ -331,15 +339,23 @@ class BackgroundCloud:
     def set_desired(self, device: str, desired: DesiredState) -> None:
         self._call(self.link.set_desired(device, desired))
 
-    def command(self, device: str, action: str) -> None:
-        async def send() -> None:
+    def publish_raw(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Publish bytes as anyone on the broker could (an attacker, a replay)."""
+
+        async def go() -> None:
             await self.link.connected.wait()
             client = self.link._client
             assert client is not None
-            cmd = Command(request_id=uuid.uuid4().hex[:12], action=action)  # type: ignore[arg-type]
-            await client.publish(self.topics.commands(device), cmd.to_json(), qos=QOS)
+            await client.publish(topic, payload, qos=QOS, retain=retain)
 
-        self._call(send())
+        self._call(go())
+
+    def command(self, device: str, action: str, wait_s: float = 0.0) -> CommandReply | None:
+        """A signed command with the next counter; the reply when ``wait_s`` allows one."""
+        self._counter += 1
+        cmd = Command(request_id=uuid.uuid4().hex[:12], action=action, counter=self._counter)  # type: ignore[arg-type]
+        reply: CommandReply | None = self._call(self.link.send_command(device, cmd, wait_s), wait_s + 30)
+        return reply
 
     def wait_reported(
         self, device: str, until: Callable[[ReportedState], bool], timeout: float = 120

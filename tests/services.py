@@ -19,7 +19,21 @@ from cloud.local_broker import free_port
 from cloud.processes import stop_process
 from cloud.registry import ModelRegistry
 from cloud.store import make_engine, migrate
+from shared.control import ControlSigner
 from shared.mqtt import BrokerSettings
+from shared.signing import SigningKey
+
+# The control key of every control plane and test cloud in this session; edges pin it by default.
+CONTROL_KEY = SigningKey.generate()
+CONTROL_SIGNER = ControlSigner(CONTROL_KEY)
+
+
+def control_key_file(folder: Path) -> Path:
+    """The session's control key as a PEM file in ``folder`` (for `autoglm cloud serve`)."""
+    path = folder / "control-signing.pem"
+    if not path.exists():
+        CONTROL_KEY.save(path)
+    return path
 
 
 class Service:
@@ -164,6 +178,7 @@ def start_cloud(
                 "api": {"host": "127.0.0.1", "port": port},
                 "rollouts": {"tick_s": 0.3, "lease_s": 5.0},
                 "replica_id": replica_id,
+                "control": {"key_file": str(control_key_file(tmp))},
                 **(extra or {}),
             }
         )

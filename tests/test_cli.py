@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,14 @@ COMMANDS = [
     ["cloud", "assign"],
     ["cloud", "serve"],
     ["cloud", "key"],
+    ["cloud", "key", "create"],
+    ["cloud", "key", "ls"],
+    ["cloud", "key", "revoke"],
+    ["cloud", "control-key"],
     ["fleet"],
     ["fleet", "ls"],
     ["fleet", "label"],
+    ["fleet", "command"],
     ["fleet", "enroll"],
     ["fleet", "broker-config"],
     ["rollout"],
@@ -159,7 +165,8 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_manual_path_from_the_readme(tmp_path: Path, demo_source: Path, broker, tenant: str) -> None:  # type: ignore[no-untyped-def]
-    """model package → model key → edge run → cloud blobs → cloud assign, each its own process."""
+    """model package → model key → cloud control-key → edge run → cloud blobs → cloud assign, each
+    its own process."""
     import httpx
 
     from cloud.processes import stop_process
@@ -170,6 +177,7 @@ def test_manual_path_from_the_readme(tmp_path: Path, demo_source: Path, broker, 
     packaged = autoglm("model", "package", str(demo_source), "--name", "manual", "--version", "1", home=home)
     assert packaged.returncode == 0, packaged.stdout + packaged.stderr
     key = autoglm("model", "key", home=home).stdout.strip()
+    control = autoglm("cloud", "control-key", home=home).stdout.strip().splitlines()[-1]
     addr = f"{broker.host}:{broker.port}"
     edge = start_edge(
         tmp_path,
@@ -177,6 +185,7 @@ def test_manual_path_from_the_readme(tmp_path: Path, demo_source: Path, broker, 
         tenant=tenant,
         broker=BrokerSettings(host=broker.host, port=broker.port),
         trusted=[key],
+        control_keys=[control],
     )
     blobs = subprocess.Popen(
         [sys.executable, "-m", "cloud.cli", "cloud", "blobs", "--broker", addr, "--tenant", tenant],
@@ -199,7 +208,7 @@ def test_manual_path_from_the_readme(tmp_path: Path, demo_source: Path, broker, 
             home=home,
         )
         assert assigned.returncode == 0, assigned.stdout + assigned.stderr
-        assert "edge-0001 → manual:1 (revision 1)" in assigned.stdout
+        assert "edge-0001 → manual:1 (revision 1, signed by" in assigned.stdout
         assert edge.wait_ready()["model"] == "manual:1"
         r = httpx.post(
             f"{edge.api}/v1/completions",
@@ -224,12 +233,71 @@ def test_cloud_key_refuses_a_tenant_the_config_does_not_serve(tmp_path: Path) ->
         )
     )
     r = autoglm(
-        "cloud", "key", "--config", str(config), "--tenant", "evil", "--scope", "admin", home=tmp_path
+        "cloud",
+        "key",
+        "create",
+        "--config",
+        str(config),
+        "--tenant",
+        "evil",
+        "--scope",
+        "admin",
+        home=tmp_path,
     )
     assert r.returncode == 2 and "'evil' is not in the config's tenants (acme)" in r.stderr
     assert not (tmp_path / "cp.sqlite3").exists()  # nothing was written
     ok = autoglm(
-        "cloud", "key", "--config", str(config), "--tenant", "acme", "--scope", "inference", home=tmp_path
+        "cloud",
+        "key",
+        "create",
+        "--config",
+        str(config),
+        "--tenant",
+        "acme",
+        "--scope",
+        "inference",
+        home=tmp_path,
     )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert ok.stdout.strip().splitlines()[-1].startswith("agk_")
+
+
+def test_keys_are_listed_expire_and_are_revoked(tmp_path: Path) -> None:
+    """Item 12: the key lifecycle from the CLI, and what the database then accepts."""
+    from cloud.auth import ApiKeys
+    from cloud.store import make_engine
+
+    db = tmp_path / "cp.sqlite3"
+    config = tmp_path / "cloud.yaml"
+    config.write_text(yaml.safe_dump({"database_url": f"sqlite:///{db}", "registry_dir": str(tmp_path)}))
+    made = autoglm(
+        "cloud",
+        "key",
+        "create",
+        "--config",
+        str(config),
+        "--name",
+        "ci",
+        "--expires-in",
+        "3600",
+        home=tmp_path,
+    )
+    assert made.returncode == 0, made.stdout + made.stderr
+    key = made.stdout.strip().splitlines()[-1]
+    key_id = key.split("_")[1]
+    keys = ApiKeys(make_engine(f"sqlite:///{db}"))
+    assert keys.verify(key) is not None
+    listed = autoglm("cloud", "key", "ls", "--config", str(config), "--json", home=tmp_path)
+    [row] = json.loads(listed.stdout)
+    assert (row["key_id"], row["name"], row["revoked"], row["expired"]) == (key_id, "ci", False, False)
+    assert row["expires_at"] is not None and "secret" not in listed.stdout and key not in listed.stdout
+    bad = autoglm("cloud", "key", "create", "--config", str(config), "--expires-in", "-5", home=tmp_path)
+    assert bad.returncode == 1 and "expires_in_s" in bad.stdout
+    revoked = autoglm("cloud", "key", "revoke", key_id, "--config", str(config), home=tmp_path)
+    assert revoked.returncode == 0 and keys.verify(key) is None
+    assert autoglm("cloud", "key", "revoke", "nope", "--config", str(config), home=tmp_path).returncode == 1
+    # An expired key stops working without anyone revoking it.
+    _, short = keys.create("default", "short", "operator", expires_in_s=0.5)
+    assert keys.verify(short) is not None
+    time.sleep(0.7)
+    assert keys.verify(short) is None

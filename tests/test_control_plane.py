@@ -3,6 +3,7 @@ edge agents, staged rollouts over REST, on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import threading
@@ -20,7 +21,7 @@ from cloud.fleet import Fleet, Selector
 from cloud.processes import stop_process
 from cloud.registry import ModelRegistry, RegistryEntry
 from cloud.rollouts import RolloutDriver, Rollouts, RolloutSpec, assign_waves
-from cloud.store import make_engine, migrate, schema_version
+from cloud.store import MIGRATIONS, make_engine, migrate, schema_version
 from shared.errors import ContractError
 from shared.messages import DeviceStatus
 from shared.mqtt import BrokerSettings
@@ -159,9 +160,12 @@ def test_staged_rollouts_gates_rollback_pause_abort_and_offline_devices(
         cloud.wait_rollout(rid, ("completed",))
         assert {d["active_model"] for d in cloud.devices().values()} == {"demo-glm:2"}
 
-        # 4. Abort: stops where it is; pending devices are never sent anything.
+        # 4. Abort: stops where it is; pending devices are never sent anything. (v1 is an older
+        # release than v2: the operator says the downgrade is meant, or devices refuse it.)
         r = cloud.ok(
-            "POST", "/v1/rollouts", {"model": "demo-glm:1", "waves": [25, 100], "health_window_s": 30.0}
+            "POST",
+            "/v1/rollouts",
+            {"model": "demo-glm:1", "waves": [25, 100], "health_window_s": 30.0, "allow_downgrade": True},
         )
         aborted = cloud.ok("POST", f"/v1/rollouts/{r['rollout_id']}/abort")
         assert aborted["state"] == "aborted"
@@ -180,13 +184,48 @@ def test_staged_rollouts_gates_rollback_pause_abort_and_offline_devices(
         r = cloud.ok(
             "POST",
             "/v1/rollouts",
-            {"model": "demo-glm:1", "waves": [100], "health_window_s": 1.0, "wave_timeout_s": 8.0},
+            {
+                "model": "demo-glm:1",
+                "waves": [100],
+                "health_window_s": 1.0,
+                "wave_timeout_s": 8.0,
+                "allow_downgrade": True,
+            },
         )
         finished = cloud.wait_rollout(r["rollout_id"], ("completed",), timeout=120)
         states = {d["device_id"]: d for d in finished["devices"]}
         assert states[offline]["state"] == "timed_out" and "offline" in states[offline]["detail"]
         assert sum(1 for d in finished["devices"] if d["state"] == "healthy") == 3
         assert "1 timed out" in finished["message"]
+
+        # 6. The offline device, back, takes its retained signed desired state (the authorized
+        # downgrade); then an operator's `rollout rollback` reaches a device that was offline
+        # when it was given, once it reconnects.
+        def all_on(model: str) -> bool:
+            devices = cloud.devices().values()
+            return all(d["active_model"] == model and d["phase"] == "active" for d in devices)
+
+        edges[offline] = edge_factory(
+            device_id=offline, tenant=tenant, broker=broker_settings, trusted=[signing_key.public.b64]
+        )
+        cloud.wait(lambda: all_on("demo-glm:1"), 60, "the returning device on v1")
+        r = cloud.ok("POST", "/v1/rollouts", {"model": "demo-glm:2", "waves": [100], "health_window_s": 1.0})
+        cloud.wait_rollout(r["rollout_id"], ("completed",))
+        edges[offline].proc.kill()
+        edges[offline].proc.wait(10)
+        cloud.wait(lambda: cloud.devices()[offline]["status"] == "offline", 30, "the Last Will")
+        rolled = cli(cloud, "rollout", "rollback", r["rollout_id"])
+        assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+        cloud.wait_rollout(r["rollout_id"], ("rolled_back",))
+        online = [n for n in names if n != offline]
+        cloud.wait(
+            lambda: all(cloud.devices()[n]["active_model"] == "demo-glm:1" for n in online), 60, "rolled back"
+        )
+        assert cloud.devices()[offline]["active_model"] == "demo-glm:2"
+        edges[offline] = edge_factory(
+            device_id=offline, tenant=tenant, broker=broker_settings, trusted=[signing_key.public.b64]
+        )
+        cloud.wait(lambda: all_on("demo-glm:1"), 60, "the returning device rolled back too")
     finally:
         stop_process(cloud.proc)
 
@@ -248,6 +287,27 @@ def test_api_keys_scopes_and_tenants(
         refused = cli(cloud, "config", "push", str(bad_file), key=operator)
         assert refused.returncode == 1 and "runtime.threads" in refused.stdout
         assert cli(cloud, "fleet", "ls", key="agk_x_y").returncode == 1
+
+        # Key lifecycle over REST (admins of the tenant only): create with an expiry, list
+        # without secrets, revoke; a revoked key stops at once.
+        assert cloud.api("GET", "/v1/keys", key=operator).status_code == 403
+        made = cloud.api("POST", "/v1/keys", {"name": "ci", "scope": "operator", "expires_in_s": 3600})
+        assert made.status_code == 201, made.text
+        new = made.json()
+        assert new["expires_at"] is not None and new["key"].startswith("agk_")
+        assert cloud.api("GET", "/v1/devices", key=new["key"]).status_code == 200
+        listed_keys = cloud.ok("GET", "/v1/keys")["keys"]
+        assert new["key_id"] in {k["key_id"] for k in listed_keys}
+        assert new["key"] not in json.dumps(listed_keys)
+        theirs = cloud.api("GET", "/v1/keys", key=other_tenant).json()["keys"]
+        assert [k["name"] for k in theirs] == ["x"]  # its own only
+        assert cloud.api("DELETE", f"/v1/keys/{new['key_id']}", key=other_tenant).status_code == 404
+        bad = cloud.api("POST", "/v1/keys", {"name": "x", "scope": "root"})
+        assert bad.status_code == 400
+        bad = cloud.api("POST", "/v1/keys", {"name": "x", "scope": "admin", "expires_in_s": -1})
+        assert bad.status_code == 400
+        assert cloud.ok("DELETE", f"/v1/keys/{new['key_id']}")["revoked"] is True
+        assert cloud.api("GET", "/v1/devices", key=new["key"]).status_code == 401
         engine.dispose()
     finally:
         stop_process(cloud.proc)
@@ -257,7 +317,7 @@ def test_two_replicas_never_drive_one_rollout_at_once(postgres_url: str) -> None
     """Two drivers with their own connection pools tick concurrently against one PostgreSQL."""
     engine_a, engine_b = make_engine(postgres_url), make_engine(postgres_url)
     migrate(engine_a)
-    assert migrate(engine_b) == [] and schema_version(engine_b) == 1
+    assert migrate(engine_b) == [] and schema_version(engine_b) == MIGRATIONS[-1][0]
     fleet = Fleet(engine_a)
     for i in range(20):
         fleet.record_status("t1", DeviceStatus(device_id=f"d{i:02d}", state="online"))

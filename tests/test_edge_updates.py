@@ -187,12 +187,15 @@ def test_failed_load_rejected_config_rollback_and_queue_limit(
         assert config["queue_size"] == 0 and config["temperature"] == 0.0
         _second_request_gets_429(edge)
 
-        # v2 in, then back to v1: the previous slot is switched to, nothing is downloaded.
+        # v2 in, then back to v1 (a rollback, so signed as one: v1 is the lower release): the
+        # previous slot is switched to, nothing is downloaded.
         cloud.set_desired(device, DesiredState(revision=5, model=demo_package_v2.ref, config=good))
         cloud.wait_reported(device, is_active(demo_package_v2, 5))
         served_before = len(cloud.served)
         cloud.reports.clear()
-        cloud.set_desired(device, DesiredState(revision=6, model=demo_package.ref, config=good))
+        cloud.set_desired(
+            device, DesiredState(revision=6, model=demo_package.ref, config=good, allow_downgrade=True)
+        )
         back = cloud.wait_reported(device, is_active(demo_package, 6))
         assert Phase.ROLLING_BACK in [r.phase for r in cloud.reports]
         assert Phase.FETCHING not in [r.phase for r in cloud.reports]

@@ -104,6 +104,7 @@ def test_pushed_config_overlays_the_file_key_by_key(tmp_path: Path) -> None:
             "device_id": "d1",
             "data_dir": str(tmp_path),
             "trusted_keys": ["11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="],
+            "control": {"trusted_keys": ["2w5ExjHcN8sMBtiPAr7Aq1v2YNZ8PIO0VxdUcRqyLvI="]},
             "runtime": {"threads": 2, "queue_size": 8},
             "sampling": {"temperature": 0.7},
         }

@@ -80,7 +80,9 @@ class Peer:
         self.client.loop_stop()
 
 
-def connect(fleet: Fleet | int, identity: Issued | None, *, ca: Path | None = None) -> Peer:
+def connect(
+    fleet: Fleet | int, identity: Issued | None, *, ca: Path | None = None, client_id: str | None = None
+) -> Peer:
     """Connect to the fleet's broker (or one on this port) with ``identity``'s certificate (None:
     no client certificate), trusting ``ca`` (default: the fleet CA); raises on refusal."""
     port = fleet if isinstance(fleet, int) else fleet.broker.port
@@ -93,7 +95,7 @@ def connect(fleet: Fleet | int, identity: Issued | None, *, ca: Path | None = No
         key_file=identity.key if identity else None,
     )
     client = paho.Client(
-        CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv5
+        CallbackAPIVersion.VERSION2, client_id=client_id or f"t-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv5
     )
     client.tls_set_context(tls.context())
     peer = Peer(client)
@@ -178,6 +180,27 @@ def test_a_device_reaches_only_its_own_topics_and_the_blobs(fleet: Fleet) -> Non
             assert intruder.publish(topic, b"forged") == NOT_AUTHORIZED, topic
         finally:
             intruder.close()
+
+
+def test_a_device_cannot_take_over_another_devices_session(fleet: Fleet) -> None:
+    """Item 3: the broker binds the client id to the certificate, so dev-a connecting again and
+    again with client id ``dev-b`` never disconnects dev-b, which keeps receiving its orders."""
+    t = Topics(TENANT)
+    b = connect(fleet, fleet.ids["dev-b"], client_id="dev-b")
+    cloud = connect(fleet, fleet.ids["autoglm-cloud"])
+    try:
+        b.subscribe(t.device("dev-b", "desired"))
+        time.sleep(0.3)
+        for i in range(5):
+            thief = connect(fleet, fleet.ids["dev-a"], client_id="dev-b")
+            thief.close()
+            assert cloud.publish(t.device("dev-b", "desired"), f"order {i}".encode()) < 0x80
+        assert _eventually(lambda: len(b.received) == 5)
+        assert b.client.is_connected()
+        assert [p for _, p in b.received] == [f"order {i}".encode() for i in range(5)]
+    finally:
+        b.close()
+        cloud.close()
 
 
 def test_clients_without_a_fleet_certificate_are_refused(fleet: Fleet) -> None:

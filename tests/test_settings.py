@@ -13,6 +13,7 @@ from shared.errors import ConfigError
 from shared.signing import SigningKey
 
 KEY = SigningKey.generate().public.b64
+CONTROL = {"trusted_keys": [SigningKey.generate().public.b64]}
 
 
 def _write(tmp_path: Path, data: object) -> Path:
@@ -30,7 +31,9 @@ def test_example_config_in_the_repo_is_valid() -> None:
 
 
 def test_environment_overrides(tmp_path: Path) -> None:
-    p = _write(tmp_path, {"device_id": "d1", "data_dir": str(tmp_path), "trusted_keys": [KEY]})
+    p = _write(
+        tmp_path, {"device_id": "d1", "data_dir": str(tmp_path), "trusted_keys": [KEY], "control": CONTROL}
+    )
     s = EdgeSettings.load(
         p, env={"AUTOGLM_EDGE__BROKER__PORT": "1999", "AUTOGLM_EDGE__API__API_KEY": "s3cret"}
     )
@@ -47,6 +50,22 @@ def test_environment_overrides(tmp_path: Path) -> None:
         ({"device_id": "d", "data_dir": "/x", "trusted_keys": ["bm90IGEga2V5"]}, "32 raw Ed25519 bytes"),
         ({"device_id": "d", "data_dir": "/x", "trusted_keys": [KEY], "api": {"port": 99999}}, "api.port"),
         ({"device_id": "d", "data_dir": "/x", "trusted_keys": [KEY], "typo": 1}, "typo"),
+        # Without a pinned control key a device would obey nobody (or, worse, anybody).
+        ({"device_id": "d", "data_dir": "/x", "trusted_keys": [KEY]}, "control"),
+        (
+            {"device_id": "d", "data_dir": "/x", "trusted_keys": [KEY], "control": {"trusted_keys": []}},
+            "control.trusted_keys",
+        ),
+        (
+            {
+                "device_id": "d",
+                "data_dir": "/x",
+                "trusted_keys": [KEY],
+                "control": CONTROL,
+                "fallback": {"allowed_urls": ["ftp://x"]},
+            },
+            "fallback.allowed_urls",
+        ),
     ],
 )
 def test_invalid_settings_name_the_problem(tmp_path: Path, data: dict, reason: str) -> None:  # type: ignore[type-arg]

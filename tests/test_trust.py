@@ -127,16 +127,17 @@ def test_rollout_parameters_are_bounded_and_finite() -> None:
 
 
 def test_one_failing_rollout_does_not_stop_the_others() -> None:
-    from cloud.rollouts import Publish, RolloutDriver
+    from cloud.fleet import DesiredRecord
+    from cloud.rollouts import RolloutDriver
 
     class Driver(RolloutDriver):
         def _lease(self, rid: str) -> bool:
             return True
 
-        def _drive(self, tenant: str, rid: str) -> list[Publish]:
+        def _drive(self, tenant: str, rid: str) -> list[DesiredRecord]:
             if tenant == "broken":
                 raise OverflowError("cannot convert float infinity to integer")
-            return [Publish(tenant, f"dev-{rid}", 1, None, {})]
+            return [DesiredRecord(tenant, f"dev-{rid}", 1, None, {})]
 
     driver = Driver(engine=None, fleet=None, owner="replica-a")  # type: ignore[arg-type]
     out = [

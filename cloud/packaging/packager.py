@@ -152,9 +152,13 @@ class ModelPackager:
                 quantization=quant,
                 validation=validation,
                 quality=quality,
+                release=self.registry.next_release(opts.name),
             )
             entry = self.registry.publish(SignedManifest.sign(manifest, self.key))
-            r.done(f"{entry.name}:{entry.version} {entry.digest} (key {self.key.public.key_id})")
+            r.done(
+                f"{entry.name}:{entry.version} release {manifest.release} {entry.digest} "
+                f"(key {self.key.public.key_id})"
+            )
             return entry
 
     def _export(

@@ -38,6 +38,7 @@ def create_app(settings: EdgeSettings) -> FastAPI:
         cloud = CloudFallback(
             lambda: agent.serving,
             api_key=fb.api_key,
+            allowed_urls=agent.allowed_cloud_urls,
             connect_timeout_s=fb.connect_timeout_s,
             breaker=CircuitBreaker(fb.breaker_failures, fb.breaker_reset_s),
         )

@@ -68,6 +68,9 @@ async def agent_state(request: Request) -> dict[str, Any]:
             "bytes_received": agent.fetcher.stats.bytes_received,
         },
         "dropped_messages": agent.link.dropped_messages,
+        # Control messages refused: unsigned, untrusted key, altered, for another device, expired,
+        # replayed (the last one's reason is in reported.control_error).
+        "control_rejections": agent.control_rejections,
         "outbox": {
             "depth": agent.outbox.depth(),
             "delivered": agent.outbox.delivered,
