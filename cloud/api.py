@@ -75,6 +75,7 @@ class RolloutBody(_Body):
     max_error_rate: float = 0.05
     max_latency_ratio: float = 3.0
     allow_downgrade: bool = False
+    min_samples: int = 0
 
 
 class CommandBody(_Body):
@@ -309,6 +310,7 @@ async def gateway_state(plane: Plane, who: Operator) -> dict[str, Any]:
         "replicas": [r.view() for r in plane.gateway.replicas],
         "retries": plane.gateway.retries,
         "timeouts": plane.gateway.timeouts,
+        "stream_breaks": plane.gateway.stream_breaks,
         "rate_limited": plane.rate_limiter.refused,
     }
 

@@ -16,6 +16,8 @@ from cloud.blob_server import BlobServer
 from shared.control import ControlSigner
 from shared.errors import ConfigError, ContractError, ImpersonationError
 from shared.messages import (
+    MAX_TELEMETRY_RECORDS,
+    Ack,
     Command,
     CommandReply,
     DesiredState,
@@ -57,6 +59,9 @@ class ControlLink:
     # With several control-plane replicas: an MQTT v5 shared-subscription group, so each fetch
     # request and telemetry batch reaches exactly one replica.
     share_group: str | None = None
+    # Acknowledge telemetry and reported states as soon as the callbacks above returned (a tool
+    # or test cloud). The control plane acknowledges itself, once its database has them.
+    auto_ack: bool = True
     devices: dict[str, DeviceView] = field(default_factory=dict)
     dropped_messages: int = 0
     # Messages whose payload named another device than their topic (dropped).
@@ -109,13 +114,18 @@ class ControlLink:
                 view.reported = from_device(ReportedState, payload, parsed.device_id, topic)
                 if self.on_reported is not None:
                     self.on_reported(view.reported)
+                if self.auto_ack and view.reported.report_id is not None:
+                    await self.send_ack(parsed.device_id, [view.reported.report_id])
             elif parsed.channel == "status":
                 status = from_device(DeviceStatus, payload, parsed.device_id, topic)
                 view.status = status.state
                 if self.on_status is not None:
                     self.on_status(status)
             elif parsed.channel == "telemetry" and self.on_telemetry is not None:
-                self.on_telemetry(from_device(TelemetryBatch, payload, parsed.device_id, topic))
+                batch = from_device(TelemetryBatch, payload, parsed.device_id, topic)
+                self.on_telemetry(batch)
+                if self.auto_ack:
+                    await self.send_ack(parsed.device_id, [r.id for r in batch.records])
             elif parsed.channel == "replies":
                 reply = from_device(CommandReply, payload, parsed.device_id, topic)
                 waiting = self._replies.get(reply.request_id)
@@ -130,6 +140,19 @@ class ControlLink:
             log.warning("dropped malformed message on %s: %s", topic, exc)
             return
         self._changed.set()
+
+    async def send_ack(self, device_id: str, ids: list[str]) -> None:
+        """Tell a device these records and reports are stored (it then forgets them). Lost acks
+        only mean the device sends those entries again."""
+        client = self._client
+        if client is None or not ids:
+            return
+        try:
+            for start in range(0, len(ids), MAX_TELEMETRY_RECORDS):
+                ack = Ack(ids=ids[start : start + MAX_TELEMETRY_RECORDS])
+                await client.publish(self.topics.acks(device_id), ack.to_json(), qos=QOS)
+        except aiomqtt.MqttError as exc:
+            log.info("could not acknowledge %d entries to %s: %s", len(ids), device_id, exc)
 
     def _signer(self) -> ControlSigner:
         if self.signer is None:
@@ -175,7 +198,11 @@ class CloudSession:
 
     Under the generated broker config the broker replaces a client's id with its certificate
     name (so no device can take over another's session); a replica therefore holds exactly one
-    session per identity, and each tenant's link subscribes its topics on it."""
+    session per identity, and each tenant's link subscribes its topics on it.
+
+    The session ends with the connection (clean start, no expiry): a replica that dies leaves no
+    session behind to keep its share of the telemetry and fetch groups, and what the broker could
+    not deliver meanwhile is sent again by the devices (end-to-end acknowledgement, §4)."""
 
     def __init__(self, broker: BrokerSettings, client_id: str, links: list[ControlLink]) -> None:
         self.broker = broker
@@ -187,7 +214,7 @@ class CloudSession:
         while True:
             lost: aiomqtt.MqttError | None = None
             try:
-                async with make_client(self.broker, self.client_id) as client:
+                async with make_client(self.broker, self.client_id, persistent=False) as client:
                     for link in self.links:
                         await link.attach(client)
                     backoff.reset()

@@ -8,12 +8,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, select, update
+from sqlalchemy import Connection, Engine, and_, func, or_, select, update
 
 from cloud.store import as_utc, devices, insert_ignore, telemetry, utcnow
 from shared.errors import ContractError, RegistryError
 from shared.ids import is_valid_name
 from shared.messages import DesiredState, DeviceStatus, ModelRef, ReportedState, TelemetryBatch
+
+# Telemetry errors that say nothing of a model's health: the device was busy, or the client left.
+CLIENT_SIDE = ("queue_full", "stream_interrupted", "model_not_ready", "client_disconnected")
 
 _SELECTOR_TERM = re.compile(r"^\s*([A-Za-z0-9_.\-/]+)\s*(==|=|!=)?\s*([A-Za-z0-9_.\-]*)\s*$")
 
@@ -174,7 +177,11 @@ class Fleet:
             )
 
     def record_telemetry(self, tenant: str, batch: TelemetryBatch) -> int:
-        """Store new records; replays of records already stored are ignored. Returns rows added."""
+        """Store new records; replays of records already stored are ignored. Returns rows added.
+
+        Each row keeps the cloud's receive time beside the device's own: health gates judge by
+        the former, whatever the device's clock says."""
+        received = utcnow()
         rows = [
             {
                 "tenant": tenant,
@@ -187,14 +194,22 @@ class Fleet:
                 "latency_ms": r.latency_ms,
                 "prompt_tokens": r.prompt_tokens,
                 "completion_tokens": r.completion_tokens,
+                "received_at": received,
+                "error": r.error[:64] if r.error else None,
             }
             for r in batch.records
         ]
+        skew = (received - max(as_utc(r.at) or received for r in batch.records)).total_seconds()
         with self.engine.begin() as conn:
             self._ensure(conn, tenant, batch.device_id)
             added = 0
             for row in rows:
                 added += conn.execute(insert_ignore(self.engine, telemetry).values(**row)).rowcount
+            conn.execute(
+                update(devices)
+                .where(and_(devices.c.tenant == tenant, devices.c.device_id == batch.device_id))
+                .values(clock_skew_s=skew)
+            )
         return added
 
     # -- queries --------------------------------------------------------------------------------
@@ -307,9 +322,12 @@ class Fleet:
     def health(
         self, tenant: str, device_id: str, model: str, since: datetime
     ) -> tuple[int, int, float | None]:
-        """(requests, errors, median latency ms) of ``model`` served on the device since ``since``.
+        """(requests, errors, median latency ms) of ``model`` served on the device since ``since``,
+        by the cloud's receive time (a device clock hours off changes nothing).
 
-        Requests the device handed to the cloud say nothing of its model's health and are left out."""
+        Requests the device handed to the cloud say nothing of its model's health and are left
+        out, and so are client-side events (a full queue, a client that went away)."""
+        when = func.coalesce(telemetry.c.received_at, telemetry.c.at)
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(telemetry.c.ok, telemetry.c.latency_ms).where(
@@ -318,7 +336,12 @@ class Fleet:
                         telemetry.c.device_id == device_id,
                         telemetry.c.model == model,
                         telemetry.c.served_by == "local",
-                        telemetry.c.at >= since,
+                        when >= since,
+                        or_(
+                            telemetry.c.ok.is_(True),
+                            telemetry.c.error.is_(None),
+                            telemetry.c.error.notin_(CLIENT_SIDE),
+                        ),
                     )
                 )
             ).all()

@@ -6,7 +6,8 @@
 * Retries: a request whose replica failed before an answer reached the client (connection refused
   or reset, the answer cut off, 502/503/504) is sent to another replica, up to ``max_attempts``.
   Completions have no side effects, so sending one again is safe. A stream that breaks after its
-  first bytes reached the client cannot be retried and ends there.
+  first bytes reached the client cannot be retried: it ends with an OpenAI-style error event (no
+  ``[DONE]``), the replica is marked down and the break counted.
 * Timeouts: a replica that accepted a request but has not answered within ``request_timeout_s``
   is busy, not down: the client gets 504 and the replica stays in rotation. Sending the same long
   generation to another replica would only double the work (and time out there too).
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from fastapi.responses import StreamingResponse
 
 from cloud.settings import GatewaySettings
 from edge_agent.api.serving import cloud_answer_headers
+from edge_agent.api.sse import relay_events
 from shared.errors import InferenceError
 from shared.openai_api import ModelCard, ModelList
 
@@ -78,6 +80,8 @@ class PoolGateway:
         ]
         self.retries = 0
         self.timeouts = 0
+        # Streams that broke off after the client had its first bytes (ended with an error event).
+        self.stream_breaks = 0
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
@@ -199,7 +203,13 @@ class PoolGateway:
             "text/event-stream"
         ):
             replica.served += 1
-            return StreamingResponse(_relay(upstream, replica), headers=headers)
+
+            def broke(why: str) -> None:
+                self.stream_breaks += 1
+                log.warning("a stream from pool replica %s broke off: %s", replica.name, why)
+                self._mark_down(replica, f"stream broke off: {why}")
+
+            return StreamingResponse(_relay(upstream, replica, broke), headers=headers)
         try:
             content = await upstream.aread()
         except _GENERATION_TIMEOUTS as exc:
@@ -217,13 +227,16 @@ class PoolGateway:
         return Response(content, status_code=upstream.status_code, headers=headers)
 
 
-async def _relay(upstream: httpx.Response, replica: Replica) -> AsyncIterator[bytes]:
-    """The replica's stream, byte for byte; the replica's count goes down however it ends."""
+async def _relay(
+    upstream: httpx.Response, replica: Replica, on_break: Callable[[str], None]
+) -> AsyncIterator[bytes]:
+    """The replica's stream, whole events at a time; a break ends it with an error event (see
+    edge_agent/api/sse.py). The replica's count goes down however it ends."""
     try:
-        async for chunk in upstream.aiter_raw():
-            yield chunk
-    except httpx.TransportError as exc:  # the replica died mid-stream; the client sees the stream end
-        log.warning("a stream from pool replica %s broke off: %s", replica.name, exc)
+        async for event in relay_events(
+            upstream.aiter_raw(), errors=(httpx.TransportError,), on_break=on_break
+        ):
+            yield event
     finally:
         replica.outstanding -= 1
         await upstream.aclose()

@@ -99,6 +99,13 @@ class LocalBroker:
             stop_process(self._proc, grace_s=5)
         self._proc = None
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: nothing is saved on the way out."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(10)
+        self._proc = None
+
     def close(self) -> None:
         self.stop()
         if self._own_dir:

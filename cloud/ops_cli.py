@@ -221,7 +221,11 @@ def fleet_broker_config(
         f"user {pwd.getpwuid(out.stat().st_uid).pw_name}",
         "persistence true",
         f"persistence_location {out.resolve()}/",
-        "autosave_on_changes true",
+        # Saved once a minute, not after every change: telemetry and reported states are
+        # delivered end to end (devices send them again until the control plane acknowledges
+        # them stored), so a crash between saves delays them and loses none; saving after every
+        # change rewrites the whole persistence file per message and does not scale to a fleet.
+        "autosave_interval 60",
         # Bounded per client: a device that stops reading cannot make the broker hold an unbounded
         # backlog (missed chunks are asked for again).
         "max_queued_messages 10000",
@@ -258,6 +262,12 @@ def rollout_create(
         float, typer.Option("--wave-timeout", help="Seconds before a silent device is skipped.")
     ] = 900.0,
     max_concurrent: Annotated[int, typer.Option(help="Devices downloading at once.")] = 100,
+    min_samples: Annotated[
+        int,
+        typer.Option(
+            "--min-samples", help="Requests a device must serve in its health window to be judged (0: any)."
+        ),
+    ] = 0,
     allow_downgrade: Annotated[
         bool,
         typer.Option(
@@ -277,6 +287,7 @@ def rollout_create(
         "health_window_s": health_window,
         "wave_timeout_s": wave_timeout,
         "max_concurrent": max_concurrent,
+        "min_samples": min_samples,
         "allow_downgrade": allow_downgrade,
     }
     r = call(url, api_key, "POST", "/v1/rollouts", body)

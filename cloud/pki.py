@@ -7,7 +7,7 @@ its session by choosing a client id. Each identity therefore holds one session a
 control-plane replica runs every tenant on one session, and replicas need identities of their own. The ACL is generated from the enrolled
 identities, never edited by hand:
 
-* a device may only read its own ``desired`` and ``commands`` (never write them: a stolen device
+* a device may only read its own ``desired``, ``commands`` and ``acks`` (never write them: a stolen device
   certificate cannot give its device orders), only write its own ``reported``, ``status``,
   ``telemetry``, ``fetch`` and ``replies``, and read ``autoglm/v1/{tenant}/blobs/#``; nothing
   else, so it cannot leave retained messages on made-up sub-topics either;
@@ -227,7 +227,7 @@ class FleetPKI:
 
 
 # What a device does with its own topics (DESIGN.md §4): it is told, it tells.
-DEVICE_READS = ("desired", "commands")
+DEVICE_READS = ("desired", "commands", "acks")
 DEVICE_WRITES = ("reported", "status", "telemetry", "fetch", "replies")
 
 

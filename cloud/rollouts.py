@@ -65,6 +65,7 @@ MAX_WAVE_TIMEOUT_S = 30 * 24 * 3600.0
 MAX_CONCURRENT = 1_000_000
 MAX_LATENCY_RATIO = 1000.0
 MAX_WAVES = 100
+MAX_MIN_SAMPLES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,9 @@ class RolloutSpec:
     # The target may be a lower release than devices have installed: without this, devices
     # refuse the downgrade (anti-rollback) and the wave fails.
     allow_downgrade: bool = False
+    # A device is judged on at least this many requests in its health window (0: on whatever
+    # came, none included); with fewer its health is unknown and the wave waits.
+    min_samples: int = 0
 
     def validate(self) -> None:
         """ContractError (400) for anything a driver tick could not work with: non-finite numbers,
@@ -105,6 +109,10 @@ class RolloutSpec:
             )
         if isinstance(self.max_concurrent, bool) or not isinstance(self.max_concurrent, int):
             raise ContractError("max_concurrent must be an integer", value=self.max_concurrent)
+        if isinstance(self.min_samples, bool) or not isinstance(self.min_samples, int):
+            raise ContractError("min_samples must be an integer", value=self.min_samples)
+        if not 0 <= self.min_samples <= MAX_MIN_SAMPLES:
+            raise ContractError(f"min_samples is in [0, {MAX_MIN_SAMPLES}]", value=self.min_samples)
         if self.max_concurrent > MAX_CONCURRENT or self.max_latency_ratio > MAX_LATENCY_RATIO:
             raise ContractError(
                 f"max_concurrent is at most {MAX_CONCURRENT} and max_latency_ratio at most {MAX_LATENCY_RATIO:.0f}",
@@ -177,6 +185,7 @@ class Rollouts:
                     max_error_rate=spec.max_error_rate,
                     max_latency_ratio=spec.max_latency_ratio,
                     allow_downgrade=spec.allow_downgrade,
+                    min_samples=spec.min_samples,
                     state=RolloutState.RUNNING.value,
                     current_wave=0,
                     wave_started_at=now,
@@ -310,6 +319,7 @@ class Rollouts:
             "wave_timeout_s": row["wave_timeout_s"],
             "max_concurrent": row["max_concurrent"],
             "allow_downgrade": bool(row["allow_downgrade"]),
+            "min_samples": row["min_samples"],
             "created_at": as_utc(row["created_at"]).isoformat(),  # type: ignore[union-attr]
             "updated_at": as_utc(row["updated_at"]).isoformat(),  # type: ignore[union-attr]
             "driver": row["lease_owner"],
@@ -530,6 +540,18 @@ class RolloutDriver:
         if now - active_at < timedelta(seconds=r["health_window_s"]):
             return
         n, errors, p50 = self.fleet.health(tenant, d["device_id"], target_id, active_at)
+        if n < r["min_samples"]:
+            # Too little traffic to judge: unknown, not healthy. The wave waits for more, up to
+            # the wave timeout.
+            if now - active_at > timedelta(seconds=r["wave_timeout_s"]):
+                self._update_device(
+                    conn,
+                    r["rollout_id"],
+                    d,
+                    state="timed_out",
+                    detail=f"only {n} request(s) of the {r['min_samples']} needed to judge its health",
+                )
+            return
         prev = d["previous_model"] or {}
         prev_id = f"{prev.get('name')}:{prev.get('version')}" if prev else None
         window = timedelta(seconds=max(r["health_window_s"], 60.0))

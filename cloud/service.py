@@ -85,6 +85,7 @@ class ControlPlane:
                 on_status=self._ingester(tenant, self.fleet.record_status),
                 on_telemetry=self._ingester(tenant, self.fleet.record_telemetry),
                 share_group=SHARE_GROUP,
+                auto_ack=False,
             )
 
         # One session for every tenant: the broker binds a client id to the certificate's name.
@@ -96,11 +97,34 @@ class ControlPlane:
         return ModelRegistry(self.settings.registry_dir / tenant)
 
     def _ingester(self, tenant: str, fn: Any) -> Any:
+        """Store a device's message on the ingest thread; then acknowledge its records (or its
+        report) to the device, which only now forgets them (end-to-end delivery, §4)."""
+
         def submit(message: ReportedState | DeviceStatus | TelemetryBatch) -> None:
+            loop = asyncio.get_running_loop()
             future = self._ingest.submit(fn, tenant, message)
-            future.add_done_callback(_log_failure)
+
+            def stored(f: Any) -> None:
+                if f.exception() is not None:
+                    # Not acknowledged: the device sends it again.
+                    log.error("could not store a device message", exc_info=f.exception())
+                    return
+                ids = _ack_ids(message)
+                if ids:
+                    with contextlib.suppress(RuntimeError):  # the loop closed: shutting down
+                        loop.call_soon_threadsafe(self._acknowledge, tenant, message.device_id, ids)
+
+            future.add_done_callback(stored)
 
         return submit
+
+    def _acknowledge(self, tenant: str, device_id: str, ids: list[str]) -> None:
+        link = self.links.get(tenant)
+        if link is None:
+            return
+        task = asyncio.get_running_loop().create_task(link.send_ack(device_id, ids), name=f"ack-{device_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _on_reported(self, tenant: str) -> Any:
         store = self._ingester(tenant, self.fleet.record_reported)
@@ -185,10 +209,12 @@ class ControlPlane:
         self.engine.dispose()
 
 
-def _log_failure(future: Any) -> None:
-    exc = future.exception()
-    if exc is not None:
-        log.error("could not store a device message", exc_info=exc)
+def _ack_ids(message: ReportedState | DeviceStatus | TelemetryBatch) -> list[str]:
+    if isinstance(message, TelemetryBatch):
+        return [r.id for r in message.records]
+    if isinstance(message, ReportedState) and message.report_id is not None:
+        return [message.report_id]
+    return []
 
 
 def create_app(settings: CloudSettings) -> FastAPI:

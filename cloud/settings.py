@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
@@ -93,8 +92,9 @@ class CloudSettings(_Section):
     # The fallback gateway (/v1/chat/completions, /v1/completions) in front of the pool replicas.
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
-    # Unique per replica; the default is host name and process id.
-    replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    # Unique and stable per replica (a StatefulSet pod name): it names the replica's MQTT session
+    # and its rollout leases. The default is the host name; set it when two run on one host.
+    replica_id: str = Field(default_factory=socket.gethostname)
 
     @field_validator("tenants")
     @classmethod

@@ -94,6 +94,9 @@ devices = Table(
     # v2: the desired state authorizes a downgrade (a rollback); the last command counter used.
     Column("desired_allow_downgrade", Boolean, nullable=False, default=False),
     Column("command_counter", BigInteger, nullable=False, default=0),
+    # v3: how far the device's clock seemed off at its last telemetry (receive time minus the
+    # newest record's own time, so it includes the delivery delay).
+    Column("clock_skew_s", Float),
 )
 
 telemetry = Table(
@@ -109,6 +112,10 @@ telemetry = Table(
     Column("latency_ms", Float, nullable=False),
     Column("prompt_tokens", Integer, nullable=False),
     Column("completion_tokens", Integer, nullable=False),
+    # v3: when the control plane stored it; health gates judge by this, not by device clocks.
+    Column("received_at", DateTime(timezone=True)),
+    # v3: the failure's code (client-side ones, like a full queue, are not the model's fault).
+    Column("error", String(64)),
 )
 
 rollouts = Table(
@@ -136,6 +143,8 @@ rollouts = Table(
     Column("lease_until", DateTime(timezone=True)),
     # v2: the target may be an older release than devices run (the operator said so).
     Column("allow_downgrade", Boolean, nullable=False, default=False),
+    # v3: fewer requests than this in a device's health window: unknown, the wave waits.
+    Column("min_samples", Integer, nullable=False, default=0),
 )
 
 rollout_devices = Table(
@@ -161,15 +170,23 @@ _V2_COLUMNS = (
 )
 
 
+_V3_COLUMNS = (
+    (telemetry, "received_at", "TIMESTAMP WITH TIME ZONE NULL", "DATETIME NULL"),
+    (telemetry, "error", "VARCHAR(64) NULL", "VARCHAR(64) NULL"),
+    (devices, "clock_skew_s", "DOUBLE PRECISION NULL", "FLOAT NULL"),
+    (rollouts, "min_samples", "INTEGER NOT NULL DEFAULT 0", "INTEGER NOT NULL DEFAULT 0"),
+)
+
+
 def _v1_initial(conn: Connection) -> None:
     # The v1 tables, whatever the current Table objects say: later migrations add to them.
-    v2 = {(t.name, c) for t, c, _, _ in _V2_COLUMNS}
+    later = {(t.name, c) for t, c, _, _ in (*_V2_COLUMNS, *_V3_COLUMNS)}
     for table in (api_keys, devices, telemetry, rollouts, rollout_devices):
         if inspect(conn).has_table(table.name):
             continue
         v1_table = Table(table.name, MetaData())
         for column in table.columns:
-            if (table.name, column.name) not in v2:
+            if (table.name, column.name) not in later:
                 v1_table.append_column(
                     Column(
                         column.name,
@@ -183,17 +200,28 @@ def _v1_initial(conn: Connection) -> None:
         v1_table.create(conn)
 
 
+def _add_columns(conn: Connection, columns: tuple[tuple[Table, str, str, str], ...]) -> None:
+    pg = conn.dialect.name == "postgresql"
+    for table, column, pg_type, sqlite_type in columns:
+        conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column} {pg_type if pg else sqlite_type}"))
+
+
 def _v2_trust(conn: Connection) -> None:
     """Key expiry, rollback authorization on desired states and rollouts, command counters."""
-    pg = conn.dialect.name == "postgresql"
-    for table, column, pg_type, sqlite_type in _V2_COLUMNS:
-        conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column} {pg_type if pg else sqlite_type}"))
+    _add_columns(conn, _V2_COLUMNS)
+
+
+def _v3_cloud_time(conn: Connection) -> None:
+    """Telemetry receive time, device clock skew, a minimum sample for health gates."""
+    _add_columns(conn, _V3_COLUMNS)
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_telemetry_received_at ON telemetry (received_at)"))
 
 
 # Append only: (version, name, function). A released migration is never edited.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "initial schema", _v1_initial),
     (2, "signed control: key expiry, rollback authorization, command counters", _v2_trust),
+    (3, "health on cloud time: telemetry receive time, clock skew, minimum samples", _v3_cloud_time),
 ]
 
 

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import os
 import shutil
+import sqlite3
+import uuid
 
 from edge_agent.fetcher import ShardFetcher
 from edge_agent.link import CloudLink
@@ -23,7 +25,7 @@ from shared.control import ControlVerifier
 from shared.edge_config import EdgeConfig
 from shared.errors import AutoGLMError, ContractError, ControlRejected
 from shared.manifest import TrustStore
-from shared.messages import Capabilities, Command, CommandReply, DesiredState, ErrorInfo, ReportedState
+from shared.messages import Ack, Capabilities, Command, CommandReply, DesiredState, ErrorInfo, ReportedState
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ class EdgeAgent:
             on_desired=self._on_desired,
             on_chunk=self._on_chunk,
             on_command=self._on_command,
+            on_ack=self._on_ack,
         )
         self.outbox = Outbox(data / "outbox.sqlite3", settings.outbox.max_records)
         self.telemetry = TelemetryRecorder(self.outbox, self.topics, settings.device_id)
@@ -56,6 +59,9 @@ class EdgeAgent:
             self.link.connected,
             batch_size=lambda: self.serving.telemetry_batch_size,
             linger_s=lambda: self.serving.telemetry_flush_interval_s,
+            sessions=lambda: self.link.sessions,
+            ack_timeout_s=settings.outbox.ack_timeout_s,
+            max_in_flight=settings.outbox.max_in_flight,
         )
         self.fetcher = ShardFetcher(
             settings.device_id,
@@ -89,6 +95,7 @@ class EdgeAgent:
         self.allowed_cloud_urls = settings.allowed_cloud_urls()
         # Control messages refused since start (unsigned, forged, replayed, expired, …).
         self.control_rejections = 0
+        self._background: set[asyncio.Task[bool]] = set()
 
         log.info(
             "device %s (tenant %s) trusts manifest keys %s and control keys %s",
@@ -129,6 +136,9 @@ class EdgeAgent:
         s.control_error = ErrorInfo(code=exc.code, message=str(exc))
         self.reconciler.state_file.save(s)
         self._report_now(s)
+
+    def _on_ack(self, ack: Ack) -> None:
+        self.outbox.acknowledge(ack.ids)
 
     def _on_chunk(self, digest: str, index: int, data: bytes) -> None:
         self.fetcher.on_chunk(digest, index, data)
@@ -214,6 +224,7 @@ class EdgeAgent:
             config_revision=s.config_revision,
             config_error=s.config_error,
             control_error=s.control_error,
+            report_id=uuid.uuid4().hex,
         )
 
     async def _report(self, state: AgentState) -> None:
@@ -221,9 +232,20 @@ class EdgeAgent:
 
     def _report_now(self, state: AgentState) -> None:
         # Through the outbox: offline, reported states wait there, in order, for the reconnect.
-        self.outbox.append_message(
-            self.topics.reported(self.settings.device_id), self.reported_state(state).to_json(), retain=True
-        )
+        reported = self.reported_state(state)
+        topic = self.topics.reported(self.settings.device_id)
+        try:
+            self.outbox.append_message(topic, reported.to_json(), retain=True, uid=reported.report_id)
+        except (sqlite3.Error, OSError) as exc:
+            # A full disk: the cloud must still hear about it. Sent directly, best effort (the next
+            # report that can be stored supersedes it anyway).
+            log.error("could not store the reported state in the outbox (%s); sending it directly", exc)
+            direct = reported.model_copy(update={"report_id": None})
+            task = asyncio.get_running_loop().create_task(
+                self.link.publish(topic, direct.to_json(), retain=True)
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def run(self) -> None:
         """Run the link, the outbox sender and the reconciler until cancelled."""

@@ -19,6 +19,7 @@ from fastapi import Response
 from fastapi.responses import StreamingResponse
 
 from edge_agent.api.serving import cloud_answer_headers
+from edge_agent.api.sse import relay_events
 from edge_agent.breaker import CircuitBreaker
 from edge_agent.serving_config import ServingConfig
 from edge_agent.settings import url_allowed
@@ -56,6 +57,7 @@ class CloudFallback:
         self.connect_timeout_s = connect_timeout_s
         self.breaker = breaker
         self.forwarded = 0
+        self.stream_breaks = 0
         self._session: aiohttp.ClientSession | None = None
 
     async def aclose(self) -> None:
@@ -106,8 +108,14 @@ class CloudFallback:
         self.forwarded += 1
         headers = cloud_answer_headers(upstream.headers)
         if upstream.content_type == "text/event-stream":
+
+            def broke(why: str) -> None:
+                self.stream_breaks += 1
+                self.breaker.failure()
+                log.warning("a stream from the cloud broke off: %s", why)
+
             return StreamingResponse(
-                _passthrough(upstream), status_code=upstream.status, headers=headers
+                _passthrough(upstream, broke), status_code=upstream.status, headers=headers
             ), None
         try:
             content = await upstream.read()
@@ -130,11 +138,13 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-async def _passthrough(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+async def _passthrough(
+    upstream: aiohttp.ClientResponse, on_break: Callable[[str], None]
+) -> AsyncIterator[bytes]:
+    """The cloud's stream, whole events at a time; one that breaks off ends with an error event
+    (edge_agent/api/sse.py), never as if the answer were complete."""
     try:
-        async for chunk in upstream.content.iter_any():
-            yield chunk
-    except _HOP_ERRORS as exc:  # the cloud went away mid-stream; the app sees the stream end
-        log.warning("a stream from the cloud broke off: %s", _describe(exc))
+        async for event in relay_events(upstream.content.iter_any(), errors=_HOP_ERRORS, on_break=on_break):
+            yield event
     finally:
         upstream.release()

@@ -9,6 +9,7 @@ are ignored.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from shared.blobs import BlobRef, BlobStore, chunk_count_for, file_digest, sha256_hex
-from shared.errors import FetchError, IntegrityError
+from shared.errors import FetchError, IntegrityError, NoSpaceError
 from shared.manifest import MANIFEST_CHUNK_SIZE
 from shared.messages import BlobRequest, FetchRequest, ModelRef
 
@@ -92,6 +93,8 @@ class _Transfer:
         self.rejected: set[int] = set()
         # How often each chunk arrived damaged: a chunk that always does fails the transfer.
         self.rejections: dict[int, int] = {}
+        # A chunk that could not be written (a full disk) ends the transfer with this.
+        self.error: OSError | None = None
         self.changed = asyncio.Event()
 
     def expected_length(self, index: int) -> int:
@@ -152,9 +155,15 @@ class ShardFetcher:
             t.rejections[index] = t.rejections.get(index, 0) + 1
             t.changed.set()
             return
-        with t.part.open("r+b") as fh:
-            fh.seek(index * t.chunk_size)
-            fh.write(data)
+        try:
+            with t.part.open("r+b") as fh:
+                fh.seek(index * t.chunk_size)
+                fh.write(data)
+        except OSError as exc:
+            # Called from the link's message loop: the transfer, not the link, must hear of it.
+            t.error = exc
+            t.changed.set()
+            return
         t.have.add(index)
         self.stats.chunks_received += 1
         self.stats.bytes_received += len(data)
@@ -162,15 +171,43 @@ class ShardFetcher:
 
     # -- public API -------------------------------------------------------------------------
     def missing_bytes(self, blobs: list[BlobRef]) -> int:
-        return sum(b.size for b in blobs if not self.cache.has(b.digest))
+        """Disk the missing blobs still need: what their partial files already hold (they are
+        sparse, so the blocks written so far) counts as had, not as needed."""
+        need = 0
+        for b in blobs:
+            if self.cache.has(b.digest):
+                continue
+            part = self._part_path(b.digest)
+            try:
+                held = min(part.stat().st_blocks * 512, b.size)
+            except FileNotFoundError:
+                held = 0
+            need += b.size - held
+        return need
+
+    def prune_partials(self, keep: set[str]) -> int:
+        """Remove partial files of blobs not in ``keep`` (targets given up on); returns how many.
+        Their space is what a later update needs."""
+        wanted = {self._part_path(d).name for d in keep | set(self._active)}
+        removed = 0
+        for part in self.partial_dir.glob("*.part"):
+            if part.name not in wanted:
+                part.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            log.info("removed %d partial file(s) of abandoned downloads", removed)
+        return removed
+
+    def _part_path(self, digest: str) -> Path:
+        return self.partial_dir / (digest.split(":", 1)[1] + ".part")
 
     async def fetch_blobs(self, blobs: list[BlobRef], reuse: ChunkIndex | None = None) -> None:
         """Fetch what the cache lacks; chunks found in ``reuse`` are copied locally, not downloaded."""
         need = self.missing_bytes(blobs)
         free = shutil.disk_usage(self.partial_dir).free
         if need > free:
-            raise FetchError(
-                f"model needs {need} bytes but only {free} are free on disk", device_id=self.device_id
+            raise NoSpaceError(
+                f"model needs {need} more bytes but only {free} are free on disk", device_id=self.device_id
             )
         for blob in blobs:
             if not self.cache.has(blob.digest):
@@ -185,7 +222,7 @@ class ShardFetcher:
     async def _fetch(
         self, digest: str, size: int, chunk_size: int, ref: BlobRef | None, reuse: ChunkIndex | None = None
     ) -> None:
-        part = self.partial_dir / (digest.split(":", 1)[1] + ".part")
+        part = self._part_path(digest)
         t = _Transfer(digest, size, chunk_size, ref, part)
         self._resume(t)
         if reuse:
@@ -287,6 +324,15 @@ class ShardFetcher:
             deadline = loop.time() + self.request_timeout_s
             while not window <= t.have:
                 t.changed.clear()
+                if t.error is not None:
+                    free = shutil.disk_usage(self.partial_dir).free
+                    if t.error.errno == errno.ENOSPC:
+                        raise NoSpaceError(
+                            f"disk full while writing {t.digest}: {free} bytes free, "
+                            f"{t.size - len(t.have) * t.chunk_size} more needed",
+                            device_id=self.device_id,
+                        ) from t.error
+                    raise FetchError(f"cannot write {t.digest}: {t.error}", device_id=self.device_id)
                 redo = sorted(window & t.rejected)
                 hopeless = [i for i in redo if t.rejections.get(i, 0) >= self.max_chunk_rejections]
                 if hopeless:

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 import aiomqtt
 
 from shared.errors import ContractError
-from shared.messages import Command, CommandReply, DesiredState, DeviceStatus, FetchRequest
+from shared.messages import Ack, Command, CommandReply, DesiredState, DeviceStatus, FetchRequest
 from shared.mqtt import QOS, BrokerSettings, ReconnectBackoff, make_client, payload_bytes
 from shared.topics import Topics
 
@@ -30,6 +30,7 @@ class CloudLink:
         on_desired: Callable[[DesiredState], None],
         on_chunk: Callable[[str, int, bytes], None],
         on_command: Callable[[Command], Awaitable[CommandReply]] | None = None,
+        on_ack: Callable[[Ack], None] | None = None,
     ) -> None:
         self.broker = broker
         self.topics = topics
@@ -37,6 +38,9 @@ class CloudLink:
         self.on_desired = on_desired
         self.on_chunk = on_chunk
         self.on_command = on_command
+        self.on_ack = on_ack
+        # Connections made so far: the outbox sends again what a lost session left unacknowledged.
+        self.sessions = 0
         self.connected = asyncio.Event()
         self.dropped_messages = 0
         self._client: aiomqtt.Client | None = None
@@ -87,7 +91,11 @@ class CloudLink:
     async def _on_connect(self, client: aiomqtt.Client) -> None:
         # Subscriptions are renewed on every connect: cheap, and right whether or not the session survived.
         await client.subscribe(
-            [(self.topics.desired(self.device_id), QOS), (self.topics.commands(self.device_id), QOS)]
+            [
+                (self.topics.desired(self.device_id), QOS),
+                (self.topics.commands(self.device_id), QOS),
+                (self.topics.acks(self.device_id), QOS),
+            ]
         )
         for flt in self._blob_filters:
             await client.subscribe(flt, qos=QOS)
@@ -97,6 +105,7 @@ class CloudLink:
             qos=QOS,
             retain=True,
         )
+        self.sessions += 1
         self.connected.set()
         log.info("connected to broker %s:%d as %s", self.broker.host, self.broker.port, self.device_id)
 
@@ -110,6 +119,10 @@ class CloudLink:
                 self.on_chunk(parsed.digest, parsed.chunk, payload)
             elif parsed.channel == "desired":
                 self.on_desired(DesiredState.from_json(payload))
+            elif parsed.channel == "acks":
+                ack = Ack.from_json(payload)
+                if self.on_ack is not None:
+                    self.on_ack(ack)
             elif parsed.channel == "commands":
                 command = Command.from_json(payload)
                 asyncio.get_running_loop().create_task(self._answer(client, command), name="command-reply")

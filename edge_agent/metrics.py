@@ -109,9 +109,16 @@ class _LiveCollector(Collector):
         yield gauge("queue_capacity", "Requests allowed to wait before 429.", a.host.queue_size)
         yield gauge("online", "1 while connected to the broker.", 1.0 if a.link.online else 0.0)
         yield gauge(
-            "outbox_depth", "Cloud-bound messages not yet acknowledged by the broker.", a.outbox.depth()
+            "outbox_depth",
+            "Cloud-bound entries the control plane has not acknowledged yet.",
+            a.outbox.depth(),
         )
-        yield counter("outbox_delivered", "Outbox entries acknowledged by the broker.", a.outbox.delivered)
+        yield counter(
+            "outbox_delivered", "Outbox entries the control plane acknowledged as stored.", a.outbox.delivered
+        )
+        yield counter(
+            "outbox_resent", "Outbox entries sent again for want of an acknowledgement.", a.outbox.resent
+        )
         yield counter("dropped_messages", "Malformed inbound MQTT messages dropped.", a.link.dropped_messages)
         yield counter(
             "control_rejections",

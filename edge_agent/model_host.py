@@ -163,15 +163,27 @@ class ModelHost:
         model = self.require()
         prompt_ids = await asyncio.to_thread(model.generator.check_prompt, prompt, params)
 
-        def run() -> GenerationResult:
+        # Set when the caller is cancelled (its client went away): the thread stops at the next
+        # token and the runtime is free for the next request.
+        cancelled = threading.Event()
+
+        def run() -> GenerationResult | None:
             with self._run_lock:
                 for item in self._timed(model.generator.stream_ids(prompt_ids, params)):
+                    if cancelled.is_set():
+                        return None
                     if isinstance(item, GenerationResult):
                         return item
             raise AssertionError("stream ended without a result")  # pragma: no cover
 
-        async with self._slot():
-            return model, await asyncio.to_thread(run)
+        try:
+            async with self._slot():
+                result = await asyncio.to_thread(run)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        assert result is not None
+        return model, result
 
     async def stream(
         self, prompt: Prompt, params: GenerationParams

@@ -14,8 +14,10 @@ between a passed smoke test and the switch. Tests SIGKILL the agent there and re
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import shutil
 from collections.abc import Awaitable, Callable
 
 from edge_agent.fetcher import ChunkIndex, ShardFetcher, chunk_index
@@ -31,6 +33,7 @@ from shared.errors import (
     FetchError,
     IntegrityError,
     ModelLoadError,
+    NoSpaceError,
     SignatureError,
 )
 from shared.manifest import Manifest, TrustStore
@@ -151,7 +154,13 @@ class Reconciler:
             desired, self._pending = self._pending, None
             if desired is not None:
                 async with self._busy:
-                    await self.apply(desired)
+                    try:
+                        await self.apply(desired)
+                    except Exception as exc:
+                        # The loop outlives any one desired state (a full disk while saving, say):
+                        # reported, and the next desired state is taken as usual.
+                        log.exception("applying revision %d failed", desired.revision)
+                        await self._fail(exc)
 
     async def apply(self, desired: DesiredState) -> None:
         s = self.state
@@ -253,7 +262,7 @@ class Reconciler:
         if to not in TRANSITIONS[self.state.phase]:
             raise AssertionError(f"illegal transition {self.state.phase} -> {to}")
         self.state.phase = to
-        self.state_file.save(self.state)
+        self.state_file.save(self.state)  # a failure here fails the step (reported as such)
         await self._report(self.state)
         await self._failpoint(to.value)
 
@@ -325,6 +334,9 @@ class Reconciler:
                 digest=ref.manifest_digest,
             )
         self._check_release(manifest, self.state.target_allow_downgrade)
+        # Partial files of updates given up on hold space this one needs.
+        keep = {b.digest for b in manifest.blobs()} | {ref.manifest_digest}
+        await asyncio.to_thread(self.fetcher.prune_partials, keep)
         reuse = await asyncio.to_thread(self._local_chunks)
         await self.fetcher.fetch_blobs(manifest.blobs(), reuse)
         return manifest_bytes, manifest
@@ -353,7 +365,10 @@ class Reconciler:
         await self._transition(Phase.ACTIVE if self.host.current is not None else Phase.IDLE)
 
     async def _fail(self, exc: BaseException, clear_target_slot: bool = True) -> None:
-        if isinstance(exc, DowngradeError):
+        if isinstance(exc, NoSpaceError) or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+            code = "no_space"
+            exc = NoSpaceError(f"{exc}; {self._free_bytes()} bytes free in the data folder")
+        elif isinstance(exc, DowngradeError):
             code = "downgrade_refused"
         elif isinstance(exc, SignatureError):
             code = "signature_rejected"
@@ -371,8 +386,24 @@ class Reconciler:
             s.slots[s.target_slot] = None
         s.last_error = ErrorInfo(code=code, message=str(exc))
         s.phase = Phase.FAILED
-        self.state_file.save(s)
+        self._save()
         await self._report(s)
+
+    def _save(self) -> bool:
+        """Persist the state; a full or failing disk is logged and survived (the state stays in
+        memory and is reported; the next step saves again)."""
+        try:
+            self.state_file.save(self.state)
+            return True
+        except OSError as exc:
+            log.error("could not save the agent state (%s); carrying on with it in memory", exc)
+            return False
+
+    def _free_bytes(self) -> int:
+        try:
+            return shutil.disk_usage(self.state_file.path.parent).free
+        except OSError:
+            return -1
 
     def _verify_cache(self, manifest: Manifest) -> None:
         for blob in manifest.blobs():

@@ -92,6 +92,11 @@ class ControlSettings(_Section):
 class OutboxSettings(_Section):
     # Undelivered telemetry beyond this many records drops the oldest first (reported state is kept).
     max_records: Annotated[int, Field(ge=100, le=10_000_000)] = 1_000_000
+    # An entry the control plane has not acknowledged as stored this long after the broker took
+    # it is sent again (the cloud de-duplicates).
+    ack_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    # Entries sent and awaiting acknowledgement at once.
+    max_in_flight: Annotated[int, Field(ge=1, le=100_000)] = 2000
 
 
 class EdgeSettings(_Section):

@@ -17,6 +17,7 @@
      ├── ModelLoadError       an ONNX model that cannot be loaded or smoke-tested
      ├── InferenceError       a request the runtime cannot serve (bad parameters, no model)
      ├── FetchError           a transfer that cannot complete (timeout, disk, refused)
+     │    └── NoSpaceError    not enough free disk for what must be written (with the numbers)
      └── BrokerError          a local broker that cannot be started or reached
 
 Errors carry context (device id, digest, parameter) as attributes and in the message,
@@ -110,6 +111,10 @@ class InferenceError(AutoGLMError):
 
 class FetchError(AutoGLMError):
     """A blob transfer that cannot complete."""
+
+
+class NoSpaceError(FetchError):
+    """The data folder lacks the space an update needs; the message carries both numbers."""
 
 
 class BrokerError(AutoGLMError):

@@ -15,7 +15,8 @@ from shared.wire import WireDocument, WireModel
 
 # v2: desired states and commands are signed by the control key and name their device, tenant
 # and expiry; commands carry a monotonic counter; reported states say why a control message was
-# refused (DESIGN.md §4, §8).
+# refused (DESIGN.md §4, §8); the control plane acknowledges stored telemetry and reported states
+# by id on the device's ``acks`` topic, and only then does the device forget them (§4, §5).
 MQTT_SCHEMA = "autoglm.mqtt/v2"
 
 # Revisions are int64 everywhere (the control plane's column): a larger one would pin a device to
@@ -67,6 +68,10 @@ class DesiredState(SignedControl):
     allow_downgrade: StrictBool = False
 
 
+# Ids of what a device sends through its outbox (telemetry records, reported states).
+RecordId = Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
+
+
 class Phase(StrEnum):
     """Update phases of the edge reconciler, in the order a healthy update walks them."""
 
@@ -114,6 +119,8 @@ class ReportedState(WireDocument):
     # Revision whose config is in force, and why the latest pushed config was refused (if it was).
     config_revision: Annotated[int, Field(strict=True, ge=-1, le=MAX_REVISION)] = -1
     config_error: ErrorInfo | None = None
+    # Unique per report: the control plane acknowledges it by this id once stored.
+    report_id: RecordId | None = None
     # The last control message (desired state, command) this device refused and why; cleared
     # when a valid desired state arrives.
     control_error: ErrorInfo | None = None
@@ -132,7 +139,7 @@ class DeviceStatus(WireDocument):
 
 
 class TelemetryRecord(WireModel):
-    id: Annotated[str, Field(min_length=8, max_length=64)]
+    id: RecordId
     at: datetime
     model: str
     served_by: Literal["local", "cloud"]
@@ -187,6 +194,15 @@ class Command(SignedControl):
     counter: Revision = 0
     action: Literal["ping", "reload", "rollback"]
     args: dict[str, Any] = Field(default_factory=dict)
+
+
+class Ack(WireDocument):
+    """The control plane stored these records and reports (by id): the device may forget them."""
+
+    SCHEMA = MQTT_SCHEMA
+    KIND = "ack"
+
+    ids: Annotated[list[RecordId], Field(min_length=1, max_length=MAX_TELEMETRY_RECORDS)]
 
 
 class CommandReply(WireDocument):

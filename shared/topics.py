@@ -9,7 +9,7 @@ from shared.ids import is_valid_digest, is_valid_name
 
 PROTOCOL_VERSION = "v1"
 
-DEVICE_CHANNELS = ("desired", "reported", "status", "telemetry", "fetch", "commands", "replies")
+DEVICE_CHANNELS = ("desired", "reported", "status", "telemetry", "fetch", "commands", "replies", "acks")
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,9 @@ class Topics:
 
     def replies(self, device_id: str) -> str:
         return self.device(device_id, "replies")
+
+    def acks(self, device_id: str) -> str:
+        return self.device(device_id, "acks")
 
     def all_devices(self, channel: str) -> str:
         """Subscription filter for one channel of every device (cloud side)."""

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -48,6 +49,33 @@ def private_broker(tmp_path: Path) -> Iterator[LocalBroker]:
     b.start()
     yield b
     b.close()
+
+
+def _ensure_postgres() -> None:
+    """The machine's PostgreSQL; started if it is down (never skipped)."""
+    if subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", "5432"], capture_output=True).returncode == 0:
+        return
+    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"], check=True)
+    for _ in range(50):
+        if subprocess.run(["pg_isready", "-h", "127.0.0.1"], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError("PostgreSQL did not start")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database per test, dropped afterwards."""
+    import psycopg
+
+    _ensure_postgres()
+    name = "autoglm_" + uuid.uuid4().hex[:10]
+    with psycopg.connect("host=127.0.0.1 user=root dbname=postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield f"postgresql+psycopg://root@127.0.0.1:5432/{name}"
+    with psycopg.connect("host=127.0.0.1 user=root dbname=postgres", autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture

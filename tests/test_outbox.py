@@ -63,16 +63,21 @@ def test_sender_batches_records_keeps_order_and_retries_unacknowledged(tmp_path:
     box = Outbox(tmp_path / "o.sqlite3")
     rec = _recorder(box)
     first = _record(rec, 5)
-    box.append_message("reported-topic", b'{"state":1}', retain=True)
+    box.append_message("reported-topic", b'{"state":1}', retain=True, uid="report-0001")
     second = _record(rec, 3)
     sent: list[tuple[str, bytes, bool]] = []
-    failures = [True]  # the first publish is not acknowledged (the link broke)
+    failures = [True]  # the first publish is not acknowledged by the broker (the link broke)
 
     async def publish(topic: str, payload: bytes, retain: bool) -> bool:
         if failures:
             failures.pop()
             return False
         sent.append((topic, payload, retain))
+        # The cloud stores it and acknowledges, end to end.
+        if topic == "reported-topic":
+            box.acknowledge(["report-0001"])
+        else:
+            box.acknowledge([r.id for r in TelemetryBatch.from_json(payload).records])
         return True
 
     async def run() -> None:
@@ -96,6 +101,76 @@ def test_sender_batches_records_keeps_order_and_retries_unacknowledged(tmp_path:
             assert not retain and batch.device_id == "dev-1" and len(batch.records) <= 4
             ids.extend(r.id for r in batch.records)
     assert ids == [*first, "REPORTED", *second]
+    assert box.delivered == 9
+
+
+def test_entries_leave_only_on_the_clouds_acknowledgement_and_are_sent_again_without_one(
+    tmp_path: Path,
+) -> None:
+    """The broker taking a message is not delivery: without the cloud's ack, entries are sent
+    again after the timeout and on a new session; a reported state waits for the one before it."""
+    box = Outbox(tmp_path / "o.sqlite3")
+    rec = _recorder(box)
+    ids = _record(rec, 3)
+    box.append_message("reported-topic", b'{"state":1}', retain=True, uid="report-0001")
+    box.append_message("reported-topic", b'{"state":2}', retain=True, uid="report-0002")
+    published: list[bytes] = []
+    sessions = [1]
+
+    async def publish(topic: str, payload: bytes, retain: bool) -> bool:
+        published.append(payload)
+        return True  # the broker took it; the cloud never answers (until told below)
+
+    async def run() -> None:
+        connected = asyncio.Event()
+        connected.set()
+        sender = OutboxSender(
+            box,
+            "dev-1",
+            publish,
+            connected,
+            batch_size=lambda: 10,
+            sessions=lambda: sessions[0],
+            ack_timeout_s=0.5,
+        )
+        task = asyncio.create_task(sender.run())
+        await asyncio.sleep(0.3)
+        # One batch and the first report went out; the second report waits for the first's ack.
+        assert len(published) == 2 and b'{"state":1}' in published
+        assert box.depth() == 5 and box.in_flight() == 4
+        await asyncio.sleep(0.6)  # past the timeout: both sent again
+        assert published.count(b'{"state":1}') == 2 and len(published) == 4
+        box.acknowledge(["report-0001"])
+        await asyncio.sleep(0.2)
+        assert published[-1] == b'{"state":2}'
+        sessions[0] += 1  # a reconnect: everything in flight goes again at once
+        await asyncio.sleep(0.35)
+        assert published.count(b'{"state":2}') == 2
+        box.acknowledge([*ids, "report-0002"])
+        await asyncio.sleep(0.1)
+        task.cancel()
+
+    asyncio.run(run())
+    assert box.depth() == 0 and box.delivered == 5 and box.resent >= 4
+
+
+def test_an_outbox_from_before_acknowledgements_is_migrated_and_drained(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, "
+        "payload BLOB NOT NULL, record INTEGER NOT NULL, retain INTEGER NOT NULL);"
+        "INSERT INTO outbox (topic, payload, record, retain) VALUES ('reported', X'7b7d', 0, 1);"
+    )
+    db.commit()
+    db.close()
+    box = Outbox(path)
+    [entry] = box.peek(10)
+    assert entry.uid is None
+    box.mark_sent([entry])  # no id to be acknowledged by: forgotten on the broker's ack, as before
+    assert box.depth() == 0 and box.delivered == 1
 
 
 def test_pushed_config_overlays_the_file_key_by_key(tmp_path: Path) -> None:
@@ -179,6 +254,7 @@ def test_sender_lets_records_linger_into_one_message(tmp_path: Path) -> None:
 
     async def publish(topic: str, payload: bytes, retain: bool) -> bool:
         sent.append(payload)
+        box.acknowledge([r.id for r in TelemetryBatch.from_json(payload).records])
         return True
 
     async def run() -> None:

@@ -7,7 +7,9 @@ Every answer carries ``X-AutoGLM-Served-By``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from fastapi import APIRouter, Request, Response
@@ -65,13 +67,39 @@ def openai_routes(responder: Callable[[Request], Responder], **router_kwargs: An
 
     @router.post("/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await responder(request).completions(body)
+        answer = responder(request).completions(body)
+        return await (answer if body.stream else cancel_on_disconnect(request, answer))
 
     @router.post("/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await responder(request).chat(body)
+        answer = responder(request).chat(body)
+        return await (answer if body.stream else cancel_on_disconnect(request, answer))
 
     return router
+
+
+async def cancel_on_disconnect(request: Request, answer: Awaitable[Response]) -> Response:
+    """Await a non-streaming answer, cancelling it if the client goes away first: an abandoned
+    request must not hold the generator (as vLLM does). Streams stop by themselves when their
+    reader does."""
+    work = asyncio.ensure_future(answer)
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not work.done():
+        work.cancel()
+        with contextlib.suppress(BaseException):
+            await work
+        # Nobody reads this; the status is for the access log.
+        return Response(status_code=499)
+    return work.result()
 
 
 class ServedByHeader:

@@ -27,8 +27,14 @@ probes = APIRouter()
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 
-@probes.get("/healthz")
-async def healthz() -> dict[str, str]:
+@probes.get("/healthz", response_model=None)
+async def healthz(request: Request) -> dict[str, str] | JSONResponse:
+    """Liveness: the process answers, and on an agent its background loop (MQTT link, outbox,
+    reconciler) still runs; a stopped loop never recovers by itself, so the probe fails and the
+    kubelet restarts the agent."""
+    task = getattr(request.app.state, "agent_task", None)
+    if task is not None and task.done():
+        return JSONResponse({"status": "the agent's background loop stopped"}, status_code=503)
     return {"status": "ok"}
 
 
@@ -73,7 +79,10 @@ async def agent_state(request: Request) -> dict[str, Any]:
         "control_rejections": agent.control_rejections,
         "outbox": {
             "depth": agent.outbox.depth(),
+            "in_flight": agent.outbox.in_flight(),
             "delivered": agent.outbox.delivered,
+            "resent": agent.outbox.resent,
+            "lost": agent.telemetry.lost,
             "dropped": agent.outbox.dropped,
         },
         "queue": {"waiting": agent.host.waiting, "capacity": agent.host.queue_size},

@@ -8,6 +8,7 @@ success or failure, so the cloud sees error rates and latency per model even for
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -171,6 +172,9 @@ class CompletionService:
         except InferenceError as exc:
             if exc.status >= 500 or exc.status == 429:
                 self._record(prep, current.model_id if current else "", None, exc.code or "error")
+            raise
+        except asyncio.CancelledError:
+            self._record(prep, current.model_id if current else "", None, "client_disconnected")
             raise
         self._record(prep, loaded.model_id, result, None)
         return loaded, result

@@ -1,0 +1,49 @@
+"""Relaying an upstream's server-sent events so that a broken stream ends honestly.
+
+An upstream that dies mid-answer must not look like an answer that ended: the client would
+take a cut-off text for a whole one. The relay forwards whole events only; when the upstream
+breaks, or ends without ``data: [DONE]``, the incomplete tail is dropped and the stream ends
+with an OpenAI-style error event (no ``[DONE]``), which the ``openai`` client raises on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+
+DONE = b"data: [DONE]"
+# An upstream that reports its own failure in the stream has ended it honestly.
+ERROR = b'data: {"error"'
+
+
+def error_event(message: str, code: str = "upstream_stream_broken") -> bytes:
+    body = {"error": {"message": message, "type": "server_error", "code": code}}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+async def relay_events(
+    chunks: AsyncIterator[bytes],
+    *,
+    errors: tuple[type[BaseException], ...],
+    on_break: Callable[[str], None],
+) -> AsyncIterator[bytes]:
+    """Whole events from ``chunks``; ``on_break(why)`` is called once if the stream broke."""
+    pending = b""
+    done = False
+    why: str | None = None
+    try:
+        async for chunk in chunks:
+            pending += chunk.replace(b"\r\n", b"\n")
+            cut = pending.rfind(b"\n\n")
+            if cut < 0:
+                continue
+            events, pending = pending[: cut + 2], pending[cut + 2 :]
+            if DONE in events or ERROR in events:
+                done = True
+            yield events
+    except errors as exc:
+        why = f"{type(exc).__name__}: {exc}"
+    if not done:
+        why = why or "the upstream ended the stream without [DONE]"
+        on_break(why)
+        yield error_event(f"the answer broke off upstream ({why}); it is incomplete")
