@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from edge_agent.api.body_limit import DEFAULT_MAX_BODY_BYTES
 from shared.config_env import read_settings_file, validation_problems
@@ -25,6 +25,16 @@ ENV_PREFIX = "AUTOGLM_EDGE__"
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _check_keys(keys: list[str]) -> list[str]:
+    for k in keys:
+        PublicKey.from_b64(k)  # ConfigError naming the bad key
+    return keys
+
+
+# Base64 raw Ed25519 public keys, at least one, each checked at start-up.
+TrustedKeys = Annotated[list[str], Field(min_length=1), AfterValidator(_check_keys)]
 
 
 class ApiSettings(_Section):
@@ -74,16 +84,9 @@ class ControlSettings(_Section):
     """Who may tell this device what to do (signed desired states and commands)."""
 
     # Base64 raw Ed25519 public keys of the control plane's control key (`autoglm cloud control-key`).
-    trusted_keys: Annotated[list[str], Field(min_length=1)]
+    trusted_keys: TrustedKeys
     # Expiry of a control message is judged with this much slack for this device's clock.
     max_clock_skew_s: Annotated[float, Field(ge=0, le=86400)] = DEFAULT_MAX_CLOCK_SKEW_S
-
-    @field_validator("trusted_keys")
-    @classmethod
-    def _keys_parse(cls, keys: list[str]) -> list[str]:
-        for k in keys:
-            PublicKey.from_b64(k)
-        return keys
 
     def public_keys(self) -> list[PublicKey]:
         return [PublicKey.from_b64(k) for k in self.trusted_keys]
@@ -104,8 +107,8 @@ class EdgeSettings(_Section):
     tenant: Name = "default"
     data_dir: Path
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
-    # Base64 raw Ed25519 public keys; manifests signed by any other key are refused.
-    trusted_keys: Annotated[list[str], Field(min_length=1)]
+    # Manifests signed by any other key are refused.
+    trusted_keys: TrustedKeys
     control: ControlSettings
     api: ApiSettings = Field(default_factory=ApiSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
@@ -124,13 +127,6 @@ class EdgeSettings(_Section):
         return EdgeConfig(
             runtime=runtime, sampling=self.sampling, router=self.router, telemetry=self.telemetry
         )
-
-    @field_validator("trusted_keys")
-    @classmethod
-    def _keys_parse(cls, keys: list[str]) -> list[str]:
-        for k in keys:
-            PublicKey.from_b64(k)
-        return keys
 
     def public_keys(self) -> list[PublicKey]:
         return [PublicKey.from_b64(k) for k in self.trusted_keys]

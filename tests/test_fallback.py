@@ -265,7 +265,8 @@ def test_gateway_openai_client_balancing_retry_on_a_killed_replica_and_rate_limi
         assert f'autoglm_cloud_devices{{status="online",tenant="{tenant}"}}' in metrics
         assert dashboard_metrics("autoglm_cloud_") <= _names(cloud.url)
 
-        # Load both replicas, then SIGKILL one while it holds requests: none may be lost.
+        # Load both replicas, then SIGKILL one while it holds requests: no plain request may be
+        # lost (retried elsewhere), and no stream may end looking complete when it is not.
         def one(i: int) -> tuple[int, str]:
             r = httpx.post(
                 f"{cloud.url}/v1/completions",
@@ -275,8 +276,23 @@ def test_gateway_openai_client_balancing_retry_on_a_killed_replica_and_rate_limi
             )
             return r.status_code, r.headers.get("x-autoglm-replica", "")
 
-        with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        def streamed(i: int) -> str:
+            """'complete' (a finish_reason came) or 'cut' (the client raised); never anything else."""
+            finish = None
+            try:
+                for chunk in client.completions.create(
+                    model="demo-glm", prompt=f"def f{i}():\n", max_tokens=300, temperature=0, stream=True
+                ):
+                    finish = chunk.choices[0].finish_reason or finish
+            except openai.APIError as exc:
+                assert "broke off" in str(exc), exc
+                return "cut"
+            assert finish is not None, "a stream ended without a finish_reason and without an error"
+            return "complete"
+
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
             futures = [pool.submit(one, i) for i in range(24)]
+            streams = [pool.submit(streamed, i) for i in range(8)]
 
             def doomed_busy() -> bool:
                 views = {r["name"]: r for r in cloud.ok("GET", "/v1/gateway")["replicas"]}
@@ -285,7 +301,9 @@ def test_gateway_openai_client_balancing_retry_on_a_killed_replica_and_rate_limi
             cloud.wait(doomed_busy, 30, "the doomed replica to hold requests")
             doomed.kill()
             results = [f.result() for f in futures]
+            ends = [f.result() for f in streams]
         assert [s for s, _ in results] == [200] * 24, results
+        assert cloud.ok("GET", "/v1/gateway")["stream_breaks"] == ends.count("cut"), ends
         state = cloud.ok("GET", "/v1/gateway")
         views = {r["name"]: r for r in state["replicas"]}
         assert views["pool-1"]["up"] is False and state["retries"] >= 1
