@@ -123,18 +123,15 @@ class EdgeAgent:
         self.reconciler.offer(desired)
 
     def _refuse(self, exc: ControlRejected) -> None:
-        """Log, count and report a refused control message; the same refusal twice in a row is
-        reported once, so a flood of forgeries cannot flood the outbox."""
+        """Log, count and report a refused control message; refusals of the kind already reported
+        are only counted, so a flood of forgeries or replays cannot flood the outbox."""
         self.control_rejections += 1
         log.warning("refused a control message (%s): %s", exc.code, exc)
         s = self.reconciler.state
-        if s.control_error is not None and (s.control_error.code, s.control_error.message) == (
-            exc.code,
-            str(exc),
-        ):
+        if s.control_error is not None and s.control_error.code == exc.code:
             return
         s.control_error = ErrorInfo(code=exc.code, message=str(exc))
-        self.reconciler.state_file.save(s)
+        self.reconciler.save_state()
         self._report_now(s)
 
     def _on_ack(self, ack: Ack) -> None:
@@ -162,8 +159,15 @@ class EdgeAgent:
                 detail=f"refused: {exc}",
             )
         # Saved before acting: a command is obeyed at most once, even across a crash.
-        s.command_counter = command.counter
-        self.reconciler.state_file.save(s)
+        previous, s.command_counter = s.command_counter, command.counter
+        if not self.reconciler.save_state():
+            s.command_counter = previous
+            return CommandReply(
+                request_id=command.request_id,
+                device_id=self.settings.device_id,
+                ok=False,
+                detail="not obeyed: the device cannot persist its command counter (disk full?)",
+            )
         if command.action == "ping":
             ok, detail = True, "pong"
         elif command.action == "rollback":

@@ -386,10 +386,10 @@ class Reconciler:
             s.slots[s.target_slot] = None
         s.last_error = ErrorInfo(code=code, message=str(exc))
         s.phase = Phase.FAILED
-        self._save()
+        self.save_state()
         await self._report(s)
 
-    def _save(self) -> bool:
+    def save_state(self) -> bool:
         """Persist the state; a full or failing disk is logged and survived (the state stays in
         memory and is reported; the next step saves again)."""
         try:
