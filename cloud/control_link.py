@@ -32,6 +32,16 @@ from shared.topics import Topics
 log = logging.getLogger(__name__)
 
 
+def ack_ids(message: ReportedState | DeviceStatus | TelemetryBatch) -> list[str]:
+    """What a device's message asks to be acknowledged by, once stored: its records' ids, or its
+    report's id (presence is retained by the broker and needs none)."""
+    if isinstance(message, TelemetryBatch):
+        return [r.id for r in message.records]
+    if isinstance(message, ReportedState) and message.report_id is not None:
+        return [message.report_id]
+    return []
+
+
 def _shared(topic_filter: str, group: str | None) -> str:
     return f"$share/{group}/{topic_filter}" if group else topic_filter
 
@@ -114,8 +124,8 @@ class ControlLink:
                 view.reported = from_device(ReportedState, payload, parsed.device_id, topic)
                 if self.on_reported is not None:
                     self.on_reported(view.reported)
-                if self.auto_ack and view.reported.report_id is not None:
-                    await self.send_ack(parsed.device_id, [view.reported.report_id])
+                if self.auto_ack:
+                    await self.send_ack(parsed.device_id, ack_ids(view.reported))
             elif parsed.channel == "status":
                 status = from_device(DeviceStatus, payload, parsed.device_id, topic)
                 view.status = status.state
@@ -125,7 +135,7 @@ class ControlLink:
                 batch = from_device(TelemetryBatch, payload, parsed.device_id, topic)
                 self.on_telemetry(batch)
                 if self.auto_ack:
-                    await self.send_ack(parsed.device_id, [r.id for r in batch.records])
+                    await self.send_ack(parsed.device_id, ack_ids(batch))
             elif parsed.channel == "replies":
                 reply = from_device(CommandReply, payload, parsed.device_id, topic)
                 waiting = self._replies.get(reply.request_id)

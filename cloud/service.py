@@ -21,7 +21,7 @@ from fastapi import FastAPI
 
 from cloud.auth import ApiKeys
 from cloud.blob_server import BlobServer, RegistryOffer
-from cloud.control_link import CloudSession, ControlLink
+from cloud.control_link import CloudSession, ControlLink, ack_ids
 from cloud.fleet import DesiredRecord, Fleet
 from cloud.gateway import PoolGateway
 from cloud.paths import CloudPaths
@@ -109,7 +109,7 @@ class ControlPlane:
                     # Not acknowledged: the device sends it again.
                     log.error("could not store a device message", exc_info=f.exception())
                     return
-                ids = _ack_ids(message)
+                ids = ack_ids(message)
                 if ids:
                     with contextlib.suppress(RuntimeError):  # the loop closed: shutting down
                         loop.call_soon_threadsafe(self._acknowledge, tenant, message.device_id, ids)
@@ -207,14 +207,6 @@ class ControlPlane:
     def close(self) -> None:
         self._ingest.shutdown(wait=True)
         self.engine.dispose()
-
-
-def _ack_ids(message: ReportedState | DeviceStatus | TelemetryBatch) -> list[str]:
-    if isinstance(message, TelemetryBatch):
-        return [r.id for r in message.records]
-    if isinstance(message, ReportedState) and message.report_id is not None:
-        return [message.report_id]
-    return []
 
 
 def create_app(settings: CloudSettings) -> FastAPI:
