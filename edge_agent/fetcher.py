@@ -329,7 +329,7 @@ class ShardFetcher:
                     if t.error.errno == errno.ENOSPC:
                         raise NoSpaceError(
                             f"disk full while writing {t.digest}: {free} bytes free, "
-                            f"{t.size - len(t.have) * t.chunk_size} more needed",
+                            f"{sum(t.expected_length(i) for i in t.missing())} more needed",
                             device_id=self.device_id,
                         ) from t.error
                     raise FetchError(f"cannot write {t.digest}: {t.error}", device_id=self.device_id)
