@@ -27,9 +27,16 @@ class LocalBroker:
     """mosquitto on 127.0.0.1 with persistence and queue limits raised for model transfers."""
 
     def __init__(
-        self, port: int | None = None, workdir: Path | None = None, security: list[str] | None = None
+        self,
+        port: int | None = None,
+        workdir: Path | None = None,
+        security: list[str] | None = None,
+        autosave_s: int | None = None,
     ) -> None:
         self.port = port or free_port()
+        # None: save after every change, so a SIGKILLed broker keeps every queued message (what
+        # the tests of broker crashes need); seconds: save periodically, as production brokers do.
+        self.autosave_s = autosave_s
         # Listener directives (TLS, ACL: cloud.pki.broker_tls_lines); None: anonymous plain TCP.
         self.security = security
         self._own_dir = workdir is None
@@ -53,8 +60,11 @@ class LocalBroker:
                 *(self.security or ["allow_anonymous true"]),
                 "persistence true",
                 f"persistence_location {self.workdir}/",
-                "autosave_interval 1",
-                "autosave_on_changes true",
+                *(
+                    ["autosave_interval 1", "autosave_on_changes true"]
+                    if self.autosave_s is None
+                    else [f"autosave_interval {self.autosave_s}"]
+                ),
                 "max_queued_messages 0",
                 "max_queued_bytes 0",
                 "max_inflight_messages 0",

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 from cloud.auth import ApiKeys
 from cloud.fleet import Fleet
@@ -36,12 +37,18 @@ from tests.services import CloudProcess, start_cloud
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
 DEVICES = [f"steady-{i}" for i in range(3)]
-# Devices send again what the cloud has not acknowledged after this long (30 s by default).
-FAST_RESEND = {"outbox": {"ack_timeout_s": 3.0}, "telemetry": {"flush_interval_s": 0.2}}
+# Devices send again what the cloud has not acknowledged after this long (30 s by default), and
+# ask again for chunks after this long without one (10 s): a request a killed replica took is
+# lost with it. Both scaled to rollouts that take seconds here, not minutes.
+FAST_RESEND = {
+    "outbox": {"ack_timeout_s": 3.0},
+    "telemetry": {"flush_interval_s": 0.2},
+    "fetch": {"request_timeout_s": 2.0},
+}
 
 
 @contextmanager
-def steady_traffic(edges: list[EdgeProcess]) -> Iterator[list[int]]:
+def steady_traffic(edges: list[EdgeProcess], model: str = "demo-glm") -> Iterator[list[int]]:
     """One client per device, one short request after another; yields the served counts."""
     served = [0] * len(edges)
     stop = threading.Event()
@@ -50,9 +57,7 @@ def steady_traffic(edges: list[EdgeProcess]) -> Iterator[list[int]]:
     def client(i: int, edge: EdgeProcess) -> None:
         with httpx.Client(base_url=edge.api, timeout=30) as http:
             while not stop.is_set():
-                r = http.post(
-                    "/v1/completions", json={"model": "demo-glm", "prompt": "x = ", "max_tokens": 1}
-                )
+                r = http.post("/v1/completions", json={"model": model, "prompt": "x = ", "max_tokens": 1})
                 if r.status_code != 200 or r.headers.get("x-autoglm-served-by") != "local":
                     failures.append(f"{edge.api}: {r.status_code} {r.text[:200]}")
                     return
@@ -96,17 +101,62 @@ def _fleet_serving(
     broker: BrokerSettings,
     tenant: str,
     trusted: list[str],
+    model: str = "demo-glm:1",
 ) -> list[EdgeProcess]:
     edges = [
         edge_factory(device_id=d, tenant=tenant, broker=broker, trusted=trusted, extra=FAST_RESEND)
         for d in DEVICES
     ]
     cloud.wait(lambda: len(cloud.devices()) == len(DEVICES), 60, "the devices")
-    r = cloud.ok("POST", "/v1/rollouts", {"model": "demo-glm:1", "waves": [100], "health_window_s": 0})
+    r = cloud.ok("POST", "/v1/rollouts", {"model": model, "waves": [100], "health_window_s": 0})
     cloud.wait_rollout(r["rollout_id"], ("completed",))
     for e in edges:
         e.wait_ready()
     return edges
+
+
+@pytest.fixture(scope="module")
+def steady_versions(demo_source: Path, registry: ModelRegistry, signing_key: SigningKey) -> list[str]:
+    """Three releases of a model of its own, fp32 in 64 KiB chunks, so that every wave of a
+    rollout fetches many chunks through the control plane's shared fetch group."""
+    from cloud.packaging.packager import ModelPackager, PackageOptions
+
+    packager = ModelPackager(registry, signing_key)
+    options = {"quantize": "none", "chunk_size": 64 * 1024}
+    for version in ("1", "2", "3"):
+        packager.package(demo_source, PackageOptions(name="steady-glm", version=version, **options))
+    return ["steady-glm:1", "steady-glm:2", "steady-glm:3"]
+
+
+ROLLOUT = {"waves": [34, 67, 100], "health_window_s": 2.0, "max_concurrent": 1}
+# A lease a replica SIGKILLed for good holds is taken over after this long (15 s by default).
+SHORT_LEASE = {"rollouts": {"tick_s": 0.3, "lease_s": 2.0}}
+
+
+def _rollout_state(url: str, rid: str) -> str:
+    """Read from the database: the replica that created the rollout may be dead by now."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return str(
+                conn.execute(
+                    text("SELECT state FROM rollouts WHERE rollout_id = :id"), {"id": rid}
+                ).scalar_one()
+            )
+    finally:
+        engine.dispose()
+
+
+def _timed_rollout(cloud: CloudProcess, url: str, model: str, during: Callable[[], None]) -> float:
+    """Seconds from creating the rollout to its completion, with ``during`` run meanwhile."""
+    started = time.monotonic()
+    rid = cloud.ok("POST", "/v1/rollouts", {"model": model, **ROLLOUT})["rollout_id"]
+    during()
+    deadline = started + 180
+    while (state := _rollout_state(url, rid)) != "completed":
+        assert state in ("pending", "running") and time.monotonic() < deadline, state
+        time.sleep(0.2)
+    return time.monotonic() - started
 
 
 def test_telemetry_survives_replicas_killed_restarted_and_gone(
@@ -116,24 +166,43 @@ def test_telemetry_survives_replicas_killed_restarted_and_gone(
     tenant: str,
     registry: ModelRegistry,
     signing_key: SigningKey,
-    demo_package: RegistryEntry,
+    steady_versions: list[str],
     edge_factory: Callable[..., EdgeProcess],
 ) -> None:
-    """Items 1 and 9: two replicas share the telemetry group; A is SIGKILLed and restarted, then
-    B is SIGKILLed for good. Every record served is stored, none twice."""
-    a = start_cloud(tmp_path / "a", postgres_url, broker_settings, tenant, registry, replica_id="replica-a")
+    """Items 1 and 9: two replicas share the telemetry and fetch groups. A rollout runs
+    undisturbed; the next one runs while A is SIGKILLed and restarted and then B is SIGKILLed for
+    good. Every record served is stored, none twice, and the disturbed rollout takes at most 1.5x
+    the undisturbed one (a dead replica's share of fetch requests goes to the live one)."""
+    a = start_cloud(
+        tmp_path / "a",
+        postgres_url,
+        broker_settings,
+        tenant,
+        registry,
+        replica_id="replica-a",
+        extra=SHORT_LEASE,
+    )
     b = start_cloud(
-        tmp_path / "b", postgres_url, broker_settings, tenant, registry, replica_id="replica-b", key=a.key
+        tmp_path / "b",
+        postgres_url,
+        broker_settings,
+        tenant,
+        registry,
+        replica_id="replica-b",
+        key=a.key,
+        extra=SHORT_LEASE,
     )
     clouds = [a, b]
+    first, second, third = steady_versions
     try:
-        edges = _fleet_serving(a, edge_factory, broker_settings, tenant, [signing_key.public.b64])
+        edges = _fleet_serving(a, edge_factory, broker_settings, tenant, [signing_key.public.b64], first)
         before = _wait_stored(postgres_url, tenant, [0, 0, 0], timeout=1)
-        with steady_traffic(edges) as served:
-            time.sleep(3)
+
+        def kill_a_restart_it_then_kill_b() -> None:
+            nonlocal a
+            time.sleep(1)
             a.proc.kill()
             a.proc.wait(10)
-            time.sleep(2)
             a = start_cloud(
                 tmp_path / "a2",
                 postgres_url,
@@ -142,18 +211,27 @@ def test_telemetry_survives_replicas_killed_restarted_and_gone(
                 registry,
                 replica_id="replica-a",
                 key=b.key,
+                extra=SHORT_LEASE,
             )
             clouds.append(a)
-            time.sleep(3)
+            time.sleep(1)
             b.proc.kill()
             b.proc.wait(10)
-            time.sleep(4)
+
+        with steady_traffic(edges, "steady-glm") as served:
+            time.sleep(1)
+            undisturbed = _timed_rollout(b, postgres_url, second, lambda: None)
+            disturbed = _timed_rollout(b, postgres_url, third, kill_a_restart_it_then_kill_b)
+            time.sleep(2)
+        print(f"rollout: {undisturbed:.1f} s undisturbed, {disturbed:.1f} s with the replicas killed")
         total = [s + before[d] for s, d in zip(served, DEVICES, strict=True)]
         assert sum(served) > 60, served
         stored = _wait_stored(postgres_url, tenant, total)
         assert stored == dict(zip(DEVICES, total, strict=True)), (stored, total)
         for e in edges:
             assert httpx.get(f"{e.api}/v1/agent", timeout=10).json()["outbox"]["depth"] == 0
+        assert {d["active_model"] for d in a.devices().values()} == {third}
+        assert disturbed <= 1.5 * undisturbed, (disturbed, undisturbed)
     finally:
         for c in clouds:
             c.stop()
