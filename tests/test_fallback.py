@@ -20,7 +20,6 @@ from cloud.local_broker import free_port
 from cloud.pool.engine import BatchEngine
 from cloud.registry import ModelRegistry, RegistryEntry
 from cloud.store import make_engine
-from edge_agent.breaker import CircuitBreaker
 from edge_agent.runtime.generator import GenerationParams, GenerationResult
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.text import Prompt
@@ -107,73 +106,6 @@ def test_engine_stop_sequences_queue_limit_and_bad_prompts(engine: BatchEngine) 
     asyncio.run(scenario())
 
 
-def test_circuit_breaker_opens_probes_and_closes() -> None:
-    now = [0.0]
-    b = CircuitBreaker(threshold=2, reset_s=5, clock=lambda: now[0])
-    assert b.allow() and b.state == "closed"
-    b.failure()
-    assert b.allow()
-    b.failure()
-    assert b.state == "open" and not b.allow() and b.retry_in() == 5
-    now[0] = 5.0
-    assert b.state == "half_open" and b.allow() and not b.allow()  # one probe at a time
-    b.failure()
-    assert b.state == "open" and not b.allow()
-    now[0] = 10.0
-    assert b.allow()
-    b.success()
-    assert b.state == "closed" and b.allow()
-
-
-def test_gateway_answers_504_for_a_slow_replica_and_neither_retries_nor_marks_it_down() -> None:
-    """A generation longer than request_timeout_s is the replica being busy, not dead."""
-    from aiohttp import web
-
-    from cloud.gateway import PoolGateway
-    from cloud.settings import GatewaySettings
-
-    async def scenario() -> None:
-        hits: list[int] = []
-
-        async def models(request: web.Request) -> web.Response:
-            return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
-
-        async def completions(request: web.Request) -> web.Response:
-            hits.append(request.url.port or 0)
-            await asyncio.sleep(2)
-            return web.json_response({"choices": []})
-
-        app = web.Application()
-        app.router.add_get("/v1/models", models)
-        app.router.add_post("/v1/completions", completions)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        ports = [free_port(), free_port()]
-        for port in ports:
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-        gateway = PoolGateway(
-            GatewaySettings.model_validate(
-                {
-                    "upstreams": [{"url": f"http://127.0.0.1:{p}/v1"} for p in ports],
-                    "request_timeout_s": 0.3,
-                }
-            )
-        )
-        try:
-            started = time.monotonic()
-            with pytest.raises(InferenceError) as err:
-                await gateway.forward("/completions", {"model": "m", "prompt": "hi"})
-            assert err.value.status == 504 and err.value.code == "pool_timeout"
-            assert time.monotonic() - started < 1.5
-            assert len(hits) == 1 and gateway.retries == 0 and gateway.timeouts == 1
-            assert all(r.up and r.outstanding == 0 for r in gateway.replicas)
-        finally:
-            await gateway.aclose()
-            await runner.cleanup()
-
-    asyncio.run(scenario())
-
-
 # -- pool + gateway as processes -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pools(demo_source: Path) -> Iterator[list[Service]]:
@@ -229,7 +161,7 @@ def test_gateway_openai_client_balancing_retry_on_a_killed_replica_and_rate_limi
         tenant,
         registry,
         replicas,
-        rate_limit={"requests_per_s": 2.0, "burst": 60},
+        rate_limit={"requests_per_s": 2.0, "burst": 100},
     )
     try:
         client = openai.OpenAI(base_url=f"{cloud.url}/v1", api_key=key, max_retries=0)
@@ -290,9 +222,10 @@ def test_gateway_openai_client_balancing_retry_on_a_killed_replica_and_rate_limi
             assert finish is not None, "a stream ended without a finish_reason and without an error"
             return "complete"
 
-        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        # 48 streams as in the issue's acceptance, beside 24 plain requests.
+        with concurrent.futures.ThreadPoolExecutor(80) as pool:
             futures = [pool.submit(one, i) for i in range(24)]
-            streams = [pool.submit(streamed, i) for i in range(8)]
+            streams = [pool.submit(streamed, i) for i in range(48)]
 
             def doomed_busy() -> bool:
                 views = {r["name"]: r for r in cloud.ok("GET", "/v1/gateway")["replicas"]}
@@ -303,6 +236,7 @@ def test_gateway_openai_client_balancing_retry_on_a_killed_replica_and_rate_limi
             results = [f.result() for f in futures]
             ends = [f.result() for f in streams]
         assert [s for s, _ in results] == [200] * 24, results
+        assert set(ends) <= {"complete", "cut"} and len(ends) == 48, ends
         assert cloud.ok("GET", "/v1/gateway")["stream_breaks"] == ends.count("cut"), ends
         state = cloud.ok("GET", "/v1/gateway")
         views = {r["name"]: r for r in state["replicas"]}
