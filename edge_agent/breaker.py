@@ -5,6 +5,10 @@
     closed ──(failures in a row ≥ threshold)──► open ──(reset_s passed)──► half_open
       ▲                                          ▲                          │ one probe at a time
       └──────────────── probe succeeds ──────────┴──── probe fails ─────────┘
+
+A probe that ends with no verdict (cancelled: its client left; or never reported back) must not
+hold the half-open state forever, or every later cloud request would be refused until restart:
+``abandon()`` frees it, and a probe older than ``reset_s`` is presumed lost and replaced.
 """
 
 from __future__ import annotations
@@ -27,7 +31,11 @@ class CircuitBreaker:
         self.clock = clock
         self.failures = 0  # in a row
         self.opened_at: float | None = None
-        self._probing = False
+        self._probe_since: float | None = None  # when the outstanding probe went out
+
+    @property
+    def _probing(self) -> bool:
+        return self._probe_since is not None and self.clock() - self._probe_since < self.reset_s
 
     @property
     def state(self) -> BreakerState:
@@ -49,17 +57,22 @@ class CircuitBreaker:
         if state == "closed":
             return True
         if state == "half_open" and not self._probing:
-            self._probing = True
+            self._probe_since = self.clock()
             return True
         return False
 
     def success(self) -> None:
         self.failures = 0
         self.opened_at = None
-        self._probing = False
+        self._probe_since = None
 
     def failure(self) -> None:
         self.failures += 1
-        if self._probing or self.failures >= self.threshold:
+        if self._probe_since is not None or self.failures >= self.threshold:
             self.opened_at = self.clock()
-        self._probing = False
+        self._probe_since = None
+
+    def abandon(self) -> None:
+        """A request allowed through ended with no verdict on the cloud (cancelled): if it was
+        the probe, the next request probes instead."""
+        self._probe_since = None

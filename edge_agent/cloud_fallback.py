@@ -87,6 +87,27 @@ class CloudFallback:
             total=cfg.cloud_timeout_s, sock_connect=connect
         )
 
+    async def _send(
+        self, url: str, body: dict[str, Any], timeout: aiohttp.ClientTimeout
+    ) -> aiohttp.ClientResponse:
+        """The upstream's answer with its verdict given to the breaker (a 5xx is a failure even
+        when its body breaks off)."""
+        try:
+            headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else None
+            upstream = await self._client().post(url, json=body, timeout=timeout, headers=headers)
+        except _HOP_ERRORS as exc:
+            raise self._failed(url, _describe(exc)) from exc
+        if upstream.status >= 500:
+            try:
+                detail = (await upstream.read())[:300].decode(errors="replace")
+            except _HOP_ERRORS as exc:
+                detail = f"(the body broke off: {_describe(exc)})"
+            finally:
+                upstream.release()
+            raise self._failed(url, f"HTTP {upstream.status}: {detail}")
+        self.breaker.success()
+        return upstream
+
     def _failed(self, url: str, why: str) -> CloudUnavailable:
         self.breaker.failure()
         log.warning("cloud fallback %s failed: %s (breaker %s)", url, why, self.breaker.state)
@@ -96,15 +117,12 @@ class CloudFallback:
         """POST ``body`` to the gateway; the answer, and its JSON when it was not a stream."""
         url, timeout = self._target(path)
         try:
-            headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else None
-            upstream = await self._client().post(url, json=body, timeout=timeout, headers=headers)
-        except _HOP_ERRORS as exc:
-            raise self._failed(url, _describe(exc)) from exc
-        if upstream.status >= 500:
-            detail = (await upstream.read())[:300].decode(errors="replace")
-            upstream.release()
-            raise self._failed(url, f"HTTP {upstream.status}: {detail}")
-        self.breaker.success()
+            upstream = await self._send(url, body, timeout)
+        except BaseException:
+            # Cancelled (the client left) or an error that is no verdict on the cloud: whatever
+            # happened, a probe must not stay outstanding (the breaker would refuse forever).
+            self.breaker.abandon()
+            raise
         self.forwarded += 1
         headers = cloud_answer_headers(upstream.headers)
         if upstream.content_type == "text/event-stream":

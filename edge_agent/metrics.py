@@ -134,8 +134,9 @@ class _LiveCollector(Collector):
         breaker = self.router.cloud.breaker
         yield gauge(
             "cloud_breaker_open",
-            "1 while the cloud fallback's circuit is open (cloud requests refused at once).",
-            1.0 if breaker.state == "open" else 0.0,
+            "1 while the cloud fallback's circuit is not closed (open, or half-open: cloud "
+            "requests refused at once but for one probe).",
+            1.0 if breaker.state != "closed" else 0.0,
         )
 
         current = a.host.current
