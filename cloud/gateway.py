@@ -1,8 +1,12 @@
 """The fallback gateway: OpenAI requests from tenants' inference keys, spread over the pool replicas.
 
-* Balancing: least outstanding requests among the replicas that are up.
-* Health: every replica's ``GET {url}/models`` is polled; a replica that refuses a connection or
-  drops one mid-answer is marked down at once and comes back when a poll succeeds.
+* Balancing: least outstanding requests among the replicas that are up and list the requested
+  ``model`` (replicas whose list is not known yet are tried after those that list it). A replica
+  that answers 404 does not serve that model: the request goes to another, and the client gets
+  the 404 only when none serves it.
+* Health: every replica's ``GET {url}/models`` is polled (which also learns its models); a replica
+  that refuses a connection or drops one mid-answer is marked down at once and comes back when a
+  poll succeeds.
 * Retries: a request whose replica failed before an answer reached the client (connection refused
   or reset, the answer cut off, 502/503/504) is sent to another replica, up to ``max_attempts``.
   Completions have no side effects, so sending one again is safe. A stream that breaks after its
@@ -51,6 +55,8 @@ class Replica:
     served: int = 0
     failures: int = 0
     last_error: str | None = None
+    # The model ids its last /models answer listed (None: not known yet).
+    models: frozenset[str] | None = None
 
     def headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -64,11 +70,28 @@ class Replica:
             "served": self.served,
             "failures": self.failures,
             "last_error": self.last_error,
+            "models": sorted(self.models) if self.models is not None else None,
         }
 
 
 class _ReplicaFailed(Exception):
     """This replica could not answer; another may."""
+
+
+class _NotServedHere(Exception):
+    """This replica answered 404 (it does not serve the model); another may."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__("HTTP 404")
+        self.response = response
+
+
+def _model_ids(body: Any) -> frozenset[str] | None:
+    """The ids of an OpenAI model list; None when the answer is not one."""
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list):
+        return None
+    return frozenset(c["id"] for c in data if isinstance(c, dict) and isinstance(c.get("id"), str))
 
 
 class PoolGateway:
@@ -104,6 +127,8 @@ class PoolGateway:
                 f"{replica.url}/models", headers=replica.headers(), timeout=self.settings.connect_timeout_s
             )
             ok, why = r.status_code == 200, f"health check answered HTTP {r.status_code}"
+            if ok:
+                replica.models = _parse_models(r)
         except httpx.HTTPError as exc:
             ok, why = False, f"health check failed: {type(exc).__name__}: {exc}"
         if ok and not replica.up:
@@ -134,8 +159,13 @@ class PoolGateway:
             code="pool_timeout",
         )
 
-    def _pick(self, tried: set[str]) -> Replica | None:
-        candidates = [r for r in self.replicas if r.up and r.name not in tried]
+    def _pick(self, tried: set[str], model: object) -> Replica | None:
+        up = [r for r in self.replicas if r.up and r.name not in tried]
+        listing = [r for r in up if r.models is not None and model in r.models]
+        unknown = [r for r in up if r.models is None]
+        # Lists may be a poll old: when none lists the model, the others are still asked (a 404
+        # from each then reaches the client).
+        candidates = listing or unknown or up
         return min(candidates, key=lambda r: r.outstanding) if candidates else None
 
     # -- requests ------------------------------------------------------------------------------
@@ -151,9 +181,9 @@ class PoolGateway:
                     timeout=self.settings.connect_timeout_s,
                 )
                 r.raise_for_status()
-                for card in r.json().get("data", []):
-                    if isinstance(card, dict) and isinstance(card.get("id"), str):
-                        seen.setdefault(card["id"], ModelCard(id=card["id"], owned_by=replica.name))
+                replica.models = _parse_models(r)
+                for model in sorted(replica.models or ()):
+                    seen.setdefault(model, ModelCard(id=model, owned_by=replica.name))
             except (httpx.HTTPError, ValueError) as exc:
                 log.info("could not list models of %s: %s", replica.name, exc)
 
@@ -166,8 +196,9 @@ class PoolGateway:
             raise InferenceError("no pool is configured (gateway.upstreams)", status=503, code="no_pool")
         tried: set[str] = set()
         errors: list[str] = []
+        not_found: Response | None = None
         for attempt in range(self.settings.max_attempts):
-            replica = self._pick(tried)
+            replica = self._pick(tried, body.get("model"))
             if replica is None:
                 break
             tried.add(replica.name)
@@ -177,6 +208,10 @@ class PoolGateway:
                 return await self._send(replica, path, body)
             except _ReplicaFailed as exc:
                 errors.append(f"{replica.name}: {exc}")
+            except _NotServedHere as exc:
+                not_found = exc.response
+        if not_found is not None and not errors:
+            return not_found
         detail = "; ".join(errors) if errors else "none is up"
         raise InferenceError(
             f"no pool replica could serve the request ({detail})",
@@ -197,6 +232,9 @@ class PoolGateway:
             replica.outstanding -= 1
             self._mark_down(replica, f"{type(exc).__name__}: {exc}")
             raise _ReplicaFailed(str(exc) or type(exc).__name__) from exc
+        except BaseException:
+            replica.outstanding -= 1  # cancelled (the client left) while sending
+            raise
         headers = cloud_answer_headers(upstream.headers)
         headers[REPLICA_HEADER] = replica.name
         if upstream.status_code == 200 and upstream.headers.get("content-type", "").startswith(
@@ -223,8 +261,18 @@ class PoolGateway:
         if upstream.status_code in _RETRY_STATUS:
             self._mark_down(replica, f"HTTP {upstream.status_code}")
             raise _ReplicaFailed(f"HTTP {upstream.status_code}: {content[:200].decode(errors='replace')}")
+        response = Response(content, status_code=upstream.status_code, headers=headers)
+        if upstream.status_code == 404:
+            raise _NotServedHere(response)
         replica.served += 1
-        return Response(content, status_code=upstream.status_code, headers=headers)
+        return response
+
+
+def _parse_models(r: httpx.Response) -> frozenset[str] | None:
+    try:
+        return _model_ids(r.json())
+    except ValueError:
+        return None
 
 
 async def _relay(
