@@ -18,6 +18,7 @@ from shared.edge_config import EdgeConfig
 from shared.errors import ContractError, InferenceError, RegistryError
 from shared.messages import ModelRef
 from shared.openai_api import ChatCompletionRequest, CompletionRequest
+from shared.tasks import exit_reason
 
 
 def _plane(request: Request) -> ControlPlane:
@@ -109,7 +110,8 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request) -> JSONResponse:
     plane = _plane(request)
     if request.app.state.plane_task.done():
-        return JSONResponse({"ready": False, "reason": "the control loop stopped"}, status_code=503)
+        why = exit_reason(request.app.state.plane_task)
+        return JSONResponse({"ready": False, "reason": f"the control loop stopped: {why}"}, status_code=503)
     offline = [t for t, link in plane.links.items() if not link.connected.is_set()]
     if offline:
         return JSONResponse(

@@ -34,6 +34,7 @@ from shared.control import ControlSigner
 from shared.errors import RegistryError
 from shared.messages import Command, CommandReply, DeviceStatus, ReportedState, TelemetryBatch
 from shared.signing import SigningKey
+from shared.tasks import TaskSet, watch
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class ControlPlane:
         log.info("signing desired states and commands with control key %s", key.public.key_id)
         self.signer = ControlSigner(key, control.desired_ttl_s, control.command_ttl_s)
         self._resigned: dict[tuple[str, str], float] = {}
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = TaskSet(log)
         # One thread writes what devices report, in arrival order, off the event loop.
         self._ingest = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest")
         self.links: dict[str, ControlLink] = {}
@@ -122,9 +123,7 @@ class ControlPlane:
         link = self.links.get(tenant)
         if link is None:
             return
-        task = asyncio.get_running_loop().create_task(link.send_ack(device_id, ids), name=f"ack-{device_id}")
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.spawn(link.send_ack(device_id, ids), name=f"ack-{device_id}")
 
     def _on_reported(self, tenant: str) -> Any:
         store = self._ingester(tenant, self.fleet.record_reported)
@@ -154,9 +153,7 @@ class ControlPlane:
                 )
                 await self.publish([record])
 
-        task = loop.create_task(go(), name=f"resign-{device_id}")
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.spawn(go(), name=f"resign-{device_id}")
 
     async def command(
         self, tenant: str, device_id: str, action: str, wait_s: float
@@ -216,7 +213,7 @@ def create_app(settings: CloudSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         plane = ControlPlane(settings)
         app.state.plane = plane
-        task = asyncio.create_task(plane.run(), name="control-plane")
+        task = watch(asyncio.create_task(plane.run(), name="control-plane"), log, "the control loop")
         app.state.plane_task = task
         try:
             yield

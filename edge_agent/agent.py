@@ -26,6 +26,7 @@ from shared.edge_config import EdgeConfig
 from shared.errors import AutoGLMError, ContractError, ControlRejected
 from shared.manifest import TrustStore
 from shared.messages import Ack, Capabilities, Command, CommandReply, DesiredState, ErrorInfo, ReportedState
+from shared.tasks import TaskSet
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class EdgeAgent:
         self.allowed_cloud_urls = settings.allowed_cloud_urls()
         # Control messages refused since start (unsigned, forged, replayed, expired, …).
         self.control_rejections = 0
-        self._background: set[asyncio.Task[bool]] = set()
+        self._background = TaskSet(log)
 
         log.info(
             "device %s (tenant %s) trusts manifest keys %s and control keys %s",
@@ -245,11 +246,7 @@ class EdgeAgent:
             # report that can be stored supersedes it anyway).
             log.error("could not store the reported state in the outbox (%s); sending it directly", exc)
             direct = reported.model_copy(update={"report_id": None})
-            task = asyncio.get_running_loop().create_task(
-                self.link.publish(topic, direct.to_json(), retain=True)
-            )
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._background.spawn(self.link.publish(topic, direct.to_json(), retain=True), "direct-report")
 
     async def run(self) -> None:
         """Run the link, the outbox sender and the reconciler until cancelled."""

@@ -15,6 +15,7 @@ import aiomqtt
 from shared.errors import ContractError
 from shared.messages import Ack, Command, CommandReply, DesiredState, DeviceStatus, FetchRequest
 from shared.mqtt import QOS, BrokerSettings, ReconnectBackoff, make_client, payload_bytes
+from shared.tasks import TaskSet
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class CloudLink:
         self.sessions = 0
         self.connected = asyncio.Event()
         self.dropped_messages = 0
+        self._replies = TaskSet(log)
         self._client: aiomqtt.Client | None = None
         self._blob_filters: set[str] = set()
         self.ack_timeout_s = 30.0
@@ -125,7 +127,7 @@ class CloudLink:
                     self.on_ack(ack)
             elif parsed.channel == "commands":
                 command = Command.from_json(payload)
-                asyncio.get_running_loop().create_task(self._answer(client, command), name="command-reply")
+                self._replies.spawn(self._answer(client, command), name="command-reply")
             else:
                 raise ContractError("unexpected topic for a device", topic=topic)
         except ContractError as exc:

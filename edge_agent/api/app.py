@@ -20,13 +20,9 @@ from edge_agent.cloud_fallback import CloudFallback
 from edge_agent.metrics import EdgeMetrics, RequestMetrics
 from edge_agent.request_router import RequestRouter
 from edge_agent.settings import EdgeSettings
+from shared.tasks import watch
 
 log = logging.getLogger(__name__)
-
-
-def _log_exit(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("the agent's background loop stopped", exc_info=task.exception())
 
 
 def create_app(settings: EdgeSettings) -> FastAPI:
@@ -47,8 +43,7 @@ def create_app(settings: EdgeSettings) -> FastAPI:
             ServiceResponder(local, "local"), cloud, lambda: agent.serving, agent.telemetry
         )
         app.state.metrics = EdgeMetrics(agent, app.state.router)
-        task = asyncio.create_task(agent.run(), name="edge-agent")
-        task.add_done_callback(_log_exit)
+        task = watch(asyncio.create_task(agent.run(), name="edge-agent"), log, "the agent's background loop")
         app.state.agent_task = task
         try:
             yield
