@@ -224,7 +224,8 @@ class ShardFetcher:
     ) -> None:
         part = self._part_path(digest)
         t = _Transfer(digest, size, chunk_size, ref, part)
-        self._resume(t)
+        # Re-hashing a large partial takes seconds: off the event loop, which serves requests.
+        await asyncio.to_thread(self._resume, t)
         if reuse:
             await asyncio.to_thread(self._reuse_local, t, reuse)
         self._active[digest] = t

@@ -106,6 +106,52 @@ def test_resume_asks_only_for_missing_chunks(
     assert not part.exists()
 
 
+def test_resume_hashes_the_partial_file_off_the_event_loop(
+    broker_settings: BrokerSettings, tenant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hashing stands in for a multi-GB partial: 20 ms per chunk, 0.6 s in all. The loop keeps
+    ticking meanwhile (it serves the local API)."""
+    import time
+
+    from edge_agent import fetcher as fetcher_module
+
+    store = BlobStore(tmp_path / "cloud")
+    data, ref = _blob(store, 30 * CHUNK)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / (ref.digest.split(":")[1] + ".part")).write_bytes(data[: 29 * CHUNK])
+    real_hash = fetcher_module.sha256_hex
+
+    def slow_hash(chunk: bytes) -> str:
+        time.sleep(0.02)
+        return real_hash(chunk)
+
+    monkeypatch.setattr(fetcher_module, "sha256_hex", slow_hash)
+    server = BlobServer(store, Topics(tenant))
+
+    async def scenario() -> tuple[ShardFetcher, float]:
+        gaps: list[float] = []
+
+        async def heartbeat() -> None:
+            last = time.monotonic()
+            while True:
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        async with _wired(broker_settings, tenant, tmp_path, store, server) as fetcher:
+            beat = asyncio.create_task(heartbeat())
+            await asyncio.wait_for(fetcher.fetch_blobs([ref]), 30)
+            beat.cancel()
+            return fetcher, max(gaps)
+
+    fetcher, longest_gap = asyncio.run(scenario())
+    assert fetcher.cache.read(ref.digest) == data
+    assert sorted(i for _, i in fetcher.stats.requested) == [29]
+    assert longest_gap < 0.3, f"the event loop stalled {longest_gap:.2f}s"
+
+
 def test_duplicates_are_ignored(broker_settings: BrokerSettings, tenant: str, tmp_path: Path) -> None:
     store = BlobStore(tmp_path / "cloud")
     data, ref = _blob(store, 4 * CHUNK)
