@@ -236,15 +236,21 @@ class Fleet:
         for key, value in labels.items():
             if not is_valid_name(key.replace("/", "-")) or (value and not is_valid_name(value)):
                 raise ContractError("labels are names: letters, digits, '.', '_', '-'", label=key)
-        current = self.get(tenant, device_id)
-        merged = dict(labels) if replace else {**current.labels, **labels}
-        merged = {k: v for k, v in merged.items() if v != ""}  # an empty value removes the label
+        where = and_(devices.c.tenant == tenant, devices.c.device_id == device_id)
+        # Read and write in one transaction holding the row, or two concurrent merges lose one.
         with self.engine.begin() as conn:
-            conn.execute(
-                update(devices)
-                .where(and_(devices.c.tenant == tenant, devices.c.device_id == device_id))
-                .values(labels=merged)
-            )
+            if conn.dialect.name == "sqlite":
+                # Take SQLite's write lock before reading (a no-op write); it waits on busy_timeout.
+                conn.execute(update(devices).where(where).values(labels=devices.c.labels))
+            query = select(devices.c.labels).where(where)
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update()
+            current = conn.execute(query).first()
+            if current is None:
+                raise RegistryError("no such device", device_id=device_id)
+            merged = dict(labels) if replace else {**(current.labels or {}), **labels}
+            merged = {k: v for k, v in merged.items() if v != ""}  # an empty value removes the label
+            conn.execute(update(devices).where(where).values(labels=merged))
         return self.get(tenant, device_id)
 
     def next_desired(

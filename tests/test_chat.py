@@ -93,3 +93,32 @@ def test_incremental_text_equals_decoding_everything_at_once() -> None:
     pieces = [inc.push(i) for i in ids]
     assert "".join(pieces) + inc.finish() == tok.decode(ids) == text
     assert all("\ufffd" not in p for p in pieces)  # multi-byte characters are never split
+
+
+def test_incremental_text_decodes_a_bounded_window_per_token() -> None:
+    """Linear, not quadratic: over 3,000 tokens each push decodes a few ids, not the whole output."""
+    from tokenizers import decoders
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+
+    tok = Tokenizer(BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(
+        vocab_size=300, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(["plain ascii text"] * 10, trainer)
+    ids = tok.encode("the output grows: café 日本語 " * 150).ids
+    assert len(ids) > 3000
+
+    class Counting:
+        decoded = 0
+
+        def decode(self, chunk: list[int]) -> str:
+            Counting.decoded += len(chunk)
+            return tok.decode(chunk)
+
+    inc = IncrementalText(Counting(), ())  # type: ignore[arg-type]
+    text = "".join(inc.push(i) for i in ids) + inc.finish()
+    assert text == tok.decode(ids)
+    assert Counting.decoded < 10 * len(ids), Counting.decoded

@@ -1,0 +1,61 @@
+"""The fleet table (cloud/fleet.py) on SQLite and PostgreSQL, in process."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import Engine
+
+from cloud.fleet import Fleet
+from cloud.store import make_engine, migrate
+from shared.errors import RegistryError
+from shared.messages import DeviceStatus
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    url = (
+        f"sqlite:///{tmp_path / 'cp.sqlite3'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    eng = make_engine(url)
+    migrate(eng)
+    yield eng
+    eng.dispose()
+
+
+def test_concurrent_label_merges_lose_none(engine: Engine) -> None:
+    fleet = Fleet(engine)
+    fleet.record_status("t", DeviceStatus(device_id="dev-1", state="online"))
+    start = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def label(i: int) -> None:
+        try:
+            start.wait()
+            for round_ in range(5):
+                fleet.set_labels("t", "dev-1", {f"k{i}": f"v{round_}"})
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=label, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert fleet.get("t", "dev-1").labels == {f"k{i}": "v4" for i in range(8)}
+
+
+def test_labels_merge_replace_and_remove(engine: Engine) -> None:
+    fleet = Fleet(engine)
+    fleet.record_status("t", DeviceStatus(device_id="dev-1", state="online"))
+    assert fleet.set_labels("t", "dev-1", {"site": "a", "tier": "x"}).labels == {"site": "a", "tier": "x"}
+    assert fleet.set_labels("t", "dev-1", {"tier": ""}).labels == {"site": "a"}
+    assert fleet.set_labels("t", "dev-1", {"zone": "b"}, replace=True).labels == {"zone": "b"}
+    with pytest.raises(RegistryError):
+        fleet.set_labels("t", "nobody", {"a": "b"})
