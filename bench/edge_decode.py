@@ -101,7 +101,7 @@ def chat_prompt(kind: str, src: Path, tokens: int) -> list[int]:
     from tokenizers import Tokenizer
 
     from cloud.packaging.quality import prose_text
-    from edge_agent.chat import ChatTemplate
+    from edge_agent.runtime.chat import ChatTemplate
 
     tok = Tokenizer.from_file(str(src / "tokenizer.json"))
     template = ChatTemplate.from_folder(src)

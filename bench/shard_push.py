@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cloud.blob_server import BlobServer
 from cloud.control_link import ControlLink
 from cloud.local_broker import LocalBroker
-from edge_agent.fetcher import ShardFetcher, chunk_index
-from edge_agent.link import CloudLink
+from edge_agent.update.fetcher import ShardFetcher, chunk_index
+from edge_agent.uplink.link import CloudLink
 from shared.blobs import BlobRef, BlobStore, describe_file
 from shared.mqtt import QOS, BrokerSettings, make_client
 from shared.topics import Topics

@@ -13,7 +13,7 @@ from cloud.auth import MAX_KEY_LIFETIME_S, Principal, Scope
 from cloud.fleet import DesiredRecord, Selector
 from cloud.rollouts import RolloutSpec
 from cloud.service import ControlPlane
-from edge_agent.api.errors import error_response, install_error_handlers
+from edge_agent.serving.errors import error_response, install_error_handlers
 from shared.edge_config import EdgeConfig
 from shared.errors import ContractError, InferenceError, RegistryError
 from shared.messages import ModelRef

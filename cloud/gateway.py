@@ -32,8 +32,8 @@ from fastapi import Response
 from fastapi.responses import StreamingResponse
 
 from cloud.settings import GatewaySettings
-from edge_agent.api.serving import cloud_answer_headers
-from edge_agent.api.sse import relay_events
+from edge_agent.serving.service import cloud_answer_headers
+from edge_agent.serving.sse import relay_events
 from shared.errors import InferenceError
 from shared.openai_api import ModelCard, ModelList
 
@@ -279,7 +279,7 @@ async def _relay(
     upstream: httpx.Response, replica: Replica, on_break: Callable[[str], None]
 ) -> AsyncIterator[bytes]:
     """The replica's stream, whole events at a time; a break ends it with an error event (see
-    edge_agent/api/sse.py). The replica's count goes down however it ends."""
+    edge_agent/serving/sse.py). The replica's count goes down however it ends."""
     try:
         async for event in relay_events(
             upstream.aiter_raw(), errors=(httpx.TransportError,), on_break=on_break

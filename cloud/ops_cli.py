@@ -429,7 +429,7 @@ def register_cloud_commands(cloud_app: typer.Typer) -> None:
         """Run the control plane: REST API, fleet tracking over MQTT, rollout driver."""
         from cloud.service import create_app
         from cloud.settings import CloudSettings
-        from edge_agent.api.server import configure_logging, run_server
+        from edge_agent.serving.server import configure_logging, run_server
 
         configure_logging(log_level)
         settings = CloudSettings.load(config)

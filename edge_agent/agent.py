@@ -9,17 +9,17 @@ import shutil
 import sqlite3
 import uuid
 
-from edge_agent.fetcher import ShardFetcher
-from edge_agent.link import CloudLink
-from edge_agent.model_host import ModelHost
-from edge_agent.outbox import Outbox
-from edge_agent.reconciler import Reconciler
+from edge_agent.runtime.host import ModelHost
 from edge_agent.runtime.session import choose_providers
-from edge_agent.serving_config import ServingConfig
+from edge_agent.serving.config import ServingConfig
 from edge_agent.settings import EdgeSettings, url_allowed
-from edge_agent.slots import SlotStore
-from edge_agent.state import AgentState, StateFile
-from edge_agent.telemetry import OutboxSender, TelemetryRecorder
+from edge_agent.update.fetcher import ShardFetcher
+from edge_agent.update.reconciler import Reconciler
+from edge_agent.update.slots import SlotStore
+from edge_agent.update.state import AgentState, StateFile
+from edge_agent.uplink.link import CloudLink
+from edge_agent.uplink.outbox import Outbox
+from edge_agent.uplink.telemetry import OutboxSender, TelemetryRecorder
 from shared.blobs import BlobStore
 from shared.control import ControlVerifier
 from shared.edge_config import EdgeConfig

@@ -22,7 +22,7 @@ def run(
 ) -> None:
     """Serve the local OpenAI-compatible API and follow the cloud's desired state over MQTT."""
     from edge_agent.api.app import create_app
-    from edge_agent.api.server import configure_logging, run_server
+    from edge_agent.serving.server import configure_logging, run_server
     from edge_agent.settings import EdgeSettings
 
     configure_logging(log_level)

@@ -16,7 +16,7 @@ from shared.messages import Phase
 
 if TYPE_CHECKING:
     from edge_agent.agent import EdgeAgent
-    from edge_agent.request_router import RequestRouter
+    from edge_agent.routing.router import RequestRouter
 
 PREFIX = "autoglm_edge"
 # Label values for the endpoint; anything else counts as "other" so clients cannot grow the label set.

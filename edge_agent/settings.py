@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from edge_agent.api.body_limit import DEFAULT_MAX_BODY_BYTES
+from edge_agent.serving.body_limit import DEFAULT_MAX_BODY_BYTES
 from shared.config_env import read_settings_file, validation_problems
 from shared.control import DEFAULT_MAX_CLOCK_SKEW_S
 from shared.edge_config import EdgeConfig, RouterConfig, RuntimeTuning, SamplingDefaults, TelemetryConfig

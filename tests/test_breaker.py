@@ -12,9 +12,9 @@ from contextlib import asynccontextmanager
 import pytest
 from aiohttp import web
 
-from edge_agent.breaker import CircuitBreaker
-from edge_agent.cloud_fallback import CloudFallback, CloudUnavailable
-from edge_agent.serving_config import ServingConfig
+from edge_agent.routing.breaker import CircuitBreaker
+from edge_agent.routing.cloud import CloudFallback, CloudUnavailable
+from edge_agent.serving.config import ServingConfig
 
 
 def test_circuit_breaker_opens_probes_and_closes() -> None:

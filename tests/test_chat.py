@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from edge_agent.chat import ChatTemplate, end_of_turn_ids, turn_end_token_id
+from edge_agent.runtime.chat import ChatTemplate, end_of_turn_ids, turn_end_token_id
 from edge_agent.runtime.text import IncrementalText, Prompt
 
 CHATML = (

@@ -13,7 +13,7 @@ import pytest
 
 from cloud.local_broker import LocalBroker
 from cloud.registry import ModelRegistry, RegistryEntry
-from edge_agent.fetcher import MANIFEST_CHUNK_SIZE
+from edge_agent.update.fetcher import MANIFEST_CHUNK_SIZE
 from shared.messages import DesiredState, Phase
 from shared.mqtt import BrokerSettings
 from shared.signing import SigningKey

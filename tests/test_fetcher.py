@@ -13,8 +13,8 @@ import pytest
 
 from cloud.blob_server import BlobServer
 from cloud.control_link import ControlLink
-from edge_agent.fetcher import ShardFetcher, chunk_index
-from edge_agent.link import CloudLink
+from edge_agent.update.fetcher import ShardFetcher, chunk_index
+from edge_agent.uplink.link import CloudLink
 from shared.blobs import BlobRef, BlobStore, describe_bytes
 from shared.errors import FetchError
 from shared.mqtt import BrokerSettings
@@ -113,7 +113,7 @@ def test_resume_hashes_the_partial_file_off_the_event_loop(
     ticking meanwhile (it serves the local API)."""
     import time
 
-    from edge_agent import fetcher as fetcher_module
+    from edge_agent.update import fetcher as fetcher_module
 
     store = BlobStore(tmp_path / "cloud")
     data, ref = _blob(store, 30 * CHUNK)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.chat import FALLBACK_STOP, ChatTemplate
-from edge_agent.fetcher import RateLimiter
-from edge_agent.outbox import Outbox
-from edge_agent.serving_config import ServingConfig
+from edge_agent.runtime.chat import FALLBACK_STOP, ChatTemplate
+from edge_agent.serving.config import ServingConfig
 from edge_agent.settings import EdgeSettings
-from edge_agent.telemetry import OutboxSender, TelemetryRecorder
+from edge_agent.update.fetcher import RateLimiter
+from edge_agent.uplink.outbox import Outbox
+from edge_agent.uplink.telemetry import OutboxSender, TelemetryRecorder
 from shared.edge_config import EdgeConfig, RouterPolicy
 from shared.errors import ContractError, InferenceError
 from shared.messages import TelemetryBatch

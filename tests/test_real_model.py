@@ -83,7 +83,7 @@ def test_chat_prompts_encode_exactly_as_apply_chat_template(smollm2_source: Path
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from edge_agent.chat import ChatTemplate
+    from edge_agent.runtime.chat import ChatTemplate
 
     hf = AutoTokenizer.from_pretrained(str(smollm2_source))
     ours = Tokenizer.from_file(str(smollm2_source / "tokenizer.json"))

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 
 from cloud.registry import ModelRegistry, RegistryEntry
-from edge_agent.model_host import LoadedModel
 from edge_agent.runtime.generator import GenerationParams, GenerationResult
+from edge_agent.runtime.host import LoadedModel
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.session import OnnxCausalLM, perplexity
 from edge_agent.runtime.text import Prompt
-from edge_agent.slots import SlotStore
+from edge_agent.update.slots import SlotStore
 from shared.errors import InferenceError
 from shared.signing import SigningKey
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edge_agent.serving_config import ServingConfig
+from edge_agent.serving.config import ServingConfig
 from edge_agent.settings import EdgeSettings
 from shared.errors import ConfigError
 from shared.signing import SigningKey

@@ -27,7 +27,7 @@ from cloud.packaging.progress import SilentReporter, StepReporter
 from cloud.packaging.quality import CHAT_PROMPTS, GraphPair, greedy_agreement, perplexity_figures, prose_text
 from cloud.packaging.quantize import WEIGHT_BITS, quantization_record, quantize_weight_only, weight_block_size
 from cloud.registry import ModelRegistry, RegistryEntry
-from edge_agent.chat import ChatTemplate, end_of_turn_ids
+from edge_agent.runtime.chat import ChatTemplate, end_of_turn_ids
 from shared.blobs import DEFAULT_CHUNK_SIZE, describe_file
 from shared.errors import PackagingError, RegistryError
 from shared.manifest import FileEntry, IOSignature, Manifest, QualityReport, SignedManifest

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from edge_agent.chat import ChatTemplate
+from edge_agent.runtime.chat import ChatTemplate
 from edge_agent.runtime.generator import GenerationParams, TextGenerator, token_budget
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.session import OnnxCausalLM, perplexity

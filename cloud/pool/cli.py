@@ -38,7 +38,7 @@ def serve(
     """Serve the OpenAI-compatible API (completions, chat, streaming) from a batching PyTorch engine."""
     from cloud.pool.server import create_app
     from cloud.pool.settings import PoolSettings
-    from edge_agent.api.server import configure_logging, run_server
+    from edge_agent.serving.server import configure_logging, run_server
 
     configure_logging(log_level)
     settings = PoolSettings.build(

@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from edge_agent.chat import ChatTemplate, end_of_turn_ids
 from edge_agent.runtime.channel import GenerationChannel, Item
+from edge_agent.runtime.chat import ChatTemplate, end_of_turn_ids
 from edge_agent.runtime.generator import GenerationParams, GenerationResult, token_budget
 from edge_agent.runtime.sampling import choose_token
 from edge_agent.runtime.text import IncrementalText, Prompt

@@ -19,14 +19,14 @@ from prometheus_client.registry import Collector
 
 from cloud.pool.engine import BatchEngine, PoolModel
 from cloud.pool.settings import PoolSettings
-from edge_agent.api.auth import check_bearer
-from edge_agent.api.body_limit import BodyLimit
-from edge_agent.api.errors import install_error_handlers
-from edge_agent.api.openai_routes import Responder, ServiceResponder, openai_routes
-from edge_agent.api.serving import CompletionService
 from edge_agent.runtime.generator import GenerationParams, GenerationResult
 from edge_agent.runtime.text import Prompt
-from edge_agent.serving_config import ServingConfig
+from edge_agent.serving.auth import check_bearer
+from edge_agent.serving.body_limit import BodyLimit
+from edge_agent.serving.config import ServingConfig
+from edge_agent.serving.errors import install_error_handlers
+from edge_agent.serving.openai_routes import Responder, ServiceResponder, openai_routes
+from edge_agent.serving.service import CompletionService
 from shared.errors import InferenceError
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class PoolBackend:
-    """The :class:`~edge_agent.api.serving.TextBackend` of a pool replica."""
+    """The :class:`~edge_agent.serving.service.TextBackend` of a pool replica."""
 
     def __init__(self, engine: BatchEngine) -> None:
         self.engine = engine

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from edge_agent.api.body_limit import DEFAULT_MAX_BODY_BYTES
+from edge_agent.serving.body_limit import DEFAULT_MAX_BODY_BYTES
 from shared.config_env import validation_problems
 from shared.errors import ConfigError
 from shared.ids import is_valid_name

@@ -10,15 +10,15 @@ from collections.abc import AsyncIterator
 from fastapi import Depends, FastAPI, Request
 
 from edge_agent.agent import EdgeAgent
-from edge_agent.api.body_limit import BodyLimit
-from edge_agent.api.errors import install_error_handlers
-from edge_agent.api.openai_routes import Responder, ServedByHeader, ServiceResponder, openai_routes
 from edge_agent.api.router import probes, require_api_key, v1
-from edge_agent.api.serving import CompletionService
-from edge_agent.breaker import CircuitBreaker
-from edge_agent.cloud_fallback import CloudFallback
 from edge_agent.metrics import EdgeMetrics, RequestMetrics
-from edge_agent.request_router import RequestRouter
+from edge_agent.routing.breaker import CircuitBreaker
+from edge_agent.routing.cloud import CloudFallback
+from edge_agent.routing.router import RequestRouter
+from edge_agent.serving.body_limit import BodyLimit
+from edge_agent.serving.errors import install_error_handlers
+from edge_agent.serving.openai_routes import Responder, ServedByHeader, ServiceResponder, openai_routes
+from edge_agent.serving.service import CompletionService, Finished
 from edge_agent.settings import EdgeSettings
 from shared.tasks import watch
 
@@ -38,7 +38,18 @@ def create_app(settings: EdgeSettings) -> FastAPI:
             connect_timeout_s=fb.connect_timeout_s,
             breaker=CircuitBreaker(fb.breaker_failures, fb.breaker_reset_s),
         )
-        local = CompletionService(agent.host, lambda: agent.serving, agent.telemetry)
+
+        def record_local(f: Finished) -> None:
+            agent.telemetry.record(
+                model=f.model,
+                served_by="local",
+                prompt_tokens=f.prompt_tokens,
+                completion_tokens=f.completion_tokens,
+                latency_ms=f.latency_ms,
+                error=f.error,
+            )
+
+        local = CompletionService(agent.host, lambda: agent.serving, record_local)
         app.state.router = RequestRouter(
             ServiceResponder(local, "local"), cloud, lambda: agent.serving, agent.telemetry
         )

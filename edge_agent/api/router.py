@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edge_agent.agent import EdgeAgent
-from edge_agent.api.auth import check_bearer
+from edge_agent.serving.auth import check_bearer
 
 
 def _agent(request: Request) -> EdgeAgent:

@@ -25,10 +25,10 @@ from typing import Any
 
 from fastapi import Response
 
-from edge_agent.api.openai_routes import ServiceResponder
-from edge_agent.cloud_fallback import CloudFallback, CloudUnavailable
-from edge_agent.serving_config import ServingConfig
-from edge_agent.telemetry import TelemetryRecorder
+from edge_agent.routing.cloud import CloudFallback, CloudUnavailable
+from edge_agent.serving.config import ServingConfig
+from edge_agent.serving.openai_routes import ServiceResponder
+from edge_agent.uplink.telemetry import TelemetryRecorder
 from shared.edge_config import RouterPolicy
 from shared.errors import InferenceError
 from shared.openai_api import ChatCompletionRequest, CompletionRequest, ModelList, SamplingParams
@@ -46,7 +46,7 @@ def falls_back(exc: InferenceError) -> bool:
 
 
 class RequestRouter:
-    """The edge's :class:`~edge_agent.api.openai_routes.Responder`: local model or cloud gateway."""
+    """The edge's :class:`~edge_agent.serving.openai_routes.Responder`: local model or cloud gateway."""
 
     def __init__(
         self,

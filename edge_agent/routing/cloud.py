@@ -18,10 +18,10 @@ import aiohttp
 from fastapi import Response
 from fastapi.responses import StreamingResponse
 
-from edge_agent.api.serving import cloud_answer_headers
-from edge_agent.api.sse import relay_events
-from edge_agent.breaker import CircuitBreaker
-from edge_agent.serving_config import ServingConfig
+from edge_agent.routing.breaker import CircuitBreaker
+from edge_agent.serving.config import ServingConfig
+from edge_agent.serving.service import cloud_answer_headers
+from edge_agent.serving.sse import relay_events
 from edge_agent.settings import url_allowed
 from shared.errors import InferenceError
 
@@ -160,7 +160,7 @@ async def _passthrough(
     upstream: aiohttp.ClientResponse, on_break: Callable[[str], None]
 ) -> AsyncIterator[bytes]:
     """The cloud's stream, whole events at a time; one that breaks off ends with an error event
-    (edge_agent/api/sse.py), never as if the answer were complete."""
+    (edge_agent/serving/sse.py), never as if the answer were complete."""
     try:
         async for event in relay_events(upstream.content.iter_any(), errors=_HOP_ERRORS, on_break=on_break):
             yield event

@@ -20,10 +20,10 @@ import os
 import shutil
 from collections.abc import Awaitable, Callable
 
-from edge_agent.fetcher import ChunkIndex, ShardFetcher, chunk_index
-from edge_agent.model_host import LoadedModel, ModelHost
-from edge_agent.slots import SlotStore
-from edge_agent.state import AgentState, SlotName, StateFile
+from edge_agent.runtime.host import LoadedModel, ModelHost
+from edge_agent.update.fetcher import ChunkIndex, ShardFetcher, chunk_index
+from edge_agent.update.slots import SlotStore
+from edge_agent.update.state import AgentState, SlotName, StateFile
 from shared.blobs import BlobStore, file_digest
 from shared.edge_config import EdgeConfig
 from shared.errors import (

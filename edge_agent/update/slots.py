@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from edge_agent.state import SlotName
+from edge_agent.update.state import SlotName
 from shared.blobs import BlobStore
 from shared.errors import IntegrityError
 from shared.manifest import Manifest

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edge_agent.api.serving import SERVED_BY_HEADER, CompletionService
+from edge_agent.serving.service import SERVED_BY_HEADER, CompletionService
 from shared.openai_api import ChatCompletionRequest, CompletionRequest, ModelList
 
 

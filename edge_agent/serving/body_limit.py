@@ -9,7 +9,7 @@ from __future__ import annotations
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edge_agent.api.errors import error_response
+from edge_agent.serving.errors import error_response
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 

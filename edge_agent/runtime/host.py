@@ -19,8 +19,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from edge_agent.chat import ChatTemplate
 from edge_agent.runtime.channel import GenerationChannel
+from edge_agent.runtime.chat import ChatTemplate
 from edge_agent.runtime.generator import GenerationParams, GenerationResult, TextGenerator
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.session import OnnxCausalLM

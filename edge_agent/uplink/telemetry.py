@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Literal
 
-from edge_agent.outbox import Entry, Outbox
+from edge_agent.uplink.outbox import Entry, Outbox
 from shared.messages import TelemetryBatch, TelemetryRecord
 from shared.topics import Topics
 

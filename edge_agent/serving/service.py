@@ -2,8 +2,9 @@
 
 The same service serves the edge's local model (``ModelHost``) and the cloud pool's batch engine,
 through the small :class:`TextBackend` protocol, so a response has one shape wherever it was made.
-On the edge, every request that reaches the runtime leaves one telemetry record in the outbox,
-success or failure, so the cloud sees error rates and latency per model even for offline periods.
+Every request that reaches the backend is reported once to ``on_finished``, success or failure;
+the edge writes it as a telemetry record to its outbox, so the cloud sees error rates and latency
+per model even for offline periods.
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ from typing import Protocol
 
 from pydantic import BaseModel
 
-from edge_agent.chat import ChatTemplate
+from edge_agent.runtime.chat import ChatTemplate
 from edge_agent.runtime.generator import GenerationParams, GenerationResult
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.text import Prompt
-from edge_agent.serving_config import ServingConfig
-from edge_agent.telemetry import TelemetryRecorder
+from edge_agent.serving.config import ServingConfig
 from shared.errors import InferenceError
 from shared.openai_api import (
     ChatChoice,
@@ -83,6 +83,17 @@ class TextBackend(Protocol):
     ) -> tuple[ServedModel, AsyncIterator[str | GenerationResult]]: ...
 
 
+@dataclass(frozen=True)
+class Finished:
+    """One request the backend took, as ``on_finished`` hears of it."""
+
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    error: str | None  # None: answered; else the error code ("client_disconnected", …)
+
+
 @dataclass
 class _Prepared:
     prompt: Prompt
@@ -95,11 +106,11 @@ class CompletionService:
         self,
         host: TextBackend,
         serving: Callable[[], ServingConfig],
-        telemetry: TelemetryRecorder | None = None,
+        on_finished: Callable[[Finished], None] | None = None,
     ) -> None:
         self.host = host
         self.serving = serving
-        self.telemetry = telemetry
+        self.on_finished = on_finished
 
     def models(self) -> ModelList:
         current = self.host.current
@@ -154,15 +165,16 @@ class CompletionService:
     def _record(
         self, prep: _Prepared, model: str, result: GenerationResult | None, error: str | None
     ) -> None:
-        if self.telemetry is None:
+        if self.on_finished is None:
             return
-        self.telemetry.record(
-            model=model,
-            served_by="local",
-            prompt_tokens=result.prompt_tokens if result else 0,
-            completion_tokens=result.completion_tokens if result else 0,
-            latency_ms=(time.perf_counter() - prep.started) * 1000,
-            error=error,
+        self.on_finished(
+            Finished(
+                model=model,
+                prompt_tokens=result.prompt_tokens if result else 0,
+                completion_tokens=result.completion_tokens if result else 0,
+                latency_ms=(time.perf_counter() - prep.started) * 1000,
+                error=error,
+            )
         )
 
     async def _generate(self, prep: _Prepared) -> tuple[ServedModel, GenerationResult]:
