@@ -60,7 +60,7 @@ def build_model(kind: str, out: Path) -> None:
 
     torch.manual_seed(0)
     if kind == "smollm2":
-        from cloud.demo import smollm2_gguf
+        from cloud.cli.demo import smollm2_gguf
         from cloud.packaging.gguf_import import import_gguf
 
         import_gguf(smollm2_gguf(), out)

@@ -34,7 +34,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloud.local_broker import LocalBroker, free_port
+from cloud.mqtt.local_broker import LocalBroker, free_port
 from cloud.processes import stop_process
 
 STUB_BODY = json.dumps(
@@ -114,8 +114,8 @@ def main() -> None:
         asyncio.run(_serve_stub(args.serve_stub))
         return
 
-    from cloud.auth import ApiKeys
-    from cloud.store import make_engine, migrate
+    from cloud.plane.auth import ApiKeys
+    from cloud.plane.store import make_engine, migrate
     from shared.signing import SigningKey
 
     work = Path(tempfile.mkdtemp(prefix="autoglm-fallback-bench-"))

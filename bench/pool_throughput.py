@@ -31,7 +31,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloud.local_broker import free_port
+from cloud.mqtt.local_broker import free_port
 from cloud.processes import stop_process
 
 PROMPTS = [

@@ -31,11 +31,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloud.auth import ApiKeys
-from cloud.local_broker import LocalBroker, free_port
+from cloud.mqtt.local_broker import LocalBroker, free_port
+from cloud.plane.auth import ApiKeys
+from cloud.plane.store import make_engine, migrate
 from cloud.processes import stop_process
 from cloud.registry import ModelRegistry
-from cloud.store import make_engine, migrate
 from shared.blobs import describe_bytes
 from shared.manifest import FileEntry, IOSignature, Manifest, Quantization, SignedManifest
 from shared.messages import DesiredState, DeviceStatus, Phase, ReportedState

@@ -28,9 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloud.blob_server import BlobServer
-from cloud.control_link import ControlLink
-from cloud.local_broker import LocalBroker
+from cloud.mqtt.blob_server import BlobServer
+from cloud.mqtt.control_link import ControlLink
+from cloud.mqtt.local_broker import LocalBroker
 from edge_agent.update.fetcher import ShardFetcher, chunk_index
 from edge_agent.uplink.link import CloudLink
 from shared.blobs import BlobRef, BlobStore, describe_file

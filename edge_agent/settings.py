@@ -116,7 +116,7 @@ class EdgeSettings(_Section):
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     fallback: FallbackSettings = Field(default_factory=FallbackSettings)
     # The sections below have the schema the cloud pushes (shared/edge_config.py); a push overrides
-    # them key by key, and keys neither here nor pushed take the defaults in serving_config.py.
+    # them key by key, and keys neither here nor pushed take the defaults in serving/config.py.
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
     router: RouterConfig = Field(default_factory=RouterConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)

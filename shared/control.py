@@ -25,7 +25,7 @@ from shared.wire import canonical_json
 C = TypeVar("C", bound=SignedControl)
 
 # A retained desired state waits on the broker for devices that are offline; one that expired
-# there is re-signed when the device reports the refusal (cloud/service.py).
+# there is re-signed when the device reports the refusal (cloud/plane/service.py).
 DEFAULT_DESIRED_TTL_S = 30 * 24 * 3600.0
 # A command is for now: one delivered later than this (a device back after days) is refused.
 DEFAULT_COMMAND_TTL_S = 300.0

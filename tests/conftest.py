@@ -19,9 +19,9 @@ import httpx
 import pytest
 import yaml
 
-from cloud.blob_server import BlobServer, RegistryOffer
-from cloud.control_link import ControlLink, DeviceView
-from cloud.local_broker import LocalBroker, free_port
+from cloud.mqtt.blob_server import BlobServer, RegistryOffer
+from cloud.mqtt.control_link import ControlLink, DeviceView
+from cloud.mqtt.local_broker import LocalBroker, free_port
 from cloud.registry import ModelRegistry, RegistryEntry
 from shared.messages import Command, CommandReply, DesiredState, Phase, ReportedState
 from shared.mqtt import QOS, BrokerSettings, make_client
@@ -125,7 +125,7 @@ def smollm2_source() -> Path:
     folder; cached across runs by the hash of the import code."""
     import transformers
 
-    from cloud.demo import smollm2_gguf
+    from cloud.cli.demo import smollm2_gguf
     from cloud.packaging.gguf_import import import_gguf
 
     h = hashlib.sha256((REPO / "cloud/packaging/gguf_import.py").read_bytes())

@@ -14,11 +14,11 @@ from typing import Any
 import httpx
 import yaml
 
-from cloud.auth import ApiKeys
-from cloud.local_broker import free_port
+from cloud.mqtt.local_broker import free_port
+from cloud.plane.auth import ApiKeys
+from cloud.plane.store import make_engine, migrate
 from cloud.processes import stop_process
 from cloud.registry import ModelRegistry
-from cloud.store import make_engine, migrate
 from shared.control import ControlSigner
 from shared.mqtt import BrokerSettings
 from shared.signing import SigningKey

@@ -264,8 +264,8 @@ def test_cloud_key_refuses_a_tenant_the_config_does_not_serve(tmp_path: Path) ->
 
 def test_keys_are_listed_expire_and_are_revoked(tmp_path: Path) -> None:
     """Item 12: the key lifecycle from the CLI, and what the database then accepts."""
-    from cloud.auth import ApiKeys
-    from cloud.store import make_engine
+    from cloud.plane.auth import ApiKeys
+    from cloud.plane.store import make_engine
 
     db = tmp_path / "cp.sqlite3"
     config = tmp_path / "cloud.yaml"

@@ -200,7 +200,7 @@ def test_edge_config_and_env_are_settings_keys(tmp_path: Path) -> None:
 
 
 def test_broker_configmap_has_the_generated_tls_and_acl_directives() -> None:
-    from cloud.pki import broker_tls_lines
+    from cloud.mqtt.pki import broker_tls_lines
 
     for _, doc in DOCUMENTS:
         if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "autoglm-mosquitto":

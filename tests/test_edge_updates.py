@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from cloud.local_broker import LocalBroker
+from cloud.mqtt.local_broker import LocalBroker
 from cloud.registry import ModelRegistry, RegistryEntry
 from edge_agent.update.fetcher import MANIFEST_CHUNK_SIZE
 from shared.messages import DesiredState, Phase

@@ -307,7 +307,7 @@ def test_restarted_agent_serves_its_active_slot_with_no_broker(
     )
 
     # Same device and data folder, but the broker is now a port nobody listens on.
-    from cloud.local_broker import free_port
+    from cloud.mqtt.local_broker import free_port
 
     offline = BrokerSettings(host="127.0.0.1", port=free_port())
     again = edge_factory(device_id=DEVICE, tenant=tenant, broker=offline, trusted=[signing_key.public.b64])

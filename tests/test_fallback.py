@@ -15,11 +15,11 @@ import httpx
 import openai
 import pytest
 
-from cloud.auth import ApiKeys
-from cloud.local_broker import free_port
+from cloud.mqtt.local_broker import free_port
+from cloud.plane.auth import ApiKeys
+from cloud.plane.store import make_engine
 from cloud.pool.engine import BatchEngine
 from cloud.registry import ModelRegistry, RegistryEntry
-from cloud.store import make_engine
 from edge_agent.runtime.generator import GenerationParams, GenerationResult
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.text import Prompt

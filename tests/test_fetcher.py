@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cloud.blob_server import BlobServer
-from cloud.control_link import ControlLink
+from cloud.mqtt.blob_server import BlobServer
+from cloud.mqtt.control_link import ControlLink
 from edge_agent.update.fetcher import ShardFetcher, chunk_index
 from edge_agent.uplink.link import CloudLink
 from shared.blobs import BlobRef, BlobStore, describe_bytes

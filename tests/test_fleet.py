@@ -1,4 +1,4 @@
-"""The fleet table (cloud/fleet.py) on SQLite and PostgreSQL, in process."""
+"""The fleet table (cloud/plane/fleet.py) on SQLite and PostgreSQL, in process."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import Engine
 
-from cloud.fleet import Fleet
-from cloud.store import make_engine, migrate
+from cloud.plane.fleet import Fleet
+from cloud.plane.store import make_engine, migrate
 from shared.errors import RegistryError
 from shared.messages import DeviceStatus
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from cloud.gateway import PoolGateway, Replica
+from cloud.gateway.balancer import PoolGateway, Replica
 from cloud.settings import GatewaySettings
 from shared.errors import InferenceError
 

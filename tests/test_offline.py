@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import httpx
 
-from cloud.local_broker import LocalBroker
+from cloud.mqtt.local_broker import LocalBroker
 from cloud.registry import ModelRegistry, RegistryEntry
 from shared.messages import Ack, DesiredState, ReportedState, TelemetryBatch
 from shared.mqtt import QOS, BrokerSettings, make_client, payload_bytes

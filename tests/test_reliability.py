@@ -23,11 +23,11 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from cloud.auth import ApiKeys
-from cloud.fleet import Fleet
-from cloud.local_broker import LocalBroker
+from cloud.mqtt.local_broker import LocalBroker
+from cloud.plane.auth import ApiKeys
+from cloud.plane.fleet import Fleet
+from cloud.plane.store import make_engine
 from cloud.registry import ModelRegistry, RegistryEntry
-from cloud.store import make_engine
 from shared.messages import DesiredState, Phase
 from shared.mqtt import BrokerSettings
 from shared.signing import SigningKey
@@ -479,7 +479,7 @@ def test_health_is_judged_by_receive_time_without_client_side_events(tmp_path: P
     model's errors; the skew is stored."""
     from datetime import UTC, datetime, timedelta
 
-    from cloud.store import migrate
+    from cloud.plane.store import migrate
     from shared.messages import TelemetryBatch, TelemetryRecord
 
     engine = make_engine(f"sqlite:///{tmp_path / 'cp.sqlite3'}")
@@ -508,7 +508,7 @@ def test_health_is_judged_by_receive_time_without_client_side_events(tmp_path: P
     assert (n, failed) == (10, 5)  # judged on its real traffic: 50 % model errors
     from sqlalchemy import select
 
-    from cloud.store import devices
+    from cloud.plane.store import devices
 
     with engine.connect() as conn:
         skew = conn.execute(select(devices.c.clock_skew_s)).scalar_one()

@@ -17,8 +17,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 
-from cloud.local_broker import LocalBroker
-from cloud.pki import FleetPKI, Issued, broker_tls_lines
+from cloud.mqtt.local_broker import LocalBroker
+from cloud.mqtt.pki import FleetPKI, Issued, broker_tls_lines
 from shared.mqtt import BrokerSettings, TlsSettings
 from shared.signing import SigningKey
 from shared.topics import Topics
@@ -261,7 +261,7 @@ def test_cli_enrols_devices_and_writes_a_broker_config_that_mosquitto_runs(tmp_p
     import subprocess
     import sys
 
-    from cloud.local_broker import free_port
+    from cloud.mqtt.local_broker import free_port
     from cloud.processes import stop_process
 
     def autoglm(*args: str) -> str:
@@ -357,7 +357,7 @@ def test_kubeedge_bridge_carries_only_the_devices_topics(fleet: Fleet, tmp_path:
 
     import yaml
 
-    from cloud.local_broker import free_port
+    from cloud.mqtt.local_broker import free_port
     from cloud.processes import stop_process
     from tests.conftest import REPO
 

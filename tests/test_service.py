@@ -1,4 +1,4 @@
-"""The control plane's process wiring (cloud/service.py), in process: what an operator sees when
+"""The control plane's process wiring (cloud/plane/service.py), in process: what an operator sees when
 its background loop dies. The loops themselves are exercised with real processes in
 tests/test_control_plane.py."""
 
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from cloud.service import ControlPlane, create_app
+from cloud.plane.app import create_app
+from cloud.plane.service import ControlPlane
 from cloud.settings import CloudSettings
 from tests.services import control_key_file
 

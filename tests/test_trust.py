@@ -113,7 +113,7 @@ BAD_ROLLOUTS = [
 
 
 def test_rollout_parameters_are_bounded_and_finite() -> None:
-    from cloud.rollouts import RolloutSpec
+    from cloud.plane.rollouts import RolloutSpec
     from shared.errors import ContractError
     from shared.messages import ModelRef
 
@@ -127,8 +127,8 @@ def test_rollout_parameters_are_bounded_and_finite() -> None:
 
 
 def test_one_failing_rollout_does_not_stop_the_others() -> None:
-    from cloud.fleet import DesiredRecord
-    from cloud.rollouts import RolloutDriver
+    from cloud.plane.fleet import DesiredRecord
+    from cloud.plane.rollouts import RolloutDriver
 
     class Driver(RolloutDriver):
         def _lease(self, rid: str) -> bool:
@@ -173,7 +173,7 @@ def test_the_control_plane_answers_400_to_unbounded_rollouts(
             )
             assert r.status_code == 400, (fields, r.status_code, r.text)
             assert message in r.json()["error"]["message"], (fields, r.text)
-        assert cloud.api("GET", "/healthz").status_code == 200
+        assert cloud.plane.api("GET", "/healthz").status_code == 200
     finally:
         cloud.stop()
 
@@ -185,7 +185,7 @@ def test_the_blob_server_publishes_only_registry_blobs_in_registry_chunks_within
     import asyncio
     import uuid
 
-    from cloud.blob_server import BlobServer, RegistryOffer
+    from cloud.mqtt.blob_server import BlobServer, RegistryOffer
     from cloud.ratelimit import TokenBuckets
     from shared.messages import BlobRequest, FetchRequest
     from shared.mqtt import make_client

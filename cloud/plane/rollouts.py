@@ -34,8 +34,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, or_, select, update
 
-from cloud.fleet import DesiredRecord, Device, Fleet, Selector
-from cloud.store import as_utc, rollout_devices, rollouts, utcnow
+from cloud.plane.fleet import DesiredRecord, Device, Fleet, Selector
+from cloud.plane.store import as_utc, rollout_devices, rollouts, utcnow
 from shared.errors import ContractError, RegistryError
 from shared.messages import ModelRef
 

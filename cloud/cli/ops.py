@@ -142,8 +142,8 @@ PkiOpt = Annotated[
 
 
 def _pki(path: Path | None) -> Any:
+    from cloud.mqtt.pki import FleetPKI
     from cloud.paths import CloudPaths
-    from cloud.pki import FleetPKI
 
     return FleetPKI(path or CloudPaths.from_env().fleet_pki)
 
@@ -204,7 +204,7 @@ def fleet_broker_config(
     import pwd
     import shutil
 
-    from cloud.pki import broker_tls_lines
+    from cloud.mqtt.pki import broker_tls_lines
 
     fleet = _pki(pki)
     fleet.ensure_ca()
@@ -427,7 +427,7 @@ def register_cloud_commands(cloud_app: typer.Typer) -> None:
         log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
     ) -> None:
         """Run the control plane: REST API, fleet tracking over MQTT, rollout driver."""
-        from cloud.service import create_app
+        from cloud.plane.app import create_app
         from cloud.settings import CloudSettings
         from edge_agent.serving.server import configure_logging, run_server
 
@@ -443,9 +443,9 @@ def register_cloud_commands(cloud_app: typer.Typer) -> None:
     cloud_app.add_typer(key_app, name="key")
 
     def _key_store(config: Path, tenant: str) -> Any:
-        from cloud.auth import ApiKeys
+        from cloud.plane.auth import ApiKeys
+        from cloud.plane.store import make_engine, migrate
         from cloud.settings import CloudSettings
-        from cloud.store import make_engine, migrate
 
         settings = CloudSettings.load(config)
         if tenant not in settings.tenants:
@@ -471,7 +471,7 @@ def register_cloud_commands(cloud_app: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """Create an API key; it is printed once (the last line)."""
-        from cloud.auth import SCOPES
+        from cloud.plane.auth import SCOPES
 
         if scope not in SCOPES:
             raise typer.BadParameter(f"choose one of {', '.join(SCOPES)}", param_hint="--scope")

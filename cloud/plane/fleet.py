@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, func, or_, select, update
 
-from cloud.store import as_utc, devices, insert_ignore, telemetry, utcnow
+from cloud.plane.store import as_utc, devices, insert_ignore, telemetry, utcnow
 from shared.errors import ContractError, RegistryError
 from shared.ids import is_valid_name
 from shared.messages import DesiredState, DeviceStatus, ModelRef, ReportedState, TelemetryBatch

@@ -37,7 +37,7 @@ class LocalBroker:
         # None: save after every change, so a SIGKILLed broker keeps every queued message (what
         # the tests of broker crashes need); seconds: save periodically, as production brokers do.
         self.autosave_s = autosave_s
-        # Listener directives (TLS, ACL: cloud.pki.broker_tls_lines); None: anonymous plain TCP.
+        # Listener directives (TLS, ACL: cloud.mqtt.pki.broker_tls_lines); None: anonymous plain TCP.
         self.security = security
         self._own_dir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="autoglm-mosquitto-"))

@@ -29,10 +29,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cloud.blob_server import BlobServer, RegistryOffer
-from cloud.console import ConsoleReporter, where
-from cloud.control_link import ControlLink, DeviceView
-from cloud.local_broker import LocalBroker, free_port
+from cloud.cli.console import ConsoleReporter, where
+from cloud.mqtt.blob_server import BlobServer, RegistryOffer
+from cloud.mqtt.control_link import ControlLink, DeviceView
+from cloud.mqtt.local_broker import LocalBroker, free_port
 from cloud.paths import CloudPaths
 from cloud.processes import stop_process
 from cloud.registry import ModelRegistry, RegistryEntry

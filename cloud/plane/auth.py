@@ -16,7 +16,7 @@ from typing import Literal
 
 from sqlalchemy import Engine, and_, select, update
 
-from cloud.store import api_keys, as_utc, utcnow
+from cloud.plane.store import api_keys, as_utc, utcnow
 from shared.errors import ContractError
 from shared.ids import is_valid_name
 

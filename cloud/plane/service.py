@@ -13,28 +13,25 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from fastapi import FastAPI
-
-from cloud.auth import ApiKeys
-from cloud.blob_server import BlobServer, RegistryOffer
-from cloud.control_link import CloudSession, ControlLink, ack_ids
-from cloud.fleet import DesiredRecord, Fleet
-from cloud.gateway import PoolGateway
+from cloud.gateway.balancer import PoolGateway
+from cloud.mqtt.blob_server import BlobServer, RegistryOffer
+from cloud.mqtt.control_link import CloudSession, ControlLink, ack_ids
 from cloud.paths import CloudPaths
+from cloud.plane.auth import ApiKeys
+from cloud.plane.fleet import DesiredRecord, Fleet
+from cloud.plane.rollouts import RolloutDriver, Rollouts
+from cloud.plane.store import make_engine, migrate
 from cloud.ratelimit import TenantRateLimiter
 from cloud.registry import ModelRegistry
-from cloud.rollouts import RolloutDriver, Rollouts
 from cloud.settings import CloudSettings
-from cloud.store import make_engine, migrate
 from shared.control import ControlSigner
 from shared.errors import RegistryError
 from shared.messages import Command, CommandReply, DeviceStatus, ReportedState, TelemetryBatch
 from shared.signing import SigningKey
-from shared.tasks import TaskSet, watch
+from shared.tasks import TaskSet
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -204,26 +201,3 @@ class ControlPlane:
     def close(self) -> None:
         self._ingest.shutdown(wait=True)
         self.engine.dispose()
-
-
-def create_app(settings: CloudSettings) -> FastAPI:
-    from cloud.api import install
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        plane = ControlPlane(settings)
-        app.state.plane = plane
-        task = watch(asyncio.create_task(plane.run(), name="control-plane"), log, "the control loop")
-        app.state.plane_task = task
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-            await plane.gateway.aclose()
-            plane.close()
-
-    app = FastAPI(title="Open-AutoGLM control plane", version="0.1.0", lifespan=lifespan)
-    install(app)
-    return app

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import aiomqtt
 
-from cloud.blob_server import BlobServer
+from cloud.mqtt.blob_server import BlobServer
 from shared.control import ControlSigner
 from shared.errors import ConfigError, ContractError, ImpersonationError
 from shared.messages import (

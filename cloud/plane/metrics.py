@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from cloud.service import ControlPlane
+    from cloud.plane.service import ControlPlane
 
 PREFIX = "autoglm_cloud"
 

@@ -1,0 +1,3 @@
+from cloud.cli.root import main
+
+main()

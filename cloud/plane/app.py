@@ -1,0 +1,42 @@
+"""The control plane's FastAPI application: the lifespan owns the ``ControlPlane`` and its loop.
+
+Kept apart from ``service`` (the plane) and ``api`` (the routes, which use the plane), so that
+neither imports the other in a circle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from cloud.plane.api import install
+from cloud.plane.service import ControlPlane
+from cloud.settings import CloudSettings
+from shared.tasks import watch
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: CloudSettings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        plane = ControlPlane(settings)
+        app.state.plane = plane
+        task = watch(asyncio.create_task(plane.run(), name="control-plane"), log, "the control loop")
+        app.state.plane_task = task
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            await plane.gateway.aclose()
+            plane.close()
+
+    app = FastAPI(title="Open-AutoGLM control plane", version="0.1.0", lifespan=lifespan)
+    install(app)
+    return app
