@@ -4,8 +4,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/bootstrap.sh
 echo "[test] ruff"
-.venv/bin/ruff check shared cloud edge_agent tests bench
-.venv/bin/ruff format --check shared cloud edge_agent tests bench
+.venv/bin/ruff check shared cloud edge_agent tests bench docs
+.venv/bin/ruff format --check shared cloud edge_agent tests bench docs
+echo "[test] import contracts (pyproject.toml [tool.importlinter])"
+.venv/bin/lint-imports --no-cache
 echo "[test] mypy"
 .venv/bin/mypy shared cloud edge_agent
 echo "[test] pytest"

@@ -1,4 +1,5 @@
-"""``pip install .[edge]`` in a fresh venv pulls no torch, and the edge agent runs from it."""
+"""``pip install .`` in a fresh venv gives a working ``autoglm --help``; ``.[edge]`` on top pulls
+no torch, and the edge agent runs from it."""
 
 from __future__ import annotations
 
@@ -27,6 +28,18 @@ def test_edge_extra_installs_without_torch_and_serves(
 ) -> None:
     venv = tmp_path / "edge-venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    base = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "--quiet", str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert base.returncode == 0, base.stderr[-3000:]
+    for args in (["--help"], ["edge", "--help"], ["cloud", "--help"], ["model", "--help"]):
+        shown = subprocess.run(
+            [str(venv / "bin" / "autoglm"), *args], capture_output=True, text=True, timeout=120
+        )
+        assert shown.returncode == 0 and "Usage" in shown.stdout, (args, shown.stderr[-2000:])
     pip = subprocess.run(
         [str(venv / "bin" / "pip"), "install", "--quiet", f"{REPO}[edge]"],
         capture_output=True,
