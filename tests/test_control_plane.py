@@ -121,11 +121,11 @@ def test_staged_rollouts_gates_rollback_pause_abort_and_offline_devices(
         rid = r["rollout_id"]
         paused = cloud.ok("POST", f"/v1/rollouts/{rid}/pause")
         assert paused["state"] == "paused"
-        assert cloud.plane.api("DELETE", "/v1/models/demo-glm/2").status_code == 409
+        assert cloud.api("DELETE", "/v1/models/demo-glm/2").status_code == 409
         before = cloud.rollout(rid)["devices"]
         time.sleep(2.0)
         assert cloud.rollout(rid)["devices"] == before  # nothing moves while paused
-        assert cloud.plane.api("POST", f"/v1/rollouts/{rid}/pause").status_code == 400  # already paused
+        assert cloud.api("POST", f"/v1/rollouts/{rid}/pause").status_code == 400  # already paused
         cloud.ok("POST", f"/v1/rollouts/{rid}/resume")
         cloud.wait_rollout(rid, ("completed",))
         assert {d["active_model"] for d in cloud.devices().values()} == {"demo-glm:2"}
@@ -219,29 +219,29 @@ def test_api_keys_scopes_and_tenants(
         fleet.record_status(tenant, DeviceStatus(device_id="mine", state="online"))
         fleet.record_status("someone-else", DeviceStatus(device_id="theirs", state="online"))
 
-        assert cloud.plane.api("GET", "/v1/devices", key="agk_nope_nope").status_code == 401
+        assert cloud.api("GET", "/v1/devices", key="agk_nope_nope").status_code == 401
         assert httpx.get(f"{cloud.url}/v1/devices").status_code == 401
-        r = cloud.plane.api("GET", "/v1/devices", key=inference)
+        r = cloud.api("GET", "/v1/devices", key=inference)
         assert r.status_code == 403 and r.json()["error"]["code"] == "insufficient_scope"
         assert [
-            d["device_id"] for d in cloud.plane.api("GET", "/v1/devices", key=operator).json()["devices"]
+            d["device_id"] for d in cloud.api("GET", "/v1/devices", key=operator).json()["devices"]
         ] == ["mine"]
         assert [
-            d["device_id"] for d in cloud.plane.api("GET", "/v1/devices", key=other_tenant).json()["devices"]
+            d["device_id"] for d in cloud.api("GET", "/v1/devices", key=other_tenant).json()["devices"]
         ] == ["theirs"]
         # Tenant B sees none of tenant A's models, devices or rollouts.
-        assert cloud.plane.api("GET", "/v1/models", key=other_tenant).json()["models"] == []
-        assert cloud.plane.api("GET", "/v1/devices/mine", key=other_tenant).status_code == 404
-        assert cloud.plane.api("GET", "/v1/models/demo-glm/1", key=operator).json()["version"] == "1"
-        assert cloud.plane.api("DELETE", "/v1/models/demo-glm/1", key=operator).status_code == 403
+        assert cloud.api("GET", "/v1/models", key=other_tenant).json()["models"] == []
+        assert cloud.api("GET", "/v1/devices/mine", key=other_tenant).status_code == 404
+        assert cloud.api("GET", "/v1/models/demo-glm/1", key=operator).json()["version"] == "1"
+        assert cloud.api("DELETE", "/v1/models/demo-glm/1", key=operator).status_code == 403
         # Bad input is a 400 with the envelope, naming the problem.
-        bad = cloud.plane.api("POST", "/v1/config", {"config": {"runtime": {"queue_size": -3}}}, key=operator)
+        bad = cloud.api("POST", "/v1/config", {"config": {"runtime": {"queue_size": -3}}}, key=operator)
         assert bad.status_code == 400 and "runtime.queue_size" in bad.json()["error"]["message"]
-        bad = cloud.plane.api(
+        bad = cloud.api(
             "POST", "/v1/rollouts", {"model": "demo-glm:1", "waves": [50, 40]}, key=operator
         )
         assert bad.status_code == 400 and "waves" in bad.json()["error"]["message"]
-        assert cloud.plane.api("POST", "/v1/rollouts", {"model": "nope:1"}, key=operator).status_code == 404
+        assert cloud.api("POST", "/v1/rollouts", {"model": "nope:1"}, key=operator).status_code == 404
 
         # The operator CLI talks to the same API.
         listed = cli(cloud, "fleet", "ls", "--json", key=operator)
@@ -262,24 +262,24 @@ def test_api_keys_scopes_and_tenants(
 
         # Key lifecycle over REST (admins of the tenant only): create with an expiry, list
         # without secrets, revoke; a revoked key stops at once.
-        assert cloud.plane.api("GET", "/v1/keys", key=operator).status_code == 403
-        made = cloud.plane.api("POST", "/v1/keys", {"name": "ci", "scope": "operator", "expires_in_s": 3600})
+        assert cloud.api("GET", "/v1/keys", key=operator).status_code == 403
+        made = cloud.api("POST", "/v1/keys", {"name": "ci", "scope": "operator", "expires_in_s": 3600})
         assert made.status_code == 201, made.text
         new = made.json()
         assert new["expires_at"] is not None and new["key"].startswith("agk_")
-        assert cloud.plane.api("GET", "/v1/devices", key=new["key"]).status_code == 200
+        assert cloud.api("GET", "/v1/devices", key=new["key"]).status_code == 200
         listed_keys = cloud.ok("GET", "/v1/keys")["keys"]
         assert new["key_id"] in {k["key_id"] for k in listed_keys}
         assert new["key"] not in json.dumps(listed_keys)
-        theirs = cloud.plane.api("GET", "/v1/keys", key=other_tenant).json()["keys"]
+        theirs = cloud.api("GET", "/v1/keys", key=other_tenant).json()["keys"]
         assert [k["name"] for k in theirs] == ["x"]  # its own only
-        assert cloud.plane.api("DELETE", f"/v1/keys/{new['key_id']}", key=other_tenant).status_code == 404
-        bad = cloud.plane.api("POST", "/v1/keys", {"name": "x", "scope": "root"})
+        assert cloud.api("DELETE", f"/v1/keys/{new['key_id']}", key=other_tenant).status_code == 404
+        bad = cloud.api("POST", "/v1/keys", {"name": "x", "scope": "root"})
         assert bad.status_code == 400
-        bad = cloud.plane.api("POST", "/v1/keys", {"name": "x", "scope": "admin", "expires_in_s": -1})
+        bad = cloud.api("POST", "/v1/keys", {"name": "x", "scope": "admin", "expires_in_s": -1})
         assert bad.status_code == 400
         assert cloud.ok("DELETE", f"/v1/keys/{new['key_id']}")["revoked"] is True
-        assert cloud.plane.api("GET", "/v1/devices", key=new["key"]).status_code == 401
+        assert cloud.api("GET", "/v1/devices", key=new["key"]).status_code == 401
         engine.dispose()
     finally:
         stop_process(cloud.proc)
