@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shared.errors import InferenceError
+from shared.errors import RateLimited
 
 
 @dataclass
@@ -65,9 +65,7 @@ class TenantRateLimiter:
         wait = self.buckets.take(tenant)
         if wait > 0:
             b = self.buckets
-            raise InferenceError(
+            raise RateLimited(
                 f"tenant {tenant!r} is over its rate limit of {b.rate:g} requests/s (burst {b.burst:g})",
-                status=429,
-                code="rate_limited",
                 retry_after_s=max(1, math.ceil(wait)),
             )

@@ -7,11 +7,11 @@ from shared.errors import (
     ConfigError,
     ContractError,
     FetchError,
-    InferenceError,
     IntegrityError,
     ModelLoadError,
     PackagingError,
     RegistryError,
+    RequestError,
     SignatureError,
 )
 from shared.manifest import IOSignature, Manifest, SignedManifest, TrustStore
@@ -51,7 +51,6 @@ __all__ = [
     "FetchError",
     "FetchRequest",
     "IOSignature",
-    "InferenceError",
     "IntegrityError",
     "Manifest",
     "ModelLoadError",
@@ -61,6 +60,7 @@ __all__ = [
     "PublicKey",
     "RegistryError",
     "ReportedState",
+    "RequestError",
     "SignatureError",
     "SignedManifest",
     "SigningKey",

@@ -17,7 +17,10 @@ from shared.wire import WireDocument, WireModel
 # and expiry; commands carry a monotonic counter; reported states say why a control message was
 # refused (DESIGN.md §4, §8); the control plane acknowledges stored telemetry and reported states
 # by id on the device's ``acks`` topic, and only then does the device forget them (§4, §5).
-MQTT_SCHEMA = "autoglm.mqtt/v2"
+# v3: the phase of a switch to the model already in the other slot is ``switching`` (it was
+# ``rolling_back``, but a desired state naming the older model and the ``rollback`` command are
+# not the only switches: re-selecting any model the standby slot holds is one too).
+MQTT_SCHEMA = "autoglm.mqtt/v3"
 
 # Revisions are int64 everywhere (the control plane's column): a larger one would pin a device to
 # it forever and no longer fit the fleet's database.
@@ -81,7 +84,7 @@ class Phase(StrEnum):
     STAGED = "staged"
     SMOKE_TESTING = "smoke_testing"
     ACTIVE = "active"
-    ROLLING_BACK = "rolling_back"
+    SWITCHING = "switching"  # to the model the standby slot holds: nothing to download
     FAILED = "failed"
 
 

@@ -197,7 +197,7 @@ def test_failed_load_rejected_config_rollback_and_queue_limit(
             device, DesiredState(revision=6, model=demo_package.ref, config=good, allow_downgrade=True)
         )
         back = cloud.wait_reported(device, is_active(demo_package, 6))
-        assert Phase.ROLLING_BACK in [r.phase for r in cloud.reports]
+        assert Phase.SWITCHING in [r.phase for r in cloud.reports]
         assert Phase.FETCHING not in [r.phase for r in cloud.reports]
         assert len(cloud.served) == served_before
         assert back.slots[back.active_slot or "a"] == demo_package.ref

@@ -91,7 +91,7 @@ def test_malformed_payloads_are_dropped_with_a_log_line_and_serving_goes_on(
             (t.desired(DEVICE), json.dumps({**good, "schema": "autoglm.mqtt/v99"}).encode()),
             (t.desired(DEVICE), json.dumps({**good, "revision": "many"}).encode()),
             (t.desired(DEVICE), b"\xff" * 300_000),
-            (t.commands(DEVICE), b'{"schema": "autoglm.mqtt/v2", "kind": "command"}'),
+            (t.commands(DEVICE), b'{"schema": "autoglm.mqtt/v3", "kind": "command"}'),
         ]
     )
     assert wait_dropped(edge, before + 5) == before + 5

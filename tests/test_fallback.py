@@ -23,7 +23,7 @@ from cloud.registry import ModelRegistry, RegistryEntry
 from edge_agent.runtime.generator import GenerationParams, GenerationResult
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.text import Prompt
-from shared.errors import InferenceError
+from shared.errors import RequestError
 from shared.messages import DesiredState, Phase
 from shared.mqtt import BrokerSettings
 from shared.signing import SigningKey
@@ -93,13 +93,13 @@ def test_engine_stop_sequences_queue_limit_and_bad_prompts(engine: BatchEngine) 
         # max_batch 4 + queue 2: the seventh concurrent request is refused at once.
         params = GenerationParams(max_tokens=200, sampling=SamplingConfig(temperature=0.0))
         streams = [engine.submit(Prompt("import os\n"), params) for _ in range(6)]
-        with pytest.raises(InferenceError) as full:
+        with pytest.raises(RequestError) as full:
             engine.submit(Prompt("import os\n"), params)
         assert full.value.status == 429 and full.value.code == "queue_full"
         for s in streams:
             async for _ in s:
                 pass
-        with pytest.raises(InferenceError) as long:
+        with pytest.raises(RequestError) as long:
             engine.submit(Prompt("x " * 5000), params)
         assert long.value.code == "context_length_exceeded"
 

@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 
 from cloud.plane.fleet import Fleet
 from cloud.plane.store import make_engine, migrate
-from shared.errors import RegistryError
+from shared.errors import NotFound
 from shared.messages import DeviceStatus
 
 
@@ -57,5 +57,5 @@ def test_labels_merge_replace_and_remove(engine: Engine) -> None:
     assert fleet.set_labels("t", "dev-1", {"site": "a", "tier": "x"}).labels == {"site": "a", "tier": "x"}
     assert fleet.set_labels("t", "dev-1", {"tier": ""}).labels == {"site": "a"}
     assert fleet.set_labels("t", "dev-1", {"zone": "b"}, replace=True).labels == {"zone": "b"}
-    with pytest.raises(RegistryError):
+    with pytest.raises(NotFound):
         fleet.set_labels("t", "nobody", {"a": "b"})

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from cloud.gateway.balancer import PoolGateway, Replica
 from cloud.settings import GatewaySettings
-from shared.errors import InferenceError
+from shared.errors import RequestError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -168,7 +168,7 @@ def test_gateway_answers_504_for_a_slow_replica_and_neither_retries_nor_marks_it
             gateway = _gateway([a, b], request_timeout_s=0.3)
             try:
                 started = time.monotonic()
-                with pytest.raises(InferenceError) as err:
+                with pytest.raises(RequestError) as err:
                     await gateway.forward("/completions", {"model": "m", "prompt": "hi"})
                 assert err.value.status == 504 and err.value.code == "pool_timeout"
                 assert time.monotonic() - started < 1.5

@@ -16,7 +16,7 @@ from edge_agent.update.fetcher import RateLimiter
 from edge_agent.uplink.outbox import Outbox
 from edge_agent.uplink.telemetry import OutboxSender, TelemetryRecorder
 from shared.edge_config import EdgeConfig, RouterPolicy
-from shared.errors import ContractError, InferenceError
+from shared.errors import ContractError, RequestError
 from shared.messages import TelemetryBatch
 from shared.topics import Topics
 
@@ -243,7 +243,7 @@ def test_chat_template_from_the_model_and_the_fallback(tmp_path: Path) -> None:
     (tmp_path / "tokenizer_config.json").write_text(
         json.dumps({"chat_template": "{{ raise_exception('only user turns') }}"})
     )
-    with pytest.raises(InferenceError, match="only user turns"):
+    with pytest.raises(RequestError, match="only user turns"):
         ChatTemplate.from_folder(tmp_path).render([{"role": "user", "content": "Hi"}])
 
 

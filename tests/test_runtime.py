@@ -13,7 +13,7 @@ from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.session import OnnxCausalLM, perplexity
 from edge_agent.runtime.text import Prompt
 from edge_agent.update.slots import SlotStore
-from shared.errors import InferenceError
+from shared.errors import RequestError
 from shared.signing import SigningKey
 
 GREEDY = SamplingConfig(temperature=0.0)
@@ -102,10 +102,10 @@ def test_streamed_pieces_add_up_to_the_full_text(loaded: LoadedModel) -> None:
 
 
 def test_prompt_longer_than_context_is_refused(loaded: LoadedModel) -> None:
-    with pytest.raises(InferenceError) as info:
+    with pytest.raises(RequestError) as info:
         loaded.generator.generate(Prompt("x = 1\n" * 2000), GenerationParams(max_tokens=4))
     assert info.value.code == "context_length_exceeded"
-    with pytest.raises(InferenceError, match="zero tokens"):
+    with pytest.raises(RequestError, match="zero tokens"):
         loaded.generator.generate(Prompt(""), GenerationParams(max_tokens=4))
 
 

@@ -173,7 +173,7 @@ def test_the_control_plane_answers_400_to_unbounded_rollouts(
             )
             assert r.status_code == 400, (fields, r.status_code, r.text)
             assert message in r.json()["error"]["message"], (fields, r.text)
-        assert cloud.plane.api("GET", "/healthz").status_code == 200
+        assert cloud.api("GET", "/healthz").status_code == 200
     finally:
         cloud.stop()
 

@@ -59,7 +59,7 @@ EXAMPLES = [
 def test_every_message_round_trips_and_carries_schema_and_kind(message):  # type: ignore[no-untyped-def]
     data = message.to_json()
     doc = json.loads(data)
-    assert doc["schema"] == "autoglm.mqtt/v2"
+    assert doc["schema"] == "autoglm.mqtt/v3"
     assert doc["kind"] == message.KIND
     assert type(message).from_json(data) == message
 

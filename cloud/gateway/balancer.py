@@ -34,7 +34,7 @@ from fastapi.responses import StreamingResponse
 from cloud.settings import GatewaySettings
 from edge_agent.serving.service import cloud_answer_headers
 from edge_agent.serving.sse import relay_events
-from shared.errors import InferenceError
+from shared.errors import NoPool, PoolUnavailable, UpstreamTimeout
 from shared.openai_api import ModelCard, ModelList
 
 log = logging.getLogger(__name__)
@@ -146,17 +146,15 @@ class PoolGateway:
             log.warning("pool replica %s failed a request and is marked down: %s", replica.name, why)
         replica.up = False
 
-    def _timed_out(self, replica: Replica) -> InferenceError:
+    def _timed_out(self, replica: Replica) -> UpstreamTimeout:
         self.timeouts += 1
         log.warning(
             "pool replica %s did not answer within %.0f s; it stays up",
             replica.name,
             self.settings.request_timeout_s,
         )
-        return InferenceError(
-            f"pool replica {replica.name} did not answer within {self.settings.request_timeout_s:g} s",
-            status=504,
-            code="pool_timeout",
+        return UpstreamTimeout(
+            f"pool replica {replica.name} did not answer within {self.settings.request_timeout_s:g} s"
         )
 
     def _pick(self, tried: set[str], model: object) -> Replica | None:
@@ -193,7 +191,7 @@ class PoolGateway:
     async def forward(self, path: str, body: dict[str, Any]) -> Response:
         """POST ``body`` to the least busy replica that is up, moving on to another when one fails."""
         if not self.replicas:
-            raise InferenceError("no pool is configured (gateway.upstreams)", status=503, code="no_pool")
+            raise NoPool("no pool is configured (gateway.upstreams)")
         tried: set[str] = set()
         errors: list[str] = []
         not_found: Response | None = None
@@ -213,12 +211,7 @@ class PoolGateway:
         if not_found is not None and not errors:
             return not_found
         detail = "; ".join(errors) if errors else "none is up"
-        raise InferenceError(
-            f"no pool replica could serve the request ({detail})",
-            status=503,
-            code="pool_unavailable",
-            retry_after_s=2,
-        )
+        raise PoolUnavailable(f"no pool replica could serve the request ({detail})", retry_after_s=2)
 
     async def _send(self, replica: Replica, path: str, body: dict[str, Any]) -> Response:
         replica.outstanding += 1

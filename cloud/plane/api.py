@@ -13,9 +13,9 @@ from cloud.plane.auth import MAX_KEY_LIFETIME_S, Principal, Scope
 from cloud.plane.fleet import DesiredRecord, Selector
 from cloud.plane.rollouts import RolloutSpec
 from cloud.plane.service import ControlPlane
-from edge_agent.serving.errors import error_response, install_error_handlers
+from edge_agent.serving.errors import install_error_handlers
 from shared.edge_config import EdgeConfig
-from shared.errors import ContractError, InferenceError, RegistryError
+from shared.errors import ContractError, Forbidden, ModelInUse, NotFound, Unauthorized
 from shared.messages import ModelRef
 from shared.openai_api import ChatCompletionRequest, CompletionRequest
 from shared.tasks import exit_reason
@@ -34,18 +34,14 @@ def _principal(request: Request) -> Principal:
     key = header[7:] if header.lower().startswith("bearer ") else ""
     principal = _plane(request).keys.verify(key) if key else None
     if principal is None:
-        raise InferenceError("missing or unknown API key", status=401, code="invalid_api_key")
+        raise Unauthorized("missing or unknown API key")
     return principal
 
 
 def scope(needed: Scope) -> Any:
     def check(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
         if not principal.allows(needed):
-            raise InferenceError(
-                f"this needs a key with scope {needed!r}; yours is {principal.scope!r}",
-                status=403,
-                code="insufficient_scope",
-            )
+            raise Forbidden(f"this needs a key with scope {needed!r}; yours is {principal.scope!r}")
         return principal
 
     return Depends(check)
@@ -194,11 +190,7 @@ async def show_model(name: str, version: str, plane: Plane, who: Operator) -> di
 async def delete_model(name: str, version: str, plane: Plane, who: Admin) -> dict[str, Any]:
     using = plane.rollouts.in_use(who.tenant, name, version)
     if using:
-        raise InferenceError(
-            f"model is used by rollout(s) {', '.join(using)}; finish or abort them first",
-            status=409,
-            code="model_in_use",
-        )
+        raise ModelInUse(f"model is used by rollout(s) {', '.join(using)}; finish or abort them first")
     freed = await asyncio.to_thread(plane.registry(who.tenant).delete, name, version)
     return {"deleted": f"{name}:{version}", "bytes_freed": freed}
 
@@ -258,7 +250,7 @@ async def create_key(body: KeyBody, plane: Plane, who: Admin) -> dict[str, Any]:
 @v1.delete("/keys/{key_id}")
 async def revoke_key(key_id: str, plane: Plane, who: Admin) -> dict[str, Any]:
     if not await asyncio.to_thread(plane.keys.revoke, who.tenant, key_id):
-        raise RegistryError("no such key", key_id=key_id)
+        raise NotFound("no such key", key_id=key_id)
     return {"key_id": key_id, "revoked": True}
 
 
@@ -319,14 +311,6 @@ async def gateway_state(plane: Plane, who: Operator) -> dict[str, Any]:
 
 def install(app: FastAPI) -> None:
     install_error_handlers(app)
-
-    @app.exception_handler(ContractError)
-    async def _contract(_: Request, exc: ContractError) -> JSONResponse:
-        return error_response(400, str(exc), code="invalid_request")
-
-    @app.exception_handler(RegistryError)
-    async def _missing(_: Request, exc: RegistryError) -> JSONResponse:
-        return error_response(404, str(exc), code="not_found")
 
     app.include_router(probes)
     app.include_router(v1)

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, func, or_, select, update
 
 from cloud.plane.store import as_utc, devices, insert_ignore, telemetry, utcnow
-from shared.errors import ContractError, RegistryError
+from shared.errors import ContractError, NotFound
 from shared.ids import is_valid_name
 from shared.messages import DesiredState, DeviceStatus, ModelRef, ReportedState, TelemetryBatch
 
@@ -227,7 +227,7 @@ class Fleet:
                 select(devices).where(and_(devices.c.tenant == tenant, devices.c.device_id == device_id))
             ).first()
         if row is None:
-            raise RegistryError("no such device", device_id=device_id)
+            raise NotFound("no such device", device_id=device_id)
         return Device.from_row(row)
 
     def set_labels(
@@ -247,7 +247,7 @@ class Fleet:
                 query = query.with_for_update()
             current = conn.execute(query).first()
             if current is None:
-                raise RegistryError("no such device", device_id=device_id)
+                raise NotFound("no such device", device_id=device_id)
             merged = dict(labels) if replace else {**(current.labels or {}), **labels}
             merged = {k: v for k, v in merged.items() if v != ""}  # an empty value removes the label
             conn.execute(update(devices).where(where).values(labels=merged))

@@ -36,7 +36,7 @@ from sqlalchemy import Connection, Engine, and_, or_, select, update
 
 from cloud.plane.fleet import DesiredRecord, Device, Fleet, Selector
 from cloud.plane.store import as_utc, rollout_devices, rollouts, utcnow
-from shared.errors import ContractError, RegistryError
+from shared.errors import ContractError, NotFound
 from shared.messages import ModelRef
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ class Rollouts:
             stmt = stmt.with_for_update()
         row = conn.execute(stmt).first()
         if row is None:
-            raise RegistryError("no such rollout", rollout_id=rid)
+            raise NotFound("no such rollout", rollout_id=rid)
         return row._mapping
 
     def _set_state(

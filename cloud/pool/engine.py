@@ -32,7 +32,7 @@ from edge_agent.runtime.chat import ChatTemplate, end_of_turn_ids
 from edge_agent.runtime.generator import GenerationParams, GenerationResult, token_budget
 from edge_agent.runtime.sampling import choose_token
 from edge_agent.runtime.text import IncrementalText, Prompt
-from shared.errors import InferenceError, ModelLoadError
+from shared.errors import EngineError, InvalidRequest, ModelLoadError, QueueFull
 from shared.openai_api import FinishReason
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ class BatchEngine:
         """Token ids of ``prompt``, checked against the context (CPU work: off the event loop)."""
         ids = prompt.encode(self.tokenizer)
         if not ids:
-            raise InferenceError("prompt encodes to zero tokens", param="prompt")
+            raise InvalidRequest("prompt encodes to zero tokens", param="prompt")
         token_budget(len(ids), self.info.context_length, params, "model's")
         return ids
 
@@ -199,10 +199,8 @@ class BatchEngine:
             # Room for a full batch plus queue_size waiting, however fast the engine takes them in.
             if self._in_flight >= self.max_batch + self.queue_size:
                 self.stats.rejected += 1
-                raise InferenceError(
+                raise QueueFull(
                     f"the pool is full ({self.max_batch} generating, {self.queue_size} waiting); retry later",
-                    status=429,
-                    code="queue_full",
                     retry_after_s=1,
                 )
             req.submitted = time.monotonic()
@@ -246,7 +244,7 @@ class BatchEngine:
                 except Exception as exc:  # a broken step fails its requests, not the server
                     failed = {id(r.req): r.req for r in rows} | {id(q): q for q in admitted if not q.released}
                     log.exception("decode step failed; failing %d request(s)", len(failed))
-                    error = InferenceError(f"generation failed: {exc}", status=500, code="engine_error")
+                    error = EngineError(f"generation failed: {exc}")
                     for req in failed.values():
                         req.emit(error)
                         self._release(req)

@@ -27,7 +27,7 @@ from edge_agent.serving.config import ServingConfig
 from edge_agent.serving.errors import install_error_handlers
 from edge_agent.serving.openai_routes import Responder, ServiceResponder, openai_routes
 from edge_agent.serving.service import CompletionService
-from shared.errors import InferenceError
+from shared.errors import EngineDown, EngineError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class PoolBackend:
 
     def require(self) -> PoolModel:
         if not self.engine.alive:
-            raise InferenceError("the pool's engine is not running", status=503, code="engine_down")
+            raise EngineDown("the pool's engine is not running")
         return self.engine.info
 
     async def generate(self, prompt: Prompt, params: GenerationParams) -> tuple[PoolModel, GenerationResult]:
@@ -55,7 +55,7 @@ class PoolBackend:
         async for item in items:
             if isinstance(item, GenerationResult):
                 return model, item
-        raise InferenceError("generation ended without a result", status=500, code="engine_error")
+        raise EngineError("generation ended without a result")
 
     async def stream(
         self, prompt: Prompt, params: GenerationParams

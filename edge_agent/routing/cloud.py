@@ -23,19 +23,12 @@ from edge_agent.serving.config import ServingConfig
 from edge_agent.serving.service import cloud_answer_headers
 from edge_agent.serving.sse import relay_events
 from edge_agent.settings import url_allowed
-from shared.errors import InferenceError
+from shared.errors import CloudUnavailable
 
 log = logging.getLogger(__name__)
 
 # What a failed hop raises: refused, reset, cut off, or timed out.
 _HOP_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
-
-
-class CloudUnavailable(InferenceError):
-    """The cloud cannot take this request now (not configured, unreachable, failing, breaker open)."""
-
-    def __init__(self, message: str, **context: Any) -> None:
-        super().__init__(message, status=503, code="cloud_unavailable", retry_after_s=5, **context)
 
 
 class CloudFallback:

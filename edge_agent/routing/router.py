@@ -25,24 +25,31 @@ from typing import Any
 
 from fastapi import Response
 
-from edge_agent.routing.cloud import CloudFallback, CloudUnavailable
+from edge_agent.routing.cloud import CloudFallback
 from edge_agent.serving.config import ServingConfig
 from edge_agent.serving.openai_routes import ServiceResponder
 from edge_agent.uplink.telemetry import TelemetryRecorder
 from shared.edge_config import RouterPolicy
-from shared.errors import InferenceError
+from shared.errors import (
+    CloudUnavailable,
+    ContextTooLong,
+    ModelNotFound,
+    ModelNotReady,
+    QueueFull,
+    RequestError,
+)
 from shared.openai_api import ChatCompletionRequest, CompletionRequest, ModelList, SamplingParams
 
 log = logging.getLogger(__name__)
 
-# Local refusals the cloud may be able to serve instead.
-FALLBACK_CODES = frozenset({"model_not_ready", "queue_full", "context_length_exceeded", "model_not_found"})
+# Local refusals the cloud may be able to serve instead (and any local 5xx).
+FALLBACK_ERRORS = (ModelNotReady, ModelNotFound, QueueFull, ContextTooLong)
 # Local refusals that mean "this model is not here at all": only the cloud could have served it.
-_NOT_HERE = frozenset({"model_not_ready", "model_not_found"})
+_NOT_HERE = (ModelNotReady, ModelNotFound)
 
 
-def falls_back(exc: InferenceError) -> bool:
-    return exc.code in FALLBACK_CODES or exc.status >= 500
+def falls_back(exc: RequestError) -> bool:
+    return isinstance(exc, FALLBACK_ERRORS) or exc.status >= 500
 
 
 class RequestRouter:
@@ -82,7 +89,7 @@ class RequestRouter:
                 return await local(body)
         try:
             return await local(body)
-        except InferenceError as exc:
+        except RequestError as exc:
             no_cloud = self.serving().cloud_url is None
             if policy is RouterPolicy.LOCAL_ONLY or no_cloud or not falls_back(exc):
                 raise
@@ -90,12 +97,12 @@ class RequestRouter:
         try:
             response = await self._cloud(body, path)
         except CloudUnavailable as cloud_error:
-            not_here = local_error.code in _NOT_HERE
-            raise InferenceError(
+            # Both reasons in one answer, of the kind that matters to the client: the cloud's
+            # when the model is not here at all, else the local refusal (429, 400, ...).
+            kind = CloudUnavailable if isinstance(local_error, _NOT_HERE) else type(local_error)
+            raise kind(
                 f"{local_error.message}; {cloud_error.message}",
                 param=local_error.param,
-                status=503 if not_here else local_error.status,
-                code=cloud_error.code if not_here else local_error.code,
                 retry_after_s=local_error.retry_after_s or cloud_error.retry_after_s,
             ) from cloud_error
         self.fallbacks += 1

@@ -24,7 +24,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from edge_agent.runtime.text import Prompt
-from shared.errors import InferenceError, ModelLoadError
+from shared.errors import InvalidRequest, ModelLoadError, RequestError
 
 # For models without a template: one line per turn, ending with the assistant's cue.
 FALLBACK_TEMPLATE = (
@@ -87,7 +87,7 @@ class ChatTemplate:
         try:
             return str(self.template.render(**variables))
         except TemplateError as exc:
-            raise InferenceError(f"the chat template rejected the messages: {exc}", param="messages") from exc
+            raise InvalidRequest(f"the chat template rejected the messages: {exc}", param="messages") from exc
 
     def prompt(self, messages: list[dict[str, Any]]) -> Prompt:
         """The prompt for the assistant's next turn, to be encoded without added special tokens."""
@@ -103,7 +103,7 @@ class ChatTemplate:
         messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}]
         try:
             text = self.render(messages, add_generation_prompt=False)
-        except InferenceError:
+        except RequestError:
             return None
         _, found, after = text.partition(_SENTINEL)
         return after if found and after.strip() else None

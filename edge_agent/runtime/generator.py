@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 from edge_agent.runtime.sampling import SamplingConfig, choose_token
 from edge_agent.runtime.session import OnnxCausalLM
 from edge_agent.runtime.text import IncrementalText, Prompt
-from shared.errors import InferenceError
+from shared.errors import ContextTooLong, InvalidRequest
 from shared.openai_api import FinishReason
 
 
@@ -27,21 +27,18 @@ class GenerationParams:
 
 
 def token_budget(prompt_tokens: int, context_length: int, params: GenerationParams, where: str) -> int:
-    """How many tokens may be generated; InferenceError when the prompt (or the asked-for
+    """How many tokens may be generated; RequestError when the prompt (or the asked-for
     max_tokens with it) does not fit ``where``'s context."""
     room = context_length - prompt_tokens
     if room <= 0:
-        raise InferenceError(
-            f"prompt has {prompt_tokens} tokens; the {where} context holds {context_length}",
-            param="prompt",
-            code="context_length_exceeded",
+        raise ContextTooLong(
+            f"prompt has {prompt_tokens} tokens; the {where} context holds {context_length}", param="prompt"
         )
     if params.max_tokens_requested and params.max_tokens > room:
-        raise InferenceError(
+        raise ContextTooLong(
             f"max_tokens {params.max_tokens} with the prompt's {prompt_tokens} tokens exceeds the "
             f"{where} context of {context_length}; ask for at most {room}",
             param="max_tokens",
-            code="context_length_exceeded",
         )
     return min(params.max_tokens, room)
 
@@ -64,11 +61,11 @@ class TextGenerator:
         self.context_length = model.io.context_length
 
     def check_prompt(self, prompt: Prompt, params: GenerationParams) -> list[int]:
-        """Token ids of ``prompt``; InferenceError when it is empty or it (with the asked-for
+        """Token ids of ``prompt``; RequestError when it is empty or it (with the asked-for
         max_tokens) does not fit the context. CPU work: call it off the event loop."""
         prompt_ids = prompt.encode(self.tokenizer)
         if not prompt_ids:
-            raise InferenceError("prompt encodes to zero tokens", param="prompt")
+            raise InvalidRequest("prompt encodes to zero tokens", param="prompt")
         token_budget(len(prompt_ids), self.context_length, params, "local")
         return prompt_ids
 

@@ -25,7 +25,7 @@ from edge_agent.runtime.generator import GenerationParams, GenerationResult, Tex
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.session import OnnxCausalLM
 from edge_agent.runtime.text import Prompt
-from shared.errors import InferenceError, ModelLoadError
+from shared.errors import ModelLoadError, ModelNotReady, QueueFull
 from shared.manifest import Manifest
 
 
@@ -108,19 +108,15 @@ class ModelHost:
     def require(self) -> LoadedModel:
         model = self._current
         if model is None:
-            raise InferenceError(
-                "no model is active on this device yet", status=503, code="model_not_ready", retry_after_s=5
-            )
+            raise ModelNotReady("no model is active on this device yet", retry_after_s=5)
         return model
 
     def _admit(self) -> None:
         if self._admitted >= 1 + self.queue_size:
             self.stats.rejected_queue_full += 1
             wait = self.stats.avg_request_s * (self.waiting + 1)
-            raise InferenceError(
+            raise QueueFull(
                 f"the local queue is full ({self.queue_size} waiting); retry later",
-                status=429,
-                code="queue_full",
                 retry_after_s=max(1, math.ceil(wait)),
             )
         self._admitted += 1

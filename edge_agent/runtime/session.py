@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
-from shared.errors import InferenceError, ModelLoadError
+from shared.errors import ContextTooLong, ModelLoadError
 from shared.manifest import IOSignature
 
 log = logging.getLogger(__name__)
@@ -96,10 +96,7 @@ class OnnxCausalLM:
     def decoder(self, capacity: int) -> Decoder:
         """A decoder for one sequence of at most ``capacity`` positions (prompt + new tokens)."""
         if capacity > self.io.context_length:
-            raise InferenceError(
-                f"{capacity} positions exceed the local context of {self.io.context_length}",
-                code="context_length_exceeded",
-            )
+            raise ContextTooLong(f"{capacity} positions exceed the local context of {self.io.context_length}")
         if not self.shared_kv:
             return _ConcatDecoder(self)
         if self._buffers is None or self._buffers.capacity < capacity:
@@ -190,7 +187,7 @@ class _SharedDecoder:
         seq = len(token_ids)
         total = self.past_len + seq
         if total > b.capacity:
-            raise InferenceError(f"sequence of {total} positions exceeds the KV buffer of {b.capacity}")
+            raise ContextTooLong(f"sequence of {total} positions exceeds the KV buffer of {b.capacity}")
         b.seqlens[0] = total - 1
         b.total[()] = total
         if seq == 1:

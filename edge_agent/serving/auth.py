@@ -6,7 +6,7 @@ import hmac
 
 from fastapi import Request
 
-from shared.errors import InferenceError
+from shared.errors import Unauthorized
 
 
 def check_bearer(request: Request, key: str | None) -> None:
@@ -17,4 +17,4 @@ def check_bearer(request: Request, key: str | None) -> None:
         return
     given = request.headers.get("authorization", "").encode()
     if not hmac.compare_digest(given, f"Bearer {key}".encode()):
-        raise InferenceError("missing or wrong API key", status=401, code="invalid_api_key")
+        raise Unauthorized("missing or wrong API key")

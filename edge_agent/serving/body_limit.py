@@ -9,7 +9,8 @@ from __future__ import annotations
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edge_agent.serving.errors import error_response
+from edge_agent.serving.errors import error_for
+from shared.errors import RequestTooLarge
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -29,7 +30,7 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await error_response(413, self._message(), code="request_too_large")(scope, receive, send)
+            await error_for(RequestTooLarge(self._message()))(scope, receive, send)
             return
         received = 0
 

@@ -1,4 +1,9 @@
-"""The one place HTTP errors become the OpenAI error envelope."""
+"""The one place errors become HTTP answers in the OpenAI error envelope.
+
+Status, OpenAI ``type`` and ``code`` come from ``shared.errors.HTTP_ERRORS`` (by exception
+class); the edge's local API, the pool, the gateway and the control plane all install these
+handlers.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import InferenceError
+from shared.errors import AutoGLMError, RequestError, http_error
 from shared.openai_api import ErrorEnvelope
 
 log = logging.getLogger(__name__)
@@ -17,6 +22,7 @@ log = logging.getLogger(__name__)
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     429: "rate_limit_error",
 }
@@ -25,16 +31,31 @@ _TYPES = {
 def error_response(
     status: int, message: str, param: str | None = None, code: str | None = None
 ) -> JSONResponse:
+    """An answer for errors that are not ours (validation, routing): typed by status."""
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return JSONResponse(ErrorEnvelope.of(message, kind, param, code), status_code=status)
 
 
+def error_for(exc: AutoGLMError) -> JSONResponse:
+    """The answer ``HTTP_ERRORS`` gives ``exc``, with ``param`` and Retry-After where it has them."""
+    http = http_error(exc)
+    if isinstance(exc, RequestError):
+        # A request error's message is written for the client; other errors keep their context.
+        message, param, retry = exc.message, exc.param, exc.retry_after_s
+    else:
+        message, param, retry = str(exc), None, None
+    response = JSONResponse(ErrorEnvelope.of(message, http.type, param, http.code), status_code=http.status)
+    if retry is not None:
+        response.headers["Retry-After"] = str(retry)
+    return response
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(InferenceError)
-    async def _inference(_: Request, exc: InferenceError) -> JSONResponse:
-        response = error_response(exc.status, exc.message, exc.param, exc.code)
-        if exc.retry_after_s is not None:
-            response.headers["Retry-After"] = str(exc.retry_after_s)
+    @app.exception_handler(AutoGLMError)
+    async def _ours(_: Request, exc: AutoGLMError) -> JSONResponse:
+        response = error_for(exc)
+        if response.status_code >= 500 and not isinstance(exc, RequestError):
+            log.error("unexpected %s while serving a request: %s", type(exc).__name__, exc)
         return response
 
     @app.exception_handler(RequestValidationError)

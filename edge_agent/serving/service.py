@@ -22,7 +22,7 @@ from edge_agent.runtime.generator import GenerationParams, GenerationResult
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.text import Prompt
 from edge_agent.serving.config import ServingConfig
-from shared.errors import InferenceError
+from shared.errors import InvalidRequest, ModelNotFound, RequestError
 from shared.openai_api import (
     ChatChoice,
     ChatChoiceMessage,
@@ -121,11 +121,9 @@ class CompletionService:
         loaded = self.host.require()
         # Clients may name the model by "name", "name:version", or leave the choice to us with "default".
         if requested != "default" and requested not in loaded.names:
-            raise InferenceError(
+            raise ModelNotFound(
                 f"model {requested!r} is not served here; this device serves {loaded.model_id!r}",
                 param="model",
-                status=404,
-                code="model_not_found",
             )
         return loaded
 
@@ -149,7 +147,7 @@ class CompletionService:
         try:
             prompt = req.prompt_text()
         except ValueError as exc:
-            raise InferenceError(str(exc), param="prompt") from exc
+            raise InvalidRequest(str(exc), param="prompt") from exc
         return _Prepared(Prompt(prompt), self.params(req), started)
 
     def _prepare_chat(self, req: ChatCompletionRequest) -> _Prepared:
@@ -158,7 +156,7 @@ class CompletionService:
         try:
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         except ValueError as exc:
-            raise InferenceError(str(exc), param="messages") from exc
+            raise InvalidRequest(str(exc), param="messages") from exc
         return _Prepared(loaded.chat.prompt(messages), self.params(req, loaded.chat.stop), started)
 
     # -- telemetry -----------------------------------------------------------------------------
@@ -181,7 +179,7 @@ class CompletionService:
         current = self.host.current
         try:
             loaded, result = await self.host.generate(prep.prompt, prep.params)
-        except InferenceError as exc:
+        except RequestError as exc:
             if exc.status >= 500 or exc.status == 429:
                 self._record(prep, current.model_id if current else "", None, exc.code or "error")
             raise

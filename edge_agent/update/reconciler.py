@@ -4,7 +4,7 @@ Phases and their allowed transitions are in ``TRANSITIONS``; the state is saved 
 so after a crash the agent knows where it was. The active model keeps serving throughout: a new
 model is fetched, verified, staged into the standby slot and smoke-tested before the switch.
 The previous model stays in the other slot: going back to it (a desired state naming it, or a
-``rollback`` command) is a switch through ``rolling_back`` with nothing to download.
+``rollback`` command) is a switch through ``switching`` with nothing to download.
 
 Failpoints, for crash tests: ``AUTOGLM_EDGE_FAILPOINTS=verifying,activating`` makes the agent
 stop (hang, after the state is saved) on entering those phases; ``activating`` is the moment
@@ -48,9 +48,9 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.VERIFYING: frozenset({Phase.STAGED, Phase.FAILED, Phase.FETCHING}),
     Phase.STAGED: frozenset({Phase.SMOKE_TESTING, Phase.FAILED, Phase.FETCHING}),
     Phase.SMOKE_TESTING: frozenset({Phase.ACTIVE, Phase.FAILED, Phase.FETCHING}),
-    Phase.ACTIVE: frozenset({Phase.FETCHING, Phase.ROLLING_BACK}),
-    Phase.FAILED: frozenset({Phase.FETCHING, Phase.ROLLING_BACK, Phase.ACTIVE}),
-    Phase.ROLLING_BACK: frozenset({Phase.ACTIVE, Phase.FAILED}),
+    Phase.ACTIVE: frozenset({Phase.FETCHING, Phase.SWITCHING}),
+    Phase.FAILED: frozenset({Phase.FETCHING, Phase.SWITCHING, Phase.ACTIVE}),
+    Phase.SWITCHING: frozenset({Phase.ACTIVE, Phase.FAILED}),
 }
 
 FAILPOINTS_ENV = "AUTOGLM_EDGE_FAILPOINTS"
@@ -133,7 +133,7 @@ class Reconciler:
 
     async def run(self) -> None:
         await self.restore()
-        if self.state.phase == Phase.ROLLING_BACK:
+        if self.state.phase == Phase.SWITCHING:
             # Killed mid-switch: we serve whatever the saved active slot is; the retained desired
             # state (or the operator) asks again if the switch is still wanted.
             self.state.phase = Phase.ACTIVE if self.host.current is not None else Phase.FAILED
@@ -242,7 +242,7 @@ class Reconciler:
         """Activate a slot that is already staged: the instant rollback path."""
         s = self.state
         try:
-            await self._transition(Phase.ROLLING_BACK)
+            await self._transition(Phase.SWITCHING)
             manifest = await asyncio.to_thread(self.trust.verify, self.slots.manifest_bytes(slot))
             self._check_release(manifest, allow_downgrade)
             loaded = await asyncio.to_thread(self._load_slot, slot)

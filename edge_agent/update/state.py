@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.blobs import atomic_write
 from shared.messages import ErrorInfo, ModelRef, Phase
@@ -43,6 +43,12 @@ class AgentState(BaseModel):
     command_counter: int = -1
     # The last control message refused, and why (reported until a valid desired state arrives).
     control_error: ErrorInfo | None = None
+
+    @field_validator("phase", mode="before")
+    @classmethod
+    def _renamed_phase(cls, value: Any) -> Any:
+        # State files written before wire schema v3 call a switch "rolling_back".
+        return Phase.SWITCHING if value == "rolling_back" else value
 
     def standby_slot(self) -> SlotName:
         return "b" if self.active_slot == "a" else "a"
