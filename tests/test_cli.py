@@ -169,12 +169,18 @@ def test_manual_path_from_the_readme(tmp_path: Path, demo_source: Path, broker, 
     its own process."""
     import httpx
 
+    from cloud.plane.fleet import Fleet
+    from cloud.plane.store import make_engine
     from cloud.processes import stop_process
     from shared.mqtt import BrokerSettings
     from tests.conftest import start_edge
 
     home = tmp_path / "home"
-    packaged = autoglm("model", "package", str(demo_source), "--name", "manual", "--version", "1", home=home)
+    registry = tmp_path / "registries" / tenant
+    packaged = autoglm(
+        "model", "package", str(demo_source), "--name", "manual", "--version", "1",
+        "--registry", str(registry), home=home,
+    )  # fmt: skip
     assert packaged.returncode == 0, packaged.stdout + packaged.stderr
     key = autoglm("model", "key", home=home).stdout.strip()
     control = autoglm("cloud", "control-key", home=home).stdout.strip().splitlines()[-1]
@@ -188,28 +194,40 @@ def test_manual_path_from_the_readme(tmp_path: Path, demo_source: Path, broker, 
         control_keys=[control],
     )
     blobs = subprocess.Popen(
-        [sys.executable, "-m", "cloud.cli", "cloud", "blobs", "--broker", addr, "--tenant", tenant],
+        [
+            *(sys.executable, "-m", "cloud.cli", "cloud", "blobs"),
+            *("--broker", addr, "--tenant", tenant, "--registry", str(registry)),
+        ],
         env={**os.environ, "AUTOGLM_HOME": str(home)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
+        config = tmp_path / "cloud.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "database_url": f"sqlite:///{tmp_path / 'cloud.db'}",
+                    "registry_dir": str(registry.parent),
+                    "tenants": [tenant],
+                    "broker": {"host": broker.host, "port": broker.port},
+                }
+            )
+        )
         assigned = autoglm(
-            "cloud",
-            "assign",
-            "edge-0001",
-            "manual:1",
-            "--revision",
-            "1",
-            "--broker",
-            addr,
-            "--tenant",
-            tenant,
-            home=home,
+            "cloud", "assign", "edge-0001", "manual:1", "-c", str(config), "--tenant", tenant, home=home
         )
         assert assigned.returncode == 0, assigned.stdout + assigned.stderr
         assert "edge-0001 → manual:1 (revision 1, signed by" in assigned.stdout
         assert edge.wait_ready()["model"] == "manual:1"
+        # The revision comes from the database's counter: the next assignment is revision 2.
+        again = autoglm(
+            "cloud", "assign", "edge-0001", "manual:1", "-c", str(config), "--tenant", tenant, home=home
+        )
+        assert "(revision 2, signed by" in again.stdout, again.stdout + again.stderr
+        engine = make_engine(f"sqlite:///{tmp_path / 'cloud.db'}")
+        assert Fleet(engine).current_desired(tenant, "edge-0001").revision == 2  # type: ignore[union-attr]
+        engine.dispose()
         r = httpx.post(
             f"{edge.api}/v1/completions",
             json={"model": "manual", "prompt": "def main():\n", "max_tokens": 8},

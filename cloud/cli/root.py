@@ -324,46 +324,29 @@ def cloud_blobs(
 @cloud_app.command("assign")
 def cloud_assign(
     device: Annotated[str, typer.Argument(help="Device id.")],
-    ref: Annotated[str, typer.Argument(help="NAME:VERSION from the registry.")],
-    revision: Annotated[int, typer.Option("--revision", help="Desired-state revision (must grow).")],
-    broker: BrokerOpt = "127.0.0.1:1883",
+    ref: Annotated[str, typer.Argument(help="NAME:VERSION from the tenant's registry.")],
+    config: Annotated[
+        Path,
+        typer.Option("--config", "-c", help="The control plane's cloud.yaml (database, registry, broker)."),
+    ],
     tenant: TenantOpt = "default",
-    registry: RegistryOpt = None,
-    control_key: Annotated[
-        Path | None,
-        typer.Option("--control-key", help="PEM file [default: $AUTOGLM_HOME/keys/control-signing.pem]."),
-    ] = None,
     allow_downgrade: Annotated[
         bool, typer.Option("--allow-downgrade", help="Authorize installing a lower release (a rollback).")
     ] = False,
 ) -> None:
-    """Publish a device's signed desired state (retained) pointing at a packaged model, without a
-    control plane (a lab, a single device). With a control plane, use rollouts: this bypasses its
-    revision counter."""
-    from cloud.paths import CloudPaths
-    from shared.control import ControlSigner
-    from shared.messages import MAX_REVISION, DesiredState
-    from shared.mqtt import QOS, make_client
-    from shared.signing import SigningKey
-    from shared.topics import Topics
+    """Point one device at a packaged model: the next desired-state revision from the control
+    plane's database, signed with the control key, published retained. Works with or without the
+    control plane running (a lab, a single device); fleets use rollouts."""
+    from cloud.plane.desired import assign
+    from cloud.settings import CloudSettings
 
-    if not 0 <= revision <= MAX_REVISION:
-        raise typer.BadParameter(f"a revision is in [0, {MAX_REVISION}]", param_hint="--revision")
     name, version = _split_ref(ref)
-    entry = _registry(registry).get(name, version)
-    key = SigningKey.load(control_key or CloudPaths.from_env().control_key)
-    state = ControlSigner(key).desired(
-        DesiredState(revision=revision, model=entry.ref, allow_downgrade=allow_downgrade),
-        device_id=device,
-        tenant=tenant,
+    settings = CloudSettings.load(config)
+    done = asyncio.run(assign(settings, tenant, device, name, version, allow_downgrade=allow_downgrade))
+    console.print(
+        f"[cloud] {device} → {name}:{version} (revision {done.record.revision}, "
+        f"signed by {done.signed.signature.key_id if done.signed.signature else '?'})"
     )
-
-    async def publish() -> None:
-        async with make_client(_broker(broker), f"autoglm-cli-{device}"[:60], persistent=False) as client:
-            await client.publish(Topics(tenant).desired(device), state.to_json(), qos=QOS, retain=True)
-
-    asyncio.run(publish())
-    console.print(f"[cloud] {device} → {name}:{version} (revision {revision}, signed by {key.public.key_id})")
 
 
 @app.command("demo")

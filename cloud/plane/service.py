@@ -19,18 +19,16 @@ from typing import Any
 from cloud.gateway.balancer import PoolGateway
 from cloud.mqtt.blob_server import BlobServer, RegistryOffer
 from cloud.mqtt.control_link import CloudSession, ControlLink, ack_ids
-from cloud.paths import CloudPaths
 from cloud.plane.auth import ApiKeys
+from cloud.plane.desired import control_signer
 from cloud.plane.fleet import DesiredRecord, Fleet
 from cloud.plane.rollouts import RolloutDriver, Rollouts
 from cloud.plane.store import make_engine, migrate
 from cloud.ratelimit import TenantRateLimiter
 from cloud.registry import ModelRegistry
 from cloud.settings import CloudSettings
-from shared.control import ControlSigner
-from shared.errors import RegistryError
+from shared.errors import NotFound
 from shared.messages import Command, CommandReply, DeviceStatus, ReportedState, TelemetryBatch
-from shared.signing import SigningKey
 from shared.tasks import TaskSet
 from shared.topics import Topics
 
@@ -58,15 +56,8 @@ class ControlPlane:
         self.gateway = PoolGateway(settings.gateway)
         limit = settings.gateway.rate_limit
         self.rate_limiter = TenantRateLimiter(limit.requests_per_s, limit.burst)
-        control = settings.control
-        key_path = control.key_file or CloudPaths.from_env().control_key
-        key, created = SigningKey.load_or_create(key_path)
-        if created:
-            log.warning(
-                "created the control key %s at %s; pin it in every edge config", key.public.key_id, key_path
-            )
-        log.info("signing desired states and commands with control key %s", key.public.key_id)
-        self.signer = ControlSigner(key, control.desired_ttl_s, control.command_ttl_s)
+        self.signer = control_signer(settings)
+        log.info("signing desired states and commands with control key %s", self.signer.key.public.key_id)
         self._resigned: dict[tuple[str, str], float] = {}
         self._background = TaskSet(log)
         # One thread writes what devices report, in arrival order, off the event loop.
@@ -158,7 +149,7 @@ class ControlPlane:
         """Sign and send a command with the device's next counter; the reply if one came in time."""
         link = self.links.get(tenant)
         if link is None:
-            raise RegistryError("no such tenant", tenant=tenant)
+            raise NotFound("no such tenant", tenant=tenant)
         counter = await asyncio.to_thread(self.fleet.next_command_counter, tenant, device_id)
         command = Command(request_id=uuid.uuid4().hex[:16], action=action, counter=counter)  # type: ignore[arg-type]
         reply = await link.send_command(device_id, command, wait_s)

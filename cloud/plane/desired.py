@@ -1,0 +1,79 @@
+"""Desired states have one writer: ``Fleet.next_desired`` records each under its device's revision
+counter (in the database, inside the caller's transaction), and only then is it signed with the
+control key and published retained on the device's ``desired`` topic.
+
+Rollouts (the driver), config pushes (REST) and ``autoglm cloud assign`` all go this way: the
+running control plane publishes through its own MQTT session (``ControlPlane.publish``);
+``assign`` publishes through a short one of its own, so it works with no control plane running.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+import aiomqtt
+
+from cloud.paths import CloudPaths
+from cloud.plane.fleet import DesiredRecord, Fleet
+from cloud.plane.store import make_engine, migrate
+from cloud.registry import ModelRegistry
+from cloud.settings import CloudSettings
+from shared.control import ControlSigner
+from shared.errors import BrokerError, NotFound
+from shared.messages import DesiredState
+from shared.mqtt import QOS, make_client
+from shared.signing import SigningKey
+from shared.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+def control_signer(settings: CloudSettings) -> ControlSigner:
+    """The control key of ``settings`` (created on first use) with its TTLs."""
+    control = settings.control
+    key_path = control.key_file or CloudPaths.from_env().control_key
+    key, created = SigningKey.load_or_create(key_path)
+    if created:
+        log.warning(
+            "created the control key %s at %s; pin it in every edge config", key.public.key_id, key_path
+        )
+    return ControlSigner(key, control.desired_ttl_s, control.command_ttl_s)
+
+
+@dataclass(frozen=True)
+class Assigned:
+    record: DesiredRecord
+    signed: DesiredState
+
+
+async def assign(
+    settings: CloudSettings, tenant: str, device_id: str, name: str, version: str, *, allow_downgrade: bool
+) -> Assigned:
+    """Point one device at a packaged model: the next revision from the database, signed and
+    published retained. The device's pushed config is kept."""
+    if tenant not in settings.tenants:
+        raise NotFound(f"tenant {tenant!r} is not in the config's tenants", tenant=tenant)
+    entry = ModelRegistry(settings.registry_dir / tenant).get(name, version)
+    engine = make_engine(settings.database_url)
+    try:
+        migrate(engine)
+        record = Fleet(engine).next_desired(
+            tenant, device_id, model=entry.ref, config=None, allow_downgrade=allow_downgrade
+        )
+    finally:
+        engine.dispose()
+    signed = control_signer(settings).desired(record.message(), device_id=device_id, tenant=tenant)
+    try:
+        # A client id of its own: a replica's id would take over (and end) that replica's session.
+        client_id = f"autoglm-assign-{uuid.uuid4().hex[:12]}"
+        async with make_client(settings.broker, client_id, persistent=False) as client:
+            await client.publish(Topics(tenant).desired(device_id), signed.to_json(), qos=QOS, retain=True)
+    except aiomqtt.MqttError as exc:
+        raise BrokerError(
+            f"revision {record.revision} is recorded but could not be published ({exc}); "
+            "run the command again once the broker is reachable",
+            broker=f"{settings.broker.host}:{settings.broker.port}",
+        ) from exc
+    return Assigned(record, signed)
