@@ -223,9 +223,9 @@ def test_api_keys_scopes_and_tenants(
         assert httpx.get(f"{cloud.url}/v1/devices").status_code == 401
         r = cloud.api("GET", "/v1/devices", key=inference)
         assert r.status_code == 403 and r.json()["error"]["code"] == "insufficient_scope"
-        assert [
-            d["device_id"] for d in cloud.api("GET", "/v1/devices", key=operator).json()["devices"]
-        ] == ["mine"]
+        assert [d["device_id"] for d in cloud.api("GET", "/v1/devices", key=operator).json()["devices"]] == [
+            "mine"
+        ]
         assert [
             d["device_id"] for d in cloud.api("GET", "/v1/devices", key=other_tenant).json()["devices"]
         ] == ["theirs"]
@@ -237,9 +237,7 @@ def test_api_keys_scopes_and_tenants(
         # Bad input is a 400 with the envelope, naming the problem.
         bad = cloud.api("POST", "/v1/config", {"config": {"runtime": {"queue_size": -3}}}, key=operator)
         assert bad.status_code == 400 and "runtime.queue_size" in bad.json()["error"]["message"]
-        bad = cloud.api(
-            "POST", "/v1/rollouts", {"model": "demo-glm:1", "waves": [50, 40]}, key=operator
-        )
+        bad = cloud.api("POST", "/v1/rollouts", {"model": "demo-glm:1", "waves": [50, 40]}, key=operator)
         assert bad.status_code == 400 and "waves" in bad.json()["error"]["message"]
         assert cloud.api("POST", "/v1/rollouts", {"model": "nope:1"}, key=operator).status_code == 404
 

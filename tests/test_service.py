@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,66 @@ def test_a_dead_control_loop_is_logged_with_its_reason_and_fails_readiness(
     stopped = [rec for rec in caplog.records if "the control loop stopped" in rec.getMessage()]
     assert stopped and "the database went away" in stopped[0].getMessage()
     assert stopped[0].exc_info is not None
+
+
+@pytest.fixture
+def plane_client(tmp_path: Path) -> Iterator[tuple[TestClient, str]]:
+    """The control-plane app in process (no broker: its MQTT task keeps retrying) and an admin key."""
+    from cloud.plane.auth import ApiKeys
+    from cloud.plane.store import make_engine, migrate
+
+    db = f"sqlite:///{tmp_path / 'cp.sqlite3'}"
+    engine = make_engine(db)
+    migrate(engine)
+    _, key = ApiKeys(engine).create("default", "test", "admin")
+    engine.dispose()
+    settings = CloudSettings.model_validate(
+        {
+            "database_url": db,
+            "registry_dir": str(tmp_path / "registries"),
+            "broker": {"host": "127.0.0.1", "port": 9},
+            "control": {"key_file": str(control_key_file(tmp_path))},
+            "gateway": {"upstreams": [{"url": "http://127.0.0.1:9/v1", "name": "nowhere"}]},
+        }
+    )
+    with TestClient(create_app(settings)) as client:
+        yield client, key
+
+
+def test_openapi_lists_a_response_model_for_every_route(plane_client: tuple[TestClient, str]) -> None:
+    client, _ = plane_client
+    spec = client.get("/openapi.json").json()
+    missing = []
+    for path, methods in spec["paths"].items():
+        for method, op in methods.items():
+            ok = next(c for c in ("200", "201") if c in op["responses"])
+            content = op["responses"][ok].get("content", {})
+            schemas = [c.get("schema", {}) for c in content.values()]
+            if not any(s.get("$ref") or s.get("type") for s in schemas):
+                missing.append(f"{method.upper()} {path}")
+    assert not missing, missing
+    assert spec["paths"]["/v1/devices"]["get"]["responses"]["200"]["content"]["application/json"][
+        "schema"
+    ] == {"$ref": "#/components/schemas/DeviceList"}
+
+
+def test_rest_answers_match_their_views(plane_client: tuple[TestClient, str]) -> None:
+    client, key = plane_client
+    auth = {"authorization": f"Bearer {key}"}
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/v1/devices", headers=auth).json() == {"devices": []}
+    assert client.get("/v1/rollouts", headers=auth).json() == {"rollouts": []}
+    assert client.get("/v1/models", headers=auth).json() == {"object": "list", "data": [], "models": []}
+    made = client.post("/v1/keys", json={"name": "ci", "scope": "inference"}, headers=auth)
+    assert made.status_code == 201 and made.json()["key"].startswith("agk_")
+    assert made.json()["scope"] == "inference" and made.json()["revoked"] is False
+    inference = {"authorization": f"Bearer {made.json()['key']}"}
+    assert client.get("/v1/models", headers=inference).json() == {"object": "list", "data": []}
+    listed = client.get("/v1/keys", headers=auth).json()["keys"]
+    assert {k["name"] for k in listed} == {"test", "ci"}
+    gone = client.delete(f"/v1/keys/{made.json()['key_id']}", headers=auth)
+    assert gone.json() == {"key_id": made.json()["key_id"], "revoked": True}
+    state = client.get("/v1/gateway", headers=auth).json()
+    assert [r["name"] for r in state["replicas"]] == ["nowhere"] and state["retries"] == 0
+    missing = client.get("/v1/devices/nobody", headers=auth)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"

@@ -13,11 +13,34 @@ from cloud.plane.auth import MAX_KEY_LIFETIME_S, Principal, Scope
 from cloud.plane.fleet import DesiredRecord, Selector
 from cloud.plane.rollouts import RolloutSpec
 from cloud.plane.service import ControlPlane
+from cloud.plane.views import (
+    Catalogue,
+    CommandSent,
+    ConfigPushed,
+    DeviceList,
+    DeviceView,
+    GatewayState,
+    Health,
+    KeyCreated,
+    KeyList,
+    KeyRevoked,
+    ModelDeleted,
+    ModelDetail,
+    Readiness,
+    RolloutList,
+    RolloutView,
+)
 from edge_agent.serving.errors import install_error_handlers
 from shared.edge_config import EdgeConfig
 from shared.errors import ContractError, Forbidden, ModelInUse, NotFound, Unauthorized
 from shared.messages import ModelRef
-from shared.openai_api import ChatCompletionRequest, CompletionRequest
+from shared.openai_api import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorEnvelope,
+)
 from shared.tasks import exit_reason
 
 
@@ -98,11 +121,11 @@ v1 = APIRouter(prefix="/v1")
 
 
 @probes.get("/healthz")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+async def healthz() -> Health:
+    return Health(status="ok")
 
 
-@probes.get("/readyz")
+@probes.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 async def readyz(request: Request) -> JSONResponse:
     plane = _plane(request)
     if request.app.state.plane_task.done():
@@ -116,7 +139,11 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"ready": True, "replica": plane.settings.replica_id})
 
 
-@probes.get("/metrics")
+@probes.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus"}},
+)
 async def metrics(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -131,23 +158,23 @@ async def metrics(request: Request) -> Response:
 
 # -- devices ---------------------------------------------------------------------------------------
 @v1.get("/devices")
-async def list_devices(plane: Plane, who: Operator, selector: Annotated[str, Query()] = "") -> dict[str, Any]:
+async def list_devices(plane: Plane, who: Operator, selector: Annotated[str, Query()] = "") -> DeviceList:
     found = await asyncio.to_thread(plane.fleet.list_devices, who.tenant, Selector.parse(selector))
-    return {"devices": [d.public() for d in found]}
+    return DeviceList.model_validate({"devices": [d.public() for d in found]})
 
 
 @v1.get("/devices/{device_id}")
-async def show_device(device_id: str, plane: Plane, who: Operator) -> dict[str, Any]:
+async def show_device(device_id: str, plane: Plane, who: Operator) -> DeviceView:
     device = await asyncio.to_thread(plane.fleet.get, who.tenant, device_id)
-    return device.public()
+    return DeviceView.model_validate(device.public())
 
 
 @v1.put("/devices/{device_id}/labels")
-async def set_labels(device_id: str, body: LabelsBody, plane: Plane, who: Operator) -> dict[str, Any]:
+async def set_labels(device_id: str, body: LabelsBody, plane: Plane, who: Operator) -> DeviceView:
     device = await asyncio.to_thread(
         plane.fleet.set_labels, who.tenant, device_id, body.labels, replace=body.replace
     )
-    return device.public()
+    return DeviceView.model_validate(device.public())
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -166,8 +193,8 @@ def _model_view(entry: Any) -> dict[str, Any]:
     }
 
 
-@v1.get("/models")
-async def list_models(plane: Plane, who: Inference) -> dict[str, Any]:
+@v1.get("/models", response_model_exclude_unset=True)
+async def list_models(plane: Plane, who: Inference) -> Catalogue:
     """One catalogue, two readers: ``data`` is the OpenAI model list of what the gateway serves
     (what the ``openai`` client reads); ``models``, for operator keys, the tenant's registry."""
     served = await plane.gateway.models()
@@ -175,24 +202,24 @@ async def list_models(plane: Plane, who: Inference) -> dict[str, Any]:
     if who.allows("operator"):
         entries = await asyncio.to_thread(plane.registry(who.tenant).list)
         out["models"] = [_model_view(e) for e in entries]
-    return out
+    return Catalogue.model_validate(out)
 
 
 @v1.get("/models/{name}/{version}")
-async def show_model(name: str, version: str, plane: Plane, who: Operator) -> dict[str, Any]:
+async def show_model(name: str, version: str, plane: Plane, who: Operator) -> ModelDetail:
     entry = await asyncio.to_thread(plane.registry(who.tenant).get, name, version)
     view = _model_view(entry)
     view["manifest"] = entry.manifest.model_dump(mode="json", by_alias=True)
-    return view
+    return ModelDetail.model_validate(view)
 
 
 @v1.delete("/models/{name}/{version}")
-async def delete_model(name: str, version: str, plane: Plane, who: Admin) -> dict[str, Any]:
+async def delete_model(name: str, version: str, plane: Plane, who: Admin) -> ModelDeleted:
     using = plane.rollouts.in_use(who.tenant, name, version)
     if using:
         raise ModelInUse(f"model is used by rollout(s) {', '.join(using)}; finish or abort them first")
     freed = await asyncio.to_thread(plane.registry(who.tenant).delete, name, version)
-    return {"deleted": f"{name}:{version}", "bytes_freed": freed}
+    return ModelDeleted(deleted=f"{name}:{version}", bytes_freed=freed)
 
 
 # -- rollouts --------------------------------------------------------------------------------------
@@ -204,72 +231,78 @@ def _model_ref(plane: ControlPlane, tenant: str, model: str) -> ModelRef:
 
 
 @v1.post("/rollouts", status_code=201)
-async def create_rollout(body: RolloutBody, plane: Plane, who: Operator) -> dict[str, Any]:
+async def create_rollout(body: RolloutBody, plane: Plane, who: Operator) -> RolloutView:
     fields = body.model_dump(exclude={"model", "waves"})
     spec = RolloutSpec(model=_model_ref(plane, who.tenant, body.model), waves=tuple(body.waves), **fields)
-    return await asyncio.to_thread(plane.rollouts.create, who.tenant, spec)
+    return RolloutView.model_validate(await asyncio.to_thread(plane.rollouts.create, who.tenant, spec))
 
 
 @v1.get("/rollouts")
-async def list_rollouts(plane: Plane, who: Operator) -> dict[str, Any]:
-    return {"rollouts": await asyncio.to_thread(plane.rollouts.list, who.tenant)}
+async def list_rollouts(plane: Plane, who: Operator) -> RolloutList:
+    return RolloutList.model_validate({"rollouts": await asyncio.to_thread(plane.rollouts.list, who.tenant)})
 
 
 @v1.get("/rollouts/{rollout_id}")
-async def show_rollout(rollout_id: str, plane: Plane, who: Operator) -> dict[str, Any]:
-    return await asyncio.to_thread(plane.rollouts.show, who.tenant, rollout_id)
+async def show_rollout(rollout_id: str, plane: Plane, who: Operator) -> RolloutView:
+    return RolloutView.model_validate(await asyncio.to_thread(plane.rollouts.show, who.tenant, rollout_id))
 
 
 Action = Literal["pause", "resume", "abort", "rollback"]
 
 
 @v1.post("/rollouts/{rollout_id}/{action}")
-async def rollout_action(rollout_id: str, action: Action, plane: Plane, who: Operator) -> dict[str, Any]:
+async def rollout_action(rollout_id: str, action: Action, plane: Plane, who: Operator) -> RolloutView:
     fn = getattr(plane.rollouts, action)
-    result: dict[str, Any] = await asyncio.to_thread(fn, who.tenant, rollout_id)
-    return result
+    return RolloutView.model_validate(await asyncio.to_thread(fn, who.tenant, rollout_id))
 
 
 # -- API keys (admin) ------------------------------------------------------------------------------
 @v1.get("/keys")
-async def list_keys(plane: Plane, who: Admin) -> dict[str, Any]:
+async def list_keys(plane: Plane, who: Admin) -> KeyList:
     """The tenant's keys (never their secrets): scope, creation, expiry, revoked."""
-    return {"keys": await asyncio.to_thread(plane.keys.list, who.tenant)}
+    return KeyList.model_validate({"keys": await asyncio.to_thread(plane.keys.list, who.tenant)})
 
 
 @v1.post("/keys", status_code=201)
-async def create_key(body: KeyBody, plane: Plane, who: Admin) -> dict[str, Any]:
+async def create_key(body: KeyBody, plane: Plane, who: Admin) -> KeyCreated:
     """A new key of the caller's tenant; the full key is in this answer only."""
     key_id, key = await asyncio.to_thread(
         plane.keys.create, who.tenant, body.name, body.scope, expires_in_s=body.expires_in_s
     )
     listed = next(k for k in await asyncio.to_thread(plane.keys.list, who.tenant) if k["key_id"] == key_id)
-    return {**listed, "key": key}
+    return KeyCreated.model_validate({**listed, "key": key})
 
 
 @v1.delete("/keys/{key_id}")
-async def revoke_key(key_id: str, plane: Plane, who: Admin) -> dict[str, Any]:
+async def revoke_key(key_id: str, plane: Plane, who: Admin) -> KeyRevoked:
     if not await asyncio.to_thread(plane.keys.revoke, who.tenant, key_id):
         raise NotFound("no such key", key_id=key_id)
-    return {"key_id": key_id, "revoked": True}
+    return KeyRevoked(key_id=key_id, revoked=True)
 
 
 # -- commands --------------------------------------------------------------------------------------
-@v1.post("/devices/{device_id}/commands")
+@v1.post(
+    "/devices/{device_id}/commands",
+    response_model=CommandSent,
+    responses={202: {"model": CommandSent, "description": "sent; no reply in time"}},
+)
 async def send_command(device_id: str, body: CommandBody, plane: Plane, who: Operator) -> JSONResponse:
     """A signed one-shot command; 200 with the device's reply, or 202 when none came in time (an
     offline device gets it on reconnect while the command has not expired)."""
     await asyncio.to_thread(plane.fleet.get, who.tenant, device_id)  # 404 for an unknown device
     command, reply = await plane.command(who.tenant, device_id, body.action, body.wait_s)
-    sent = {"request_id": command.request_id, "action": command.action, "counter": command.counter}
+    sent = CommandSent(
+        request_id=command.request_id, action=command.action, counter=command.counter, status="sent"
+    )
     if reply is None:
-        return JSONResponse({**sent, "status": "sent"}, status_code=202)
-    return JSONResponse({**sent, "status": "answered", "ok": reply.ok, "detail": reply.detail})
+        return JSONResponse(sent.model_dump(exclude_none=True), status_code=202)
+    answered = sent.model_copy(update={"status": "answered", "ok": reply.ok, "detail": reply.detail})
+    return JSONResponse(answered.model_dump())
 
 
 # -- config ----------------------------------------------------------------------------------------
 @v1.post("/config")
-async def push_config(body: ConfigBody, plane: Plane, who: Operator) -> dict[str, Any]:
+async def push_config(body: ConfigBody, plane: Plane, who: Operator) -> ConfigPushed:
     EdgeConfig.parse(body.config)  # the agent's own schema: refuse here what devices would refuse
     targets = await asyncio.to_thread(plane.fleet.list_devices, who.tenant, Selector.parse(body.selector))
     if not targets:
@@ -282,31 +315,44 @@ async def push_config(body: ConfigBody, plane: Plane, who: Operator) -> dict[str
             )
         )
     await plane.publish(items)
-    return {"devices": [d.device_id for d in targets], "config": body.config}
+    return ConfigPushed(devices=[d.device_id for d in targets], config=body.config)
 
 
 # -- the fallback gateway (DESIGN.md §6) ------------------------------------------------------------
-@v1.post("/completions", response_model=None)
+_STREAM = {"text/event-stream": {"schema": {"type": "string"}, "example": "data: {...}\n\ndata: [DONE]\n\n"}}
+
+
+@v1.post(
+    "/completions",
+    response_model=None,
+    responses={200: {"model": CompletionResponse, "content": _STREAM}, 503: {"model": ErrorEnvelope}},
+)
 async def gateway_completions(body: CompletionRequest, plane: Plane, who: Inference) -> Response:
     plane.rate_limiter.check(who.tenant)
     return await plane.gateway.forward("/completions", body.model_dump(exclude_unset=True))
 
 
-@v1.post("/chat/completions", response_model=None)
+@v1.post(
+    "/chat/completions",
+    response_model=None,
+    responses={200: {"model": ChatCompletionResponse, "content": _STREAM}, 503: {"model": ErrorEnvelope}},
+)
 async def gateway_chat(body: ChatCompletionRequest, plane: Plane, who: Inference) -> Response:
     plane.rate_limiter.check(who.tenant)
     return await plane.gateway.forward("/chat/completions", body.model_dump(exclude_unset=True))
 
 
 @v1.get("/gateway")
-async def gateway_state(plane: Plane, who: Operator) -> dict[str, Any]:
-    return {
-        "replicas": [r.view() for r in plane.gateway.replicas],
-        "retries": plane.gateway.retries,
-        "timeouts": plane.gateway.timeouts,
-        "stream_breaks": plane.gateway.stream_breaks,
-        "rate_limited": plane.rate_limiter.refused,
-    }
+async def gateway_state(plane: Plane, who: Operator) -> GatewayState:
+    return GatewayState.model_validate(
+        {
+            "replicas": [r.view() for r in plane.gateway.replicas],
+            "retries": plane.gateway.retries,
+            "timeouts": plane.gateway.timeouts,
+            "stream_breaks": plane.gateway.stream_breaks,
+            "rate_limited": plane.rate_limiter.refused,
+        }
+    )
 
 
 def install(app: FastAPI) -> None:

@@ -284,13 +284,20 @@ class Rollouts:
 
     # -- views ----------------------------------------------------------------------------------------
     def list(self, tenant: str) -> list[dict[str, Any]]:
+        """Every rollout of ``tenant``, oldest first: two queries, however many there are."""
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(rollouts.c.rollout_id)
-                .where(rollouts.c.tenant == tenant)
-                .order_by(rollouts.c.created_at)
+                select(rollouts).where(rollouts.c.tenant == tenant).order_by(rollouts.c.created_at)
             ).all()
-        return [self.show(tenant, r[0]) for r in rows]
+            devs = conn.execute(
+                select(rollout_devices)
+                .where(rollout_devices.c.rollout_id.in_([r._mapping["rollout_id"] for r in rows]))
+                .order_by(rollout_devices.c.device_id)
+            ).all()
+        by_rollout: dict[str, list[Any]] = {}
+        for d in devs:
+            by_rollout.setdefault(d._mapping["rollout_id"], []).append(d._mapping)
+        return [_view(r._mapping, by_rollout.get(r._mapping["rollout_id"], [])) for r in rows]
 
     def show(self, tenant: str, rid: str) -> dict[str, Any]:
         with self.engine.connect() as conn:
@@ -300,40 +307,40 @@ class Rollouts:
                 .where(rollout_devices.c.rollout_id == rid)
                 .order_by(rollout_devices.c.device_id)
             ).all()
-        waves = []
-        for i, pct in enumerate(row["waves"]):
-            members = [d._mapping for d in devs if d._mapping["wave"] == i]
-            counts: dict[str, int] = {}
-            for m in members:
-                counts[m["state"]] = counts.get(m["state"], 0) + 1
-            waves.append({"index": i, "percent": pct, "devices": len(members), "states": counts})
-        return {
-            "rollout_id": rid,
-            "model": row["model"],
-            "selector": row["selector"],
-            "state": row["state"],
-            "current_wave": row["current_wave"],
-            "message": row["message"],
-            "failure_threshold": row["failure_threshold"],
-            "health_window_s": row["health_window_s"],
-            "wave_timeout_s": row["wave_timeout_s"],
-            "max_concurrent": row["max_concurrent"],
-            "allow_downgrade": bool(row["allow_downgrade"]),
-            "min_samples": row["min_samples"],
-            "created_at": as_utc(row["created_at"]).isoformat(),  # type: ignore[union-attr]
-            "updated_at": as_utc(row["updated_at"]).isoformat(),  # type: ignore[union-attr]
-            "driver": row["lease_owner"],
-            "waves": waves,
-            "devices": [
-                {
-                    "device_id": d._mapping["device_id"],
-                    "wave": d._mapping["wave"],
-                    "state": d._mapping["state"],
-                    "detail": d._mapping["detail"],
-                }
-                for d in devs
-            ],
-        }
+        return _view(row, [d._mapping for d in devs])
+
+
+def _view(row: Any, devs: list[Any]) -> dict[str, Any]:
+    """A rollout as the REST API shows it (cloud/plane/views.py RolloutView)."""
+    waves = []
+    for i, pct in enumerate(row["waves"]):
+        members = [d for d in devs if d["wave"] == i]
+        counts: dict[str, int] = {}
+        for m in members:
+            counts[m["state"]] = counts.get(m["state"], 0) + 1
+        waves.append({"index": i, "percent": pct, "devices": len(members), "states": counts})
+    return {
+        "rollout_id": row["rollout_id"],
+        "model": row["model"],
+        "selector": row["selector"],
+        "state": row["state"],
+        "current_wave": row["current_wave"],
+        "message": row["message"],
+        "failure_threshold": row["failure_threshold"],
+        "health_window_s": row["health_window_s"],
+        "wave_timeout_s": row["wave_timeout_s"],
+        "max_concurrent": row["max_concurrent"],
+        "allow_downgrade": bool(row["allow_downgrade"]),
+        "min_samples": row["min_samples"],
+        "created_at": as_utc(row["created_at"]).isoformat(),  # type: ignore[union-attr]
+        "updated_at": as_utc(row["updated_at"]).isoformat(),  # type: ignore[union-attr]
+        "driver": row["lease_owner"],
+        "waves": waves,
+        "devices": [
+            {"device_id": d["device_id"], "wave": d["wave"], "state": d["state"], "detail": d["detail"]}
+            for d in devs
+        ],
+    }
 
 
 @dataclass
