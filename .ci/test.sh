@@ -11,4 +11,4 @@ echo "[test] import contracts (pyproject.toml [tool.importlinter])"
 echo "[test] mypy"
 .venv/bin/mypy shared cloud edge_agent
 echo "[test] pytest"
-exec .venv/bin/python -m pytest -ra "$@"
+exec .venv/bin/python -m pytest -ra --durations=15 "$@"

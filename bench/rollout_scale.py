@@ -230,7 +230,7 @@ async def devices_main(
     await asyncio.wait_for(ready.wait(), 300)
     print(f"{n} devices connected in {time.perf_counter() - started:.1f}s", flush=True)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as http:
-        while len((await http.get("/v1/devices")).json()["devices"]) < n:
+        while len((await http.get("/v1/devices")).json()["devices"]) < n:  # noqa: ASYNC110 (another process)
             await asyncio.sleep(0.5)
         cpu0, _ = proc_stats(pid)
         peak = 0

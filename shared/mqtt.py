@@ -84,7 +84,7 @@ class ReconnectBackoff:
         self._next = self.initial_s
 
     def next_delay(self) -> float:
-        delay = self._next * (random.uniform(0.5, 1.5) if self.jitter else 1.0)
+        delay = self._next * (random.uniform(0.5, 1.5) if self.jitter else 1.0)  # noqa: S311 (jitter, not a secret)
         self._next = min(self._next * 2, self.max_s)
         return delay
 

@@ -49,7 +49,8 @@ class SamplingParams(_Tolerant):
     def _bounded_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > 4:
             raise ValueError("at most 4 stop sequences")
-        return _encodable(value)
+        bounded: str | list[str] | None = _encodable(value)
+        return bounded
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -27,9 +27,41 @@ from shared.messages import Command, CommandReply, DesiredState, Phase, Reported
 from shared.mqtt import QOS, BrokerSettings, make_client
 from shared.signing import SigningKey
 from shared.topics import Topics
-from tests.services import CONTROL_KEY, CONTROL_SIGNER, Service
+from tests.services import CONTROL_KEY, CONTROL_SIGNER, Service, eventually
 
 REPO = Path(__file__).resolve().parents[1]
+
+# A test that needs a broker, a database server, a trained or real model, or other processes is
+# end to end (marker ``e2e``); everything else is a unit test: ``pytest -m "not e2e"`` runs those
+# alone, in seconds. Marked here from what a test asks for, so no test can forget its marker.
+_E2E_FIXTURES = frozenset(
+    {
+        "broker",
+        "private_broker",
+        "broker_settings",
+        "postgres_url",
+        "demo_source",
+        "smollm2_source",
+        "demo_package",
+        "demo_package_v2",
+        "broken_package",
+        "edge_factory",
+    }
+)
+# Modules whose tests start processes of their own (the CLI, pip, pool replicas).
+_E2E_MODULES = frozenset(
+    {"test_cli", "test_edge_install", "test_real_model", "test_reliability", "test_security"}
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & _E2E_FIXTURES or module in _E2E_MODULES or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.e2e)
+
+
 # Small enough to train in about a minute on two cores, large enough that text is not noise.
 TEST_DEMO_STEPS = int(os.environ.get("AUTOGLM_TEST_DEMO_STEPS", "400"))
 
@@ -57,11 +89,12 @@ def _ensure_postgres() -> None:
         return
     version = sorted(os.listdir("/etc/postgresql"))[-1]
     subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"], check=True)
-    for _ in range(50):
-        if subprocess.run(["pg_isready", "-h", "127.0.0.1"], capture_output=True).returncode == 0:
-            return
-        time.sleep(0.2)
-    raise RuntimeError("PostgreSQL did not start")
+    eventually(
+        lambda: subprocess.run(["pg_isready", "-h", "127.0.0.1"], capture_output=True).returncode == 0,
+        10,
+        "PostgreSQL to start",
+        interval=0.2,
+    )
 
 
 @pytest.fixture
@@ -295,7 +328,7 @@ class CloudSide:
                     r = devices.get(DEVICE)
                     return r is not None and r.reported is not None and until(r.reported)
 
-                await link.wait_for(done, timeout)
+                await link.wait_for(done, within_s=timeout)
                 view = link.devices[DEVICE]
                 assert view.reported is not None
                 return view.reported
@@ -453,11 +486,10 @@ def serving_edge(
 
 
 def wait_dropped(edge: EdgeProcess, at_least: int, timeout: float = 10.0) -> int:
-    """The agent's count of dropped malformed MQTT messages, once it reaches ``at_least`` (or the
-    count at the timeout)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        dropped: int = httpx.get(f"{edge.api}/v1/agent", timeout=5).json()["dropped_messages"]
-        if dropped >= at_least or time.monotonic() >= deadline:
-            return dropped
-        time.sleep(0.1)
+    """The agent's count of dropped malformed MQTT messages, once it reaches ``at_least``."""
+
+    def dropped() -> int | None:
+        count: int = httpx.get(f"{edge.api}/v1/agent", timeout=5).json()["dropped_messages"]
+        return count if count >= at_least else None
+
+    return eventually(dropped, timeout, f"{at_least} dropped messages")

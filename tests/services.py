@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import yaml
@@ -22,6 +22,38 @@ from cloud.registry import ModelRegistry
 from shared.control import ControlSigner
 from shared.mqtt import BrokerSettings
 from shared.signing import SigningKey
+
+T = TypeVar("T")
+
+
+def eventually(
+    probe: Callable[[], T],
+    timeout: float = 30.0,
+    what: str = "the condition",
+    *,
+    interval: float = 0.1,
+    context: Callable[[], str] | None = None,
+) -> T:
+    """The first truthy value ``probe()`` returns, polled every ``interval`` seconds. An exception
+    raised by ``probe`` means "not yet". After ``timeout`` an AssertionError names ``what``, the
+    last value or exception, and ``context()`` (a process's log, say). The one way tests wait."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            value = probe()
+            if value:
+                return value
+            last = value
+        except AssertionError:
+            raise
+        except Exception as exc:  # not ready yet: a refused connection, a missing row
+            last = exc
+        if time.monotonic() >= deadline:
+            extra = f"\n{context()}" if context else ""
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last: {last!r}{extra}")
+        time.sleep(interval)
+
 
 # The control key of every control plane and test cloud in this session; edges pin it by default.
 CONTROL_KEY = SigningKey.generate()
@@ -63,30 +95,27 @@ class Service:
         return "\n".join(self.lines)
 
     def wait(self, check: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if check():
-                return
-            time.sleep(0.25)
-        raise AssertionError(f"timed out waiting for {what}\n" + "\n".join(self.lines[-40:]))
+        eventually(check, timeout, what, interval=0.25, context=lambda: "\n".join(self.lines[-40:]))
 
     def wait_http(self, path: str = "/readyz", timeout: float = 120.0) -> dict[str, Any]:
         """Poll ``path`` until it answers 200; fail with the process's log if it never does."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def answered() -> dict[str, Any] | None:
             if self.proc.poll() is not None:
                 raise AssertionError(
                     f"{self.proc.args} exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}"
                 )
-            try:
-                r = httpx.get(f"{self.url}{path}", timeout=2)
-                if r.status_code == 200:
-                    body: dict[str, Any] = r.json()
-                    return body
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"{self.url}{path} not 200 in {timeout}s:\n{self.log_text()[-4000:]}")
+            r = httpx.get(f"{self.url}{path}", timeout=2)
+            body: dict[str, Any] | None = r.json() if r.status_code == 200 else None
+            return body
+
+        return eventually(
+            answered,
+            timeout,
+            f"{self.url}{path} to answer 200",
+            interval=0.2,
+            context=lambda: self.log_text()[-4000:],
+        )
 
     def wait_ready(self, timeout: float = 120.0) -> dict[str, Any]:
         return self.wait_http("/readyz", timeout)

@@ -15,7 +15,7 @@ from shared.errors import NotFound
 from shared.messages import DeviceStatus
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.e2e)])
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     url = (
         f"sqlite:///{tmp_path / 'cp.sqlite3'}"

@@ -264,7 +264,7 @@ async def _ship_and_ask(
                 raise AutoGLMError(f"the edge agent could not apply the model: {r.last_error.message}")
             return r is not None and r.phase == Phase.ACTIVE and r.revision == 1
 
-        await link.wait_for(active, timeout=180)
+        await link.wait_for(active, within_s=180)
         console.print(
             f"{CLOUD}   [green]✓[/] blob server published {link.blob_server.chunks_published} chunk(s)"
         )

@@ -195,9 +195,9 @@ class ControlLink:
         finally:
             self._replies.pop(command.request_id, None)
 
-    async def wait_for(self, predicate: Callable[[dict[str, DeviceView]], bool], timeout: float) -> None:
-        """Wait until ``predicate(devices)`` holds; TimeoutError otherwise."""
-        async with asyncio.timeout(timeout):
+    async def wait_for(self, predicate: Callable[[dict[str, DeviceView]], bool], within_s: float) -> None:
+        """Wait until ``predicate(devices)`` holds; TimeoutError after ``within_s`` seconds."""
+        async with asyncio.timeout(within_s):
             while not predicate(self.devices):
                 self._changed.clear()
                 await self._changed.wait()

@@ -246,7 +246,8 @@ def build_fused(src: Path, cfg: dict[str, Any], out: Path) -> Path:
         if name not in sd:
             raise UnsupportedArchitecture("the model lacks a weight the fused graph needs", weight=name)
         used.add(name)
-        return sd[name]
+        found: np.ndarray = sd[name]
+        return found
 
     hidden = int(cfg["hidden_size"])
     heads = int(cfg["num_attention_heads"])

@@ -81,13 +81,13 @@ class CloudFallback:
         )
 
     async def _send(
-        self, url: str, body: dict[str, Any], timeout: aiohttp.ClientTimeout
+        self, url: str, body: dict[str, Any], limits: aiohttp.ClientTimeout
     ) -> aiohttp.ClientResponse:
         """The upstream's answer with its verdict given to the breaker (a 5xx is a failure even
         when its body breaks off)."""
         try:
             headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else None
-            upstream = await self._client().post(url, json=body, timeout=timeout, headers=headers)
+            upstream = await self._client().post(url, json=body, timeout=limits, headers=headers)
         except _HOP_ERRORS as exc:
             raise self._failed(url, _describe(exc)) from exc
         if upstream.status >= 500:

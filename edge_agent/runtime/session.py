@@ -197,7 +197,8 @@ class _SharedDecoder:
             b.binding.bind_ortvalue_output("logits", b._logits_value)
             b.model.session.run_with_iobinding(b.binding)
             self.past_len = total
-            return b.logits[0]
+            hot: np.ndarray = b.logits[0]
+            return hot
         b.binding.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
         b.binding.bind_output("logits")
         b.model.session.run_with_iobinding(b.binding)

@@ -70,8 +70,8 @@ class IncrementalText:
         """Text of the tokens after ``_read``, decoded with the context of those from ``_prefix``."""
         if self._read == len(self.tokens):
             return ""
-        before = self.tokenizer.decode(self.tokens[self._prefix : self._read])
-        after = self.tokenizer.decode(self.tokens[self._prefix :])
+        before: str = self.tokenizer.decode(self.tokens[self._prefix : self._read])
+        after: str = self.tokenizer.decode(self.tokens[self._prefix :])
         return after[len(before) :]
 
     def _advance(self, text: str) -> str:

@@ -167,11 +167,11 @@ class Outbox:
         self._depth -= removed
         self.delivered += removed
 
-    async def wait_for_change(self, timeout: float) -> None:
-        """Until something is added or acknowledged, or ``timeout`` seconds."""
+    async def wait_for_change(self, at_most_s: float) -> None:
+        """Until something is added or acknowledged, or ``at_most_s`` seconds."""
         self.changed.clear()
         try:
-            await asyncio.wait_for(self.changed.wait(), timeout)
+            await asyncio.wait_for(self.changed.wait(), at_most_s)
         except TimeoutError:
             pass
 
