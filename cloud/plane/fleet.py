@@ -4,6 +4,7 @@ telemetry (de-duplicated by record id: devices deliver at least once)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -136,8 +137,10 @@ def active_model_of(reported: ReportedState) -> str | None:
 
 
 class Fleet:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, clock: Callable[[], datetime] = utcnow) -> None:
         self.engine = engine
+        # The cloud's clock: last seen and telemetry receive times (tests pass a fake one).
+        self.clock = clock
 
     # -- ingestion (from MQTT) ----------------------------------------------------------------
     def _ensure(self, conn: Any, tenant: str, device_id: str) -> None:
@@ -163,7 +166,7 @@ class Fleet:
                     active_model=active_model_of(reported),
                     reported_revision=reported.revision,
                     reported=reported.model_dump(mode="json", by_alias=True),
-                    last_seen=utcnow(),
+                    last_seen=self.clock(),
                 )
             )
 
@@ -173,7 +176,7 @@ class Fleet:
             conn.execute(
                 update(devices)
                 .where(and_(devices.c.tenant == tenant, devices.c.device_id == status.device_id))
-                .values(status=status.state, last_seen=utcnow())
+                .values(status=status.state, last_seen=self.clock())
             )
 
     def record_telemetry(self, tenant: str, batch: TelemetryBatch) -> int:
@@ -181,7 +184,7 @@ class Fleet:
 
         Each row keeps the cloud's receive time beside the device's own: health gates judge by
         the former, whatever the device's clock says."""
-        received = utcnow()
+        received = self.clock()
         rows = [
             {
                 "tenant": tenant,

@@ -1,0 +1,212 @@
+"""What operators do with rollouts (create, pause, resume, abort, rollback) and how the REST API
+shows them. The driver (``driver.py``) moves them along."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, select, update
+
+from cloud.plane.fleet import Fleet, Selector
+from cloud.plane.rollouts.spec import (
+    IN_USE,
+    DeviceState,
+    RolloutSpec,
+    RolloutState,
+    _previous_model,
+    assign_waves,
+)
+from cloud.plane.store import as_utc, rollout_devices, rollouts, utcnow
+from shared.errors import ContractError, NotFound
+
+log = logging.getLogger(__name__)
+
+
+class Rollouts:
+    def __init__(self, engine: Engine, fleet: Fleet) -> None:
+        self.engine = engine
+        self.fleet = fleet
+
+    # -- operator actions -------------------------------------------------------------------------
+    def create(self, tenant: str, spec: RolloutSpec) -> dict[str, Any]:
+        spec.validate()
+        selector = Selector.parse(spec.selector)
+        targets = self.fleet.list_devices(tenant, selector)
+        if not targets:
+            raise ContractError(f"no device matches the selector {spec.selector!r}", selector=spec.selector)
+        waves = assign_waves([d.device_id for d in targets], spec.waves)
+        rid = uuid.uuid4().hex[:12]
+        now = utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(
+                rollouts.insert().values(
+                    rollout_id=rid,
+                    tenant=tenant,
+                    model=spec.model.model_dump(mode="json"),
+                    selector=str(selector),
+                    waves=list(spec.waves),
+                    failure_threshold=spec.failure_threshold,
+                    health_window_s=spec.health_window_s,
+                    wave_timeout_s=spec.wave_timeout_s,
+                    max_concurrent=spec.max_concurrent,
+                    max_error_rate=spec.max_error_rate,
+                    max_latency_ratio=spec.max_latency_ratio,
+                    allow_downgrade=spec.allow_downgrade,
+                    min_samples=spec.min_samples,
+                    state=RolloutState.RUNNING.value,
+                    current_wave=0,
+                    wave_started_at=now,
+                    message="",
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            for d in targets:
+                conn.execute(
+                    rollout_devices.insert().values(
+                        rollout_id=rid,
+                        device_id=d.device_id,
+                        wave=waves[d.device_id],
+                        previous_model=_previous_model(d),
+                        desired_revision=0,
+                        state=DeviceState.PENDING,
+                        detail="",
+                    )
+                )
+        log.info(
+            "rollout %s: %s to %d device(s) in %d wave(s)",
+            rid,
+            spec.model.name,
+            len(targets),
+            len(spec.waves),
+        )
+        return self.show(tenant, rid)
+
+    def _row(self, conn: Connection, tenant: str, rid: str, lock: bool = False) -> Any:
+        stmt = select(rollouts).where(and_(rollouts.c.tenant == tenant, rollouts.c.rollout_id == rid))
+        if lock and self.engine.dialect.name == "postgresql":
+            stmt = stmt.with_for_update()
+        row = conn.execute(stmt).first()
+        if row is None:
+            raise NotFound("no such rollout", rollout_id=rid)
+        return row._mapping
+
+    def _set_state(
+        self, tenant: str, rid: str, allowed: tuple[RolloutState, ...], to: RolloutState, msg: str
+    ) -> dict[str, Any]:
+        with self.engine.begin() as conn:
+            row = self._row(conn, tenant, rid, lock=True)
+            if row["state"] not in allowed:
+                raise ContractError(
+                    f"rollout is {row['state']}; this needs one of {', '.join(allowed)}", rollout_id=rid
+                )
+            conn.execute(
+                update(rollouts)
+                .where(rollouts.c.rollout_id == rid)
+                .values(state=to.value, message=msg, updated_at=utcnow())
+            )
+        return self.show(tenant, rid)
+
+    def pause(self, tenant: str, rid: str) -> dict[str, Any]:
+        return self._set_state(
+            tenant, rid, (RolloutState.RUNNING,), RolloutState.PAUSED, "paused by operator"
+        )
+
+    def resume(self, tenant: str, rid: str) -> dict[str, Any]:
+        return self._set_state(
+            tenant, rid, (RolloutState.PAUSED,), RolloutState.RUNNING, "resumed by operator"
+        )
+
+    def abort(self, tenant: str, rid: str) -> dict[str, Any]:
+        """Stop where it is: devices keep what they run now; nothing more is sent."""
+        return self._set_state(
+            tenant,
+            rid,
+            (RolloutState.RUNNING, RolloutState.PAUSED),
+            RolloutState.ABORTED,
+            "aborted by operator",
+        )
+
+    def rollback(self, tenant: str, rid: str) -> dict[str, Any]:
+        """Send every device this rollout touched back to its previous model (done by the driver)."""
+        allowed = (
+            RolloutState.RUNNING,
+            RolloutState.PAUSED,
+            RolloutState.HALTED,
+            RolloutState.ABORTED,
+            RolloutState.COMPLETED,
+        )
+        return self._set_state(
+            tenant, rid, allowed, RolloutState.ROLLING_BACK, "rollback requested by operator"
+        )
+
+    def in_use(self, tenant: str, name: str, version: str) -> list[str]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(rollouts.c.rollout_id, rollouts.c.model).where(
+                    and_(rollouts.c.tenant == tenant, rollouts.c.state.in_([s.value for s in IN_USE]))
+                )
+            ).all()
+        return [r[0] for r in rows if r[1].get("name") == name and r[1].get("version") == version]
+
+    # -- views ----------------------------------------------------------------------------------------
+    def list(self, tenant: str) -> list[dict[str, Any]]:
+        """Every rollout of ``tenant``, oldest first: two queries, however many there are."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(rollouts).where(rollouts.c.tenant == tenant).order_by(rollouts.c.created_at)
+            ).all()
+            devs = conn.execute(
+                select(rollout_devices)
+                .where(rollout_devices.c.rollout_id.in_([r._mapping["rollout_id"] for r in rows]))
+                .order_by(rollout_devices.c.device_id)
+            ).all()
+        by_rollout: dict[str, list[Any]] = {}
+        for d in devs:
+            by_rollout.setdefault(d._mapping["rollout_id"], []).append(d._mapping)
+        return [_view(r._mapping, by_rollout.get(r._mapping["rollout_id"], [])) for r in rows]
+
+    def show(self, tenant: str, rid: str) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            row = self._row(conn, tenant, rid)
+            devs = conn.execute(
+                select(rollout_devices)
+                .where(rollout_devices.c.rollout_id == rid)
+                .order_by(rollout_devices.c.device_id)
+            ).all()
+        return _view(row, [d._mapping for d in devs])
+
+
+def _view(row: Any, devs: list[Any]) -> dict[str, Any]:
+    """A rollout as the REST API shows it (cloud/plane/views.py RolloutView)."""
+    waves = []
+    for i, pct in enumerate(row["waves"]):
+        members = [d for d in devs if d["wave"] == i]
+        counts: dict[str, int] = {}
+        for m in members:
+            counts[m["state"]] = counts.get(m["state"], 0) + 1
+        waves.append({"index": i, "percent": pct, "devices": len(members), "states": counts})
+    return {
+        "rollout_id": row["rollout_id"],
+        "model": row["model"],
+        "selector": row["selector"],
+        "state": row["state"],
+        "current_wave": row["current_wave"],
+        "message": row["message"],
+        "failure_threshold": row["failure_threshold"],
+        "health_window_s": row["health_window_s"],
+        "wave_timeout_s": row["wave_timeout_s"],
+        "max_concurrent": row["max_concurrent"],
+        "allow_downgrade": bool(row["allow_downgrade"]),
+        "min_samples": row["min_samples"],
+        "created_at": as_utc(row["created_at"]).isoformat(),  # type: ignore[union-attr]
+        "updated_at": as_utc(row["updated_at"]).isoformat(),  # type: ignore[union-attr]
+        "driver": row["lease_owner"],
+        "waves": waves,
+        "devices": [
+            {"device_id": d["device_id"], "wave": d["wave"], "state": d["state"], "detail": d["detail"]}
+            for d in devs
+        ],
+    }

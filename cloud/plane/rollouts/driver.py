@@ -1,0 +1,333 @@
+"""The rollout driver: each tick, on the replica holding a rollout's lease, moves its current
+wave along (see the package docstring), and returns the desired states to publish."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, or_, select, update
+
+from cloud.plane.fleet import DesiredRecord, Device, Fleet
+from cloud.plane.rollouts.spec import (
+    DEVICE_TRANSITIONS,
+    DRIVEN,
+    OPEN_DEVICE_STATES,
+    TOUCHED_DEVICE_STATES,
+    DeviceState,
+    IllegalTransition,
+    RolloutState,
+)
+from cloud.plane.store import as_utc, rollout_devices, rollouts, utcnow
+from shared.messages import ModelRef
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RolloutDriver:
+    """Ticks every rollout this replica can lease; returns the desired states to publish."""
+
+    engine: Engine
+    fleet: Fleet
+    owner: str
+    lease_s: float = 15.0
+    drives: int = 0
+    failures: int = 0
+    last_publish: dict[tuple[str, str], datetime] = field(default_factory=dict)
+    # Health windows and wave timeouts are judged on this clock (tests pass a fake one).
+    clock: Callable[[], datetime] = utcnow
+
+    def tick(self) -> list[DesiredRecord]:
+        out: list[DesiredRecord] = []
+        with self.engine.connect() as conn:
+            ids = conn.execute(
+                select(rollouts.c.rollout_id, rollouts.c.tenant).where(
+                    rollouts.c.state.in_([s.value for s in DRIVEN])
+                )
+            ).all()
+        for rid, tenant in ids:
+            out.extend(self._drive_isolated(tenant, rid))
+        return out
+
+    def _drive_isolated(self, tenant: str, rid: str) -> list[DesiredRecord]:
+        """One rollout's step; its failure is logged and counted, and the other rollouts (of every
+        tenant) are still driven in this tick."""
+        try:
+            return self._drive(tenant, rid) if self._lease(rid) else []
+        except Exception:
+            self.failures += 1
+            log.exception("driving rollout %s of tenant %s failed; the other rollouts go on", rid, tenant)
+            return []
+
+    def _lease(self, rid: str) -> bool:
+        now = self.clock()
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(rollouts)
+                .where(
+                    and_(
+                        rollouts.c.rollout_id == rid,
+                        rollouts.c.state.in_([s.value for s in DRIVEN]),
+                        or_(
+                            rollouts.c.lease_owner.is_(None),
+                            rollouts.c.lease_owner == self.owner,
+                            rollouts.c.lease_until < now,
+                        ),
+                    )
+                )
+                .values(lease_owner=self.owner, lease_until=now + timedelta(seconds=self.lease_s))
+            )
+            return bool(result.rowcount == 1)
+
+    def _drive(self, tenant: str, rid: str) -> list[DesiredRecord]:
+        publishes: list[DesiredRecord] = []
+        with self.engine.begin() as conn:
+            stmt = select(rollouts).where(rollouts.c.rollout_id == rid)
+            if self.engine.dialect.name == "postgresql":
+                stmt = stmt.with_for_update()
+            row = conn.execute(stmt).first()
+            if row is None:
+                return []
+            r = dict(row._mapping)
+            if r["lease_owner"] != self.owner or r["state"] not in DRIVEN:
+                return []  # another replica took over, or an operator changed it meanwhile
+            self.drives += 1
+            devs = [
+                dict(d._mapping)
+                for d in conn.execute(select(rollout_devices).where(rollout_devices.c.rollout_id == rid))
+            ]
+            if r["state"] == RolloutState.ROLLING_BACK:
+                touched = [d for d in devs if d["state"] in TOUCHED_DEVICE_STATES]
+                publishes += self._send_back(conn, tenant, rid, touched)
+                self._update_rollout(
+                    conn, rid, state=RolloutState.ROLLED_BACK, message=f"rolled back {len(touched)} device(s)"
+                )
+                return publishes
+            publishes += self._advance_wave(conn, tenant, r, devs)
+        return publishes
+
+    def _advance_wave(
+        self, conn: Connection, tenant: str, r: dict[str, Any], devs: list[dict[str, Any]]
+    ) -> list[DesiredRecord]:
+        rid, wave = r["rollout_id"], r["current_wave"]
+        target = ModelRef.model_validate(r["model"])
+        target_id = f"{target.name}:{target.version}"
+        now = self.clock()
+        members = [d for d in devs if d["wave"] == wave]
+        fleet_now = {d.device_id: d for d in self.fleet.list_devices(tenant)}
+        publishes: list[DesiredRecord] = []
+        updating = sum(1 for d in members if d["state"] == DeviceState.UPDATING)
+        for d in members:
+            if d["state"] == DeviceState.PENDING and updating < r["max_concurrent"]:
+                record = self.fleet.next_desired(
+                    tenant,
+                    d["device_id"],
+                    model=target,
+                    allow_downgrade=bool(r["allow_downgrade"]),
+                    conn=conn,
+                )
+                publishes.append(record)
+                self._update_device(
+                    conn, rid, d, state=DeviceState.UPDATING, started_at=now, desired_revision=record.revision
+                )
+                updating += 1
+            elif d["state"] == DeviceState.UPDATING and d["device_id"] in fleet_now:
+                self._check_updating(conn, tenant, r, d, fleet_now[d["device_id"]], target_id, now, publishes)
+            elif d["state"] == DeviceState.ACTIVE:
+                self._check_health(conn, tenant, r, d, target_id, now)
+        members = [
+            dict(x._mapping)
+            for x in conn.execute(
+                select(rollout_devices).where(
+                    and_(rollout_devices.c.rollout_id == rid, rollout_devices.c.wave == wave)
+                )
+            )
+        ]
+        if any(d["state"] in OPEN_DEVICE_STATES for d in members):
+            return publishes
+        answered = [d for d in members if d["state"] != DeviceState.TIMED_OUT]
+        failed = [d for d in answered if d["state"] == DeviceState.FAILED]
+        timed_out = len(members) - len(answered)
+        if answered and len(failed) / len(answered) > r["failure_threshold"]:
+            sent_back = [d for d in members if d["state"] in TOUCHED_DEVICE_STATES]
+            publishes += self._send_back(conn, tenant, rid, sent_back)
+            self._update_rollout(
+                conn,
+                rid,
+                state=RolloutState.HALTED,
+                message=(
+                    f"wave {wave + 1}: {len(failed)} of {len(answered)} device(s) failed "
+                    f"(threshold {r['failure_threshold']:.0%}); {len(sent_back)} sent back to their previous model"
+                ),
+            )
+            log.warning("rollout %s halted in wave %d", rid, wave + 1)
+        elif wave == len(r["waves"]) - 1:
+            self._update_rollout(
+                conn, rid, state=RolloutState.COMPLETED, message=_wave_note(wave, failed, timed_out)
+            )
+            log.info("rollout %s completed", rid)
+        else:
+            self._update_rollout(
+                conn,
+                rid,
+                current_wave=wave + 1,
+                wave_started_at=now,
+                message=_wave_note(wave, failed, timed_out),
+            )
+        return publishes
+
+    def _check_updating(
+        self,
+        conn: Connection,
+        tenant: str,
+        r: dict[str, Any],
+        d: dict[str, Any],
+        dev: Device,
+        target_id: str,
+        now: datetime,
+        publishes: list[DesiredRecord],
+    ) -> None:
+        rev = d["desired_revision"]
+        reported = dev.reported or {}
+        if dev.phase == "active" and dev.active_model == target_id and dev.reported_revision >= rev:
+            self._update_device(conn, r["rollout_id"], d, state=DeviceState.ACTIVE, active_at=now)
+        elif dev.phase == "failed" and reported.get("target_revision", -1) >= rev:
+            err = reported.get("last_error") or {}
+            self._update_device(
+                conn,
+                r["rollout_id"],
+                d,
+                state=DeviceState.FAILED,
+                detail=f"{err.get('code')}: {err.get('message')}",
+            )
+        elif now - (as_utc(d["started_at"]) or now) > timedelta(seconds=r["wave_timeout_s"]):
+            seen = dev.last_seen.isoformat() if dev.last_seen else "never"
+            self._update_device(
+                conn,
+                r["rollout_id"],
+                d,
+                state=DeviceState.TIMED_OUT,
+                detail=f"no update within {r['wave_timeout_s']:.0f}s ({dev.status}, last seen {seen})",
+            )
+        else:
+            # The desired state is retained on the broker; re-publish now and then in case the
+            # replica that recorded it died before publishing.
+            key = (tenant, d["device_id"])
+            last = self.last_publish.get(key)
+            if last is None or now - last > timedelta(seconds=30):
+                self.last_publish[key] = now
+                current = self.fleet.current_desired(tenant, d["device_id"]) if last is not None else None
+                if current is not None:
+                    publishes.append(current)
+
+    def _check_health(
+        self,
+        conn: Connection,
+        tenant: str,
+        r: dict[str, Any],
+        d: dict[str, Any],
+        target_id: str,
+        now: datetime,
+    ) -> None:
+        active_at = as_utc(d["active_at"]) or now
+        if now - active_at < timedelta(seconds=r["health_window_s"]):
+            return
+        n, errors, p50 = self.fleet.health(tenant, d["device_id"], target_id, active_at)
+        if n < r["min_samples"]:
+            # Too little traffic to judge: unknown, not healthy. The wave waits for more, up to
+            # the wave timeout.
+            if now - active_at > timedelta(seconds=r["wave_timeout_s"]):
+                self._update_device(
+                    conn,
+                    r["rollout_id"],
+                    d,
+                    state=DeviceState.TIMED_OUT,
+                    detail=f"only {n} request(s) of the {r['min_samples']} needed to judge its health",
+                )
+            return
+        prev = d["previous_model"] or {}
+        prev_id = f"{prev.get('name')}:{prev.get('version')}" if prev else None
+        window = timedelta(seconds=max(r["health_window_s"], 60.0))
+        started = as_utc(d["started_at"]) or now
+        n0, errors0, p50_0 = (
+            self.fleet.health(tenant, d["device_id"], prev_id, started - window) if prev_id else (0, 0, None)
+        )
+        rate = errors / n if n else 0.0
+        rate0 = errors0 / n0 if n0 else 0.0
+        if n and rate > r["max_error_rate"] and rate > rate0:
+            self._update_device(
+                conn,
+                r["rollout_id"],
+                d,
+                state=DeviceState.FAILED,
+                detail=f"error rate {rate:.1%} over {n} request(s)",
+            )
+        elif (
+            p50 is not None
+            and p50_0 is not None
+            and n >= 5
+            and n0 >= 5
+            and p50 > r["max_latency_ratio"] * p50_0
+        ):
+            self._update_device(
+                conn,
+                r["rollout_id"],
+                d,
+                state=DeviceState.FAILED,
+                detail=f"median latency {p50:.0f} ms vs {p50_0:.0f} ms before",
+            )
+        else:
+            self._update_device(
+                conn,
+                r["rollout_id"],
+                d,
+                state=DeviceState.HEALTHY,
+                detail=f"{n} request(s), error rate {rate:.1%}",
+            )
+
+    def _send_back(
+        self, conn: Connection, tenant: str, rid: str, devs: list[dict[str, Any]]
+    ) -> list[DesiredRecord]:
+        out = []
+        for d in devs:
+            previous = ModelRef.model_validate(d["previous_model"]) if d["previous_model"] else None
+            # Signed as a rollback: devices install a lower release only when told it is one.
+            record = self.fleet.next_desired(
+                tenant, d["device_id"], model=previous, allow_downgrade=True, conn=conn
+            )
+            out.append(record)
+            self._update_device(conn, rid, d, state=DeviceState.ROLLED_BACK, desired_revision=record.revision)
+        return out
+
+    def _update_device(self, conn: Connection, rid: str, d: dict[str, Any], **values: Any) -> None:
+        if "state" in values:
+            to, was = DeviceState(values["state"]), DeviceState(d["state"])
+            if to not in DEVICE_TRANSITIONS[was]:
+                raise IllegalTransition(f"device {d['device_id']} of rollout {rid}: {was} → {to}")
+            values["state"] = to.value
+        conn.execute(
+            update(rollout_devices)
+            .where(and_(rollout_devices.c.rollout_id == rid, rollout_devices.c.device_id == d["device_id"]))
+            .values(**values)
+        )
+        d.update(values)
+
+    def _update_rollout(self, conn: Connection, rid: str, **values: Any) -> None:
+        if "state" in values:
+            values["state"] = RolloutState(values["state"]).value
+        conn.execute(
+            update(rollouts).where(rollouts.c.rollout_id == rid).values(updated_at=self.clock(), **values)
+        )
+
+
+def _wave_note(wave: int, failed: list[dict[str, Any]], timed_out: int) -> str:
+    note = f"wave {wave + 1} done"
+    if failed:
+        note += f"; {len(failed)} failed (under the threshold)"
+    if timed_out:
+        note += f"; {timed_out} timed out (offline or stuck), skipped"
+    return note

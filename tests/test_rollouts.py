@@ -1,0 +1,252 @@
+"""The rollout driver's decisions (cloud/plane/rollouts.py) on a fake clock, one scenario each:
+SQLite in a temporary folder, devices and telemetry written through the fleet's own methods.
+The same driver against real agents and processes: tests/test_control_plane.py."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from cloud.plane.fleet import Fleet
+from cloud.plane.rollouts import (
+    DEVICE_TRANSITIONS,
+    TOUCHED_DEVICE_STATES,
+    DeviceState,
+    IllegalTransition,
+    RolloutDriver,
+    Rollouts,
+    RolloutSpec,
+)
+from cloud.plane.store import make_engine, migrate
+from shared.messages import ModelRef, Phase, ReportedState, TelemetryBatch, TelemetryRecord
+
+TENANT = "t"
+
+
+def ref(version: str) -> ModelRef:
+    digest = "sha256:" + hashlib.sha256(version.encode()).hexdigest()
+    return ModelRef(name="m", version=version, manifest_digest=digest, manifest_size=100)
+
+
+OLD, NEW = ref("1"), ref("2")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+class Fleetlet:
+    """Four devices on model m:1, the driver, and ways to make devices answer."""
+
+    def __init__(self, tmp: Path, n: int = 4) -> None:
+        self.clock = Clock()
+        self.engine = make_engine(f"sqlite:///{tmp / 'cp.sqlite3'}")
+        migrate(self.engine)
+        self.fleet = Fleet(self.engine, clock=self.clock)
+        self.rollouts = Rollouts(self.engine, self.fleet)
+        self.driver = RolloutDriver(self.engine, self.fleet, owner="test", lease_s=30, clock=self.clock)
+        self.devices = [f"d{i}" for i in range(n)]
+        for d in self.devices:
+            self.fleet.record_reported(
+                TENANT,
+                ReportedState(device_id=d, revision=0, phase=Phase.ACTIVE, active_slot="a", slots={"a": OLD}),
+            )
+
+    def start(self, **spec: object) -> str:
+        fields = {"waves": (50.0, 100.0), "health_window_s": 60.0, "max_concurrent": 10, **spec}
+        return str(self.rollouts.create(TENANT, RolloutSpec(model=NEW, **fields))["rollout_id"])  # type: ignore[arg-type]
+
+    def states(self, rid: str) -> dict[str, str]:
+        return {d["device_id"]: d["state"] for d in self.rollouts.show(TENANT, rid)["devices"]}
+
+    def rollout_state(self, rid: str) -> str:
+        return str(self.rollouts.show(TENANT, rid)["state"])
+
+    def activate(self, device: str) -> None:
+        """The device reports the new model active at its latest desired revision."""
+        desired = self.fleet.current_desired(TENANT, device)
+        assert desired is not None
+        self.fleet.record_reported(
+            TENANT,
+            ReportedState(
+                device_id=device,
+                revision=desired.revision,
+                phase=Phase.ACTIVE,
+                active_slot="b",
+                slots={"a": OLD, "b": NEW},
+            ),
+        )
+
+    def traffic(self, device: str, ok: int, errors: int = 0, model: str = "m:2") -> None:
+        records = [
+            TelemetryRecord(
+                id=uuid.uuid4().hex,
+                at=self.clock.now,
+                model=model,
+                served_by="local",
+                prompt_tokens=3,
+                completion_tokens=5,
+                latency_ms=20.0,
+                ok=i < ok,
+                error=None if i < ok else "engine_error",
+            )
+            for i in range(ok + errors)
+        ]
+        self.fleet.record_telemetry(TENANT, TelemetryBatch(device_id=device, records=records))
+
+
+@pytest.fixture
+def fl(tmp_path: Path) -> Iterator[Fleetlet]:
+    f = Fleetlet(tmp_path)
+    yield f
+    f.engine.dispose()
+
+
+def test_a_wave_starts_with_at_most_max_concurrent_devices(fl: Fleetlet) -> None:
+    rid = fl.start(max_concurrent=1)
+    published = fl.driver.tick()
+    assert len(published) == 1 and published[0].model == NEW.model_dump(mode="json")
+    assert sorted(fl.states(rid).values()) == ["pending", "pending", "pending", "updating"]
+
+
+def test_a_device_reporting_the_target_is_active_then_healthy_after_its_window(fl: Fleetlet) -> None:
+    rid = fl.start()
+    fl.driver.tick()
+    first = [d for d, s in fl.states(rid).items() if s == "updating"]
+    assert len(first) == 2
+    for d in first:
+        fl.activate(d)
+    fl.driver.tick()
+    assert [fl.states(rid)[d] for d in first] == ["active", "active"]
+    for d in first:
+        fl.traffic(d, ok=10)
+    fl.clock.advance(59)
+    fl.driver.tick()
+    assert [fl.states(rid)[d] for d in first] == ["active", "active"]  # the window is still open
+    fl.clock.advance(2)
+    fl.driver.tick()
+    assert [fl.states(rid)[d] for d in first] == ["healthy", "healthy"]
+    fl.driver.tick()  # the next wave starts
+    assert sorted(fl.states(rid).values()) == ["healthy", "healthy", "updating", "updating"]
+
+
+def test_the_whole_rollout_completes_wave_by_wave(fl: Fleetlet) -> None:
+    rid = fl.start()
+    for _ in range(2):
+        fl.driver.tick()
+        updating = [d for d, s in fl.states(rid).items() if s == "updating"]
+        for d in updating:
+            fl.activate(d)
+            fl.traffic(d, ok=5)
+        fl.driver.tick()
+        fl.clock.advance(61)
+        fl.driver.tick()
+    fl.driver.tick()
+    assert fl.rollout_state(rid) == "completed"
+    assert set(fl.states(rid).values()) == {"healthy"}
+
+
+def test_a_failing_wave_halts_and_sends_its_devices_back_as_a_rollback(fl: Fleetlet) -> None:
+    rid = fl.start()
+    fl.driver.tick()
+    first = [d for d, s in fl.states(rid).items() if s == "updating"]
+    for d in first:
+        fl.activate(d)
+        fl.traffic(d, ok=5, errors=5)  # 50 % errors: over max_error_rate (5 %) and over before
+    fl.driver.tick()
+    fl.clock.advance(61)
+    back = fl.driver.tick()  # both fail their health gate, and the wave's verdict follows at once
+    assert fl.rollout_state(rid) == "halted"
+    assert "2 of 2 device(s) failed" in fl.rollouts.show(TENANT, rid)["message"]
+    assert {r.device_id for r in back} == set(first)
+    assert [(r.model, r.allow_downgrade) for r in back] == [(OLD.model_dump(mode="json"), True)] * 2
+    assert [fl.states(rid)[d] for d in first] == ["rolled_back", "rolled_back"]
+    assert [s for d, s in fl.states(rid).items() if d not in first] == ["pending", "pending"]
+
+
+def test_too_few_requests_to_judge_holds_the_wave_until_its_timeout(fl: Fleetlet) -> None:
+    rid = fl.start(min_samples=20, wave_timeout_s=300.0)
+    fl.driver.tick()
+    first = [d for d, s in fl.states(rid).items() if s == "updating"]
+    for d in first:
+        fl.activate(d)
+        fl.traffic(d, ok=3)
+    fl.driver.tick()
+    fl.clock.advance(120)
+    fl.driver.tick()
+    assert [fl.states(rid)[d] for d in first] == ["active", "active"]  # unknown, not healthy
+    fl.clock.advance(200)
+    fl.driver.tick()
+    assert [fl.states(rid)[d] for d in first] == ["timed_out", "timed_out"]
+
+
+def test_a_silent_device_times_out_without_blocking_the_wave(fl: Fleetlet) -> None:
+    rid = fl.start(wave_timeout_s=120.0)
+    fl.driver.tick()
+    first = sorted(d for d, s in fl.states(rid).items() if s == "updating")
+    fl.activate(first[0])
+    fl.traffic(first[0], ok=5)
+    fl.driver.tick()
+    fl.clock.advance(121)
+    fl.driver.tick()
+    assert fl.states(rid)[first[0]] == "healthy" and fl.states(rid)[first[1]] == "timed_out"
+    fl.driver.tick()
+    assert sorted(fl.states(rid).values()).count("updating") == 2  # the next wave went ahead
+
+
+def test_client_side_errors_do_not_fail_a_device(fl: Fleetlet) -> None:
+    rid = fl.start()
+    fl.driver.tick()
+    first = [d for d, s in fl.states(rid).items() if s == "updating"]
+    for d in first:
+        fl.activate(d)
+        records = [
+            TelemetryRecord(
+                id=uuid.uuid4().hex,
+                at=fl.clock.now,
+                model="m:2",
+                served_by="local",
+                prompt_tokens=1,
+                completion_tokens=0,
+                latency_ms=1.0,
+                ok=False,
+                error=code,
+            )
+            for code in ["queue_full", "client_disconnected"] * 5
+        ]
+        fl.fleet.record_telemetry(TENANT, TelemetryBatch(device_id=d, records=records))
+        fl.traffic(d, ok=5)
+    fl.driver.tick()
+    fl.clock.advance(61)
+    fl.driver.tick()
+    assert [fl.states(rid)[d] for d in first] == ["healthy", "healthy"]
+
+
+def test_the_transition_table_is_what_the_driver_may_do() -> None:
+    assert set(TOUCHED_DEVICE_STATES) == {
+        DeviceState.UPDATING,
+        DeviceState.ACTIVE,
+        DeviceState.HEALTHY,
+        DeviceState.FAILED,
+    }
+    assert set(DEVICE_TRANSITIONS) == set(DeviceState)
+    assert not DEVICE_TRANSITIONS[DeviceState.ROLLED_BACK] and not DEVICE_TRANSITIONS[DeviceState.TIMED_OUT]
+
+
+def test_an_edge_the_table_lacks_is_refused(fl: Fleetlet) -> None:
+    rid = fl.start()
+    d = {"device_id": fl.devices[0], "state": "pending"}
+    with fl.engine.begin() as conn, pytest.raises(IllegalTransition, match="pending → healthy"):
+        fl.driver._update_device(conn, rid, d, state=DeviceState.HEALTHY)
