@@ -29,7 +29,6 @@ from sqlalchemy import (
     create_engine,
     event,
     insert,
-    inspect,
     select,
     text,
 )
@@ -179,25 +178,89 @@ _V3_COLUMNS = (
 
 
 def _v1_initial(conn: Connection) -> None:
-    # The v1 tables, whatever the current Table objects say: later migrations add to them.
-    later = {(t.name, c) for t, c, _, _ in (*_V2_COLUMNS, *_V3_COLUMNS)}
-    for table in (api_keys, devices, telemetry, rollouts, rollout_devices):
-        if inspect(conn).has_table(table.name):
-            continue
-        v1_table = Table(table.name, MetaData())
-        for column in table.columns:
-            if (table.name, column.name) not in later:
-                v1_table.append_column(
-                    Column(
-                        column.name,
-                        column.type,
-                        primary_key=column.primary_key,
-                        nullable=column.nullable,
-                        index=column.index,
-                        default=column.default,
-                    )
-                )
-        v1_table.create(conn)
+    """The schema as released first, spelled out: a migration never reads today's tables (or a
+    fresh database and a migrated one would drift apart as they change)."""
+    v1 = MetaData()
+    tz = DateTime(timezone=True)
+    Table(
+        "api_keys",
+        v1,
+        Column("key_id", String(32), primary_key=True),
+        Column("tenant", String(64), nullable=False, index=True),
+        Column("name", String(200), nullable=False),
+        Column("scope", String(16), nullable=False),
+        Column("secret_sha256", String(64), nullable=False),
+        Column("created_at", tz, nullable=False),
+        Column("revoked", Boolean, nullable=False, default=False),
+    )
+    Table(
+        "devices",
+        v1,
+        Column("tenant", String(64), primary_key=True),
+        Column("device_id", String(64), primary_key=True),
+        Column("labels", JSON, nullable=False, default=dict),
+        Column("status", String(16), nullable=False, default="unknown"),
+        Column("last_seen", tz),
+        Column("phase", String(32)),
+        Column("active_model", String(200)),
+        Column("reported_revision", Integer, nullable=False, default=-1),
+        Column("reported", JSON),
+        Column("desired_revision", Integer, nullable=False, default=0),
+        Column("desired_model", JSON),
+        Column("desired_config", JSON, nullable=False, default=dict),
+    )
+    Table(
+        "telemetry",
+        v1,
+        Column("tenant", String(64), primary_key=True),
+        Column("record_id", String(64), primary_key=True),
+        Column("device_id", String(64), nullable=False, index=True),
+        Column("at", tz, nullable=False, index=True),
+        Column("model", String(200), nullable=False),
+        Column("served_by", String(16), nullable=False),
+        Column("ok", Boolean, nullable=False),
+        Column("latency_ms", Float, nullable=False),
+        Column("prompt_tokens", Integer, nullable=False),
+        Column("completion_tokens", Integer, nullable=False),
+    )
+    Table(
+        "rollouts",
+        v1,
+        Column("rollout_id", String(32), primary_key=True),
+        Column("tenant", String(64), nullable=False, index=True),
+        Column("model", JSON, nullable=False),
+        Column("selector", JSON, nullable=False),
+        Column("waves", JSON, nullable=False),
+        Column("failure_threshold", Float, nullable=False),
+        Column("health_window_s", Float, nullable=False),
+        Column("wave_timeout_s", Float, nullable=False),
+        Column("max_concurrent", Integer, nullable=False),
+        Column("max_error_rate", Float, nullable=False),
+        Column("max_latency_ratio", Float, nullable=False),
+        Column("state", String(16), nullable=False),
+        Column("current_wave", Integer, nullable=False, default=0),
+        Column("wave_started_at", tz),
+        Column("message", String(2000), nullable=False, default=""),
+        Column("created_at", tz, nullable=False),
+        Column("updated_at", tz, nullable=False),
+        Column("lease_owner", String(64)),
+        Column("lease_until", tz),
+    )
+    Table(
+        "rollout_devices",
+        v1,
+        Column("rollout_id", String(32), primary_key=True),
+        Column("device_id", String(64), primary_key=True),
+        Column("wave", Integer, nullable=False),
+        Column("previous_model", JSON),
+        Column("desired_revision", Integer, nullable=False, default=0),
+        Column("state", String(16), nullable=False),
+        Column("started_at", tz),
+        Column("active_at", tz),
+        Column("detail", String(2000), nullable=False, default=""),
+    )
+    # Databases from before schema_migrations existed already hold these tables.
+    v1.create_all(conn, checkfirst=True)
 
 
 def _add_columns(conn: Connection, columns: tuple[tuple[Table, str, str, str], ...]) -> None:
