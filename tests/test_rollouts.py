@@ -250,3 +250,26 @@ def test_an_edge_the_table_lacks_is_refused(fl: Fleetlet) -> None:
     d = {"device_id": fl.devices[0], "state": "pending"}
     with fl.engine.begin() as conn, pytest.raises(IllegalTransition, match="pending → healthy"):
         fl.driver._update_device(conn, rid, d, state=DeviceState.HEALTHY)
+
+
+def test_a_tick_reads_the_whole_waves_health_in_one_query(
+    fl: Fleetlet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rid = fl.start(waves=(100.0,))
+    fl.driver.tick()
+    for d in fl.devices:
+        fl.activate(d)
+        fl.traffic(d, ok=5)
+    fl.driver.tick()
+    calls: list[int] = []
+    real = fl.fleet.health_many
+
+    def counted(tenant: str, asks: list[tuple[str, str, datetime]]) -> list[tuple[int, int, float | None]]:
+        calls.append(len(asks))
+        return real(tenant, asks)
+
+    monkeypatch.setattr(fl.fleet, "health_many", counted)
+    fl.clock.advance(61)
+    fl.driver.tick()
+    assert calls == [8]  # four devices, each on the target and on its previous model
+    assert set(fl.states(rid).values()) == {"healthy"}

@@ -336,16 +336,27 @@ class Fleet:
 
         Requests the device handed to the cloud say nothing of its model's health and are left
         out, and so are client-side events (a full queue, a client that went away)."""
+        return self.health_many(tenant, [(device_id, model, since)])[0]
+
+    def health_many(
+        self, tenant: str, asks: list[tuple[str, str, datetime]]
+    ) -> list[tuple[int, int, float | None]]:
+        """``health`` for each (device, model, since) of ``asks``, in one query (a rollout tick
+        judges a whole wave at once)."""
+        if not asks:
+            return []
         when = func.coalesce(telemetry.c.received_at, telemetry.c.at)
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(telemetry.c.ok, telemetry.c.latency_ms).where(
+                select(
+                    telemetry.c.device_id, telemetry.c.model, telemetry.c.ok, telemetry.c.latency_ms, when
+                ).where(
                     and_(
                         telemetry.c.tenant == tenant,
-                        telemetry.c.device_id == device_id,
-                        telemetry.c.model == model,
+                        telemetry.c.device_id.in_({d for d, _, _ in asks}),
+                        telemetry.c.model.in_({m for _, m, _ in asks}),
                         telemetry.c.served_by == "local",
-                        when >= since,
+                        when >= min(since for _, _, since in asks),
                         or_(
                             telemetry.c.ok.is_(True),
                             telemetry.c.error.is_(None),
@@ -354,10 +365,16 @@ class Fleet:
                     )
                 )
             ).all()
-        errors = sum(1 for ok, _ in rows if not ok)
-        latencies = sorted(lat for ok, lat in rows if ok)
-        median = latencies[len(latencies) // 2] if latencies else None
-        return len(rows), errors, median
+        by_key: dict[tuple[str, str], list[tuple[bool, float, datetime]]] = {}
+        for device_id, model, ok, latency, at in rows:
+            by_key.setdefault((device_id, model), []).append((bool(ok), float(latency), as_utc(at) or at))
+        out = []
+        for device_id, model, since in asks:
+            mine = [(ok, lat) for ok, lat, at in by_key.get((device_id, model), []) if at >= since]
+            errors = sum(1 for ok, _ in mine if not ok)
+            latencies = sorted(lat for ok, lat in mine if ok)
+            out.append((len(mine), errors, latencies[len(latencies) // 2] if latencies else None))
+        return out
 
     def telemetry_count(self, tenant: str, device_id: str | None = None) -> int:
         cond = telemetry.c.tenant == tenant

@@ -121,6 +121,7 @@ class RolloutDriver:
         fleet_now = {d.device_id: d for d in self.fleet.list_devices(tenant)}
         publishes: list[DesiredRecord] = []
         updating = sum(1 for d in members if d["state"] == DeviceState.UPDATING)
+        health = self._wave_health(tenant, r, members, target_id, now)
         for d in members:
             if d["state"] == DeviceState.PENDING and updating < r["max_concurrent"]:
                 record = self.fleet.next_desired(
@@ -138,7 +139,7 @@ class RolloutDriver:
             elif d["state"] == DeviceState.UPDATING and d["device_id"] in fleet_now:
                 self._check_updating(conn, tenant, r, d, fleet_now[d["device_id"]], target_id, now, publishes)
             elif d["state"] == DeviceState.ACTIVE:
-                self._check_health(conn, tenant, r, d, target_id, now)
+                self._check_health(conn, r, d, target_id, now, health)
         members = [
             dict(x._mapping)
             for x in conn.execute(
@@ -224,19 +225,44 @@ class RolloutDriver:
                 if current is not None:
                     publishes.append(current)
 
+    @staticmethod
+    def _health_asks(
+        r: dict[str, Any], d: dict[str, Any], target_id: str, now: datetime
+    ) -> list[tuple[str, str, datetime]]:
+        """What judging ``d`` needs: its traffic on the target since activation, and on its
+        previous model before the update began (the baseline); none while its window is open."""
+        active_at = as_utc(d["active_at"]) or now
+        if d["state"] != DeviceState.ACTIVE or now - active_at < timedelta(seconds=r["health_window_s"]):
+            return []
+        asks = [(d["device_id"], target_id, active_at)]
+        prev = d["previous_model"] or {}
+        if prev:
+            window = timedelta(seconds=max(r["health_window_s"], 60.0))
+            started = as_utc(d["started_at"]) or now
+            asks.append((d["device_id"], f"{prev.get('name')}:{prev.get('version')}", started - window))
+        return asks
+
+    def _wave_health(
+        self, tenant: str, r: dict[str, Any], members: list[dict[str, Any]], target_id: str, now: datetime
+    ) -> dict[tuple[str, str, datetime], tuple[int, int, float | None]]:
+        """Every health figure this tick needs for the wave, read in one query."""
+        asks = [a for d in members for a in self._health_asks(r, d, target_id, now)]
+        return dict(zip(asks, self.fleet.health_many(tenant, asks), strict=True))
+
     def _check_health(
         self,
         conn: Connection,
-        tenant: str,
         r: dict[str, Any],
         d: dict[str, Any],
         target_id: str,
         now: datetime,
+        health: dict[tuple[str, str, datetime], tuple[int, int, float | None]],
     ) -> None:
-        active_at = as_utc(d["active_at"]) or now
-        if now - active_at < timedelta(seconds=r["health_window_s"]):
-            return
-        n, errors, p50 = self.fleet.health(tenant, d["device_id"], target_id, active_at)
+        asks = self._health_asks(r, d, target_id, now)
+        if not asks:
+            return  # the health window is still open
+        active_at = asks[0][2]
+        n, errors, p50 = health[asks[0]]
         if n < r["min_samples"]:
             # Too little traffic to judge: unknown, not healthy. The wave waits for more, up to
             # the wave timeout.
@@ -249,13 +275,7 @@ class RolloutDriver:
                     detail=f"only {n} request(s) of the {r['min_samples']} needed to judge its health",
                 )
             return
-        prev = d["previous_model"] or {}
-        prev_id = f"{prev.get('name')}:{prev.get('version')}" if prev else None
-        window = timedelta(seconds=max(r["health_window_s"], 60.0))
-        started = as_utc(d["started_at"]) or now
-        n0, errors0, p50_0 = (
-            self.fleet.health(tenant, d["device_id"], prev_id, started - window) if prev_id else (0, 0, None)
-        )
+        n0, errors0, p50_0 = health[asks[1]] if len(asks) > 1 else (0, 0, None)
         rate = errors / n if n else 0.0
         rate0 = errors0 / n0 if n0 else 0.0
         if n and rate > r["max_error_rate"] and rate > rate0:
