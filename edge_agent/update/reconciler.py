@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 # An update interrupted by a crash restarts at FETCHING, which skips every blob already cached.
 TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.IDLE: frozenset({Phase.FETCHING}),
-    Phase.FETCHING: frozenset({Phase.FETCHING, Phase.VERIFYING, Phase.FAILED}),
+    # A download superseded by a newer desired state goes back to what serves (or to idle).
+    Phase.FETCHING: frozenset({Phase.FETCHING, Phase.VERIFYING, Phase.FAILED, Phase.ACTIVE, Phase.IDLE}),
     Phase.VERIFYING: frozenset({Phase.STAGED, Phase.FAILED, Phase.FETCHING}),
     Phase.STAGED: frozenset({Phase.SMOKE_TESTING, Phase.FAILED, Phase.FETCHING}),
     Phase.SMOKE_TESTING: frozenset({Phase.ACTIVE, Phase.FAILED, Phase.FETCHING}),

@@ -1,0 +1,305 @@
+"""The reconciler's branches (edge_agent/update/reconciler.py), one scenario each, in process:
+a real state file, real A/B slots and a real trust store on a temporary folder; fakes only at
+two seams — the fetcher (blobs come from a local store) and the model load (no ONNX session).
+The same state machine against real processes and a broker: tests/test_edge_updates.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_agent.runtime.host import ModelHost
+from edge_agent.update.reconciler import Reconciler
+from edge_agent.update.slots import SlotStore
+from edge_agent.update.state import AgentState, StateFile
+from shared.blobs import BlobRef, BlobStore, describe_bytes
+from shared.edge_config import EdgeConfig
+from shared.errors import ModelLoadError, NoSpaceError
+from shared.manifest import FileEntry, IOSignature, Manifest, Quantization, SignedManifest, TrustStore
+from shared.messages import DesiredState, ModelRef, Phase
+from shared.signing import SigningKey
+
+KEY = SigningKey.generate()
+
+
+def package(store: BlobStore, version: str, release: int, name: str = "m") -> ModelRef:
+    """A signed manifest with one small graph file, both in ``store``."""
+    graph = f"graph of {name}:{version}".encode()
+    store.put_bytes(graph)
+    manifest = Manifest(
+        name=name,
+        version=version,
+        release=release,
+        created_at=datetime(2026, 1, 1, tzinfo=UTC),
+        architecture="LlamaForCausalLM",
+        parameters=1,
+        files=[FileEntry(path="model.onnx", role="graph", blob=describe_bytes(graph))],
+        io=IOSignature(
+            inputs=[],
+            outputs=[],
+            num_layers=1,
+            num_kv_heads=1,
+            head_dim=8,
+            vocab_size=8,
+            context_length=8,
+            model_type="llama",
+        ),
+        quantization=Quantization(method="none", weight_type="float32"),
+    )
+    data = SignedManifest.sign(manifest, KEY).to_json()
+    digest = store.put_bytes(data)
+    return ModelRef(name=name, version=version, manifest_digest=digest, manifest_size=len(data))
+
+
+class FakeFetcher:
+    """Blobs from a local store instead of MQTT; can fail, or hold a download until released."""
+
+    def __init__(self, source: BlobStore, cache: BlobStore) -> None:
+        self.source, self.cache = source, cache
+        self.fail: BaseException | None = None
+        self.gate: asyncio.Event | None = None
+        self.fetched: list[str] = []
+
+    async def fetch_manifest(self, ref: ModelRef) -> bytes:
+        data = self.source.read(ref.manifest_digest)
+        self.cache.put_bytes(data)
+        self.fetched.append(ref.manifest_digest)
+        return data
+
+    async def fetch_blobs(self, blobs: list[BlobRef], reuse: Any = None) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail is not None:
+            raise self.fail
+        for blob in blobs:
+            self.cache.put_bytes(self.source.read(blob.digest))
+            self.fetched.append(blob.digest)
+
+    def prune_partials(self, keep: Iterable[str]) -> int:
+        return 0
+
+
+@dataclass
+class FakeLoaded:
+    manifest: Manifest
+    slot: str
+    broken: bool = False
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.manifest.name}:{self.manifest.version}"
+
+    def smoke_test(self) -> None:
+        if self.broken:
+            raise ModelLoadError("the smoke test produced no token", slot=self.slot)
+
+
+class Device:
+    def __init__(self, tmp: Path) -> None:
+        self.source = BlobStore(tmp / "cloud")
+        self.cache = BlobStore(tmp / "cache")
+        self.fetcher = FakeFetcher(self.source, self.cache)
+        self.slots = SlotStore(tmp / "slots")
+        self.host = ModelHost()
+        self.reports: list[AgentState] = []
+        self.configs: list[EdgeConfig] = []
+        self.broken_versions: set[str] = set()
+        self.trust = TrustStore([KEY.public])
+
+        async def report(state: AgentState) -> None:
+            self.reports.append(state.model_copy(deep=True))
+
+        async def apply_config(config: EdgeConfig) -> None:
+            self.configs.append(config)
+
+        self.rec = Reconciler(
+            StateFile(tmp / "state.json"),
+            self.fetcher,  # type: ignore[arg-type]
+            self.cache,
+            self.slots,
+            self.host,
+            self.trust,
+            None,
+            report,
+            apply_config,
+        )
+        self.rec._load_slot = self._load  # type: ignore[method-assign]
+
+    def _load(self, slot: str) -> FakeLoaded:
+        manifest = self.trust.verify(self.slots.manifest_bytes(slot))  # type: ignore[arg-type]
+        return FakeLoaded(manifest, slot, broken=manifest.version in self.broken_versions)
+
+    def apply(self, revision: int, model: ModelRef | None, **fields: Any) -> AgentState:
+        asyncio.run(self.rec.apply(DesiredState(revision=revision, model=model, **fields)))
+        return self.rec.state
+
+    @property
+    def serving(self) -> str | None:
+        current = self.host.current
+        return current.model_id if current else None
+
+    def phases(self) -> list[Phase]:
+        return [r.phase for r in self.reports]
+
+
+@pytest.fixture
+def dev(tmp_path: Path) -> Device:
+    return Device(tmp_path)
+
+
+def test_a_new_model_walks_every_phase_to_active(dev: Device) -> None:
+    v1 = package(dev.source, "1", release=1)
+    s = dev.apply(1, v1)
+    assert dev.phases() == [Phase.FETCHING, Phase.VERIFYING, Phase.STAGED, Phase.SMOKE_TESTING, Phase.ACTIVE]
+    assert (s.phase, s.active_slot, s.applied_revision, s.releases) == (Phase.ACTIVE, "a", 1, {"m": 1})
+    assert dev.serving == "m:1" and StateFile(dev.rec.state_file.path).load() == s
+
+
+def test_the_next_model_goes_to_the_other_slot_and_keeps_the_first(dev: Device) -> None:
+    v1, v2 = package(dev.source, "1", 1), package(dev.source, "2", 2)
+    dev.apply(1, v1)
+    s = dev.apply(2, v2)
+    assert (s.active_slot, s.slots) == ("b", {"a": v1, "b": v2}) and dev.serving == "m:2"
+
+
+def test_a_stale_revision_is_ignored(dev: Device) -> None:
+    v1, v2 = package(dev.source, "1", 1), package(dev.source, "2", 2)
+    dev.apply(5, v1)
+    dev.reports.clear()
+    s = dev.apply(4, v2)
+    assert dev.reports == [] and s.applied_revision == 5 and dev.serving == "m:1"
+
+
+def test_a_new_config_with_the_same_model_downloads_nothing(dev: Device) -> None:
+    v1 = package(dev.source, "1", 1)
+    dev.apply(1, v1)
+    fetched = list(dev.fetcher.fetched)
+    s = dev.apply(2, v1, config={"runtime": {"queue_size": 4}})
+    assert dev.fetcher.fetched == fetched
+    assert (s.config_revision, s.applied_revision, len(dev.configs)) == (2, 2, 1)
+
+
+def test_a_bad_config_is_reported_and_the_old_one_kept(dev: Device) -> None:
+    v1 = package(dev.source, "1", 1)
+    dev.apply(1, v1, config={"runtime": {"queue_size": 4}})
+    s = dev.apply(2, v1, config={"runtime": {"queue_size": -1}})
+    assert s.config == {"runtime": {"queue_size": 4}} and s.config_revision == 1
+    assert s.config_error is not None and s.config_error.code == "config_rejected"
+    assert s.config_error_revision == 2
+
+
+def test_the_model_in_the_standby_slot_is_switched_to_without_a_download(dev: Device) -> None:
+    v1, v2 = package(dev.source, "1", 1), package(dev.source, "2", 2)
+    dev.apply(1, v1)
+    dev.apply(2, v2)
+    fetched = list(dev.fetcher.fetched)
+    dev.reports.clear()
+    s = dev.apply(3, v1, allow_downgrade=True)
+    assert dev.fetcher.fetched == fetched
+    assert dev.phases() == [Phase.SWITCHING, Phase.ACTIVE]
+    assert (s.active_slot, dev.serving, s.applied_revision) == ("a", "m:1", 3)
+
+
+def test_a_lower_release_is_refused_unless_the_desired_state_authorizes_it(dev: Device) -> None:
+    v1, v2, v3 = package(dev.source, "1", 1), package(dev.source, "2", 2), package(dev.source, "3", 3)
+    dev.apply(1, v2)
+    dev.apply(2, v3)
+    s = dev.apply(3, v1)  # release 1 after 3, not in a slot: a download, refused before any weight
+    assert s.phase == Phase.FAILED and s.last_error is not None and s.last_error.code == "downgrade_refused"
+    assert dev.serving == "m:3" and v1.manifest_digest in dev.fetcher.fetched
+    s = dev.apply(4, v1, allow_downgrade=True)
+    assert s.phase == Phase.ACTIVE and dev.serving == "m:1" and s.releases == {"m": 3}
+
+
+def test_a_manifest_naming_another_model_than_the_desired_state_is_refused(dev: Device) -> None:
+    other = package(dev.source, "9", 9, name="other")
+    forged = ModelRef(
+        name="m", version="1", manifest_digest=other.manifest_digest, manifest_size=other.manifest_size
+    )
+    s = dev.apply(1, forged)
+    assert s.phase == Phase.FAILED and s.last_error is not None and s.last_error.code == "signature_rejected"
+    assert dev.serving is None and s.slots.get("a") is None
+
+
+def test_a_full_disk_fails_the_update_and_the_active_model_keeps_serving(dev: Device) -> None:
+    v1, v2 = package(dev.source, "1", 1), package(dev.source, "2", 2)
+    dev.apply(1, v1)
+    dev.fetcher.fail = NoSpaceError("model needs 4096 more bytes but only 100 are free on disk")
+    s = dev.apply(2, v2)
+    assert s.phase == Phase.FAILED and s.last_error is not None and s.last_error.code == "no_space"
+    assert "4096" in s.last_error.message and dev.serving == "m:1" and s.slots["b"] is None
+    dev.fetcher.fail = None
+    s = dev.apply(3, v2)  # space freed; the operator publishes again
+    assert s.phase == Phase.ACTIVE and dev.serving == "m:2"
+
+
+def test_a_model_that_fails_its_smoke_test_is_never_activated(dev: Device) -> None:
+    v1, v2 = package(dev.source, "1", 1), package(dev.source, "2", 2)
+    dev.apply(1, v1)
+    dev.broken_versions.add("2")
+    s = dev.apply(2, v2)
+    assert s.phase == Phase.FAILED and s.last_error is not None and s.last_error.code == "model_load_failed"
+    assert dev.serving == "m:1" and s.active_slot == "a" and s.slots["b"] is None
+
+
+def test_a_failed_revision_is_not_retried_but_a_new_one_is(dev: Device) -> None:
+    v1, v2 = package(dev.source, "1", 1), package(dev.source, "2", 2)
+    dev.apply(1, v1)
+    dev.broken_versions.add("2")
+    dev.apply(2, v2)
+    dev.reports.clear()
+    dev.apply(2, v2)  # the same desired state again (a reconnect re-delivers it)
+    assert dev.reports == []
+    dev.broken_versions.clear()
+    assert dev.apply(3, v2).phase == Phase.ACTIVE and dev.serving == "m:2"
+
+
+def test_going_back_to_the_active_model_after_a_failure_clears_it(dev: Device) -> None:
+    v1, v2 = package(dev.source, "1", 1), package(dev.source, "2", 2)
+    dev.apply(1, v1)
+    dev.broken_versions.add("2")
+    dev.apply(2, v2)
+    s = dev.apply(3, v1)
+    assert (s.phase, s.target, s.applied_revision, dev.serving) == (Phase.ACTIVE, None, 3, "m:1")
+
+
+def test_a_newer_revision_supersedes_a_download_in_progress(dev: Device) -> None:
+    v1, v2, v3 = package(dev.source, "1", 1), package(dev.source, "2", 2), package(dev.source, "3", 3)
+    dev.apply(1, v1)
+
+    async def scenario() -> None:
+        dev.fetcher.gate = asyncio.Event()  # v2's blobs never come
+        first = asyncio.create_task(dev.rec.apply(DesiredState(revision=2, model=v2)))
+        while dev.rec.state.phase != Phase.FETCHING:  # noqa: ASYNC110 (the reconciler's own state)
+            await asyncio.sleep(0.01)
+        dev.rec.offer(DesiredState(revision=3, model=v3))  # what the MQTT link calls
+        await asyncio.wait_for(first, 5)
+        # Back to serving what is active, with no failure reported for the abandoned download.
+        assert dev.rec.state.phase == Phase.ACTIVE and dev.serving == "m:1"
+        assert dev.rec.state.last_error is None and Phase.FAILED not in dev.phases()
+        dev.fetcher.gate = None
+        await dev.rec.apply(DesiredState(revision=3, model=v3))
+
+    asyncio.run(scenario())
+    assert dev.serving == "m:3" and dev.rec.state.applied_revision == 3
+
+
+def test_a_first_download_superseded_goes_back_to_idle(dev: Device) -> None:
+    v1, v2 = package(dev.source, "1", 1), package(dev.source, "2", 2)
+
+    async def scenario() -> None:
+        dev.fetcher.gate = asyncio.Event()
+        first = asyncio.create_task(dev.rec.apply(DesiredState(revision=1, model=v1)))
+        while dev.rec.state.phase != Phase.FETCHING:  # noqa: ASYNC110 (the reconciler's own state)
+            await asyncio.sleep(0.01)
+        dev.rec.offer(DesiredState(revision=2, model=v2))
+        await asyncio.wait_for(first, 5)
+
+    asyncio.run(scenario())
+    assert dev.rec.state.phase == Phase.IDLE and dev.serving is None and Phase.FAILED not in dev.phases()
