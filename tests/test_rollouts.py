@@ -16,6 +16,7 @@ from cloud.plane.fleet import Fleet
 from cloud.plane.rollouts import (
     DEVICE_TRANSITIONS,
     TOUCHED_DEVICE_STATES,
+    DeviceRow,
     DeviceState,
     IllegalTransition,
     RolloutDriver,
@@ -247,7 +248,7 @@ def test_the_transition_table_is_what_the_driver_may_do() -> None:
 
 def test_an_edge_the_table_lacks_is_refused(fl: Fleetlet) -> None:
     rid = fl.start()
-    d = {"device_id": fl.devices[0], "state": "pending"}
+    d = DeviceRow(fl.devices[0], 0, DeviceState.PENDING, None, 0, None, None, "")
     with fl.engine.begin() as conn, pytest.raises(IllegalTransition, match="pending → healthy"):
         fl.driver._update_device(conn, rid, d, state=DeviceState.HEALTHY)
 

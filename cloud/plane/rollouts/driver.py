@@ -17,12 +17,13 @@ from cloud.plane.rollouts.spec import (
     DRIVEN,
     OPEN_DEVICE_STATES,
     TOUCHED_DEVICE_STATES,
+    DeviceRow,
     DeviceState,
     IllegalTransition,
+    RolloutRow,
     RolloutState,
 )
-from cloud.plane.store import as_utc, rollout_devices, rollouts, utcnow
-from shared.messages import ModelRef
+from cloud.plane.store import rollout_devices, rollouts, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +93,16 @@ class RolloutDriver:
             row = conn.execute(stmt).first()
             if row is None:
                 return []
-            r = dict(row._mapping)
-            if r["lease_owner"] != self.owner or r["state"] not in DRIVEN:
+            r = RolloutRow.from_row(row._mapping)
+            if r.lease_owner != self.owner or r.state not in DRIVEN:
                 return []  # another replica took over, or an operator changed it meanwhile
             self.drives += 1
             devs = [
-                dict(d._mapping)
+                DeviceRow.from_row(d._mapping)
                 for d in conn.execute(select(rollout_devices).where(rollout_devices.c.rollout_id == rid))
             ]
-            if r["state"] == RolloutState.ROLLING_BACK:
-                touched = [d for d in devs if d["state"] in TOUCHED_DEVICE_STATES]
+            if r.state == RolloutState.ROLLING_BACK:
+                touched = [d for d in devs if d.state in TOUCHED_DEVICE_STATES]
                 publishes += self._send_back(conn, tenant, rid, touched)
                 self._update_rollout(
                     conn, rid, state=RolloutState.ROLLED_BACK, message=f"rolled back {len(touched)} device(s)"
@@ -111,24 +112,24 @@ class RolloutDriver:
         return publishes
 
     def _advance_wave(
-        self, conn: Connection, tenant: str, r: dict[str, Any], devs: list[dict[str, Any]]
+        self, conn: Connection, tenant: str, r: RolloutRow, devs: list[DeviceRow]
     ) -> list[DesiredRecord]:
-        rid, wave = r["rollout_id"], r["current_wave"]
-        target = ModelRef.model_validate(r["model"])
+        rid, wave = r.rollout_id, r.current_wave
+        target = r.model
         target_id = f"{target.name}:{target.version}"
         now = self.clock()
-        members = [d for d in devs if d["wave"] == wave]
+        members = [d for d in devs if d.wave == wave]
         fleet_now = {d.device_id: d for d in self.fleet.list_devices(tenant)}
         publishes: list[DesiredRecord] = []
-        updating = sum(1 for d in members if d["state"] == DeviceState.UPDATING)
+        updating = sum(1 for d in members if d.state == DeviceState.UPDATING)
         health = self._wave_health(tenant, r, members, target_id, now)
         for d in members:
-            if d["state"] == DeviceState.PENDING and updating < r["max_concurrent"]:
+            if d.state == DeviceState.PENDING and updating < r.max_concurrent:
                 record = self.fleet.next_desired(
                     tenant,
-                    d["device_id"],
+                    d.device_id,
                     model=target,
-                    allow_downgrade=bool(r["allow_downgrade"]),
+                    allow_downgrade=bool(r.allow_downgrade),
                     conn=conn,
                 )
                 publishes.append(record)
@@ -136,25 +137,25 @@ class RolloutDriver:
                     conn, rid, d, state=DeviceState.UPDATING, started_at=now, desired_revision=record.revision
                 )
                 updating += 1
-            elif d["state"] == DeviceState.UPDATING and d["device_id"] in fleet_now:
-                self._check_updating(conn, tenant, r, d, fleet_now[d["device_id"]], target_id, now, publishes)
-            elif d["state"] == DeviceState.ACTIVE:
+            elif d.state == DeviceState.UPDATING and d.device_id in fleet_now:
+                self._check_updating(conn, tenant, r, d, fleet_now[d.device_id], target_id, now, publishes)
+            elif d.state == DeviceState.ACTIVE:
                 self._check_health(conn, r, d, target_id, now, health)
         members = [
-            dict(x._mapping)
+            DeviceRow.from_row(x._mapping)
             for x in conn.execute(
                 select(rollout_devices).where(
                     and_(rollout_devices.c.rollout_id == rid, rollout_devices.c.wave == wave)
                 )
             )
         ]
-        if any(d["state"] in OPEN_DEVICE_STATES for d in members):
+        if any(d.state in OPEN_DEVICE_STATES for d in members):
             return publishes
-        answered = [d for d in members if d["state"] != DeviceState.TIMED_OUT]
-        failed = [d for d in answered if d["state"] == DeviceState.FAILED]
+        answered = [d for d in members if d.state != DeviceState.TIMED_OUT]
+        failed = [d for d in answered if d.state == DeviceState.FAILED]
         timed_out = len(members) - len(answered)
-        if answered and len(failed) / len(answered) > r["failure_threshold"]:
-            sent_back = [d for d in members if d["state"] in TOUCHED_DEVICE_STATES]
+        if answered and len(failed) / len(answered) > r.failure_threshold:
+            sent_back = [d for d in members if d.state in TOUCHED_DEVICE_STATES]
             publishes += self._send_back(conn, tenant, rid, sent_back)
             self._update_rollout(
                 conn,
@@ -162,11 +163,11 @@ class RolloutDriver:
                 state=RolloutState.HALTED,
                 message=(
                     f"wave {wave + 1}: {len(failed)} of {len(answered)} device(s) failed "
-                    f"(threshold {r['failure_threshold']:.0%}); {len(sent_back)} sent back to their previous model"
+                    f"(threshold {r.failure_threshold:.0%}); {len(sent_back)} sent back to their previous model"
                 ),
             )
             log.warning("rollout %s halted in wave %d", rid, wave + 1)
-        elif wave == len(r["waves"]) - 1:
+        elif wave == len(r.waves) - 1:
             self._update_rollout(
                 conn, rid, state=RolloutState.COMPLETED, message=_wave_note(wave, failed, timed_out)
             )
@@ -185,65 +186,65 @@ class RolloutDriver:
         self,
         conn: Connection,
         tenant: str,
-        r: dict[str, Any],
-        d: dict[str, Any],
+        r: RolloutRow,
+        d: DeviceRow,
         dev: Device,
         target_id: str,
         now: datetime,
         publishes: list[DesiredRecord],
     ) -> None:
-        rev = d["desired_revision"]
+        rev = d.desired_revision
         reported = dev.reported or {}
         if dev.phase == "active" and dev.active_model == target_id and dev.reported_revision >= rev:
-            self._update_device(conn, r["rollout_id"], d, state=DeviceState.ACTIVE, active_at=now)
+            self._update_device(conn, r.rollout_id, d, state=DeviceState.ACTIVE, active_at=now)
         elif dev.phase == "failed" and reported.get("target_revision", -1) >= rev:
             err = reported.get("last_error") or {}
             self._update_device(
                 conn,
-                r["rollout_id"],
+                r.rollout_id,
                 d,
                 state=DeviceState.FAILED,
                 detail=f"{err.get('code')}: {err.get('message')}",
             )
-        elif now - (as_utc(d["started_at"]) or now) > timedelta(seconds=r["wave_timeout_s"]):
+        elif now - (d.started_at or now) > timedelta(seconds=r.wave_timeout_s):
             seen = dev.last_seen.isoformat() if dev.last_seen else "never"
             self._update_device(
                 conn,
-                r["rollout_id"],
+                r.rollout_id,
                 d,
                 state=DeviceState.TIMED_OUT,
-                detail=f"no update within {r['wave_timeout_s']:.0f}s ({dev.status}, last seen {seen})",
+                detail=f"no update within {r.wave_timeout_s:.0f}s ({dev.status}, last seen {seen})",
             )
         else:
             # The desired state is retained on the broker; re-publish now and then in case the
             # replica that recorded it died before publishing.
-            key = (tenant, d["device_id"])
+            key = (tenant, d.device_id)
             last = self.last_publish.get(key)
             if last is None or now - last > timedelta(seconds=30):
                 self.last_publish[key] = now
-                current = self.fleet.current_desired(tenant, d["device_id"]) if last is not None else None
+                current = self.fleet.current_desired(tenant, d.device_id) if last is not None else None
                 if current is not None:
                     publishes.append(current)
 
     @staticmethod
     def _health_asks(
-        r: dict[str, Any], d: dict[str, Any], target_id: str, now: datetime
+        r: RolloutRow, d: DeviceRow, target_id: str, now: datetime
     ) -> list[tuple[str, str, datetime]]:
         """What judging ``d`` needs: its traffic on the target since activation, and on its
         previous model before the update began (the baseline); none while its window is open."""
-        active_at = as_utc(d["active_at"]) or now
-        if d["state"] != DeviceState.ACTIVE or now - active_at < timedelta(seconds=r["health_window_s"]):
+        active_at = d.active_at or now
+        if d.state != DeviceState.ACTIVE or now - active_at < timedelta(seconds=r.health_window_s):
             return []
-        asks = [(d["device_id"], target_id, active_at)]
-        prev = d["previous_model"] or {}
-        if prev:
-            window = timedelta(seconds=max(r["health_window_s"], 60.0))
-            started = as_utc(d["started_at"]) or now
-            asks.append((d["device_id"], f"{prev.get('name')}:{prev.get('version')}", started - window))
+        asks = [(d.device_id, target_id, active_at)]
+        prev = d.previous_model
+        if prev is not None:
+            window = timedelta(seconds=max(r.health_window_s, 60.0))
+            started = d.started_at or now
+            asks.append((d.device_id, f"{prev.name}:{prev.version}", started - window))
         return asks
 
     def _wave_health(
-        self, tenant: str, r: dict[str, Any], members: list[dict[str, Any]], target_id: str, now: datetime
+        self, tenant: str, r: RolloutRow, members: list[DeviceRow], target_id: str, now: datetime
     ) -> dict[tuple[str, str, datetime], tuple[int, int, float | None]]:
         """Every health figure this tick needs for the wave, read in one query."""
         asks = [a for d in members for a in self._health_asks(r, d, target_id, now)]
@@ -252,8 +253,8 @@ class RolloutDriver:
     def _check_health(
         self,
         conn: Connection,
-        r: dict[str, Any],
-        d: dict[str, Any],
+        r: RolloutRow,
+        d: DeviceRow,
         target_id: str,
         now: datetime,
         health: dict[tuple[str, str, datetime], tuple[int, int, float | None]],
@@ -263,39 +264,35 @@ class RolloutDriver:
             return  # the health window is still open
         active_at = asks[0][2]
         n, errors, p50 = health[asks[0]]
-        if n < r["min_samples"]:
+        if n < r.min_samples:
             # Too little traffic to judge: unknown, not healthy. The wave waits for more, up to
             # the wave timeout.
-            if now - active_at > timedelta(seconds=r["wave_timeout_s"]):
+            if now - active_at > timedelta(seconds=r.wave_timeout_s):
                 self._update_device(
                     conn,
-                    r["rollout_id"],
+                    r.rollout_id,
                     d,
                     state=DeviceState.TIMED_OUT,
-                    detail=f"only {n} request(s) of the {r['min_samples']} needed to judge its health",
+                    detail=f"only {n} request(s) of the {r.min_samples} needed to judge its health",
                 )
             return
         n0, errors0, p50_0 = health[asks[1]] if len(asks) > 1 else (0, 0, None)
         rate = errors / n if n else 0.0
         rate0 = errors0 / n0 if n0 else 0.0
-        if n and rate > r["max_error_rate"] and rate > rate0:
+        if n and rate > r.max_error_rate and rate > rate0:
             self._update_device(
                 conn,
-                r["rollout_id"],
+                r.rollout_id,
                 d,
                 state=DeviceState.FAILED,
                 detail=f"error rate {rate:.1%} over {n} request(s)",
             )
         elif (
-            p50 is not None
-            and p50_0 is not None
-            and n >= 5
-            and n0 >= 5
-            and p50 > r["max_latency_ratio"] * p50_0
+            p50 is not None and p50_0 is not None and n >= 5 and n0 >= 5 and p50 > r.max_latency_ratio * p50_0
         ):
             self._update_device(
                 conn,
-                r["rollout_id"],
+                r.rollout_id,
                 d,
                 state=DeviceState.FAILED,
                 detail=f"median latency {p50:.0f} ms vs {p50_0:.0f} ms before",
@@ -303,38 +300,39 @@ class RolloutDriver:
         else:
             self._update_device(
                 conn,
-                r["rollout_id"],
+                r.rollout_id,
                 d,
                 state=DeviceState.HEALTHY,
                 detail=f"{n} request(s), error rate {rate:.1%}",
             )
 
     def _send_back(
-        self, conn: Connection, tenant: str, rid: str, devs: list[dict[str, Any]]
+        self, conn: Connection, tenant: str, rid: str, devs: list[DeviceRow]
     ) -> list[DesiredRecord]:
         out = []
         for d in devs:
-            previous = ModelRef.model_validate(d["previous_model"]) if d["previous_model"] else None
+            previous = d.previous_model
             # Signed as a rollback: devices install a lower release only when told it is one.
             record = self.fleet.next_desired(
-                tenant, d["device_id"], model=previous, allow_downgrade=True, conn=conn
+                tenant, d.device_id, model=previous, allow_downgrade=True, conn=conn
             )
             out.append(record)
             self._update_device(conn, rid, d, state=DeviceState.ROLLED_BACK, desired_revision=record.revision)
         return out
 
-    def _update_device(self, conn: Connection, rid: str, d: dict[str, Any], **values: Any) -> None:
+    def _update_device(self, conn: Connection, rid: str, d: DeviceRow, **values: Any) -> None:
         if "state" in values:
-            to, was = DeviceState(values["state"]), DeviceState(d["state"])
-            if to not in DEVICE_TRANSITIONS[was]:
-                raise IllegalTransition(f"device {d['device_id']} of rollout {rid}: {was} → {to}")
-            values["state"] = to.value
+            to = DeviceState(values["state"])
+            if to not in DEVICE_TRANSITIONS[d.state]:
+                raise IllegalTransition(f"device {d.device_id} of rollout {rid}: {d.state} → {to}")
+            values["state"] = to
         conn.execute(
             update(rollout_devices)
-            .where(and_(rollout_devices.c.rollout_id == rid, rollout_devices.c.device_id == d["device_id"]))
-            .values(**values)
+            .where(and_(rollout_devices.c.rollout_id == rid, rollout_devices.c.device_id == d.device_id))
+            .values(**{k: (v.value if isinstance(v, DeviceState) else v) for k, v in values.items()})
         )
-        d.update(values)
+        for name, value in values.items():
+            setattr(d, name, value)
 
     def _update_rollout(self, conn: Connection, rid: str, **values: Any) -> None:
         if "state" in values:
@@ -344,7 +342,7 @@ class RolloutDriver:
         )
 
 
-def _wave_note(wave: int, failed: list[dict[str, Any]], timed_out: int) -> str:
+def _wave_note(wave: int, failed: list[DeviceRow], timed_out: int) -> str:
     note = f"wave {wave + 1} done"
     if failed:
         note += f"; {len(failed)} failed (under the threshold)"

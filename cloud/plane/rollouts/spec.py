@@ -6,10 +6,12 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 from cloud.plane.fleet import Device, Selector
+from cloud.plane.store import as_utc
 from shared.errors import ContractError
 from shared.messages import ModelRef
 
@@ -64,6 +66,75 @@ DEVICE_TRANSITIONS: dict[DeviceState, frozenset[DeviceState]] = {
 OPEN_DEVICE_STATES = (DeviceState.PENDING, DeviceState.UPDATING, DeviceState.ACTIVE)
 # Devices a rollback sends to their previous model: every one this rollout may have changed.
 TOUCHED_DEVICE_STATES = tuple(s for s, to in DEVICE_TRANSITIONS.items() if DeviceState.ROLLED_BACK in to)
+
+
+@dataclass(frozen=True)
+class RolloutRow:
+    """A ``rollouts`` row as the driver reads it."""
+
+    rollout_id: str
+    tenant: str
+    model: ModelRef
+    state: RolloutState
+    waves: tuple[float, ...]
+    current_wave: int
+    failure_threshold: float
+    health_window_s: float
+    wave_timeout_s: float
+    max_concurrent: int
+    max_error_rate: float
+    max_latency_ratio: float
+    allow_downgrade: bool
+    min_samples: int
+    lease_owner: str | None
+
+    @classmethod
+    def from_row(cls, m: Any) -> RolloutRow:
+        return cls(
+            rollout_id=m["rollout_id"],
+            tenant=m["tenant"],
+            model=ModelRef.model_validate(m["model"]),
+            state=RolloutState(m["state"]),
+            waves=tuple(m["waves"]),
+            current_wave=int(m["current_wave"]),
+            failure_threshold=float(m["failure_threshold"]),
+            health_window_s=float(m["health_window_s"]),
+            wave_timeout_s=float(m["wave_timeout_s"]),
+            max_concurrent=int(m["max_concurrent"]),
+            max_error_rate=float(m["max_error_rate"]),
+            max_latency_ratio=float(m["max_latency_ratio"]),
+            allow_downgrade=bool(m["allow_downgrade"]),
+            min_samples=int(m["min_samples"]),
+            lease_owner=m["lease_owner"],
+        )
+
+
+@dataclass
+class DeviceRow:
+    """A ``rollout_devices`` row; the driver changes it as it writes the row."""
+
+    device_id: str
+    wave: int
+    state: DeviceState
+    previous_model: ModelRef | None
+    desired_revision: int
+    started_at: datetime | None
+    active_at: datetime | None
+    detail: str
+
+    @classmethod
+    def from_row(cls, m: Any) -> DeviceRow:
+        previous = m["previous_model"]
+        return cls(
+            device_id=m["device_id"],
+            wave=int(m["wave"]),
+            state=DeviceState(m["state"]),
+            previous_model=ModelRef.model_validate(previous) if previous else None,
+            desired_revision=int(m["desired_revision"]),
+            started_at=as_utc(m["started_at"]),
+            active_at=as_utc(m["active_at"]),
+            detail=m["detail"],
+        )
 
 
 class IllegalTransition(RuntimeError):
