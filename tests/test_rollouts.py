@@ -1,4 +1,4 @@
-"""The rollout driver's decisions (cloud/plane/rollouts.py) on a fake clock, one scenario each:
+"""The rollout driver's decisions (cloud/plane/rollouts/driver.py) on a fake clock, one scenario each:
 SQLite in a temporary folder, devices and telemetry written through the fleet's own methods.
 The same driver against real agents and processes: tests/test_control_plane.py."""
 
