@@ -274,3 +274,34 @@ def test_a_tick_reads_the_whole_waves_health_in_one_query(
     fl.driver.tick()
     assert calls == [8]  # four devices, each on the target and on its previous model
     assert set(fl.states(rid).values()) == {"healthy"}
+
+
+def test_a_paused_rollout_does_not_move_until_resumed(fl: Fleetlet) -> None:
+    rid = fl.start()
+    fl.rollouts.pause(TENANT, rid)
+    assert fl.driver.tick() == [] and set(fl.states(rid).values()) == {"pending"}
+    fl.rollouts.resume(TENANT, rid)
+    assert len(fl.driver.tick()) == 2
+
+
+def test_an_aborted_rollout_sends_nothing_more(fl: Fleetlet) -> None:
+    rid = fl.start()
+    fl.driver.tick()
+    fl.rollouts.abort(TENANT, rid)
+    fl.clock.advance(3600)
+    assert fl.driver.tick() == []
+    assert sorted(fl.states(rid).values()) == ["pending", "pending", "updating", "updating"]
+
+
+def test_an_operator_rollback_sends_every_touched_device_back(fl: Fleetlet) -> None:
+    rid = fl.start()
+    fl.driver.tick()
+    first = [d for d, s in fl.states(rid).items() if s == "updating"]
+    fl.activate(first[0])
+    fl.driver.tick()
+    fl.rollouts.rollback(TENANT, rid)
+    back = fl.driver.tick()
+    assert sorted(r.device_id for r in back) == sorted(first)
+    assert all(r.model == OLD.model_dump(mode="json") and r.allow_downgrade for r in back)
+    assert fl.rollout_state(rid) == "rolled_back"
+    assert [s for d, s in fl.states(rid).items() if d not in first] == ["pending", "pending"]
