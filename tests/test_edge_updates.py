@@ -18,6 +18,7 @@ from shared.messages import DesiredState, Phase
 from shared.mqtt import BrokerSettings
 from shared.signing import SigningKey
 from tests.conftest import BackgroundCloud, EdgeProcess, is_active
+from tests.services import eventually
 
 Start = Callable[..., EdgeProcess]
 
@@ -39,12 +40,7 @@ def agent_info(edge: EdgeProcess) -> dict[str, Any]:
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, edge: EdgeProcess) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}:\n{edge.log_text()[-3000:]}")
+    eventually(check, timeout, what, context=lambda: edge.log_text()[-3000:])
 
 
 def kill(edge: EdgeProcess) -> None:

@@ -15,6 +15,7 @@ from shared.mqtt import QOS, BrokerSettings, make_client, payload_bytes
 from shared.signing import SigningKey
 from shared.topics import Topics
 from tests.conftest import BackgroundCloud, EdgeProcess, is_active
+from tests.services import eventually
 
 REQUESTS = 1000
 RECEIVER = "telemetry-receiver"
@@ -115,9 +116,4 @@ def _agent(edge: EdgeProcess) -> dict[str, object]:
 
 
 def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    eventually(check, timeout, what)

@@ -23,6 +23,7 @@ from shared.mqtt import BrokerSettings, TlsSettings
 from shared.signing import SigningKey
 from shared.topics import Topics
 from tests.conftest import EdgeProcess
+from tests.services import eventually
 
 TENANT = "acme"
 NOT_AUTHORIZED = 135  # MQTT v5 PUBACK reason codes below 0x80 are successes (16: no subscribers)
@@ -127,12 +128,8 @@ def connect(
 
 
 def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
+    eventually(check, timeout, "the broker to deliver", interval=0.05)
+    return True
 
 
 def test_a_device_reaches_only_its_own_topics_and_the_blobs(fleet: Fleet) -> None:

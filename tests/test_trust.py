@@ -18,7 +18,7 @@ from shared.mqtt import BrokerSettings
 from shared.signing import SigningKey
 from shared.topics import Topics
 from tests.conftest import DEVICE, CloudSide, EdgeProcess, wait_dropped
-from tests.services import start_cloud
+from tests.services import eventually, start_cloud
 
 
 def test_a_payload_naming_another_device_is_refused() -> None:
@@ -84,9 +84,7 @@ def test_a_revision_beyond_int64_cannot_pin_a_device(
     )
     edge.wait_http("/healthz", 60)
     cloud = CloudSide(broker_settings, tenant, registry)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not httpx.get(f"{edge.api}/v1/agent", timeout=5).json()["online"]:
-        time.sleep(0.2)
+    eventually(lambda: httpx.get(f"{edge.api}/v1/agent", timeout=5).json()["online"], 30, "the agent online")
     before = httpx.get(f"{edge.api}/v1/agent", timeout=5).json()["dropped_messages"]
     pinned = json.loads(DesiredState(revision=1, model=demo_package.ref).to_json())
     for revision in (10**30, MAX_REVISION + 1):
