@@ -29,12 +29,12 @@ from tests.services import cli, start_cloud
 PG_ADMIN = "postgresql+psycopg://root@127.0.0.1:5432/postgres"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'cloud.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
+@pytest.fixture
+def database_url(postgres_url: str) -> str:
+    """PostgreSQL, what fleets run. The same driver's decisions are unit-tested on SQLite
+    (tests/test_rollouts.py), and SQLite control planes run end to end in tests/test_reliability.py
+    and tests/test_fallback.py."""
+    return postgres_url
 
 
 def test_staged_rollouts_gates_rollback_pause_abort_and_offline_devices(
