@@ -31,6 +31,30 @@ def _encodable(value: Any) -> Any:
     return value
 
 
+# Parameters of OpenAI's API that change what is generated and that this server does not
+# implement yet: a request that asks for one gets 400 naming it, not an answer without it.
+_NOT_IMPLEMENTED = frozenset(
+    {
+        "tools",
+        "tool_choice",
+        "functions",
+        "function_call",
+        "response_format",
+        "logprobs",
+        "top_logprobs",
+        "suffix",
+        "best_of",
+        "stream_options",
+        "prediction",
+        "modalities",
+        "audio",
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+    }
+)
+
+
 class SamplingParams(_Tolerant):
     # Beyond the model's context (prompt included) the answer is 400, not a silently shorter one.
     max_tokens: Annotated[int, Field(ge=1, le=32768, strict=True)] | None = None
@@ -43,6 +67,51 @@ class SamplingParams(_Tolerant):
     stream: Annotated[bool, Field(strict=True)] = False
     n: Annotated[int, Field(ge=1, le=1, strict=True)] = 1
     user: str | None = None
+    # OpenAI's newer name for max_tokens (chat); both may be given only with the same value.
+    max_completion_tokens: Annotated[int, Field(ge=1, le=32768, strict=True)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0, strict=True)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0, strict=True)] | None = None
+    # Token id (as a string, as OpenAI sends it) → bias added to its logit, in [-100, 100].
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, strict=True)]] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        if len(value) > 300:
+            raise ValueError("at most 300 token ids")
+        for key in value:
+            if not key.isdigit() or int(key) >= 2**31:
+                raise ValueError(f"{key!r} is not a token id")
+        return value
+
+    def token_limit(self) -> int | None:
+        """max_tokens or max_completion_tokens (ValueError when they disagree)."""
+        if (
+            self.max_tokens is not None
+            and self.max_completion_tokens is not None
+            and self.max_tokens != self.max_completion_tokens
+        ):
+            raise ValueError("max_tokens and max_completion_tokens disagree; send one")
+        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+
+    def unsupported(self) -> list[str]:
+        """OpenAI parameters this server does not implement, as sent: refused, never ignored."""
+        extra = self.model_extra or {}
+        out = []
+        for name in sorted(_NOT_IMPLEMENTED & extra.keys()):
+            value = extra[name]
+            if value is None or value is False or value == [] or (name == "logprobs" and value == 0):
+                continue  # explicitly not asked for
+            if name == "response_format" and isinstance(value, dict) and value.get("type") == "text":
+                continue
+            if name == "best_of" and value == 1:
+                continue
+            if name == "stream_options" and isinstance(value, dict) and not value.get("include_usage"):
+                continue
+            out.append(name)
+        return out
 
     @field_validator("stop")
     @classmethod

@@ -30,6 +30,20 @@ BAD_COMPLETIONS: list[tuple[dict[str, Any], int, str | None]] = [
     ({"prompt": "hi", "stream": "yes"}, 400, "stream"),
     # Beyond the model's context with the prompt: refused, not silently clipped.
     ({"prompt": "hi", "max_tokens": 30000}, 400, "max_tokens"),
+    # What this server does not implement is refused by name, never silently ignored.
+    ({"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ({"prompt": "hi", "suffix": "}"}, 400, "suffix"),
+    ({"prompt": "hi", "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"prompt": "hi", "response_format": {"type": "bogus"}}, 400, "response_format"),
+    ({"prompt": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ({"prompt": "hi", "stream": True, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    # What it does implement is range-checked.
+    ({"prompt": "hi", "presence_penalty": 99}, 400, "presence_penalty"),
+    ({"prompt": "hi", "frequency_penalty": "1"}, 400, "frequency_penalty"),
+    ({"prompt": "hi", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),  # outside the vocabulary
+    ({"prompt": "hi", "max_tokens": 5, "max_completion_tokens": 6}, 400, "max_completion_tokens"),
 ]
 
 
@@ -47,6 +61,38 @@ def _check_refusals(base: str, model: str) -> None:
     chat = {"model": model, "messages": [{"role": "user", "content": "\ud83d"}]}
     r = _post(f"{base}/v1/chat/completions", chat)
     assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"]
+    tool_choice = {"model": model, "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}
+    r = _post(f"{base}/v1/chat/completions", tool_choice)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
+
+
+def _check_honoured(base: str, model: str) -> None:
+    """max_completion_tokens limits the answer; a +100 logit_bias forces a token whatever the
+    prompt; penalties are accepted (their effect is unit-tested in tests/test_sampling.py)."""
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 3}
+    r = _post(f"{base}/v1/chat/completions", chat)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3, r.text
+    texts = []
+    for prompt in ("def main():", "x = 1"):
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": 4,
+            "temperature": 0,
+            "logit_bias": {"100": 100},
+        }
+        r = _post(f"{base}/v1/completions", body)
+        assert r.status_code == 200, r.text
+        texts.append(r.json()["choices"][0]["text"])
+    assert texts[0] == texts[1] and texts[0], texts
+    body = {
+        "model": model,
+        "prompt": "a",
+        "max_tokens": 8,
+        "presence_penalty": 1.5,
+        "frequency_penalty": -0.5,
+    }
+    assert _post(f"{base}/v1/completions", body).status_code == 200
 
 
 def _check_body_limit(base: str, model: str) -> None:
@@ -87,6 +133,7 @@ def test_edge_refuses_bad_input_with_4xx(
         model=demo_package,
     )
     _check_refusals(edge.api, "demo-glm")
+    _check_honoured(edge.api, "demo-glm")
     _check_body_limit(edge.api, "demo-glm")
     ok = httpx.post(
         f"{edge.api}/v1/completions", json={"model": "demo-glm", "prompt": "def ", "max_tokens": 4}
@@ -100,6 +147,7 @@ def test_pool_refuses_bad_input_with_4xx(demo_source: Path) -> None:
     pool: Service = start_pool(demo_source)
     try:
         _check_refusals(pool.url, "demo-glm")
+        _check_honoured(pool.url, "demo-glm")
         _check_body_limit(pool.url, "demo-glm")
         ok = httpx.post(
             f"{pool.url}/v1/completions", json={"model": "demo-glm", "prompt": "def ", "max_tokens": 4}

@@ -134,3 +134,24 @@ def test_topics_refuse_foreign_and_unknown_topics() -> None:
     ]:
         with pytest.raises(ContractError):
             t.parse(topic)
+
+
+def test_unimplemented_openai_parameters_are_named_not_ignored() -> None:
+    from shared.openai_api import ChatCompletionRequest
+
+    def req(**fields: object) -> ChatCompletionRequest:
+        return ChatCompletionRequest.model_validate(
+            {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+        )
+
+    assert req().unsupported() == []
+    assert req(tools=[{"type": "function"}], logprobs=True, top_logprobs=2).unsupported() == [
+        "logprobs",
+        "tools",
+        "top_logprobs",
+    ]
+    # Explicitly not asking is not asking.
+    assert req(logprobs=False, tools=None, response_format={"type": "text"}, best_of=1).unsupported() == []
+    assert req(stream_options={"include_usage": False}).unsupported() == []
+    assert req(max_completion_tokens=7).token_limit() == 7
+    assert req(max_tokens=7, max_completion_tokens=7).token_limit() == 7

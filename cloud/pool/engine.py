@@ -20,6 +20,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 
 from edge_agent.runtime.channel import GenerationChannel, Item
 from edge_agent.runtime.chat import ChatTemplate, end_of_turn_ids
-from edge_agent.runtime.generator import GenerationParams, GenerationResult, token_budget
+from edge_agent.runtime.generator import GenerationParams, GenerationResult, check_logit_bias, token_budget
 from edge_agent.runtime.sampling import choose_token
 from edge_agent.runtime.text import IncrementalText, Prompt
 from shared.errors import EngineError, InvalidRequest, ModelLoadError, QueueFull
@@ -70,6 +71,8 @@ class _Row:
     last_token: int = -1
     done: bool = False
     finish: Literal["stop", "length", "cancelled"] = "length"
+    # Tokens generated so far, for presence/frequency penalties.
+    counts: Counter[int] = field(default_factory=Counter)
 
 
 @dataclass
@@ -185,6 +188,7 @@ class BatchEngine:
         if not ids:
             raise InvalidRequest("prompt encodes to zero tokens", param="prompt")
         token_budget(len(ids), self.info.context_length, params, "model's")
+        check_logit_bias(params, self.tokenizer.get_vocab_size(with_added_tokens=True))
         return ids
 
     def submit(self, prompt: Prompt, params: GenerationParams) -> AsyncIterator[str | GenerationResult]:
@@ -301,16 +305,17 @@ class BatchEngine:
         if row.req.cancelled.is_set():
             row.done, row.finish = True, "cancelled"
             return
-        if params.sampling.greedy:
+        if params.sampling.greedy and not params.sampling.adjusts:
             token = greedy_token if greedy_token is not None else int(logits[0].argmax())
         else:
-            token = choose_token(logits[0].float().cpu().numpy(), params.sampling, row.rng)
+            token = choose_token(logits[0].float().cpu().numpy(), params.sampling, row.rng, row.counts)
         if first and self.on_first_token is not None:
             self.on_first_token(time.monotonic() - row.req.submitted)
         if token in self.eos_ids:
             row.done, row.finish = True, "stop"
             return
         self.stats.tokens_generated += 1
+        row.counts[token] += 1
         if first:
             self.stats.recent_tokens.append((time.monotonic(), 1))
         row.last_token = token

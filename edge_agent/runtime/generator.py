@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -51,6 +52,16 @@ class GenerationResult:
     finish_reason: FinishReason = "length"
 
 
+def check_logit_bias(params: GenerationParams, vocab_size: int) -> None:
+    """InvalidRequest for a logit_bias naming a token this model's tokenizer does not have."""
+    outside = [t for t, _ in params.sampling.logit_bias if t >= vocab_size]
+    if outside:
+        raise InvalidRequest(
+            f"logit_bias names token id(s) {outside[:5]} outside this model's vocabulary of {vocab_size}",
+            param="logit_bias",
+        )
+
+
 class TextGenerator:
     """Drives an :class:`OnnxCausalLM` with a tokenizer; not thread-safe (callers serialize)."""
 
@@ -67,6 +78,7 @@ class TextGenerator:
         if not prompt_ids:
             raise InvalidRequest("prompt encodes to zero tokens", param="prompt")
         token_budget(len(prompt_ids), self.context_length, params, "local")
+        check_logit_bias(params, self.tokenizer.get_vocab_size(with_added_tokens=True))
         return prompt_ids
 
     def token_ids(self, prompt_ids: list[int], budget: int, params: GenerationParams) -> Iterator[int]:
@@ -74,11 +86,13 @@ class TextGenerator:
         rng = np.random.default_rng(params.seed)
         decoder = self.model.decoder(len(prompt_ids) + budget)
         step = prompt_ids
+        counts: Counter[int] = Counter()
         for _ in range(budget):
             logits = decoder.step(step)
-            token = choose_token(logits[-1], params.sampling, rng)
+            token = choose_token(logits[-1], params.sampling, rng, counts)
             if token in self.eos_ids:
                 return
+            counts[token] += 1
             yield token
             step = [token]
 

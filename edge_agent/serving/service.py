@@ -128,17 +128,30 @@ class CompletionService:
         return loaded
 
     def params(self, req: SamplingParams, extra_stop: tuple[str, ...] = ()) -> GenerationParams:
+        refused = req.unsupported()
+        if refused:
+            raise InvalidRequest(
+                f"not supported by this server: {', '.join(refused)} (refused rather than ignored)",
+                param=refused[0],
+            )
+        try:
+            limit = req.token_limit()
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param="max_completion_tokens") from exc
         cfg = self.serving()
         return GenerationParams(
-            max_tokens=req.max_tokens or cfg.default_max_tokens,
+            max_tokens=limit or cfg.default_max_tokens,
             sampling=SamplingConfig(
                 temperature=cfg.temperature if req.temperature is None else req.temperature,
                 top_p=cfg.top_p if req.top_p is None else req.top_p,
                 top_k=cfg.top_k if req.top_k is None else req.top_k,
+                presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0,
+                logit_bias=tuple((int(k), v) for k, v in sorted((req.logit_bias or {}).items())),
             ),
             stop=tuple(req.stop_list()) + extra_stop,
             seed=req.seed,
-            max_tokens_requested=req.max_tokens is not None,
+            max_tokens_requested=limit is not None,
         )
 
     def _prepare_completion(self, req: CompletionRequest) -> _Prepared:
