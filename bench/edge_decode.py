@@ -17,6 +17,7 @@ non-embedding weights once, so
 
 Usage: python bench/edge_decode.py [--model llama-134m|smollm2|glm-135m ...] [--threads 2] [--runs 5]
        [--new-tokens 64] [--chat-tokens 300] [--workdir DIR] [--skip-plain]
+       python bench/edge_decode.py --model smollm2 --structured   (json_schema grammar vs none)
 """
 
 from __future__ import annotations
@@ -297,6 +298,67 @@ def ours_runner(
     return Engine(run, first_token)
 
 
+# A document the greedy model cannot finish within the timed tokens: a long string in an object.
+LONG_DOCUMENT = {
+    "type": "object",
+    "properties": {"story": {"type": "string", "minLength": 2000}},
+    "required": ["story"],
+    "additionalProperties": False,
+}
+
+
+def structured_runner(
+    graph: Path,
+    io: IOSignature,
+    src: Path,
+    prompt: list[int],
+    new_tokens: int,
+    threads: int,
+    constrained: bool,
+) -> Engine:
+    """The serving loop with the model's real tokenizer, with or without a json_schema grammar
+    (response_format), so the two differ only by the token masks."""
+    from tokenizers import Tokenizer
+
+    from edge_agent.runtime.generator import GenerationParams, TextGenerator
+    from edge_agent.runtime.sampling import SamplingConfig
+    from edge_agent.runtime.session import OnnxCausalLM
+    from edge_agent.runtime.structured import grammar_for
+
+    lm = OnnxCausalLM(graph, io, threads=threads)
+    gen = TextGenerator(lm, Tokenizer.from_file(str(src / "tokenizer.json")))
+    gen.eos_ids = frozenset()  # time new_tokens every run
+    grammar = (
+        grammar_for({"type": "json_schema", "json_schema": {"schema": LONG_DOCUMENT}})
+        if constrained
+        else None
+    )
+    params = GenerationParams(
+        max_tokens=new_tokens, sampling=SamplingConfig(temperature=0.0), grammar=grammar
+    )
+    gen.grammar_tokenizer.get()  # built once per model when it loads, not per request
+
+    def run(tokens: int = new_tokens) -> Timing:
+        t0 = time.perf_counter()
+        first = 0.0
+        n = 0
+        for _token in gen.token_ids(prompt, tokens, params):
+            n += 1
+            if n == 1:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        assert n == tokens, n
+        return Timing(first - t0, end - t0, n)
+
+    def first_token() -> float:
+        t0 = time.perf_counter()
+        next(iter(gen.token_ids(prompt, 1, params)))
+        return time.perf_counter() - t0
+
+    run(4)
+    return Engine(run, first_token)
+
+
 def median_rates(timings: list[Timing]) -> tuple[float, float]:
     return statistics.median(t.overall for t in timings), statistics.median(t.decode for t in timings)
 
@@ -310,6 +372,11 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--chat-tokens", type=int, default=300, help="Length of the time-to-first-token prompt.")
     ap.add_argument("--workdir", type=Path, default=None, help="Keep (and reuse) the model files here.")
+    ap.add_argument(
+        "--structured",
+        action="store_true",
+        help="Instead: decode with a json_schema grammar vs without (needs --model smollm2).",
+    )
     ap.add_argument(
         "--skip-plain", action="store_true", help="Skip the generic-export int8 row (the foundation's loop)."
     )
@@ -353,6 +420,11 @@ def bench_model(kind: str, work: Path, args: argparse.Namespace) -> None:
         ("autoglm runtime int8", fused8, io_signature(fused8, cfg, gen_cfg)),
         ("autoglm runtime int4", fused4, io_signature(fused4, cfg, gen_cfg)),
     ]
+    if args.structured:
+        if kind != "smollm2":
+            raise SystemExit("--structured needs a real tokenizer: --model smollm2")
+        structured_bench(src, fused8, io_signature(fused8, cfg, gen_cfg), args)
+        return
     if not args.skip_plain and kind == "llama-134m":
         plain = work / "generic-dynamic-int8" / "model.onnx"
         if not plain.exists():
@@ -426,6 +498,34 @@ def bench_model(kind: str, work: Path, args: argparse.Namespace) -> None:
     print()
     print("'tok/s all' includes the prompt's prefill; 'decode tok/s' counts tokens after the first over the")
     print("time after the first, which is what one pass over the weights per token bounds (the ceiling).")
+    print()
+
+
+def structured_bench(src: Path, graph: Path, io: IOSignature, args: argparse.Namespace) -> None:
+    """Decode with a json_schema grammar vs without: same int8 graph, prompt and length."""
+    from tokenizers import Tokenizer
+
+    text = "Write a long story about a lighthouse keeper, as JSON with a 'story' field."
+    prompt = Tokenizer.from_file(str(src / "tokenizer.json")).encode(text).ids
+    runners = {
+        "int8, no grammar": structured_runner(graph, io, src, prompt, args.new_tokens, args.threads, False),
+        "int8, json_schema": structured_runner(graph, io, src, prompt, args.new_tokens, args.threads, True),
+    }
+    timings: dict[str, list[Timing]] = {label: [] for label in runners}
+    for r in range(args.runs):
+        print(f"round {r + 1}/{args.runs} …", flush=True)
+        for label in list(runners)[r % 2 :] + list(runners)[: r % 2]:
+            time.sleep(SETTLE_S)
+            timings[label].append(runners[label].run())
+    rates = {label: median_rates(t)[1] for label, t in timings.items()}
+    base = rates["int8, no grammar"]
+    print()
+    print(
+        f"SmolLM2-135M int8, {len(prompt)}-token prompt, {args.new_tokens} new tokens, greedy, "
+        f"{args.threads} threads; medians of {args.runs}"
+    )
+    for label, rate in rates.items():
+        print(f"{label:<22}{rate:>8.1f} decode tok/s{rate / base - 1:>+9.1%}")
     print()
 
 

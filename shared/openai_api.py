@@ -39,7 +39,6 @@ _NOT_IMPLEMENTED = frozenset(
         "tool_choice",
         "functions",
         "function_call",
-        "response_format",
         "logprobs",
         "top_logprobs",
         "suffix",
@@ -104,8 +103,6 @@ class SamplingParams(_Tolerant):
             value = extra[name]
             if value is None or value is False or value == [] or (name == "logprobs" and value == 0):
                 continue  # explicitly not asked for
-            if name == "response_format" and isinstance(value, dict) and value.get("type") == "text":
-                continue
             if name == "best_of" and value == 1:
                 continue
             if name == "stream_options" and isinstance(value, dict) and not value.get("include_usage"):

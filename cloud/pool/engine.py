@@ -32,6 +32,7 @@ from edge_agent.runtime.channel import GenerationChannel, Item
 from edge_agent.runtime.chat import ChatTemplate, end_of_turn_ids
 from edge_agent.runtime.generator import GenerationParams, GenerationResult, check_logit_bias, token_budget
 from edge_agent.runtime.sampling import choose_token
+from edge_agent.runtime.structured import Constrained, GrammarTokenizers
 from edge_agent.runtime.text import IncrementalText, Prompt
 from shared.errors import EngineError, InvalidRequest, ModelLoadError, QueueFull
 from shared.openai_api import FinishReason
@@ -73,6 +74,8 @@ class _Row:
     finish: Literal["stop", "length", "cancelled"] = "length"
     # Tokens generated so far, for presence/frequency penalties.
     counts: Counter[int] = field(default_factory=Counter)
+    # The request's response_format grammar, if it has one.
+    constraint: Constrained | None = None
 
 
 @dataclass
@@ -153,6 +156,7 @@ class BatchEngine:
             context_length=int(context or 2048),
         )
         self.eos_ids = frozenset(end_of_turn_ids(_eos_ids(model_dir, cfg), self.tokenizer, self.info.chat))
+        self.grammar_tokenizer = GrammarTokenizers(self.tokenizer, self.eos_ids)
         self.max_batch = max_batch
         self.queue_size = queue_size
         self.stats = EngineStats()
@@ -269,6 +273,9 @@ class BatchEngine:
             budget=budget,
             rng=np.random.default_rng(req.params.seed),
             position=len(req.prompt_ids),
+            constraint=(
+                Constrained(self.grammar_tokenizer.get(), req.params.grammar) if req.params.grammar else None
+            ),
         )
         self._accept(row, out.logits[0, -1:, :], first=True)
         return row, out.past_key_values
@@ -305,10 +312,13 @@ class BatchEngine:
         if row.req.cancelled.is_set():
             row.done, row.finish = True, "cancelled"
             return
-        if params.sampling.greedy and not params.sampling.adjusts:
+        if params.sampling.greedy and not params.sampling.adjusts and row.constraint is None:
             token = greedy_token if greedy_token is not None else int(logits[0].argmax())
         else:
-            token = choose_token(logits[0].float().cpu().numpy(), params.sampling, row.rng, row.counts)
+            scores = logits[0].float().cpu().numpy()
+            if row.constraint is not None:
+                scores = row.constraint.mask(scores)
+            token = choose_token(scores, params.sampling, row.rng, row.counts)
         if first and self.on_first_token is not None:
             self.on_first_token(time.monotonic() - row.req.submitted)
         if token in self.eos_ids:
@@ -316,13 +326,15 @@ class BatchEngine:
             return
         self.stats.tokens_generated += 1
         row.counts[token] += 1
+        if row.constraint is not None:
+            row.constraint.accept(token)
         if first:
             self.stats.recent_tokens.append((time.monotonic(), 1))
         row.last_token = token
         delta = row.text.push(token)
         if delta:
             row.req.emit(delta)
-        if row.text.stopped:
+        if row.text.stopped or (row.constraint is not None and row.constraint.complete):
             row.done, row.finish = True, "stop"
         elif len(row.text.tokens) >= row.budget:
             row.done, row.finish = True, "length"

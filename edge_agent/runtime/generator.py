@@ -11,6 +11,7 @@ from tokenizers import Tokenizer
 
 from edge_agent.runtime.sampling import SamplingConfig, choose_token
 from edge_agent.runtime.session import OnnxCausalLM
+from edge_agent.runtime.structured import Constrained, GrammarTokenizers
 from edge_agent.runtime.text import IncrementalText, Prompt
 from shared.errors import ContextTooLong, InvalidRequest
 from shared.openai_api import FinishReason
@@ -25,6 +26,8 @@ class GenerationParams:
     # The client asked for max_tokens: a prompt that leaves less room is refused (400), as OpenAI
     # and vLLM do, instead of silently clipped; a configured default is clipped to the room left.
     max_tokens_requested: bool = False
+    # An llguidance grammar the output must match (response_format json_object / json_schema).
+    grammar: str | None = None
 
 
 def token_budget(prompt_tokens: int, context_length: int, params: GenerationParams, where: str) -> int:
@@ -70,6 +73,7 @@ class TextGenerator:
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(model.io.eos_token_ids)
         self.context_length = model.io.context_length
+        self.grammar_tokenizer = GrammarTokenizers(tokenizer, self.eos_ids)
 
     def check_prompt(self, prompt: Prompt, params: GenerationParams) -> list[int]:
         """Token ids of ``prompt``; RequestError when it is empty or it (with the asked-for
@@ -84,16 +88,22 @@ class TextGenerator:
     def token_ids(self, prompt_ids: list[int], budget: int, params: GenerationParams) -> Iterator[int]:
         """The decode loop: one new token id per step, until EOS (not yielded) or ``budget`` tokens."""
         rng = np.random.default_rng(params.seed)
+        constraint = Constrained(self.grammar_tokenizer.get(), params.grammar) if params.grammar else None
         decoder = self.model.decoder(len(prompt_ids) + budget)
         step = prompt_ids
         counts: Counter[int] = Counter()
         for _ in range(budget):
             logits = decoder.step(step)
-            token = choose_token(logits[-1], params.sampling, rng, counts)
+            row = logits[-1] if constraint is None else constraint.mask(logits[-1])
+            token = choose_token(row, params.sampling, rng, counts)
             if token in self.eos_ids:
                 return
+            if constraint is not None:
+                constraint.accept(token)
             counts[token] += 1
             yield token
+            if constraint is not None and constraint.complete:
+                return
             step = [token]
 
     def stream(self, prompt: Prompt, params: GenerationParams) -> Iterator[str | GenerationResult]:

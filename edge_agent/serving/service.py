@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from edge_agent.runtime.chat import ChatTemplate
 from edge_agent.runtime.generator import GenerationParams, GenerationResult
 from edge_agent.runtime.sampling import SamplingConfig
+from edge_agent.runtime.structured import grammar_for
 from edge_agent.runtime.text import Prompt
 from edge_agent.serving.config import ServingConfig
 from shared.errors import InvalidRequest, ModelNotFound, RequestError
@@ -139,7 +140,9 @@ class CompletionService:
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="max_completion_tokens") from exc
         cfg = self.serving()
+        grammar = grammar_for((req.model_extra or {}).get("response_format"))
         return GenerationParams(
+            grammar=grammar,
             max_tokens=limit or cfg.default_max_tokens,
             sampling=SamplingConfig(
                 temperature=cfg.temperature if req.temperature is None else req.temperature,

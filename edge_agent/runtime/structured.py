@@ -1,0 +1,115 @@
+"""Structured output that cannot fail to parse: ``response_format`` ``json_object`` and
+``json_schema`` enforced while decoding, with llguidance (the grammar engine vLLM, llama.cpp
+and ONNX Runtime GenAI use; it works on a ``tokenizers`` tokenizer and numpy, no torch).
+
+Each step, the matcher says which tokens keep the output a prefix of a valid document; every
+other logit is set to -inf before the sampler chooses, and the chosen token is fed back. The
+document is complete when the matcher stops; the model's end-of-turn tokens are allowed only
+where the document may end. JSON is compact (no free whitespace), so sampling at any temperature
+keeps making progress instead of emitting blanks.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from llguidance import LLMatcher, LLTokenizer
+from tokenizers import Tokenizer
+
+from shared.errors import InvalidRequest
+
+# Compact JSON: a model sampling at temperature 1 cannot wander into endless whitespace.
+_JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False}
+# json_object: any JSON object (OpenAI's "JSON mode").
+_ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+def grammar_for(response_format: Any) -> str | None:
+    """The llguidance grammar for an OpenAI ``response_format`` (None for plain text);
+    InvalidRequest naming ``response_format`` for anything else or a schema it cannot compile."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict) or not isinstance(response_format.get("type"), str):
+        raise InvalidRequest("response_format is an object with a type", param="response_format")
+    kind = response_format["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema: Any = _ANY_OBJECT
+    elif kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise InvalidRequest(
+                "response_format.json_schema is an object with a schema", param="response_format"
+            )
+        schema = spec.get("schema") or _ANY_OBJECT
+    else:
+        raise InvalidRequest(
+            f"response_format type {kind!r} is not one of text, json_object, json_schema",
+            param="response_format",
+        )
+    try:
+        grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=_JSON_OPTIONS)  # type: ignore[arg-type]
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise InvalidRequest(f"response_format schema: {exc}", param="response_format") from exc
+    failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
+    if failed:
+        raise InvalidRequest(f"response_format schema: {messages[0]}", param="response_format")
+    return grammar
+
+
+class GrammarTokenizers:
+    """The llguidance view of a model's tokenizer: built once per model (about a second), shared
+    by its requests."""
+
+    def __init__(self, tokenizer: Tokenizer, eos_ids: Iterable[int]) -> None:
+        self._tokenizer = tokenizer
+        self._eos = sorted(eos_ids)
+        self._built: LLTokenizer | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> LLTokenizer:
+        with self._lock:
+            if self._built is None:
+                self._built = LLTokenizer(
+                    self._tokenizer.to_str(),
+                    n_vocab=self._tokenizer.get_vocab_size(with_added_tokens=True),
+                    eos_token=self._eos or None,
+                )
+            return self._built
+
+
+class Constrained:
+    """One request's grammar state over the decode loop."""
+
+    def __init__(self, tokenizer: LLTokenizer, grammar: str) -> None:
+        self.matcher = LLMatcher(tokenizer, grammar)
+        if self.matcher.is_error():
+            raise InvalidRequest(f"response_format: {self.matcher.get_error()}", param="response_format")
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        """A copy of ``logits`` [vocab] where only tokens the grammar allows keep their value."""
+        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+        allowed = np.unpackbits(bits, bitorder="little")[: logits.shape[0]].astype(bool)
+        out = np.full(logits.shape, -np.inf, dtype=np.float64)
+        n = allowed.shape[0]
+        out[:n][allowed] = logits[:n][allowed]
+        return out
+
+    def accept(self, token: int) -> None:
+        if not self.matcher.consume_token(token):
+            # Only a masked-out token could do this: a bug, not the client's fault.
+            raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+
+    @property
+    def complete(self) -> bool:
+        """The document is whole and nothing more may follow."""
+        return bool(self.matcher.is_stopped())
+
+    @property
+    def may_end(self) -> bool:
+        return bool(self.matcher.is_accepting())

@@ -1,0 +1,102 @@
+"""Structured output (edge_agent/runtime/structured.py): whatever the logits say, the grammar
+lets through only a valid document. Random logits at temperature 1 stand in for the worst model;
+a byte-level BPE tokenizer trained here stands in for a real one (tests/test_real_model.py runs
+SmolLM2 through the API)."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, decoders, pre_tokenizers
+from tokenizers.models import BPE
+from tokenizers.trainers import BpeTrainer
+
+from edge_agent.runtime.sampling import SamplingConfig, choose_token
+from edge_agent.runtime.structured import Constrained, GrammarTokenizers, grammar_for
+from shared.errors import InvalidRequest
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 8},
+        "kind": {"enum": ["rain", "sun", "snow"]},
+        "temps": {"type": "array", "items": {"type": "integer"}, "maxItems": 3},
+        "where": {
+            "type": "object",
+            "properties": {"lat": {"type": "number"}, "ok": {"type": "boolean"}},
+            "required": ["lat", "ok"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["city", "kind", "temps", "where"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    tok = Tokenizer(BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(
+        vocab_size=400,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<eos>"],
+    )
+    tok.train_from_iterator(['{"city": "Oslo", "kind": "rain", "temps": [1, 2], "lat": 59.9}'] * 20, trainer)
+    return tok
+
+
+def _sample(tokenizer: Tokenizer, grammar: str, seed: int, budget: int = 300) -> str:
+    eos = tokenizer.token_to_id("<eos>")
+    constrained = Constrained(GrammarTokenizers(tokenizer, [eos]).get(), grammar)
+    rng = np.random.default_rng(seed)
+    ids: list[int] = []
+    for _ in range(budget):
+        logits = rng.normal(0, 3, tokenizer.get_vocab_size()).astype(np.float32)
+        token = choose_token(constrained.mask(logits), SamplingConfig(temperature=1.0), rng)
+        if token == eos:
+            break
+        constrained.accept(token)
+        ids.append(token)
+        if constrained.complete:
+            break
+    return tokenizer.decode(ids)
+
+
+def test_random_logits_still_give_documents_valid_against_the_schema(tokenizer: Tokenizer) -> None:
+    grammar = grammar_for({"type": "json_schema", "json_schema": {"name": "weather", "schema": SCHEMA}})
+    assert grammar is not None
+    for seed in range(20):
+        text = _sample(tokenizer, grammar, seed)
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_json_object_mode_gives_an_object(tokenizer: Tokenizer) -> None:
+    grammar = grammar_for({"type": "json_object"})
+    assert grammar is not None
+    for seed in range(5):
+        assert isinstance(json.loads(_sample(tokenizer, grammar, seed, budget=2000)), dict)
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [
+        "json",
+        {"type": "bogus"},
+        {"type": "json_schema", "json_schema": {"schema": "not an object"}},
+        {"type": "json_schema", "json_schema": {"schema": {"type": "object", "minProperties": "x"}}},
+    ],
+)
+def test_a_response_format_it_cannot_honour_is_a_400(response_format: object) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        grammar_for(response_format)
+    assert refused.value.param == "response_format"
+
+
+def test_text_means_no_grammar() -> None:
+    assert grammar_for(None) is None and grammar_for({"type": "text"}) is None
