@@ -43,7 +43,6 @@ _NOT_IMPLEMENTED = frozenset(
         "top_logprobs",
         "suffix",
         "best_of",
-        "stream_options",
         "prediction",
         "modalities",
         "audio",
@@ -95,6 +94,11 @@ class SamplingParams(_Tolerant):
             raise ValueError("max_tokens and max_completion_tokens disagree; send one")
         return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
 
+    def wants_usage(self) -> bool:
+        """stream_options.include_usage: a last chunk with the usage (and no choices)."""
+        options = (self.model_extra or {}).get("stream_options")
+        return bool(self.stream and isinstance(options, dict) and options.get("include_usage") is True)
+
     def unsupported(self) -> list[str]:
         """OpenAI parameters this server does not implement, as sent: refused, never ignored."""
         extra = self.model_extra or {}
@@ -104,8 +108,6 @@ class SamplingParams(_Tolerant):
             if value is None or value is False or value == [] or (name == "logprobs" and value == 0):
                 continue  # explicitly not asked for
             if name == "best_of" and value == 1:
-                continue
-            if name == "stream_options" and isinstance(value, dict) and not value.get("include_usage"):
                 continue
             out.append(name)
         return out

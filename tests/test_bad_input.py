@@ -40,7 +40,6 @@ BAD_COMPLETIONS: list[tuple[dict[str, Any], int, str | None]] = [
         "response_format",
     ),
     ({"prompt": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
-    ({"prompt": "hi", "stream": True, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     # What it does implement is range-checked.
     ({"prompt": "hi", "presence_penalty": 99}, 400, "presence_penalty"),
     ({"prompt": "hi", "frequency_penalty": "1"}, 400, "frequency_penalty"),
@@ -68,6 +67,29 @@ def _check_refusals(base: str, model: str) -> None:
     tool_choice = {"model": model, "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}
     r = _post(f"{base}/v1/chat/completions", tool_choice)
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
+
+
+def _events(base: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def _check_usage_chunk(base: str, model: str) -> None:
+    """stream_options.include_usage: one last chunk with no choices and the usage; without it,
+    no usage in any chunk (as OpenAI streams)."""
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
+    plain = _events(base, body)
+    assert all("usage" not in e for e in plain) and plain[-1]["choices"][0]["finish_reason"]
+    counted = _events(base, {**body, "stream_options": {"include_usage": True}})
+    last = counted[-1]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] >= 1, last
+    assert (
+        last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + last["usage"]["completion_tokens"]
+    )
+    assert all("usage" not in e for e in counted[:-1])
 
 
 def _check_honoured(base: str, model: str) -> None:
@@ -112,6 +134,7 @@ def _check_honoured(base: str, model: str) -> None:
     assert r.status_code == 200, r.text
     document = json.loads(r.json()["choices"][0]["text"])
     assert document["answer"] in ("yes", "no") and isinstance(document["sure"], bool), document
+    _check_usage_chunk(base, model)
 
 
 def _check_body_limit(base: str, model: str) -> None:

@@ -152,6 +152,10 @@ def test_unimplemented_openai_parameters_are_named_not_ignored() -> None:
     ]
     # Explicitly not asking is not asking.
     assert req(logprobs=False, tools=None, response_format={"type": "text"}, best_of=1).unsupported() == []
-    assert req(stream_options={"include_usage": False}).unsupported() == []
+    assert req(stream_options={"include_usage": True}).unsupported() == []
+    assert req(stream=True, stream_options={"include_usage": True}).wants_usage()
+    assert (
+        not req(stream=True).wants_usage() and not req(stream_options={"include_usage": True}).wants_usage()
+    )
     assert req(max_completion_tokens=7).token_limit() == 7
     assert req(max_tokens=7, max_completion_tokens=7).token_limit() == 7

@@ -206,8 +206,13 @@ class CompletionService:
         return loaded, result
 
     async def _stream(
-        self, prep: _Prepared, render: Callable[[ServedModel, str | GenerationResult, bool], BaseModel]
+        self,
+        prep: _Prepared,
+        render: Callable[[ServedModel, str | GenerationResult, bool], BaseModel],
+        usage: Callable[[ServedModel, GenerationResult], BaseModel] | None,
     ) -> AsyncIterator[str]:
+        """Server-sent events; with ``usage`` (stream_options.include_usage), one more chunk after
+        the last, with no choices and the request's usage, as OpenAI sends it."""
         loaded, items = await self.host.stream(prep.prompt, prep.params)
 
         async def events() -> AsyncIterator[str]:
@@ -219,6 +224,8 @@ class CompletionService:
                         result = item
                     yield f"data: {render(loaded, item, first).model_dump_json(exclude_none=True)}\n\n"
                     first = False
+                if usage is not None and result is not None:
+                    yield f"data: {usage(loaded, result).model_dump_json(exclude_none=True)}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
                 self._record(prep, loaded.model_id, result, None if result else "stream_interrupted")
@@ -242,11 +249,14 @@ class CompletionService:
         def render(loaded: ServedModel, item: str | GenerationResult, first: bool) -> BaseModel:
             if isinstance(item, GenerationResult):
                 choice = CompletionChoice(text="", finish_reason=item.finish_reason)
-                return CompletionResponse(id=cid, model=loaded.model_id, choices=[choice], usage=_usage(item))
+                return CompletionResponse(id=cid, model=loaded.model_id, choices=[choice])
             choice = CompletionChoice(text=item, finish_reason=None)
             return CompletionResponse(id=cid, model=loaded.model_id, choices=[choice])
 
-        return await self._stream(self._prepare_completion(req), render)
+        def usage(loaded: ServedModel, result: GenerationResult) -> BaseModel:
+            return CompletionResponse(id=cid, model=loaded.model_id, choices=[], usage=_usage(result))
+
+        return await self._stream(self._prepare_completion(req), render, usage if req.wants_usage() else None)
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
         loaded, result = await self._generate(self._prepare_chat(req))
@@ -264,13 +274,14 @@ class CompletionService:
         def render(loaded: ServedModel, item: str | GenerationResult, first: bool) -> BaseModel:
             if isinstance(item, GenerationResult):
                 choice = ChatChunkChoice(delta=ChatDelta(), finish_reason=item.finish_reason)
-                return ChatCompletionChunk(
-                    id=cid, model=loaded.model_id, choices=[choice], usage=_usage(item)
-                )
+                return ChatCompletionChunk(id=cid, model=loaded.model_id, choices=[choice])
             delta = ChatDelta(role="assistant" if first else None, content=item)
             return ChatCompletionChunk(id=cid, model=loaded.model_id, choices=[ChatChunkChoice(delta=delta)])
 
-        return await self._stream(self._prepare_chat(req), render)
+        def usage(loaded: ServedModel, result: GenerationResult) -> BaseModel:
+            return ChatCompletionChunk(id=cid, model=loaded.model_id, choices=[], usage=_usage(result))
+
+        return await self._stream(self._prepare_chat(req), render, usage if req.wants_usage() else None)
 
 
 def _usage(result: GenerationResult) -> Usage:
