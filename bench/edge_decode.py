@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -276,6 +277,11 @@ def ours_runner(
     gen = TextGenerator(lm, Tokenizer(models.BPE()))
     gen.eos_ids = frozenset()  # random weights: never stop early, always decode new_tokens
     params = GenerationParams(max_tokens=new_tokens, sampling=SamplingConfig(temperature=0.0))
+    return serving_loop_engine(gen, params, prompt, new_tokens, chat)
+
+
+def serving_loop_engine(gen: Any, params: Any, prompt: list[int], new_tokens: int, chat: list[int]) -> Engine:
+    """Timed passes of ``TextGenerator.token_ids``; ``chat`` is the time-to-first-token prompt."""
 
     def run(tokens: int = new_tokens) -> Timing:
         t0 = time.perf_counter()
@@ -286,7 +292,7 @@ def ours_runner(
             if n == 1:
                 first = time.perf_counter()
         end = time.perf_counter()
-        assert n == tokens
+        assert n == tokens, n
         return Timing(first - t0, end - t0, n)
 
     def first_token() -> float:
@@ -337,26 +343,7 @@ def structured_runner(
         max_tokens=new_tokens, sampling=SamplingConfig(temperature=0.0), grammar=grammar
     )
     gen.grammar_tokenizer.get()  # built once per model when it loads, not per request
-
-    def run(tokens: int = new_tokens) -> Timing:
-        t0 = time.perf_counter()
-        first = 0.0
-        n = 0
-        for _token in gen.token_ids(prompt, tokens, params):
-            n += 1
-            if n == 1:
-                first = time.perf_counter()
-        end = time.perf_counter()
-        assert n == tokens, n
-        return Timing(first - t0, end - t0, n)
-
-    def first_token() -> float:
-        t0 = time.perf_counter()
-        next(iter(gen.token_ids(prompt, 1, params)))
-        return time.perf_counter() - t0
-
-    run(4)
-    return Engine(run, first_token)
+    return serving_loop_engine(gen, params, prompt, new_tokens, prompt)
 
 
 def median_rates(timings: list[Timing]) -> tuple[float, float]:
