@@ -2,7 +2,8 @@
 
 - ``session``    the decoder-with-past ONNX graph and its KV buffers.
 - ``generator``  the generation loop: prompt in, text deltas out, stop sequences and limits.
-- ``sampling``   greedy, temperature, top-k, top-p.
+- ``sampling``   logit bias and penalties, then greedy, temperature, top-k, top-p.
+- ``structured`` response_format grammars enforced while decoding (llguidance).
 - ``text``       prompts → ids; ids → final text, incrementally.
 - ``chat``       chat templates rendered as transformers renders them; end-of-turn ids.
 - ``channel``    generation output from the model's thread to the event loop.
