@@ -9,8 +9,9 @@ the readiness probes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 
@@ -37,6 +38,21 @@ def watch(task: asyncio.Task[Any], log: logging.Logger, what: str) -> asyncio.Ta
 
     task.add_done_callback(done)
     return task
+
+
+@contextlib.asynccontextmanager
+async def background(
+    coro: Coroutine[Any, Any, Any], log: logging.Logger, what: str, name: str
+) -> AsyncIterator[asyncio.Task[Any]]:
+    """A long-lived loop for the length of the block (a FastAPI lifespan): watched while it runs,
+    cancelled and awaited when the block ends, whatever it died of meanwhile."""
+    task = watch(asyncio.create_task(coro, name=name), log, what)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
 
 
 class TaskSet:

@@ -6,7 +6,6 @@ neither imports the other in a circle.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -16,7 +15,7 @@ from fastapi import FastAPI
 from cloud.plane.api import install
 from cloud.plane.service import ControlPlane
 from cloud.settings import CloudSettings
-from shared.tasks import watch
+from shared.tasks import background
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +25,11 @@ def create_app(settings: CloudSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         plane = ControlPlane(settings)
         app.state.plane = plane
-        task = watch(asyncio.create_task(plane.run(), name="control-plane"), log, "the control loop")
-        app.state.plane_task = task
         try:
-            yield
+            async with background(plane.run(), log, "the control loop", "control-plane") as task:
+                app.state.plane_task = task
+                yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
             await plane.gateway.aclose()
             plane.close()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -20,7 +19,7 @@ from edge_agent.serving.errors import install_error_handlers
 from edge_agent.serving.openai_routes import Responder, ServedByHeader, ServiceResponder, openai_routes
 from edge_agent.serving.service import CompletionService, Finished
 from edge_agent.settings import EdgeSettings
-from shared.tasks import watch
+from shared.tasks import background
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +53,11 @@ def create_app(settings: EdgeSettings) -> FastAPI:
             ServiceResponder(local, "local"), cloud, lambda: agent.serving, agent.telemetry
         )
         app.state.metrics = EdgeMetrics(agent, app.state.router)
-        task = watch(asyncio.create_task(agent.run(), name="edge-agent"), log, "the agent's background loop")
-        app.state.agent_task = task
         try:
-            yield
+            async with background(agent.run(), log, "the agent's background loop", "edge-agent") as task:
+                app.state.agent_task = task
+                yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
             await cloud.aclose()
 
     app = FastAPI(title="Open-AutoGLM edge agent", version="0.1.0", lifespan=lifespan)
