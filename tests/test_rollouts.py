@@ -90,7 +90,12 @@ class Fleetlet:
             ),
         )
 
-    def traffic(self, device: str, ok: int, errors: int = 0, model: str = "m:2") -> None:
+    def updating(self, rid: str) -> list[str]:
+        return [d for d, s in self.states(rid).items() if s == "updating"]
+
+    def traffic(
+        self, device: str, ok: int, errors: int = 0, model: str = "m:2", error: str = "engine_error"
+    ) -> None:
         records = [
             TelemetryRecord(
                 id=uuid.uuid4().hex,
@@ -101,7 +106,7 @@ class Fleetlet:
                 completion_tokens=5,
                 latency_ms=20.0,
                 ok=i < ok,
-                error=None if i < ok else "engine_error",
+                error=None if i < ok else error,
             )
             for i in range(ok + errors)
         ]
@@ -125,7 +130,7 @@ def test_a_wave_starts_with_at_most_max_concurrent_devices(fl: Fleetlet) -> None
 def test_a_device_reporting_the_target_is_active_then_healthy_after_its_window(fl: Fleetlet) -> None:
     rid = fl.start()
     fl.driver.tick()
-    first = [d for d, s in fl.states(rid).items() if s == "updating"]
+    first = fl.updating(rid)
     assert len(first) == 2
     for d in first:
         fl.activate(d)
@@ -147,7 +152,7 @@ def test_the_whole_rollout_completes_wave_by_wave(fl: Fleetlet) -> None:
     rid = fl.start()
     for _ in range(2):
         fl.driver.tick()
-        updating = [d for d, s in fl.states(rid).items() if s == "updating"]
+        updating = fl.updating(rid)
         for d in updating:
             fl.activate(d)
             fl.traffic(d, ok=5)
@@ -162,7 +167,7 @@ def test_the_whole_rollout_completes_wave_by_wave(fl: Fleetlet) -> None:
 def test_a_failing_wave_halts_and_sends_its_devices_back_as_a_rollback(fl: Fleetlet) -> None:
     rid = fl.start()
     fl.driver.tick()
-    first = [d for d, s in fl.states(rid).items() if s == "updating"]
+    first = fl.updating(rid)
     for d in first:
         fl.activate(d)
         fl.traffic(d, ok=5, errors=5)  # 50 % errors: over max_error_rate (5 %) and over before
@@ -180,7 +185,7 @@ def test_a_failing_wave_halts_and_sends_its_devices_back_as_a_rollback(fl: Fleet
 def test_too_few_requests_to_judge_holds_the_wave_until_its_timeout(fl: Fleetlet) -> None:
     rid = fl.start(min_samples=20, wave_timeout_s=300.0)
     fl.driver.tick()
-    first = [d for d, s in fl.states(rid).items() if s == "updating"]
+    first = fl.updating(rid)
     for d in first:
         fl.activate(d)
         fl.traffic(d, ok=3)
@@ -196,7 +201,7 @@ def test_too_few_requests_to_judge_holds_the_wave_until_its_timeout(fl: Fleetlet
 def test_a_silent_device_times_out_without_blocking_the_wave(fl: Fleetlet) -> None:
     rid = fl.start(wave_timeout_s=120.0)
     fl.driver.tick()
-    first = sorted(d for d, s in fl.states(rid).items() if s == "updating")
+    first = sorted(fl.updating(rid))
     fl.activate(first[0])
     fl.traffic(first[0], ok=5)
     fl.driver.tick()
@@ -210,24 +215,11 @@ def test_a_silent_device_times_out_without_blocking_the_wave(fl: Fleetlet) -> No
 def test_client_side_errors_do_not_fail_a_device(fl: Fleetlet) -> None:
     rid = fl.start()
     fl.driver.tick()
-    first = [d for d, s in fl.states(rid).items() if s == "updating"]
+    first = fl.updating(rid)
     for d in first:
         fl.activate(d)
-        records = [
-            TelemetryRecord(
-                id=uuid.uuid4().hex,
-                at=fl.clock.now,
-                model="m:2",
-                served_by="local",
-                prompt_tokens=1,
-                completion_tokens=0,
-                latency_ms=1.0,
-                ok=False,
-                error=code,
-            )
-            for code in ["queue_full", "client_disconnected"] * 5
-        ]
-        fl.fleet.record_telemetry(TENANT, TelemetryBatch(device_id=d, records=records))
+        fl.traffic(d, ok=0, errors=5, error="queue_full")
+        fl.traffic(d, ok=0, errors=5, error="client_disconnected")
         fl.traffic(d, ok=5)
     fl.driver.tick()
     fl.clock.advance(61)
@@ -296,7 +288,7 @@ def test_an_aborted_rollout_sends_nothing_more(fl: Fleetlet) -> None:
 def test_an_operator_rollback_sends_every_touched_device_back(fl: Fleetlet) -> None:
     rid = fl.start()
     fl.driver.tick()
-    first = [d for d, s in fl.states(rid).items() if s == "updating"]
+    first = fl.updating(rid)
     fl.activate(first[0])
     fl.driver.tick()
     fl.rollouts.rollback(TENANT, rid)
