@@ -4,6 +4,8 @@ from the cloud, and falls back to the cloud pool when it cannot serve a request 
 Packages, each importing only those below it (import-linter contracts in pyproject.toml):
 
 - ``api``      the local HTTP application: probes, agent routes, the lifespan wiring it all.
+- ``batch``    OpenAI's Batch API: a durable journal of requests run in the background, locally
+  when the device is idle, in the cloud when it answers.
 - ``routing``  where a request is served: the policy router, the cloud client, its circuit breaker.
 - ``update``   the persisted update state machine: reconciler, chunk fetcher, A/B slots.
 - ``uplink``   MQTT to the cloud: the link, the durable outbox, telemetry.

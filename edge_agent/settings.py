@@ -9,9 +9,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_agent.serving.body_limit import DEFAULT_MAX_BODY_BYTES
+from shared.batch_api import MAX_BATCH_LINES
 from shared.config_env import read_settings_file, validation_problems
 from shared.control import DEFAULT_MAX_CLOCK_SKEW_S
 from shared.edge_config import EdgeConfig, RouterConfig, RuntimeTuning, SamplingDefaults, TelemetryConfig
@@ -102,6 +103,34 @@ class OutboxSettings(_Section):
     max_in_flight: Annotated[int, Field(ge=1, le=100_000)] = 2000
 
 
+class BatchSettings(_Section):
+    """The Batch API's journal (``data_dir/batches.sqlite3``) and its background worker."""
+
+    # Uploaded files, batch results and finished batches are deleted this long after they were
+    # created (files) or finished (batches), unless deleted before.
+    retention_s: Annotated[float, Field(gt=0, le=365 * 86400)] = 30 * 86400.0
+    # Larger uploads are refused with 413 (the request-body cap api.max_body_bytes does not apply).
+    max_file_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024 * 1024)] = 64 * 1024 * 1024
+    # Requests in one batch file (OpenAI's limit is 50,000).
+    max_lines: Annotated[int, Field(ge=1, le=MAX_BATCH_LINES)] = MAX_BATCH_LINES
+    # A batch request runs locally only once no interactive request has waited or run for this long.
+    idle_s: Annotated[float, Field(ge=0, le=3600)] = 1.0
+    # While the cloud cannot be reached, requests for it are retried after delays doubling from
+    # the first to the second (with jitter), and at once when the MQTT link comes back.
+    cloud_retry_initial_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    cloud_retry_max_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
+    # Batch requests sent to the cloud at once while it answers.
+    cloud_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
+    # How often expired batches and files are looked for.
+    sweep_interval_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
+
+    @model_validator(mode="after")
+    def _retry_bounds(self) -> BatchSettings:
+        if self.cloud_retry_max_s < self.cloud_retry_initial_s:
+            raise ValueError("cloud_retry_max_s must not be below cloud_retry_initial_s")
+        return self
+
+
 class EdgeSettings(_Section):
     device_id: Name
     tenant: Name = "default"
@@ -115,6 +144,7 @@ class EdgeSettings(_Section):
     fetch: FetchSettings = Field(default_factory=FetchSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     fallback: FallbackSettings = Field(default_factory=FallbackSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
     # The sections below have the schema the cloud pushes (shared/edge_config.py); a push overrides
     # them key by key, and keys neither here nor pushed take the defaults in serving/config.py.
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)

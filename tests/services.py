@@ -226,9 +226,11 @@ def start_cloud(
     return cloud
 
 
-def start_pool(model_dir: Path, *, name: str = "demo-glm", max_batch: int = 16, threads: int = 1) -> Service:
-    """``autoglm pool serve`` on a free port, ready to answer."""
-    port = free_port()
+def start_pool(
+    model_dir: Path, *, name: str = "demo-glm", max_batch: int = 16, threads: int = 1, port: int | None = None
+) -> Service:
+    """``autoglm pool serve`` on ``port`` (a free one by default), ready to answer."""
+    port = port or free_port()
     pool = Service(
         [
             sys.executable,

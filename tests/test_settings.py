@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from edge_agent.serving.config import ServingConfig
-from edge_agent.settings import EdgeSettings
+from edge_agent.settings import BatchSettings, EdgeSettings
 from shared.errors import ConfigError
 from shared.signing import SigningKey
 
@@ -27,6 +27,7 @@ def test_example_config_in_the_repo_is_valid() -> None:
     settings = EdgeSettings.load(example, env={})
     # The example documents the defaults: with every serving key spelled out, nothing changes.
     assert ServingConfig.resolve(settings.local_config()) == ServingConfig()
+    assert settings.batch == BatchSettings()
     assert settings.api.host == "127.0.0.1"
 
 

@@ -86,5 +86,7 @@ async def agent_state(request: Request) -> dict[str, Any]:
             "dropped": agent.outbox.dropped,
         },
         "queue": {"waiting": agent.host.waiting, "capacity": agent.host.queue_size},
+        # Batch API requests not finished yet, by state, and where the finished ones were served.
+        "batch": request.app.state.batch_worker.stats(),
         "config": dataclasses.asdict(agent.serving),
     }

@@ -80,10 +80,10 @@ class RequestRouter:
     async def _route(self, body: Any, path: str, local: Callable[[Any], Awaitable[Response]]) -> Response:
         policy = self.serving().router_policy
         if policy is RouterPolicy.CLOUD_ONLY:
-            return await self._cloud(body, path)
+            return await self.via_cloud(body, path)
         if policy is RouterPolicy.CLOUD_FIRST:
             try:
-                return await self._cloud(body, path)
+                return await self.via_cloud(body, path)
             except CloudUnavailable as exc:
                 log.info("cloud_first: serving locally, %s", exc.message)
                 return await local(body)
@@ -95,7 +95,7 @@ class RequestRouter:
                 raise
             local_error = exc
         try:
-            response = await self._cloud(body, path)
+            response = await self.via_cloud(body, path)
         except CloudUnavailable as cloud_error:
             # Both reasons in one answer, of the kind that matters to the client: the cloud's
             # when the model is not here at all, else the local refusal (429, 400, ...).
@@ -109,7 +109,9 @@ class RequestRouter:
         log.info("served by the cloud: local side said %s", local_error.code or local_error.status)
         return response
 
-    async def _cloud(self, body: SamplingParams, path: str) -> Response:
+    async def via_cloud(self, body: SamplingParams, path: str) -> Response:
+        """The cloud's answer to ``body`` (a non-2xx one included), recorded as telemetry;
+        CloudUnavailable when there is none. Also how batch requests reach the cloud."""
         started = time.perf_counter()
         model = str(getattr(body, "model", ""))
         try:
