@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -35,12 +35,8 @@ def _encodable(value: Any) -> Any:
 # implement yet: a request that asks for one gets 400 naming it, not an answer without it.
 _NOT_IMPLEMENTED = frozenset(
     {
-        "tools",
-        "tool_choice",
         "functions",
         "function_call",
-        "logprobs",
-        "top_logprobs",
         "suffix",
         "best_of",
         "prediction",
@@ -51,6 +47,11 @@ _NOT_IMPLEMENTED = frozenset(
         "guided_choice",
     }
 )
+
+
+# OpenAI's limits: up to 20 alternatives per token in chat, 5 in (legacy) completions; we allow
+# 20 in both, as vLLM does.
+MAX_TOP_LOGPROBS = 20
 
 
 class SamplingParams(_Tolerant):
@@ -99,13 +100,16 @@ class SamplingParams(_Tolerant):
         options = (self.model_extra or {}).get("stream_options")
         return bool(self.stream and isinstance(options, dict) and options.get("include_usage") is True)
 
+    # Parameters of the other endpoint (chat's tools on completions, say): refused by name too.
+    _FOREIGN: ClassVar[frozenset[str]] = frozenset()
+
     def unsupported(self) -> list[str]:
         """OpenAI parameters this server does not implement, as sent: refused, never ignored."""
         extra = self.model_extra or {}
         out = []
-        for name in sorted(_NOT_IMPLEMENTED & extra.keys()):
+        for name in sorted((_NOT_IMPLEMENTED | self._FOREIGN) & extra.keys()):
             value = extra[name]
-            if value is None or value is False or value == [] or (name == "logprobs" and value == 0):
+            if value is None or value is False or value == []:
                 continue  # explicitly not asked for
             if name == "best_of" and value == 1:
                 continue
@@ -130,6 +134,10 @@ class CompletionRequest(SamplingParams):
     model: str
     prompt: str | list[str]
     echo: Annotated[bool, Field(strict=True)] = False
+    # The logprob of each generated token and of this many alternatives (0: the chosen token only).
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS, strict=True)] | None = None
+
+    _FOREIGN = frozenset({"tools", "tool_choice", "parallel_tool_calls", "top_logprobs", "messages"})
 
     _valid_prompt = field_validator("prompt")(_encodable)
 
@@ -148,9 +156,51 @@ class ContentPart(_Tolerant):
     _valid_text = field_validator("text")(_encodable)
 
 
+# A function name as OpenAI allows it.
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class FunctionCall(BaseModel):
+    name: str
+    # JSON text, as OpenAI sends and expects it.
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionSpec(_Tolerant):
+    name: FunctionName
+    description: str | None = None
+    # A JSON schema for the arguments (an object); none: any object.
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Tolerant):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class ToolChoiceFunction(BaseModel):
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
 class ChatMessage(_Tolerant):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = ""
+    # An assistant's earlier calls, and on a tool message the call it answers.
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
     _valid_content = field_validator("content")(_encodable)
 
@@ -169,6 +219,17 @@ class ChatMessage(_Tolerant):
 class ChatCompletionRequest(SamplingParams):
     model: str
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: Annotated[bool, Field(strict=True)] = True
+    logprobs: Annotated[bool, Field(strict=True)] = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS, strict=True)] | None = None
+
+    def logprobs_wanted(self) -> int | None:
+        """How many alternatives per token (None: no logprobs); ValueError for top_logprobs alone."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class Usage(BaseModel):
@@ -177,18 +238,42 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
+class CompletionLogprobs(BaseModel):
+    """Legacy completions' logprobs: parallel lists, one entry per generated token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobEntry]
+    refusal: None = None
 
 
 class CompletionResponse(BaseModel):
@@ -202,12 +287,14 @@ class CompletionResponse(BaseModel):
 
 class ChatChoiceMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatChoiceMessage
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -220,14 +307,28 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 

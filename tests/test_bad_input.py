@@ -31,7 +31,10 @@ BAD_COMPLETIONS: list[tuple[dict[str, Any], int, str | None]] = [
     # Beyond the model's context with the prompt: refused, not silently clipped.
     ({"prompt": "hi", "max_tokens": 30000}, 400, "max_tokens"),
     # What this server does not implement is refused by name, never silently ignored.
-    ({"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ({"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "hi", "logprobs": True}, 400, "logprobs"),
+    ({"prompt": "hi", "logprobs": 2, "echo": True}, 400, "echo"),
+    ({"prompt": "hi", "top_logprobs": 2}, 400, "top_logprobs"),  # chat's name for it
     ({"prompt": "hi", "suffix": "}"}, 400, "suffix"),
     ({"prompt": "hi", "response_format": {"type": "bogus"}}, 400, "response_format"),
     (
@@ -50,6 +53,39 @@ BAD_COMPLETIONS: list[tuple[dict[str, Any], int, str | None]] = [
 ]
 
 
+_WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+_CALLED = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{"}}
+BAD_CHAT: list[tuple[dict[str, Any], str]] = [
+    ({"tool_choice": "required"}, "tool_choice"),  # no tools to choose from
+    ({"tools": [_WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [_WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+    ({"tools": [_WEATHER, _WEATHER]}, "tools"),
+    ({"tools": [{"type": "retrieval"}]}, "tools"),
+    (
+        {
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
+            "tool_choice": "required",
+        },
+        "tools",
+    ),
+    (
+        {
+            "tools": [_WEATHER],
+            "tool_choice": "required",
+            "response_format": {"type": "json_object"},
+        },
+        "response_format",
+    ),
+    ({"functions": [{"name": "f"}]}, "functions"),  # the deprecated form: refused by name
+    ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"logprobs": 1}, "logprobs"),
+    ({"messages": [{"role": "tool", "content": "24 C"}]}, "messages"),  # answers no call
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [_CALLED]}]}, "messages"),
+]
+
+
 def _post(url: str, body: dict[str, Any]) -> httpx.Response:
     # json.dumps escapes a lone surrogate as \\ud800, as a client in any language may send it.
     return httpx.post(url, content=json.dumps(body), headers={"content-type": "application/json"}, timeout=30)
@@ -64,9 +100,12 @@ def _check_refusals(base: str, model: str) -> None:
     chat = {"model": model, "messages": [{"role": "user", "content": "\ud83d"}]}
     r = _post(f"{base}/v1/chat/completions", chat)
     assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"]
-    tool_choice = {"model": model, "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}
-    r = _post(f"{base}/v1/chat/completions", tool_choice)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
+    for fields, param in BAD_CHAT:
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **fields}
+        r = _post(f"{base}/v1/chat/completions", body)
+        assert r.status_code == 400, (fields, r.status_code, r.text)
+        error = r.json()["error"]
+        assert error["param"] == param and error["message"], (fields, error)
 
 
 def _events(base: str, body: dict[str, Any]) -> list[dict[str, Any]]:

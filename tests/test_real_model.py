@@ -7,6 +7,7 @@ included; streaming must give the same text in valid UTF-8."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -178,8 +179,34 @@ WEATHER = {
 }
 
 
+GET_WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "The city, e.g. Paris"},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+GET_TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Get the local time in a time zone",
+        "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]},
+    },
+}
+
+
 @pytest.mark.slow
-def test_structured_output_always_parses(
+def test_agent_api_on_a_real_model(
     smollm2_fp32: RegistryEntry,
     edge_factory: Callable[..., EdgeProcess],
     broker_settings: BrokerSettings,
@@ -187,9 +214,8 @@ def test_structured_output_always_parses(
     registry: ModelRegistry,
     signing_key: SigningKey,
 ) -> None:
-    """A json_schema response_format at temperature 1.0: 20 of 20 answers of a 135M model are
-    JSON valid against the schema (nested object, enum, array, required fields), streamed too."""
-    import jsonschema
+    """SmolLM2-135M-Instruct through the `openai` client, one edge for the three parts of the
+    agent API: structured output, tool calls, logprobs."""
     import openai
 
     edge = serving_edge(
@@ -202,6 +228,16 @@ def test_structured_output_always_parses(
         extra={"runtime": {"threads": 2}},
     )
     client = openai.OpenAI(base_url=f"{edge.api}/v1", api_key="unused", max_retries=0)
+    _structured_output_always_parses(client)
+    _named_tool_calls_validate_and_a_tool_conversation_completes(client)
+    _logprobs_describe_the_model(client)
+
+
+def _structured_output_always_parses(client: Any) -> None:
+    """A json_schema response_format at temperature 1.0: 20 of 20 answers of a 135M model are
+    JSON valid against the schema (nested object, enum, array, required fields), streamed too."""
+    import jsonschema
+
     response_format: Any = {"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER}}
     messages: Any = [{"role": "user", "content": "Describe the weather in Paris as JSON."}]
     for seed in range(20):
@@ -222,6 +258,111 @@ def test_structured_output_always_parses(
         )
     )
     jsonschema.validate(json.loads(streamed), WEATHER)
+
+
+def _named_tool_calls_validate_and_a_tool_conversation_completes(client: Any) -> None:
+    """tool_choice naming a function (SmolLM2's template knows no tools: they are injected in the
+    Hermes format): a call whose arguments validate, at temperature 1 and streamed; `required`
+    picks one of the tools; then call → tool result → an answer in words."""
+    import jsonschema
+
+    tools: Any = [GET_WEATHER, GET_TIME]
+    named: Any = {"type": "function", "function": {"name": "get_weather"}}
+    messages: Any = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+    for seed in range(5):
+        done = client.chat.completions.create(
+            model="smollm2", messages=messages, tools=tools, tool_choice=named, temperature=1.0, seed=seed
+        )
+        choice = done.choices[0]
+        assert choice.finish_reason == "tool_calls", done
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), GET_WEATHER["function"]["parameters"])
+
+    parts: dict[int, dict[str, str]] = {}
+    finish = None
+    for chunk in client.chat.completions.create(
+        model="smollm2", messages=messages, tools=tools, tool_choice=named, stream=True
+    ):
+        choice = chunk.choices[0]
+        finish = choice.finish_reason or finish
+        for delta in choice.delta.tool_calls or []:
+            part = parts.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+            part["id"] += delta.id or ""
+            part["name"] += delta.function.name or ""
+            part["arguments"] += delta.function.arguments or ""
+    assert finish == "tool_calls" and list(parts) == [0], parts
+    assert parts[0]["name"] == "get_weather"
+    arguments = json.loads(parts[0]["arguments"])
+    jsonschema.validate(arguments, GET_WEATHER["function"]["parameters"])
+
+    required = client.chat.completions.create(
+        model="smollm2", messages=messages, tools=tools, tool_choice="required", parallel_tool_calls=False
+    )
+    (call,) = required.choices[0].message.tool_calls
+    assert call.function.name in {"get_weather", "get_time"}
+
+    history: Any = [
+        *messages,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": parts[0]["id"],
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": parts[0]["arguments"]},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": parts[0]["id"], "content": '{"sky": "sunny", "temperature_c": 24}'},
+    ]
+    answer = client.chat.completions.create(
+        model="smollm2", messages=history, tools=tools, tool_choice="none", temperature=0, max_tokens=60
+    )
+    message = answer.choices[0].message
+    assert not message.tool_calls and message.content, answer
+    assert answer.choices[0].finish_reason in {"stop", "length"}
+
+
+def _logprobs_describe_the_model(client: Any) -> None:
+    """Greedy decoding: each token is its step's most likely one, listed first among the
+    alternatives; logprobs are ≤ 0 and the alternatives' probabilities add up to at most 1;
+    streaming gives the same tokens; completions report them in their own shape."""
+    messages: Any = [{"role": "user", "content": "Name three colours."}]
+    done = client.chat.completions.create(
+        model="smollm2", messages=messages, temperature=0, max_tokens=20, logprobs=True, top_logprobs=5
+    )
+    content = done.choices[0].logprobs.content
+    assert len(content) == done.usage.completion_tokens
+    assert "".join(t.token for t in content) == done.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 5
+        assert t.logprob <= 0 and t.token == t.top_logprobs[0].token
+        assert t.logprob == max(a.logprob for a in t.top_logprobs)
+        assert sum(math.exp(a.logprob) for a in t.top_logprobs) <= 1 + 1e-6
+        assert bytes(t.bytes).decode() == t.token
+
+    streamed = [
+        t
+        for chunk in client.chat.completions.create(
+            model="smollm2", messages=messages, temperature=0, max_tokens=20, logprobs=True, stream=True
+        )
+        if chunk.choices and chunk.choices[0].logprobs
+        for t in chunk.choices[0].logprobs.content
+    ]
+    assert [(t.token, round(t.logprob, 4)) for t in streamed] == [
+        (t.token, round(t.logprob, 4)) for t in content
+    ]
+
+    completion = client.completions.create(
+        model="smollm2", prompt="The capital of France is", max_tokens=5, temperature=0, logprobs=3
+    )
+    lp = completion.choices[0].logprobs
+    assert "".join(lp.tokens) == completion.choices[0].text
+    assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+    for token, logprob, alternatives in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert alternatives[token] == logprob == max(alternatives.values())
 
 
 @pytest.mark.slow
@@ -263,7 +404,10 @@ def test_demo_chats_with_smollm2_served_locally(tmp_path: Path, smollm2_source: 
 def test_pool_chat_equals_transformers_greedy(
     smollm2_source: Path, transformers_answers: list[Answer]
 ) -> None:
-    """The cloud pool renders and encodes chat the same way (its batch engine is PyTorch)."""
+    """The cloud pool renders and encodes chat the same way (its batch engine is PyTorch), and
+    serves tool calls and logprobs as the edge does (they share the serving code)."""
+    import openai
+
     from tests.services import start_pool
 
     pool = start_pool(smollm2_source, name="smollm2", threads=2)
@@ -285,5 +429,8 @@ def test_pool_chat_equals_transformers_greedy(
                 text,
                 reason,
             )
+        client = openai.OpenAI(base_url=f"{pool.url}/v1", api_key="unused", max_retries=0)
+        _named_tool_calls_validate_and_a_tool_conversation_completes(client)
+        _logprobs_describe_the_model(client)
     finally:
         pool.stop()

@@ -100,3 +100,70 @@ def test_a_response_format_it_cannot_honour_is_a_400(response_format: object) ->
 
 def test_text_means_no_grammar() -> None:
     assert grammar_for(None) is None and grammar_for({"type": "text"}) is None
+
+
+def _gguf_style(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer as a GGUF import writes it: the ByteLevel decoder inside a Sequence."""
+    spec = json.loads(tokenizer.to_str())
+    spec["decoder"] = {
+        "type": "Sequence",
+        "decoders": [
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        ],
+    }
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def test_a_gguf_style_tokenizer_is_read_as_bytes(tokenizer: Tokenizer) -> None:
+    """Without the byte-level view llguidance takes "Ġ" and "Ċ" for letters: a raw newline could
+    land inside a JSON string, and a grammar's "\\n" could never match."""
+    gguf = _gguf_style(tokenizer)
+    grammars = GrammarTokenizers(gguf, [gguf.token_to_id("<eos>")])
+    space = gguf.encode(" Oslo").ids[0]
+    assert grammars.token_bytes(space).startswith(b" ")
+    schema = {
+        "type": "object",
+        "properties": {"note": {"type": "string", "maxLength": 12}},
+        "required": ["note"],
+        "additionalProperties": False,
+    }
+    grammar = grammar_for({"type": "json_schema", "json_schema": {"schema": schema}})
+    assert grammar is not None
+    for seed in range(10):
+        json.loads(_sample(gguf, grammar, seed))
+
+
+def test_a_forced_tool_call_is_a_valid_call_whatever_the_logits(tokenizer: Tokenizer) -> None:
+    from edge_agent.runtime.tools import CallFormat, ToolPlan
+
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["c", "f"]}},
+                "required": ["city", "unit"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    other = {"type": "function", "function": {"name": "get_time"}}
+    names = frozenset({"get_weather", "get_time"})
+    for fmt in CallFormat:
+        plan = ToolPlan([weather, other], "get_weather", False, fmt, False, names)
+        grammar = plan.grammar()
+        assert grammar is not None
+        for seed in range(10):
+            content, calls = plan.split(_sample(tokenizer, grammar, seed))
+            assert content is None and [c.function.name for c in calls] == ["get_weather"], (fmt, seed)
+            jsonschema.validate(json.loads(calls[0].function.arguments), weather["function"]["parameters"])
+    required = ToolPlan([weather, other], "required", True, CallFormat.HERMES, False, names)
+    grammar = required.grammar()
+    assert grammar is not None
+    for seed in range(10):
+        _, calls = required.split(_sample(tokenizer, grammar, seed, budget=2000))
+        assert calls and {c.function.name for c in calls} <= names

@@ -137,7 +137,7 @@ def test_topics_refuse_foreign_and_unknown_topics() -> None:
 
 
 def test_unimplemented_openai_parameters_are_named_not_ignored() -> None:
-    from shared.openai_api import ChatCompletionRequest
+    from shared.openai_api import ChatCompletionRequest, CompletionRequest
 
     def req(**fields: object) -> ChatCompletionRequest:
         return ChatCompletionRequest.model_validate(
@@ -145,13 +145,18 @@ def test_unimplemented_openai_parameters_are_named_not_ignored() -> None:
         )
 
     assert req().unsupported() == []
-    assert req(tools=[{"type": "function"}], logprobs=True, top_logprobs=2).unsupported() == [
-        "logprobs",
-        "tools",
-        "top_logprobs",
+    assert req(functions=[{"name": "f"}], suffix="}", best_of=2).unsupported() == [
+        "best_of",
+        "functions",
+        "suffix",
     ]
     # Explicitly not asking is not asking.
-    assert req(logprobs=False, tools=None, response_format={"type": "text"}, best_of=1).unsupported() == []
+    assert req(functions=None, suffix=None, response_format={"type": "text"}, best_of=1).unsupported() == []
+    # Chat's parameters on the completions endpoint are refused by name too.
+    completion = CompletionRequest.model_validate(
+        {"model": "m", "prompt": "hi", "tools": [], "top_logprobs": 2}
+    )
+    assert completion.unsupported() == ["top_logprobs"]
     assert req(stream_options={"include_usage": True}).unsupported() == []
     assert req(stream=True, stream_options={"include_usage": True}).wants_usage()
     assert (

@@ -30,7 +30,15 @@ import numpy as np
 
 from edge_agent.runtime.channel import GenerationChannel, Item
 from edge_agent.runtime.chat import ChatTemplate, end_of_turn_ids
-from edge_agent.runtime.generator import GenerationParams, GenerationResult, check_logit_bias, token_budget
+from edge_agent.runtime.generator import (
+    GenerationParams,
+    GenerationResult,
+    StreamItem,
+    check_logit_bias,
+    scored_delta,
+    token_budget,
+)
+from edge_agent.runtime.logprobs import Scorer
 from edge_agent.runtime.sampling import choose_token
 from edge_agent.runtime.structured import Constrained, GrammarTokenizers
 from edge_agent.runtime.text import IncrementalText, Prompt
@@ -76,6 +84,8 @@ class _Row:
     counts: Counter[int] = field(default_factory=Counter)
     # The request's response_format grammar, if it has one.
     constraint: Constrained | None = None
+    # The request's logprobs, if it asked for them.
+    scorer: Scorer | None = None
 
 
 @dataclass
@@ -195,11 +205,11 @@ class BatchEngine:
         check_logit_bias(params, self.tokenizer.get_vocab_size(with_added_tokens=True))
         return ids
 
-    def submit(self, prompt: Prompt, params: GenerationParams) -> AsyncIterator[str | GenerationResult]:
+    def submit(self, prompt: Prompt, params: GenerationParams) -> AsyncIterator[StreamItem]:
         """Queue a request (429 at once when the queue is full); iterate for its text deltas."""
         return self.submit_ids(self.check_prompt(prompt, params), params)
 
-    def submit_ids(self, ids: list[int], params: GenerationParams) -> AsyncIterator[str | GenerationResult]:
+    def submit_ids(self, ids: list[int], params: GenerationParams) -> AsyncIterator[StreamItem]:
         """``submit`` for a prompt already encoded and checked by :meth:`check_prompt`."""
         channel = GenerationChannel()
         req = _Request(ids, params, channel.put, channel.cancelled, 0.0)
@@ -276,6 +286,11 @@ class BatchEngine:
             constraint=(
                 Constrained(self.grammar_tokenizer.get(), req.params.grammar) if req.params.grammar else None
             ),
+            scorer=(
+                Scorer(req.params.logprobs, self.grammar_tokenizer.token_bytes)
+                if req.params.logprobs is not None
+                else None
+            ),
         )
         self._accept(row, out.logits[0, -1:, :], first=True)
         return row, out.past_key_values
@@ -312,10 +327,11 @@ class BatchEngine:
         if row.req.cancelled.is_set():
             row.done, row.finish = True, "cancelled"
             return
+        raw = None
         if params.sampling.greedy and not params.sampling.adjusts and row.constraint is None:
             token = greedy_token if greedy_token is not None else int(logits[0].argmax())
         else:
-            scores = logits[0].float().cpu().numpy()
+            raw = scores = logits[0].float().cpu().numpy()
             if row.constraint is not None:
                 scores = row.constraint.mask(scores)
             token = choose_token(scores, params.sampling, row.rng, row.counts)
@@ -328,12 +344,15 @@ class BatchEngine:
         row.counts[token] += 1
         if row.constraint is not None:
             row.constraint.accept(token)
+        if row.scorer is not None:
+            row.scorer.add(raw if raw is not None else logits[0].float().cpu().numpy(), token)
         if first:
             self.stats.recent_tokens.append((time.monotonic(), 1))
         row.last_token = token
         delta = row.text.push(token)
         if delta:
-            row.req.emit(delta)
+            for item in scored_delta(row.scorer, delta):
+                row.req.emit(item)
         if row.text.stopped or (row.constraint is not None and row.constraint.complete):
             row.done, row.finish = True, "stop"
         elif len(row.text.tokens) >= row.budget:
@@ -353,10 +372,14 @@ class BatchEngine:
             return
         tail = row.text.finish()
         if tail:
-            row.req.emit(tail)
+            for item in scored_delta(row.scorer, tail):
+                row.req.emit(item)
         reason: FinishReason = "length" if row.finish == "length" else "stop"
+        logprobs = row.scorer.scored if row.scorer is not None else None
         row.req.emit(
-            GenerationResult(row.text.emitted, len(row.req.prompt_ids), len(row.text.tokens), reason)
+            GenerationResult(
+                row.text.emitted, len(row.req.prompt_ids), len(row.text.tokens), reason, logprobs
+            )
         )
 
     def _drop_finished(self, rows: list[_Row], cache: Any, mask: Any) -> tuple[list[_Row], Any, Any]:

@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 
 from cloud.pool.engine import BatchEngine, PoolModel
 from cloud.pool.settings import PoolSettings
-from edge_agent.runtime.generator import GenerationParams, GenerationResult
+from edge_agent.runtime.generator import GenerationParams, GenerationResult, StreamItem
 from edge_agent.runtime.text import Prompt
 from edge_agent.serving.auth import check_bearer
 from edge_agent.serving.body_limit import BodyLimit
@@ -59,7 +59,7 @@ class PoolBackend:
 
     async def stream(
         self, prompt: Prompt, params: GenerationParams
-    ) -> tuple[PoolModel, AsyncIterator[str | GenerationResult]]:
+    ) -> tuple[PoolModel, AsyncIterator[StreamItem]]:
         model = self.require()
         ids = await asyncio.to_thread(self.engine.check_prompt, prompt, params)
         return model, self.engine.submit_ids(ids, params)

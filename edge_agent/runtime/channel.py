@@ -10,9 +10,9 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Awaitable
 
-from edge_agent.runtime.generator import GenerationResult
+from edge_agent.runtime.generator import GenerationResult, StreamItem
 
-Item = str | GenerationResult | BaseException
+Item = StreamItem | BaseException
 
 
 class GenerationChannel:
@@ -30,7 +30,7 @@ class GenerationChannel:
         except RuntimeError:  # the request's event loop is gone: nobody is listening any more
             self.cancelled.set()
 
-    async def items(self, finished: Awaitable[None] | None = None) -> AsyncIterator[str | GenerationResult]:
+    async def items(self, finished: Awaitable[None] | None = None) -> AsyncIterator[StreamItem]:
         """Text deltas, then the result; an exception put by the generator is raised here.
 
         ``finished`` (the generating task, say) is awaited after the result, before returning."""

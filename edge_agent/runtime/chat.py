@@ -15,6 +15,7 @@ model starts a new turn.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,6 +45,7 @@ _SPECIAL_KEYS = (
     "additional_special_tokens",
 )
 _SENTINEL = "\u2063autoglm-turn-end-probe\u2063"
+_TOOL_PROBE = "autoglm_tool_probe"
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class ChatTemplate:
     template: Any  # jinja2.Template
     special: dict[str, Any]
     stop: tuple[str, ...]
+    text: str = ""  # the template's source (empty for the fallback)
 
     @classmethod
     def from_folder(cls, folder: Path) -> ChatTemplate:
@@ -78,20 +81,41 @@ class ChatTemplate:
                 special[key] = [t for t in (_token_text(v) for v in value) if t is not None]
             elif (token := _token_text(value)) is not None:
                 special[key] = token
-        return cls(source, template, special, stop)
+        return cls(source, template, special, stop, text or "")
 
-    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         from jinja2 import TemplateError
 
         variables = {**self.special, "messages": messages, "add_generation_prompt": add_generation_prompt}
+        if tools:
+            variables["tools"] = tools
         try:
             return str(self.template.render(**variables))
         except TemplateError as exc:
             raise InvalidRequest(f"the chat template rejected the messages: {exc}", param="messages") from exc
 
-    def prompt(self, messages: list[dict[str, Any]]) -> Prompt:
+    def prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> Prompt:
         """The prompt for the assistant's next turn, to be encoded without added special tokens."""
-        return Prompt(self.render(messages), add_special_tokens=False)
+        return Prompt(self.render(messages, tools=tools), add_special_tokens=False)
+
+    @functools.cached_property
+    def _renders_tools(self) -> bool:
+        probe = {"type": "function", "function": {"name": _TOOL_PROBE, "description": "", "parameters": {}}}
+        try:
+            text = self.render([{"role": "user", "content": "Hi"}], tools=[probe])
+        except RequestError:
+            return False
+        return _TOOL_PROBE in text
+
+    def renders_tools(self) -> bool:
+        """The template writes the ``tools`` it is given into the prompt (else they are injected)."""
+        return self.source == "model" and self._renders_tools
 
     def turn_end_text(self) -> str | None:
         """The text the template writes right after an assistant message (``<|im_end|>\\n``, say).

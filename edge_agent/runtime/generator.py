@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tokenizers import Tokenizer
 
+from edge_agent.runtime.logprobs import Scored, Scorer, TokenLogprob
 from edge_agent.runtime.sampling import SamplingConfig, choose_token
 from edge_agent.runtime.session import OnnxCausalLM
 from edge_agent.runtime.structured import Constrained, GrammarTokenizers
@@ -28,6 +29,8 @@ class GenerationParams:
     max_tokens_requested: bool = False
     # An llguidance grammar the output must match (response_format json_object / json_schema).
     grammar: str | None = None
+    # Report each generated token's logprob with this many alternatives (None: no logprobs).
+    logprobs: int | None = None
 
 
 def token_budget(prompt_tokens: int, context_length: int, params: GenerationParams, where: str) -> int:
@@ -53,6 +56,13 @@ class GenerationResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: FinishReason = "length"
+    # Every generated token's logprob, when the request asked for them.
+    logprobs: list[TokenLogprob] | None = None
+
+
+# What a generation stream yields: text deltas, each after the logprobs of its tokens when they
+# were asked for, then one result.
+StreamItem = str | Scored | GenerationResult
 
 
 def check_logit_bias(params: GenerationParams, vocab_size: int) -> None:
@@ -85,8 +95,16 @@ class TextGenerator:
         check_logit_bias(params, self.tokenizer.get_vocab_size(with_added_tokens=True))
         return prompt_ids
 
-    def token_ids(self, prompt_ids: list[int], budget: int, params: GenerationParams) -> Iterator[int]:
-        """The decode loop: one new token id per step, until EOS (not yielded) or ``budget`` tokens."""
+    def scorer(self, params: GenerationParams) -> Scorer | None:
+        if params.logprobs is None:
+            return None
+        return Scorer(params.logprobs, self.grammar_tokenizer.token_bytes)
+
+    def token_ids(
+        self, prompt_ids: list[int], budget: int, params: GenerationParams, scorer: Scorer | None = None
+    ) -> Iterator[int]:
+        """The decode loop: one new token id per step, until EOS (not yielded) or ``budget`` tokens;
+        ``scorer`` hears each yielded token with its step's raw logits."""
         rng = np.random.default_rng(params.seed)
         constraint = Constrained(self.grammar_tokenizer.get(), params.grammar) if params.grammar else None
         decoder = self.model.decoder(len(prompt_ids) + budget)
@@ -100,34 +118,46 @@ class TextGenerator:
                 return
             if constraint is not None:
                 constraint.accept(token)
+            if scorer is not None:
+                scorer.add(logits[-1], token)
             counts[token] += 1
             yield token
             if constraint is not None and constraint.complete:
                 return
             step = [token]
 
-    def stream(self, prompt: Prompt, params: GenerationParams) -> Iterator[str | GenerationResult]:
+    def stream(self, prompt: Prompt, params: GenerationParams) -> Iterator[StreamItem]:
         """Yield text deltas as they become final, then one GenerationResult."""
         return self.stream_ids(self.check_prompt(prompt, params), params)
 
-    def stream_ids(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[str | GenerationResult]:
+    def stream_ids(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[StreamItem]:
         """``stream`` for a prompt already encoded and checked by :meth:`check_prompt`."""
         budget = min(params.max_tokens, self.context_length - len(prompt_ids))
         text = IncrementalText(self.tokenizer, params.stop)
-        for token in self.token_ids(prompt_ids, budget, params):
+        scorer = self.scorer(params)
+        for token in self.token_ids(prompt_ids, budget, params, scorer):
             delta = text.push(token)
             if delta:
-                yield delta
+                yield from scored_delta(scorer, delta)
             if text.stopped:
                 break
         tail = text.finish()
         if tail:
-            yield tail
+            yield from scored_delta(scorer, tail)
         reason: FinishReason = "length" if not text.stopped and len(text.tokens) == budget else "stop"
-        yield GenerationResult(text.emitted, len(prompt_ids), len(text.tokens), reason)
+        yield GenerationResult(
+            text.emitted, len(prompt_ids), len(text.tokens), reason, scorer.scored if scorer else None
+        )
 
     def generate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:
         for item in self.stream(prompt, params):
             if isinstance(item, GenerationResult):
                 return item
         raise AssertionError("stream ended without a result")  # pragma: no cover
+
+
+def scored_delta(scorer: Scorer | None, delta: str) -> Iterator[str | Scored]:
+    """A text delta, after the logprobs of the tokens that made it when they are being kept."""
+    if scorer is not None and (scored := scorer.flush()) is not None:
+        yield scored
+    yield delta

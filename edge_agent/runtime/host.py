@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 
 from edge_agent.runtime.channel import GenerationChannel
 from edge_agent.runtime.chat import ChatTemplate
-from edge_agent.runtime.generator import GenerationParams, GenerationResult, TextGenerator
+from edge_agent.runtime.generator import GenerationParams, GenerationResult, StreamItem, TextGenerator
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.session import OnnxCausalLM
 from edge_agent.runtime.text import Prompt
@@ -141,7 +141,7 @@ class ModelHost:
         if result.completion_tokens > 1 and decode_s > 0:
             s.last_decode_tok_s = (result.completion_tokens - 1) / decode_s
 
-    def _timed(self, items: Iterator[str | GenerationResult]) -> Iterator[str | GenerationResult]:
+    def _timed(self, items: Iterator[StreamItem]) -> Iterator[StreamItem]:
         """Pass the items through, recording timing when the result arrives."""
         start = time.perf_counter()
         first: float | None = None
@@ -183,7 +183,7 @@ class ModelHost:
 
     async def stream(
         self, prompt: Prompt, params: GenerationParams
-    ) -> tuple[LoadedModel, AsyncIterator[str | GenerationResult]]:
+    ) -> tuple[LoadedModel, AsyncIterator[StreamItem]]:
         """Validate and admit now (errors before the response starts), generate in the background."""
         model = self.require()
         prompt_ids = await asyncio.to_thread(model.generator.check_prompt, prompt, params)

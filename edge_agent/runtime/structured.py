@@ -76,11 +76,36 @@ class GrammarTokenizers:
         with self._lock:
             if self._built is None:
                 self._built = LLTokenizer(
-                    self._tokenizer.to_str(),
+                    byte_level_view(self._tokenizer.to_str()),
                     n_vocab=self._tokenizer.get_vocab_size(with_added_tokens=True),
                     eos_token=self._eos or None,
                 )
             return self._built
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for (a special token: its text)."""
+        raw: bytes = self.get().decode_bytes([token])
+        if raw.startswith(b"\xff"):  # llguidance marks special tokens with a 0xFF prefix
+            return (self._tokenizer.id_to_token(token) or "").encode()
+        return raw
+
+
+def byte_level_view(tokenizer_json: str) -> str:
+    """The tokenizer as llguidance must read it to see the bytes behind each token.
+
+    llguidance recognises a byte-level BPE vocabulary by its ``ByteLevel`` decoder. Tokenizers
+    imported from GGUF wrap that decoder in a ``Sequence`` (ByteFallback, Fuse, Replace,
+    ByteLevel); llguidance then takes ``Ġ`` and ``Ċ`` for the letters they are drawn with instead
+    of the space and newline they stand for, and a grammar would let a raw newline into a JSON
+    string or never match a literal ``"\\n"``. Decoding is all that changes here."""
+    spec = json.loads(tokenizer_json)
+    decoder = spec.get("decoder") or {}
+    if decoder.get("type") == "Sequence":
+        level = [d for d in decoder.get("decoders", []) if d.get("type") == "ByteLevel"]
+        if level:
+            spec["decoder"] = level[0]
+            return json.dumps(spec)
+    return tokenizer_json
 
 
 class Constrained:

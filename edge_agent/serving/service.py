@@ -18,10 +18,12 @@ from typing import Protocol
 from pydantic import BaseModel
 
 from edge_agent.runtime.chat import ChatTemplate
-from edge_agent.runtime.generator import GenerationParams, GenerationResult
+from edge_agent.runtime.generator import GenerationParams, GenerationResult, StreamItem
+from edge_agent.runtime.logprobs import Scored, TokenLogprob
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.structured import grammar_for
 from edge_agent.runtime.text import Prompt
+from edge_agent.runtime.tools import ToolPlan, plan_tools, template_messages
 from edge_agent.serving.config import ServingConfig
 from shared.errors import InvalidRequest, ModelNotFound, RequestError
 from shared.openai_api import (
@@ -32,12 +34,20 @@ from shared.openai_api import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
+    ChoiceLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    FinishReason,
+    FunctionCallDelta,
     ModelCard,
     ModelList,
     SamplingParams,
+    TokenLogprobEntry,
+    ToolCall,
+    ToolCallDelta,
+    TopLogprob,
     Usage,
     new_id,
 )
@@ -81,7 +91,7 @@ class TextBackend(Protocol):
 
     async def stream(
         self, prompt: Prompt, params: GenerationParams
-    ) -> tuple[ServedModel, AsyncIterator[str | GenerationResult]]: ...
+    ) -> tuple[ServedModel, AsyncIterator[StreamItem]]: ...
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,7 @@ class _Prepared:
     prompt: Prompt
     params: GenerationParams
     started: float
+    tools: ToolPlan | None = None
 
 
 class CompletionService:
@@ -128,7 +139,14 @@ class CompletionService:
             )
         return loaded
 
-    def params(self, req: SamplingParams, extra_stop: tuple[str, ...] = ()) -> GenerationParams:
+    def params(
+        self,
+        req: SamplingParams,
+        extra_stop: tuple[str, ...] = (),
+        *,
+        logprobs: int | None = None,
+        tools: ToolPlan | None = None,
+    ) -> GenerationParams:
         refused = req.unsupported()
         if refused:
             raise InvalidRequest(
@@ -141,8 +159,15 @@ class CompletionService:
             raise InvalidRequest(str(exc), param="max_completion_tokens") from exc
         cfg = self.serving()
         grammar = grammar_for((req.model_extra or {}).get("response_format"))
+        tool_grammar = tools.grammar() if tools is not None else None
+        if grammar is not None and tool_grammar is not None:
+            raise InvalidRequest(
+                "response_format and a tool_choice that forces a call cannot both hold the output",
+                param="response_format",
+            )
         return GenerationParams(
-            grammar=grammar,
+            grammar=grammar or tool_grammar,
+            logprobs=logprobs,
             max_tokens=limit or cfg.default_max_tokens,
             sampling=SamplingConfig(
                 temperature=cfg.temperature if req.temperature is None else req.temperature,
@@ -164,16 +189,25 @@ class CompletionService:
             prompt = req.prompt_text()
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="prompt") from exc
-        return _Prepared(Prompt(prompt), self.params(req), started)
+        if req.echo and req.logprobs is not None:
+            raise InvalidRequest("logprobs of an echoed prompt are not supported; drop echo", param="echo")
+        return _Prepared(Prompt(prompt), self.params(req, logprobs=req.logprobs), started)
 
     def _prepare_chat(self, req: ChatCompletionRequest) -> _Prepared:
         started = time.perf_counter()
         loaded = self._model_for(req.model)
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            logprobs = req.logprobs_wanted()
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param="top_logprobs") from exc
+        tools = plan_tools(req, loaded.chat)
+        try:
+            messages = template_messages(req.messages, loaded.chat, tools)
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="messages") from exc
-        return _Prepared(loaded.chat.prompt(messages), self.params(req, loaded.chat.stop), started)
+        offered = tools.tools if tools is not None and tools.native else None
+        params = self.params(req, loaded.chat.stop, logprobs=logprobs, tools=tools)
+        return _Prepared(loaded.chat.prompt(messages, offered), params, started, tools)
 
     # -- telemetry -----------------------------------------------------------------------------
     def _record(
@@ -208,26 +242,34 @@ class CompletionService:
     async def _stream(
         self,
         prep: _Prepared,
-        render: Callable[[ServedModel, str | GenerationResult, bool], BaseModel],
-        usage: Callable[[ServedModel, GenerationResult], BaseModel] | None,
+        render: Callable[[ServedModel, AsyncIterator[StreamItem]], AsyncIterator[BaseModel]],
     ) -> AsyncIterator[str]:
-        """Server-sent events; with ``usage`` (stream_options.include_usage), one more chunk after
-        the last, with no choices and the request's usage, as OpenAI sends it."""
+        """Server-sent events: the chunks ``render`` makes of the generation's items, then [DONE]."""
         loaded, items = await self.host.stream(prep.prompt, prep.params)
 
         async def events() -> AsyncIterator[str]:
-            first = True
-            result: GenerationResult | None = None
+            results: list[GenerationResult] = []
+
+            async def tap() -> AsyncIterator[StreamItem]:
+                try:
+                    async for item in items:
+                        if isinstance(item, GenerationResult):
+                            results.append(item)
+                        yield item
+                finally:
+                    # A client gone mid-stream closes this chain; the generation must hear of it now.
+                    aclose = getattr(items, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+
+            chunks = render(loaded, tap())
             try:
-                async for item in items:
-                    if isinstance(item, GenerationResult):
-                        result = item
-                    yield f"data: {render(loaded, item, first).model_dump_json(exclude_none=True)}\n\n"
-                    first = False
-                if usage is not None and result is not None:
-                    yield f"data: {usage(loaded, result).model_dump_json(exclude_none=True)}\n\n"
+                async for chunk in chunks:
+                    yield f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
+                await _aclose(chunks)
+                result = results[0] if results else None
                 self._record(prep, loaded.model_id, result, None if result else "stream_interrupted")
 
         return events()
@@ -237,51 +279,108 @@ class CompletionService:
         prep = self._prepare_completion(req)
         loaded, result = await self._generate(prep)
         text = prep.prompt.text + result.text if req.echo else result.text
+        logprobs = _completion_logprobs(result.logprobs) if result.logprobs is not None else None
         return CompletionResponse(
             model=loaded.model_id,
-            choices=[CompletionChoice(text=text, finish_reason=result.finish_reason)],
+            choices=[CompletionChoice(text=text, logprobs=logprobs, finish_reason=result.finish_reason)],
             usage=_usage(result),
         )
 
     async def complete_stream(self, req: CompletionRequest) -> AsyncIterator[str]:
         cid = new_id("cmpl")
+        wants_usage = req.wants_usage()
 
-        def render(loaded: ServedModel, item: str | GenerationResult, first: bool) -> BaseModel:
-            if isinstance(item, GenerationResult):
-                choice = CompletionChoice(text="", finish_reason=item.finish_reason)
-                return CompletionResponse(id=cid, model=loaded.model_id, choices=[choice])
-            choice = CompletionChoice(text=item, finish_reason=None)
-            return CompletionResponse(id=cid, model=loaded.model_id, choices=[choice])
+        async def render(loaded: ServedModel, items: AsyncIterator[StreamItem]) -> AsyncIterator[BaseModel]:
+            def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
+                return CompletionResponse(id=cid, model=loaded.model_id, choices=choices, usage=usage)
 
-        def usage(loaded: ServedModel, result: GenerationResult) -> BaseModel:
-            return CompletionResponse(id=cid, model=loaded.model_id, choices=[], usage=_usage(result))
+            scored: list[TokenLogprob] = []
+            offset = 0
+            async for item in items:
+                if isinstance(item, Scored):
+                    scored.extend(item.tokens)
+                elif isinstance(item, GenerationResult):
+                    yield chunk([CompletionChoice(text="", finish_reason=item.finish_reason)])
+                    if wants_usage:
+                        yield chunk([], _usage(item))
+                else:
+                    logprobs = _completion_logprobs(scored, offset) if req.logprobs is not None else None
+                    offset += sum(len(_token_text(t.token)) for t in scored)
+                    scored = []
+                    yield chunk([CompletionChoice(text=item, logprobs=logprobs, finish_reason=None)])
 
-        return await self._stream(self._prepare_completion(req), render, usage if req.wants_usage() else None)
+        return await self._stream(self._prepare_completion(req), render)
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
-        loaded, result = await self._generate(self._prepare_chat(req))
+        prep = self._prepare_chat(req)
+        loaded, result = await self._generate(prep)
+        content: str | None = result.text
+        calls: list[ToolCall] = []
+        if prep.tools is not None:
+            content, calls = prep.tools.split(result.text)
+        finish: FinishReason = "tool_calls" if calls else result.finish_reason
+        logprobs = _chat_logprobs(result.logprobs) if result.logprobs is not None else None
+        message = ChatChoiceMessage(content=content, tool_calls=calls or None)
         return ChatCompletionResponse(
             model=loaded.model_id,
-            choices=[
-                ChatChoice(message=ChatChoiceMessage(content=result.text), finish_reason=result.finish_reason)
-            ],
+            choices=[ChatChoice(message=message, logprobs=logprobs, finish_reason=finish)],
             usage=_usage(result),
         )
 
     async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
         cid = new_id("chatcmpl")
+        wants_usage = req.wants_usage()
+        prep = self._prepare_chat(req)
 
-        def render(loaded: ServedModel, item: str | GenerationResult, first: bool) -> BaseModel:
-            if isinstance(item, GenerationResult):
-                choice = ChatChunkChoice(delta=ChatDelta(), finish_reason=item.finish_reason)
+        async def render(loaded: ServedModel, items: AsyncIterator[StreamItem]) -> AsyncIterator[BaseModel]:
+            first = True
+
+            def chunk(
+                delta: ChatDelta, finish: FinishReason | None = None, logprobs: ChoiceLogprobs | None = None
+            ) -> ChatCompletionChunk:
+                nonlocal first
+                if first:
+                    delta.role, first = "assistant", False
+                choice = ChatChunkChoice(delta=delta, logprobs=logprobs, finish_reason=finish)
                 return ChatCompletionChunk(id=cid, model=loaded.model_id, choices=[choice])
-            delta = ChatDelta(role="assistant" if first else None, content=item)
-            return ChatCompletionChunk(id=cid, model=loaded.model_id, choices=[ChatChunkChoice(delta=delta)])
 
-        def usage(loaded: ServedModel, result: GenerationResult) -> BaseModel:
-            return ChatCompletionChunk(id=cid, model=loaded.model_id, choices=[], usage=_usage(result))
+            calls = prep.tools.stream() if prep.tools is not None else None
+            scored: list[TokenLogprob] = []
 
-        return await self._stream(self._prepare_chat(req), render, usage if req.wants_usage() else None)
+            def content(text: str) -> ChatCompletionChunk:
+                nonlocal scored
+                logprobs = _chat_logprobs(scored) if prep.params.logprobs is not None else None
+                scored = []
+                return chunk(ChatDelta(content=text), logprobs=logprobs)
+
+            async for item in items:
+                if isinstance(item, Scored):
+                    scored.extend(item.tokens)
+                elif isinstance(item, GenerationResult):
+                    finish: FinishReason = item.finish_reason
+                    if calls is not None:
+                        tail, made = calls.finish()
+                        if tail:
+                            yield content(tail)
+                        for index, call in enumerate(made):
+                            function = FunctionCallDelta(
+                                name=call.function.name, arguments=call.function.arguments
+                            )
+                            delta = ToolCallDelta(index=index, id=call.id, type="function", function=function)
+                            yield chunk(ChatDelta(tool_calls=[delta]))
+                        if made:
+                            finish = "tool_calls"
+                    yield chunk(ChatDelta(), finish)
+                    if wants_usage:
+                        yield ChatCompletionChunk(
+                            id=cid, model=loaded.model_id, choices=[], usage=_usage(item)
+                        )
+                else:
+                    text = calls.push(item) if calls is not None else item
+                    if text:
+                        yield content(text)
+
+        return await self._stream(prep, render)
 
 
 def _usage(result: GenerationResult) -> Usage:
@@ -290,3 +389,42 @@ def _usage(result: GenerationResult) -> Usage:
         completion_tokens=result.completion_tokens,
         total_tokens=result.prompt_tokens + result.completion_tokens,
     )
+
+
+def _token_text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
+def _chat_logprobs(scored: list[TokenLogprob]) -> ChoiceLogprobs:
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprobEntry(
+                token=_token_text(t.token),
+                logprob=t.logprob,
+                bytes=list(t.token),
+                top_logprobs=[TopLogprob(token=_token_text(b), logprob=lp, bytes=list(b)) for b, lp in t.top],
+            )
+            for t in scored
+        ]
+    )
+
+
+def _completion_logprobs(scored: list[TokenLogprob], offset: int = 0) -> CompletionLogprobs:
+    tokens = [_token_text(t.token) for t in scored]
+    offsets = []
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    return CompletionLogprobs(
+        tokens=tokens,
+        token_logprobs=[t.logprob for t in scored],
+        # The chosen token is always among its step's alternatives, as OpenAI lists them.
+        top_logprobs=[{_token_text(b): lp for b, lp in (*t.top, (t.token, t.logprob))} for t in scored],
+        text_offset=offsets,
+    )
+
+
+async def _aclose(chunks: AsyncIterator[BaseModel]) -> None:
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()
