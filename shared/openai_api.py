@@ -42,9 +42,7 @@ _NOT_IMPLEMENTED = frozenset(
         "prediction",
         "modalities",
         "audio",
-        "guided_json",
-        "guided_regex",
-        "guided_choice",
+        "guided_grammar",
     }
 )
 

@@ -4,6 +4,7 @@ and a huge body never reaches the tokenizer (real agent and pool processes, the 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -78,6 +79,8 @@ BAD_CHAT: list[tuple[dict[str, Any], str]] = [
         "response_format",
     ),
     ({"functions": [{"name": "f"}]}, "functions"),  # the deprecated form: refused by name
+    ({"guided_regex": "([a-z"}, "guided_regex"),
+    ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, "response_format"),
     ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"logprobs": 1}, "logprobs"),
@@ -173,6 +176,13 @@ def _check_honoured(base: str, model: str) -> None:
     assert r.status_code == 200, r.text
     document = json.loads(r.json()["choices"][0]["text"])
     assert document["answer"] in ("yes", "no") and isinstance(document["sure"], bool), document
+    # vLLM's guided_choice and guided_regex extensions.
+    for guided, accept in (
+        ({"guided_choice": ["maybe", "never"]}, lambda t: t in ("maybe", "never")),
+        ({"guided_regex": "[0-9]{3}-[A-Z]{2}"}, lambda t: re.fullmatch("[0-9]{3}-[A-Z]{2}", t)),
+    ):
+        r = _post(f"{base}/v1/completions", {"model": model, "prompt": "x =", "max_tokens": 16, **guided})
+        assert r.status_code == 200 and accept(r.json()["choices"][0]["text"]), r.text
     _check_usage_chunk(base, model)
 
 

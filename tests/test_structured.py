@@ -6,6 +6,7 @@ SmolLM2 through the API)."""
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import numpy as np
@@ -15,7 +16,7 @@ from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
 from edge_agent.runtime.sampling import SamplingConfig, choose_token
-from edge_agent.runtime.structured import Constrained, GrammarTokenizers, grammar_for
+from edge_agent.runtime.structured import Constrained, GrammarTokenizers, grammar_for, guided_grammar
 from shared.errors import InvalidRequest
 
 SCHEMA = {
@@ -167,3 +168,32 @@ def test_a_forced_tool_call_is_a_valid_call_whatever_the_logits(tokenizer: Token
     for seed in range(10):
         _, calls = required.split(_sample(tokenizer, grammar, seed, budget=2000))
         assert calls and {c.function.name for c in calls} <= names
+
+
+def test_vllm_guided_extensions_hold_the_output(tokenizer: Tokenizer) -> None:
+    choice = guided_grammar({"guided_choice": ["rain", "sun", "snow"]})
+    regex = guided_grammar({"guided_regex": "[0-9]{2}-[a-z]{3}"})
+    schema = guided_grammar({"guided_json": json.dumps(SCHEMA)})
+    assert choice and regex and schema
+    for seed in range(10):
+        assert _sample(tokenizer, choice, seed) in {"rain", "sun", "snow"}
+        assert re.fullmatch("[0-9]{2}-[a-z]{3}", _sample(tokenizer, regex, seed))
+        jsonschema.validate(json.loads(_sample(tokenizer, schema, seed)), SCHEMA)
+    assert guided_grammar({"guided_json": None}) is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"guided_choice": []}, "guided_choice"),
+        ({"guided_choice": ["a", 1]}, "guided_choice"),
+        ({"guided_regex": "([a-z"}, "guided_regex"),
+        ({"guided_json": "{not json"}, "guided_json"),
+        ({"guided_json": [1]}, "guided_json"),
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+    ],
+)
+def test_a_bad_guided_extension_is_a_400_naming_it(extra: dict[str, object], param: str) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        guided_grammar(extra)
+    assert refused.value.param == param

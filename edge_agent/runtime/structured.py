@@ -52,13 +52,61 @@ def grammar_for(response_format: Any) -> str | None:
             f"response_format type {kind!r} is not one of text, json_object, json_schema",
             param="response_format",
         )
+    return _schema_grammar(schema, "response_format")
+
+
+# vLLM's extensions, in the request body beside OpenAI's parameters.
+GUIDED = ("guided_json", "guided_regex", "guided_choice")
+
+
+def guided_grammar(extra: dict[str, Any]) -> str | None:
+    """The grammar for vLLM's ``guided_json`` (a schema), ``guided_regex`` or ``guided_choice``
+    (a list of strings, the answer is exactly one); None when the request has none of them."""
+    given = [name for name in GUIDED if extra.get(name) is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise InvalidRequest(f"send one of {', '.join(given)}", param=given[1])
+    name = given[0]
+    value = extra[name]
+    if name == "guided_json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise InvalidRequest(f"guided_json is not JSON: {exc}", param=name) from exc
+        if not isinstance(value, dict):
+            raise InvalidRequest("guided_json is a JSON schema (an object)", param=name)
+        return _schema_grammar(value, name)
+    if name == "guided_choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+            raise InvalidRequest("guided_choice is a list of non-empty strings", param=name)
+        lark = "start: " + " | ".join(json.dumps(c) for c in value)
+        return _checked(LLMatcher.grammar_from_lark, lark, name)
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest("guided_regex is a regular expression (a string)", param=name)
+    return _checked(LLMatcher.grammar_from_regex, value, name)
+
+
+def _schema_grammar(schema: dict[str, Any], param: str) -> str:
     try:
         grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=_JSON_OPTIONS)  # type: ignore[arg-type]
     except (ValueError, TypeError, RuntimeError) as exc:
-        raise InvalidRequest(f"response_format schema: {exc}", param="response_format") from exc
+        raise InvalidRequest(f"{param} schema: {exc}", param=param) from exc
     failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
     if failed:
-        raise InvalidRequest(f"response_format schema: {messages[0]}", param="response_format")
+        raise InvalidRequest(f"{param} schema: {messages[0]}", param=param)
+    return grammar
+
+
+def _checked(build: Any, source: str, param: str) -> str:
+    try:
+        grammar: str = build(source)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise InvalidRequest(f"{param}: {exc}", param=param) from exc
+    failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
+    if failed:
+        raise InvalidRequest(f"{param}: {messages[0]}", param=param)
     return grammar
 
 

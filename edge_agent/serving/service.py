@@ -21,7 +21,7 @@ from edge_agent.runtime.chat import ChatTemplate
 from edge_agent.runtime.generator import GenerationParams, GenerationResult, StreamItem
 from edge_agent.runtime.logprobs import Scored, TokenLogprob
 from edge_agent.runtime.sampling import SamplingConfig
-from edge_agent.runtime.structured import grammar_for
+from edge_agent.runtime.structured import GUIDED, grammar_for, guided_grammar
 from edge_agent.runtime.text import Prompt
 from edge_agent.runtime.tools import ToolPlan, plan_tools, template_messages
 from edge_agent.serving.config import ServingConfig
@@ -158,15 +158,19 @@ class CompletionService:
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="max_completion_tokens") from exc
         cfg = self.serving()
-        grammar = grammar_for((req.model_extra or {}).get("response_format"))
-        tool_grammar = tools.grammar() if tools is not None else None
-        if grammar is not None and tool_grammar is not None:
+        extra = req.model_extra or {}
+        grammars = {
+            "response_format": grammar_for(extra.get("response_format")),
+            next((n for n in GUIDED if extra.get(n) is not None), "guided"): guided_grammar(extra),
+            "tool_choice": tools.grammar() if tools is not None else None,
+        }
+        holding = [name for name, grammar in grammars.items() if grammar is not None]
+        if len(holding) > 1:
             raise InvalidRequest(
-                "response_format and a tool_choice that forces a call cannot both hold the output",
-                param="response_format",
+                f"{' and '.join(holding)} would both constrain the output; send one", param=holding[0]
             )
         return GenerationParams(
-            grammar=grammar or tool_grammar,
+            grammar=grammars[holding[0]] if holding else None,
             logprobs=logprobs,
             max_tokens=limit or cfg.default_max_tokens,
             sampling=SamplingConfig(
