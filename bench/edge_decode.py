@@ -18,6 +18,7 @@ non-embedding weights once, so
 Usage: python bench/edge_decode.py [--model llama-134m|smollm2|glm-135m ...] [--threads 2] [--runs 5]
        [--new-tokens 64] [--chat-tokens 300] [--workdir DIR] [--skip-plain]
        python bench/edge_decode.py --model smollm2 --structured   (json_schema grammar vs none)
+       python bench/edge_decode.py --model smollm2 --prefix-cache (second-turn TTFT, cache vs none)
 """
 
 from __future__ import annotations
@@ -273,6 +274,7 @@ def ours_runner(
     from edge_agent.runtime.session import OnnxCausalLM
 
     lm = OnnxCausalLM(graph, io, threads=threads)
+    lm.prefix_cache = False  # rounds repeat their prompts: time the prefill every time
     # The decode loop works on token ids; the tokenizer is not on this path.
     gen = TextGenerator(lm, Tokenizer(models.BPE()))
     gen.eos_ids = frozenset()  # random weights: never stop early, always decode new_tokens
@@ -332,6 +334,7 @@ def structured_runner(
     from edge_agent.runtime.structured import grammar_for
 
     lm = OnnxCausalLM(graph, io, threads=threads)
+    lm.prefix_cache = False  # rounds repeat their prompt: time the prefill every time
     gen = TextGenerator(lm, Tokenizer.from_file(str(src / "tokenizer.json")))
     gen.eos_ids = frozenset()  # time new_tokens every run
     grammar = (
@@ -363,6 +366,11 @@ def main() -> None:
         "--structured",
         action="store_true",
         help="Instead: decode with a json_schema grammar vs without (needs --model smollm2).",
+    )
+    ap.add_argument(
+        "--prefix-cache",
+        action="store_true",
+        help="Instead: second-turn time to first token with the prefix cache vs without (--model smollm2).",
     )
     ap.add_argument(
         "--skip-plain", action="store_true", help="Skip the generic-export int8 row (the foundation's loop)."
@@ -407,10 +415,11 @@ def bench_model(kind: str, work: Path, args: argparse.Namespace) -> None:
         ("autoglm runtime int8", fused8, io_signature(fused8, cfg, gen_cfg)),
         ("autoglm runtime int4", fused4, io_signature(fused4, cfg, gen_cfg)),
     ]
-    if args.structured:
+    if args.structured or args.prefix_cache:
         if kind != "smollm2":
-            raise SystemExit("--structured needs a real tokenizer: --model smollm2")
-        structured_bench(src, fused8, io_signature(fused8, cfg, gen_cfg), args)
+            raise SystemExit("--structured and --prefix-cache need a real tokenizer: --model smollm2")
+        io8 = io_signature(fused8, cfg, gen_cfg)
+        (structured_bench if args.structured else prefix_cache_bench)(src, fused8, io8, args)
         return
     if not args.skip_plain and kind == "llama-134m":
         plain = work / "generic-dynamic-int8" / "model.onnx"
@@ -513,6 +522,73 @@ def structured_bench(src: Path, graph: Path, io: IOSignature, args: argparse.Nam
     )
     for label, rate in rates.items():
         print(f"{label:<22}{rate:>8.1f} decode tok/s{rate / base - 1:>+9.1%}")
+    print()
+
+
+# About 500 tokens of agent instructions: the fixed system prompt a device's app sends every turn.
+AGENT_SYSTEM = " ".join(
+    f"Rule {i}: when the user asks about the greenhouse, answer briefly, cite the sensor you read, "
+    "and never switch the irrigation valves without a confirmation from the operator."
+    for i in range(1, 15)
+)
+
+
+def prefix_cache_bench(src: Path, graph: Path, io: IOSignature, args: argparse.Namespace) -> None:
+    """The second turn of a chat with a ~500-token system prompt: time to first token with the
+    prefix cache (after the first turn, as a device serves a conversation) vs without; the
+    answers must be the same."""
+    from tokenizers import Tokenizer
+
+    from edge_agent.runtime.chat import ChatTemplate
+    from edge_agent.runtime.generator import GenerationParams, TextGenerator
+    from edge_agent.runtime.sampling import SamplingConfig
+    from edge_agent.runtime.session import OnnxCausalLM
+
+    template = ChatTemplate.from_folder(src)
+    tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
+    params = GenerationParams(max_tokens=32, sampling=SamplingConfig(temperature=0.0))
+    first: list[dict[str, str]] = [
+        {"role": "system", "content": AGENT_SYSTEM},
+        {"role": "user", "content": "Is the greenhouse warm enough for tomatoes?"},
+    ]
+    engines = {}
+    for label, cached in (("without prefix cache", False), ("with prefix cache", True)):
+        lm = OnnxCausalLM(graph, io, threads=args.threads)
+        lm.prefix_cache = cached
+        engines[label] = TextGenerator(lm, tokenizer)
+    answer = engines["without prefix cache"].generate(template.prompt(first), params).text
+    second = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "And for basil?"}]
+    turn1, turn2 = (template.prompt(m).encode(tokenizer) for m in (first, second))
+
+    def ttft(gen: TextGenerator) -> tuple[float, list[int]]:
+        list(gen.token_ids(turn1, 32, params))  # the first turn, as the device served it
+        t0 = time.perf_counter()
+        tokens = gen.token_ids(turn2, 32, params)
+        head = next(iter(tokens))
+        elapsed = time.perf_counter() - t0
+        return elapsed, [head, *tokens]
+
+    times: dict[str, list[float]] = {label: [] for label in engines}
+    outputs: dict[str, list[int]] = {}
+    for r in range(args.runs):
+        print(f"round {r + 1}/{args.runs} …", flush=True)
+        for label in list(engines)[r % 2 :] + list(engines)[: r % 2]:
+            time.sleep(SETTLE_S)
+            elapsed, out = ttft(engines[label])
+            times[label].append(elapsed)
+            outputs.setdefault(label, out)
+    same = outputs["with prefix cache"] == outputs["without prefix cache"]
+    cold = statistics.median(times["without prefix cache"])
+    warm = statistics.median(times["with prefix cache"])
+    print()
+    print(
+        f"SmolLM2-135M int8, second turn: {len(turn2)}-token prompt of which {len(turn1)} were the first "
+        f"turn ({len(tokenizer.encode(AGENT_SYSTEM).ids)}-token system prompt); {args.threads} threads; "
+        f"medians of {args.runs}"
+    )
+    print(f"{'without prefix cache':<22}{cold * 1000:>9.1f} ms to first token")
+    print(f"{'with prefix cache':<22}{warm * 1000:>9.1f} ms to first token   {cold / warm:.1f}x lower")
+    print(f"answers identical: {same}")
     print()
 
 

@@ -115,3 +115,36 @@ def test_session_feeds_by_name_and_reports_providers(loaded: LoadedModel) -> Non
     assert "input_ids" in model.input_names and "seqlens_k" in model.input_names
     assert model.providers[-1] == "CPUExecutionProvider"
     assert Path(model.session._model_path).name == "model.onnx"  # type: ignore[attr-defined]
+
+
+def test_prefix_cache_reuses_the_shared_start_and_answers_the_same(loaded: LoadedModel) -> None:
+    """A prompt that starts like the previous sequence prefills only the rest; its greedy answer
+    is the one computed from scratch."""
+    gen = loaded.generator
+    system = "import os\nimport sys\nfrom pathlib import Path\n" * 8
+    shared = len(gen.tokenizer.encode(system).ids)
+    params = GenerationParams(max_tokens=12, sampling=GREEDY)
+    unrelated = Prompt("x = [")
+
+    def fresh(prompt: Prompt) -> GenerationResult:
+        gen.generate(unrelated, params)  # the cache now holds nothing of ``prompt``
+        result = gen.generate(prompt, params)
+        assert result.cached_tokens == 0
+        return result
+
+    first = Prompt(system + "def main():")
+    second = Prompt(system + "class Config:")
+    gen.generate(first, params)
+    reused = gen.generate(second, params)
+    assert shared - 2 <= reused.cached_tokens < reused.prompt_tokens
+    assert reused.text == fresh(second).text
+    # The next turn holds the whole previous sequence (prompt and answer) as its prefix.
+    turn = gen.generate(first, params)
+    follow = Prompt(first.text + turn.text + "\n\ndef helper():")
+    again = gen.generate(follow, params)
+    assert again.cached_tokens >= turn.prompt_tokens
+    assert again.text == fresh(follow).text
+    # The same prompt twice: all but its last token come from the cache.
+    gen.generate(first, params)
+    same = gen.generate(first, params)
+    assert same.cached_tokens == same.prompt_tokens - 1 and same.text == turn.text

@@ -58,6 +58,8 @@ class GenerationResult:
     finish_reason: FinishReason = "length"
     # Every generated token's logprob, when the request asked for them.
     logprobs: list[TokenLogprob] | None = None
+    # Prompt tokens whose KV was reused from the previous request (the prefix cache).
+    cached_tokens: int = 0
 
 
 # What a generation stream yields: text deltas, each after the logprobs of its tokens when they
@@ -84,6 +86,7 @@ class TextGenerator:
         self.eos_ids = frozenset(model.io.eos_token_ids)
         self.context_length = model.io.context_length
         self.grammar_tokenizer = GrammarTokenizers(tokenizer, self.eos_ids)
+        self.cached_tokens = 0  # of the current (last) sequence
 
     def check_prompt(self, prompt: Prompt, params: GenerationParams) -> list[int]:
         """Token ids of ``prompt``; RequestError when it is empty or it (with the asked-for
@@ -107,8 +110,9 @@ class TextGenerator:
         ``scorer`` hears each yielded token with its step's raw logits."""
         rng = np.random.default_rng(params.seed)
         constraint = Constrained(self.grammar_tokenizer.get(), params.grammar) if params.grammar else None
-        decoder = self.model.decoder(len(prompt_ids) + budget)
-        step = prompt_ids
+        decoder = self.model.decoder(len(prompt_ids) + budget, prompt_ids)
+        self.cached_tokens = decoder.past_len
+        step = prompt_ids[decoder.past_len :]
         counts: Counter[int] = Counter()
         for _ in range(budget):
             logits = decoder.step(step)
@@ -146,7 +150,12 @@ class TextGenerator:
             yield from scored_delta(scorer, tail)
         reason: FinishReason = "length" if not text.stopped and len(text.tokens) == budget else "stop"
         yield GenerationResult(
-            text.emitted, len(prompt_ids), len(text.tokens), reason, scorer.scored if scorer else None
+            text.emitted,
+            len(prompt_ids),
+            len(text.tokens),
+            reason,
+            scorer.scored if scorer else None,
+            self.cached_tokens,
         )
 
     def generate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:

@@ -7,11 +7,18 @@ Two KV-cache disciplines, named by the manifest's ``io.kv_cache``:
   IO binding as both ``past`` input and ``present`` output; GroupQueryAttention writes the new
   positions in place. The buffers, the step inputs and the decode logits are allocated once and
   reused, so a decode step allocates nothing but the small logits view handed to the sampler.
+
+Prefix cache: the KV of the last sequence stays where it was computed (the shared buffers, or the
+last ``present`` tensors), with the token ids it holds. A new sequence that begins with the same
+tokens — the next turn of a chat, a fixed agent system prompt — starts after them and prefills only
+the rest, as llama.cpp's server does per slot (``cache_prompt``). It costs no memory beyond what
+decoding already holds, and one entry: alternating conversations reuse only what they share.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -42,6 +49,7 @@ def choose_providers(preferred: list[str] | None = None) -> list[str]:
 class Decoder(Protocol):
     """One sequence being decoded: feed tokens, get the logits of every fed position."""
 
+    # Positions already in the cache: reused from the previous sequence before the first step.
     past_len: int
 
     def step(self, token_ids: list[int]) -> np.ndarray:
@@ -92,30 +100,66 @@ class OnnxCausalLM:
                 "manifest says kv_cache=shared but the graph lacks seqlens_k", path=str(graph)
             )
         self._buffers: _SharedBuffers | None = None
+        self._concat_cache = _PrefixCache()
+        # Off: every sequence is prefilled from scratch (benchmarks of cold prefill).
+        self.prefix_cache = True
 
-    def decoder(self, capacity: int) -> Decoder:
-        """A decoder for one sequence of at most ``capacity`` positions (prompt + new tokens)."""
+    def decoder(self, capacity: int, prompt_ids: Sequence[int] = ()) -> Decoder:
+        """A decoder for one sequence of at most ``capacity`` positions (prompt + new tokens).
+
+        With ``prompt_ids``, the cached positions the previous sequence shares with it are kept:
+        the decoder's ``past_len`` says how many, and only ``prompt_ids[past_len:]`` is fed."""
         if capacity > self.io.context_length:
             raise ContextTooLong(f"{capacity} positions exceed the local context of {self.io.context_length}")
+        if not self.prefix_cache:
+            prompt_ids = ()
         if not self.shared_kv:
-            return _ConcatDecoder(self)
+            keep = self._concat_cache.reusable(prompt_ids)
+            return _ConcatDecoder(self, self._concat_cache, keep)
         if self._buffers is None or self._buffers.capacity < capacity:
             size = min(self.io.context_length, -(-capacity // _KV_GRANULE) * _KV_GRANULE)
             self._buffers = _SharedBuffers(self, size)
-        return self._buffers.start()
+        return self._buffers.start(prompt_ids)
 
     def sequence_logits(self, input_ids: list[int]) -> np.ndarray:
         """Logits [len, vocab] for every position of a full sequence, from an empty cache."""
         return self.decoder(len(input_ids)).step(input_ids)
 
 
+class _PrefixCache:
+    """The token ids whose KV the cache holds, position by position (and, for concatenated
+    caches, the tensors themselves)."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.past: dict[str, np.ndarray] = {}
+
+    def reusable(self, prompt_ids: Sequence[int]) -> int:
+        """How many leading positions a sequence starting with ``prompt_ids`` can keep: the
+        common prefix, less one when it is the whole prompt (a step needs a token to feed)."""
+        n = 0
+        for cached, wanted in zip(self.tokens, prompt_ids, strict=False):
+            if cached != wanted:
+                break
+            n += 1
+        return min(n, max(len(prompt_ids) - 1, 0))
+
+    def keep(self, n: int) -> None:
+        del self.tokens[n:]
+
+
 class _ConcatDecoder:
-    def __init__(self, model: OnnxCausalLM) -> None:
+    def __init__(self, model: OnnxCausalLM, cache: _PrefixCache, keep: int) -> None:
         self.model = model
-        self.past_len = 0
-        shape = (1, model.io.num_kv_heads, 0, model.io.head_dim)
-        empty = np.zeros(shape, dtype=model.kv_dtype)
-        self.past: dict[str, np.ndarray] = {name: empty for pair in model.past_names for name in pair}
+        self.cache = cache
+        self.past_len = keep if cache.past else 0
+        if self.past_len:
+            self.past = {name: t[:, :, : self.past_len, :] for name, t in cache.past.items()}
+        else:
+            shape = (1, model.io.num_kv_heads, 0, model.io.head_dim)
+            empty = np.zeros(shape, dtype=model.kv_dtype)
+            self.past = {name: empty for pair in model.past_names for name in pair}
+        cache.keep(self.past_len)
 
     def step(self, token_ids: list[int]) -> np.ndarray:
         m = self.model
@@ -126,11 +170,19 @@ class _ConcatDecoder:
         if "position_ids" in m.input_names:
             feeds["position_ids"] = np.arange(self.past_len, self.past_len + seq, dtype=np.int64)[None, :]
         feeds.update(self.past)
-        outputs = m.session.run(m.output_names, feeds)
+        if self.cache.tokens[self.past_len :]:
+            self.cache.keep(self.past_len)
+        try:
+            outputs = m.session.run(m.output_names, feeds)
+        except BaseException:
+            self.cache.keep(0)
+            raise
         for (pk, pv), k, v in zip(m.past_names, outputs[1::2], outputs[2::2], strict=True):
             self.past[pk] = k
             self.past[pv] = v
         self.past_len += seq
+        self.cache.tokens.extend(token_ids)
+        self.cache.past = self.past
         logits: np.ndarray = outputs[0][0]
         return logits
 
@@ -167,20 +219,23 @@ class _SharedBuffers:
         self.token = np.zeros((1, 1), dtype=np.int64)
         self.seqlens = np.zeros((1,), dtype=np.int32)
         self.total = np.zeros((), dtype=np.int32)
+        self.cache = _PrefixCache()
         self._token_value = ort.OrtValue.ortvalue_from_numpy(self.token)
         self.binding.bind_ortvalue_input("seqlens_k", ort.OrtValue.ortvalue_from_numpy(self.seqlens))
         self.binding.bind_ortvalue_input(
             "total_sequence_length", ort.OrtValue.ortvalue_from_numpy(self.total)
         )
 
-    def start(self) -> _SharedDecoder:
-        return _SharedDecoder(self)
+    def start(self, prompt_ids: Sequence[int] = ()) -> _SharedDecoder:
+        keep = self.cache.reusable(prompt_ids)
+        self.cache.keep(keep)
+        return _SharedDecoder(self, keep)
 
 
 class _SharedDecoder:
-    def __init__(self, buffers: _SharedBuffers) -> None:
+    def __init__(self, buffers: _SharedBuffers, past_len: int = 0) -> None:
         self.b = buffers
-        self.past_len = 0
+        self.past_len = past_len
 
     def step(self, token_ids: list[int]) -> np.ndarray:
         b = self.b
@@ -188,22 +243,30 @@ class _SharedDecoder:
         total = self.past_len + seq
         if total > b.capacity:
             raise ContextTooLong(f"sequence of {total} positions exceeds the KV buffer of {b.capacity}")
+        # Positions from past_len on are about to be written: what the cache said of them is over.
+        cached = b.cache.tokens
+        if len(cached) > self.past_len:
+            del cached[self.past_len :]
         b.seqlens[0] = total - 1
         b.total[()] = total
-        if seq == 1:
-            # The hot path: every tensor is preallocated and already bound.
-            b.token[0, 0] = token_ids[0]
-            b.binding.bind_ortvalue_input("input_ids", b._token_value)
-            b.binding.bind_ortvalue_output("logits", b._logits_value)
-            b.model.session.run_with_iobinding(b.binding)
-            self.past_len = total
-            hot: np.ndarray = b.logits[0]
-            return hot
-        b.binding.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
-        b.binding.bind_output("logits")
-        b.model.session.run_with_iobinding(b.binding)
+        try:
+            if seq == 1:
+                # The hot path: every tensor is preallocated and already bound.
+                b.token[0, 0] = token_ids[0]
+                b.binding.bind_ortvalue_input("input_ids", b._token_value)
+                b.binding.bind_ortvalue_output("logits", b._logits_value)
+                b.model.session.run_with_iobinding(b.binding)
+                logits: np.ndarray = b.logits[0]
+            else:
+                b.binding.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
+                b.binding.bind_output("logits")
+                b.model.session.run_with_iobinding(b.binding)
+                logits = b.binding.get_outputs()[0].numpy()[0]
+        except BaseException:
+            cached.clear()  # a failed step may have written some positions
+            raise
+        cached.extend(token_ids)
         self.past_len = total
-        logits: np.ndarray = b.binding.get_outputs()[0].numpy()[0]
         return logits
 
 

@@ -43,6 +43,7 @@ from shared.openai_api import (
     FunctionCallDelta,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     SamplingParams,
     TokenLogprobEntry,
     ToolCall,
@@ -392,6 +393,9 @@ def _usage(result: GenerationResult) -> Usage:
         prompt_tokens=result.prompt_tokens,
         completion_tokens=result.completion_tokens,
         total_tokens=result.prompt_tokens + result.completion_tokens,
+        prompt_tokens_details=(
+            PromptTokensDetails(cached_tokens=result.cached_tokens) if result.cached_tokens else None
+        ),
     )
 
 
