@@ -366,6 +366,9 @@ def _logprobs_describe_the_model(client: Any) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long
+# Packaging int8 with its quality report, shipping and chatting: about 2 minutes on 2 vCPUs.
+@pytest.mark.timeout(360)
 def test_demo_chats_with_smollm2_served_locally(tmp_path: Path, smollm2_source: Path) -> None:
     """`autoglm demo`: import (here reused from the session's import), package int8, ship over MQTT,
     chat; then `model show` reports what int8 cost."""

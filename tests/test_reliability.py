@@ -34,7 +34,7 @@ from shared.signing import SigningKey
 from tests.conftest import DEVICE, BackgroundCloud, EdgeProcess, is_active
 from tests.services import CloudProcess, eventually, start_cloud
 
-pytestmark = [pytest.mark.slow, pytest.mark.reliability]
+pytestmark = [pytest.mark.slow, pytest.mark.reliability, pytest.mark.long]
 
 DEVICES = [f"steady-{i}" for i in range(3)]
 # Devices send again what the cloud has not acknowledged after this long (30 s by default), and
