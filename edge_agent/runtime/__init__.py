@@ -1,9 +1,11 @@
 """Running a packaged model with ONNX Runtime.
 
-- ``session``    the decoder-with-past ONNX graph and its KV buffers.
+- ``session``    the decoder-with-past ONNX graph, its KV buffers and the prefix cache.
 - ``generator``  the generation loop: prompt in, text deltas out, stop sequences and limits.
 - ``sampling``   logit bias and penalties, then greedy, temperature, top-k, top-p.
-- ``structured`` response_format grammars enforced while decoding (llguidance).
+- ``structured`` response_format and guided_* grammars enforced while decoding (llguidance).
+- ``tools``      tool calling: tools into the chat template, calls forced by grammar, parsed back.
+- ``logprobs``   logprobs of generated tokens from the model's own distribution.
 - ``text``       prompts → ids; ids → final text, incrementally.
 - ``chat``       chat templates rendered as transformers renders them; end-of-turn ids.
 - ``channel``    generation output from the model's thread to the event loop.
