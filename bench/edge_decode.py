@@ -19,6 +19,7 @@ Usage: python bench/edge_decode.py [--model llama-134m|smollm2|glm-135m ...] [--
        [--new-tokens 64] [--chat-tokens 300] [--workdir DIR] [--skip-plain]
        python bench/edge_decode.py --model smollm2 --structured   (json_schema grammar vs none)
        python bench/edge_decode.py --model smollm2 --prefix-cache (second-turn TTFT, cache vs none)
+       python bench/edge_decode.py --model smollm2 --prefill-logits (lm_head on all positions vs last)
 """
 
 from __future__ import annotations
@@ -368,6 +369,11 @@ def main() -> None:
         help="Instead: decode with a json_schema grammar vs without (needs --model smollm2).",
     )
     ap.add_argument(
+        "--prefill-logits",
+        action="store_true",
+        help="Instead: prefill with lm_head on every prompt position vs on the last one only.",
+    )
+    ap.add_argument(
         "--prefix-cache",
         action="store_true",
         help="Instead: second-turn time to first token with the prefix cache vs without (--model smollm2).",
@@ -415,6 +421,9 @@ def bench_model(kind: str, work: Path, args: argparse.Namespace) -> None:
         ("autoglm runtime int8", fused8, io_signature(fused8, cfg, gen_cfg)),
         ("autoglm runtime int4", fused4, io_signature(fused4, cfg, gen_cfg)),
     ]
+    if args.prefill_logits:
+        prefill_logits_bench(kind, src, [(label, g) for label, g, _ in engines], cfg, gen_cfg, args)
+        return
     if args.structured or args.prefix_cache:
         if kind != "smollm2":
             raise SystemExit("--structured and --prefix-cache need a real tokenizer: --model smollm2")
@@ -589,6 +598,47 @@ def prefix_cache_bench(src: Path, graph: Path, io: IOSignature, args: argparse.N
     print(f"{'without prefix cache':<22}{cold * 1000:>9.1f} ms to first token")
     print(f"{'with prefix cache':<22}{warm * 1000:>9.1f} ms to first token   {cold / warm:.1f}x lower")
     print(f"answers identical: {same}")
+    print()
+
+
+def prefill_logits_bench(
+    kind: str,
+    src: Path,
+    graphs: list[tuple[str, Path]],
+    cfg: dict[str, Any],
+    gen_cfg: dict[str, Any],
+    args: argparse.Namespace,
+) -> None:
+    """Time to first token of a ``--chat-tokens`` prompt with lm_head over every position (what
+    graphs computed before ``logits_to_keep``) vs over the last one (what a prefill needs); same
+    graph, same session, rounds interleaved."""
+    from cloud.packaging.export import io_signature
+    from edge_agent.runtime.session import OnnxCausalLM
+
+    chat = chat_prompt(kind, src, args.chat_tokens)
+    print()
+    print(f"{kind}: prefill of a {len(chat)}-token prompt, {args.threads} threads, medians of {args.runs}")
+    for label, graph in graphs:
+        lm = OnnxCausalLM(graph, io_signature(graph, cfg, gen_cfg), threads=args.threads)
+        lm.prefix_cache = False
+
+        def ttft(last_only: bool, lm: OnnxCausalLM = lm) -> float:
+            t0 = time.perf_counter()
+            logits = lm.decoder(len(chat) + 1).step(chat, last_only=last_only)
+            int(np.argmax(logits[-1]))
+            return time.perf_counter() - t0
+
+        ttft(True)  # warm-up
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for r in range(args.runs):
+            for last_only in (False, True) if r % 2 == 0 else (True, False):
+                time.sleep(SETTLE_S / 5)
+                times[last_only].append(ttft(last_only))
+        every, last = statistics.median(times[False]), statistics.median(times[True])
+        print(
+            f"{label:<24}all positions {every * 1000:8.1f} ms   last only {last * 1000:8.1f} ms   "
+            f"{every / last:.2f}x"
+        )
     print()
 
 

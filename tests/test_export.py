@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from cloud.packaging.export import export_onnx, io_signature, read_hf_config, validate_export
@@ -196,3 +197,26 @@ def test_fused_builder_refuses_what_it_does_not_cover() -> None:
     ):
         with pytest.raises(UnsupportedArchitecture):
             check_supported({**base, **bad})
+
+
+@pytest.mark.slow
+def test_a_prefill_computes_the_logits_of_its_last_position_only(tmp_path: Path) -> None:
+    """lm_head runs on the positions asked for: the last one for a prefill, all of them (the
+    default) for perplexity and the export check; the last row is the same either way, int8 too."""
+    from edge_agent.runtime.session import OnnxCausalLM
+
+    src = _tiny("llama", tmp_path / "src")
+    cfg = read_hf_config(src)
+    graph = build_fused(src, cfg, tmp_path / "fused")
+    int8 = quantize_weight_only(
+        graph, tmp_path / "int8" / "model.onnx", 8, weight_block_size(8, cfg["hidden_size"])
+    )
+    ids = [5, 17, 42, 99, 3, 250, 7, 8]
+    for path in (graph, int8):
+        model = OnnxCausalLM(path, io_signature(path, cfg, {"eos_token_id": 1}))
+        assert model.trims_logits
+        model.prefix_cache = False
+        full = model.decoder(len(ids)).step(ids).copy()
+        last = model.decoder(len(ids)).step(ids, last_only=True)
+        assert full.shape[0] == len(ids) and last.shape[0] == 1
+        np.testing.assert_allclose(last[0], full[-1], rtol=1e-5, atol=1e-5)

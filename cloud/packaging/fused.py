@@ -432,7 +432,19 @@ def build_fused(src: Path, cfg: dict[str, Any], out: Path) -> Path:
     # Tied embeddings: the state dict may or may not list lm_head.weight beside embed_tokens.
     head = weight("lm_head.weight") if "lm_head.weight" in sd else sd["model.embed_tokens.weight"]
     w_head = init("lm_head.weight", head.T.astype(np.float32))
-    nodes.append(helper.make_node("MatMul", [final, w_head], ["logits"], name="lm_head/MatMul"))
+    # Logits of the last ``logits_to_keep`` positions only (0: all). A prefill needs the last
+    # position's alone, and lm_head over a vocabulary of tens of thousands is about a fifth of its
+    # compute; perplexity and the export check keep them all.
+    graph_inputs.append(helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]))
+    nodes.append(helper.make_node("Neg", ["logits_to_keep"], ["lm_head/start"], name="lm_head/Neg"))
+    ends = init("lm_head/ends", np.array([np.iinfo(np.int64).max], dtype=np.int64))
+    axes = init("lm_head/axes", np.array([1], dtype=np.int64))
+    nodes.append(
+        helper.make_node(
+            "Slice", [final, "lm_head/start", ends, axes], ["lm_head/kept"], name="lm_head/Slice"
+        )
+    )
+    nodes.append(helper.make_node("MatMul", ["lm_head/kept", w_head], ["logits"], name="lm_head/MatMul"))
 
     # A weight the graph never read is computation it leaves out (a bias, a norm this builder
     # does not know): refuse rather than ship a graph that silently differs from the model.

@@ -115,7 +115,7 @@ class TextGenerator:
         step = prompt_ids[decoder.past_len :]
         counts: Counter[int] = Counter()
         for _ in range(budget):
-            logits = decoder.step(step)
+            logits = decoder.step(step, last_only=True)
             row = logits[-1] if constraint is None else constraint.mask(logits[-1])
             token = choose_token(row, params.sampling, rng, counts)
             if token in self.eos_ids:

@@ -52,8 +52,9 @@ class Decoder(Protocol):
     # Positions already in the cache: reused from the previous sequence before the first step.
     past_len: int
 
-    def step(self, token_ids: list[int]) -> np.ndarray:
-        """Logits [len(token_ids), vocab] for ``token_ids`` appended after ``past_len`` positions.
+    def step(self, token_ids: list[int], last_only: bool = False) -> np.ndarray:
+        """Logits [len(token_ids), vocab] for ``token_ids`` appended after ``past_len`` positions
+        (with ``last_only``, where the graph can: [1, vocab], the last position's).
 
         The array may be reused by the next step: consume it before stepping again."""
         ...
@@ -83,6 +84,9 @@ class OnnxCausalLM:
         self.providers = self.session.get_providers()
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = set(inputs)
+        # Fused graphs packaged since 2026-12-03 take the number of last positions to compute
+        # logits for (0: all); older packages compute them all.
+        self.trims_logits = "logits_to_keep" in self.input_names
         if "input_ids" not in inputs:
             raise ModelLoadError("graph has no input_ids input", path=str(graph))
         self.past_names = [
@@ -161,7 +165,7 @@ class _ConcatDecoder:
             self.past = {name: empty for pair in model.past_names for name in pair}
         cache.keep(self.past_len)
 
-    def step(self, token_ids: list[int]) -> np.ndarray:
+    def step(self, token_ids: list[int], last_only: bool = False) -> np.ndarray:
         m = self.model
         seq = len(token_ids)
         feeds: dict[str, np.ndarray] = {"input_ids": np.asarray([token_ids], dtype=np.int64)}
@@ -220,6 +224,10 @@ class _SharedBuffers:
         self.seqlens = np.zeros((1,), dtype=np.int32)
         self.total = np.zeros((), dtype=np.int32)
         self.cache = _PrefixCache()
+        self.keep_last = np.ones(1, dtype=np.int64)
+        self.keep_all = np.zeros(1, dtype=np.int64)
+        if model.trims_logits:
+            self.binding.bind_cpu_input("logits_to_keep", self.keep_all)
         self._token_value = ort.OrtValue.ortvalue_from_numpy(self.token)
         self.binding.bind_ortvalue_input("seqlens_k", ort.OrtValue.ortvalue_from_numpy(self.seqlens))
         self.binding.bind_ortvalue_input(
@@ -237,7 +245,7 @@ class _SharedDecoder:
         self.b = buffers
         self.past_len = past_len
 
-    def step(self, token_ids: list[int]) -> np.ndarray:
+    def step(self, token_ids: list[int], last_only: bool = False) -> np.ndarray:
         b = self.b
         seq = len(token_ids)
         total = self.past_len + seq
@@ -259,6 +267,8 @@ class _SharedDecoder:
                 logits: np.ndarray = b.logits[0]
             else:
                 b.binding.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
+                if b.model.trims_logits:
+                    b.binding.bind_cpu_input("logits_to_keep", b.keep_last if last_only else b.keep_all)
                 b.binding.bind_output("logits")
                 b.model.session.run_with_iobinding(b.binding)
                 logits = b.binding.get_outputs()[0].numpy()[0]
