@@ -219,8 +219,9 @@ class ChatCompletionRequest(SamplingParams):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: Annotated[bool, Field(strict=True)] = True
-    logprobs: Annotated[bool, Field(strict=True)] = False
+    # null is "not given", as OpenAI takes it (clients send explicit nulls).
+    parallel_tool_calls: Annotated[bool, Field(strict=True)] | None = None
+    logprobs: Annotated[bool, Field(strict=True)] | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS, strict=True)] | None = None
 
     def logprobs_wanted(self) -> int | None:

@@ -158,6 +158,13 @@ def test_unimplemented_openai_parameters_are_named_not_ignored() -> None:
     )
     assert completion.unsupported() == ["top_logprobs"]
     assert req(stream_options={"include_usage": True}).unsupported() == []
+    # Explicit nulls are "not given", as OpenAI takes them.
+    nulls = req(logprobs=None, top_logprobs=None, tools=None, tool_choice=None, parallel_tool_calls=None)
+    assert nulls.logprobs_wanted() is None and nulls.unsupported() == []
+    assert (
+        req(logprobs=True, top_logprobs=3).logprobs_wanted() == 3
+        and req(logprobs=True).logprobs_wanted() == 0
+    )
     assert req(stream=True, stream_options={"include_usage": True}).wants_usage()
     assert (
         not req(stream=True).wants_usage() and not req(stream_options={"include_usage": True}).wants_usage()

@@ -234,7 +234,7 @@ def plan_tools(req: ChatCompletionRequest, template: ChatTemplate) -> ToolPlan |
     return ToolPlan(
         tools=tools,
         choice=wanted,
-        parallel=req.parallel_tool_calls,
+        parallel=req.parallel_tool_calls is not False,
         format=call_format(template),
         native=template.renders_tools(),
         names=frozenset(names),
