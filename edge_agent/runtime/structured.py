@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 from shared.errors import InvalidRequest
 
 # Compact JSON: a model sampling at temperature 1 cannot wander into endless whitespace.
-_JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False}
+JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False}
 # json_object: any JSON object (OpenAI's "JSON mode").
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
@@ -82,31 +82,33 @@ def guided_grammar(extra: dict[str, Any]) -> str | None:
         if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
             raise InvalidRequest("guided_choice is a list of non-empty strings", param=name)
         lark = "start: " + " | ".join(json.dumps(c) for c in value)
-        return _checked(LLMatcher.grammar_from_lark, lark, name)
+        return compiled(LLMatcher.grammar_from_lark, lark, name)
     if not isinstance(value, str) or not value:
         raise InvalidRequest("guided_regex is a regular expression (a string)", param=name)
-    return _checked(LLMatcher.grammar_from_regex, value, name)
+    return compiled(LLMatcher.grammar_from_regex, value, name)
 
 
 def _schema_grammar(schema: dict[str, Any], param: str) -> str:
-    try:
-        grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=_JSON_OPTIONS)  # type: ignore[arg-type]
-    except (ValueError, TypeError, RuntimeError) as exc:
-        raise InvalidRequest(f"{param} schema: {exc}", param=param) from exc
-    failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
-    if failed:
-        raise InvalidRequest(f"{param} schema: {messages[0]}", param=param)
-    return grammar
+    source = json.dumps(schema)
+    return compiled(
+        lambda text: LLMatcher.grammar_from_json_schema(text, overrides=JSON_OPTIONS),  # type: ignore[arg-type]
+        source,
+        param,
+        f"{param} schema",
+    )
 
 
-def _checked(build: Any, source: str, param: str) -> str:
+def compiled(build: Callable[[str], str], source: str, param: str, label: str | None = None) -> str:
+    """``build(source)`` checked by llguidance; InvalidRequest naming ``param`` (the message begins
+    with ``label``, the param by default) when it does not compile or validate."""
+    label = label or param
     try:
-        grammar: str = build(source)
+        grammar = build(source)
     except (ValueError, TypeError, RuntimeError) as exc:
-        raise InvalidRequest(f"{param}: {exc}", param=param) from exc
+        raise InvalidRequest(f"{label}: {exc}", param=param) from exc
     failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
     if failed:
-        raise InvalidRequest(f"{param}: {messages[0]}", param=param)
+        raise InvalidRequest(f"{label}: {messages[0]}", param=param)
     return grammar
 
 

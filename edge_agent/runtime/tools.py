@@ -24,24 +24,24 @@ glm4        ``name\\n{...arguments...}``, one call per turn (GLM-4 chat template
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from llguidance import LLMatcher
 
 from edge_agent.runtime.chat import ChatTemplate
+from edge_agent.runtime.structured import JSON_OPTIONS, compiled
 from shared.errors import InvalidRequest
 from shared.openai_api import ChatCompletionRequest, ChatMessage, FunctionCall, ToolCall
 
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
-# Compact JSON in constrained calls: sampling at temperature 1 cannot wander into whitespace.
-_COMPACT = {"whitespace_flexible": False}
 
 # The system prompt for templates that ignore tools (Qwen2.5's wording, which Hermes-style models
 # were trained on).
@@ -83,7 +83,10 @@ class ToolPlan:
     parallel: bool
     format: CallFormat
     native: bool  # the chat template renders tools itself
-    names: frozenset[str] = field(default_factory=frozenset)
+
+    @functools.cached_property
+    def names(self) -> frozenset[str]:
+        return frozenset(t["function"]["name"] for t in self.tools)
 
     def grammar(self) -> str | None:
         """The llguidance grammar the output must match (None: the model chooses freely)."""
@@ -107,18 +110,11 @@ class ToolPlan:
                     }
                     for t in tools
                 ],
-                "x-guidance": _COMPACT,
+                "x-guidance": JSON_OPTIONS,  # compact, as structured output
             }
             calls = "call" if one_call else 'call ("\\n" call)*'
             lark = f'start: {calls}\ncall: "<tool_call>\\n" %json {json.dumps(call)} "\\n</tool_call>"'
-        try:
-            grammar = LLMatcher.grammar_from_lark(lark)
-        except (ValueError, TypeError, RuntimeError) as exc:
-            raise InvalidRequest(f"tools: a function's parameters schema: {exc}", param="tools") from exc
-        failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
-        if failed:
-            raise InvalidRequest(f"tools: a function's parameters schema: {messages[0]}", param="tools")
-        return grammar
+        return compiled(LLMatcher.grammar_from_lark, lark, "tools", "tools: a function's parameters schema")
 
     def split(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """The model's output as (content, tool calls); all content when it holds no valid call."""
@@ -237,7 +233,6 @@ def plan_tools(req: ChatCompletionRequest, template: ChatTemplate) -> ToolPlan |
         parallel=req.parallel_tool_calls is not False,
         format=call_format(template),
         native=template.renders_tools(),
-        names=frozenset(names),
     )
 
 
