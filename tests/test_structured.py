@@ -155,14 +155,14 @@ def test_a_forced_tool_call_is_a_valid_call_whatever_the_logits(tokenizer: Token
     other = {"type": "function", "function": {"name": "get_time"}}
     names = frozenset({"get_weather", "get_time"})
     for fmt in CallFormat:
-        plan = ToolPlan([weather, other], "get_weather", False, fmt, False, names)
+        plan = ToolPlan([weather, other], "get_weather", False, fmt, False)
         grammar = plan.grammar()
         assert grammar is not None
         for seed in range(10):
             content, calls = plan.split(_sample(tokenizer, grammar, seed))
             assert content is None and [c.function.name for c in calls] == ["get_weather"], (fmt, seed)
             jsonschema.validate(json.loads(calls[0].function.arguments), weather["function"]["parameters"])
-    required = ToolPlan([weather, other], "required", True, CallFormat.HERMES, False, names)
+    required = ToolPlan([weather, other], "required", True, CallFormat.HERMES, False)
     grammar = required.grammar()
     assert grammar is not None
     for seed in range(10):

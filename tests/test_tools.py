@@ -62,7 +62,7 @@ def _request(**fields: Any) -> ChatCompletionRequest:
 
 
 def _plan(fmt: CallFormat = CallFormat.HERMES, parallel: bool = True) -> ToolPlan:
-    return ToolPlan([WEATHER, TIME], "auto", parallel, fmt, False, frozenset({"get_weather", "get_time"}))
+    return ToolPlan([WEATHER, TIME], "auto", parallel, fmt, False)
 
 
 def test_hermes_calls_are_parsed_with_the_content_before_them() -> None:

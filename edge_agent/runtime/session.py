@@ -174,8 +174,7 @@ class _ConcatDecoder:
         if "position_ids" in m.input_names:
             feeds["position_ids"] = np.arange(self.past_len, self.past_len + seq, dtype=np.int64)[None, :]
         feeds.update(self.past)
-        if self.cache.tokens[self.past_len :]:
-            self.cache.keep(self.past_len)
+        self.cache.keep(self.past_len)  # what it held from here on is about to be replaced
         try:
             outputs = m.session.run(m.output_names, feeds)
         except BaseException:
@@ -252,9 +251,7 @@ class _SharedDecoder:
         if total > b.capacity:
             raise ContextTooLong(f"sequence of {total} positions exceeds the KV buffer of {b.capacity}")
         # Positions from past_len on are about to be written: what the cache said of them is over.
-        cached = b.cache.tokens
-        if len(cached) > self.past_len:
-            del cached[self.past_len :]
+        b.cache.keep(self.past_len)
         b.seqlens[0] = total - 1
         b.total[()] = total
         try:
@@ -273,9 +270,9 @@ class _SharedDecoder:
                 b.model.session.run_with_iobinding(b.binding)
                 logits = b.binding.get_outputs()[0].numpy()[0]
         except BaseException:
-            cached.clear()  # a failed step may have written some positions
+            b.cache.keep(0)  # a failed step may have written some positions
             raise
-        cached.extend(token_ids)
+        b.cache.tokens.extend(token_ids)
         self.past_len = total
         return logits
 
