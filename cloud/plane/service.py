@@ -21,14 +21,15 @@ from cloud.mqtt.blob_server import BlobServer, RegistryOffer
 from cloud.mqtt.control_link import CloudSession, ControlLink, ack_ids
 from cloud.plane.auth import ApiKeys
 from cloud.plane.desired import control_signer
-from cloud.plane.fleet import DesiredRecord, Fleet
-from cloud.plane.rollouts import RolloutDriver, Rollouts
+from cloud.plane.fleet import DesiredRecord, Fleet, Selector
+from cloud.plane.rollouts import RolloutDriver, Rollouts, RolloutSpec
 from cloud.plane.store import make_engine, migrate
 from cloud.ratelimit import TenantRateLimiter
 from cloud.registry import ModelRegistry
 from cloud.settings import CloudSettings
-from shared.errors import NotFound
-from shared.messages import Command, CommandReply, DeviceStatus, ReportedState, TelemetryBatch
+from shared.edge_config import EdgeConfig
+from shared.errors import ContractError, ModelInUse, NotFound
+from shared.messages import Command, CommandReply, DeviceStatus, ModelRef, ReportedState, TelemetryBatch
 from shared.tasks import TaskSet
 from shared.topics import Topics
 
@@ -173,6 +174,42 @@ class ControlPlane:
                     log.warning("could not publish desired state to %s: %s", p.device_id, exc)
 
         await asyncio.gather(*(one(p) for p in items))
+
+    # -- operations the REST API and the console share --------------------------------------
+    def model_ref(self, tenant: str, model: str) -> ModelRef:
+        """The registry's reference for ``name:version`` (NotFound when it has none)."""
+        name, sep, version = model.partition(":")
+        if not sep or not name or not version:
+            raise ContractError("model is name:version", model=model)
+        return self.registry(tenant).get(name, version).ref
+
+    def create_rollout(self, tenant: str, model: str, waves: list[float], **fields: Any) -> dict[str, Any]:
+        spec = RolloutSpec(model=self.model_ref(tenant, model), waves=tuple(waves), **fields)
+        return self.rollouts.create(tenant, spec)
+
+    def delete_model(self, tenant: str, name: str, version: str) -> int:
+        """Remove a version from the registry; refused while a rollout uses it. Bytes freed."""
+        using = self.rollouts.in_use(tenant, name, version)
+        if using:
+            raise ModelInUse(f"model is used by rollout(s) {', '.join(using)}; finish or abort them first")
+        return self.registry(tenant).delete(name, version)
+
+    async def push_config(self, tenant: str, selector: str, config: dict[str, Any]) -> list[str]:
+        """Validate a serving config and make it the desired config of every device the selector
+        matches (their models stay). Returns the devices' ids."""
+        EdgeConfig.parse(config)  # the agent's own schema: refuse here what devices would refuse
+        targets = await asyncio.to_thread(self.fleet.list_devices, tenant, Selector.parse(selector))
+        if not targets:
+            raise ContractError(f"no device matches the selector {selector!r}", selector=selector)
+        items: list[DesiredRecord] = []
+        for d in targets:
+            items.append(
+                await asyncio.to_thread(
+                    self.fleet.next_desired, tenant, d.device_id, keep_model=True, config=config
+                )
+            )
+        await self.publish(items)
+        return [d.device_id for d in targets]
 
     async def drive_forever(self) -> None:
         while True:

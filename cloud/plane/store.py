@@ -22,6 +22,7 @@ from sqlalchemy import (
     DateTime,
     Engine,
     Float,
+    Index,
     Integer,
     MetaData,
     String,
@@ -161,6 +162,35 @@ rollout_devices = Table(
 )
 
 
+# Operator console sign-ins (cloud/console): only a SHA-256 of the session token is stored, so a
+# copy of the database opens no session; the key it came from is checked on every request.
+console_sessions = Table(
+    "console_sessions",
+    metadata,
+    Column("session_sha256", String(64), primary_key=True),
+    Column("tenant", String(64), nullable=False),
+    Column("key_id", String(32), nullable=False, index=True),
+    Column("csrf_token", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+# What happened to a device, as the control plane saw it: presence, phase and model changes.
+device_events = Table(
+    "device_events",
+    metadata,
+    Column("event_id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("tenant", String(64), nullable=False),
+    Column("device_id", String(64), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("kind", String(16), nullable=False),  # status | phase | model
+    Column("old", String(200)),
+    Column("new", String(200)),
+    Column("detail", String(500)),
+    Index("ix_device_events_device", "tenant", "device_id", "event_id"),
+)
+
+
 _V2_COLUMNS = (
     (api_keys, "expires_at", "TIMESTAMP WITH TIME ZONE NULL", "DATETIME NULL"),
     (devices, "desired_allow_downgrade", "BOOLEAN NOT NULL DEFAULT FALSE", "BOOLEAN NOT NULL DEFAULT 0"),
@@ -280,11 +310,44 @@ def _v3_cloud_time(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX IF NOT EXISTS ix_telemetry_received_at ON telemetry (received_at)"))
 
 
+def _v4_console(conn: Connection) -> None:
+    """Console sessions and the device event history (cloud/console)."""
+    v4 = MetaData()
+    tz = DateTime(timezone=True)
+    Table(
+        "console_sessions",
+        v4,
+        Column("session_sha256", String(64), primary_key=True),
+        Column("tenant", String(64), nullable=False),
+        Column("key_id", String(32), nullable=False, index=True),
+        Column("csrf_token", String(64), nullable=False),
+        Column("created_at", tz, nullable=False),
+        Column("expires_at", tz, nullable=False, index=True),
+    )
+    Table(
+        "device_events",
+        v4,
+        Column(
+            "event_id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+        ),
+        Column("tenant", String(64), nullable=False),
+        Column("device_id", String(64), nullable=False),
+        Column("at", tz, nullable=False),
+        Column("kind", String(16), nullable=False),
+        Column("old", String(200)),
+        Column("new", String(200)),
+        Column("detail", String(500)),
+        Index("ix_device_events_device", "tenant", "device_id", "event_id"),
+    )
+    v4.create_all(conn, checkfirst=True)
+
+
 # Append only: (version, name, function). A released migration is never edited.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "initial schema", _v1_initial),
     (2, "signed control: key expiry, rollback authorization, command counters", _v2_trust),
     (3, "health on cloud time: telemetry receive time, clock skew, minimum samples", _v3_cloud_time),
+    (4, "operator console: sessions, device event history", _v4_console),
 ]
 
 

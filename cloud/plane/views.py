@@ -51,6 +51,22 @@ class DeviceList(View):
 
 
 # -- models ----------------------------------------------------------------------------------------
+def model_view(entry: Any) -> dict[str, Any]:
+    """A registry entry as ``ModelView`` fields (the REST API and the console show the same)."""
+    m = entry.manifest
+    return {
+        "name": entry.name,
+        "version": entry.version,
+        "manifest_digest": entry.digest,
+        "architecture": m.architecture,
+        "parameters": m.parameters,
+        "quantization": m.quantization.model_dump(),
+        "size_bytes": sum(f.blob.size for f in m.files),
+        "quality": m.quality.model_dump() if m.quality else None,
+        "kv_cache": m.io.kv_cache,
+    }
+
+
 class ModelView(View):
     name: str
     version: str
