@@ -129,7 +129,7 @@ def main() -> None:
         "--autosave",
         choices=["periodic", "changes"],
         default="periodic",
-        help="The broker saves its persistence file every 60 s (as manifests/broker.yaml and "
+        help="The broker saves its persistence file every 60 s (as manifests/base/broker.yaml and "
         "`fleet broker-config` ship) or after every change (as the tests' brokers do).",
     )
     ap.add_argument(

@@ -116,7 +116,7 @@ def _fleet_rows(tab: Tab) -> dict[str, dict[str, str]]:
         cells = tr.locator("td").all_inner_texts()
         rows[str(tr.get_attribute("data-device"))] = {
             "status": cells[1],
-            "model": cells[3],
+            "model": tr.locator(".model").inner_text(),
             "phase": cells[4],
         }
     return rows
@@ -204,6 +204,8 @@ def test_console_signs_in_watches_rollouts_live_and_keeps_tenants_apart(
         assert list(_fleet_rows(tab)) == ["edge-1"]
         tab.go("/ui/fleet?selector=site%3Dnowhere")
         assert _fleet_rows(tab) == {}
+        tab.go("/ui/fleet?notice=Paste+your+key+at+evil.example")
+        assert tab.page.locator(".notice").count() == 0  # messages never come from the URL
         tab.go("/ui/fleet?sort=device_id&order=desc")
         assert list(_fleet_rows(tab)) == ["edge-2", "edge-1", "edge-0"]
 
@@ -229,9 +231,10 @@ def test_console_signs_in_watches_rollouts_live_and_keeps_tenants_apart(
         tab.shot("rollout-completed")
         tab.go("/ui/fleet")
         tab.wait_for(
-            "() => [...document.querySelectorAll('table.devices td.model')].every(td => td.textContent === 'demo-glm:1')"
+            "() => [...document.querySelectorAll('table.devices .model')].every(td => td.textContent === 'demo-glm:1')"
         )
         assert {r["model"] for r in _fleet_rows(tab).values()} == {"demo-glm:1"}
+        assert "slot a" in tab.page.locator("tr[data-device='edge-0']").inner_text()
         tab.shot("fleet")
 
         # -- a device page: slots, history, config, charts ------------------------------------------

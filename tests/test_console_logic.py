@@ -67,6 +67,7 @@ def test_csrf_is_per_session_and_compared_whole(engine: Engine) -> None:
     assert one.csrf_ok(one.csrf_token)
     assert not one.csrf_ok(two.csrf_token)
     assert not one.csrf_ok(None) and not one.csrf_ok("") and not one.csrf_ok(one.csrf_token[:-1])
+    assert not one.csrf_ok("é" * 43)  # any bytes a forged form sends: refused, not an error
 
 
 def test_sign_out_revocation_and_expiry_end_a_session(engine: Engine) -> None:

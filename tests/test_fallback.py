@@ -29,7 +29,7 @@ from shared.mqtt import BrokerSettings
 from shared.signing import SigningKey
 from tests.conftest import DEVICE, CloudSide, EdgeProcess, provisioned_device
 from tests.services import CloudProcess, Service, scrape_metrics, start_cloud, start_pool
-from tests.test_deploy import dashboard_metrics
+from tests.test_deploy import adapter_series, dashboard_metrics
 
 
 def _names(url: str) -> set[str]:
@@ -196,6 +196,9 @@ def test_gateway_openai_client_balancing_retry_on_a_killed_replica_and_rate_limi
         assert metrics['autoglm_cloud_gateway_replica_up{replica="pool-0"}'] == 1
         assert f'autoglm_cloud_devices{{status="online",tenant="{tenant}"}}' in metrics
         assert dashboard_metrics("autoglm_cloud_") <= _names(cloud.url)
+        # The HPA's request rate (prometheus-adapter) reads a series this replica exposes.
+        assert adapter_series("autoglm_cloud_") <= _names(cloud.url)
+        assert metrics['autoglm_cloud_http_requests_total{kind="gateway"}'] >= 1
 
         # Load both replicas, then SIGKILL one while it holds requests: no plain request may be
         # lost (retried elsewhere), and no stream may end looking complete when it is not.
@@ -294,6 +297,7 @@ def test_pool_metrics_show_batching(pools: list[Service]) -> None:
     assert "autoglm_pool_queue_depth" in m and "autoglm_pool_batch_size" in m
     assert "autoglm_pool_tokens_per_second" in m
     assert dashboard_metrics("autoglm_pool_") <= _names(pools[0].url)  # the dashboard's queries are real
+    assert adapter_series("autoglm_pool_") <= _names(pools[0].url)  # and the pool HPA's
     bad = httpx.post(f"{pools[0].url}/v1/completions", json={"model": "demo-glm"}, timeout=10)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
     other = httpx.post(f"{pools[0].url}/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=10)

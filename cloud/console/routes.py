@@ -8,12 +8,13 @@ Every page acts for the tenant of the signed-in key. Reads and writes go through
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import yaml
 from fastapi import APIRouter, Request
@@ -24,14 +25,21 @@ from starlette.datastructures import FormData
 
 from cloud.console.charts import svg, telemetry_charts
 from cloud.console.fleet_table import PER_PAGE, STATUSES, FleetPage, FleetQuery, fleet_page
-from cloud.console.sessions import COOKIE, LOGIN_COOKIE, ConsoleSession, ConsoleSessions
+from cloud.console.sessions import (
+    COOKIE,
+    LOGIN_COOKIE,
+    NOTICE_COOKIE,
+    ConsoleSession,
+    ConsoleSessions,
+    same_secret,
+)
 from cloud.plane.api import RolloutBody
 from cloud.plane.fleet import Selector
 from cloud.plane.service import ControlPlane
 from cloud.plane.store import utcnow
 from cloud.plane.views import model_view
 from shared.edge_config import EdgeConfig
-from shared.errors import AutoGLMError, ContractError, Forbidden, NotFound, RequestError
+from shared.errors import AutoGLMError, ContractError, Forbidden, NotFound, RequestError, http_error
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -99,9 +107,17 @@ def _page(
         refresh_ms=int(settings.refresh_s * 1000),
         now=utcnow(),
         ago=_ago,
-        notice=request.query_params.get("notice"),
+        notice=unquote(request.cookies.get(NOTICE_COOKIE, "")) or None,
     )
-    return templates.TemplateResponse(request, template, context, status_code=status)
+    response = templates.TemplateResponse(request, template, context, status_code=status)
+    if NOTICE_COOKIE in request.cookies:
+        response.delete_cookie(NOTICE_COOKIE, path="/ui")
+    return response
+
+
+def _secure(request: Request) -> bool:
+    """Secure cookies when configured, and whenever the console is reached over HTTPS."""
+    return _plane(request).settings.console.secure_cookie or request.url.scheme == "https"
 
 
 def _ago(when: datetime | str | None) -> str:
@@ -122,7 +138,12 @@ def _ago(when: datetime | str | None) -> str:
 
 
 def _see(path: str, notice: str | None = None) -> RedirectResponse:
-    return RedirectResponse(f"{path}?notice={quote(notice)}" if notice else path, status_code=303)
+    response = RedirectResponse(path, status_code=303)
+    if notice:
+        response.set_cookie(
+            NOTICE_COOKIE, quote(notice[:500]), max_age=60, httponly=True, samesite="strict", path="/ui"
+        )
+    return response
 
 
 # -- sign-in ---------------------------------------------------------------------------------------
@@ -132,11 +153,11 @@ async def home() -> RedirectResponse:
     return _see("/ui/fleet")
 
 
-def _login_form(request: Request, error: str | None = None, status: int = 200) -> HTMLResponse:
-    import secrets
-
+def _login_form(
+    request: Request, error: str | None = None, status: int = 200, nxt: str | None = None
+) -> HTMLResponse:
     token = secrets.token_urlsafe(24)
-    nxt = request.query_params.get("next", "")
+    nxt = request.query_params.get("next", "") if nxt is None else nxt
     response = _page(request, "login.html", None, status, login_token=token, error=error, next=nxt)
     response.set_cookie(
         LOGIN_COOKIE,
@@ -144,7 +165,7 @@ def _login_form(request: Request, error: str | None = None, status: int = 200) -
         max_age=3600,
         httponly=True,
         samesite="strict",
-        secure=_plane(request).settings.console.secure_cookie,
+        secure=_secure(request),
         path="/ui",
     )
     return response
@@ -159,24 +180,27 @@ async def login_page(request: Request) -> HTMLResponse:
 async def login(request: Request) -> Response:
     form = await request.form()
     submitted = form.get("login_token")
-    expected = request.cookies.get(LOGIN_COOKIE)
-    if not expected or not isinstance(submitted, str) or submitted != expected:
-        return _login_form(request, "The sign-in form expired or came from elsewhere; please try again.", 403)
-    try:
-        token, _ = await asyncio.to_thread(_sessions(request).sign_in, _text(form, "api_key"))
-    except RequestError as exc:
-        return _login_form(request, exc.message, exc.status)
     nxt = _text(form, "next")
+    if not same_secret(request.cookies.get(LOGIN_COOKIE), submitted if isinstance(submitted, str) else None):
+        return _login_form(
+            request, "The sign-in form expired or came from elsewhere; please try again.", 403, nxt
+        )
+    sessions = _sessions(request)
+    try:
+        token, _ = await asyncio.to_thread(sessions.sign_in, _text(form, "api_key"))
+    except RequestError as exc:
+        return _login_form(request, exc.message, exc.status, nxt)
+    # A sign-in replaces the browser's earlier session, which ends now rather than at its expiry.
+    await asyncio.to_thread(sessions.sign_out, request.cookies.get(COOKIE))
     target = nxt if nxt.startswith("/ui/") and not nxt.startswith("/ui//") else "/ui/fleet"
     response = RedirectResponse(target, status_code=303)
-    settings = _plane(request).settings.console
     response.set_cookie(
         COOKIE,
         token,
-        max_age=int(settings.session_ttl_s),
+        max_age=int(_plane(request).settings.console.session_ttl_s),
         httponly=True,
         samesite="strict",
-        secure=settings.secure_cookie,
+        secure=_secure(request),
         path="/ui",
     )
     response.delete_cookie(LOGIN_COOKIE, path="/ui")
@@ -185,9 +209,13 @@ async def login(request: Request) -> Response:
 
 @router.post("/logout")
 async def logout(request: Request) -> Response:
-    session = await _session(request)
-    await _checked_form(request, session)
-    await asyncio.to_thread(_sessions(request).sign_out, request.cookies.get(COOKIE))
+    try:
+        session = await _session(request)
+    except SignInRequired:
+        session = None  # already ended (expired, key revoked): only the cookie is left to clear
+    if session is not None:
+        await _checked_form(request, session)
+        await asyncio.to_thread(_sessions(request).sign_out, request.cookies.get(COOKIE))
     response = _see("/ui/login")
     response.delete_cookie(COOKIE, path="/ui")
     return response
@@ -273,9 +301,13 @@ async def device_command(device_id: str, request: Request) -> Response:
         return _see(path, f"unknown command {action!r}")
     try:
         await asyncio.to_thread(plane.fleet.get, session.principal.tenant, device_id)
-        _, reply = await plane.command(session.principal.tenant, device_id, action, 5.0)
+        # Bounded: with the broker down the command waits for a connection that may not come.
+        async with asyncio.timeout(10):
+            _, reply = await plane.command(session.principal.tenant, device_id, action, 5.0)
     except AutoGLMError as exc:
         return _see(path, f"{action}: {exc.message}")
+    except TimeoutError:
+        return _see(path, f"{action} not sent: no connection to the broker now")
     if reply is None:
         return _see(path, f"{action} sent; no answer within 5 s (an offline device gets it when back)")
     return _see(
@@ -314,10 +346,10 @@ async def delete_model(name: str, version: str, request: Request) -> Response:
         if not session.principal.allows("admin"):
             raise Forbidden("deleting a model needs an admin key; you signed in with an operator key")
         freed = await asyncio.to_thread(plane.delete_model, session.principal.tenant, name, version)
-    except RequestError as exc:
+    except AutoGLMError as exc:
         found = await _models(plane, session.principal.tenant)
         error = f"{name}:{version} was not deleted: {exc.message}"
-        return _page(request, "models.html", session, exc.status, models=found, error=error)
+        return _page(request, "models.html", session, http_error(exc).status, models=found, error=error)
     return _see("/ui/models", f"deleted {name}:{version} ({freed / 1e6:.1f} MB freed)")
 
 
@@ -486,8 +518,8 @@ async def push_config(request: Request) -> Response:
     config: Any = None
     try:
         config = yaml.safe_load(values["config"]) if values["config"] else {}
-    except yaml.YAMLError as exc:
-        errors["config"] = f"not YAML or JSON: {exc}"
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # a bad date, nesting too deep
+        errors["config"] = f"not YAML or JSON: {exc}"[:2000]
     if not errors and not isinstance(config, dict):
         errors["config"] = "the config is a mapping of settings (see shared/edge_config.py)"
     if not errors:

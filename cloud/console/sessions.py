@@ -23,6 +23,15 @@ from shared.errors import Forbidden, Unauthorized
 COOKIE = "agc_session"
 # Double-submit token of the sign-in form (there is no session yet to hold one).
 LOGIN_COOKIE = "agc_login"
+# A one-time message for the next page (after a redirect): never taken from the URL, so a link
+# cannot make the console say something it did not.
+NOTICE_COOKIE = "agc_notice"
+
+
+def same_secret(a: str | None, b: str | None) -> bool:
+    """Constant-time, on bytes: compare_digest refuses str with non-ASCII characters (a forged
+    form may send any)."""
+    return bool(a) and bool(b) and hmac.compare_digest((a or "").encode(), (b or "").encode())
 
 
 @dataclass(frozen=True)
@@ -31,7 +40,7 @@ class ConsoleSession:
     csrf_token: str
 
     def csrf_ok(self, submitted: str | None) -> bool:
-        return bool(submitted) and hmac.compare_digest(self.csrf_token, submitted or "")
+        return same_secret(self.csrf_token, submitted)
 
 
 def _digest(token: str) -> str:

@@ -149,7 +149,8 @@ async def metrics(request: Request) -> Response:
     if registry is None:
         from cloud.plane.metrics import plane_registry
 
-        registry = request.app.state.metrics_registry = plane_registry(_plane(request))
+        counts = getattr(request.app.state, "request_counts", None)
+        registry = request.app.state.metrics_registry = plane_registry(_plane(request), counts)
     body = await asyncio.to_thread(generate_latest, registry)  # the fleet counts read the database
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 

@@ -145,6 +145,7 @@ class DeviceSummary:
     desired_revision: int
     progress: float | None  # 0..1 of the transfer under way, if any
     last_error: str | None
+    active_slot: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> DeviceSummary:
@@ -173,7 +174,10 @@ class DeviceSummary:
         if prog and prog.get("bytes_total"):
             fraction = min(1.0, prog.get("bytes_done", 0) / prog["bytes_total"])
         return replace(
-            self, progress=fraction, last_error=f"{err.get('code')}: {err.get('message')}" if err else None
+            self,
+            progress=fraction,
+            last_error=f"{err.get('code')}: {err.get('message')}" if err else None,
+            active_slot=reported.get("active_slot"),
         )
 
 

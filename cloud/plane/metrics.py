@@ -15,16 +15,55 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
     from cloud.plane.service import ControlPlane
 
 PREFIX = "autoglm_cloud"
 
 
+def _kind(path: str) -> str:
+    if path in ("/v1/chat/completions", "/v1/completions"):
+        return "gateway"
+    if path.startswith("/ui"):
+        return "console"
+    if path in ("/healthz", "/readyz", "/metrics"):
+        return "probe"
+    return "api"
+
+
+class RequestCounts:
+    """HTTP requests this replica received, by kind (gateway, api, console, probe): what the
+    control plane's HPA scales on (request rate, through prometheus-adapter). Pure ASGI and a
+    dict increment: nothing in the way of the gateway's streams."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def middleware(self, app: ASGIApp) -> ASGIApp:
+        counts = self.counts
+
+        async def counted(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http":
+                counts[_kind(scope.get("path", ""))] += 1
+            await app(scope, receive, send)
+
+        return counted
+
+
 class _PlaneCollector(Collector):
-    def __init__(self, plane: ControlPlane) -> None:
+    def __init__(self, plane: ControlPlane, requests: RequestCounts | None) -> None:
         self.plane = plane
+        self.requests = requests
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        http = CounterMetricFamily(
+            f"{PREFIX}_http_requests", "HTTP requests received, by kind.", labels=["kind"]
+        )
+        counts = self.requests.counts if self.requests is not None else {}
+        for kind in ("gateway", "api", "console", "probe"):
+            http.add_metric([kind], counts.get(kind, 0))
+        yield http
         gw = self.plane.gateway
         up = GaugeMetricFamily(
             f"{PREFIX}_gateway_replica_up", "1 while a pool replica is up.", labels=["replica"]
@@ -63,7 +102,7 @@ class _PlaneCollector(Collector):
         yield devices
 
 
-def plane_registry(plane: ControlPlane) -> CollectorRegistry:
+def plane_registry(plane: ControlPlane, requests: RequestCounts | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_PlaneCollector(plane))
+    registry.register(_PlaneCollector(plane, requests))
     return registry

@@ -1,6 +1,8 @@
 # The control plane and fallback gateway: `autoglm cloud serve` (no torch: the `control` extra).
 # Build from the repository root:  docker build -f manifests/images/cloud.Dockerfile -t autoglm/cloud:0.1.0 .
-FROM python:3.11.11-slim-bookworm
+# BASE: any image with Python 3.11+ and pip on PATH (tests/test_images.py builds one from Debian).
+ARG BASE=python:3.11.11-slim-bookworm
+FROM ${BASE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /opt/autoglm/src

@@ -1,14 +1,18 @@
 # A pool replica: `autoglm pool serve` on a GPU node (PyTorch with CUDA, bf16).
 # Build from the repository root:  docker build -f manifests/images/pool.Dockerfile -t autoglm/pool:0.1.0 .
 # The host needs the NVIDIA driver and container toolkit; torch brings its own CUDA libraries.
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# BASE and PYTHON: a CUDA runtime image and the Python its package manager installs
+# (tests/test_images.py builds on a Debian base with python3).
+ARG BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+FROM ${BASE}
+ARG PYTHON=python3.12
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/autoglm/venv/bin:$PATH
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.12 python3.12-venv \
+    && apt-get install -y --no-install-recommends ${PYTHON} ${PYTHON}-venv \
     && rm -rf /var/lib/apt/lists/* \
-    && python3.12 -m venv /opt/autoglm/venv
+    && ${PYTHON} -m venv /opt/autoglm/venv
 WORKDIR /opt/autoglm/src
 COPY pyproject.toml README.md ./
 COPY shared ./shared
