@@ -17,6 +17,9 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$
 [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || [ -e /usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1 ] \
     || missing="$missing faketime"
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+# kubectl renders the Kustomize overlays (tests/test_deploy.py); Debian's kubernetes-client is
+# the fallback where the machine has no kubectl of its own (it needs Kustomize v5 components).
+command -v kubectl >/dev/null 2>&1 || missing="$missing kubernetes-client"
 if [ -n "$missing" ]; then
     say "installing Debian packages:$missing"
     SUDO=""

@@ -19,6 +19,9 @@ COPY shared ./shared
 COPY cloud ./cloud
 COPY edge_agent ./edge_agent
 COPY manifests/images/constraints.txt /opt/autoglm/constraints.txt
+# Where pip looks first for wheels (a URL or folder), e.g. the CPU build of torch for a CPU pool:
+# `--build-arg PIP_FIND_LINKS=http://host:port/` (tests/test_images.py serves one).
+ARG PIP_FIND_LINKS
 RUN pip install "torch==2.13.0" \
     && pip install -c /opt/autoglm/constraints.txt ".[cloud]" \
     && useradd --uid 10001 --home-dir /var/lib/autoglm --create-home --shell /usr/sbin/nologin autoglm
