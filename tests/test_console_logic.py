@@ -236,3 +236,22 @@ def test_the_fleet_records_status_phase_and_model_changes_once(engine: Engine) -
     assert events[1]["detail"] == "load_failed: not an ONNX graph"
     assert len(fleet.events("other", "d1")) == 1  # tenants apart
     assert fleet.events("t", "d1", limit=2) == events[:2]
+
+
+# -- the key check the gateway makes on every request ----------------------------------------------
+def test_verified_keys_are_remembered_briefly_and_revocation_ends_them(engine: Engine) -> None:
+    import time
+
+    here = ApiKeys(engine, verify_ttl_s=0.3)
+    elsewhere = ApiKeys(engine, verify_ttl_s=0.3)  # another replica on the same database
+    key_id, key = here.create("acme", "app", "inference")
+    assert here.cached(key) == (False, None)
+    principal = here.verify_and_remember(key)
+    assert principal is not None and here.cached(key) == (True, principal)
+    assert here.verify_and_remember("agk_x_y") is None and here.cached("agk_x_y") == (True, None)
+    elsewhere.verify_and_remember(key)
+    here.revoke("acme", key_id)
+    assert here.cached(key) == (False, None)  # the replica that revoked forgets at once
+    assert elsewhere.cached(key) == (True, principal)  # the others trust it at most verify_ttl_s
+    time.sleep(0.35)
+    assert elsewhere.cached(key) == (False, None) and elsewhere.verify_and_remember(key) is None

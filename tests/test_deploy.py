@@ -523,6 +523,7 @@ PORTS = [
     (8500, "TCP"),
     (8883, "TCP"),
     (15012, "TCP"),
+    (15020, "TCP"),
 ]
 IN_NAMESPACE = [CP, POOL, BROKER, PG, STRANGER_IN_NS]
 OUTSIDE = [DNS, PROMETHEUS, INGRESS, EDGE_POD, OTHER_POD, DEVICE, MANAGED_DB]
@@ -561,6 +562,8 @@ def test_overlays_keep_the_flows_and_add_only_their_own() -> None:
     assert istio - production == {
         *((p.name, "istiod", 15012) for p in IN_NAMESPACE),
         ("istiod", "broker", 8883),
+        ("prometheus", "control-plane", 15020),  # the sidecars' merged metrics
+        ("prometheus", "pool", 15020),
     }
     assert open_flows(_policies("manifests/overlays/dev"), ENDPOINTS, PORTS) == EXPECTED
 

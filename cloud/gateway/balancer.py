@@ -22,12 +22,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 from fastapi import Response
 from fastapi.responses import StreamingResponse
 
@@ -42,7 +43,9 @@ log = logging.getLogger(__name__)
 REPLICA_HEADER = "X-AutoGLM-Replica"
 _RETRY_STATUS = frozenset({502, 503, 504})
 # The replica took the request and is slow to answer (connect timeouts are failures: retried).
-_GENERATION_TIMEOUTS = (httpx.ReadTimeout, httpx.WriteTimeout)
+_GENERATION_TIMEOUTS = (aiohttp.SocketTimeoutError,)
+# A replica that could not be reached or dropped the connection.
+_TRANSPORT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
 
 
 @dataclass
@@ -105,13 +108,28 @@ class PoolGateway:
         self.timeouts = 0
         # Streams that broke off after the client had its first bytes (ended with an error event).
         self.stream_breaks = 0
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
+        # aiohttp, not httpx: httpx scans its connection pool on every request, which was most of
+        # the gateway's CPU per request (issue 17). Created on first use, inside the serving loop.
+        self._session: aiohttp.ClientSession | None = None
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout_s, sock_read=settings.request_timeout_s
         )
+        self._probe_timeout = aiohttp.ClientTimeout(total=settings.connect_timeout_s)
+
+    @property
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60),
+                timeout=self._timeout,
+                # The gateway relays bodies as they come; no automatic decompression.
+                auto_decompress=False,
+            )
+        return self._session
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     # -- health --------------------------------------------------------------------------------
     async def run_health_checks(self) -> None:
@@ -123,13 +141,13 @@ class PoolGateway:
 
     async def _probe(self, replica: Replica) -> None:
         try:
-            r = await self._client.get(
-                f"{replica.url}/models", headers=replica.headers(), timeout=self.settings.connect_timeout_s
-            )
-            ok, why = r.status_code == 200, f"health check answered HTTP {r.status_code}"
-            if ok:
-                replica.models = _parse_models(r)
-        except httpx.HTTPError as exc:
+            async with self._client.get(
+                f"{replica.url}/models", headers=replica.headers(), timeout=self._probe_timeout
+            ) as r:
+                ok, why = r.status == 200, f"health check answered HTTP {r.status}"
+                if ok:
+                    replica.models = _parse_models(await r.read())
+        except (TimeoutError, aiohttp.ClientError) as exc:
             ok, why = False, f"health check failed: {type(exc).__name__}: {exc}"
         if ok and not replica.up:
             log.info("pool replica %s is back up", replica.name)
@@ -173,16 +191,14 @@ class PoolGateway:
 
         async def one(replica: Replica) -> None:
             try:
-                r = await self._client.get(
-                    f"{replica.url}/models",
-                    headers=replica.headers(),
-                    timeout=self.settings.connect_timeout_s,
-                )
-                r.raise_for_status()
-                replica.models = _parse_models(r)
+                async with self._client.get(
+                    f"{replica.url}/models", headers=replica.headers(), timeout=self._probe_timeout
+                ) as r:
+                    r.raise_for_status()
+                    replica.models = _parse_models(await r.read())
                 for model in sorted(replica.models or ()):
                     seen.setdefault(model, ModelCard(id=model, owned_by=replica.name))
-            except (httpx.HTTPError, ValueError) as exc:
+            except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
                 log.info("could not list models of %s: %s", replica.name, exc)
 
         await asyncio.gather(*(one(r) for r in self.replicas if r.up))
@@ -215,13 +231,12 @@ class PoolGateway:
 
     async def _send(self, replica: Replica, path: str, body: dict[str, Any]) -> Response:
         replica.outstanding += 1
-        request = self._client.build_request("POST", replica.url + path, json=body, headers=replica.headers())
         try:
-            upstream = await self._client.send(request, stream=True)
+            upstream = await self._client.post(replica.url + path, json=body, headers=replica.headers())
         except _GENERATION_TIMEOUTS as exc:
             replica.outstanding -= 1
             raise self._timed_out(replica) from exc
-        except httpx.TransportError as exc:
+        except _TRANSPORT_ERRORS as exc:
             replica.outstanding -= 1
             self._mark_down(replica, f"{type(exc).__name__}: {exc}")
             raise _ReplicaFailed(str(exc) or type(exc).__name__) from exc
@@ -230,7 +245,7 @@ class PoolGateway:
             raise
         headers = cloud_answer_headers(upstream.headers)
         headers[REPLICA_HEADER] = replica.name
-        if upstream.status_code == 200 and upstream.headers.get("content-type", "").startswith(
+        if upstream.status == 200 and upstream.headers.get("content-type", "").startswith(
             "text/event-stream"
         ):
             replica.served += 1
@@ -242,42 +257,42 @@ class PoolGateway:
 
             return StreamingResponse(_relay(upstream, replica, broke), headers=headers)
         try:
-            content = await upstream.aread()
+            content = await upstream.read()
         except _GENERATION_TIMEOUTS as exc:
             raise self._timed_out(replica) from exc
-        except httpx.TransportError as exc:
+        except _TRANSPORT_ERRORS as exc:
             self._mark_down(replica, f"answer cut off: {type(exc).__name__}")
             raise _ReplicaFailed(f"answer cut off ({type(exc).__name__})") from exc
         finally:
-            await upstream.aclose()
+            upstream.release()
             replica.outstanding -= 1
-        if upstream.status_code in _RETRY_STATUS:
-            self._mark_down(replica, f"HTTP {upstream.status_code}")
-            raise _ReplicaFailed(f"HTTP {upstream.status_code}: {content[:200].decode(errors='replace')}")
-        response = Response(content, status_code=upstream.status_code, headers=headers)
-        if upstream.status_code == 404:
+        if upstream.status in _RETRY_STATUS:
+            self._mark_down(replica, f"HTTP {upstream.status}")
+            raise _ReplicaFailed(f"HTTP {upstream.status}: {content[:200].decode(errors='replace')}")
+        response = Response(content, status_code=upstream.status, headers=headers)
+        if upstream.status == 404:
             raise _NotServedHere(response)
         replica.served += 1
         return response
 
 
-def _parse_models(r: httpx.Response) -> frozenset[str] | None:
+def _parse_models(raw: bytes) -> frozenset[str] | None:
     try:
-        return _model_ids(r.json())
+        return _model_ids(json.loads(raw))
     except ValueError:
         return None
 
 
 async def _relay(
-    upstream: httpx.Response, replica: Replica, on_break: Callable[[str], None]
+    upstream: aiohttp.ClientResponse, replica: Replica, on_break: Callable[[str], None]
 ) -> AsyncIterator[bytes]:
     """The replica's stream, whole events at a time; a break ends it with an error event (see
     edge_agent/serving/sse.py). The replica's count goes down however it ends."""
     try:
         async for event in relay_events(
-            upstream.aiter_raw(), errors=(httpx.TransportError,), on_break=on_break
+            upstream.content.iter_any(), errors=_TRANSPORT_ERRORS, on_break=on_break
         ):
             yield event
     finally:
         replica.outstanding -= 1
-        await upstream.aclose()
+        upstream.release()

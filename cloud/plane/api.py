@@ -50,17 +50,24 @@ def _plane(request: Request) -> ControlPlane:
 Plane = Annotated[ControlPlane, Depends(_plane)]
 
 
-def _principal(request: Request) -> Principal:
+async def _principal(request: Request) -> Principal:
+    """The caller's key, checked on the event loop: a remembered answer (a few seconds old at
+    most) costs a dict lookup, a new key one database read in a worker thread."""
     header = request.headers.get("authorization", "")
     key = header[7:] if header.lower().startswith("bearer ") else ""
-    principal = _plane(request).keys.verify(key) if key else None
+    principal = None
+    if key:
+        keys = _plane(request).keys
+        found, principal = keys.cached(key)
+        if not found:
+            principal = await asyncio.to_thread(keys.verify_and_remember, key)
     if principal is None:
         raise Unauthorized("missing or unknown API key")
     return principal
 
 
 def scope(needed: Scope) -> Any:
-    def check(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
+    async def check(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
         if not principal.allows(needed):
             raise Forbidden(f"this needs a key with scope {needed!r}; yours is {principal.scope!r}")
         return principal

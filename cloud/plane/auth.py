@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
@@ -44,9 +46,38 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+# How long a verified key is trusted without asking the database again: revoking a key (or its
+# expiry) takes effect within this long on every replica, at once on the replica that revoked it.
+VERIFY_TTL_S = 2.0
+# Answers remembered at most (unknown keys included, so a flood of made-up keys cannot grow it).
+VERIFY_CACHE_SIZE = 10_000
+
+
 class ApiKeys:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, verify_ttl_s: float = VERIFY_TTL_S) -> None:
         self.engine = engine
+        self.verify_ttl_s = verify_ttl_s
+        # sha256(key) -> (answer, monotonic time it stops being trusted); insertion-ordered.
+        # Read on the event loop without the lock (one dict lookup), written under it from threads.
+        self._verified: dict[str, tuple[Principal | None, float]] = {}
+        self._lock = threading.Lock()
+
+    def cached(self, key: str) -> tuple[bool, Principal | None]:
+        """(found, principal) from the answers of the last ``verify_ttl_s`` seconds, without the
+        database: the gateway's per-request check costs a dict lookup."""
+        hit = self._verified.get(_digest(key))
+        if hit is None or hit[1] <= time.monotonic():
+            return False, None
+        return True, hit[0]
+
+    def verify_and_remember(self, key: str) -> Principal | None:
+        """``verify``, and remember the answer for ``verify_ttl_s``."""
+        principal = self.verify(key)
+        with self._lock:
+            if len(self._verified) >= VERIFY_CACHE_SIZE:
+                self._verified.pop(next(iter(self._verified)))
+            self._verified[_digest(key)] = (principal, time.monotonic() + self.verify_ttl_s)
+        return principal
 
     def create(
         self, tenant: str, name: str, scope: Scope, *, expires_in_s: float | None = None
@@ -126,6 +157,9 @@ class ApiKeys:
         return out
 
     def revoke(self, tenant: str, key_id: str) -> bool:
+        # This replica forgets every remembered answer now; the others within verify_ttl_s.
+        with self._lock:
+            self._verified.clear()
         with self.engine.begin() as conn:
             result = conn.execute(
                 update(api_keys)
