@@ -3,8 +3,8 @@
 Everything is the real code as separate processes on loopback: a private mosquitto, the control
 plane (``autoglm cloud serve``) whose gateway fronts a pool stub, and an edge agent
 (``autoglm edge run``) with no local model and ``router.cloud_url`` pointing at the gateway, so
-every request it gets falls back. The stub answers every completion at once with a fixed body,
-so what is measured is our HTTP hops, not generation:
+every request it gets falls back. The stub (bench/upstream_stub.py) answers every completion at
+once with a fixed body, so what is measured is our HTTP hops, not generation:
 
     direct:   client → gateway → stub
     via edge: client → edge router → gateway → stub
@@ -18,8 +18,6 @@ Usage: python bench/fallback_overhead.py [--requests 2000] [--block 50]
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
 import platform
 import statistics
@@ -37,47 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cloud.mqtt.local_broker import LocalBroker, free_port
 from cloud.processes import stop_process
 
-STUB_BODY = json.dumps(
-    {
-        "id": "cmpl-stub",
-        "object": "text_completion",
-        "created": 0,
-        "model": "stub",
-        "choices": [{"index": 0, "text": " ok", "logprobs": None, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-    }
-).encode()
-MODELS_BODY = (
-    b'{"object": "list", "data": [{"id": "stub", "object": "model", "created": 0, "owned_by": "stub"}]}'
-)
-
-
-async def _serve_stub(port: int) -> None:
-    """A minimal HTTP/1.1 keep-alive server: /v1/models and an instant completion for any POST."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                if length:
-                    await reader.readexactly(length)
-                body = MODELS_BODY if head.startswith(b"GET") else STUB_BODY
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                    + f"content-length: {len(body)}\r\n\r\n".encode()
-                    + body
-                )
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", port)
-    async with server:
-        await server.serve_forever()
+STUB = Path(__file__).with_name("upstream_stub.py")
 
 
 def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
@@ -108,11 +66,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=2000, help="per path")
     ap.add_argument("--block", type=int, default=50, help="requests per path before switching")
-    ap.add_argument("--serve-stub", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.serve_stub:
-        asyncio.run(_serve_stub(args.serve_stub))
-        return
 
     from cloud.plane.auth import ApiKeys
     from cloud.plane.store import make_engine, migrate
@@ -124,7 +78,7 @@ def main() -> None:
         broker.start()
         try:
             stub_port = free_port()
-            procs.append(subprocess.Popen([sys.executable, __file__, "--serve-stub", str(stub_port)]))
+            procs.append(subprocess.Popen([sys.executable, str(STUB), str(stub_port)]))
 
             db = f"sqlite:///{work / 'cloud.db'}"
             engine = make_engine(db)

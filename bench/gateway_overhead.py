@@ -1,7 +1,7 @@
 """What the cloud gateway adds to a request, side by side with LiteLLM's proxy, in one run.
 
-Three paths to one instant upstream (an OpenAI-compatible stub answering every chat completion
-at once: a JSON body, or eight SSE chunks and [DONE] when the request streams):
+Three paths to one instant upstream (bench/upstream_stub.py: every chat completion answered at
+once, a JSON body or eight SSE chunks and [DONE] when the request streams):
 
     direct:   client → stub
     ours:     client → `autoglm cloud serve` (the fallback gateway, one process) → stub
@@ -42,71 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cloud.mqtt.local_broker import LocalBroker, free_port
 from cloud.processes import stop_process
 
+STUB = Path(__file__).with_name("upstream_stub.py")
 MODEL = "stub"
-CHAT_BODY = json.dumps(
-    {
-        "id": "chatcmpl-stub",
-        "object": "chat.completion",
-        "created": 0,
-        "model": MODEL,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-    }
-).encode()
-
-
-def _chunk(content: str | None, finish: str | None) -> bytes:
-    delta = {"content": content} if content is not None else {}
-    event = {
-        "id": "chatcmpl-stub",
-        "object": "chat.completion.chunk",
-        "created": 0,
-        "model": MODEL,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-    }
-    return b"data: " + json.dumps(event).encode() + b"\n\n"
-
-
-STREAM_BODY = (
-    b"".join(_chunk(w, None) for w in ("one ", "two ", "three ", "four ", "five ", "six ", "seven "))
-    + _chunk(None, "stop")
-    + b"data: [DONE]\n\n"
-)
-MODELS_BODY = json.dumps(
-    {"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "stub"}]}
-).encode()
-
-
-async def _serve_stub(port: int) -> None:
-    """HTTP/1.1 keep-alive: GET → the model list; POST → a chat completion, streamed (chunked
-    SSE) when the request says ``"stream": true``."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                body = await reader.readexactly(length) if length else b""
-                if head.startswith(b"GET"):
-                    payload, kind = MODELS_BODY, b"application/json"
-                elif b'"stream":true' in body.replace(b" ", b""):
-                    payload, kind = STREAM_BODY, b"text/event-stream"
-                else:
-                    payload, kind = CHAT_BODY, b"application/json"
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: " + kind + b"\r\n"
-                    b"content-length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
-                )
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
-    async with server:
-        await server.serve_forever()
 
 
 # -- the load generator (its own process) -----------------------------------------------------------
@@ -226,12 +163,8 @@ def main() -> None:
     ap.add_argument(
         "--litellm-venv", type=Path, default=Path.home() / ".cache" / "autoglm-bench" / "litellm-venv"
     )
-    ap.add_argument("--serve-stub", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--load", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.serve_stub:
-        asyncio.run(_serve_stub(args.serve_stub))
-        return
     if args.load:
         print(json.dumps(asyncio.run(_load(json.loads(args.load)))))
         return
@@ -246,7 +179,7 @@ def main() -> None:
         broker.start()
         try:
             stub_port = free_port()
-            procs["stub"] = subprocess.Popen([sys.executable, __file__, "--serve-stub", str(stub_port)])
+            procs["stub"] = subprocess.Popen([sys.executable, str(STUB), str(stub_port)])
             stub = f"http://127.0.0.1:{stub_port}/v1"
 
             db = f"sqlite:///{work / 'cloud.db'}"

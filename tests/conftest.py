@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from sqlalchemy.engine import Engine
 
 from cloud.mqtt.blob_server import BlobServer, RegistryOffer
 from cloud.mqtt.control_link import ControlLink, DeviceView
@@ -109,6 +110,22 @@ def postgres_url() -> Iterator[str]:
     yield f"postgresql+psycopg://root@127.0.0.1:5432/{name}"
     with psycopg.connect("host=127.0.0.1 user=root dbname=postgres", autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.e2e)])
+def plane_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """A migrated control-plane database, once on SQLite and once on PostgreSQL."""
+    from cloud.plane.store import make_engine, migrate
+
+    url = (
+        f"sqlite:///{tmp_path / 'cp.sqlite3'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    eng = make_engine(url)
+    migrate(eng)
+    yield eng
+    eng.dispose()
 
 
 @pytest.fixture

@@ -3,9 +3,7 @@ pages, telemetry series and charts, and the device history the fleet records."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import update
@@ -16,30 +14,17 @@ from cloud.console.fleet_table import FleetQuery, fleet_page
 from cloud.console.sessions import ConsoleSessions
 from cloud.plane.auth import ApiKeys
 from cloud.plane.fleet import DeviceSummary, Fleet
-from cloud.plane.store import console_sessions, make_engine, migrate
+from cloud.plane.store import console_sessions
 from shared.errors import ContractError, Forbidden, Unauthorized
 from shared.messages import DeviceStatus, ErrorInfo, ModelRef, Phase, ReportedState
 
 NOW = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.e2e)])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    url = (
-        f"sqlite:///{tmp_path / 'cp.sqlite3'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("postgres_url")
-    )
-    eng = make_engine(url)
-    migrate(eng)
-    yield eng
-    eng.dispose()
-
-
 # -- sessions --------------------------------------------------------------------------------------
-def test_operator_and_admin_keys_sign_in_inference_and_unknown_keys_do_not(engine: Engine) -> None:
-    keys = ApiKeys(engine)
-    sessions = ConsoleSessions(engine, keys, ttl_s=3600)
+def test_operator_and_admin_keys_sign_in_inference_and_unknown_keys_do_not(plane_db: Engine) -> None:
+    keys = ApiKeys(plane_db)
+    sessions = ConsoleSessions(plane_db, keys, ttl_s=3600)
     _, admin = keys.create("acme", "a", "admin")
     _, operator = keys.create("acme", "o", "operator")
     _, inference = keys.create("acme", "i", "inference")
@@ -57,9 +42,9 @@ def test_operator_and_admin_keys_sign_in_inference_and_unknown_keys_do_not(engin
     assert sessions.resolve(None) is None and sessions.resolve("forged") is None
 
 
-def test_csrf_is_per_session_and_compared_whole(engine: Engine) -> None:
-    keys = ApiKeys(engine)
-    sessions = ConsoleSessions(engine, keys, ttl_s=3600)
+def test_csrf_is_per_session_and_compared_whole(plane_db: Engine) -> None:
+    keys = ApiKeys(plane_db)
+    sessions = ConsoleSessions(plane_db, keys, ttl_s=3600)
     _, key = keys.create("acme", "o", "operator")
     _, one = sessions.sign_in(key)
     _, two = sessions.sign_in(key)
@@ -70,15 +55,15 @@ def test_csrf_is_per_session_and_compared_whole(engine: Engine) -> None:
     assert not one.csrf_ok("é" * 43)  # any bytes a forged form sends: refused, not an error
 
 
-def test_sign_out_revocation_and_expiry_end_a_session(engine: Engine) -> None:
-    keys = ApiKeys(engine)
-    sessions = ConsoleSessions(engine, keys, ttl_s=3600)
+def test_sign_out_revocation_and_expiry_end_a_session(plane_db: Engine) -> None:
+    keys = ApiKeys(plane_db)
+    sessions = ConsoleSessions(plane_db, keys, ttl_s=3600)
     key_id, key = keys.create("acme", "o", "operator")
     out, _ = sessions.sign_in(key)
     sessions.sign_out(out)
     assert sessions.resolve(out) is None
     expiring, _ = sessions.sign_in(key)
-    with engine.begin() as conn:
+    with plane_db.begin() as conn:
         conn.execute(update(console_sessions).values(expires_at=datetime.now(UTC) - timedelta(seconds=1)))
     assert sessions.resolve(expiring) is None
     live, _ = sessions.sign_in(key)
@@ -87,12 +72,12 @@ def test_sign_out_revocation_and_expiry_end_a_session(engine: Engine) -> None:
     assert sessions.resolve(live) is None  # the key behind it is checked on every request
 
 
-def test_the_database_holds_no_usable_session_token(engine: Engine) -> None:
-    keys = ApiKeys(engine)
-    sessions = ConsoleSessions(engine, keys, ttl_s=3600)
+def test_the_database_holds_no_usable_session_token(plane_db: Engine) -> None:
+    keys = ApiKeys(plane_db)
+    sessions = ConsoleSessions(plane_db, keys, ttl_s=3600)
     _, key = keys.create("acme", "o", "operator")
     token, _ = sessions.sign_in(key)
-    with engine.connect() as conn:
+    with plane_db.connect() as conn:
         stored = [r.session_sha256 for r in conn.execute(console_sessions.select())]
     assert token not in stored and sessions.resolve(stored[0]) is None
 
@@ -195,8 +180,8 @@ def _ref(version: str) -> ModelRef:
     return ModelRef(name="m", version=version, manifest_digest="sha256:" + "a" * 64, manifest_size=10)
 
 
-def test_the_fleet_records_status_phase_and_model_changes_once(engine: Engine) -> None:
-    fleet = Fleet(engine)
+def test_the_fleet_records_status_phase_and_model_changes_once(plane_db: Engine) -> None:
+    fleet = Fleet(plane_db)
     fleet.record_status("t", DeviceStatus(device_id="d1", state="online"))
     fleet.record_status("t", DeviceStatus(device_id="d1", state="online"))  # no change, no event
     for phase in (Phase.FETCHING, Phase.FETCHING, Phase.ACTIVE):
@@ -239,11 +224,11 @@ def test_the_fleet_records_status_phase_and_model_changes_once(engine: Engine) -
 
 
 # -- the key check the gateway makes on every request ----------------------------------------------
-def test_verified_keys_are_remembered_briefly_and_revocation_ends_them(engine: Engine) -> None:
+def test_verified_keys_are_remembered_briefly_and_revocation_ends_them(plane_db: Engine) -> None:
     import time
 
-    here = ApiKeys(engine, verify_ttl_s=0.3)
-    elsewhere = ApiKeys(engine, verify_ttl_s=0.3)  # another replica on the same database
+    here = ApiKeys(plane_db, verify_ttl_s=0.3)
+    elsewhere = ApiKeys(plane_db, verify_ttl_s=0.3)  # another replica on the same database
     key_id, key = here.create("acme", "app", "inference")
     assert here.cached(key) == (False, None)
     principal = here.verify_and_remember(key)

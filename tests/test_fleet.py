@@ -3,33 +3,17 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import Engine
 
 from cloud.plane.fleet import Fleet
-from cloud.plane.store import make_engine, migrate
 from shared.errors import NotFound
 from shared.messages import DeviceStatus
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.e2e)])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    url = (
-        f"sqlite:///{tmp_path / 'cp.sqlite3'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("postgres_url")
-    )
-    eng = make_engine(url)
-    migrate(eng)
-    yield eng
-    eng.dispose()
-
-
-def test_concurrent_label_merges_lose_none(engine: Engine) -> None:
-    fleet = Fleet(engine)
+def test_concurrent_label_merges_lose_none(plane_db: Engine) -> None:
+    fleet = Fleet(plane_db)
     fleet.record_status("t", DeviceStatus(device_id="dev-1", state="online"))
     start = threading.Barrier(8)
     errors: list[BaseException] = []
@@ -51,8 +35,8 @@ def test_concurrent_label_merges_lose_none(engine: Engine) -> None:
     assert fleet.get("t", "dev-1").labels == {f"k{i}": "v4" for i in range(8)}
 
 
-def test_labels_merge_replace_and_remove(engine: Engine) -> None:
-    fleet = Fleet(engine)
+def test_labels_merge_replace_and_remove(plane_db: Engine) -> None:
+    fleet = Fleet(plane_db)
     fleet.record_status("t", DeviceStatus(device_id="dev-1", state="online"))
     assert fleet.set_labels("t", "dev-1", {"site": "a", "tier": "x"}).labels == {"site": "a", "tier": "x"}
     assert fleet.set_labels("t", "dev-1", {"tier": ""}).labels == {"site": "a"}
