@@ -43,3 +43,12 @@ def test_labels_merge_replace_and_remove(plane_db: Engine) -> None:
     assert fleet.set_labels("t", "dev-1", {"zone": "b"}, replace=True).labels == {"zone": "b"}
     with pytest.raises(NotFound):
         fleet.set_labels("t", "nobody", {"a": "b"})
+
+
+def test_status_counts_come_from_the_database_per_tenant(plane_db: Engine) -> None:
+    fleet = Fleet(plane_db)
+    for i, state in enumerate(["online", "online", "offline"]):
+        fleet.record_status("t", DeviceStatus(device_id=f"d{i}", state=state))  # type: ignore[arg-type]
+    fleet.record_status("other", DeviceStatus(device_id="d9", state="online"))
+    assert fleet.status_counts("t") == {"online": 2, "offline": 1}
+    assert fleet.status_counts("nobody") == {}

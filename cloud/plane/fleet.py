@@ -495,6 +495,17 @@ class Fleet:
             rows = conn.execute(select(*cols).where(devices.c.tenant == tenant)).all()
         return [DeviceSummary.from_row(r) for r in rows]
 
+    def status_counts(self, tenant: str) -> dict[str, int]:
+        """How many devices of the tenant are in each status, counted by the database (what the
+        metrics endpoint reports at every scrape, whatever the fleet's size)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(devices.c.status, func.count())
+                .where(devices.c.tenant == tenant)
+                .group_by(devices.c.status)
+            ).all()
+        return {str(status): int(n) for status, n in rows}
+
     def with_reports(self, tenant: str, rows: list[DeviceSummary]) -> list[DeviceSummary]:
         """``rows`` with their progress and last error, from one query for just these devices."""
         if not rows:

@@ -96,7 +96,7 @@ class _PlaneCollector(Collector):
             f"{PREFIX}_devices", "Devices known to the fleet, by status.", labels=["tenant", "status"]
         )
         for tenant in self.plane.settings.tenants:
-            counts = collections.Counter(d.status for d in self.plane.fleet.list_devices(tenant))
+            counts = self.plane.fleet.status_counts(tenant)
             for status in ("online", "offline", "unknown"):
                 devices.add_metric([tenant, status], counts.get(status, 0))
         yield devices
