@@ -99,6 +99,19 @@ class Tab:
     def wait_for(self, js: str, timeout_s: float = 120, arg: Any = None) -> None:
         self.page.wait_for_function(js, arg=arg, timeout=timeout_s * 1000)
 
+    def fill_rollout(self, model: str, fields: dict[str, str]) -> None:
+        """The new-rollout form: the model, then each field by its label."""
+        self.go("/ui/rollouts")
+        self.page.get_by_label("Model").select_option(model)
+        for label, value in fields.items():
+            self.page.get_by_label(label).fill(value)
+
+    def start_rollout(self) -> str:
+        """Submit the filled form; the id of the rollout whose page it leads to."""
+        self.page.get_by_role("button", name="Start rollout").click()
+        self.page.wait_for_url(re.compile(r".*/ui/rollouts/[0-9a-f]{12}.*"))
+        return str(self.page.url.split("/ui/rollouts/")[1].split("?")[0])
+
     def mark(self) -> None:
         """A flag a reload would erase: the page is watched live, never reloaded."""
         self.page.evaluate("window.__notReloaded = true")
@@ -210,18 +223,15 @@ def test_console_signs_in_watches_rollouts_live_and_keeps_tenants_apart(
         assert list(_fleet_rows(tab)) == ["edge-2", "edge-1", "edge-0"]
 
         # -- a three-wave rollout, created in the form and watched to the end without reloading --
-        tab.go("/ui/rollouts")
-        tab.page.get_by_label("Model").select_option("demo-glm:1")
-        tab.page.get_by_label("Label selector").fill("site=lab")
+        tab.fill_rollout(
+            "demo-glm:1",
+            {"Label selector": "site=lab", "Waves (cumulative %)": "33, 66, 100", "Health window (s)": "1"},
+        )
         tab.wait_for(
             "() => document.getElementById('match-count').textContent.startsWith('3 device(s) match')"
         )
-        tab.page.get_by_label("Waves (cumulative %)").fill("33, 66, 100")
-        tab.page.get_by_label("Health window (s)").fill("1")
         tab.shot("rollout-new")
-        tab.page.get_by_role("button", name="Start rollout").click()
-        tab.page.wait_for_url(re.compile(r".*/ui/rollouts/[0-9a-f]{12}.*"))
-        rid = tab.page.url.split("/ui/rollouts/")[1].split("?")[0]
+        rid = tab.start_rollout()
         tab.mark()
         tab.wait_for("() => document.querySelector('li.wave[data-wave=\"1\"].current') !== null", 120)
         tab.shot("rollout-in-progress")
@@ -263,13 +273,15 @@ def test_console_signs_in_watches_rollouts_live_and_keeps_tenants_apart(
         tab.shot("device")
 
         # -- a model that fails its smoke test halts in wave 1; the device is back on v1 -------------
-        tab.go("/ui/rollouts")
-        tab.page.get_by_label("Model").select_option("demo-glm:broken")
-        tab.page.get_by_label("Waves (cumulative %)").fill("33, 100")
-        tab.page.get_by_label("Halt when more than (% of a wave fails)").fill("0")
-        tab.page.get_by_label("Health window (s)").fill("1")
-        tab.page.get_by_role("button", name="Start rollout").click()
-        tab.page.wait_for_url(re.compile(r".*/ui/rollouts/[0-9a-f]{12}.*"))
+        tab.fill_rollout(
+            "demo-glm:broken",
+            {
+                "Waves (cumulative %)": "33, 100",
+                "Halt when more than (% of a wave fails)": "0",
+                "Health window (s)": "1",
+            },
+        )
+        tab.start_rollout()
         tab.mark()
         tab.wait_for("() => document.getElementById('rollout-state')?.textContent === 'halted'", 120)
         assert tab.was_not_reloaded()
@@ -292,14 +304,11 @@ def test_console_signs_in_watches_rollouts_live_and_keeps_tenants_apart(
         assert "failed" in tab.page.locator("#device-events").inner_text()
 
         # -- pause, resume, abort --------------------------------------------------------------------
-        tab.go("/ui/rollouts")
-        tab.page.get_by_label("Model").select_option("demo-glm:2")
-        tab.page.get_by_label("Waves (cumulative %)").fill("50, 100")
-        tab.page.get_by_label("Health window (s)").fill("3")
-        tab.page.get_by_label("Devices updating at once").fill("1")
-        tab.page.get_by_role("button", name="Start rollout").click()
-        tab.page.wait_for_url(re.compile(r".*/ui/rollouts/[0-9a-f]{12}.*"))
-        rid = tab.page.url.split("/ui/rollouts/")[1].split("?")[0]
+        tab.fill_rollout(
+            "demo-glm:2",
+            {"Waves (cumulative %)": "50, 100", "Health window (s)": "3", "Devices updating at once": "1"},
+        )
+        rid = tab.start_rollout()
         tab.page.get_by_role("button", name="Pause").click()
         tab.page.wait_for_load_state()
         assert tab.page.locator("#rollout-state").inner_text() == "paused"

@@ -105,7 +105,6 @@ def _page(
     context.update(
         session=session,
         refresh_ms=int(settings.refresh_s * 1000),
-        now=utcnow(),
         ago=_ago,
         notice=unquote(request.cookies.get(NOTICE_COOKIE, "")) or None,
     )
@@ -318,12 +317,13 @@ async def device_command(device_id: str, request: Request) -> Response:
 # -- models ----------------------------------------------------------------------------------------
 async def _models(plane: ControlPlane, tenant: str) -> list[dict[str, Any]]:
     def read() -> list[dict[str, Any]]:
+        using = plane.rollouts.models_in_use(tenant)
         out = []
         for entry in plane.registry(tenant).list():
             view = model_view(entry)
             view["chunks"] = sum(f.blob.chunk_count for f in entry.manifest.files)
             view["files"] = len(entry.manifest.files)
-            view["in_use"] = plane.rollouts.in_use(tenant, entry.name, entry.version)
+            view["in_use"] = using.get((entry.name, entry.version), [])
             out.append(view)
         return out
 
@@ -410,7 +410,9 @@ async def match_count(request: Request, selector: str = "") -> JSONResponse:
         parsed = Selector.parse(selector)
     except ContractError as exc:
         return JSONResponse({"error": exc.message}, status_code=400)
-    found = await asyncio.to_thread(_plane(request).fleet.list_devices, session.principal.tenant, parsed)
+    # The fleet table's columns (labels and status), not every device's full report.
+    rows = await asyncio.to_thread(_plane(request).fleet.summaries, session.principal.tenant)
+    found = [d for d in rows if parsed.matches(d.labels)]
     return JSONResponse({"count": len(found), "online": sum(1 for d in found if d.status == "online")})
 
 

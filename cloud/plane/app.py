@@ -6,15 +6,15 @@ neither imports the other in a circle.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cloud.plane.api import install
-from cloud.plane.metrics import RequestCounts
+from cloud.plane.metrics import CountRequests
 from cloud.plane.service import ControlPlane
 from cloud.settings import CloudSettings
 from shared.tasks import background
@@ -37,16 +37,6 @@ def create_app(settings: CloudSettings) -> FastAPI:
 
     app = FastAPI(title="Open-AutoGLM control plane", version="0.1.0", lifespan=lifespan)
     install(app)
-    app.state.request_counts = counts = RequestCounts()
-    app.add_middleware(_Counted, counts=counts)
+    app.state.request_counts = counts = collections.Counter[str]()
+    app.add_middleware(CountRequests, counts=counts)
     return app
-
-
-class _Counted:
-    """Starlette builds middleware from a class and keyword arguments."""
-
-    def __init__(self, app: ASGIApp, counts: RequestCounts) -> None:
-        self.handle = counts.middleware(app)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.handle(scope, receive, send)

@@ -32,27 +32,24 @@ def _kind(path: str) -> str:
     return "api"
 
 
-class RequestCounts:
-    """HTTP requests this replica received, by kind (gateway, api, console, probe): what the
-    control plane's HPA scales on (request rate, through prometheus-adapter). Pure ASGI and a
-    dict increment: nothing in the way of the gateway's streams."""
+class CountRequests:
+    """ASGI middleware: HTTP requests this replica received, by kind (gateway, api, console,
+    probe), into ``counts``: what the control plane's HPA scales on (request rate, through
+    prometheus-adapter). Pure ASGI and a dict increment: nothing in the way of the gateway's
+    streams."""
 
-    def __init__(self) -> None:
-        self.counts: collections.Counter[str] = collections.Counter()
+    def __init__(self, app: ASGIApp, counts: collections.Counter[str]) -> None:
+        self.app = app
+        self.counts = counts
 
-    def middleware(self, app: ASGIApp) -> ASGIApp:
-        counts = self.counts
-
-        async def counted(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] == "http":
-                counts[_kind(scope.get("path", ""))] += 1
-            await app(scope, receive, send)
-
-        return counted
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self.counts[_kind(scope.get("path", ""))] += 1
+        await self.app(scope, receive, send)
 
 
 class _PlaneCollector(Collector):
-    def __init__(self, plane: ControlPlane, requests: RequestCounts | None) -> None:
+    def __init__(self, plane: ControlPlane, requests: collections.Counter[str] | None) -> None:
         self.plane = plane
         self.requests = requests
 
@@ -60,7 +57,7 @@ class _PlaneCollector(Collector):
         http = CounterMetricFamily(
             f"{PREFIX}_http_requests", "HTTP requests received, by kind.", labels=["kind"]
         )
-        counts = self.requests.counts if self.requests is not None else {}
+        counts = self.requests if self.requests is not None else {}
         for kind in ("gateway", "api", "console", "probe"):
             http.add_metric([kind], counts.get(kind, 0))
         yield http
@@ -102,7 +99,9 @@ class _PlaneCollector(Collector):
         yield devices
 
 
-def plane_registry(plane: ControlPlane, requests: RequestCounts | None = None) -> CollectorRegistry:
+def plane_registry(
+    plane: ControlPlane, requests: collections.Counter[str] | None = None
+) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_PlaneCollector(plane, requests))
     return registry

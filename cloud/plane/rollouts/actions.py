@@ -142,14 +142,21 @@ class Rollouts:
             tenant, rid, allowed, RolloutState.ROLLING_BACK, "rollback requested by operator"
         )
 
-    def in_use(self, tenant: str, name: str, version: str) -> list[str]:
+    def models_in_use(self, tenant: str) -> dict[tuple[str, str], list[str]]:
+        """(name, version) -> the rollouts that use it now, for every model in use, in one query."""
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(rollouts.c.rollout_id, rollouts.c.model).where(
                     and_(rollouts.c.tenant == tenant, rollouts.c.state.in_([s.value for s in IN_USE]))
                 )
             ).all()
-        return [r[0] for r in rows if r[1].get("name") == name and r[1].get("version") == version]
+        out: dict[tuple[str, str], list[str]] = {}
+        for rid, model in rows:
+            out.setdefault((model.get("name"), model.get("version")), []).append(rid)
+        return out
+
+    def in_use(self, tenant: str, name: str, version: str) -> list[str]:
+        return self.models_in_use(tenant).get((name, version), [])
 
     # -- views ----------------------------------------------------------------------------------------
     def list(self, tenant: str) -> list[dict[str, Any]]:
