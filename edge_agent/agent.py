@@ -41,7 +41,7 @@ class EdgeAgent:
         self.cache = BlobStore(data / "blobs")
         self.local_config = settings.local_config()
         self.serving = ServingConfig.resolve(self.local_config)
-        self.host = ModelHost(self.serving.queue_size)
+        self.host = ModelHost(self.serving.queue_size, self.serving.parallel, self.serving.batch_invariant)
         self.link = CloudLink(
             settings.broker,
             self.topics,
@@ -199,6 +199,8 @@ class EdgeAgent:
         new = ServingConfig.resolve(self.local_config, pushed)
         old, self.serving = self.serving, new
         self.host.queue_size = new.queue_size
+        self.host.parallel = new.parallel
+        self.host.batch_invariant = new.batch_invariant
         self.reconciler.threads = new.threads
         if new.reload_needed(old) and self.host.current is not None:
             # Called from within the reconciler (config step or restore): no lock to take here.

@@ -106,6 +106,8 @@ class _LiveCollector(Collector):
             stats.last_decode_tok_s,
         )
         yield gauge("queue_depth", "Requests waiting for the runtime.", a.host.waiting)
+        yield gauge("generating", "Requests decoding now (parallel slots in use).", a.host.generating)
+        yield gauge("parallel_slots", "Requests that may decode together.", a.host.width)
         yield gauge("queue_capacity", "Requests allowed to wait before 429.", a.host.queue_size)
         yield gauge("online", "1 while connected to the broker.", 1.0 if a.link.online else 0.0)
         yield gauge(

@@ -48,7 +48,7 @@ class ApiSettings(_Section):
 
 
 class RuntimeSettings(RuntimeTuning):
-    """threads / queue_size / default_max_tokens, which the cloud may also push, plus the providers."""
+    """threads / queue_size / parallel / default_max_tokens, which the cloud may also push, plus the providers."""
 
     # None: CUDA when this onnxruntime build and device have it, then CPU.
     providers: list[str] | None = None

@@ -30,8 +30,15 @@ class RouterPolicy(StrEnum):
 class RuntimeTuning(WireModel):
     # onnxruntime intra-op threads; 0 lets onnxruntime choose. A change reloads the active model.
     threads: Annotated[int, Field(strict=True, ge=0, le=256)] | None = None
-    # Requests allowed to wait while one generates; beyond it the API answers 429.
+    # Requests allowed to wait while others generate; beyond it the API answers 429.
     queue_size: Annotated[int, Field(strict=True, ge=0, le=4096)] | None = None
+    # Requests decoded together in one batched step (parallel slots); 1: one at a time. Each
+    # takes its own KV-cache row (memory grows with it); applies to the next request admitted.
+    parallel: Annotated[int, Field(strict=True, ge=1, le=64)] | None = None
+    # Decode even a lone request as a batch of two, so that no answer depends on what else is
+    # decoding (quantized graphs; a lone stream decodes slower). Off: answers are as good, and
+    # the same at temperature 0 unless other requests decode beside them.
+    batch_invariant: bool | None = None
     default_max_tokens: Annotated[int, Field(strict=True, ge=1, le=32768)] | None = None
 
 

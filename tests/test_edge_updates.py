@@ -174,13 +174,14 @@ def test_failed_load_rejected_config_rollback_and_queue_limit(
         assert "sampling.colour" in rejected.config_error.message
         assert agent_info(edge)["config"]["queue_size"] == 16
 
-        # A valid one applies: no waiting room at all, greedy by default.
-        good = {"runtime": {"queue_size": 0}, "sampling": {"temperature": 0.0}}
+        # A valid one applies: one slot, no waiting room at all, greedy by default.
+        good = {"runtime": {"queue_size": 0, "parallel": 1}, "sampling": {"temperature": 0.0}}
         cloud.set_desired(device, DesiredState(revision=4, model=demo_package.ref, config=good))
         applied = cloud.wait_reported(device, lambda r: r.config_revision == 4 and r.revision == 4)
         assert applied.config_error is None and applied.phase == Phase.ACTIVE
         config = agent_info(edge)["config"]
-        assert config["queue_size"] == 0 and config["temperature"] == 0.0
+        assert config["queue_size"] == 0 and config["parallel"] == 1 and config["temperature"] == 0.0
+        assert agent_info(edge)["queue"]["parallel"] == 1
         _second_request_gets_429(edge)
 
         # v2 in, then back to v1 (a rollback, so signed as one: v1 is the lower release): the

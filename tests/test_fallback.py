@@ -362,13 +362,13 @@ def test_edge_with_no_active_model_is_served_by_the_pool_and_says_so(
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
         assert r.headers["x-autoglm-served-by"] == "none"
 
-        # Now a local model, local_first again, and no room to wait locally: while one request
-        # generates here, the others are served by the pool rather than refused.
+        # Now a local model, local_first again, one slot and no room to wait locally: while one
+        # request generates here, the others are served by the pool rather than refused.
         CloudSide(broker_settings, tenant, registry).drive(
             DesiredState(
                 revision=2,
                 model=demo_package.ref,
-                config={"router": {"policy": "local_first"}, "runtime": {"queue_size": 0}},
+                config={"router": {"policy": "local_first"}, "runtime": {"queue_size": 0, "parallel": 1}},
             ),
             lambda rep: rep.revision == 2 and rep.phase == Phase.ACTIVE,
         )

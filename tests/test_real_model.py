@@ -10,6 +10,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,7 @@ def _stream_chat(api: str, body: dict[str, Any]) -> tuple[str, str | None]:
     """The streamed answer, the raw bytes checked to be valid UTF-8 and each delta free of U+FFFD."""
     raw = b""
     with httpx.stream("POST", f"{api}/v1/chat/completions", json={**body, "stream": True}, timeout=120) as r:
-        assert r.status_code == 200
+        assert r.status_code == 200, r.read()
         for chunk in r.iter_bytes():
             raw += chunk
     text, reason = "", None
@@ -159,6 +160,27 @@ def test_edge_chat_equals_transformers_greedy(
     )
     # The answers are real: the model knows the capital of France.
     assert "Paris" in transformers_answers[0][0]
+
+    # Parallel slots: eight clients at once (four decoding together, four waiting), half of the
+    # requests streamed. The batched decode steps must not change a token of any answer.
+    def ask(i: int) -> tuple[str, str | None]:
+        body = {
+            "model": "smollm2",
+            "messages": list(CHAT_PROMPTS[i]),
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+        }
+        if i % 2:
+            return _stream_chat(edge.api, body)
+        r = httpx.post(f"{edge.api}/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"], r.json()["choices"][0]["finish_reason"]
+
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, range(len(CHAT_PROMPTS))))
+    assert together == [(text, reason) for text, reason, _ in transformers_answers]
+    queue = httpx.get(f"{edge.api}/v1/agent", timeout=10).json()["queue"]
+    assert queue["parallel"] == 4 and queue["generating"] == 0 and queue["waiting"] == 0
 
 
 WEATHER = {

@@ -85,7 +85,12 @@ async def agent_state(request: Request) -> dict[str, Any]:
             "lost": agent.telemetry.lost,
             "dropped": agent.outbox.dropped,
         },
-        "queue": {"waiting": agent.host.waiting, "capacity": agent.host.queue_size},
+        "queue": {
+            "waiting": agent.host.waiting,
+            "capacity": agent.host.queue_size,
+            "generating": agent.host.generating,
+            "parallel": agent.host.width,
+        },
         # Batch API requests not finished yet, by state, and where the finished ones were served.
         "batch": request.app.state.batch_worker.stats(),
         "config": dataclasses.asdict(agent.serving),

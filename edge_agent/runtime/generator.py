@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -16,6 +16,11 @@ from edge_agent.runtime.structured import Constrained, GrammarTokenizers
 from edge_agent.runtime.text import IncrementalText, Prompt
 from shared.errors import ContextTooLong, InvalidRequest
 from shared.openai_api import FinishReason
+
+# A long prompt is prefilled in pieces of this many tokens: while one request's prompt is being
+# read, the requests decoding beside it (parallel slots) wait one piece, not the whole prompt.
+# Every request is fed the same way, alone or not, so its answer does not depend on the company.
+PREFILL_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,8 @@ class GenerationResult:
     logprobs: list[TokenLogprob] | None = None
     # Prompt tokens whose KV was reused from the previous request (the prefix cache).
     cached_tokens: int = 0
+    # The generated token ids (end-of-sequence excluded).
+    token_ids: list[int] = field(default_factory=list)
 
 
 # What a generation stream yields: text deltas, each after the logprobs of its tokens when they
@@ -86,7 +93,6 @@ class TextGenerator:
         self.eos_ids = frozenset(model.io.eos_token_ids)
         self.context_length = model.io.context_length
         self.grammar_tokenizer = GrammarTokenizers(tokenizer, self.eos_ids)
-        self.cached_tokens = 0  # of the current (last) sequence
 
     def check_prompt(self, prompt: Prompt, params: GenerationParams) -> list[int]:
         """Token ids of ``prompt``; RequestError when it is empty or it (with the asked-for
@@ -103,66 +109,148 @@ class TextGenerator:
             return None
         return Scorer(params.logprobs, self.grammar_tokenizer.token_bytes)
 
-    def token_ids(
-        self, prompt_ids: list[int], budget: int, params: GenerationParams, scorer: Scorer | None = None
-    ) -> Iterator[int]:
-        """The decode loop: one new token id per step, until EOS (not yielded) or ``budget`` tokens;
-        ``scorer`` hears each yielded token with its step's raw logits."""
-        rng = np.random.default_rng(params.seed)
-        constraint = Constrained(self.grammar_tokenizer.get(), params.grammar) if params.grammar else None
-        decoder = self.model.decoder(len(prompt_ids) + budget, prompt_ids)
-        self.cached_tokens = decoder.past_len
-        step = prompt_ids[decoder.past_len :]
-        counts: Counter[int] = Counter()
-        for _ in range(budget):
-            logits = decoder.step(step, last_only=True)
-            row = logits[-1] if constraint is None else constraint.mask(logits[-1])
-            token = choose_token(row, params.sampling, rng, counts)
-            if token in self.eos_ids:
-                return
-            if constraint is not None:
-                constraint.accept(token)
-            if scorer is not None:
-                scorer.add(logits[-1], token)
-            counts[token] += 1
-            yield token
-            if constraint is not None and constraint.complete:
-                return
-            step = [token]
+    def sequence(self, prompt_ids: list[int], params: GenerationParams) -> Sequence:
+        """The generation state of one request whose prompt :meth:`check_prompt` encoded."""
+        return Sequence(self, prompt_ids, params)
+
+    def token_ids(self, prompt_ids: list[int], budget: int, params: GenerationParams) -> Iterator[int]:
+        """The decode loop alone: one new token id per step, until EOS (not yielded), ``budget``
+        tokens or a completed grammar (stop sequences are not looked for)."""
+        seq = Sequence(self, prompt_ids, replace(params, stop=(), logprobs=None), budget=budget, text=False)
+        decoder = self.model.decoder(len(prompt_ids) + seq.budget, prompt_ids)
+        seq.start(decoder.past_len)
+        while not seq.done:
+            feed = seq.pending[:PREFILL_CHUNK]
+            logits = decoder.step(feed, last_only=True)
+            if seq.consumed(len(feed)):
+                seq.advance(logits[-1])
+                if seq.last_token is not None:
+                    yield seq.last_token
 
     def stream(self, prompt: Prompt, params: GenerationParams) -> Iterator[StreamItem]:
         """Yield text deltas as they become final, then one GenerationResult."""
         return self.stream_ids(self.check_prompt(prompt, params), params)
 
     def stream_ids(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[StreamItem]:
-        """``stream`` for a prompt already encoded and checked by :meth:`check_prompt`."""
-        budget = min(params.max_tokens, self.context_length - len(prompt_ids))
-        text = IncrementalText(self.tokenizer, params.stop)
-        scorer = self.scorer(params)
-        for token in self.token_ids(prompt_ids, budget, params, scorer):
-            delta = text.push(token)
-            if delta:
-                yield from scored_delta(scorer, delta)
-            if text.stopped:
-                break
-        tail = text.finish()
-        if tail:
-            yield from scored_delta(scorer, tail)
-        reason: FinishReason = "length" if not text.stopped and len(text.tokens) == budget else "stop"
-        yield GenerationResult(
-            text.emitted,
-            len(prompt_ids),
-            len(text.tokens),
-            reason,
-            scorer.scored if scorer else None,
-            self.cached_tokens,
-        )
+        """``stream`` for a prompt already encoded and checked by :meth:`check_prompt`, decoded alone."""
+        seq = Sequence(self, prompt_ids, params)
+        decoder = self.model.decoder(len(prompt_ids) + seq.budget, prompt_ids)
+        seq.start(decoder.past_len)
+        while not seq.done:
+            feed = seq.pending[:PREFILL_CHUNK]
+            logits = decoder.step(feed, last_only=True)
+            if seq.consumed(len(feed)):
+                yield from seq.advance(logits[-1])
 
     def generate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:
         for item in self.stream(prompt, params):
             if isinstance(item, GenerationResult):
                 return item
         raise AssertionError("stream ended without a result")  # pragma: no cover
+
+
+class Sequence:
+    """One request's generation, advanced a token at a time by whoever runs the model: alone
+    (:meth:`TextGenerator.stream_ids`) or in a batched step beside other requests (the parallel
+    slots). The same state machine either way, so a request's output does not depend on it.
+
+    Feed ``pending`` (the uncached prompt, then the last token) to the model and hand the
+    last position's logits to :meth:`advance`, until ``done``."""
+
+    def __init__(
+        self,
+        gen: TextGenerator,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        *,
+        budget: int | None = None,
+        text: bool = True,
+    ) -> None:
+        self.gen = gen
+        self.prompt_ids = prompt_ids
+        self.params = params
+        room = gen.context_length - len(prompt_ids)
+        self.budget = min(params.max_tokens, room) if budget is None else budget
+        self.rng = np.random.default_rng(params.seed)
+        self.constraint = Constrained(gen.grammar_tokenizer.get(), params.grammar) if params.grammar else None
+        self.counts: Counter[int] = Counter()
+        self.text = IncrementalText(gen.tokenizer, params.stop) if text else None
+        self.scorer = gen.scorer(params)
+        self.pending: list[int] = list(prompt_ids)
+        self.cached_tokens = 0
+        self.generated = 0
+        self.last_token: int | None = None
+        self.done = False
+        self.result: GenerationResult | None = None
+
+    @property
+    def capacity(self) -> int:
+        """KV positions this sequence may need."""
+        return len(self.prompt_ids) + self.budget
+
+    def start(self, past_len: int) -> list[StreamItem]:
+        """The model holds the first ``past_len`` prompt positions already (the prefix cache)."""
+        self.cached_tokens = past_len
+        self.pending = list(self.prompt_ids[past_len:])
+        return self._finish() if self.budget <= 0 else []
+
+    def consumed(self, n: int) -> bool:
+        """The model took the first ``n`` pending tokens; whether its logits are the last fed
+        position's (a long prompt is fed in pieces of PREFILL_CHUNK, and only the last counts)."""
+        del self.pending[:n]
+        return not self.pending
+
+    def advance(self, logits: np.ndarray) -> list[StreamItem]:
+        """Choose the next token from the last fed position's logits; the items to send."""
+        self.last_token = None
+        row = logits if self.constraint is None else self.constraint.mask(logits)
+        token = choose_token(row, self.params.sampling, self.rng, self.counts)
+        if token in self.gen.eos_ids:
+            return self._finish()
+        if self.constraint is not None:
+            self.constraint.accept(token)
+        if self.scorer is not None:
+            self.scorer.add(logits, token)
+        self.counts[token] += 1
+        self.generated += 1
+        self.last_token = token
+        self.pending = [token]
+        items: list[StreamItem] = []
+        stopped = False
+        if self.text is not None:
+            delta = self.text.push(token)
+            if delta:
+                items.extend(scored_delta(self.scorer, delta))
+            stopped = self.text.stopped
+        if (
+            stopped
+            or self.generated >= self.budget
+            or (self.constraint is not None and self.constraint.complete)
+        ):
+            items.extend(self._finish())
+        return items
+
+    def _finish(self) -> list[StreamItem]:
+        self.done = True
+        items: list[StreamItem] = []
+        text = self.text
+        if text is None:
+            return items
+        tail = text.finish()
+        if tail:
+            items.extend(scored_delta(self.scorer, tail))
+        reason: FinishReason = "length" if not text.stopped and len(text.tokens) == self.budget else "stop"
+        self.result = GenerationResult(
+            text.emitted,
+            len(self.prompt_ids),
+            len(text.tokens),
+            reason,
+            self.scorer.scored if self.scorer else None,
+            self.cached_tokens,
+            list(text.tokens),
+        )
+        items.append(self.result)
+        return items
 
 
 def scored_delta(scorer: Scorer | None, delta: str) -> Iterator[str | Scored]:

@@ -1,24 +1,23 @@
-"""The model being served: loaded from a slot, swapped atomically, called off the event loop.
+"""The model being served: loaded from a slot, swapped atomically, run off the event loop.
 
-One generation runs at a time (batch-1 decode is bound by reading the weights; a second
-concurrent sequence on two CPU cores would only halve both). Up to ``queue_size`` more requests
-wait their turn in arrival order; beyond that a request is refused at once with 429 and a
-Retry-After estimated from recent request durations, so clients back off instead of piling up.
+Up to ``parallel`` requests generate together (the parallel slots: one batched decode step for
+all of them, see :mod:`edge_agent.runtime.batcher`). Up to ``queue_size`` more wait their turn in
+arrival order; beyond that a request is refused at once with 429 and a Retry-After estimated from
+recent request durations, so clients back off instead of piling up.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import threading
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from edge_agent.runtime.batcher import DecodeBatcher
 from edge_agent.runtime.channel import GenerationChannel
 from edge_agent.runtime.chat import ChatTemplate
 from edge_agent.runtime.generator import GenerationParams, GenerationResult, StreamItem, TextGenerator
@@ -36,6 +35,8 @@ class LoadedModel:
     generator: TextGenerator
     chat: ChatTemplate
     threads: int = 0
+    # Made by the host on the first request (it holds the host's settings and statistics).
+    batcher: DecodeBatcher | None = None
 
     @property
     def model_id(self) -> str:
@@ -85,12 +86,13 @@ class HostStats:
 
 
 class ModelHost:
-    def __init__(self, queue_size: int = 16) -> None:
+    def __init__(self, queue_size: int = 16, parallel: int = 4, batch_invariant: bool = False) -> None:
         self._current: LoadedModel | None = None
         self.queue_size = queue_size
+        self.parallel = parallel
+        self.batch_invariant = batch_invariant
         self._admitted = 0  # generating + waiting
-        self._turn = asyncio.Lock()
-        self._run_lock = threading.Lock()
+        self._count_lock = threading.Lock()  # _admitted is released from the batcher's thread
         self.stats = HostStats()
 
     @property
@@ -98,8 +100,19 @@ class ModelHost:
         return self._current
 
     @property
+    def width(self) -> int:
+        """Requests that generate at once with the current model."""
+        model = self._current
+        return self._batcher(model).width if model is not None else max(1, self.parallel)
+
+    @property
     def waiting(self) -> int:
-        return max(0, self._admitted - 1)
+        return max(0, self._admitted - self.width)
+
+    @property
+    def generating(self) -> int:
+        model = self._current
+        return model.batcher.active if model is not None and model.batcher is not None else 0
 
     def swap(self, model: LoadedModel | None) -> LoadedModel | None:
         old, self._current = self._current, model
@@ -111,101 +124,86 @@ class ModelHost:
             raise ModelNotReady("no model is active on this device yet", retry_after_s=5)
         return model
 
-    def _admit(self) -> None:
-        if self._admitted >= 1 + self.queue_size:
-            self.stats.rejected_queue_full += 1
-            wait = self.stats.avg_request_s * (self.waiting + 1)
-            raise QueueFull(
-                f"the local queue is full ({self.queue_size} waiting); retry later",
-                retry_after_s=max(1, math.ceil(wait)),
+    def _batcher(self, model: LoadedModel) -> DecodeBatcher:
+        if model.batcher is None:
+            model.batcher = DecodeBatcher(
+                model.generator,
+                lambda: self.parallel,
+                self._record,
+                self._add_busy,
+                lambda: self.batch_invariant,
             )
-        self._admitted += 1
+        return model.batcher
 
-    @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        """Admission (or 429) now, then the turn to generate, in arrival order."""
-        self._admit()
-        try:
-            async with self._turn:
-                yield
-        finally:
+    def _admit(self, width: int) -> None:
+        with self._count_lock:
+            if self._admitted >= width + self.queue_size:
+                self.stats.rejected_queue_full += 1
+                wait = self.stats.avg_request_s * (self.waiting + 1) / width
+                raise QueueFull(
+                    f"the local queue is full ({self.queue_size} waiting); retry later",
+                    retry_after_s=max(1, math.ceil(wait)),
+                )
+            self._admitted += 1
+
+    def _release(self) -> None:
+        with self._count_lock:
             self._admitted -= 1
+
+    def _add_busy(self, seconds: float) -> None:
+        self.stats.busy_s += seconds
 
     def _record(self, result: GenerationResult, seconds: float, decode_s: float) -> None:
         s = self.stats
         s.requests_done += 1
         s.prompt_tokens += result.prompt_tokens
         s.completion_tokens += result.completion_tokens
-        s.busy_s += seconds
         s.avg_request_s = 0.8 * s.avg_request_s + 0.2 * seconds
         if result.completion_tokens > 1 and decode_s > 0:
             s.last_decode_tok_s = (result.completion_tokens - 1) / decode_s
 
-    def _timed(self, items: Iterator[StreamItem]) -> Iterator[StreamItem]:
-        """Pass the items through, recording timing when the result arrives."""
-        start = time.perf_counter()
-        first: float | None = None
-        for item in items:
-            if isinstance(item, GenerationResult):
-                end = time.perf_counter()
-                self._record(item, end - start, end - first if first is not None else 0.0)
-            elif first is None:
-                first = time.perf_counter()
-            yield item
-
     async def generate(
         self, prompt: Prompt, params: GenerationParams
     ) -> tuple[LoadedModel, GenerationResult]:
-        model = self.require()
-        prompt_ids = await asyncio.to_thread(model.generator.check_prompt, prompt, params)
-
-        # Set when the caller is cancelled (its client went away): the thread stops at the next
-        # token and the runtime is free for the next request.
-        cancelled = threading.Event()
-
-        def run() -> GenerationResult | None:
-            with self._run_lock:
-                for item in self._timed(model.generator.stream_ids(prompt_ids, params)):
-                    if cancelled.is_set():
-                        return None
-                    if isinstance(item, GenerationResult):
-                        return item
-            raise AssertionError("stream ended without a result")  # pragma: no cover
-
+        model, channel = await self._submit(prompt, params)
         try:
-            async with self._slot():
-                result = await asyncio.to_thread(run)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        assert result is not None
-        return model, result
+            async for item in channel.items():
+                if isinstance(item, GenerationResult):
+                    return model, item
+        finally:
+            channel.cancelled.set()  # cancelled caller: the request leaves the batch
+        raise AssertionError("stream ended without a result")  # pragma: no cover
 
     async def stream(
         self, prompt: Prompt, params: GenerationParams
     ) -> tuple[LoadedModel, AsyncIterator[StreamItem]]:
-        """Validate and admit now (errors before the response starts), generate in the background."""
+        """Validate and admit now (errors before the response starts), generate in the background.
+
+        When the reader stops reading (its client went away), the request leaves the batch at
+        the next step and its place goes to the next in line."""
+        model, channel = await self._submit(prompt, params)
+        return model, _closing(channel)
+
+    async def _submit(
+        self, prompt: Prompt, params: GenerationParams
+    ) -> tuple[LoadedModel, GenerationChannel]:
         model = self.require()
         prompt_ids = await asyncio.to_thread(model.generator.check_prompt, prompt, params)
-        self._admit()
+        batcher = self._batcher(model)
+        self._admit(batcher.width)
         channel = GenerationChannel()
+        try:
+            batcher.submit(prompt_ids, params, channel, self._release)
+        except BaseException:
+            self._release()
+            raise
+        return model, channel
 
-        def run() -> None:
-            try:
-                with self._run_lock:
-                    for item in self._timed(model.generator.stream_ids(prompt_ids, params)):
-                        channel.put(item)
-                        if channel.cancelled.is_set():
-                            return  # the client went away; free the runtime for the next request
-            except BaseException as exc:
-                channel.put(exc)
 
-        async def work() -> None:
-            try:
-                async with self._turn:
-                    await asyncio.to_thread(run)
-            finally:
-                self._admitted -= 1
-
-        worker = asyncio.create_task(work(), name="generation-stream")
-        return model, channel.items(finished=worker)
+async def _closing(channel: GenerationChannel) -> AsyncIterator[StreamItem]:
+    """The channel's items; however the reader stops (cancelled included), generation stops."""
+    try:
+        async for item in channel.items():
+            yield item
+    finally:
+        channel.cancelled.set()

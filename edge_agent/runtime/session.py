@@ -108,11 +108,29 @@ class OnnxCausalLM:
         # Off: every sequence is prefilled from scratch (benchmarks of cold prefill).
         self.prefix_cache = True
 
-    def decoder(self, capacity: int, prompt_ids: Sequence[int] = ()) -> Decoder:
+    @property
+    def batches(self) -> bool:
+        """Whether several sequences can decode in one step (shared KV on host memory)."""
+        return self.shared_kv and self.providers[0] != "CUDAExecutionProvider"
+
+    def decoder(
+        self,
+        capacity: int,
+        prompt_ids: Sequence[int] = (),
+        *,
+        busy: frozenset[int] = frozenset(),
+        rows: int = 1,
+        invariant: bool = False,
+    ) -> Decoder:
         """A decoder for one sequence of at most ``capacity`` positions (prompt + new tokens).
 
-        With ``prompt_ids``, the cached positions the previous sequence shares with it are kept:
-        the decoder's ``past_len`` says how many, and only ``prompt_ids[past_len:]`` is fed."""
+        With ``prompt_ids``, the cached positions a previous sequence shares with it are kept:
+        the decoder's ``past_len`` says how many, and only ``prompt_ids[past_len:]`` is fed.
+
+        The parallel-slots scheduler passes the KV rows its running sequences hold (``busy``) and
+        how many rows it may use (``rows``); the decoder gets a free row, the one whose cache
+        fits the prompt best. Buffers grow (keeping their contents) to fit (``invariant``: to an
+        even number of rows, see :meth:`step_together`)."""
         if capacity > self.io.context_length:
             raise ContextTooLong(f"{capacity} positions exceed the local context of {self.io.context_length}")
         if not self.prefix_cache:
@@ -120,10 +138,35 @@ class OnnxCausalLM:
         if not self.shared_kv:
             keep = self._concat_cache.reusable(prompt_ids)
             return _ConcatDecoder(self, self._concat_cache, keep)
-        if self._buffers is None or self._buffers.capacity < capacity:
+        b = self._buffers
+        if b is not None and len(busy) < b.rows:
+            row, _ = b.choose_row(prompt_ids, busy)
+        else:
+            row = b.rows if b is not None else 0  # every row is taken: one more
+            if row >= rows:
+                raise RuntimeError(f"all {rows} KV rows are taken")  # the scheduler admits no more
+        want = max(2, row + 1 + (row + 1) % 2) if invariant and self.batches else row + 1
+        if b is None or b.capacity < capacity or b.rows < want:
             size = min(self.io.context_length, -(-capacity // _KV_GRANULE) * _KV_GRANULE)
-            self._buffers = _SharedBuffers(self, size)
-        return self._buffers.start(prompt_ids)
+            size = max(size, b.capacity if b is not None else 0)
+            self._buffers = b = _SharedBuffers(self, size, max(want, b.rows if b else 1), old=b)
+        return b.start(row, prompt_ids)
+
+    def step_together(
+        self, decoders: Sequence[Decoder], tokens: Sequence[int], invariant: bool = False
+    ) -> np.ndarray:
+        """One decode step for several sequences (one new token each): logits [n, vocab].
+
+        Shared-KV decoders run as one batch; others (concatenated caches) one after another.
+
+        ``invariant``: the batch has an even number of rows (idle rows ride along). ONNX Runtime's
+        MatMulNBits computes rows in pairs and an odd last row with a one-row kernel that rounds
+        differently (as accurate, not the same), so a sequence's logits would depend on how many
+        others share its step; with even widths they never do."""
+        shared = [d for d in decoders if isinstance(d, _SharedDecoder)]
+        if len(shared) == len(decoders) and shared and self._buffers is not None:
+            return self._buffers.step_rows(shared, tokens, invariant)
+        return np.stack([d.step([t])[-1] for d, t in zip(decoders, tokens, strict=True)])
 
     def sequence_logits(self, input_ids: list[int]) -> np.ndarray:
         """Logits [len, vocab] for every position of a full sequence, from an empty cache."""
@@ -191,38 +234,136 @@ class _ConcatDecoder:
 
 
 class _SharedBuffers:
-    """KV buffers, step inputs and decode logits for the shared-KV graph, allocated once."""
+    """KV buffers for ``rows`` sequences of the shared-KV graph, one [rows, heads, capacity,
+    head_dim] array per tensor, with each row's step inputs and prefix cache, allocated once.
 
-    def __init__(self, model: OnnxCausalLM, capacity: int) -> None:
+    A row is prefilled and stepped on its own through a binding of its slice of the buffers; the
+    parallel-slots scheduler also decodes several rows in one run (:meth:`step_rows`), which reads
+    the weights once for all of them. GroupQueryAttention takes each row's own length
+    (``seqlens_k``), so rows at different positions share a step."""
+
+    def __init__(
+        self, model: OnnxCausalLM, capacity: int, rows: int = 1, old: _SharedBuffers | None = None
+    ) -> None:
         self.model = model
         self.capacity = capacity
+        self.rows = rows
         io = model.io
-        shape = (1, io.num_kv_heads, capacity, io.head_dim)
-        self.binding = model.session.io_binding()
-        self.logits = np.zeros((1, 1, io.vocab_size), dtype=np.float32)
-        self._logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits)
-        # Bound first, so the prefill's freshly allocated logits are get_outputs()[0].
-        self.binding.bind_ortvalue_output("logits", self._logits_value)
+        shape = (rows, io.num_kv_heads, capacity, io.head_dim)
         # The cache lives where the attention runs. On CUDA a host buffer would be copied to the
         # device and back on every step, and past and present would no longer be one buffer.
         # (Not verified on a GPU yet: no GPU machine was lent to the sessions that wrote this.)
-        on_cuda = model.providers[0] == "CUDAExecutionProvider"
-        # Keep numpy arrays alive: on the CPU the OrtValues below wrap their memory without copying.
-        self._arrays: list[np.ndarray] = []
-        for pair_in, pair_out in zip(model.past_names, model.present_names, strict=True):
-            for name_in, name_out in zip(pair_in, pair_out, strict=True):
-                arr = np.zeros(shape, dtype=model.kv_dtype)
-                if on_cuda:
-                    value = ort.OrtValue.ortvalue_from_numpy(arr, "cuda", 0)
-                else:
-                    self._arrays.append(arr)
-                    value = ort.OrtValue.ortvalue_from_numpy(arr)
-                self.binding.bind_ortvalue_input(name_in, value)
-                self.binding.bind_ortvalue_output(name_out, value)
+        self.on_cuda = model.providers[0] == "CUDAExecutionProvider"
+        if self.on_cuda and rows != 1:
+            raise ValueError("parallel rows need host KV buffers (CPU execution provider)")
+        self.arrays: list[np.ndarray] = [
+            np.zeros(shape, dtype=model.kv_dtype) for _ in range(2 * io.num_layers)
+        ]
+        if old is not None and not self.on_cuda:
+            # Growing: the rows' caches (and any sequence being decoded) keep their positions.
+            for new_arr, old_arr in zip(self.arrays, old.arrays, strict=True):
+                new_arr[: old.rows, :, : old.capacity] = old_arr
+        self.by_row: list[_RowBinding] = [
+            _RowBinding(
+                self,
+                r,
+                old.by_row[r].cache
+                if old is not None and r < old.rows and not self.on_cuda
+                else _PrefixCache(),
+            )
+            for r in range(rows)
+        ]
+        self._steps: dict[int, _BatchBinding] = {}
+
+    def values(self, lo: int, hi: int) -> list[ort.OrtValue]:
+        """OrtValues over rows [lo, hi) of every KV array, in (past, present) name order."""
+        if self.on_cuda:
+            return [ort.OrtValue.ortvalue_from_numpy(arr, "cuda", 0) for arr in self.arrays]
+        # A leading-axis slice of a C-contiguous array is contiguous: the OrtValue wraps it in place.
+        return [ort.OrtValue.ortvalue_from_numpy(arr[lo:hi]) for arr in self.arrays]
+
+    def bind_kv(self, binding: ort.IOBinding, values: list[ort.OrtValue]) -> None:
+        names = zip(self.model.past_names, self.model.present_names, strict=True)
+        flat = [(i, o) for pair_in, pair_out in names for i, o in zip(pair_in, pair_out, strict=True)]
+        for (name_in, name_out), value in zip(flat, values, strict=True):
+            binding.bind_ortvalue_input(name_in, value)
+            binding.bind_ortvalue_output(name_out, value)
+
+    def choose_row(self, prompt_ids: Sequence[int], busy: frozenset[int]) -> tuple[int, int]:
+        """The free row whose cache shares the longest prefix with ``prompt_ids`` (the lowest on a
+        tie, so that batched steps stay narrow), and how many positions it can keep."""
+        best = (-1, -1)
+        for r in range(self.rows):
+            if r not in busy:
+                keep = self.by_row[r].cache.reusable(prompt_ids)
+                if keep > best[1]:
+                    best = (r, keep)
+        if best[0] < 0:
+            raise RuntimeError("no free KV row")  # the scheduler never admits more than it has
+        return best
+
+    def start(self, row: int, prompt_ids: Sequence[int] = ()) -> _SharedDecoder:
+        cache = self.by_row[row].cache
+        keep = cache.reusable(prompt_ids)
+        cache.keep(keep)
+        return _SharedDecoder(self.model, row, keep)
+
+    def step_rows(
+        self, decoders: Sequence[_SharedDecoder], tokens: Sequence[int], invariant: bool = False
+    ) -> np.ndarray:
+        """One decode step for several rows at once: logits [len(decoders), vocab], in order.
+
+        Rows between them that are not decoding ride along on a dummy token; what it writes lands
+        just past their cached prefix, which nothing reads."""
+        width = self._width(decoders, invariant)
+        step = self._steps.get(width)
+        if step is None:
+            step = self._steps[width] = _BatchBinding(self, width)
+        for r in range(width):
+            cache = self.by_row[r].cache
+            if len(cache.tokens) >= self.capacity:
+                cache.keep(self.capacity - 1)
+            step.seqlens[r] = len(cache.tokens)
+            step.ids[r, 0] = 0
+        for d, token in zip(decoders, tokens, strict=True):
+            if d.past_len + 1 > self.capacity:
+                raise ContextTooLong(f"sequence exceeds the KV buffer of {self.capacity}")
+            self.by_row[d.row].cache.keep(d.past_len)
+            step.seqlens[d.row] = d.past_len
+            step.ids[d.row, 0] = token
+        step.total[()] = int(step.seqlens.max()) + 1
+        try:
+            self.model.session.run_with_iobinding(step.binding)
+        except BaseException:
+            for d in decoders:
+                self.by_row[d.row].cache.keep(0)
+            raise
+        for d, token in zip(decoders, tokens, strict=True):
+            self.by_row[d.row].cache.tokens.append(token)
+            d.past_len += 1
+        return step.logits[[d.row for d in decoders], 0]
+
+    def _width(self, decoders: Sequence[_SharedDecoder], invariant: bool) -> int:
+        """Rows in a batched step: up to the highest decoding row (an even count if ``invariant``)."""
+        width = max(d.row for d in decoders) + 1
+        return min(self.rows, width + width % 2) if invariant else width
+
+
+class _RowBinding:
+    """One row's slice of the KV buffers bound for stepping that sequence alone."""
+
+    def __init__(self, buffers: _SharedBuffers, row: int, cache: _PrefixCache) -> None:
+        model = buffers.model
+        self.cache = cache
+        self.binding = model.session.io_binding()
+        self.logits = np.zeros((1, 1, model.io.vocab_size), dtype=np.float32)
+        self._logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits)
+        # Bound first, so the prefill's freshly allocated logits are get_outputs()[0].
+        self.binding.bind_ortvalue_output("logits", self._logits_value)
+        buffers.bind_kv(self.binding, buffers.values(row, row + 1))
         self.token = np.zeros((1, 1), dtype=np.int64)
         self.seqlens = np.zeros((1,), dtype=np.int32)
         self.total = np.zeros((), dtype=np.int32)
-        self.cache = _PrefixCache()
         self.keep_last = np.ones(1, dtype=np.int64)
         self.keep_all = np.zeros(1, dtype=np.int64)
         if model.trims_logits:
@@ -233,41 +374,62 @@ class _SharedBuffers:
             "total_sequence_length", ort.OrtValue.ortvalue_from_numpy(self.total)
         )
 
-    def start(self, prompt_ids: Sequence[int] = ()) -> _SharedDecoder:
-        keep = self.cache.reusable(prompt_ids)
-        self.cache.keep(keep)
-        return _SharedDecoder(self, keep)
+
+class _BatchBinding:
+    """Rows [0, width) of the KV buffers bound for one batched decode step."""
+
+    def __init__(self, buffers: _SharedBuffers, width: int) -> None:
+        model = buffers.model
+        self.binding = model.session.io_binding()
+        self.ids = np.zeros((width, 1), dtype=np.int64)
+        self.seqlens = np.zeros((width,), dtype=np.int32)
+        self.total = np.zeros((), dtype=np.int32)
+        self.logits = np.zeros((width, 1, model.io.vocab_size), dtype=np.float32)
+        self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+        buffers.bind_kv(self.binding, buffers.values(0, width))
+        self.binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self.ids))
+        self.binding.bind_ortvalue_input("seqlens_k", ort.OrtValue.ortvalue_from_numpy(self.seqlens))
+        self.binding.bind_ortvalue_input(
+            "total_sequence_length", ort.OrtValue.ortvalue_from_numpy(self.total)
+        )
+        if model.trims_logits:
+            self.binding.bind_cpu_input("logits_to_keep", np.zeros(1, dtype=np.int64))
 
 
 class _SharedDecoder:
-    def __init__(self, buffers: _SharedBuffers, past_len: int = 0) -> None:
-        self.b = buffers
+    def __init__(self, model: OnnxCausalLM, row: int, past_len: int = 0) -> None:
+        # The model's buffers, not these: they may grow (into new arrays) while this sequence runs.
+        self.model = model
+        self.row = row
         self.past_len = past_len
 
     def step(self, token_ids: list[int], last_only: bool = False) -> np.ndarray:
-        b = self.b
+        buffers = self.model._buffers
+        assert buffers is not None
+        b = buffers.by_row[self.row]
         seq = len(token_ids)
         total = self.past_len + seq
-        if total > b.capacity:
-            raise ContextTooLong(f"sequence of {total} positions exceeds the KV buffer of {b.capacity}")
+        if total > buffers.capacity:
+            raise ContextTooLong(f"sequence of {total} positions exceeds the KV buffer of {buffers.capacity}")
         # Positions from past_len on are about to be written: what the cache said of them is over.
         b.cache.keep(self.past_len)
         b.seqlens[0] = total - 1
         b.total[()] = total
+        session = self.model.session
         try:
             if seq == 1:
                 # The hot path: every tensor is preallocated and already bound.
                 b.token[0, 0] = token_ids[0]
                 b.binding.bind_ortvalue_input("input_ids", b._token_value)
                 b.binding.bind_ortvalue_output("logits", b._logits_value)
-                b.model.session.run_with_iobinding(b.binding)
+                session.run_with_iobinding(b.binding)
                 logits: np.ndarray = b.logits[0]
             else:
                 b.binding.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
-                if b.model.trims_logits:
+                if self.model.trims_logits:
                     b.binding.bind_cpu_input("logits_to_keep", b.keep_last if last_only else b.keep_all)
                 b.binding.bind_output("logits")
-                b.model.session.run_with_iobinding(b.binding)
+                session.run_with_iobinding(b.binding)
                 logits = b.binding.get_outputs()[0].numpy()[0]
         except BaseException:
             b.cache.keep(0)  # a failed step may have written some positions

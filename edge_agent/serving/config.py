@@ -12,6 +12,8 @@ from shared.edge_config import EdgeConfig, RouterPolicy
 class ServingConfig:
     threads: int = 0
     queue_size: int = 16
+    parallel: int = 4
+    batch_invariant: bool = False
     default_max_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0

@@ -1,0 +1,217 @@
+"""Parallel slots on the edge: N concurrent streams decoding together vs the same N one at a time.
+
+Builds the graphs the packager ships for SmolLM2-135M-Instruct (real weights; fused decoder,
+fp32 / int8 / int4 weight-only) and runs the edge's own serving path (``ModelHost`` with its
+decode batcher) twice per round, interleaved: ``parallel 1`` (each request decodes alone, the
+rest wait in the queue) and ``parallel N`` (all N decode in one batched step per token). Same
+chat prompts (rendered with the model's template), greedy, end-of-sequence ignored so every
+stream generates exactly ``--new-tokens``. Reports aggregate tok/s (all tokens over the wall time
+from the first request to the last answer, prefills included) and aggregate decode tok/s (tokens
+after each stream's first, over the time from the last first token to the last answer), and
+checks that every stream's token ids are the same both ways.
+
+Usage: python bench/edge_parallel.py [--streams 4] [--new-tokens 64] [--runs 5] [--threads 2]
+       [--precision int8 --precision int4 ...] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from edge_decode import SETTLE_S, build_model
+
+QUESTIONS = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "How do I boil an egg?",
+    "Name three primary colours.",
+    "Why is the sky blue?",
+    "Give me a tip for learning Python.",
+    "What is 12 times 12?",
+    "Describe a cat in one sentence.",
+)
+
+
+@dataclass
+class Round:
+    wall_s: float
+    decode_s: float
+    tokens: int
+    decode_tokens: int
+    ids: list[list[int]]
+
+
+def union_s(spans: list[tuple[float, float]]) -> float:
+    """Seconds covered by the union of the (start, end) spans."""
+    total, reach = 0.0, -float("inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def build(work: Path, precision: str) -> Path:
+    from cloud.packaging.export import read_hf_config
+    from cloud.packaging.fused import build_fused
+    from cloud.packaging.quantize import quantize_weight_only, weight_block_size
+
+    src = work / "hf"
+    if not (src / "config.json").exists():
+        print(f"importing SmolLM2 into {src} …", flush=True)
+        build_model("smollm2", src)
+    cfg = read_hf_config(src)
+    fp32 = work / "fused-fp32" / "model.onnx"
+    if not fp32.exists():
+        print("building the fused graph …", flush=True)
+        build_fused(src, cfg, fp32.parent)
+    if precision == "fp32":
+        return fp32
+    bits = 8 if precision == "int8" else 4
+    graph = work / f"fused-{precision}" / "model.onnx"
+    if not graph.exists():
+        print(f"quantizing to {precision} …", flush=True)
+        quantize_weight_only(fp32, graph, bits, weight_block_size(bits, cfg["hidden_size"]))
+    return graph
+
+
+def make_host(src: Path, graph: Path, threads: int, parallel: int, invariant: bool):  # type: ignore[no-untyped-def]
+    from tokenizers import Tokenizer
+
+    from cloud.packaging.export import io_signature, read_hf_config
+    from edge_agent.runtime.generator import TextGenerator
+    from edge_agent.runtime.host import ModelHost
+    from edge_agent.runtime.session import OnnxCausalLM
+
+    cfg = read_hf_config(src)
+    io = io_signature(graph, cfg, {"eos_token_id": cfg.get("eos_token_id")})
+    lm = OnnxCausalLM(graph, io, threads=threads)
+    lm.prefix_cache = False  # rounds repeat their prompts: time every prefill
+    gen = TextGenerator(lm, Tokenizer.from_file(str(src / "tokenizer.json")))
+    gen.eos_ids = frozenset()  # every stream generates exactly new_tokens
+
+    class Loaded:  # what ModelHost needs of a LoadedModel
+        generator = gen
+        batcher = None
+
+    host = ModelHost(queue_size=64, parallel=parallel, batch_invariant=invariant)
+    host.swap(Loaded())  # type: ignore[arg-type]
+    return host
+
+
+async def one_round(host, prompts: list[str], new_tokens: int) -> Round:  # type: ignore[no-untyped-def]
+    from edge_agent.runtime.generator import GenerationParams, GenerationResult
+    from edge_agent.runtime.sampling import SamplingConfig
+    from edge_agent.runtime.text import Prompt
+
+    params = GenerationParams(max_tokens=new_tokens, sampling=SamplingConfig(temperature=0.0))
+    t0 = time.perf_counter()
+
+    async def stream(text: str) -> tuple[float, float, GenerationResult]:
+        _, items = await host.stream(Prompt(text), params)
+        first = 0.0
+        async for item in items:
+            if not first:
+                first = time.perf_counter()
+            if isinstance(item, GenerationResult):
+                return first, time.perf_counter(), item
+        raise AssertionError("no result")
+
+    done = await asyncio.gather(*(stream(p) for p in prompts))
+    end = max(e for _, e, _ in done)
+    tokens = sum(r.completion_tokens for _, _, r in done)
+    # Decode time: when at least one stream was past its first token.
+    decode_s = union_s([(f, e) for f, e, _ in done])
+    return Round(end - t0, decode_s, tokens, tokens - len(done), [r.token_ids for _, _, r in done])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", action="append", choices=("int8", "int4", "fp32"))
+    ap.add_argument("--workdir", type=Path, default=None, help="Keep (and reuse) the model files here.")
+    args = ap.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="autoglm-parallel-"))
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} cpus, {args.threads} threads; python {platform.python_version()}"
+    )
+    from edge_agent.runtime.chat import ChatTemplate
+
+    precisions = args.precision or ["int8", "int4", "fp32"]
+    graphs = {p: build(work, p) for p in precisions}
+    template = ChatTemplate.from_folder(work / "hf")
+    prompts = [
+        template.prompt([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]).text
+        for i in range(args.streams)
+    ]
+    n = args.streams
+    configs = {  # label: (parallel, batch_invariant)
+        "1 at a time": (1, False),
+        f"{n} together": (n, False),
+        "1 at a time, invariant": (1, True),
+        f"{n} together, invariant": (n, True),
+    }
+    table = []
+    for precision in precisions:
+        hosts = {
+            label: make_host(work / "hf", graphs[precision], args.threads, par, inv)
+            for label, (par, inv) in configs.items()
+        }
+        for host in hosts.values():
+            asyncio.run(one_round(host, prompts, 4))  # warm-up (and the KV rows allocated)
+        results: dict[str, list[Round]] = {label: [] for label in hosts}
+        for r in range(args.runs):
+            print(f"{precision} round {r + 1}/{args.runs} …", flush=True)
+            labels = list(hosts)
+            for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
+                time.sleep(SETTLE_S)
+                results[label].append(asyncio.run(one_round(hosts[label], prompts, args.new_tokens)))
+        base = results["1 at a time"]
+        for label, rounds in results.items():
+            overall = statistics.median(x.tokens / x.wall_s for x in rounds)
+            decode = statistics.median(x.decode_tokens / x.decode_s for x in rounds)
+            paired = sorted(
+                (x.decode_tokens / x.decode_s) / (b.decode_tokens / b.decode_s)
+                for x, b in zip(rounds, base, strict=True)
+            )
+            twin = results["1 at a time, invariant" if "invariant" in label else "1 at a time"]
+            same = all(x.ids == t.ids for x, t in zip(rounds, twin, strict=True))
+            table.append((precision, label, overall, decode, paired, same))
+
+    print()
+    print(
+        f"SmolLM2-135M-Instruct, {n} concurrent chat requests, {args.new_tokens} new tokens each "
+        f"(greedy, EOS ignored), {args.threads} threads; medians of {args.runs} interleaved rounds"
+    )
+    print(
+        f"{'graph':<7}{'decoding':<26}{'tok/s':>8}{'decode tok/s':>14}{'vs 1 at a time':>16}"
+        f"{'(paired min–max)':>19}{'ids as alone':>14}"
+    )
+    for precision, label, overall, decode, paired, same in table:
+        print(
+            f"{precision:<7}{label:<26}{overall:>8.1f}{decode:>14.1f}{statistics.median(paired):>15.2f}×"
+            f"{f'{paired[0]:.2f}–{paired[-1]:.2f}':>19}{same!s:>14}"
+        )
+    print()
+    print("'ids as alone': every stream's token ids equal those of the same request decoded one at a time")
+    print("(in the same mode). 'decode tok/s' counts tokens after each stream's first over the time when")
+    print("at least one stream was past its first token.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""Parallel slots on the edge: requests decode together in batched steps (real ONNX Runtime on the
+packaged demo model), each answering exactly as it does alone; admission, 429 and abandoned
+requests keep their meaning."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from cloud.registry import ModelRegistry, RegistryEntry
+from edge_agent.runtime.generator import GenerationParams, GenerationResult
+from edge_agent.runtime.host import LoadedModel, ModelHost
+from edge_agent.runtime.sampling import SamplingConfig
+from edge_agent.runtime.text import Prompt
+from edge_agent.update.slots import SlotStore
+from shared.errors import QueueFull
+
+GREEDY = SamplingConfig(temperature=0.0)
+PROMPTS = (
+    "import os\nimport sys\n",
+    "def main():\n    ",
+    "class Config:\n    def __init__(self",
+    "for i in range(10):\n",
+    "import os\nimport json\nfrom pathlib import Path\n\n\ndef load(path",
+    "x = [",
+)
+
+
+@pytest.fixture(scope="module")
+def folder(demo_package: RegistryEntry, registry: ModelRegistry, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    slots = SlotStore(tmp_path_factory.mktemp("slots"))
+    return slots.stage("a", demo_package.manifest, demo_package.signed.to_json(), registry.blobs)
+
+
+def _load(folder, demo_package: RegistryEntry) -> LoadedModel:  # type: ignore[no-untyped-def]
+    return LoadedModel.load(folder, demo_package.manifest, "a", threads=1, providers=None)
+
+
+@pytest.fixture(scope="module")
+def alone(folder, demo_package: RegistryEntry) -> dict[tuple[str, int], GenerationResult]:  # type: ignore[no-untyped-def]
+    """Each prompt's greedy answer decoded alone, for 8 to 40 new tokens."""
+    model = _load(folder, demo_package)
+    return {
+        (p, n): model.generator.generate(Prompt(p), GenerationParams(max_tokens=n, sampling=GREEDY))
+        for p in PROMPTS
+        for n in (8, 24, 40)
+    }
+
+
+def _params(n: int) -> GenerationParams:
+    return GenerationParams(max_tokens=n, sampling=GREEDY)
+
+
+async def _collect(host: ModelHost, prompt: str, n: int, delay: float = 0.0) -> tuple[GenerationResult, int]:
+    """Stream one request; its result and how many text pieces came."""
+    await asyncio.sleep(delay)
+    _, items = await host.stream(Prompt(prompt), _params(n))
+    pieces = 0
+    async for item in items:
+        if isinstance(item, GenerationResult):
+            return item, pieces
+        pieces += 1
+    raise AssertionError("no result")
+
+
+def test_batched_answers_equal_the_answers_alone(folder, demo_package, alone) -> None:  # type: ignore[no-untyped-def]
+    model = _load(folder, demo_package)
+    assert model.generator.model.batches
+    host = ModelHost(queue_size=16, parallel=4)
+    host.swap(model)
+    # Six requests for four slots, with different lengths: they finish at different steps and the
+    # waiting ones take their rows, joining sequences that are decoding.
+    lengths = (40, 8, 24, 40, 8, 24)
+
+    async def go() -> list[tuple[GenerationResult, int]]:
+        return await asyncio.gather(*(_collect(host, p, n) for p, n in zip(PROMPTS, lengths, strict=True)))
+
+    results = asyncio.run(go())
+    for (result, pieces), p, n in zip(results, PROMPTS, lengths, strict=True):
+        want = alone[(p, n)]
+        assert (result.text, result.completion_tokens, result.finish_reason) == (
+            want.text,
+            want.completion_tokens,
+            want.finish_reason,
+        ), p
+        assert pieces > 0
+    # The steps really were shared: more than one sequence decoded at once, on more than one row.
+    buffers = model.generator.model._buffers
+    assert buffers is not None and buffers.rows >= 3
+    assert host.generating == 0 and host.waiting == 0 and host._admitted == 0
+    # The prefix caches of the rows serve a later request that starts the same way.
+    again = asyncio.run(_collect(host, PROMPTS[4] + "):\n", 8))[0]
+    assert again.cached_tokens > 0
+
+
+def test_blocking_and_streaming_requests_share_steps(folder, demo_package, alone) -> None:  # type: ignore[no-untyped-def]
+    model = _load(folder, demo_package)
+    host = ModelHost(queue_size=4, parallel=3)
+    host.swap(model)
+
+    async def go() -> list[GenerationResult]:
+        blocking = [host.generate(Prompt(p), _params(24)) for p in PROMPTS[:2]]
+        streamed = _collect(host, PROMPTS[2], 24)
+        *done, (last, _) = await asyncio.gather(*blocking, streamed)
+        return [r for _, r in done] + [last]
+
+    for result, p in zip(asyncio.run(go()), PROMPTS[:3], strict=True):
+        assert result.text == alone[(p, 24)].text
+
+
+def test_full_queue_refuses_and_abandoned_requests_free_their_rows(folder, demo_package, alone) -> None:  # type: ignore[no-untyped-def]
+    model = _load(folder, demo_package)
+    host = ModelHost(queue_size=1, parallel=2)
+    host.swap(model)
+
+    async def go() -> None:
+        streams = [await host.stream(Prompt(p), _params(40)) for p in PROMPTS[:3]]  # 2 decoding, 1 waiting
+        assert host.waiting == 1
+        with pytest.raises(QueueFull) as refused:
+            await host.stream(Prompt(PROMPTS[3]), _params(8))
+        assert refused.value.retry_after_s >= 1
+        # The first client goes away after one piece: its row goes to the one waiting.
+        first = streams[0][1]
+        await anext(first)
+        await first.aclose()  # type: ignore[attr-defined]
+        rest = []
+        for _, items in streams[1:]:
+            async for item in items:
+                if isinstance(item, GenerationResult):
+                    rest.append(item)
+        assert [r.text for r in rest] == [alone[(p, 40)].text for p in PROMPTS[1:3]]
+        for _ in range(100):
+            if host._admitted == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert host._admitted == 0 and host.generating == 0
+        # A cancelled blocking request leaves too (steps slowed down so that it is still decoding).
+        lm = model.generator.model
+        step = lm.step_together
+
+        def slow(*args: object) -> object:
+            time.sleep(0.01)
+            return step(*args)  # type: ignore[arg-type]
+
+        lm.step_together = slow  # type: ignore[method-assign,assignment]
+        task = asyncio.create_task(host.generate(Prompt(PROMPTS[0]), _params(40)))
+        for _ in range(400):
+            if host.generating:
+                break
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if host.generating == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert host.generating == 0 and host._admitted == 0
+        lm.step_together = step  # type: ignore[method-assign]
+        result = await host.generate(Prompt(PROMPTS[5]), _params(8))
+        assert result[1].text == alone[(PROMPTS[5], 8)].text
+
+    asyncio.run(go())
+    assert host.stats.rejected_queue_full == 1
+
+
+def test_parallel_one_decodes_one_at_a_time(folder, demo_package, alone) -> None:  # type: ignore[no-untyped-def]
+    model = _load(folder, demo_package)
+    host = ModelHost(queue_size=8, parallel=1)
+    host.swap(model)
+
+    async def go() -> list[tuple[GenerationResult, int]]:
+        return await asyncio.gather(*(_collect(host, p, 8) for p in PROMPTS[:3]))
+
+    results = asyncio.run(go())
+    assert [r.text for r, _ in results] == [alone[(p, 8)].text for p in PROMPTS[:3]]
+    buffers = model.generator.model._buffers
+    assert buffers is not None and buffers.rows == 1
+
+
+def test_long_prompts_are_read_in_pieces_between_decode_steps(
+    folder, demo_package, alone, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Prompts longer than a piece are read a piece per step while the others decode; the
+    answers are those of reading each prompt whole, alone."""
+    import edge_agent.runtime.batcher as batcher_module
+    import edge_agent.runtime.generator as generator_module
+
+    monkeypatch.setattr(generator_module, "PREFILL_CHUNK", 5)
+    monkeypatch.setattr(batcher_module, "PREFILL_CHUNK", 5)
+    model = _load(folder, demo_package)
+    host = ModelHost(queue_size=8, parallel=4)
+    host.swap(model)
+    chosen = (PROMPTS[4], PROMPTS[1], PROMPTS[2], PROMPTS[0])  # 20+ tokens beside short ones
+    assert len(model.generator.tokenizer.encode(PROMPTS[4]).ids) > 15
+
+    async def go() -> list[tuple[GenerationResult, int]]:
+        return await asyncio.gather(*(_collect(host, p, 24) for p in chosen))
+
+    results = asyncio.run(go())
+    assert [r.text for r, _ in results] == [alone[(p, 24)].text for p in chosen]
+    # Alone, in pieces too: the same answer.
+    piecewise = _load(folder, demo_package).generator.generate(Prompt(PROMPTS[4]), _params(24))
+    assert piecewise.text == alone[(PROMPTS[4], 24)].text
+
+
+def test_batch_invariant_steps_have_even_widths(
+    folder, demo_package, alone, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Batch-invariant mode: a lone request decodes beside an idle row and three beside a fourth,
+    so every step is computed by the same (paired-row) kernels; answers match across company."""
+    from edge_agent.runtime.session import _SharedBuffers
+
+    model = _load(folder, demo_package)
+    widths: list[int] = []
+    original = _SharedBuffers.step_rows
+
+    def spy(self, decoders, tokens, invariant=False):  # type: ignore[no-untyped-def]
+        widths.append(self._width(decoders, invariant))
+        return original(self, decoders, tokens, invariant)
+
+    monkeypatch.setattr(_SharedBuffers, "step_rows", spy)
+    host = ModelHost(queue_size=8, parallel=3, batch_invariant=True)
+    host.swap(model)
+    lone = asyncio.run(_collect(host, PROMPTS[0], 24))[0]
+    assert widths and set(widths) == {2}
+
+    async def go() -> list[tuple[GenerationResult, int]]:
+        return await asyncio.gather(*(_collect(host, p, 24) for p in PROMPTS[:3]))
+
+    widths.clear()
+    together = asyncio.run(go())
+    assert 4 in widths and all(w % 2 == 0 for w in widths)
+    assert together[0][0].text == lone.text
+    assert [r.text for r, _ in together] == [alone[(p, 24)].text for p in PROMPTS[:3]]
