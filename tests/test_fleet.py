@@ -9,7 +9,7 @@ from sqlalchemy.engine import Engine
 
 from cloud.plane.fleet import Fleet
 from shared.errors import NotFound
-from shared.messages import DeviceStatus
+from shared.messages import DeviceStatus, ModelRef, Phase, ReportedState
 
 
 def test_concurrent_label_merges_lose_none(plane_db: Engine) -> None:
@@ -52,3 +52,55 @@ def test_status_counts_come_from_the_database_per_tenant(plane_db: Engine) -> No
     fleet.record_status("other", DeviceStatus(device_id="d9", state="online"))
     assert fleet.status_counts("t") == {"online": 2, "offline": 1}
     assert fleet.status_counts("nobody") == {}
+
+
+def _ref(version: str) -> ModelRef:
+    return ModelRef(name="m", version=version, manifest_digest="sha256:" + "a" * 64, manifest_size=100)
+
+
+def test_a_batch_of_messages_is_stored_in_arrival_order(plane_db: Engine) -> None:
+    """Several messages of one device in one transaction (the ingest thread's batch): the row
+    ends as the last said, and the history holds every change in order."""
+    fleet = Fleet(plane_db)
+    fleet.record(
+        [
+            ("t", DeviceStatus(device_id="new-1", state="online")),
+            ("t", ReportedState(device_id="new-1", revision=-1, phase=Phase.IDLE)),
+            ("other", DeviceStatus(device_id="new-1", state="online")),
+            (
+                "t",
+                ReportedState(
+                    device_id="new-1", revision=1, phase=Phase.ACTIVE, active_slot="a", slots={"a": _ref("1")}
+                ),
+            ),
+            ("t", DeviceStatus(device_id="new-1", state="offline")),
+        ]
+    )
+    dev = fleet.get("t", "new-1")
+    assert (dev.status, dev.phase, dev.active_model, dev.reported_revision) == ("offline", "active", "m:1", 1)
+    events = [(e["kind"], e["old"], e["new"]) for e in reversed(fleet.events("t", "new-1"))]
+    assert events == [
+        ("status", "unknown", "online"),
+        ("phase", None, "idle"),
+        ("phase", "idle", "active"),
+        ("model", None, "m:1"),
+        ("status", "online", "offline"),
+    ]
+    assert fleet.get("other", "new-1").status == "online"
+
+
+def test_desired_states_for_many_devices_count_each_revision_up(plane_db: Engine) -> None:
+    fleet = Fleet(plane_db)
+    for i in range(3):
+        fleet.record_status("t", DeviceStatus(device_id=f"d{i}", state="online"))
+    first = fleet.next_desired("t", "d0", config={"runtime": {"threads": 2}})
+    with plane_db.begin() as conn:
+        records = fleet.next_desired_many(
+            "t", ["d0", "d1", "d2", "unknown-3"], model=_ref("2"), allow_downgrade=True, conn=conn
+        )
+    assert [(r.device_id, r.revision) for r in records] == [("d0", 2), ("d1", 1), ("d2", 1), ("unknown-3", 1)]
+    assert records[0].config == first.config  # each keeps its config
+    assert all(r.model == _ref("2").model_dump(mode="json") and r.allow_downgrade for r in records)
+    assert fleet.current_desired("t", "d1") == records[1]
+    progress = fleet.progress("t")
+    assert set(progress) == {"d0", "d1", "d2", "unknown-3"} and progress["d0"].status == "online"

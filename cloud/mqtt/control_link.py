@@ -72,6 +72,9 @@ class ControlLink:
     # Acknowledge telemetry and reported states as soon as the callbacks above returned (a tool
     # or test cloud). The control plane acknowledges itself, once its database has them.
     auto_ack: bool = True
+    # Keep the last report and status of every device in ``devices`` (tools and tests wait on
+    # them); the control plane keeps them in its database only, not a second time in memory.
+    keep_views: bool = True
     devices: dict[str, DeviceView] = field(default_factory=dict)
     dropped_messages: int = 0
     # Messages whose payload named another device than their topic (dropped).
@@ -119,16 +122,23 @@ class ControlLink:
         try:
             parsed = self.topics.parse(topic)
             assert parsed.device_id is not None
-            view = self.devices.setdefault(parsed.device_id, DeviceView(parsed.device_id))
+            view = (
+                self.devices.setdefault(parsed.device_id, DeviceView(parsed.device_id))
+                if self.keep_views
+                else None
+            )
             if parsed.channel == "reported":
-                view.reported = from_device(ReportedState, payload, parsed.device_id, topic)
+                reported = from_device(ReportedState, payload, parsed.device_id, topic)
+                if view is not None:
+                    view.reported = reported
                 if self.on_reported is not None:
-                    self.on_reported(view.reported)
+                    self.on_reported(reported)
                 if self.auto_ack:
-                    await self.send_ack(parsed.device_id, ack_ids(view.reported))
+                    await self.send_ack(parsed.device_id, ack_ids(reported))
             elif parsed.channel == "status":
                 status = from_device(DeviceStatus, payload, parsed.device_id, topic)
-                view.status = status.state
+                if view is not None:
+                    view.status = status.state
                 if self.on_status is not None:
                     self.on_status(status)
             elif parsed.channel == "telemetry" and self.on_telemetry is not None:

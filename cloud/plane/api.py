@@ -224,8 +224,11 @@ async def list_rollouts(plane: Plane, who: Operator) -> RolloutList:
 
 
 @v1.get("/rollouts/{rollout_id}")
-async def show_rollout(rollout_id: str, plane: Plane, who: Operator) -> RolloutView:
-    return RolloutView.model_validate(await asyncio.to_thread(plane.rollouts.show, who.tenant, rollout_id))
+async def show_rollout(rollout_id: str, plane: Plane, who: Operator, devices: bool = True) -> RolloutView:
+    """The rollout with its waves' counts and (unless ``?devices=false``) every device's state."""
+    return RolloutView.model_validate(
+        await asyncio.to_thread(plane.rollouts.show, who.tenant, rollout_id, devices)
+    )
 
 
 Action = Literal["pause", "resume", "abort", "rollback"]

@@ -4,12 +4,12 @@ telemetry (de-duplicated by record id: devices deliver at least once)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, or_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, func, or_, select, update
 
 from cloud.plane.store import as_utc, device_events, devices, insert_ignore, telemetry, utcnow
 from shared.errors import ContractError, NotFound
@@ -20,6 +20,27 @@ from shared.messages import DesiredState, DeviceStatus, ModelRef, ReportedState,
 CLIENT_SIDE = ("queue_full", "stream_interrupted", "model_not_ready", "client_disconnected")
 
 _EVENT_KIND = {"status": "status", "phase": "phase", "active_model": "model"}
+
+# Device ids per IN (...) list: well under every database's limit on bound parameters.
+_IN_CHUNK = 500
+_THIS_DEVICE = and_(devices.c.tenant == bindparam("b_tenant"), devices.c.device_id == bindparam("b_device"))
+# Built once and run with many parameter sets (executemany): a batch of reports is one statement.
+_SET_REPORTED = (
+    update(devices)
+    .where(_THIS_DEVICE)
+    .values(
+        phase=bindparam("b_phase"),
+        active_model=bindparam("b_model"),
+        reported_revision=bindparam("b_revision"),
+        reported=bindparam("b_reported", type_=devices.c.reported.type),
+        last_seen=bindparam("b_seen"),
+    )
+)
+_SET_STATUS = (
+    update(devices).where(_THIS_DEVICE).values(status=bindparam("b_status"), last_seen=bindparam("b_seen"))
+)
+# What devices send the control plane stores: reports, status changes, telemetry.
+DeviceMessage = ReportedState | DeviceStatus | TelemetryBatch
 
 _SELECTOR_TERM = re.compile(r"^\s*([A-Za-z0-9_.\-/]+)\s*(==|=|!=)?\s*([A-Za-z0-9_.\-]*)\s*$")
 
@@ -132,6 +153,19 @@ class Device:
 
 
 @dataclass(frozen=True)
+class DeviceProgress:
+    """A device as the rollout driver sees it each tick."""
+
+    device_id: str
+    status: str
+    last_seen: datetime | None
+    phase: str | None
+    active_model: str | None
+    reported_revision: int
+    reported: dict[str, Any] | None  # only when the phase is failed
+
+
+@dataclass(frozen=True)
 class DeviceSummary:
     """A device as one row of a fleet table."""
 
@@ -207,72 +241,128 @@ class Fleet:
         )
         conn.execute(stmt)
 
-    def _log_changes(
-        self, conn: Any, tenant: str, device_id: str, new: dict[str, str | None], detail: str | None = None
-    ) -> None:
-        """Append a device event for each of ``new``'s fields (status, phase, active_model) whose
-        value differs from the row's: the history the console shows."""
-        where = and_(devices.c.tenant == tenant, devices.c.device_id == device_id)
-        row = conn.execute(select(*(devices.c[k] for k in new)).where(where)).first()
-        old = dict(row._mapping) if row is not None else {}
-        now = self.clock()
-        events = [
-            {
-                "tenant": tenant,
-                "device_id": device_id,
-                "at": now,
-                "kind": _EVENT_KIND[k],
-                "old": old.get(k),
-                "new": v,
-                "detail": (detail or "")[:500] or None,
-            }
-            for k, v in new.items()
-            if old.get(k) != v
-        ]
-        if events:
-            conn.execute(device_events.insert(), events)
-
     def record_reported(self, tenant: str, reported: ReportedState) -> None:
-        active = active_model_of(reported)
-        err = reported.last_error
-        detail = (
-            f"{err.code}: {err.message}" if err is not None and reported.phase.value == "failed" else None
-        )
-        with self.engine.begin() as conn:
-            self._ensure(conn, tenant, reported.device_id)
-            self._log_changes(
-                conn,
-                tenant,
-                reported.device_id,
-                {"phase": reported.phase.value, "active_model": active},
-                detail,
-            )
-            conn.execute(
-                update(devices)
-                .where(and_(devices.c.tenant == tenant, devices.c.device_id == reported.device_id))
-                .values(
-                    phase=reported.phase.value,
-                    active_model=active,
-                    reported_revision=reported.revision,
-                    reported=reported.model_dump(mode="json", by_alias=True),
-                    last_seen=self.clock(),
-                )
-            )
+        self.record([(tenant, reported)])
 
     def record_status(self, tenant: str, status: DeviceStatus) -> None:
-        with self.engine.begin() as conn:
-            self._ensure(conn, tenant, status.device_id)
-            self._log_changes(conn, tenant, status.device_id, {"status": status.state})
-            conn.execute(
-                update(devices)
-                .where(and_(devices.c.tenant == tenant, devices.c.device_id == status.device_id))
-                .values(status=status.state, last_seen=self.clock())
-            )
+        self.record([(tenant, status)])
 
     def record_telemetry(self, tenant: str, batch: TelemetryBatch) -> int:
-        """Store new records; replays of records already stored are ignored. Returns rows added.
+        """Store new records; replays of records already stored are ignored. Returns rows added."""
+        with self.engine.begin() as conn:
+            return self._record_telemetry(conn, tenant, batch)
 
-        Each row keeps the cloud's receive time beside the device's own: health gates judge by
+    def record(self, items: Sequence[tuple[str, DeviceMessage]]) -> None:
+        """Store device messages (of any tenants, in arrival order) in one transaction.
+
+        The ingest thread hands over everything that arrived while it wrote the previous batch:
+        at fleet scale one transaction and a few statements per batch, not four per message
+        (bench/RESULTS.md, rollout_scale.py)."""
+        with self.engine.begin() as conn:
+            states = [(t, m) for t, m in items if not isinstance(m, TelemetryBatch)]
+            if states:
+                self._record_states(conn, states)
+            for tenant, message in items:
+                if isinstance(message, TelemetryBatch):
+                    self._record_telemetry(conn, tenant, message)
+
+    def _record_states(
+        self, conn: Connection, items: Sequence[tuple[str, ReportedState | DeviceStatus]]
+    ) -> None:
+        now = self.clock()
+        current = self._history_columns(conn, {(t, m.device_id) for t, m in items})
+        events: list[dict[str, Any]] = []
+        reported_rows: list[dict[str, Any]] = []
+        status_rows: list[dict[str, Any]] = []
+        for tenant, m in items:
+            detail = None
+            if isinstance(m, ReportedState):
+                new: dict[str, str | None] = {"phase": m.phase.value, "active_model": active_model_of(m)}
+                err = m.last_error
+                if err is not None and m.phase.value == "failed":
+                    detail = f"{err.code}: {err.message}"
+                reported_rows.append(
+                    {
+                        "b_tenant": tenant,
+                        "b_device": m.device_id,
+                        "b_phase": new["phase"],
+                        "b_model": new["active_model"],
+                        "b_revision": m.revision,
+                        "b_reported": m.model_dump(mode="json", by_alias=True),
+                        "b_seen": now,
+                    }
+                )
+            else:
+                new = {"status": m.state}
+                status_rows.append(
+                    {"b_tenant": tenant, "b_device": m.device_id, "b_status": m.state, "b_seen": now}
+                )
+            # The history the console shows: each of status, phase and model that changed.
+            old = current[(tenant, m.device_id)]
+            for k, v in new.items():
+                if old.get(k) != v:
+                    events.append(
+                        {
+                            "tenant": tenant,
+                            "device_id": m.device_id,
+                            "at": now,
+                            "kind": _EVENT_KIND[k],
+                            "old": old.get(k),
+                            "new": v,
+                            "detail": (detail or "")[:500] or None,
+                        }
+                    )
+                    old[k] = v
+        if events:
+            conn.execute(device_events.insert(), events)
+        if reported_rows:
+            conn.execute(_SET_REPORTED, reported_rows)
+        if status_rows:
+            conn.execute(_SET_STATUS, status_rows)
+
+    def _history_columns(
+        self, conn: Connection, keys: set[tuple[str, str]]
+    ) -> dict[tuple[str, str], dict[str, str | None]]:
+        """Status, phase and model of each (tenant, device); devices not seen before are created."""
+        found: dict[tuple[str, str], dict[str, str | None]] = {}
+        for tenant in {t for t, _ in keys}:
+            ids = sorted(d for t, d in keys if t == tenant)
+            for start in range(0, len(ids), _IN_CHUNK):
+                rows = conn.execute(
+                    select(
+                        devices.c.device_id, devices.c.status, devices.c.phase, devices.c.active_model
+                    ).where(
+                        and_(
+                            devices.c.tenant == tenant,
+                            devices.c.device_id.in_(ids[start : start + _IN_CHUNK]),
+                        )
+                    )
+                )
+                for device_id, status, phase, model in rows:
+                    found[(tenant, device_id)] = {"status": status, "phase": phase, "active_model": model}
+        missing = keys - found.keys()
+        if missing:
+            conn.execute(
+                insert_ignore(self.engine, devices),
+                [
+                    {
+                        "tenant": t,
+                        "device_id": d,
+                        "labels": {},
+                        "status": "unknown",
+                        "reported_revision": -1,
+                        "desired_revision": 0,
+                        "desired_config": {},
+                    }
+                    for t, d in sorted(missing)
+                ],
+            )
+            for key in missing:
+                found[key] = {"status": "unknown", "phase": None, "active_model": None}
+        return found
+
+    def _record_telemetry(self, conn: Connection, tenant: str, batch: TelemetryBatch) -> int:
+        """Each row keeps the cloud's receive time beside the device's own: health gates judge by
         the former, whatever the device's clock says."""
         received = self.clock()
         rows = [
@@ -293,16 +383,15 @@ class Fleet:
             for r in batch.records
         ]
         skew = (received - max(as_utc(r.at) or received for r in batch.records)).total_seconds()
-        with self.engine.begin() as conn:
-            self._ensure(conn, tenant, batch.device_id)
-            added = 0
-            for row in rows:
-                added += conn.execute(insert_ignore(self.engine, telemetry).values(**row)).rowcount
-            conn.execute(
-                update(devices)
-                .where(and_(devices.c.tenant == tenant, devices.c.device_id == batch.device_id))
-                .values(clock_skew_s=skew)
-            )
+        self._ensure(conn, tenant, batch.device_id)
+        added = 0
+        for row in rows:
+            added += conn.execute(insert_ignore(self.engine, telemetry).values(**row)).rowcount
+        conn.execute(
+            update(devices)
+            .where(and_(devices.c.tenant == tenant, devices.c.device_id == batch.device_id))
+            .values(clock_skew_s=skew)
+        )
         return added
 
     # -- queries --------------------------------------------------------------------------------
@@ -313,6 +402,40 @@ class Fleet:
             ).all()
         found = [Device.from_row(r) for r in rows]
         return [d for d in found if selector is None or selector.matches(d.labels)]
+
+    def progress(self, tenant: str) -> dict[str, DeviceProgress]:
+        """What the rollout driver checks of every device, each tick: the few columns, and the
+        report itself only of devices whose update failed (for its target revision and error)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    devices.c.device_id,
+                    devices.c.status,
+                    devices.c.last_seen,
+                    devices.c.phase,
+                    devices.c.active_model,
+                    devices.c.reported_revision,
+                ).where(devices.c.tenant == tenant)
+            ).all()
+            failed = dict(
+                conn.execute(
+                    select(devices.c.device_id, devices.c.reported).where(
+                        and_(devices.c.tenant == tenant, devices.c.phase == "failed")
+                    )
+                ).all()
+            )
+        return {
+            r.device_id: DeviceProgress(
+                r.device_id,
+                r.status,
+                as_utc(r.last_seen),
+                r.phase,
+                r.active_model,
+                r.reported_revision,
+                failed.get(r.device_id),
+            )
+            for r in rows
+        }
 
     def get(self, tenant: str, device_id: str) -> Device:
         with self.engine.connect() as conn:
@@ -391,6 +514,44 @@ class Fleet:
         return DesiredRecord(
             tenant, device_id, int(m["desired_revision"]), new_model, dict(new_config or {}), downgrade
         )
+
+    def next_desired_many(
+        self,
+        tenant: str,
+        device_ids: Sequence[str],
+        *,
+        model: ModelRef | None,
+        allow_downgrade: bool,
+        conn: Connection,
+    ) -> list[DesiredRecord]:
+        """:meth:`next_desired` for many devices (the same model, each keeping its config), a few
+        statements per 500 devices: how a wave of 10,000 starts."""
+        new_model = model.model_dump(mode="json") if model is not None else None
+        out: dict[str, DesiredRecord] = {}
+        for start in range(0, len(device_ids), _IN_CHUNK):
+            chunk = list(device_ids[start : start + _IN_CHUNK])
+            where = and_(devices.c.tenant == tenant, devices.c.device_id.in_(chunk))
+            conn.execute(
+                update(devices)
+                .where(where)
+                .values(
+                    desired_revision=devices.c.desired_revision + 1,
+                    desired_model=new_model,
+                    desired_allow_downgrade=allow_downgrade,
+                )
+            )
+            for device_id, revision, config in conn.execute(
+                select(devices.c.device_id, devices.c.desired_revision, devices.c.desired_config).where(where)
+            ):
+                out[device_id] = DesiredRecord(
+                    tenant, device_id, int(revision), new_model, dict(config or {}), allow_downgrade
+                )
+        return [
+            out[d]
+            if d in out
+            else self.next_desired(tenant, d, model=model, allow_downgrade=allow_downgrade, conn=conn)
+            for d in device_ids
+        ]
 
     def current_desired(self, tenant: str, device_id: str) -> DesiredRecord | None:
         """The desired state last recorded for a device (to publish it again), if any."""

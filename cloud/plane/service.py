@@ -10,10 +10,8 @@ whichever replica holds its lease.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from cloud.gateway.balancer import PoolGateway
@@ -22,6 +20,7 @@ from cloud.mqtt.control_link import CloudSession, ControlLink, ack_ids
 from cloud.plane.auth import ApiKeys
 from cloud.plane.desired import control_signer
 from cloud.plane.fleet import DesiredRecord, Fleet, Selector
+from cloud.plane.ingest import Ingest
 from cloud.plane.rollouts import RolloutDriver, Rollouts, RolloutSpec
 from cloud.plane.store import make_engine, migrate
 from cloud.ratelimit import TenantRateLimiter
@@ -61,8 +60,8 @@ class ControlPlane:
         log.info("signing desired states and commands with control key %s", self.signer.key.public.key_id)
         self._resigned: dict[tuple[str, str], float] = {}
         self._background = TaskSet(log)
-        # One thread writes what devices report, in arrival order, off the event loop.
-        self._ingest = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest")
+        # One thread writes what devices report, in arrival order, many per transaction.
+        self._ingest = Ingest(self.fleet)
         self.links: dict[str, ControlLink] = {}
         for tenant in settings.tenants:
             topics = Topics(tenant)
@@ -72,10 +71,11 @@ class ControlPlane:
                 BlobServer(self.registry(tenant).blobs, topics, offered=RegistryOffer(self.registry(tenant))),
                 signer=self.signer,
                 on_reported=self._on_reported(tenant),
-                on_status=self._ingester(tenant, self.fleet.record_status),
-                on_telemetry=self._ingester(tenant, self.fleet.record_telemetry),
+                on_status=self._ingester(tenant),
+                on_telemetry=self._ingester(tenant),
                 share_group=SHARE_GROUP,
                 auto_ack=False,
+                keep_views=False,
             )
 
         # One session for every tenant: the broker binds a client id to the certificate's name.
@@ -86,25 +86,17 @@ class ControlPlane:
     def registry(self, tenant: str) -> ModelRegistry:
         return ModelRegistry(self.settings.registry_dir / tenant)
 
-    def _ingester(self, tenant: str, fn: Any) -> Any:
+    def _ingester(self, tenant: str) -> Any:
         """Store a device's message on the ingest thread; then acknowledge its records (or its
         report) to the device, which only now forgets them (end-to-end delivery, §4)."""
 
         def submit(message: ReportedState | DeviceStatus | TelemetryBatch) -> None:
-            loop = asyncio.get_running_loop()
-            future = self._ingest.submit(fn, tenant, message)
-
-            def stored(f: Any) -> None:
-                if f.exception() is not None:
-                    # Not acknowledged: the device sends it again.
-                    log.error("could not store a device message", exc_info=f.exception())
-                    return
-                ids = ack_ids(message)
-                if ids:
-                    with contextlib.suppress(RuntimeError):  # the loop closed: shutting down
-                        loop.call_soon_threadsafe(self._acknowledge, tenant, message.device_id, ids)
-
-            future.add_done_callback(stored)
+            ids = ack_ids(message)
+            self._ingest.put(
+                tenant,
+                message,
+                (lambda: self._acknowledge(tenant, message.device_id, ids)) if ids else (lambda: None),
+            )
 
         return submit
 
@@ -115,7 +107,7 @@ class ControlPlane:
         self._background.spawn(link.send_ack(device_id, ids), name=f"ack-{device_id}")
 
     def _on_reported(self, tenant: str) -> Any:
-        store = self._ingester(tenant, self.fleet.record_reported)
+        store = self._ingester(tenant)
 
         def on_reported(reported: ReportedState) -> None:
             store(reported)
@@ -227,5 +219,5 @@ class ControlPlane:
             tg.create_task(self.gateway.run_health_checks(), name="gateway-health")
 
     def close(self) -> None:
-        self._ingest.shutdown(wait=True)
+        self._ingest.close()
         self.engine.dispose()

@@ -7,7 +7,7 @@ import logging
 import uuid
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, select, update
+from sqlalchemy import Connection, Engine, and_, func, select, update
 
 from cloud.plane.fleet import Fleet, Selector
 from cloud.plane.rollouts.spec import (
@@ -63,17 +63,21 @@ class Rollouts:
                     updated_at=now,
                 )
             )
-            for d in targets:
+            if targets:
                 conn.execute(
-                    rollout_devices.insert().values(
-                        rollout_id=rid,
-                        device_id=d.device_id,
-                        wave=waves[d.device_id],
-                        previous_model=_previous_model(d),
-                        desired_revision=0,
-                        state=DeviceState.PENDING,
-                        detail="",
-                    )
+                    rollout_devices.insert(),
+                    [
+                        {
+                            "rollout_id": rid,
+                            "device_id": d.device_id,
+                            "wave": waves[d.device_id],
+                            "previous_model": _previous_model(d),
+                            "desired_revision": 0,
+                            "state": DeviceState.PENDING.value,
+                            "detail": "",
+                        }
+                        for d in targets
+                    ],
                 )
         log.info(
             "rollout %s: %s to %d device(s) in %d wave(s)",
@@ -175,9 +179,21 @@ class Rollouts:
             by_rollout.setdefault(d._mapping["rollout_id"], []).append(d._mapping)
         return [_view(r._mapping, by_rollout.get(r._mapping["rollout_id"], [])) for r in rows]
 
-    def show(self, tenant: str, rid: str) -> dict[str, Any]:
+    def show(self, tenant: str, rid: str, devices: bool = True) -> dict[str, Any]:
+        """The rollout; ``devices=False`` leaves out the per-device list (the wave counts stay):
+        what a dashboard polling a 10,000-device rollout needs, counted in the database."""
         with self.engine.connect() as conn:
             row = self._row(conn, tenant, rid)
+            if not devices:
+                counted = conn.execute(
+                    select(rollout_devices.c.wave, rollout_devices.c.state, func.count())
+                    .where(rollout_devices.c.rollout_id == rid)
+                    .group_by(rollout_devices.c.wave, rollout_devices.c.state)
+                ).all()
+                counts: dict[int, dict[str, int]] = {}
+                for wave, state, n in counted:
+                    counts.setdefault(wave, {})[state] = n
+                return _view(row, [], counts)
             devs = conn.execute(
                 select(rollout_devices)
                 .where(rollout_devices.c.rollout_id == rid)
@@ -186,15 +202,19 @@ class Rollouts:
         return _view(row, [d._mapping for d in devs])
 
 
-def _view(row: Any, devs: list[Any]) -> dict[str, Any]:
-    """A rollout as the REST API shows it (cloud/plane/views.py RolloutView)."""
+def _view(row: Any, devs: list[Any], counted: dict[int, dict[str, int]] | None = None) -> dict[str, Any]:
+    """A rollout as the REST API shows it (cloud/plane/views.py RolloutView); wave counts from
+    ``devs``, or ``counted`` (wave → state → devices) when the list is left out."""
     waves = []
     for i, pct in enumerate(row["waves"]):
-        members = [d for d in devs if d["wave"] == i]
-        counts: dict[str, int] = {}
-        for m in members:
-            counts[m["state"]] = counts.get(m["state"], 0) + 1
-        waves.append({"index": i, "percent": pct, "devices": len(members), "states": counts})
+        if counted is not None:
+            counts = counted.get(i, {})
+        else:
+            counts = {}
+            for m in devs:
+                if m["wave"] == i:
+                    counts[m["state"]] = counts.get(m["state"], 0) + 1
+        waves.append({"index": i, "percent": pct, "devices": sum(counts.values()), "states": counts})
     return {
         "rollout_id": row["rollout_id"],
         "model": row["model"],

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, or_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, or_, select, update
 
-from cloud.plane.fleet import DesiredRecord, Device, Fleet
+from cloud.plane.fleet import DesiredRecord, DeviceProgress, Fleet
 from cloud.plane.rollouts.spec import (
     DEVICE_TRANSITIONS,
     DRIVEN,
@@ -41,6 +41,8 @@ class RolloutDriver:
     last_publish: dict[tuple[str, str], datetime] = field(default_factory=dict)
     # Health windows and wave timeouts are judged on this clock (tests pass a fake one).
     clock: Callable[[], datetime] = utcnow
+    # Device-row changes of the rollout being driven, written together (``_flush``).
+    _writes: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
 
     def tick(self) -> list[DesiredRecord]:
         out: list[DesiredRecord] = []
@@ -104,6 +106,7 @@ class RolloutDriver:
             if r.state == RolloutState.ROLLING_BACK:
                 touched = [d for d in devs if d.state in TOUCHED_DEVICE_STATES]
                 publishes += self._send_back(conn, tenant, rid, touched)
+                self._flush(conn)
                 self._update_rollout(
                     conn, rid, state=RolloutState.ROLLED_BACK, message=f"rolled back {len(touched)} device(s)"
                 )
@@ -119,28 +122,32 @@ class RolloutDriver:
         target_id = f"{target.name}:{target.version}"
         now = self.clock()
         members = [d for d in devs if d.wave == wave]
-        fleet_now = {d.device_id: d for d in self.fleet.list_devices(tenant)}
+        updating = [d for d in members if d.state == DeviceState.UPDATING]
+        active = [d for d in members if d.state == DeviceState.ACTIVE]
+        # Read only when some device is updating, and only what checking it takes.
+        fleet_now = self.fleet.progress(tenant) if updating else {}
         publishes: list[DesiredRecord] = []
-        updating = sum(1 for d in members if d.state == DeviceState.UPDATING)
         health = self._wave_health(tenant, r, members, target_id, now)
-        for d in members:
-            if d.state == DeviceState.PENDING and updating < r.max_concurrent:
-                record = self.fleet.next_desired(
-                    tenant,
-                    d.device_id,
-                    model=target,
-                    allow_downgrade=bool(r.allow_downgrade),
-                    conn=conn,
-                )
-                publishes.append(record)
-                self._update_device(
-                    conn, rid, d, state=DeviceState.UPDATING, started_at=now, desired_revision=record.revision
-                )
-                updating += 1
-            elif d.state == DeviceState.UPDATING and d.device_id in fleet_now:
+        pending = [d for d in members if d.state == DeviceState.PENDING]
+        starting = pending[: max(0, r.max_concurrent - len(updating))]
+        records = self.fleet.next_desired_many(
+            tenant,
+            [d.device_id for d in starting],
+            model=target,
+            allow_downgrade=bool(r.allow_downgrade),
+            conn=conn,
+        )
+        for d, record in zip(starting, records, strict=True):
+            publishes.append(record)
+            self._update_device(
+                conn, rid, d, state=DeviceState.UPDATING, started_at=now, desired_revision=record.revision
+            )
+        for d in updating:
+            if d.device_id in fleet_now:
                 self._check_updating(conn, tenant, r, d, fleet_now[d.device_id], target_id, now, publishes)
-            elif d.state == DeviceState.ACTIVE:
-                self._check_health(conn, r, d, target_id, now, health)
+        for d in active:
+            self._check_health(conn, r, d, target_id, now, health)
+        self._flush(conn)
         members = [
             DeviceRow.from_row(x._mapping)
             for x in conn.execute(
@@ -180,6 +187,7 @@ class RolloutDriver:
                 wave_started_at=now,
                 message=_wave_note(wave, failed, timed_out),
             )
+        self._flush(conn)
         return publishes
 
     def _check_updating(
@@ -188,7 +196,7 @@ class RolloutDriver:
         tenant: str,
         r: RolloutRow,
         d: DeviceRow,
-        dev: Device,
+        dev: DeviceProgress,
         target_id: str,
         now: datetime,
         publishes: list[DesiredRecord],
@@ -321,18 +329,41 @@ class RolloutDriver:
         return out
 
     def _update_device(self, conn: Connection, rid: str, d: DeviceRow, **values: Any) -> None:
+        """Change a device's row (checked against the state machine now, written by ``_flush``:
+        a tick that moves 10,000 devices runs one statement per kind of change, not 10,000)."""
         if "state" in values:
             to = DeviceState(values["state"])
             if to not in DEVICE_TRANSITIONS[d.state]:
                 raise IllegalTransition(f"device {d.device_id} of rollout {rid}: {d.state} → {to}")
             values["state"] = to
-        conn.execute(
-            update(rollout_devices)
-            .where(and_(rollout_devices.c.rollout_id == rid, rollout_devices.c.device_id == d.device_id))
-            .values(**{k: (v.value if isinstance(v, DeviceState) else v) for k, v in values.items()})
+        self._writes.append(
+            (rid, d.device_id, {k: (v.value if isinstance(v, DeviceState) else v) for k, v in values.items()})
         )
         for name, value in values.items():
             setattr(d, name, value)
+
+    def _flush(self, conn: Connection) -> None:
+        """Write the changes ``_update_device`` collected, grouped by the columns they set."""
+        merged: dict[tuple[str, str], dict[str, Any]] = {}
+        for rid, device_id, values in self._writes:  # a later change of a column wins
+            merged.setdefault((rid, device_id), {}).update(values)
+        self._writes.clear()
+        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for (rid, device_id), values in merged.items():
+            row = {"b_rollout": rid, "b_device": device_id, **{f"b_{k}": v for k, v in values.items()}}
+            groups.setdefault(tuple(sorted(values)), []).append(row)
+        for columns, params in groups.items():
+            conn.execute(
+                update(rollout_devices)
+                .where(
+                    and_(
+                        rollout_devices.c.rollout_id == bindparam("b_rollout"),
+                        rollout_devices.c.device_id == bindparam("b_device"),
+                    )
+                )
+                .values({c: bindparam(f"b_{c}") for c in columns}),
+                params,
+            )
 
     def _update_rollout(self, conn: Connection, rid: str, **values: Any) -> None:
         if "state" in values:

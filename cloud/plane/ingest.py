@@ -1,0 +1,102 @@
+"""What devices send, written to the database off the event loop, many messages per transaction.
+
+One thread writes, in arrival order. Each time it is free it takes everything that arrived
+meanwhile (up to ``max_batch``) and stores it in one transaction (:meth:`Fleet.record`), then
+tells the event loop which messages are stored so that they are acknowledged to their devices
+(which only then forget them, §4). Under a trickle that is one message per transaction, as
+before; when 10,000 devices report at once, a few hundred per transaction, which is what lets
+the control plane keep up (bench/RESULTS.md, rollout_scale.py).
+
+A batch that fails is retried message by message, so one message the database refuses (and that
+is therefore not acknowledged, and comes again) does not hold back the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cloud.plane.fleet import DeviceMessage, Fleet
+
+log = logging.getLogger(__name__)
+
+# Called on the event loop once the message is in the database.
+Stored = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class _Item:
+    tenant: str
+    message: DeviceMessage
+    stored: Stored
+    loop: asyncio.AbstractEventLoop
+
+
+_STOP = object()
+
+
+class Ingest:
+    def __init__(self, fleet: Fleet, max_batch: int = 500) -> None:
+        self.fleet = fleet
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue[_Item | object] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
+        self._thread.start()
+        self.batches = 0
+        self.stored = 0
+        self.failed = 0
+
+    def put(self, tenant: str, message: DeviceMessage, stored: Stored) -> None:
+        """From the event loop: store ``message``; ``stored`` runs on this loop when it is."""
+        self._queue.put(_Item(tenant, message, stored, asyncio.get_running_loop()))
+
+    def close(self) -> None:
+        """Store what is queued, then stop the thread."""
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
+            self._store([i for i in batch if isinstance(i, _Item)])
+            if stop:
+                return
+
+    def _store(self, batch: list[_Item]) -> None:
+        try:
+            self.fleet.record([(i.tenant, i.message) for i in batch])
+            done = batch
+        except Exception:
+            log.warning("storing %d device message(s) at once failed; one by one", len(batch), exc_info=True)
+            done = []
+            for item in batch:
+                try:
+                    self.fleet.record([(item.tenant, item.message)])
+                    done.append(item)
+                except Exception:
+                    # Not acknowledged: the device sends it again.
+                    self.failed += 1
+                    log.error("could not store a message from %s", item.message.device_id, exc_info=True)
+        self.batches += 1
+        self.stored += len(done)
+        for item in done:
+            with contextlib.suppress(RuntimeError):  # the loop closed: shutting down
+                item.loop.call_soon_threadsafe(item.stored)
