@@ -117,15 +117,9 @@ class TextGenerator:
         """The decode loop alone: one new token id per step, until EOS (not yielded), ``budget``
         tokens or a completed grammar (stop sequences are not looked for)."""
         seq = Sequence(self, prompt_ids, replace(params, stop=(), logprobs=None), budget=budget, text=False)
-        decoder = self.model.decoder(len(prompt_ids) + seq.budget, prompt_ids)
-        seq.start(decoder.past_len)
-        while not seq.done:
-            feed = seq.pending[:PREFILL_CHUNK]
-            logits = decoder.step(feed, last_only=True)
-            if seq.consumed(len(feed)):
-                seq.advance(logits[-1])
-                if seq.last_token is not None:
-                    yield seq.last_token
+        for _ in self._alone(seq):
+            if seq.last_token is not None:
+                yield seq.last_token
 
     def stream(self, prompt: Prompt, params: GenerationParams) -> Iterator[StreamItem]:
         """Yield text deltas as they become final, then one GenerationResult."""
@@ -133,14 +127,19 @@ class TextGenerator:
 
     def stream_ids(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[StreamItem]:
         """``stream`` for a prompt already encoded and checked by :meth:`check_prompt`, decoded alone."""
-        seq = Sequence(self, prompt_ids, params)
-        decoder = self.model.decoder(len(prompt_ids) + seq.budget, prompt_ids)
-        seq.start(decoder.past_len)
+        for items in self._alone(Sequence(self, prompt_ids, params)):
+            yield from items
+
+    def _alone(self, seq: Sequence) -> Iterator[list[StreamItem]]:
+        """Decode ``seq`` by itself (the parallel slots' batcher is the other way): the items of
+        each step that chose a token."""
+        decoder = self.model.decoder(seq.capacity, seq.prompt_ids)
+        yield seq.start(decoder.past_len)
         while not seq.done:
             feed = seq.pending[:PREFILL_CHUNK]
             logits = decoder.step(feed, last_only=True)
             if seq.consumed(len(feed)):
-                yield from seq.advance(logits[-1])
+                yield seq.advance(logits[-1])
 
     def generate(self, prompt: Prompt, params: GenerationParams) -> GenerationResult:
         for item in self.stream(prompt, params):
