@@ -217,6 +217,14 @@ class EdgeAgent:
             disk_free_bytes=shutil.disk_usage(self.settings.data_dir).free,
         )
 
+    def installed_models(self) -> list[str]:
+        """ "name:version@digest (slot)" of each model in a slot, the active one first."""
+        s = self.reconciler.state
+        slots = sorted(s.slots.items(), key=lambda kv: kv[0] != s.active_slot)
+        return [
+            f"{r.name}:{r.version}@{r.manifest_digest} (slot {slot})" for slot, r in slots if r is not None
+        ]
+
     def reported_state(self, state: AgentState | None = None) -> ReportedState:
         s = state or self.reconciler.state
         return ReportedState(

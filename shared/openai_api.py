@@ -351,6 +351,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "autoglm"
+    # The signed manifest's digest of the package served (an extension): a request may pin it as
+    # ``model: "name@<digest>"``.
+    digest: str | None = None
 
 
 class ModelList(BaseModel):

@@ -207,6 +207,24 @@ def test_openai_client_works_unchanged(served: tuple[EdgeProcess, CloudSide]) ->
     assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
 
 
+def test_models_show_the_digest_a_request_may_pin(
+    served: tuple[EdgeProcess, CloudSide], demo_package: RegistryEntry
+) -> None:
+    edge, _ = served
+    digest = demo_package.ref.manifest_digest
+    cards = httpx.get(f"{edge.api}/v1/models", timeout=10).json()["data"]
+    assert [(c["id"], c["digest"]) for c in cards] == [("demo-glm:1", digest)]
+    assert _complete(edge, model=f"demo-glm@{digest}").status_code == 200
+    assert _complete(edge, model=f"default@{digest}").status_code == 200
+    other = "sha256:" + "0" * 64
+    refused = _complete(edge, model=f"demo-glm@{other}")
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "conflict"
+    assert f"demo-glm:1@{digest} (slot a)" in refused.json()["error"]["message"]
+    assert _complete(edge, model=f"other-model@{digest}").status_code == 409
+    bad = _complete(edge, model="demo-glm@latest")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "model"
+
+
 def test_chat_errors_use_the_envelope(served: tuple[EdgeProcess, CloudSide]) -> None:
     edge, _ = served
     url = f"{edge.api}/v1/chat/completions"

@@ -56,6 +56,8 @@ class PoolModel:
     names: frozenset[str]
     chat: ChatTemplate
     context_length: int
+    # The pool serves from a folder, not a signed package: nothing to pin to.
+    digest: str = ""
 
 
 @dataclass

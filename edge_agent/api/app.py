@@ -60,7 +60,7 @@ def create_app(settings: EdgeSettings) -> FastAPI:
                 error=f.error,
             )
 
-        local = CompletionService(agent.host, lambda: agent.serving, record_local)
+        local = CompletionService(agent.host, lambda: agent.serving, record_local, agent.installed_models)
         app.state.router = RequestRouter(
             ServiceResponder(local, "local"), cloud, lambda: agent.serving, agent.telemetry
         )

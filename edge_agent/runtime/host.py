@@ -35,6 +35,8 @@ class LoadedModel:
     generator: TextGenerator
     chat: ChatTemplate
     threads: int = 0
+    # The signed manifest's digest: what a request may pin (``model: "name@sha256:…"``).
+    digest: str = ""
     # Made by the host on the first request (it holds the host's settings and statistics).
     batcher: DecodeBatcher | None = None
 
@@ -48,7 +50,14 @@ class LoadedModel:
 
     @classmethod
     def load(
-        cls, folder: Path, manifest: Manifest, slot: str, *, threads: int, providers: list[str] | None
+        cls,
+        folder: Path,
+        manifest: Manifest,
+        slot: str,
+        *,
+        threads: int,
+        providers: list[str] | None,
+        digest: str = "",
     ) -> LoadedModel:
         graph = next((f.path for f in manifest.files if f.role == "graph"), None)
         if graph is None:
@@ -59,7 +68,7 @@ class LoadedModel:
         except Exception as exc:
             raise ModelLoadError(f"tokenizer.json cannot be loaded: {exc}", slot=slot) from exc
         chat = ChatTemplate.from_folder(folder)
-        return cls(manifest, slot, TextGenerator(session, tokenizer), chat, threads)
+        return cls(manifest, slot, TextGenerator(session, tokenizer), chat, threads, digest)
 
     def smoke_test(self) -> None:
         """One greedy token through the whole path; anything wrong raises ModelLoadError."""

@@ -10,6 +10,7 @@ per model even for offline periods.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from edge_agent.runtime.structured import GUIDED, grammar_for, guided_grammar
 from edge_agent.runtime.text import Prompt
 from edge_agent.runtime.tools import ToolPlan, plan_tools, template_messages
 from edge_agent.serving.config import ServingConfig
-from shared.errors import InvalidRequest, ModelNotFound, RequestError
+from shared.errors import Conflict, InvalidRequest, ModelNotFound, RequestError
 from shared.openai_api import (
     ChatChoice,
     ChatChoiceMessage,
@@ -77,6 +78,11 @@ class ServedModel(Protocol):
     @property
     def chat(self) -> ChatTemplate: ...
 
+    @property
+    def digest(self) -> str:
+        """The signed manifest's digest ('' where the model does not come from a package)."""
+        ...
+
 
 class TextBackend(Protocol):
     """Where text is generated: admission (429/503) and the model's lifetime are its business."""
@@ -120,18 +126,37 @@ class CompletionService:
         host: TextBackend,
         serving: Callable[[], ServingConfig],
         on_finished: Callable[[Finished], None] | None = None,
+        installed: Callable[[], list[str]] | None = None,
     ) -> None:
         self.host = host
         self.serving = serving
         self.on_finished = on_finished
+        # "name:version@digest" of every model on this device (both slots), for a refused pin.
+        self.installed = installed
 
     def models(self) -> ModelList:
         current = self.host.current
-        return ModelList(data=[ModelCard(id=current.model_id)] if current else [])
+        return ModelList(
+            data=[ModelCard(id=current.model_id, digest=current.digest or None)] if current else []
+        )
 
     # -- request preparation -----------------------------------------------------------------
     def _model_for(self, requested: str) -> ServedModel:
         loaded = self.host.require()
+        name, pinned, digest = requested.partition("@")
+        if pinned:
+            # "name@sha256:…" asks for exactly these bytes: served only if they are what runs here.
+            if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+                raise InvalidRequest("a pinned model is name@sha256:<64 hex digits>", param="model")
+            if digest != loaded.digest or (name != "default" and name not in loaded.names):
+                here = self.installed() if self.installed is not None else []
+                here = here or [f"{loaded.model_id}@{loaded.digest or 'unknown'}"]
+                raise Conflict(
+                    f"model {requested!r} is not what this device serves; installed: {', '.join(here)} "
+                    f"(serving {loaded.model_id})",
+                    param="model",
+                )
+            return loaded
         # Clients may name the model by "name", "name:version", or leave the choice to us with "default".
         if requested != "default" and requested not in loaded.names:
             raise ModelNotFound(

@@ -24,7 +24,7 @@ from edge_agent.runtime.host import LoadedModel, ModelHost
 from edge_agent.update.fetcher import ChunkIndex, ShardFetcher, chunk_index
 from edge_agent.update.slots import SlotStore
 from edge_agent.update.state import AgentState, SlotName, StateFile
-from shared.blobs import BlobStore, file_digest
+from shared.blobs import BlobStore, digest_of, file_digest
 from shared.edge_config import EdgeConfig
 from shared.errors import (
     AutoGLMError,
@@ -415,11 +415,17 @@ class Reconciler:
 
     def _load_slot(self, slot: SlotName) -> LoadedModel:
         try:
-            manifest = self.trust.verify(self.slots.manifest_bytes(slot))
+            manifest_bytes = self.slots.manifest_bytes(slot)
         except FileNotFoundError as exc:
             raise ModelLoadError(f"slot {slot} holds no manifest", slot=slot) from exc
+        manifest = self.trust.verify(manifest_bytes)
         return LoadedModel.load(
-            self.slots.path(slot), manifest, slot, threads=self.threads, providers=self.providers
+            self.slots.path(slot),
+            manifest,
+            slot,
+            threads=self.threads,
+            providers=self.providers,
+            digest=digest_of(manifest_bytes),
         )
 
     def _slot_manifests(self) -> list[tuple[SlotName, Manifest]]:
