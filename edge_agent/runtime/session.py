@@ -140,7 +140,7 @@ class OnnxCausalLM:
             return _ConcatDecoder(self, self._concat_cache, keep)
         b = self._buffers
         if b is not None and len(busy) < b.rows:
-            row, _ = b.choose_row(prompt_ids, busy)
+            row = b.choose_row(prompt_ids, busy)
         else:
             row = b.rows if b is not None else 0  # every row is taken: one more
             if row >= rows:
@@ -157,14 +157,15 @@ class OnnxCausalLM:
     ) -> np.ndarray:
         """One decode step for several sequences (one new token each): logits [n, vocab].
 
-        Shared-KV decoders run as one batch; others (concatenated caches) one after another.
+        Shared-KV decoders on host memory run as one batch; others (concatenated caches, a CUDA
+        cache, whose rows cannot be sliced into one binding) one after another.
 
         ``invariant``: the batch has an even number of rows (idle rows ride along). ONNX Runtime's
         MatMulNBits computes rows in pairs and an odd last row with a one-row kernel that rounds
         differently (as accurate, not the same), so a sequence's logits would depend on how many
         others share its step; with even widths they never do."""
         shared = [d for d in decoders if isinstance(d, _SharedDecoder)]
-        if len(shared) == len(decoders) and shared and self._buffers is not None:
+        if self.batches and shared and len(shared) == len(decoders) and self._buffers is not None:
             return self._buffers.step_rows(shared, tokens, invariant)
         return np.stack([d.step([t])[-1] for d, t in zip(decoders, tokens, strict=True)])
 
@@ -289,18 +290,13 @@ class _SharedBuffers:
             binding.bind_ortvalue_input(name_in, value)
             binding.bind_ortvalue_output(name_out, value)
 
-    def choose_row(self, prompt_ids: Sequence[int], busy: frozenset[int]) -> tuple[int, int]:
+    def choose_row(self, prompt_ids: Sequence[int], busy: frozenset[int]) -> int:
         """The free row whose cache shares the longest prefix with ``prompt_ids`` (the lowest on a
-        tie, so that batched steps stay narrow), and how many positions it can keep."""
-        best = (-1, -1)
-        for r in range(self.rows):
-            if r not in busy:
-                keep = self.by_row[r].cache.reusable(prompt_ids)
-                if keep > best[1]:
-                    best = (r, keep)
-        if best[0] < 0:
+        tie, so that batched steps stay narrow)."""
+        free = [r for r in range(self.rows) if r not in busy]
+        if not free:
             raise RuntimeError("no free KV row")  # the scheduler never admits more than it has
-        return best
+        return max(free, key=lambda r: (self.by_row[r].cache.reusable(prompt_ids), -r))
 
     def start(self, row: int, prompt_ids: Sequence[int] = ()) -> _SharedDecoder:
         cache = self.by_row[row].cache

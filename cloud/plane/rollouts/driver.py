@@ -87,6 +87,8 @@ class RolloutDriver:
             return bool(result.rowcount == 1)
 
     def _drive(self, tenant: str, rid: str) -> list[DesiredRecord]:
+        # Changes a failed drive collected were rolled back with its transaction: never write them.
+        self._writes.clear()
         publishes: list[DesiredRecord] = []
         with self.engine.begin() as conn:
             stmt = select(rollouts).where(rollouts.c.rollout_id == rid)
