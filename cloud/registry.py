@@ -9,7 +9,7 @@ from pathlib import Path
 from shared.blobs import BlobStore, atomic_write, digest_of
 from shared.errors import RegistryError
 from shared.ids import is_valid_name
-from shared.manifest import Manifest, SignedManifest
+from shared.manifest import EvalSet, Manifest, SignedManifest
 from shared.messages import ModelRef
 
 
@@ -93,6 +93,19 @@ class ModelRegistry:
             return self._entry(path.read_bytes())
         except FileNotFoundError as exc:
             raise RegistryError("model not found", name=name, version=version) from exc
+
+    def eval_set(self, name: str, version: str) -> EvalSet | None:
+        """The evaluation set a version carries (None for packages made before there were any)."""
+        entry = self.get(name, version)
+        for f in entry.manifest.files:
+            if f.role == "eval":
+                try:
+                    return EvalSet.model_validate_json(self.blobs.read(f.blob.digest))
+                except ValueError as exc:
+                    raise RegistryError(
+                        f"the evaluation set is unreadable: {exc}", name=name, version=version
+                    ) from exc
+        return None
 
     def list(self) -> list[RegistryEntry]:
         if not self._manifests.is_dir():

@@ -48,7 +48,12 @@ class RateLimitSettings(_Section):
 
 class GatewaySettings(_Section):
     upstreams: list[UpstreamSettings] = []
+    # Every replica's /models (and its server's readiness) is polled this often.
     health_interval_s: Annotated[float, Field(gt=0, le=300)] = 2.0
+    # Every replica's /metrics is scraped this often for its queue. Between scrapes only the
+    # gateway's own requests are counted live; below 0.1 s the scrapes would cost the replicas
+    # (vLLM's page is mostly histograms) more than the freshness is worth.
+    load_interval_s: Annotated[float, Field(ge=0.1, le=60)] = 1.0
     connect_timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
     # The longest a generation may take on a replica.
     request_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 300.0

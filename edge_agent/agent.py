@@ -239,6 +239,7 @@ class EdgeAgent:
             config_revision=s.config_revision,
             config_error=s.config_error,
             control_error=s.control_error,
+            evaluation=s.evaluation,
             report_id=uuid.uuid4().hex,
         )
 

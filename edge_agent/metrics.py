@@ -133,6 +133,16 @@ class _LiveCollector(Collector):
             "Requests the local side could not take, served by the cloud.",
             self.router.fallbacks,
         )
+        yield counter(
+            "cloud_streams_resumed",
+            "Cloud chat streams that broke mid-answer and were finished by the local model.",
+            self.router.cloud.streams_resumed,
+        )
+        yield counter(
+            "cloud_overflows",
+            "Local chat streams that filled the local context and were finished by the cloud.",
+            self.router.overflows,
+        )
         breaker = self.router.cloud.breaker
         yield gauge(
             "cloud_breaker_open",

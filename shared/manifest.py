@@ -37,7 +37,7 @@ class FileEntry(WireModel):
     """A file of the model folder, stored as one blob."""
 
     path: str
-    role: Literal["graph", "weights", "tokenizer", "config"]
+    role: Literal["graph", "weights", "tokenizer", "config", "eval"]
     blob: BlobRef
 
     @field_validator("path")
@@ -114,6 +114,31 @@ class QualityReport(WireModel):
     relative_change: float
     prose: PerplexityFigures | None = None
     greedy: GreedyAgreement | None = None
+
+
+EVAL_FILE = "eval.json"
+
+
+class EvalCase(WireModel):
+    """One chat prompt (rendered with the model's template and encoded) and the reference
+    model's greedy answer to it, as token ids."""
+
+    prompt_ids: Annotated[list[int], Field(min_length=1, max_length=8192)]
+    answer_ids: Annotated[list[int], Field(min_length=1, max_length=1024)]
+
+
+class EvalSet(WireModel):
+    """The package's evaluation set (file role ``eval``, so signed with the manifest): a device
+    runs it on the model it just loaded and reports how often its top choice is the reference's
+    next token (teacher-forced), which a rollout's quality gate judges. A new version may carry
+    an older version's set, so it is held to the same answers."""
+
+    schema_: Literal["autoglm.eval/v1"] = Field(default="autoglm.eval/v1", alias="schema")
+    # The model (name:version, fp32) whose greedy answers these are.
+    reference: str
+    cases: Annotated[list[EvalCase], Field(min_length=1, max_length=256)]
+    # The shipped graph's agreement on the packaging machine: what a healthy device should see.
+    expected_agreement: Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class ExportValidation(WireModel):

@@ -105,6 +105,20 @@ class TransferProgress(WireModel):
     bytes_total: Annotated[int, Field(strict=True, ge=0)]
 
 
+class EvalReport(WireModel):
+    """What a device measured with a package's evaluation set (shared/manifest.py ``EvalSet``)
+    on the model it activated."""
+
+    model: str  # name:version evaluated
+    reference: str  # the model whose answers the set holds
+    cases: Annotated[int, Field(strict=True, ge=1)]
+    tokens: Annotated[int, Field(strict=True, ge=1)]
+    # Share of the reference answers' tokens that are this model's top choice, given the
+    # reference answer so far (teacher-forced: one early difference does not sink the rest).
+    agreement: Annotated[float, Field(ge=0.0, le=1.0)]
+    expected: Annotated[float, Field(ge=0.0, le=1.0)]  # the packager's figure for the same graph
+
+
 class ReportedState(WireDocument):
     SCHEMA = MQTT_SCHEMA
     KIND = "reported"
@@ -127,6 +141,8 @@ class ReportedState(WireDocument):
     # The last control message (desired state, command) this device refused and why; cleared
     # when a valid desired state arrives.
     control_error: ErrorInfo | None = None
+    # The evaluation set's result for the model last activated (packages that carry one).
+    evaluation: EvalReport | None = None
     updated_at: datetime = Field(default_factory=utc_now)
 
 

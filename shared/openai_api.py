@@ -93,6 +93,11 @@ class SamplingParams(_Tolerant):
             raise ValueError("max_tokens and max_completion_tokens disagree; send one")
         return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
 
+    def wants_token_ids(self) -> bool:
+        """vLLM's ``return_token_ids``: each choice (each stream chunk) also carries the ids
+        of the tokens it holds, so a stream can be continued elsewhere token for token."""
+        return (self.model_extra or {}).get("return_token_ids") is True
+
     def wants_usage(self) -> bool:
         """stream_options.include_usage: a last chunk with the usage (and no choices)."""
         options = (self.model_extra or {}).get("stream_options")
@@ -223,6 +228,10 @@ class ChatCompletionRequest(SamplingParams):
     parallel_tool_calls: Annotated[bool, Field(strict=True)] | None = None
     logprobs: Annotated[bool, Field(strict=True)] | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS, strict=True)] | None = None
+    # vLLM's extensions: continue the final (assistant) message instead of starting a new turn
+    # (how a stream one server began is finished by another), and whether to open a turn at all.
+    continue_final_message: Annotated[bool, Field(strict=True)] | None = None
+    add_generation_prompt: Annotated[bool, Field(strict=True)] | None = None
 
     def logprobs_wanted(self) -> int | None:
         """How many alternatives per token (None: no logprobs); ValueError for top_logprobs alone."""
@@ -301,6 +310,8 @@ class ChatChoice(BaseModel):
     message: ChatChoiceMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None
+    # The generated ids, when the request asked for return_token_ids (as vLLM does).
+    token_ids: list[int] | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -335,6 +346,8 @@ class ChatChunkChoice(BaseModel):
     delta: ChatDelta
     logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
+    # The ids behind this chunk's text, when the request asked for return_token_ids.
+    token_ids: list[int] | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -344,6 +357,9 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    # Where the answer was made, on the last chunks of a stream that one server began and another
+    # finished ("cloud→local"): the X-AutoGLM-Served-By header went out before the switch.
+    served_by: str | None = None
 
 
 class ModelCard(BaseModel):

@@ -510,3 +510,35 @@ def wait_dropped(edge: EdgeProcess, at_least: int, timeout: float = 10.0) -> int
         return count if count >= at_least else None
 
     return eventually(dropped, timeout, f"{at_least} dropped messages")
+
+
+@pytest.fixture(scope="session")
+def wrong_package(
+    demo_source: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    registry: ModelRegistry,
+    signing_key: SigningKey,
+    demo_package: RegistryEntry,
+) -> RegistryEntry:
+    """Fast but wrong: the demo model with noise added to every weight matrix (same shapes, so the
+    same speed), packaged with version 1's evaluation set: it loads and serves, its answers differ."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cloud.packaging.packager import ModelPackager, PackageOptions
+
+    folder = tmp_path_factory.mktemp("wrong") / "model"
+    shutil.copytree(demo_source, folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.add_(torch.randn(param.shape, generator=generator) * param.std() * 0.6)
+    model.save_pretrained(folder)
+    carried = registry.eval_set(demo_package.name, demo_package.version)
+    assert carried is not None
+    return ModelPackager(registry, signing_key).package(
+        folder,
+        PackageOptions(name="demo-glm", version="wrong", eval_set=carried, max_perplexity_increase=1.0),
+    )

@@ -391,3 +391,71 @@ def _ref() -> Any:
     from shared.messages import ModelRef
 
     return ModelRef(name="m", version="1", manifest_digest="sha256:" + "b" * 64, manifest_size=10)
+
+
+@pytest.mark.timeout(400)
+def test_a_fast_but_wrong_package_halts_on_the_quality_gate_and_a_good_one_passes(
+    database_url: str,
+    tmp_path: Path,
+    broker_settings: BrokerSettings,
+    tenant: str,
+    registry: ModelRegistry,
+    signing_key: SigningKey,
+    demo_source: Path,
+    demo_package: RegistryEntry,
+    wrong_package: RegistryEntry,
+    edge_factory: Callable[..., EdgeProcess],
+) -> None:
+    """Issue 18: weights perturbed (same graph shapes, same speed, no errors), the package carrying
+    version 1's signed evaluation set. Wave 1 fails on the devices' evaluation alone, before any
+    traffic, and its device ends on v1; a good package held to the same answers passes every wave."""
+    from cloud.packaging.packager import ModelPackager, PackageOptions
+
+    # Packaged after the wrong one, so it is a higher release than anything a device has seen.
+    good = ModelPackager(registry, signing_key).package(
+        demo_source,
+        PackageOptions(name="demo-glm", version="good", eval_set=registry.eval_set("demo-glm", "1")),
+    )
+    cloud = start_cloud(tmp_path, database_url, broker_settings, tenant, registry)
+    try:
+        names = [f"edge-{i}" for i in range(3)]
+        for n in names:
+            edge_factory(device_id=n, tenant=tenant, broker=broker_settings, trusted=[signing_key.public.b64])
+        cloud.wait(lambda: len(cloud.devices()) == 3, 60, "three devices to appear")
+        r = cloud.ok("POST", "/v1/rollouts", {"model": "demo-glm:1", "waves": [100], "health_window_s": 0.5})
+        cloud.wait_rollout(r["rollout_id"], ("completed",))
+
+        r = cloud.ok(
+            "POST",
+            "/v1/rollouts",
+            {"model": "demo-glm:wrong", "waves": [33, 100], "failure_threshold": 0.0, "health_window_s": 0.5},
+        )
+        halted = cloud.wait_rollout(r["rollout_id"], ("halted",))
+        wave1 = [d for d in halted["devices"] if d["wave"] == 0]
+        assert [d["state"] for d in wave1] == ["rolled_back"], halted
+        assert "quality gate" in wave1[0]["detail"], wave1
+        assert all(d["state"] == "pending" for d in halted["devices"] if d["wave"] == 1)
+        first = wave1[0]["device_id"]
+        cloud.wait(
+            lambda: (
+                cloud.devices()[first]["active_model"] == "demo-glm:1"
+                and cloud.devices()[first]["phase"] == "active"
+                and cloud.devices()[first]["reported_revision"] == cloud.devices()[first]["desired_revision"]
+            ),
+            60,
+            "the wave-1 device back on v1",
+        )
+        assert {d["active_model"] for d in cloud.devices().values()} == {"demo-glm:1"}
+
+        r = cloud.ok(
+            "POST",
+            "/v1/rollouts",
+            {"model": f"{good.name}:{good.version}", "waves": [34, 100], "health_window_s": 0.5},
+        )
+        done = cloud.wait_rollout(r["rollout_id"], ("completed",))
+        assert all(d["state"] == "healthy" for d in done["devices"]), done
+        reports = {n: cloud.ok("GET", f"/v1/devices/{n}")["evaluation"] for n in names}
+        assert {e["model"] for e in reports.values()} == {"demo-glm:good"}
+        assert all(e["agreement"] >= e["expected"] - 0.05 for e in reports.values()), reports
+    finally:
+        cloud.stop()

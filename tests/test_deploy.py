@@ -81,7 +81,7 @@ def test_there_is_something_to_check() -> None:
         "manifests/overlays/production",
         "manifests/overlays/istio",
         "manifests/overlays/arm64-edge",
-        "manifests/overlays/vllm",
+        "manifests/overlays/autoglm-pool",
     }
     kinds = {doc["kind"] for _, doc in DOCUMENTS}
     assert {

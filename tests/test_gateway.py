@@ -1,6 +1,6 @@
 """The pool gateway in process against real HTTP upstreams (aiohttp servers on free ports):
-replica choice by model, 404s retried elsewhere, timeouts, and the outstanding count under
-cancellation. The gateway with real pool replicas as processes: tests/test_fallback.py."""
+replica choice by model and by load (the gateway's own count and the replicas' scraped gauges),
+404s retried elsewhere, readiness, timeouts, and the outstanding count under cancellation. The gateway with real pool replicas as processes: tests/test_fallback.py."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from pydantic import ValidationError
 
-from cloud.gateway.balancer import PoolGateway, Replica
+from cloud.gateway.balancer import REPLICA_HEADER, PoolGateway, Replica
+from cloud.gateway.load import AUTOGLM_POOL, VLLM, ReplicaLoad, parse_load, server_root
 from cloud.settings import GatewaySettings
 from shared.errors import RequestError
 
@@ -179,3 +181,138 @@ def test_gateway_answers_504_for_a_slow_replica_and_neither_retries_nor_marks_it
                 await gateway.aclose()
 
     asyncio.run(scenario())
+
+
+# -- load from the replicas' own gauges ------------------------------------------------------------
+VLLM_METRICS = """# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="smollm2"} 2.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="smollm2"} 5.0
+vllm:num_requests_waiting_by_reason{engine="0",model_name="smollm2",reason="capacity"} 99.0
+vllm:num_requests_running{engine="1",model_name="smollm2"} 1.0
+"""
+POOL_METRICS = """# HELP autoglm_pool_queue_depth Requests waiting for a place in the batch.
+# TYPE autoglm_pool_queue_depth gauge
+autoglm_pool_queue_depth 3.0
+# TYPE autoglm_pool_batch_size gauge
+autoglm_pool_batch_size 4.0
+"""
+
+
+def test_load_is_read_from_vllm_and_pool_gauges() -> None:
+    vllm = parse_load(VLLM_METRICS)
+    assert vllm is not None and vllm.gauges is VLLM
+    assert (vllm.waiting, vllm.running) == (5, 3)  # engines summed; a longer name is not the family
+    pool = parse_load(POOL_METRICS, own_in_flight=2)
+    assert pool is not None and pool.gauges is AUTOGLM_POOL
+    assert (pool.waiting, pool.running, pool.others) == (3, 4, 5)
+    mostly_ours = parse_load(POOL_METRICS, own_in_flight=9)  # some still on the wire
+    assert mostly_ours is not None and mostly_ours.others == 0
+    assert parse_load("# nothing known\nprocess_cpu_seconds_total 1.0\n") is None
+    assert parse_load("autoglm_pool_queue_depth NaN\nautoglm_pool_batch_size 1\n") is None
+
+
+def test_server_root_drops_the_openai_prefix() -> None:
+    assert server_root("http://pool:8500/v1") == "http://pool:8500"
+    assert server_root("http://pool:8500/v1/") == "http://pool:8500"
+    assert server_root("https://gw.example/vllm-a/v1") == "https://gw.example/vllm-a"
+    assert server_root("http://pool:8500") == "http://pool:8500"
+
+
+def test_pick_counts_the_scraped_queue_beside_its_own_requests() -> None:
+    gateway = _gateway(["http://127.0.0.1:1/v1", "http://127.0.0.1:2/v1"])
+    vllm, pool = gateway.replicas
+    vllm.models = pool.models = frozenset({"m"})
+    # vLLM has a queue the gateway did not put there (another control-plane replica's).
+    vllm.server, vllm.load = VLLM, ReplicaLoad(VLLM, waiting=4, running=2, own_at_scrape=0)
+    assert gateway._pick(set(), "m") is pool
+    pool.outstanding = 6
+    assert gateway._pick(set(), "m") is vllm  # 6 each: the tie goes to the fewer of its own
+    # The scrape already counted the gateway's own requests: they are not counted twice.
+    vllm.outstanding = 2
+    vllm.load = ReplicaLoad(VLLM, waiting=0, running=2, own_at_scrape=2)
+    assert vllm.estimated_load == 2 and gateway._pick(set(), "m") is vllm
+    view = vllm.view()
+    assert (view["server"], view["waiting"], view["running"], view["load"]) == ("vllm", 0, 2, 2)
+
+
+@asynccontextmanager
+async def vllm_like(health: list[int], waiting: list[int]) -> AsyncIterator[str]:
+    """An upstream shaped like vLLM: /v1/models, /health (status from ``health[0]``) and
+    /metrics with its waiting gauge (``waiting[0]``)."""
+
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(status=health[0])
+
+    async def metrics(request: web.Request) -> web.Response:
+        assert request.headers.get("accept-encoding") == "identity"
+        text = f'vllm:num_requests_waiting{{engine="0"}} {waiting[0]}\nvllm:num_requests_running 1\n'
+        return web.Response(text=text)
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"by": "vllm"})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", listing)
+    app.router.add_get("/health", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/v1/completions", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await web.SockSite(runner, sock).start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    finally:
+        await runner.cleanup()
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Until the gateway's own polls (tasks on this loop) make ``condition`` true; at most 5 s."""
+    for _ in range(250):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the condition did not become true within 5 s")
+
+
+def test_scraped_queue_steers_requests_and_readiness_takes_a_replica_out() -> None:
+    health, waiting = [200], [6]
+
+    async def scenario() -> None:
+        async with vllm_like(health, waiting) as v, replica(["m"]) as p:
+            gateway = _gateway([v, p], health_interval_s=0.05, load_interval_s=0.1)
+            polls = asyncio.create_task(gateway.run_health_checks())
+            try:
+                vllm, other = gateway.replicas
+                await _until(lambda: vllm.load is not None and other.models is not None)
+                assert vllm.server is VLLM and other.server is None and other.load is None
+                assert vllm.view()["load"] == 7
+                for _ in range(4):  # its queue outweighs the other's own requests
+                    r = await gateway.forward("/completions", {"model": "m", "prompt": "x"})
+                    assert r.headers[REPLICA_HEADER] == "pool-1"
+                waiting[0] = 0
+                await _until(lambda: vllm.estimated_load == 1)
+                health[0] = 503  # the engine died behind a live API server
+                await _until(lambda: not vllm.up)
+                assert vllm.last_error == "/health answered HTTP 503"
+                health[0] = 200
+                await _until(lambda: vllm.up)
+            finally:
+                polls.cancel()
+                await asyncio.gather(polls, return_exceptions=True)
+                await gateway.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_load_interval_is_validated() -> None:
+    with pytest.raises(ValidationError):
+        GatewaySettings.model_validate({"load_interval_s": 0.01})
+    assert GatewaySettings().load_interval_s == 1.0

@@ -99,6 +99,9 @@ class FakeLoaded:
         if self.broken:
             raise ModelLoadError("the smoke test produced no token", slot=self.slot)
 
+    def evaluate(self) -> None:
+        return None  # these packages carry no evaluation set
+
 
 class Device:
     def __init__(self, tmp: Path) -> None:

@@ -24,7 +24,8 @@ from cloud.plane.rollouts import (
     RolloutSpec,
 )
 from cloud.plane.store import make_engine, migrate
-from shared.messages import ModelRef, Phase, ReportedState, TelemetryBatch, TelemetryRecord
+from shared.errors import ContractError
+from shared.messages import EvalReport, ModelRef, Phase, ReportedState, TelemetryBatch, TelemetryRecord
 
 TENANT = "t"
 
@@ -75,7 +76,7 @@ class Fleetlet:
     def rollout_state(self, rid: str) -> str:
         return str(self.rollouts.show(TENANT, rid)["state"])
 
-    def activate(self, device: str) -> None:
+    def activate(self, device: str, evaluation: EvalReport | None = None) -> None:
         """The device reports the new model active at its latest desired revision."""
         desired = self.fleet.current_desired(TENANT, device)
         assert desired is not None
@@ -87,6 +88,7 @@ class Fleetlet:
                 phase=Phase.ACTIVE,
                 active_slot="b",
                 slots={"a": OLD, "b": NEW},
+                evaluation=evaluation,
             ),
         )
 
@@ -301,3 +303,44 @@ def test_an_operator_rollback_sends_every_touched_device_back(fl: Fleetlet) -> N
     assert all(r.model == OLD.model_dump(mode="json") and r.allow_downgrade for r in back)
     assert fl.rollout_state(rid) == "rolled_back"
     assert [s for d, s in fl.states(rid).items() if d not in first] == ["pending", "pending"]
+
+
+def _evaluation(agreement: float, model: str = "m:2") -> EvalReport:
+    return EvalReport(model=model, reference="m:1", cases=24, tokens=900, agreement=agreement, expected=0.96)
+
+
+def test_a_device_whose_evaluation_falls_below_the_packagers_fails_the_quality_gate(fl: Fleetlet) -> None:
+    """Fast but wrong: the devices of wave 1 serve without a single error, but their answers
+    agree with the package's evaluation set far less than the packager measured."""
+    rid = fl.start()
+    fl.driver.tick()
+    first = fl.updating(rid)
+    for d in first:
+        fl.activate(d, _evaluation(0.41))
+    back = fl.driver.tick()
+    assert fl.rollout_state(rid) == "halted"
+    devices = {d["device_id"]: d for d in fl.rollouts.show(TENANT, rid)["devices"]}
+    assert all("quality gate: 41.0%" in devices[d]["detail"] for d in first), devices
+    assert {r.device_id for r in back} == set(first)
+    assert [fl.states(rid)[d] for d in first] == ["rolled_back", "rolled_back"]
+
+
+def test_a_good_evaluation_or_none_passes_the_quality_gate(fl: Fleetlet) -> None:
+    """Within max_eval_drop of the packager's figure, no evaluation set at all, or a report about
+    another model (a stale one): the device goes on to its health window as before."""
+    rid = fl.start(waves=(100.0,))
+    fl.driver.tick()
+    reports = [_evaluation(0.93), None, _evaluation(0.1, model="m:1"), _evaluation(0.955)]
+    for d, evaluation in zip(fl.updating(rid), reports, strict=True):
+        fl.activate(d, evaluation)
+        fl.traffic(d, ok=5)
+    fl.driver.tick()
+    assert set(fl.states(rid).values()) == {"active"}
+    fl.clock.advance(61)
+    fl.driver.tick()
+    assert fl.rollout_state(rid) == "completed"
+
+
+def test_max_eval_drop_is_a_fraction(fl: Fleetlet) -> None:
+    with pytest.raises(ContractError):
+        fl.start(max_eval_drop=1.5)

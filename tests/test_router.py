@@ -34,7 +34,9 @@ class FakeCloud:
         self.error = error
         self.calls = 0
 
-    async def forward(self, path: str, body: dict[str, Any]) -> tuple[Response, dict[str, Any] | None]:
+    async def forward(
+        self, path: str, body: dict[str, Any], **streaming: Any
+    ) -> tuple[Response, dict[str, Any] | None]:
         self.calls += 1
         if self.error is not None:
             raise self.error

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from cloud.registry import ModelRegistry, RegistryEntry
-from edge_agent.runtime.generator import GenerationParams, GenerationResult
+from edge_agent.runtime.generator import GenerationParams, GenerationResult, Resume, Tokens
 from edge_agent.runtime.host import LoadedModel
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.session import OnnxCausalLM, perplexity
@@ -148,3 +149,76 @@ def test_prefix_cache_reuses_the_shared_start_and_answers_the_same(loaded: Loade
     gen.generate(first, params)
     same = gen.generate(first, params)
     assert same.cached_tokens == same.prompt_tokens - 1 and same.text == turn.text
+
+
+def test_token_ids_spell_the_deltas_and_a_resumed_answer_continues_token_for_token(
+    loaded: LoadedModel,
+) -> None:
+    """What a stream that broke off elsewhere is finished with (routing/resume.py): from the
+    ids the client has, from their text alone, and with a held-back stop prefix at the seam."""
+    gen = loaded.generator
+    prompt = Prompt("def main():\n")
+    params = GenerationParams(max_tokens=40, sampling=GREEDY, stop=("zzzz",), token_ids=True)
+    items = list(gen.stream(prompt, params))
+    whole = items[-1]
+    assert isinstance(whole, GenerationResult) and whole.completion_tokens == 40
+    ids = [i for item in items if isinstance(item, Tokens) for i in item.ids]
+    assert ids == whole.token_ids
+    # Each delta follows the ids behind it: cut the stream after any delta and resume there.
+    sent_text, sent_ids = "", []
+    cuts = 0
+    for item in items[:-1]:
+        if isinstance(item, Tokens):
+            sent_ids.extend(item.ids)
+        elif isinstance(item, str):
+            sent_text += item
+            if cuts < 3 and 5 < len(sent_ids) < 35:
+                cuts += 1
+                for tokens in (tuple(sent_ids), None):
+                    rest = list(gen.stream(prompt, replace(params, resume=Resume(sent_text, tokens))))
+                    result = rest[-1]
+                    assert isinstance(result, GenerationResult)
+                    tail = "".join(i for i in rest[:-1] if isinstance(i, str))
+                    assert result.text == sent_text + tail and result.finish_reason == "length"
+                    if tokens is not None:
+                        # From the ids: exactly the answer that never broke.
+                        assert result.text == whole.text and result.token_ids == whole.token_ids
+                        assert [i for it in rest if isinstance(it, Tokens) for i in it.ids] == ids[
+                            len(tokens) :
+                        ]
+                    # From the text alone the seam may be tokenized differently (three newlines
+                    # generated one by one encode as one token): the answer still goes on from it.
+    assert cuts == 3
+    # Text the client has that another tokenizer's ids do not spell: encoded here instead.
+    bogus = Resume(whole.text[:10], tuple(range(1, 30)))
+    resumed = gen.generate(prompt, replace(params, resume=bogus))
+    assert resumed.text.startswith(whole.text[:10])
+
+
+def test_the_evaluation_set_is_signed_with_the_package_and_tells_a_wrong_model_apart(
+    demo_package: RegistryEntry,
+    wrong_package: RegistryEntry,
+    loaded: LoadedModel,
+    registry: ModelRegistry,
+    tmp_path: Path,
+) -> None:
+    roles = {f.path: f.role for f in demo_package.manifest.files}
+    assert roles["eval.json"] == "eval"
+    evaluation = registry.eval_set(demo_package.name, demo_package.version)
+    assert evaluation is not None and evaluation.reference == "demo-glm:1"
+    assert 10 <= len(evaluation.cases) <= 24
+    report = loaded.evaluate()
+    assert report is not None and report.model == "demo-glm:1"
+    # The same graph on the same machine: what the packager measured, and most tokens agree.
+    assert report.agreement == pytest.approx(evaluation.expected_agreement, abs=1e-9)
+    assert report.agreement > 0.9
+    # Version 1's answers carried by a package whose weights were perturbed: far fewer agree.
+    carried = registry.eval_set(wrong_package.name, wrong_package.version)
+    assert carried is not None and carried.cases == evaluation.cases
+    slots = SlotStore(tmp_path / "slots")
+    folder = slots.stage("b", wrong_package.manifest, wrong_package.signed.to_json(), registry.blobs)
+    wrong = LoadedModel.load(folder, wrong_package.manifest, "b", threads=1, providers=None)
+    bad = wrong.evaluate()
+    # The bar travels with the set: the wrong graph is held to what version 1 met.
+    assert bad is not None and bad.expected == evaluation.expected_agreement
+    assert bad.agreement < bad.expected - 0.2, bad

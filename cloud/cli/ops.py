@@ -268,6 +268,14 @@ def rollout_create(
             "--min-samples", help="Requests a device must serve in its health window to be judged (0: any)."
         ),
     ] = 0,
+    max_eval_drop: Annotated[
+        float,
+        typer.Option(
+            "--max-eval-drop",
+            help="Quality gate: a device whose agreement with the package's evaluation set falls more "
+            "than this below the packager's figure fails (1: off).",
+        ),
+    ] = 0.05,
     allow_downgrade: Annotated[
         bool,
         typer.Option(
@@ -288,6 +296,7 @@ def rollout_create(
         "wave_timeout_s": wave_timeout,
         "max_concurrent": max_concurrent,
         "min_samples": min_samples,
+        "max_eval_drop": max_eval_drop,
         "allow_downgrade": allow_downgrade,
     }
     r = call(url, api_key, "POST", "/v1/rollouts", body)

@@ -146,6 +146,14 @@ def model_package(
             "--max-ppl-increase", help="Refuse a quantized graph whose perplexity rose more (0.05 = 5%)."
         ),
     ] = 0.05,
+    eval_set_from: Annotated[
+        str | None,
+        typer.Option(
+            "--eval-set-from",
+            help="Carry the evaluation set of this registry version (NAME:VERSION) instead of making "
+            "one from this model's fp32 answers: the new version is held to the same answers.",
+        ),
+    ] = None,
     registry: RegistryOpt = None,
     signing_key: KeyOpt = None,
 ) -> None:
@@ -157,6 +165,16 @@ def model_package(
     if not src.is_dir() and not is_gguf:
         raise typer.BadParameter(f"{src} is neither a model folder nor a .gguf file", param_hint="SRC")
     text = eval_text.read_text(encoding="utf-8", errors="replace") if eval_text else None
+    carried = None
+    if eval_set_from is not None:
+        ref_name, sep, ref_version = eval_set_from.partition(":")
+        if not sep or not ref_name or not ref_version:
+            raise typer.BadParameter("expected NAME:VERSION", param_hint="--eval-set-from")
+        carried = _registry(registry).eval_set(ref_name, ref_version)
+        if carried is None:
+            raise typer.BadParameter(
+                f"{eval_set_from} carries no evaluation set", param_hint="--eval-set-from"
+            )
     opts = PackageOptions(
         name=name,
         version=version,
@@ -165,6 +183,7 @@ def model_package(
         eval_text=text,
         chunk_size=chunk_size,
         max_perplexity_increase=max_ppl_increase,
+        eval_set=carried,
     )
     reporter = ConsoleReporter(console)
     packager = ModelPackager(_registry(registry), _signing_key(signing_key), reporter)

@@ -1,12 +1,16 @@
 """The fallback gateway: OpenAI requests from tenants' inference keys, spread over the pool replicas.
 
-* Balancing: least outstanding requests among the replicas that are up and list the requested
-  ``model`` (replicas whose list is not known yet are tried after those that list it). A replica
-  that answers 404 does not serve that model: the request goes to another, and the client gets
-  the 404 only when none serves it.
-* Health: every replica's ``GET {url}/models`` is polled (which also learns its models); a replica
-  that refuses a connection or drops one mid-answer is marked down at once and comes back when a
-  poll succeeds.
+* Balancing: the least loaded among the replicas that are up and list the requested ``model``
+  (replicas whose list is not known yet are tried after those that list it). A replica's load is
+  the gateway's own requests in flight on it (exact, live) plus the requests its ``/metrics``
+  showed beyond those at the last scrape (other control-plane replicas' and direct clients',
+  ``cloud.gateway.load``): vLLM's waiting and running requests, our pool's queue and batch. A
+  replica that answers 404 does not serve that model: the request goes to another, and the
+  client gets the 404 only when none serves it.
+* Health: every replica's ``GET {url}/models`` is polled (which also learns its models), and the
+  readiness of the servers the gateway recognises by their metrics (vLLM's ``/health``, our
+  pool's ``/readyz``); a replica that refuses a connection or drops one mid-answer is marked down
+  at once and comes back when a poll succeeds.
 * Retries: a request whose replica failed before an answer reached the client (connection refused
   or reset, the answer cut off, 502/503/504) is sent to another replica, up to ``max_attempts``.
   Completions have no side effects, so sending one again is safe. A stream that breaks after its
@@ -15,8 +19,9 @@
 * Timeouts: a replica that accepted a request but has not answered within ``request_timeout_s``
   is busy, not down: the client gets 504 and the replica stays in rotation. Sending the same long
   generation to another replica would only double the work (and time out there too).
-* Any OpenAI-compatible server (e.g. vLLM) can be a replica: only ``/models``,
-  ``/completions`` and ``/chat/completions`` under its base URL are used.
+* Any OpenAI-compatible server can be a replica: only ``/models``, ``/completions`` and
+  ``/chat/completions`` under its base URL are needed; ``/metrics`` and readiness are used where
+  the server has them.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +37,7 @@ import aiohttp
 from fastapi import Response
 from fastapi.responses import StreamingResponse
 
+from cloud.gateway.load import LoadGauges, ReplicaLoad, parse_load, server_root
 from cloud.settings import GatewaySettings
 from edge_agent.serving.service import cloud_answer_headers
 from edge_agent.serving.sse import relay_events
@@ -53,6 +59,7 @@ class Replica:
     name: str
     url: str
     api_key: str | None
+    # Requests this gateway has in flight on the replica.
     outstanding: int = 0
     up: bool = True
     served: int = 0
@@ -60,6 +67,22 @@ class Replica:
     last_error: str | None = None
     # The model ids its last /models answer listed (None: not known yet).
     models: frozenset[str] | None = None
+    # Which server its metrics showed it to be (None: not one the gateway knows). Kept while a
+    # scrape fails, so that a replica that went down is still judged by its readiness when it
+    # answers /models again.
+    server: LoadGauges | None = None
+    # The last scrape of its gauges (None: none, or the last scrape failed).
+    load: ReplicaLoad | None = None
+
+    @property
+    def root(self) -> str:
+        return server_root(self.url)
+
+    @property
+    def estimated_load(self) -> int:
+        """Requests on the replica now, as well as the gateway can tell: its own, counted live,
+        and the others the last scrape saw (a poll old, but nothing fresher exists)."""
+        return self.outstanding + (self.load.others if self.load is not None else 0)
 
     def headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -74,6 +97,10 @@ class Replica:
             "failures": self.failures,
             "last_error": self.last_error,
             "models": sorted(self.models) if self.models is not None else None,
+            "server": self.server.kind if self.server is not None else None,
+            "waiting": self.load.waiting if self.load is not None else None,
+            "running": self.load.running if self.load is not None else None,
+            "load": self.estimated_load,
         }
 
 
@@ -131,13 +158,37 @@ class PoolGateway:
         if self._session is not None:
             await self._session.close()
 
-    # -- health --------------------------------------------------------------------------------
+    # -- health and load -----------------------------------------------------------------------
     async def run_health_checks(self) -> None:
+        """Poll the replicas' health and scrape their load, each on its own interval, until
+        cancelled."""
         if not self.replicas:
             return
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._every(self.settings.health_interval_s, self._probe), name="gateway-health")
+            tg.create_task(self._every(self.settings.load_interval_s, self.scrape), name="gateway-load")
+
+    async def _every(self, interval_s: float, check: Callable[[Replica], Awaitable[None]]) -> None:
         while True:
-            await asyncio.gather(*(self._probe(r) for r in self.replicas))
-            await asyncio.sleep(self.settings.health_interval_s)
+            await asyncio.gather(*(check(r) for r in self.replicas))
+            await asyncio.sleep(interval_s)
+
+    async def scrape(self, replica: Replica) -> None:
+        """Read the replica's load gauges from its ``/metrics``."""
+        try:
+            async with self._client.get(
+                f"{replica.root}/metrics",
+                # The session relays bodies undecoded (auto_decompress=False), and vLLM's
+                # exporter gzips for any client that accepts it.
+                headers={"accept-encoding": "identity"},
+                timeout=self._probe_timeout,
+            ) as r:
+                text = (await r.read()).decode(errors="replace") if r.status == 200 else ""
+        except (TimeoutError, aiohttp.ClientError):
+            replica.load = None  # unreachable: the health poll decides whether it is down
+            return
+        replica.load = parse_load(text, own_in_flight=replica.outstanding)
+        replica.server = replica.load.gauges if replica.load is not None else None
 
     async def _probe(self, replica: Replica) -> None:
         try:
@@ -147,6 +198,8 @@ class PoolGateway:
                 ok, why = r.status == 200, f"health check answered HTTP {r.status}"
                 if ok:
                     replica.models = _parse_models(await r.read())
+            if ok and replica.server is not None:
+                ok, why = await self._ready(replica, replica.server)
         except (TimeoutError, aiohttp.ClientError) as exc:
             ok, why = False, f"health check failed: {type(exc).__name__}: {exc}"
         if ok and not replica.up:
@@ -156,6 +209,16 @@ class PoolGateway:
         replica.up = ok
         if not ok:
             replica.last_error = why
+
+    async def _ready(self, replica: Replica, server: LoadGauges) -> tuple[bool, str]:
+        """The server's own readiness: /models keeps answering on a vLLM whose engine died, or on
+        a pool whose engine thread stopped."""
+        async with self._client.get(f"{replica.root}{server.ready_path}", timeout=self._probe_timeout) as r:
+            if r.status == 404:
+                # Not the server its metrics said: judged by /models until a scrape tells again.
+                replica.server = None
+                return True, ""
+            return r.status == 200, f"{server.ready_path} answered HTTP {r.status}"
 
     def _mark_down(self, replica: Replica, why: str) -> None:
         replica.failures += 1
@@ -182,7 +245,7 @@ class PoolGateway:
         # Lists may be a poll old: when none lists the model, the others are still asked (a 404
         # from each then reaches the client).
         candidates = listing or unknown or up
-        return min(candidates, key=lambda r: r.outstanding) if candidates else None
+        return min(candidates, key=lambda r: (r.estimated_load, r.outstanding)) if candidates else None
 
     # -- requests ------------------------------------------------------------------------------
     async def models(self) -> ModelList:

@@ -24,13 +24,29 @@ from cloud.packaging.export import (
 )
 from cloud.packaging.fused import FUSED_MODEL_TYPES, UnsupportedArchitecture, build_fused
 from cloud.packaging.progress import SilentReporter, StepReporter
-from cloud.packaging.quality import CHAT_PROMPTS, GraphPair, greedy_agreement, perplexity_figures, prose_text
+from cloud.packaging.quality import (
+    CHAT_PROMPTS,
+    GraphPair,
+    evaluation_set,
+    fp32_answers,
+    greedy_agreement,
+    perplexity_figures,
+    prose_text,
+)
 from cloud.packaging.quantize import WEIGHT_BITS, quantization_record, quantize_weight_only, weight_block_size
 from cloud.registry import ModelRegistry, RegistryEntry
 from edge_agent.runtime.chat import ChatTemplate, end_of_turn_ids
 from shared.blobs import DEFAULT_CHUNK_SIZE, describe_file
 from shared.errors import PackagingError, RegistryError
-from shared.manifest import FileEntry, IOSignature, Manifest, QualityReport, SignedManifest
+from shared.manifest import (
+    EVAL_FILE,
+    EvalSet,
+    FileEntry,
+    IOSignature,
+    Manifest,
+    QualityReport,
+    SignedManifest,
+)
 from shared.signing import SigningKey
 
 log = logging.getLogger(__name__)
@@ -64,6 +80,9 @@ class PackageOptions:
     require_token_match: bool = True
     # Refuse to ship a quantized graph whose perplexity rose by more than this fraction.
     max_perplexity_increase: float = 0.05
+    # The evaluation set to carry (an earlier version's, say); None: made from this model's fp32
+    # greedy answers.
+    eval_set: EvalSet | None = None
 
 
 class ModelPackager:
@@ -204,10 +223,27 @@ class ModelPackager:
             f"({main.relative_change:+.2%}) over {main.eval_tokens} tokens; prose: fp32 "
             f"{prose.perplexity_fp32:.3f}, shipped {prose.perplexity_shipped:.3f} ({prose.relative_change:+.2%})"
         )
+        r.step(f"Answering the chat prompts with the fp32 graph ({len(CHAT_PROMPTS)} prompts, greedy)")
+        answers = fp32_answers(pair, template)
+        evaluation, measured = evaluation_set(
+            pair, template, f"{opts.name}:{opts.version}", answers, opts.eval_set
+        )
+        (ship_dir / EVAL_FILE).write_text(evaluation.model_dump_json(by_alias=True))
+        below = evaluation.expected_agreement - measured
+        r.done(
+            f"evaluation set: {len(evaluation.cases)} answers by {evaluation.reference}; the shipped graph "
+            f"agrees on {measured:.1%} of their tokens (teacher-forced; the set's bar is "
+            f"{evaluation.expected_agreement:.1%})"
+            + (
+                f" — {below:.1%} below it: rollouts' quality gate will stop this package"
+                if below > 0.05
+                else ""
+            )
+        )
         greedy = None
         if ship_dir != fp32_dir:
             r.step(f"Comparing greedy chat answers with fp32 ({len(CHAT_PROMPTS)} prompts)")
-            greedy = greedy_agreement(pair, template)
+            greedy = greedy_agreement(pair, template, answers)
             departs = (
                 f"; the others depart at token {greedy.mean_first_difference:.1f} on average"
                 if greedy.mean_first_difference is not None
@@ -220,11 +256,13 @@ class ModelPackager:
         entries: list[FileEntry] = []
         for path in sorted(ship_dir.iterdir()):
             if path.name == GRAPH_FILE:
-                role: Literal["graph", "weights", "tokenizer", "config"] = "graph"
+                role: Literal["graph", "weights", "tokenizer", "config", "eval"] = "graph"
             elif path.name.startswith(GRAPH_FILE) or path.suffix == ".onnx_data" or path.suffix == ".data":
                 role = "weights"
             elif path.name in _SIDE_FILES:
                 role = _SIDE_FILES[path.name]
+            elif path.name == EVAL_FILE:
+                role = "eval"
             else:
                 continue
             blob = describe_file(path, chunk_size)

@@ -18,11 +18,12 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from edge_agent.runtime.chat import ChatTemplate
+from edge_agent.runtime.evaluation import teacher_forced_agreement
 from edge_agent.runtime.generator import GenerationParams, TextGenerator, token_budget
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.session import OnnxCausalLM, perplexity
 from shared.errors import PackagingError
-from shared.manifest import GreedyAgreement, IOSignature, PerplexityFigures
+from shared.manifest import EvalCase, EvalSet, GreedyAgreement, IOSignature, PerplexityFigures
 
 Message = dict[str, str]
 
@@ -132,10 +133,48 @@ def greedy_answers(
     return answers
 
 
-def greedy_agreement(pair: GraphPair, template: ChatTemplate) -> GreedyAgreement:
-    reference = greedy_answers(
-        TextGenerator(OnnxCausalLM(pair.fp32_graph, pair.io), pair.tokenizer), template
-    )
+def fp32_answers(pair: GraphPair, template: ChatTemplate) -> list[list[int]]:
+    return greedy_answers(TextGenerator(OnnxCausalLM(pair.fp32_graph, pair.io), pair.tokenizer), template)
+
+
+def evaluation_set(
+    pair: GraphPair,
+    template: ChatTemplate,
+    reference: str,
+    answers: list[list[int]],
+    reuse: EvalSet | None = None,
+) -> tuple[EvalSet, float]:
+    """The package's evaluation set and the shipped graph's agreement with it here.
+
+    A new set holds :data:`CHAT_PROMPTS` with the fp32 graph's greedy ``answers``, and its bar
+    (``expected_agreement``) is the shipped graph's agreement. ``reuse`` (an earlier version's
+    set) is carried unchanged, bar included: the new version is held to the same answers as well
+    as the old one met them, whatever it scores itself."""
+    if reuse is None:
+        params = GenerationParams(max_tokens=GREEDY_MAX_NEW_TOKENS, sampling=SamplingConfig(temperature=0.0))
+        generator = TextGenerator(OnnxCausalLM(pair.fp32_graph, pair.io), pair.tokenizer)
+        cases = [
+            EvalCase(
+                prompt_ids=generator.check_prompt(template.prompt(list(messages)), params), answer_ids=answer
+            )
+            for messages, answer in zip(CHAT_PROMPTS, answers, strict=True)
+            if answer
+        ]
+        if not cases:
+            raise PackagingError("the fp32 graph answers every evaluation prompt with nothing at all")
+        draft = EvalSet(reference=reference, cases=cases, expected_agreement=1.0)
+    else:
+        draft = reuse
+    measured, _ = teacher_forced_agreement(OnnxCausalLM(pair.shipped_graph, pair.io), draft)
+    if reuse is not None:
+        return reuse, measured
+    return draft.model_copy(update={"expected_agreement": measured}), measured
+
+
+def greedy_agreement(
+    pair: GraphPair, template: ChatTemplate, reference: list[list[int]] | None = None
+) -> GreedyAgreement:
+    reference = reference if reference is not None else fp32_answers(pair, template)
     shipped = greedy_answers(
         TextGenerator(OnnxCausalLM(pair.shipped_graph, pair.io), pair.tokenizer), template
     )

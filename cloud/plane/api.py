@@ -101,6 +101,7 @@ class RolloutBody(_Body):
     max_latency_ratio: float = 3.0
     allow_downgrade: bool = False
     min_samples: int = 0
+    max_eval_drop: float = 0.05
 
 
 class CommandBody(_Body):

@@ -4,7 +4,7 @@ telemetry (de-duplicated by record id: devices deliver at least once)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -149,6 +149,8 @@ class Device:
             # The last desired state or command the device refused (unsigned, expired, …), and why.
             "control_error": (self.reported or {}).get("control_error"),
             "capabilities": (self.reported or {}).get("capabilities"),
+            # The evaluation set's result for the model it last activated (the quality gate's input).
+            "evaluation": (self.reported or {}).get("evaluation"),
         }
 
 
@@ -162,7 +164,8 @@ class DeviceProgress:
     phase: str | None
     active_model: str | None
     reported_revision: int
-    reported: dict[str, Any] | None  # only when the phase is failed
+    # Only when the phase is failed, or active on the model asked about (its evaluation).
+    reported: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -403,9 +406,13 @@ class Fleet:
         found = [Device.from_row(r) for r in rows]
         return [d for d in found if selector is None or selector.matches(d.labels)]
 
-    def progress(self, tenant: str) -> dict[str, DeviceProgress]:
+    def progress(
+        self, tenant: str, activated: tuple[str, Collection[str]] | None = None
+    ) -> dict[str, DeviceProgress]:
         """What the rollout driver checks of every device, each tick: the few columns, and the
-        report itself only of devices whose update failed (for its target revision and error)."""
+        report itself only of devices whose update failed (for its target revision and error)
+        and, with ``activated`` = (model id, device ids), of those devices that run that model
+        (for their evaluation: the quality gate)."""
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(
@@ -424,6 +431,22 @@ class Fleet:
                     )
                 ).all()
             )
+            if activated is not None:
+                model, ids = activated
+                wanted = sorted(
+                    {r.device_id for r in rows if r.phase == "active" and r.active_model == model} & set(ids)
+                )
+                for start in range(0, len(wanted), 500):
+                    failed.update(
+                        conn.execute(
+                            select(devices.c.device_id, devices.c.reported).where(
+                                and_(
+                                    devices.c.tenant == tenant,
+                                    devices.c.device_id.in_(wanted[start : start + 500]),
+                                )
+                            )
+                        ).all()
+                    )
         return {
             r.device_id: DeviceProgress(
                 r.device_id,

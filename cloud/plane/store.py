@@ -145,6 +145,8 @@ rollouts = Table(
     Column("allow_downgrade", Boolean, nullable=False, default=False),
     # v3: fewer requests than this in a device's health window: unknown, the wave waits.
     Column("min_samples", Integer, nullable=False, default=0),
+    # Quality gate: how far a device's evaluation-set agreement may fall below the packager's.
+    Column("max_eval_drop", Float, nullable=False, default=0.05),
 )
 
 rollout_devices = Table(
@@ -310,6 +312,21 @@ def _v3_cloud_time(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX IF NOT EXISTS ix_telemetry_received_at ON telemetry (received_at)"))
 
 
+def _v5_quality_gate(conn: Connection) -> None:
+    """The rollouts' quality gate on the packages' evaluation sets."""
+    _add_columns(
+        conn,
+        (
+            (
+                rollouts,
+                "max_eval_drop",
+                "DOUBLE PRECISION NOT NULL DEFAULT 0.05",
+                "FLOAT NOT NULL DEFAULT 0.05",
+            ),
+        ),
+    )
+
+
 def _v4_console(conn: Connection) -> None:
     """Console sessions and the device event history (cloud/console)."""
     v4 = MetaData()
@@ -348,6 +365,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (2, "signed control: key expiry, rollback authorization, command counters", _v2_trust),
     (3, "health on cloud time: telemetry receive time, clock skew, minimum samples", _v3_cloud_time),
     (4, "operator console: sessions, device event history", _v4_console),
+    (5, "quality-gated rollouts: max_eval_drop", _v5_quality_gate),
 ]
 
 

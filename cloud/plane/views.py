@@ -44,6 +44,7 @@ class DeviceView(View):
     config_error: dict[str, Any] | None
     control_error: dict[str, Any] | None
     capabilities: dict[str, Any] | None
+    evaluation: dict[str, Any] | None = None
 
 
 class DeviceList(View):
@@ -125,6 +126,7 @@ class RolloutView(View):
     max_concurrent: int
     allow_downgrade: bool
     min_samples: int
+    max_eval_drop: float
     created_at: str
     updated_at: str
     driver: str | None
@@ -184,6 +186,13 @@ class ReplicaView(View):
     failures: int
     last_error: str | None
     models: list[str] | None
+    # What its /metrics showed it to be (vLLM or our pool; None: neither, or not scraped yet) and
+    # its gauges at the last scrape (cloud/gateway/load.py).
+    server: Literal["vllm", "autoglm"] | None
+    waiting: int | None
+    running: int | None
+    # What the gateway routes by: its own requests in flight plus the others the scrape saw.
+    load: int
 
 
 class GatewayState(View):

@@ -353,7 +353,7 @@ class BatchEngine:
         row.last_token = token
         delta = row.text.push(token)
         if delta:
-            for item in scored_delta(row.scorer, delta):
+            for item in scored_delta(row.scorer, delta, _ids(row)):
                 row.req.emit(item)
         if row.text.stopped or (row.constraint is not None and row.constraint.complete):
             row.done, row.finish = True, "stop"
@@ -374,13 +374,18 @@ class BatchEngine:
             return
         tail = row.text.finish()
         if tail:
-            for item in scored_delta(row.scorer, tail):
+            for item in scored_delta(row.scorer, tail, _ids(row)):
                 row.req.emit(item)
         reason: FinishReason = "length" if row.finish == "length" else "stop"
         logprobs = row.scorer.scored if row.scorer is not None else None
         row.req.emit(
             GenerationResult(
-                row.text.emitted, len(row.req.prompt_ids), len(row.text.tokens), reason, logprobs
+                row.text.emitted,
+                len(row.req.prompt_ids),
+                len(row.text.tokens),
+                reason,
+                logprobs,
+                token_ids=list(row.text.tokens),
             )
         )
 
@@ -464,3 +469,8 @@ def _eos_ids(model_dir: Path, cfg: Any) -> list[int]:
         elif isinstance(value, list):
             ids.update(v for v in value if isinstance(v, int))
     return sorted(ids)
+
+
+def _ids(row: _Row) -> tuple[int, ...] | None:
+    """The ids behind the delta about to go out, when the request asked for them."""
+    return tuple(row.text.take_ids()) if row.req.params.token_ids else None

@@ -19,9 +19,10 @@ from fastapi import Response
 from fastapi.responses import StreamingResponse
 
 from edge_agent.routing.breaker import CircuitBreaker
+from edge_agent.routing.resume import Continue, resumable_events
 from edge_agent.serving.config import ServingConfig
 from edge_agent.serving.service import cloud_answer_headers
-from edge_agent.serving.sse import relay_events
+from edge_agent.serving.sse import DONE, relay_events
 from edge_agent.settings import url_allowed
 from shared.errors import CloudUnavailable
 
@@ -51,6 +52,8 @@ class CloudFallback:
         self.breaker = breaker
         self.forwarded = 0
         self.stream_breaks = 0
+        # Broken cloud streams that the local model finished (routing/resume.py).
+        self.streams_resumed = 0
         self._session: aiohttp.ClientSession | None = None
 
     async def aclose(self) -> None:
@@ -106,16 +109,27 @@ class CloudFallback:
         log.warning("cloud fallback %s failed: %s (breaker %s)", url, why, self.breaker.state)
         return CloudUnavailable(f"the cloud fallback failed: {why}", url=url)
 
-    async def forward(self, path: str, body: dict[str, Any]) -> tuple[Response, dict[str, Any] | None]:
-        """POST ``body`` to the gateway; the answer, and its JSON when it was not a stream."""
+    async def _post(self, path: str, body: dict[str, Any]) -> tuple[str, aiohttp.ClientResponse]:
         url, timeout = self._target(path)
         try:
-            upstream = await self._send(url, body, timeout)
+            return url, await self._send(url, body, timeout)
         except BaseException:
             # Cancelled (the client left) or an error that is no verdict on the cloud: whatever
             # happened, a probe must not stay outstanding (the breaker would refuse forever).
             self.breaker.abandon()
             raise
+
+    async def forward(
+        self,
+        path: str,
+        body: dict[str, Any],
+        *,
+        take_over: Continue | None = None,
+        strip_token_ids: bool = False,
+    ) -> tuple[Response, dict[str, Any] | None]:
+        """POST ``body`` to the gateway; the answer, and its JSON when it was not a stream. A
+        stream that breaks is finished by ``take_over`` when it gives a continuation."""
+        url, upstream = await self._post(path, body)
         self.forwarded += 1
         headers = cloud_answer_headers(upstream.headers)
         if upstream.content_type == "text/event-stream":
@@ -125,6 +139,22 @@ class CloudFallback:
                 self.breaker.failure()
                 log.warning("a stream from the cloud broke off: %s", why)
 
+            if take_over is not None and upstream.status < 300:
+
+                def resumed() -> None:
+                    self.streams_resumed += 1
+
+                events = resumable_events(
+                    upstream.content.iter_any(),
+                    errors=_HOP_ERRORS,
+                    on_break=broke,
+                    take_over=take_over,
+                    strip_token_ids=strip_token_ids,
+                    on_resumed=resumed,
+                )
+                return StreamingResponse(
+                    _released(upstream, events), status_code=upstream.status, headers=headers
+                ), None
             return StreamingResponse(
                 _passthrough(upstream, broke), status_code=upstream.status, headers=headers
             ), None
@@ -142,11 +172,58 @@ class CloudFallback:
                 parsed = None
         return Response(content, status_code=upstream.status, headers=headers), parsed
 
+    async def open_stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """POST a streaming ``body``; its chunks as they come (an error event included, as a
+        chunk), once the cloud has accepted it: CloudUnavailable before that, for any refusal."""
+        url, upstream = await self._post(path, body)
+        if upstream.status >= 300 or upstream.content_type != "text/event-stream":
+            try:
+                detail = (await upstream.read())[:300].decode(errors="replace")
+            except _HOP_ERRORS as exc:
+                detail = _describe(exc)
+            finally:
+                upstream.release()
+            raise CloudUnavailable(f"the cloud refused to go on: HTTP {upstream.status}: {detail}", url=url)
+        self.forwarded += 1
+
+        def broke(why: str) -> None:
+            self.stream_breaks += 1
+            self.breaker.failure()
+            log.warning("a stream from the cloud broke off: %s", why)
+
+        async def chunks() -> AsyncIterator[dict[str, Any]]:
+            try:
+                async for events in relay_events(
+                    upstream.content.iter_any(), errors=_HOP_ERRORS, on_break=broke
+                ):
+                    for event in events.split(b"\n\n"):
+                        data = event.strip()
+                        if not data.startswith(b"data:") or data == DONE:
+                            continue
+                        try:
+                            parsed = json.loads(data[5:])
+                        except ValueError:
+                            continue
+                        if isinstance(parsed, dict):
+                            yield parsed
+            finally:
+                upstream.release()
+
+        return chunks()
+
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
     return f"{type(exc).__name__}: {exc}"
+
+
+async def _released(upstream: aiohttp.ClientResponse, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        async for event in events:
+            yield event
+    finally:
+        upstream.release()
 
 
 async def _passthrough(

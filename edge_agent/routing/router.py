@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import Response
 
 from edge_agent.routing.cloud import CloudFallback
+from edge_agent.routing.resume import CLOUD_TO_LOCAL, LOCAL_TO_CLOUD, Transcript
 from edge_agent.serving.config import ServingConfig
 from edge_agent.serving.openai_routes import ServiceResponder
+from edge_agent.serving.service import Continuation, Overflow
 from edge_agent.uplink.telemetry import TelemetryRecorder
 from shared.edge_config import RouterPolicy
 from shared.errors import (
@@ -38,7 +40,13 @@ from shared.errors import (
     QueueFull,
     RequestError,
 )
-from shared.openai_api import ChatCompletionRequest, CompletionRequest, ModelList, SamplingParams
+from shared.openai_api import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelList,
+    SamplingParams,
+    new_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +75,8 @@ class RequestRouter:
         self.serving = serving
         self.telemetry = telemetry
         self.fallbacks = 0
+        # Local chat streams that filled the local context and were finished by the cloud.
+        self.overflows = 0
 
     def models(self) -> ModelList:
         return self.local.models()
@@ -75,7 +85,8 @@ class RequestRouter:
         return await self._route(body, "/completions", self.local.completions)
 
     async def chat(self, body: ChatCompletionRequest) -> Response:
-        return await self._route(body, "/chat/completions", self.local.chat)
+        overflow = self._overflow(body) if body.stream and not body.tools else None
+        return await self._route(body, "/chat/completions", lambda b: self.local.chat(b, overflow))
 
     async def _route(self, body: Any, path: str, local: Callable[[Any], Awaitable[Response]]) -> Response:
         policy = self.serving().router_policy
@@ -111,17 +122,89 @@ class RequestRouter:
 
     async def via_cloud(self, body: SamplingParams, path: str) -> Response:
         """The cloud's answer to ``body`` (a non-2xx one included), recorded as telemetry;
-        CloudUnavailable when there is none. Also how batch requests reach the cloud."""
+        CloudUnavailable when there is none. Also how batch requests reach the cloud.
+
+        A chat stream that breaks mid-answer is finished by the local model unless the policy is
+        cloud_only (routing/resume.py): the cloud is asked for its chunks' token ids for that."""
         started = time.perf_counter()
         model = str(getattr(body, "model", ""))
+        payload = body.model_dump(exclude_unset=True)
+        resumable = (
+            body
+            if isinstance(body, ChatCompletionRequest)
+            and body.stream
+            and not body.tools
+            and self.serving().router_policy is not RouterPolicy.CLOUD_ONLY
+            else None
+        )
+        strip = False
+        if resumable is not None:
+            strip = not resumable.wants_token_ids()
+            payload["return_token_ids"] = True
         try:
-            response, parsed = await self.cloud.forward(path, body.model_dump(exclude_unset=True))
+            response, parsed = await self.cloud.forward(
+                path,
+                payload,
+                take_over=self._take_over(resumable) if resumable is not None else None,
+                strip_token_ids=strip,
+            )
         except CloudUnavailable:
             self._record(model, started, None, "cloud_unavailable")
             raise
         error = None if response.status_code < 400 else f"cloud_http_{response.status_code}"
         self._record(model, started, parsed, error)
         return response
+
+    def _overflow(self, body: ChatCompletionRequest) -> Overflow:
+        """A local chat stream that filled the local context goes on in the cloud (whose model
+        may hold more): the answer so far as the assistant's message to continue."""
+
+        async def to_cloud(text: str, generated: int) -> AsyncIterator[dict[str, Any]] | None:
+            cfg = self.serving()
+            if cfg.router_policy is RouterPolicy.LOCAL_ONLY or cfg.cloud_url is None:
+                return None
+            limit = body.token_limit()
+            if limit is not None and limit <= generated:
+                return None
+            payload = body.model_dump(exclude_unset=True)
+            payload["messages"] = [*payload["messages"], {"role": "assistant", "content": text}]
+            payload.update(stream=True, continue_final_message=True, add_generation_prompt=False)
+            payload.pop("max_completion_tokens", None)
+            if limit is not None:
+                payload["max_tokens"] = limit - generated
+            try:
+                chunks = await self.cloud.open_stream("/chat/completions", payload)
+            except CloudUnavailable as exc:
+                log.warning(
+                    "a local answer that filled the context cannot go on in the cloud: %s", exc.message
+                )
+                return None
+            self.overflows += 1
+            log.info("a local answer filled the local context after %d tokens; the cloud goes on", generated)
+            return _served_by(chunks, LOCAL_TO_CLOUD)
+
+        return to_cloud
+
+    def _take_over(
+        self, body: ChatCompletionRequest
+    ) -> Callable[[Transcript], Awaitable[AsyncIterator[str] | None]]:
+        async def take_over(transcript: Transcript) -> AsyncIterator[str] | None:
+            if self.serving().router_policy is RouterPolicy.CLOUD_ONLY:
+                return None  # pushed while the stream ran
+            continued = Continuation(
+                chunk_id=transcript.chunk_id or new_id("chatcmpl"),
+                model=transcript.model or body.model,
+                created=transcript.created or int(time.time()),
+                resume=transcript.resume(),
+                served_by=CLOUD_TO_LOCAL,
+            )
+            try:
+                return await self.local.service.chat_stream(body, continued)
+            except RequestError as exc:
+                log.warning("a broken cloud stream cannot be continued locally: %s", exc.message)
+                return None
+
+        return take_over
 
     def _record(self, model: str, started: float, parsed: dict[str, Any] | None, error: str | None) -> None:
         usage = (parsed or {}).get("usage") or {}
@@ -133,3 +216,14 @@ class RequestRouter:
             latency_ms=(time.perf_counter() - started) * 1000,
             error=error,
         )
+
+
+async def _served_by(chunks: AsyncIterator[dict[str, Any]], where: str) -> AsyncIterator[dict[str, Any]]:
+    """The chunks, the last ones (a finish reason, the usage) saying where the answer was made."""
+    async for chunk in chunks:
+        choices = chunk.get("choices")
+        if chunk.get("usage") or (
+            isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") for c in choices)
+        ):
+            chunk = {**chunk, "served_by": where}
+        yield chunk

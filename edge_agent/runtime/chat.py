@@ -100,9 +100,31 @@ class ChatTemplate:
         except TemplateError as exc:
             raise InvalidRequest(f"the chat template rejected the messages: {exc}", param="messages") from exc
 
-    def prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> Prompt:
-        """The prompt for the assistant's next turn, to be encoded without added special tokens."""
-        return Prompt(self.render(messages, tools=tools), add_special_tokens=False)
+    def prompt(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final: bool = False,
+    ) -> Prompt:
+        """The prompt for the assistant's next turn, to be encoded without added special tokens.
+
+        ``continue_final``: the last message is an assistant's answer to go on with: the prompt
+        ends right after its text, its turn left open (transformers' continue_final_message)."""
+        if not continue_final:
+            text = self.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+            return Prompt(text, add_special_tokens=False)
+        final = str(messages[-1].get("content") or "")
+        text = self.render(messages, add_generation_prompt=False, tools=tools)
+        for probe in (final, final.strip()):
+            at = text.rfind(probe) if probe else -1
+            if at >= 0:
+                return Prompt(text[: at + len(probe)], add_special_tokens=False)
+        raise InvalidRequest(
+            "the chat template does not write the final message's text as given; it cannot be continued",
+            param="continue_final_message",
+        )
 
     @functools.cached_property
     def _renders_tools(self) -> bool:

@@ -20,12 +20,14 @@ from tokenizers import Tokenizer
 from edge_agent.runtime.batcher import DecodeBatcher
 from edge_agent.runtime.channel import GenerationChannel
 from edge_agent.runtime.chat import ChatTemplate
+from edge_agent.runtime.evaluation import teacher_forced_agreement
 from edge_agent.runtime.generator import GenerationParams, GenerationResult, StreamItem, TextGenerator
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.session import OnnxCausalLM
 from edge_agent.runtime.text import Prompt
 from shared.errors import ModelLoadError, ModelNotReady, QueueFull
-from shared.manifest import Manifest
+from shared.manifest import EvalSet, Manifest
+from shared.messages import EvalReport
 
 
 @dataclass
@@ -39,6 +41,8 @@ class LoadedModel:
     digest: str = ""
     # Made by the host on the first request (it holds the host's settings and statistics).
     batcher: DecodeBatcher | None = None
+    # The package's evaluation set (signed with its manifest), when it carries one.
+    evaluation: EvalSet | None = None
 
     @property
     def model_id(self) -> str:
@@ -68,7 +72,33 @@ class LoadedModel:
         except Exception as exc:
             raise ModelLoadError(f"tokenizer.json cannot be loaded: {exc}", slot=slot) from exc
         chat = ChatTemplate.from_folder(folder)
-        return cls(manifest, slot, TextGenerator(session, tokenizer), chat, threads, digest)
+        evaluation = None
+        eval_file = next((f.path for f in manifest.files if f.role == "eval"), None)
+        if eval_file is not None:
+            try:
+                evaluation = EvalSet.model_validate_json((folder / eval_file).read_bytes())
+            except (OSError, ValueError) as exc:
+                raise ModelLoadError(f"the evaluation set cannot be read: {exc}", slot=slot) from exc
+        return cls(
+            manifest, slot, TextGenerator(session, tokenizer), chat, threads, digest, evaluation=evaluation
+        )
+
+    def evaluate(self) -> EvalReport | None:
+        """The package's evaluation set on this graph (runtime/evaluation.py); None without one.
+        CPU work, before the model serves: call it off the event loop."""
+        if self.evaluation is None:
+            return None
+        agreement, tokens = teacher_forced_agreement(self.generator.model, self.evaluation)
+        if tokens == 0:
+            return None  # every case is beyond this graph's context
+        return EvalReport(
+            model=self.model_id,
+            reference=self.evaluation.reference,
+            cases=len(self.evaluation.cases),
+            tokens=tokens,
+            agreement=agreement,
+            expected=self.evaluation.expected_agreement,
+        )
 
     def smoke_test(self) -> None:
         """One greedy token through the whole path; anything wrong raises ModelLoadError."""

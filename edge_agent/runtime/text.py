@@ -44,6 +44,27 @@ class IncrementalText:
         self._read = 0  # tokens before this index are already in _text
         # Text that could still become the start of a stop sequence is not sent yet.
         self._holdback = max((len(s) for s in stop), default=1) - 1
+        self._ids_sent = 0  # tokens before this index went out with a delta (token_ids)
+
+    def resume(self, tokens: list[int], emitted: str) -> bool:
+        """Continue an answer another server began: ``tokens`` were generated and the client has
+        ``emitted`` (their text, perhaps short of a held-back tail). False when the tokens do
+        not spell that text (another tokenizer made them): nothing is changed then."""
+        probe = IncrementalText(self.tokenizer, self.stop)
+        for token in tokens:
+            probe.push(token)
+        if probe.stopped or not (probe._text + probe._pending()).startswith(emitted):
+            return False
+        self.__dict__.update(probe.__dict__)
+        self.emitted = emitted
+        self._ids_sent = len(tokens)
+        return True
+
+    def take_ids(self) -> list[int]:
+        """The ids generated since the last call: the tokens behind the delta about to go out."""
+        ids = self.tokens[self._ids_sent :]
+        self._ids_sent = len(self.tokens)
+        return ids
 
     def push(self, token: int) -> str:
         """The new final text after ``token``; sets ``stopped`` when a stop sequence appeared."""

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edge_agent.serving.service import SERVED_BY_HEADER, CompletionService
+from edge_agent.serving.service import SERVED_BY_HEADER, CompletionService, Overflow
 from shared.openai_api import ChatCompletionRequest, CompletionRequest, ModelList
 
 
@@ -43,9 +43,9 @@ class ServiceResponder:
             return self._events(await self.service.complete_stream(body))
         return self._json(await self.service.complete(body))
 
-    async def chat(self, body: ChatCompletionRequest) -> Response:
+    async def chat(self, body: ChatCompletionRequest, overflow: Overflow | None = None) -> Response:
         if body.stream:
-            return self._events(await self.service.chat_stream(body))
+            return self._events(await self.service.chat_stream(body, overflow=overflow))
         return self._json(await self.service.chat(body))
 
     def _json(self, result: Any) -> Response:

@@ -10,16 +10,17 @@ per model even for offline periods.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
 from edge_agent.runtime.chat import ChatTemplate
-from edge_agent.runtime.generator import GenerationParams, GenerationResult, StreamItem
+from edge_agent.runtime.generator import GenerationParams, GenerationResult, Resume, StreamItem, Tokens
 from edge_agent.runtime.logprobs import Scored, TokenLogprob
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.structured import GUIDED, grammar_for, guided_grammar
@@ -110,6 +111,24 @@ class Finished:
     completion_tokens: int
     latency_ms: float
     error: str | None  # None: answered; else the error code ("client_disconnected", …)
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """A chat stream another server began and broke off: the rest is generated here and sent
+    as more chunks of that stream (its id, model name and creation time)."""
+
+    chunk_id: str
+    model: str
+    created: int
+    resume: Resume
+    # What the last chunks say made the answer, e.g. "cloud→local".
+    served_by: str
+
+
+# Where a local chat stream that filled the local context goes on: given the answer so far and the
+# tokens it took, the chunks of a server with a longer context, or None (it ends as it is).
+Overflow = Callable[[str, int], Awaitable[AsyncIterator[dict[str, Any]] | None]]
 
 
 @dataclass
@@ -210,6 +229,7 @@ class CompletionService:
             stop=tuple(req.stop_list()) + extra_stop,
             seed=req.seed,
             max_tokens_requested=limit is not None,
+            token_ids=req.wants_token_ids(),
         )
 
     def _prepare_completion(self, req: CompletionRequest) -> _Prepared:
@@ -237,7 +257,24 @@ class CompletionService:
             raise InvalidRequest(str(exc), param="messages") from exc
         offered = tools.tools if tools is not None and tools.native else None
         params = self.params(req, loaded.chat.stop, logprobs=logprobs, tools=tools)
-        return _Prepared(loaded.chat.prompt(messages, offered), params, started, tools)
+        continue_final = bool(req.continue_final_message)
+        if continue_final:
+            if req.add_generation_prompt:
+                raise InvalidRequest(
+                    "continue_final_message and add_generation_prompt cannot both be true",
+                    param="add_generation_prompt",
+                )
+            if req.messages[-1].role != "assistant":
+                raise InvalidRequest(
+                    "continue_final_message needs the last message to be the assistant's", param="messages"
+                )
+        prompt = loaded.chat.prompt(
+            messages,
+            offered,
+            add_generation_prompt=req.add_generation_prompt is not False,
+            continue_final=continue_final,
+        )
+        return _Prepared(prompt, params, started, tools)
 
     # -- telemetry -----------------------------------------------------------------------------
     def _record(
@@ -272,7 +309,7 @@ class CompletionService:
     async def _stream(
         self,
         prep: _Prepared,
-        render: Callable[[ServedModel, AsyncIterator[StreamItem]], AsyncIterator[BaseModel]],
+        render: Callable[[ServedModel, AsyncIterator[StreamItem]], AsyncIterator[BaseModel | str]],
     ) -> AsyncIterator[str]:
         """Server-sent events: the chunks ``render`` makes of the generation's items, then [DONE]."""
         loaded, items = await self.host.stream(prep.prompt, prep.params)
@@ -295,7 +332,12 @@ class CompletionService:
             chunks = render(loaded, tap())
             try:
                 async for chunk in chunks:
-                    yield f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+                    # A str is an event already made (another server's chunk, relayed).
+                    yield (
+                        chunk
+                        if isinstance(chunk, str)
+                        else f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+                    )
                 yield "data: [DONE]\n\n"
             finally:
                 await _aclose(chunks)
@@ -329,6 +371,8 @@ class CompletionService:
             async for item in items:
                 if isinstance(item, Scored):
                     scored.extend(item.tokens)
+                elif isinstance(item, Tokens):
+                    pass  # token ids are sent in chat chunks only
                 elif isinstance(item, GenerationResult):
                     yield chunk([CompletionChoice(text="", finish_reason=item.finish_reason)])
                     if wants_usage:
@@ -351,43 +395,82 @@ class CompletionService:
         finish: FinishReason = "tool_calls" if calls else result.finish_reason
         logprobs = _chat_logprobs(result.logprobs) if result.logprobs is not None else None
         message = ChatChoiceMessage(content=content, tool_calls=calls or None)
+        ids = result.token_ids if prep.params.token_ids else None
         return ChatCompletionResponse(
             model=loaded.model_id,
-            choices=[ChatChoice(message=message, logprobs=logprobs, finish_reason=finish)],
+            choices=[ChatChoice(message=message, logprobs=logprobs, finish_reason=finish, token_ids=ids)],
             usage=_usage(result),
         )
 
-    async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
-        cid = new_id("chatcmpl")
+    async def chat_stream(
+        self,
+        req: ChatCompletionRequest,
+        continued: Continuation | None = None,
+        overflow: Overflow | None = None,
+    ) -> AsyncIterator[str]:
+        """The chat's server-sent events; with ``continued``, the rest of a stream another server
+        began (no role chunk again, its id and model name, ``served_by`` on the last chunks).
+        With ``overflow``, an answer the context cut short is finished by the server it gives,
+        as more chunks of this stream (``served_by`` says where)."""
+        cid = continued.chunk_id if continued is not None else new_id("chatcmpl")
         wants_usage = req.wants_usage()
         prep = self._prepare_chat(req)
+        if continued is not None:
+            if prep.tools is not None:
+                raise InvalidRequest("a stream with tools cannot be continued elsewhere", param="tools")
+            prep.params = replace(prep.params, resume=continued.resume)
 
-        async def render(loaded: ServedModel, items: AsyncIterator[StreamItem]) -> AsyncIterator[BaseModel]:
-            first = True
+        async def render(
+            loaded: ServedModel, items: AsyncIterator[StreamItem]
+        ) -> AsyncIterator[BaseModel | str]:
+            first = continued is None
+            label = continued.model if continued is not None else loaded.model_id
+            served_by = continued.served_by if continued is not None else None
+            created = continued.created if continued is not None else int(time.time())
 
             def chunk(
-                delta: ChatDelta, finish: FinishReason | None = None, logprobs: ChoiceLogprobs | None = None
+                delta: ChatDelta,
+                finish: FinishReason | None = None,
+                logprobs: ChoiceLogprobs | None = None,
+                ids: list[int] | None = None,
             ) -> ChatCompletionChunk:
                 nonlocal first
                 if first:
                     delta.role, first = "assistant", False
-                choice = ChatChunkChoice(delta=delta, logprobs=logprobs, finish_reason=finish)
-                return ChatCompletionChunk(id=cid, model=loaded.model_id, choices=[choice])
+                choice = ChatChunkChoice(delta=delta, logprobs=logprobs, finish_reason=finish, token_ids=ids)
+                return ChatCompletionChunk(
+                    id=cid,
+                    model=label,
+                    created=created,
+                    choices=[choice],
+                    served_by=served_by if finish is not None else None,
+                )
 
             calls = prep.tools.stream() if prep.tools is not None else None
             scored: list[TokenLogprob] = []
+            ids: list[int] = []
 
             def content(text: str) -> ChatCompletionChunk:
-                nonlocal scored
+                nonlocal scored, ids
                 logprobs = _chat_logprobs(scored) if prep.params.logprobs is not None else None
-                scored = []
-                return chunk(ChatDelta(content=text), logprobs=logprobs)
+                sent = ids if prep.params.token_ids else None
+                scored, ids = [], []
+                return chunk(ChatDelta(content=text), logprobs=logprobs, ids=sent)
 
             async for item in items:
                 if isinstance(item, Scored):
                     scored.extend(item.tokens)
+                elif isinstance(item, Tokens):
+                    ids.extend(item.ids)
                 elif isinstance(item, GenerationResult):
                     finish: FinishReason = item.finish_reason
+                    more = None
+                    if overflow is not None and item.context_full and calls is None:
+                        more = await overflow(item.text, item.completion_tokens)
+                    if more is not None:
+                        async for relayed in more:
+                            yield _relabel(relayed, cid, label, created)
+                        return
                     if calls is not None:
                         tail, made = calls.finish()
                         if tail:
@@ -403,7 +486,12 @@ class CompletionService:
                     yield chunk(ChatDelta(), finish)
                     if wants_usage:
                         yield ChatCompletionChunk(
-                            id=cid, model=loaded.model_id, choices=[], usage=_usage(item)
+                            id=cid,
+                            model=label,
+                            created=created,
+                            choices=[],
+                            usage=_usage(item),
+                            served_by=served_by,
                         )
                 else:
                     text = calls.push(item) if calls is not None else item
@@ -457,7 +545,18 @@ def _completion_logprobs(scored: list[TokenLogprob], offset: int = 0) -> Complet
     )
 
 
-async def _aclose(chunks: AsyncIterator[BaseModel]) -> None:
+async def _aclose(chunks: AsyncIterator[Any]) -> None:
     aclose = getattr(chunks, "aclose", None)
     if aclose is not None:
         await aclose()
+
+
+def _relabel(chunk: dict[str, Any], cid: str, model: str, created: int) -> str:
+    """Another server's chunk as one of this stream's: this stream's id, model name and creation
+    time, no second ``role``, and where it was made on its last chunks."""
+    if "error" not in chunk:
+        chunk = {**chunk, "id": cid, "model": model, "created": created}
+        for choice in chunk.get("choices") or ():
+            if isinstance(choice, dict) and isinstance(choice.get("delta"), dict):
+                choice["delta"].pop("role", None)
+    return "data: " + json.dumps(chunk, ensure_ascii=False) + "\n\n"

@@ -306,6 +306,18 @@ class Reconciler:
             await self._transition(Phase.SMOKE_TESTING)
             loaded = await asyncio.to_thread(self._load_slot, slot)
             await asyncio.to_thread(loaded.smoke_test)
+            # The package's evaluation set, before it serves: reported with the activation, for
+            # the rollout's quality gate to judge (the device itself does not refuse a model).
+            evaluation = await asyncio.to_thread(loaded.evaluate)
+            if evaluation is not None:
+                s.evaluation = evaluation
+                log.info(
+                    "evaluation set of %s: %.1f%% of %d reference tokens agree (packager measured %.1f%%)",
+                    evaluation.model,
+                    evaluation.agreement * 100,
+                    evaluation.tokens,
+                    evaluation.expected * 100,
+                )
             await self._failpoint("activating")
 
             s.active_slot = slot

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.blobs import atomic_write
-from shared.messages import ErrorInfo, ModelRef, Phase
+from shared.messages import ErrorInfo, EvalReport, ModelRef, Phase
 
 SlotName = Literal["a", "b"]
 
@@ -43,6 +43,8 @@ class AgentState(BaseModel):
     command_counter: int = -1
     # The last control message refused, and why (reported until a valid desired state arrives).
     control_error: ErrorInfo | None = None
+    # The evaluation set's result for the model last staged and activated.
+    evaluation: EvalReport | None = None
 
     @field_validator("phase", mode="before")
     @classmethod

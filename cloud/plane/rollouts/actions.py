@@ -55,6 +55,7 @@ class Rollouts:
                     max_latency_ratio=spec.max_latency_ratio,
                     allow_downgrade=spec.allow_downgrade,
                     min_samples=spec.min_samples,
+                    max_eval_drop=spec.max_eval_drop,
                     state=RolloutState.RUNNING.value,
                     current_wave=0,
                     wave_started_at=now,
@@ -228,6 +229,7 @@ def _view(row: Any, devs: list[Any], counted: dict[int, dict[str, int]] | None =
         "max_concurrent": row["max_concurrent"],
         "allow_downgrade": bool(row["allow_downgrade"]),
         "min_samples": row["min_samples"],
+        "max_eval_drop": row["max_eval_drop"],
         "created_at": as_utc(row["created_at"]).isoformat(),  # type: ignore[union-attr]
         "updated_at": as_utc(row["updated_at"]).isoformat(),  # type: ignore[union-attr]
         "driver": row["lease_owner"],

@@ -127,7 +127,9 @@ class RolloutDriver:
         updating = [d for d in members if d.state == DeviceState.UPDATING]
         active = [d for d in members if d.state == DeviceState.ACTIVE]
         # Read only when some device is updating, and only what checking it takes.
-        fleet_now = self.fleet.progress(tenant) if updating else {}
+        fleet_now = (
+            self.fleet.progress(tenant, (target_id, [d.device_id for d in updating])) if updating else {}
+        )
         publishes: list[DesiredRecord] = []
         health = self._wave_health(tenant, r, members, target_id, now)
         pending = [d for d in members if d.state == DeviceState.PENDING]
@@ -206,7 +208,11 @@ class RolloutDriver:
         rev = d.desired_revision
         reported = dev.reported or {}
         if dev.phase == "active" and dev.active_model == target_id and dev.reported_revision >= rev:
-            self._update_device(conn, r.rollout_id, d, state=DeviceState.ACTIVE, active_at=now)
+            failed_quality = _quality_verdict(reported.get("evaluation"), target_id, r.max_eval_drop)
+            if failed_quality is not None:
+                self._update_device(conn, r.rollout_id, d, state=DeviceState.FAILED, detail=failed_quality)
+            else:
+                self._update_device(conn, r.rollout_id, d, state=DeviceState.ACTIVE, active_at=now)
         elif dev.phase == "failed" and reported.get("target_revision", -1) >= rev:
             err = reported.get("last_error") or {}
             self._update_device(
@@ -373,6 +379,25 @@ class RolloutDriver:
         conn.execute(
             update(rollouts).where(rollouts.c.rollout_id == rid).values(updated_at=self.clock(), **values)
         )
+
+
+def _quality_verdict(evaluation: Any, target_id: str, max_drop: float) -> str | None:
+    """Why a device's evaluation of the target fails the quality gate; None when it passes (or
+    the package carries no evaluation set). A fast model that answers wrongly fails here, in its
+    first wave, before any traffic could show it."""
+    if not isinstance(evaluation, dict) or evaluation.get("model") != target_id:
+        return None
+    try:
+        agreement, expected = float(evaluation["agreement"]), float(evaluation["expected"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if agreement >= expected - max_drop:
+        return None
+    return (
+        f"quality gate: {agreement:.1%} of the evaluation set's {evaluation.get('tokens')} reference tokens "
+        f"agree (answers by {evaluation.get('reference')}), the packager measured {expected:.1%}; "
+        f"at most {max_drop:.1%} lower is allowed"
+    )
 
 
 def _wave_note(wave: int, failed: list[DeviceRow], timed_out: int) -> str:

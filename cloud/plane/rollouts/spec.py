@@ -86,6 +86,7 @@ class RolloutRow:
     max_latency_ratio: float
     allow_downgrade: bool
     min_samples: int
+    max_eval_drop: float
     lease_owner: str | None
 
     @classmethod
@@ -105,6 +106,7 @@ class RolloutRow:
             max_latency_ratio=float(m["max_latency_ratio"]),
             allow_downgrade=bool(m["allow_downgrade"]),
             min_samples=int(m["min_samples"]),
+            max_eval_drop=float(m["max_eval_drop"]),
             lease_owner=m["lease_owner"],
         )
 
@@ -168,6 +170,9 @@ class RolloutSpec:
     # A device is judged on at least this many requests in its health window (0: on whatever
     # came, none included); with fewer its health is unknown and the wave waits.
     min_samples: int = 0
+    # The quality gate: a device whose agreement with its package's evaluation set is more than
+    # this below what the packager measured for the same graph fails (1: no quality gate).
+    max_eval_drop: float = 0.05
 
     def validate(self) -> None:
         """ContractError (400) for anything a driver tick could not work with: non-finite numbers,
@@ -179,6 +184,7 @@ class RolloutSpec:
             "wave_timeout_s": self.wave_timeout_s,
             "max_error_rate": self.max_error_rate,
             "max_latency_ratio": self.max_latency_ratio,
+            "max_eval_drop": self.max_eval_drop,
         }
         for name, value in numbers.items():
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
@@ -215,6 +221,8 @@ class RolloutSpec:
             raise ContractError("failure_threshold is a fraction in [0, 1)", value=self.failure_threshold)
         if self.health_window_s < 0 or self.wave_timeout_s <= 0 or self.max_concurrent < 1:
             raise ContractError("health_window_s ≥ 0, wave_timeout_s > 0 and max_concurrent ≥ 1 are required")
+        if not 0 <= self.max_eval_drop <= 1:
+            raise ContractError("max_eval_drop is a fraction in [0, 1]", value=self.max_eval_drop)
         if not 0 <= self.max_error_rate <= 1 or self.max_latency_ratio < 1:
             raise ContractError("max_error_rate in [0, 1] and max_latency_ratio ≥ 1 are required")
 

@@ -1,0 +1,174 @@
+"""Streams that survive a fallback: a cloud chat stream that breaks mid-answer is finished here.
+
+The edge asks the cloud for each chunk's token ids (vLLM's ``return_token_ids``, which the pool
+also implements) and reads every event it relays. When the stream breaks — the connection drops,
+the gateway reports the break with an error event, or the stream ends without ``[DONE]`` — the
+local model continues the same answer from exactly the tokens the client has (or from their text
+when the cloud sent no ids), and its chunks go out as more chunks of the same stream: same id and
+model name, no second ``role``, ``served_by: "cloud→local"`` on the last chunks, then ``[DONE]``.
+The client sees one well-formed stream. When the local side cannot take over (no model for this
+name, queue full, context too small) the stream ends with the error event as before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from edge_agent.runtime.generator import Resume
+from edge_agent.serving.sse import DONE, error_event
+
+log = logging.getLogger(__name__)
+
+CLOUD_TO_LOCAL = "cloud→local"
+LOCAL_TO_CLOUD = "local→cloud"
+
+
+class Transcript:
+    """What the client has received of one chat stream, event by event."""
+
+    def __init__(self) -> None:
+        self.chunk_id: str | None = None
+        self.model: str | None = None
+        self.created: int | None = None
+        self.parts: list[str] = []
+        # The ids of every token sent so far; None once a content chunk came without them.
+        self.tokens: list[int] | None = []
+        self.finished = False  # a finish_reason was sent: the answer is whole
+        self.resumable = True  # False after something a continuation could not repeat
+        self.chunks = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def observe(self, chunk: dict[str, Any]) -> None:
+        self.chunks += 1
+        if self.chunk_id is None:
+            self.chunk_id = str(chunk.get("id") or "")
+            self.model = str(chunk.get("model") or "")
+            created = chunk.get("created")
+            self.created = created if isinstance(created, int) else None
+        choices = chunk.get("choices")
+        if not isinstance(choices, list):
+            return
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            if choice.get("index", 0) != 0:
+                self.resumable = False  # n > 1: one answer cannot stand in for several
+                continue
+            delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                delta = {}
+            if delta.get("tool_calls"):
+                self.resumable = False
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                self.parts.append(content)
+                ids = choice.get("token_ids")
+                if self.tokens is not None and isinstance(ids, list) and all(isinstance(i, int) for i in ids):
+                    self.tokens.extend(ids)
+                else:
+                    self.tokens = None
+            if choice.get("finish_reason") is not None:
+                self.finished = True
+
+    def resume(self) -> Resume:
+        return Resume(self.text, tuple(self.tokens) if self.tokens is not None else None)
+
+
+# How a continuation is obtained: the local stream's events, or None (with the reason logged)
+# when the local side cannot take over.
+Continue = Callable[[Transcript], Awaitable[AsyncIterator[str] | None]]
+
+
+async def resumable_events(
+    chunks: AsyncIterator[bytes],
+    *,
+    errors: tuple[type[BaseException], ...],
+    on_break: Callable[[str], None],
+    take_over: Continue,
+    strip_token_ids: bool,
+    on_resumed: Callable[[], None],
+) -> AsyncIterator[bytes]:
+    """The cloud's events one at a time (token ids dropped when the client did not ask for them);
+    after a break, the local continuation's, or the error event when there is none."""
+    transcript = Transcript()
+    pending = b""
+    why: str | None = None
+    try:
+        async for chunk in chunks:
+            pending += chunk.replace(b"\r\n", b"\n")
+            *events, pending = pending.split(b"\n\n")
+            for event in events:
+                if not event.strip():
+                    continue
+                if event.strip() == DONE:
+                    yield event + b"\n\n"
+                    return
+                payload = _payload(event)
+                if payload is None:
+                    yield event + b"\n\n"  # a comment or keep-alive: not ours to judge
+                    continue
+                if "error" in payload:
+                    # The gateway's report that its replica broke off (or any upstream error):
+                    # not sent on, the answer continues here instead.
+                    why = f"the cloud reported: {_message(payload)}"
+                    break
+                transcript.observe(payload)
+                if strip_token_ids:
+                    for choice in payload.get("choices") or ():
+                        if isinstance(choice, dict):
+                            choice.pop("token_ids", None)
+                    event = b"data: " + json.dumps(payload, ensure_ascii=False).encode()
+                yield event + b"\n\n"
+            if why is not None:
+                break
+    except errors as exc:
+        why = f"{type(exc).__name__}: {exc}"
+    why = why or "the cloud ended the stream without [DONE]"
+    on_break(why)
+    if transcript.finished:
+        # Every token arrived; only the end marker was lost.
+        yield DONE + b"\n\n"
+        return
+    continuation = await take_over(transcript) if transcript.resumable else None
+    if continuation is None:
+        yield error_event(f"the answer broke off upstream ({why}); it is incomplete")
+        return
+    on_resumed()
+    log.info(
+        "a cloud stream broke off after %d chunks (%s); continued locally from %s",
+        transcript.chunks,
+        why,
+        "its token ids" if transcript.tokens is not None else "its text",
+    )
+    try:
+        async for local in continuation:
+            yield local.encode()
+    finally:
+        # A client gone mid-continuation: the local generation must hear of it now.
+        aclose = getattr(continuation, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _payload(event: bytes) -> dict[str, Any] | None:
+    data = b"\n".join(line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:"))
+    if not data:
+        return None
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _message(payload: dict[str, Any]) -> str:
+    error = payload.get("error")
+    if isinstance(error, dict):
+        return str(error.get("message") or error.get("code") or "error")
+    return str(error)
