@@ -124,7 +124,8 @@ class EvalCase(WireModel):
     model's greedy answer to it, as token ids."""
 
     prompt_ids: Annotated[list[int], Field(min_length=1, max_length=8192)]
-    answer_ids: Annotated[list[int], Field(min_length=1, max_length=1024)]
+    # Short answers: a device computes a logits row per answer token.
+    answer_ids: Annotated[list[int], Field(min_length=1, max_length=256)]
 
 
 class EvalSet(WireModel):

@@ -84,7 +84,15 @@ class Tab:
         self.page.on("dialog", lambda dialog: dialog.accept())
 
     def go(self, path: str) -> Any:
-        return self.page.goto(self.base + path)
+        try:
+            return self.page.goto(self.base + path)
+        except Exception as exc:  # playwright's Error; imported where the browser starts
+            # The page navigated by itself meanwhile (its live refresh hit a revoked session and
+            # went to the sign-in page): the same request once more, after that navigation.
+            if "ERR_ABORTED" not in str(exc):
+                raise
+            self.page.wait_for_load_state()
+            return self.page.goto(self.base + path)
 
     def sign_in(self, key: str) -> None:
         self.go("/ui/login")

@@ -62,6 +62,7 @@ def smollm2_fp32(smollm2_source: Path, registry: ModelRegistry, signing_key: Sig
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_package_carries_everything_chat_needs(smollm2_fp32: RegistryEntry) -> None:
     m = smollm2_fp32.manifest
     paths = {f.path for f in m.files}
@@ -119,6 +120,7 @@ def _stream_chat(api: str, body: dict[str, Any]) -> tuple[str, str | None]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_edge_chat_equals_transformers_greedy(
     smollm2_fp32: RegistryEntry,
     transformers_answers: list[Answer],
@@ -228,6 +230,7 @@ GET_TIME = {
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_agent_api_on_a_real_model(
     smollm2_fp32: RegistryEntry,
     edge_factory: Callable[..., EdgeProcess],
@@ -432,6 +435,7 @@ def test_demo_chats_with_smollm2_served_locally(tmp_path: Path, smollm2_source: 
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_pool_chat_equals_transformers_greedy(
     smollm2_source: Path, transformers_answers: list[Answer]
 ) -> None:

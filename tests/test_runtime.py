@@ -158,7 +158,9 @@ def test_token_ids_spell_the_deltas_and_a_resumed_answer_continues_token_for_tok
     ids the client has, from their text alone, and with a held-back stop prefix at the seam."""
     gen = loaded.generator
     prompt = Prompt("def main():\n")
-    params = GenerationParams(max_tokens=40, sampling=GREEDY, stop=("zzzz",), token_ids=True)
+    params = GenerationParams(
+        max_tokens=40, sampling=GREEDY, stop=("zzzz",), token_ids=True, max_tokens_requested=True
+    )
     items = list(gen.stream(prompt, params))
     whole = items[-1]
     assert isinstance(whole, GenerationResult) and whole.completion_tokens == 40

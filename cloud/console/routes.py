@@ -365,6 +365,7 @@ _FORM_DEFAULTS = {
     "max_error_rate": "5",
     "max_latency_ratio": "3",
     "min_samples": "0",
+    "max_eval_drop": "5",
     "allow_downgrade": "",
 }
 
@@ -446,6 +447,7 @@ async def create_rollout(request: Request) -> Response:
         "max_concurrent": values["max_concurrent"],
         "max_latency_ratio": values["max_latency_ratio"],
         "min_samples": values["min_samples"],
+        "max_eval_drop": _percent(values["max_eval_drop"], "max_eval_drop", errors),
         "allow_downgrade": bool(values["allow_downgrade"]),
     }
     if not values["model"]:

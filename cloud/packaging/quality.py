@@ -18,7 +18,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from edge_agent.runtime.chat import ChatTemplate
-from edge_agent.runtime.evaluation import teacher_forced_agreement
+from edge_agent.runtime.evaluation import foreign_ids, teacher_forced_agreement
 from edge_agent.runtime.generator import GenerationParams, TextGenerator, token_budget
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.session import OnnxCausalLM, perplexity
@@ -164,6 +164,12 @@ def evaluation_set(
             raise PackagingError("the fp32 graph answers every evaluation prompt with nothing at all")
         draft = EvalSet(reference=reference, cases=cases, expected_agreement=1.0)
     else:
+        if foreign := foreign_ids(reuse, pair.io.vocab_size):
+            raise PackagingError(
+                f"the evaluation set to carry holds {foreign} token id(s) outside this model's vocabulary "
+                f"(made for another tokenizer)",
+                reference=reuse.reference,
+            )
         draft = reuse
     measured, _ = teacher_forced_agreement(OnnxCausalLM(pair.shipped_graph, pair.io), draft)
     if reuse is not None:

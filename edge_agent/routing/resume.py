@@ -63,15 +63,18 @@ class Transcript:
             delta = choice.get("delta")
             if not isinstance(delta, dict):
                 delta = {}
-            if delta.get("tool_calls"):
-                self.resumable = False
+            if delta.get("tool_calls") or delta.get("reasoning_content") or delta.get("reasoning"):
+                self.resumable = False  # not plain answer text: the local model could not go on with it
+            raw = choice.get("token_ids")
+            ids = [i for i in raw if isinstance(i, int)] if isinstance(raw, list) else None
+            has_ids = ids is not None and raw is not None and len(ids) == len(raw)
+            # vLLM sends ids without text too (a held-back piece of a character or a stop prefix).
+            if self.tokens is not None and has_ids and ids is not None:
+                self.tokens.extend(ids)
             content = delta.get("content")
             if isinstance(content, str) and content:
                 self.parts.append(content)
-                ids = choice.get("token_ids")
-                if self.tokens is not None and isinstance(ids, list) and all(isinstance(i, int) for i in ids):
-                    self.tokens.extend(ids)
-                else:
+                if not has_ids:
                     self.tokens = None
             if choice.get("finish_reason") is not None:
                 self.finished = True
@@ -120,6 +123,7 @@ async def resumable_events(
                     break
                 transcript.observe(payload)
                 if strip_token_ids:
+                    payload.pop("prompt_token_ids", None)
                     for choice in payload.get("choices") or ():
                         if isinstance(choice, dict):
                             choice.pop("token_ids", None)

@@ -203,6 +203,10 @@ class RequestRouter:
             except RequestError as exc:
                 log.warning("a broken cloud stream cannot be continued locally: %s", exc.message)
                 return None
+            except Exception:
+                # Bytes went out already: the client must get the honest error event, not a cut.
+                log.exception("a broken cloud stream could not be continued locally")
+                return None
 
         return take_over
 

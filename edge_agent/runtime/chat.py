@@ -116,11 +116,13 @@ class ChatTemplate:
             text = self.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
             return Prompt(text, add_special_tokens=False)
         final = str(messages[-1].get("content") or "")
-        text = self.render(messages, add_generation_prompt=False, tools=tools)
-        for probe in (final, final.strip()):
-            at = text.rfind(probe) if probe else -1
-            if at >= 0:
-                return Prompt(text[: at + len(probe)], add_special_tokens=False)
+        # Rendered with a marker for the text, so the cut cannot land inside the template's own
+        # tokens (a short answer "e" would match in "<|im_end|>").
+        marked = [*messages[:-1], {**messages[-1], "content": _SENTINEL}]
+        text = self.render(marked, add_generation_prompt=False, tools=tools)
+        before, found, _ = text.rpartition(_SENTINEL)
+        if found:
+            return Prompt(before + final, add_special_tokens=False)
         raise InvalidRequest(
             "the chat template does not write the final message's text as given; it cannot be continued",
             param="continue_final_message",

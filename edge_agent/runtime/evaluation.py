@@ -16,16 +16,24 @@ from edge_agent.runtime.session import OnnxCausalLM
 from shared.manifest import EvalSet
 
 
+def foreign_ids(evaluation: EvalSet, vocab_size: int) -> int:
+    """How many of the set's ids are outside this vocabulary (a set made for another tokenizer)."""
+    return sum(1 for c in evaluation.cases for i in (*c.prompt_ids, *c.answer_ids) if not 0 <= i < vocab_size)
+
+
 def teacher_forced_agreement(model: OnnxCausalLM, evaluation: EvalSet) -> tuple[float, int]:
     """(share of reference answer tokens that are the graph's top choice, tokens compared)."""
     agree = total = 0
     for case in evaluation.cases:
-        ids = case.prompt_ids + case.answer_ids
-        if len(ids) > model.io.context_length:
+        if len(case.prompt_ids) + len(case.answer_ids) > model.io.context_length:
             continue  # not this graph's context: the set was made for a larger one
-        logits = model.sequence_logits(ids[:-1])
-        start = len(case.prompt_ids) - 1
-        chosen = np.argmax(logits[start:], axis=-1)
+        decoder = model.decoder(len(case.prompt_ids) + len(case.answer_ids))
+        # The prompt's last row only, then one row per answer token: memory grows with the
+        # answer, not with the prompt.
+        rows = [decoder.step(case.prompt_ids, last_only=True)[-1:]]
+        if len(case.answer_ids) > 1:
+            rows.append(decoder.step(case.answer_ids[:-1]))
+        chosen = np.argmax(np.concatenate(rows), axis=-1)
         agree += int(np.sum(chosen == np.asarray(case.answer_ids)))
         total += len(case.answer_ids)
     return (agree / total if total else 0.0), total

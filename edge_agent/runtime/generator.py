@@ -206,7 +206,13 @@ class Sequence:
         self.last_token: int | None = None
         self.done = False
         self.result: GenerationResult | None = None
-        resumed = self._resume(params.resume) if params.resume is not None and self.text else []
+        resumed: list[int] = []
+        if params.resume is not None and self.text is not None:
+            if budget is None and not params.max_tokens_requested:
+                # The other server's default, not ours, bounded the answer it began: go on to the
+                # end of the turn or of the context rather than stop at our default.
+                self.budget = room
+            resumed = self._resume(params.resume)
         # What the model is fed before it chooses: the prompt and any answer it continues.
         self.prompt_ids = prompt_ids + resumed
         self.pending: list[int] = list(self.prompt_ids)
@@ -220,9 +226,22 @@ class Sequence:
             tokens = tokenizer.encode(resume.text, add_special_tokens=False).ids
             if not self.text.resume(tokens, resume.text):
                 raise InvalidRequest("the answer to continue does not encode and decode to itself here")
+        if len(tokens) >= self.budget and not (
+            self.params.max_tokens_requested and len(tokens) == self.budget
+        ):
+            raise ContextTooLong(
+                f"the answer to continue has {len(tokens)} tokens; {self.budget} fit here after the prompt",
+                param="messages",
+            )
         if self.constraint is not None:
             for token in tokens:
-                self.constraint.accept(token)
+                try:
+                    self.constraint.accept(token)
+                except RuntimeError as exc:
+                    raise InvalidRequest(
+                        f"the answer to continue does not follow the request's grammar here: {exc}",
+                        param="response_format",
+                    ) from exc
         self.counts.update(tokens)
         self.generated = len(tokens)
         return tokens

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 from edge_agent.runtime.batcher import DecodeBatcher
 from edge_agent.runtime.channel import GenerationChannel
 from edge_agent.runtime.chat import ChatTemplate
-from edge_agent.runtime.evaluation import teacher_forced_agreement
+from edge_agent.runtime.evaluation import foreign_ids, teacher_forced_agreement
 from edge_agent.runtime.generator import GenerationParams, GenerationResult, StreamItem, TextGenerator
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.session import OnnxCausalLM
@@ -79,6 +79,12 @@ class LoadedModel:
                 evaluation = EvalSet.model_validate_json((folder / eval_file).read_bytes())
             except (OSError, ValueError) as exc:
                 raise ModelLoadError(f"the evaluation set cannot be read: {exc}", slot=slot) from exc
+            if foreign := foreign_ids(evaluation, manifest.io.vocab_size):
+                raise ModelLoadError(
+                    f"the evaluation set holds {foreign} token id(s) outside this model's vocabulary "
+                    f"of {manifest.io.vocab_size} (made for another tokenizer)",
+                    slot=slot,
+                )
         return cls(
             manifest, slot, TextGenerator(session, tokenizer), chat, threads, digest, evaluation=evaluation
         )

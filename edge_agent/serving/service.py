@@ -339,6 +339,8 @@ class CompletionService:
                         else f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
                     )
                 yield "data: [DONE]\n\n"
+            except _BrokeOff:
+                pass  # it ended with the error event: no [DONE], the answer is incomplete
             finally:
                 await _aclose(chunks)
                 result = results[0] if results else None
@@ -465,11 +467,22 @@ class CompletionService:
                 elif isinstance(item, GenerationResult):
                     finish: FinishReason = item.finish_reason
                     more = None
-                    if overflow is not None and item.context_full and calls is None:
+                    # Not under a grammar: the other server would start it again mid-document.
+                    if (
+                        overflow is not None
+                        and item.context_full
+                        and calls is None
+                        and prep.params.grammar is None
+                    ):
                         more = await overflow(item.text, item.completion_tokens)
                     if more is not None:
-                        async for relayed in more:
-                            yield _relabel(relayed, cid, label, created)
+                        try:
+                            async for relayed in more:
+                                yield _relabel(relayed, cid, label, created)
+                                if "error" in relayed:
+                                    raise _BrokeOff
+                        finally:
+                            await _aclose(more)
                         return
                     if calls is not None:
                         tail, made = calls.finish()
@@ -549,6 +562,10 @@ async def _aclose(chunks: AsyncIterator[Any]) -> None:
     aclose = getattr(chunks, "aclose", None)
     if aclose is not None:
         await aclose()
+
+
+class _BrokeOff(Exception):
+    """A relayed stream ended with an error event: the stream ends there, without [DONE]."""
 
 
 def _relabel(chunk: dict[str, Any], cid: str, model: str, created: int) -> str:

@@ -248,11 +248,13 @@ class Reconciler:
             self._check_release(manifest, allow_downgrade)
             loaded = await asyncio.to_thread(self._load_slot, slot)
             await asyncio.to_thread(loaded.smoke_test)
+            evaluation = await asyncio.to_thread(loaded.evaluate)
             s.active_slot = slot
             s.applied_revision = revision
             s.target = None
             s.target_slot = None
             s.last_error = None
+            s.evaluation = evaluation
             self.host.swap(loaded)
             await self._transition(Phase.ACTIVE)
             log.info("switched to %s in slot %s (revision %d)", loaded.model_id, slot, revision)
@@ -310,7 +312,6 @@ class Reconciler:
             # the rollout's quality gate to judge (the device itself does not refuse a model).
             evaluation = await asyncio.to_thread(loaded.evaluate)
             if evaluation is not None:
-                s.evaluation = evaluation
                 log.info(
                     "evaluation set of %s: %.1f%% of %d reference tokens agree (packager measured %.1f%%)",
                     evaluation.model,
@@ -324,6 +325,9 @@ class Reconciler:
             s.applied_revision = revision
             s.target = None
             s.target_slot = None
+            # What the model now serving measured (None: its package has no set): never an
+            # earlier model's figure, which the quality gate would take for this one's.
+            s.evaluation = evaluation
             self._record_release(manifest)
             self.host.swap(loaded)
             await self._transition(Phase.ACTIVE)
