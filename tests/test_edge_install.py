@@ -18,6 +18,7 @@ from tests.conftest import DEVICE, REPO, CloudSide, start_edge
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_edge_extra_installs_without_torch_and_serves(
     tmp_path: Path,
     broker_settings: BrokerSettings,

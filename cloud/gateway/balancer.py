@@ -170,7 +170,13 @@ class PoolGateway:
 
     async def _every(self, interval_s: float, check: Callable[[Replica], Awaitable[None]]) -> None:
         while True:
-            await asyncio.gather(*(check(r) for r in self.replicas))
+            results = await asyncio.gather(*(check(r) for r in self.replicas), return_exceptions=True)
+            for replica, result in zip(self.replicas, results, strict=True):
+                # One replica's surprising answer must not stop the checks of all of them for good.
+                if isinstance(result, Exception):
+                    log.error("checking replica %s failed: %r", replica.name, result)
+                elif isinstance(result, BaseException):
+                    raise result
             await asyncio.sleep(interval_s)
 
     async def scrape(self, replica: Replica) -> None:
