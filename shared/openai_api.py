@@ -94,9 +94,9 @@ class SamplingParams(_Tolerant):
         return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
 
     def wants_token_ids(self) -> bool:
-        """vLLM's ``return_token_ids``: each choice (each stream chunk) also carries the ids
-        of the tokens it holds, so a stream can be continued elsewhere token for token."""
-        return (self.model_extra or {}).get("return_token_ids") is True
+        """vLLM's ``return_token_ids`` (chat): each choice (each stream chunk) also carries the
+        ids of the tokens it holds, so a stream can be continued elsewhere token for token."""
+        return bool(getattr(self, "return_token_ids", None))
 
     def wants_usage(self) -> bool:
         """stream_options.include_usage: a last chunk with the usage (and no choices)."""
@@ -140,7 +140,10 @@ class CompletionRequest(SamplingParams):
     # The logprob of each generated token and of this many alternatives (0: the chosen token only).
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS, strict=True)] | None = None
 
-    _FOREIGN = frozenset({"tools", "tool_choice", "parallel_tool_calls", "top_logprobs", "messages"})
+    # return_token_ids is implemented for chat only: refused here rather than ignored.
+    _FOREIGN = frozenset(
+        {"tools", "tool_choice", "parallel_tool_calls", "top_logprobs", "messages", "return_token_ids"}
+    )
 
     _valid_prompt = field_validator("prompt")(_encodable)
 
@@ -232,6 +235,7 @@ class ChatCompletionRequest(SamplingParams):
     # (how a stream one server began is finished by another), and whether to open a turn at all.
     continue_final_message: Annotated[bool, Field(strict=True)] | None = None
     add_generation_prompt: Annotated[bool, Field(strict=True)] | None = None
+    return_token_ids: Annotated[bool, Field(strict=True)] | None = None
 
     def logprobs_wanted(self) -> int | None:
         """How many alternatives per token (None: no logprobs); ValueError for top_logprobs alone."""

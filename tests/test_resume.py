@@ -113,3 +113,18 @@ def test_without_ids_the_text_is_handed_over_and_tool_calls_are_not_taken_over()
 def test_a_stream_that_lost_only_its_end_marker_is_ended() -> None:
     out, handed, breaks = _run(_event(_chunk("Hi", [1], finish="stop")))
     assert handed == [] and len(breaks) == 1 and out.endswith(b"data: [DONE]\n\n")
+
+
+def test_return_token_ids_is_a_strict_chat_flag_and_refused_on_completions() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from shared.openai_api import ChatCompletionRequest, CompletionRequest
+
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate({**chat, "return_token_ids": "yes"})
+    assert ChatCompletionRequest.model_validate({**chat, "return_token_ids": True}).wants_token_ids()
+    assert not ChatCompletionRequest.model_validate(chat).wants_token_ids()
+    completion = CompletionRequest.model_validate({"model": "m", "prompt": "x", "return_token_ids": True})
+    assert completion.unsupported() == ["return_token_ids"]
