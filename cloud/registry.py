@@ -11,6 +11,7 @@ from shared.errors import RegistryError
 from shared.ids import is_valid_name
 from shared.manifest import EvalSet, Manifest, SignedManifest
 from shared.messages import ModelRef
+from shared.pool_artifact import PoolArtifact, SignedPoolArtifact
 
 
 @dataclass(frozen=True)
@@ -35,19 +36,90 @@ class RegistryEntry:
         )
 
 
+@dataclass(frozen=True)
+class PoolEntry:
+    """The full-precision source of a package, for the cloud pool (shared/pool_artifact.py)."""
+
+    digest: str
+    raw: bytes
+    signed: SignedPoolArtifact
+
+    @property
+    def artifact(self) -> PoolArtifact:
+        return self.signed.artifact
+
+
 class ModelRegistry:
     """``root/blobs`` holds every blob by digest (signed manifests included); ``root/manifests``
-    maps ``name/version.json`` to the signed manifest bytes."""
+    maps ``name/version.json`` to the signed manifest bytes, ``root/pool`` the same names to the
+    signed pool artifacts (the full-precision source the package was made from)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.blobs = BlobStore(root / "blobs")
         self._manifests = root / "manifests"
+        self._pool = root / "pool"
 
     def _manifest_path(self, name: str, version: str) -> Path:
         if not is_valid_name(name) or not is_valid_name(version):
             raise RegistryError("invalid model name or version", name=name, version=version)
         return self._manifests / name / f"{version}.json"
+
+    def _pool_path(self, name: str, version: str) -> Path:
+        self._manifest_path(name, version)  # validates both
+        return self._pool / name / f"{version}.json"
+
+    def publish_pool(self, signed: SignedPoolArtifact) -> PoolEntry:
+        """Store the pool artifact of a published package whose blobs are in the blob store."""
+        a = signed.artifact
+        package = self.get(a.name, a.version)
+        if package.digest != a.package_digest:
+            raise RegistryError(
+                "the pool artifact names another package",
+                name=a.name,
+                version=a.version,
+                package=package.digest,
+                named=a.package_digest,
+            )
+        path = self._pool_path(a.name, a.version)
+        if path.exists():
+            raise RegistryError("this version already has a pool artifact", name=a.name, version=a.version)
+        for f in a.files:
+            if not self.blobs.has(f.blob.digest):
+                raise RegistryError(
+                    "pool artifact references a blob not in the store", digest=f.blob.digest, path=f.path
+                )
+        data = signed.to_json()
+        atomic_write(path, data)
+        return PoolEntry(digest_of(data), data, signed)
+
+    def pool(self, name: str, version: str) -> PoolEntry:
+        """The version's pool artifact; RegistryError when it has none (packaged without one, or
+        before they existed)."""
+        path = self._pool_path(name, version)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as exc:
+            if not self.exists(name, version):
+                raise RegistryError("model not found", name=name, version=version) from exc
+            raise RegistryError("this version has no pool artifact", name=name, version=version) from exc
+        return PoolEntry(digest_of(data), data, SignedPoolArtifact.from_json(data))
+
+    def pool_digest(self, name: str, version: str) -> str | None:
+        path = self._pool_path(name, version)
+        return digest_of(path.read_bytes()) if path.is_file() else None
+
+    def pool_file(self, name: str, version: str, path: str) -> Path:
+        """Where one file of the version's pool artifact is stored."""
+        for f in self.pool(name, version).artifact.files:
+            if f.path == path:
+                return self.blobs.path(f.blob.digest)
+        raise RegistryError("no such file in the pool artifact", name=name, version=version, path=path)
+
+    def _pools(self) -> list[PoolArtifact]:
+        if not self._pool.is_dir():
+            return []
+        return [SignedPoolArtifact.from_json(p.read_bytes()).artifact for p in self._pool.glob("*/*.json")]
 
     def publish(self, signed: SignedManifest) -> RegistryEntry:
         """Store a signed manifest whose blobs are already in the blob store."""
@@ -115,15 +187,23 @@ class ModelRegistry:
     def delete(self, name: str, version: str) -> int:
         """Remove a version and every blob no other version references; returns bytes freed."""
         entry = self.get(name, version)
+        pool_path = self._pool_path(name, version)
+        pool = SignedPoolArtifact.from_json(pool_path.read_bytes()).artifact if pool_path.is_file() else None
         self._manifest_path(name, version).unlink()
-        parent = self._manifests / name
-        if parent.is_dir() and not any(parent.iterdir()):
-            shutil.rmtree(parent)
-        still_used = {f.blob.digest for e in self.list() for f in e.manifest.files} | {
-            e.digest for e in self.list()
-        }
+        pool_path.unlink(missing_ok=True)
+        for folder in (self._manifests / name, self._pool / name):
+            if folder.is_dir() and not any(folder.iterdir()):
+                shutil.rmtree(folder)
+        still_used = (
+            {f.blob.digest for e in self.list() for f in e.manifest.files}
+            | {e.digest for e in self.list()}
+            | {f.blob.digest for a in self._pools() for f in a.files}
+        )
+        mine = {f.blob.digest for f in entry.manifest.files} | {entry.digest}
+        if pool is not None:
+            mine |= {f.blob.digest for f in pool.files}
         freed = 0
-        for digest in {f.blob.digest for f in entry.manifest.files} | {entry.digest}:
+        for digest in mine:
             if digest not in still_used and self.blobs.has(digest):
                 freed += self.blobs.size(digest)
                 self.blobs.remove(digest)

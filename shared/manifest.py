@@ -243,20 +243,21 @@ class TrustStore:
             if actual != expected_digest:
                 raise IntegrityError("manifest digest mismatch", expected=expected_digest, actual=actual)
         signed = SignedManifest.from_json(payload)
-        if signed.signature is None:
-            raise SignatureError(
-                "manifest is unsigned", name=signed.manifest.name, version=signed.manifest.version
-            )
-        key = self._keys.get(signed.signature.key_id)
+        m = signed.manifest
+        self.check(signed.signature, m.canonical_bytes(), what="manifest", name=m.name, version=m.version)
+        return m
+
+    def check(
+        self, signature: Signature | None, signed_bytes: bytes, *, what: str, **context: object
+    ) -> None:
+        """SignatureError unless ``signature`` is a trusted key's over ``signed_bytes``."""
+        if signature is None:
+            raise SignatureError(f"{what} is unsigned", **context)
+        key = self._keys.get(signature.key_id)
         if key is None:
-            raise SignatureError(
-                "manifest signed by an untrusted key",
-                key_id=signed.signature.key_id,
-                name=signed.manifest.name,
-            )
+            raise SignatureError(f"{what} signed by an untrusted key", key_id=signature.key_id, **context)
         try:
-            sig = base64.b64decode(signed.signature.value, validate=True)
+            sig = base64.b64decode(signature.value, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise SignatureError("signature is not valid base64", key_id=key.key_id) from exc
-        key.verify(sig, signed.manifest.canonical_bytes())
-        return signed.manifest
+        key.verify(sig, signed_bytes)

@@ -50,6 +50,12 @@ _NOT_IMPLEMENTED = frozenset(
 # OpenAI's limits: up to 20 alternatives per token in chat, 5 in (legacy) completions; we allow
 # 20 in both, as vLLM does.
 MAX_TOP_LOGPROBS = 20
+# The model id ("name:version") a cloud answer was made by: the gateway says it, the edge relays it.
+MODEL_HEADER = "X-AutoGLM-Model"
+# Sent by an edge's fallback with the value "closest": when no pool replica serves the exact
+# "name:version" asked for, the gateway answers with the nearest version of that name it has
+# (and MODEL_HEADER names it) instead of 404.
+VERSION_FALLBACK_HEADER = "X-AutoGLM-Version-Fallback"
 
 
 class SamplingParams(_Tolerant):

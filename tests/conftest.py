@@ -406,7 +406,9 @@ class BackgroundCloud:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-        self._call(shutdown(), 10)
+        # Above the client's own 10 s wait for the broker to see the DISCONNECT: a socket still
+        # busy with chunks for a killed device may take all of it.
+        self._call(shutdown(), 30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()

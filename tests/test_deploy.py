@@ -533,6 +533,7 @@ EXPECTED = {
     *((o.name, "broker", 8883) for o in OUTSIDE),
     ("control-plane", "broker", 8883),
     ("control-plane", "pool", 8500),
+    ("pool", "control-plane", 8400),  # fetching its model version from the registry
     ("control-plane", "postgresql", 5432),
     ("ingress", "control-plane", 8400),
     ("prometheus", "control-plane", 8400),

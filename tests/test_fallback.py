@@ -477,22 +477,28 @@ def test_offline_device_serves_locally_and_cloud_only_requests_fail_fast(
         hole.close()
 
 
-def test_a_cloud_stream_killed_mid_answer_is_finished_locally_token_for_token(
+# Given a model's directory and more ``router`` settings: its pool replica, and the device.
+EdgeBehindAPool = Callable[[Path, dict[str, Any]], tuple[Service, EdgeProcess]]
+
+
+@pytest.fixture
+def edge_behind_a_pool(
     tmp_path: Path,
     broker_settings: BrokerSettings,
     tenant: str,
     registry: ModelRegistry,
-    demo_source: Path,
     demo_package_v2: RegistryEntry,
     signing_key: SigningKey,
     edge_factory: Callable[..., EdgeProcess],
-) -> None:
-    """Issue 18: the pool replica serving a cloud_first stream is SIGKILLed mid-answer; the
-    client's stream goes on with the device's own (fp32) model from the cloud's last token and
-    ends with [DONE], one stream: one id, one role, ``served_by: cloud→local`` at the end."""
-    pool = start_pool(demo_source, max_batch=4)
-    cloud, key, _ = _gateway(tmp_path / "cloud", broker_settings, tenant, registry, [pool])
-    try:
+) -> Iterator[EdgeBehindAPool]:
+    """Starts a pool replica of a model, the control plane's gateway in front of it, and the
+    device serving demo_package_v2 with that gateway as its cloud; stops the cloud side after."""
+    started: list[tuple[CloudProcess, Service]] = []
+
+    def start(source: Path, router: dict[str, Any]) -> tuple[Service, EdgeProcess]:
+        pool = start_pool(source, max_batch=4)
+        cloud, key, _ = _gateway(tmp_path / "cloud", broker_settings, tenant, registry, [pool])
+        started.append((cloud, pool))
         edge = serving_edge(
             edge_factory,
             broker=broker_settings,
@@ -500,74 +506,88 @@ def test_a_cloud_stream_killed_mid_answer_is_finished_locally_token_for_token(
             registry=registry,
             trusted=[signing_key.public.b64],
             model=demo_package_v2,
-            extra={
-                "router": {"cloud_url": f"{cloud.url}/v1", "policy": "cloud_first"},
-                "fallback": {"api_key": key},
-            },
+            extra={"router": {"cloud_url": f"{cloud.url}/v1", **router}, "fallback": {"api_key": key}},
         )
-        chat = {
-            "model": "demo-glm",
-            "messages": [{"role": "user", "content": "def main():"}],
-            "max_tokens": 400,
-            "temperature": 0,
-            "return_token_ids": True,
-        }
-        # The pool's own answer, unbroken, for the part before the break.
-        reference = httpx.post(f"{pool.url}/v1/chat/completions", json=chat, timeout=120).json()
-        assert len(reference["choices"][0]["token_ids"]) > 100
+        return pool, edge
 
-        chunks: list[dict[str, Any]] = []
-        done = False
-        with httpx.stream(
-            "POST", f"{edge.api}/v1/chat/completions", json={**chat, "stream": True}, timeout=120
-        ) as r:
-            assert r.status_code == 200 and r.headers["x-autoglm-served-by"] == "cloud"
-            for line in r.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    done = True
-                    continue
-                chunk = json.loads(line[6:])
-                assert "error" not in chunk, chunk
-                chunks.append(chunk)
-                if len(chunks) == 8:
-                    # Frozen first, so that it cannot finish the answer while it is being killed.
-                    os.kill(pool.proc.pid, signal.SIGSTOP)
-                    pool.kill()
-        assert done
-        assert {c["id"] for c in chunks} == {chunks[0]["id"]} and {c["model"] for c in chunks} == {"demo-glm"}
-        assert [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("role")] == chunks[:1]
-        assert chunks[-1]["served_by"] == "cloud→local"
-        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
-        ids = [i for c in chunks for i in c["choices"][0].get("token_ids") or []]
-        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
-        # The break came mid-answer, and the device went on from the cloud's token ids.
-        assert "continued locally from its token ids" in edge.log_text()
-        m = scrape_metrics(edge.api)
-        assert m["autoglm_edge_cloud_streams_resumed_total"] == 1
-
-        # The device's own answer to the same chat, unbroken (the cloud is gone: cloud_first
-        # serves it locally): the resumed stream is exactly it, and its start was the pool's.
-        r = httpx.post(f"{edge.api}/v1/chat/completions", json=chat, timeout=120)
-        assert r.status_code == 200 and r.headers["x-autoglm-served-by"] == "local"
-        alone = r.json()["choices"][0]
-        assert ids == alone["token_ids"] and text == alone["message"]["content"]
-        assert ids[:8] == reference["choices"][0]["token_ids"][:8]
-    finally:
+    yield start
+    for cloud, pool in started:
         cloud.stop()
         pool.stop()
 
 
+def _chat_stream(
+    url: str,
+    body: dict[str, Any],
+    served_by: str,
+    on_chunk: Callable[[list[dict[str, Any]]], None] = lambda chunks: None,
+) -> tuple[list[dict[str, Any]], bool]:
+    """The chunks of a chat streamed from ``url`` (``on_chunk`` hears of each as it comes, with
+    those so far), and whether it ended with [DONE]; the answer's start said ``served_by``."""
+    chunks: list[dict[str, Any]] = []
+    done = False
+    with httpx.stream("POST", url, json=body, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["x-autoglm-served-by"] == served_by
+        for line in r.iter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                chunks.append(json.loads(line[6:]))
+                on_chunk(chunks)
+    return chunks, done
+
+
+def test_a_cloud_stream_killed_mid_answer_is_finished_locally_token_for_token(
+    demo_source: Path, edge_behind_a_pool: EdgeBehindAPool
+) -> None:
+    """Issue 18: the pool replica serving a cloud_first stream is SIGKILLed mid-answer; the
+    client's stream goes on with the device's own (fp32) model from the cloud's last token and
+    ends with [DONE], one stream: one id, one role, ``served_by: cloud→local`` at the end."""
+    pool, edge = edge_behind_a_pool(demo_source, {"policy": "cloud_first"})
+    chat = {
+        "model": "demo-glm",
+        "messages": [{"role": "user", "content": "def main():"}],
+        "max_tokens": 400,
+        "temperature": 0,
+        "return_token_ids": True,
+    }
+    # The pool's own answer, unbroken, for the part before the break.
+    reference = httpx.post(f"{pool.url}/v1/chat/completions", json=chat, timeout=120).json()
+    assert len(reference["choices"][0]["token_ids"]) > 100
+
+    def kill_at_the_eighth(chunks: list[dict[str, Any]]) -> None:
+        assert "error" not in chunks[-1], chunks[-1]
+        if len(chunks) == 8:
+            # Frozen first, so that it cannot finish the answer while it is being killed.
+            os.kill(pool.proc.pid, signal.SIGSTOP)
+            pool.kill()
+
+    chunks, done = _chat_stream(
+        f"{edge.api}/v1/chat/completions", {**chat, "stream": True}, "cloud", kill_at_the_eighth
+    )
+    assert done
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]} and {c["model"] for c in chunks} == {"demo-glm"}
+    assert [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("role")] == chunks[:1]
+    assert chunks[-1]["served_by"] == "cloud→local"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    ids = [i for c in chunks for i in c["choices"][0].get("token_ids") or []]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    # The break came mid-answer, and the device went on from the cloud's token ids.
+    assert "continued locally from its token ids" in edge.log_text()
+    m = scrape_metrics(edge.api)
+    assert m["autoglm_edge_cloud_streams_resumed_total"] == 1
+
+    # The device's own answer to the same chat, unbroken (the cloud is gone: cloud_first
+    # serves it locally): the resumed stream is exactly it, and its start was the pool's.
+    r = httpx.post(f"{edge.api}/v1/chat/completions", json=chat, timeout=120)
+    assert r.status_code == 200 and r.headers["x-autoglm-served-by"] == "local"
+    alone = r.json()["choices"][0]
+    assert ids == alone["token_ids"] and text == alone["message"]["content"]
+    assert ids[:8] == reference["choices"][0]["token_ids"][:8]
+
+
 def test_a_local_answer_that_fills_the_local_context_goes_on_in_the_cloud(
-    tmp_path: Path,
-    broker_settings: BrokerSettings,
-    tenant: str,
-    registry: ModelRegistry,
-    demo_source: Path,
-    demo_package_v2: RegistryEntry,
-    signing_key: SigningKey,
-    edge_factory: Callable[..., EdgeProcess],
+    tmp_path: Path, demo_source: Path, edge_behind_a_pool: EdgeBehindAPool
 ) -> None:
     """The other way round: the device's package holds 512 positions, the pool's model (the same
     weights, configured for 1,024) more; a local stream that reaches the local limit is continued
@@ -577,55 +597,33 @@ def test_a_local_answer_that_fills_the_local_context_goes_on_in_the_cloud(
     config = json.loads((longer / "config.json").read_text())
     config["max_position_embeddings"] = 1024
     (longer / "config.json").write_text(json.dumps(config))
-    pool = start_pool(longer, max_batch=4)
-    cloud, key, _ = _gateway(tmp_path / "cloud", broker_settings, tenant, registry, [pool])
-    try:
-        edge = serving_edge(
-            edge_factory,
-            broker=broker_settings,
-            tenant=tenant,
-            registry=registry,
-            trusted=[signing_key.public.b64],
-            model=demo_package_v2,
-            extra={"router": {"cloud_url": f"{cloud.url}/v1"}, "fallback": {"api_key": key}},
-        )
-        question = "def main():\n" + "    x = compute(x)\n" * 54
-        chat = {
-            "model": "demo-glm",
-            "messages": [{"role": "user", "content": question}],
-            "temperature": 0,
-            "max_tokens": 200,
-        }
-        # What the device says alone (not streamed: nothing goes on elsewhere): cut by its context.
-        answer = httpx.post(
-            f"{edge.api}/v1/chat/completions",
-            json={k: v for k, v in chat.items() if k != "max_tokens"} | {"stream": False},
-            timeout=120,
-        )
-        assert answer.headers["x-autoglm-served-by"] == "local"
-        local = answer.json()
-        assert local["choices"][0]["finish_reason"] == "length"
-        room = local["usage"]["completion_tokens"]
-        assert 0 < room < 128, local["usage"]
+    _, edge = edge_behind_a_pool(longer, {})
+    question = "def main():\n" + "    x = compute(x)\n" * 54
+    chat = {
+        "model": "demo-glm",
+        "messages": [{"role": "user", "content": question}],
+        "temperature": 0,
+        "max_tokens": 200,
+    }
+    # What the device says alone (not streamed: nothing goes on elsewhere): cut by its context.
+    answer = httpx.post(
+        f"{edge.api}/v1/chat/completions",
+        json={k: v for k, v in chat.items() if k != "max_tokens"} | {"stream": False},
+        timeout=120,
+    )
+    assert answer.headers["x-autoglm-served-by"] == "local"
+    local = answer.json()
+    assert local["choices"][0]["finish_reason"] == "length"
+    room = local["usage"]["completion_tokens"]
+    assert 0 < room < 128, local["usage"]
 
-        chunks: list[dict[str, Any]] = []
-        done = False
-        body = {k: v for k, v in chat.items() if k != "max_tokens"} | {"stream": True}
-        with httpx.stream("POST", f"{edge.api}/v1/chat/completions", json=body, timeout=120) as r:
-            assert r.status_code == 200 and r.headers["x-autoglm-served-by"] == "local"
-            for line in r.iter_lines():
-                if line == "data: [DONE]":
-                    done = True
-                elif line.startswith("data: "):
-                    chunks.append(json.loads(line[6:]))
-        assert done and all("error" not in c for c in chunks), chunks[-3:]
-        assert {c["id"] for c in chunks} == {chunks[0]["id"]}
-        assert [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("role")] == chunks[:1]
-        assert chunks[-1]["served_by"] == "local→cloud"
-        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-        assert text.startswith(local["choices"][0]["message"]["content"])
-        assert len(text) > len(local["choices"][0]["message"]["content"])
-        assert scrape_metrics(edge.api)["autoglm_edge_cloud_overflows_total"] == 1
-    finally:
-        cloud.stop()
-        pool.stop()
+    body = {k: v for k, v in chat.items() if k != "max_tokens"} | {"stream": True}
+    chunks, done = _chat_stream(f"{edge.api}/v1/chat/completions", body, "local")
+    assert done and all("error" not in c for c in chunks), chunks[-3:]
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]}
+    assert [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("role")] == chunks[:1]
+    assert chunks[-1]["served_by"] == "local→cloud"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text.startswith(local["choices"][0]["message"]["content"])
+    assert len(text) > len(local["choices"][0]["message"]["content"])
+    assert scrape_metrics(edge.api)["autoglm_edge_cloud_overflows_total"] == 1

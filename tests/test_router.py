@@ -17,10 +17,16 @@ from shared.edge_config import RouterPolicy
 from shared.openai_api import CompletionRequest
 
 
+class FakeModel:
+    model_id = "m:3"
+    names = frozenset({"m", "m:3"})
+
+
 class FakeLocal:
-    def __init__(self, error: e.RequestError | None) -> None:
+    def __init__(self, error: e.RequestError | None, model: FakeModel | None = None) -> None:
         self.error = error
         self.calls = 0
+        self.model = model
 
     async def completions(self, body: Any) -> Response:
         self.calls += 1
@@ -28,16 +34,21 @@ class FakeLocal:
             raise self.error
         return Response(b"local", headers={"x-autoglm-served-by": "local"})
 
+    def serving(self) -> Any:
+        return self.model
+
 
 class FakeCloud:
     def __init__(self, error: e.CloudUnavailable | None) -> None:
         self.error = error
         self.calls = 0
+        self.sent: list[tuple[dict[str, Any], dict[str, str]]] = []
 
     async def forward(
         self, path: str, body: dict[str, Any], **streaming: Any
     ) -> tuple[Response, dict[str, Any] | None]:
         self.calls += 1
+        self.sent.append((body, streaming.get("headers") or {}))
         if self.error is not None:
             raise self.error
         return Response(b"cloud"), {"model": "m", "usage": {"prompt_tokens": 2, "completion_tokens": 3}}
@@ -138,3 +149,25 @@ def test_cloud_first_uses_the_cloud_when_it_answers() -> None:
 def test_cloud_only_never_serves_locally() -> None:
     answer, local, _, _ = route(RouterPolicy.CLOUD_ONLY, cloud_error=e.CloudUnavailable("down"))
     assert isinstance(answer, e.CloudUnavailable) and local.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("asked", "sent", "closest"),
+    [
+        ("m", "m:3", True),
+        ("default", "m:3", True),
+        ("m:3", "m:3", True),
+        ("m:2", "m:2", False),
+        ("x", "x", False),
+    ],
+)
+def test_the_cloud_is_asked_for_the_version_the_device_runs(asked: str, sent: str, closest: bool) -> None:
+    """A request for the local model (any of its names) goes to the cloud as "name:version", with
+    leave to answer with the closest version; one for another model goes as it is."""
+    local, cloud = FakeLocal(e.QueueFull("full"), FakeModel()), FakeCloud(None)
+    config = ServingConfig(router_policy=RouterPolicy.LOCAL_FIRST, cloud_url="http://cloud.test/v1")
+    router = RequestRouter(local, cloud, lambda: config, FakeTelemetry())  # type: ignore[arg-type]
+    asyncio.run(router.completions(CompletionRequest.model_validate({"model": asked, "prompt": "x"})))
+    body, headers = cloud.sent[0]
+    assert body["model"] == sent
+    assert headers == ({"X-AutoGLM-Version-Fallback": "closest"} if closest else {})

@@ -154,6 +154,14 @@ def model_package(
             "one from this model's fp32 answers: the new version is held to the same answers.",
         ),
     ] = None,
+    pool_artifact: Annotated[
+        bool,
+        typer.Option(
+            "--pool-artifact/--no-pool-artifact",
+            help="Keep the full-precision source beside the package, signed, for the cloud pool "
+            "(`autoglm pool fetch`/`serve --from-registry`).",
+        ),
+    ] = True,
     registry: RegistryOpt = None,
     signing_key: KeyOpt = None,
 ) -> None:
@@ -184,6 +192,7 @@ def model_package(
         chunk_size=chunk_size,
         max_perplexity_increase=max_ppl_increase,
         eval_set=carried,
+        pool_artifact=pool_artifact,
     )
     reporter = ConsoleReporter(console)
     packager = ModelPackager(_registry(registry), _signing_key(signing_key), reporter)

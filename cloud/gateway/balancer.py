@@ -19,6 +19,14 @@
 * Timeouts: a replica that accepted a request but has not answered within ``request_timeout_s``
   is busy, not down: the client gets 504 and the replica stays in rotation. Sending the same long
   generation to another replica would only double the work (and time out there too).
+* Versions: a replica that serves a registry version lists it as ``name:version`` beside
+  ``name`` (``autoglm pool serve --from-registry``; vLLM with ``--served-model-name name
+  name:version``), so a request for ``name:version`` goes only to replicas that have that version.
+  When none has it and the request allows it (``X-AutoGLM-Version-Fallback: closest``, which edge
+  fallbacks send), the nearest version of the name is asked instead: the highest below the one
+  asked for, else the lowest above (versions compare as numbers where they are numbers), else
+  the bare name where replicas serve it without a version. Every
+  answer names the model id it was made by in ``X-AutoGLM-Model``.
 * Any OpenAI-compatible server can be a replica: only ``/models``, ``/completions`` and
   ``/chat/completions`` under its base URL are needed; ``/metrics`` and readiness are used where
   the server has them.
@@ -29,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +51,7 @@ from cloud.settings import GatewaySettings
 from edge_agent.serving.service import cloud_answer_headers
 from edge_agent.serving.sse import relay_events
 from shared.errors import NoPool, PoolUnavailable, UpstreamTimeout
-from shared.openai_api import ModelCard, ModelList
+from shared.openai_api import MODEL_HEADER, ModelCard, ModelList
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +142,8 @@ class PoolGateway:
         ]
         self.retries = 0
         self.timeouts = 0
+        # Requests for a version no replica had, answered by the nearest one.
+        self.substitutions = 0
         # Streams that broke off after the client had its first bytes (ended with an error event).
         self.stream_breaks = 0
         # aiohttp, not httpx: httpx scans its connection pool on every request, which was most of
@@ -273,10 +284,52 @@ class PoolGateway:
         await asyncio.gather(*(one(r) for r in self.replicas if r.up))
         return ModelList(data=list(seen.values()))
 
-    async def forward(self, path: str, body: dict[str, Any]) -> Response:
-        """POST ``body`` to the least busy replica that is up, moving on to another when one fails."""
+    def substitute(self, model: object) -> str | None:
+        """The nearest version of ``model`` ("name:version") that replicas up list (or the bare
+        name, when that is all they list), when none lists ``model`` itself and every list is
+        known; None otherwise."""
+        if not isinstance(model, str) or ":" not in model:
+            return None
+        up = [r for r in self.replicas if r.up]
+        if any(r.models is None or model in r.models for r in up):
+            return None
+        name, _, version = model.partition(":")
+        versions = {
+            m.partition(":")[2]
+            for r in up
+            for m in r.models or ()
+            if m.partition(":")[0] == name and ":" in m
+        }
+        chosen = closest_version(version, versions)
+        if chosen is not None:
+            return f"{name}:{chosen}"
+        # Replicas that serve the name without saying which version (a hand-filled folder).
+        return name if any(name in (r.models or ()) for r in up) else None
+
+    async def forward(self, path: str, body: dict[str, Any], *, closest: bool = False) -> Response:
+        """POST ``body`` to the least busy replica that is up, moving on to another when one fails.
+        ``closest``: a version no replica has may be answered by the nearest one (see above)."""
         if not self.replicas:
             raise NoPool("no pool is configured (gateway.upstreams)")
+        if not closest:
+            return await self._attempts(path, body)
+        if (nearest := self.substitute(body.get("model"))) is not None:
+            return await self._attempts(path, self._substituted(body, nearest))
+        answer = await self._attempts(path, body)
+        if answer.status_code == 404:
+            # Every replica said it lacks the version, perhaps before a poll learned their
+            # lists: learn them now and ask for the nearest.
+            await self.models()
+            if (nearest := self.substitute(body.get("model"))) is not None:
+                return await self._attempts(path, self._substituted(body, nearest))
+        return answer
+
+    def _substituted(self, body: dict[str, Any], nearest: str) -> dict[str, Any]:
+        log.info("no replica serves %s: asking for %s instead", body.get("model"), nearest)
+        self.substitutions += 1
+        return {**body, "model": nearest}
+
+    async def _attempts(self, path: str, body: dict[str, Any]) -> Response:
         tried: set[str] = set()
         errors: list[str] = []
         not_found: Response | None = None
@@ -314,6 +367,8 @@ class PoolGateway:
             raise
         headers = cloud_answer_headers(upstream.headers)
         headers[REPLICA_HEADER] = replica.name
+        if isinstance(model := body.get("model"), str):
+            headers[MODEL_HEADER] = model
         if upstream.status == 200 and upstream.headers.get("content-type", "").startswith(
             "text/event-stream"
         ):
@@ -343,6 +398,21 @@ class PoolGateway:
             raise _NotServedHere(response)
         replica.served += 1
         return response
+
+
+def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Numbers compare as numbers ("10" after "9"), text as text, numbers before text."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.findall(r"\d+|\D+", version))
+
+
+def closest_version(wanted: str, available: set[str]) -> str | None:
+    """The highest of ``available`` below ``wanted``, else the lowest above it (None: none)."""
+    key = _version_key(wanted)
+    below = [v for v in available if _version_key(v) < key]
+    if below:
+        return max(below, key=_version_key)
+    above = [v for v in available if _version_key(v) > key]
+    return min(above, key=_version_key) if above else None
 
 
 def _parse_models(raw: bytes) -> frozenset[str] | None:

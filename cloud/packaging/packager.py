@@ -47,6 +47,7 @@ from shared.manifest import (
     QualityReport,
     SignedManifest,
 )
+from shared.pool_artifact import PoolArtifact, SignedPoolArtifact
 from shared.signing import SigningKey
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ class PackageOptions:
     # The evaluation set to carry (an earlier version's, say); None: made from this model's fp32
     # greedy answers.
     eval_set: EvalSet | None = None
+    # Keep the full-precision source beside the package for the cloud pool (shared/pool_artifact.py).
+    pool_artifact: bool = True
 
 
 class ModelPackager:
@@ -173,12 +176,43 @@ class ModelPackager:
                 quality=quality,
                 release=self.registry.next_release(opts.name),
             )
+            pool_files = self._store_source(src, opts.chunk_size) if opts.pool_artifact else None
             entry = self.registry.publish(SignedManifest.sign(manifest, self.key))
             r.done(
                 f"{entry.name}:{entry.version} release {manifest.release} {entry.digest} "
                 f"(key {self.key.public.key_id})"
             )
+            if pool_files is not None:
+                artifact = PoolArtifact(
+                    name=opts.name,
+                    version=opts.version,
+                    created_at=manifest.created_at,
+                    architecture=manifest.architecture,
+                    torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "") or None,
+                    package_digest=entry.digest,
+                    files=pool_files,
+                )
+                pool = self.registry.publish_pool(SignedPoolArtifact.sign(artifact, self.key))
+                r.done(f"pool artifact {pool.digest} ({artifact.total_size / 1e6:.1f} MB, full precision)")
             return entry
+
+    def _store_source(self, src: Path, chunk_size: int) -> list[FileEntry] | None:
+        """The source folder's model files as blobs: what the cloud pool loads for this version."""
+        self.reporter.step("Keeping the full-precision source for the cloud pool (pool artifact)")
+        entries: list[FileEntry] = []
+        for path in sorted(p for p in src.iterdir() if p.is_file()):
+            role = _source_role(path.name)
+            if role is None:
+                continue
+            blob = describe_file(path, chunk_size)
+            if self.registry.blobs.put_file(path) != blob.digest:
+                raise PackagingError("file changed while being packaged", path=str(path))
+            entries.append(FileEntry(path=path.name, role=role, blob=blob))
+        if not any(e.role == "weights" for e in entries) or not any(e.path == "config.json" for e in entries):
+            self.reporter.done("no Hugging Face weights in the source folder: no pool artifact")
+            return None
+        self.reporter.done(f"{len(entries)} files, {sum(e.blob.size for e in entries) / 1e6:.1f} MB")
+        return entries
 
     def _export(
         self, src: Path, cfg: dict[str, Any], out: Path, kind: Literal["auto", "fused", "generic"]
@@ -271,6 +305,37 @@ class ModelPackager:
                 raise PackagingError("file changed while being packaged", path=str(path))
             entries.append(FileEntry(path=path.name, role=role, blob=blob))
         return entries
+
+
+_SOURCE_CONFIG = frozenset({"config.json", "generation_config.json"})
+_SOURCE_TOKENIZER = frozenset(
+    {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "chat_template.jinja",
+        "chat_template.json",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "tokenizer.model",
+    }
+)
+
+
+def _source_role(name: str) -> Literal["weights", "tokenizer", "config"] | None:
+    """A source file's part in the pool artifact; None for what a server does not load (READMEs,
+    a GGUF, images)."""
+    if name in _SOURCE_CONFIG:
+        return "config"
+    if name in _SOURCE_TOKENIZER:
+        return "tokenizer"
+    if name.endswith((".safetensors", ".safetensors.index.json")) or (
+        name.startswith("pytorch_model") and name.endswith((".bin", ".bin.index.json"))
+    ):
+        return "weights"
+    return None
 
 
 def _copy_generation_config(src: Path, out: Path) -> None:

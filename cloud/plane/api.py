@@ -6,7 +6,7 @@ import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from cloud.plane.auth import MAX_KEY_LIFETIME_S, Principal, Scope
@@ -30,15 +30,18 @@ from cloud.plane.views import (
     RolloutView,
     model_view,
 )
+from cloud.registry import ModelRegistry
 from edge_agent.serving.errors import install_error_handlers
 from shared.errors import Forbidden, NotFound, Unauthorized
 from shared.openai_api import (
+    VERSION_FALLBACK_HEADER,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
     ErrorEnvelope,
 )
+from shared.pool_artifact import POOL_DIGEST_HEADER, SignedPoolArtifact
 from shared.tasks import exit_reason
 
 
@@ -192,17 +195,49 @@ async def list_models(plane: Plane, who: Inference) -> Catalogue:
     served = await plane.gateway.models()
     out: dict[str, Any] = served.model_dump(mode="json")
     if who.allows("operator"):
-        entries = await asyncio.to_thread(plane.registry(who.tenant).list)
-        out["models"] = [model_view(e) for e in entries]
+        out["models"] = await asyncio.to_thread(_registry_views, plane.registry(who.tenant))
     return Catalogue.model_validate(out)
+
+
+def _registry_views(registry: ModelRegistry) -> list[dict[str, Any]]:
+    return [model_view(e, registry.pool_digest(e.name, e.version)) for e in registry.list()]
 
 
 @v1.get("/models/{name}/{version}")
 async def show_model(name: str, version: str, plane: Plane, who: Operator) -> ModelDetail:
-    entry = await asyncio.to_thread(plane.registry(who.tenant).get, name, version)
-    view = model_view(entry)
+    registry = plane.registry(who.tenant)
+    entry = await asyncio.to_thread(registry.get, name, version)
+    view = model_view(entry, await asyncio.to_thread(registry.pool_digest, name, version))
     view["manifest"] = entry.manifest.model_dump(mode="json", by_alias=True)
     return ModelDetail.model_validate(view)
+
+
+@v1.get(
+    "/models/{name}/{version}/pool",
+    response_model=None,
+    responses={200: {"model": SignedPoolArtifact, "description": "The signed pool artifact"}},
+)
+async def pool_artifact(name: str, version: str, plane: Plane, who: Operator) -> Response:
+    """The signed pool artifact of a version (shared/pool_artifact.py), byte for byte as signed:
+    what a pool replica verifies against the keys it trusts before fetching the files."""
+    entry = await asyncio.to_thread(plane.registry(who.tenant).pool, name, version)
+    return Response(entry.raw, media_type="application/json", headers={POOL_DIGEST_HEADER: entry.digest})
+
+
+@v1.get(
+    "/models/{name}/{version}/pool/files/{path:path}",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "The file's bytes",
+        }
+    },
+)
+async def pool_file(name: str, version: str, path: str, plane: Plane, who: Operator) -> FileResponse:
+    """One file of a version's pool artifact (Range requests resume a large one)."""
+    stored = await asyncio.to_thread(plane.registry(who.tenant).pool_file, name, version, path)
+    return FileResponse(stored, media_type="application/octet-stream")
 
 
 @v1.delete("/models/{name}/{version}")
@@ -301,9 +336,13 @@ _STREAM = {"text/event-stream": {"schema": {"type": "string"}, "example": "data:
     response_model=None,
     responses={200: {"model": CompletionResponse, "content": _STREAM}, 503: {"model": ErrorEnvelope}},
 )
-async def gateway_completions(body: CompletionRequest, plane: Plane, who: Inference) -> Response:
+async def gateway_completions(
+    body: CompletionRequest, request: Request, plane: Plane, who: Inference
+) -> Response:
     plane.rate_limiter.check(who.tenant)
-    return await plane.gateway.forward("/completions", body.model_dump(exclude_unset=True))
+    return await plane.gateway.forward(
+        "/completions", body.model_dump(exclude_unset=True), closest=_closest(request)
+    )
 
 
 @v1.post(
@@ -311,9 +350,17 @@ async def gateway_completions(body: CompletionRequest, plane: Plane, who: Infere
     response_model=None,
     responses={200: {"model": ChatCompletionResponse, "content": _STREAM}, 503: {"model": ErrorEnvelope}},
 )
-async def gateway_chat(body: ChatCompletionRequest, plane: Plane, who: Inference) -> Response:
+async def gateway_chat(
+    body: ChatCompletionRequest, request: Request, plane: Plane, who: Inference
+) -> Response:
     plane.rate_limiter.check(who.tenant)
-    return await plane.gateway.forward("/chat/completions", body.model_dump(exclude_unset=True))
+    return await plane.gateway.forward(
+        "/chat/completions", body.model_dump(exclude_unset=True), closest=_closest(request)
+    )
+
+
+def _closest(request: Request) -> bool:
+    return request.headers.get(VERSION_FALLBACK_HEADER, "").strip().lower() == "closest"
 
 
 @v1.get("/gateway")
@@ -324,6 +371,7 @@ async def gateway_state(plane: Plane, who: Operator) -> GatewayState:
             "retries": plane.gateway.retries,
             "timeouts": plane.gateway.timeouts,
             "stream_breaks": plane.gateway.stream_breaks,
+            "version_substitutions": plane.gateway.substitutions,
             "rate_limited": plane.rate_limiter.refused,
         }
     )

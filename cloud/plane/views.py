@@ -52,10 +52,11 @@ class DeviceList(View):
 
 
 # -- models ----------------------------------------------------------------------------------------
-def model_view(entry: Any) -> dict[str, Any]:
+def model_view(entry: Any, pool_digest: str | None = None) -> dict[str, Any]:
     """A registry entry as ``ModelView`` fields (the REST API and the console show the same)."""
     m = entry.manifest
     return {
+        "pool_digest": pool_digest,
         "name": entry.name,
         "version": entry.version,
         "manifest_digest": entry.digest,
@@ -78,6 +79,8 @@ class ModelView(View):
     size_bytes: int
     quality: dict[str, Any] | None
     kv_cache: str
+    # The full-precision source the cloud pool serves for this version (None: packaged without).
+    pool_digest: str | None = None
 
 
 class ModelDetail(ModelView):
@@ -200,4 +203,6 @@ class GatewayState(View):
     retries: int
     timeouts: int
     stream_breaks: int
+    # Requests for a version no replica had, answered by the nearest one (edge fallbacks).
+    version_substitutions: int = 0
     rate_limited: int

@@ -56,7 +56,7 @@ class PoolModel:
     names: frozenset[str]
     chat: ChatTemplate
     context_length: int
-    # The pool serves from a folder, not a signed package: nothing to pin to.
+    # The pool artifact it was fetched from ('' for a hand-filled folder: nothing to pin to).
     digest: str = ""
 
 
@@ -131,6 +131,8 @@ class BatchEngine:
         model_dir: Path,
         *,
         name: str | None = None,
+        version: str | None = None,
+        digest: str = "",
         device: str = "auto",
         max_batch: int = 32,
         queue_size: int = 256,
@@ -161,11 +163,13 @@ class BatchEngine:
         cfg = self.model.config
         context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         served = name or model_dir.name
+        versioned = f"{served}:{version}" if version else served
         self.info = PoolModel(
-            model_id=served,
-            names=frozenset({served}),
+            model_id=versioned,
+            names=frozenset({served, versioned}),
             chat=ChatTemplate.from_folder(model_dir),
             context_length=int(context or 2048),
+            digest=digest,
         )
         self.eos_ids = frozenset(end_of_turn_ids(_eos_ids(model_dir, cfg), self.tokenizer, self.info.chat))
         self.grammar_tokenizer = GrammarTokenizers(self.tokenizer, self.eos_ids)

@@ -28,6 +28,7 @@ from edge_agent.serving.errors import install_error_handlers
 from edge_agent.serving.openai_routes import Responder, ServiceResponder, openai_routes
 from edge_agent.serving.service import CompletionService
 from shared.errors import EngineDown, EngineError
+from shared.openai_api import ModelCard, ModelList
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,18 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily(f"{PREFIX}_decode_steps", "Batched decode steps run.", s.decode_steps)
 
 
+class PoolResponder(ServiceResponder):
+    """Lists every id the replica answers to ("name" and "name:version"): the gateway routes a
+    request by the ids a replica lists."""
+
+    def models(self) -> ModelList:
+        current = self.service.host.current
+        if current is None:
+            return ModelList(data=[])
+        ids = [current.model_id, *sorted(current.names - {current.model_id})]
+        return ModelList(data=[ModelCard(id=i, digest=current.digest or None) for i in ids])
+
+
 def create_app(settings: PoolSettings) -> FastAPI:
     registry = CollectorRegistry(auto_describe=True)
     ttft = Histogram(
@@ -98,6 +111,8 @@ def create_app(settings: PoolSettings) -> FastAPI:
         engine = BatchEngine(
             settings.model_dir,
             name=settings.name,
+            version=settings.version,
+            digest=settings.digest,
             device=settings.device,
             max_batch=settings.max_batch,
             queue_size=settings.queue_size,
@@ -116,7 +131,7 @@ def create_app(settings: PoolSettings) -> FastAPI:
         defaults = ServingConfig(default_max_tokens=settings.default_max_tokens)
         service = CompletionService(PoolBackend(engine), lambda: defaults)
         app.state.engine = engine
-        app.state.responder = ServiceResponder(service, "cloud")
+        app.state.responder = PoolResponder(service, "cloud")
         try:
             yield
         finally:

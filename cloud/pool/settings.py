@@ -20,6 +20,11 @@ class PoolSettings(BaseModel):
     model_dir: Path
     # The model id clients use; the folder name when not given.
     name: str | None = None
+    # The registry version served: the replica then also answers to "name:version" (and says so
+    # in /v1/models), so the gateway can route by version.
+    version: str | None = None
+    # The digest of the pool artifact the folder was fetched from ('' for a hand-filled folder).
+    digest: str = ""
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8500
     # auto: CUDA (bf16) when torch sees a GPU, else CPU (fp32).
@@ -44,11 +49,11 @@ class PoolSettings(BaseModel):
             raise ValueError(f"{folder} is not a Hugging Face model folder (no config.json)")
         return folder
 
-    @field_validator("name")
+    @field_validator("name", "version")
     @classmethod
     def _valid_name(cls, name: str | None) -> str | None:
         if name is not None and not is_valid_name(name):
-            raise ValueError(f"invalid model name {name!r}")
+            raise ValueError(f"invalid model name or version {name!r}")
         return name
 
     @classmethod

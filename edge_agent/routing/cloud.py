@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -84,12 +84,12 @@ class CloudFallback:
         )
 
     async def _send(
-        self, url: str, body: dict[str, Any], limits: aiohttp.ClientTimeout
+        self, url: str, body: dict[str, Any], limits: aiohttp.ClientTimeout, extra: Mapping[str, str]
     ) -> aiohttp.ClientResponse:
         """The upstream's answer with its verdict given to the breaker (a 5xx is a failure even
         when its body breaks off)."""
         try:
-            headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else None
+            headers = {**extra, **({"authorization": f"Bearer {self.api_key}"} if self.api_key else {})}
             upstream = await self._client().post(url, json=body, timeout=limits, headers=headers)
         except _HOP_ERRORS as exc:
             raise self._failed(url, _describe(exc)) from exc
@@ -109,10 +109,18 @@ class CloudFallback:
         log.warning("cloud fallback %s failed: %s (breaker %s)", url, why, self.breaker.state)
         return CloudUnavailable(f"the cloud fallback failed: {why}", url=url)
 
-    async def _post(self, path: str, body: dict[str, Any]) -> tuple[str, aiohttp.ClientResponse]:
+    def _broke(self, why: str) -> None:
+        """A stream from the cloud broke off mid-answer: counted, and a failure to the breaker."""
+        self.stream_breaks += 1
+        self.breaker.failure()
+        log.warning("a stream from the cloud broke off: %s", why)
+
+    async def _post(
+        self, path: str, body: dict[str, Any], headers: Mapping[str, str]
+    ) -> tuple[str, aiohttp.ClientResponse]:
         url, timeout = self._target(path)
         try:
-            return url, await self._send(url, body, timeout)
+            return url, await self._send(url, body, timeout, headers)
         except BaseException:
             # Cancelled (the client left) or an error that is no verdict on the cloud: whatever
             # happened, a probe must not stay outstanding (the breaker would refuse forever).
@@ -126,19 +134,15 @@ class CloudFallback:
         *,
         take_over: Continue | None = None,
         strip_token_ids: bool = False,
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[Response, dict[str, Any] | None]:
-        """POST ``body`` to the gateway; the answer, and its JSON when it was not a stream. A
-        stream that breaks is finished by ``take_over`` when it gives a continuation."""
-        url, upstream = await self._post(path, body)
+        """POST ``body`` (with ``headers``) to the gateway; the answer, and its JSON when it was
+        not a stream. A stream that breaks is finished by ``take_over`` when it gives a
+        continuation."""
+        url, upstream = await self._post(path, body, headers or {})
         self.forwarded += 1
-        headers = cloud_answer_headers(upstream.headers)
+        answer_headers = cloud_answer_headers(upstream.headers)
         if upstream.content_type == "text/event-stream":
-
-            def broke(why: str) -> None:
-                self.stream_breaks += 1
-                self.breaker.failure()
-                log.warning("a stream from the cloud broke off: %s", why)
-
             if take_over is not None and upstream.status < 300:
 
                 def resumed() -> None:
@@ -147,16 +151,16 @@ class CloudFallback:
                 events = resumable_events(
                     upstream.content.iter_any(),
                     errors=_HOP_ERRORS,
-                    on_break=broke,
+                    on_break=self._broke,
                     take_over=take_over,
                     strip_token_ids=strip_token_ids,
                     on_resumed=resumed,
                 )
                 return StreamingResponse(
-                    _released(upstream, events), status_code=upstream.status, headers=headers
+                    _released(upstream, events), status_code=upstream.status, headers=answer_headers
                 ), None
             return StreamingResponse(
-                _passthrough(upstream, broke), status_code=upstream.status, headers=headers
+                _passthrough(upstream, self._broke), status_code=upstream.status, headers=answer_headers
             ), None
         try:
             content = await upstream.read()
@@ -170,12 +174,14 @@ class CloudFallback:
                 parsed = json.loads(content)
             except ValueError:
                 parsed = None
-        return Response(content, status_code=upstream.status, headers=headers), parsed
+        return Response(content, status_code=upstream.status, headers=answer_headers), parsed
 
-    async def open_stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def open_stream(
+        self, path: str, body: dict[str, Any], headers: Mapping[str, str] | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
         """POST a streaming ``body``; its chunks as they come (an error event included, as a
         chunk), once the cloud has accepted it: CloudUnavailable before that, for any refusal."""
-        url, upstream = await self._post(path, body)
+        url, upstream = await self._post(path, body, headers or {})
         if upstream.status >= 300 or upstream.content_type != "text/event-stream":
             try:
                 detail = (await upstream.read())[:300].decode(errors="replace")
@@ -186,15 +192,10 @@ class CloudFallback:
             raise CloudUnavailable(f"the cloud refused to go on: HTTP {upstream.status}: {detail}", url=url)
         self.forwarded += 1
 
-        def broke(why: str) -> None:
-            self.stream_breaks += 1
-            self.breaker.failure()
-            log.warning("a stream from the cloud broke off: %s", why)
-
         async def chunks() -> AsyncIterator[dict[str, Any]]:
             try:
                 async for events in relay_events(
-                    upstream.content.iter_any(), errors=_HOP_ERRORS, on_break=broke
+                    upstream.content.iter_any(), errors=_HOP_ERRORS, on_break=self._broke
                 ):
                     for event in events.split(b"\n\n"):
                         data = event.strip()

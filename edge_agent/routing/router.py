@@ -29,7 +29,7 @@ from edge_agent.routing.cloud import CloudFallback
 from edge_agent.routing.resume import CLOUD_TO_LOCAL, LOCAL_TO_CLOUD, Transcript
 from edge_agent.serving.config import ServingConfig
 from edge_agent.serving.openai_routes import ServiceResponder
-from edge_agent.serving.service import Continuation, Overflow
+from edge_agent.serving.service import Continuation, Overflow, chunk_served_by
 from edge_agent.uplink.telemetry import TelemetryRecorder
 from shared.edge_config import RouterPolicy
 from shared.errors import (
@@ -41,6 +41,7 @@ from shared.errors import (
     RequestError,
 )
 from shared.openai_api import (
+    VERSION_FALLBACK_HEADER,
     ChatCompletionRequest,
     CompletionRequest,
     ModelList,
@@ -141,12 +142,14 @@ class RequestRouter:
         if resumable is not None:
             strip = not resumable.wants_token_ids()
             payload["return_token_ids"] = True
+        headers = self._same_version(payload)
         try:
             response, parsed = await self.cloud.forward(
                 path,
                 payload,
                 take_over=self._take_over(resumable) if resumable is not None else None,
                 strip_token_ids=strip,
+                headers=headers,
             )
         except CloudUnavailable:
             self._record(model, started, None, "cloud_unavailable")
@@ -154,6 +157,22 @@ class RequestRouter:
         error = None if response.status_code < 400 else f"cloud_http_{response.status_code}"
         self._record(model, started, parsed, error)
         return response
+
+    def _same_version(self, payload: dict[str, Any]) -> dict[str, str]:
+        """Ask the cloud for the version this device runs: a request for the local model (by its
+        name, "name:version" or "default") names it "name:version" and lets the gateway answer
+        with the closest version it has when it lacks this one (which ``X-AutoGLM-Model`` of the
+        answer then names). A request for another model goes as it is."""
+        current = self.local.serving()
+        model = payload.get("model")
+        if (
+            current is None
+            or not isinstance(model, str)
+            or (model != "default" and model not in current.names)
+        ):
+            return {}
+        payload["model"] = current.model_id
+        return {VERSION_FALLBACK_HEADER: "closest"}
 
     def _overflow(self, body: ChatCompletionRequest) -> Overflow:
         """A local chat stream that filled the local context goes on in the cloud (whose model
@@ -173,7 +192,9 @@ class RequestRouter:
             if limit is not None:
                 payload["max_tokens"] = limit - generated
             try:
-                chunks = await self.cloud.open_stream("/chat/completions", payload)
+                chunks = await self.cloud.open_stream(
+                    "/chat/completions", payload, self._same_version(payload)
+                )
             except CloudUnavailable as exc:
                 log.warning(
                     "a local answer that filled the context cannot go on in the cloud: %s", exc.message
@@ -226,8 +247,11 @@ async def _served_by(chunks: AsyncIterator[dict[str, Any]], where: str) -> Async
     """The chunks, the last ones (a finish reason, the usage) saying where the answer was made."""
     async for chunk in chunks:
         choices = chunk.get("choices")
-        if chunk.get("usage") or (
-            isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") for c in choices)
-        ):
-            chunk = {**chunk, "served_by": where}
+        reasons = (
+            [c.get("finish_reason") for c in choices if isinstance(c, dict)]
+            if isinstance(choices, list)
+            else []
+        )
+        if (said := chunk_served_by(where, reasons, chunk.get("usage"))) is not None:
+            chunk = {**chunk, "served_by": said}
         yield chunk

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edge_agent.serving.service import SERVED_BY_HEADER, CompletionService, Overflow
+from edge_agent.serving.service import SERVED_BY_HEADER, CompletionService, Overflow, ServedModel
 from shared.openai_api import ChatCompletionRequest, CompletionRequest, ModelList
 
 
@@ -37,6 +37,10 @@ class ServiceResponder:
 
     def models(self) -> ModelList:
         return self.service.models()
+
+    def serving(self) -> ServedModel | None:
+        """The model this host serves now (None: none)."""
+        return self.service.host.current
 
     async def completions(self, body: CompletionRequest) -> Response:
         if body.stream:

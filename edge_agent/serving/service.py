@@ -13,7 +13,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -29,6 +29,7 @@ from edge_agent.runtime.tools import ToolPlan, plan_tools, template_messages
 from edge_agent.serving.config import ServingConfig
 from shared.errors import Conflict, InvalidRequest, ModelNotFound, RequestError
 from shared.openai_api import (
+    MODEL_HEADER,
     ChatChoice,
     ChatChoiceMessage,
     ChatChunkChoice,
@@ -57,7 +58,7 @@ from shared.openai_api import (
 
 SERVED_BY_HEADER = "X-AutoGLM-Served-By"
 # Headers of an upstream answer worth relaying (the rest describe the hop, not the answer).
-_RELAYED_HEADERS = ("content-type", "retry-after")
+_RELAYED_HEADERS = ("content-type", "retry-after", MODEL_HEADER.lower())
 
 
 def cloud_answer_headers(upstream: Mapping[str, str]) -> dict[str, str]:
@@ -65,6 +66,14 @@ def cloud_answer_headers(upstream: Mapping[str, str]) -> dict[str, str]:
     headers = {k: v for k in _RELAYED_HEADERS if (v := upstream.get(k)) is not None}
     headers[SERVED_BY_HEADER] = "cloud"
     return headers
+
+
+def chunk_served_by(
+    where: str | None, finish_reasons: Iterable[object] = (), usage: object = None
+) -> str | None:
+    """The ``served_by`` of a chunk of a stream that ``where`` finished (another server began it):
+    ``where`` on its last chunks (a finish reason, the usage), None on the others."""
+    return where if usage or any(finish_reasons) else None
 
 
 class ServedModel(Protocol):
@@ -445,7 +454,7 @@ class CompletionService:
                     model=label,
                     created=created,
                     choices=[choice],
-                    served_by=served_by if finish is not None else None,
+                    served_by=chunk_served_by(served_by, [finish]),
                 )
 
             calls = prep.tools.stream() if prep.tools is not None else None
@@ -498,13 +507,14 @@ class CompletionService:
                             finish = "tool_calls"
                     yield chunk(ChatDelta(), finish)
                     if wants_usage:
+                        usage = _usage(item)
                         yield ChatCompletionChunk(
                             id=cid,
                             model=label,
                             created=created,
                             choices=[],
-                            usage=_usage(item),
-                            served_by=served_by,
+                            usage=usage,
+                            served_by=chunk_served_by(served_by, usage=usage),
                         )
                 else:
                     text = calls.push(item) if calls is not None else item
