@@ -63,6 +63,7 @@ class VllmServer:
         *,
         name: str,
         port: int,
+        aliases: tuple[str, ...] = (),
         max_num_seqs: int = 256,
         memory_fraction: float = 0.2,
         python: Path | None = None,
@@ -73,7 +74,8 @@ class VllmServer:
         # CPU, and float32 takes ~94 s to start.
         cmd = [
             str(python or vllm_python()), "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(model_dir), "--served-model-name", name,
+            # vLLM lists every served name and puts the first in its answers.
+            "--model", str(model_dir), "--served-model-name", name, *aliases,
             "--host", "127.0.0.1", "--port", str(port),
             "--dtype", "bfloat16", "--enforce-eager", "--max-num-seqs", str(max_num_seqs),
             # On CPU this is the share of the machine's memory vLLM reserves (weights and KV

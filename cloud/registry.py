@@ -113,6 +113,13 @@ class ModelRegistry:
         """Where one file of the version's pool artifact is stored."""
         for f in self.pool(name, version).artifact.files:
             if f.path == path:
+                if not self.blobs.has(f.blob.digest):
+                    raise RegistryError(
+                        "the registry lost this file of the pool artifact",
+                        name=name,
+                        version=version,
+                        path=path,
+                    )
                 return self.blobs.path(f.blob.digest)
         raise RegistryError("no such file in the pool artifact", name=name, version=version, path=path)
 

@@ -227,7 +227,13 @@ def start_cloud(
 
 
 def start_pool(
-    model_dir: Path, *, name: str = "demo-glm", max_batch: int = 16, threads: int = 1, port: int | None = None
+    model_dir: Path,
+    *,
+    name: str = "demo-glm",
+    version: str | None = None,
+    max_batch: int = 16,
+    threads: int = 1,
+    port: int | None = None,
 ) -> Service:
     """``autoglm pool serve`` on ``port`` (a free one by default), ready to answer."""
     port = port or free_port()
@@ -248,6 +254,7 @@ def start_pool(
             str(max_batch),
             "--threads",
             str(threads),
+            *(["--version", version] if version else []),
         ],
         f"http://127.0.0.1:{port}",
     )

@@ -22,6 +22,7 @@ COMMANDS = [
     ["model", "ls"],
     ["model", "show"],
     ["model", "key"],
+    ["model", "attach-source"],
     ["edge"],
     ["edge", "run"],
     ["cloud"],
@@ -45,6 +46,7 @@ COMMANDS = [
     ["config", "push"],
     ["pool"],
     ["pool", "serve"],
+    ["pool", "fetch"],
     ["demo"],
 ]
 

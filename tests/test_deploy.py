@@ -555,6 +555,31 @@ def test_network_policies_open_exactly_the_listed_flows() -> None:
     assert {(f[1], f[2]) for f in flows if f[0] in ("device", "edge-agent")} == {("broker", 8883)}
 
 
+def test_the_pool_fetches_the_configmaps_version_before_it_serves() -> None:
+    """vLLM serves what its init container fetched and verified: the ConfigMap's registry version,
+    by both of its ids; in the mesh the sidecar runs first (native), so the fetch has mTLS."""
+    for kustomization in ("manifests/base", "manifests/overlays/istio"):
+        pool = next(
+            d
+            for d in RENDERED[kustomization]
+            if d["kind"] == "Deployment" and d["metadata"]["name"] == "autoglm-pool"
+        )
+        spec = pool["spec"]["template"]["spec"]
+        (fetch,) = spec["initContainers"]
+        assert fetch["args"][:3] == ["pool", "fetch", "$(MODEL_NAME):$(MODEL_VERSION)"]
+        assert {e["name"] for e in fetch["env"]} >= {
+            "AUTOGLM_URL",
+            "AUTOGLM_POOL_REGISTRY_KEY",
+            "AUTOGLM_TRUSTED_KEYS",
+        }
+        (server,) = spec["containers"]
+        names = server["args"][server["args"].index("--served-model-name") + 1 :][:2]
+        assert names == ["$(MODEL_NAME):$(MODEL_VERSION)", "$(MODEL_NAME)"]
+        assert {e["name"] for e in server["env"]} >= {"MODEL_NAME", "MODEL_VERSION"}
+    annotations = pool["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["sidecar.istio.io/nativeSidecar"] == "true"
+
+
 def test_overlays_keep_the_flows_and_add_only_their_own() -> None:
     production = open_flows(_policies("manifests/overlays/production"), ENDPOINTS, PORTS)
     assert production - EXPECTED == {("control-plane", "managed-db", 5432)}

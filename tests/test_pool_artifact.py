@@ -7,6 +7,8 @@ tests/test_fallback.py."""
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,13 +23,13 @@ from cloud.plane.store import make_engine
 from cloud.pool.fetch import ARTIFACT_FILE, RegistrySource, fetch_pool_model
 from cloud.registry import ModelRegistry, RegistryEntry
 from cloud.settings import GatewaySettings
-from shared.errors import ConfigError, IntegrityError, RegistryError, SignatureError
+from shared.errors import ConfigError, IntegrityError, PackagingError, RegistryError, SignatureError
 from shared.manifest import TrustStore
 from shared.mqtt import BrokerSettings
 from shared.pool_artifact import SignedPoolArtifact, verify_pool_artifact
 from shared.signing import SigningKey
 from tests.conftest import EdgeProcess, serving_edge
-from tests.services import CloudProcess, Service, start_cloud
+from tests.services import CloudProcess, Service, scrape_metrics, start_cloud
 
 
 # -- choosing a version ----------------------------------------------------------------------------
@@ -114,9 +116,23 @@ def test_deleting_a_version_frees_its_pool_files_unless_another_version_uses_the
     packager.package(demo_source, PackageOptions(name="m", version="2", quantize="int8", pool_artifact=False))
     with pytest.raises(RegistryError, match="no pool artifact"):
         registry.pool("m", "2")
+    # Attached afterwards, from the model it was made from only.
+    other = tmp_path / "other"
+    shutil.copytree(demo_source, other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "architectures": ["SomethingElse"]}))
+    with pytest.raises(PackagingError, match="SomethingElse"):
+        packager.attach_source("m", "2", other)
+    attached = packager.attach_source("m", "2", demo_source)
+    assert registry.pool("m", "2").digest == attached.digest
+    assert attached.artifact.package_digest == registry.get("m", "2").digest
+    with pytest.raises(RegistryError, match="already has a pool artifact"):
+        packager.attach_source("m", "2", demo_source)
     weights = next(f for f in registry.pool("m", "1").artifact.files if f.role == "weights")
     assert registry.blobs.has(weights.blob.digest)
     registry.delete("m", "1")
+    assert registry.blobs.has(weights.blob.digest)  # version 2's pool artifact has it too
+    registry.delete("m", "2")
     assert not registry.blobs.has(weights.blob.digest)
     assert registry.pool_digest("m", "1") is None
     with pytest.raises(RegistryError, match="model not found"):
@@ -125,27 +141,40 @@ def test_deleting_a_version_frees_its_pool_files_unless_another_version_uses_the
 
 # -- fetched over HTTP by a pool replica ---------------------------------------------------------------
 @pytest.fixture
-def plane(
+def plane_and_pool_key(
     tmp_path_factory: pytest.TempPathFactory,
     broker_settings: BrokerSettings,
     tenant: str,
     registry: ModelRegistry,
     demo_package: RegistryEntry,
-) -> Iterator[CloudProcess]:
+) -> Iterator[tuple[CloudProcess, str]]:
+    """A control plane over the session's registry, and a key of scope pool."""
     tmp = tmp_path_factory.mktemp("plane")
-    cloud = start_cloud(tmp, f"sqlite:///{tmp / 'cloud.db'}", broker_settings, tenant, registry)
-    yield cloud
+    db = f"sqlite:///{tmp / 'cloud.db'}"
+    cloud = start_cloud(tmp, db, broker_settings, tenant, registry)
+    yield cloud, _key(db, tenant, "pool")
     cloud.stop()
 
 
+def _key(db: str, tenant: str, scope: str) -> str:
+    engine = make_engine(db)
+    _, key = ApiKeys(engine).create(tenant, scope, scope)  # type: ignore[arg-type]
+    engine.dispose()
+    return key
+
+
 def test_a_pool_replica_fetches_a_version_verifies_every_file_and_caches_by_digest(
-    plane: CloudProcess,
+    plane_and_pool_key: tuple[CloudProcess, str],
     demo_package: RegistryEntry,
     demo_source: Path,
     signing_key: SigningKey,
     tmp_path: Path,
 ) -> None:
-    source = RegistrySource.build(plane.url, plane.key, [signing_key.public.b64])
+    plane, pool_key = plane_and_pool_key
+    # A pool key reads pool artifacts and nothing else.
+    r = httpx.get(f"{plane.url}/v1/devices", headers={"authorization": f"Bearer {pool_key}"})
+    assert r.status_code == 403, r.text
+    source = RegistrySource.build(plane.url, pool_key, [signing_key.public.b64])
     ref = f"{demo_package.name}:{demo_package.version}"
     cache = tmp_path / "cache"
     first = fetch_pool_model(source, ref, cache)
@@ -207,7 +236,7 @@ def test_a_pool_replica_fetches_a_version_verifies_every_file_and_caches_by_dige
 
 
 # -- pool replicas of registry versions behind the gateway, an edge falling back to them ---------------
-def _registry_pool(plane: CloudProcess, ref: str, port: int, cache: Path, trusted: str) -> Service:
+def _registry_pool(plane: CloudProcess, key: str, ref: str, port: int, cache: Path, trusted: str) -> Service:
     """``autoglm pool serve --from-registry ref`` against the control plane's registry."""
     pool = Service(
         [
@@ -232,7 +261,7 @@ def _registry_pool(plane: CloudProcess, ref: str, port: int, cache: Path, truste
             "1",
         ],
         f"http://127.0.0.1:{port}",
-        env={"AUTOGLM_POOL_REGISTRY_KEY": plane.key},
+        env={"AUTOGLM_POOL_REGISTRY_KEY": key},
     )
     pool.wait_ready()
     return pool
@@ -268,14 +297,17 @@ def test_the_pool_serves_registry_versions_and_a_device_falls_back_to_its_own_ve
         registry,
         extra={"gateway": {"upstreams": upstreams, "health_interval_s": 0.3}},
     )
-    engine = make_engine(db)
-    _, inference = ApiKeys(engine).create(tenant, "app", "inference")
-    engine.dispose()
+    inference, pool_key = _key(db, tenant, "inference"), _key(db, tenant, "pool")
     pools: list[Service] = []
     try:
         for version, entry in (("1", demo_package), ("2", demo_package_v2)):
             pool = _registry_pool(
-                plane, f"demo-glm:{version}", ports[version], tmp_path / "cache", signing_key.public.b64
+                plane,
+                pool_key,
+                f"demo-glm:{version}",
+                ports[version],
+                tmp_path / "cache",
+                signing_key.public.b64,
             )
             pools.append(pool)
             listed = httpx.get(f"{pool.url}/v1/models", timeout=5).json()["data"]
@@ -299,6 +331,11 @@ def test_the_pool_serves_registry_versions_and_a_device_falls_back_to_its_own_ve
                 assert r.headers["x-autoglm-replica"] == f"pool-v{version}"
                 assert r.headers["x-autoglm-model"] == f"demo-glm:{version}"
                 assert r.json()["model"] == f"demo-glm:{version}"
+
+        # A bare name goes to either; the answer says which version made it.
+        r = _chat(plane.url, inference, "demo-glm")
+        assert r.status_code == 200 and r.headers["x-autoglm-model"] == r.json()["model"]
+        assert r.headers["x-autoglm-model"] == f"demo-glm:{r.headers['x-autoglm-replica'][-1]}"
 
         # A device running version 1 asks the cloud for version 1, whatever name the app used.
         edge = serving_edge(
@@ -331,6 +368,14 @@ def test_the_pool_serves_registry_versions_and_a_device_falls_back_to_its_own_ve
         assert r.headers["x-autoglm-model"] == "demo-glm:2"
         assert r.json()["model"] == "demo-glm:2"
         assert plane.ok("GET", "/v1/gateway")["version_substitutions"] == 1
+        assert scrape_metrics(plane.url)["autoglm_cloud_gateway_version_substitutions_total"] == 1
+        # The version the pool serves cannot be deleted from under it.
+        gone = httpx.delete(
+            f"{plane.url}/v1/models/demo-glm/2", headers={"authorization": f"Bearer {plane.key}"}, timeout=10
+        )
+        assert gone.status_code == 409 and "pool-v2" in gone.json()["error"]["message"], gone.text
+        # An app that asked for version 1 by name gets version 1 or nothing.
+        assert _chat(edge.api, "", "demo-glm:1").status_code == 404
         # Without the device's leave, a version no replica has is 404, not another version.
         r = _chat(plane.url, inference, "demo-glm:1")
         assert r.status_code == 404, r.text

@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import pytest
 
 from edge_agent.routing.resume import Transcript, resumable_events
+from edge_agent.serving.sse import relay_events
 
 
 def _event(chunk: dict[str, Any]) -> bytes:
@@ -108,6 +110,35 @@ def test_without_ids_the_text_is_handed_over_and_tool_calls_are_not_taken_over()
     call["choices"][0]["delta"]["tool_calls"] = [{"index": 0, "function": {"name": "f"}}]
     out, handed, _ = _run(_event(call))
     assert handed == [] and b"upstream_stream_broken" in out and not out.endswith(b"data: [DONE]\n\n")
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 64])
+def test_crlf_line_ends_and_an_end_marker_without_its_space_are_understood(size: int) -> None:
+    """Servers may end lines with CRLF (split across two reads at any byte) and write
+    ``data:[DONE]``; neither is a broken stream."""
+    data = (_event(_chunk("Hel", [5])) + _event(_chunk("lo", [6], finish="stop"))).replace(b"\n", b"\r\n")
+    out, handed, breaks = _run(data + b"data:[DONE]\r\n\r\n", size=size)
+    assert handed == [] and breaks == [], breaks
+    assert out.endswith(b"data: [DONE]\n\n") and b"\r" not in out
+    relayed, broke = _relay(data + b"data:[DONE]\r\n\r\n", size)
+    assert broke == [] and b"upstream_stream_broken" not in relayed
+    error = b'data:{"error": {"message": "replica died"}}\r\n\r\n'
+    relayed, broke = _relay(_event(_chunk("Hi")).replace(b"\n", b"\r\n") + error, size)
+    assert broke == [] and relayed.endswith(b'"replica died"}}\n\n')
+
+
+def _relay(data: bytes, size: int) -> tuple[bytes, list[str]]:
+    breaks: list[str] = []
+
+    async def go() -> bytes:
+        out = b""
+        async for part in relay_events(
+            _pieces(data, size), errors=(aiohttp.ClientError,), on_break=breaks.append
+        ):
+            out += part
+        return out
+
+    return asyncio.run(go()), breaks
 
 
 def test_a_stream_that_lost_only_its_end_marker_is_ended() -> None:

@@ -325,6 +325,29 @@ def test_a_device_whose_evaluation_falls_below_the_packagers_fails_the_quality_g
     assert [fl.states(rid)[d] for d in first] == ["rolled_back", "rolled_back"]
 
 
+def test_a_device_that_failed_under_the_threshold_is_sent_back_while_the_rollout_goes_on(
+    fl: Fleetlet,
+) -> None:
+    """One device of two fails the quality gate, the threshold tolerates it: the wave passes, and
+    that device does not stay on a model that answers wrongly."""
+    rid = fl.start(failure_threshold=0.5)
+    fl.driver.tick()
+    good, bad = sorted(fl.updating(rid))
+    fl.activate(good, _evaluation(0.95))
+    fl.traffic(good, ok=5)
+    fl.activate(bad, _evaluation(0.41))
+    fl.driver.tick()
+    assert fl.states(rid)[bad] == "failed"
+    fl.clock.advance(61)
+    back = fl.driver.tick()
+    assert fl.rollout_state(rid) == "running"
+    assert [(r.device_id, r.model, r.allow_downgrade) for r in back] == [
+        (bad, OLD.model_dump(mode="json"), True)
+    ]
+    assert fl.states(rid)[good] == "healthy" and fl.states(rid)[bad] == "rolled_back"
+    assert "1 failed (under the threshold) and sent back" in fl.rollouts.show(TENANT, rid)["message"]
+
+
 def test_a_good_evaluation_or_none_passes_the_quality_gate(fl: Fleetlet) -> None:
     """Within max_eval_drop of the packager's figure, no evaluation set at all, or a report about
     another model (a stale one): the device goes on to its health window as before."""

@@ -20,6 +20,7 @@ from shared.openai_api import CompletionRequest
 class FakeModel:
     model_id = "m:3"
     names = frozenset({"m", "m:3"})
+    digest = "sha256:" + "a" * 64
 
 
 class FakeLocal:
@@ -156,14 +157,16 @@ def test_cloud_only_never_serves_locally() -> None:
     [
         ("m", "m:3", True),
         ("default", "m:3", True),
-        ("m:3", "m:3", True),
+        ("m:3", "m:3", False),  # asked for this version: that version or nothing
+        ("m@" + FakeModel.digest, "m:3", False),
         ("m:2", "m:2", False),
         ("x", "x", False),
     ],
 )
 def test_the_cloud_is_asked_for_the_version_the_device_runs(asked: str, sent: str, closest: bool) -> None:
-    """A request for the local model (any of its names) goes to the cloud as "name:version", with
-    leave to answer with the closest version; one for another model goes as it is."""
+    """A request for the local model by name goes to the cloud as "name:version", with leave to
+    answer with the closest version; one for this version (or its digest) exactly; one for
+    another model as it is."""
     local, cloud = FakeLocal(e.QueueFull("full"), FakeModel()), FakeCloud(None)
     config = ServingConfig(router_policy=RouterPolicy.LOCAL_FIRST, cloud_url="http://cloud.test/v1")
     router = RequestRouter(local, cloud, lambda: config, FakeTelemetry())  # type: ignore[arg-type]

@@ -29,6 +29,8 @@ from tests.services import CloudProcess, Service, eventually, scrape_metrics, st
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
 
 MODEL = "smollm2"
+# Both servers serve it as registry version 1 too, as manifests/base/pool.yaml has them.
+VERSIONED = f"{MODEL}:1"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -41,7 +43,7 @@ def model_dir(smollm2_source: Path, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="module")
 def vllm(model_dir: Path) -> Iterator[VllmServer]:
     # Two sequences at a time: a handful of requests builds a waiting queue.
-    server = VllmServer(model_dir, name=MODEL, port=free_port(), max_num_seqs=2)
+    server = VllmServer(model_dir, name=VERSIONED, aliases=(MODEL,), port=free_port(), max_num_seqs=2)
     try:
         server.wait_ready()
         yield server
@@ -51,7 +53,7 @@ def vllm(model_dir: Path) -> Iterator[VllmServer]:
 
 @pytest.fixture(scope="module")
 def pool(model_dir: Path) -> Iterator[Service]:
-    replica = start_pool(model_dir, name=MODEL, max_batch=4, threads=1)
+    replica = start_pool(model_dir, name=MODEL, version="1", max_batch=4, threads=1)
     yield replica
     replica.stop()
 
@@ -88,10 +90,10 @@ def _views(cloud: CloudProcess) -> dict[str, dict[str, Any]]:
     return {r["name"]: r for r in cloud.ok("GET", "/v1/gateway")["replicas"]}
 
 
-def _ask(client: openai.OpenAI, max_tokens: int = 20) -> tuple[str, str]:
+def _ask(client: openai.OpenAI, max_tokens: int = 20, model: str = MODEL) -> tuple[str, str]:
     """One chat request through the gateway: (the replica that answered, the answer)."""
     raw = client.chat.completions.with_raw_response.create(
-        model=MODEL,
+        model=model,
         messages=QUESTION,
         max_tokens=max_tokens,
         temperature=0,  # type: ignore[arg-type]
@@ -107,7 +109,7 @@ def _client(cloud: CloudProcess, key: str) -> openai.OpenAI:
 def test_openai_client_gets_answers_from_vllm_and_from_our_pool(gateway: tuple[CloudProcess, str]) -> None:
     cloud, key = gateway
     client = _client(cloud, key)
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert sorted(m.id for m in client.models.list().data) == [MODEL, VERSIONED]
     cloud.wait(
         lambda: (
             {v["name"]: v["server"] for v in _views(cloud).values()} == {"vllm": "vllm", "pool": "autoglm"}
@@ -126,6 +128,26 @@ def test_openai_client_gets_answers_from_vllm_and_from_our_pool(gateway: tuple[C
     assert set(answers) == {"vllm", "pool"}, answers
     for replica, answer in answers.items():
         assert "Paris" in answer, (replica, answer)
+
+    # By version too: both list it, both answer it, and say which version answered.
+    def ask_versioned(_: int) -> str:
+        raw = client.chat.completions.with_raw_response.create(
+            model=VERSIONED,
+            messages=QUESTION,
+            max_tokens=8,
+            temperature=0,  # type: ignore[arg-type]
+        )
+        assert raw.headers["x-autoglm-model"] == VERSIONED
+        assert raw.parse().model == VERSIONED
+        return str(raw.headers["x-autoglm-replica"])
+
+    versioned: set[str] = set()
+    with concurrent.futures.ThreadPoolExecutor(2) as threads:
+        for _ in range(3):
+            versioned.update(threads.map(ask_versioned, range(2)))
+            if versioned == {"vllm", "pool"}:
+                break
+    assert versioned == {"vllm", "pool"}
 
 
 def test_gateway_sends_new_requests_away_from_a_vllm_queue_it_did_not_make(

@@ -476,7 +476,10 @@ def register_cloud_commands(cloud_app: typer.Typer) -> None:
     def key_create(
         config: ConfigOpt,
         tenant: KeyTenantOpt = "default",
-        scope: Annotated[str, typer.Option("--scope", help="admin, operator or inference.")] = "admin",
+        scope: Annotated[
+            str,
+            typer.Option("--scope", help="admin, operator, inference, or pool (reads pool artifacts only)."),
+        ] = "admin",
         name: Annotated[str, typer.Option("--name", help="What the key is for.")] = "cli",
         expires_in: Annotated[
             float | None,

@@ -300,6 +300,28 @@ def _quality_lines(m: Manifest) -> list[str]:
     return lines
 
 
+@model_app.command("attach-source")
+def model_attach_source(
+    ref: Annotated[str, typer.Argument(help="NAME:VERSION in the registry.")],
+    src: Annotated[Path, typer.Argument(help="The Hugging Face folder the version was packaged from.")],
+    registry: RegistryOpt = None,
+    signing_key: KeyOpt = None,
+) -> None:
+    """Give a version packaged without a pool artifact (before they existed, or with
+    --no-pool-artifact) its full-precision source, signed, for the cloud pool."""
+    from cloud.cli.console import ConsoleReporter
+    from cloud.packaging.packager import ModelPackager
+
+    name, sep, version = ref.partition(":")
+    if not sep or not name or not version:
+        raise typer.BadParameter("expected NAME:VERSION", param_hint="REF")
+    if not src.is_dir():
+        raise typer.BadParameter(f"{src} is not a model folder", param_hint="SRC")
+    packager = ModelPackager(_registry(registry), _signing_key(signing_key), ConsoleReporter(console))
+    pool = packager.attach_source(name, version, src)
+    console.print(f"[bold green]{ref}[/] pool artifact {pool.digest}")
+
+
 @model_app.command("key")
 def model_key(signing_key: KeyOpt = None) -> None:
     """Print the public half of the signing key (put it in each edge config's trusted_keys)."""

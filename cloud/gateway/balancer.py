@@ -26,7 +26,8 @@
   fallbacks send), the nearest version of the name is asked instead: the highest below the one
   asked for, else the lowest above (versions compare as numbers where they are numbers), else
   the bare name where replicas serve it without a version. Every
-  answer names the model id it was made by in ``X-AutoGLM-Model``.
+  successful answer names the model id it was made by in ``X-AutoGLM-Model`` (for a bare name,
+  the replica's one ``name:version`` when it lists one).
 * Any OpenAI-compatible server can be a replica: only ``/models``, ``/completions`` and
   ``/chat/completions`` under its base URL are needed; ``/metrics`` and readiness are used where
   the server has them.
@@ -95,6 +96,17 @@ class Replica:
 
     def headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def served_as(self, model: object) -> str | None:
+        """The id the replica answers ``model`` with, most precise first: for a bare name, the
+        one "name:version" it lists, if it lists exactly one."""
+        if not isinstance(model, str):
+            return None
+        if ":" not in model and self.models is not None:
+            versions = [m for m in self.models if m.partition(":")[0] == model and ":" in m]
+            if len(versions) == 1:
+                return versions[0]
+        return model
 
     def view(self) -> dict[str, Any]:
         return {
@@ -284,13 +296,13 @@ class PoolGateway:
         await asyncio.gather(*(one(r) for r in self.replicas if r.up))
         return ModelList(data=list(seen.values()))
 
-    def substitute(self, model: object) -> str | None:
+    def substitute(self, model: object, *, known_only: bool = False) -> str | None:
         """The nearest version of ``model`` ("name:version") that replicas up list (or the bare
         name, when that is all they list), when none lists ``model`` itself and every list is
-        known; None otherwise."""
+        known (``known_only``: judged by the lists that are); None otherwise."""
         if not isinstance(model, str) or ":" not in model:
             return None
-        up = [r for r in self.replicas if r.up]
+        up = [r for r in self.replicas if r.up and (r.models is not None or not known_only)]
         if any(r.models is None or model in r.models for r in up):
             return None
         name, _, version = model.partition(":")
@@ -320,7 +332,7 @@ class PoolGateway:
             # Every replica said it lacks the version, perhaps before a poll learned their
             # lists: learn them now and ask for the nearest.
             await self.models()
-            if (nearest := self.substitute(body.get("model"))) is not None:
+            if (nearest := self.substitute(body.get("model"), known_only=True)) is not None:
                 return await self._attempts(path, self._substituted(body, nearest))
         return answer
 
@@ -367,8 +379,8 @@ class PoolGateway:
             raise
         headers = cloud_answer_headers(upstream.headers)
         headers[REPLICA_HEADER] = replica.name
-        if isinstance(model := body.get("model"), str):
-            headers[MODEL_HEADER] = model
+        if upstream.status < 300 and (served := replica.served_as(body.get("model"))) is not None:
+            headers[MODEL_HEADER] = served
         if upstream.status == 200 and upstream.headers.get("content-type", "").startswith(
             "text/event-stream"
         ):

@@ -34,7 +34,7 @@ from cloud.packaging.quality import (
     prose_text,
 )
 from cloud.packaging.quantize import WEIGHT_BITS, quantization_record, quantize_weight_only, weight_block_size
-from cloud.registry import ModelRegistry, RegistryEntry
+from cloud.registry import ModelRegistry, PoolEntry, RegistryEntry
 from edge_agent.runtime.chat import ChatTemplate, end_of_turn_ids
 from shared.blobs import DEFAULT_CHUNK_SIZE, describe_file
 from shared.errors import PackagingError, RegistryError
@@ -183,34 +183,68 @@ class ModelPackager:
                 f"(key {self.key.public.key_id})"
             )
             if pool_files is not None:
-                artifact = PoolArtifact(
-                    name=opts.name,
-                    version=opts.version,
-                    created_at=manifest.created_at,
-                    architecture=manifest.architecture,
-                    torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "") or None,
-                    package_digest=entry.digest,
-                    files=pool_files,
-                )
-                pool = self.registry.publish_pool(SignedPoolArtifact.sign(artifact, self.key))
-                r.done(f"pool artifact {pool.digest} ({artifact.total_size / 1e6:.1f} MB, full precision)")
+                self._publish_pool(entry, cfg, pool_files)
             return entry
+
+    def attach_source(
+        self, name: str, version: str, src: Path, chunk_size: int = DEFAULT_CHUNK_SIZE
+    ) -> PoolEntry:
+        """Give a version packaged without one (before pool artifacts existed, or with
+        ``--no-pool-artifact``) its pool artifact: ``src`` must be the model it was made from
+        (same architecture and parameter count)."""
+        entry = self.registry.get(name, version)
+        if self.registry.pool_digest(name, version) is not None:
+            raise RegistryError("this version already has a pool artifact", name=name, version=version)
+        cfg = read_hf_config(src)
+        architecture = str((cfg.get("architectures") or [cfg["model_type"]])[0])
+        if architecture != entry.manifest.architecture:
+            raise PackagingError(
+                f"{src} is a {architecture}, {name}:{version} a {entry.manifest.architecture}",
+                name=name,
+                version=version,
+            )
+        params = parameter_count(src)
+        if params and entry.manifest.parameters and params != entry.manifest.parameters:
+            raise PackagingError(
+                f"{src} has {params} parameters, {name}:{version} {entry.manifest.parameters}: "
+                "not the model it was made from",
+                name=name,
+                version=version,
+            )
+        files = self._store_source(src, chunk_size)
+        if files is None:
+            raise PackagingError(f"{src} holds no Hugging Face weights and config.json", src=str(src))
+        return self._publish_pool(entry, cfg, files)
+
+    def _publish_pool(self, entry: RegistryEntry, cfg: dict[str, Any], files: list[FileEntry]) -> PoolEntry:
+        artifact = PoolArtifact(
+            name=entry.name,
+            version=entry.version,
+            created_at=datetime.now(UTC),
+            architecture=entry.manifest.architecture,
+            torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "") or None,
+            package_digest=entry.digest,
+            files=files,
+        )
+        pool = self.registry.publish_pool(SignedPoolArtifact.sign(artifact, self.key))
+        self.reporter.done(
+            f"pool artifact {pool.digest} ({artifact.total_size / 1e6:.1f} MB, full precision)"
+        )
+        return pool
 
     def _store_source(self, src: Path, chunk_size: int) -> list[FileEntry] | None:
         """The source folder's model files as blobs: what the cloud pool loads for this version."""
         self.reporter.step("Keeping the full-precision source for the cloud pool (pool artifact)")
+        chosen = [(p, role) for p in sorted(src.iterdir()) if p.is_file() and (role := _source_role(p.name))]
+        if not any(role == "weights" for _, role in chosen) or not (src / "config.json").is_file():
+            self.reporter.done("no Hugging Face weights in the source folder: no pool artifact")
+            return None
         entries: list[FileEntry] = []
-        for path in sorted(p for p in src.iterdir() if p.is_file()):
-            role = _source_role(path.name)
-            if role is None:
-                continue
+        for path, role in chosen:
             blob = describe_file(path, chunk_size)
             if self.registry.blobs.put_file(path) != blob.digest:
                 raise PackagingError("file changed while being packaged", path=str(path))
             entries.append(FileEntry(path=path.name, role=role, blob=blob))
-        if not any(e.role == "weights" for e in entries) or not any(e.path == "config.json" for e in entries):
-            self.reporter.done("no Hugging Face weights in the source folder: no pool artifact")
-            return None
         self.reporter.done(f"{len(entries)} files, {sum(e.blob.size for e in entries) / 1e6:.1f} MB")
         return entries
 
@@ -308,8 +342,15 @@ class ModelPackager:
 
 
 _SOURCE_CONFIG = frozenset({"config.json", "generation_config.json"})
+# What a server loads beside the weights: the tokenizer in any of its forms, and the processor
+# configuration of multimodal models. Remote code (*.py) is left out: the pool does not run it.
 _SOURCE_TOKENIZER = frozenset(
     {
+        "preprocessor_config.json",
+        "processor_config.json",
+        "tokenizer.tiktoken",
+        "spiece.model",
+        "sentencepiece.bpe.model",
         "tokenizer.json",
         "tokenizer_config.json",
         "special_tokens_map.json",

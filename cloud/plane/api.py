@@ -81,6 +81,7 @@ def scope(needed: Scope) -> Any:
 Inference = Annotated[Principal, scope("inference")]
 Operator = Annotated[Principal, scope("operator")]
 Admin = Annotated[Principal, scope("admin")]
+PoolReader = Annotated[Principal, scope("pool")]
 
 
 class _Body(BaseModel):
@@ -217,7 +218,7 @@ async def show_model(name: str, version: str, plane: Plane, who: Operator) -> Mo
     response_model=None,
     responses={200: {"model": SignedPoolArtifact, "description": "The signed pool artifact"}},
 )
-async def pool_artifact(name: str, version: str, plane: Plane, who: Operator) -> Response:
+async def pool_artifact(name: str, version: str, plane: Plane, who: PoolReader) -> Response:
     """The signed pool artifact of a version (shared/pool_artifact.py), byte for byte as signed:
     what a pool replica verifies against the keys it trusts before fetching the files."""
     entry = await asyncio.to_thread(plane.registry(who.tenant).pool, name, version)
@@ -234,7 +235,7 @@ async def pool_artifact(name: str, version: str, plane: Plane, who: Operator) ->
         }
     },
 )
-async def pool_file(name: str, version: str, path: str, plane: Plane, who: Operator) -> FileResponse:
+async def pool_file(name: str, version: str, path: str, plane: Plane, who: PoolReader) -> FileResponse:
     """One file of a version's pool artifact (Range requests resume a large one)."""
     stored = await asyncio.to_thread(plane.registry(who.tenant).pool_file, name, version, path)
     return FileResponse(stored, media_type="application/octet-stream")

@@ -2,7 +2,9 @@
 
 Scopes are ordered: ``admin`` ⊃ ``operator`` ⊃ ``inference``. Operators run the fleet (devices,
 rollouts, config, model listing); admins also delete models and manage keys; inference keys
-only call the model endpoints (the fallback gateway).
+only call the model endpoints (the fallback gateway). Apart from the order, ``pool`` keys only
+read the registry's pool artifacts (what a pool replica fetches its model with: a key that
+leaks from a GPU pod gives no hold on the fleet); operators and admins may read them too.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from cloud.plane.store import api_keys, as_utc, utcnow
 from shared.errors import ContractError
 from shared.ids import is_valid_name
 
-Scope = Literal["admin", "operator", "inference"]
-SCOPES: tuple[Scope, ...] = ("inference", "operator", "admin")
+Scope = Literal["admin", "operator", "inference", "pool"]
+# The ordered scopes; "pool" stands beside them.
+ORDERED: tuple[Scope, ...] = ("inference", "operator", "admin")
+SCOPES: tuple[Scope, ...] = (*ORDERED, "pool")
 KEY_PREFIX = "agk"
 # Longest a key may be made to live (ten years); keys without an expiry never expire.
 MAX_KEY_LIFETIME_S = 10 * 365 * 86400
@@ -39,7 +43,11 @@ class Principal:
     name: str
 
     def allows(self, needed: Scope) -> bool:
-        return SCOPES.index(self.scope) >= SCOPES.index(needed)
+        if needed == "pool":
+            return self.scope in ("pool", "operator", "admin")
+        if self.scope == "pool":
+            return False
+        return ORDERED.index(self.scope) >= ORDERED.index(needed)
 
 
 def _digest(secret: str) -> str:

@@ -85,6 +85,11 @@ class _PlaneCollector(Collector):
             value=gw.timeouts,
         )
         yield CounterMetricFamily(
+            f"{PREFIX}_gateway_version_substitutions",
+            "Device fallbacks for a version no replica had, answered by the nearest version.",
+            value=gw.substitutions,
+        )
+        yield CounterMetricFamily(
             f"{PREFIX}_gateway_rate_limited",
             "Requests refused with 429 by a tenant's rate limit.",
             value=self.plane.rate_limiter.refused,

@@ -180,10 +180,17 @@ class ControlPlane:
         return self.rollouts.create(tenant, spec)
 
     def delete_model(self, tenant: str, name: str, version: str) -> int:
-        """Remove a version from the registry; refused while a rollout uses it. Bytes freed."""
+        """Remove a version from the registry; refused while a rollout uses it, or pool replicas
+        serve it (their next pod could not fetch it). Bytes freed."""
         using = self.rollouts.in_use(tenant, name, version)
         if using:
             raise ModelInUse(f"model is used by rollout(s) {', '.join(using)}; finish or abort them first")
+        serving = [r.name for r in self.gateway.replicas if f"{name}:{version}" in (r.models or ())]
+        if serving and self.registry(tenant).pool_digest(name, version) is not None:
+            raise ModelInUse(
+                f"pool replica(s) {', '.join(serving)} serve {name}:{version}; move the pool to another "
+                "version first (the ConfigMap autoglm-pool)"
+            )
         return self.registry(tenant).delete(name, version)
 
     async def push_config(self, tenant: str, selector: str, config: dict[str, Any]) -> list[str]:

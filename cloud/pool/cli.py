@@ -28,7 +28,7 @@ RegistryKey = Annotated[
     typer.Option(
         "--registry-key",
         envvar="AUTOGLM_POOL_REGISTRY_KEY",
-        help="An operator key of the model's tenant, to read its registry.",
+        help="A key of the model's tenant with scope pool (or operator), to read its registry.",
     ),
 ]
 Trust = Annotated[

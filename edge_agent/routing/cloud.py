@@ -22,7 +22,7 @@ from edge_agent.routing.breaker import CircuitBreaker
 from edge_agent.routing.resume import Continue, resumable_events
 from edge_agent.serving.config import ServingConfig
 from edge_agent.serving.service import cloud_answer_headers
-from edge_agent.serving.sse import DONE, relay_events
+from edge_agent.serving.sse import is_done, relay_events
 from edge_agent.settings import url_allowed
 from shared.errors import CloudUnavailable
 
@@ -148,10 +148,15 @@ class CloudFallback:
                 def resumed() -> None:
                     self.streams_resumed += 1
 
+                def broke(why: str) -> None:
+                    self._broke(why)
+                    # The broken connection goes now, not after the local continuation ends.
+                    upstream.release()
+
                 events = resumable_events(
                     upstream.content.iter_any(),
                     errors=_HOP_ERRORS,
-                    on_break=self._broke,
+                    on_break=broke,
                     take_over=take_over,
                     strip_token_ids=strip_token_ids,
                     on_resumed=resumed,
@@ -199,7 +204,7 @@ class CloudFallback:
                 ):
                     for event in events.split(b"\n\n"):
                         data = event.strip()
-                        if not data.startswith(b"data:") or data == DONE:
+                        if not data.startswith(b"data:") or is_done(data):
                             continue
                         try:
                             parsed = json.loads(data[5:])

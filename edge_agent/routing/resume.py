@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from edge_agent.runtime.generator import Resume
-from edge_agent.serving.sse import DONE, error_event
+from edge_agent.serving.sse import DONE, error_event, is_done, normalised
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +104,13 @@ async def resumable_events(
     why: str | None = None
     try:
         async for chunk in chunks:
-            pending += chunk.replace(b"\r\n", b"\n")
+            pending = normalised(pending, chunk)
             *events, pending = pending.split(b"\n\n")
             for event in events:
                 if not event.strip():
                     continue
-                if event.strip() == DONE:
-                    yield event + b"\n\n"
+                if is_done(event):
+                    yield DONE + b"\n\n"
                     return
                 payload = _payload(event)
                 if payload is None:

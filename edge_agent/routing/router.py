@@ -41,6 +41,7 @@ from shared.errors import (
     RequestError,
 )
 from shared.openai_api import (
+    MODEL_HEADER,
     VERSION_FALLBACK_HEADER,
     ChatCompletionRequest,
     CompletionRequest,
@@ -155,21 +156,27 @@ class RequestRouter:
             self._record(model, started, None, "cloud_unavailable")
             raise
         error = None if response.status_code < 400 else f"cloud_http_{response.status_code}"
-        self._record(model, started, parsed, error)
+        self._record(response.headers.get(MODEL_HEADER) or model, started, parsed, error)
         return response
 
     def _same_version(self, payload: dict[str, Any]) -> dict[str, str]:
-        """Ask the cloud for the version this device runs: a request for the local model (by its
-        name, "name:version" or "default") names it "name:version" and lets the gateway answer
-        with the closest version it has when it lacks this one (which ``X-AutoGLM-Model`` of the
-        answer then names). A request for another model goes as it is."""
+        """Ask the cloud for the version this device runs. A request for the local model by its
+        name or as "default" names it "name:version" and lets the gateway answer with the
+        closest version it has when it lacks this one (``X-AutoGLM-Model`` of the answer then
+        names it); one that asked for the version, or pinned this digest, gets that version or
+        nothing. A request for another model goes as it is."""
         current = self.local.serving()
         model = payload.get("model")
-        if (
-            current is None
-            or not isinstance(model, str)
-            or (model != "default" and model not in current.names)
-        ):
+        if current is None or not isinstance(model, str):
+            return {}
+        name, pinned, digest = model.partition("@")
+        if pinned:
+            if digest and digest == current.digest and name in (*current.names, "default"):
+                payload["model"] = current.model_id
+            return {}
+        if model == current.model_id:
+            return {}
+        if model != "default" and model not in current.names:
             return {}
         payload["model"] = current.model_id
         return {VERSION_FALLBACK_HEADER: "closest"}

@@ -9,11 +9,30 @@ with an OpenAI-style error event (no ``[DONE]``), which the ``openai`` client ra
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 
 DONE = b"data: [DONE]"
-# An upstream that reports its own failure in the stream has ended it honestly.
-ERROR = b'data: {"error"'
+# The end marker and an upstream's report of its own failure (which ends a stream honestly),
+# wherever they stand in a run of events; the space after "data:" is optional in SSE.
+_ENDS = re.compile(rb'^data: ?(\[DONE\]|\{"error")', re.MULTILINE)
+_DONE_LINE = re.compile(rb"^data: ?\[DONE\]\s*$")
+
+
+def is_done(event: bytes) -> bool:
+    """Whether one event is the end marker."""
+    return _DONE_LINE.match(event.strip()) is not None
+
+
+def ends_stream(events: bytes) -> bool:
+    """Whether a run of whole events holds the end marker or an error event."""
+    return _ENDS.search(events) is not None
+
+
+def normalised(pending: bytes, chunk: bytes) -> bytes:
+    """``pending + chunk`` with CRLF line ends made LF, a CR and its LF split across two chunks
+    included."""
+    return (pending + chunk).replace(b"\r\n", b"\n")
 
 
 def error_event(message: str, code: str = "upstream_stream_broken") -> bytes:
@@ -33,12 +52,12 @@ async def relay_events(
     why: str | None = None
     try:
         async for chunk in chunks:
-            pending += chunk.replace(b"\r\n", b"\n")
+            pending = normalised(pending, chunk)
             cut = pending.rfind(b"\n\n")
             if cut < 0:
                 continue
             events, pending = pending[: cut + 2], pending[cut + 2 :]
-            if DONE in events or ERROR in events:
+            if ends_stream(events):
                 done = True
             yield events
     except errors as exc:

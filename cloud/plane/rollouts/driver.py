@@ -178,19 +178,24 @@ class RolloutDriver:
                 ),
             )
             log.warning("rollout %s halted in wave %d", rid, wave + 1)
-        elif wave == len(r.waves) - 1:
-            self._update_rollout(
-                conn, rid, state=RolloutState.COMPLETED, message=_wave_note(wave, failed, timed_out)
-            )
-            log.info("rollout %s completed", rid)
         else:
-            self._update_rollout(
-                conn,
-                rid,
-                current_wave=wave + 1,
-                wave_started_at=now,
-                message=_wave_note(wave, failed, timed_out),
-            )
+            # Under the threshold the rollout goes on, but a device that failed its quality or
+            # health gate is serving the target badly: it goes back (one that failed to install
+            # still runs its previous model, and is told to stay there).
+            publishes += self._send_back(conn, tenant, rid, failed)
+            if wave == len(r.waves) - 1:
+                self._update_rollout(
+                    conn, rid, state=RolloutState.COMPLETED, message=_wave_note(wave, failed, timed_out)
+                )
+                log.info("rollout %s completed", rid)
+            else:
+                self._update_rollout(
+                    conn,
+                    rid,
+                    current_wave=wave + 1,
+                    wave_started_at=now,
+                    message=_wave_note(wave, failed, timed_out),
+                )
         self._flush(conn)
         return publishes
 
@@ -403,7 +408,7 @@ def _quality_verdict(evaluation: Any, target_id: str, max_drop: float) -> str | 
 def _wave_note(wave: int, failed: list[DeviceRow], timed_out: int) -> str:
     note = f"wave {wave + 1} done"
     if failed:
-        note += f"; {len(failed)} failed (under the threshold)"
+        note += f"; {len(failed)} failed (under the threshold) and sent back to their previous model"
     if timed_out:
         note += f"; {timed_out} timed out (offline or stuck), skipped"
     return note
