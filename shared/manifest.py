@@ -209,11 +209,7 @@ class SignedManifest(WireDocument):
 
     @classmethod
     def sign(cls, manifest: Manifest, key: SigningKey) -> SignedManifest:
-        sig = key.sign(manifest.canonical_bytes())
-        return cls(
-            manifest=manifest,
-            signature=Signature(key_id=key.public.key_id, value=base64.b64encode(sig).decode("ascii")),
-        )
+        return cls(manifest=manifest, signature=key.signature(manifest.canonical_bytes()))
 
     @property
     def digest(self) -> str:

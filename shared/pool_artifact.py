@@ -10,7 +10,6 @@ against its digest before it loads anything (cloud/pool/fetch.py).
 
 from __future__ import annotations
 
-import base64
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -75,11 +74,7 @@ class SignedPoolArtifact(WireDocument):
 
     @classmethod
     def sign(cls, artifact: PoolArtifact, key: SigningKey) -> SignedPoolArtifact:
-        sig = key.sign(artifact.canonical_bytes())
-        return cls(
-            artifact=artifact,
-            signature=Signature(key_id=key.public.key_id, value=base64.b64encode(sig).decode("ascii")),
-        )
+        return cls(artifact=artifact, signature=key.signature(artifact.canonical_bytes()))
 
     @property
     def digest(self) -> str:

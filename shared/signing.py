@@ -109,3 +109,8 @@ class SigningKey:
 
     def sign(self, message: bytes) -> bytes:
         return self._private.sign(message)
+
+    def signature(self, message: bytes) -> Signature:
+        """The signature of ``message`` as documents carry it."""
+        value = base64.b64encode(self.sign(message)).decode("ascii")
+        return Signature(key_id=self.public.key_id, value=value)

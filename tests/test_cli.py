@@ -129,6 +129,7 @@ def test_package_list_show_and_refuse_duplicate(tmp_path: Path) -> None:
     summary = [line for line in shown.stdout.splitlines() if line.startswith("# ")]
     assert any("perplexity on python-stdlib-heldout" in line for line in summary), summary
     assert any("perplexity on python-reference-prose" in line for line in summary), summary
+    assert any(line.startswith("# pool artifact sha256:") for line in summary), summary
     doc = json.loads("\n".join(line for line in shown.stdout.splitlines() if not line.startswith("# ")))
     assert doc["manifest"]["schema"] == "autoglm.manifest/v2"
     assert doc["manifest"]["validation"]["greedy_tokens_match"] is True

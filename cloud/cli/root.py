@@ -266,8 +266,13 @@ def model_show(
 ) -> None:
     """Print a model's quality report and its signed manifest."""
     name, version = _split_ref(ref)
-    entry = _registry(registry).get(name, version)
+    reg = _registry(registry)
+    entry = reg.get(name, version)
     typer.echo(f"# manifest digest {entry.digest}")
+    pool = reg.pool_digest(name, version)
+    typer.echo(
+        f"# pool artifact {pool}" if pool else "# no pool artifact (`autoglm model attach-source` adds one)"
+    )
     for line in _quality_lines(entry.manifest):
         typer.echo(f"# {line}")
     typer.echo(json.dumps(json.loads(entry.signed.to_json()), indent=2))
