@@ -45,9 +45,14 @@ from shared.pool_artifact import POOL_DIGEST_HEADER, SignedPoolArtifact
 from shared.tasks import exit_reason
 
 
-def _plane(request: Request) -> ControlPlane:
+def _plane_of(request: Request) -> ControlPlane:
     plane: ControlPlane = request.app.state.plane
     return plane
+
+
+async def _plane(request: Request) -> ControlPlane:
+    # async: FastAPI runs a plain-def dependency in a worker thread, a hop on every request.
+    return _plane_of(request)
 
 
 Plane = Annotated[ControlPlane, Depends(_plane)]
@@ -60,7 +65,7 @@ async def _principal(request: Request) -> Principal:
     key = header[7:] if header.lower().startswith("bearer ") else ""
     principal = None
     if key:
-        keys = _plane(request).keys
+        keys = _plane_of(request).keys
         found, principal = keys.cached(key)
         if not found:
             principal = await asyncio.to_thread(keys.verify_and_remember, key)
@@ -127,6 +132,8 @@ class ConfigBody(_Body):
 
 
 probes = APIRouter()
+# The fallback gateway's routes, matched before every other route: they carry the traffic.
+gateway = APIRouter(prefix="/v1")
 v1 = APIRouter(prefix="/v1")
 
 
@@ -137,7 +144,7 @@ async def healthz() -> Health:
 
 @probes.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 async def readyz(request: Request) -> JSONResponse:
-    plane = _plane(request)
+    plane = _plane_of(request)
     if request.app.state.plane_task.done():
         why = exit_reason(request.app.state.plane_task)
         return JSONResponse({"ready": False, "reason": f"the control loop stopped: {why}"}, status_code=503)
@@ -162,7 +169,7 @@ async def metrics(request: Request) -> Response:
         from cloud.plane.metrics import plane_registry
 
         counts = getattr(request.app.state, "request_counts", None)
-        registry = request.app.state.metrics_registry = plane_registry(_plane(request), counts)
+        registry = request.app.state.metrics_registry = plane_registry(_plane_of(request), counts)
     body = await asyncio.to_thread(generate_latest, registry)  # the fleet counts read the database
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
@@ -332,7 +339,7 @@ async def push_config(body: ConfigBody, plane: Plane, who: Operator) -> ConfigPu
 _STREAM = {"text/event-stream": {"schema": {"type": "string"}, "example": "data: {...}\n\ndata: [DONE]\n\n"}}
 
 
-@v1.post(
+@gateway.post(
     "/completions",
     response_model=None,
     responses={200: {"model": CompletionResponse, "content": _STREAM}, 503: {"model": ErrorEnvelope}},
@@ -346,7 +353,7 @@ async def gateway_completions(
     )
 
 
-@v1.post(
+@gateway.post(
     "/chat/completions",
     response_model=None,
     responses={200: {"model": ChatCompletionResponse, "content": _STREAM}, 503: {"model": ErrorEnvelope}},
@@ -381,5 +388,6 @@ async def gateway_state(plane: Plane, who: Operator) -> GatewayState:
 def install(app: FastAPI) -> None:
     install_error_handlers(app)
 
+    app.include_router(gateway)
     app.include_router(probes)
     app.include_router(v1)
