@@ -108,3 +108,107 @@ def test_rest_answers_match_their_views(plane_client: tuple[TestClient, str]) ->
     assert [r["name"] for r in state["replicas"]] == ["nowhere"] and state["retries"] == 0
     missing = client.get("/v1/devices/nobody", headers=auth)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+# Bodies the gateway refuses, as raw bytes: the gateway's own ASGI routes must answer each as
+# FastAPI's declared routes do.
+_BAD_BODIES: list[tuple[str, bytes]] = [
+    ("/v1/chat/completions", b""),
+    ("/v1/chat/completions", b"{not json"),
+    ("/v1/chat/completions", b"[1, 2]"),
+    ("/v1/chat/completions", b'{"model": "m"}'),
+    (
+        "/v1/chat/completions",
+        b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "10"}',
+    ),
+    ("/v1/chat/completions", b'{"model": "m", "messages": [{"role": "user", "content": "a \\ud800 b"}]}'),
+    ("/v1/chat/completions", b'{"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}'),
+    ("/v1/completions", b'{"model": "m", "prompt": "hi", "stream": "yes"}'),
+    ("/v1/completions", b'{"model": "m", "prompt": "hi", "logit_bias": {"abc": 1}}'),
+    ("/v1/completions", b'{"model": "m", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}'),
+    ("/v1/completions", b"\xff\xfe"),
+    ("/v1/completions", b'{"model": "\xff"}'),
+    # Valid: the pool cannot be reached (503 with Retry-After).
+    ("/v1/completions", b'{"model": "m", "prompt": "hi"}'),
+    (
+        "/v1/chat/completions",
+        b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true}',
+    ),
+]
+
+
+def test_gateway_routes_answer_as_the_fastapi_routes_they_replace(tmp_path: Path) -> None:
+    """cloud/plane/gateway_routes.py answers the gateway's paths before FastAPI's routing: every
+    refusal (key, scope, body) must be the one the declared routes give."""
+    from cloud.plane.auth import ApiKeys
+    from cloud.plane.gateway_routes import GatewayRoutes
+    from cloud.plane.store import make_engine, migrate
+
+    db = f"sqlite:///{tmp_path / 'cp.sqlite3'}"
+    engine = make_engine(db)
+    migrate(engine)
+    keys = {
+        scope: ApiKeys(engine).create("default", scope, scope)[1] for scope in ("inference", "pool", "admin")
+    }
+    engine.dispose()
+    settings = CloudSettings.model_validate(
+        {
+            "database_url": db,
+            "registry_dir": str(tmp_path / "registries"),
+            "broker": {"host": "127.0.0.1", "port": 9},
+            "control": {"key_file": str(control_key_file(tmp_path))},
+            "gateway": {
+                "upstreams": [{"url": "http://127.0.0.1:9/v1", "name": "nowhere"}],
+                "max_attempts": 1,
+            },
+        }
+    )
+    plain = create_app(settings)
+    plain.user_middleware = [m for m in plain.user_middleware if m.cls is not GatewayRoutes]
+    assert len(plain.user_middleware) == len(create_app(settings).user_middleware) - 1
+
+    inference = {"authorization": f"Bearer {keys['inference']}", "content-type": "application/json"}
+    requests: list[tuple[str, str, bytes, dict[str, str]]] = [
+        ("POST", p, b, inference) for p, b in _BAD_BODIES
+    ]
+    requests += [
+        # Not sent as JSON: FastAPI does not read it as JSON (nor, then, do the gateway's routes).
+        (
+            "POST",
+            "/v1/completions",
+            b'{"model": "m", "prompt": "hi"}',
+            {**inference, "content-type": "text/plain"},
+        ),
+        (
+            "POST",
+            "/v1/completions",
+            b'{"model": "m", "prompt": "hi"}',
+            {"authorization": inference["authorization"]},
+        ),
+        (
+            "POST",
+            "/v1/completions",
+            b'{"model": "m"}',
+            {**inference, "content-type": "application/x+json; charset=utf-8"},
+        ),
+        ("POST", "/v1/completions", b'{"model": "m", "prompt": "hi"}', {}),
+        ("POST", "/v1/completions", b'{"model": "m", "prompt": "hi"}', {"authorization": "Bearer agk_nope"}),
+        ("POST", "/v1/completions", b'{"model": "m", "prompt": "hi"}', {"authorization": keys["inference"]}),
+        ("POST", "/v1/chat/completions", b"{}", {"authorization": f"Bearer {keys['pool']}"}),
+        ("POST", "/v1/chat/completions", b"{}", {"authorization": f"bearer {keys['admin']}"}),
+        ("GET", "/v1/chat/completions", b"", {"authorization": f"Bearer {keys['admin']}"}),
+    ]
+    answers: list[list[tuple[int, object, str | None]]] = []
+    for app in (create_app(settings), plain):
+        with TestClient(app) as client:
+            seen = []
+            for method, path, body, headers in requests:
+                r = client.request(method, path, content=body, headers=headers)
+                seen.append((r.status_code, r.json(), r.headers.get("retry-after")))
+            answers.append(seen)
+    ours, fastapi = answers
+    for request, mine, theirs in zip(requests, ours, fastapi, strict=True):
+        assert mine == theirs, request
+    statuses = [status for status, _, _ in ours]
+    assert statuses.count(400) == 16 and statuses.count(503) == 2, statuses
+    assert statuses[-6:] == [401, 401, 401, 403, 400, 405], statuses

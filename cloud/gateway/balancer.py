@@ -48,6 +48,7 @@ from fastapi import Response
 from fastapi.responses import StreamingResponse
 
 from cloud.gateway.load import LoadGauges, ReplicaLoad, parse_load, server_root
+from cloud.gateway.upstream import UpstreamBroken, UpstreamClient, UpstreamResponse, UpstreamSlow
 from cloud.settings import GatewaySettings
 from edge_agent.serving.service import cloud_answer_headers
 from edge_agent.serving.sse import relay_events
@@ -59,9 +60,9 @@ log = logging.getLogger(__name__)
 REPLICA_HEADER = "X-AutoGLM-Replica"
 _RETRY_STATUS = frozenset({502, 503, 504})
 # The replica took the request and is slow to answer (connect timeouts are failures: retried).
-_GENERATION_TIMEOUTS = (aiohttp.SocketTimeoutError,)
+_GENERATION_TIMEOUTS = (UpstreamSlow,)
 # A replica that could not be reached or dropped the connection.
-_TRANSPORT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
+_TRANSPORT_ERRORS = (UpstreamBroken,)
 
 
 @dataclass
@@ -96,6 +97,10 @@ class Replica:
 
     def headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    @property
+    def post_headers(self) -> dict[str, str]:
+        return {**self.headers(), "content-type": "application/json"}
 
     def served_as(self, model: object) -> str | None:
         """The id the replica answers ``model`` with, most precise first: for a bare name, the
@@ -158,8 +163,11 @@ class PoolGateway:
         self.substitutions = 0
         # Streams that broke off after the client had its first bytes (ended with an error event).
         self.stream_breaks = 0
-        # aiohttp, not httpx: httpx scans its connection pool on every request, which was most of
-        # the gateway's CPU per request (issue 17). Created on first use, inside the serving loop.
+        # Requests go through a lean client of our own (cloud/gateway/upstream.py); the polls
+        # through aiohttp, created on first use inside the serving loop.
+        self._upstream = UpstreamClient(
+            connect_timeout_s=settings.connect_timeout_s, read_timeout_s=settings.request_timeout_s
+        )
         self._session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=settings.connect_timeout_s, sock_read=settings.request_timeout_s
@@ -178,6 +186,7 @@ class PoolGateway:
         return self._session
 
     async def aclose(self) -> None:
+        self._upstream.close()
         if self._session is not None:
             await self._session.close()
 
@@ -318,30 +327,37 @@ class PoolGateway:
         # Replicas that serve the name without saying which version (a hand-filled folder).
         return name if any(name in (r.models or ()) for r in up) else None
 
-    async def forward(self, path: str, body: dict[str, Any], *, closest: bool = False) -> Response:
+    async def forward(
+        self, path: str, body: dict[str, Any], *, payload: bytes | None = None, closest: bool = False
+    ) -> Response:
         """POST ``body`` to the least busy replica that is up, moving on to another when one fails.
-        ``closest``: a version no replica has may be answered by the nearest one (see above)."""
+        ``payload``: ``body`` as JSON, when the caller has it already (the client's own bytes are
+        relayed as they came, not encoded again). ``closest``: a version no replica has may be
+        answered by the nearest one (see above)."""
         if not self.replicas:
             raise NoPool("no pool is configured (gateway.upstreams)")
+        if payload is None:
+            payload = json.dumps(body).encode()
         if not closest:
-            return await self._attempts(path, body)
+            return await self._attempts(path, body, payload)
         if (nearest := self.substitute(body.get("model"))) is not None:
-            return await self._attempts(path, self._substituted(body, nearest))
-        answer = await self._attempts(path, body)
+            return await self._attempts(path, *self._substituted(body, nearest))
+        answer = await self._attempts(path, body, payload)
         if answer.status_code == 404:
             # Every replica said it lacks the version, perhaps before a poll learned their
             # lists: learn them now and ask for the nearest.
             await self.models()
             if (nearest := self.substitute(body.get("model"), known_only=True)) is not None:
-                return await self._attempts(path, self._substituted(body, nearest))
+                return await self._attempts(path, *self._substituted(body, nearest))
         return answer
 
-    def _substituted(self, body: dict[str, Any], nearest: str) -> dict[str, Any]:
+    def _substituted(self, body: dict[str, Any], nearest: str) -> tuple[dict[str, Any], bytes]:
         log.info("no replica serves %s: asking for %s instead", body.get("model"), nearest)
         self.substitutions += 1
-        return {**body, "model": nearest}
+        changed = {**body, "model": nearest}
+        return changed, json.dumps(changed).encode()
 
-    async def _attempts(self, path: str, body: dict[str, Any]) -> Response:
+    async def _attempts(self, path: str, body: dict[str, Any], payload: bytes) -> Response:
         tried: set[str] = set()
         errors: list[str] = []
         not_found: Response | None = None
@@ -353,7 +369,7 @@ class PoolGateway:
             if attempt:
                 self.retries += 1
             try:
-                return await self._send(replica, path, body)
+                return await self._send(replica, path, body.get("model"), payload)
             except _ReplicaFailed as exc:
                 errors.append(f"{replica.name}: {exc}")
             except _NotServedHere as exc:
@@ -363,10 +379,10 @@ class PoolGateway:
         detail = "; ".join(errors) if errors else "none is up"
         raise PoolUnavailable(f"no pool replica could serve the request ({detail})", retry_after_s=2)
 
-    async def _send(self, replica: Replica, path: str, body: dict[str, Any]) -> Response:
+    async def _send(self, replica: Replica, path: str, model: object, payload: bytes) -> Response:
         replica.outstanding += 1
         try:
-            upstream = await self._client.post(replica.url + path, json=body, headers=replica.headers())
+            upstream = await self._upstream.post(replica.url + path, payload, replica.post_headers)
         except _GENERATION_TIMEOUTS as exc:
             replica.outstanding -= 1
             raise self._timed_out(replica) from exc
@@ -379,7 +395,7 @@ class PoolGateway:
             raise
         headers = cloud_answer_headers(upstream.headers)
         headers[REPLICA_HEADER] = replica.name
-        if upstream.status < 300 and (served := replica.served_as(body.get("model"))) is not None:
+        if upstream.status < 300 and (served := replica.served_as(model)) is not None:
             headers[MODEL_HEADER] = served
         if upstream.status == 200 and upstream.headers.get("content-type", "").startswith(
             "text/event-stream"
@@ -435,13 +451,13 @@ def _parse_models(raw: bytes) -> frozenset[str] | None:
 
 
 async def _relay(
-    upstream: aiohttp.ClientResponse, replica: Replica, on_break: Callable[[str], None]
+    upstream: UpstreamResponse, replica: Replica, on_break: Callable[[str], None]
 ) -> AsyncIterator[bytes]:
     """The replica's stream, whole events at a time; a break ends it with an error event (see
     edge_agent/serving/sse.py). The replica's count goes down however it ends."""
     try:
         async for event in relay_events(
-            upstream.content.iter_any(), errors=_TRANSPORT_ERRORS, on_break=on_break
+            upstream.iter_chunks(), errors=(*_TRANSPORT_ERRORS, *_GENERATION_TIMEOUTS), on_break=on_break
         ):
             yield event
     finally:

@@ -32,7 +32,7 @@ from cloud.plane.views import (
 )
 from cloud.registry import ModelRegistry
 from edge_agent.serving.errors import install_error_handlers
-from shared.errors import Forbidden, NotFound, Unauthorized
+from shared.errors import Forbidden, NotFound
 from shared.openai_api import (
     VERSION_FALLBACK_HEADER,
     ChatCompletionRequest,
@@ -59,19 +59,7 @@ Plane = Annotated[ControlPlane, Depends(_plane)]
 
 
 async def _principal(request: Request) -> Principal:
-    """The caller's key, checked on the event loop: a remembered answer (a few seconds old at
-    most) costs a dict lookup, a new key one database read in a worker thread."""
-    header = request.headers.get("authorization", "")
-    key = header[7:] if header.lower().startswith("bearer ") else ""
-    principal = None
-    if key:
-        keys = _plane_of(request).keys
-        found, principal = keys.cached(key)
-        if not found:
-            principal = await asyncio.to_thread(keys.verify_and_remember, key)
-    if principal is None:
-        raise Unauthorized("missing or unknown API key")
-    return principal
+    return await _plane_of(request).keys.authenticate(request.headers.get("authorization", ""))
 
 
 def scope(needed: Scope) -> Any:

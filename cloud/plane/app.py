@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from cloud.plane.api import install
+from cloud.plane.gateway_routes import GatewayRoutes
 from cloud.plane.metrics import CountRequests
 from cloud.plane.service import ControlPlane
 from cloud.settings import CloudSettings
@@ -38,5 +39,8 @@ def create_app(settings: CloudSettings) -> FastAPI:
     app = FastAPI(title="Open-AutoGLM control plane", version="0.1.0", lifespan=lifespan)
     install(app)
     app.state.request_counts = counts = collections.Counter[str]()
+    # Starlette runs the middleware added last first: every request is counted, then the
+    # gateway's routes are answered before FastAPI's routing.
+    app.add_middleware(GatewayRoutes)
     app.add_middleware(CountRequests, counts=counts)
     return app

@@ -9,6 +9,7 @@ leaks from a GPU pod gives no hold on the fleet); operators and admins may read 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -21,7 +22,7 @@ from typing import Literal
 from sqlalchemy import Engine, and_, select, update
 
 from cloud.plane.store import api_keys, as_utc, utcnow
-from shared.errors import ContractError
+from shared.errors import ContractError, Unauthorized
 from shared.ids import is_valid_name
 
 Scope = Literal["admin", "operator", "inference", "pool"]
@@ -77,6 +78,20 @@ class ApiKeys:
         if hit is None or hit[1] <= time.monotonic():
             return False, None
         return True, hit[0]
+
+    async def authenticate(self, authorization: str) -> Principal:
+        """The caller of an ``Authorization: Bearer <key>`` header, checked on the event loop: a
+        remembered answer costs a dict lookup, a new key one database read in a worker thread.
+        Raises Unauthorized."""
+        key = authorization[7:] if authorization[:7].lower() == "bearer " else ""
+        principal = None
+        if key:
+            found, principal = self.cached(key)
+            if not found:
+                principal = await asyncio.to_thread(self.verify_and_remember, key)
+        if principal is None:
+            raise Unauthorized("missing or unknown API key")
+        return principal
 
     def verify_and_remember(self, key: str) -> Principal | None:
         """``verify``, and remember the answer for ``verify_ttl_s``."""

@@ -8,6 +8,8 @@ handlers.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,6 +38,15 @@ def error_response(
     return JSONResponse(ErrorEnvelope.of(message, kind, param, code), status_code=status)
 
 
+def invalid_request(errors: Sequence[Any]) -> JSONResponse:
+    """400 for a request that failed validation, from pydantic's (FastAPI's) error list: the
+    first error, its location with the ``body``/``query``/``path`` prefix dropped."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    # OpenAI's ``param`` names the request field; the message keeps the full path for humans.
+    return error_response(400, f"{'.'.join(loc) or 'body'}: {first.get('msg')}", loc[0] if loc else None)
+
+
 def error_for(exc: AutoGLMError) -> JSONResponse:
     """The answer ``HTTP_ERRORS`` gives ``exc``, with ``param`` and Retry-After where it has them."""
     http = http_error(exc)
@@ -50,20 +61,22 @@ def error_for(exc: AutoGLMError) -> JSONResponse:
     return response
 
 
+def answer_for(exc: AutoGLMError) -> JSONResponse:
+    """``error_for``, logging the server-side failures (a client's mistake is not logged)."""
+    response = error_for(exc)
+    if response.status_code >= 500 and not isinstance(exc, RequestError):
+        log.error("unexpected %s while serving a request: %s", type(exc).__name__, exc)
+    return response
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AutoGLMError)
     async def _ours(_: Request, exc: AutoGLMError) -> JSONResponse:
-        response = error_for(exc)
-        if response.status_code >= 500 and not isinstance(exc, RequestError):
-            log.error("unexpected %s while serving a request: %s", type(exc).__name__, exc)
-        return response
+        return answer_for(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-        # OpenAI's ``param`` names the request field; the message keeps the full path for humans.
-        return error_response(400, f"{'.'.join(loc) or 'body'}: {first.get('msg')}", loc[0] if loc else None)
+        return invalid_request(exc.errors())
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,0 +1,124 @@
+"""The fallback gateway's two routes as plain ASGI, in front of FastAPI's routing.
+
+They carry nearly all of a control plane's traffic, and FastAPI's per-request work (solving the
+dependencies, validating and re-encoding the body, wrapping the answer) was the largest part of
+what the gateway cost a request (issue 17). Here the same checks run in the same order, with the
+same answers: the API key (remembered for seconds, ``ApiKeys.authenticate``) and its scope, the
+body against the same OpenAI request model (400 naming the field), the tenant's rate limit; then
+the client's own bytes go to the pool unchanged (``PoolGateway.forward``). The routes are still
+declared in ``cloud.plane.api`` for the OpenAPI document; a request reaches them only when this
+middleware is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, cast
+
+from pydantic import BaseModel, ValidationError
+
+from edge_agent.serving.errors import answer_for, error_response, invalid_request
+from shared.errors import AutoGLMError, Forbidden
+from shared.openai_api import VERSION_FALLBACK_HEADER, ChatCompletionRequest, CompletionRequest
+
+if TYPE_CHECKING:
+    from starlette.responses import Response
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+    from cloud.plane.service import ControlPlane
+
+# Request path → (the pool's path, the request's model).
+ROUTES: dict[str, tuple[str, type[BaseModel]]] = {
+    "/v1/chat/completions": ("/chat/completions", ChatCompletionRequest),
+    "/v1/completions": ("/completions", CompletionRequest),
+}
+_AUTHORIZATION = b"authorization"
+_CONTENT_TYPE = b"content-type"
+_FALLBACK = VERSION_FALLBACK_HEADER.lower().encode()
+
+
+class GatewayRoutes:
+    """ASGI middleware: POSTs to the gateway's paths are answered here; everything else (other
+    methods on those paths included, which get FastAPI's 405) goes on to ``app``. Unexpected
+    exceptions propagate to Starlette's outermost handler, as a route's would."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = ROUTES.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        payload = await _read_body(receive)
+        if payload is None:
+            return  # the client left before sending its request
+        plane: ControlPlane = scope["app"].state.plane
+        try:
+            response = await _answer(plane, route, scope, payload)
+        except AutoGLMError as exc:
+            response = answer_for(exc)
+        await response(scope, receive, send)
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _answer(
+    plane: ControlPlane, route: tuple[str, type[BaseModel]], scope: Scope, payload: bytes
+) -> Response:
+    authorization, content_type, closest = "", "", False
+    # The first of each, as Starlette's headers.get.
+    for name, value in scope["headers"]:
+        if name == _AUTHORIZATION and not authorization:
+            authorization = value.decode("latin-1")
+        elif name == _CONTENT_TYPE and not content_type:
+            content_type = value.decode("latin-1")
+        elif name == _FALLBACK:
+            closest = value.decode("latin-1").strip().lower() == "closest"
+    who = await plane.keys.authenticate(authorization)
+    if not who.allows("inference"):
+        raise Forbidden(f"this needs a key with scope 'inference'; yours is {who.scope!r}")
+    path, model = route
+    body, refusal = _validated(model, payload, _is_json(content_type))
+    if refusal is not None:
+        return refusal
+    plane.rate_limiter.check(who.tenant)
+    return await plane.gateway.forward(path, body, payload=payload, closest=closest)
+
+
+def _is_json(content_type: str) -> bool:
+    """Whether FastAPI reads a body of this type as JSON: application/json or application/*+json
+    (a body sent without a type is not JSON to it either)."""
+    main, _, sub = content_type.partition(";")[0].strip().lower().partition("/")
+    return main == "application" and (sub == "json" or sub.endswith("+json"))
+
+
+def _validated(
+    model: type[BaseModel], payload: bytes, is_json: bool
+) -> tuple[dict[str, Any], Response | None]:
+    """The body as a dict, or the 400 FastAPI would answer: parsed with ``json`` and validated in
+    Python mode, as FastAPI does, so that the same texts pass and fail with the same message (a
+    lone surrogate, say, reaches the model's own check)."""
+    if not payload:
+        return {}, invalid_request([{"loc": ("body",), "msg": "Field required"}])
+    body: Any
+    try:
+        body = json.loads(payload) if is_json else payload
+    except json.JSONDecodeError as exc:
+        return {}, invalid_request([{"loc": ("body", exc.pos), "msg": "JSON decode error"}])
+    except ValueError:  # not UTF-8 (or -16, -32)
+        return {}, error_response(400, "There was an error parsing the body")
+    try:
+        model.model_validate(body, from_attributes=True)  # as FastAPI validates a body field
+    except ValidationError as exc:
+        return {}, invalid_request([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])
+    return cast(dict[str, Any], body), None  # validated: a JSON object
