@@ -45,13 +45,13 @@ from typing import Any
 
 import aiohttp
 from fastapi import Response
-from fastapi.responses import StreamingResponse
 
 from cloud.gateway.load import LoadGauges, ReplicaLoad, parse_load, server_root
 from cloud.gateway.upstream import UpstreamBroken, UpstreamClient, UpstreamResponse, UpstreamSlow
 from cloud.settings import GatewaySettings
 from edge_agent.serving.service import cloud_answer_headers
 from edge_agent.serving.sse import relay_events
+from edge_agent.serving.streaming import EventStream
 from shared.errors import NoPool, PoolUnavailable, UpstreamTimeout
 from shared.openai_api import MODEL_HEADER, ModelCard, ModelList
 
@@ -407,7 +407,7 @@ class PoolGateway:
                 log.warning("a stream from pool replica %s broke off: %s", replica.name, why)
                 self._mark_down(replica, f"stream broke off: {why}")
 
-            return StreamingResponse(_relay(upstream, replica, broke), headers=headers)
+            return EventStream(_relay(upstream, replica, broke), headers=headers)
         try:
             content = await upstream.read()
         except _GENERATION_TIMEOUTS as exc:

@@ -16,13 +16,13 @@ from typing import Any
 
 import aiohttp
 from fastapi import Response
-from fastapi.responses import StreamingResponse
 
 from edge_agent.routing.breaker import CircuitBreaker
 from edge_agent.routing.resume import Continue, resumable_events
 from edge_agent.serving.config import ServingConfig
 from edge_agent.serving.service import cloud_answer_headers
 from edge_agent.serving.sse import is_done, relay_events
+from edge_agent.serving.streaming import EventStream
 from edge_agent.settings import url_allowed
 from shared.errors import CloudUnavailable
 
@@ -161,10 +161,10 @@ class CloudFallback:
                     strip_token_ids=strip_token_ids,
                     on_resumed=resumed,
                 )
-                return StreamingResponse(
+                return EventStream(
                     _released(upstream, events), status_code=upstream.status, headers=answer_headers
                 ), None
-            return StreamingResponse(
+            return EventStream(
                 _passthrough(upstream, self._broke), status_code=upstream.status, headers=answer_headers
             ), None
         try:

@@ -13,10 +13,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge_agent.serving.service import SERVED_BY_HEADER, CompletionService, Overflow, ServedModel
+from edge_agent.serving.streaming import EventStream
 from shared.openai_api import ChatCompletionRequest, CompletionRequest, ModelList
 
 
@@ -56,9 +57,7 @@ class ServiceResponder:
         return JSONResponse(result.model_dump(mode="json"), headers={SERVED_BY_HEADER: self.served_by})
 
     def _events(self, events: Any) -> Response:
-        return StreamingResponse(
-            events, media_type="text/event-stream", headers={SERVED_BY_HEADER: self.served_by}
-        )
+        return EventStream(events, media_type="text/event-stream", headers={SERVED_BY_HEADER: self.served_by})
 
 
 def openai_routes(responder: Callable[[Request], Responder], **router_kwargs: Any) -> APIRouter:
