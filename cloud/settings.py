@@ -9,6 +9,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from edge_agent.serving.body_limit import DEFAULT_MAX_BODY_BYTES
 from shared.config_env import read_settings_file, validation_problems
 from shared.control import DEFAULT_COMMAND_TTL_S, DEFAULT_DESIRED_TTL_S
 from shared.errors import ConfigError
@@ -25,6 +26,8 @@ class _Section(BaseModel):
 class CloudApiSettings(_Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8400
+    # Larger request bodies (gateway requests included) are refused with 413 before they are read.
+    max_body_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = DEFAULT_MAX_BODY_BYTES
 
 
 class RolloutSettings(_Section):

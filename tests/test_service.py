@@ -161,6 +161,7 @@ def test_gateway_routes_answer_as_the_fastapi_routes_they_replace(tmp_path: Path
                 "upstreams": [{"url": "http://127.0.0.1:9/v1", "name": "nowhere"}],
                 "max_attempts": 1,
             },
+            "api": {"max_body_bytes": 4096},
         }
     )
     plain = create_app(settings)
@@ -168,10 +169,14 @@ def test_gateway_routes_answer_as_the_fastapi_routes_they_replace(tmp_path: Path
     assert len(plain.user_middleware) == len(create_app(settings).user_middleware) - 1
 
     inference = {"authorization": f"Bearer {keys['inference']}", "content-type": "application/json"}
-    requests: list[tuple[str, str, bytes, dict[str, str]]] = [
+    requests: list[tuple[str, str, bytes | list[bytes], dict[str, str]]] = [
         ("POST", p, b, inference) for p, b in _BAD_BODIES
     ]
+    big = b'{"model": "m", "prompt": "' + b"x" * 5000 + b'"}'
     requests += [
+        # Past api.max_body_bytes: said by its length, or found while reading a chunked body.
+        ("POST", "/v1/completions", big, inference),
+        ("POST", "/v1/completions", [big[:3000], big[3000:]], inference),
         # Not sent as JSON: FastAPI does not read it as JSON (nor, then, do the gateway's routes).
         (
             "POST",
@@ -203,12 +208,13 @@ def test_gateway_routes_answer_as_the_fastapi_routes_they_replace(tmp_path: Path
         with TestClient(app) as client:
             seen = []
             for method, path, body, headers in requests:
-                r = client.request(method, path, content=body, headers=headers)
+                content = iter(body) if isinstance(body, list) else body  # a list: sent chunked
+                r = client.request(method, path, content=content, headers=headers)
                 seen.append((r.status_code, r.json(), r.headers.get("retry-after")))
             answers.append(seen)
     ours, fastapi = answers
     for request, mine, theirs in zip(requests, ours, fastapi, strict=True):
         assert mine == theirs, request
     statuses = [status for status, _, _ in ours]
-    assert statuses.count(400) == 16 and statuses.count(503) == 2, statuses
+    assert statuses.count(400) == 16 and statuses.count(503) == 2 and statuses.count(413) == 2, statuses
     assert statuses[-6:] == [401, 401, 401, 403, 400, 405], statuses

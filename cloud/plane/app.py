@@ -18,6 +18,7 @@ from cloud.plane.gateway_routes import GatewayRoutes
 from cloud.plane.metrics import CountRequests
 from cloud.plane.service import ControlPlane
 from cloud.settings import CloudSettings
+from edge_agent.serving.body_limit import BodyLimit
 from shared.tasks import background
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,9 @@ def create_app(settings: CloudSettings) -> FastAPI:
     app = FastAPI(title="Open-AutoGLM control plane", version="0.1.0", lifespan=lifespan)
     install(app)
     app.state.request_counts = counts = collections.Counter[str]()
-    # Starlette runs the middleware added last first: every request is counted, then the
-    # gateway's routes are answered before FastAPI's routing.
+    # Starlette runs the middleware added last first: every request is counted, its body capped,
+    # then the gateway's routes are answered before FastAPI's routing.
     app.add_middleware(GatewayRoutes)
+    app.add_middleware(BodyLimit, max_bytes=settings.api.max_body_bytes)
     app.add_middleware(CountRequests, counts=counts)
     return app

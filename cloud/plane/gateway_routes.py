@@ -16,6 +16,7 @@ import json
 from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
 
 from edge_agent.serving.errors import answer_for, error_response, invalid_request
 from shared.errors import AutoGLMError, Forbidden
@@ -50,7 +51,11 @@ class GatewayRoutes:
         if route is None:
             await self.app(scope, receive, send)
             return
-        payload = await _read_body(receive)
+        try:
+            payload = await _read_body(receive)
+        except HTTPException as exc:  # BodyLimit's 413 for a chunked body past the cap
+            await error_response(exc.status_code, str(exc.detail))(scope, receive, send)
+            return
         if payload is None:
             return  # the client left before sending its request
         plane: ControlPlane = scope["app"].state.plane
