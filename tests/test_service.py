@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from fastapi.testclient import TestClient
@@ -47,16 +48,18 @@ def test_a_dead_control_loop_is_logged_with_its_reason_and_fails_readiness(
     assert stopped[0].exc_info is not None
 
 
-@pytest.fixture
-def plane_client(tmp_path: Path) -> Iterator[tuple[TestClient, str]]:
-    """The control-plane app in process (no broker: its MQTT task keeps retrying) and an admin key."""
-    from cloud.plane.auth import ApiKeys
+def _isolated_plane(
+    tmp_path: Path, scopes: tuple[str, ...], **overrides: Any
+) -> tuple[CloudSettings, dict[str, str]]:
+    """Settings of a control plane with no broker (its MQTT task keeps retrying) and a pool that
+    cannot be reached, and a key per scope."""
+    from cloud.plane.auth import ApiKeys, Scope
     from cloud.plane.store import make_engine, migrate
 
     db = f"sqlite:///{tmp_path / 'cp.sqlite3'}"
     engine = make_engine(db)
     migrate(engine)
-    _, key = ApiKeys(engine).create("default", "test", "admin")
+    keys = {scope: ApiKeys(engine).create("default", scope, cast(Scope, scope))[1] for scope in scopes}
     engine.dispose()
     settings = CloudSettings.model_validate(
         {
@@ -66,7 +69,16 @@ def plane_client(tmp_path: Path) -> Iterator[tuple[TestClient, str]]:
             "control": {"key_file": str(control_key_file(tmp_path))},
             "gateway": {"upstreams": [{"url": "http://127.0.0.1:9/v1", "name": "nowhere"}]},
         }
+        | overrides
     )
+    return settings, keys
+
+
+@pytest.fixture
+def plane_client(tmp_path: Path) -> Iterator[tuple[TestClient, str]]:
+    """The control-plane app in process (no broker: its MQTT task keeps retrying) and an admin key."""
+    settings, keys = _isolated_plane(tmp_path, ("admin",))
+    key = keys["admin"]
     with TestClient(create_app(settings)) as client:
         yield client, key
 
@@ -101,7 +113,7 @@ def test_rest_answers_match_their_views(plane_client: tuple[TestClient, str]) ->
     inference = {"authorization": f"Bearer {made.json()['key']}"}
     assert client.get("/v1/models", headers=inference).json() == {"object": "list", "data": []}
     listed = client.get("/v1/keys", headers=auth).json()["keys"]
-    assert {k["name"] for k in listed} == {"test", "ci"}
+    assert {k["name"] for k in listed} == {"admin", "ci"}
     gone = client.delete(f"/v1/keys/{made.json()['key_id']}", headers=auth)
     assert gone.json() == {"key_id": made.json()["key_id"], "revoked": True}
     state = client.get("/v1/gateway", headers=auth).json()
@@ -140,29 +152,13 @@ _BAD_BODIES: list[tuple[str, bytes]] = [
 def test_gateway_routes_answer_as_the_fastapi_routes_they_replace(tmp_path: Path) -> None:
     """cloud/plane/gateway_routes.py answers the gateway's paths before FastAPI's routing: every
     refusal (key, scope, body) must be the one the declared routes give."""
-    from cloud.plane.auth import ApiKeys
     from cloud.plane.gateway_routes import GatewayRoutes
-    from cloud.plane.store import make_engine, migrate
 
-    db = f"sqlite:///{tmp_path / 'cp.sqlite3'}"
-    engine = make_engine(db)
-    migrate(engine)
-    keys = {
-        scope: ApiKeys(engine).create("default", scope, scope)[1] for scope in ("inference", "pool", "admin")
-    }
-    engine.dispose()
-    settings = CloudSettings.model_validate(
-        {
-            "database_url": db,
-            "registry_dir": str(tmp_path / "registries"),
-            "broker": {"host": "127.0.0.1", "port": 9},
-            "control": {"key_file": str(control_key_file(tmp_path))},
-            "gateway": {
-                "upstreams": [{"url": "http://127.0.0.1:9/v1", "name": "nowhere"}],
-                "max_attempts": 1,
-            },
-            "api": {"max_body_bytes": 4096},
-        }
+    settings, keys = _isolated_plane(
+        tmp_path,
+        ("inference", "pool", "admin"),
+        gateway={"upstreams": [{"url": "http://127.0.0.1:9/v1", "name": "nowhere"}], "max_attempts": 1},
+        api={"max_body_bytes": 4096},
     )
     plain = create_app(settings)
     plain.user_middleware = [m for m in plain.user_middleware if m.cls is not GatewayRoutes]
