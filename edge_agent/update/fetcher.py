@@ -4,16 +4,22 @@ Resume needs no bookkeeping: after a restart each chunk of the partial file is r
 the manifest, so only chunks that are missing or damaged are asked for again. A chunk that
 arrives corrupt is dropped and requested again on its own. Duplicates (normal after reconnects)
 are ignored.
+
+Chunks are verified and written by one worker thread, not in the MQTT message loop: hashing and
+writing a megabyte took the loop longer than receiving it, so the loop stood still while chunks
+queued at the broker (issue 17; SHA-256 and file writes release the GIL, so both go on at once).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import shutil
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -90,6 +96,10 @@ class _Transfer:
         self.count = ref.chunk_count if ref is not None else chunk_count_for(size, chunk_size)
         self.part = part
         self.have: set[int] = set()
+        # Arrived and being verified and written by the writer thread.
+        self.writing: set[int] = set()
+        # The partial file, open while chunks arrive.
+        self.fd: int | None = None
         self.rejected: set[int] = set()
         # How often each chunk arrived damaged: a chunk that always does fails the transfer.
         self.rejections: dict[int, int] = {}
@@ -136,38 +146,48 @@ class ShardFetcher:
         self.limiter = RateLimiter(max_bytes_per_s) if max_bytes_per_s else None
         self.stats = FetchStats()
         self._active: dict[str, _Transfer] = {}
+        # One thread: chunks of a transfer land in order of arrival, and at most one megabyte is
+        # hashed at a time beside the loop.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch-writer")
         partial_dir.mkdir(parents=True, exist_ok=True)
 
     # -- called by the link's message loop -------------------------------------------------
     def on_chunk(self, digest: str, index: int, data: bytes) -> None:
         t = self._active.get(digest)
-        if t is None or index >= t.count:
+        if t is None or index >= t.count or t.fd is None:
             return
-        if index in t.have:
+        if index in t.have or index in t.writing:
             self.stats.duplicates += 1
             return
-        try:
-            t.check(index, data)
-        except IntegrityError as exc:
+        t.writing.add(index)
+        done = self._writer.submit(_verify_and_write, t, t.fd, index, data)
+        loop = asyncio.get_running_loop()
+
+        def back_on_the_loop(f: Future[None]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed first (shutting down)
+                loop.call_soon_threadsafe(self._written, t, index, len(data), f)
+
+        done.add_done_callback(back_on_the_loop)
+
+    def _written(self, t: _Transfer, index: int, size: int, done: Future[None]) -> None:
+        """Back on the loop: the writer thread's verdict on chunk ``index``."""
+        t.writing.discard(index)
+        t.changed.set()
+        exc = done.exception()
+        if isinstance(exc, IntegrityError):
             self.stats.chunks_rejected += 1
             log.warning("rejected chunk: %s; asking for it again", exc)
             t.rejected.add(index)
             t.rejections[index] = t.rejections.get(index, 0) + 1
-            t.changed.set()
-            return
-        try:
-            with t.part.open("r+b") as fh:
-                fh.seek(index * t.chunk_size)
-                fh.write(data)
-        except OSError as exc:
-            # Called from the link's message loop: the transfer, not the link, must hear of it.
+        elif isinstance(exc, OSError):
+            # The transfer, not the link's message loop, must hear of it.
             t.error = exc
-            t.changed.set()
-            return
-        t.have.add(index)
-        self.stats.chunks_received += 1
-        self.stats.bytes_received += len(data)
-        t.changed.set()
+        elif exc is not None:
+            raise exc
+        else:
+            t.have.add(index)
+            self.stats.chunks_received += 1
+            self.stats.bytes_received += size
 
     # -- public API -------------------------------------------------------------------------
     def missing_bytes(self, blobs: list[BlobRef]) -> int:
@@ -228,12 +248,22 @@ class ShardFetcher:
         await asyncio.to_thread(self._resume, t)
         if reuse:
             await asyncio.to_thread(self._reuse_local, t, reuse)
+        t.fd = os.open(part, os.O_RDWR)
         self._active[digest] = t
-        await self.channel.subscribe_blob(digest)
+        try:
+            await self.channel.subscribe_blob(digest)
+        except BaseException:
+            self._close(t)
+            raise
         try:
             for attempt in range(3):
                 await self._pull_missing(t)
-                actual = await asyncio.to_thread(file_digest, part)
+                await self._settled(t)
+                # Every chunk of a blob with listed hashes was checked against the signed manifest
+                # as it arrived (or on resume, or when copied from the other slot): hashing the
+                # whole again would only repeat that, on the path of every update (and the
+                # reconciler checks each blob's digest before it installs a slot).
+                actual = digest if t.ref is not None else await asyncio.to_thread(file_digest, part)
                 if actual == digest:
                     dest = self.cache.path(digest)
                     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -246,8 +276,22 @@ class ShardFetcher:
                 t.have.clear()
             raise IntegrityError("assembled blob never matched its digest", digest=digest)
         finally:
-            self._active.pop(digest, None)
+            self._close(t)
             await self.channel.unsubscribe_blob(digest)
+
+    async def _settled(self, t: _Transfer) -> None:
+        """Until the writer thread is done with every chunk of ``t`` it was given."""
+        while t.writing:
+            t.changed.clear()
+            await t.changed.wait()
+
+    def _close(self, t: _Transfer) -> None:
+        """No more chunks for ``t``; its file is closed after the writes queued before (one writer
+        thread, in order), so none lands on a descriptor number already reused."""
+        self._active.pop(t.digest, None)
+        if t.fd is not None:
+            self._writer.submit(os.close, t.fd)
+            t.fd = None
 
     def _resume(self, t: _Transfer) -> None:
         if not t.part.exists():
@@ -368,3 +412,13 @@ class ShardFetcher:
                 if len(t.have) > have_before:
                     stalls = 0
                     deadline = loop.time() + self.request_timeout_s
+
+
+def _verify_and_write(t: _Transfer, fd: int, index: int, data: bytes) -> None:
+    """On the writer thread: IntegrityError unless ``data`` is chunk ``index``, else written."""
+    t.check(index, data)
+    offset = index * t.chunk_size
+    left = memoryview(data)
+    while left:
+        written = os.pwrite(fd, left, offset)
+        left, offset = left[written:], offset + written
