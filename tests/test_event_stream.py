@@ -114,3 +114,26 @@ def test_the_watcher_cancels_only_for_a_disconnect() -> None:
         await asyncio.sleep(0)  # still runs: nothing pending would cancel it
 
     asyncio.run(main())
+
+
+def test_on_close_runs_even_when_the_body_never_started() -> None:
+    """A client gone before the first byte: the body generator never runs (so its ``finally``
+    cannot release anything); ``on_close`` does."""
+
+    async def main() -> None:
+        closed: list[bool] = []
+        source = _Source()
+
+        async def receive() -> dict[str, object]:
+            await asyncio.sleep(10)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, object]) -> None:
+            raise OSError("the client is gone")
+
+        scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
+        with pytest.raises(OSError, match="gone"):
+            await EventStream(source.events(), on_close=lambda: closed.append(True))(scope, receive, send)
+        assert closed == [True] and source.sent == 0
+
+    asyncio.run(main())

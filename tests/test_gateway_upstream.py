@@ -226,6 +226,28 @@ def test_a_cancelled_request_closes_its_connection(run: Run) -> None:
     run(main())
 
 
+def test_an_interim_answer_is_not_taken_for_the_answer(run: Run) -> None:
+    async def continue_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(answer(b'{"real": true}'))
+            await writer.drain()
+
+    async def main() -> None:
+        async with server(continue_first) as (url, peers):
+            c = client()
+            for _ in range(2):  # and the kept connection is in step for the next request
+                r = await c.post(url, b"{}", {})
+                assert (r.status, await r.read()) == (200, b'{"real": true}')
+            assert len(peers) == 1
+            c.close()
+
+    run(main())
+
+
 def test_urls_are_split_into_origin_and_target() -> None:
     origin, target = split_url("https://pool.example:8443/v1/chat/completions?x=1")
     assert (origin.scheme, origin.host, origin.port, origin.authority) == (

@@ -140,6 +140,8 @@ _BAD_BODIES: list[tuple[str, bytes]] = [
     ("/v1/completions", b'{"model": "m", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}'),
     ("/v1/completions", b"\xff\xfe"),
     ("/v1/completions", b'{"model": "\xff"}'),
+    ("/v1/completions", b"null"),
+    ("/v1/completions", b"[" * 4000),  # nested past the parser's recursion limit (and under the 4 KiB cap)
     # Valid: the pool cannot be reached (503 with Retry-After).
     ("/v1/completions", b'{"model": "m", "prompt": "hi"}'),
     (
@@ -193,6 +195,9 @@ def test_gateway_routes_answer_as_the_fastapi_routes_they_replace(tmp_path: Path
             {**inference, "content-type": "application/x+json; charset=utf-8"},
         ),
         ("POST", "/v1/completions", b'{"model": "m", "prompt": "hi"}', {}),
+        # Not JSON and no key: FastAPI refuses the body first.
+        ("POST", "/v1/completions", b"{not json", {"content-type": "application/json"}),
+        ("POST", "/v1/completions", b'{"model": "m"}', {"content-type": "application/json"}),
         ("POST", "/v1/completions", b'{"model": "m", "prompt": "hi"}', {"authorization": "Bearer agk_nope"}),
         ("POST", "/v1/completions", b'{"model": "m", "prompt": "hi"}', {"authorization": keys["inference"]}),
         ("POST", "/v1/chat/completions", b"{}", {"authorization": f"Bearer {keys['pool']}"}),
@@ -212,5 +217,5 @@ def test_gateway_routes_answer_as_the_fastapi_routes_they_replace(tmp_path: Path
     for request, mine, theirs in zip(requests, ours, fastapi, strict=True):
         assert mine == theirs, request
     statuses = [status for status, _, _ in ours]
-    assert statuses.count(400) == 16 and statuses.count(503) == 2 and statuses.count(413) == 2, statuses
-    assert statuses[-6:] == [401, 401, 401, 403, 400, 405], statuses
+    assert statuses.count(400) == 19 and statuses.count(503) == 2 and statuses.count(413) == 2, statuses
+    assert statuses[-8:] == [401, 400, 401, 401, 401, 403, 400, 405], statuses

@@ -407,7 +407,8 @@ class PoolGateway:
                 log.warning("a stream from pool replica %s broke off: %s", replica.name, why)
                 self._mark_down(replica, f"stream broke off: {why}")
 
-            return EventStream(_relay(upstream, replica, broke), headers=headers)
+            done = _Done(upstream, replica)
+            return EventStream(_relay(upstream, done, broke), headers=headers, on_close=done)
         try:
             content = await upstream.read()
         except _GENERATION_TIMEOUTS as exc:
@@ -450,16 +451,30 @@ def _parse_models(raw: bytes) -> frozenset[str] | None:
         return None
 
 
+class _Done:
+    """Called once, however a relayed stream ends (even one never started): the connection goes
+    back (or is closed) and the replica's count goes down."""
+
+    def __init__(self, upstream: UpstreamResponse, replica: Replica) -> None:
+        self.upstream: UpstreamResponse | None = upstream
+        self.replica = replica
+
+    def __call__(self) -> None:
+        if self.upstream is not None:
+            self.upstream.release()
+            self.upstream = None
+            self.replica.outstanding -= 1
+
+
 async def _relay(
-    upstream: UpstreamResponse, replica: Replica, on_break: Callable[[str], None]
+    upstream: UpstreamResponse, done: _Done, on_break: Callable[[str], None]
 ) -> AsyncIterator[bytes]:
     """The replica's stream, whole events at a time; a break ends it with an error event (see
-    edge_agent/serving/sse.py). The replica's count goes down however it ends."""
+    edge_agent/serving/sse.py)."""
     try:
         async for event in relay_events(
             upstream.iter_chunks(), errors=(*_TRANSPORT_ERRORS, *_GENERATION_TIMEOUTS), on_break=on_break
         ):
             yield event
     finally:
-        replica.outstanding -= 1
-        upstream.release()
+        done()

@@ -90,6 +90,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.error: Exception | None = None
         self.received = False
+        self._interim = False
         self._body: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._paused = False
@@ -112,7 +113,7 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.complete:
             return
-        if self.headers_done and "content-length" not in self.headers and not self._chunked:
+        if exc is None and self.headers_done and "content-length" not in self.headers and not self._chunked:
             # An answer delimited by the end of the connection (HTTP/1.0 style) ends here.
             self.complete = True
             self._wake()
@@ -129,7 +130,14 @@ class _Connection(asyncio.Protocol):
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
-        self.status = self._parser.get_status_code()
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # An interim answer (100 Continue, 103 Early Hints): the real one follows on the
+            # same connection; its end must not be taken for the answer's.
+            self._interim = True
+            self.headers = {}
+            return
+        self.status = status
         self.headers_done = True
         self._wake()
 
@@ -142,6 +150,9 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         # Asked now: the parser forgets it once the message is over.
         self.keep_alive = self._parser.should_keep_alive()
         self.complete = True
@@ -154,7 +165,9 @@ class _Connection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        return self.complete and self.keep_alive and not self.closed
+        # Paused (a client that read slower than the replica wrote, then left): bytes may still
+        # sit unread in the socket.
+        return self.complete and self.keep_alive and not self.closed and not self._paused
 
     def _fail(self, error: Exception) -> None:
         if self.error is None:

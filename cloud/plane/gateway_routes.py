@@ -36,6 +36,8 @@ ROUTES: dict[str, tuple[str, type[BaseModel]]] = {
 _AUTHORIZATION = b"authorization"
 _CONTENT_TYPE = b"content-type"
 _FALLBACK = VERSION_FALLBACK_HEADER.lower().encode()
+# No body at all: a missing field to FastAPI ("Field required"), not an invalid one.
+_EMPTY = object()
 
 
 class GatewayRoutes:
@@ -80,23 +82,33 @@ async def _read_body(receive: Receive) -> bytes | None:
 async def _answer(
     plane: ControlPlane, route: tuple[str, type[BaseModel]], scope: Scope, payload: bytes
 ) -> Response:
-    authorization, content_type, closest = "", "", False
+    authorization, content_type, fallback = "", "", ""
     # The first of each, as Starlette's headers.get.
     for name, value in scope["headers"]:
         if name == _AUTHORIZATION and not authorization:
             authorization = value.decode("latin-1")
         elif name == _CONTENT_TYPE and not content_type:
             content_type = value.decode("latin-1")
-        elif name == _FALLBACK:
-            closest = value.decode("latin-1").strip().lower() == "closest"
+        elif name == _FALLBACK and not fallback:
+            fallback = value.decode("latin-1")
+    # FastAPI's order: a body that is not JSON is refused before the key is looked at; one that
+    # does not fit the request model, after.
+    parsed, refusal = _parsed(payload, _is_json(content_type))
+    if refusal is not None:
+        return refusal
     who = await plane.keys.authenticate(authorization)
     if not who.allows("inference"):
         raise Forbidden(f"this needs a key with scope 'inference'; yours is {who.scope!r}")
     path, model = route
-    body, refusal = _validated(model, payload, _is_json(content_type))
-    if refusal is not None:
-        return refusal
+    if parsed is _EMPTY:
+        return invalid_request([{"loc": ("body",), "msg": "Field required"}])
+    try:
+        model.model_validate(parsed, from_attributes=True)  # as FastAPI validates a body field
+    except ValidationError as exc:
+        return invalid_request([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])
     plane.rate_limiter.check(who.tenant)
+    body = cast(dict[str, Any], parsed)  # validated: a JSON object
+    closest = fallback.strip().lower() == "closest"
     return await plane.gateway.forward(path, body, payload=payload, closest=closest)
 
 
@@ -107,23 +119,17 @@ def _is_json(content_type: str) -> bool:
     return main == "application" and (sub == "json" or sub.endswith("+json"))
 
 
-def _validated(
-    model: type[BaseModel], payload: bytes, is_json: bool
-) -> tuple[dict[str, Any], Response | None]:
-    """The body as a dict, or the 400 FastAPI would answer: parsed with ``json`` and validated in
-    Python mode, as FastAPI does, so that the same texts pass and fail with the same message (a
-    lone surrogate, say, reaches the model's own check)."""
+def _parsed(payload: bytes, is_json: bool) -> tuple[Any, Response | None]:
+    """The body as FastAPI hands it to validation (``_EMPTY`` when empty, the bytes when not sent
+    as JSON, else parsed with ``json``, as FastAPI does, so that the same texts pass and fail with
+    the same message: a lone surrogate, say, reaches the model's own check), or its 400."""
     if not payload:
-        return {}, invalid_request([{"loc": ("body",), "msg": "Field required"}])
-    body: Any
+        return _EMPTY, None
+    if not is_json:
+        return payload, None
     try:
-        body = json.loads(payload) if is_json else payload
+        return json.loads(payload), None
     except json.JSONDecodeError as exc:
-        return {}, invalid_request([{"loc": ("body", exc.pos), "msg": "JSON decode error"}])
-    except ValueError:  # not UTF-8 (or -16, -32)
-        return {}, error_response(400, "There was an error parsing the body")
-    try:
-        model.model_validate(body, from_attributes=True)  # as FastAPI validates a body field
-    except ValidationError as exc:
-        return {}, invalid_request([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])
-    return cast(dict[str, Any], body), None  # validated: a JSON object
+        return None, invalid_request([{"loc": ("body", exc.pos), "msg": "JSON decode error"}])
+    except Exception:  # not UTF-8 (or -16, -32), nested past the recursion limit
+        return None, error_response(400, "There was an error parsing the body")

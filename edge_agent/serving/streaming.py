@@ -5,30 +5,55 @@ beside sending, or a client that leaves would not stop the stream (uvicorn drops
 after a disconnect without a word). Starlette does it with an anyio task group per response,
 which was a fifth of what the gateway added to a streamed request (issue 17); here one watcher
 task cancels the sending when the client leaves.
+
+``on_close`` runs however the response ends, even when it is cancelled before its body was ever
+started (an async generator that never started does not run its ``finally``): what holds an
+upstream connection releases it there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 
 class EventStream(StreamingResponse):
+    def __init__(
+        self, content: Any, *args: Any, on_close: Callable[[], None] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(content, *args, **kwargs)
+        self.on_close = on_close
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._respond(scope, receive, send)
+        finally:
+            closing = getattr(self.body_iterator, "aclose", None)
+            if closing is not None:
+                await asyncio.shield(closing())
+            if self.on_close is not None:
+                self.on_close()
+
+    async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
         spec = tuple(int(p) for p in scope.get("asgi", {}).get("spec_version", "2.0").split("."))
         task = asyncio.current_task()
         if scope["type"] != "http" or spec >= (2, 4) or task is None:
             # 2.4 servers raise on a send after a disconnect: Starlette needs no watcher there.
             await super().__call__(scope, receive, send)
             return
-        finished = left = False
+        finished = left = caught = False
 
         async def watch() -> None:
             nonlocal left
-            while (await receive())["type"] != "http.disconnect":
-                pass
+            # A receive that fails is a client gone as well.
+            with contextlib.suppress(Exception):
+                while (await receive())["type"] != "http.disconnect":
+                    pass
             if not finished:
                 # The sender is waiting (the watcher runs only then): the cancel lands in its await.
                 left = True
@@ -40,9 +65,13 @@ class EventStream(StreamingResponse):
         except asyncio.CancelledError:
             if not left:
                 raise
-            task.uncancel()  # ours, not the server's: the client left, the response is over
+            caught = True
+            if task.uncancel() > 0:
+                raise  # cancelled from outside too (the server shutting down): that one stands
         finally:
             finished = True
             watcher.cancel()
+            if left and not caught:
+                task.uncancel()  # the body swallowed our cancel; it must not outlive the response
         if self.background is not None:
             await self.background()
