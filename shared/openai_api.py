@@ -58,6 +58,11 @@ MODEL_HEADER = "X-AutoGLM-Model"
 VERSION_FALLBACK_HEADER = "X-AutoGLM-Version-Fallback"
 
 
+def wants_closest_version(header_value: str) -> bool:
+    """Whether a VERSION_FALLBACK_HEADER value asks for the nearest version."""
+    return header_value.strip().lower() == "closest"
+
+
 class SamplingParams(_Tolerant):
     # Beyond the model's context (prompt included) the answer is 400, not a silently shorter one.
     max_tokens: Annotated[int, Field(ge=1, le=32768, strict=True)] | None = None

@@ -408,7 +408,7 @@ class PoolGateway:
                 self._mark_down(replica, f"stream broke off: {why}")
 
             done = _Done(upstream, replica)
-            return EventStream(_relay(upstream, done, broke), headers=headers, on_close=done)
+            return EventStream(_relay(upstream, broke), headers=headers, on_close=done)
         try:
             content = await upstream.read()
         except _GENERATION_TIMEOUTS as exc:
@@ -466,15 +466,10 @@ class _Done:
             self.replica.outstanding -= 1
 
 
-async def _relay(
-    upstream: UpstreamResponse, done: _Done, on_break: Callable[[str], None]
-) -> AsyncIterator[bytes]:
+async def _relay(upstream: UpstreamResponse, on_break: Callable[[str], None]) -> AsyncIterator[bytes]:
     """The replica's stream, whole events at a time; a break ends it with an error event (see
-    edge_agent/serving/sse.py)."""
-    try:
-        async for event in relay_events(
-            upstream.iter_chunks(), errors=(*_TRANSPORT_ERRORS, *_GENERATION_TIMEOUTS), on_break=on_break
-        ):
-            yield event
-    finally:
-        done()
+    edge_agent/serving/sse.py). How it ends is EventStream's ``on_close`` (``_Done``)."""
+    async for event in relay_events(
+        upstream.iter_chunks(), errors=(*_TRANSPORT_ERRORS, *_GENERATION_TIMEOUTS), on_break=on_break
+    ):
+        yield event

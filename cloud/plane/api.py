@@ -32,7 +32,7 @@ from cloud.plane.views import (
 )
 from cloud.registry import ModelRegistry
 from edge_agent.serving.errors import install_error_handlers
-from shared.errors import Forbidden, NotFound
+from shared.errors import NotFound
 from shared.openai_api import (
     VERSION_FALLBACK_HEADER,
     ChatCompletionRequest,
@@ -40,6 +40,7 @@ from shared.openai_api import (
     CompletionRequest,
     CompletionResponse,
     ErrorEnvelope,
+    wants_closest_version,
 )
 from shared.pool_artifact import POOL_DIGEST_HEADER, SignedPoolArtifact
 from shared.tasks import exit_reason
@@ -64,8 +65,7 @@ async def _principal(request: Request) -> Principal:
 
 def scope(needed: Scope) -> Any:
     async def check(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
-        if not principal.allows(needed):
-            raise Forbidden(f"this needs a key with scope {needed!r}; yours is {principal.scope!r}")
+        principal.require(needed)
         return principal
 
     return Depends(check)
@@ -356,7 +356,7 @@ async def gateway_chat(
 
 
 def _closest(request: Request) -> bool:
-    return request.headers.get(VERSION_FALLBACK_HEADER, "").strip().lower() == "closest"
+    return wants_closest_version(request.headers.get(VERSION_FALLBACK_HEADER, ""))
 
 
 @v1.get("/gateway")

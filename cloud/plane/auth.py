@@ -22,7 +22,7 @@ from typing import Literal
 from sqlalchemy import Engine, and_, select, update
 
 from cloud.plane.store import api_keys, as_utc, utcnow
-from shared.errors import ContractError, Unauthorized
+from shared.errors import ContractError, Forbidden, Unauthorized
 from shared.ids import is_valid_name
 
 Scope = Literal["admin", "operator", "inference", "pool"]
@@ -49,6 +49,11 @@ class Principal:
         if self.scope == "pool":
             return False
         return ORDERED.index(self.scope) >= ORDERED.index(needed)
+
+    def require(self, needed: Scope) -> None:
+        """Forbidden unless this key's scope allows ``needed``."""
+        if not self.allows(needed):
+            raise Forbidden(f"this needs a key with scope {needed!r}; yours is {self.scope!r}")
 
 
 def _digest(secret: str) -> str:

@@ -19,8 +19,13 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from edge_agent.serving.errors import answer_for, error_response, invalid_request
-from shared.errors import AutoGLMError, Forbidden
-from shared.openai_api import VERSION_FALLBACK_HEADER, ChatCompletionRequest, CompletionRequest
+from shared.errors import AutoGLMError
+from shared.openai_api import (
+    VERSION_FALLBACK_HEADER,
+    ChatCompletionRequest,
+    CompletionRequest,
+    wants_closest_version,
+)
 
 if TYPE_CHECKING:
     from starlette.responses import Response
@@ -97,8 +102,7 @@ async def _answer(
     if refusal is not None:
         return refusal
     who = await plane.keys.authenticate(authorization)
-    if not who.allows("inference"):
-        raise Forbidden(f"this needs a key with scope 'inference'; yours is {who.scope!r}")
+    who.require("inference")
     path, model = route
     if parsed is _EMPTY:
         return invalid_request([{"loc": ("body",), "msg": "Field required"}])
@@ -108,7 +112,7 @@ async def _answer(
         return invalid_request([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])
     plane.rate_limiter.check(who.tenant)
     body = cast(dict[str, Any], parsed)  # validated: a JSON object
-    closest = fallback.strip().lower() == "closest"
+    closest = wants_closest_version(fallback)
     return await plane.gateway.forward(path, body, payload=payload, closest=closest)
 
 
