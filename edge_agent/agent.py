@@ -50,6 +50,7 @@ class EdgeAgent:
             on_chunk=self._on_chunk,
             on_command=self._on_command,
             on_ack=self._on_ack,
+            on_range=self._on_range,
         )
         self.outbox = Outbox(data / "outbox.sqlite3", settings.outbox.max_records)
         self.telemetry = TelemetryRecorder(self.outbox, self.topics, settings.device_id)
@@ -140,6 +141,9 @@ class EdgeAgent:
 
     def _on_chunk(self, digest: str, index: int, data: bytes) -> None:
         self.fetcher.on_chunk(digest, index, data)
+
+    def _on_range(self, digest: str, offset: int, data: bytes) -> None:
+        self.fetcher.on_range(digest, offset, data)
 
     async def _on_command(self, command: Command) -> CommandReply:
         s = self.reconciler.state

@@ -1,16 +1,24 @@
-"""Content-addressed blobs and fixed-size chunks: splitting, hashing, verification, storage."""
+"""Content-addressed blobs and their chunks: splitting, hashing, verification, storage.
+
+A blob is cut into chunks of at most ``chunk_size`` bytes. Without ``ends`` every chunk but the
+last is exactly ``chunk_size`` long. With ``ends`` (manifest v3) each of those fixed-size chunks is
+also cut where the packager said (at the tensor boundaries of an ONNX weights file, issue 17): a
+fine-tune that rewrites some tensors then changes exactly the chunks of those tensors, so a delta
+update sends the changed bytes and not their neighbours.
+"""
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from shared.errors import IntegrityError, RegistryError
 from shared.ids import Digest, Hex64, is_valid_digest
@@ -20,7 +28,7 @@ DEFAULT_CHUNK_SIZE = 1024 * 1024
 _READ_SIZE = 1024 * 1024
 
 
-def sha256_hex(data: bytes) -> str:
+def sha256_hex(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -29,23 +37,74 @@ def digest_of(data: bytes) -> str:
 
 
 class BlobRef(WireModel):
-    """One blob: its digest, size, and the sha256 of each fixed-size chunk in order."""
+    """One blob: its digest, size, and the sha256 of each chunk in order."""
 
     digest: Digest
     size: Annotated[int, Field(strict=True, ge=0)]
     chunk_size: Annotated[int, Field(strict=True, gt=0, le=16 * 1024 * 1024)]
-    chunks: list[Hex64]
+    # At least one: an empty blob has one empty chunk, so that it is asked for and checked too.
+    chunks: Annotated[list[Hex64], Field(min_length=1)]
+    # Where each chunk ends (the last one at ``size``), for chunks cut at chosen offsets, each no
+    # longer than ``chunk_size``; None: fixed-size chunks. Left out of the JSON when None, so the
+    # bytes (and signatures) of manifests made before it are unchanged.
+    ends: list[Annotated[int, Field(strict=True, gt=0)]] | None = None
+
+    @model_validator(mode="after")
+    def _consistent_ends(self) -> BlobRef:
+        if self.ends is None:
+            return self
+        if len(self.ends) != len(self.chunks):
+            raise ValueError(f"{len(self.ends)} chunk ends for {len(self.chunks)} chunks")
+        start = 0
+        for end in self.ends:
+            if not 0 < end - start <= self.chunk_size:
+                raise ValueError(f"chunk ending at {end} is not 1..{self.chunk_size} bytes long")
+            start = end
+        if start != self.size:
+            raise ValueError(f"the last chunk ends at {start}, not at the blob's size {self.size}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_fixed_ends(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and data.get("ends", 0) is None:
+            del data["ends"]
+        return data
 
     @property
     def chunk_count(self) -> int:
         return len(self.chunks)
 
+    @property
+    def cut(self) -> bool:
+        """Chunks cut at chosen offsets (``ends``) rather than every ``chunk_size`` bytes."""
+        return self.ends is not None
+
+    def chunk_offset(self, index: int) -> int:
+        if not 0 <= index < self.chunk_count:
+            raise IntegrityError("chunk index out of range", digest=self.digest, chunk=index)
+        if self.ends is None:
+            return index * self.chunk_size
+        return self.ends[index - 1] if index else 0
+
     def chunk_length(self, index: int) -> int:
         if not 0 <= index < self.chunk_count:
             raise IntegrityError("chunk index out of range", digest=self.digest, chunk=index)
-        return min(self.chunk_size, self.size - index * self.chunk_size)
+        if self.ends is None:
+            return min(self.chunk_size, self.size - index * self.chunk_size)
+        return self.ends[index] - self.chunk_offset(index)
 
-    def verify_chunk(self, index: int, data: bytes) -> None:
+    def chunk_starting_at(self, offset: int) -> int | None:
+        """The index of the chunk that starts at byte ``offset``; None where none does."""
+        if self.ends is None:
+            index, rest = divmod(offset, self.chunk_size)
+            return index if rest == 0 and 0 <= index < self.chunk_count else None
+        if offset == 0:
+            return 0
+        i = bisect.bisect_left(self.ends, offset)
+        return i + 1 if i < len(self.ends) - 1 and self.ends[i] == offset else None
+
+    def verify_chunk(self, index: int, data: bytes | memoryview) -> None:
         """Raise IntegrityError unless ``data`` is exactly chunk ``index`` of this blob."""
         expected_len = self.chunk_length(index)
         if len(data) != expected_len:
@@ -61,8 +120,28 @@ def chunk_count_for(size: int, chunk_size: int) -> int:
     return max(1, -(-size // chunk_size))
 
 
-def describe_file(path: Path, chunk_size: int = DEFAULT_CHUNK_SIZE) -> BlobRef:
-    """Hash a file as one blob and as chunks, reading it once."""
+def cut_layout(size: int, chunk_size: int, cuts: Iterable[int]) -> list[int] | None:
+    """Chunk ends for a blob cut at ``cuts`` (byte offsets, e.g. where tensors start and end) and
+    at every multiple of ``chunk_size``: each fixed-size chunk split where a tensor starts or ends
+    inside it. A download asks for the pieces of one fixed-size chunk as one message, so a first
+    install takes exactly the messages fixed chunks would, while a changed tensor is exactly its
+    own pieces. None when that is just the fixed-size layout (or the blob is empty)."""
+    if size == 0:
+        return None
+    points = {c for c in cuts if 0 < c < size}
+    points.update(range(chunk_size, size, chunk_size))
+    points.add(size)
+    ends = sorted(points)
+    return None if len(ends) == chunk_count_for(size, chunk_size) else ends
+
+
+def describe_file(path: Path, chunk_size: int = DEFAULT_CHUNK_SIZE, cuts: Iterable[int] = ()) -> BlobRef:
+    """Hash a file as one blob and as chunks, reading it once; ``cuts`` as in :func:`cut_layout`."""
+    cut_at = list(cuts)
+    if cut_at:
+        ends = cut_layout(path.stat().st_size, chunk_size, cut_at)
+        if ends is not None:
+            return _describe_cut_file(path, chunk_size, ends)
     whole = hashlib.sha256()
     chunks: list[str] = []
     size = 0
@@ -79,7 +158,37 @@ def describe_file(path: Path, chunk_size: int = DEFAULT_CHUNK_SIZE) -> BlobRef:
     return BlobRef(digest="sha256:" + whole.hexdigest(), size=size, chunk_size=chunk_size, chunks=chunks)
 
 
-def describe_bytes(data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> BlobRef:
+def _describe_cut_file(path: Path, chunk_size: int, ends: list[int]) -> BlobRef:
+    whole = hashlib.sha256()
+    chunks: list[str] = []
+    start = 0
+    with path.open("rb") as fh:
+        for end in ends:
+            data = fh.read(end - start)
+            if len(data) != end - start:
+                raise IntegrityError("file shrank while being described", path=str(path))
+            whole.update(data)
+            chunks.append(sha256_hex(data))
+            start = end
+        if fh.read(1):
+            raise IntegrityError("file grew while being described", path=str(path))
+    return BlobRef(
+        digest="sha256:" + whole.hexdigest(), size=start, chunk_size=chunk_size, chunks=chunks, ends=ends
+    )
+
+
+def describe_bytes(data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE, cuts: Iterable[int] = ()) -> BlobRef:
+    cut_at = list(cuts)
+    ends = cut_layout(len(data), chunk_size, cut_at) if cut_at else None
+    if ends is not None:
+        starts = [0, *ends[:-1]]
+        return BlobRef(
+            digest=digest_of(data),
+            size=len(data),
+            chunk_size=chunk_size,
+            chunks=[sha256_hex(data[a:b]) for a, b in zip(starts, ends, strict=True)],
+            ends=ends,
+        )
     pieces = [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)] or [b""]
     return BlobRef(
         digest=digest_of(data), size=len(data), chunk_size=chunk_size, chunks=[sha256_hex(p) for p in pieces]
@@ -169,6 +278,14 @@ class BlobStore:
         with self.path(digest).open("rb") as fh:
             fh.seek(index * chunk_size)
             return fh.read(chunk_size)
+
+    def read_range(self, digest: str, offset: int, length: int) -> bytes:
+        size = self.size(digest)
+        if offset < 0 or length < 0 or offset + length > size:
+            raise RegistryError("byte range outside the blob", digest=digest, offset=offset, length=length)
+        with self.path(digest).open("rb") as fh:
+            fh.seek(offset)
+            return fh.read(length)
 
     def remove(self, digest: str) -> None:
         self.path(digest).unlink(missing_ok=True)

@@ -1,9 +1,12 @@
-"""The model manifest (``autoglm.manifest/v2``): what a rollout ships, signed with Ed25519.
+"""The model manifest (``autoglm.manifest/v3``): what a rollout ships, signed with Ed25519.
 
 v2 adds the quality figures a real chat model needs judged (perplexity on English prose, greedy
-agreement of the shipped graph with fp32 on chat prompts). v1 manifests still verify and load
-(their canonical bytes, and so their digests, are unchanged); an agent that knows only v1
-refuses a v2 manifest as an unknown schema rather than misreading it.
+agreement of the shipped graph with fp32 on chat prompts). v3 lets a blob's chunks be cut at
+chosen offsets (``BlobRef.ends``: the tensor boundaries of the weights), so a delta update sends
+only the tensors that changed; a manifest whose chunks are all fixed-size stays v2, which agents
+that know v2 still install. v1 and v2 manifests still verify and load (their canonical bytes,
+and so their digests, are unchanged); an agent that knows only v1 or v2 refuses a newer manifest
+as an unknown schema rather than misreading it.
 
 A signed manifest travels and is stored as the canonical JSON of :class:`SignedManifest`; its
 sha256 is the ``manifest_digest`` that a desired state pins. Devices verify the digest first,
@@ -17,9 +20,9 @@ import binascii
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import PurePosixPath
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from shared.blobs import DEFAULT_CHUNK_SIZE, BlobRef, digest_of
 from shared.errors import ContractError, IntegrityError, SignatureError
@@ -31,6 +34,8 @@ SIGNED_MANIFEST_SCHEMA = "autoglm.signed-manifest/v1"
 # Signed manifests travel as blobs too, in chunks of this size; only their whole digest is known.
 MANIFEST_CHUNK_SIZE = DEFAULT_CHUNK_SIZE
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+# The schema a manifest needs once any of its blobs has chunks cut at chosen offsets.
+MANIFEST_V3: Final = "autoglm.manifest/v3"
 
 
 class FileEntry(WireModel):
@@ -151,7 +156,7 @@ class ExportValidation(WireModel):
 
 
 class Manifest(WireModel):
-    schema_: Literal["autoglm.manifest/v1", "autoglm.manifest/v2"] = Field(
+    schema_: Literal["autoglm.manifest/v1", "autoglm.manifest/v2", "autoglm.manifest/v3"] = Field(
         default="autoglm.manifest/v2", alias="schema"
     )
     name: Name
@@ -176,6 +181,12 @@ class Manifest(WireModel):
         if len(set(paths)) != len(paths):
             raise ValueError("file paths must be unique")
         return files
+
+    @model_validator(mode="after")
+    def _cut_chunks_need_v3(self) -> Manifest:
+        if self.schema_ != MANIFEST_V3 and any(f.blob.cut for f in self.files):
+            raise ValueError(f"chunks cut at chosen offsets need schema {MANIFEST_V3}")
+        return self
 
     def canonical_bytes(self) -> bytes:
         data = self.model_dump(mode="json", by_alias=True)

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field, StrictBool, model_validator
+from pydantic import Field, SerializerFunctionWrapHandler, StrictBool, model_serializer, model_validator
 
 from shared.errors import ImpersonationError
 from shared.ids import Digest, Name
@@ -28,6 +28,8 @@ MAX_REVISION = 2**63 - 1
 # Upper bounds keep one message from asking for an unbounded amount of work.
 MAX_BLOBS_PER_FETCH = 64
 MAX_CHUNKS_PER_BLOB_REQUEST = 4096
+# A byte range asked for is a run of whole chunks, no longer than the largest chunk size.
+MAX_RANGE_BYTES = 16 * 1024 * 1024
 MAX_TELEMETRY_RECORDS = 1000
 
 
@@ -178,18 +180,55 @@ class TelemetryBatch(WireDocument):
 
 
 class BlobRequest(WireModel):
+    """Parts of one blob to publish: chunk indexes of its fixed-size chunking (``chunk_size``), or
+    byte ranges (``[offset, length]``, for chunks cut at chosen offsets: each range is a run of
+    whole chunks, sent as one message on ``blobs/{digest}/at/{offset}``). Exactly one of the two."""
+
     digest: Digest
     chunk_size: Annotated[int, Field(strict=True, gt=0, le=16 * 1024 * 1024)]
-    chunks: Annotated[
-        list[Annotated[int, Field(strict=True, ge=0)]],
-        Field(min_length=1, max_length=MAX_CHUNKS_PER_BLOB_REQUEST),
-    ]
+    chunks: (
+        Annotated[
+            list[Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)]],
+            Field(min_length=1, max_length=MAX_CHUNKS_PER_BLOB_REQUEST),
+        ]
+        | None
+    ) = None
+    ranges: (
+        Annotated[
+            list[
+                tuple[
+                    Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)],
+                    Annotated[int, Field(strict=True, gt=0, le=MAX_RANGE_BYTES)],
+                ]
+            ],
+            Field(min_length=1, max_length=MAX_CHUNKS_PER_BLOB_REQUEST),
+        ]
+        | None
+    ) = None
 
     @model_validator(mode="after")
-    def _unique_chunks(self) -> BlobRequest:
-        if len(set(self.chunks)) != len(self.chunks):
+    def _one_kind_unique(self) -> BlobRequest:
+        if (self.chunks is None) == (self.ranges is None):
+            raise ValueError("a blob request names either chunks or ranges")
+        if self.chunks is not None and len(set(self.chunks)) != len(self.chunks):
             raise ValueError("chunk indexes must be unique")
+        if self.ranges is not None and len({offset for offset, _ in self.ranges}) != len(self.ranges):
+            raise ValueError("range offsets must be unique")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unused(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # A request by chunk index stays the bytes it was before ranges existed (older clouds).
+        data = handler(self)
+        if isinstance(data, dict):
+            for key in ("chunks", "ranges"):
+                if data.get(key, 0) is None:
+                    del data[key]
+        return data
+
+    @property
+    def parts(self) -> int:
+        return len(self.chunks or self.ranges or ())
 
 
 class FetchRequest(WireDocument):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+import socket
 import ssl
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -89,6 +91,20 @@ class ReconnectBackoff:
         return delay
 
 
+class _Client(aiomqtt.Client):
+    """An aiomqtt client whose socket sends small packets at once (TCP_NODELAY).
+
+    With Nagle's algorithm on, a small packet (a fetch request, a PUBACK, a desired state) written
+    while an earlier one is still unacknowledged waits for the peer's delayed ACK: 40 ms on Linux.
+    A model download asks for its chunks a window at a time, and every window started 40-90 ms
+    late (bench/shard_push.py); the broker's side is ``set_tcp_nodelay true``."""
+
+    def _on_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # a socket that is not TCP keeps its options
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super()._on_socket_open(client, userdata, sock)
+
+
 def make_client(
     settings: BrokerSettings,
     client_id: Name,
@@ -100,7 +116,7 @@ def make_client(
     props = Properties(PacketTypes.CONNECT)
     if persistent:
         props.SessionExpiryInterval = settings.session_expiry_s
-    return aiomqtt.Client(
+    return _Client(
         settings.host,
         settings.port,
         identifier=client_id,

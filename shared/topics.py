@@ -12,6 +12,11 @@ PROTOCOL_VERSION = "v1"
 DEVICE_CHANNELS = ("desired", "reported", "status", "telemetry", "fetch", "commands", "replies", "acks")
 
 
+def _is_number(text: str) -> bool:
+    # ASCII digits only ("²".isdigit() is true, int() refuses it), and no more than int64's.
+    return text.isascii() and text.isdigit() and len(text) <= 19
+
+
 @dataclass(frozen=True)
 class ParsedTopic:
     """What a concrete topic addresses: a device channel or a blob chunk."""
@@ -19,7 +24,10 @@ class ParsedTopic:
     channel: str
     device_id: str | None = None
     digest: str | None = None
+    # A blob message is chunk ``chunk`` of a fixed-size chunking, or the run of whole chunks that
+    # starts at byte ``offset``.
     chunk: int | None = None
+    offset: int | None = None
 
 
 @dataclass(frozen=True)
@@ -80,11 +88,19 @@ class Topics:
             raise ContractError("negative chunk index", digest=digest, chunk=chunk)
         return f"{self.root}/blobs/{digest}/{chunk}"
 
-    def blob_chunks(self, digest: str) -> str:
-        """Subscription filter for every chunk of one blob (device side)."""
+    def blob_range(self, digest: str, offset: int) -> str:
+        """The topic of a run of whole chunks of ``digest`` that starts at byte ``offset``."""
         if not is_valid_digest(digest):
             raise ContractError("invalid blob digest", digest=digest)
-        return f"{self.root}/blobs/{digest}/+"
+        if offset < 0:
+            raise ContractError("negative blob offset", digest=digest, offset=offset)
+        return f"{self.root}/blobs/{digest}/at/{offset}"
+
+    def blob_chunks(self, digest: str) -> str:
+        """Subscription filter for every chunk and range of one blob (device side)."""
+        if not is_valid_digest(digest):
+            raise ContractError("invalid blob digest", digest=digest)
+        return f"{self.root}/blobs/{digest}/#"
 
     def parse(self, topic: str) -> ParsedTopic:
         prefix = self.root + "/"
@@ -96,7 +112,11 @@ class Topics:
                 raise ContractError("invalid device id in topic", topic=topic)
             return ParsedTopic(channel=parts[2], device_id=parts[1])
         if len(parts) == 3 and parts[0] == "blobs":
-            if not is_valid_digest(parts[1]) or not parts[2].isdigit():
+            if not is_valid_digest(parts[1]) or not _is_number(parts[2]):
                 raise ContractError("malformed blob topic", topic=topic)
             return ParsedTopic(channel="blob", digest=parts[1], chunk=int(parts[2]))
+        if len(parts) == 4 and parts[0] == "blobs" and parts[2] == "at":
+            if not is_valid_digest(parts[1]) or not _is_number(parts[3]):
+                raise ContractError("malformed blob topic", topic=topic)
+            return ParsedTopic(channel="blob", digest=parts[1], offset=int(parts[3]))
         raise ContractError("unknown topic", topic=topic)

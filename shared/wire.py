@@ -61,6 +61,10 @@ class WireDocument(WireModel):
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ContractError(f"malformed JSON in {cls.KIND} payload: {exc}") from exc
+        except (ValueError, RecursionError) as exc:
+            # An integer of more digits than Python converts, or nesting past the recursion limit:
+            # a ContractError like any bad payload, not an exception that ends a message loop.
+            raise ContractError(f"unreadable JSON in {cls.KIND} payload: {type(exc).__name__}") from exc
         if not isinstance(data, dict):
             raise ContractError(f"{cls.KIND} payload must be a JSON object, got {type(data).__name__}")
         schema = data.get("schema")

@@ -373,13 +373,14 @@ class BackgroundCloud:
         self.broker = broker
         self.topics = Topics(tenant)
         self._counter = int(time.time() * 1000)  # above any counter a previous cloud of this test used
-        self.served: list[tuple[str, int]] = []
+        # (digest, byte offset, length) of every chunk or run of chunks published.
+        self.served: list[tuple[str, int, int]] = []
         self.reports: list[ReportedState] = []
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="cloud")
 
-        def record(digest: str, index: int, data: bytes) -> bytes:
-            self.served.append((digest, index))
+        def record(digest: str, offset: int, data: bytes) -> bytes:
+            self.served.append((digest, offset, len(data)))
             return data
 
         self.link = ControlLink(

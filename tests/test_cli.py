@@ -131,7 +131,10 @@ def test_package_list_show_and_refuse_duplicate(tmp_path: Path) -> None:
     assert any("perplexity on python-reference-prose" in line for line in summary), summary
     assert any(line.startswith("# pool artifact sha256:") for line in summary), summary
     doc = json.loads("\n".join(line for line in shown.stdout.splitlines() if not line.startswith("# ")))
-    assert doc["manifest"]["schema"] == "autoglm.manifest/v2"
+    # The weights are cut at their tensors' boundaries (as well as every MiB): a v3 manifest.
+    assert doc["manifest"]["schema"] == "autoglm.manifest/v3"
+    weights = [f["blob"] for f in doc["manifest"]["files"] if f["role"] == "weights"]
+    assert weights and all(len(b["ends"]) == len(b["chunks"]) for b in weights)
     assert doc["manifest"]["validation"]["greedy_tokens_match"] is True
     assert {f["path"] for f in doc["manifest"]["files"]} >= {"model.onnx", "tokenizer.json", "config.json"}
     assert doc["signature"]["alg"] == "ed25519"
@@ -139,6 +142,37 @@ def test_package_list_show_and_refuse_duplicate(tmp_path: Path) -> None:
     again = autoglm("model", "package", str(src), "--name", "tiny-llama", "--version", "0.1", home=home)
     assert again.returncode == 1
     assert "already exists" in again.stdout
+
+    # For a fleet of agents that predate v3 manifests: chunks every --chunk-size bytes only.
+    fixed = autoglm(
+        "model",
+        "package",
+        str(src),
+        "--name",
+        "tiny-llama",
+        "--version",
+        "0.2",
+        "--quantize",
+        "none",
+        "--chunking",
+        "fixed",
+        "--no-pool-artifact",
+        home=home,
+    )
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    doc = json.loads(
+        "\n".join(
+            line
+            for line in autoglm("model", "show", "tiny-llama:0.2", home=home).stdout.splitlines()
+            if not line.startswith("# ")
+        )
+    )
+    assert doc["manifest"]["schema"] == "autoglm.manifest/v2"
+    assert all("ends" not in f["blob"] for f in doc["manifest"]["files"])
+    bogus = autoglm(
+        "model", "package", str(src), "--name", "t", "--version", "1", "--chunking", "tensor", home=home
+    )
+    assert bogus.returncode == 2 and "choose tensors or fixed" in bogus.stdout + bogus.stderr
 
     missing = autoglm("model", "show", "tiny-llama:9", home=home)
     assert missing.returncode == 1 and "model not found" in missing.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -35,7 +36,13 @@ async def _wired(
         assert fetcher is not None
         fetcher.on_chunk(d, i, data)
 
-    link = CloudLink(broker, topics, "dev-1", on_desired=lambda _d: None, on_chunk=on_chunk)
+    def on_range(d: str, offset: int, data: bytes) -> None:
+        assert fetcher is not None
+        fetcher.on_range(d, offset, data)
+
+    link = CloudLink(
+        broker, topics, "dev-1", on_desired=lambda _d: None, on_chunk=on_chunk, on_range=on_range
+    )
     fetcher = ShardFetcher("dev-1", BlobStore(tmp / "cache"), tmp / "partial", link, **fetch_kw)  # type: ignore[arg-type]
     tasks = [asyncio.create_task(cloud.run()), asyncio.create_task(link.run())]
     try:
@@ -60,9 +67,9 @@ def test_corrupt_chunk_is_refetched_alone(
     data, ref = _blob(store, 10 * CHUNK + 123)
     corrupted: list[int] = []
 
-    def corrupt_chunk_3_once(digest: str, index: int, chunk: bytes) -> bytes:
-        if index == 3 and not corrupted:
-            corrupted.append(index)
+    def corrupt_chunk_3_once(digest: str, offset: int, chunk: bytes) -> bytes:
+        if offset == 3 * CHUNK and not corrupted:
+            corrupted.append(offset)
             return chunk[:-1] + bytes([chunk[-1] ^ 0xFF])
         return chunk
 
@@ -74,7 +81,7 @@ def test_corrupt_chunk_is_refetched_alone(
             return fetcher
 
     fetcher = asyncio.run(scenario())
-    assert corrupted == [3]
+    assert corrupted == [3 * CHUNK]
     assert fetcher.cache.read(ref.digest) == data
     asked = Counter(i for _, i in fetcher.stats.requested)
     assert asked[3] == 2, "the corrupt chunk is asked for again"
@@ -238,3 +245,237 @@ def test_delta_update_downloads_only_changed_chunks(
     assert sorted(i for _, i in fetcher.stats.requested) == [2, 11]
     assert fetcher.stats.chunks_reused == 19
     assert server.chunks_published == 2
+
+
+def _tensor_file(sizes: list[int], seed: int = 0) -> tuple[bytearray, list[int]]:
+    """Random bytes laid out as tensors of these sizes; the offsets where each starts and ends."""
+    rng = random.Random(seed)
+    data = bytearray(rng.randbytes(sum(sizes)))
+    cuts, at = [], 0
+    for n in sizes:
+        cuts += [at, at + n]
+        at += n
+    return data, cuts
+
+
+# Tensors of awkward sizes: larger than a chunk, smaller, and tiny ones between them (norms).
+SIZES = [3 * CHUNK + 4000, 900, CHUNK - 1, 2 * CHUNK + 17, 1500, 5 * CHUNK + 3, 700, CHUNK + CHUNK // 3] * 3
+
+
+def test_a_blob_cut_at_tensors_arrives_in_ranges_no_more_messages_than_fixed_chunks(
+    broker_settings: BrokerSettings, tenant: str, tmp_path: Path
+) -> None:
+    store = BlobStore(tmp_path / "cloud")
+    data, cuts = _tensor_file(SIZES)
+    store.put_bytes(bytes(data))
+    ref = describe_bytes(bytes(data), CHUNK, cuts)
+    assert ref.cut and ref.chunk_count > describe_bytes(bytes(data), CHUNK).chunk_count
+    server = BlobServer(store, Topics(tenant))
+
+    async def scenario() -> ShardFetcher:
+        async with _wired(broker_settings, tenant, tmp_path, store, server, chunks_per_request=64) as fetcher:
+            await asyncio.wait_for(fetcher.fetch_blobs([ref]), 30)
+            return fetcher
+
+    fetcher = asyncio.run(scenario())
+    assert fetcher.cache.read(ref.digest) == bytes(data)
+    assert fetcher.stats.chunks_received == ref.chunk_count
+    assert fetcher.stats.strays == 0 and fetcher.stats.duplicates == 0
+    # Each chunk was checked on its own, yet they travelled packed: one message per fixed-size cell.
+    assert server.chunks_published == describe_bytes(bytes(data), CHUNK).chunk_count
+
+
+def test_a_delta_of_blobs_cut_at_tensors_sends_exactly_the_changed_tensors(
+    broker_settings: BrokerSettings, tenant: str, tmp_path: Path
+) -> None:
+    store = BlobStore(tmp_path / "cloud")
+    old, cuts = _tensor_file(SIZES)
+    old_ref = describe_bytes(bytes(old), CHUNK, cuts)
+    new = bytearray(old)
+    rng = random.Random(7)
+    changed = 0
+    for t in (0, 4, 13, 21):  # a big tensor, a tiny one, and two of middling size
+        start, end = cuts[2 * t], cuts[2 * t + 1]
+        new[start:end] = rng.randbytes(end - start)
+        changed += end - start
+    store.put_bytes(bytes(new))
+    new_ref = describe_bytes(bytes(new), CHUNK, cuts)
+    local = tmp_path / "slot-a-weights.bin"
+    local.write_bytes(bytes(old))
+    server = BlobServer(store, Topics(tenant))
+
+    async def scenario() -> ShardFetcher:
+        async with _wired(broker_settings, tenant, tmp_path, store, server, chunks_per_request=64) as fetcher:
+            await asyncio.wait_for(fetcher.fetch_blobs([new_ref], chunk_index([(local, old_ref)])), 30)
+            return fetcher
+
+    fetcher = asyncio.run(scenario())
+    assert fetcher.cache.read(new_ref.digest) == bytes(new)
+    assert server.bytes_published == changed, "only the changed tensors' bytes went over the wire"
+    assert fetcher.stats.bytes_reused == len(new) - changed
+
+
+def test_a_damaged_chunk_inside_a_range_is_asked_for_alone(
+    broker_settings: BrokerSettings, tenant: str, tmp_path: Path
+) -> None:
+    store = BlobStore(tmp_path / "cloud")
+    data, cuts = _tensor_file(SIZES)
+    store.put_bytes(bytes(data))
+    ref = describe_bytes(bytes(data), CHUNK, cuts)
+    victim = next(i for i in range(ref.chunk_count) if ref.chunk_length(i) < 2000)  # a tiny tensor
+    at = ref.chunk_offset(victim)
+    damaged: list[int] = []
+
+    def damage_once(digest: str, offset: int, chunk: bytes) -> bytes:
+        if offset <= at < offset + len(chunk) and len(chunk) > ref.chunk_length(victim) and not damaged:
+            damaged.append(offset)
+            i = at - offset
+            return chunk[:i] + bytes([chunk[i] ^ 0xFF]) + chunk[i + 1 :]
+        return chunk
+
+    server = BlobServer(store, Topics(tenant), chunk_filter=damage_once)
+
+    async def scenario() -> ShardFetcher:
+        async with _wired(broker_settings, tenant, tmp_path, store, server, chunks_per_request=64) as fetcher:
+            await asyncio.wait_for(fetcher.fetch_blobs([ref]), 30)
+            return fetcher
+
+    fetcher = asyncio.run(scenario())
+    assert damaged, "the victim chunk travelled inside a larger range"
+    assert fetcher.cache.read(ref.digest) == bytes(data)
+    asked = Counter(i for _, i in fetcher.stats.requested)
+    assert asked[victim] == 2 and all(n == 1 for i, n in asked.items() if i != victim)
+    assert fetcher.stats.chunks_rejected == 1
+
+
+def test_ranges_that_are_no_run_of_offered_chunks_are_refused(tmp_path: Path) -> None:
+    """A device may not make the cloud publish pieces that fit no layout (other devices of the
+    blob would receive them): only runs of whole chunks of a listed layout, at most two chunks."""
+    from cloud.mqtt.blob_server import layout_of
+    from shared.messages import BlobRequest
+
+    store = BlobStore(tmp_path / "cloud")
+    data, cuts = _tensor_file(SIZES)
+    store.put_bytes(bytes(data))
+    ref = describe_bytes(bytes(data), CHUNK, cuts)
+    server = BlobServer(
+        store, Topics("t"), offered=lambda d: frozenset({layout_of(ref)}) if d == ref.digest else frozenset()
+    )
+
+    def parts(*ranges: tuple[int, int]) -> object:
+        return server._parts(
+            BlobRequest(digest=ref.digest, chunk_size=CHUNK, ranges=list(ranges)), server.offered(ref.digest)
+        )  # type: ignore[misc]
+
+    small = next(
+        i for i in range(ref.chunk_count - 1) if ref.chunk_length(i) + ref.chunk_length(i + 1) < CHUNK
+    )
+    assert isinstance(
+        parts((ref.chunk_offset(small), ref.chunk_length(small) + ref.chunk_length(small + 1))), list
+    )
+    assert isinstance(parts((0, ref.chunk_length(0) + ref.chunk_length(1))), str)  # longer than a chunk
+    assert isinstance(parts((ref.chunk_offset(1) + 1, ref.chunk_length(1))), str)  # not at a chunk start
+    assert isinstance(parts((ref.chunk_offset(1), ref.chunk_length(1) - 1)), str)  # ends inside a chunk
+    assert isinstance(parts((0, len(data))), str)  # the whole blob
+    assert isinstance(
+        server._parts(
+            BlobRequest(digest=ref.digest, chunk_size=CHUNK, chunks=[0]), server.offered(ref.digest)
+        ),
+        str,
+    ), "a blob offered only cut at tensors is not served in fixed chunks"
+
+
+def test_a_first_update_to_tensor_cut_chunks_reuses_the_fixed_chunked_version_at_the_same_offsets(
+    broker_settings: BrokerSettings, tenant: str, tmp_path: Path
+) -> None:
+    """A device holds v1 packaged with fixed-size chunks (no chunk hash in common with a v3
+    layout): the unchanged tensors are still found, at their own offsets in the same file."""
+    store = BlobStore(tmp_path / "cloud")
+    old, cuts = _tensor_file(SIZES)
+    old_ref = describe_bytes(bytes(old), CHUNK)  # fixed chunks
+    new = bytearray(old)
+    start, end = cuts[2 * 5], cuts[2 * 5 + 1]
+    new[start:end] = random.Random(3).randbytes(end - start)
+    store.put_bytes(bytes(new))
+    new_ref = describe_bytes(bytes(new), CHUNK, cuts)
+    local = tmp_path / "slot-a" / "model.onnx.data"
+    local.parent.mkdir()
+    local.write_bytes(bytes(old))
+    server = BlobServer(store, Topics(tenant))
+
+    async def scenario() -> ShardFetcher:
+        async with _wired(broker_settings, tenant, tmp_path, store, server, chunks_per_request=64) as fetcher:
+            reuse = chunk_index([(local, old_ref)], {new_ref.digest: [local, tmp_path / "gone.data"]})
+            await asyncio.wait_for(fetcher.fetch_blobs([new_ref], reuse), 30)
+            return fetcher
+
+    fetcher = asyncio.run(scenario())
+    assert fetcher.cache.read(new_ref.digest) == bytes(new)
+    assert server.bytes_published == end - start, "only the changed tensor was downloaded"
+
+
+def test_chunks_of_another_chunking_of_the_blob_are_strays_not_damage(tmp_path: Path) -> None:
+    """Devices of an older package ask for the same weights by fixed chunk index; those messages
+    reach this device too (same blob topics) and must neither count as damage nor block the
+    real piece."""
+    data, cuts = _tensor_file(SIZES)
+    ref = describe_bytes(bytes(data), CHUNK, cuts)
+
+    class Nowhere:
+        async def subscribe_blob(self, digest: str) -> None: ...
+        async def unsubscribe_blob(self, digest: str) -> None: ...
+        async def send_fetch(self, request: object) -> None: ...
+
+    async def scenario() -> ShardFetcher:
+        fetcher = ShardFetcher("d", BlobStore(tmp_path / "c"), tmp_path / "p", Nowhere())  # type: ignore[arg-type]
+        task = asyncio.create_task(fetcher.fetch_blobs([ref]))
+        for _ in range(500):  # until the transfer is open (it subscribes first)
+            if ref.digest in fetcher._active:
+                break
+            await asyncio.sleep(0.01)
+        for i in range(3):
+            for _ in range(6):  # more often than max_chunk_rejections
+                fetcher.on_chunk(ref.digest, i, bytes(data[i * CHUNK : (i + 1) * CHUNK]))
+        await asyncio.sleep(0.1)
+        t = fetcher._active[ref.digest]
+        assert not t.rejections and not t.writing and not t.have
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return fetcher
+
+    fetcher = asyncio.run(scenario())
+    assert fetcher.stats.strays == 18 and fetcher.stats.chunks_rejected == 0
+
+
+def test_the_blob_server_refuses_chunk_indexes_past_the_end_and_rereads_the_registry(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from cloud.mqtt.blob_server import RegistryOffer
+    from shared.messages import BlobRequest
+
+    store = BlobStore(tmp_path / "cloud")
+    data, cuts = _tensor_file(SIZES)
+    store.put_bytes(bytes(data))
+    fixed, cut = describe_bytes(bytes(data), CHUNK), describe_bytes(bytes(data), CHUNK, cuts)
+    listed = [fixed]
+    registry = SimpleNamespace(
+        list=lambda: [
+            SimpleNamespace(digest="sha256:" + "e" * 64, manifest=SimpleNamespace(blobs=lambda: list(listed)))
+        ]
+    )
+    offer = RegistryOffer(registry, refresh_s=0.0)  # type: ignore[arg-type]
+    server = BlobServer(store, Topics("t"), offered=offer)
+    beyond = BlobRequest(digest=fixed.digest, chunk_size=CHUNK, chunks=[0, fixed.chunk_count])
+    assert "past its last chunk" in str(server._parts(beyond, offer(fixed.digest)))
+    by_range = BlobRequest(
+        digest=cut.digest, chunk_size=CHUNK, ranges=[(cut.chunk_offset(3), cut.chunk_length(3))]
+    )
+    assert isinstance(server._parts(by_range, offer(cut.digest)), str), (
+        "only the fixed chunking is listed yet"
+    )
+    listed.append(cut)  # a package published since lists the blob cut at its tensors
+    assert offer(cut.digest) == offer(cut.digest, again=False), (
+        "a known digest is not re-read on every request"
+    )
+    assert isinstance(server._parts(by_range, offer(cut.digest, again=True)), list)

@@ -190,11 +190,17 @@ def test_the_blob_server_publishes_only_registry_blobs_in_registry_chunks_within
 
     t = Topics(tenant)
     big = max(demo_package_v2.manifest.blobs(), key=lambda b: b.size)
-    assert big.chunk_size == 64 * 1024 and big.chunk_count > 32
+    assert big.chunk_size == 64 * 1024 and big.chunk_count > 32 and big.cut  # cut at its tensors
     stray = registry.blobs.put_bytes(b"in the store, in no manifest of this tenant" * 100)
+    every_chunk = [(big.chunk_offset(i), big.chunk_length(i)) for i in range(big.chunk_count)]
 
-    def fetch(digest: str, chunk_size: int, chunks: list[int]) -> bytes:
-        blob = BlobRequest(digest=digest, chunk_size=chunk_size, chunks=chunks)
+    def fetch(
+        digest: str,
+        chunk_size: int,
+        chunks: list[int] | None = None,
+        ranges: list[tuple[int, int]] | None = None,
+    ) -> bytes:
+        blob = BlobRequest(digest=digest, chunk_size=chunk_size, chunks=chunks, ranges=ranges)
         return FetchRequest(device_id="dev-greedy", request_id=uuid.uuid4().hex[:16], blobs=[blob]).to_json()
 
     async def go() -> BlobServer:
@@ -203,22 +209,30 @@ def test_the_blob_server_publishes_only_registry_blobs_in_registry_chunks_within
         async with make_client(broker_settings, f"cloud-{uuid.uuid4().hex[:8]}", persistent=False) as client:
             topic = t.fetch("dev-greedy")
             await server.handle(client, topic, fetch(stray, 4096, [0]))
-            await server.handle(client, topic, fetch(big.digest, 1, list(range(64))))  # 1-byte chunks
+            # Pieces that fit no listed layout: fixed chunks of a blob listed cut at its tensors,
+            # one-byte ranges, and a range across the whole blob.
+            await server.handle(client, topic, fetch(big.digest, big.chunk_size, list(range(64))))
+            await server.handle(
+                client, topic, fetch(big.digest, big.chunk_size, ranges=[(i, 1) for i in range(64)])
+            )
+            await server.handle(client, topic, fetch(big.digest, big.chunk_size, ranges=[(0, big.size)]))
             assert server.chunks_published == 0 and server._pending == {}
             for _ in range(10):  # the same big blob, over and over
-                await server.handle(
-                    client, topic, fetch(big.digest, big.chunk_size, list(range(big.chunk_count)))
-                )
+                await server.handle(client, topic, fetch(big.digest, big.chunk_size, ranges=every_chunk))
             if server._drain is not None:
                 await server._drain
         return server
 
     server = asyncio.run(go())
-    # 1 MiB of budget: 16 chunks of 64 KiB (plus what refilled meanwhile), not 10 × the blob.
+    # 1 MiB of budget (plus what refilled meanwhile), not 10 × the blob.
     assert server.bytes_published <= 1024 * 1024 + 2 * big.chunk_size, server.bytes_published
-    assert server.chunks_published >= 16
-    # The stray blob, the 64 one-byte chunks, and each request's chunks beyond the budget.
-    assert server.chunks_refused >= 1 + 64 + 10 * (big.chunk_count - 17), server.chunks_refused
+    assert server.bytes_published >= 1024 * 1024 - big.chunk_size
+    # The stray blob, the 64 fixed chunks, the 64 one-byte ranges, the whole-blob range, and each
+    # request's chunks beyond the budget.
+    within = sum(1 for _, n in every_chunk[: server.chunks_published])
+    assert server.chunks_refused >= 1 + 64 + 64 + 1 + 10 * (big.chunk_count - within - 1), (
+        server.chunks_refused
+    )
 
 
 def _unservable_package(
@@ -261,11 +275,21 @@ def test_a_chunk_that_always_arrives_damaged_fails_the_update_and_a_newer_revisi
     )
     graph = max(demo_package_v2.manifest.blobs(), key=lambda b: b.size)  # the weights, many chunks
     assert graph.chunk_count > 2
+    # A chunk v2 does not share with v1 (shared ones are copied from the other slot, not fetched).
+    in_v1 = {h for b in demo_package.manifest.blobs() for h in b.chunks}
+    victim = next(i for i, h in enumerate(graph.chunks) if h not in in_v1)
+    second = graph.chunk_offset(victim)
     with BackgroundCloud(broker_settings, tenant, registry) as cloud:
 
-        def always_damaged(digest: str, index: int, data: bytes) -> bytes:
-            cloud.served.append((digest, index))
-            return b"\0" * len(data) if (digest, index) == (graph.digest, 1) else data
+        def always_damaged(digest: str, offset: int, data: bytes) -> bytes:
+            # That chunk of the weights, alone or inside a run of chunks, always arrives zeroed.
+            cloud.served.append((digest, offset, len(data)))
+            if digest == graph.digest and offset <= second < offset + len(data):
+                at = second - offset
+                return (
+                    data[:at] + b"\0" * graph.chunk_length(victim) + data[at + graph.chunk_length(victim) :]
+                )
+            return data
 
         cloud.link.blob_server.chunk_filter = always_damaged
         cloud.set_desired(device, DesiredState(revision=1, model=demo_package.ref))
@@ -275,7 +299,8 @@ def test_a_chunk_that_always_arrives_damaged_fails_the_update_and_a_newer_revisi
         failed = cloud.wait_reported(device, lambda r: r.phase == Phase.FAILED, timeout=60)
         assert failed.last_error is not None and failed.last_error.code == "integrity_error"
         assert "arrived damaged 5 times" in failed.last_error.message
-        assert cloud.served.count((graph.digest, 1)) <= 6  # not a storm: bounded re-requests
+        # Not a storm: bounded re-requests of the damaged chunk.
+        assert sum(1 for d, at, n in cloud.served if d == graph.digest and at <= second < at + n) <= 6
         assert failed.slots[failed.active_slot or "a"] == demo_package.ref  # still serving v1
 
         # A model whose blob never arrives is being fetched; a newer revision does not wait for

@@ -98,6 +98,12 @@ def _graph_kind(value: str) -> Literal["auto", "fused", "generic"]:
     return value  # type: ignore[return-value]
 
 
+def _chunking(value: str) -> Literal["tensors", "fixed"]:
+    if value not in ("tensors", "fixed"):
+        raise typer.BadParameter("choose tensors or fixed", param_hint="--chunking")
+    return value  # type: ignore[return-value]
+
+
 @model_app.command("import")
 def model_import(
     src: Annotated[Path, typer.Argument(help="A GGUF file (llama, mistral, qwen2, qwen3, gpt2).")],
@@ -138,8 +144,19 @@ def model_package(
         Path | None,
         typer.Option("--eval-text", help="Held-out text for perplexity [default: Python stdlib sample]."),
     ] = None,
-    chunk_size: Annotated[int, typer.Option("--chunk-size", help="Transfer chunk size in bytes.")] = 1024
-    * 1024,
+    chunk_size: Annotated[
+        int,
+        typer.Option("--chunk-size", help="Largest transfer chunk in bytes.", min=4096, max=16 * 1024 * 1024),
+    ] = 1024 * 1024,
+    chunking: Annotated[
+        str,
+        typer.Option(
+            "--chunking",
+            help="tensors (default): cut the weights where their tensors start and end, so a delta "
+            "update sends only the changed tensors (manifest v3); fixed: every --chunk-size bytes "
+            "(manifest v2, for agents that predate v3).",
+        ),
+    ] = "tensors",
     max_ppl_increase: Annotated[
         float,
         typer.Option(
@@ -190,6 +207,7 @@ def model_package(
         graph=_graph_kind(graph),
         eval_text=text,
         chunk_size=chunk_size,
+        chunking=_chunking(chunking),
         max_perplexity_increase=max_ppl_increase,
         eval_set=carried,
         pool_artifact=pool_artifact,

@@ -1,27 +1,32 @@
 """Serves blob chunks over MQTT: answers ``devices/+/fetch`` with publishes on ``blobs/{digest}/{i}``.
 
-A fetch request is a device asking the cloud to publish bytes, so what it may ask for is bounded:
-only blobs that the tenant's registry lists (its packages and their signed manifests), only in the
-chunk size the registry gives them (a client asking for other chunk sizes would otherwise flood
-the shared chunk topics with pieces that fit no one), and only as many bytes per second as the
-device's token bucket holds. Refused parts are dropped with a log line; a device asks again later.
+A device asks by chunk index (fixed-size chunks, on ``blobs/{digest}/{i}``) or by byte range (runs
+of whole chunks of a blob cut at its tensor boundaries, one message each on
+``blobs/{digest}/at/{offset}``). A fetch request is a device asking the cloud to publish bytes, so
+what it may ask for is bounded: only blobs that the tenant's registry lists (its packages and
+their signed manifests), only in the chunking the registry gives them (a client asking for other
+pieces would otherwise flood the shared chunk topics with pieces that fit no one), and only as
+many bytes per second as the device's token bucket holds. Refused parts are dropped with a log
+line; a device asks again later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiomqtt
 
 from cloud.ratelimit import TokenBuckets
-from shared.blobs import BlobStore
+from shared.blobs import BlobRef, BlobStore, chunk_count_for
 from shared.errors import ContractError, RegistryError
 from shared.manifest import MANIFEST_CHUNK_SIZE
-from shared.messages import FetchRequest, from_device
+from shared.messages import BlobRequest, FetchRequest, from_device
 from shared.mqtt import QOS
 from shared.topics import Topics
 
@@ -30,36 +35,66 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A narrow seam for tests that need a chunk to arrive corrupted: (digest, index, data) -> data.
+# A narrow seam for tests that need a chunk to arrive corrupted: (digest, byte offset, data) -> data.
 ChunkFilter = Callable[[str, int, bytes], bytes]
-# The chunk sizes a blob the tenant may fetch is listed with (one blob can be in several packages,
-# each chunked its own way); empty for a blob it may not fetch.
-OfferedChunkSizes = Callable[[str], frozenset[int]]
 # Per device: 64 MiB/s sustained, 256 MiB at once (a model's worth of chunks asked for in a burst).
 DEVICE_BYTES_PER_S = 64 * 1024 * 1024
 DEVICE_BURST_BYTES = 256 * 1024 * 1024
 
 
+@dataclass(frozen=True)
+class Layout:
+    """One way a blob is listed as chunked: every ``chunk_size`` bytes, or at ``bounds`` (the
+    offsets where its chunks start, and its size)."""
+
+    chunk_size: int
+    bounds: frozenset[int] | None = None
+
+    def fits(self, offset: int, length: int, size: int) -> bool:
+        """Whether [offset, offset+length) is a run of whole chunks a device of this layout asks for
+        (no longer than one chunk size: the fetcher packs runs within one chunk-size cell)."""
+        end = offset + length
+        if not 0 <= offset < end <= size or length > self.chunk_size:
+            return False
+        if self.bounds is None:
+            return offset % self.chunk_size == 0 and (end == size or end % self.chunk_size == 0)
+        return offset in self.bounds and end in self.bounds
+
+
+def layout_of(blob: BlobRef) -> Layout:
+    if blob.ends is None:
+        return Layout(blob.chunk_size)
+    return Layout(blob.chunk_size, frozenset((0, *blob.ends)))
+
+
+# The layouts a blob the tenant may fetch is listed with (one blob can be in several packages,
+# each chunked its own way); empty for a blob it may not fetch.
+OfferedLayouts = Callable[[str], frozenset[Layout]]
+
+
 class RegistryOffer:
-    """The chunk sizes of every blob a tenant's registry lists, manifests included; re-read from
-    the registry (at most once a second) when a device asks for a digest not seen yet."""
+    """The layouts of every blob a tenant's registry lists, manifests included; re-read from the
+    registry (at most once a second) when a device asks for a digest not seen yet."""
 
     def __init__(self, registry: ModelRegistry, refresh_s: float = 1.0) -> None:
         self.registry = registry
         self.refresh_s = refresh_s
-        self._sizes: dict[str, frozenset[int]] = {}
+        self._layouts: dict[str, frozenset[Layout]] = {}
         self._read_at = -float("inf")
 
-    def __call__(self, digest: str) -> frozenset[int]:
-        if digest not in self._sizes and time.monotonic() - self._read_at >= self.refresh_s:
+    def __call__(self, digest: str, *, again: bool = False) -> frozenset[Layout]:
+        """``again``: read the registry anew even for a digest seen before (once per refresh
+        period), as when a request fits none of its known layouts: a package published since
+        may list the blob chunked another way."""
+        if (again or digest not in self._layouts) and time.monotonic() - self._read_at >= self.refresh_s:
             self._read_at = time.monotonic()
-            sizes: dict[str, set[int]] = {}
+            layouts: dict[str, set[Layout]] = {}
             for entry in self.registry.list():
-                sizes.setdefault(entry.digest, set()).add(MANIFEST_CHUNK_SIZE)
+                layouts.setdefault(entry.digest, set()).add(Layout(MANIFEST_CHUNK_SIZE))
                 for blob in entry.manifest.blobs():
-                    sizes.setdefault(blob.digest, set()).add(blob.chunk_size)
-            self._sizes = {digest: frozenset(s) for digest, s in sizes.items()}
-        return self._sizes.get(digest, frozenset())
+                    layouts.setdefault(blob.digest, set()).add(layout_of(blob))
+            self._layouts = {digest: frozenset(s) for digest, s in layouts.items()}
+        return self._layouts.get(digest, frozenset())
 
 
 class BlobServer:
@@ -74,10 +109,10 @@ class BlobServer:
         topics: Topics,
         chunk_filter: ChunkFilter | None = None,
         *,
-        offered: OfferedChunkSizes | None = None,
+        offered: OfferedLayouts | None = None,
         device_budget: TokenBuckets | None = None,
     ) -> None:
-        """``offered`` None serves any blob of the store in any chunk size (a bare store with no
+        """``offered`` None serves any blob of the store in any chunking (a bare store with no
         registry: low-level tests and benchmarks); the control plane always passes a RegistryOffer."""
         self.store = store
         self.topics = topics
@@ -88,9 +123,10 @@ class BlobServer:
         self.chunks_published = 0
         self.chunks_coalesced = 0
         self.bytes_published = 0
-        # (digest, chunk size, index) waiting to go out, in request order. The chunk size is part of
-        # the key: one blob listed in two packages with different chunkings has two chunk i.
-        self._pending: dict[tuple[str, int, int], None] = {}
+        # What waits to go out, in request order: ("chunk", digest, chunk size, index) or
+        # ("range", digest, offset, length). The chunk size is part of a chunk's key: one blob
+        # listed in two packages with different chunkings has two chunk i.
+        self._pending: dict[tuple[str, str, int, int], None] = {}
         self._drain: asyncio.Task[None] | None = None
 
     async def subscribe(self, client: aiomqtt.Client, share_group: str | None = None) -> None:
@@ -109,57 +145,91 @@ class BlobServer:
             return
         for blob in request.blobs:
             # A refresh reads every manifest of the registry: off the event loop.
-            sizes = await asyncio.to_thread(self.offered, blob.digest) if self.offered is not None else None
-            if sizes is not None and blob.chunk_size not in sizes:
-                why = f"has chunks of {sorted(sizes)} bytes" if sizes else "is not offered to this tenant"
-                log.warning(
-                    "refused blob %s to %s: it %s (asked: %d)",
-                    blob.digest,
-                    request.device_id,
-                    why,
-                    blob.chunk_size,
-                )
-                self.chunks_refused += len(blob.chunks)
+            layouts = await asyncio.to_thread(self.offered, blob.digest) if self.offered is not None else None
+            parts = await asyncio.to_thread(self._parts, blob, layouts)
+            if isinstance(parts, str) and isinstance(self.offered, RegistryOffer):
+                layouts = await asyncio.to_thread(functools.partial(self.offered, blob.digest, again=True))
+                parts = await asyncio.to_thread(self._parts, blob, layouts)
+            if isinstance(parts, str):
+                log.warning("refused blob %s to %s: %s", blob.digest, request.device_id, parts)
+                self.chunks_refused += blob.parts
                 continue
-            for n, index in enumerate(blob.chunks):
-                key = (blob.digest, blob.chunk_size, index)
+            for n, (key, nbytes) in enumerate(parts):
                 if key in self._pending:
                     self.chunks_coalesced += 1
-                elif self.device_budget.take(request.device_id, blob.chunk_size) > 0:
+                elif self.device_budget.take(request.device_id, nbytes) > 0:
                     log.warning(
-                        "device %s is over its fetch budget; %d chunk(s) of %s refused for now",
+                        "device %s is over its fetch budget; %d part(s) of %s refused for now",
                         request.device_id,
-                        len(blob.chunks) - n,
+                        len(parts) - n,
                         blob.digest,
                     )
-                    self.chunks_refused += len(blob.chunks) - n
+                    self.chunks_refused += len(parts) - n
                     break
                 else:
                     self._pending[key] = None
         log.info(
-            "fetch %s from %s: %d chunk(s) asked",
+            "fetch %s from %s: %d part(s) asked",
             request.request_id,
             request.device_id,
-            sum(len(b.chunks) for b in request.blobs),
+            sum(b.parts for b in request.blobs),
         )
         if self._drain is None or self._drain.done():
             self._drain = asyncio.create_task(self._publish_pending(client), name="blob-publisher")
 
+    def _parts(
+        self, blob: BlobRequest, layouts: frozenset[Layout] | None
+    ) -> list[tuple[tuple[str, str, int, int], int]] | str:
+        """The pending keys (and their byte counts) ``blob`` asks for, or why it is refused."""
+        if layouts is not None and not layouts:
+            return "it is not offered to this tenant"
+        try:
+            size = self.store.size(blob.digest)
+        except RegistryError:
+            return "it is not in the store"
+        if blob.chunks is not None:
+            fixed = None if layouts is None else {lay.chunk_size for lay in layouts if lay.bounds is None}
+            if fixed is not None and blob.chunk_size not in fixed:
+                return f"it has fixed chunks of {sorted(fixed)} bytes (asked: {blob.chunk_size})"
+            count = chunk_count_for(size, blob.chunk_size)
+            if beyond := [i for i in blob.chunks if i >= count]:
+                # Asked for anyway, it would fail the read and drop every device's pending chunks
+                # of this blob.
+                return f"chunk {beyond[0]} is past its last chunk ({count - 1})"
+            return [(("chunk", blob.digest, blob.chunk_size, i), blob.chunk_size) for i in blob.chunks]
+        assert blob.ranges is not None
+        for offset, length in blob.ranges:
+            if layouts is None:
+                ok = offset + length <= size
+            else:
+                ok = any(lay.fits(offset, length, size) for lay in layouts)
+            if not ok:
+                return f"range [{offset}, +{length}) is not a run of its chunks"
+        return [(("range", blob.digest, offset, length), length) for offset, length in blob.ranges]
+
     async def _publish_pending(self, client: aiomqtt.Client) -> None:
         while self._pending:
-            digest, chunk_size, index = next(iter(self._pending))
+            key = next(iter(self._pending))
+            kind, digest, a, b = key
             try:
-                data = await asyncio.to_thread(self.store.read_chunk, digest, index, chunk_size)
+                if kind == "chunk":
+                    offset = a * b
+                    data = await asyncio.to_thread(self.store.read_chunk, digest, b, a)
+                    topic = self.topics.blob_chunk(digest, b)
+                else:
+                    offset = a
+                    data = await asyncio.to_thread(self.store.read_range, digest, a, b)
+                    topic = self.topics.blob_range(digest, a)
             except RegistryError as exc:
                 log.warning("asked for what we do not have: %s", exc)
                 self._drop_blob(digest)
                 continue
             if self.chunk_filter is not None:
-                data = self.chunk_filter(digest, index, data)
-            # Removed only now: a request for this chunk until here joins this publish.
-            self._pending.pop((digest, chunk_size, index), None)
+                data = self.chunk_filter(digest, offset, data)
+            # Removed only now: a request for this part until here joins this publish.
+            self._pending.pop(key, None)
             try:
-                await client.publish(self.topics.blob_chunk(digest, index), data, qos=QOS)
+                await client.publish(topic, data, qos=QOS)
             except aiomqtt.MqttError as exc:
                 log.warning("lost the broker while publishing chunks (%s); devices will ask again", exc)
                 self._pending.clear()
@@ -168,5 +238,5 @@ class BlobServer:
             self.bytes_published += len(data)
 
     def _drop_blob(self, digest: str) -> None:
-        for key in [k for k in self._pending if k[0] == digest]:
+        for key in [k for k in self._pending if k[1] == digest]:
             del self._pending[key]

@@ -23,6 +23,7 @@ from cloud.packaging.export import (
     validate_export,
 )
 from cloud.packaging.fused import FUSED_MODEL_TYPES, UnsupportedArchitecture, build_fused
+from cloud.packaging.layout import tensor_cuts
 from cloud.packaging.progress import SilentReporter, StepReporter
 from cloud.packaging.quality import (
     CHAT_PROMPTS,
@@ -40,6 +41,7 @@ from shared.blobs import DEFAULT_CHUNK_SIZE, describe_file
 from shared.errors import PackagingError, RegistryError
 from shared.manifest import (
     EVAL_FILE,
+    MANIFEST_V3,
     EvalSet,
     FileEntry,
     IOSignature,
@@ -77,6 +79,10 @@ class PackageOptions:
     graph: Literal["auto", "fused", "generic"] = "auto"
     eval_text: str | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    # "tensors": weights files are cut where their tensors start and end (pieces no longer than
+    # chunk_size), so a delta update sends only the changed tensors (manifest v3); "fixed": every
+    # chunk_size bytes (a manifest v2 that agents older than v3 manifests still install).
+    chunking: Literal["tensors", "fixed"] = "tensors"
     # Refuse to ship an export whose greedy tokens differ from PyTorch's.
     require_token_match: bool = True
     # Refuse to ship a quantized graph whose perplexity rose by more than this fraction.
@@ -154,8 +160,11 @@ class ModelPackager:
                     name=opts.name,
                 )
 
-            r.step(f"Splitting files into content-addressed blobs ({opts.chunk_size // 1024} KiB chunks)")
-            files = self._store_files(ship_dir, opts.chunk_size)
+            how = "cut at tensor boundaries, " if opts.chunking == "tensors" else ""
+            r.step(
+                f"Splitting files into content-addressed blobs ({how}chunks of at most {opts.chunk_size // 1024} KiB)"
+            )
+            files = self._store_files(ship_dir, opts.chunk_size, opts.chunking)
             blobs = len({f.blob.digest for f in files})
             chunks = sum(f.blob.chunk_count for f in files)
             r.done(
@@ -163,7 +172,11 @@ class ModelPackager:
             )
 
             r.step("Signing the manifest (Ed25519) and publishing it to the registry")
+            schema: Literal["autoglm.manifest/v2", "autoglm.manifest/v3"] = "autoglm.manifest/v2"
+            if any(f.blob.cut for f in files):
+                schema = MANIFEST_V3
             manifest = Manifest(
+                schema=schema,
                 name=opts.name,
                 version=opts.version,
                 created_at=datetime.now(UTC),
@@ -320,7 +333,10 @@ class ModelPackager:
             r.done(f"{greedy.identical}/{greedy.prompts} answers identical ({greedy.share:.0%}){departs}")
         return QualityReport(**main.model_dump(), prose=prose, greedy=greedy)
 
-    def _store_files(self, ship_dir: Path, chunk_size: int) -> list[FileEntry]:
+    def _store_files(
+        self, ship_dir: Path, chunk_size: int, chunking: Literal["tensors", "fixed"] = "tensors"
+    ) -> list[FileEntry]:
+        cuts = tensor_cuts(sorted(ship_dir.glob("*.onnx"))) if chunking == "tensors" else {}
         entries: list[FileEntry] = []
         for path in sorted(ship_dir.iterdir()):
             if path.name == GRAPH_FILE:
@@ -333,7 +349,7 @@ class ModelPackager:
                 role = "eval"
             else:
                 continue
-            blob = describe_file(path, chunk_size)
+            blob = describe_file(path, chunk_size, cuts.get(path.name, ()))
             stored = self.registry.blobs.put_file(path)
             if stored != blob.digest:
                 raise PackagingError("file changed while being packaged", path=str(path))

@@ -8,6 +8,12 @@ are ignored.
 Chunks are verified and written by one worker thread, not in the MQTT message loop: hashing and
 writing a megabyte took the loop longer than receiving it, so the loop stood still while chunks
 queued at the broker (issue 17; SHA-256 and file writes release the GIL, so both go on at once).
+
+A blob with fixed-size chunks is asked for by chunk index, one MQTT message per chunk. A blob cut
+at its tensor boundaries (manifest v3) has chunks of any length up to the chunk size, small ones
+among them: it is asked for in byte ranges, each a run of whole missing chunks within one
+chunk-size cell, so a first install takes the messages fixed chunks would (none larger), and each
+chunk in a range is still checked against its own hash.
 """
 
 from __future__ import annotations
@@ -22,12 +28,12 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from shared.blobs import BlobRef, BlobStore, chunk_count_for, file_digest, sha256_hex
 from shared.errors import FetchError, IntegrityError, NoSpaceError
 from shared.manifest import MANIFEST_CHUNK_SIZE
-from shared.messages import BlobRequest, FetchRequest, ModelRef
+from shared.messages import MAX_CHUNKS_PER_BLOB_REQUEST, BlobRequest, FetchRequest, ModelRef
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +48,30 @@ class ChunkChannel(Protocol):
     async def send_fetch(self, request: FetchRequest) -> None: ...
 
 
-# chunk sha256 → (file, offset, length) of identical bytes already on this device.
-ChunkIndex = dict[str, tuple[Path, int, int]]
+@dataclass
+class ChunkIndex:
+    """Bytes already on this device that an update may copy instead of downloading."""
+
+    # chunk sha256 → (file, offset, length) of identical bytes.
+    by_hash: dict[str, tuple[Path, int, int]] = field(default_factory=dict)
+    # blob digest → local files that are another version of the same file (the same path in a
+    # slot): a chunk whose hash is not known is looked for at its own offset there. That finds the
+    # unchanged tensors of a model whose earlier version was chunked differently (fixed-size
+    # chunks before, tensor boundaries now), where no chunk hash is shared.
+    same_place: dict[str, list[Path]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.by_hash or self.same_place)
 
 
-def chunk_index(files: list[tuple[Path, BlobRef]]) -> ChunkIndex:
+def chunk_index(
+    files: list[tuple[Path, BlobRef]], same_place: dict[str, list[Path]] | None = None
+) -> ChunkIndex:
     """Where each chunk of these (verified, local) files lies: the source of delta updates."""
-    index: ChunkIndex = {}
+    index = ChunkIndex(same_place=dict(same_place or {}))
     for path, ref in files:
         for i, h in enumerate(ref.chunks):
-            index.setdefault(h, (path, i * ref.chunk_size, ref.chunk_length(i)))
+            index.by_hash.setdefault(h, (path, ref.chunk_offset(i), ref.chunk_length(i)))
     return index
 
 
@@ -63,6 +83,8 @@ class FetchStats:
     bytes_reused: int = 0
     chunks_rejected: int = 0
     duplicates: int = 0
+    # Messages that are no chunk or run of chunks of this device's layout (another chunking's).
+    strays: int = 0
     bytes_received: int = 0
     # Every (digest, chunk) asked for, in order: lets tests see exactly what was re-requested.
     requested: list[tuple[str, int]] = field(default_factory=list)
@@ -107,10 +129,38 @@ class _Transfer:
         self.error: OSError | None = None
         self.changed = asyncio.Event()
 
+    @property
+    def by_range(self) -> bool:
+        """Chunks cut at chosen offsets are asked for as byte ranges, packed several to a message."""
+        return self.ref is not None and self.ref.cut
+
+    def offset(self, index: int) -> int:
+        return self.ref.chunk_offset(index) if self.ref is not None else index * self.chunk_size
+
     def expected_length(self, index: int) -> int:
+        if self.ref is not None:
+            return self.ref.chunk_length(index) if self.size else 0
         return min(self.chunk_size, self.size - index * self.chunk_size) if self.size else 0
 
-    def check(self, index: int, data: bytes) -> None:
+    def run_at(self, offset: int, length: int) -> list[int] | None:
+        """The chunks that [offset, offset+length) is made of; None unless it is a run of whole ones."""
+        if self.ref is not None:
+            first = self.ref.chunk_starting_at(offset)
+        else:
+            index, rest = divmod(offset, self.chunk_size)
+            first = index if rest == 0 and index < self.count else None
+        if first is None:
+            return None
+        run: list[int] = []
+        end, stop = offset, offset + length
+        i = first
+        while end < stop and i < self.count:
+            run.append(i)
+            end += self.expected_length(i)
+            i += 1
+        return run if end == stop and run else None
+
+    def check(self, index: int, data: bytes | memoryview) -> None:
         """IntegrityError unless ``data`` can be chunk ``index``: its hash where known, else its length."""
         if self.ref is not None:
             self.ref.verify_chunk(index, data)
@@ -153,41 +203,78 @@ class ShardFetcher:
 
     # -- called by the link's message loop -------------------------------------------------
     def on_chunk(self, digest: str, index: int, data: bytes) -> None:
+        """Chunk ``index`` of a blob with fixed-size chunks."""
         t = self._active.get(digest)
         if t is None or index >= t.count or t.fd is None:
             return
-        if index in t.have or index in t.writing:
-            self.stats.duplicates += 1
+        if t.by_range or len(data) != t.expected_length(index):
+            # Another chunking of the same blob (asked for by a device of an older package or
+            # agent): not damage, and not this transfer's chunk ``index``.
+            self.stats.strays += 1
             return
-        t.writing.add(index)
-        done = self._writer.submit(_verify_and_write, t, t.fd, index, data)
-        loop = asyncio.get_running_loop()
+        self._take(t, [(index, data)])
 
-        def back_on_the_loop(f: Future[None]) -> None:
+    def on_range(self, digest: str, offset: int, data: bytes) -> None:
+        """A run of whole chunks of ``digest`` starting at byte ``offset``."""
+        t = self._active.get(digest)
+        if t is None or t.fd is None:
+            return
+        run = t.run_at(offset, len(data))
+        if run is None:
+            self.stats.strays += 1
+            return
+        view = memoryview(data)
+        pieces: list[tuple[int, bytes | memoryview]] = []
+        at = 0
+        for i in run:
+            n = t.expected_length(i)
+            pieces.append((i, view[at : at + n]))
+            at += n
+        self._take(t, pieces)
+
+    def _take(self, t: _Transfer, pieces: list[tuple[int, bytes | memoryview]]) -> None:
+        if t.fd is None:
+            return
+        fresh = []
+        for index, data in pieces:
+            if index in t.have or index in t.writing:
+                self.stats.duplicates += 1
+            else:
+                fresh.append((index, data))
+                t.writing.add(index)
+        if not fresh:
+            return
+        done = self._writer.submit(_verify_and_write, t, t.fd, fresh)
+        loop = asyncio.get_running_loop()
+        given = [index for index, _ in fresh]
+
+        def back_on_the_loop(f: Future[list[tuple[int, int, Exception | None]]]) -> None:
             with contextlib.suppress(RuntimeError):  # the loop closed first (shutting down)
-                loop.call_soon_threadsafe(self._written, t, index, len(data), f)
+                loop.call_soon_threadsafe(self._written, t, given, f)
 
         done.add_done_callback(back_on_the_loop)
 
-    def _written(self, t: _Transfer, index: int, size: int, done: Future[None]) -> None:
-        """Back on the loop: the writer thread's verdict on chunk ``index``."""
-        t.writing.discard(index)
+    def _written(
+        self, t: _Transfer, given: list[int], done: Future[list[tuple[int, int, Exception | None]]]
+    ) -> None:
+        """Back on the loop: the writer thread's verdict on each chunk it was given."""
         t.changed.set()
-        exc = done.exception()
-        if isinstance(exc, IntegrityError):
-            self.stats.chunks_rejected += 1
-            log.warning("rejected chunk: %s; asking for it again", exc)
-            t.rejected.add(index)
-            t.rejections[index] = t.rejections.get(index, 0) + 1
-        elif isinstance(exc, OSError):
-            # The transfer, not the link's message loop, must hear of it.
-            t.error = exc
-        elif exc is not None:
-            raise exc
-        else:
-            t.have.add(index)
-            self.stats.chunks_received += 1
-            self.stats.bytes_received += size
+        t.writing.difference_update(given)
+        for index, size, exc in done.result():
+            if isinstance(exc, IntegrityError):
+                self.stats.chunks_rejected += 1
+                log.warning("rejected chunk: %s; asking for it again", exc)
+                t.rejected.add(index)
+                t.rejections[index] = t.rejections.get(index, 0) + 1
+            elif isinstance(exc, OSError):
+                # The transfer, not the link's message loop, must hear of it.
+                t.error = exc
+            elif exc is not None:
+                raise exc
+            else:
+                t.have.add(index)
+                self.stats.chunks_received += 1
+                self.stats.bytes_received += size
 
     # -- public API -------------------------------------------------------------------------
     def missing_bytes(self, blobs: list[BlobRef]) -> int:
@@ -305,35 +392,52 @@ class ShardFetcher:
             return
         with t.part.open("rb") as fh:
             for i in range(t.count):
-                fh.seek(i * t.chunk_size)
+                fh.seek(t.offset(i))
                 if sha256_hex(fh.read(t.expected_length(i))) == t.ref.chunks[i]:
                     t.have.add(i)
         if t.have:
             log.info("resuming %s: %d of %d chunks already on disk", t.digest, len(t.have), t.count)
 
     def _reuse_local(self, t: _Transfer, reuse: ChunkIndex) -> None:
-        """Copy chunks whose hash we already hold (in the other slot) into the partial file."""
+        """Copy chunks whose bytes we already hold (in the other slot) into the partial file: by
+        hash, else at the same offset of another version of the same file."""
         if t.ref is None:
             return
         copied = 0
-        with t.part.open("r+b") as out:
+        places = reuse.same_place.get(t.digest, [])
+        with contextlib.ExitStack() as files, t.part.open("r+b") as out:
+            opened: dict[Path, BinaryIO | None] = {}
+
+            def read(path: Path, offset: int, length: int) -> bytes | None:
+                if path not in opened:
+                    try:
+                        opened[path] = files.enter_context(path.open("rb"))
+                    except OSError:
+                        opened[path] = None
+                fh = opened[path]
+                if fh is None:
+                    return None
+                fh.seek(offset)
+                return fh.read(length)
+
             for i in t.missing():
-                src = reuse.get(t.ref.chunks[i])
-                if src is None:
-                    continue
-                path, offset, length = src
-                try:
-                    with path.open("rb") as fh:
-                        fh.seek(offset)
-                        data = fh.read(length)
-                    t.check(i, data)
-                except (OSError, IntegrityError):
-                    continue  # a damaged or vanished local copy: download this one
-                out.seek(i * t.chunk_size)
-                out.write(data)
-                t.have.add(i)
-                copied += len(data)
-                self.stats.chunks_reused += 1
+                offset, length = t.offset(i), t.expected_length(i)
+                candidates = [reuse.by_hash[t.ref.chunks[i]]] if t.ref.chunks[i] in reuse.by_hash else []
+                candidates += [(path, offset, length) for path in places]
+                for path, at, n in candidates:
+                    try:
+                        data = read(path, at, n)
+                        if data is None:
+                            continue
+                        t.check(i, data)
+                    except (OSError, IntegrityError):
+                        continue  # a damaged, vanished or different local copy: try the next
+                    out.seek(offset)
+                    out.write(data)
+                    t.have.add(i)
+                    copied += len(data)
+                    self.stats.chunks_reused += 1
+                    break
         self.stats.bytes_reused += copied
         if copied:
             log.info(
@@ -346,14 +450,46 @@ class ShardFetcher:
     async def _request(self, t: _Transfer, chunks: list[int]) -> None:
         if self.limiter is not None:
             await self.limiter.acquire(sum(t.expected_length(i) for i in chunks))
+        if t.by_range:
+            blob = BlobRequest(digest=t.digest, chunk_size=t.chunk_size, ranges=self._ranges(t, chunks))
+        else:
+            blob = BlobRequest(digest=t.digest, chunk_size=t.chunk_size, chunks=chunks)
         await self.channel.send_fetch(
-            FetchRequest(
-                device_id=self.device_id,
-                request_id=uuid.uuid4().hex[:16],
-                blobs=[BlobRequest(digest=t.digest, chunk_size=t.chunk_size, chunks=chunks)],
-            )
+            FetchRequest(device_id=self.device_id, request_id=uuid.uuid4().hex[:16], blobs=[blob])
         )
         self.stats.requested.extend((t.digest, i) for i in chunks)
+
+    @staticmethod
+    def _ranges(t: _Transfer, chunks: list[int]) -> list[tuple[int, int]]:
+        """Runs of consecutive chunks, none across a multiple of the chunk size nor longer than
+        it: a blob cut at its tensors (and every chunk size) arrives in the messages that fixed
+        chunks would take, none larger."""
+        ranges: list[tuple[int, int]] = []
+        start = length = 0
+        last = -2
+        for i in sorted(chunks):
+            n = t.expected_length(i)
+            offset = t.offset(i)
+            if length and (i != last + 1 or offset % t.chunk_size == 0 or length + n > t.chunk_size):
+                ranges.append((start, length))
+                length = 0
+            if not length:
+                start = offset
+            length += n
+            last = i
+        ranges.append((start, length))
+        return ranges
+
+    def _window(self, t: _Transfer, missing: list[int], per_request: int) -> set[int]:
+        """The next chunks to ask for: up to ``per_request`` chunks' worth of bytes."""
+        budget = per_request * t.chunk_size
+        window: set[int] = set()
+        for i in missing:
+            if window and (budget <= 0 or len(window) >= MAX_CHUNKS_PER_BLOB_REQUEST):
+                break
+            window.add(i)
+            budget -= max(1, t.expected_length(i))
+        return window
 
     async def _pull_missing(self, t: _Transfer) -> None:
         loop = asyncio.get_running_loop()
@@ -363,7 +499,7 @@ class ShardFetcher:
             # About one second of transfer per request, so a capped fetch flows instead of bursting.
             per_request = max(1, min(per_request, self.limiter.bytes_per_s // max(1, t.chunk_size)))
         while missing := t.missing():
-            window = set(missing[:per_request])
+            window = self._window(t, missing, per_request)
             t.rejected.difference_update(window)
             await self._request(t, sorted(window))
             deadline = loop.time() + self.request_timeout_s
@@ -414,11 +550,21 @@ class ShardFetcher:
                     deadline = loop.time() + self.request_timeout_s
 
 
-def _verify_and_write(t: _Transfer, fd: int, index: int, data: bytes) -> None:
-    """On the writer thread: IntegrityError unless ``data`` is chunk ``index``, else written."""
-    t.check(index, data)
-    offset = index * t.chunk_size
-    left = memoryview(data)
-    while left:
-        written = os.pwrite(fd, left, offset)
-        left, offset = left[written:], offset + written
+def _verify_and_write(
+    t: _Transfer, fd: int, pieces: list[tuple[int, bytes | memoryview]]
+) -> list[tuple[int, int, Exception | None]]:
+    """On the writer thread: each piece checked as its chunk and, if it is, written; the verdicts."""
+    verdicts: list[tuple[int, int, Exception | None]] = []
+    for index, data in pieces:
+        try:
+            t.check(index, data)
+            offset = t.offset(index)
+            left = memoryview(data)
+            while left:
+                written = os.pwrite(fd, left, offset)
+                left, offset = left[written:], offset + written
+        except (IntegrityError, OSError) as exc:
+            verdicts.append((index, len(data), exc))
+        else:
+            verdicts.append((index, len(data), None))
+    return verdicts

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from edge_agent.runtime.host import LoadedModel, ModelHost
 from edge_agent.update.fetcher import ChunkIndex, ShardFetcher, chunk_index
@@ -354,7 +355,7 @@ class Reconciler:
         # Partial files of updates given up on hold space this one needs.
         keep = {b.digest for b in manifest.blobs()} | {ref.manifest_digest}
         await asyncio.to_thread(self.fetcher.prune_partials, keep)
-        reuse = await asyncio.to_thread(self._local_chunks)
+        reuse = await asyncio.to_thread(self._local_chunks, manifest)
         await self.fetcher.fetch_blobs(manifest.blobs(), reuse)
         return manifest_bytes, manifest
 
@@ -454,10 +455,17 @@ class Reconciler:
                 continue
         return found
 
-    def _local_chunks(self) -> ChunkIndex:
-        """Chunks of the models in both slots: an update re-downloads only what changed."""
+    def _local_chunks(self, target: Manifest) -> ChunkIndex:
+        """Chunks of the models in both slots: an update re-downloads only what changed. A file of
+        ``target`` is also looked for at the same path in a slot (another version of it)."""
+        installed = self._slot_manifests()
+        same_place: dict[str, list[Path]] = {}
+        for f in target.files:
+            for slot, m in installed:
+                if any(g.path == f.path for g in m.files):
+                    same_place.setdefault(f.blob.digest, []).append(self.slots.path(slot) / f.path)
         return chunk_index(
-            [(self.slots.path(slot) / f.path, f.blob) for slot, m in self._slot_manifests() for f in m.files]
+            [(self.slots.path(slot) / f.path, f.blob) for slot, m in installed for f in m.files], same_place
         )
 
     def _prune_cache(self) -> None:

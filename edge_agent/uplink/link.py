@@ -32,12 +32,15 @@ class CloudLink:
         on_chunk: Callable[[str, int, bytes], None],
         on_command: Callable[[Command], Awaitable[CommandReply]] | None = None,
         on_ack: Callable[[Ack], None] | None = None,
+        on_range: Callable[[str, int, bytes], None] | None = None,
     ) -> None:
         self.broker = broker
         self.topics = topics
         self.device_id = device_id
         self.on_desired = on_desired
         self.on_chunk = on_chunk
+        # A run of whole chunks (digest, byte offset, data): blobs cut at tensor boundaries.
+        self.on_range = on_range
         self.on_command = on_command
         self.on_ack = on_ack
         # Connections made so far: the outbox sends again what a lost session left unacknowledged.
@@ -117,8 +120,11 @@ class CloudLink:
         try:
             parsed = self.topics.parse(topic)
             if parsed.channel == "blob":
-                assert parsed.digest is not None and parsed.chunk is not None
-                self.on_chunk(parsed.digest, parsed.chunk, payload)
+                assert parsed.digest is not None
+                if parsed.chunk is not None:
+                    self.on_chunk(parsed.digest, parsed.chunk, payload)
+                elif parsed.offset is not None and self.on_range is not None:
+                    self.on_range(parsed.digest, parsed.offset, payload)
             elif parsed.channel == "desired":
                 self.on_desired(DesiredState.from_json(payload))
             elif parsed.channel == "acks":
