@@ -14,7 +14,7 @@ import pytest
 
 from cloud.mqtt.blob_server import BlobServer
 from cloud.mqtt.control_link import ControlLink
-from edge_agent.update.fetcher import ShardFetcher, chunk_index
+from edge_agent.update.fetcher import ChunkIndex, ShardFetcher, chunk_index
 from edge_agent.uplink.link import CloudLink
 from shared.blobs import BlobRef, BlobStore, describe_bytes
 from shared.errors import FetchError
@@ -54,6 +54,26 @@ async def _wired(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _fetch(
+    broker: BrokerSettings,
+    tenant: str,
+    tmp: Path,
+    store: BlobStore,
+    server: BlobServer,
+    blobs: list[BlobRef],
+    reuse: ChunkIndex | None = None,
+    **fetch_kw: object,
+) -> ShardFetcher:
+    """One device fetches ``blobs`` from ``server`` over the test broker; its fetcher, after."""
+
+    async def scenario() -> ShardFetcher:
+        async with _wired(broker, tenant, tmp, store, server, **fetch_kw) as fetcher:
+            await asyncio.wait_for(fetcher.fetch_blobs(blobs, reuse), 30)
+            return fetcher
+
+    return asyncio.run(scenario())
+
+
 def _blob(store: BlobStore, size: int) -> tuple[bytes, BlobRef]:
     data = os.urandom(size)
     store.put_bytes(data)
@@ -75,12 +95,7 @@ def test_corrupt_chunk_is_refetched_alone(
 
     server = BlobServer(store, Topics(tenant), chunk_filter=corrupt_chunk_3_once)
 
-    async def scenario() -> ShardFetcher:
-        async with _wired(broker_settings, tenant, tmp_path, store, server, chunks_per_request=64) as fetcher:
-            await asyncio.wait_for(fetcher.fetch_blobs([ref]), 30)
-            return fetcher
-
-    fetcher = asyncio.run(scenario())
+    fetcher = _fetch(broker_settings, tenant, tmp_path, store, server, [ref], chunks_per_request=64)
     assert corrupted == [3 * CHUNK]
     assert fetcher.cache.read(ref.digest) == data
     asked = Counter(i for _, i in fetcher.stats.requested)
@@ -102,12 +117,7 @@ def test_resume_asks_only_for_missing_chunks(
     part.write_bytes(data[: 5 * CHUNK] + data[5 * CHUNK : 5 * CHUNK + 100])
     server = BlobServer(store, Topics(tenant))
 
-    async def scenario() -> ShardFetcher:
-        async with _wired(broker_settings, tenant, tmp_path, store, server) as fetcher:
-            await asyncio.wait_for(fetcher.fetch_blobs([ref]), 30)
-            return fetcher
-
-    fetcher = asyncio.run(scenario())
+    fetcher = _fetch(broker_settings, tenant, tmp_path, store, server, [ref])
     assert fetcher.cache.read(ref.digest) == data
     assert sorted(i for _, i in fetcher.stats.requested) == [5, 6, 7]
     assert not part.exists()
@@ -234,13 +244,9 @@ def test_delta_update_downloads_only_changed_chunks(
     local.write_bytes(old)
     server = BlobServer(store, Topics(tenant))
 
-    async def scenario() -> ShardFetcher:
-        async with _wired(broker_settings, tenant, tmp_path, store, server) as fetcher:
-            reuse = chunk_index([(local, old_ref)])
-            await asyncio.wait_for(fetcher.fetch_blobs([new_ref], reuse), 30)
-            return fetcher
-
-    fetcher = asyncio.run(scenario())
+    fetcher = _fetch(
+        broker_settings, tenant, tmp_path, store, server, [new_ref], chunk_index([(local, old_ref)])
+    )
     assert fetcher.cache.read(new_ref.digest) == bytes(new)
     assert sorted(i for _, i in fetcher.stats.requested) == [2, 11]
     assert fetcher.stats.chunks_reused == 19
@@ -272,12 +278,7 @@ def test_a_blob_cut_at_tensors_arrives_in_ranges_no_more_messages_than_fixed_chu
     assert ref.cut and ref.chunk_count > describe_bytes(bytes(data), CHUNK).chunk_count
     server = BlobServer(store, Topics(tenant))
 
-    async def scenario() -> ShardFetcher:
-        async with _wired(broker_settings, tenant, tmp_path, store, server, chunks_per_request=64) as fetcher:
-            await asyncio.wait_for(fetcher.fetch_blobs([ref]), 30)
-            return fetcher
-
-    fetcher = asyncio.run(scenario())
+    fetcher = _fetch(broker_settings, tenant, tmp_path, store, server, [ref], chunks_per_request=64)
     assert fetcher.cache.read(ref.digest) == bytes(data)
     assert fetcher.stats.chunks_received == ref.chunk_count
     assert fetcher.stats.strays == 0 and fetcher.stats.duplicates == 0
@@ -304,12 +305,16 @@ def test_a_delta_of_blobs_cut_at_tensors_sends_exactly_the_changed_tensors(
     local.write_bytes(bytes(old))
     server = BlobServer(store, Topics(tenant))
 
-    async def scenario() -> ShardFetcher:
-        async with _wired(broker_settings, tenant, tmp_path, store, server, chunks_per_request=64) as fetcher:
-            await asyncio.wait_for(fetcher.fetch_blobs([new_ref], chunk_index([(local, old_ref)])), 30)
-            return fetcher
-
-    fetcher = asyncio.run(scenario())
+    fetcher = _fetch(
+        broker_settings,
+        tenant,
+        tmp_path,
+        store,
+        server,
+        [new_ref],
+        chunk_index([(local, old_ref)]),
+        chunks_per_request=64,
+    )
     assert fetcher.cache.read(new_ref.digest) == bytes(new)
     assert server.bytes_published == changed, "only the changed tensors' bytes went over the wire"
     assert fetcher.stats.bytes_reused == len(new) - changed
@@ -335,12 +340,7 @@ def test_a_damaged_chunk_inside_a_range_is_asked_for_alone(
 
     server = BlobServer(store, Topics(tenant), chunk_filter=damage_once)
 
-    async def scenario() -> ShardFetcher:
-        async with _wired(broker_settings, tenant, tmp_path, store, server, chunks_per_request=64) as fetcher:
-            await asyncio.wait_for(fetcher.fetch_blobs([ref]), 30)
-            return fetcher
-
-    fetcher = asyncio.run(scenario())
+    fetcher = _fetch(broker_settings, tenant, tmp_path, store, server, [ref], chunks_per_request=64)
     assert damaged, "the victim chunk travelled inside a larger range"
     assert fetcher.cache.read(ref.digest) == bytes(data)
     asked = Counter(i for _, i in fetcher.stats.requested)
@@ -403,13 +403,16 @@ def test_a_first_update_to_tensor_cut_chunks_reuses_the_fixed_chunked_version_at
     local.write_bytes(bytes(old))
     server = BlobServer(store, Topics(tenant))
 
-    async def scenario() -> ShardFetcher:
-        async with _wired(broker_settings, tenant, tmp_path, store, server, chunks_per_request=64) as fetcher:
-            reuse = chunk_index([(local, old_ref)], {new_ref.digest: [local, tmp_path / "gone.data"]})
-            await asyncio.wait_for(fetcher.fetch_blobs([new_ref], reuse), 30)
-            return fetcher
-
-    fetcher = asyncio.run(scenario())
+    fetcher = _fetch(
+        broker_settings,
+        tenant,
+        tmp_path,
+        store,
+        server,
+        [new_ref],
+        chunk_index([(local, old_ref)], {new_ref.digest: [local, tmp_path / "gone.data"]}),
+        chunks_per_request=64,
+    )
     assert fetcher.cache.read(new_ref.digest) == bytes(new)
     assert server.bytes_published == end - start, "only the changed tensor was downloaded"
 
