@@ -4,8 +4,10 @@ a broker stopped mid-transfer, a model that cannot load, rollback, config push, 
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -222,3 +224,74 @@ def _second_request_gets_429(edge: EdgeProcess) -> None:
     refused = next(r for r in responses if r.status_code == 429)
     assert int(refused.headers["retry-after"]) >= 1
     assert refused.json()["error"]["code"] == "queue_full"
+
+
+def test_an_update_from_a_version_chunked_the_old_way_downloads_only_the_changed_tensors(
+    broker_settings: BrokerSettings,
+    tenant: str,
+    tmp_path: Path,
+    registry: ModelRegistry,
+    signing_key: SigningKey,
+    demo_source: Path,
+    edge_factory: Start,
+) -> None:
+    """Version 1 was packaged with fixed chunks (before tensor boundaries existed), version 2 is
+    a fine-tune of one tensor packaged with the default chunking: the pieces of every cell a
+    tensor boundary cuts have hashes version 1 never listed, yet the agent copies them from its
+    slot (same file, same offset) and downloads only the changed tensor."""
+    import onnx
+    from onnx import numpy_helper
+    from safetensors.torch import load_file, save_file
+
+    from cloud.packaging.packager import ModelPackager, PackageOptions
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(demo_source, tuned)
+    state = load_file(str(tuned / "model.safetensors"))
+    name = max((k for k in state if "layers" in k), key=lambda k: state[k].numel())
+    state[name] = state[name] + 0.01
+    save_file(state, str(tuned / "model.safetensors"), metadata={"format": "pt"})
+    packager = ModelPackager(registry, signing_key)
+    common = {"quantize": "none", "chunk_size": 64 * 1024, "pool_artifact": False}
+    v1 = packager.package(
+        demo_source, PackageOptions(name="delta-glm", version="1", chunking="fixed", **common)
+    )  # type: ignore[arg-type]
+    v2 = packager.package(tuned, PackageOptions(name="delta-glm", version="2", **common))  # type: ignore[arg-type]
+    old = next(f.blob for f in v1.manifest.files if f.role == "weights")
+    new = next(f.blob for f in v2.manifest.files if f.role == "weights")
+    assert new.cut and not old.cut
+
+    def initializers(entry: RegistryEntry) -> dict[str, bytes]:
+        folder = tmp_path / f"graph-{entry.version}"
+        folder.mkdir()
+        for f in entry.manifest.files:
+            if f.role in ("graph", "weights"):
+                shutil.copyfile(registry.blobs.path(f.blob.digest), folder / f.path)
+        model = onnx.load(str(folder / "model.onnx"))
+        return {t.name: numpy_helper.to_array(t).tobytes() for t in model.graph.initializer}
+
+    a, b = initializers(v1), initializers(v2)
+    changed = sum(len(data) for key, data in b.items() if a.get(key) != data)
+    assert 0 < changed < new.size // 4
+    # By chunk hash alone, every 64 KiB cell cut by a tensor boundary would have to be downloaded.
+    unshared = sum(new.chunk_length(i) for i, h in enumerate(new.chunks) if h not in set(old.chunks))
+    assert unshared > changed + 64 * 1024
+
+    device = "delta-1"
+    edge = edge_factory(
+        device_id=device, tenant=tenant, broker=broker_settings, trusted=[signing_key.public.b64]
+    )
+    with BackgroundCloud(broker_settings, tenant, registry) as cloud:
+        cloud.set_desired(device, DesiredState(revision=1, model=v1.ref))
+        cloud.wait_reported(device, is_active(v1, 1))
+        before = agent_info(edge)["fetch"]
+        served = len(cloud.served)
+        cloud.set_desired(device, DesiredState(revision=2, model=v2.ref))
+        cloud.wait_reported(device, is_active(v2, 2))
+        weights_sent = sum(n for digest, _, n in cloud.served[served:] if digest == new.digest)
+    after = agent_info(edge)["fetch"]
+    assert served_model(edge) == "delta-glm:2"
+    # The changed initializers, or less (an initializer packed from several source tensors keeps
+    # the pieces of the unchanged ones).
+    assert 0 < weights_sent <= changed, (weights_sent, changed, new.size)
+    assert after["bytes_reused"] - before["bytes_reused"] >= new.size - weights_sent

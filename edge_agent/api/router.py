@@ -72,6 +72,9 @@ async def agent_state(request: Request) -> dict[str, Any]:
             "chunks_rejected": agent.fetcher.stats.chunks_rejected,
             "duplicates": agent.fetcher.stats.duplicates,
             "bytes_received": agent.fetcher.stats.bytes_received,
+            # Delta updates: bytes copied from the models already on the device, not downloaded.
+            "bytes_reused": agent.fetcher.stats.bytes_reused,
+            "strays": agent.fetcher.stats.strays,
         },
         "dropped_messages": agent.link.dropped_messages,
         # Control messages refused: unsigned, untrusted key, altered, for another device, expired,
