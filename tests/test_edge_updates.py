@@ -230,7 +230,6 @@ def test_an_update_from_a_version_chunked_the_old_way_downloads_only_the_changed
     broker_settings: BrokerSettings,
     tenant: str,
     tmp_path: Path,
-    registry: ModelRegistry,
     signing_key: SigningKey,
     demo_source: Path,
     edge_factory: Start,
@@ -251,6 +250,9 @@ def test_an_update_from_a_version_chunked_the_old_way_downloads_only_the_changed
     name = max((k for k in state if "layers" in k), key=lambda k: state[k].numel())
     state[name] = state[name] + 0.01
     save_file(state, str(tuned / "model.safetensors"), metadata={"format": "pt"})
+    # A registry of its own: the same weights listed with fixed chunks in the session's registry
+    # would change what other tests may fetch from it.
+    registry = ModelRegistry(tmp_path / "registry")
     packager = ModelPackager(registry, signing_key)
     common = {"quantize": "none", "chunk_size": 64 * 1024, "pool_artifact": False}
     v1 = packager.package(
