@@ -275,16 +275,7 @@ def smollm2_delta(work: Path) -> None:
                 continue
             missing = [i for i, h in enumerate(b.chunks) if h not in held]
             sent += sum(b.chunk_length(i) for i in missing)
-            if not b.cut:
-                messages += len(missing)
-                continue
-            last, length = -2, 0  # the fetcher's packing: runs within one chunk-size cell
-            for i in missing:
-                n, at = b.chunk_length(i), b.chunk_offset(i)
-                if length and (i != last + 1 or at % b.chunk_size == 0 or length + n > b.chunk_size):
-                    messages, length = messages + 1, 0
-                length, last = length + n, i
-            messages += 1 if length else 0
+            messages += len(b.runs(missing)) if b.cut else len(missing)
         first = sum(chunk_count_for(b.size, b.chunk_size) for b in new.blobs())
         rows.append(
             (

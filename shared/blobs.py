@@ -104,6 +104,27 @@ class BlobRef(WireModel):
         i = bisect.bisect_left(self.ends, offset)
         return i + 1 if i < len(self.ends) - 1 and self.ends[i] == offset else None
 
+    def runs(self, indexes: Iterable[int]) -> list[tuple[int, int]]:
+        """``[offset, length]`` byte ranges covering these chunks: runs of consecutive chunks, none
+        across a multiple of the chunk size nor longer than it. How a device asks for a blob cut
+        at its tensors: the pieces of one chunk-size cell in one message, so a first install takes
+        the messages fixed chunks would, none larger."""
+        ranges: list[tuple[int, int]] = []
+        start = length = 0
+        last = -2
+        for i in sorted(indexes):
+            n, offset = self.chunk_length(i), self.chunk_offset(i)
+            if length and (i != last + 1 or offset % self.chunk_size == 0 or length + n > self.chunk_size):
+                ranges.append((start, length))
+                length = 0
+            if not length:
+                start = offset
+            length += n
+            last = i
+        if length:
+            ranges.append((start, length))
+        return ranges
+
     def verify_chunk(self, index: int, data: bytes | memoryview) -> None:
         """Raise IntegrityError unless ``data`` is exactly chunk ``index`` of this blob."""
         expected_len = self.chunk_length(index)

@@ -153,3 +153,13 @@ def test_a_tensor_without_a_length_is_cut_where_its_shape_ends(tmp_path: Path) -
     onnx.save_model(loaded, str(tmp_path / "m.onnx"))
     cuts = tensor_cuts([tmp_path / "m.onnx"])["m.data"]
     assert 4000 in cuts and any(c >= 4028 for c in cuts), cuts
+
+
+def test_runs_pack_the_pieces_of_one_cell_into_one_range() -> None:
+    ref = describe_bytes(bytes(10_000), 1000, [2500, 2600, 7000])
+    assert ref.ends is not None
+    everything = ref.runs(range(ref.chunk_count))
+    # One range per 1000-byte cell, as fixed chunks would take: 2000-2500-2600-3000 is one.
+    assert everything == [(i * 1000, 1000) for i in range(10)]
+    pieces = [ref.chunk_starting_at(a) for a in (2000, 2600, 3000)]
+    assert ref.runs(pieces) == [(2000, 500), (2600, 400), (3000, 1000)]  # gaps split runs

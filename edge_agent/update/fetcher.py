@@ -450,35 +450,14 @@ class ShardFetcher:
     async def _request(self, t: _Transfer, chunks: list[int]) -> None:
         if self.limiter is not None:
             await self.limiter.acquire(sum(t.expected_length(i) for i in chunks))
-        if t.by_range:
-            blob = BlobRequest(digest=t.digest, chunk_size=t.chunk_size, ranges=self._ranges(t, chunks))
+        if t.ref is not None and t.ref.cut:
+            blob = BlobRequest(digest=t.digest, chunk_size=t.chunk_size, ranges=t.ref.runs(chunks))
         else:
             blob = BlobRequest(digest=t.digest, chunk_size=t.chunk_size, chunks=chunks)
         await self.channel.send_fetch(
             FetchRequest(device_id=self.device_id, request_id=uuid.uuid4().hex[:16], blobs=[blob])
         )
         self.stats.requested.extend((t.digest, i) for i in chunks)
-
-    @staticmethod
-    def _ranges(t: _Transfer, chunks: list[int]) -> list[tuple[int, int]]:
-        """Runs of consecutive chunks, none across a multiple of the chunk size nor longer than
-        it: a blob cut at its tensors (and every chunk size) arrives in the messages that fixed
-        chunks would take, none larger."""
-        ranges: list[tuple[int, int]] = []
-        start = length = 0
-        last = -2
-        for i in sorted(chunks):
-            n = t.expected_length(i)
-            offset = t.offset(i)
-            if length and (i != last + 1 or offset % t.chunk_size == 0 or length + n > t.chunk_size):
-                ranges.append((start, length))
-                length = 0
-            if not length:
-                start = offset
-            length += n
-            last = i
-        ranges.append((start, length))
-        return ranges
 
     def _window(self, t: _Transfer, missing: list[int], per_request: int) -> set[int]:
         """The next chunks to ask for: up to ``per_request`` chunks' worth of bytes."""
