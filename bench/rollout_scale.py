@@ -14,13 +14,18 @@ signs in and the fleet page is fetched under several queries: the server's own t
 
 The broker runs with the production persistence setting (periodic autosave) unless
 ``--autosave changes`` asks for the tests' setting; the output says which. Every simulated device
-holds a socket in this process and in the broker: the bench raises its open-file limit as far as
-the hard limit allows (20,000 in this project's containers, so ~19,000 devices at most), and
-large runs back to back need a minute between them for loopback ports in TIME_WAIT to free up
-("Address already in use" otherwise).
+holds a socket in its simulator process and in its broker, and one process may hold at most
+20,000 open files in this project's containers: so the devices are simulated by one process per
+``--per-process`` devices (15,000 by default), each connected to a mosquitto of its own; the
+first mosquitto is the one the control plane uses, the others bridge the device topics to it
+(desired states in, reports and status out), as brokers are scaled out. Up to 15,000 devices that
+is one simulator and one broker. Every device also takes a local port: above ~28,000 devices
+widen ``net.ipv4.ip_local_port_range`` (the bench says how). Large runs back to back need a
+minute between them for loopback ports in TIME_WAIT to free up ("Address already in use"
+otherwise).
 
 Usage: python bench/rollout_scale.py [--devices 1000] [--database-url URL] [--autosave periodic|changes]
-                                     [--console] [--profile FILE]
+                                     [--per-process 15000] [--console] [--profile FILE]
 """
 
 from __future__ import annotations
@@ -121,6 +126,63 @@ async def device(
             await client.publish(topics.reported(device_id), reported.to_json(), qos=QOS, retain=True)
 
 
+def raise_open_files(want: int) -> None:
+    """Raise this process's open-file limit towards ``want`` (above the hard limit only as root)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
+        except (ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def simulate(first: int, count: int, port: int) -> None:
+    """A simulator process: devices ``first`` .. ``first + count - 1`` on the broker at ``port``,
+    until SIGTERM."""
+    raise_open_files(count + 1024)
+    broker = BrokerSettings(host="127.0.0.1", port=port)
+
+    async def one(i: int, topics: Topics, ready: asyncio.Event, counter: list[int]) -> None:
+        try:
+            await device(i, broker, topics, ready, counter)
+        except Exception as exc:  # a device that cannot connect: say why and stop, do not hang the run
+            print(f"simulated device {i} failed: {exc!r}", file=sys.stderr, flush=True)
+            os._exit(3)
+
+    async def run() -> None:
+        topics = Topics(TENANT)
+        ready = asyncio.Event()
+        counter = [0, count]
+        tasks = []
+        for i in range(first, first + count):
+            tasks.append(asyncio.create_task(one(i, topics, ready, counter)))
+            if i % 50 == 49:
+                await asyncio.sleep(0.05)  # do not open 1,000 connections in one burst
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(run())
+
+
+def bridge_lines(name: str, core_port: int) -> list[str]:
+    """A mosquitto bridge carrying the simulated devices' topics to and from the core broker."""
+    root = Topics(TENANT).root
+    return [
+        f"connection {name}",
+        f"address 127.0.0.1:{core_port}",
+        f"topic {root}/devices/+/desired in {QOS}",
+        f"topic {root}/devices/+/reported out {QOS}",
+        f"topic {root}/devices/+/status out {QOS}",
+        "cleansession true",
+        "notifications false",
+        "bridge_protocol_version mqttv311",
+    ]
+
+
 def proc_stats(pid: int) -> tuple[float, int]:
     """(CPU seconds user+system, resident bytes) of a process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -143,7 +205,16 @@ def main() -> None:
         "`fleet broker-config` ship) or after every change (as the tests' brokers do).",
     )
     ap.add_argument(
+        "--per-process",
+        type=int,
+        default=15_000,
+        help="Devices per simulator process and per broker (one process may hold 20,000 sockets here).",
+    )
+    ap.add_argument(
         "--console", action="store_true", help="Then time the console's fleet page over these devices."
+    )
+    ap.add_argument(
+        "--simulate", nargs=3, type=int, metavar=("FIRST", "COUNT", "PORT"), help=argparse.SUPPRESS
     )
     ap.add_argument(
         "--profile",
@@ -153,14 +224,20 @@ def main() -> None:
         "stacks here, 100 samples per second, for finding where the per-device CPU goes.",
     )
     args = ap.parse_args()
-    # One socket per simulated device here and in the broker (which inherits the limit).
-    want = 2 * args.devices + 1024
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < want:
-        try:  # above the hard limit only as root
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
-        except (ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if args.simulate:
+        simulate(*args.simulate)
+        return
+    if args.per_process < 1:
+        raise SystemExit("--per-process must be at least 1")
+    # One socket per device of its slice in each broker, which inherits this limit.
+    raise_open_files(min(args.devices, args.per_process) + 1024)
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    if high - low + 1 < args.devices + 1000:
+        raise SystemExit(
+            f"{args.devices} loopback connections need as many local ports, and only {high - low + 1} "
+            f"are in net.ipv4.ip_local_port_range ({low}-{high}); as root: "
+            "sysctl -w net.ipv4.ip_local_port_range='10000 65000'"
+        )
 
     work = Path(tempfile.mkdtemp(prefix="autoglm-rollout-bench-"))
     registry = ModelRegistry(work / "registries" / TENANT)
@@ -171,10 +248,18 @@ def main() -> None:
     _, key = ApiKeys(engine).create(TENANT, "bench", "admin")
     engine.dispose()
 
-    (work / "mosquitto").mkdir()
     autosave_s = 60 if args.autosave == "periodic" else None
-    with LocalBroker(workdir=work / "mosquitto", autosave_s=autosave_s) as broker:
-        settings = BrokerSettings(host=broker.host, port=broker.port)
+    slices = [
+        (first, min(args.per_process, args.devices - first))
+        for first in range(0, args.devices, args.per_process)
+    ]
+    with contextlib.ExitStack() as stack:
+        brokers: list[LocalBroker] = []
+        for b in range(len(slices)):
+            bridge = bridge_lines(f"bench-{b}", brokers[0].port) if b else None
+            broker = LocalBroker(workdir=work / f"mosquitto-{b}", autosave_s=autosave_s, extra=bridge)
+            brokers.append(stack.enter_context(broker))
+        settings = BrokerSettings(host=brokers[0].host, port=brokers[0].port)
         port = free_port()
         config = work / "cloud.yaml"
         config.write_text(
@@ -232,8 +317,16 @@ def main() -> None:
                 time.sleep(0.2)
             # Under py-spy the control plane is py-spy's child: its CPU and memory are what count.
             served = _child_of(cloud.pid) if args.profile else cloud.pid
+            simulators = [
+                subprocess.Popen(
+                    [sys.executable, __file__, "--simulate", str(first), str(count), str(brokers[b].port)]
+                )
+                for b, (first, count) in enumerate(slices)
+            ]
+            for sim in simulators:
+                stack.callback(stop_process, sim, grace_s=30)
             result = run_devices(
-                args.devices, settings, url, headers, served, args.give_up_after, args.console
+                args.devices, url, headers, served, args.give_up_after, simulators, args.console
             )
         finally:
             if cloud.poll() is not None:
@@ -252,7 +345,14 @@ def main() -> None:
         f"database: {'PostgreSQL' if db_url.startswith('postgresql') else 'SQLite'}; broker: mosquitto on loopback"
     )
     print(f"broker autosave: {args.autosave}")
-    print(f"devices: {args.devices} simulated, one MQTT session each (all in one client process)")
+    print(
+        f"devices: {args.devices} simulated, one MQTT session each, in {len(slices)} simulator process(es); "
+        + (
+            f"{len(slices)} brokers, the others bridged to the control plane's"
+            if len(slices) > 1
+            else "one broker"
+        )
+    )
     for k, v in result.items():
         print(f"{k:<44}{v}")
 
@@ -266,17 +366,17 @@ def _child_of(pid: int) -> int:
 
 def run_devices(
     n: int,
-    broker: BrokerSettings,
     url: str,
     headers: dict[str, str],
     pid: int,
     give_up_s: float,
+    simulators: list[subprocess.Popen[bytes]],
     console: bool = False,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     def serve() -> None:
-        asyncio.run(devices_main(n, broker, url, headers, pid, out, give_up_s, console))
+        asyncio.run(devices_main(n, url, headers, pid, out, give_up_s, simulators, console))
 
     t = threading.Thread(target=serve)
     t.start()
@@ -286,28 +386,28 @@ def run_devices(
 
 async def devices_main(
     n: int,
-    broker: BrokerSettings,
     url: str,
     headers: dict[str, str],
     pid: int,
     out: dict[str, Any],
     give_up_s: float,
+    simulators: list[subprocess.Popen[bytes]],
     console: bool = False,
 ) -> None:
-    topics = Topics(TENANT)
-    ready = asyncio.Event()
-    counter = [0, n]
     started = time.perf_counter()
-    tasks = []
-    for i in range(n):
-        tasks.append(asyncio.create_task(device(i, broker, topics, ready, counter)))
-        if i % 50 == 49:
-            await asyncio.sleep(0.05)  # do not open 1,000 connections in one burst
-    await asyncio.wait_for(ready.wait(), 300)
-    print(f"{n} devices connected in {time.perf_counter() - started:.1f}s", flush=True)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as http:
-        while len((await http.get("/v1/devices")).json()["devices"]) < n:  # noqa: ASYNC110 (another process)
+        # The simulators are other processes: the control plane's device list says when all are in.
+        while len((await http.get("/v1/devices")).json()["devices"]) < n:
+            ended = [sim.returncode for sim in simulators if sim.poll() is not None]
+            if ended:
+                raise RuntimeError(f"a device simulator exited with code {ended[0]}")
+            if time.perf_counter() - started > 600:
+                raise RuntimeError(f"the {n} devices did not all connect within 600 s")
             await asyncio.sleep(0.5)
+        print(
+            f"{n} devices connected and known to the control plane in {time.perf_counter() - started:.1f}s",
+            flush=True,
+        )
         cpu0, _ = proc_stats(pid)
         peak = 0
         t0 = time.perf_counter()
@@ -333,9 +433,6 @@ async def devices_main(
         cpu1, rss = proc_stats(pid)
         if console:
             await console_timings(http, n, out)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
     out.setdefault("time to converge (POST → completed)", f"{elapsed:.1f} s (goal < 30 s at 10,000)")
     out["control plane CPU over that window"] = (
         f"{cpu1 - cpu0:.1f} s ({(cpu1 - cpu0) / elapsed:.0%} of one core; "

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 
 import pytest
 
-from shared.mqtt import BrokerSettings, ReconnectBackoff, make_client
+from cloud.mqtt.local_broker import LocalBroker
+from shared.mqtt import BrokerSettings, ReconnectBackoff, make_client, payload_bytes
 
 
 def test_backoff_doubles_to_its_cap_and_resets() -> None:
@@ -36,3 +38,41 @@ def test_clients_send_small_packets_at_once(broker_settings: BrokerSettings) -> 
             return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
     assert asyncio.run(option()) == 1
+
+
+def test_a_local_broker_bridges_the_topics_its_extra_directives_name(tmp_path: Path) -> None:
+    """``LocalBroker(extra=...)``: a second mosquitto bridged to the first (what the rollout bench
+    does above one process's 20,000 sockets) carries a device's report out and a desired state in,
+    and nothing it was not told to carry."""
+    with LocalBroker(workdir=tmp_path / "core") as core:
+        bridge = [
+            "connection edge",
+            f"address 127.0.0.1:{core.port}",
+            "topic fleet/+/desired in 1",
+            "topic fleet/+/reported out 1",
+            "cleansession true",
+            "notifications false",
+        ]
+        with LocalBroker(workdir=tmp_path / "edge", extra=bridge) as edge:
+            assert "connection edge" in (edge.workdir / "mosquitto.conf").read_text()
+
+            async def crossing() -> tuple[bytes, bytes]:
+                core_s = BrokerSettings(host=core.host, port=core.port)
+                edge_s = BrokerSettings(host=edge.host, port=edge.port)
+                async with (
+                    make_client(core_s, "cloud", persistent=False) as cloud,
+                    make_client(edge_s, "dev-1", persistent=False) as device,
+                ):
+                    await cloud.subscribe("fleet/+/reported", qos=1)
+                    await cloud.subscribe("fleet/+/telemetry", qos=1)
+                    await device.subscribe("fleet/dev-1/desired", qos=1)
+                    await asyncio.sleep(0.5)  # the bridge's subscriptions reach the core
+                    await device.publish("fleet/dev-1/telemetry", b"not bridged", qos=1)
+                    await device.publish("fleet/dev-1/reported", b"report", qos=1)
+                    report = await asyncio.wait_for(anext(aiter(cloud.messages)), 10)
+                    await cloud.publish("fleet/dev-1/desired", b"desired", qos=1)
+                    desired = await asyncio.wait_for(anext(aiter(device.messages)), 10)
+                    assert str(report.topic) == "fleet/dev-1/reported"
+                    return payload_bytes(report), payload_bytes(desired)
+
+            assert asyncio.run(crossing()) == (b"report", b"desired")

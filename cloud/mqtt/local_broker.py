@@ -32,6 +32,7 @@ class LocalBroker:
         workdir: Path | None = None,
         security: list[str] | None = None,
         autosave_s: int | None = None,
+        extra: list[str] | None = None,
     ) -> None:
         self.port = port or free_port()
         # None: save after every change, so a SIGKILLed broker keeps every queued message (what
@@ -39,6 +40,8 @@ class LocalBroker:
         self.autosave_s = autosave_s
         # Listener directives (TLS, ACL: cloud.mqtt.pki.broker_tls_lines); None: anonymous plain TCP.
         self.security = security
+        # More directives after the rest (a bridge to another broker: its ``connection`` section).
+        self.extra = extra or []
         self._own_dir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="autoglm-mosquitto-"))
         self._proc: subprocess.Popen[bytes] | None = None
@@ -78,6 +81,7 @@ class LocalBroker:
                 "log_type error",
                 "log_type warning",
                 "log_type notice",
+                *self.extra,
                 "",
             ]
         )
@@ -88,6 +92,7 @@ class LocalBroker:
         )
         if exe is None:
             raise BrokerError("mosquitto is not installed (Debian: apt-get install mosquitto)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(self.config_text())
         self._proc = subprocess.Popen(
