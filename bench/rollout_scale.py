@@ -41,7 +41,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,9 +91,7 @@ def fake_model(registry: ModelRegistry) -> None:
     registry.publish(SignedManifest.sign(manifest, SigningKey.generate()))
 
 
-async def device(
-    i: int, broker: BrokerSettings, topics: Topics, ready: asyncio.Event, counter: list[int]
-) -> None:
+async def device(i: int, broker: BrokerSettings, topics: Topics) -> None:
     device_id = f"sim-{i:05d}"
     will = DeviceStatus(device_id=device_id, state="offline").to_json()
     import aiomqtt
@@ -111,9 +108,6 @@ async def device(
         )
         idle = ReportedState(device_id=device_id, revision=-1, phase=Phase.IDLE)
         await client.publish(topics.reported(device_id), idle.to_json(), qos=QOS, retain=True)
-        counter[0] += 1
-        if counter[0] == counter[1]:
-            ready.set()
         async for message in client.messages:
             desired = DesiredState.from_json(payload_bytes(message))
             reported = ReportedState(
@@ -142,20 +136,18 @@ def simulate(first: int, count: int, port: int) -> None:
     raise_open_files(count + 1024)
     broker = BrokerSettings(host="127.0.0.1", port=port)
 
-    async def one(i: int, topics: Topics, ready: asyncio.Event, counter: list[int]) -> None:
+    async def one(i: int, topics: Topics) -> None:
         try:
-            await device(i, broker, topics, ready, counter)
+            await device(i, broker, topics)
         except Exception as exc:  # a device that cannot connect: say why and stop, do not hang the run
             print(f"simulated device {i} failed: {exc!r}", file=sys.stderr, flush=True)
             os._exit(3)
 
     async def run() -> None:
         topics = Topics(TENANT)
-        ready = asyncio.Event()
-        counter = [0, count]
         tasks = []
         for i in range(first, first + count):
-            tasks.append(asyncio.create_task(one(i, topics, ready, counter)))
+            tasks.append(asyncio.create_task(one(i, topics)))
             if i % 50 == 49:
                 await asyncio.sleep(0.05)  # do not open 1,000 connections in one burst
         stop = asyncio.Event()
@@ -325,8 +317,8 @@ def main() -> None:
             ]
             for sim in simulators:
                 stack.callback(stop_process, sim, grace_s=30)
-            result = run_devices(
-                args.devices, url, headers, served, args.give_up_after, simulators, args.console
+            result = asyncio.run(
+                rollout(args.devices, url, headers, served, args.give_up_after, simulators, args.console)
             )
         finally:
             if cloud.poll() is not None:
@@ -364,7 +356,7 @@ def _child_of(pid: int) -> int:
     return int(children[0])
 
 
-def run_devices(
+async def rollout(
     n: int,
     url: str,
     headers: dict[str, str],
@@ -373,27 +365,9 @@ def run_devices(
     simulators: list[subprocess.Popen[bytes]],
     console: bool = False,
 ) -> dict[str, Any]:
+    """Once all ``n`` devices are known to the control plane: one rollout to all of them, timed,
+    with the control plane's (process ``pid``) CPU and memory over it."""
     out: dict[str, Any] = {}
-
-    def serve() -> None:
-        asyncio.run(devices_main(n, url, headers, pid, out, give_up_s, simulators, console))
-
-    t = threading.Thread(target=serve)
-    t.start()
-    t.join()
-    return out
-
-
-async def devices_main(
-    n: int,
-    url: str,
-    headers: dict[str, str],
-    pid: int,
-    out: dict[str, Any],
-    give_up_s: float,
-    simulators: list[subprocess.Popen[bytes]],
-    console: bool = False,
-) -> None:
     started = time.perf_counter()
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as http:
         # The simulators are other processes: the control plane's device list says when all are in.
@@ -439,6 +413,7 @@ async def devices_main(
         f"{(cpu1 - cpu0) / n * 1000:.2f} ms per device, goal ≤ 1)"
     )
     out["control plane peak resident memory"] = f"{max(peak, rss) / 2**20:.0f} MiB"
+    return out
 
 
 CONSOLE_QUERIES = {
