@@ -212,10 +212,20 @@ class Timing:
 @dataclass
 class Engine:
     """``run()``: one timed decode of the benchmark's tokens; ``first_token()``: seconds to the first
-    new token of the long chat prompt."""
+    new token of the long chat prompt; ``lm``: our model behind it (None for transformers)."""
 
     run: Callable[[], Timing]
     first_token: Callable[[], float]
+    lm: Any = None
+
+
+def prefill_seconds(lm: Any, prompt: list[int], last_only: bool = True) -> float:
+    """Seconds for one prefill of ``prompt`` by ``lm`` (an ``OnnxCausalLM``) up to the argmax of
+    its last position's logits; ``last_only=False`` runs lm_head over every position."""
+    t0 = time.perf_counter()
+    logits = lm.decoder(len(prompt) + 1).step(prompt, last_only=last_only)
+    int(np.argmax(logits[-1]))
+    return time.perf_counter() - t0
 
 
 SETTLE_S = 0.5
@@ -299,7 +309,9 @@ def ours_runner(
     gen = TextGenerator(lm, Tokenizer(models.BPE()))
     gen.eos_ids = frozenset()  # random weights: never stop early, always decode new_tokens
     params = GenerationParams(max_tokens=new_tokens, sampling=SamplingConfig(temperature=0.0))
-    return serving_loop_engine(gen, params, prompt, new_tokens, chat)
+    engine = serving_loop_engine(gen, params, prompt, new_tokens, chat)
+    engine.lm = lm
+    return engine
 
 
 def serving_loop_engine(gen: Any, params: Any, prompt: list[int], new_tokens: int, chat: list[int]) -> Engine:
@@ -650,18 +662,12 @@ def prefill_logits_bench(
         lm = OnnxCausalLM(graph, io_signature(graph, cfg, gen_cfg), threads=args.threads)
         lm.prefix_cache = False
 
-        def ttft(last_only: bool, lm: OnnxCausalLM = lm) -> float:
-            t0 = time.perf_counter()
-            logits = lm.decoder(len(chat) + 1).step(chat, last_only=last_only)
-            int(np.argmax(logits[-1]))
-            return time.perf_counter() - t0
-
-        ttft(True)  # warm-up
+        prefill_seconds(lm, chat)  # warm-up
         times: dict[bool, list[float]] = {False: [], True: []}
         for r in range(args.runs):
             for last_only in (False, True) if r % 2 == 0 else (True, False):
                 time.sleep(SETTLE_S / 5)
-                times[last_only].append(ttft(last_only))
+                times[last_only].append(prefill_seconds(lm, chat, last_only))
         every, last = statistics.median(times[False]), statistics.median(times[True])
         print(
             f"{label:<24}all positions {every * 1000:8.1f} ms   last only {last * 1000:8.1f} ms   "

@@ -49,7 +49,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from edge_decode import SETTLE_S, copy_bandwidth, fused_graphs, weight_bytes_per_token
+from edge_decode import (
+    SETTLE_S,
+    Engine,
+    copy_bandwidth,
+    fused_graphs,
+    ours_runner,
+    prefill_seconds,
+    weight_bytes_per_token,
+)
 
 MODELS = ("llama-134m", "smollm2", "qwen2-0.5b")
 PRECISIONS = ("fp32", "int8", "int4")
@@ -96,7 +104,8 @@ class Peer:
 
     def version(self) -> str:
         out = subprocess.run([str(self.bench), "--version"], capture_output=True, text=True)
-        return (out.stdout + out.stderr).strip().splitlines()[0] if (out.stdout + out.stderr).strip() else "?"
+        lines = (out.stdout + out.stderr).strip().splitlines()
+        return lines[0] if lines else "?"
 
     def run(self, gguf: Path, threads: int, *test: str) -> float:
         """tokens/s of one ``llama-bench`` test (one repetition after its warm-up run)."""
@@ -170,57 +179,32 @@ def gguf_bytes_per_token(gguf: Path) -> int:
 
 @dataclass
 class Ours:
-    """One of our graphs, loaded once, timed like the edge serves it."""
+    """One of our graphs, loaded once, timed like the edge serves it (bench/edge_decode.py's
+    serving-loop engine: sampling included, prefix cache off so every round prefills)."""
 
-    graph: Path
-    gen: Any
-    params: Any
-    lm: Any
-    prompt: list[int]
+    engine: Engine
     long_prompt: list[int]
 
     @classmethod
     def load(cls, graph: Path, cfg: dict[str, Any], threads: int) -> Ours:
-        from tokenizers import Tokenizer, models
-
         from cloud.packaging.export import io_signature
-        from edge_agent.runtime.generator import GenerationParams, TextGenerator
-        from edge_agent.runtime.sampling import SamplingConfig
-        from edge_agent.runtime.session import OnnxCausalLM
 
         io = io_signature(graph, cfg, {"eos_token_id": cfg.get("eos_token_id")})
-        lm = OnnxCausalLM(graph, io, threads=threads)
-        lm.prefix_cache = False  # rounds repeat their prompts: prefill every time
-        gen = TextGenerator(lm, Tokenizer(models.BPE()))
-        gen.eos_ids = frozenset()  # always decode the full count
-        params = GenerationParams(max_tokens=DECODE_TOKENS, sampling=SamplingConfig(temperature=0.0))
         rng = np.random.default_rng(0)
         vocab = int(cfg["vocab_size"])
         prompt = [int(t) for t in rng.integers(1, vocab, DECODE_CONTEXT)]
         long_prompt = [int(t) for t in rng.integers(1, vocab, PREFILL_TOKENS)]
-        ours = cls(graph, gen, params, lm, prompt, long_prompt)
-        ours.decode(4)  # warm-up
-        ours.prefill()
+        ours = cls(ours_runner(graph, io, prompt, DECODE_TOKENS, threads, long_prompt), long_prompt)
+        ours.prefill()  # warm-up (the runner warmed the decode up)
         return ours
 
-    def decode(self, tokens: int = DECODE_TOKENS) -> float:
+    def decode(self) -> float:
         """Decode tok/s: the tokens after the first over the time after the first."""
-        first = 0.0
-        n = 0
-        for _token in self.gen.token_ids(self.prompt, tokens, self.params):
-            n += 1
-            if n == 1:
-                first = time.perf_counter()
-        end = time.perf_counter()
-        assert n == tokens, n
-        return (n - 1) / (end - first) if tokens > 1 else 0.0
+        return self.engine.run().decode
 
     def prefill(self) -> float:
         """Prompt tok/s of a PREFILL_TOKENS prompt: time to the last position's logits."""
-        t0 = time.perf_counter()
-        logits = self.lm.decoder(PREFILL_TOKENS + 1).step(self.long_prompt, last_only=True)
-        int(np.argmax(logits[-1]))
-        return PREFILL_TOKENS / (time.perf_counter() - t0)
+        return PREFILL_TOKENS / prefill_seconds(self.engine.lm, self.long_prompt)
 
 
 @dataclass
