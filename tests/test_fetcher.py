@@ -482,3 +482,85 @@ def test_the_blob_server_refuses_chunk_indexes_past_the_end_and_rereads_the_regi
         "a known digest is not re-read on every request"
     )
     assert isinstance(server._parts(by_range, offer(cut.digest, again=True)), list)
+
+
+class _SlowBroker:
+    """The publish seam of aiomqtt.Client: each QoS 1 publish returns when the test lets its PUBACK in."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.topics: list[str] = []
+        self.acks: list[asyncio.Event] = []
+        self.fail_at = fail_at
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
+        import aiomqtt
+
+        self.topics.append(topic)
+        ack = asyncio.Event()
+        self.acks.append(ack)
+        if self.fail_at is not None and len(self.topics) > self.fail_at:
+            raise aiomqtt.MqttError("The client is not currently connected.")
+        await ack.wait()
+
+
+def test_the_blob_server_keeps_several_publishes_in_flight_in_request_order(tmp_path: Path) -> None:
+    """A QoS 1 publish waits for the broker's PUBACK: one at a time, each chunk cost a disk read
+    and a round trip in turn (bench/RESULTS.md, shard_push.py)."""
+    asyncio.run(_publishes_in_flight(tmp_path))
+
+
+async def _publishes_in_flight(tmp_path: Path) -> None:
+    from cloud.mqtt import blob_server
+
+    store = BlobStore(tmp_path / "store")
+    data = random.Random(7).randbytes(10 * CHUNK)
+    digest = store.put_bytes(data)
+    server = BlobServer(store, Topics("t1"))
+    keys = [("chunk", digest, CHUNK, i) for i in range(10)]
+    server._pending = dict.fromkeys(keys)
+    broker = _SlowBroker()
+    drain = asyncio.create_task(server._publish_pending(broker))  # type: ignore[arg-type]
+    for _ in range(200):
+        await asyncio.sleep(0.005)
+        if len(broker.topics) >= blob_server.PUBLISH_WINDOW:
+            break
+    await asyncio.sleep(0.05)
+    # A full window out, none acknowledged, nothing beyond it.
+    assert len(broker.topics) == blob_server.PUBLISH_WINDOW > 1
+    assert server.chunks_published == 0
+    while not drain.done():
+        for ack in broker.acks:
+            ack.set()
+        await asyncio.sleep(0.005)
+    await drain
+    assert broker.topics == [Topics("t1").blob_chunk(digest, i) for i in range(10)]
+    assert server.chunks_published == 10 and server.bytes_published == len(data)
+
+    # A request that arrives while the last publishes wait for their PUBACK joins this drain:
+    # the request handler starts no second one while it runs, so it must not be left behind.
+    server._pending = dict.fromkeys(keys[:2])
+    broker = _SlowBroker()
+    drain = asyncio.create_task(server._publish_pending(broker))  # type: ignore[arg-type]
+    for _ in range(400):
+        if len(broker.topics) == 2:
+            break
+        await asyncio.sleep(0.005)
+    assert not server._pending and len(broker.topics) == 2
+    server._pending[keys[5]] = None
+    while not drain.done():
+        for ack in broker.acks:
+            ack.set()
+        await asyncio.sleep(0.005)
+    await drain
+    assert broker.topics == [Topics("t1").blob_chunk(digest, i) for i in (0, 1, 5)]
+
+    # The broker gone mid-drain: what is pending is dropped (devices ask again), nothing raised.
+    server._pending = dict.fromkeys(keys)
+    broker = _SlowBroker(fail_at=2)
+    drain = asyncio.create_task(server._publish_pending(broker))  # type: ignore[arg-type]
+    while not drain.done():
+        for ack in broker.acks:
+            ack.set()
+        await asyncio.sleep(0.005)
+    await drain
+    assert server._pending == {}

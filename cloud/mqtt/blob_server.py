@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 # A narrow seam for tests that need a chunk to arrive corrupted: (digest, byte offset, data) -> data.
 ChunkFilter = Callable[[str, int, bytes], bytes]
 # Per device: 64 MiB/s sustained, 256 MiB at once (a model's worth of chunks asked for in a burst).
+# Chunk publishes awaiting their PUBACK at once (bench/RESULTS.md, shard_push.py).
+PUBLISH_WINDOW = 4
 DEVICE_BYTES_PER_S = 64 * 1024 * 1024
 DEVICE_BURST_BYTES = 256 * 1024 * 1024
 
@@ -208,35 +210,63 @@ class BlobServer:
         return [(("range", blob.digest, offset, length), length) for offset, length in blob.ranges]
 
     async def _publish_pending(self, client: aiomqtt.Client) -> None:
-        while self._pending:
-            key = next(iter(self._pending))
-            kind, digest, a, b = key
-            try:
-                if kind == "chunk":
-                    offset = a * b
-                    data = await asyncio.to_thread(self.store.read_chunk, digest, b, a)
-                    topic = self.topics.blob_chunk(digest, b)
-                else:
-                    offset = a
-                    data = await asyncio.to_thread(self.store.read_range, digest, a, b)
-                    topic = self.topics.blob_range(digest, a)
-            except RegistryError as exc:
-                log.warning("asked for what we do not have: %s", exc)
-                self._drop_blob(digest)
-                continue
-            if self.chunk_filter is not None:
-                data = self.chunk_filter(digest, offset, data)
-            # Removed only now: a request for this part until here joins this publish.
-            self._pending.pop(key, None)
-            try:
-                await client.publish(topic, data, qos=QOS)
-            except aiomqtt.MqttError as exc:
-                log.warning("lost the broker while publishing chunks (%s); devices will ask again", exc)
-                self._pending.clear()
-                return
-            self.chunks_published += 1
-            self.bytes_published += len(data)
+        # A QoS 1 publish returns at the broker's PUBACK: up to PUBLISH_WINDOW of them stay in
+        # flight while the next part is read, instead of a read and a round trip per part in
+        # turn. Their order on the wire is the order of the publish calls (tasks start in order).
+        inflight: set[asyncio.Task[None]] = set()
+        try:
+            # Until nothing is pending and nothing in flight: a request that comes in while the
+            # last publishes wait for their PUBACK joins this drain (no second one is started).
+            while self._pending or inflight:
+                if not self._pending:
+                    done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                    _raise_first(done)
+                    continue
+                key = next(iter(self._pending))
+                kind, digest, a, b = key
+                try:
+                    if kind == "chunk":
+                        offset = a * b
+                        data = await asyncio.to_thread(self.store.read_chunk, digest, b, a)
+                        topic = self.topics.blob_chunk(digest, b)
+                    else:
+                        offset = a
+                        data = await asyncio.to_thread(self.store.read_range, digest, a, b)
+                        topic = self.topics.blob_range(digest, a)
+                except RegistryError as exc:
+                    log.warning("asked for what we do not have: %s", exc)
+                    self._drop_blob(digest)
+                    continue
+                if self.chunk_filter is not None:
+                    data = self.chunk_filter(digest, offset, data)
+                # Removed only now: a request for this part until here joins this publish.
+                self._pending.pop(key, None)
+                inflight.add(asyncio.create_task(self._publish(client, topic, data)))
+                if len(inflight) >= PUBLISH_WINDOW:
+                    done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                    _raise_first(done)
+        except aiomqtt.MqttError as exc:
+            log.warning("lost the broker while publishing chunks (%s); devices will ask again", exc)
+            self._pending.clear()
+        finally:
+            for task in inflight:
+                task.cancel()
+            # Retrieved, so that no failed publish is reported again as never retrieved.
+            await asyncio.gather(*inflight, return_exceptions=True)
+
+    async def _publish(self, client: aiomqtt.Client, topic: str, data: bytes) -> None:
+        await client.publish(topic, data, qos=QOS)
+        self.chunks_published += 1
+        self.bytes_published += len(data)
 
     def _drop_blob(self, digest: str) -> None:
         for key in [k for k in self._pending if k[1] == digest]:
             del self._pending[key]
+
+
+def _raise_first(done: set[asyncio.Task[None]]) -> None:
+    """The first failure among finished publishes, every one of them retrieved."""
+    errors = [task.exception() for task in done if not task.cancelled()]
+    for error in errors:
+        if error is not None:
+            raise error
