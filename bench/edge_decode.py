@@ -294,16 +294,23 @@ def transformers_runner(
 
 
 def ours_runner(
-    graph: Path, io: IOSignature, prompt: list[int], new_tokens: int, threads: int, chat: list[int]
+    graph: Path,
+    io: IOSignature,
+    prompt: list[int],
+    new_tokens: int,
+    threads: int,
+    chat: list[int],
+    custom_ops: Path | None = None,
 ) -> Engine:
-    """One call = one timed pass of the serving loop (``TextGenerator.token_ids``)."""
+    """One call = one timed pass of the serving loop (``TextGenerator.token_ids``), on
+    onnxruntime's own kernels or with a custom-op library registered (bench/matmul_nbits_op.c)."""
     from tokenizers import Tokenizer, models
 
     from edge_agent.runtime.generator import GenerationParams, TextGenerator
     from edge_agent.runtime.sampling import SamplingConfig
     from edge_agent.runtime.session import OnnxCausalLM
 
-    lm = OnnxCausalLM(graph, io, threads=threads)
+    lm = OnnxCausalLM(graph, io, threads=threads, custom_ops=custom_ops)
     lm.prefix_cache = False  # rounds repeat their prompts: time the prefill every time
     # The decode loop works on token ids; the tokenizer is not on this path.
     gen = TextGenerator(lm, Tokenizer(models.BPE()))

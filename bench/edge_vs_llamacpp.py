@@ -186,7 +186,7 @@ class Ours:
     long_prompt: list[int]
 
     @classmethod
-    def load(cls, graph: Path, cfg: dict[str, Any], threads: int) -> Ours:
+    def load(cls, graph: Path, cfg: dict[str, Any], threads: int, custom_ops: Path | None = None) -> Ours:
         from cloud.packaging.export import io_signature
 
         io = io_signature(graph, cfg, {"eos_token_id": cfg.get("eos_token_id")})
@@ -194,7 +194,9 @@ class Ours:
         vocab = int(cfg["vocab_size"])
         prompt = [int(t) for t in rng.integers(1, vocab, DECODE_CONTEXT)]
         long_prompt = [int(t) for t in rng.integers(1, vocab, PREFILL_TOKENS)]
-        ours = cls(ours_runner(graph, io, prompt, DECODE_TOKENS, threads, long_prompt), long_prompt)
+        ours = cls(
+            ours_runner(graph, io, prompt, DECODE_TOKENS, threads, long_prompt, custom_ops), long_prompt
+        )
         ours.prefill()  # warm-up (the runner warmed the decode up)
         return ours
 
@@ -213,6 +215,9 @@ class Samples:
     peer_decode: list[float] = field(default_factory=list)
     ours_prefill: list[float] = field(default_factory=list)
     peer_prefill: list[float] = field(default_factory=list)
+    # Our graph with --custom-ops registered (bench/matmul_nbits_op.c): what the kernel adds.
+    custom_decode: list[float] = field(default_factory=list)
+    custom_prefill: list[float] = field(default_factory=list)
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -226,6 +231,13 @@ def bench_model(kind: str, work: Path, peer: Peer, args: argparse.Namespace) -> 
     ggufs = gguf_files(kind, src, work, peer, args.precision)
     print("loading our engines …", flush=True)
     ours = {p: Ours.load(graphs[p], cfg, args.threads) for p in args.precision}
+    # The quantized graphs once more with the custom-op library, where it is given and taken.
+    custom = {
+        p: Ours.load(graphs[p], cfg, args.threads, custom_ops=args.custom_ops)
+        for p in args.precision
+        if p != "fp32" and args.custom_ops is not None
+    }
+    custom = {p: engine for p, engine in custom.items() if engine.engine.lm.custom_ops_loaded}
     for p in args.precision:  # llama-bench's own warm-up covers it, but not the page cache
         peer.run(ggufs[p], args.threads, "-p", "0", "-n", "4")
     samples = {p: Samples() for p in args.precision}
@@ -237,12 +249,17 @@ def bench_model(kind: str, work: Path, peer: Peer, args: argparse.Namespace) -> 
         for p in order:
             s = samples[p]
             # Ours first on even rounds, llama.cpp first on odd ones; spinning threads settle between.
-            for who in ("ours", "peer") if r % 2 == 0 else ("peer", "ours"):
+            engines = ("ours", "custom", "peer") if p in custom else ("ours", "peer")
+            for who in engines if r % 2 == 0 else engines[::-1]:
                 time.sleep(SETTLE_S)
                 if who == "ours":
                     s.ours_decode.append(ours[p].decode())
                     time.sleep(SETTLE_S)
                     s.ours_prefill.append(ours[p].prefill())
+                elif who == "custom":
+                    s.custom_decode.append(custom[p].decode())
+                    time.sleep(SETTLE_S)
+                    s.custom_prefill.append(custom[p].prefill())
                 else:
                     s.peer_decode.append(
                         peer.run(
@@ -280,6 +297,13 @@ def bench_model(kind: str, work: Path, peer: Peer, args: argparse.Namespace) -> 
             "ours_ceiling_share": statistics.median(s.ours_decode) / (bw / ours_bytes),
             "peer_ceiling_share": statistics.median(s.peer_decode) / (bw / peer_bytes),
         }
+        if s.custom_decode:
+            gain_dec = [a / b for a, b in zip(s.custom_decode, s.ours_decode, strict=True)]
+            gain_pre = [a / b for a, b in zip(s.custom_prefill, s.ours_prefill, strict=True)]
+            result["pairs"][p]["custom_decode"] = statistics.median(s.custom_decode)
+            result["pairs"][p]["custom_prefill"] = statistics.median(s.custom_prefill)
+            result["pairs"][p]["custom_decode_gain"] = quartiles(gain_dec)
+            result["pairs"][p]["custom_prefill_gain"] = quartiles(gain_pre)
     return result
 
 
@@ -305,6 +329,16 @@ def report(result: dict[str, Any], rounds: int) -> None:
             f"{row['ours_ceiling_share']:.0%} / {row['peer_ceiling_share']:.0%} | {row['ours_prefill']:.0f} | "
             f"{row['peer_prefill']:.0f} | **{f:.2f}** ({flo:.2f}–{fhi:.2f}) |"
         )
+    print()
+    for p, row in result["pairs"].items():
+        if "custom_decode_gain" in row:
+            d, dlo, dhi = row["custom_decode_gain"]
+            f, flo, fhi = row["custom_prefill_gain"]
+            print(
+                f"  {p}: with --custom-ops vs onnxruntime's own kernels, same graph: decode "
+                f"{row['custom_decode']:.1f} vs {row['ours_decode']:.1f} tok/s = {d:.2f}× ({dlo:.2f}–{dhi:.2f}); "
+                f"prefill {row['custom_prefill']:.0f} vs {row['ours_prefill']:.0f} = {f:.2f}× ({flo:.2f}–{fhi:.2f})"
+            )
     print()
     for p, row in result["pairs"].items():
         goals = [
@@ -333,6 +367,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--workdir", type=Path, default=None, help="Keep (and reuse) the model files here.")
     ap.add_argument("--json", type=Path, default=None, help="Also write the results here.")
+    ap.add_argument(
+        "--custom-ops",
+        type=Path,
+        default=None,
+        help="A custom-op library (bench/matmul_nbits_op.c, built as its header says) timed as a third "
+        "engine on the int8 and int4 graphs.",
+    )
     args = ap.parse_args()
     args.precision = args.precision or list(PRECISIONS)
     peer = Peer(args.llama_cpp.resolve())

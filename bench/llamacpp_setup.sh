@@ -15,8 +15,13 @@ if [ ! -d llama.cpp ]; then
   mv "llama_cpp_python-$VERSION/vendor/llama.cpp" llama.cpp
   rm -rf "llama_cpp_python-$VERSION"
 fi
+# Native flags, but no AMX: on the Intel Xeon VM (AMX in its CPU flags) ggml's AMX path dies with
+# SIGILL/SIGSEGV in Q4_0 prefill and decode, so llama.cpp is built as it can run there (AVX-512 VNNI).
+NO_AMX=""
+if grep -qw amx_tile /proc/cpuinfo; then NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"; fi
 if [ ! -x llama.cpp/build/bin/llama-bench ] || [ ! -x llama.cpp/build/bin/llama-quantize ]; then
   cmake -S llama.cpp -B llama.cpp/build -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+    -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
   cmake --build llama.cpp/build -j "$(nproc)" --target llama-bench llama-quantize
 fi

@@ -167,3 +167,23 @@ def test_packager_ships_the_fused_graph(kind: str, tmp_path: Path, tokenizer_dir
     assert manifest.validation is not None
     assert manifest.validation.greedy_tokens_match
     assert manifest.validation.max_abs_logit_diff < 1e-3
+
+
+def test_a_custom_op_library_that_onnxruntime_refuses_leaves_its_own_kernels(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OnnxCausalLM(custom_ops=...) is how the kernel experiment (bench/matmul_nbits_op.c) is timed;
+    a library the session refuses must cost nothing but a warning."""
+    src = _tiny("llama", tmp_path / "src")
+    cfg = read_hf_config(src)
+    graph = build_fused(src, cfg, tmp_path / "fused")
+    io = io_signature(graph, cfg, {"eos_token_id": 1})
+    not_a_library = tmp_path / "libnothing.so"
+    not_a_library.write_bytes(b"not an ELF file")
+    with caplog.at_level("WARNING", logger="edge_agent.runtime.session"):
+        model = OnnxCausalLM(graph, io, custom_ops=not_a_library)
+    assert not model.custom_ops_loaded
+    assert any(str(not_a_library) in r.getMessage() for r in caplog.records)
+    plain = OnnxCausalLM(graph, io)
+    assert not plain.custom_ops_loaded
+    assert np.array_equal(model.sequence_logits(PROMPT), plain.sequence_logits(PROMPT))

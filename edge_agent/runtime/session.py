@@ -46,6 +46,17 @@ def choose_providers(preferred: list[str] | None = None) -> list[str]:
     return chosen
 
 
+def _options(threads: int, library: Path | None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    if library is not None:
+        opts.register_custom_ops_library(str(library))
+    return opts
+
+
 class Decoder(Protocol):
     """One sequence being decoded: feed tokens, get the logits of every fed position."""
 
@@ -70,17 +81,26 @@ class OnnxCausalLM:
         *,
         threads: int = 0,
         providers: list[str] | None = None,
+        custom_ops: Path | None = None,
     ) -> None:
         self.io = io
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(graph), opts, providers=choose_providers(providers))
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise ModelLoadError(f"onnxruntime could not load the graph: {exc}", path=str(graph)) from exc
+        chosen = choose_providers(providers)
+        # A custom-op library (a kernel experiment: bench/matmul_nbits_op.c) is tried first; where
+        # session creation refuses it, the graph runs on onnxruntime's own kernels.
+        self.custom_ops_loaded = False
+        if custom_ops is not None:
+            try:
+                self.session = ort.InferenceSession(
+                    str(graph), _options(threads, custom_ops), providers=chosen
+                )
+                self.custom_ops_loaded = True
+            except Exception as exc:  # onnxruntime raises its own untyped errors
+                log.warning("custom ops %s not used for %s: %s", custom_ops, graph, exc)
+        if not self.custom_ops_loaded:
+            try:
+                self.session = ort.InferenceSession(str(graph), _options(threads, None), providers=chosen)
+            except Exception as exc:  # onnxruntime raises its own untyped errors
+                raise ModelLoadError(f"onnxruntime could not load the graph: {exc}", path=str(graph)) from exc
         self.providers = self.session.get_providers()
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = set(inputs)
