@@ -21,7 +21,8 @@ Usage: python bench/edge_decode.py [--model llama-134m|smollm2|glm-135m|qwen2-0.
        [--new-tokens 64] [--chat-tokens 300] [--workdir DIR] [--skip-plain]
        python bench/edge_decode.py --model smollm2 --structured   (json_schema grammar vs none)
        python bench/edge_decode.py --model smollm2 --prefix-cache (second-turn TTFT, cache vs none)
-       python bench/edge_decode.py --model smollm2 --prefill-logits (lm_head on all positions vs last)
+       python bench/edge_decode.py --model smollm2 --prefill-logits (lm_head on all positions vs last;
+           pieces of PREFILL_CHUNK vs the prompt in one step)
 """
 
 from __future__ import annotations
@@ -219,11 +220,20 @@ class Engine:
     lm: Any = None
 
 
-def prefill_seconds(lm: Any, prompt: list[int], last_only: bool = True) -> float:
+def prefill_seconds(lm: Any, prompt: list[int], last_only: bool = True, one_step: bool = False) -> float:
     """Seconds for one prefill of ``prompt`` by ``lm`` (an ``OnnxCausalLM``) up to the argmax of
-    its last position's logits; ``last_only=False`` runs lm_head over every position."""
+    its last position's logits; ``last_only=False`` runs lm_head over every position.
+
+    Fed as the serving loop feeds a prompt: in steps of ``PREFILL_CHUNK`` tokens (attention over
+    each piece spans only the positions before it; bench/RESULTS.md has it against ``one_step``,
+    the whole prompt in one step)."""
+    from edge_agent.runtime.generator import PREFILL_CHUNK
+
+    piece = len(prompt) if one_step else PREFILL_CHUNK
     t0 = time.perf_counter()
-    logits = lm.decoder(len(prompt) + 1).step(prompt, last_only=last_only)
+    decoder = lm.decoder(len(prompt) + 1)
+    for start in range(0, len(prompt), piece):
+        logits = decoder.step(prompt[start : start + piece], last_only=last_only)
     int(np.argmax(logits[-1]))
     return time.perf_counter() - t0
 
@@ -409,7 +419,8 @@ def main() -> None:
     ap.add_argument(
         "--prefill-logits",
         action="store_true",
-        help="Instead: prefill with lm_head on every prompt position vs on the last one only.",
+        help="Instead: prefill with lm_head on every prompt position vs on the last one only, and "
+        "in the serving loop's pieces vs the whole prompt in one step.",
     )
     ap.add_argument(
         "--prefix-cache",
@@ -657,8 +668,9 @@ def prefill_logits_bench(
     args: argparse.Namespace,
 ) -> None:
     """Time to first token of a ``--chat-tokens`` prompt with lm_head over every position (what
-    graphs computed before ``logits_to_keep``) vs over the last one (what a prefill needs); same
-    graph, same session, rounds interleaved."""
+    graphs computed before ``logits_to_keep``) vs over the last one (what a prefill needs), both
+    fed in the serving loop's pieces, and the last-only prefill with the whole prompt in one step;
+    same graph, same session, rounds interleaved."""
     from cloud.packaging.export import io_signature
     from edge_agent.runtime.session import OnnxCausalLM
 
@@ -670,15 +682,19 @@ def prefill_logits_bench(
         lm.prefix_cache = False
 
         prefill_seconds(lm, chat)  # warm-up
-        times: dict[bool, list[float]] = {False: [], True: []}
+        prefill_seconds(lm, chat, one_step=True)
+        # (last_only, one_step): lm_head over every position; the serving path; the prompt in one step.
+        modes = [(False, False), (True, False), (True, True)]
+        times: dict[tuple[bool, bool], list[float]] = {m: [] for m in modes}
         for r in range(args.runs):
-            for last_only in (False, True) if r % 2 == 0 else (True, False):
+            for last_only, one_step in modes if r % 2 == 0 else modes[::-1]:
                 time.sleep(SETTLE_S / 5)
-                times[last_only].append(prefill_seconds(lm, chat, last_only))
-        every, last = statistics.median(times[False]), statistics.median(times[True])
+                times[(last_only, one_step)].append(prefill_seconds(lm, chat, last_only, one_step))
+        every, last, whole = (statistics.median(times[m]) for m in modes)
         print(
             f"{label:<24}all positions {every * 1000:8.1f} ms   last only {last * 1000:8.1f} ms   "
-            f"{every / last:.2f}x"
+            f"{every / last:.2f}x   last only, the prompt in one step {whole * 1000:8.1f} ms "
+            f"({whole / last:.2f}x)"
         )
     print()
 

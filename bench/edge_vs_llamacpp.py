@@ -6,7 +6,8 @@ For each model asked for (``--model``, repeatable; the models of bench/edge_deco
 
 - ours: the graphs ``autoglm model package`` ships (fused decoder; fp32, int8 and int4 weight-only
   MatMulNBits), timed through the edge's serving loop (``TextGenerator.token_ids``, sampling
-  included) and its prefill (``decoder.step(prompt, last_only=True)``);
+  included) and its prefill as the serving loop feeds a prompt (``decoder.step`` over pieces of
+  ``PREFILL_CHUNK`` tokens, lm_head on the last position only);
 - llama.cpp's: the same folder converted with its own ``convert_hf_to_gguf.py`` (``--outtype
   f32``), then ``llama-quantize`` to Q8_0 and to Q4_0 ``--pure`` (every matrix at 4 bits, as ours;
   the default Q4_0 keeps the output matrix at 6-8 bits and reads more), timed by ``llama-bench``
@@ -26,7 +27,7 @@ llama.cpp: ``bash bench/llamacpp_setup.sh DIR`` builds it from the source vendor
 llama-cpp-python sdist, with a virtual environment for its converter; pass ``--llama-cpp DIR``.
 
 Usage: python bench/edge_vs_llamacpp.py --llama-cpp /tmp/llamacpp [--model llama-134m|smollm2|qwen2-0.5b ...]
-       [--rounds 7] [--threads 2] [--workdir DIR] [--precision fp32|int8|int4 ...]
+       [--rounds 7] [--threads 2] [--workdir DIR] [--precision fp32|int8|int4 ...] [--custom-ops LIB]
 """
 
 from __future__ import annotations
