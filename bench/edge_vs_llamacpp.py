@@ -226,6 +226,12 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return float(q2), float(q1), float(q3)
 
 
+def spread(ratio: tuple[float, float, float], mark: str = "") -> str:
+    """A median ratio and its interquartile range, as the tables print them."""
+    median, low, high = ratio
+    return f"{mark}{median:.2f}{mark} ({low:.2f}–{high:.2f})"
+
+
 def bench_model(kind: str, work: Path, peer: Peer, args: argparse.Namespace) -> dict[str, Any]:
     src, cfg, fused32, fused8, fused4 = fused_graphs(kind, work)
     graphs = {"fp32": fused32, "int8": fused8, "int4": fused4}
@@ -322,23 +328,19 @@ def report(result: dict[str, Any], rounds: int) -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for p, row in result["pairs"].items():
-        d, dlo, dhi = row["decode_ratio"]
-        f, flo, fhi = row["prefill_ratio"]
         print(
             f"| {p} / {row['peer']} | {row['ours_decode']:.1f} | {row['peer_decode']:.1f} | "
-            f"**{d:.2f}** ({dlo:.2f}–{dhi:.2f}) | {row['ours_mb_per_token']:.1f} / {row['peer_mb_per_token']:.1f} | "
+            f"{spread(row['decode_ratio'], '**')} | {row['ours_mb_per_token']:.1f} / {row['peer_mb_per_token']:.1f} | "
             f"{row['ours_ceiling_share']:.0%} / {row['peer_ceiling_share']:.0%} | {row['ours_prefill']:.0f} | "
-            f"{row['peer_prefill']:.0f} | **{f:.2f}** ({flo:.2f}–{fhi:.2f}) |"
+            f"{row['peer_prefill']:.0f} | {spread(row['prefill_ratio'], '**')} |"
         )
     print()
     for p, row in result["pairs"].items():
         if "custom_decode_gain" in row:
-            d, dlo, dhi = row["custom_decode_gain"]
-            f, flo, fhi = row["custom_prefill_gain"]
             print(
                 f"  {p}: with --custom-ops vs onnxruntime's own kernels, same graph: decode "
-                f"{row['custom_decode']:.1f} vs {row['ours_decode']:.1f} tok/s = {d:.2f}× ({dlo:.2f}–{dhi:.2f}); "
-                f"prefill {row['custom_prefill']:.0f} vs {row['ours_prefill']:.0f} = {f:.2f}× ({flo:.2f}–{fhi:.2f})"
+                f"{row['custom_decode']:.1f} vs {row['ours_decode']:.1f} tok/s = {spread(row['custom_decode_gain'])}; "
+                f"prefill {row['custom_prefill']:.0f} vs {row['ours_prefill']:.0f} = {spread(row['custom_prefill_gain'])}"
             )
     print()
     for p, row in result["pairs"].items():
