@@ -14,8 +14,8 @@
 // MATMUL_NBITS_ISA=avx2 pins the latter. Above SMALL_M rows (prefill) it hands the call to
 // onnxruntime's own MatMulNBits through InvokeOp (an op made that way is not prepacked).
 //
-// Measured (bench/RESULTS.md, Intel Xeon VM with AVX-512 VNNI, Llama-134M, 3 rounds): decode 0.97x
-// (int8) and 0.78x (int4) of onnxruntime's own kernels, prefill 0.75x / 0.71x: not adopted there.
+// Measured (bench/RESULTS.md, Intel Xeon VM with AVX-512 VNNI, Llama-134M, 5 rounds): decode 1.05x
+// (int8) and 0.91x (int4) of onnxruntime's own kernels, prefill 0.74x / 0.78x: not adopted there.
 // KernelContext_ParallelFor's hand-off costs more than MLAS's at these sizes, and the 4-row-stream
 // gain needs a memory-bound CPU; not yet measured on an AVX2-only one.
 //
