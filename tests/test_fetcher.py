@@ -503,6 +503,15 @@ class _SlowBroker:
         await ack.wait()
 
 
+async def _ack_until_done(broker: _SlowBroker, drain: asyncio.Task[None]) -> None:
+    """Let every PUBACK in, as publishes come, until the drain ends."""
+    while not drain.done():
+        for ack in broker.acks:
+            ack.set()
+        await asyncio.sleep(0.005)
+    await drain
+
+
 def test_the_blob_server_keeps_several_publishes_in_flight_in_request_order(tmp_path: Path) -> None:
     """A QoS 1 publish waits for the broker's PUBACK: one at a time, each chunk cost a disk read
     and a round trip in turn (bench/RESULTS.md, shard_push.py)."""
@@ -528,11 +537,7 @@ async def _publishes_in_flight(tmp_path: Path) -> None:
     # A full window out, none acknowledged, nothing beyond it.
     assert len(broker.topics) == blob_server.PUBLISH_WINDOW > 1
     assert server.chunks_published == 0
-    while not drain.done():
-        for ack in broker.acks:
-            ack.set()
-        await asyncio.sleep(0.005)
-    await drain
+    await _ack_until_done(broker, drain)
     assert broker.topics == [Topics("t1").blob_chunk(digest, i) for i in range(10)]
     assert server.chunks_published == 10 and server.bytes_published == len(data)
 
@@ -547,20 +552,12 @@ async def _publishes_in_flight(tmp_path: Path) -> None:
         await asyncio.sleep(0.005)
     assert not server._pending and len(broker.topics) == 2
     server._pending[keys[5]] = None
-    while not drain.done():
-        for ack in broker.acks:
-            ack.set()
-        await asyncio.sleep(0.005)
-    await drain
+    await _ack_until_done(broker, drain)
     assert broker.topics == [Topics("t1").blob_chunk(digest, i) for i in (0, 1, 5)]
 
     # The broker gone mid-drain: what is pending is dropped (devices ask again), nothing raised.
     server._pending = dict.fromkeys(keys)
     broker = _SlowBroker(fail_at=2)
     drain = asyncio.create_task(server._publish_pending(broker))  # type: ignore[arg-type]
-    while not drain.done():
-        for ack in broker.acks:
-            ack.set()
-        await asyncio.sleep(0.005)
-    await drain
+    await _ack_until_done(broker, drain)
     assert server._pending == {}

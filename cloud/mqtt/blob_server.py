@@ -37,9 +37,9 @@ log = logging.getLogger(__name__)
 
 # A narrow seam for tests that need a chunk to arrive corrupted: (digest, byte offset, data) -> data.
 ChunkFilter = Callable[[str, int, bytes], bytes]
-# Per device: 64 MiB/s sustained, 256 MiB at once (a model's worth of chunks asked for in a burst).
 # Chunk publishes awaiting their PUBACK at once (bench/RESULTS.md, shard_push.py).
 PUBLISH_WINDOW = 4
+# Per device: 64 MiB/s sustained, 256 MiB at once (a model's worth of chunks asked for in a burst).
 DEVICE_BYTES_PER_S = 64 * 1024 * 1024
 DEVICE_BURST_BYTES = 256 * 1024 * 1024
 
@@ -218,7 +218,7 @@ class BlobServer:
             # Until nothing is pending and nothing in flight: a request that comes in while the
             # last publishes wait for their PUBACK joins this drain (no second one is started).
             while self._pending or inflight:
-                if not self._pending:
+                if not self._pending or len(inflight) >= PUBLISH_WINDOW:
                     done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
                     _raise_first(done)
                     continue
@@ -242,9 +242,6 @@ class BlobServer:
                 # Removed only now: a request for this part until here joins this publish.
                 self._pending.pop(key, None)
                 inflight.add(asyncio.create_task(self._publish(client, topic, data)))
-                if len(inflight) >= PUBLISH_WINDOW:
-                    done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-                    _raise_first(done)
         except aiomqtt.MqttError as exc:
             log.warning("lost the broker while publishing chunks (%s); devices will ask again", exc)
             self._pending.clear()
