@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,17 +213,17 @@ class Ours:
 
 @dataclass
 class Samples:
-    ours_decode: list[float] = field(default_factory=list)
-    peer_decode: list[float] = field(default_factory=list)
-    ours_prefill: list[float] = field(default_factory=list)
-    peer_prefill: list[float] = field(default_factory=list)
-    # Our graph with --custom-ops registered (bench/matmul_nbits_op.c): what the kernel adds.
-    custom_decode: list[float] = field(default_factory=list)
-    custom_prefill: list[float] = field(default_factory=list)
+    """tok/s per round, by engine: "ours", "peer" (llama.cpp) and, with --custom-ops, "custom"
+    (our graph with bench/matmul_nbits_op.c registered: what the kernel adds)."""
+
+    decode: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    prefill: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
 
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    q1, q2, q3 = np.percentile(values, [25, 50, 75])
+def per_round(samples: dict[str, list[float]], a: str, b: str) -> tuple[float, float, float]:
+    """Median and interquartile range of ``a`` / ``b`` within each round."""
+    ratios = [x / y for x, y in zip(samples[a], samples[b], strict=True)]
+    q1, q2, q3 = np.percentile(ratios, [25, 50, 75])
     return float(q2), float(q1), float(q3)
 
 
@@ -256,19 +257,16 @@ def bench_model(kind: str, work: Path, peer: Peer, args: argparse.Namespace) -> 
         for p in order:
             s = samples[p]
             # Ours first on even rounds, llama.cpp first on odd ones; spinning threads settle between.
-            engines = ("ours", "custom", "peer") if p in custom else ("ours", "peer")
+            mine = {"ours": ours[p], **({"custom": custom[p]} if p in custom else {})}
+            engines = (*mine, "peer")
             for who in engines if r % 2 == 0 else engines[::-1]:
                 time.sleep(SETTLE_S)
-                if who == "ours":
-                    s.ours_decode.append(ours[p].decode())
+                if who in mine:
+                    s.decode[who].append(mine[who].decode())
                     time.sleep(SETTLE_S)
-                    s.ours_prefill.append(ours[p].prefill())
-                elif who == "custom":
-                    s.custom_decode.append(custom[p].decode())
-                    time.sleep(SETTLE_S)
-                    s.custom_prefill.append(custom[p].prefill())
+                    s.prefill[who].append(mine[who].prefill())
                 else:
-                    s.peer_decode.append(
+                    s.decode["peer"].append(
                         peer.run(
                             ggufs[p],
                             args.threads,
@@ -281,36 +279,28 @@ def bench_model(kind: str, work: Path, peer: Peer, args: argparse.Namespace) -> 
                         )
                     )
                     time.sleep(SETTLE_S)
-                    s.peer_prefill.append(
+                    s.prefill["peer"].append(
                         peer.run(ggufs[p], args.threads, "-p", str(PREFILL_TOKENS), "-n", "0")
                     )
     bw = statistics.median(bandwidths)
     result: dict[str, Any] = {"model": kind, "bandwidth_gbps": bw / 1e9, "pairs": {}}
     for p in args.precision:
         s = samples[p]
-        dec = [a / b for a, b in zip(s.ours_decode, s.peer_decode, strict=True)]
-        pre = [a / b for a, b in zip(s.ours_prefill, s.peer_prefill, strict=True)]
         ours_bytes, peer_bytes = weight_bytes_per_token(graphs[p]), gguf_bytes_per_token(ggufs[p])
-        result["pairs"][p] = {
-            "peer": PEER[p][0],
-            "ours_decode": statistics.median(s.ours_decode),
-            "peer_decode": statistics.median(s.peer_decode),
-            "decode_ratio": quartiles(dec),
-            "ours_prefill": statistics.median(s.ours_prefill),
-            "peer_prefill": statistics.median(s.peer_prefill),
-            "prefill_ratio": quartiles(pre),
-            "ours_mb_per_token": ours_bytes / 1e6,
-            "peer_mb_per_token": peer_bytes / 1e6,
-            "ours_ceiling_share": statistics.median(s.ours_decode) / (bw / ours_bytes),
-            "peer_ceiling_share": statistics.median(s.peer_decode) / (bw / peer_bytes),
-        }
-        if s.custom_decode:
-            gain_dec = [a / b for a, b in zip(s.custom_decode, s.ours_decode, strict=True)]
-            gain_pre = [a / b for a, b in zip(s.custom_prefill, s.ours_prefill, strict=True)]
-            result["pairs"][p]["custom_decode"] = statistics.median(s.custom_decode)
-            result["pairs"][p]["custom_prefill"] = statistics.median(s.custom_prefill)
-            result["pairs"][p]["custom_decode_gain"] = quartiles(gain_dec)
-            result["pairs"][p]["custom_prefill_gain"] = quartiles(gain_pre)
+        row: dict[str, Any] = {"peer": PEER[p][0]}
+        for who in s.decode:
+            row[f"{who}_decode"] = statistics.median(s.decode[who])
+            row[f"{who}_prefill"] = statistics.median(s.prefill[who])
+        row["decode_ratio"] = per_round(s.decode, "ours", "peer")
+        row["prefill_ratio"] = per_round(s.prefill, "ours", "peer")
+        row["ours_mb_per_token"] = ours_bytes / 1e6
+        row["peer_mb_per_token"] = peer_bytes / 1e6
+        row["ours_ceiling_share"] = row["ours_decode"] / (bw / ours_bytes)
+        row["peer_ceiling_share"] = row["peer_decode"] / (bw / peer_bytes)
+        if "custom" in s.decode:
+            row["custom_decode_gain"] = per_round(s.decode, "custom", "ours")
+            row["custom_prefill_gain"] = per_round(s.prefill, "custom", "ours")
+        result["pairs"][p] = row
     return result
 
 
