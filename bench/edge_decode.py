@@ -313,7 +313,7 @@ def ours_runner(
     custom_ops: Path | None = None,
 ) -> Engine:
     """One call = one timed pass of the serving loop (``TextGenerator.token_ids``), on
-    onnxruntime's own kernels or with a custom-op library registered (bench/matmul_nbits_op.c)."""
+    onnxruntime's own kernels or with a custom-op library registered (edge_agent.runtime.kernels)."""
     from tokenizers import Tokenizer, models
 
     from edge_agent.runtime.generator import GenerationParams, TextGenerator

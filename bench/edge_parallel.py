@@ -8,10 +8,12 @@ chat prompts (rendered with the model's template), greedy, end-of-sequence ignor
 stream generates exactly ``--new-tokens``. Reports aggregate tok/s (all tokens over the wall time
 from the first request to the last answer, prefills included) and aggregate decode tok/s (tokens
 after each stream's first, over the time from the last first token to the last answer), and
-checks that every stream's token ids are the same both ways.
+checks that every stream's token ids are the same both ways. Kernels as the edge's
+``runtime.kernels: auto`` (ours where the CPU has AVX-512 VNNI); where ours run, both widths are
+timed once more on onnxruntime's own kernels.
 
 Usage: python bench/edge_parallel.py [--streams 4] [--new-tokens 64] [--runs 5] [--threads 2]
-       [--precision int8 --precision int4 ...] [--workdir DIR]
+       [--precision int8 --precision int4 ...] [--workdir DIR] [--kernels auto|onnxruntime]
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from edge_decode import SETTLE_S, build_model
+
+from edge_agent.runtime.kernels import library
 
 QUESTIONS = (
     "What is the capital of France?",
@@ -87,7 +91,9 @@ def build(work: Path, precision: str) -> Path:
     return graph
 
 
-def make_host(src: Path, graph: Path, threads: int, parallel: int, invariant: bool):  # type: ignore[no-untyped-def]
+def make_host(  # type: ignore[no-untyped-def]
+    src: Path, graph: Path, threads: int, parallel: int, invariant: bool, custom_ops: Path | None = None
+):
     from tokenizers import Tokenizer
 
     from cloud.packaging.export import io_signature, read_hf_config
@@ -97,7 +103,9 @@ def make_host(src: Path, graph: Path, threads: int, parallel: int, invariant: bo
 
     cfg = read_hf_config(src)
     io = io_signature(graph, cfg, {"eos_token_id": cfg.get("eos_token_id")})
-    lm = OnnxCausalLM(graph, io, threads=threads)
+    lm = OnnxCausalLM(graph, io, threads=threads, custom_ops=custom_ops)
+    if custom_ops is not None and not lm.custom_ops_loaded:
+        raise SystemExit(f"{custom_ops} refused by {graph}: see the warning above")
     lm.prefix_cache = False  # rounds repeat their prompts: time every prefill
     gen = TextGenerator(lm, Tokenizer.from_file(str(src / "tokenizer.json")))
     gen.eos_ids = frozenset()  # every stream generates exactly new_tokens
@@ -145,6 +153,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", action="append", choices=("int8", "int4", "fp32"))
     ap.add_argument("--workdir", type=Path, default=None, help="Keep (and reuse) the model files here.")
+    ap.add_argument(
+        "--kernels",
+        choices=("auto", "onnxruntime"),
+        default="auto",
+        help="As the edge's runtime.kernels: auto = our MatMulNBits kernels where this CPU runs them (and "
+        "both widths once more on onnxruntime's own), onnxruntime = onnxruntime's own only.",
+    )
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="autoglm-parallel-"))
     print(
@@ -160,17 +175,22 @@ def main() -> None:
         for i in range(args.streams)
     ]
     n = args.streams
-    configs = {  # label: (parallel, batch_invariant)
-        "1 at a time": (1, False),
-        f"{n} together": (n, False),
-        "1 at a time, invariant": (1, True),
-        f"{n} together, invariant": (n, True),
+    kernels = library() if args.kernels == "auto" else None
+    print(f"our kernels: {'yes' if kernels else 'no'}")
+    configs: dict[str, tuple[int, bool, Path | None]] = {  # label: (parallel, batch_invariant, library)
+        "1 at a time": (1, False, kernels),
+        f"{n} together": (n, False, kernels),
+        "1 at a time, invariant": (1, True, kernels),
+        f"{n} together, invariant": (n, True, kernels),
     }
+    if kernels:
+        configs["1 at a time, onnxruntime kernels"] = (1, False, None)
+        configs[f"{n} together, onnxruntime kernels"] = (n, False, None)
     table = []
     for precision in precisions:
         hosts = {
-            label: make_host(work / "hf", graphs[precision], args.threads, par, inv)
-            for label, (par, inv) in configs.items()
+            label: make_host(work / "hf", graphs[precision], args.threads, par, inv, lib)
+            for label, (par, inv, lib) in configs.items()
         }
         for host in hosts.values():
             asyncio.run(one_round(host, prompts, 4))  # warm-up (and the KV rows allocated)
@@ -189,9 +209,14 @@ def main() -> None:
                 (x.decode_tokens / x.decode_s) / (b.decode_tokens / b.decode_s)
                 for x, b in zip(rounds, base, strict=True)
             )
-            twin = results["1 at a time, invariant" if "invariant" in label else "1 at a time"]
+            mode = label.partition(",")[2]  # "", " invariant" or " onnxruntime kernels"
+            twin = results["1 at a time" + ("," + mode if mode else "")]
             same = all(x.ids == t.ids for x, t in zip(rounds, twin, strict=True))
-            table.append((precision, label, overall, decode, paired, same))
+            own = statistics.median(
+                (x.decode_tokens / x.decode_s) / (t.decode_tokens / t.decode_s)
+                for x, t in zip(rounds, twin, strict=True)
+            )
+            table.append((precision, label, overall, decode, paired, own, same))
 
     print()
     print(
@@ -199,17 +224,19 @@ def main() -> None:
         f"(greedy, EOS ignored), {args.threads} threads; medians of {args.runs} interleaved rounds"
     )
     print(
-        f"{'graph':<7}{'decoding':<26}{'tok/s':>8}{'decode tok/s':>14}{'vs 1 at a time':>16}"
-        f"{'(paired min–max)':>19}{'ids as alone':>14}"
+        f"{'graph':<7}{'decoding':<36}{'tok/s':>8}{'decode tok/s':>14}{'vs 1 at a time':>16}"
+        f"{'(paired min–max)':>19}{'vs own lone':>13}{'ids as alone':>14}"
     )
-    for precision, label, overall, decode, paired, same in table:
+    for precision, label, overall, decode, paired, own, same in table:
         print(
-            f"{precision:<7}{label:<26}{overall:>8.1f}{decode:>14.1f}{statistics.median(paired):>15.2f}×"
-            f"{f'{paired[0]:.2f}–{paired[-1]:.2f}':>19}{same!s:>14}"
+            f"{precision:<7}{label:<36}{overall:>8.1f}{decode:>14.1f}{statistics.median(paired):>15.2f}×"
+            f"{f'{paired[0]:.2f}–{paired[-1]:.2f}':>19}{own:>12.2f}×{same!s:>14}"
         )
     print()
     print("'ids as alone': every stream's token ids equal those of the same request decoded one at a time")
-    print("(in the same mode). 'decode tok/s' counts tokens after each stream's first over the time when")
+    print(
+        "(in the same mode; 'vs own lone' is the decode ratio to it). 'decode tok/s' counts tokens after each stream's first over the time when"
+    )
     print("at least one stream was past its first token.")
 
 

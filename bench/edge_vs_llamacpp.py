@@ -5,9 +5,11 @@ For each model asked for (``--model``, repeatable; the models of bench/edge_deco
 ``qwen2-0.5b`` (random weights, Qwen2-0.5B's shape). From one Hugging Face folder it builds
 
 - ours: the graphs ``autoglm model package`` ships (fused decoder; fp32, int8 and int4 weight-only
-  MatMulNBits), timed through the edge's serving loop (``TextGenerator.token_ids``, sampling
-  included) and its prefill as the serving loop feeds a prompt (``decoder.step`` over pieces of
-  ``PREFILL_CHUNK`` tokens, lm_head on the last position only);
+  MatMulNBits), run as the edge runs them (``runtime.kernels: auto``: the edge's own MatMulNBits
+  kernels where the CPU has AVX-512 VNNI, else onnxruntime's), timed through the edge's serving
+  loop (``TextGenerator.token_ids``, sampling included) and its prefill as the serving loop feeds a
+  prompt (``decoder.step`` over pieces of ``PREFILL_CHUNK`` tokens, lm_head on the last position
+  only);
 - llama.cpp's: the same folder converted with its own ``convert_hf_to_gguf.py`` (``--outtype
   f32``), then ``llama-quantize`` to Q8_0 and to Q4_0 ``--pure`` (every matrix at 4 bits, as ours;
   the default Q4_0 keeps the output matrix at 6-8 bits and reads more), timed by ``llama-bench``
@@ -26,8 +28,11 @@ with tied embeddings the table is read whole as the output matrix).
 llama.cpp: ``bash bench/llamacpp_setup.sh DIR`` builds it from the source vendored in the
 llama-cpp-python sdist, with a virtual environment for its converter; pass ``--llama-cpp DIR``.
 
+Where our kernels run, the quantized graphs are timed a third time on onnxruntime's own kernels
+(``runtime.kernels: onnxruntime``), so the table also says what the kernels add.
+
 Usage: python bench/edge_vs_llamacpp.py --llama-cpp /tmp/llamacpp [--model llama-134m|smollm2|qwen2-0.5b ...]
-       [--rounds 7] [--threads 2] [--workdir DIR] [--precision fp32|int8|int4 ...] [--custom-ops LIB]
+       [--rounds 7] [--threads 2] [--workdir DIR] [--precision fp32|int8|int4 ...] [--kernels auto|onnxruntime]
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ from edge_decode import (
     prefill_seconds,
     weight_bytes_per_token,
 )
+
+from edge_agent.runtime.kernels import library
 
 MODELS = ("llama-134m", "smollm2", "qwen2-0.5b")
 PRECISIONS = ("fp32", "int8", "int4")
@@ -213,8 +220,8 @@ class Ours:
 
 @dataclass
 class Samples:
-    """tok/s per round, by engine: "ours", "peer" (llama.cpp) and, with --custom-ops, "custom"
-    (our graph with bench/matmul_nbits_op.c registered: what the kernel adds)."""
+    """tok/s per round, by engine: "ours", "peer" (llama.cpp) and, where our kernels run, "ort"
+    (the same graph on onnxruntime's own kernels: what our kernels add)."""
 
     decode: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     prefill: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
@@ -238,14 +245,14 @@ def bench_model(kind: str, work: Path, peer: Peer, args: argparse.Namespace) -> 
     graphs = {"fp32": fused32, "int8": fused8, "int4": fused4}
     ggufs = gguf_files(kind, src, work, peer, args.precision)
     print("loading our engines …", flush=True)
-    ours = {p: Ours.load(graphs[p], cfg, args.threads) for p in args.precision}
-    # The quantized graphs once more with the custom-op library, where it is given and taken.
-    custom = {
-        p: Ours.load(graphs[p], cfg, args.threads, custom_ops=args.custom_ops)
+    kernels = library() if args.kernels == "auto" else None
+    ours = {p: Ours.load(graphs[p], cfg, args.threads, custom_ops=kernels) for p in args.precision}
+    # The graphs our kernels took, once more on onnxruntime's own.
+    ort_own = {
+        p: Ours.load(graphs[p], cfg, args.threads)
         for p in args.precision
-        if p != "fp32" and args.custom_ops is not None
+        if p != "fp32" and ours[p].engine.lm.custom_ops_loaded
     }
-    custom = {p: engine for p, engine in custom.items() if engine.engine.lm.custom_ops_loaded}
     for p in args.precision:  # llama-bench's own warm-up covers it, but not the page cache
         peer.run(ggufs[p], args.threads, "-p", "0", "-n", "4")
     samples = {p: Samples() for p in args.precision}
@@ -257,7 +264,7 @@ def bench_model(kind: str, work: Path, peer: Peer, args: argparse.Namespace) -> 
         for p in order:
             s = samples[p]
             # Ours first on even rounds, llama.cpp first on odd ones; spinning threads settle between.
-            mine = {"ours": ours[p], **({"custom": custom[p]} if p in custom else {})}
+            mine = {"ours": ours[p], **({"ort": ort_own[p]} if p in ort_own else {})}
             engines = (*mine, "peer")
             for who in engines if r % 2 == 0 else engines[::-1]:
                 time.sleep(SETTLE_S)
@@ -297,9 +304,9 @@ def bench_model(kind: str, work: Path, peer: Peer, args: argparse.Namespace) -> 
         row["peer_mb_per_token"] = peer_bytes / 1e6
         row["ours_ceiling_share"] = row["ours_decode"] / (bw / ours_bytes)
         row["peer_ceiling_share"] = row["peer_decode"] / (bw / peer_bytes)
-        if "custom" in s.decode:
-            row["custom_decode_gain"] = per_round(s.decode, "custom", "ours")
-            row["custom_prefill_gain"] = per_round(s.prefill, "custom", "ours")
+        if "ort" in s.decode:
+            row["kernels_decode_gain"] = per_round(s.decode, "ours", "ort")
+            row["kernels_prefill_gain"] = per_round(s.prefill, "ours", "ort")
         result["pairs"][p] = row
     return result
 
@@ -326,11 +333,11 @@ def report(result: dict[str, Any], rounds: int) -> None:
         )
     print()
     for p, row in result["pairs"].items():
-        if "custom_decode_gain" in row:
+        if "kernels_decode_gain" in row:
             print(
-                f"  {p}: with --custom-ops vs onnxruntime's own kernels, same graph: decode "
-                f"{row['custom_decode']:.1f} vs {row['ours_decode']:.1f} tok/s = {spread(row['custom_decode_gain'])}; "
-                f"prefill {row['custom_prefill']:.0f} vs {row['ours_prefill']:.0f} = {spread(row['custom_prefill_gain'])}"
+                f"  {p}: our kernels vs onnxruntime's own, same graph: decode "
+                f"{row['ours_decode']:.1f} vs {row['ort_decode']:.1f} tok/s = {spread(row['kernels_decode_gain'])}; "
+                f"prefill {row['ours_prefill']:.0f} vs {row['ort_prefill']:.0f} = {spread(row['kernels_prefill_gain'])}"
             )
     print()
     for p, row in result["pairs"].items():
@@ -361,11 +368,11 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="Keep (and reuse) the model files here.")
     ap.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     ap.add_argument(
-        "--custom-ops",
-        type=Path,
-        default=None,
-        help="A custom-op library (bench/matmul_nbits_op.c, built as its header says) timed as a third "
-        "engine on the int8 and int4 graphs.",
+        "--kernels",
+        choices=("auto", "onnxruntime"),
+        default="auto",
+        help="As the edge's runtime.kernels: auto = our MatMulNBits kernels where this CPU runs them "
+        "(and onnxruntime's own timed beside them), onnxruntime = onnxruntime's own only.",
     )
     args = ap.parse_args()
     args.precision = args.precision or list(PRECISIONS)
@@ -376,7 +383,8 @@ def main() -> None:
 
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; Python {platform.python_version()}, "
-        f"onnxruntime {ort.__version__}; llama.cpp {peer.version()}; {args.threads} threads",
+        f"onnxruntime {ort.__version__}; llama.cpp {peer.version()}; {args.threads} threads; our kernels: "
+        f"{'yes' if args.kernels == 'auto' and library() else 'no'}",
         flush=True,
     )
     results = []

@@ -8,6 +8,8 @@ SmolLM2's MLP up-projection, 576 × 1536) at ``--rows`` rows with every kernel t
 - ``MatMulNBits`` int8 and int4, blocks of 128, symmetric, ``accuracy_level`` 4 (activations
   quantized to int8 per block: what the packager ships) and 0 (float compute: the weights are
   dequantized for every call);
+- where this CPU runs them (AVX-512 VNNI), the edge's own MatMulNBits kernels
+  (edge_agent.runtime.kernels) on the same int8 and int4 graphs;
 - ``quantize_dynamic``'s int8 (``DynamicQuantizeLinear`` + ``MatMulInteger``, per-channel weights,
   one activation scale per call: MLAS QGEMM u8s8).
 
@@ -67,12 +69,16 @@ def dynamic_model(k: int, n: int, weights: np.ndarray) -> Any:
         return onnx.load(f"{tmp}/b.onnx")
 
 
-def time_model(model: Any, k: int, rows: list[int], threads: int, reps: int) -> dict[int, float]:
+def time_model(
+    model: Any, k: int, rows: list[int], threads: int, reps: int, custom_ops: str | None = None
+) -> dict[int, float]:
     """Median milliseconds per call at each row count."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    if custom_ops:
+        options.register_custom_ops_library(custom_ops)
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(1)
     out: dict[int, float] = {}
@@ -111,6 +117,10 @@ def main() -> None:
         ("int4 MatMulNBits level 0", nbits_model(args.k, args.n, weights, 4, 0)),
         ("int8 dynamic (MatMulInteger)", dynamic_model(args.k, args.n, weights)),
     ]
+    from edge_agent.runtime.kernels import library
+
+    ours = library()  # the edge's MatMulNBits kernels, where this CPU runs them
+    custom = [kernels[1], kernels[3]] if ours else []
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, onnxruntime {ort.__version__}, "
         f"{args.threads} threads; one {args.k} x {args.n} matrix; median ms per call of {args.reps}"
@@ -126,6 +136,13 @@ def main() -> None:
         cells = " | ".join(f"{ms[m]:.3f}" for m in args.rows)
         last = args.rows[-1]
         print(f"| {label} | {cells} | {ms[last] / last / ms[args.rows[0]]:.3f} |")
+    for label, model in custom:
+        ms = time_model(model, args.k, args.rows, args.threads, args.reps, str(ours))
+        cells = " | ".join(f"{ms[m]:.3f}" for m in args.rows)
+        last = args.rows[-1]
+        print(
+            f"| {label.split(' level')[0]}, our kernel | {cells} | {ms[last] / last / ms[args.rows[0]]:.3f} |"
+        )
     print()
     print(f"GFLOP per call at {args.rows[-1]} rows: {2 * args.rows[-1] * args.k * args.n / 1e9:.2f}")
 

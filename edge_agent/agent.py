@@ -88,6 +88,7 @@ class EdgeAgent:
             self._apply_config,
         )
         self.reconciler.threads = self.serving.threads
+        self.reconciler.kernels = settings.runtime.kernel_library()
         self.control = ControlVerifier(
             settings.control.public_keys(),
             device_id=settings.device_id,

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from edge_agent.runtime.kernels import library
 from edge_agent.serving.body_limit import DEFAULT_MAX_BODY_BYTES
 from shared.batch_api import MAX_BATCH_LINES
 from shared.config_env import read_settings_file, validation_problems
@@ -52,6 +53,14 @@ class RuntimeSettings(RuntimeTuning):
 
     # None: CUDA when this onnxruntime build and device have it, then CPU.
     providers: list[str] | None = None
+    # CPU kernels for the quantized matmuls: "auto" registers the edge's own (built at install,
+    # used on CPUs with AVX-512 VNNI; elsewhere, or if a graph is refused, onnxruntime's run);
+    # "onnxruntime" always runs onnxruntime's own.
+    kernels: Literal["auto", "onnxruntime"] = "auto"
+
+    def kernel_library(self) -> Path | None:
+        """The custom-op library to register when a model loads, or None."""
+        return library() if self.kernels == "auto" else None
 
 
 class FetchSettings(_Section):
@@ -153,7 +162,7 @@ class EdgeSettings(_Section):
 
     def local_config(self) -> EdgeConfig:
         """This file's serving keys as a config document, the base that pushes overlay."""
-        runtime = RuntimeTuning(**self.runtime.model_dump(exclude={"providers"}))
+        runtime = RuntimeTuning(**self.runtime.model_dump(exclude={"providers", "kernels"}))
         return EdgeConfig(
             runtime=runtime, sampling=self.sampling, router=self.router, telemetry=self.telemetry
         )

@@ -172,7 +172,7 @@ def test_packager_ships_the_fused_graph(kind: str, tmp_path: Path, tokenizer_dir
 def test_a_custom_op_library_that_onnxruntime_refuses_leaves_its_own_kernels(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """OnnxCausalLM(custom_ops=...) is how the kernel experiment (bench/matmul_nbits_op.c) is timed;
+    """OnnxCausalLM(custom_ops=...) is how the edge registers its kernels (edge_agent.runtime.kernels);
     a library the session refuses must cost nothing but a warning."""
     src = _tiny("llama", tmp_path / "src")
     cfg = read_hf_config(src)

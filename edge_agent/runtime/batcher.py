@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edge_agent.runtime.channel import GenerationChannel
+from edge_agent.runtime.channel import GenerationChannel, Item, put_all
 from edge_agent.runtime.generator import (
     PREFILL_CHUNK,
     GenerationParams,
@@ -74,13 +74,16 @@ class DecodeBatcher:
         self._pending: deque[_Job] = deque()
         self._thread: threading.Thread | None = None
         self.active = 0  # sequences decoding now (read by metrics)
+        # What this pass of the loop produced for the readers, sent at its end in one hand-off.
+        self._outbox: list[tuple[GenerationChannel, Item]] = []
 
     @property
     def invariant(self) -> bool:
         """Batch-invariant mode: every step runs an even number of rows (a lone sequence beside
         an idle row), so that a request's answer does not depend on what else is decoding; see
-        :meth:`OnnxCausalLM.step_together`."""
-        return self.model.batches and self._invariant()
+        :meth:`OnnxCausalLM.step_together`. Not needed (so not paid for) where the model's
+        kernels compute every row alike whatever its company (the edge's own)."""
+        return self.model.batches and self._invariant() and not self.model.rows_independent
 
     @property
     def width(self) -> int:
@@ -129,7 +132,13 @@ class DecodeBatcher:
             self.active = len(active) + len(filling)
             if active:
                 active = self._step(active)
+            self._flush()
             self._add_busy(time.perf_counter() - began)
+
+    def _flush(self) -> None:
+        if self._outbox:
+            outbox, self._outbox = self._outbox, []
+            put_all(outbox)
 
     def _abandoned(self, job: _Job) -> bool:
         if job.channel.cancelled.is_set():
@@ -180,7 +189,7 @@ class DecodeBatcher:
     def _fail(self, job: _Job, exc: BaseException) -> None:
         log.debug("generation failed", exc_info=True)
         job.seq.done = True
-        job.channel.put(exc)
+        self._outbox.append((job.channel, exc))
         job.release()
 
     def _step(self, active: list[_Job]) -> list[_Job]:
@@ -205,8 +214,7 @@ class DecodeBatcher:
         """Send ``items`` to the job's reader; whether it goes on decoding."""
         if job.first is None and job.seq.generated:
             job.first = time.perf_counter()
-        for item in items:
-            job.channel.put(item)
+        self._outbox.extend((job.channel, item) for item in items)
         if not job.seq.done:
             return True
         if job.seq.result is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 
 from edge_agent.runtime.generator import GenerationResult, StreamItem
 
@@ -25,10 +25,7 @@ class GenerationChannel:
         self.cancelled = threading.Event()
 
     def put(self, item: Item) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the request's event loop is gone: nobody is listening any more
-            self.cancelled.set()
+        put_all([(self, item)])
 
     async def items(self, finished: Awaitable[None] | None = None) -> AsyncIterator[StreamItem]:
         """Text deltas, then the result; an exception put by the generator is raised here.
@@ -46,3 +43,23 @@ class GenerationChannel:
                     return
         finally:
             self.cancelled.set()
+
+
+def put_all(deliveries: Iterable[tuple[GenerationChannel, Item]]) -> None:
+    """Items for several channels (in order per channel), handed to each event loop among them
+    once: a decode step's tokens for four streams wake the loop once, not four times; each wake-up
+    is a thread on the CPU cores the next step needs."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationChannel, Item]]] = {}
+    for channel, item in deliveries:
+        by_loop.setdefault(channel._loop, []).append((channel, item))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_now, batch)
+        except RuntimeError:  # the requests' event loop is gone: nobody is listening any more
+            for channel, _ in batch:
+                channel.cancelled.set()
+
+
+def _put_now(batch: list[tuple[GenerationChannel, Item]]) -> None:
+    for channel, item in batch:
+        channel._queue.put_nowait(item)

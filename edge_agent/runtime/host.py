@@ -61,12 +61,15 @@ class LoadedModel:
         *,
         threads: int,
         providers: list[str] | None,
+        custom_ops: Path | None = None,
         digest: str = "",
     ) -> LoadedModel:
         graph = next((f.path for f in manifest.files if f.role == "graph"), None)
         if graph is None:
             raise ModelLoadError("manifest lists no graph file", name=manifest.name, version=manifest.version)
-        session = OnnxCausalLM(folder / graph, manifest.io, threads=threads, providers=providers)
+        session = OnnxCausalLM(
+            folder / graph, manifest.io, threads=threads, providers=providers, custom_ops=custom_ops
+        )
         try:
             tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         except Exception as exc:

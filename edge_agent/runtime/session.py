@@ -85,10 +85,11 @@ class OnnxCausalLM:
     ) -> None:
         self.io = io
         chosen = choose_providers(providers)
-        # A custom-op library (a kernel experiment: bench/matmul_nbits_op.c) is tried first; where
-        # session creation refuses it, the graph runs on onnxruntime's own kernels.
+        # A custom-op library (edge_agent.runtime.kernels: CPU kernels for MatMulNBits) is tried
+        # first on a CPU-only session; where session creation refuses it (another CPU, a graph it
+        # does not take), the graph runs on onnxruntime's own kernels.
         self.custom_ops_loaded = False
-        if custom_ops is not None:
+        if custom_ops is not None and chosen[0] == "CPUExecutionProvider":
             try:
                 self.session = ort.InferenceSession(
                     str(graph), _options(threads, custom_ops), providers=chosen
@@ -127,6 +128,13 @@ class OnnxCausalLM:
         self._concat_cache = _PrefixCache()
         # Off: every sequence is prefilled from scratch (benchmarks of cold prefill).
         self.prefix_cache = True
+
+    @property
+    def rows_independent(self) -> bool:
+        """Whether a sequence's logits are the same whatever decodes beside it: with the edge's
+        own MatMulNBits kernels (edge_agent.runtime.kernels) every row gets the same instructions
+        at any batch width; onnxruntime's compute a lone row differently (:meth:`step_together`)."""
+        return self.custom_ops_loaded
 
     @property
     def batches(self) -> bool:

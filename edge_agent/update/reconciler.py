@@ -84,6 +84,7 @@ class Reconciler:
         self.trust = trust
         self.providers = providers
         self.threads = 0  # set from the serving config by the agent
+        self.kernels: Path | None = None  # the custom-op library models load with (settings)
         self._report = report
         self._apply_config = apply_config
         self._pending: DesiredState | None = None
@@ -442,6 +443,7 @@ class Reconciler:
             slot,
             threads=self.threads,
             providers=self.providers,
+            custom_ops=self.kernels,
             digest=digest_of(manifest_bytes),
         )
 

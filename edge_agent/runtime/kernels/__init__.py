@@ -1,0 +1,40 @@
+"""The edge's own CPU kernels: an onnxruntime custom-op library built from ``matmul_nbits.c`` when the
+package is installed (pyproject.toml, ``tool.setuptools.ext-modules``; optional).
+
+It replaces onnxruntime's MatMulNBits (the quantized weight matmuls of int8 and int4 graphs) on
+CPUs with AVX-512 VNNI; :class:`~edge_agent.runtime.session.OnnxCausalLM` registers it and loads
+the graph on onnxruntime's own kernels wherever the session refuses it (a graph it does not take).
+The runtime setting ``kernels: onnxruntime`` leaves it out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_HERE = Path(__file__).resolve().parent
+
+
+def built() -> Path | None:
+    """The library the install built, or None where it could not (no C compiler)."""
+    found = sorted(_HERE.glob("_matmul_nbits*.so"))
+    return found[0] if found else None
+
+
+@functools.cache
+def library() -> Path | None:
+    """The built library when this CPU runs it, else None (onnxruntime's kernels, without first
+    trying a session that would refuse the library)."""
+    path = built()
+    if path is None:
+        return None
+    try:
+        usable = bool(ctypes.CDLL(str(path)).AutoglmKernelsUsable())
+    except (OSError, AttributeError) as exc:  # a stale or foreign file
+        log.warning("kernel library %s cannot be used: %s", path, exc)
+        return None
+    return path if usable else None

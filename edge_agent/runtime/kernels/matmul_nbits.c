@@ -1,0 +1,452 @@
+// MatMulNBits for CPUs with AVX-512 VNNI, as an onnxruntime custom-op library: the quantized
+// weight matmuls of the int8 and int4 graphs the packager ships (67 % of a decode step, more of a
+// prefill), registered under MatMulNBits' own name and domain (com.microsoft), so a packaged graph
+// runs unchanged with it. edge_agent.runtime.kernels finds the built library; OnnxCausalLM
+// registers it and runs on onnxruntime's own kernels wherever the session refuses it.
+//
+// Why: onnxruntime's kernel (MLAS, accuracy level 4) quantizes a prefill's activations on one
+// thread, and computes a lone row with other instructions than rows in pairs (so an answer
+// depends on what decodes beside it). AMD EPYC Zen 4 VM, 2 threads (bench/RESULTS.md): prefill
+// 1.5-1.7x onnxruntime's own, decode at par or ahead.
+//
+// How: at session start the constant weights are copied into panels of 16 output columns, 4 input
+// elements per column per 64 bytes, so one dpbusd multiplies 4 elements into 16 outputs. A
+// register tile is 1-2 activation rows x 64 columns (a decode step: four weight streams in
+// flight) or 3-4 rows x 32 columns. Activations are quantized to int8 per weight block (scale
+// max |x| / 127, as MatMulNBits does at accuracy level 4), a row per task. Every output is summed
+// by the same instructions whatever the number of rows and the tile, so a sequence's logits do
+// not depend on what decodes beside it.
+//
+// Takes what our packager emits: symmetric weights (no zero_points: zero point 2^(bits-1)), 8 or
+// 4 bits, any block size that is a multiple of 8 (K need not be whole blocks), an optional constant
+// bias. Refuses the rest (zero points, g_idx, non-constant weights, a CPU without AVX-512 VNNI,
+// not x86-64), and a refusal fails the session, which the caller answers by loading the graph
+// without the library. Cost: the packed copy beside the initializer onnxruntime keeps (the
+// quantized weights' bytes again in memory).
+//
+// Built by pip (pyproject.toml, tool.setuptools.ext-modules; optional: no compiler, no library)
+// against include/onnxruntime_c_api.h, onnxruntime 1.21's C API header (MIT licence, Microsoft);
+// newer onnxruntime releases serve that API version. By hand:
+//   gcc -O3 -shared -fPIC -fvisibility=hidden -I edge_agent/runtime/kernels/include
+//       edge_agent/runtime/kernels/matmul_nbits.c -o libmatmul_nbits.so   (one command)
+#include <limits.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "onnxruntime_c_api.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#define SMALL_M 4  // rows per register tile; a call of at most this many quantizes inline
+// Tasks per matrix: enough for the intra-op pool to balance two to a few dozen threads.
+#define TASKS 16
+
+static const OrtApi *ort;
+
+typedef struct {
+    int64_t k, n, bits, block;
+    int64_t nb;          // blocks per column, the last one possibly short (K not a multiple of block)
+    int64_t n_pad;       // n rounded up to 64 (four panels per task step)
+    uint8_t *packed;     // [n_pad / 16][k * bits / 32][64]
+    float *pscales;      // [n_pad / 16][nb][16]
+    float *bias;         // [n] or NULL
+} Kernel;
+
+typedef struct {
+    const Kernel *kernel;
+    const int8_t *xq;     // [m][k]
+    const float *xs;      // [m][nb]
+    const int32_t *corr;  // [m][nb]: -zero point x the block's sum of xq
+    float *y;             // [m][n]
+    int64_t m;
+    int64_t quads_per_task;  // groups of four panels (64 columns)
+} Job;
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,fma")
+
+// Columns [16 first, 16 (first + NP)) (NP panels) for activation rows [m0, m0 + M).
+// 8 bits: a panel's 64 bytes per step are 16 columns x 4 consecutive elements (w + 128).
+// 4 bits: 64 bytes per two steps: low nibbles the first 4 elements, high nibbles the next 4.
+// Every column's sum runs the same way whatever NP and M are (see the top of the file).
+static inline __attribute__((always_inline)) void panel_rows(const Job *job, int64_t first, int64_t m0,
+                                                             const int BITS, const int M, const int NP) {
+    const Kernel *kn = job->kernel;
+    const int64_t k = kn->k, block = kn->block, nb = kn->nb, n = kn->n;
+    const int64_t panel_bytes = k * BITS / 8 * 16;
+    const uint8_t *wp[4];
+    const float *sp[4];
+    _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) {
+        wp[p] = kn->packed + (first + p) * panel_bytes;
+        sp[p] = kn->pscales + (first + p) * nb * 16;
+    }
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512 f[4][SMALL_M];
+    _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++)
+        _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) f[p][i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t start = b * block, len = (k - start < block ? k - start : block);
+        __m512i a[4][SMALL_M];
+        const int8_t *x[SMALL_M];
+        _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
+            _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) a[p][i] = _mm512_set1_epi32(job->corr[(m0 + i) * nb + b]);
+            x[i] = job->xq + (m0 + i) * k + start;
+        }
+        if (BITS == 8) {
+            for (int64_t j = 0; j < len; j += 4) {
+                __m512i v[4];
+                _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) v[p] = _mm512_load_si512(wp[p] + (start + j) * 16);
+                _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
+                    const __m512i xb = _mm512_set1_epi32(*(const int32_t *)(x[i] + j));
+                    _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) a[p][i] = _mm512_dpbusd_epi32(a[p][i], v[p], xb);
+                }
+            }
+        } else {
+            for (int64_t j = 0; j < len; j += 8) {
+                __m512i lo[4], hi[4];
+                _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) {
+                    const __m512i packed = _mm512_load_si512(wp[p] + (start + j) * 8);
+                    lo[p] = _mm512_and_si512(packed, low);
+                    hi[p] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
+                }
+                _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
+                    const __m512i xl = _mm512_set1_epi32(*(const int32_t *)(x[i] + j));
+                    const __m512i xh = _mm512_set1_epi32(*(const int32_t *)(x[i] + j + 4));
+                    _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++)
+                        a[p][i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a[p][i], lo[p], xl), hi[p], xh);
+                }
+            }
+        }
+        _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) {
+            const __m512 scale = _mm512_loadu_ps(sp[p] + b * 16);
+            _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
+                const __m512 xs = _mm512_set1_ps(job->xs[(m0 + i) * nb + b]);
+                f[p][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[p][i]), _mm512_mul_ps(scale, xs), f[p][i]);
+            }
+        }
+    }
+    _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) {
+        const int64_t c = (first + p) * 16;
+        if (c >= n) break;
+        const __mmask16 mask = n - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - c)) - 1);
+        __m512 bias = kn->bias ? _mm512_maskz_loadu_ps(mask, kn->bias + c) : _mm512_setzero_ps();
+        _Pragma("GCC unroll 4") for (int i = 0; i < M; i++)
+            _mm512_mask_storeu_ps(job->y + (m0 + i) * n + c, mask, _mm512_add_ps(f[p][i], bias));
+    }
+}
+
+// Rows in tiles of up to SMALL_M; one or two rows read four panels at a time (more loads in
+// flight for a step that is bound by reading the weights), three or four read two (registers).
+#define WIDE_M 2
+
+static void packed_task(void *data, size_t t) {
+    const Job *job = data;
+    const int64_t quads = job->kernel->n_pad / 64, first = (int64_t)t * job->quads_per_task;
+    const int64_t last = first + job->quads_per_task < quads ? first + job->quads_per_task : quads;
+    const int eight = job->kernel->bits == 8;
+    for (int64_t q = first; q < last; q++)
+        for (int64_t m0 = 0; m0 < job->m; m0 += SMALL_M) {
+            const int rows = job->m - m0 >= SMALL_M ? SMALL_M : (int)(job->m - m0);
+            if (rows <= WIDE_M) {
+                switch (rows + 10 * eight) {
+                    case 11: panel_rows(job, 4 * q, m0, 8, 1, 4); break;
+                    case 12: panel_rows(job, 4 * q, m0, 8, 2, 4); break;
+                    case 1: panel_rows(job, 4 * q, m0, 4, 1, 4); break;
+                    default: panel_rows(job, 4 * q, m0, 4, 2, 4); break;
+                }
+                continue;
+            }
+            for (int64_t p = 4 * q; p < 4 * q + 4; p += 2) switch (rows + 10 * eight) {
+                    case 11: panel_rows(job, p, m0, 8, 1, 2); break;
+                    case 12: panel_rows(job, p, m0, 8, 2, 2); break;
+                    case 13: panel_rows(job, p, m0, 8, 3, 2); break;
+                    case 14: panel_rows(job, p, m0, 8, 4, 2); break;
+                    case 1: panel_rows(job, p, m0, 4, 1, 2); break;
+                    case 2: panel_rows(job, p, m0, 4, 2, 2); break;
+                    case 3: panel_rows(job, p, m0, 4, 3, 2); break;
+                    default: panel_rows(job, p, m0, 4, 4, 2); break;
+                }
+        }
+}
+
+// The packed kernels' activations: per block, scale = max |x| / 127 and x rounded to nearest
+// (cvtps rounds to nearest even, as nearbyintf does), in natural order, the last block as short
+// as K leaves it; one row per call (rows are quantized in parallel for a prefill).
+static void quantize_row(const Kernel *kn, const float *x, int8_t *q, float *xs, int32_t *corr) {
+    const int64_t k = kn->k, block = kn->block, nb = kn->nb;
+    const int32_t zero = 1 << (kn->bits - 1);
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t start = b * block, len = k - start < block ? k - start : block;
+        __m512 amax = _mm512_setzero_ps();
+        for (int64_t j = 0; j < len; j += 16) {
+            const __mmask16 mask = len - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - j)) - 1);
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, x + start + j)));
+        }
+        const float scale = _mm512_reduce_max_ps(amax) / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+        const __m512 vinv = _mm512_set1_ps(inv);
+        const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+        __m512i total = _mm512_setzero_si512();
+        for (int64_t j = 0; j < len; j += 16) {
+            const __mmask16 mask = len - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - j)) - 1);
+            __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + start + j), vinv));
+            v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+            total = _mm512_add_epi32(total, v);
+            _mm_mask_storeu_epi8(q + start + j, mask, _mm512_cvtepi32_epi8(v));
+        }
+        xs[b] = scale;
+        corr[b] = -zero * _mm512_reduce_add_epi32(total);
+    }
+}
+
+typedef struct {
+    const Kernel *kernel;
+    const float *a;
+    int8_t *xq;
+    float *xs;
+    int32_t *corr;
+} Quantize;
+
+static void quantize_task(void *data, size_t i) {
+    const Quantize *job = data;
+    const int64_t k = job->kernel->k, nb = job->kernel->nb;
+    quantize_row(job->kernel, job->a + i * k, job->xq + i * k, job->xs + i * nb, job->corr + i * nb);
+}
+
+#pragma GCC pop_options
+
+static OrtStatus *fail(const char *what) { return ort->CreateStatus(ORT_FAIL, what); }
+
+#define CHECK(call)                     \
+    do {                                \
+        OrtStatus *status_ = (call);    \
+        if (status_) return status_;    \
+    } while (0)
+
+static OrtStatus *compute_packed(const Kernel *kn, OrtKernelContext *context, const OrtValue *input,
+                                 OrtValue *output, int64_t m) {
+    const float *a;
+    float *y;
+    CHECK(ort->GetTensorMutableData((OrtValue *)input, (void **)&a));
+    CHECK(ort->GetTensorMutableData(output, (void **)&y));
+    int8_t *xq = aligned_alloc(64, (size_t)((m * kn->k + 63) / 64 * 64));
+    float *xs = malloc(sizeof(float) * (size_t)(m * kn->nb));
+    int32_t *corr = malloc(sizeof(int32_t) * (size_t)(m * kn->nb));
+    if (!xq || !xs || !corr) {
+        free(xq), free(xs), free(corr);
+        return fail("MatMulNBits: out of memory");
+    }
+    Quantize rows = {kn, a, xq, xs, corr};
+    OrtStatus *status = NULL;
+    if (m <= SMALL_M) {  // a decode step: not worth a hand-off
+        for (int64_t i = 0; i < m; i++) quantize_task(&rows, (size_t)i);
+    } else {
+        status = ort->KernelContext_ParallelFor(context, quantize_task, (size_t)m, 0, &rows);
+    }
+    const int64_t quads = kn->n_pad / 64, per_task = (quads + TASKS - 1) / TASKS;
+    Job job = {kn, xq, xs, corr, y, m, per_task};
+    if (!status)
+        status = ort->KernelContext_ParallelFor(context, packed_task, (size_t)((quads + per_task - 1) / per_task), 0, &job);
+    free(xq), free(xs), free(corr);
+    return status;
+}
+
+static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *context) {
+    const Kernel *kn = op_kernel;
+    const OrtValue *inputs[3];
+    for (size_t i = 0; i < 3; i++) CHECK(ort->KernelContext_GetInput(context, i, &inputs[i]));
+    OrtTensorTypeAndShapeInfo *info;
+    CHECK(ort->GetTensorTypeAndShape(inputs[0], &info));
+    size_t rank = 0, count = 0;
+    int64_t dims[8];
+    OrtStatus *status = ort->GetDimensionsCount(info, &rank);
+    if (!status && (rank < 1 || rank > 8)) status = fail("MatMulNBits: A must have rank 1 to 8");
+    if (!status) status = ort->GetDimensions(info, dims, rank);
+    if (!status) status = ort->GetTensorShapeElementCount(info, &count);
+    ort->ReleaseTensorTypeAndShapeInfo(info);
+    if (status) return status;
+    if (dims[rank - 1] != kn->k) return fail("MatMulNBits: the last dimension of A is not K");
+    const int64_t m = (int64_t)count / kn->k;
+    dims[rank - 1] = kn->n;
+    OrtValue *output;
+    CHECK(ort->KernelContext_GetOutput(context, 0, dims, rank, &output));
+    if (m == 0) return NULL;
+    return compute_packed(kn, context, inputs[0], output, m);
+}
+
+static OrtStatus *attribute(const OrtKernelInfo *info, const char *name, int64_t *out) {
+    return ort->KernelInfoGetAttribute_int64(info, name, out);
+}
+
+// AVX-512 VNNI and the AVX-512 subsets the kernels use.
+static int vnni(void) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+// Copies the constant weights, scales and bias into the packed layout; refuses (the session
+// then fails to load with this library, and the caller falls back) what it does not take.
+static OrtStatus *pack(const OrtKernelInfo *info, Kernel *kn) {
+    const int64_t k = kn->k, n = kn->n, bits = kn->bits, block = kn->block;
+    if (k % (bits == 8 ? 4 : 8) || block % 8) return fail("MatMulNBits (autoglm): K or block not a multiple of 8");
+    kn->nb = (k + block - 1) / block;
+    kn->n_pad = (n + 63) / 64 * 64;
+    const OrtValue *values[6] = {0};
+    size_t inputs = 0;
+    CHECK(ort->KernelInfo_GetInputCount(info, &inputs));
+    for (size_t i = 1; i < inputs && i < 6; i++) {
+        char name[256];
+        size_t size = sizeof name;
+        CHECK(ort->KernelInfo_GetInputName(info, i, name, &size));
+        if (!name[0]) continue;
+        if (i == 3 || i == 4) return fail("MatMulNBits (autoglm): zero points and g_idx are not supported");
+        int constant = 0;
+        CHECK(ort->KernelInfoGetConstantInput_tensor(info, i, &constant, &values[i]));
+        if (!constant) return fail("MatMulNBits (autoglm): weights, scales and bias must be constant");
+    }
+    if (!values[1] || !values[2]) return fail("MatMulNBits (autoglm): no weights or scales");
+    const uint8_t *w;
+    const float *scales;
+    CHECK(ort->GetTensorMutableData((OrtValue *)values[1], (void **)&w));
+    CHECK(ort->GetTensorMutableData((OrtValue *)values[2], (void **)&scales));
+    const int64_t blob = block * bits / 8, panel_bytes = k * bits / 8 * 16;
+    kn->packed = aligned_alloc(64, (size_t)(kn->n_pad / 16 * panel_bytes));
+    kn->pscales = calloc((size_t)(kn->n_pad * kn->nb), sizeof(float));
+    if (values[5]) kn->bias = malloc(sizeof(float) * (size_t)n);
+    if (!kn->packed || !kn->pscales || (values[5] && !kn->bias)) return fail("MatMulNBits (autoglm): out of memory");
+    memset(kn->packed, 0, (size_t)(kn->n_pad / 16 * panel_bytes));
+    for (int64_t c = 0; c < n; c++) {
+        uint8_t *lane = kn->packed + c / 16 * panel_bytes + c % 16 * 4;
+        for (int64_t b = 0; b < kn->nb; b++) {
+            const uint8_t *src = w + (c * kn->nb + b) * blob;
+            const int64_t start = b * block, len = k - start < block ? k - start : block;
+            for (int64_t o = 0; o < len; o++) {
+                const int64_t j = start + o;
+                if (bits == 8) {
+                    lane[(j >> 2) * 64 + (j & 3)] = src[o];
+                } else {
+                    const uint8_t q = (src[o >> 1] >> (4 * (o & 1))) & 0x0F;
+                    lane[(j >> 3) * 64 + (j & 3)] |= (uint8_t)(j & 4 ? q << 4 : q);
+                }
+            }
+            kn->pscales[(c / 16 * kn->nb + b) * 16 + c % 16] = scales[c * kn->nb + b];
+        }
+    }
+    if (values[5]) {
+        const float *bias;
+        CHECK(ort->GetTensorMutableData((OrtValue *)values[5], (void **)&bias));
+        memcpy(kn->bias, bias, sizeof(float) * (size_t)n);
+    }
+    return NULL;
+}
+
+static void release(Kernel *kn) { free(kn->packed), free(kn->pscales), free(kn->bias); }
+
+static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info,
+                                      void **out) {
+    (void)op, (void)api;
+    Kernel kn = {0};
+    CHECK(attribute(info, "K", &kn.k));
+    CHECK(attribute(info, "N", &kn.n));
+    CHECK(attribute(info, "bits", &kn.bits));
+    CHECK(attribute(info, "block_size", &kn.block));
+    if (kn.bits != 8 && kn.bits != 4) return fail("MatMulNBits (autoglm): only 8 and 4 bits");
+    if (kn.k < 1 || kn.n < 1 || kn.block < 16) return fail("MatMulNBits (autoglm): bad K, N or block_size");
+    if (!vnni()) return fail("MatMulNBits (autoglm): this CPU has no AVX-512 VNNI");
+    OrtStatus *status = pack(info, &kn);
+    Kernel *kernel = status ? NULL : malloc(sizeof kn);
+    if (!kernel) {
+        release(&kn);
+        return status ? status : fail("MatMulNBits (autoglm): out of memory");
+    }
+    *kernel = kn;
+    *out = kernel;
+    return NULL;
+}
+
+static void ORT_API_CALL destroy(void *op_kernel) {
+    if (op_kernel) release(op_kernel);
+    free(op_kernel);
+}
+
+static const char *ORT_API_CALL op_name(const OrtCustomOp *op) { return (void)op, "MatMulNBits"; }
+static const char *ORT_API_CALL op_provider(const OrtCustomOp *op) { return (void)op, "CPUExecutionProvider"; }
+static size_t ORT_API_CALL input_count(const OrtCustomOp *op) { return (void)op, 6; }
+static size_t ORT_API_CALL output_count(const OrtCustomOp *op) { return (void)op, 1; }
+
+static ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp *op, size_t index) {
+    (void)op;
+    switch (index) {
+        case 1: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+        case 3: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+        case 4: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+        default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    }
+}
+
+static ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp *op, size_t index) {
+    return (void)op, (void)index, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+
+static OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_kind(const OrtCustomOp *op, size_t index) {
+    return (void)op, index < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+}
+
+static OrtCustomOpInputOutputCharacteristic ORT_API_CALL output_kind(const OrtCustomOp *op, size_t index) {
+    return (void)op, (void)index, INPUT_OUTPUT_REQUIRED;
+}
+
+static OrtMemType ORT_API_CALL input_memory(const OrtCustomOp *op, size_t index) {
+    return (void)op, (void)index, OrtMemTypeDefault;
+}
+
+static int ORT_API_CALL start_version(const OrtCustomOp *op) { return (void)op, 1; }
+static int ORT_API_CALL end_version(const OrtCustomOp *op) { return (void)op, INT_MAX; }
+
+// Whether this CPU runs the kernels (asked through ctypes before a session is made with them).
+__attribute__((visibility("default"))) int AutoglmKernelsUsable(void) { return vnni(); }
+
+static OrtCustomOp matmul_nbits;
+static OrtCustomOpDomain *domain;
+
+// The entry point onnxruntime calls when a session registers this library.
+__attribute__((visibility("default"))) OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options,
+                                                                                const OrtApiBase *base) {
+    if (!ort) ort = base->GetApi(ORT_API_VERSION);
+    if (!ort) return NULL;  // an onnxruntime older than our header: nothing registered, built-in kernels run
+    if (!domain) {
+        OrtCustomOp op = {0};
+        op.version = ORT_API_VERSION;
+        op.GetName = op_name;
+        op.GetExecutionProviderType = op_provider;
+        op.GetInputType = input_type;
+        op.GetInputTypeCount = input_count;
+        op.GetOutputType = output_type;
+        op.GetOutputTypeCount = output_count;
+        op.GetInputCharacteristic = input_kind;
+        op.GetOutputCharacteristic = output_kind;
+        op.GetInputMemoryType = input_memory;
+        op.CreateKernelV2 = create;
+        op.KernelComputeV2 = compute;
+        op.KernelDestroy = destroy;
+        op.GetStartVersion = start_version;
+        op.GetEndVersion = end_version;
+        matmul_nbits = op;
+        CHECK(ort->CreateCustomOpDomain("com.microsoft", &domain));
+        CHECK(ort->CustomOpDomain_Add(domain, &matmul_nbits));
+    }
+    return ort->AddCustomOpDomain(options, domain);
+}
+
+#else  // not x86-64: a library that registers nothing, so onnxruntime's own kernels run
+
+__attribute__((visibility("default"))) int AutoglmKernelsUsable(void) { return 0; }
+
+__attribute__((visibility("default"))) OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options,
+                                                                                const OrtApiBase *base) {
+    (void)options, (void)base;
+    return NULL;
+}
+
+#endif

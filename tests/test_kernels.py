@@ -1,0 +1,135 @@
+"""The edge's own MatMulNBits kernels (edge_agent/runtime/kernels): built by the install, used on
+CPUs with AVX-512 VNNI and refused elsewhere, equal to onnxruntime's MatMulNBits within float
+rounding, and each row's result independent of the rows beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from cloud.packaging.export import io_signature, read_hf_config
+from cloud.packaging.fused import build_fused
+from cloud.packaging.quantize import quantize_weight_only
+from edge_agent.runtime.kernels import built, library
+from edge_agent.runtime.session import OnnxCausalLM
+from edge_agent.settings import RuntimeSettings
+from tests.test_export import _tiny
+
+PROMPT = [5, 17, 42, 99, 3, 250, 7, 64, 128, 31]
+
+
+def _cpu_runs_kernels() -> bool:
+    flags: set[str] = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags
+
+
+def _matmul(tmp: Path, k: int, n: int, block: int, bits: int, bias: bool) -> bytes:
+    """One weight matrix as the packager quantizes it; ``bias`` as onnxruntime's optimizer fuses
+    a following Add into MatMulNBits (Qwen2's projections)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(k * n + bits)
+    weights = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "one",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])],
+        [numpy_helper.from_array(weights, "W")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp / "fp32.onnx"))
+    model = onnx.load(str(quantize_weight_only(tmp / "fp32.onnx", tmp / "q" / "model.onnx", bits, block)))
+    if bias:
+        node = next(x for x in model.graph.node if x.op_type == "MatMulNBits")
+        model.graph.initializer.append(
+            numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b")
+        )
+        node.input.extend([""] * (5 - len(node.input)) + ["b"])
+    return bytes(model.SerializeToString())
+
+
+def _session(model: bytes, library_path: Path | None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    if library_path is not None:
+        options.register_custom_ops_library(str(library_path))
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def test_the_install_builds_the_library_and_offers_it_where_the_cpu_runs_it() -> None:
+    path = built()
+    assert path is not None, "pip install did not build edge_agent/runtime/kernels (is gcc there?)"
+    assert (library() is not None) == _cpu_runs_kernels()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize(
+    ("k", "n", "block", "bias"),
+    [
+        (576, 200, 128, False),  # SmolLM2's K: the last block half full; N not a multiple of 32
+        (256, 96, 64, True),  # a fused bias
+        (64, 16, 32, False),
+    ],
+)
+def test_kernels_equal_onnxruntime_and_rows_do_not_depend_on_their_company(
+    bits: int, k: int, n: int, block: int, bias: bool, tmp_path: Path
+) -> None:
+    model = _matmul(tmp_path, k, n, block, bits, bias)
+    if library() is None:  # this CPU has no AVX-512 VNNI: the library refuses, nothing else changes
+        assert built() is not None
+        with pytest.raises(Exception, match="AVX-512 VNNI"):
+            _session(model, built())
+        return
+    ours, theirs = _session(model, library()), _session(model, None)
+    rng = np.random.default_rng(7)
+    for m in (1, 2, 3, 4, 5, 9, 130):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        mine, ref = ours.run(None, {"x": x})[0], theirs.run(None, {"x": x})[0]
+        # Same int8 activations and int32 sums; only the float accumulation order differs.
+        np.testing.assert_allclose(mine, ref, rtol=0, atol=1e-5 * float(np.abs(ref).max()))
+        for i in range(m):
+            alone = ours.run(None, {"x": x[i : i + 1]})[0][0]
+            assert np.array_equal(alone, mine[i]), f"row {i} of {m} differs from the same row alone"
+
+
+def test_a_graph_with_zero_points_is_refused(tmp_path: Path) -> None:
+    """Zero points (which our packager never emits) are not taken: the session fails, and
+    OnnxCausalLM loads the graph on onnxruntime's kernels (tests/test_fused_arches.py)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(_matmul(tmp_path, 128, 32, 64, 8, False))
+    node = next(x for x in model.graph.node if x.op_type == "MatMulNBits")
+    model.graph.initializer.append(numpy_helper.from_array(np.full(32 * 2, 128, np.uint8), "zp"))
+    node.input.append("zp")
+    assert built() is not None
+    with pytest.raises(Exception, match="zero points" if library() else "AVX-512 VNNI"):
+        _session(model.SerializeToString(), built())
+
+
+def test_a_quantized_model_decodes_alike_with_either_kernels(tmp_path: Path) -> None:
+    src = _tiny("llama", tmp_path / "src", vary_vectors=True)
+    cfg = read_hf_config(src)
+    graph = quantize_weight_only(
+        build_fused(src, cfg, tmp_path / "fused"), tmp_path / "int8" / "model.onnx", 8, 64
+    )
+    io = io_signature(graph, cfg, {"eos_token_id": 1})
+    ours = OnnxCausalLM(graph, io, threads=2, custom_ops=library() or built())
+    theirs = OnnxCausalLM(graph, io, threads=2)
+    assert ours.custom_ops_loaded == (library() is not None)
+    a, b = ours.sequence_logits(PROMPT), theirs.sequence_logits(PROMPT)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(np.abs(b).max()))
+    assert np.array_equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_the_setting_chooses_the_library() -> None:
+    assert RuntimeSettings().kernel_library() == library()
+    assert RuntimeSettings(kernels="onnxruntime").kernel_library() is None
