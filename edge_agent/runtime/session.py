@@ -95,6 +95,7 @@ class OnnxCausalLM:
                     str(graph), _options(threads, custom_ops), providers=chosen
                 )
                 self.custom_ops_loaded = True
+                log.info("%s runs with the kernels of %s", graph, custom_ops)
             except Exception as exc:  # onnxruntime raises its own untyped errors
                 log.warning("custom ops %s not used for %s: %s", custom_ops, graph, exc)
         if not self.custom_ops_loaded:

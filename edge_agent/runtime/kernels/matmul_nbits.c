@@ -352,7 +352,10 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, 
     CHECK(attribute(info, "bits", &kn.bits));
     CHECK(attribute(info, "block_size", &kn.block));
     if (kn.bits != 8 && kn.bits != 4) return fail("MatMulNBits (autoglm): only 8 and 4 bits");
-    if (kn.k < 1 || kn.n < 1 || kn.block < 16) return fail("MatMulNBits (autoglm): bad K, N or block_size");
+    // A block's int32 sum is at most block x 255 x 127 (+ the zero-point term): blocks beyond
+    // 8192 could overflow it.
+    if (kn.k < 1 || kn.n < 1 || kn.block < 16 || kn.block > 8192)
+        return fail("MatMulNBits (autoglm): K, N or block_size out of range");
     if (!vnni()) return fail("MatMulNBits (autoglm): this CPU has no AVX-512 VNNI");
     OrtStatus *status = pack(info, &kn);
     Kernel *kernel = status ? NULL : malloc(sizeof kn);
