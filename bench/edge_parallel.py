@@ -91,6 +91,14 @@ def build(work: Path, precision: str) -> Path:
     return graph
 
 
+def decode_ratios(rounds: list[Round], other: list[Round]) -> list[float]:
+    """Decode tok/s of ``rounds`` over ``other``'s, round by round."""
+    return [
+        (x.decode_tokens / x.decode_s) / (y.decode_tokens / y.decode_s)
+        for x, y in zip(rounds, other, strict=True)
+    ]
+
+
 def make_host(  # type: ignore[no-untyped-def]
     src: Path, graph: Path, threads: int, parallel: int, invariant: bool, custom_ops: Path | None = None
 ):
@@ -205,17 +213,11 @@ def main() -> None:
         for label, rounds in results.items():
             overall = statistics.median(x.tokens / x.wall_s for x in rounds)
             decode = statistics.median(x.decode_tokens / x.decode_s for x in rounds)
-            paired = sorted(
-                (x.decode_tokens / x.decode_s) / (b.decode_tokens / b.decode_s)
-                for x, b in zip(rounds, base, strict=True)
-            )
+            paired = sorted(decode_ratios(rounds, base))
             mode = label.partition(",")[2]  # "", " invariant" or " onnxruntime kernels"
             twin = results["1 at a time" + ("," + mode if mode else "")]
             same = all(x.ids == t.ids for x, t in zip(rounds, twin, strict=True))
-            own = statistics.median(
-                (x.decode_tokens / x.decode_s) / (t.decode_tokens / t.decode_s)
-                for x, t in zip(rounds, twin, strict=True)
-            )
+            own = statistics.median(decode_ratios(rounds, twin))
             table.append((precision, label, overall, decode, paired, own, same))
 
     print()
@@ -234,10 +236,8 @@ def main() -> None:
         )
     print()
     print("'ids as alone': every stream's token ids equal those of the same request decoded one at a time")
-    print(
-        "(in the same mode; 'vs own lone' is the decode ratio to it). 'decode tok/s' counts tokens after each stream's first over the time when"
-    )
-    print("at least one stream was past its first token.")
+    print("(in the same mode; 'vs own lone' is the decode ratio to it). 'decode tok/s' counts tokens after")
+    print("each stream's first over the time when at least one stream was past its first token.")
 
 
 if __name__ == "__main__":

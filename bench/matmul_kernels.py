@@ -120,7 +120,11 @@ def main() -> None:
     from edge_agent.runtime.kernels import library
 
     ours = library()  # the edge's MatMulNBits kernels, where this CPU runs them
-    custom = [kernels[1], kernels[3]] if ours else []
+    timed: list[tuple[str, Any, str | None]] = [(label, model, None) for label, model in kernels]
+    if ours:
+        timed += [
+            (f"{label.split(' level')[0]}, our kernel", model, str(ours)) for label, model in kernels[1:4:2]
+        ]
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, onnxruntime {ort.__version__}, "
         f"{args.threads} threads; one {args.k} x {args.n} matrix; median ms per call of {args.reps}"
@@ -131,18 +135,11 @@ def main() -> None:
         f"{args.rows[-1]} vs 1 |"
     )
     print("|---|" + "---:|" * (len(args.rows) + 1))
-    for label, model in kernels:
-        ms = time_model(model, args.k, args.rows, args.threads, args.reps)
+    for label, model, library_path in timed:
+        ms = time_model(model, args.k, args.rows, args.threads, args.reps, library_path)
         cells = " | ".join(f"{ms[m]:.3f}" for m in args.rows)
         last = args.rows[-1]
         print(f"| {label} | {cells} | {ms[last] / last / ms[args.rows[0]]:.3f} |")
-    for label, model in custom:
-        ms = time_model(model, args.k, args.rows, args.threads, args.reps, str(ours))
-        cells = " | ".join(f"{ms[m]:.3f}" for m in args.rows)
-        last = args.rows[-1]
-        print(
-            f"| {label.split(' level')[0]}, our kernel | {cells} | {ms[last] / last / ms[args.rows[0]]:.3f} |"
-        )
     print()
     print(f"GFLOP per call at {args.rows[-1]} rows: {2 * args.rows[-1] * args.k * args.n / 1e9:.2f}")
 

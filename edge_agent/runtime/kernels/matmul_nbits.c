@@ -149,22 +149,14 @@ static void packed_task(void *data, size_t t) {
     for (int64_t q = first; q < last; q++)
         for (int64_t m0 = 0; m0 < job->m; m0 += SMALL_M) {
             const int rows = job->m - m0 >= SMALL_M ? SMALL_M : (int)(job->m - m0);
-            if (rows <= WIDE_M) {
-                switch (rows + 10 * eight) {
-                    case 11: panel_rows(job, 4 * q, m0, 8, 1, 4); break;
-                    case 12: panel_rows(job, 4 * q, m0, 8, 2, 4); break;
-                    case 1: panel_rows(job, 4 * q, m0, 4, 1, 4); break;
-                    default: panel_rows(job, 4 * q, m0, 4, 2, 4); break;
-                }
-                continue;
-            }
-            for (int64_t p = 4 * q; p < 4 * q + 4; p += 2) switch (rows + 10 * eight) {
-                    case 11: panel_rows(job, p, m0, 8, 1, 2); break;
-                    case 12: panel_rows(job, p, m0, 8, 2, 2); break;
+            const int64_t panels = rows <= WIDE_M ? 4 : 2;  // the tile's width, as the cases below
+            for (int64_t p = 4 * q; p < 4 * q + 4; p += panels) switch (rows + 10 * eight) {
+                    case 11: panel_rows(job, p, m0, 8, 1, 4); break;
+                    case 12: panel_rows(job, p, m0, 8, 2, 4); break;
                     case 13: panel_rows(job, p, m0, 8, 3, 2); break;
                     case 14: panel_rows(job, p, m0, 8, 4, 2); break;
-                    case 1: panel_rows(job, p, m0, 4, 1, 2); break;
-                    case 2: panel_rows(job, p, m0, 4, 2, 2); break;
+                    case 1: panel_rows(job, p, m0, 4, 1, 4); break;
+                    case 2: panel_rows(job, p, m0, 4, 2, 4); break;
                     case 3: panel_rows(job, p, m0, 4, 3, 2); break;
                     default: panel_rows(job, p, m0, 4, 4, 2); break;
                 }
@@ -254,10 +246,10 @@ static OrtStatus *compute_packed(const Kernel *kn, OrtKernelContext *context, co
 
 static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *context) {
     const Kernel *kn = op_kernel;
-    const OrtValue *inputs[3];
-    for (size_t i = 0; i < 3; i++) CHECK(ort->KernelContext_GetInput(context, i, &inputs[i]));
+    const OrtValue *input;  // A: the weights, scales and bias were packed at session start
+    CHECK(ort->KernelContext_GetInput(context, 0, &input));
     OrtTensorTypeAndShapeInfo *info;
-    CHECK(ort->GetTensorTypeAndShape(inputs[0], &info));
+    CHECK(ort->GetTensorTypeAndShape(input, &info));
     size_t rank = 0, count = 0;
     int64_t dims[8];
     OrtStatus *status = ort->GetDimensionsCount(info, &rank);
@@ -272,7 +264,7 @@ static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *contex
     OrtValue *output;
     CHECK(ort->KernelContext_GetOutput(context, 0, dims, rank, &output));
     if (m == 0) return NULL;
-    return compute_packed(kn, context, inputs[0], output, m);
+    return compute_packed(kn, context, input, output, m);
 }
 
 static OrtStatus *attribute(const OrtKernelInfo *info, const char *name, int64_t *out) {
