@@ -100,6 +100,41 @@ def test_kernels_equal_onnxruntime_and_rows_do_not_depend_on_their_company(
             assert np.array_equal(alone, mine[i]), f"row {i} of {m} differs from the same row alone"
 
 
+def _resident_kib(path: Path) -> int:
+    """This process's resident KiB of mappings of ``path``."""
+    total, current = 0, ""
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
+            current = fields[5] if len(fields) > 5 else ""
+        elif fields and fields[0] == "Rss:" and current == str(path):
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not _cpu_runs_kernels(), reason="the library refuses this CPU (see the test above)")
+def test_weights_mapped_from_external_data_are_resident_once(tmp_path: Path) -> None:
+    """onnxruntime maps a graph's external-data file; the kernels copy the weights into their
+    packed layout and hand the mapped pages back, so the weights are not resident twice."""
+    import onnx
+
+    k = n = 1536  # 2.25 MiB of int8 weights: mapped, not copied, by onnxruntime
+    inline = _matmul(tmp_path, k, n, 128, 8, False)
+    model = onnx.load_from_string(inline)
+    onnx.save(
+        model, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.data", size_threshold=0
+    )
+    data = (tmp_path / "ext.data").resolve()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.register_custom_ops_library(str(library()))
+    ours = ort.InferenceSession(str(tmp_path / "ext.onnx"), options, providers=["CPUExecutionProvider"])
+    assert _resident_kib(data) < k * n // 1024 // 4, "the mapped weights stayed resident"
+    x = np.random.default_rng(3).standard_normal((3, k)).astype(np.float32)
+    ref = _session(inline, None).run(None, {"x": x})[0]
+    np.testing.assert_allclose(ours.run(None, {"x": x})[0], ref, rtol=0, atol=1e-5 * float(np.abs(ref).max()))
+
+
 def test_a_graph_with_zero_points_is_refused(tmp_path: Path) -> None:
     """Zero points (which our packager never emits) are not taken: the session fails, and
     OnnxCausalLM loads the graph on onnxruntime's kernels (tests/test_fused_arches.py)."""
