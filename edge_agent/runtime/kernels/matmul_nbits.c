@@ -333,13 +333,21 @@ static OrtStatus *pack(const OrtKernelInfo *info, Kernel *kn) {
         for (int64_t b = 0; b < kn->nb; b++) {
             const uint8_t *src = w + (c * kn->nb + b) * blob;
             const int64_t start = b * block, len = k - start < block ? k - start : block;
-            for (int64_t o = 0; o < len; o++) {
-                const int64_t j = start + o;
-                if (bits == 8) {
-                    lane[(j >> 2) * 64 + (j & 3)] = src[o];
-                } else {
-                    const uint8_t q = (src[o >> 1] >> (4 * (o & 1))) & 0x0F;
-                    lane[(j >> 3) * 64 + (j & 3)] |= (uint8_t)(j & 4 ? q << 4 : q);
+            // start and len are multiples of 8 (block and K are checked above): whole groups.
+            if (bits == 8) {
+                for (int64_t o = 0; o < len; o += 4) memcpy(lane + ((start + o) >> 2) * 64, src + o, 4);
+            } else {
+                // Source bytes s0..s3 hold elements e0..e7 (low nibble first); the panel wants
+                // e0..e3 in the low nibbles of its 4 bytes and e4..e7 in the high ones.
+                for (int64_t o = 0; o < len; o += 8) {
+                    const uint8_t *g = src + o / 2;
+                    const uint8_t four[4] = {
+                        (uint8_t)((g[0] & 0x0F) | (g[2] << 4)),
+                        (uint8_t)((g[0] >> 4) | (g[2] & 0xF0)),
+                        (uint8_t)((g[1] & 0x0F) | (g[3] << 4)),
+                        (uint8_t)((g[1] >> 4) | (g[3] & 0xF0)),
+                    };
+                    memcpy(lane + ((start + o) >> 3) * 64, four, 4);
                 }
             }
             kn->pscales[(c / 16 * kn->nb + b) * 16 + c % 16] = scales[c * kn->nb + b];
