@@ -132,6 +132,9 @@ class DecodeBatcher:
             self.active = len(active) + len(filling)
             if active:
                 active = self._step(active)
+            # Counted again before the readers hear of it: a reader that has its final item sees
+            # its request no longer among those generating.
+            self.active = len(active) + len(filling)
             self._flush()
             self._add_busy(time.perf_counter() - began)
 
