@@ -11,9 +11,10 @@
 //
 // How: at session start the constant weights are copied into panels of 16 output columns, 4 input
 // elements per column per 64 bytes, so one dpbusd multiplies 4 elements into 16 outputs. A
-// register tile is 1-2 activation rows x 64 columns (a decode step: four weight streams in
-// flight) or 3-4 rows x 32 columns. Activations are quantized to int8 per weight block (scale
-// max |x| / 127, as MatMulNBits does at accuracy level 4), a row per task. Every output is summed
+// register tile is 1-4 activation rows x 64 columns (four weight streams in flight, each load
+// used by every row: a parallel-slots step reads the weights once). Activations are quantized to
+// int8 per weight block (scale max |x| / 127, as MatMulNBits does at accuracy level 4), a row per
+// task. Every output is summed
 // by the same instructions whatever the number of rows and the tile, so a sequence's logits do
 // not depend on what decodes beside it.
 //
@@ -139,10 +140,9 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
     }
 }
 
-// Rows in tiles of up to SMALL_M; one or two rows read four panels at a time (more loads in
-// flight for a step that is bound by reading the weights), three or four read two (registers).
-#define WIDE_M 2
-
+// Rows in tiles of up to SMALL_M, four panels (64 columns) wide: four weight streams in flight,
+// each 64-byte load used by every row of the tile. (Tiles of two panels at 3-4 rows, which keep
+// fewer sums in registers, were slower for a 4-row decode step: bench/RESULTS.md.)
 static void packed_task(void *data, size_t t) {
     const Job *job = data;
     const int64_t quads = job->kernel->n_pad / 64, first = (int64_t)t * job->quads_per_task;
@@ -151,17 +151,16 @@ static void packed_task(void *data, size_t t) {
     for (int64_t q = first; q < last; q++)
         for (int64_t m0 = 0; m0 < job->m; m0 += SMALL_M) {
             const int rows = job->m - m0 >= SMALL_M ? SMALL_M : (int)(job->m - m0);
-            const int64_t panels = rows <= WIDE_M ? 4 : 2;  // the tile's width, as the cases below
-            for (int64_t p = 4 * q; p < 4 * q + 4; p += panels) switch (rows + 10 * eight) {
-                    case 11: panel_rows(job, p, m0, 8, 1, 4); break;
-                    case 12: panel_rows(job, p, m0, 8, 2, 4); break;
-                    case 13: panel_rows(job, p, m0, 8, 3, 2); break;
-                    case 14: panel_rows(job, p, m0, 8, 4, 2); break;
-                    case 1: panel_rows(job, p, m0, 4, 1, 4); break;
-                    case 2: panel_rows(job, p, m0, 4, 2, 4); break;
-                    case 3: panel_rows(job, p, m0, 4, 3, 2); break;
-                    default: panel_rows(job, p, m0, 4, 4, 2); break;
-                }
+            switch (rows + 10 * eight) {
+                case 11: panel_rows(job, 4 * q, m0, 8, 1, 4); break;
+                case 12: panel_rows(job, 4 * q, m0, 8, 2, 4); break;
+                case 13: panel_rows(job, 4 * q, m0, 8, 3, 4); break;
+                case 14: panel_rows(job, 4 * q, m0, 8, 4, 4); break;
+                case 1: panel_rows(job, 4 * q, m0, 4, 1, 4); break;
+                case 2: panel_rows(job, 4 * q, m0, 4, 2, 4); break;
+                case 3: panel_rows(job, 4 * q, m0, 4, 3, 4); break;
+                default: panel_rows(job, 4 * q, m0, 4, 4, 4); break;
+            }
         }
 }
 
