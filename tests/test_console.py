@@ -89,7 +89,8 @@ class Tab:
         except Exception as exc:  # playwright's Error; imported where the browser starts
             # The page navigated by itself meanwhile (its live refresh hit a revoked session and
             # went to the sign-in page): the same request once more, after that navigation.
-            if "ERR_ABORTED" not in str(exc):
+            # Chromium says either, depending on which navigation it was in.
+            if "ERR_ABORTED" not in str(exc) and "interrupted by another navigation" not in str(exc):
                 raise
             self.page.wait_for_load_state()
             return self.page.goto(self.base + path)
