@@ -56,7 +56,8 @@ def _matmul(tmp: Path, k: int, n: int, block: int, bits: int, bias: bool) -> byt
     return bytes(model.SerializeToString())
 
 
-def _session(model: bytes, library_path: Path | None) -> ort.InferenceSession:
+def _session(model: bytes | str, library_path: Path | None) -> ort.InferenceSession:
+    """A session of ``model`` (serialized, or the path of a graph with external data)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     if library_path is not None:
@@ -125,10 +126,7 @@ def test_weights_mapped_from_external_data_are_resident_once(tmp_path: Path) -> 
         model, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.data", size_threshold=0
     )
     data = (tmp_path / "ext.data").resolve()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.register_custom_ops_library(str(library()))
-    ours = ort.InferenceSession(str(tmp_path / "ext.onnx"), options, providers=["CPUExecutionProvider"])
+    ours = _session(str(tmp_path / "ext.onnx"), library())
     assert _resident_kib(data) < k * n // 1024 // 4, "the mapped weights stayed resident"
     x = np.random.default_rng(3).standard_normal((3, k)).astype(np.float32)
     ref = _session(inline, None).run(None, {"x": x})[0]

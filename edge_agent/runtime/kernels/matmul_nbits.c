@@ -14,9 +14,8 @@
 // register tile is 1-4 activation rows x 64 columns (four weight streams in flight, each load
 // used by every row: a parallel-slots step reads the weights once). Activations are quantized to
 // int8 per weight block (scale max |x| / 127, as MatMulNBits does at accuracy level 4), a row per
-// task. Every output is summed
-// by the same instructions whatever the number of rows and the tile, so a sequence's logits do
-// not depend on what decodes beside it.
+// task. Every output is summed by the same instructions whatever the number of rows, so a
+// sequence's logits do not depend on what decodes beside it.
 //
 // Takes what our packager emits: symmetric weights (no zero_points: zero point 2^(bits-1)), 8 or
 // 4 bits, any block size that is a multiple of 8 (K need not be whole blocks), an optional constant
@@ -43,6 +42,7 @@
 #include <immintrin.h>
 
 #define SMALL_M 4  // rows per register tile; a call of at most this many quantizes inline
+#define NP 4       // panels (16 columns each) per register tile: four weight streams in flight
 // Tasks per matrix: enough for the intra-op pool to balance two to a few dozen threads.
 #define TASKS 16
 
@@ -70,12 +70,12 @@ typedef struct {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,fma")
 
-// Columns [16 first, 16 (first + NP)) (NP panels) for activation rows [m0, m0 + M).
+// Columns [16 first, 16 (first + NP)) (NP panels: one tile) for activation rows [m0, m0 + M).
 // 8 bits: a panel's 64 bytes per step are 16 columns x 4 consecutive elements (w + 128).
 // 4 bits: 64 bytes per two steps: low nibbles the first 4 elements, high nibbles the next 4.
-// Every column's sum runs the same way whatever NP and M are (see the top of the file).
+// Every column's sum runs the same way whatever M is (see the top of the file).
 static inline __attribute__((always_inline)) void panel_rows(const Job *job, int64_t first, int64_t m0,
-                                                             const int BITS, const int M, const int NP) {
+                                                             const int BITS, const int M) {
     const Kernel *kn = job->kernel;
     const int64_t k = kn->k, block = kn->block, nb = kn->nb, n = kn->n;
     const int64_t panel_bytes = k * BITS / 8 * 16;
@@ -140,7 +140,7 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
     }
 }
 
-// Rows in tiles of up to SMALL_M, four panels (64 columns) wide: four weight streams in flight,
+// Rows in tiles of up to SMALL_M, NP panels (64 columns) wide: four weight streams in flight,
 // each 64-byte load used by every row of the tile. (Tiles of two panels at 3-4 rows, which keep
 // fewer sums in registers, were slower for a 4-row decode step: bench/RESULTS.md.)
 static void packed_task(void *data, size_t t) {
@@ -152,14 +152,14 @@ static void packed_task(void *data, size_t t) {
         for (int64_t m0 = 0; m0 < job->m; m0 += SMALL_M) {
             const int rows = job->m - m0 >= SMALL_M ? SMALL_M : (int)(job->m - m0);
             switch (rows + 10 * eight) {
-                case 11: panel_rows(job, 4 * q, m0, 8, 1, 4); break;
-                case 12: panel_rows(job, 4 * q, m0, 8, 2, 4); break;
-                case 13: panel_rows(job, 4 * q, m0, 8, 3, 4); break;
-                case 14: panel_rows(job, 4 * q, m0, 8, 4, 4); break;
-                case 1: panel_rows(job, 4 * q, m0, 4, 1, 4); break;
-                case 2: panel_rows(job, 4 * q, m0, 4, 2, 4); break;
-                case 3: panel_rows(job, 4 * q, m0, 4, 3, 4); break;
-                default: panel_rows(job, 4 * q, m0, 4, 4, 4); break;
+                case 11: panel_rows(job, NP * q, m0, 8, 1); break;
+                case 12: panel_rows(job, NP * q, m0, 8, 2); break;
+                case 13: panel_rows(job, NP * q, m0, 8, 3); break;
+                case 14: panel_rows(job, NP * q, m0, 8, 4); break;
+                case 1: panel_rows(job, NP * q, m0, 4, 1); break;
+                case 2: panel_rows(job, NP * q, m0, 4, 2); break;
+                case 3: panel_rows(job, NP * q, m0, 4, 3); break;
+                default: panel_rows(job, NP * q, m0, 4, 4); break;
             }
         }
 }
