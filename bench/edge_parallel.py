@@ -165,7 +165,7 @@ def main() -> None:
         "--kernels",
         choices=("auto", "onnxruntime"),
         default="auto",
-        help="As the edge's runtime.kernels: auto = our MatMulNBits kernels where this CPU runs them (and "
+        help="As the edge's runtime.kernels: auto = our kernels where this CPU runs them (and "
         "both widths once more on onnxruntime's own), onnxruntime = onnxruntime's own only.",
     )
     args = ap.parse_args()

@@ -28,8 +28,9 @@ with tied embeddings the table is read whole as the output matrix).
 llama.cpp: ``bash bench/llamacpp_setup.sh DIR`` builds it from the source vendored in the
 llama-cpp-python sdist, with a virtual environment for its converter; pass ``--llama-cpp DIR``.
 
-Where our kernels run, the quantized graphs are timed a third time on onnxruntime's own kernels
-(``runtime.kernels: onnxruntime``), so the table also says what the kernels add.
+Where our kernels run (MatMulNBits in the quantized graphs, GroupQueryAttention in all three),
+the graphs are timed a third time on onnxruntime's own kernels (``runtime.kernels:
+onnxruntime``), so the table also says what the kernels add.
 
 Usage: python bench/edge_vs_llamacpp.py --llama-cpp /tmp/llamacpp [--model llama-134m|smollm2|qwen2-0.5b ...]
        [--rounds 7] [--threads 2] [--workdir DIR] [--precision fp32|int8|int4 ...] [--kernels auto|onnxruntime]
@@ -251,7 +252,7 @@ def bench_model(kind: str, work: Path, peer: Peer, args: argparse.Namespace) -> 
     ort_own = {
         p: Ours.load(graphs[p], cfg, args.threads)
         for p in args.precision
-        if p != "fp32" and ours[p].engine.lm.custom_ops_loaded
+        if ours[p].engine.lm.custom_ops_loaded
     }
     for p in args.precision:  # llama-bench's own warm-up covers it, but not the page cache
         peer.run(ggufs[p], args.threads, "-p", "0", "-n", "4")
@@ -371,7 +372,7 @@ def main() -> None:
         "--kernels",
         choices=("auto", "onnxruntime"),
         default="auto",
-        help="As the edge's runtime.kernels: auto = our MatMulNBits kernels where this CPU runs them "
+        help="As the edge's runtime.kernels: auto = our kernels where this CPU runs them "
         "(and onnxruntime's own timed beside them), onnxruntime = onnxruntime's own only.",
     )
     args = ap.parse_args()

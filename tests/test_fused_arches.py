@@ -19,6 +19,7 @@ from cloud.packaging import fused
 from cloud.packaging.export import io_signature, onnx_greedy, read_hf_config, validate_export
 from cloud.packaging.fused import UnsupportedArchitecture, build_fused, check_supported
 from cloud.packaging.quantize import quantize_weight_only, weight_block_size
+from edge_agent.runtime.kernels import library
 from edge_agent.runtime.session import OnnxCausalLM
 from tests.test_export import _tiny
 
@@ -84,12 +85,18 @@ def test_fused_graph_equals_pytorch(kind: str, overrides: dict[str, Any], tmp_pa
     assert report.max_abs_logit_diff < 1e-3
 
     # Every position of the prompt and its greedy continuation, decoded one step at a time and in
-    # one prefill: past the window for the sliding-window case, in both paths.
+    # one prefill: past the window for the sliding-window case, in both paths; on onnxruntime's
+    # attention and, where this CPU runs them, on the edge's own kernels.
     model = OnnxCausalLM(graph, io)
     ids = PROMPT + onnx_greedy(model, PROMPT, NEW_TOKENS)[0]
     theirs = _torch_logits(src, ids)
-    assert np.abs(_stepwise_logits(model, ids) - theirs).max() < 1e-3
-    assert np.abs(model.sequence_logits(ids) - theirs).max() < 1e-3
+    engines = [model]
+    if library() is not None:
+        engines.append(OnnxCausalLM(graph, io, custom_ops=library()))
+        assert engines[-1].custom_ops_loaded
+    for engine in engines:
+        assert np.abs(_stepwise_logits(engine, ids) - theirs).max() < 1e-3
+        assert np.abs(engine.sequence_logits(ids) - theirs).max() < 1e-3
 
     attrs = _gqa_attrs(graph)
     assert len(attrs) == 2

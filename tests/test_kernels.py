@@ -1,6 +1,6 @@
-"""The edge's own MatMulNBits kernels (edge_agent/runtime/kernels): built by the install, used on
-CPUs with AVX-512 VNNI and refused elsewhere, equal to onnxruntime's MatMulNBits within float
-rounding, and each row's result independent of the rows beside it."""
+"""The edge's own kernels (edge_agent/runtime/kernels: MatMulNBits, GroupQueryAttention): built by
+the install, used on CPUs with AVX-512 VNNI and refused elsewhere, equal to onnxruntime's ops
+within float rounding, and each row's result independent of the rows beside it."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from bench.attention_kernels import attention_graph
 from cloud.packaging.export import io_signature, read_hf_config
 from cloud.packaging.fused import build_fused
 from cloud.packaging.quantize import quantize_weight_only
@@ -166,3 +167,114 @@ def test_a_quantized_model_decodes_alike_with_either_kernels(tmp_path: Path) -> 
 def test_the_setting_chooses_the_library() -> None:
     assert RuntimeSettings().kernel_library() == library()
     assert RuntimeSettings(kernels="onnxruntime").kernel_library() is None
+
+
+class _Attention:
+    """Runs an attention graph over one KV buffer bound as both past and present, as the edge does."""
+
+    def __init__(
+        self, session: ort.InferenceSession, batch: int, kv_heads: int, cache: int, head: int
+    ) -> None:
+        self.session = session
+        self.kv = [np.zeros((batch, kv_heads, cache, head), np.float32) for _ in range(2)]
+
+    def run(self, feeds: dict[str, np.ndarray], seqlens: list[int], total: int) -> np.ndarray:
+        binding = self.session.io_binding()
+        binding.bind_output("out")  # first: get_outputs()[0]
+        rows = len(seqlens)
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        binding.bind_cpu_input("seqlens_k", np.asarray(seqlens, np.int32))
+        binding.bind_cpu_input("total", np.asarray(total, np.int32))
+        for (past, present), array in zip((("pk", "present_k"), ("pv", "present_v")), self.kv, strict=True):
+            value = ort.OrtValue.ortvalue_from_numpy(array[:rows])
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        self.session.run_with_iobinding(binding)
+        return np.asarray(binding.get_outputs()[0].numpy())
+
+
+def _qkv(rng: np.random.Generator, rows: int, seq: int, widths: list[int]) -> list[np.ndarray]:
+    return [rng.standard_normal((rows, seq, w)).astype(np.float32) for w in widths]
+
+
+@pytest.mark.skipif(not _cpu_runs_kernels(), reason="the library refuses this CPU (see the first test)")
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head", "packed", "rot", "interleaved", "window"),
+    [
+        (9, 3, 64, True, 32, False, -1),  # SmolLM2: packed QKV, whole-head rotary
+        (14, 2, 64, True, 32, False, -1),  # Qwen2-0.5B's grouping
+        # Separate Q, K, V (QK-norm graphs); GLM's partial interleaved rotary.
+        (4, 4, 128, False, 32, True, -1),
+        (6, 2, 80, False, 0, False, 5),  # no rotary, a head of 64 + 16 columns, a local window
+    ],
+)
+def test_attention_equals_onnxruntime_and_rows_do_not_depend_on_their_company(
+    heads: int, kv_heads: int, head: int, packed: bool, rot: int, interleaved: bool, window: int
+) -> None:
+    cache = 96
+    model = attention_graph(heads, kv_heads, head, packed, rot, interleaved, window, cache)
+    widths = [(heads + 2 * kv_heads) * head] if packed else [heads * head, kv_heads * head, kv_heads * head]
+    names = ["q"] if packed else ["q", "k", "v"]
+    ours = _Attention(_session(model, library()), 3, kv_heads, cache, head)
+    theirs = _Attention(_session(model, None), 3, kv_heads, cache, head)
+    rng = np.random.default_rng(heads * head + rot)
+
+    def both(seq: int, seqlens: list[int], total: int, rows: int) -> None:
+        feeds = dict(zip(names, _qkv(rng, rows, seq, widths), strict=True))
+        mine, ref = ours.run(feeds, seqlens, total), theirs.run(feeds, seqlens, total)
+        np.testing.assert_allclose(mine, ref, rtol=0, atol=2e-5 * float(np.abs(ref).max()))
+        for a, b in zip(ours.kv, theirs.kv, strict=True):
+            np.testing.assert_allclose(a[:rows], b[:rows], rtol=0, atol=1e-5)
+
+    both(37, [36], 37, 1)  # a first prompt: two blocks of query rows
+    both(11, [47], 48, 1)  # a later prompt continuing the cached 37 positions (the prefix cache)
+    for step in range(3):  # decode steps
+        both(1, [48 + step], 49 + step, 1)
+    # Three sequences at different positions in one step (parallel slots): rows 1 and 2 start
+    # from copies of row 0's cache, each then as long as its own seqlens_k says.
+    for kv in ours.kv + theirs.kv:
+        kv[1:] = kv[0]
+    both(1, [51, 20, 40], 52, 3)
+    both(1, [52, 21, 41], 53, 3)
+    # A row's output is the same alone as beside others.
+    feeds = dict(zip(names, _qkv(rng, 3, 1, widths), strict=True))
+    saved = [kv.copy() for kv in ours.kv]
+    together = ours.run(feeds, [53, 22, 42], 54)
+    for r, seqlen in enumerate([53, 22, 42]):
+        for kv, keep in zip(ours.kv, saved, strict=True):
+            kv[:] = keep
+        ours.kv = [kv[r : r + 1] for kv in ours.kv]
+        alone = ours.run({n: a[r : r + 1] for n, a in feeds.items()}, [seqlen], seqlen + 1)
+        ours.kv = [keep.copy() for keep in saved]
+        assert np.array_equal(alone[0], together[r]), f"row {r} differs alone"
+
+
+@pytest.mark.skipif(not _cpu_runs_kernels(), reason="the library refuses this CPU (see the first test)")
+def test_attention_without_a_shared_buffer_copies_the_past() -> None:
+    """Past and present as separate tensors (no IO binding): the present holds the past, then the
+    new positions, then zeros, as onnxruntime's kernel leaves it."""
+    model = attention_graph(9, 3, 64, True, 32, False, -1, 64)
+    rng = np.random.default_rng(5)
+    feeds = {
+        "q": rng.standard_normal((2, 1, 15 * 64)).astype(np.float32),
+        "pk": rng.standard_normal((2, 3, 40, 64)).astype(np.float32),
+        "pv": rng.standard_normal((2, 3, 40, 64)).astype(np.float32),
+        "seqlens_k": np.asarray([30, 12], np.int32),
+        "total": np.asarray(31, np.int32),
+    }
+    mine = _session(model, library()).run(None, feeds)
+    ref = _session(model, None).run(None, feeds)
+    for a, b in zip(mine, ref, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * float(np.abs(b).max()))
+
+
+def test_attention_with_softcap_is_refused() -> None:
+    import onnx
+    from onnx import helper
+
+    model = onnx.load_from_string(attention_graph(4, 2, 64, True, 32, False, -1, 32))
+    model.graph.node[0].attribute.append(helper.make_attribute("softcap", 30.0))
+    with pytest.raises(Exception, match="softcap" if library() else "AVX-512 VNNI"):
+        _session(model.SerializeToString(), built())

@@ -85,7 +85,8 @@ class OnnxCausalLM:
     ) -> None:
         self.io = io
         chosen = choose_providers(providers)
-        # A custom-op library (edge_agent.runtime.kernels: CPU kernels for MatMulNBits) is tried
+        # A custom-op library (edge_agent.runtime.kernels: CPU kernels for MatMulNBits and
+        # GroupQueryAttention) is tried
         # first on a CPU-only session; where session creation refuses it (another CPU, a graph it
         # does not take), the graph runs on onnxruntime's own kernels.
         self.custom_ops_loaded = False
@@ -133,7 +134,7 @@ class OnnxCausalLM:
     @property
     def rows_independent(self) -> bool:
         """Whether a sequence's logits are the same whatever decodes beside it: with the edge's
-        own MatMulNBits kernels (edge_agent.runtime.kernels) every row gets the same instructions
+        own kernels (edge_agent.runtime.kernels) every row gets the same instructions
         at any batch width; onnxruntime's compute a lone row differently (:meth:`step_together`)."""
         return self.custom_ops_loaded
 

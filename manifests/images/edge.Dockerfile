@@ -2,8 +2,9 @@
 # Build from the repository root:  docker build -f manifests/images/edge.Dockerfile -t autoglm/edge:0.1.0 .
 # BASE: any image with Python 3.11+ and pip on PATH (tests/test_images.py builds one from Debian).
 #
-# Two stages: the first compiles the edge's MatMulNBits kernels (edge_agent/runtime/kernels, a
-# C extension) into the package's wheel, the second installs that wheel and carries no compiler.
+# Two stages: the first compiles the edge's kernels (edge_agent/runtime/kernels: MatMulNBits and
+# GroupQueryAttention, a C extension) into the package's wheel, the second installs that wheel
+# and carries no compiler.
 ARG BASE=python:3.11.11-slim-bookworm
 
 FROM ${BASE} AS build
@@ -22,7 +23,7 @@ COPY edge_agent ./edge_agent
 # The kernels are an optional extension (an install without a compiler goes on without them);
 # here a wheel without them is a failed build, not a quietly slower image.
 RUN pip wheel --no-deps -w /wheels . \
-    && python -c "import glob, sys, zipfile; names = zipfile.ZipFile(glob.glob('/wheels/*.whl')[0]).namelist(); sys.exit(not any('_matmul_nbits' in n for n in names))"
+    && python -c "import glob, sys, zipfile; names = zipfile.ZipFile(glob.glob('/wheels/*.whl')[0]).namelist(); sys.exit(not any('runtime/kernels/_kernels' in n for n in names))"
 
 FROM ${BASE}
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -1,9 +1,10 @@
-"""The edge's own CPU kernels: an onnxruntime custom-op library built from ``matmul_nbits.c`` when the
-package is installed (pyproject.toml, ``tool.setuptools.ext-modules``; optional).
+"""The edge's own CPU kernels: an onnxruntime custom-op library built from this folder's C files
+when the package is installed (pyproject.toml, ``tool.setuptools.ext-modules``; optional).
 
-It replaces onnxruntime's MatMulNBits (the quantized weight matmuls of int8 and int4 graphs) on
-CPUs with AVX-512 VNNI; :class:`~edge_agent.runtime.session.OnnxCausalLM` registers it and loads
-the graph on onnxruntime's own kernels wherever the session refuses it (a graph it does not take).
+It replaces onnxruntime's MatMulNBits (the quantized weight matmuls of int8 and int4 graphs) and
+GroupQueryAttention (the fused graphs' attention) on CPUs with AVX-512 VNNI;
+:class:`~edge_agent.runtime.session.OnnxCausalLM` registers it and loads the graph on onnxruntime's
+own kernels wherever the session refuses it (a graph it does not take).
 The runtime setting ``kernels: onnxruntime`` leaves it out.
 """
 
@@ -21,7 +22,7 @@ _HERE = Path(__file__).resolve().parent
 
 def built() -> Path | None:
     """The library the install built, or None where it could not (no C compiler)."""
-    found = sorted(_HERE.glob("_matmul_nbits*.so"))
+    found = sorted(_HERE.glob("_kernels*.so"))
     return found[0] if found else None
 
 

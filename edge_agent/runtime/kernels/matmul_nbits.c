@@ -1,8 +1,5 @@
-// MatMulNBits for CPUs with AVX-512 VNNI, as an onnxruntime custom-op library: the quantized
-// weight matmuls of the int8 and int4 graphs the packager ships (67 % of a decode step, more of a
-// prefill), registered under MatMulNBits' own name and domain (com.microsoft), so a packaged graph
-// runs unchanged with it. edge_agent.runtime.kernels finds the built library; OnnxCausalLM
-// registers it and runs on onnxruntime's own kernels wherever the session refuses it.
+// MatMulNBits for CPUs with AVX-512 VNNI (library.c registers it): the quantized weight matmuls
+// of the int8 and int4 graphs the packager ships (67 % of a decode step, more of a prefill).
 //
 // Why: onnxruntime's kernel (MLAS, accuracy level 4) quantizes a prefill's activations on one
 // thread, and computes a lone row with other instructions than rows in pairs (so an answer
@@ -23,12 +20,6 @@
 // not x86-64), and a refusal fails the session, which the caller answers by loading the graph
 // without the library. The packed copy replaces the weights onnxruntime mapped from the graph's
 // data file (drop_source): resident once, as with onnxruntime's own prepacking kernels.
-//
-// Built by pip (pyproject.toml, tool.setuptools.ext-modules; optional: no compiler, no library)
-// against include/onnxruntime_c_api.h, onnxruntime 1.21's C API header (MIT licence, Microsoft);
-// newer onnxruntime releases serve that API version. By hand:
-//   gcc -O3 -shared -fPIC -fvisibility=hidden -I edge_agent/runtime/kernels/include
-//       edge_agent/runtime/kernels/matmul_nbits.c -o libmatmul_nbits.so   (one command)
 #include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -36,7 +27,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "onnxruntime_c_api.h"
+#include "kernels.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -45,8 +36,6 @@
 #define NP 4       // panels (16 columns each) per register tile: four weight streams in flight
 // Tasks per matrix: enough for the intra-op pool to balance two to a few dozen threads.
 #define TASKS 16
-
-static const OrtApi *ort;
 
 typedef struct {
     int64_t k, n, bits, block;
@@ -209,14 +198,6 @@ static void quantize_task(void *data, size_t i) {
 
 #pragma GCC pop_options
 
-static OrtStatus *fail(const char *what) { return ort->CreateStatus(ORT_FAIL, what); }
-
-#define CHECK(call)                     \
-    do {                                \
-        OrtStatus *status_ = (call);    \
-        if (status_) return status_;    \
-    } while (0)
-
 static OrtStatus *compute_packed(const Kernel *kn, OrtKernelContext *context, const OrtValue *input,
                                  OrtValue *output, int64_t m) {
     const float *a;
@@ -270,12 +251,6 @@ static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *contex
 
 static OrtStatus *attribute(const OrtKernelInfo *info, const char *name, int64_t *out) {
     return ort->KernelInfoGetAttribute_int64(info, name, out);
-}
-
-// AVX-512 VNNI and the AVX-512 subsets the kernels use.
-static int vnni(void) {
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
 #ifndef MADV_PAGEOUT
@@ -377,7 +352,7 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, 
     // 8192 could overflow it.
     if (kn.k < 1 || kn.n < 1 || kn.block < 16 || kn.block > 8192)
         return fail("MatMulNBits (autoglm): K, N or block_size out of range");
-    if (!vnni()) return fail("MatMulNBits (autoglm): this CPU has no AVX-512 VNNI");
+    if (!kernels_usable()) return fail("MatMulNBits (autoglm): this CPU has no AVX-512 VNNI");
     OrtStatus *status = pack(info, &kn);
     Kernel *kernel = status ? NULL : malloc(sizeof kn);
     if (!kernel) {
@@ -428,49 +403,23 @@ static OrtMemType ORT_API_CALL input_memory(const OrtCustomOp *op, size_t index)
 static int ORT_API_CALL start_version(const OrtCustomOp *op) { return (void)op, 1; }
 static int ORT_API_CALL end_version(const OrtCustomOp *op) { return (void)op, INT_MAX; }
 
-// Whether this CPU runs the kernels (asked through ctypes before a session is made with them).
-__attribute__((visibility("default"))) int AutoglmKernelsUsable(void) { return vnni(); }
-
-static OrtCustomOp matmul_nbits;
-static OrtCustomOpDomain *domain;
-
-// The entry point onnxruntime calls when a session registers this library.
-__attribute__((visibility("default"))) OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options,
-                                                                                const OrtApiBase *base) {
-    if (!ort) ort = base->GetApi(ORT_API_VERSION);
-    if (!ort) return NULL;  // an onnxruntime older than our header: nothing registered, built-in kernels run
-    if (!domain) {
-        OrtCustomOp op = {0};
-        op.version = ORT_API_VERSION;
-        op.GetName = op_name;
-        op.GetExecutionProviderType = op_provider;
-        op.GetInputType = input_type;
-        op.GetInputTypeCount = input_count;
-        op.GetOutputType = output_type;
-        op.GetOutputTypeCount = output_count;
-        op.GetInputCharacteristic = input_kind;
-        op.GetOutputCharacteristic = output_kind;
-        op.GetInputMemoryType = input_memory;
-        op.CreateKernelV2 = create;
-        op.KernelComputeV2 = compute;
-        op.KernelDestroy = destroy;
-        op.GetStartVersion = start_version;
-        op.GetEndVersion = end_version;
-        matmul_nbits = op;
-        CHECK(ort->CreateCustomOpDomain("com.microsoft", &domain));
-        CHECK(ort->CustomOpDomain_Add(domain, &matmul_nbits));
-    }
-    return ort->AddCustomOpDomain(options, domain);
-}
-
-#else  // not x86-64: a library that registers nothing, so onnxruntime's own kernels run
-
-__attribute__((visibility("default"))) int AutoglmKernelsUsable(void) { return 0; }
-
-__attribute__((visibility("default"))) OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options,
-                                                                                const OrtApiBase *base) {
-    (void)options, (void)base;
-    return NULL;
+void matmul_nbits_op(OrtCustomOp *op) {
+    *op = (OrtCustomOp){0};
+    op->version = ORT_API_VERSION;
+    op->GetName = op_name;
+    op->GetExecutionProviderType = op_provider;
+    op->GetInputType = input_type;
+    op->GetInputTypeCount = input_count;
+    op->GetOutputType = output_type;
+    op->GetOutputTypeCount = output_count;
+    op->GetInputCharacteristic = input_kind;
+    op->GetOutputCharacteristic = output_kind;
+    op->GetInputMemoryType = input_memory;
+    op->CreateKernelV2 = create;
+    op->KernelComputeV2 = compute;
+    op->KernelDestroy = destroy;
+    op->GetStartVersion = start_version;
+    op->GetEndVersion = end_version;
 }
 
 #endif

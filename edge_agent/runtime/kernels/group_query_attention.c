@@ -1,0 +1,563 @@
+// GroupQueryAttention for CPUs with AVX-512 (library.c registers it): the attention of the fused
+// graphs the packager ships, over the KV buffers the edge binds as both past and present.
+//
+// Why: onnxruntime's CPU kernel allocates and fills a [batch, heads, query, capacity] score buffer
+// and runs a GEMM per head even for one query row; in a SmolLM2 decode step it was ~14 % of the
+// node time, and from one row to four (parallel slots) its time per call grew 83 -> 207 us, the
+// largest growth of any op (bench/RESULTS.md). A prefill computes every query row against every
+// key of the buffer, the masked upper triangle included.
+//
+// How: a task per (sequence, query head, block of query rows). A lone query row (decode) takes
+// dot products with its keys; a block of rows (prefill) multiplies against a transposed copy of
+// the keys, 16 keys per vector, no horizontal sums, only up to the last row's position. Softmax
+// runs over each row's own keys only (causal, and the local window if any). New keys are rotated
+// and written into the present buffer first (in place when past and present are one buffer, as
+// the edge binds them). Rows of different sequences never share a task, so a sequence's output
+// does not depend on what decodes beside it.
+//
+// Takes what our packager emits and onnxruntime's kernel would compute the same way: float
+// tensors, packed QKV or separate Q, K, V, past/present in BNSH, rotary (interleaved or not, the
+// whole head or its first part), a local window, a scale; head size a multiple of 16. Refuses
+// softcap, smooth softmax and the newer optional inputs (position ids, attention bias, head
+// sinks), which fails the session; the caller then loads the graph on onnxruntime's kernels.
+#include "kernels.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#include <limits.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ROWS 32  // query rows per task in a prefill
+#define TILE 4   // query rows per register tile
+
+typedef struct {
+    int64_t heads, kv_heads;
+    int64_t window;  // local_window_size (first_key); <= 0: every earlier key
+    int64_t rotary, interleaved;
+    float scale;  // 0: 1 / sqrt(head size)
+} Gqa;
+
+typedef struct {
+    const Gqa *op;
+    int64_t batch, seq, head, rot_half;   // rot_half: columns of the cos/sin caches
+    int64_t q_stride, k_stride, v_stride;  // floats between consecutive (b, s) rows of each input
+    const float *q, *k, *v;                // head 0 of row (0, 0) of each input
+    const float *cos, *sin;
+    const float *past_k, *past_v;  // NULL when not given or when it is the present buffer
+    int64_t past_len, present_len;  // the buffers' position capacity
+    float *present_k, *present_v, *out;
+    const int64_t *past;   // [batch]: positions already in the cache before this call
+    float *keys_t;         // prefill: [batch][kv_heads][head][keys_len] transposed keys, else NULL
+    int64_t keys_len;      // a multiple of 16
+    int64_t blocks;        // query row blocks per (sequence, head)
+    float scale;
+    int failed;  // a task could not allocate its scratch: the call fails
+} Call;
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,fma")
+
+// Rotary embedding of one head vector at position pos (onnxruntime's RotaryEmbedding: the first
+// 2 x rot_half columns rotate, pairwise if interleaved, else the first half against the second).
+static void rotate(const Call *c, const float *x, float *y, int64_t pos, float mul) {
+    const int64_t h = c->head, half = c->rot_half;
+    if (!c->op->rotary) {
+        for (int64_t d = 0; d < h; d++) y[d] = x[d] * mul;
+        return;
+    }
+    const float *cs = c->cos + pos * half, *sn = c->sin + pos * half;
+    if (c->op->interleaved) {
+        for (int64_t i = 0; i < half; i++) {
+            const float a = x[2 * i], b = x[2 * i + 1];
+            y[2 * i] = (a * cs[i] - b * sn[i]) * mul;
+            y[2 * i + 1] = (b * cs[i] + a * sn[i]) * mul;
+        }
+    } else {
+        for (int64_t i = 0; i < half; i++) {
+            const float a = x[i], b = x[i + half];
+            y[i] = (a * cs[i] - b * sn[i]) * mul;
+            y[i + half] = (b * cs[i] + a * sn[i]) * mul;
+        }
+    }
+    for (int64_t d = 2 * half; d < h; d++) y[d] = x[d] * mul;
+}
+
+// Phase 1, a task per (sequence, KV head): the past copied when present is another buffer, the
+// new keys rotated and the new values copied in at their positions, and for a prefill the keys
+// up to the last new one transposed (keys_t).
+static void write_kv(void *data, size_t task) {
+    const Call *c = data;
+    const int64_t b = (int64_t)task / c->op->kv_heads, g = (int64_t)task % c->op->kv_heads, h = c->head;
+    float *pk = c->present_k + (b * c->op->kv_heads + g) * c->present_len * h;
+    float *pv = c->present_v + (b * c->op->kv_heads + g) * c->present_len * h;
+    const int64_t past = c->past[b];
+    if (c->past_k) {
+        const int64_t from = (b * c->op->kv_heads + g) * c->past_len * h;
+        memcpy(pk, c->past_k + from, sizeof(float) * (size_t)(past * h));
+        memcpy(pv, c->past_v + from, sizeof(float) * (size_t)(past * h));
+    }
+    for (int64_t s = 0; s < c->seq; s++) {
+        const int64_t row = b * c->seq + s, p = past + s;
+        rotate(c, c->k + row * c->k_stride + g * h, pk + p * h, p, 1.0f);
+        memcpy(pv + p * h, c->v + row * c->v_stride + g * h, sizeof(float) * (size_t)h);
+    }
+    if (c->keys_t) {
+        float *kt = c->keys_t + (b * c->op->kv_heads + g) * h * c->keys_len;
+        const int64_t n = past + c->seq;
+        for (int64_t j = 0; j < n; j++)
+            for (int64_t d = 0; d < h; d++) kt[d * c->keys_len + j] = pk[j * h + d];
+        for (int64_t d = 0; d < h; d++) memset(kt + d * c->keys_len + n, 0, sizeof(float) * (size_t)(c->keys_len - n));
+    }
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the maximum): 2^n x a degree-6 polynomial on
+// |r| <= ln 2 / 2, relative error ~2e-7; below -87 it flushes to 0 as expf would.
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __mmask16 head_mask(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
+
+// Softmax of scores[lo, hi] in place; every other score of [0, end) set to 0 (end: the keys the
+// tile's value loop reads).
+static void softmax(float *scores, int64_t lo, int64_t hi, int64_t end) {
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = lo; j <= hi; j += 16)
+        vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(vmax, head_mask(hi + 1 - j), scores + j));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    __m512 vsum = _mm512_setzero_ps();
+    for (int64_t j = lo; j <= hi; j += 16) {
+        const __mmask16 mask = head_mask(hi + 1 - j);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores + j), m));
+        vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(mask, e));
+        _mm512_mask_storeu_ps(scores + j, mask, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+    for (int64_t j = lo; j <= hi; j += 16) {
+        const __mmask16 mask = head_mask(hi + 1 - j);
+        _mm512_mask_storeu_ps(scores + j, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, scores + j), inv));
+    }
+    if (lo > 0) memset(scores, 0, sizeof(float) * (size_t)lo);
+    if (end > hi + 1) memset(scores + hi + 1, 0, sizeof(float) * (size_t)(end - hi - 1));
+}
+
+// The first key a query at position p attends to: keys p - window < k <= p, as transformers and
+// onnxruntime from 1.24 on (the package requires it) read local_window_size.
+static inline int64_t first_key(const Gqa *op, int64_t p) { return op->window > 0 && p >= op->window ? p - op->window + 1 : 0; }
+
+// Scores of one query row against its keys, one dot product per key (a decode step: too few
+// rows to pay for transposing the keys).
+static void scores_dot(const float *q, const float *keys, int64_t h, int64_t lo, int64_t hi, float *scores) {
+    int64_t j = lo;
+    for (; j + 1 <= hi; j += 2) {
+        const float *k0 = keys + j * h, *k1 = k0 + h;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (int64_t d = 0; d < h; d += 16) {
+            const __m512 x = _mm512_loadu_ps(q + d);
+            a0 = _mm512_fmadd_ps(x, _mm512_loadu_ps(k0 + d), a0);
+            a1 = _mm512_fmadd_ps(x, _mm512_loadu_ps(k1 + d), a1);
+        }
+        scores[j] = _mm512_reduce_add_ps(a0);
+        scores[j + 1] = _mm512_reduce_add_ps(a1);
+    }
+    for (; j <= hi; j++) {
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t d = 0; d < h; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(keys + j * h + d), a);
+        scores[j] = _mm512_reduce_add_ps(a);
+    }
+}
+
+// Scores of up to TILE query rows (q: [rows][h]) against the transposed keys kt ([h][stride]),
+// 16 keys per vector, for key chunks [c0, c1) of 16, two chunks at a time (eight sums in flight
+// for four rows: enough to keep both FMA pipes busy).
+static inline __attribute__((always_inline)) void scores_tile(const float *q, int64_t h, const float *kt, int64_t stride,
+                                                              int64_t c0, int64_t c1, float *scores, int64_t sstride,
+                                                              const int R) {
+    int64_t c = c0;
+    for (; c + 1 < c1; c += 2) {
+        __m512 a[TILE], b[TILE];
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) a[r] = b[r] = _mm512_setzero_ps();
+        const float *col = kt + c * 16;
+        for (int64_t d = 0; d < h; d++) {
+            const __m512 k0 = _mm512_loadu_ps(col + d * stride), k1 = _mm512_loadu_ps(col + d * stride + 16);
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
+                const __m512 x = _mm512_set1_ps(q[r * h + d]);
+                a[r] = _mm512_fmadd_ps(x, k0, a[r]);
+                b[r] = _mm512_fmadd_ps(x, k1, b[r]);
+            }
+        }
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
+            _mm512_storeu_ps(scores + r * sstride + c * 16, a[r]);
+            _mm512_storeu_ps(scores + r * sstride + c * 16 + 16, b[r]);
+        }
+    }
+    if (c < c1) {
+        __m512 a[TILE];
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) a[r] = _mm512_setzero_ps();
+        const float *col = kt + c * 16;
+        for (int64_t d = 0; d < h; d++) {
+            const __m512 k = _mm512_loadu_ps(col + d * stride);
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * h + d]), k, a[r]);
+        }
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) _mm512_storeu_ps(scores + r * sstride + c * 16, a[r]);
+    }
+}
+
+// out[r] = sum over keys [lo, hi] of p[r][j] x values[j], for up to TILE rows (h a multiple of 16,
+// at most 256 columns per pass).
+static inline __attribute__((always_inline)) void values_tile(const float *p, int64_t pstride, const float *values,
+                                                              int64_t h, int64_t lo, int64_t hi, float *out,
+                                                              int64_t ostride, const int R) {
+    for (int64_t d0 = 0; d0 < h; d0 += 64) {
+        const int64_t width = h - d0 < 64 ? h - d0 : 64;
+        __m512 a[TILE][4];
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) a[r][v] = _mm512_setzero_ps();
+        if (width == 64) {
+            for (int64_t j = lo; j <= hi; j++) {
+                const float *vj = values + j * h + d0;
+                __m512 x[4];
+                _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) x[v] = _mm512_loadu_ps(vj + 16 * v);
+                _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
+                    const __m512 w = _mm512_set1_ps(p[r * pstride + j]);
+                    _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) a[r][v] = _mm512_fmadd_ps(w, x[v], a[r][v]);
+                }
+            }
+        } else {
+            for (int64_t j = lo; j <= hi; j++) {
+                const float *vj = values + j * h + d0;
+                for (int v = 0; v < width / 16; v++) {
+                    const __m512 x = _mm512_loadu_ps(vj + 16 * v);
+                    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) a[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(p[r * pstride + j]), x, a[r][v]);
+                }
+            }
+        }
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) for (int v = 0; v < width / 16; v++)
+            _mm512_storeu_ps(out + r * ostride + d0 + 16 * v, a[r][v]);
+    }
+}
+
+// Phase 2, a task per (sequence, query head, block of ROWS query rows).
+static void attend(void *data, size_t task) {
+    const Call *c = data;
+    const Gqa *op = c->op;
+    const int64_t h = c->head, group = op->heads / op->kv_heads;
+    const int64_t block = (int64_t)task % c->blocks, n = (int64_t)task / c->blocks % op->heads;
+    const int64_t b = (int64_t)task / c->blocks / op->heads, g = n / group;
+    const int64_t s0 = block * ROWS, rows = c->seq - s0 < ROWS ? c->seq - s0 : ROWS, past = c->past[b];
+    const int64_t last = past + s0 + rows - 1, span = (last + 16) / 16 * 16;  // keys [0, last], padded
+    const float *keys = c->present_k + (b * op->kv_heads + g) * c->present_len * h;
+    const float *values = c->present_v + (b * op->kv_heads + g) * c->present_len * h;
+    float *q = malloc(sizeof(float) * (size_t)(rows * h + rows * span));
+    if (!q) {
+        __atomic_store_n(&((Call *)data)->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    float *scores = q + rows * h;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t row = b * c->seq + s0 + r;
+        rotate(c, c->q + row * c->q_stride + n * h, q + r * h, past + s0 + r, c->scale);
+    }
+    if (!c->keys_t) {
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t p = past + s0 + r, lo = first_key(op, p);
+            scores_dot(q + r * h, keys, h, lo, p, scores + r * span);
+        }
+    } else {
+        const float *kt = c->keys_t + (b * op->kv_heads + g) * h * c->keys_len;
+        for (int64_t r0 = 0; r0 < rows; r0 += TILE) {
+            const int R = rows - r0 < TILE ? (int)(rows - r0) : TILE;
+            const int64_t c0 = first_key(op, past + s0 + r0) / 16, c1 = (past + s0 + r0 + R - 1) / 16 + 1;
+            float *out = scores + r0 * span;
+            switch (R) {
+                case 1: scores_tile(q + r0 * h, h, kt, c->keys_len, c0, c1, out, span, 1); break;
+                case 2: scores_tile(q + r0 * h, h, kt, c->keys_len, c0, c1, out, span, 2); break;
+                case 3: scores_tile(q + r0 * h, h, kt, c->keys_len, c0, c1, out, span, 3); break;
+                default: scores_tile(q + r0 * h, h, kt, c->keys_len, c0, c1, out, span, 4); break;
+            }
+        }
+    }
+    float *out = c->out + (b * c->seq + s0) * op->heads * h + n * h;
+    const int64_t ostride = op->heads * h;
+    for (int64_t r0 = 0; r0 < rows; r0 += TILE) {
+        const int R = rows - r0 < TILE ? (int)(rows - r0) : TILE;
+        const int64_t lo = first_key(op, past + s0 + r0), hi = past + s0 + r0 + R - 1;
+        for (int r = 0; r < R; r++) {
+            const int64_t p = past + s0 + r0 + r;
+            softmax(scores + (r0 + r) * span, first_key(op, p), p, hi + 1);
+        }
+        const float *pr = scores + r0 * span;
+        switch (R) {
+            case 1: values_tile(pr, span, values, h, lo, hi, out + r0 * ostride, ostride, 1); break;
+            case 2: values_tile(pr, span, values, h, lo, hi, out + r0 * ostride, ostride, 2); break;
+            case 3: values_tile(pr, span, values, h, lo, hi, out + r0 * ostride, ostride, 3); break;
+            default: values_tile(pr, span, values, h, lo, hi, out + r0 * ostride, ostride, 4); break;
+        }
+    }
+    free(q);
+}
+
+#pragma GCC pop_options
+
+// The dimensions of an input or output value.
+static OrtStatus *dims_of(const OrtValue *value, int64_t *dims, size_t max, size_t *rank) {
+    OrtTensorTypeAndShapeInfo *info;
+    CHECK(ort->GetTensorTypeAndShape(value, &info));
+    OrtStatus *status = ort->GetDimensionsCount(info, rank);
+    if (!status && *rank > max) status = fail("GroupQueryAttention (autoglm): an input has too many dimensions");
+    if (!status) status = ort->GetDimensions(info, dims, *rank);
+    ort->ReleaseTensorTypeAndShapeInfo(info);
+    return status;
+}
+
+static OrtStatus *data_of(const OrtValue *value, const float **out) {
+    return ort->GetTensorMutableData((OrtValue *)value, (void **)out);
+}
+
+static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *context) {
+    const Gqa *op = op_kernel;
+    const OrtValue *in[9] = {0};
+    for (size_t i = 0; i < 9; i++) CHECK(ort->KernelContext_GetInput(context, i, &in[i]));
+    if (!in[0] || !in[5] || !in[6]) return fail("GroupQueryAttention (autoglm): query, seqlens_k and total_sequence_length are required");
+    if (!in[1] != !in[2] || !in[3] != !in[4] || !in[7] != !in[8])
+        return fail("GroupQueryAttention (autoglm): key/value, past key/value and cos/sin caches come in pairs");
+    int64_t qd[4], kd[4], pd[4], cd[4], sd[4];
+    size_t rank;
+    CHECK(dims_of(in[0], qd, 4, &rank));
+    if (rank != 3) return fail("GroupQueryAttention (autoglm): query must be [batch, sequence, hidden]");
+    const int64_t batch = qd[0], seq = qd[1], packed = !in[1];
+    const int64_t h = packed ? qd[2] / (op->heads + 2 * op->kv_heads) : qd[2] / op->heads;
+    if (h <= 0 || h % 16 || h * (packed ? op->heads + 2 * op->kv_heads : op->heads) != qd[2])
+        return fail("GroupQueryAttention (autoglm): head size must be a multiple of 16");
+    if (!packed) {
+        for (int i = 1; i <= 2; i++) {
+            CHECK(dims_of(in[i], kd, 4, &rank));
+            if (rank != 3 || kd[0] != batch || kd[1] != seq || kd[2] != op->kv_heads * h)
+                return fail("GroupQueryAttention (autoglm): key and value must be [batch, sequence, kv_heads x head size]");
+        }
+    }
+    int64_t past_len = 0;
+    if (in[3]) {
+        for (int i = 3; i <= 4; i++) {
+            CHECK(dims_of(in[i], pd, 4, &rank));
+            if (rank != 4 || pd[0] != batch || pd[1] != op->kv_heads || pd[3] != h)
+                return fail("GroupQueryAttention (autoglm): past key and value must be [batch, kv_heads, length, head size]");
+            if (i == 3) past_len = pd[2];
+            else if (pd[2] != past_len) return fail("GroupQueryAttention (autoglm): past key and value differ in length");
+        }
+    }
+    CHECK(dims_of(in[5], sd, 4, &rank));
+    if (rank != 1 || sd[0] != batch) return fail("GroupQueryAttention (autoglm): seqlens_k must be [batch]");
+    const int32_t *seqlens, *total_p;
+    CHECK(ort->GetTensorMutableData((OrtValue *)in[5], (void **)&seqlens));
+    CHECK(ort->GetTensorMutableData((OrtValue *)in[6], (void **)&total_p));
+    const int64_t total = *total_p, present_len = total > past_len ? total : past_len;
+    // onnxruntime's rule: a call whose query is as long as the total is a first prompt (nothing
+    // cached); a longer total with several query rows continues one sequence; else one new row each.
+    const int first = seq == total;
+    if (!first && seq > 1 && batch != 1)
+        return fail("GroupQueryAttention (autoglm): batch must be 1 when several rows continue a cached sequence");
+    int64_t *past = malloc(sizeof(int64_t) * (size_t)(batch > 0 ? batch : 1));
+    if (!past) return fail("GroupQueryAttention (autoglm): out of memory");
+    int64_t most = 0;
+    for (int64_t b = 0; b < batch; b++) {
+        past[b] = first ? 0 : (int64_t)seqlens[b] + 1 - seq;
+        if (past[b] < 0 || past[b] + seq > present_len) {
+            free(past);
+            return fail("GroupQueryAttention (autoglm): seqlens_k out of range of the KV buffer");
+        }
+        if (past[b] + seq > most) most = past[b] + seq;
+    }
+    Call c = {.op = op, .batch = batch, .seq = seq, .head = h, .past = past, .past_len = past_len, .present_len = present_len};
+    c.scale = op->scale != 0.0f ? op->scale : 1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss((float)h)));
+    OrtStatus *status = NULL;
+    if (op->rotary) {
+        if (!in[7]) status = fail("GroupQueryAttention (autoglm): do_rotary needs cos and sin caches");
+        if (!status) status = dims_of(in[7], cd, 4, &rank);
+        if (!status && (rank != 2 || 2 * cd[1] > h || cd[0] < most))
+            status = fail("GroupQueryAttention (autoglm): cos/sin caches too short for these positions or too wide for the head");
+        if (!status) status = dims_of(in[8], sd, 4, &rank);
+        if (!status && (rank != 2 || sd[0] != cd[0] || sd[1] != cd[1]))
+            status = fail("GroupQueryAttention (autoglm): cos and sin caches differ in shape");
+        if (!status) status = data_of(in[7], &c.cos);
+        if (!status) status = data_of(in[8], &c.sin);
+        c.rot_half = cd[1];
+    }
+    if (!status) status = data_of(in[0], &c.q);
+    if (!status && packed) {
+        c.q_stride = c.k_stride = c.v_stride = qd[2];
+        c.k = c.q + op->heads * h;
+        c.v = c.k + op->kv_heads * h;
+    } else if (!status) {
+        c.q_stride = op->heads * h, c.k_stride = c.v_stride = op->kv_heads * h;
+        status = data_of(in[1], &c.k);
+        if (!status) status = data_of(in[2], &c.v);
+    }
+    OrtValue *outs[3];
+    if (!status) {
+        const int64_t od[3] = {batch, seq, op->heads * h}, kvd[4] = {batch, op->kv_heads, present_len, h};
+        status = ort->KernelContext_GetOutput(context, 0, od, 3, &outs[0]);
+        if (!status) status = ort->KernelContext_GetOutput(context, 1, kvd, 4, &outs[1]);
+        if (!status) status = ort->KernelContext_GetOutput(context, 2, kvd, 4, &outs[2]);
+    }
+    if (!status) status = ort->GetTensorMutableData(outs[0], (void **)&c.out);
+    if (!status) status = ort->GetTensorMutableData(outs[1], (void **)&c.present_k);
+    if (!status) status = ort->GetTensorMutableData(outs[2], (void **)&c.present_v);
+    int shared = 0;
+    if (!status && in[3]) {
+        // The edge binds one buffer as past and present: new positions are written in place.
+        // Otherwise the present starts as a copy of each sequence's past (write_kv) and zeros.
+        status = data_of(in[3], &c.past_k);
+        if (!status) status = data_of(in[4], &c.past_v);
+        shared = !status && c.past_k && c.past_k == c.present_k && c.past_v == c.present_v;
+        if (shared) c.past_k = c.past_v = NULL;
+        for (int64_t b = 0; !status && !shared && b < batch; b++)
+            if (past[b] > past_len) status = fail("GroupQueryAttention (autoglm): seqlens_k beyond the past key and value");
+    }
+    if (!status && !shared) {
+        const size_t bytes = sizeof(float) * (size_t)(batch * op->kv_heads * present_len * h);
+        memset(c.present_k, 0, bytes), memset(c.present_v, 0, bytes);
+    }
+    if (!status && seq > 1) {
+        c.keys_len = (most + 15) / 16 * 16;
+        c.keys_t = malloc(sizeof(float) * (size_t)(batch * op->kv_heads * h * c.keys_len));
+        if (!c.keys_t) status = fail("GroupQueryAttention (autoglm): out of memory");
+    }
+    if (!status && batch * seq > 0) {
+        c.blocks = (seq + ROWS - 1) / ROWS;
+        const size_t kv_tasks = (size_t)(batch * op->kv_heads), tasks = (size_t)(batch * op->heads * c.blocks);
+        if (seq * batch <= 4) {  // a decode step: the new rows are too few to hand off
+            for (size_t t = 0; t < kv_tasks; t++) write_kv(&c, t);
+        } else {
+            status = ort->KernelContext_ParallelFor(context, write_kv, kv_tasks, 0, &c);
+        }
+        if (!status) status = ort->KernelContext_ParallelFor(context, attend, tasks, 0, &c);
+        if (!status && c.failed) status = fail("GroupQueryAttention (autoglm): out of memory");
+    }
+    free(c.keys_t);
+    free(past);
+    return status;
+}
+
+static void int_attribute(const OrtKernelInfo *info, const char *name, int64_t fallback, int64_t *out) {
+    OrtStatus *status = ort->KernelInfoGetAttribute_int64(info, name, out);
+    if (status) ort->ReleaseStatus(status), *out = fallback;  // absent: onnxruntime's default
+}
+
+static OrtStatus *ORT_API_CALL create(const OrtCustomOp *custom, const OrtApi *api, const OrtKernelInfo *info, void **out) {
+    (void)custom, (void)api;
+    Gqa op = {0};
+    int64_t smooth, qk_output;
+    float softcap = 0.0f;
+    CHECK(ort->KernelInfoGetAttribute_int64(info, "num_heads", &op.heads));
+    CHECK(ort->KernelInfoGetAttribute_int64(info, "kv_num_heads", &op.kv_heads));
+    if (op.heads < 1 || op.kv_heads < 1 || op.heads % op.kv_heads)
+        return fail("GroupQueryAttention (autoglm): num_heads must be a multiple of kv_num_heads");
+    int_attribute(info, "do_rotary", 0, &op.rotary);
+    int_attribute(info, "rotary_interleaved", 0, &op.interleaved);
+    int_attribute(info, "local_window_size", -1, &op.window);
+    int_attribute(info, "smooth_softmax", 0, &smooth);
+    int_attribute(info, "qk_output", 0, &qk_output);
+    OrtStatus *status = ort->KernelInfoGetAttribute_float(info, "scale", &op.scale);
+    if (status) ort->ReleaseStatus(status), op.scale = 0.0f;
+    status = ort->KernelInfoGetAttribute_float(info, "softcap", &softcap);
+    if (status) ort->ReleaseStatus(status), softcap = 0.0f;
+    if (softcap != 0.0f || smooth || qk_output)
+        return fail("GroupQueryAttention (autoglm): softcap, smooth_softmax and qk_output are not supported");
+    size_t inputs = 0, outputs = 0;
+    CHECK(ort->KernelInfo_GetInputCount(info, &inputs));
+    CHECK(ort->KernelInfo_GetOutputCount(info, &outputs));
+    if (inputs > 9 || outputs > 3)
+        return fail("GroupQueryAttention (autoglm): position_ids, attention_bias, head_sink and output_qk are not supported");
+    // The head size is known when the query's last dimension is: refuse now what compute would.
+    OrtTypeInfo *type;
+    CHECK(ort->KernelInfo_GetInputTypeInfo(info, 0, &type));
+    const OrtTensorTypeAndShapeInfo *tensor;
+    int64_t dims[3] = {0};
+    size_t rank = 0;
+    status = ort->CastTypeInfoToTensorInfo(type, &tensor);
+    if (!status && tensor) status = ort->GetDimensionsCount(tensor, &rank);
+    if (!status && tensor && rank == 3) status = ort->GetDimensions(tensor, dims, 3);
+    ort->ReleaseTypeInfo(type);
+    if (status) return status;
+    char name[256];
+    size_t size = sizeof name;
+    CHECK(ort->KernelInfo_GetInputName(info, 1, name, &size));
+    const int64_t columns = name[0] ? op.heads : op.heads + 2 * op.kv_heads;
+    if (rank == 3 && dims[2] > 0 && (dims[2] % columns || dims[2] / columns % 16))
+        return fail("GroupQueryAttention (autoglm): head size must be a multiple of 16");
+    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512dq"))
+        return fail("GroupQueryAttention (autoglm): this CPU has no AVX-512");
+    Gqa *kernel = malloc(sizeof op);
+    if (!kernel) return fail("GroupQueryAttention (autoglm): out of memory");
+    *kernel = op;
+    *out = kernel;
+    return NULL;
+}
+
+static void ORT_API_CALL destroy(void *op_kernel) { free(op_kernel); }
+
+static const char *ORT_API_CALL op_name(const OrtCustomOp *op) { return (void)op, "GroupQueryAttention"; }
+static const char *ORT_API_CALL op_provider(const OrtCustomOp *op) { return (void)op, "CPUExecutionProvider"; }
+static size_t ORT_API_CALL input_count(const OrtCustomOp *op) { return (void)op, 9; }
+static size_t ORT_API_CALL output_count(const OrtCustomOp *op) { return (void)op, 3; }
+
+static ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp *op, size_t index) {
+    (void)op;
+    return index == 5 || index == 6 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+
+static ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp *op, size_t index) {
+    return (void)op, (void)index, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+
+static OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_kind(const OrtCustomOp *op, size_t index) {
+    return (void)op, index == 0 || index == 5 || index == 6 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+}
+
+static OrtCustomOpInputOutputCharacteristic ORT_API_CALL output_kind(const OrtCustomOp *op, size_t index) {
+    return (void)op, (void)index, INPUT_OUTPUT_REQUIRED;
+}
+
+static OrtMemType ORT_API_CALL input_memory(const OrtCustomOp *op, size_t index) {
+    // total_sequence_length is read on the host (onnxruntime's own kernel declares it so too).
+    return (void)op, index == 6 ? OrtMemTypeCPUInput : OrtMemTypeDefault;
+}
+
+static int ORT_API_CALL start_version(const OrtCustomOp *op) { return (void)op, 1; }
+static int ORT_API_CALL end_version(const OrtCustomOp *op) { return (void)op, INT_MAX; }
+
+void group_query_attention_op(OrtCustomOp *op) {
+    *op = (OrtCustomOp){0};
+    op->version = ORT_API_VERSION;
+    op->GetName = op_name;
+    op->GetExecutionProviderType = op_provider;
+    op->GetInputType = input_type;
+    op->GetInputTypeCount = input_count;
+    op->GetOutputType = output_type;
+    op->GetOutputTypeCount = output_count;
+    op->GetInputCharacteristic = input_kind;
+    op->GetOutputCharacteristic = output_kind;
+    op->GetInputMemoryType = input_memory;
+    op->CreateKernelV2 = create;
+    op->KernelComputeV2 = compute;
+    op->KernelDestroy = destroy;
+    op->GetStartVersion = start_version;
+    op->GetEndVersion = end_version;
+}
+
+#endif
