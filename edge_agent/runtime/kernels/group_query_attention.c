@@ -5,7 +5,8 @@
 // and runs a GEMM per head even for one query row; in a SmolLM2 decode step it was ~14 % of the
 // node time, and from one row to four (parallel slots) its time per call grew 83 -> 207 us, the
 // largest growth of any op (bench/RESULTS.md). A prefill computes every query row against every
-// key of the buffer, the masked upper triangle included.
+// key of the buffer, the masked upper triangle included. AMD EPYC Zen 5 VM, 2 threads: this op
+// alone 2.3-3.3x onnxruntime's for decode steps of 1 and 4 rows, 1.55x for a 512-row prompt.
 //
 // How: a task per (sequence, query head, block of query rows). A lone query row (decode) takes
 // dot products with its keys; a block of rows (prefill) multiplies against a transposed copy of

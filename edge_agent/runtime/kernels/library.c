@@ -18,7 +18,12 @@
 
 const OrtApi *ort;
 
+// -DAUTOGLM_NO_ATTENTION builds a library with MatMulNBits alone (bench/engine_steps.py compares).
+#ifdef AUTOGLM_NO_ATTENTION
+static OrtCustomOp ops[1];
+#else
 static OrtCustomOp ops[2];
+#endif
 static OrtCustomOpDomain *domain;
 
 // Whether this CPU runs the kernels (asked through ctypes before a session is made with them).
@@ -31,7 +36,9 @@ __attribute__((visibility("default"))) OrtStatus *ORT_API_CALL RegisterCustomOps
     if (!ort) return NULL;  // an onnxruntime older than our header: nothing registered, built-in kernels run
     if (!domain) {
         matmul_nbits_op(&ops[0]);
+#ifndef AUTOGLM_NO_ATTENTION
         group_query_attention_op(&ops[1]);
+#endif
         CHECK(ort->CreateCustomOpDomain("com.microsoft", &domain));
         for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++) CHECK(ort->CustomOpDomain_Add(domain, &ops[i]));
     }

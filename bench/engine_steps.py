@@ -1,0 +1,105 @@
+"""Engine steps with one kernel library against another: SmolLM2's decode step at 1 and 4 rows and
+a 512-token prefill, no serving loop, every library loaded in one process and stepped in turn.
+
+Each ``--library`` is a custom-op library's path, ``auto`` (the one the install built, as the
+edge registers it) or ``onnxruntime`` (none: onnxruntime's own kernels). For a library without
+one of our ops, build one from the same sources, e.g. MatMulNBits without our attention:
+
+    gcc -O3 -shared -fPIC -fvisibility=hidden -DAUTOGLM_NO_ATTENTION \\
+        -I edge_agent/runtime/kernels/include edge_agent/runtime/kernels/*.c -o /tmp/no_attention.so
+
+Per round and library: a 512-token prefill from an empty cache; four sequences prefilled with the
+same ``--context``-token prompt on four KV rows; then ``--steps`` decode steps of row 0 alone and
+as many of all four together (``step_together``: one batched step). Medians over rounds of the
+per-round median step; "4 rows ÷ 1" is how many times one row's decode rate four rows reach.
+
+Usage: python bench/engine_steps.py [--precision int8] [--context 300] [--rounds 5] [--steps 24]
+       [--threads 2] [--workdir DIR] [--library auto --library onnxruntime --library PATH ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edge_parallel import build
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--precision", choices=("int8", "int4", "fp32"), default="int8")
+    ap.add_argument("--context", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workdir", type=Path, default=None, help="Keep (and reuse) the model files here.")
+    ap.add_argument("--library", action="append", default=None)
+    args = ap.parse_args()
+    from cloud.packaging.export import io_signature, read_hf_config
+    from edge_agent.runtime.kernels import library
+    from edge_agent.runtime.session import OnnxCausalLM
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="autoglm-steps-"))
+    graph = build(work, args.precision)
+    cfg = read_hf_config(work / "hf")
+    io = io_signature(graph, cfg, {"eos_token_id": cfg.get("eos_token_id")})
+    models: dict[str, OnnxCausalLM] = {}
+    for name in args.library or ["auto", "onnxruntime"]:
+        path = library() if name == "auto" else None if name == "onnxruntime" else Path(name)
+        if name == "auto" and path is None:
+            raise SystemExit("this install has no kernel library this CPU runs")
+        lm = OnnxCausalLM(graph, io, threads=args.threads, custom_ops=path)
+        if path is not None and not lm.custom_ops_loaded:
+            raise SystemExit(f"{path} refused by {graph}: see the warning above")
+        lm.prefix_cache = False  # every round prefills from an empty cache
+        models[name] = lm
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(100, 40000, args.context).tolist()
+    long_prompt = rng.integers(100, 40000, 512).tolist()
+    times: dict[str, dict[str, list[float]]] = {k: {"1": [], "4": [], "prefill": []} for k in models}
+    for r in range(args.rounds):
+        print(f"round {r + 1}/{args.rounds} …", flush=True)
+        for name, lm in models.items():
+            start = time.perf_counter()
+            lm.decoder(600).step(long_prompt, last_only=True)
+            times[name]["prefill"].append(time.perf_counter() - start)
+            decoders = [
+                lm.decoder(args.context + args.steps + 8, busy=frozenset(range(i)), rows=4) for i in range(4)
+            ]
+            for d in decoders:
+                d.step(prompt, last_only=True)
+            one, four = [], []
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                decoders[0].step([5])
+                one.append(time.perf_counter() - start)
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                lm.step_together(decoders, [5, 6, 7, 8])
+                four.append(time.perf_counter() - start)
+            times[name]["1"].append(statistics.median(one))
+            times[name]["4"].append(statistics.median(four))
+    print(
+        f"\nmachine: {platform.machine()} {os.cpu_count()} cpus, {args.threads} threads; SmolLM2 {args.precision}, "
+        f"decode at position {args.context}; medians of {args.rounds} rounds × {args.steps} steps"
+    )
+    print("| library | 1-row step ms | 4-row step ms | 4 rows ÷ 1 | 512-token prefill ms |")
+    print("|---|---:|---:|---:|---:|")
+    for name, t in times.items():
+        ms1, ms4, prefill_ms = (statistics.median(t[k]) * 1e3 for k in ("1", "4", "prefill"))
+        print(f"| {name} | {ms1:.2f} | {ms4:.2f} | {4 * ms1 / ms4:.2f} | {prefill_ms:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
