@@ -25,7 +25,6 @@
 
 #if defined(__x86_64__)
 #include <immintrin.h>
-#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -513,7 +512,6 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *custom, const OrtApi *a
 static void ORT_API_CALL destroy(void *op_kernel) { free(op_kernel); }
 
 static const char *ORT_API_CALL op_name(const OrtCustomOp *op) { return (void)op, "GroupQueryAttention"; }
-static const char *ORT_API_CALL op_provider(const OrtCustomOp *op) { return (void)op, "CPUExecutionProvider"; }
 static size_t ORT_API_CALL input_count(const OrtCustomOp *op) { return (void)op, 9; }
 static size_t ORT_API_CALL output_count(const OrtCustomOp *op) { return (void)op, 3; }
 
@@ -522,16 +520,8 @@ static ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp *op, 
     return index == 5 || index == 6 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 
-static ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp *op, size_t index) {
-    return (void)op, (void)index, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-}
-
 static OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_kind(const OrtCustomOp *op, size_t index) {
     return (void)op, index == 0 || index == 5 || index == 6 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-}
-
-static OrtCustomOpInputOutputCharacteristic ORT_API_CALL output_kind(const OrtCustomOp *op, size_t index) {
-    return (void)op, (void)index, INPUT_OUTPUT_REQUIRED;
 }
 
 static OrtMemType ORT_API_CALL input_memory(const OrtCustomOp *op, size_t index) {
@@ -539,26 +529,6 @@ static OrtMemType ORT_API_CALL input_memory(const OrtCustomOp *op, size_t index)
     return (void)op, index == 6 ? OrtMemTypeCPUInput : OrtMemTypeDefault;
 }
 
-static int ORT_API_CALL start_version(const OrtCustomOp *op) { return (void)op, 1; }
-static int ORT_API_CALL end_version(const OrtCustomOp *op) { return (void)op, INT_MAX; }
-
-void group_query_attention_op(OrtCustomOp *op) {
-    *op = (OrtCustomOp){0};
-    op->version = ORT_API_VERSION;
-    op->GetName = op_name;
-    op->GetExecutionProviderType = op_provider;
-    op->GetInputType = input_type;
-    op->GetInputTypeCount = input_count;
-    op->GetOutputType = output_type;
-    op->GetOutputTypeCount = output_count;
-    op->GetInputCharacteristic = input_kind;
-    op->GetOutputCharacteristic = output_kind;
-    op->GetInputMemoryType = input_memory;
-    op->CreateKernelV2 = create;
-    op->KernelComputeV2 = compute;
-    op->KernelDestroy = destroy;
-    op->GetStartVersion = start_version;
-    op->GetEndVersion = end_version;
-}
+DEFINE_CUSTOM_OP(group_query_attention_op)
 
 #endif

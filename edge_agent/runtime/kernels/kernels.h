@@ -3,6 +3,8 @@
 #ifndef AUTOGLM_KERNELS_H
 #define AUTOGLM_KERNELS_H
 
+#include <limits.h>
+
 #include "onnxruntime_c_api.h"
 
 #if defined(__x86_64__)
@@ -25,6 +27,44 @@ static inline int kernels_usable(void) {
 
 void matmul_nbits_op(OrtCustomOp *op);           // matmul_nbits.c: com.microsoft MatMulNBits
 void group_query_attention_op(OrtCustomOp *op);  // group_query_attention.c: com.microsoft GroupQueryAttention
+
+// What every op of the library shares: the CPU provider, float outputs, all of them required,
+// any opset version.
+static inline const char *ORT_API_CALL op_provider(const OrtCustomOp *op) { return (void)op, "CPUExecutionProvider"; }
+
+static inline ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp *op, size_t index) {
+    return (void)op, (void)index, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+
+static inline OrtCustomOpInputOutputCharacteristic ORT_API_CALL output_kind(const OrtCustomOp *op, size_t index) {
+    return (void)op, (void)index, INPUT_OUTPUT_REQUIRED;
+}
+
+static inline int ORT_API_CALL start_version(const OrtCustomOp *op) { return (void)op, 1; }
+static inline int ORT_API_CALL end_version(const OrtCustomOp *op) { return (void)op, INT_MAX; }
+
+// Defines `void NAME(OrtCustomOp *op)`, which fills op from the static functions the op's file
+// defines under these names: op_name, input_count, input_type, input_kind, input_memory,
+// output_count, create, compute, destroy.
+#define DEFINE_CUSTOM_OP(NAME)                        \
+    void NAME(OrtCustomOp *op) {                      \
+        *op = (OrtCustomOp){0};                       \
+        op->version = ORT_API_VERSION;                \
+        op->GetName = op_name;                        \
+        op->GetExecutionProviderType = op_provider;   \
+        op->GetInputType = input_type;                \
+        op->GetInputTypeCount = input_count;          \
+        op->GetOutputType = output_type;              \
+        op->GetOutputTypeCount = output_count;        \
+        op->GetInputCharacteristic = input_kind;      \
+        op->GetOutputCharacteristic = output_kind;    \
+        op->GetInputMemoryType = input_memory;        \
+        op->CreateKernelV2 = create;                  \
+        op->KernelComputeV2 = compute;                \
+        op->KernelDestroy = destroy;                  \
+        op->GetStartVersion = start_version;          \
+        op->GetEndVersion = end_version;              \
+    }
 
 #endif
 #endif

@@ -20,7 +20,6 @@
 // not x86-64), and a refusal fails the session, which the caller answers by loading the graph
 // without the library. The packed copy replaces the weights onnxruntime mapped from the graph's
 // data file (drop_source): resident once, as with onnxruntime's own prepacking kernels.
-#include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -370,7 +369,6 @@ static void ORT_API_CALL destroy(void *op_kernel) {
 }
 
 static const char *ORT_API_CALL op_name(const OrtCustomOp *op) { return (void)op, "MatMulNBits"; }
-static const char *ORT_API_CALL op_provider(const OrtCustomOp *op) { return (void)op, "CPUExecutionProvider"; }
 static size_t ORT_API_CALL input_count(const OrtCustomOp *op) { return (void)op, 6; }
 static size_t ORT_API_CALL output_count(const OrtCustomOp *op) { return (void)op, 1; }
 
@@ -384,42 +382,14 @@ static ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp *op, 
     }
 }
 
-static ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp *op, size_t index) {
-    return (void)op, (void)index, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-}
-
 static OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_kind(const OrtCustomOp *op, size_t index) {
     return (void)op, index < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-}
-
-static OrtCustomOpInputOutputCharacteristic ORT_API_CALL output_kind(const OrtCustomOp *op, size_t index) {
-    return (void)op, (void)index, INPUT_OUTPUT_REQUIRED;
 }
 
 static OrtMemType ORT_API_CALL input_memory(const OrtCustomOp *op, size_t index) {
     return (void)op, (void)index, OrtMemTypeDefault;
 }
 
-static int ORT_API_CALL start_version(const OrtCustomOp *op) { return (void)op, 1; }
-static int ORT_API_CALL end_version(const OrtCustomOp *op) { return (void)op, INT_MAX; }
-
-void matmul_nbits_op(OrtCustomOp *op) {
-    *op = (OrtCustomOp){0};
-    op->version = ORT_API_VERSION;
-    op->GetName = op_name;
-    op->GetExecutionProviderType = op_provider;
-    op->GetInputType = input_type;
-    op->GetInputTypeCount = input_count;
-    op->GetOutputType = output_type;
-    op->GetOutputTypeCount = output_count;
-    op->GetInputCharacteristic = input_kind;
-    op->GetOutputCharacteristic = output_kind;
-    op->GetInputMemoryType = input_memory;
-    op->CreateKernelV2 = create;
-    op->KernelComputeV2 = compute;
-    op->KernelDestroy = destroy;
-    op->GetStartVersion = start_version;
-    op->GetEndVersion = end_version;
-}
+DEFINE_CUSTOM_OP(matmul_nbits_op)
 
 #endif
