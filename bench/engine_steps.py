@@ -1,5 +1,8 @@
-"""Engine steps with one kernel library against another: SmolLM2's decode step at 1 and 4 rows and
+"""Engine steps with one kernel library against another: a model's decode step at 1 and 4 rows and
 a 512-token prefill, no serving loop, every library loaded in one process and stepped in turn.
+
+The model (``--model``, as bench/edge_decode.py builds them: SmolLM2-135M-Instruct by default, or
+a random Llama-134M, GLM-135M or Qwen2-0.5B) in the graph the packager ships at ``--precision``.
 
 Each ``--library`` is a custom-op library's path, ``auto`` (the one the install built, as the
 edge registers it) or ``onnxruntime`` (none: onnxruntime's own kernels). For a library without
@@ -13,7 +16,7 @@ same ``--context``-token prompt on four KV rows; then ``--steps`` decode steps o
 as many of all four together (``step_together``: one batched step). Medians over rounds of the
 per-round median step; "4 rows ÷ 1" is how many times one row's decode rate four rows reach.
 
-Usage: python bench/engine_steps.py [--precision int8] [--context 300] [--rounds 5] [--steps 24]
+Usage: python bench/engine_steps.py [--model smollm2] [--precision int8] [--context 300] [--rounds 5] [--steps 24]
        [--threads 2] [--workdir DIR] [--library auto --library onnxruntime --library PATH ...]
 """
 
@@ -33,11 +36,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_parallel import build
+from edge_decode import MODELS, fused_graphs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=MODELS, default="smollm2")
     ap.add_argument("--precision", choices=("int8", "int4", "fp32"), default="int8")
     ap.add_argument("--context", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=5)
@@ -46,13 +50,13 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="Keep (and reuse) the model files here.")
     ap.add_argument("--library", action="append", default=None)
     args = ap.parse_args()
-    from cloud.packaging.export import io_signature, read_hf_config
+    from cloud.packaging.export import io_signature
     from edge_agent.runtime.kernels import library
     from edge_agent.runtime.session import OnnxCausalLM
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="autoglm-steps-"))
-    graph = build(work, args.precision)
-    cfg = read_hf_config(work / "hf")
+    _src, cfg, fp32, int8, int4 = fused_graphs(args.model, work)
+    graph = {"fp32": fp32, "int8": int8, "int4": int4}[args.precision]
     io = io_signature(graph, cfg, {"eos_token_id": cfg.get("eos_token_id")})
     models: dict[str, OnnxCausalLM] = {}
     for name in args.library or ["auto", "onnxruntime"]:
@@ -91,7 +95,7 @@ def main() -> None:
             times[name]["1"].append(statistics.median(one))
             times[name]["4"].append(statistics.median(four))
     print(
-        f"\nmachine: {platform.machine()} {os.cpu_count()} cpus, {args.threads} threads; SmolLM2 {args.precision}, "
+        f"\nmachine: {platform.machine()} {os.cpu_count()} cpus, {args.threads} threads; {args.model} {args.precision}, "
         f"decode at position {args.context}; medians of {args.rounds} rounds × {args.steps} steps"
     )
     print("| library | 1-row step ms | 4-row step ms | 4 rows ÷ 1 | 512-token prefill ms |")

@@ -33,6 +33,10 @@
 
 #define SMALL_M 4  // rows per register tile; a call of at most this many quantizes inline
 #define NP 4       // panels (16 columns each) per register tile: four weight streams in flight
+// Bytes ahead of each weight stream prefetched in a decode-sized call: a step runs ~150 small
+// matrices, each task starts four new streams, and the hardware prefetcher alone ramps up too
+// late (Zen 5 VM: 1-row steps 5-6 % and 4-row steps 9-15 % faster; bench/RESULTS.md).
+#define PREFETCH 2048
 // Tasks per matrix: enough for the intra-op pool to balance two to a few dozen threads.
 #define TASKS 16
 
@@ -63,7 +67,7 @@ typedef struct {
 // 4 bits: 64 bytes per two steps: low nibbles the first 4 elements, high nibbles the next 4.
 // Every column's sum runs the same way whatever M is (see the top of the file).
 static inline __attribute__((always_inline)) void panel_rows(const Job *job, int64_t first, int64_t m0,
-                                                             const int BITS, const int M) {
+                                                             const int BITS, const int M, const int AHEAD) {
     const Kernel *kn = job->kernel;
     const int64_t k = kn->k, block = kn->block, nb = kn->nb, n = kn->n;
     const int64_t panel_bytes = k * BITS / 8 * 16;
@@ -88,6 +92,9 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
         if (BITS == 8) {
             for (int64_t j = 0; j < len; j += 4) {
                 __m512i v[4];
+                if (AHEAD) {
+                    _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) _mm_prefetch((const char *)(wp[p] + (start + j) * 16 + PREFETCH), _MM_HINT_T0);
+                }
                 _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) v[p] = _mm512_load_si512(wp[p] + (start + j) * 16);
                 _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
                     const __m512i xb = _mm512_set1_epi32(*(const int32_t *)(x[i] + j));
@@ -97,6 +104,9 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
         } else {
             for (int64_t j = 0; j < len; j += 8) {
                 __m512i lo[4], hi[4];
+                if (AHEAD) {
+                    _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) _mm_prefetch((const char *)(wp[p] + (start + j) * 8 + PREFETCH), _MM_HINT_T0);
+                }
                 _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) {
                     const __m512i packed = _mm512_load_si512(wp[p] + (start + j) * 8);
                     lo[p] = _mm512_and_si512(packed, low);
@@ -136,20 +146,28 @@ static void packed_task(void *data, size_t t) {
     const int64_t quads = job->kernel->n_pad / 64, first = (int64_t)t * job->quads_per_task;
     const int64_t last = first + job->quads_per_task < quads ? first + job->quads_per_task : quads;
     const int eight = job->kernel->bits == 8;
+    // Prefetching ahead pays in a decode step (memory-bound); a prefill's tiles are compute-bound.
+#define TILES(AHEAD)                                                      \
+    switch (rows + 10 * eight) {                                          \
+        case 11: panel_rows(job, NP * q, m0, 8, 1, AHEAD); break;         \
+        case 12: panel_rows(job, NP * q, m0, 8, 2, AHEAD); break;         \
+        case 13: panel_rows(job, NP * q, m0, 8, 3, AHEAD); break;         \
+        case 14: panel_rows(job, NP * q, m0, 8, 4, AHEAD); break;         \
+        case 1: panel_rows(job, NP * q, m0, 4, 1, AHEAD); break;          \
+        case 2: panel_rows(job, NP * q, m0, 4, 2, AHEAD); break;          \
+        case 3: panel_rows(job, NP * q, m0, 4, 3, AHEAD); break;          \
+        default: panel_rows(job, NP * q, m0, 4, 4, AHEAD); break;         \
+    }
     for (int64_t q = first; q < last; q++)
         for (int64_t m0 = 0; m0 < job->m; m0 += SMALL_M) {
             const int rows = job->m - m0 >= SMALL_M ? SMALL_M : (int)(job->m - m0);
-            switch (rows + 10 * eight) {
-                case 11: panel_rows(job, NP * q, m0, 8, 1); break;
-                case 12: panel_rows(job, NP * q, m0, 8, 2); break;
-                case 13: panel_rows(job, NP * q, m0, 8, 3); break;
-                case 14: panel_rows(job, NP * q, m0, 8, 4); break;
-                case 1: panel_rows(job, NP * q, m0, 4, 1); break;
-                case 2: panel_rows(job, NP * q, m0, 4, 2); break;
-                case 3: panel_rows(job, NP * q, m0, 4, 3); break;
-                default: panel_rows(job, NP * q, m0, 4, 4); break;
+            if (job->m <= SMALL_M) {
+                TILES(1)
+            } else {
+                TILES(0)
             }
         }
+#undef TILES
 }
 
 // The packed kernels' activations: per block, scale = max |x| / 127 and x rounded to nearest
