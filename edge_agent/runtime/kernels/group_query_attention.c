@@ -182,40 +182,33 @@ static void scores_dot(const float *q, const float *keys, int64_t h, int64_t lo,
     }
 }
 
-// Scores of up to TILE query rows (q: [rows][h]) against the transposed keys kt ([h][stride]),
-// 16 keys per vector, for key chunks [c0, c1) of 16, two chunks at a time (eight sums in flight
-// for four rows: enough to keep both FMA pipes busy).
+// Scores of up to TILE query rows (q: [rows][h]) against C chunks of 16 transposed keys (col:
+// [h][stride]), 16 keys per vector.
+static inline __attribute__((always_inline)) void scores_chunks(const float *q, int64_t h, const float *col, int64_t stride,
+                                                                float *scores, int64_t sstride, const int R, const int C) {
+    __m512 a[TILE][2];
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) _Pragma("GCC unroll 2") for (int c = 0; c < C; c++) a[r][c] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < h; d++) {
+        __m512 k[2];
+        _Pragma("GCC unroll 2") for (int c = 0; c < C; c++) k[c] = _mm512_loadu_ps(col + d * stride + 16 * c);
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
+            const __m512 x = _mm512_set1_ps(q[r * h + d]);
+            _Pragma("GCC unroll 2") for (int c = 0; c < C; c++) a[r][c] = _mm512_fmadd_ps(x, k[c], a[r][c]);
+        }
+    }
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) _Pragma("GCC unroll 2") for (int c = 0; c < C; c++)
+        _mm512_storeu_ps(scores + r * sstride + 16 * c, a[r][c]);
+}
+
+// Scores of up to TILE query rows against the transposed keys kt ([h][stride]) for key chunks
+// [c0, c1) of 16, two chunks at a time (eight sums in flight for four rows: enough to keep both
+// FMA pipes busy; one chunk at a time was 1.2-1.5x slower for a 512-row prompt).
 static inline __attribute__((always_inline)) void scores_tile(const float *q, int64_t h, const float *kt, int64_t stride,
                                                               int64_t c0, int64_t c1, float *scores, int64_t sstride,
                                                               const int R) {
     int64_t c = c0;
-    for (; c + 1 < c1; c += 2) {
-        __m512 a[TILE], b[TILE];
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) a[r] = b[r] = _mm512_setzero_ps();
-        const float *col = kt + c * 16;
-        for (int64_t d = 0; d < h; d++) {
-            const __m512 k0 = _mm512_loadu_ps(col + d * stride), k1 = _mm512_loadu_ps(col + d * stride + 16);
-            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-                const __m512 x = _mm512_set1_ps(q[r * h + d]);
-                a[r] = _mm512_fmadd_ps(x, k0, a[r]);
-                b[r] = _mm512_fmadd_ps(x, k1, b[r]);
-            }
-        }
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-            _mm512_storeu_ps(scores + r * sstride + c * 16, a[r]);
-            _mm512_storeu_ps(scores + r * sstride + c * 16 + 16, b[r]);
-        }
-    }
-    if (c < c1) {
-        __m512 a[TILE];
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) a[r] = _mm512_setzero_ps();
-        const float *col = kt + c * 16;
-        for (int64_t d = 0; d < h; d++) {
-            const __m512 k = _mm512_loadu_ps(col + d * stride);
-            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * h + d]), k, a[r]);
-        }
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) _mm512_storeu_ps(scores + r * sstride + c * 16, a[r]);
-    }
+    for (; c + 1 < c1; c += 2) scores_chunks(q, h, kt + c * 16, stride, scores + c * 16, sstride, R, 2);
+    if (c < c1) scores_chunks(q, h, kt + c * 16, stride, scores + c * 16, sstride, R, 1);
 }
 
 // out[r] = sum over keys [lo, hi] of p[r][j] x values[j], for up to TILE rows (h a multiple of 16,
@@ -335,7 +328,7 @@ static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *contex
     if (!in[0] || !in[5] || !in[6]) return fail("GroupQueryAttention (autoglm): query, seqlens_k and total_sequence_length are required");
     if (!in[1] != !in[2] || !in[3] != !in[4] || !in[7] != !in[8])
         return fail("GroupQueryAttention (autoglm): key/value, past key/value and cos/sin caches come in pairs");
-    int64_t qd[4], kd[4], pd[4], cd[4], sd[4];
+    int64_t qd[4], kd[4], pd[4], ld[4], cd[4], sd[4];  // query, key/value, past, seqlens_k, cos, sin
     size_t rank;
     CHECK(dims_of(in[0], qd, 4, &rank));
     if (rank != 3) return fail("GroupQueryAttention (autoglm): query must be [batch, sequence, hidden]");
@@ -360,8 +353,8 @@ static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *contex
             else if (pd[2] != past_len) return fail("GroupQueryAttention (autoglm): past key and value differ in length");
         }
     }
-    CHECK(dims_of(in[5], sd, 4, &rank));
-    if (rank != 1 || sd[0] != batch) return fail("GroupQueryAttention (autoglm): seqlens_k must be [batch]");
+    CHECK(dims_of(in[5], ld, 4, &rank));
+    if (rank != 1 || ld[0] != batch) return fail("GroupQueryAttention (autoglm): seqlens_k must be [batch]");
     const int32_t *seqlens, *total_p;
     CHECK(ort->GetTensorMutableData((OrtValue *)in[5], (void **)&seqlens));
     CHECK(ort->GetTensorMutableData((OrtValue *)in[6], (void **)&total_p));
