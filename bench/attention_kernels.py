@@ -6,7 +6,8 @@ This times one node of a model's shape (``--shape``: SmolLM2-135M's 9 heads over
 or Qwen2-0.5B's 14 over 2) with:
 
 - onnxruntime's own kernel (``runtime.kernels: onnxruntime``);
-- where this CPU runs them (AVX-512 VNNI), the edge's own (edge_agent/runtime/kernels), the same
+- where this CPU runs them (AVX-512 VNNI or AVX2; ``AUTOGLM_KERNELS_ISA=avx2`` picks the AVX2
+  routines on an AVX-512 CPU), the edge's own (edge_agent/runtime/kernels), the same
   node in the same graph;
 
 for decode steps of 1 and 4 rows at several cache positions (``--positions``) and a first

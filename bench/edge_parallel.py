@@ -9,7 +9,7 @@ stream generates exactly ``--new-tokens``. Reports aggregate tok/s (all tokens o
 from the first request to the last answer, prefills included) and aggregate decode tok/s (tokens
 after each stream's first, over the time from the last first token to the last answer), and
 checks that every stream's token ids are the same both ways. Kernels as the edge's
-``runtime.kernels: auto`` (ours where the CPU has AVX-512 VNNI); where ours run, both widths are
+``runtime.kernels: auto`` (ours where the CPU has AVX2 or AVX-512 VNNI); where ours run, both widths are
 timed once more on onnxruntime's own kernels.
 
 Usage: python bench/edge_parallel.py [--streams 4] [--new-tokens 64] [--runs 5] [--threads 2]
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from edge_decode import SETTLE_S, build_model
 
-from edge_agent.runtime.kernels import library
+from edge_agent.runtime.kernels import isa, library
 
 QUESTIONS = (
     "What is the capital of France?",
@@ -184,7 +184,7 @@ def main() -> None:
     ]
     n = args.streams
     kernels = library() if args.kernels == "auto" else None
-    print(f"our kernels: {'yes' if kernels else 'no'}")
+    print(f"our kernels: {isa() if kernels else 'no'}")
     configs: dict[str, tuple[int, bool, Path | None]] = {  # label: (parallel, batch_invariant, library)
         "1 at a time": (1, False, kernels),
         f"{n} together": (n, False, kernels),

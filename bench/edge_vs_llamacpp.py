@@ -6,7 +6,7 @@ For each model asked for (``--model``, repeatable; the models of bench/edge_deco
 
 - ours: the graphs ``autoglm model package`` ships (fused decoder; fp32, int8 and int4 weight-only
   MatMulNBits), run as the edge runs them (``runtime.kernels: auto``: the edge's own MatMulNBits
-  kernels where the CPU has AVX-512 VNNI, else onnxruntime's), timed through the edge's serving
+  kernels where the CPU has AVX-512 VNNI or AVX2, else onnxruntime's), timed through the edge's serving
   loop (``TextGenerator.token_ids``, sampling included) and its prefill as the serving loop feeds a
   prompt (``decoder.step`` over pieces of ``PREFILL_CHUNK`` tokens, lm_head on the last position
   only);
@@ -67,7 +67,7 @@ from edge_decode import (
     weight_bytes_per_token,
 )
 
-from edge_agent.runtime.kernels import library
+from edge_agent.runtime.kernels import isa, library
 
 MODELS = ("llama-134m", "smollm2", "qwen2-0.5b")
 PRECISIONS = ("fp32", "int8", "int4")
@@ -385,7 +385,7 @@ def main() -> None:
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; Python {platform.python_version()}, "
         f"onnxruntime {ort.__version__}; llama.cpp {peer.version()}; {args.threads} threads; our kernels: "
-        f"{'yes' if args.kernels == 'auto' and library() else 'no'}",
+        f"{isa() if args.kernels == 'auto' and library() else 'no'}",
         flush=True,
     )
     results = []

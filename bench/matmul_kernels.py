@@ -8,8 +8,9 @@ SmolLM2's MLP up-projection, 576 × 1536) at ``--rows`` rows with every kernel t
 - ``MatMulNBits`` int8 and int4, blocks of 128, symmetric, ``accuracy_level`` 4 (activations
   quantized to int8 per block: what the packager ships) and 0 (float compute: the weights are
   dequantized for every call);
-- where this CPU runs them (AVX-512 VNNI), the edge's own MatMulNBits kernels
-  (edge_agent.runtime.kernels) on the same int8 and int4 graphs;
+- where this CPU runs them (AVX-512 VNNI or AVX2; ``AUTOGLM_KERNELS_ISA=avx2`` picks the AVX2 tile
+  on an AVX-512 CPU), the edge's own MatMulNBits kernels (edge_agent.runtime.kernels) on the same
+  int8 and int4 graphs;
 - ``quantize_dynamic``'s int8 (``DynamicQuantizeLinear`` + ``MatMulInteger``, per-channel weights,
   one activation scale per call: MLAS QGEMM u8s8).
 
@@ -117,13 +118,14 @@ def main() -> None:
         ("int4 MatMulNBits level 0", nbits_model(args.k, args.n, weights, 4, 0)),
         ("int8 dynamic (MatMulInteger)", dynamic_model(args.k, args.n, weights)),
     ]
-    from edge_agent.runtime.kernels import library
+    from edge_agent.runtime.kernels import isa, library
 
     ours = library()  # the edge's MatMulNBits kernels, where this CPU runs them
     timed: list[tuple[str, Any, str | None]] = [(label, model, None) for label, model in kernels]
     if ours:
         timed += [
-            (f"{label.split(' level')[0]}, our kernel", model, str(ours)) for label, model in kernels[1:4:2]
+            (f"{label.split(' level')[0]}, our kernel ({isa()})", model, str(ours))
+            for label, model in kernels[1:4:2]
         ]
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, onnxruntime {ort.__version__}, "

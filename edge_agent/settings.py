@@ -54,7 +54,8 @@ class RuntimeSettings(RuntimeTuning):
     # None: CUDA when this onnxruntime build and device have it, then CPU.
     providers: list[str] | None = None
     # CPU kernels for the quantized matmuls and attention: "auto" registers the edge's own (built at install,
-    # used on CPUs with AVX-512 VNNI; elsewhere, or if a graph is refused, onnxruntime's run);
+    # used on x86-64 CPUs with AVX-512 VNNI or AVX2; elsewhere, or if a graph is refused,
+    # onnxruntime's run);
     # "onnxruntime" always runs onnxruntime's own.
     kernels: Literal["auto", "onnxruntime"] = "auto"
 

@@ -1,6 +1,8 @@
 """The edge's own kernels (edge_agent/runtime/kernels: MatMulNBits, GroupQueryAttention): built by
-the install, used on CPUs with AVX-512 VNNI and refused elsewhere, equal to onnxruntime's ops
-within float rounding, and each row's result independent of the rows beside it."""
+the install, used where the CPU runs them (AVX2 or AVX-512 VNNI), equal to onnxruntime's ops within
+float rounding, and each row's result independent of the rows beside it. On a CPU with AVX-512 both
+ops are also tested as an AVX2-only CPU runs them (AUTOGLM_KERNELS_ISA=avx2), and MatMulNBits' two
+tiles' outputs are compared bit for bit."""
 
 from __future__ import annotations
 
@@ -22,13 +24,34 @@ from tests.test_export import _tiny
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 64, 128, 31]
 
 
-def _cpu_runs_kernels() -> bool:
-    flags: set[str] = set()
+def _flags() -> set[str]:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    return {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _cpu_runs_kernels() -> bool:
+    """AVX2 with FMA at least."""
+    return {"avx2", "fma"} <= _flags()
+
+
+def _cpu_has_avx512() -> bool:
+    return _cpu_runs_kernels() and {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= _flags()
+
+
+# The instruction sets the kernels are tested on here: what the CPU has, and AVX2 where it has more.
+ISAS = ["native", "avx2"] if _cpu_has_avx512() else ["native"]
+
+
+@pytest.fixture
+def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Caps the library's instruction set for the sessions the test makes (read at registration)."""
+    if request.param == "avx2":
+        monkeypatch.setenv("AUTOGLM_KERNELS_ISA", "avx2")
+    else:
+        monkeypatch.delenv("AUTOGLM_KERNELS_ISA", raising=False)
+    return str(request.param)
 
 
 def _matmul(tmp: Path, k: int, n: int, block: int, bits: int, bias: bool) -> bytes:
@@ -72,6 +95,7 @@ def test_the_install_builds_the_library_and_offers_it_where_the_cpu_runs_it() ->
     assert (library() is not None) == _cpu_runs_kernels()
 
 
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize(
     ("k", "n", "block", "bias"),
@@ -82,13 +106,12 @@ def test_the_install_builds_the_library_and_offers_it_where_the_cpu_runs_it() ->
     ],
 )
 def test_kernels_equal_onnxruntime_and_rows_do_not_depend_on_their_company(
-    bits: int, k: int, n: int, block: int, bias: bool, tmp_path: Path
+    bits: int, k: int, n: int, block: int, bias: bool, isa: str, tmp_path: Path
 ) -> None:
     model = _matmul(tmp_path, k, n, block, bits, bias)
-    if library() is None:  # this CPU has no AVX-512 VNNI: the library refuses, nothing else changes
+    if library() is None:  # this CPU has no AVX2: nothing is registered, onnxruntime's kernels run
         assert built() is not None
-        with pytest.raises(Exception, match="AVX-512 VNNI"):
-            _session(model, built())
+        _session(model, built()).run(None, {"x": np.ones((1, k), np.float32)})
         return
     ours, theirs = _session(model, library()), _session(model, None)
     rng = np.random.default_rng(7)
@@ -100,6 +123,22 @@ def test_kernels_equal_onnxruntime_and_rows_do_not_depend_on_their_company(
         for i in range(m):
             alone = ours.run(None, {"x": x[i : i + 1]})[0][0]
             assert np.array_equal(alone, mine[i]), f"row {i} of {m} differs from the same row alone"
+
+
+@pytest.mark.skipif(not _cpu_has_avx512(), reason="needs a CPU with both tiles (AVX-512 VNNI)")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_avx2_tile_computes_what_the_avx512_tile_does(
+    bits: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same int8 activations, exact int32 block sums and the same float steps: an AVX2-only
+    machine's answers are those of an AVX-512 one, bit for bit."""
+    model = _matmul(tmp_path, 576, 200, 128, bits, True)
+    wide = _session(model, library())
+    monkeypatch.setenv("AUTOGLM_KERNELS_ISA", "avx2")
+    narrow = _session(model, library())
+    x = np.random.default_rng(11).standard_normal((37, 576)).astype(np.float32) * 3
+    for m in (1, 2, 4, 37):
+        assert np.array_equal(wide.run(None, {"x": x[:m]})[0], narrow.run(None, {"x": x[:m]})[0])
 
 
 def _resident_kib(path: Path) -> int:
@@ -114,7 +153,7 @@ def _resident_kib(path: Path) -> int:
     return total
 
 
-@pytest.mark.skipif(not _cpu_runs_kernels(), reason="the library refuses this CPU (see the test above)")
+@pytest.mark.skipif(not _cpu_runs_kernels(), reason="no AVX2: the library registers nothing (see above)")
 def test_weights_mapped_from_external_data_are_resident_once(tmp_path: Path) -> None:
     """onnxruntime maps a graph's external-data file; the kernels copy the weights into their
     packed layout and hand the mapped pages back, so the weights are not resident twice."""
@@ -145,7 +184,10 @@ def test_a_graph_with_zero_points_is_refused(tmp_path: Path) -> None:
     model.graph.initializer.append(numpy_helper.from_array(np.full(32 * 2, 128, np.uint8), "zp"))
     node.input.append("zp")
     assert built() is not None
-    with pytest.raises(Exception, match="zero points" if library() else "AVX-512 VNNI"):
+    if library() is None:  # no AVX2: nothing registered, nothing to refuse
+        _session(model.SerializeToString(), built())
+        return
+    with pytest.raises(Exception, match="zero points"):
         _session(model.SerializeToString(), built())
 
 
@@ -198,7 +240,8 @@ def _qkv(rng: np.random.Generator, rows: int, seq: int, widths: list[int]) -> li
     return [rng.standard_normal((rows, seq, w)).astype(np.float32) for w in widths]
 
 
-@pytest.mark.skipif(not _cpu_runs_kernels(), reason="the library refuses this CPU (see the first test)")
+@pytest.mark.skipif(not _cpu_runs_kernels(), reason="no AVX2: the library registers nothing")
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head", "packed", "rot", "interleaved", "window"),
     [
@@ -210,7 +253,7 @@ def _qkv(rng: np.random.Generator, rows: int, seq: int, widths: list[int]) -> li
     ],
 )
 def test_attention_equals_onnxruntime_and_rows_do_not_depend_on_their_company(
-    heads: int, kv_heads: int, head: int, packed: bool, rot: int, interleaved: bool, window: int
+    heads: int, kv_heads: int, head: int, packed: bool, rot: int, interleaved: bool, window: int, isa: str
 ) -> None:
     cache = 96
     model = attention_graph(heads, kv_heads, head, packed, rot, interleaved, window, cache)
@@ -250,8 +293,9 @@ def test_attention_equals_onnxruntime_and_rows_do_not_depend_on_their_company(
         assert np.array_equal(alone[0], together[r]), f"row {r} differs alone"
 
 
-@pytest.mark.skipif(not _cpu_runs_kernels(), reason="the library refuses this CPU (see the first test)")
-def test_attention_without_a_shared_buffer_copies_the_past() -> None:
+@pytest.mark.skipif(not _cpu_runs_kernels(), reason="no AVX2: the library registers nothing")
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_attention_without_a_shared_buffer_copies_the_past(isa: str) -> None:
     """Past and present as separate tensors (no IO binding): the present holds the past, then the
     new positions, then zeros, as onnxruntime's kernel leaves it."""
     model = attention_graph(9, 3, 64, True, 32, False, -1, 64)
@@ -276,5 +320,8 @@ def test_attention_with_softcap_is_refused() -> None:
 
     model = onnx.load_from_string(attention_graph(4, 2, 64, True, 32, False, -1, 32))
     model.graph.node[0].attribute.append(helper.make_attribute("softcap", 30.0))
-    with pytest.raises(Exception, match="softcap" if library() else "AVX-512 VNNI"):
+    if library() is None:  # no AVX2: nothing registered, onnxruntime's kernel takes softcap
+        _session(model.SerializeToString(), built())
+        return
+    with pytest.raises(Exception, match="softcap"):
         _session(model.SerializeToString(), built())

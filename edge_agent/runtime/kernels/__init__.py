@@ -2,10 +2,13 @@
 when the package is installed (pyproject.toml, ``tool.setuptools.ext-modules``; optional).
 
 It replaces onnxruntime's MatMulNBits (the quantized weight matmuls of int8 and int4 graphs) and
-GroupQueryAttention (the fused graphs' attention) on CPUs with AVX-512 VNNI;
+GroupQueryAttention (the fused graphs' attention) on x86-64 CPUs with AVX-512 VNNI or AVX2 (each op
+has routines for either);
 :class:`~edge_agent.runtime.session.OnnxCausalLM` registers it and loads the graph on onnxruntime's
 own kernels wherever the session refuses it (a graph it does not take).
-The runtime setting ``kernels: onnxruntime`` leaves it out.
+The runtime setting ``kernels: onnxruntime`` leaves it out. The environment variable
+``AUTOGLM_KERNELS_ISA=avx2`` makes a CPU with AVX-512 run what an AVX2-only one runs (tests and
+benchmarks compare the two).
 """
 
 from __future__ import annotations
@@ -39,3 +42,16 @@ def library() -> Path | None:
         log.warning("kernel library %s cannot be used: %s", path, exc)
         return None
     return path if usable else None
+
+
+def isa() -> str | None:
+    """The instruction set the library uses on this CPU now ("avx512-vnni" or "avx2"), or None
+    where it does not run (for benchmark tables and logs)."""
+    path = library()
+    if path is None:
+        return None
+    try:
+        level = int(ctypes.CDLL(str(path)).AutoglmKernelsIsa())
+    except AttributeError:
+        return None
+    return {3: "avx512-vnni", 2: "avx2"}.get(level)

@@ -1,5 +1,7 @@
-// GroupQueryAttention for CPUs with AVX-512 (library.c registers it): the attention of the fused
-// graphs the packager ships, over the KV buffers the edge binds as both past and present.
+// GroupQueryAttention for CPUs with AVX-512 or AVX2 (library.c registers it): the attention of the
+// fused graphs the packager ships, over the KV buffers the edge binds as both past and present.
+// This file is the op (checks, KV writes, tasks); the vector routines are per instruction set
+// (attention_avx512.c, attention_avx2.c).
 //
 // Why: onnxruntime's CPU kernel allocates and fills a [batch, heads, query, capacity] score buffer
 // and runs a GEMM per head even for one query row; in a SmolLM2 decode step it was ~14 % of the
@@ -10,7 +12,7 @@
 //
 // How: a task per (sequence, query head, block of query rows). A lone query row (decode) takes
 // dot products with its keys; a block of rows (prefill) multiplies against a transposed copy of
-// the keys, 16 keys per vector, no horizontal sums, only up to the last row's position. Softmax
+// the keys, 16 keys per vector (two of AVX2's), no horizontal sums, only up to the last row's position. Softmax
 // runs over each row's own keys only (causal, and the local window if any). New keys are rotated
 // and written into the present buffer first (in place when past and present are one buffer, as
 // the edge binds them). Rows of different sequences never share a task, so a sequence's output
@@ -30,18 +32,21 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "group_query_attention.h"
+
 #define ROWS 32  // query rows per task in a prefill
-#define TILE 4   // query rows per register tile
 
 typedef struct {
     int64_t heads, kv_heads;
     int64_t window;  // local_window_size (first_key); <= 0: every earlier key
     int64_t rotary, interleaved;
     float scale;  // 0: 1 / sqrt(head size)
+    const AttentionKernels *vec;  // the vector routines of this CPU's instruction set
 } Gqa;
 
 typedef struct {
     const Gqa *op;
+    const AttentionKernels *vec;
     int64_t batch, seq, head, rot_half;   // rot_half: columns of the cos/sin caches
     int64_t q_stride, k_stride, v_stride;  // floats between consecutive (b, s) rows of each input
     const float *q, *k, *v;                // head 0 of row (0, 0) of each input
@@ -56,9 +61,6 @@ typedef struct {
     float scale;
     int failed;  // a task could not allocate its scratch: the call fails
 } Call;
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,fma")
 
 // Rotary embedding of one head vector at position pos (onnxruntime's RotaryEmbedding: the first
 // 2 x rot_half columns rotate, pairwise if interleaved, else the first half against the second).
@@ -113,136 +115,9 @@ static void write_kv(void *data, size_t task) {
     }
 }
 
-// exp(x) for x <= 0 (softmax after subtracting the maximum): 2^n x a degree-6 polynomial on
-// |r| <= ln 2 / 2, relative error ~2e-7; below -87 it flushes to 0 as expf would.
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
-static inline __mmask16 head_mask(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
-
-// Softmax of scores[lo, hi] in place; every other score of [0, end) set to 0 (end: the keys the
-// tile's value loop reads).
-static void softmax(float *scores, int64_t lo, int64_t hi, int64_t end) {
-    __m512 vmax = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = lo; j <= hi; j += 16)
-        vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(vmax, head_mask(hi + 1 - j), scores + j));
-    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
-    __m512 vsum = _mm512_setzero_ps();
-    for (int64_t j = lo; j <= hi; j += 16) {
-        const __mmask16 mask = head_mask(hi + 1 - j);
-        const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores + j), m));
-        vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(mask, e));
-        _mm512_mask_storeu_ps(scores + j, mask, e);
-    }
-    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
-    for (int64_t j = lo; j <= hi; j += 16) {
-        const __mmask16 mask = head_mask(hi + 1 - j);
-        _mm512_mask_storeu_ps(scores + j, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, scores + j), inv));
-    }
-    if (lo > 0) memset(scores, 0, sizeof(float) * (size_t)lo);
-    if (end > hi + 1) memset(scores + hi + 1, 0, sizeof(float) * (size_t)(end - hi - 1));
-}
-
 // The first key a query at position p attends to: keys p - window < k <= p, as transformers and
 // onnxruntime from 1.24 on (the package requires it) read local_window_size.
 static inline int64_t first_key(const Gqa *op, int64_t p) { return op->window > 0 && p >= op->window ? p - op->window + 1 : 0; }
-
-// Scores of one query row against its keys, one dot product per key (a decode step: too few
-// rows to pay for transposing the keys).
-static void scores_dot(const float *q, const float *keys, int64_t h, int64_t lo, int64_t hi, float *scores) {
-    int64_t j = lo;
-    for (; j + 1 <= hi; j += 2) {
-        const float *k0 = keys + j * h, *k1 = k0 + h;
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        for (int64_t d = 0; d < h; d += 16) {
-            const __m512 x = _mm512_loadu_ps(q + d);
-            a0 = _mm512_fmadd_ps(x, _mm512_loadu_ps(k0 + d), a0);
-            a1 = _mm512_fmadd_ps(x, _mm512_loadu_ps(k1 + d), a1);
-        }
-        scores[j] = _mm512_reduce_add_ps(a0);
-        scores[j + 1] = _mm512_reduce_add_ps(a1);
-    }
-    for (; j <= hi; j++) {
-        __m512 a = _mm512_setzero_ps();
-        for (int64_t d = 0; d < h; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(keys + j * h + d), a);
-        scores[j] = _mm512_reduce_add_ps(a);
-    }
-}
-
-// Scores of up to TILE query rows (q: [rows][h]) against C chunks of 16 transposed keys (col:
-// [h][stride]), 16 keys per vector.
-static inline __attribute__((always_inline)) void scores_chunks(const float *q, int64_t h, const float *col, int64_t stride,
-                                                                float *scores, int64_t sstride, const int R, const int C) {
-    __m512 a[TILE][2];
-    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) _Pragma("GCC unroll 2") for (int c = 0; c < C; c++) a[r][c] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < h; d++) {
-        __m512 k[2];
-        _Pragma("GCC unroll 2") for (int c = 0; c < C; c++) k[c] = _mm512_loadu_ps(col + d * stride + 16 * c);
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-            const __m512 x = _mm512_set1_ps(q[r * h + d]);
-            _Pragma("GCC unroll 2") for (int c = 0; c < C; c++) a[r][c] = _mm512_fmadd_ps(x, k[c], a[r][c]);
-        }
-    }
-    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) _Pragma("GCC unroll 2") for (int c = 0; c < C; c++)
-        _mm512_storeu_ps(scores + r * sstride + 16 * c, a[r][c]);
-}
-
-// Scores of up to TILE query rows against the transposed keys kt ([h][stride]) for key chunks
-// [c0, c1) of 16, two chunks at a time (eight sums in flight for four rows: enough to keep both
-// FMA pipes busy; one chunk at a time was 1.2-1.5x slower for a 512-row prompt).
-static inline __attribute__((always_inline)) void scores_tile(const float *q, int64_t h, const float *kt, int64_t stride,
-                                                              int64_t c0, int64_t c1, float *scores, int64_t sstride,
-                                                              const int R) {
-    int64_t c = c0;
-    for (; c + 1 < c1; c += 2) scores_chunks(q, h, kt + c * 16, stride, scores + c * 16, sstride, R, 2);
-    if (c < c1) scores_chunks(q, h, kt + c * 16, stride, scores + c * 16, sstride, R, 1);
-}
-
-// out[r] = sum over keys [lo, hi] of p[r][j] x values[j], for up to TILE rows (h a multiple of 16,
-// at most 256 columns per pass).
-static inline __attribute__((always_inline)) void values_tile(const float *p, int64_t pstride, const float *values,
-                                                              int64_t h, int64_t lo, int64_t hi, float *out,
-                                                              int64_t ostride, const int R) {
-    for (int64_t d0 = 0; d0 < h; d0 += 64) {
-        const int64_t width = h - d0 < 64 ? h - d0 : 64;
-        __m512 a[TILE][4];
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) a[r][v] = _mm512_setzero_ps();
-        if (width == 64) {
-            for (int64_t j = lo; j <= hi; j++) {
-                const float *vj = values + j * h + d0;
-                __m512 x[4];
-                _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) x[v] = _mm512_loadu_ps(vj + 16 * v);
-                _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-                    const __m512 w = _mm512_set1_ps(p[r * pstride + j]);
-                    _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) a[r][v] = _mm512_fmadd_ps(w, x[v], a[r][v]);
-                }
-            }
-        } else {
-            for (int64_t j = lo; j <= hi; j++) {
-                const float *vj = values + j * h + d0;
-                for (int v = 0; v < width / 16; v++) {
-                    const __m512 x = _mm512_loadu_ps(vj + 16 * v);
-                    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) a[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(p[r * pstride + j]), x, a[r][v]);
-                }
-            }
-        }
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) for (int v = 0; v < width / 16; v++)
-            _mm512_storeu_ps(out + r * ostride + d0 + 16 * v, a[r][v]);
-    }
-}
 
 // Phase 2, a task per (sequence, query head, block of ROWS query rows).
 static void attend(void *data, size_t task) {
@@ -268,7 +143,7 @@ static void attend(void *data, size_t task) {
     if (!c->keys_t) {
         for (int64_t r = 0; r < rows; r++) {
             const int64_t p = past + s0 + r, lo = first_key(op, p);
-            scores_dot(q + r * h, keys, h, lo, p, scores + r * span);
+            c->vec->scores_dot(q + r * h, keys, h, lo, p, scores + r * span);
         }
     } else {
         const float *kt = c->keys_t + (b * op->kv_heads + g) * h * c->keys_len;
@@ -276,12 +151,7 @@ static void attend(void *data, size_t task) {
             const int R = rows - r0 < TILE ? (int)(rows - r0) : TILE;
             const int64_t c0 = first_key(op, past + s0 + r0) / 16, c1 = (past + s0 + r0 + R - 1) / 16 + 1;
             float *out = scores + r0 * span;
-            switch (R) {
-                case 1: scores_tile(q + r0 * h, h, kt, c->keys_len, c0, c1, out, span, 1); break;
-                case 2: scores_tile(q + r0 * h, h, kt, c->keys_len, c0, c1, out, span, 2); break;
-                case 3: scores_tile(q + r0 * h, h, kt, c->keys_len, c0, c1, out, span, 3); break;
-                default: scores_tile(q + r0 * h, h, kt, c->keys_len, c0, c1, out, span, 4); break;
-            }
+            c->vec->scores_tile(q + r0 * h, h, kt, c->keys_len, c0, c1, out, span, R);
         }
     }
     float *out = c->out + (b * c->seq + s0) * op->heads * h + n * h;
@@ -291,20 +161,13 @@ static void attend(void *data, size_t task) {
         const int64_t lo = first_key(op, past + s0 + r0), hi = past + s0 + r0 + R - 1;
         for (int r = 0; r < R; r++) {
             const int64_t p = past + s0 + r0 + r;
-            softmax(scores + (r0 + r) * span, first_key(op, p), p, hi + 1);
+            c->vec->softmax(scores + (r0 + r) * span, first_key(op, p), p, hi + 1);
         }
         const float *pr = scores + r0 * span;
-        switch (R) {
-            case 1: values_tile(pr, span, values, h, lo, hi, out + r0 * ostride, ostride, 1); break;
-            case 2: values_tile(pr, span, values, h, lo, hi, out + r0 * ostride, ostride, 2); break;
-            case 3: values_tile(pr, span, values, h, lo, hi, out + r0 * ostride, ostride, 3); break;
-            default: values_tile(pr, span, values, h, lo, hi, out + r0 * ostride, ostride, 4); break;
-        }
+        c->vec->values_tile(pr, span, values, h, lo, hi, out + r0 * ostride, ostride, R);
     }
     free(q);
 }
-
-#pragma GCC pop_options
 
 // The dimensions of an input or output value.
 static OrtStatus *dims_of(const OrtValue *value, int64_t *dims, size_t max, size_t *rank) {
@@ -375,7 +238,7 @@ static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *contex
         }
         if (past[b] + seq > most) most = past[b] + seq;
     }
-    Call c = {.op = op, .batch = batch, .seq = seq, .head = h, .past = past, .past_len = past_len, .present_len = present_len};
+    Call c = {.op = op, .vec = op->vec, .batch = batch, .seq = seq, .head = h, .past = past, .past_len = past_len, .present_len = present_len};
     c.scale = op->scale != 0.0f ? op->scale : 1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss((float)h)));
     OrtStatus *status = NULL;
     if (op->rotary) {
@@ -493,8 +356,9 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *custom, const OrtApi *a
     const int64_t columns = name[0] ? op.heads : op.heads + 2 * op.kv_heads;
     if (rank == 3 && dims[2] > 0 && (dims[2] % columns || dims[2] / columns % 16))
         return fail("GroupQueryAttention (autoglm): head size must be a multiple of 16");
-    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512dq"))
-        return fail("GroupQueryAttention (autoglm): this CPU has no AVX-512");
+    const int isa = kernels_isa();
+    if (isa == ISA_NONE) return fail("GroupQueryAttention (autoglm): this CPU has neither AVX-512 nor AVX2");
+    op.vec = isa == ISA_AVX512 ? &attention_avx512 : &attention_avx2;
     Gqa *kernel = malloc(sizeof op);
     if (!kernel) return fail("GroupQueryAttention (autoglm): out of memory");
     *kernel = op;

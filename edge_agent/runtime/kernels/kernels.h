@@ -4,6 +4,8 @@
 #define AUTOGLM_KERNELS_H
 
 #include <limits.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "onnxruntime_c_api.h"
 
@@ -19,10 +21,22 @@ static inline OrtStatus *fail(const char *what) { return ort->CreateStatus(ORT_F
         if (status_) return status_; \
     } while (0)
 
-// AVX-512 VNNI and the AVX-512 subsets the kernels use.
-static inline int kernels_usable(void) {
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+// The instruction sets the kernels are written for, best last: AVX-512 with VNNI, and AVX2 with FMA
+// (AMD Zen 2 and 3, Intel before Ice Lake), each op with its own routines for either.
+enum { ISA_NONE = 0, ISA_AVX2 = 2, ISA_AVX512 = 3 };
+
+// This CPU's best, capped by the environment variable AUTOGLM_KERNELS_ISA=avx2 (a machine with
+// AVX-512 then runs and tests what an AVX2-only one would; read at every session's registration).
+static inline int kernels_isa(void) {
+    int isa = ISA_NONE;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isa = ISA_AVX2;
+    if (isa && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vnni"))
+        isa = ISA_AVX512;
+    const char *cap = getenv("AUTOGLM_KERNELS_ISA");
+    if (cap && strcmp(cap, "avx2") == 0 && isa > ISA_AVX2) isa = ISA_AVX2;
+    return isa;
 }
 
 void matmul_nbits_op(OrtCustomOp *op);           // matmul_nbits.c: com.microsoft MatMulNBits

@@ -2,7 +2,9 @@
 // names in the com.microsoft domain (so a packaged graph runs unchanged with it), the ops that
 // dominate a decode step on the CPU:
 //   matmul_nbits.c           MatMulNBits: the quantized weight matmuls of int8 and int4 graphs
-//   group_query_attention.c  GroupQueryAttention: attention over the shared KV buffers
+//                            (its AVX2 tile in matmul_nbits_avx2.c)
+//   group_query_attention.c  GroupQueryAttention: attention over the shared KV buffers (vector
+//                            routines in attention_avx512.c and attention_avx2.c)
 // edge_agent.runtime.kernels finds the built library; OnnxCausalLM registers it and runs the graph
 // on onnxruntime's own kernels wherever the session refuses it (an op refuses what it does not
 // take, and the refusal fails the session).
@@ -19,35 +21,44 @@
 const OrtApi *ort;
 
 // -DAUTOGLM_NO_ATTENTION builds a library with MatMulNBits alone (bench/engine_steps.py compares).
-#ifdef AUTOGLM_NO_ATTENTION
-static OrtCustomOp ops[1];
-#else
-static OrtCustomOp ops[2];
+static OrtCustomOp matmul_nbits;
+#ifndef AUTOGLM_NO_ATTENTION
+static OrtCustomOp attention;
 #endif
-static OrtCustomOpDomain *domain;
+// One domain per instruction set (kernels_isa may be capped between sessions); each lives as long
+// as the process, as onnxruntime requires of a domain its sessions use.
+static OrtCustomOpDomain *domains[ISA_AVX512 + 1];
 
 // Whether this CPU runs the kernels (asked through ctypes before a session is made with them).
-__attribute__((visibility("default"))) int AutoglmKernelsUsable(void) { return kernels_usable(); }
+__attribute__((visibility("default"))) int AutoglmKernelsUsable(void) { return kernels_isa() != ISA_NONE; }
 
-// The entry point onnxruntime calls when a session registers this library.
+// The instruction set the kernels would use here: 0 none, 2 AVX2, 3 AVX-512 VNNI.
+__attribute__((visibility("default"))) int AutoglmKernelsIsa(void) { return kernels_isa(); }
+
+// The entry point onnxruntime calls when a session registers this library: both ops on CPUs with
+// AVX2 or AVX-512, nothing on others (onnxruntime's own kernels then run).
 __attribute__((visibility("default"))) OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options,
                                                                                 const OrtApiBase *base) {
     if (!ort) ort = base->GetApi(ORT_API_VERSION);
     if (!ort) return NULL;  // an onnxruntime older than our header: nothing registered, built-in kernels run
-    if (!domain) {
-        matmul_nbits_op(&ops[0]);
+    const int isa = kernels_isa();
+    if (isa == ISA_NONE) return NULL;
+    if (!domains[isa]) {
+        matmul_nbits_op(&matmul_nbits);
+        CHECK(ort->CreateCustomOpDomain("com.microsoft", &domains[isa]));
+        CHECK(ort->CustomOpDomain_Add(domains[isa], &matmul_nbits));
 #ifndef AUTOGLM_NO_ATTENTION
-        group_query_attention_op(&ops[1]);
+        group_query_attention_op(&attention);
+        CHECK(ort->CustomOpDomain_Add(domains[isa], &attention));
 #endif
-        CHECK(ort->CreateCustomOpDomain("com.microsoft", &domain));
-        for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++) CHECK(ort->CustomOpDomain_Add(domain, &ops[i]));
     }
-    return ort->AddCustomOpDomain(options, domain);
+    return ort->AddCustomOpDomain(options, domains[isa]);
 }
 
 #else  // not x86-64: a library that registers nothing, so onnxruntime's own kernels run
 
 __attribute__((visibility("default"))) int AutoglmKernelsUsable(void) { return 0; }
+__attribute__((visibility("default"))) int AutoglmKernelsIsa(void) { return 0; }
 
 __attribute__((visibility("default"))) OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options,
                                                                                 const OrtApiBase *base) {

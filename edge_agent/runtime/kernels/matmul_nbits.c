@@ -1,5 +1,7 @@
-// MatMulNBits for CPUs with AVX-512 VNNI (library.c registers it): the quantized weight matmuls
-// of the int8 and int4 graphs the packager ships (67 % of a decode step, more of a prefill).
+// MatMulNBits (library.c registers it): the quantized weight matmuls of the int8 and int4 graphs
+// the packager ships (67 % of a decode step, more of a prefill). This file packs the weights, runs
+// the op and holds the AVX-512 VNNI tile; CPUs with AVX2 alone run matmul_nbits_avx2.c's tile on
+// the same panels.
 //
 // Why: onnxruntime's kernel (MLAS, accuracy level 4) quantizes a prefill's activations on one
 // thread, and computes a lone row with other instructions than rows in pairs (so an answer
@@ -16,8 +18,8 @@
 //
 // Takes what our packager emits: symmetric weights (no zero_points: zero point 2^(bits-1)), 8 or
 // 4 bits, any block size that is a multiple of 8 (K need not be whole blocks), an optional constant
-// bias. Refuses the rest (zero points, g_idx, non-constant weights, a CPU without AVX-512 VNNI,
-// not x86-64), and a refusal fails the session, which the caller answers by loading the graph
+// bias. Refuses the rest (zero points, g_idx, non-constant weights, a CPU with neither AVX-512
+// VNNI nor AVX2, not x86-64), and a refusal fails the session, which the caller answers by loading the graph
 // without the library. The packed copy replaces the weights onnxruntime mapped from the graph's
 // data file (drop_source): resident once, as with onnxruntime's own prepacking kernels.
 #include <stdint.h>
@@ -27,37 +29,14 @@
 #include <unistd.h>
 
 #include "kernels.h"
+#include "matmul_nbits.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
 
-#define SMALL_M 4  // rows per register tile; a call of at most this many quantizes inline
-#define NP 4       // panels (16 columns each) per register tile: four weight streams in flight
-// Bytes ahead of each weight stream prefetched in a decode-sized call: a step runs ~150 small
-// matrices, each task starts four new streams, and the hardware prefetcher alone ramps up too
-// late (Zen 5 VM: 1-row steps 5-6 % and 4-row steps 9-15 % faster; bench/RESULTS.md).
-#define PREFETCH 2048
+#define NP 4  // panels (16 columns each) per register tile: four weight streams in flight
 // Tasks per matrix: enough for the intra-op pool to balance two to a few dozen threads.
 #define TASKS 16
-
-typedef struct {
-    int64_t k, n, bits, block;
-    int64_t nb;          // blocks per column, the last one possibly short (K not a multiple of block)
-    int64_t n_pad;       // n rounded up to 64 (four panels per task step)
-    uint8_t *packed;     // [n_pad / 16][k * bits / 32][64]
-    float *pscales;      // [n_pad / 16][nb][16]
-    float *bias;         // [n] or NULL
-} Kernel;
-
-typedef struct {
-    const Kernel *kernel;
-    const int8_t *xq;     // [m][k]
-    const float *xs;      // [m][nb]
-    const int32_t *corr;  // [m][nb]: -zero point x the block's sum of xq
-    float *y;             // [m][n]
-    int64_t m;
-    int64_t quads_per_task;  // groups of four panels (64 columns)
-} Job;
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,fma")
@@ -199,14 +178,6 @@ static void quantize_row(const Kernel *kn, const float *x, int8_t *q, float *xs,
     }
 }
 
-typedef struct {
-    const Kernel *kernel;
-    const float *a;
-    int8_t *xq;
-    float *xs;
-    int32_t *corr;
-} Quantize;
-
 static void quantize_task(void *data, size_t i) {
     const Quantize *job = data;
     const int64_t k = job->kernel->k, nb = job->kernel->nb;
@@ -229,16 +200,19 @@ static OrtStatus *compute_packed(const Kernel *kn, OrtKernelContext *context, co
         return fail("MatMulNBits: out of memory");
     }
     Quantize rows = {kn, a, xq, xs, corr};
+    const int wide = kn->isa == ISA_AVX512;
+    void (*quantize)(void *, size_t) = wide ? quantize_task : quantize_task_avx2;
+    void (*tiles)(void *, size_t) = wide ? packed_task : packed_task_avx2;
     OrtStatus *status = NULL;
     if (m <= SMALL_M) {  // a decode step: not worth a hand-off
-        for (int64_t i = 0; i < m; i++) quantize_task(&rows, (size_t)i);
+        for (int64_t i = 0; i < m; i++) quantize(&rows, (size_t)i);
     } else {
-        status = ort->KernelContext_ParallelFor(context, quantize_task, (size_t)m, 0, &rows);
+        status = ort->KernelContext_ParallelFor(context, quantize, (size_t)m, 0, &rows);
     }
     const int64_t quads = kn->n_pad / 64, per_task = (quads + TASKS - 1) / TASKS;
     Job job = {kn, xq, xs, corr, y, m, per_task};
     if (!status)
-        status = ort->KernelContext_ParallelFor(context, packed_task, (size_t)((quads + per_task - 1) / per_task), 0, &job);
+        status = ort->KernelContext_ParallelFor(context, tiles, (size_t)((quads + per_task - 1) / per_task), 0, &job);
     free(xq), free(xs), free(corr);
     return status;
 }
@@ -344,6 +318,10 @@ static OrtStatus *pack(const OrtKernelInfo *info, Kernel *kn) {
             kn->pscales[(c / 16 * kn->nb + b) * 16 + c % 16] = scales[c * kn->nb + b];
         }
     }
+    // The AVX2 tile multiplies 8-bit weights as signed bytes (vpsignb/vpmaddubsw: an unsigned
+    // w + 128 times an int8 activation can saturate the pair sums).
+    if (kn->isa == ISA_AVX2 && bits == 8)
+        for (size_t i = 0; i < (size_t)(kn->n_pad / 16 * panel_bytes); i++) kn->packed[i] ^= 0x80;
     if (values[5]) {
         const float *bias;
         CHECK(ort->GetTensorMutableData((OrtValue *)values[5], (void **)&bias));
@@ -369,7 +347,8 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, 
     // 8192 could overflow it.
     if (kn.k < 1 || kn.n < 1 || kn.block < 16 || kn.block > 8192)
         return fail("MatMulNBits (autoglm): K, N or block_size out of range");
-    if (!kernels_usable()) return fail("MatMulNBits (autoglm): this CPU has no AVX-512 VNNI");
+    kn.isa = kernels_isa();
+    if (kn.isa == ISA_NONE) return fail("MatMulNBits (autoglm): this CPU has neither AVX-512 VNNI nor AVX2");
     OrtStatus *status = pack(info, &kn);
     Kernel *kernel = status ? NULL : malloc(sizeof kn);
     if (!kernel) {

@@ -1,0 +1,29 @@
+// GroupQueryAttention's vector routines, one set per instruction set (attention_avx512.c,
+// attention_avx2.c); group_query_attention.c (the op: its checks, the KV writes, the tasks)
+// calls the set kernels_isa chose when the session was made.
+#ifndef AUTOGLM_GROUP_QUERY_ATTENTION_H
+#define AUTOGLM_GROUP_QUERY_ATTENTION_H
+
+#include <stdint.h>
+
+#define TILE 4  // query rows per register tile
+
+typedef struct {
+    // Scores of one query row against keys [lo, hi] ([key][h] rows), one dot product per key (a
+    // decode step: too few rows to pay for transposing the keys).
+    void (*scores_dot)(const float *q, const float *keys, int64_t h, int64_t lo, int64_t hi, float *scores);
+    // Scores of `rows` (1..TILE) query rows (q: [rows][h]) against the transposed keys kt
+    // ([h][stride]) for key chunks [c0, c1) of 16; row r's scores at scores + r * sstride.
+    void (*scores_tile)(const float *q, int64_t h, const float *kt, int64_t stride, int64_t c0, int64_t c1,
+                        float *scores, int64_t sstride, int rows);
+    // Softmax of scores[lo, hi] in place; every other score of [0, end) set to 0 (end: the keys
+    // the tile's value loop reads).
+    void (*softmax)(float *scores, int64_t lo, int64_t hi, int64_t end);
+    // out[r] = sum over keys [lo, hi] of p[r][j] x values[j] ([key][h] rows), for `rows` rows.
+    void (*values_tile)(const float *p, int64_t pstride, const float *values, int64_t h, int64_t lo, int64_t hi,
+                        float *out, int64_t ostride, int rows);
+} AttentionKernels;
+
+extern const AttentionKernels attention_avx512, attention_avx2;
+
+#endif

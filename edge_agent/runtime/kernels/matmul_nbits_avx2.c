@@ -1,0 +1,206 @@
+// MatMulNBits' tile for CPUs with AVX2 but no AVX-512 VNNI (AMD Zen 2 and 3, Intel before Ice
+// Lake): the same packed panels and per-block int8 activations as the AVX-512 tile
+// (matmul_nbits.c), multiplied 32 bytes at a time with vpmaddubsw + vpmaddwd.
+//
+// Why: onnxruntime's kernel on these CPUs is the same one that quantizes a prefill's activations
+// on one thread and computes a lone row with other instructions than rows in pairs.
+//
+// Exactness: every block's int32 sum equals the AVX-512 tile's (integer sums, no saturation: 4-bit
+// weights are 0..15, so a pair of products is at most 2 x 15 x 127; 8-bit weights are packed as
+// signed bytes here and multiplied as |w| x (x with w's sign), at most 2 x 128 x 127 < 32767), and
+// the float accumulation is the same fused multiply-add per block: a column's output is bit for bit
+// what the AVX-512 tile computes, and as there, independent of the rows beside it.
+#include "kernels.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#include "matmul_nbits.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+// Columns [16 first, 16 (first + P)) (P panels, two 8-column halves each) for activation rows
+// [m0, m0 + M). A panel's 64 bytes per step: columns 0-7 in the first 32, 8-15 in the second.
+static inline __attribute__((always_inline)) void panel_rows(const Job *job, int64_t first, int64_t m0, const int BITS,
+                                                             const int M, const int P, const int AHEAD) {
+    const Kernel *kn = job->kernel;
+    const int64_t k = kn->k, block = kn->block, nb = kn->nb, n = kn->n;
+    const int64_t panel_bytes = k * BITS / 8 * 16;
+    const uint8_t *wp[4];
+    const float *sp[4];
+    _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
+        wp[p] = kn->packed + (first + p) * panel_bytes;
+        sp[p] = kn->pscales + (first + p) * nb * 16;
+    }
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 f[8][SMALL_M];
+    _Pragma("GCC unroll 8") for (int h = 0; h < 2 * P; h++)
+        _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) f[h][i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t start = b * block, len = (k - start < block ? k - start : block);
+        __m256i a[8][SMALL_M];
+        const int8_t *x[SMALL_M];
+        _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
+            // 8 bits multiply signed weights (no zero-point term); 4 bits unsigned nibbles.
+            const __m256i init = BITS == 8 ? _mm256_setzero_si256() : _mm256_set1_epi32(job->corr[(m0 + i) * nb + b]);
+            _Pragma("GCC unroll 8") for (int h = 0; h < 2 * P; h++) a[h][i] = init;
+            x[i] = job->xq + (m0 + i) * k + start;
+        }
+        // Half by half, each weight vector used by every row as soon as it is loaded: the sums and
+        // one weight vector in registers, each row's activations broadcast once per step (at 4
+        // bits and 3-4 rows, at each use instead: two broadcasts per row would not fit; 4-row
+        // SmolLM2 steps 9-11 % faster that way, while 8 bits lost 4 %: bench/RESULTS.md).
+        if (BITS == 8) {
+            for (int64_t j = 0; j < len; j += 4) {
+                __m256i xb[SMALL_M];
+                _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) xb[i] = _mm256_set1_epi32(*(const int32_t *)(x[i] + j));
+                _Pragma("GCC unroll 8") for (int h = 0; h < 2 * P; h++) {
+                    const uint8_t *at = wp[h / 2] + (start + j) * 16 + 32 * (h % 2);
+                    if (AHEAD && h % 2 == 0) _mm_prefetch((const char *)(at + PREFETCH), _MM_HINT_T0);
+                    const __m256i w = _mm256_load_si256((const __m256i *)at), aw = _mm256_abs_epi8(w);
+                    _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
+                        const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xb[i], w));
+                        a[h][i] = _mm256_add_epi32(a[h][i], _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+            }
+        } else {
+            for (int64_t j = 0; j < len; j += 8) {
+                __m256i xl[SMALL_M], xh[SMALL_M];
+                if (M <= 2) _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
+                    xl[i] = _mm256_set1_epi32(*(const int32_t *)(x[i] + j));
+                    xh[i] = _mm256_set1_epi32(*(const int32_t *)(x[i] + j + 4));
+                }
+                _Pragma("GCC unroll 8") for (int h = 0; h < 2 * P; h++) {
+                    const uint8_t *at = wp[h / 2] + (start + j) * 8 + 32 * (h % 2);
+                    if (AHEAD && h % 2 == 0) _mm_prefetch((const char *)(at + PREFETCH), _MM_HINT_T0);
+                    const __m256i packed = _mm256_load_si256((const __m256i *)at);
+                    const __m256i lo = _mm256_and_si256(packed, low), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+                    _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
+                        const __m256i xli = M <= 2 ? xl[i] : _mm256_set1_epi32(*(const int32_t *)(x[i] + j));
+                        const __m256i xhi = M <= 2 ? xh[i] : _mm256_set1_epi32(*(const int32_t *)(x[i] + j + 4));
+                        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xli), _mm256_maddubs_epi16(hi, xhi));
+                        a[h][i] = _mm256_add_epi32(a[h][i], _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+            }
+        }
+        _Pragma("GCC unroll 8") for (int h = 0; h < 2 * P; h++) {
+            const __m256 scale = _mm256_loadu_ps(sp[h / 2] + b * 16 + 8 * (h % 2));
+            _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
+                const __m256 xs = _mm256_set1_ps(job->xs[(m0 + i) * nb + b]);
+                f[h][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[h][i]), _mm256_mul_ps(scale, xs), f[h][i]);
+            }
+        }
+    }
+    _Pragma("GCC unroll 8") for (int h = 0; h < 2 * P; h++) {
+        const int64_t c = first * 16 + 8 * h;
+        if (c >= n) break;
+        const int64_t left = n - c;
+        const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(left > 8 ? 8 : (int)left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256 bias = kn->bias ? _mm256_maskload_ps(kn->bias + c, mask) : _mm256_setzero_ps();
+        _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
+            float *out = job->y + (m0 + i) * n + c;
+            if (left >= 8)
+                _mm256_storeu_ps(out, _mm256_add_ps(f[h][i], bias));
+            else
+                _mm256_maskstore_ps(out, mask, _mm256_add_ps(f[h][i], bias));
+        }
+    }
+}
+
+// packed_task's contract (a task of job->quads_per_task groups of four panels) with tiles that fit
+// AVX2's 16 registers: four panels (four weight streams in flight: an AVX2 EPYC read 113 MB as
+// four interleaved streams per thread at 1.6x the rate of one, bench/RESULTS.md) for a lone row,
+// two for two rows, one for 3-4.
+void packed_task_avx2(void *data, size_t t) {
+    const Job *job = data;
+    const int64_t quads = job->kernel->n_pad / 64, first = (int64_t)t * job->quads_per_task;
+    const int64_t last = first + job->quads_per_task < quads ? first + job->quads_per_task : quads;
+    const int eight = job->kernel->bits == 8;
+#define TILE(BITS, M, P, AHEAD) \
+    for (int64_t p = 0; p < 4; p += P) panel_rows(job, 4 * q + p, m0, BITS, M, P, AHEAD)
+#define TILES(AHEAD)                                       \
+    switch (rows + 10 * eight) {                           \
+        case 11: TILE(8, 1, 4, AHEAD); break;              \
+        case 12: TILE(8, 2, 2, AHEAD); break;              \
+        case 13: TILE(8, 3, 1, AHEAD); break;              \
+        case 14: TILE(8, 4, 1, AHEAD); break;              \
+        case 1: TILE(4, 1, 4, AHEAD); break;               \
+        case 2: TILE(4, 2, 2, AHEAD); break;               \
+        case 3: TILE(4, 3, 1, AHEAD); break;               \
+        default: TILE(4, 4, 1, AHEAD); break;              \
+    }
+    for (int64_t q = first; q < last; q++)
+        for (int64_t m0 = 0; m0 < job->m; m0 += SMALL_M) {
+            const int rows = job->m - m0 >= SMALL_M ? SMALL_M : (int)(job->m - m0);
+            if (job->m <= SMALL_M) {
+                TILES(1)
+            } else {
+                TILES(0)
+            }
+        }
+#undef TILES
+#undef TILE
+}
+
+static inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+static inline int32_t hsum(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+// quantize_row of matmul_nbits.c, 8 floats at a time (a block's length is a multiple of 4):
+// the same scale, rounding and clamping, so the same int8 activations.
+void quantize_task_avx2(void *data, size_t row) {
+    const Quantize *job = data;
+    const Kernel *kn = job->kernel;
+    const int64_t k = kn->k, block = kn->block, nb = kn->nb;
+    const float *x = job->a + (int64_t)row * k;
+    int8_t *q = job->xq + (int64_t)row * k;
+    float *xs = job->xs + (int64_t)row * nb;
+    int32_t *corr = job->corr + (int64_t)row * nb;
+    const int32_t zero = 1 << (kn->bits - 1);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t start = b * block, len = k - start < block ? k - start : block;
+        __m256 amax = _mm256_setzero_ps();
+        for (int64_t j = 0; j < len; j += 8) {
+            const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(len - j >= 8 ? 8 : (int)(len - j)), lanes);
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_maskload_ps(x + start + j, mask)));
+        }
+        const float scale = hmax(amax) / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+        const __m256 vinv = _mm256_set1_ps(inv);
+        const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+        __m256i total = _mm256_setzero_si256();
+        for (int64_t j = 0; j < len; j += 8) {
+            const int left = len - j >= 8 ? 8 : (int)(len - j);
+            const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(left), lanes);
+            __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_maskload_ps(x + start + j, mask), vinv));
+            v = _mm256_min_epi32(_mm256_max_epi32(v, lo), hi);
+            total = _mm256_add_epi32(total, v);
+            const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+            const __m128i bytes = _mm_packs_epi16(words, words);
+            if (left == 8)
+                _mm_storel_epi64((__m128i *)(q + start + j), bytes);
+            else {  // the last 4 of a block
+                const int32_t four = _mm_cvtsi128_si32(bytes);
+                memcpy(q + start + j, &four, sizeof four);
+            }
+        }
+        xs[b] = scale;
+        corr[b] = -zero * hsum(total);
+    }
+}
+
+#pragma GCC pop_options
+
+#endif
