@@ -17,6 +17,7 @@ from cloud.packaging.export import io_signature, read_hf_config
 from cloud.packaging.fused import build_fused
 from cloud.packaging.quantize import quantize_weight_only
 from edge_agent.runtime.kernels import built, library
+from edge_agent.runtime.kernels import isa as kernel_isa
 from edge_agent.runtime.session import OnnxCausalLM
 from edge_agent.settings import RuntimeSettings
 from tests.test_export import _tiny
@@ -49,8 +50,12 @@ def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Caps the library's instruction set for the sessions the test makes (read at registration)."""
     if request.param == "avx2":
         monkeypatch.setenv("AUTOGLM_KERNELS_ISA", "avx2")
+        assert kernel_isa() == "avx2", "the cap was not read"
     else:
         monkeypatch.delenv("AUTOGLM_KERNELS_ISA", raising=False)
+        assert kernel_isa() == (
+            "avx512-vnni" if _cpu_has_avx512() else "avx2" if _cpu_runs_kernels() else None
+        )
     return str(request.param)
 
 
@@ -80,6 +85,35 @@ def _matmul(tmp: Path, k: int, n: int, block: int, bits: int, bias: bool) -> byt
     return bytes(model.SerializeToString())
 
 
+def _exact(model: bytes, x: np.ndarray) -> np.ndarray:
+    """What MatMulNBits at accuracy level 4 computes, in float64: activations rounded to int8 per
+    weight block (scale max |x| / 127), times the dequantized weights, plus the bias."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load_from_string(model).graph
+    node = next(x for x in graph.node if x.op_type == "MatMulNBits")
+    attrs = {a.name: a.i for a in node.attribute}
+    k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    packed, scales = inits[node.input[1]], inits[node.input[2]].reshape(n, -1).astype(np.float64)
+    nb = scales.shape[1]
+    if bits == 8:
+        q = packed.reshape(n, nb * block).astype(np.float64)
+    else:  # two elements per byte, the low nibble first
+        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, nb * block).astype(np.float64)
+    weights = ((q - 2 ** (bits - 1)) * np.repeat(scales, block, axis=1))[:, :k]
+    xq = np.zeros(x.shape, np.float64)
+    for b in range(nb):
+        seg = x[:, b * block : (b + 1) * block].astype(np.float64)
+        scale = np.abs(seg).max(axis=1, keepdims=True).astype(np.float32).astype(np.float64) / 127
+        xq[:, b * block : (b + 1) * block] = (
+            np.clip(np.rint(seg / np.where(scale > 0, scale, 1)), -127, 127) * scale
+        )
+    bias = inits[node.input[5]].astype(np.float64) if len(node.input) > 5 and node.input[5] else 0.0
+    return np.asarray(xq @ weights.T + bias)
+
+
 def _session(model: bytes | str, library_path: Path | None) -> ort.InferenceSession:
     """A session of ``model`` (serialized, or the path of a graph with external data)."""
     options = ort.SessionOptions()
@@ -103,6 +137,9 @@ def test_the_install_builds_the_library_and_offers_it_where_the_cpu_runs_it() ->
         (576, 200, 128, False),  # SmolLM2's K: the last block half full; N not a multiple of 32
         (256, 96, 64, True),  # a fused bias
         (64, 16, 32, False),
+        # N not a multiple of 8 (partial stores, a partial bias); K with a last group of 4, which
+        # 8-bit weights take and 4-bit ones are refused for (nibbles pack 8 elements per group).
+        (580, 203, 64, True),
     ],
 )
 def test_kernels_equal_onnxruntime_and_rows_do_not_depend_on_their_company(
@@ -113,13 +150,20 @@ def test_kernels_equal_onnxruntime_and_rows_do_not_depend_on_their_company(
         assert built() is not None
         _session(model, built()).run(None, {"x": np.ones((1, k), np.float32)})
         return
+    if bits == 4 and k % 8:
+        with pytest.raises(Exception, match="multiple of 8"):
+            _session(model, library())
+        return
     ours, theirs = _session(model, library()), _session(model, None)
     rng = np.random.default_rng(7)
     for m in (1, 2, 3, 4, 5, 9, 130):
         x = rng.standard_normal((m, k)).astype(np.float32)
-        mine, ref = ours.run(None, {"x": x})[0], theirs.run(None, {"x": x})[0]
+        mine, exact = ours.run(None, {"x": x})[0], _exact(model, x)
         # Same int8 activations and int32 sums; only the float accumulation order differs.
-        np.testing.assert_allclose(mine, ref, rtol=0, atol=1e-5 * float(np.abs(ref).max()))
+        np.testing.assert_allclose(mine, exact, rtol=0, atol=1e-5 * float(np.abs(exact).max()))
+        if k % 8 == 0:  # onnxruntime's batched rows are off by ~2e-4 where K ends in a group of 4
+            ref = theirs.run(None, {"x": x})[0]
+            np.testing.assert_allclose(mine, ref, rtol=0, atol=1e-5 * float(np.abs(ref).max()))
         for i in range(m):
             alone = ours.run(None, {"x": x[i : i + 1]})[0][0]
             assert np.array_equal(alone, mine[i]), f"row {i} of {m} differs from the same row alone"
@@ -132,12 +176,16 @@ def test_the_avx2_tile_computes_what_the_avx512_tile_does(
 ) -> None:
     """Same int8 activations, exact int32 block sums and the same float steps: an AVX2-only
     machine's answers are those of an AVX-512 one, bit for bit."""
-    model = _matmul(tmp_path, 576, 200, 128, bits, True)
+    k = 576 if bits == 4 else 580
+    model = _matmul(tmp_path, k, 203, 128, bits, True)
+    monkeypatch.delenv("AUTOGLM_KERNELS_ISA", raising=False)
+    assert kernel_isa() == "avx512-vnni"
     wide = _session(model, library())
     monkeypatch.setenv("AUTOGLM_KERNELS_ISA", "avx2")
+    assert kernel_isa() == "avx2"
     narrow = _session(model, library())
-    x = np.random.default_rng(11).standard_normal((37, 576)).astype(np.float32) * 3
-    for m in (1, 2, 4, 37):
+    x = np.random.default_rng(11).standard_normal((37, k)).astype(np.float32) * 3
+    for m in (1, 2, 3, 4, 37):
         assert np.array_equal(wide.run(None, {"x": x[:m]})[0], narrow.run(None, {"x": x[:m]})[0])
 
 

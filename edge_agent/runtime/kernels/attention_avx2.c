@@ -1,7 +1,7 @@
 // GroupQueryAttention's vector routines for CPUs with AVX2 but no AVX-512 (group_query_attention.h
 // says what each computes): the AVX-512 routines' steps 8 floats per vector, with register tiles
 // sized for AVX2's 16 registers (a prefill's 16-key chunk is two vectors, one chunk at a time; the
-// value sums 64 / rows columns per pass).
+// value sums 64, 32 or 16 columns per pass for 1, 2 or 3-4 rows).
 #include "kernels.h"
 
 #if defined(__x86_64__)

@@ -14,7 +14,8 @@
 #pragma GCC target("avx512f,avx512dq,fma")
 
 // exp(x) for x <= 0 (softmax after subtracting the maximum): 2^n x a degree-6 polynomial on
-// |r| <= ln 2 / 2, relative error ~2e-7; below -87 it flushes to 0 as expf would.
+// |r| <= ln 2 / 2, relative error ~2e-7; below -88 it returns e^-88 (~6e-39), nothing beside the
+// maximum's 1.
 static inline __m512 exp512(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),

@@ -26,7 +26,8 @@ static inline OrtStatus *fail(const char *what) { return ort->CreateStatus(ORT_F
 enum { ISA_NONE = 0, ISA_AVX2 = 2, ISA_AVX512 = 3 };
 
 // This CPU's best, capped by the environment variable AUTOGLM_KERNELS_ISA=avx2 (a machine with
-// AVX-512 then runs and tests what an AVX2-only one would; read at every session's registration).
+// AVX-512 then runs and tests what an AVX2-only one would). Read when a session registers the
+// library (nothing is registered where this is none) and when each op is created (its routines).
 static inline int kernels_isa(void) {
     int isa = ISA_NONE;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isa = ISA_AVX2;

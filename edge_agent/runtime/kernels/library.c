@@ -43,12 +43,17 @@ __attribute__((visibility("default"))) OrtStatus *ORT_API_CALL RegisterCustomOps
     if (!ort) return NULL;  // an onnxruntime older than our header: nothing registered, built-in kernels run
     const int isa = kernels_isa();
     if (isa == ISA_NONE) return NULL;
-    if (!domains[isa]) {
+    // The op tables are filled once: sessions made earlier read them on every call.
+    if (!matmul_nbits.CreateKernelV2) {
         matmul_nbits_op(&matmul_nbits);
+#ifndef AUTOGLM_NO_ATTENTION
+        group_query_attention_op(&attention);
+#endif
+    }
+    if (!domains[isa]) {
         CHECK(ort->CreateCustomOpDomain("com.microsoft", &domains[isa]));
         CHECK(ort->CustomOpDomain_Add(domains[isa], &matmul_nbits));
 #ifndef AUTOGLM_NO_ATTENTION
-        group_query_attention_op(&attention);
         CHECK(ort->CustomOpDomain_Add(domains[isa], &attention));
 #endif
     }

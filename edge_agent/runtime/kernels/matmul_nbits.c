@@ -42,7 +42,8 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,fma")
 
 // Columns [16 first, 16 (first + NP)) (NP panels: one tile) for activation rows [m0, m0 + M).
-// 8 bits: a panel's 64 bytes per step are 16 columns x 4 consecutive elements (w + 128).
+// 8 bits: a panel's 64 bytes per step are 16 columns x 4 consecutive elements (w + 128; the
+// AVX2 tile's panels hold w itself, matmul_nbits_avx2.c).
 // 4 bits: 64 bytes per two steps: low nibbles the first 4 elements, high nibbles the next 4.
 // Every column's sum runs the same way whatever M is (see the top of the file).
 static inline __attribute__((always_inline)) void panel_rows(const Job *job, int64_t first, int64_t m0,

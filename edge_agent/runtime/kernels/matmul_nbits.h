@@ -18,7 +18,8 @@ typedef struct {
     int64_t k, n, bits, block;
     int64_t nb;          // blocks per column, the last one possibly short (K not a multiple of block)
     int64_t n_pad;       // n rounded up to 64 (four panels per task step)
-    uint8_t *packed;     // [n_pad / 16][k * bits / 32][64]; AVX2 8 bits: w - 128 (signed), else w
+    uint8_t *packed;     // [n_pad / 16][k * bits / 32][64]: the stored bytes (zero point 2^(bits-1));
+                         // the AVX2 tile's 8-bit panels XOR 0x80 (signed: stored - 128)
     float *pscales;      // [n_pad / 16][nb][16]
     float *bias;         // [n] or NULL
     int isa;             // ISA_AVX512 or ISA_AVX2 (kernels.h): the tile that runs it

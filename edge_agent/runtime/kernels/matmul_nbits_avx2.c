@@ -6,8 +6,9 @@
 // on one thread and computes a lone row with other instructions than rows in pairs.
 //
 // Exactness: every block's int32 sum equals the AVX-512 tile's (integer sums, no saturation: 4-bit
-// weights are 0..15, so a pair of products is at most 2 x 15 x 127; 8-bit weights are packed as
-// signed bytes here and multiplied as |w| x (x with w's sign), at most 2 x 128 x 127 < 32767), and
+// weights are 0..15, so the low and high nibbles' pair sums added in 16 bits are at most
+// 4 x 15 x 127; 8-bit weights are packed as signed bytes here and multiplied as |w| x (x with w's
+// sign), a pair at most 2 x 128 x 127 < 32767), and
 // the float accumulation is the same fused multiply-add per block: a column's output is bit for bit
 // what the AVX-512 tile computes, and as there, independent of the rows beside it.
 #include "kernels.h"
@@ -99,7 +100,9 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
         if (c >= n) break;
         const int64_t left = n - c;
         const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(left > 8 ? 8 : (int)left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        const __m256 bias = kn->bias ? _mm256_maskload_ps(kn->bias + c, mask) : _mm256_setzero_ps();
+        const __m256 bias = !kn->bias ? _mm256_setzero_ps()
+                            : left >= 8 ? _mm256_loadu_ps(kn->bias + c)
+                                        : _mm256_maskload_ps(kn->bias + c, mask);
         _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
             float *out = job->y + (m0 + i) * n + c;
             if (left >= 8)
