@@ -9,22 +9,11 @@
 #include <math.h>
 #include <string.h>
 
+#include "avx2.h"
 #include "group_query_attention.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-static inline float hmax(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
 
 // exp(x) for x <= 0: exp512's polynomial; 2^n built in the exponent field (n >= -126 here: below
 // -87.3 the result is 0, as expf's would be to within a denormal).
@@ -53,7 +42,7 @@ static void softmax256(float *scores, int64_t lo, int64_t hi, int64_t end) {
     for (int i = 0; i < 8; i++) last[i] = i < tail ? scores[whole + i] : -INFINITY;
     __m256 vmax = _mm256_loadu_ps(last);
     for (int64_t j = lo; j < whole; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(scores + j));
-    const __m256 m = _mm256_set1_ps(hmax(vmax));
+    const __m256 m = _mm256_set1_ps(hmax256(vmax));
     const __m256 e_last = exp256(_mm256_sub_ps(_mm256_loadu_ps(last), m));  // exp(-inf) = 0
     __m256 vsum = e_last;
     for (int64_t j = lo; j < whole; j += 8) {
@@ -61,7 +50,7 @@ static void softmax256(float *scores, int64_t lo, int64_t hi, int64_t end) {
         vsum = _mm256_add_ps(vsum, e);
         _mm256_storeu_ps(scores + j, e);
     }
-    const __m256 inv = _mm256_set1_ps(1.0f / hsum(vsum));
+    const __m256 inv = _mm256_set1_ps(1.0f / hsum256(vsum));
     for (int64_t j = lo; j < whole; j += 8) _mm256_storeu_ps(scores + j, _mm256_mul_ps(_mm256_loadu_ps(scores + j), inv));
     _mm256_storeu_ps(last, _mm256_mul_ps(e_last, inv));
     for (int64_t i = 0; i < tail; i++) scores[whole + i] = last[i];
@@ -82,7 +71,7 @@ static void scores_dot256(const float *q, const float *keys, int64_t h, int64_t 
             a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + 2 * h + d), a2);
             a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + 3 * h + d), a3);
         }
-        scores[j] = hsum(a0), scores[j + 1] = hsum(a1), scores[j + 2] = hsum(a2), scores[j + 3] = hsum(a3);
+        scores[j] = hsum256(a0), scores[j + 1] = hsum256(a1), scores[j + 2] = hsum256(a2), scores[j + 3] = hsum256(a3);
     }
     for (; j <= hi; j++) {
         __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
@@ -90,7 +79,7 @@ static void scores_dot256(const float *q, const float *keys, int64_t h, int64_t 
             a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(keys + j * h + d), a);
             b = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), _mm256_loadu_ps(keys + j * h + d + 8), b);
         }
-        scores[j] = hsum(_mm256_add_ps(a, b));
+        scores[j] = hsum256(_mm256_add_ps(a, b));
     }
 }
 

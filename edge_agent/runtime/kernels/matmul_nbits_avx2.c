@@ -16,6 +16,7 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 
+#include "avx2.h"
 #include "matmul_nbits.h"
 
 #pragma GCC push_options
@@ -148,18 +149,6 @@ void packed_task_avx2(void *data, size_t t) {
 #undef TILE
 }
 
-static inline float hmax(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-
-static inline int32_t hsum(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
-}
-
 // quantize_row of matmul_nbits.c, 8 floats at a time (a block's length is a multiple of 4):
 // the same scale, rounding and clamping, so the same int8 activations.
 void quantize_task_avx2(void *data, size_t row) {
@@ -180,7 +169,7 @@ void quantize_task_avx2(void *data, size_t row) {
             const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(len - j >= 8 ? 8 : (int)(len - j)), lanes);
             amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_maskload_ps(x + start + j, mask)));
         }
-        const float scale = hmax(amax) / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+        const float scale = hmax256(amax) / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
         const __m256 vinv = _mm256_set1_ps(inv);
         const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
         __m256i total = _mm256_setzero_si256();
@@ -200,7 +189,7 @@ void quantize_task_avx2(void *data, size_t row) {
             }
         }
         xs[b] = scale;
-        corr[b] = -zero * hsum(total);
+        corr[b] = -zero * hsum256_epi32(total);
     }
 }
 
