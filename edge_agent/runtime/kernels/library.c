@@ -25,9 +25,10 @@ static OrtCustomOp matmul_nbits;
 #ifndef AUTOGLM_NO_ATTENTION
 static OrtCustomOp attention;
 #endif
-// One domain per instruction set (kernels_isa may be capped between sessions); each lives as long
-// as the process, as onnxruntime requires of a domain its sessions use.
-static OrtCustomOpDomain *domains[ISA_AVX512 + 1];
+// Filled and created once, at the first registration: sessions made earlier read them on every
+// call, and onnxruntime requires a domain to outlive its sessions. Which routines run (AVX-512 or
+// AVX2) each op decides when it is created (kernels_isa), so one domain serves every session.
+static OrtCustomOpDomain *domain;
 
 // Whether this CPU runs the kernels (asked through ctypes before a session is made with them).
 __attribute__((visibility("default"))) int AutoglmKernelsUsable(void) { return kernels_isa() != ISA_NONE; }
@@ -41,23 +42,17 @@ __attribute__((visibility("default"))) OrtStatus *ORT_API_CALL RegisterCustomOps
                                                                                 const OrtApiBase *base) {
     if (!ort) ort = base->GetApi(ORT_API_VERSION);
     if (!ort) return NULL;  // an onnxruntime older than our header: nothing registered, built-in kernels run
-    const int isa = kernels_isa();
-    if (isa == ISA_NONE) return NULL;
-    // The op tables are filled once: sessions made earlier read them on every call.
-    if (!matmul_nbits.CreateKernelV2) {
+    if (kernels_isa() == ISA_NONE) return NULL;
+    if (!domain) {
         matmul_nbits_op(&matmul_nbits);
+        CHECK(ort->CreateCustomOpDomain("com.microsoft", &domain));
+        CHECK(ort->CustomOpDomain_Add(domain, &matmul_nbits));
 #ifndef AUTOGLM_NO_ATTENTION
         group_query_attention_op(&attention);
+        CHECK(ort->CustomOpDomain_Add(domain, &attention));
 #endif
     }
-    if (!domains[isa]) {
-        CHECK(ort->CreateCustomOpDomain("com.microsoft", &domains[isa]));
-        CHECK(ort->CustomOpDomain_Add(domains[isa], &matmul_nbits));
-#ifndef AUTOGLM_NO_ATTENTION
-        CHECK(ort->CustomOpDomain_Add(domains[isa], &attention));
-#endif
-    }
-    return ort->AddCustomOpDomain(options, domains[isa]);
+    return ort->AddCustomOpDomain(options, domain);
 }
 
 #else  // not x86-64: a library that registers nothing, so onnxruntime's own kernels run
