@@ -108,37 +108,34 @@ static inline __attribute__((always_inline)) void scores_tile(const float *q, in
     if (c < c1) scores_chunks(q, h, kt + c * 16, stride, scores + c * 16, sstride, R, 1);
 }
 
-// out[r] = sum over keys [lo, hi] of p[r][j] x values[j], for up to TILE rows (h a multiple of 16,
-// at most 256 columns per pass).
+// Columns [d0, d0 + 16W) for R rows: R x W <= 16 sums in flight. Only compile-time bounds index
+// the sums, so they stay in registers (a runtime-width branch beside them put them on the stack).
+static inline __attribute__((always_inline)) void values_cols(const float *p, int64_t pstride, const float *values,
+                                                              int64_t h, int64_t lo, int64_t hi, float *out,
+                                                              int64_t ostride, int64_t d0, const int R, const int W) {
+    __m512 a[TILE][4];
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) _Pragma("GCC unroll 4") for (int v = 0; v < W; v++) a[r][v] = _mm512_setzero_ps();
+    for (int64_t j = lo; j <= hi; j++) {
+        const float *vj = values + j * h + d0;
+        __m512 x[4];
+        _Pragma("GCC unroll 4") for (int v = 0; v < W; v++) x[v] = _mm512_loadu_ps(vj + 16 * v);
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
+            const __m512 s = _mm512_set1_ps(p[r * pstride + j]);
+            _Pragma("GCC unroll 4") for (int v = 0; v < W; v++) a[r][v] = _mm512_fmadd_ps(s, x[v], a[r][v]);
+        }
+    }
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) _Pragma("GCC unroll 4") for (int v = 0; v < W; v++)
+        _mm512_storeu_ps(out + r * ostride + d0 + 16 * v, a[r][v]);
+}
+
+// out[r] = sum over keys [lo, hi] of p[r][j] x values[j], for up to TILE rows (h a multiple of
+// 16): passes of 64 columns, then of 16.
 static inline __attribute__((always_inline)) void values_tile(const float *p, int64_t pstride, const float *values,
                                                               int64_t h, int64_t lo, int64_t hi, float *out,
                                                               int64_t ostride, const int R) {
-    for (int64_t d0 = 0; d0 < h; d0 += 64) {
-        const int64_t width = h - d0 < 64 ? h - d0 : 64;
-        __m512 a[TILE][4];
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) a[r][v] = _mm512_setzero_ps();
-        if (width == 64) {
-            for (int64_t j = lo; j <= hi; j++) {
-                const float *vj = values + j * h + d0;
-                __m512 x[4];
-                _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) x[v] = _mm512_loadu_ps(vj + 16 * v);
-                _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-                    const __m512 w = _mm512_set1_ps(p[r * pstride + j]);
-                    _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) a[r][v] = _mm512_fmadd_ps(w, x[v], a[r][v]);
-                }
-            }
-        } else {
-            for (int64_t j = lo; j <= hi; j++) {
-                const float *vj = values + j * h + d0;
-                for (int v = 0; v < width / 16; v++) {
-                    const __m512 x = _mm512_loadu_ps(vj + 16 * v);
-                    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) a[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(p[r * pstride + j]), x, a[r][v]);
-                }
-            }
-        }
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) for (int v = 0; v < width / 16; v++)
-            _mm512_storeu_ps(out + r * ostride + d0 + 16 * v, a[r][v]);
-    }
+    int64_t d0 = 0;
+    for (; d0 + 64 <= h; d0 += 64) values_cols(p, pstride, values, h, lo, hi, out, ostride, d0, R, 4);
+    for (; d0 < h; d0 += 16) values_cols(p, pstride, values, h, lo, hi, out, ostride, d0, R, 1);
 }
 
 static void scores_tile512(const float *q, int64_t h, const float *kt, int64_t stride, int64_t c0, int64_t c1,

@@ -121,34 +121,28 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
 // Rows in tiles of up to SMALL_M, NP panels (64 columns) wide: four weight streams in flight,
 // each 64-byte load used by every row of the tile. (Tiles of two panels at 3-4 rows, which keep
 // fewer sums in registers, were slower for a 4-row decode step: bench/RESULTS.md.)
-static void packed_task(void *data, size_t t) {
-    const Job *job = data;
-    const int64_t quads = job->kernel->n_pad / 64, first = (int64_t)t * job->quads_per_task;
-    const int64_t last = first + job->quads_per_task < quads ? first + job->quads_per_task : quads;
-    const int eight = job->kernel->bits == 8;
-    // Prefetching ahead pays in a decode step (memory-bound); a prefill's tiles are compute-bound.
-#define TILES(AHEAD)                                                      \
-    switch (rows + 10 * eight) {                                          \
-        case 11: panel_rows(job, NP * q, m0, 8, 1, AHEAD); break;         \
-        case 12: panel_rows(job, NP * q, m0, 8, 2, AHEAD); break;         \
-        case 13: panel_rows(job, NP * q, m0, 8, 3, AHEAD); break;         \
-        case 14: panel_rows(job, NP * q, m0, 8, 4, AHEAD); break;         \
-        case 1: panel_rows(job, NP * q, m0, 4, 1, AHEAD); break;          \
-        case 2: panel_rows(job, NP * q, m0, 4, 2, AHEAD); break;          \
-        case 3: panel_rows(job, NP * q, m0, 4, 3, AHEAD); break;          \
-        default: panel_rows(job, NP * q, m0, 4, 4, AHEAD); break;         \
+static inline __attribute__((always_inline)) void quad512(const Job *job, int64_t q, int64_t m0, int rows, int eight,
+                                                          int ahead) {
+#define TILES(AHEAD)                                                \
+    switch (rows + 10 * eight) {                                    \
+        case 11: panel_rows(job, NP * q, m0, 8, 1, AHEAD); break;   \
+        case 12: panel_rows(job, NP * q, m0, 8, 2, AHEAD); break;   \
+        case 13: panel_rows(job, NP * q, m0, 8, 3, AHEAD); break;   \
+        case 14: panel_rows(job, NP * q, m0, 8, 4, AHEAD); break;   \
+        case 1: panel_rows(job, NP * q, m0, 4, 1, AHEAD); break;    \
+        case 2: panel_rows(job, NP * q, m0, 4, 2, AHEAD); break;    \
+        case 3: panel_rows(job, NP * q, m0, 4, 3, AHEAD); break;    \
+        default: panel_rows(job, NP * q, m0, 4, 4, AHEAD); break;   \
     }
-    for (int64_t q = first; q < last; q++)
-        for (int64_t m0 = 0; m0 < job->m; m0 += SMALL_M) {
-            const int rows = job->m - m0 >= SMALL_M ? SMALL_M : (int)(job->m - m0);
-            if (job->m <= SMALL_M) {
-                TILES(1)
-            } else {
-                TILES(0)
-            }
-        }
+    if (ahead) {
+        TILES(1)
+    } else {
+        TILES(0)
+    }
 #undef TILES
 }
+
+static void packed_task(void *data, size_t t) { quad_task(data, t, quad512); }
 
 // The packed kernels' activations: per block, scale = max |x| / 127 and x rounded to nearest
 // (cvtps rounds to nearest even, as nearbyintf does), in natural order, the last block as short

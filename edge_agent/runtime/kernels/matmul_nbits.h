@@ -43,7 +43,23 @@ typedef struct {
     int32_t *corr;
 } Quantize;
 
-// matmul_nbits_avx2.c: a task of quads (packed_task's contract) and one row's quantization.
+// Rows [m0, m0 + rows) of the group of four panels q; ahead: prefetch (decode-sized calls, which
+// are memory-bound).
+typedef void (*QuadTile)(const Job *job, int64_t q, int64_t m0, int rows, int eight, int ahead);
+
+// One task of the thread pool: groups of four panels (64 columns) [t x quads_per_task, ...), every
+// row in tiles of up to SMALL_M. Inlined into each tile file's task with that file's always-inline
+// `quad`, so the call is direct and compiled for the file's instruction set.
+static inline __attribute__((always_inline)) void quad_task(const Job *job, size_t t, QuadTile quad) {
+    const int64_t quads = job->kernel->n_pad / 64, first = (int64_t)t * job->quads_per_task;
+    const int64_t last = first + job->quads_per_task < quads ? first + job->quads_per_task : quads;
+    const int eight = job->kernel->bits == 8, ahead = job->m <= SMALL_M;
+    for (int64_t q = first; q < last; q++)
+        for (int64_t m0 = 0; m0 < job->m; m0 += SMALL_M)
+            quad(job, q, m0, job->m - m0 >= SMALL_M ? SMALL_M : (int)(job->m - m0), eight, ahead);
+}
+
+// matmul_nbits_avx2.c: quad_task with the AVX2 tiles, and one row's quantization.
 void packed_task_avx2(void *data, size_t t);
 void quantize_task_avx2(void *data, size_t i);
 

@@ -114,40 +114,34 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
     }
 }
 
-// packed_task's contract (a task of job->quads_per_task groups of four panels) with tiles that fit
-// AVX2's 16 registers: four panels (four weight streams in flight: an AVX2 EPYC read 113 MB as
-// four interleaved streams per thread at 1.6x the rate of one, bench/RESULTS.md) for a lone row,
-// two for two rows, one for 3-4.
-void packed_task_avx2(void *data, size_t t) {
-    const Job *job = data;
-    const int64_t quads = job->kernel->n_pad / 64, first = (int64_t)t * job->quads_per_task;
-    const int64_t last = first + job->quads_per_task < quads ? first + job->quads_per_task : quads;
-    const int eight = job->kernel->bits == 8;
+// One group of four panels for quad_task, in tiles that fit AVX2's 16 registers: four panels
+// wide (four weight streams in flight: an AVX2 EPYC read 113 MB as four interleaved streams per
+// thread at 1.6x the rate of one, bench/RESULTS.md) for a lone row, two for two rows, one for 3-4.
+static inline __attribute__((always_inline)) void quad256(const Job *job, int64_t q, int64_t m0, int rows, int eight,
+                                                          int ahead) {
 #define TILE(BITS, M, P, AHEAD) \
     for (int64_t p = 0; p < 4; p += P) panel_rows(job, 4 * q + p, m0, BITS, M, P, AHEAD)
-#define TILES(AHEAD)                                       \
-    switch (rows + 10 * eight) {                           \
-        case 11: TILE(8, 1, 4, AHEAD); break;              \
-        case 12: TILE(8, 2, 2, AHEAD); break;              \
-        case 13: TILE(8, 3, 1, AHEAD); break;              \
-        case 14: TILE(8, 4, 1, AHEAD); break;              \
-        case 1: TILE(4, 1, 4, AHEAD); break;               \
-        case 2: TILE(4, 2, 2, AHEAD); break;               \
-        case 3: TILE(4, 3, 1, AHEAD); break;               \
-        default: TILE(4, 4, 1, AHEAD); break;              \
+#define TILES(AHEAD)                          \
+    switch (rows + 10 * eight) {              \
+        case 11: TILE(8, 1, 4, AHEAD); break; \
+        case 12: TILE(8, 2, 2, AHEAD); break; \
+        case 13: TILE(8, 3, 1, AHEAD); break; \
+        case 14: TILE(8, 4, 1, AHEAD); break; \
+        case 1: TILE(4, 1, 4, AHEAD); break;  \
+        case 2: TILE(4, 2, 2, AHEAD); break;  \
+        case 3: TILE(4, 3, 1, AHEAD); break;  \
+        default: TILE(4, 4, 1, AHEAD); break; \
     }
-    for (int64_t q = first; q < last; q++)
-        for (int64_t m0 = 0; m0 < job->m; m0 += SMALL_M) {
-            const int rows = job->m - m0 >= SMALL_M ? SMALL_M : (int)(job->m - m0);
-            if (job->m <= SMALL_M) {
-                TILES(1)
-            } else {
-                TILES(0)
-            }
-        }
+    if (ahead) {
+        TILES(1)
+    } else {
+        TILES(0)
+    }
 #undef TILES
 #undef TILE
 }
+
+void packed_task_avx2(void *data, size_t t) { quad_task(data, t, quad256); }
 
 // quantize_row of matmul_nbits.c, 8 floats at a time (a block's length is a multiple of 4):
 // the same scale, rounding and clamping, so the same int8 activations.
