@@ -123,11 +123,13 @@ def test_weight_only_fused_graph_uses_matmulnbits_and_stays_close(
     q = quantize_weight_only(graph, tmp_path / f"int{bits}" / "model.onnx", bits, block)
     nodes = onnx.load(str(q), load_external_data=False).graph.node
     ops = [n.op_type for n in nodes]
-    # Per layer: qkv, o, gate, up, down; plus lm_head.
-    assert ops.count("MatMulNBits") == 2 * 5 + 1
-    assert "MatMul" not in ops
+    # Per layer: qkv (behind its skip-norm from the second layer on), o, down, and gate and up
+    # with their skip-norm and SiLU·up as one function node (nbits_fusion.py); plus lm_head.
+    assert ops.count("MatMulNBits") == 2 + 2 + 1 + 1
+    assert ops.count("SkipRMSNormMatMulNBits") == 1 and ops.count("SkipRMSNormSwiGLU") == 2
+    assert "MatMul" not in ops and "Sigmoid" not in ops
     for n in nodes:
-        if n.op_type == "MatMulNBits":
+        if n.op_type in ("MatMulNBits", "SkipRMSNormMatMulNBits", "SkipRMSNormSwiGLU"):
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
             assert attrs["bits"] == bits and attrs["block_size"] == block and attrs["accuracy_level"] == 4
     io = io_signature(q, cfg, {"eos_token_id": 1})

@@ -137,12 +137,23 @@ def test_int8_fused_graph_uses_matmulnbits(kind: str, tmp_path: Path) -> None:
     q = quantize_weight_only(graph, tmp_path / "int8" / "model.onnx", 8, block)
     ops = [n.op_type for n in onnx.load(str(q), load_external_data=False).graph.node]
     # Per layer: q, k, v (Qwen3: apart, for its QK-norm) or qkv packed, o, gate, up, down; lm_head.
+    # Gate and up are one fused node (two matrices) with the norm before them, and a packed QKV
+    # takes its norm too (nbits_fusion.py).
     per_layer = 7 if kind == "qwen3" else 5
-    assert ops.count("MatMulNBits") == 2 * per_layer + 1
-    assert "MatMul" not in ops
+    matrices = {"MatMulNBits": 1, "SkipRMSNormMatMulNBits": 1, "SkipRMSNormSwiGLU": 2, "MatMulNBitsSwiGLU": 2}
+    assert sum(matrices.get(op, 0) for op in ops) == 2 * per_layer + 1
+    assert ops.count("SkipRMSNormSwiGLU") == 2
+    assert ops.count("SkipRMSNormMatMulNBits") == (0 if kind == "qwen3" else 1)  # not the first layer's
+    assert "MatMul" not in ops and "Sigmoid" not in ops
     io = io_signature(q, cfg, {"eos_token_id": 1})
     report = validate_export(src, q, io, prompt_ids=PROMPT, new_tokens=8)
     assert report.max_abs_logit_diff < 0.5
+    # The edge's kernels (the fused nodes as the library's ops) decode alike.
+    if library() is not None:
+        ours = OnnxCausalLM(q, io, threads=2, custom_ops=library())
+        assert ours.custom_ops_loaded
+        a, b = ours.sequence_logits(PROMPT), OnnxCausalLM(q, io, threads=2).sequence_logits(PROMPT)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * float(np.abs(b).max()))
 
 
 @pytest.fixture(scope="module")

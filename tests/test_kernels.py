@@ -15,6 +15,7 @@ import pytest
 from bench.attention_kernels import attention_graph
 from cloud.packaging.export import io_signature, read_hf_config
 from cloud.packaging.fused import build_fused
+from cloud.packaging.nbits_fusion import fuse_layers
 from cloud.packaging.quantize import quantize_weight_only
 from edge_agent.runtime.kernels import built, library
 from edge_agent.runtime.kernels import isa as kernel_isa
@@ -189,6 +190,166 @@ def test_the_avx2_tile_computes_what_the_avx512_tile_does(
         assert np.array_equal(wide.run(None, {"x": x[:m]})[0], narrow.run(None, {"x": x[:m]})[0])
 
 
+def _layer(tmp: Path, k: int, n: int, block: int, bits: int, mlp: bool = True, norm: bool = False) -> bytes:
+    """Part of a decoder layer as the fused decoder writes it, quantized (which fuses it:
+    nbits_fusion.py): silu(x·gate) ⊙ (x·up) if ``mlp``, else x·W; with ``norm``, of the skip-norm
+    of x + skip (outputs y and the sum)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(k + n + bits)
+    gate, up = (rng.standard_normal((2, k, n)) * 0.05).astype(np.float32)
+    inits = [numpy_helper.from_array(gate, "G"), numpy_helper.from_array(up, "U")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])]
+    nodes, a = [], "x"
+    if norm:
+        gamma = (1 + 0.1 * rng.standard_normal(k)).astype(np.float32)
+        inits.append(numpy_helper.from_array(gamma, "gamma"))
+        inputs.append(helper.make_tensor_value_info("skip", TensorProto.FLOAT, ["M", k]))
+        outputs.append(helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["M", k]))
+        nodes.append(
+            helper.make_node(
+                "SkipSimplifiedLayerNormalization",
+                ["x", "skip", "gamma"],
+                ["normed", "", "", "sum"],
+                domain="com.microsoft",
+                epsilon=1e-5,
+            )
+        )
+        a = "normed"
+    if mlp:
+        nodes += [
+            helper.make_node("MatMul", [a, "G"], ["g"]),
+            helper.make_node("MatMul", [a, "U"], ["u"]),
+            helper.make_node("Sigmoid", ["g"], ["s"]),
+            helper.make_node("Mul", ["g", "s"], ["silu"]),
+            helper.make_node("Mul", ["silu", "u"], ["y"]),
+        ]
+    else:
+        nodes.append(helper.make_node("MatMul", [a, "G"], ["y"]))
+    graph = helper.make_graph(nodes, "layer", inputs, outputs, inits)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(tmp / "fp32.onnx"))
+    model = onnx.load(str(quantize_weight_only(tmp / "fp32.onnx", tmp / "q" / "model.onnx", bits, block)))
+    op = {
+        (True, False): "MatMulNBitsSwiGLU",
+        (True, True): "SkipRMSNormSwiGLU",
+        (False, True): "SkipRMSNormMatMulNBits",
+    }
+    assert [x.op_type for x in model.graph.node] == [op[mlp, norm]]
+    assert fuse_layers(model)[op[mlp, norm]] == 1  # and nothing left to fuse again
+    return bytes(model.SerializeToString())
+
+
+def _halves(model: bytes) -> tuple[bytes, bytes]:
+    """The fused MLP's gate and up as MatMulNBits graphs of their own (for _exact)."""
+    import onnx
+    from onnx import helper
+
+    full = onnx.load_from_string(model)
+    node = full.graph.node[0]
+    out = []
+    for weights, scales in ((node.input[1], node.input[2]), (node.input[3], node.input[4])):
+        inits = [i for i in full.graph.initializer if i.name in (weights, scales)]
+        attrs = {a.name: a.i for a in node.attribute}
+        one = helper.make_node("MatMulNBits", ["x", weights, scales], ["y"], domain="com.microsoft", **attrs)
+        graph = helper.make_graph([one], "half", list(full.graph.input), list(full.graph.output), inits)
+        out.append(bytes(helper.make_model(graph, opset_imports=list(full.opset_import)).SerializeToString()))
+    return out[0], out[1]
+
+
+def _ops_run(model: bytes, library_path: Path, feed: dict[str, np.ndarray], tmp: Path) -> set[str]:
+    """The op types onnxruntime's profiler saw run in a session of ``model``."""
+    import json
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp / "profile")
+    options.register_custom_ops_library(str(library_path))
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    return {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize(("k", "n", "block"), [(576, 1536, 128), (64, 200, 32)])
+def test_the_fused_mlp_equals_its_function_body_and_rows_do_not_depend_on_their_company(
+    bits: int, k: int, n: int, block: int, isa: str, tmp_path: Path
+) -> None:
+    """MatMulNBitsSwiGLU: the library's op where it is registered; elsewhere onnxruntime inlines
+    the function body the packager wrote (two MatMulNBits, Sigmoid, two Muls) — same results."""
+    model = _layer(tmp_path, k, n, block, bits)
+    theirs = _session(model, None)  # no library: the function is inlined
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((9, k)).astype(np.float32)
+    gate, up = (_exact(half, x) for half in _halves(model))
+    exact = gate / (1 + np.exp(-gate)) * up
+    tol = 1e-5 * float(np.abs(exact).max())
+    np.testing.assert_allclose(theirs.run(None, {"x": x})[0], exact, rtol=0, atol=tol)
+    if library() is None:
+        return
+    assert "MatMulNBitsSwiGLU" in _ops_run(model, library(), {"x": x}, tmp_path)
+    ours = _session(model, library())
+    for m in (1, 2, 3, 4, 5, 9):
+        mine = ours.run(None, {"x": x[:m]})[0]
+        np.testing.assert_allclose(mine, exact[:m], rtol=0, atol=tol)
+        for i in range(m):
+            alone = ours.run(None, {"x": x[i : i + 1]})[0][0]
+            assert np.array_equal(alone, mine[i]), f"row {i} of {m} differs from the same row alone"
+    assert ours.run(None, {"x": np.zeros((0, k), np.float32)})[0].shape == (0, n)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("mlp", [True, False])
+@pytest.mark.parametrize(("k", "n", "block"), [(576, 960, 128), (72, 200, 32)])
+def test_a_skip_norm_folded_into_the_matmul_after_it_equals_its_function_body(
+    mlp: bool, bits: int, k: int, n: int, block: int, isa: str, tmp_path: Path
+) -> None:
+    """SkipRMSNormMatMulNBits and SkipRMSNormSwiGLU: the sum is x + skip exactly; the output is
+    onnxruntime's (the inlined body) within an activation's int8 step (the normed values may
+    differ by a float rounding, and one can then round to the next step), and each row's result
+    does not depend on the rows beside it."""
+    model = _layer(tmp_path, k, n, block, bits, mlp=mlp, norm=True)
+    rng = np.random.default_rng(4)
+    feed = {
+        "x": rng.standard_normal((9, k)).astype(np.float32),
+        "skip": rng.standard_normal((9, k)).astype(np.float32),
+    }
+    theirs = _session(model, None)
+    ref, ref_sum = theirs.run(None, feed)
+    assert np.array_equal(ref_sum, feed["x"] + feed["skip"])
+    if library() is None:
+        return
+    op = "SkipRMSNormSwiGLU" if mlp else "SkipRMSNormMatMulNBits"
+    assert op in _ops_run(model, library(), feed, tmp_path)
+    ours = _session(model, library())
+    for m in (1, 3, 4, 9):
+        part = {name: v[:m] for name, v in feed.items()}
+        mine, mine_sum = ours.run(None, part)
+        assert np.array_equal(mine_sum, ref_sum[:m])
+        np.testing.assert_allclose(mine, ref[:m], rtol=0, atol=2e-3 * float(np.abs(ref).max()))
+        for i in range(m):
+            alone = ours.run(None, {name: v[i : i + 1] for name, v in part.items()})[0][0]
+            assert np.array_equal(alone, mine[i]), f"row {i} of {m} differs from the same row alone"
+    empty = ours.run(None, {name: v[:0] for name, v in feed.items()})
+    assert empty[0].shape == (0, n) and empty[1].shape == (0, k)
+
+
+def test_silu_is_right_across_the_float_range(tmp_path: Path) -> None:
+    """The fused MLP's own e^x (no libm): tiny, large and saturating gate outputs."""
+    model = _layer(tmp_path, 64, 64, 32, 8)
+    ours, theirs = _session(model, library() or built()), _session(model, None)
+    x = np.concatenate([np.random.default_rng(5).standard_normal((6, 64)) * s for s in (1e-3, 1, 30, 3e3)])
+    x = x.astype(np.float32)
+    mine, ref = ours.run(None, {"x": x})[0], theirs.run(None, {"x": x})[0]
+    assert np.isfinite(mine).all()
+    np.testing.assert_allclose(mine, ref, rtol=2e-5, atol=1e-6 * float(np.abs(ref).max()))
+
+
 def _resident_kib(path: Path) -> int:
     """This process's resident KiB of mappings of ``path``."""
     total, current = 0, ""
@@ -219,6 +380,33 @@ def test_weights_mapped_from_external_data_are_resident_once(tmp_path: Path) -> 
     x = np.random.default_rng(3).standard_normal((3, k)).astype(np.float32)
     ref = _session(inline, None).run(None, {"x": x})[0]
     np.testing.assert_allclose(ours.run(None, {"x": x})[0], ref, rtol=0, atol=1e-5 * float(np.abs(ref).max()))
+
+
+def _anonymous_kib() -> tuple[int, int]:
+    """This process's resident anonymous KiB, and how much of it is in transparent huge pages."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:])
+    return int(fields["Anonymous"].split()[0]), int(fields["AnonHugePages"].split()[0])
+
+
+@pytest.mark.skipif(not _cpu_runs_kernels(), reason="no AVX2: the library registers nothing (see above)")
+def test_packed_weights_are_freed_with_their_session(tmp_path: Path) -> None:
+    """The packed panels come from huge-page chunks (arena.c): a chunk is unmapped when its last
+    kernel goes, so sessions made and dropped in turn (a model update) do not pile up memory."""
+    import gc
+
+    model = _matmul(tmp_path, 2048, 4096, 128, 8, False)  # 8 MiB of packed int8 weights
+    x = np.ones((1, 2048), np.float32)
+    held = []  # resident anonymous KiB after each session came and went
+    for _ in range(8):
+        session = _session(model, library())
+        session.run(None, {"x": x})
+        loaded, _ = _anonymous_kib()
+        del session
+        gc.collect()
+        held.append(_anonymous_kib()[0])
+        assert loaded - held[-1] > 6 * 1024, "the packed weights were not resident while loaded, or stayed"
+    # The first rounds settle the allocators' own caches (glibc keeps some freed memory).
+    assert held[-1] - held[2] < 2 * 1024, f"memory grew by session: {held}"
 
 
 def test_a_graph_with_zero_points_is_refused(tmp_path: Path) -> None:

@@ -8,9 +8,11 @@ build the graph ourselves from ONNX Runtime's fused operators:
     SkipSimplifiedLayerNormalization → MatMul(QKV packed) → GroupQueryAttention (rotary inside)
     → MatMul(O) → SkipSimplifiedLayerNormalization → MatMul(gate), MatMul(up) → SiLU·up → MatMul(down)
 
-ten nodes per layer once ONNX Runtime fuses the SiLU into QuickGelu. GroupQueryAttention reads and
-writes the KV cache in place when the caller binds the same buffer as ``past`` input and
-``present`` output (``kv_cache="shared"`` in the manifest), so decode never copies the cache.
+ten nodes per layer once ONNX Runtime fuses the SiLU into QuickGelu (five in a quantized graph on
+the edge's kernels: nbits_fusion.py folds the norms and the MLP's activation into the matmuls).
+GroupQueryAttention reads and writes the KV cache in place when the caller binds the same buffer
+as ``past`` input and ``present`` output (``kv_cache="shared"`` in the manifest), so decode never
+copies the cache.
 Weight-only int8 then turns every MatMul into ``MatMulNBits`` (see quantize.py).
 
 How an architecture differs from that Llama layer is one :class:`ArchSpec` in ``ARCHS``:

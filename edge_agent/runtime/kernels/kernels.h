@@ -42,6 +42,8 @@ static inline int kernels_isa(void) {
 
 void matmul_nbits_op(OrtCustomOp *op);           // matmul_nbits.c: com.microsoft MatMulNBits
 void group_query_attention_op(OrtCustomOp *op);  // group_query_attention.c: com.microsoft GroupQueryAttention
+// matmul_nbits_fused.c: adds the ai.autoglm ops (MatMulNBitsSwiGLU, SkipRMSNorm...) to domain.
+OrtStatus *matmul_nbits_fused_ops(OrtCustomOpDomain *domain);
 
 // What every op of the library shares: the CPU provider, float outputs, all of them required,
 // any opset version.

@@ -5,6 +5,10 @@
 //                            (its AVX2 tile in matmul_nbits_avx2.c)
 //   group_query_attention.c  GroupQueryAttention: attention over the shared KV buffers (vector
 //                            routines in attention_avx512.c and attention_avx2.c)
+// and, in their own domain ai.autoglm, ops of ours that onnxruntime does not have, which the
+// packager writes as model-local functions (so a session without this library inlines them):
+//   matmul_nbits_fused.c     MatMulNBitsSwiGLU, SkipRMSNormMatMulNBits, SkipRMSNormSwiGLU: a
+//                            layer's norms and gated-MLP activation folded into its matmuls
 // edge_agent.runtime.kernels finds the built library; OnnxCausalLM registers it and runs the graph
 // on onnxruntime's own kernels wherever the session refuses it (an op refuses what it does not
 // take, and the refusal fails the session).
@@ -28,7 +32,7 @@ static OrtCustomOp attention;
 // Filled and created once, at the first registration: sessions made earlier read them on every
 // call, and onnxruntime requires a domain to outlive its sessions. Which routines run (AVX-512 or
 // AVX2) each op decides when it is created (kernels_isa), so one domain serves every session.
-static OrtCustomOpDomain *domain;
+static OrtCustomOpDomain *domain, *own_domain;
 
 // Whether this CPU runs the kernels (asked through ctypes before a session is made with them).
 __attribute__((visibility("default"))) int AutoglmKernelsUsable(void) { return kernels_isa() != ISA_NONE; }
@@ -51,8 +55,11 @@ __attribute__((visibility("default"))) OrtStatus *ORT_API_CALL RegisterCustomOps
         group_query_attention_op(&attention);
         CHECK(ort->CustomOpDomain_Add(domain, &attention));
 #endif
+        CHECK(ort->CreateCustomOpDomain("ai.autoglm", &own_domain));
+        CHECK(matmul_nbits_fused_ops(own_domain));
     }
-    return ort->AddCustomOpDomain(options, domain);
+    CHECK(ort->AddCustomOpDomain(options, domain));
+    return ort->AddCustomOpDomain(options, own_domain);
 }
 
 #else  // not x86-64: a library that registers nothing, so onnxruntime's own kernels run

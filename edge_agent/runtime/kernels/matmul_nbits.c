@@ -181,58 +181,86 @@ static void quantize_task(void *data, size_t i) {
 
 #pragma GCC pop_options
 
-static OrtStatus *compute_packed(const Kernel *kn, OrtKernelContext *context, const OrtValue *input,
-                                 OrtValue *output, int64_t m) {
-    const float *a;
-    float *y;
-    CHECK(ort->GetTensorMutableData((OrtValue *)input, (void **)&a));
-    CHECK(ort->GetTensorMutableData(output, (void **)&y));
-    int8_t *xq = aligned_alloc(64, (size_t)((m * kn->k + 63) / 64 * 64));
-    float *xs = malloc(sizeof(float) * (size_t)(m * kn->nb));
-    int32_t *corr = malloc(sizeof(int32_t) * (size_t)(m * kn->nb));
-    if (!xq || !xs || !corr) {
-        free(xq), free(xs), free(corr);
+void (*nbits_tiles(const Kernel *kn))(void *, size_t) {
+    return kn->isa == ISA_AVX512 ? packed_task : packed_task_avx2;
+}
+
+OrtStatus *nbits_quantize(const Kernel *kn, OrtKernelContext *context, const float *a, int64_t m, Activations *act) {
+    act->xq = aligned_alloc(64, (size_t)((m * kn->k + 63) / 64 * 64));
+    act->xs = malloc(sizeof(float) * (size_t)(m * kn->nb));
+    act->corr = malloc(sizeof(int32_t) * (size_t)(m * kn->nb));
+    if (!act->xq || !act->xs || !act->corr) {
+        nbits_free(act);
         return fail("MatMulNBits: out of memory");
     }
-    Quantize rows = {kn, a, xq, xs, corr};
-    const int wide = kn->isa == ISA_AVX512;
-    void (*quantize)(void *, size_t) = wide ? quantize_task : quantize_task_avx2;
-    void (*tiles)(void *, size_t) = wide ? packed_task : packed_task_avx2;
-    OrtStatus *status = NULL;
+    Quantize rows = {kn, a, act->xq, act->xs, act->corr};
+    void (*quantize)(void *, size_t) = kn->isa == ISA_AVX512 ? quantize_task : quantize_task_avx2;
     if (m <= SMALL_M) {  // a decode step: not worth a hand-off
         for (int64_t i = 0; i < m; i++) quantize(&rows, (size_t)i);
-    } else {
-        status = ort->KernelContext_ParallelFor(context, quantize, (size_t)m, 0, &rows);
+        return NULL;
     }
-    const int64_t quads = kn->n_pad / 64, per_task = (quads + TASKS - 1) / TASKS;
-    Job job = {kn, xq, xs, corr, y, m, per_task};
-    if (!status)
-        status = ort->KernelContext_ParallelFor(context, tiles, (size_t)((quads + per_task - 1) / per_task), 0, &job);
-    free(xq), free(xs), free(corr);
+    OrtStatus *status = ort->KernelContext_ParallelFor(context, quantize, (size_t)m, 0, &rows);
+    if (status) nbits_free(act);
     return status;
+}
+
+void nbits_free(Activations *act) {
+    free(act->xq), free(act->xs), free(act->corr);
+    *act = (Activations){0};
+}
+
+Job nbits_job(const Kernel *kn, const Activations *act, float *y, int64_t m) {
+    const int64_t quads = kn->n_pad / 64;
+    return (Job){kn, act->xq, act->xs, act->corr, y, m, (quads + TASKS - 1) / TASKS};
+}
+
+size_t nbits_task_count(const Job *job) {
+    const int64_t quads = job->kernel->n_pad / 64;
+    return (size_t)((quads + job->quads_per_task - 1) / job->quads_per_task);
+}
+
+OrtStatus *nbits_shape(OrtKernelContext *context, size_t index, int64_t dims[8], size_t *rank, size_t *count) {
+    const OrtValue *input;
+    CHECK(ort->KernelContext_GetInput(context, index, &input));
+    OrtTensorTypeAndShapeInfo *info;
+    CHECK(ort->GetTensorTypeAndShape(input, &info));
+    OrtStatus *status = ort->GetDimensionsCount(info, rank);
+    if (!status && (*rank < 1 || *rank > 8)) status = fail("MatMulNBits (autoglm): inputs must have rank 1 to 8");
+    if (!status) status = ort->GetDimensions(info, dims, *rank);
+    if (!status) status = ort->GetTensorShapeElementCount(info, count);
+    ort->ReleaseTensorTypeAndShapeInfo(info);
+    return status;
+}
+
+OrtStatus *nbits_io(const Kernel *kn, OrtKernelContext *context, const float **a, float **y, int64_t *m) {
+    size_t rank = 0, count = 0;
+    int64_t dims[8];
+    CHECK(nbits_shape(context, 0, dims, &rank, &count));
+    if (dims[rank - 1] != kn->k) return fail("MatMulNBits: the last dimension of A is not K");
+    *m = (int64_t)count / kn->k;
+    dims[rank - 1] = kn->n;
+    OrtValue *output;
+    CHECK(ort->KernelContext_GetOutput(context, 0, dims, rank, &output));
+    if (*m == 0) return NULL;  // an empty output: nothing to read or write
+    const OrtValue *input;  // A: the weights, scales and bias were packed at session start
+    CHECK(ort->KernelContext_GetInput(context, 0, &input));
+    CHECK(ort->GetTensorMutableData((OrtValue *)input, (void **)a));
+    return ort->GetTensorMutableData(output, (void **)y);
 }
 
 static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *context) {
     const Kernel *kn = op_kernel;
-    const OrtValue *input;  // A: the weights, scales and bias were packed at session start
-    CHECK(ort->KernelContext_GetInput(context, 0, &input));
-    OrtTensorTypeAndShapeInfo *info;
-    CHECK(ort->GetTensorTypeAndShape(input, &info));
-    size_t rank = 0, count = 0;
-    int64_t dims[8];
-    OrtStatus *status = ort->GetDimensionsCount(info, &rank);
-    if (!status && (rank < 1 || rank > 8)) status = fail("MatMulNBits: A must have rank 1 to 8");
-    if (!status) status = ort->GetDimensions(info, dims, rank);
-    if (!status) status = ort->GetTensorShapeElementCount(info, &count);
-    ort->ReleaseTensorTypeAndShapeInfo(info);
-    if (status) return status;
-    if (dims[rank - 1] != kn->k) return fail("MatMulNBits: the last dimension of A is not K");
-    const int64_t m = (int64_t)count / kn->k;
-    dims[rank - 1] = kn->n;
-    OrtValue *output;
-    CHECK(ort->KernelContext_GetOutput(context, 0, dims, rank, &output));
+    const float *a;
+    float *y;
+    int64_t m = 0;
+    CHECK(nbits_io(kn, context, &a, &y, &m));
     if (m == 0) return NULL;
-    return compute_packed(kn, context, input, output, m);
+    Activations act;
+    CHECK(nbits_quantize(kn, context, a, m, &act));
+    Job job = nbits_job(kn, &act, y, m);
+    OrtStatus *status = ort->KernelContext_ParallelFor(context, nbits_tiles(kn), nbits_task_count(&job), 0, &job);
+    nbits_free(&act);
+    return status;
 }
 
 static OrtStatus *attribute(const OrtKernelInfo *info, const char *name, int64_t *out) {
@@ -257,37 +285,18 @@ static void drop_source(const void *p, size_t len) {
     if (hi > lo) (void)madvise((void *)lo, hi - lo, MADV_PAGEOUT);
 }
 
-// Copies the constant weights, scales and bias into the packed layout; refuses (the session
-// then fails to load with this library, and the caller falls back) what it does not take.
-static OrtStatus *pack(const OrtKernelInfo *info, Kernel *kn) {
+// Copies constant weights, scales and (optional) bias into the packed layout; refuses (the session
+// then fails to load with this library, and the caller falls back) a shape it does not take.
+OrtStatus *nbits_pack(Kernel *kn, const uint8_t *w, const float *scales, const float *bias_src) {
     const int64_t k = kn->k, n = kn->n, bits = kn->bits, block = kn->block;
     if (k % (bits == 8 ? 4 : 8) || block % 8) return fail("MatMulNBits (autoglm): K or block not a multiple of 8");
     kn->nb = (k + block - 1) / block;
     kn->n_pad = (n + 63) / 64 * 64;
-    const OrtValue *values[6] = {0};
-    size_t inputs = 0;
-    CHECK(ort->KernelInfo_GetInputCount(info, &inputs));
-    for (size_t i = 1; i < inputs && i < 6; i++) {
-        char name[256];
-        size_t size = sizeof name;
-        CHECK(ort->KernelInfo_GetInputName(info, i, name, &size));
-        if (!name[0]) continue;
-        if (i == 3 || i == 4) return fail("MatMulNBits (autoglm): zero points and g_idx are not supported");
-        int constant = 0;
-        CHECK(ort->KernelInfoGetConstantInput_tensor(info, i, &constant, &values[i]));
-        if (!constant) return fail("MatMulNBits (autoglm): weights, scales and bias must be constant");
-    }
-    if (!values[1] || !values[2]) return fail("MatMulNBits (autoglm): no weights or scales");
-    const uint8_t *w;
-    const float *scales;
-    CHECK(ort->GetTensorMutableData((OrtValue *)values[1], (void **)&w));
-    CHECK(ort->GetTensorMutableData((OrtValue *)values[2], (void **)&scales));
     const int64_t blob = block * bits / 8, panel_bytes = k * bits / 8 * 16;
-    kn->packed = aligned_alloc(64, (size_t)(kn->n_pad / 16 * panel_bytes));
-    kn->pscales = calloc((size_t)(kn->n_pad * kn->nb), sizeof(float));
-    if (values[5]) kn->bias = malloc(sizeof(float) * (size_t)n);
-    if (!kn->packed || !kn->pscales || (values[5] && !kn->bias)) return fail("MatMulNBits (autoglm): out of memory");
-    memset(kn->packed, 0, (size_t)(kn->n_pad / 16 * panel_bytes));
+    kn->packed = arena_alloc((size_t)(kn->n_pad / 16 * panel_bytes));  // zeroed: padding columns stay 0
+    kn->pscales = arena_alloc(sizeof(float) * (size_t)(kn->n_pad * kn->nb));  // zeroed
+    if (bias_src) kn->bias = malloc(sizeof(float) * (size_t)n);
+    if (!kn->packed || !kn->pscales || (bias_src && !kn->bias)) return fail("MatMulNBits (autoglm): out of memory");
     for (int64_t c = 0; c < n; c++) {
         uint8_t *lane = kn->packed + c / 16 * panel_bytes + c % 16 * 4;
         for (int64_t b = 0; b < kn->nb; b++) {
@@ -317,37 +326,63 @@ static OrtStatus *pack(const OrtKernelInfo *info, Kernel *kn) {
     // w + 128 times an int8 activation can saturate the pair sums).
     if (kn->isa == ISA_AVX2 && bits == 8)
         for (size_t i = 0; i < (size_t)(kn->n_pad / 16 * panel_bytes); i++) kn->packed[i] ^= 0x80;
-    if (values[5]) {
-        const float *bias;
-        CHECK(ort->GetTensorMutableData((OrtValue *)values[5], (void **)&bias));
-        memcpy(kn->bias, bias, sizeof(float) * (size_t)n);
-    }
+    if (bias_src) memcpy(kn->bias, bias_src, sizeof(float) * (size_t)n);
     drop_source(w, (size_t)(n * kn->nb * blob));
     drop_source(scales, sizeof(float) * (size_t)(n * kn->nb));
     return NULL;
 }
 
-static void release(Kernel *kn) { free(kn->packed), free(kn->pscales), free(kn->bias); }
+void nbits_release(Kernel *kn) { arena_free(kn->packed), arena_free(kn->pscales), free(kn->bias); }
+
+OrtStatus *nbits_attributes(const OrtKernelInfo *info, Kernel *kn) {
+    CHECK(attribute(info, "K", &kn->k));
+    CHECK(attribute(info, "N", &kn->n));
+    CHECK(attribute(info, "bits", &kn->bits));
+    CHECK(attribute(info, "block_size", &kn->block));
+    if (kn->bits != 8 && kn->bits != 4) return fail("MatMulNBits (autoglm): only 8 and 4 bits");
+    // A block's int32 sum is at most block x 255 x 127 (+ the zero-point term): blocks beyond
+    // 8192 could overflow it.
+    if (kn->k < 1 || kn->n < 1 || kn->block < 16 || kn->block > 8192)
+        return fail("MatMulNBits (autoglm): K, N or block_size out of range");
+    kn->isa = kernels_isa();
+    if (kn->isa == ISA_NONE) return fail("MatMulNBits (autoglm): this CPU has neither AVX-512 VNNI nor AVX2");
+    return NULL;
+}
+
+OrtStatus *nbits_constant(const OrtKernelInfo *info, size_t index, const void **data) {
+    int constant = 0;
+    const OrtValue *value = NULL;
+    CHECK(ort->KernelInfoGetConstantInput_tensor(info, index, &constant, &value));
+    if (!constant || !value) return fail("MatMulNBits (autoglm): weights, scales and bias must be constant");
+    return ort->GetTensorMutableData((OrtValue *)value, (void **)data);
+}
+
+// MatMulNBits' inputs: A, B, scales, zero_points, g_idx, bias. Reads the constant ones and packs them.
+static OrtStatus *pack(const OrtKernelInfo *info, Kernel *kn) {
+    const void *values[6] = {0};
+    size_t inputs = 0;
+    CHECK(ort->KernelInfo_GetInputCount(info, &inputs));
+    for (size_t i = 1; i < inputs && i < 6; i++) {
+        char name[256];
+        size_t size = sizeof name;
+        CHECK(ort->KernelInfo_GetInputName(info, i, name, &size));
+        if (!name[0]) continue;
+        if (i == 3 || i == 4) return fail("MatMulNBits (autoglm): zero points and g_idx are not supported");
+        CHECK(nbits_constant(info, i, &values[i]));
+    }
+    if (!values[1] || !values[2]) return fail("MatMulNBits (autoglm): no weights or scales");
+    return nbits_pack(kn, values[1], values[2], values[5]);
+}
 
 static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info,
                                       void **out) {
     (void)op, (void)api;
     Kernel kn = {0};
-    CHECK(attribute(info, "K", &kn.k));
-    CHECK(attribute(info, "N", &kn.n));
-    CHECK(attribute(info, "bits", &kn.bits));
-    CHECK(attribute(info, "block_size", &kn.block));
-    if (kn.bits != 8 && kn.bits != 4) return fail("MatMulNBits (autoglm): only 8 and 4 bits");
-    // A block's int32 sum is at most block x 255 x 127 (+ the zero-point term): blocks beyond
-    // 8192 could overflow it.
-    if (kn.k < 1 || kn.n < 1 || kn.block < 16 || kn.block > 8192)
-        return fail("MatMulNBits (autoglm): K, N or block_size out of range");
-    kn.isa = kernels_isa();
-    if (kn.isa == ISA_NONE) return fail("MatMulNBits (autoglm): this CPU has neither AVX-512 VNNI nor AVX2");
+    CHECK(nbits_attributes(info, &kn));
     OrtStatus *status = pack(info, &kn);
     Kernel *kernel = status ? NULL : malloc(sizeof kn);
     if (!kernel) {
-        release(&kn);
+        nbits_release(&kn);
         return status ? status : fail("MatMulNBits (autoglm): out of memory");
     }
     *kernel = kn;
@@ -356,7 +391,7 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *api, 
 }
 
 static void ORT_API_CALL destroy(void *op_kernel) {
-    if (op_kernel) release(op_kernel);
+    if (op_kernel) nbits_release(op_kernel);
     free(op_kernel);
 }
 

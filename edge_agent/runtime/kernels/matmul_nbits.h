@@ -6,6 +6,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kernels.h"
+
 #define SMALL_M 4  // rows per register tile; a call of at most this many quantizes inline
 // Bytes ahead of each weight stream prefetched in a decode-sized call: a step runs ~150 small
 // matrices, each task starts new streams, and the hardware prefetcher alone ramps up too late
@@ -62,5 +64,48 @@ static inline __attribute__((always_inline)) void quad_task(const Job *job, size
 // matmul_nbits_avx2.c: quad_task with the AVX2 tiles, and one row's quantization.
 void packed_task_avx2(void *data, size_t t);
 void quantize_task_avx2(void *data, size_t i);
+
+// One call's activations quantized per weight block (what a Job reads).
+typedef struct {
+    int8_t *xq;
+    float *xs;
+    int32_t *corr;
+} Activations;
+
+// matmul_nbits.c, for every op that multiplies by packed weights (MatMulNBits, and the fused ops
+// of matmul_nbits_fused.c):
+// K, N, bits and block_size from the node's attributes, checked, and the CPU's instruction set.
+OrtStatus *nbits_attributes(const OrtKernelInfo *info, Kernel *kn);
+// The data of the node's input `index`, which must be a constant (an initializer).
+OrtStatus *nbits_constant(const OrtKernelInfo *info, size_t index, const void **data);
+// Packs MatMulNBits-layout weights and scales (and a bias, or NULL) into kn's panels.
+OrtStatus *nbits_pack(Kernel *kn, const uint8_t *w, const float *scales, const float *bias);
+void nbits_release(Kernel *kn);
+// The shape of input `index` (rank 1 to 8) and its element count.
+OrtStatus *nbits_shape(OrtKernelContext *context, size_t index, int64_t dims[8], size_t *rank, size_t *count);
+// The op's input A [..., K] as m rows and its output [..., N], made.
+OrtStatus *nbits_io(const Kernel *kn, OrtKernelContext *context, const float **a, float **y, int64_t *m);
+// Quantizes m rows of a (in parallel for a prefill); nbits_free releases them.
+OrtStatus *nbits_quantize(const Kernel *kn, OrtKernelContext *context, const float *a, int64_t m, Activations *act);
+void nbits_free(Activations *act);
+// A job writing y [m][n], its number of thread-pool tasks, and the task that runs them on this
+// kernel's instruction set.
+Job nbits_job(const Kernel *kn, const Activations *act, float *y, int64_t m);
+size_t nbits_task_count(const Job *job);
+void (*nbits_tiles(const Kernel *kn))(void *, size_t);
+
+// arena.c: zeroed memory for packed weights and scales, in transparent huge pages where the
+// kernel has them; arena_free takes what arena_alloc gave.
+void *arena_alloc(size_t bytes);
+void arena_free(void *p);
+
+// matmul_nbits_avx2.c: y[i] = silu(g[i]) x y[i] = g[i] / (1 + e^-g[i]) x y[i] for n floats, AVX2
+// (every CPU the library runs on has it), elementwise: a row's result does not depend on the rows
+// beside it.
+void silu_mul_avx2(const float *g, float *y, int64_t n);
+// sum = a + skip and normed = sum / sqrt(mean(sum^2) + epsilon) x gamma over one row of k floats
+// (SkipSimplifiedLayerNormalization), AVX2; the mean's sum runs in the same order for every row.
+void skip_rms_norm_avx2(const float *a, const float *skip, const float *gamma, float epsilon, int64_t k, float *sum,
+                        float *normed);
 
 #endif

@@ -15,6 +15,7 @@
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+#include <math.h>
 
 #include "avx2.h"
 #include "matmul_nbits.h"
@@ -185,6 +186,63 @@ void quantize_task_avx2(void *data, size_t row) {
         xs[b] = scale;
         corr[b] = -zero * hsum256_epi32(total);
     }
+}
+
+// e^x for x in [-87, 88] (clamped there: e^-g of a gate output beyond it is 0 or huge either way,
+// and silu's quotient is then g or -0): Cephes' expf, a degree-6 polynomial of the remainder after
+// x = n ln 2 + r, |r| <= ln 2 / 2, scaled by 2^n through the exponent bits; ~2 ulp.
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+void silu_mul_avx2(const float *g, float *y, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(g + i);
+        const __m256 silu = _mm256_div_ps(v, _mm256_add_ps(one, exp256(_mm256_xor_ps(v, sign))));
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(silu, _mm256_loadu_ps(y + i)));
+    }
+    if (i < n) {  // the tail through a padded copy, so every element takes the same instructions
+        float gt[8] = {0}, yt[8] = {0};
+        memcpy(gt, g + i, sizeof(float) * (size_t)(n - i));
+        memcpy(yt, y + i, sizeof(float) * (size_t)(n - i));
+        silu_mul_avx2(gt, yt, 8);
+        memcpy(y + i, yt, sizeof(float) * (size_t)(n - i));
+    }
+}
+
+void skip_rms_norm_avx2(const float *a, const float *skip, const float *gamma, float epsilon, int64_t k, float *sum,
+                        float *normed) {
+    __m256 squares = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= k; j += 8) {
+        const __m256 s = _mm256_add_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(skip + j));
+        _mm256_storeu_ps(sum + j, s);
+        squares = _mm256_fmadd_ps(s, s, squares);
+    }
+    float total = hsum256(squares);
+    for (; j < k; j++) {
+        sum[j] = a[j] + skip[j];
+        total += sum[j] * sum[j];
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / sqrtf(total / (float)k + epsilon));
+    for (j = 0; j + 8 <= k; j += 8)
+        _mm256_storeu_ps(normed + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(sum + j), inv), _mm256_loadu_ps(gamma + j)));
+    for (; j < k; j++) normed[j] = sum[j] * _mm256_cvtss_f32(inv) * gamma[j];
 }
 
 #pragma GCC pop_options

@@ -1,0 +1,236 @@
+"""A quantized graph's layer nodes folded into its weight matmuls, as model-local functions.
+
+The fused decoder (fused.py) writes a layer's norm as ``SkipSimplifiedLayerNormalization`` and
+its gated MLP as gate and up MatMuls, a Sigmoid and two Muls; quantization (quantize.py) turns
+the MatMuls into ``MatMulNBits``. This pass replaces, in the ``ai.autoglm`` domain:
+
+* gate, up, Sigmoid, Mul, Mul → ``MatMulNBitsSwiGLU`` (A, gate B, gate scales, up B, up scales);
+* a skip-norm whose normed output only one ``MatMulNBits`` reads (the packed QKV projection) →
+  ``SkipRMSNormMatMulNBits`` (A, skip, gamma, B, scales) → (Y, A + skip);
+* a skip-norm whose normed output only a ``MatMulNBitsSwiGLU`` reads → ``SkipRMSNormSwiGLU``.
+
+Each is a model-local function whose body is exactly the nodes it replaces. Where the edge's
+kernel library is registered, onnxruntime runs the node with the library's op (a function node
+that some kernel takes is not inlined: SmolLM2's decode step runs 155 nodes instead of 335, and
+the gate and up quantize their activations once); anywhere else (no library, another CPU, the
+CUDA provider, the packager's own checks) onnxruntime inlines the body and runs the graph it ran
+before, node for node.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+DOMAIN = "ai.autoglm"
+SWIGLU = "MatMulNBitsSwiGLU"
+NORM_MATMUL = "SkipRMSNormMatMulNBits"
+NORM_SWIGLU = "SkipRMSNormSwiGLU"
+# The MatMulNBits attributes a function passes through (by reference) to its body's nodes.
+_NBITS = ("K", "N", "bits", "block_size", "accuracy_level")
+
+
+def _functions(opset: int) -> list[Any]:
+    from onnx import AttributeProto, helper
+
+    def nbits(name: str, a: str, weights: str, scales: str, out: str) -> Any:
+        node = helper.make_node("MatMulNBits", [a, weights, scales], [out], name=name, domain="com.microsoft")
+        node.attribute.extend(helper.make_attribute_ref(x, AttributeProto.INT) for x in _NBITS)
+        return node
+
+    def swiglu(a: str) -> list[Any]:
+        return [
+            nbits("gate", a, "gate_B", "gate_scales", "g"),
+            nbits("up", a, "up_B", "up_scales", "u"),
+            helper.make_node("Sigmoid", ["g"], ["sigmoid"], name="Sigmoid"),
+            helper.make_node("Mul", ["g", "sigmoid"], ["silu"], name="SiLU"),
+            helper.make_node("Mul", ["silu", "u"], ["Y"], name="Mul"),
+        ]
+
+    norm = helper.make_node(
+        "SkipSimplifiedLayerNormalization",
+        ["A", "skip", "gamma"],
+        ["normed", "", "", "sum"],
+        name="SkipRMSNorm",
+        domain="com.microsoft",
+    )
+    norm.attribute.append(helper.make_attribute_ref("epsilon", AttributeProto.FLOAT))
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
+    pair = ["gate_B", "gate_scales", "up_B", "up_scales"]
+    return [
+        helper.make_function(DOMAIN, SWIGLU, ["A", *pair], ["Y"], swiglu("A"), opsets, list(_NBITS)),
+        helper.make_function(
+            DOMAIN,
+            NORM_MATMUL,
+            ["A", "skip", "gamma", "B", "scales"],
+            ["Y", "sum"],
+            [norm, nbits("matmul", "normed", "B", "scales", "Y")],
+            opsets,
+            [*_NBITS, "epsilon"],
+        ),
+        helper.make_function(
+            DOMAIN,
+            NORM_SWIGLU,
+            ["A", "skip", "gamma", *pair],
+            ["Y", "sum"],
+            [norm, *swiglu("normed")],
+            opsets,
+            [*_NBITS, "epsilon"],
+        ),
+    ]
+
+
+def _nbits_attrs(node: Any) -> dict[str, int]:
+    return {a.name: a.i for a in node.attribute if a.name in _NBITS}
+
+
+class _Graph:
+    """Who produces and who reads each tensor of a graph."""
+
+    def __init__(self, graph: Any) -> None:
+        self.producer = {out: node for node in graph.node for out in node.output if out}
+        self.readers: dict[str, list[Any]] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.readers.setdefault(name, []).append(node)
+        self.outputs = {out.name for out in graph.output}
+
+    def only_reader(self, name: str) -> Any | None:
+        """The one node reading ``name``, if exactly one does and it is not a graph output."""
+        readers = self.readers.get(name, [])
+        return readers[0] if len(readers) == 1 and name not in self.outputs else None
+
+    def unread(self, name: str) -> bool:
+        return not name or (not self.readers.get(name) and name not in self.outputs)
+
+
+def _plain_nbits(node: Any | None) -> bool:
+    """A MatMulNBits of weights and scales alone (no zero points, g_idx or bias: the library's
+    fused ops pack none of them)."""
+    return (
+        node is not None
+        and node.op_type == "MatMulNBits"
+        and node.domain == "com.microsoft"
+        and len(node.input) == 3
+        and all(node.input)
+        and {"K", "N", "bits", "block_size"} <= set(_nbits_attrs(node))
+    )
+
+
+def _rewrite(graph: Any, groups: list[tuple[list[Any], Any]]) -> None:
+    """Each group's nodes out, its new node in at the place of the group's last node."""
+    gone = {id(node) for old, _ in groups for node in old}
+    at = {id(old[-1]): new for old, new in groups}
+    nodes = []
+    for node in graph.node:
+        if id(node) in at:
+            nodes.append(at[id(node)])
+        elif id(node) not in gone:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _fuse_swiglu(graph: Any) -> int:
+    from onnx import helper
+
+    g = _Graph(graph)
+    groups = []
+    for mul in graph.node:
+        if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or len(mul.input) != 2:
+            continue
+        silu = g.producer.get(mul.input[0])
+        if silu is None or silu.op_type != "Mul" or len(silu.input) != 2:
+            continue
+        sigmoid = g.producer.get(silu.input[1])
+        if sigmoid is None or sigmoid.op_type != "Sigmoid" or sigmoid.input[0] != silu.input[0]:
+            continue
+        gate: Any = g.producer.get(silu.input[0])
+        up: Any = g.producer.get(mul.input[1])
+        if not (_plain_nbits(gate) and _plain_nbits(up)) or gate is up or gate.input[0] != up.input[0]:
+            continue
+        if _nbits_attrs(gate) != _nbits_attrs(up):
+            continue
+        # Nothing else may read what the fused node no longer produces.
+        if len(g.readers.get(gate.output[0], [])) != 2 or gate.output[0] in g.outputs:
+            continue
+        if not all(g.only_reader(x.output[0]) is not None for x in (sigmoid, silu, up)):
+            continue
+        fused = helper.make_node(
+            SWIGLU,
+            [gate.input[0], gate.input[1], gate.input[2], up.input[1], up.input[2]],
+            [mul.output[0]],
+            name=f"{gate.name}/SwiGLU",
+            domain=DOMAIN,
+        )
+        fused.attribute.extend(helper.make_attribute(k, v) for k, v in _nbits_attrs(gate).items())
+        groups.append(([gate, up, sigmoid, silu, mul], fused))
+    _rewrite(graph, groups)
+    return len(groups)
+
+
+def _fuse_norms(graph: Any) -> int:
+    from onnx import helper
+
+    g = _Graph(graph)
+    groups = []
+    for norm in graph.node:
+        if norm.op_type != "SkipSimplifiedLayerNormalization" or norm.domain != "com.microsoft":
+            continue
+        outs = list(norm.output) + [""] * (4 - len(norm.output))
+        if (
+            len(norm.input) != 3
+            or not all(norm.input)
+            or not outs[3]
+            or not all(g.unread(x) for x in outs[1:3])
+        ):
+            continue
+        reader = g.only_reader(outs[0])
+        if reader is None or reader.input[0] != outs[0]:
+            continue
+        if _plain_nbits(reader):
+            op, weights = NORM_MATMUL, list(reader.input[1:])
+        elif reader.op_type == SWIGLU and reader.domain == DOMAIN:
+            op, weights = NORM_SWIGLU, list(reader.input[1:])
+        else:
+            continue
+        eps = next((a.f for a in norm.attribute if a.name == "epsilon"), None)
+        if eps is None:  # the op's default is onnxruntime's business: fuse only an explicit one
+            continue
+        fused = helper.make_node(
+            op,
+            [norm.input[0], norm.input[1], norm.input[2], *weights],
+            [reader.output[0], outs[3]],
+            name=f"{norm.name}/{op}",
+            domain=DOMAIN,
+            epsilon=eps,
+        )
+        fused.attribute.extend(helper.make_attribute(k, v) for k, v in _nbits_attrs(reader).items())
+        groups.append(([norm, reader], fused))
+    _rewrite(graph, groups)
+    return len(groups)
+
+
+def fuse_layers(model: Any) -> dict[str, int]:
+    """Rewrites ``model`` (an onnx ModelProto) in place: gated MLPs first, then the skip-norms in
+    front of a matmul. Returns how many nodes of each fused op it wrote.
+
+    A group is fused only when it is exactly what the op computes and nothing else reads what the
+    fused node no longer produces (the normed activations, the gate's output, the SiLU)."""
+    from onnx import helper
+
+    _fuse_swiglu(model.graph)
+    _fuse_norms(model.graph)
+    counts = {name: 0 for name in (SWIGLU, NORM_MATMUL, NORM_SWIGLU)}
+    for node in model.graph.node:
+        if node.domain == DOMAIN and node.op_type in counts:
+            counts[node.op_type] += 1
+    if any(counts.values()):
+        opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        have = {(f.domain, f.name) for f in model.functions}
+        used = {name for name, n in counts.items() if n}
+        model.functions.extend(
+            f for f in _functions(opset) if f.name in used and (f.domain, f.name) not in have
+        )
+        if not any(o.domain == DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return counts

@@ -1,0 +1,182 @@
+"""The packager's folding of a layer's small nodes into its quantized matmuls
+(cloud/packaging/nbits_fusion.py): what it fuses, what it leaves alone, and that the graph stays a
+valid ONNX model whose functions onnxruntime inlines where the edge's library is absent. The ops'
+numbers against onnxruntime's are in tests/test_kernels.py."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from cloud.packaging.export import io_signature, read_hf_config
+from cloud.packaging.fused import build_fused
+from cloud.packaging.nbits_fusion import NORM_MATMUL, NORM_SWIGLU, SWIGLU, fuse_layers
+from cloud.packaging.quantize import quantize_weight_only
+from edge_agent.runtime.session import OnnxCausalLM
+from tests.test_export import _tiny
+
+K, N = 64, 96
+
+
+def _nbits(name: str, a: str, out: str, bias: bool = False) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """A MatMulNBits node as the quantizer writes it (4 bits, blocks of 32), with its initializers."""
+    rng = np.random.default_rng(len(name))
+    weights = rng.integers(0, 256, (N, K // 32, 16), dtype=np.uint8)
+    scales = (rng.random(N * K // 32) * 0.01).astype(np.float32)
+    inits = [numpy_helper.from_array(weights, f"{name}.B"), numpy_helper.from_array(scales, f"{name}.s")]
+    inputs = [a, f"{name}.B", f"{name}.s"]
+    if bias:
+        inits.append(numpy_helper.from_array(np.ones(N, np.float32), f"{name}.bias"))
+        inputs += ["", "", f"{name}.bias"]
+    node = helper.make_node(
+        "MatMulNBits",
+        inputs,
+        [out],
+        name=name,
+        domain="com.microsoft",
+        K=K,
+        N=N,
+        bits=4,
+        block_size=32,
+        accuracy_level=4,
+    )
+    return node, inits
+
+
+def _model(
+    *, gate_read_elsewhere: bool = False, norm_readers: int = 1, up_bias: bool = False, eps: bool = True
+) -> onnx.ModelProto:
+    """skip-norm(x, skip) → gate, up → SiLU·up → y, as fused.py + quantize.py write it."""
+    gamma = numpy_helper.from_array(np.ones(K, np.float32), "gamma")
+    norm = helper.make_node(
+        "SkipSimplifiedLayerNormalization",
+        ["x", "skip", "gamma"],
+        ["normed", "", "", "sum"],
+        name="norm",
+        domain="com.microsoft",
+        **({"epsilon": 1e-6} if eps else {}),
+    )
+    gate, gate_inits = _nbits("gate", "normed", "g")
+    up, up_inits = _nbits("up", "normed", "u", bias=up_bias)
+    nodes = [
+        norm,
+        gate,
+        up,
+        helper.make_node("Sigmoid", ["g"], ["sig"], name="Sigmoid"),
+        helper.make_node("Mul", ["g", "sig"], ["silu"], name="SiLU"),
+        helper.make_node("Mul", ["silu", "u"], ["y"], name="Mul"),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", N]),
+        helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["M", K]),
+    ]
+    inits = [gamma, *gate_inits, *up_inits]
+    if gate_read_elsewhere:
+        nodes.append(helper.make_node("Identity", ["g"], ["g_too"], name="probe"))
+        outputs.append(helper.make_tensor_value_info("g_too", TensorProto.FLOAT, ["M", N]))
+    for i in range(norm_readers - 1):  # Qwen3's q, k and v read one norm
+        extra, extra_inits = _nbits(f"extra{i}", "normed", f"e{i}")
+        nodes.append(extra)
+        inits += extra_inits
+        outputs.append(helper.make_tensor_value_info(f"e{i}", TensorProto.FLOAT, ["M", N]))
+    graph = helper.make_graph(
+        nodes,
+        "layer",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K]),
+            helper.make_tensor_value_info("skip", TensorProto.FLOAT, ["M", K]),
+        ],
+        outputs,
+        inits,
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def _ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return list(session.run(None, feed))
+
+
+def _feed() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "x": rng.standard_normal((3, K)).astype(np.float32),
+        "skip": rng.standard_normal((3, K)).astype(np.float32),
+    }
+
+
+def test_a_gated_mlp_and_its_norm_become_one_node_that_onnxruntime_inlines_alike() -> None:
+    model = _model()
+    before = _run(model, _feed())
+    counts = fuse_layers(model)
+    assert counts == {SWIGLU: 0, NORM_MATMUL: 0, NORM_SWIGLU: 1}
+    assert _ops(model) == [NORM_SWIGLU]
+    assert [f.name for f in model.functions] == [NORM_SWIGLU]
+    onnx.checker.check_model(model, full_check=True)
+    after = _run(model, _feed())  # no library: the function's body runs
+    for a, b in zip(before, after, strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_what_the_fused_node_would_hide_is_left_alone() -> None:
+    # The gate's output read by another node: the MLP stays; the norm has two readers then.
+    model = _model(gate_read_elsewhere=True)
+    assert fuse_layers(model) == {SWIGLU: 0, NORM_MATMUL: 0, NORM_SWIGLU: 0}
+    assert "Sigmoid" in _ops(model) and not model.functions
+    # A norm read by three matmuls (Qwen3's q, k, v): the MLP fuses, the norm stays.
+    model = _model(norm_readers=3)
+    fuse_layers(model)
+    assert Counter(_ops(model)) == Counter(
+        {"SkipSimplifiedLayerNormalization": 1, SWIGLU: 1, "MatMulNBits": 2}
+    )
+    # An up projection with a bias (the fused ops pack none).
+    model = _model(up_bias=True)
+    fuse_layers(model)
+    assert "Sigmoid" in _ops(model) and SWIGLU not in _ops(model)
+    # A norm without an explicit epsilon: its default is onnxruntime's, not written here.
+    model = _model(eps=False)
+    fuse_layers(model)
+    assert _ops(model) == ["SkipSimplifiedLayerNormalization", SWIGLU]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_a_quantized_fused_decoder_runs_five_nodes_per_layer_and_decodes_alike_inlined(
+    kind: str, tmp_path: Path
+) -> None:
+    src = _tiny(kind, tmp_path / "src", vary_vectors=True)
+    cfg = read_hf_config(src)
+    fp32 = build_fused(src, cfg, tmp_path / "fused")
+    graph = quantize_weight_only(fp32, tmp_path / "int8" / "model.onnx", 8, 64)
+    model = onnx.load(str(graph), load_external_data=False)
+    ops = Counter(_ops(model))
+    layers = cfg["num_hidden_layers"]
+    # The first layer's norm has no skip (a plain RMSNorm before the QKV matmul).
+    assert ops[NORM_SWIGLU] == layers and ops[NORM_MATMUL] == layers - 1
+    assert ops["GroupQueryAttention"] == layers and "Sigmoid" not in ops
+    # The same graph with the functions inlined by hand (onnx's inliner) decodes to the same logits
+    # on onnxruntime's kernels: the functions' bodies are the nodes they replaced.
+    from onnx import inliner
+
+    inlined = inliner.inline_local_functions(onnx.load(str(graph)))
+    assert not inlined.functions and "SkipSimplifiedLayerNormalization" in _ops(inlined)
+    flat = tmp_path / "flat" / "model.onnx"
+    flat.parent.mkdir()
+    onnx.save(inlined, str(flat), save_as_external_data=True)
+    io = io_signature(graph, cfg, {"eos_token_id": 1})
+    prompt = [5, 17, 42, 99, 3, 250, 7]
+    a = OnnxCausalLM(graph, io, threads=1).sequence_logits(prompt)
+    b = OnnxCausalLM(flat, io, threads=1).sequence_logits(prompt)
+    assert np.array_equal(a, b)
