@@ -50,7 +50,12 @@ def _nbits(name: str, a: str, out: str, bias: bool = False) -> tuple[onnx.NodePr
 
 
 def _model(
-    *, gate_read_elsewhere: bool = False, norm_readers: int = 1, up_bias: bool = False, eps: bool = True
+    *,
+    gate_read_elsewhere: bool = False,
+    norm_readers: int = 1,
+    up_bias: bool = False,
+    eps: bool = True,
+    sum_read_early: bool = False,
 ) -> onnx.ModelProto:
     """skip-norm(x, skip) → gate, up → SiLU·up → y, as fused.py + quantize.py write it."""
     gamma = numpy_helper.from_array(np.ones(K, np.float32), "gamma")
@@ -76,6 +81,9 @@ def _model(
         helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", N]),
         helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["M", K]),
     ]
+    if sum_read_early:  # a reader of the sum between the norm and the matmuls, in node order
+        nodes.insert(1, helper.make_node("Neg", ["sum"], ["neg_sum"], name="early"))
+        outputs.append(helper.make_tensor_value_info("neg_sum", TensorProto.FLOAT, ["M", K]))
     inits = [gamma, *gate_inits, *up_inits]
     if gate_read_elsewhere:
         nodes.append(helper.make_node("Identity", ["g"], ["g_too"], name="probe"))
@@ -118,12 +126,16 @@ def _feed() -> dict[str, np.ndarray]:
     }
 
 
-def test_a_gated_mlp_and_its_norm_become_one_node_that_onnxruntime_inlines_alike() -> None:
-    model = _model()
+@pytest.mark.parametrize("sum_read_early", [False, True])
+def test_a_gated_mlp_and_its_norm_become_one_node_that_onnxruntime_inlines_alike(
+    sum_read_early: bool,
+) -> None:
+    model = _model(sum_read_early=sum_read_early)
     before = _run(model, _feed())
     counts = fuse_layers(model)
     assert counts == {SWIGLU: 0, NORM_MATMUL: 0, NORM_SWIGLU: 1}
-    assert _ops(model) == [NORM_SWIGLU]
+    # The fused node takes the group's first place: the order stays topological (checked below).
+    assert _ops(model) == ([NORM_SWIGLU, "Neg"] if sum_read_early else [NORM_SWIGLU])
     assert [f.name for f in model.functions] == [NORM_SWIGLU]
     onnx.checker.check_model(model, full_check=True)
     after = _run(model, _feed())  # no library: the function's body runs

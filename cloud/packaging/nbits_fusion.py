@@ -117,9 +117,12 @@ def _plain_nbits(node: Any | None) -> bool:
 
 
 def _rewrite(graph: Any, groups: list[tuple[list[Any], Any]]) -> None:
-    """Each group's nodes out, its new node in at the place of the group's last node."""
+    """Each group's nodes out, its new node in at the place of the group's first node: the new
+    node reads only what that node's inputs and initializers are, and whatever reads its outputs
+    comes after the group's nodes, so the order stays topological."""
     gone = {id(node) for old, _ in groups for node in old}
-    at = {id(old[-1]): new for old, new in groups}
+    order = {id(node): i for i, node in enumerate(graph.node)}
+    at = {id(min(old, key=lambda node: order[id(node)])): new for old, new in groups}
     nodes = []
     for node in graph.node:
         if id(node) in at:

@@ -4,8 +4,8 @@
 // Why: a decode step reads every weight once, ~70 MB for SmolLM2 at int4 in ~120 matrices of
 // 0.2-14 MB. In 4 KiB pages that is ~17,000 pages a step, far beyond the CPU's TLB, so the
 // weight streams keep stopping for page walks; 2 MiB pages cover them with ~35 entries. AMD EPYC
-// Zen 3 VM, SmolLM2 int4, same graph and library in one process (bench/RESULTS.md): a 1-row
-// decode step 5-7 % faster, a 4-row one 5-6 %.
+// Zen 3 VM, SmolLM2 int4, same graph in one process, three runs (bench/RESULTS.md): a 1-row
+// decode step 4-7 % faster, a 4-row one 5-6 %.
 //
 // How: each allocation takes the next whole 4 KiB pages of the current chunk (64 MiB of address
 // space, MADV_HUGEPAGE; a larger allocation gets a chunk of its own); a chunk is unmapped when
