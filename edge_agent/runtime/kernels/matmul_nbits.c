@@ -214,16 +214,21 @@ Job nbits_job(const Kernel *kn, const Activations *act, float *y, int64_t m) {
     return (Job){kn, act->xq, act->xs, act->corr, y, m, (quads + TASKS - 1) / TASKS};
 }
 
+OrtStatus *nbits_multiply(const Kernel *kn, OrtKernelContext *context, const Activations *act, float *y, int64_t m) {
+    Job job = nbits_job(kn, act, y, m);
+    return ort->KernelContext_ParallelFor(context, nbits_tiles(kn), nbits_task_count(&job), 0, &job);
+}
+
 size_t nbits_task_count(const Job *job) {
     const int64_t quads = job->kernel->n_pad / 64;
     return (size_t)((quads + job->quads_per_task - 1) / job->quads_per_task);
 }
 
-OrtStatus *nbits_shape(OrtKernelContext *context, size_t index, int64_t dims[8], size_t *rank, size_t *count) {
-    const OrtValue *input;
-    CHECK(ort->KernelContext_GetInput(context, index, &input));
+OrtStatus *nbits_shape(OrtKernelContext *context, size_t index, const OrtValue **value, int64_t dims[8],
+                       size_t *rank, size_t *count) {
+    CHECK(ort->KernelContext_GetInput(context, index, value));
     OrtTensorTypeAndShapeInfo *info;
-    CHECK(ort->GetTensorTypeAndShape(input, &info));
+    CHECK(ort->GetTensorTypeAndShape(*value, &info));
     OrtStatus *status = ort->GetDimensionsCount(info, rank);
     if (!status && (*rank < 1 || *rank > 8)) status = fail("MatMulNBits (autoglm): inputs must have rank 1 to 8");
     if (!status) status = ort->GetDimensions(info, dims, *rank);
@@ -233,17 +238,16 @@ OrtStatus *nbits_shape(OrtKernelContext *context, size_t index, int64_t dims[8],
 }
 
 OrtStatus *nbits_io(const Kernel *kn, OrtKernelContext *context, const float **a, float **y, int64_t *m) {
+    const OrtValue *input;  // A: the weights, scales and bias were packed at session start
     size_t rank = 0, count = 0;
     int64_t dims[8];
-    CHECK(nbits_shape(context, 0, dims, &rank, &count));
+    CHECK(nbits_shape(context, 0, &input, dims, &rank, &count));
     if (dims[rank - 1] != kn->k) return fail("MatMulNBits: the last dimension of A is not K");
     *m = (int64_t)count / kn->k;
     dims[rank - 1] = kn->n;
     OrtValue *output;
     CHECK(ort->KernelContext_GetOutput(context, 0, dims, rank, &output));
     if (*m == 0) return NULL;  // an empty output: nothing to read or write
-    const OrtValue *input;  // A: the weights, scales and bias were packed at session start
-    CHECK(ort->KernelContext_GetInput(context, 0, &input));
     CHECK(ort->GetTensorMutableData((OrtValue *)input, (void **)a));
     return ort->GetTensorMutableData(output, (void **)y);
 }
@@ -257,8 +261,7 @@ static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *contex
     if (m == 0) return NULL;
     Activations act;
     CHECK(nbits_quantize(kn, context, a, m, &act));
-    Job job = nbits_job(kn, &act, y, m);
-    OrtStatus *status = ort->KernelContext_ParallelFor(context, nbits_tiles(kn), nbits_task_count(&job), 0, &job);
+    OrtStatus *status = nbits_multiply(kn, context, &act, y, m);
     nbits_free(&act);
     return status;
 }

@@ -81,15 +81,18 @@ OrtStatus *nbits_constant(const OrtKernelInfo *info, size_t index, const void **
 // Packs MatMulNBits-layout weights and scales (and a bias, or NULL) into kn's panels.
 OrtStatus *nbits_pack(Kernel *kn, const uint8_t *w, const float *scales, const float *bias);
 void nbits_release(Kernel *kn);
-// The shape of input `index` (rank 1 to 8) and its element count.
-OrtStatus *nbits_shape(OrtKernelContext *context, size_t index, int64_t dims[8], size_t *rank, size_t *count);
+// Input `index`, its shape (rank 1 to 8) and its element count.
+OrtStatus *nbits_shape(OrtKernelContext *context, size_t index, const OrtValue **value, int64_t dims[8],
+                       size_t *rank, size_t *count);
 // The op's input A [..., K] as m rows and its output [..., N], made.
 OrtStatus *nbits_io(const Kernel *kn, OrtKernelContext *context, const float **a, float **y, int64_t *m);
 // Quantizes m rows of a (in parallel for a prefill); nbits_free releases them.
 OrtStatus *nbits_quantize(const Kernel *kn, OrtKernelContext *context, const float *a, int64_t m, Activations *act);
 void nbits_free(Activations *act);
-// A job writing y [m][n], its number of thread-pool tasks, and the task that runs them on this
-// kernel's instruction set.
+// y [m][n] = the quantized activations times kn's weights, on the thread pool.
+OrtStatus *nbits_multiply(const Kernel *kn, OrtKernelContext *context, const Activations *act, float *y, int64_t m);
+// What nbits_multiply runs, for ops that run more per task: a job writing y [m][n], its number
+// of thread-pool tasks, and the task that runs them on this kernel's instruction set.
 Job nbits_job(const Kernel *kn, const Activations *act, float *y, int64_t m);
 size_t nbits_task_count(const Job *job);
 void (*nbits_tiles(const Kernel *kn))(void *, size_t);

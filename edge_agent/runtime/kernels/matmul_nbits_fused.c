@@ -74,16 +74,14 @@ static void norm_task(void *data, size_t row) {
 // Inputs skip and gamma, the output A + skip, and the normed rows into `normed` [m][k].
 static OrtStatus *skip_norm(const Fused *op, OrtKernelContext *context, const float *a, int64_t m, float *normed) {
     const int64_t k = op->w[0].k;
+    const OrtValue *skip, *gamma;
     int64_t dims[8], gamma_dims[8];
     size_t rank = 0, count = 0, gamma_rank = 0, gamma_count = 0;
-    CHECK(nbits_shape(context, 2, gamma_dims, &gamma_rank, &gamma_count));
+    CHECK(nbits_shape(context, 2, &gamma, gamma_dims, &gamma_rank, &gamma_count));
     if ((int64_t)gamma_count != k) return fail("SkipRMSNorm (autoglm): gamma does not have K elements");
-    CHECK(nbits_shape(context, 1, dims, &rank, &count));
+    CHECK(nbits_shape(context, 1, &skip, dims, &rank, &count));
     if ((int64_t)count != m * k || dims[rank - 1] != k) return fail("SkipRMSNorm (autoglm): skip is not shaped as A");
-    const OrtValue *skip, *gamma;
     OrtValue *sum;
-    CHECK(ort->KernelContext_GetInput(context, 1, &skip));
-    CHECK(ort->KernelContext_GetInput(context, 2, &gamma));
     CHECK(ort->KernelContext_GetOutput(context, 1, dims, rank, &sum));
     Norm job = {a, NULL, NULL, NULL, normed, op->epsilon, k};
     CHECK(ort->GetTensorMutableData((OrtValue *)skip, (void **)&job.skip));
@@ -104,10 +102,11 @@ static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *contex
     int64_t m = 0;
     CHECK(nbits_io(last, context, &a, &y, &m));
     if (m == 0 && op->variant->norm) {  // the sum output is still made, empty
+        const OrtValue *input;
         int64_t dims[8];
         size_t rank = 0, count = 0;
         OrtValue *sum;
-        CHECK(nbits_shape(context, 0, dims, &rank, &count));
+        CHECK(nbits_shape(context, 0, &input, dims, &rank, &count));
         return ort->KernelContext_GetOutput(context, 1, dims, rank, &sum);
     }
     if (m == 0) return NULL;
@@ -120,13 +119,11 @@ static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *contex
     Activations act;  // gate and up share K, bits and block size: one quantization serves both
     if (!status) status = nbits_quantize(last, context, normed ? normed : a, m, &act);
     if (!status) {
-        void (*tiles)(void *, size_t) = nbits_tiles(last);
         if (op->variant->pair) {
-            SwiGluJob job = {nbits_job(&op->w[0], &act, g, m), nbits_job(&op->w[1], &act, y, m), tiles};
+            SwiGluJob job = {nbits_job(&op->w[0], &act, g, m), nbits_job(&op->w[1], &act, y, m), nbits_tiles(last)};
             status = ort->KernelContext_ParallelFor(context, swiglu_task, nbits_task_count(&job.up), 0, &job);
         } else {
-            Job job = nbits_job(last, &act, y, m);
-            status = ort->KernelContext_ParallelFor(context, tiles, nbits_task_count(&job), 0, &job);
+            status = nbits_multiply(last, context, &act, y, m);
         }
         nbits_free(&act);
     }
