@@ -392,8 +392,13 @@ def _anonymous_kib() -> tuple[int, int]:
 def test_packed_weights_are_freed_with_their_session(tmp_path: Path) -> None:
     """The packed panels come from huge-page chunks (arena.c): a chunk is unmapped when its last
     kernel goes, so sessions made and dropped in turn (a model update) do not pile up memory."""
+    import ctypes
     import gc
 
+    # glibc raises its mmap threshold after a large free and then keeps such blocks in its heap:
+    # a fixed threshold keeps onnxruntime's own copies from settling there mid-test.
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (fixing it also fixes the trim threshold)
     model = _matmul(tmp_path, 2048, 4096, 128, 8, False)  # 8 MiB of packed int8 weights
     x = np.ones((1, 2048), np.float32)
     held = []  # resident anonymous KiB after each session came and went
