@@ -2,7 +2,7 @@
 the install, used where the CPU runs them (AVX2 or AVX-512 VNNI), equal to onnxruntime's ops within
 float rounding, and each row's result independent of the rows beside it. On a CPU with AVX-512 both
 ops are also tested as an AVX2-only CPU runs them (AUTOGLM_KERNELS_ISA=avx2), and MatMulNBits' two
-tiles' outputs are compared bit for bit."""
+tiles' outputs are compared bit for bit; on one with AMX, its AMX tile's against the VNNI tile's."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from cloud.packaging.export import io_signature, read_hf_config
 from cloud.packaging.fused import build_fused
 from cloud.packaging.nbits_fusion import fuse_layers
 from cloud.packaging.quantize import quantize_weight_only
+from edge_agent.runtime.kernels import amx as kernel_amx
 from edge_agent.runtime.kernels import built, library
 from edge_agent.runtime.kernels import isa as kernel_isa
 from edge_agent.runtime.session import OnnxCausalLM
@@ -188,6 +189,30 @@ def test_the_avx2_tile_computes_what_the_avx512_tile_does(
     x = np.random.default_rng(11).standard_normal((37, k)).astype(np.float32) * 3
     for m in (1, 2, 3, 4, 37):
         assert np.array_equal(wide.run(None, {"x": x[:m]})[0], narrow.run(None, {"x": x[:m]})[0])
+
+
+@pytest.mark.skipif(not kernel_amx(), reason="needs a CPU with AMX-INT8 that Linux grants the tile state")
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize(("k", "block", "bias"), [(576, 128, True), (1024, 256, False), (768, 64, True)])
+def test_the_amx_tile_computes_what_the_vnni_tile_does(
+    bits: int, k: int, block: int, bias: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calls of more than 4 rows run on AMX tiles where the CPU has them: the same exact int32
+    block sums and float steps as the VNNI tile, so the same bits, in whole tiles of 16 rows and
+    in the rest; a row's answer is the same alone (VNNI) as in a prefill-sized call (AMX)."""
+    model = _matmul(tmp_path, k, 203, block, bits, bias)
+    monkeypatch.delenv("AUTOGLM_KERNELS_ISA", raising=False)
+    monkeypatch.setenv("AUTOGLM_KERNELS_AMX", "0")
+    assert not kernel_amx()
+    vnni = _session(model, library())
+    monkeypatch.delenv("AUTOGLM_KERNELS_AMX")
+    assert kernel_amx()
+    tiles = _session(model, library())
+    x = np.random.default_rng(13).standard_normal((70, k)).astype(np.float32) * 2
+    for m in (5, 15, 16, 17, 33, 70):
+        got, want = tiles.run(None, {"x": x[:m]})[0], vnni.run(None, {"x": x[:m]})[0]
+        assert np.array_equal(got, want), f"{m} rows differ"
+    assert np.array_equal(tiles.run(None, {"x": x[40:41]})[0][0], tiles.run(None, {"x": x})[0][40])
 
 
 def _layer(tmp: Path, k: int, n: int, block: int, bits: int, mlp: bool = True, norm: bool = False) -> bytes:

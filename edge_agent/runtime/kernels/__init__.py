@@ -10,7 +10,9 @@ cloud/packaging/nbits_fusion.py), whose bodies onnxruntime inlines where the lib
 own kernels wherever the session refuses it (a graph it does not take).
 The runtime setting ``kernels: onnxruntime`` leaves it out. The environment variable
 ``AUTOGLM_KERNELS_ISA=avx2`` makes a CPU with AVX-512 run what an AVX2-only one runs (tests and
-benchmarks compare the two).
+benchmarks compare the two). On CPUs with AMX, MatMulNBits multiplies calls of more than 4 rows
+(prefills) on AMX tiles, bit for bit what the VNNI tile computes; ``AUTOGLM_KERNELS_AMX=0`` turns
+that off.
 """
 
 from __future__ import annotations
@@ -57,3 +59,16 @@ def isa() -> str | None:
     except AttributeError:
         return None
     return {3: "avx512-vnni", 2: "avx2"}.get(level)
+
+
+def amx() -> bool:
+    """Whether MatMulNBits runs calls of more than 4 rows (prefills) on AMX tiles here: an AVX-512
+    CPU with AMX-INT8 (Intel Xeon since Sapphire Rapids), Linux granting the tile state, and
+    ``AUTOGLM_KERNELS_AMX`` not ``0``. Decode steps of 1-4 rows run the AVX-512 VNNI tile either way."""
+    path = library()
+    if path is None:
+        return False
+    try:
+        return bool(ctypes.CDLL(str(path)).AutoglmKernelsAmx())
+    except AttributeError:
+        return False

@@ -58,28 +58,42 @@ static void softmax256(float *scores, int64_t lo, int64_t hi, int64_t end) {
     if (end > hi + 1) memset(scores + hi + 1, 0, sizeof(float) * (size_t)(end - hi - 1));
 }
 
-// Four keys at a time (four sums in flight), h a multiple of 16.
-static void scores_dot256(const float *q, const float *keys, int64_t h, int64_t lo, int64_t hi, float *scores) {
-    int64_t j = lo;
-    for (; j + 3 <= hi; j += 4) {
-        const float *k0 = keys + j * h;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-        for (int64_t d = 0; d < h; d += 8) {
-            const __m256 x = _mm256_loadu_ps(q + d);
-            a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + d), a0);
-            a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + h + d), a1);
-            a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + 2 * h + d), a2);
-            a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + 3 * h + d), a3);
-        }
-        scores[j] = hsum256(a0), scores[j + 1] = hsum256(a1), scores[j + 2] = hsum256(a2), scores[j + 3] = hsum256(a3);
+// Lane k of the result: the sum of v[k]'s lanes (a transposing tree, not 8 reductions).
+static inline __m256 sums8(const __m256 v[8]) {
+    __m256 t[4], w[2];
+    for (int i = 0; i < 4; i++) t[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 2; i++) {  // 128-bit lane L of w[i]: v[4i..4i+3]'s sums over their lane L
+        const __m256d a = _mm256_castps_pd(t[2 * i]), b = _mm256_castps_pd(t[2 * i + 1]);
+        w[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
     }
-    for (; j <= hi; j++) {
-        __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
-        for (int64_t d = 0; d < h; d += 16) {
-            a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(keys + j * h + d), a);
-            b = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), _mm256_loadu_ps(keys + j * h + d + 8), b);
+    return _mm256_add_ps(_mm256_permute2f128_ps(w[0], w[1], 0x20), _mm256_permute2f128_ps(w[0], w[1], 0x31));
+}
+
+// Scores of `rows` query rows against keys [lo, hi], 8 keys at a time: the block's keys stay in
+// L1 for every row, each row's 8 dot products are 8 sums in flight, reduced together (sums8).
+static void scores_group256(const float *q, int rows, const float *keys, int64_t h, int64_t lo, int64_t hi,
+                            float *scores, int64_t sstride) {
+    for (int64_t j0 = lo; j0 <= hi; j0 += 8) {
+        const int64_t n = hi + 1 - j0 < 8 ? hi + 1 - j0 : 8;
+        const float *k[8];
+        for (int i = 0; i < 8; i++) k[i] = keys + (j0 + (i < n ? i : n - 1)) * h;  // past the last: read it again
+        for (int r = 0; r < rows; r++) {
+            const float *x = q + r * h;
+            __m256 a[8];
+            const __m256 x0 = _mm256_loadu_ps(x);
+            for (int i = 0; i < 8; i++) a[i] = _mm256_mul_ps(x0, _mm256_loadu_ps(k[i]));
+            for (int64_t d = 8; d < h; d += 8) {
+                const __m256 xd = _mm256_loadu_ps(x + d);
+                for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(xd, _mm256_loadu_ps(k[i] + d), a[i]);
+            }
+            if (n == 8) {
+                _mm256_storeu_ps(scores + r * sstride + j0, sums8(a));
+            } else {  // vmaskmov stores are slow on AMD's cores
+                float last[8];
+                _mm256_storeu_ps(last, sums8(a));
+                memcpy(scores + r * sstride + j0, last, sizeof(float) * (size_t)n);
+            }
         }
-        scores[j] = hsum256(_mm256_add_ps(a, b));
     }
 }
 
@@ -157,6 +171,6 @@ static void values_tile256(const float *p, int64_t pstride, const float *values,
 
 #pragma GCC pop_options
 
-const AttentionKernels attention_avx2 = {scores_dot256, scores_tile256, softmax256, values_tile256};
+const AttentionKernels attention_avx2 = {scores_group256, scores_tile256, softmax256, values_tile256};
 
 #endif

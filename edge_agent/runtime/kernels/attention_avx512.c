@@ -57,25 +57,39 @@ static void softmax512(float *scores, int64_t lo, int64_t hi, int64_t end) {
     if (end > hi + 1) memset(scores + hi + 1, 0, sizeof(float) * (size_t)(end - hi - 1));
 }
 
-// Scores of one query row against its keys, one dot product per key (a decode step: too few
-// rows to pay for transposing the keys).
-static void scores_dot512(const float *q, const float *keys, int64_t h, int64_t lo, int64_t hi, float *scores) {
-    int64_t j = lo;
-    for (; j + 1 <= hi; j += 2) {
-        const float *k0 = keys + j * h, *k1 = k0 + h;
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        for (int64_t d = 0; d < h; d += 16) {
-            const __m512 x = _mm512_loadu_ps(q + d);
-            a0 = _mm512_fmadd_ps(x, _mm512_loadu_ps(k0 + d), a0);
-            a1 = _mm512_fmadd_ps(x, _mm512_loadu_ps(k1 + d), a1);
-        }
-        scores[j] = _mm512_reduce_add_ps(a0);
-        scores[j + 1] = _mm512_reduce_add_ps(a1);
+// Lane k of the result: the sum of v[k]'s lanes (a transposing tree of 31 shuffles and adds, not
+// 16 reductions of 8 instructions each).
+static inline __m512 sums16(const __m512 v[16]) {
+    __m512 t[8], w[4];
+    for (int i = 0; i < 8; i++) t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {  // 128-bit lane L of w[i]: v[4i..4i+3]'s sums over their lane L
+        const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+        w[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
     }
-    for (; j <= hi; j++) {
-        __m512 a = _mm512_setzero_ps();
-        for (int64_t d = 0; d < h; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(keys + j * h + d), a);
-        scores[j] = _mm512_reduce_add_ps(a);
+    const __m512 y0 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 y1 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(y0, y1, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(y0, y1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Scores of `rows` query rows against keys [lo, hi], 16 keys at a time: the block's keys stay in
+// L1 for every row, each row's 16 dot products are 16 sums in flight, reduced together (sums16).
+static void scores_group512(const float *q, int rows, const float *keys, int64_t h, int64_t lo, int64_t hi,
+                            float *scores, int64_t sstride) {
+    for (int64_t j0 = lo; j0 <= hi; j0 += 16) {
+        const int64_t n = hi + 1 - j0 < 16 ? hi + 1 - j0 : 16;
+        const float *k[16];
+        for (int i = 0; i < 16; i++) k[i] = keys + (j0 + (i < n ? i : n - 1)) * h;  // past the last: read it again
+        for (int r = 0; r < rows; r++) {
+            const float *x = q + r * h;
+            __m512 a[16];
+            const __m512 x0 = _mm512_loadu_ps(x);
+            for (int i = 0; i < 16; i++) a[i] = _mm512_mul_ps(x0, _mm512_loadu_ps(k[i]));
+            for (int64_t d = 16; d < h; d += 16) {
+                const __m512 xd = _mm512_loadu_ps(x + d);
+                for (int i = 0; i < 16; i++) a[i] = _mm512_fmadd_ps(xd, _mm512_loadu_ps(k[i] + d), a[i]);
+            }
+            _mm512_mask_storeu_ps(scores + r * sstride + j0, head_mask(n), sums16(a));
+        }
     }
 }
 
@@ -160,6 +174,6 @@ static void values_tile512(const float *p, int64_t pstride, const float *values,
 
 #pragma GCC pop_options
 
-const AttentionKernels attention_avx512 = {scores_dot512, scores_tile512, softmax512, values_tile512};
+const AttentionKernels attention_avx512 = {scores_group512, scores_tile512, softmax512, values_tile512};
 
 #endif

@@ -10,9 +10,12 @@
 // key of the buffer, the masked upper triangle included. AMD EPYC Zen 5 VM, 2 threads: this op
 // alone 2.3-3.3x onnxruntime's for decode steps of 1 and 4 rows, 1.55x for a 512-row prompt.
 //
-// How: a task per (sequence, query head, block of query rows). A lone query row (decode) takes
-// dot products with its keys; a block of rows (prefill) multiplies against a transposed copy of
-// the keys, 16 keys per vector (two of AVX2's), no horizontal sums, only up to the last row's position. Softmax
+// How: a decode step (one new row per sequence) runs a task per (sequence, KV head): the query
+// heads sharing that KV head take dot products with a block of 16 keys (8 with AVX2) while it is in
+// L1, reduced together, and share each value row, so each key and value is read once. A prompt
+// runs a task per (sequence, query head, block of query rows): a block multiplies against a
+// transposed copy of the keys, 16 keys per vector (two of AVX2's), no horizontal sums, only up to
+// the last row's position. Softmax
 // runs over each row's own keys only (causal, and the local window if any). New keys are rotated
 // and written into the present buffer first (in place when past and present are one buffer, as
 // the edge binds them). Rows of different sequences never share a task, so a sequence's output
@@ -124,7 +127,7 @@ static void write_kv(void *data, size_t task) {
 // onnxruntime from 1.24 on (the package requires it) read local_window_size.
 static inline int64_t first_key(const Gqa *op, int64_t p) { return op->window > 0 && p >= op->window ? p - op->window + 1 : 0; }
 
-// Phase 2, a task per (sequence, query head, block of ROWS query rows).
+// Phase 2 of a prompt (several new rows), a task per (sequence, query head, block of ROWS query rows).
 static void attend(void *data, size_t task) {
     const Call *c = data;
     const Gqa *op = c->op;
@@ -133,7 +136,6 @@ static void attend(void *data, size_t task) {
     const int64_t b = (int64_t)task / c->blocks / op->heads, g = n / group;
     const int64_t s0 = block * ROWS, rows = c->seq - s0 < ROWS ? c->seq - s0 : ROWS, past = c->past[b];
     const int64_t last = past + s0 + rows - 1, span = (last + 16) / 16 * 16;  // keys [0, last], padded
-    const float *keys = c->present_k + (b * op->kv_heads + g) * c->present_len * h;
     const float *values = c->present_v + (b * op->kv_heads + g) * c->present_len * h;
     float *q = malloc(sizeof(float) * (size_t)(rows * h + rows * span));
     if (!q) {
@@ -145,19 +147,12 @@ static void attend(void *data, size_t task) {
         const int64_t row = b * c->seq + s0 + r;
         rotate(c, c->q + row * c->q_stride + n * h, q + r * h, past + s0 + r, c->scale);
     }
-    if (!c->keys_t) {
-        for (int64_t r = 0; r < rows; r++) {
-            const int64_t p = past + s0 + r, lo = first_key(op, p);
-            c->vec->scores_dot(q + r * h, keys, h, lo, p, scores + r * span);
-        }
-    } else {
-        const float *kt = c->keys_t + (b * op->kv_heads + g) * h * c->keys_len;
-        for (int64_t r0 = 0; r0 < rows; r0 += TILE) {
-            const int R = rows - r0 < TILE ? (int)(rows - r0) : TILE;
-            const int64_t c0 = first_key(op, past + s0 + r0) / 16, c1 = (past + s0 + r0 + R - 1) / 16 + 1;
-            float *out = scores + r0 * span;
-            c->vec->scores_tile(q + r0 * h, h, kt, c->keys_len, c0, c1, out, span, R);
-        }
+    const float *kt = c->keys_t + (b * op->kv_heads + g) * h * c->keys_len;
+    for (int64_t r0 = 0; r0 < rows; r0 += TILE) {
+        const int R = rows - r0 < TILE ? (int)(rows - r0) : TILE;
+        const int64_t c0 = first_key(op, past + s0 + r0) / 16, c1 = (past + s0 + r0 + R - 1) / 16 + 1;
+        float *out = scores + r0 * span;
+        c->vec->scores_tile(q + r0 * h, h, kt, c->keys_len, c0, c1, out, span, R);
     }
     float *out = c->out + (b * c->seq + s0) * op->heads * h + n * h;
     const int64_t ostride = op->heads * h;
@@ -170,6 +165,37 @@ static void attend(void *data, size_t task) {
         }
         const float *pr = scores + r0 * span;
         c->vec->values_tile(pr, span, values, h, lo, hi, out + r0 * ostride, ostride, R);
+    }
+    free(q);
+}
+
+// Phase 2 of a decode step (one new row per sequence), a task per (sequence, KV head): the query
+// heads sharing the KV head are scored against each block of keys while it is in L1, and their
+// value sums share each value row, so the keys and values are read once, not once per head
+// (SmolLM2's 3 heads per KV head, 4 rows at position 2048: 1.55x faster than a task per head;
+// with one row, 3 tasks on 2 threads still beat 9 at every position measured, bench/RESULTS.md).
+static void attend_step(void *data, size_t task) {
+    const Call *c = data;
+    const Gqa *op = c->op;
+    const int64_t h = c->head, group = op->heads / op->kv_heads;
+    const int64_t g = (int64_t)task % op->kv_heads, b = (int64_t)task / op->kv_heads, n0 = g * group;
+    const int64_t p = c->past[b], lo = first_key(op, p), span = (p + 16) / 16 * 16;
+    const float *keys = c->present_k + (b * op->kv_heads + g) * c->present_len * h;
+    const float *values = c->present_v + (b * op->kv_heads + g) * c->present_len * h;
+    float *q = malloc(sizeof(float) * (size_t)(group * h + group * span));
+    if (!q) {
+        __atomic_store_n(&((Call *)data)->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    float *scores = q + group * h;
+    rotate(c, c->q + b * c->q_stride + n0 * h, q, p, c->scale);  // group >= 1 (create checks)
+    for (int64_t i = 1; i < group; i++) rotate(c, c->q + b * c->q_stride + (n0 + i) * h, q + i * h, p, c->scale);
+    c->vec->scores_group(q, (int)group, keys, h, lo, p, scores, span);
+    for (int64_t i = 0; i < group; i++) c->vec->softmax(scores + i * span, lo, p, p + 1);
+    float *out = c->out + b * op->heads * h + n0 * h;
+    for (int64_t r0 = 0; r0 < group; r0 += TILE) {
+        const int R = group - r0 < TILE ? (int)(group - r0) : TILE;
+        c->vec->values_tile(scores + r0 * span, span, values, h, lo, p, out + r0 * h, h, R);
     }
     free(q);
 }
@@ -308,7 +334,11 @@ static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *contex
         } else {
             status = ort->KernelContext_ParallelFor(context, write_kv, kv_tasks, 0, &c);
         }
-        if (!status) status = ort->KernelContext_ParallelFor(context, attend, tasks, 0, &c);
+        if (!status && seq == 1) {
+            status = ort->KernelContext_ParallelFor(context, attend_step, (size_t)(batch * op->kv_heads), 0, &c);
+        } else if (!status) {
+            status = ort->KernelContext_ParallelFor(context, attend, tasks, 0, &c);
+        }
         if (!status && c.failed) status = fail("GroupQueryAttention (autoglm): out of memory");
     }
     free(c.keys_t);

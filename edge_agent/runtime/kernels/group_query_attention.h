@@ -9,9 +9,11 @@
 #define TILE 4  // query rows per register tile
 
 typedef struct {
-    // Scores of one query row against keys [lo, hi] ([key][h] rows), one dot product per key (a
-    // decode step: too few rows to pay for transposing the keys).
-    void (*scores_dot)(const float *q, const float *keys, int64_t h, int64_t lo, int64_t hi, float *scores);
+    // Scores of `rows` query rows (q: [rows][h]) against keys [lo, hi] ([key][h] rows), a block of
+    // keys at a time read once for every row (a decode step: too few rows to pay for transposing
+    // the keys); row r's scores at scores + r * sstride.
+    void (*scores_group)(const float *q, int rows, const float *keys, int64_t h, int64_t lo, int64_t hi,
+                         float *scores, int64_t sstride);
     // Scores of `rows` (1..TILE) query rows (q: [rows][h]) against the transposed keys kt
     // ([h][stride]) for key chunks [c0, c1) of 16; row r's scores at scores + r * sstride.
     void (*scores_tile)(const float *q, int64_t h, const float *kt, int64_t stride, int64_t c0, int64_t c1,

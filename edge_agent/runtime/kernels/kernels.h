@@ -40,6 +40,9 @@ static inline int kernels_isa(void) {
     return isa;
 }
 
+// Whether this process may run AMX's int8 tiles (matmul_nbits_amx.c): an AVX-512 CPU with AMX-INT8,
+// Linux granting the tile state (asked once), AUTOGLM_KERNELS_AMX not 0 (read when each op is made).
+int kernels_amx(void);
 void matmul_nbits_op(OrtCustomOp *op);           // matmul_nbits.c: com.microsoft MatMulNBits
 void group_query_attention_op(OrtCustomOp *op);  // group_query_attention.c: com.microsoft GroupQueryAttention
 // matmul_nbits_fused.c: adds the ai.autoglm ops (MatMulNBitsSwiGLU, SkipRMSNorm...) to domain.

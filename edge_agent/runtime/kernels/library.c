@@ -2,7 +2,8 @@
 // names in the com.microsoft domain (so a packaged graph runs unchanged with it), the ops that
 // dominate a decode step on the CPU:
 //   matmul_nbits.c           MatMulNBits: the quantized weight matmuls of int8 and int4 graphs
-//                            (its AVX2 tile in matmul_nbits_avx2.c)
+//                            (its AVX2 tile in matmul_nbits_avx2.c, its AMX tile for calls of
+//                            more than 4 rows in matmul_nbits_amx.c)
 //   group_query_attention.c  GroupQueryAttention: attention over the shared KV buffers (vector
 //                            routines in attention_avx512.c and attention_avx2.c)
 // and, in their own domain ai.autoglm, ops of ours that onnxruntime does not have, which the
@@ -40,6 +41,9 @@ __attribute__((visibility("default"))) int AutoglmKernelsUsable(void) { return k
 // The instruction set the kernels would use here: 0 none, 2 AVX2, 3 AVX-512 VNNI.
 __attribute__((visibility("default"))) int AutoglmKernelsIsa(void) { return kernels_isa(); }
 
+// Whether calls of more than 4 rows run AMX tiles here (matmul_nbits_amx.c): 1 or 0.
+__attribute__((visibility("default"))) int AutoglmKernelsAmx(void) { return kernels_amx(); }
+
 // The entry point onnxruntime calls when a session registers this library: both ops on CPUs with
 // AVX2 or AVX-512, nothing on others (onnxruntime's own kernels then run).
 __attribute__((visibility("default"))) OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options,
@@ -66,6 +70,7 @@ __attribute__((visibility("default"))) OrtStatus *ORT_API_CALL RegisterCustomOps
 
 __attribute__((visibility("default"))) int AutoglmKernelsUsable(void) { return 0; }
 __attribute__((visibility("default"))) int AutoglmKernelsIsa(void) { return 0; }
+__attribute__((visibility("default"))) int AutoglmKernelsAmx(void) { return 0; }
 
 __attribute__((visibility("default"))) OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options,
                                                                                 const OrtApiBase *base) {

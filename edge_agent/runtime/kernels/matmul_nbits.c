@@ -1,7 +1,7 @@
 // MatMulNBits (library.c registers it): the quantized weight matmuls of the int8 and int4 graphs
 // the packager ships (67 % of a decode step, more of a prefill). This file packs the weights, runs
 // the op and holds the AVX-512 VNNI tile; CPUs with AVX2 alone run matmul_nbits_avx2.c's tile on
-// the same panels.
+// the same panels, and calls of more than 4 rows on CPUs with AMX run matmul_nbits_amx.c's.
 //
 // Why: onnxruntime's kernel (MLAS, accuracy level 4) quantizes a prefill's activations on one
 // thread, and computes a lone row with other instructions than rows in pairs (so an answer
@@ -142,7 +142,7 @@ static inline __attribute__((always_inline)) void quad512(const Job *job, int64_
 #undef TILES
 }
 
-static void packed_task(void *data, size_t t) { quad_task(data, t, quad512); }
+void packed_task_avx512(void *data, size_t t) { quad_task(data, t, quad512); }
 
 // The packed kernels' activations: per block, scale = max |x| / 127 and x rounded to nearest
 // (cvtps rounds to nearest even, as nearbyintf does), in natural order, the last block as short
@@ -182,7 +182,8 @@ static void quantize_task(void *data, size_t i) {
 #pragma GCC pop_options
 
 void (*nbits_tiles(const Kernel *kn))(void *, size_t) {
-    return kn->isa == ISA_AVX512 ? packed_task : packed_task_avx2;
+    if (kn->amx) return packed_task_amx;
+    return kn->isa == ISA_AVX512 ? packed_task_avx512 : packed_task_avx2;
 }
 
 OrtStatus *nbits_quantize(const Kernel *kn, OrtKernelContext *context, const float *a, int64_t m, Activations *act) {
@@ -349,6 +350,7 @@ OrtStatus *nbits_attributes(const OrtKernelInfo *info, Kernel *kn) {
         return fail("MatMulNBits (autoglm): K, N or block_size out of range");
     kn->isa = kernels_isa();
     if (kn->isa == ISA_NONE) return fail("MatMulNBits (autoglm): this CPU has neither AVX-512 VNNI nor AVX2");
+    kn->amx = kn->isa == ISA_AVX512 && kn->k % 64 == 0 && kn->block % 64 == 0 && kernels_amx();
     return NULL;
 }
 

@@ -1,0 +1,205 @@
+// MatMulNBits' tile for CPUs with AMX (Intel Xeon since Sapphire Rapids), for calls of two rows or
+// more (parallel-slots steps, prefills); a lone row keeps the AVX-512 VNNI tile (matmul_nbits.c).
+//
+// Why: with VNNI, a tile of 4 rows costs 4 dpbusd per 64 weight bytes: 32 per 8 elements of a
+// 64-column group, and Intel's cores run one 512-bit dpbusd per cycle, so a 4-row decode step of
+// SmolLM2 int4 is bound by those multiplies, not by reading the weights (2.3x a 1-row step where
+// memory alone would allow ~4x, bench/RESULTS.md). One AMX tdpbsud multiplies up to 16 rows by 64
+// elements of 16 columns.
+//
+// How: the packed panels are already AMX's B layout (16 columns x 4 consecutive elements per 64
+// bytes; 4-bit panels are widened to bytes in a 1 KiB scratch tile first). Per weight block, the
+// four panels' sums of a group of 64 columns are four accumulator tiles; each block's int32 sums
+// then take the same float steps as the VNNI tile's (the block's zero-point correction added, times
+// weight scale x activation scale, added to the column's float sum), so every output is bit for
+// bit what the VNNI tile computes (integer sums are exact in any order): a row's result does not
+// depend on how many rows share the call or which tile ran it.
+//
+// Only for weights whose K and block size are multiples of 64 (one tile's depth); others keep VNNI.
+// Linux hands a process the AMX state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM, kernel
+// 5.16+); where it refuses, or AUTOGLM_KERNELS_AMX=0 is set, the VNNI tile runs.
+#include "kernels.h"
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "matmul_nbits.h"
+
+#define NP 4         // panels (16 columns each) per group: the four accumulator tiles
+#define AMX_ROWS 16  // rows per tile (AMX's most)
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+// GCC 11 and clang 12 first took the AMX intrinsics; an older compiler builds a library that never
+// uses AMX (packed_task_amx is then never chosen).
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define HAVE_AMX 1
+#else
+#define HAVE_AMX 0
+#endif
+
+int kernels_amx(void) {
+    static int granted = -1;  // a race here repeats an idempotent request
+    if (!HAVE_AMX || kernels_isa() != ISA_AVX512) return 0;
+    const char *off = getenv("AUTOGLM_KERNELS_AMX");
+    if (off && strcmp(off, "0") == 0) return 0;
+    if (granted < 0) {
+        unsigned a, b, c, d;
+        // CPUID leaf 7: EDX bit 24 AMX-TILE, bit 25 AMX-INT8; then Linux's grant of the tile state.
+        granted = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 24 & 1) && (d >> 25 & 1) &&
+                  syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    }
+    return granted;
+}
+
+#if HAVE_AMX
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,fma")
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+static __thread int configured;  // the rows this thread's tiles are configured for (0: none; they stay so)
+
+// tmm0-3: the int32 sums of a group's four panels (rows x 16 columns); tmm4: activations (rows x
+// 64 elements); tmm5, tmm6: weights (16 rows of 4 elements x 16 columns), two so that a load can
+// overlap the previous multiply.
+static void configure(int rows) {
+    if (configured == rows) return;
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 5; t++) cfg.rows[t] = (uint8_t)rows, cfg.colsb[t] = 64;
+    for (int t = 5; t < 7; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+    _tile_loadconfig(&cfg);
+    configured = rows;
+}
+
+// 64 elements of a 4-bit panel (8 packed groups: low nibbles 4 elements, high nibbles the next 4)
+// as 16 rows of bytes, AMX's B layout.
+static inline void widen(const uint8_t *src, uint8_t *dst) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int g = 0; g < 8; g++) {
+        const __m512i packed = _mm512_load_si512(src + 64 * g);
+        _mm512_store_si512(dst + 128 * g, _mm512_and_si512(packed, low));
+        _mm512_store_si512(dst + 128 * g + 64, _mm512_and_si512(_mm512_srli_epi16(packed, 4), low));
+    }
+}
+
+// 4-bit weights are widened WIDE_STEPS x 64 elements at a time, before any of them is loaded into
+// a tile: a tile load of bytes stored just before waits for the stores to reach the cache
+// (widening each panel right before its load ran 1.1x slower for 16-256 rows).
+#define WIDE_STEPS 4
+
+// Columns [64 q, 64 q + 64) for rows [m0, m0 + rows), rows <= AMX_ROWS, the tiles configured for
+// `rows`. The float steps are matmul_nbits.c's panel_rows', in the same order (keeping the column
+// sums in memory instead of a row's output in y was 1.2-1.5x slower).
+static void quad_amx(const Job *job, int64_t q, int64_t m0, int rows) {
+    const Kernel *kn = job->kernel;
+    const int64_t k = kn->k, block = kn->block, nb = kn->nb, n = kn->n;
+    const int eight = kn->bits == 8;
+    const int64_t panel_bytes = k * kn->bits / 8 * 16, step_bytes = eight ? 1024 : 512;  // per 64 elements
+    const uint8_t *wp[NP];
+    const float *sp[NP];
+    for (int p = 0; p < NP; p++) {
+        wp[p] = kn->packed + (NP * q + p) * panel_bytes;
+        sp[p] = kn->pscales + (NP * q + p) * nb * 16;
+    }
+    _Alignas(64) uint8_t wide[WIDE_STEPS][NP][16 * 64];
+    _Alignas(64) int32_t sums[NP][AMX_ROWS][16];
+    __m512 f[NP][AMX_ROWS];
+    for (int p = 0; p < NP; p++)
+        for (int i = 0; i < rows; i++) f[p][i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t start = b * block, len = k - start < block ? k - start : block;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t at0 = start; at0 < start + len; at0 += 64 * WIDE_STEPS) {
+            const int steps = (int)((start + len - at0) / 64 < WIDE_STEPS ? (start + len - at0) / 64 : WIDE_STEPS);
+            const uint8_t *src[WIDE_STEPS][NP];
+            for (int s = 0; s < steps; s++)
+                for (int p = 0; p < NP; p++) {
+                    src[s][p] = wp[p] + (at0 + 64 * s) * step_bytes / 64;
+                    if (!eight) {
+                        widen(src[s][p], wide[s][p]);
+                        src[s][p] = wide[s][p];
+                    }
+                }
+            for (int s = 0; s < steps; s++) {
+                _tile_loadd(4, job->xq + m0 * k + at0 + 64 * s, k);
+                _tile_loadd(5, src[s][0], 64);
+                _tile_dpbsud(0, 4, 5);
+                _tile_loadd(6, src[s][1], 64);
+                _tile_dpbsud(1, 4, 6);
+                _tile_loadd(5, src[s][2], 64);
+                _tile_dpbsud(2, 4, 5);
+                _tile_loadd(6, src[s][3], 64);
+                _tile_dpbsud(3, 4, 6);
+            }
+        }
+        _tile_stored(0, sums[0], 64);
+        _tile_stored(1, sums[1], 64);
+        _tile_stored(2, sums[2], 64);
+        _tile_stored(3, sums[3], 64);
+        for (int p = 0; p < NP; p++) {
+            const __m512 scale = _mm512_loadu_ps(sp[p] + b * 16);
+            for (int i = 0; i < rows; i++) {
+                const __m512 xs = _mm512_set1_ps(job->xs[(m0 + i) * nb + b]);
+                const __m512i a = _mm512_add_epi32(_mm512_load_si512(sums[p][i]), _mm512_set1_epi32(job->corr[(m0 + i) * nb + b]));
+                f[p][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(scale, xs), f[p][i]);
+            }
+        }
+    }
+    for (int p = 0; p < NP; p++) {
+        const int64_t c = (NP * q + p) * 16;
+        if (c >= n) break;
+        const __mmask16 mask = n - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - c)) - 1);
+        const __m512 bias = kn->bias ? _mm512_maskz_loadu_ps(mask, kn->bias + c) : _mm512_setzero_ps();
+        for (int i = 0; i < rows; i++) _mm512_mask_storeu_ps(job->y + (m0 + i) * n + c, mask, _mm512_add_ps(f[p][i], bias));
+    }
+}
+
+// One task: groups [t x quads_per_task, ...), rows in tiles of 16 and one of the rest (the tiles
+// configured at most twice per task). A call of SMALL_M rows or fewer (a decode step) runs the VNNI
+// tile: it reads the weights at memory speed there, and AMX's fixed costs per block (tile stores,
+// the sums' float steps) made 2-4 rows slower, not faster (bench/RESULTS.md).
+void packed_task_amx(void *data, size_t t) {
+    const Job *job = data;
+    if (job->m <= SMALL_M) {
+        packed_task_avx512(data, t);
+        return;
+    }
+    const int64_t quads = job->kernel->n_pad / 64, first = (int64_t)t * job->quads_per_task;
+    const int64_t last = first + job->quads_per_task < quads ? first + job->quads_per_task : quads;
+    const int64_t whole = job->m / AMX_ROWS * AMX_ROWS;
+    if (whole) {
+        configure(AMX_ROWS);
+        for (int64_t q = first; q < last; q++)
+            for (int64_t m0 = 0; m0 < whole; m0 += AMX_ROWS) quad_amx(job, q, m0, AMX_ROWS);
+    }
+    if (job->m > whole) {
+        configure((int)(job->m - whole));
+        for (int64_t q = first; q < last; q++) quad_amx(job, q, whole, (int)(job->m - whole));
+    }
+}
+
+#pragma GCC pop_options
+
+#else
+
+void packed_task_amx(void *data, size_t t) { packed_task_avx512(data, t); }
+
+#endif  // HAVE_AMX
+
+#endif
