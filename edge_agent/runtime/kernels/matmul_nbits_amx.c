@@ -1,14 +1,14 @@
-// MatMulNBits' tile for CPUs with AMX (Intel Xeon since Sapphire Rapids), for calls of two rows or
-// more (parallel-slots steps, prefills); a lone row keeps the AVX-512 VNNI tile (matmul_nbits.c).
+// MatMulNBits' tile for CPUs with AMX (Intel Xeon since Sapphire Rapids), for calls of more than 4
+// rows (prefills); decode steps of 1-4 rows keep the AVX-512 VNNI tile (matmul_nbits.c).
 //
-// Why: with VNNI, a tile of 4 rows costs 4 dpbusd per 64 weight bytes: 32 per 8 elements of a
-// 64-column group, and Intel's cores run one 512-bit dpbusd per cycle, so a 4-row decode step of
-// SmolLM2 int4 is bound by those multiplies, not by reading the weights (2.3x a 1-row step where
-// memory alone would allow ~4x, bench/RESULTS.md). One AMX tdpbsud multiplies up to 16 rows by 64
-// elements of 16 columns.
+// Why: with VNNI every row costs one dpbusd per 4 elements of 16 columns, so a prefill's matmuls
+// are bound by those multiplies (Intel's cores run at most one 512-bit dpbusd per cycle). One AMX
+// tdpbsud multiplies up to 16 rows by 64 elements of 16 columns: a 512-token SmolLM2 prefill ran
+// 1.26x (int4) and 1.32x (int8) as fast on an Intel Xeon VM, one 4096 x 4096 matrix 2-2.8x for
+// 16-256 rows (bench/RESULTS.md).
 //
 // How: the packed panels are already AMX's B layout (16 columns x 4 consecutive elements per 64
-// bytes; 4-bit panels are widened to bytes in a 1 KiB scratch tile first). Per weight block, the
+// bytes; 4-bit panels are widened to bytes in scratch tiles first). Per weight block, the
 // four panels' sums of a group of 64 columns are four accumulator tiles; each block's int32 sums
 // then take the same float steps as the VNNI tile's (the block's zero-point correction added, times
 // weight scale x activation scale, added to the column's float sum), so every output is bit for
