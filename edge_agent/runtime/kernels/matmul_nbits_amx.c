@@ -68,20 +68,18 @@ typedef struct {
     uint8_t rows[16];
 } TileConfig;
 
-static __thread int configured;  // the rows this thread's tiles are configured for (0: none; they stay so)
-
 // tmm0-3: the int32 sums of a group's four panels (rows x 16 columns); tmm4: activations (rows x
 // 64 elements); tmm5, tmm6: weights (16 rows of 4 elements x 16 columns), two so that a load can
-// overlap the previous multiply.
+// overlap the previous multiply. Configured by every task and released at its end: a thread of
+// onnxruntime's pool (or the caller's, which also runs tasks) may run another library's AMX code
+// between two of ours (oneDNN's, where torch shares the process), which configures tiles its way.
 static void configure(int rows) {
-    if (configured == rows) return;
     TileConfig cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
     for (int t = 0; t < 5; t++) cfg.rows[t] = (uint8_t)rows, cfg.colsb[t] = 64;
     for (int t = 5; t < 7; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
     _tile_loadconfig(&cfg);
-    configured = rows;
 }
 
 // 64 elements of a 4-bit panel (8 packed groups: low nibbles 4 elements, high nibbles the next 4)
@@ -192,6 +190,7 @@ void packed_task_amx(void *data, size_t t) {
         configure((int)(job->m - whole));
         for (int64_t q = first; q < last; q++) quad_amx(job, q, whole, (int)(job->m - whole));
     }
+    _tile_release();
 }
 
 #pragma GCC pop_options
