@@ -172,7 +172,7 @@ static void attend(void *data, size_t task) {
 // Phase 2 of a decode step (one new row per sequence), a task per (sequence, KV head): the query
 // heads sharing the KV head are scored against each block of keys while it is in L1, and their
 // value sums share each value row, so the keys and values are read once, not once per head
-// (SmolLM2's 3 heads per KV head, 4 rows at position 2048: 1.55x faster than a task per head;
+// (SmolLM2's 3 heads per KV head, 4 rows at position 2048: 1.5x faster than a task per head;
 // with one row, 3 tasks on 2 threads still beat 9 at every position measured, bench/RESULTS.md).
 static void attend_step(void *data, size_t task) {
     const Call *c = data;

@@ -100,7 +100,7 @@ static inline void widen(const uint8_t *src, uint8_t *dst) {
 
 // Columns [64 q, 64 q + 64) for rows [m0, m0 + rows), rows <= AMX_ROWS, the tiles configured for
 // `rows`. The float steps are matmul_nbits.c's panel_rows', in the same order (keeping the column
-// sums in memory instead of a row's output in y was 1.2-1.5x slower).
+// sums in memory instead of a row's output in y was 1.2-1.6x slower).
 static void quad_amx(const Job *job, int64_t q, int64_t m0, int rows) {
     const Kernel *kn = job->kernel;
     const int64_t k = kn->k, block = kn->block, nb = kn->nb, n = kn->n;
