@@ -513,6 +513,9 @@ def _qkv(rng: np.random.Generator, rows: int, seq: int, widths: list[int]) -> li
     [
         (9, 3, 64, True, 32, False, -1),  # SmolLM2: packed QKV, whole-head rotary
         (14, 2, 64, True, 32, False, -1),  # Qwen2-0.5B's grouping
+        # One KV head (multi-query): a lone row's heads split over tasks where the CPUs outnumber
+        # sequences x KV heads, three rows' not; a row's output is the same either way.
+        (8, 1, 64, True, 32, False, -1),
         # Separate Q, K, V (QK-norm graphs); GLM's partial interleaved rotary.
         (4, 4, 128, False, 32, True, -1),
         (6, 2, 80, False, 0, False, 5),  # no rotary, a head of 64 + 16 columns, a local window

@@ -34,6 +34,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "group_query_attention.h"
 
@@ -45,6 +46,7 @@ typedef struct {
     int64_t rotary, interleaved;
     float scale;  // 0: 1 / sqrt(head size)
     const AttentionKernels *vec;  // the vector routines of this CPU's instruction set
+    int64_t cpus;                 // online CPUs: a decode step makes at least this many tasks where it can
 } Gqa;
 
 typedef struct {
@@ -61,6 +63,7 @@ typedef struct {
     float *keys_t;         // prefill: [batch][kv_heads][head][keys_len] transposed keys, else NULL
     int64_t keys_len;      // a multiple of 16
     int64_t blocks;        // query row blocks per (sequence, head)
+    int64_t per_task;      // decode step: query heads per task (a KV head's group, or part of it)
     float scale;
     int failed;  // a task could not allocate its scratch: the call fails
 } Call;
@@ -169,32 +172,36 @@ static void attend(void *data, size_t task) {
     free(q);
 }
 
-// Phase 2 of a decode step (one new row per sequence), a task per (sequence, KV head): the query
-// heads sharing the KV head are scored against each block of keys while it is in L1, and their
-// value sums share each value row, so the keys and values are read once, not once per head
-// (SmolLM2's 3 heads per KV head, 4 rows at position 2048: 1.5x faster than a task per head;
-// with one row, 3 tasks on 2 threads still beat 9 at every position measured, bench/RESULTS.md).
+// Phase 2 of a decode step (one new row per sequence), a task per (sequence, KV head, part of its
+// query heads): the heads of a part are scored against each block of keys while it is in L1, and
+// their value sums share each value row, so a part reads the keys and values once, not once per
+// head (SmolLM2's 3 heads per KV head, 4 rows at position 2048: 1.5x faster than a task per head;
+// with one row on 2 threads, 3 tasks still beat 9 at every position measured, bench/RESULTS.md).
+// A group is split into parts only where sequences x KV heads are fewer than the CPUs (one row of
+// a model with one or two KV heads): every head's sums are the same whichever part computes it.
 static void attend_step(void *data, size_t task) {
     const Call *c = data;
     const Gqa *op = c->op;
-    const int64_t h = c->head, group = op->heads / op->kv_heads;
-    const int64_t g = (int64_t)task % op->kv_heads, b = (int64_t)task / op->kv_heads, n0 = g * group;
+    const int64_t h = c->head, group = op->heads / op->kv_heads, per = c->per_task, parts = (group + per - 1) / per;
+    const int64_t part = (int64_t)task % parts, g = (int64_t)task / parts % op->kv_heads;
+    const int64_t b = (int64_t)task / parts / op->kv_heads, n0 = g * group + part * per;
+    const int64_t count = group - part * per < per ? group - part * per : per;  // >= 1
     const int64_t p = c->past[b], lo = first_key(op, p), span = (p + 16) / 16 * 16;
     const float *keys = c->present_k + (b * op->kv_heads + g) * c->present_len * h;
     const float *values = c->present_v + (b * op->kv_heads + g) * c->present_len * h;
-    float *q = malloc(sizeof(float) * (size_t)(group * h + group * span));
+    float *q = malloc(sizeof(float) * (size_t)(count * h + count * span));
     if (!q) {
         __atomic_store_n(&((Call *)data)->failed, 1, __ATOMIC_RELAXED);
         return;
     }
-    float *scores = q + group * h;
-    rotate(c, c->q + b * c->q_stride + n0 * h, q, p, c->scale);  // group >= 1 (create checks)
-    for (int64_t i = 1; i < group; i++) rotate(c, c->q + b * c->q_stride + (n0 + i) * h, q + i * h, p, c->scale);
-    c->vec->scores_group(q, (int)group, keys, h, lo, p, scores, span);
-    for (int64_t i = 0; i < group; i++) c->vec->softmax(scores + i * span, lo, p, p + 1);
+    float *scores = q + count * h;
+    rotate(c, c->q + b * c->q_stride + n0 * h, q, p, c->scale);
+    for (int64_t i = 1; i < count; i++) rotate(c, c->q + b * c->q_stride + (n0 + i) * h, q + i * h, p, c->scale);
+    c->vec->scores_group(q, (int)count, keys, h, lo, p, scores, span);
+    for (int64_t i = 0; i < count; i++) c->vec->softmax(scores + i * span, lo, p, p + 1);
     float *out = c->out + b * op->heads * h + n0 * h;
-    for (int64_t r0 = 0; r0 < group; r0 += TILE) {
-        const int R = group - r0 < TILE ? (int)(group - r0) : TILE;
+    for (int64_t r0 = 0; r0 < count; r0 += TILE) {
+        const int R = count - r0 < TILE ? (int)(count - r0) : TILE;
         c->vec->values_tile(scores + r0 * span, span, values, h, lo, p, out + r0 * h, h, R);
     }
     free(q);
@@ -335,7 +342,12 @@ static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *contex
             status = ort->KernelContext_ParallelFor(context, write_kv, kv_tasks, 0, &c);
         }
         if (!status && seq == 1) {
-            status = ort->KernelContext_ParallelFor(context, attend_step, (size_t)(batch * op->kv_heads), 0, &c);
+            const int64_t group = op->heads / op->kv_heads, groups = batch * op->kv_heads;
+            int64_t parts = (op->cpus + groups - 1) / groups;
+            parts = parts < 1 ? 1 : parts > group ? group : parts;
+            c.per_task = (group + parts - 1) / parts;
+            parts = (group + c.per_task - 1) / c.per_task;
+            status = ort->KernelContext_ParallelFor(context, attend_step, (size_t)(groups * parts), 0, &c);
         } else if (!status) {
             status = ort->KernelContext_ParallelFor(context, attend, tasks, 0, &c);
         }
@@ -396,6 +408,8 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *custom, const OrtApi *a
     const int isa = kernels_isa();
     if (isa == ISA_NONE) return fail("GroupQueryAttention (autoglm): this CPU has neither AVX-512 nor AVX2");
     op.vec = isa == ISA_AVX512 ? &attention_avx512 : &attention_avx2;
+    const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    op.cpus = cpus > 0 ? cpus : 1;
     Gqa *kernel = malloc(sizeof op);
     if (!kernel) return fail("GroupQueryAttention (autoglm): out of memory");
     *kernel = op;

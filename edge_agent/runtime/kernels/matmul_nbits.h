@@ -25,7 +25,7 @@ typedef struct {
     float *pscales;      // [n_pad / 16][nb][16]
     float *bias;         // [n] or NULL
     int isa;             // ISA_AVX512 or ISA_AVX2 (kernels.h): the tile that runs it
-    int amx;             // calls of 2+ rows run matmul_nbits_amx.c's tile (K and block multiples of 64)
+    int amx;             // calls of more than SMALL_M rows run matmul_nbits_amx.c's tile (K and block multiples of 64)
 } Kernel;
 
 typedef struct {
@@ -62,8 +62,9 @@ static inline __attribute__((always_inline)) void quad_task(const Job *job, size
             quad(job, q, m0, job->m - m0 >= SMALL_M ? SMALL_M : (int)(job->m - m0), eight, ahead);
 }
 
-// The tasks of each tile: matmul_nbits.c (AVX-512 VNNI), matmul_nbits_amx.c (AMX for 2+ rows, the
-// VNNI tile for one), matmul_nbits_avx2.c (AVX2, which also quantizes a row for AVX2 CPUs).
+// The tasks of each tile: matmul_nbits.c (AVX-512 VNNI), matmul_nbits_amx.c (AMX for calls of more
+// than SMALL_M rows, the VNNI tile for the others), matmul_nbits_avx2.c (AVX2, which also quantizes
+// a row for AVX2 CPUs).
 void packed_task_avx512(void *data, size_t t);
 void packed_task_amx(void *data, size_t t);
 void packed_task_avx2(void *data, size_t t);

@@ -37,7 +37,8 @@
 #define XFEATURE_XTILEDATA 18
 
 // GCC 11 and clang 12 first took the AMX intrinsics; an older compiler builds a library that never
-// uses AMX (packed_task_amx is then never chosen).
+// uses AMX (packed_task_amx is then never chosen). (Their assembler must know AMX too: binutils
+// 2.36 or later, as every distribution shipping those compilers has.)
 #if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
 #define HAVE_AMX 1
 #else
@@ -134,6 +135,9 @@ static void quad_amx(const Job *job, int64_t q, int64_t m0, int rows) {
                         src[s][p] = wide[s][p];
                     }
                 }
+            // The tile intrinsics are asm without a memory clobber: the compiler must not drop or
+            // move the widened bytes' stores past the tile loads that read them.
+            __asm__ volatile("" ::: "memory");
             for (int s = 0; s < steps; s++) {
                 _tile_loadd(4, job->xq + m0 * k + at0 + 64 * s, k);
                 _tile_loadd(5, src[s][0], 64);
@@ -150,6 +154,7 @@ static void quad_amx(const Job *job, int64_t q, int64_t m0, int rows) {
         _tile_stored(1, sums[1], 64);
         _tile_stored(2, sums[2], 64);
         _tile_stored(3, sums[3], 64);
+        __asm__ volatile("" ::: "memory");  // the sums just stored by the tiles are read below
         for (int p = 0; p < NP; p++) {
             const __m512 scale = _mm512_loadu_ps(sp[p] + b * 16);
             for (int i = 0; i < rows; i++) {
