@@ -370,8 +370,8 @@ class _SharedBuffers:
             d.past_len += 1
         rows = [d.row for d in decoders]
         if rows == list(range(width)):
-            # The binding's own array, not a copy: a fresh [rows, vocab] array each step was
-            # mapped and zeroed page by page (4.6 % of a 4-row SmolLM2 int4 step under perf).
+            # The binding's own array, not a copy of it (786 KB a step for 4 rows of SmolLM2's
+            # vocabulary): the caller samples from it before the next step.
             return step.logits[:, 0]
         return step.logits[rows, 0]
 

@@ -130,6 +130,13 @@ static void write_kv(void *data, size_t task) {
 // onnxruntime from 1.24 on (the package requires it) read local_window_size.
 static inline int64_t first_key(const Gqa *op, int64_t p) { return op->window > 0 && p >= op->window ? p - op->window + 1 : 0; }
 
+// A task's scratch of `floats` floats, or NULL with the call marked failed (out of memory).
+static float *scratch(const Call *c, int64_t floats) {
+    float *p = malloc(sizeof(float) * (size_t)floats);
+    if (!p) __atomic_store_n(&((Call *)c)->failed, 1, __ATOMIC_RELAXED);
+    return p;
+}
+
 // Phase 2 of a prompt (several new rows), a task per (sequence, query head, block of ROWS query rows).
 static void attend(void *data, size_t task) {
     const Call *c = data;
@@ -140,11 +147,8 @@ static void attend(void *data, size_t task) {
     const int64_t s0 = block * ROWS, rows = c->seq - s0 < ROWS ? c->seq - s0 : ROWS, past = c->past[b];
     const int64_t last = past + s0 + rows - 1, span = (last + 16) / 16 * 16;  // keys [0, last], padded
     const float *values = c->present_v + (b * op->kv_heads + g) * c->present_len * h;
-    float *q = malloc(sizeof(float) * (size_t)(rows * h + rows * span));
-    if (!q) {
-        __atomic_store_n(&((Call *)data)->failed, 1, __ATOMIC_RELAXED);
-        return;
-    }
+    float *q = scratch(c, rows * h + rows * span);
+    if (!q) return;
     float *scores = q + rows * h;
     for (int64_t r = 0; r < rows; r++) {
         const int64_t row = b * c->seq + s0 + r;
@@ -189,12 +193,11 @@ static void attend_step(void *data, size_t task) {
     const int64_t p = c->past[b], lo = first_key(op, p), span = (p + 16) / 16 * 16;
     const float *keys = c->present_k + (b * op->kv_heads + g) * c->present_len * h;
     const float *values = c->present_v + (b * op->kv_heads + g) * c->present_len * h;
-    float *q = malloc(sizeof(float) * (size_t)(count * h + count * span));
-    if (!q) {
-        __atomic_store_n(&((Call *)data)->failed, 1, __ATOMIC_RELAXED);
-        return;
-    }
+    float *q = scratch(c, count * h + count * span);
+    if (!q) return;
     float *scores = q + count * h;
+    // The first head outside the loop: count >= 1, and so the compiler sees q written before
+    // scores_group reads it (GCC 12 warned of a maybe-uninitialized read).
     rotate(c, c->q + b * c->q_stride + n0 * h, q, p, c->scale);
     for (int64_t i = 1; i < count; i++) rotate(c, c->q + b * c->q_stride + (n0 + i) * h, q + i * h, p, c->scale);
     c->vec->scores_group(q, (int)count, keys, h, lo, p, scores, span);
@@ -335,7 +338,7 @@ static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *contex
     }
     if (!status && batch * seq > 0) {
         c.blocks = (seq + ROWS - 1) / ROWS;
-        const size_t kv_tasks = (size_t)(batch * op->kv_heads), tasks = (size_t)(batch * op->heads * c.blocks);
+        const size_t kv_tasks = (size_t)(batch * op->kv_heads);
         if (seq * batch <= 4) {  // a decode step: the new rows are too few to hand off
             for (size_t t = 0; t < kv_tasks; t++) write_kv(&c, t);
         } else {
@@ -349,7 +352,7 @@ static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *contex
             parts = (group + c.per_task - 1) / c.per_task;
             status = ort->KernelContext_ParallelFor(context, attend_step, (size_t)(groups * parts), 0, &c);
         } else if (!status) {
-            status = ort->KernelContext_ParallelFor(context, attend, tasks, 0, &c);
+            status = ort->KernelContext_ParallelFor(context, attend, (size_t)(batch * op->heads * c.blocks), 0, &c);
         }
         if (!status && c.failed) status = fail("GroupQueryAttention (autoglm): out of memory");
     }

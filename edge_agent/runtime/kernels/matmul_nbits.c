@@ -102,19 +102,14 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
         }
         _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) {
             const __m512 scale = _mm512_loadu_ps(sp[p] + b * 16);
-            _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
-                const __m512 xs = _mm512_set1_ps(job->xs[(m0 + i) * nb + b]);
-                f[p][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[p][i]), _mm512_mul_ps(scale, xs), f[p][i]);
-            }
+            _Pragma("GCC unroll 4") for (int i = 0; i < M; i++)
+                f[p][i] = nbits_block_step(f[p][i], a[p][i], scale, job->xs[(m0 + i) * nb + b]);
         }
     }
     _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) {
         const int64_t c = (first + p) * 16;
         if (c >= n) break;
-        const __mmask16 mask = n - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - c)) - 1);
-        __m512 bias = kn->bias ? _mm512_maskz_loadu_ps(mask, kn->bias + c) : _mm512_setzero_ps();
-        _Pragma("GCC unroll 4") for (int i = 0; i < M; i++)
-            _mm512_mask_storeu_ps(job->y + (m0 + i) * n + c, mask, _mm512_add_ps(f[p][i], bias));
+        _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) nbits_store_panel(job, m0 + i, c, f[p][i]);
     }
 }
 

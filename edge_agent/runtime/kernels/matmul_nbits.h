@@ -50,17 +50,47 @@ typedef struct {
 // are memory-bound).
 typedef void (*QuadTile)(const Job *job, int64_t q, int64_t m0, int rows, int eight, int ahead);
 
+// The groups of four panels (64 columns) task t computes: [*first, *last).
+static inline void task_quads(const Job *job, size_t t, int64_t *first, int64_t *last) {
+    const int64_t quads = job->kernel->n_pad / 64;
+    *first = (int64_t)t * job->quads_per_task;
+    *last = *first + job->quads_per_task < quads ? *first + job->quads_per_task : quads;
+}
+
 // One task of the thread pool: groups of four panels (64 columns) [t x quads_per_task, ...), every
 // row in tiles of up to SMALL_M. Inlined into each tile file's task with that file's always-inline
 // `quad`, so the call is direct and compiled for the file's instruction set.
 static inline __attribute__((always_inline)) void quad_task(const Job *job, size_t t, QuadTile quad) {
-    const int64_t quads = job->kernel->n_pad / 64, first = (int64_t)t * job->quads_per_task;
-    const int64_t last = first + job->quads_per_task < quads ? first + job->quads_per_task : quads;
+    int64_t first, last;
+    task_quads(job, t, &first, &last);
     const int eight = job->kernel->bits == 8, ahead = job->m <= SMALL_M;
     for (int64_t q = first; q < last; q++)
         for (int64_t m0 = 0; m0 < job->m; m0 += SMALL_M)
             quad(job, q, m0, job->m - m0 >= SMALL_M ? SMALL_M : (int)(job->m - m0), eight, ahead);
 }
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+// The float steps of both AVX-512 tiles (matmul_nbits.c's VNNI tile, matmul_nbits_amx.c's AMX
+// tile), one definition so that their outputs stay bit for bit equal. A block's int32 sums `a`
+// (the zero-point correction included) times weight scale x activation scale, added to the
+// column sums f:
+static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512vnni,fma"))) __m512
+nbits_block_step(__m512 f, __m512i a, __m512 scale, float xs) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(scale, _mm512_set1_ps(xs)), f);
+}
+
+// and row `row`'s outputs of the panel at column c < n: its column sums f plus the bias, masked
+// past n.
+static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512vnni,fma"))) void
+nbits_store_panel(const Job *job, int64_t row, int64_t c, __m512 f) {
+    const Kernel *kn = job->kernel;
+    const __mmask16 mask = kn->n - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (kn->n - c)) - 1);
+    const __m512 bias = kn->bias ? _mm512_maskz_loadu_ps(mask, kn->bias + c) : _mm512_setzero_ps();
+    _mm512_mask_storeu_ps(job->y + row * kn->n + c, mask, _mm512_add_ps(f, bias));
+}
+#endif
 
 // The tasks of each tile: matmul_nbits.c (AVX-512 VNNI), matmul_nbits_amx.c (AMX for calls of more
 // than SMALL_M rows, the VNNI tile for the others), matmul_nbits_avx2.c (AVX2, which also quantizes

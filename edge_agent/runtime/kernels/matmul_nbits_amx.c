@@ -100,8 +100,8 @@ static inline void widen(const uint8_t *src, uint8_t *dst) {
 #define WIDE_STEPS 4
 
 // Columns [64 q, 64 q + 64) for rows [m0, m0 + rows), rows <= AMX_ROWS, the tiles configured for
-// `rows`. The float steps are matmul_nbits.c's panel_rows', in the same order (keeping the column
-// sums in memory instead of a row's output in y was 1.2-1.6x slower).
+// `rows`. The float steps are the VNNI tile's (nbits_block_step, nbits_store_panel), in the same
+// order (keeping the column sums in memory instead of a row's output in y was 1.2-1.6x slower).
 static void quad_amx(const Job *job, int64_t q, int64_t m0, int rows) {
     const Kernel *kn = job->kernel;
     const int64_t k = kn->k, block = kn->block, nb = kn->nb, n = kn->n;
@@ -158,18 +158,15 @@ static void quad_amx(const Job *job, int64_t q, int64_t m0, int rows) {
         for (int p = 0; p < NP; p++) {
             const __m512 scale = _mm512_loadu_ps(sp[p] + b * 16);
             for (int i = 0; i < rows; i++) {
-                const __m512 xs = _mm512_set1_ps(job->xs[(m0 + i) * nb + b]);
                 const __m512i a = _mm512_add_epi32(_mm512_load_si512(sums[p][i]), _mm512_set1_epi32(job->corr[(m0 + i) * nb + b]));
-                f[p][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(scale, xs), f[p][i]);
+                f[p][i] = nbits_block_step(f[p][i], a, scale, job->xs[(m0 + i) * nb + b]);
             }
         }
     }
     for (int p = 0; p < NP; p++) {
         const int64_t c = (NP * q + p) * 16;
         if (c >= n) break;
-        const __mmask16 mask = n - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - c)) - 1);
-        const __m512 bias = kn->bias ? _mm512_maskz_loadu_ps(mask, kn->bias + c) : _mm512_setzero_ps();
-        for (int i = 0; i < rows; i++) _mm512_mask_storeu_ps(job->y + (m0 + i) * n + c, mask, _mm512_add_ps(f[p][i], bias));
+        for (int i = 0; i < rows; i++) nbits_store_panel(job, m0 + i, c, f[p][i]);
     }
 }
 
@@ -183,8 +180,8 @@ void packed_task_amx(void *data, size_t t) {
         packed_task_avx512(data, t);
         return;
     }
-    const int64_t quads = job->kernel->n_pad / 64, first = (int64_t)t * job->quads_per_task;
-    const int64_t last = first + job->quads_per_task < quads ? first + job->quads_per_task : quads;
+    int64_t first, last;
+    task_quads(job, t, &first, &last);
     const int64_t whole = job->m / AMX_ROWS * AMX_ROWS;
     if (whole) {
         configure(AMX_ROWS);
