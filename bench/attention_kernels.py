@@ -11,7 +11,8 @@ or Qwen2-0.5B's 14 over 2) with:
   node in the same graph;
 
 for decode steps of 1 and 4 rows at several cache positions (``--positions``) and a first
-prompt of ``--prompt`` rows. Microseconds per call (median of ``--reps``), with the run's own
+prompt of ``--prompt`` rows; ours also over a float16 KV cache (the node as the packager writes
+it with ``--kv-cache float16``: cloud/packaging/half_kv.py). Microseconds per call (median of ``--reps``), with the run's own
 overhead, as a graph of one node pays it.
 
 Usage: python bench/attention_kernels.py [--shape smollm2|qwen2-0.5b] [--positions 128 512 2048]
@@ -37,12 +38,23 @@ SHAPES = {"smollm2": (9, 3, 64), "qwen2-0.5b": (14, 2, 64)}
 
 
 def attention_graph(
-    heads: int, kv_heads: int, head: int, packed: bool, rot: int, interleaved: bool, window: int, cache: int
+    heads: int,
+    kv_heads: int,
+    head: int,
+    packed: bool,
+    rot: int,
+    interleaved: bool,
+    window: int,
+    cache: int,
+    half_kv: bool = False,
 ) -> bytes:
     """One GroupQueryAttention node as the fused graphs use it (rotary inside, BNSH past and
     present; inputs q or q/k/v, pk, pv, seqlens_k, total); ``rot``: columns of the cos/sin caches
-    (0: no rotary), ``cache``: their rows; ``window`` < 0: no local window."""
+    (0: no rotary), ``cache``: their rows; ``window`` < 0: no local window; ``half_kv``: the node
+    as the packager writes it for a float16 KV cache (cloud/packaging/half_kv.py)."""
     from onnx import TensorProto, helper, numpy_helper
+
+    from cloud.packaging.half_kv import half_kv_cache
 
     f = TensorProto.FLOAT
     q_width = (heads + 2 * kv_heads) * head if packed else heads * head
@@ -81,6 +93,8 @@ def attention_graph(
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
     )
+    if half_kv:
+        half_kv_cache(model)
     return bytes(model.SerializeToString())
 
 
@@ -93,6 +107,7 @@ def time_call(
     seq: int,
     past: int,
     shape: tuple[int, int, int],
+    half_kv: bool = False,
 ) -> float:
     """Median µs of one call: ``rows`` sequences, ``seq`` new positions each after ``past``."""
     import onnxruntime as ort
@@ -114,7 +129,9 @@ def time_call(
     binding.bind_cpu_input("total", np.asarray(past + seq, np.int32))
     for name_in, name_out in (("pk", "present_k"), ("pv", "present_v")):
         value = ort.OrtValue.ortvalue_from_numpy(
-            rng.standard_normal((rows, kv_heads, capacity, head)).astype(np.float32)
+            rng.standard_normal((rows, kv_heads, capacity, head)).astype(
+                np.float16 if half_kv else np.float32
+            )
         )
         binding.bind_ortvalue_input(name_in, value)
         binding.bind_ortvalue_output(name_out, value)
@@ -143,6 +160,9 @@ def main() -> None:
     model = attention_graph(
         *shape, packed=True, rot=shape[2] // 2, interleaved=False, window=-1, cache=longest
     )
+    half_model = attention_graph(
+        *shape, packed=True, rot=shape[2] // 2, interleaved=False, window=-1, cache=longest, half_kv=True
+    )
     ours = library()
     print(
         f"machine: {platform.machine()} {os.cpu_count()} cpus, {args.threads} threads; "
@@ -154,16 +174,19 @@ def main() -> None:
         for rows in (1, 4)
     ]
     cases.append((f"first prompt of {args.prompt}", 1, args.prompt, 0))
-    print(f"{'call':36s} {'onnxruntime µs':>15s} {'ours µs':>9s} {'ours faster':>12s}")
+    print(
+        f"{'call':36s} {'onnxruntime µs':>15s} {'ours µs':>9s} {'ours faster':>12s}"
+        f" {'ours, f16 KV µs':>16s} {'f16 KV faster':>14s}"
+    )
+    nan = float("nan")
     for label, rows, seq, past in cases:
-        theirs = time_call(model, None, args.threads, args.reps if seq == 1 else 20, rows, seq, past, shape)
-        mine = (
-            time_call(model, ours, args.threads, args.reps if seq == 1 else 20, rows, seq, past, shape)
-            if ours
-            else None
-        )
+        reps = args.reps if seq == 1 else 20
+        theirs = time_call(model, None, args.threads, reps, rows, seq, past, shape)
+        mine = time_call(model, ours, args.threads, reps, rows, seq, past, shape) if ours else None
+        half = time_call(half_model, ours, args.threads, reps, rows, seq, past, shape, True) if ours else None
         print(
-            f"{label:36s} {theirs:15.1f} {mine or float('nan'):9.1f} {theirs / mine if mine else float('nan'):11.2f}×"
+            f"{label:36s} {theirs:15.1f} {mine or nan:9.1f} {theirs / mine if mine else nan:11.2f}×"
+            f" {half or nan:16.1f} {mine / half if mine and half else nan:13.2f}×"
         )
 
 

@@ -469,6 +469,21 @@ def fused_graphs(kind: str, work: Path) -> tuple[Path, dict[str, Any], Path, Pat
     return src, cfg, fused32, fused8, fused4
 
 
+def half_kv_graph(graph: Path) -> Path:
+    """``graph`` with a float16 KV cache, as the packager ships it with ``--kv-cache float16``:
+    written beside it (sharing its weights file), once."""
+    import onnx
+
+    from cloud.packaging.half_kv import half_kv_cache
+
+    out = graph.with_name(f"{graph.stem}.f16kv.onnx")
+    if not out.exists():
+        model = onnx.load(str(graph), load_external_data=False)
+        half_kv_cache(model)
+        onnx.save(model, str(out))
+    return out
+
+
 def bench_model(kind: str, work: Path, args: argparse.Namespace) -> None:
     from cloud.packaging.export import export_onnx, io_signature, parameter_count
 

@@ -11,10 +11,12 @@ after each stream's first, over the time when at least one stream was past its f
 later requests' prefills count), the rate while all N decode at once (from the last first token to
 the first finish), and checks that every stream's token ids are the same both ways. Kernels as the edge's
 ``runtime.kernels: auto`` (ours where the CPU has AVX2 or AVX-512 VNNI); where ours run, both widths are
-timed once more on onnxruntime's own kernels.
+timed once more on onnxruntime's own kernels. The KV cache is the packager's default for each
+precision (``--kv-cache``).
 
 Usage: python bench/edge_parallel.py [--streams 4] [--new-tokens 64] [--runs 5] [--threads 2]
        [--precision int8 --precision int4 ...] [--workdir DIR] [--kernels auto|onnxruntime]
+       [--kv-cache auto|float32|float16]
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from edge_decode import SETTLE_S, build_model
+from edge_decode import SETTLE_S, build_model, half_kv_graph
 
 from edge_agent.runtime.kernels import isa, library
 
@@ -182,6 +184,13 @@ def main() -> None:
     ap.add_argument("--precision", action="append", choices=("int8", "int4", "fp32"))
     ap.add_argument("--workdir", type=Path, default=None, help="Keep (and reuse) the model files here.")
     ap.add_argument(
+        "--kv-cache",
+        choices=("auto", "float32", "float16"),
+        default="auto",
+        help="The graphs' KV cache, as `autoglm model package --kv-cache` ships it (auto: float16 "
+        "for int8 and int4, float32 for fp32).",
+    )
+    ap.add_argument(
         "--kernels",
         choices=("auto", "onnxruntime"),
         default="auto",
@@ -197,6 +206,12 @@ def main() -> None:
 
     precisions = args.precision or ["int8", "int4", "fp32"]
     graphs = {p: build(work, p) for p in precisions}
+    kv = {
+        p: args.kv_cache if args.kv_cache != "auto" else "float32" if p == "fp32" else "float16"
+        for p in precisions
+    }
+    graphs = {p: half_kv_graph(g) if kv[p] == "float16" else g for p, g in graphs.items()}
+    print("KV cache: " + ", ".join(f"{p} {kv[p]}" for p in precisions))
     template = ChatTemplate.from_folder(work / "hf")
     prompts = [
         template.prompt([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]).text

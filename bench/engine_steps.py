@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_decode import MODELS, fused_graphs
+from edge_decode import MODELS, fused_graphs, half_kv_graph
 
 
 def main() -> None:
@@ -49,6 +49,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=None, help="Keep (and reuse) the model files here.")
     ap.add_argument("--library", action="append", default=None)
+    ap.add_argument(
+        "--kv-cache",
+        choices=("float32", "float16", "both"),
+        default="float32",
+        help="The graph's KV cache type (float16: as `autoglm model package --kv-cache float16` ships it).",
+    )
     args = ap.parse_args()
     from cloud.packaging.export import io_signature
     from edge_agent.runtime.kernels import library
@@ -57,17 +63,23 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="autoglm-steps-"))
     _src, cfg, fp32, int8, int4 = fused_graphs(args.model, work)
     graph = {"fp32": fp32, "int8": int8, "int4": int4}[args.precision]
-    io = io_signature(graph, cfg, {"eos_token_id": cfg.get("eos_token_id")})
+    graphs = {"float32": graph} if args.kv_cache == "float32" else {}
+    if args.kv_cache != "float32":
+        if args.kv_cache == "both":
+            graphs["float32"] = graph
+        graphs["float16"] = half_kv_graph(graph)
     models: dict[str, OnnxCausalLM] = {}
-    for name in args.library or ["auto", "onnxruntime"]:
-        path = library() if name == "auto" else None if name == "onnxruntime" else Path(name)
-        if name == "auto" and path is None:
-            raise SystemExit("this install has no kernel library this CPU runs")
-        lm = OnnxCausalLM(graph, io, threads=args.threads, custom_ops=path)
-        if path is not None and not lm.custom_ops_loaded:
-            raise SystemExit(f"{path} refused by {graph}: see the warning above")
-        lm.prefix_cache = False  # every round prefills from an empty cache
-        models[name] = lm
+    for kv, path_of in graphs.items():
+        io = io_signature(path_of, cfg, {"eos_token_id": cfg.get("eos_token_id")})
+        for name in args.library or ["auto", "onnxruntime"]:
+            path = library() if name == "auto" else None if name == "onnxruntime" else Path(name)
+            if name == "auto" and path is None:
+                raise SystemExit("this install has no kernel library this CPU runs")
+            lm = OnnxCausalLM(path_of, io, threads=args.threads, custom_ops=path)
+            if path is not None and not lm.custom_ops_loaded:
+                raise SystemExit(f"{path} refused by {path_of}: see the warning above")
+            lm.prefix_cache = False  # every round prefills from an empty cache
+            models[name if len(graphs) == 1 else f"{name}, {kv} KV"] = lm
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, 40000, args.context).tolist()
     long_prompt = rng.integers(100, 40000, 512).tolist()
@@ -96,7 +108,7 @@ def main() -> None:
             times[name]["4"].append(statistics.median(four))
     print(
         f"\nmachine: {platform.machine()} {os.cpu_count()} cpus, {args.threads} threads; {args.model} {args.precision}, "
-        f"decode at position {args.context}; medians of {args.rounds} rounds × {args.steps} steps"
+        f"KV cache {args.kv_cache}, decode at position {args.context}; medians of {args.rounds} rounds × {args.steps} steps"
     )
     print("| library | 1-row step ms | 4-row step ms | 4 rows ÷ 1 | 512-token prefill ms |")
     print("|---|---:|---:|---:|---:|")

@@ -72,6 +72,8 @@ class IOSignature(WireModel):
     # "concat": the graph returns past+new as a fresh tensor each step (optimum exports).
     # "shared": GroupQueryAttention updates a preallocated buffer bound as both past and present.
     kv_cache: Literal["concat", "shared"] = "concat"
+    # The graph's past/present type; a fused graph's float16 cache (packager --kv-cache) is read
+    # and written by ai.autoglm GroupQueryAttentionHalfKV (cloud/packaging/half_kv.py).
     kv_dtype: Literal["float32", "float16"] = "float32"
     vocab_size: Annotated[int, Field(strict=True, gt=0)]
     context_length: Annotated[int, Field(strict=True, gt=0)]

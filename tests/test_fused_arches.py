@@ -187,6 +187,60 @@ def test_packager_ships_the_fused_graph(kind: str, tmp_path: Path, tokenizer_dir
     assert manifest.validation.max_abs_logit_diff < 1e-3
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["glm", "qwen3"])  # packed QKV; separate Q, K, V
+def test_a_quantized_package_keeps_its_kv_cache_in_half_precision(
+    kind: str, tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    """``kv_cache="auto"``: int8 weights ship a float16 cache (GroupQueryAttentionHalfKV), which
+    decodes like the float cache on the edge's kernels and on onnxruntime's (the function body)."""
+    import onnx
+
+    from cloud.packaging.half_kv import OP, half_kv_file
+    from cloud.packaging.packager import ModelPackager, PackageOptions
+    from cloud.registry import ModelRegistry
+    from shared.signing import SigningKey
+
+    src = _tiny(kind, tmp_path / "src", vary_vectors=True, vocab_size=300)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy2(f, src / f.name)
+    packager = ModelPackager(ModelRegistry(tmp_path / "registry"), SigningKey.generate())
+    io = packager.package(src, PackageOptions(name="m", version="int8", quantize="int8")).manifest.io
+    assert io.kv_dtype == "float16"
+    past = [t for t in io.inputs if t.name.startswith("past_key_values.")]
+    assert past and {t.dtype for t in past} == {"tensor(float16)"}
+    kept = packager.package(
+        src, PackageOptions(name="m", version="int8-f32", quantize="int8", kv_cache="float32")
+    )
+    assert kept.manifest.io.kv_dtype == "float32"
+    reference = packager.package(src, PackageOptions(name="m", version="fp32", quantize="none"))
+    assert reference.manifest.io.kv_dtype == "float32"
+
+    # The same rewrite on the float graph (quantized activations would add their own rounding
+    # flips): logits fed one token at a time through the shared cache, float cache vs half.
+    cfg = read_hf_config(src)
+    build_fused(src, cfg, tmp_path / "fused")
+    shutil.copytree(tmp_path / "fused", tmp_path / "half")
+    graph = tmp_path / "half" / "model.onnx"
+
+    def logits(lm: OnnxCausalLM) -> np.ndarray:
+        decoder = lm.decoder(64)
+        return np.stack([decoder.step([t])[0].copy() for t in PROMPT])
+
+    floats = tmp_path / "fused" / "model.onnx"
+    expected = logits(OnnxCausalLM(floats, io_signature(floats, cfg, {"eos_token_id": 1}), threads=2))
+    assert half_kv_file(graph) == 2
+    assert {n.op_type for n in onnx.load(str(graph), load_external_data=False).graph.node} >= {OP}
+    io16 = io_signature(graph, cfg, {"eos_token_id": 1})
+    assert io16.kv_dtype == "float16"
+    runs = [OnnxCausalLM(graph, io16, threads=2)]
+    if library() is not None:
+        runs.append(OnnxCausalLM(graph, io16, threads=2, custom_ops=library()))
+        assert runs[-1].custom_ops_loaded
+    for lm in runs:
+        np.testing.assert_allclose(logits(lm), expected, rtol=0, atol=5e-3 * float(np.abs(expected).max()))
+
+
 def test_a_custom_op_library_that_onnxruntime_refuses_leaves_its_own_kernels(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

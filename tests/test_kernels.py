@@ -481,10 +481,16 @@ class _Attention:
     """Runs an attention graph over one KV buffer bound as both past and present, as the edge does."""
 
     def __init__(
-        self, session: ort.InferenceSession, batch: int, kv_heads: int, cache: int, head: int
+        self,
+        session: ort.InferenceSession,
+        batch: int,
+        kv_heads: int,
+        cache: int,
+        head: int,
+        dtype: type = np.float32,
     ) -> None:
         self.session = session
-        self.kv = [np.zeros((batch, kv_heads, cache, head), np.float32) for _ in range(2)]
+        self.kv = [np.zeros((batch, kv_heads, cache, head), dtype) for _ in range(2)]
 
     def run(self, feeds: dict[str, np.ndarray], seqlens: list[int], total: int) -> np.ndarray:
         binding = self.session.io_binding()
@@ -508,6 +514,10 @@ def _qkv(rng: np.random.Generator, rows: int, seq: int, widths: list[int]) -> li
 
 @pytest.mark.skipif(not _cpu_runs_kernels(), reason="no AVX2: the library registers nothing")
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
+# A half-precision cache (GroupQueryAttentionHalfKV, cloud/packaging/half_kv.py) against the
+# function's body as onnxruntime inlines it without the library (float16 GroupQueryAttention):
+# theirs rounds the query and computes in half, ours rounds only the cache, hence the looser bound.
+@pytest.mark.parametrize("kv", ["float32", "float16"])
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head", "packed", "rot", "interleaved", "window"),
     [
@@ -522,22 +532,32 @@ def _qkv(rng: np.random.Generator, rows: int, seq: int, widths: list[int]) -> li
     ],
 )
 def test_attention_equals_onnxruntime_and_rows_do_not_depend_on_their_company(
-    heads: int, kv_heads: int, head: int, packed: bool, rot: int, interleaved: bool, window: int, isa: str
+    heads: int,
+    kv_heads: int,
+    head: int,
+    packed: bool,
+    rot: int,
+    interleaved: bool,
+    window: int,
+    kv: str,
+    isa: str,
 ) -> None:
-    cache = 96
-    model = attention_graph(heads, kv_heads, head, packed, rot, interleaved, window, cache)
+    cache, half = 96, kv == "float16"
+    model = attention_graph(heads, kv_heads, head, packed, rot, interleaved, window, cache, half_kv=half)
     widths = [(heads + 2 * kv_heads) * head] if packed else [heads * head, kv_heads * head, kv_heads * head]
     names = ["q"] if packed else ["q", "k", "v"]
-    ours = _Attention(_session(model, library()), 3, kv_heads, cache, head)
-    theirs = _Attention(_session(model, None), 3, kv_heads, cache, head)
+    dtype = np.float16 if half else np.float32
+    ours = _Attention(_session(model, library()), 3, kv_heads, cache, head, dtype)
+    theirs = _Attention(_session(model, None), 3, kv_heads, cache, head, dtype)
+    out_tol, kv_tol = (4e-3, 8e-3) if half else (2e-5, 1e-5)
     rng = np.random.default_rng(heads * head + rot)
 
     def both(seq: int, seqlens: list[int], total: int, rows: int) -> None:
         feeds = dict(zip(names, _qkv(rng, rows, seq, widths), strict=True))
         mine, ref = ours.run(feeds, seqlens, total), theirs.run(feeds, seqlens, total)
-        np.testing.assert_allclose(mine, ref, rtol=0, atol=2e-5 * float(np.abs(ref).max()))
+        np.testing.assert_allclose(mine, ref, rtol=0, atol=out_tol * float(np.abs(ref).max()))
         for a, b in zip(ours.kv, theirs.kv, strict=True):
-            np.testing.assert_allclose(a[:rows], b[:rows], rtol=0, atol=1e-5)
+            np.testing.assert_allclose(a[:rows], b[:rows], rtol=0, atol=kv_tol)
 
     both(37, [36], 37, 1)  # a first prompt: two blocks of query rows
     both(11, [47], 48, 1)  # a later prompt continuing the cached 37 positions (the prefix cache)
@@ -560,6 +580,30 @@ def test_attention_equals_onnxruntime_and_rows_do_not_depend_on_their_company(
         alone = ours.run({n: a[r : r + 1] for n, a in feeds.items()}, [seqlen], seqlen + 1)
         ours.kv = [keep.copy() for keep in saved]
         assert np.array_equal(alone[0], together[r]), f"row {r} differs alone"
+
+
+@pytest.mark.skipif(not _cpu_runs_kernels(), reason="no AVX2: the library registers nothing")
+def test_a_half_kv_cache_runs_the_librarys_op_and_elsewhere_its_function_body(tmp_path: Path) -> None:
+    """With the library, GroupQueryAttentionHalfKV is one node of ours (no Casts); without it,
+    onnxruntime inlines the body: Casts around its own float16 GroupQueryAttention."""
+    model = attention_graph(9, 3, 64, True, 32, False, -1, 64, half_kv=True)
+    rng = np.random.default_rng(7)
+    feed = {
+        "q": rng.standard_normal((2, 1, 15 * 64)).astype(np.float32),
+        "pk": rng.standard_normal((2, 3, 40, 64)).astype(np.float16),
+        "pv": rng.standard_normal((2, 3, 40, 64)).astype(np.float16),
+        "seqlens_k": np.asarray([30, 12], np.int32),
+        "total": np.asarray(31, np.int32),
+    }
+    lib = library()
+    assert lib is not None
+    assert _ops_run(model, lib, feed, tmp_path) == {"GroupQueryAttentionHalfKV"}
+    session = _session(model, None)
+    assert {i.type for i in session.get_inputs() if i.name in ("pk", "pv")} == {"tensor(float16)"}
+    out, present_k, _ = session.run(None, feed)
+    assert out.dtype == np.float32 and present_k.dtype == np.float16
+    mine = _session(model, lib).run(None, feed)
+    np.testing.assert_allclose(mine[0], out, rtol=0, atol=4e-3 * float(np.abs(out).max()))
 
 
 @pytest.mark.skipif(not _cpu_runs_kernels(), reason="no AVX2: the library registers nothing")

@@ -98,6 +98,12 @@ def _graph_kind(value: str) -> Literal["auto", "fused", "generic"]:
     return value  # type: ignore[return-value]
 
 
+def _kv_cache(value: str) -> Literal["auto", "float32", "float16"]:
+    if value not in ("auto", "float32", "float16"):
+        raise typer.BadParameter("choose auto, float32 or float16", param_hint="--kv-cache")
+    return value  # type: ignore[return-value]
+
+
 def _chunking(value: str) -> Literal["tensors", "fixed"]:
     if value not in ("tensors", "fixed"):
         raise typer.BadParameter("choose tensors or fixed", param_hint="--chunking")
@@ -171,6 +177,15 @@ def model_package(
             "one from this model's fp32 answers: the new version is held to the same answers.",
         ),
     ] = None,
+    kv_cache: Annotated[
+        str,
+        typer.Option(
+            "--kv-cache",
+            help="The shipped graph's KV cache: float16 halves its memory and reads (parallel "
+            "slots decode faster), float32 keeps it exact; auto (default): float16 for int8/int4, "
+            "float32 for none. Fused graphs only.",
+        ),
+    ] = "auto",
     pool_artifact: Annotated[
         bool,
         typer.Option(
@@ -211,6 +226,7 @@ def model_package(
         max_perplexity_increase=max_ppl_increase,
         eval_set=carried,
         pool_artifact=pool_artifact,
+        kv_cache=_kv_cache(kv_cache),
     )
     reporter = ConsoleReporter(console)
     packager = ModelPackager(_registry(registry), _signing_key(signing_key), reporter)

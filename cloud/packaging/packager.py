@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from cloud.packaging.export import (
     validate_export,
 )
 from cloud.packaging.fused import FUSED_MODEL_TYPES, UnsupportedArchitecture, build_fused
+from cloud.packaging.half_kv import half_kv_file
 from cloud.packaging.layout import tensor_cuts
 from cloud.packaging.progress import SilentReporter, StepReporter
 from cloud.packaging.quality import (
@@ -92,6 +94,11 @@ class PackageOptions:
     eval_set: EvalSet | None = None
     # Keep the full-precision source beside the package for the cloud pool (shared/pool_artifact.py).
     pool_artifact: bool = True
+    # The shipped graph's KV cache (half_kv.py): "float16" halves its memory and reads (4 sequences
+    # decoding together 1.2-1.35x faster on the edge's kernels), "float32" keeps it exact; "auto":
+    # float16 for quantized weights, float32 for an unquantized package (the reference). Fused
+    # graphs only: a generic export keeps float (refused when float16 is asked for by name).
+    kv_cache: Literal["auto", "float32", "float16"] = "auto"
 
 
 class ModelPackager:
@@ -104,6 +111,8 @@ class ModelPackager:
 
     def package(self, src: Path, opts: PackageOptions) -> RegistryEntry:
         quant = quantization_record(opts.quantize)
+        if opts.kv_cache not in ("auto", "float32", "float16"):
+            raise PackagingError("kv_cache must be auto, float32 or float16", kv_cache=opts.kv_cache)
         if self.registry.exists(opts.name, opts.version):
             raise RegistryError(
                 "model version already exists; pick a new version", name=opts.name, version=opts.version
@@ -151,6 +160,12 @@ class ModelPackager:
                     if (fp32_dir / fname).is_file():
                         shutil.copy2(fp32_dir / fname, ship_dir / fname)
                 r.done(f"{_graph_bytes(fp32_dir) / 1e6:.1f} MB → {_graph_bytes(ship_dir) / 1e6:.1f} MB")
+
+            if opts.kv_cache == "float16" or (opts.kv_cache == "auto" and ship_dir != fp32_dir):
+                ship_dir = self._half_kv(fp32_dir, ship_dir, work, opts)
+                if ship_dir != fp32_dir:  # the manifest describes the shipped graph's tensors
+                    shipped = io_signature(ship_dir / GRAPH_FILE, cfg, gen_cfg)
+                    io = shipped.model_copy(update={"eos_token_ids": io.eos_token_ids})
 
             quality = self._quality(fp32_dir, ship_dir, io, tokenizer, template, opts)
             if quality.relative_change > opts.max_perplexity_increase:
@@ -283,6 +298,32 @@ class ModelPackager:
         r.step(f"Exporting {src} ({cfg['model_type']}) to ONNX with KV cache")
         return export_onnx(src, out)
 
+    def _half_kv(self, fp32_dir: Path, ship_dir: Path, work: Path, opts: PackageOptions) -> Path:
+        """The shipped graph with a float16 KV cache (its folder: ship_dir, or for an unquantized
+        package a copy of the fp32 one, weights hard-linked)."""
+        r = self.reporter
+        r.step("Keeping the KV cache in half precision (GroupQueryAttentionHalfKV)")
+        target = ship_dir
+        if ship_dir == fp32_dir:
+            target = work / "fp32-half-kv"
+            shutil.copytree(fp32_dir, target, copy_function=_link_or_copy)
+            (target / GRAPH_FILE).unlink()  # rewritten below, not through the fp32 graph's link
+            shutil.copy2(fp32_dir / GRAPH_FILE, target / GRAPH_FILE)
+        changed = half_kv_file(target / GRAPH_FILE)
+        if changed == 0:
+            if opts.kv_cache == "float16":
+                raise PackagingError(
+                    "a float16 KV cache needs the fused graph (its attention is GroupQueryAttention); "
+                    "this export has none: package with --graph fused or --kv-cache float32",
+                    name=opts.name,
+                )
+            if target != ship_dir:
+                shutil.rmtree(target)
+            r.done("not a fused graph: the KV cache stays float32")
+            return ship_dir
+        r.done(f"{changed} attention nodes; the KV cache is float16 (half the memory and reads)")
+        return target
+
     def _quality(
         self,
         fp32_dir: Path,
@@ -379,6 +420,14 @@ _SOURCE_TOKENIZER = frozenset(
         "tokenizer.model",
     }
 )
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
 
 
 def _source_role(name: str) -> Literal["weights", "tokenizer", "config"] | None:

@@ -1,19 +1,21 @@
 // GroupQueryAttention's vector routines for CPUs with AVX2 but no AVX-512 (group_query_attention.h
 // says what each computes): the AVX-512 routines' steps 8 floats per vector, with register tiles
 // sized for AVX2's 16 registers (a prefill's 16-key chunk is two vectors, one chunk at a time; the
-// value sums 64, 32 or 16 columns per pass for 1, 2 or 3-4 rows).
+// value sums 64, 32 or 16 columns per pass for 1, 2 or 3-4 rows); each routine that reads the KV
+// cache comes for a float cache and for a half-precision one (F16C's conversions).
 #include "kernels.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "avx2.h"
 #include "group_query_attention.h"
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 
 // exp(x) for x <= 0: exp512's polynomial; 2^n built in the exponent field (n >= -126 here: below
 // -87.3 the result is 0, as expf's would be to within a denormal).
@@ -69,32 +71,68 @@ static inline __m256 sums8(const __m256 v[8]) {
     return _mm256_add_ps(_mm256_permute2f128_ps(w[0], w[1], 0x20), _mm256_permute2f128_ps(w[0], w[1], 0x31));
 }
 
-// Scores of `rows` query rows against keys [lo, hi], 8 keys at a time: the block's keys stay in
-// L1 for every row, each row's 8 dot products are 8 sums in flight, reduced together (sums8).
-static void scores_group256(const float *q, int rows, const float *keys, int64_t h, int64_t lo, int64_t hi,
-                            float *scores, int64_t sstride) {
-    for (int64_t j0 = lo; j0 <= hi; j0 += 8) {
-        const int64_t n = hi + 1 - j0 < 8 ? hi + 1 - j0 : 8;
-        const float *k[8];
-        for (int i = 0; i < 8; i++) k[i] = keys + (j0 + (i < n ? i : n - 1)) * h;  // past the last: read it again
-        for (int r = 0; r < rows; r++) {
-            const float *x = q + r * h;
-            __m256 a[8];
-            const __m256 x0 = _mm256_loadu_ps(x);
-            for (int i = 0; i < 8; i++) a[i] = _mm256_mul_ps(x0, _mm256_loadu_ps(k[i]));
-            for (int64_t d = 8; d < h; d += 8) {
-                const __m256 xd = _mm256_loadu_ps(x + d);
-                for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(xd, _mm256_loadu_ps(k[i] + d), a[i]);
-            }
-            if (n == 8) {
-                _mm256_storeu_ps(scores + r * sstride + j0, sums8(a));
-            } else {  // vmaskmov stores are slow on AMD's cores
-                float last[8];
-                _mm256_storeu_ps(last, sums8(a));
-                memcpy(scores + r * sstride + j0, last, sizeof(float) * (size_t)n);
-            }
+// 8 floats of a KV buffer from element i: float, or IEEE half widened (a half-precision cache).
+static inline __attribute__((always_inline)) __m256 load_kv(const void *kv, int64_t i, const int half) {
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)kv + i))) : _mm256_loadu_ps((const float *)kv + i);
+}
+
+// Scores of `rows` query rows against the 8 keys at element offsets k (the first n of them
+// real): each row's 8 dot products are 8 sums in flight, reduced together (sums8).
+static inline __attribute__((always_inline)) void scores_block(const float *q, int rows, const void *keys, const int64_t k[8],
+                                                               int64_t h, int64_t n, float *scores, int64_t sstride,
+                                                               const int half) {
+    for (int r = 0; r < rows; r++) {
+        const float *x = q + r * h;
+        __m256 a[8];
+        const __m256 x0 = _mm256_loadu_ps(x);
+        for (int i = 0; i < 8; i++) a[i] = _mm256_mul_ps(x0, load_kv(keys, k[i], half));
+        for (int64_t d = 8; d < h; d += 8) {
+            const __m256 xd = _mm256_loadu_ps(x + d);
+            for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(xd, load_kv(keys, k[i] + d, half), a[i]);
+        }
+        if (n == 8) {
+            _mm256_storeu_ps(scores + r * sstride, sums8(a));
+        } else {  // vmaskmov stores are slow on AMD's cores
+            float last[8];
+            _mm256_storeu_ps(last, sums8(a));
+            memcpy(scores + r * sstride, last, sizeof(float) * (size_t)n);
         }
     }
+}
+
+// Widened once per block, not once per row: several rows of a half cache read floats.
+#define WIDE_HEAD 256
+
+// Scores of `rows` query rows against keys [lo, hi], 8 keys at a time: the block's keys stay in
+// L1 for every row. A block of a half cache read by several rows is widened to floats first
+// (heads of up to WIDE_HEAD columns).
+static inline __attribute__((always_inline)) void scores_group(const float *q, int rows, const void *keys, int64_t h, int64_t lo,
+                                                               int64_t hi, float *scores, int64_t sstride, const int half) {
+    _Alignas(64) float wide[8 * WIDE_HEAD];
+    int64_t at[8];
+    for (int i = 0; i < 8; i++) at[i] = i * h;
+    for (int64_t j0 = lo; j0 <= hi; j0 += 8) {
+        const int64_t n = hi + 1 - j0 < 8 ? hi + 1 - j0 : 8;
+        int64_t k[8];
+        for (int i = 0; i < 8; i++) k[i] = (j0 + (i < n ? i : n - 1)) * h;  // past the last: read it again
+        if (half && rows > 1 && h <= WIDE_HEAD) {
+            for (int i = 0; i < 8; i++)
+                for (int64_t d = 0; d < h; d += 8) _mm256_storeu_ps(wide + i * h + d, load_kv(keys, k[i] + d, 1));
+            scores_block(q, rows, wide, at, h, n, scores + j0, sstride, 0);
+        } else {
+            scores_block(q, rows, keys, k, h, n, scores + j0, sstride, half);
+        }
+    }
+}
+
+static void scores_group256(const float *q, int rows, const void *keys, int64_t h, int64_t lo, int64_t hi, float *scores,
+                            int64_t sstride) {
+    scores_group(q, rows, keys, h, lo, hi, scores, sstride, 0);
+}
+
+static void scores_group256h(const float *q, int rows, const void *keys, int64_t h, int64_t lo, int64_t hi, float *scores,
+                             int64_t sstride) {
+    scores_group(q, rows, keys, h, lo, hi, scores, sstride, 1);
 }
 
 // R rows against one chunk of 16 transposed keys (two vectors): 2R sums in flight.
@@ -132,15 +170,15 @@ static void scores_tile256(const float *q, int64_t h, const float *kt, int64_t s
 
 // Columns [d0, d0 + 8W) for R rows: R x W <= 8 sums in flight. Only compile-time bounds index the
 // sums, so they stay in registers (a runtime-width branch beside them put them on the stack).
-static inline __attribute__((always_inline)) void values_cols(const float *p, int64_t pstride, const float *values,
+static inline __attribute__((always_inline)) void values_cols(const float *p, int64_t pstride, const void *values,
                                                               int64_t h, int64_t lo, int64_t hi, float *out,
-                                                              int64_t ostride, int64_t d0, const int R, const int W) {
+                                                              int64_t ostride, int64_t d0, const int R, const int W,
+                                                              const int half) {
     __m256 a[TILE][8];
     _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) _Pragma("GCC unroll 8") for (int v = 0; v < W; v++) a[r][v] = _mm256_setzero_ps();
     for (int64_t j = lo; j <= hi; j++) {
-        const float *vj = values + j * h + d0;
         __m256 x[8];
-        _Pragma("GCC unroll 8") for (int v = 0; v < W; v++) x[v] = _mm256_loadu_ps(vj + 8 * v);
+        _Pragma("GCC unroll 8") for (int v = 0; v < W; v++) x[v] = load_kv(values, j * h + d0 + 8 * v, half);
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
             const __m256 s = _mm256_broadcast_ss(p + r * pstride + j);
             _Pragma("GCC unroll 8") for (int v = 0; v < W; v++) a[r][v] = _mm256_fmadd_ps(s, x[v], a[r][v]);
@@ -151,26 +189,37 @@ static inline __attribute__((always_inline)) void values_cols(const float *p, in
 }
 
 // Passes of W vectors, then of two (h is a multiple of 16).
-static inline __attribute__((always_inline)) void values_pass(const float *p, int64_t pstride, const float *values,
+static inline __attribute__((always_inline)) void values_pass(const float *p, int64_t pstride, const void *values,
                                                               int64_t h, int64_t lo, int64_t hi, float *out,
-                                                              int64_t ostride, const int R, const int W) {
+                                                              int64_t ostride, const int R, const int W, const int half) {
     int64_t d0 = 0;
-    for (; d0 + 8 * W <= h; d0 += 8 * W) values_cols(p, pstride, values, h, lo, hi, out, ostride, d0, R, W);
-    for (; d0 < h; d0 += 16) values_cols(p, pstride, values, h, lo, hi, out, ostride, d0, R, 2);
+    for (; d0 + 8 * W <= h; d0 += 8 * W) values_cols(p, pstride, values, h, lo, hi, out, ostride, d0, R, W, half);
+    for (; d0 < h; d0 += 16) values_cols(p, pstride, values, h, lo, hi, out, ostride, d0, R, 2, half);
 }
 
-static void values_tile256(const float *p, int64_t pstride, const float *values, int64_t h, int64_t lo, int64_t hi,
-                           float *out, int64_t ostride, int rows) {
+static inline __attribute__((always_inline)) void values_rows(const float *p, int64_t pstride, const void *values, int64_t h,
+                                                              int64_t lo, int64_t hi, float *out, int64_t ostride, int rows,
+                                                              const int half) {
     switch (rows) {
-        case 1: values_pass(p, pstride, values, h, lo, hi, out, ostride, 1, 8); break;
-        case 2: values_pass(p, pstride, values, h, lo, hi, out, ostride, 2, 4); break;
-        case 3: values_pass(p, pstride, values, h, lo, hi, out, ostride, 3, 2); break;
-        default: values_pass(p, pstride, values, h, lo, hi, out, ostride, 4, 2); break;
+        case 1: values_pass(p, pstride, values, h, lo, hi, out, ostride, 1, 8, half); break;
+        case 2: values_pass(p, pstride, values, h, lo, hi, out, ostride, 2, 4, half); break;
+        case 3: values_pass(p, pstride, values, h, lo, hi, out, ostride, 3, 2, half); break;
+        default: values_pass(p, pstride, values, h, lo, hi, out, ostride, 4, 2, half); break;
     }
+}
+
+static void values_tile256(const float *p, int64_t pstride, const void *values, int64_t h, int64_t lo, int64_t hi,
+                           float *out, int64_t ostride, int rows) {
+    values_rows(p, pstride, values, h, lo, hi, out, ostride, rows, 0);
+}
+
+static void values_tile256h(const float *p, int64_t pstride, const void *values, int64_t h, int64_t lo, int64_t hi,
+                            float *out, int64_t ostride, int rows) {
+    values_rows(p, pstride, values, h, lo, hi, out, ostride, rows, 1);
 }
 
 #pragma GCC pop_options
 
-const AttentionKernels attention_avx2 = {scores_group256, scores_tile256, softmax256, values_tile256};
+const AttentionKernels attention_avx2 = {scores_group256, scores_group256h, scores_tile256, softmax256, values_tile256, values_tile256h};
 
 #endif

@@ -1,11 +1,13 @@
 // GroupQueryAttention's vector routines for CPUs with AVX-512 (group_query_attention.h says what
 // each computes): 16 floats per vector, masked tails, a prefill's scores 16 keys per vector and
-// two 16-key chunks at a time.
+// two 16-key chunks at a time; each routine that reads the KV cache comes for a float cache and
+// for a half-precision one.
 #include "kernels.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "group_query_attention.h"
@@ -71,26 +73,62 @@ static inline __m512 sums16(const __m512 v[16]) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(y0, y1, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(y0, y1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+// 16 floats of a KV buffer from element i: float, or IEEE half widened (a half-precision cache).
+static inline __attribute__((always_inline)) __m512 load_kv(const void *kv, int64_t i, const int half) {
+    return half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)kv + i))) : _mm512_loadu_ps((const float *)kv + i);
+}
+
+// Scores of `rows` query rows against the 16 keys at element offsets k (the first n of them
+// real): each row's 16 dot products are 16 sums in flight, reduced together (sums16).
+static inline __attribute__((always_inline)) void scores_block(const float *q, int rows, const void *keys, const int64_t k[16],
+                                                               int64_t h, int64_t n, float *scores, int64_t sstride,
+                                                               const int half) {
+    for (int r = 0; r < rows; r++) {
+        const float *x = q + r * h;
+        __m512 a[16];
+        const __m512 x0 = _mm512_loadu_ps(x);
+        for (int i = 0; i < 16; i++) a[i] = _mm512_mul_ps(x0, load_kv(keys, k[i], half));
+        for (int64_t d = 16; d < h; d += 16) {
+            const __m512 xd = _mm512_loadu_ps(x + d);
+            for (int i = 0; i < 16; i++) a[i] = _mm512_fmadd_ps(xd, load_kv(keys, k[i] + d, half), a[i]);
+        }
+        _mm512_mask_storeu_ps(scores + r * sstride, head_mask(n), sums16(a));
+    }
+}
+
+// Widened once per block, not once per row: several rows of a half cache read floats.
+#define WIDE_HEAD 256
+
 // Scores of `rows` query rows against keys [lo, hi], 16 keys at a time: the block's keys stay in
-// L1 for every row, each row's 16 dot products are 16 sums in flight, reduced together (sums16).
-static void scores_group512(const float *q, int rows, const float *keys, int64_t h, int64_t lo, int64_t hi,
-                            float *scores, int64_t sstride) {
+// L1 for every row. A block of a half cache read by several rows is widened to floats first
+// (heads of up to WIDE_HEAD columns).
+static inline __attribute__((always_inline)) void scores_group(const float *q, int rows, const void *keys, int64_t h, int64_t lo,
+                                                               int64_t hi, float *scores, int64_t sstride, const int half) {
+    _Alignas(64) float wide[16 * WIDE_HEAD];
+    int64_t at[16];
+    for (int i = 0; i < 16; i++) at[i] = i * h;
     for (int64_t j0 = lo; j0 <= hi; j0 += 16) {
         const int64_t n = hi + 1 - j0 < 16 ? hi + 1 - j0 : 16;
-        const float *k[16];
-        for (int i = 0; i < 16; i++) k[i] = keys + (j0 + (i < n ? i : n - 1)) * h;  // past the last: read it again
-        for (int r = 0; r < rows; r++) {
-            const float *x = q + r * h;
-            __m512 a[16];
-            const __m512 x0 = _mm512_loadu_ps(x);
-            for (int i = 0; i < 16; i++) a[i] = _mm512_mul_ps(x0, _mm512_loadu_ps(k[i]));
-            for (int64_t d = 16; d < h; d += 16) {
-                const __m512 xd = _mm512_loadu_ps(x + d);
-                for (int i = 0; i < 16; i++) a[i] = _mm512_fmadd_ps(xd, _mm512_loadu_ps(k[i] + d), a[i]);
-            }
-            _mm512_mask_storeu_ps(scores + r * sstride + j0, head_mask(n), sums16(a));
+        int64_t k[16];
+        for (int i = 0; i < 16; i++) k[i] = (j0 + (i < n ? i : n - 1)) * h;  // past the last: read it again
+        if (half && rows > 1 && h <= WIDE_HEAD) {
+            for (int i = 0; i < 16; i++)
+                for (int64_t d = 0; d < h; d += 16) _mm512_storeu_ps(wide + i * h + d, load_kv(keys, k[i] + d, 1));
+            scores_block(q, rows, wide, at, h, n, scores + j0, sstride, 0);
+        } else {
+            scores_block(q, rows, keys, k, h, n, scores + j0, sstride, half);
         }
     }
+}
+
+static void scores_group512(const float *q, int rows, const void *keys, int64_t h, int64_t lo, int64_t hi, float *scores,
+                            int64_t sstride) {
+    scores_group(q, rows, keys, h, lo, hi, scores, sstride, 0);
+}
+
+static void scores_group512h(const float *q, int rows, const void *keys, int64_t h, int64_t lo, int64_t hi, float *scores,
+                             int64_t sstride) {
+    scores_group(q, rows, keys, h, lo, hi, scores, sstride, 1);
 }
 
 // Scores of up to TILE query rows (q: [rows][h]) against C chunks of 16 transposed keys (col:
@@ -124,15 +162,15 @@ static inline __attribute__((always_inline)) void scores_tile(const float *q, in
 
 // Columns [d0, d0 + 16W) for R rows: R x W <= 16 sums in flight. Only compile-time bounds index
 // the sums, so they stay in registers (a runtime-width branch beside them put them on the stack).
-static inline __attribute__((always_inline)) void values_cols(const float *p, int64_t pstride, const float *values,
+static inline __attribute__((always_inline)) void values_cols(const float *p, int64_t pstride, const void *values,
                                                               int64_t h, int64_t lo, int64_t hi, float *out,
-                                                              int64_t ostride, int64_t d0, const int R, const int W) {
+                                                              int64_t ostride, int64_t d0, const int R, const int W,
+                                                              const int half) {
     __m512 a[TILE][4];
     _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) _Pragma("GCC unroll 4") for (int v = 0; v < W; v++) a[r][v] = _mm512_setzero_ps();
     for (int64_t j = lo; j <= hi; j++) {
-        const float *vj = values + j * h + d0;
         __m512 x[4];
-        _Pragma("GCC unroll 4") for (int v = 0; v < W; v++) x[v] = _mm512_loadu_ps(vj + 16 * v);
+        _Pragma("GCC unroll 4") for (int v = 0; v < W; v++) x[v] = load_kv(values, j * h + d0 + 16 * v, half);
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
             const __m512 s = _mm512_set1_ps(p[r * pstride + j]);
             _Pragma("GCC unroll 4") for (int v = 0; v < W; v++) a[r][v] = _mm512_fmadd_ps(s, x[v], a[r][v]);
@@ -144,12 +182,12 @@ static inline __attribute__((always_inline)) void values_cols(const float *p, in
 
 // out[r] = sum over keys [lo, hi] of p[r][j] x values[j], for up to TILE rows (h a multiple of
 // 16): passes of 64 columns, then of 16.
-static inline __attribute__((always_inline)) void values_tile(const float *p, int64_t pstride, const float *values,
+static inline __attribute__((always_inline)) void values_tile(const float *p, int64_t pstride, const void *values,
                                                               int64_t h, int64_t lo, int64_t hi, float *out,
-                                                              int64_t ostride, const int R) {
+                                                              int64_t ostride, const int R, const int half) {
     int64_t d0 = 0;
-    for (; d0 + 64 <= h; d0 += 64) values_cols(p, pstride, values, h, lo, hi, out, ostride, d0, R, 4);
-    for (; d0 < h; d0 += 16) values_cols(p, pstride, values, h, lo, hi, out, ostride, d0, R, 1);
+    for (; d0 + 64 <= h; d0 += 64) values_cols(p, pstride, values, h, lo, hi, out, ostride, d0, R, 4, half);
+    for (; d0 < h; d0 += 16) values_cols(p, pstride, values, h, lo, hi, out, ostride, d0, R, 1, half);
 }
 
 static void scores_tile512(const float *q, int64_t h, const float *kt, int64_t stride, int64_t c0, int64_t c1,
@@ -162,18 +200,29 @@ static void scores_tile512(const float *q, int64_t h, const float *kt, int64_t s
     }
 }
 
-static void values_tile512(const float *p, int64_t pstride, const float *values, int64_t h, int64_t lo, int64_t hi,
-                           float *out, int64_t ostride, int rows) {
+static inline __attribute__((always_inline)) void values_rows(const float *p, int64_t pstride, const void *values, int64_t h,
+                                                              int64_t lo, int64_t hi, float *out, int64_t ostride, int rows,
+                                                              const int half) {
     switch (rows) {
-        case 1: values_tile(p, pstride, values, h, lo, hi, out, ostride, 1); break;
-        case 2: values_tile(p, pstride, values, h, lo, hi, out, ostride, 2); break;
-        case 3: values_tile(p, pstride, values, h, lo, hi, out, ostride, 3); break;
-        default: values_tile(p, pstride, values, h, lo, hi, out, ostride, 4); break;
+        case 1: values_tile(p, pstride, values, h, lo, hi, out, ostride, 1, half); break;
+        case 2: values_tile(p, pstride, values, h, lo, hi, out, ostride, 2, half); break;
+        case 3: values_tile(p, pstride, values, h, lo, hi, out, ostride, 3, half); break;
+        default: values_tile(p, pstride, values, h, lo, hi, out, ostride, 4, half); break;
     }
+}
+
+static void values_tile512(const float *p, int64_t pstride, const void *values, int64_t h, int64_t lo, int64_t hi,
+                           float *out, int64_t ostride, int rows) {
+    values_rows(p, pstride, values, h, lo, hi, out, ostride, rows, 0);
+}
+
+static void values_tile512h(const float *p, int64_t pstride, const void *values, int64_t h, int64_t lo, int64_t hi,
+                            float *out, int64_t ostride, int rows) {
+    values_rows(p, pstride, values, h, lo, hi, out, ostride, rows, 1);
 }
 
 #pragma GCC pop_options
 
-const AttentionKernels attention_avx512 = {scores_group512, scores_tile512, softmax512, values_tile512};
+const AttentionKernels attention_avx512 = {scores_group512, scores_group512h, scores_tile512, softmax512, values_tile512, values_tile512h};
 
 #endif

@@ -21,6 +21,14 @@
 // the edge binds them). Rows of different sequences never share a task, so a sequence's output
 // does not depend on what decodes beside it.
 //
+// A half-precision cache (ai.autoglm GroupQueryAttentionHalfKV, defined at the end): the same op
+// over past and present key and value of IEEE half (everything else float). New keys are rotated
+// in floats and rounded as they are written; a decode step widens each cached key block once for
+// the heads that share it (scores_group_half) and each value row as it is summed
+// (values_tile_half); a prompt widens the values up to its last row once (values_f, beside the
+// transposed keys). A 4-row SmolLM2 int4 decode step at position 300 ran 1.2-1.35x faster than
+// over the float cache, a lone row and a 512-token prompt as fast (Intel Xeon VM, bench/RESULTS.md).
+//
 // Takes what our packager emits and onnxruntime's kernel would compute the same way: float
 // tensors, packed QKV or separate Q, K, V, past/present in BNSH, rotary (interleaved or not, the
 // whole head or its first part), a local window, a scale; head size a multiple of 16. Refuses
@@ -45,6 +53,7 @@ typedef struct {
     int64_t window;  // local_window_size (first_key); <= 0: every earlier key
     int64_t rotary, interleaved;
     float scale;  // 0: 1 / sqrt(head size)
+    int half;                     // the KV cache is IEEE half (GroupQueryAttentionHalfKV), else float
     const AttentionKernels *vec;  // the vector routines of this CPU's instruction set
     int64_t cpus;                 // online CPUs: a decode step makes at least this many tasks where it can
 } Gqa;
@@ -56,11 +65,14 @@ typedef struct {
     int64_t q_stride, k_stride, v_stride;  // floats between consecutive (b, s) rows of each input
     const float *q, *k, *v;                // head 0 of row (0, 0) of each input
     const float *cos, *sin;
-    const float *past_k, *past_v;  // NULL when not given or when it is the present buffer
+    const void *past_k, *past_v;  // NULL when not given or when it is the present buffer
     int64_t past_len, present_len;  // the buffers' position capacity
-    float *present_k, *present_v, *out;
+    void *present_k, *present_v;    // float, or IEEE half where op->half
+    size_t kv_size;                 // bytes per KV element
+    float *out;
     const int64_t *past;   // [batch]: positions already in the cache before this call
     float *keys_t;         // prefill: [batch][kv_heads][head][keys_len] transposed keys, else NULL
+    float *values_f;       // prefill over a half cache: [batch][kv_heads][keys_len][head] values widened
     int64_t keys_len;      // a multiple of 16
     int64_t blocks;        // query row blocks per (sequence, head)
     int64_t per_task;      // decode step: query heads per task (a KV head's group, or part of it)
@@ -68,10 +80,10 @@ typedef struct {
     int failed;  // a task could not allocate its scratch: the call fails
 } Call;
 
-// What follows runs only in an op created on a CPU with AVX2 and FMA at least (create): compiled
-// for it, so the rotary products fuse as they did when this was AVX-512-only code.
+// What follows runs only in an op created on a CPU with AVX2, FMA and F16C at least (create):
+// compiled for it, so the rotary products fuse as they did when this was AVX-512-only code.
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 
 // Rotary embedding of one head vector at position pos (onnxruntime's RotaryEmbedding: the first
 // 2 x rot_half columns rotate, pairwise if interleaved, else the first half against the second).
@@ -98,37 +110,18 @@ static void rotate(const Call *c, const float *x, float *y, int64_t pos, float m
     for (int64_t d = 2 * half; d < h; d++) y[d] = x[d] * mul;
 }
 
-// Phase 1, a task per (sequence, KV head): the past copied when present is another buffer, the
-// new keys rotated and the new values copied in at their positions, and for a prefill the keys
-// up to the last new one transposed (keys_t).
-static void write_kv(void *data, size_t task) {
-    const Call *c = data;
-    const int64_t b = (int64_t)task / c->op->kv_heads, g = (int64_t)task % c->op->kv_heads, h = c->head;
-    float *pk = c->present_k + (b * c->op->kv_heads + g) * c->present_len * h;
-    float *pv = c->present_v + (b * c->op->kv_heads + g) * c->present_len * h;
-    const int64_t past = c->past[b];
-    if (c->past_k) {
-        const int64_t from = (b * c->op->kv_heads + g) * c->past_len * h;
-        memcpy(pk, c->past_k + from, sizeof(float) * (size_t)(past * h));
-        memcpy(pv, c->past_v + from, sizeof(float) * (size_t)(past * h));
-    }
-    for (int64_t s = 0; s < c->seq; s++) {
-        const int64_t row = b * c->seq + s, p = past + s;
-        rotate(c, c->k + row * c->k_stride + g * h, pk + p * h, p, 1.0f);
-        memcpy(pv + p * h, c->v + row * c->v_stride + g * h, sizeof(float) * (size_t)h);
-    }
-    if (c->keys_t) {
-        float *kt = c->keys_t + (b * c->op->kv_heads + g) * h * c->keys_len;
-        const int64_t n = past + c->seq;
-        for (int64_t j = 0; j < n; j++)
-            for (int64_t d = 0; d < h; d++) kt[d * c->keys_len + j] = pk[j * h + d];
-        for (int64_t d = 0; d < h; d++) memset(kt + d * c->keys_len + n, 0, sizeof(float) * (size_t)(c->keys_len - n));
-    }
+// Element `at` of a KV buffer of the call's type.
+static inline void *kv_at(const Call *c, const void *base, int64_t at) { return (char *)base + (size_t)at * c->kv_size; }
+
+// n (a multiple of 8) floats rounded to IEEE half, to nearest even as onnxruntime's Cast does.
+static void to_half(const float *x, uint16_t *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += 8)
+        _mm_storeu_si128((__m128i *)(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
-// The first key a query at position p attends to: keys p - window < k <= p, as transformers and
-// onnxruntime from 1.24 on (the package requires it) read local_window_size.
-static inline int64_t first_key(const Gqa *op, int64_t p) { return op->window > 0 && p >= op->window ? p - op->window + 1 : 0; }
+static void from_half(const uint16_t *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += 8) _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))));
+}
 
 // A task's scratch of `floats` floats, or NULL with the call marked failed (out of memory).
 static float *scratch(const Call *c, int64_t floats) {
@@ -136,6 +129,55 @@ static float *scratch(const Call *c, int64_t floats) {
     if (!p) __atomic_store_n(&((Call *)c)->failed, 1, __ATOMIC_RELAXED);
     return p;
 }
+
+// Phase 1, a task per (sequence, KV head): the past copied when present is another buffer, the
+// new keys rotated and the new values copied in at their positions, and for a prefill the keys
+// up to the last new one transposed (keys_t).
+static void write_kv(void *data, size_t task) {
+    const Call *c = data;
+    const int64_t b = (int64_t)task / c->op->kv_heads, g = (int64_t)task % c->op->kv_heads, h = c->head;
+    const int64_t at = (b * c->op->kv_heads + g) * c->present_len * h;  // this task's first element
+    void *pk = kv_at(c, c->present_k, at), *pv = kv_at(c, c->present_v, at);
+    const int64_t past = c->past[b];
+    if (c->past_k) {
+        const int64_t from = (b * c->op->kv_heads + g) * c->past_len * h;
+        memcpy(pk, kv_at(c, c->past_k, from), c->kv_size * (size_t)(past * h));
+        memcpy(pv, kv_at(c, c->past_v, from), c->kv_size * (size_t)(past * h));
+    }
+    // A half cache: each new key is rotated in floats, then rounded (the keys_t rows widened back).
+    float *row = c->op->half ? scratch(c, h) : NULL;
+    if (c->op->half && !row) return;
+    for (int64_t s = 0; s < c->seq; s++) {
+        const int64_t r = b * c->seq + s, p = past + s;
+        const float *key = c->k + r * c->k_stride + g * h, *value = c->v + r * c->v_stride + g * h;
+        if (c->op->half) {
+            rotate(c, key, row, p, 1.0f);
+            to_half(row, (uint16_t *)pk + p * h, h);
+            to_half(value, (uint16_t *)pv + p * h, h);
+        } else {
+            rotate(c, key, (float *)pk + p * h, p, 1.0f);
+            memcpy((float *)pv + p * h, value, sizeof(float) * (size_t)h);
+        }
+    }
+    if (c->keys_t) {
+        float *kt = c->keys_t + (b * c->op->kv_heads + g) * h * c->keys_len;
+        const int64_t n = past + c->seq;
+        for (int64_t j = 0; j < n; j++) {
+            const float *key = (const float *)pk + j * h;
+            if (c->op->half) from_half((const uint16_t *)pk + j * h, row, h), key = row;
+            for (int64_t d = 0; d < h; d++) kt[d * c->keys_len + j] = key[d];
+        }
+        for (int64_t d = 0; d < h; d++) memset(kt + d * c->keys_len + n, 0, sizeof(float) * (size_t)(c->keys_len - n));
+        // A prompt's query rows read every value many times (a task per head and block of rows):
+        // widened once here, not on every read (a 512-token prompt ran 1.2x slower reading halves).
+        if (c->values_f) from_half(pv, c->values_f + (b * c->op->kv_heads + g) * c->keys_len * h, n * h);
+    }
+    free(row);
+}
+
+// The first key a query at position p attends to: keys p - window < k <= p, as transformers and
+// onnxruntime from 1.24 on (the package requires it) read local_window_size.
+static inline int64_t first_key(const Gqa *op, int64_t p) { return op->window > 0 && p >= op->window ? p - op->window + 1 : 0; }
 
 // Phase 2 of a prompt (several new rows), a task per (sequence, query head, block of ROWS query rows).
 static void attend(void *data, size_t task) {
@@ -146,7 +188,8 @@ static void attend(void *data, size_t task) {
     const int64_t b = (int64_t)task / c->blocks / op->heads, g = n / group;
     const int64_t s0 = block * ROWS, rows = c->seq - s0 < ROWS ? c->seq - s0 : ROWS, past = c->past[b];
     const int64_t last = past + s0 + rows - 1, span = (last + 16) / 16 * 16;  // keys [0, last], padded
-    const float *values = c->present_v + (b * op->kv_heads + g) * c->present_len * h;
+    const void *values = c->values_f ? (const void *)(c->values_f + (b * op->kv_heads + g) * c->keys_len * h)
+                                     : kv_at(c, c->present_v, (b * op->kv_heads + g) * c->present_len * h);
     float *q = scratch(c, rows * h + rows * span);
     if (!q) return;
     float *scores = q + rows * h;
@@ -191,8 +234,8 @@ static void attend_step(void *data, size_t task) {
     const int64_t b = (int64_t)task / parts / op->kv_heads, n0 = g * group + part * per;
     const int64_t count = group - part * per < per ? group - part * per : per;  // >= 1
     const int64_t p = c->past[b], lo = first_key(op, p), span = (p + 16) / 16 * 16;
-    const float *keys = c->present_k + (b * op->kv_heads + g) * c->present_len * h;
-    const float *values = c->present_v + (b * op->kv_heads + g) * c->present_len * h;
+    const void *keys = kv_at(c, c->present_k, (b * op->kv_heads + g) * c->present_len * h);
+    const void *values = kv_at(c, c->present_v, (b * op->kv_heads + g) * c->present_len * h);
     float *q = scratch(c, count * h + count * span);
     if (!q) return;
     float *scores = q + count * h;
@@ -200,12 +243,12 @@ static void attend_step(void *data, size_t task) {
     // scores_group reads it (GCC 12 warned of a maybe-uninitialized read).
     rotate(c, c->q + b * c->q_stride + n0 * h, q, p, c->scale);
     for (int64_t i = 1; i < count; i++) rotate(c, c->q + b * c->q_stride + (n0 + i) * h, q + i * h, p, c->scale);
-    c->vec->scores_group(q, (int)count, keys, h, lo, p, scores, span);
+    (op->half ? c->vec->scores_group_half : c->vec->scores_group)(q, (int)count, keys, h, lo, p, scores, span);
     for (int64_t i = 0; i < count; i++) c->vec->softmax(scores + i * span, lo, p, p + 1);
     float *out = c->out + b * op->heads * h + n0 * h;
     for (int64_t r0 = 0; r0 < count; r0 += TILE) {
         const int R = count - r0 < TILE ? (int)(count - r0) : TILE;
-        c->vec->values_tile(scores + r0 * span, span, values, h, lo, p, out + r0 * h, h, R);
+        (op->half ? c->vec->values_tile_half : c->vec->values_tile)(scores + r0 * span, span, values, h, lo, p, out + r0 * h, h, R);
     }
     free(q);
 }
@@ -223,7 +266,7 @@ static OrtStatus *dims_of(const OrtValue *value, int64_t *dims, size_t max, size
     return status;
 }
 
-static OrtStatus *data_of(const OrtValue *value, const float **out) {
+static OrtStatus *data_of(const OrtValue *value, const void **out) {
     return ort->GetTensorMutableData((OrtValue *)value, (void **)out);
 }
 
@@ -281,7 +324,8 @@ static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *contex
         }
         if (past[b] + seq > most) most = past[b] + seq;
     }
-    Call c = {.op = op, .vec = op->vec, .batch = batch, .seq = seq, .head = h, .past = past, .past_len = past_len, .present_len = present_len};
+    Call c = {.op = op, .vec = op->vec, .batch = batch, .seq = seq, .head = h, .past = past, .past_len = past_len,
+              .present_len = present_len, .kv_size = op->half ? sizeof(uint16_t) : sizeof(float)};
     c.scale = op->scale != 0.0f ? op->scale : 1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss((float)h)));
     OrtStatus *status = NULL;
     if (op->rotary) {
@@ -292,19 +336,19 @@ static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *contex
         if (!status) status = dims_of(in[8], sd, 4, &rank);
         if (!status && (rank != 2 || sd[0] != cd[0] || sd[1] != cd[1]))
             status = fail("GroupQueryAttention (autoglm): cos and sin caches differ in shape");
-        if (!status) status = data_of(in[7], &c.cos);
-        if (!status) status = data_of(in[8], &c.sin);
+        if (!status) status = data_of(in[7], (const void **)&c.cos);
+        if (!status) status = data_of(in[8], (const void **)&c.sin);
         c.rot_half = cd[1];
     }
-    if (!status) status = data_of(in[0], &c.q);
+    if (!status) status = data_of(in[0], (const void **)&c.q);
     if (!status && packed) {
         c.q_stride = c.k_stride = c.v_stride = qd[2];
         c.k = c.q + op->heads * h;
         c.v = c.k + op->kv_heads * h;
     } else if (!status) {
         c.q_stride = op->heads * h, c.k_stride = c.v_stride = op->kv_heads * h;
-        status = data_of(in[1], &c.k);
-        if (!status) status = data_of(in[2], &c.v);
+        status = data_of(in[1], (const void **)&c.k);
+        if (!status) status = data_of(in[2], (const void **)&c.v);
     }
     OrtValue *outs[3];
     if (!status) {
@@ -314,8 +358,8 @@ static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *contex
         if (!status) status = ort->KernelContext_GetOutput(context, 2, kvd, 4, &outs[2]);
     }
     if (!status) status = ort->GetTensorMutableData(outs[0], (void **)&c.out);
-    if (!status) status = ort->GetTensorMutableData(outs[1], (void **)&c.present_k);
-    if (!status) status = ort->GetTensorMutableData(outs[2], (void **)&c.present_v);
+    if (!status) status = ort->GetTensorMutableData(outs[1], &c.present_k);
+    if (!status) status = ort->GetTensorMutableData(outs[2], &c.present_v);
     int shared = 0;
     if (!status && in[3]) {
         // The edge binds one buffer as past and present: new positions are written in place.
@@ -328,13 +372,14 @@ static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *contex
             if (past[b] > past_len) status = fail("GroupQueryAttention (autoglm): seqlens_k beyond the past key and value");
     }
     if (!status && !shared) {
-        const size_t bytes = sizeof(float) * (size_t)(batch * op->kv_heads * present_len * h);
+        const size_t bytes = c.kv_size * (size_t)(batch * op->kv_heads * present_len * h);
         memset(c.present_k, 0, bytes), memset(c.present_v, 0, bytes);
     }
     if (!status && seq > 1) {
         c.keys_len = (most + 15) / 16 * 16;
         c.keys_t = malloc(sizeof(float) * (size_t)(batch * op->kv_heads * h * c.keys_len));
-        if (!c.keys_t) status = fail("GroupQueryAttention (autoglm): out of memory");
+        if (op->half) c.values_f = malloc(sizeof(float) * (size_t)(batch * op->kv_heads * h * c.keys_len));
+        if (!c.keys_t || (op->half && !c.values_f)) status = fail("GroupQueryAttention (autoglm): out of memory");
     }
     if (!status && batch * seq > 0) {
         c.blocks = (seq + ROWS - 1) / ROWS;
@@ -357,6 +402,7 @@ static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *contex
         if (!status && c.failed) status = fail("GroupQueryAttention (autoglm): out of memory");
     }
     free(c.keys_t);
+    free(c.values_f);
     free(past);
     return status;
 }
@@ -366,8 +412,10 @@ static void int_attribute(const OrtKernelInfo *info, const char *name, int64_t f
     if (status) ort->ReleaseStatus(status), *out = fallback;  // absent: onnxruntime's default
 }
 
+static const char *ORT_API_CALL half_name(const OrtCustomOp *op);
+
 static OrtStatus *ORT_API_CALL create(const OrtCustomOp *custom, const OrtApi *api, const OrtKernelInfo *info, void **out) {
-    (void)custom, (void)api;
+    (void)api;
     Gqa op = {0};
     int64_t smooth, qk_output;
     float softcap = 0.0f;
@@ -410,6 +458,7 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *custom, const OrtApi *a
         return fail("GroupQueryAttention (autoglm): head size must be a multiple of 16");
     const int isa = kernels_isa();
     if (isa == ISA_NONE) return fail("GroupQueryAttention (autoglm): this CPU has neither AVX-512 nor AVX2");
+    op.half = custom->GetName == half_name;
     op.vec = isa == ISA_AVX512 ? &attention_avx512 : &attention_avx2;
     const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     op.cpus = cpus > 0 ? cpus : 1;
@@ -441,5 +490,28 @@ static OrtMemType ORT_API_CALL input_memory(const OrtCustomOp *op, size_t index)
 }
 
 DEFINE_CUSTOM_OP(group_query_attention_op)
+
+// ai.autoglm GroupQueryAttentionHalfKV: GroupQueryAttention's inputs and outputs in its order, over
+// a KV cache of IEEE half (past and present key and value); query, key, value, the cos/sin caches
+// and the output stay float. The packager writes it as a model-local function whose body casts to
+// half around onnxruntime's float16 GroupQueryAttention (cloud/packaging/half_kv.py): a session
+// without this library runs that. Here the attention is computed in floats, each cached key and
+// value widened as it is read, so only the cache's rounding differs from the float op.
+static const char *ORT_API_CALL half_name(const OrtCustomOp *op) { return (void)op, "GroupQueryAttentionHalfKV"; }
+
+static ONNXTensorElementDataType ORT_API_CALL half_input_type(const OrtCustomOp *op, size_t index) {
+    return index == 3 || index == 4 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 : input_type(op, index);
+}
+
+static ONNXTensorElementDataType ORT_API_CALL half_output_type(const OrtCustomOp *op, size_t index) {
+    return index == 0 ? output_type(op, index) : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+}
+
+void group_query_attention_half_kv_op(OrtCustomOp *op) {
+    group_query_attention_op(op);
+    op->GetName = half_name;
+    op->GetInputType = half_input_type;
+    op->GetOutputType = half_output_type;
+}
 
 #endif

@@ -9,11 +9,14 @@
 #define TILE 4  // query rows per register tile
 
 typedef struct {
-    // Scores of `rows` query rows (q: [rows][h]) against keys [lo, hi] ([key][h] rows), a block of
-    // keys at a time read once for every row (a decode step: too few rows to pay for transposing
-    // the keys); row r's scores at scores + r * sstride.
-    void (*scores_group)(const float *q, int rows, const float *keys, int64_t h, int64_t lo, int64_t hi,
+    // Scores of `rows` query rows (q: [rows][h]) against keys [lo, hi] ([key][h] rows of a float
+    // cache, or of a half-precision one for scores_group_half), a block of keys at a time read
+    // once for every row (a decode step: too few rows to pay for transposing the keys); row r's
+    // scores at scores + r * sstride.
+    void (*scores_group)(const float *q, int rows, const void *keys, int64_t h, int64_t lo, int64_t hi,
                          float *scores, int64_t sstride);
+    void (*scores_group_half)(const float *q, int rows, const void *keys, int64_t h, int64_t lo, int64_t hi,
+                              float *scores, int64_t sstride);
     // Scores of `rows` (1..TILE) query rows (q: [rows][h]) against the transposed keys kt
     // ([h][stride]) for key chunks [c0, c1) of 16; row r's scores at scores + r * sstride.
     void (*scores_tile)(const float *q, int64_t h, const float *kt, int64_t stride, int64_t c0, int64_t c1,
@@ -21,9 +24,12 @@ typedef struct {
     // Softmax of scores[lo, hi] in place; every other score of [0, end) set to 0 (end: the keys
     // the tile's value loop reads).
     void (*softmax)(float *scores, int64_t lo, int64_t hi, int64_t end);
-    // out[r] = sum over keys [lo, hi] of p[r][j] x values[j] ([key][h] rows), for `rows` rows.
-    void (*values_tile)(const float *p, int64_t pstride, const float *values, int64_t h, int64_t lo, int64_t hi,
+    // out[r] = sum over keys [lo, hi] of p[r][j] x values[j] ([key][h] rows, float or, for
+    // values_tile_half, half), for `rows` rows.
+    void (*values_tile)(const float *p, int64_t pstride, const void *values, int64_t h, int64_t lo, int64_t hi,
                         float *out, int64_t ostride, int rows);
+    void (*values_tile_half)(const float *p, int64_t pstride, const void *values, int64_t h, int64_t lo, int64_t hi,
+                             float *out, int64_t ostride, int rows);
 } AttentionKernels;
 
 extern const AttentionKernels attention_avx512, attention_avx2;

@@ -22,7 +22,7 @@ static inline OrtStatus *fail(const char *what) { return ort->CreateStatus(ORT_F
     } while (0)
 
 // The instruction sets the kernels are written for, best last: AVX-512 with VNNI, and AVX2 with FMA
-// (AMD Zen 2 and 3, Intel before Ice Lake), each op with its own routines for either.
+// and F16C (AMD Zen 2 and 3, Intel before Ice Lake; every CPU with AVX2 has them), each op with its own routines for either.
 enum { ISA_NONE = 0, ISA_AVX2 = 2, ISA_AVX512 = 3 };
 
 // This CPU's best, capped by the environment variable AUTOGLM_KERNELS_ISA=avx2 (a machine with
@@ -30,7 +30,7 @@ enum { ISA_NONE = 0, ISA_AVX2 = 2, ISA_AVX512 = 3 };
 // library (nothing is registered where this is none) and when each op is created (its routines).
 static inline int kernels_isa(void) {
     int isa = ISA_NONE;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isa = ISA_AVX2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) isa = ISA_AVX2;
     if (isa && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512vnni"))
@@ -45,6 +45,7 @@ static inline int kernels_isa(void) {
 int kernels_amx(void);
 void matmul_nbits_op(OrtCustomOp *op);           // matmul_nbits.c: com.microsoft MatMulNBits
 void group_query_attention_op(OrtCustomOp *op);  // group_query_attention.c: com.microsoft GroupQueryAttention
+void group_query_attention_half_kv_op(OrtCustomOp *op);  // and ai.autoglm GroupQueryAttentionHalfKV
 // matmul_nbits_fused.c: adds the ai.autoglm ops (MatMulNBitsSwiGLU, SkipRMSNorm...) to domain.
 OrtStatus *matmul_nbits_fused_ops(OrtCustomOpDomain *domain);
 

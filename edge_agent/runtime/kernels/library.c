@@ -10,6 +10,8 @@
 // packager writes as model-local functions (so a session without this library inlines them):
 //   matmul_nbits_fused.c     MatMulNBitsSwiGLU, SkipRMSNormMatMulNBits, SkipRMSNormSwiGLU: a
 //                            layer's norms and gated-MLP activation folded into its matmuls
+//   group_query_attention.c  GroupQueryAttentionHalfKV: the attention over a half-precision KV
+//                            cache (half the cache's memory and reads)
 // edge_agent.runtime.kernels finds the built library; OnnxCausalLM registers it and runs the graph
 // on onnxruntime's own kernels wherever the session refuses it (an op refuses what it does not
 // take, and the refusal fails the session).
@@ -28,7 +30,7 @@ const OrtApi *ort;
 // -DAUTOGLM_NO_ATTENTION builds a library with MatMulNBits alone (bench/engine_steps.py compares).
 static OrtCustomOp matmul_nbits;
 #ifndef AUTOGLM_NO_ATTENTION
-static OrtCustomOp attention;
+static OrtCustomOp attention, attention_half_kv;
 #endif
 // Filled and created once, at the first registration: sessions made earlier read them on every
 // call, and onnxruntime requires a domain to outlive its sessions. Which routines run (AVX-512 or
@@ -61,6 +63,10 @@ __attribute__((visibility("default"))) OrtStatus *ORT_API_CALL RegisterCustomOps
 #endif
         CHECK(ort->CreateCustomOpDomain("ai.autoglm", &own_domain));
         CHECK(matmul_nbits_fused_ops(own_domain));
+#ifndef AUTOGLM_NO_ATTENTION
+        group_query_attention_half_kv_op(&attention_half_kv);
+        CHECK(ort->CustomOpDomain_Add(own_domain, &attention_half_kv));
+#endif
     }
     CHECK(ort->AddCustomOpDomain(options, domain));
     return ort->AddCustomOpDomain(options, own_domain);
