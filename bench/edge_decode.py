@@ -484,6 +484,20 @@ def half_kv_graph(graph: Path) -> Path:
     return out
 
 
+def shipped_graph(graph: Path, precision: str, kv_cache: str) -> Path:
+    """``graph`` with the KV cache the packager's ``--kv-cache kv_cache`` ships for ``precision``
+    (auto: float16 for int8 and int4, float32 for fp32)."""
+    half = kv_cache == "float16" or (kv_cache == "auto" and precision != "fp32")
+    return half_kv_graph(graph) if half else graph
+
+
+def kv_types(graphs: dict[str, Path]) -> str:
+    """ "int8 float16, …": each graph's KV cache type, as the benches print it."""
+    return ", ".join(
+        f"{p} {'float16' if g.name.endswith('.f16kv.onnx') else 'float32'}" for p, g in graphs.items()
+    )
+
+
 def bench_model(kind: str, work: Path, args: argparse.Namespace) -> None:
     from cloud.packaging.export import export_onnx, io_signature, parameter_count
 

@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from edge_decode import SETTLE_S, build_model, half_kv_graph
+from edge_decode import SETTLE_S, build_model, kv_types, shipped_graph
 
 from edge_agent.runtime.kernels import isa, library
 
@@ -206,12 +206,8 @@ def main() -> None:
 
     precisions = args.precision or ["int8", "int4", "fp32"]
     graphs = {p: build(work, p) for p in precisions}
-    kv = {
-        p: args.kv_cache if args.kv_cache != "auto" else "float32" if p == "fp32" else "float16"
-        for p in precisions
-    }
-    graphs = {p: half_kv_graph(g) if kv[p] == "float16" else g for p, g in graphs.items()}
-    print("KV cache: " + ", ".join(f"{p} {kv[p]}" for p in precisions))
+    graphs = {p: shipped_graph(g, p, args.kv_cache) for p, g in graphs.items()}
+    print("KV cache: " + kv_types(graphs))
     template = ChatTemplate.from_folder(work / "hf")
     prompts = [
         template.prompt([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]).text

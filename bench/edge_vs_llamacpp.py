@@ -5,7 +5,7 @@ For each model asked for (``--model``, repeatable; the models of bench/edge_deco
 ``qwen2-0.5b`` (random weights, Qwen2-0.5B's shape). From one Hugging Face folder it builds
 
 - ours: the graphs ``autoglm model package`` ships (fused decoder; fp32, int8 and int4 weight-only
-  MatMulNBits), run as the edge runs them (``runtime.kernels: auto``: the edge's own MatMulNBits
+  MatMulNBits; int8 and int4 with the float16 KV cache it ships them with, ``--kv-cache``), run as the edge runs them (``runtime.kernels: auto``: the edge's own MatMulNBits
   kernels where the CPU has AVX-512 VNNI or AVX2, else onnxruntime's), timed through the edge's serving
   loop (``TextGenerator.token_ids``, sampling included) and its prefill as the serving loop feeds a
   prompt (``decoder.step`` over pieces of ``PREFILL_CHUNK`` tokens, lm_head on the last position
@@ -34,6 +34,7 @@ onnxruntime``), so the table also says what the kernels add.
 
 Usage: python bench/edge_vs_llamacpp.py --llama-cpp /tmp/llamacpp [--model llama-134m|smollm2|qwen2-0.5b ...]
        [--rounds 7] [--threads 2] [--workdir DIR] [--precision fp32|int8|int4 ...] [--kernels auto|onnxruntime]
+       [--kv-cache auto|float32|float16]
 """
 
 from __future__ import annotations
@@ -62,8 +63,10 @@ from edge_decode import (
     Engine,
     copy_bandwidth,
     fused_graphs,
+    kv_types,
     ours_runner,
     prefill_seconds,
+    shipped_graph,
     weight_bytes_per_token,
 )
 
@@ -243,7 +246,11 @@ def spread(ratio: tuple[float, float, float], mark: str = "") -> str:
 
 def bench_model(kind: str, work: Path, peer: Peer, args: argparse.Namespace) -> dict[str, Any]:
     src, cfg, fused32, fused8, fused4 = fused_graphs(kind, work)
-    graphs = {"fp32": fused32, "int8": fused8, "int4": fused4}
+    graphs = {
+        p: shipped_graph(g, p, args.kv_cache)
+        for p, g in (("fp32", fused32), ("int8", fused8), ("int4", fused4))
+    }
+    print(f"KV cache: {kv_types(graphs)}", flush=True)
     ggufs = gguf_files(kind, src, work, peer, args.precision)
     print("loading our engines …", flush=True)
     kernels = library() if args.kernels == "auto" else None
@@ -368,6 +375,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--workdir", type=Path, default=None, help="Keep (and reuse) the model files here.")
     ap.add_argument("--json", type=Path, default=None, help="Also write the results here.")
+    ap.add_argument(
+        "--kv-cache",
+        choices=("auto", "float32", "float16"),
+        default="auto",
+        help="Our graphs' KV cache, as `autoglm model package --kv-cache` ships it (auto: float16 "
+        "for int8 and int4, float32 for fp32; llama.cpp's cache is f16 by default).",
+    )
     ap.add_argument(
         "--kernels",
         choices=("auto", "onnxruntime"),

@@ -206,6 +206,46 @@ def test_long_prompts_are_read_in_pieces_between_decode_steps(
     assert piecewise.text == alone[(PROMPTS[4], 24)].text
 
 
+def test_requests_that_arrive_together_decode_together_from_their_first_step(
+    folder, demo_package, alone, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Short prompts waiting together are all read between two steps (up to a piece's worth of
+    tokens), so the next step decodes them all, not one more per step."""
+    import threading
+
+    from edge_agent.runtime.session import _SharedBuffers
+
+    model = _load(folder, demo_package)
+    widths: list[int] = []
+    held = threading.Event()
+    original = _SharedBuffers.step_rows
+
+    def spy(self, decoders, tokens, invariant=False):  # type: ignore[no-untyped-def]
+        widths.append(len(decoders))
+        if len(widths) == 1:
+            held.wait(30)  # the first request's first step waits while three more arrive
+        return original(self, decoders, tokens, invariant)
+
+    monkeypatch.setattr(_SharedBuffers, "step_rows", spy)
+    host = ModelHost(queue_size=8, parallel=4)
+    host.swap(model)
+
+    async def go() -> list[tuple[GenerationResult, int]]:
+        first = asyncio.create_task(_collect(host, PROMPTS[0], 24))
+        while not widths:
+            await asyncio.sleep(0.001)
+        rest = [asyncio.create_task(_collect(host, p, 24)) for p in PROMPTS[1:4]]
+        assert model.batcher is not None
+        while len(model.batcher._pending) < 3:  # submitted, not yet admitted
+            await asyncio.sleep(0.001)
+        held.set()
+        return await asyncio.gather(first, *rest)
+
+    results = asyncio.run(go())
+    assert widths[:2] == [1, 4]
+    assert [r.text for r, _ in results] == [alone[(p, 24)].text for p in PROMPTS[:4]]
+
+
 def test_batch_invariant_steps_have_even_widths(
     folder, demo_package, alone, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]

@@ -4,9 +4,9 @@ Batch-1 decode on a CPU is bound by reading the weights; one step for four seque
 once, so four streams together get several times the tokens per second of one (bench/RESULTS.md,
 "parallel slots"), as llama.cpp's server does with ``--parallel``. Each request keeps its own
 sampling state (:class:`~edge_agent.runtime.generator.Sequence`) and its own row of the KV
-buffers, with that row's prefix cache. A newcomer is prefilled alone between two steps, then
-joins the batch (a long prompt is read a piece of ``PREFILL_CHUNK`` tokens per step, so the
-others wait a piece, not the whole prompt); a finished or abandoned request leaves it at once and its row is free for the
+buffers, with that row's prefix cache. Newcomers are prefilled between two steps, then join the
+batch: up to ``PREFILL_CHUNK`` prompt tokens per step, several short prompts or a piece of a long
+one (the others wait a piece, not the whole prompt); a finished or abandoned request leaves it at once and its row is free for the
 next in line. A request's output does not depend on what else is decoding (tests/test_parallel.py).
 
 Graphs whose KV cache cannot be batched (concatenated caches, the CUDA provider for now) decode
@@ -121,13 +121,8 @@ class DecodeBatcher:
                 if self._start(job, [*active, *filling]):
                     filling.append(job)
             began = time.perf_counter()
-            # One piece of one prompt per step: a long prompt delays the others by a piece.
-            while filling and self._abandoned(filling[0]):
-                filling.popleft()
-            if filling and self._prefill(filling[0]):
-                active.append(filling.popleft())
-            elif filling and filling[0].seq.done:
-                filling.popleft()
+            self._fill(filling, active)
+            self._flush()  # first tokens now, not after the step
             active = [job for job in active if not self._abandoned(job)]
             self.active = len(active) + len(filling)
             if active:
@@ -137,6 +132,31 @@ class DecodeBatcher:
             self.active = len(active) + len(filling)
             self._flush()
             self._add_busy(time.perf_counter() - began)
+
+    def _fill(self, filling: deque[_Job], active: list[_Job]) -> None:
+        """Read waiting prompts between two steps: whole pieces, in arrival order, at least one
+        and as many as fit in PREFILL_CHUNK tokens. A long prompt delays the others by a piece;
+        requests that arrive together with short prompts (a burst of chat turns) are all read
+        before the next step and decode together from it, as llama.cpp's server batches its
+        slots' prompts (one newcomer per step had the others' prompts read between the first
+        one's decode steps). A piece is the job's own next PREFILL_CHUNK tokens whatever the
+        company, so its answer does not depend on it."""
+        read = 0
+        while filling:
+            job = filling[0]
+            if self._abandoned(job):
+                filling.popleft()
+                continue
+            piece = min(PREFILL_CHUNK, len(job.seq.pending))
+            if read and read + piece > PREFILL_CHUNK:
+                return
+            read += piece
+            if self._prefill(job):
+                active.append(filling.popleft())
+            elif job.seq.done:
+                filling.popleft()
+            else:
+                return  # a long prompt: its next piece after the next step
 
     def _flush(self) -> None:
         if self._outbox:
