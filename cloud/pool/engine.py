@@ -160,6 +160,7 @@ class BatchEngine:
         if not getattr(tokenizer, "is_fast", False):
             raise ModelLoadError("the pool needs a fast (tokenizers) tokenizer", path=str(model_dir))
         self.tokenizer = tokenizer.backend_tokenizer
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)  # slow: counted once
         cfg = self.model.config
         context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         served = name or model_dir.name
@@ -208,7 +209,7 @@ class BatchEngine:
         if not ids:
             raise InvalidRequest("prompt encodes to zero tokens", param="prompt")
         token_budget(len(ids), self.info.context_length, params, "model's")
-        check_logit_bias(params, self.tokenizer.get_vocab_size(with_added_tokens=True))
+        check_logit_bias(params, self.vocab_size)
         return ids
 
     def submit(self, prompt: Prompt, params: GenerationParams) -> AsyncIterator[StreamItem]:
