@@ -484,6 +484,17 @@ def half_kv_graph(graph: Path) -> Path:
     return out
 
 
+def add_kv_cache_option(ap: argparse.ArgumentParser, note: str = "") -> None:
+    """``--kv-cache``, for benches that time the graphs the packager ships."""
+    ap.add_argument(
+        "--kv-cache",
+        choices=("auto", "float32", "float16"),
+        default="auto",
+        help="Our graphs' KV cache, as `autoglm model package --kv-cache` ships it (auto: float16 "
+        f"for int8 and int4, float32 for fp32){note}.",
+    )
+
+
 def shipped_graph(graph: Path, precision: str, kv_cache: str) -> Path:
     """``graph`` with the KV cache the packager's ``--kv-cache kv_cache`` ships for ``precision``
     (auto: float16 for int8 and int4, float32 for fp32)."""

@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from edge_decode import SETTLE_S, build_model, kv_types, shipped_graph
+from edge_decode import SETTLE_S, add_kv_cache_option, build_model, kv_types, shipped_graph
 
 from edge_agent.runtime.kernels import isa, library
 
@@ -183,13 +183,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", action="append", choices=("int8", "int4", "fp32"))
     ap.add_argument("--workdir", type=Path, default=None, help="Keep (and reuse) the model files here.")
-    ap.add_argument(
-        "--kv-cache",
-        choices=("auto", "float32", "float16"),
-        default="auto",
-        help="The graphs' KV cache, as `autoglm model package --kv-cache` ships it (auto: float16 "
-        "for int8 and int4, float32 for fp32).",
-    )
+    add_kv_cache_option(ap)
     ap.add_argument(
         "--kernels",
         choices=("auto", "onnxruntime"),

@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edge_decode import (
     SETTLE_S,
     Engine,
+    add_kv_cache_option,
     copy_bandwidth,
     fused_graphs,
     kv_types,
@@ -375,13 +376,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--workdir", type=Path, default=None, help="Keep (and reuse) the model files here.")
     ap.add_argument("--json", type=Path, default=None, help="Also write the results here.")
-    ap.add_argument(
-        "--kv-cache",
-        choices=("auto", "float32", "float16"),
-        default="auto",
-        help="Our graphs' KV cache, as `autoglm model package --kv-cache` ships it (auto: float16 "
-        "for int8 and int4, float32 for fp32; llama.cpp's cache is f16 by default).",
-    )
+    add_kv_cache_option(ap, " (llama.cpp's cache is f16 by default)")
     ap.add_argument(
         "--kernels",
         choices=("auto", "onnxruntime"),

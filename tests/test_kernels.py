@@ -582,19 +582,24 @@ def test_attention_equals_onnxruntime_and_rows_do_not_depend_on_their_company(
         assert np.array_equal(alone[0], together[r]), f"row {r} differs alone"
 
 
+def _unshared_feeds(seed: int, kv: type) -> dict[str, np.ndarray]:
+    """A decode step of two sequences (SmolLM2's heads) over past tensors of type ``kv``."""
+    rng = np.random.default_rng(seed)
+    return {
+        "q": rng.standard_normal((2, 1, 15 * 64)).astype(np.float32),
+        "pk": rng.standard_normal((2, 3, 40, 64)).astype(kv),
+        "pv": rng.standard_normal((2, 3, 40, 64)).astype(kv),
+        "seqlens_k": np.asarray([30, 12], np.int32),
+        "total": np.asarray(31, np.int32),
+    }
+
+
 @pytest.mark.skipif(not _cpu_runs_kernels(), reason="no AVX2: the library registers nothing")
 def test_a_half_kv_cache_runs_the_librarys_op_and_elsewhere_its_function_body(tmp_path: Path) -> None:
     """With the library, GroupQueryAttentionHalfKV is one node of ours (no Casts); without it,
     onnxruntime inlines the body: Casts around its own float16 GroupQueryAttention."""
     model = attention_graph(9, 3, 64, True, 32, False, -1, 64, half_kv=True)
-    rng = np.random.default_rng(7)
-    feed = {
-        "q": rng.standard_normal((2, 1, 15 * 64)).astype(np.float32),
-        "pk": rng.standard_normal((2, 3, 40, 64)).astype(np.float16),
-        "pv": rng.standard_normal((2, 3, 40, 64)).astype(np.float16),
-        "seqlens_k": np.asarray([30, 12], np.int32),
-        "total": np.asarray(31, np.int32),
-    }
+    feed = _unshared_feeds(7, np.float16)
     lib = library()
     assert lib is not None
     assert _ops_run(model, lib, feed, tmp_path) == {"GroupQueryAttentionHalfKV"}
@@ -612,14 +617,7 @@ def test_attention_without_a_shared_buffer_copies_the_past(isa: str) -> None:
     """Past and present as separate tensors (no IO binding): the present holds the past, then the
     new positions, then zeros, as onnxruntime's kernel leaves it."""
     model = attention_graph(9, 3, 64, True, 32, False, -1, 64)
-    rng = np.random.default_rng(5)
-    feeds = {
-        "q": rng.standard_normal((2, 1, 15 * 64)).astype(np.float32),
-        "pk": rng.standard_normal((2, 3, 40, 64)).astype(np.float32),
-        "pv": rng.standard_normal((2, 3, 40, 64)).astype(np.float32),
-        "seqlens_k": np.asarray([30, 12], np.int32),
-        "total": np.asarray(31, np.int32),
-    }
+    feeds = _unshared_feeds(5, np.float32)
     mine = _session(model, library()).run(None, feeds)
     ref = _session(model, None).run(None, feeds)
     for a, b in zip(mine, ref, strict=True):
