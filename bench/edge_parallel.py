@@ -11,7 +11,9 @@ after each stream's first, over the time when at least one stream was past its f
 later requests' prefills count), the rate while all N decode at once (from the last first token to
 the first finish), and checks that every stream's token ids are the same both ways. Kernels as the edge's
 ``runtime.kernels: auto`` (ours where the CPU has AVX2 or AVX-512 VNNI); where ours run, both widths are
-timed once more on onnxruntime's own kernels. The KV cache is the packager's default for each
+timed once more on onnxruntime's own kernels. Each timed round follows a 4-token round of the
+same configuration (each is a session of its own: what ran before evicted its weights from the
+caches). The KV cache is the packager's default for each
 precision (``--kv-cache``).
 
 Usage: python bench/edge_parallel.py [--streams 4] [--new-tokens 64] [--runs 5] [--threads 2]
@@ -232,6 +234,11 @@ def main() -> None:
             print(f"{precision} round {r + 1}/{args.runs} …", flush=True)
             labels = list(hosts)
             for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
+                # Every configuration is a session of its own (its own repacked weights): the one
+                # timed last evicted this one's from the caches, and the first steps after a switch
+                # would be charged to whichever configuration has the fewest steps (the parallel
+                # one). A short round first, so each is timed as a device serving one model runs.
+                asyncio.run(one_round(hosts[label], prompts, 4))
                 time.sleep(SETTLE_S)
                 results[label].append(asyncio.run(one_round(hosts[label], prompts, args.new_tokens)))
         base = results["1 at a time"]
