@@ -26,8 +26,9 @@
 // in floats and rounded as they are written; a decode step widens each cached key block once for
 // the heads that share it (scores_group_half) and each value row as it is summed
 // (values_tile_half); a prompt widens the values up to its last row once (values_f, beside the
-// transposed keys). A 4-row SmolLM2 int4 decode step at position 300 ran 1.2-1.35x faster than
-// over the float cache, a lone row and a 512-token prompt as fast (Intel Xeon VM, bench/RESULTS.md).
+// transposed keys). A 4-row SmolLM2 decode step at position 300 ran 1.12x (int8) and 1.16x (int4)
+// faster than over the float cache, a lone row 4-6 %, a 512-token prompt as fast (Intel Xeon VM,
+// bench/RESULTS.md).
 //
 // Takes what our packager emits and onnxruntime's kernel would compute the same way: float
 // tensors, packed QKV or separate Q, K, V, past/present in BNSH, rotary (interleaved or not, the
@@ -145,7 +146,7 @@ static void write_kv(void *data, size_t task) {
         memcpy(pv, kv_at(c, c->past_v, from), c->kv_size * (size_t)(past * h));
     }
     // A half cache: each new key is rotated in floats, then rounded (the keys_t rows widened back).
-    float *row = c->op->half ? scratch(c, h) : NULL;
+    float local[256], *row = c->op->half ? h <= 256 ? local : scratch(c, h) : NULL;
     if (c->op->half && !row) return;
     for (int64_t s = 0; s < c->seq; s++) {
         const int64_t r = b * c->seq + s, p = past + s;
@@ -172,7 +173,7 @@ static void write_kv(void *data, size_t task) {
         // widened once here, not on every read (a 512-token prompt ran 1.2x slower reading halves).
         if (c->values_f) from_half(pv, c->values_f + (b * c->op->kv_heads + g) * c->keys_len * h, n * h);
     }
-    free(row);
+    if (row != local) free(row);
 }
 
 // The first key a query at position p attends to: keys p - window < k <= p, as transformers and
