@@ -215,6 +215,11 @@ def test_a_quantized_package_keeps_its_kv_cache_in_half_precision(
     assert kept.manifest.io.kv_dtype == "float32"
     reference = packager.package(src, PackageOptions(name="m", version="fp32", quantize="none"))
     assert reference.manifest.io.kv_dtype == "float32"
+    asked = packager.package(
+        src, PackageOptions(name="m", version="fp32-f16", quantize="none", kv_cache="float16")
+    ).manifest
+    assert asked.io.kv_dtype == "float16"
+    assert asked.quality is not None and asked.quality.greedy is not None  # measured against fp32
 
     # The same rewrite on the float graph (quantized activations would add their own rounding
     # flips): logits fed one token at a time through the shared cache, float cache vs half.
@@ -239,6 +244,31 @@ def test_a_quantized_package_keeps_its_kv_cache_in_half_precision(
         assert runs[-1].custom_ops_loaded
     for lm in runs:
         np.testing.assert_allclose(logits(lm), expected, rtol=0, atol=5e-3 * float(np.abs(expected).max()))
+
+
+def test_a_float16_cache_asked_of_a_graph_without_groupqueryattention_is_refused(tmp_path: Path) -> None:
+    """A generic export (no GroupQueryAttention) keeps its float cache under ``auto``; asked for
+    float16 by name, the packager refuses rather than ship something else."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from cloud.packaging.packager import ModelPackager, PackageOptions
+    from cloud.registry import ModelRegistry
+    from shared.errors import PackagingError
+    from shared.signing import SigningKey
+
+    folder = tmp_path / "generic"
+    folder.mkdir()
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph), str(folder / "model.onnx"))
+    packager = ModelPackager(ModelRegistry(tmp_path / "registry"), SigningKey.generate())
+    auto = PackageOptions(name="m", version="1", quantize="int8")
+    assert packager._half_kv(tmp_path / "fp32", folder, tmp_path, auto) == folder
+    with pytest.raises(PackagingError, match="fused graph"):
+        packager._half_kv(folder, folder, tmp_path, PackageOptions(name="m", version="1", kv_cache="float16"))
+    assert not (tmp_path / "fp32-half-kv").exists()  # the copy made for it is not left behind
 
 
 def test_a_custom_op_library_that_onnxruntime_refuses_leaves_its_own_kernels(

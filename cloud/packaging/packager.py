@@ -311,14 +311,14 @@ class ModelPackager:
             shutil.copy2(fp32_dir / GRAPH_FILE, target / GRAPH_FILE)
         changed = half_kv_file(target / GRAPH_FILE)
         if changed == 0:
+            if target != ship_dir:
+                shutil.rmtree(target)
             if opts.kv_cache == "float16":
                 raise PackagingError(
                     "a float16 KV cache needs the fused graph (its attention is GroupQueryAttention); "
                     "this export has none: package with --graph fused or --kv-cache float32",
                     name=opts.name,
                 )
-            if target != ship_dir:
-                shutil.rmtree(target)
             r.done("not a fused graph: the KV cache stays float32")
             return ship_dir
         r.done(f"{changed} attention nodes; the KV cache is float16 (half the memory and reads)")
