@@ -130,6 +130,9 @@ def test_package_list_show_and_refuse_duplicate(tmp_path: Path) -> None:
     assert any("perplexity on python-stdlib-heldout" in line for line in summary), summary
     assert any("perplexity on python-reference-prose" in line for line in summary), summary
     assert any(line.startswith("# pool artifact sha256:") for line in summary), summary
+    # Unquantized: the float cache (2 layers x 1 KV head x 16, keys and values, 4 bytes each).
+    kv = "# KV cache float32: 256 bytes per position and sequence (2 layers × 1 KV heads × 16, keys and values)"
+    assert kv in summary, summary
     doc = json.loads("\n".join(line for line in shown.stdout.splitlines() if not line.startswith("# ")))
     # The weights are cut at their tensors' boundaries (as well as every MiB): a v3 manifest.
     assert doc["manifest"]["schema"] == "autoglm.manifest/v3"

@@ -298,7 +298,7 @@ def model_show(
     ref: Annotated[str, typer.Argument(help="NAME:VERSION")],
     registry: RegistryOpt = None,
 ) -> None:
-    """Print a model's quality report and its signed manifest."""
+    """Print a model's KV cache size, quality report and signed manifest."""
     name, version = _split_ref(ref)
     reg = _registry(registry)
     entry = reg.get(name, version)
@@ -306,6 +306,12 @@ def model_show(
     pool = reg.pool_digest(name, version)
     typer.echo(
         f"# pool artifact {pool}" if pool else "# no pool artifact (`autoglm model attach-source` adds one)"
+    )
+    io = entry.manifest.io
+    per_position = 2 * io.num_layers * io.num_kv_heads * io.head_dim * (2 if io.kv_dtype == "float16" else 4)
+    typer.echo(
+        f"# KV cache {io.kv_dtype}: {per_position:,} bytes per position and sequence "
+        f"({io.num_layers} layers × {io.num_kv_heads} KV heads × {io.head_dim}, keys and values)"
     )
     for line in _quality_lines(entry.manifest):
         typer.echo(f"# {line}")
