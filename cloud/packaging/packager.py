@@ -94,8 +94,9 @@ class PackageOptions:
     eval_set: EvalSet | None = None
     # Keep the full-precision source beside the package for the cloud pool (shared/pool_artifact.py).
     pool_artifact: bool = True
-    # The shipped graph's KV cache (half_kv.py): "float16" halves its memory and reads (4 sequences
-    # decoding together 1.2-1.35x faster on the edge's kernels), "float32" keeps it exact; "auto":
+    # The shipped graph's KV cache (half_kv.py): "float16" halves its memory and reads (a 4-row
+    # SmolLM2 step 1.12-1.16x faster on the edge's kernels, slower on onnxruntime's own: see
+    # docs/deploy.md), "float32" keeps it exact; "auto":
     # float16 for quantized weights, float32 for an unquantized package (the reference). Fused
     # graphs only: a generic export keeps float (refused when float16 is asked for by name).
     kv_cache: Literal["auto", "float32", "float16"] = "auto"
