@@ -469,18 +469,17 @@ def fused_graphs(kind: str, work: Path) -> tuple[Path, dict[str, Any], Path, Pat
     return src, cfg, fused32, fused8, fused4
 
 
+HALF_KV_SUFFIX = ".f16kv.onnx"
+
+
 def half_kv_graph(graph: Path) -> Path:
     """``graph`` with a float16 KV cache, as the packager ships it with ``--kv-cache float16``:
     written beside it (sharing its weights file), once."""
-    import onnx
+    from cloud.packaging.half_kv import half_kv_file
 
-    from cloud.packaging.half_kv import half_kv_cache
-
-    out = graph.with_name(f"{graph.stem}.f16kv.onnx")
-    if not out.exists():
-        model = onnx.load(str(graph), load_external_data=False)
-        half_kv_cache(model)
-        onnx.save(model, str(out))
+    out = graph.with_name(graph.stem + HALF_KV_SUFFIX)
+    if not out.exists() and not half_kv_file(graph, out):
+        raise SystemExit(f"{graph} has no GroupQueryAttention to keep a float16 cache for")
     return out
 
 
@@ -505,7 +504,7 @@ def shipped_graph(graph: Path, precision: str, kv_cache: str) -> Path:
 def kv_types(graphs: dict[str, Path]) -> str:
     """ "int8 float16, …": each graph's KV cache type, as the benches print it."""
     return ", ".join(
-        f"{p} {'float16' if g.name.endswith('.f16kv.onnx') else 'float32'}" for p, g in graphs.items()
+        f"{p} {'float16' if g.name.endswith(HALF_KV_SUFFIX) else 'float32'}" for p, g in graphs.items()
     )
 
 

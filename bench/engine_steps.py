@@ -63,10 +63,10 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="autoglm-steps-"))
     _src, cfg, fp32, int8, int4 = fused_graphs(args.model, work)
     graph = {"fp32": fp32, "int8": int8, "int4": int4}[args.precision]
-    graphs = {"float32": graph} if args.kv_cache == "float32" else {}
-    if args.kv_cache != "float32":
-        if args.kv_cache == "both":
-            graphs["float32"] = graph
+    graphs = {}
+    if args.kv_cache in ("float32", "both"):
+        graphs["float32"] = graph
+    if args.kv_cache in ("float16", "both"):
         graphs["float16"] = half_kv_graph(graph)
     models: dict[str, OnnxCausalLM] = {}
     for kv, path_of in graphs.items():

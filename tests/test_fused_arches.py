@@ -265,7 +265,7 @@ def test_a_float16_cache_asked_of_a_graph_without_groupqueryattention_is_refused
     onnx.save(helper.make_model(graph), str(folder / "model.onnx"))
     packager = ModelPackager(ModelRegistry(tmp_path / "registry"), SigningKey.generate())
     auto = PackageOptions(name="m", version="1", quantize="int8")
-    assert packager._half_kv(tmp_path / "fp32", folder, tmp_path, auto) == folder
+    assert packager._half_kv(tmp_path / "fp32", folder, tmp_path, auto) is None
     with pytest.raises(PackagingError, match="fused graph"):
         packager._half_kv(folder, folder, tmp_path, PackageOptions(name="m", version="1", kv_cache="float16"))
     assert not (tmp_path / "fp32-half-kv").exists()  # the copy made for it is not left behind

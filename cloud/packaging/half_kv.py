@@ -25,7 +25,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-DOMAIN = "ai.autoglm"
+from cloud.packaging.nbits_fusion import DOMAIN, add_functions
+
 OP = "GroupQueryAttentionHalfKV"
 _GQA_INPUTS = (
     "query",
@@ -93,7 +94,7 @@ def half_kv_cache(model: Any) -> int:
     """Rewrite ``model`` (an onnx ModelProto of a fused decoder) in place: its GroupQueryAttention
     nodes as GroupQueryAttentionHalfKV, its past/present tensors float16. Returns how many nodes
     changed (0: no float GroupQueryAttention, e.g. a generic export, which is left as it was)."""
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
 
     graph = model.graph
     nodes = [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
@@ -113,21 +114,17 @@ def half_kv_cache(model: Any) -> int:
             if value.type.tensor_type.elem_type != TensorProto.FLOAT:
                 raise ValueError(f"KV cache tensor {value.name} is not float")
             value.type.tensor_type.elem_type = TensorProto.FLOAT16
-    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    if not any((f.domain, f.name) == (DOMAIN, OP) for f in model.functions):
-        model.functions.append(_function(opset, packed, rotary))
-    if not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    add_functions(model, lambda opset: [_function(opset, packed, rotary)])
     return len(nodes)
 
 
-def half_kv_file(graph: Path) -> int:
-    """:func:`half_kv_cache` on the graph file ``graph``, rewritten in place (its external weights
-    are neither read nor moved)."""
+def half_kv_file(graph: Path, out: Path | None = None) -> int:
+    """:func:`half_kv_cache` on the graph file ``graph``, written to ``out`` (in the same folder:
+    its external weights are neither read nor moved; default: ``graph`` itself) where it changed."""
     import onnx
 
     model = onnx.load(str(graph), load_external_data=False)
     changed = half_kv_cache(model)
     if changed:
-        onnx.save(model, str(graph))
+        onnx.save(model, str(out or graph))
     return changed

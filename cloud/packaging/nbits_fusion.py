@@ -19,6 +19,7 @@ before, node for node.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 DOMAIN = "ai.autoglm"
@@ -219,8 +220,6 @@ def fuse_layers(model: Any) -> dict[str, int]:
 
     A group is fused only when it is exactly what the op computes and nothing else reads what the
     fused node no longer produces (the normed activations, the gate's output, the SiLU)."""
-    from onnx import helper
-
     _fuse_swiglu(model.graph)
     _fuse_norms(model.graph)
     counts = {name: 0 for name in (SWIGLU, NORM_MATMUL, NORM_SWIGLU)}
@@ -228,12 +227,18 @@ def fuse_layers(model: Any) -> dict[str, int]:
         if node.domain == DOMAIN and node.op_type in counts:
             counts[node.op_type] += 1
     if any(counts.values()):
-        opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-        have = {(f.domain, f.name) for f in model.functions}
         used = {name for name, n in counts.items() if n}
-        model.functions.extend(
-            f for f in _functions(opset) if f.name in used and (f.domain, f.name) not in have
-        )
-        if not any(o.domain == DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+        add_functions(model, lambda opset: [f for f in _functions(opset) if f.name in used])
     return counts
+
+
+def add_functions(model: Any, make: Callable[[int], Iterable[Any]]) -> None:
+    """Adds to ``model`` the functions ``make(opset)`` returns (for the model's default-domain
+    opset) that it does not hold yet, and imports the ``ai.autoglm`` domain their nodes use."""
+    from onnx import helper
+
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    have = {(f.domain, f.name) for f in model.functions}
+    model.functions.extend(f for f in make(opset) if (f.domain, f.name) not in have)
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))

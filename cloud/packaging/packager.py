@@ -163,8 +163,9 @@ class ModelPackager:
                 r.done(f"{_graph_bytes(fp32_dir) / 1e6:.1f} MB → {_graph_bytes(ship_dir) / 1e6:.1f} MB")
 
             if opts.kv_cache == "float16" or (opts.kv_cache == "auto" and ship_dir != fp32_dir):
-                ship_dir = self._half_kv(fp32_dir, ship_dir, work, opts)
-                if ship_dir != fp32_dir:  # the manifest describes the shipped graph's tensors
+                half = self._half_kv(fp32_dir, ship_dir, work, opts)
+                if half is not None:  # the manifest describes the shipped graph's tensors
+                    ship_dir = half
                     shipped = io_signature(ship_dir / GRAPH_FILE, cfg, gen_cfg)
                     io = shipped.model_copy(update={"eos_token_ids": io.eos_token_ids})
 
@@ -299,9 +300,10 @@ class ModelPackager:
         r.step(f"Exporting {src} ({cfg['model_type']}) to ONNX with KV cache")
         return export_onnx(src, out)
 
-    def _half_kv(self, fp32_dir: Path, ship_dir: Path, work: Path, opts: PackageOptions) -> Path:
+    def _half_kv(self, fp32_dir: Path, ship_dir: Path, work: Path, opts: PackageOptions) -> Path | None:
         """The shipped graph with a float16 KV cache (its folder: ship_dir, or for an unquantized
-        package a copy of the fp32 one, weights hard-linked)."""
+        package a copy of the fp32 one, weights hard-linked); None where the graph has no
+        GroupQueryAttention and keeps its float cache."""
         r = self.reporter
         r.step("Keeping the KV cache in half precision (GroupQueryAttentionHalfKV)")
         target = ship_dir
@@ -321,7 +323,7 @@ class ModelPackager:
                     name=opts.name,
                 )
             r.done("not a fused graph: the KV cache stays float32")
-            return ship_dir
+            return None
         r.done(f"{changed} attention nodes; the KV cache is float16 (half the memory and reads)")
         return target
 
