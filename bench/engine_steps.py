@@ -81,8 +81,9 @@ def main() -> None:
             lm.prefix_cache = False  # every round prefills from an empty cache
             models[name if len(graphs) == 1 else f"{name}, {kv} KV"] = lm
     rng = np.random.default_rng(0)
-    prompt = rng.integers(100, 40000, args.context).tolist()
-    long_prompt = rng.integers(100, 40000, 512).tolist()
+    top = min(40000, next(iter(models.values())).io.vocab_size)  # Llama-134M has 32,000 ids
+    prompt = rng.integers(100, top, args.context).tolist()
+    long_prompt = rng.integers(100, top, 512).tolist()
     times: dict[str, dict[str, list[float]]] = {k: {"1": [], "4": [], "prefill": []} for k in models}
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds} …", flush=True)

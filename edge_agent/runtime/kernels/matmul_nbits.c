@@ -9,9 +9,10 @@
 // 1.5-1.7x onnxruntime's own, decode at par or ahead.
 //
 // How: at session start the constant weights are copied into panels of 16 output columns, 4 input
-// elements per column per 64 bytes, so one dpbusd multiplies 4 elements into 16 outputs. A
-// register tile is 1-4 activation rows x 64 columns (four weight streams in flight, each load
-// used by every row: a parallel-slots step reads the weights once). Activations are quantized to
+// elements per column per 64 bytes, so one dpbusd multiplies 4 elements into 16 outputs; a
+// group of four panels is stored interleaved (matmul_nbits.h: a task reads one sequential
+// stream). A register tile is 1-4 activation rows x 64 columns (four panels, each load used by
+// every row: a parallel-slots step reads the weights once). Activations are quantized to
 // int8 per weight block (scale max |x| / 127, as MatMulNBits does at accuracy level 4), a row per
 // task. Every output is summed by the same instructions whatever the number of rows, so a
 // sequence's logits do not depend on what decodes beside it.
@@ -34,9 +35,11 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 
-#define NP 4  // panels (16 columns each) per register tile: four weight streams in flight
+#define NP 4  // panels (16 columns each) per register tile: the group stored interleaved
 // Tasks per matrix: enough for the intra-op pool to balance two to a few dozen threads.
+#ifndef TASKS  // -DTASKS=N builds another split (bench/engine_steps.py compares libraries)
 #define TASKS 16
+#endif
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,fma")
@@ -50,12 +53,11 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
                                                              const int BITS, const int M, const int AHEAD) {
     const Kernel *kn = job->kernel;
     const int64_t k = kn->k, block = kn->block, nb = kn->nb, n = kn->n;
-    const int64_t panel_bytes = k * BITS / 8 * 16;
     const uint8_t *wp[4];
     const float *sp[4];
     _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) {
-        wp[p] = kn->packed + (first + p) * panel_bytes;
-        sp[p] = kn->pscales + (first + p) * nb * 16;
+        wp[p] = nbits_panel(kn, first + p);
+        sp[p] = nbits_panel_scales(kn, first + p);
     }
     const __m512i low = _mm512_set1_epi8(0x0F);
     __m512 f[4][SMALL_M];
@@ -73,9 +75,9 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
             for (int64_t j = 0; j < len; j += 4) {
                 __m512i v[4];
                 if (AHEAD) {
-                    _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) _mm_prefetch((const char *)(wp[p] + (start + j) * 16 + PREFETCH), _MM_HINT_T0);
+                    _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) _mm_prefetch((const char *)(wp[p] + (start + j) * (PANEL_STEP / 4) + PREFETCH), _MM_HINT_T0);
                 }
-                _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) v[p] = _mm512_load_si512(wp[p] + (start + j) * 16);
+                _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) v[p] = _mm512_load_si512(wp[p] + (start + j) * (PANEL_STEP / 4));
                 _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
                     const __m512i xb = _mm512_set1_epi32(*(const int32_t *)(x[i] + j));
                     _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) a[p][i] = _mm512_dpbusd_epi32(a[p][i], v[p], xb);
@@ -85,10 +87,10 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
             for (int64_t j = 0; j < len; j += 8) {
                 __m512i lo[4], hi[4];
                 if (AHEAD) {
-                    _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) _mm_prefetch((const char *)(wp[p] + (start + j) * 8 + PREFETCH), _MM_HINT_T0);
+                    _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) _mm_prefetch((const char *)(wp[p] + (start + j) * (PANEL_STEP / 8) + PREFETCH), _MM_HINT_T0);
                 }
                 _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) {
-                    const __m512i packed = _mm512_load_si512(wp[p] + (start + j) * 8);
+                    const __m512i packed = _mm512_load_si512(wp[p] + (start + j) * (PANEL_STEP / 8));
                     lo[p] = _mm512_and_si512(packed, low);
                     hi[p] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
                 }
@@ -101,7 +103,7 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
             }
         }
         _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) {
-            const __m512 scale = _mm512_loadu_ps(sp[p] + b * 16);
+            const __m512 scale = _mm512_loadu_ps(sp[p] + b * (PANEL_STEP / 4));
             _Pragma("GCC unroll 4") for (int i = 0; i < M; i++)
                 f[p][i] = nbits_block_step(f[p][i], a[p][i], scale, job->xs[(m0 + i) * nb + b]);
         }
@@ -113,7 +115,7 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
     }
 }
 
-// Rows in tiles of up to SMALL_M, NP panels (64 columns) wide: four weight streams in flight,
+// Rows in tiles of up to SMALL_M, NP panels (64 columns) wide: 256 bytes of weights per step,
 // each 64-byte load used by every row of the tile. (Tiles of two panels at 3-4 rows, which keep
 // fewer sums in registers, were slower for a 4-row decode step: bench/RESULTS.md.)
 static inline __attribute__((always_inline)) void quad512(const Job *job, int64_t q, int64_t m0, int rows, int eight,
@@ -297,13 +299,13 @@ OrtStatus *nbits_pack(Kernel *kn, const uint8_t *w, const float *scales, const f
     if (bias_src) kn->bias = malloc(sizeof(float) * (size_t)n);
     if (!kn->packed || !kn->pscales || (bias_src && !kn->bias)) return fail("MatMulNBits (autoglm): out of memory");
     for (int64_t c = 0; c < n; c++) {
-        uint8_t *lane = kn->packed + c / 16 * panel_bytes + c % 16 * 4;
+        uint8_t *lane = (uint8_t *)nbits_panel(kn, c / 16) + c % 16 * 4;
         for (int64_t b = 0; b < kn->nb; b++) {
             const uint8_t *src = w + (c * kn->nb + b) * blob;
             const int64_t start = b * block, len = k - start < block ? k - start : block;
             // start and len are multiples of 8 (block and K are checked above): whole groups.
             if (bits == 8) {
-                for (int64_t o = 0; o < len; o += 4) memcpy(lane + ((start + o) >> 2) * 64, src + o, 4);
+                for (int64_t o = 0; o < len; o += 4) memcpy(lane + ((start + o) >> 2) * PANEL_STEP, src + o, 4);
             } else {
                 // Source bytes s0..s3 hold elements e0..e7 (low nibble first); the panel wants
                 // e0..e3 in the low nibbles of its 4 bytes and e4..e7 in the high ones.
@@ -315,10 +317,10 @@ OrtStatus *nbits_pack(Kernel *kn, const uint8_t *w, const float *scales, const f
                         (uint8_t)((g[1] & 0x0F) | (g[3] << 4)),
                         (uint8_t)((g[1] >> 4) | (g[3] & 0xF0)),
                     };
-                    memcpy(lane + ((start + o) >> 3) * 64, four, 4);
+                    memcpy(lane + ((start + o) >> 3) * PANEL_STEP, four, 4);
                 }
             }
-            kn->pscales[(c / 16 * kn->nb + b) * 16 + c % 16] = scales[c * kn->nb + b];
+            ((float *)nbits_panel_scales(kn, c / 16))[b * (PANEL_STEP / 4) + c % 16] = scales[c * kn->nb + b];
         }
     }
     // The AVX2 tile multiplies 8-bit weights as signed bytes (vpsignb/vpmaddubsw: an unsigned

@@ -9,9 +9,10 @@
 #include "kernels.h"
 
 #define SMALL_M 4  // rows per register tile; a call of at most this many quantizes inline
-// Bytes ahead of each weight stream prefetched in a decode-sized call: a step runs ~150 small
-// matrices, each task starts new streams, and the hardware prefetcher alone ramps up too late
-// (Zen 5 VM: 1-row steps 5-6 % and 4-row steps 9-15 % faster; bench/RESULTS.md).
+// Bytes ahead of each panel prefetched in a decode-sized call: a step runs ~150 small matrices,
+// each task starts a new stream, and the hardware prefetcher alone ramps up too late (Zen 5 VM,
+// with four streams per task then: 1-row steps 5-6 % and 4-row steps 9-15 % faster; with the
+// interleaved groups 4 and 8 KiB were no faster: bench/RESULTS.md).
 #ifndef PREFETCH  // -DPREFETCH=N builds another distance (bench/engine_steps.py compares libraries)
 #define PREFETCH 2048
 #endif
@@ -20,13 +21,31 @@ typedef struct {
     int64_t k, n, bits, block;
     int64_t nb;          // blocks per column, the last one possibly short (K not a multiple of block)
     int64_t n_pad;       // n rounded up to 64 (four panels per task step)
-    uint8_t *packed;     // [n_pad / 16][k * bits / 32][64]: the stored bytes (zero point 2^(bits-1));
-                         // the AVX2 tile's 8-bit panels XOR 0x80 (signed: stored - 128)
-    float *pscales;      // [n_pad / 16][nb][16]
+    uint8_t *packed;     // [n_pad / 64][k * bits / 32][4][64]: the stored bytes (zero point 2^(bits-1)),
+                         // a group's four panels interleaved (nbits_panel); the AVX2 tile's 8-bit
+                         // panels XOR 0x80 (signed: stored - 128)
+    float *pscales;      // [n_pad / 64][nb][4][16]
     float *bias;         // [n] or NULL
     int isa;             // ISA_AVX512 or ISA_AVX2 (kernels.h): the tile that runs it
     int amx;             // calls of more than SMALL_M rows run matmul_nbits_amx.c's tile (K and block multiples of 64)
 } Kernel;
+
+// A group of four panels (64 columns, what a tile reads) is stored interleaved, 64 bytes of each
+// panel in turn: a task reads its groups as one sequential stream (PANEL_STEP bytes per step
+// of 4 elements at 8 bits, 8 at 4 bits) rather than four streams of one panel each, and its
+// block's scales as 256 contiguous bytes. A decode step runs ~150 small matrices, and a new
+// stream is at the memory's pace only once the prefetchers have followed it for a while (Zen 5
+// VM: 1-row decode steps 1.10-1.18x and 4-row steps 1.15-1.26x faster than with each panel
+// stored whole; bench/RESULTS.md).
+#define PANEL_STEP 256
+// Panel `panel`'s first 64 bytes (its next ones PANEL_STEP apart) and its block-0 scales (the
+// next block's PANEL_STEP / 4 floats on).
+static inline const uint8_t *nbits_panel(const Kernel *kn, int64_t panel) {
+    return kn->packed + panel / 4 * 4 * (kn->k * kn->bits / 8 * 16) + panel % 4 * 64;
+}
+static inline const float *nbits_panel_scales(const Kernel *kn, int64_t panel) {
+    return kn->pscales + panel / 4 * kn->nb * 64 + panel % 4 * 16;
+}
 
 typedef struct {
     const Kernel *kernel;

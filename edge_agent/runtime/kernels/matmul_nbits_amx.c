@@ -83,12 +83,12 @@ static void configure(int rows) {
     _tile_loadconfig(&cfg);
 }
 
-// 64 elements of a 4-bit panel (8 packed groups: low nibbles 4 elements, high nibbles the next 4)
-// as 16 rows of bytes, AMX's B layout.
+// 64 elements of a 4-bit panel (8 packed groups PANEL_STEP apart: low nibbles 4 elements, high
+// nibbles the next 4) as 16 rows of bytes, AMX's B layout.
 static inline void widen(const uint8_t *src, uint8_t *dst) {
     const __m512i low = _mm512_set1_epi8(0x0F);
     for (int g = 0; g < 8; g++) {
-        const __m512i packed = _mm512_load_si512(src + 64 * g);
+        const __m512i packed = _mm512_load_si512(src + PANEL_STEP * g);
         _mm512_store_si512(dst + 128 * g, _mm512_and_si512(packed, low));
         _mm512_store_si512(dst + 128 * g + 64, _mm512_and_si512(_mm512_srli_epi16(packed, 4), low));
     }
@@ -106,12 +106,14 @@ static void quad_amx(const Job *job, int64_t q, int64_t m0, int rows) {
     const Kernel *kn = job->kernel;
     const int64_t k = kn->k, block = kn->block, nb = kn->nb, n = kn->n;
     const int eight = kn->bits == 8;
-    const int64_t panel_bytes = k * kn->bits / 8 * 16, step_bytes = eight ? 1024 : 512;  // per 64 elements
+    // A panel's 64 elements span step_bytes; a tile's 16 rows of weights are PANEL_STEP apart in
+    // place (8 bits) or 64 apart once widened (4 bits).
+    const int64_t step_bytes = eight ? 16 * PANEL_STEP : 8 * PANEL_STEP, stride = eight ? PANEL_STEP : 64;
     const uint8_t *wp[NP];
     const float *sp[NP];
     for (int p = 0; p < NP; p++) {
-        wp[p] = kn->packed + (NP * q + p) * panel_bytes;
-        sp[p] = kn->pscales + (NP * q + p) * nb * 16;
+        wp[p] = nbits_panel(kn, NP * q + p);
+        sp[p] = nbits_panel_scales(kn, NP * q + p);
     }
     _Alignas(64) uint8_t wide[WIDE_STEPS][NP][16 * 64];
     _Alignas(64) int32_t sums[NP][AMX_ROWS][16];
@@ -140,13 +142,13 @@ static void quad_amx(const Job *job, int64_t q, int64_t m0, int rows) {
             __asm__ volatile("" ::: "memory");
             for (int s = 0; s < steps; s++) {
                 _tile_loadd(4, job->xq + m0 * k + at0 + 64 * s, k);
-                _tile_loadd(5, src[s][0], 64);
+                _tile_loadd(5, src[s][0], stride);
                 _tile_dpbsud(0, 4, 5);
-                _tile_loadd(6, src[s][1], 64);
+                _tile_loadd(6, src[s][1], stride);
                 _tile_dpbsud(1, 4, 6);
-                _tile_loadd(5, src[s][2], 64);
+                _tile_loadd(5, src[s][2], stride);
                 _tile_dpbsud(2, 4, 5);
-                _tile_loadd(6, src[s][3], 64);
+                _tile_loadd(6, src[s][3], stride);
                 _tile_dpbsud(3, 4, 6);
             }
         }
@@ -156,7 +158,7 @@ static void quad_amx(const Job *job, int64_t q, int64_t m0, int rows) {
         _tile_stored(3, sums[3], 64);
         __asm__ volatile("" ::: "memory");  // the sums just stored by the tiles are read below
         for (int p = 0; p < NP; p++) {
-            const __m512 scale = _mm512_loadu_ps(sp[p] + b * 16);
+            const __m512 scale = _mm512_loadu_ps(sp[p] + b * (PANEL_STEP / 4));
             for (int i = 0; i < rows; i++) {
                 const __m512i a = _mm512_add_epi32(_mm512_load_si512(sums[p][i]), _mm512_set1_epi32(job->corr[(m0 + i) * nb + b]));
                 f[p][i] = nbits_block_step(f[p][i], a, scale, job->xs[(m0 + i) * nb + b]);

@@ -29,12 +29,11 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
                                                              const int M, const int P, const int AHEAD) {
     const Kernel *kn = job->kernel;
     const int64_t k = kn->k, block = kn->block, nb = kn->nb, n = kn->n;
-    const int64_t panel_bytes = k * BITS / 8 * 16;
     const uint8_t *wp[4];
     const float *sp[4];
     _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
-        wp[p] = kn->packed + (first + p) * panel_bytes;
-        sp[p] = kn->pscales + (first + p) * nb * 16;
+        wp[p] = nbits_panel(kn, first + p);
+        sp[p] = nbits_panel_scales(kn, first + p);
     }
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     __m256 f[8][SMALL_M];
@@ -59,7 +58,7 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
                 __m256i xb[SMALL_M];
                 _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) xb[i] = _mm256_set1_epi32(*(const int32_t *)(x[i] + j));
                 _Pragma("GCC unroll 8") for (int h = 0; h < 2 * P; h++) {
-                    const uint8_t *at = wp[h / 2] + (start + j) * 16 + 32 * (h % 2);
+                    const uint8_t *at = wp[h / 2] + (start + j) * (PANEL_STEP / 4) + 32 * (h % 2);
                     if (AHEAD && h % 2 == 0) _mm_prefetch((const char *)(at + PREFETCH), _MM_HINT_T0);
                     const __m256i w = _mm256_load_si256((const __m256i *)at), aw = _mm256_abs_epi8(w);
                     _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
@@ -76,7 +75,7 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
                     xh[i] = _mm256_set1_epi32(*(const int32_t *)(x[i] + j + 4));
                 }
                 _Pragma("GCC unroll 8") for (int h = 0; h < 2 * P; h++) {
-                    const uint8_t *at = wp[h / 2] + (start + j) * 8 + 32 * (h % 2);
+                    const uint8_t *at = wp[h / 2] + (start + j) * (PANEL_STEP / 8) + 32 * (h % 2);
                     if (AHEAD && h % 2 == 0) _mm_prefetch((const char *)(at + PREFETCH), _MM_HINT_T0);
                     const __m256i packed = _mm256_load_si256((const __m256i *)at);
                     const __m256i lo = _mm256_and_si256(packed, low), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
@@ -90,7 +89,7 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
             }
         }
         _Pragma("GCC unroll 8") for (int h = 0; h < 2 * P; h++) {
-            const __m256 scale = _mm256_loadu_ps(sp[h / 2] + b * 16 + 8 * (h % 2));
+            const __m256 scale = _mm256_loadu_ps(sp[h / 2] + b * (PANEL_STEP / 4) + 8 * (h % 2));
             _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
                 const __m256 xs = _mm256_set1_ps(job->xs[(m0 + i) * nb + b]);
                 f[h][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[h][i]), _mm256_mul_ps(scale, xs), f[h][i]);
@@ -116,8 +115,8 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
 }
 
 // One group of four panels for quad_task, in tiles that fit AVX2's 16 registers: four panels
-// wide (four weight streams in flight: an AVX2 EPYC read 113 MB as four interleaved streams per
-// thread at 1.6x the rate of one, bench/RESULTS.md) for a lone row, two for two rows, one for 3-4.
+// wide (an AVX2 EPYC read 113 MB 1.6x as fast with four panels per tile as with one, when each
+// panel was a stream of its own: bench/RESULTS.md) for a lone row, two for two rows, one for 3-4.
 static inline __attribute__((always_inline)) void quad256(const Job *job, int64_t q, int64_t m0, int rows, int eight,
                                                           int ahead) {
 #define TILE(BITS, M, P, AHEAD) \
