@@ -9,9 +9,9 @@
 // 1.5-1.7x onnxruntime's own, decode at par or ahead.
 //
 // How: at session start the constant weights are copied into panels of 16 output columns, 4 input
-// elements per column per 64 bytes, so one dpbusd multiplies 4 elements into 16 outputs; a
-// group of four panels is stored interleaved (matmul_nbits.h: a task reads one sequential
-// stream). A register tile is 1-4 activation rows x 64 columns (four panels, each load used by
+// elements per column per 64 bytes, so one dpbusd multiplies 4 elements into 16 outputs; for
+// this tile a group of four panels is stored interleaved (matmul_nbits.h: a task reads one
+// sequential stream). A register tile is 1-4 activation rows x 64 columns (four panels, each load used by
 // every row: a parallel-slots step reads the weights once). Activations are quantized to
 // int8 per weight block (scale max |x| / 127, as MatMulNBits does at accuracy level 4), a row per
 // task. Every output is summed by the same instructions whatever the number of rows, so a
@@ -293,6 +293,8 @@ OrtStatus *nbits_pack(Kernel *kn, const uint8_t *w, const float *scales, const f
     if (k % (bits == 8 ? 4 : 8) || block % 8) return fail("MatMulNBits (autoglm): K or block not a multiple of 8");
     kn->nb = (k + block - 1) / block;
     kn->n_pad = (n + 63) / 64 * 64;
+    kn->group = kn->isa == ISA_AVX2 ? AVX2_GROUP : PANEL_STEP / 64;
+    const int64_t step = 64 * kn->group;
     const int64_t blob = block * bits / 8, panel_bytes = k * bits / 8 * 16;
     kn->packed = arena_alloc((size_t)(kn->n_pad / 16 * panel_bytes));  // zeroed: padding columns stay 0
     kn->pscales = arena_alloc(sizeof(float) * (size_t)(kn->n_pad * kn->nb));  // zeroed
@@ -303,9 +305,9 @@ OrtStatus *nbits_pack(Kernel *kn, const uint8_t *w, const float *scales, const f
         for (int64_t b = 0; b < kn->nb; b++) {
             const uint8_t *src = w + (c * kn->nb + b) * blob;
             const int64_t start = b * block, len = k - start < block ? k - start : block;
-            // start and len are multiples of 8 (block and K are checked above): whole groups.
+            // start is a multiple of 8 and len of 4 (8 bits) or 8 (4 bits), as checked above: whole groups.
             if (bits == 8) {
-                for (int64_t o = 0; o < len; o += 4) memcpy(lane + ((start + o) >> 2) * PANEL_STEP, src + o, 4);
+                for (int64_t o = 0; o < len; o += 4) memcpy(lane + ((start + o) >> 2) * step, src + o, 4);
             } else {
                 // Source bytes s0..s3 hold elements e0..e7 (low nibble first); the panel wants
                 // e0..e3 in the low nibbles of its 4 bytes and e4..e7 in the high ones.
@@ -317,10 +319,10 @@ OrtStatus *nbits_pack(Kernel *kn, const uint8_t *w, const float *scales, const f
                         (uint8_t)((g[1] & 0x0F) | (g[3] << 4)),
                         (uint8_t)((g[1] >> 4) | (g[3] & 0xF0)),
                     };
-                    memcpy(lane + ((start + o) >> 3) * PANEL_STEP, four, 4);
+                    memcpy(lane + ((start + o) >> 3) * step, four, 4);
                 }
             }
-            ((float *)nbits_panel_scales(kn, c / 16))[b * (PANEL_STEP / 4) + c % 16] = scales[c * kn->nb + b];
+            ((float *)nbits_panel_scales(kn, c / 16))[b * 16 * kn->group + c % 16] = scales[c * kn->nb + b];
         }
     }
     // The AVX2 tile multiplies 8-bit weights as signed bytes (vpsignb/vpmaddubsw: an unsigned

@@ -21,30 +21,37 @@ typedef struct {
     int64_t k, n, bits, block;
     int64_t nb;          // blocks per column, the last one possibly short (K not a multiple of block)
     int64_t n_pad;       // n rounded up to 64 (four panels per task step)
-    uint8_t *packed;     // [n_pad / 64][k * bits / 32][4][64]: the stored bytes (zero point 2^(bits-1)),
-                         // a group's four panels interleaved (nbits_panel); the AVX2 tile's 8-bit
-                         // panels XOR 0x80 (signed: stored - 128)
-    float *pscales;      // [n_pad / 64][nb][4][16]
+    uint8_t *packed;     // [n_pad / 16 / group][k * bits / 32][group][64]: the stored bytes (zero point
+                         // 2^(bits-1)), a group's panels interleaved (nbits_panel); the AVX2 tile's
+                         // 8-bit panels XOR 0x80 (signed: stored - 128)
+    float *pscales;      // [n_pad / 16 / group][nb][group][16]
     float *bias;         // [n] or NULL
     int isa;             // ISA_AVX512 or ISA_AVX2 (kernels.h): the tile that runs it
+    int64_t group;       // panels stored interleaved: 4 (PANEL_STEP / 64) for AVX-512, AVX2_GROUP for AVX2
     int amx;             // calls of more than SMALL_M rows run matmul_nbits_amx.c's tile (K and block multiples of 64)
 } Kernel;
 
-// A group of four panels (64 columns, what a tile reads) is stored interleaved, 64 bytes of each
-// panel in turn: a task reads its groups as one sequential stream (PANEL_STEP bytes per step
-// of 4 elements at 8 bits, 8 at 4 bits) rather than four streams of one panel each, and its
-// block's scales as 256 contiguous bytes. A decode step runs ~150 small matrices, and a new
-// stream is at the memory's pace only once the prefetchers have followed it for a while (Zen 5
-// VM: 1-row decode steps 1.10-1.18x and 4-row steps 1.15-1.26x faster than with each panel
-// stored whole; bench/RESULTS.md).
+// The AVX-512 tiles' panels are stored interleaved four at a time (a group: 64 columns, what a
+// tile reads), 64 bytes of each panel in turn: a task reads its groups as one sequential stream
+// (PANEL_STEP bytes per step of 4 elements at 8 bits, 8 at 4 bits) rather than four streams of
+// one panel each, and a block's scales as 256 contiguous bytes. A decode step runs ~150 small
+// matrices, and a new stream is at the memory's pace only once the prefetchers have followed it
+// for a while (Zen 5 VM: 1-row decode steps 1.10-1.18x and 4-row steps 1.15-1.26x faster than
+// with each panel stored whole; bench/RESULTS.md). The AVX2 tile's panels stay whole (a group of
+// one, AVX2_STEP): it reads 3-4 rows one panel at a time (its 16 registers hold no more sums),
+// and read interleaved that way a 4-row step ran 1.3-1.6x slower.
 #define PANEL_STEP 256
-// Panel `panel`'s first 64 bytes (its next ones PANEL_STEP apart) and its block-0 scales (the
-// next block's PANEL_STEP / 4 floats on).
+#ifndef AVX2_GROUP  // -DAVX2_GROUP=2 or 4 builds the AVX2 tile over interleaved groups (benchmarks)
+#define AVX2_GROUP 1
+#endif
+#define AVX2_STEP (64 * AVX2_GROUP)
+// Panel `panel`'s first 64 bytes (its next ones kn->group x 64 apart) and its block-0 scales (the
+// next block's kn->group x 16 floats on).
 static inline const uint8_t *nbits_panel(const Kernel *kn, int64_t panel) {
-    return kn->packed + panel / 4 * 4 * (kn->k * kn->bits / 8 * 16) + panel % 4 * 64;
+    return kn->packed + panel / kn->group * kn->group * (kn->k * kn->bits / 8 * 16) + panel % kn->group * 64;
 }
 static inline const float *nbits_panel_scales(const Kernel *kn, int64_t panel) {
-    return kn->pscales + panel / 4 * kn->nb * 64 + panel % 4 * 16;
+    return kn->pscales + panel / kn->group * kn->nb * 16 * kn->group + panel % kn->group * 16;
 }
 
 typedef struct {

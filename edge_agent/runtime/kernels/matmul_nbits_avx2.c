@@ -58,7 +58,7 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
                 __m256i xb[SMALL_M];
                 _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) xb[i] = _mm256_set1_epi32(*(const int32_t *)(x[i] + j));
                 _Pragma("GCC unroll 8") for (int h = 0; h < 2 * P; h++) {
-                    const uint8_t *at = wp[h / 2] + (start + j) * (PANEL_STEP / 4) + 32 * (h % 2);
+                    const uint8_t *at = wp[h / 2] + (start + j) * (AVX2_STEP / 4) + 32 * (h % 2);
                     if (AHEAD && h % 2 == 0) _mm_prefetch((const char *)(at + PREFETCH), _MM_HINT_T0);
                     const __m256i w = _mm256_load_si256((const __m256i *)at), aw = _mm256_abs_epi8(w);
                     _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
@@ -75,7 +75,7 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
                     xh[i] = _mm256_set1_epi32(*(const int32_t *)(x[i] + j + 4));
                 }
                 _Pragma("GCC unroll 8") for (int h = 0; h < 2 * P; h++) {
-                    const uint8_t *at = wp[h / 2] + (start + j) * (PANEL_STEP / 8) + 32 * (h % 2);
+                    const uint8_t *at = wp[h / 2] + (start + j) * (AVX2_STEP / 8) + 32 * (h % 2);
                     if (AHEAD && h % 2 == 0) _mm_prefetch((const char *)(at + PREFETCH), _MM_HINT_T0);
                     const __m256i packed = _mm256_load_si256((const __m256i *)at);
                     const __m256i lo = _mm256_and_si256(packed, low), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
@@ -89,7 +89,7 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
             }
         }
         _Pragma("GCC unroll 8") for (int h = 0; h < 2 * P; h++) {
-            const __m256 scale = _mm256_loadu_ps(sp[h / 2] + b * (PANEL_STEP / 4) + 8 * (h % 2));
+            const __m256 scale = _mm256_loadu_ps(sp[h / 2] + b * (AVX2_STEP / 4) + 8 * (h % 2));
             _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
                 const __m256 xs = _mm256_set1_ps(job->xs[(m0 + i) * nb + b]);
                 f[h][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[h][i]), _mm256_mul_ps(scale, xs), f[h][i]);
@@ -115,8 +115,9 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
 }
 
 // One group of four panels for quad_task, in tiles that fit AVX2's 16 registers: four panels
-// wide (an AVX2 EPYC read 113 MB 1.6x as fast with four panels per tile as with one, when each
-// panel was a stream of its own: bench/RESULTS.md) for a lone row, two for two rows, one for 3-4.
+// wide (four weight streams in flight: an AVX2 EPYC read 113 MB as four interleaved streams per
+// thread at 1.6x the rate of one, bench/RESULTS.md) for a lone row, two for two rows, one for 3-4.
+// (Hence whole panels here, not the AVX-512 tiles' interleaved groups: matmul_nbits.h.)
 static inline __attribute__((always_inline)) void quad256(const Job *job, int64_t q, int64_t m0, int rows, int eight,
                                                           int ahead) {
 #define TILE(BITS, M, P, AHEAD) \
