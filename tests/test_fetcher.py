@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 from collections import Counter
@@ -561,3 +562,33 @@ async def _publishes_in_flight(tmp_path: Path) -> None:
     drain = asyncio.create_task(server._publish_pending(broker))  # type: ignore[arg-type]
     await _ack_until_done(broker, drain)
     assert server._pending == {}
+
+
+def test_a_stopped_session_cancels_the_blob_publisher_quietly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The link's session ends while chunks are still going out (the control plane stopping, or
+    its session lost): the publisher stops with it, drops what is pending (the devices ask again)
+    and does not report a stop as a lost broker."""
+    asyncio.run(_detached_mid_drain(tmp_path, caplog))
+
+
+async def _detached_mid_drain(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = BlobStore(tmp_path / "store")
+    digest = store.put_bytes(random.Random(3).randbytes(10 * CHUNK))
+    server = BlobServer(store, Topics("t2"))
+    server._pending = dict.fromkeys(("chunk", digest, CHUNK, i) for i in range(10))
+    broker = _SlowBroker()  # no PUBACK ever comes: publishes stay in flight
+    drain = server._drain = asyncio.create_task(server._publish_pending(broker))  # type: ignore[arg-type]
+    for _ in range(200):
+        if broker.topics:
+            break
+        await asyncio.sleep(0.005)
+    assert broker.topics and server._pending
+    with caplog.at_level(logging.WARNING, logger="cloud.mqtt.blob_server"):
+        server.detach()
+        await asyncio.gather(drain, return_exceptions=True)
+    assert drain.cancelled()
+    assert server._pending == {} and server._drain is None
+    assert server.chunks_published == 0
+    assert not [r for r in caplog.records if "lost the broker" in r.getMessage()]

@@ -131,6 +131,15 @@ class BlobServer:
         self._pending: dict[tuple[str, str, int, int], None] = {}
         self._drain: asyncio.Task[None] | None = None
 
+    def detach(self) -> None:
+        """The session is over (lost, or the link is stopping): stop publishing on it. What was
+        pending is dropped, as when a publish fails: the devices ask again once a session is
+        back, and a stop is not reported as a lost broker."""
+        if self._drain is not None and not self._drain.done():
+            self._drain.cancel()
+        self._drain = None
+        self._pending.clear()
+
     async def subscribe(self, client: aiomqtt.Client, share_group: str | None = None) -> None:
         flt = self.topics.all_devices("fetch")
         await client.subscribe(f"$share/{share_group}/{flt}" if share_group else flt, qos=QOS)

@@ -112,6 +112,7 @@ class ControlLink:
     def detach(self) -> None:
         self._client = None
         self.connected.clear()
+        self.blob_server.detach()
 
     async def dispatch(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         topic = message.topic.value
