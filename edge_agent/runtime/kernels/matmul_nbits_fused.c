@@ -17,9 +17,9 @@
 // step 18 % faster (155 nodes a step instead of 335).
 //
 // How: gate and up are packed as MatMulNBits packs them (matmul_nbits.c). The norm runs per row
-// before the activations are quantized (once, for both matrices); each task computes its groups
-// of 64 columns of gate (into a scratch buffer) and of up (into the output), then the product
-// over those columns while they are in the core's cache. Every output is summed by the same
+// before the activations are quantized (once, for both matrices); a task computes a range of
+// columns of gate (into a scratch buffer) or of up (into the output), and whichever of the two
+// finishes a range second computes the product over it (swiglu_task). Every output is summed by the same
 // instructions as MatMulNBits' and the norm and silu are per row, so a row's result does not
 // depend on the rows beside it.
 #include "kernels.h"
@@ -46,13 +46,22 @@ typedef struct {
 typedef struct {
     Job gate, up;  // gate writes the scratch g, up the output
     void (*tiles)(void *, size_t);
+    size_t half;  // tasks per matrix
+    int *done;    // [half]: how many of gate and up have computed those columns
 } SwiGluJob;
 
+// Tasks [0, half) are the gate's, [half, 2 half) the up's, over the same column ranges; the second
+// of the two to finish a range computes silu(gate) x up over it. onnxruntime's pool hands each
+// thread a contiguous share of the tasks, so a thread reads the gate's groups (or the up's) as one
+// stream; a task computing both a range's gate and its up made each thread switch matrices at
+// every task (Qwen2-0.5B int4, Zen 5 VM: the fused op streamed at ~38 GB/s, a plain matrix ~44-50).
 static void swiglu_task(void *data, size_t t) {
     const SwiGluJob *job = data;
-    job->tiles((void *)&job->gate, t);
-    job->tiles((void *)&job->up, t);
-    const int64_t n = job->up.kernel->n, first = (int64_t)t * job->up.quads_per_task * 64;
+    const size_t range = t < job->half ? t : t - job->half;
+    job->tiles(t < job->half ? (void *)&job->gate : (void *)&job->up, range);
+    // Acquire-release: the second sees the first's outputs.
+    if (__atomic_add_fetch(&job->done[range], 1, __ATOMIC_ACQ_REL) < 2) return;
+    const int64_t n = job->up.kernel->n, first = (int64_t)range * job->up.quads_per_task * 64;
     const int64_t last = first + job->up.quads_per_task * 64 < n ? first + job->up.quads_per_task * 64 : n;
     for (int64_t i = 0; first < last && i < job->up.m; i++)
         silu_mul_avx2(job->gate.y + i * n + first, job->up.y + i * n + first, last - first);
@@ -120,8 +129,12 @@ static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *contex
     if (!status) status = nbits_quantize(last, context, normed ? normed : a, m, &act);
     if (!status) {
         if (op->variant->pair) {
-            SwiGluJob job = {nbits_job(&op->w[0], &act, g, m), nbits_job(&op->w[1], &act, y, m), nbits_tiles(last)};
-            status = ort->KernelContext_ParallelFor(context, swiglu_task, nbits_task_count(&job.up), 0, &job);
+            SwiGluJob job = {nbits_job(&op->w[0], &act, g, m), nbits_job(&op->w[1], &act, y, m), nbits_tiles(last), 0, NULL};
+            job.half = nbits_task_count(&job.up);
+            job.done = calloc(job.half, sizeof(int));
+            status = job.done ? ort->KernelContext_ParallelFor(context, swiglu_task, 2 * job.half, 0, &job)
+                              : fail("MatMulNBits (autoglm): out of memory");
+            free(job.done);
         } else {
             status = nbits_multiply(last, context, &act, y, m);
         }
