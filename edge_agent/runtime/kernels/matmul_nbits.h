@@ -39,7 +39,7 @@ typedef struct {
 // for a while (Zen 5 VM: 1-row decode steps 1.10-1.18x and 4-row steps 1.15-1.26x faster than
 // with each panel stored whole; bench/RESULTS.md). The AVX2 tile's panels stay whole (a group of
 // one, AVX2_STEP): it reads 3-4 rows one panel at a time (its 16 registers hold no more sums),
-// and read interleaved that way a 4-row step ran 1.3-1.6x slower.
+// and read interleaved that way a 4-row step ran 1.2-1.7x slower.
 #define PANEL_STEP 256
 #ifndef AVX2_GROUP  // -DAVX2_GROUP=2 or 4 builds the AVX2 tile over interleaved groups (benchmarks)
 #define AVX2_GROUP 1

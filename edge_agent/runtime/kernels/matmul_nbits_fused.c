@@ -51,10 +51,10 @@ typedef struct {
 } SwiGluJob;
 
 // Tasks [0, half) are the gate's, [half, 2 half) the up's, over the same column ranges; the second
-// of the two to finish a range computes silu(gate) x up over it. onnxruntime's pool hands each
-// thread a contiguous share of the tasks, so a thread reads the gate's groups (or the up's) as one
-// stream; a task computing both a range's gate and its up made each thread switch matrices at
-// every task (Qwen2-0.5B int4, Zen 5 VM: the fused op streamed at ~38 GB/s, a plain matrix ~44-50).
+// of the two to finish a range computes silu(gate) x up over it. onnxruntime's pool starts each
+// thread on a contiguous share of the tasks (its loop counter's home shard), so a thread reads the
+// gate's groups (or the up's) as one stream; a task computing both a range's gate and its up made
+// each thread switch matrices at every task (Qwen2-0.5B int4, Zen 5 VM: the fused op streamed at ~38 GB/s, a plain matrix ~44-50).
 static void swiglu_task(void *data, size_t t) {
     const SwiGluJob *job = data;
     const size_t range = t < job->half ? t : t - job->half;
