@@ -494,9 +494,25 @@ def add_kv_cache_option(ap: argparse.ArgumentParser, note: str = "") -> None:
     )
 
 
+FLOAT_OPS_SUFFIX = ".float-ops.onnx"
+
+
+def float_ops_graph(graph: Path) -> Path:
+    """The fp32 ``graph`` with its matmuls as the edge's float ops, as the packager ships an
+    unquantized model (nbits_fusion.py): written beside it (sharing its weights file), once."""
+    from cloud.packaging.nbits_fusion import fuse_file
+
+    out = graph.with_name(graph.stem + FLOAT_OPS_SUFFIX)
+    if not out.exists() and not any(fuse_file(graph, out).values()):
+        raise SystemExit(f"{graph} has no float matmul with constant weights")
+    return out
+
+
 def shipped_graph(graph: Path, precision: str, kv_cache: str) -> Path:
-    """``graph`` with the KV cache the packager's ``--kv-cache kv_cache`` ships for ``precision``
-    (auto: float16 for int8 and int4, float32 for fp32)."""
+    """``graph`` as the packager ships it for ``precision`` (fp32: with the float ops), with the
+    KV cache its ``--kv-cache kv_cache`` ships (auto: float16 for int8 and int4, float32 for fp32)."""
+    if precision == "fp32":
+        graph = float_ops_graph(graph)
     half = kv_cache == "float16" or (kv_cache == "auto" and precision != "fp32")
     return half_kv_graph(graph) if half else graph
 

@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_decode import MODELS, fused_graphs, half_kv_graph
+from edge_decode import MODELS, float_ops_graph, fused_graphs, half_kv_graph
 
 
 def main() -> None:
@@ -55,6 +55,13 @@ def main() -> None:
         default="float32",
         help="The graph's KV cache type (float16: as `autoglm model package --kv-cache float16` ships it).",
     )
+    ap.add_argument(
+        "--fp32-graph",
+        choices=("float-ops", "plain", "both"),
+        default="float-ops",
+        help="fp32: the graph as the packager ships it (its matmuls the edge's float ops), "
+        "the plain one (onnxruntime's MatMul), or both side by side.",
+    )
     args = ap.parse_args()
     from cloud.packaging.export import io_signature
     from edge_agent.runtime.kernels import library
@@ -62,12 +69,17 @@ def main() -> None:
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="autoglm-steps-"))
     _src, cfg, fp32, int8, int4 = fused_graphs(args.model, work)
-    graph = {"fp32": fp32, "int8": int8, "int4": int4}[args.precision]
+    bases = {"": {"int8": int8, "int4": int4}.get(args.precision, fp32)}
+    if args.precision == "fp32":
+        bases = {"float-ops": float_ops_graph(fp32), "plain": fp32}
+        if args.fp32_graph != "both":
+            bases = {"": bases[args.fp32_graph]}
     graphs = {}
-    if args.kv_cache in ("float32", "both"):
-        graphs["float32"] = graph
-    if args.kv_cache in ("float16", "both"):
-        graphs["float16"] = half_kv_graph(graph)
+    for label, graph in bases.items():
+        if args.kv_cache in ("float32", "both"):
+            graphs[", ".join(x for x in (label, "float32 KV") if x)] = graph
+        if args.kv_cache in ("float16", "both"):
+            graphs[", ".join(x for x in (label, "float16 KV") if x)] = half_kv_graph(graph)
     models: dict[str, OnnxCausalLM] = {}
     for kv, path_of in graphs.items():
         io = io_signature(path_of, cfg, {"eos_token_id": cfg.get("eos_token_id")})
@@ -79,7 +91,7 @@ def main() -> None:
             if path is not None and not lm.custom_ops_loaded:
                 raise SystemExit(f"{path} refused by {path_of}: see the warning above")
             lm.prefix_cache = False  # every round prefills from an empty cache
-            models[name if len(graphs) == 1 else f"{name}, {kv} KV"] = lm
+            models[name if len(graphs) == 1 else f"{name}, {kv}"] = lm
     rng = np.random.default_rng(0)
     top = min(40000, next(iter(models.values())).io.vocab_size)  # Llama-134M has 32,000 ids
     prompt = rng.integers(100, top, args.context).tolist()

@@ -215,14 +215,13 @@ def test_the_amx_tile_computes_what_the_vnni_tile_does(
     assert np.array_equal(tiles.run(None, {"x": x[40:41]})[0][0], tiles.run(None, {"x": x})[0][40])
 
 
-def _layer(tmp: Path, k: int, n: int, block: int, bits: int, mlp: bool = True, norm: bool = False) -> bytes:
-    """Part of a decoder layer as the fused decoder writes it, quantized (which fuses it:
-    nbits_fusion.py): silu(x·gate) ⊙ (x·up) if ``mlp``, else x·W; with ``norm``, of the skip-norm
-    of x + skip (outputs y and the sum)."""
+def _layer_fp32(tmp: Path, k: int, n: int, seed: int, mlp: bool, norm: bool) -> Path:
+    """Part of a decoder layer as the fused decoder writes it (float weights): silu(x·gate) ⊙
+    (x·up) if ``mlp``, else x·W; with ``norm``, of the skip-norm of x + skip (outputs y and the sum)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    rng = np.random.default_rng(k + n + bits)
+    rng = np.random.default_rng(k + n + seed)
     gate, up = (rng.standard_normal((2, k, n)) * 0.05).astype(np.float32)
     inits = [numpy_helper.from_array(gate, "G"), numpy_helper.from_array(up, "U")]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])]
@@ -256,7 +255,15 @@ def _layer(tmp: Path, k: int, n: int, block: int, bits: int, mlp: bool = True, n
     graph = helper.make_graph(nodes, "layer", inputs, outputs, inits)
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     onnx.save(helper.make_model(graph, opset_imports=opsets), str(tmp / "fp32.onnx"))
-    model = onnx.load(str(quantize_weight_only(tmp / "fp32.onnx", tmp / "q" / "model.onnx", bits, block)))
+    return tmp / "fp32.onnx"
+
+
+def _layer(tmp: Path, k: int, n: int, block: int, bits: int, mlp: bool = True, norm: bool = False) -> bytes:
+    """_layer_fp32's graph quantized (which fuses it: nbits_fusion.py)."""
+    import onnx
+
+    fp32 = _layer_fp32(tmp, k, n, bits, mlp, norm)
+    model = onnx.load(str(quantize_weight_only(fp32, tmp / "q" / "model.onnx", bits, block)))
     op = {
         (True, False): "MatMulNBitsSwiGLU",
         (True, True): "SkipRMSNormSwiGLU",
@@ -362,6 +369,116 @@ def test_a_skip_norm_folded_into_the_matmul_after_it_equals_its_function_body(
             assert np.array_equal(alone, mine[i]), f"row {i} of {m} differs from the same row alone"
     empty = ours.run(None, {name: v[:0] for name, v in feed.items()})
     assert empty[0].shape == (0, n) and empty[1].shape == (0, k)
+
+
+FLOAT_OPS = {
+    (True, False): "MatMulFloatSwiGLU",
+    (True, True): "SkipRMSNormSwiGLUFloat",
+    (False, True): "SkipRMSNormMatMulFloat",
+    (False, False): "MatMulFloat",
+}
+
+
+def _float_layer(tmp: Path, k: int, n: int, mlp: bool, norm: bool) -> bytes:
+    """_layer_fp32's graph as the packager ships an unquantized model: one float op."""
+    import onnx
+
+    model = onnx.load(str(_layer_fp32(tmp, k, n, 32, mlp, norm)))
+    assert fuse_layers(model)[FLOAT_OPS[mlp, norm]] == 1
+    assert [x.op_type for x in model.graph.node] == [FLOAT_OPS[mlp, norm]]
+    return bytes(model.SerializeToString())
+
+
+def _rank3(model: bytes) -> bytes:
+    """``model`` with its inputs and outputs [batch, sequence, features]."""
+    import onnx
+
+    proto = onnx.load_from_string(model)
+    for value in (*proto.graph.input, *proto.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        features = dims[-1].dim_value
+        del dims[:]
+        for d in ("batch", "sequence"):
+            dims.add().dim_param = d
+        dims.add().dim_value = features
+    return bytes(proto.SerializeToString())
+
+
+def _float_feed(k: int, rows: int, norm: bool, shape: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(rows + k)
+    feed = {"x": rng.standard_normal((*(shape or (rows,)), k)).astype(np.float32)}
+    if norm:
+        feed["skip"] = rng.standard_normal((*(shape or (rows,)), k)).astype(np.float32)
+    return feed
+
+
+@pytest.mark.skipif(not _cpu_runs_kernels(), reason="no AVX2: the library registers nothing")
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize(("mlp", "norm"), list(FLOAT_OPS))
+@pytest.mark.parametrize(("k", "n"), [(576, 1536), (300, 200), (8, 17)])
+def test_the_float_ops_equal_their_function_bodies_and_rows_do_not_depend_on_their_company(
+    mlp: bool, norm: bool, k: int, n: int, isa: str, tmp_path: Path
+) -> None:
+    """MatMulFloat and its fused forms (an fp32 graph's matmuls): onnxruntime's inlined body within
+    float rounding, the sum x + skip exactly, and each row's result the same whatever the rows
+    beside it (decode-sized calls and prefills, which run K in blocks of 256)."""
+    model = _float_layer(tmp_path, k, n, mlp, norm)
+    assert FLOAT_OPS[mlp, norm] in _ops_run(model, library(), _float_feed(k, 3, norm), tmp_path)
+    theirs, ours = _session(model, None), _session(model, library())
+    for m in (1, 2, 3, 4, 5, 9, 37):
+        feed = _float_feed(k, m, norm)
+        ref, mine = theirs.run(None, feed), ours.run(None, feed)
+        np.testing.assert_allclose(mine[0], ref[0], rtol=0, atol=1e-5 * max(1.0, float(np.abs(ref[0]).max())))
+        if norm:
+            assert np.array_equal(mine[1], feed["x"] + feed["skip"])
+        for i in (0, m // 2, m - 1):
+            alone = ours.run(None, {name: v[i : i + 1] for name, v in feed.items()})[0][0]
+            assert np.array_equal(alone, mine[0][i]), f"row {i} of {m} differs from the same row alone"
+    # [batch, sequence, K], as the decoder calls it
+    batched = _float_feed(k, 0, norm, shape=(2, 3))
+    ranked = _session(_rank3(model), library()).run(None, batched)
+    assert ranked[0].shape == (2, 3, n)
+    assert np.array_equal(
+        ranked[0].reshape(6, n), ours.run(None, {x: v.reshape(6, k) for x, v in batched.items()})[0]
+    )
+    empty = ours.run(None, _float_feed(k, 0, norm))
+    assert empty[0].shape == (0, n) and (not norm or empty[1].shape == (0, k))
+
+
+@pytest.mark.skipif(not _cpu_has_avx512(), reason="needs a CPU with both tiles (AVX-512)")
+@pytest.mark.parametrize(("k", "n"), [(576, 960), (300, 200)])
+def test_the_float_avx2_tile_computes_what_the_avx512_tile_does(
+    k: int, n: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both tiles sum each output as one chain of fused multiply-adds over k: bit for bit equal."""
+    model = _float_layer(tmp_path, k, n, mlp=False, norm=False)
+    feed = _float_feed(k, 37, norm=False)
+    wide = _session(model, library())
+    monkeypatch.setenv("AUTOGLM_KERNELS_ISA", "avx2")
+    narrow = _session(model, library())
+    for m in (1, 4, 37):
+        part = {"x": feed["x"][:m]}
+        assert np.array_equal(wide.run(None, part)[0], narrow.run(None, part)[0]), f"{m} rows differ"
+
+
+def test_a_float_matmul_whose_weights_are_not_constant_is_left_to_onnxruntime(tmp_path: Path) -> None:
+    """Only a MatMul by a constant float matrix becomes MatMulFloat (the op packs it once)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "two inputs",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", 8]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [8, 4]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert not any(fuse_layers(model).values())
+    assert [x.op_type for x in model.graph.node] == ["MatMul"]
+    onnx.checker.check_model(model)
 
 
 def test_silu_is_right_across_the_float_range(tmp_path: Path) -> None:

@@ -16,7 +16,17 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cloud.packaging.export import io_signature, read_hf_config
 from cloud.packaging.fused import build_fused
-from cloud.packaging.nbits_fusion import NORM_MATMUL, NORM_SWIGLU, SWIGLU, fuse_layers
+from cloud.packaging.nbits_fusion import (
+    FLOAT_MATMUL,
+    FLOAT_NORM_MATMUL,
+    FLOAT_NORM_SWIGLU,
+    FUSED_OPS,
+    NORM_MATMUL,
+    NORM_SWIGLU,
+    SWIGLU,
+    fuse_file,
+    fuse_layers,
+)
 from cloud.packaging.quantize import quantize_weight_only
 from edge_agent.runtime.session import OnnxCausalLM
 from tests.test_export import _tiny
@@ -133,7 +143,7 @@ def test_a_gated_mlp_and_its_norm_become_one_node_that_onnxruntime_inlines_alike
     model = _model(sum_read_early=sum_read_early)
     before = _run(model, _feed())
     counts = fuse_layers(model)
-    assert counts == {SWIGLU: 0, NORM_MATMUL: 0, NORM_SWIGLU: 1}
+    assert counts == {**dict.fromkeys(FUSED_OPS, 0), NORM_SWIGLU: 1}
     # The fused node takes the group's first place: the order stays topological (checked below).
     assert _ops(model) == ([NORM_SWIGLU, "Neg"] if sum_read_early else [NORM_SWIGLU])
     assert [f.name for f in model.functions] == [NORM_SWIGLU]
@@ -146,7 +156,7 @@ def test_a_gated_mlp_and_its_norm_become_one_node_that_onnxruntime_inlines_alike
 def test_what_the_fused_node_would_hide_is_left_alone() -> None:
     # The gate's output read by another node: the MLP stays; the norm has two readers then.
     model = _model(gate_read_elsewhere=True)
-    assert fuse_layers(model) == {SWIGLU: 0, NORM_MATMUL: 0, NORM_SWIGLU: 0}
+    assert not any(fuse_layers(model).values())
     assert "Sigmoid" in _ops(model) and not model.functions
     # A norm read by three matmuls (Qwen3's q, k, v): the MLP fuses, the norm stays.
     model = _model(norm_readers=3)
@@ -192,3 +202,37 @@ def test_a_quantized_fused_decoder_runs_five_nodes_per_layer_and_decodes_alike_i
     a = OnnxCausalLM(graph, io, threads=1).sequence_logits(prompt)
     b = OnnxCausalLM(flat, io, threads=1).sequence_logits(prompt)
     assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_an_fp32_fused_decoder_runs_five_nodes_per_layer_alike_inlined_and_close_on_the_library(
+    kind: str, tmp_path: Path
+) -> None:
+    """The graph the packager ships unquantized: its matmuls the float ops. Without the library
+    onnxruntime inlines the functions and computes what the plain graph computes, bit for bit;
+    with it, the same within float rounding (the sums run in another order) and the same tokens."""
+    from edge_agent.runtime.kernels import library
+
+    src = _tiny(kind, tmp_path / "src", vary_vectors=True)
+    cfg = read_hf_config(src)
+    plain = build_fused(src, cfg, tmp_path / "fused")
+    fused = plain.with_name("float-ops.onnx")
+    counts = fuse_file(plain, fused)
+    layers = cfg["num_hidden_layers"]
+    # Per layer: the MLP with its norm, o_proj and down; the QKV with its norm but in layer 0
+    # (a plain RMSNorm, no skip); and the lm_head.
+    assert counts[FLOAT_NORM_SWIGLU] == layers and counts[FLOAT_NORM_MATMUL] == layers - 1
+    assert counts[FLOAT_MATMUL] == 2 * layers + 2
+    ops = Counter(_ops(onnx.load(str(fused), load_external_data=False)))
+    assert "MatMul" not in ops and "Sigmoid" not in ops
+    io = io_signature(plain, cfg, {"eos_token_id": 1})
+    prompt = [5, 17, 42, 99, 3, 250, 7]
+    reference = OnnxCausalLM(plain, io, threads=1).sequence_logits(prompt)
+    assert np.array_equal(OnnxCausalLM(fused, io, threads=1).sequence_logits(prompt), reference)
+    if library() is None:
+        return
+    ours = OnnxCausalLM(fused, io, threads=1, custom_ops=library())
+    assert ours.custom_ops_loaded
+    mine = ours.sequence_logits(prompt)
+    np.testing.assert_allclose(mine, reference, rtol=0, atol=1e-4 * float(np.abs(reference).max()))
+    assert np.array_equal(mine.argmax(-1), reference.argmax(-1))

@@ -26,6 +26,7 @@ from cloud.packaging.export import (
 from cloud.packaging.fused import FUSED_MODEL_TYPES, UnsupportedArchitecture, build_fused
 from cloud.packaging.half_kv import half_kv_file
 from cloud.packaging.layout import tensor_cuts
+from cloud.packaging.nbits_fusion import fuse_file
 from cloud.packaging.progress import SilentReporter, StepReporter
 from cloud.packaging.quality import (
     CHAT_PROMPTS,
@@ -161,15 +162,20 @@ class ModelPackager:
                     if (fp32_dir / fname).is_file():
                         shutil.copy2(fp32_dir / fname, ship_dir / fname)
                 r.done(f"{_graph_bytes(fp32_dir) / 1e6:.1f} MB → {_graph_bytes(ship_dir) / 1e6:.1f} MB")
+            else:
+                ship_dir = self._fuse_float(fp32_dir, work)
 
-            if opts.kv_cache == "float16" or (opts.kv_cache == "auto" and ship_dir != fp32_dir):
+            # Quantized weights or a half cache change the numbers: the shipped answers are
+            # compared with fp32's (the float ops only sum in another order).
+            lossy = opts.quantize in WEIGHT_BITS
+            if opts.kv_cache == "float16" or (opts.kv_cache == "auto" and opts.quantize in WEIGHT_BITS):
                 half = self._half_kv(fp32_dir, ship_dir, work, opts)
                 if half is not None:  # the manifest describes the shipped graph's tensors
-                    ship_dir = half
+                    ship_dir, lossy = half, True
                     shipped = io_signature(ship_dir / GRAPH_FILE, cfg, gen_cfg)
                     io = shipped.model_copy(update={"eos_token_ids": io.eos_token_ids})
 
-            quality = self._quality(fp32_dir, ship_dir, io, tokenizer, template, opts)
+            quality = self._quality(fp32_dir, ship_dir, io, tokenizer, template, opts, lossy)
             if quality.relative_change > opts.max_perplexity_increase:
                 raise PackagingError(
                     f"quantized perplexity rose {quality.relative_change:.1%}, over the "
@@ -300,6 +306,23 @@ class ModelPackager:
         r.step(f"Exporting {src} ({cfg['model_type']}) to ONNX with KV cache")
         return export_onnx(src, out)
 
+    def _fuse_float(self, fp32_dir: Path, work: Path) -> Path:
+        """The unquantized graph with its matmuls as the edge's float ops (nbits_fusion.py: the
+        norms and the gated MLP folded in, functions onnxruntime inlines elsewhere), in a copy of
+        fp32_dir (weights hard-linked); fp32_dir itself where nothing was fused."""
+        r = self.reporter
+        r.step("Folding the layers' norms and activations into the float matmuls (ai.autoglm functions)")
+        target = work / "fp32-fused"
+        shutil.copytree(fp32_dir, target, copy_function=_link_or_copy)
+        (target / GRAPH_FILE).unlink()  # rewritten below, not through the fp32 graph's link
+        counts = fuse_file(fp32_dir / GRAPH_FILE, target / GRAPH_FILE)
+        if not any(counts.values()):
+            shutil.rmtree(target)
+            r.done("no float matmul with constant weights: the graph ships as exported")
+            return fp32_dir
+        r.done(", ".join(f"{n} {op}" for op, n in counts.items() if n))
+        return target
+
     def _half_kv(self, fp32_dir: Path, ship_dir: Path, work: Path, opts: PackageOptions) -> Path | None:
         """The shipped graph with a float16 KV cache (its folder: ship_dir, or for an unquantized
         package a copy of the fp32 one, weights hard-linked); None where the graph has no
@@ -335,6 +358,7 @@ class ModelPackager:
         tokenizer: Tokenizer,
         template: ChatTemplate,
         opts: PackageOptions,
+        lossy: bool,
     ) -> QualityReport:
         r = self.reporter
         pair = GraphPair(fp32_dir / GRAPH_FILE, ship_dir / GRAPH_FILE, io, tokenizer)
@@ -366,7 +390,7 @@ class ModelPackager:
             )
         )
         greedy = None
-        if ship_dir != fp32_dir:
+        if lossy:
             r.step(f"Comparing greedy chat answers with fp32 ({len(CHAT_PROMPTS)} prompts)")
             greedy = greedy_agreement(pair, template, answers)
             departs = (

@@ -4,8 +4,9 @@ when the package is installed (pyproject.toml, ``tool.setuptools.ext-modules``; 
 It replaces onnxruntime's MatMulNBits (the quantized weight matmuls of int8 and int4 graphs) and
 GroupQueryAttention (the fused graphs' attention) on x86-64 CPUs with AVX-512 VNNI or AVX2 (each op
 has routines for either), and runs the ``ai.autoglm`` ops the packager writes as model-local
-functions (a gated MLP, and a skip-norm with the matmul after it, as one node each:
-cloud/packaging/nbits_fusion.py; the attention over a float16 KV cache: cloud/packaging/half_kv.py),
+functions (a gated MLP, and a skip-norm with the matmul after it, as one node each, over quantized
+or, in an fp32 graph, float weights: cloud/packaging/nbits_fusion.py; the attention over a float16
+KV cache: cloud/packaging/half_kv.py),
 whose bodies onnxruntime inlines where the library is absent;
 :class:`~edge_agent.runtime.session.OnnxCausalLM` registers it and loads the graph on onnxruntime's
 own kernels wherever the session refuses it (a graph it does not take).

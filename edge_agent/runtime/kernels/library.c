@@ -9,7 +9,9 @@
 // and, in their own domain ai.autoglm, ops of ours that onnxruntime does not have, which the
 // packager writes as model-local functions (so a session without this library inlines them):
 //   matmul_nbits_fused.c     MatMulNBitsSwiGLU, SkipRMSNormMatMulNBits, SkipRMSNormSwiGLU: a
-//                            layer's norms and gated-MLP activation folded into its matmuls
+//                            layer's norms and gated-MLP activation folded into its matmuls;
+//                            MatMulFloat and its three fused forms, the same over an fp32
+//                            graph's float weights (their tiles in matmul_float.c)
 //   group_query_attention.c  GroupQueryAttentionHalfKV: the attention over a half-precision KV
 //                            cache (half the cache's memory and reads)
 // edge_agent.runtime.kernels finds the built library; OnnxCausalLM registers it and runs the graph

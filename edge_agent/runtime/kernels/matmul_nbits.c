@@ -22,7 +22,7 @@
 // bias. Refuses the rest (zero points, g_idx, non-constant weights, a CPU with neither AVX-512
 // VNNI nor AVX2, not x86-64), and a refusal fails the session, which the caller answers by loading the graph
 // without the library. The packed copy replaces the weights onnxruntime mapped from the graph's
-// data file (drop_source): resident once, as with onnxruntime's own prepacking kernels.
+// data file (nbits_drop_source): resident once, as with onnxruntime's own prepacking kernels.
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -179,11 +179,14 @@ static void quantize_task(void *data, size_t i) {
 #pragma GCC pop_options
 
 void (*nbits_tiles(const Kernel *kn))(void *, size_t) {
+    if (kn->bits == 32) return kn->isa == ISA_AVX512 ? float_task_avx512 : float_task_avx2;
     if (kn->amx) return packed_task_amx;
     return kn->isa == ISA_AVX512 ? packed_task_avx512 : packed_task_avx2;
 }
 
 OrtStatus *nbits_quantize(const Kernel *kn, OrtKernelContext *context, const float *a, int64_t m, Activations *act) {
+    *act = (Activations){.a = a};
+    if (kn->bits == 32) return NULL;  // float weights multiply a itself
     act->xq = aligned_alloc(64, (size_t)((m * kn->k + 63) / 64 * 64));
     act->xs = malloc(sizeof(float) * (size_t)(m * kn->nb));
     act->corr = malloc(sizeof(int32_t) * (size_t)(m * kn->nb));
@@ -209,7 +212,7 @@ void nbits_free(Activations *act) {
 
 Job nbits_job(const Kernel *kn, const Activations *act, float *y, int64_t m) {
     const int64_t quads = kn->n_pad / 64;
-    return (Job){kn, act->xq, act->xs, act->corr, y, m, (quads + TASKS - 1) / TASKS};
+    return (Job){kn, act->a, act->xq, act->xs, act->corr, y, m, (quads + TASKS - 1) / TASKS};
 }
 
 OrtStatus *nbits_multiply(const Kernel *kn, OrtKernelContext *context, const Activations *act, float *y, int64_t m) {
@@ -278,7 +281,7 @@ static OrtStatus *attribute(const OrtKernelInfo *info, const char *name, int64_t
 // weights are resident once. MADV_PAGEOUT is a hint that loses nothing: a clean file page is
 // dropped (a later read faults the file's bytes back in), an anonymous one goes to swap if there
 // is any and stays otherwise; older kernels refuse the advice and nothing changes.
-static void drop_source(const void *p, size_t len) {
+void nbits_drop_source(const void *p, size_t len) {
     const long page = sysconf(_SC_PAGESIZE);
     if (page <= 0) return;
     const uintptr_t lo = ((uintptr_t)p + (uintptr_t)page - 1) / (uintptr_t)page * (uintptr_t)page;
@@ -330,8 +333,8 @@ OrtStatus *nbits_pack(Kernel *kn, const uint8_t *w, const float *scales, const f
     if (kn->isa == ISA_AVX2 && bits == 8)
         for (size_t i = 0; i < (size_t)(kn->n_pad / 16 * panel_bytes); i++) kn->packed[i] ^= 0x80;
     if (bias_src) memcpy(kn->bias, bias_src, sizeof(float) * (size_t)n);
-    drop_source(w, (size_t)(n * kn->nb * blob));
-    drop_source(scales, sizeof(float) * (size_t)(n * kn->nb));
+    nbits_drop_source(w, (size_t)(n * kn->nb * blob));
+    nbits_drop_source(scales, sizeof(float) * (size_t)(n * kn->nb));
     return NULL;
 }
 

@@ -17,6 +17,9 @@
 #define PREFETCH 2048
 #endif
 
+// The packed weights of one matrix: 8 or 4 bits (MatMulNBits' layout, below), or 32 (float
+// weights, matmul_float.c: groups of 64 columns stored k by k on AVX-512, panels of 16 on AVX2;
+// no scales, block = k, nb = 1).
 typedef struct {
     int64_t k, n, bits, block;
     int64_t nb;          // blocks per column, the last one possibly short (K not a multiple of block)
@@ -56,6 +59,7 @@ static inline const float *nbits_panel_scales(const Kernel *kn, int64_t panel) {
 
 typedef struct {
     const Kernel *kernel;
+    const float *a;       // [m][k]: float weights multiply the activations themselves
     const int8_t *xq;     // [m][k]
     const float *xs;      // [m][nb]
     const int32_t *corr;  // [m][nb]: -zero point x the block's sum of xq
@@ -126,8 +130,10 @@ void packed_task_amx(void *data, size_t t);
 void packed_task_avx2(void *data, size_t t);
 void quantize_task_avx2(void *data, size_t i);
 
-// One call's activations quantized per weight block (what a Job reads).
+// One call's activations quantized per weight block (what a Job reads), or for float weights the
+// activations themselves (a).
 typedef struct {
+    const float *a;
     int8_t *xq;
     float *xs;
     int32_t *corr;
@@ -142,6 +148,14 @@ OrtStatus *nbits_constant(const OrtKernelInfo *info, size_t index, const void **
 // Packs MatMulNBits-layout weights and scales (and a bias, or NULL) into kn's panels.
 OrtStatus *nbits_pack(Kernel *kn, const uint8_t *w, const float *scales, const float *bias);
 void nbits_release(Kernel *kn);
+// Asks the kernel to reclaim a constant input's pages once it is packed (never read again).
+void nbits_drop_source(const void *p, size_t len);
+
+// matmul_float.c: a Kernel of float weights from the node's constant input `index` (a float
+// matrix [K, N]), packed for this CPU's tile, and the tasks of its two tiles (nbits_tiles).
+OrtStatus *float_kernel(const OrtKernelInfo *info, size_t index, Kernel *kn);
+void float_task_avx512(void *data, size_t t);
+void float_task_avx2(void *data, size_t t);
 // Input `index`, its shape (rank 1 to 8) and its element count.
 OrtStatus *nbits_shape(OrtKernelContext *context, size_t index, const OrtValue **value, int64_t dims[8],
                        size_t *rank, size_t *count);

@@ -4,7 +4,10 @@
 //   SkipRMSNormMatMulNBits  (A, skip, gamma, B, scales) -> (norm(A + skip) x B, A + skip)
 //   SkipRMSNormSwiGLU       (A, skip, gamma, gate B, gate scales, up B, up scales)
 //                           -> (silu(norm(A + skip) x gate) * (norm(A + skip) x up), A + skip)
-// where norm is SkipSimplifiedLayerNormalization's RMSNorm with gamma and the attribute epsilon.
+// where norm is SkipSimplifiedLayerNormalization's RMSNorm with gamma and the attribute epsilon;
+// and the same over float weights W [K, N] (an fp32 graph; matmul_float.c packs and multiplies):
+//   MatMulFloat (A, W), MatMulFloatSwiGLU (A, gate W, up W), SkipRMSNormMatMulFloat (A, skip,
+//   gamma, W), SkipRMSNormSwiGLUFloat (A, skip, gamma, gate W, up W).
 // The packager writes each as an ONNX model-local function whose body is onnxruntime's own nodes
 // (cloud/packaging/nbits_fusion.py): where this library is registered onnxruntime runs these ops
 // (a function node that some kernel takes is not inlined), elsewhere it inlines the bodies.
@@ -35,6 +38,7 @@ typedef struct {
     const char *name;
     int pair;  // gate and up with silu(gate) * up, else one matrix
     int norm;  // SkipSimplifiedLayerNormalization first (inputs skip and gamma, output the sum)
+    int floats;  // float weights [K, N], one input per matrix (matmul_float.c), else B and scales
 } Variant;
 
 typedef struct {
@@ -152,11 +156,17 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *custom, const OrtApi *a
         CHECK(ort->KernelInfoGetAttribute_float(info, "epsilon", &op.epsilon));
         if (!(op.epsilon >= 0.0f)) return fail("SkipRMSNorm (autoglm): epsilon must be >= 0");
     }
-    CHECK(nbits_attributes(info, &op.w[0]));
-    op.w[1] = op.w[0];
     const size_t first = op.variant->norm ? 3 : 1;  // after A (and skip, gamma): B, scales (x2)
     OrtStatus *status = NULL;
-    for (int i = 0; !status && i <= op.variant->pair; i++) {
+    if (op.variant->floats) {  // gate and up: the same shape
+        for (int i = 0; !status && i <= op.variant->pair; i++) status = float_kernel(info, first + (size_t)i, &op.w[i]);
+        if (!status && op.variant->pair && (op.w[1].k != op.w[0].k || op.w[1].n != op.w[0].n))
+            status = fail("MatMulFloatSwiGLU (autoglm): gate and up differ in shape");
+    } else {
+        CHECK(nbits_attributes(info, &op.w[0]));
+        op.w[1] = op.w[0];
+    }
+    for (int i = 0; !status && !op.variant->floats && i <= op.variant->pair; i++) {
         const void *w = NULL, *scales = NULL;
         status = nbits_constant(info, first + 2 * (size_t)i, &w);
         if (!status) status = nbits_constant(info, first + 2 * (size_t)i + 1, &scales);
@@ -186,14 +196,15 @@ static const char *ORT_API_CALL op_name(const OrtCustomOp *op) { return ((const 
 
 static size_t ORT_API_CALL input_count(const OrtCustomOp *op) {
     const Variant *v = (const Variant *)op;
-    return 1 + 2 * (size_t)v->norm + 2 * (1 + (size_t)v->pair);
+    return 1 + 2 * (size_t)v->norm + (v->floats ? 1 : 2) * (1 + (size_t)v->pair);
 }
 
 static size_t ORT_API_CALL output_count(const OrtCustomOp *op) { return 1 + (size_t)((const Variant *)op)->norm; }
 
 static ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp *op, size_t index) {
     const size_t first = ((const Variant *)op)->norm ? 3 : 1;  // B at first, first + 2
-    return index >= first && (index - first) % 2 == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8
+    return !((const Variant *)op)->floats && index >= first && (index - first) % 2 == 0
+               ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8
                                                       : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 
@@ -211,6 +222,10 @@ static Variant variants[] = {
     {.name = "MatMulNBitsSwiGLU", .pair = 1, .norm = 0},
     {.name = "SkipRMSNormMatMulNBits", .pair = 0, .norm = 1},
     {.name = "SkipRMSNormSwiGLU", .pair = 1, .norm = 1},
+    {.name = "MatMulFloat", .pair = 0, .norm = 0, .floats = 1},
+    {.name = "MatMulFloatSwiGLU", .pair = 1, .norm = 0, .floats = 1},
+    {.name = "SkipRMSNormMatMulFloat", .pair = 0, .norm = 1, .floats = 1},
+    {.name = "SkipRMSNormSwiGLUFloat", .pair = 1, .norm = 1, .floats = 1},
 };
 
 OrtStatus *matmul_nbits_fused_ops(OrtCustomOpDomain *domain) {

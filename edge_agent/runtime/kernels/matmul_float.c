@@ -1,0 +1,223 @@
+// Float weights (an fp32 graph's matmuls) in the same Kernel as MatMulNBits' (bits 32): packing
+// and the two tiles. matmul_nbits_fused.c's ai.autoglm ops MatMulFloat, MatMulFloatSwiGLU,
+// SkipRMSNormMatMulFloat and SkipRMSNormSwiGLUFloat run them (the packager writes an fp32 graph's
+// MatMuls with constant weights as those: cloud/packaging/nbits_fusion.py).
+//
+// Why: onnxruntime's MatMul (MLAS, its weights prepacked) streamed an fp32 decode step's weights
+// below llama.cpp's rate (SmolLM2, AMD EPYC Zen 5 VM: 37.4 GB/s against 40.6; our int8 kernel,
+// one sequential stream per task, 39.8), and an fp32 layer ran ten nodes where an int8 one runs
+// five (the norms and the gated MLP's activation folded into the matmuls).
+//
+// How: at session start the weights [K][N] are copied into column groups stored k by k: for the
+// AVX-512 tile 64 columns (256 bytes per k: one sequential stream per task, as MatMulNBits' groups
+// of four interleaved panels), for the AVX2 tile 16 (a panel, 64 bytes per k: its 16 registers
+// hold 4 rows x 16 columns of sums). A register tile is 1-4 rows; each weight load is used by
+// every row. A call of more than 4 rows (a prefill) runs K in blocks of FLOAT_KB (the group's
+// block stays in L2 while every row tile reads it), the partial sums stored in the output between
+// blocks. Every output is one chain of fused multiply-adds over k = 0..K-1 from zero, in both tiles
+// and at any number of rows: a column's value is bit for bit the same on AVX-512 and AVX2 and
+// whatever decodes beside its row (the sums differ from MLAS's, which blocks K otherwise).
+#include "kernels.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "matmul_nbits.h"
+
+#ifndef FLOAT_KB  // -DFLOAT_KB=N and -DFLOAT_ROWS=N build others (bench/engine_steps.py compares)
+#define FLOAT_KB 512  // K block of a prefill: 128 KiB of an AVX-512 group, 32 KiB of an AVX2 panel
+#endif
+// Bytes ahead of the weights prefetched in a decode-sized call (-1: none). Qwen2-0.5B fp32, Xeon
+// VM: 4-row steps 84 ms at MatMulNBits' 2048, 73-74 at 1024 (and 71-73 at 0, 90 at 256, 22 % slower
+// with none), 1-row steps alike (57-61 ms).
+#ifndef FLOAT_PREFETCH
+#define FLOAT_PREFETCH 1024
+#endif
+#ifndef FLOAT_ROWS
+#define FLOAT_ROWS 6  // rows per AVX-512 register tile in a prefill: 24 sums, 4 weights (of 32 registers)
+#endif
+
+// The columns stored together: 64 on AVX-512, 16 (a panel) on AVX2. A quad (64 columns) is stored
+// as one group or as four panels in turn, so a task's columns are contiguous either way.
+static int64_t float_width(int isa) { return isa == ISA_AVX512 ? 64 : 16; }
+
+OrtStatus *float_kernel(const OrtKernelInfo *info, size_t index, Kernel *kn) {
+    const float *w;
+    int64_t dims[8] = {0};
+    size_t rank = 0;
+    {
+        int constant = 0;
+        const OrtValue *value = NULL;
+        CHECK(ort->KernelInfoGetConstantInput_tensor(info, index, &constant, &value));
+        if (!constant || !value) return fail("MatMulFloat (autoglm): the weights must be constant");
+        OrtTensorTypeAndShapeInfo *shape;
+        CHECK(ort->GetTensorTypeAndShape(value, &shape));
+        ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+        OrtStatus *status = ort->GetTensorElementType(shape, &type);
+        if (!status) status = ort->GetDimensionsCount(shape, &rank);
+        if (!status && rank == 2) status = ort->GetDimensions(shape, dims, 2);
+        ort->ReleaseTensorTypeAndShapeInfo(shape);
+        if (status) return status;
+        if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || rank != 2)
+            return fail("MatMulFloat (autoglm): the weights must be a float matrix [K, N]");
+        CHECK(ort->GetTensorMutableData((OrtValue *)value, (void **)&w));
+    }
+    *kn = (Kernel){.k = dims[0], .n = dims[1], .bits = 32, .block = dims[0], .nb = 1, .group = 1};
+    if (kn->k < 1 || kn->n < 1) return fail("MatMulFloat (autoglm): empty weights");
+    kn->isa = kernels_isa();
+    if (kn->isa == ISA_NONE) return fail("MatMulFloat (autoglm): this CPU has neither AVX-512 nor AVX2");
+    kn->n_pad = (kn->n + 63) / 64 * 64;
+    const int64_t k = kn->k, n = kn->n, width = float_width(kn->isa);
+    float *packed = arena_alloc(sizeof(float) * (size_t)(kn->n_pad * k));  // zeroed: padding columns stay 0
+    if (!packed) return fail("MatMulFloat (autoglm): out of memory");
+    kn->packed = (uint8_t *)packed;
+    for (int64_t c0 = 0; c0 < n; c0 += width) {
+        float *dst = packed + c0 * k;
+        const int64_t cols = n - c0 < width ? n - c0 : width;
+        for (int64_t j = 0; j < k; j++) memcpy(dst + j * width, w + j * n + c0, sizeof(float) * (size_t)cols);
+    }
+    nbits_drop_source(w, sizeof(float) * (size_t)(k * n));
+    return NULL;
+}
+
+// The row tile for `rows` rows: AHEAD (prefetch) for decode-sized calls, which are memory-bound.
+#define ROWS_AHEAD(TILE, C, AHEAD)                                           \
+    switch (rows) {                                                          \
+        case 1: TILE(job, w, C, m0, k0, k1, k0 == 0, 1, AHEAD); break;       \
+        case 2: TILE(job, w, C, m0, k0, k1, k0 == 0, 2, AHEAD); break;       \
+        case 3: TILE(job, w, C, m0, k0, k1, k0 == 0, 3, AHEAD); break;       \
+        case 4: TILE(job, w, C, m0, k0, k1, k0 == 0, 4, AHEAD); break;       \
+        case 5: TILE(job, w, C, m0, k0, k1, k0 == 0, 5, AHEAD); break;       \
+        default: TILE(job, w, C, m0, k0, k1, k0 == 0, 6, AHEAD); break;      \
+    }
+
+// Rows [m0, m0 + R) x the quad's (or panel's) columns from c, over k in [k0, k1); first: the sums
+// start from zero, else from what the output holds (a prefill's earlier K blocks).
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+
+static inline __attribute__((always_inline)) void tile512(const Job *job, const float *w, int64_t c, int64_t m0,
+                                                          int64_t k0, int64_t k1, int first, const int R,
+                                                          const int AHEAD) {
+    const Kernel *kn = job->kernel;
+    const int64_t k = kn->k, n = kn->n;
+    __mmask16 mask[4];
+    _Pragma("GCC unroll 4") for (int p = 0; p < 4; p++) {
+        const int64_t left = n - c - 16 * p;
+        mask[p] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+    }
+    __m512 acc[6][4];
+    _Pragma("GCC unroll 6") for (int i = 0; i < R; i++) {
+        float *y = job->y + (m0 + i) * n + c;
+        _Pragma("GCC unroll 4") for (int p = 0; p < 4; p++) acc[i][p] =
+            first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[p], y + 16 * p);
+    }
+    const float *x = job->a + m0 * k;
+    for (int64_t j = k0; j < k1; j++) {
+        const float *wj = w + j * 64;
+        if (AHEAD && FLOAT_PREFETCH >= 0) {
+            _Pragma("GCC unroll 4") for (int p = 0; p < 4; p++) _mm_prefetch((const char *)(wj + 16 * p) + FLOAT_PREFETCH, _MM_HINT_T0);
+        }
+        __m512 v[4];
+        _Pragma("GCC unroll 4") for (int p = 0; p < 4; p++) v[p] = _mm512_load_ps(wj + 16 * p);
+        _Pragma("GCC unroll 6") for (int i = 0; i < R; i++) {
+            const __m512 xb = _mm512_set1_ps(x[i * k + j]);
+            _Pragma("GCC unroll 4") for (int p = 0; p < 4; p++) acc[i][p] = _mm512_fmadd_ps(v[p], xb, acc[i][p]);
+        }
+    }
+    _Pragma("GCC unroll 6") for (int i = 0; i < R; i++) {
+        float *y = job->y + (m0 + i) * n + c;
+        _Pragma("GCC unroll 4") for (int p = 0; p < 4; p++) _mm512_mask_storeu_ps(y + 16 * p, mask[p], acc[i][p]);
+    }
+}
+
+void float_task_avx512(void *data, size_t t) {
+    const Job *job = data;
+    const int64_t k = job->kernel->k, m = job->m;
+    const int64_t kb = m <= SMALL_M ? k : FLOAT_KB;  // a decode step reads each group once
+    int64_t first, last;
+    task_quads(job, t, &first, &last);
+    for (int64_t q = first; q < last; q++) {
+        const float *w = (const float *)job->kernel->packed + q * 64 * k;
+        for (int64_t k0 = 0; k0 < k; k0 += kb) {
+            const int64_t k1 = k - k0 < kb ? k : k0 + kb;
+            const int64_t tile = m <= SMALL_M ? SMALL_M : FLOAT_ROWS;
+            for (int64_t m0 = 0; m0 < m; m0 += tile) {
+                const int64_t rows = m - m0 >= tile ? tile : m - m0;
+                if (m <= SMALL_M) {
+                    ROWS_AHEAD(tile512, q * 64, 1)
+                } else {
+                    ROWS_AHEAD(tile512, q * 64, 0)
+                }
+            }
+        }
+    }
+}
+
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+static inline __attribute__((always_inline)) void tile256(const Job *job, const float *w, int64_t c, int64_t m0,
+                                                          int64_t k0, int64_t k1, int first, const int R,
+                                                          const int AHEAD) {
+    const Kernel *kn = job->kernel;
+    const int64_t k = kn->k, n = kn->n;
+    __m256i mask[2];
+    _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++) {
+        const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        mask[h] = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - c - 8 * h < 8 ? n - c - 8 * h : 8)), lanes);
+    }
+    __m256 acc[6][2];
+    _Pragma("GCC unroll 6") for (int i = 0; i < R; i++) {
+        float *y = job->y + (m0 + i) * n + c;
+        _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++) acc[i][h] =
+            first ? _mm256_setzero_ps() : _mm256_maskload_ps(y + 8 * h, mask[h]);
+    }
+    const float *x = job->a + m0 * k;
+    for (int64_t j = k0; j < k1; j++) {
+        const float *wj = w + j * 16;
+        if (AHEAD && FLOAT_PREFETCH >= 0) _mm_prefetch((const char *)wj + FLOAT_PREFETCH, _MM_HINT_T0);
+        const __m256 v0 = _mm256_load_ps(wj), v1 = _mm256_load_ps(wj + 8);
+        _Pragma("GCC unroll 6") for (int i = 0; i < R; i++) {
+            const __m256 xb = _mm256_broadcast_ss(x + i * k + j);
+            acc[i][0] = _mm256_fmadd_ps(v0, xb, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(v1, xb, acc[i][1]);
+        }
+    }
+    _Pragma("GCC unroll 6") for (int i = 0; i < R; i++) {
+        float *y = job->y + (m0 + i) * n + c;
+        _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++) _mm256_maskstore_ps(y + 8 * h, mask[h], acc[i][h]);
+    }
+}
+
+void float_task_avx2(void *data, size_t t) {
+    const Job *job = data;
+    const int64_t k = job->kernel->k, n = job->kernel->n, m = job->m;
+    const int64_t kb = m <= SMALL_M ? k : FLOAT_KB;
+    int64_t first, last;
+    task_quads(job, t, &first, &last);
+    for (int64_t panel = 4 * first; panel < 4 * last && panel * 16 < n; panel++) {
+        const float *w = (const float *)job->kernel->packed + panel * 16 * k;
+        for (int64_t k0 = 0; k0 < k; k0 += kb) {
+            const int64_t k1 = k - k0 < kb ? k : k0 + kb;
+            const int64_t tile = m <= SMALL_M ? SMALL_M : 6;  // 6 x 2 sums, 2 weights, a broadcast
+            for (int64_t m0 = 0; m0 < m; m0 += tile) {
+                const int64_t rows = m - m0 >= tile ? tile : m - m0;
+                if (m <= SMALL_M) {
+                    ROWS_AHEAD(tile256, panel * 16, 1)
+                } else {
+                    ROWS_AHEAD(tile256, panel * 16, 0)
+                }
+            }
+        }
+    }
+}
+
+#pragma GCC pop_options
+
+#endif
