@@ -11,8 +11,9 @@
 // How: at session start the weights [K][N] are copied into column groups stored k by k: for the
 // AVX-512 tile 64 columns (256 bytes per k: one sequential stream per task, as MatMulNBits' groups
 // of four interleaved panels), for the AVX2 tile 16 (a panel, 64 bytes per k: its 16 registers
-// hold 4 rows x 16 columns of sums). A register tile is 1-4 rows; each weight load is used by
-// every row. A call of more than 4 rows (a prefill) runs K in blocks of FLOAT_KB (the group's
+// hold 6 rows x 16 columns of sums, two weight vectors and a broadcast). A register tile is 1-4
+// rows in a decode-sized call, up to 6 in a prefill; each weight load is used by every row of the
+// tile. A call of more than 4 rows (a prefill) runs K in blocks of FLOAT_KB (the group's
 // block stays in L2 while every row tile reads it), the partial sums stored in the output between
 // blocks. Every output is one chain of fused multiply-adds over k = 0..K-1 from zero, in both tiles
 // and at any number of rows: a column's value is bit for bit the same on AVX-512 and AVX2 and
@@ -27,16 +28,19 @@
 #include "matmul_nbits.h"
 
 #ifndef FLOAT_KB  // -DFLOAT_KB=N and -DFLOAT_ROWS=N build others (bench/engine_steps.py compares)
-#define FLOAT_KB 512  // K block of a prefill: 128 KiB of an AVX-512 group, 32 KiB of an AVX2 panel
+// K block of a prefill: 128 KiB of an AVX-512 group, 32 KiB of an AVX2 panel (Llama-134M on the
+// Xeon VM, 6-row tiles: a 512-token prefill 296 ms, 298 at 256, 344 at 128, 283 unblocked, where
+// a group's whole K fits its 2 MiB L2; smaller L2s, as Zen's 1 MiB, keep the block).
+#define FLOAT_KB 512
 #endif
-// Bytes ahead of the weights prefetched in a decode-sized call (-1: none). Qwen2-0.5B fp32, Xeon
-// VM: 4-row steps 84 ms at MatMulNBits' 2048, 73-74 at 1024 (and 71-73 at 0, 90 at 256, 22 % slower
-// with none), 1-row steps alike (57-61 ms).
+// Bytes ahead of the weights prefetched in a decode-sized call (-1: none). Qwen2-0.5B fp32, Intel
+// Xeon VM (bench/engine_steps.py): 4-row steps 84 ms at MatMulNBits' 2048, 73-74 at 1024 (78 at
+// 512, 90 at 256, 71-73 at 0), 1-row steps alike (57-61 ms).
 #ifndef FLOAT_PREFETCH
 #define FLOAT_PREFETCH 1024
 #endif
 #ifndef FLOAT_ROWS
-#define FLOAT_ROWS 6  // rows per AVX-512 register tile in a prefill: 24 sums, 4 weights (of 32 registers)
+#define FLOAT_ROWS 6  // rows per AVX-512 register tile in a prefill: 24 sums, 4 weights (4 rows: 333 ms above, 6: 316)
 #endif
 
 // The columns stored together: 64 on AVX-512, 16 (a panel) on AVX2. A quad (64 columns) is stored
