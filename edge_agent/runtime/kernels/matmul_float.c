@@ -97,6 +97,41 @@ OrtStatus *float_kernel(const OrtKernelInfo *info, size_t index, Kernel *kn) {
         default: TILE(job, w, C, m0, k0, k1, k0 == 0, 6, AHEAD); break;      \
     }
 
+// Defines NAME, a FloatRows that runs TILE (an instruction set's register tile) for its rows.
+#define FLOAT_ROWS_FN(NAME, TILE)                                                                             \
+    static inline __attribute__((always_inline)) void NAME(const Job *job, const float *w, int64_t c,         \
+                                                           int64_t m0, int64_t k0, int64_t k1, int64_t rows, \
+                                                           int ahead) {                                       \
+        if (ahead) {                                                                                          \
+            ROWS_AHEAD(TILE, c, 1)                                                                            \
+        } else {                                                                                              \
+            ROWS_AHEAD(TILE, c, 0)                                                                            \
+        }                                                                                                     \
+    }
+
+// Rows [m0, m0 + rows) x `width` columns from c over k in [k0, k1); ahead: a decode-sized call.
+typedef void (*FloatRows)(const Job *job, const float *w, int64_t c, int64_t m0, int64_t k0, int64_t k1,
+                          int64_t rows, int ahead);
+
+// Task t's columns (its groups of 64: task_quads), `width` at a time (an AVX-512 group, an AVX2
+// panel), their rows in tiles of up to SMALL_M in a decode-sized call, else of `tile` rows with K
+// in blocks of FLOAT_KB. Inlined into each instruction set's task with its `run`, as quad_task.
+static inline __attribute__((always_inline)) void float_task(const Job *job, size_t t, int64_t width, int64_t tile,
+                                                             FloatRows run) {
+    const int64_t k = job->kernel->k, n = job->kernel->n, m = job->m;
+    const int decode = m <= SMALL_M;
+    const int64_t kb = decode ? k : FLOAT_KB, per = decode ? SMALL_M : tile;  // a decode step reads a group once
+    int64_t first, last;
+    task_quads(job, t, &first, &last);
+    for (int64_t c = first * 64; c < last * 64 && c < n; c += width) {
+        const float *w = (const float *)job->kernel->packed + c * k;
+        for (int64_t k0 = 0; k0 < k; k0 += kb) {
+            const int64_t k1 = k - k0 < kb ? k : k0 + kb;
+            for (int64_t m0 = 0; m0 < m; m0 += per) run(job, w, c, m0, k0, k1, m - m0 >= per ? per : m - m0, decode);
+        }
+    }
+}
+
 // Rows [m0, m0 + R) x the quad's (or panel's) columns from c, over k in [k0, k1); first: the sums
 // start from zero, else from what the output holds (a prefill's earlier K blocks).
 
@@ -138,28 +173,9 @@ static inline __attribute__((always_inline)) void tile512(const Job *job, const 
     }
 }
 
-void float_task_avx512(void *data, size_t t) {
-    const Job *job = data;
-    const int64_t k = job->kernel->k, m = job->m;
-    const int64_t kb = m <= SMALL_M ? k : FLOAT_KB;  // a decode step reads each group once
-    int64_t first, last;
-    task_quads(job, t, &first, &last);
-    for (int64_t q = first; q < last; q++) {
-        const float *w = (const float *)job->kernel->packed + q * 64 * k;
-        for (int64_t k0 = 0; k0 < k; k0 += kb) {
-            const int64_t k1 = k - k0 < kb ? k : k0 + kb;
-            const int64_t tile = m <= SMALL_M ? SMALL_M : FLOAT_ROWS;
-            for (int64_t m0 = 0; m0 < m; m0 += tile) {
-                const int64_t rows = m - m0 >= tile ? tile : m - m0;
-                if (m <= SMALL_M) {
-                    ROWS_AHEAD(tile512, q * 64, 1)
-                } else {
-                    ROWS_AHEAD(tile512, q * 64, 0)
-                }
-            }
-        }
-    }
-}
+FLOAT_ROWS_FN(rows512, tile512)
+
+void float_task_avx512(void *data, size_t t) { float_task(data, t, 64, FLOAT_ROWS, rows512); }
 
 #pragma GCC pop_options
 
@@ -199,28 +215,10 @@ static inline __attribute__((always_inline)) void tile256(const Job *job, const 
     }
 }
 
-void float_task_avx2(void *data, size_t t) {
-    const Job *job = data;
-    const int64_t k = job->kernel->k, n = job->kernel->n, m = job->m;
-    const int64_t kb = m <= SMALL_M ? k : FLOAT_KB;
-    int64_t first, last;
-    task_quads(job, t, &first, &last);
-    for (int64_t panel = 4 * first; panel < 4 * last && panel * 16 < n; panel++) {
-        const float *w = (const float *)job->kernel->packed + panel * 16 * k;
-        for (int64_t k0 = 0; k0 < k; k0 += kb) {
-            const int64_t k1 = k - k0 < kb ? k : k0 + kb;
-            const int64_t tile = m <= SMALL_M ? SMALL_M : 6;  // 6 x 2 sums, 2 weights, a broadcast
-            for (int64_t m0 = 0; m0 < m; m0 += tile) {
-                const int64_t rows = m - m0 >= tile ? tile : m - m0;
-                if (m <= SMALL_M) {
-                    ROWS_AHEAD(tile256, panel * 16, 1)
-                } else {
-                    ROWS_AHEAD(tile256, panel * 16, 0)
-                }
-            }
-        }
-    }
-}
+FLOAT_ROWS_FN(rows256, tile256)
+
+// 6 rows in a prefill: 6 x 2 sums, 2 weight vectors and a broadcast in 16 registers.
+void float_task_avx2(void *data, size_t t) { float_task(data, t, 16, 6, rows256); }
 
 #pragma GCC pop_options
 
