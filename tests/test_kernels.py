@@ -464,7 +464,7 @@ def test_the_float_avx2_tile_computes_what_the_avx512_tile_does(
 def test_a_float_matmul_whose_weights_are_not_constant_is_left_to_onnxruntime(tmp_path: Path) -> None:
     """Only a MatMul by a constant float matrix becomes MatMulFloat (the op packs it once)."""
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])],
@@ -479,6 +479,11 @@ def test_a_float_matmul_whose_weights_are_not_constant_is_left_to_onnxruntime(tm
     assert not any(fuse_layers(model).values())
     assert [x.op_type for x in model.graph.node] == ["MatMul"]
     onnx.checker.check_model(model)
+    # An initializer that is also a graph input (a default the caller may override): the same.
+    model.graph.initializer.append(numpy_helper.from_array(np.ones((8, 4), np.float32), "w"))
+    assert not any(fuse_layers(model).values())
+    del model.graph.input[1]  # a constant now
+    assert fuse_layers(model)["MatMulFloat"] == 1
 
 
 def test_silu_is_right_across_the_float_range(tmp_path: Path) -> None:

@@ -151,11 +151,13 @@ class _Graph:
             for name in node.input:
                 self.readers.setdefault(name, []).append(node)
         self.outputs = {out.name for out in graph.output}
-        # Float matrices among the initializers: weights the float ops can take.
+        # Float matrices among the initializers: weights the float ops can take (not one a graph
+        # input of the same name can override at run time: the op packs its weights once).
+        inputs = {value.name for value in graph.input}
         self.float_matrices = {
             init.name: tuple(init.dims)
             for init in graph.initializer
-            if init.data_type == 1 and len(init.dims) == 2
+            if init.data_type == 1 and len(init.dims) == 2 and init.name not in inputs
         }
 
     def only_reader(self, name: str) -> Any | None:
