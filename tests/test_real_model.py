@@ -276,10 +276,17 @@ def _structured_output_always_parses(client: Any) -> None:
         )
         assert done.choices[0].finish_reason == "stop", done
         jsonschema.validate(json.loads(done.choices[0].message.content or ""), WEATHER)
+    # Streamed, greedy: unseeded at temperature 1 a sampled number's digits can run on to the
+    # length limit (they did once), and a document cut off does not parse.
     streamed = "".join(
         c.choices[0].delta.content or ""
         for c in client.chat.completions.create(
-            model="smollm2", messages=messages, response_format=response_format, stream=True, max_tokens=200
+            model="smollm2",
+            messages=messages,
+            response_format=response_format,
+            stream=True,
+            max_tokens=200,
+            temperature=0,
         )
     )
     jsonschema.validate(json.loads(streamed), WEATHER)
@@ -306,8 +313,8 @@ def _named_tool_calls_validate_and_a_tool_conversation_completes(client: Any) ->
 
     parts: dict[int, dict[str, str]] = {}
     finish = None
-    for chunk in client.chat.completions.create(
-        model="smollm2", messages=messages, tools=tools, tool_choice=named, stream=True
+    for chunk in client.chat.completions.create(  # greedy, as `required` below
+        model="smollm2", messages=messages, tools=tools, tool_choice=named, stream=True, temperature=0
     ):
         choice = chunk.choices[0]
         finish = choice.finish_reason or finish
