@@ -494,6 +494,17 @@ def add_kv_cache_option(ap: argparse.ArgumentParser, note: str = "") -> None:
     )
 
 
+def add_engine_options(ap: argparse.ArgumentParser, context: int, steps: int) -> None:
+    """The options of the benches that step one model's engine (engine_steps.py, step_profile.py):
+    the model, the precision of its graph, the decode position, the steps, threads and workdir."""
+    ap.add_argument("--model", choices=MODELS, default="smollm2")
+    ap.add_argument("--precision", choices=("int8", "int4", "fp32"), default="int8")
+    ap.add_argument("--context", type=int, default=context)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workdir", type=Path, default=None, help="Keep (and reuse) the model files here.")
+
+
 FLOAT_OPS_SUFFIX = ".float-ops.onnx"
 
 

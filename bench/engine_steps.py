@@ -36,18 +36,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_decode import MODELS, float_ops_graph, fused_graphs, half_kv_graph
+from edge_decode import add_engine_options, float_ops_graph, fused_graphs, half_kv_graph
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=MODELS, default="smollm2")
-    ap.add_argument("--precision", choices=("int8", "int4", "fp32"), default="int8")
-    ap.add_argument("--context", type=int, default=300)
+    add_engine_options(ap, context=300, steps=24)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--workdir", type=Path, default=None, help="Keep (and reuse) the model files here.")
     ap.add_argument("--library", action="append", default=None)
     ap.add_argument(
         "--kv-cache",
@@ -69,11 +64,11 @@ def main() -> None:
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="autoglm-steps-"))
     _src, cfg, fp32, int8, int4 = fused_graphs(args.model, work)
-    bases = {"": {"int8": int8, "int4": int4}.get(args.precision, fp32)}
-    if args.precision == "fp32":
+    bases = {"": {"fp32": fp32, "int8": int8, "int4": int4}[args.precision]}
+    if args.precision == "fp32" and args.fp32_graph == "both":
         bases = {"float-ops": float_ops_graph(fp32), "plain": fp32}
-        if args.fp32_graph != "both":
-            bases = {"": bases[args.fp32_graph]}
+    elif args.precision == "fp32" and args.fp32_graph == "float-ops":
+        bases = {"": float_ops_graph(fp32)}
     graphs = {}
     for label, graph in bases.items():
         if args.kv_cache in ("float32", "both"):

@@ -26,17 +26,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_decode import MODELS, fused_graphs, shipped_graph
+from edge_decode import add_engine_options, fused_graphs, shipped_graph
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=MODELS, default="smollm2")
-    ap.add_argument("--precision", choices=("int8", "int4", "fp32"), default="int8")
-    ap.add_argument("--context", type=int, default=100)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--workdir", type=Path, default=None, help="Keep (and reuse) the model files here.")
+    add_engine_options(ap, context=100, steps=50)
     ap.add_argument("--kernels", choices=("auto", "onnxruntime"), default="auto")
     args = ap.parse_args()
     import edge_agent.runtime.session as session

@@ -313,9 +313,7 @@ class ModelPackager:
         r = self.reporter
         r.step("Folding the layers' norms and activations into the float matmuls (ai.autoglm functions)")
         target = work / "fp32-fused"
-        shutil.copytree(fp32_dir, target, copy_function=_link_or_copy)
-        (target / GRAPH_FILE).unlink()  # rewritten below, not through the fp32 graph's link
-        counts = fuse_file(fp32_dir / GRAPH_FILE, target / GRAPH_FILE)
+        counts = fuse_file(fp32_dir / GRAPH_FILE, _linked_copy(fp32_dir, target))
         if not any(counts.values()):
             shutil.rmtree(target)
             r.done("no float matmul with constant weights: the graph ships as exported")
@@ -332,10 +330,8 @@ class ModelPackager:
         target = ship_dir
         if ship_dir == fp32_dir:
             target = work / "fp32-half-kv"
-            shutil.copytree(fp32_dir, target, copy_function=_link_or_copy)
-            (target / GRAPH_FILE).unlink()  # rewritten below, not through the fp32 graph's link
-            shutil.copy2(fp32_dir / GRAPH_FILE, target / GRAPH_FILE)
-        changed = half_kv_file(target / GRAPH_FILE)
+            _linked_copy(fp32_dir, target)
+        changed = half_kv_file(ship_dir / GRAPH_FILE, target / GRAPH_FILE)
         if changed == 0:
             if target != ship_dir:
                 shutil.rmtree(target)
@@ -447,6 +443,13 @@ _SOURCE_TOKENIZER = frozenset(
         "tokenizer.model",
     }
 )
+
+
+def _linked_copy(folder: Path, target: Path) -> Path:
+    """``folder`` copied to ``target`` with its files hard-linked, all but the graph, which the
+    caller writes there anew (never through ``folder``'s link); returns that graph's path."""
+    shutil.copytree(folder, target, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(GRAPH_FILE))
+    return target / GRAPH_FILE
 
 
 def _link_or_copy(src: str, dst: str) -> str:
