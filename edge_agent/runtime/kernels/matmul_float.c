@@ -33,11 +33,13 @@
 // a group's whole K fits its 2 MiB L2; smaller L2s, as Zen's 1 MiB, keep the block).
 #define FLOAT_KB 512
 #endif
-// Bytes ahead of the weights prefetched in a decode-sized call (-1: none). Qwen2-0.5B fp32, Intel
-// Xeon VM (bench/engine_steps.py): 4-row steps 84 ms at MatMulNBits' 2048, 73-74 at 1024 (78 at
-// 512, 90 at 256, 71-73 at 0), 1-row steps alike (57-61 ms).
+// Bytes ahead of the weights prefetched in a decode-sized call (-1, the default: none, as
+// MatMulNBits' tiles). Qwen2-0.5B fp32, Intel Xeon VM (bench/engine_steps.py): 4-row steps 84 ms
+// at 2048, 73-74 at 1024 (78 at 512, 90 at 256, 71-73 at 0), 1-row steps alike (57-61 ms); AMD
+// EPYC Zen 4 VM, none against 1024: Llama-134M 1-row steps 4-6 % and 4-row 14-17 % faster,
+// SmolLM2 4-row 13-23 % faster, 1-row level (bench/RESULTS.md).
 #ifndef FLOAT_PREFETCH
-#define FLOAT_PREFETCH 1024
+#define FLOAT_PREFETCH -1
 #endif
 #ifndef FLOAT_ROWS
 #define FLOAT_ROWS 6  // rows per AVX-512 register tile in a prefill: 24 sums, 4 weights (4 rows: 333 ms above, 6: 316)
@@ -86,7 +88,7 @@ OrtStatus *float_kernel(const OrtKernelInfo *info, size_t index, Kernel *kn) {
     return NULL;
 }
 
-// The row tile for `rows` rows: AHEAD (prefetch) for decode-sized calls, which are memory-bound.
+// The row tile for `rows` rows: AHEAD (prefetch, in a build with FLOAT_PREFETCH >= 0) for decode-sized calls.
 #define ROWS_AHEAD(TILE, C, AHEAD)                                           \
     switch (rows) {                                                          \
         case 1: TILE(job, w, C, m0, k0, k1, k0 == 0, 1, AHEAD); break;       \

@@ -74,7 +74,7 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
         if (BITS == 8) {
             for (int64_t j = 0; j < len; j += 4) {
                 __m512i v[4];
-                if (AHEAD) {
+                if (AHEAD && PREFETCH >= 0) {
                     _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) _mm_prefetch((const char *)(wp[p] + (start + j) * (PANEL_STEP / 4) + PREFETCH), _MM_HINT_T0);
                 }
                 _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) v[p] = _mm512_load_si512(wp[p] + (start + j) * (PANEL_STEP / 4));
@@ -86,7 +86,7 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
         } else {
             for (int64_t j = 0; j < len; j += 8) {
                 __m512i lo[4], hi[4];
-                if (AHEAD) {
+                if (AHEAD && PREFETCH >= 0) {
                     _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) _mm_prefetch((const char *)(wp[p] + (start + j) * (PANEL_STEP / 8) + PREFETCH), _MM_HINT_T0);
                 }
                 _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) {

@@ -9,12 +9,15 @@
 #include "kernels.h"
 
 #define SMALL_M 4  // rows per register tile; a call of at most this many quantizes inline
-// Bytes ahead of each panel prefetched in a decode-sized call: a step runs ~150 small matrices,
-// each task starts a new stream, and the hardware prefetcher alone ramps up too late (Zen 5 VM,
-// with four streams per task then: 1-row steps 5-6 % and 4-row steps 9-15 % faster; with the
-// interleaved groups 4 and 8 KiB were no faster: bench/RESULTS.md).
+// Bytes ahead of each panel prefetched in a decode-sized call; -1 (the default): none, the hardware
+// prefetchers alone. With each panel stored whole a task read four streams at once, and
+// prefetching 2 KiB ahead made 1-row steps 5-6 % and 4-row steps 9-15 % faster (Zen 5 VM). Since
+// a task reads one sequential stream (the interleaved groups below), the software prefetches only
+// take load slots and fill buffers from it: AMD EPYC Zen 4 VM, 1-row steps without them 6-18 %
+// faster on Llama-134M, SmolLM2 and Qwen2-0.5B at int8 and int4 (AVX-512 tile; the AVX2 tile
+// 1-row 0-16 % faster, 4-row 2-4 % slower), 4-row steps level or faster (bench/RESULTS.md).
 #ifndef PREFETCH  // -DPREFETCH=N builds another distance (bench/engine_steps.py compares libraries)
-#define PREFETCH 2048
+#define PREFETCH -1
 #endif
 
 // The packed weights of one matrix: 8 or 4 bits (MatMulNBits' layout, below), or 32 (float
@@ -76,8 +79,8 @@ typedef struct {
     int32_t *corr;
 } Quantize;
 
-// Rows [m0, m0 + rows) of the group of four panels q; ahead: prefetch (decode-sized calls, which
-// are memory-bound).
+// Rows [m0, m0 + rows) of the group of four panels q; ahead: a decode-sized call (prefetched in a
+// build with PREFETCH >= 0).
 typedef void (*QuadTile)(const Job *job, int64_t q, int64_t m0, int rows, int eight, int ahead);
 
 // The groups of four panels (64 columns) task t computes: [*first, *last).
