@@ -41,6 +41,12 @@
 #ifndef FLOAT_PREFETCH
 #define FLOAT_PREFETCH -1
 #endif
+// The AVX2 tile's (16-column panels), in decode calls of 2-4 rows only, as MatMulNBits' AVX2 tile
+// (matmul_nbits.h): Llama-134M fp32 on the Zen 4 VM with AUTOGLM_KERNELS_ISA=avx2, 1 KiB ahead,
+// 4-row steps 6-7 % faster with it and 1-row steps 6 % faster without.
+#ifndef FLOAT_AVX2_PREFETCH
+#define FLOAT_AVX2_PREFETCH 1024
+#endif
 #ifndef FLOAT_ROWS
 #define FLOAT_ROWS 6  // rows per AVX-512 register tile in a prefill: 24 sums, 4 weights (4 rows: 333 ms above, 6: 316)
 #endif
@@ -203,7 +209,7 @@ static inline __attribute__((always_inline)) void tile256(const Job *job, const 
     const float *x = job->a + m0 * k;
     for (int64_t j = k0; j < k1; j++) {
         const float *wj = w + j * 16;
-        if (AHEAD && FLOAT_PREFETCH >= 0) _mm_prefetch((const char *)wj + FLOAT_PREFETCH, _MM_HINT_T0);
+        if (AHEAD && R > 1 && FLOAT_AVX2_PREFETCH >= 0) _mm_prefetch((const char *)wj + FLOAT_AVX2_PREFETCH, _MM_HINT_T0);
         const __m256 v0 = _mm256_load_ps(wj), v1 = _mm256_load_ps(wj + 8);
         _Pragma("GCC unroll 6") for (int i = 0; i < R; i++) {
             const __m256 xb = _mm256_broadcast_ss(x + i * k + j);

@@ -9,15 +9,23 @@
 #include "kernels.h"
 
 #define SMALL_M 4  // rows per register tile; a call of at most this many quantizes inline
-// Bytes ahead of each panel prefetched in a decode-sized call; -1 (the default): none, the hardware
-// prefetchers alone. With each panel stored whole a task read four streams at once, and
+// Bytes ahead of each panel the AVX-512 tile prefetches in a decode-sized call; -1 (the default):
+// none, the hardware prefetchers alone. With each panel stored whole a task read four streams at once, and
 // prefetching 2 KiB ahead made 1-row steps 5-6 % and 4-row steps 9-15 % faster (Zen 5 VM). Since
 // a task reads one sequential stream (the interleaved groups below), the software prefetches only
 // take load slots and fill buffers from it: AMD EPYC Zen 4 VM, 1-row steps without them 6-18 %
-// faster on Llama-134M, SmolLM2 and Qwen2-0.5B at int8 and int4 (AVX-512 tile; the AVX2 tile
-// 1-row 0-16 % faster, 4-row 2-4 % slower), 4-row steps level or faster (bench/RESULTS.md).
+// faster on Llama-134M, SmolLM2 and Qwen2-0.5B at int8 and int4, 4-row steps level or faster
+// (bench/RESULTS.md).
 #ifndef PREFETCH  // -DPREFETCH=N builds another distance (bench/engine_steps.py compares libraries)
 #define PREFETCH -1
+#endif
+// The AVX2 tile (matmul_nbits_avx2.c) reads a panel at a time and spends more instructions per
+// byte; in a call of 2-4 rows its stream runs slower than the memory and a prefetch 2 KiB ahead
+// keeps it fed, while a lone row is faster without (the same Zen 4 VM, AUTOGLM_KERNELS_ISA=avx2:
+// 4-row steps 2-4 % faster with it, 1-row steps 0-16 % faster without). So: 2-4 rows only (both
+// measured so, bench/RESULTS.md).
+#ifndef AVX2_PREFETCH
+#define AVX2_PREFETCH 2048
 #endif
 
 // The packed weights of one matrix: 8 or 4 bits (MatMulNBits' layout, below), or 32 (float
