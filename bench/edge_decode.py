@@ -505,6 +505,21 @@ def add_engine_options(ap: argparse.ArgumentParser, context: int, steps: int) ->
     ap.add_argument("--workdir", type=Path, default=None, help="Keep (and reuse) the model files here.")
 
 
+def kernel_library(name: str) -> Path | None:
+    """A ``--library`` value as a path: ``auto`` the library this install built (refused where this
+    CPU runs none), ``onnxruntime`` none (onnxruntime's own kernels), anything else a built file."""
+    from edge_agent.runtime.kernels import library
+
+    if name == "onnxruntime":
+        return None
+    path = library() if name == "auto" else Path(name)
+    if path is None:
+        raise SystemExit("this install has no kernel library this CPU runs")
+    if not path.is_file():
+        raise SystemExit(f"--library {name}: no such file")
+    return path
+
+
 FLOAT_OPS_SUFFIX = ".float-ops.onnx"
 
 

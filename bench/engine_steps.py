@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_decode import add_engine_options, float_ops_graph, fused_graphs, half_kv_graph
+from edge_decode import add_engine_options, float_ops_graph, fused_graphs, half_kv_graph, kernel_library
 
 
 def main() -> None:
@@ -59,16 +59,16 @@ def main() -> None:
     )
     args = ap.parse_args()
     from cloud.packaging.export import io_signature
-    from edge_agent.runtime.kernels import library
     from edge_agent.runtime.session import OnnxCausalLM
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="autoglm-steps-"))
     _src, cfg, fp32, int8, int4 = fused_graphs(args.model, work)
-    bases = {"": {"fp32": fp32, "int8": int8, "int4": int4}[args.precision]}
-    if args.precision == "fp32" and args.fp32_graph == "both":
+    if args.precision != "fp32":
+        bases = {"": {"int8": int8, "int4": int4}[args.precision]}
+    elif args.fp32_graph == "both":
         bases = {"float-ops": float_ops_graph(fp32), "plain": fp32}
-    elif args.precision == "fp32" and args.fp32_graph == "float-ops":
-        bases = {"": float_ops_graph(fp32)}
+    else:
+        bases = {"": float_ops_graph(fp32) if args.fp32_graph == "float-ops" else fp32}
     graphs = {}
     for label, graph in bases.items():
         if args.kv_cache in ("float32", "both"):
@@ -79,9 +79,7 @@ def main() -> None:
     for kv, path_of in graphs.items():
         io = io_signature(path_of, cfg, {"eos_token_id": cfg.get("eos_token_id")})
         for name in args.library or ["auto", "onnxruntime"]:
-            path = library() if name == "auto" else None if name == "onnxruntime" else Path(name)
-            if name == "auto" and path is None:
-                raise SystemExit("this install has no kernel library this CPU runs")
+            path = kernel_library(name)
             lm = OnnxCausalLM(path_of, io, threads=args.threads, custom_ops=path)
             if path is not None and not lm.custom_ops_loaded:
                 raise SystemExit(f"{path} refused by {path_of}: see the warning above")

@@ -26,9 +26,11 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+from edge_decode import kernel_library
 
 
 def chain_model(k: int, n: int, nodes: int, bits: int, block: int, rows: int) -> tuple[bytes, int]:
@@ -89,15 +91,11 @@ def main() -> None:
 
     import onnxruntime as ort
 
-    from edge_agent.runtime.kernels import library
-
     model, weight_bytes = chain_model(args.k, args.n, args.nodes, args.bits, args.block, args.rows)
     x = np.random.default_rng(1).random((1, args.rows, args.k), dtype=np.float32)
     runners = {}
     for name in args.library or ["auto", "onnxruntime"]:
-        path = library() if name == "auto" else None if name == "onnxruntime" else Path(name)
-        if name == "auto" and path is None:
-            raise SystemExit("this install has no kernel library this CPU runs")
+        path = kernel_library(name)
         options = ort.SessionOptions()
         options.intra_op_num_threads = args.threads
         if path is not None:

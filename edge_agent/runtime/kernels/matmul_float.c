@@ -33,8 +33,8 @@
 // a group's whole K fits its 2 MiB L2; smaller L2s, as Zen's 1 MiB, keep the block).
 #define FLOAT_KB 512
 #endif
-// Bytes ahead of the weights prefetched in a decode-sized call (-1, the default: none, as
-// MatMulNBits' tiles). Qwen2-0.5B fp32, Intel Xeon VM (bench/engine_steps.py): 4-row steps 84 ms
+// Bytes ahead of the weights the AVX-512 tile prefetches in a decode-sized call (-1, the default:
+// none, as MatMulNBits' AVX-512 tile). Qwen2-0.5B fp32, Intel Xeon VM (bench/engine_steps.py): 4-row steps 84 ms
 // at 2048, 73-74 at 1024 (78 at 512, 90 at 256, 71-73 at 0), 1-row steps alike (57-61 ms); AMD
 // EPYC Zen 4 VM, none against 1024: Llama-134M 1-row steps 4-6 % and 4-row 14-17 % faster,
 // SmolLM2 4-row 13-23 % faster, 1-row level (bench/RESULTS.md).
