@@ -71,7 +71,7 @@ from edge_decode import (
     weight_bytes_per_token,
 )
 
-from edge_agent.runtime.kernels import isa, library
+from edge_agent.runtime.kernels import isa, library, prefetch
 
 MODELS = ("llama-134m", "smollm2", "qwen2-0.5b")
 PRECISIONS = ("fp32", "int8", "int4")
@@ -391,10 +391,12 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import onnxruntime as ort
 
+    kernels_label = "no"
+    if args.kernels == "auto" and library():
+        kernels_label = f"{isa()}{', software prefetch' if prefetch() else ''}"
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; Python {platform.python_version()}, "
-        f"onnxruntime {ort.__version__}; llama.cpp {peer.version()}; {args.threads} threads; our kernels: "
-        f"{isa() if args.kernels == 'auto' and library() else 'no'}",
+        f"onnxruntime {ort.__version__}; llama.cpp {peer.version()}; {args.threads} threads; our kernels: {kernels_label}",
         flush=True,
     )
     results = []

@@ -20,6 +20,7 @@ from cloud.packaging.quantize import quantize_weight_only
 from edge_agent.runtime.kernels import amx as kernel_amx
 from edge_agent.runtime.kernels import built, library
 from edge_agent.runtime.kernels import isa as kernel_isa
+from edge_agent.runtime.kernels import prefetch as kernel_prefetch
 from edge_agent.runtime.session import OnnxCausalLM
 from edge_agent.settings import RuntimeSettings
 from tests.test_export import _tiny
@@ -129,6 +130,22 @@ def test_the_install_builds_the_library_and_offers_it_where_the_cpu_runs_it() ->
     path = built()
     assert path is not None, "pip install did not build edge_agent/runtime/kernels (is gcc there?)"
     assert (library() is not None) == _cpu_runs_kernels()
+
+
+@pytest.mark.skipif(not _cpu_runs_kernels(), reason="no AVX2: the library registers nothing")
+def test_decode_steps_prefetch_on_intel_cpus_unless_the_environment_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("AUTOGLM_KERNELS_PREFETCH", raising=False)
+    vendor = next(
+        line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("vendor_id")
+    )
+    assert kernel_prefetch() == vendor.endswith("GenuineIntel")
+    for value, expected in (("0", False), ("1", True)):
+        monkeypatch.setenv("AUTOGLM_KERNELS_PREFETCH", value)
+        assert kernel_prefetch() is expected
+    monkeypatch.setenv("AUTOGLM_KERNELS_PREFETCH", "yes")  # neither: the choice by vendor
+    assert kernel_prefetch() == vendor.endswith("GenuineIntel")
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
@@ -702,6 +719,53 @@ def test_attention_equals_onnxruntime_and_rows_do_not_depend_on_their_company(
         alone = ours.run({n: a[r : r + 1] for n, a in feeds.items()}, [seqlen], seqlen + 1)
         ours.kv = [keep.copy() for keep in saved]
         assert np.array_equal(alone[0], together[r]), f"row {r} differs alone"
+
+
+@pytest.mark.skipif(not _cpu_runs_kernels(), reason="no AVX2: the library registers nothing")
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("kv", ["float32", "float16"])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "window"),
+    [
+        (9, 3, -1),  # SmolLM2's grouping
+        (8, 1, -1),  # one KV head: a lone row's heads split over tasks
+        (6, 2, 300),  # a local window shorter than the longest rows
+    ],
+)
+def test_a_long_decode_step_equals_onnxruntime_and_alone(
+    heads: int, kv_heads: int, window: int, kv: str, isa: str
+) -> None:
+    """Decode steps of rows hundreds of keys long and of different lengths: the output is
+    onnxruntime's, and a row's is the same alone as beside the others."""
+    head, cache, half = 64, 800, kv == "float16"
+    dtype = np.float16 if half else np.float32
+    model = attention_graph(heads, kv_heads, head, True, 32, False, window, cache, half_kv=half)
+    width = (heads + 2 * kv_heads) * head
+    ours = _Attention(_session(model, library()), 4, kv_heads, cache, head, dtype)
+    theirs = _Attention(_session(model, None), 4, kv_heads, cache, head, dtype)
+    rng = np.random.default_rng(heads + window)
+    # A cache as a long prompt leaves it (the keys' scale makes some scores stand out, as trained
+    # models' do).
+    for mine, ref, scale in zip(ours.kv, theirs.kv, (3.0, 1.0), strict=True):
+        mine[:] = (scale * rng.standard_normal(mine.shape)).astype(dtype)
+        ref[:] = mine
+    seqlens = [700, 255, 300, 512]
+    out_tol, kv_tol = (4e-3, 8e-3) if half else (2e-5, 1e-5)
+    for step in range(2):
+        now = [n + step for n in seqlens]
+        feeds = {"q": rng.standard_normal((4, 1, width)).astype(np.float32)}
+        saved = [a.copy() for a in ours.kv]
+        together = ours.run(feeds, now, max(now) + 1)
+        ref = theirs.run(feeds, now, max(now) + 1)
+        np.testing.assert_allclose(together, ref, rtol=0, atol=out_tol * float(np.abs(ref).max()))
+        for a, b in zip(ours.kv, theirs.kv, strict=True):  # the new keys rotated and written alike
+            np.testing.assert_allclose(a, b, rtol=0, atol=kv_tol)
+        after = [a.copy() for a in ours.kv]
+        for r, seqlen in enumerate(now):
+            ours.kv = [keep[r : r + 1].copy() for keep in saved]
+            alone = ours.run({"q": feeds["q"][r : r + 1]}, [seqlen], seqlen + 1)
+            assert np.array_equal(alone[0], together[r]), f"row {r} differs alone"
+        ours.kv = after
 
 
 def _unshared_feeds(seed: int, kv: type) -> dict[str, np.ndarray]:

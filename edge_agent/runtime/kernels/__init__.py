@@ -14,7 +14,8 @@ The runtime setting ``kernels: onnxruntime`` leaves it out. The environment vari
 ``AUTOGLM_KERNELS_ISA=avx2`` makes a CPU with AVX-512 run what an AVX2-only one runs (tests and
 benchmarks compare the two). On CPUs with AMX, MatMulNBits multiplies calls of more than 4 rows
 (prefills) on AMX tiles, bit for bit what the VNNI tile computes; ``AUTOGLM_KERNELS_AMX=0`` turns
-that off.
+that off. Decode steps prefetch the weights ahead of their loads on Intel's CPUs and not on AMD's
+(measured faster so on each); ``AUTOGLM_KERNELS_PREFETCH=0`` or ``1`` overrides that.
 """
 
 from __future__ import annotations
@@ -72,5 +73,17 @@ def amx() -> bool:
         return False
     try:
         return bool(ctypes.CDLL(str(path)).AutoglmKernelsAmx())
+    except AttributeError:
+        return False
+
+
+def prefetch() -> bool:
+    """Whether sessions made now prefetch the weights in software in decode steps: on Intel CPUs,
+    not on AMD's, unless ``AUTOGLM_KERNELS_PREFETCH`` is ``0`` or ``1`` (for benchmark tables)."""
+    path = library()
+    if path is None:
+        return False
+    try:
+        return bool(ctypes.CDLL(str(path)).AutoglmKernelsPrefetch())
     except AttributeError:
         return False

@@ -40,6 +40,24 @@ static inline int kernels_isa(void) {
     return isa;
 }
 
+// Whether decode-sized calls of the matmul tiles prefetch the weights ahead of their loads
+// (PREFETCH, FLOAT_PREFETCH, and the AVX2 tiles' lone rows: they prefetch 2-4-row calls on any
+// CPU): on Intel's cores, whose hardware prefetchers alone left a task's one sequential stream
+// short of the memory (Xeon VM: Qwen2-0.5B int4 1-row steps 1.28-1.37x, 4-row 1.40-1.44x faster
+// with them), not on AMD's, where the same prefetches only took load slots (Zen 4 VM: 1-row steps
+// 6-18 % slower; bench/RESULTS.md).
+// AUTOGLM_KERNELS_PREFETCH=0 or 1 overrides; -DKERNELS_PREFETCH=0 or 1 builds a library whose
+// default is that on every CPU (bench/engine_steps.py compares libraries). Read when each op is created.
+static inline int kernels_prefetch(void) {
+    const char *set = getenv("AUTOGLM_KERNELS_PREFETCH");
+    if (set && (strcmp(set, "0") == 0 || strcmp(set, "1") == 0)) return set[0] == '1';
+#ifdef KERNELS_PREFETCH
+    return KERNELS_PREFETCH;
+#else
+    return __builtin_cpu_is("intel");
+#endif
+}
+
 // Whether this process may run AMX's int8 tiles (matmul_nbits_amx.c): an AVX-512 CPU with AMX-INT8,
 // Linux granting the tile state (asked once), AUTOGLM_KERNELS_AMX not 0 (read when each op is made).
 int kernels_amx(void);

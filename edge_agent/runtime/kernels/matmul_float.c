@@ -33,17 +33,19 @@
 // a group's whole K fits its 2 MiB L2; smaller L2s, as Zen's 1 MiB, keep the block).
 #define FLOAT_KB 512
 #endif
-// Bytes ahead of the weights the AVX-512 tile prefetches in a decode-sized call (-1, the default:
-// none, as MatMulNBits' AVX-512 tile). Qwen2-0.5B fp32, Intel Xeon VM (bench/engine_steps.py): 4-row steps 84 ms
-// at 2048, 73-74 at 1024 (78 at 512, 90 at 256, 71-73 at 0), 1-row steps alike (57-61 ms); AMD
-// EPYC Zen 4 VM, none against 1024: Llama-134M 1-row steps 4-6 % and 4-row 14-17 % faster,
-// SmolLM2 4-row 13-23 % faster, 1-row level (bench/RESULTS.md).
+// Bytes ahead of the weights the AVX-512 tile prefetches in a decode call of 2-4 rows on a CPU that
+// prefetches (kernels_prefetch; -1: never). Qwen2-0.5B fp32, Intel Xeon VM (bench/engine_steps.py):
+// 4-row steps 84 ms at 2048, 73-74 at 1024 (78 at 512, 90 at 256, 71-73 at 0), 1-row steps alike
+// (57-61 ms); a later Xeon VM, Llama-134M: 4-row steps 1.16x faster with 1 KiB, 1-row steps 2 %
+// slower. AMD EPYC Zen 4 VM, none against 1024: Llama-134M 1-row steps 4-6 % and 4-row 14-17 %
+// faster, SmolLM2 4-row 13-23 % faster, 1-row level (bench/RESULTS.md).
 #ifndef FLOAT_PREFETCH
-#define FLOAT_PREFETCH -1
+#define FLOAT_PREFETCH 1024
 #endif
-// The AVX2 tile's (16-column panels), in decode calls of 2-4 rows only, as MatMulNBits' AVX2 tile
-// (matmul_nbits.h): Llama-134M fp32 on the Zen 4 VM with AUTOGLM_KERNELS_ISA=avx2, 1 KiB ahead,
-// 4-row steps 6-7 % faster with it and 1-row steps 6 % faster without.
+// The AVX2 tile's (16-column panels), in decode calls of 2-4 rows on every CPU and of one row on a
+// CPU that prefetches, as MatMulNBits' AVX2 tile (matmul_nbits.h): Llama-134M fp32 on the Zen 4 VM
+// with AUTOGLM_KERNELS_ISA=avx2, 1 KiB ahead, 4-row steps 6-7 % faster with it and 1-row steps 6 %
+// faster without; on the Xeon VM 1-row steps 1.12x faster with it.
 #ifndef FLOAT_AVX2_PREFETCH
 #define FLOAT_AVX2_PREFETCH 1024
 #endif
@@ -79,6 +81,7 @@ OrtStatus *float_kernel(const OrtKernelInfo *info, size_t index, Kernel *kn) {
     *kn = (Kernel){.k = dims[0], .n = dims[1], .bits = 32, .block = dims[0], .nb = 1, .group = 1};
     if (kn->k < 1 || kn->n < 1) return fail("MatMulFloat (autoglm): empty weights");
     kn->isa = kernels_isa();
+    kn->prefetch = kernels_prefetch();
     if (kn->isa == ISA_NONE) return fail("MatMulFloat (autoglm): this CPU has neither AVX-512 nor AVX2");
     kn->n_pad = (kn->n + 63) / 64 * 64;
     const int64_t k = kn->k, n = kn->n, width = float_width(kn->isa);
@@ -94,7 +97,7 @@ OrtStatus *float_kernel(const OrtKernelInfo *info, size_t index, Kernel *kn) {
     return NULL;
 }
 
-// The row tile for `rows` rows: AHEAD (prefetch, in a build with FLOAT_PREFETCH >= 0) for decode-sized calls.
+// The row tile for `rows` rows, prefetching (AHEAD) or not.
 #define ROWS_AHEAD(TILE, C, AHEAD)                                           \
     switch (rows) {                                                          \
         case 1: TILE(job, w, C, m0, k0, k1, k0 == 0, 1, AHEAD); break;       \
@@ -105,19 +108,21 @@ OrtStatus *float_kernel(const OrtKernelInfo *info, size_t index, Kernel *kn) {
         default: TILE(job, w, C, m0, k0, k1, k0 == 0, 6, AHEAD); break;      \
     }
 
-// Defines NAME, a FloatRows that runs TILE (an instruction set's register tile) for its rows.
-#define FLOAT_ROWS_FN(NAME, TILE)                                                                             \
+// Defines NAME, a FloatRows that runs TILE (an instruction set's register tile) for its rows,
+// prefetching where WANT (of ahead and rows) holds.
+#define FLOAT_ROWS_FN(NAME, TILE, WANT)                                                                       \
     static inline __attribute__((always_inline)) void NAME(const Job *job, const float *w, int64_t c,         \
                                                            int64_t m0, int64_t k0, int64_t k1, int64_t rows, \
                                                            int ahead) {                                       \
-        if (ahead) {                                                                                          \
+        if (WANT) {                                                                                           \
             ROWS_AHEAD(TILE, c, 1)                                                                            \
         } else {                                                                                              \
             ROWS_AHEAD(TILE, c, 0)                                                                            \
         }                                                                                                     \
     }
 
-// Rows [m0, m0 + rows) x `width` columns from c over k in [k0, k1); ahead: a decode-sized call.
+// Rows [m0, m0 + rows) x `width` columns from c over k in [k0, k1); ahead: 0 a prefill-sized call,
+// 1 a decode-sized one, 2 a decode-sized one on a CPU that prefetches (Kernel.prefetch).
 typedef void (*FloatRows)(const Job *job, const float *w, int64_t c, int64_t m0, int64_t k0, int64_t k1,
                           int64_t rows, int ahead);
 
@@ -127,7 +132,7 @@ typedef void (*FloatRows)(const Job *job, const float *w, int64_t c, int64_t m0,
 static inline __attribute__((always_inline)) void float_task(const Job *job, size_t t, int64_t width, int64_t tile,
                                                              FloatRows run) {
     const int64_t k = job->kernel->k, n = job->kernel->n, m = job->m;
-    const int decode = m <= SMALL_M;
+    const int decode = m <= SMALL_M, ahead = decode ? 1 + job->kernel->prefetch : 0;
     const int64_t kb = decode ? k : FLOAT_KB, per = decode ? SMALL_M : tile;  // a decode step reads a group once
     int64_t first, last;
     task_quads(job, t, &first, &last);
@@ -135,7 +140,7 @@ static inline __attribute__((always_inline)) void float_task(const Job *job, siz
         const float *w = (const float *)job->kernel->packed + c * k;
         for (int64_t k0 = 0; k0 < k; k0 += kb) {
             const int64_t k1 = k - k0 < kb ? k : k0 + kb;
-            for (int64_t m0 = 0; m0 < m; m0 += per) run(job, w, c, m0, k0, k1, m - m0 >= per ? per : m - m0, decode);
+            for (int64_t m0 = 0; m0 < m; m0 += per) run(job, w, c, m0, k0, k1, m - m0 >= per ? per : m - m0, ahead);
         }
     }
 }
@@ -181,7 +186,7 @@ static inline __attribute__((always_inline)) void tile512(const Job *job, const 
     }
 }
 
-FLOAT_ROWS_FN(rows512, tile512)
+FLOAT_ROWS_FN(rows512, tile512, ahead == 2 && rows > 1)
 
 void float_task_avx512(void *data, size_t t) { float_task(data, t, 64, FLOAT_ROWS, rows512); }
 
@@ -209,7 +214,7 @@ static inline __attribute__((always_inline)) void tile256(const Job *job, const 
     const float *x = job->a + m0 * k;
     for (int64_t j = k0; j < k1; j++) {
         const float *wj = w + j * 16;
-        if (AHEAD && R > 1 && FLOAT_AVX2_PREFETCH >= 0) _mm_prefetch((const char *)wj + FLOAT_AVX2_PREFETCH, _MM_HINT_T0);
+        if (AHEAD && FLOAT_AVX2_PREFETCH >= 0) _mm_prefetch((const char *)wj + FLOAT_AVX2_PREFETCH, _MM_HINT_T0);
         const __m256 v0 = _mm256_load_ps(wj), v1 = _mm256_load_ps(wj + 8);
         _Pragma("GCC unroll 6") for (int i = 0; i < R; i++) {
             const __m256 xb = _mm256_broadcast_ss(x + i * k + j);
@@ -223,7 +228,7 @@ static inline __attribute__((always_inline)) void tile256(const Job *job, const 
     }
 }
 
-FLOAT_ROWS_FN(rows256, tile256)
+FLOAT_ROWS_FN(rows256, tile256, ahead == 2 || (ahead == 1 && rows > 1))
 
 // 6 rows in a prefill: 6 x 2 sums, 2 weight vectors and a broadcast in 16 registers.
 void float_task_avx2(void *data, size_t t) { float_task(data, t, 16, 6, rows256); }

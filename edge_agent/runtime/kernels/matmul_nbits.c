@@ -131,7 +131,7 @@ static inline __attribute__((always_inline)) void quad512(const Job *job, int64_
         case 3: panel_rows(job, NP * q, m0, 4, 3, AHEAD); break;    \
         default: panel_rows(job, NP * q, m0, 4, 4, AHEAD); break;   \
     }
-    if (ahead) {
+    if (ahead == 2) {
         TILES(1)
     } else {
         TILES(0)
@@ -351,6 +351,7 @@ OrtStatus *nbits_attributes(const OrtKernelInfo *info, Kernel *kn) {
     if (kn->k < 1 || kn->n < 1 || kn->block < 16 || kn->block > 8192)
         return fail("MatMulNBits (autoglm): K, N or block_size out of range");
     kn->isa = kernels_isa();
+    kn->prefetch = kernels_prefetch();
     if (kn->isa == ISA_NONE) return fail("MatMulNBits (autoglm): this CPU has neither AVX-512 VNNI nor AVX2");
     kn->amx = kn->isa == ISA_AVX512 && kn->k % 64 == 0 && kn->block % 64 == 0 && kernels_amx();
     return NULL;

@@ -9,21 +9,22 @@
 #include "kernels.h"
 
 #define SMALL_M 4  // rows per register tile; a call of at most this many quantizes inline
-// Bytes ahead of each panel the AVX-512 tile prefetches in a decode-sized call; -1 (the default):
-// none, the hardware prefetchers alone. With each panel stored whole a task read four streams at once, and
-// prefetching 2 KiB ahead made 1-row steps 5-6 % and 4-row steps 9-15 % faster (Zen 5 VM). Since
-// a task reads one sequential stream (the interleaved groups below), the software prefetches only
-// take load slots and fill buffers from it: AMD EPYC Zen 4 VM, 1-row steps without them 6-18 %
-// faster on Llama-134M, SmolLM2 and Qwen2-0.5B at int8 and int4, 4-row steps level or faster
-// (bench/RESULTS.md).
+// Bytes ahead of each panel the AVX-512 tile prefetches in a decode-sized call on a CPU that
+// prefetches (kernels_prefetch; -1: never). With each panel stored whole a task read four streams
+// at once, and 2 KiB ahead made 1-row steps 5-6 % and 4-row steps 9-15 % faster (Zen 5 VM). Since a
+// task reads one sequential stream (the interleaved groups below), AMD's prefetchers follow it
+// alone and the software prefetches only take load slots (Zen 4 VM: 1-row steps 6-18 % faster
+// without them), while Intel's still need them (Xeon VM: Qwen2-0.5B int4 and int8 1-row steps
+// 1.28x and 1.10x, 4-row steps 1.40x and 1.30x faster with them; bench/RESULTS.md).
 #ifndef PREFETCH  // -DPREFETCH=N builds another distance (bench/engine_steps.py compares libraries)
-#define PREFETCH -1
+#define PREFETCH 2048
 #endif
 // The AVX2 tile (matmul_nbits_avx2.c) reads a panel at a time and spends more instructions per
 // byte; in a call of 2-4 rows its stream runs slower than the memory and a prefetch 2 KiB ahead
 // keeps it fed, while a lone row is faster without (the same Zen 4 VM, AUTOGLM_KERNELS_ISA=avx2:
-// 4-row steps 2-4 % faster with it, 1-row steps 0-16 % faster without). So: 2-4 rows only (both
-// measured so, bench/RESULTS.md).
+// 4-row steps 2-4 % faster with it, 1-row steps 0-16 % faster without). So: 2-4 rows on every
+// CPU, a lone row too on a CPU that prefetches (Xeon VM, AUTOGLM_KERNELS_ISA=avx2: Qwen2-0.5B int4
+// 1-row steps 1.21x faster with it; bench/RESULTS.md).
 #ifndef AVX2_PREFETCH
 #define AVX2_PREFETCH 2048
 #endif
@@ -43,6 +44,7 @@ typedef struct {
     int isa;             // ISA_AVX512 or ISA_AVX2 (kernels.h): the tile that runs it
     int64_t group;       // panels stored interleaved: 4 (PANEL_STEP / 64) for AVX-512, AVX2_GROUP for AVX2
     int amx;             // calls of more than SMALL_M rows run matmul_nbits_amx.c's tile (K and block multiples of 64)
+    int prefetch;        // decode-sized calls prefetch the weights (kernels_prefetch)
 } Kernel;
 
 // The AVX-512 tiles' panels are stored interleaved four at a time (a group: 64 columns, what a
@@ -87,8 +89,9 @@ typedef struct {
     int32_t *corr;
 } Quantize;
 
-// Rows [m0, m0 + rows) of the group of four panels q; ahead: a decode-sized call (prefetched in a
-// build with PREFETCH >= 0).
+// Rows [m0, m0 + rows) of the group of four panels q; ahead: 0 a prefill-sized call, 1 a
+// decode-sized one, 2 a decode-sized one on a CPU that prefetches (Kernel.prefetch); each tile
+// decides from it whether to prefetch (PREFETCH, AVX2_PREFETCH).
 typedef void (*QuadTile)(const Job *job, int64_t q, int64_t m0, int rows, int eight, int ahead);
 
 // The groups of four panels (64 columns) task t computes: [*first, *last).
@@ -104,7 +107,7 @@ static inline void task_quads(const Job *job, size_t t, int64_t *first, int64_t 
 static inline __attribute__((always_inline)) void quad_task(const Job *job, size_t t, QuadTile quad) {
     int64_t first, last;
     task_quads(job, t, &first, &last);
-    const int eight = job->kernel->bits == 8, ahead = job->m <= SMALL_M;
+    const int eight = job->kernel->bits == 8, ahead = job->m <= SMALL_M ? 1 + job->kernel->prefetch : 0;
     for (int64_t q = first; q < last; q++)
         for (int64_t m0 = 0; m0 < job->m; m0 += SMALL_M)
             quad(job, q, m0, job->m - m0 >= SMALL_M ? SMALL_M : (int)(job->m - m0), eight, ahead);

@@ -59,7 +59,7 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
                 _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) xb[i] = _mm256_set1_epi32(*(const int32_t *)(x[i] + j));
                 _Pragma("GCC unroll 8") for (int h = 0; h < 2 * P; h++) {
                     const uint8_t *at = wp[h / 2] + (start + j) * (AVX2_STEP / 4) + 32 * (h % 2);
-                    if (AHEAD && M > 1 && AVX2_PREFETCH >= 0 && h % 2 == 0) _mm_prefetch((const char *)(at + AVX2_PREFETCH), _MM_HINT_T0);
+                    if (AHEAD && AVX2_PREFETCH >= 0 && h % 2 == 0) _mm_prefetch((const char *)(at + AVX2_PREFETCH), _MM_HINT_T0);
                     const __m256i w = _mm256_load_si256((const __m256i *)at), aw = _mm256_abs_epi8(w);
                     _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
                         const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xb[i], w));
@@ -76,7 +76,7 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
                 }
                 _Pragma("GCC unroll 8") for (int h = 0; h < 2 * P; h++) {
                     const uint8_t *at = wp[h / 2] + (start + j) * (AVX2_STEP / 8) + 32 * (h % 2);
-                    if (AHEAD && M > 1 && AVX2_PREFETCH >= 0 && h % 2 == 0) _mm_prefetch((const char *)(at + AVX2_PREFETCH), _MM_HINT_T0);
+                    if (AHEAD && AVX2_PREFETCH >= 0 && h % 2 == 0) _mm_prefetch((const char *)(at + AVX2_PREFETCH), _MM_HINT_T0);
                     const __m256i packed = _mm256_load_si256((const __m256i *)at);
                     const __m256i lo = _mm256_and_si256(packed, low), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
                     _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
@@ -133,7 +133,7 @@ static inline __attribute__((always_inline)) void quad256(const Job *job, int64_
         case 3: TILE(4, 3, 1, AHEAD); break;  \
         default: TILE(4, 4, 1, AHEAD); break; \
     }
-    if (ahead) {
+    if (ahead == 2 || (ahead == 1 && rows > 1)) {
         TILES(1)
     } else {
         TILES(0)
