@@ -51,39 +51,32 @@ def library() -> Path | None:
     return path if usable else None
 
 
-def isa() -> str | None:
-    """The instruction set the library uses on this CPU now ("avx512-vnni" or "avx2"), or None
-    where it does not run (for benchmark tables and logs)."""
+def _ask(symbol: str) -> int | None:
+    """What the library's function ``symbol`` answers on this CPU now, or None where the library
+    does not run here or is an older build without it."""
     path = library()
     if path is None:
         return None
     try:
-        level = int(ctypes.CDLL(str(path)).AutoglmKernelsIsa())
+        return int(getattr(ctypes.CDLL(str(path)), symbol)())
     except AttributeError:
         return None
-    return {3: "avx512-vnni", 2: "avx2"}.get(level)
+
+
+def isa() -> str | None:
+    """The instruction set the library uses on this CPU now ("avx512-vnni" or "avx2"), or None
+    where it does not run (for benchmark tables and logs)."""
+    return {3: "avx512-vnni", 2: "avx2"}.get(_ask("AutoglmKernelsIsa") or 0)
 
 
 def amx() -> bool:
     """Whether MatMulNBits runs calls of more than 4 rows (prefills) on AMX tiles here: an AVX-512
     CPU with AMX-INT8 (Intel Xeon since Sapphire Rapids), Linux granting the tile state, and
     ``AUTOGLM_KERNELS_AMX`` not ``0``. Decode steps of 1-4 rows run the AVX-512 VNNI tile either way."""
-    path = library()
-    if path is None:
-        return False
-    try:
-        return bool(ctypes.CDLL(str(path)).AutoglmKernelsAmx())
-    except AttributeError:
-        return False
+    return bool(_ask("AutoglmKernelsAmx"))
 
 
 def prefetch() -> bool:
     """Whether sessions made now prefetch the weights in software in decode steps: on Intel CPUs,
     not on AMD's, unless ``AUTOGLM_KERNELS_PREFETCH`` is ``0`` or ``1`` (for benchmark tables)."""
-    path = library()
-    if path is None:
-        return False
-    try:
-        return bool(ctypes.CDLL(str(path)).AutoglmKernelsPrefetch())
-    except AttributeError:
-        return False
+    return bool(_ask("AutoglmKernelsPrefetch"))
