@@ -505,6 +505,14 @@ def add_engine_options(ap: argparse.ArgumentParser, context: int, steps: int) ->
     ap.add_argument("--workdir", type=Path, default=None, help="Keep (and reuse) the model files here.")
 
 
+def kernels_label() -> str:
+    """Our kernels as the benches print them: the instruction set, and whether decode steps
+    prefetch the weights (``AUTOGLM_KERNELS_PREFETCH``, by default by CPU vendor)."""
+    from edge_agent.runtime.kernels import isa, prefetch
+
+    return f"{isa()}{', software prefetch' if prefetch() else ''}"
+
+
 def kernel_library(name: str) -> Path | None:
     """A ``--library`` value as a path: ``auto`` the library this install built (refused where this
     CPU runs none), ``onnxruntime`` none (onnxruntime's own kernels), anything else a built file."""

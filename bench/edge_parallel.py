@@ -37,9 +37,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from edge_decode import SETTLE_S, add_kv_cache_option, build_model, kv_types, shipped_graph
+from edge_decode import SETTLE_S, add_kv_cache_option, build_model, kernels_label, kv_types, shipped_graph
 
-from edge_agent.runtime.kernels import isa, library, prefetch
+from edge_agent.runtime.kernels import library
 
 QUESTIONS = (
     "What is the capital of France?",
@@ -211,8 +211,7 @@ def main() -> None:
     ]
     n = args.streams
     kernels = library() if args.kernels == "auto" else None
-    kernels_label = f"{isa()}{', software prefetch' if prefetch() else ''}" if kernels else "no"
-    print(f"our kernels: {kernels_label}")
+    print(f"our kernels: {kernels_label() if kernels else 'no'}")
     configs: dict[str, tuple[int, bool, Path | None]] = {  # label: (parallel, batch_invariant, library)
         "1 at a time": (1, False, kernels),
         f"{n} together": (n, False, kernels),

@@ -64,6 +64,7 @@ from edge_decode import (
     add_kv_cache_option,
     copy_bandwidth,
     fused_graphs,
+    kernels_label,
     kv_types,
     ours_runner,
     prefill_seconds,
@@ -71,7 +72,7 @@ from edge_decode import (
     weight_bytes_per_token,
 )
 
-from edge_agent.runtime.kernels import isa, library, prefetch
+from edge_agent.runtime.kernels import library
 
 MODELS = ("llama-134m", "smollm2", "qwen2-0.5b")
 PRECISIONS = ("fp32", "int8", "int4")
@@ -391,12 +392,10 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import onnxruntime as ort
 
-    kernels_label = "no"
-    if args.kernels == "auto" and library():
-        kernels_label = f"{isa()}{', software prefetch' if prefetch() else ''}"
+    our_kernels = kernels_label() if args.kernels == "auto" and library() else "no"
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; Python {platform.python_version()}, "
-        f"onnxruntime {ort.__version__}; llama.cpp {peer.version()}; {args.threads} threads; our kernels: {kernels_label}",
+        f"onnxruntime {ort.__version__}; llama.cpp {peer.version()}; {args.threads} threads; our kernels: {our_kernels}",
         flush=True,
     )
     results = []

@@ -132,7 +132,7 @@ typedef void (*FloatRows)(const Job *job, const float *w, int64_t c, int64_t m0,
 static inline __attribute__((always_inline)) void float_task(const Job *job, size_t t, int64_t width, int64_t tile,
                                                              FloatRows run) {
     const int64_t k = job->kernel->k, n = job->kernel->n, m = job->m;
-    const int decode = m <= SMALL_M, ahead = decode ? 1 + job->kernel->prefetch : 0;
+    const int decode = m <= SMALL_M, ahead = job_ahead(job);
     const int64_t kb = decode ? k : FLOAT_KB, per = decode ? SMALL_M : tile;  // a decode step reads a group once
     int64_t first, last;
     task_quads(job, t, &first, &last);
@@ -228,7 +228,7 @@ static inline __attribute__((always_inline)) void tile256(const Job *job, const 
     }
 }
 
-FLOAT_ROWS_FN(rows256, tile256, ahead == 2 || (ahead == 1 && rows > 1))
+FLOAT_ROWS_FN(rows256, tile256, avx2_prefetches(ahead, rows))
 
 // 6 rows in a prefill: 6 x 2 sums, 2 weight vectors and a broadcast in 16 registers.
 void float_task_avx2(void *data, size_t t) { float_task(data, t, 16, 6, rows256); }

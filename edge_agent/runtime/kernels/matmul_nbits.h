@@ -94,6 +94,13 @@ typedef struct {
 // decides from it whether to prefetch (PREFETCH, AVX2_PREFETCH).
 typedef void (*QuadTile)(const Job *job, int64_t q, int64_t m0, int rows, int eight, int ahead);
 
+// A call's `ahead` (QuadTile, and matmul_float.c's FloatRows).
+static inline int job_ahead(const Job *job) { return job->m <= SMALL_M ? 1 + job->kernel->prefetch : 0; }
+
+// Whether an AVX2 tile prefetches (AVX2_PREFETCH, FLOAT_AVX2_PREFETCH) `rows` rows of a call with
+// this `ahead`: 2-4 rows of a decode call on every CPU, a lone row on a CPU that prefetches.
+static inline int avx2_prefetches(int ahead, int64_t rows) { return ahead == 2 || (ahead == 1 && rows > 1); }
+
 // The groups of four panels (64 columns) task t computes: [*first, *last).
 static inline void task_quads(const Job *job, size_t t, int64_t *first, int64_t *last) {
     const int64_t quads = job->kernel->n_pad / 64;
@@ -107,7 +114,7 @@ static inline void task_quads(const Job *job, size_t t, int64_t *first, int64_t 
 static inline __attribute__((always_inline)) void quad_task(const Job *job, size_t t, QuadTile quad) {
     int64_t first, last;
     task_quads(job, t, &first, &last);
-    const int eight = job->kernel->bits == 8, ahead = job->m <= SMALL_M ? 1 + job->kernel->prefetch : 0;
+    const int eight = job->kernel->bits == 8, ahead = job_ahead(job);
     for (int64_t q = first; q < last; q++)
         for (int64_t m0 = 0; m0 < job->m; m0 += SMALL_M)
             quad(job, q, m0, job->m - m0 >= SMALL_M ? SMALL_M : (int)(job->m - m0), eight, ahead);

@@ -133,7 +133,7 @@ static inline __attribute__((always_inline)) void quad256(const Job *job, int64_
         case 3: TILE(4, 3, 1, AHEAD); break;  \
         default: TILE(4, 4, 1, AHEAD); break; \
     }
-    if (ahead == 2 || (ahead == 1 && rows > 1)) {
+    if (avx2_prefetches(ahead, rows)) {
         TILES(1)
     } else {
         TILES(0)
