@@ -5,13 +5,14 @@ Validated once at start-up; an invalid file stops the agent with a ConfigError t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from edge_agent.runtime.kernels import library
+from edge_agent.runtime.kernels import environment_problems, library
 from edge_agent.serving.body_limit import DEFAULT_MAX_BODY_BYTES
 from shared.batch_api import MAX_BATCH_LINES
 from shared.config_env import read_settings_file, validation_problems
@@ -180,7 +181,13 @@ class EdgeSettings(_Section):
 
     @classmethod
     def load(cls, path: Path, env: Mapping[str, str] | None = None) -> EdgeSettings:
-        return cls.from_mapping(read_settings_file(path, ENV_PREFIX, env), source=str(path))
+        """The settings in ``path`` with ``env``'s overrides (the process environment when None);
+        also refuses ``AUTOGLM_KERNELS_*`` values the kernel library would silently ignore."""
+        environ = os.environ if env is None else env
+        settings = cls.from_mapping(read_settings_file(path, ENV_PREFIX, environ), source=str(path))
+        if settings.runtime.kernels == "auto" and (problems := environment_problems(environ)):
+            raise ConfigError(f"invalid kernel environment: {'; '.join(problems)}", source=str(path))
+        return settings
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "<settings>") -> EdgeSettings:

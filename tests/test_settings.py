@@ -74,6 +74,30 @@ def test_invalid_settings_name_the_problem(tmp_path: Path, data: dict, reason: s
         EdgeSettings.load(_write(tmp_path, data), env={})
 
 
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [
+        ({"AUTOGLM_KERNELS_AMX": "off"}, r"AUTOGLM_KERNELS_AMX='off': must be 0 or 1"),
+        ({"AUTOGLM_KERNELS_PREFETCH": "yes"}, r"AUTOGLM_KERNELS_PREFETCH='yes'"),
+        ({"AUTOGLM_KERNELS_ISA": "avx512"}, r"AUTOGLM_KERNELS_ISA='avx512': must be avx2"),
+        ({"AUTOGLM_KERNELS_PREFETCHES": "1"}, r"AUTOGLM_KERNELS_PREFETCHES: unknown variable"),
+    ],
+)
+def test_kernel_variables_the_library_would_ignore_stop_the_agent(
+    tmp_path: Path, env: dict[str, str], reason: str
+) -> None:
+    """The C library reads these when each op is made and takes any other value as unset, so a
+    typo would leave the default running without a word; start-up names it instead."""
+    data = {"device_id": "d1", "data_dir": str(tmp_path), "trusted_keys": [KEY], "control": CONTROL}
+    with pytest.raises(ConfigError, match=reason):
+        EdgeSettings.load(_write(tmp_path, data), env=env)
+    # Values the library acts on load; with the library off (kernels: onnxruntime) nothing reads them.
+    good = {"AUTOGLM_KERNELS_AMX": "0", "AUTOGLM_KERNELS_PREFETCH": "1", "AUTOGLM_KERNELS_ISA": "avx2"}
+    assert EdgeSettings.load(_write(tmp_path, data), env=good).runtime.kernels == "auto"
+    data["runtime"] = {"kernels": "onnxruntime"}
+    assert EdgeSettings.load(_write(tmp_path, data), env=env).runtime.kernels == "onnxruntime"
+
+
 def test_unreadable_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         EdgeSettings.load(tmp_path / "missing.yaml", env={})

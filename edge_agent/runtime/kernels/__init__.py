@@ -15,7 +15,8 @@ The runtime setting ``kernels: onnxruntime`` leaves it out. The environment vari
 benchmarks compare the two). On CPUs with AMX, MatMulNBits multiplies calls of more than 4 rows
 (prefills) on AMX tiles, bit for bit what the VNNI tile computes; ``AUTOGLM_KERNELS_AMX=0`` turns
 that off. Decode steps prefetch the weights ahead of their loads on Intel's CPUs and not on AMD's
-(measured faster so on each); ``AUTOGLM_KERNELS_PREFETCH=0`` or ``1`` overrides that.
+(measured faster so on each); ``AUTOGLM_KERNELS_PREFETCH=0`` or ``1`` overrides that. The agent's
+settings refuse other values of these variables at start-up (:func:`environment_problems`).
 """
 
 from __future__ import annotations
@@ -23,11 +24,37 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).resolve().parent
+
+
+# The variables the C library reads when each op is created, and the values it acts on. It takes
+# any other value as unset, so a typo ("AMX=off") would silently leave the default in place:
+# environment_problems() lets the agent refuse it at start-up instead.
+ENVIRONMENT: dict[str, tuple[str, ...]] = {
+    "AUTOGLM_KERNELS_ISA": ("avx2",),
+    "AUTOGLM_KERNELS_AMX": ("0", "1"),
+    "AUTOGLM_KERNELS_PREFETCH": ("0", "1"),
+}
+
+
+def environment_problems(env: Mapping[str, str]) -> list[str]:
+    """Each ``AUTOGLM_KERNELS_*`` variable in ``env`` the library would ignore, with the values it
+    takes (an unknown name of that prefix too: a misspelt variable is as silent as a bad value)."""
+    problems = []
+    for name, value in sorted(env.items()):
+        if not name.startswith("AUTOGLM_KERNELS_"):
+            continue
+        allowed = ENVIRONMENT.get(name)
+        if allowed is None:
+            problems.append(f"{name}: unknown variable (known: {', '.join(ENVIRONMENT)})")
+        elif value not in allowed:
+            problems.append(f"{name}={value!r}: must be {' or '.join(allowed)} (or unset)")
+    return problems
 
 
 def built() -> Path | None:
