@@ -75,7 +75,7 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
             for (int64_t j = 0; j < len; j += 4) {
                 __m512i v[4];
                 if (AHEAD && PREFETCH >= 0) {
-                    _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) _mm_prefetch((const char *)(wp[p] + (start + j) * (PANEL_STEP / 4) + PREFETCH), _MM_HINT_T0);
+                    _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) _mm_prefetch((const char *)(wp[p] + (start + j) * (PANEL_STEP / 4) + PREFETCH), PREFETCH_HINT);
                 }
                 _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) v[p] = _mm512_load_si512(wp[p] + (start + j) * (PANEL_STEP / 4));
                 _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
@@ -87,7 +87,7 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
             for (int64_t j = 0; j < len; j += 8) {
                 __m512i lo[4], hi[4];
                 if (AHEAD && PREFETCH >= 0) {
-                    _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) _mm_prefetch((const char *)(wp[p] + (start + j) * (PANEL_STEP / 8) + PREFETCH), _MM_HINT_T0);
+                    _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) _mm_prefetch((const char *)(wp[p] + (start + j) * (PANEL_STEP / 8) + PREFETCH), PREFETCH_HINT);
                 }
                 _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) {
                     const __m512i packed = _mm512_load_si512(wp[p] + (start + j) * (PANEL_STEP / 8));

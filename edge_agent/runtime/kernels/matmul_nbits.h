@@ -16,9 +16,15 @@
 // alone and the software prefetches only take load slots (Zen 4 VM: 1-row steps 6-18 % faster
 // without them), while Intel's still need them (Xeon VM: Qwen2-0.5B int4 and int8 1-row steps
 // 1.28x and 1.10x, 4-row steps 1.40x and 1.30x faster with them; bench/RESULTS.md).
+// Into L2 (PREFETCH_HINT), 6 KiB ahead: on a second Xeon VM, whose decode steps read the weights
+// at the VM's read ceiling, prefetches into L1 2 KiB ahead held a task's load slots long enough
+// that a lone int8 row ran 7 % slower with them than without; into L2, 4-8 KiB ahead, Qwen2-0.5B
+// int4 1-row and 4-row steps were 1.10-1.20x faster than with those, int8 4-row 1.10-1.15x and 1-row level to 5 %,
+// SmolLM2 int8 4-8 % / 12-19 %; Llama-134M level to 11 % faster but int4 4-row 3-4 % slower).
 #ifndef PREFETCH  // -DPREFETCH=N builds another distance (bench/engine_steps.py compares libraries)
-#define PREFETCH 2048
+#define PREFETCH 6144
 #endif
+#define PREFETCH_HINT _MM_HINT_T1
 // The AVX2 tile (matmul_nbits_avx2.c) reads a panel at a time and spends more instructions per
 // byte; in a call of 2-4 rows its stream runs slower than the memory and a prefetch 2 KiB ahead
 // keeps it fed, while a lone row is faster without (the same Zen 4 VM, AUTOGLM_KERNELS_ISA=avx2:
