@@ -186,7 +186,7 @@ class EdgeSettings(_Section):
         environ = os.environ if env is None else env
         settings = cls.from_mapping(read_settings_file(path, ENV_PREFIX, environ), source=str(path))
         if settings.runtime.kernels == "auto" and (problems := environment_problems(environ)):
-            raise ConfigError(f"invalid kernel environment: {'; '.join(problems)}", source=str(path))
+            raise ConfigError(f"invalid kernel environment: {'; '.join(problems)}", source="environment")
         return settings
 
     @classmethod
