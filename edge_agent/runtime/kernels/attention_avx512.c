@@ -15,6 +15,19 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,fma")
 
+// Bytes ahead of the keys and values a decode step reads (scores_group, values_cols) that the
+// prefetching routines (attention_avx512_prefetch: on CPUs that prefetch, kernels_prefetch) ask
+// into L2: in the graph each layer's cache comes from L3, the weights streamed since having
+// evicted it from L2, and the hardware prefetchers alone leave the reads short of it (Intel Xeon
+// VM, SmolLM2 int8 at position 1000: 1-row steps 7-10 %, 4-row 13-17 % faster with 4 KiB;
+// bench/RESULTS.md).
+#define ATTN_PREFETCH 4096
+
+// `bytes` bytes from `at` + ATTN_PREFETCH into L2, a line at a time.
+static inline __attribute__((always_inline)) void prefetch_l2(const void *at, int64_t bytes) {
+    for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch((const char *)at + ATTN_PREFETCH + l, _MM_HINT_T1);
+}
+
 // exp(x) for x <= 0 (softmax after subtracting the maximum): 2^n x a degree-6 polynomial on
 // |r| <= ln 2 / 2, relative error ~2e-7; below -88 it returns e^-88 (~6e-39), nothing beside the
 // maximum's 1.
@@ -103,7 +116,8 @@ static inline __attribute__((always_inline)) void scores_block(const float *q, i
 // L1 for every row. A block of a half cache read by several rows is widened to floats first
 // (heads of up to WIDE_HEAD columns).
 static inline __attribute__((always_inline)) void scores_group(const float *q, int rows, const void *keys, int64_t h, int64_t lo,
-                                                               int64_t hi, float *scores, int64_t sstride, const int half) {
+                                                               int64_t hi, float *scores, int64_t sstride, const int half,
+                                                               const int pf) {
     _Alignas(64) float wide[16 * WIDE_HEAD];
     int64_t at[16];
     for (int i = 0; i < 16; i++) at[i] = i * h;
@@ -111,6 +125,7 @@ static inline __attribute__((always_inline)) void scores_group(const float *q, i
         const int64_t n = hi + 1 - j0 < 16 ? hi + 1 - j0 : 16;
         int64_t k[16];
         for (int i = 0; i < 16; i++) k[i] = (j0 + (i < n ? i : n - 1)) * h;  // past the last: read it again
+        if (pf) prefetch_l2((const char *)keys + j0 * h * (half ? 2 : 4), 16 * h * (half ? 2 : 4));
         if (half && rows > 1 && h <= WIDE_HEAD) {
             for (int i = 0; i < 16; i++)
                 for (int64_t d = 0; d < h; d += 16) _mm512_storeu_ps(wide + i * h + d, load_kv(keys, k[i] + d, 1));
@@ -121,15 +136,16 @@ static inline __attribute__((always_inline)) void scores_group(const float *q, i
     }
 }
 
-static void scores_group512(const float *q, int rows, const void *keys, int64_t h, int64_t lo, int64_t hi, float *scores,
-                            int64_t sstride) {
-    scores_group(q, rows, keys, h, lo, hi, scores, sstride, 0);
-}
-
-static void scores_group512h(const float *q, int rows, const void *keys, int64_t h, int64_t lo, int64_t hi, float *scores,
-                             int64_t sstride) {
-    scores_group(q, rows, keys, h, lo, hi, scores, sstride, 1);
-}
+// The scores_group routines: float or half cache, without or with prefetches.
+#define SCORES_GROUP(name, half, pf)                                                                               \
+    static void name(const float *q, int rows, const void *keys, int64_t h, int64_t lo, int64_t hi, float *scores, \
+                     int64_t sstride) {                                                                            \
+        scores_group(q, rows, keys, h, lo, hi, scores, sstride, half, pf);                                         \
+    }
+SCORES_GROUP(scores_group512, 0, 0)
+SCORES_GROUP(scores_group512h, 1, 0)
+SCORES_GROUP(scores_group512_pf, 0, 1)
+SCORES_GROUP(scores_group512h_pf, 1, 1)
 
 // Scores of up to TILE query rows (q: [rows][h]) against C chunks of 16 transposed keys (col:
 // [h][stride]), 16 keys per vector.
@@ -165,11 +181,12 @@ static inline __attribute__((always_inline)) void scores_tile(const float *q, in
 static inline __attribute__((always_inline)) void values_cols(const float *p, int64_t pstride, const void *values,
                                                               int64_t h, int64_t lo, int64_t hi, float *out,
                                                               int64_t ostride, int64_t d0, const int R, const int W,
-                                                              const int half) {
+                                                              const int half, const int pf) {
     __m512 a[TILE][4];
     _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) _Pragma("GCC unroll 4") for (int v = 0; v < W; v++) a[r][v] = _mm512_setzero_ps();
     for (int64_t j = lo; j <= hi; j++) {
         __m512 x[4];
+        if (pf) prefetch_l2((const char *)values + (j * h + d0) * (half ? 2 : 4), W * 16 * (half ? 2 : 4));
         _Pragma("GCC unroll 4") for (int v = 0; v < W; v++) x[v] = load_kv(values, j * h + d0 + 16 * v, half);
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
             const __m512 s = _mm512_set1_ps(p[r * pstride + j]);
@@ -184,10 +201,10 @@ static inline __attribute__((always_inline)) void values_cols(const float *p, in
 // 16): passes of 64 columns, then of 16.
 static inline __attribute__((always_inline)) void values_tile(const float *p, int64_t pstride, const void *values,
                                                               int64_t h, int64_t lo, int64_t hi, float *out,
-                                                              int64_t ostride, const int R, const int half) {
+                                                              int64_t ostride, const int R, const int half, const int pf) {
     int64_t d0 = 0;
-    for (; d0 + 64 <= h; d0 += 64) values_cols(p, pstride, values, h, lo, hi, out, ostride, d0, R, 4, half);
-    for (; d0 < h; d0 += 16) values_cols(p, pstride, values, h, lo, hi, out, ostride, d0, R, 1, half);
+    for (; d0 + 64 <= h; d0 += 64) values_cols(p, pstride, values, h, lo, hi, out, ostride, d0, R, 4, half, pf);
+    for (; d0 < h; d0 += 16) values_cols(p, pstride, values, h, lo, hi, out, ostride, d0, R, 1, half, pf);
 }
 
 static void scores_tile512(const float *q, int64_t h, const float *kt, int64_t stride, int64_t c0, int64_t c1,
@@ -202,27 +219,30 @@ static void scores_tile512(const float *q, int64_t h, const float *kt, int64_t s
 
 static inline __attribute__((always_inline)) void values_rows(const float *p, int64_t pstride, const void *values, int64_t h,
                                                               int64_t lo, int64_t hi, float *out, int64_t ostride, int rows,
-                                                              const int half) {
+                                                              const int half, const int pf) {
     switch (rows) {
-        case 1: values_tile(p, pstride, values, h, lo, hi, out, ostride, 1, half); break;
-        case 2: values_tile(p, pstride, values, h, lo, hi, out, ostride, 2, half); break;
-        case 3: values_tile(p, pstride, values, h, lo, hi, out, ostride, 3, half); break;
-        default: values_tile(p, pstride, values, h, lo, hi, out, ostride, 4, half); break;
+        case 1: values_tile(p, pstride, values, h, lo, hi, out, ostride, 1, half, pf); break;
+        case 2: values_tile(p, pstride, values, h, lo, hi, out, ostride, 2, half, pf); break;
+        case 3: values_tile(p, pstride, values, h, lo, hi, out, ostride, 3, half, pf); break;
+        default: values_tile(p, pstride, values, h, lo, hi, out, ostride, 4, half, pf); break;
     }
 }
 
-static void values_tile512(const float *p, int64_t pstride, const void *values, int64_t h, int64_t lo, int64_t hi,
-                           float *out, int64_t ostride, int rows) {
-    values_rows(p, pstride, values, h, lo, hi, out, ostride, rows, 0);
-}
-
-static void values_tile512h(const float *p, int64_t pstride, const void *values, int64_t h, int64_t lo, int64_t hi,
-                            float *out, int64_t ostride, int rows) {
-    values_rows(p, pstride, values, h, lo, hi, out, ostride, rows, 1);
-}
+// The values_tile routines: float or half cache, without or with prefetches.
+#define VALUES_TILE(name, half, pf)                                                                               \
+    static void name(const float *p, int64_t pstride, const void *values, int64_t h, int64_t lo, int64_t hi,      \
+                     float *out, int64_t ostride, int rows) {                                                     \
+        values_rows(p, pstride, values, h, lo, hi, out, ostride, rows, half, pf);                                 \
+    }
+VALUES_TILE(values_tile512, 0, 0)
+VALUES_TILE(values_tile512h, 1, 0)
+VALUES_TILE(values_tile512_pf, 0, 1)
+VALUES_TILE(values_tile512h_pf, 1, 1)
 
 #pragma GCC pop_options
 
 const AttentionKernels attention_avx512 = {scores_group512, scores_group512h, scores_tile512, softmax512, values_tile512, values_tile512h};
+const AttentionKernels attention_avx512_prefetch = {scores_group512_pf, scores_group512h_pf, scores_tile512, softmax512,
+                                                    values_tile512_pf, values_tile512h_pf};
 
 #endif
