@@ -14,8 +14,8 @@ The runtime setting ``kernels: onnxruntime`` leaves it out. The environment vari
 ``AUTOGLM_KERNELS_ISA=avx2`` makes a CPU with AVX-512 run what an AVX2-only one runs (tests and
 benchmarks compare the two). On CPUs with AMX, MatMulNBits multiplies calls of more than 4 rows
 (prefills) on AMX tiles, bit for bit what the VNNI tile computes; ``AUTOGLM_KERNELS_AMX=0`` turns
-that off. Decode steps prefetch the weights ahead of their loads on Intel's CPUs and not on AMD's
-(measured faster so on each); ``AUTOGLM_KERNELS_PREFETCH=0`` or ``1`` overrides that. The agent's
+that off. Decode steps prefetch the weights (and the attention its KV cache) ahead of their loads
+on Intel's CPUs and not on AMD's (measured faster so on each); ``AUTOGLM_KERNELS_PREFETCH=0`` or ``1`` overrides that. The agent's
 settings refuse other values of these variables at start-up (:func:`environment_problems`).
 """
 
@@ -104,6 +104,7 @@ def amx() -> bool:
 
 
 def prefetch() -> bool:
-    """Whether sessions made now prefetch the weights in software in decode steps: on Intel CPUs,
-    not on AMD's, unless ``AUTOGLM_KERNELS_PREFETCH`` is ``0`` or ``1`` (for benchmark tables)."""
+    """Whether sessions made now prefetch the weights and the KV cache in software in decode steps:
+    on Intel CPUs, not on AMD's, unless ``AUTOGLM_KERNELS_PREFETCH`` is ``0`` or ``1`` (for
+    benchmark tables)."""
     return bool(_ask("AutoglmKernelsPrefetch"))
