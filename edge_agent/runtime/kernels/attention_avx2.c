@@ -17,6 +17,17 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 
+// Bytes ahead that the prefetching routines (attention_avx2_prefetch, on CPUs that prefetch)
+// ask the cache a decode step reads into L2, as attention_avx512.c's ATTN_PREFETCH (Intel Xeon VM
+// with AUTOGLM_KERNELS_ISA=avx2, SmolLM2 int8 at position 2000: 1-row steps 1.12-1.19x, 4-row
+// 1.09-1.22x faster; bench/RESULTS.md).
+#define ATTN_PREFETCH 4096
+
+// `bytes` bytes from `at` + ATTN_PREFETCH into L2, a line at a time.
+static inline __attribute__((always_inline)) void prefetch_l2(const void *at, int64_t bytes) {
+    for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch((const char *)at + ATTN_PREFETCH + l, _MM_HINT_T1);
+}
+
 // exp(x) for x <= 0: exp512's polynomial; 2^n built in the exponent field (n >= -126 here: below
 // -87.3 the result is 0, as expf's would be to within a denormal).
 static inline __m256 exp256(__m256 x) {
@@ -107,7 +118,8 @@ static inline __attribute__((always_inline)) void scores_block(const float *q, i
 // L1 for every row. A block of a half cache read by several rows is widened to floats first
 // (heads of up to WIDE_HEAD columns).
 static inline __attribute__((always_inline)) void scores_group(const float *q, int rows, const void *keys, int64_t h, int64_t lo,
-                                                               int64_t hi, float *scores, int64_t sstride, const int half) {
+                                                               int64_t hi, float *scores, int64_t sstride, const int half,
+                                                               const int pf) {
     _Alignas(64) float wide[8 * WIDE_HEAD];
     int64_t at[8];
     for (int i = 0; i < 8; i++) at[i] = i * h;
@@ -115,6 +127,7 @@ static inline __attribute__((always_inline)) void scores_group(const float *q, i
         const int64_t n = hi + 1 - j0 < 8 ? hi + 1 - j0 : 8;
         int64_t k[8];
         for (int i = 0; i < 8; i++) k[i] = (j0 + (i < n ? i : n - 1)) * h;  // past the last: read it again
+        if (pf) prefetch_l2((const char *)keys + j0 * h * (half ? 2 : 4), 8 * h * (half ? 2 : 4));
         if (half && rows > 1 && h <= WIDE_HEAD) {
             for (int i = 0; i < 8; i++)
                 for (int64_t d = 0; d < h; d += 8) _mm256_storeu_ps(wide + i * h + d, load_kv(keys, k[i] + d, 1));
@@ -125,15 +138,16 @@ static inline __attribute__((always_inline)) void scores_group(const float *q, i
     }
 }
 
-static void scores_group256(const float *q, int rows, const void *keys, int64_t h, int64_t lo, int64_t hi, float *scores,
-                            int64_t sstride) {
-    scores_group(q, rows, keys, h, lo, hi, scores, sstride, 0);
-}
-
-static void scores_group256h(const float *q, int rows, const void *keys, int64_t h, int64_t lo, int64_t hi, float *scores,
-                             int64_t sstride) {
-    scores_group(q, rows, keys, h, lo, hi, scores, sstride, 1);
-}
+// The scores_group routines: float or half cache, without or with prefetches.
+#define SCORES_GROUP(name, half, pf)                                                                               \
+    static void name(const float *q, int rows, const void *keys, int64_t h, int64_t lo, int64_t hi, float *scores, \
+                     int64_t sstride) {                                                                            \
+        scores_group(q, rows, keys, h, lo, hi, scores, sstride, half, pf);                                         \
+    }
+SCORES_GROUP(scores_group256, 0, 0)
+SCORES_GROUP(scores_group256h, 1, 0)
+SCORES_GROUP(scores_group256_pf, 0, 1)
+SCORES_GROUP(scores_group256h_pf, 1, 1)
 
 // R rows against one chunk of 16 transposed keys (two vectors): 2R sums in flight.
 static inline __attribute__((always_inline)) void scores_chunk(const float *q, int64_t h, const float *col, int64_t stride,
@@ -173,11 +187,12 @@ static void scores_tile256(const float *q, int64_t h, const float *kt, int64_t s
 static inline __attribute__((always_inline)) void values_cols(const float *p, int64_t pstride, const void *values,
                                                               int64_t h, int64_t lo, int64_t hi, float *out,
                                                               int64_t ostride, int64_t d0, const int R, const int W,
-                                                              const int half) {
+                                                              const int half, const int pf) {
     __m256 a[TILE][8];
     _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) _Pragma("GCC unroll 8") for (int v = 0; v < W; v++) a[r][v] = _mm256_setzero_ps();
     for (int64_t j = lo; j <= hi; j++) {
         __m256 x[8];
+        if (pf) prefetch_l2((const char *)values + (j * h + d0) * (half ? 2 : 4), W * 8 * (half ? 2 : 4));
         _Pragma("GCC unroll 8") for (int v = 0; v < W; v++) x[v] = load_kv(values, j * h + d0 + 8 * v, half);
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
             const __m256 s = _mm256_broadcast_ss(p + r * pstride + j);
@@ -191,35 +206,39 @@ static inline __attribute__((always_inline)) void values_cols(const float *p, in
 // Passes of W vectors, then of two (h is a multiple of 16).
 static inline __attribute__((always_inline)) void values_pass(const float *p, int64_t pstride, const void *values,
                                                               int64_t h, int64_t lo, int64_t hi, float *out,
-                                                              int64_t ostride, const int R, const int W, const int half) {
+                                                              int64_t ostride, const int R, const int W, const int half,
+                                                              const int pf) {
     int64_t d0 = 0;
-    for (; d0 + 8 * W <= h; d0 += 8 * W) values_cols(p, pstride, values, h, lo, hi, out, ostride, d0, R, W, half);
-    for (; d0 < h; d0 += 16) values_cols(p, pstride, values, h, lo, hi, out, ostride, d0, R, 2, half);
+    for (; d0 + 8 * W <= h; d0 += 8 * W) values_cols(p, pstride, values, h, lo, hi, out, ostride, d0, R, W, half, pf);
+    for (; d0 < h; d0 += 16) values_cols(p, pstride, values, h, lo, hi, out, ostride, d0, R, 2, half, pf);
 }
 
 static inline __attribute__((always_inline)) void values_rows(const float *p, int64_t pstride, const void *values, int64_t h,
                                                               int64_t lo, int64_t hi, float *out, int64_t ostride, int rows,
-                                                              const int half) {
+                                                              const int half, const int pf) {
     switch (rows) {
-        case 1: values_pass(p, pstride, values, h, lo, hi, out, ostride, 1, 8, half); break;
-        case 2: values_pass(p, pstride, values, h, lo, hi, out, ostride, 2, 4, half); break;
-        case 3: values_pass(p, pstride, values, h, lo, hi, out, ostride, 3, 2, half); break;
-        default: values_pass(p, pstride, values, h, lo, hi, out, ostride, 4, 2, half); break;
+        case 1: values_pass(p, pstride, values, h, lo, hi, out, ostride, 1, 8, half, pf); break;
+        case 2: values_pass(p, pstride, values, h, lo, hi, out, ostride, 2, 4, half, pf); break;
+        case 3: values_pass(p, pstride, values, h, lo, hi, out, ostride, 3, 2, half, pf); break;
+        default: values_pass(p, pstride, values, h, lo, hi, out, ostride, 4, 2, half, pf); break;
     }
 }
 
-static void values_tile256(const float *p, int64_t pstride, const void *values, int64_t h, int64_t lo, int64_t hi,
-                           float *out, int64_t ostride, int rows) {
-    values_rows(p, pstride, values, h, lo, hi, out, ostride, rows, 0);
-}
-
-static void values_tile256h(const float *p, int64_t pstride, const void *values, int64_t h, int64_t lo, int64_t hi,
-                            float *out, int64_t ostride, int rows) {
-    values_rows(p, pstride, values, h, lo, hi, out, ostride, rows, 1);
-}
+// The values_tile routines: float or half cache, without or with prefetches.
+#define VALUES_TILE(name, half, pf)                                                                               \
+    static void name(const float *p, int64_t pstride, const void *values, int64_t h, int64_t lo, int64_t hi,      \
+                     float *out, int64_t ostride, int rows) {                                                     \
+        values_rows(p, pstride, values, h, lo, hi, out, ostride, rows, half, pf);                                 \
+    }
+VALUES_TILE(values_tile256, 0, 0)
+VALUES_TILE(values_tile256h, 1, 0)
+VALUES_TILE(values_tile256_pf, 0, 1)
+VALUES_TILE(values_tile256h_pf, 1, 1)
 
 #pragma GCC pop_options
 
 const AttentionKernels attention_avx2 = {scores_group256, scores_group256h, scores_tile256, softmax256, values_tile256, values_tile256h};
+const AttentionKernels attention_avx2_prefetch = {scores_group256_pf, scores_group256h_pf, scores_tile256, softmax256,
+                                                  values_tile256_pf, values_tile256h_pf};
 
 #endif

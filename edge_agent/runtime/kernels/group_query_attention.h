@@ -32,8 +32,8 @@ typedef struct {
                              float *out, int64_t ostride, int rows);
 } AttentionKernels;
 
-// attention_avx512_prefetch: the same routines, prefetching the cache a decode step reads
-// (attention_avx512.c, ATTN_PREFETCH), for CPUs that prefetch (kernels_prefetch).
-extern const AttentionKernels attention_avx512, attention_avx512_prefetch, attention_avx2;
+// The *_prefetch tables: the same routines, prefetching the cache a decode step reads
+// (ATTN_PREFETCH in each file), for CPUs that prefetch (kernels_prefetch).
+extern const AttentionKernels attention_avx512, attention_avx512_prefetch, attention_avx2, attention_avx2_prefetch;
 
 #endif
