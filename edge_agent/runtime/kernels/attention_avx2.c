@@ -138,17 +138,6 @@ static inline __attribute__((always_inline)) void scores_group(const float *q, i
     }
 }
 
-// The scores_group routines: float or half cache, without or with prefetches.
-#define SCORES_GROUP(name, half, pf)                                                                               \
-    static void name(const float *q, int rows, const void *keys, int64_t h, int64_t lo, int64_t hi, float *scores, \
-                     int64_t sstride) {                                                                            \
-        scores_group(q, rows, keys, h, lo, hi, scores, sstride, half, pf);                                         \
-    }
-SCORES_GROUP(scores_group256, 0, 0)
-SCORES_GROUP(scores_group256h, 1, 0)
-SCORES_GROUP(scores_group256_pf, 0, 1)
-SCORES_GROUP(scores_group256h_pf, 1, 1)
-
 // R rows against one chunk of 16 transposed keys (two vectors): 2R sums in flight.
 static inline __attribute__((always_inline)) void scores_chunk(const float *q, int64_t h, const float *col, int64_t stride,
                                                                float *scores, int64_t sstride, const int R) {
@@ -224,21 +213,8 @@ static inline __attribute__((always_inline)) void values_rows(const float *p, in
     }
 }
 
-// The values_tile routines: float or half cache, without or with prefetches.
-#define VALUES_TILE(name, half, pf)                                                                               \
-    static void name(const float *p, int64_t pstride, const void *values, int64_t h, int64_t lo, int64_t hi,      \
-                     float *out, int64_t ostride, int rows) {                                                     \
-        values_rows(p, pstride, values, h, lo, hi, out, ostride, rows, half, pf);                                 \
-    }
-VALUES_TILE(values_tile256, 0, 0)
-VALUES_TILE(values_tile256h, 1, 0)
-VALUES_TILE(values_tile256_pf, 0, 1)
-VALUES_TILE(values_tile256h_pf, 1, 1)
+ATTENTION_TABLES(avx2, 256)
 
 #pragma GCC pop_options
-
-const AttentionKernels attention_avx2 = {scores_group256, scores_group256h, scores_tile256, softmax256, values_tile256, values_tile256h};
-const AttentionKernels attention_avx2_prefetch = {scores_group256_pf, scores_group256h_pf, scores_tile256, softmax256,
-                                                  values_tile256_pf, values_tile256h_pf};
 
 #endif

@@ -136,17 +136,6 @@ static inline __attribute__((always_inline)) void scores_group(const float *q, i
     }
 }
 
-// The scores_group routines: float or half cache, without or with prefetches.
-#define SCORES_GROUP(name, half, pf)                                                                               \
-    static void name(const float *q, int rows, const void *keys, int64_t h, int64_t lo, int64_t hi, float *scores, \
-                     int64_t sstride) {                                                                            \
-        scores_group(q, rows, keys, h, lo, hi, scores, sstride, half, pf);                                         \
-    }
-SCORES_GROUP(scores_group512, 0, 0)
-SCORES_GROUP(scores_group512h, 1, 0)
-SCORES_GROUP(scores_group512_pf, 0, 1)
-SCORES_GROUP(scores_group512h_pf, 1, 1)
-
 // Scores of up to TILE query rows (q: [rows][h]) against C chunks of 16 transposed keys (col:
 // [h][stride]), 16 keys per vector.
 static inline __attribute__((always_inline)) void scores_chunks(const float *q, int64_t h, const float *col, int64_t stride,
@@ -228,21 +217,8 @@ static inline __attribute__((always_inline)) void values_rows(const float *p, in
     }
 }
 
-// The values_tile routines: float or half cache, without or with prefetches.
-#define VALUES_TILE(name, half, pf)                                                                               \
-    static void name(const float *p, int64_t pstride, const void *values, int64_t h, int64_t lo, int64_t hi,      \
-                     float *out, int64_t ostride, int rows) {                                                     \
-        values_rows(p, pstride, values, h, lo, hi, out, ostride, rows, half, pf);                                 \
-    }
-VALUES_TILE(values_tile512, 0, 0)
-VALUES_TILE(values_tile512h, 1, 0)
-VALUES_TILE(values_tile512_pf, 0, 1)
-VALUES_TILE(values_tile512h_pf, 1, 1)
+ATTENTION_TABLES(avx512, 512)
 
 #pragma GCC pop_options
-
-const AttentionKernels attention_avx512 = {scores_group512, scores_group512h, scores_tile512, softmax512, values_tile512, values_tile512h};
-const AttentionKernels attention_avx512_prefetch = {scores_group512_pf, scores_group512h_pf, scores_tile512, softmax512,
-                                                    values_tile512_pf, values_tile512h_pf};
 
 #endif

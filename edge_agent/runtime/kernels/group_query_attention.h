@@ -36,4 +36,32 @@ typedef struct {
 // (ATTN_PREFETCH in each file), for CPUs that prefetch (kernels_prefetch).
 extern const AttentionKernels attention_avx512, attention_avx512_prefetch, attention_avx2, attention_avx2_prefetch;
 
+// An instruction set's two tables, attention_ISA and attention_ISA_prefetch, from its file's
+// scores_group(..., half, pf), values_rows(..., half, pf), scores_tile ## TAG and softmax ## TAG
+// (`half`: a half-precision cache; `pf`: prefetching). Used once at the end of each file.
+#define ATTENTION_SCORES(name, half, pf)                                                                            \
+    static void name(const float *q, int rows, const void *keys, int64_t h, int64_t lo, int64_t hi, float *scores, \
+                     int64_t sstride) {                                                                            \
+        scores_group(q, rows, keys, h, lo, hi, scores, sstride, half, pf);                                         \
+    }
+#define ATTENTION_VALUES(name, half, pf)                                                                           \
+    static void name(const float *p, int64_t pstride, const void *values, int64_t h, int64_t lo, int64_t hi,      \
+                     float *out, int64_t ostride, int rows) {                                                     \
+        values_rows(p, pstride, values, h, lo, hi, out, ostride, rows, half, pf);                                 \
+    }
+#define ATTENTION_TABLES(ISA, TAG)                                                                                      \
+    ATTENTION_SCORES(scores_group##TAG, 0, 0)                                                                           \
+    ATTENTION_SCORES(scores_group##TAG##h, 1, 0)                                                                        \
+    ATTENTION_SCORES(scores_group##TAG##_pf, 0, 1)                                                                      \
+    ATTENTION_SCORES(scores_group##TAG##h_pf, 1, 1)                                                                     \
+    ATTENTION_VALUES(values_tile##TAG, 0, 0)                                                                            \
+    ATTENTION_VALUES(values_tile##TAG##h, 1, 0)                                                                         \
+    ATTENTION_VALUES(values_tile##TAG##_pf, 0, 1)                                                                       \
+    ATTENTION_VALUES(values_tile##TAG##h_pf, 1, 1)                                                                      \
+    const AttentionKernels attention_##ISA = {scores_group##TAG, scores_group##TAG##h, scores_tile##TAG, softmax##TAG, \
+                                              values_tile##TAG,  values_tile##TAG##h};                                 \
+    const AttentionKernels attention_##ISA##_prefetch = {scores_group##TAG##_pf, scores_group##TAG##h_pf,              \
+                                                         scores_tile##TAG,       softmax##TAG,                         \
+                                                         values_tile##TAG##_pf,  values_tile##TAG##h_pf};
+
 #endif
