@@ -15,8 +15,9 @@ The runtime setting ``kernels: onnxruntime`` leaves it out. The environment vari
 benchmarks compare the two). On CPUs with AMX, MatMulNBits multiplies calls of more than 4 rows
 (prefills) on AMX tiles, bit for bit what the VNNI tile computes; ``AUTOGLM_KERNELS_AMX=0`` turns
 that off. Decode steps prefetch the weights (and the attention its KV cache) ahead of their loads
-on Intel's CPUs and not on AMD's (measured faster so on each); ``AUTOGLM_KERNELS_PREFETCH=0`` or ``1`` overrides that. The agent's
-settings refuse other values of these variables at start-up (:func:`environment_problems`).
+on Intel's CPUs and not on AMD's (measured faster so on each); ``AUTOGLM_KERNELS_PREFETCH=0`` or
+``1`` overrides that. The agent's settings refuse other values of these variables at start-up
+(:func:`environment_problems`).
 """
 
 from __future__ import annotations

@@ -17,17 +17,6 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 
-// Bytes ahead that the prefetching routines (attention_avx2_prefetch, on CPUs that prefetch)
-// ask the cache a decode step reads into L2, as attention_avx512.c's ATTN_PREFETCH (Intel Xeon VM
-// with AUTOGLM_KERNELS_ISA=avx2, SmolLM2 int8 at position 2000: 1-row steps 1.12-1.19x, 4-row
-// 1.09-1.22x faster; bench/RESULTS.md).
-#define ATTN_PREFETCH 4096
-
-// `bytes` bytes from `at` + ATTN_PREFETCH into L2, a line at a time.
-static inline __attribute__((always_inline)) void prefetch_l2(const void *at, int64_t bytes) {
-    for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch((const char *)at + ATTN_PREFETCH + l, _MM_HINT_T1);
-}
-
 // exp(x) for x <= 0: exp512's polynomial; 2^n built in the exponent field (n >= -126 here: below
 // -87.3 the result is 0, as expf's would be to within a denormal).
 static inline __m256 exp256(__m256 x) {

@@ -15,19 +15,6 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,fma")
 
-// Bytes ahead of the keys and values a decode step reads (scores_group, values_cols) that the
-// prefetching routines (attention_avx512_prefetch: on CPUs that prefetch, kernels_prefetch) ask
-// into L2: in the graph each layer's cache comes from L3, the weights streamed since having
-// evicted it from L2, and the hardware prefetchers alone leave the reads short of it (Intel Xeon
-// VM, SmolLM2 int8 at position 1000: 1-row steps 7-10 %, 4-row 13-17 % faster with 4 KiB;
-// bench/RESULTS.md).
-#define ATTN_PREFETCH 4096
-
-// `bytes` bytes from `at` + ATTN_PREFETCH into L2, a line at a time.
-static inline __attribute__((always_inline)) void prefetch_l2(const void *at, int64_t bytes) {
-    for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch((const char *)at + ATTN_PREFETCH + l, _MM_HINT_T1);
-}
-
 // exp(x) for x <= 0 (softmax after subtracting the maximum): 2^n x a degree-6 polynomial on
 // |r| <= ln 2 / 2, relative error ~2e-7; below -88 it returns e^-88 (~6e-39), nothing beside the
 // maximum's 1.

@@ -45,8 +45,8 @@ static inline int kernels_isa(void) {
 // CPU): on Intel's cores, whose hardware prefetchers alone left a task's one sequential stream
 // short of the memory (Xeon VM: Qwen2-0.5B int4 1-row steps 1.28-1.37x, 4-row 1.40-1.44x faster
 // with them), not on AMD's, where the same prefetches only took load slots (Zen 4 VM: 1-row steps
-// 6-18 % slower; bench/RESULTS.md). The same choice picks the AVX-512 attention routines that
-// prefetch a decode step's keys and values (attention_avx512_prefetch).
+// 6-18 % slower; bench/RESULTS.md). The same choice picks the attention routines that
+// prefetch a decode step's keys and values (group_query_attention.h, the *_prefetch tables).
 // AUTOGLM_KERNELS_PREFETCH=0 or 1 overrides; -DKERNELS_PREFETCH=0 or 1 builds a library whose
 // default is that on every CPU (bench/engine_steps.py compares libraries). Read when each op is created.
 static inline int kernels_prefetch(void) {
