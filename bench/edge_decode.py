@@ -525,11 +525,11 @@ def add_engine_options(ap: argparse.ArgumentParser, context: int, steps: int) ->
 
 
 def kernels_label() -> str:
-    """Our kernels as the benches print them: the instruction set, and whether decode steps
-    prefetch the weights (``AUTOGLM_KERNELS_PREFETCH``, by default by CPU vendor)."""
+    """Our kernels as the benches print them: the instruction set, and which decode steps
+    prefetch in software (``AUTOGLM_KERNELS_PREFETCH``, by default by CPU vendor)."""
     from edge_agent.runtime.kernels import isa, prefetch
 
-    return f"{isa()}{', software prefetch' if prefetch() else ''}"
+    return f"{isa()}, software prefetch: {prefetch()}"
 
 
 def kernel_library(name: str) -> Path | None:

@@ -15,8 +15,8 @@ The runtime setting ``kernels: onnxruntime`` leaves it out. The environment vari
 benchmarks compare the two). On CPUs with AMX, MatMulNBits multiplies calls of more than 4 rows
 (prefills) on AMX tiles, bit for bit what the VNNI tile computes; ``AUTOGLM_KERNELS_AMX=0`` turns
 that off. Decode steps prefetch the weights (and the attention its KV cache) ahead of their loads
-on Intel's CPUs and not on AMD's (measured faster so on each); ``AUTOGLM_KERNELS_PREFETCH=0`` or
-``1`` overrides that. The agent's settings refuse other values of these variables at start-up
+on Intel's CPUs, and on AMD's only the weights of lone 8-bit rows (measured faster so on each);
+``AUTOGLM_KERNELS_PREFETCH=0`` (none) or ``1`` (all) overrides that. The agent's settings refuse other values of these variables at start-up
 (:func:`environment_problems`).
 """
 
@@ -104,8 +104,12 @@ def amx() -> bool:
     return bool(_ask("AutoglmKernelsAmx"))
 
 
-def prefetch() -> bool:
-    """Whether sessions made now prefetch the weights and the KV cache in software in decode steps:
-    on Intel CPUs, not on AMD's, unless ``AUTOGLM_KERNELS_PREFETCH`` is ``0`` or ``1`` (for
-    benchmark tables)."""
-    return bool(_ask("AutoglmKernelsPrefetch"))
+PREFETCH_CHOICES = {0: "none", 1: "lone int8 rows", 2: "all"}
+
+
+def prefetch() -> str:
+    """Which decode steps of sessions made now prefetch in software (for benchmark tables and
+    logs): "all" (the weights of every decode call and the attention's KV cache) on Intel CPUs,
+    "lone int8 rows" (the weights of 1-row 8-bit calls) on others; ``AUTOGLM_KERNELS_PREFETCH``
+    ``0`` makes it "none", ``1`` "all". "none" where the library does not run."""
+    return PREFETCH_CHOICES.get(_ask("AutoglmKernelsPrefetch") or 0, "none")

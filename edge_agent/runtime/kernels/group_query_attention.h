@@ -33,7 +33,7 @@ typedef struct {
 } AttentionKernels;
 
 // The *_prefetch tables: the same routines, prefetching the cache a decode step reads
-// (prefetch_l2), for CPUs that prefetch (kernels_prefetch).
+// (prefetch_l2), for CPUs that prefetch (kernels_prefetch PREFETCH_ALL).
 extern const AttentionKernels attention_avx512, attention_avx512_prefetch, attention_avx2, attention_avx2_prefetch;
 
 // Bytes ahead of the keys and values a decode step reads (each file's scores_group and values_cols)

@@ -40,22 +40,27 @@ static inline int kernels_isa(void) {
     return isa;
 }
 
-// Whether decode-sized calls of the matmul tiles prefetch the weights ahead of their loads
-// (PREFETCH, FLOAT_PREFETCH, and the AVX2 tiles' lone rows: they prefetch 2-4-row calls on any
-// CPU): on Intel's cores, whose hardware prefetchers alone left a task's one sequential stream
-// short of the memory (Xeon VM: Qwen2-0.5B int4 1-row steps 1.28-1.37x, 4-row 1.40-1.44x faster
-// with them), not on AMD's, where the same prefetches only took load slots (Zen 4 VM: 1-row steps
-// 6-18 % slower; bench/RESULTS.md). The same choice picks the attention routines that
-// prefetch a decode step's keys and values (group_query_attention.h, the *_prefetch tables).
-// AUTOGLM_KERNELS_PREFETCH=0 or 1 overrides; -DKERNELS_PREFETCH=0 or 1 builds a library whose
-// default is that on every CPU (bench/engine_steps.py compares libraries). Read when each op is created.
+// Which decode-sized calls prefetch in software ahead of their loads (kernels_prefetch):
+// PREFETCH_ALL: the matmul tiles' (PREFETCH, FLOAT_PREFETCH, the AVX2 tiles' lone rows: they
+// prefetch 2-4-row calls on any CPU) and the attention's keys and values (group_query_attention.h,
+// the *_prefetch tables), on Intel's cores, whose hardware prefetchers alone left a task's one
+// sequential stream short of the memory (Xeon VM: Qwen2-0.5B int4 1-row steps 1.28-1.37x, 4-row
+// 1.40-1.44x faster with them). PREFETCH_LONE_INT8: only the AVX-512 tile's lone 8-bit rows
+// (LONE_PREFETCH), on AMD's, where the prefetches took load slots from 4-bit and 2-4-row calls
+// (Zen 4 VM: 1-row steps 6-18 % slower) and from the attention (level), but a lone 8-bit row,
+// whose loads come twice as fast as a 4-bit one's, outran the hardware prefetchers (Zen 4 VM:
+// Llama-134M int8 1-row steps 1.07-1.17x faster with them; bench/RESULTS.md). PREFETCH_NONE: none.
+// AUTOGLM_KERNELS_PREFETCH=0 (none) or 1 (all) overrides; -DKERNELS_PREFETCH=0 or 1 builds a
+// library whose default is that on every CPU (bench/engine_steps.py compares libraries). Read when
+// each op is created.
+enum { PREFETCH_NONE = 0, PREFETCH_LONE_INT8 = 1, PREFETCH_ALL = 2 };
 static inline int kernels_prefetch(void) {
     const char *set = getenv("AUTOGLM_KERNELS_PREFETCH");
-    if (set && (strcmp(set, "0") == 0 || strcmp(set, "1") == 0)) return set[0] == '1';
+    if (set && (strcmp(set, "0") == 0 || strcmp(set, "1") == 0)) return set[0] == '1' ? PREFETCH_ALL : PREFETCH_NONE;
 #ifdef KERNELS_PREFETCH
-    return KERNELS_PREFETCH;
+    return KERNELS_PREFETCH ? PREFETCH_ALL : PREFETCH_NONE;
 #else
-    return __builtin_cpu_is("intel");
+    return __builtin_cpu_is("intel") ? PREFETCH_ALL : PREFETCH_LONE_INT8;
 #endif
 }
 

@@ -48,7 +48,7 @@ __attribute__((visibility("default"))) int AutoglmKernelsIsa(void) { return kern
 // Whether calls of more than 4 rows run AMX tiles here (matmul_nbits_amx.c): 1 or 0.
 __attribute__((visibility("default"))) int AutoglmKernelsAmx(void) { return kernels_amx(); }
 
-// Whether ops created now prefetch the weights in decode steps (kernels_prefetch): 1 or 0.
+// Which decode calls of ops created now prefetch (kernels_prefetch): 0 none, 1 lone 8-bit rows, 2 all.
 __attribute__((visibility("default"))) int AutoglmKernelsPrefetch(void) { return kernels_prefetch(); }
 
 // The entry point onnxruntime calls when a session registers this library: both ops on CPUs with

@@ -34,7 +34,7 @@
 #define FLOAT_KB 512
 #endif
 // Bytes ahead of the weights the AVX-512 tile prefetches in a decode call of 2-4 rows on a CPU that
-// prefetches (kernels_prefetch; -1: never). Qwen2-0.5B fp32, Intel Xeon VM (bench/engine_steps.py):
+// prefetches (kernels_prefetch PREFETCH_ALL; -1: never). Qwen2-0.5B fp32, Intel Xeon VM (bench/engine_steps.py):
 // 4-row steps 84 ms at 2048, 73-74 at 1024 (78 at 512, 90 at 256, 71-73 at 0), 1-row steps alike
 // (57-61 ms); a later Xeon VM, Llama-134M: 4-row steps 1.16x faster with 1 KiB, 1-row steps 2 %
 // slower. AMD EPYC Zen 4 VM, none against 1024: Llama-134M 1-row steps 4-6 % and 4-row 14-17 %
@@ -122,7 +122,7 @@ OrtStatus *float_kernel(const OrtKernelInfo *info, size_t index, Kernel *kn) {
     }
 
 // Rows [m0, m0 + rows) x `width` columns from c over k in [k0, k1); ahead: 0 a prefill-sized call,
-// 1 a decode-sized one, 2 a decode-sized one on a CPU that prefetches (Kernel.prefetch).
+// 1 a decode-sized one, 2 a decode-sized one on a CPU that prefetches (Kernel.prefetch PREFETCH_ALL).
 typedef void (*FloatRows)(const Job *job, const float *w, int64_t c, int64_t m0, int64_t k0, int64_t k1,
                           int64_t rows, int ahead);
 

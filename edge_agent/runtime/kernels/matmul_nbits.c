@@ -48,7 +48,8 @@
 // 8 bits: a panel's 64 bytes per step are 16 columns x 4 consecutive elements (w + 128; the
 // AVX2 tile's panels hold w itself, matmul_nbits_avx2.c).
 // 4 bits: 64 bytes per two steps: low nibbles the first 4 elements, high nibbles the next 4.
-// Every column's sum runs the same way whatever M is (see the top of the file).
+// Every column's sum runs the same way whatever M is (see the top of the file). AHEAD: the
+// bytes ahead of each load it prefetches into L2 (PREFETCH, LONE_PREFETCH), -1 none.
 static inline __attribute__((always_inline)) void panel_rows(const Job *job, int64_t first, int64_t m0,
                                                              const int BITS, const int M, const int AHEAD) {
     const Kernel *kn = job->kernel;
@@ -74,8 +75,8 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
         if (BITS == 8) {
             for (int64_t j = 0; j < len; j += 4) {
                 __m512i v[4];
-                if (AHEAD && PREFETCH >= 0) {
-                    _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) _mm_prefetch((const char *)(wp[p] + (start + j) * (PANEL_STEP / 4) + PREFETCH), PREFETCH_HINT);
+                if (AHEAD >= 0) {
+                    _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) _mm_prefetch((const char *)(wp[p] + (start + j) * (PANEL_STEP / 4) + AHEAD), PREFETCH_HINT);
                 }
                 _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) v[p] = _mm512_load_si512(wp[p] + (start + j) * (PANEL_STEP / 4));
                 _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
@@ -86,8 +87,8 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
         } else {
             for (int64_t j = 0; j < len; j += 8) {
                 __m512i lo[4], hi[4];
-                if (AHEAD && PREFETCH >= 0) {
-                    _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) _mm_prefetch((const char *)(wp[p] + (start + j) * (PANEL_STEP / 8) + PREFETCH), PREFETCH_HINT);
+                if (AHEAD >= 0) {
+                    _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) _mm_prefetch((const char *)(wp[p] + (start + j) * (PANEL_STEP / 8) + AHEAD), PREFETCH_HINT);
                 }
                 _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) {
                     const __m512i packed = _mm512_load_si512(wp[p] + (start + j) * (PANEL_STEP / 8));
@@ -132,9 +133,11 @@ static inline __attribute__((always_inline)) void quad512(const Job *job, int64_
         default: panel_rows(job, NP * q, m0, 4, 4, AHEAD); break;   \
     }
     if (ahead == 2) {
-        TILES(1)
+        TILES(PREFETCH)
+    } else if (ahead == 1 && eight && job->m == 1 && job->kernel->prefetch == PREFETCH_LONE_INT8) {
+        panel_rows(job, NP * q, m0, 8, 1, LONE_PREFETCH);
     } else {
-        TILES(0)
+        TILES(-1)
     }
 #undef TILES
 }

@@ -9,12 +9,12 @@
 #include "kernels.h"
 
 #define SMALL_M 4  // rows per register tile; a call of at most this many quantizes inline
-// Bytes ahead of each panel the AVX-512 tile prefetches in a decode-sized call on a CPU that
-// prefetches (kernels_prefetch; -1: never). With each panel stored whole a task read four streams
-// at once, and 2 KiB ahead made 1-row steps 5-6 % and 4-row steps 9-15 % faster (Zen 5 VM). Since a
-// task reads one sequential stream (the interleaved groups below), AMD's prefetchers follow it
-// alone and the software prefetches only take load slots (Zen 4 VM: 1-row steps 6-18 % faster
-// without them), while Intel's still need them (Xeon VM: Qwen2-0.5B int4 and int8 1-row steps
+// Bytes ahead of each panel the AVX-512 tile prefetches in a decode-sized call where every such
+// call prefetches (kernels_prefetch PREFETCH_ALL: Intel; -1: never). With each panel stored
+// whole a task read four streams at once, and 2 KiB ahead made 1-row steps 5-6 % and 4-row steps
+// 9-15 % faster (Zen 5 VM). Since a task reads one sequential stream (the interleaved groups
+// below), AMD's prefetchers follow it alone and the software prefetches only take load slots
+// (Zen 4 VM: 1-row steps 6-18 % faster without them; a lone 8-bit row aside: LONE_PREFETCH), while Intel's still need them (Xeon VM: Qwen2-0.5B int4 and int8 1-row steps
 // 1.28x and 1.10x, 4-row steps 1.40x and 1.30x faster with them; bench/RESULTS.md).
 // Into L2 (PREFETCH_HINT), 6 KiB ahead: on a second Xeon VM, whose decode steps read the weights
 // at the VM's read ceiling, prefetches into L1 2 KiB ahead held a task's load slots long enough
@@ -24,7 +24,15 @@
 #ifndef PREFETCH  // -DPREFETCH=N builds another distance (bench/engine_steps.py compares libraries)
 #define PREFETCH 6144
 #endif
+// Where only lone 8-bit rows prefetch (PREFETCH_LONE_INT8, AMD), 3 KiB ahead: on the Zen 4 VM
+// Llama-134M int8 1-row steps were 1.07-1.17x faster with 2, 3 or 4 KiB, level with 6 KiB, and
+// Qwen2-0.5B int8's (at the VM's read ceiling either way) level (bench/RESULTS.md).
+#ifndef LONE_PREFETCH
+#define LONE_PREFETCH 3072
+#endif
+#ifndef PREFETCH_HINT  // -DPREFETCH_HINT=_MM_HINT_T0 builds another level (comparisons)
 #define PREFETCH_HINT _MM_HINT_T1
+#endif
 // The AVX2 tile (matmul_nbits_avx2.c) reads a panel at a time and spends more instructions per
 // byte; in a call of 2-4 rows its stream runs slower than the memory and a prefetch 2 KiB ahead
 // keeps it fed, while a lone row is faster without (the same Zen 4 VM, AUTOGLM_KERNELS_ISA=avx2:
@@ -50,7 +58,7 @@ typedef struct {
     int isa;             // ISA_AVX512 or ISA_AVX2 (kernels.h): the tile that runs it
     int64_t group;       // panels stored interleaved: 4 (PANEL_STEP / 64) for AVX-512, AVX2_GROUP for AVX2
     int amx;             // calls of more than SMALL_M rows run matmul_nbits_amx.c's tile (K and block multiples of 64)
-    int prefetch;        // decode-sized calls prefetch the weights (kernels_prefetch)
+    int prefetch;        // which decode-sized calls prefetch the weights (kernels_prefetch: PREFETCH_*)
 } Kernel;
 
 // The AVX-512 tiles' panels are stored interleaved four at a time (a group: 64 columns, what a
@@ -96,12 +104,15 @@ typedef struct {
 } Quantize;
 
 // Rows [m0, m0 + rows) of the group of four panels q; ahead: 0 a prefill-sized call, 1 a
-// decode-sized one, 2 a decode-sized one on a CPU that prefetches (Kernel.prefetch); each tile
-// decides from it whether to prefetch (PREFETCH, AVX2_PREFETCH).
+// decode-sized one, 2 a decode-sized one where every such call prefetches (Kernel.prefetch
+// PREFETCH_ALL); each tile decides from it whether to prefetch (PREFETCH, LONE_PREFETCH,
+// AVX2_PREFETCH).
 typedef void (*QuadTile)(const Job *job, int64_t q, int64_t m0, int rows, int eight, int ahead);
 
 // A call's `ahead` (QuadTile, and matmul_float.c's FloatRows).
-static inline int job_ahead(const Job *job) { return job->m <= SMALL_M ? 1 + job->kernel->prefetch : 0; }
+static inline int job_ahead(const Job *job) {
+    return job->m <= SMALL_M ? 1 + (job->kernel->prefetch == PREFETCH_ALL) : 0;
+}
 
 // Whether an AVX2 tile prefetches (AVX2_PREFETCH, FLOAT_AVX2_PREFETCH) `rows` rows of a call with
 // this `ahead`: 2-4 rows of a decode call on every CPU, a lone row on a CPU that prefetches.
