@@ -42,8 +42,8 @@
 #ifndef FLOAT_PREFETCH
 #define FLOAT_PREFETCH 1024
 #endif
-// The AVX2 tile's (16-column panels), in decode calls of 2-4 rows on every CPU and of one row on a
-// CPU that prefetches, as MatMulNBits' AVX2 tile (matmul_nbits.h): Llama-134M fp32 on the Zen 4 VM
+// The AVX2 tile's (16-column panels), in decode calls of 2-4 rows on every CPU and of one row where
+// every call prefetches (PREFETCH_ALL), as MatMulNBits' AVX2 tile (matmul_nbits.h): Llama-134M fp32 on the Zen 4 VM
 // with AUTOGLM_KERNELS_ISA=avx2, 1 KiB ahead, 4-row steps 6-7 % faster with it and 1-row steps 6 %
 // faster without; on the Xeon VM 1-row steps 1.12x faster with it.
 #ifndef FLOAT_AVX2_PREFETCH

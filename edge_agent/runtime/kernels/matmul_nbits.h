@@ -14,8 +14,9 @@
 // whole a task read four streams at once, and 2 KiB ahead made 1-row steps 5-6 % and 4-row steps
 // 9-15 % faster (Zen 5 VM). Since a task reads one sequential stream (the interleaved groups
 // below), AMD's prefetchers follow it alone and the software prefetches only take load slots
-// (Zen 4 VM: 1-row steps 6-18 % faster without them; a lone 8-bit row aside: LONE_PREFETCH), while Intel's still need them (Xeon VM: Qwen2-0.5B int4 and int8 1-row steps
-// 1.28x and 1.10x, 4-row steps 1.40x and 1.30x faster with them; bench/RESULTS.md).
+// (Zen 4 VM: 1-row steps 6-18 % faster without them; a lone 8-bit row aside: LONE_PREFETCH),
+// while Intel's still need them (Xeon VM: Qwen2-0.5B int4 and int8 1-row steps 1.28x and 1.10x,
+// 4-row steps 1.40x and 1.30x faster with them; bench/RESULTS.md).
 // Into L2 (PREFETCH_HINT), 6 KiB ahead: on a second Xeon VM, whose decode steps read the weights
 // at the VM's read ceiling, prefetches into L1 2 KiB ahead held a task's load slots long enough
 // that a lone int8 row ran 7 % slower with them than without; into L2, 4-8 KiB ahead, Qwen2-0.5B
@@ -24,7 +25,7 @@
 #ifndef PREFETCH  // -DPREFETCH=N builds another distance (bench/engine_steps.py compares libraries)
 #define PREFETCH 6144
 #endif
-// Where only lone 8-bit rows prefetch (PREFETCH_LONE_INT8, AMD), 3 KiB ahead: on the Zen 4 VM
+// Where only lone 8-bit rows prefetch (PREFETCH_LONE_INT8, AMD), 3 KiB ahead (-1: never): on the Zen 4 VM
 // Llama-134M int8 1-row steps were 1.07-1.17x faster with 2, 3 or 4 KiB, level with 6 KiB, and
 // Qwen2-0.5B int8's (at the VM's read ceiling either way) level (bench/RESULTS.md).
 #ifndef LONE_PREFETCH
@@ -37,7 +38,7 @@
 // byte; in a call of 2-4 rows its stream runs slower than the memory and a prefetch 2 KiB ahead
 // keeps it fed, while a lone row is faster without (the same Zen 4 VM, AUTOGLM_KERNELS_ISA=avx2:
 // 4-row steps 2-4 % faster with it, 1-row steps 0-16 % faster without). So: 2-4 rows on every
-// CPU, a lone row too on a CPU that prefetches (Xeon VM, AUTOGLM_KERNELS_ISA=avx2: Qwen2-0.5B int4
+// CPU, a lone row too where every call prefetches (PREFETCH_ALL; Xeon VM, AUTOGLM_KERNELS_ISA=avx2: Qwen2-0.5B int4
 // 1-row steps 1.21x faster with it; bench/RESULTS.md).
 #ifndef AVX2_PREFETCH
 #define AVX2_PREFETCH 2048
@@ -115,7 +116,8 @@ static inline int job_ahead(const Job *job) {
 }
 
 // Whether an AVX2 tile prefetches (AVX2_PREFETCH, FLOAT_AVX2_PREFETCH) `rows` rows of a call with
-// this `ahead`: 2-4 rows of a decode call on every CPU, a lone row on a CPU that prefetches.
+// this `ahead`: 2-4 rows of a decode call on every CPU, a lone row where every call prefetches
+// (PREFETCH_ALL).
 static inline int avx2_prefetches(int ahead, int64_t rows) { return ahead == 2 || (ahead == 1 && rows > 1); }
 
 // The groups of four panels (64 columns) task t computes: [*first, *last).
