@@ -47,8 +47,8 @@ static inline int kernels_isa(void) {
 // sequential stream short of the memory (Xeon VM: Qwen2-0.5B int4 1-row steps 1.28-1.37x, 4-row
 // 1.40-1.44x faster with them). PREFETCH_LONE_INT8: only the AVX-512 tile's lone 8-bit rows
 // (LONE_PREFETCH), on AMD's, where the prefetches took load slots from 4-bit and 2-4-row calls
-// (Zen 4 VM: 1-row steps 6-18 % slower; the attention's KV prefetch measured level), but a lone 8-bit row,
-// whose loads come twice as fast as a 4-bit one's, outran the hardware prefetchers (Zen 4 VM:
+// (Zen 4 VM: 1-row steps 6-18 % slower; the attention's KV prefetch level to 6 % faster), but a
+// lone 8-bit row, whose loads come twice as fast as a 4-bit one's, outran the hardware prefetchers (Zen 4 VM:
 // Llama-134M int8 1-row steps 1.07-1.17x faster with them; bench/RESULTS.md). PREFETCH_NONE:
 // neither (the AVX2 tiles' 2-4-row calls prefetch whatever this says).
 // AUTOGLM_KERNELS_PREFETCH=0 (none) or 1 (all) overrides; -DKERNELS_PREFETCH=0 or 1 builds a

@@ -34,18 +34,18 @@
 #define FLOAT_KB 512
 #endif
 // Bytes ahead of the weights the AVX-512 tile prefetches in a decode call of 2-4 rows on a CPU that
-// prefetches (kernels_prefetch PREFETCH_ALL; -1: never). Qwen2-0.5B fp32, Intel Xeon VM (bench/engine_steps.py):
-// 4-row steps 84 ms at 2048, 73-74 at 1024 (78 at 512, 90 at 256, 71-73 at 0), 1-row steps alike
-// (57-61 ms); a later Xeon VM, Llama-134M: 4-row steps 1.16x faster with 1 KiB, 1-row steps 2 %
-// slower. AMD EPYC Zen 4 VM, none against 1024: Llama-134M 1-row steps 4-6 % and 4-row 14-17 %
-// faster, SmolLM2 4-row 13-23 % faster, 1-row level (bench/RESULTS.md).
+// prefetches (kernels_prefetch PREFETCH_ALL; -1: never). Qwen2-0.5B fp32, Intel Xeon VM
+// (bench/engine_steps.py): 4-row steps 84 ms at 2048, 73-74 at 1024 (78 at 512, 90 at 256, 71-73 at
+// 0), 1-row steps alike (57-61 ms); a later Xeon VM, Llama-134M: 4-row steps 1.16x faster with
+// 1 KiB, 1-row steps 2 % slower. AMD EPYC Zen 4 VM, none against 1024: Llama-134M 1-row steps 4-6 %
+// and 4-row 14-17 % faster, SmolLM2 4-row 13-23 % faster, 1-row level (bench/RESULTS.md).
 #ifndef FLOAT_PREFETCH
 #define FLOAT_PREFETCH 1024
 #endif
 // The AVX2 tile's (16-column panels), in decode calls of 2-4 rows on every CPU and of one row where
-// every call prefetches (PREFETCH_ALL), as MatMulNBits' AVX2 tile (matmul_nbits.h): Llama-134M fp32 on the Zen 4 VM
-// with AUTOGLM_KERNELS_ISA=avx2, 1 KiB ahead, 4-row steps 6-7 % faster with it and 1-row steps 6 %
-// faster without; on the Xeon VM 1-row steps 1.12x faster with it.
+// every call prefetches (PREFETCH_ALL), as MatMulNBits' AVX2 tile (matmul_nbits.h): Llama-134M
+// fp32 on the Zen 4 VM with AUTOGLM_KERNELS_ISA=avx2, 1 KiB ahead, 4-row steps 6-7 % faster with
+// it and 1-row steps 6 % faster without; on the Xeon VM 1-row steps 1.12x faster with it.
 #ifndef FLOAT_AVX2_PREFETCH
 #define FLOAT_AVX2_PREFETCH 1024
 #endif
@@ -122,7 +122,8 @@ OrtStatus *float_kernel(const OrtKernelInfo *info, size_t index, Kernel *kn) {
     }
 
 // Rows [m0, m0 + rows) x `width` columns from c over k in [k0, k1); ahead: 0 a prefill-sized call,
-// 1 a decode-sized one, 2 a decode-sized one on a CPU that prefetches (Kernel.prefetch PREFETCH_ALL).
+// 1 a decode-sized one, 2 a decode-sized one on a CPU that prefetches (Kernel.prefetch
+// PREFETCH_ALL).
 typedef void (*FloatRows)(const Job *job, const float *w, int64_t c, int64_t m0, int64_t k0, int64_t k1,
                           int64_t rows, int ahead);
 

@@ -134,7 +134,7 @@ static inline __attribute__((always_inline)) void quad512(const Job *job, int64_
     }
     if (ahead == 2) {
         TILES(PREFETCH)
-    } else if (ahead == 1 && eight && job->m == 1 && job->kernel->prefetch == PREFETCH_LONE_INT8) {
+    } else if (eight && job->m == 1 && job->kernel->prefetch == PREFETCH_LONE_INT8) {
         panel_rows(job, NP * q, m0, 8, 1, LONE_PREFETCH);
     } else {
         TILES(-1)

@@ -25,9 +25,9 @@
 #ifndef PREFETCH  // -DPREFETCH=N builds another distance (bench/engine_steps.py compares libraries)
 #define PREFETCH 6144
 #endif
-// Where only lone 8-bit rows prefetch (PREFETCH_LONE_INT8, AMD), 3 KiB ahead (-1: never): on the Zen 4 VM
-// Llama-134M int8 1-row steps were 1.07-1.17x faster with 2, 3 or 4 KiB, level with 6 KiB, and
-// Qwen2-0.5B int8's (at the VM's read ceiling either way) level (bench/RESULTS.md).
+// Where only lone 8-bit rows prefetch (PREFETCH_LONE_INT8, AMD), 3 KiB ahead (-1: never): on the
+// Zen 4 VM Llama-134M int8 1-row steps were 1.07-1.17x faster with 2, 3 or 4 KiB, level with
+// 6 KiB, and Qwen2-0.5B int8's (at the VM's read ceiling either way) level (bench/RESULTS.md).
 #ifndef LONE_PREFETCH
 #define LONE_PREFETCH 3072
 #endif
@@ -38,8 +38,8 @@
 // byte; in a call of 2-4 rows its stream runs slower than the memory and a prefetch 2 KiB ahead
 // keeps it fed, while a lone row is faster without (the same Zen 4 VM, AUTOGLM_KERNELS_ISA=avx2:
 // 4-row steps 2-4 % faster with it, 1-row steps 0-16 % faster without). So: 2-4 rows on every
-// CPU, a lone row too where every call prefetches (PREFETCH_ALL; Xeon VM, AUTOGLM_KERNELS_ISA=avx2: Qwen2-0.5B int4
-// 1-row steps 1.21x faster with it; bench/RESULTS.md).
+// CPU, a lone row too where every call prefetches (PREFETCH_ALL; Xeon VM,
+// AUTOGLM_KERNELS_ISA=avx2: Qwen2-0.5B int4 1-row steps 1.21x faster with it; bench/RESULTS.md).
 #ifndef AVX2_PREFETCH
 #define AVX2_PREFETCH 2048
 #endif
