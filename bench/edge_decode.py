@@ -150,17 +150,36 @@ def read_config(src: Path) -> dict[str, object]:
 
 
 def weight_bytes_per_token(graph: Path) -> int:
-    """Bytes of initializers a decode step reads: all of them except embedding tables (one row each)."""
-    import onnx
-    from onnx import numpy_helper
+    """Bytes of initializers a decode step reads, as the edge's kernels read them: every initializer
+    except embedding tables and the rotary cos/sin caches (one row each per token), and a quantized
+    matrix's weights without the padding of its rows to whole blocks (MatMulNBits stores K rounded
+    up to the block size; the edge's kernels pack K elements, so SmolLM2's 576-wide rows, 4.5
+    blocks of 128, read 576 bytes at 8 bits where the graph holds 640)."""
+    import math
 
-    model = onnx.load(str(graph), load_external_data=True)
-    gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
-    total = 0
-    for init in model.graph.initializer:
-        if init.name in gathered:
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(graph), load_external_data=False)  # the shapes are all this needs
+    one_row = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
+    for n in model.graph.node:
+        if n.op_type.startswith("GroupQueryAttention"):
+            one_row.update(n.input[7:9])
+    inits = {t.name: t for t in model.graph.initializer}
+    packed: dict[str, int] = {}  # quantized weights: their bytes as packed (K unpadded)
+    for n in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        if not {"K", "N", "bits", "block_size"} <= attrs.keys():
             continue
-        total += numpy_helper.to_array(init).nbytes
+        for name in n.input:
+            t = inits.get(name)
+            if t is not None and t.data_type == onnx.TensorProto.UINT8 and len(t.dims) == 3:
+                packed[name] = int(attrs["N"]) * int(attrs["K"]) * int(attrs["bits"]) // 8
+    total = 0
+    for name, t in inits.items():
+        if name not in one_row:
+            itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            total += packed.get(name, math.prod(t.dims) * itemsize)
     return total
 
 

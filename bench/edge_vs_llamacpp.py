@@ -22,8 +22,10 @@ interquartile range. The bandwidth ceiling of batch-1 decode is
 
     ceiling tok/s = copy bandwidth (bytes/s) / weight bytes read per token,
 
-with the bytes counted from each engine's own files (all weights but the embedding table's rows;
-with tied embeddings the table is read whole as the output matrix).
+with the bytes counted from each engine's own files as its decode step reads them (all weights
+but the embedding table's rows and our graphs' rotary caches, one row each per token; with tied
+embeddings the table is read whole as the output matrix; our quantized rows without the padding to
+whole blocks that MatMulNBits stores and the edge's kernels do not pack: bench/edge_decode.py).
 Each round also samples a read-only probe (``read_bandwidth``: threads reducing large arrays):
 the copy convention counts a copied byte twice, and on some VMs plain reading reaches well under
 that figure, so the report also gives each engine's weight stream (MB per token × tokens per
