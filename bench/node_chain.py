@@ -34,7 +34,8 @@ from edge_decode import kernel_library
 
 
 def chain_model(k: int, n: int, nodes: int, bits: int, block: int, rows: int) -> tuple[bytes, int]:
-    """The chain's serialized ONNX model and its weights' bytes (packed weights and scales)."""
+    """The chain's serialized ONNX model and its weights' bytes as our kernels read them (K
+    elements a row, not the graph's rows padded to whole blocks, and the scales)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -45,7 +46,7 @@ def chain_model(k: int, n: int, nodes: int, bits: int, block: int, rows: int) ->
         blocks = (kin + block - 1) // block
         w = rng.integers(0, 256, (nout, blocks, block * bits // 8), dtype=np.uint8)
         s = (rng.random((nout, blocks), dtype=np.float32) * 0.01).astype(np.float32)
-        total += w.nbytes + s.nbytes
+        total += nout * kin * bits // 8 + s.nbytes
         inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(s, f"s{i}")]
         graph_nodes.append(
             helper.make_node(
