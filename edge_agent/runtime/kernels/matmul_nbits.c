@@ -49,7 +49,7 @@
 // it back: the 4-row 8-bit loop ran 32 register copies and 3 stores beside its 16 vpdpbusd, the
 // 4-bit one 18 and 7 beside 32. In place none (same instructions otherwise, same sums): a 4-row
 // call 1.21x (8 bits) and 1.05x (4 bits) faster from L2 on one thread, a 512-token prefill 1.05-
-// 1.14x (AMD EPYC Zen 4 VM, bench/RESULTS.md). -DNBITS_DP_INTRINSIC builds the intrinsic again.
+// 1.18x (AMD EPYC Zen 4 VM, bench/RESULTS.md). -DNBITS_DP_INTRINSIC builds the intrinsic again.
 #ifdef NBITS_DP_INTRINSIC
 #define DP(acc, w, x) ((acc) = _mm512_dpbusd_epi32((acc), (w), (x)))
 #else
