@@ -66,6 +66,8 @@ class RuntimeSettings(RuntimeTuning):
 
 
 class FetchSettings(_Section):
+    # A window of chunks per request; the next window is asked for once half of one has landed,
+    # so at most 1.5 windows (48 MiB with 1 MiB chunks) wait at the broker for this device.
     chunks_per_request: Annotated[int, Field(ge=1, le=4096)] = 32
     # With no chunk arriving for this long, the missing ones are asked for again.
     request_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0

@@ -8,7 +8,7 @@ import logging
 import os
 import random
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from edge_agent.update.fetcher import ChunkIndex, ShardFetcher, chunk_index
 from edge_agent.uplink.link import CloudLink
 from shared.blobs import BlobRef, BlobStore, describe_bytes
 from shared.errors import FetchError
+from shared.messages import FetchRequest
 from shared.mqtt import BrokerSettings
 from shared.topics import Topics
 
@@ -450,6 +451,69 @@ def test_chunks_of_another_chunking_of_the_blob_are_strays_not_damage(tmp_path: 
 
     fetcher = asyncio.run(scenario())
     assert fetcher.stats.strays == 18 and fetcher.stats.chunks_rejected == 0
+
+
+def test_the_next_window_is_asked_for_while_the_last_one_still_arrives(tmp_path: Path) -> None:
+    """The link never idles between windows: once half a window has landed the next is asked
+    for, at most 1.5 windows are in flight, and no chunk is asked for twice."""
+    data = random.Random(3).randbytes(12 * CHUNK)
+    ref = describe_bytes(data, CHUNK)
+    asked: list[list[int]] = []
+
+    class Recorder:
+        async def subscribe_blob(self, digest: str) -> None: ...
+        async def unsubscribe_blob(self, digest: str) -> None: ...
+        async def send_fetch(self, request: FetchRequest) -> None:
+            asked.append(list(request.blobs[0].chunks or []))
+
+    async def until(condition: Callable[[], bool]) -> None:
+        for _ in range(500):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("timed out")
+
+    def chunks_asked() -> int:
+        return sum(len(a) for a in asked)
+
+    async def more_chunks_asked_than(n: int) -> None:
+        await until(lambda: chunks_asked() > n)
+
+    async def more_requests_than(n: int) -> None:
+        await until(lambda: len(asked) > n)
+
+    async def scenario() -> ShardFetcher:
+        fetcher = ShardFetcher(
+            "d", BlobStore(tmp_path / "c"), tmp_path / "p", Recorder(), chunks_per_request=4
+        )
+        task = asyncio.create_task(fetcher.fetch_blobs([ref]))
+
+        def deliver(i: int) -> None:
+            fetcher.on_chunk(ref.digest, i, data[i * CHUNK : (i + 1) * CHUNK])
+
+        sent = 0
+        while sent < ref.chunk_count:
+            await more_chunks_asked_than(sent)
+            # Half of what is in flight arrives; the rest of it only after the next request.
+            in_flight = [i for a in asked for i in a][sent:]
+            half = max(1, len(in_flight) // 2)
+            for i in in_flight[:half]:
+                deliver(i)
+            sent += half
+            if chunks_asked() < ref.chunk_count:
+                await more_requests_than(len(asked))
+            for i in in_flight[half:]:
+                deliver(i)
+            sent += len(in_flight) - half
+        await task
+        return fetcher
+
+    fetcher = asyncio.run(scenario())
+    assert fetcher.cache.read(ref.digest) == data
+    assert asked[0] == [0, 1, 2, 3]
+    flat = [i for a in asked for i in a]
+    assert sorted(flat) == list(range(12)), "every chunk asked for exactly once"
+    assert max(len(a) for a in asked) <= 4
 
 
 def test_the_blob_server_refuses_chunk_indexes_past_the_end_and_rereads_the_registry(tmp_path: Path) -> None:

@@ -5,6 +5,9 @@ the manifest, so only chunks that are missing or damaged are asked for again. A 
 arrives corrupt is dropped and requested again on its own. Duplicates (normal after reconnects)
 are ignored.
 
+Chunks are asked for a window at a time (``chunks_per_request``), the next window as soon as half
+of the last has landed, so the link does not idle for a round trip between windows.
+
 Chunks are verified and written by one worker thread, not in the MQTT message loop: hashing and
 writing a megabyte took the loop longer than receiving it, so the loop stood still while chunks
 queued at the broker (issue 17; SHA-256 and file writes release the GIL, so both go on at once).
@@ -477,56 +480,66 @@ class ShardFetcher:
         if self.limiter is not None:
             # About one second of transfer per request, so a capped fetch flows instead of bursting.
             per_request = max(1, min(per_request, self.limiter.bytes_per_s // max(1, t.chunk_size)))
+        asked: set[int] = set()  # requested, and not given up on after a stall
+        deadline = loop.time() + self.request_timeout_s
         while missing := t.missing():
-            window = self._window(t, missing, per_request)
-            t.rejected.difference_update(window)
-            await self._request(t, sorted(window))
-            deadline = loop.time() + self.request_timeout_s
-            while not window <= t.have:
-                t.changed.clear()
-                if t.error is not None:
-                    free = shutil.disk_usage(self.partial_dir).free
-                    if t.error.errno == errno.ENOSPC:
-                        raise NoSpaceError(
-                            f"disk full while writing {t.digest}: {free} bytes free, "
-                            f"{sum(t.expected_length(i) for i in t.missing())} more needed",
-                            device_id=self.device_id,
-                        ) from t.error
-                    raise FetchError(f"cannot write {t.digest}: {t.error}", device_id=self.device_id)
-                redo = sorted(window & t.rejected)
-                hopeless = [i for i in redo if t.rejections.get(i, 0) >= self.max_chunk_rejections]
-                if hopeless:
-                    # The same chunk damaged again and again is not line noise: asking forever would
-                    # keep the cloud publishing it and this update from ever ending.
-                    raise IntegrityError(
-                        f"chunk {hopeless[0]} arrived damaged {t.rejections[hopeless[0]]} times; giving up",
+            in_flight = asked - t.have
+            # The next window goes out while the last one's second half is still arriving: asked
+            # for only once the last had landed, every window began with the link idle for a round
+            # trip and the cloud's read of the blob (one device took 1.27x a raw MQTT stream's
+            # time for 128 MiB; bench/RESULTS.md). At most 1.5 windows are queued for the device.
+            if sum(t.expected_length(i) for i in in_flight) <= per_request * t.chunk_size // 2:
+                fresh = [i for i in missing if i not in asked]
+                if fresh:
+                    window = self._window(t, fresh, per_request)
+                    t.rejected.difference_update(window)
+                    await self._request(t, sorted(window))
+                    asked |= window
+                    deadline = loop.time() + self.request_timeout_s
+                    continue
+            t.changed.clear()
+            if t.error is not None:
+                free = shutil.disk_usage(self.partial_dir).free
+                if t.error.errno == errno.ENOSPC:
+                    raise NoSpaceError(
+                        f"disk full while writing {t.digest}: {free} bytes free, "
+                        f"{sum(t.expected_length(i) for i in t.missing())} more needed",
+                        device_id=self.device_id,
+                    ) from t.error
+                raise FetchError(f"cannot write {t.digest}: {t.error}", device_id=self.device_id)
+            redo = sorted(in_flight & t.rejected)
+            hopeless = [i for i in redo if t.rejections.get(i, 0) >= self.max_chunk_rejections]
+            if hopeless:
+                # The same chunk damaged again and again is not line noise: asking forever would
+                # keep the cloud publishing it and this update from ever ending.
+                raise IntegrityError(
+                    f"chunk {hopeless[0]} arrived damaged {t.rejections[hopeless[0]]} times; giving up",
+                    digest=t.digest,
+                    device_id=self.device_id,
+                )
+            if redo:
+                # Only the damaged chunks go out again; the rest is still in flight.
+                t.rejected.difference_update(redo)
+                await self._request(t, redo)
+                deadline = loop.time() + self.request_timeout_s
+            have_before = len(t.have)
+            try:
+                await asyncio.wait_for(t.changed.wait(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                stalls += 1
+                if stalls >= self.max_stalls:
+                    raise FetchError(
+                        f"no chunk arrived in {stalls} waits of {self.request_timeout_s}s",
                         digest=t.digest,
                         device_id=self.device_id,
-                    )
-                if redo:
-                    # Only the damaged chunks go out again; the rest of the window is still in flight.
-                    t.rejected.difference_update(redo)
-                    await self._request(t, redo)
-                    deadline = loop.time() + self.request_timeout_s
-                have_before = len(t.have)
-                try:
-                    await asyncio.wait_for(t.changed.wait(), max(0.0, deadline - loop.time()))
-                except TimeoutError:
-                    stalls += 1
-                    if stalls >= self.max_stalls:
-                        raise FetchError(
-                            f"no chunk arrived in {stalls} waits of {self.request_timeout_s}s",
-                            digest=t.digest,
-                            device_id=self.device_id,
-                            missing=len(t.missing()),
-                        ) from None
-                    log.info(
-                        "fetch of %s stalled; asking again for %d chunk(s)", t.digest, len(window - t.have)
-                    )
-                    break
-                if len(t.have) > have_before:
-                    stalls = 0
-                    deadline = loop.time() + self.request_timeout_s
+                        missing=len(t.missing()),
+                    ) from None
+                log.info("fetch of %s stalled; asking again for %d chunk(s)", t.digest, len(in_flight))
+                asked -= in_flight  # lost on the way: asked for again with the next window
+                continue
+            if len(t.have) > have_before:
+                stalls = 0
+                deadline = loop.time() + self.request_timeout_s
 
 
 def _verify_and_write(
