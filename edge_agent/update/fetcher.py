@@ -486,8 +486,9 @@ class ShardFetcher:
             in_flight = asked - t.have
             # The next window goes out while the last one's second half is still arriving: asked
             # for only once the last had landed, every window began with the link idle for a round
-            # trip and the cloud's read of the blob (one device took 1.27x a raw MQTT stream's
-            # time for 128 MiB; bench/RESULTS.md). At most 1.5 windows are queued for the device.
+            # trip and the cloud's first read (windows of 32 on loopback: one device at 0.66-0.70
+            # of a raw MQTT stream's rate before, 0.69-0.76 after; bench/RESULTS.md). At most 1.5
+            # windows are queued for the device.
             if sum(t.expected_length(i) for i in in_flight) <= per_request * t.chunk_size // 2:
                 fresh = [i for i in missing if i not in asked]
                 if fresh:
