@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -53,6 +54,22 @@ def eventually(
             extra = f"\n{context()}" if context else ""
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last: {last!r}{extra}")
         time.sleep(interval)
+
+
+async def until(
+    condition: Callable[[], bool],
+    seconds: float = 10.0,
+    what: str = "the condition",
+    *,
+    interval: float = 0.01,
+) -> None:
+    """``eventually`` for a test running on an event loop: polls ``condition`` every ``interval``
+    seconds with the loop free between polls (the tasks it waits for run on it)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {seconds:g}s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 # The control key of every control plane and test cloud in this session; edges pin it by default.

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from shared.errors import (
     ModelNotReady,
     QueueFull,
 )
+from tests.services import until
 
 CHAT = "/v1/chat/completions"
 DAY = 86400.0
@@ -334,14 +334,6 @@ def test_batch_settings_are_checked_at_start_up(tmp_path: Path) -> None:
         )
 
 
-async def _until(check: Callable[[], bool]) -> None:
-    for _ in range(1000):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the worker never got there")
-
-
 # -- the worker, over a fake executor ------------------------------------------------------------------
 class FakeExecutor:
     """Serves requests whose model is "demo-glm" locally; the rest only "the cloud" can, and only
@@ -399,14 +391,14 @@ def test_the_worker_serves_locally_while_cloud_requests_wait_and_then_go_to_the_
         task = asyncio.create_task(worker.run())
         try:
             async with asyncio.timeout(10):
-                await _until(lambda: journal.batch(batch_id).completed == 3)
+                await until(lambda: journal.batch(batch_id).completed == 3)
                 await asyncio.sleep(0.05)
                 assert journal.unfinished() == {"pending_local": 0, "waiting_cloud": 3}
                 assert worker.gate.failing  # and backing off for 30 s: nothing moves by itself
                 # The cloud comes back and so does the MQTT link: the worker tries at once.
                 executor.cloud_up = True
                 online[0] = True
-                await _until(lambda: journal.batch(batch_id).status == "completed")
+                await until(lambda: journal.batch(batch_id).status == "completed")
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

@@ -8,7 +8,7 @@ import logging
 import os
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from shared.errors import FetchError
 from shared.messages import FetchRequest
 from shared.mqtt import BrokerSettings
 from shared.topics import Topics
+from tests.services import until
 
 CHUNK = 64 * 1024
 
@@ -465,13 +466,6 @@ def test_the_next_window_is_asked_for_while_the_last_one_still_arrives(tmp_path:
         async def unsubscribe_blob(self, digest: str) -> None: ...
         async def send_fetch(self, request: FetchRequest) -> None:
             asked.append(list(request.blobs[0].chunks or []))
-
-    async def until(condition: Callable[[], bool]) -> None:
-        for _ in range(500):
-            if condition():
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("timed out")
 
     def chunks_asked() -> int:
         return sum(len(a) for a in asked)

@@ -19,6 +19,7 @@ from cloud.gateway.balancer import REPLICA_HEADER, PoolGateway, Replica
 from cloud.gateway.load import AUTOGLM_POOL, VLLM, ReplicaLoad, parse_load, server_root
 from cloud.settings import GatewaySettings
 from shared.errors import RequestError
+from tests.services import until
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -273,15 +274,6 @@ async def vllm_like(health: list[int], waiting: list[int]) -> AsyncIterator[str]
         await runner.cleanup()
 
 
-async def _until(condition: Callable[[], bool]) -> None:
-    """Until the gateway's own polls (tasks on this loop) make ``condition`` true; at most 5 s."""
-    for _ in range(250):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("the condition did not become true within 5 s")
-
-
 def test_scraped_queue_steers_requests_and_readiness_takes_a_replica_out() -> None:
     health, waiting = [200], [6]
 
@@ -291,19 +283,23 @@ def test_scraped_queue_steers_requests_and_readiness_takes_a_replica_out() -> No
             polls = asyncio.create_task(gateway.run_health_checks())
             try:
                 vllm, other = gateway.replicas
-                await _until(lambda: vllm.load is not None and other.models is not None)
+                await until(
+                    seconds=5.0,
+                    interval=0.02,
+                    condition=lambda: vllm.load is not None and other.models is not None,
+                )
                 assert vllm.server is VLLM and other.server is None and other.load is None
                 assert vllm.view()["load"] == 7
                 for _ in range(4):  # its queue outweighs the other's own requests
                     r = await gateway.forward("/completions", {"model": "m", "prompt": "x"})
                     assert r.headers[REPLICA_HEADER] == "pool-1"
                 waiting[0] = 0
-                await _until(lambda: vllm.estimated_load == 1)
+                await until(seconds=5.0, interval=0.02, condition=lambda: vllm.estimated_load == 1)
                 health[0] = 503  # the engine died behind a live API server
-                await _until(lambda: not vllm.up)
+                await until(seconds=5.0, interval=0.02, condition=lambda: not vllm.up)
                 assert vllm.last_error == "/health answered HTTP 503"
                 health[0] = 200
-                await _until(lambda: vllm.up)
+                await until(seconds=5.0, interval=0.02, condition=lambda: vllm.up)
             finally:
                 polls.cancel()
                 await asyncio.gather(polls, return_exceptions=True)

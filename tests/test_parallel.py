@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 
 import pytest
 
@@ -17,6 +16,7 @@ from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.text import Prompt
 from edge_agent.update.slots import SlotStore
 from shared.errors import QueueFull
+from tests.services import until
 
 GREEDY = SamplingConfig(temperature=0.0)
 PROMPTS = (
@@ -64,14 +64,6 @@ async def _collect(host: ModelHost, prompt: str, n: int, delay: float = 0.0) -> 
             return item, pieces
         pieces += 1
     raise AssertionError("no result")
-
-
-async def _until(condition: Callable[[], bool], seconds: float = 30.0) -> None:
-    for _ in range(int(seconds * 1000)):
-        if condition():
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError("timed out")
 
 
 def test_batched_answers_equal_the_answers_alone(folder, demo_package, alone) -> None:  # type: ignore[no-untyped-def]
@@ -241,11 +233,13 @@ def test_requests_that_arrive_together_decode_together_from_their_first_step(
 
     async def go() -> list[tuple[GenerationResult, int]]:
         first = asyncio.create_task(_collect(host, PROMPTS[0], 24))
-        await _until(lambda: bool(widths))
+        await until(seconds=30.0, interval=0.001, condition=lambda: bool(widths))
         rest = [asyncio.create_task(_collect(host, p, 24)) for p in PROMPTS[1:4]]
         batcher = model.batcher
         assert batcher is not None
-        await _until(lambda: len(batcher._pending) == 3)  # submitted, not yet admitted
+        await until(
+            seconds=30.0, interval=0.001, condition=lambda: len(batcher._pending) == 3
+        )  # submitted, not yet admitted
         held.set()
         return await asyncio.gather(first, *rest)
 
