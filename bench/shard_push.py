@@ -11,7 +11,8 @@ with the production settings (periodic autosave, TCP_NODELAY).
 The model is a real ONNX graph with its weights in an external data file (tensors of mixed
 sizes, as in a transformer: large matrices and small norm vectors between them), chunked the way
 the packager does by default: cut at the tensor boundaries the graph lists, pieces of at most
-1 MiB, asked for in runs of whole chunks packed to about 1 MiB per message.
+1 MiB, asked for in runs of whole chunks packed to about 1 MiB per message, a window of the agent's
+default size (``fetch.chunks_per_request``) at a time, the next once half of the last has landed.
 
 Then a second version with about 10 % of the weights changed (whole tensors, as a fine-tune of
 some layers would change them) goes to a device that holds the first one: bytes sent on the wire
@@ -51,6 +52,7 @@ from cloud.mqtt.blob_server import BlobServer
 from cloud.mqtt.control_link import ControlLink
 from cloud.mqtt.local_broker import LocalBroker
 from cloud.packaging.layout import tensor_cuts
+from edge_agent.settings import FetchSettings
 from edge_agent.update.fetcher import ShardFetcher, chunk_index
 from edge_agent.uplink.link import CloudLink
 from shared.blobs import BlobRef, BlobStore, chunk_count_for, describe_file
@@ -123,7 +125,8 @@ class Device:
             BlobStore(root / f"dev{i}" / "cache"),
             root / f"dev{i}" / "partial",
             self.link,
-            chunks_per_request=64,
+            # The agent's own window (fetch.chunks_per_request): the goal is at default settings.
+            chunks_per_request=FetchSettings().chunks_per_request,
         )
 
     # Seconds the device's event loop spent handing chunks to the fetcher: time in which the
