@@ -155,31 +155,30 @@ def weight_bytes_per_token(graph: Path) -> int:
     matrix's weights without the padding of its rows to whole blocks (MatMulNBits stores K rounded
     up to the block size; the edge's kernels pack K elements, so SmolLM2's 576-wide rows, 4.5
     blocks of 128, read 576 bytes at 8 bits where the graph holds 640)."""
-    import math
-
     import onnx
     from onnx import helper
 
+    from cloud.packaging.layout import tensor_nbytes
+
     model = onnx.load(str(graph), load_external_data=False)  # the shapes are all this needs
-    one_row = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
-    for n in model.graph.node:
-        if n.op_type.startswith("GroupQueryAttention"):
-            one_row.update(n.input[7:9])
     inits = {t.name: t for t in model.graph.initializer}
+    one_row: set[str] = set()
     packed: dict[str, int] = {}  # quantized weights: their bytes as packed (K unpadded)
     for n in model.graph.node:
+        if n.op_type == "Gather":
+            one_row.add(n.input[0])
+        elif n.op_type.startswith("GroupQueryAttention"):
+            one_row.update(n.input[7:9])
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        if not {"K", "N", "bits", "block_size"} <= attrs.keys():
-            continue
-        for name in n.input:
-            t = inits.get(name)
-            if t is not None and t.data_type == onnx.TensorProto.UINT8 and len(t.dims) == 3:
-                packed[name] = int(attrs["N"]) * int(attrs["K"]) * int(attrs["bits"]) // 8
+        if {"K", "N", "bits", "block_size"} <= attrs.keys():
+            for name in n.input:
+                t = inits.get(name)
+                if t is not None and t.data_type == onnx.TensorProto.UINT8 and len(t.dims) == 3:
+                    packed[name] = int(attrs["N"]) * int(attrs["K"]) * int(attrs["bits"]) // 8
     total = 0
     for name, t in inits.items():
         if name not in one_row:
-            itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-            total += packed.get(name, math.prod(t.dims) * itemsize)
+            total += packed.get(name, tensor_nbytes(t))
     return total
 
 

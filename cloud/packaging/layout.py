@@ -33,7 +33,7 @@ def tensor_cuts(graphs: Iterable[Path]) -> dict[str, list[int]]:
             try:
                 info = ExternalDataInfo(tensor)
                 offset = int(info.offset or 0)
-                length = int(info.length) if info.length else _nbytes(tensor)
+                length = int(info.length) if info.length else tensor_nbytes(tensor)
                 location = Path(info.location).as_posix()
             except (TypeError, ValueError) as exc:
                 raise PackagingError(
@@ -47,7 +47,7 @@ def tensor_cuts(graphs: Iterable[Path]) -> dict[str, list[int]]:
     return {location: sorted(points) for location, points in cuts.items()}
 
 
-def _nbytes(tensor: onnx.TensorProto) -> int:
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
     """The bytes of a tensor whose external data gives no length: its shape times its element
     size (0, so only its start is cut, for a type without a fixed size)."""
     try:
