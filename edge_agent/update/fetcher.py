@@ -480,24 +480,26 @@ class ShardFetcher:
         if self.limiter is not None:
             # About one second of transfer per request, so a capped fetch flows instead of bursting.
             per_request = max(1, min(per_request, self.limiter.bytes_per_s // max(1, t.chunk_size)))
-        asked: set[int] = set()  # requested, and not given up on after a stall
+        # Asked for and not landed yet (cleared after a stall: lost on the way). Kept to the chunks
+        # of at most 1.5 windows, so each arrival's pass costs that much, not the whole blob's.
+        in_flight: set[int] = set()
         deadline = loop.time() + self.request_timeout_s
-        while missing := t.missing():
-            in_flight = asked - t.have
+        while len(t.have) < t.count:
+            in_flight = {i for i in in_flight if i not in t.have}
             # The next window goes out while the last one's second half is still arriving: asked
             # for only once the last had landed, every window began with the link idle for a round
             # trip and the cloud's first read (windows of 32 on loopback: one device at 0.66-0.70
             # of a raw MQTT stream's rate before, 0.69-0.76 after; bench/RESULTS.md). At most 1.5
             # windows are queued for the device.
-            if sum(t.expected_length(i) for i in in_flight) <= per_request * t.chunk_size // 2:
-                fresh = [i for i in missing if i not in asked]
-                if fresh:
-                    window = self._window(t, fresh, per_request)
-                    t.rejected.difference_update(window)
-                    await self._request(t, sorted(window))
-                    asked |= window
-                    deadline = loop.time() + self.request_timeout_s
-                    continue
+            unasked = t.count - len(t.have) - len(in_flight)  # in_flight and have are disjoint
+            if unasked and sum(t.expected_length(i) for i in in_flight) <= per_request * t.chunk_size // 2:
+                fresh = [i for i in t.missing() if i not in in_flight]
+                window = self._window(t, fresh, per_request)
+                t.rejected.difference_update(window)
+                await self._request(t, sorted(window))
+                in_flight |= window
+                deadline = loop.time() + self.request_timeout_s
+                continue
             t.changed.clear()
             if t.error is not None:
                 free = shutil.disk_usage(self.partial_dir).free
@@ -536,7 +538,7 @@ class ShardFetcher:
                         missing=len(t.missing()),
                     ) from None
                 log.info("fetch of %s stalled; asking again for %d chunk(s)", t.digest, len(in_flight))
-                asked -= in_flight  # lost on the way: asked for again with the next window
+                in_flight.clear()  # lost on the way: asked for again with the next window
                 continue
             if len(t.have) > have_before:
                 stalls = 0
