@@ -28,8 +28,10 @@ Usage: python bench/edge_decode.py [--model llama-134m|smollm2|glm-135m|qwen2-0.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -38,7 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -195,14 +197,46 @@ def copy_bandwidth(threads: int, mib: int = 512, repeats: int = 9) -> tuple[floa
 
 
 def read_bandwidth(threads: int, mib: int = 1024, repeats: int = 9) -> tuple[float, float]:
-    """Bytes read per second while ``threads`` threads each reduce their own large array (an OR
-    over 64-bit words: the fastest plain read numpy does), i.e. what a decode step, which only
-    reads its weights, could stream at most. On some VMs it is well below the copy convention's
-    figure (an Intel Xeon VM: 32-38 GB/s read against 49 GB/s copy), so it says how far a decode
-    is from the memory where the copy ceiling cannot. Returns (median, best) over ``repeats``."""
-    n = mib * 1024 * 1024 // threads // 8
-    srcs = [np.ones(n, dtype=np.uint64) for _ in range(threads)]
-    return _parallel_rate(lambda i: np.bitwise_or.reduce(srcs[i]), threads, 8 * n, repeats)
+    """Bytes read per second while ``threads`` threads each read their own large array front to
+    back (bench/read_probe.c: an XOR over it with many loads in flight), i.e. what a decode step,
+    which only reads its weights, could stream at most. On some VMs it is well below the copy
+    convention's figure (an Intel Xeon VM: 26-28 GB/s read against 33-40 GB/s copy), so it says
+    how far a decode is from the memory where the copy ceiling cannot. Where no C compiler is at
+    hand it falls back to numpy (an OR reduction, which reads 30-40 % slower: see read_probe.c).
+    Returns (median, best) over ``repeats``."""
+    n = mib * 1024 * 1024 // threads // 512 * 512
+    srcs = [np.ones(n // 8, dtype=np.uint64) for _ in range(threads)]
+    probe = _read_probe()
+    if probe is None:
+        return _parallel_rate(lambda i: np.bitwise_or.reduce(srcs[i]), threads, n, repeats)
+    return _parallel_rate(lambda i: probe(srcs[i].ctypes.data, n), threads, n, repeats)
+
+
+_PROBE_SOURCE = Path(__file__).with_name("read_probe.c")
+
+
+@functools.cache
+def _read_probe() -> Callable[[int, int], int] | None:
+    """bench/read_probe.c's read_xor, built for this CPU (``$CC`` or cc, -O3 -march=native) once
+    per process; None (and a note) where it cannot be built."""
+    import ctypes
+    import subprocess
+
+    folder = Path(tempfile.mkdtemp(prefix="autoglm-read-probe-"))
+    out = folder / "read_probe.so"
+    cc = os.environ.get("CC", "cc")
+    cmd = [cc, "-O3", "-march=native", "-shared", "-fPIC", str(_PROBE_SOURCE), "-o", str(out)]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+        fn = ctypes.CDLL(str(out)).read_xor  # loaded: the mapping outlives the file
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"read probe: {cc} could not build {_PROBE_SOURCE.name} ({exc}); numpy's OR reduction instead")
+        return None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    fn.restype = ctypes.c_uint64
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t]  # ctypes releases the GIL around the call
+    return cast("Callable[[int, int], int]", fn)
 
 
 def _parallel_rate(

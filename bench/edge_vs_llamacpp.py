@@ -26,10 +26,10 @@ with the bytes counted from each engine's own files as its decode step reads the
 but the embedding table's rows and our graphs' rotary caches, one row each per token; with tied
 embeddings the table is read whole as the output matrix; our quantized rows without the padding to
 whole blocks that MatMulNBits stores and the edge's kernels do not pack: bench/edge_decode.py).
-Each round also samples a read-only probe (``read_bandwidth``: threads reducing large arrays):
-the copy convention counts a copied byte twice, and on some VMs plain reading reaches well under
-that figure, so the report also gives each engine's weight stream (MB per token × tokens per
-second) as a share of what reading alone reaches.
+Each round also samples a read-only probe (``read_bandwidth``: threads reading large arrays,
+bench/read_probe.c): the copy convention counts a copied byte twice, and on some VMs plain
+reading reaches well under that figure, so the report also gives each engine's weight stream (MB
+per token × tokens per second) as a share of what reading alone reaches.
 
 llama.cpp: ``bash bench/llamacpp_setup.sh DIR`` builds it from the source vendored in the
 llama-cpp-python sdist, with a virtual environment for its converter; pass ``--llama-cpp DIR``.

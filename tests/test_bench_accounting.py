@@ -72,3 +72,20 @@ def test_whole_blocks_count_as_stored(tmp_path: Path) -> None:
     path = tmp_path / "g.onnx"
     _graph(path, k=768, n=256, bits=4, block=128)
     assert weight_bytes_per_token(path) == 256 * 768 // 2 + 256 * 6 * 4 + 768 * 4
+
+
+def test_read_probe_reads_every_word() -> None:
+    """The read-only probe the ceiling shares are set against (bench/read_probe.c, built here with
+    the C compiler the kernels' build needs) must read the whole array, not a part of it that a
+    compiler or a short loop bound left out: its XOR equals numpy's over the same words."""
+    import edge_decode
+
+    probe = edge_decode._read_probe()
+    assert probe is not None, "cc could not build bench/read_probe.c"
+    rng = np.random.default_rng(7)
+    words = rng.integers(0, 2**63, size=3 * 64 * 1024, dtype=np.uint64)
+    assert probe(words.ctypes.data, words.nbytes) == int(np.bitwise_xor.reduce(words))
+    words[-1] ^= np.uint64(1)  # the last word counts too
+    assert probe(words.ctypes.data, words.nbytes) == int(np.bitwise_xor.reduce(words))
+    rate, best = edge_decode.read_bandwidth(1, mib=64, repeats=2)
+    assert 0 < rate <= best
