@@ -35,6 +35,16 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 
+// A 4-bit tile of at most this many rows takes each high nibble where it lies (masked, not
+// shifted: 16 x the weight) into sums of its own, shifted down by 4 at the block's end, which is
+// exact (a multiple of 16; at most 16 x 15 x 127 x 4096 < 2^31 for the largest block): one vector
+// op fewer per 64 bytes (and, and, 2 vpdpbusd instead of and, shift, and, 2 vpdpbusd), and two
+// independent chains per panel. Its extra sums fit the registers up to 2 rows (3-4 would need 24-32
+// of them). Intel Xeon VM (bench/RESULTS.md): SmolLM2 int4 1-row steps 1.05-1.09x faster; matrices
+// streamed from memory alone, 1 row, 3 % faster. -DHI16_ROWS=0 builds the shifted nibbles for every M.
+#ifndef HI16_ROWS
+#define HI16_ROWS 2
+#endif
 #define NP 4  // panels (16 columns each) per register tile: the group stored interleaved
 // Tasks per matrix: enough for the intra-op pool to balance two to a few dozen threads.
 #ifndef TASKS  // -DTASKS=N builds another split (bench/engine_steps.py compares libraries)
@@ -96,7 +106,11 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
                     _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) DP(a[p][i], v[p], xb);
                 }
             }
-        } else {
+        } else if (M <= HI16_ROWS) {  // high nibbles in place, summed apart (HI16_ROWS)
+            __m512i h16[4][SMALL_M];
+            const __m512i high = _mm512_set1_epi8((char)0xF0);
+            _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++)
+                _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) h16[p][i] = _mm512_setzero_si512();
             for (int64_t j = 0; j < len; j += 8) {
                 __m512i lo[4], hi[4];
                 if (AHEAD >= 0) {
@@ -105,7 +119,31 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
                 _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) {
                     const __m512i packed = _mm512_load_si512(wp[p] + (start + j) * (PANEL_STEP / 8));
                     lo[p] = _mm512_and_si512(packed, low);
+                    hi[p] = _mm512_and_si512(packed, high);
+                }
+                _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
+                    const __m512i xl = _mm512_set1_epi32(*(const int32_t *)(x[i] + j));
+                    const __m512i xh = _mm512_set1_epi32(*(const int32_t *)(x[i] + j + 4));
+                    _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++)
+                        { DP(a[p][i], lo[p], xl); DP(h16[p][i], hi[p], xh); }
+                }
+            }
+            _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++)
+                _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) a[p][i] = _mm512_add_epi32(a[p][i], _mm512_srai_epi32(h16[p][i], 4));
+        } else {
+            for (int64_t j = 0; j < len; j += 8) {
+                __m512i lo[4], hi[4];
+                if (AHEAD >= 0) {
+                    _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) _mm_prefetch((const char *)(wp[p] + (start + j) * (PANEL_STEP / 8) + AHEAD), PREFETCH_HINT);
+                }
+                _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) {
+                    const __m512i packed = _mm512_load_si512(wp[p] + (start + j) * (PANEL_STEP / 8));
+#ifdef EXP_NOUNPACK
+                    lo[p] = packed; hi[p] = packed;
+#else
+                    lo[p] = _mm512_and_si512(packed, low);
                     hi[p] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
+#endif
                 }
                 _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
                     const __m512i xl = _mm512_set1_epi32(*(const int32_t *)(x[i] + j));
