@@ -66,6 +66,24 @@
 #define DP(acc, w, x) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x))
 #endif
 
+// A lone row's step of a HI16_ROWS tile: its low nibbles' sums a[0..3][i] += lo x xl and its high
+// nibbles' h[0..3][i] += hi x xh, as one statement: with a DP per sum GCC (12) kept a lone row's
+// sums in other registers than the instructions' and copied them back, 12 copies beside 8
+// vpdpbusd per step (6 where it prefetches); tied together none. (Two rows are the other way
+// round: none with a DP per sum, 4 with this.)
+#define DP_ROW_HI16(a, h, i, lo, hi, xl, xh)                                                          \
+    __asm__("vpdpbusd %[xl], %[l0], %[a0]\n\tvpdpbusd %[xh], %[h0], %[b0]\n\t"                   \
+            "vpdpbusd %[xl], %[l1], %[a1]\n\tvpdpbusd %[xh], %[h1], %[b1]\n\t"                   \
+            "vpdpbusd %[xl], %[l2], %[a2]\n\tvpdpbusd %[xh], %[h2], %[b2]\n\t"                   \
+            "vpdpbusd %[xl], %[l3], %[a3]\n\tvpdpbusd %[xh], %[h3], %[b3]"                         \
+            : [a0] "+v"(a[0][i]), [a1] "+v"(a[1][i]), [a2] "+v"(a[2][i]), [a3] "+v"(a[3][i]),         \
+              [b0] "+v"(h[0][i]), [b1] "+v"(h[1][i]), [b2] "+v"(h[2][i]), [b3] "+v"(h[3][i])          \
+            : [l0] "v"(lo[0]), [l1] "v"(lo[1]), [l2] "v"(lo[2]), [l3] "v"(lo[3]), [h0] "v"(hi[0]),    \
+              [h1] "v"(hi[1]), [h2] "v"(hi[2]), [h3] "v"(hi[3]), [xl] "v"(xl), [xh] "v"(xh))
+#if NP != 4
+#error "DP_ROW_HI16 names the four panels of a tile"
+#endif
+
 // Columns [16 first, 16 (first + NP)) (NP panels: one tile) for activation rows [m0, m0 + M).
 // 8 bits: a panel's 64 bytes per step are 16 columns x 4 consecutive elements (w + 128; the
 // AVX2 tile's panels hold w itself, matmul_nbits_avx2.c).
@@ -124,8 +142,12 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
                 _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
                     const __m512i xl = _mm512_set1_epi32(*(const int32_t *)(x[i] + j));
                     const __m512i xh = _mm512_set1_epi32(*(const int32_t *)(x[i] + j + 4));
-                    _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++)
-                        { DP(a[p][i], lo[p], xl); DP(h16[p][i], hi[p], xh); }
+                    if (M == 1) {
+                        DP_ROW_HI16(a, h16, i, lo, hi, xl, xh);
+                    } else {
+                        _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++)
+                            { DP(a[p][i], lo[p], xl); DP(h16[p][i], hi[p], xh); }
+                    }
                 }
             }
             _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++)
