@@ -41,7 +41,7 @@
 // op fewer per 64 bytes (and, and, 2 vpdpbusd instead of and, shift, and, 2 vpdpbusd), and two
 // independent chains per panel. Its extra sums fit the registers up to 2 rows (3-4 would need 24-32
 // of them). Intel Xeon VM (bench/RESULTS.md): SmolLM2 int4 1-row steps 1.05-1.09x faster; matrices
-// streamed from memory alone, 1 row, 3 % faster. -DHI16_ROWS=0 builds the shifted nibbles for every M.
+// streamed from memory alone, 1 row, 2-3 % faster. -DHI16_ROWS=0 builds the shifted nibbles for every M.
 #ifndef HI16_ROWS
 #define HI16_ROWS 2
 #endif
@@ -124,9 +124,11 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
                     _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) DP(a[p][i], v[p], xb);
                 }
             }
-        } else if (M <= HI16_ROWS) {  // high nibbles in place, summed apart (HI16_ROWS)
-            __m512i h16[4][SMALL_M];
+        } else {
+            // M <= HI16_ROWS: the high nibbles in place (16 x each weight) into sums of their own
+            const int in_place = M <= HI16_ROWS;
             const __m512i high = _mm512_set1_epi8((char)0xF0);
+            __m512i h16[4][SMALL_M];
             _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++)
                 _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) h16[p][i] = _mm512_setzero_si512();
             for (int64_t j = 0; j < len; j += 8) {
@@ -137,42 +139,25 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
                 _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) {
                     const __m512i packed = _mm512_load_si512(wp[p] + (start + j) * (PANEL_STEP / 8));
                     lo[p] = _mm512_and_si512(packed, low);
-                    hi[p] = _mm512_and_si512(packed, high);
+                    hi[p] = in_place ? _mm512_and_si512(packed, high) : _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
                 }
                 _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
                     const __m512i xl = _mm512_set1_epi32(*(const int32_t *)(x[i] + j));
                     const __m512i xh = _mm512_set1_epi32(*(const int32_t *)(x[i] + j + 4));
-                    if (M == 1) {
+                    if (in_place && M == 1) {
                         DP_ROW_HI16(a, h16, i, lo, hi, xl, xh);
-                    } else {
+                    } else if (in_place) {
                         _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++)
                             { DP(a[p][i], lo[p], xl); DP(h16[p][i], hi[p], xh); }
+                    } else {
+                        _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++)
+                            { DP(a[p][i], lo[p], xl); DP(a[p][i], hi[p], xh); }
                     }
                 }
             }
-            _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++)
-                _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) a[p][i] = _mm512_add_epi32(a[p][i], _mm512_srai_epi32(h16[p][i], 4));
-        } else {
-            for (int64_t j = 0; j < len; j += 8) {
-                __m512i lo[4], hi[4];
-                if (AHEAD >= 0) {
-                    _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) _mm_prefetch((const char *)(wp[p] + (start + j) * (PANEL_STEP / 8) + AHEAD), PREFETCH_HINT);
-                }
-                _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) {
-                    const __m512i packed = _mm512_load_si512(wp[p] + (start + j) * (PANEL_STEP / 8));
-#ifdef EXP_NOUNPACK
-                    lo[p] = packed; hi[p] = packed;
-#else
-                    lo[p] = _mm512_and_si512(packed, low);
-                    hi[p] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
-#endif
-                }
-                _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
-                    const __m512i xl = _mm512_set1_epi32(*(const int32_t *)(x[i] + j));
-                    const __m512i xh = _mm512_set1_epi32(*(const int32_t *)(x[i] + j + 4));
-                    _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++)
-                        { DP(a[p][i], lo[p], xl); DP(a[p][i], hi[p], xh); }
-                }
+            if (in_place) {
+                _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++)
+                    _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) a[p][i] = _mm512_add_epi32(a[p][i], _mm512_srai_epi32(h16[p][i], 4));
             }
         }
         _Pragma("GCC unroll 4") for (int p = 0; p < NP; p++) {
