@@ -200,7 +200,8 @@ def read_bandwidth(threads: int, mib: int = 1024, repeats: int = 9) -> tuple[flo
     """Bytes read per second while ``threads`` threads each read their own large array front to
     back (bench/read_probe.c: an XOR over it with many loads in flight), i.e. what a decode step,
     which only reads its weights, could stream at most. On some VMs it is well below the copy
-    convention's figure (an Intel Xeon VM: 26-28 GB/s read against 33-40 GB/s copy), so it says
+    convention's figure (an Intel Xeon VM: 26-28 GB/s read against 33-40 GB/s copy; an AMD EPYC
+    Zen 4 VM: 30-34 against 39-42), so it says
     how far a decode is from the memory where the copy ceiling cannot. Where no C compiler is at
     hand it falls back to numpy (an OR reduction, which reads 30-40 % slower: see read_probe.c).
     Returns (median, best) over ``repeats``."""
@@ -610,6 +611,57 @@ def float_ops_graph(graph: Path) -> Path:
     out = graph.with_name(graph.stem + FLOAT_OPS_SUFFIX)
     if not out.exists() and not any(fuse_file(graph, out).values()):
         raise SystemExit(f"{graph} has no float matmul with constant weights")
+    return out
+
+
+BIAS_APART_SUFFIX = ".bias-apart.onnx"
+
+
+def bias_apart_graph(graph: Path) -> Path | None:
+    """``graph`` with each norm-matmul op that adds a q/k/v bias (SkipRMSNormMatMul*Bias) written
+    as the op without it and an Add after, as the packager wrote them before it folded the bias
+    in: written beside it (sharing its weights file), once; None where ``graph`` has no such op."""
+    import onnx
+    from onnx import helper
+
+    from cloud.packaging.nbits_fusion import (
+        FLOAT_NORM_MATMUL,
+        FLOAT_NORM_MATMUL_BIAS,
+        NORM_MATMUL,
+        NORM_MATMUL_BIAS,
+        add_functions,
+        function_bodies,
+    )
+
+    out = graph.with_name(graph.stem + BIAS_APART_SUFFIX)
+    if out.exists():
+        return out
+    model = onnx.load(str(graph), load_external_data=False)
+    apart = {NORM_MATMUL_BIAS: NORM_MATMUL, FLOAT_NORM_MATMUL_BIAS: FLOAT_NORM_MATMUL}
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type not in apart:
+            nodes.append(node)
+            continue
+        unbiased = f"{node.output[0]}/unbiased"
+        op = helper.make_node(
+            apart[node.op_type],
+            node.input[:-1],
+            [unbiased, *node.output[1:]],
+            name=node.name,
+            domain=node.domain,
+        )
+        op.attribute.extend(node.attribute)
+        nodes += [
+            op,
+            helper.make_node("Add", [unbiased, node.input[-1]], [node.output[0]], name=f"{node.name}/Bias"),
+        ]
+    if len(nodes) == len(model.graph.node):
+        return None
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    add_functions(model, lambda opset: [f for f in function_bodies(opset) if f.name in apart.values()])
+    onnx.save(model, str(out))
     return out
 
 

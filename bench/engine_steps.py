@@ -18,6 +18,7 @@ per-round median step; "4 rows ÷ 1" is how many times one row's decode rate fou
 
 Usage: python bench/engine_steps.py [--model smollm2] [--precision int8] [--context 300] [--rounds 5] [--steps 24]
        [--threads 2] [--workdir DIR] [--library auto --library onnxruntime --library PATH ...]
+       [--kv-cache float32|float16|both] [--fp32-graph float-ops|plain|both] [--bias-add folded|apart|both]
 """
 
 from __future__ import annotations
@@ -36,7 +37,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_decode import add_engine_options, float_ops_graph, fused_graphs, half_kv_graph, kernel_library
+from edge_decode import (
+    add_engine_options,
+    bias_apart_graph,
+    float_ops_graph,
+    fused_graphs,
+    half_kv_graph,
+    kernel_library,
+)
 
 
 def main() -> None:
@@ -57,6 +65,14 @@ def main() -> None:
         help="fp32: the graph as the packager ships it (its matmuls the edge's float ops), "
         "the plain one (onnxruntime's MatMul), or both side by side.",
     )
+    ap.add_argument(
+        "--bias-add",
+        choices=("folded", "apart", "both"),
+        default="folded",
+        help="A model with q/k/v biases (Qwen2): its graph as the packager ships it (each bias "
+        "added by the norm-matmul op before it), with each bias an Add node of its own (as "
+        "packages before that did), or both side by side.",
+    )
     args = ap.parse_args()
     from cloud.packaging.export import io_signature
     from edge_agent.runtime.session import OnnxCausalLM
@@ -69,6 +85,14 @@ def main() -> None:
         bases = {"float-ops": float_ops_graph(fp32), "plain": fp32}
     else:
         bases = {"": float_ops_graph(fp32) if args.fp32_graph == "float-ops" else fp32}
+    if args.bias_add != "folded":
+        apart = {label: bias_apart_graph(graph) for label, graph in bases.items()}
+        if None in apart.values():
+            raise SystemExit(f"{args.model} {args.precision}: no q/k/v bias folded into an op to set apart")
+        named = {", ".join(x for x in (label, "bias apart") if x): g for label, g in apart.items() if g}
+        if args.bias_add == "both":
+            named |= {", ".join(x for x in (label, "bias folded") if x): g for label, g in bases.items()}
+        bases = named
     graphs = {}
     for label, graph in bases.items():
         if args.kv_cache in ("float32", "both"):

@@ -12,7 +12,7 @@
 // Build and run (from the repository root; 2 threads as the edge bench):
 //   K=edge_agent/runtime/kernels
 //   gcc -O3 -fvisibility=hidden -I $K/include -I $K bench/nbits_streams.c $K/*.c -o /tmp/nbits_streams -lpthread -lm
-//   /tmp/nbits_streams [threads]
+//   /tmp/nbits_streams [threads] [rows: 1-4, a parallel-slots step]
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -55,25 +55,25 @@ static void *work(void *data) {
 }
 
 // `mats` matrices K x N of random `bits`-bit weights (scales 0.01, blocks of 128), each packed on
-// its own, and one activation row quantized.
-static Set make(int bits, int mats, int64_t k, int64_t n) {
+// its own, and `rows` activation rows quantized.
+static Set make(int bits, int mats, int64_t k, int64_t n, int rows) {
     const int64_t block = 128, nb = (k + block - 1) / block, blob = block * bits / 8;
     uint8_t *w = malloc((size_t)(n * nb * blob));
-    float *s = malloc(sizeof(float) * (size_t)(n * nb)), *x = malloc(sizeof(float) * (size_t)k);
-    float *y = malloc(sizeof(float) * (size_t)n);
+    float *s = malloc(sizeof(float) * (size_t)(n * nb)), *x = malloc(sizeof(float) * (size_t)(k * rows));
+    float *y = malloc(sizeof(float) * (size_t)(n * rows));
     Kernel *kn = calloc((size_t)mats, sizeof(Kernel));
     Job *jobs = calloc((size_t)mats, sizeof(Job));
     Activations *act = calloc(1, sizeof *act);
     if (!w || !s || !x || !y || !kn || !jobs || !act) abort();
     for (int64_t i = 0; i < n * nb * blob; i++) w[i] = (uint8_t)rand();
     for (int64_t i = 0; i < n * nb; i++) s[i] = 0.01f;
-    for (int64_t i = 0; i < k; i++) x[i] = (float)(rand() % 200 - 100) / 100.0f;
+    for (int64_t i = 0; i < k * rows; i++) x[i] = (float)(rand() % 200 - 100) / 100.0f;
     for (int m = 0; m < mats; m++) {
         kn[m] = (Kernel){.k = k, .n = n, .bits = bits, .block = block, .isa = ISA_AVX512, .prefetch = kernels_prefetch()};
         if (nbits_pack(&kn[m], w, s, NULL)) abort();  // fails only out of memory (no onnxruntime here)
     }
-    if (nbits_quantize(&kn[0], NULL, x, 1, act)) abort();  // one row: quantized inline, no pool
-    for (int m = 0; m < mats; m++) jobs[m] = nbits_job(&kn[m], act, y, 1);
+    if (nbits_quantize(&kn[0], NULL, x, rows, act)) abort();  // up to SMALL_M rows: quantized inline, no pool
+    for (int m = 0; m < mats; m++) jobs[m] = nbits_job(&kn[m], act, y, rows);
     free(w), free(s);
     return (Set){jobs, mats, nbits_task_count(&jobs[0]), (double)mats * (double)(k * n * bits / 8 + n * nb * 4)};
 }
@@ -101,13 +101,13 @@ static int ascending(const void *a, const void *b) {
 }
 
 int main(int argc, char **argv) {
-    const int threads = argc > 1 ? atoi(argv[1]) : 2;
+    const int threads = argc > 1 ? atoi(argv[1]) : 2, rows = argc > 2 ? atoi(argv[2]) : 1;
     if (kernels_isa() != ISA_AVX512) {
         fprintf(stderr, "needs AVX-512 VNNI (the tile this times)\n");
         return 1;
     }
-    if (threads < 1 || threads > 64) return 1;
-    const Set eight = make(8, 80, 896, 4864), four = make(4, 160, 896, 4864);
+    if (threads < 1 || threads > 64 || rows < 1 || rows > SMALL_M) return 1;
+    const Set eight = make(8, 80, 896, 4864, rows), four = make(4, 160, 896, 4864, rows);
     double r8[ROUNDS], r4[ROUNDS], q[ROUNDS];
     for (int i = 0; i < ROUNDS; i++) {
         r8[i] = rate(&eight, threads);
@@ -117,9 +117,9 @@ int main(int argc, char **argv) {
     qsort(r8, ROUNDS, sizeof(double), ascending);
     qsort(r4, ROUNDS, sizeof(double), ascending);
     qsort(q, ROUNDS, sizeof(double), ascending);
-    printf("%d threads, 1 row, %.0f MB per set: 8-bit %.1f GB/s, 4-bit %.1f GB/s (medians of %d); "
+    printf("%d threads, %d row%s, %.0f MB per set: 8-bit %.1f GB/s, 4-bit %.1f GB/s (medians of %d); "
            "4-bit / 8-bit per round %.3f (interquartile %.3f-%.3f)\n",
-           threads, eight.bytes / 1e6, r8[ROUNDS / 2], r4[ROUNDS / 2], ROUNDS, q[ROUNDS / 2], q[ROUNDS / 4],
+           threads, rows, rows > 1 ? "s" : "", eight.bytes / 1e6, r8[ROUNDS / 2], r4[ROUNDS / 2], ROUNDS, q[ROUNDS / 2], q[ROUNDS / 4],
            q[3 * ROUNDS / 4]);
     return 0;
 }

@@ -3,13 +3,14 @@
 The model (``--model``, as bench/edge_decode.py builds them) in the graph the packager ships at
 ``--precision`` (fp32 with the edge's float ops, int8/int4 with a float16 KV cache), on the edge's
 kernels (``--kernels auto``) or onnxruntime's own. A ``--context``-token prompt is prefilled, then
-``--steps`` one-row decode steps are profiled: per op type its milliseconds per step, nodes per
+``--steps`` decode steps of ``--rows`` rows (1, or 2-4 sequences stepped together as the edge's
+parallel slots step them) are profiled: per op type its milliseconds per step, nodes per
 step and microseconds per node, and the step's wall time, onnxruntime's ``model_run`` time and the
 sum of its nodes' times (the gap: what onnxruntime spends between nodes). The profiler itself
 adds to every node: compare ops with each other, and time steps with bench/engine_steps.py.
 
 Usage: python bench/step_profile.py [--model smollm2] [--precision int8] [--context 100] [--steps 50]
-       [--threads 2] [--workdir DIR] [--kernels auto|onnxruntime]
+       [--rows 1] [--threads 2] [--workdir DIR] [--kernels auto|onnxruntime]
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_engine_options(ap, context=100, steps=50)
     ap.add_argument("--kernels", choices=("auto", "onnxruntime"), default="auto")
+    ap.add_argument("--rows", type=int, choices=(1, 2, 3, 4), default=1, help="Sequences per step.")
     args = ap.parse_args()
     import edge_agent.runtime.session as session
     from cloud.packaging.export import io_signature
@@ -54,11 +56,16 @@ def main() -> None:
     path = library() if args.kernels == "auto" else None
     io = io_signature(graph, cfg, {"eos_token_id": cfg.get("eos_token_id")})
     lm = session.OnnxCausalLM(graph, io, threads=args.threads, custom_ops=path)
-    decoder = lm.decoder(args.context + args.steps + 8)
-    decoder.step([100 + i % 1000 for i in range(args.context)], last_only=True)
+    size = args.context + args.steps + 8
+    decoders = [lm.decoder(size, busy=frozenset(range(i)), rows=args.rows) for i in range(args.rows)]
+    for d in decoders:
+        d.step([100 + i % 1000 for i in range(args.context)], last_only=True)
     start = time.perf_counter()
     for _ in range(args.steps):
-        decoder.step([5])
+        if args.rows == 1:
+            decoders[0].step([5])
+        else:
+            lm.step_together(decoders, [5 + i for i in range(args.rows)])
     wall = (time.perf_counter() - start) / args.steps
     events = json.loads(Path(lm.session.end_profiling()).read_text())
     runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"][-args.steps :]
@@ -72,7 +79,8 @@ def main() -> None:
     n = args.steps
     print(
         f"{args.model} {args.precision}, {'our kernels' if lm.custom_ops_loaded else 'onnxruntime'}, "
-        f"{args.threads} threads, decode at position {args.context}, {n} profiled steps"
+        f"{args.threads} threads, {args.rows} row{'s' if args.rows > 1 else ''} a step, decode at position "
+        f"{args.context}, {n} profiled steps"
     )
     print(
         f"wall {wall * 1e3:.2f} ms/step; model_run {sum(e['dur'] for e in runs) / n / 1e3:.2f} ms; "

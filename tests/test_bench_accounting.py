@@ -87,5 +87,9 @@ def test_read_probe_reads_every_word() -> None:
     assert probe(words.ctypes.data, words.nbytes) == int(np.bitwise_xor.reduce(words))
     words[-1] ^= np.uint64(1)  # the last word counts too
     assert probe(words.ctypes.data, words.nbytes) == int(np.bitwise_xor.reduce(words))
+    # At any 8-byte offset (it loads whole cache lines as vectors, which must not assume alignment)
+    for skip in (1, 3, 7):
+        part = words[skip : skip + 64 * 1024]
+        assert probe(part.ctypes.data, part.nbytes) == int(np.bitwise_xor.reduce(part))
     rate, best = edge_decode.read_bandwidth(1, mib=64, repeats=2)
     assert 0 < rate <= best

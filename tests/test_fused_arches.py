@@ -140,10 +140,20 @@ def test_int8_fused_graph_uses_matmulnbits(kind: str, tmp_path: Path) -> None:
     # Gate and up are one fused node (two matrices) with the norm before them, and a packed QKV
     # takes its norm too (nbits_fusion.py).
     per_layer = 7 if kind == "qwen3" else 5
-    matrices = {"MatMulNBits": 1, "SkipRMSNormMatMulNBits": 1, "SkipRMSNormSwiGLU": 2, "MatMulNBitsSwiGLU": 2}
+    matrices = {
+        "MatMulNBits": 1,
+        "SkipRMSNormMatMulNBits": 1,
+        "SkipRMSNormMatMulNBitsBias": 1,
+        "SkipRMSNormSwiGLU": 2,
+        "MatMulNBitsSwiGLU": 2,
+    }
     assert sum(matrices.get(op, 0) for op in ops) == 2 * per_layer + 1
     assert ops.count("SkipRMSNormSwiGLU") == 2
-    assert ops.count("SkipRMSNormMatMulNBits") == (0 if kind == "qwen3" else 1)  # not the first layer's
+    # A packed QKV with its norm (not the first layer's), and with its q/k/v bias where it has one
+    # (GLM's attention_bias, default true).
+    biased = kind != "qwen3" and bool(cfg.get("attention_bias", kind in ("glm", "glm4")))
+    assert ops.count("SkipRMSNormMatMulNBitsBias") == int(biased)
+    assert ops.count("SkipRMSNormMatMulNBits") == int(kind != "qwen3" and not biased)
     assert "MatMul" not in ops and "Sigmoid" not in ops
     io = io_signature(q, cfg, {"eos_token_id": 1})
     report = validate_export(src, q, io, prompt_ids=PROMPT, new_tokens=8)

@@ -233,9 +233,10 @@ def test_the_amx_tile_computes_what_the_vnni_tile_does(
     assert np.array_equal(tiles.run(None, {"x": x[40:41]})[0][0], tiles.run(None, {"x": x})[0][40])
 
 
-def _layer_fp32(tmp: Path, k: int, n: int, seed: int, mlp: bool, norm: bool) -> Path:
+def _layer_fp32(tmp: Path, k: int, n: int, seed: int, mlp: bool, norm: bool, bias: bool = False) -> Path:
     """Part of a decoder layer as the fused decoder writes it (float weights): silu(x·gate) ⊙
-    (x·up) if ``mlp``, else x·W; with ``norm``, of the skip-norm of x + skip (outputs y and the sum)."""
+    (x·up) if ``mlp``, else x·W (+ a bias Add with ``bias``, as a q/k/v projection's); with ``norm``,
+    of the skip-norm of x + skip (outputs y and the sum)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -268,6 +269,12 @@ def _layer_fp32(tmp: Path, k: int, n: int, seed: int, mlp: bool, norm: bool) -> 
             helper.make_node("Mul", ["g", "s"], ["silu"]),
             helper.make_node("Mul", ["silu", "u"], ["y"]),
         ]
+    elif bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "bias"))
+        nodes += [
+            helper.make_node("MatMul", [a, "G"], ["xw"]),
+            helper.make_node("Add", ["xw", "bias"], ["y"]),
+        ]
     else:
         nodes.append(helper.make_node("MatMul", [a, "G"], ["y"]))
     graph = helper.make_graph(nodes, "layer", inputs, outputs, inits)
@@ -276,19 +283,25 @@ def _layer_fp32(tmp: Path, k: int, n: int, seed: int, mlp: bool, norm: bool) -> 
     return tmp / "fp32.onnx"
 
 
-def _layer(tmp: Path, k: int, n: int, block: int, bits: int, mlp: bool = True, norm: bool = False) -> bytes:
+NBITS_OPS = {
+    (True, False, False): "MatMulNBitsSwiGLU",
+    (True, True, False): "SkipRMSNormSwiGLU",
+    (False, True, False): "SkipRMSNormMatMulNBits",
+    (False, True, True): "SkipRMSNormMatMulNBitsBias",
+}
+
+
+def _layer(
+    tmp: Path, k: int, n: int, block: int, bits: int, mlp: bool = True, norm: bool = False, bias: bool = False
+) -> bytes:
     """_layer_fp32's graph quantized (which fuses it: nbits_fusion.py)."""
     import onnx
 
-    fp32 = _layer_fp32(tmp, k, n, bits, mlp, norm)
+    fp32 = _layer_fp32(tmp, k, n, bits, mlp, norm, bias)
     model = onnx.load(str(quantize_weight_only(fp32, tmp / "q" / "model.onnx", bits, block)))
-    op = {
-        (True, False): "MatMulNBitsSwiGLU",
-        (True, True): "SkipRMSNormSwiGLU",
-        (False, True): "SkipRMSNormMatMulNBits",
-    }
-    assert [x.op_type for x in model.graph.node] == [op[mlp, norm]]
-    assert fuse_layers(model)[op[mlp, norm]] == 1  # and nothing left to fuse again
+    op = NBITS_OPS[mlp, norm, bias]
+    assert [x.op_type for x in model.graph.node] == [op]
+    assert fuse_layers(model)[op] == 1  # and nothing left to fuse again
     return bytes(model.SerializeToString())
 
 
@@ -354,16 +367,16 @@ def test_the_fused_mlp_equals_its_function_body_and_rows_do_not_depend_on_their_
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("mlp", [True, False])
+@pytest.mark.parametrize(("mlp", "bias"), [(True, False), (False, False), (False, True)])
 @pytest.mark.parametrize(("k", "n", "block"), [(576, 960, 128), (72, 200, 32)])
 def test_a_skip_norm_folded_into_the_matmul_after_it_equals_its_function_body(
-    mlp: bool, bits: int, k: int, n: int, block: int, isa: str, tmp_path: Path
+    mlp: bool, bias: bool, bits: int, k: int, n: int, block: int, isa: str, tmp_path: Path
 ) -> None:
-    """SkipRMSNormMatMulNBits and SkipRMSNormSwiGLU: the sum is x + skip exactly; the output is
-    onnxruntime's (the inlined body) within an activation's int8 step (the normed values may
-    differ by a float rounding, and one can then round to the next step), and each row's result
-    does not depend on the rows beside it."""
-    model = _layer(tmp_path, k, n, block, bits, mlp=mlp, norm=True)
+    """SkipRMSNormMatMulNBits (with the bias Add after it: ...Bias) and SkipRMSNormSwiGLU: the sum
+    is x + skip exactly; the output is onnxruntime's (the inlined body) within an activation's int8
+    step (the normed values may differ by a float rounding, and one can then round to the next
+    step), and each row's result does not depend on the rows beside it."""
+    model = _layer(tmp_path, k, n, block, bits, mlp=mlp, norm=True, bias=bias)
     rng = np.random.default_rng(4)
     feed = {
         "x": rng.standard_normal((9, k)).astype(np.float32),
@@ -374,7 +387,7 @@ def test_a_skip_norm_folded_into_the_matmul_after_it_equals_its_function_body(
     assert np.array_equal(ref_sum, feed["x"] + feed["skip"])
     if library() is None:
         return
-    op = "SkipRMSNormSwiGLU" if mlp else "SkipRMSNormMatMulNBits"
+    op = NBITS_OPS[mlp, True, bias]
     assert op in _ops_run(model, library(), feed, tmp_path)
     ours = _session(model, library())
     for m in (1, 3, 4, 9):
@@ -390,20 +403,21 @@ def test_a_skip_norm_folded_into_the_matmul_after_it_equals_its_function_body(
 
 
 FLOAT_OPS = {
-    (True, False): "MatMulFloatSwiGLU",
-    (True, True): "SkipRMSNormSwiGLUFloat",
-    (False, True): "SkipRMSNormMatMulFloat",
-    (False, False): "MatMulFloat",
+    (True, False, False): "MatMulFloatSwiGLU",
+    (True, True, False): "SkipRMSNormSwiGLUFloat",
+    (False, True, False): "SkipRMSNormMatMulFloat",
+    (False, True, True): "SkipRMSNormMatMulFloatBias",
+    (False, False, False): "MatMulFloat",
 }
 
 
-def _float_layer(tmp: Path, k: int, n: int, mlp: bool, norm: bool) -> bytes:
+def _float_layer(tmp: Path, k: int, n: int, mlp: bool, norm: bool, bias: bool = False) -> bytes:
     """_layer_fp32's graph as the packager ships an unquantized model: one float op."""
     import onnx
 
-    model = onnx.load(str(_layer_fp32(tmp, k, n, 32, mlp, norm)))
-    assert fuse_layers(model)[FLOAT_OPS[mlp, norm]] == 1
-    assert [x.op_type for x in model.graph.node] == [FLOAT_OPS[mlp, norm]]
+    model = onnx.load(str(_layer_fp32(tmp, k, n, 32, mlp, norm, bias)))
+    assert fuse_layers(model)[FLOAT_OPS[mlp, norm, bias]] == 1
+    assert [x.op_type for x in model.graph.node] == [FLOAT_OPS[mlp, norm, bias]]
     return bytes(model.SerializeToString())
 
 
@@ -432,16 +446,17 @@ def _float_feed(k: int, rows: int, norm: bool, shape: tuple[int, ...] = ()) -> d
 
 @pytest.mark.skipif(not _cpu_runs_kernels(), reason="no AVX2: the library registers nothing")
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
-@pytest.mark.parametrize(("mlp", "norm"), list(FLOAT_OPS))
+@pytest.mark.parametrize(("mlp", "norm", "bias"), list(FLOAT_OPS))
 @pytest.mark.parametrize(("k", "n"), [(576, 1536), (300, 200), (8, 17)])
 def test_the_float_ops_equal_their_function_bodies_and_rows_do_not_depend_on_their_company(
-    mlp: bool, norm: bool, k: int, n: int, isa: str, tmp_path: Path
+    mlp: bool, norm: bool, bias: bool, k: int, n: int, isa: str, tmp_path: Path
 ) -> None:
     """MatMulFloat and its fused forms (an fp32 graph's matmuls): onnxruntime's inlined body within
     float rounding, the sum x + skip exactly, and each row's result the same whatever the rows
-    beside it (decode-sized calls and prefills, which run K in blocks of 256)."""
-    model = _float_layer(tmp_path, k, n, mlp, norm)
-    assert FLOAT_OPS[mlp, norm] in _ops_run(model, library(), _float_feed(k, 3, norm), tmp_path)
+    beside it (decode-sized calls and prefills, which run K in blocks of 512: a bias is added once,
+    after the last)."""
+    model = _float_layer(tmp_path, k, n, mlp, norm, bias)
+    assert FLOAT_OPS[mlp, norm, bias] in _ops_run(model, library(), _float_feed(k, 3, norm), tmp_path)
     theirs, ours = _session(model, None), _session(model, library())
     for m in (1, 2, 3, 4, 5, 9, 37):
         feed = _float_feed(k, m, norm)

@@ -19,9 +19,11 @@ from cloud.packaging.fused import build_fused
 from cloud.packaging.nbits_fusion import (
     FLOAT_MATMUL,
     FLOAT_NORM_MATMUL,
+    FLOAT_NORM_MATMUL_BIAS,
     FLOAT_NORM_SWIGLU,
     FUSED_OPS,
     NORM_MATMUL,
+    NORM_MATMUL_BIAS,
     NORM_SWIGLU,
     SWIGLU,
     fuse_file,
@@ -174,6 +176,78 @@ def test_what_the_fused_node_would_hide_is_left_alone() -> None:
     assert _ops(model) == ["SkipSimplifiedLayerNormalization", SWIGLU]
 
 
+def _biased_qkv(
+    *, floats: bool, bias_len: int = N, bias_is_input: bool = False, unbiased_read: bool = False
+) -> onnx.ModelProto:
+    """skip-norm(x, skip) → the packed QKV matmul → Add(·, bias) → y, as fused.py writes a Qwen2
+    layer's attention input (quantize.py then makes the MatMul a MatMulNBits)."""
+    norm = helper.make_node(
+        "SkipSimplifiedLayerNormalization",
+        ["x", "skip", "gamma"],
+        ["normed", "", "", "sum"],
+        name="norm",
+        domain="com.microsoft",
+        epsilon=1e-6,
+    )
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array(np.ones(K, np.float32), "gamma")]
+    if floats:
+        matmul = helper.make_node("MatMul", ["normed", "W"], ["xw"], name="qkv")
+        inits.append(numpy_helper.from_array(rng.standard_normal((K, N)).astype(np.float32), "W"))
+    else:
+        matmul, weights = _nbits("qkv", "normed", "xw")
+        inits += weights
+    # The bias first, as an Add may have it: the fused op adds it all the same.
+    add = helper.make_node("Add", ["bias", "xw"], ["y"], name="qkv/Add")
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K]),
+        helper.make_tensor_value_info("skip", TensorProto.FLOAT, ["M", K]),
+    ]
+    bias = numpy_helper.from_array(rng.standard_normal(bias_len).astype(np.float32), "bias")
+    if bias_is_input:  # an initializer a caller may override: not a constant
+        inputs.append(helper.make_tensor_value_info("bias", TensorProto.FLOAT, [bias_len]))
+    inits.append(bias)
+    outputs = [
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", N]),
+        helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["M", K]),
+    ]
+    if unbiased_read:
+        outputs.append(helper.make_tensor_value_info("xw", TensorProto.FLOAT, ["M", N]))
+    graph = helper.make_graph([norm, matmul, add], "qkv", inputs, outputs, inits)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+@pytest.mark.parametrize("floats", [False, True])
+def test_a_norm_its_matmul_and_the_bias_add_after_it_become_one_node_that_onnxruntime_inlines_alike(
+    floats: bool,
+) -> None:
+    model = _biased_qkv(floats=floats)
+    before = _run(model, _feed())
+    op = FLOAT_NORM_MATMUL_BIAS if floats else NORM_MATMUL_BIAS
+    assert fuse_layers(model) == {**dict.fromkeys(FUSED_OPS, 0), op: 1}
+    assert _ops(model) == [op] and [f.name for f in model.functions] == [op]
+    onnx.checker.check_model(model, full_check=True)
+    after = _run(model, _feed())  # no library: the function's body runs
+    for a, b in zip(before, after, strict=True):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("floats", [False, True])
+def test_a_bias_add_the_op_cannot_take_stays_a_node_of_its_own(floats: bool) -> None:
+    plain = FLOAT_NORM_MATMUL if floats else NORM_MATMUL
+    # A vector of another length (broadcast over the rows another way), one a caller may feed,
+    # and a matmul output something else reads too: the norm and matmul fuse, the Add stays.
+    for model in (
+        _biased_qkv(floats=floats, bias_len=1),
+        _biased_qkv(floats=floats, bias_is_input=True),
+        _biased_qkv(floats=floats, unbiased_read=True),
+    ):
+        assert fuse_layers(model)[plain] == 1
+        assert _ops(model) == [plain, "Add"]
+        onnx.checker.check_model(model, full_check=True)
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_a_quantized_fused_decoder_runs_five_nodes_per_layer_and_decodes_alike_inlined(
     kind: str, tmp_path: Path
@@ -185,8 +259,11 @@ def test_a_quantized_fused_decoder_runs_five_nodes_per_layer_and_decodes_alike_i
     model = onnx.load(str(graph), load_external_data=False)
     ops = Counter(_ops(model))
     layers = cfg["num_hidden_layers"]
-    # The first layer's norm has no skip (a plain RMSNorm before the QKV matmul).
-    assert ops[NORM_SWIGLU] == layers and ops[NORM_MATMUL] == layers - 1
+    # The first layer's norm has no skip (a plain RMSNorm before the QKV matmul); Qwen2's q/k/v
+    # bias goes into the op after it.
+    norm_matmul = NORM_MATMUL_BIAS if kind == "qwen2" else NORM_MATMUL
+    assert ops[NORM_SWIGLU] == layers and ops[norm_matmul] == layers - 1
+    assert ops[NORM_MATMUL] + ops[NORM_MATMUL_BIAS] == layers - 1
     assert ops["GroupQueryAttention"] == layers and "Sigmoid" not in ops
     # The same graph with the functions inlined by hand (onnx's inliner) decodes to the same logits
     # on onnxruntime's kernels: the functions' bodies are the nodes they replaced.
@@ -221,7 +298,9 @@ def test_an_fp32_fused_decoder_runs_five_nodes_per_layer_alike_inlined_and_close
     layers = cfg["num_hidden_layers"]
     # Per layer: the MLP with its norm, o_proj and down; the QKV with its norm but in layer 0
     # (a plain RMSNorm, no skip); and the lm_head.
-    assert counts[FLOAT_NORM_SWIGLU] == layers and counts[FLOAT_NORM_MATMUL] == layers - 1
+    norm_matmul = FLOAT_NORM_MATMUL_BIAS if kind == "qwen2" else FLOAT_NORM_MATMUL
+    assert counts[FLOAT_NORM_SWIGLU] == layers and counts[norm_matmul] == layers - 1
+    assert counts[FLOAT_NORM_MATMUL] + counts[FLOAT_NORM_MATMUL_BIAS] == layers - 1
     assert counts[FLOAT_MATMUL] == 2 * layers + 2
     ops = Counter(_ops(onnx.load(str(fused), load_external_data=False)))
     assert "MatMul" not in ops and "Sigmoid" not in ops

@@ -6,12 +6,15 @@ the MatMuls into ``MatMulNBits``. This pass replaces, in the ``ai.autoglm`` doma
 
 * gate, up, Sigmoid, Mul, Mul → ``MatMulNBitsSwiGLU`` (A, gate B, gate scales, up B, up scales);
 * a skip-norm whose normed output only one ``MatMulNBits`` reads (the packed QKV projection) →
-  ``SkipRMSNormMatMulNBits`` (A, skip, gamma, B, scales) → (Y, A + skip);
+  ``SkipRMSNormMatMulNBits`` (A, skip, gamma, B, scales) → (Y, A + skip); where only an Add of a
+  constant vector [N] reads that matmul's output (Qwen2's and GLM's q/k/v bias) the Add too →
+  ``SkipRMSNormMatMulNBitsBias`` (A, skip, gamma, B, scales, bias);
 * a skip-norm whose normed output only a ``MatMulNBitsSwiGLU`` reads → ``SkipRMSNormSwiGLU``;
 
 and in an fp32 graph (``fuse_layers`` on the graph the packager ships unquantized), over MatMuls
 whose weights are a constant float matrix: ``MatMulFloatSwiGLU`` (A, gate W, up W),
-``SkipRMSNormMatMulFloat`` (A, skip, gamma, W), ``SkipRMSNormSwiGLUFloat`` (A, skip, gamma,
+``SkipRMSNormMatMulFloat`` (A, skip, gamma, W) (``SkipRMSNormMatMulFloatBias`` with a bias
+Add after it), ``SkipRMSNormSwiGLUFloat`` (A, skip, gamma,
 gate W, up W), and every other such MatMul ``MatMulFloat`` (A, W): the edge's kernels stream
 float weights faster than onnxruntime's MatMul and run five nodes per layer instead of ten
 (edge_agent/runtime/kernels/matmul_float.c).
@@ -33,25 +36,33 @@ from typing import Any
 DOMAIN = "ai.autoglm"
 SWIGLU = "MatMulNBitsSwiGLU"
 NORM_MATMUL = "SkipRMSNormMatMulNBits"
+NORM_MATMUL_BIAS = "SkipRMSNormMatMulNBitsBias"
 NORM_SWIGLU = "SkipRMSNormSwiGLU"
 FLOAT_MATMUL = "MatMulFloat"
 FLOAT_SWIGLU = "MatMulFloatSwiGLU"
 FLOAT_NORM_MATMUL = "SkipRMSNormMatMulFloat"
+FLOAT_NORM_MATMUL_BIAS = "SkipRMSNormMatMulFloatBias"
 FLOAT_NORM_SWIGLU = "SkipRMSNormSwiGLUFloat"
 FUSED_OPS = (
     SWIGLU,
     NORM_MATMUL,
+    NORM_MATMUL_BIAS,
     NORM_SWIGLU,
     FLOAT_MATMUL,
     FLOAT_SWIGLU,
     FLOAT_NORM_MATMUL,
+    FLOAT_NORM_MATMUL_BIAS,
     FLOAT_NORM_SWIGLU,
 )
+# A norm-matmul op and its form with the bias Add after it.
+_BIASED = {NORM_MATMUL: NORM_MATMUL_BIAS, FLOAT_NORM_MATMUL: FLOAT_NORM_MATMUL_BIAS}
 # The MatMulNBits attributes a function passes through (by reference) to its body's nodes.
 _NBITS = ("K", "N", "bits", "block_size", "accuracy_level")
 
 
-def _functions(opset: int) -> list[Any]:
+def function_bodies(opset: int) -> list[Any]:
+    """Every fused op's model-local function (FunctionProto) for a graph of default-domain opset
+    ``opset``: its body the onnxruntime nodes it replaces."""
     from onnx import AttributeProto, helper
 
     def nbits(name: str, a: str, weights: str, scales: str, out: str) -> Any:
@@ -90,6 +101,7 @@ def _functions(opset: int) -> list[Any]:
     norm.attribute.append(helper.make_attribute_ref("epsilon", AttributeProto.FLOAT))
     opsets = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
     pair = ["gate_B", "gate_scales", "up_B", "up_scales"]
+    add_bias = helper.make_node("Add", ["unbiased", "bias"], ["Y"], name="Bias")
     return [
         helper.make_function(DOMAIN, SWIGLU, ["A", *pair], ["Y"], swiglu("A"), opsets, list(_NBITS)),
         helper.make_function(
@@ -98,6 +110,15 @@ def _functions(opset: int) -> list[Any]:
             ["A", "skip", "gamma", "B", "scales"],
             ["Y", "sum"],
             [norm, nbits("matmul", "normed", "B", "scales", "Y")],
+            opsets,
+            [*_NBITS, "epsilon"],
+        ),
+        helper.make_function(
+            DOMAIN,
+            NORM_MATMUL_BIAS,
+            ["A", "skip", "gamma", "B", "scales", "bias"],
+            ["Y", "sum"],
+            [norm, nbits("matmul", "normed", "B", "scales", "unbiased"), add_bias],
             opsets,
             [*_NBITS, "epsilon"],
         ),
@@ -122,6 +143,15 @@ def _functions(opset: int) -> list[Any]:
             ["A", "skip", "gamma", "W"],
             ["Y", "sum"],
             [norm, matmul("matmul", "normed", "W", "Y")],
+            opsets,
+            ["epsilon"],
+        ),
+        helper.make_function(
+            DOMAIN,
+            FLOAT_NORM_MATMUL_BIAS,
+            ["A", "skip", "gamma", "W", "bias"],
+            ["Y", "sum"],
+            [norm, matmul("matmul", "normed", "W", "unbiased"), add_bias],
             opsets,
             ["epsilon"],
         ),
@@ -159,6 +189,12 @@ class _Graph:
             for init in graph.initializer
             if init.data_type == 1 and len(init.dims) == 2 and init.name not in inputs
         }
+        # and float vectors (a bias the op adds as it stores its outputs), by length
+        self.float_vectors = {
+            init.name: int(init.dims[0])
+            for init in graph.initializer
+            if init.data_type == 1 and len(init.dims) == 1 and init.name not in inputs
+        }
 
     def only_reader(self, name: str) -> Any | None:
         """The one node reading ``name``, if exactly one does and it is not a graph output."""
@@ -180,6 +216,18 @@ def _plain_nbits(node: Any | None) -> bool:
         and all(node.input)
         and {"K", "N", "bits", "block_size"} <= set(_nbits_attrs(node))
     )
+
+
+def _bias_add(matmul: Any, n: int, g: _Graph) -> tuple[Any, str] | None:
+    """The Add that alone reads ``matmul``'s output and adds a constant float vector of its N
+    columns to it (a q/k/v bias), and that vector's name."""
+    add = g.only_reader(matmul.output[0])
+    if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
+        return None
+    other = add.input[1] if add.input[0] == matmul.output[0] else add.input[0]
+    if other == matmul.output[0] or g.float_vectors.get(other) != n:
+        return None
+    return add, other
 
 
 def _renamed(node: Any, suffix: str) -> str:
@@ -293,16 +341,24 @@ def _fuse_norms(graph: Any) -> int:
         eps = next((a.f for a in norm.attribute if a.name == "epsilon"), None)
         if eps is None:  # the op's default is onnxruntime's business: fuse only an explicit one
             continue
+        nodes, out = [norm, reader], reader.output[0]
+        if op in _BIASED:
+            n = _nbits_attrs(reader)["N"] if op == NORM_MATMUL else g.float_matrices[reader.input[1]][1]
+            biased = _bias_add(reader, n, g)
+            if biased is not None:
+                op, out = _BIASED[op], biased[0].output[0]
+                nodes.append(biased[0])
+                weights.append(biased[1])
         fused = helper.make_node(
             op,
             [norm.input[0], norm.input[1], norm.input[2], *weights],
-            [reader.output[0], outs[3]],
+            [out, outs[3]],
             name=_renamed(norm, op),
             domain=DOMAIN,
             epsilon=eps,
         )
         fused.attribute.extend(helper.make_attribute(k, v) for k, v in _nbits_attrs(reader).items())
-        groups.append(([norm, reader], fused))
+        groups.append((nodes, fused))
     _rewrite(graph, groups)
     return len(groups)
 
@@ -331,7 +387,8 @@ def fuse_layers(model: Any) -> dict[str, int]:
     front of a matmul, then the float matmuls left. Returns how many nodes of each fused op it wrote.
 
     A group is fused only when it is exactly what the op computes and nothing else reads what the
-    fused node no longer produces (the normed activations, the gate's output, the SiLU)."""
+    fused node no longer produces (the normed activations, the gate's output, the SiLU, the
+    matmul's output before its bias)."""
     _fuse_swiglu(model.graph)
     _fuse_norms(model.graph)
     _fuse_float_matmuls(model.graph)
@@ -341,7 +398,7 @@ def fuse_layers(model: Any) -> dict[str, int]:
             counts[node.op_type] += 1
     if any(counts.values()):
         used = {name for name, n in counts.items() if n}
-        add_functions(model, lambda opset: [f for f in _functions(opset) if f.name in used])
+        add_functions(model, lambda opset: [f for f in function_bodies(opset) if f.name in used])
     return counts
 
 

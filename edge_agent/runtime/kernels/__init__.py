@@ -14,8 +14,9 @@ The runtime setting ``kernels: onnxruntime`` leaves it out. The environment vari
 ``AUTOGLM_KERNELS_ISA=avx2`` makes a CPU with AVX-512 run what an AVX2-only one runs (tests and
 benchmarks compare the two). On CPUs with AMX, MatMulNBits multiplies calls of more than 4 rows
 (prefills) on AMX tiles, bit for bit what the VNNI tile computes; ``AUTOGLM_KERNELS_AMX=0`` turns
-that off. Decode steps prefetch the weights (and the attention its KV cache) ahead of their loads
-on Intel's CPUs, and on AMD's only the AVX-512 tile's lone 8-bit rows (measured faster so on each);
+that off. Decode steps prefetch the weights ahead of their loads on Intel's CPUs, and on AMD's
+only the AVX-512 tile's lone 8-bit rows, and the attention its KV cache on both (measured faster
+so on each);
 ``AUTOGLM_KERNELS_PREFETCH=0`` (none) or ``1`` (all) overrides that. The agent's settings refuse
 other values of these variables at start-up (:func:`environment_problems`).
 """
@@ -110,7 +111,8 @@ PREFETCH_CHOICES = {0: "none", 1: "lone int8 rows", 2: "all"}
 def prefetch() -> str:
     """Which decode steps of sessions made now prefetch in software (for benchmark tables and
     logs): "all" (the weights of every decode call and the attention's KV cache) on Intel CPUs,
-    "lone int8 rows" (the weights of the AVX-512 tile's 1-row 8-bit calls) on others;
+    "lone int8 rows" (the weights of the AVX-512 tile's 1-row 8-bit calls, and the KV cache) on
+    others;
     ``AUTOGLM_KERNELS_PREFETCH`` ``0`` makes it "none", ``1`` "all". Whatever it says, the AVX2
     tiles prefetch decode calls of 2-4 rows. "none" where the library does not run."""
     return PREFETCH_CHOICES.get(_ask("AutoglmKernelsPrefetch") or 0, "none")

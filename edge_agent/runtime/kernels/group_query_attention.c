@@ -460,7 +460,8 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *custom, const OrtApi *a
     const int isa = kernels_isa();
     if (isa == ISA_NONE) return fail("GroupQueryAttention (autoglm): this CPU has neither AVX-512 nor AVX2");
     op.half = custom->GetName == half_name;
-    const int pf = kernels_prefetch() == PREFETCH_ALL;
+    // Every CPU's choice but none (AUTOGLM_KERNELS_PREFETCH=0): AMD's too (group_query_attention.h).
+    const int pf = kernels_prefetch() != PREFETCH_NONE;
     op.vec = isa == ISA_AVX512 ? (pf ? &attention_avx512_prefetch : &attention_avx512)
                                : (pf ? &attention_avx2_prefetch : &attention_avx2);
     const long cpus = sysconf(_SC_NPROCESSORS_ONLN);

@@ -33,7 +33,10 @@ typedef struct {
 } AttentionKernels;
 
 // The *_prefetch tables: the same routines, prefetching the cache a decode step reads
-// (prefetch_l2), for CPUs that prefetch (kernels_prefetch PREFETCH_ALL).
+// (prefetch_l2), on every CPU unless kernels_prefetch says none (PREFETCH_NONE). Intel's first;
+// on AMD's, where the weights' stream is left to the hardware prefetchers, a layer's short KV
+// reads are not: Zen 4 VM, SmolLM2 int4 (float16 cache) 4-row steps 3-5 % faster at position
+// 300, 5-9 % at 1000, 5-6 % at 2000, int8 at 1000 2-7 %; 1-row steps level (-3 to +8 %), bench/RESULTS.md.
 extern const AttentionKernels attention_avx512, attention_avx512_prefetch, attention_avx2, attention_avx2_prefetch;
 
 // Bytes ahead of the keys and values a decode step reads (each file's scores_group and values_cols)

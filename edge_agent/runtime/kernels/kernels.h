@@ -40,14 +40,15 @@ static inline int kernels_isa(void) {
     return isa;
 }
 
-// Which decode-sized calls prefetch in software ahead of their loads (kernels_prefetch):
+// Which decode-sized calls prefetch in software ahead of their loads (kernels_prefetch); the
+// attention's keys and values (group_query_attention.h, the *_prefetch tables) under both
+// PREFETCH_ALL and PREFETCH_LONE_INT8, not under PREFETCH_NONE.
 // PREFETCH_ALL: the matmul tiles' (PREFETCH, FLOAT_PREFETCH, the AVX2 tiles' lone rows: they
-// prefetch 2-4-row calls on any CPU) and the attention's keys and values (group_query_attention.h,
-// the *_prefetch tables), on Intel's cores, whose hardware prefetchers alone left a task's one
+// prefetch 2-4-row calls on any CPU), on Intel's cores, whose hardware prefetchers alone left a task's one
 // sequential stream short of the memory (Xeon VM: Qwen2-0.5B int4 1-row steps 1.28-1.37x, 4-row
 // 1.40-1.44x faster with them). PREFETCH_LONE_INT8: only the AVX-512 tile's lone 8-bit rows
 // (LONE_PREFETCH), on AMD's, where the prefetches took load slots from 4-bit and 2-4-row calls
-// (Zen 4 VM: 1-row steps 6-18 % slower; the attention's KV prefetch level to 6 % faster), but a
+// (Zen 4 VM: 1-row steps 6-18 % slower), but a
 // lone 8-bit row, whose loads come twice as fast as a 4-bit one's, outran the hardware prefetchers (Zen 4 VM:
 // Llama-134M int8 1-row steps 1.07-1.17x faster with them; bench/RESULTS.md). PREFETCH_NONE:
 // neither (the AVX2 tiles' 2-4-row calls prefetch whatever this says).

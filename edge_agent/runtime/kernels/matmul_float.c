@@ -1,6 +1,6 @@
 // Float weights (an fp32 graph's matmuls) in the same Kernel as MatMulNBits' (bits 32): packing
 // and the two tiles. matmul_nbits_fused.c's ai.autoglm ops MatMulFloat, MatMulFloatSwiGLU,
-// SkipRMSNormMatMulFloat and SkipRMSNormSwiGLUFloat run them (the packager writes an fp32 graph's
+// SkipRMSNormMatMulFloat(Bias) and SkipRMSNormSwiGLUFloat run them (the packager writes an fp32 graph's
 // MatMuls with constant weights as those: cloud/packaging/nbits_fusion.py).
 //
 // Why: onnxruntime's MatMul (MLAS, its weights prepacked) streamed an fp32 decode step's weights
@@ -17,7 +17,8 @@
 // block stays in L2 while every row tile reads it), the partial sums stored in the output between
 // blocks. Every output is one chain of fused multiply-adds over k = 0..K-1 from zero, in both tiles
 // and at any number of rows: a column's value is bit for bit the same on AVX-512 and AVX2 and
-// whatever decodes beside its row (the sums differ from MLAS's, which blocks K otherwise).
+// whatever decodes beside its row (the sums differ from MLAS's, which blocks K otherwise); a bias
+// (Kernel.bias) is added to the whole sum as it is stored, as the Add after a MatMul would.
 #include "kernels.h"
 
 #if defined(__x86_64__)
@@ -181,6 +182,12 @@ static inline __attribute__((always_inline)) void tile512(const Job *job, const 
             _Pragma("GCC unroll 4") for (int p = 0; p < 4; p++) acc[i][p] = _mm512_fmadd_ps(v[p], xb, acc[i][p]);
         }
     }
+    if (kn->bias && k1 == k) {  // the last K block: the sums are whole
+        _Pragma("GCC unroll 4") for (int p = 0; p < 4; p++) {
+            const __m512 b = _mm512_maskz_loadu_ps(mask[p], kn->bias + c + 16 * p);
+            _Pragma("GCC unroll 6") for (int i = 0; i < R; i++) acc[i][p] = _mm512_add_ps(acc[i][p], b);
+        }
+    }
     _Pragma("GCC unroll 6") for (int i = 0; i < R; i++) {
         float *y = job->y + (m0 + i) * n + c;
         _Pragma("GCC unroll 4") for (int p = 0; p < 4; p++) _mm512_mask_storeu_ps(y + 16 * p, mask[p], acc[i][p]);
@@ -221,6 +228,12 @@ static inline __attribute__((always_inline)) void tile256(const Job *job, const 
             const __m256 xb = _mm256_broadcast_ss(x + i * k + j);
             acc[i][0] = _mm256_fmadd_ps(v0, xb, acc[i][0]);
             acc[i][1] = _mm256_fmadd_ps(v1, xb, acc[i][1]);
+        }
+    }
+    if (kn->bias && k1 == k) {  // the last K block: the sums are whole
+        _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++) {
+            const __m256 b = _mm256_maskload_ps(kn->bias + c + 8 * h, mask[h]);
+            _Pragma("GCC unroll 6") for (int i = 0; i < R; i++) acc[i][h] = _mm256_add_ps(acc[i][h], b);
         }
     }
     _Pragma("GCC unroll 6") for (int i = 0; i < R; i++) {
