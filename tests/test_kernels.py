@@ -612,6 +612,29 @@ def test_a_graph_with_zero_points_is_refused(tmp_path: Path) -> None:
         _session(model.SerializeToString(), built())
 
 
+@pytest.mark.parametrize("floats", [False, True])
+def test_a_bias_the_fused_op_does_not_take_is_refused(floats: bool, tmp_path: Path) -> None:
+    """A norm-matmul op's bias must be a constant vector of N floats: one of shape [1, N] (which the
+    function body's Add would broadcast alike) fails the session with the library, as zero points
+    do, and onnxruntime's inlined body still runs it."""
+    import onnx
+    from onnx import numpy_helper
+
+    k, n = 64, 48
+    if floats:
+        model = onnx.load_from_string(_float_layer(tmp_path, k, n, False, True, bias=True))
+    else:
+        model = onnx.load_from_string(_layer(tmp_path, k, n, 32, 8, mlp=False, norm=True, bias=True))
+    bias = next(x for x in model.graph.initializer if x.name == "bias")
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias).reshape(1, n), "bias"))
+    feed = _float_feed(k, 2, norm=True)
+    assert _session(model.SerializeToString(), None).run(None, feed)[0].shape == (2, n)
+    if library() is None:
+        return
+    with pytest.raises(Exception, match="bias must be N constant floats"):
+        _session(model.SerializeToString(), library())
+
+
 def test_a_quantized_model_decodes_alike_with_either_kernels(tmp_path: Path) -> None:
     src = _tiny("llama", tmp_path / "src", vary_vectors=True)
     cfg = read_hf_config(src)

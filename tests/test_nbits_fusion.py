@@ -61,6 +61,18 @@ def _nbits(name: str, a: str, out: str, bias: bool = False) -> tuple[onnx.NodePr
     return node, inits
 
 
+def _skip_norm(eps: bool = True) -> onnx.NodeProto:
+    """skip-norm(x, skip) → normed (and the sum), as fused.py writes a layer's norm."""
+    return helper.make_node(
+        "SkipSimplifiedLayerNormalization",
+        ["x", "skip", "gamma"],
+        ["normed", "", "", "sum"],
+        name="norm",
+        domain="com.microsoft",
+        **({"epsilon": 1e-6} if eps else {}),
+    )
+
+
 def _model(
     *,
     gate_read_elsewhere: bool = False,
@@ -71,14 +83,7 @@ def _model(
 ) -> onnx.ModelProto:
     """skip-norm(x, skip) → gate, up → SiLU·up → y, as fused.py + quantize.py write it."""
     gamma = numpy_helper.from_array(np.ones(K, np.float32), "gamma")
-    norm = helper.make_node(
-        "SkipSimplifiedLayerNormalization",
-        ["x", "skip", "gamma"],
-        ["normed", "", "", "sum"],
-        name="norm",
-        domain="com.microsoft",
-        **({"epsilon": 1e-6} if eps else {}),
-    )
+    norm = _skip_norm(eps)
     gate, gate_inits = _nbits("gate", "normed", "g")
     up, up_inits = _nbits("up", "normed", "u", bias=up_bias)
     nodes = [
@@ -181,14 +186,7 @@ def _biased_qkv(
 ) -> onnx.ModelProto:
     """skip-norm(x, skip) → the packed QKV matmul → Add(·, bias) → y, as fused.py writes a Qwen2
     layer's attention input (quantize.py then makes the MatMul a MatMulNBits)."""
-    norm = helper.make_node(
-        "SkipSimplifiedLayerNormalization",
-        ["x", "skip", "gamma"],
-        ["normed", "", "", "sum"],
-        name="norm",
-        domain="com.microsoft",
-        epsilon=1e-6,
-    )
+    norm = _skip_norm()
     rng = np.random.default_rng(7)
     inits = [numpy_helper.from_array(np.ones(K, np.float32), "gamma")]
     if floats:

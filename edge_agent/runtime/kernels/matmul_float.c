@@ -62,23 +62,9 @@ OrtStatus *float_kernel(const OrtKernelInfo *info, size_t index, Kernel *kn) {
     const float *w;
     int64_t dims[8] = {0};
     size_t rank = 0;
-    {
-        int constant = 0;
-        const OrtValue *value = NULL;
-        CHECK(ort->KernelInfoGetConstantInput_tensor(info, index, &constant, &value));
-        if (!constant || !value) return fail("MatMulFloat (autoglm): the weights must be constant");
-        OrtTensorTypeAndShapeInfo *shape;
-        CHECK(ort->GetTensorTypeAndShape(value, &shape));
-        ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-        OrtStatus *status = ort->GetTensorElementType(shape, &type);
-        if (!status) status = ort->GetDimensionsCount(shape, &rank);
-        if (!status && rank == 2) status = ort->GetDimensions(shape, dims, 2);
-        ort->ReleaseTensorTypeAndShapeInfo(shape);
-        if (status) return status;
-        if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || rank != 2)
-            return fail("MatMulFloat (autoglm): the weights must be a float matrix [K, N]");
-        CHECK(ort->GetTensorMutableData((OrtValue *)value, (void **)&w));
-    }
+    static const char matrix[] = "MatMulFloat (autoglm): the weights must be a constant float matrix [K, N]";
+    CHECK(constant_floats(info, index, matrix, &w, dims, &rank));
+    if (rank != 2) return fail(matrix);
     *kn = (Kernel){.k = dims[0], .n = dims[1], .bits = 32, .block = dims[0], .nb = 1, .group = 1};
     if (kn->k < 1 || kn->n < 1) return fail("MatMulFloat (autoglm): empty weights");
     kn->isa = kernels_isa();

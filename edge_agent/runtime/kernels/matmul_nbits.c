@@ -425,6 +425,25 @@ OrtStatus *nbits_constant(const OrtKernelInfo *info, size_t index, const void **
     return ort->GetTensorMutableData((OrtValue *)value, (void **)data);
 }
 
+OrtStatus *constant_floats(const OrtKernelInfo *info, size_t index, const char *what, const float **data,
+                           int64_t dims[8], size_t *rank) {
+    int constant = 0;
+    const OrtValue *value = NULL;
+    CHECK(ort->KernelInfoGetConstantInput_tensor(info, index, &constant, &value));
+    if (!constant || !value) return fail(what);
+    OrtTensorTypeAndShapeInfo *shape;
+    CHECK(ort->GetTensorTypeAndShape(value, &shape));
+    ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    OrtStatus *status = ort->GetTensorElementType(shape, &type);
+    if (!status) status = ort->GetDimensionsCount(shape, rank);
+    if (!status && (*rank < 1 || *rank > 8)) status = fail(what);
+    if (!status) status = ort->GetDimensions(shape, dims, *rank);
+    ort->ReleaseTensorTypeAndShapeInfo(shape);
+    if (status) return status;
+    if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return fail(what);
+    return ort->GetTensorMutableData((OrtValue *)value, (void **)data);
+}
+
 // MatMulNBits' inputs: A, B, scales, zero_points, g_idx, bias. Reads the constant ones and packs them.
 static OrtStatus *pack(const OrtKernelInfo *info, Kernel *kn) {
     const void *values[6] = {0};

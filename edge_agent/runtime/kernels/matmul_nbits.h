@@ -191,6 +191,11 @@ void nbits_release(Kernel *kn);
 // Asks the kernel to reclaim a constant input's pages once it is packed (never read again).
 void nbits_drop_source(const void *p, size_t len);
 
+// The data of the node's input `index`, which must be a constant float tensor of rank 1 to 8, and
+// its dimensions; fails with the message `what` where it is not.
+OrtStatus *constant_floats(const OrtKernelInfo *info, size_t index, const char *what, const float **data,
+                           int64_t dims[8], size_t *rank);
+
 // matmul_float.c: a Kernel of float weights from the node's constant input `index` (a float
 // matrix [K, N]), packed for this CPU's tile, and the tasks of its two tiles (nbits_tiles).
 OrtStatus *float_kernel(const OrtKernelInfo *info, size_t index, Kernel *kn);

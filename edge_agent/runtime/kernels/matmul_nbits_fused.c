@@ -157,21 +157,11 @@ static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *contex
 
 // Input `index`: a constant float vector of n elements (a bias).
 static OrtStatus *bias_input(const OrtKernelInfo *info, size_t index, int64_t n, const float **bias) {
-    int constant = 0;
-    const OrtValue *value = NULL;
-    CHECK(ort->KernelInfoGetConstantInput_tensor(info, index, &constant, &value));
-    if (!constant || !value) return fail("MatMulNBits (autoglm): the bias must be constant");
-    OrtTensorTypeAndShapeInfo *shape;
-    CHECK(ort->GetTensorTypeAndShape(value, &shape));
-    ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-    size_t count = 0;
-    OrtStatus *status = ort->GetTensorElementType(shape, &type);
-    if (!status) status = ort->GetTensorShapeElementCount(shape, &count);
-    ort->ReleaseTensorTypeAndShapeInfo(shape);
-    if (status) return status;
-    if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || (int64_t)count != n)
-        return fail("MatMulNBits (autoglm): the bias must be N floats");
-    return ort->GetTensorMutableData((OrtValue *)value, (void **)bias);
+    static const char vector[] = "MatMulNBits (autoglm): the bias must be N constant floats";
+    int64_t dims[8] = {0};
+    size_t rank = 0;
+    CHECK(constant_floats(info, index, vector, bias, dims, &rank));
+    return rank == 1 && dims[0] == n ? NULL : fail(vector);
 }
 
 static OrtStatus *ORT_API_CALL create(const OrtCustomOp *custom, const OrtApi *api, const OrtKernelInfo *info,
