@@ -313,3 +313,34 @@ def test_an_fp32_fused_decoder_runs_five_nodes_per_layer_alike_inlined_and_close
     mine = ours.sequence_logits(prompt)
     np.testing.assert_allclose(mine, reference, rtol=0, atol=1e-4 * float(np.abs(reference).max()))
     assert np.array_equal(mine.argmax(-1), reference.argmax(-1))
+
+
+def test_the_bench_sets_a_folded_bias_apart_again_and_the_logits_do_not_change(tmp_path: Path) -> None:
+    """bench/edge_decode.py's bias_apart_graph (engine_steps.py --bias-add): each
+    SkipRMSNormMatMul*Bias back to the op without the bias and an Add after it, as packages were
+    before the fold. The op adds the bias to each output as the Add does, so the logits are the
+    same bit for bit, on onnxruntime's kernels (inlined bodies) and on the edge's."""
+    import sys
+
+    from edge_agent.runtime.kernels import library
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from edge_decode import bias_apart_graph
+
+    src = _tiny("qwen2", tmp_path / "src", vary_vectors=True)
+    cfg = read_hf_config(src)
+    graph = quantize_weight_only(
+        build_fused(src, cfg, tmp_path / "fused"), tmp_path / "int4" / "model.onnx", 4, 32
+    )
+    apart = bias_apart_graph(graph)
+    assert apart is not None and bias_apart_graph(apart) is None  # nothing folded left in it
+    ops = Counter(_ops(onnx.load(str(apart), load_external_data=False)))
+    layers = cfg["num_hidden_layers"]
+    assert ops[NORM_MATMUL_BIAS] == 0 and ops[NORM_MATMUL] == layers - 1 and ops["Add"] >= layers - 1
+    io = io_signature(graph, cfg, {"eos_token_id": 1})
+    prompt = [5, 17, 42, 99, 3, 250, 7]
+    for lib in (None, library()) if library() is not None else (None,):
+        folded = OnnxCausalLM(graph, io, threads=1, custom_ops=lib).sequence_logits(prompt)
+        assert np.array_equal(
+            OnnxCausalLM(apart, io, threads=1, custom_ops=lib).sequence_logits(prompt), folded
+        )
