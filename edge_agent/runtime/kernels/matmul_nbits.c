@@ -361,8 +361,7 @@ OrtStatus *nbits_pack(Kernel *kn, const uint8_t *w, const float *scales, const f
     const int64_t blob = block * bits / 8, panel_bytes = k * bits / 8 * 16;
     kn->packed = arena_alloc((size_t)(kn->n_pad / 16 * panel_bytes));  // zeroed: padding columns stay 0
     kn->pscales = arena_alloc(sizeof(float) * (size_t)(kn->n_pad * kn->nb));  // zeroed
-    if (bias_src) kn->bias = malloc(sizeof(float) * (size_t)n);
-    if (!kn->packed || !kn->pscales || (bias_src && !kn->bias)) return fail("MatMulNBits (autoglm): out of memory");
+    if (!kn->packed || !kn->pscales) return fail("MatMulNBits (autoglm): out of memory");
     for (int64_t c = 0; c < n; c++) {
         uint8_t *lane = (uint8_t *)nbits_panel(kn, c / 16) + c % 16 * 4;
         for (int64_t b = 0; b < kn->nb; b++) {
@@ -392,9 +391,17 @@ OrtStatus *nbits_pack(Kernel *kn, const uint8_t *w, const float *scales, const f
     // w + 128 times an int8 activation can saturate the pair sums).
     if (kn->isa == ISA_AVX2 && bits == 8)
         for (size_t i = 0; i < (size_t)(kn->n_pad / 16 * panel_bytes); i++) kn->packed[i] ^= 0x80;
-    if (bias_src) memcpy(kn->bias, bias_src, sizeof(float) * (size_t)n);
+    CHECK(kernel_bias(kn, bias_src));
     nbits_drop_source(w, (size_t)(n * kn->nb * blob));
     nbits_drop_source(scales, sizeof(float) * (size_t)(n * kn->nb));
+    return NULL;
+}
+
+OrtStatus *kernel_bias(Kernel *kn, const float *bias) {
+    if (!bias) return NULL;
+    kn->bias = malloc(sizeof(float) * (size_t)kn->n);
+    if (!kn->bias) return fail("MatMulNBits (autoglm): out of memory");
+    memcpy(kn->bias, bias, sizeof(float) * (size_t)kn->n);
     return NULL;
 }
 
@@ -417,20 +424,24 @@ OrtStatus *nbits_attributes(const OrtKernelInfo *info, Kernel *kn) {
     return NULL;
 }
 
-OrtStatus *nbits_constant(const OrtKernelInfo *info, size_t index, const void **data) {
+// The node's input `index` as a constant (an initializer), or the message `what`.
+static OrtStatus *constant_value(const OrtKernelInfo *info, size_t index, const char *what, const OrtValue **value) {
     int constant = 0;
-    const OrtValue *value = NULL;
-    CHECK(ort->KernelInfoGetConstantInput_tensor(info, index, &constant, &value));
-    if (!constant || !value) return fail("MatMulNBits (autoglm): weights, scales and bias must be constant");
+    *value = NULL;
+    CHECK(ort->KernelInfoGetConstantInput_tensor(info, index, &constant, value));
+    return constant && *value ? NULL : fail(what);
+}
+
+OrtStatus *nbits_constant(const OrtKernelInfo *info, size_t index, const void **data) {
+    const OrtValue *value;
+    CHECK(constant_value(info, index, "MatMulNBits (autoglm): weights, scales and bias must be constant", &value));
     return ort->GetTensorMutableData((OrtValue *)value, (void **)data);
 }
 
 OrtStatus *constant_floats(const OrtKernelInfo *info, size_t index, const char *what, const float **data,
                            int64_t dims[8], size_t *rank) {
-    int constant = 0;
-    const OrtValue *value = NULL;
-    CHECK(ort->KernelInfoGetConstantInput_tensor(info, index, &constant, &value));
-    if (!constant || !value) return fail(what);
+    const OrtValue *value;
+    CHECK(constant_value(info, index, what, &value));
     OrtTensorTypeAndShapeInfo *shape;
     CHECK(ort->GetTensorTypeAndShape(value, &shape));
     ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;

@@ -187,6 +187,8 @@ OrtStatus *nbits_attributes(const OrtKernelInfo *info, Kernel *kn);
 OrtStatus *nbits_constant(const OrtKernelInfo *info, size_t index, const void **data);
 // Packs MatMulNBits-layout weights and scales (and a bias, or NULL) into kn's panels.
 OrtStatus *nbits_pack(Kernel *kn, const uint8_t *w, const float *scales, const float *bias);
+// A copy of n floats of bias beside kn's packed weights (the tiles add it as they store; NULL: none).
+OrtStatus *kernel_bias(Kernel *kn, const float *bias);
 void nbits_release(Kernel *kn);
 // Asks the kernel to reclaim a constant input's pages once it is packed (never read again).
 void nbits_drop_source(const void *p, size_t len);

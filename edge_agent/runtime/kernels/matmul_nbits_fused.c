@@ -35,7 +35,6 @@
 #if defined(__x86_64__)
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "matmul_nbits.h"
 
@@ -184,11 +183,7 @@ static OrtStatus *ORT_API_CALL create(const OrtCustomOp *custom, const OrtApi *a
         op.w[1] = op.w[0];
     }
     if (!status && op.variant->bias) status = bias_input(info, first + (op.variant->floats ? 1 : 2), op.w[0].n, &bias);
-    if (!status && bias && op.variant->floats) {  // packed by float_kernel already: the bias beside it
-        op.w[0].bias = malloc(sizeof(float) * (size_t)op.w[0].n);
-        if (op.w[0].bias) memcpy(op.w[0].bias, bias, sizeof(float) * (size_t)op.w[0].n);
-        else status = fail("MatMulFloat (autoglm): out of memory");
-    }
+    if (!status && op.variant->floats) status = kernel_bias(&op.w[0], bias);  // float_kernel packed the weights
     for (int i = 0; !status && !op.variant->floats && i <= op.variant->pair; i++) {
         const void *w = NULL, *scales = NULL;
         status = nbits_constant(info, first + 2 * (size_t)i, &w);
