@@ -1,5 +1,6 @@
-// How fast MatMulNBits' AVX-512 tile streams a lone row's 8-bit and 4-bit weights from memory,
-// outside onnxruntime: the library's own packing (nbits_pack) and tasks (packed_task_avx512) over
+// How fast MatMulNBits' tile (AVX-512 VNNI, or AVX2 where the CPU has no AVX-512 or
+// AUTOGLM_KERNELS_ISA=avx2) streams 1-4 rows' 8-bit and 4-bit weights from memory, outside
+// onnxruntime: the library's own packing (nbits_pack) and tasks (nbits_tiles) over
 // many matrices of one shape, every task of every matrix run in turn on 1 or 2 threads (each a
 // contiguous share, as onnxruntime's pool hands them out), a barrier between matrices.
 //
@@ -38,6 +39,7 @@ typedef struct {
 
 typedef struct {
     const Set *set;
+    void (*task)(void *, size_t);
     int thread, threads, passes;
     pthread_barrier_t *barrier;
 } Worker;
@@ -48,7 +50,7 @@ static void *work(void *data) {
     const size_t hi = w->set->tasks * (size_t)(w->thread + 1) / (size_t)w->threads;
     for (int r = 0; r < w->passes; r++)
         for (int m = 0; m < w->set->mats; m++) {
-            for (size_t t = lo; t < hi; t++) packed_task_avx512(&w->set->jobs[m], t);
+            for (size_t t = lo; t < hi; t++) w->task(&w->set->jobs[m], t);
             pthread_barrier_wait(w->barrier);
         }
     return NULL;
@@ -69,7 +71,7 @@ static Set make(int bits, int mats, int64_t k, int64_t n, int rows) {
     for (int64_t i = 0; i < n * nb; i++) s[i] = 0.01f;
     for (int64_t i = 0; i < k * rows; i++) x[i] = (float)(rand() % 200 - 100) / 100.0f;
     for (int m = 0; m < mats; m++) {
-        kn[m] = (Kernel){.k = k, .n = n, .bits = bits, .block = block, .isa = ISA_AVX512, .prefetch = kernels_prefetch()};
+        kn[m] = (Kernel){.k = k, .n = n, .bits = bits, .block = block, .isa = kernels_isa(), .prefetch = kernels_prefetch()};
         if (nbits_pack(&kn[m], w, s, NULL)) abort();  // fails only out of memory (no onnxruntime here)
     }
     if (nbits_quantize(&kn[0], NULL, x, rows, act)) abort();  // up to SMALL_M rows: quantized inline, no pool
@@ -86,7 +88,7 @@ static double rate(const Set *set, int threads) {
     Worker workers[64];
     const double t0 = now();
     for (int i = 0; i < threads; i++) {
-        workers[i] = (Worker){set, i, threads, 2, &barrier};
+        workers[i] = (Worker){set, nbits_tiles(set->jobs[0].kernel), i, threads, 2, &barrier};
         pthread_create(&ids[i], NULL, work, &workers[i]);
     }
     for (int i = 0; i < threads; i++) pthread_join(ids[i], NULL);
@@ -102,8 +104,8 @@ static int ascending(const void *a, const void *b) {
 
 int main(int argc, char **argv) {
     const int threads = argc > 1 ? atoi(argv[1]) : 2, rows = argc > 2 ? atoi(argv[2]) : 1;
-    if (kernels_isa() != ISA_AVX512) {
-        fprintf(stderr, "needs AVX-512 VNNI (the tile this times)\n");
+    if (kernels_isa() == ISA_NONE) {
+        fprintf(stderr, "needs AVX-512 VNNI or AVX2 (the tiles this times)\n");
         return 1;
     }
     if (threads < 1 || threads > 64 || rows < 1 || rows > SMALL_M) return 1;
@@ -117,9 +119,9 @@ int main(int argc, char **argv) {
     qsort(r8, ROUNDS, sizeof(double), ascending);
     qsort(r4, ROUNDS, sizeof(double), ascending);
     qsort(q, ROUNDS, sizeof(double), ascending);
-    printf("%d threads, %d row%s, %.0f MB per set: 8-bit %.1f GB/s, 4-bit %.1f GB/s (medians of %d); "
+    printf("%s tile, %d threads, %d row%s, %.0f MB per set: 8-bit %.1f GB/s, 4-bit %.1f GB/s (medians of %d); "
            "4-bit / 8-bit per round %.3f (interquartile %.3f-%.3f)\n",
-           threads, rows, rows > 1 ? "s" : "", eight.bytes / 1e6, r8[ROUNDS / 2], r4[ROUNDS / 2], ROUNDS, q[ROUNDS / 2], q[ROUNDS / 4],
+           kernels_isa() == ISA_AVX512 ? "AVX-512" : "AVX2", threads, rows, rows > 1 ? "s" : "", eight.bytes / 1e6, r8[ROUNDS / 2], r4[ROUNDS / 2], ROUNDS, q[ROUNDS / 2], q[ROUNDS / 4],
            q[3 * ROUNDS / 4]);
     return 0;
 }

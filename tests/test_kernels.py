@@ -62,14 +62,17 @@ def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     return str(request.param)
 
 
-def _matmul(tmp: Path, k: int, n: int, block: int, bits: int, bias: bool) -> bytes:
-    """One weight matrix as the packager quantizes it; ``bias`` as onnxruntime's optimizer fuses
-    a following Add into MatMulNBits (Qwen2's projections)."""
+def _matmul(
+    tmp: Path, k: int, n: int, block: int, bits: int, bias: bool, weights: np.ndarray | None = None
+) -> bytes:
+    """One weight matrix (``weights``, or random ones) as the packager quantizes it; ``bias`` as
+    onnxruntime's optimizer fuses a following Add into MatMulNBits (Qwen2's projections)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(k * n + bits)
-    weights = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
+    if weights is None:
+        weights = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "W"], ["y"])],
         "one",
@@ -187,6 +190,40 @@ def test_kernels_equal_onnxruntime_and_rows_do_not_depend_on_their_company(
         for i in range(m):
             alone = ours.run(None, {"x": x[i : i + 1]})[0][0]
             assert np.array_equal(alone, mine[i]), f"row {i} of {m} differs from the same row alone"
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_block_sums_at_their_largest_are_exact(bits: int, rows: int, isa: str, tmp_path: Path) -> None:
+    """Every weight its format's largest code (nibble 15, byte -128) and every activation +-127:
+    the AVX2 tile adds four steps of 4-bit products in 16-bit lanes (4 x 4 x 15 x 127 = 30480)
+    and pairs of 8-bit ones (2 x 128 x 127 = 32512) before widening them, the most those lanes
+    hold without saturating; a saturated lane would be off by thousands of units here."""
+    import onnx
+    from onnx import numpy_helper
+
+    k, n, block = 512, 24, 128
+    if bits == 8:  # each block's largest magnitude negative: every code 0, a weight of -128
+        weights = np.full((k, n), -0.05, np.float32)
+    else:  # -0.08 first in each block sets the scale (code 0); the rest, +0.07, are code 15
+        weights = np.full((k, n), 0.07, np.float32)
+        weights[::block] = -0.08
+    model = _matmul(tmp_path, k, n, block, bits, False, weights)
+    packed = numpy_helper.to_array(
+        next(t for t in onnx.load_from_string(model).graph.initializer if t.name == f"W_Q{bits}")
+    )
+    want = np.full(packed.shape, 0x00 if bits == 8 else 0xFF, np.uint8)
+    if bits == 4:
+        want[:, :, 0] = 0xF0  # the block's first element in the low nibble
+    assert np.array_equal(packed, want), "the weights are not at their largest codes"
+    if library() is None:
+        return
+    ours = _session(model, library())
+    for sign in (1.0, -1.0):
+        x = np.full((rows, k), sign, np.float32)
+        mine, exact = ours.run(None, {"x": x})[0], _exact(model, x)
+        np.testing.assert_allclose(mine, exact, rtol=0, atol=1e-5 * float(np.abs(exact).max()))
 
 
 @pytest.mark.skipif(not _cpu_has_avx512(), reason="needs a CPU with both tiles (AVX-512 VNNI)")

@@ -6,11 +6,11 @@
 // on one thread and computes a lone row with other instructions than rows in pairs.
 //
 // Exactness: every block's int32 sum equals the AVX-512 tile's (integer sums, no saturation: 4-bit
-// weights are 0..15, so the low and high nibbles' pair sums added in 16 bits are at most
-// 4 x 15 x 127; 8-bit weights are packed as signed bytes here and multiplied as |w| x (x with w's
-// sign), a pair at most 2 x 128 x 127 < 32767), and
-// the float accumulation is the same fused multiply-add per block: a column's output is bit for bit
-// what the AVX-512 tile computes, and as there, independent of the rows beside it.
+// weights are 0..15, so a 16-bit lane's products over NIBBLE_STEPS steps, low and high nibbles,
+// are at most 4 x NIBBLE_STEPS x 15 x 127; 8-bit weights are packed as signed bytes here and
+// multiplied as |w| x (x with w's sign), a pair at most 2 x 128 x 127 < 32767), and the float
+// accumulation is the same fused multiply-add per block: a column's output is bit for bit what
+// the AVX-512 tile computes, and as there, independent of the rows beside it.
 #include "kernels.h"
 
 #if defined(__x86_64__)
@@ -19,6 +19,14 @@
 
 #include "avx2.h"
 #include "matmul_nbits.h"
+
+// A 4-bit tile's steps (8 elements each) summed in 16 bits before widening; 1 widens every step.
+#ifndef NIBBLE_STEPS
+#define NIBBLE_STEPS 4
+#endif
+#if NIBBLE_STEPS < 1 || NIBBLE_STEPS > 4
+#error "NIBBLE_STEPS: 1 to 4 (4 steps' 16-bit sums reach 30480 of 32767)"
+#endif
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -68,24 +76,34 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
                 }
             }
         } else {
-            for (int64_t j = 0; j < len; j += 8) {
-                __m256i xl[SMALL_M], xh[SMALL_M];
-                if (M <= 2) _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
-                    xl[i] = _mm256_set1_epi32(*(const int32_t *)(x[i] + j));
-                    xh[i] = _mm256_set1_epi32(*(const int32_t *)(x[i] + j + 4));
-                }
-                _Pragma("GCC unroll 8") for (int h = 0; h < 2 * P; h++) {
-                    const uint8_t *at = wp[h / 2] + (start + j) * (AVX2_STEP / 8) + 32 * (h % 2);
-                    if (AHEAD && AVX2_PREFETCH >= 0 && h % 2 == 0) _mm_prefetch((const char *)(at + AVX2_PREFETCH), _MM_HINT_T0);
-                    const __m256i packed = _mm256_load_si256((const __m256i *)at);
-                    const __m256i lo = _mm256_and_si256(packed, low), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
-                    _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
-                        const __m256i xli = M <= 2 ? xl[i] : _mm256_set1_epi32(*(const int32_t *)(x[i] + j));
-                        const __m256i xhi = M <= 2 ? xh[i] : _mm256_set1_epi32(*(const int32_t *)(x[i] + j + 4));
-                        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xli), _mm256_maddubs_epi16(hi, xhi));
-                        a[h][i] = _mm256_add_epi32(a[h][i], _mm256_madd_epi16(pairs, ones));
+            // Up to NIBBLE_STEPS steps' pair sums added in 16 bits before one vpmaddwd widens them
+            // (exact: at most 4 x NIBBLE_STEPS x 15 x 127 = 30480 at 4 steps): a 3-4 row tile is
+            // bound by its multiplies on one core, and this drops a third of them.
+            for (int64_t g = 0; g < len; g += 8 * NIBBLE_STEPS) {
+                const int64_t end = len - g < 8 * NIBBLE_STEPS ? len : g + 8 * NIBBLE_STEPS;
+                __m256i s[8][SMALL_M];
+                _Pragma("GCC unroll 8") for (int h = 0; h < 2 * P; h++)
+                    _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) s[h][i] = _mm256_setzero_si256();
+                for (int64_t j = g; j < end; j += 8) {
+                    __m256i xl[SMALL_M], xh[SMALL_M];
+                    if (M <= 2) _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
+                        xl[i] = _mm256_set1_epi32(*(const int32_t *)(x[i] + j));
+                        xh[i] = _mm256_set1_epi32(*(const int32_t *)(x[i] + j + 4));
+                    }
+                    _Pragma("GCC unroll 8") for (int h = 0; h < 2 * P; h++) {
+                        const uint8_t *at = wp[h / 2] + (start + j) * (AVX2_STEP / 8) + 32 * (h % 2);
+                        if (AHEAD && AVX2_PREFETCH >= 0 && h % 2 == 0) _mm_prefetch((const char *)(at + AVX2_PREFETCH), _MM_HINT_T0);
+                        const __m256i packed = _mm256_load_si256((const __m256i *)at);
+                        const __m256i lo = _mm256_and_si256(packed, low), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+                        _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) {
+                            const __m256i xli = M <= 2 ? xl[i] : _mm256_set1_epi32(*(const int32_t *)(x[i] + j));
+                            const __m256i xhi = M <= 2 ? xh[i] : _mm256_set1_epi32(*(const int32_t *)(x[i] + j + 4));
+                            s[h][i] = _mm256_add_epi16(s[h][i], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xli), _mm256_maddubs_epi16(hi, xhi)));
+                        }
                     }
                 }
+                _Pragma("GCC unroll 8") for (int h = 0; h < 2 * P; h++)
+                    _Pragma("GCC unroll 4") for (int i = 0; i < M; i++) a[h][i] = _mm256_add_epi32(a[h][i], _mm256_madd_epi16(s[h][i], ones));
             }
         }
         _Pragma("GCC unroll 8") for (int h = 0; h < 2 * P; h++) {
