@@ -201,8 +201,8 @@ def read_bandwidth(threads: int, mib: int = 1024, repeats: int = 9) -> tuple[flo
     back (bench/read_probe.c: an XOR over it with many loads in flight), i.e. what a decode step,
     which only reads its weights, could stream at most. On some VMs it is well below the copy
     convention's figure (an Intel Xeon VM: 26-28 GB/s read against 33-40 GB/s copy; an AMD EPYC
-    Zen 4 VM: 30-34 against 39-42), so it says
-    how far a decode is from the memory where the copy ceiling cannot. Where no C compiler is at
+    Zen 4 VM: 30-34 against 39-42; an AMD EPYC Zen 3 VM: 27-41 against 50-58), so it says how far
+    a decode is from the memory where the copy ceiling cannot. Where no C compiler is at
     hand it falls back to numpy (an OR reduction, which reads 30-40 % slower: see read_probe.c).
     Returns (median, best) over ``repeats``."""
     n = mib * 1024 * 1024 // threads // 512 * 512

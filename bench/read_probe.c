@@ -11,21 +11,24 @@
 // Why vector types: the first version XORed 64 uint64_t lanes and left the vectorizing to the
 // compiler; GCC 12 with -march=native vectorized it well for an Intel Xeon but not for an AMD EPYC
 // Zen 4, where 2 threads read 20 GB/s through it against 30-39 through this loop (and our decode
-// kernels streamed 30-37 GB/s, "150 % of the probe"). Spelled as vectors (split into 32- or
-// 16-byte registers where the CPU has no 64-byte ones) the loop is the same on every CPU.
+// kernels streamed 30-37 GB/s, "150 % of the probe"). Why 32-byte vectors: the second version's
+// 64-byte ones, on a CPU without AVX-512 (an AMD EPYC Zen 3), were split into 16-byte halves
+// shuffled through the stack (2 threads read 14-18 GB/s through it where our decode kernels
+// streamed 26-30). Two 32-byte loads per line XORed into one of eight accumulators fit in 16
+// registers, and every CPU since Haswell loads 32 bytes at once.
 #include <stddef.h>
 #include <stdint.h>
 
 // aligned(8): numpy places a large array 16 bytes into its pages, and every load here may be unaligned.
-typedef uint64_t line_t __attribute__((vector_size(64), aligned(8)));
+typedef uint64_t half_t __attribute__((vector_size(32), aligned(8)));
 
 uint64_t read_xor(const uint64_t *p, size_t n) {
-    line_t acc[8] = {0};
-    const line_t *lines = (const line_t *)p;
-    for (size_t i = 0; i < n / 64; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] ^= lines[i + j];
+    half_t acc[8] = {0};
+    const half_t *halves = (const half_t *)p;
+    for (size_t i = 0; i < n / 32; i += 16)
+        for (int j = 0; j < 8; j++) acc[j] ^= halves[i + 2 * j] ^ halves[i + 2 * j + 1];
     for (int j = 1; j < 8; j++) acc[0] ^= acc[j];
     uint64_t x = 0;
-    for (int j = 0; j < 8; j++) x ^= acc[0][j];
+    for (int j = 0; j < 4; j++) x ^= acc[0][j];
     return x;
 }
