@@ -78,7 +78,8 @@ static inline __attribute__((always_inline)) void panel_rows(const Job *job, int
         } else {
             // Up to NIBBLE_STEPS steps' pair sums added in 16 bits before one vpmaddwd widens them
             // (exact: at most 4 x NIBBLE_STEPS x 15 x 127 = 30480 at 4 steps): a 3-4 row tile is
-            // bound by its multiplies on one core, and this drops a third of them.
+            // bound by its multiplies on one core, and this drops a third of them (Zen 3 VM: 4-row
+            // steps 1.08-1.28x and 4-bit prefills 1.06-1.42x faster; bench/RESULTS.md).
             for (int64_t g = 0; g < len; g += 8 * NIBBLE_STEPS) {
                 const int64_t end = len - g < 8 * NIBBLE_STEPS ? len : g + 8 * NIBBLE_STEPS;
                 __m256i s[8][SMALL_M];
