@@ -120,8 +120,9 @@ def main() -> None:
             start = time.perf_counter()
             lm.decoder(600).step(long_prompt, last_only=True)
             times[name]["prefill"].append(time.perf_counter() - start)
-            decoders = [
-                lm.decoder(args.context + args.steps + 8, busy=frozenset(range(i)), rows=4) for i in range(4)
+            decoders = [  # row 0 steps alone, then with the others: 2 x steps past the prompt
+                lm.decoder(args.context + 2 * args.steps + 8, busy=frozenset(range(i)), rows=4)
+                for i in range(4)
             ]
             for d in decoders:
                 d.step(prompt, last_only=True)

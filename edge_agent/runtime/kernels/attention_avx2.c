@@ -1,7 +1,9 @@
 // GroupQueryAttention's vector routines for CPUs with AVX2 but no AVX-512 (group_query_attention.h
 // says what each computes): the AVX-512 routines' steps 8 floats per vector, with register tiles
 // sized for AVX2's 16 registers (a prefill's 16-key chunk is two vectors, one chunk at a time; the
-// value sums 64, 32 or 16 columns per pass for 1, 2 or 3-4 rows); each routine that reads the KV
+// value sums 64, 32, 32 or 16 columns per pass for 1, 2, 3 or 4 rows: SmolLM2's 3 query heads per
+// KV head read a head's values in two passes, not four — Zen 3 VM, position 1000, 4-row steps
+// mean 1.04x faster, bench/RESULTS.md); each routine that reads the KV
 // cache comes for a float cache and for a half-precision one (F16C's conversions).
 #include "kernels.h"
 
@@ -160,7 +162,7 @@ static void scores_tile256(const float *q, int64_t h, const float *kt, int64_t s
     }
 }
 
-// Columns [d0, d0 + 8W) for R rows: R x W <= 8 sums in flight. Only compile-time bounds index the
+// Columns [d0, d0 + 8W) for R rows: R x W <= 12 sums in flight. Only compile-time bounds index the
 // sums, so they stay in registers (a runtime-width branch beside them put them on the stack).
 static inline __attribute__((always_inline)) void values_cols(const float *p, int64_t pstride, const void *values,
                                                               int64_t h, int64_t lo, int64_t hi, float *out,
@@ -169,12 +171,14 @@ static inline __attribute__((always_inline)) void values_cols(const float *p, in
     __m256 a[TILE][8];
     _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) _Pragma("GCC unroll 8") for (int v = 0; v < W; v++) a[r][v] = _mm256_setzero_ps();
     for (int64_t j = lo; j <= hi; j++) {
-        __m256 x[8];
         if (pf) prefetch_l2((const char *)values + (j * h + d0) * (half ? 2 : 4), W * 8 * (half ? 2 : 4));
-        _Pragma("GCC unroll 8") for (int v = 0; v < W; v++) x[v] = load_kv(values, j * h + d0 + 8 * v, half);
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-            const __m256 s = _mm256_broadcast_ss(p + r * pstride + j);
-            _Pragma("GCC unroll 8") for (int v = 0; v < W; v++) a[r][v] = _mm256_fmadd_ps(s, x[v], a[r][v]);
+        // Each row's weight broadcast once, then each value vector used by every row as it is
+        // loaded: R x W sums, R broadcasts and one vector in registers (3 rows x 4 vectors fit).
+        __m256 s[TILE];
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) s[r] = _mm256_broadcast_ss(p + r * pstride + j);
+        _Pragma("GCC unroll 8") for (int v = 0; v < W; v++) {
+            const __m256 x = load_kv(values, j * h + d0 + 8 * v, half);
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) a[r][v] = _mm256_fmadd_ps(s[r], x, a[r][v]);
         }
     }
     _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) _Pragma("GCC unroll 8") for (int v = 0; v < W; v++)
@@ -197,7 +201,7 @@ static inline __attribute__((always_inline)) void values_rows(const float *p, in
     switch (rows) {
         case 1: values_pass(p, pstride, values, h, lo, hi, out, ostride, 1, 8, half, pf); break;
         case 2: values_pass(p, pstride, values, h, lo, hi, out, ostride, 2, 4, half, pf); break;
-        case 3: values_pass(p, pstride, values, h, lo, hi, out, ostride, 3, 2, half, pf); break;
+        case 3: values_pass(p, pstride, values, h, lo, hi, out, ostride, 3, 4, half, pf); break;
         default: values_pass(p, pstride, values, h, lo, hi, out, ostride, 4, 2, half, pf); break;
     }
 }
