@@ -105,9 +105,51 @@ static inline __attribute__((always_inline)) void scores_block(const float *q, i
 // Widened once per block, not once per row: several rows of a half cache read floats.
 #define WIDE_HEAD 256
 
+// 2 or more rows of a half cache: 1 reads each key vector once for every 3 rows (scores_keys),
+// 0 (-DSCORES_KEYS=0, benchmarks) widens a block to floats first and reads it row by row. Zen 3
+// VM, SmolLM2 int4 (3 query heads per KV head): 1-row steps 1.03-1.08x and 4-row 1.02-1.07x faster
+// at positions 1000 and 2000 (bench/RESULTS.md).
+#ifndef SCORES_KEYS
+#define SCORES_KEYS 1
+#endif
+
+// R (2-3) query rows against the 8 keys at element offsets k, 4 keys a pass: each key vector,
+// widened as it is loaded, used by every row (R x 4 sums, R query vectors and one key vector in
+// registers). Each key's sum is the same chain as scores_block's (bit for bit).
+static inline __attribute__((always_inline)) void scores_keys(const float *q, const void *keys, const int64_t k[8],
+                                                              int64_t h, int64_t n, float *scores, int64_t sstride,
+                                                              const int half, const int R) {
+    __m256 sums[3][8];
+    _Pragma("GCC unroll 2") for (int i0 = 0; i0 < 8; i0 += 4) {
+        __m256 a[3][4], x[3];
+        _Pragma("GCC unroll 3") for (int r = 0; r < R; r++) x[r] = _mm256_loadu_ps(q + r * h);
+        _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {
+            const __m256 kv = load_kv(keys, k[i0 + i], half);
+            _Pragma("GCC unroll 3") for (int r = 0; r < R; r++) a[r][i] = _mm256_mul_ps(x[r], kv);
+        }
+        for (int64_t d = 8; d < h; d += 8) {
+            _Pragma("GCC unroll 3") for (int r = 0; r < R; r++) x[r] = _mm256_loadu_ps(q + r * h + d);
+            _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {
+                const __m256 kv = load_kv(keys, k[i0 + i] + d, half);
+                _Pragma("GCC unroll 3") for (int r = 0; r < R; r++) a[r][i] = _mm256_fmadd_ps(x[r], kv, a[r][i]);
+            }
+        }
+        _Pragma("GCC unroll 3") for (int r = 0; r < R; r++) _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) sums[r][i0 + i] = a[r][i];
+    }
+    _Pragma("GCC unroll 3") for (int r = 0; r < R; r++) {
+        if (n == 8) {
+            _mm256_storeu_ps(scores + r * sstride, sums8(sums[r]));
+        } else {  // vmaskmov stores are slow on AMD's cores
+            float last[8];
+            _mm256_storeu_ps(last, sums8(sums[r]));
+            memcpy(scores + r * sstride, last, sizeof(float) * (size_t)n);
+        }
+    }
+}
+
 // Scores of `rows` query rows against keys [lo, hi], 8 keys at a time: the block's keys stay in
-// L1 for every row. A block of a half cache read by several rows is widened to floats first
-// (heads of up to WIDE_HEAD columns).
+// L1 for every row. A block of a half cache read by several rows is read 3 rows at a time
+// (scores_keys; or, with SCORES_KEYS 0, widened to floats first, heads of up to WIDE_HEAD columns).
 static inline __attribute__((always_inline)) void scores_group(const float *q, int rows, const void *keys, int64_t h, int64_t lo,
                                                                int64_t hi, float *scores, int64_t sstride, const int half,
                                                                const int pf) {
@@ -119,7 +161,17 @@ static inline __attribute__((always_inline)) void scores_group(const float *q, i
         int64_t k[8];
         for (int i = 0; i < 8; i++) k[i] = (j0 + (i < n ? i : n - 1)) * h;  // past the last: read it again
         if (pf) prefetch_l2((const char *)keys + j0 * h * (half ? 2 : 4), 8 * h * (half ? 2 : 4));
-        if (half && rows > 1 && h <= WIDE_HEAD) {
+        if (SCORES_KEYS && half && rows > 1) {
+            for (int r0 = 0; r0 < rows; r0 += 3) {
+                const float *qr = q + r0 * h;
+                float *out = scores + r0 * sstride + j0;
+                switch (rows - r0) {
+                    case 1: scores_block(qr, 1, keys, k, h, n, out, sstride, 1); break;
+                    case 2: scores_keys(qr, keys, k, h, n, out, sstride, 1, 2); break;
+                    default: scores_keys(qr, keys, k, h, n, out, sstride, 1, 3); break;
+                }
+            }
+        } else if (half && rows > 1 && h <= WIDE_HEAD) {
             for (int i = 0; i < 8; i++)
                 for (int64_t d = 0; d < h; d += 8) _mm256_storeu_ps(wide + i * h + d, load_kv(keys, k[i] + d, 1));
             scores_block(q, rows, wide, at, h, n, scores + j0, sstride, 0);
