@@ -254,7 +254,7 @@ def test_the_amx_tile_computes_what_the_vnni_tile_does(
 ) -> None:
     """Calls of more than 4 rows run on AMX tiles where the CPU has them: the same exact int32
     block sums and float steps as the VNNI tile, so the same bits, in whole tiles of 16 rows and
-    in the rest; a row's answer is the same alone (VNNI) as in a prefill-sized call (AMX)."""
+    in the rest (which runs over zeroed padding rows), past the 128 rows one pass keeps; a row's answer is the same alone (VNNI) as in a prefill-sized call (AMX)."""
     model = _matmul(tmp_path, k, 203, block, bits, bias)
     monkeypatch.delenv("AUTOGLM_KERNELS_ISA", raising=False)
     monkeypatch.setenv("AUTOGLM_KERNELS_AMX", "0")
@@ -263,8 +263,8 @@ def test_the_amx_tile_computes_what_the_vnni_tile_does(
     monkeypatch.delenv("AUTOGLM_KERNELS_AMX")
     assert kernel_amx()
     tiles = _session(model, library())
-    x = np.random.default_rng(13).standard_normal((70, k)).astype(np.float32) * 2
-    for m in (5, 15, 16, 17, 33, 70):
+    x = np.random.default_rng(13).standard_normal((300, k)).astype(np.float32) * 2
+    for m in (5, 15, 16, 17, 33, 70, 128, 129, 300):
         got, want = tiles.run(None, {"x": x[:m]})[0], vnni.run(None, {"x": x[:m]})[0]
         assert np.array_equal(got, want), f"{m} rows differ"
     assert np.array_equal(tiles.run(None, {"x": x[40:41]})[0][0], tiles.run(None, {"x": x})[0][40])

@@ -78,6 +78,18 @@ static inline __attribute__((always_inline)) __m256 load_kv(const void *kv, int6
     return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)kv + i))) : _mm256_loadu_ps((const float *)kv + i);
 }
 
+// The first n (1-8) of a block's 8 scores: one vector store for a whole block, a copy through
+// the stack for the last, short one (vmaskmov stores are slow on AMD's cores).
+static inline __attribute__((always_inline)) void store_scores(float *out, __m256 sums, int64_t n) {
+    if (n == 8) {
+        _mm256_storeu_ps(out, sums);
+    } else {
+        float last[8];
+        _mm256_storeu_ps(last, sums);
+        memcpy(out, last, sizeof(float) * (size_t)n);
+    }
+}
+
 // Scores of `rows` query rows against the 8 keys at element offsets k (the first n of them
 // real): each row's 8 dot products are 8 sums in flight, reduced together (sums8).
 static inline __attribute__((always_inline)) void scores_block(const float *q, int rows, const void *keys, const int64_t k[8],
@@ -92,13 +104,7 @@ static inline __attribute__((always_inline)) void scores_block(const float *q, i
             const __m256 xd = _mm256_loadu_ps(x + d);
             for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(xd, load_kv(keys, k[i] + d, half), a[i]);
         }
-        if (n == 8) {
-            _mm256_storeu_ps(scores + r * sstride, sums8(a));
-        } else {  // vmaskmov stores are slow on AMD's cores
-            float last[8];
-            _mm256_storeu_ps(last, sums8(a));
-            memcpy(scores + r * sstride, last, sizeof(float) * (size_t)n);
-        }
+        store_scores(scores + r * sstride, sums8(a), n);
     }
 }
 
@@ -137,13 +143,7 @@ static inline __attribute__((always_inline)) void scores_keys(const float *q, co
         _Pragma("GCC unroll 3") for (int r = 0; r < R; r++) _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) sums[r][i0 + i] = a[r][i];
     }
     _Pragma("GCC unroll 3") for (int r = 0; r < R; r++) {
-        if (n == 8) {
-            _mm256_storeu_ps(scores + r * sstride, sums8(sums[r]));
-        } else {  // vmaskmov stores are slow on AMD's cores
-            float last[8];
-            _mm256_storeu_ps(last, sums8(sums[r]));
-            memcpy(scores + r * sstride, last, sizeof(float) * (size_t)n);
-        }
+        store_scores(scores + r * sstride, sums8(sums[r]), n);
     }
 }
 

@@ -247,13 +247,15 @@ void (*nbits_tiles(const Kernel *kn))(void *, size_t) {
 OrtStatus *nbits_quantize(const Kernel *kn, OrtKernelContext *context, const float *a, int64_t m, Activations *act) {
     *act = (Activations){.a = a};
     if (kn->bits == 32) return NULL;  // float weights multiply a itself
-    act->xq = aligned_alloc(64, (size_t)((m * kn->k + 63) / 64 * 64));
+    const int64_t pad = kn->amx && m > SMALL_M ? AMX_ROWS - 1 : 0;
+    act->xq = aligned_alloc(64, (size_t)(((m + pad) * kn->k + 63) / 64 * 64));
     act->xs = malloc(sizeof(float) * (size_t)(m * kn->nb));
     act->corr = malloc(sizeof(int32_t) * (size_t)(m * kn->nb));
     if (!act->xq || !act->xs || !act->corr) {
         nbits_free(act);
         return fail("MatMulNBits: out of memory");
     }
+    memset(act->xq + m * kn->k, 0, (size_t)(pad * kn->k));
     Quantize rows = {kn, a, act->xq, act->xs, act->corr};
     void (*quantize)(void *, size_t) = kn->isa == ISA_AVX512 ? quantize_task : quantize_task_avx2;
     if (m <= SMALL_M) {  // a decode step: not worth a hand-off
@@ -420,7 +422,8 @@ OrtStatus *nbits_attributes(const OrtKernelInfo *info, Kernel *kn) {
     kn->isa = kernels_isa();
     kn->prefetch = kernels_prefetch();
     if (kn->isa == ISA_NONE) return fail("MatMulNBits (autoglm): this CPU has neither AVX-512 VNNI nor AVX2");
-    kn->amx = kn->isa == ISA_AVX512 && kn->k % 64 == 0 && kn->block % 64 == 0 && kernels_amx();
+    kn->amx = kn->isa == ISA_AVX512 && kn->k % 64 == 0 && kn->block % 64 == 0 && kn->block <= AMX_MAX_BLOCK &&
+              kernels_amx();
     return NULL;
 }
 

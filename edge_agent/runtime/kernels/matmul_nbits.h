@@ -9,6 +9,11 @@
 #include "kernels.h"
 
 #define SMALL_M 4  // rows per register tile; a call of at most this many quantizes inline
+// Rows per AMX tile (AMX's most). A call that runs AMX tiles (more than SMALL_M rows, Kernel.amx)
+// quantizes its activations into AMX_ROWS - 1 zeroed rows more: the last tile loads 16 rows.
+#define AMX_ROWS 16
+// The longest block the AMX tile takes (its widened 4-bit weights, 32 KiB): longer ones run VNNI.
+#define AMX_MAX_BLOCK 512
 // Bytes ahead of each panel the AVX-512 tile prefetches in a decode-sized call where every such
 // call prefetches (kernels_prefetch PREFETCH_ALL: Intel; -1: never). With each panel stored
 // whole a task read four streams at once, and 2 KiB ahead made 1-row steps 5-6 % and 4-row steps
@@ -58,7 +63,8 @@ typedef struct {
     float *bias;         // [n] or NULL
     int isa;             // ISA_AVX512 or ISA_AVX2 (kernels.h): the tile that runs it
     int64_t group;       // panels stored interleaved: 4 (PANEL_STEP / 64) for AVX-512, AVX2_GROUP for AVX2
-    int amx;             // calls of more than SMALL_M rows run matmul_nbits_amx.c's tile (K and block multiples of 64)
+    int amx;             // calls of more than SMALL_M rows run matmul_nbits_amx.c's tile (K and block multiples of
+                         // 64, block at most AMX_MAX_BLOCK)
     int prefetch;        // which decode-sized calls prefetch the weights (kernels_prefetch: PREFETCH_*)
 } Kernel;
 

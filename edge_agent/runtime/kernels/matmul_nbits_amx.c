@@ -2,7 +2,7 @@
 // rows (prefills); decode steps of 1-4 rows keep the AVX-512 VNNI tile (matmul_nbits.c).
 //
 // Why: with VNNI every row costs one dpbusd per 4 elements of 16 columns, so a prefill's matmuls
-// are bound by those multiplies (Intel's cores run at most one 512-bit dpbusd per cycle). One AMX
+// are bound by those multiplies (one or two 512-bit dpbusd per cycle: two on the model-167 Xeon VM). One AMX
 // tdpbsud multiplies up to 16 rows by 64 elements of 16 columns: a 512-token SmolLM2 prefill ran
 // 1.26x (int4) and 1.32x (int8) as fast on an Intel Xeon VM, one 4096 x 4096 matrix 2-2.8x for
 // 16-256 rows (bench/RESULTS.md).
@@ -15,7 +15,8 @@
 // bit what the VNNI tile computes (integer sums are exact in any order): a row's result does not
 // depend on how many rows share the call or which tile ran it.
 //
-// Only for weights whose K and block size are multiples of 64 (one tile's depth); others keep VNNI.
+// Only for weights whose K and block size are multiples of 64 (one tile's depth), blocks of at most
+// AMX_MAX_BLOCK; others keep VNNI.
 // Linux hands a process the AMX state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM, kernel
 // 5.16+); where it refuses, or AUTOGLM_KERNELS_AMX=0 is set, the VNNI tile runs.
 #include "kernels.h"
@@ -31,7 +32,6 @@
 #include "matmul_nbits.h"
 
 #define NP 4         // panels (16 columns each) per group: the four accumulator tiles
-#define AMX_ROWS 16  // rows per tile (AMX's most)
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
@@ -94,10 +94,122 @@ static inline void widen(const uint8_t *src, uint8_t *dst) {
     }
 }
 
-// 4-bit weights are widened WIDE_STEPS x 64 elements at a time, before any of them is loaded into
-// a tile: a tile load of bytes stored just before waits for the stores to reach the cache
-// (widening each panel right before its load ran 1.1x slower for 16-256 rows).
-#define WIDE_STEPS 4
+// A block's 4-bit weights are widened once for every row tile of the call, before any of them is
+// loaded into a tile: a tile load of bytes stored just before waits for the stores to reach the
+// cache (widening each panel right before its load ran 1.1x slower for 16-256 rows). Blocks of up
+// to AMX_MAX_BLOCK elements (matmul_nbits.h; onnxruntime's quantizer makes at most 256).
+#define WIDE_MAX (AMX_MAX_BLOCK / 64)
+// Rows whose column sums one pass over a group's blocks keeps (ROW_CHUNK x 64 floats, 32 KiB).
+#define ROW_CHUNK 128
+
+#ifndef AMX_BLOCK_MAJOR  // 0 (-DAMX_BLOCK_MAJOR=0, comparisons): every row tile runs all the blocks on its own
+#define AMX_BLOCK_MAJOR 1
+#endif
+
+#if AMX_BLOCK_MAJOR
+// Columns [64 q, 64 q + 64) for rows [r0, r1), r1 - r0 <= ROW_CHUNK, block by block: each block's
+// weights (4-bit ones widened once) serve every 16-row tile of the rows before the next block is
+// read. The last tile runs 16 rows too, past r1 into the activations' zeroed padding
+// (nbits_quantize: AMX_ROWS - 1 rows more): the tiles are configured once per task. The float steps are the VNNI tile's
+// (nbits_block_step, nbits_store_panel), in the same order for every (row, column): the same bits.
+//
+// Why: with each row tile running the whole K on its own, a 4-bit prefill widened every block
+// once per 16 rows (a profile of a 38-token SmolLM2 int4 prefill on an Intel Xeon VM, CPU model
+// 167, had a third of the AMX tile's samples in the widening) and configured the tiles again for
+// the last, short one. Block by block, SmolLM2 int4 prefills of 38-512 tokens ran 1.05-1.11x
+// faster there, int8 1.02-1.04x (bench/RESULTS.md). -DAMX_BLOCK_MAJOR=0 builds the tile-by-tile order.
+static void group_amx(const Job *job, int64_t q, int64_t r0, int64_t r1) {
+    const Kernel *kn = job->kernel;
+    const int64_t k = kn->k, block = kn->block, nb = kn->nb, n = kn->n;
+    const int eight = kn->bits == 8;
+    const int64_t step_bytes = eight ? 16 * PANEL_STEP : 8 * PANEL_STEP, stride = eight ? PANEL_STEP : 64;
+    const uint8_t *wp[NP];
+    const float *sp[NP];
+    for (int p = 0; p < NP; p++) {
+        wp[p] = nbits_panel(kn, NP * q + p);
+        sp[p] = nbits_panel_scales(kn, NP * q + p);
+    }
+    _Alignas(64) uint8_t wide[WIDE_MAX][NP][16 * 64];
+    _Alignas(64) int32_t sums[NP][AMX_ROWS][16];
+    _Alignas(64) float f[ROW_CHUNK][NP][16];  // the column sums; block 0 starts them from zero
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t start = b * block, len = k - start < block ? k - start : block;
+        const int steps = (int)(len / 64);
+        const uint8_t *src[WIDE_MAX][NP];
+        for (int s = 0; s < steps; s++)
+            for (int p = 0; p < NP; p++) {
+                src[s][p] = wp[p] + (start + 64 * s) * step_bytes / 64;
+                if (!eight) {
+                    widen(src[s][p], wide[s][p]);
+                    src[s][p] = wide[s][p];
+                }
+            }
+        // The tile intrinsics are asm without a memory clobber: the compiler must not drop or move
+        // the widened bytes' stores past the tile loads that read them.
+        __asm__ volatile("" ::: "memory");
+        for (int64_t m0 = r0; m0 < r1; m0 += AMX_ROWS) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int s = 0; s < steps; s++) {
+                _tile_loadd(4, job->xq + m0 * k + start + 64 * s, k);
+                _tile_loadd(5, src[s][0], stride);
+                _tile_dpbsud(0, 4, 5);
+                _tile_loadd(6, src[s][1], stride);
+                _tile_dpbsud(1, 4, 6);
+                _tile_loadd(5, src[s][2], stride);
+                _tile_dpbsud(2, 4, 5);
+                _tile_loadd(6, src[s][3], stride);
+                _tile_dpbsud(3, 4, 6);
+            }
+            _tile_stored(0, sums[0], 64);
+            _tile_stored(1, sums[1], 64);
+            _tile_stored(2, sums[2], 64);
+            _tile_stored(3, sums[3], 64);
+            __asm__ volatile("" ::: "memory");  // the sums just stored by the tiles are read below
+            const int rows = (int)(r1 - m0 < AMX_ROWS ? r1 - m0 : AMX_ROWS);
+            for (int p = 0; p < NP; p++) {
+                const __m512 scale = _mm512_loadu_ps(sp[p] + b * (PANEL_STEP / 4));
+                for (int i = 0; i < rows; i++) {
+                    const int64_t row = m0 + i;
+                    const __m512i a = _mm512_add_epi32(_mm512_load_si512(sums[p][i]), _mm512_set1_epi32(job->corr[row * nb + b]));
+                    float *fr = f[row - r0][p];
+                    const __m512 sum = b ? _mm512_load_ps(fr) : _mm512_setzero_ps();
+                    _mm512_store_ps(fr, nbits_block_step(sum, a, scale, job->xs[row * nb + b]));
+                }
+            }
+        }
+    }
+    for (int p = 0; p < NP; p++) {
+        const int64_t c = (NP * q + p) * 16;
+        if (c >= n) break;
+        for (int64_t row = r0; row < r1; row++) nbits_store_panel(job, row, c, _mm512_load_ps(f[row - r0][p]));
+    }
+}
+
+// One task: groups [t x quads_per_task, ...), all rows, ROW_CHUNK at a time. A call of SMALL_M
+// rows or fewer (a decode step) runs the VNNI tile: it reads the weights at memory speed there,
+// and AMX's fixed costs per block (tile stores, the sums' float steps) made 2-4 rows slower, not
+// faster (bench/RESULTS.md).
+void packed_task_amx(void *data, size_t t) {
+    const Job *job = data;
+    if (job->m <= SMALL_M) {
+        packed_task_avx512(data, t);
+        return;
+    }
+    int64_t first, last;
+    task_quads(job, t, &first, &last);
+    configure(AMX_ROWS);
+    for (int64_t q = first; q < last; q++)
+        for (int64_t r0 = 0; r0 < job->m; r0 += ROW_CHUNK)
+            group_amx(job, q, r0, job->m - r0 < ROW_CHUNK ? job->m : r0 + ROW_CHUNK);
+    _tile_release();
+}
+
+#else
+
+#define WIDE_STEPS 4  // 4-bit weights widened this many x 64 elements at a time
 
 // Columns [64 q, 64 q + 64) for rows [m0, m0 + rows), rows <= AMX_ROWS, the tiles configured for
 // `rows`. The float steps are the VNNI tile's (nbits_block_step, nbits_store_panel), in the same
@@ -196,6 +308,8 @@ void packed_task_amx(void *data, size_t t) {
     }
     _tile_release();
 }
+
+#endif  // AMX_BLOCK_MAJOR
 
 #pragma GCC pop_options
 

@@ -25,9 +25,10 @@
 // step 18 % faster (155 nodes a step instead of 335).
 //
 // How: gate and up are packed as MatMulNBits packs them (matmul_nbits.c). The norm runs per row
-// before the activations are quantized (once, for both matrices); a task computes a range of
-// columns of gate (into a scratch buffer) or of up (into the output), and whichever of the two
-// finishes a range second computes the product over it (swiglu_task). Every output is summed by the same
+// before the activations are quantized (once, for both matrices); in a decode step a task computes
+// a range of columns of gate (into a scratch buffer) or of up (into the output), and whichever of
+// the two finishes a range second computes the product over it (swiglu_task); in a prefill a task
+// computes both and the product for a range and a piece of the rows (swiglu_rows_task). Every output is summed by the same
 // instructions as MatMulNBits' and the norm and silu are per row, so a row's result does not
 // depend on the rows beside it.
 #include "kernels.h"
@@ -75,6 +76,52 @@ static void swiglu_task(void *data, size_t t) {
     const int64_t last = first + job->up.quads_per_task * 64 < n ? first + job->up.quads_per_task * 64 : n;
     for (int64_t i = 0; first < last && i < job->up.m; i++)
         silu_mul_avx2(job->gate.y + i * n + first, job->up.y + i * n + first, last - first);
+}
+
+// A prefill-sized call (more than SMALL_M rows) instead runs one task per range of columns and
+// SWIGLU_ROWS rows: the range's gate, its up and their product over those rows, one after the
+// other on one core, while the range's outputs are still in its caches. The ranges' two halves
+// finished on different cores and the product read a whole call's gate and up outputs back
+// (two m x n floats, 6 MiB for a 512-token SmolLM2 prefill): an Intel Xeon VM (CPU model 167)
+// profile of that prefill had 9 % of its samples in silu_mul_avx2 (bench/RESULTS.md).
+#define SWIGLU_ROWS 128
+
+typedef struct {
+    Job gate, up;
+    void (*tiles)(void *, size_t);
+    size_t ranges;  // column ranges: the tile's tasks per matrix
+    size_t chunks;  // pieces of SWIGLU_ROWS rows
+} SwiGluRows;
+
+// Rows [r0, r0 + rows) of `job`: the same tile over fewer rows computes the same bits per row.
+static Job job_rows(const Job *job, int64_t r0, int64_t rows) {
+    const Kernel *kn = job->kernel;
+    Job part = *job;
+    part.m = rows;
+    part.y = job->y + r0 * kn->n;
+    if (kn->bits == 32) {
+        part.a = job->a + r0 * kn->k;
+    } else {
+        part.xq = job->xq + r0 * kn->k;
+        part.xs = job->xs + r0 * kn->nb;
+        part.corr = job->corr + r0 * kn->nb;
+    }
+    return part;
+}
+
+// Task t: column range t / chunks, rows (t % chunks) x SWIGLU_ROWS on (a thread's contiguous share
+// of the tasks keeps its ranges' weights in its caches across their row pieces).
+static void swiglu_rows_task(void *data, size_t t) {
+    const SwiGluRows *job = data;
+    const size_t range = t / job->chunks;
+    const int64_t r0 = (int64_t)(t % job->chunks) * SWIGLU_ROWS;
+    const int64_t rows = job->up.m - r0 < SWIGLU_ROWS ? job->up.m - r0 : SWIGLU_ROWS;
+    Job gate = job_rows(&job->gate, r0, rows), up = job_rows(&job->up, r0, rows);
+    job->tiles(&gate, range);
+    job->tiles(&up, range);
+    const int64_t n = up.kernel->n, first = (int64_t)range * up.quads_per_task * 64;
+    const int64_t last = first + up.quads_per_task * 64 < n ? first + up.quads_per_task * 64 : n;
+    for (int64_t i = 0; first < last && i < rows; i++) silu_mul_avx2(gate.y + i * n + first, up.y + i * n + first, last - first);
 }
 
 typedef struct {
@@ -138,7 +185,12 @@ static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *contex
     Activations act;  // gate and up share K, bits and block size: one quantization serves both
     if (!status) status = nbits_quantize(last, context, normed ? normed : a, m, &act);
     if (!status) {
-        if (op->variant->pair) {
+        if (op->variant->pair && m > SMALL_M) {
+            SwiGluRows job = {nbits_job(&op->w[0], &act, g, m), nbits_job(&op->w[1], &act, y, m), nbits_tiles(last), 0,
+                              (size_t)((m + SWIGLU_ROWS - 1) / SWIGLU_ROWS)};
+            job.ranges = nbits_task_count(&job.up);
+            status = ort->KernelContext_ParallelFor(context, swiglu_rows_task, job.ranges * job.chunks, 0, &job);
+        } else if (op->variant->pair) {
             SwiGluJob job = {nbits_job(&op->w[0], &act, g, m), nbits_job(&op->w[1], &act, y, m), nbits_tiles(last), 0, NULL};
             job.half = nbits_task_count(&job.up);
             job.done = calloc(job.half, sizeof(int));
