@@ -69,17 +69,16 @@ typedef struct {
     uint8_t rows[16];
 } TileConfig;
 
-// tmm0-3: the int32 sums of a group's four panels (rows x 16 columns); tmm4: activations (rows x
-// 64 elements); tmm5, tmm6: weights (16 rows of 4 elements x 16 columns), two so that a load can
-// overlap the previous multiply. Configured by every task and released at its end: a thread of
+// tmm0-3: the int32 sums of a group's four panels (16 rows x 16 columns); tmm4: activations (16
+// rows x 64 elements); tmm5, tmm6: weights (16 rows of 4 elements x 16 columns), two so that a load
+// can overlap the previous multiply. Configured by every task and released at its end: a thread of
 // onnxruntime's pool (or the caller's, which also runs tasks) may run another library's AMX code
 // between two of ours (oneDNN's, where torch shares the process), which configures tiles its way.
-static void configure(int rows) {
+static void configure(void) {
     TileConfig cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
-    for (int t = 0; t < 5; t++) cfg.rows[t] = (uint8_t)rows, cfg.colsb[t] = 64;
-    for (int t = 5; t < 7; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+    for (int t = 0; t < 7; t++) cfg.rows[t] = AMX_ROWS, cfg.colsb[t] = 64;
     _tile_loadconfig(&cfg);
 }
 
@@ -94,6 +93,61 @@ static inline void widen(const uint8_t *src, uint8_t *dst) {
     }
 }
 
+// The first bytes and block-0 scales of group q's four panels.
+static inline void group_panels(const Kernel *kn, int64_t q, const uint8_t *wp[NP], const float *sp[NP]) {
+    for (int p = 0; p < NP; p++) {
+        wp[p] = nbits_panel(kn, NP * q + p);
+        sp[p] = nbits_panel_scales(kn, NP * q + p);
+    }
+}
+
+// Where `steps` x 64 elements from element `at` of a group's four panels lie for the tile loads:
+// 8-bit panels in place, 4-bit ones widened into `wide` first.
+static inline void panel_sources(const uint8_t *const wp[NP], int64_t at, int steps, int64_t step_bytes, int eight,
+                                 uint8_t (*wide)[NP][16 * 64], const uint8_t *(*src)[NP]) {
+    for (int s = 0; s < steps; s++)
+        for (int p = 0; p < NP; p++) {
+            src[s][p] = wp[p] + (at + 64 * s) * step_bytes / 64;
+            if (!eight) {
+                widen(src[s][p], wide[s][p]);
+                src[s][p] = wide[s][p];
+            }
+        }
+    // The tile intrinsics are asm without a memory clobber: the compiler must not drop or move the
+    // widened bytes' stores past the tile loads that read them.
+    __asm__ volatile("" ::: "memory");
+}
+
+// The four accumulator tiles (tmm0-3) += the activation rows at `a` (k bytes apart, 64 elements)
+// times 64 elements of the group's four panels w (rows `stride` apart).
+static inline void tiles_step(const int8_t *a, int64_t k, const uint8_t *const w[NP], int64_t stride) {
+    _tile_loadd(4, a, k);
+    _tile_loadd(5, w[0], stride);
+    _tile_dpbsud(0, 4, 5);
+    _tile_loadd(6, w[1], stride);
+    _tile_dpbsud(1, 4, 6);
+    _tile_loadd(5, w[2], stride);
+    _tile_dpbsud(2, 4, 5);
+    _tile_loadd(6, w[3], stride);
+    _tile_dpbsud(3, 4, 6);
+}
+
+static inline void tiles_zero(void) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+}
+
+// The accumulators' int32 sums into memory, for the float steps that read them next.
+static inline void tiles_store(int32_t (*sums)[AMX_ROWS][16]) {
+    _tile_stored(0, sums[0], 64);
+    _tile_stored(1, sums[1], 64);
+    _tile_stored(2, sums[2], 64);
+    _tile_stored(3, sums[3], 64);
+    __asm__ volatile("" ::: "memory");  // the sums just stored by the tiles are read after this
+}
+
 // A block's 4-bit weights are widened once for every row tile of the call, before any of them is
 // loaded into a tile: a tile load of bytes stored just before waits for the stores to reach the
 // cache (widening each panel right before its load ran 1.1x slower for 16-256 rows). Blocks of up
@@ -102,22 +156,18 @@ static inline void widen(const uint8_t *src, uint8_t *dst) {
 // Rows whose column sums one pass over a group's blocks keeps (ROW_CHUNK x 64 floats, 32 KiB).
 #define ROW_CHUNK 128
 
-#ifndef AMX_BLOCK_MAJOR  // 0 (-DAMX_BLOCK_MAJOR=0, comparisons): every row tile runs all the blocks on its own
-#define AMX_BLOCK_MAJOR 1
-#endif
-
-#if AMX_BLOCK_MAJOR
 // Columns [64 q, 64 q + 64) for rows [r0, r1), r1 - r0 <= ROW_CHUNK, block by block: each block's
 // weights (4-bit ones widened once) serve every 16-row tile of the rows before the next block is
 // read. The last tile runs 16 rows too, past r1 into the activations' zeroed padding
-// (nbits_quantize: AMX_ROWS - 1 rows more): the tiles are configured once per task. The float steps are the VNNI tile's
-// (nbits_block_step, nbits_store_panel), in the same order for every (row, column): the same bits.
+// (nbits_quantize: AMX_ROWS - 1 rows more), so the tiles are configured once per task. The float
+// steps are the VNNI tile's (nbits_block_step, nbits_store_panel), in the same order for every
+// (row, column): the same bits.
 //
 // Why: with each row tile running the whole K on its own, a 4-bit prefill widened every block
 // once per 16 rows (a profile of a 38-token SmolLM2 int4 prefill on an Intel Xeon VM, CPU model
 // 167, had a third of the AMX tile's samples in the widening) and configured the tiles again for
-// the last, short one. Block by block, SmolLM2 int4 prefills of 38-512 tokens ran 1.05-1.11x
-// faster there, int8 1.02-1.04x (bench/RESULTS.md). -DAMX_BLOCK_MAJOR=0 builds the tile-by-tile order.
+// the last, short one. Block by block, SmolLM2 int4 prefills of 38-512 tokens ran 1.05-1.13x
+// faster there, int8 level to 1.04x (bench/RESULTS.md; the tile-by-tile order: commit ef72a7f).
 static void group_amx(const Job *job, int64_t q, int64_t r0, int64_t r1) {
     const Kernel *kn = job->kernel;
     const int64_t k = kn->k, block = kn->block, nb = kn->nb, n = kn->n;
@@ -125,10 +175,7 @@ static void group_amx(const Job *job, int64_t q, int64_t r0, int64_t r1) {
     const int64_t step_bytes = eight ? 16 * PANEL_STEP : 8 * PANEL_STEP, stride = eight ? PANEL_STEP : 64;
     const uint8_t *wp[NP];
     const float *sp[NP];
-    for (int p = 0; p < NP; p++) {
-        wp[p] = nbits_panel(kn, NP * q + p);
-        sp[p] = nbits_panel_scales(kn, NP * q + p);
-    }
+    group_panels(kn, q, wp, sp);
     _Alignas(64) uint8_t wide[WIDE_MAX][NP][16 * 64];
     _Alignas(64) int32_t sums[NP][AMX_ROWS][16];
     _Alignas(64) float f[ROW_CHUNK][NP][16];  // the column sums; block 0 starts them from zero
@@ -136,38 +183,11 @@ static void group_amx(const Job *job, int64_t q, int64_t r0, int64_t r1) {
         const int64_t start = b * block, len = k - start < block ? k - start : block;
         const int steps = (int)(len / 64);
         const uint8_t *src[WIDE_MAX][NP];
-        for (int s = 0; s < steps; s++)
-            for (int p = 0; p < NP; p++) {
-                src[s][p] = wp[p] + (start + 64 * s) * step_bytes / 64;
-                if (!eight) {
-                    widen(src[s][p], wide[s][p]);
-                    src[s][p] = wide[s][p];
-                }
-            }
-        // The tile intrinsics are asm without a memory clobber: the compiler must not drop or move
-        // the widened bytes' stores past the tile loads that read them.
-        __asm__ volatile("" ::: "memory");
+        panel_sources(wp, start, steps, step_bytes, eight, wide, src);
         for (int64_t m0 = r0; m0 < r1; m0 += AMX_ROWS) {
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (int s = 0; s < steps; s++) {
-                _tile_loadd(4, job->xq + m0 * k + start + 64 * s, k);
-                _tile_loadd(5, src[s][0], stride);
-                _tile_dpbsud(0, 4, 5);
-                _tile_loadd(6, src[s][1], stride);
-                _tile_dpbsud(1, 4, 6);
-                _tile_loadd(5, src[s][2], stride);
-                _tile_dpbsud(2, 4, 5);
-                _tile_loadd(6, src[s][3], stride);
-                _tile_dpbsud(3, 4, 6);
-            }
-            _tile_stored(0, sums[0], 64);
-            _tile_stored(1, sums[1], 64);
-            _tile_stored(2, sums[2], 64);
-            _tile_stored(3, sums[3], 64);
-            __asm__ volatile("" ::: "memory");  // the sums just stored by the tiles are read below
+            tiles_zero();
+            for (int s = 0; s < steps; s++) tiles_step(job->xq + m0 * k + start + 64 * s, k, src[s], stride);
+            tiles_store(sums);
             const int rows = (int)(r1 - m0 < AMX_ROWS ? r1 - m0 : AMX_ROWS);
             for (int p = 0; p < NP; p++) {
                 const __m512 scale = _mm512_loadu_ps(sp[p] + b * (PANEL_STEP / 4));
@@ -200,116 +220,12 @@ void packed_task_amx(void *data, size_t t) {
     }
     int64_t first, last;
     task_quads(job, t, &first, &last);
-    configure(AMX_ROWS);
+    configure();
     for (int64_t q = first; q < last; q++)
         for (int64_t r0 = 0; r0 < job->m; r0 += ROW_CHUNK)
             group_amx(job, q, r0, job->m - r0 < ROW_CHUNK ? job->m : r0 + ROW_CHUNK);
     _tile_release();
 }
-
-#else
-
-#define WIDE_STEPS 4  // 4-bit weights widened this many x 64 elements at a time
-
-// Columns [64 q, 64 q + 64) for rows [m0, m0 + rows), rows <= AMX_ROWS, the tiles configured for
-// `rows`. The float steps are the VNNI tile's (nbits_block_step, nbits_store_panel), in the same
-// order (keeping the column sums in memory instead of a row's output in y was 1.2-1.6x slower).
-static void quad_amx(const Job *job, int64_t q, int64_t m0, int rows) {
-    const Kernel *kn = job->kernel;
-    const int64_t k = kn->k, block = kn->block, nb = kn->nb, n = kn->n;
-    const int eight = kn->bits == 8;
-    // A panel's 64 elements span step_bytes; a tile's 16 rows of weights are PANEL_STEP apart in
-    // place (8 bits) or 64 apart once widened (4 bits).
-    const int64_t step_bytes = eight ? 16 * PANEL_STEP : 8 * PANEL_STEP, stride = eight ? PANEL_STEP : 64;
-    const uint8_t *wp[NP];
-    const float *sp[NP];
-    for (int p = 0; p < NP; p++) {
-        wp[p] = nbits_panel(kn, NP * q + p);
-        sp[p] = nbits_panel_scales(kn, NP * q + p);
-    }
-    _Alignas(64) uint8_t wide[WIDE_STEPS][NP][16 * 64];
-    _Alignas(64) int32_t sums[NP][AMX_ROWS][16];
-    __m512 f[NP][AMX_ROWS];
-    for (int p = 0; p < NP; p++)
-        for (int i = 0; i < rows; i++) f[p][i] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const int64_t start = b * block, len = k - start < block ? k - start : block;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int64_t at0 = start; at0 < start + len; at0 += 64 * WIDE_STEPS) {
-            const int steps = (int)((start + len - at0) / 64 < WIDE_STEPS ? (start + len - at0) / 64 : WIDE_STEPS);
-            const uint8_t *src[WIDE_STEPS][NP];
-            for (int s = 0; s < steps; s++)
-                for (int p = 0; p < NP; p++) {
-                    src[s][p] = wp[p] + (at0 + 64 * s) * step_bytes / 64;
-                    if (!eight) {
-                        widen(src[s][p], wide[s][p]);
-                        src[s][p] = wide[s][p];
-                    }
-                }
-            // The tile intrinsics are asm without a memory clobber: the compiler must not drop or
-            // move the widened bytes' stores past the tile loads that read them.
-            __asm__ volatile("" ::: "memory");
-            for (int s = 0; s < steps; s++) {
-                _tile_loadd(4, job->xq + m0 * k + at0 + 64 * s, k);
-                _tile_loadd(5, src[s][0], stride);
-                _tile_dpbsud(0, 4, 5);
-                _tile_loadd(6, src[s][1], stride);
-                _tile_dpbsud(1, 4, 6);
-                _tile_loadd(5, src[s][2], stride);
-                _tile_dpbsud(2, 4, 5);
-                _tile_loadd(6, src[s][3], stride);
-                _tile_dpbsud(3, 4, 6);
-            }
-        }
-        _tile_stored(0, sums[0], 64);
-        _tile_stored(1, sums[1], 64);
-        _tile_stored(2, sums[2], 64);
-        _tile_stored(3, sums[3], 64);
-        __asm__ volatile("" ::: "memory");  // the sums just stored by the tiles are read below
-        for (int p = 0; p < NP; p++) {
-            const __m512 scale = _mm512_loadu_ps(sp[p] + b * (PANEL_STEP / 4));
-            for (int i = 0; i < rows; i++) {
-                const __m512i a = _mm512_add_epi32(_mm512_load_si512(sums[p][i]), _mm512_set1_epi32(job->corr[(m0 + i) * nb + b]));
-                f[p][i] = nbits_block_step(f[p][i], a, scale, job->xs[(m0 + i) * nb + b]);
-            }
-        }
-    }
-    for (int p = 0; p < NP; p++) {
-        const int64_t c = (NP * q + p) * 16;
-        if (c >= n) break;
-        for (int i = 0; i < rows; i++) nbits_store_panel(job, m0 + i, c, f[p][i]);
-    }
-}
-
-// One task: groups [t x quads_per_task, ...), rows in tiles of 16 and one of the rest (the tiles
-// configured at most twice per task). A call of SMALL_M rows or fewer (a decode step) runs the VNNI
-// tile: it reads the weights at memory speed there, and AMX's fixed costs per block (tile stores,
-// the sums' float steps) made 2-4 rows slower, not faster (bench/RESULTS.md).
-void packed_task_amx(void *data, size_t t) {
-    const Job *job = data;
-    if (job->m <= SMALL_M) {
-        packed_task_avx512(data, t);
-        return;
-    }
-    int64_t first, last;
-    task_quads(job, t, &first, &last);
-    const int64_t whole = job->m / AMX_ROWS * AMX_ROWS;
-    if (whole) {
-        configure(AMX_ROWS);
-        for (int64_t q = first; q < last; q++)
-            for (int64_t m0 = 0; m0 < whole; m0 += AMX_ROWS) quad_amx(job, q, m0, AMX_ROWS);
-    }
-    if (job->m > whole) {
-        configure((int)(job->m - whole));
-        for (int64_t q = first; q < last; q++) quad_amx(job, q, whole, (int)(job->m - whole));
-    }
-    _tile_release();
-}
-
-#endif  // AMX_BLOCK_MAJOR
 
 #pragma GCC pop_options
 
