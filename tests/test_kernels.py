@@ -254,7 +254,8 @@ def test_the_amx_tile_computes_what_the_vnni_tile_does(
 ) -> None:
     """Calls of more than 4 rows run on AMX tiles where the CPU has them: the same exact int32
     block sums and float steps as the VNNI tile, so the same bits, in whole tiles of 16 rows and
-    in the rest (which runs over zeroed padding rows), past the 128 rows one pass keeps; a row's answer is the same alone (VNNI) as in a prefill-sized call (AMX)."""
+    in the rest (which runs over zeroed padding rows), past the 128 rows one pass keeps; a row's
+    answer is the same alone (VNNI) as in a prefill-sized call (AMX)."""
     model = _matmul(tmp_path, k, 203, block, bits, bias)
     monkeypatch.delenv("AUTOGLM_KERNELS_ISA", raising=False)
     monkeypatch.setenv("AUTOGLM_KERNELS_AMX", "0")

@@ -247,7 +247,7 @@ void (*nbits_tiles(const Kernel *kn))(void *, size_t) {
 OrtStatus *nbits_quantize(const Kernel *kn, OrtKernelContext *context, const float *a, int64_t m, Activations *act) {
     *act = (Activations){.a = a};
     if (kn->bits == 32) return NULL;  // float weights multiply a itself
-    const int64_t pad = kn->amx && m > SMALL_M ? AMX_ROWS - 1 : 0;
+    const int64_t pad = nbits_runs_amx(kn, m) ? AMX_ROWS - 1 : 0;
     act->xq = aligned_alloc(64, (size_t)(((m + pad) * kn->k + 63) / 64 * 64));
     act->xs = malloc(sizeof(float) * (size_t)(m * kn->nb));
     act->corr = malloc(sizeof(int32_t) * (size_t)(m * kn->nb));

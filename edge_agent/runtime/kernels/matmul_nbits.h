@@ -168,6 +168,10 @@ nbits_store_panel(const Job *job, int64_t row, int64_t c, __m512 f) {
 }
 #endif
 
+// Whether a call of m rows with kn runs matmul_nbits_amx.c's tiles (and so quantizes its activations
+// into AMX_ROWS - 1 zeroed rows more); the others run the VNNI tile.
+static inline int nbits_runs_amx(const Kernel *kn, int64_t m) { return kn->amx && m > SMALL_M; }
+
 // The tasks of each tile: matmul_nbits.c (AVX-512 VNNI), matmul_nbits_amx.c (AMX for calls of more
 // than SMALL_M rows, the VNNI tile for the others), matmul_nbits_avx2.c (AVX2, which also quantizes
 // a row for AVX2 CPUs).

@@ -214,7 +214,7 @@ static void group_amx(const Job *job, int64_t q, int64_t r0, int64_t r1) {
 // faster (bench/RESULTS.md).
 void packed_task_amx(void *data, size_t t) {
     const Job *job = data;
-    if (job->m <= SMALL_M) {
+    if (!nbits_runs_amx(job->kernel, job->m)) {
         packed_task_avx512(data, t);
         return;
     }

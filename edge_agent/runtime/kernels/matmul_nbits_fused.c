@@ -28,9 +28,9 @@
 // before the activations are quantized (once, for both matrices); in a decode step a task computes
 // a range of columns of gate (into a scratch buffer) or of up (into the output), and whichever of
 // the two finishes a range second computes the product over it (swiglu_task); in a prefill a task
-// computes both and the product for a range and a piece of the rows (swiglu_rows_task). Every output is summed by the same
-// instructions as MatMulNBits' and the norm and silu are per row, so a row's result does not
-// depend on the rows beside it.
+// computes both and the product for a range and a piece of the rows (swiglu_rows_task). Every
+// output is summed by the same instructions as MatMulNBits' and the norm and silu are per row, so
+// a row's result does not depend on the rows beside it.
 #include "kernels.h"
 
 #if defined(__x86_64__)
@@ -54,6 +54,14 @@ typedef struct {
     float epsilon;
 } Fused;
 
+// up.y = silu(gate.y) x up.y over the columns of task `range` (the tile's split) for every row of
+// the jobs: once both have computed them.
+static void silu_range(const Job *gate, const Job *up, size_t range) {
+    const int64_t n = up->kernel->n, first = (int64_t)range * up->quads_per_task * 64;
+    const int64_t last = first + up->quads_per_task * 64 < n ? first + up->quads_per_task * 64 : n;
+    for (int64_t i = 0; first < last && i < up->m; i++) silu_mul_avx2(gate->y + i * n + first, up->y + i * n + first, last - first);
+}
+
 typedef struct {
     Job gate, up;  // gate writes the scratch g, up the output
     void (*tiles)(void *, size_t);
@@ -72,10 +80,7 @@ static void swiglu_task(void *data, size_t t) {
     job->tiles(t < job->half ? (void *)&job->gate : (void *)&job->up, range);
     // Acquire-release: the second sees the first's outputs.
     if (__atomic_add_fetch(&job->done[range], 1, __ATOMIC_ACQ_REL) < 2) return;
-    const int64_t n = job->up.kernel->n, first = (int64_t)range * job->up.quads_per_task * 64;
-    const int64_t last = first + job->up.quads_per_task * 64 < n ? first + job->up.quads_per_task * 64 : n;
-    for (int64_t i = 0; first < last && i < job->up.m; i++)
-        silu_mul_avx2(job->gate.y + i * n + first, job->up.y + i * n + first, last - first);
+    silu_range(&job->gate, &job->up, range);
 }
 
 // A prefill-sized call (more than SMALL_M rows) instead runs one task per range of columns and
@@ -89,7 +94,6 @@ static void swiglu_task(void *data, size_t t) {
 typedef struct {
     Job gate, up;
     void (*tiles)(void *, size_t);
-    size_t ranges;  // column ranges: the tile's tasks per matrix
     size_t chunks;  // pieces of SWIGLU_ROWS rows
 } SwiGluRows;
 
@@ -119,9 +123,7 @@ static void swiglu_rows_task(void *data, size_t t) {
     Job gate = job_rows(&job->gate, r0, rows), up = job_rows(&job->up, r0, rows);
     job->tiles(&gate, range);
     job->tiles(&up, range);
-    const int64_t n = up.kernel->n, first = (int64_t)range * up.quads_per_task * 64;
-    const int64_t last = first + up.quads_per_task * 64 < n ? first + up.quads_per_task * 64 : n;
-    for (int64_t i = 0; first < last && i < rows; i++) silu_mul_avx2(gate.y + i * n + first, up.y + i * n + first, last - first);
+    silu_range(&gate, &up, range);
 }
 
 typedef struct {
@@ -186,10 +188,10 @@ static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *contex
     if (!status) status = nbits_quantize(last, context, normed ? normed : a, m, &act);
     if (!status) {
         if (op->variant->pair && m > SMALL_M) {
-            SwiGluRows job = {nbits_job(&op->w[0], &act, g, m), nbits_job(&op->w[1], &act, y, m), nbits_tiles(last), 0,
+            SwiGluRows job = {nbits_job(&op->w[0], &act, g, m), nbits_job(&op->w[1], &act, y, m), nbits_tiles(last),
                               (size_t)((m + SWIGLU_ROWS - 1) / SWIGLU_ROWS)};
-            job.ranges = nbits_task_count(&job.up);
-            status = ort->KernelContext_ParallelFor(context, swiglu_rows_task, job.ranges * job.chunks, 0, &job);
+            const size_t tasks = nbits_task_count(&job.up) * job.chunks;  // column ranges x row pieces
+            status = ort->KernelContext_ParallelFor(context, swiglu_rows_task, tasks, 0, &job);
         } else if (op->variant->pair) {
             SwiGluJob job = {nbits_job(&op->w[0], &act, g, m), nbits_job(&op->w[1], &act, y, m), nbits_tiles(last), 0, NULL};
             job.half = nbits_task_count(&job.up);
