@@ -9,7 +9,8 @@ stream generates exactly ``--new-tokens``. Reports aggregate tok/s (all tokens o
 from the first request to the last answer, prefills included), aggregate decode tok/s (tokens
 after each stream's first, over the time when at least one stream was past its first token: the
 later requests' prefills count), the rate while all N decode at once (from the last first token to
-the first finish), and checks that every stream's token ids are the same both ways. Kernels as the edge's
+the first finish), the streams' times to first token, and checks that every stream's token ids are
+the same both ways. Kernels as the edge's
 ``runtime.kernels: auto`` (ours where the CPU has AVX2 or AVX-512 VNNI); where ours run, both widths are
 timed once more on onnxruntime's own kernels. Each timed round follows a 4-token round of the
 same configuration (each is a session of its own: what ran before evicted its weights from the
@@ -64,6 +65,8 @@ class Round:
     # that window's seconds (0 when the streams never all decoded at once: one at a time).
     together_tokens: int = 0
     together_s: float = 0.0
+    # Seconds from the round's start to each stream's first token (its time to first token).
+    firsts: tuple[float, ...] = ()
 
 
 def union_s(spans: list[tuple[float, float]]) -> float:
@@ -109,11 +112,18 @@ def decode_ratios(rounds: list[Round], other: list[Round]) -> list[float]:
 
 
 def make_host(  # type: ignore[no-untyped-def]
-    src: Path, graph: Path, threads: int, parallel: int, invariant: bool, custom_ops: Path | None = None
+    src: Path,
+    graph: Path,
+    threads: int,
+    parallel: int,
+    invariant: bool,
+    custom_ops: Path | None = None,
+    gather: bool = True,
 ):
     from tokenizers import Tokenizer
 
     from cloud.packaging.export import io_signature, read_hf_config
+    from edge_agent.runtime.batcher import GATHER_S
     from edge_agent.runtime.generator import TextGenerator
     from edge_agent.runtime.host import ModelHost
     from edge_agent.runtime.session import OnnxCausalLM
@@ -131,7 +141,9 @@ def make_host(  # type: ignore[no-untyped-def]
         generator = gen
         batcher = None
 
-    host = ModelHost(queue_size=64, parallel=parallel, batch_invariant=invariant)
+    host = ModelHost(
+        queue_size=64, parallel=parallel, batch_invariant=invariant, gather_s=GATHER_S if gather else 0.0
+    )
     host.swap(Loaded())  # type: ignore[arg-type]
     return host
 
@@ -174,6 +186,7 @@ async def one_round(host, prompts: list[str], new_tokens: int) -> Round:  # type
         [r.token_ids for _, _, r, _ in done],
         together,
         max(hi - lo, 0.0),
+        tuple(f - t0 for f, _, _, _ in done),
     )
 
 
@@ -212,20 +225,23 @@ def main() -> None:
     n = args.streams
     kernels = library() if args.kernels == "auto" else None
     print(f"our kernels: {kernels_label() if kernels else 'no'}")
-    configs: dict[str, tuple[int, bool, Path | None]] = {  # label: (parallel, batch_invariant, library)
-        "1 at a time": (1, False, kernels),
-        f"{n} together": (n, False, kernels),
-        "1 at a time, invariant": (1, True, kernels),
-        f"{n} together, invariant": (n, True, kernels),
+    # label: (parallel, batch_invariant, library, gather: a batcher starting from idle waits for the
+    # requests still being tokenized, see DecodeBatcher.arriving)
+    configs: dict[str, tuple[int, bool, Path | None, bool]] = {
+        "1 at a time": (1, False, kernels, True),
+        f"{n} together": (n, False, kernels, True),
+        f"{n} together, not gathered": (n, False, kernels, False),
+        "1 at a time, invariant": (1, True, kernels, True),
+        f"{n} together, invariant": (n, True, kernels, True),
     }
     if kernels:
-        configs["1 at a time, onnxruntime kernels"] = (1, False, None)
-        configs[f"{n} together, onnxruntime kernels"] = (n, False, None)
+        configs["1 at a time, onnxruntime kernels"] = (1, False, None, True)
+        configs[f"{n} together, onnxruntime kernels"] = (n, False, None, True)
     table = []
     for precision in precisions:
         hosts = {
-            label: make_host(work / "hf", graphs[precision], args.threads, par, inv, lib)
-            for label, (par, inv, lib) in configs.items()
+            label: make_host(work / "hf", graphs[precision], args.threads, par, inv, lib, gather)
+            for label, (par, inv, lib, gather) in configs.items()
         }
         for host in hosts.values():
             asyncio.run(one_round(host, prompts, 4))  # warm-up (and the KV rows allocated)
@@ -246,8 +262,8 @@ def main() -> None:
             overall = statistics.median(x.tokens / x.wall_s for x in rounds)
             decode = statistics.median(x.decode_tokens / x.decode_s for x in rounds)
             paired = sorted(decode_ratios(rounds, base))
-            mode = label.partition(",")[2]  # "", " invariant" or " onnxruntime kernels"
-            twin = results["1 at a time" + ("," + mode if mode else "")]
+            mode = label.partition(",")[2]  # "", " invariant", " onnxruntime kernels" or " not gathered"
+            twin = results.get("1 at a time" + ("," + mode if mode else ""), base)
             same = all(x.ids == t.ids for x, t in zip(rounds, twin, strict=True))
             own = statistics.median(decode_ratios(rounds, twin))
             # With every stream decoding at once (rows of parallel decoding only): that window's
@@ -257,7 +273,11 @@ def main() -> None:
                 for x, y in zip(rounds, twin, strict=True)
                 if x.together_s > 0 and x.together_tokens
             ]
-            table.append((precision, label, overall, decode, paired, own, same, steady))
+            first = (
+                statistics.median(statistics.mean(x.firsts) for x in rounds) * 1e3,
+                statistics.median(max(x.firsts) for x in rounds) * 1e3,
+            )
+            table.append((precision, label, overall, decode, paired, own, same, steady, first))
 
     print()
     print(
@@ -267,14 +287,16 @@ def main() -> None:
     print(
         f"{'graph':<7}{'decoding':<36}{'tok/s':>8}{'decode tok/s':>14}{'vs 1 at a time':>16}"
         f"{'(paired min–max)':>19}{'vs own lone':>13}{'ids as alone':>14}{'all decoding':>14}"
+        f"{'first token ms':>16}"
     )
-    for precision, label, overall, decode, paired, own, same, steady in table:
+    for precision, label, overall, decode, paired, own, same, steady, first in table:
         together = (
             f"{statistics.median(steady):.2f}×" if steady and label.split(",")[0] != "1 at a time" else "—"
         )
         print(
             f"{precision:<7}{label:<36}{overall:>8.1f}{decode:>14.1f}{statistics.median(paired):>15.2f}×"
             f"{f'{paired[0]:.2f}–{paired[-1]:.2f}':>19}{own:>12.2f}×{same!s:>14}{together:>14}"
+            f"{f'{first[0]:.0f} / {first[1]:.0f}':>16}"
         )
     print()
     print("'ids as alone': every stream's token ids equal those of the same request decoded one at a time")
@@ -283,7 +305,9 @@ def main() -> None:
     print("requests' prefills, read between the first stream's steps, count as its decode time). 'all")
     print("decoding': the tok/s of the window in which every stream was decoding (from the last first token")
     print("to the first finish), over the decode tok/s of the lone stream in the same mode; median of the")
-    print("rounds' ratios.")
+    print("rounds' ratios. 'first token ms': from the round's start to a stream's first token, the mean of")
+    print("the streams / the last of them (medians over rounds; one at a time, the later streams wait for")
+    print("the earlier ones' answers).")
 
 
 if __name__ == "__main__":

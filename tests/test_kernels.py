@@ -796,6 +796,24 @@ def test_attention_equals_onnxruntime_and_rows_do_not_depend_on_their_company(
         alone = ours.run({n: a[r : r + 1] for n, a in feeds.items()}, [seqlen], seqlen + 1)
         ours.kv = [keep.copy() for keep in saved]
         assert np.array_equal(alone[0], together[r]), f"row {r} differs alone"
+    # Prompt pieces of 6 rows continuing three caches of different lengths in one call (the
+    # parallel slots read newcomers' prompts together; onnxruntime's kernel takes such a piece for
+    # one sequence at a time): each row's output and keys are what it computes alone, and those
+    # are onnxruntime's.
+    feeds = dict(zip(names, _qkv(rng, 3, 6, widths), strict=True))
+    cached = [40, 0, 25]
+    saved = [a.copy() for a in ours.kv]
+    together = ours.run(feeds, [n + 5 for n in cached], max(cached) + 6)
+    after = [a.copy() for a in ours.kv]
+    for r, n in enumerate(cached):
+        ours.kv = [keep[r : r + 1].copy() for keep in saved]
+        theirs.kv = [keep[r : r + 1].copy() for keep in saved]
+        one = {name: a[r : r + 1] for name, a in feeds.items()}
+        alone, ref = ours.run(one, [n + 5], n + 6), theirs.run(one, [n + 5], n + 6)
+        assert np.array_equal(alone[0], together[r]), f"row {r} differs alone"
+        np.testing.assert_allclose(alone, ref, rtol=0, atol=out_tol * float(np.abs(ref).max()))
+        for mine, both_rows in zip(ours.kv, after, strict=True):
+            assert np.array_equal(mine[0, :, : n + 6], both_rows[r, :, : n + 6])
 
 
 @pytest.mark.skipif(not _cpu_runs_kernels(), reason="no AVX2: the library registers nothing")

@@ -15,7 +15,7 @@ from edge_agent.runtime.host import LoadedModel, ModelHost
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.text import Prompt
 from edge_agent.update.slots import SlotStore
-from shared.errors import QueueFull
+from shared.errors import ContextTooLong, QueueFull
 from tests.services import until
 
 GREEDY = SamplingConfig(temperature=0.0)
@@ -211,7 +211,8 @@ def test_requests_that_arrive_together_decode_together_from_their_first_step(
     folder, demo_package, alone, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     """Short prompts waiting together are all read between two steps (up to a piece's worth of
-    tokens), so the next step decodes them all, not one more per step."""
+    tokens), so the next step decodes them all, not one more per step; on the edge's kernels the
+    three are read in one run, their prompts padded to the longest."""
     import threading
 
     from edge_agent.runtime.session import _SharedBuffers
@@ -220,6 +221,8 @@ def test_requests_that_arrive_together_decode_together_from_their_first_step(
     widths: list[int] = []
     held = threading.Event()
     original = _SharedBuffers.step_rows
+    prefill_rows = _SharedBuffers.prefill_rows
+    read_together: list[tuple[list[int], bool]] = []  # (piece lengths, whether one run read them)
 
     def spy(self, decoders, tokens, invariant=False):  # type: ignore[no-untyped-def]
         widths.append(len(decoders))
@@ -227,7 +230,13 @@ def test_requests_that_arrive_together_decode_together_from_their_first_step(
             held.wait(30)  # the first request's first step waits while three more arrive
         return original(self, decoders, tokens, invariant)
 
+    def spy_prefill(self, decoders, pieces):  # type: ignore[no-untyped-def]
+        logits = prefill_rows(self, decoders, pieces)
+        read_together.append(([len(p) for p in pieces], logits is not None))
+        return logits
+
     monkeypatch.setattr(_SharedBuffers, "step_rows", spy)
+    monkeypatch.setattr(_SharedBuffers, "prefill_rows", spy_prefill)
     host = ModelHost(queue_size=8, parallel=4)
     host.swap(model)
 
@@ -246,6 +255,124 @@ def test_requests_that_arrive_together_decode_together_from_their_first_step(
     results = asyncio.run(go())
     assert widths[:2] == [1, 4]
     assert [r.text for r, _ in results] == [alone[(p, 24)].text for p in PROMPTS[:4]]
+    lm = model.generator.model
+    lengths = [len(model.generator.tokenizer.encode(p).ids) for p in PROMPTS[1:4]]
+    assert len(set(lengths)) > 1  # padded: the shorter pieces end before the longest
+    if lm.rows_independent and lm.trims_logits:
+        assert read_together == [(lengths, True)]
+    else:  # onnxruntime's kernels (a CPU without AVX2): one by one
+        assert read_together == []
+
+
+def test_requests_sent_together_start_together_and_a_lone_one_does_not_wait(
+    folder, demo_package, alone, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A batcher starting from idle waits for the requests still being tokenized (up to
+    ``gather_s``, here far longer than any test): four sent at once are read before the first
+    step, which decodes all four. Nothing on its way, nothing to wait for: a lone request, or one
+    sent beside a request that is refused while being tokenized, answers long before ``gather_s``."""
+    from edge_agent.runtime.session import _SharedBuffers
+
+    model = _load(folder, demo_package)
+    widths: list[int] = []
+    original = _SharedBuffers.step_rows
+
+    def spy(self, decoders, tokens, invariant=False):  # type: ignore[no-untyped-def]
+        widths.append(len(decoders))
+        return original(self, decoders, tokens, invariant)
+
+    monkeypatch.setattr(_SharedBuffers, "step_rows", spy)
+    host = ModelHost(queue_size=8, parallel=4, gather_s=60.0)
+    host.swap(model)
+
+    async def together() -> list[tuple[GenerationResult, int]]:
+        return await asyncio.gather(*(_collect(host, p, 24) for p in PROMPTS[:4]))
+
+    results = asyncio.run(together())
+    assert widths[0] == 4
+    assert [r.text for r, _ in results] == [alone[(p, 24)].text for p in PROMPTS[:4]]
+
+    began = time.monotonic()
+    assert asyncio.run(_collect(host, PROMPTS[4], 8))[0].text == alone[(PROMPTS[4], 8)].text
+
+    async def beside_a_refused_one() -> tuple[BaseException | tuple[GenerationResult, int], ...]:
+        too_long = "word " * (model.generator.context_length * 2)
+        return tuple(
+            await asyncio.gather(
+                _collect(host, too_long, 8), _collect(host, PROMPTS[5], 8), return_exceptions=True
+            )
+        )
+
+    refused, answered = asyncio.run(beside_a_refused_one())
+    assert isinstance(refused, ContextTooLong)
+    assert isinstance(answered, tuple) and answered[0].text == alone[(PROMPTS[5], 8)].text
+    assert time.monotonic() - began < 30
+
+
+def test_newcomers_prompts_are_read_in_one_run_on_the_edge_kernels(
+    folder, demo_package, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """On the edge's own kernels, requests that start together have their prompts read in one
+    run over adjacent KV rows, the shorter ones padded: first on fresh rows, then on rows whose
+    prefix caches hold different lengths of the new prompts. Every answer is the one the request
+    gets alone on the same kernels. Rows that are not adjacent, or a padded piece that would not
+    fit a row's buffer, are read one by one."""
+    from edge_agent.runtime.kernels import library
+    from edge_agent.runtime.session import _SharedBuffers
+
+    lib = library()
+
+    def load() -> LoadedModel:
+        return LoadedModel.load(folder, demo_package.manifest, "a", threads=2, providers=None, custom_ops=lib)
+
+    rounds = (
+        (PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[3]),
+        # The same four continued: each lands on the row caching its first turn.
+        (
+            PROMPTS[0] + "import re\n",
+            PROMPTS[1] + "return 0\n",
+            PROMPTS[2] + "):\n",
+            PROMPTS[3] + "    pass\n",
+        ),
+    )
+    reference = load()
+    alone = {p: reference.generator.generate(Prompt(p), _params(16)).text for r in rounds for p in r}
+    model = load()
+    lm = model.generator.model
+    assert lm.custom_ops_loaded == (lib is not None)
+    runs: list[tuple[list[int], list[int], bool]] = []  # (cached positions, piece lengths, one run)
+    prefill_rows = _SharedBuffers.prefill_rows
+
+    def spy_prefill(self, decoders, pieces):  # type: ignore[no-untyped-def]
+        cached = [d.past_len for d in decoders]
+        logits = prefill_rows(self, decoders, pieces)
+        runs.append((cached, [len(p) for p in pieces], logits is not None))
+        return logits
+
+    monkeypatch.setattr(_SharedBuffers, "prefill_rows", spy_prefill)
+    host = ModelHost(queue_size=8, parallel=4, gather_s=60.0)  # the four start together
+    host.swap(model)
+    for prompts in rounds:
+
+        async def go(prompts: tuple[str, ...] = prompts) -> list[tuple[GenerationResult, int]]:
+            return await asyncio.gather(*(_collect(host, p, 16) for p in prompts))
+
+        results = asyncio.run(go())
+        assert [r.text for r, _ in results] == [alone[p] for p in prompts]
+    if lib is None:  # no AVX2: onnxruntime's kernels read each prompt alone
+        assert runs == []
+        return
+    assert [one_run for _, _, one_run in runs] == [True, True]
+    (fresh, lengths, _), (cached, _, _) = runs
+    assert fresh == [0, 0, 0, 0] and len(set(lengths)) > 1  # padded
+    assert min(cached) > 0 and len(set(cached)) > 1  # each row continues its own cache
+    buffers = lm._buffers
+    assert buffers is not None
+    apart = [buffers.start(0), buffers.start(2)]
+    assert lm.prefill_together(apart, [[5, 6], [7]]) is None
+    near_the_end = [buffers.start(0), buffers.start(1)]
+    near_the_end[0].past_len = buffers.capacity - 2
+    assert lm.prefill_together(near_the_end, [[5], [6, 7, 8]]) is None
 
 
 def test_batch_invariant_steps_have_even_widths(

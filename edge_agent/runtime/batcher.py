@@ -6,8 +6,12 @@ once, so four streams together get several times the tokens per second of one (b
 sampling state (:class:`~edge_agent.runtime.generator.Sequence`) and its own row of the KV
 buffers, with that row's prefix cache. Newcomers are prefilled between two steps, then join the
 batch: up to ``PREFILL_CHUNK`` prompt tokens per step, several short prompts or a piece of a long
-one (the others wait a piece, not the whole prompt); a finished or abandoned request leaves it at once and its row is free for the
-next in line. A request's output does not depend on what else is decoding (tests/test_parallel.py).
+one (the others wait a piece, not the whole prompt), short ones of about one length in one run
+where the model can (:meth:`OnnxCausalLM.prefill_together`); a finished or abandoned request
+leaves it at once and its row is free for the next in line. A batcher starting from idle first
+waits briefly for requests still on their way (:meth:`DecodeBatcher.arriving`), so that requests
+sent together start together. A request's output does not depend on what else is decoding
+(tests/test_parallel.py).
 
 Graphs whose KV cache cannot be batched (concatenated caches, the CUDA provider for now) decode
 one request at a time through the same loop.
@@ -19,7 +23,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from edge_agent.runtime.channel import GenerationChannel, Item, put_all
@@ -34,6 +39,11 @@ from edge_agent.runtime.generator import (
 from edge_agent.runtime.session import Decoder
 
 log = logging.getLogger(__name__)
+
+# How long a batcher starting from idle waits for requests still on their way (being tokenized)
+# before it reads the prompts it has: a short prompt is tokenized in well under a millisecond, and
+# a prefill takes several; a lone request never waits (nothing else is on its way).
+GATHER_S = 0.005
 
 # What the batcher reports per finished request: the result, its seconds from the start of its
 # prefill, and the seconds after its first token (decode).
@@ -63,6 +73,7 @@ class DecodeBatcher:
         record: Recorder,
         add_busy: Callable[[float], None],
         invariant: Callable[[], bool] = lambda: False,
+        gather_s: float = GATHER_S,
     ) -> None:
         self.generator = generator
         self.model = generator.model
@@ -70,8 +81,11 @@ class DecodeBatcher:
         self._record = record
         self._add_busy = add_busy
         self._invariant = invariant
+        self.gather_s = gather_s
         self._lock = threading.Lock()
         self._pending: deque[_Job] = deque()
+        self._arriving = 0  # requests on their way to submit (see arriving)
+        self._arrived = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self.active = 0  # sequences decoding now (read by metrics)
         # What this pass of the loop produced for the readers, sent at its end in one hand-off.
@@ -104,6 +118,23 @@ class DecodeBatcher:
                 self._thread = threading.Thread(target=self._run, name="decode-batcher", daemon=True)
                 self._thread.start()
 
+    @contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Around a request's way to :meth:`submit` (its prompt being tokenized): a batcher that
+        starts from idle waits, up to ``gather_s``, for requests on their way, so that requests
+        arriving together have their prompts read in one run and decode together from their
+        first step. Without it, whichever came first was prefilled alone while the others were
+        still being tokenized, and its first steps ran alone; the others' prompts were read after
+        its first token, between its steps (bench/edge_parallel.py, "not gathered")."""
+        with self._lock:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._arriving -= 1
+                self._arrived.notify_all()
+
     # -- the batcher's thread ------------------------------------------------------------------
     def _run(self) -> None:
         filling: deque[_Job] = deque()  # admitted, prompt not fully read yet
@@ -111,6 +142,8 @@ class DecodeBatcher:
         while True:
             admitted: list[_Job] = []
             with self._lock:
+                if not active and not filling:
+                    self._gather()
                 while self._pending and len(active) + len(filling) + len(admitted) < self.width:
                     admitted.append(self._pending.popleft())
                 if not active and not filling and not admitted:
@@ -133,6 +166,15 @@ class DecodeBatcher:
             self._flush()
             self._add_busy(time.perf_counter() - began)
 
+    def _gather(self) -> None:
+        """Starting from idle (lock held): wait for the requests on their way, while rows are free."""
+        deadline = time.monotonic() + self.gather_s
+        while self._arriving and len(self._pending) < self.width:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._arrived.wait(left)
+
     def _fill(self, filling: deque[_Job], active: list[_Job]) -> None:
         """Read waiting prompts between two steps: whole pieces, in arrival order, at least one
         and as many as fit in PREFILL_CHUNK tokens. A long prompt delays the others by a piece;
@@ -141,22 +183,27 @@ class DecodeBatcher:
         slots' prompts (one newcomer per step had the others' prompts read between the first
         one's decode steps). A piece is the job's own next PREFILL_CHUNK tokens whatever the
         company, so its answer does not depend on it."""
+        jobs: list[_Job] = []
         read = 0
-        while filling:
-            job = filling[0]
+        for job in list(filling):
             if self._abandoned(job):
-                filling.popleft()
+                filling.remove(job)
                 continue
             piece = min(PREFILL_CHUNK, len(job.seq.pending))
             if read and read + piece > PREFILL_CHUNK:
-                return
+                break
             read += piece
-            if self._prefill(job):
-                active.append(filling.popleft())
-            elif job.seq.done:
-                filling.popleft()
-            else:
-                return  # a long prompt: its next piece after the next step
+            jobs.append(job)
+            if piece < len(job.seq.pending):
+                break  # a long prompt: its next piece after the next step, and the rest after it
+        for group in _groups(jobs):
+            joined = self._prefill(group)
+            for job in group:
+                if job in joined:
+                    filling.remove(job)
+                    active.append(job)
+                elif job.seq.done:
+                    filling.remove(job)
 
     def _flush(self) -> None:
         if self._outbox:
@@ -189,25 +236,44 @@ class DecodeBatcher:
             return False
         return self._deliver(job, items)
 
-    def _prefill(self, job: _Job) -> bool:
-        """Feed the next piece of ``job``'s prompt; whether it has begun decoding (joins the batch).
-        A job that finished or failed here is ``done``."""
-        seq = job.seq
-        assert job.decoder is not None
+    def _prefill(self, group: list[_Job]) -> list[_Job]:
+        """Feed the next piece of each job's prompt, in one run where the model can (adjacent
+        rows, see :func:`_groups`); the jobs that have begun decoding (join the batch). A job
+        that finished or failed here is ``done``."""
+        feeds = [job.seq.pending[:PREFILL_CHUNK] for job in group]
+        decoders = [job.decoder for job in group]
         try:
-            feed = seq.pending[:PREFILL_CHUNK]
-            if len(feed) == 1 and self.invariant:
-                # One token to read (the rest came from the prefix cache): not a one-row step.
-                logits = self.model.step_together([job.decoder], feed, invariant=True)
-            else:
-                logits = job.decoder.step(feed, last_only=True)
-            if not seq.consumed(len(feed)):
-                return False
-            items = seq.advance(logits[-1])
+            together = (
+                self.model.prefill_together([d for d in decoders if d is not None], feeds)
+                if len(group) > 1 and None not in decoders
+                else None
+            )
         except BaseException as exc:
-            self._fail(job, exc)
-            return False
-        return self._deliver(job, items)
+            log.warning("prefill failed for %d sequence(s): %s", len(group), exc)
+            for job in group:
+                self._fail(job, exc)
+            return []
+        joined = []
+        for i, (job, feed) in enumerate(zip(group, feeds, strict=True)):
+            seq = job.seq
+            assert job.decoder is not None
+            try:
+                if together is not None:
+                    logits = together[i : i + 1]
+                elif len(feed) == 1 and self.invariant:
+                    # One token to read (the rest came from the prefix cache): not a one-row step.
+                    logits = self.model.step_together([job.decoder], feed, invariant=True)
+                else:
+                    logits = job.decoder.step(feed, last_only=True)
+                if not seq.consumed(len(feed)):
+                    continue
+                items = seq.advance(logits[-1])
+            except BaseException as exc:
+                self._fail(job, exc)
+                continue
+            if self._deliver(job, items):
+                joined.append(job)
+        return joined
 
     def _fail(self, job: _Job, exc: BaseException) -> None:
         log.debug("generation failed", exc_info=True)
@@ -245,3 +311,24 @@ class DecodeBatcher:
             self._record(job.seq.result, end - job.started, end - job.first if job.first else 0.0)
         job.release()
         return False
+
+
+# A run of several prompt pieces pads each to the longest. A run's fixed cost (the weights read,
+# tasks handed out) was worth 11 (int4), 21 (int8) and 30 (fp32) tokens of a SmolLM2 prefill on
+# an Intel Xeon VM (bench/RESULTS.md): up to this many padding tokens per run saved, one run wins.
+_PADDING_PER_RUN = 16
+
+
+def _groups(jobs: list[_Job]) -> list[list[_Job]]:
+    """The pieces to read in one run each: jobs on adjacent KV rows whose pieces are of about
+    one length (a newcomers' burst of chat turns), each other job alone."""
+    groups: list[list[_Job]] = []
+    for job in sorted(jobs, key=lambda j: j.row):
+        last = groups[-1] if groups else None
+        if last is not None and job.row == last[-1].row + 1:
+            sizes = [min(PREFILL_CHUNK, len(j.seq.pending)) for j in (*last, job)]
+            if len(sizes) * max(sizes) - sum(sizes) <= _PADDING_PER_RUN * (len(sizes) - 1):
+                last.append(job)
+                continue
+        groups.append([job])
+    return groups

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from edge_agent.runtime.batcher import DecodeBatcher
+from edge_agent.runtime.batcher import GATHER_S, DecodeBatcher
 from edge_agent.runtime.channel import GenerationChannel
 from edge_agent.runtime.chat import ChatTemplate
 from edge_agent.runtime.evaluation import foreign_ids, teacher_forced_agreement
@@ -134,11 +134,18 @@ class HostStats:
 
 
 class ModelHost:
-    def __init__(self, queue_size: int = 16, parallel: int = 4, batch_invariant: bool = False) -> None:
+    def __init__(
+        self,
+        queue_size: int = 16,
+        parallel: int = 4,
+        batch_invariant: bool = False,
+        gather_s: float = GATHER_S,
+    ) -> None:
         self._current: LoadedModel | None = None
         self.queue_size = queue_size
         self.parallel = parallel
         self.batch_invariant = batch_invariant
+        self.gather_s = gather_s  # see DecodeBatcher.arriving
         self._admitted = 0  # generating + waiting
         self._count_lock = threading.Lock()  # _admitted is released from the batcher's thread
         self.stats = HostStats()
@@ -180,6 +187,7 @@ class ModelHost:
                 self._record,
                 self._add_busy,
                 lambda: self.batch_invariant,
+                self.gather_s,
             )
         return model.batcher
 
@@ -236,15 +244,17 @@ class ModelHost:
         self, prompt: Prompt, params: GenerationParams
     ) -> tuple[LoadedModel, GenerationChannel]:
         model = self.require()
-        prompt_ids = await asyncio.to_thread(model.generator.check_prompt, prompt, params)
         batcher = self._batcher(model)
-        self._admit(batcher.width)
-        channel = GenerationChannel()
-        try:
-            batcher.submit(prompt_ids, params, channel, self._release)
-        except BaseException:
-            self._release()
-            raise
+        # Announced while its prompt is tokenized: requests that arrive together start together.
+        with batcher.arriving():
+            prompt_ids = await asyncio.to_thread(model.generator.check_prompt, prompt, params)
+            self._admit(batcher.width)
+            channel = GenerationChannel()
+            try:
+                batcher.submit(prompt_ids, params, channel, self._release)
+            except BaseException:
+                self._release()
+                raise
         return model, channel
 
 

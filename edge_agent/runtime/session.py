@@ -200,6 +200,23 @@ class OnnxCausalLM:
             return self._buffers.step_rows(shared, tokens, invariant)
         return np.stack([d.step([t])[-1] for d, t in zip(decoders, tokens, strict=True)])
 
+    def prefill_together(self, decoders: Sequence[Decoder], pieces: Sequence[list[int]]) -> np.ndarray | None:
+        """Several sequences' next prompt pieces read in one run: each one's last position's
+        logits [n, vocab], in order; None where they cannot share a run (the caller reads them
+        one by one), see :meth:`_SharedBuffers.prefill_rows`.
+
+        Only on the edge's own kernels: their attention takes several rows continuing caches of
+        different lengths (onnxruntime's takes one sequence), and every row is computed alike
+        whatever its company, so each sequence's logits are those of reading its piece alone.
+        Only where the graph trims its logits (``logits_to_keep``): otherwise every padded
+        position would run through the vocabulary projection."""
+        shared = [d for d in decoders if isinstance(d, _SharedDecoder)]
+        if not (self.batches and self.rows_independent and self.trims_logits) or self._buffers is None:
+            return None
+        if len(shared) != len(decoders) or len(decoders) < 2:
+            return None
+        return self._buffers.prefill_rows(shared, pieces)
+
     def sequence_logits(self, input_ids: list[int]) -> np.ndarray:
         """Logits [len, vocab] for every position of a full sequence, from an empty cache."""
         return self.decoder(len(input_ids)).step(input_ids)
@@ -306,6 +323,8 @@ class _SharedBuffers:
             for r in range(rows)
         ]
         self._steps: dict[int, _BatchBinding] = {}
+        # Bindings of adjacent rows (first row, how many) for prompt pieces read together.
+        self._prefills: dict[tuple[int, int], ort.IOBinding] = {}
 
     def values(self, lo: int, hi: int) -> list[ort.OrtValue]:
         """OrtValues over rows [lo, hi) of every KV array, in (past, present) name order."""
@@ -374,6 +393,59 @@ class _SharedBuffers:
             # vocabulary): the caller samples from it before the next step.
             return step.logits[:, 0]
         return step.logits[rows, 0]
+
+    def prefill_rows(
+        self, decoders: Sequence[_SharedDecoder], pieces: Sequence[list[int]]
+    ) -> np.ndarray | None:
+        """The decoders' next prompt pieces in one run over their rows, which must be adjacent:
+        logits [len(decoders), vocab] of each piece's last position; None where the rows are not
+        adjacent or a row has no room for the padding.
+
+        Every row is fed as many positions as the longest piece: a shorter one is padded at its
+        end with token 0, whose keys land past that row's cached prefix (its cache does not list
+        them, and the row's next positions overwrite them) and which no earlier position attends
+        to. The run keeps the logits of the last positions from the shortest piece's last one on
+        (``logits_to_keep``) and each row takes its own."""
+        order = sorted(range(len(decoders)), key=lambda i: decoders[i].row)
+        lo = decoders[order[0]].row
+        if [decoders[i].row for i in order] != list(range(lo, lo + len(order))):
+            return None
+        longest = max(len(p) for p in pieces)
+        if min(len(p) for p in pieces) < 1 or any(d.past_len + longest > self.capacity for d in decoders):
+            return None
+        kept = longest - min(len(p) for p in pieces) + 1
+        binding = self._prefills.get((lo, len(order)))
+        if binding is None:
+            binding = self._prefills[(lo, len(order))] = self.model.session.io_binding()
+            binding.bind_output("logits")  # first: get_outputs()[0]
+            self.bind_kv(binding, self.values(lo, lo + len(order)))
+        binding.bind_output("logits")  # unallocated again: its shape changes from run to run
+        ids = np.zeros((len(order), longest), dtype=np.int64)
+        seqlens = np.empty(len(order), dtype=np.int32)
+        for j, i in enumerate(order):
+            d = decoders[i]
+            ids[j, : len(pieces[i])] = pieces[i]
+            seqlens[j] = d.past_len + longest - 1
+            # Positions from past_len on are about to be written: what the cache said of them is over.
+            self.by_row[d.row].cache.keep(d.past_len)
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("seqlens_k", seqlens)
+        binding.bind_cpu_input("total_sequence_length", np.asarray(int(seqlens.max()) + 1, dtype=np.int32))
+        binding.bind_cpu_input("logits_to_keep", np.asarray([kept], dtype=np.int64))
+        try:
+            self.model.session.run_with_iobinding(binding)
+        except BaseException:
+            for d in decoders:
+                self.by_row[d.row].cache.keep(0)  # a failed run may have written some positions
+            raise
+        logits = binding.get_outputs()[0].numpy()  # [rows, kept, vocab]
+        out = np.empty((len(decoders), logits.shape[-1]), dtype=logits.dtype)
+        for j, i in enumerate(order):
+            d, piece = decoders[i], pieces[i]
+            out[i] = logits[j, len(piece) - 1 - (longest - kept)]
+            self.by_row[d.row].cache.tokens.extend(piece)
+            d.past_len += len(piece)
+        return out
 
     def _width(self, decoders: Sequence[_SharedDecoder], invariant: bool) -> int:
         """Rows in a batched step: up to the highest decoding row (an even count if ``invariant``)."""

@@ -310,10 +310,11 @@ static OrtStatus *ORT_API_CALL compute(void *op_kernel, OrtKernelContext *contex
     CHECK(ort->GetTensorMutableData((OrtValue *)in[6], (void **)&total_p));
     const int64_t total = *total_p, present_len = total > past_len ? total : past_len;
     // onnxruntime's rule: a call whose query is as long as the total is a first prompt (nothing
-    // cached); a longer total with several query rows continues one sequence; else one new row each.
+    // cached); else each sequence's new rows follow its own cached positions, seqlens_k[b] + 1 -
+    // seq of them. onnxruntime's kernel takes several new rows after a cache for one sequence
+    // only; here every sequence may, as the parallel slots read newcomers' prompts together
+    // (edge_agent/runtime/session.py, prefill_rows): a shorter prompt padded at its end.
     const int first = seq == total;
-    if (!first && seq > 1 && batch != 1)
-        return fail("GroupQueryAttention (autoglm): batch must be 1 when several rows continue a cached sequence");
     int64_t *past = malloc(sizeof(int64_t) * (size_t)(batch > 0 ? batch : 1));
     if (!past) return fail("GroupQueryAttention (autoglm): out of memory");
     int64_t most = 0;
