@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
 import pytest
 
 from cloud.registry import ModelRegistry, RegistryEntry
@@ -258,8 +259,8 @@ def test_requests_that_arrive_together_decode_together_from_their_first_step(
     lm = model.generator.model
     lengths = [len(model.generator.tokenizer.encode(p).ids) for p in PROMPTS[1:4]]
     assert len(set(lengths)) > 1  # padded: the shorter pieces end before the longest
-    if lm.rows_independent and lm.trims_logits:
-        assert read_together == [(lengths, True)]
+    if lm.rows_independent and lm.trims_logits:  # in row order, which is the order tokenized
+        assert [(sorted(sizes), one) for sizes, one in read_together] == [(sorted(lengths), True)]
     else:  # onnxruntime's kernels (a CPU without AVX2): one by one
         assert read_together == []
 
@@ -368,11 +369,28 @@ def test_newcomers_prompts_are_read_in_one_run_on_the_edge_kernels(
     assert min(cached) > 0 and len(set(cached)) > 1  # each row continues its own cache
     buffers = lm._buffers
     assert buffers is not None
-    apart = [buffers.start(0), buffers.start(2)]
-    assert lm.prefill_together(apart, [[5, 6], [7]]) is None
+    # Bit for bit what each row computes reading its piece alone, fresh or after a cached prefix.
+    rng = np.random.default_rng(3)
+    prefixes = [rng.integers(3, 200, n).tolist() for n in (7, 0, 3)]
+    pieces = [rng.integers(3, 200, n).tolist() for n in (5, 9, 2)]
+
+    def started(row: int, prefix: list[int]):  # type: ignore[no-untyped-def]
+        decoder = buffers.start(row)
+        if prefix:
+            decoder.step(prefix, last_only=True)
+        return decoder
+
+    together = lm.prefill_together([started(r, p) for r, p in enumerate(prefixes)], pieces)
+    assert together is not None
+    for r, (prefix, piece) in enumerate(zip(prefixes, pieces, strict=True)):
+        assert np.array_equal(started(r, prefix).step(piece, last_only=True)[-1], together[r]), r
+    # One by one: rows not adjacent, a padded piece past a row's buffer, a one-token piece (alone
+    # it takes the attention's decode-step routine).
+    assert lm.prefill_together([buffers.start(0), buffers.start(2)], [[5, 6], [7, 8]]) is None
     near_the_end = [buffers.start(0), buffers.start(1)]
     near_the_end[0].past_len = buffers.capacity - 2
-    assert lm.prefill_together(near_the_end, [[5], [6, 7, 8]]) is None
+    assert lm.prefill_together(near_the_end, [[5, 6], [6, 7, 8]]) is None
+    assert lm.prefill_together([buffers.start(0), buffers.start(1)], [[5], [6, 7]]) is None
 
 
 def test_batch_invariant_steps_have_even_widths(

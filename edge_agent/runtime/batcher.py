@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 # How long a batcher starting from idle waits for requests still on their way (being tokenized)
 # before it reads the prompts it has: a short prompt is tokenized in well under a millisecond, and
-# a prefill takes several; a lone request never waits (nothing else is on its way).
+# a prefill takes several. A request with no other on its way does not wait.
 GATHER_S = 0.005
 
 # What the batcher reports per finished request: the result, its seconds from the start of its
@@ -50,7 +50,7 @@ GATHER_S = 0.005
 Recorder = Callable[[GenerationResult, float, float], None]
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: the batcher finds and removes jobs by identity
 class _Job:
     seq: Sequence
     channel: GenerationChannel
@@ -176,13 +176,15 @@ class DecodeBatcher:
             self._arrived.wait(left)
 
     def _fill(self, filling: deque[_Job], active: list[_Job]) -> None:
-        """Read waiting prompts between two steps: whole pieces, in arrival order, at least one
-        and as many as fit in PREFILL_CHUNK tokens. A long prompt delays the others by a piece;
-        requests that arrive together with short prompts (a burst of chat turns) are all read
-        before the next step and decode together from it, as llama.cpp's server batches its
+        """Read waiting prompts between two steps: whole pieces, taken in arrival order, at least
+        one and as many as fit in PREFILL_CHUNK tokens. A long prompt delays the others by a
+        piece; requests that arrive together with short prompts (a burst of chat turns) are all
+        read before the next step and decode together from it, as llama.cpp's server batches its
         slots' prompts (one newcomer per step had the others' prompts read between the first
-        one's decode steps). A piece is the job's own next PREFILL_CHUNK tokens whatever the
-        company, so its answer does not depend on it."""
+        one's decode steps). The pieces taken are read in runs of adjacent rows (_groups). A
+        piece is the job's own next PREFILL_CHUNK tokens whatever the company, and a run computes
+        each row as it is computed alone (:meth:`OnnxCausalLM.prefill_together`), so its answer
+        does not depend on the company."""
         jobs: list[_Job] = []
         read = 0
         for job in list(filling):
@@ -313,20 +315,26 @@ class DecodeBatcher:
         return False
 
 
-# A run of several prompt pieces pads each to the longest. A run's fixed cost (the weights read,
-# tasks handed out) was worth 11 (int4), 21 (int8) and 30 (fp32) tokens of a SmolLM2 prefill on
-# an Intel Xeon VM (bench/RESULTS.md): up to this many padding tokens per run saved, one run wins.
+# A run of several prompt pieces pads each to the longest (and projects onto the vocabulary the
+# positions from the shortest piece's last one on, in every row). A run's fixed cost (the weights
+# read, tasks handed out) was worth 11 (int4), 21 (int8) and 30 (fp32) tokens of a SmolLM2 prefill
+# on an Intel Xeon VM (bench/RESULTS.md): up to this many padding tokens per run saved, one run wins.
 _PADDING_PER_RUN = 16
 
 
 def _groups(jobs: list[_Job]) -> list[list[_Job]]:
     """The pieces to read in one run each: jobs on adjacent KV rows whose pieces are of about
-    one length (a newcomers' burst of chat turns), each other job alone."""
+    one length (a newcomers' burst of chat turns), each other job alone (a one-token piece too:
+    see :meth:`_SharedBuffers.prefill_rows`)."""
+
+    def piece(job: _Job) -> int:
+        return min(PREFILL_CHUNK, len(job.seq.pending))
+
     groups: list[list[_Job]] = []
     for job in sorted(jobs, key=lambda j: j.row):
         last = groups[-1] if groups else None
-        if last is not None and job.row == last[-1].row + 1:
-            sizes = [min(PREFILL_CHUNK, len(j.seq.pending)) for j in (*last, job)]
+        if last is not None and job.row == last[-1].row + 1 and piece(job) > 1 and piece(last[-1]) > 1:
+            sizes = [piece(j) for j in (*last, job)]
             if len(sizes) * max(sizes) - sum(sizes) <= _PADDING_PER_RUN * (len(sizes) - 1):
                 last.append(job)
                 continue

@@ -399,7 +399,9 @@ class _SharedBuffers:
     ) -> np.ndarray | None:
         """The decoders' next prompt pieces in one run over their rows, which must be adjacent:
         logits [len(decoders), vocab] of each piece's last position; None where the rows are not
-        adjacent or a row has no room for the padding.
+        adjacent, a row has no room for the padding, or a piece is a single token (alone, one
+        token runs the attention's decode-step routine, which sums in another order than the
+        prompt routine a run of several positions takes: its logits would not be the same).
 
         Every row is fed as many positions as the longest piece: a shorter one is padded at its
         end with token 0, whose keys land past that row's cached prefix (its cache does not list
@@ -411,7 +413,7 @@ class _SharedBuffers:
         if [decoders[i].row for i in order] != list(range(lo, lo + len(order))):
             return None
         longest = max(len(p) for p in pieces)
-        if min(len(p) for p in pieces) < 1 or any(d.past_len + longest > self.capacity for d in decoders):
+        if min(len(p) for p in pieces) < 2 or any(d.past_len + longest > self.capacity for d in decoders):
             return None
         kept = longest - min(len(p) for p in pieces) + 1
         binding = self._prefills.get((lo, len(order)))
@@ -419,7 +421,6 @@ class _SharedBuffers:
             binding = self._prefills[(lo, len(order))] = self.model.session.io_binding()
             binding.bind_output("logits")  # first: get_outputs()[0]
             self.bind_kv(binding, self.values(lo, lo + len(order)))
-        binding.bind_output("logits")  # unallocated again: its shape changes from run to run
         ids = np.zeros((len(order), longest), dtype=np.int64)
         seqlens = np.empty(len(order), dtype=np.int32)
         for j, i in enumerate(order):
@@ -439,6 +440,7 @@ class _SharedBuffers:
                 self.by_row[d.row].cache.keep(0)  # a failed run may have written some positions
             raise
         logits = binding.get_outputs()[0].numpy()  # [rows, kept, vocab]
+        binding.bind_output("logits")  # the binding lets go of this run's (kept x vocab per row)
         out = np.empty((len(decoders), logits.shape[-1]), dtype=logits.dtype)
         for j, i in enumerate(order):
             d, piece = decoders[i], pieces[i]

@@ -207,12 +207,15 @@ void quantize_task_avx2(void *data, size_t row) {
     }
 }
 
-// e^x for x in [-87, 88] (clamped there: e^-g of a gate output beyond it is 0 or huge either way,
-// and silu's quotient is then g or -0): Cephes' expf, a degree-6 polynomial of the remainder after
-// x = n ln 2 + r, |r| <= ln 2 / 2, scaled by 2^n through the exponent bits; ~2 ulp.
-// (attention_avx2.c's softmax has its own, Taylor-coefficient exp for x <= 0: one routine for
-// both would move the last bits of one op's outputs, and through int8 activations its logits.)
-static inline __m256 exp256(__m256 x) {
+// 1 + e^x for x in [-87, 88] (clamped there: e^-g of a gate output beyond it is 0 or huge either
+// way, and silu's quotient is then g or -0): Cephes' expf, a degree-6 polynomial of the remainder
+// after x = n ln 2 + r, |r| <= ln 2 / 2, scaled by 2^n through the exponent bits; ~2 ulp. The 1 is
+// added in the scaling's fused multiply-add, written out: left to the compiler (a product, then a
+// sum) it was fused or not as the compiler chose, and matmul_nbits.c's 16-lane copy must take the
+// same steps. (attention_avx2.c's softmax has its own, Taylor-coefficient exp for x <= 0: one
+// routine for both would move the last bits of one op's outputs, and through int8 activations its
+// logits.)
+static inline __m256 one_plus_exp256(__m256 x) {
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -226,15 +229,15 @@ static inline __m256 exp256(__m256 x) {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+    return _mm256_fmadd_ps(p, _mm256_castsi256_ps(scale), _mm256_set1_ps(1.0f));
 }
 
 void silu_mul_avx2(const float *g, float *y, int64_t n) {
-    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
         const __m256 v = _mm256_loadu_ps(g + i);
-        const __m256 silu = _mm256_div_ps(v, _mm256_add_ps(one, exp256(_mm256_xor_ps(v, sign))));
+        const __m256 silu = _mm256_div_ps(v, one_plus_exp256(_mm256_xor_ps(v, sign)));
         _mm256_storeu_ps(y + i, _mm256_mul_ps(silu, _mm256_loadu_ps(y + i)));
     }
     if (i < n) {  // the tail through a padded copy, so every element takes the same instructions
