@@ -307,6 +307,26 @@ def test_requests_sent_together_start_together_and_a_lone_one_does_not_wait(
     refused, answered = asyncio.run(beside_a_refused_one())
     assert isinstance(refused, ContextTooLong)
     assert isinstance(answered, tuple) and answered[0].text == alone[(PROMPTS[5], 8)].text
+
+    # A request cancelled (its client gone) while its prompt is being tokenized is no longer
+    # waited for.
+    check = model.generator.check_prompt
+
+    def slow_check(prompt, params):  # type: ignore[no-untyped-def]
+        if prompt.text.startswith("slow "):
+            time.sleep(2)
+        return check(prompt, params)
+
+    monkeypatch.setattr(model.generator, "check_prompt", slow_check)
+
+    async def beside_a_cancelled_one() -> tuple[GenerationResult, int]:
+        slow = asyncio.create_task(_collect(host, "slow " + PROMPTS[0], 8))
+        answered = asyncio.create_task(_collect(host, PROMPTS[1], 8))
+        await asyncio.sleep(0.3)
+        slow.cancel()
+        return await answered
+
+    assert asyncio.run(beside_a_cancelled_one())[0].text == alone[(PROMPTS[1], 8)].text
     assert time.monotonic() - began < 30
 
 
