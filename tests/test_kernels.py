@@ -253,12 +253,15 @@ def test_the_swiglu_product_is_the_same_at_16_lanes_and_at_8(
 ) -> None:
     """The fused MLP's silu(gate) x up: 16 lanes at a time on an AVX-512 machine, 8 on an AVX2 one,
     the same operations per element: bit for bit equal, for gate outputs from tiny to saturating
-    and widths that leave tails of either vector (n = 203: 12 x 16 + 11), decode- and prefill-sized."""
+    and column ranges that leave tails of either vector (203 columns: ranges of 64 and one of 11),
+    decode- and prefill-sized."""
     k, n = 64, 203
     model = _float_layer(tmp_path, k, n, mlp=True, norm=False) if floats else _layer(tmp_path, k, n, 32, 4)
     monkeypatch.delenv("AUTOGLM_KERNELS_ISA", raising=False)
+    assert kernel_isa() == "avx512-vnni"
     wide = _session(model, library())
     monkeypatch.setenv("AUTOGLM_KERNELS_ISA", "avx2")
+    assert kernel_isa() == "avx2"
     narrow = _session(model, library())
     rng = np.random.default_rng(17)
     x = np.concatenate([rng.standard_normal((10, k)) * s for s in (1e-3, 1, 30, 3e3)]).astype(np.float32)

@@ -319,14 +319,19 @@ def test_requests_sent_together_start_together_and_a_lone_one_does_not_wait(
 
     monkeypatch.setattr(model.generator, "check_prompt", slow_check)
 
-    async def beside_a_cancelled_one() -> tuple[GenerationResult, int]:
+    async def beside_a_cancelled_one() -> tuple[tuple[GenerationResult, int], float]:
         slow = asyncio.create_task(_collect(host, "slow " + PROMPTS[0], 8))
         answered = asyncio.create_task(_collect(host, PROMPTS[1], 8))
         await asyncio.sleep(0.3)
         slow.cancel()
-        return await answered
+        cancelled = time.monotonic()
+        # Answered long before the cancelled prompt's tokenizing ends (2 s) or gather_s (60 s).
+        return await answered, time.monotonic() - cancelled
 
-    assert asyncio.run(beside_a_cancelled_one())[0].text == alone[(PROMPTS[1], 8)].text
+    (result, _), after_cancel = asyncio.run(beside_a_cancelled_one())
+    assert result.text == alone[(PROMPTS[1], 8)].text
+    assert after_cancel < 1.5
+    assert model.batcher is not None and model.batcher._arriving == 0
     assert time.monotonic() - began < 30
 
 
@@ -404,6 +409,11 @@ def test_newcomers_prompts_are_read_in_one_run_on_the_edge_kernels(
     assert together is not None
     for r, (prefix, piece) in enumerate(zip(prefixes, pieces, strict=True)):
         assert np.array_equal(started(r, prefix).step(piece, last_only=True)[-1], together[r]), r
+    # Given in another order than their rows': each answer in the order given.
+    shuffled = lm.prefill_together(
+        [started(r, prefixes[r]) for r in (2, 0, 1)], [pieces[r] for r in (2, 0, 1)]
+    )
+    assert shuffled is not None and np.array_equal(shuffled, together[[2, 0, 1]])
     # One by one: rows not adjacent, a padded piece past a row's buffer, a one-token piece (alone
     # it takes the attention's decode-step routine).
     assert lm.prefill_together([buffers.start(0), buffers.start(2)], [[5, 6], [7, 8]]) is None

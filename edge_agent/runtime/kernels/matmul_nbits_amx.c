@@ -3,7 +3,7 @@
 //
 // Why: with VNNI every row costs one dpbusd per 4 elements of 16 columns, so a prefill's matmuls
 // are bound by those multiplies (one or two 512-bit dpbusd per cycle: two on the model-167 Xeon VM). One AMX
-// tdpbsud multiplies up to 16 rows by 64 elements of 16 columns: a 512-token SmolLM2 prefill ran
+// tdpbsud (8-bit weights) or tdpbssd (4-bit) multiplies up to 16 rows by 64 elements of 16 columns: a 512-token SmolLM2 prefill ran
 // 1.26x (int4) and 1.32x (int8) as fast on an Intel Xeon VM, one 4096 x 4096 matrix 2-2.8x for
 // 16-256 rows (bench/RESULTS.md).
 //
