@@ -201,38 +201,6 @@ static inline __attribute__((always_inline)) void quad512(const Job *job, int64_
 
 void packed_task_avx512(void *data, size_t t) { quad_task(data, t, quad512); }
 
-// matmul_nbits_avx2.c's one_plus_exp256 and silu_mul_avx2 16 lanes at a time: the same operations
-// on every element in the same order (IEEE division, the same fused multiply-adds), so the same
-// bits (tests/test_kernels.py). Why: the SwiGLU's product ran at 8 lanes on AVX-512 machines too.
-static inline __m512 one_plus_exp512(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    const __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_fmadd_ps(p, _mm512_castsi512_ps(scale), _mm512_set1_ps(1.0f));
-}
-
-void silu_mul_avx512(const float *g, float *y, int64_t n) {
-    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        const __m512 v = _mm512_loadu_ps(g + i);
-        const __m512 neg = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), sign));
-        const __m512 silu = _mm512_div_ps(v, one_plus_exp512(neg));
-        _mm512_storeu_ps(y + i, _mm512_mul_ps(silu, _mm512_loadu_ps(y + i)));
-    }
-    if (i < n) silu_mul_avx2(g + i, y + i, n - i);  // the same steps, 8 lanes (and a padded tail)
-}
-
 // The packed kernels' activations: per block, scale = max |x| / 127 and x rounded to nearest
 // (cvtps rounds to nearest even, as nearbyintf does), in natural order, the last block as short
 // as K leaves it; one row per call (rows are quantized in parallel for a prefill).

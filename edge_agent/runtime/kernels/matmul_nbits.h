@@ -238,7 +238,6 @@ void arena_free(void *p);
 // (every CPU the library runs on has it), elementwise: a row's result does not depend on the rows
 // beside it.
 void silu_mul_avx2(const float *g, float *y, int64_t n);
-void silu_mul_avx512(const float *g, float *y, int64_t n);  // the same bits, 16 lanes
 // sum = a + skip and normed = sum / sqrt(mean(sum^2) + epsilon) x gamma over one row of k floats
 // (SkipSimplifiedLayerNormalization), AVX2; the mean's sum runs in the same order for every row.
 void skip_rms_norm_avx2(const float *a, const float *skip, const float *gamma, float epsilon, int64_t k, float *sum,

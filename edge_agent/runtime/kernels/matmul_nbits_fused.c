@@ -59,8 +59,7 @@ typedef struct {
 static void silu_range(const Job *gate, const Job *up, size_t range) {
     const int64_t n = up->kernel->n, first = (int64_t)range * up->quads_per_task * 64;
     const int64_t last = first + up->quads_per_task * 64 < n ? first + up->quads_per_task * 64 : n;
-    void (*silu_mul)(const float *, float *, int64_t) = up->kernel->isa == ISA_AVX512 ? silu_mul_avx512 : silu_mul_avx2;
-    for (int64_t i = 0; first < last && i < up->m; i++) silu_mul(gate->y + i * n + first, up->y + i * n + first, last - first);
+    for (int64_t i = 0; first < last && i < up->m; i++) silu_mul_avx2(gate->y + i * n + first, up->y + i * n + first, last - first);
 }
 
 typedef struct {
