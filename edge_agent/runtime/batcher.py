@@ -61,6 +61,11 @@ class _Job:
     started: float = 0.0
     first: float | None = None
 
+    @property
+    def piece(self) -> list[int]:
+        """The prompt tokens its next prefill reads: a piece of at most PREFILL_CHUNK."""
+        return self.seq.pending[:PREFILL_CHUNK]
+
 
 class DecodeBatcher:
     """Runs one model's requests on a thread of its own, started when work arrives and ended
@@ -191,7 +196,7 @@ class DecodeBatcher:
             if self._abandoned(job):
                 filling.remove(job)
                 continue
-            piece = min(PREFILL_CHUNK, len(job.seq.pending))
+            piece = len(job.piece)
             if read and read + piece > PREFILL_CHUNK:
                 break
             read += piece
@@ -242,7 +247,7 @@ class DecodeBatcher:
         """Feed the next piece of each job's prompt, in one run where the model can (adjacent
         rows, see :func:`_groups`); the jobs that have begun decoding (join the batch). A job
         that finished or failed here is ``done``."""
-        feeds = [job.seq.pending[:PREFILL_CHUNK] for job in group]
+        feeds = [job.piece for job in group]
         decoders = [job.decoder for job in group]
         try:
             together = (
@@ -326,15 +331,16 @@ def _groups(jobs: list[_Job]) -> list[list[_Job]]:
     """The pieces to read in one run each: jobs on adjacent KV rows whose pieces are of about
     one length (a newcomers' burst of chat turns), each other job alone (a one-token piece too:
     see :meth:`_SharedBuffers.prefill_rows`)."""
-
-    def piece(job: _Job) -> int:
-        return min(PREFILL_CHUNK, len(job.seq.pending))
-
     groups: list[list[_Job]] = []
     for job in sorted(jobs, key=lambda j: j.row):
         last = groups[-1] if groups else None
-        if last is not None and job.row == last[-1].row + 1 and piece(job) > 1 and piece(last[-1]) > 1:
-            sizes = [piece(j) for j in (*last, job)]
+        if (
+            last is not None
+            and job.row == last[-1].row + 1
+            and len(job.piece) > 1
+            and len(last[-1].piece) > 1
+        ):
+            sizes = [len(j.piece) for j in (*last, job)]
             if len(sizes) * max(sizes) - sum(sizes) <= _PADDING_PER_RUN * (len(sizes) - 1):
                 last.append(job)
                 continue

@@ -2,19 +2,19 @@
 // rows (prefills); decode steps of 1-4 rows keep the AVX-512 VNNI tile (matmul_nbits.c).
 //
 // Why: with VNNI every row costs one dpbusd per 4 elements of 16 columns, so a prefill's matmuls
-// are bound by those multiplies (one or two 512-bit dpbusd per cycle: two on the model-167 Xeon VM). One AMX
-// tdpbsud (8-bit weights) or tdpbssd (4-bit) multiplies up to 16 rows by 64 elements of 16 columns: a 512-token SmolLM2 prefill ran
-// 1.26x (int4) and 1.32x (int8) as fast on an Intel Xeon VM, one 4096 x 4096 matrix 2-2.8x for
-// 16-256 rows (bench/RESULTS.md).
+// are bound by those multiplies (one or two 512-bit dpbusd per cycle: two on the model-167 Xeon
+// VM). One AMX tdpbsud (8-bit weights) or tdpbssd (4-bit) multiplies up to 16 rows by 64 elements
+// of 16 columns: a 512-token SmolLM2 prefill ran 1.26x (int4) and 1.32x (int8) as fast on an Intel
+// Xeon VM, one 4096 x 4096 matrix 2-2.8x for 16-256 rows (bench/RESULTS.md).
 //
 // How: the packed panels are already AMX's B layout (16 columns x 4 consecutive elements per 64
 // bytes; 4-bit panels are widened to signed bytes, less their zero point, in scratch tiles first).
 // Per weight block, the four panels' sums of a group of 64 columns are four accumulator tiles; each
-// block's int32 sums then take the same float steps as the VNNI tile's (the block's zero-point
-// correction added, already in the sums of widened 4-bit weights; times weight scale x activation
-// scale, added to the column's float sum), so every output is bit for
-// bit what the VNNI tile computes (integer sums are exact in any order): a row's result does not
-// depend on how many rows share the call or which tile ran it.
+// block's int32 sums then take the same float steps as the VNNI tile's: the block's zero-point
+// correction added (the widened 4-bit weights' sums hold it already), times weight scale x
+// activation scale, added to the column's float sum. So every output is bit for bit what the VNNI
+// tile computes (integer sums are exact in any order): a row's result does not depend on how many
+// rows share the call or which tile ran it.
 //
 // Only for weights whose K and block size are multiples of 64 (one tile's depth), blocks of at most
 // AMX_MAX_BLOCK; others keep VNNI.

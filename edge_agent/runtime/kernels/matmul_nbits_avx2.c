@@ -211,9 +211,9 @@ void quantize_task_avx2(void *data, size_t row) {
 // way, and silu's quotient is then g or -0): Cephes' expf, a degree-6 polynomial of the remainder
 // after x = n ln 2 + r, |r| <= ln 2 / 2, scaled by 2^n through the exponent bits; ~2 ulp. The 1 is
 // added in the scaling's fused multiply-add, written out: left to the compiler (a product, then a
-// sum) it was fused or not as the compiler chose. (attention_avx2.c's softmax has its own, Taylor-coefficient exp for x <= 0: one
-// routine for both would move the last bits of one op's outputs, and through int8 activations its
-// logits.)
+// sum) it was fused or not as the compiler chose. (attention_avx2.c's softmax has its own,
+// Taylor-coefficient exp for x <= 0: one routine for both would move the last bits of one op's
+// outputs, and through int8 activations its logits.)
 static inline __m256 one_plus_exp256(__m256 x) {
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
