@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from cloud.mqtt.local_broker import LocalBroker
+from edge_agent.uplink.link import CloudLink
+from shared.messages import DeviceStatus
 from shared.mqtt import BrokerSettings, ReconnectBackoff, make_client, payload_bytes
+from shared.topics import Topics
 
 
 def test_backoff_doubles_to_its_cap_and_resets() -> None:
@@ -76,3 +79,56 @@ def test_a_local_broker_bridges_the_topics_its_extra_directives_name(tmp_path: P
                     return payload_bytes(report), payload_bytes(desired)
 
             assert asyncio.run(crossing()) == (b"report", b"desired")
+
+
+def test_a_device_answers_a_late_last_will_with_online(broker_settings: BrokerSettings, tenant: str) -> None:
+    """A broker may publish the Last Will of a connection it replaced (MQTT 5 has it published
+    on a session takeover) after the new connection said ``online``: the control
+    plane would record a serving device offline, and so would the retained presence. The agent
+    hears its own status and says ``online`` again. A retained ``offline`` found on subscribing
+    (the will of the last connection, before this one's ``online``) is not answered."""
+    topics = Topics(tenant)
+    topic = topics.status("dev-1")
+    offline = DeviceStatus(device_id="dev-1", state="offline").to_json()
+
+    async def scenario() -> tuple[list[str], int, str]:
+        async with make_client(broker_settings, f"watch-{tenant}", persistent=False) as watcher:
+            # The will of an earlier session, retained before this one connects.
+            await watcher.publish(topic, offline, qos=1, retain=True)
+            await watcher.subscribe(topic, qos=1)
+            seen: list[str] = []
+
+            async def states(n: int) -> None:
+                async for m in watcher.messages:
+                    seen.append(DeviceStatus.from_json(payload_bytes(m)).state)
+                    if len(seen) == n:
+                        return
+
+            await asyncio.wait_for(states(1), 10)  # the retained offline
+            link = CloudLink(
+                broker_settings, topics, "dev-1", on_desired=lambda _d: None, on_chunk=lambda *_: None
+            )
+            task = asyncio.create_task(link.run())
+            try:
+                await asyncio.wait_for(link.connected.wait(), 10)
+                await asyncio.wait_for(states(2), 10)  # its online
+                await asyncio.sleep(0.3)  # the retained offline it found has reached it by now
+                assert link.stale_wills == 0, "a retained offline from before this session is history"
+                # The late will, live, after this session's online.
+                await watcher.publish(topic, offline, qos=1, retain=True)
+                await asyncio.wait_for(states(4), 10)
+                stale = link.stale_wills
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        async with make_client(broker_settings, f"late-{tenant}", persistent=False) as late:
+            await late.subscribe(topic, qos=1)
+            retained = await asyncio.wait_for(anext(aiter(late.messages)), 10)
+            # Take the retained presence down with the test's tenant.
+            await late.publish(topic, b"", qos=1, retain=True)
+        return seen, stale, DeviceStatus.from_json(payload_bytes(retained)).state
+
+    seen, stale, retained = asyncio.run(scenario())
+    assert seen == ["offline", "online", "offline", "online"]
+    assert stale == 1
+    assert retained == "online", "a subscriber arriving later finds the device online"

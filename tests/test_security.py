@@ -226,7 +226,10 @@ def test_enrolment_refuses_a_name_in_use_and_rewrites_the_acl(tmp_path: Path) ->
     assert "topic read autoglm/v1/t1/devices/dev-1/desired" in acl
     assert "topic write autoglm/v1/t1/devices/dev-1/reported" in acl
     assert "topic read autoglm/v1/t1/blobs/#" in acl
-    assert "readwrite" not in acl  # a device never both reads and writes one topic
+    assert "readwrite" not in acl  # every line names one direction
+    # The one topic a device both writes and reads: its own presence, to answer a late Last Will.
+    assert "topic read autoglm/v1/t1/devices/dev-1/status" in acl
+    assert "topic write autoglm/v1/t1/devices/dev-1/status" in acl
 
 
 def test_edge_agent_connects_with_its_certificate(

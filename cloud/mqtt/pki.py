@@ -227,7 +227,8 @@ class FleetPKI:
 
 
 # What a device does with its own topics (DESIGN.md §4): it is told, it tells.
-DEVICE_READS = ("desired", "commands", "acks")
+# It reads its own status too: to answer a late Last Will of an earlier connection with ``online``.
+DEVICE_READS = ("desired", "commands", "acks", "status")
 DEVICE_WRITES = ("reported", "status", "telemetry", "fetch", "replies")
 
 

@@ -47,6 +47,8 @@ class CloudLink:
         self.sessions = 0
         self.connected = asyncio.Event()
         self.dropped_messages = 0
+        # Late Last Wills of earlier connections answered with a fresh ``online``.
+        self.stale_wills = 0
         self._replies = TaskSet(log)
         self._client: aiomqtt.Client | None = None
         self._blob_filters: set[str] = set()
@@ -100,19 +102,30 @@ class CloudLink:
                 (self.topics.desired(self.device_id), QOS),
                 (self.topics.commands(self.device_id), QOS),
                 (self.topics.acks(self.device_id), QOS),
+                # Its own presence: to answer a stale Last Will (see _dispatch).
+                (self.topics.status(self.device_id), QOS),
             ]
         )
         for flt in self._blob_filters:
             await client.subscribe(flt, qos=QOS)
-        await client.publish(
-            self.topics.status(self.device_id),
-            DeviceStatus(device_id=self.device_id, state="online").to_json(),
-            qos=QOS,
-            retain=True,
-        )
+        await self._announce(client)
         self.sessions += 1
         self.connected.set()
         log.info("connected to broker %s:%d as %s", self.broker.host, self.broker.port, self.device_id)
+
+    async def _announce(self, client: aiomqtt.Client) -> None:
+        """Retained presence ``online`` (the Last Will is the ``offline`` one)."""
+        try:
+            await client.publish(
+                self.topics.status(self.device_id),
+                DeviceStatus(device_id=self.device_id, state="online").to_json(),
+                qos=QOS,
+                retain=True,
+            )
+        except aiomqtt.MqttError:
+            if not self.connected.is_set():
+                raise  # on connecting: the session is not up
+            log.warning("could not announce online again; the next connection will")
 
     def _dispatch(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         topic = message.topic.value
@@ -134,6 +147,21 @@ class CloudLink:
             elif parsed.channel == "commands":
                 command = Command.from_json(payload)
                 self._replies.spawn(self._answer(client, command), name="command-reply")
+            elif parsed.channel == "status":
+                status = DeviceStatus.from_json(payload)
+                # An ``offline`` that arrives live while this session is up is a Last Will of an
+                # earlier connection published late: MQTT 5 has a broker publish the will of a
+                # connection that a reconnect took over (mosquitto does not), and it can reach
+                # subscribers after our ``online``, a bridge's more so. The control plane and the retained
+                # presence would say offline until the next reconnect, and a rollout would skip a
+                # device that is serving. A retained one is history (sent on subscribing, before
+                # this session's ``online``); our own ``online`` echoes back and needs nothing. The
+                # will of a connection that broke is also queued for this persistent session and
+                # arrives after a reconnect: answered too, once, which costs one message.
+                if status.state == "offline" and status.device_id == self.device_id and not message.retain:
+                    self.stale_wills += 1
+                    log.info("an offline status of an earlier connection arrived; announcing online again")
+                    self._replies.spawn(self._announce(client), name="presence")
             else:
                 raise ContractError("unexpected topic for a device", topic=topic)
         except ContractError as exc:
