@@ -9,7 +9,21 @@ from shared.ids import is_valid_digest, is_valid_name
 
 PROTOCOL_VERSION = "v1"
 
-DEVICE_CHANNELS = ("desired", "reported", "status", "telemetry", "fetch", "commands", "replies", "acks")
+# ``bridge``: the state of the broker bridge of a node whose agent talks to a local broker
+# (kubeedge/mosquitto-bridge.yaml), as mosquitto's bridge notifications publish it, b"1" up and
+# b"0" down (the bridge's Last Will on the cloud's broker): a node that dies takes its agent's own
+# Last Will with it, on its local broker.
+DEVICE_CHANNELS = (
+    "desired",
+    "reported",
+    "status",
+    "telemetry",
+    "fetch",
+    "commands",
+    "replies",
+    "acks",
+    "bridge",
+)
 
 
 def _is_number(text: str) -> bool:
@@ -56,6 +70,9 @@ class Topics:
 
     def reported(self, device_id: str) -> str:
         return self.device(device_id, "reported")
+
+    def bridge(self, device_id: str) -> str:
+        return self.device(device_id, "bridge")
 
     def status(self, device_id: str) -> str:
         return self.device(device_id, "status")

@@ -351,7 +351,8 @@ def test_cli_enrols_devices_and_writes_a_broker_config_that_mosquitto_runs(tmp_p
 
 def test_kubeedge_bridge_carries_only_the_devices_topics(fleet: Fleet, tmp_path: Path) -> None:
     """kubeedge/mosquitto-bridge.yaml's broker, rendered as its init container does, bridged to
-    the fleet broker with dev-a's certificate: dev-a's topics cross both ways, nothing else."""
+    the fleet broker with dev-a's certificate: what dev-a is told comes in, what it tells goes
+    out, nothing else (its presence does not come back in)."""
     import shutil
     import subprocess
 
@@ -416,6 +417,8 @@ def test_kubeedge_bridge_carries_only_the_devices_topics(fleet: Fleet, tmp_path:
         # Down: the device's desired state and the tenant's chunks come in; other devices' do not.
         assert cloud.publish(t.device("dev-b", "desired"), b"for b") < 0x80
         assert cloud.publish(t.device("dev-a", "desired"), b"for a") < 0x80
+        # The cloud side's presence for dev-a (a will published there, say) stays there.
+        assert cloud.publish(t.device("dev-a", "status"), b"cloud-side status") < 0x80
         chunk = f"{t.root}/blobs/sha256:{'2' * 64}/0"
         assert cloud.publish(chunk, b"chunk") < 0x80
         assert _eventually(
@@ -423,7 +426,14 @@ def test_kubeedge_bridge_carries_only_the_devices_topics(fleet: Fleet, tmp_path:
         )
         time.sleep(0.5)
         assert not [m for m in got if m[0] == t.device("dev-b", "desired")], got
+        assert not [m for m in got if m[1] == b"cloud-side status"], got
         assert not [m for m in cloud.received if m[1] == b"forged b"], cloud.received
+        # The bridge says it is up on the device's bridge topic, and down once the node's broker
+        # is gone (the agent's own Last Will went with it).
+        assert (t.bridge("dev-a"), b"1") in cloud.received
+        local.kill()
+        local.wait(10)
+        assert _eventually(lambda: (t.bridge("dev-a"), b"0") in cloud.received, 30), cloud.received
     finally:
         app.loop_stop()
         app.disconnect()

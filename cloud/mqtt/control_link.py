@@ -102,6 +102,9 @@ class ControlLink:
         subscriptions = [
             (self.topics.all_devices("reported"), QOS),
             (self.topics.all_devices("status"), QOS),
+            # After status: a retained "bridge down" is heard after the (then stale) retained
+            # online that the node's bridge last carried.
+            (self.topics.all_devices("bridge"), QOS),
             (self.topics.all_devices("replies"), QOS),
         ]
         if self.on_telemetry is not None:
@@ -142,6 +145,18 @@ class ControlLink:
                     view.status = status.state
                 if self.on_status is not None:
                     self.on_status(status)
+            elif parsed.channel == "bridge":
+                # A node's bridge to this broker went down (its Last Will, or a clean stop): the
+                # agent behind it is unreachable, whatever its last status said. Up ("1") says
+                # nothing of the agent: the bridge then carries the node's retained status again.
+                if payload == b"0":
+                    status = DeviceStatus(device_id=parsed.device_id, state="offline")
+                    if view is not None:
+                        view.status = status.state
+                    if self.on_status is not None:
+                        self.on_status(status)
+                elif payload != b"1":
+                    raise ContractError("a bridge state is 0 or 1", topic=topic)
             elif parsed.channel == "telemetry" and self.on_telemetry is not None:
                 batch = from_device(TelemetryBatch, payload, parsed.device_id, topic)
                 self.on_telemetry(batch)

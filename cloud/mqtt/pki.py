@@ -8,8 +8,9 @@ control-plane replica runs every tenant on one session, and replicas need identi
 identities, never edited by hand:
 
 * a device may only read its own ``desired``, ``commands`` and ``acks`` (never write them: a stolen device
-  certificate cannot give its device orders), only write its own ``reported``, ``status``,
-  ``telemetry``, ``fetch`` and ``replies``, and read ``autoglm/v1/{tenant}/blobs/#``; nothing
+  certificate cannot give its device orders) and its own ``status`` (to answer a late Last Will
+  of an earlier connection), only write its own ``reported``, ``status``,
+  ``telemetry``, ``fetch``, ``replies`` and ``bridge``, and read ``autoglm/v1/{tenant}/blobs/#``; nothing
   else, so it cannot leave retained messages on made-up sub-topics either;
 * a cloud identity may read and write everything under ``autoglm/v1/``.
 
@@ -229,7 +230,8 @@ class FleetPKI:
 # What a device does with its own topics (DESIGN.md §4): it is told, it tells.
 # It reads its own status too: to answer a late Last Will of an earlier connection with ``online``.
 DEVICE_READS = ("desired", "commands", "acks", "status")
-DEVICE_WRITES = ("reported", "status", "telemetry", "fetch", "replies")
+# ``bridge``: its node's broker bridge says there whether it is connected (shared/topics.py).
+DEVICE_WRITES = ("reported", "status", "telemetry", "fetch", "replies", "bridge")
 
 
 def acl_text(identities: list[Identity]) -> str:

@@ -115,17 +115,19 @@ class CloudLink:
 
     async def _announce(self, client: aiomqtt.Client) -> None:
         """Retained presence ``online`` (the Last Will is the ``offline`` one)."""
+        await client.publish(
+            self.topics.status(self.device_id),
+            DeviceStatus(device_id=self.device_id, state="online").to_json(),
+            qos=QOS,
+            retain=True,
+        )
+
+    async def _announce_again(self, client: aiomqtt.Client) -> None:
         try:
-            await client.publish(
-                self.topics.status(self.device_id),
-                DeviceStatus(device_id=self.device_id, state="online").to_json(),
-                qos=QOS,
-                retain=True,
-            )
-        except aiomqtt.MqttError:
-            if not self.connected.is_set():
-                raise  # on connecting: the session is not up
-            log.warning("could not announce online again; the next connection will")
+            await self._announce(client)
+        except aiomqtt.MqttError as exc:
+            # The session broke meanwhile: the next one announces itself on connecting.
+            log.info("could not announce online again (%s)", exc)
 
     def _dispatch(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         topic = message.topic.value
@@ -161,7 +163,7 @@ class CloudLink:
                 if status.state == "offline" and status.device_id == self.device_id and not message.retain:
                     self.stale_wills += 1
                     log.info("an offline status of an earlier connection arrived; announcing online again")
-                    self._replies.spawn(self._announce(client), name="presence")
+                    self._replies.spawn(self._announce_again(client), name="presence")
             else:
                 raise ContractError("unexpected topic for a device", topic=topic)
         except ContractError as exc:
