@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -139,43 +138,74 @@ def test_a_device_answers_a_late_last_will_with_online(broker_settings: BrokerSe
 
 
 def test_the_cloud_hears_a_nodes_bridge_go_down_as_its_device_offline(
-    broker_settings: BrokerSettings, tenant: str
+    broker_settings: BrokerSettings, tenant: str, tmp_path: Path
 ) -> None:
     """An agent behind its node's local broker (kubeedge/mosquitto-bridge.yaml) has its Last Will
     there: when the node dies, only the bridge's own will ("0" on the device's ``bridge`` topic)
     reaches the cloud. The control link records the device offline on it; "1" leaves the status
-    to the agent's own presence, and anything else is dropped."""
+    to the agent's own presence, and anything else is dropped. A control plane that starts (or
+    reconnects) later finds the device offline too, not the stale retained ``online`` the bridge
+    last carried; once the bridge is up again, the status it carries counts."""
     topics = Topics(tenant)
-    heard: list[DeviceStatus] = []
+    online = DeviceStatus(device_id="node-1", state="online").to_json()
 
-    async def scenario() -> int:
-        link = ControlLink(
+    def link(heard: list[DeviceStatus], name: str) -> ControlLink:
+        store = BlobStore(tmp_path / name)
+        return ControlLink(
             broker_settings,
             topics,
-            BlobServer(BlobStore(Path(tempfile.mkdtemp())), topics),
-            client_id=f"cloud-{tenant}",
+            BlobServer(store, topics),
+            client_id=f"{name}-{tenant}",
             on_status=heard.append,
         )
-        task = asyncio.create_task(link.run())
-        try:
-            await asyncio.wait_for(link.connected.wait(), 10)
-            async with make_client(broker_settings, f"bridge-{tenant}", persistent=False) as node:
-                online = DeviceStatus(device_id="node-1", state="online").to_json()
+
+    async def running(cloud: ControlLink) -> asyncio.Task[None]:
+        task = asyncio.create_task(cloud.run())
+        await asyncio.wait_for(cloud.connected.wait(), 10)
+        return task
+
+    async def stop(task: asyncio.Task[None]) -> None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def scenario() -> tuple[list[str], int, list[str], list[str]]:
+        first: list[DeviceStatus] = []
+        cloud = link(first, "cloud")
+        task = await running(cloud)
+        async with make_client(broker_settings, f"bridge-{tenant}", persistent=False) as node:
+            try:
                 await node.publish(topics.bridge("node-1"), b"1", qos=1, retain=True)
                 await node.publish(topics.status("node-1"), online, qos=1, retain=True)
                 await node.publish(topics.bridge("node-1"), b"up", qos=1)
-                await link.wait_for(
+                await cloud.wait_for(
                     lambda d: d.get("node-1") is not None and d["node-1"].status == "online", 10
                 )
                 await node.publish(topics.bridge("node-1"), b"0", qos=1, retain=True)
-                await link.wait_for(lambda d: d["node-1"].status == "offline", 10)
-                dropped = link.dropped_messages  # b"up", heard before the "0"
+                await cloud.wait_for(lambda d: d["node-1"].status == "offline", 10)
+                dropped = cloud.dropped_messages  # b"up", heard before the "0"
+            finally:
+                await stop(task)
+            # A control plane starting now: the retained "0" and the retained online are there.
+            later: list[DeviceStatus] = []
+            restarted = link(later, "restarted")
+            task = await running(restarted)
+            try:
+                await restarted.wait_for(lambda d: d.get("node-1") is not None, 10)
+                await asyncio.sleep(0.5)  # the retained status, had it counted, would be in by now
+                before = [s.state for s in later]
+                # The bridge comes back and carries the agent's status again.
+                await node.publish(topics.bridge("node-1"), b"1", qos=1, retain=True)
+                await node.publish(topics.status("node-1"), online, qos=1, retain=True)
+                await restarted.wait_for(lambda d: d["node-1"].status == "online", 10)
+                after = [s.state for s in later]
+            finally:
+                await stop(task)
                 for channel in ("bridge", "status"):  # take the retained state down with the tenant
                     await node.publish(topics.device("node-1", channel), b"", qos=1, retain=True)
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        return dropped
+        return [s.state for s in first], dropped, before, after
 
-    assert asyncio.run(scenario()) == 1
-    assert [s.state for s in heard] == ["online", "offline"]
+    first, dropped, before, after = asyncio.run(scenario())
+    assert first == ["online", "offline"]
+    assert dropped == 1
+    assert before == ["offline"], "a restarted control plane believes the bridge, not the stale status"
+    assert after == ["offline", "online"]

@@ -86,6 +86,8 @@ class ControlLink:
         self._changed = asyncio.Event()
         # Commands this link sent and awaits a reply to, by request id.
         self._replies: dict[str, asyncio.Future[CommandReply]] = {}
+        # Devices whose node's broker bridge said it is down (shared/topics.py, ``bridge``).
+        self._bridges_down: set[str] = set()
 
     async def run(self) -> None:
         """This tenant alone on its own MQTT session (a tool, a test); the control plane runs
@@ -101,10 +103,11 @@ class ControlLink:
         await self.blob_server.subscribe(client, self.share_group)
         subscriptions = [
             (self.topics.all_devices("reported"), QOS),
-            (self.topics.all_devices("status"), QOS),
-            # After status: a retained "bridge down" is heard after the (then stale) retained
-            # online that the node's bridge last carried.
+            # Bridges first: a node whose bridge is down is known before its (then stale)
+            # retained status, which dispatch then passes over (brokers need not keep the order
+            # of the filters either way).
             (self.topics.all_devices("bridge"), QOS),
+            (self.topics.all_devices("status"), QOS),
             (self.topics.all_devices("replies"), QOS),
         ]
         if self.on_telemetry is not None:
@@ -141,6 +144,8 @@ class ControlLink:
                     await self.send_ack(parsed.device_id, ack_ids(reported))
             elif parsed.channel == "status":
                 status = from_device(DeviceStatus, payload, parsed.device_id, topic)
+                if message.retain and parsed.device_id in self._bridges_down:
+                    return  # what the node said before its bridge went down
                 if view is not None:
                     view.status = status.state
                 if self.on_status is not None:
@@ -150,12 +155,15 @@ class ControlLink:
                 # agent behind it is unreachable, whatever its last status said. Up ("1") says
                 # nothing of the agent: the bridge then carries the node's retained status again.
                 if payload == b"0":
+                    self._bridges_down.add(parsed.device_id)
                     status = DeviceStatus(device_id=parsed.device_id, state="offline")
                     if view is not None:
                         view.status = status.state
                     if self.on_status is not None:
                         self.on_status(status)
-                elif payload != b"1":
+                elif payload in (b"1", b""):  # up, or the retained state cleared by an operator
+                    self._bridges_down.discard(parsed.device_id)
+                else:
                     raise ContractError("a bridge state is 0 or 1", topic=topic)
             elif parsed.channel == "telemetry" and self.on_telemetry is not None:
                 batch = from_device(TelemetryBatch, payload, parsed.device_id, topic)

@@ -153,13 +153,14 @@ class CloudLink:
                 status = DeviceStatus.from_json(payload)
                 # An ``offline`` that arrives live while this session is up is a Last Will of an
                 # earlier connection published late: MQTT 5 has a broker publish the will of a
-                # connection that a reconnect took over (mosquitto does not), and it can reach
-                # subscribers after our ``online``, a bridge's more so. The control plane and the retained
-                # presence would say offline until the next reconnect, and a rollout would skip a
-                # device that is serving. A retained one is history (sent on subscribing, before
-                # this session's ``online``); our own ``online`` echoes back and needs nothing. The
-                # will of a connection that broke is also queued for this persistent session and
-                # arrives after a reconnect: answered too, once, which costs one message.
+                # connection that a reconnect took over (mosquitto 2.0 does not for persistent
+                # sessions), and it can reach subscribers after our ``online``. The control plane
+                # and the retained presence would say offline until the next reconnect, and a
+                # rollout would skip a device that is serving. A retained one is history (sent on
+                # subscribing, before this session's ``online``); our own ``online`` echoes back
+                # and needs nothing. The will of a connection that broke is also queued for this
+                # persistent session and arrives after a reconnect: answered too, once, which
+                # costs one message.
                 if status.state == "offline" and status.device_id == self.device_id and not message.retain:
                     self.stale_wills += 1
                     log.info("an offline status of an earlier connection arrived; announcing online again")
