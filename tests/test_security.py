@@ -18,7 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 
 from cloud.mqtt.local_broker import LocalBroker
-from cloud.mqtt.pki import FleetPKI, Issued, broker_tls_lines
+from cloud.mqtt.pki import DEVICE_READS, DEVICE_WRITES, FleetPKI, Issued, broker_tls_lines
 from shared.mqtt import BrokerSettings, TlsSettings
 from shared.signing import SigningKey
 from shared.topics import Topics
@@ -414,17 +414,33 @@ def test_kubeedge_bridge_carries_only_the_devices_topics(fleet: Fleet, tmp_path:
             15,
         )
         app.publish(t.device("dev-b", "reported"), b"forged b", qos=1).wait_for_publish(5)
-        # Down: the device's desired state and the tenant's chunks come in; other devices' do not.
+        # Every channel the device tells goes out (its bridge state is the bridge's own).
+        outward = [c for c in DEVICE_WRITES if c != "bridge"]
+        for c in outward:
+            app.publish(t.device("dev-a", c), f"out on {c}".encode(), qos=1).wait_for_publish(5)
+        # Down: what the device is told and the tenant's chunks come in; other devices' do not,
+        # nor the cloud side's presence for dev-a (a will published there, say).
         assert cloud.publish(t.device("dev-b", "desired"), b"for b") < 0x80
-        assert cloud.publish(t.device("dev-a", "desired"), b"for a") < 0x80
-        # The cloud side's presence for dev-a (a will published there, say) stays there.
+        inward = [c for c in DEVICE_READS if c != "status"]
+        for c in inward:
+            assert cloud.publish(t.device("dev-a", c), f"in on {c}".encode()) < 0x80
         assert cloud.publish(t.device("dev-a", "status"), b"cloud-side status") < 0x80
         chunk = f"{t.root}/blobs/sha256:{'2' * 64}/0"
         assert cloud.publish(chunk, b"chunk") < 0x80
         assert _eventually(
-            lambda: (chunk, b"chunk") in got and (t.device("dev-a", "desired"), b"for a") in got
+            lambda: (
+                (chunk, b"chunk") in got
+                and all((t.device("dev-a", c), f"in on {c}".encode()) in got for c in inward)
+            )
+        )
+        assert _eventually(
+            lambda: all((t.device("dev-a", c), f"out on {c}".encode()) in cloud.received for c in outward)
         )
         time.sleep(0.5)
+        # Each channel one way: what the device told reached it once (from its own broker), not
+        # a second time back over the bridge.
+        for c in outward:
+            assert got.count((t.device("dev-a", c), f"out on {c}".encode())) == 1, (c, got)
         assert not [m for m in got if m[0] == t.device("dev-b", "desired")], got
         assert not [m for m in got if m[1] == b"cloud-side status"], got
         assert not [m for m in cloud.received if m[1] == b"forged b"], cloud.received
