@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import httpx
 import pytest
 import yaml
@@ -297,19 +299,36 @@ def start_edge(
     )
 
 
+def end_session(broker: BrokerSettings, client_id: str) -> None:
+    """End the broker's persistent session of ``client_id`` (a clean start, then a disconnect);
+    nothing if the broker is gone."""
+
+    async def clean() -> None:
+        async with make_client(broker, client_id, persistent=False):
+            pass
+
+    with contextlib.suppress(aiomqtt.MqttError, OSError, TimeoutError):  # a broker the test stopped
+        asyncio.run(asyncio.wait_for(clean(), 10))
+
+
 @pytest.fixture
 def edge_factory(tmp_path: Path) -> Iterator[Callable[..., EdgeProcess]]:
-    """Start edge agents (keyword arguments of ``start_edge``); all are stopped after the test."""
-    started: list[EdgeProcess] = []
+    """Start edge agents (keyword arguments of ``start_edge``); all are stopped after the test,
+    and their persistent MQTT sessions ended: device ids repeat across tests (``edge-0`` …), and
+    a later test's agent would otherwise inherit this one's session — its subscriptions to this
+    test's tenant and everything queued there (chunks included) delivered to it on connecting."""
+    started: list[tuple[EdgeProcess, BrokerSettings, str]] = []
 
     def make(**kwargs: Any) -> EdgeProcess:
         edge = start_edge(tmp_path, **kwargs)
-        started.append(edge)
+        started.append((edge, kwargs["broker"], kwargs["device_id"]))
         return edge
 
     yield make
-    for e in started:
+    for e, _, _ in started:
         e.stop()
+    for broker, device_id in {(b.model_dump_json(), d): (b, d) for _, b, d in started}.values():
+        end_session(broker, device_id)
 
 
 DEVICE = "dev-e2e"
