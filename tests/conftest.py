@@ -307,8 +307,14 @@ def end_session(broker: BrokerSettings, client_id: str) -> None:
         async with make_client(broker, client_id, persistent=False):
             pass
 
-    with contextlib.suppress(aiomqtt.MqttError, OSError, TimeoutError):  # a broker the test stopped
-        asyncio.run(asyncio.wait_for(clean(), 10))
+    def run() -> None:
+        with contextlib.suppress(aiomqtt.MqttError, OSError, TimeoutError):  # a broker the test stopped
+            asyncio.run(asyncio.wait_for(clean(), 10))
+
+    # A thread of its own: a test's own event loop (Playwright's sync API keeps one) may be running.
+    worker = threading.Thread(target=run, name="end-session")
+    worker.start()
+    worker.join(15)
 
 
 @pytest.fixture
