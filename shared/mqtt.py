@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import socket
@@ -70,6 +71,19 @@ def payload_bytes(message: aiomqtt.Message) -> bytes:
     if isinstance(message.payload, bytes):
         return message.payload
     return str(message.payload or "").encode()
+
+
+def reraise_cancellation(exc: aiomqtt.MqttError) -> None:
+    """Raise CancelledError if the running task is being cancelled, else nothing.
+
+    aiomqtt's ``async with`` exit waits for the broker to acknowledge the DISCONNECT and raises an
+    MqttError when that fails (the broker lost, or too busy to answer in time): raised while a
+    cancellation unwinds, it replaces the CancelledError, and a reconnect loop that catches
+    MqttError would swallow the cancellation and run on — a control plane or agent told to stop
+    that never does (seen: a test's cloud still reconnecting 30 s after it was cancelled)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc
 
 
 class ReconnectBackoff:

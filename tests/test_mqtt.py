@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import aiomqtt
 import pytest
 
 from cloud.mqtt.blob_server import BlobServer
@@ -209,3 +212,64 @@ def test_the_cloud_hears_a_nodes_bridge_go_down_as_its_device_offline(
     assert dropped == 1
     assert before == ["offline"], "a restarted control plane believes the bridge, not the stale status"
     assert after == ["offline", "online"]
+
+
+class _StuckClient:
+    """A session whose messages never come and whose ``async with`` exit fails, as aiomqtt's does
+    when the broker does not acknowledge the DISCONNECT in time."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.messages = self._never()
+
+    async def _never(self) -> AsyncIterator[Any]:
+        await asyncio.Event().wait()
+        yield  # pragma: no cover
+
+    async def __aenter__(self) -> _StuckClient:
+        self.entered.set()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        raise aiomqtt.MqttError("Disconnected during message iteration")
+
+    async def subscribe(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    async def publish(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("side", ["cloud", "device"])
+def test_a_link_told_to_stop_stops_even_when_the_disconnect_fails(
+    side: str, tenant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The MqttError of a failed disconnect replaces the CancelledError that caused it; the
+    reconnect loops must not take it for a lost broker and run on."""
+    import cloud.mqtt.control_link as control_link
+    import edge_agent.uplink.link as uplink
+
+    stuck = _StuckClient()
+    module = control_link if side == "cloud" else uplink
+    monkeypatch.setattr(module, "make_client", lambda *a, **k: stuck)
+    settings = BrokerSettings(host="127.0.0.1", port=1, reconnect_initial_s=0.05)
+    topics = Topics(tenant)
+
+    async def scenario() -> bool:
+        if side == "cloud":
+            runner = control_link.CloudSession(settings, "cloud", []).run()
+        else:
+            link = CloudLink(settings, topics, "dev-1", on_desired=lambda _d: None, on_chunk=lambda *_: None)
+            runner = link.run()
+        task = asyncio.create_task(runner)
+        await asyncio.wait_for(stuck.entered.wait(), 5)
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.wait([task], timeout=5)
+        stopped = task.done() and task.cancelled()
+        if not task.done():
+            task.cancel()  # the bug: cancel again so the test ends
+            await asyncio.gather(task, return_exceptions=True)
+        return stopped
+
+    assert asyncio.run(scenario())

@@ -26,7 +26,14 @@ from shared.messages import (
     TelemetryBatch,
     from_device,
 )
-from shared.mqtt import QOS, BrokerSettings, ReconnectBackoff, make_client, payload_bytes
+from shared.mqtt import (
+    QOS,
+    BrokerSettings,
+    ReconnectBackoff,
+    make_client,
+    payload_bytes,
+    reraise_cancellation,
+)
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -270,6 +277,7 @@ class CloudSession:
                             continue
                         await owner.dispatch(client, message)
             except aiomqtt.MqttError as exc:
+                reraise_cancellation(exc)
                 lost = exc
             finally:
                 for link in self.links:

@@ -14,7 +14,14 @@ import aiomqtt
 
 from shared.errors import ContractError
 from shared.messages import Ack, Command, CommandReply, DesiredState, DeviceStatus, FetchRequest
-from shared.mqtt import QOS, BrokerSettings, ReconnectBackoff, make_client, payload_bytes
+from shared.mqtt import (
+    QOS,
+    BrokerSettings,
+    ReconnectBackoff,
+    make_client,
+    payload_bytes,
+    reraise_cancellation,
+)
 from shared.tasks import TaskSet
 from shared.topics import Topics
 
@@ -81,6 +88,7 @@ class CloudLink:
                             # One bad message (or a full disk while writing a chunk) must not end the session.
                             log.exception("error while handling a message on %s", message.topic.value)
             except aiomqtt.MqttError as exc:
+                reraise_cancellation(exc)
                 lost = exc
             finally:
                 self._client = None
