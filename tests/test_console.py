@@ -84,16 +84,19 @@ class Tab:
         self.page.on("dialog", lambda dialog: dialog.accept())
 
     def go(self, path: str) -> Any:
-        try:
-            return self.page.goto(self.base + path)
-        except Exception as exc:  # playwright's Error; imported where the browser starts
-            # The page navigated by itself meanwhile (its live refresh hit a revoked session and
-            # went to the sign-in page): the same request once more, after that navigation.
-            # Chromium says either, depending on which navigation it was in.
-            if "ERR_ABORTED" not in str(exc) and "interrupted by another navigation" not in str(exc):
-                raise
-            self.page.wait_for_load_state()
-            return self.page.goto(self.base + path)
+        for attempt in range(5):
+            try:
+                return self.page.goto(self.base + path)
+            except Exception as exc:  # playwright's Error; imported where the browser starts
+                # The page navigated by itself meanwhile (its live refresh hit a revoked session
+                # and went to the sign-in page; several refreshes in flight may each do so): the
+                # same request again, after that navigation. Chromium says either, depending on
+                # which navigation it was in.
+                interrupted = "ERR_ABORTED" in str(exc) or "interrupted by another navigation" in str(exc)
+                if not interrupted or attempt == 4:
+                    raise
+                self.page.wait_for_load_state()
+        raise AssertionError("unreachable")
 
     def sign_in(self, key: str) -> None:
         self.go("/ui/login")
