@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -145,3 +147,46 @@ def make_client(
         timeout=10,
         tls_context=settings.tls.context() if settings.tls else None,
     )
+
+
+async def stay_connected(
+    connect: Callable[[], aiomqtt.Client],
+    *,
+    on_connect: Callable[[aiomqtt.Client], Awaitable[None]],
+    on_message: Callable[[aiomqtt.Client, aiomqtt.Message], Awaitable[None] | None],
+    on_lost: Callable[[], None],
+    backoff: ReconnectBackoff,
+    log: logging.Logger,
+    name: str,
+) -> NoReturn:
+    """Hold an MQTT session until cancelled: connect, ``on_connect`` (subscriptions, presence),
+    hand every message to ``on_message``; when the broker is lost or unreachable, ``on_lost`` and
+    connect again after the backoff's delay. The control plane's session and the agent's link
+    both run on it.
+
+    A message whose handling raises (a bug, a full disk while writing a chunk, a registry file
+    being rewritten) is logged and the session carries on: one message must not take down a
+    device's link or a replica's whole control loop."""
+    while True:
+        lost: aiomqtt.MqttError | None = None
+        try:
+            async with connect() as client:
+                await on_connect(client)
+                backoff.reset()
+                async for message in client.messages:
+                    try:
+                        handled = on_message(client, message)
+                        if handled is not None:
+                            await handled
+                    except aiomqtt.MqttError:
+                        raise  # the session broke while handling it: reconnect
+                    except Exception:
+                        log.exception("error while handling a message on %s", message.topic.value)
+        except aiomqtt.MqttError as exc:
+            reraise_cancellation(exc)
+            lost = exc
+        finally:
+            on_lost()
+        delay = backoff.next_delay()
+        log.warning("%s: broker unreachable or lost (%s); retrying in %.1fs", name, lost, delay)
+        await asyncio.sleep(delay)

@@ -16,7 +16,7 @@ from cloud.mqtt.control_link import ControlLink
 from cloud.mqtt.local_broker import LocalBroker
 from edge_agent.uplink.link import CloudLink
 from shared.blobs import BlobStore
-from shared.messages import DeviceStatus
+from shared.messages import Ack, DeviceStatus
 from shared.mqtt import BrokerSettings, ReconnectBackoff, make_client, payload_bytes
 from shared.topics import Topics
 
@@ -273,3 +273,64 @@ def test_a_link_told_to_stop_stops_even_when_the_disconnect_fails(
         return stopped
 
     assert asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("side", ["cloud", "device"])
+def test_a_message_whose_handling_fails_does_not_end_the_session(
+    side: str, tenant: str, broker_settings: BrokerSettings
+) -> None:
+    """An unexpected error while handling one message (a bug, a registry file being rewritten, a
+    full disk) is logged and the next message is handled on the same session: on the control
+    plane such an error used to end the replica's session, and with it the task group of its
+    rollout driver."""
+    topics = Topics(tenant)
+    handled: list[str] = []
+
+    def handler(name: str) -> None:
+        handled.append(name)
+        if len(handled) == 1:
+            raise RuntimeError("a handler's bug")
+
+    async def scenario() -> tuple[list[str], int]:
+        if side == "cloud":
+            link = ControlLink(
+                broker_settings,
+                topics,
+                BlobServer(BlobStore(Path("/nonexistent")), topics),
+                client_id=f"cloud-{tenant}",
+                on_status=lambda status: handler(status.state),
+            )
+            task = asyncio.create_task(link.run())
+            ready = link.connected
+            topic, body = topics.status("dev-9"), DeviceStatus(device_id="dev-9", state="online").to_json()
+        else:
+            device = CloudLink(
+                broker_settings,
+                topics,
+                "dev-9",
+                on_desired=lambda _d: None,
+                on_chunk=lambda *_: None,
+                on_ack=lambda ack: handler(ack.ids[0]),
+            )
+            task = asyncio.create_task(device.run())
+            ready = device.connected
+            topic, body = topics.acks("dev-9"), Ack(ids=["record-1"]).to_json()
+        try:
+            await asyncio.wait_for(ready.wait(), 10)
+            async with make_client(broker_settings, f"sender-{side}", persistent=False) as sender:
+                for n in range(1, 3):
+                    await sender.publish(topic, body, qos=1)
+                    for _ in range(250):
+                        if len(handled) >= n or task.done():
+                            break
+                        await asyncio.sleep(0.02)
+            sessions = device.sessions if side == "device" else 1
+            assert not task.done(), "the session ended"
+            return handled, sessions
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    seen, sessions = asyncio.run(scenario())
+    assert len(seen) == 2, "the message after the failing one was handled"
+    assert sessions == 1, "on the same session, not after a reconnect"

@@ -32,7 +32,7 @@ from shared.mqtt import (
     ReconnectBackoff,
     make_client,
     payload_bytes,
-    reraise_cancellation,
+    stay_connected,
 )
 from shared.topics import Topics
 
@@ -261,27 +261,30 @@ class CloudSession:
         self.links = links
 
     async def run(self) -> None:
-        backoff = ReconnectBackoff(self.broker.reconnect_initial_s, self.broker.reconnect_max_s, jitter=False)
-        while True:
-            lost: aiomqtt.MqttError | None = None
-            try:
-                async with make_client(self.broker, self.client_id, persistent=False) as client:
-                    for link in self.links:
-                        await link.attach(client)
-                    backoff.reset()
-                    async for message in client.messages:
-                        topic = message.topic.value
-                        owner = next((k for k in self.links if k.owns(topic)), None)
-                        if owner is None:
-                            log.warning("dropped a message outside every tenant on %s", topic)
-                            continue
-                        await owner.dispatch(client, message)
-            except aiomqtt.MqttError as exc:
-                reraise_cancellation(exc)
-                lost = exc
-            finally:
-                for link in self.links:
-                    link.detach()
-            delay = backoff.next_delay()
-            log.warning("cloud lost the broker (%s); retrying in %.1fs", lost, delay)
-            await asyncio.sleep(delay)
+        await stay_connected(
+            lambda: make_client(self.broker, self.client_id, persistent=False),
+            on_connect=self._attach,
+            on_message=self._dispatch,
+            on_lost=self._detach,
+            backoff=ReconnectBackoff(
+                self.broker.reconnect_initial_s, self.broker.reconnect_max_s, jitter=False
+            ),
+            log=log,
+            name=f"cloud session {self.client_id}",
+        )
+
+    async def _attach(self, client: aiomqtt.Client) -> None:
+        for link in self.links:
+            await link.attach(client)
+
+    def _detach(self) -> None:
+        for link in self.links:
+            link.detach()
+
+    async def _dispatch(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        owner = next((k for k in self.links if k.owns(topic)), None)
+        if owner is None:
+            log.warning("dropped a message outside every tenant on %s", topic)
+            return
+        await owner.dispatch(client, message)

@@ -20,7 +20,7 @@ from shared.mqtt import (
     ReconnectBackoff,
     make_client,
     payload_bytes,
-    reraise_cancellation,
+    stay_connected,
 )
 from shared.tasks import TaskSet
 from shared.topics import Topics
@@ -67,43 +67,30 @@ class CloudLink:
 
     async def run(self) -> None:
         """Stay connected until cancelled."""
-        backoff = ReconnectBackoff(self.broker.reconnect_initial_s, self.broker.reconnect_max_s, jitter=True)
-        while True:
-            lost: aiomqtt.MqttError | None = None
-            will = aiomqtt.Will(
-                self.topics.status(self.device_id),
-                DeviceStatus(device_id=self.device_id, state="offline").to_json(),
-                qos=QOS,
-                retain=True,
-            )
-            try:
-                async with make_client(self.broker, self.device_id, will=will) as client:
-                    self._client = client
-                    await self._on_connect(client)
-                    backoff.reset()
-                    async for message in client.messages:
-                        try:
-                            self._dispatch(client, message)
-                        except Exception:
-                            # One bad message (or a full disk while writing a chunk) must not end the session.
-                            log.exception("error while handling a message on %s", message.topic.value)
-            except aiomqtt.MqttError as exc:
-                reraise_cancellation(exc)
-                lost = exc
-            finally:
-                self._client = None
-                self.connected.clear()
-            delay = backoff.next_delay()
-            log.warning(
-                "broker %s:%d unreachable or lost (%s); retrying in %.1fs",
-                self.broker.host,
-                self.broker.port,
-                lost,
-                delay,
-            )
-            await asyncio.sleep(delay)
+        will = aiomqtt.Will(
+            self.topics.status(self.device_id),
+            DeviceStatus(device_id=self.device_id, state="offline").to_json(),
+            qos=QOS,
+            retain=True,
+        )
+        await stay_connected(
+            lambda: make_client(self.broker, self.device_id, will=will),
+            on_connect=self._on_connect,
+            on_message=self._dispatch,
+            on_lost=self._on_lost,
+            backoff=ReconnectBackoff(
+                self.broker.reconnect_initial_s, self.broker.reconnect_max_s, jitter=True
+            ),
+            log=log,
+            name=f"device {self.device_id} (broker {self.broker.host}:{self.broker.port})",
+        )
+
+    def _on_lost(self) -> None:
+        self._client = None
+        self.connected.clear()
 
     async def _on_connect(self, client: aiomqtt.Client) -> None:
+        self._client = client
         # Subscriptions are renewed on every connect: cheap, and right whether or not the session survived.
         await client.subscribe(
             [
