@@ -25,7 +25,7 @@ minute between them for loopback ports in TIME_WAIT to free up ("Address already
 otherwise).
 
 Usage: python bench/rollout_scale.py [--devices 1000] [--database-url URL] [--autosave periodic|changes]
-                                     [--per-process 15000] [--console] [--profile FILE]
+                                     [--per-process 15000] [--tick-s 0.5] [--console] [--profile FILE]
 """
 
 from __future__ import annotations
@@ -190,6 +190,12 @@ def main() -> None:
     ap.add_argument("--database-url", default=None, help="Default: a fresh SQLite file.")
     ap.add_argument("--give-up-after", type=float, default=600.0, help="Seconds to wait for convergence.")
     ap.add_argument(
+        "--tick-s",
+        type=float,
+        default=0.5,
+        help="The control plane's rollout tick (rollouts.tick_s; the shipped default is 1.0).",
+    )
+    ap.add_argument(
         "--autosave",
         choices=["periodic", "changes"],
         default="periodic",
@@ -212,8 +218,10 @@ def main() -> None:
         "--profile",
         type=Path,
         default=None,
-        help="Run the control plane under py-spy (pip install py-spy) and write its raw (collapsed) "
-        "stacks here, 100 samples per second, for finding where the per-device CPU goes.",
+        help="Attach py-spy (pip install py-spy) to the control plane over the timed window (POST → "
+        "completed) and write its raw (collapsed) stacks here, 100 samples per second of the thread "
+        "holding the GIL (Python's own CPU; SQLite's, which releases it, is not sampled), for "
+        "finding where the per-device CPU goes.",
     )
     args = ap.parse_args()
     if args.simulate:
@@ -262,28 +270,12 @@ def main() -> None:
                     "tenants": [TENANT],
                     "broker": settings.model_dump(),
                     "api": {"host": "127.0.0.1", "port": port},
-                    "rollouts": {"tick_s": 0.5},
+                    "rollouts": {"tick_s": args.tick_s},
                 }
             )
         )
-        spy = (
-            [
-                str(Path(sys.executable).with_name("py-spy")),
-                "record",
-                "-r",
-                "100",
-                "-f",
-                "raw",
-                "-o",
-                str(args.profile),
-                "--",
-            ]
-            if args.profile
-            else []
-        )
         cloud = subprocess.Popen(
             [
-                *spy,
                 sys.executable,
                 "-m",
                 "cloud.cli",
@@ -307,8 +299,6 @@ def main() -> None:
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.2)
-            # Under py-spy the control plane is py-spy's child: its CPU and memory are what count.
-            served = _child_of(cloud.pid) if args.profile else cloud.pid
             simulators = [
                 subprocess.Popen(
                     [sys.executable, __file__, "--simulate", str(first), str(count), str(brokers[b].port)]
@@ -318,17 +308,22 @@ def main() -> None:
             for sim in simulators:
                 stack.callback(stop_process, sim, grace_s=30)
             result = asyncio.run(
-                rollout(args.devices, url, headers, served, args.give_up_after, simulators, args.console)
+                rollout(
+                    args.devices,
+                    url,
+                    headers,
+                    cloud.pid,
+                    args.give_up_after,
+                    simulators,
+                    args.console,
+                    args.profile,
+                )
             )
         finally:
             if cloud.poll() is not None:
                 print(
                     f"the control plane exited early with code {cloud.returncode} (its log: {work / 'cloud.log'})"
                 )
-            if args.profile and cloud.poll() is None:
-                os.kill(_child_of(cloud.pid), signal.SIGTERM)  # py-spy writes the profile as it ends
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    cloud.wait(timeout=60)
             stop_process(cloud, grace_s=60)
 
     print()
@@ -336,7 +331,7 @@ def main() -> None:
     print(
         f"database: {'PostgreSQL' if db_url.startswith('postgresql') else 'SQLite'}; broker: mosquitto on loopback"
     )
-    print(f"broker autosave: {args.autosave}")
+    print(f"broker autosave: {args.autosave}; rollout tick: {args.tick_s} s")
     print(
         f"devices: {args.devices} simulated, one MQTT session each, in {len(slices)} simulator process(es); "
         + (
@@ -349,13 +344,6 @@ def main() -> None:
         print(f"{k:<44}{v}")
 
 
-def _child_of(pid: int) -> int:
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    if not children:
-        raise SystemExit(f"process {pid} has no child (py-spy did not start the control plane)")
-    return int(children[0])
-
-
 async def rollout(
     n: int,
     url: str,
@@ -364,9 +352,11 @@ async def rollout(
     give_up_s: float,
     simulators: list[subprocess.Popen[bytes]],
     console: bool = False,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     """Once all ``n`` devices are known to the control plane: one rollout to all of them, timed,
-    with the control plane's (process ``pid``) CPU and memory over it."""
+    with the control plane's (process ``pid``) CPU and memory over it; with ``profile``, py-spy's
+    samples of that window (py-spy's own CPU is not the control plane's)."""
     out: dict[str, Any] = {}
     started = time.perf_counter()
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as http:
@@ -381,6 +371,26 @@ async def rollout(
         print(
             f"{n} devices connected and known to the control plane in {time.perf_counter() - started:.1f}s",
             flush=True,
+        )
+        spy = (
+            subprocess.Popen(  # noqa: ASYNC220 (started once, before the clock; it does not block)
+                [
+                    str(Path(sys.executable).with_name("py-spy")),
+                    "record",
+                    "--gil",
+                    "--pid",
+                    str(pid),
+                    "-r",
+                    "100",
+                    "-f",
+                    "raw",
+                    "-o",
+                    str(profile),
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+            if profile
+            else None
         )
         cpu0, _ = proc_stats(pid)
         peak = 0
@@ -405,6 +415,9 @@ async def rollout(
                 raise RuntimeError(f"rollout ended {state}: {body['message']}")
         elapsed = time.perf_counter() - t0
         cpu1, rss = proc_stats(pid)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes the profile as it stops
+            spy.wait(timeout=60)
         if console:
             await console_timings(http, n, out)
     out.setdefault("time to converge (POST → completed)", f"{elapsed:.1f} s (goal < 30 s at 10,000)")

@@ -102,5 +102,5 @@ def test_desired_states_for_many_devices_count_each_revision_up(plane_db: Engine
     assert records[0].config == first.config  # each keeps its config
     assert all(r.model == _ref("2").model_dump(mode="json") and r.allow_downgrade for r in records)
     assert fleet.current_desired("t", "d1") == records[1]
-    progress = fleet.progress("t")
+    progress = fleet.progress("t", ["d0", "d1", "d2", "unknown-3"])
     assert set(progress) == {"d0", "d1", "d2", "unknown-3"} and progress["d0"].status == "online"

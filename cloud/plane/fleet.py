@@ -407,46 +407,55 @@ class Fleet:
         return [d for d in found if selector is None or selector.matches(d.labels)]
 
     def progress(
-        self, tenant: str, activated: tuple[str, Collection[str]] | None = None
+        self, tenant: str, device_ids: Collection[str], activated_model: str | None = None
     ) -> dict[str, DeviceProgress]:
-        """What the rollout driver checks of every device, each tick: the few columns, and the
-        report itself only of devices whose update failed (for its target revision and error)
-        and, with ``activated`` = (model id, device ids), of those devices that run that model
-        (for their evaluation: the quality gate)."""
+        """What the rollout driver checks each tick of the devices it waits on: the few columns,
+        and the report itself only of those whose update failed (for its target revision and
+        error) and of those active on ``activated_model`` (for their evaluation: the quality
+        gate). Only those devices are read: a tick that waits on a few devices of a large fleet
+        reads a few rows, not the fleet."""
+        wanted_ids = set(device_ids)
+        columns = select(
+            devices.c.device_id,
+            devices.c.status,
+            devices.c.last_seen,
+            devices.c.phase,
+            devices.c.active_model,
+            devices.c.reported_revision,
+        )
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(
-                    devices.c.device_id,
-                    devices.c.status,
-                    devices.c.last_seen,
-                    devices.c.phase,
-                    devices.c.active_model,
-                    devices.c.reported_revision,
-                ).where(devices.c.tenant == tenant)
-            ).all()
-            failed = dict(
-                conn.execute(
-                    select(devices.c.device_id, devices.c.reported).where(
-                        and_(devices.c.tenant == tenant, devices.c.phase == "failed")
+            if len(wanted_ids) > _IN_CHUNK:
+                # Most of a large wave: one pass over the tenant costs less than many IN lists.
+                rows = [
+                    r
+                    for r in conn.execute(columns.where(devices.c.tenant == tenant))
+                    if r.device_id in wanted_ids
+                ]
+            else:
+                ids = sorted(wanted_ids)
+                rows = list(
+                    conn.execute(
+                        columns.where(and_(devices.c.tenant == tenant, devices.c.device_id.in_(ids)))
                     )
-                ).all()
-            )
-            if activated is not None:
-                model, ids = activated
-                wanted = sorted(
-                    {r.device_id for r in rows if r.phase == "active" and r.active_model == model} & set(ids)
                 )
-                for start in range(0, len(wanted), 500):
-                    failed.update(
-                        conn.execute(
-                            select(devices.c.device_id, devices.c.reported).where(
-                                and_(
-                                    devices.c.tenant == tenant,
-                                    devices.c.device_id.in_(wanted[start : start + 500]),
-                                )
+            asked = sorted(
+                r.device_id
+                for r in rows
+                if r.phase == "failed"
+                or (activated_model is not None and r.phase == "active" and r.active_model == activated_model)
+            )
+            reports: dict[str, Any] = {}
+            for start in range(0, len(asked), _IN_CHUNK):
+                reports.update(
+                    conn.execute(
+                        select(devices.c.device_id, devices.c.reported).where(
+                            and_(
+                                devices.c.tenant == tenant,
+                                devices.c.device_id.in_(asked[start : start + _IN_CHUNK]),
                             )
-                        ).all()
-                    )
+                        )
+                    ).all()
+                )
         return {
             r.device_id: DeviceProgress(
                 r.device_id,
@@ -455,7 +464,7 @@ class Fleet:
                 r.phase,
                 r.active_model,
                 r.reported_revision,
-                failed.get(r.device_id),
+                reports.get(r.device_id),
             )
             for r in rows
         }

@@ -3,7 +3,9 @@ operator's spec with its bounds, and how devices are split into waves."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import math
 from dataclasses import dataclass
 from datetime import datetime
@@ -137,6 +139,42 @@ class DeviceRow:
             active_at=as_utc(m["active_at"]),
             detail=m["detail"],
         )
+
+    @classmethod
+    def from_values(
+        cls,
+        device_id: str,
+        wave: int,
+        state: str,
+        previous_json: str | None,
+        desired_revision: int,
+        started_at: datetime | None,
+        active_at: datetime | None,
+        detail: str,
+    ) -> DeviceRow:
+        """From the columns in this order, the previous model as its JSON text: what the driver
+        reads of every device of a rollout each tick (10,000 rows of a large wave)."""
+        return cls(
+            device_id,
+            int(wave),
+            _DEVICE_STATES[state],
+            _model_ref(previous_json) if previous_json else None,
+            int(desired_revision),
+            as_utc(started_at),
+            as_utc(active_at),
+            detail,
+        )
+
+
+_DEVICE_STATES = {s.value: s for s in DeviceState}
+
+
+@functools.lru_cache(maxsize=4096)
+def _model_ref(text: str) -> ModelRef | None:
+    """A stored previous model, parsed once per distinct text: the devices of a wave mostly ran
+    the same few models (a ModelRef is frozen, so rows can share one)."""
+    data = json.loads(text)
+    return ModelRef.model_validate(data) if data else None
 
 
 class IllegalTransition(RuntimeError):
