@@ -52,9 +52,9 @@ class Clock:
 class Fleetlet:
     """Four devices on model m:1, the driver, and ways to make devices answer."""
 
-    def __init__(self, tmp: Path, n: int = 4) -> None:
+    def __init__(self, url: str, n: int = 4) -> None:
         self.clock = Clock()
-        self.engine = make_engine(f"sqlite:///{tmp / 'cp.sqlite3'}")
+        self.engine = make_engine(url)
         migrate(self.engine)
         self.fleet = Fleet(self.engine, clock=self.clock)
         self.rollouts = Rollouts(self.engine, self.fleet)
@@ -115,9 +115,16 @@ class Fleetlet:
         self.fleet.record_telemetry(TENANT, TelemetryBatch(device_id=device, records=records))
 
 
-@pytest.fixture
-def fl(tmp_path: Path) -> Iterator[Fleetlet]:
-    f = Fleetlet(tmp_path)
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.e2e)])
+def fl(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fleetlet]:
+    """Each driver test on SQLite and on PostgreSQL (JSON columns and timestamps come back
+    differently)."""
+    url = (
+        f"sqlite:///{tmp_path / 'cp.sqlite3'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    f = Fleetlet(url)
     yield f
     f.engine.dispose()
 

@@ -127,20 +127,6 @@ class DeviceRow:
     detail: str
 
     @classmethod
-    def from_row(cls, m: Any) -> DeviceRow:
-        previous = m["previous_model"]
-        return cls(
-            device_id=m["device_id"],
-            wave=int(m["wave"]),
-            state=DeviceState(m["state"]),
-            previous_model=ModelRef.model_validate(previous) if previous else None,
-            desired_revision=int(m["desired_revision"]),
-            started_at=as_utc(m["started_at"]),
-            active_at=as_utc(m["active_at"]),
-            detail=m["detail"],
-        )
-
-    @classmethod
     def from_values(
         cls,
         device_id: str,
