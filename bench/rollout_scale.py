@@ -393,31 +393,33 @@ async def rollout(
             else None
         )
         cpu0, _ = proc_stats(pid)
-        peak = 0
-        t0 = time.perf_counter()
-        r = await http.post(
-            "/v1/rollouts",
-            json={"model": "bench-model:1", "waves": [100], "health_window_s": 0, "max_concurrent": n},
-        )
-        r.raise_for_status()
-        rid = r.json()["rollout_id"]
-        state = ""
-        while state != "completed":
-            if time.perf_counter() - t0 > give_up_s:
-                out["time to converge (POST → completed)"] = f"not converged after {give_up_s:.0f} s"
-                break
-            await asyncio.sleep(0.25)
-            # As a dashboard polls a large rollout: the wave counts, not 10,000 device entries.
-            body = (await http.get(f"/v1/rollouts/{rid}", params={"devices": "false"})).json()
-            state = body["state"]
-            peak = max(peak, proc_stats(pid)[1])
-            if state in ("halted", "aborted"):
-                raise RuntimeError(f"rollout ended {state}: {body['message']}")
-        elapsed = time.perf_counter() - t0
-        cpu1, rss = proc_stats(pid)
-        if spy is not None:
-            spy.send_signal(signal.SIGINT)  # py-spy writes the profile as it stops
-            spy.wait(timeout=60)
+        try:
+            peak = 0
+            t0 = time.perf_counter()
+            r = await http.post(
+                "/v1/rollouts",
+                json={"model": "bench-model:1", "waves": [100], "health_window_s": 0, "max_concurrent": n},
+            )
+            r.raise_for_status()
+            rid = r.json()["rollout_id"]
+            state = ""
+            while state != "completed":
+                if time.perf_counter() - t0 > give_up_s:
+                    out["time to converge (POST → completed)"] = f"not converged after {give_up_s:.0f} s"
+                    break
+                await asyncio.sleep(0.25)
+                # As a dashboard polls a large rollout: the wave counts, not 10,000 device entries.
+                body = (await http.get(f"/v1/rollouts/{rid}", params={"devices": "false"})).json()
+                state = body["state"]
+                peak = max(peak, proc_stats(pid)[1])
+                if state in ("halted", "aborted"):
+                    raise RuntimeError(f"rollout ended {state}: {body['message']}")
+            elapsed = time.perf_counter() - t0
+            cpu1, rss = proc_stats(pid)
+        finally:
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)  # py-spy writes the profile as it stops
+                await asyncio.to_thread(spy.wait, 60)
         if console:
             await console_timings(http, n, out)
     out.setdefault("time to converge (POST → completed)", f"{elapsed:.1f} s (goal < 30 s at 10,000)")

@@ -181,6 +181,11 @@ async def stay_connected(
                     except aiomqtt.MqttError:
                         raise  # the session broke while handling it: reconnect
                     except Exception:
+                        # A handler told to stop may surface it as another error (an exit path
+                        # that raises): the stop wins, as in reraise_cancellation.
+                        task = asyncio.current_task()
+                        if task is not None and task.cancelling():
+                            raise asyncio.CancelledError from None
                         log.exception("error while handling a message on %s", message.topic.value)
         except aiomqtt.MqttError as exc:
             reraise_cancellation(exc)

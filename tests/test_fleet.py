@@ -104,3 +104,28 @@ def test_desired_states_for_many_devices_count_each_revision_up(plane_db: Engine
     assert fleet.current_desired("t", "d1") == records[1]
     progress = fleet.progress("t", ["d0", "d1", "d2", "unknown-3"])
     assert set(progress) == {"d0", "d1", "d2", "unknown-3"} and progress["d0"].status == "online"
+
+
+def test_progress_reads_just_the_devices_asked_for_however_many(plane_db: Engine) -> None:
+    """The rollout driver's view: a few devices by IN list, most of a large wave in one pass;
+    unknown ids are left out, reports come only of failed devices and of those active on the
+    model asked about."""
+    fleet = Fleet(plane_db)
+    target = _ref("2")
+    messages: list[tuple[str, DeviceStatus | ReportedState]] = []
+    for i in range(600):
+        phase = Phase.FAILED if i % 100 == 7 else Phase.ACTIVE
+        slots = {"a": target} if i % 2 else {"a": _ref("1")}
+        messages.append(
+            ("t", ReportedState(device_id=f"d{i:03d}", revision=1, phase=phase, active_slot="a", slots=slots))
+        )
+    fleet.record(messages)
+    for asked in ([f"d{i:03d}" for i in range(3)], [f"d{i:03d}" for i in range(550)] + ["nobody"]):
+        progress = fleet.progress("t", asked, "m:2")
+        known = [d for d in asked if d != "nobody"]
+        assert sorted(progress) == sorted(known)
+        for d in known:
+            p, i = progress[d], int(d[1:])
+            wants_report = i % 100 == 7 or (i % 2 == 1 and p.phase == "active")
+            assert (p.reported is not None) == wants_report, d
+            assert p.reported is None or p.reported["device_id"] == d

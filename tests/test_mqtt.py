@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -277,7 +278,7 @@ def test_a_link_told_to_stop_stops_even_when_the_disconnect_fails(
 
 @pytest.mark.parametrize("side", ["cloud", "device"])
 def test_a_message_whose_handling_fails_does_not_end_the_session(
-    side: str, tenant: str, broker_settings: BrokerSettings
+    side: str, tenant: str, broker_settings: BrokerSettings, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An unexpected error while handling one message (a bug, a registry file being rewritten, a
     full disk) is logged and the next message is handled on the same session: on the control
@@ -300,6 +301,14 @@ def test_a_message_whose_handling_fails_does_not_end_the_session(
                 client_id=f"cloud-{tenant}",
                 on_status=lambda status: handler(status.state),
             )
+            attach = link.attach
+            connects: list[int] = []
+
+            async def counted(client: aiomqtt.Client) -> None:
+                connects.append(1)
+                await attach(client)
+
+            link.attach = counted  # type: ignore[method-assign]
             task = asyncio.create_task(link.run())
             ready = link.connected
             topic, body = topics.status("dev-9"), DeviceStatus(device_id="dev-9", state="online").to_json()
@@ -324,13 +333,16 @@ def test_a_message_whose_handling_fails_does_not_end_the_session(
                         if len(handled) >= n or task.done():
                             break
                         await asyncio.sleep(0.02)
-            sessions = device.sessions if side == "device" else 1
+            sessions = device.sessions if side == "device" else len(connects)
             assert not task.done(), "the session ended"
             return handled, sessions
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    seen, sessions = asyncio.run(scenario())
+    with caplog.at_level(logging.ERROR):
+        seen, sessions = asyncio.run(scenario())
     assert len(seen) == 2, "the message after the failing one was handled"
     assert sessions == 1, "on the same session, not after a reconnect"
+    failures = [r for r in caplog.records if "error while handling a message" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None, "logged once, with its traceback"

@@ -374,3 +374,17 @@ def test_a_good_evaluation_or_none_passes_the_quality_gate(fl: Fleetlet) -> None
 def test_max_eval_drop_is_a_fraction(fl: Fleetlet) -> None:
     with pytest.raises(ContractError):
         fl.start(max_eval_drop=1.5)
+
+
+def test_a_device_that_ran_no_model_is_sent_back_to_none(fl: Fleetlet) -> None:
+    """A device that never had a model (none desired, none active) rolls back to none: its
+    previous model is stored as JSON null and read back as none, on both databases."""
+    fl.fleet.record_reported(TENANT, ReportedState(device_id="bare", revision=0, phase=Phase.IDLE))
+    rid = fl.start(waves=(100.0,))
+    started = {r.device_id for r in fl.driver.tick()}
+    assert "bare" in started and "d0" in started
+    fl.rollouts.rollback(TENANT, rid)
+    back = {r.device_id: r for r in fl.driver.tick()}
+    assert back["bare"].model is None
+    assert back["d0"].model == OLD.model_dump(mode="json")
+    assert fl.rollout_state(rid) == "rolled_back"

@@ -67,14 +67,8 @@ class CloudLink:
 
     async def run(self) -> None:
         """Stay connected until cancelled."""
-        will = aiomqtt.Will(
-            self.topics.status(self.device_id),
-            DeviceStatus(device_id=self.device_id, state="offline").to_json(),
-            qos=QOS,
-            retain=True,
-        )
         await stay_connected(
-            lambda: make_client(self.broker, self.device_id, will=will),
+            lambda: make_client(self.broker, self.device_id, will=self._will()),
             on_connect=self._on_connect,
             on_message=self._dispatch,
             on_lost=self._on_lost,
@@ -83,6 +77,15 @@ class CloudLink:
             ),
             log=log,
             name=f"device {self.device_id} (broker {self.broker.host}:{self.broker.port})",
+        )
+
+    def _will(self) -> aiomqtt.Will:
+        """Presence ``offline``, stamped as of this connection (the broker keeps it retained)."""
+        return aiomqtt.Will(
+            self.topics.status(self.device_id),
+            DeviceStatus(device_id=self.device_id, state="offline").to_json(),
+            qos=QOS,
+            retain=True,
         )
 
     def _on_lost(self) -> None:
