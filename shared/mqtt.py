@@ -75,14 +75,15 @@ def payload_bytes(message: aiomqtt.Message) -> bytes:
     return str(message.payload or "").encode()
 
 
-def reraise_cancellation(exc: aiomqtt.MqttError) -> None:
+def reraise_cancellation(exc: Exception) -> None:
     """Raise CancelledError if the running task is being cancelled, else nothing.
 
     aiomqtt's ``async with`` exit waits for the broker to acknowledge the DISCONNECT and raises an
     MqttError when that fails (the broker lost, or too busy to answer in time): raised while a
     cancellation unwinds, it replaces the CancelledError, and a reconnect loop that catches
     MqttError would swallow the cancellation and run on — a control plane or agent told to stop
-    that never does (seen: a test's cloud still reconnecting 30 s after it was cancelled)."""
+    that never does (seen: a test's cloud still reconnecting 30 s after it was cancelled). A
+    message handler may likewise surface a stop as another error."""
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError from exc
@@ -155,18 +156,20 @@ async def stay_connected(
     on_connect: Callable[[aiomqtt.Client], Awaitable[None]],
     on_message: Callable[[aiomqtt.Client, aiomqtt.Message], Awaitable[None] | None],
     on_lost: Callable[[], None],
-    backoff: ReconnectBackoff,
+    broker: BrokerSettings,
+    jitter: bool,
     log: logging.Logger,
     name: str,
 ) -> NoReturn:
     """Hold an MQTT session until cancelled: connect, ``on_connect`` (subscriptions, presence),
     hand every message to ``on_message``; when the broker is lost or unreachable, ``on_lost`` and
-    connect again after the backoff's delay. The control plane's session and the agent's link
-    both run on it.
+    connect again after the delay of ``broker``'s backoff (``jitter`` for a fleet of devices).
+    The control plane's session and the agent's link both run on it.
 
     A message whose handling raises (a bug, a full disk while writing a chunk, a registry file
     being rewritten) is logged and the session carries on: one message must not take down a
     device's link or a replica's whole control loop."""
+    backoff = ReconnectBackoff(broker.reconnect_initial_s, broker.reconnect_max_s, jitter=jitter)
     while True:
         lost: aiomqtt.MqttError | None = None
         try:
@@ -180,12 +183,8 @@ async def stay_connected(
                             await handled
                     except aiomqtt.MqttError:
                         raise  # the session broke while handling it: reconnect
-                    except Exception:
-                        # A handler told to stop may surface it as another error (an exit path
-                        # that raises): the stop wins, as in reraise_cancellation.
-                        task = asyncio.current_task()
-                        if task is not None and task.cancelling():
-                            raise asyncio.CancelledError from None
+                    except Exception as exc:
+                        reraise_cancellation(exc)  # a stop the handler surfaced as another error
                         log.exception("error while handling a message on %s", message.topic.value)
         except aiomqtt.MqttError as exc:
             reraise_cancellation(exc)
@@ -193,5 +192,12 @@ async def stay_connected(
         finally:
             on_lost()
         delay = backoff.next_delay()
-        log.warning("%s: broker unreachable or lost (%s); retrying in %.1fs", name, lost, delay)
+        log.warning(
+            "%s: broker %s:%d unreachable or lost (%s); retrying in %.1fs",
+            name,
+            broker.host,
+            broker.port,
+            lost,
+            delay,
+        )
         await asyncio.sleep(delay)

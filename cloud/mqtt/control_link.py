@@ -29,7 +29,6 @@ from shared.messages import (
 from shared.mqtt import (
     QOS,
     BrokerSettings,
-    ReconnectBackoff,
     make_client,
     payload_bytes,
     stay_connected,
@@ -266,9 +265,8 @@ class CloudSession:
             on_connect=self._attach,
             on_message=self._dispatch,
             on_lost=self._detach,
-            backoff=ReconnectBackoff(
-                self.broker.reconnect_initial_s, self.broker.reconnect_max_s, jitter=False
-            ),
+            broker=self.broker,
+            jitter=False,
             log=log,
             name=f"cloud session {self.client_id}",
         )

@@ -17,7 +17,6 @@ from shared.messages import Ack, Command, CommandReply, DesiredState, DeviceStat
 from shared.mqtt import (
     QOS,
     BrokerSettings,
-    ReconnectBackoff,
     make_client,
     payload_bytes,
     stay_connected,
@@ -72,11 +71,10 @@ class CloudLink:
             on_connect=self._on_connect,
             on_message=self._dispatch,
             on_lost=self._on_lost,
-            backoff=ReconnectBackoff(
-                self.broker.reconnect_initial_s, self.broker.reconnect_max_s, jitter=True
-            ),
+            broker=self.broker,
+            jitter=True,
             log=log,
-            name=f"device {self.device_id} (broker {self.broker.host}:{self.broker.port})",
+            name=f"device {self.device_id}",
         )
 
     def _will(self) -> aiomqtt.Will:
