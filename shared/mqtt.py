@@ -108,13 +108,26 @@ class ReconnectBackoff:
         return delay
 
 
+# Publishes awaiting their acknowledgement on one session past which something is stuck.
+PENDING_CALLS_WARNING = 1000
+
+
 class _Client(aiomqtt.Client):
     """An aiomqtt client whose socket sends small packets at once (TCP_NODELAY).
 
     With Nagle's algorithm on, a small packet (a fetch request, a PUBACK, a desired state) written
     while an earlier one is still unacknowledged waits for the peer's delayed ACK: 40 ms on Linux.
     A model download asks for its chunks a window at a time, and every window started 40-90 ms
-    late (bench/shard_push.py); the broker's side is ``set_tcp_nodelay true``."""
+    late (bench/shard_push.py); the broker's side is ``set_tcp_nodelay true``.
+
+    aiomqtt logs a warning on every publish made while more than 10 others await their
+    acknowledgement; our publishers bound their own concurrency (the control plane's desired
+    states and acknowledgements, a download's window), far above 10 in a rollout, so it warns
+    only past ``PENDING_CALLS_WARNING``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pending_calls_threshold = PENDING_CALLS_WARNING
 
     def _on_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
         with contextlib.suppress(OSError, AttributeError):  # a socket that is not TCP keeps its options

@@ -102,14 +102,17 @@ def test_desired_states_for_many_devices_count_each_revision_up(plane_db: Engine
     assert records[0].config == first.config  # each keeps its config
     assert all(r.model == _ref("2").model_dump(mode="json") and r.allow_downgrade for r in records)
     assert fleet.current_desired("t", "d1") == records[1]
-    progress = fleet.progress("t", ["d0", "d1", "d2", "unknown-3"])
-    assert set(progress) == {"d0", "d1", "d2", "unknown-3"} and progress["d0"].status == "online"
+    overdue = fleet.progress(
+        "t", ["d0", "d1", "d2", "unknown-3"], "m:2", overdue=["d0", "d1", "d2", "unknown-3"]
+    )
+    assert set(overdue) == {"d0", "d1", "d2", "unknown-3"} and overdue["d0"].status == "online"
 
 
-def test_progress_reads_just_the_devices_asked_for_however_many(plane_db: Engine) -> None:
-    """The rollout driver's view: a few devices by IN list, most of a large wave in one pass;
-    unknown ids are left out, reports come only of failed devices and of those active on the
-    model asked about."""
+def test_progress_reads_the_ended_updates_of_the_devices_asked_for_however_many(plane_db: Engine) -> None:
+    """The rollout driver's view: of the devices asked (a few by IN list, most of a large wave in
+    one pass), those whose update ended — failed, or active on the target, with their reports —
+    and those overdue whatever their state; devices still on their way, and unknown ids, are
+    left out."""
     fleet = Fleet(plane_db)
     target = _ref("2")
     messages: list[tuple[str, DeviceStatus | ReportedState]] = []
@@ -120,12 +123,15 @@ def test_progress_reads_just_the_devices_asked_for_however_many(plane_db: Engine
             ("t", ReportedState(device_id=f"d{i:03d}", revision=1, phase=phase, active_slot="a", slots=slots))
         )
     fleet.record(messages)
-    for asked in ([f"d{i:03d}" for i in range(3)], [f"d{i:03d}" for i in range(550)] + ["nobody"]):
-        progress = fleet.progress("t", asked, "m:2")
-        known = [d for d in asked if d != "nobody"]
-        assert sorted(progress) == sorted(known)
-        for d in known:
-            p, i = progress[d], int(d[1:])
-            wants_report = i % 100 == 7 or (i % 2 == 1 and p.phase == "active")
-            assert (p.reported is not None) == wants_report, d
-            assert p.reported is None or p.reported["device_id"] == d
+    for asked in ([f"d{i:03d}" for i in range(10)], [f"d{i:03d}" for i in range(550)] + ["nobody"]):
+        overdue = [asked[0], asked[2], "nobody"]  # d000 and d002 run the previous model
+        progress = fleet.progress("t", asked, "m:2", overdue=overdue)
+        ended = [d for d in asked if d != "nobody" and (int(d[1:]) % 2 == 1 or int(d[1:]) % 100 == 7)]
+        assert sorted(progress) == sorted(ended + overdue[:2])
+        for d in ended:
+            p = progress[d]
+            assert p.reported is not None and p.reported["device_id"] == d
+            assert p.phase == "failed" or p.active_model == "m:2"
+        for d in overdue[:2]:
+            p = progress[d]
+            assert p.reported is None and p.phase == "active" and p.active_model == "m:1"

@@ -50,6 +50,21 @@ def test_clients_send_small_packets_at_once(broker_settings: BrokerSettings) -> 
     assert asyncio.run(option()) == 1
 
 
+def test_hundreds_of_publishes_in_flight_log_no_warning(
+    broker_settings: BrokerSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rollout has hundreds of desired states and acknowledgements awaiting their PUBACK at
+    once; aiomqtt's default warned on each of them (a line per publish in the operator's log)."""
+
+    async def burst() -> None:
+        async with make_client(broker_settings, "burst-probe", persistent=False) as client:
+            await asyncio.gather(*(client.publish(f"probe/burst/{i}", b"x" * 100, qos=1) for i in range(300)))
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(burst())
+    assert not [r for r in caplog.records if "pending publish calls" in r.getMessage()]
+
+
 def test_a_local_broker_bridges_the_topics_its_extra_directives_name(tmp_path: Path) -> None:
     """``LocalBroker(extra=...)``: a second mosquitto bridged to the first (what the rollout bench
     does above one process's 20,000 sockets) carries a device's report out and a desired state in,

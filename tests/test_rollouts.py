@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -388,3 +389,76 @@ def test_a_device_that_ran_no_model_is_sent_back_to_none(fl: Fleetlet) -> None:
     assert back["bare"].model is None
     assert back["d0"].model == OLD.model_dump(mode="json")
     assert fl.rollout_state(rid) == "rolled_back"
+
+
+def _count_row_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The rollouts whose device rows a driver read from the database, in order."""
+    from cloud.plane.rollouts import driver as driver_module
+
+    reads: list[str] = []
+    real = driver_module._device_rows
+
+    def counted(conn: Any, rid: str) -> list[DeviceRow]:
+        reads.append(rid)
+        return real(conn, rid)
+
+    monkeypatch.setattr(driver_module, "_device_rows", counted)
+    return reads
+
+
+def test_a_driver_reads_the_device_rows_again_only_after_another_replica_drove(
+    fl: Fleetlet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = _count_row_reads(monkeypatch)
+    other = RolloutDriver(fl.engine, fl.fleet, owner="other", lease_s=30, clock=fl.clock)
+    rid = fl.start()
+    fl.driver.tick()
+    first = fl.updating(rid)
+    for d in first:
+        fl.activate(d)
+        fl.traffic(d, ok=5)
+    fl.driver.tick()
+    assert reads == [rid]  # its own writes are what it holds
+    fl.clock.advance(61)  # past this driver's lease: the other replica takes the rollout over
+    other.tick()  # the first wave healthy
+    started = other.tick()  # the second wave started by the other replica
+    assert len(reads) == 2 and {r.device_id for r in started} == set(fl.devices) - set(first)
+    fl.clock.advance(61)
+    # Back to the first driver: its rows are stale (the second wave pending in them); it reads
+    # them again instead of starting the wave a second time.
+    assert fl.driver.tick() == []
+    assert reads == [rid] * 3
+    assert sorted(fl.states(rid).values()) == ["healthy", "healthy", "updating", "updating"]
+
+
+def test_a_drive_that_failed_leaves_no_rows_behind_in_memory(
+    fl: Fleetlet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = _count_row_reads(monkeypatch)
+    rid = fl.start()
+    fl.driver.tick()
+    first = fl.updating(rid)
+    for d in first:
+        fl.activate(d)
+    real_flush = fl.driver._flush
+
+    def failing(conn: Any) -> None:
+        raise RuntimeError("the database went away mid-tick")
+
+    monkeypatch.setattr(fl.driver, "_flush", failing)
+    assert fl.driver.tick() == [] and fl.driver.failures == 1
+    monkeypatch.setattr(fl.driver, "_flush", real_flush)
+    # The failed tick had moved both devices to active in memory; rolled back, they are
+    # updating, and the next tick reads them so and moves them again.
+    fl.driver.tick()
+    assert reads == [rid, rid]
+    assert [fl.states(rid)[d] for d in first] == ["active", "active"]
+
+
+def test_a_finished_rollout_leaves_the_drivers_memory(fl: Fleetlet) -> None:
+    rid = fl.start()
+    fl.driver.tick()
+    assert rid in fl.driver._known
+    fl.rollouts.abort(TENANT, rid)
+    fl.driver.tick()
+    assert fl.driver._known == {}

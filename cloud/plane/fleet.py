@@ -4,7 +4,7 @@ telemetry (de-duplicated by record id: devices deliver at least once)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -23,6 +23,14 @@ _EVENT_KIND = {"status": "status", "phase": "phase", "active_model": "model"}
 
 # Device ids per IN (...) list: well under every database's limit on bound parameters.
 _IN_CHUNK = 500
+
+
+def _chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
+    """``ids`` in IN lists of at most ``_IN_CHUNK`` (SQLite and PostgreSQL cap bound parameters)."""
+    for start in range(0, len(ids), _IN_CHUNK):
+        yield ids[start : start + _IN_CHUNK]
+
+
 _THIS_DEVICE = and_(devices.c.tenant == bindparam("b_tenant"), devices.c.device_id == bindparam("b_device"))
 # Built once and run with many parameter sets (executemany): a batch of reports is one statement.
 _SET_REPORTED = (
@@ -330,16 +338,11 @@ class Fleet:
         found: dict[tuple[str, str], dict[str, str | None]] = {}
         for tenant in {t for t, _ in keys}:
             ids = sorted(d for t, d in keys if t == tenant)
-            for start in range(0, len(ids), _IN_CHUNK):
+            for chunk in _chunks(ids):
                 rows = conn.execute(
                     select(
                         devices.c.device_id, devices.c.status, devices.c.phase, devices.c.active_model
-                    ).where(
-                        and_(
-                            devices.c.tenant == tenant,
-                            devices.c.device_id.in_(ids[start : start + _IN_CHUNK]),
-                        )
-                    )
+                    ).where(and_(devices.c.tenant == tenant, devices.c.device_id.in_(chunk)))
                 )
                 for device_id, status, phase, model in rows:
                     found[(tenant, device_id)] = {"status": status, "phase": phase, "active_model": model}
@@ -407,13 +410,20 @@ class Fleet:
         return [d for d in found if selector is None or selector.matches(d.labels)]
 
     def progress(
-        self, tenant: str, device_ids: Collection[str], activated_model: str | None = None
+        self,
+        tenant: str,
+        device_ids: Collection[str],
+        target: str,
+        *,
+        overdue: Collection[str] = (),
     ) -> dict[str, DeviceProgress]:
-        """What the rollout driver checks each tick of the devices it waits on: the few columns,
-        and the report itself only of those whose update failed (for its target revision and
-        error) and of those active on ``activated_model`` (for their evaluation: the quality
-        gate). Only those devices are read: a tick that waits on a few devices of a large fleet
-        reads a few rows, not the fleet."""
+        """What the rollout driver checks each tick of the devices it waits on to update to
+        ``target`` (``name:version``): those of ``device_ids`` whose update has ended — failed,
+        or active on the target — with their report (the failure's revision and error, the
+        evaluation for the quality gate); and those of ``overdue`` whatever their state (their
+        wave timeout passed: the driver says how they were last seen). A device still on its
+        way is not read: a tick of a 10,000-device wave in which a few devices reported reads
+        about those few rows, and the database filters the rest."""
         wanted_ids = set(device_ids)
         columns = select(
             devices.c.device_id,
@@ -423,36 +433,47 @@ class Fleet:
             devices.c.active_model,
             devices.c.reported_revision,
         )
+        ended = or_(
+            devices.c.phase == "failed", and_(devices.c.phase == "active", devices.c.active_model == target)
+        )
         with self.engine.connect() as conn:
             if len(wanted_ids) > _IN_CHUNK:
-                # Most of a large wave: one pass over the tenant costs less than many IN lists.
-                rows = [
-                    r
-                    for r in conn.execute(columns.where(devices.c.tenant == tenant))
+                # Most of a large wave: one pass over the tenant's ended updates costs less than
+                # many IN lists (the devices of earlier waves are dropped here).
+                rows = {
+                    r.device_id: r
+                    for r in conn.execute(columns.where(and_(devices.c.tenant == tenant, ended)))
                     if r.device_id in wanted_ids
-                ]
+                }
             else:
-                ids = sorted(wanted_ids)
-                rows = list(
-                    conn.execute(
+                rows = {
+                    r.device_id: r
+                    for r in conn.execute(
+                        columns.where(
+                            and_(
+                                devices.c.tenant == tenant, devices.c.device_id.in_(sorted(wanted_ids)), ended
+                            )
+                        )
+                    )
+                }
+            for ids in _chunks(sorted(set(overdue) - rows.keys())):
+                rows.update(
+                    (r.device_id, r)
+                    for r in conn.execute(
                         columns.where(and_(devices.c.tenant == tenant, devices.c.device_id.in_(ids)))
                     )
                 )
             asked = sorted(
                 r.device_id
-                for r in rows
-                if r.phase == "failed"
-                or (activated_model is not None and r.phase == "active" and r.active_model == activated_model)
+                for r in rows.values()
+                if r.phase == "failed" or (r.phase == "active" and r.active_model == target)
             )
             reports: dict[str, Any] = {}
-            for start in range(0, len(asked), _IN_CHUNK):
+            for ids in _chunks(asked):
                 reports.update(
                     conn.execute(
                         select(devices.c.device_id, devices.c.reported).where(
-                            and_(
-                                devices.c.tenant == tenant,
-                                devices.c.device_id.in_(asked[start : start + _IN_CHUNK]),
-                            )
+                            and_(devices.c.tenant == tenant, devices.c.device_id.in_(ids))
                         )
                     ).all()
                 )
@@ -466,7 +487,7 @@ class Fleet:
                 r.reported_revision,
                 reports.get(r.device_id),
             )
-            for r in rows
+            for r in rows.values()
         }
 
     def get(self, tenant: str, device_id: str) -> Device:
@@ -560,8 +581,7 @@ class Fleet:
         statements per 500 devices: how a wave of 10,000 starts."""
         new_model = model.model_dump(mode="json") if model is not None else None
         out: dict[str, DesiredRecord] = {}
-        for start in range(0, len(device_ids), _IN_CHUNK):
-            chunk = list(device_ids[start : start + _IN_CHUNK])
+        for chunk in _chunks(device_ids):
             where = and_(devices.c.tenant == tenant, devices.c.device_id.in_(chunk))
             conn.execute(
                 update(devices)

@@ -97,6 +97,19 @@ class Ingest:
                     log.error("could not store a message from %s", item.message.device_id, exc_info=True)
         self.batches += 1
         self.stored += len(done)
+        # One wake-up of each loop per batch, not one per message (each is a write to the
+        # loop's self-pipe: 10,000 of them when a fleet reports at once).
+        by_loop: dict[asyncio.AbstractEventLoop, list[Stored]] = {}
         for item in done:
+            by_loop.setdefault(item.loop, []).append(item.stored)
+        for loop, callbacks in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop closed: shutting down
-                item.loop.call_soon_threadsafe(item.stored)
+                loop.call_soon_threadsafe(_run_all, callbacks)
+
+
+def _run_all(callbacks: list[Stored]) -> None:
+    for stored in callbacks:
+        try:
+            stored()
+        except Exception:  # one failing callback must not keep the others' devices unacknowledged
+            log.exception("a stored-message callback failed")

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 SHARE_GROUP = "autoglm-cloud"
 PUBLISH_CONCURRENCY = 200
+# Acknowledgements in flight at once: when a fleet reports together, thousands are due within a
+# second; more in flight than the session's window (64) only queue inside the MQTT client.
+ACK_CONCURRENCY = 64
 # A device that refused its desired state as expired gets a freshly signed one, at most this often.
 RESIGN_INTERVAL_S = 60.0
 
@@ -60,6 +63,8 @@ class ControlPlane:
         log.info("signing desired states and commands with control key %s", self.signer.key.public.key_id)
         self._resigned: dict[tuple[str, str], float] = {}
         self._background = TaskSet(log)
+        # (tenant, device, ids) stored and due to be acknowledged; ACK_CONCURRENCY senders.
+        self._acks: asyncio.Queue[tuple[str, str, list[str]]] = asyncio.Queue()
         # One thread writes what devices report, in arrival order, many per transaction.
         self._ingest = Ingest(self.fleet)
         self.links: dict[str, ControlLink] = {}
@@ -101,10 +106,20 @@ class ControlPlane:
         return submit
 
     def _acknowledge(self, tenant: str, device_id: str, ids: list[str]) -> None:
-        link = self.links.get(tenant)
-        if link is None:
-            return
-        self._background.spawn(link.send_ack(device_id, ids), name=f"ack-{device_id}")
+        self._acks.put_nowait((tenant, device_id, ids))
+
+    async def send_acks(self) -> None:
+        """One of the ACK_CONCURRENCY senders of acknowledgements (a lost one only means the
+        device sends those entries again)."""
+        while True:
+            tenant, device_id, ids = await self._acks.get()
+            link = self.links.get(tenant)
+            if link is None:
+                continue
+            try:
+                await link.send_ack(device_id, ids)
+            except Exception:
+                log.exception("could not acknowledge %d entries to %s", len(ids), device_id)
 
     def _on_reported(self, tenant: str) -> Any:
         store = self._ingester(tenant)
@@ -149,23 +164,23 @@ class ControlPlane:
         return command, reply
 
     async def publish(self, items: list[DesiredRecord]) -> None:
-        """Sign and publish desired states concurrently (QoS 1 acks overlap; one at a time is
-        ~50/s under load)."""
-        limit = asyncio.Semaphore(PUBLISH_CONCURRENCY)
+        """Sign and publish desired states, ``PUBLISH_CONCURRENCY`` at a time (QoS 1 acks
+        overlap; one at a time is ~50/s under load). That many workers take the states in turn:
+        a 10,000-device wave is not 10,000 tasks queued on a semaphore."""
+        pending = iter(items)
 
-        async def one(p: DesiredRecord) -> None:
-            link = self.links.get(p.tenant)
-            if link is None:
-                return
-            desired = p.message()
-            async with limit:
+        async def worker() -> None:
+            for p in pending:
+                link = self.links.get(p.tenant)
+                if link is None:
+                    continue
                 try:
                     async with asyncio.timeout(30):
-                        await link.set_desired(p.device_id, desired)
-                except (TimeoutError, Exception) as exc:  # the driver re-publishes unapplied states
+                        await link.set_desired(p.device_id, p.message())
+                except Exception as exc:  # the driver re-publishes unapplied states
                     log.warning("could not publish desired state to %s: %s", p.device_id, exc)
 
-        await asyncio.gather(*(one(p) for p in items))
+        await asyncio.gather(*(worker() for _ in range(min(PUBLISH_CONCURRENCY, len(items)))))
 
     # -- operations the REST API and the console share --------------------------------------
     def model_ref(self, tenant: str, model: str) -> ModelRef:
@@ -224,6 +239,8 @@ class ControlPlane:
             tg.create_task(self.session.run(), name="mqtt")
             tg.create_task(self.drive_forever(), name="rollout-driver")
             tg.create_task(self.gateway.run_health_checks(), name="gateway-health")
+            for i in range(ACK_CONCURRENCY):
+                tg.create_task(self.send_acks(), name=f"acks-{i}")
 
     def close(self) -> None:
         self._ingest.close()

@@ -147,6 +147,9 @@ rollouts = Table(
     Column("min_samples", Integer, nullable=False, default=0),
     # Quality gate: how far a device's evaluation-set agreement may fall below the packager's.
     Column("max_eval_drop", Float, nullable=False, default=0.05),
+    # v6: counts the driver's writes to this rollout's device rows; the driver keeps the rows it
+    # wrote in memory and reads them again only when this moved under it (another replica drove).
+    Column("devices_version", Integer, nullable=False, default=0),
 )
 
 rollout_devices = Table(
@@ -327,6 +330,13 @@ def _v5_quality_gate(conn: Connection) -> None:
     )
 
 
+def _v6_devices_version(conn: Connection) -> None:
+    """A change counter of each rollout's device rows (the driver's cache of them)."""
+    _add_columns(
+        conn, ((rollouts, "devices_version", "INTEGER NOT NULL DEFAULT 0", "INTEGER NOT NULL DEFAULT 0"),)
+    )
+
+
 def _v4_console(conn: Connection) -> None:
     """Console sessions and the device event history (cloud/console)."""
     v4 = MetaData()
@@ -366,6 +376,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (3, "health on cloud time: telemetry receive time, clock skew, minimum samples", _v3_cloud_time),
     (4, "operator console: sessions, device event history", _v4_console),
     (5, "quality-gated rollouts: max_eval_drop", _v5_quality_gate),
+    (6, "rollout driver's cache: devices_version", _v6_devices_version),
 ]
 
 

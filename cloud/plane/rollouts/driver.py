@@ -43,6 +43,12 @@ class RolloutDriver:
     clock: Callable[[], datetime] = utcnow
     # Device-row changes of the rollout being driven, written together (``_flush``).
     _writes: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    _rows_written: int = 0
+    # Each rollout's device rows as this driver last committed them, by rollout id: only the
+    # driver writes them after creation, so while the rollout's ``devices_version`` is the one
+    # committed with them, a tick need not read 10,000 rows again (another replica that drove
+    # meanwhile moved the version).
+    _known: dict[str, tuple[int, list[DeviceRow]]] = field(default_factory=dict)
 
     def tick(self) -> list[DesiredRecord]:
         out: list[DesiredRecord] = []
@@ -52,6 +58,8 @@ class RolloutDriver:
                     rollouts.c.state.in_([s.value for s in DRIVEN])
                 )
             ).all()
+        for gone in self._known.keys() - {rid for rid, _ in ids}:
+            del self._known[gone]  # finished, or driven no more
         for rid, tenant in ids:
             out.extend(self._drive_isolated(tenant, rid))
         return out
@@ -87,9 +95,11 @@ class RolloutDriver:
             return bool(result.rowcount == 1)
 
     def _drive(self, tenant: str, rid: str) -> list[DesiredRecord]:
-        # Changes a failed drive collected were rolled back with its transaction: never write them.
+        # Changes a failed drive collected were rolled back with its transaction: never write
+        # them, nor trust rows they were applied to (taken out of ``_known`` until committed).
         self._writes.clear()
-        publishes: list[DesiredRecord] = []
+        self._rows_written = 0
+        known = self._known.pop(rid, None)
         with self.engine.begin() as conn:
             stmt = select(rollouts).where(rollouts.c.rollout_id == rid)
             if self.engine.dialect.name == "postgresql":
@@ -101,16 +111,27 @@ class RolloutDriver:
             if r.lease_owner != self.owner or r.state not in DRIVEN:
                 return []  # another replica took over, or an operator changed it meanwhile
             self.drives += 1
-            devs = _device_rows(conn, rid)
+            devs = (
+                known[1] if known is not None and known[0] == r.devices_version else _device_rows(conn, rid)
+            )
             if r.state == RolloutState.ROLLING_BACK:
                 touched = [d for d in devs if d.state in TOUCHED_DEVICE_STATES]
-                publishes += self._send_back(conn, tenant, rid, touched)
+                publishes = self._send_back(conn, tenant, rid, touched)
                 self._flush(conn)
                 self._update_rollout(
                     conn, rid, state=RolloutState.ROLLED_BACK, message=f"rolled back {len(touched)} device(s)"
                 )
-                return publishes
-            publishes += self._advance_wave(conn, tenant, r, devs)
+            else:
+                publishes = self._advance_wave(conn, tenant, r, devs)
+            version = r.devices_version
+            if self._rows_written:
+                version = conn.execute(
+                    update(rollouts)
+                    .where(rollouts.c.rollout_id == rid)
+                    .values(devices_version=rollouts.c.devices_version + 1)
+                    .returning(rollouts.c.devices_version)
+                ).scalar_one()
+        self._known[rid] = (version, devs)
         return publishes
 
     def _advance_wave(
@@ -123,9 +144,14 @@ class RolloutDriver:
         members = [d for d in devs if d.wave == wave]
         updating = [d for d in members if d.state == DeviceState.UPDATING]
         active = [d for d in members if d.state == DeviceState.ACTIVE]
-        # Read only when some device is updating, and only what checking it takes.
+        # Read only when some device is updating, and only what checking it takes: the devices
+        # whose update ended, and those past the wave timeout.
+        timeout = timedelta(seconds=r.wave_timeout_s)
+        overdue = [d.device_id for d in updating if now - (d.started_at or now) > timeout]
         fleet_now = (
-            self.fleet.progress(tenant, [d.device_id for d in updating], target_id) if updating else {}
+            self.fleet.progress(tenant, [d.device_id for d in updating], target_id, overdue=overdue)
+            if updating
+            else {}
         )
         publishes: list[DesiredRecord] = []
         health = self._wave_health(tenant, r, members, target_id, now)
@@ -144,8 +170,7 @@ class RolloutDriver:
                 conn, rid, d, state=DeviceState.UPDATING, started_at=now, desired_revision=record.revision
             )
         for d in updating:
-            if d.device_id in fleet_now:
-                self._check_updating(conn, tenant, r, d, fleet_now[d.device_id], target_id, now, publishes)
+            self._check_updating(conn, tenant, r, d, fleet_now.get(d.device_id), target_id, now, publishes)
         for d in active:
             self._check_health(conn, r, d, target_id, now, health)
         self._flush(conn)
@@ -195,20 +220,28 @@ class RolloutDriver:
         tenant: str,
         r: RolloutRow,
         d: DeviceRow,
-        dev: DeviceProgress,
+        dev: DeviceProgress | None,
         target_id: str,
         now: datetime,
         publishes: list[DesiredRecord],
     ) -> None:
+        """``dev`` is None while the device's update has not ended (and its wave timeout has not
+        passed), or when it left the fleet."""
         rev = d.desired_revision
-        reported = dev.reported or {}
-        if dev.phase == "active" and dev.active_model == target_id and dev.reported_revision >= rev:
+        reported = (dev.reported if dev is not None else None) or {}
+        key = (tenant, d.device_id)
+        if (
+            dev is not None
+            and dev.phase == "active"
+            and dev.active_model == target_id
+            and dev.reported_revision >= rev
+        ):
             failed_quality = _quality_verdict(reported.get("evaluation"), target_id, r.max_eval_drop)
             if failed_quality is not None:
                 self._update_device(conn, r.rollout_id, d, state=DeviceState.FAILED, detail=failed_quality)
             else:
                 self._update_device(conn, r.rollout_id, d, state=DeviceState.ACTIVE, active_at=now)
-        elif dev.phase == "failed" and reported.get("target_revision", -1) >= rev:
+        elif dev is not None and dev.phase == "failed" and reported.get("target_revision", -1) >= rev:
             err = reported.get("last_error") or {}
             self._update_device(
                 conn,
@@ -218,24 +251,28 @@ class RolloutDriver:
                 detail=f"{err.get('code')}: {err.get('message')}",
             )
         elif now - (d.started_at or now) > timedelta(seconds=r.wave_timeout_s):
-            seen = dev.last_seen.isoformat() if dev.last_seen else "never"
+            if dev is None:
+                how = "no longer in the fleet"
+            else:
+                how = f"{dev.status}, last seen {dev.last_seen.isoformat() if dev.last_seen else 'never'}"
             self._update_device(
                 conn,
                 r.rollout_id,
                 d,
                 state=DeviceState.TIMED_OUT,
-                detail=f"no update within {r.wave_timeout_s:.0f}s ({dev.status}, last seen {seen})",
+                detail=f"no update within {r.wave_timeout_s:.0f}s ({how})",
             )
         else:
             # The desired state is retained on the broker; re-publish now and then in case the
             # replica that recorded it died before publishing.
-            key = (tenant, d.device_id)
             last = self.last_publish.get(key)
             if last is None or now - last > timedelta(seconds=30):
                 self.last_publish[key] = now
                 current = self.fleet.current_desired(tenant, d.device_id) if last is not None else None
                 if current is not None:
                     publishes.append(current)
+            return
+        self.last_publish.pop(key, None)  # its update ended: nothing more to re-publish
 
     @staticmethod
     def _health_asks(
@@ -351,6 +388,7 @@ class RolloutDriver:
         for rid, device_id, values in self._writes:  # a later change of a column wins
             merged.setdefault((rid, device_id), {}).update(values)
         self._writes.clear()
+        self._rows_written += len(merged)
         groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         for (rid, device_id), values in merged.items():
             row = {"b_rollout": rid, "b_device": device_id, **{f"b_{k}": v for k, v in values.items()}}

@@ -90,6 +90,7 @@ class RolloutRow:
     min_samples: int
     max_eval_drop: float
     lease_owner: str | None
+    devices_version: int
 
     @classmethod
     def from_row(cls, m: Any) -> RolloutRow:
@@ -110,6 +111,7 @@ class RolloutRow:
             min_samples=int(m["min_samples"]),
             max_eval_drop=float(m["max_eval_drop"]),
             lease_owner=m["lease_owner"],
+            devices_version=int(m["devices_version"]),
         )
 
 
