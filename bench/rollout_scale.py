@@ -229,6 +229,8 @@ def main() -> None:
         return
     if args.per_process < 1:
         raise SystemExit("--per-process must be at least 1")
+    if args.profile and not Path(sys.executable).with_name("py-spy").exists():
+        raise SystemExit(f"--profile needs py-spy beside {sys.executable}: pip install py-spy")
     # One socket per device of its slice in each broker, which inherits this limit.
     raise_open_files(min(args.devices, args.per_process) + 1024)
     low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
