@@ -7,7 +7,7 @@ import threading
 import pytest
 from sqlalchemy.engine import Engine
 
-from cloud.plane.fleet import Fleet
+from cloud.plane.fleet import Fleet, Selector
 from shared.errors import NotFound
 from shared.messages import DeviceStatus, ModelRef, Phase, ReportedState
 
@@ -106,6 +106,23 @@ def test_desired_states_for_many_devices_count_each_revision_up(plane_db: Engine
         "t", ["d0", "d1", "d2", "unknown-3"], "m:2", overdue=["d0", "d1", "d2", "unknown-3"]
     )
     assert set(overdue) == {"d0", "d1", "d2", "unknown-3"} and overdue["d0"].status == "online"
+
+
+def test_a_config_for_many_devices_keeps_each_ones_model_and_counts_its_revision_up(plane_db: Engine) -> None:
+    fleet = Fleet(plane_db)
+    for i in range(3):
+        fleet.record_status("t", DeviceStatus(device_id=f"d{i}", state="online"))
+    fleet.set_labels("t", "d1", {"zone": "eu"})
+    fleet.set_labels("t", "d2", {"zone": "eu"})
+    fleet.next_desired("t", "d1", model=_ref("2"), allow_downgrade=True)
+    assert fleet.matching("t", Selector.parse("zone=eu")) == ["d1", "d2"]
+    config = {"runtime": {"threads": 1}}
+    records = fleet.next_config_many("t", ["d1", "d2"], config)
+    assert [(r.device_id, r.revision, r.config) for r in records] == [("d1", 2, config), ("d2", 1, config)]
+    assert (records[0].model, records[0].allow_downgrade) == (_ref("2").model_dump(mode="json"), True)
+    assert (records[1].model, records[1].allow_downgrade) == (None, False)
+    assert [fleet.current_desired("t", d) for d in ("d1", "d2")] == records
+    assert fleet.current_desired("t", "d0") is None  # not matched, untouched
 
 
 def test_progress_reads_the_ended_updates_of_the_devices_asked_for_however_many(plane_db: Engine) -> None:

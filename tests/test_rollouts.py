@@ -462,3 +462,37 @@ def test_a_finished_rollout_leaves_the_drivers_memory(fl: Fleetlet) -> None:
     fl.rollouts.abort(TENANT, rid)
     fl.driver.tick()
     assert fl.driver._known == {}
+
+
+def test_a_rollback_sends_a_device_to_its_desired_model_on_record_else_to_the_one_it_reports(
+    fl: Fleetlet,
+) -> None:
+    """The previous model: what the control plane last asked the device to run (read without its
+    report), or, for a device it never gave a model, the one it reports active."""
+    pinned = ref("0")
+    fl.fleet.next_desired(TENANT, fl.devices[0], model=pinned)
+    rid = fl.start(waves=(100.0,))
+    fl.driver.tick()
+    fl.rollouts.rollback(TENANT, rid)
+    back = {r.device_id: r.model for r in fl.driver.tick()}
+    assert back[fl.devices[0]] == pinned.model_dump(mode="json")
+    assert [back[d] for d in fl.devices[1:]] == [OLD.model_dump(mode="json")] * 3
+
+
+def test_a_device_still_updating_gets_its_desired_state_again_every_30_seconds(fl: Fleetlet) -> None:
+    """In case the replica that recorded a desired state died before publishing it; the same
+    revision, and no more once the device's update ended."""
+    rid = fl.start(wave_timeout_s=600.0)
+    first = {r.device_id: r.revision for r in fl.driver.tick()}
+    assert fl.driver.tick() == []
+    fl.clock.advance(31)
+    again = fl.driver.tick()
+    assert {r.device_id: r.revision for r in again} == first
+    fl.clock.advance(10)
+    assert fl.driver.tick() == []
+    done, waiting = sorted(first)
+    fl.activate(done)
+    fl.clock.advance(25)
+    assert [r.device_id for r in fl.driver.tick()] == [waiting]
+    assert fl.states(rid)[done] == "active"
+    assert (TENANT, done) not in fl.driver.last_publish

@@ -25,6 +25,20 @@ _EVENT_KIND = {"status": "status", "phase": "phase", "active_model": "model"}
 _IN_CHUNK = 500
 
 
+def previous_model(
+    desired_model: dict[str, Any] | None, reported: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """What a rollback sends a device back to: the model the control plane last asked it to
+    run, else the one it reports active (a device set up by hand before this control plane knew
+    it has no desired model on record, and "no model" is no rollback)."""
+    if desired_model:
+        return desired_model
+    report = reported or {}
+    active = report.get("active_slot")
+    model: dict[str, Any] | None = (report.get("slots") or {}).get(active) if active else None
+    return model
+
+
 def _chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
     """``ids`` in IN lists of at most ``_IN_CHUNK`` (SQLite and PostgreSQL cap bound parameters)."""
     for start in range(0, len(ids), _IN_CHUNK):
@@ -409,6 +423,37 @@ class Fleet:
         found = [Device.from_row(r) for r in rows]
         return [d for d in found if selector is None or selector.matches(d.labels)]
 
+    def matching(self, tenant: str, selector: Selector) -> list[str]:
+        """The ids of the tenant's devices ``selector`` matches, in order (their labels only)."""
+        return list(self._matching(tenant, selector))
+
+    def _matching(self, tenant: str, selector: Selector) -> dict[str, dict[str, Any] | None]:
+        """The devices ``selector`` matches, each with its desired model on record."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(devices.c.device_id, devices.c.labels, devices.c.desired_model)
+                .where(devices.c.tenant == tenant)
+                .order_by(devices.c.device_id)
+            ).all()
+        return {d: desired for d, labels, desired in rows if selector.matches(labels or {})}
+
+    def rollout_targets(self, tenant: str, selector: Selector) -> dict[str, dict[str, Any] | None]:
+        """The devices ``selector`` matches, each with the model a rollback sends it back to
+        (:func:`previous_model`). Only the columns that takes: a device's report is read only
+        when the control plane has no desired model on record for it (creating a rollout of
+        10,000 devices parsed 10,000 reports)."""
+        out = self._matching(tenant, selector)
+        unknown = [d for d, desired in out.items() if not desired]
+        with self.engine.connect() as conn:
+            for chunk in _chunks(unknown):
+                for device_id, reported in conn.execute(
+                    select(devices.c.device_id, devices.c.reported).where(
+                        and_(devices.c.tenant == tenant, devices.c.device_id.in_(chunk))
+                    )
+                ):
+                    out[device_id] = previous_model(None, reported)
+        return out
+
     def progress(
         self,
         tenant: str,
@@ -604,6 +649,33 @@ class Fleet:
             else self.next_desired(tenant, d, model=model, allow_downgrade=allow_downgrade, conn=conn)
             for d in device_ids
         ]
+
+    def next_config_many(
+        self, tenant: str, device_ids: Sequence[str], config: dict[str, Any]
+    ) -> list[DesiredRecord]:
+        """:meth:`next_desired` with ``keep_model`` for many known devices, one config for all, a
+        few statements per 500 devices: a config pushed to a fleet of 10,000 in one transaction."""
+        out: dict[str, DesiredRecord] = {}
+        with self.engine.begin() as conn:
+            for chunk in _chunks(device_ids):
+                where = and_(devices.c.tenant == tenant, devices.c.device_id.in_(chunk))
+                conn.execute(
+                    update(devices)
+                    .where(where)
+                    .values(desired_revision=devices.c.desired_revision + 1, desired_config=config)
+                )
+                for device_id, revision, model, downgrade in conn.execute(
+                    select(
+                        devices.c.device_id,
+                        devices.c.desired_revision,
+                        devices.c.desired_model,
+                        devices.c.desired_allow_downgrade,
+                    ).where(where)
+                ):
+                    out[device_id] = DesiredRecord(
+                        tenant, device_id, int(revision), model, dict(config), bool(downgrade)
+                    )
+        return [out[d] for d in device_ids if d in out]
 
     def current_desired(self, tenant: str, device_id: str) -> DesiredRecord | None:
         """The desired state last recorded for a device (to publish it again), if any."""

@@ -212,18 +212,12 @@ class ControlPlane:
         """Validate a serving config and make it the desired config of every device the selector
         matches (their models stay). Returns the devices' ids."""
         EdgeConfig.parse(config)  # the agent's own schema: refuse here what devices would refuse
-        targets = await asyncio.to_thread(self.fleet.list_devices, tenant, Selector.parse(selector))
+        targets = await asyncio.to_thread(self.fleet.matching, tenant, Selector.parse(selector))
         if not targets:
             raise ContractError(f"no device matches the selector {selector!r}", selector=selector)
-        items: list[DesiredRecord] = []
-        for d in targets:
-            items.append(
-                await asyncio.to_thread(
-                    self.fleet.next_desired, tenant, d.device_id, keep_model=True, config=config
-                )
-            )
+        items = await asyncio.to_thread(self.fleet.next_config_many, tenant, targets, config)
         await self.publish(items)
-        return [d.device_id for d in targets]
+        return [r.device_id for r in items]
 
     async def drive_forever(self) -> None:
         while True:

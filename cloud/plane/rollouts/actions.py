@@ -15,7 +15,6 @@ from cloud.plane.rollouts.spec import (
     DeviceState,
     RolloutSpec,
     RolloutState,
-    _previous_model,
     assign_waves,
 )
 from cloud.plane.store import as_utc, rollout_devices, rollouts, utcnow
@@ -33,10 +32,10 @@ class Rollouts:
     def create(self, tenant: str, spec: RolloutSpec) -> dict[str, Any]:
         spec.validate()
         selector = Selector.parse(spec.selector)
-        targets = self.fleet.list_devices(tenant, selector)
+        targets = self.fleet.rollout_targets(tenant, selector)
         if not targets:
             raise ContractError(f"no device matches the selector {spec.selector!r}", selector=spec.selector)
-        waves = assign_waves([d.device_id for d in targets], spec.waves)
+        waves = assign_waves(list(targets), spec.waves)
         rid = uuid.uuid4().hex[:12]
         now = utcnow()
         with self.engine.begin() as conn:
@@ -70,14 +69,14 @@ class Rollouts:
                     [
                         {
                             "rollout_id": rid,
-                            "device_id": d.device_id,
-                            "wave": waves[d.device_id],
-                            "previous_model": _previous_model(d),
+                            "device_id": device_id,
+                            "wave": waves[device_id],
+                            "previous_model": previous,
                             "desired_revision": 0,
                             "state": DeviceState.PENDING.value,
                             "detail": "",
                         }
-                        for d in targets
+                        for device_id, previous in targets.items()
                     ],
                 )
         log.info(

@@ -27,6 +27,9 @@ from cloud.plane.store import rollout_devices, rollouts, utcnow
 
 log = logging.getLogger(__name__)
 
+# A device still updating this long after its desired state was last published gets it again.
+REPUBLISH_AFTER = timedelta(seconds=30)
+
 
 @dataclass
 class RolloutDriver:
@@ -169,8 +172,13 @@ class RolloutDriver:
             self._update_device(
                 conn, rid, d, state=DeviceState.UPDATING, started_at=now, desired_revision=record.revision
             )
+        late = set(overdue)
         for d in updating:
-            self._check_updating(conn, tenant, r, d, fleet_now.get(d.device_id), target_id, now, publishes)
+            dev = fleet_now.get(d.device_id)
+            if dev is None and d.device_id not in late:
+                self._republish_now_and_then(tenant, d, now, publishes)  # still on its way
+            else:
+                self._check_updating(conn, tenant, r, d, dev, target_id, now, publishes)
         for d in active:
             self._check_health(conn, r, d, target_id, now, health)
         self._flush(conn)
@@ -225,8 +233,8 @@ class RolloutDriver:
         now: datetime,
         publishes: list[DesiredRecord],
     ) -> None:
-        """``dev`` is None while the device's update has not ended (and its wave timeout has not
-        passed), or when it left the fleet."""
+        """A device whose update ended, or whose wave timeout passed (``dev`` is None when it
+        is no longer in the fleet)."""
         rev = d.desired_revision
         reported = (dev.reported if dev is not None else None) or {}
         key = (tenant, d.device_id)
@@ -263,16 +271,22 @@ class RolloutDriver:
                 detail=f"no update within {r.wave_timeout_s:.0f}s ({how})",
             )
         else:
-            # The desired state is retained on the broker; re-publish now and then in case the
-            # replica that recorded it died before publishing.
-            last = self.last_publish.get(key)
-            if last is None or now - last > timedelta(seconds=30):
-                self.last_publish[key] = now
-                current = self.fleet.current_desired(tenant, d.device_id) if last is not None else None
-                if current is not None:
-                    publishes.append(current)
+            self._republish_now_and_then(tenant, d, now, publishes)
             return
         self.last_publish.pop(key, None)  # its update ended: nothing more to re-publish
+
+    def _republish_now_and_then(
+        self, tenant: str, d: DeviceRow, now: datetime, publishes: list[DesiredRecord]
+    ) -> None:
+        """The desired state is retained on the broker; publish it again now and then in case
+        the replica that recorded it died before publishing."""
+        key = (tenant, d.device_id)
+        last = self.last_publish.get(key)
+        if last is None or now - last > REPUBLISH_AFTER:
+            self.last_publish[key] = now
+            current = self.fleet.current_desired(tenant, d.device_id) if last is not None else None
+            if current is not None:
+                publishes.append(current)
 
     @staticmethod
     def _health_asks(

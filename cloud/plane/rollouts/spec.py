@@ -12,7 +12,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from cloud.plane.fleet import Device, Selector
+from cloud.plane.fleet import Selector
 from cloud.plane.store import as_utc
 from shared.errors import ContractError
 from shared.messages import ModelRef
@@ -255,18 +255,6 @@ class RolloutSpec:
 
 def _order_key(device_id: str) -> str:
     return hashlib.sha256(device_id.encode()).hexdigest()
-
-
-def _previous_model(device: Device) -> dict[str, Any] | None:
-    """What a rollback sends the device back to: the model the control plane last asked it to
-    run, else the one it reports active (a device set up by hand before this control plane knew
-    it has no desired model on record, and "no model" is no rollback)."""
-    if device.desired_model:
-        return device.desired_model
-    reported = device.reported or {}
-    active = reported.get("active_slot")
-    model: dict[str, Any] | None = (reported.get("slots") or {}).get(active) if active else None
-    return model
 
 
 def assign_waves(device_ids: list[str], waves: tuple[float, ...]) -> dict[str, int]:
