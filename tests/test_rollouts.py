@@ -5,6 +5,7 @@ The same driver against real agents and processes: tests/test_control_plane.py."
 from __future__ import annotations
 
 import hashlib
+import logging
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import delete, update
 
 from cloud.plane.fleet import Fleet
 from cloud.plane.rollouts import (
@@ -24,7 +26,7 @@ from cloud.plane.rollouts import (
     Rollouts,
     RolloutSpec,
 )
-from cloud.plane.store import make_engine, migrate
+from cloud.plane.store import devices, make_engine, migrate, rollouts
 from shared.errors import ContractError
 from shared.messages import EvalReport, ModelRef, Phase, ReportedState, TelemetryBatch, TelemetryRecord
 
@@ -467,8 +469,8 @@ def test_a_finished_rollout_leaves_the_drivers_memory(fl: Fleetlet) -> None:
 def test_a_rollback_sends_a_device_to_its_desired_model_on_record_else_to_the_one_it_reports(
     fl: Fleetlet,
 ) -> None:
-    """The previous model: what the control plane last asked the device to run (read without its
-    report), or, for a device it never gave a model, the one it reports active."""
+    """The previous model: what the control plane last asked the device to run, or, for a device
+    it never gave a model, the one it reports active."""
     pinned = ref("0")
     fl.fleet.next_desired(TENANT, fl.devices[0], model=pinned)
     rid = fl.start(waves=(100.0,))
@@ -496,3 +498,84 @@ def test_a_device_still_updating_gets_its_desired_state_again_every_30_seconds(f
     assert [r.device_id for r in fl.driver.tick()] == [waiting]
     assert fl.states(rid)[done] == "active"
     assert (TENANT, done) not in fl.driver.last_publish
+
+
+def test_a_drive_that_another_replica_overlapped_rolls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite: the driver's reads see no stable snapshot, so another replica's drive can commit
+    between them and this drive's writes (PostgreSQL's row lock on the rollout rules it out).
+    The version it read no longer matches: its changes roll back, and the next tick reads the
+    rows again."""
+    fl = Fleetlet(f"sqlite:///{tmp_path / 'cp.sqlite3'}")
+    rid = fl.start()
+    fl.driver.tick()
+    first = fl.updating(rid)
+    for d in first:
+        fl.activate(d)
+    real = fl.fleet.progress
+
+    def overlapped(*args: Any, **kwargs: Any) -> Any:
+        with fl.engine.begin() as conn:  # another replica commits its drive now
+            conn.execute(update(rollouts).values(devices_version=rollouts.c.devices_version + 1))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fl.fleet, "progress", overlapped)
+    with caplog.at_level(logging.WARNING):
+        assert fl.driver.tick() == []
+    assert "driven by another replica" in caplog.text and fl.driver.failures == 0
+    assert [fl.states(rid)[d] for d in first] == ["updating", "updating"]
+    monkeypatch.setattr(fl.fleet, "progress", real)
+    fl.driver.tick()
+    assert [fl.states(rid)[d] for d in first] == ["active", "active"]
+    fl.engine.dispose()
+
+
+def test_a_lease_taken_rather_than_renewed_reads_the_rows_again(
+    fl: Fleetlet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever held the rollout meanwhile may be a replica of a release that does not count
+    its writes."""
+    reads = _count_row_reads(monkeypatch)
+    rid = fl.start()
+    fl.driver.tick()
+    fl.driver.tick()
+    assert reads == [rid]
+    fl.clock.advance(31)  # the lease (30 s) lapsed: taken again, not renewed
+    fl.driver.tick()
+    assert reads == [rid, rid]
+
+
+def test_an_overdue_device_that_reported_the_target_in_time_for_the_tick_is_active(fl: Fleetlet) -> None:
+    rid = fl.start(wave_timeout_s=120.0)
+    fl.driver.tick()
+    first = sorted(fl.updating(rid))
+    fl.clock.advance(121)
+    fl.activate(first[0])
+    fl.driver.tick()
+    assert fl.states(rid)[first[0]] == "active" and fl.states(rid)[first[1]] == "timed_out"
+
+
+def test_a_device_gone_from_the_fleet_times_out_instead_of_holding_its_wave(fl: Fleetlet) -> None:
+    rid = fl.start(wave_timeout_s=120.0)
+    fl.driver.tick()
+    gone = sorted(fl.updating(rid))[0]
+    with fl.engine.begin() as conn:  # by hand: the control plane never deletes a device
+        conn.execute(delete(devices).where(devices.c.device_id == gone))
+    fl.driver.tick()
+    assert fl.states(rid)[gone] == "updating"
+    fl.clock.advance(121)
+    fl.driver.tick()
+    detail = {d["device_id"]: d["detail"] for d in fl.rollouts.show(TENANT, rid)["devices"]}
+    assert fl.states(rid)[gone] == "timed_out" and "no longer in the fleet" in detail[gone]
+
+
+def test_the_driver_forgets_re_publish_times_of_devices_it_no_longer_drives(fl: Fleetlet) -> None:
+    rid = fl.start()
+    fl.driver.tick()
+    fl.driver.tick()
+    assert len(fl.driver.last_publish) == 2
+    fl.rollouts.abort(TENANT, rid)
+    fl.clock.advance(301)
+    fl.driver.tick()
+    assert fl.driver.last_publish == {}

@@ -39,6 +39,9 @@ PUBLISH_CONCURRENCY = 200
 # Acknowledgements in flight at once: when a fleet reports together, thousands are due within a
 # second; more in flight than the session's window (64) only queue inside the MQTT client.
 ACK_CONCURRENCY = 64
+# Stored entries awaiting their acknowledgement past which more are dropped (the devices send
+# them again): a session down for long under a flood of reports must not grow without bound.
+ACK_BACKLOG = 100_000
 # A device that refused its desired state as expired gets a freshly signed one, at most this often.
 RESIGN_INTERVAL_S = 60.0
 
@@ -64,7 +67,8 @@ class ControlPlane:
         self._resigned: dict[tuple[str, str], float] = {}
         self._background = TaskSet(log)
         # (tenant, device, ids) stored and due to be acknowledged; ACK_CONCURRENCY senders.
-        self._acks: asyncio.Queue[tuple[str, str, list[str]]] = asyncio.Queue()
+        self._acks: asyncio.Queue[tuple[str, str, list[str]]] = asyncio.Queue(ACK_BACKLOG)
+        self.acks_dropped = 0
         # One thread writes what devices report, in arrival order, many per transaction.
         self._ingest = Ingest(self.fleet)
         self.links: dict[str, ControlLink] = {}
@@ -106,7 +110,10 @@ class ControlPlane:
         return submit
 
     def _acknowledge(self, tenant: str, device_id: str, ids: list[str]) -> None:
-        self._acks.put_nowait((tenant, device_id, ids))
+        try:
+            self._acks.put_nowait((tenant, device_id, ids))
+        except asyncio.QueueFull:
+            self.acks_dropped += 1
 
     async def send_acks(self) -> None:
         """One of the ACK_CONCURRENCY senders of acknowledgements (a lost one only means the
@@ -163,16 +170,26 @@ class ControlPlane:
         reply = await link.send_command(device_id, command, wait_s)
         return command, reply
 
-    async def publish(self, items: list[DesiredRecord]) -> None:
+    async def publish(self, items: list[DesiredRecord], *, wait_connected: bool = True) -> None:
         """Sign and publish desired states, ``PUBLISH_CONCURRENCY`` at a time (QoS 1 acks
         overlap; one at a time is ~50/s under load). That many workers take the states in turn:
-        a 10,000-device wave is not 10,000 tasks queued on a semaphore."""
+        a 10,000-device wave is not 10,000 tasks queued on a semaphore.
+
+        ``wait_connected=False`` (the rollout driver's states) skips a tenant whose session is
+        down instead of waiting up to 30 s per state for it (200 workers, 10,000 states: the
+        driver would stall for 25 minutes); the driver publishes them again once the devices
+        have waited 30 s."""
         pending = iter(items)
+        skipped = 0
 
         async def worker() -> None:
+            nonlocal skipped
             for p in pending:
                 link = self.links.get(p.tenant)
                 if link is None:
+                    continue
+                if not wait_connected and not link.connected.is_set():
+                    skipped += 1
                     continue
                 try:
                     async with asyncio.timeout(30):
@@ -181,6 +198,10 @@ class ControlPlane:
                     log.warning("could not publish desired state to %s: %s", p.device_id, exc)
 
         await asyncio.gather(*(worker() for _ in range(min(PUBLISH_CONCURRENCY, len(items)))))
+        if skipped:
+            log.warning(
+                "the broker is unreachable: %d desired state(s) left for the driver to publish again", skipped
+            )
 
     # -- operations the REST API and the console share --------------------------------------
     def model_ref(self, tenant: str, model: str) -> ModelRef:
@@ -223,7 +244,7 @@ class ControlPlane:
         while True:
             try:
                 items = await asyncio.to_thread(self.driver.tick)
-                await self.publish(items)
+                await self.publish(items, wait_connected=False)
             except Exception:
                 log.exception("rollout tick failed; retrying")
             await asyncio.sleep(self.settings.rollouts.tick_s)

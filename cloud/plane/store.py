@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -34,6 +34,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 
 from shared.errors import ConfigError
 
@@ -444,3 +445,27 @@ def insert_ignore(engine: Engine, table: Table) -> Any:
 def transaction(engine: Engine) -> Iterator[Connection]:
     with engine.begin() as conn:
         yield conn
+
+
+T = TypeVar("T")
+
+# PostgreSQL aborts one of two transactions that wait on each other's rows (deadlock_detected),
+# or that conflict under stricter isolation (serialization_failure): retrying it is the remedy.
+_RETRIED_SQLSTATES = frozenset({"40P01", "40001"})
+
+
+def in_transaction(engine: Engine, work: Callable[[Connection], T], attempts: int = 3) -> T:
+    """``work`` in a transaction of its own, run again (up to ``attempts`` times) when the
+    database aborted it to break a deadlock: two transactions that update many of the same
+    device rows in different orders (a config push to the fleet, the ingest's batch)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            with engine.begin() as conn:
+                return work(conn)
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) not in _RETRIED_SQLSTATES or attempt == attempts:
+                raise
+            log.info(
+                "transaction aborted by the database (%s); attempt %d of %d", exc.orig, attempt + 1, attempts
+            )
+    raise AssertionError("unreachable")

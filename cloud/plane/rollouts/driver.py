@@ -17,6 +17,7 @@ from cloud.plane.rollouts.spec import (
     DRIVEN,
     OPEN_DEVICE_STATES,
     TOUCHED_DEVICE_STATES,
+    ConcurrentDrive,
     DeviceRow,
     DeviceState,
     IllegalTransition,
@@ -52,6 +53,7 @@ class RolloutDriver:
     # committed with them, a tick need not read 10,000 rows again (another replica that drove
     # meanwhile moved the version).
     _known: dict[str, tuple[int, list[DeviceRow]]] = field(default_factory=dict)
+    _pruned_at: datetime | None = None
 
     def tick(self) -> list[DesiredRecord]:
         out: list[DesiredRecord] = []
@@ -63,29 +65,55 @@ class RolloutDriver:
             ).all()
         for gone in self._known.keys() - {rid for rid, _ in ids}:
             del self._known[gone]  # finished, or driven no more
+        self._forget_old_publishes()
         for rid, tenant in ids:
             out.extend(self._drive_isolated(tenant, rid))
         return out
+
+    def _forget_old_publishes(self) -> None:
+        """Drop what ``last_publish`` holds of devices no longer re-published (their rollout
+        ended, was aborted, or is driven by another replica), at most once per interval."""
+        now = self.clock()
+        if self._pruned_at is not None and now - self._pruned_at < REPUBLISH_AFTER:
+            return
+        self._pruned_at = now
+        stale = now - 10 * REPUBLISH_AFTER
+        self.last_publish = {k: at for k, at in self.last_publish.items() if at > stale}
 
     def _drive_isolated(self, tenant: str, rid: str) -> list[DesiredRecord]:
         """One rollout's step; its failure is logged and counted, and the other rollouts (of every
         tenant) are still driven in this tick."""
         try:
             return self._drive(tenant, rid) if self._lease(rid) else []
+        except ConcurrentDrive as exc:
+            log.warning("%s; its changes were rolled back", exc)
+            return []
         except Exception:
             self.failures += 1
             log.exception("driving rollout %s of tenant %s failed; the other rollouts go on", rid, tenant)
             return []
 
     def _lease(self, rid: str) -> bool:
+        """Renew this replica's lease on the rollout, or take it (free, or expired). A lease taken
+        rather than renewed drops the rows this driver kept: whoever drove meanwhile may have
+        changed them (a replica of a release before ``devices_version`` would not have said so)."""
         now = self.clock()
+        until = now + timedelta(seconds=self.lease_s)
+        driven = and_(rollouts.c.rollout_id == rid, rollouts.c.state.in_([s.value for s in DRIVEN]))
         with self.engine.begin() as conn:
-            result = conn.execute(
+            renewed = conn.execute(
+                update(rollouts)
+                .where(and_(driven, rollouts.c.lease_owner == self.owner, rollouts.c.lease_until >= now))
+                .values(lease_until=until)
+            ).rowcount
+            if renewed == 1:
+                return True
+            self._known.pop(rid, None)
+            taken = conn.execute(
                 update(rollouts)
                 .where(
                     and_(
-                        rollouts.c.rollout_id == rid,
-                        rollouts.c.state.in_([s.value for s in DRIVEN]),
+                        driven,
                         or_(
                             rollouts.c.lease_owner.is_(None),
                             rollouts.c.lease_owner == self.owner,
@@ -93,9 +121,9 @@ class RolloutDriver:
                         ),
                     )
                 )
-                .values(lease_owner=self.owner, lease_until=now + timedelta(seconds=self.lease_s))
-            )
-            return bool(result.rowcount == 1)
+                .values(lease_owner=self.owner, lease_until=until)
+            ).rowcount
+            return bool(taken == 1)
 
     def _drive(self, tenant: str, rid: str) -> list[DesiredRecord]:
         # Changes a failed drive collected were rolled back with its transaction: never write
@@ -128,12 +156,19 @@ class RolloutDriver:
                 publishes = self._advance_wave(conn, tenant, r, devs)
             version = r.devices_version
             if self._rows_written:
-                version = conn.execute(
+                # Compare and set: on SQLite the reads above saw no stable snapshot, so a replica
+                # that drove meanwhile (its lease ran out under a long tick) makes this drive roll
+                # back instead of committing changes made to rows it had not seen.
+                version += 1
+                moved = conn.execute(
                     update(rollouts)
-                    .where(rollouts.c.rollout_id == rid)
-                    .values(devices_version=rollouts.c.devices_version + 1)
-                    .returning(rollouts.c.devices_version)
-                ).scalar_one()
+                    .where(
+                        and_(rollouts.c.rollout_id == rid, rollouts.c.devices_version == r.devices_version)
+                    )
+                    .values(devices_version=version)
+                ).rowcount
+                if moved != 1:
+                    raise ConcurrentDrive(f"rollout {rid} was driven by another replica during this tick")
         self._known[rid] = (version, devs)
         return publishes
 

@@ -169,6 +169,11 @@ class IllegalTransition(RuntimeError):
     """A driver bug: a device moved along an edge the transition table does not have."""
 
 
+class ConcurrentDrive(RuntimeError):
+    """Another replica drove the rollout while this one did (its lease ran out under a long
+    tick): this drive rolls back, the next tick starts from what the other one wrote."""
+
+
 # Bounds of a rollout's parameters: beyond them a number is a mistake (or an attack), and a driver
 # tick must never meet a value it cannot compute with.
 MAX_HEALTH_WINDOW_S = 7 * 24 * 3600.0
