@@ -95,6 +95,22 @@ class Fleetlet:
             ),
         )
 
+    def first_wave_active(self) -> tuple[str, list[str]]:
+        """A rollout started, its first wave's devices updating and then reporting it active
+        (the driver has not seen the reports yet)."""
+        rid = self.start()
+        self.driver.tick()
+        first = self.updating(rid)
+        for d in first:
+            self.activate(d)
+        return rid, first
+
+    def serving(self, devices: list[str], ok: int = 5) -> None:
+        """The devices report the new model active and serve ``ok`` requests on it."""
+        for d in devices:
+            self.activate(d)
+            self.traffic(d, ok=ok)
+
     def updating(self, rid: str) -> list[str]:
         return [d for d, s in self.states(rid).items() if s == "updating"]
 
@@ -164,10 +180,7 @@ def test_the_whole_rollout_completes_wave_by_wave(fl: Fleetlet) -> None:
     rid = fl.start()
     for _ in range(2):
         fl.driver.tick()
-        updating = fl.updating(rid)
-        for d in updating:
-            fl.activate(d)
-            fl.traffic(d, ok=5)
+        fl.serving(fl.updating(rid))
         fl.driver.tick()
         fl.clock.advance(61)
         fl.driver.tick()
@@ -266,9 +279,7 @@ def test_a_tick_reads_the_whole_waves_health_in_one_query(
 ) -> None:
     rid = fl.start(waves=(100.0,))
     fl.driver.tick()
-    for d in fl.devices:
-        fl.activate(d)
-        fl.traffic(d, ok=5)
+    fl.serving(fl.devices)
     fl.driver.tick()
     calls: list[int] = []
     real = fl.fleet.health_many
@@ -416,9 +427,7 @@ def test_a_driver_reads_the_device_rows_again_only_after_another_replica_drove(
     rid = fl.start()
     fl.driver.tick()
     first = fl.updating(rid)
-    for d in first:
-        fl.activate(d)
-        fl.traffic(d, ok=5)
+    fl.serving(first)
     fl.driver.tick()
     assert reads == [rid]  # its own writes are what it holds
     fl.clock.advance(61)  # past this driver's lease: the other replica takes the rollout over
@@ -437,11 +446,7 @@ def test_a_drive_that_failed_leaves_no_rows_behind_in_memory(
     fl: Fleetlet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reads = _count_row_reads(monkeypatch)
-    rid = fl.start()
-    fl.driver.tick()
-    first = fl.updating(rid)
-    for d in first:
-        fl.activate(d)
+    rid, first = fl.first_wave_active()
     real_flush = fl.driver._flush
 
     def failing(conn: Any) -> None:
@@ -508,11 +513,7 @@ def test_a_drive_that_another_replica_overlapped_rolls_back(
     The version it read no longer matches: its changes roll back, and the next tick reads the
     rows again."""
     fl = Fleetlet(f"sqlite:///{tmp_path / 'cp.sqlite3'}")
-    rid = fl.start()
-    fl.driver.tick()
-    first = fl.updating(rid)
-    for d in first:
-        fl.activate(d)
+    rid, first = fl.first_wave_active()
     real = fl.fleet.progress
 
     def overlapped(*args: Any, **kwargs: Any) -> Any:
