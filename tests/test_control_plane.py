@@ -24,7 +24,7 @@ from shared.messages import DeviceStatus
 from shared.mqtt import BrokerSettings
 from shared.signing import SigningKey
 from tests.conftest import EdgeProcess
-from tests.services import cli, start_cloud
+from tests.services import cli, scrape_metrics, start_cloud
 
 PG_ADMIN = "postgresql+psycopg://root@127.0.0.1:5432/postgres"
 
@@ -80,6 +80,15 @@ def test_staged_rollouts_gates_rollback_pause_abort_and_offline_devices(
         watched = cli(cloud, "rollout", "status", r["rollout_id"], "--watch")
         assert watched.returncode == 0 and "completed" in watched.stdout and "wave 3 (100%)" in watched.stdout
         assert {d["active_model"] for d in cloud.devices().values()} == {"demo-glm:1"}
+        metrics = scrape_metrics(cloud.url)
+        assert metrics["autoglm_cloud_device_messages_stored_total"] >= 4  # a report from each device
+        assert metrics["autoglm_cloud_rollout_drives_total"] >= 3  # one step per wave at least
+        assert metrics["autoglm_cloud_rollout_drive_failures_total"] == 0
+        assert (
+            metrics["autoglm_cloud_device_messages_failed_total"]
+            == metrics["autoglm_cloud_acks_dropped_total"]
+            == 0
+        )
         # A model a running rollout uses cannot be deleted; this one is finished, but v1 runs on devices.
         for e in edges.values():
             assert (

@@ -203,6 +203,11 @@ def test_gateway_openai_client_balancing_retry_on_a_killed_replica_and_rate_limi
         # The HPA's request rate (prometheus-adapter) reads a series this replica exposes.
         assert adapter_series("autoglm_cloud_") <= _names(cloud.url)
         assert metrics['autoglm_cloud_http_requests_total{kind="gateway"}'] >= 1
+        assert "autoglm_cloud_device_messages_stored_total" in metrics
+        assert metrics["autoglm_cloud_device_messages_failed_total"] == 0
+        assert metrics["autoglm_cloud_rollout_drive_failures_total"] == 0
+        assert metrics["autoglm_cloud_acks_dropped_total"] == 0
+        assert "autoglm_cloud_acks_pending" in metrics
 
         # Load both replicas, then SIGKILL one while it holds requests: no plain request may be
         # lost (retried elsewhere), and no stream may end looking complete when it is not.

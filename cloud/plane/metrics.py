@@ -94,6 +94,36 @@ class _PlaneCollector(Collector):
             "Requests refused with 429 by a tenant's rate limit.",
             value=self.plane.rate_limiter.refused,
         )
+        driver = self.plane.driver
+        yield CounterMetricFamily(
+            f"{PREFIX}_rollout_drives", "Rollout steps this replica's driver took.", value=driver.drives
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_rollout_drive_failures",
+            "Rollout steps that failed (logged with the reason; retried on the next tick).",
+            value=driver.failures,
+        )
+        ingest = self.plane.ingest
+        yield CounterMetricFamily(
+            f"{PREFIX}_device_messages_stored",
+            "Reports, status changes and telemetry batches written to the database.",
+            value=ingest.stored,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_device_messages_failed",
+            "Device messages the database refused (not acknowledged: the device sends them again).",
+            value=ingest.failed,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_acks_pending",
+            "Stored entries awaiting their acknowledgement.",
+            value=self.plane.acks_pending,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_acks_dropped",
+            "Acknowledgements dropped with the backlog full (the devices send those entries again).",
+            value=self.plane.acks_dropped,
+        )
         devices = GaugeMetricFamily(
             f"{PREFIX}_devices", "Devices known to the fleet, by status.", labels=["tenant", "status"]
         )

@@ -70,7 +70,7 @@ class ControlPlane:
         self._acks: asyncio.Queue[tuple[str, str, list[str]]] = asyncio.Queue(ACK_BACKLOG)
         self.acks_dropped = 0
         # One thread writes what devices report, in arrival order, many per transaction.
-        self._ingest = Ingest(self.fleet)
+        self.ingest = Ingest(self.fleet)
         self.links: dict[str, ControlLink] = {}
         for tenant in settings.tenants:
             topics = Topics(tenant)
@@ -101,13 +101,17 @@ class ControlPlane:
 
         def submit(message: ReportedState | DeviceStatus | TelemetryBatch) -> None:
             ids = ack_ids(message)
-            self._ingest.put(
+            self.ingest.put(
                 tenant,
                 message,
                 (lambda: self._acknowledge(tenant, message.device_id, ids)) if ids else (lambda: None),
             )
 
         return submit
+
+    @property
+    def acks_pending(self) -> int:
+        return self._acks.qsize()
 
     def _acknowledge(self, tenant: str, device_id: str, ids: list[str]) -> None:
         try:
@@ -258,5 +262,5 @@ class ControlPlane:
                 tg.create_task(self.send_acks(), name=f"acks-{i}")
 
     def close(self) -> None:
-        self._ingest.close()
+        self.ingest.close()
         self.engine.dispose()
