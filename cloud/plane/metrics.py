@@ -76,53 +76,52 @@ class _PlaneCollector(Collector):
             busy.add_metric([r.name], r.outstanding)
             served.add_metric([r.name], r.served)
         yield from (up, busy, served)
-        yield CounterMetricFamily(
-            f"{PREFIX}_gateway_retries", "Requests sent again to another replica.", value=gw.retries
+        driver, ingest = self.plane.driver, self.plane.ingest
+        counters = (
+            ("gateway_retries", "Requests sent again to another replica.", gw.retries),
+            (
+                "gateway_timeouts",
+                "Requests answered 504: the replica did not answer within request_timeout_s.",
+                gw.timeouts,
+            ),
+            (
+                "gateway_version_substitutions",
+                "Device fallbacks for a version no replica had, answered by the nearest version.",
+                gw.substitutions,
+            ),
+            (
+                "gateway_rate_limited",
+                "Requests refused with 429 by a tenant's rate limit.",
+                self.plane.rate_limiter.refused,
+            ),
+            ("rollout_drives", "Rollout steps this replica's driver took.", driver.drives),
+            (
+                "rollout_drive_failures",
+                "Rollout steps that failed (logged with the reason; retried on the next tick).",
+                driver.failures,
+            ),
+            (
+                "device_messages_stored",
+                "Reports, status changes and telemetry batches written to the database.",
+                ingest.stored,
+            ),
+            (
+                "device_messages_failed",
+                "Device messages the database refused (not acknowledged: the device sends them again).",
+                ingest.failed,
+            ),
+            (
+                "acks_dropped",
+                "Acknowledgements dropped with the backlog full (the devices send those entries again).",
+                self.plane.acks_dropped,
+            ),
         )
-        yield CounterMetricFamily(
-            f"{PREFIX}_gateway_timeouts",
-            "Requests answered 504: the replica did not answer within request_timeout_s.",
-            value=gw.timeouts,
-        )
-        yield CounterMetricFamily(
-            f"{PREFIX}_gateway_version_substitutions",
-            "Device fallbacks for a version no replica had, answered by the nearest version.",
-            value=gw.substitutions,
-        )
-        yield CounterMetricFamily(
-            f"{PREFIX}_gateway_rate_limited",
-            "Requests refused with 429 by a tenant's rate limit.",
-            value=self.plane.rate_limiter.refused,
-        )
-        driver = self.plane.driver
-        yield CounterMetricFamily(
-            f"{PREFIX}_rollout_drives", "Rollout steps this replica's driver took.", value=driver.drives
-        )
-        yield CounterMetricFamily(
-            f"{PREFIX}_rollout_drive_failures",
-            "Rollout steps that failed (logged with the reason; retried on the next tick).",
-            value=driver.failures,
-        )
-        ingest = self.plane.ingest
-        yield CounterMetricFamily(
-            f"{PREFIX}_device_messages_stored",
-            "Reports, status changes and telemetry batches written to the database.",
-            value=ingest.stored,
-        )
-        yield CounterMetricFamily(
-            f"{PREFIX}_device_messages_failed",
-            "Device messages the database refused (not acknowledged: the device sends them again).",
-            value=ingest.failed,
-        )
+        for name, help_text, value in counters:
+            yield CounterMetricFamily(f"{PREFIX}_{name}", help_text, value=value)
         yield GaugeMetricFamily(
             f"{PREFIX}_acks_pending",
             "Stored entries awaiting their acknowledgement.",
             value=self.plane.acks_pending,
-        )
-        yield CounterMetricFamily(
-            f"{PREFIX}_acks_dropped",
-            "Acknowledgements dropped with the backlog full (the devices send those entries again).",
-            value=self.plane.acks_dropped,
         )
         devices = GaugeMetricFamily(
             f"{PREFIX}_devices", "Devices known to the fleet, by status.", labels=["tenant", "status"]
