@@ -3,6 +3,7 @@ telemetry (de-duplicated by record id: devices deliver at least once)."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -664,33 +665,32 @@ class Fleet:
         """:meth:`next_desired` with ``keep_model`` for many known devices, one config for all, a
         few statements per 500 devices: a config pushed to a fleet of 10,000 in 20 short
         transactions (each retried if the database breaks a deadlock with the ingest's batch)."""
+
+        def record(conn: Connection, chunk: Sequence[str]) -> list[DesiredRecord]:
+            where = and_(devices.c.tenant == tenant, devices.c.device_id.in_(chunk))
+            conn.execute(
+                update(devices)
+                .where(where)
+                .values(desired_revision=devices.c.desired_revision + 1, desired_config=config)
+            )
+            rows = conn.execute(
+                select(
+                    devices.c.device_id,
+                    devices.c.desired_revision,
+                    devices.c.desired_model,
+                    devices.c.desired_allow_downgrade,
+                ).where(where)
+            )
+            return [
+                DesiredRecord(tenant, device_id, int(revision), model, dict(config), bool(downgrade))
+                for device_id, revision, model, downgrade in rows
+            ]
+
         out: dict[str, DesiredRecord] = {}
-
-        def chunk_of(chunk: Sequence[str]) -> Callable[[Connection], list[DesiredRecord]]:
-            def work(conn: Connection) -> list[DesiredRecord]:
-                where = and_(devices.c.tenant == tenant, devices.c.device_id.in_(chunk))
-                conn.execute(
-                    update(devices)
-                    .where(where)
-                    .values(desired_revision=devices.c.desired_revision + 1, desired_config=config)
-                )
-                rows = conn.execute(
-                    select(
-                        devices.c.device_id,
-                        devices.c.desired_revision,
-                        devices.c.desired_model,
-                        devices.c.desired_allow_downgrade,
-                    ).where(where)
-                )
-                return [
-                    DesiredRecord(tenant, device_id, int(revision), model, dict(config), bool(downgrade))
-                    for device_id, revision, model, downgrade in rows
-                ]
-
-            return work
-
         for chunk in _chunks(device_ids):
-            out.update((r.device_id, r) for r in in_transaction(self.engine, chunk_of(chunk)))
+            out.update(
+                (r.device_id, r) for r in in_transaction(self.engine, functools.partial(record, chunk=chunk))
+            )
         return [out[d] for d in device_ids if d in out]
 
     def current_desired(self, tenant: str, device_id: str) -> DesiredRecord | None:

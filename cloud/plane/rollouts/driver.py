@@ -185,7 +185,7 @@ class RolloutDriver:
         # Read only when some device is updating, and only what checking it takes: the devices
         # whose update ended, and those past the wave timeout.
         timeout = timedelta(seconds=r.wave_timeout_s)
-        overdue = [d.device_id for d in updating if now - (d.started_at or now) > timeout]
+        overdue = {d.device_id for d in updating if now - (d.started_at or now) > timeout}
         fleet_now = (
             self.fleet.progress(tenant, [d.device_id for d in updating], target_id, overdue=overdue)
             if updating
@@ -207,13 +207,12 @@ class RolloutDriver:
             self._update_device(
                 conn, rid, d, state=DeviceState.UPDATING, started_at=now, desired_revision=record.revision
             )
-        late = set(overdue)
         for d in updating:
-            dev = fleet_now.get(d.device_id)
-            if dev is None and d.device_id not in late:
+            dev, late = fleet_now.get(d.device_id), d.device_id in overdue
+            if dev is None and not late:
                 self._republish_now_and_then(tenant, d, now, publishes)  # still on its way
             else:
-                self._check_updating(conn, tenant, r, d, dev, target_id, now, publishes)
+                self._check_updating(conn, tenant, r, d, dev, late, target_id, now, publishes)
         for d in active:
             self._check_health(conn, r, d, target_id, now, health)
         self._flush(conn)
@@ -264,12 +263,13 @@ class RolloutDriver:
         r: RolloutRow,
         d: DeviceRow,
         dev: DeviceProgress | None,
+        overdue: bool,
         target_id: str,
         now: datetime,
         publishes: list[DesiredRecord],
     ) -> None:
-        """A device whose update ended, or whose wave timeout passed (``dev`` is None when it
-        is no longer in the fleet)."""
+        """A device whose update ended, or whose wave timeout passed (``overdue``; ``dev`` is
+        None when it is no longer in the fleet)."""
         rev = d.desired_revision
         reported = (dev.reported if dev is not None else None) or {}
         key = (tenant, d.device_id)
@@ -293,7 +293,7 @@ class RolloutDriver:
                 state=DeviceState.FAILED,
                 detail=f"{err.get('code')}: {err.get('message')}",
             )
-        elif now - (d.started_at or now) > timedelta(seconds=r.wave_timeout_s):
+        elif overdue:
             if dev is None:
                 how = "no longer in the fleet"
             else:
