@@ -28,6 +28,7 @@ Usage: python bench/edge_decode.py [--model llama-134m|smollm2|glm-135m|qwen2-0.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import os
 import platform
@@ -213,31 +214,48 @@ def read_bandwidth(threads: int, mib: int = 1024, repeats: int = 9) -> tuple[flo
     return _parallel_rate(lambda i: probe(srcs[i].ctypes.data, n), threads, n, repeats)
 
 
-_PROBE_SOURCE = Path(__file__).with_name("read_probe.c")
-
-
-@functools.cache
-def _read_probe() -> Callable[[int, int], int] | None:
-    """bench/read_probe.c's read_xor, built for this CPU (``$CC`` or cc, -O3 -march=native) once
-    per process; None (and a note) where it cannot be built."""
-    import ctypes
-    import subprocess
-
-    folder = Path(tempfile.mkdtemp(prefix="autoglm-read-probe-"))
-    out = folder / "read_probe.so"
-    cc = os.environ.get("CC", "cc")
-    cmd = [cc, "-O3", "-march=native", "-shared", "-fPIC", str(_PROBE_SOURCE), "-o", str(out)]
-    try:
-        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-        fn = ctypes.CDLL(str(out)).read_xor  # loaded: the mapping outlives the file
-    except (OSError, subprocess.SubprocessError) as exc:
-        print(f"read probe: {cc} could not build {_PROBE_SOURCE.name} ({exc}); numpy's OR reduction instead")
+def fma_peak(threads: int, steps: int = 20_000_000, repeats: int = 3) -> tuple[float, float] | None:
+    """float32 multiply-adds per second (2 flops each) while ``threads`` threads each run
+    bench/fma_peak.c's independent FMA chains: the most a compute-bound float32 prefill can reach
+    here. None where no C compiler is at hand. Returns (median, best) flop/s over ``repeats``."""
+    chains = _probe("fma_peak.c", "fma_chains")
+    if chains is None:
         return None
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    chains.restype = ctypes.c_float
+    chains.argtypes = [ctypes.c_size_t]
+    return _parallel_rate(lambda i: chains(steps), threads, 2 * 8 * 12 * steps, repeats)
+
+
+def _read_probe() -> Callable[[int, int], int] | None:
+    """bench/read_probe.c's read_xor; None (and a note) where it cannot be built."""
+    fn = _probe("read_probe.c", "read_xor")
+    if fn is None:
+        print("read probe: no C build; numpy's OR reduction instead")
+        return None
     fn.restype = ctypes.c_uint64
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t]  # ctypes releases the GIL around the call
     return cast("Callable[[int, int], int]", fn)
+
+
+@functools.cache
+def _probe(source: str, symbol: str) -> Any:
+    """``symbol`` of bench/``source``, built for this CPU (``$CC`` or cc, -O3 -march=native) once
+    per process; None (and a note) where it cannot be built."""
+    import subprocess
+
+    folder = Path(tempfile.mkdtemp(prefix="autoglm-probe-"))
+    out = folder / Path(source).with_suffix(".so").name
+    cc = os.environ.get("CC", "cc")
+    src = Path(__file__).with_name(source)
+    cmd = [cc, "-O3", "-march=native", "-shared", "-fPIC", str(src), "-o", str(out)]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+        return getattr(ctypes.CDLL(str(out)), symbol)  # loaded: the mapping outlives the file
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"probe: {cc} could not build {source} ({exc})")
+        return None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _parallel_rate(

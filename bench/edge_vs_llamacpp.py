@@ -34,6 +34,10 @@ per token × tokens per second) as a share of what reading alone reaches.
 llama.cpp: ``bash bench/llamacpp_setup.sh DIR`` builds it from the source vendored in the
 llama-cpp-python sdist, with a virtual environment for its converter; pass ``--llama-cpp DIR``.
 
+A float32 prefill of 512 tokens is compute-bound: each round also samples the float32
+multiply-add peak (``fma_peak``, bench/fma_peak.c), and the report gives each engine's fp32
+prefill as model flops per second (``prefill_flops_per_token``) against it.
+
 Where our kernels run (MatMulNBits in the quantized graphs, GroupQueryAttention in all three),
 the graphs are timed a third time on onnxruntime's own kernels (``runtime.kernels:
 onnxruntime``), so the table also says what the kernels add.
@@ -69,6 +73,7 @@ from edge_decode import (
     Engine,
     add_kv_cache_option,
     copy_bandwidth,
+    fma_peak,
     fused_graphs,
     kernels_label,
     kv_types,
@@ -240,6 +245,21 @@ class Samples:
     prefill: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
 
+def prefill_flops_per_token(cfg: dict[str, Any], prompt: int) -> float:
+    """Multiply-add flops (2 each) per prompt token of a ``prompt``-token prefill, as a model-flops
+    count: every layer's q/k/v/o and MLP matrices, causal attention (scores and value sums over the
+    token's position on average) and the output matrix once per prompt (the last position's logits
+    only, as both engines compute them)."""
+    layers, hidden = int(cfg["num_hidden_layers"]), int(cfg["hidden_size"])
+    heads = int(cfg["num_attention_heads"])
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    matrices = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * int(cfg["intermediate_size"])
+    attention = 2 * heads * head_dim * (prompt + 1) / 2
+    lm_head = hidden * int(cfg["vocab_size"]) / prompt
+    return 2 * (layers * (matrices + attention) + lm_head)
+
+
 def per_round(samples: dict[str, list[float]], a: str, b: str) -> tuple[float, float, float]:
     """Median and interquartile range of ``a`` / ``b`` within each round."""
     ratios = [x / y for x, y in zip(samples[a], samples[b], strict=True)]
@@ -275,10 +295,14 @@ def bench_model(kind: str, work: Path, peer: Peer, args: argparse.Namespace) -> 
     samples = {p: Samples() for p in args.precision}
     bandwidths: list[float] = []
     reads: list[float] = []
+    peaks: list[float] = []
     for r in range(args.rounds):
         print(f"{kind}: round {r + 1}/{args.rounds} …", flush=True)
         bandwidths.append(copy_bandwidth(args.threads, repeats=3)[0])
         reads.append(read_bandwidth(args.threads, repeats=3)[0])
+        peak = fma_peak(args.threads) if "fp32" in args.precision else None
+        if peak is not None:
+            peaks.append(peak[0])
         order = args.precision[r % len(args.precision) :] + args.precision[: r % len(args.precision)]
         for p in order:
             s = samples[p]
@@ -313,6 +337,8 @@ def bench_model(kind: str, work: Path, peer: Peer, args: argparse.Namespace) -> 
         "model": kind,
         "bandwidth_gbps": bw / 1e9,
         "read_gbps": statistics.median(reads) / 1e9,
+        "fma_gflops": statistics.median(peaks) / 1e9 if peaks else None,
+        "prefill_mflop_per_token": prefill_flops_per_token(cfg, PREFILL_TOKENS) / 1e6,
         "pairs": {},
     }
     for p in args.precision:
@@ -368,6 +394,15 @@ def report(result: dict[str, Any], rounds: int) -> None:
             for p, row in result["pairs"].items()
         )
     )
+    fp32, peak = result["pairs"].get("fp32"), result["fma_gflops"]
+    if fp32 and peak:
+        flops = result["prefill_mflop_per_token"] / 1e3
+        ours, peer = fp32["ours_prefill"] * flops, fp32["peer_prefill"] * flops
+        print(
+            f"  fp32 prefill ({flops * 1e3:.0f} MFLOP per prompt token): ours {ours:.1f} GFLOP/s = "
+            f"{ours / peak:.0%}, llama.cpp {peer:.1f} = {peer / peak:.0%} of the float32 FMA peak's "
+            f"{peak:.1f} GFLOP/s (bench/fma_peak.c: compute-bound, the most either can reach here)"
+        )
     for p, row in result["pairs"].items():
         if "kernels_decode_gain" in row:
             print(

@@ -4,6 +4,7 @@ rotary caches are not read whole, and must not inflate what the kernels are cred
 
 from __future__ import annotations
 
+import ctypes
 import sys
 from pathlib import Path
 
@@ -93,3 +94,26 @@ def test_read_probe_reads_every_word() -> None:
         assert probe(part.ctypes.data, part.nbytes) == int(np.bitwise_xor.reduce(part))
     rate, best = edge_decode.read_bandwidth(1, mib=64, repeats=2)
     assert 0 < rate <= best
+
+
+def test_fma_peak_probe_runs_its_chains() -> None:
+    """The float32 peak the prefill rates are set against (bench/fma_peak.c) must run every step
+    it is counted for: its result equals the same twelve chains stepped here (one rounding per
+    fused multiply-add, as the FMA does: exact in float64, then rounded once to float32)."""
+    import edge_decode
+
+    chains = edge_decode._probe("fma_peak.c", "fma_chains")
+    assert chains is not None, "cc could not build bench/fma_peak.c"
+    chains.restype = ctypes.c_float
+    chains.argtypes = [ctypes.c_size_t]
+    for steps in (0, 1, 37, 1000):
+        acc = [np.float32(c) for c in range(12)]
+        m, a = np.float32(0.9999999), np.float32(1e-7)
+        for _ in range(steps):
+            acc = [np.float32(np.float64(x) * np.float64(m) + np.float64(a)) for x in acc]
+        total = acc[0]
+        for x in acc[1:]:
+            total = np.float32(total + x)
+        assert chains(steps) == total
+    peak = edge_decode.fma_peak(1, steps=1_000_000, repeats=2)
+    assert peak is not None and 0 < peak[0] <= peak[1]
