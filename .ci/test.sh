@@ -3,12 +3,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/bootstrap.sh
-echo "[test] ruff"
+echo "[test] ruff (${SECONDS}s since the start)"
 .venv/bin/ruff check shared cloud edge_agent tests bench docs
 .venv/bin/ruff format --check shared cloud edge_agent tests bench docs
-echo "[test] import contracts (pyproject.toml [tool.importlinter])"
+echo "[test] (${SECONDS}s) import contracts (pyproject.toml [tool.importlinter])"
 .venv/bin/lint-imports --no-cache
-echo "[test] mypy"
+echo "[test] mypy (${SECONDS}s)"
 .venv/bin/mypy shared cloud edge_agent
-echo "[test] pytest"
+echo "[test] pytest (${SECONDS}s)"
 exec .venv/bin/python -m pytest -ra --durations=15 "$@"

@@ -17,9 +17,9 @@ import httpx
 import pytest
 
 from cloud.registry import ModelRegistry, RegistryEntry
-from shared.control import ControlVerifier, sign
+from shared.control import ControlVerifier, sign, signed_wire
 from shared.errors import ControlRejected
-from shared.messages import Command, DesiredState, Phase, ReportedState, utc_now
+from shared.messages import Command, DesiredState, ModelRef, Phase, ReportedState, utc_now
 from shared.mqtt import BrokerSettings
 from shared.signing import SigningKey
 from tests.conftest import DEVICE, BackgroundCloud, EdgeProcess, is_active
@@ -92,6 +92,33 @@ def test_the_verifier_accepts_its_own_and_allows_clock_skew() -> None:
     ahead = _verifier(clock=lambda: utc_now() + timedelta(days=40))
     with pytest.raises(ControlRejected, match="expired"):
         ahead.check(DesiredState.from_json(signed.to_json()))
+
+
+def test_the_wire_form_made_while_signing_is_the_messages_own() -> None:
+    """The control plane publishes the bytes ``signed_wire`` makes beside the signed message (one
+    dump, not one more per step): they must be that message's ``to_json()`` byte for byte, and
+    verify on the device as parsed from them, whatever the content (a model, a nested config,
+    text beyond ASCII, a command)."""
+    model = ModelRef(name="smollm2", version="1.0.0", manifest_digest="sha256:" + "ab" * 32, manifest_size=9)
+    for message in (
+        DesiredState(revision=3),
+        DesiredState(
+            revision=7,
+            model=model,
+            config={"sampling": {"temperature": 0.7, "stop": ["ü", "\n"]}, "slots": 4},
+            allow_downgrade=True,
+        ),
+        Command(request_id="req-0001", counter=5, action="ping", args={"note": "ü"}),
+    ):
+        signed, wire = signed_wire(message, CONTROL_KEY, device_id="d1", tenant="t", ttl_s=60)
+        assert wire == signed.to_json()
+        assert signed == sign(
+            message, CONTROL_KEY, device_id="d1", tenant="t", ttl_s=60, now=signed.issued_at
+        )
+        _verifier().check(type(message).from_json(wire))
+    signed, wire = CONTROL_SIGNER.desired_wire(DesiredState(revision=9), device_id="d1", tenant="t")
+    assert wire == signed.to_json()
+    _verifier().check(DesiredState.from_json(wire))
 
 
 # -- against a real agent -------------------------------------------------------------------------

@@ -212,10 +212,10 @@ class ControlLink:
     async def set_desired(self, device_id: str, state: DesiredState) -> DesiredState:
         """Sign for ``device_id`` and publish retained, so a device that connects later still gets
         it. Returns the signed message."""
-        signed = self._signer().desired(state, device_id=device_id, tenant=self.topics.tenant)
+        signed, payload = self._signer().desired_wire(state, device_id=device_id, tenant=self.topics.tenant)
         await self.connected.wait()
         assert self._client is not None
-        await self._client.publish(self.topics.desired(device_id), signed.to_json(), qos=QOS, retain=True)
+        await self._client.publish(self.topics.desired(device_id), payload, qos=QOS, retain=True)
         return signed
 
     async def send_command(self, device_id: str, command: Command, wait_s: float) -> CommandReply | None:
