@@ -6,7 +6,7 @@ bash .ci/bootstrap.sh
 echo "[test] ruff (${SECONDS}s since the start)"
 .venv/bin/ruff check shared cloud edge_agent tests bench docs
 .venv/bin/ruff format --check shared cloud edge_agent tests bench docs
-echo "[test] (${SECONDS}s) import contracts (pyproject.toml [tool.importlinter])"
+echo "[test] import contracts, pyproject.toml [tool.importlinter] (${SECONDS}s)"
 .venv/bin/lint-imports --no-cache
 echo "[test] mypy (${SECONDS}s)"
 .venv/bin/mypy shared cloud edge_agent

@@ -226,8 +226,9 @@ def fma_peak(threads: int, steps: int = 20_000_000, repeats: int = 3) -> tuple[f
     return _parallel_rate(lambda i: chains(steps), threads, 2 * 8 * 12 * steps, repeats)
 
 
+@functools.cache
 def _read_probe() -> Callable[[int, int], int] | None:
-    """bench/read_probe.c's read_xor; None (and a note) where it cannot be built."""
+    """bench/read_probe.c's read_xor; None (and a note, once) where it cannot be built."""
     fn = _probe("read_probe.c", "read_xor")
     if fn is None:
         print("read probe: no C build; numpy's OR reduction instead")
