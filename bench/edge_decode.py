@@ -218,12 +218,21 @@ def fma_peak(threads: int, steps: int = 20_000_000, repeats: int = 3) -> tuple[f
     """float32 multiply-adds per second (2 flops each) while ``threads`` threads each run
     bench/fma_peak.c's independent FMA chains: the most a compute-bound float32 prefill can reach
     here. None where no C compiler is at hand. Returns (median, best) flop/s over ``repeats``."""
-    chains = _probe("fma_peak.c", "fma_chains")
+    chains = _fma_chains()
     if chains is None:
         return None
-    chains.restype = ctypes.c_float
-    chains.argtypes = [ctypes.c_size_t]
     return _parallel_rate(lambda i: chains(steps), threads, 2 * 8 * 12 * steps, repeats)
+
+
+@functools.cache
+def _fma_chains() -> Callable[[int], float] | None:
+    """bench/fma_peak.c's fma_chains (steps → a lane of the chains' sum); None where it cannot be built."""
+    fn = _probe("fma_peak.c", "fma_chains")
+    if fn is None:
+        return None
+    fn.restype = ctypes.c_float
+    fn.argtypes = [ctypes.c_size_t]  # ctypes releases the GIL around the call
+    return cast("Callable[[int], float]", fn)
 
 
 @functools.cache

@@ -34,9 +34,15 @@ DEFAULT_MAX_CLOCK_SKEW_S = 300.0
 
 
 def signed_bytes(message: SignedControl) -> bytes:
+    return canonical_json(_signed_fields(message))
+
+
+def _signed_fields(message: SignedControl) -> dict[str, object]:
+    """What a signature covers: the message as JSON without its signature (one definition for
+    the signer and the verifier)."""
     data = message.model_dump(mode="json", by_alias=True)
     data.pop("signature", None)
-    return canonical_json(data)
+    return data
 
 
 def sign(
@@ -76,8 +82,7 @@ def signed_wire(
     )
     # Validated and dumped again so the signed form is exactly what a receiver parses back.
     bound = type(message).model_validate(data)
-    payload = bound.model_dump(mode="json", by_alias=True)
-    del payload["signature"]
+    payload = _signed_fields(bound)
     signature = Signature(
         key_id=key.public.key_id, value=base64.b64encode(key.sign(canonical_json(payload))).decode("ascii")
     )

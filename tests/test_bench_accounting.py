@@ -4,7 +4,6 @@ rotary caches are not read whole, and must not inflate what the kernels are cred
 
 from __future__ import annotations
 
-import ctypes
 import sys
 from pathlib import Path
 
@@ -102,10 +101,8 @@ def test_fma_peak_probe_runs_its_chains() -> None:
     fused multiply-add, as the FMA does: exact in float64, then rounded once to float32)."""
     import edge_decode
 
-    chains = edge_decode._probe("fma_peak.c", "fma_chains")
+    chains = edge_decode._fma_chains()
     assert chains is not None, "cc could not build bench/fma_peak.c"
-    chains.restype = ctypes.c_float
-    chains.argtypes = [ctypes.c_size_t]
     for steps in (0, 1, 37, 1000):
         acc = [np.float32(c) for c in range(12)]
         m, a = np.float32(0.9999999), np.float32(1e-7)
