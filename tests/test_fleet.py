@@ -9,7 +9,7 @@ from sqlalchemy.engine import Engine
 
 from cloud.plane.fleet import Fleet, Selector
 from shared.errors import NotFound
-from shared.messages import DeviceStatus, ModelRef, Phase, ReportedState
+from shared.messages import DeviceStatus, ErrorInfo, EvalReport, ModelRef, Phase, ReportedState
 
 
 def test_concurrent_label_merges_lose_none(plane_db: Engine) -> None:
@@ -127,18 +127,27 @@ def test_a_config_for_many_devices_keeps_each_ones_model_and_counts_its_revision
 
 def test_progress_reads_the_ended_updates_of_the_devices_asked_for_however_many(plane_db: Engine) -> None:
     """The rollout driver's view: of the devices asked (a few by IN list, most of a large wave in
-    one pass), those whose update ended — failed, or active on the target, with their reports —
-    and those overdue whatever their state; devices still on their way, and unknown ids, are
-    left out."""
+    one pass), those whose update ended — failed, or active on the target, with the parts of
+    their reports that say how (evaluation, target revision, error) — and those overdue whatever
+    their state; devices still on their way, and unknown ids, are left out."""
     fleet = Fleet(plane_db)
     target = _ref("2")
+    evaluation = EvalReport(model="m:2", reference="ref", cases=3, tokens=40, agreement=0.9, expected=0.95)
     messages: list[tuple[str, DeviceStatus | ReportedState]] = []
     for i in range(600):
-        phase = Phase.FAILED if i % 100 == 7 else Phase.ACTIVE
+        failed = i % 100 == 7
         slots = {"a": target} if i % 2 else {"a": _ref("1")}
-        messages.append(
-            ("t", ReportedState(device_id=f"d{i:03d}", revision=1, phase=phase, active_slot="a", slots=slots))
+        report = ReportedState(
+            device_id=f"d{i:03d}",
+            revision=1,
+            phase=Phase.FAILED if failed else Phase.ACTIVE,
+            active_slot="a",
+            slots=slots,
+            target_revision=1 if failed else -1,
+            last_error=ErrorInfo(code="fetch_failed", message=f"chunk {i} ✗") if failed else None,
+            evaluation=evaluation if i % 3 == 0 else None,
         )
+        messages.append(("t", report))
     fleet.record(messages)
     for asked in ([f"d{i:03d}" for i in range(10)], [f"d{i:03d}" for i in range(550)] + ["nobody"]):
         overdue = [asked[0], asked[2], "nobody"]  # d000 and d002 run the previous model
@@ -146,9 +155,16 @@ def test_progress_reads_the_ended_updates_of_the_devices_asked_for_however_many(
         ended = [d for d in asked if d != "nobody" and (int(d[1:]) % 2 == 1 or int(d[1:]) % 100 == 7)]
         assert sorted(progress) == sorted(ended + overdue[:2])
         for d in ended:
-            p = progress[d]
-            assert p.reported is not None and p.reported["device_id"] == d
+            p, i = progress[d], int(d[1:])
+            assert p.outcome is not None
             assert p.phase == "failed" or p.active_model == "m:2"
+            assert p.outcome.get("evaluation") == (evaluation.model_dump(mode="json") if i % 3 == 0 else None)
+            if i % 100 == 7:
+                assert p.outcome["target_revision"] == 1
+                assert p.outcome["last_error"]["code"] == "fetch_failed"
+                assert p.outcome["last_error"]["message"] == f"chunk {i} ✗"
+            else:
+                assert p.outcome.get("target_revision", -1) == -1 and "last_error" not in p.outcome
         for d in overdue[:2]:
             p = progress[d]
-            assert p.reported is None and p.phase == "active" and p.active_model == "m:1"
+            assert p.outcome is None and p.phase == "active" and p.active_model == "m:1"

@@ -11,6 +11,9 @@ from typing import Any
 
 import aiomqtt
 import pytest
+from paho.mqtt.exception import MQTTException
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from cloud.mqtt.blob_server import BlobServer
 from cloud.mqtt.control_link import ControlLink
@@ -18,7 +21,7 @@ from cloud.mqtt.local_broker import LocalBroker
 from edge_agent.uplink.link import CloudLink
 from shared.blobs import BlobStore
 from shared.messages import Ack, DeviceStatus
-from shared.mqtt import BrokerSettings, ReconnectBackoff, make_client, payload_bytes
+from shared.mqtt import BrokerSettings, ReconnectBackoff, _share_property_tables, make_client, payload_bytes
 from shared.topics import Topics
 
 
@@ -35,6 +38,39 @@ def test_jittered_backoff_stays_within_half_to_one_and_a_half() -> None:
     assert all(0.5 <= d <= 1.5 for d in delays)
     assert max(delays) - min(delays) > 0.5
     assert sum(delays) / len(delays) == pytest.approx(1.0, abs=0.1)
+
+
+def test_mqtt_v5_properties_encode_and_decode_as_paho_does_with_their_tables_shared() -> None:
+    """shared.mqtt makes paho's property tables its class's (a control plane made one object per
+    message it read): on the pinned paho it applies, and every object still encodes, decodes,
+    checks and clears its own properties as the MQTT v5 specification spells them."""
+    assert _share_property_tables() and "names" not in vars(Properties(PacketTypes.PUBLISH))
+    p = Properties(PacketTypes.PUBLISH)
+    p.ContentType = "x"
+    p.UserProperty = [("a", "b")]
+    p.UserProperty = ("c", "d")  # a property that may repeat accumulates
+    p.MessageExpiryInterval = 60
+    # Identifier, then the value, in identifier order: 0x02 four bytes, 0x03 a UTF-8 string, 0x26
+    # a string pair (twice).
+    wire = b"\x02\x00\x00\x00\x3c\x03\x00\x01x&\x00\x01a\x00\x01b&\x00\x01c\x00\x01d"
+    assert p.pack() == bytes([len(wire)]) + wire
+    q = Properties(PacketTypes.PUBLISH)
+    assert q.isEmpty() and q.json() == {}  # nothing of p's leaked into another object
+    _, length = q.unpack(p.pack() + b"payload")
+    assert length == len(wire) + 1
+    assert q.json() == {
+        "ContentType": "x",
+        "UserProperty": [("a", "b"), ("c", "d")],
+        "MessageExpiryInterval": 60,
+    }
+    q.clear()
+    assert q.isEmpty() and q.pack() == b"\x00"
+    with pytest.raises(MQTTException, match="must be one of"):
+        q.NoSuchProperty = 1
+    with pytest.raises(MQTTException, match="does not apply"):
+        q.SessionExpiryInterval = 10  # a CONNECT property
+    with pytest.raises(MQTTException, match="more than once"):
+        q.unpack(b"\x08\x03\x00\x01x\x03\x00\x01y")  # ContentType twice
 
 
 def test_clients_send_small_packets_at_once(broker_settings: BrokerSettings) -> None:

@@ -30,6 +30,9 @@ CLIENT_SIDE = ("queue_full", "stream_interrupted", "model_not_ready", "client_di
 
 _EVENT_KIND = {"status": "status", "phase": "phase", "active_model": "model"}
 
+# What the rollout driver reads of an ended update's report (DeviceProgress.outcome).
+OUTCOME_KEYS = ("evaluation", "target_revision", "last_error")
+
 # Device ids per IN (...) list: well under every database's limit on bound parameters.
 _IN_CHUNK = 500
 
@@ -195,8 +198,10 @@ class DeviceProgress:
     phase: str | None
     active_model: str | None
     reported_revision: int
-    # Only when the phase is failed, or active on the model asked about (its evaluation).
-    reported: dict[str, Any] | None
+    # Only when the phase is failed, or active on the model asked about: the parts of its report
+    # that say how the update ended (OUTCOME_KEYS: the evaluation for the quality gate, the
+    # revision a failure was of and its error), those it holds.
+    outcome: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -522,15 +527,21 @@ class Fleet:
                 for r in rows.values()
                 if r.phase == "failed" or (r.phase == "active" and r.active_model == target)
             )
-            reports: dict[str, Any] = {}
+            # Those parts only, extracted by the database: parsing every ended device's whole
+            # report was most of this method's time in a 10,000-device rollout (py-spy).
+            parts = [devices.c.reported[key].label(key) for key in OUTCOME_KEYS]
+            outcomes: dict[str, dict[str, Any]] = {}
             for ids in _chunks(asked):
-                reports.update(
-                    conn.execute(
-                        select(devices.c.device_id, devices.c.reported).where(
-                            and_(devices.c.tenant == tenant, devices.c.device_id.in_(ids))
-                        )
-                    ).all()
-                )
+                for device_id, *values in conn.execute(
+                    select(devices.c.device_id, *parts).where(
+                        and_(devices.c.tenant == tenant, devices.c.device_id.in_(ids))
+                    )
+                ):
+                    outcomes[device_id] = {
+                        key: value
+                        for key, value in zip(OUTCOME_KEYS, values, strict=True)
+                        if value is not None
+                    }
         return {
             r.device_id: DeviceProgress(
                 r.device_id,
@@ -539,7 +550,7 @@ class Fleet:
                 r.phase,
                 r.active_model,
                 r.reported_revision,
-                reports.get(r.device_id),
+                outcomes.get(r.device_id),
             )
             for r in rows.values()
         }

@@ -271,7 +271,7 @@ class RolloutDriver:
         """A device whose update ended, or whose wave timeout passed (``overdue``; ``dev`` is
         None when it is no longer in the fleet)."""
         rev = d.desired_revision
-        reported = (dev.reported if dev is not None else None) or {}
+        outcome = (dev.outcome if dev is not None else None) or {}
         key = (tenant, d.device_id)
         if (
             dev is not None
@@ -279,13 +279,13 @@ class RolloutDriver:
             and dev.active_model == target_id
             and dev.reported_revision >= rev
         ):
-            failed_quality = _quality_verdict(reported.get("evaluation"), target_id, r.max_eval_drop)
+            failed_quality = _quality_verdict(outcome.get("evaluation"), target_id, r.max_eval_drop)
             if failed_quality is not None:
                 self._update_device(conn, r.rollout_id, d, state=DeviceState.FAILED, detail=failed_quality)
             else:
                 self._update_device(conn, r.rollout_id, d, state=DeviceState.ACTIVE, active_at=now)
-        elif dev is not None and dev.phase == "failed" and reported.get("target_revision", -1) >= rev:
-            err = reported.get("last_error") or {}
+        elif dev is not None and dev.phase == "failed" and outcome.get("target_revision", -1) >= rev:
+            err = outcome.get("last_error") or {}
             self._update_device(
                 conn,
                 r.rollout_id,
