@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from shared.errors import ControlRejected, SignatureError
 from shared.messages import SignedControl, utc_now
-from shared.signing import PublicKey, Signature, SigningKey
+from shared.signing import PublicKey, SigningKey
 from shared.wire import canonical_json
 
 C = TypeVar("C", bound=SignedControl)
@@ -83,9 +83,7 @@ def signed_wire(
     # Validated and dumped again so the signed form is exactly what a receiver parses back.
     bound = type(message).model_validate(data)
     payload = _signed_fields(bound)
-    signature = Signature(
-        key_id=key.public.key_id, value=base64.b64encode(key.sign(canonical_json(payload))).decode("ascii")
-    )
+    signature = key.signature(canonical_json(payload))
     payload["signature"] = signature.model_dump(mode="json", by_alias=True)
     return bound.model_copy(update={"signature": signature}), canonical_json(payload)
 

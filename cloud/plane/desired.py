@@ -64,12 +64,14 @@ async def assign(
         )
     finally:
         engine.dispose()
-    signed = control_signer(settings).desired(record.message(), device_id=device_id, tenant=tenant)
+    signed, payload = control_signer(settings).desired_wire(
+        record.message(), device_id=device_id, tenant=tenant
+    )
     try:
         # A client id of its own: a replica's id would take over (and end) that replica's session.
         client_id = f"autoglm-assign-{uuid.uuid4().hex[:12]}"
         async with make_client(settings.broker, client_id, persistent=False) as client:
-            await client.publish(Topics(tenant).desired(device_id), signed.to_json(), qos=QOS, retain=True)
+            await client.publish(Topics(tenant).desired(device_id), payload, qos=QOS, retain=True)
     except aiomqtt.MqttError as exc:
         raise BrokerError(
             f"revision {record.revision} is recorded but could not be published ({exc}); "
