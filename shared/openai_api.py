@@ -139,9 +139,10 @@ class SamplingParams(_Tolerant):
         return bounded
 
     def stop_list(self) -> list[str]:
+        """The stop sequences less empty ones, in either form (an empty one would match at once)."""
         if self.stop is None:
             return []
-        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+        return [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s]
 
 
 class CompletionRequest(SamplingParams):

@@ -100,6 +100,13 @@ def _check_refusals(base: str, model: str) -> None:
         assert r.status_code == status, (fields, r.status_code, r.text)
         error = r.json()["error"]
         assert error["param"] == param and error["message"], (fields, error)
+    r = httpx.post(
+        f"{base}/v1/completions",
+        content=b'{"model": "x", "prompt": [',
+        headers={"content-type": "application/json"},
+    )
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] is None and "not valid JSON" in error["message"], r.text
     chat = {"model": model, "messages": [{"role": "user", "content": "\ud83d"}]}
     r = _post(f"{base}/v1/chat/completions", chat)
     assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"]
@@ -117,6 +124,31 @@ def _events(base: str, body: dict[str, Any]) -> list[dict[str, Any]]:
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def _completion_text(base: str, body: dict[str, Any]) -> str:
+    """A completion's text, streamed (its chunks joined; it must end with [DONE]) or not."""
+    if not body.get("stream"):
+        r = _post(f"{base}/v1/completions", body)
+        assert r.status_code == 200, (body, r.text)
+        return str(r.json()["choices"][0]["text"])
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]", (body, lines[-3:])
+    return "".join(c["text"] for line in lines[:-1] for c in json.loads(line[6:])["choices"])
+
+
+def _check_edges_of_valid_input(base: str, model: str) -> None:
+    """Valid but unusual: a temperature as small as a subnormal float (it made the
+    probabilities NaN: a 500, and a stream that broke off), an empty stop sequence (it cut the
+    answer after one character), echo in a stream (it was ignored)."""
+    body = {"model": model, "prompt": "def main():", "max_tokens": 6, "temperature": 0}
+    plain = _completion_text(base, body)
+    for stream in (False, True):
+        assert _completion_text(base, {**body, "stream": stream, "temperature": 1e-310}) == plain
+        assert _completion_text(base, {**body, "stream": stream, "stop": ""}) == plain
+        assert _completion_text(base, {**body, "stream": stream, "echo": True}) == "def main():" + plain
 
 
 def _check_usage_chunk(base: str, model: str) -> None:
@@ -225,6 +257,7 @@ def test_edge_refuses_bad_input_with_4xx(
     )
     _check_refusals(edge.api, "demo-glm")
     _check_honoured(edge.api, "demo-glm")
+    _check_edges_of_valid_input(edge.api, "demo-glm")
     _check_body_limit(edge.api, "demo-glm")
     ok = httpx.post(
         f"{edge.api}/v1/completions", json={"model": "demo-glm", "prompt": "def ", "max_tokens": 4}
@@ -239,6 +272,7 @@ def test_pool_refuses_bad_input_with_4xx(demo_source: Path) -> None:
     try:
         _check_refusals(pool.url, "demo-glm")
         _check_honoured(pool.url, "demo-glm")
+        _check_edges_of_valid_input(pool.url, "demo-glm")
         _check_body_limit(pool.url, "demo-glm")
         ok = httpx.post(
             f"{pool.url}/v1/completions", json={"model": "demo-glm", "prompt": "def ", "max_tokens": 4}

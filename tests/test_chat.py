@@ -122,3 +122,23 @@ def test_incremental_text_decodes_a_bounded_window_per_token() -> None:
     text = "".join(inc.push(i) for i in ids) + inc.finish()
     assert text == tok.decode(ids)
     assert Counting.decoded < 10 * len(ids), Counting.decoded
+
+
+class _Letters:
+    """A tokenizer whose token i is the i-th letter of the alphabet (decode only)."""
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(ord("a") + i) for i in ids)
+
+
+def test_text_held_back_for_a_stop_sequence_never_leaks_its_start() -> None:
+    """While the answer is shorter than the longest stop sequence, nothing goes out: its start
+    may be a stop sequence's (a negative slice end once sent "ab" of a stop "abcdef")."""
+    inc = IncrementalText(_Letters(), ("abcdef",))  # type: ignore[arg-type]
+    assert [inc.push(i) for i in range(6)] == [""] * 6
+    assert inc.stopped and inc.emitted == "" and inc.finish() == ""
+    other = IncrementalText(_Letters(), ("abcdef",))  # type: ignore[arg-type]
+    assert "".join(other.push(i) for i in (0, 1, 2, 3, 25)) + other.finish() == "abcdz"
+    # An empty stop sequence would match at once: it stops nothing.
+    empty = IncrementalText(_Letters(), ("",))  # type: ignore[arg-type]
+    assert "".join(empty.push(i) for i in range(3)) + empty.finish() == "abc" and not empty.stopped

@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 
 import pytest
 
+from edge_agent.serving.config import ServingConfig
 from edge_agent.serving.errors import error_for
+from edge_agent.serving.service import CompletionService
 from shared import errors as e
+from shared.openai_api import CompletionRequest
 
 
 @pytest.mark.parametrize(
@@ -72,3 +77,60 @@ def test_a_request_error_answers_with_its_message_and_other_errors_with_their_co
 def test_cloud_unavailable_asks_for_a_retry_by_default() -> None:
     assert e.CloudUnavailable("down").retry_after_s == 5
     assert e.CloudUnavailable("down", retry_after_s=None).retry_after_s is None
+
+
+class _Served:
+    model_id = "m:1"
+    names = frozenset({"m", "m:1"})
+    chat = None  # completions only
+    digest = ""
+
+
+class _BreaksMidStream:
+    """A backend whose generation fails after its first piece went out."""
+
+    def __init__(self, failure: Exception) -> None:
+        self.failure = failure
+        self.current = _Served()
+
+    def require(self) -> _Served:
+        return self.current
+
+    async def generate(self, prompt: object, params: object) -> object:
+        raise AssertionError("streams only")
+
+    async def stream(self, prompt: object, params: object) -> tuple[_Served, AsyncIterator[str]]:
+        async def items() -> AsyncIterator[str]:
+            yield "Hel"
+            raise self.failure
+
+        return self.current, items()
+
+
+@pytest.mark.parametrize(
+    ("failure", "kind", "code"),
+    [
+        (RuntimeError("the model broke"), "server_error", None),
+        (
+            e.ContextTooLong("the answer outgrew the KV buffer"),
+            "invalid_request_error",
+            "context_length_exceeded",
+        ),
+    ],
+)
+def test_a_stream_that_fails_after_it_began_ends_with_an_error_event(
+    failure: Exception, kind: str, code: str | None
+) -> None:
+    """The 200 and a first piece are out: the client reads the error as the last event (no
+    [DONE]), not a connection that just ends."""
+    service = CompletionService(_BreaksMidStream(failure), ServingConfig)  # type: ignore[arg-type]
+
+    async def events() -> list[str]:
+        stream = await service.complete_stream(CompletionRequest(model="m", prompt="hi", stream=True))
+        return [event async for event in stream]
+
+    got = asyncio.run(events())
+    assert json.loads(got[0][6:])["choices"][0]["text"] == "Hel"
+    assert got[-1].startswith("data: ") and got[-1].endswith("\n\n") and "[DONE]" not in "".join(got)
+    error = json.loads(got[-1][6:])["error"]
+    assert error["type"] == kind and error["code"] == code and error["message"]

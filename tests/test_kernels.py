@@ -841,6 +841,40 @@ def test_attention_equals_onnxruntime_and_rows_do_not_depend_on_their_company(
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("kv", ["float32", "float16"])
 @pytest.mark.parametrize(
+    ("heads", "kv_heads", "head", "window"),
+    [(9, 3, 64, -1), (14, 2, 64, -1), (8, 1, 64, -1), (6, 2, 80, 5)],
+)
+def test_a_prompt_computes_every_position_as_decode_steps_do(
+    heads: int, kv_heads: int, head: int, window: int, kv: str, isa: str
+) -> None:
+    """The prefix cache serves a conversation's next turn from positions that decode steps
+    computed, and feeds a repeated prompt's last token alone: a position's output and its keys
+    and values are the same bits whether it is read in a prompt, in a shorter piece continuing
+    a cache, or alone in a decode step (a prompt once summed its scores in another order:
+    SmolLM2's greedy answers then changed with the cache)."""
+    cache, half, n = 96, kv == "float16", 40
+    dtype = np.float16 if half else np.float32
+    session = _session(
+        attention_graph(heads, kv_heads, head, True, 32, False, window, cache, half_kv=half), library()
+    )
+    q = np.random.default_rng(heads * head).standard_normal((1, n, (heads + 2 * kv_heads) * head))
+    q = q.astype(np.float32)
+    whole = _Attention(session, 1, kv_heads, cache, head, dtype)
+    expected = whole.run({"q": q}, [n - 1], n)[0]
+    pieces = _Attention(session, 1, kv_heads, cache, head, dtype)
+    # A prompt of 17, six decode steps, a piece of 9 continuing the cache, then steps to the end.
+    bounds = [(0, 17), *((p, p + 1) for p in range(17, 23)), (23, 32), *((p, p + 1) for p in range(32, n))]
+    for lo, hi in bounds:
+        out = pieces.run({"q": q[:, lo:hi]}, [hi - 1], hi)[0]
+        assert np.array_equal(out, expected[lo:hi]), f"positions {lo}-{hi - 1} differ"
+    for mine, ref in zip(pieces.kv, whole.kv, strict=True):
+        assert np.array_equal(mine[:, :, :n], ref[:, :, :n])
+
+
+@pytest.mark.skipif(not _cpu_runs_kernels(), reason="no AVX2: the library registers nothing")
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("kv", ["float32", "float16"])
+@pytest.mark.parametrize(
     ("heads", "kv_heads", "window"),
     [
         (9, 3, -1),  # SmolLM2's grouping

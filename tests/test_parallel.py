@@ -168,6 +168,48 @@ def test_full_queue_refuses_and_abandoned_requests_free_their_rows(folder, demo_
     assert host.stats.rejected_queue_full == 1
 
 
+def test_a_waiting_client_that_leaves_frees_its_place_while_the_rows_stay_busy(
+    folder, demo_package, alone
+) -> None:  # type: ignore[no-untyped-def]
+    """A request still queued whose client goes away leaves the queue at the next step, not
+    when a row frees for it: meanwhile its place went to nobody and newcomers got 429s."""
+    model = _load(folder, demo_package)
+    host = ModelHost(queue_size=1, parallel=2)
+    host.swap(model)
+    lm = model.generator.model
+    step = lm.step_together
+
+    def slow(*args: object) -> object:
+        time.sleep(0.01)  # 40 steps: the two rows stay busy for the whole test
+        return step(*args)  # type: ignore[arg-type]
+
+    lm.step_together = slow  # type: ignore[method-assign,assignment]
+
+    async def go() -> None:
+        streams = [await host.stream(Prompt(p), _params(40)) for p in PROMPTS[:2]]
+        queued = asyncio.create_task(host.generate(Prompt(PROMPTS[2]), _params(8)))
+        await until(lambda: host.waiting == 1, 5)
+        with pytest.raises(QueueFull):
+            await host.stream(Prompt(PROMPTS[3]), _params(8))
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        await until(lambda: host.waiting == 0, 2)
+        assert host.generating == 2  # both rows still decoding: the place was freed, not a row
+        later = await host.stream(Prompt(PROMPTS[3]), _params(8))  # admitted now
+        done = []
+        for _, items in [*streams, later]:
+            async for item in items:
+                if isinstance(item, GenerationResult):
+                    done.append(item.text)
+        assert done == [alone[(p, 40)].text for p in PROMPTS[:2]] + [alone[(PROMPTS[3], 8)].text]
+
+    try:
+        asyncio.run(go())
+    finally:
+        lm.step_together = step  # type: ignore[method-assign]
+
+
 def test_parallel_one_decodes_one_at_a_time(folder, demo_package, alone) -> None:  # type: ignore[no-untyped-def]
     model = _load(folder, demo_package)
     host = ModelHost(queue_size=8, parallel=1)
@@ -414,13 +456,16 @@ def test_newcomers_prompts_are_read_in_one_run_on_the_edge_kernels(
         [started(r, prefixes[r]) for r in (2, 0, 1)], [pieces[r] for r in (2, 0, 1)]
     )
     assert shuffled is not None and np.array_equal(shuffled, together[[2, 0, 1]])
-    # One by one: rows not adjacent, a padded piece past a row's buffer, a one-token piece (alone
-    # it takes the attention's decode-step routine).
+    # A one-token piece among longer ones: in the run, the logits it gets alone (a decode step:
+    # the attention sums a prompt's rows and a step's alike).
+    mixed = lm.prefill_together([started(0, prefixes[0]), started(1, prefixes[1])], [[5], [6, 7]])
+    assert mixed is not None
+    assert np.array_equal(started(0, prefixes[0]).step([5], last_only=True)[-1], mixed[0])
+    # One by one: rows not adjacent, a padded piece past a row's buffer.
     assert lm.prefill_together([buffers.start(0), buffers.start(2)], [[5, 6], [7, 8]]) is None
     near_the_end = [buffers.start(0), buffers.start(1)]
     near_the_end[0].past_len = buffers.capacity - 2
     assert lm.prefill_together(near_the_end, [[5, 6], [6, 7, 8]]) is None
-    assert lm.prefill_together([buffers.start(0), buffers.start(1)], [[5], [6, 7]]) is None
 
 
 def test_batch_invariant_steps_have_even_widths(

@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cloud.registry import ModelRegistry, RegistryEntry
 from edge_agent.runtime.generator import GenerationParams, GenerationResult, Resume, Tokens
 from edge_agent.runtime.host import LoadedModel
+from edge_agent.runtime.kernels import library
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.session import OnnxCausalLM, perplexity
 from edge_agent.runtime.text import Prompt
@@ -25,6 +27,20 @@ def loaded(demo_package: RegistryEntry, registry, tmp_path_factory) -> LoadedMod
     slots = SlotStore(tmp_path_factory.mktemp("slots"))
     folder = slots.stage("a", demo_package.manifest, demo_package.signed.to_json(), registry.blobs)
     return LoadedModel.load(folder, demo_package.manifest, "a", threads=1, providers=None)
+
+
+@pytest.fixture(scope="module")
+def on_kernels(demo_package_v2: RegistryEntry, registry, tmp_path_factory) -> LoadedModel:  # type: ignore[no-untyped-def]
+    """The fp32 package on the edge's own kernels, as the agent loads it on this CPU. (In the
+    int8 one the activations' rounding to 8 bits hides differences this small: the tiny model's
+    logits matched even where its attention summed a prompt and a step in different orders.)"""
+    path = library()
+    assert path is not None, "this install built no kernel library this CPU runs"
+    entry = demo_package_v2
+    folder = SlotStore(tmp_path_factory.mktemp("kernel-slots")).stage(
+        "a", entry.manifest, entry.signed.to_json(), registry.blobs
+    )
+    return LoadedModel.load(folder, entry.manifest, "a", threads=2, providers=None, custom_ops=path)
 
 
 def test_int8_perplexity_within_5_percent_of_fp32(demo_package: RegistryEntry, loaded: LoadedModel) -> None:
@@ -91,6 +107,9 @@ def test_stop_sequence_cuts_the_text(loaded: LoadedModel) -> None:
     )
     assert cut.finish_reason == "stop"
     assert cut.text == free[: free.index(stop)]
+    # An empty stop sequence stops nothing.
+    same = GenerationParams(max_tokens=40, sampling=GREEDY, stop=("",))
+    assert loaded.generator.generate(Prompt("def f(x):\n"), same).text == free
 
 
 def test_streamed_pieces_add_up_to_the_full_text(loaded: LoadedModel) -> None:
@@ -149,6 +168,40 @@ def test_prefix_cache_reuses_the_shared_start_and_answers_the_same(loaded: Loade
     gen.generate(first, params)
     same = gen.generate(first, params)
     assert same.cached_tokens == same.prompt_tokens - 1 and same.text == turn.text
+
+
+def test_prefix_cache_gives_the_logits_of_a_prefill_from_scratch(on_kernels: LoadedModel) -> None:
+    """Bit for bit, not only the same greedy text: the next turn of a conversation reuses the
+    positions of the previous answer, which decode steps computed, and a repeated prompt feeds
+    its last token alone; both give the logits that reading the whole prompt from scratch gives
+    (on the edge's kernels, whose prompt and decode-step attention sum alike)."""
+    model: OnnxCausalLM = on_kernels.generator.model
+    assert model.rows_independent, "the edge's kernels did not load"
+    tokenizer = on_kernels.generator.tokenizer
+    ids = tokenizer.encode("import os\nimport sys\n" * 6 + "def main():").ids
+
+    def run(prompt: list[int], steps: int, cache: bool = True) -> tuple[np.ndarray, list[int], int]:
+        model.prefix_cache = cache
+        try:
+            d = model.decoder(len(prompt) + steps + 1, prompt)
+            reused = d.past_len
+            logits = d.step(list(prompt[reused:]), last_only=True)[-1].copy()
+            first, answer = logits, []
+            for _ in range(steps):
+                answer.append(int(logits.argmax()))
+                logits = d.step([answer[-1]])[-1].copy()
+            return first, answer, reused
+        finally:
+            model.prefix_cache = True
+
+    first, answer, _ = run(ids, 12)
+    follow = ids + answer + tokenizer.encode("\n\ndef helper():").ids
+    cached, _, reused = run(follow, 0)
+    assert reused >= len(ids) + len(answer) - 1
+    cold, _, none = run(follow, 0, cache=False)
+    assert none == 0 and np.array_equal(cached, cold)
+    again, _, reused = run(ids, 0)
+    assert reused == len(ids) - 1 and np.array_equal(again, first)
 
 
 def test_token_ids_spell_the_deltas_and_a_resumed_answer_continues_token_for_token(

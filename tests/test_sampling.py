@@ -41,3 +41,21 @@ def test_a_repeated_token_loses_to_the_next_under_a_frequency_penalty() -> None:
 def test_no_adjustment_keeps_the_fast_path() -> None:
     assert not SamplingConfig().adjusts
     assert SamplingConfig(presence_penalty=0.1).adjusts and SamplingConfig(logit_bias=((1, 1.0),)).adjusts
+
+
+def test_any_positive_temperature_samples_without_nan() -> None:
+    """The schema takes any temperature above 0: one as small as a subnormal float is all but
+    greedy (it made the probabilities NaN, a 500), and a large one all but uniform."""
+    for tiny in (1e-310, 5e-324, 1e-30):
+        for top_k in (0, 2):
+            cfg = SamplingConfig(temperature=tiny, top_k=top_k, top_p=0.9)
+            assert {choose_token(LOGITS, cfg, np.random.default_rng(i)) for i in range(20)} == {0}
+    tied = np.array([1.0, 5.0, 5.0, -2.0], dtype=np.float32)
+    picked = {
+        choose_token(tied, SamplingConfig(temperature=1e-310), np.random.default_rng(i)) for i in range(40)
+    }
+    assert picked == {1, 2}
+    hot = Counter(
+        choose_token(LOGITS, SamplingConfig(temperature=1e300), np.random.default_rng(i)) for i in range(400)
+    )
+    assert set(hot) == {0, 1, 2, 3}

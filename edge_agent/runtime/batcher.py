@@ -149,6 +149,7 @@ class DecodeBatcher:
             with self._lock:
                 if not active and not filling:
                     self._gather()
+                self._withdraw_abandoned()
                 while self._pending and len(active) + len(filling) + len(admitted) < self.width:
                     admitted.append(self._pending.popleft())
                 if not active and not filling and not admitted:
@@ -170,6 +171,12 @@ class DecodeBatcher:
             self.active = len(active) + len(filling)
             self._flush()
             self._add_busy(time.perf_counter() - began)
+
+    def _withdraw_abandoned(self) -> None:
+        """(Lock held.) Waiting requests whose client left: out of the queue at this step, not
+        when a row frees for them (their places held, newcomers got 429s meanwhile)."""
+        if any(job.channel.cancelled.is_set() for job in self._pending):
+            self._pending = deque(job for job in self._pending if not self._abandoned(job))
 
     def _gather(self) -> None:
         """Starting from idle (lock held): wait for the requests on their way, while rows are free."""
@@ -329,17 +336,11 @@ _PADDING_PER_RUN = 16
 
 def _groups(jobs: list[_Job]) -> list[list[_Job]]:
     """The pieces to read in one run each: jobs on adjacent KV rows whose pieces are of about
-    one length (a newcomers' burst of chat turns), each other job alone (a one-token piece too:
-    see :meth:`_SharedBuffers.prefill_rows`)."""
+    one length (a newcomers' burst of chat turns), each other job alone."""
     groups: list[list[_Job]] = []
     for job in sorted(jobs, key=lambda j: j.row):
         last = groups[-1] if groups else None
-        if (
-            last is not None
-            and job.row == last[-1].row + 1
-            and len(job.piece) > 1
-            and len(last[-1].piece) > 1
-        ):
+        if last is not None and job.row == last[-1].row + 1:
             sizes = [len(j.piece) for j in (*last, job)]
             if len(sizes) * max(sizes) - sum(sizes) <= _PADDING_PER_RUN * (len(sizes) - 1):
                 last.append(job)

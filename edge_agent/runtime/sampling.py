@@ -52,11 +52,15 @@ def choose_token(
         logits = adjusted(logits, cfg, counts or {})
     if cfg.greedy:
         return int(np.argmax(logits))
-    scores = logits.astype(np.float64) / cfg.temperature
+    # The maximum subtracted before dividing: a temperature as small as a subnormal float (the
+    # schema allows any > 0) sends the others to -inf, where dividing first overflowed the
+    # largest to inf and inf - inf made the probabilities NaN (a 500).
+    scores = logits.astype(np.float64)
+    with np.errstate(over="ignore"):  # to -inf: those tokens' probability is 0
+        scores = (scores - scores.max()) / cfg.temperature
     if cfg.top_k and cfg.top_k < scores.shape[0]:
         kth = np.partition(scores, -cfg.top_k)[-cfg.top_k]
         scores = np.where(scores < kth, -np.inf, scores)
-    scores -= scores.max()
     probs = np.exp(scores)
     probs /= probs.sum()
     if cfg.top_p < 1.0:

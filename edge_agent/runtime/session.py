@@ -399,9 +399,9 @@ class _SharedBuffers:
     ) -> np.ndarray | None:
         """The decoders' next prompt pieces in one run over their rows, which must be adjacent:
         logits [len(decoders), vocab] of each piece's last position; None where the rows are not
-        adjacent, a row has no room for the padding, or a piece is a single token (alone, one
-        token runs the attention's decode-step routine, which sums in another order than the
-        prompt routine a run of several positions takes: its logits would not be the same).
+        adjacent or a row has no room for the padding. (A one-token piece among longer ones runs
+        the attention's prompt routine where alone it would run the decode-step one: the edge's
+        kernels sum both alike, bit for bit, group_query_attention.c.)
 
         Every row is fed as many positions as the longest piece: a shorter one is padded at its
         end with token 0, whose keys land past that row's cached prefix (its cache does not list
@@ -413,7 +413,7 @@ class _SharedBuffers:
         if [decoders[i].row for i in order] != list(range(lo, lo + len(order))):
             return None
         longest = max(len(p) for p in pieces)
-        if min(len(p) for p in pieces) < 2 or any(d.past_len + longest > self.capacity for d in decoders):
+        if any(d.past_len + longest > self.capacity for d in decoders):
             return None
         kept = longest - min(len(p) for p in pieces) + 1
         binding = self._prefills.get((lo, len(order)))

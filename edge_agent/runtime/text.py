@@ -35,7 +35,7 @@ class IncrementalText:
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
         self.tokenizer = tokenizer
-        self.stop = stop
+        self.stop = tuple(s for s in stop if s)  # an empty stop sequence would match everywhere
         self.tokens: list[int] = []
         self.emitted = ""
         self.stopped = False
@@ -43,7 +43,7 @@ class IncrementalText:
         self._prefix = 0  # tokens before this index are already in _text, with context from here
         self._read = 0  # tokens before this index are already in _text
         # Text that could still become the start of a stop sequence is not sent yet.
-        self._holdback = max((len(s) for s in stop), default=1) - 1
+        self._holdback = max((len(s) for s in self.stop), default=1) - 1
         self._ids_sent = 0  # tokens before this index went out with a delta (token_ids)
 
     def resume(self, tokens: list[int], emitted: str) -> bool:
@@ -79,7 +79,9 @@ class IncrementalText:
         if cut is not None:
             self.stopped = True
             return self._advance(self._text[:cut])
-        return self._advance(self._text[: len(self._text) - self._holdback])
+        # max(0, …): while the text is shorter than the hold-back, nothing goes out (a negative
+        # end would slice from the back and send the start of a stop sequence).
+        return self._advance(self._text[: max(0, len(self._text) - self._holdback)])
 
     def finish(self) -> str:
         """Whatever was held back, once generation ended without a stop sequence."""

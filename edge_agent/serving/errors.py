@@ -7,6 +7,7 @@ handlers.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -42,6 +43,11 @@ def invalid_request(errors: Sequence[Any]) -> JSONResponse:
     """400 for a request that failed validation, from pydantic's (FastAPI's) error list: the
     first error, its location with the ``body``/``query``/``path`` prefix dropped."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":
+        # FastAPI puts the character position where a field name would be: no ``param``.
+        at = [p for p in first.get("loc", ()) if isinstance(p, int)]
+        where = f" at character {at[0]}" if at else ""
+        return error_response(400, f"the body is not valid JSON{where}: {first.get('msg')}")
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
     # OpenAI's ``param`` names the request field; the message keeps the full path for humans.
     return error_response(400, f"{'.'.join(loc) or 'body'}: {first.get('msg')}", loc[0] if loc else None)
@@ -50,15 +56,28 @@ def invalid_request(errors: Sequence[Any]) -> JSONResponse:
 def error_for(exc: AutoGLMError) -> JSONResponse:
     """The answer ``HTTP_ERRORS`` gives ``exc``, with ``param`` and Retry-After where it has them."""
     http = http_error(exc)
+    response = JSONResponse(_envelope(exc), status_code=http.status)
+    if isinstance(exc, RequestError) and exc.retry_after_s is not None:
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+    return response
+
+
+def _envelope(exc: AutoGLMError) -> dict[str, Any]:
+    http = http_error(exc)
     if isinstance(exc, RequestError):
         # A request error's message is written for the client; other errors keep their context.
-        message, param, retry = exc.message, exc.param, exc.retry_after_s
+        return ErrorEnvelope.of(exc.message, http.type, exc.param, http.code)
+    return ErrorEnvelope.of(str(exc), http.type, None, http.code)
+
+
+def error_event(exc: Exception) -> str:
+    """A server-sent event in the error envelope, for a stream that fails after its 200 went out:
+    the client reads why instead of a connection that just ends (no ``[DONE]`` follows it)."""
+    if isinstance(exc, AutoGLMError):
+        body = _envelope(exc)
     else:
-        message, param, retry = str(exc), None, None
-    response = JSONResponse(ErrorEnvelope.of(message, http.type, param, http.code), status_code=http.status)
-    if retry is not None:
-        response.headers["Retry-After"] = str(retry)
-    return response
+        body = ErrorEnvelope.of(f"internal error: {type(exc).__name__}", "server_error")
+    return "data: " + json.dumps(body, ensure_ascii=False) + "\n\n"
 
 
 def answer_for(exc: AutoGLMError) -> JSONResponse:

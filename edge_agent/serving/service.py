@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -27,6 +28,7 @@ from edge_agent.runtime.structured import GUIDED, grammar_for, guided_grammar
 from edge_agent.runtime.text import Prompt
 from edge_agent.runtime.tools import ToolPlan, plan_tools, template_messages
 from edge_agent.serving.config import ServingConfig
+from edge_agent.serving.errors import error_event
 from shared.errors import Conflict, InvalidRequest, ModelNotFound, RequestError
 from shared.openai_api import (
     MODEL_HEADER,
@@ -59,6 +61,8 @@ from shared.openai_api import (
 SERVED_BY_HEADER = "X-AutoGLM-Served-By"
 # Headers of an upstream answer worth relaying (the rest describe the hop, not the answer).
 _RELAYED_HEADERS = ("content-type", "retry-after", MODEL_HEADER.lower())
+
+log = logging.getLogger(__name__)
 
 
 def cloud_answer_headers(upstream: Mapping[str, str]) -> dict[str, str]:
@@ -350,6 +354,12 @@ class CompletionService:
                 yield "data: [DONE]\n\n"
             except _BrokeOff:
                 pass  # it ended with the error event: no [DONE], the answer is incomplete
+            except Exception as exc:
+                # The 200 and perhaps some tokens went out already: the client gets the error as
+                # the stream's last event (a connection that just ended read as a network fault).
+                if not isinstance(exc, RequestError):
+                    log.exception("a stream failed after it began")
+                yield error_event(exc)
             finally:
                 await _aclose(chunks)
                 result = results[0] if results else None
@@ -372,11 +382,15 @@ class CompletionService:
     async def complete_stream(self, req: CompletionRequest) -> AsyncIterator[str]:
         cid = new_id("cmpl")
         wants_usage = req.wants_usage()
+        prep = self._prepare_completion(req)
+        echoed = prep.prompt.text if req.echo else ""
 
         async def render(loaded: ServedModel, items: AsyncIterator[StreamItem]) -> AsyncIterator[BaseModel]:
             def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
                 return CompletionResponse(id=cid, model=loaded.model_id, choices=choices, usage=usage)
 
+            if echoed:  # the prompt first, as the whole answer starts with it (logprobs refuse echo)
+                yield chunk([CompletionChoice(text=echoed, finish_reason=None)])
             scored: list[TokenLogprob] = []
             offset = 0
             async for item in items:
@@ -394,7 +408,7 @@ class CompletionService:
                     scored = []
                     yield chunk([CompletionChoice(text=item, logprobs=logprobs, finish_reason=None)])
 
-        return await self._stream(self._prepare_completion(req), render)
+        return await self._stream(prep, render)
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
         prep = self._prepare_chat(req)

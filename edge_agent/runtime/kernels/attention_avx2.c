@@ -1,10 +1,9 @@
 // GroupQueryAttention's vector routines for CPUs with AVX2 but no AVX-512 (group_query_attention.h
 // says what each computes): the AVX-512 routines' steps 8 floats per vector, with register tiles
-// sized for AVX2's 16 registers (a prefill's 16-key chunk is two vectors, one chunk at a time; the
-// value sums 64, 32, 32 or 16 columns per pass for 1, 2, 3 or 4 rows: SmolLM2's 3 query heads per
-// KV head read a head's values in two passes, not four — Zen 3 VM, position 1000, 4-row steps
-// mean 1.04x faster, bench/RESULTS.md); each routine that reads the KV
-// cache comes for a float cache and for a half-precision one (F16C's conversions).
+// sized for AVX2's 16 registers (the value sums 64, 32, 32 or 16 columns per pass for 1, 2, 3 or
+// 4 rows: SmolLM2's 3 query heads per KV head read a head's values in two passes, not four — Zen
+// 3 VM, position 1000, 4-row steps mean 1.04x faster, bench/RESULTS.md); each routine that reads
+// the KV cache comes for a float cache and for a half-precision one (F16C's conversions).
 #include "kernels.h"
 
 #if defined(__x86_64__)
@@ -150,6 +149,9 @@ static inline __attribute__((always_inline)) void scores_keys(const float *q, co
 // Scores of `rows` query rows against keys [lo, hi], 8 keys at a time: the block's keys stay in
 // L1 for every row. A block of a half cache read by several rows is read 3 rows at a time
 // (scores_keys; or, with SCORES_KEYS 0, widened to floats first, heads of up to WIDE_HEAD columns).
+// (A float cache read 3 rows at a time for a prompt's rows, as the AVX-512 routines copy its
+// blocks, made no prompt measurably faster and the float decode steps 10 % slower: compiled
+// into them, Zen 4 VM, AUTOGLM_KERNELS_ISA=avx2, bench/RESULTS.md.)
 static inline __attribute__((always_inline)) void scores_group(const float *q, int rows, const void *keys, int64_t h, int64_t lo,
                                                                int64_t hi, float *scores, int64_t sstride, const int half,
                                                                const int pf) {
@@ -166,9 +168,9 @@ static inline __attribute__((always_inline)) void scores_group(const float *q, i
                 const float *qr = q + r0 * h;
                 float *out = scores + r0 * sstride + j0;
                 switch (rows - r0) {
-                    case 1: scores_block(qr, 1, keys, k, h, n, out, sstride, 1); break;
-                    case 2: scores_keys(qr, keys, k, h, n, out, sstride, 1, 2); break;
-                    default: scores_keys(qr, keys, k, h, n, out, sstride, 1, 3); break;
+                    case 1: scores_block(qr, 1, keys, k, h, n, out, sstride, half); break;
+                    case 2: scores_keys(qr, keys, k, h, n, out, sstride, half, 2); break;
+                    default: scores_keys(qr, keys, k, h, n, out, sstride, half, 3); break;
                 }
             }
         } else if (half && rows > 1 && h <= WIDE_HEAD) {
@@ -181,38 +183,6 @@ static inline __attribute__((always_inline)) void scores_group(const float *q, i
     }
 }
 
-// R rows against one chunk of 16 transposed keys (two vectors): 2R sums in flight.
-static inline __attribute__((always_inline)) void scores_chunk(const float *q, int64_t h, const float *col, int64_t stride,
-                                                               float *scores, int64_t sstride, const int R) {
-    __m256 a[TILE][2];
-    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < h; d++) {
-        const __m256 k0 = _mm256_loadu_ps(col + d * stride), k1 = _mm256_loadu_ps(col + d * stride + 8);
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-            const __m256 x = _mm256_broadcast_ss(q + r * h + d);
-            a[r][0] = _mm256_fmadd_ps(x, k0, a[r][0]);
-            a[r][1] = _mm256_fmadd_ps(x, k1, a[r][1]);
-        }
-    }
-    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-        _mm256_storeu_ps(scores + r * sstride, a[r][0]);
-        _mm256_storeu_ps(scores + r * sstride + 8, a[r][1]);
-    }
-}
-
-static void scores_tile256(const float *q, int64_t h, const float *kt, int64_t stride, int64_t c0, int64_t c1,
-                           float *scores, int64_t sstride, int rows) {
-    for (int64_t c = c0; c < c1; c++) {
-        const float *col = kt + c * 16;
-        float *out = scores + c * 16;
-        switch (rows) {
-            case 1: scores_chunk(q, h, col, stride, out, sstride, 1); break;
-            case 2: scores_chunk(q, h, col, stride, out, sstride, 2); break;
-            case 3: scores_chunk(q, h, col, stride, out, sstride, 3); break;
-            default: scores_chunk(q, h, col, stride, out, sstride, 4); break;
-        }
-    }
-}
 
 // Columns [d0, d0 + 8W) for R rows: R x W <= 12 sums in flight. Only compile-time bounds index the
 // sums, so they stay in registers (a runtime-width branch beside them put them on the stack).

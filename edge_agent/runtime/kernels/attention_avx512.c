@@ -1,7 +1,6 @@
 // GroupQueryAttention's vector routines for CPUs with AVX-512 (group_query_attention.h says what
-// each computes): 16 floats per vector, masked tails, a prefill's scores 16 keys per vector and
-// two 16-key chunks at a time; each routine that reads the KV cache comes for a float cache and
-// for a half-precision one.
+// each computes): 16 floats per vector, masked tails; each routine that reads the KV cache comes
+// for a float cache and for a half-precision one.
 #include "kernels.h"
 
 #if defined(__x86_64__)
@@ -98,10 +97,15 @@ static inline __attribute__((always_inline)) void scores_block(const float *q, i
 
 // Widened once per block, not once per row: several rows of a half cache read floats.
 #define WIDE_HEAD 256
+// A float cache's block is copied the same way for more rows than this (a prompt's, up to 32):
+// a 512-row SmolLM2 prompt's attention ran 1.35x slower reading the cache in place, as a decode
+// step's heads (at most a KV head's group) still do (the copy cost those 3-11 %).
+#define COPY_ROWS 8
 
 // Scores of `rows` query rows against keys [lo, hi], 16 keys at a time: the block's keys stay in
-// L1 for every row. A block of a half cache read by several rows is widened to floats first
-// (heads of up to WIDE_HEAD columns).
+// L1 for every row. A block of a half cache read by several rows is widened to floats first, a
+// float cache's copied for a prompt's rows (heads of up to WIDE_HEAD columns); either way each
+// score is the same sum of the same floats.
 static inline __attribute__((always_inline)) void scores_group(const float *q, int rows, const void *keys, int64_t h, int64_t lo,
                                                                int64_t hi, float *scores, int64_t sstride, const int half,
                                                                const int pf) {
@@ -113,43 +117,14 @@ static inline __attribute__((always_inline)) void scores_group(const float *q, i
         int64_t k[16];
         for (int i = 0; i < 16; i++) k[i] = (j0 + (i < n ? i : n - 1)) * h;  // past the last: read it again
         if (pf) prefetch_l2((const char *)keys + j0 * h * (half ? 2 : 4), 16 * h * (half ? 2 : 4));
-        if (half && rows > 1 && h <= WIDE_HEAD) {
+        if (h <= WIDE_HEAD && rows > (half ? 1 : COPY_ROWS)) {
             for (int i = 0; i < 16; i++)
-                for (int64_t d = 0; d < h; d += 16) _mm512_storeu_ps(wide + i * h + d, load_kv(keys, k[i] + d, 1));
+                for (int64_t d = 0; d < h; d += 16) _mm512_storeu_ps(wide + i * h + d, load_kv(keys, k[i] + d, half));
             scores_block(q, rows, wide, at, h, n, scores + j0, sstride, 0);
         } else {
             scores_block(q, rows, keys, k, h, n, scores + j0, sstride, half);
         }
     }
-}
-
-// Scores of up to TILE query rows (q: [rows][h]) against C chunks of 16 transposed keys (col:
-// [h][stride]), 16 keys per vector.
-static inline __attribute__((always_inline)) void scores_chunks(const float *q, int64_t h, const float *col, int64_t stride,
-                                                                float *scores, int64_t sstride, const int R, const int C) {
-    __m512 a[TILE][2];
-    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) _Pragma("GCC unroll 2") for (int c = 0; c < C; c++) a[r][c] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < h; d++) {
-        __m512 k[2];
-        _Pragma("GCC unroll 2") for (int c = 0; c < C; c++) k[c] = _mm512_loadu_ps(col + d * stride + 16 * c);
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-            const __m512 x = _mm512_set1_ps(q[r * h + d]);
-            _Pragma("GCC unroll 2") for (int c = 0; c < C; c++) a[r][c] = _mm512_fmadd_ps(x, k[c], a[r][c]);
-        }
-    }
-    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) _Pragma("GCC unroll 2") for (int c = 0; c < C; c++)
-        _mm512_storeu_ps(scores + r * sstride + 16 * c, a[r][c]);
-}
-
-// Scores of up to TILE query rows against the transposed keys kt ([h][stride]) for key chunks
-// [c0, c1) of 16, two chunks at a time (eight sums in flight for four rows: enough to keep both
-// FMA pipes busy; one chunk at a time was 1.2-1.5x slower for a 512-row prompt).
-static inline __attribute__((always_inline)) void scores_tile(const float *q, int64_t h, const float *kt, int64_t stride,
-                                                              int64_t c0, int64_t c1, float *scores, int64_t sstride,
-                                                              const int R) {
-    int64_t c = c0;
-    for (; c + 1 < c1; c += 2) scores_chunks(q, h, kt + c * 16, stride, scores + c * 16, sstride, R, 2);
-    if (c < c1) scores_chunks(q, h, kt + c * 16, stride, scores + c * 16, sstride, R, 1);
 }
 
 // Columns [d0, d0 + 16W) for R rows: R x W <= 16 sums in flight. Only compile-time bounds index
@@ -181,16 +156,6 @@ static inline __attribute__((always_inline)) void values_tile(const float *p, in
     int64_t d0 = 0;
     for (; d0 + 64 <= h; d0 += 64) values_cols(p, pstride, values, h, lo, hi, out, ostride, d0, R, 4, half, pf);
     for (; d0 < h; d0 += 16) values_cols(p, pstride, values, h, lo, hi, out, ostride, d0, R, 1, half, pf);
-}
-
-static void scores_tile512(const float *q, int64_t h, const float *kt, int64_t stride, int64_t c0, int64_t c1,
-                           float *scores, int64_t sstride, int rows) {
-    switch (rows) {
-        case 1: scores_tile(q, h, kt, stride, c0, c1, scores, sstride, 1); break;
-        case 2: scores_tile(q, h, kt, stride, c0, c1, scores, sstride, 2); break;
-        case 3: scores_tile(q, h, kt, stride, c0, c1, scores, sstride, 3); break;
-        default: scores_tile(q, h, kt, stride, c0, c1, scores, sstride, 4); break;
-    }
 }
 
 static inline __attribute__((always_inline)) void values_rows(const float *p, int64_t pstride, const void *values, int64_t h,

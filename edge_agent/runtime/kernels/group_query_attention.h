@@ -11,16 +11,12 @@
 typedef struct {
     // Scores of `rows` query rows (q: [rows][h]) against keys [lo, hi] ([key][h] rows of a float
     // cache, or of a half-precision one for scores_group_half), a block of keys at a time read
-    // once for every row (a decode step: too few rows to pay for transposing the keys); row r's
-    // scores at scores + r * sstride.
+    // once for every row; row r's scores at scores + r * sstride. A decode step's heads and a
+    // prompt's rows both: each score is summed the same way whatever the rows beside it.
     void (*scores_group)(const float *q, int rows, const void *keys, int64_t h, int64_t lo, int64_t hi,
                          float *scores, int64_t sstride);
     void (*scores_group_half)(const float *q, int rows, const void *keys, int64_t h, int64_t lo, int64_t hi,
                               float *scores, int64_t sstride);
-    // Scores of `rows` (1..TILE) query rows (q: [rows][h]) against the transposed keys kt
-    // ([h][stride]) for key chunks [c0, c1) of 16; row r's scores at scores + r * sstride.
-    void (*scores_tile)(const float *q, int64_t h, const float *kt, int64_t stride, int64_t c0, int64_t c1,
-                        float *scores, int64_t sstride, int rows);
     // Softmax of scores[lo, hi] in place; every other score of [0, end) set to 0 (end: the keys
     // the tile's value loop reads).
     void (*softmax)(float *scores, int64_t lo, int64_t hi, int64_t end);
@@ -52,7 +48,7 @@ static inline __attribute__((always_inline)) void prefetch_l2(const void *at, in
 }
 
 // An instruction set's two tables, attention_ISA and attention_ISA_prefetch, from its file's
-// scores_group(..., half, pf), values_rows(..., half, pf), scores_tile ## TAG and softmax ## TAG
+// scores_group(..., half, pf), values_rows(..., half, pf) and softmax ## TAG
 // (`half`: a half-precision cache; `pf`: prefetching). Used once at the end of each file.
 #define ATTENTION_SCORES(name, half, pf)                                                                            \
     static void name(const float *q, int rows, const void *keys, int64_t h, int64_t lo, int64_t hi, float *scores, \
@@ -73,10 +69,9 @@ static inline __attribute__((always_inline)) void prefetch_l2(const void *at, in
     ATTENTION_VALUES(values_tile##TAG##h, 1, 0)                                                                         \
     ATTENTION_VALUES(values_tile##TAG##_pf, 0, 1)                                                                       \
     ATTENTION_VALUES(values_tile##TAG##h_pf, 1, 1)                                                                      \
-    const AttentionKernels attention_##ISA = {scores_group##TAG, scores_group##TAG##h, scores_tile##TAG, softmax##TAG, \
-                                              values_tile##TAG,  values_tile##TAG##h};                                 \
-    const AttentionKernels attention_##ISA##_prefetch = {scores_group##TAG##_pf, scores_group##TAG##h_pf,              \
-                                                         scores_tile##TAG,       softmax##TAG,                         \
-                                                         values_tile##TAG##_pf,  values_tile##TAG##h_pf};
+    const AttentionKernels attention_##ISA = {scores_group##TAG, scores_group##TAG##h, softmax##TAG,                   \
+                                              values_tile##TAG, values_tile##TAG##h};                                  \
+    const AttentionKernels attention_##ISA##_prefetch = {scores_group##TAG##_pf, scores_group##TAG##h_pf, softmax##TAG, \
+                                                         values_tile##TAG##_pf, values_tile##TAG##h_pf};
 
 #endif
