@@ -134,6 +134,8 @@ def _parsed(payload: bytes, is_json: bool) -> tuple[Any, Response | None]:
     try:
         return json.loads(payload), None
     except json.JSONDecodeError as exc:
-        return None, invalid_request([{"loc": ("body", exc.pos), "msg": "JSON decode error"}])
+        return None, invalid_request(
+            [{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error"}]
+        )
     except Exception:  # not UTF-8 (or -16, -32), nested past the recursion limit
         return None, error_response(400, "There was an error parsing the body")
