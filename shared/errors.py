@@ -23,7 +23,8 @@
      │    ├── Conflict (409) ── ModelInUse (409)
      │    ├── QueueFull (429), RateLimited (429)
      │    ├── EngineError (500)
-     │    ├── ModelNotReady (503), EngineDown (503), CloudUnavailable (503)
+     │    ├── ModelNotReady (503), EngineDown (503), CloudUnavailable (503),
+     │    │   BrokerUnavailable (503)
      │    ├── PoolUnavailable (503) ── NoPool (503)
      │    └── UpstreamTimeout (504)
      ├── FetchError           a transfer that cannot complete (timeout, disk, refused)
@@ -188,6 +189,14 @@ class CloudUnavailable(RequestError):
         super().__init__(message, retry_after_s=retry_after_s, **context)
 
 
+class BrokerUnavailable(RequestError):
+    """The control plane cannot reach its MQTT broker: what the request would send to devices
+    cannot go out now (what it recorded stays recorded; the message says which)."""
+
+    def __init__(self, message: str, *, retry_after_s: int | None = 10, **context: Any) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, **context)
+
+
 class PoolUnavailable(RequestError):
     """No pool replica could serve the request."""
 
@@ -228,6 +237,7 @@ HTTP_ERRORS: dict[type[Exception], HttpError] = {
     ModelNotReady: HttpError(503, _SERVER, "model_not_ready"),
     EngineDown: HttpError(503, _SERVER, "engine_down"),
     CloudUnavailable: HttpError(503, _SERVER, "cloud_unavailable"),
+    BrokerUnavailable: HttpError(503, _SERVER, "broker_unavailable"),
     NoPool: HttpError(503, _SERVER, "no_pool"),
     PoolUnavailable: HttpError(503, _SERVER, "pool_unavailable"),
     UpstreamTimeout: HttpError(504, _SERVER, "pool_timeout"),

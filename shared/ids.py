@@ -21,8 +21,9 @@ _DIGEST_RE = re.compile(DIGEST_PATTERN)
 
 
 def is_valid_name(value: str) -> bool:
-    return bool(_NAME_RE.match(value))
+    # fullmatch: with match, "$" also matched before a final newline ("canary\n" passed).
+    return bool(_NAME_RE.fullmatch(value))
 
 
 def is_valid_digest(value: str) -> bool:
-    return bool(_DIGEST_RE.match(value))
+    return bool(_DIGEST_RE.fullmatch(value))

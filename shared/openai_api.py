@@ -409,4 +409,22 @@ class ErrorEnvelope(BaseModel):
     def of(
         cls, message: str, type_: str, param: str | None = None, code: str | None = None
     ) -> dict[str, Any]:
-        return cls(error=ErrorBody(message=message, type=type_, param=param, code=code)).model_dump()
+        # A message may quote what the client sent: a lone surrogate in it would make the
+        # response unencodable as UTF-8 (a 500 from the error handler itself, and a dropped
+        # connection), so such characters are written as their escapes.
+        return cls(
+            error=ErrorBody(
+                message=_encodable_text(message),
+                type=type_,
+                param=None if param is None else _encodable_text(param),
+                code=code,
+            )
+        ).model_dump()
+
+
+def _encodable_text(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text

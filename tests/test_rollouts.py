@@ -27,7 +27,7 @@ from cloud.plane.rollouts import (
     RolloutSpec,
 )
 from cloud.plane.store import devices, make_engine, migrate, rollouts
-from shared.errors import ContractError
+from shared.errors import Conflict, ContractError
 from shared.messages import EvalReport, ModelRef, Phase, ReportedState, TelemetryBatch, TelemetryRecord
 
 TENANT = "t"
@@ -310,6 +310,68 @@ def test_an_aborted_rollout_sends_nothing_more(fl: Fleetlet) -> None:
     fl.clock.advance(3600)
     assert fl.driver.tick() == []
     assert sorted(fl.states(rid).values()) == ["pending", "pending", "updating", "updating"]
+
+
+def test_a_second_rollout_of_devices_still_in_one_is_refused(fl: Fleetlet) -> None:
+    """Two unfinished rollouts over the same devices would each judge the other's model (one
+    "completed" with every device timed out) and a rollback of one would undo the other."""
+    first = fl.start()
+    fl.driver.tick()
+    with pytest.raises(Conflict, match=first):
+        fl.rollouts.create(TENANT, RolloutSpec(model=ref("3"), waves=(100.0,)))
+    fl.rollouts.pause(TENANT, first)
+    with pytest.raises(Conflict):
+        fl.rollouts.create(TENANT, RolloutSpec(model=ref("3"), waves=(100.0,)))
+    fl.rollouts.abort(TENANT, first)
+    second = fl.rollouts.create(TENANT, RolloutSpec(model=ref("3"), waves=(100.0,)))
+    assert second["state"] == "running" and len(second["devices"]) == len(fl.devices)
+
+
+def test_of_two_actions_at_once_one_wins_and_the_other_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An abort commits between a rollback's read of the state and its write (SQLite takes no
+    row lock for the read; PostgreSQL's FOR UPDATE serializes them): the rollback is refused
+    with a 409, not acknowledged and then lost under the abort."""
+    fl = Fleetlet(f"sqlite:///{tmp_path / 'cp.sqlite3'}")
+    rid = fl.start()
+    fl.driver.tick()
+    read = Rollouts._row
+
+    def abort_meanwhile(self: Rollouts, conn: Any, tenant: str, r: str, lock: bool = False) -> Any:
+        found = read(self, conn, tenant, r, lock)
+        if lock:
+            monkeypatch.setattr(Rollouts, "_row", read)
+            fl.rollouts.abort(TENANT, rid)  # its own connection, committed now
+        return found
+
+    monkeypatch.setattr(Rollouts, "_row", abort_meanwhile)
+    with pytest.raises(Conflict, match="changed to aborted"):
+        fl.rollouts.rollback(TENANT, rid)
+    assert fl.rollout_state(rid) == "aborted"
+    assert fl.driver.tick() == []
+
+
+def test_an_operator_action_during_a_tick_rolls_the_tick_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pause committed while the driver's tick runs: the tick's device rows and desired
+    states are rolled back (nothing is published for a paused rollout), and the pause stays."""
+    fl = Fleetlet(f"sqlite:///{tmp_path / 'cp.sqlite3'}")
+    rid = fl.start()
+    decide = fl.fleet.next_desired_many
+
+    def paused_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(fl.fleet, "next_desired_many", decide)
+        fl.rollouts.pause(TENANT, rid)  # its own connection, committed now
+        return decide(*args, **kwargs)
+
+    monkeypatch.setattr(fl.fleet, "next_desired_many", paused_meanwhile)
+    assert fl.driver.tick() == []
+    assert fl.rollout_state(rid) == "paused" and set(fl.states(rid).values()) == {"pending"}
+    assert all(fl.fleet.current_desired(TENANT, d) is None for d in fl.devices)
+    fl.rollouts.resume(TENANT, rid)
+    assert len(fl.driver.tick()) == 2
 
 
 def test_an_operator_rollback_sends_every_touched_device_back(fl: Fleetlet) -> None:

@@ -4,6 +4,7 @@ tests/test_control_plane.py."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -249,3 +250,55 @@ def test_the_drivers_desired_states_do_not_wait_for_a_broker_that_is_down(
         assert "1000 desired state(s) left for the driver" in caplog.text
     finally:
         plane.close()
+
+
+def test_an_operator_hears_when_the_broker_is_down_and_bad_input_stays_a_quick_400(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no broker: a command is answered 503 (it waited without end), a config push 503
+    naming what was recorded but not published (it answered 200 and the config was lost). A
+    selector made to backtrack is refused at once (32,000 characters held the event loop 9 s),
+    a lone surrogate in a label is a 400 (its echo in the message made the error handler fail:
+    a 500 and a dropped connection), and so is a label with a trailing newline."""
+    import cloud.mqtt.control_link as control_link
+    import cloud.plane.service as service
+    from cloud.plane.fleet import Fleet
+    from cloud.plane.store import make_engine
+    from shared.errors import ModelInUse
+    from shared.messages import DeviceStatus, ModelRef
+
+    monkeypatch.setattr(control_link, "CONNECT_WAIT_S", 0.3)
+    monkeypatch.setattr(service, "PUBLISH_TIMEOUT_S", 0.3)
+    settings, keys = _isolated_plane(tmp_path, ("admin",))
+    engine = make_engine(settings.database_url)
+    fleet = Fleet(engine)
+    fleet.record([("default", DeviceStatus(device_id=d, state="online")) for d in ("d0", "d1")])
+    model = ModelRef(name="m", version="1", manifest_digest="sha256:" + "c" * 64, manifest_size=10)
+    fleet.next_desired("default", "d1", model=model)
+    auth = {"authorization": f"Bearer {keys['admin']}"}
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/v1/devices/d0/commands", json={"action": "ping", "wait_s": 0}, headers=auth)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "broker_unavailable", r.text
+        r = client.post("/v1/config", json={"selector": "", "config": {}}, headers=auth)
+        assert r.status_code == 503 and "could not be published to 2" in r.json()["error"]["message"], r.text
+        assert r.headers["retry-after"]
+        started = time.monotonic()
+        for selector in ("a" * 32_000 + "!", "a" * 3_000 + "!"):
+            r = client.post("/v1/config", json={"selector": selector, "config": {}}, headers=auth)
+            assert r.status_code == 400 and len(r.text) < 2_000, r.text[:300]
+        r = client.get("/v1/devices", params={"selector": "a" * 4_000 + "!"}, headers=auth)
+        assert r.status_code == 400
+        assert time.monotonic() - started < 2
+        for labels in ({"\ud800": "x"}, {"tier": "canary\n"}, {"site\n": "x"}):
+            r = client.put(
+                "/v1/devices/d0/labels",
+                content=json.dumps({"labels": labels}),
+                headers={**auth, "content-type": "application/json"},
+            )
+            assert r.status_code == 400, (labels, r.status_code, r.text)
+        assert client.get("/healthz").status_code == 200  # the connection survived
+        # A model a device is told to run cannot be deleted: one that restarts would fetch it.
+        plane: ControlPlane = client.app.state.plane  # type: ignore[attr-defined]
+        with pytest.raises(ModelInUse, match="d1"):
+            plane.delete_model("default", "m", "1")
+    engine.dispose()

@@ -14,7 +14,7 @@ import aiomqtt
 
 from cloud.mqtt.blob_server import BlobServer
 from shared.control import ControlSigner
-from shared.errors import ConfigError, ContractError, ImpersonationError
+from shared.errors import BrokerUnavailable, ConfigError, ContractError, ImpersonationError
 from shared.messages import (
     MAX_TELEMETRY_RECORDS,
     Ack,
@@ -36,6 +36,9 @@ from shared.mqtt import (
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
+
+# How long an operator's request waits for the broker session before it is answered 503.
+CONNECT_WAIT_S = 10.0
 
 
 def ack_ids(message: ReportedState | DeviceStatus | TelemetryBatch) -> list[str]:
@@ -225,7 +228,16 @@ class ControlLink:
         waiting: asyncio.Future[CommandReply] = asyncio.get_running_loop().create_future()
         self._replies[command.request_id] = waiting
         try:
-            await self.connected.wait()
+            try:
+                # Bounded: with the broker down an API call waited for it without end.
+                async with asyncio.timeout(CONNECT_WAIT_S):
+                    await self.connected.wait()
+            except TimeoutError:
+                raise BrokerUnavailable(
+                    f"the control plane is not connected to its MQTT broker (waited {CONNECT_WAIT_S:g} s); "
+                    "nothing was sent",
+                    device_id=device_id,
+                ) from None
             assert self._client is not None
             await self._client.publish(self.topics.commands(device_id), signed.to_json(), qos=QOS)
             try:

@@ -27,12 +27,14 @@ from cloud.ratelimit import TenantRateLimiter
 from cloud.registry import ModelRegistry
 from cloud.settings import CloudSettings
 from shared.edge_config import EdgeConfig
-from shared.errors import ContractError, ModelInUse, NotFound
+from shared.errors import BrokerUnavailable, ContractError, ModelInUse, NotFound
 from shared.messages import Command, CommandReply, DeviceStatus, ModelRef, ReportedState, TelemetryBatch
 from shared.tasks import TaskSet
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
+# How long one desired state may take to go out (the session's reconnection included).
+PUBLISH_TIMEOUT_S = 30.0
 
 SHARE_GROUP = "autoglm-cloud"
 PUBLISH_CONCURRENCY = 200
@@ -174,7 +176,7 @@ class ControlPlane:
         reply = await link.send_command(device_id, command, wait_s)
         return command, reply
 
-    async def publish(self, items: list[DesiredRecord], *, wait_connected: bool = True) -> None:
+    async def publish(self, items: list[DesiredRecord], *, wait_connected: bool = True) -> list[str]:
         """Sign and publish desired states, ``PUBLISH_CONCURRENCY`` at a time (QoS 1 acks
         overlap; one at a time is ~50/s under load). That many workers take the states in turn:
         a 10,000-device wave is not 10,000 tasks queued on a semaphore.
@@ -182,30 +184,37 @@ class ControlPlane:
         ``wait_connected=False`` (the rollout driver's states) skips a tenant whose session is
         down instead of waiting up to 30 s per state for it (200 workers, 10,000 states: the
         driver would stall for 25 minutes); the driver publishes them again once the devices
-        have waited 30 s."""
+        have waited 30 s.
+
+        Returns the ids of the devices whose state did not go out (recorded, not published)."""
         pending = iter(items)
         skipped = 0
+        failed: list[str] = []
 
         async def worker() -> None:
             nonlocal skipped
             for p in pending:
                 link = self.links.get(p.tenant)
                 if link is None:
+                    failed.append(p.device_id)
                     continue
                 if not wait_connected and not link.connected.is_set():
                     skipped += 1
+                    failed.append(p.device_id)
                     continue
                 try:
-                    async with asyncio.timeout(30):
+                    async with asyncio.timeout(PUBLISH_TIMEOUT_S):
                         await link.set_desired(p.device_id, p.message())
                 except Exception as exc:  # the driver re-publishes unapplied states
-                    log.warning("could not publish desired state to %s: %s", p.device_id, exc)
+                    failed.append(p.device_id)
+                    log.warning("could not publish desired state to %s: %r", p.device_id, exc)
 
         await asyncio.gather(*(worker() for _ in range(min(PUBLISH_CONCURRENCY, len(items)))))
         if skipped:
             log.warning(
                 "the broker is unreachable: %d desired state(s) left for the driver to publish again", skipped
             )
+        return failed
 
     # -- operations the REST API and the console share --------------------------------------
     def model_ref(self, tenant: str, model: str) -> ModelRef:
@@ -225,6 +234,15 @@ class ControlPlane:
         using = self.rollouts.in_use(tenant, name, version)
         if using:
             raise ModelInUse(f"model is used by rollout(s) {', '.join(using)}; finish or abort them first")
+        # Devices told to run it (a finished rollout's target, an assignment): a device that
+        # restarts, or is behind, would fetch a package that is gone.
+        told = self.fleet.uses_model(tenant, name, version)
+        if told:
+            shown = ", ".join(told[:5]) + (f" and {len(told) - 5} more" if len(told) > 5 else "")
+            raise ModelInUse(
+                f"{len(told)} device(s) are told to run {name}:{version} ({shown}); roll them to another "
+                "version first"
+            )
         serving = [r.name for r in self.gateway.replicas if f"{name}:{version}" in (r.models or ())]
         if serving and self.registry(tenant).pool_digest(name, version) is not None:
             raise ModelInUse(
@@ -241,7 +259,17 @@ class ControlPlane:
         if not targets:
             raise ContractError(f"no device matches the selector {selector!r}", selector=selector)
         items = await asyncio.to_thread(self.fleet.next_config_many, tenant, targets, config)
-        await self.publish(items)
+        failed = await self.publish(items)
+        if failed:
+            # Nothing publishes a config again later (the driver re-publishes rollouts' states
+            # only): answered 200, it was lost while the broker was down.
+            shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+            raise BrokerUnavailable(
+                f"the config is recorded as the desired config of {len(items)} device(s) but could not be "
+                f"published to {len(failed)} ({shown}): the MQTT broker is unreachable; push it again once "
+                "it is back",
+                devices=len(failed),
+            )
         return [r.device_id for r in items]
 
     async def drive_forever(self) -> None:

@@ -18,7 +18,7 @@ from cloud.plane.rollouts.spec import (
     assign_waves,
 )
 from cloud.plane.store import as_utc, rollout_devices, rollouts, utcnow
-from shared.errors import ContractError, NotFound
+from shared.errors import Conflict, ContractError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,18 @@ class Rollouts:
         rid = uuid.uuid4().hex[:12]
         now = utcnow()
         with self.engine.begin() as conn:
+            busy = self._in_other_rollouts(conn, tenant, list(targets))
+            if busy:
+                # Two drivers would tell the same devices two models, each judging the other's
+                # answers (one rollout "completed" with every device timed out on the other's
+                # model), and a rollback of one would undo the other.
+                rollouts_named = ", ".join(sorted({r for r, _ in busy}))
+                raise Conflict(
+                    f"{len(busy)} of the {len(targets)} device(s) the selector matches are in a rollout "
+                    f"that is not finished ({rollouts_named}); finish, abort or roll it back first, or "
+                    "narrow the selector",
+                    selector=spec.selector,
+                )
             conn.execute(
                 rollouts.insert().values(
                     rollout_id=rid,
@@ -88,6 +100,27 @@ class Rollouts:
         )
         return self.show(tenant, rid)
 
+    @staticmethod
+    def _in_other_rollouts(conn: Connection, tenant: str, device_ids: list[str]) -> list[tuple[str, str]]:
+        """(rollout, device) of ``device_ids`` in the tenant's rollouts still running, paused or
+        rolling back."""
+        found: list[tuple[str, str]] = []
+        active = [s.value for s in IN_USE]
+        for start in range(0, len(device_ids), 500):  # bound parameters are capped
+            chunk = device_ids[start : start + 500]
+            found += conn.execute(
+                select(rollout_devices.c.rollout_id, rollout_devices.c.device_id)
+                .join(rollouts, rollouts.c.rollout_id == rollout_devices.c.rollout_id)
+                .where(
+                    and_(
+                        rollouts.c.tenant == tenant,
+                        rollouts.c.state.in_(active),
+                        rollout_devices.c.device_id.in_(chunk),
+                    )
+                )
+            ).all()
+        return [(r, d) for r, d in found]
+
     def _row(self, conn: Connection, tenant: str, rid: str, lock: bool = False) -> Any:
         stmt = select(rollouts).where(and_(rollouts.c.tenant == tenant, rollouts.c.rollout_id == rid))
         if lock and self.engine.dialect.name == "postgresql":
@@ -106,11 +139,21 @@ class Rollouts:
                 raise ContractError(
                     f"rollout is {row['state']}; this needs one of {', '.join(allowed)}", rollout_id=rid
                 )
-            conn.execute(
+            # Compare and set on the state just read: SQLite takes no row lock for the read, and
+            # of two actions at once (an abort and a rollback) both were acknowledged while the
+            # later write undid the earlier (a rollback answered "rolling_back", then aborted).
+            moved = conn.execute(
                 update(rollouts)
-                .where(rollouts.c.rollout_id == rid)
+                .where(and_(rollouts.c.rollout_id == rid, rollouts.c.state == row["state"]))
                 .values(state=to.value, message=msg, updated_at=utcnow())
-            )
+            ).rowcount
+            if moved != 1:
+                now = self._row(conn, tenant, rid)["state"]
+                raise Conflict(
+                    f"rollout changed to {now} while this action ran (another action, or its driver); "
+                    "look at it again and retry if it still applies",
+                    rollout_id=rid,
+                )
         return self.show(tenant, rid)
 
     def pause(self, tenant: str, rid: str) -> dict[str, Any]:

@@ -48,6 +48,9 @@ class RolloutDriver:
     # Device-row changes of the rollout being driven, written together (``_flush``).
     _writes: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     _rows_written: int = 0
+    # The driven rollout's state as this drive read or last wrote it: its writes to the rollout
+    # row are compared and set on it, so that an operator's action committed meanwhile wins.
+    _state: str = ""
     # Each rollout's device rows as this driver last committed them, by rollout id: only the
     # driver writes them after creation, so while the rollout's ``devices_version`` is the one
     # committed with them, a tick need not read 10,000 rows again (another replica that drove
@@ -130,6 +133,7 @@ class RolloutDriver:
         # them, nor trust rows they were applied to (taken out of ``_known`` until committed).
         self._writes.clear()
         self._rows_written = 0
+        self._state = ""
         known = self._known.pop(rid, None)
         with self.engine.begin() as conn:
             stmt = select(rollouts).where(rollouts.c.rollout_id == rid)
@@ -141,6 +145,7 @@ class RolloutDriver:
             r = RolloutRow.from_row(row._mapping)
             if r.lease_owner != self.owner or r.state not in DRIVEN:
                 return []  # another replica took over, or an operator changed it meanwhile
+            self._state = RolloutState(r.state).value
             self.drives += 1
             devs = (
                 known[1] if known is not None and known[0] == r.devices_version else _device_rows(conn, rid)
@@ -160,15 +165,23 @@ class RolloutDriver:
                 # that drove meanwhile (its lease ran out under a long tick) makes this drive roll
                 # back instead of committing changes made to rows it had not seen.
                 version += 1
+                # The state too: an operator's pause, abort or rollback committed during the tick
+                # (SQLite again) must not be followed by this tick's devices and desired states.
                 moved = conn.execute(
                     update(rollouts)
                     .where(
-                        and_(rollouts.c.rollout_id == rid, rollouts.c.devices_version == r.devices_version)
+                        and_(
+                            rollouts.c.rollout_id == rid,
+                            rollouts.c.devices_version == r.devices_version,
+                            rollouts.c.state == self._state,
+                        )
                     )
                     .values(devices_version=version)
                 ).rowcount
                 if moved != 1:
-                    raise ConcurrentDrive(f"rollout {rid} was driven by another replica during this tick")
+                    raise ConcurrentDrive(
+                        f"rollout {rid} was driven by another replica, or changed by an operator, during this tick"
+                    )
         self._known[rid] = (version, devs)
         return publishes
 
@@ -456,11 +469,18 @@ class RolloutDriver:
             )
 
     def _update_rollout(self, conn: Connection, rid: str, **values: Any) -> None:
+        """Set the rollout's columns, provided its state is still the one this drive read (or
+        last wrote): an operator's action committed meanwhile wins, and this tick rolls back."""
         if "state" in values:
             values["state"] = RolloutState(values["state"]).value
-        conn.execute(
-            update(rollouts).where(rollouts.c.rollout_id == rid).values(updated_at=self.clock(), **values)
-        )
+        moved = conn.execute(
+            update(rollouts)
+            .where(and_(rollouts.c.rollout_id == rid, rollouts.c.state == self._state))
+            .values(updated_at=self.clock(), **values)
+        ).rowcount
+        if moved != 1:
+            raise ConcurrentDrive(f"rollout {rid} was changed by an operator during this tick")
+        self._state = values.get("state", self._state)
 
 
 def _quality_verdict(evaluation: Any, target_id: str, max_drop: float) -> str | None:
