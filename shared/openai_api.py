@@ -20,14 +20,21 @@ class _Tolerant(BaseModel):
 
 def _encodable(value: Any) -> Any:
     """Text must be valid Unicode: JSON lets a lone surrogate (``"\\ud800"``) through, which no
-    tokenizer can encode."""
-    texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
-    for text in texts:
-        if isinstance(text, str):
+    tokenizer can encode. Strings, and the strings in lists and mappings (a tool's JSON schema),
+    keys included."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
             try:
-                text.encode("utf-8")
+                item.encode("utf-8")
             except UnicodeEncodeError as exc:
                 raise ValueError(f"text is not valid Unicode (lone surrogate at index {exc.start})") from exc
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
     return value
 
 
@@ -183,6 +190,9 @@ class FunctionCall(BaseModel):
     # JSON text, as OpenAI sends and expects it.
     arguments: str
 
+    # Read into the chat prompt: a lone surrogate there was a 500 (the tokenizer's TypeError).
+    _valid_arguments = field_validator("arguments")(_encodable)
+
 
 class ToolCall(BaseModel):
     id: str
@@ -196,6 +206,8 @@ class FunctionSpec(_Tolerant):
     # A JSON schema for the arguments (an object); none: any object.
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+
+    _valid_text = field_validator("description", "parameters")(_encodable)
 
 
 class Tool(_Tolerant):

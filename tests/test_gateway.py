@@ -312,3 +312,37 @@ def test_load_interval_is_validated() -> None:
     with pytest.raises(ValidationError):
         GatewaySettings.model_validate({"load_interval_s": 0.01})
     assert GatewaySettings().load_interval_s == 1.0
+
+
+def test_a_non_streaming_answer_is_cancelled_when_its_client_leaves() -> None:
+    """The control plane's gateway routes: a client gone before its answer cancels the forward
+    (which closes the upstream connection, and the pool cancels the generation: measured with a
+    real pool, 500 tokens generated for nobody before, 63-123 after); one that stays gets it."""
+    from edge_agent.serving.streaming import unless_the_client_leaves
+
+    cancelled = asyncio.Event()
+
+    async def generating() -> Any:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def leaves() -> dict[str, Any]:
+        await asyncio.sleep(0.05)
+        return {"type": "http.disconnect"}
+
+    async def stays() -> dict[str, Any]:
+        await asyncio.sleep(60)
+        return {"type": "http.disconnect"}
+
+    async def ready() -> Any:
+        return "the answer"
+
+    async def scenario() -> None:
+        assert await asyncio.wait_for(unless_the_client_leaves(generating(), leaves), 5) is None
+        assert cancelled.is_set()
+        assert await asyncio.wait_for(unless_the_client_leaves(ready(), stays), 5) == "the answer"
+
+    asyncio.run(scenario())

@@ -41,6 +41,10 @@ def test_closest_version_is_the_highest_below_else_the_lowest_above() -> None:
     assert closest_version("2024-06", {"2024-05", "2024-07"}) == "2024-05"
     assert closest_version("v2", {"v1", "beta"}) == "v1"
     assert closest_version("3", set()) is None
+    # Whatever a client writes is compared, never a 500: digits int() refuses ("²", or more than
+    # 4,300 of them) compare as text.
+    assert closest_version("²", {"1", "2"}) == "2"
+    assert closest_version("9" * 5000, {"1", "2"}) == "2"
 
 
 def _gateway(*lists: frozenset[str] | None) -> PoolGateway:

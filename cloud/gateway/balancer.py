@@ -431,7 +431,12 @@ class PoolGateway:
 
 def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
     """Numbers compare as numbers ("10" after "9"), text as text, numbers before text."""
-    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.findall(r"\d+|\D+", version))
+    # [0-9] only: \d and isdigit() take other digits ("²") that int() refuses (a 500), and a
+    # run that long compares as text (int() refuses more than 4,300 digits).
+    return tuple(
+        (0, int(p)) if p.isascii() and p.isdigit() and len(p) <= 18 else (1, p)
+        for p in re.findall(r"[0-9]+|[^0-9]+", version)
+    )
 
 
 def closest_version(wanted: str, available: set[str]) -> str | None:

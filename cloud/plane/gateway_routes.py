@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from edge_agent.serving.errors import answer_for, error_response, invalid_request
+from edge_agent.serving.streaming import unless_the_client_leaves
 from shared.errors import AutoGLMError
 from shared.openai_api import (
     VERSION_FALLBACK_HEADER,
@@ -67,9 +68,14 @@ class GatewayRoutes:
             return  # the client left before sending its request
         plane: ControlPlane = scope["app"].state.plane
         try:
-            response = await _answer(plane, route, scope, payload)
+            # A non-streaming forward is cancelled when the client leaves, which closes its
+            # upstream connection: the pool replica then cancels the generation, as it does for
+            # its own clients (it ran to its last token for nobody, holding its batch place).
+            response = await unless_the_client_leaves(_answer(plane, route, scope, payload), receive)
         except AutoGLMError as exc:
             response = answer_for(exc)
+        if response is None:
+            return  # the client left first: its upstream request was cancelled with it
         await response(scope, receive, send)
 
 

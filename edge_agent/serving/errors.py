@@ -36,6 +36,9 @@ def error_response(
 ) -> JSONResponse:
     """An answer for errors that are not ours (validation, routing): typed by status."""
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    # A chunked body past the cap is refused while it is read (an HTTPException, not ours):
+    # the same code as one refused by its Content-Length.
+    code = code or ("request_too_large" if status == 413 else None)
     return JSONResponse(ErrorEnvelope.of(message, kind, param, code), status_code=status)
 
 

@@ -7,8 +7,6 @@ Every answer carries ``X-AutoGLM-Served-By``.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -17,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge_agent.serving.service import SERVED_BY_HEADER, CompletionService, Overflow, ServedModel
-from edge_agent.serving.streaming import EventStream
+from edge_agent.serving.streaming import EventStream, unless_the_client_leaves
 from shared.openai_api import ChatCompletionRequest, CompletionRequest, ModelList
 
 
@@ -82,27 +80,11 @@ def openai_routes(responder: Callable[[Request], Responder], **router_kwargs: An
 
 
 async def cancel_on_disconnect(request: Request, answer: Awaitable[Response]) -> Response:
-    """Await a non-streaming answer, cancelling it if the client goes away first: an abandoned
-    request must not hold the generator (as vLLM does). Streams stop by themselves when their
-    reader does."""
-    work = asyncio.ensure_future(answer)
-
-    async def gone() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(gone())
-    try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if not work.done():
-        work.cancel()
-        with contextlib.suppress(BaseException):
-            await work
-        # Nobody reads this; the status is for the access log.
-        return Response(status_code=499)
-    return work.result()
+    """Await a non-streaming answer, cancelling it if the client goes away first
+    (:func:`unless_the_client_leaves`)."""
+    response = await unless_the_client_leaves(answer, request.receive)
+    # Nobody reads a 499; the status is for the access log.
+    return Response(status_code=499) if response is None else response
 
 
 class ServedByHeader:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -75,3 +75,31 @@ class EventStream(StreamingResponse):
                 task.uncancel()  # the body swallowed our cancel; it must not outlive the response
         if self.background is not None:
             await self.background()
+
+
+T = TypeVar("T")
+
+
+async def unless_the_client_leaves(answer: Awaitable[T], receive: Receive) -> T | None:
+    """``answer``, or None when the client goes away first (an ``http.disconnect`` from
+    ``receive``, the request's body already read): a non-streaming answer is then cancelled, as
+    vLLM cancels one, so an abandoned request does not hold the generator (or, through the
+    cloud's gateway, its upstream connection and so the pool's). Streams stop by themselves
+    when their reader does."""
+    work = asyncio.ensure_future(answer)
+
+    async def gone() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not work.done():
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await work
+        return None
+    return work.result()
