@@ -52,7 +52,7 @@ def previous_model(
     return model
 
 
-def _chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
+def in_chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
     """``ids`` in IN lists of at most ``_IN_CHUNK`` (SQLite and PostgreSQL cap bound parameters)."""
     for start in range(0, len(ids), _IN_CHUNK):
         yield ids[start : start + _IN_CHUNK]
@@ -395,7 +395,7 @@ class Fleet:
         found: dict[tuple[str, str], dict[str, str | None]] = {}
         for tenant in {t for t, _ in keys}:
             ids = sorted(d for t, d in keys if t == tenant)
-            for chunk in _chunks(ids):
+            for chunk in in_chunks(ids):
                 rows = conn.execute(_HISTORY_COLUMNS, {"b_tenant": tenant, "b_ids": list(chunk)})
                 for device_id, status, phase, model in rows:
                     found[(tenant, device_id)] = {"status": status, "phase": phase, "active_model": model}
@@ -484,7 +484,7 @@ class Fleet:
         out = self._matching(tenant, selector)
         unknown = [d for d, desired in out.items() if not desired]
         with self.engine.connect() as conn:
-            for chunk in _chunks(unknown):
+            for chunk in in_chunks(unknown):
                 for device_id, reported in conn.execute(
                     select(devices.c.device_id, devices.c.reported).where(
                         and_(devices.c.tenant == tenant, devices.c.device_id.in_(chunk))
@@ -540,7 +540,7 @@ class Fleet:
                         )
                     )
                 }
-            for ids in _chunks(sorted(set(overdue) - rows.keys())):
+            for ids in in_chunks(sorted(set(overdue) - rows.keys())):
                 rows.update(
                     (r.device_id, r)
                     for r in conn.execute(
@@ -556,7 +556,7 @@ class Fleet:
             # report was most of this method's time in a 10,000-device rollout (py-spy).
             parts = [devices.c.reported[key].label(key) for key in OUTCOME_KEYS]
             outcomes: dict[str, dict[str, Any]] = {}
-            for ids in _chunks(asked):
+            for ids in in_chunks(asked):
                 for device_id, *values in conn.execute(
                     select(devices.c.device_id, *parts).where(
                         and_(devices.c.tenant == tenant, devices.c.device_id.in_(ids))
@@ -671,7 +671,7 @@ class Fleet:
         statements per 500 devices: how a wave of 10,000 starts."""
         new_model = model.model_dump(mode="json") if model is not None else None
         out: dict[str, DesiredRecord] = {}
-        for chunk in _chunks(device_ids):
+        for chunk in in_chunks(device_ids):
             where = and_(devices.c.tenant == tenant, devices.c.device_id.in_(chunk))
             conn.execute(
                 update(devices)
@@ -723,7 +723,7 @@ class Fleet:
             ]
 
         out: dict[str, DesiredRecord] = {}
-        for chunk in _chunks(device_ids):
+        for chunk in in_chunks(device_ids):
             out.update(
                 (r.device_id, r) for r in in_transaction(self.engine, functools.partial(record, chunk=chunk))
             )

@@ -238,9 +238,8 @@ class ControlPlane:
         # restarts, or is behind, would fetch a package that is gone.
         told = self.fleet.uses_model(tenant, name, version)
         if told:
-            shown = ", ".join(told[:5]) + (f" and {len(told) - 5} more" if len(told) > 5 else "")
             raise ModelInUse(
-                f"{len(told)} device(s) are told to run {name}:{version} ({shown}); roll them to another "
+                f"{len(told)} device(s) are told to run {name}:{version} ({_some(told)}); roll them to another "
                 "version first"
             )
         serving = [r.name for r in self.gateway.replicas if f"{name}:{version}" in (r.models or ())]
@@ -263,10 +262,9 @@ class ControlPlane:
         if failed:
             # Nothing publishes a config again later (the driver re-publishes rollouts' states
             # only): answered 200, it was lost while the broker was down.
-            shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
             raise BrokerUnavailable(
                 f"the config is recorded as the desired config of {len(items)} device(s) but could not be "
-                f"published to {len(failed)} ({shown}): the MQTT broker is unreachable; push it again once "
+                f"published to {len(failed)} ({_some(failed)}): the MQTT broker is unreachable; push it again once "
                 "it is back",
                 devices=len(failed),
             )
@@ -292,3 +290,8 @@ class ControlPlane:
     def close(self) -> None:
         self.ingest.close()
         self.engine.dispose()
+
+
+def _some(ids: list[str]) -> str:
+    """The first five of ``ids`` and how many more, for a message."""
+    return ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")

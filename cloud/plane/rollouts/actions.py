@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, func, select, update
 
-from cloud.plane.fleet import Fleet, Selector
+from cloud.plane.fleet import Fleet, Selector, in_chunks
 from cloud.plane.rollouts.spec import (
     IN_USE,
     DeviceState,
@@ -106,8 +106,7 @@ class Rollouts:
         rolling back."""
         found: list[tuple[str, str]] = []
         active = [s.value for s in IN_USE]
-        for start in range(0, len(device_ids), 500):  # bound parameters are capped
-            chunk = device_ids[start : start + 500]
+        for chunk in in_chunks(device_ids):
             found += conn.execute(
                 select(rollout_devices.c.rollout_id, rollout_devices.c.device_id)
                 .join(rollouts, rollouts.c.rollout_id == rollout_devices.c.rollout_id)
