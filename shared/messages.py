@@ -11,7 +11,7 @@ from pydantic import Field, SerializerFunctionWrapHandler, StrictBool, model_ser
 from shared.errors import ImpersonationError
 from shared.ids import Digest, Name
 from shared.signing import Signature
-from shared.wire import WireDocument, WireModel
+from shared.wire import Text, WireDocument, WireModel
 
 # v2: desired states and commands are signed by the control key and name their device, tenant
 # and expiry; commands carry a monotonic counter; reported states say why a control message was
@@ -91,13 +91,13 @@ class Phase(StrEnum):
 
 
 class ErrorInfo(WireModel):
-    code: str
-    message: str
+    code: Text
+    message: Text
     at: datetime = Field(default_factory=utc_now)
 
 
 class Capabilities(WireModel):
-    providers: list[str] = Field(default_factory=list)
+    providers: list[Text] = Field(default_factory=list)
     memory_bytes: Annotated[int, Field(strict=True, ge=0)] = 0
     disk_free_bytes: Annotated[int, Field(strict=True, ge=0)] = 0
 
@@ -111,8 +111,8 @@ class EvalReport(WireModel):
     """What a device measured with a package's evaluation set (shared/manifest.py ``EvalSet``)
     on the model it activated."""
 
-    model: str  # name:version evaluated
-    reference: str  # the model whose answers the set holds
+    model: Text  # name:version evaluated
+    reference: Text  # the model whose answers the set holds
     cases: Annotated[int, Field(strict=True, ge=1)]
     tokens: Annotated[int, Field(strict=True, ge=1)]
     # Share of the reference answers' tokens that are this model's top choice, given the
@@ -162,13 +162,13 @@ class DeviceStatus(WireDocument):
 class TelemetryRecord(WireModel):
     id: RecordId
     at: datetime
-    model: str
+    model: Text
     served_by: Literal["local", "cloud"]
     prompt_tokens: Annotated[int, Field(strict=True, ge=0)]
     completion_tokens: Annotated[int, Field(strict=True, ge=0)]
     latency_ms: Annotated[float, Field(ge=0)]
     ok: StrictBool = True
-    error: str | None = None
+    error: Text | None = None
 
 
 class TelemetryBatch(WireDocument):
@@ -270,7 +270,7 @@ class CommandReply(WireDocument):
     request_id: Annotated[str, Field(min_length=1, max_length=64)]
     device_id: Name
     ok: StrictBool
-    detail: str = ""
+    detail: Text = ""
 
 
 DeviceMessage = TypeVar(

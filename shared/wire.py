@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared.errors import ContractError
 
@@ -13,6 +13,17 @@ from shared.errors import ContractError
 MAX_CONTROL_PAYLOAD = 256 * 1024
 
 T = TypeVar("T", bound="WireDocument")
+
+
+def _storable(value: str) -> str:
+    # JSON allows "\u0000" in a string; PostgreSQL's text columns refuse it, and a report whose
+    # error message held one failed its whole batch and was refused again each time the device
+    # sent it again. Free text is shown, not compared: the replacement character stands in.
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+# Free text a device sends (error messages, details): stored and shown as it came, but for NUL.
+Text = Annotated[str, AfterValidator(_storable)]
 
 
 def canonical_json(data: Any) -> bytes:

@@ -139,7 +139,7 @@ def test_staged_rollouts_gates_rollback_pause_abort_and_offline_devices(
         before = cloud.rollout(rid)["devices"]
         time.sleep(2.0)
         assert cloud.rollout(rid)["devices"] == before  # nothing moves while paused
-        assert cloud.api("POST", f"/v1/rollouts/{rid}/pause").status_code == 400  # already paused
+        assert cloud.api("POST", f"/v1/rollouts/{rid}/pause").status_code == 409  # already paused
         cloud.ok("POST", f"/v1/rollouts/{rid}/resume")
         cloud.wait_rollout(rid, ("completed",))
         assert {d["active_model"] for d in cloud.devices().values()} == {"demo-glm:2"}

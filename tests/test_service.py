@@ -57,7 +57,7 @@ def _isolated_plane(
     from cloud.plane.auth import ApiKeys, Scope
     from cloud.plane.store import make_engine, migrate
 
-    db = f"sqlite:///{tmp_path / 'cp.sqlite3'}"
+    db = overrides.pop("database_url", None) or f"sqlite:///{tmp_path / 'cp.sqlite3'}"
     engine = make_engine(db)
     migrate(engine)
     keys = {scope: ApiKeys(engine).create("default", scope, cast(Scope, scope))[1] for scope in scopes}
@@ -105,7 +105,7 @@ def test_rest_answers_match_their_views(plane_client: tuple[TestClient, str]) ->
     client, key = plane_client
     auth = {"authorization": f"Bearer {key}"}
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/v1/devices", headers=auth).json() == {"devices": []}
+    assert client.get("/v1/devices", headers=auth).json() == {"devices": [], "next_after": None}
     assert client.get("/v1/rollouts", headers=auth).json() == {"rollouts": []}
     assert client.get("/v1/models", headers=auth).json() == {"object": "list", "data": [], "models": []}
     made = client.post("/v1/keys", json={"name": "ci", "scope": "inference"}, headers=auth)
@@ -301,4 +301,122 @@ def test_an_operator_hears_when_the_broker_is_down_and_bad_input_stays_a_quick_4
         plane: ControlPlane = client.app.state.plane  # type: ignore[attr-defined]
         with pytest.raises(ModelInUse, match="d1"):
             plane.delete_model("default", "m", "1")
+    engine.dispose()
+
+
+def test_devices_come_in_pages_rollouts_without_their_device_lists_and_keys_are_named_sanely(
+    tmp_path: Path,
+) -> None:
+    """A fleet is paged by device id (``limit``, ``after``, ``next_after``), selectors apply
+    within pages; rollouts list with wave counts alone on ``?devices=false``; a key's name has
+    no control characters and its lifetime is at least a second (1e-300 s made a dead key)."""
+    from cloud.plane.fleet import Fleet
+    from cloud.plane.rollouts.actions import Rollouts
+    from cloud.plane.rollouts.spec import RolloutSpec
+    from cloud.plane.store import make_engine
+    from shared.messages import DeviceStatus, ModelRef
+
+    settings, keys = _isolated_plane(tmp_path, ("admin",))
+    engine = make_engine(settings.database_url)
+    fleet = Fleet(engine)
+    ids = [f"dev{i:02d}" for i in range(25)]
+    fleet.record([("default", DeviceStatus(device_id=d, state="online")) for d in ids])
+    for d in ids[::2]:
+        fleet.set_labels("default", d, {"tier": "even"}, replace=False)
+    model = ModelRef(name="m", version="1", manifest_digest="sha256:" + "c" * 64, manifest_size=10)
+    made = Rollouts(engine, fleet).create("default", RolloutSpec(model=model, waves=(50.0, 100.0)))
+    auth = {"authorization": f"Bearer {keys['admin']}"}
+    with TestClient(create_app(settings)) as client:
+
+        def pages(**params: object) -> list[list[str]]:
+            out, after = [], ""
+            while True:
+                r = client.get("/v1/devices", params={**params, "after": after}, headers=auth)
+                assert r.status_code == 200, r.text
+                out.append([d["device_id"] for d in r.json()["devices"]])
+                after = r.json()["next_after"]
+                if after is None:
+                    return out
+                assert after == out[-1][-1]
+
+        assert pages(limit=10) == [ids[:10], ids[10:20], ids[20:]]
+        assert pages(limit=25) == [ids]
+        assert pages(limit=5, selector="tier=even") == [ids[0:10:2], ids[10:20:2], ids[20:25:2]]
+        everyone = client.get("/v1/devices", headers=auth).json()
+        assert [d["device_id"] for d in everyone["devices"]] == ids and everyone["next_after"] is None
+        for bad in ({"limit": 0}, {"limit": 10_001}, {"limit": "x"}, {"after": "a" * 65}):
+            r = client.get("/v1/devices", params=bad, headers=auth)
+            assert r.status_code == 400, (bad, r.text)
+
+        full = client.get("/v1/rollouts", headers=auth).json()["rollouts"]
+        brief = client.get("/v1/rollouts", params={"devices": "false"}, headers=auth).json()["rollouts"]
+        assert [r["rollout_id"] for r in brief] == [made["rollout_id"]] == [r["rollout_id"] for r in full]
+        assert len(full[0]["devices"]) == 25 and brief[0]["devices"] == []
+        assert brief[0]["waves"] == full[0]["waves"]
+        assert sum(w["devices"] for w in brief[0]["waves"]) == 25
+
+        for body in (
+            {"name": "ci\nadmin key rotated", "scope": "inference"},
+            {"name": "tab\there", "scope": "inference"},
+            {"name": "ci", "scope": "inference", "expires_in_s": 1e-300},
+            {"name": "ci", "scope": "inference", "expires_in_s": 0.5},
+        ):
+            r = client.post("/v1/keys", json=body, headers=auth)
+            assert r.status_code == 400, (body, r.text)
+        r = client.post(
+            "/v1/keys", json={"name": "ci é", "scope": "inference", "expires_in_s": 1}, headers=auth
+        )
+        assert r.status_code == 201, r.text
+    engine.dispose()
+
+
+@pytest.mark.e2e
+def test_a_nul_in_an_id_key_or_device_message_is_refused_not_a_500_on_postgresql(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """PostgreSQL refuses a NUL in text: "%00" in a device or rollout id, or in an API key at
+    the console's sign-in (before any account), was a 500 with a traceback; a device's report
+    whose error message held one failed its whole ingest batch, again each time it was sent."""
+    from cloud.plane.fleet import Fleet
+    from cloud.plane.store import make_engine
+    from shared.messages import DeviceStatus, ReportedState
+
+    settings, keys = _isolated_plane(tmp_path, ("admin",), database_url=postgres_url)
+    auth = {"authorization": f"Bearer {keys['admin']}"}
+    engine = make_engine(postgres_url)
+    fleet = Fleet(engine)
+    report = ReportedState.from_json(
+        b'{"schema": "autoglm.mqtt/v3", "kind": "reported", "device_id": "d0", "revision": 0, '
+        b'"phase": "failed", "last_error": {"code": "bad\\u0000", "message": "byte \\u0000 here"}}'
+    )
+    fleet.record([("default", report), ("default", DeviceStatus(device_id="d1", state="online"))])
+    shown = fleet.get("default", "d0").public()["last_error"]
+    assert (shown["code"], shown["message"]) == ("bad\ufffd", "byte \ufffd here")
+    assert fleet.get("default", "d1").status == "online"  # stored in the same batch
+    from cloud.console import install as install_console
+
+    app = create_app(settings)
+    install_console(app)
+    with TestClient(app) as client:
+        for method, path in (
+            ("GET", "/v1/devices/%00"),
+            ("GET", "/v1/devices/d%00"),
+            ("GET", "/v1/rollouts/%00"),
+            ("POST", "/v1/rollouts/%00/abort"),
+            ("DELETE", "/v1/keys/%00"),
+        ):
+            r = client.request(method, path, headers=auth)
+            assert r.status_code == 404, (method, path, r.status_code, r.text)
+        r = client.get("/v1/devices", headers={"authorization": "Bearer agk_\x00\x00_secret"})
+        assert r.status_code == 401, r.text
+        r = client.put("/v1/devices/d%00/labels", json={"labels": {"a": "b"}}, headers=auth)
+        assert r.status_code in (400, 404), r.text
+        r = client.post("/v1/config", json={"selector": "", "config": {"x\u0000": 1}}, headers=auth)
+        assert r.status_code == 400, r.text
+        page = client.get("/ui/login")
+        token = page.cookies["agc_login"]
+        r = client.post(
+            "/ui/login", data={"api_key": "agk_\x00_x", "login_token": token}, follow_redirects=False
+        )
+        assert r.status_code == 401 and "text/html" in r.headers["content-type"], r.text[:300]
     engine.dispose()

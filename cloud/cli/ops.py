@@ -311,7 +311,7 @@ def rollout_create(
 @rollout_app.command("ls")
 def rollout_ls(as_json: JsonOpt = False, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = "") -> None:
     """List rollouts."""
-    items = call(url, api_key, "GET", "/v1/rollouts")["rollouts"]
+    items = call(url, api_key, "GET", "/v1/rollouts?devices=false")["rollouts"]
     if as_json:
         console.print_json(json.dumps(items))
         return
@@ -323,7 +323,7 @@ def rollout_ls(as_json: JsonOpt = False, url: UrlOpt = DEFAULT_URL, api_key: Key
             model,
             r["state"],
             f"{r['current_wave'] + 1}/{len(r['waves'])}",
-            str(len(r["devices"])),
+            str(sum(w["devices"] for w in r["waves"])),
             r["message"],
         )
     console.print(table)

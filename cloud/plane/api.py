@@ -8,8 +8,9 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import DataError
 
-from cloud.plane.auth import MAX_KEY_LIFETIME_S, Principal, Scope
+from cloud.plane.auth import MAX_KEY_LIFETIME_S, MIN_KEY_LIFETIME_S, Principal, Scope
 from cloud.plane.fleet import Selector
 from cloud.plane.service import ControlPlane
 from cloud.plane.views import (
@@ -31,7 +32,7 @@ from cloud.plane.views import (
     model_view,
 )
 from cloud.registry import ModelRegistry
-from edge_agent.serving.errors import install_error_handlers
+from edge_agent.serving.errors import error_response, install_error_handlers
 from shared.errors import NotFound
 from shared.openai_api import (
     VERSION_FALLBACK_HEADER,
@@ -108,10 +109,11 @@ class CommandBody(_Body):
 
 
 class KeyBody(_Body):
-    name: Annotated[str, Field(min_length=1, max_length=200)]
+    # Shown in listings, logs and the console: no control characters (a newline forges a line).
+    name: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
     scope: Scope
     # None: the key never expires.
-    expires_in_s: Annotated[float, Field(gt=0, le=MAX_KEY_LIFETIME_S)] | None = None
+    expires_in_s: Annotated[float, Field(ge=MIN_KEY_LIFETIME_S, le=MAX_KEY_LIFETIME_S)] | None = None
 
 
 class ConfigBody(_Body):
@@ -123,6 +125,8 @@ probes = APIRouter()
 # The fallback gateway's routes, matched before every other route: they carry the traffic.
 gateway = APIRouter(prefix="/v1")
 v1 = APIRouter(prefix="/v1")
+# The most devices one page of GET /v1/devices may ask for.
+MAX_PAGE = 10_000
 
 
 @probes.get("/healthz")
@@ -164,9 +168,29 @@ async def metrics(request: Request) -> Response:
 
 # -- devices ---------------------------------------------------------------------------------------
 @v1.get("/devices")
-async def list_devices(plane: Plane, who: Operator, selector: Annotated[str, Query()] = "") -> DeviceList:
-    found = await asyncio.to_thread(plane.fleet.list_devices, who.tenant, Selector.parse(selector))
-    return DeviceList.model_validate({"devices": [d.public() for d in found]})
+async def list_devices(
+    plane: Plane,
+    who: Operator,
+    selector: Annotated[str, Query()] = "",
+    after: Annotated[str, Query(max_length=64)] = "",
+    limit: Annotated[int | None, Query(ge=1, le=MAX_PAGE)] = None,
+) -> DeviceList:
+    """The devices ``selector`` matches, by id; with ``limit``, a page of at most that many after
+    the id ``after``, and ``next_after`` the id to ask the next page after (null on the last)."""
+    found = await asyncio.to_thread(
+        plane.fleet.list_devices,
+        who.tenant,
+        Selector.parse(selector),
+        after=after,
+        limit=None if limit is None else limit + 1,
+    )
+    more = limit is not None and len(found) > limit
+    return DeviceList.model_validate(
+        {
+            "devices": [d.public() for d in found[:limit]],
+            "next_after": found[limit - 1].device_id if more and limit is not None else None,
+        }
+    )
 
 
 @v1.get("/devices/{device_id}")
@@ -251,8 +275,11 @@ async def create_rollout(body: RolloutBody, plane: Plane, who: Operator) -> Roll
 
 
 @v1.get("/rollouts")
-async def list_rollouts(plane: Plane, who: Operator) -> RolloutList:
-    return RolloutList.model_validate({"rollouts": await asyncio.to_thread(plane.rollouts.list, who.tenant)})
+async def list_rollouts(plane: Plane, who: Operator, devices: bool = True) -> RolloutList:
+    """Every rollout, oldest first, with (unless ``?devices=false``) every device's state."""
+    return RolloutList.model_validate(
+        {"rollouts": await asyncio.to_thread(plane.rollouts.list, who.tenant, devices)}
+    )
 
 
 @v1.get("/rollouts/{rollout_id}")
@@ -375,6 +402,14 @@ async def gateway_state(plane: Plane, who: Operator) -> GatewayState:
 
 def install(app: FastAPI) -> None:
     install_error_handlers(app)
+
+    @app.exception_handler(DataError)
+    async def _unstorable(_: Request, exc: DataError) -> JSONResponse:
+        # A value the database cannot hold or compare, from the request (PostgreSQL refuses a
+        # NUL in text: "%00" in an id was a 500): the client's to fix. Ids and keys are checked
+        # before they reach a query; this covers what is stored as it came.
+        reason = str(getattr(exc, "orig", exc)).splitlines()[0]
+        return error_response(400, f"the request holds a value the database cannot store: {reason}")
 
     app.include_router(gateway)
     app.include_router(probes)

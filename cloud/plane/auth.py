@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import re
 import secrets
 import threading
 import time
@@ -32,8 +33,11 @@ SCOPES: tuple[Scope, ...] = (*ORDERED, "pool")
 KEY_PREFIX = "agk"
 # Longest a key may be made to live (ten years); keys without an expiry never expire.
 MAX_KEY_LIFETIME_S = 10 * 365 * 86400
+MIN_KEY_LIFETIME_S = 1
 # Compared against when a key id is unknown, so a miss costs the same as a wrong secret.
 _NO_SECRET = hashlib.sha256(b"no such key").hexdigest()
+# A key id as create() makes it (secrets.token_hex(6)).
+_KEY_ID = re.compile(r"[0-9a-f]{12}")
 
 
 @dataclass(frozen=True)
@@ -117,11 +121,16 @@ class ApiKeys:
             raise ContractError(f"scope must be one of {', '.join(SCOPES)}", scope=scope)
         if not 0 < len(name) <= 200:
             raise ContractError("a key's name is 1 to 200 characters", name=name[:40])
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+            # Listings, logs and the console show it: a newline forges a line.
+            raise ContractError("a key's name has no control characters", name=name[:40])
         expires_at: datetime | None = None
         if expires_in_s is not None:
-            if not 0 < expires_in_s <= MAX_KEY_LIFETIME_S:
+            # At least a second: a shorter lifetime made a key that was expired as it was made.
+            if not MIN_KEY_LIFETIME_S <= expires_in_s <= MAX_KEY_LIFETIME_S:
                 raise ContractError(
-                    f"expires_in_s is in (0, {MAX_KEY_LIFETIME_S}] seconds", expires_in_s=expires_in_s
+                    f"expires_in_s is in [{MIN_KEY_LIFETIME_S}, {MAX_KEY_LIFETIME_S}] seconds",
+                    expires_in_s=expires_in_s,
                 )
             expires_at = utcnow() + timedelta(seconds=expires_in_s)
         key_id = secrets.token_hex(6)
@@ -147,6 +156,9 @@ class ApiKeys:
         if len(parts) != 3 or parts[0] != KEY_PREFIX:
             return None
         _, key_id, secret = parts
+        if not _KEY_ID.fullmatch(key_id):
+            # Not one we make; and PostgreSQL refuses a NUL in a query's text (a 500 at sign-in).
+            return None
         with self.engine.connect() as conn:
             row = conn.execute(
                 select(api_keys).where(and_(api_keys.c.key_id == key_id, api_keys.c.revoked.is_(False)))
@@ -188,6 +200,8 @@ class ApiKeys:
         # This replica forgets every remembered answer now; the others within verify_ttl_s.
         with self._lock:
             self._verified.clear()
+        if not _KEY_ID.fullmatch(key_id):
+            return False
         with self.engine.begin() as conn:
             result = conn.execute(
                 update(api_keys)

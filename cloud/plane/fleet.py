@@ -454,13 +454,24 @@ class Fleet:
         return added
 
     # -- queries --------------------------------------------------------------------------------
-    def list_devices(self, tenant: str, selector: Selector | None = None) -> list[Device]:
+    def list_devices(
+        self, tenant: str, selector: Selector | None = None, *, after: str = "", limit: int | None = None
+    ) -> list[Device]:
+        """The tenant's devices ``selector`` matches, by id: those after ``after``, at most
+        ``limit`` of them (a page; the next starts after the last one's id)."""
+        query = select(devices).where(devices.c.tenant == tenant).order_by(devices.c.device_id)
+        if after:
+            query = query.where(devices.c.device_id > after)
+        found: list[Device] = []
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(devices).where(devices.c.tenant == tenant).order_by(devices.c.device_id)
-            ).all()
-        found = [Device.from_row(r) for r in rows]
-        return [d for d in found if selector is None or selector.matches(d.labels)]
+            # Streamed, so that a page of a large fleet reads only as far as it needs.
+            for row in conn.execution_options(yield_per=1_000).execute(query):
+                device = Device.from_row(row)
+                if selector is None or selector.matches(device.labels):
+                    found.append(device)
+                    if limit is not None and len(found) >= limit:
+                        break
+        return found
 
     def matching(self, tenant: str, selector: Selector) -> list[str]:
         """The ids of the tenant's devices ``selector`` matches, in order (their labels only)."""
@@ -581,6 +592,9 @@ class Fleet:
         }
 
     def get(self, tenant: str, device_id: str) -> Device:
+        if not is_valid_name(device_id):
+            # No device has such an id (PostgreSQL refuses a NUL in a query's text: a 500).
+            raise NotFound("no such device", device_id=device_id)
         with self.engine.connect() as conn:
             row = conn.execute(
                 select(devices).where(and_(devices.c.tenant == tenant, devices.c.device_id == device_id))

@@ -49,6 +49,8 @@ class DeviceView(View):
 
 class DeviceList(View):
     devices: list[DeviceView]
+    # With ?limit: the id the next page starts after (null on the last page).
+    next_after: str | None = None
 
 
 # -- models ----------------------------------------------------------------------------------------
