@@ -112,10 +112,10 @@ class EdgeAgent:
         s = self.reconciler.state
         try:
             self.control.check(desired)
-            if desired.revision < s.applied_revision:
+            if desired.revision < s.revision_floor:
                 raise ControlRejected(
-                    f"desired revision {desired.revision} is older than revision {s.applied_revision} "
-                    "already applied (a replay)",
+                    f"desired revision {desired.revision} is older than revision {s.revision_floor} "
+                    "already accepted (a replay)",
                     code="stale_revision",
                 )
         except ControlRejected as exc:

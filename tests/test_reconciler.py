@@ -306,3 +306,70 @@ def test_a_first_download_superseded_goes_back_to_idle(dev: Device) -> None:
 
     asyncio.run(scenario())
     assert dev.rec.state.phase == Phase.IDLE and dev.serving is None and Phase.FAILED not in dev.phases()
+
+
+def test_a_download_that_fails_or_is_given_up_keeps_the_previous_model_for_a_rollback(dev: Device) -> None:
+    """Only staging touches the standby slot: a failed or superseded download used to clear its
+    record of the previous model, so the rollback command found nothing to go back to and going
+    back took a whole download."""
+    from shared.errors import FetchError
+
+    v1, v2, v3, v4 = (package(dev.source, str(i), i) for i in (1, 2, 3, 4))
+    dev.apply(1, v1)
+    dev.apply(2, v2)
+    dev.fetcher.fail = FetchError("the manifest never came")
+    s = dev.apply(3, v3)
+    assert s.phase == Phase.FAILED and s.slots == {"a": v1, "b": v2} and dev.serving == "m:2"
+    dev.fetcher.fail = None
+
+    async def give_up_a_download() -> None:
+        dev.fetcher.gate = asyncio.Event()
+        first = asyncio.create_task(dev.rec.apply(DesiredState(revision=4, model=v3)))
+        while dev.rec.state.phase != Phase.FETCHING:  # noqa: ASYNC110 (the reconciler's own state)
+            await asyncio.sleep(0.01)
+        dev.rec.offer(DesiredState(revision=5, model=v4))
+        await asyncio.wait_for(first, 5)
+        dev.fetcher.gate = None
+
+    asyncio.run(give_up_a_download())
+    assert dev.rec.state.slots == {"a": v1, "b": v2}
+    fetched = list(dev.fetcher.fetched)
+    ok, detail = asyncio.run(dev.rec.rollback())
+    assert ok and dev.serving == "m:1" and detail.startswith("serving m:1"), detail
+    assert dev.fetcher.fetched == fetched  # a switch, nothing downloaded
+
+
+def test_a_slot_being_staged_holds_no_model_until_staging_ends(
+    dev: Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    v1, v2, v3 = package(dev.source, "1", 1), package(dev.source, "2", 2), package(dev.source, "3", 3)
+    dev.apply(1, v1)
+    dev.apply(2, v2)
+    saved: list[AgentState] = []
+
+    def stage_fails(*args: Any) -> None:
+        saved.append(StateFile(dev.rec.state_file.path).load())  # what a crash here would find
+        raise OSError(5, "I/O error while writing the slot")
+
+    monkeypatch.setattr(dev.slots, "stage", stage_fails)
+    s = dev.apply(3, v3)
+    assert saved[0].slots == {"a": None, "b": v2} and saved[0].phase == Phase.VERIFYING
+    assert s.phase == Phase.FAILED and s.slots == {"a": None, "b": v2} and dev.serving == "m:2"
+
+
+def test_a_revision_older_than_one_that_failed_is_a_replay(dev: Device) -> None:
+    """An attacker on the broker held back a signed revision 3 and plays it after revision 4
+    failed: it used to be obeyed (only the applied revision, 2, was compared)."""
+    v1, v2 = package(dev.source, "1", 1), package(dev.source, "2", 2)
+    dev.apply(1, v1)
+    dev.apply(2, v2)
+    dev.broken_versions.add("1")
+    s = dev.apply(4, v1, allow_downgrade=True)
+    assert s.phase == Phase.FAILED and s.applied_revision == 2 and s.revision_floor == 4
+    dev.broken_versions.clear()
+    dev.reports.clear()
+    s = dev.apply(3, v1, allow_downgrade=True)
+    assert dev.reports == [] and dev.serving == "m:2" and s.applied_revision == 2
+    # A state file written before the newest accepted revision was kept knows a failed download's.
+    assert AgentState.model_validate({"applied_revision": 2, "target_revision": 4}).revision_floor == 4
+    assert dev.apply(5, v1, allow_downgrade=True).phase == Phase.ACTIVE and dev.serving == "m:1"

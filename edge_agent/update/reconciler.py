@@ -167,9 +167,10 @@ class Reconciler:
 
     async def apply(self, desired: DesiredState) -> None:
         s = self.state
-        if desired.revision < s.applied_revision:
-            log.info("ignoring stale desired revision %d (applied %d)", desired.revision, s.applied_revision)
+        if desired.revision < s.revision_floor:
+            log.info("ignoring stale desired revision %d (accepted %d)", desired.revision, s.revision_floor)
             return
+        s.accepted_revision = max(s.accepted_revision, desired.revision)
         await self._take_config(desired)
         if desired.model is None or desired.model == s.active_model:
             s.applied_revision = desired.revision
@@ -303,6 +304,10 @@ class Reconciler:
             await self._transition(Phase.VERIFYING)
             await asyncio.to_thread(self._verify_cache, manifest)
             slot = s.target_slot
+            # Its files are about to be replaced: from here the slot holds no model it can vouch
+            # for until staging ends (saved first, so that a crash in between says so too).
+            s.slots[slot] = None
+            self.state_file.save(s)
             await asyncio.to_thread(self.slots.stage, slot, manifest, manifest_bytes, self.cache)
             s.slots[slot] = ref
             await self._transition(Phase.STAGED)
@@ -375,11 +380,22 @@ class Reconciler:
         highest = self.state.releases.get(manifest.name, -1)
         self.state.releases[manifest.name] = max(highest, manifest.release_number)
 
+    def _forget_staged_target(self) -> None:
+        """The standby slot forgets the target only if the target reached it (staged, then failed
+        its smoke test, say). A download that failed or was given up never touched the slot: it
+        still holds the previous model, the instant rollback's (and a switch's) source."""
+        s = self.state
+        if (
+            s.target_slot is not None
+            and s.target_slot != s.active_slot
+            and s.slots.get(s.target_slot) == s.target
+        ):
+            s.slots[s.target_slot] = None
+
     async def _superseded(self) -> None:
         """A download given up for a newer desired state: back to serving what is active."""
         s = self.state
-        if s.target_slot is not None and s.target_slot != s.active_slot:
-            s.slots[s.target_slot] = None
+        self._forget_staged_target()
         s.target, s.target_slot = None, None
         await self._transition(Phase.ACTIVE if self.host.current is not None else Phase.IDLE)
 
@@ -401,8 +417,8 @@ class Reconciler:
             code = type(exc).__name__
         log.error("update failed (%s): %s; staying on the current model", code, exc)
         s = self.state
-        if clear_target_slot and s.target_slot is not None and s.target_slot != s.active_slot:
-            s.slots[s.target_slot] = None
+        if clear_target_slot:
+            self._forget_staged_target()
         s.last_error = ErrorInfo(code=code, message=str(exc))
         s.phase = Phase.FAILED
         self.save_state()

@@ -25,6 +25,9 @@ class AgentState(BaseModel):
     # The desired revision being worked on, and the last one fully applied.
     target_revision: int = -1
     applied_revision: int = -1
+    # The newest desired revision accepted, whatever became of it (applied, being applied, failed
+    # or superseded): anything older is a replay, even while the newer one has not applied.
+    accepted_revision: int = -1
     target: ModelRef | None = None
     target_slot: SlotName | None = None
     # The desired state asking for ``target`` authorized a downgrade (a signed rollback).
@@ -51,6 +54,12 @@ class AgentState(BaseModel):
     def _renamed_phase(cls, value: Any) -> Any:
         # State files written before wire schema v3 call a switch "rolling_back".
         return Phase.SWITCHING if value == "rolling_back" else value
+
+    @property
+    def revision_floor(self) -> int:
+        """Desired revisions below this are stale (state files from before ``accepted_revision``
+        still know the revision they applied and the one they last tried)."""
+        return max(self.accepted_revision, self.applied_revision, self.target_revision)
 
     def standby_slot(self) -> SlotName:
         return "b" if self.active_slot == "a" else "a"
