@@ -22,7 +22,7 @@
      │    ├── NotFound (404) ── ModelNotFound (404)
      │    ├── Conflict (409) ── ModelInUse (409)
      │    ├── QueueFull (429), RateLimited (429)
-     │    ├── EngineError (500)
+     │    ├── EngineError (500), StorageFull (507)
      │    ├── ModelNotReady (503), EngineDown (503), CloudUnavailable (503),
      │    │   BrokerUnavailable (503)
      │    ├── PoolUnavailable (503) ── NoPool (503)
@@ -174,6 +174,11 @@ class EngineError(RequestError):
     """The model failed while generating."""
 
 
+class StorageFull(RequestError):
+    """The disk holding what the request must store is full: nothing was stored (the message
+    says where and what the storage said); freeing space there lets it through."""
+
+
 class ModelNotReady(RequestError):
     """No model is active here yet."""
 
@@ -234,6 +239,7 @@ HTTP_ERRORS: dict[type[Exception], HttpError] = {
     QueueFull: HttpError(429, "rate_limit_error", "queue_full"),
     RateLimited: HttpError(429, "rate_limit_error", "rate_limited"),
     EngineError: HttpError(500, _SERVER, "engine_error"),
+    StorageFull: HttpError(507, _SERVER, "storage_full"),
     ModelNotReady: HttpError(503, _SERVER, "model_not_ready"),
     EngineDown: HttpError(503, _SERVER, "engine_down"),
     CloudUnavailable: HttpError(503, _SERVER, "cloud_unavailable"),

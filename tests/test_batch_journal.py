@@ -109,6 +109,10 @@ BAD_FILES: list[tuple[bytes, str]] = [
     (b"\n\n", "the input file has no requests"),
     (b"\xff\xfe{}", "not UTF-8"),
     (_jsonl([_line(i) for i in range(4)]), "line 4: the input file has more than 3 requests"),
+    # A RecursionError, not a ValueError: it was a 500.
+    (b'{"custom_id": "a", "body": {"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}", "line 1: JSON nested"),
+    # Line numbers count "\n" alone: U+2028 before the bad line does not shift them.
+    (_jsonl([_line(0, user="a\u2028b")]).replace(b"\\u2028", "\u2028".encode()) + b"{", "line 2: not valid"),
 ]
 
 
@@ -125,6 +129,37 @@ def test_a_good_input_file_keeps_its_order_and_skips_blank_lines() -> None:
     lines = parse_input_file(content, CHAT, 10)
     assert [x.custom_id for x in lines] == ["req-0", "req-1"]
     assert lines[1].body["max_tokens"] == 4
+
+
+def test_a_line_holding_raw_unicode_line_separators_is_one_request() -> None:
+    """json.dumps(ensure_ascii=False) writes U+2028, U+2029 and U+0085 raw inside strings;
+    str.splitlines cut such a line in two (400: "Unterminated string")."""
+    odd = "one\u2028two\u2029three\x85four\x0cfive"
+    content = "\r\n".join(
+        json.dumps({**_line(i), "body": {**_line(i)["body"], "user": odd}}, ensure_ascii=False)
+        for i in range(3)
+    ).encode()
+    lines = parse_input_file(content, CHAT, 10)
+    assert [x.custom_id for x in lines] == ["req-0", "req-1", "req-2"]
+    assert all(x.body["user"] == odd for x in lines)
+
+
+def test_a_full_disk_is_a_507_naming_it_and_the_journal_carries_on(tmp_path: Path) -> None:
+    """SQLite rolls back by itself on a full disk: the journal's own ROLLBACK then raised "no
+    transaction is active" in place of the cause, and every write was a bare 500."""
+    from shared.errors import StorageFull, http_error
+
+    journal = _journal(tmp_path, Clock())
+    batch_id = _create(journal, 3)
+    pages = journal._db.execute("PRAGMA page_count").fetchone()[0]
+    journal._db.execute(f"PRAGMA max_page_count = {pages + 2}")  # the disk is about full
+    with pytest.raises(StorageFull) as full:
+        journal.add_file("big.jsonl", "batch", b"x" * 200_000)
+    assert http_error(full.value).status == 507 and "full" in full.value.message
+    assert not journal._db.in_transaction
+    assert journal.batch(batch_id).total == 3  # what was stored is intact and readable
+    journal._db.execute("PRAGMA max_page_count = 1073741823")  # space freed
+    assert journal.add_file("big.jsonl", "batch", b"x" * 200_000).bytes == 200_000
 
 
 # -- the journal ------------------------------------------------------------------------------------

@@ -38,7 +38,10 @@ def parse_input_file(content: bytes, endpoint: str, max_lines: int) -> list[Batc
         raise InvalidRequest(f"the input file is not UTF-8 text (byte {exc.start})", param=PARAM) from exc
     lines: list[BatchInputLine] = []
     seen: set[str] = set()
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # JSONL lines end at "\n" (a "\r" before it is dropped): str.splitlines also splits at U+2028,
+    # U+0085 and others, which json.dumps(ensure_ascii=False) leaves raw inside strings.
+    for number, raw in enumerate(text.split("\n"), start=1):
+        raw = raw.removesuffix("\r")
         if not raw.strip():
             continue
         if len(lines) >= max_lines:
@@ -67,6 +70,8 @@ def _parse_line(number: int, raw: str, endpoint: str) -> BatchInputLine:
         data = json.loads(raw)
     except ValueError as exc:
         raise refuse(f"not valid JSON ({exc})") from exc
+    except RecursionError as exc:  # [[[[… thousands deep: the parser's stack, not the server
+        raise refuse("JSON nested too deeply") from exc
     if not isinstance(data, dict):
         raise refuse("not a JSON object")
     try:

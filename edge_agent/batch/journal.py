@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sqlite3
 import time
 import uuid
@@ -41,7 +42,9 @@ from shared.batch_api import (
     FileObject,
     FilePurpose,
 )
-from shared.errors import Conflict, NotFound
+from shared.errors import Conflict, NotFound, StorageFull
+
+log = logging.getLogger(__name__)
 
 # Each migration's DDL as written when it was added: never edited, only appended to.
 _MIGRATIONS: tuple[str, ...] = (
@@ -221,11 +224,17 @@ class BatchJournal:
         self.path = path
         self.retention_s = retention_s
         self.clock = clock
-        # Autocommit; transactions are explicit (``_tx``), so each step is all or nothing.
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db = self._connect()
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
         self._migrate()
+
+    def _connect(self, busy_timeout_s: float = 5.0) -> sqlite3.Connection:
+        # Autocommit; transactions are explicit (``_tx``), so each step is all or nothing.
+        db = sqlite3.connect(
+            str(self.path), isolation_level=None, check_same_thread=False, timeout=busy_timeout_s
+        )
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
 
     def close(self) -> None:
         self._db.close()
@@ -240,14 +249,29 @@ class BatchJournal:
                 self._db.execute(f"PRAGMA user_version = {number}")
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+    def _tx(self, db: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+        db = self._db if db is None else db
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                # SQLite has already rolled back after some errors (a full disk): a ROLLBACK then
+                # raised "no transaction is active" in place of the error that mattered.
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                raise
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            log.error("the batch journal %s cannot grow: %s", self.path, exc)
+            raise StorageFull(
+                f"the disk holding the batch journal is full ({exc}); nothing was stored: delete files "
+                "or batches, or free space in the agent's data folder",
+            ) from exc
 
     # -- files -----------------------------------------------------------------------------------
     def add_file(self, filename: str, purpose: FilePurpose, content: bytes) -> StoredFile:
@@ -303,44 +327,44 @@ class BatchJournal:
         metadata: dict[str, str] | None,
         lines: Sequence[BatchInputLine],
     ) -> BatchRecord:
-        """A batch in progress with one pending item per line, in one transaction."""
+        """A batch in progress with one pending item per line, in one transaction.
+
+        May run off the event loop: it writes through a connection of its own (SQLite's WAL
+        lets the loop's connection read meanwhile), its rows made before the transaction."""
         now = self.clock()
         batch_id = new_id("batch_")
-        with self._tx():
-            self._db.execute(
-                "INSERT INTO batches (id, endpoint, input_file_id, completion_window, status, metadata, "
-                "created_at, in_progress_at, expires_at, total) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    batch_id,
-                    endpoint,
-                    input_file_id,
-                    completion_window,
-                    "in_progress",
-                    json.dumps(metadata) if metadata is not None else None,
-                    now,
-                    now,
-                    now + window_s,
-                    len(lines),
-                ),
-            )
-            self._db.executemany(
-                "INSERT INTO items (batch_id, idx, custom_id, url, body, state, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
+        rows = [
+            (batch_id, i, line.custom_id, line.url, json.dumps(line.body), ItemState.PENDING_LOCAL, now, now)
+            for i, line in enumerate(lines)
+        ]
+        db = self._connect(busy_timeout_s=60.0)
+        try:
+            with self._tx(db):
+                db.execute(
+                    "INSERT INTO batches (id, endpoint, input_file_id, completion_window, status, metadata, "
+                    "created_at, in_progress_at, expires_at, total) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         batch_id,
-                        i,
-                        line.custom_id,
-                        line.url,
-                        json.dumps(line.body),
-                        ItemState.PENDING_LOCAL,
+                        endpoint,
+                        input_file_id,
+                        completion_window,
+                        "in_progress",
+                        json.dumps(metadata) if metadata is not None else None,
                         now,
                         now,
-                    )
-                    for i, line in enumerate(lines)
-                ),
-            )
-        return self.batch(batch_id)
+                        now + window_s,
+                        len(rows),
+                    ),
+                )
+                db.executemany(
+                    "INSERT INTO items (batch_id, idx, custom_id, url, body, state, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+            row = db.execute(_SELECT_BATCH + " WHERE id = ?", (batch_id,)).fetchone()
+        finally:
+            db.close()
+        return _batch(row)
 
     def batch(self, batch_id: str) -> BatchRecord:
         row = self._db.execute(_SELECT_BATCH + " WHERE id = ?", (batch_id,)).fetchone()

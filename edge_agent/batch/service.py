@@ -89,7 +89,9 @@ class BatchService:
         content = self.journal.content(stored.id)
         # Up to 50,000 requests to validate: off the event loop, which serves interactive requests.
         lines = await asyncio.to_thread(parse_input_file, content, req.endpoint, self.settings.max_lines)
-        record = self.journal.create_batch(
+        # Tens of thousands of rows: written off the event loop too (the journal's own connection).
+        record = await asyncio.to_thread(
+            self.journal.create_batch,
             endpoint=req.endpoint,
             input_file_id=stored.id,
             completion_window=req.completion_window,
