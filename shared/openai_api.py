@@ -57,6 +57,9 @@ _NOT_IMPLEMENTED = frozenset(
 # OpenAI's limits: up to 20 alternatives per token in chat, 5 in (legacy) completions; we allow
 # 20 in both, as vLLM does.
 MAX_TOP_LOGPROBS = 20
+# The model a client names to leave the choice to the server: the edge's loaded model, or a pool
+# replica's own.
+DEFAULT_MODEL = "default"
 # The model id ("name:version") a cloud answer was made by: the gateway says it, the edge relays it.
 MODEL_HEADER = "X-AutoGLM-Model"
 # Sent by an edge's fallback with the value "closest": when no pool replica serves the exact

@@ -340,6 +340,10 @@ def test_the_pool_serves_registry_versions_and_a_device_falls_back_to_its_own_ve
         r = _chat(plane.url, inference, "demo-glm")
         assert r.status_code == 200 and r.headers["x-autoglm-model"] == r.json()["model"]
         assert r.headers["x-autoglm-model"] == f"demo-glm:{r.headers['x-autoglm-replica'][-1]}"
+        # So does "default" (each replica's own model), as the README promises of every answer.
+        r = _chat(plane.url, inference, "default")
+        assert r.status_code == 200 and r.headers["x-autoglm-model"] == r.json()["model"]
+        assert r.headers["x-autoglm-model"] == f"demo-glm:{r.headers['x-autoglm-replica'][-1]}"
 
         # A device running version 1 asks the cloud for version 1, whatever name the app used.
         edge = serving_edge(

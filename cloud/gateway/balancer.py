@@ -53,7 +53,7 @@ from edge_agent.serving.service import cloud_answer_headers
 from edge_agent.serving.sse import relay_events
 from edge_agent.serving.streaming import EventStream
 from shared.errors import NoPool, PoolUnavailable, UpstreamTimeout
-from shared.openai_api import MODEL_HEADER, ModelCard, ModelList
+from shared.openai_api import DEFAULT_MODEL, MODEL_HEADER, ModelCard, ModelList
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,17 @@ class Replica:
 
     def served_as(self, model: object) -> str | None:
         """The id the replica answers ``model`` with, most precise first: for a bare name, the
-        one "name:version" it lists, if it lists exactly one."""
+        one "name:version" it lists, if it lists exactly one; for "default" (the replica's own
+        choice), its one "name:version", else its one model (None when it lists several: which
+        one answered is not known)."""
         if not isinstance(model, str):
             return None
+        if model == DEFAULT_MODEL and model not in (self.models or ()):
+            if self.models is None:
+                return None
+            versions = [m for m in self.models if ":" in m]
+            only = versions if versions else list(self.models)
+            return only[0] if len(only) == 1 else None
         if ":" not in model and self.models is not None:
             versions = [m for m in self.models if m.partition(":")[0] == model and ":" in m]
             if len(versions) == 1:

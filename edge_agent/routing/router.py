@@ -41,6 +41,7 @@ from shared.errors import (
     RequestError,
 )
 from shared.openai_api import (
+    DEFAULT_MODEL,
     MODEL_HEADER,
     VERSION_FALLBACK_HEADER,
     ChatCompletionRequest,
@@ -171,12 +172,12 @@ class RequestRouter:
             return {}
         name, pinned, digest = model.partition("@")
         if pinned:
-            if digest and digest == current.digest and name in (*current.names, "default"):
+            if digest and digest == current.digest and name in (*current.names, DEFAULT_MODEL):
                 payload["model"] = current.model_id
             return {}
         if model == current.model_id:
             return {}
-        if model != "default" and model not in current.names:
+        if model != DEFAULT_MODEL and model not in current.names:
             return {}
         payload["model"] = current.model_id
         return {VERSION_FALLBACK_HEADER: "closest"}

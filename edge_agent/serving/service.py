@@ -31,6 +31,7 @@ from edge_agent.serving.config import ServingConfig
 from edge_agent.serving.errors import error_event
 from shared.errors import Conflict, InvalidRequest, ModelNotFound, RequestError
 from shared.openai_api import (
+    DEFAULT_MODEL,
     MODEL_HEADER,
     ChatChoice,
     ChatChoiceMessage,
@@ -180,7 +181,7 @@ class CompletionService:
             # "name@sha256:…" asks for exactly these bytes: served only if they are what runs here.
             if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
                 raise InvalidRequest("a pinned model is name@sha256:<64 hex digits>", param="model")
-            if digest != loaded.digest or (name != "default" and name not in loaded.names):
+            if digest != loaded.digest or (name != DEFAULT_MODEL and name not in loaded.names):
                 here = self.installed() if self.installed is not None else []
                 here = here or [f"{loaded.model_id}@{loaded.digest or 'unknown'}"]
                 raise Conflict(
@@ -190,7 +191,7 @@ class CompletionService:
                 )
             return loaded
         # Clients may name the model by "name", "name:version", or leave the choice to us with "default".
-        if requested != "default" and requested not in loaded.names:
+        if requested != DEFAULT_MODEL and requested not in loaded.names:
             raise ModelNotFound(
                 f"model {requested!r} is not served here; this device serves {loaded.model_id!r}",
                 param="model",
