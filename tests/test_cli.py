@@ -355,7 +355,7 @@ def test_keys_are_listed_expire_and_are_revoked(tmp_path: Path) -> None:
     assert revoked.returncode == 0 and keys.verify(key) is None
     assert autoglm("cloud", "key", "revoke", "nope", "--config", str(config), home=tmp_path).returncode == 1
     # An expired key stops working without anyone revoking it.
-    _, short = keys.create("default", "short", "operator", expires_in_s=0.5)
+    _, short = keys.create("default", "short", "operator", expires_in_s=1)  # the shortest lifetime
     assert keys.verify(short) is not None
-    time.sleep(0.7)
+    time.sleep(1.2)
     assert keys.verify(short) is None

@@ -293,18 +293,25 @@ def test_a_newer_revision_supersedes_a_download_in_progress(dev: Device) -> None
     assert dev.serving == "m:3" and dev.rec.state.applied_revision == 3
 
 
-def test_a_first_download_superseded_goes_back_to_idle(dev: Device) -> None:
-    v1, v2 = package(dev.source, "1", 1), package(dev.source, "2", 2)
+def _supersede(dev: Device, first: DesiredState, newer: DesiredState) -> None:
+    """``first``'s download hangs until ``newer`` arrives (as the MQTT link offers it), which
+    gives it up."""
 
     async def scenario() -> None:
         dev.fetcher.gate = asyncio.Event()
-        first = asyncio.create_task(dev.rec.apply(DesiredState(revision=1, model=v1)))
+        task = asyncio.create_task(dev.rec.apply(first))
         while dev.rec.state.phase != Phase.FETCHING:  # noqa: ASYNC110 (the reconciler's own state)
             await asyncio.sleep(0.01)
-        dev.rec.offer(DesiredState(revision=2, model=v2))
-        await asyncio.wait_for(first, 5)
+        dev.rec.offer(newer)
+        await asyncio.wait_for(task, 5)
+        dev.fetcher.gate = None
 
     asyncio.run(scenario())
+
+
+def test_a_first_download_superseded_goes_back_to_idle(dev: Device) -> None:
+    v1, v2 = package(dev.source, "1", 1), package(dev.source, "2", 2)
+    _supersede(dev, DesiredState(revision=1, model=v1), DesiredState(revision=2, model=v2))
     assert dev.rec.state.phase == Phase.IDLE and dev.serving is None and Phase.FAILED not in dev.phases()
 
 
@@ -322,16 +329,7 @@ def test_a_download_that_fails_or_is_given_up_keeps_the_previous_model_for_a_rol
     assert s.phase == Phase.FAILED and s.slots == {"a": v1, "b": v2} and dev.serving == "m:2"
     dev.fetcher.fail = None
 
-    async def give_up_a_download() -> None:
-        dev.fetcher.gate = asyncio.Event()
-        first = asyncio.create_task(dev.rec.apply(DesiredState(revision=4, model=v3)))
-        while dev.rec.state.phase != Phase.FETCHING:  # noqa: ASYNC110 (the reconciler's own state)
-            await asyncio.sleep(0.01)
-        dev.rec.offer(DesiredState(revision=5, model=v4))
-        await asyncio.wait_for(first, 5)
-        dev.fetcher.gate = None
-
-    asyncio.run(give_up_a_download())
+    _supersede(dev, DesiredState(revision=4, model=v3), DesiredState(revision=5, model=v4))
     assert dev.rec.state.slots == {"a": v1, "b": v2}
     fetched = list(dev.fetcher.fetched)
     ok, detail = asyncio.run(dev.rec.rollback())

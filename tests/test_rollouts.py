@@ -388,6 +388,24 @@ def test_an_operator_rollback_sends_every_touched_device_back(fl: Fleetlet) -> N
     assert [s for d, s in fl.states(rid).items() if d not in first] == ["pending", "pending"]
 
 
+def test_a_rollback_to_a_model_deleted_from_the_registry_is_refused(fl: Fleetlet) -> None:
+    """Devices sent back to a version deleted since would fetch a package that is gone, and
+    fail: the rollback is refused with a 409 naming it, and the rollout keeps its state."""
+    from cloud.plane.rollouts.actions import Rollouts
+
+    rid = fl.start()
+    fl.driver.tick()
+    fl.activate(fl.updating(rid)[0])
+    fl.driver.tick()
+    deleted = {("t", "m", "1")}
+    fl.rollouts = Rollouts(fl.engine, fl.fleet, lambda t, n, v: (t, n, v) not in deleted)
+    with pytest.raises(Conflict, match="m:1, no longer in the registry"):
+        fl.rollouts.rollback(TENANT, rid)
+    assert fl.rollout_state(rid) == "running"
+    deleted.clear()  # uploaded again
+    assert fl.rollouts.rollback(TENANT, rid)["state"] == "rolling_back"
+
+
 def _evaluation(agreement: float, model: str = "m:2") -> EvalReport:
     return EvalReport(model=model, reference="m:1", cases=24, tokens=900, agreement=agreement, expected=0.96)
 

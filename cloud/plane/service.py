@@ -56,7 +56,9 @@ class ControlPlane:
         if applied:
             log.info("database migrated to version %d", applied[-1])
         self.fleet = Fleet(self.engine)
-        self.rollouts = Rollouts(self.engine, self.fleet)
+        self.rollouts = Rollouts(
+            self.engine, self.fleet, lambda tenant, name, version: self.registry(tenant).exists(name, version)
+        )
         self.keys = ApiKeys(self.engine)
         self.driver = RolloutDriver(
             self.engine, self.fleet, owner=settings.replica_id, lease_s=settings.rollouts.lease_s

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, func, select, update
@@ -12,6 +13,7 @@ from sqlalchemy import Connection, Engine, and_, func, select, update
 from cloud.plane.fleet import Fleet, Selector, in_chunks
 from cloud.plane.rollouts.spec import (
     IN_USE,
+    TOUCHED_DEVICE_STATES,
     DeviceState,
     RolloutSpec,
     RolloutState,
@@ -24,10 +26,15 @@ from shared.ids import is_valid_name
 log = logging.getLogger(__name__)
 
 
+# Whether the tenant's registry still holds name:version (a rollback sends devices back to it).
+InRegistry = Callable[[str, str, str], bool]
+
+
 class Rollouts:
-    def __init__(self, engine: Engine, fleet: Fleet) -> None:
+    def __init__(self, engine: Engine, fleet: Fleet, in_registry: InRegistry | None = None) -> None:
         self.engine = engine
         self.fleet = fleet
+        self.in_registry = in_registry
 
     # -- operator actions -------------------------------------------------------------------------
     def create(self, tenant: str, spec: RolloutSpec) -> dict[str, Any]:
@@ -181,7 +188,16 @@ class Rollouts:
         )
 
     def rollback(self, tenant: str, rid: str) -> dict[str, Any]:
-        """Send every device this rollout touched back to its previous model (done by the driver)."""
+        """Send every device this rollout touched back to its previous model (done by the driver).
+        Refused (409) when one of those models has since been deleted from the registry: the
+        devices would be told to fetch a package that is gone, and fail."""
+        gone = self._previous_models_gone(tenant, rid)
+        if gone:
+            raise Conflict(
+                f"rolling back would send devices to {', '.join(sorted(gone))}, no longer in the registry; "
+                "roll out a version the registry has instead",
+                rollout_id=rid,
+            )
         allowed = (
             RolloutState.RUNNING,
             RolloutState.PAUSED,
@@ -192,6 +208,22 @@ class Rollouts:
         return self._set_state(
             tenant, rid, allowed, RolloutState.ROLLING_BACK, "rollback requested by operator"
         )
+
+    def _previous_models_gone(self, tenant: str, rid: str) -> set[str]:
+        if self.in_registry is None:
+            return set()
+        with self.engine.connect() as conn:
+            self._row(conn, tenant, rid)
+            previous = conn.execute(
+                select(rollout_devices.c.previous_model).where(
+                    and_(
+                        rollout_devices.c.rollout_id == rid,
+                        rollout_devices.c.state.in_([s.value for s in TOUCHED_DEVICE_STATES]),
+                    )
+                )
+            ).scalars()  # no DISTINCT: PostgreSQL's json type has no equality
+            models = {(m["name"], m["version"]) for m in previous if m}
+        return {f"{n}:{v}" for n, v in models if not self.in_registry(tenant, n, v)}
 
     def models_in_use(self, tenant: str) -> dict[tuple[str, str], list[str]]:
         """(name, version) -> the rollouts that use it now, for every model in use, in one query."""
