@@ -419,4 +419,10 @@ def test_a_nul_in_an_id_key_or_device_message_is_refused_not_a_500_on_postgresql
             "/ui/login", data={"api_key": "agk_\x00_x", "login_token": token}, follow_redirects=False
         )
         assert r.status_code == 401 and "text/html" in r.headers["content-type"], r.text[:300]
+        # A console address that is no page gets the console's 404 page; its files still load.
+        r = client.get("/ui/no/such/<page>")
+        assert r.status_code == 404 and "text/html" in r.headers["content-type"]
+        assert "No page /ui/no/such/&lt;page&gt;" in r.text
+        assert client.get("/ui/static/console.css").status_code == 200
+        assert client.get("/ui/static/nothing.css").status_code == 404
     engine.dispose()

@@ -75,8 +75,9 @@ async def _csrf_refused(request: Request, exc: Exception) -> Response:
 
 def install(app: FastAPI) -> None:
     """Mount the console on the control plane's app (its lifespan provides ``app.state.plane``)."""
-    app.include_router(router)
+    # The static files first: the router ends with a catch-all 404 page for /ui/...
     app.mount("/ui/static", StaticFiles(directory=str(HERE / "static")), name="console-static")
+    app.include_router(router)
     app.add_exception_handler(SignInRequired, _sign_in_required)
     app.add_exception_handler(CsrfRefused, _csrf_refused)
     app.add_middleware(_SecurityHeaders)

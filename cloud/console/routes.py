@@ -533,3 +533,10 @@ async def push_config(request: Request) -> Response:
         except AutoGLMError as exc:
             errors["selector" if "selector" in exc.context else "config"] = exc.message
     return _page(request, "config.html", session, 400, values=values, errors=errors, pushed=None)
+
+
+# Last, so that every page above is matched first (the static files are mounted before the router).
+@router.get("/{path:path}")
+async def no_such_page(path: str, request: Request) -> HTMLResponse:
+    """A console address that is no page: the console's own 404 page, not the API's JSON."""
+    return _page(request, "error.html", None, 404, message=f"No page /ui/{path} in the console.")
