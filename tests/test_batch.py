@@ -216,6 +216,13 @@ def test_the_batch_endpoints_refuse_bad_input_with_4xx_and_cancel_what_cannot_ru
     _refused(_post_file(base, b"x" * 5000, headers=auth), 413, "file", "max_file_bytes")
     _refused(httpx.post(f"{base}/v1/files", data={"purpose": "batch"}, headers=auth, timeout=10), 400, "file")
     _refused(httpx.post(f"{base}/v1/files", json={"purpose": "batch"}, headers=auth, timeout=10), 400)
+    two_files = [("file", ("a.jsonl", good)), ("file", ("b.jsonl", good))]
+    _refused(
+        httpx.post(f"{base}/v1/files", data={"purpose": "batch"}, files=two_files, headers=auth, timeout=10),
+        400,
+        "file",
+        "more than one",
+    )
     # Far over the cap: refused before it is read.
     _refused(_post_file(base, b"x" * (1 << 20), headers=auth), 413)
 

@@ -4,6 +4,7 @@ pages, telemetry series and charts, and the device history the fleet records."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from urllib.parse import unquote
 
 import pytest
 from sqlalchemy import update
@@ -11,6 +12,7 @@ from sqlalchemy.engine import Engine
 
 from cloud.console.charts import svg, telemetry_charts
 from cloud.console.fleet_table import FleetQuery, fleet_page
+from cloud.console.routes import _see
 from cloud.console.sessions import ConsoleSessions
 from cloud.plane.auth import ApiKeys
 from cloud.plane.fleet import DeviceSummary, Fleet
@@ -240,3 +242,12 @@ def test_verified_keys_are_remembered_briefly_and_revocation_ends_them(plane_db:
     assert elsewhere.cached(key) == (True, principal)  # the others trust it at most verify_ttl_s
     time.sleep(0.35)
     assert elsewhere.cached(key) == (False, None) and elsewhere.verify_and_remember(key) is None
+
+
+# -- notices ---------------------------------------------------------------------------------------
+def test_a_notice_cookie_stays_under_the_4_kib_browsers_keep() -> None:
+    for notice in ("\U0001f600" * 500, "é" * 3000, "a" * 5000, "ok"):
+        header = _see("/ui/fleet", notice).headers["set-cookie"]
+        assert len(header) < 4096
+        value = unquote(header.split(";")[0].split("=", 1)[1])
+        assert notice.startswith(value) and value  # a whole-character prefix, never empty

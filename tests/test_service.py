@@ -425,4 +425,9 @@ def test_a_nul_in_an_id_key_or_device_message_is_refused_not_a_500_on_postgresql
         assert "No page /ui/no/such/&lt;page&gt;" in r.text
         assert client.get("/ui/static/console.css").status_code == 200
         assert client.get("/ui/static/nothing.css").status_code == 404
+        # Pages answer HEAD (uptime probes, link checkers) as they answer GET, without a body.
+        head = client.head("/ui/login")
+        assert head.status_code == 200 and "text/html" in head.headers["content-type"] and not head.content
+        assert "set-cookie" not in head.headers  # an open sign-in form's token stays valid
+        assert client.head("/ui/no/such/page").status_code == 404
     engine.dispose()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -20,6 +21,7 @@ import yaml
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from fastapi.types import DecoratedCallable
 from pydantic import ValidationError
 from starlette.datastructures import FormData
 
@@ -44,6 +46,13 @@ from shared.errors import AutoGLMError, ContractError, Forbidden, NotFound, Requ
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 router = APIRouter(prefix="/ui", include_in_schema=False)
+
+
+def get_page(path: str) -> Callable[[DecoratedCallable], DecoratedCallable]:
+    """A GET page that answers HEAD too (FastAPI's ``get`` refuses HEAD with a 405, which link
+    checkers and uptime probes send); the server sends a HEAD's headers without the body."""
+    return router.api_route(path, methods=["GET", "HEAD"])
+
 
 ACTIONS = ("pause", "resume", "abort", "rollback")
 COMMANDS = ("ping", "reload", "rollback")
@@ -109,7 +118,8 @@ def _page(
         notice=unquote(request.cookies.get(NOTICE_COOKIE, "")) or None,
     )
     response = templates.TemplateResponse(request, template, context, status_code=status)
-    if NOTICE_COOKIE in request.cookies:
+    if NOTICE_COOKIE in request.cookies and request.method != "HEAD":
+        # A HEAD (a link preview with the browser's cookies) shows nothing: it must not eat it.
         response.delete_cookie(NOTICE_COOKIE, path="/ui")
     return response
 
@@ -136,18 +146,24 @@ def _ago(when: datetime | str | None) -> str:
     return f"{s / 86400:.0f} d ago"
 
 
+NOTICE_BYTES = 1000  # at most 3,000 characters once percent-encoded
+
+
 def _see(path: str, notice: str | None = None) -> RedirectResponse:
     response = RedirectResponse(path, status_code=303)
     if notice:
+        # Cut by UTF-8 bytes, not characters: percent-encoded, 500 four-byte characters made a
+        # cookie over the 4 KiB browsers keep, and the notice silently vanished.
+        short = notice.encode()[:NOTICE_BYTES].decode(errors="ignore")
         response.set_cookie(
-            NOTICE_COOKIE, quote(notice[:500]), max_age=60, httponly=True, samesite="strict", path="/ui"
+            NOTICE_COOKIE, quote(short), max_age=60, httponly=True, samesite="strict", path="/ui"
         )
     return response
 
 
 # -- sign-in ---------------------------------------------------------------------------------------
-@router.get("")
-@router.get("/")
+@get_page("")
+@get_page("/")
 async def home() -> RedirectResponse:
     return _see("/ui/fleet")
 
@@ -158,6 +174,8 @@ def _login_form(
     token = secrets.token_urlsafe(24)
     nxt = request.query_params.get("next", "") if nxt is None else nxt
     response = _page(request, "login.html", None, status, login_token=token, error=error, next=nxt)
+    if request.method == "HEAD":
+        return response  # no form is shown: an open sign-in form's token must stay the one it holds
     response.set_cookie(
         LOGIN_COOKIE,
         token,
@@ -170,7 +188,7 @@ def _login_form(
     return response
 
 
-@router.get("/login")
+@get_page("/login")
 async def login_page(request: Request) -> HTMLResponse:
     return _login_form(request)
 
@@ -221,7 +239,7 @@ async def logout(request: Request) -> Response:
 
 
 # -- fleet -----------------------------------------------------------------------------------------
-@router.get("/fleet")
+@get_page("/fleet")
 async def fleet(request: Request) -> HTMLResponse:
     started = time.perf_counter()
     session = await _session(request)
@@ -254,7 +272,7 @@ async def fleet(request: Request) -> HTMLResponse:
     return response
 
 
-@router.get("/devices/{device_id}")
+@get_page("/devices/{device_id}")
 async def device(device_id: str, request: Request) -> HTMLResponse:
     session = await _session(request)
     plane = _plane(request)
@@ -330,7 +348,7 @@ async def _models(plane: ControlPlane, tenant: str) -> list[dict[str, Any]]:
     return await asyncio.to_thread(read)
 
 
-@router.get("/models")
+@get_page("/models")
 async def models(request: Request) -> HTMLResponse:
     session = await _session(request)
     found = await _models(_plane(request), session.principal.tenant)
@@ -394,13 +412,13 @@ async def _rollouts_page(
     )
 
 
-@router.get("/rollouts")
+@get_page("/rollouts")
 async def rollouts(request: Request) -> HTMLResponse:
     session = await _session(request)
     return await _rollouts_page(request, session)
 
 
-@router.get("/rollouts/match-count")
+@get_page("/rollouts/match-count")
 async def match_count(request: Request, selector: str = "") -> JSONResponse:
     """How many devices a selector matches now (the create form shows it as the operator types)."""
     try:
@@ -477,7 +495,7 @@ def _field_of(exc: AutoGLMError) -> str:
     return "form"
 
 
-@router.get("/rollouts/{rollout_id}")
+@get_page("/rollouts/{rollout_id}")
 async def rollout(rollout_id: str, request: Request) -> HTMLResponse:
     session = await _session(request)
     try:
@@ -505,7 +523,7 @@ async def rollout_action(rollout_id: str, action: str, request: Request) -> Resp
 
 
 # -- config ----------------------------------------------------------------------------------------
-@router.get("/config")
+@get_page("/config")
 async def config_page(request: Request) -> HTMLResponse:
     session = await _session(request)
     return _page(
@@ -536,7 +554,7 @@ async def push_config(request: Request) -> Response:
 
 
 # Last, so that every page above is matched first (the static files are mounted before the router).
-@router.get("/{path:path}")
+@get_page("/{path:path}")
 async def no_such_page(path: str, request: Request) -> HTMLResponse:
     """A console address that is no page: the console's own 404 page, not the API's JSON."""
     return _page(request, "error.html", None, 404, message=f"No page /ui/{path} in the console.")

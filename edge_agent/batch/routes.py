@@ -14,6 +14,7 @@ from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 
 from edge_agent.batch.service import BatchService
 from shared.batch_api import Batch, BatchCreateRequest, BatchList, FileDeleted, FileList, FileObject
+from shared.errors import InvalidRequest
 
 Limit = Annotated[int, Query(ge=1, le=100)]
 After = Annotated[str | None, Query(max_length=128)]
@@ -26,6 +27,12 @@ def batch_routes(service: Callable[[Request], BatchService], **router_kwargs: An
     async def create_file(
         request: Request, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form(max_length=64)]
     ) -> FileObject:
+        # FastAPI parsed the form already (request.form() is cached). Two parts named ``file``
+        # would otherwise store the last one silently.
+        form = await request.form()
+        for field in ("file", "purpose"):
+            if len(form.getlist(field)) > 1:
+                raise InvalidRequest(f"the form holds more than one {field!r} part; send one", param=field)
         return await service(request).upload(file, purpose)
 
     @router.get("/files")
