@@ -26,6 +26,7 @@
      │    ├── ModelNotReady (503), EngineDown (503), CloudUnavailable (503),
      │    │   BrokerUnavailable (503)
      │    ├── PoolUnavailable (503) ── NoPool (503)
+     │    ├── UpstreamError (502)
      │    └── UpstreamTimeout (504)
      ├── FetchError           a transfer that cannot complete (timeout, disk, refused)
      │    └── NoSpaceError    not enough free disk for what must be written (with the numbers)
@@ -210,6 +211,11 @@ class NoPool(PoolUnavailable):
     """The gateway has no pool replicas configured."""
 
 
+class UpstreamError(RequestError):
+    """A pool replica answered with a server error of its own or a body that is not an answer;
+    what it said is logged, not passed to the client (it may name the replica's internals)."""
+
+
 class UpstreamTimeout(RequestError):
     """A pool replica took the request and did not answer in time (busy, not down)."""
 
@@ -246,6 +252,7 @@ HTTP_ERRORS: dict[type[Exception], HttpError] = {
     BrokerUnavailable: HttpError(503, _SERVER, "broker_unavailable"),
     NoPool: HttpError(503, _SERVER, "no_pool"),
     PoolUnavailable: HttpError(503, _SERVER, "pool_unavailable"),
+    UpstreamError: HttpError(502, _SERVER, "upstream_error"),
     UpstreamTimeout: HttpError(504, _SERVER, "pool_timeout"),
     RequestError: HttpError(400, _INVALID, "invalid_request"),
 }

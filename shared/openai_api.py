@@ -74,11 +74,13 @@ def wants_closest_version(header_value: str) -> bool:
 
 
 class SamplingParams(_Tolerant):
+    # Floats are finite (allow_inf_nan=False): NaN fails every bound, and was refused as if it
+    # were too large.
     # Beyond the model's context (prompt included) the answer is 400, not a silently shorter one.
     max_tokens: Annotated[int, Field(ge=1, le=32768, strict=True)] | None = None
     # None: the device's configured default (pushed from the cloud or set in edge.yaml).
-    temperature: Annotated[float, Field(ge=0.0, le=2.0, strict=True)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0, strict=True)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0, strict=True, allow_inf_nan=False)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0, strict=True, allow_inf_nan=False)] | None = None
     top_k: Annotated[int, Field(ge=0, strict=True)] | None = None
     seed: Annotated[int, Field(ge=0, le=2**63 - 1, strict=True)] | None = None
     stop: str | list[str] | None = None
@@ -87,10 +89,14 @@ class SamplingParams(_Tolerant):
     user: str | None = None
     # OpenAI's newer name for max_tokens (chat); both may be given only with the same value.
     max_completion_tokens: Annotated[int, Field(ge=1, le=32768, strict=True)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0, strict=True)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0, strict=True)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0, strict=True, allow_inf_nan=False)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0, strict=True, allow_inf_nan=False)] | None = (
+        None
+    )
     # Token id (as a string, as OpenAI sends it) → bias added to its logit, in [-100, 100].
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, strict=True)]] | None = None
+    logit_bias: (
+        dict[str, Annotated[float, Field(ge=-100.0, le=100.0, strict=True, allow_inf_nan=False)]] | None
+    ) = None
 
     @field_validator("logit_bias")
     @classmethod

@@ -83,8 +83,8 @@ async def upstream(handler: Handler) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-def _fallback(url: str, breaker: CircuitBreaker) -> CloudFallback:
-    config = ServingConfig(cloud_url=url, cloud_timeout_s=10.0)
+def _fallback(url: str, breaker: CircuitBreaker, timeout_s: float = 10.0) -> CloudFallback:
+    config = ServingConfig(cloud_url=url, cloud_timeout_s=timeout_s)
     return CloudFallback(
         lambda: config, api_key=None, allowed_urls=frozenset({url}), connect_timeout_s=2.0, breaker=breaker
     )
@@ -151,6 +151,43 @@ def test_a_5xx_whose_body_breaks_off_is_a_failure_and_not_a_stuck_probe() -> Non
                 now[0] = 10.0
                 response, _ = await fallback.forward("/completions", BODY)
                 assert response.status_code == 200 and breaker.state == "closed"
+            finally:
+                await fallback.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_cloud_timeout_s_limits_silence_not_a_stream_still_sending() -> None:
+    """A stream that sends a piece every 0.3 s for 2.4 s arrives whole under a 1 s limit; one
+    that then falls silent for longer ends with an error event that says it timed out."""
+
+    async def streaming(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(8):
+            await response.write(f'data: {{"n": {i}}}\n\n'.encode())
+            await asyncio.sleep(0.3)
+        if request.query.get("stall"):
+            await asyncio.sleep(3)
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async def read(fallback: CloudFallback, path: str) -> bytes:
+        response, _ = await fallback.forward(path, {**BODY, "stream": True})
+        return b"".join([part async for part in response.body_iterator])  # type: ignore[attr-defined]
+
+    async def scenario() -> None:
+        breaker = CircuitBreaker(threshold=3, reset_s=5)
+        async with upstream(streaming) as url:
+            fallback = _fallback(url, breaker, timeout_s=1.0)
+            try:
+                whole = await read(fallback, "/completions")
+                assert whole.count(b'"n":') == 8 and whole.endswith(b"data: [DONE]\n\n"), whole
+                assert breaker.failures == 0 and fallback.stream_breaks == 0
+                cut = await read(fallback, "/completions?stall=1")
+                assert cut.count(b'"n":') == 8 and b"[DONE]" not in cut
+                assert b"timed out" in cut and b"upstream_stream_broken" in cut, cut
+                assert breaker.failures == 1 and fallback.stream_breaks == 1
             finally:
                 await fallback.aclose()
 

@@ -110,6 +110,30 @@ def test_engine_stop_sequences_queue_limit_and_bad_prompts(engine: BatchEngine) 
     asyncio.run(scenario())
 
 
+def test_waiting_requests_whose_clients_left_give_their_places_back_at_once(engine: BatchEngine) -> None:
+    """max_batch 4 + queue 2: with four generating and the two waiting clients gone, a newcomer
+    is queued, not refused with 429, and the queue depth no longer counts the two."""
+    params = GenerationParams(max_tokens=400, sampling=SamplingConfig(temperature=0.0))
+
+    async def drain(stream: Any) -> None:
+        async for _ in stream:
+            pass
+
+    async def scenario() -> None:
+        running = [asyncio.create_task(drain(engine.submit(Prompt("import os\n"), params))) for _ in range(4)]
+        waiting = [asyncio.create_task(drain(engine.submit(Prompt("import os\n"), params))) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        for task in waiting:
+            task.cancel()  # their clients disconnected
+        await asyncio.gather(*waiting, return_exceptions=True)
+        assert not any(t.done() for t in running)  # four still generating: no place freed by them
+        assert engine.waiting == 0
+        newcomer = asyncio.create_task(drain(engine.submit(Prompt("import os\n"), params)))
+        await asyncio.gather(*running, newcomer)
+
+    asyncio.run(scenario())
+
+
 # -- pool + gateway as processes -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pools(demo_source: Path) -> Iterator[list[Service]]:

@@ -114,6 +114,24 @@ def test_a_model_no_replica_serves_is_a_404_from_the_pool() -> None:
     asyncio.run(scenario())
 
 
+def test_a_model_whose_only_replica_is_down_is_a_503_not_the_others_404() -> None:
+    async def scenario() -> None:
+        async with replica(["alpha"]) as a, replica(["beta"]) as b:
+            gateway = _gateway([a, b])
+            try:
+                await _poll_health(gateway)
+                gateway.replicas[1].up = False  # beta's replica failed a request
+                with pytest.raises(RequestError) as err:
+                    await gateway.forward("/completions", {"model": "beta", "prompt": "x"})
+                assert err.value.status == 503 and "pool-1 serves beta but is down" in err.value.message
+                r = await gateway.forward("/completions", {"model": "gamma", "prompt": "x"})
+                assert r.status_code == 404  # no replica serves gamma at all
+            finally:
+                await gateway.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_pick_prefers_listing_then_unknown_and_the_least_busy() -> None:
     gateway = _gateway(["http://127.0.0.1:1/v1", "http://127.0.0.1:2/v1", "http://127.0.0.1:3/v1"])
     a, b, c = gateway.replicas
@@ -182,6 +200,45 @@ def test_gateway_answers_504_for_a_slow_replica_and_neither_retries_nor_marks_it
                 await gateway.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_replicas_own_500_or_non_json_answer_is_a_502_that_keeps_its_text_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Neither retried (the same request may fail alike elsewhere) nor passed on: the client gets
+    the OpenAI envelope and no word of the replica's internals."""
+    hits: list[str] = []
+
+    async def broken(request: web.Request) -> web.Response:
+        body = await request.json()
+        hits.append(body["prompt"])
+        if body["prompt"] == "crash":
+            return web.Response(status=500, text="internal kaboom with secret=upstream-internal")
+        if body["prompt"] == "html":
+            return web.Response(status=200, text="<html>not json", content_type="text/html")
+        return web.json_response({"error": {"message": "bad prompt", "code": "invalid"}}, status=400)
+
+    async def scenario() -> None:
+        async with replica(["m"], broken) as a, replica(["m"], broken) as b:
+            gateway = _gateway([a, b])
+            try:
+                for prompt, says in (("crash", "HTTP 500"), ("html", "text/html, not JSON")):
+                    with pytest.raises(RequestError) as err:
+                        await gateway.forward("/completions", {"model": "m", "prompt": prompt})
+                    assert err.value.status == 502 and err.value.code == "upstream_error"
+                    assert says in err.value.message and "secret" not in err.value.message
+                # A 4xx is the replica's verdict on the request: passed on as it is.
+                r = await gateway.forward("/completions", {"model": "m", "prompt": "4xx"})
+                assert r.status_code == 400 and b"bad prompt" in r.body
+                assert hits == ["crash", "html", "4xx"] and gateway.retries == 0
+                assert gateway.upstream_errors == 2
+                assert all(r.up and r.outstanding == 0 for r in gateway.replicas)
+            finally:
+                await gateway.aclose()
+
+    with caplog.at_level("WARNING", logger="cloud.gateway.balancer"):
+        asyncio.run(scenario())
+    assert "secret=upstream-internal" in caplog.text
 
 
 # -- load from the replicas' own gauges ------------------------------------------------------------

@@ -382,11 +382,14 @@ def test_the_pool_serves_registry_versions_and_a_device_falls_back_to_its_own_ve
             f"{plane.url}/v1/models/demo-glm/2", headers={"authorization": f"Bearer {plane.key}"}, timeout=10
         )
         assert gone.status_code == 409 and "pool-v2" in gone.json()["error"]["message"], gone.text
-        # An app that asked for version 1 by name gets version 1 or nothing.
-        assert _chat(edge.api, "", "demo-glm:1").status_code == 404
-        # Without the device's leave, a version no replica has is 404, not another version.
+        # An app that asked for version 1 by name gets version 1 or nothing: the replica that
+        # serves it is down, so it is a 503 to retry, not another version.
+        r = _chat(edge.api, "", "demo-glm:1")
+        assert r.status_code == 503 and "pool-v1 serves demo-glm:1 but is down" in r.text, r.text
+        # Without the device's leave, neither: a 503, not the other replica's 404 or its version.
         r = _chat(plane.url, inference, "demo-glm:1")
-        assert r.status_code == 404, r.text
+        assert r.status_code == 503 and "pool-v1 serves demo-glm:1 but is down" in r.text, r.text
+        assert r.headers["retry-after"] == "2"
     finally:
         for pool in pools:
             pool.stop()

@@ -36,13 +36,15 @@ async def _pieces(data: bytes, size: int, fail: bool = False) -> AsyncIterator[b
 
 
 def _run(
-    data: bytes, *, size: int = 7, fail: bool = False, strip: bool = True
+    data: bytes, *, size: int = 7, fail: bool = False, strip: bool = True, local_model: bool = True
 ) -> tuple[bytes, list[Transcript], list[str]]:
     handed: list[Transcript] = []
     breaks: list[str] = []
 
     async def take_over(t: Transcript) -> AsyncIterator[str] | None:
         handed.append(t)
+        if not local_model:
+            return None
 
         async def local() -> AsyncIterator[str]:
             yield 'data: {"local": true}\n\n'
@@ -101,6 +103,17 @@ def test_the_gateways_error_event_is_not_relayed_but_taken_over() -> None:
     )
     out, handed, breaks = _run(_event(_chunk("Hi", [1])) + error)
     assert len(handed) == 1 and b"upstream_stream_broken" not in out and "broke off upstream" in breaks[0]
+
+
+def test_the_clouds_error_event_reaches_the_client_as_it_is_when_no_one_can_go_on() -> None:
+    error = b'data: {"error": {"message": "the answer broke off upstream (reset); it is incomplete", '
+    error += b'"type": "server_error", "code": "upstream_stream_broken"}}\n\n'
+    out, handed, breaks = _run(_event(_chunk("Hi", [1])) + error, local_model=False)
+    assert len(handed) == 1 and len(breaks) == 1
+    assert out.endswith(error) and out.count(b"broke off upstream") == 1, out  # not wrapped twice
+    cut, _, breaks = _run(_event(_chunk("Hi", [1])), fail=True, local_model=False)
+    assert cut.endswith(b'it is incomplete", "type": "server_error", "code": "upstream_stream_broken"}}\n\n')
+    assert "ClientPayloadError" in breaks[0]
 
 
 def test_without_ids_the_text_is_handed_over_and_tool_calls_are_not_taken_over() -> None:

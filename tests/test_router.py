@@ -14,7 +14,7 @@ from edge_agent.routing.router import RequestRouter
 from edge_agent.serving.config import ServingConfig
 from shared import errors as e
 from shared.edge_config import RouterPolicy
-from shared.openai_api import CompletionRequest
+from shared.openai_api import ChatCompletionRequest, CompletionRequest
 
 
 class FakeModel:
@@ -174,3 +174,31 @@ def test_the_cloud_is_asked_for_the_version_the_device_runs(asked: str, sent: st
     body, headers = cloud.sent[0]
     assert body["model"] == sent
     assert headers == ({"X-AutoGLM-Version-Fallback": "closest"} if closest else {})
+
+
+@pytest.mark.parametrize(
+    ("asked", "local_model", "ids"),
+    [
+        ("m", True, True),
+        ("default", True, True),
+        ("m:3", True, True),
+        ("x", True, False),
+        ("m", False, False),
+    ],
+)
+def test_token_ids_are_asked_of_the_cloud_only_where_the_local_model_could_go_on(
+    asked: str, local_model: bool, ids: bool
+) -> None:
+    """A broken cloud stream is finished locally from its token ids, so the edge asks for them;
+    for a model this device does not run (or with none loaded) the request goes as sent, which an
+    upstream that refuses unknown fields also answers."""
+    local = FakeLocal(None, FakeModel() if local_model else None)
+    cloud = FakeCloud(None)
+    config = ServingConfig(router_policy=RouterPolicy.LOCAL_FIRST, cloud_url="http://cloud.test/v1")
+    router = RequestRouter(local, cloud, lambda: config, FakeTelemetry())  # type: ignore[arg-type]
+    body = ChatCompletionRequest.model_validate(
+        {"model": asked, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    )
+    asyncio.run(router.via_cloud(body, "/chat/completions"))
+    sent, _ = cloud.sent[0]
+    assert sent.get("return_token_ids", False) is ids

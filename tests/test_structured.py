@@ -197,3 +197,14 @@ def test_a_bad_guided_extension_is_a_400_naming_it(extra: dict[str, object], par
     with pytest.raises(InvalidRequest) as refused:
         guided_grammar(extra)
     assert refused.value.param == param
+
+
+def test_a_grammar_that_fails_only_over_a_vocabulary_is_a_400_not_an_empty_stop(tokenizer: Tokenizer) -> None:
+    """{"$ref": "#"} compiles and validates, then fails at the first mask: it was answered with
+    an empty text and finish_reason "stop", as if it were a whole document."""
+    grammar = grammar_for({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}})
+    assert grammar is not None
+    eos = tokenizer.token_to_id("<eos>")
+    with pytest.raises(InvalidRequest) as refused:
+        Constrained(GrammarTokenizers(tokenizer, [eos]).get(), grammar)
+    assert refused.value.param == "response_format"

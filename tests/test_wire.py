@@ -171,3 +171,17 @@ def test_unimplemented_openai_parameters_are_named_not_ignored() -> None:
     )
     assert req(max_completion_tokens=7).token_limit() == 7
     assert req(max_tokens=7, max_completion_tokens=7).token_limit() == 7
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "presence_penalty", "frequency_penalty"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_sampling_float_that_is_not_finite_is_refused_as_such(field: str, value: float) -> None:
+    """NaN fails every bound: it was refused as if it were too large ("should be ≤ 2")."""
+    from pydantic import ValidationError
+
+    from shared.openai_api import CompletionRequest
+
+    with pytest.raises(ValidationError, match="finite number"):
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", field: value})
+    with pytest.raises(ValidationError, match="finite number"):
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "logit_bias": {"7": value}})

@@ -6,7 +6,8 @@
   showed beyond those at the last scrape (other control-plane replicas' and direct clients',
   ``cloud.gateway.load``): vLLM's waiting and running requests, our pool's queue and batch. A
   replica that answers 404 does not serve that model: the request goes to another, and the
-  client gets the 404 only when none serves it.
+  client gets the 404 only when none serves it (a 503 when a replica that lists the model is
+  down: it is served here, not now).
 * Health: every replica's ``GET {url}/models`` is polled (which also learns its models), and the
   readiness of the servers the gateway recognises by their metrics (vLLM's ``/health``, our
   pool's ``/readyz``); a replica that refuses a connection or drops one mid-answer is marked down
@@ -16,6 +17,11 @@
   Completions have no side effects, so sending one again is safe. A stream that breaks after its
   first bytes reached the client cannot be retried: it ends with an OpenAI-style error event (no
   ``[DONE]``), the replica is marked down and the break counted.
+* A replica's own error: a 5xx that is not an OpenAI error envelope (``{"error": {...}}``, which
+  an OpenAI-compatible server writes for clients and which passes as it is), or a 2xx that is
+  not JSON, is answered 502 ``upstream_error``; what it said goes to the log, not to the client
+  (plain text from a crashed server can name its internals). Not retried: the same request may
+  fail the same way on another replica.
 * Timeouts: a replica that accepted a request but has not answered within ``request_timeout_s``
   is busy, not down: the client gets 504 and the replica stays in rotation. Sending the same long
   generation to another replica would only double the work (and time out there too).
@@ -52,7 +58,7 @@ from cloud.settings import GatewaySettings
 from edge_agent.serving.service import cloud_answer_headers
 from edge_agent.serving.sse import relay_events
 from edge_agent.serving.streaming import EventStream
-from shared.errors import NoPool, PoolUnavailable, UpstreamTimeout
+from shared.errors import NoPool, PoolUnavailable, UpstreamError, UpstreamTimeout
 from shared.openai_api import DEFAULT_MODEL, MODEL_HEADER, ModelCard, ModelList
 
 log = logging.getLogger(__name__)
@@ -167,6 +173,7 @@ class PoolGateway:
         ]
         self.retries = 0
         self.timeouts = 0
+        self.upstream_errors = 0  # replicas' own 5xx and non-JSON answers (not passed on)
         # Requests for a version no replica had, answered by the nearest one.
         self.substitutions = 0
         # Streams that broke off after the client had its first bytes (ended with an error event).
@@ -346,17 +353,24 @@ class PoolGateway:
             raise NoPool("no pool is configured (gateway.upstreams)")
         if payload is None:
             payload = json.dumps(body).encode()
-        if not closest:
-            return await self._attempts(path, body, payload)
-        if (nearest := self.substitute(body.get("model"))) is not None:
+        if closest and (nearest := self.substitute(body.get("model"))) is not None:
             return await self._attempts(path, *self._substituted(body, nearest))
         answer = await self._attempts(path, body, payload)
-        if answer.status_code == 404:
+        if answer.status_code == 404 and closest:
             # Every replica said it lacks the version, perhaps before a poll learned their
             # lists: learn them now and ask for the nearest.
             await self.models()
             if (nearest := self.substitute(body.get("model"), known_only=True)) is not None:
                 return await self._attempts(path, *self._substituted(body, nearest))
+        if answer.status_code == 404:
+            model = body.get("model")
+            # A replica that lists the model but is down makes the others' 404s no verdict.
+            down = [r.name for r in self.replicas if not r.up and r.models is not None and model in r.models]
+            if down:
+                raise PoolUnavailable(
+                    f"no pool replica could serve the request ({', '.join(down)} serves {model} but is down)",
+                    retry_after_s=2,
+                )
         return answer
 
     def _substituted(self, body: dict[str, Any], nearest: str) -> tuple[dict[str, Any], bytes]:
@@ -430,11 +444,43 @@ class PoolGateway:
         if upstream.status in _RETRY_STATUS:
             self._mark_down(replica, f"HTTP {upstream.status}")
             raise _ReplicaFailed(f"HTTP {upstream.status}: {content[:200].decode(errors='replace')}")
+        kind = upstream.headers.get("content-type", "").split(";")[0].strip().lower()
+        if (upstream.status >= 500 and not _error_envelope(content)) or (
+            upstream.status < 300 and kind != "application/json" and not _json_object(content)
+        ):
+            self.upstream_errors += 1
+            log.warning(
+                "pool replica %s answered HTTP %d (%s): %s",
+                replica.name,
+                upstream.status,
+                kind or "no content-type",
+                content[:300].decode(errors="replace"),
+            )
+            raise UpstreamError(
+                f"pool replica {replica.name} answered HTTP {upstream.status}"
+                + ("" if upstream.status >= 500 else f" with {kind or 'no content-type'}, not JSON")
+                + "; its answer is in the gateway's log"
+            )
         response = Response(content, status_code=upstream.status, headers=headers)
         if upstream.status == 404:
             raise _NotServedHere(response)
         replica.served += 1
         return response
+
+
+def _json_object(content: bytes) -> dict[str, Any] | None:
+    try:
+        parsed = json.loads(content)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _error_envelope(content: bytes) -> bool:
+    """Whether ``content`` is an OpenAI error (``{"error": {"message": ...}}``): written for
+    clients by an OpenAI-compatible server, so passed on as it is."""
+    error = (_json_object(content) or {}).get("error")
+    return isinstance(error, dict) and isinstance(error.get("message"), str)
 
 
 def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:

@@ -393,6 +393,7 @@ async def gateway_state(plane: Plane, who: Operator) -> GatewayState:
             "replicas": [r.view() for r in plane.gateway.replicas],
             "retries": plane.gateway.retries,
             "timeouts": plane.gateway.timeouts,
+            "upstream_errors": plane.gateway.upstream_errors,
             "stream_breaks": plane.gateway.stream_breaks,
             "version_substitutions": plane.gateway.substitutions,
             "rate_limited": plane.rate_limiter.refused,

@@ -85,6 +85,11 @@ class _PlaneCollector(Collector):
                 gw.timeouts,
             ),
             (
+                "gateway_upstream_errors",
+                "Requests answered 502: the replica's own server error or non-JSON answer (logged).",
+                gw.upstream_errors,
+            ),
+            (
                 "gateway_version_substitutions",
                 "Device fallbacks for a version no replica had, answered by the nearest version.",
                 gw.substitutions,

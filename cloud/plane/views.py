@@ -204,6 +204,8 @@ class GatewayState(View):
     replicas: list[ReplicaView]
     retries: int
     timeouts: int
+    # Answers of a replica's own 5xx or non-JSON 200, replaced by a 502 (the text is logged).
+    upstream_errors: int = 0
     stream_breaks: int
     # Requests for a version no replica had, answered by the nearest one (edge fallbacks).
     version_substitutions: int = 0

@@ -67,7 +67,18 @@ class _Request:
     emit: Callable[[Item], None]
     cancelled: threading.Event
     submitted: float
+    constraint: Constrained | None = None
     released: bool = False
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A request checked at admission (off the event loop): its prompt's ids, its parameters and
+    its grammar's state (whose first mask is known to work; used by this request alone)."""
+
+    ids: list[int]
+    params: GenerationParams
+    constraint: Constrained | None
 
 
 @dataclass
@@ -81,7 +92,7 @@ class _Row:
     position: int  # positions this sequence has in the cache (prompt + generated so far)
     last_token: int = -1
     done: bool = False
-    finish: Literal["stop", "length", "cancelled"] = "length"
+    finish: Literal["stop", "length", "cancelled", "failed"] = "length"
     # Tokens generated so far, for presence/frequency penalties.
     counts: Counter[int] = field(default_factory=Counter)
     # The request's response_format grammar, if it has one.
@@ -196,32 +207,39 @@ class BatchEngine:
 
     @property
     def waiting(self) -> int:
-        """Requests queued for a place in the batch."""
-        return len(self._waiting)
+        """Requests queued for a place in the batch (not those whose clients left)."""
+        return sum(1 for r in tuple(self._waiting) if not r.cancelled.is_set())
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def check_prompt(self, prompt: Prompt, params: GenerationParams) -> list[int]:
-        """Token ids of ``prompt``, checked against the context (CPU work: off the event loop)."""
+    def check_prompt(self, prompt: Prompt, params: GenerationParams) -> Admitted:
+        """Token ids of ``prompt``, checked against the context, and the request's grammar state
+        (CPU work: off the event loop). Anything refused here is the request's 400, before the
+        engine thread, where a failure would fail the whole batch."""
         ids = prompt.encode(self.tokenizer)
         if not ids:
             raise InvalidRequest("prompt encodes to zero tokens", param="prompt")
         token_budget(len(ids), self.info.context_length, params, "model's")
         check_logit_bias(params, self.vocab_size)
-        return ids
+        grammar = params.grammar
+        return Admitted(ids, params, Constrained(self.grammar_tokenizer.get(), grammar) if grammar else None)
 
     def submit(self, prompt: Prompt, params: GenerationParams) -> AsyncIterator[StreamItem]:
         """Queue a request (429 at once when the queue is full); iterate for its text deltas."""
-        return self.submit_ids(self.check_prompt(prompt, params), params)
+        return self.submit_admitted(self.check_prompt(prompt, params))
 
-    def submit_ids(self, ids: list[int], params: GenerationParams) -> AsyncIterator[StreamItem]:
-        """``submit`` for a prompt already encoded and checked by :meth:`check_prompt`."""
+    def submit_admitted(self, admitted: Admitted) -> AsyncIterator[StreamItem]:
+        """``submit`` for a request already checked by :meth:`check_prompt`."""
         channel = GenerationChannel()
-        req = _Request(ids, params, channel.put, channel.cancelled, 0.0)
+        req = _Request(
+            admitted.ids, admitted.params, channel.put, channel.cancelled, 0.0, admitted.constraint
+        )
         with self._wake:
             # Room for a full batch plus queue_size waiting, however fast the engine takes them in.
+            if self._in_flight >= self.max_batch + self.queue_size:
+                self._drop_gone()
             if self._in_flight >= self.max_batch + self.queue_size:
                 self.stats.rejected += 1
                 raise QueueFull(
@@ -250,11 +268,15 @@ class BatchEngine:
                         self._wake.wait()
                     if self._stop:
                         break
-                    admitted: list[_Request] = []
-                    while self._waiting and len(rows) + len(admitted) < self.max_batch:
-                        admitted.append(self._waiting.popleft())
+                    taken: list[_Request] = []
+                    while self._waiting and len(rows) + len(taken) < self.max_batch:
+                        req = self._waiting.popleft()
+                        if req.cancelled.is_set():
+                            self._release(req)  # its client left while it waited: not prefilled
+                            continue
+                        taken.append(req)
                 try:
-                    for req in admitted:
+                    for req in taken:
                         row, row_cache = self._prefill(req)
                         if row.done:
                             self._finish(row)
@@ -267,7 +289,7 @@ class BatchEngine:
                         rows, cache, mask = self._drop_finished(rows, cache, mask)
                         self.stats.batch_size = len(rows)
                 except Exception as exc:  # a broken step fails its requests, not the server
-                    failed = {id(r.req): r.req for r in rows} | {id(q): q for q in admitted if not q.released}
+                    failed = {id(r.req): r.req for r in rows} | {id(q): q for q in taken if not q.released}
                     log.exception("decode step failed; failing %d request(s)", len(failed))
                     error = EngineError(f"generation failed: {exc}")
                     for req in failed.values():
@@ -290,16 +312,14 @@ class BatchEngine:
             budget=budget,
             rng=np.random.default_rng(req.params.seed),
             position=len(req.prompt_ids),
-            constraint=(
-                Constrained(self.grammar_tokenizer.get(), req.params.grammar) if req.params.grammar else None
-            ),
+            constraint=req.constraint,
             scorer=(
                 Scorer(req.params.logprobs, self.grammar_tokenizer.token_bytes)
                 if req.params.logprobs is not None
                 else None
             ),
         )
-        self._accept(row, out.logits[0, -1:, :], first=True)
+        self._accept_or_fail(row, out.logits[0, -1:, :], first=True)
         return row, out.past_key_values
 
     def _decode(self, rows: list[_Row], cache: Any, mask: Any) -> tuple[Any, Any]:
@@ -324,9 +344,23 @@ class BatchEngine:
         self.stats.decode_steps += 1
         for i, row in enumerate(rows):
             row.position += 1
-            self._accept(row, logits[i : i + 1], first=False, greedy_token=greedy[i])
+            self._accept_or_fail(row, logits[i : i + 1], first=False, greedy_token=greedy[i])
         self.stats.recent_tokens.append((time.monotonic(), len(rows)))
         return out.past_key_values, mask
+
+    def _accept_or_fail(
+        self, row: _Row, logits: Any, *, first: bool, greedy_token: int | None = None
+    ) -> None:
+        """:meth:`_accept`; a failure of this row's own (its grammar, its logprobs, its text) ends
+        this request with the error, not the whole batch."""
+        try:
+            self._accept(row, logits, first=first, greedy_token=greedy_token)
+        except Exception as exc:
+            log.warning(
+                "generation failed for one request: %s", exc, exc_info=not isinstance(exc, EngineError)
+            )
+            row.req.emit(exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc}"))
+            row.done, row.finish = True, "failed"
 
     def _accept(self, row: _Row, logits: Any, *, first: bool, greedy_token: int | None = None) -> None:
         """Choose the next token of ``row`` from its logits [1, vocab]; emit text; mark it done."""
@@ -365,17 +399,29 @@ class BatchEngine:
         elif len(row.text.tokens) >= row.budget:
             row.done, row.finish = True, "length"
 
+    def _drop_gone(self) -> None:
+        """Give back the places of waiting requests whose clients left (``_wake`` held): they
+        counted against the queue until a row freed, and newcomers got 429s meanwhile."""
+        kept: collections.deque[_Request] = collections.deque()
+        gone: list[_Request] = []
+        for req in self._waiting:  # one look at each flag: a request is kept or released, never lost
+            (gone if req.cancelled.is_set() else kept).append(req)
+        if gone:
+            self._waiting = kept
+            for req in gone:
+                self._release(req)
+
     def _release(self, req: _Request) -> None:
-        if req.released:
-            return
-        req.released = True
-        with self._wake:
+        with self._wake:  # from the engine thread and from the event loop (_drop_gone)
+            if req.released:
+                return
+            req.released = True
             self._in_flight -= 1
-        self.stats.requests_done += 1
+            self.stats.requests_done += 1
 
     def _finish(self, row: _Row) -> None:
         self._release(row.req)
-        if row.finish == "cancelled":
+        if row.finish in ("cancelled", "failed"):
             return
         tail = row.text.finish()
         if tail:

@@ -62,8 +62,8 @@ class PoolBackend:
         self, prompt: Prompt, params: GenerationParams
     ) -> tuple[PoolModel, AsyncIterator[StreamItem]]:
         model = self.require()
-        ids = await asyncio.to_thread(self.engine.check_prompt, prompt, params)
-        return model, self.engine.submit_ids(ids, params)
+        admitted = await asyncio.to_thread(self.engine.check_prompt, prompt, params)
+        return model, self.engine.submit_admitted(admitted)
 
 
 class _EngineCollector(Collector):

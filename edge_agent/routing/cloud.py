@@ -21,7 +21,7 @@ from edge_agent.routing.breaker import CircuitBreaker
 from edge_agent.routing.resume import Continue, resumable_events
 from edge_agent.serving.config import ServingConfig
 from edge_agent.serving.service import cloud_answer_headers
-from edge_agent.serving.sse import is_done, relay_events
+from edge_agent.serving.sse import describe_error, is_done, relay_events
 from edge_agent.serving.streaming import EventStream
 from edge_agent.settings import url_allowed
 from shared.errors import CloudUnavailable
@@ -79,8 +79,12 @@ class CloudFallback:
                 f"circuit open, next probe in {self.breaker.retry_in():.1f}s"
             )
         connect = min(self.connect_timeout_s, cfg.cloud_timeout_s)
+        # A limit on silence, not on the whole answer: a total cut a healthy stream that was
+        # still sending tokens at cloud_timeout_s, and counted it against the breaker.
+        # ``connect`` bounds what comes before the socket too (DNS, a free pooled connection):
+        # a probe that hung there would keep the breaker half-open.
         return cfg.cloud_url.rstrip("/") + path, aiohttp.ClientTimeout(
-            total=cfg.cloud_timeout_s, sock_connect=connect
+            total=None, connect=cfg.cloud_timeout_s, sock_connect=connect, sock_read=cfg.cloud_timeout_s
         )
 
     async def _send(
@@ -92,12 +96,12 @@ class CloudFallback:
             headers = {**extra, **({"authorization": f"Bearer {self.api_key}"} if self.api_key else {})}
             upstream = await self._client().post(url, json=body, timeout=limits, headers=headers)
         except _HOP_ERRORS as exc:
-            raise self._failed(url, _describe(exc)) from exc
+            raise self._failed(url, describe_error(exc)) from exc
         if upstream.status >= 500:
             try:
                 detail = (await upstream.read())[:300].decode(errors="replace")
             except _HOP_ERRORS as exc:
-                detail = f"(the body broke off: {_describe(exc)})"
+                detail = f"(the body broke off: {describe_error(exc)})"
             finally:
                 upstream.release()
             raise self._failed(url, f"HTTP {upstream.status}: {detail}")
@@ -170,7 +174,7 @@ class CloudFallback:
         try:
             content = await upstream.read()
         except _HOP_ERRORS as exc:
-            raise self._failed(url, f"the answer broke off: {_describe(exc)}") from exc
+            raise self._failed(url, f"the answer broke off: {describe_error(exc)}") from exc
         finally:
             upstream.release()
         parsed: dict[str, Any] | None = None
@@ -191,7 +195,7 @@ class CloudFallback:
             try:
                 detail = (await upstream.read())[:300].decode(errors="replace")
             except _HOP_ERRORS as exc:
-                detail = _describe(exc)
+                detail = describe_error(exc)
             finally:
                 upstream.release()
             raise CloudUnavailable(f"the cloud refused to go on: HTTP {upstream.status}: {detail}", url=url)
@@ -216,12 +220,6 @@ class CloudFallback:
                 upstream.release()
 
         return chunks()
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timed out"
-    return f"{type(exc).__name__}: {exc}"
 
 
 async def _released(upstream: aiohttp.ClientResponse, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from edge_agent.runtime.generator import Resume
-from edge_agent.serving.sse import DONE, error_event, is_done, normalised
+from edge_agent.serving.sse import DONE, describe_error, error_event, is_done, normalised
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ async def resumable_events(
     transcript = Transcript()
     pending = b""
     why: str | None = None
+    reported: bytes | None = None  # the cloud's own error event, passed on if no one continues
     try:
         async for chunk in chunks:
             pending = normalised(pending, chunk)
@@ -119,6 +120,7 @@ async def resumable_events(
                 if "error" in payload:
                     # The gateway's report that its replica broke off (or any upstream error):
                     # not sent on, the answer continues here instead.
+                    reported = event + b"\n\n"
                     why = f"the cloud reported: {_message(payload)}"
                     break
                 transcript.observe(payload)
@@ -132,7 +134,7 @@ async def resumable_events(
             if why is not None:
                 break
     except errors as exc:
-        why = f"{type(exc).__name__}: {exc}"
+        why = describe_error(exc)
     why = why or "the cloud ended the stream without [DONE]"
     on_break(why)
     if transcript.finished:
@@ -141,7 +143,7 @@ async def resumable_events(
         return
     continuation = await take_over(transcript) if transcript.resumable else None
     if continuation is None:
-        yield error_event(f"the answer broke off upstream ({why}); it is incomplete")
+        yield reported or error_event(f"the answer broke off upstream ({why}); it is incomplete")
         return
     on_resumed()
     log.info(

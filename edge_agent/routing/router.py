@@ -138,6 +138,7 @@ class RequestRouter:
             and body.stream
             and not body.tools
             and self.serving().router_policy is not RouterPolicy.CLOUD_ONLY
+            and self._runs_here(model)
             else None
         )
         strip = False
@@ -159,6 +160,18 @@ class RequestRouter:
         error = None if response.status_code < 400 else f"cloud_http_{response.status_code}"
         self._record(response.headers.get(MODEL_HEADER) or model, started, parsed, error)
         return response
+
+    def _runs_here(self, model: str) -> bool:
+        """Whether the local model could continue an answer asked of ``model``: only then is the
+        cloud asked for token ids (a request for another model goes as the app sent it, and an
+        upstream that refuses unknown fields still answers it)."""
+        current = self.local.serving()
+        if current is None:
+            return False
+        name, pinned, digest = model.partition("@")
+        if pinned and digest != current.digest:
+            return False  # another build of the model: the local one would refuse it (409)
+        return name == DEFAULT_MODEL or name == current.model_id or name in current.names
 
     def _same_version(self, payload: dict[str, Any]) -> dict[str, str]:
         """Ask the cloud for the version this device runs. A request for the local model by its

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from edge_agent.runtime.channel import GenerationChannel, Item, put_all
 from edge_agent.runtime.generator import (
     PREFILL_CHUNK,
-    GenerationParams,
     GenerationResult,
     Sequence,
     StreamItem,
@@ -109,14 +108,9 @@ class DecodeBatcher:
         """How many sequences may decode together now."""
         return max(1, self._parallel()) if self.model.batches else 1
 
-    def submit(
-        self,
-        prompt_ids: list[int],
-        params: GenerationParams,
-        channel: GenerationChannel,
-        release: Callable[[], None],
-    ) -> None:
-        job = _Job(self.generator.sequence(prompt_ids, params), channel, release)
+    def submit(self, seq: Sequence, channel: GenerationChannel, release: Callable[[], None]) -> None:
+        """Queue ``seq`` (made by ``generator.sequence``); its items go to ``channel``."""
+        job = _Job(seq, channel, release)
         with self._lock:
             self._pending.append(job)
             if self._thread is None:
@@ -309,9 +303,16 @@ class DecodeBatcher:
             for job in active:
                 self._fail(job, exc)
             return []
-        return [
-            job for job, row in zip(active, logits, strict=True) if self._deliver(job, job.seq.advance(row))
-        ]
+        going = []
+        for job, row in zip(active, logits, strict=True):
+            try:
+                items = job.seq.advance(row)
+            except BaseException as exc:  # this sequence's own failure (its grammar): not the others'
+                self._fail(job, exc)
+                continue
+            if self._deliver(job, items):
+                going.append(job)
+        return going
 
     def _deliver(self, job: _Job, items: list[StreamItem]) -> bool:
         """Send ``items`` to the job's reader; whether it goes on decoding."""

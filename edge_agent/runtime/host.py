@@ -21,7 +21,13 @@ from edge_agent.runtime.batcher import GATHER_S, DecodeBatcher
 from edge_agent.runtime.channel import GenerationChannel
 from edge_agent.runtime.chat import ChatTemplate
 from edge_agent.runtime.evaluation import foreign_ids, teacher_forced_agreement
-from edge_agent.runtime.generator import GenerationParams, GenerationResult, StreamItem, TextGenerator
+from edge_agent.runtime.generator import (
+    GenerationParams,
+    GenerationResult,
+    Sequence,
+    StreamItem,
+    TextGenerator,
+)
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.session import OnnxCausalLM
 from edge_agent.runtime.text import Prompt
@@ -247,15 +253,21 @@ class ModelHost:
         batcher = self._batcher(model)
         # Announced while its prompt is tokenized: requests that arrive together start together.
         with batcher.arriving():
-            prompt_ids = await asyncio.to_thread(model.generator.check_prompt, prompt, params)
+            # The prompt's tokens and the sequence's state (a grammar's first mask included) are
+            # CPU work: made off the event loop.
+            seq = await asyncio.to_thread(_sequence, model.generator, prompt, params)
             self._admit(batcher.width)
             channel = GenerationChannel()
             try:
-                batcher.submit(prompt_ids, params, channel, self._release)
+                batcher.submit(seq, channel, self._release)
             except BaseException:
                 self._release()
                 raise
         return model, channel
+
+
+def _sequence(generator: TextGenerator, prompt: Prompt, params: GenerationParams) -> Sequence:
+    return generator.sequence(generator.check_prompt(prompt, params), params)
 
 
 async def _closing(channel: GenerationChannel) -> AsyncIterator[StreamItem]:

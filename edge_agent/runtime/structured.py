@@ -20,7 +20,7 @@ import numpy as np
 from llguidance import LLMatcher, LLTokenizer
 from tokenizers import Tokenizer
 
-from shared.errors import InvalidRequest
+from shared.errors import EngineError, InvalidRequest
 
 # Compact JSON: a model sampling at temperature 1 cannot wander into endless whitespace.
 JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False}
@@ -165,10 +165,21 @@ class Constrained:
         self.matcher = LLMatcher(tokenizer, grammar)
         if self.matcher.is_error():
             raise InvalidRequest(f"response_format: {self.matcher.get_error()}", param="response_format")
+        # Some grammars validate and fail only when a mask is asked of them over a real vocabulary
+        # (a schema that is nothing but a reference to itself, {"$ref": "#"}): asked here, that is
+        # a 400. Found at the first step instead, only EOS stayed allowed, and an empty answer
+        # came back as a complete one (finish_reason "stop").
+        self._first: bytes | None = self.matcher.compute_bitmask()
+        if self.matcher.is_error():
+            raise InvalidRequest(f"response_format: {self.matcher.get_error()}", param="response_format")
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
-        """A copy of ``logits`` [vocab] where only tokens the grammar allows keep their value."""
-        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+        """A copy of ``logits`` [vocab] where only tokens the grammar allows keep their value;
+        EngineError when the grammar fails mid-answer (never a silent end)."""
+        raw, self._first = self._first or self.matcher.compute_bitmask(), None
+        if self.matcher.is_error():
+            raise EngineError(f"the response_format grammar failed mid-answer: {self.matcher.get_error()}")
+        bits = np.frombuffer(raw, dtype=np.uint8)
         allowed = np.unpackbits(bits, bitorder="little")[: logits.shape[0]].astype(bool)
         out = np.full(logits.shape, -np.inf, dtype=np.float64)
         n = allowed.shape[0]
@@ -176,6 +187,7 @@ class Constrained:
         return out
 
     def accept(self, token: int) -> None:
+        self._first = None  # the state moved on: the mask computed at the start no longer holds
         if not self.matcher.consume_token(token):
             # Only a masked-out token could do this: a bug, not the client's fault.
             raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")

@@ -40,6 +40,13 @@ def error_event(message: str, code: str = "upstream_stream_broken") -> bytes:
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
+def describe_error(exc: BaseException) -> str:
+    """A failed hop in words (a timeout's own message is empty)."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}"
+
+
 async def relay_events(
     chunks: AsyncIterator[bytes],
     *,
@@ -61,7 +68,7 @@ async def relay_events(
                 done = True
             yield events
     except errors as exc:
-        why = f"{type(exc).__name__}: {exc}"
+        why = describe_error(exc)
     if not done:
         why = why or "the upstream ended the stream without [DONE]"
         on_break(why)
