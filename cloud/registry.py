@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared.blobs import BlobStore, atomic_write, digest_of
-from shared.errors import RegistryError
+from shared.errors import ContractError, RegistryError
 from shared.ids import is_valid_name
 from shared.manifest import EvalSet, Manifest, SignedManifest
 from shared.messages import ModelRef
 from shared.pool_artifact import PoolArtifact, SignedPoolArtifact
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,7 @@ class ModelRegistry:
         data = signed.to_json()
         self.blobs.put_bytes(data)
         atomic_write(path, data)
-        return self._entry(data)
+        return self._entry(data, path)
 
     def next_release(self, name: str) -> int:
         """The release number for a new version of ``name``: above every one issued, deleted
@@ -158,7 +161,7 @@ class ModelRegistry:
             issued = 0
         present = (self._manifests / name).glob("*.json") if (self._manifests / name).is_dir() else []
         for path in present:
-            issued = max(issued, SignedManifest.from_json(path.read_bytes()).manifest.release_number)
+            issued = max(issued, self._entry(path.read_bytes(), path).manifest.release_number)
         release = issued + 1
         atomic_write(mark, str(release).encode())
         return release
@@ -169,7 +172,7 @@ class ModelRegistry:
     def get(self, name: str, version: str) -> RegistryEntry:
         path = self._manifest_path(name, version)
         try:
-            return self._entry(path.read_bytes())
+            return self._entry(path.read_bytes(), path)
         except FileNotFoundError as exc:
             raise RegistryError("model not found", name=name, version=version) from exc
 
@@ -189,7 +192,13 @@ class ModelRegistry:
     def list(self) -> list[RegistryEntry]:
         if not self._manifests.is_dir():
             return []
-        return [self._entry(p.read_bytes()) for p in sorted(self._manifests.glob("*/*.json"))]
+        entries = []
+        for p in sorted(self._manifests.glob("*/*.json")):
+            try:
+                entries.append(self._entry(p.read_bytes(), p))
+            except RegistryError as exc:  # one damaged file must not hide every other version
+                log.error("%s; left out of the list", exc.message)
+        return entries
 
     def delete(self, name: str, version: str) -> int:
         """Remove a version and every blob no other version references; returns bytes freed."""
@@ -217,7 +226,17 @@ class ModelRegistry:
         return freed
 
     @staticmethod
-    def _entry(data: bytes) -> RegistryEntry:
-        signed = SignedManifest.from_json(data)
+    def _entry(data: bytes, path: Path) -> RegistryEntry:
+        """The stored manifest at ``path`` (``manifests/NAME/VERSION.json``); RegistryError naming
+        the file when it is unreadable or names another version than its place (a hand edit:
+        listed under a version it is not stored as, and no longer what was signed)."""
+        try:
+            signed = SignedManifest.from_json(data)
+        except ContractError as exc:
+            raise RegistryError(f"the stored manifest {path} is damaged: {exc}") from exc
         m = signed.manifest
+        if (m.name, m.version) != (path.parent.name, path.stem):
+            raise RegistryError(
+                f"the stored manifest {path} names {m.name}:{m.version}, not the version it is stored as"
+            )
         return RegistryEntry(m.name, m.version, digest_of(data), len(data), signed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -23,6 +24,8 @@ from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, mod
 from shared.errors import IntegrityError, RegistryError
 from shared.ids import Digest, Hex64, is_valid_digest
 from shared.wire import WireModel
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 1024 * 1024
 _READ_SIZE = 1024 * 1024
@@ -260,11 +263,26 @@ class BlobStore:
         except FileNotFoundError as exc:
             raise RegistryError("blob not in store", digest=digest) from exc
 
+    def _intact(self, dest: Path, digest: str, size: int) -> bool:
+        """Whether the stored blob at ``dest`` is whole and unaltered. A damaged one (a bad disk,
+        a hand edit) was kept as it was, and every later package that shared it shipped it: only
+        the devices' own checks caught it, and packaging again could not repair it."""
+        try:
+            if dest.stat().st_size != size:
+                return False
+        except FileNotFoundError:
+            return False
+        if file_digest(dest) == digest:
+            return True
+        log.warning("blob %s in the store is damaged; it is written again", digest)
+        return False
+
     def put_file(self, src: Path) -> str:
-        """Copy a file in (verified), returning its digest; an existing blob is kept, not rewritten."""
+        """Copy a file in (verified), returning its digest; an intact existing blob is kept, a
+        damaged one written again."""
         digest = file_digest(src)
         dest = self.path(digest)
-        if dest.is_file():
+        if self._intact(dest, digest, src.stat().st_size):
             return digest
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".incoming.")
@@ -282,7 +300,7 @@ class BlobStore:
     def put_bytes(self, data: bytes) -> str:
         digest = digest_of(data)
         dest = self.path(digest)
-        if not dest.is_file():
+        if not self._intact(dest, digest, len(data)):
             atomic_write(dest, data)
         return digest
 

@@ -25,6 +25,9 @@ MQTT_SCHEMA = "autoglm.mqtt/v3"
 # Revisions are int64 everywhere (the control plane's column): a larger one would pin a device to
 # it forever and no longer fit the fleet's database.
 MAX_REVISION = 2**63 - 1
+# Byte and token counts a device reports: what a BIGINT column and the console's arithmetic
+# hold (10**3000 bytes done made the fleet page divide into an OverflowError).
+MAX_COUNT = 2**63 - 1
 # Upper bounds keep one message from asking for an unbounded amount of work.
 MAX_BLOBS_PER_FETCH = 64
 MAX_CHUNKS_PER_BLOB_REQUEST = 4096
@@ -98,13 +101,13 @@ class ErrorInfo(WireModel):
 
 class Capabilities(WireModel):
     providers: list[Text] = Field(default_factory=list)
-    memory_bytes: Annotated[int, Field(strict=True, ge=0)] = 0
-    disk_free_bytes: Annotated[int, Field(strict=True, ge=0)] = 0
+    memory_bytes: Annotated[int, Field(strict=True, ge=0, le=MAX_COUNT)] = 0
+    disk_free_bytes: Annotated[int, Field(strict=True, ge=0, le=MAX_COUNT)] = 0
 
 
 class TransferProgress(WireModel):
-    bytes_done: Annotated[int, Field(strict=True, ge=0)]
-    bytes_total: Annotated[int, Field(strict=True, ge=0)]
+    bytes_done: Annotated[int, Field(strict=True, ge=0, le=MAX_COUNT)]
+    bytes_total: Annotated[int, Field(strict=True, ge=0, le=MAX_COUNT)]
 
 
 class EvalReport(WireModel):
@@ -164,9 +167,10 @@ class TelemetryRecord(WireModel):
     at: datetime
     model: Text
     served_by: Literal["local", "cloud"]
-    prompt_tokens: Annotated[int, Field(strict=True, ge=0)]
-    completion_tokens: Annotated[int, Field(strict=True, ge=0)]
-    latency_ms: Annotated[float, Field(ge=0)]
+    prompt_tokens: Annotated[int, Field(strict=True, ge=0, le=MAX_COUNT)]
+    completion_tokens: Annotated[int, Field(strict=True, ge=0, le=MAX_COUNT)]
+    # Finite: an infinite latency drew NaN in the console and could never fail a health gate.
+    latency_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)]
     ok: StrictBool = True
     error: Text | None = None
 

@@ -79,6 +79,8 @@ class SigningKey:
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         except FileNotFoundError as exc:
             raise ConfigError("signing key file not found", path=str(path)) from exc
+        except OSError as exc:  # a directory, no permission
+            raise ConfigError(f"signing key file cannot be read: {exc.strerror}", path=str(path)) from exc
         except ValueError as exc:
             raise ConfigError("signing key file is not a PEM private key", path=str(path)) from exc
         if not isinstance(key, Ed25519PrivateKey):

@@ -16,13 +16,21 @@ T = TypeVar("T", bound="WireDocument")
 
 
 def _storable(value: str) -> str:
-    # JSON allows "\u0000" in a string; PostgreSQL's text columns refuse it, and a report whose
-    # error message held one failed its whole batch and was refused again each time the device
-    # sent it again. Free text is shown, not compared: the replacement character stands in.
-    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    # JSON allows "\u0000" and a lone surrogate ("\ud800") in a string; PostgreSQL's text columns
+    # refuse the first, UTF-8 (the JSON columns, every driver) the second, and a report that held
+    # one failed its whole batch and was refused again each time the device sent it again. Free
+    # text is shown, not compared: the replacement character stands in.
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value)
+    return value
 
 
-# Free text a device sends (error messages, details): stored and shown as it came, but for NUL.
+# Free text a device sends (error messages, details): stored and shown as it came, but for NUL
+# and lone surrogates.
 Text = Annotated[str, AfterValidator(_storable)]
 
 

@@ -61,6 +61,19 @@ def test_blob_store_is_content_addressed_and_chunked(tmp_path: Path) -> None:
     assert list(store.digests()) == [digest]
 
 
+def test_a_damaged_blob_in_the_store_is_written_again_not_reused(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    data = os.urandom(5000)
+    (tmp_path / "src").write_bytes(data)
+    digest = store.put_file(tmp_path / "src")
+    stored = store.path(digest)
+    for damage in (b"\x00" + data[1:], data[:-1]):  # a flipped byte, a truncated file
+        stored.write_bytes(damage)
+        assert store.put_file(tmp_path / "src") == digest and stored.read_bytes() == data
+        stored.write_bytes(damage)
+        assert store.put_bytes(data) == digest and stored.read_bytes() == data
+
+
 def _publish(reg: ModelRegistry, key: SigningKey, version: str, payloads: dict[str, bytes]) -> None:
     files = []
     for name, data in payloads.items():
@@ -88,6 +101,21 @@ def test_registry_shares_blobs_across_versions_and_collects_garbage(tmp_path: Pa
     assert not reg.blobs.has(describe_bytes(b"{}").digest)
     with pytest.raises(RegistryError, match="not found"):
         reg.get("m", "1")
+
+
+def test_a_damaged_or_moved_manifest_is_named_and_does_not_hide_the_others(tmp_path: Path) -> None:
+    reg = ModelRegistry(tmp_path / "reg")
+    key = SigningKey.generate()
+    for version in ("1", "2", "3"):
+        _publish(reg, key, version, {"model.onnx": version.encode()})
+    stored = tmp_path / "reg" / "manifests" / "m"
+    (stored / "1.json").write_bytes((stored / "1.json").read_bytes()[:40])  # truncated
+    (stored / "3.json").write_bytes((stored / "2.json").read_bytes())  # version 2's, stored as 3
+    with pytest.raises(RegistryError, match=r"manifests/m/1.json is damaged"):
+        reg.get("m", "1")
+    with pytest.raises(RegistryError, match=r"manifests/m/3.json names m:2"):
+        reg.get("m", "3")
+    assert [e.version for e in reg.list()] == ["2"]
 
 
 def test_registry_refuses_manifest_with_missing_blob(tmp_path: Path) -> None:

@@ -118,7 +118,8 @@ def test_package_list_show_and_refuse_duplicate(tmp_path: Path) -> None:
         "Signing",
     ]:
         assert step in r.stdout
-    assert "Created a new manifest signing key" in r.stdout
+    # On standard error: `--trust "$(autoglm model key)"` captures the key alone.
+    assert "Created a new manifest signing key" in r.stderr
     assert (home / "keys" / "manifest-signing.pem").stat().st_mode & 0o777 == 0o600
 
     listed = json.loads(autoglm("model", "ls", "--json", home=home).stdout)
@@ -178,7 +179,7 @@ def test_package_list_show_and_refuse_duplicate(tmp_path: Path) -> None:
     assert bogus.returncode == 2 and "choose tensors or fixed" in bogus.stdout + bogus.stderr
 
     missing = autoglm("model", "show", "tiny-llama:9", home=home)
-    assert missing.returncode == 1 and "model not found" in missing.stdout
+    assert missing.returncode == 1 and "model not found" in missing.stderr and not missing.stdout
 
     key = autoglm("model", "key", home=home).stdout.strip()
     assert len(base64.b64decode(key)) == 32
@@ -192,11 +193,43 @@ def test_pool_refuses_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
 
 def test_bad_inputs_give_clear_errors(tmp_path: Path) -> None:
     r = autoglm("model", "package", str(tmp_path), "--name", "x", "--version", "1", home=tmp_path)
-    assert r.returncode == 1 and "config.json is missing" in r.stdout
+    assert r.returncode == 1 and "config.json is missing" in r.stderr
     r = autoglm("model", "package", str(tmp_path / "nope"), "--name", "x", "--version", "1", home=tmp_path)
     assert r.returncode == 2 and "neither a model folder nor a .gguf file" in r.stderr
     r = autoglm("model", "show", "no-colon", home=tmp_path)
     assert r.returncode == 2 and "NAME:VERSION" in r.stderr
+    # Each a clear error, never a traceback, and nothing half-made left behind.
+    folder = tmp_path / "m"
+    folder.mkdir()
+    llama = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1}
+    llama |= {"num_attention_heads": 2, "intermediate_size": 64}
+    for config, says in (
+        ([1, 2], "not a JSON object"),
+        ({**llama, "num_hidden_layers": -1}, "num_hidden_layers must be a positive integer"),
+        ({**llama, "vocab_size": 0}, "vocab_size must be a positive integer"),
+        ({**llama, "hidden_size": 1e12}, "hidden_size must be a positive integer"),
+        (llama, "cannot load the model"),  # weights truncated
+    ):
+        (folder / "config.json").write_text(json.dumps(config))
+        (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+        r = autoglm("model", "package", str(folder), "--name", "x", "--version", "1", home=tmp_path)
+        assert r.returncode == 1 and says in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    for option, value in (
+        ("--max-ppl-increase", "nan"),
+        ("--max-ppl-increase", "-1"),
+        ("--eval-text", "/no"),
+    ):
+        r = autoglm(
+            "model", "package", str(folder), "--name", "x", "--version", "1", option, value, home=tmp_path
+        )
+        assert r.returncode == 2 and option in r.stderr, r.stderr
+    r = autoglm("model", "key", "--signing-key", str(folder), home=tmp_path)
+    assert r.returncode == 1 and "cannot be read" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not list(tmp_path.glob("registry/manifests/*/*.json"))
+    # A new key's notice goes to standard error: `--trust "$(autoglm model key)"` gets the key alone.
+    fresh = autoglm("model", "key", home=tmp_path / "fresh")
+    assert fresh.returncode == 0 and "Created a new manifest signing key" in fresh.stderr
+    assert len(base64.b64decode(fresh.stdout.strip())) == 32 and len(fresh.stdout.splitlines()) == 1
     bad = tmp_path / "edge.yaml"
     bad.write_text(yaml.safe_dump({"device_id": "d", "data_dir": str(tmp_path)}))
     r = autoglm("edge", "run", "--config", str(bad), home=tmp_path)

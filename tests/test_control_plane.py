@@ -269,7 +269,7 @@ def test_api_keys_scopes_and_tenants(
         bad_file = tmp_path / "bad.yaml"
         bad_file.write_text("runtime:\n  threads: -1\n")
         refused = cli(cloud, "config", "push", str(bad_file), key=operator)
-        assert refused.returncode == 1 and "runtime.threads" in refused.stdout
+        assert refused.returncode == 1 and "runtime.threads" in refused.stderr
         assert cli(cloud, "fleet", "ls", key="agk_x_y").returncode == 1
 
         # Key lifecycle over REST (admins of the tenant only): create with an expiry, list

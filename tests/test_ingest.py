@@ -5,13 +5,17 @@ that a single bad message holds back nothing else."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+
+from sqlalchemy import func, select
 
 from cloud.plane.fleet import DeviceMessage, Fleet
 from cloud.plane.ingest import Ingest
-from cloud.plane.store import make_engine, migrate
-from shared.messages import DeviceStatus, Phase, ReportedState
+from cloud.plane.store import make_engine, migrate, telemetry
+from shared.messages import DeviceStatus, Phase, ReportedState, TelemetryBatch, TelemetryRecord
 
 
 class CountingFleet(Fleet):
@@ -62,3 +66,64 @@ def test_a_burst_is_stored_in_few_transactions_and_acknowledged_in_order(tmp_pat
     assert len(fleet.transactions) < 301  # batched, not one transaction per message
     assert ingest.failed == 1
     assert fleet.get("t", "d000").phase == "idle" and fleet.status_counts("t") == {"online": 300}
+
+
+class SlowFleet(CountingFleet):
+    """Each transaction waits for ``gate``: what a busy database looks like to the ingest thread."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gate = threading.Event()
+
+    def record(self, items: Sequence[tuple[str, DeviceMessage]]) -> None:
+        self.gate.wait(10)
+        super().record(items)
+
+
+def test_a_flooding_device_fills_its_own_backlog_not_the_others(tmp_path: Path) -> None:
+    """Beyond ``per_device`` messages waiting, a device's messages are dropped unacknowledged
+    (it sends them again); the other devices' messages still go in and are acknowledged."""
+    fleet = SlowFleet(tmp_path / "cp.sqlite3")
+    ingest = Ingest(fleet, max_batch=1000, per_device=8)
+    acked: list[str] = []
+
+    async def flood() -> None:
+        for i in range(500):
+            ingest.put(
+                "t", DeviceStatus(device_id="noisy", state="online"), lambda i=i: acked.append(f"n{i}")
+            )
+        assert ingest.backlog <= 8 + 1  # one may already be in the thread's hands
+        ingest.put("t", DeviceStatus(device_id="quiet", state="online"), lambda: acked.append("quiet"))
+        fleet.gate.set()
+        for _ in range(500):
+            if "quiet" in acked:
+                return
+            await asyncio.sleep(0.01)
+
+    asyncio.run(flood())
+    ingest.close()
+    assert "quiet" in acked and ingest.backlog == 0
+    assert 8 <= len(acked) - 1 <= 9 and ingest.refused == 500 - len(acked) + 1
+    assert fleet.status_counts("t") == {"online": 2}
+
+
+def test_a_telemetry_batch_sent_again_stores_each_record_once(tmp_path: Path) -> None:
+    fleet = CountingFleet(tmp_path / "cp.sqlite3")
+    at = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+    records = [
+        TelemetryRecord(
+            id=f"record-{i:04d}",
+            at=at,
+            model="m",
+            served_by="local",
+            prompt_tokens=1,
+            completion_tokens=1,
+            latency_ms=1.0,
+        )
+        for i in range(300)
+    ]
+    assert fleet.record_telemetry("t", TelemetryBatch(device_id="d", records=records[:200])) == 200
+    assert fleet.record_telemetry("t", TelemetryBatch(device_id="d", records=records)) == 100
+    assert fleet.record_telemetry("t", TelemetryBatch(device_id="d", records=records)) == 0
+    with fleet.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(telemetry)).scalar() == 300

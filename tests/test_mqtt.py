@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -397,3 +398,50 @@ def test_a_message_whose_handling_fails_does_not_end_the_session(
     assert sessions == 1, "on the same session, not after a reconnect"
     failures = [r for r in caplog.records if "error while handling a message" in r.getMessage()]
     assert len(failures) == 1 and failures[0].exc_info is not None, "logged once, with its traceback"
+
+
+def test_a_command_is_answered_only_by_the_device_it_was_sent_to(
+    broker_settings: BrokerSettings, tenant: str
+) -> None:
+    """Replies were matched by request id alone: another device (on its own replies topic, with
+    the id seen on an open broker) answered for the one commanded."""
+    from shared.messages import Command, CommandReply
+    from tests.services import CONTROL_SIGNER
+
+    topics = Topics(tenant)
+    link = ControlLink(
+        broker_settings,
+        topics,
+        BlobServer(BlobStore(Path("/nonexistent")), topics),
+        signer=CONTROL_SIGNER,
+        client_id=f"cloud-{tenant}",
+    )
+
+    async def scenario() -> tuple[CommandReply | None, int]:
+        task = asyncio.create_task(link.run())
+        try:
+            await asyncio.wait_for(link.connected.wait(), 10)
+            async with make_client(broker_settings, f"devices-{tenant}", persistent=False) as devices:
+                await devices.subscribe(topics.commands("dev-x"), qos=1)
+
+                async def answer() -> None:
+                    async for message in devices.messages:
+                        request_id = json.loads(payload_bytes(message))["request_id"]
+                        for who in ("dev-y", "dev-x"):  # the forger first
+                            reply = CommandReply(request_id=request_id, device_id=who, ok=True, detail=who)
+                            await devices.publish(topics.replies(who), reply.to_json(), qos=1)
+                            await asyncio.sleep(0.3)
+                        return
+
+                answering = asyncio.create_task(answer())
+                command = Command(request_id="req-1", action="ping")
+                reply = await link.send_command("dev-x", command, wait_s=10)
+                await answering
+            return reply, link.impersonations
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    reply, impersonations = asyncio.run(scenario())
+    assert reply is not None and reply.device_id == "dev-x" and reply.detail == "dev-x"
+    assert impersonations == 1

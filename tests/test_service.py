@@ -379,19 +379,34 @@ def test_a_nul_in_an_id_key_or_device_message_is_refused_not_a_500_on_postgresql
     whose error message held one failed its whole ingest batch, again each time it was sent."""
     from cloud.plane.fleet import Fleet
     from cloud.plane.store import make_engine
-    from shared.messages import DeviceStatus, ReportedState
+    from shared.messages import DeviceStatus, ReportedState, TelemetryBatch
 
     settings, keys = _isolated_plane(tmp_path, ("admin",), database_url=postgres_url)
     auth = {"authorization": f"Bearer {keys['admin']}"}
     engine = make_engine(postgres_url)
     fleet = Fleet(engine)
+    # Also what the wire allows and INTEGER columns and UTF-8 did not: a revision past 2**31, a
+    # token count past it, a lone surrogate in free text.
     report = ReportedState.from_json(
-        b'{"schema": "autoglm.mqtt/v3", "kind": "reported", "device_id": "d0", "revision": 0, '
-        b'"phase": "failed", "last_error": {"code": "bad\\u0000", "message": "byte \\u0000 here"}}'
+        b'{"schema": "autoglm.mqtt/v3", "kind": "reported", "device_id": "d0", "revision": 2147483653, '
+        b'"phase": "failed", "last_error": {"code": "bad\\u0000", "message": "byte \\u0000 here\\ud800"}}'
     )
-    fleet.record([("default", report), ("default", DeviceStatus(device_id="d1", state="online"))])
-    shown = fleet.get("default", "d0").public()["last_error"]
-    assert (shown["code"], shown["message"]) == ("bad\ufffd", "byte \ufffd here")
+    telemetry = TelemetryBatch.from_json(
+        b'{"schema": "autoglm.mqtt/v3", "kind": "telemetry", "device_id": "d0", "records": [{"id": "record-0001", '
+        b'"at": "2026-12-07T12:00:00Z", "model": "m\\udfff", "served_by": "local", "prompt_tokens": '
+        b'1099511627776, "completion_tokens": 1, "latency_ms": 2.0, "error": "x\\u0000"}]}'
+    )
+    fleet.record(
+        [
+            ("default", report),
+            ("default", telemetry),
+            ("default", DeviceStatus(device_id="d1", state="online")),
+        ]
+    )
+    d0 = fleet.get("default", "d0")
+    shown = d0.public()["last_error"]
+    assert (shown["code"], shown["message"]) == ("bad\ufffd", "byte \ufffd here\ufffd")
+    assert d0.reported_revision == 2147483653
     assert fleet.get("default", "d1").status == "online"  # stored in the same batch
     from cloud.console import install as install_console
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from shared.errors import ContractError
 from shared.messages import (
@@ -177,11 +178,26 @@ def test_unimplemented_openai_parameters_are_named_not_ignored() -> None:
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_a_sampling_float_that_is_not_finite_is_refused_as_such(field: str, value: float) -> None:
     """NaN fails every bound: it was refused as if it were too large ("should be ≤ 2")."""
-    from pydantic import ValidationError
-
     from shared.openai_api import CompletionRequest
 
     with pytest.raises(ValidationError, match="finite number"):
         CompletionRequest.model_validate({"model": "m", "prompt": "x", field: value})
     with pytest.raises(ValidationError, match="finite number"):
         CompletionRequest.model_validate({"model": "m", "prompt": "x", "logit_bias": {"7": value}})
+
+
+def test_a_devices_counts_are_bounded_and_finite() -> None:
+    """10**3000 bytes done broke the console's fleet page (an OverflowError, a 500 for every
+    operator of the tenant); an infinite latency drew NaN and could never fail a health gate."""
+    from shared.messages import Capabilities, TelemetryRecord, TransferProgress
+
+    with pytest.raises(ValidationError):
+        TransferProgress(bytes_done=10**3000, bytes_total=1)
+    with pytest.raises(ValidationError):
+        Capabilities(memory_bytes=10**400)
+    record = {"id": "record-0001", "at": "2026-12-07T12:00:00Z", "model": "m", "served_by": "local"}
+    record |= {"prompt_tokens": 1, "completion_tokens": 1, "latency_ms": 1.0}
+    TelemetryRecord.model_validate(record)
+    for bad in ({"latency_ms": float("inf")}, {"latency_ms": float("nan")}, {"prompt_tokens": 2**63}):
+        with pytest.raises(ValidationError):
+            TelemetryRecord.model_validate(record | bad)

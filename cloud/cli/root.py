@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import signal
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
@@ -44,6 +46,8 @@ app.add_typer(pool_app, name="pool")
 
 # soft_wrap: long digests and paths stay on one line when the output is a file or a pipe.
 console = Console(highlight=False, soft_wrap=True)
+# Notices and errors: standard output stays what a script captures ("$(autoglm model key)").
+notices = Console(highlight=False, soft_wrap=True, stderr=True)
 
 RegistryOpt = Annotated[
     Path | None, typer.Option("--registry", help="Registry folder [default: $AUTOGLM_HOME/registry].")
@@ -70,7 +74,7 @@ def _signing_key(path: Path | None) -> SigningKey:
     key_path = path or CloudPaths.from_env().signing_key
     key, created = SigningKey.load_or_create(key_path)
     if created:
-        console.print(
+        notices.print(
             f"[yellow]Created a new manifest signing key at {key_path} (key id {key.public.key_id}).[/]"
         )
     return key
@@ -148,7 +152,13 @@ def model_package(
     ] = "auto",
     eval_text: Annotated[
         Path | None,
-        typer.Option("--eval-text", help="Held-out text for perplexity [default: Python stdlib sample]."),
+        typer.Option(
+            "--eval-text",
+            help="Held-out text for perplexity [default: Python stdlib sample].",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+        ),
     ] = None,
     chunk_size: Annotated[
         int,
@@ -204,6 +214,9 @@ def model_package(
     is_gguf = src.is_file() and src.suffix.lower() == ".gguf"
     if not src.is_dir() and not is_gguf:
         raise typer.BadParameter(f"{src} is neither a model folder nor a .gguf file", param_hint="SRC")
+    if not math.isfinite(max_ppl_increase) or max_ppl_increase < 0:
+        # NaN compared false with every rise: it turned the quality check off without a word.
+        raise typer.BadParameter("a finite number, 0 or more (0.05 = 5%)", param_hint="--max-ppl-increase")
     text = eval_text.read_text(encoding="utf-8", errors="replace") if eval_text else None
     carried = None
     if eval_set_from is not None:
@@ -391,7 +404,7 @@ def cloud_control_key(
     path = control_key or CloudPaths.from_env().control_key
     key, created = SigningKey.load_or_create(path)
     if created:
-        console.print(f"[cloud] created control key {key.public.key_id} at {path}", style="dim")
+        notices.print(f"[cloud] created control key {key.public.key_id} at {path}", style="dim")
     typer.echo(key.public.b64)
 
 
@@ -469,11 +482,22 @@ def demo(
 
 
 def main() -> None:
+    # SIGTERM unwinds like Ctrl-C does, so a package run's temporary folders and half-written
+    # files are removed (the default action killed the process where it stood).
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except AutoGLMError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        notices.print(f"[bold red]error:[/] {exc}")
         raise SystemExit(1) from exc
+    except OSError as exc:  # a full disk, a folder not writable: the reason, not a traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        notices.print(f"[bold red]error:[/] {exc.strerror or exc}{where}")
+        raise SystemExit(1) from exc
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -93,8 +93,9 @@ class ControlLink:
         self.connected = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self._changed = asyncio.Event()
-        # Commands this link sent and awaits a reply to, by request id.
-        self._replies: dict[str, asyncio.Future[CommandReply]] = {}
+        # Commands this link sent and awaits a reply to, by request id: the device commanded
+        # and where its reply goes.
+        self._replies: dict[str, tuple[str, asyncio.Future[CommandReply]]] = {}
         # Devices whose node's broker bridge said it is down (shared/topics.py, ``bridge``).
         self._bridges_down: set[str] = set()
 
@@ -181,9 +182,14 @@ class ControlLink:
                     await self.send_ack(parsed.device_id, ack_ids(batch))
             elif parsed.channel == "replies":
                 reply = from_device(CommandReply, payload, parsed.device_id, topic)
-                waiting = self._replies.get(reply.request_id)
-                if waiting is not None and not waiting.done():
-                    waiting.set_result(reply)
+                pending = self._replies.get(reply.request_id)
+                # Only the device commanded answers: another (its own replies topic, the request
+                # id seen on an open broker) was taken as its answer.
+                if pending is not None and pending[0] == parsed.device_id and not pending[1].done():
+                    pending[1].set_result(reply)
+                elif pending is not None:
+                    self.impersonations += 1
+                    log.warning("dropped %s's reply to a command sent to %s", parsed.device_id, pending[0])
         except ImpersonationError as exc:
             self.impersonations += 1
             log.warning("dropped a message that names another device: %s", exc)
@@ -226,7 +232,7 @@ class ControlLink:
         (the broker keeps it for an offline device's session until the command expires)."""
         signed = self._signer().command(command, device_id=device_id, tenant=self.topics.tenant)
         waiting: asyncio.Future[CommandReply] = asyncio.get_running_loop().create_future()
-        self._replies[command.request_id] = waiting
+        self._replies[command.request_id] = (device_id, waiting)
         try:
             try:
                 # Bounded: with the broker down an API call waited for it without end.

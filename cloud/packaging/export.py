@@ -27,6 +27,38 @@ SUPPORTED_MODEL_TYPES = ("glm", "glm4", "llama", "mistral", "qwen2", "qwen3", "g
 GRAPH_FILE = "model.onnx"
 
 
+# Sizes a model's config.json gives (Llama-style names, then GPT-2's).
+_POSITIVE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_positions",
+)
+
+
+def load_hf_model(src: Path) -> Any:
+    """The folder's model in float32; PackagingError naming the cause when its weights do not
+    load (truncated or foreign files, sizes the weights do not have, a size torch cannot
+    allocate), where it was a traceback from transformers, safetensors or torch."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32, local_files_only=True)
+    except Exception as exc:  # transformers, safetensors and torch raise a dozen unrelated types
+        raise PackagingError(
+            f"cannot load the model in {src}: {type(exc).__name__}: {str(exc)[:500]}", src=str(src)
+        ) from exc
+
+
 def read_hf_config(src: Path) -> dict[str, Any]:
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
@@ -35,6 +67,16 @@ def read_hf_config(src: Path) -> dict[str, Any]:
         cfg: dict[str, Any] = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
         raise PackagingError(f"config.json is not valid JSON: {exc}", src=str(src)) from exc
+    if not isinstance(cfg, dict):
+        raise PackagingError("config.json is not a JSON object", src=str(src))
+    for field in _POSITIVE_FIELDS:
+        value = cfg.get(field)
+        # Checked here, before torch: a negative, zero or non-integer size failed deep inside it
+        # with an IndexError, a KeyError or a size mismatch.
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise PackagingError(
+                f"config.json: {field} must be a positive integer, not {value!r}", src=str(src)
+            )
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise PackagingError(
@@ -150,9 +192,8 @@ def onnx_greedy(model: OnnxCausalLM, prompt_ids: list[int], new_tokens: int) -> 
 
 def torch_greedy(src: Path, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], np.ndarray]:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32, local_files_only=True)
+    model = load_hf_model(src)
     model.eval()
     ids = torch.tensor([prompt_ids], dtype=torch.long)
     with torch.no_grad():

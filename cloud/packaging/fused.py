@@ -48,6 +48,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from cloud.packaging.export import load_hf_model
 from shared.errors import PackagingError
 
 WEIGHTS_FILE = "model.onnx_data"
@@ -230,12 +231,10 @@ def check_supported(cfg: dict[str, Any]) -> None:
 def build_fused(src: Path, cfg: dict[str, Any], out: Path) -> Path:
     """Write ``out/model.onnx`` (+ external weights) for the model in ``src``; returns the graph path."""
     import onnx
-    import torch
     from onnx import TensorProto, helper, numpy_helper
-    from transformers import AutoModelForCausalLM
 
     check_supported(cfg)
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32, local_files_only=True)
+    model = load_hf_model(src)
     # The loaded config carries the class defaults config.json may leave out (GLM's
     # attention_bias and partial_rotary_factor, Qwen3's layer_types): check again with them.
     cfg = {**cfg, **model.config.to_dict()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -119,6 +120,10 @@ class ModelPackager:
             raise RegistryError(
                 "model version already exists; pick a new version", name=opts.name, version=opts.version
             )
+        limit = opts.max_perplexity_increase
+        if not math.isfinite(limit) or limit < 0:
+            # NaN compared false with every rise: it turned the quality check off without a word.
+            raise PackagingError("max_perplexity_increase must be a finite number, 0 or more", limit=limit)
         cfg = read_hf_config(src)
         with tempfile.TemporaryDirectory(prefix="autoglm-package-") as tmp:
             work = Path(tmp)
@@ -133,6 +138,14 @@ class ModelPackager:
             io = io.model_copy(
                 update={"eos_token_ids": end_of_turn_ids(io.eos_token_ids, tokenizer, template)}
             )
+            tokens = tokenizer.get_vocab_size(with_added_tokens=True)
+            if tokens > io.vocab_size:
+                # Ids past the embedding's rows: onnxruntime's "out of bounds" mid-validation.
+                raise PackagingError(
+                    f"the tokenizer has {tokens} tokens, the model's vocabulary {io.vocab_size}: "
+                    "they do not belong together",
+                    src=str(src),
+                )
             r.done(
                 f"{io.num_layers} layers, {io.num_kv_heads} KV heads × {io.head_dim}, vocab {io.vocab_size}; "
                 f"chat template: {template.source}; end-of-turn ids {io.eos_token_ids}"
@@ -523,4 +536,7 @@ def _copy_tokenizer_files(src: Path, out: Path) -> None:
 
 
 def _load_tokenizer(folder: Path) -> Tokenizer:
-    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    try:
+        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as exc:  # tokenizers raises a bare Exception for a file it cannot read
+        raise PackagingError(f"tokenizer.json cannot be read: {exc}", src=str(folder)) from exc

@@ -443,9 +443,22 @@ class Fleet:
         ]
         skew = (received - max(as_utc(r.at) or received for r in batch.records)).total_seconds()
         self._ensure(conn, tenant, batch.device_id)
-        added = 0
-        for row in rows:
-            added += conn.execute(insert_ignore(self.engine, telemetry).values(**row)).rowcount
+        # Records stored before (a batch sent again: its acknowledgement was lost) are left out
+        # first, and the rest go in one statement: one INSERT per record held the ingest thread,
+        # and every other device's reports behind it, while one device replayed its batches.
+        ids = [row["record_id"] for row in rows]
+        seen = set(
+            conn.execute(
+                select(telemetry.c.record_id).where(
+                    telemetry.c.tenant == tenant, telemetry.c.record_id.in_(ids)
+                )
+            ).scalars()
+        )
+        fresh = list({row["record_id"]: row for row in rows if row["record_id"] not in seen}.values())
+        if fresh:
+            # Ignore-on-conflict still: another replica may store the same records meanwhile.
+            conn.execute(insert_ignore(self.engine, telemetry), fresh)
+        added = len(fresh)
         conn.execute(
             update(devices)
             .where(and_(devices.c.tenant == tenant, devices.c.device_id == batch.device_id))

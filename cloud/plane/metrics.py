@@ -116,6 +116,21 @@ class _PlaneCollector(Collector):
                 ingest.failed,
             ),
             (
+                "device_messages_refused_backlog",
+                "Device messages dropped with their device's backlog full (not acknowledged: sent again).",
+                ingest.refused,
+            ),
+            (
+                "device_messages_malformed",
+                "Device messages dropped as malformed (schema, size, JSON), over every tenant's link.",
+                sum(link.dropped_messages for link in self.plane.links.values()),
+            ),
+            (
+                "device_messages_impersonating",
+                "Device messages dropped for naming another device than their topic (replies included).",
+                sum(link.impersonations for link in self.plane.links.values()),
+            ),
+            (
                 "acks_dropped",
                 "Acknowledgements dropped with the backlog full (the devices send those entries again).",
                 self.plane.acks_dropped,
@@ -127,6 +142,9 @@ class _PlaneCollector(Collector):
             f"{PREFIX}_acks_pending",
             "Stored entries awaiting their acknowledgement.",
             value=self.plane.acks_pending,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_ingest_backlog", "Device messages waiting to be stored.", value=ingest.backlog
         )
         devices = GaugeMetricFamily(
             f"{PREFIX}_devices", "Devices known to the fleet, by status.", labels=["tenant", "status"]

@@ -100,10 +100,12 @@ devices = Table(
     Column("last_seen", DateTime(timezone=True)),
     Column("phase", String(32)),
     Column("active_model", String(200)),
-    Column("reported_revision", Integer, nullable=False, default=-1),
+    # v7: BIGINT on PostgreSQL (revisions are int64 on the wire; INTEGER refused a device's
+    # report past 2**31 and failed its ingest batch).
+    Column("reported_revision", BigInteger, nullable=False, default=-1),
     Column("reported", JSON),
     # What we asked for: the last desired state published to the device.
-    Column("desired_revision", Integer, nullable=False, default=0),
+    Column("desired_revision", BigInteger, nullable=False, default=0),
     Column("desired_model", JSON),
     Column("desired_config", JSON, nullable=False, default=dict),
     # v2: the desired state authorizes a downgrade (a rollback); the last command counter used.
@@ -125,8 +127,8 @@ telemetry = Table(
     Column("served_by", String(16), nullable=False),
     Column("ok", Boolean, nullable=False),
     Column("latency_ms", Float, nullable=False),
-    Column("prompt_tokens", Integer, nullable=False),
-    Column("completion_tokens", Integer, nullable=False),
+    Column("prompt_tokens", BigInteger, nullable=False),  # v7: BIGINT
+    Column("completion_tokens", BigInteger, nullable=False),
     # v3: when the control plane stored it; health gates judge by this, not by device clocks.
     Column("received_at", DateTime(timezone=True)),
     # v3: the failure's code (client-side ones, like a full queue, are not the model's fault).
@@ -174,7 +176,7 @@ rollout_devices = Table(
     Column("device_id", String(64), primary_key=True),
     Column("wave", Integer, nullable=False),
     Column("previous_model", JSON),
-    Column("desired_revision", Integer, nullable=False, default=0),
+    Column("desired_revision", BigInteger, nullable=False, default=0),  # v7: BIGINT
     Column("state", String(16), nullable=False),
     Column("started_at", DateTime(timezone=True)),
     Column("active_at", DateTime(timezone=True)),
@@ -384,6 +386,22 @@ def _v4_console(conn: Connection) -> None:
     v4.create_all(conn, checkfirst=True)
 
 
+def _v7_wide_counters(conn: Connection) -> None:
+    """Revisions and token counts as 64-bit integers on PostgreSQL (SQLite's INTEGER is already
+    64 bits): the wire allows int64 revisions, and a report the database refused failed its
+    whole ingest batch and came back with every resend."""
+    if conn.dialect.name != "postgresql":
+        return
+    for table, column in (
+        ("devices", "reported_revision"),
+        ("devices", "desired_revision"),
+        ("rollout_devices", "desired_revision"),
+        ("telemetry", "prompt_tokens"),
+        ("telemetry", "completion_tokens"),
+    ):
+        conn.execute(text(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE BIGINT"))
+
+
 # Append only: (version, name, function). A released migration is never edited.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "initial schema", _v1_initial),
@@ -392,6 +410,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (4, "operator console: sessions, device event history", _v4_console),
     (5, "quality-gated rollouts: max_eval_drop", _v5_quality_gate),
     (6, "rollout driver's cache: devices_version", _v6_devices_version),
+    (7, "64-bit revisions and token counts", _v7_wide_counters),
 ]
 
 
