@@ -145,7 +145,7 @@ def test_package_list_show_and_refuse_duplicate(tmp_path: Path) -> None:
 
     again = autoglm("model", "package", str(src), "--name", "tiny-llama", "--version", "0.1", home=home)
     assert again.returncode == 1
-    assert "already exists" in again.stdout
+    assert "already exists" in again.stderr
 
     # For a fleet of agents that predate v3 manifests: chunks every --chunk-size bytes only.
     fixed = autoglm(
@@ -383,7 +383,7 @@ def test_keys_are_listed_expire_and_are_revoked(tmp_path: Path) -> None:
     assert (row["key_id"], row["name"], row["revoked"], row["expired"]) == (key_id, "ci", False, False)
     assert row["expires_at"] is not None and "secret" not in listed.stdout and key not in listed.stdout
     bad = autoglm("cloud", "key", "create", "--config", str(config), "--expires-in", "-5", home=tmp_path)
-    assert bad.returncode == 1 and "expires_in_s" in bad.stdout
+    assert bad.returncode == 1 and "expires_in_s" in bad.stderr
     revoked = autoglm("cloud", "key", "revoke", key_id, "--config", str(config), home=tmp_path)
     assert revoked.returncode == 0 and keys.verify(key) is None
     assert autoglm("cloud", "key", "revoke", "nope", "--config", str(config), home=tmp_path).returncode == 1

@@ -70,6 +70,6 @@ def test_cli_import_refuses_a_bad_file_with_a_message(tmp_path: Path) -> None:
     bad.write_text("hello")
     r = autoglm("model", "import", str(bad), "--out", str(tmp_path / "out"), home=tmp_path)
     assert r.returncode == 1
-    assert "not a GGUF file" in r.stdout
+    assert "not a GGUF file" in r.stderr
     r = autoglm("model", "package", str(tmp_path / "x.txt"), "--name", "n", "--version", "1", home=tmp_path)
     assert r.returncode == 2 and "neither a model folder nor a .gguf file" in r.stdout + r.stderr
