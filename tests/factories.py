@@ -7,6 +7,7 @@ from typing import Any
 
 from shared.blobs import describe_bytes
 from shared.manifest import FileEntry, IOSignature, Manifest, Quantization
+from shared.messages import TelemetryRecord
 
 
 def make_manifest(**override: Any) -> Manifest:
@@ -31,3 +32,17 @@ def make_manifest(**override: Any) -> Manifest:
     }
     fields.update(override)
     return Manifest(**fields)
+
+
+def make_telemetry_record(**override: Any) -> TelemetryRecord:
+    """One local request's telemetry: a successful one of 1 + 1 tokens in 1 ms, unless told."""
+    fields: dict[str, Any] = {
+        "id": "record-00000001",
+        "at": datetime(2026, 12, 7, 12, 0, tzinfo=UTC),
+        "model": "m",
+        "served_by": "local",
+        "prompt_tokens": 1,
+        "completion_tokens": 1,
+        "latency_ms": 1.0,
+    }
+    return TelemetryRecord(**(fields | override))

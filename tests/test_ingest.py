@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -15,7 +14,8 @@ from sqlalchemy import func, select
 from cloud.plane.fleet import DeviceMessage, Fleet
 from cloud.plane.ingest import Ingest
 from cloud.plane.store import make_engine, migrate, telemetry
-from shared.messages import DeviceStatus, Phase, ReportedState, TelemetryBatch, TelemetryRecord
+from shared.messages import DeviceStatus, Phase, ReportedState, TelemetryBatch
+from tests.factories import make_telemetry_record
 
 
 class CountingFleet(Fleet):
@@ -109,19 +109,7 @@ def test_a_flooding_device_fills_its_own_backlog_not_the_others(tmp_path: Path) 
 
 def test_a_telemetry_batch_sent_again_stores_each_record_once(tmp_path: Path) -> None:
     fleet = CountingFleet(tmp_path / "cp.sqlite3")
-    at = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
-    records = [
-        TelemetryRecord(
-            id=f"record-{i:04d}",
-            at=at,
-            model="m",
-            served_by="local",
-            prompt_tokens=1,
-            completion_tokens=1,
-            latency_ms=1.0,
-        )
-        for i in range(300)
-    ]
+    records = [make_telemetry_record(id=f"record-{i:04d}") for i in range(300)]
     assert fleet.record_telemetry("t", TelemetryBatch(device_id="d", records=records[:200])) == 200
     assert fleet.record_telemetry("t", TelemetryBatch(device_id="d", records=records)) == 100
     assert fleet.record_telemetry("t", TelemetryBatch(device_id="d", records=records)) == 0

@@ -485,6 +485,7 @@ def test_health_is_judged_by_receive_time_without_client_side_events(tmp_path: P
 
     from cloud.plane.store import migrate
     from shared.messages import TelemetryBatch, TelemetryRecord
+    from tests.factories import make_telemetry_record
 
     engine = make_engine(f"sqlite:///{tmp_path / 'cp.sqlite3'}")
     migrate(engine)
@@ -492,16 +493,8 @@ def test_health_is_judged_by_receive_time_without_client_side_events(tmp_path: P
     behind = datetime.now(UTC) - timedelta(hours=2)
 
     def rec(i: int, error: str | None) -> TelemetryRecord:
-        return TelemetryRecord(
-            id=f"rec-{i:06d}",
-            at=behind,
-            model="m:2",
-            served_by="local",
-            prompt_tokens=1,
-            completion_tokens=1,
-            latency_ms=10.0,
-            ok=error is None,
-            error=error,
+        return make_telemetry_record(
+            id=f"rec-{i:06d}", at=behind, model="m:2", latency_ms=10.0, ok=error is None, error=error
         )
 
     errors = ["internal_error"] * 5 + ["queue_full"] * 20 + ["stream_interrupted"] * 20 + [None] * 5

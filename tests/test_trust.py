@@ -316,3 +316,42 @@ def test_a_chunk_that_always_arrives_damaged_fails_the_update_and_a_newer_revisi
         assert time.monotonic() - started < 10, edge.log_text()[-3000:]
         assert back.slots[back.active_slot or "a"] == demo_package.ref
         assert "supersedes the download for revision 3" in edge.log_text()
+
+
+def test_a_request_for_many_unknown_blobs_is_judged_in_one_hop_and_one_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device's flood of fetch requests for digests the registry does not list held the MQTT
+    session every tenant shares for seconds: four thread hops and a warning per blob."""
+    import asyncio
+    import hashlib
+    from typing import Any
+
+    from cloud.mqtt.blob_server import BlobServer, RegistryOffer
+    from shared.messages import BlobRequest, FetchRequest
+
+    registry = ModelRegistry(tmp_path / "reg")
+    topics = Topics("acme")
+    server = BlobServer(registry.blobs, topics, offered=RegistryOffer(registry))
+    digests = [f"sha256:{hashlib.sha256(str(i).encode()).hexdigest()}" for i in range(64)]
+    request = FetchRequest(
+        device_id="dev-1",
+        request_id="req-1",
+        blobs=[BlobRequest(digest=d, chunk_size=4096, chunks=[0, 1]) for d in digests],
+    )
+    hops: list[Any] = []
+    to_thread = asyncio.to_thread
+
+    async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        hops.append(fn)
+        return await to_thread(fn, *args, **kwargs)
+
+    async def go() -> None:
+        await server.handle(None, topics.fetch("dev-1"), request.to_json())  # type: ignore[arg-type]
+
+    monkeypatch.setattr(asyncio, "to_thread", counted)
+    with caplog.at_level("WARNING", logger="cloud.mqtt.blob_server"):
+        asyncio.run(go())
+    assert len(hops) == 1 and server.chunks_refused == 128 and server.chunks_published == 0
+    refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 1 and "refused 64 blob(s) to dev-1" in refusals[0].getMessage()

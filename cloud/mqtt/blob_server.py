@@ -13,10 +13,9 @@ line; a device asks again later.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -154,15 +153,14 @@ class BlobServer:
         except ContractError as exc:
             log.warning("dropped fetch request on %s: %s", topic, exc)
             return
-        for blob in request.blobs:
-            # A refresh reads every manifest of the registry: off the event loop.
-            layouts = await asyncio.to_thread(self.offered, blob.digest) if self.offered is not None else None
-            parts = await asyncio.to_thread(self._parts, blob, layouts)
-            if isinstance(parts, str) and isinstance(self.offered, RegistryOffer):
-                layouts = await asyncio.to_thread(functools.partial(self.offered, blob.digest, again=True))
-                parts = await asyncio.to_thread(self._parts, blob, layouts)
+        # One hop off the event loop for the whole request (a refresh reads every manifest of
+        # the registry): four per blob, and a log line per refused one, let a device's flood of
+        # requests for unknown digests hold the session every tenant shares for seconds.
+        resolved = await asyncio.to_thread(self._resolve, request.blobs)
+        refused: list[tuple[str, str]] = []
+        for blob, parts in zip(request.blobs, resolved, strict=True):
             if isinstance(parts, str):
-                log.warning("refused blob %s to %s: %s", blob.digest, request.device_id, parts)
+                refused.append((blob.digest, parts))
                 self.chunks_refused += blob.parts
                 continue
             for n, (key, nbytes) in enumerate(parts):
@@ -179,6 +177,11 @@ class BlobServer:
                     break
                 else:
                     self._pending[key] = None
+        if refused:
+            digest, why = refused[0]
+            log.warning(
+                "refused %d blob(s) to %s, the first %s: %s", len(refused), request.device_id, digest, why
+            )
         log.info(
             "fetch %s from %s: %d part(s) asked",
             request.request_id,
@@ -187,6 +190,20 @@ class BlobServer:
         )
         if self._drain is None or self._drain.done():
             self._drain = asyncio.create_task(self._publish_pending(client), name="blob-publisher")
+
+    def _resolve(
+        self, blobs: Sequence[BlobRequest]
+    ) -> list[list[tuple[tuple[str, str, int, int], int]] | str]:
+        """:meth:`_parts` of each blob, on a worker thread; a blob that fits none of its known
+        layouts is judged again on a fresh read of the registry (a package published since may
+        list it chunked another way)."""
+        out = []
+        for blob in blobs:
+            parts = self._parts(blob, self.offered(blob.digest) if self.offered is not None else None)
+            if isinstance(parts, str) and isinstance(self.offered, RegistryOffer):
+                parts = self._parts(blob, self.offered(blob.digest, again=True))
+            out.append(parts)
+        return out
 
     def _parts(
         self, blob: BlobRequest, layouts: frozenset[Layout] | None
