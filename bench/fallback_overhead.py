@@ -75,7 +75,6 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="autoglm-fallback-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     with LocalBroker() as broker:
-        broker.start()
         try:
             stub_port = free_port()
             procs.append(subprocess.Popen([sys.executable, str(STUB), str(stub_port)]))

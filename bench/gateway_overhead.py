@@ -176,7 +176,6 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="autoglm-gateway-bench-"))
     procs: dict[str, subprocess.Popen[bytes]] = {}
     with LocalBroker() as broker:
-        broker.start()
         try:
             stub_port = free_port()
             procs["stub"] = subprocess.Popen([sys.executable, str(STUB), str(stub_port)])

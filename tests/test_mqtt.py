@@ -445,3 +445,12 @@ def test_a_command_is_answered_only_by_the_device_it_was_sent_to(
     reply, impersonations = asyncio.run(scenario())
     assert reply is not None and reply.device_id == "dev-x" and reply.detail == "dev-x"
     assert impersonations == 1
+
+
+def test_starting_a_started_broker_again_starts_no_second_one() -> None:
+    """``with LocalBroker() as b: b.start()`` (two benches did it) started a second mosquitto in
+    the first's place, and the first outlived the bench."""
+    with LocalBroker() as broker:
+        first = broker._proc
+        assert first is not None and broker.start() is broker and broker._proc is first
+    assert first.poll() is not None

@@ -87,6 +87,10 @@ class LocalBroker:
         )
 
     def start(self, timeout: float = 10.0) -> LocalBroker:
+        if self._proc is not None and self._proc.poll() is None:
+            # Started already (``with LocalBroker() as b: b.start()``): a second process would
+            # replace the first in ``_proc``, and the first outlive everything.
+            return self
         exe = shutil.which("mosquitto") or (
             "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
         )
