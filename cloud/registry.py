@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,6 +204,7 @@ class ModelRegistry:
     def delete(self, name: str, version: str) -> int:
         """Remove a version and every blob no other version references; returns bytes freed."""
         entry = self.get(name, version)
+        self._referenced()  # a damaged manifest elsewhere: refused before anything is removed
         pool_path = self._pool_path(name, version)
         pool = SignedPoolArtifact.from_json(pool_path.read_bytes()).artifact if pool_path.is_file() else None
         self._manifest_path(name, version).unlink()
@@ -210,11 +212,7 @@ class ModelRegistry:
         for folder in (self._manifests / name, self._pool / name):
             if folder.is_dir() and not any(folder.iterdir()):
                 shutil.rmtree(folder)
-        still_used = (
-            {f.blob.digest for e in self.list() for f in e.manifest.files}
-            | {e.digest for e in self.list()}
-            | {f.blob.digest for a in self._pools() for f in a.files}
-        )
+        still_used = self._referenced()
         mine = {f.blob.digest for f in entry.manifest.files} | {entry.digest}
         if pool is not None:
             mine |= {f.blob.digest for f in pool.files}
@@ -224,6 +222,39 @@ class ModelRegistry:
                 freed += self.blobs.size(digest)
                 self.blobs.remove(digest)
         return freed
+
+    def _referenced(self) -> set[str]:
+        """Every blob a stored manifest (itself included) or pool artifact names. Unlike
+        :meth:`list`, a damaged manifest is an error here: what it names cannot be judged unused."""
+        entries = [self._entry(p.read_bytes(), p) for p in sorted(self._manifests.glob("*/*.json"))]
+        return (
+            {f.blob.digest for e in entries for f in e.manifest.files}
+            | {e.digest for e in entries}
+            | {f.blob.digest for a in self._pools() for f in a.files}
+        )
+
+    def collect_garbage(self, min_age_s: float = 3600.0) -> tuple[int, int]:
+        """Remove the blobs no manifest or pool artifact names (left by a package that failed or
+        was interrupted after storing them), and the store's half-written temporary files, once
+        older than ``min_age_s``: a package being made stores its blobs before its manifest.
+        Returns (files removed, bytes freed)."""
+        used = self._referenced()
+        cutoff = time.time() - min_age_s
+        removed = freed = 0
+        for path in self.blobs.files():
+            digest = "sha256:" + path.name
+            if digest in used:
+                continue
+            try:
+                st = path.stat()
+                if st.st_mtime > cutoff:
+                    continue
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            removed += 1
+            freed += st.st_size
+        return removed, freed
 
     @staticmethod
     def _entry(data: bytes, path: Path) -> RegistryEntry:

@@ -283,6 +283,7 @@ class BlobStore:
         digest = file_digest(src)
         dest = self.path(digest)
         if self._intact(dest, digest, src.stat().st_size):
+            os.utime(dest)  # in use again: not garbage to a collection running meanwhile
             return digest
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".incoming.")
@@ -300,7 +301,9 @@ class BlobStore:
     def put_bytes(self, data: bytes) -> str:
         digest = digest_of(data)
         dest = self.path(digest)
-        if not self._intact(dest, digest, len(data)):
+        if self._intact(dest, digest, len(data)):
+            os.utime(dest)  # in use again: not garbage to a collection running meanwhile
+        else:
             atomic_write(dest, data)
         return digest
 
@@ -328,6 +331,14 @@ class BlobStore:
 
     def remove(self, digest: str) -> None:
         self.path(digest).unlink(missing_ok=True)
+
+    def files(self) -> Iterator[Path]:
+        """Every file under the store: its blobs, and temporary ones (``.incoming.*``, a dot
+        first) that a write interrupted left behind."""
+        base = self.root / "sha256"
+        if base.is_dir():
+            for sub in sorted(base.iterdir()):
+                yield from sorted(p for p in sub.iterdir() if p.is_file())
 
     def digests(self) -> Iterator[str]:
         base = self.root / "sha256"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,38 @@ def test_a_damaged_or_moved_manifest_is_named_and_does_not_hide_the_others(tmp_p
     with pytest.raises(RegistryError, match=r"manifests/m/3.json names m:2"):
         reg.get("m", "3")
     assert [e.version for e in reg.list()] == ["2"]
+
+
+def test_garbage_is_what_no_version_names_once_old_enough(tmp_path: Path) -> None:
+    reg = ModelRegistry(tmp_path / "reg")
+    key = SigningKey.generate()
+    _publish(reg, key, "1", {"model.onnx": b"kept"})
+    old, fresh = (
+        reg.blobs.put_bytes(b"orphan, a failed package's"),
+        reg.blobs.put_bytes(b"being packaged now"),
+    )
+    stale = reg.blobs.path(old).with_name(".incoming.abc")  # an interrupted write
+    stale.write_bytes(b"half")
+    hour_ago = time.time() - 3700
+    for path in (reg.blobs.path(old), stale):
+        os.utime(path, (hour_ago, hour_ago))
+    assert reg.collect_garbage(3600) == (2, len(b"orphan, a failed package's") + 4)
+    assert not reg.blobs.has(old) and reg.blobs.has(fresh) and not stale.exists()
+    assert reg.get("m", "1").manifest.files[0].blob.digest == describe_bytes(b"kept").digest
+    assert reg.blobs.has(describe_bytes(b"kept").digest) and reg.blobs.has(reg.get("m", "1").digest)
+    # Storing a blob again marks it in use: an old orphan a new package shares is not collected.
+    os.utime(reg.blobs.path(fresh), (hour_ago, hour_ago))
+    reg.blobs.put_bytes(b"being packaged now")
+    assert reg.collect_garbage(3600) == (0, 0) and reg.blobs.has(fresh)
+    # A damaged manifest: what it names cannot be judged unused.
+    path = tmp_path / "reg" / "manifests" / "m" / "1.json"
+    path.write_bytes(path.read_bytes()[:30])
+    with pytest.raises(RegistryError, match="damaged"):
+        reg.collect_garbage(0)
+    _publish(reg, key, "2", {"model.onnx": b"other"})
+    with pytest.raises(RegistryError, match="damaged"):
+        reg.delete("m", "2")  # it frees what no other version names: it cannot tell
+    assert reg.get("m", "2").version == "2"  # refused before anything was removed
 
 
 def test_registry_refuses_manifest_with_missing_blob(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ COMMANDS = [
     ["model", "ls"],
     ["model", "show"],
     ["model", "key"],
+    ["model", "gc"],
     ["model", "attach-source"],
     ["edge"],
     ["edge", "run"],

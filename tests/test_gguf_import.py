@@ -52,7 +52,20 @@ def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
     path = _write_gguf(tmp_path / "bert.gguf", "bert")
     with pytest.raises(PackagingError, match=r"architecture 'bert' is not supported; supported: llama"):
         import_gguf(path, tmp_path / "out")
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.importing").exists()
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*importing*"))
+
+
+def test_a_file_transformers_cannot_convert_leaves_nothing_and_spares_other_imports(tmp_path: Path) -> None:
+    """A llama GGUF with no model in it passes the header check and fails the conversion; the
+    half-built folder goes, and a folder another import was building under the old fixed name
+    ("out.importing") is no longer removed."""
+    path = _write_gguf(tmp_path / "empty.gguf", "llama")
+    other = tmp_path / "out.importing"
+    other.mkdir()
+    with pytest.raises(PackagingError, match="could not load the GGUF file"):
+        import_gguf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and other.is_dir()
+    assert [p.name for p in tmp_path.iterdir() if "importing" in p.name] == ["out.importing"]
 
 
 def test_missing_file_and_existing_output(tmp_path: Path) -> None:

@@ -380,6 +380,26 @@ def model_attach_source(
     console.print(f"[bold green]{ref}[/] pool artifact {pool.digest}")
 
 
+@model_app.command("gc")
+def model_gc(
+    min_age: Annotated[
+        float,
+        typer.Option(
+            "--min-age",
+            help="Only files older than this many seconds (a package being made stores its blobs "
+            "before its manifest).",
+            min=0,
+        ),
+    ] = 3600.0,
+    registry: RegistryOpt = None,
+) -> None:
+    """Remove blobs no version names (left by packages that failed or were interrupted)."""
+    if not math.isfinite(min_age):
+        raise typer.BadParameter("a number of seconds", param_hint="--min-age")
+    removed, freed = _registry(registry).collect_garbage(min_age)
+    console.print(f"removed {removed} file(s), {freed / 1e6:.1f} MB freed")
+
+
 @model_app.command("key")
 def model_key(signing_key: KeyOpt = None) -> None:
     """Print the public half of the signing key (put it in each edge config's trusted_keys)."""

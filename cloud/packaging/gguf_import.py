@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,19 +89,23 @@ def import_gguf(path: Path, out: Path, reporter: StepReporter | None = None) -> 
     name = str(meta.get("general.name") or path.stem)
     r.done(f"{arch}, {name!r}, {meta['tensor_count']} tensors, {meta['parameters'] / 1e6:.1f} M parameters")
 
-    building = out.with_name(out.name + ".importing")
-    shutil.rmtree(building, ignore_errors=True)
+    # A folder of this import's own beside ``out``, renamed into place when whole: a fixed name
+    # ("out.importing") was removed from under another import of the same name, and a Ctrl-C
+    # (not an Exception) left it behind.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.importing-"))
     r.step("Dequantizing the weights to float32 and converting the tokenizer (transformers)")
     try:
-        _convert(path, building)
-    except PackagingError:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
-    except Exception as exc:  # transformers raises many types for files it cannot read
-        shutil.rmtree(building, ignore_errors=True)
-        raise PackagingError(f"transformers could not load the GGUF file: {exc}", path=str(path)) from exc
-    fixes = _align_tokenizer_config(building)
-    building.rename(out)
+        try:
+            _convert(path, building)
+        except PackagingError:
+            raise
+        except Exception as exc:  # transformers raises many types for files it cannot read
+            raise PackagingError(f"transformers could not load the GGUF file: {exc}", path=str(path)) from exc
+        fixes = _align_tokenizer_config(building)
+        building.rename(out)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)  # gone already when it became ``out``
     seconds = time.monotonic() - started
     r.done(f"{out} ({', '.join(sorted(p.name for p in out.iterdir()))}){'; ' + fixes if fixes else ''}")
     return GgufImport(out, arch, name, meta["parameters"], seconds)
@@ -115,7 +120,6 @@ def _convert(path: Path, out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=fname, dtype=torch.float32, local_files_only=True
     )
-    out.mkdir(parents=True)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     if not (out / "tokenizer.json").is_file():
