@@ -86,6 +86,15 @@ class ConsoleSettings(_Section):
     refresh_s: Annotated[float, Field(ge=0.5, le=300)] = 2.0
 
 
+class HistorySettings(_Section):
+    # Telemetry records and device events older than this are deleted (both grow with every
+    # request and every status change: a fleet's telemetry is millions of rows a day). At least
+    # a day: rollout health windows and the console's charts read the recent hours.
+    retention_days: Annotated[float, Field(ge=1, le=3650)] = 30.0
+    # How often each replica deletes what has aged out.
+    prune_every_s: Annotated[float, Field(ge=10, le=86400)] = 3600.0
+
+
 class ControlSettings(_Section):
     """The control key: devices obey only desired states and commands it signed."""
 
@@ -112,6 +121,7 @@ class CloudSettings(_Section):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
     console: ConsoleSettings = Field(default_factory=ConsoleSettings)
+    history: HistorySettings = Field(default_factory=HistorySettings)
     # Unique and stable per replica (a StatefulSet pod name): it names the replica's MQTT session
     # and its rollout leases. The default is the host name; set it when two run on one host.
     replica_id: str = Field(default_factory=socket.gethostname)

@@ -168,3 +168,31 @@ def test_progress_reads_the_ended_updates_of_the_devices_asked_for_however_many(
         for d in overdue[:2]:
             p = progress[d]
             assert p.outcome is None and p.phase == "active" and p.active_model == "m:1"
+
+
+def test_history_older_than_the_retention_is_pruned(plane_db: Engine) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import func, select
+
+    from cloud.plane.store import telemetry
+    from shared.messages import TelemetryBatch
+    from tests.factories import make_telemetry_record
+
+    now = [datetime(2026, 10, 1, tzinfo=UTC)]
+    fleet = Fleet(plane_db, clock=lambda: now[0])
+
+    def day(n: int) -> None:
+        now[0] = datetime(2026, 10, 1, tzinfo=UTC) + timedelta(days=n)
+        state = "online" if n % 2 == 0 else "offline"
+        fleet.record([("t", DeviceStatus(device_id="d", state=state, at=now[0]))])
+        record = make_telemetry_record(id=f"record-{n:04d}", at=now[0])
+        fleet.record_telemetry("t", TelemetryBatch(device_id="d", records=[record]))
+
+    for n in (0, 1, 40):
+        day(n)
+    assert fleet.prune(datetime(2026, 10, 1, tzinfo=UTC) + timedelta(days=30)) == (2, 2)
+    assert [e["new"] for e in fleet.events("t", "d")] == ["online"]  # day 40's change is kept
+    with plane_db.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(telemetry)).scalar() == 1
+    assert fleet.prune(datetime(2026, 10, 1, tzinfo=UTC) + timedelta(days=30)) == (0, 0)

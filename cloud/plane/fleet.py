@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, func, or_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, delete, func, or_, select, update
 
 from cloud.plane.store import (
     SerializedJSON,
@@ -465,6 +465,21 @@ class Fleet:
             .values(clock_skew_s=skew)
         )
         return added
+
+    def prune(self, before: datetime) -> tuple[int, int]:
+        """Delete telemetry received before ``before`` (or, for records stored before receive
+        times were kept, dated before it) and device events before it; (records, events)."""
+        with self.engine.begin() as conn:
+            records = conn.execute(
+                delete(telemetry).where(
+                    or_(
+                        telemetry.c.received_at < before,
+                        and_(telemetry.c.received_at.is_(None), telemetry.c.at < before),
+                    )
+                )
+            ).rowcount
+            events = conn.execute(delete(device_events).where(device_events.c.at < before)).rowcount
+        return int(records or 0), int(events or 0)
 
     # -- queries --------------------------------------------------------------------------------
     def list_devices(

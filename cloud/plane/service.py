@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from datetime import timedelta
 from typing import Any
 
 from cloud.gateway.balancer import PoolGateway
@@ -22,7 +23,7 @@ from cloud.plane.desired import control_signer
 from cloud.plane.fleet import DesiredRecord, Fleet, Selector
 from cloud.plane.ingest import Ingest
 from cloud.plane.rollouts import RolloutDriver, Rollouts, RolloutSpec
-from cloud.plane.store import make_engine, migrate
+from cloud.plane.store import make_engine, migrate, utcnow
 from cloud.ratelimit import TenantRateLimiter
 from cloud.registry import ModelRegistry
 from cloud.settings import CloudSettings
@@ -281,10 +282,30 @@ class ControlPlane:
                 log.exception("rollout tick failed; retrying")
             await asyncio.sleep(self.settings.rollouts.tick_s)
 
+    async def prune_forever(self) -> None:
+        """Delete the telemetry and device events older than ``history.retention_days``, now and
+        every ``history.prune_every_s`` (every replica: deleting twice deletes nothing more)."""
+        history = self.settings.history
+        while True:
+            before = utcnow() - timedelta(days=history.retention_days)
+            try:
+                records, events = await asyncio.to_thread(self.fleet.prune, before)
+                if records or events:
+                    log.info(
+                        "deleted %d telemetry record(s) and %d device event(s) before %s",
+                        records,
+                        events,
+                        before,
+                    )
+            except Exception:
+                log.exception("pruning the history failed; retrying")
+            await asyncio.sleep(history.prune_every_s)
+
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.session.run(), name="mqtt")
             tg.create_task(self.drive_forever(), name="rollout-driver")
+            tg.create_task(self.prune_forever(), name="history-pruning")
             tg.create_task(self.gateway.run_health_checks(), name="gateway-health")
             for i in range(ACK_CONCURRENCY):
                 tg.create_task(self.send_acks(), name=f"acks-{i}")
