@@ -194,7 +194,7 @@ class ModelRegistry:
         if not self._manifests.is_dir():
             return []
         entries = []
-        for p in sorted(self._manifests.glob("*/*.json")):
+        for p in self._manifest_files():
             try:
                 entries.append(self._entry(p.read_bytes(), p))
             except RegistryError as exc:  # one damaged file must not hide every other version
@@ -204,15 +204,16 @@ class ModelRegistry:
     def delete(self, name: str, version: str) -> int:
         """Remove a version and every blob no other version references; returns bytes freed."""
         entry = self.get(name, version)
-        self._referenced()  # a damaged manifest elsewhere: refused before anything is removed
+        manifest_path = self._manifest_path(name, version)
+        # Read before anything is removed: a damaged manifest elsewhere refuses the deletion.
+        still_used = self._referenced(leaving_out=manifest_path)
         pool_path = self._pool_path(name, version)
         pool = SignedPoolArtifact.from_json(pool_path.read_bytes()).artifact if pool_path.is_file() else None
-        self._manifest_path(name, version).unlink()
+        manifest_path.unlink()
         pool_path.unlink(missing_ok=True)
         for folder in (self._manifests / name, self._pool / name):
             if folder.is_dir() and not any(folder.iterdir()):
                 shutil.rmtree(folder)
-        still_used = self._referenced()
         mine = {f.blob.digest for f in entry.manifest.files} | {entry.digest}
         if pool is not None:
             mine |= {f.blob.digest for f in pool.files}
@@ -223,14 +224,19 @@ class ModelRegistry:
                 self.blobs.remove(digest)
         return freed
 
-    def _referenced(self) -> set[str]:
-        """Every blob a stored manifest (itself included) or pool artifact names. Unlike
-        :meth:`list`, a damaged manifest is an error here: what it names cannot be judged unused."""
-        entries = [self._entry(p.read_bytes(), p) for p in sorted(self._manifests.glob("*/*.json"))]
+    def _manifest_files(self) -> tuple[Path, ...]:
+        return tuple(sorted(self._manifests.glob("*/*.json")))
+
+    def _referenced(self, leaving_out: Path | None = None) -> set[str]:
+        """Every blob a stored manifest (itself included) or pool artifact names, but for the
+        version stored at ``leaving_out`` and its pool artifact. Unlike :meth:`list`, a damaged
+        manifest is an error here: what it names cannot be judged unused."""
+        entries = [self._entry(p.read_bytes(), p) for p in self._manifest_files() if p != leaving_out]
+        left_out = (leaving_out.parent.name, leaving_out.stem) if leaving_out is not None else None
         return (
             {f.blob.digest for e in entries for f in e.manifest.files}
             | {e.digest for e in entries}
-            | {f.blob.digest for a in self._pools() for f in a.files}
+            | {f.blob.digest for a in self._pools() if (a.name, a.version) != left_out for f in a.files}
         )
 
     def collect_garbage(self, min_age_s: float = 3600.0) -> tuple[int, int]:

@@ -341,10 +341,6 @@ class BlobStore:
                 yield from sorted(p for p in sub.iterdir() if p.is_file())
 
     def digests(self) -> Iterator[str]:
-        base = self.root / "sha256"
-        if not base.is_dir():
-            return
-        for sub in sorted(base.iterdir()):
-            for blob in sorted(sub.iterdir()):
-                if not blob.name.startswith("."):
-                    yield "sha256:" + blob.name
+        for path in self.files():
+            if not path.name.startswith("."):  # a temporary file, not a blob
+                yield "sha256:" + path.name

@@ -268,13 +268,10 @@ class BatchEngine:
                         self._wake.wait()
                     if self._stop:
                         break
+                    self._drop_gone()  # clients that left while waiting: not prefilled
                     taken: list[_Request] = []
                     while self._waiting and len(rows) + len(taken) < self.max_batch:
-                        req = self._waiting.popleft()
-                        if req.cancelled.is_set():
-                            self._release(req)  # its client left while it waited: not prefilled
-                            continue
-                        taken.append(req)
+                        taken.append(self._waiting.popleft())
                 try:
                     for req in taken:
                         row, row_cache = self._prefill(req)
@@ -400,8 +397,9 @@ class BatchEngine:
             row.done, row.finish = True, "length"
 
     def _drop_gone(self) -> None:
-        """Give back the places of waiting requests whose clients left (``_wake`` held): they
-        counted against the queue until a row freed, and newcomers got 429s meanwhile."""
+        """Give back the places of waiting requests whose clients left (``_wake`` held): at
+        admission, and when the queue looks full (they counted against it until a row freed, and
+        newcomers got 429s meanwhile)."""
         kept: collections.deque[_Request] = collections.deque()
         gone: list[_Request] = []
         for req in self._waiting:  # one look at each flag: a request is kept or released, never lost
