@@ -6,7 +6,9 @@ import base64
 import binascii
 import functools
 import hashlib
+import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,6 +19,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from shared.errors import ConfigError, SignatureError
 from shared.wire import WireModel
+
+log = logging.getLogger(__name__)
 
 
 def key_id_of(public_raw: bytes) -> str:
@@ -85,6 +89,7 @@ class SigningKey:
             raise ConfigError("signing key file is not a PEM private key", path=str(path)) from exc
         if not isinstance(key, Ed25519PrivateKey):
             raise ConfigError("signing key is not Ed25519", path=str(path))
+        _warn_if_exposed(path)
         return cls(key)
 
     @classmethod
@@ -120,3 +125,20 @@ class SigningKey:
         """The signature of ``message`` as documents carry it."""
         value = base64.b64encode(self.sign(message)).decode("ascii")
         return Signature(key_id=self.public.key_id, value=value)
+
+
+def _warn_if_exposed(path: Path) -> None:
+    """Warn when any user may read a private key. Group bits pass: the manifests mount the keys
+    0440 so that the pod's fsGroup, not root, reads them. A warning, not a refusal: a Secret
+    mounted without ``defaultMode`` is 0644, and inside its pod nobody else reads it."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:  # read a moment ago; gone now is not this check's business
+        return
+    if mode & 0o007:
+        log.warning(
+            "the private key %s can be read by any user (mode %04o): anyone who reads it can sign "
+            "for this cloud; chmod 600 it",
+            path,
+            mode,
+        )

@@ -124,11 +124,13 @@ def test_package_list_show_and_refuse_duplicate(tmp_path: Path) -> None:
     assert (home / "keys" / "manifest-signing.pem").stat().st_mode & 0o777 == 0o600
 
     listed = json.loads(autoglm("model", "ls", "--json", home=home).stdout)
-    assert [(m["name"], m["version"]) for m in listed] == [("tiny-llama", "0.1")]
+    assert [(m["name"], m["version"], m["signature"]) for m in listed] == [("tiny-llama", "0.1", "ok")]
 
     shown = autoglm("model", "show", "tiny-llama:0.1", home=home)
     assert shown.returncode == 0
     summary = [line for line in shown.stdout.splitlines() if line.startswith("# ")]
+    assert any(line.startswith("# signature valid, by this registry's key") for line in summary), summary
+    assert not shown.stderr
     assert any("perplexity on python-stdlib-heldout" in line for line in summary), summary
     assert any("perplexity on python-reference-prose" in line for line in summary), summary
     assert any(line.startswith("# pool artifact sha256:") for line in summary), summary
@@ -178,6 +180,27 @@ def test_package_list_show_and_refuse_duplicate(tmp_path: Path) -> None:
         "model", "package", str(src), "--name", "t", "--version", "1", "--chunking", "tensor", home=home
     )
     assert bogus.returncode == 2 and "choose tensors or fixed" in bogus.stdout + bogus.stderr
+
+    # A manifest edited after signing is listed, and named as one no device accepts.
+    stored = home / "registry" / "manifests" / "tiny-llama" / "0.2.json"
+    edited = json.loads(stored.read_text())
+    edited["manifest"]["parameters"] += 1
+    stored.write_text(json.dumps(edited))
+    assert json.loads(autoglm("model", "ls", "--json", home=home).stdout)[1]["signature"] == "BAD"
+    shown = autoglm("model", "show", "tiny-llama:0.2", home=home)
+    assert "# signature INVALID: the manifest was changed after it was signed" in shown.stdout
+    # Without the key file (a machine that only reads the registry): unchecked, not damaged.
+    other = autoglm("model", "ls", "--signing-key", str(tmp_path / "other.pem"), "--json", home=home)
+    assert [m["signature"] for m in json.loads(other.stdout)] == ["no key", "no key"]
+    assert not (tmp_path / "other.pem").exists()  # reading the registry creates no key
+    second = tmp_path / "second.pem"
+    assert autoglm("model", "key", "--signing-key", str(second), home=home).returncode == 0
+    other = autoglm("model", "ls", "--signing-key", str(second), "--json", home=home)
+    assert [m["signature"] for m in json.loads(other.stdout)] == ["other key", "other key"]
+    # A signing key any user can read: said on standard error, the command still runs.
+    (home / "keys" / "manifest-signing.pem").chmod(0o644)
+    loose = autoglm("model", "ls", home=home)
+    assert loose.returncode == 0 and "can be read by any user (mode 0644)" in loose.stderr
 
     missing = autoglm("model", "show", "tiny-llama:9", home=home)
     assert missing.returncode == 1 and "model not found" in missing.stderr and not missing.stdout

@@ -159,6 +159,32 @@ def test_a_stream_that_lost_only_its_end_marker_is_ended() -> None:
     assert handed == [] and len(breaks) == 1 and out.endswith(b"data: [DONE]\n\n")
 
 
+def test_an_event_that_is_not_json_is_a_break_not_passed_on() -> None:
+    """A garbled event would make the client's own parser fail before any error event said why."""
+    for garbled in (b'data: {"choices": [\n\n', b"data: [1, 2]\n\n", b"data: nonsense\n\n"):
+        out, handed, breaks = _run(_event(_chunk("Hi", [1])) + garbled + _event(_chunk("!", [2])))
+        assert breaks == ["the cloud sent an event that is not a JSON object"], breaks
+        assert handed[0].text == "Hi" and garbled not in out and b'"!"' not in out
+        assert out.endswith(b'data: {"local": true}\n\ndata: [DONE]\n\n')
+    # A comment (a keep-alive) is not data: passed on as it is.
+    out, handed, breaks = _run(
+        b": keep-alive\n\n" + _event(_chunk("Hi", [1], finish="stop")) + b"data: [DONE]\n\n"
+    )
+    assert handed == [] and breaks == [] and out.startswith(b": keep-alive\n\n")
+
+
+def test_an_answer_of_several_choices_is_whole_only_when_every_choice_finished() -> None:
+    first, second = _chunk("A", [1], finish="stop"), _chunk("B", [2])
+    second["choices"][0]["index"] = 1
+    out, handed, breaks = _run(_event(first) + _event(second), local_model=False)
+    # Choice 1 was cut off: an error, not an end marker (and n > 1 is not continued locally).
+    assert len(breaks) == 1 and handed == [] and b"upstream_stream_broken" in out
+    assert not out.endswith(b"data: [DONE]\n\n")
+    second["choices"][0]["finish_reason"] = "length"
+    out, _, _ = _run(_event(first) + _event(second))
+    assert out.endswith(b"data: [DONE]\n\n")
+
+
 def test_return_token_ids_is_a_strict_chat_flag_and_refused_on_completions() -> None:
     import pytest
     from pydantic import ValidationError

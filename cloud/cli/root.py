@@ -22,9 +22,9 @@ from shared.errors import AutoGLMError
 
 if TYPE_CHECKING:
     from cloud.registry import ModelRegistry
-    from shared.manifest import Manifest
+    from shared.manifest import Manifest, SignedManifest
     from shared.mqtt import BrokerSettings
-    from shared.signing import SigningKey
+    from shared.signing import PublicKey, SigningKey
 
 app = typer.Typer(
     help="Open-AutoGLM: language models on fleets of edge devices, with a cloud behind them.",
@@ -272,16 +272,57 @@ def model_demo(
     )
 
 
+def _registry_public_key(path: Path | None) -> PublicKey | None:
+    """The public half of the registry's signing key, to check manifests against; None when there
+    is no key file yet (reading the registry creates none)."""
+    from cloud.paths import CloudPaths
+    from shared.signing import SigningKey
+
+    key_path = path or CloudPaths.from_env().signing_key
+    return SigningKey.load(key_path).public if key_path.exists() else None
+
+
+def _signature_state(signed: SignedManifest, public: PublicKey | None) -> tuple[str, str]:
+    """(a short state for a table, a sentence) for a stored manifest's signature."""
+    from shared.errors import SignatureError
+    from shared.manifest import TrustStore
+
+    sig = signed.signature
+    if sig is None:
+        return "unsigned", "unsigned: no device accepts it"
+    if public is None:
+        return "no key", f"signed by key {sig.key_id}; no signing key here to check it against"
+    if sig.key_id != public.key_id:
+        return (
+            "other key",
+            f"signed by key {sig.key_id}, not this registry's key {public.key_id}: devices accept it "
+            "only if they trust that key",
+        )
+    try:
+        TrustStore([public]).check(sig, signed.manifest.canonical_bytes(), what="manifest")
+    except SignatureError:
+        return "BAD", "INVALID: the manifest was changed after it was signed; no device accepts it"
+    return "ok", f"valid, by this registry's key {sig.key_id}"
+
+
 @model_app.command("ls")
 def model_ls(
     registry: RegistryOpt = None,
+    signing_key: KeyOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """List packaged models."""
+    """List packaged models, each manifest's signature checked against the registry's signing key."""
     entries = _registry(registry).list()
+    public = _registry_public_key(signing_key)
     if as_json:
         rows = [
-            {"name": e.name, "version": e.version, "digest": e.digest, "bytes": e.manifest.total_size}
+            {
+                "name": e.name,
+                "version": e.version,
+                "digest": e.digest,
+                "bytes": e.manifest.total_size,
+                "signature": _signature_state(e.signed, public)[0],
+            }
             for e in entries
         ]
         typer.echo(json.dumps(rows, indent=2))
@@ -289,7 +330,7 @@ def model_ls(
     if not entries:
         console.print("No models in the registry. Try `autoglm model demo`.")
         return
-    table = Table("name", "version", "arch", "quant", "size", "ppl fp32 → shipped", "manifest")
+    table = Table("name", "version", "arch", "quant", "size", "ppl fp32 → shipped", "manifest", "signature")
     for e in entries:
         m = e.manifest
         q = m.quality
@@ -302,6 +343,7 @@ def model_ls(
             f"{m.total_size / 1e6:.1f} MB",
             ppl,
             e.digest[:19],
+            _signature_state(e.signed, public)[0],
         )
     console.print(table)
 
@@ -310,12 +352,14 @@ def model_ls(
 def model_show(
     ref: Annotated[str, typer.Argument(help="NAME:VERSION")],
     registry: RegistryOpt = None,
+    signing_key: KeyOpt = None,
 ) -> None:
-    """Print a model's KV cache size, quality report and signed manifest."""
+    """Print a model's signature check, KV cache size, quality report and signed manifest."""
     name, version = _split_ref(ref)
     reg = _registry(registry)
     entry = reg.get(name, version)
     typer.echo(f"# manifest digest {entry.digest}")
+    typer.echo(f"# signature {_signature_state(entry.signed, _registry_public_key(signing_key))[1]}")
     pool = reg.pool_digest(name, version)
     typer.echo(
         f"# pool artifact {pool}" if pool else "# no pool artifact (`autoglm model attach-source` adds one)"

@@ -36,9 +36,15 @@ class Transcript:
         self.parts: list[str] = []
         # The ids of every token sent so far; None once a content chunk came without them.
         self.tokens: list[int] | None = []
-        self.finished = False  # a finish_reason was sent: the answer is whole
+        self._unfinished: set[object] = set()  # choices seen without their finish_reason yet
+        self._seen_choice = False
         self.resumable = True  # False after something a continuation could not repeat
         self.chunks = 0
+
+    @property
+    def finished(self) -> bool:
+        """Every choice sent its finish_reason: the answer is whole."""
+        return self._seen_choice and not self._unfinished
 
     @property
     def text(self) -> str:
@@ -57,7 +63,13 @@ class Transcript:
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
-            if choice.get("index", 0) != 0:
+            index = choice.get("index", 0)
+            self._seen_choice = True
+            if choice.get("finish_reason") is not None:
+                self._unfinished.discard(index)
+            else:
+                self._unfinished.add(index)
+            if index != 0:
                 self.resumable = False  # n > 1: one answer cannot stand in for several
                 continue
             delta = choice.get("delta")
@@ -76,8 +88,6 @@ class Transcript:
                 self.parts.append(content)
                 if not has_ids:
                     self.tokens = None
-            if choice.get("finish_reason") is not None:
-                self.finished = True
 
     def resume(self) -> Resume:
         return Resume(self.text, tuple(self.tokens) if self.tokens is not None else None)
@@ -117,6 +127,11 @@ async def resumable_events(
                 if payload is None:
                     yield event + b"\n\n"  # a comment or keep-alive: not ours to judge
                     continue
+                if payload is _GARBLED:
+                    # Passed on, the client's own parser would fail on it before any error
+                    # event could say what happened.
+                    why = "the cloud sent an event that is not a JSON object"
+                    break
                 if "error" in payload:
                     # The gateway's report that its replica broke off (or any upstream error):
                     # not sent on, the answer continues here instead.
@@ -162,15 +177,20 @@ async def resumable_events(
             await aclose()
 
 
+_GARBLED: dict[str, Any] = {}  # the payload of a data event that is not a JSON object
+
+
 def _payload(event: bytes) -> dict[str, Any] | None:
+    """An event's JSON object; None for an event without data (a comment, a keep-alive);
+    ``_GARBLED`` for data that is not a JSON object."""
     data = b"\n".join(line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:"))
     if not data:
         return None
     try:
         parsed = json.loads(data)
     except ValueError:
-        return None
-    return parsed if isinstance(parsed, dict) else None
+        return _GARBLED
+    return parsed if isinstance(parsed, dict) else _GARBLED
 
 
 def _message(payload: dict[str, Any]) -> str:
