@@ -10,7 +10,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edge_agent.serving.body_limit import DEFAULT_MAX_BODY_BYTES
-from shared.config_env import read_settings_file, validation_problems
+from shared.config_env import read_settings_file, validate_settings, validation_problems
 from shared.control import DEFAULT_COMMAND_TTL_S, DEFAULT_DESIRED_TTL_S
 from shared.errors import ConfigError
 from shared.ids import is_valid_name
@@ -136,9 +136,9 @@ class CloudSettings(_Section):
 
     @classmethod
     def load(cls, path: Path, env: Mapping[str, str] | None = None) -> CloudSettings:
-        raw = read_settings_file(path, ENV_PREFIX, env)
+        raw, texts = read_settings_file(path, ENV_PREFIX, env)
         try:
-            return cls.model_validate(raw)
+            return validate_settings(cls, raw, texts)
         except ValidationError as exc:
             raise ConfigError(
                 f"invalid cloud settings: {validation_problems(exc)}", source=str(path)

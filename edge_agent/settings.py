@@ -15,7 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from edge_agent.runtime.kernels import environment_problems, library
 from edge_agent.serving.body_limit import DEFAULT_MAX_BODY_BYTES
 from shared.batch_api import MAX_BATCH_LINES
-from shared.config_env import read_settings_file, validation_problems
+from shared.config_env import EnvTexts, read_settings_file, validate_settings, validation_problems
 from shared.control import DEFAULT_MAX_CLOCK_SKEW_S
 from shared.edge_config import EdgeConfig, RouterConfig, RuntimeTuning, SamplingDefaults, TelemetryConfig
 from shared.errors import ConfigError
@@ -186,15 +186,18 @@ class EdgeSettings(_Section):
         """The settings in ``path`` with ``env``'s overrides (the process environment when None);
         also refuses ``AUTOGLM_KERNELS_*`` values the kernel library would silently ignore."""
         environ = os.environ if env is None else env
-        settings = cls.from_mapping(read_settings_file(path, ENV_PREFIX, environ), source=str(path))
+        raw, texts = read_settings_file(path, ENV_PREFIX, environ)
+        settings = cls.from_mapping(raw, source=str(path), env_texts=texts)
         if settings.runtime.kernels == "auto" and (problems := environment_problems(environ)):
             raise ConfigError(f"invalid kernel environment: {'; '.join(problems)}", source="environment")
         return settings
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], source: str = "<settings>") -> EdgeSettings:
+    def from_mapping(
+        cls, data: Mapping[str, Any], source: str = "<settings>", env_texts: EnvTexts | None = None
+    ) -> EdgeSettings:
         try:
-            return cls.model_validate(dict(data))
+            return validate_settings(cls, dict(data), env_texts or {})
         except ValidationError as exc:
             raise ConfigError(f"invalid edge settings: {validation_problems(exc)}", source=source) from exc
 

@@ -5,15 +5,22 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+from pydantic import BaseModel, ValidationError
 
 from shared.errors import ConfigError
 
+M = TypeVar("M", bound=BaseModel)
+# The text of each environment override, by the settings path it set.
+EnvTexts = dict[tuple[str, ...], str]
 
-def apply_env(raw: dict[str, Any], env: Mapping[str, str], prefix: str) -> None:
-    """``PREFIX__BROKER__PORT=1884`` sets ``broker.port``; values are parsed as YAML scalars."""
+
+def apply_env(raw: dict[str, Any], env: Mapping[str, str], prefix: str) -> EnvTexts:
+    """``PREFIX__BROKER__PORT=1884`` sets ``broker.port``; values are parsed as YAML scalars.
+    Returns each override's text as written."""
+    texts: EnvTexts = {}
     for key, value in env.items():
         if not key.startswith(prefix):
             continue
@@ -25,10 +32,15 @@ def apply_env(raw: dict[str, Any], env: Mapping[str, str], prefix: str) -> None:
                 raise ConfigError("environment override targets a non-mapping", variable=key)
         if path:
             node[path[-1]] = yaml.safe_load(value)
+            texts[tuple(path)] = value
+    return texts
 
 
-def read_settings_file(path: Path, prefix: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The YAML mapping in ``path`` with ``PREFIX__…`` overrides applied; ConfigError otherwise."""
+def read_settings_file(
+    path: Path, prefix: str, env: Mapping[str, str] | None = None
+) -> tuple[dict[str, Any], EnvTexts]:
+    """The YAML mapping in ``path`` with ``PREFIX__…`` overrides applied, and the overrides'
+    texts; ConfigError otherwise."""
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError as exc:
@@ -37,8 +49,29 @@ def read_settings_file(path: Path, prefix: str, env: Mapping[str, str] | None = 
         raise ConfigError(f"config file is not valid YAML: {exc}", path=str(path)) from exc
     if not isinstance(raw, dict):
         raise ConfigError("config file must hold a mapping", path=str(path))
-    apply_env(raw, os.environ if env is None else env, prefix)
-    return raw
+    return raw, apply_env(raw, os.environ if env is None else env, prefix)
+
+
+def validate_settings(model: type[M], raw: dict[str, Any], texts: EnvTexts) -> M:
+    """``model`` from ``raw``. An override that YAML read as a number, a boolean or a date where
+    the setting is text (a device id from a node named ``1234`` or ``0755``) is taken as written:
+    Kubernetes fills these variables from names it does not quote."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        wrong = [
+            loc
+            for e in exc.errors()
+            if e["type"] == "string_type" and (loc := tuple(map(str, e["loc"]))) in texts
+        ]
+        if not wrong:
+            raise
+    for loc in wrong:
+        node = raw
+        for part in loc[:-1]:
+            node = node[part]
+        node[loc[-1]] = texts[loc]
+    return model.model_validate(raw)
 
 
 def validation_problems(exc: Any) -> str:

@@ -42,6 +42,25 @@ def test_environment_overrides(tmp_path: Path) -> None:
     assert s.api.api_key == "s3cret"
 
 
+@pytest.mark.parametrize("node", ["1234", "0755", "1e3", "true", "2026-12-07"])
+def test_an_override_of_a_text_setting_is_taken_as_written(tmp_path: Path, node: str) -> None:
+    """Kubernetes fills AUTOGLM_EDGE__DEVICE_ID from the node's name, unquoted: YAML would read
+    these as a number, a boolean or a date (0755 as 493)."""
+    p = _write(tmp_path, {"data_dir": str(tmp_path), "trusted_keys": [KEY], "control": CONTROL})
+    s = EdgeSettings.load(
+        p,
+        env={
+            "AUTOGLM_EDGE__DEVICE_ID": node,
+            "AUTOGLM_EDGE__API__API_KEY": "42",
+            "AUTOGLM_EDGE__BROKER__PORT": "1999",
+        },
+    )
+    assert (s.device_id, s.api.api_key, s.broker.port) == (node, "42", 1999)
+    # A number where a number belongs is still a number, and a wrong one still refused.
+    with pytest.raises(ConfigError, match="broker.port"):
+        EdgeSettings.load(p, env={"AUTOGLM_EDGE__DEVICE_ID": node, "AUTOGLM_EDGE__BROKER__PORT": "x"})
+
+
 @pytest.mark.parametrize(
     ("data", "reason"),
     [
@@ -113,6 +132,8 @@ def test_cloud_example_config_is_valid_and_env_overrides_apply() -> None:
     settings = CloudSettings.load(example, env={"AUTOGLM_CLOUD__API__PORT": "9000"})
     assert settings.database_url.startswith("sqlite:///")
     assert settings.api.port == 9000 and settings.tenants == ["default"]
+    numbered = CloudSettings.load(example, env={"AUTOGLM_CLOUD__REPLICA_ID": "0"})
+    assert numbered.replica_id == "0"
 
 
 def test_gateway_upstream_names_must_be_unique(tmp_path: Path) -> None:
