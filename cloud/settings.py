@@ -41,6 +41,17 @@ class UpstreamSettings(_Section):
     url: Annotated[str, Field(pattern=r"^https?://", max_length=2048)]
     name: str | None = None
     api_key: str | None = None
+    # Every address the URL's host resolves to is a replica of its own (a Kubernetes headless
+    # Service: one per pod), looked up again at every health poll. Without it a Service's one
+    # address hides its pods: no retry on another, one pod's failure marks all down. http only:
+    # a certificate names the host, not each pod's address.
+    discover: bool = False
+
+    @model_validator(mode="after")
+    def _discover_plain_http(self) -> UpstreamSettings:
+        if self.discover and not self.url.startswith("http://"):
+            raise ValueError("discover needs an http:// URL (a certificate names the host, not each address)")
+        return self
 
 
 class RateLimitSettings(_Section):

@@ -9,6 +9,7 @@ import shutil
 import sqlite3
 import uuid
 
+from edge_agent.datadir import DataDir
 from edge_agent.runtime.host import ModelHost
 from edge_agent.runtime.session import choose_providers
 from edge_agent.serving.config import ServingConfig
@@ -23,7 +24,7 @@ from edge_agent.uplink.telemetry import OutboxSender, TelemetryRecorder
 from shared.blobs import BlobStore
 from shared.control import ControlVerifier
 from shared.edge_config import EdgeConfig
-from shared.errors import AutoGLMError, ContractError, ControlRejected
+from shared.errors import AutoGLMError, ConfigError, ContractError, ControlRejected
 from shared.manifest import TrustStore
 from shared.messages import Ack, Capabilities, Command, CommandReply, DesiredState, ErrorInfo, ReportedState
 from shared.tasks import TaskSet
@@ -32,11 +33,22 @@ from shared.topics import Topics
 log = logging.getLogger(__name__)
 
 
+def preflight(settings: EdgeSettings) -> None:
+    """What would stop an agent with ``settings`` starting, as a ConfigError naming it (inside
+    the server's start the same failure ends in a traceback): a data folder it cannot write or
+    another agent holds, a state file it may not read."""
+    DataDir.claim(settings.data_dir).release()
+    state = settings.data_dir / "state.json"
+    if state.is_file() and not os.access(state, os.R_OK | os.W_OK):
+        raise ConfigError("the agent's state file cannot be read and written", path=str(state))
+
+
 class EdgeAgent:
     def __init__(self, settings: EdgeSettings) -> None:
         self.settings = settings
         data = settings.data_dir
-        data.mkdir(parents=True, exist_ok=True)
+        # Held until run() ends, or release_data_dir() when it never started.
+        self.data_dir = DataDir.claim(data)
         self.topics = Topics(settings.tenant)
         self.cache = BlobStore(data / "blobs")
         self.local_config = settings.local_config()
@@ -273,3 +285,8 @@ class EdgeAgent:
                 tg.create_task(self.reconciler.run(), name="reconciler")
         finally:
             self.outbox.close()
+            self.data_dir.release()
+
+    def release_data_dir(self) -> None:
+        """For a start that failed before ``run``: the folder is free for the next agent."""
+        self.data_dir.release()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,22 +19,78 @@ EnvTexts = dict[tuple[str, ...], str]
 
 
 def apply_env(raw: dict[str, Any], env: Mapping[str, str], prefix: str) -> EnvTexts:
-    """``PREFIX__BROKER__PORT=1884`` sets ``broker.port``; values are parsed as YAML scalars.
+    """``PREFIX__BROKER__PORT=1884`` sets ``broker.port`` (values read by ``env_value``).
     Returns each override's text as written."""
     texts: EnvTexts = {}
-    for key, value in env.items():
+    # Whole sections before their keys, whatever order the environment lists them in.
+    for key, value in sorted(env.items(), key=lambda item: item[0].count("__")):
         if not key.startswith(prefix):
             continue
         path = [p.lower() for p in key[len(prefix) :].split("__") if p]
-        node = raw
+        if not path:
+            continue
+        node: Any = raw
         for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError("environment override targets a non-mapping", variable=key)
-        if path:
-            node[path[-1]] = yaml.safe_load(value)
-            texts[tuple(path)] = value
+            node = _step(node, part, key)
+        if isinstance(node, list):
+            node[_index(node, path[-1], key)] = env_value(value, key)
+        elif isinstance(node, dict):
+            node[path[-1]] = env_value(value, key)
+        else:
+            raise ConfigError("environment override targets a non-mapping", variable=key)
+        texts[tuple(path)] = value
     return texts
+
+
+_NULL = frozenset({"null", "Null", "NULL", "~"})
+_INT = re.compile(r"[-+]?[0-9]+")
+_FLOAT = re.compile(
+    r"[-+]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)"
+)
+_BOOL = {"true": True, "false": False}
+
+
+def env_value(text: str, variable: str) -> Any:
+    """An override's value: a list or mapping (``[a, b]``, ``{k: v}``) read as YAML; ``null`` or
+    ``~`` as None; a number or ``true``/``false`` as such; anything else exactly as written. A
+    whole YAML parse of every value would read ``#secret`` as a comment (None: an API key
+    switched off), cut ``abc #def`` to ``abc`` and read ``0755`` as octal."""
+    stripped = text.strip()
+    if stripped.startswith(("[", "{")):
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"environment override is not a valid YAML list or mapping: {exc}", variable=variable
+            ) from exc
+    if stripped in _NULL:
+        return None
+    if _INT.fullmatch(stripped):
+        return int(stripped)
+    if _FLOAT.fullmatch(stripped):
+        return float(stripped)
+    if stripped.lower() in _BOOL:
+        return _BOOL[stripped.lower()]
+    return text
+
+
+def _step(node: Any, part: str, variable: str) -> Any:
+    """One level down: a mapping's key (made when missing) or a list's item by its number
+    (``GATEWAY__UPSTREAMS__0__API_KEY``: a Secret fills one upstream's key)."""
+    if isinstance(node, list):
+        return node[_index(node, part, variable)]
+    if not isinstance(node, dict):
+        raise ConfigError("environment override targets a non-mapping", variable=variable)
+    return node.setdefault(part, {})
+
+
+def _index(items: list[Any], part: str, variable: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(
+            f"environment override names item {part!r} of a list of {len(items)} (items count from 0)",
+            variable=variable,
+        )
+    return int(part)
 
 
 def read_settings_file(
@@ -42,9 +99,15 @@ def read_settings_file(
     """The YAML mapping in ``path`` with ``PREFIX__…`` overrides applied, and the overrides'
     texts; ConfigError otherwise."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError as exc:
         raise ConfigError("config file not found", path=str(path)) from exc
+    except OSError as exc:  # a directory, no permission
+        raise ConfigError(f"config file cannot be read: {exc.strerror}", path=str(path)) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file is not UTF-8 text: {exc.reason} at byte {exc.start}", path=str(path)
+        ) from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file is not valid YAML: {exc}", path=str(path)) from exc
     if not isinstance(raw, dict):
@@ -53,9 +116,9 @@ def read_settings_file(
 
 
 def validate_settings(model: type[M], raw: dict[str, Any], texts: EnvTexts) -> M:
-    """``model`` from ``raw``. An override that YAML read as a number, a boolean or a date where
-    the setting is text (a device id from a node named ``1234`` or ``0755``) is taken as written:
-    Kubernetes fills these variables from names it does not quote."""
+    """``model`` from ``raw``. An override read as a number or a boolean where the setting is
+    text (a device id from a node named ``1234`` or ``0755``) is taken as written: Kubernetes
+    fills these variables from names it does not quote."""
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
@@ -67,10 +130,13 @@ def validate_settings(model: type[M], raw: dict[str, Any], texts: EnvTexts) -> M
         if not wrong:
             raise
     for loc in wrong:
-        node = raw
+        node: Any = raw
         for part in loc[:-1]:
-            node = node[part]
-        node[loc[-1]] = texts[loc]
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if isinstance(node, list):
+            node[int(loc[-1])] = texts[loc]
+        else:
+            node[loc[-1]] = texts[loc]
     return model.model_validate(raw)
 
 

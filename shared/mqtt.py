@@ -81,6 +81,10 @@ class TlsSettings(BaseModel):
                 raise ValueError(f"{name} {path} does not exist")
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together")
+        try:
+            self.context()  # a file that is no certificate or key is refused now, not at connect
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ValueError(f"the TLS files cannot be used: {exc}") from exc
         return self
 
     def context(self) -> ssl.SSLContext:

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -280,13 +281,15 @@ def _env(docs: list[dict[str, Any]], prefix: str) -> dict[str, str]:
 
 
 def _real_files(raw: dict[str, Any], tmp: Path) -> None:
-    """TLS paths point into a pod; give the validator files that exist."""
+    """TLS paths point into a pod; give the validator a CA, certificate and key it can load."""
+    from cloud.mqtt.pki import FleetPKI
+
     tls = raw.get("broker", {}).get("tls")
     if tls:
+        issued = FleetPKI(tmp / "pki").enroll("someone", role="cloud", tenant=None)
+        files = {"ca_file": issued.ca, "cert_file": issued.cert, "key_file": issued.key}
         for key in tls:
-            f = tmp / key
-            f.write_text("pem")
-            tls[key] = str(f)
+            tls[key] = str(files[key])
 
 
 CLOUD_RENDERS = [k for k, docs in RENDERED.items() if _configmap(docs, "autoglm-control-plane", "cloud.yaml")]
@@ -304,6 +307,15 @@ def test_control_plane_config_and_env_are_settings_keys(kustomization: str, tmp_
     _real_files(raw, tmp_path)
     settings = CloudSettings.model_validate(raw)
     assert settings.gateway.upstreams and settings.broker.tls is not None
+    # Each pool pod a replica of the gateway's own: a headless Service whose pods serve the port.
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    for upstream in settings.gateway.upstreams:
+        assert upstream.discover, upstream
+        host, port = urlsplit(upstream.url).hostname or "", urlsplit(upstream.url).port
+        service = services[host.split(".")[0]]
+        assert service["spec"]["clusterIP"] == "None"
+        assert port in [p["port"] for p in service["spec"]["ports"]]
+    assert f"{CLOUD_ENV}GATEWAY__UPSTREAMS__0__API_KEY" in env
 
 
 @pytest.mark.parametrize("kustomization", EDGE_RENDERS)

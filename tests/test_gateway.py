@@ -25,7 +25,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @asynccontextmanager
-async def replica(models: list[str], completions: Handler | None = None) -> AsyncIterator[str]:
+async def replica(
+    models: list[str], completions: Handler | None = None, host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[str]:
     """An OpenAI-compatible upstream listing ``models``; by default it answers which it is and
     404 for a model it does not serve, as vLLM and our pool do."""
 
@@ -45,10 +47,11 @@ async def replica(models: list[str], completions: Handler | None = None) -> Asyn
     runner = web.AppRunner(app)
     await runner.setup()
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
     await web.SockSite(runner, sock).start()
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        yield f"http://{host}:{sock.getsockname()[1]}/v1"
     finally:
         await runner.cleanup()
 
@@ -78,6 +81,71 @@ def test_requests_go_to_the_replica_that_serves_their_model() -> None:
                 assert gateway.retries == 0
             finally:
                 await gateway.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_discovered_upstream_is_a_replica_per_address_that_follows_the_lookup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A headless Service: one name, an address per pod. Each is a replica of its own (a pod
+    that fails is retried on another, not the whole pool marked down), and pods that come and
+    go are followed at every health poll."""
+    with pytest.raises(ValidationError, match="discover needs an http:// URL"):
+        GatewaySettings.model_validate({"upstreams": [{"url": "https://pool.test/v1", "discover": True}]})
+
+    async def scenario() -> None:
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        loop = asyncio.get_running_loop()
+        real = loop.getaddrinfo
+        pods: list[str] | None = ["127.0.0.1", "127.0.0.2"]
+
+        async def lookup(host: str, port_: int, **kwargs: Any) -> list[Any]:
+            if host != "pool.test":
+                return await real(host, port_, **kwargs)
+            if pods is None:
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port_)) for a in pods]
+
+        monkeypatch.setattr(loop, "getaddrinfo", lookup)
+        upstream = {"url": f"http://pool.test:{port}/v1", "name": "pool", "discover": True}
+        gateway = PoolGateway(GatewaySettings.model_validate({"upstreams": [upstream], "max_attempts": 2}))
+        try:
+            async with replica(["m"], host="127.0.0.2", port=port):
+                async with replica(["m"], host="127.0.0.1", port=port):
+                    await _poll_health(gateway)
+                    assert [(r.name, r.up, r.models) for r in gateway.replicas] == [
+                        ("pool@127.0.0.1", True, {"m"}),
+                        ("pool@127.0.0.2", True, {"m"}),
+                    ]
+                    served = set()
+                    for _ in range(4):
+                        r = await gateway.forward("/completions", {"model": "m", "prompt": "x"})
+                        served.add(r.headers[REPLICA_HEADER])
+                        gateway.replicas[0].outstanding += 1  # the next goes to the other
+                    for r in gateway.replicas:
+                        r.outstanding = 0
+                    assert served == {"pool@127.0.0.1", "pool@127.0.0.2"}
+                # One pod gone before a poll noticed: its request is sent to the other pod.
+                r = await gateway.forward("/completions", {"model": "m", "prompt": "x"})
+                assert r.status_code == 200 and r.headers[REPLICA_HEADER] == "pool@127.0.0.2"
+                assert [r.up for r in gateway.replicas] == [False, True] and gateway.retries <= 1
+                pods = ["127.0.0.2"]
+                await gateway.discover()
+                assert [r.name for r in gateway.replicas] == ["pool@127.0.0.2"]
+                kept = gateway.replicas[0]
+                pods = None  # a failed lookup keeps what is known
+                await gateway.discover()
+                assert gateway.replicas == [kept]
+                pods = ["127.0.0.2", "127.0.0.1"]
+                await gateway.discover()
+                assert [r.name for r in gateway.replicas] == ["pool@127.0.0.1", "pool@127.0.0.2"]
+                assert gateway.replicas[1] is kept and kept.served >= 2
+        finally:
+            await gateway.aclose()
 
     asyncio.run(scenario())
 

@@ -17,7 +17,7 @@ import pytest
 from edge_agent.runtime.host import ModelHost
 from edge_agent.update.reconciler import Reconciler
 from edge_agent.update.slots import SlotStore
-from edge_agent.update.state import AgentState, StateFile
+from edge_agent.update.state import AgentState, SlotName, StateFile
 from shared.blobs import BlobRef, BlobStore, describe_bytes
 from shared.edge_config import EdgeConfig
 from shared.errors import ModelLoadError, NoSpaceError
@@ -134,8 +134,10 @@ class Device:
         )
         self.rec._load_slot = self._load  # type: ignore[method-assign]
 
-    def _load(self, slot: str) -> FakeLoaded:
-        manifest = self.trust.verify(self.slots.manifest_bytes(slot))  # type: ignore[arg-type]
+    def _load(self, slot: SlotName, *, check_files: bool = False) -> FakeLoaded:
+        manifest = self.trust.verify(self.slots.manifest_bytes(slot))
+        if check_files:
+            self.slots.check(slot, manifest)
         return FakeLoaded(manifest, slot, broken=manifest.version in self.broken_versions)
 
     def apply(self, revision: int, model: ModelRef | None, **fields: Any) -> AgentState:
@@ -371,3 +373,51 @@ def test_a_revision_older_than_one_that_failed_is_a_replay(dev: Device) -> None:
     # A state file written before the newest accepted revision was kept knows a failed download's.
     assert AgentState.model_validate({"applied_revision": 2, "target_revision": 4}).revision_floor == 4
     assert dev.apply(5, v1, allow_downgrade=True).phase == Phase.ACTIVE and dev.serving == "m:1"
+
+
+def test_a_restart_over_a_damaged_active_slot_serves_the_model_before(dev: Device, tmp_path: Path) -> None:
+    v1, v2 = package(dev.source, "1", 1), package(dev.source, "2", 2)
+    dev.apply(1, v1)
+    dev.apply(2, v2)
+    (tmp_path / "slots" / "b" / "model.onnx").write_bytes(b"graph of m:2, but a sector lost")
+    again = Device(tmp_path)
+    asyncio.run(again.rec.restore())
+    s = again.rec.state
+    assert again.serving == "m:1" and s.active_slot == "a" and s.active_model == v1
+    assert s.last_error is not None and s.last_error.code == "active_slot_unloadable"
+    assert "slot b's model.onnx is damaged" in s.last_error.message
+    assert StateFile(tmp_path / "state.json").load().active_slot == "a"
+    # The cloud's desired state for the damaged model brings it back whole.
+    assert again.apply(2, v2).active_slot == "b" and again.serving == "m:2"
+
+
+def test_a_restart_with_both_slots_damaged_serves_nothing_and_says_why(dev: Device, tmp_path: Path) -> None:
+    v1, v2 = package(dev.source, "1", 1), package(dev.source, "2", 2)
+    dev.apply(1, v1)
+    dev.apply(2, v2)
+    for slot in "ab":
+        (tmp_path / "slots" / slot / "model.onnx").unlink()
+    again = Device(tmp_path)
+    asyncio.run(again.rec.restore())
+    assert again.serving is None and again.rec.state.active_slot == "b"
+    assert again.rec.state.last_error is not None and "lacks model.onnx" in again.rec.state.last_error.message
+
+
+def test_a_damaged_state_file_is_rebuilt_from_the_slots(dev: Device, tmp_path: Path) -> None:
+    """Before: a damaged state.json was set aside and the device served nothing until the cloud
+    sent a desired state again (offline: never)."""
+    v1, v2, v3 = package(dev.source, "1", 1), package(dev.source, "2", 2), package(dev.source, "3", 3)
+    dev.apply(1, v1)
+    dev.apply(2, v2)
+    dev.apply(3, v3)  # slot a now holds release 3, slot b release 2
+    state = tmp_path / "state.json"
+    state.write_bytes(state.read_bytes()[:60])
+    again = Device(tmp_path)
+    asyncio.run(again.rec.restore())
+    s = again.rec.state
+    assert again.serving == "m:3" and s.active_slot == "a" and s.slots == {"a": v3, "b": v2}
+    assert s.phase is Phase.ACTIVE and s.releases == {"m": 3}
+    assert StateFile(state).load() == s and len(list(tmp_path.glob("state.json.corrupt-*"))) == 1
+    # The slot with the model before is still the standby: a rollback needs no download.
+    assert again.apply(4, v2, allow_downgrade=True).active_slot == "b" and again.serving == "m:2"
+    assert again.fetcher.fetched == []

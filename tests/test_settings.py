@@ -42,7 +42,7 @@ def test_environment_overrides(tmp_path: Path) -> None:
     assert s.api.api_key == "s3cret"
 
 
-@pytest.mark.parametrize("node", ["1234", "0755", "1e3", "true", "2026-12-07"])
+@pytest.mark.parametrize("node", ["1234", "0755", "1e3", "true", "2026-12-07", "yes"])
 def test_an_override_of_a_text_setting_is_taken_as_written(tmp_path: Path, node: str) -> None:
     """Kubernetes fills AUTOGLM_EDGE__DEVICE_ID from the node's name, unquoted: YAML would read
     these as a number, a boolean or a date (0755 as 493)."""
@@ -57,8 +57,37 @@ def test_an_override_of_a_text_setting_is_taken_as_written(tmp_path: Path, node:
     )
     assert (s.device_id, s.api.api_key, s.broker.port) == (node, "42", 1999)
     # A number where a number belongs is still a number, and a wrong one still refused.
-    with pytest.raises(ConfigError, match="broker.port"):
+    with pytest.raises(ConfigError, match=r"broker\.port"):
         EdgeSettings.load(p, env={"AUTOGLM_EDGE__DEVICE_ID": node, "AUTOGLM_EDGE__BROKER__PORT": "x"})
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("#s3cr3t", "#s3cr3t"), ("abc #def", "abc #def"), ("'quoted'", "'quoted'"), ("null", None), ("~", None)],
+)
+def test_a_secret_from_the_environment_is_taken_as_written(tmp_path: Path, text: str, value: object) -> None:
+    """Read as YAML, ``#s3cr3t`` was a comment: the API key None, the local API open to anyone."""
+    p = _write(
+        tmp_path, {"device_id": "d1", "data_dir": str(tmp_path), "trusted_keys": [KEY], "control": CONTROL}
+    )
+    assert EdgeSettings.load(p, env={"AUTOGLM_EDGE__API__API_KEY": text}).api.api_key == value
+
+
+@pytest.mark.parametrize("text", ["[1", "{", "[a: b: c]"])
+def test_an_override_that_is_not_yaml_names_its_variable(tmp_path: Path, text: str) -> None:
+    p = _write(
+        tmp_path, {"device_id": "d1", "data_dir": str(tmp_path), "trusted_keys": [KEY], "control": CONTROL}
+    )
+    with pytest.raises(ConfigError, match="AUTOGLM_EDGE__FALLBACK__ALLOWED_URLS"):
+        EdgeSettings.load(p, env={"AUTOGLM_EDGE__FALLBACK__ALLOWED_URLS": text})
+
+
+def test_a_config_file_that_is_not_text_or_not_a_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe x")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        EdgeSettings.load(tmp_path / "bin.yaml", env={})
+    with pytest.raises(ConfigError, match="cannot be read"):
+        EdgeSettings.load(tmp_path, env={})
 
 
 @pytest.mark.parametrize(
@@ -134,6 +163,17 @@ def test_cloud_example_config_is_valid_and_env_overrides_apply() -> None:
     assert settings.api.port == 9000 and settings.tenants == ["default"]
     numbered = CloudSettings.load(example, env={"AUTOGLM_CLOUD__REPLICA_ID": "0"})
     assert numbered.replica_id == "0"
+    # A list's item by its number: a Secret gives one upstream its key.
+    pooled = {"AUTOGLM_CLOUD__GATEWAY__UPSTREAMS": "[{url: 'http://pool:8500/v1', discover: true}]"}
+    keyed = CloudSettings.load(
+        example, env={"AUTOGLM_CLOUD__GATEWAY__UPSTREAMS__0__API_KEY": "1234", **pooled}
+    )
+    assert keyed.gateway.upstreams[0].api_key == "1234" and keyed.gateway.upstreams[0].discover
+    for item in ("7", "first"):
+        with pytest.raises(ConfigError, match=f"names item '{item}' of a list of 1"):
+            CloudSettings.load(
+                example, env={**pooled, f"AUTOGLM_CLOUD__GATEWAY__UPSTREAMS__{item}__API_KEY": "k"}
+            )
 
 
 def test_gateway_upstream_names_must_be_unique(tmp_path: Path) -> None:
@@ -147,3 +187,14 @@ def test_gateway_upstream_names_must_be_unique(tmp_path: Path) -> None:
         CloudSettings.model_validate(
             {**base, "gateway": {"upstreams": [{**up, "name": "a"}, {**up, "name": "a"}]}}
         )
+
+
+def test_tls_files_that_are_no_certificate_are_refused_at_start(tmp_path: Path) -> None:
+    """Found only at connect, the MQTT loop died while the API went on serving."""
+    bad = tmp_path / "bad.crt"
+    bad.write_text("garbage")
+    p = _write(
+        tmp_path, {"device_id": "d1", "data_dir": str(tmp_path), "trusted_keys": [KEY], "control": CONTROL}
+    )
+    with pytest.raises(ConfigError, match="the TLS files cannot be used"):
+        EdgeSettings.load(p, env={"AUTOGLM_EDGE__BROKER__TLS": f"{{ca_file: {bad}}}"})

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
+from edge_agent.serving.server import LogLevel
 from shared.errors import AutoGLMError, ConfigError
 
 console = Console(highlight=False, soft_wrap=True)
@@ -436,20 +437,24 @@ def register_cloud_commands(cloud_app: typer.Typer) -> None:
     @cloud_app.command("serve")
     def cloud_serve(
         config: ConfigOpt,
-        log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
+        log_level: Annotated[
+            LogLevel, typer.Option(help="Python log level.", case_sensitive=False)
+        ] = LogLevel.INFO,
     ) -> None:
         """Run the control plane: REST API, operator console (/ui), fleet tracking over MQTT, rollout driver."""
         from cloud.console import install as install_console
         from cloud.plane.app import create_app
+        from cloud.plane.service import preflight
         from cloud.settings import CloudSettings
         from edge_agent.serving.server import configure_logging, run_server
 
-        configure_logging(log_level)
+        configure_logging(log_level.value)
         settings = CloudSettings.load(config)
+        preflight(settings)
         app = create_app(settings)
         if settings.console.enabled:
             install_console(app)
-        run_server(app, settings.api.host, settings.api.port, log_level)
+        run_server(app, settings.api.host, settings.api.port, log_level.value)
 
     key_app = typer.Typer(
         help="API keys: create, list, revoke (directly in the database: the bootstrap path; "

@@ -34,6 +34,10 @@
   the bare name where replicas serve it without a version. Every
   successful answer names the model id it was made by in ``X-AutoGLM-Model`` (for a bare name,
   the replica's one ``name:version`` when it lists one).
+* Discovery: an upstream with ``discover`` is a name whose every address is a replica (a
+  Kubernetes headless Service: one per pod), named ``NAME@ADDRESS``; the name is looked up again
+  before every health poll, replicas of addresses that came keep their counts, those of addresses
+  gone leave (requests in flight on them finish). A lookup that fails keeps the replicas known.
 * Any OpenAI-compatible server can be a replica: only ``/models``, ``/completions`` and
   ``/chat/completions`` under its base URL are needed; ``/metrics`` and readiness are used where
   the server has them.
@@ -42,19 +46,22 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import re
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 from fastapi import Response
 
 from cloud.gateway.load import LoadGauges, ReplicaLoad, parse_load, server_root
 from cloud.gateway.upstream import UpstreamBroken, UpstreamClient, UpstreamResponse, UpstreamSlow
-from cloud.settings import GatewaySettings
+from cloud.settings import GatewaySettings, UpstreamSettings
 from edge_agent.serving.service import cloud_answer_headers
 from edge_agent.serving.sse import relay_events
 from edge_agent.serving.streaming import EventStream
@@ -167,10 +174,13 @@ def _model_ids(body: Any) -> frozenset[str] | None:
 class PoolGateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.replicas = [
-            Replica(name, u.url.rstrip("/"), u.api_key)
-            for name, u in zip(settings.replica_names(), settings.upstreams, strict=True)
-        ]
+        named = list(zip(settings.replica_names(), settings.upstreams, strict=True))
+        self._fixed = [Replica(name, u.url.rstrip("/"), u.api_key) for name, u in named if not u.discover]
+        # Each discovered upstream's replicas by address, as its last lookup found them.
+        self._discovered: dict[str, tuple[UpstreamSettings, dict[str, Replica]]] = {
+            name: (u, {}) for name, u in named if u.discover
+        }
+        self.replicas = list(self._fixed)
         self.retries = 0
         self.timeouts = 0
         self.upstream_errors = 0  # replicas' own 5xx and non-JSON answers (not passed on)
@@ -209,16 +219,58 @@ class PoolGateway:
     async def run_health_checks(self) -> None:
         """Poll the replicas' health and scrape their load, each on its own interval, until
         cancelled."""
-        if not self.replicas:
+        if not self.settings.upstreams:
             return
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._every(self.settings.health_interval_s, self._probe), name="gateway-health")
+            tg.create_task(
+                self._every(self.settings.health_interval_s, self._probe, before=self.discover),
+                name="gateway-health",
+            )
             tg.create_task(self._every(self.settings.load_interval_s, self.scrape), name="gateway-load")
 
-    async def _every(self, interval_s: float, check: Callable[[Replica], Awaitable[None]]) -> None:
+    async def discover(self) -> None:
+        """Look up every discovered upstream's addresses and make ``replicas`` match them."""
+        if not self._discovered:
+            return
+        for name, (upstream, known) in self._discovered.items():
+            parts = urlsplit(upstream.url.rstrip("/"))
+            host, port = parts.hostname or "", parts.port or 80
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                log.warning(
+                    "looking up pool upstream %s (%s) failed: %s; its replicas stay as known", name, host, exc
+                )
+                continue
+            addresses = sorted({str(info[4][0]) for info in infos})
+            for gone in known.keys() - set(addresses):
+                log.info("pool replica %s left (%s no longer resolves to it)", known.pop(gone).name, host)
+            for address in addresses:
+                if address not in known:
+                    netloc = (
+                        f"[{address}]:{port}"
+                        if ipaddress.ip_address(address).version == 6
+                        else f"{address}:{port}"
+                    )
+                    url = urlunsplit(parts._replace(netloc=netloc))
+                    known[address] = Replica(f"{name}@{address}", url, upstream.api_key)
+                    log.info("pool replica %s found (%s)", known[address].name, host)
+        self.replicas = self._fixed + [
+            known[address] for _, known in self._discovered.values() for address in sorted(known)
+        ]
+
+    async def _every(
+        self,
+        interval_s: float,
+        check: Callable[[Replica], Awaitable[None]],
+        before: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         while True:
-            results = await asyncio.gather(*(check(r) for r in self.replicas), return_exceptions=True)
-            for replica, result in zip(self.replicas, results, strict=True):
+            if before is not None:
+                await before()
+            replicas = self.replicas
+            results = await asyncio.gather(*(check(r) for r in replicas), return_exceptions=True)
+            for replica, result in zip(replicas, results, strict=True):
                 # One replica's surprising answer must not stop the checks of all of them for good.
                 if isinstance(result, Exception):
                     log.error("checking replica %s failed: %r", replica.name, result)
@@ -349,7 +401,7 @@ class PoolGateway:
         ``payload``: ``body`` as JSON, when the caller has it already (the client's own bytes are
         relayed as they came, not encoded again). ``closest``: a version no replica has may be
         answered by the nearest one (see above)."""
-        if not self.replicas:
+        if not self.settings.upstreams:
             raise NoPool("no pool is configured (gateway.upstreams)")
         if payload is None:
             payload = json.dumps(body).encode()

@@ -31,9 +31,14 @@ log = logging.getLogger(__name__)
 
 
 def control_signer(settings: CloudSettings) -> ControlSigner:
-    """The control key of ``settings`` (created on first use) with its TTLs."""
+    """The control key of ``settings`` with its TTLs: ``control.key_file``, which must exist, or
+    the default one under $AUTOGLM_HOME (created on first use)."""
     control = settings.control
-    key_path = control.key_file or CloudPaths.from_env().control_key
+    if control.key_file is not None:
+        # A path the operator named must hold the key: a Secret not mounted, or a typo, would
+        # otherwise give each replica a key of its own, and devices would refuse them all.
+        return ControlSigner(SigningKey.load(control.key_file), control.desired_ttl_s, control.command_ttl_s)
+    key_path = CloudPaths.from_env().control_key
     key, created = SigningKey.load_or_create(key_path)
     if created:
         log.warning(

@@ -23,7 +23,7 @@ from cloud.plane.desired import control_signer
 from cloud.plane.fleet import DesiredRecord, Fleet, Selector
 from cloud.plane.ingest import Ingest
 from cloud.plane.rollouts import RolloutDriver, Rollouts, RolloutSpec
-from cloud.plane.store import make_engine, migrate, utcnow
+from cloud.plane.store import check_reachable, make_engine, migrate, utcnow
 from cloud.ratelimit import TenantRateLimiter
 from cloud.registry import ModelRegistry
 from cloud.settings import CloudSettings
@@ -47,6 +47,13 @@ ACK_CONCURRENCY = 64
 ACK_BACKLOG = 100_000
 # A device that refused its desired state as expired gets a freshly signed one, at most this often.
 RESIGN_INTERVAL_S = 60.0
+
+
+def preflight(settings: CloudSettings) -> None:
+    """What would stop a control plane with ``settings`` starting, as a ConfigError naming it:
+    the database out of reach, the control key missing or unreadable."""
+    check_reachable(settings.database_url)
+    control_signer(settings)
 
 
 class ControlPlane:

@@ -33,7 +33,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.types import TypeDecorator
 
 from shared.errors import ConfigError
@@ -432,6 +432,22 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
     return engine
+
+
+def check_reachable(url: str) -> None:
+    """ConfigError unless the database at ``url`` takes a connection (before a server starts:
+    the same failure inside its lifespan would end in a traceback)."""
+    engine = make_engine(url)
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as exc:
+        cause = getattr(exc, "orig", None) or exc
+        raise ConfigError(
+            f"cannot connect to the database: {str(cause).strip().splitlines()[0]}", url=_redact(url)
+        ) from exc
+    finally:
+        engine.dispose()
 
 
 def _redact(url: str) -> str:

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from edge_agent.serving.server import LogLevel
+
 if TYPE_CHECKING:
     from cloud.pool.fetch import FetchedModel
 
@@ -111,14 +113,16 @@ def serve(
     max_body_bytes: Annotated[
         int, typer.Option(help="Larger request bodies are refused with 413 before they are read.")
     ] = 4 * 1024 * 1024,
-    log_level: Annotated[str, typer.Option(help="Python log level.")] = "INFO",
+    log_level: Annotated[
+        LogLevel, typer.Option(help="Python log level.", case_sensitive=False)
+    ] = LogLevel.INFO,
 ) -> None:
     """Serve the OpenAI-compatible API (completions, chat, streaming) from a batching PyTorch engine."""
     from cloud.pool.server import create_app
     from cloud.pool.settings import PoolSettings
     from edge_agent.serving.server import configure_logging, run_server
 
-    configure_logging(log_level)
+    configure_logging(log_level.value)
     if (model is None) == (from_registry is None):
         raise typer.BadParameter("give either --model or --from-registry", param_hint="--model")
     digest = ""
@@ -141,4 +145,4 @@ def serve(
         api_key=api_key,
         max_body_bytes=max_body_bytes,
     )
-    run_server(create_app(settings), settings.host, settings.port, log_level)
+    run_server(create_app(settings), settings.host, settings.port, log_level.value)

@@ -40,53 +40,59 @@ def create_app(settings: EdgeSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         agent = EdgeAgent(settings)
-        app.state.agent = agent
-        fb = settings.fallback
-        cloud = CloudFallback(
-            lambda: agent.serving,
-            api_key=fb.api_key,
-            allowed_urls=agent.allowed_cloud_urls,
-            connect_timeout_s=fb.connect_timeout_s,
-            breaker=CircuitBreaker(fb.breaker_failures, fb.breaker_reset_s),
-        )
-
-        def record_local(f: Finished) -> None:
-            agent.telemetry.record(
-                model=f.model,
-                served_by="local",
-                prompt_tokens=f.prompt_tokens,
-                completion_tokens=f.completion_tokens,
-                latency_ms=f.latency_ms,
-                error=f.error,
+        try:
+            app.state.agent = agent
+            fb = settings.fallback
+            cloud = CloudFallback(
+                lambda: agent.serving,
+                api_key=fb.api_key,
+                allowed_urls=agent.allowed_cloud_urls,
+                connect_timeout_s=fb.connect_timeout_s,
+                breaker=CircuitBreaker(fb.breaker_failures, fb.breaker_reset_s),
             )
 
-        local = CompletionService(agent.host, lambda: agent.serving, record_local, agent.installed_models)
-        app.state.router = RequestRouter(
-            ServiceResponder(local, "local"), cloud, lambda: agent.serving, agent.telemetry
-        )
-        app.state.metrics = EdgeMetrics(agent, app.state.router)
-        journal = BatchJournal(settings.data_dir / "batches.sqlite3", retention_s=settings.batch.retention_s)
-        worker = BatchWorker(
-            journal,
-            ItemExecutor(local, app.state.router),
-            policy=lambda: agent.serving.router_policy,
-            local_model=lambda: agent.host.current is not None,
-            idle=IdleSignal(meter, lambda: agent.host.waiting, settings.batch.idle_s),
-            online=lambda: agent.link.online,
-            settings=settings.batch,
-        )
-        app.state.batch_worker = worker
-        app.state.batches = BatchService(journal, settings.batch, worker.wake)
-        try:
-            async with (
-                background(agent.run(), log, "the agent's background loop", "edge-agent") as task,
-                background(worker.run(), log, "the batch worker", "batch-worker"),
-            ):
-                app.state.agent_task = task
-                yield
+            def record_local(f: Finished) -> None:
+                agent.telemetry.record(
+                    model=f.model,
+                    served_by="local",
+                    prompt_tokens=f.prompt_tokens,
+                    completion_tokens=f.completion_tokens,
+                    latency_ms=f.latency_ms,
+                    error=f.error,
+                )
+
+            local = CompletionService(agent.host, lambda: agent.serving, record_local, agent.installed_models)
+            app.state.router = RequestRouter(
+                ServiceResponder(local, "local"), cloud, lambda: agent.serving, agent.telemetry
+            )
+            app.state.metrics = EdgeMetrics(agent, app.state.router)
+            journal = BatchJournal(
+                settings.data_dir / "batches.sqlite3", retention_s=settings.batch.retention_s
+            )
+            worker = BatchWorker(
+                journal,
+                ItemExecutor(local, app.state.router),
+                policy=lambda: agent.serving.router_policy,
+                local_model=lambda: agent.host.current is not None,
+                idle=IdleSignal(meter, lambda: agent.host.waiting, settings.batch.idle_s),
+                online=lambda: agent.link.online,
+                settings=settings.batch,
+            )
+            app.state.batch_worker = worker
+            app.state.batches = BatchService(journal, settings.batch, worker.wake)
+            try:
+                async with (
+                    background(agent.run(), log, "the agent's background loop", "edge-agent") as task,
+                    background(worker.run(), log, "the batch worker", "batch-worker"),
+                ):
+                    app.state.agent_task = task
+                    yield
+            finally:
+                await cloud.aclose()
+                journal.close()
         finally:
-            await cloud.aclose()
-            journal.close()
+            # Also when the start failed part way: the folder is free for the next agent.
+            agent.release_data_dir()
 
     app = FastAPI(title="Open-AutoGLM edge agent", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)

@@ -32,6 +32,7 @@ from edge_agent.batch.states import (
     batch_may_move,
     item_may_move,
 )
+from edge_agent.datadir import open_database
 from shared.batch_api import (
     Batch,
     BatchInputLine,
@@ -224,9 +225,17 @@ class BatchJournal:
         self.path = path
         self.retention_s = retention_s
         self.clock = clock
-        self._db = self._connect()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._migrate()
+        self._db = open_database(path, self._open, "batch journal")
+
+    def _open(self) -> sqlite3.Connection:
+        db = self._connect()
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            self._migrate(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def _connect(self, busy_timeout_s: float = 5.0) -> sqlite3.Connection:
         # Autocommit; transactions are explicit (``_tx``), so each step is all or nothing.
@@ -239,14 +248,14 @@ class BatchJournal:
     def close(self) -> None:
         self._db.close()
 
-    def _migrate(self) -> None:
-        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
         for number, ddl in enumerate(_MIGRATIONS[version:], start=version + 1):
-            with self._tx():
+            with self._tx(db):
                 for statement in ddl.split(";"):
                     if statement.strip():
-                        self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version = {number}")
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {number}")
 
     @contextlib.contextmanager
     def _tx(self, db: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:

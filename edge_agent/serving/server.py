@@ -3,10 +3,21 @@ server command shares (`edge run`, `cloud serve`, `pool serve`)."""
 
 from __future__ import annotations
 
+import enum
 import logging
 from typing import Any
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class LogLevel(enum.StrEnum):
+    """The server commands' ``--log-level`` (a choice, so a typo is refused before anything starts)."""
+
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+    CRITICAL = "CRITICAL"
 
 
 def configure_logging(level: str) -> None:

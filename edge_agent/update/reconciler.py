@@ -111,28 +111,75 @@ class Reconciler:
                 download.cancel()
 
     async def restore(self) -> None:
-        """Serve the active slot again after a restart, before anything else happens."""
+        """Serve the active slot again after a restart, before anything else happens: its files
+        checked against its signed manifest first, the other slot's model served instead when
+        they are damaged; after a state file was found damaged, the slots' own signed manifests
+        say what is installed."""
         s = self.state
+        installed = await asyncio.to_thread(self._slot_manifests)
         # Models installed before release numbers were tracked still count as installed.
-        for _, manifest in await asyncio.to_thread(self._slot_manifests):
+        for _, manifest in installed:
             self._record_release(manifest)
+        if self.state_file.recovered and installed:
+            await asyncio.to_thread(self._rebuild, installed)
         if s.config:
             try:
                 await self._apply_config(EdgeConfig.parse(s.config))
             except ContractError as exc:  # validated when accepted; only a hand edit gets here
                 log.error("persisted config no longer valid, using edge.yaml alone: %s", exc)
         if s.active_slot is not None and s.active_model is not None:
-            try:
-                self.host.swap(await asyncio.to_thread(self._load_slot, s.active_slot))
-                log.info(
-                    "serving %s from slot %s",
-                    s.active_model.name + ":" + s.active_model.version,
-                    s.active_slot,
-                )
-            except AutoGLMError as exc:
-                log.error("active slot %s cannot be loaded: %s", s.active_slot, exc)
-                s.last_error = ErrorInfo(code="active_slot_unloadable", message=str(exc))
+            await self._serve_saved()
         await self._report(self.state)
+
+    async def _serve_saved(self) -> None:
+        s = self.state
+        assert s.active_slot is not None
+        try:
+            loaded = await asyncio.to_thread(self._load_slot, s.active_slot, check_files=True)
+        except AutoGLMError as exc:
+            log.error("active slot %s cannot be loaded: %s", s.active_slot, exc)
+            s.last_error = ErrorInfo(code="active_slot_unloadable", message=str(exc))
+            other = s.standby_slot()
+            if s.slots.get(other) is None:
+                return
+            try:
+                loaded = await asyncio.to_thread(self._load_slot, other, check_files=True)
+                await asyncio.to_thread(loaded.smoke_test)
+            except AutoGLMError as again:
+                log.error("slot %s cannot be loaded either: %s", other, again)
+                return
+            # The model before, rather than none; the cloud's desired state (reported
+            # unloadable) brings the damaged one back whole.
+            log.warning("serving slot %s instead, the model installed before", other)
+            s.active_slot = other
+            self.state_file.save(s)
+        self.host.swap(loaded)
+        log.info("serving %s from slot %s", loaded.model_id, s.active_slot)
+
+    def _rebuild(self, installed: list[tuple[SlotName, Manifest]]) -> None:
+        """A state from what the slots hold (their manifests were verified): the newest release
+        active. Revisions start afresh; the cloud's retained desired state sets them again."""
+        s = self.state
+        newest: tuple[int, float, SlotName] | None = None
+        for slot, manifest in installed:
+            data = self.slots.manifest_bytes(slot)
+            s.slots[slot] = ModelRef(
+                name=manifest.name,
+                version=manifest.version,
+                manifest_digest=digest_of(data),
+                manifest_size=len(data),
+            )
+            key = (manifest.release_number, self.slots.staged_at(slot), slot)
+            newest = key if newest is None or key > newest else newest
+        assert newest is not None
+        s.active_slot = newest[2]
+        s.phase = Phase.ACTIVE
+        self.state_file.save(s)
+        log.warning(
+            "state rebuilt from the slots: %s in slot %s taken as the active model (the newest release)",
+            s.active_model.name + ":" + s.active_model.version if s.active_model else "?",
+            s.active_slot,
+        )
 
     async def run(self) -> None:
         await self.restore()
@@ -447,12 +494,16 @@ class Reconciler:
                 self.cache.remove(blob.digest)
                 raise IntegrityError("cached blob is damaged; it will be fetched again", digest=blob.digest)
 
-    def _load_slot(self, slot: SlotName) -> LoadedModel:
+    def _load_slot(self, slot: SlotName, *, check_files: bool = False) -> LoadedModel:
+        """The model in ``slot``; ``check_files``: every file hashed against the signed manifest
+        first (after a restart: a disk may have lost what staging wrote, verified)."""
         try:
             manifest_bytes = self.slots.manifest_bytes(slot)
         except FileNotFoundError as exc:
             raise ModelLoadError(f"slot {slot} holds no manifest", slot=slot) from exc
         manifest = self.trust.verify(manifest_bytes)
+        if check_files:
+            self.slots.check(slot, manifest)
         return LoadedModel.load(
             self.slots.path(slot),
             manifest,

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from edge_agent.update.state import SlotName
-from shared.blobs import BlobStore
+from shared.blobs import BlobStore, file_digest
 from shared.errors import IntegrityError
 from shared.manifest import Manifest
 
@@ -47,3 +47,19 @@ class SlotStore:
 
     def manifest_bytes(self, slot: SlotName) -> bytes:
         return (self.path(slot) / MANIFEST_FILE).read_bytes()
+
+    def staged_at(self, slot: SlotName) -> float:
+        """When ``slot`` was last staged (its manifest's time)."""
+        return (self.path(slot) / MANIFEST_FILE).stat().st_mtime
+
+    def check(self, slot: SlotName, manifest: Manifest) -> None:
+        """IntegrityError naming the first file of ``slot`` that is missing or not the bytes
+        ``manifest`` lists."""
+        for f in manifest.files:
+            path = self.path(slot) / f.path
+            try:
+                actual = file_digest(path) if path.stat().st_size == f.blob.size else None
+            except OSError as exc:
+                raise IntegrityError(f"slot {slot} lacks {f.path}: {exc.strerror}", slot=slot) from exc
+            if actual != f.blob.digest:
+                raise IntegrityError(f"slot {slot}'s {f.path} is damaged", slot=slot, digest=f.blob.digest)

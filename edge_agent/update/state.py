@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.blobs import atomic_write
+from shared.errors import ConfigError
 from shared.messages import ErrorInfo, EvalReport, ModelRef, Phase
+
+log = logging.getLogger(__name__)
 
 SlotName = Literal["a", "b"]
 
@@ -72,15 +77,33 @@ class AgentState(BaseModel):
 class StateFile:
     def __init__(self, path: Path) -> None:
         self.path = path
+        # Set when ``load`` found a damaged file and set it aside: what the slots hold is all
+        # that is left to go on.
+        self.recovered = False
 
     def load(self) -> AgentState:
+        """The saved state; a fresh one when there is none. A file that cannot be understood (a
+        hand edit, a disk that lost sectors: atomic_write never leaves a torn one) is set aside
+        under a name of its own and a fresh state returned; one that cannot be read at all
+        (permissions) is a ConfigError: starting afresh would overwrite it."""
         try:
-            return AgentState.model_validate(json.loads(self.path.read_text()))
+            return AgentState.model_validate(json.loads(self.path.read_bytes().decode("utf-8")))
         except FileNotFoundError:
             return AgentState()
-        except (json.JSONDecodeError, ValidationError):
-            # atomic_write never leaves a torn file; an unreadable one was edited by hand. Keep it aside.
-            self.path.replace(self.path.with_suffix(".corrupt"))
+        except PermissionError as exc:
+            raise ConfigError(
+                f"the agent's state file cannot be read: {exc.strerror}", path=str(self.path)
+            ) from exc
+        except (IsADirectoryError, UnicodeDecodeError, json.JSONDecodeError, ValidationError) as exc:
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.time_ns()}")
+            self.path.replace(aside)
+            self.recovered = True
+            log.error(
+                "the agent's state file %s is damaged (%s); set aside as %s, starting from what the slots hold",
+                self.path,
+                type(exc).__name__,
+                aside.name,
+            )
             return AgentState()
 
     def save(self, state: AgentState) -> None:

@@ -26,6 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_agent.datadir import open_database
+
 log = logging.getLogger(__name__)
 
 _SCHEMA = """
@@ -61,23 +63,31 @@ class Outbox:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.max_records = max_records
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        present = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
-        for column, ddl in _COLUMNS.items():
-            if column not in present:
-                self._db.execute(ddl)
-        self._db.execute("CREATE INDEX IF NOT EXISTS outbox_uid ON outbox (uid)")
-        # A new process has no connection yet: whatever was in flight is sent again.
-        self._db.execute("UPDATE outbox SET sent_at = NULL WHERE sent_at IS NOT NULL")
+        self._db = open_database(path, self._open, "telemetry outbox")
         self._depth = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
         self.dropped = 0
         self.delivered = 0
         self.resent = 0
         # Set on every insert and acknowledgement: the sender waits on it.
         self.changed = asyncio.Event()
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            present = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
+            for column, ddl in _COLUMNS.items():
+                if column not in present:
+                    db.execute(ddl)
+            db.execute("CREATE INDEX IF NOT EXISTS outbox_uid ON outbox (uid)")
+            # A new process has no connection yet: whatever was in flight is sent again.
+            db.execute("UPDATE outbox SET sent_at = NULL WHERE sent_at IS NOT NULL")
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def close(self) -> None:
         self._db.close()
