@@ -146,6 +146,15 @@ class Service:
 
 
 class CloudProcess(Service):
+    def wait_ready(self, timeout: float = 120.0) -> dict[str, Any]:
+        """Ready, and connected to the broker (readiness alone does not wait for it)."""
+
+        def connected() -> dict[str, Any] | None:
+            body = self.wait_http("/readyz", timeout)
+            return None if body["broker_offline"] else body
+
+        return eventually(connected, timeout, "the control plane to connect to the broker", interval=0.1)
+
     def __init__(self, cmd: list[str], url: str, key: str) -> None:
         super().__init__(cmd, url)
         self.key = key

@@ -49,6 +49,22 @@ def test_a_dead_control_loop_is_logged_with_its_reason_and_fails_readiness(
     assert stopped[0].exc_info is not None
 
 
+def test_a_control_plane_without_its_broker_stays_ready_and_says_so(tmp_path: Path) -> None:
+    """The API, console and gateway work without the broker, which restarts after every
+    enrolment: a 503 took every replica out of the Service at once."""
+    settings = CloudSettings.model_validate(
+        {
+            "database_url": f"sqlite:///{tmp_path / 'cp.sqlite3'}",
+            "registry_dir": str(tmp_path / "registries"),
+            "broker": {"host": "127.0.0.1", "port": 9},  # nothing listens
+            "control": {"key_file": str(control_key_file(tmp_path))},
+        }
+    )
+    with TestClient(create_app(settings)) as client:
+        r = client.get("/readyz")
+        assert r.status_code == 200 and r.json()["ready"] and r.json()["broker_offline"] == ["default"]
+
+
 def _isolated_plane(
     tmp_path: Path, scopes: tuple[str, ...], **overrides: Any
 ) -> tuple[CloudSettings, dict[str, str]]:

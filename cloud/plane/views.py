@@ -26,6 +26,10 @@ class Readiness(View):
     ready: bool
     replica: str | None = None
     reason: str | None = None
+    # Tenants whose MQTT session is down. Not a reason to leave the Service: the REST API, the
+    # console and the fallback gateway work without the broker (which restarts after every
+    # enrolment), and every replica would leave it at once.
+    broker_offline: list[str] = []
 
 
 # -- devices ---------------------------------------------------------------------------------------
