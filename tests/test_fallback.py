@@ -380,7 +380,6 @@ def test_edge_with_no_active_model_is_served_by_the_pool_and_says_so(
         assert text == whole.choices[0].text
 
         m = scrape_metrics(edge.api)
-        assert dashboard_metrics("autoglm_edge_") <= _names(edge.api)
         assert m["autoglm_edge_cloud_fallbacks_total"] >= 3
         assert (
             m['autoglm_edge_requests_total{endpoint="/v1/completions",served_by="cloud",status="200"}'] >= 2

@@ -115,3 +115,50 @@ def test_a_telemetry_batch_sent_again_stores_each_record_once(tmp_path: Path) ->
     assert fleet.record_telemetry("t", TelemetryBatch(device_id="d", records=records)) == 0
     with fleet.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(telemetry)).scalar() == 300
+
+
+def test_the_fleets_traffic_is_counted_as_its_telemetry_is_stored(tmp_path: Path) -> None:
+    """Agents' own /metrics are on their nodes' 127.0.0.1: the cloud's dashboard reads what
+    they report instead (cloud/plane/traffic.py)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.registry import Collector
+
+    from cloud.plane.traffic import FleetTraffic
+
+    traffic = FleetTraffic()
+    ingest = Ingest(CountingFleet(tmp_path / "cp.sqlite3"), traffic=traffic)
+    records = [
+        make_telemetry_record(id="record-0001", served_by="local", completion_tokens=5, latency_ms=80.0),
+        make_telemetry_record(id="record-0002", served_by="local", completion_tokens=7, latency_ms=3000.0),
+        make_telemetry_record(
+            id="record-0003", served_by="cloud", completion_tokens=2, latency_ms=400.0, ok=False
+        ),
+    ]
+    async def put() -> None:
+        stored = asyncio.Event()
+        ingest.put("t", TelemetryBatch(device_id="d", records=records), stored.set)
+        await asyncio.wait_for(stored.wait(), 10)
+
+    asyncio.run(put())
+    ingest.close()
+
+    class Families(Collector):
+        def collect(self):  # type: ignore[no-untyped-def]
+            return traffic.families("autoglm_cloud", ["t", "quiet"])
+
+    registry = CollectorRegistry()
+    registry.register(Families())
+    text = generate_latest(registry).decode()
+    for line in (
+        'autoglm_cloud_fleet_requests_total{served_by="local",tenant="t"} 2.0',
+        'autoglm_cloud_fleet_requests_total{served_by="cloud",tenant="t"} 1.0',
+        'autoglm_cloud_fleet_request_errors_total{served_by="cloud",tenant="t"} 1.0',
+        'autoglm_cloud_fleet_completion_tokens_total{served_by="local",tenant="t"} 12.0',
+        'autoglm_cloud_fleet_request_seconds_bucket{le="0.1",served_by="local",tenant="t"} 1.0',
+        'autoglm_cloud_fleet_request_seconds_bucket{le="2.5",served_by="local",tenant="t"} 1.0',
+        'autoglm_cloud_fleet_request_seconds_bucket{le="5.0",served_by="local",tenant="t"} 2.0',
+        'autoglm_cloud_fleet_request_seconds_sum{served_by="local",tenant="t"} 3.08',
+        # A tenant that reported nothing yet has its series, at 0.
+        'autoglm_cloud_fleet_requests_total{served_by="local",tenant="quiet"} 0.0',
+    ):
+        assert line in text, (line, text)

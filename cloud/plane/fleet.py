@@ -885,6 +885,16 @@ class Fleet:
             ).all()
         return {str(status): int(n) for status, n in rows}
 
+    def phase_counts(self, tenant: str) -> dict[str, int]:
+        """How many devices of the tenant last reported each update phase (none yet: absent)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(devices.c.phase, func.count())
+                .where(and_(devices.c.tenant == tenant, devices.c.phase.is_not(None)))
+                .group_by(devices.c.phase)
+            ).all()
+        return {str(phase): int(n) for phase, n in rows}
+
     def with_reports(self, tenant: str, rows: list[DeviceSummary]) -> list[DeviceSummary]:
         """``rows`` with their progress and last error, from one query for just these devices."""
         if not rows:

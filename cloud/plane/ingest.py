@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cloud.plane.fleet import DeviceMessage, Fleet
+from cloud.plane.traffic import FleetTraffic
+from shared.messages import TelemetryBatch
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,15 @@ MAX_QUEUED_PER_DEVICE = 64
 
 
 class Ingest:
-    def __init__(self, fleet: Fleet, max_batch: int = 500, per_device: int = MAX_QUEUED_PER_DEVICE) -> None:
+    def __init__(
+        self,
+        fleet: Fleet,
+        max_batch: int = 500,
+        per_device: int = MAX_QUEUED_PER_DEVICE,
+        traffic: FleetTraffic | None = None,
+    ) -> None:
         self.fleet = fleet
+        self.traffic = traffic
         self.max_batch = max_batch
         self.per_device = per_device
         self._queue: queue.SimpleQueue[_Item | object] = queue.SimpleQueue()
@@ -135,6 +144,10 @@ class Ingest:
                     log.error("could not store a message from %s", item.message.device_id, exc_info=True)
         self.batches += 1
         self.stored += len(done)
+        if self.traffic is not None:
+            for item in done:
+                if isinstance(item.message, TelemetryBatch):
+                    self.traffic.observe(item.tenant, item.message)
         # One wake-up of each loop per batch, not one per message (each is a write to the
         # loop's self-pipe: 10,000 of them when a fleet reports at once).
         by_loop: dict[asyncio.AbstractEventLoop, list[Stored]] = {}

@@ -11,8 +11,10 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from shared.messages import Phase
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
@@ -53,7 +55,7 @@ class _PlaneCollector(Collector):
         self.plane = plane
         self.requests = requests
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         http = CounterMetricFamily(
             f"{PREFIX}_http_requests", "HTTP requests received, by kind.", labels=["kind"]
         )
@@ -149,11 +151,21 @@ class _PlaneCollector(Collector):
         devices = GaugeMetricFamily(
             f"{PREFIX}_devices", "Devices known to the fleet, by status.", labels=["tenant", "status"]
         )
+        phases = GaugeMetricFamily(
+            f"{PREFIX}_devices_by_phase",
+            "Devices by the update phase they last reported.",
+            labels=["tenant", "phase"],
+        )
         for tenant in self.plane.settings.tenants:
             counts = self.plane.fleet.status_counts(tenant)
             for status in ("online", "offline", "unknown"):
                 devices.add_metric([tenant, status], counts.get(status, 0))
+            reported = self.plane.fleet.phase_counts(tenant)
+            for phase in Phase:
+                phases.add_metric([tenant, phase.value], reported.get(phase.value, 0))
         yield devices
+        yield phases
+        yield from self.plane.traffic.families(PREFIX, self.plane.settings.tenants)
 
 
 def plane_registry(

@@ -24,6 +24,7 @@ from cloud.plane.fleet import DesiredRecord, Fleet, Selector
 from cloud.plane.ingest import Ingest
 from cloud.plane.rollouts import RolloutDriver, Rollouts, RolloutSpec
 from cloud.plane.store import check_reachable, make_engine, migrate, utcnow
+from cloud.plane.traffic import FleetTraffic
 from cloud.ratelimit import TenantRateLimiter
 from cloud.registry import ModelRegistry
 from cloud.settings import CloudSettings
@@ -82,7 +83,9 @@ class ControlPlane:
         self._acks: asyncio.Queue[tuple[str, str, list[str]]] = asyncio.Queue(ACK_BACKLOG)
         self.acks_dropped = 0
         # One thread writes what devices report, in arrival order, many per transaction.
-        self.ingest = Ingest(self.fleet)
+        # What the devices report serving, counted as it is stored (cloud/plane/traffic.py).
+        self.traffic = FleetTraffic()
+        self.ingest = Ingest(self.fleet, traffic=self.traffic)
         self.links: dict[str, ControlLink] = {}
         for tenant in settings.tenants:
             topics = Topics(tenant)
