@@ -32,7 +32,12 @@ class _Section(BaseModel):
 
 def _check_keys(keys: list[str]) -> list[str]:
     for k in keys:
-        PublicKey.from_b64(k)  # ConfigError naming the bad key
+        try:
+            PublicKey.from_b64(k)
+        except ConfigError as exc:
+            # A ValueError, so that the message names the setting (trusted_keys or
+            # control.trusted_keys) and the item.
+            raise ValueError(str(exc)) from exc
     return keys
 
 

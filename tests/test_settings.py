@@ -96,7 +96,14 @@ def test_a_config_file_that_is_not_text_or_not_a_file_is_a_clear_error(tmp_path:
         ({"data_dir": "/x", "trusted_keys": [KEY]}, "device_id"),
         ({"device_id": "d/1", "data_dir": "/x", "trusted_keys": [KEY]}, "device_id"),
         ({"device_id": "d", "data_dir": "/x", "trusted_keys": []}, "trusted_keys"),
-        ({"device_id": "d", "data_dir": "/x", "trusted_keys": ["bm90IGEga2V5"]}, "32 raw Ed25519 bytes"),
+        (
+            {"device_id": "d", "data_dir": "/x", "trusted_keys": ["bm90IGEga2V5"]},
+            "trusted_keys: .*32 raw Ed25519",
+        ),
+        (
+            {"device_id": "d", "data_dir": "/x", "trusted_keys": [KEY], "control": {"trusted_keys": ["!"]}},
+            "control.trusted_keys: .*not valid base64",
+        ),
         ({"device_id": "d", "data_dir": "/x", "trusted_keys": [KEY], "api": {"port": 99999}}, "api.port"),
         ({"device_id": "d", "data_dir": "/x", "trusted_keys": [KEY], "typo": 1}, "typo"),
         # Without a pinned control key a device would obey nobody (or, worse, anybody).
