@@ -296,7 +296,9 @@ def main() -> None:
         try:
             for _ in range(300):
                 try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    ready = httpx.get(f"{url}/readyz", timeout=2)
+                    # Ready and on the broker (readiness alone does not wait for the broker).
+                    if ready.status_code == 200 and not ready.json().get("broker_offline"):
                         break
                 except httpx.HTTPError:
                     pass

@@ -6,6 +6,7 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -49,6 +50,10 @@ class UpstreamSettings(_Section):
 
     @model_validator(mode="after")
     def _discover_plain_http(self) -> UpstreamSettings:
+        try:
+            _ = urlsplit(self.url).port  # raises for a port out of range or not a number
+        except ValueError as exc:
+            raise ValueError(f"url {self.url!r}: {exc}") from exc
         if self.discover and not self.url.startswith("http://"):
             raise ValueError("discover needs an http:// URL (a certificate names the host, not each address)")
         return self

@@ -8,6 +8,7 @@ import os
 import shutil
 import sqlite3
 import uuid
+from pathlib import Path
 
 from edge_agent.datadir import DataDir
 from edge_agent.runtime.host import ModelHost
@@ -49,6 +50,16 @@ class EdgeAgent:
         data = settings.data_dir
         # Held until run() ends, or release_data_dir() when it never started.
         self.data_dir = DataDir.claim(data)
+        try:
+            self._wire(settings, data)
+        except BaseException:
+            # A start that failed part way leaves the folder free, its outbox closed.
+            if (outbox := getattr(self, "outbox", None)) is not None:
+                outbox.close()
+            self.data_dir.release()
+            raise
+
+    def _wire(self, settings: EdgeSettings, data: Path) -> None:
         self.topics = Topics(settings.tenant)
         self.cache = BlobStore(data / "blobs")
         self.local_config = settings.local_config()

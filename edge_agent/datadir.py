@@ -24,6 +24,8 @@ from shared.errors import ConfigError
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "agent.lock"
+# What SQLite says of a file that is not a database, or one whose pages are damaged.
+_DAMAGED = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
 T = TypeVar("T")
 
 
@@ -71,7 +73,8 @@ def open_database(path: Path, open_db: Callable[[], T], what: str) -> T:
     try:
         return open_db()
     except sqlite3.DatabaseError as exc:
-        if isinstance(exc, sqlite3.OperationalError):
+        if getattr(exc, "sqlite_errorname", None) not in _DAMAGED:
+            # Locked, read-only, full, a bug: not the file's fault, and not a reason to lose it.
             raise ConfigError(f"the {what} cannot be opened: {exc}", path=str(path)) from exc
         aside = f".corrupt-{time.time_ns()}"
         for suffix in ("", "-wal", "-shm"):

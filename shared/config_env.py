@@ -42,36 +42,37 @@ def apply_env(raw: dict[str, Any], env: Mapping[str, str], prefix: str) -> EnvTe
     return texts
 
 
-_NULL = frozenset({"null", "Null", "NULL", "~"})
-_INT = re.compile(r"[-+]?[0-9]+")
-_FLOAT = re.compile(
-    r"[-+]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)"
-)
+_NULL = frozenset({"", "null", "Null", "NULL", "~"})
+_INT = re.compile(r"[-+]?[0-9][0-9_]*")
+_FLOAT = re.compile(r"[-+]?([0-9][0-9_]*\.[0-9_]*|\.[0-9]+|[0-9][0-9_]*)([eE][-+]?[0-9]+)?")
+_SPECIAL_FLOATS = {".inf": "inf", "+.inf": "inf", "-.inf": "-inf", ".nan": "nan"}
 _BOOL = {"true": True, "false": False}
 
 
 def env_value(text: str, variable: str) -> Any:
-    """An override's value: a list or mapping (``[a, b]``, ``{k: v}``) read as YAML; ``null`` or
-    ``~`` as None; a number or ``true``/``false`` as such; anything else exactly as written. A
-    whole YAML parse of every value would read ``#secret`` as a comment (None: an API key
-    switched off), cut ``abc #def`` to ``abc`` and read ``0755`` as octal."""
+    """An override's value, as YAML would read the same scalar except that text stays text:
+    a list or mapping (``[a, b]``, ``{k: v}``) or a quoted string is read as YAML; empty,
+    ``null`` or ``~`` is None; a number or ``true``/``false`` is one; anything else is the text,
+    without surrounding whitespace (a Secret's trailing newline). Reading every value as YAML
+    took ``#secret`` for a comment (an API key of None: the API open), cut ``abc #def`` to
+    ``abc`` and read ``0755`` as an octal number."""
     stripped = text.strip()
-    if stripped.startswith(("[", "{")):
+    if stripped.startswith(("[", "{", "'", '"')):
         try:
-            return yaml.safe_load(text)
+            return yaml.safe_load(stripped)
         except yaml.YAMLError as exc:
-            raise ConfigError(
-                f"environment override is not a valid YAML list or mapping: {exc}", variable=variable
-            ) from exc
+            raise ConfigError(f"environment override is not valid YAML: {exc}", variable=variable) from exc
     if stripped in _NULL:
         return None
     if _INT.fullmatch(stripped):
         return int(stripped)
     if _FLOAT.fullmatch(stripped):
         return float(stripped)
+    if stripped.lower() in _SPECIAL_FLOATS:
+        return float(_SPECIAL_FLOATS[stripped.lower()])
     if stripped.lower() in _BOOL:
         return _BOOL[stripped.lower()]
-    return text
+    return stripped
 
 
 def _step(node: Any, part: str, variable: str) -> Any:

@@ -197,6 +197,10 @@ def test_package_list_show_and_refuse_duplicate(tmp_path: Path) -> None:
     assert autoglm("model", "key", "--signing-key", str(second), home=home).returncode == 0
     other = autoglm("model", "ls", "--signing-key", str(second), "--json", home=home)
     assert [m["signature"] for m in json.loads(other.stdout)] == ["other key", "other key"]
+    (tmp_path / "bad.pem").write_text("not a key")
+    unread = autoglm("model", "ls", "--signing-key", str(tmp_path / "bad.pem"), "--json", home=home)
+    assert unread.returncode == 0 and "Signatures not checked" in unread.stderr
+    assert [m["signature"] for m in json.loads(unread.stdout)] == ["no key", "no key"]
     # A signing key any user can read: said on standard error, the command still runs.
     (home / "keys" / "manifest-signing.pem").chmod(0o644)
     loose = autoglm("model", "ls", home=home)

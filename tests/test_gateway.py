@@ -93,6 +93,10 @@ def test_a_discovered_upstream_is_a_replica_per_address_that_follows_the_lookup(
     go are followed at every health poll."""
     with pytest.raises(ValidationError, match="discover needs an http:// URL"):
         GatewaySettings.model_validate({"upstreams": [{"url": "https://pool.test/v1", "discover": True}]})
+    with pytest.raises(ValidationError, match="out of range"):
+        GatewaySettings.model_validate(
+            {"upstreams": [{"url": "http://pool.test:99999/v1", "discover": True}]}
+        )
 
     async def scenario() -> None:
         probe = socket.socket()
@@ -108,7 +112,12 @@ def test_a_discovered_upstream_is_a_replica_per_address_that_follows_the_lookup(
                 return await real(host, port_, **kwargs)
             if pods is None:
                 raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port_)) for a in pods]
+            # Dual stack: each pod has an IPv6 address too; the IPv4 ones are the replicas.
+            v6 = [
+                (socket.AF_INET6, socket.SOCK_STREAM, 6, "", (f"fd00::{i + 1}", port_, 0, 0))
+                for i in range(len(pods))
+            ]
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port_)) for a in pods] + v6
 
         monkeypatch.setattr(loop, "getaddrinfo", lookup)
         upstream = {"url": f"http://pool.test:{port}/v1", "name": "pool", "discover": True}

@@ -134,6 +134,7 @@ def test_the_fleets_traffic_is_counted_as_its_telemetry_is_stored(tmp_path: Path
             id="record-0003", served_by="cloud", completion_tokens=2, latency_ms=400.0, ok=False
         ),
     ]
+
     async def put() -> None:
         stored = asyncio.Event()
         ingest.put("t", TelemetryBatch(device_id="d", records=records), stored.set)

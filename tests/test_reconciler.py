@@ -6,6 +6,7 @@ The same state machine against real processes and a broker: tests/test_edge_upda
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -386,9 +387,58 @@ def test_a_restart_over_a_damaged_active_slot_serves_the_model_before(dev: Devic
     assert again.serving == "m:1" and s.active_slot == "a" and s.active_model == v1
     assert s.last_error is not None and s.last_error.code == "active_slot_unloadable"
     assert "slot b's model.onnx is damaged" in s.last_error.message
-    assert StateFile(tmp_path / "state.json").load().active_slot == "a"
-    # The cloud's desired state for the damaged model brings it back whole.
+    saved = StateFile(tmp_path / "state.json").load()
+    assert saved.active_slot == "a" and saved.slots == {"a": v1, "b": None}
+    # The cloud's desired state for the damaged model downloads it again, whole.
+    again.cache.remove(v2.manifest_digest)
     assert again.apply(2, v2).active_slot == "b" and again.serving == "m:2"
+    assert v2.manifest_digest in again.fetcher.fetched
+    assert (tmp_path / "slots" / "b" / "model.onnx").read_bytes() == b"graph of m:2"
+
+
+def test_a_restart_hashes_only_the_files_that_changed_since_they_were_verified(
+    dev: Device, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edge_agent.update import slots as slots_module
+
+    hashed: list[Path] = []
+    real = slots_module.file_digest
+
+    def counting(path: Path) -> str:
+        hashed.append(path)
+        return real(path)
+
+    monkeypatch.setattr(slots_module, "file_digest", counting)
+    dev.apply(1, package(dev.source, "1", 1))
+    asyncio.run(Device(tmp_path).rec.restore())
+    assert hashed == []  # staged from verified blobs: nothing to hash at a restart
+    graph = tmp_path / "slots" / "a" / "model.onnx"
+    os.utime(graph, ns=(1, 1))  # touched, same bytes
+    again = Device(tmp_path)
+    asyncio.run(again.rec.restore())
+    assert hashed == [graph] and again.serving == "m:1"
+    asyncio.run(Device(tmp_path).rec.restore())
+    assert hashed == [graph]  # found whole once: its new stamp recorded
+
+
+def test_a_rebuilt_state_serves_the_model_last_activated_not_the_newest(dev: Device, tmp_path: Path) -> None:
+    """The newest release on disk may be one that failed its smoke test, or one rolled back from."""
+    v1, v2, v3 = package(dev.source, "1", 1), package(dev.source, "2", 2), package(dev.source, "3", 3)
+    dev.apply(1, v1)
+    dev.broken_versions.add("2")
+    assert dev.apply(2, v2).phase is Phase.FAILED  # v2 staged in slot b, never served
+    state = tmp_path / "state.json"
+    state.write_text("{")
+    again = Device(tmp_path)
+    asyncio.run(again.rec.restore())
+    assert again.serving == "m:1" and again.rec.state.active_slot == "a"
+    # Rolled back: v3 in slot b, v1 (release 1) active in slot a by a signed downgrade.
+    again.apply(3, v3)
+    assert again.apply(4, v1, allow_downgrade=True).active_slot == "a"
+    state.write_text("{")
+    third = Device(tmp_path)
+    asyncio.run(third.rec.restore())
+    assert third.serving == "m:1" and third.rec.state.slots == {"a": v1, "b": v3}
 
 
 def test_a_restart_with_both_slots_damaged_serves_nothing_and_says_why(dev: Device, tmp_path: Path) -> None:

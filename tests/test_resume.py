@@ -183,6 +183,11 @@ def test_an_answer_of_several_choices_is_whole_only_when_every_choice_finished()
     second["choices"][0]["finish_reason"] = "length"
     out, _, _ = _run(_event(first) + _event(second))
     assert out.endswith(b"data: [DONE]\n\n")
+    # A choice whose index is not a number belongs to no answer that could be continued.
+    odd = _chunk("?", [3])
+    odd["choices"][0]["index"] = [1]
+    out, handed, breaks = _run(_event(_chunk("Hi", [1])) + _event(odd), local_model=True)
+    assert handed == [] and len(breaks) == 1 and b"upstream_stream_broken" in out
 
 
 def test_return_token_ids_is_a_strict_chat_flag_and_refused_on_completions() -> None:

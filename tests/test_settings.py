@@ -42,7 +42,7 @@ def test_environment_overrides(tmp_path: Path) -> None:
     assert s.api.api_key == "s3cret"
 
 
-@pytest.mark.parametrize("node", ["1234", "0755", "1e3", "true", "2026-12-07", "yes"])
+@pytest.mark.parametrize("node", ["1234", "0755", "1e3", "true", "2026-12-07", "yes", "1_000"])
 def test_an_override_of_a_text_setting_is_taken_as_written(tmp_path: Path, node: str) -> None:
     """Kubernetes fills AUTOGLM_EDGE__DEVICE_ID from the node's name, unquoted: YAML would read
     these as a number, a boolean or a date (0755 as 493)."""
@@ -63,7 +63,16 @@ def test_an_override_of_a_text_setting_is_taken_as_written(tmp_path: Path, node:
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("#s3cr3t", "#s3cr3t"), ("abc #def", "abc #def"), ("'quoted'", "'quoted'"), ("null", None), ("~", None)],
+    [
+        ("#s3cr3t", "#s3cr3t"),
+        ("abc #def", "abc #def"),
+        ("'quoted'", "quoted"),
+        ("'#x'", "#x"),
+        (" k3y\n", "k3y"),
+        ("null", None),
+        ("~", None),
+        ("", None),
+    ],
 )
 def test_a_secret_from_the_environment_is_taken_as_written(tmp_path: Path, text: str, value: object) -> None:
     """Read as YAML, ``#s3cr3t`` was a comment: the API key None, the local API open to anyone."""
@@ -73,7 +82,7 @@ def test_a_secret_from_the_environment_is_taken_as_written(tmp_path: Path, text:
     assert EdgeSettings.load(p, env={"AUTOGLM_EDGE__API__API_KEY": text}).api.api_key == value
 
 
-@pytest.mark.parametrize("text", ["[1", "{", "[a: b: c]"])
+@pytest.mark.parametrize("text", ["[1", "{", "[a: b: c]", "'unclosed"])
 def test_an_override_that_is_not_yaml_names_its_variable(tmp_path: Path, text: str) -> None:
     p = _write(
         tmp_path, {"device_id": "d1", "data_dir": str(tmp_path), "trusted_keys": [KEY], "control": CONTROL}

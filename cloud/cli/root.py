@@ -276,10 +276,17 @@ def _registry_public_key(path: Path | None) -> PublicKey | None:
     """The public half of the registry's signing key, to check manifests against; None when there
     is no key file yet (reading the registry creates none)."""
     from cloud.paths import CloudPaths
+    from shared.errors import ConfigError
     from shared.signing import SigningKey
 
     key_path = path or CloudPaths.from_env().signing_key
-    return SigningKey.load(key_path).public if key_path.exists() else None
+    if not key_path.exists():
+        return None
+    try:
+        return SigningKey.load(key_path).public
+    except ConfigError as exc:  # listing the registry must not need a readable key
+        notices.print(f"[yellow]Signatures not checked: {exc}[/]")
+        return None
 
 
 def _signature_state(signed: SignedManifest, public: PublicKey | None) -> tuple[str, str]:

@@ -242,7 +242,10 @@ class PoolGateway:
                     "looking up pool upstream %s (%s) failed: %s; its replicas stay as known", name, host, exc
                 )
                 continue
-            addresses = sorted({str(info[4][0]) for info in infos})
+            found = {str(info[4][0]) for info in infos}
+            # A dual-stack pod has an IPv4 and an IPv6 address: one replica, not two.
+            v4 = {a for a in found if ipaddress.ip_address(a).version == 4}
+            addresses = sorted(v4 or found)
             for gone in known.keys() - set(addresses):
                 log.info("pool replica %s left (%s no longer resolves to it)", known.pop(gone).name, host)
             for address in addresses:
@@ -267,7 +270,10 @@ class PoolGateway:
     ) -> None:
         while True:
             if before is not None:
-                await before()
+                try:
+                    await before()
+                except Exception:  # the checks of the replicas known must go on
+                    log.exception("discovering pool replicas failed")
             replicas = self.replicas
             results = await asyncio.gather(*(check(r) for r in replicas), return_exceptions=True)
             for replica, result in zip(replicas, results, strict=True):

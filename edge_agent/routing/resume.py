@@ -36,7 +36,7 @@ class Transcript:
         self.parts: list[str] = []
         # The ids of every token sent so far; None once a content chunk came without them.
         self.tokens: list[int] | None = []
-        self._unfinished: set[object] = set()  # choices seen without their finish_reason yet
+        self._unfinished: set[int] = set()  # choices seen without their finish_reason yet
         self._seen_choice = False
         self.resumable = True  # False after something a continuation could not repeat
         self.chunks = 0
@@ -64,6 +64,9 @@ class Transcript:
             if not isinstance(choice, dict):
                 continue
             index = choice.get("index", 0)
+            if not isinstance(index, int):
+                self.resumable = False  # which answer it belongs to is unknown
+                continue
             self._seen_choice = True
             if choice.get("finish_reason") is not None:
                 self._unfinished.discard(index)

@@ -148,11 +148,14 @@ class Reconciler:
             except AutoGLMError as again:
                 log.error("slot %s cannot be loaded either: %s", other, again)
                 return
-            # The model before, rather than none; the cloud's desired state (reported
-            # unloadable) brings the damaged one back whole.
+            # The model before, rather than none. The damaged slot holds nothing it can vouch
+            # for: the cloud's desired state for its model downloads it again, whole.
             log.warning("serving slot %s instead, the model installed before", other)
+            s.slots[s.active_slot] = None
             s.active_slot = other
+            s.evaluation = None  # measured on the damaged model, not on this one
             self.state_file.save(s)
+            self._mark_active()
         self.host.swap(loaded)
         log.info("serving %s from slot %s", loaded.model_id, s.active_slot)
 
@@ -160,6 +163,7 @@ class Reconciler:
         """A state from what the slots hold (their manifests were verified): the newest release
         active. Revisions start afresh; the cloud's retained desired state sets them again."""
         s = self.state
+        marked = self.slots.marked_active()
         newest: tuple[int, float, SlotName] | None = None
         for slot, manifest in installed:
             data = self.slots.manifest_bytes(slot)
@@ -172,13 +176,24 @@ class Reconciler:
             key = (manifest.release_number, self.slots.staged_at(slot), slot)
             newest = key if newest is None or key > newest else newest
         assert newest is not None
-        s.active_slot = newest[2]
+        by_marker = next(
+            (
+                slot
+                for slot, ref in s.slots.items()
+                if ref is not None and marked == (slot, ref.manifest_digest)
+            ),
+            None,
+        )
+        s.active_slot = by_marker or newest[2]
         s.phase = Phase.ACTIVE
         self.state_file.save(s)
         log.warning(
-            "state rebuilt from the slots: %s in slot %s taken as the active model (the newest release)",
+            "state rebuilt from the slots: %s in slot %s taken as the active model (%s)",
             s.active_model.name + ":" + s.active_model.version if s.active_model else "?",
             s.active_slot,
+            "the one last activated"
+            if by_marker
+            else "the newest release: no record of the one last activated",
         )
 
     async def run(self) -> None:
@@ -296,7 +311,8 @@ class Reconciler:
             await self._transition(Phase.SWITCHING)
             manifest = await asyncio.to_thread(self.trust.verify, self.slots.manifest_bytes(slot))
             self._check_release(manifest, allow_downgrade)
-            loaded = await asyncio.to_thread(self._load_slot, slot)
+            # The standby slot sat on disk since it was staged: checked as at a restart.
+            loaded = await asyncio.to_thread(self._load_slot, slot, check_files=True)
             await asyncio.to_thread(loaded.smoke_test)
             evaluation = await asyncio.to_thread(loaded.evaluate)
             s.active_slot = slot
@@ -316,6 +332,8 @@ class Reconciler:
             raise AssertionError(f"illegal transition {self.state.phase} -> {to}")
         self.state.phase = to
         self.state_file.save(self.state)  # a failure here fails the step (reported as such)
+        if to is Phase.ACTIVE:
+            self._mark_active()
         await self._report(self.state)
         await self._failpoint(to.value)
 
@@ -493,6 +511,11 @@ class Reconciler:
             if actual != blob.digest:
                 self.cache.remove(blob.digest)
                 raise IntegrityError("cached blob is damaged; it will be fetched again", digest=blob.digest)
+
+    def _mark_active(self) -> None:
+        s = self.state
+        if s.active_slot is not None and s.active_model is not None:
+            self.slots.mark_active(s.active_slot, s.active_model.manifest_digest)
 
     def _load_slot(self, slot: SlotName, *, check_files: bool = False) -> LoadedModel:
         """The model in ``slot``; ``check_files``: every file hashed against the signed manifest

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 from edge_agent.update.state import SlotName
-from shared.blobs import BlobStore, file_digest
+from shared.blobs import BlobStore, atomic_write, file_digest
 from shared.errors import IntegrityError
 from shared.manifest import Manifest
 
 MANIFEST_FILE = "manifest.json"
+# Each file's (size, mtime, inode) when it was last hashed whole (SlotStore.check).
+STAMP_FILE = ".verified.json"
+ACTIVE_FILE = "active.json"
 
 
 class SlotStore:
@@ -40,6 +44,13 @@ class SlotStore:
             except OSError:
                 shutil.copyfile(src, dest)
         (staging / MANIFEST_FILE).write_bytes(manifest_bytes)
+        # Every blob was hashed against the manifest before staging (the reconciler's
+        # verifying phase): the files as they are now are the ones a restart need not hash.
+        stamps = {}
+        for f in manifest.files:
+            st = (staging / f.path).stat()
+            stamps[f.path] = [st.st_size, st.st_mtime_ns, st.st_ino]
+        (staging / STAMP_FILE).write_text(json.dumps(stamps))
         target = self.path(slot)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
@@ -54,12 +65,46 @@ class SlotStore:
 
     def check(self, slot: SlotName, manifest: Manifest) -> None:
         """IntegrityError naming the first file of ``slot`` that is missing or not the bytes
-        ``manifest`` lists."""
+        ``manifest`` lists. A file whose size, modification time and inode are those recorded
+        when it was last found whole is taken as whole (hashing a large model on every start
+        would keep a slow board from serving for as long); any other is hashed."""
+        stamps = self._stamps(slot)
+        seen: dict[str, list[int]] = {}
         for f in manifest.files:
             path = self.path(slot) / f.path
             try:
-                actual = file_digest(path) if path.stat().st_size == f.blob.size else None
+                st = path.stat()
+                stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+                actual: str | None
+                if stamps.get(f.path) == stamp:
+                    actual = f.blob.digest
+                else:
+                    actual = file_digest(path) if st.st_size == f.blob.size else None
             except OSError as exc:
                 raise IntegrityError(f"slot {slot} lacks {f.path}: {exc.strerror}", slot=slot) from exc
             if actual != f.blob.digest:
                 raise IntegrityError(f"slot {slot}'s {f.path} is damaged", slot=slot, digest=f.blob.digest)
+            seen[f.path] = stamp
+        if seen != stamps:
+            atomic_write(self.path(slot) / STAMP_FILE, json.dumps(seen).encode())
+
+    def _stamps(self, slot: SlotName) -> dict[str, list[int]]:
+        try:
+            data = json.loads((self.path(slot) / STAMP_FILE).read_bytes())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def mark_active(self, slot: SlotName, manifest_digest: str) -> None:
+        """Beside the state file, which slot serves: what a state rebuilt after that file was
+        lost goes by (the newest release may be one that failed, or one rolled back from)."""
+        atomic_write(
+            self.root / ACTIVE_FILE, json.dumps({"slot": slot, "manifest_digest": manifest_digest}).encode()
+        )
+
+    def marked_active(self) -> tuple[str, str] | None:
+        try:
+            data = json.loads((self.root / ACTIVE_FILE).read_bytes())
+            return str(data["slot"]), str(data["manifest_digest"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
