@@ -135,9 +135,9 @@ def validate_settings(model: type[M], raw: dict[str, Any], texts: EnvTexts) -> M
         for part in loc[:-1]:
             node = node[int(part)] if isinstance(node, list) else node[part]
         if isinstance(node, list):
-            node[int(loc[-1])] = texts[loc]
+            node[int(loc[-1])] = texts[loc].strip()
         else:
-            node[loc[-1]] = texts[loc]
+            node[loc[-1]] = texts[loc].strip()
     return model.model_validate(raw)
 
 

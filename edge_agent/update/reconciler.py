@@ -155,13 +155,14 @@ class Reconciler:
             s.active_slot = other
             s.evaluation = None  # measured on the damaged model, not on this one
             self.state_file.save(s)
-            self._mark_active()
+        self._mark_active()  # an agent from before the marker existed writes it now
         self.host.swap(loaded)
         log.info("serving %s from slot %s", loaded.model_id, s.active_slot)
 
     def _rebuild(self, installed: list[tuple[SlotName, Manifest]]) -> None:
-        """A state from what the slots hold (their manifests were verified): the newest release
-        active. Revisions start afresh; the cloud's retained desired state sets them again."""
+        """A state from what the slots hold (their manifests were verified): the slot last
+        activated active (slots/active.json), else the newest release. Revisions start afresh;
+        the cloud's retained desired state sets them again."""
         s = self.state
         marked = self.slots.marked_active()
         newest: tuple[int, float, SlotName] | None = None
@@ -513,9 +514,17 @@ class Reconciler:
                 raise IntegrityError("cached blob is damaged; it will be fetched again", digest=blob.digest)
 
     def _mark_active(self) -> None:
+        """Best effort: the marker only backs up the state file, which holds the same."""
         s = self.state
-        if s.active_slot is not None and s.active_model is not None:
-            self.slots.mark_active(s.active_slot, s.active_model.manifest_digest)
+        if s.active_slot is None or s.active_model is None:
+            return
+        mark = (s.active_slot, s.active_model.manifest_digest)
+        if self.slots.marked_active() == mark:
+            return
+        try:
+            self.slots.mark_active(*mark)
+        except OSError as exc:
+            log.warning("could not record the active slot beside the state file: %s", exc)
 
     def _load_slot(self, slot: SlotName, *, check_files: bool = False) -> LoadedModel:
         """The model in ``slot``; ``check_files``: every file hashed against the signed manifest
