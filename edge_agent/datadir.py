@@ -10,6 +10,7 @@ keeps serving.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -57,8 +58,10 @@ class DataDir:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise ConfigError(f"data_dir is in use by another agent (pid {holder})", path=str(path)) from exc
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        # On a full disk the pid is not written: it only informs the next agent's refusal.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return cls(path, fd)
 
     def release(self) -> None:
