@@ -154,7 +154,7 @@ class Reconciler:
             s.slots[s.active_slot] = None
             s.active_slot = other
             s.evaluation = None  # measured on the damaged model, not on this one
-            self.state_file.save(s)
+            self._save_at_restore()
         self._mark_active()  # an agent from before the marker existed writes it now
         self.host.swap(loaded)
         log.info("serving %s from slot %s", loaded.model_id, s.active_slot)
@@ -187,7 +187,7 @@ class Reconciler:
         )
         s.active_slot = by_marker or newest[2]
         s.phase = Phase.ACTIVE
-        self.state_file.save(s)
+        self._save_at_restore()
         log.warning(
             "state rebuilt from the slots: %s in slot %s taken as the active model (%s)",
             s.active_model.name + ":" + s.active_model.version if s.active_model else "?",
@@ -512,6 +512,14 @@ class Reconciler:
             if actual != blob.digest:
                 self.cache.remove(blob.digest)
                 raise IntegrityError("cached blob is damaged; it will be fetched again", digest=blob.digest)
+
+    def _save_at_restore(self) -> None:
+        """Serving comes first: a state that cannot be saved now (a full disk) is saved with
+        the next step."""
+        try:
+            self.state_file.save(self.state)
+        except OSError as exc:
+            log.error("could not save the agent's state: %s", exc)
 
     def _mark_active(self) -> None:
         """Best effort: the marker only backs up the state file, which holds the same."""

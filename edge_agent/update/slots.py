@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -86,7 +87,9 @@ class SlotStore:
                 raise IntegrityError(f"slot {slot}'s {f.path} is damaged", slot=slot, digest=f.blob.digest)
             seen[f.path] = stamp
         if seen != stamps:
-            atomic_write(self.path(slot) / STAMP_FILE, json.dumps(seen).encode())
+            # A cache of this check's work; a full disk only means hashing again next time.
+            with contextlib.suppress(OSError):
+                atomic_write(self.path(slot) / STAMP_FILE, json.dumps(seen).encode())
 
     def _stamps(self, slot: SlotName) -> dict[str, list[int]]:
         try:
