@@ -218,6 +218,17 @@ class FunctionSpec(_Tolerant):
 
     _valid_text = field_validator("description", "parameters")(_encodable)
 
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Arguments are an object (OpenAI's rule too): a call written with others is never
+        # returned as a call, so a required one would silently come back as text.
+        if value is not None and value.get("type", "object") != "object":
+            raise ValueError(
+                f"a function's parameters must be a schema of type object, not {value.get('type')!r}"
+            )
+        return value
+
 
 class Tool(_Tolerant):
     type: Literal["function"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -279,3 +280,21 @@ def test_the_evaluation_set_is_signed_with_the_package_and_tells_a_wrong_model_a
     # Twice the rollouts' default quality-gate drop (0.05). How far it falls depends on the demo
     # model each machine trains: 0.16 on the AMD EPYC Zen 4 VM, more than 0.2 on others.
     assert bad.agreement < bad.expected - 0.1, bad
+
+
+def test_a_stop_string_does_not_cut_a_constrained_answer(loaded: LoadedModel) -> None:
+    """A "," or a quote in a stop list cut JSON mid-document, reported as finish_reason "stop"."""
+    from edge_agent.runtime.structured import grammar_for
+
+    grammar = grammar_for({"type": "json_object"})
+    params = GenerationParams(max_tokens=60, sampling=GREEDY, stop=(",", '"', ":"), grammar=grammar)
+    result = loaded.generator.generate(Prompt('{"'), params)
+    if result.finish_reason == "stop":
+        assert isinstance(json.loads(result.text), dict), result.text
+    else:
+        assert result.finish_reason == "length" and ('"' in result.text or ":" in result.text), result.text
+    # Free text still stops at them.
+    free = loaded.generator.generate(
+        Prompt("def f(x):\n"), GenerationParams(max_tokens=40, sampling=GREEDY, stop=("(",))
+    )
+    assert "(" not in free.text

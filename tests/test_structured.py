@@ -208,3 +208,72 @@ def test_a_grammar_that_fails_only_over_a_vocabulary_is_a_400_not_an_empty_stop(
     with pytest.raises(InvalidRequest) as refused:
         Constrained(GrammarTokenizers(tokenizer, [eos]).get(), grammar)
     assert refused.value.param == "response_format"
+
+
+def test_a_tools_defs_and_refs_resolve_against_its_own_parameters(tokenizer: Tokenizer) -> None:
+    """pydantic (and openai.pydantic_function_tool) write "$defs" with "#/$defs/..." refs; nested
+    under one schema holding every function, they pointed nowhere: a 400 for a valid tool."""
+    from edge_agent.runtime.tools import CallFormat, ToolPlan
+
+    ship = {
+        "type": "function",
+        "function": {
+            "name": "ship",
+            "parameters": {
+                "$defs": {
+                    "Addr": {
+                        "type": "object",
+                        "properties": {"city": {"type": "string", "maxLength": 6}},
+                        "required": ["city"],
+                        "additionalProperties": False,
+                    }
+                },
+                "type": "object",
+                "properties": {"to": {"$ref": "#/$defs/Addr"}, "n": {"type": "integer"}},
+                "required": ["to", "n"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    other = {
+        "type": "function",
+        "function": {"name": "wait", "parameters": {"$defs": {"Addr": {"type": "integer"}}}},
+    }
+    for choice, parallel in (("ship", False), ("required", True)):
+        plan = ToolPlan([ship, other], choice, parallel, CallFormat.HERMES, False)
+        grammar = plan.grammar()
+        assert grammar is not None
+        for seed in range(8):
+            _, calls = plan.split(_sample(tokenizer, grammar, seed, budget=2000))
+            assert calls, (choice, seed)
+            for call in calls:
+                if call.function.name == "ship":
+                    jsonschema.validate(json.loads(call.function.arguments), ship["function"]["parameters"])
+
+
+def test_a_function_whose_parameters_are_not_an_object_is_refused() -> None:
+    """Arguments [1] were forced by the grammar, then dropped as no call: "required" gave text."""
+    from pydantic import ValidationError
+
+    from shared.openai_api import ChatCompletionRequest
+
+    for parameters in ({"type": "array", "items": {"type": "integer"}}, {"type": "string"}):
+        with pytest.raises(ValidationError, match="parameters must be a schema of type object"):
+            ChatCompletionRequest.model_validate(
+                {
+                    "model": "m",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "tools": [{"type": "function", "function": {"name": "f", "parameters": parameters}}],
+                }
+            )
+
+
+def test_grammar_errors_are_short_and_name_the_field_they_came_from(tokenizer: Tokenizer) -> None:
+    eos = tokenizer.token_to_id("<eos>")
+    grammar = guided_grammar({"guided_json": {"$ref": "#"}})
+    assert grammar is not None
+    with pytest.raises(InvalidRequest) as refused:
+        Constrained(GrammarTokenizers(tokenizer, [eos]).get(), grammar, "guided_json")
+    assert refused.value.param == "guided_json"
+    assert str(refused.value).startswith("guided_json: ") and "<state>" not in str(refused.value)
+    assert len(str(refused.value)) < 400

@@ -224,7 +224,11 @@ class BatchEngine:
         token_budget(len(ids), self.info.context_length, params, "model's")
         check_logit_bias(params, self.vocab_size)
         grammar = params.grammar
-        return Admitted(ids, params, Constrained(self.grammar_tokenizer.get(), grammar) if grammar else None)
+        return Admitted(
+            ids,
+            params,
+            Constrained(self.grammar_tokenizer.get(), grammar, params.grammar_param) if grammar else None,
+        )
 
     def submit(self, prompt: Prompt, params: GenerationParams) -> AsyncIterator[StreamItem]:
         """Queue a request (429 at once when the queue is full); iterate for its text deltas."""
@@ -305,7 +309,9 @@ class BatchEngine:
         budget = min(req.params.max_tokens, self.info.context_length - len(req.prompt_ids))
         row = _Row(
             req=req,
-            text=IncrementalText(self.tokenizer, req.params.stop),
+            # A constrained answer ends where its grammar does (as on the edge: a stop string
+            # would cut the document mid-value).
+            text=IncrementalText(self.tokenizer, () if req.constraint is not None else req.params.stop),
             budget=budget,
             rng=np.random.default_rng(req.params.seed),
             position=len(req.prompt_ids),

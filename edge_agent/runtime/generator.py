@@ -32,8 +32,10 @@ class GenerationParams:
     # The client asked for max_tokens: a prompt that leaves less room is refused (400), as OpenAI
     # and vLLM do, instead of silently clipped; a configured default is clipped to the room left.
     max_tokens_requested: bool = False
-    # An llguidance grammar the output must match (response_format json_object / json_schema).
+    # An llguidance grammar the output must match (response_format json_object / json_schema,
+    # guided_*, a required or named tool call), and the request field it came from.
     grammar: str | None = None
+    grammar_param: str = "response_format"
     # Report each generated token's logprob with this many alternatives (None: no logprobs).
     logprobs: int | None = None
     # Stream the ids behind each text delta (:class:`Tokens` items; vLLM's return_token_ids).
@@ -200,9 +202,17 @@ class Sequence:
         room = gen.context_length - len(prompt_ids)
         self.budget = min(params.max_tokens, room) if budget is None else budget
         self.rng = np.random.default_rng(params.seed)
-        self.constraint = Constrained(gen.grammar_tokenizer.get(), params.grammar) if params.grammar else None
+        self.constraint = (
+            Constrained(gen.grammar_tokenizer.get(), params.grammar, params.grammar_param)
+            if params.grammar
+            else None
+        )
         self.counts: Counter[int] = Counter()
-        self.text = IncrementalText(gen.tokenizer, params.stop) if text else None
+        # A constrained answer ends where its grammar does: a stop string inside it (a "," in a
+        # JSON value, a word in a tool's arguments) would cut a document that then failed to
+        # parse, reported as a whole one (finish_reason "stop").
+        stop = () if self.constraint is not None else params.stop
+        self.text = IncrementalText(gen.tokenizer, stop) if text else None
         self.scorer = gen.scorer(params)
         self.cached_tokens = 0
         self.generated = 0
@@ -240,10 +250,10 @@ class Sequence:
             for token in tokens:
                 try:
                     self.constraint.accept(token)
-                except RuntimeError as exc:
+                except InvalidRequest as exc:
                     raise InvalidRequest(
                         f"the answer to continue does not follow the request's grammar here: {exc}",
-                        param="response_format",
+                        param=self.params.grammar_param,
                     ) from exc
         self.counts.update(tokens)
         self.generated = len(tokens)

@@ -20,7 +20,7 @@ import numpy as np
 from llguidance import LLMatcher, LLTokenizer
 from tokenizers import Tokenizer
 
-from shared.errors import EngineError, InvalidRequest
+from shared.errors import InvalidRequest
 
 # Compact JSON: a model sampling at temperature 1 cannot wander into endless whitespace.
 JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False}
@@ -105,10 +105,10 @@ def compiled(build: Callable[[str], str], source: str, param: str, label: str | 
     try:
         grammar = build(source)
     except (ValueError, TypeError, RuntimeError) as exc:
-        raise InvalidRequest(f"{label}: {exc}", param=param) from exc
+        raise InvalidRequest(f"{label}: {brief(str(exc))}", param=param) from exc
     failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
     if failed:
-        raise InvalidRequest(f"{label}: {messages[0]}", param=param)
+        raise InvalidRequest(f"{label}: {brief(messages[0])}", param=param)
     return grammar
 
 
@@ -158,27 +158,44 @@ def byte_level_view(tokenizer_json: str) -> str:
     return tokenizer_json
 
 
-class Constrained:
-    """One request's grammar state over the decode loop."""
+def brief(message: str, limit: int = 300) -> str:
+    """llguidance's message without the parser state and grammar text it may append."""
+    first = message.split("<state>", 1)[0].strip().splitlines()
+    text = first[0].strip() if first else "the grammar failed"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
-    def __init__(self, tokenizer: LLTokenizer, grammar: str) -> None:
+
+class Constrained:
+    """One request's grammar state over the decode loop; its errors name ``param``, the request
+    field the grammar came from."""
+
+    def __init__(self, tokenizer: LLTokenizer, grammar: str, param: str = "response_format") -> None:
+        self.param = param
         self.matcher = LLMatcher(tokenizer, grammar)
         if self.matcher.is_error():
-            raise InvalidRequest(f"response_format: {self.matcher.get_error()}", param="response_format")
+            raise InvalidRequest(f"{param}: {brief(self.matcher.get_error())}", param=param)
         # Some grammars validate and fail only when a mask is asked of them over a real vocabulary
         # (a schema that is nothing but a reference to itself, {"$ref": "#"}): asked here, that is
         # a 400. Found at the first step instead, only EOS stayed allowed, and an empty answer
         # came back as a complete one (finish_reason "stop").
         self._first: bytes | None = self.matcher.compute_bitmask()
         if self.matcher.is_error():
-            raise InvalidRequest(f"response_format: {self.matcher.get_error()}", param="response_format")
+            raise InvalidRequest(f"{param}: {brief(self.matcher.get_error())}", param=param)
+
+    def _failed(self) -> InvalidRequest:
+        # Mid-answer, a grammar fails on its own limits (a self-referential schema that grows
+        # past the parser's item limit): the request's doing, never a silent end nor a 500.
+        return InvalidRequest(
+            f"{self.param}: the grammar could not go on mid-answer: {brief(self.matcher.get_error())}",
+            param=self.param,
+        )
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """A copy of ``logits`` [vocab] where only tokens the grammar allows keep their value;
-        EngineError when the grammar fails mid-answer (never a silent end)."""
+        InvalidRequest when the grammar fails mid-answer (never a silent end)."""
         raw, self._first = self._first or self.matcher.compute_bitmask(), None
         if self.matcher.is_error():
-            raise EngineError(f"the response_format grammar failed mid-answer: {self.matcher.get_error()}")
+            raise self._failed()
         bits = np.frombuffer(raw, dtype=np.uint8)
         allowed = np.unpackbits(bits, bitorder="little")[: logits.shape[0]].astype(bool)
         out = np.full(logits.shape, -np.inf, dtype=np.float64)
@@ -189,8 +206,7 @@ class Constrained:
     def accept(self, token: int) -> None:
         self._first = None  # the state moved on: the mask computed at the start no longer holds
         if not self.matcher.consume_token(token):
-            # Only a masked-out token could do this: a bug, not the client's fault.
-            raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+            raise self._failed()
 
     @property
     def complete(self) -> bool:

@@ -100,20 +100,15 @@ class ToolPlan:
             )
             lark = f"start: {alternatives}"
         else:
-            call = {
-                "anyOf": [
-                    {
-                        "type": "object",
-                        "properties": {"name": {"const": t["function"]["name"]}, "arguments": _schema(t)},
-                        "required": ["name", "arguments"],
-                        "additionalProperties": False,
-                    }
-                    for t in tools
-                ],
-                "x-guidance": JSON_OPTIONS,  # compact, as structured output
-            }
+            # One alternative per function, its parameters a %json of their own: a schema's
+            # "#/$defs/..." (as pydantic writes them) resolves against that schema, not against a
+            # wrapper holding every function.
+            alternatives = " | ".join(
+                f'{json.dumps(_call_head(t))} %json {json.dumps({**_schema(t), "x-guidance": JSON_OPTIONS})} "}}"'
+                for t in tools
+            )
             calls = "call" if one_call else 'call ("\\n" call)*'
-            lark = f'start: {calls}\ncall: "<tool_call>\\n" %json {json.dumps(call)} "\\n</tool_call>"'
+            lark = f'start: {calls}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\nbody: {alternatives}'
         return compiled(LLMatcher.grammar_from_lark, lark, "tools", "tools: a function's parameters schema")
 
     def split(self, text: str) -> tuple[str | None, list[ToolCall]]:
@@ -290,9 +285,18 @@ def _hermes_block(name: str, arguments: dict[str, Any]) -> str:
     return f"{_OPEN}\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}\n{_CLOSE}"
 
 
+def _call_head(tool: dict[str, Any]) -> str:
+    """A call's text up to its arguments, compact as structured output writes JSON."""
+    return '{"name":' + json.dumps(tool["function"]["name"]) + ',"arguments":'
+
+
 def _schema(tool: dict[str, Any]) -> dict[str, Any]:
+    """The arguments' schema: always of an object (one that names no type would let the model
+    write a string or a list, which is never returned as a call)."""
     parameters = tool["function"].get("parameters")
-    return parameters if isinstance(parameters, dict) and parameters else dict(_ANY_OBJECT)
+    if not isinstance(parameters, dict) or not parameters:
+        return dict(_ANY_OBJECT)
+    return parameters if "type" in parameters else {**parameters, "type": "object"}
 
 
 def _json(text: str) -> Any:

@@ -230,6 +230,10 @@ class CompletionService:
             )
         return GenerationParams(
             grammar=grammars[holding[0]] if holding else None,
+            # A tool call's grammar is its functions' parameters: their errors name the tools.
+            grammar_param=("tools" if holding[0] == "tool_choice" else holding[0])
+            if holding
+            else "response_format",
             logprobs=logprobs,
             max_tokens=limit or cfg.default_max_tokens,
             sampling=SamplingConfig(
