@@ -313,11 +313,19 @@ def _named_tool_calls_validate_and_a_tool_conversation_completes(client: Any) ->
 
     parts: dict[int, dict[str, str]] = {}
     finish = None
+    scored = 0
     for chunk in client.chat.completions.create(  # greedy, as `required` below
-        model="smollm2", messages=messages, tools=tools, tool_choice=named, stream=True, temperature=0
+        model="smollm2",
+        messages=messages,
+        tools=tools,
+        tool_choice=named,
+        stream=True,
+        temperature=0,
+        logprobs=True,
     ):
         choice = chunk.choices[0]
         finish = choice.finish_reason or finish
+        scored += len(choice.logprobs.content or []) if choice.logprobs else 0
         for delta in choice.delta.tool_calls or []:
             part = parts.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
             part["id"] += delta.id or ""
@@ -325,6 +333,12 @@ def _named_tool_calls_validate_and_a_tool_conversation_completes(client: Any) ->
             part["arguments"] += delta.function.arguments or ""
     assert finish == "tool_calls" and list(parts) == [0], parts
     assert parts[0]["name"] == "get_weather"
+    # The call's tokens carry their logprobs streamed too, as the whole answer does (they were lost).
+    whole = client.chat.completions.create(
+        model="smollm2", messages=messages, tools=tools, tool_choice=named, temperature=0, logprobs=True
+    )
+    assert whole.choices[0].logprobs is not None
+    assert scored == len(whole.choices[0].logprobs.content or []) > 0
     arguments = json.loads(parts[0]["arguments"])
     jsonschema.validate(arguments, GET_WEATHER["function"]["parameters"])
 

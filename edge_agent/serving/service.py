@@ -521,7 +521,16 @@ class CompletionService:
                                 name=call.function.name, arguments=call.function.arguments
                             )
                             delta = ToolCallDelta(index=index, id=call.id, type="function", function=function)
-                            yield chunk(ChatDelta(tool_calls=[delta]))
+                            # The calls' own tokens were held with their text: their logprobs
+                            # (and ids) go with the first call, as a whole answer carries them.
+                            logprobs = (
+                                _chat_logprobs(scored)
+                                if prep.params.logprobs is not None and scored
+                                else None
+                            )
+                            sent = ids if prep.params.token_ids and ids else None
+                            scored, ids = [], []
+                            yield chunk(ChatDelta(tool_calls=[delta]), logprobs=logprobs, ids=sent)
                         if made:
                             finish = "tool_calls"
                     yield chunk(ChatDelta(), finish)
