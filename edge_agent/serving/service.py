@@ -185,7 +185,7 @@ class CompletionService:
                 here = self.installed() if self.installed is not None else []
                 here = here or [f"{loaded.model_id}@{loaded.digest or 'unknown'}"]
                 raise Conflict(
-                    f"model {requested!r} is not what this device serves; installed: {', '.join(here)} "
+                    f"model {requested!r} is not what this server serves; installed: {', '.join(here)} "
                     f"(serving {loaded.model_id})",
                     param="model",
                 )
@@ -193,7 +193,7 @@ class CompletionService:
         # Clients may name the model by "name", "name:version", or leave the choice to us with "default".
         if requested != DEFAULT_MODEL and requested not in loaded.names:
             raise ModelNotFound(
-                f"model {requested!r} is not served here; this device serves {loaded.model_id!r}",
+                f"model {requested!r} is not served here; this server serves {loaded.model_id!r}",
                 param="model",
             )
         return loaded
