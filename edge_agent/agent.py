@@ -48,7 +48,9 @@ class EdgeAgent:
     def __init__(self, settings: EdgeSettings) -> None:
         self.settings = settings
         data = settings.data_dir
-        # Held until run() ends, or release_data_dir() when it never started.
+        # Held for the process's serving life (the app's lifespan releases it), not only while
+        # run() runs: a background loop that died must not free the folder for another agent
+        # while this one still answers.
         self.data_dir = DataDir.claim(data)
         try:
             self._wire(settings, data)
@@ -296,8 +298,3 @@ class EdgeAgent:
                 tg.create_task(self.reconciler.run(), name="reconciler")
         finally:
             self.outbox.close()
-            self.data_dir.release()
-
-    def release_data_dir(self) -> None:
-        """For a start that failed before ``run``: the folder is free for the next agent."""
-        self.data_dir.release()

@@ -32,12 +32,7 @@ def apply_env(raw: dict[str, Any], env: Mapping[str, str], prefix: str) -> EnvTe
         node: Any = raw
         for part in path[:-1]:
             node = _step(node, part, key)
-        if isinstance(node, list):
-            node[_index(node, path[-1], key)] = env_value(value, key)
-        elif isinstance(node, dict):
-            node[path[-1]] = env_value(value, key)
-        else:
-            raise ConfigError("environment override targets a non-mapping", variable=key)
+        _put(node, path[-1], env_value(value, key), key)
         texts[tuple(path)] = value
     return texts
 
@@ -83,6 +78,15 @@ def _step(node: Any, part: str, variable: str) -> Any:
     if not isinstance(node, dict):
         raise ConfigError("environment override targets a non-mapping", variable=variable)
     return node.setdefault(part, {})
+
+
+def _put(node: Any, part: str, value: Any, variable: str) -> None:
+    if isinstance(node, list):
+        node[_index(node, part, variable)] = value
+    elif isinstance(node, dict):
+        node[part] = value
+    else:
+        raise ConfigError("environment override targets a non-mapping", variable=variable)
 
 
 def _index(items: list[Any], part: str, variable: str) -> int:
@@ -132,12 +136,10 @@ def validate_settings(model: type[M], raw: dict[str, Any], texts: EnvTexts) -> M
             raise
     for loc in wrong:
         node: Any = raw
+        variable = "__".join(loc)
         for part in loc[:-1]:
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        if isinstance(node, list):
-            node[int(loc[-1])] = texts[loc].strip()
-        else:
-            node[loc[-1]] = texts[loc].strip()
+            node = _step(node, part, variable)
+        _put(node, loc[-1], texts[loc].strip(), variable)
     return model.model_validate(raw)
 
 

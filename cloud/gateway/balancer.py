@@ -46,7 +46,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import re
@@ -60,7 +59,7 @@ import aiohttp
 from fastapi import Response
 
 from cloud.gateway.load import LoadGauges, ReplicaLoad, parse_load, server_root
-from cloud.gateway.upstream import UpstreamBroken, UpstreamClient, UpstreamResponse, UpstreamSlow
+from cloud.gateway.upstream import Origin, UpstreamBroken, UpstreamClient, UpstreamResponse, UpstreamSlow
 from cloud.settings import GatewaySettings, UpstreamSettings
 from edge_agent.serving.service import cloud_answer_headers
 from edge_agent.serving.sse import relay_events
@@ -244,17 +243,12 @@ class PoolGateway:
                 continue
             found = {str(info[4][0]) for info in infos}
             # A dual-stack pod has an IPv4 and an IPv6 address: one replica, not two.
-            v4 = {a for a in found if ipaddress.ip_address(a).version == 4}
-            addresses = sorted(v4 or found)
+            addresses = sorted({a for a in found if ":" not in a} or found)
             for gone in known.keys() - set(addresses):
                 log.info("pool replica %s left (%s no longer resolves to it)", known.pop(gone).name, host)
             for address in addresses:
                 if address not in known:
-                    netloc = (
-                        f"[{address}]:{port}"
-                        if ipaddress.ip_address(address).version == 6
-                        else f"{address}:{port}"
-                    )
+                    netloc = Origin(parts.scheme, address, port).authority
                     url = urlunsplit(parts._replace(netloc=netloc))
                     known[address] = Replica(f"{name}@{address}", url, upstream.api_key)
                     log.info("pool replica %s found (%s)", known[address].name, host)

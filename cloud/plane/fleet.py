@@ -877,23 +877,20 @@ class Fleet:
     def status_counts(self, tenant: str) -> dict[str, int]:
         """How many devices of the tenant are in each status, counted by the database (what the
         metrics endpoint reports at every scrape, whatever the fleet's size)."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(devices.c.status, func.count())
-                .where(devices.c.tenant == tenant)
-                .group_by(devices.c.status)
-            ).all()
-        return {str(status): int(n) for status, n in rows}
+        return self._count_by(tenant, devices.c.status)
 
     def phase_counts(self, tenant: str) -> dict[str, int]:
         """How many devices of the tenant last reported each update phase (none yet: absent)."""
+        return self._count_by(tenant, devices.c.phase)
+
+    def _count_by(self, tenant: str, column: Any) -> dict[str, int]:
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(devices.c.phase, func.count())
-                .where(and_(devices.c.tenant == tenant, devices.c.phase.is_not(None)))
-                .group_by(devices.c.phase)
+                select(column, func.count())
+                .where(and_(devices.c.tenant == tenant, column.is_not(None)))
+                .group_by(column)
             ).all()
-        return {str(phase): int(n) for phase, n in rows}
+        return {str(value): int(n) for value, n in rows}
 
     def with_reports(self, tenant: str, rows: list[DeviceSummary]) -> list[DeviceSummary]:
         """``rows`` with their progress and last error, from one query for just these devices."""

@@ -92,7 +92,7 @@ def create_app(settings: EdgeSettings) -> FastAPI:
                 journal.close()
         finally:
             # Also when the start failed part way: the folder is free for the next agent.
-            agent.release_data_dir()
+            agent.data_dir.release()
 
     app = FastAPI(title="Open-AutoGLM edge agent", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)

@@ -47,10 +47,7 @@ class SlotStore:
         (staging / MANIFEST_FILE).write_bytes(manifest_bytes)
         # Every blob was hashed against the manifest before staging (the reconciler's
         # verifying phase): the files as they are now are the ones a restart need not hash.
-        stamps = {}
-        for f in manifest.files:
-            st = (staging / f.path).stat()
-            stamps[f.path] = [st.st_size, st.st_mtime_ns, st.st_ino]
+        stamps = {f.path: _stamp(staging / f.path) for f in manifest.files}
         (staging / STAMP_FILE).write_text(json.dumps(stamps))
         target = self.path(slot)
         shutil.rmtree(target, ignore_errors=True)
@@ -74,13 +71,12 @@ class SlotStore:
         for f in manifest.files:
             path = self.path(slot) / f.path
             try:
-                st = path.stat()
-                stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+                stamp = _stamp(path)
                 actual: str | None
                 if stamps.get(f.path) == stamp:
                     actual = f.blob.digest
                 else:
-                    actual = file_digest(path) if st.st_size == f.blob.size else None
+                    actual = file_digest(path) if stamp[0] == f.blob.size else None
             except OSError as exc:
                 raise IntegrityError(f"slot {slot} lacks {f.path}: {exc.strerror}", slot=slot) from exc
             if actual != f.blob.digest:
@@ -111,3 +107,9 @@ class SlotStore:
             return str(data["slot"]), str(data["manifest_digest"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
+
+
+def _stamp(path: Path) -> list[int]:
+    """What says a file is as it was when last hashed: its size, modification time and inode."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
