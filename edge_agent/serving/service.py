@@ -480,12 +480,16 @@ class CompletionService:
             scored: list[TokenLogprob] = []
             ids: list[int] = []
 
-            def content(text: str) -> ChatCompletionChunk:
+            def carrying(delta: ChatDelta) -> ChatCompletionChunk:
+                """``delta`` with the logprobs and ids of the tokens held since the last one."""
                 nonlocal scored, ids
                 logprobs = _chat_logprobs(scored) if prep.params.logprobs is not None else None
                 sent = ids if prep.params.token_ids else None
                 scored, ids = [], []
-                return chunk(ChatDelta(content=text), logprobs=logprobs, ids=sent)
+                return chunk(delta, logprobs=logprobs, ids=sent)
+
+            def content(text: str) -> ChatCompletionChunk:
+                return carrying(ChatDelta(content=text))
 
             async for item in items:
                 if isinstance(item, Scored):
@@ -523,14 +527,8 @@ class CompletionService:
                             delta = ToolCallDelta(index=index, id=call.id, type="function", function=function)
                             # The calls' own tokens were held with their text: their logprobs
                             # (and ids) go with the first call, as a whole answer carries them.
-                            logprobs = (
-                                _chat_logprobs(scored)
-                                if prep.params.logprobs is not None and scored
-                                else None
-                            )
-                            sent = ids if prep.params.token_ids and ids else None
-                            scored, ids = [], []
-                            yield chunk(ChatDelta(tool_calls=[delta]), logprobs=logprobs, ids=sent)
+                            calling = ChatDelta(tool_calls=[delta])
+                            yield carrying(calling) if index == 0 else chunk(calling)
                         if made:
                             finish = "tool_calls"
                     yield chunk(ChatDelta(), finish)
