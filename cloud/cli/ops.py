@@ -4,20 +4,26 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import math
+import re
 import time
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
+from rich.text import Text
 
+from cloud.cli.console import make_console, print_table
 from edge_agent.serving.server import LogLevel
 from shared.errors import AutoGLMError, ConfigError
+from shared.ids import is_valid_name
 
-console = Console(highlight=False, soft_wrap=True)
+console = make_console()
 
 UrlOpt = Annotated[str, typer.Option("--url", envvar="AUTOGLM_URL", help="Control-plane URL.")]
 KeyOpt = Annotated[
@@ -32,34 +38,107 @@ rollout_app = typer.Typer(help="Staged rollouts with health gates (REST).", no_a
 config_app = typer.Typer(help="Push serving config to devices (REST).", no_args_is_help=True)
 
 DEFAULT_URL = "http://127.0.0.1:8400"
+# What a request waits for the control plane beyond what it asks the control plane to wait.
+HTTP_TIMEOUT_S = 30.0
+# The longest a command's reply is waited for (the API's own bound on wait_s).
+MAX_COMMAND_WAIT_S = 60.0
 
 
 class ApiError(AutoGLMError):
-    """The control plane answered with an error."""
+    """The control plane answered with an error, or something that is not its API answered."""
 
 
-def call(url: str, key: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    import httpx
+def finite(value: float | None) -> float | None:
+    """Option callback: nan and inf are no number of seconds or fraction (and no JSON either)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter("must be a finite number")
+    return value
 
+
+def segment(value: str, what: str) -> str:
+    """``value``, an id, as one path segment of a URL: an id with ``/``, ``?`` or ``..`` in it must
+    not become another path (``rollout status ../devices`` read the device list)."""
+    if not value:
+        raise typer.BadParameter("must not be empty", param_hint=what)
+    if not is_valid_name(value):
+        raise typer.BadParameter(
+            f"{value!r} is no id: ids are letters, digits, '.', '_' and '-', starting with a letter or digit",
+            param_hint=what,
+        )
+    return quote(value, safe="")
+
+
+def _check_key(key: str) -> str:
+    key = key.strip()
     if not key:
         raise ConfigError("no API key: pass --api-key or set AUTOGLM_API_KEY")
+    if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
+        # httpx refused it only as it sent the request ("cannot reach the control plane", or a
+        # UnicodeEncodeError traceback), which blamed the network.
+        raise ConfigError(
+            "the API key holds spaces, control or non-ASCII characters, which no API key has: "
+            "check --api-key or AUTOGLM_API_KEY"
+        )
+    return key
+
+
+def _error_text(r: Any) -> str:
+    """The control plane's error message, or a line saying what else answered (never a whole page)."""
+    try:
+        message = r.json()["error"]["message"]
+        if isinstance(message, str):
+            return message
+    except (ValueError, KeyError, TypeError):
+        pass
+    kind = r.headers.get("content-type", "").split(";")[0]
+    text = " ".join(r.text.split())
+    if kind == "text/html" or not text:
+        return f"{r.reason_phrase or 'error'} ({kind or 'no body'}: is --url the control plane's address?)"
+    return text[:300] + (" …" if len(text) > 300 else "")
+
+
+def call(
+    url: str,
+    key: str,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+    *,
+    expect: str,
+    timeout_s: float = HTTP_TIMEOUT_S,
+) -> Any:
+    """The control plane's JSON answer to ``method path``; ``expect`` is a field every answer of
+    that endpoint has, so another server's JSON is an error, not a KeyError."""
+    import httpx
+
+    key = _check_key(key)
     try:
         r = httpx.request(
             method,
             f"{url.rstrip('/')}{path}",
             json=body,
             headers={"authorization": f"Bearer {key}"},
-            timeout=30,
+            timeout=timeout_s,
         )
+    except httpx.InvalidURL as exc:
+        raise ConfigError(
+            f"{url!r} is not a URL this command can use ({exc}): check --url or AUTOGLM_URL"
+        ) from exc
     except httpx.HTTPError as exc:
         raise ApiError(f"cannot reach the control plane at {url}: {exc}") from exc
     if r.status_code >= 400:
-        try:
-            message = r.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = r.text
-        raise ApiError(f"{r.status_code}: {message}")
-    return r.json()
+        raise ApiError(f"{r.status_code}: {_error_text(r)}")
+    try:
+        data = r.json()
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or expect not in data:
+        raise ApiError(
+            f"{url} answered {method} {path.split('?')[0]} with {r.status_code} and "
+            f"{'a body' if r.content else 'no body'} that is not the control plane's: "
+            "is --url the control plane's address?"
+        )
+    return data
 
 
 # -- fleet ---------------------------------------------------------------------------------------
@@ -73,9 +152,9 @@ def fleet_ls(
     api_key: KeyOpt = "",
 ) -> None:
     """List devices with their status, model and update phase."""
-    from urllib.parse import quote
-
-    devices = call(url, api_key, "GET", f"/v1/devices?selector={quote(selector)}")["devices"]
+    devices = call(url, api_key, "GET", f"/v1/devices?selector={quote(selector)}", expect="devices")[
+        "devices"
+    ]
     if as_json:
         console.print_json(json.dumps(devices))
         return
@@ -91,7 +170,7 @@ def fleet_ls(
             ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items())),
             err.get("code", ""),
         )
-    console.print(table)
+    print_table(console, table)
 
 
 @fleet_app.command("command")
@@ -101,18 +180,40 @@ def fleet_command(
         str, typer.Argument(help="ping, reload or rollback (to the model in the standby slot).")
     ],
     wait: Annotated[
-        float, typer.Option("--wait", help="Seconds to wait for the reply (0: do not wait).")
+        float,
+        typer.Option(
+            "--wait",
+            help="Seconds to wait for the reply, up to 60 (0: send and do not wait).",
+            min=0,
+            max=MAX_COMMAND_WAIT_S,
+            callback=finite,
+        ),
     ] = 10.0,
     url: UrlOpt = DEFAULT_URL,
     api_key: KeyOpt = "",
 ) -> None:
-    """Send a device a one-shot command, signed by the control plane's control key."""
+    """Send a device a one-shot command, signed by the control plane's control key. Exits 1 when
+    the device answers that it failed, or gives no answer within --wait seconds (the command was
+    sent: it may still be carried out)."""
     if action not in ("ping", "reload", "rollback"):
         raise typer.BadParameter("choose ping, reload or rollback", param_hint="ACTION")
-    r = call(url, api_key, "POST", f"/v1/devices/{device_id}/commands", {"action": action, "wait_s": wait})
+    r = call(
+        url,
+        api_key,
+        "POST",
+        f"/v1/devices/{segment(device_id, 'DEVICE_ID')}/commands",
+        {"action": action, "wait_s": wait},
+        expect="status",
+        # The control plane holds the request while it waits for the reply.
+        timeout_s=wait + HTTP_TIMEOUT_S,
+    )
     if r["status"] == "sent":
-        console.print(f"{device_id}: {action} sent (request {r['request_id']}); no reply yet")
-        return
+        if wait <= 0:
+            console.print(f"{device_id}: {action} sent (request {r['request_id']})")
+            return
+        # A ping is a health check: a device that never answers must not pass as one that did.
+        console.print(f"{device_id}: {action} sent (request {r['request_id']}); no reply within {wait:g} s")
+        raise typer.Exit(1)
     console.print(f"{device_id}: {action} {'ok' if r['ok'] else 'FAILED'}: {r['detail']}")
     if not r["ok"]:
         raise typer.Exit(1)
@@ -132,7 +233,14 @@ def fleet_label(
         if not sep:
             raise typer.BadParameter(f"{item!r} is not key=value", param_hint="LABELS")
         parsed[key] = value
-    d = call(url, api_key, "PUT", f"/v1/devices/{device_id}/labels", {"labels": parsed})
+    d = call(
+        url,
+        api_key,
+        "PUT",
+        f"/v1/devices/{segment(device_id, 'DEVICE_ID')}/labels",
+        {"labels": parsed},
+        expect="labels",
+    )
     console.print(f"{d['device_id']}: " + ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items())))
 
 
@@ -152,7 +260,9 @@ def _pki(path: Path | None) -> Any:
 @fleet_app.command("enroll")
 def fleet_enroll(
     name: Annotated[str, typer.Argument(help="Device id (the certificate CN and MQTT username).")],
-    tenant: Annotated[str, typer.Option("--tenant", help="The device's tenant.")] = "default",
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", help="The device's tenant [default: default].")
+    ] = None,
     cloud: Annotated[
         bool, typer.Option("--cloud", help="Enroll a control-plane identity (all tenants' topics).")
     ] = False,
@@ -161,16 +271,25 @@ def fleet_enroll(
     ] = None,
     pki: PkiOpt = None,
 ) -> None:
-    """Issue per-device (or cloud) MQTT credentials signed by the fleet CA, and rewrite the broker ACL."""
+    """Issue per-device (or cloud) MQTT credentials signed by the fleet CA, and rewrite the broker
+    ACL (also in each folder `fleet broker-config` wrote from this CA)."""
+    import shutil
+
+    if cloud and tenant is not None:
+        raise typer.BadParameter(
+            "a control-plane identity reaches every tenant: drop --tenant", param_hint="--tenant"
+        )
+    tenant = tenant or "default"
+    if out is not None:
+        # Before anything is issued: a --out that cannot be a folder must not leave an identity
+        # saved and the ACL rewritten behind its error.
+        out.mkdir(parents=True, exist_ok=True)
     fleet = _pki(pki)
     created = fleet.ensure_ca()
     if created:
         console.print(f"created the fleet CA in {fleet.root} (keep ca.key secret)")
     issued = fleet.enroll(name, role="cloud" if cloud else "device", tenant=None if cloud else tenant)
     if out is not None:
-        import shutil
-
-        out.mkdir(parents=True, exist_ok=True)
         for src in (issued.key, issued.cert, issued.ca):
             shutil.copy2(src, out / src.name)
         folder = out
@@ -178,7 +297,14 @@ def fleet_enroll(
         folder = issued.folder
     scope = "all tenants" if cloud else f"autoglm/v1/{tenant}/devices/{name}/# and the tenant's blobs"
     console.print(f"enrolled {name} ({scope}); credentials in {folder}")
-    console.print(f"broker ACL rewritten: {fleet.acl_path} (reload the broker to apply it)")
+    console.print(f"broker ACL rewritten: {fleet.acl_path}")
+    for broker_dir in _broker_dirs(fleet):
+        shutil.copy2(fleet.acl_path, broker_dir / "acl")
+        console.print(f"  and copied to {broker_dir / 'acl'}")
+    console.print(
+        "apply it: reload the broker (SIGHUP), or on Kubernetes re-create the broker's Secret from its "
+        "folder and restart the broker (docs/deploy.md, step 2)"
+    )
     console.print("broker section for its config:")
     console.print(
         f"  tls:\n    ca_file: {folder / 'ca.crt'}\n    cert_file: {folder / (name + '.crt')}\n"
@@ -186,17 +312,58 @@ def fleet_enroll(
     )
 
 
+# Where `fleet broker-config` wrote a broker's folder from this CA, one per line: enrolling later
+# rewrites the ACL there too (the folder is what the broker's Secret is made from; the CA's own
+# copy alone left new devices out of the broker's ACL).
+BROKER_DIRS = "broker-dirs"
+
+
+def _broker_dirs(fleet: Any) -> list[Path]:
+    try:
+        lines = (fleet.root / BROKER_DIRS).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    dirs = [Path(line) for line in dict.fromkeys(lines) if line.strip()]
+    return [d for d in dirs if (d / "mosquitto.conf").is_file() and (d / "acl").is_file()]
+
+
+def _remember_broker_dir(fleet: Any, out: Path) -> None:
+    known = {str(d) for d in _broker_dirs(fleet)} | {str(out.resolve())}
+    (fleet.root / BROKER_DIRS).write_text("".join(f"{d}\n" for d in sorted(known)))
+
+
+_HOST = re.compile(
+    r"(?=.{1,253}$)(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
+
+
+def _broker_host(value: str) -> str:
+    """A DNS name (a leading ``*.`` allowed) or an IP address: what a certificate's SAN can hold."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    if not _HOST.fullmatch(value):
+        raise typer.BadParameter(f"{value!r} is neither a DNS name nor an IP address", param_hint="--host")
+    return value
+
+
 @fleet_app.command("broker-config")
 def fleet_broker_config(
     host: Annotated[list[str], typer.Option("--host", help="Broker DNS name or IP (repeatable).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for mosquitto.conf, certificates and ACL.")],
-    port: Annotated[int, typer.Option("--port", help="TLS listener port.")] = 8883,
-    bind: Annotated[str, typer.Option("--bind", help="Listen address [default: all interfaces].")] = "",
+    port: Annotated[int, typer.Option("--port", help="TLS listener port.", min=1, max=65535)] = 8883,
+    bind: Annotated[
+        str, typer.Option("--bind", help="Listen address, an IP [default: all interfaces].")
+    ] = "",
     message_size_limit: Annotated[
         int,
         typer.Option(
             "--message-size-limit",
             help="Largest MQTT message in bytes: a few times the packages' chunk size (1 MiB by default).",
+            min=1024,
+            # MQTT's largest packet (a four-byte remaining length).
+            max=268_435_455,
         ),
     ] = 4 * 1024 * 1024,
     pki: PkiOpt = None,
@@ -207,6 +374,12 @@ def fleet_broker_config(
 
     from cloud.mqtt.pki import broker_tls_lines
 
+    host = [_broker_host(h) for h in host]
+    if bind:
+        try:
+            bind = str(ipaddress.ip_address(bind))
+        except ValueError:
+            raise typer.BadParameter(f"{bind!r} is not an IP address", param_hint="--bind") from None
     fleet = _pki(pki)
     fleet.ensure_ca()
     if not fleet.acl_path.is_file():
@@ -239,6 +412,7 @@ def fleet_broker_config(
         "",
     ]
     (out / "mosquitto.conf").write_text("\n".join(conf))
+    _remember_broker_dir(fleet, out)
     console.print(f"wrote {out}/mosquitto.conf, broker.crt/key (for {', '.join(host)}), ca.crt and acl")
     console.print(f"start it there: cd {out} && mosquitto -c mosquitto.conf")
 
@@ -246,9 +420,12 @@ def fleet_broker_config(
 # -- rollouts ------------------------------------------------------------------------------------
 def _waves(text: str) -> list[float]:
     try:
-        return [float(w) for w in text.split(",") if w.strip()]
+        waves = [float(w) for w in text.split(",") if w.strip()]
     except ValueError as exc:
         raise typer.BadParameter("waves are percentages like 10,50,100", param_hint="--waves") from exc
+    if not all(math.isfinite(w) for w in waves):
+        raise typer.BadParameter("waves are percentages like 10,50,100", param_hint="--waves")
+    return waves
 
 
 @rollout_app.command("create")
@@ -258,12 +435,18 @@ def rollout_create(
         str, typer.Option("--selector", "-l", help="Label selector (empty: all devices).")
     ] = "",
     waves: Annotated[str, typer.Option("--waves", help="Cumulative percentages.")] = "10,50,100",
-    failure_threshold: Annotated[float, typer.Option(help="Fraction of a wave allowed to fail.")] = 0.2,
+    failure_threshold: Annotated[
+        float, typer.Option(help="Fraction of a wave allowed to fail.", callback=finite)
+    ] = 0.2,
     health_window: Annotated[
-        float, typer.Option("--health-window", help="Seconds of healthy telemetry after activation.")
+        float,
+        typer.Option(
+            "--health-window", help="Seconds of healthy telemetry after activation.", callback=finite
+        ),
     ] = 60.0,
     wave_timeout: Annotated[
-        float, typer.Option("--wave-timeout", help="Seconds before a silent device is skipped.")
+        float,
+        typer.Option("--wave-timeout", help="Seconds before a silent device is skipped.", callback=finite),
     ] = 900.0,
     max_concurrent: Annotated[int, typer.Option(help="Devices downloading at once.")] = 100,
     min_samples: Annotated[
@@ -278,6 +461,7 @@ def rollout_create(
             "--max-eval-drop",
             help="Quality gate: a device whose agreement with the package's evaluation set falls more "
             "than this below the packager's figure fails (1: off).",
+            callback=finite,
         ),
     ] = 0.05,
     allow_downgrade: Annotated[
@@ -303,16 +487,16 @@ def rollout_create(
         "max_eval_drop": max_eval_drop,
         "allow_downgrade": allow_downgrade,
     }
-    r = call(url, api_key, "POST", "/v1/rollouts", body)
+    r = call(url, api_key, "POST", "/v1/rollouts", body, expect="rollout_id")
     console.print(
-        f"rollout [bold]{r['rollout_id']}[/] created: {len(r['devices'])} device(s), {len(r['waves'])} wave(s)"
+        f"rollout {r['rollout_id']} created: {len(r['devices'])} device(s), {len(r['waves'])} wave(s)"
     )
 
 
 @rollout_app.command("ls")
 def rollout_ls(as_json: JsonOpt = False, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = "") -> None:
     """List rollouts."""
-    items = call(url, api_key, "GET", "/v1/rollouts?devices=false")["rollouts"]
+    items = call(url, api_key, "GET", "/v1/rollouts?devices=false", expect="rollouts")["rollouts"]
     if as_json:
         console.print_json(json.dumps(items))
         return
@@ -327,7 +511,7 @@ def rollout_ls(as_json: JsonOpt = False, url: UrlOpt = DEFAULT_URL, api_key: Key
             str(sum(w["devices"] for w in r["waves"])),
             r["message"],
         )
-    console.print(table)
+    print_table(console, table)
 
 
 DONE_STATES = ("healthy", "failed", "timed_out", "rolled_back")
@@ -336,7 +520,9 @@ FINAL = ("completed", "halted", "aborted", "rolled_back")
 
 def _print_status(r: dict[str, Any]) -> None:
     model = f"{r['model']['name']}:{r['model']['version']}"
-    console.print(f"rollout {r['rollout_id']}  {model}  [bold]{r['state']}[/]  {r['message']}")
+    console.print(
+        Text.assemble(f"rollout {r['rollout_id']}  {model}  ", (r["state"], "bold"), f"  {r['message']}")
+    )
     for w in r["waves"]:
         states = ", ".join(f"{k} {v}" for k, v in sorted(w["states"].items()))
         console.print(f"  wave {w['index'] + 1} ({w['percent']:g}%): {w['devices']} device(s): {states}")
@@ -346,14 +532,21 @@ def _print_status(r: dict[str, Any]) -> None:
 def rollout_status(
     rollout_id: Annotated[str, typer.Argument(help="Rollout id.")],
     watch: Annotated[
-        bool, typer.Option("--watch", "-w", help="Show wave progress bars until it ends.")
+        bool,
+        typer.Option(
+            "--watch",
+            "-w",
+            help="Show wave progress bars until it ends; then exit 0 if it completed, 1 if it ended "
+            "otherwise (halted, aborted, rolled back).",
+        ),
     ] = False,
     as_json: JsonOpt = False,
     url: UrlOpt = DEFAULT_URL,
     api_key: KeyOpt = "",
 ) -> None:
-    """Per-wave progress; --watch follows it with progress bars."""
-    r = call(url, api_key, "GET", f"/v1/rollouts/{rollout_id}")
+    """Per-wave progress; --watch follows it with progress bars (a gate for scripts: see --watch)."""
+    path = f"/v1/rollouts/{segment(rollout_id, 'ROLLOUT_ID')}"
+    r = call(url, api_key, "GET", path, expect="waves")
     if as_json:
         console.print_json(json.dumps(r))
         return
@@ -380,8 +573,10 @@ def rollout_status(
             if r["state"] in FINAL:
                 break
             time.sleep(1.0)
-            r = call(url, api_key, "GET", f"/v1/rollouts/{rollout_id}")
-    console.print(f"rollout {rollout_id}: [bold]{r['state']}[/] {r['message']}")
+            r = call(url, api_key, "GET", path, expect="waves")
+    console.print(Text.assemble(f"rollout {rollout_id}: ", (r["state"], "bold"), f" {r['message']}"))
+    if r["state"] != "completed":
+        raise typer.Exit(1)
 
 
 def _action(action: str) -> Any:
@@ -390,7 +585,9 @@ def _action(action: str) -> Any:
         url: UrlOpt = DEFAULT_URL,
         api_key: KeyOpt = "",
     ) -> None:
-        r = call(url, api_key, "POST", f"/v1/rollouts/{rollout_id}/{action}")
+        r = call(
+            url, api_key, "POST", f"/v1/rollouts/{segment(rollout_id, 'ROLLOUT_ID')}/{action}", expect="waves"
+        )
         _print_status(r)
 
     run.__doc__ = {
@@ -424,11 +621,19 @@ def config_push(
     from shared.edge_config import EdgeConfig
 
     try:
-        config = yaml.safe_load(file.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        config = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise typer.BadParameter(f"cannot read {file}: {exc}", param_hint="FILE") from exc
-    EdgeConfig.parse(config if isinstance(config, dict) else {"(root)": config})
-    r = call(url, api_key, "POST", "/v1/config", {"selector": selector, "config": config})
+    if config is None:
+        raise typer.BadParameter(
+            f"{file} is empty: nothing to push ({{}} pushes the defaults)", param_hint="FILE"
+        )
+    if not isinstance(config, dict):
+        raise typer.BadParameter(
+            f"{file} holds a {type(config).__name__}, not a mapping of settings", param_hint="FILE"
+        )
+    EdgeConfig.parse(config)
+    r = call(url, api_key, "POST", "/v1/config", {"selector": selector, "config": config}, expect="devices")
     console.print(f"config pushed to {len(r['devices'])} device(s): {', '.join(r['devices'])}")
 
 
@@ -517,7 +722,7 @@ def register_cloud_commands(cloud_app: typer.Typer) -> None:
             table.add_row(
                 k["key_id"], k["name"], k["scope"], k["created_at"] or "-", k["expires_at"] or "never", state
             )
-        console.print(table)
+        print_table(console, table)
 
     @key_app.command("revoke")
     def key_revoke(
@@ -527,6 +732,6 @@ def register_cloud_commands(cloud_app: typer.Typer) -> None:
     ) -> None:
         """Revoke a key: it stops working at once, on every replica."""
         if not _key_store(config, tenant).revoke(tenant, key_id):
-            console.print(f"[red]no key {key_id} in tenant {tenant}[/]")
+            console.print(f"no key {key_id} in tenant {tenant}", style="red")
             raise typer.Exit(1)
         console.print(f"key {key_id} revoked")

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from cloud.cli.console import make_console, print_table
 from cloud.cli.ops import config_app, fleet_app, register_cloud_commands, rollout_app
 from cloud.pool.cli import app as pool_app
 from edge_agent.cli import app as edge_app
@@ -44,10 +46,11 @@ app.add_typer(rollout_app, name="rollout")
 app.add_typer(config_app, name="config")
 app.add_typer(pool_app, name="pool")
 
-# soft_wrap: long digests and paths stay on one line when the output is a file or a pipe.
-console = Console(highlight=False, soft_wrap=True)
+# soft_wrap: long digests and paths stay on one line when the output is a file or a pipe. No
+# markup: what is printed holds names and messages others chose (cloud/cli/console.py).
+console = make_console()
 # Notices and errors: standard output stays what a script captures ("$(autoglm model key)").
-notices = Console(highlight=False, soft_wrap=True, stderr=True)
+notices = make_console(stderr=True)
 
 RegistryOpt = Annotated[
     Path | None, typer.Option("--registry", help="Registry folder [default: $AUTOGLM_HOME/registry].")
@@ -60,10 +63,16 @@ BrokerOpt = Annotated[str, typer.Option("--broker", help="MQTT broker as HOST:PO
 TenantOpt = Annotated[str, typer.Option("--tenant", help="Tenant (topic namespace).")]
 
 
-def _registry(path: Path | None) -> ModelRegistry:
+def _registry(path: Path | None, *, read: bool = False) -> ModelRegistry:
+    """The registry at ``path`` (default: $AUTOGLM_HOME/registry). ``read``: a command that only
+    reads it; a ``--registry`` given that is no folder is then an error (a typo listed "No models"
+    and collected nothing, exit 0), while a default one not made yet is simply empty."""
     from cloud.paths import CloudPaths
     from cloud.registry import ModelRegistry
+    from shared.errors import ConfigError
 
+    if read and path is not None and not path.is_dir():
+        raise ConfigError(f"no registry at {path}: {'not a folder' if path.exists() else 'no such folder'}")
     return ModelRegistry(path or CloudPaths.from_env().registry)
 
 
@@ -75,7 +84,7 @@ def _signing_key(path: Path | None) -> SigningKey:
     key, created = SigningKey.load_or_create(key_path)
     if created:
         notices.print(
-            f"[yellow]Created a new manifest signing key at {key_path} (key id {key.public.key_id}).[/]"
+            f"Created a new manifest signing key at {key_path} (key id {key.public.key_id}).", style="yellow"
         )
     return key
 
@@ -125,8 +134,11 @@ def model_import(
 
     result = import_gguf(src, out, ConsoleReporter(console))
     console.print(
-        f"[bold green]Imported {result.model_name}[/] ({result.architecture}, "
-        f"{result.parameters / 1e6:.1f} M parameters) into {result.folder} in {result.seconds:.0f}s"
+        Text.assemble(
+            (f"Imported {result.model_name}", "bold green"),
+            f" ({result.architecture}, {result.parameters / 1e6:.1f} M parameters) into {result.folder} "
+            f"in {result.seconds:.0f}s",
+        )
     )
 
 
@@ -223,7 +235,7 @@ def model_package(
         ref_name, sep, ref_version = eval_set_from.partition(":")
         if not sep or not ref_name or not ref_version:
             raise typer.BadParameter("expected NAME:VERSION", param_hint="--eval-set-from")
-        carried = _registry(registry).eval_set(ref_name, ref_version)
+        carried = _registry(registry, read=True).eval_set(ref_name, ref_version)
         if carried is None:
             raise typer.BadParameter(
                 f"{eval_set_from} carries no evaluation set", param_hint="--eval-set-from"
@@ -249,7 +261,9 @@ def model_package(
 
             src = import_gguf(src, Path(tmp) / "model", reporter).folder
         entry = packager.package(src, opts)
-    console.print(f"[bold green]Packaged {entry.name}:{entry.version}[/] manifest {entry.digest}")
+    console.print(
+        Text.assemble((f"Packaged {entry.name}:{entry.version}", "bold green"), f" manifest {entry.digest}")
+    )
 
 
 @model_app.command("demo")
@@ -285,7 +299,7 @@ def _registry_public_key(path: Path | None) -> PublicKey | None:
     try:
         return SigningKey.load(key_path).public
     except ConfigError as exc:  # listing the registry must not need a readable key
-        notices.print(f"[yellow]Signatures not checked: {exc}[/]")
+        notices.print(f"Signatures not checked: {exc}", style="yellow")
         return None
 
 
@@ -319,7 +333,7 @@ def model_ls(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """List packaged models, each manifest's signature checked against the registry's signing key."""
-    entries = _registry(registry).list()
+    entries = _registry(registry, read=True).list()
     public = _registry_public_key(signing_key)
     if as_json:
         rows = [
@@ -352,7 +366,7 @@ def model_ls(
             e.digest[:19],
             _signature_state(e.signed, public)[0],
         )
-    console.print(table)
+    print_table(console, table)
 
 
 @model_app.command("show")
@@ -363,7 +377,7 @@ def model_show(
 ) -> None:
     """Print a model's signature check, KV cache size, quality report and signed manifest."""
     name, version = _split_ref(ref)
-    reg = _registry(registry)
+    reg = _registry(registry, read=True)
     entry = reg.get(name, version)
     typer.echo(f"# manifest digest {entry.digest}")
     typer.echo(f"# signature {_signature_state(entry.signed, _registry_public_key(signing_key))[1]}")
@@ -426,9 +440,11 @@ def model_attach_source(
         raise typer.BadParameter("expected NAME:VERSION", param_hint="REF")
     if not src.is_dir():
         raise typer.BadParameter(f"{src} is not a model folder", param_hint="SRC")
-    packager = ModelPackager(_registry(registry), _signing_key(signing_key), ConsoleReporter(console))
+    packager = ModelPackager(
+        _registry(registry, read=True), _signing_key(signing_key), ConsoleReporter(console)
+    )
     pool = packager.attach_source(name, version, src)
-    console.print(f"[bold green]{ref}[/] pool artifact {pool.digest}")
+    console.print(Text.assemble((ref, "bold green"), f" pool artifact {pool.digest}"))
 
 
 @model_app.command("gc")
@@ -447,7 +463,7 @@ def model_gc(
     """Remove blobs no version names (left by packages that failed or were interrupted)."""
     if not math.isfinite(min_age):
         raise typer.BadParameter("a number of seconds", param_hint="--min-age")
-    removed, freed = _registry(registry).collect_garbage(min_age)
+    removed, freed = _registry(registry, read=True).collect_garbage(min_age)
     console.print(f"removed {removed} file(s), {freed / 1e6:.1f} MB freed")
 
 
@@ -490,7 +506,7 @@ def cloud_blobs(
     from cloud.mqtt.control_link import ControlLink
     from shared.topics import Topics
 
-    reg = _registry(registry)
+    reg = _registry(registry, read=True)
     topics = Topics(tenant)
     link = ControlLink(_broker(broker), topics, BlobServer(reg.blobs, topics, offered=RegistryOffer(reg)))
     console.print(f"[cloud] serving blobs from {reg.root} on {broker} (tenant {tenant}); Ctrl-C stops")
@@ -512,16 +528,25 @@ def cloud_assign(
     allow_downgrade: Annotated[
         bool, typer.Option("--allow-downgrade", help="Authorize installing a lower release (a rollback).")
     ] = False,
+    new: Annotated[
+        bool,
+        typer.Option(
+            "--new", help="The device has not connected yet: record it and assign the model it will find."
+        ),
+    ] = False,
 ) -> None:
     """Point one device at a packaged model: the next desired-state revision from the control
     plane's database, signed with the control key, published retained. Works with or without the
-    control plane running (a lab, a single device); fleets use rollouts."""
+    control plane running (a lab, a single device); fleets use rollouts. Refused for a device the
+    control plane has not seen (unless --new) and for one in a rollout that is not finished."""
     from cloud.plane.desired import assign
     from cloud.settings import CloudSettings
 
     name, version = _split_ref(ref)
     settings = CloudSettings.load(config)
-    done = asyncio.run(assign(settings, tenant, device, name, version, allow_downgrade=allow_downgrade))
+    done = asyncio.run(
+        assign(settings, tenant, device, name, version, allow_downgrade=allow_downgrade, new=new)
+    )
     console.print(
         f"[cloud] {device} → {name}:{version} (revision {done.record.revision}, "
         f"signed by {done.signed.signature.key_id if done.signed.signature else '?'})"
@@ -546,7 +571,8 @@ def demo(
     from cloud.cli.demo import DEMO_QUESTIONS, run_demo
 
     run_demo(
-        console,
+        # The demo's lines are its own markup (coloured places); what it quotes it escapes.
+        Console(highlight=False, soft_wrap=True),
         broker=_broker(broker) if broker else None,
         questions=tuple(question) if question else DEMO_QUESTIONS,
     )
@@ -559,11 +585,11 @@ def main() -> None:
     try:
         app()
     except AutoGLMError as exc:
-        notices.print(f"[bold red]error:[/] {exc}")
+        notices.print(Text.assemble(("error:", "bold red"), f" {exc}"))
         raise SystemExit(1) from exc
     except OSError as exc:  # a full disk, a folder not writable: the reason, not a traceback
         where = f" ({exc.filename})" if exc.filename else ""
-        notices.print(f"[bold red]error:[/] {exc.strerror or exc}{where}")
+        notices.print(Text.assemble(("error:", "bold red"), f" {exc.strerror or exc}{where}"))
         raise SystemExit(1) from exc
 
 

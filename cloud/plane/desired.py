@@ -9,6 +9,7 @@ running control plane publishes through its own MQTT session (``ControlPlane.pub
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
@@ -17,17 +18,22 @@ import aiomqtt
 
 from cloud.paths import CloudPaths
 from cloud.plane.fleet import DesiredRecord, Fleet
+from cloud.plane.rollouts.actions import Rollouts
 from cloud.plane.store import make_engine, migrate
 from cloud.registry import ModelRegistry
 from cloud.settings import CloudSettings
 from shared.control import ControlSigner
-from shared.errors import BrokerError, NotFound
+from shared.errors import BrokerError, Conflict, ContractError, NotFound
+from shared.ids import is_valid_name
 from shared.messages import DesiredState
 from shared.mqtt import QOS, make_client
 from shared.signing import SigningKey
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
+
+# A retained message comes with the subscription's acknowledgement; this is only the bound.
+PRESENCE_WAIT_S = 2.0
 
 
 def control_signer(settings: CloudSettings) -> ControlSigner:
@@ -54,17 +60,49 @@ class Assigned:
 
 
 async def assign(
-    settings: CloudSettings, tenant: str, device_id: str, name: str, version: str, *, allow_downgrade: bool
+    settings: CloudSettings,
+    tenant: str,
+    device_id: str,
+    name: str,
+    version: str,
+    *,
+    allow_downgrade: bool,
+    new: bool = False,
 ) -> Assigned:
     """Point one device at a packaged model: the next revision from the database, signed and
-    published retained. The device's pushed config is kept."""
+    published retained. The device's pushed config is kept.
+
+    The device must be known, to the control plane's database or by its presence on the broker
+    (a lab without a control plane records none), unless ``new``: a mistyped id otherwise became
+    a device that never reports, listed forever and counted in every rollout after. A device in a
+    rollout that is not finished is refused: the driver would judge it on the model it sent, and a
+    rollback of the rollout would undo this."""
     if tenant not in settings.tenants:
         raise NotFound(f"tenant {tenant!r} is not in the config's tenants", tenant=tenant)
+    if not is_valid_name(device_id):
+        raise ContractError("a device id is a name: letters, digits, '.', '_', '-'", device_id=device_id)
     entry = ModelRegistry(settings.registry_dir / tenant).get(name, version)
+    topics = Topics(tenant)
     engine = make_engine(settings.database_url)
     try:
         migrate(engine)
-        record = Fleet(engine).next_desired(
+        fleet = Fleet(engine)
+        with engine.connect() as conn:
+            known = fleet.exists(tenant, device_id, conn=conn)
+            busy = Rollouts.in_unfinished_rollouts(conn, tenant, [device_id])
+        if busy:
+            raise Conflict(
+                f"the device is in rollout {busy[0][0]}, which is not finished; finish, abort or roll "
+                "it back first",
+                device_id=device_id,
+            )
+        if not known and not new and not await _present(settings, topics, device_id):
+            raise NotFound(
+                "no such device: the control plane has not recorded it and the broker holds no presence "
+                "of it; --new assigns a model to a device before its first connection",
+                device_id=device_id,
+            )
+        record = fleet.next_desired(
             tenant, device_id, model=entry.ref, config=None, allow_downgrade=allow_downgrade
         )
     finally:
@@ -73,10 +111,8 @@ async def assign(
         record.message(), device_id=device_id, tenant=tenant
     )
     try:
-        # A client id of its own: a replica's id would take over (and end) that replica's session.
-        client_id = f"autoglm-assign-{uuid.uuid4().hex[:12]}"
-        async with make_client(settings.broker, client_id, persistent=False) as client:
-            await client.publish(Topics(tenant).desired(device_id), payload, qos=QOS, retain=True)
+        async with make_client(settings.broker, _client_id(), persistent=False) as client:
+            await client.publish(topics.desired(device_id), payload, qos=QOS, retain=True)
     except aiomqtt.MqttError as exc:
         raise BrokerError(
             f"revision {record.revision} is recorded but could not be published ({exc}); "
@@ -84,3 +120,28 @@ async def assign(
             broker=f"{settings.broker.host}:{settings.broker.port}",
         ) from exc
     return Assigned(record, signed)
+
+
+def _client_id() -> str:
+    # A client id of its own: a replica's id would take over (and end) that replica's session.
+    return f"autoglm-assign-{uuid.uuid4().hex[:12]}"
+
+
+async def _present(settings: CloudSettings, topics: Topics, device_id: str) -> bool:
+    """Whether the broker holds the device's retained presence (every agent publishes one when it
+    connects, and its Last Will when it leaves): it has connected, with or without a control plane."""
+    try:
+        async with make_client(settings.broker, _client_id(), persistent=False) as client:
+            await client.subscribe(topics.status(device_id), qos=QOS)
+            async with asyncio.timeout(PRESENCE_WAIT_S):
+                async for message in client.messages:
+                    if message.payload:
+                        return True
+    except TimeoutError:
+        return False
+    except aiomqtt.MqttError as exc:
+        raise BrokerError(
+            f"cannot ask the broker whether the device has connected ({exc}); nothing was recorded",
+            broker=f"{settings.broker.host}:{settings.broker.port}",
+        ) from exc
+    return False

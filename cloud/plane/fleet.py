@@ -619,6 +619,10 @@ class Fleet:
             for r in rows.values()
         }
 
+    def exists(self, tenant: str, device_id: str, *, conn: Connection) -> bool:
+        where = and_(devices.c.tenant == tenant, devices.c.device_id == device_id)
+        return conn.execute(select(devices.c.device_id).where(where)).first() is not None
+
     def get(self, tenant: str, device_id: str) -> Device:
         if not is_valid_name(device_id):
             # No device has such an id (PostgreSQL refuses a NUL in a query's text: a 500).
@@ -635,8 +639,19 @@ class Fleet:
         self, tenant: str, device_id: str, labels: dict[str, str], *, replace: bool = False
     ) -> Device:
         for key, value in labels.items():
-            if not is_valid_name(key.replace("/", "-")) or (value and not is_valid_name(value)):
-                raise ContractError("labels are names: letters, digits, '.', '_', '-'", label=key)
+            # Which half is wrong: "k=v v" was reported against the key.
+            if not is_valid_name(key.replace("/", "-")):
+                raise ContractError(
+                    "a label key is a name: letters, digits, '.', '_', '-' (and '/'), starting with a "
+                    "letter or digit, at most 64",
+                    label=key,
+                )
+            if value and not is_valid_name(value):
+                raise ContractError(
+                    f"the value of label {key!r} is not a name: letters, digits, '.', '_', '-', "
+                    "starting with a letter or digit, at most 64",
+                    label=key,
+                )
         where = and_(devices.c.tenant == tenant, devices.c.device_id == device_id)
         # Read and write in one transaction holding the row, or two concurrent merges lose one.
         with self.engine.begin() as conn:

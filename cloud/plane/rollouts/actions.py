@@ -47,7 +47,7 @@ class Rollouts:
         rid = uuid.uuid4().hex[:12]
         now = utcnow()
         with self.engine.begin() as conn:
-            busy = self._in_other_rollouts(conn, tenant, list(targets))
+            busy = self.in_unfinished_rollouts(conn, tenant, list(targets))
             if busy:
                 # Two drivers would tell the same devices two models, each judging the other's
                 # answers (one rollout "completed" with every device timed out on the other's
@@ -109,7 +109,7 @@ class Rollouts:
         return self.show(tenant, rid)
 
     @staticmethod
-    def _in_other_rollouts(conn: Connection, tenant: str, device_ids: list[str]) -> list[tuple[str, str]]:
+    def in_unfinished_rollouts(conn: Connection, tenant: str, device_ids: list[str]) -> list[tuple[str, str]]:
         """(rollout, device) of ``device_ids`` in the tenant's rollouts still running, paused or
         rolling back."""
         found: list[tuple[str, str]] = []
