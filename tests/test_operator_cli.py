@@ -183,6 +183,7 @@ def test_assign_refuses_unknown_and_busy_devices(cloud: CloudProcess, tmp_path: 
         new.stdout + new.stderr
     )
     created = run(cloud, "rollout", "create", "demo-glm:1", "-l", "", "--waves", "100")
+    assert created.returncode == 0, created.stderr
     rid = created.stdout.split()[1]
     busy = run(cloud, "cloud", "assign", "mine", "demo-glm:1", "-c", config, "--tenant", tenant)
     failed(busy, 1, f"rollout {rid}")
@@ -213,10 +214,13 @@ def test_broker_config_and_enroll_keep_the_broker_folder_true(tmp_path: Path) ->
         args = ["broker-config", "--out", str(tmp_path / "bad"), "--pki", str(pki)]
         args += bad if bad[0] == "--host" else ["--host", "localhost", *bad]
         failed(cmd(*args), 2)
+    # Names with '_' (compose services), a host name to bind, 0 for mosquitto's "no limit".
     made = cmd(
-        "broker-config", "--host", "localhost", "--host", "10.0.0.1", "--out", str(broker), "--pki", str(pki)
+        *("broker-config", "--host", "localhost", "--host", "10.0.0.1", "--host", "my_broker"),
+        *("--bind", "localhost", "--message-size-limit", "0", "--out", str(broker), "--pki", str(pki)),
     )
     assert made.returncode == 0, made.stderr
+    assert "listener 8883 localhost" in (broker / "mosquitto.conf").read_text()
     # A device enrolled later reaches the broker's own ACL, not only the CA's copy.
     late = cmd("enroll", "dev-late", "--pki", str(pki))
     assert late.returncode == 0, late.stderr

@@ -94,7 +94,7 @@ def ensure_smollm2_package(
     if not (src / "config.json").is_file():
         import_gguf(smollm2_gguf(), src, reporter)
     else:
-        console.print(f"{CLOUD} using the imported SmolLM2 folder {src}")
+        console.print(f"{CLOUD} using the imported SmolLM2 folder {escape(str(src))}")
     packager = ModelPackager(registry, key, reporter)
     return packager.package(src, PackageOptions(name=DEMO_MODEL, version=DEMO_VERSION, quantize="int8"))
 
@@ -123,7 +123,7 @@ def ensure_demo_package(
         # Built beside its final place and renamed, so an interrupted build leaves no half model.
         building = src.with_name(src.name + ".building")
         shutil.rmtree(building, ignore_errors=True)
-        console.print(f"{CLOUD} Training the demo GLM model ({steps} steps) into {src} …")
+        console.print(f"{CLOUD} Training the demo GLM model ({steps} steps) into {escape(str(src))} …")
         with Progress(
             TextColumn(f"{CLOUD}   training"),
             BarColumn(),
@@ -185,19 +185,19 @@ def run_demo(console: Console, *, broker: BrokerSettings | None, questions: tupl
     if broker is None:
         local = LocalBroker().start()
         broker = BrokerSettings(host=local.host, port=local.port)
-        console.print(f"{BROKER} mosquitto started on {broker.host}:{broker.port} (private, for this demo)")
+        console.print(f"{BROKER} mosquitto started on {escape(broker.host)}:{broker.port} (private, for this demo)")
     else:
-        console.print(f"{BROKER} using {broker.host}:{broker.port}")
+        console.print(f"{BROKER} using {escape(broker.host)}:{broker.port}")
     workdir = Path(tempfile.mkdtemp(prefix="autoglm-demo-"))
     try:
         registry = ModelRegistry(paths.registry)
         key, created = SigningKey.load_or_create(paths.signing_key)
         if created:
-            console.print(f"{CLOUD} created manifest signing key {key.public.key_id} at {paths.signing_key}")
+            console.print(f"{CLOUD} created manifest signing key {key.public.key_id} at {escape(str(paths.signing_key))}")
         entry = ensure_smollm2_package(console, registry, key, paths)
         control, created = SigningKey.load_or_create(paths.control_key)
         if created:
-            console.print(f"{CLOUD} created control key {control.public.key_id} at {paths.control_key}")
+            console.print(f"{CLOUD} created control key {control.public.key_id} at {escape(str(paths.control_key))}")
         asyncio.run(_ship_and_ask(console, registry, key, control, entry, broker, workdir, questions))
         console.print(f"[bold green]Demo finished in {time.monotonic() - started:.0f}s.[/]")
     finally:
@@ -305,7 +305,7 @@ async def _ask(console: Console, http: httpx.AsyncClient, model: str, question: 
     console.print(f"{APP}   [bold]Q:[/] {escape(question)}")
     console.print(f"{APP}   [bold]A:[/] {escape(answer)}")
     console.print(
-        f"{APP}      served by [bold]{served}[/] model {body['model']}, "
+        f"{APP}      served by [bold]{escape(served)}[/] model {escape(body['model'])}, "
         f"{usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens, "
         f"{time.monotonic() - started:.1f}s"
     )

@@ -24,6 +24,8 @@ from shared.errors import AutoGLMError, ConfigError
 from shared.ids import is_valid_name
 
 console = make_console()
+# Warnings: standard output stays what a script reads.
+notices = make_console(stderr=True)
 
 UrlOpt = Annotated[str, typer.Option("--url", envvar="AUTOGLM_URL", help="Control-plane URL.")]
 KeyOpt = Annotated[
@@ -299,11 +301,15 @@ def fleet_enroll(
     console.print(f"enrolled {name} ({scope}); credentials in {folder}")
     console.print(f"broker ACL rewritten: {fleet.acl_path}")
     for broker_dir in _broker_dirs(fleet):
-        shutil.copy2(fleet.acl_path, broker_dir / "acl")
-        console.print(f"  and copied to {broker_dir / 'acl'}")
+        try:
+            shutil.copy2(fleet.acl_path, broker_dir / "acl")
+        except OSError as exc:  # the identity is issued: say where the ACL is stale, and go on
+            notices.print(f"could not copy it to {broker_dir / 'acl'}: {exc.strerror or exc}", style="yellow")
+        else:
+            console.print(f"  and copied to {broker_dir / 'acl'}")
     console.print(
         "apply it: reload the broker (SIGHUP), or on Kubernetes re-create the broker's Secret from its "
-        "folder and restart the broker (docs/deploy.md, step 2)"
+        "folder and restart the broker (docs/deploy.md, step 3)"
     )
     console.print("broker section for its config:")
     console.print(
@@ -324,7 +330,20 @@ def _broker_dirs(fleet: Any) -> list[Path]:
     except FileNotFoundError:
         return []
     dirs = [Path(line) for line in dict.fromkeys(lines) if line.strip()]
-    return [d for d in dirs if (d / "mosquitto.conf").is_file() and (d / "acl").is_file()]
+    ca = fleet.ca_cert_path.read_bytes()
+
+    def ours(d: Path) -> bool:
+        # Still a broker of this CA: the folder may since have been written from another one.
+        try:
+            return (
+                (d / "mosquitto.conf").is_file()
+                and (d / "acl").is_file()
+                and (d / "ca.crt").read_bytes() == ca
+            )
+        except OSError:
+            return False
+
+    return [d for d in dirs if ours(d)]
 
 
 def _remember_broker_dir(fleet: Any, out: Path) -> None:
@@ -332,19 +351,21 @@ def _remember_broker_dir(fleet: Any, out: Path) -> None:
     (fleet.root / BROKER_DIRS).write_text("".join(f"{d}\n" for d in sorted(known)))
 
 
+# Labels of letters, digits, '-' and '_' (compose and some clusters name services with it).
 _HOST = re.compile(
-    r"(?=.{1,253}$)(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+    r"(?=.{1,253}$)(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
 )
 
 
-def _broker_host(value: str) -> str:
-    """A DNS name (a leading ``*.`` allowed) or an IP address: what a certificate's SAN can hold."""
+def _host_name(value: str, option: str) -> str:
+    """A DNS name (a leading ``*.`` allowed) or an IP address: what a certificate's SAN and a
+    mosquitto listener can hold."""
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
         pass
-    if not _HOST.fullmatch(value):
-        raise typer.BadParameter(f"{value!r} is neither a DNS name nor an IP address", param_hint="--host")
+    if not _HOST.fullmatch(value) or (option == "--bind" and value.startswith("*")):
+        raise typer.BadParameter(f"{value!r} is neither a DNS name nor an IP address", param_hint=option)
     return value
 
 
@@ -354,14 +375,15 @@ def fleet_broker_config(
     out: Annotated[Path, typer.Option("--out", help="Folder for mosquitto.conf, certificates and ACL.")],
     port: Annotated[int, typer.Option("--port", help="TLS listener port.", min=1, max=65535)] = 8883,
     bind: Annotated[
-        str, typer.Option("--bind", help="Listen address, an IP [default: all interfaces].")
+        str, typer.Option("--bind", help="Listen address, an IP or a host name [default: all interfaces].")
     ] = "",
     message_size_limit: Annotated[
         int,
         typer.Option(
             "--message-size-limit",
-            help="Largest MQTT message in bytes: a few times the packages' chunk size (1 MiB by default).",
-            min=1024,
+            help="Largest MQTT message in bytes: a few times the packages' chunk size (1 MiB by default); "
+            "0: no limit but MQTT's own.",
+            min=0,
             # MQTT's largest packet (a four-byte remaining length).
             max=268_435_455,
         ),
@@ -374,12 +396,9 @@ def fleet_broker_config(
 
     from cloud.mqtt.pki import broker_tls_lines
 
-    host = [_broker_host(h) for h in host]
+    host = [_host_name(h, "--host") for h in host]
     if bind:
-        try:
-            bind = str(ipaddress.ip_address(bind))
-        except ValueError:
-            raise typer.BadParameter(f"{bind!r} is not an IP address", param_hint="--bind") from None
+        bind = _host_name(bind, "--bind")
     fleet = _pki(pki)
     fleet.ensure_ca()
     if not fleet.acl_path.is_file():

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 
 import aiomqtt
+from sqlalchemy import Connection
 
 from cloud.paths import CloudPaths
 from cloud.plane.fleet import DesiredRecord, Fleet
@@ -32,8 +33,10 @@ from shared.topics import Topics
 
 log = logging.getLogger(__name__)
 
-# A retained message comes with the subscription's acknowledgement; this is only the bound.
-PRESENCE_WAIT_S = 2.0
+# A retained presence comes with the subscription's acknowledgement; the wait is for an agent
+# started a moment before (`edge run … &` and then `cloud assign`, as the README's lab path does),
+# whose presence arrives when it connects.
+PRESENCE_WAIT_S = 10.0
 
 
 def control_signer(settings: CloudSettings) -> ControlSigner:
@@ -89,22 +92,20 @@ async def assign(
         fleet = Fleet(engine)
         with engine.connect() as conn:
             known = fleet.exists(tenant, device_id, conn=conn)
-            busy = Rollouts.in_unfinished_rollouts(conn, tenant, [device_id])
-        if busy:
-            raise Conflict(
-                f"the device is in rollout {busy[0][0]}, which is not finished; finish, abort or roll "
-                "it back first",
-                device_id=device_id,
-            )
+            _refuse_busy(conn, tenant, device_id)
         if not known and not new and not await _present(settings, topics, device_id):
             raise NotFound(
                 "no such device: the control plane has not recorded it and the broker holds no presence "
                 "of it; --new assigns a model to a device before its first connection",
                 device_id=device_id,
             )
-        record = fleet.next_desired(
-            tenant, device_id, model=entry.ref, config=None, allow_downgrade=allow_downgrade
-        )
+        with engine.begin() as conn:
+            # Again in the transaction that records it: a rollout created while the broker was
+            # asked must not be overridden either.
+            _refuse_busy(conn, tenant, device_id)
+            record = fleet.next_desired(
+                tenant, device_id, model=entry.ref, config=None, allow_downgrade=allow_downgrade, conn=conn
+            )
     finally:
         engine.dispose()
     signed, payload = control_signer(settings).desired_wire(
@@ -120,6 +121,16 @@ async def assign(
             broker=f"{settings.broker.host}:{settings.broker.port}",
         ) from exc
     return Assigned(record, signed)
+
+
+def _refuse_busy(conn: Connection, tenant: str, device_id: str) -> None:
+    busy = Rollouts.in_unfinished_rollouts(conn, tenant, [device_id])
+    if busy:
+        raise Conflict(
+            f"the device is in rollout {busy[0][0]}, which is not finished; finish, abort or roll it "
+            "back first",
+            device_id=device_id,
+        )
 
 
 def _client_id() -> str:
