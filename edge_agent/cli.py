@@ -33,7 +33,8 @@ def run(
     try:
         settings = EdgeSettings.load(config)
         preflight(settings)
+        # The port is taken before the app starts: one in use is a ConfigError here too.
+        run_server(create_app(settings), settings.api.host, settings.api.port, log_level.value)
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    run_server(create_app(settings), settings.api.host, settings.api.port, log_level.value)

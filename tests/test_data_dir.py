@@ -91,6 +91,19 @@ def test_a_second_agent_on_the_folder_exits_with_one_line(
     assert second.returncode == 2
     assert f"data_dir is in use by another agent (pid {first.proc.pid})" in second.stderr
     assert "Traceback" not in second.stderr + second.stdout
+    # Another folder but the first's port: refused before its model and broker session start.
+    port = first.api.rsplit(":", 1)[1]
+    env = {**os.environ, "AUTOGLM_EDGE__API__PORT": port, "AUTOGLM_EDGE__DATA_DIR": str(tmp_path / "other")}
+    third = subprocess.run(
+        [sys.executable, "-m", "cloud.cli", "edge", "run", "--config", str(first.config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert third.returncode == 2, third.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in third.stderr
+    assert "Traceback" not in third.stderr + third.stdout
     first.stop()
     # The first gone, the folder is free again.
     again = edge_factory(device_id="held", tenant="t", broker=broker, trusted=[key])
