@@ -185,7 +185,9 @@ def run_demo(console: Console, *, broker: BrokerSettings | None, questions: tupl
     if broker is None:
         local = LocalBroker().start()
         broker = BrokerSettings(host=local.host, port=local.port)
-        console.print(f"{BROKER} mosquitto started on {escape(broker.host)}:{broker.port} (private, for this demo)")
+        console.print(
+            f"{BROKER} mosquitto started on {escape(broker.host)}:{broker.port} (private, for this demo)"
+        )
     else:
         console.print(f"{BROKER} using {escape(broker.host)}:{broker.port}")
     workdir = Path(tempfile.mkdtemp(prefix="autoglm-demo-"))
@@ -193,11 +195,15 @@ def run_demo(console: Console, *, broker: BrokerSettings | None, questions: tupl
         registry = ModelRegistry(paths.registry)
         key, created = SigningKey.load_or_create(paths.signing_key)
         if created:
-            console.print(f"{CLOUD} created manifest signing key {key.public.key_id} at {escape(str(paths.signing_key))}")
+            console.print(
+                f"{CLOUD} created manifest signing key {key.public.key_id} at {escape(str(paths.signing_key))}"
+            )
         entry = ensure_smollm2_package(console, registry, key, paths)
         control, created = SigningKey.load_or_create(paths.control_key)
         if created:
-            console.print(f"{CLOUD} created control key {control.public.key_id} at {escape(str(paths.control_key))}")
+            console.print(
+                f"{CLOUD} created control key {control.public.key_id} at {escape(str(paths.control_key))}"
+            )
         asyncio.run(_ship_and_ask(console, registry, key, control, entry, broker, workdir, questions))
         console.print(f"[bold green]Demo finished in {time.monotonic() - started:.0f}s.[/]")
     finally:
