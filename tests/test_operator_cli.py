@@ -9,7 +9,9 @@ import os
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cloud.cli import ops
+from cloud.mqtt.local_broker import LocalBroker
 from cloud.plane.fleet import Fleet
 from cloud.plane.store import make_engine
 from cloud.processes import stop_process
@@ -48,31 +51,40 @@ def failed(r: subprocess.CompletedProcess[str], code: int, *needles: str) -> Non
         assert needle in r.stdout + r.stderr, (needle, r.stdout, r.stderr)
 
 
-@pytest.fixture
-def cloud(
-    tmp_path: Path,
-    broker_settings: BrokerSettings,
-    tenant: str,
+@dataclass
+class Plane:
+    cloud: CloudProcess
+    tenant: str
+    config: Path
+
+
+@pytest.fixture(scope="module")
+def plane(
+    tmp_path_factory: pytest.TempPathFactory,
+    broker: LocalBroker,
     registry: ModelRegistry,
     demo_package: RegistryEntry,
-) -> Iterator[CloudProcess]:
-    url = f"sqlite:///{tmp_path / 'cloud.db'}"
-    c = start_cloud(tmp_path, url, broker_settings, tenant, registry)
+) -> Iterator[Plane]:
+    """One control plane for the module (each start costs seconds): the tests read it, and
+    their rollouts end or cover devices the others do not judge."""
+    tmp = tmp_path_factory.mktemp("operator-cli")
+    tenant = "t" + uuid.uuid4().hex[:12]
+    url = f"sqlite:///{tmp / 'cloud.db'}"
+    c = start_cloud(tmp, url, BrokerSettings(host=broker.host, port=broker.port), tenant, registry)
     engine = make_engine(url)
     fleet = Fleet(engine)
-    # Two devices whose ids differ only at their ends, and one with a name rich read as markup.
+    # Two devices whose ids differ only at their ends, and one more.
     for device in (f"{LONG}1", f"{LONG}2", "mine"):
         fleet.record_status(tenant, DeviceStatus(device_id=device, state="online"))
     engine.dispose()
     try:
-        yield c
+        yield Plane(c, tenant, tmp / "cloud.yaml")
     finally:
         stop_process(c.proc)
 
 
-def test_tables_keep_whole_ids_and_text_is_never_markup(
-    cloud: CloudProcess, tmp_path: Path, tenant: str
-) -> None:
+def test_tables_keep_whole_ids_and_text_is_never_markup(plane: Plane) -> None:
+    cloud, tenant = plane.cloud, plane.tenant
     listed = run(cloud, "fleet", "ls", columns=60)
     assert listed.returncode == 0, listed.stderr
     assert f"{LONG}1" in listed.stdout and f"{LONG}2" in listed.stdout, listed.stdout
@@ -80,7 +92,7 @@ def test_tables_keep_whole_ids_and_text_is_never_markup(
     failed(run(cloud, "fleet", "ls", "-l", "[/x]"), 1, "error:", "[/x]")
     failed(run(cloud, "fleet", "ls", "-l", "a[b]=c"), 1, "a[b]=c")
     # A key named like a tag is listed (the table crashed for good once one existed).
-    config = tmp_path / "cloud.yaml"
+    config = plane.config
     made = run(
         cloud, "cloud", "key", "create", "-c", str(config), "--name", "[/x] [bold]k[/]", "--tenant", tenant
     )
@@ -89,7 +101,8 @@ def test_tables_keep_whole_ids_and_text_is_never_markup(
     assert keys.returncode == 0 and "[/x] [bold]k[/]" in keys.stdout, keys.stdout + keys.stderr
 
 
-def test_bad_values_ids_and_addresses_are_one_line_errors(cloud: CloudProcess, tmp_path: Path) -> None:
+def test_bad_values_ids_and_addresses_are_one_line_errors(plane: Plane, tmp_path: Path) -> None:
+    cloud = plane.cloud
     for option in ("--failure-threshold", "--wave-timeout", "--health-window", "--max-eval-drop"):
         failed(run(cloud, "rollout", "create", "demo-glm:1", option, "nan"), 2, "finite")
     failed(run(cloud, "rollout", "create", "demo-glm:1", "--waves", "inf,100"), 2, "--waves")
@@ -130,7 +143,8 @@ class _NotTheControlPlane(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_another_server_at_the_url_is_named_not_a_traceback(cloud: CloudProcess) -> None:
+def test_another_server_at_the_url_is_named_not_a_traceback(plane: Plane) -> None:
+    cloud = plane.cloud
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotTheControlPlane)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     other = f"http://127.0.0.1:{server.server_address[1]}"
@@ -144,7 +158,8 @@ def test_another_server_at_the_url_is_named_not_a_traceback(cloud: CloudProcess)
         server.shutdown()
 
 
-def test_exit_codes_tell_scripts_what_happened(cloud: CloudProcess) -> None:
+def test_exit_codes_tell_scripts_what_happened(plane: Plane) -> None:
+    cloud = plane.cloud
     # A device that never answers is not a passed health check.
     silent = run(cloud, "fleet", "command", "mine", "ping", "--wait", "1")
     failed(silent, 1, "no reply within 1 s")
@@ -171,8 +186,8 @@ def test_the_wait_for_a_reply_is_not_cut_by_the_http_timeout(monkeypatch: pytest
     assert seen["body"]["wait_s"] == 45 and seen["timeout_s"] > 45 + 10
 
 
-def test_assign_refuses_unknown_and_busy_devices(cloud: CloudProcess, tmp_path: Path, tenant: str) -> None:
-    config = str(tmp_path / "cloud.yaml")
+def test_assign_refuses_unknown_and_busy_devices(plane: Plane) -> None:
+    cloud, tenant, config = plane.cloud, plane.tenant, str(plane.config)
     unknown = run(cloud, "cloud", "assign", "nosuchdev", "demo-glm:1", "-c", config, "--tenant", tenant)
     failed(unknown, 1, "no such device", "--new")
     assert "nosuchdev" not in cli(cloud, "fleet", "ls", "--json").stdout
@@ -187,6 +202,7 @@ def test_assign_refuses_unknown_and_busy_devices(cloud: CloudProcess, tmp_path: 
     rid = created.stdout.split()[1]
     busy = run(cloud, "cloud", "assign", "mine", "demo-glm:1", "-c", config, "--tenant", tenant)
     failed(busy, 1, f"rollout {rid}")
+    assert cli(cloud, "rollout", "abort", rid).returncode == 0  # the module's other tests make their own
     # The same config's port is the running control plane's: refused before anything starts.
     second = run(cloud, "cloud", "serve", "--config", config)
     failed(second, 1, "cannot listen on")
