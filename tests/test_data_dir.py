@@ -80,27 +80,24 @@ def test_a_second_agent_on_the_folder_exits_with_one_line(
     broker = BrokerSettings(port=free_port())  # none there: the agent serves without one
     first = edge_factory(device_id="held", tenant="t", broker=broker, trusted=[key])
     first.wait_http("/healthz")
-    env = {**os.environ, "AUTOGLM_EDGE__API__PORT": str(free_port())}
-    second = subprocess.run(
-        [sys.executable, "-m", "cloud.cli", "edge", "run", "--config", str(first.config)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+
+    def second_agent(**env: str) -> subprocess.CompletedProcess[str]:
+        """``edge run`` on the first agent's config, with ``env``'s overrides."""
+        return subprocess.run(
+            [sys.executable, "-m", "cloud.cli", "edge", "run", "--config", str(first.config)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            timeout=60,
+        )
+
+    second = second_agent(AUTOGLM_EDGE__API__PORT=str(free_port()))
     assert second.returncode == 2
     assert f"data_dir is in use by another agent (pid {first.proc.pid})" in second.stderr
     assert "Traceback" not in second.stderr + second.stdout
     # Another folder but the first's port: refused before its model and broker session start.
     port = first.api.rsplit(":", 1)[1]
-    env = {**os.environ, "AUTOGLM_EDGE__API__PORT": port, "AUTOGLM_EDGE__DATA_DIR": str(tmp_path / "other")}
-    third = subprocess.run(
-        [sys.executable, "-m", "cloud.cli", "edge", "run", "--config", str(first.config)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    third = second_agent(AUTOGLM_EDGE__API__PORT=port, AUTOGLM_EDGE__DATA_DIR=str(tmp_path / "other"))
     assert third.returncode == 2, third.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in third.stderr
     assert "Traceback" not in third.stderr + third.stdout
