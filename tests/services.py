@@ -199,8 +199,18 @@ def scrape_metrics(url: str) -> dict[str, float]:
     return out
 
 
-def cli(cloud: CloudProcess, *args: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "AUTOGLM_URL": cloud.url, "AUTOGLM_API_KEY": key or cloud.key, "COLUMNS": "200"}
+def cli(
+    cloud: CloudProcess, *args: str, key: str | None = None, columns: int = 200, **env_vars: str
+) -> subprocess.CompletedProcess[str]:
+    """The CLI against ``cloud`` as a script runs it (output to a pipe, ``columns`` wide);
+    ``env_vars`` override the environment (AUTOGLM_URL, …)."""
+    env = {
+        **os.environ,
+        "AUTOGLM_URL": cloud.url,
+        "AUTOGLM_API_KEY": key or cloud.key,
+        "COLUMNS": str(columns),
+        **env_vars,
+    }
     return subprocess.run(
         [sys.executable, "-m", "cloud.cli", *args], capture_output=True, text=True, env=env, timeout=120
     )

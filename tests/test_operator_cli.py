@@ -5,9 +5,7 @@ code for bad input, odd names and wrong addresses; whole ids in tables however n
 from __future__ import annotations
 
 import http.server
-import os
 import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -27,20 +25,9 @@ from cloud.registry import ModelRegistry, RegistryEntry
 from shared.messages import DeviceStatus
 from shared.mqtt import BrokerSettings
 from tests.services import CloudProcess, cli, start_cloud
+from tests.test_cli import autoglm
 
 LONG = "edge-node-eu-west-1a-rack-17-server-0000000000000000000000000"  # 61 characters
-
-
-def run(cloud: CloudProcess, *args: str, columns: int = 200, **env: str) -> subprocess.CompletedProcess[str]:
-    """The CLI as a script runs it: output to a pipe, ``columns`` wide."""
-    environ = {**os.environ, "AUTOGLM_URL": cloud.url, "AUTOGLM_API_KEY": cloud.key, "COLUMNS": str(columns)}
-    return subprocess.run(
-        [sys.executable, "-m", "cloud.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**environ, **env},
-        timeout=120,
-    )
 
 
 def failed(r: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
@@ -85,47 +72,47 @@ def plane(
 
 def test_tables_keep_whole_ids_and_text_is_never_markup(plane: Plane) -> None:
     cloud, tenant = plane.cloud, plane.tenant
-    listed = run(cloud, "fleet", "ls", columns=60)
+    listed = cli(cloud, "fleet", "ls", columns=60)
     assert listed.returncode == 0, listed.stderr
     assert f"{LONG}1" in listed.stdout and f"{LONG}2" in listed.stdout, listed.stdout
     # A selector with a closing tag in it was a MarkupError traceback; one with "[b]" lost it.
-    failed(run(cloud, "fleet", "ls", "-l", "[/x]"), 1, "error:", "[/x]")
-    failed(run(cloud, "fleet", "ls", "-l", "a[b]=c"), 1, "a[b]=c")
+    failed(cli(cloud, "fleet", "ls", "-l", "[/x]"), 1, "error:", "[/x]")
+    failed(cli(cloud, "fleet", "ls", "-l", "a[b]=c"), 1, "a[b]=c")
     # A key named like a tag is listed (the table crashed for good once one existed).
     config = plane.config
-    made = run(
+    made = cli(
         cloud, "cloud", "key", "create", "-c", str(config), "--name", "[/x] [bold]k[/]", "--tenant", tenant
     )
     assert made.returncode == 0, made.stderr
-    keys = run(cloud, "cloud", "key", "ls", "-c", str(config), "--tenant", tenant, columns=40)
+    keys = cli(cloud, "cloud", "key", "ls", "-c", str(config), "--tenant", tenant, columns=40)
     assert keys.returncode == 0 and "[/x] [bold]k[/]" in keys.stdout, keys.stdout + keys.stderr
 
 
 def test_bad_values_ids_and_addresses_are_one_line_errors(plane: Plane, tmp_path: Path) -> None:
     cloud = plane.cloud
     for option in ("--failure-threshold", "--wave-timeout", "--health-window", "--max-eval-drop"):
-        failed(run(cloud, "rollout", "create", "demo-glm:1", option, "nan"), 2, "finite")
-    failed(run(cloud, "rollout", "create", "demo-glm:1", "--waves", "inf,100"), 2, "--waves")
-    failed(run(cloud, "fleet", "command", "mine", "ping", "--wait", "inf"), 2)
-    failed(run(cloud, "fleet", "command", "mine", "ping", "--wait", "61"), 2)
+        failed(cli(cloud, "rollout", "create", "demo-glm:1", option, "nan"), 2, "finite")
+    failed(cli(cloud, "rollout", "create", "demo-glm:1", "--waves", "inf,100"), 2, "--waves")
+    failed(cli(cloud, "fleet", "command", "mine", "ping", "--wait", "inf"), 2)
+    failed(cli(cloud, "fleet", "command", "mine", "ping", "--wait", "61"), 2)
     # An empty id, or one that is a path, is no other endpoint.
-    failed(run(cloud, "rollout", "status", ""), 2, "empty")
-    failed(run(cloud, "fleet", "label", "", "a=b"), 2, "empty")
-    failed(run(cloud, "rollout", "status", "../devices"), 2, "no id")
-    failed(run(cloud, "fleet", "command", "a?b", "ping"), 2, "no id")
+    failed(cli(cloud, "rollout", "status", ""), 2, "empty")
+    failed(cli(cloud, "fleet", "label", "", "a=b"), 2, "empty")
+    failed(cli(cloud, "rollout", "status", "../devices"), 2, "no id")
+    failed(cli(cloud, "fleet", "command", "a?b", "ping"), 2, "no id")
     # Which half of a label is wrong.
-    failed(run(cloud, "fleet", "label", "mine", "k=v v"), 1, "value of label 'k'")
+    failed(cli(cloud, "fleet", "label", "mine", "k=v v"), 1, "value of label 'k'")
     # Addresses and keys that cannot work say so, without blaming the network.
-    failed(run(cloud, "fleet", "ls", AUTOGLM_URL="http://127.0.0.1:abc"), 1, "not a URL")
-    failed(run(cloud, "fleet", "ls", AUTOGLM_API_KEY=f"{cloud.key} x"), 1, "API key holds spaces")
-    failed(run(cloud, "fleet", "ls", AUTOGLM_API_KEY="agk_é"), 1, "API key")
+    failed(cli(cloud, "fleet", "ls", AUTOGLM_URL="http://127.0.0.1:abc"), 1, "not a URL")
+    failed(cli(cloud, "fleet", "ls", AUTOGLM_API_KEY=f"{cloud.key} x"), 1, "API key holds spaces")
+    failed(cli(cloud, "fleet", "ls", AUTOGLM_API_KEY="agk_é"), 1, "API key")
     # Config files that are not UTF-8, empty or not a mapping.
     (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe")
-    failed(run(cloud, "config", "push", str(tmp_path / "bin.yaml")), 2, "cannot read")
+    failed(cli(cloud, "config", "push", str(tmp_path / "bin.yaml")), 2, "cannot read")
     (tmp_path / "empty.yaml").write_text("")
-    failed(run(cloud, "config", "push", str(tmp_path / "empty.yaml")), 2, "is empty")
+    failed(cli(cloud, "config", "push", str(tmp_path / "empty.yaml")), 2, "is empty")
     (tmp_path / "list.yaml").write_text("- a\n")
-    failed(run(cloud, "config", "push", str(tmp_path / "list.yaml")), 2, "not a mapping")
+    failed(cli(cloud, "config", "push", str(tmp_path / "list.yaml")), 2, "not a mapping")
 
 
 class _NotTheControlPlane(http.server.BaseHTTPRequestHandler):
@@ -151,7 +138,7 @@ def test_another_server_at_the_url_is_named_not_a_traceback(plane: Plane) -> Non
     try:
         for url in (other, f"{other}/json"):
             for cmd in (("fleet", "ls"), ("rollout", "ls"), ("rollout", "status", "r1")):
-                r = run(cloud, *cmd, AUTOGLM_URL=url)
+                r = cli(cloud, *cmd, AUTOGLM_URL=url)
                 failed(r, 1, "not the control plane's")
                 assert len(r.stderr) < 400, r.stderr  # a line, not the page
     finally:
@@ -161,15 +148,15 @@ def test_another_server_at_the_url_is_named_not_a_traceback(plane: Plane) -> Non
 def test_exit_codes_tell_scripts_what_happened(plane: Plane) -> None:
     cloud = plane.cloud
     # A device that never answers is not a passed health check.
-    silent = run(cloud, "fleet", "command", "mine", "ping", "--wait", "1")
+    silent = cli(cloud, "fleet", "command", "mine", "ping", "--wait", "1")
     failed(silent, 1, "no reply within 1 s")
-    assert run(cloud, "fleet", "command", "mine", "ping", "--wait", "0").returncode == 0
+    assert cli(cloud, "fleet", "command", "mine", "ping", "--wait", "0").returncode == 0
     # --watch ends 1 for a rollout that did not complete.
-    created = run(cloud, "rollout", "create", "demo-glm:1", "-l", "", "--waves", "100")
+    created = cli(cloud, "rollout", "create", "demo-glm:1", "-l", "", "--waves", "100")
     assert created.returncode == 0, created.stderr
     rid = created.stdout.split()[1]
     assert cli(cloud, "rollout", "abort", rid).returncode == 0
-    watched = run(cloud, "rollout", "status", rid, "--watch")
+    watched = cli(cloud, "rollout", "status", rid, "--watch")
     failed(watched, 1, "aborted")
 
 
@@ -188,23 +175,23 @@ def test_the_wait_for_a_reply_is_not_cut_by_the_http_timeout(monkeypatch: pytest
 
 def test_assign_refuses_unknown_and_busy_devices(plane: Plane) -> None:
     cloud, tenant, config = plane.cloud, plane.tenant, str(plane.config)
-    unknown = run(cloud, "cloud", "assign", "nosuchdev", "demo-glm:1", "-c", config, "--tenant", tenant)
+    unknown = cli(cloud, "cloud", "assign", "nosuchdev", "demo-glm:1", "-c", config, "--tenant", tenant)
     failed(unknown, 1, "no such device", "--new")
     assert "nosuchdev" not in cli(cloud, "fleet", "ls", "--json").stdout
-    new = run(
+    new = cli(
         cloud, "cloud", "assign", "pre-provisioned", "demo-glm:1", "-c", config, "--tenant", tenant, "--new"
     )
     assert new.returncode == 0 and "[cloud] pre-provisioned → demo-glm:1" in new.stdout, (
         new.stdout + new.stderr
     )
-    created = run(cloud, "rollout", "create", "demo-glm:1", "-l", "", "--waves", "100")
+    created = cli(cloud, "rollout", "create", "demo-glm:1", "-l", "", "--waves", "100")
     assert created.returncode == 0, created.stderr
     rid = created.stdout.split()[1]
-    busy = run(cloud, "cloud", "assign", "mine", "demo-glm:1", "-c", config, "--tenant", tenant)
+    busy = cli(cloud, "cloud", "assign", "mine", "demo-glm:1", "-c", config, "--tenant", tenant)
     failed(busy, 1, f"rollout {rid}")
     assert cli(cloud, "rollout", "abort", rid).returncode == 0  # the module's other tests make their own
     # The same config's port is the running control plane's: refused before anything starts.
-    second = run(cloud, "cloud", "serve", "--config", config)
+    second = cli(cloud, "cloud", "serve", "--config", config)
     failed(second, 1, "cannot listen on")
 
 
@@ -212,14 +199,7 @@ def test_broker_config_and_enroll_keep_the_broker_folder_true(tmp_path: Path) ->
     pki, broker = tmp_path / "pki", tmp_path / "broker"
 
     def cmd(*args: str) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "AUTOGLM_HOME": str(tmp_path / "home")}
-        return subprocess.run(
-            [sys.executable, "-m", "cloud.cli", "fleet", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
-        )
+        return autoglm("fleet", *args, home=tmp_path / "home", timeout=60)
 
     for bad in (
         ["--port", "70000"],
@@ -249,22 +229,11 @@ def test_broker_config_and_enroll_keep_the_broker_folder_true(tmp_path: Path) ->
 
 
 def test_reading_a_registry_that_is_not_there_is_an_error(tmp_path: Path) -> None:
-    env = {**os.environ, "AUTOGLM_HOME": str(tmp_path / "home")}
+    home = tmp_path / "home"
     for args in (["model", "ls"], ["model", "gc"], ["model", "show", "a:1"]):
-        r = subprocess.run(
-            [sys.executable, "-m", "cloud.cli", *args, "--registry", str(tmp_path / "nope")],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
+        failed(
+            autoglm(*args, "--registry", str(tmp_path / "nope"), home=home, timeout=60), 1, "no registry at"
         )
-        failed(r, 1, "no registry at")
     # The default registry not made yet is simply empty.
-    r = subprocess.run(
-        [sys.executable, "-m", "cloud.cli", "model", "ls"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    r = autoglm("model", "ls", home=home, timeout=60)
     assert r.returncode == 0 and "No models" in r.stdout

@@ -39,15 +39,11 @@ def listen(host: str, port: int) -> list[socket.socket]:
     the lifespan: a server still starting refuses connections, as before (the gateway takes a
     refused connection for a replica that is down and tries another at once; a listening socket
     nobody serves would hold each request until its timeout)."""
-    try:
-        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot listen on {host}:{port}: {exc.strerror or exc}", host=host, port=port
-        ) from exc
     sockets: list[socket.socket] = []
     try:
-        for family, kind, proto, _, address in dict.fromkeys((f, k, p, "", a) for f, k, p, _, a in found):
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        # Each address once (getaddrinfo may list one per protocol).
+        for family, kind, proto, address in dict.fromkeys((f, k, p, a) for f, k, p, _, a in found):
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -55,7 +51,7 @@ def listen(host: str, port: int) -> list[socket.socket]:
                 # "::" would take the IPv4 port too, and the 0.0.0.0 socket beside it then fail.
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
-    except OSError as exc:
+    except OSError as exc:  # a name that resolves to nothing, a port in use, one not ours to take
         for sock in sockets:
             sock.close()
         raise ConfigError(
