@@ -92,9 +92,65 @@ def test_batched_answers_equal_the_answers_alone(folder, demo_package, alone) ->
     buffers = model.generator.model._buffers
     assert buffers is not None and buffers.rows >= 3
     assert host.generating == 0 and host.waiting == 0 and host._admitted == 0
-    # The prefix caches of the rows serve a later request that starts the same way.
-    again = asyncio.run(_collect(host, PROMPTS[4] + "):\n", 8))[0]
-    assert again.cached_tokens > 0
+    # The prefix caches of the rows serve a later request that starts the same way (the first
+    # prompt's row is the one no later request took).
+    again = asyncio.run(_collect(host, PROMPTS[0] + "import re\n", 8))[0]
+    assert again.cached_tokens >= len(model.generator.tokenizer.encode(PROMPTS[0]).ids) - 1
+
+
+def test_apps_taking_turns_each_keep_their_prompt_cache(folder, demo_package) -> None:  # type: ignore[no-untyped-def]
+    """Two apps with different long prompts, one request at a time: each request goes to a row
+    of its own instead of overwriting the other app's cache (the lowest free row before), so every
+    later request of either app reads only what follows its cached prefix; answers as alone."""
+    model = _load(folder, demo_package)
+    host = ModelHost(queue_size=4, parallel=4)
+    host.swap(model)
+    apps = ("import os\nimport sys\nfrom pathlib import Path\n" * 6, "class Config:\n    x = [1, 2]\n" * 6)
+    first = {a: asyncio.run(_collect(host, a + "def main():", 8))[0] for a in apps}
+    assert all(r.cached_tokens <= 2 for r in first.values())  # a chat template's opening at most
+    tokenizer = model.generator.tokenizer
+    for a in apps:
+        again = asyncio.run(_collect(host, a + "def other():", 8))[0]
+        assert again.cached_tokens >= len(tokenizer.encode(a).ids) - 1, a
+        assert again.text == model.generator.generate(Prompt(a + "def other():"), _params(8)).text
+    buffers = model.generator.model._buffers
+    assert buffers is not None and buffers.rows == 2
+
+
+def test_a_request_takes_the_row_that_serves_it_or_loses_least() -> None:
+    """The choice of a KV row, on stand-in rows: a row that keeps half the prompt or as much as
+    it overwrites; else an empty row, else a new one (when allowed), else the least recently
+    used."""
+    from types import SimpleNamespace
+
+    from edge_agent.runtime.session import _PrefixCache, _SharedBuffers
+
+    def rows(*cached: tuple[list[int], int]) -> SimpleNamespace:
+        caches = []
+        for tokens, used in cached:
+            cache = _PrefixCache()
+            cache.tokens, cache.last_used = list(tokens), used
+            caches.append(SimpleNamespace(cache=cache))
+        return SimpleNamespace(rows=len(caches), by_row=caches)
+
+    def choose(b: SimpleNamespace, prompt: list[int], busy: set[int] = frozenset(), grow: bool = False):  # type: ignore[no-untyped-def,assignment]
+        return _SharedBuffers.choose_row(b, prompt, frozenset(busy), can_grow=grow)  # type: ignore[arg-type]
+
+    other = [1, 2, *range(100, 140)]  # another app: shares a template's two opening tokens
+    mine = [1, 2, *range(200, 230)]
+    # The next turn of a conversation, and a prompt sharing half of itself: taken.
+    assert choose(rows((other, 1), (mine + [7] * 50, 2)), [*mine, 9]) == 1
+    assert choose(rows((list(range(10)) + [5] * 40, 1)), list(range(10)) + [6] * 9) == 0
+    # Two shared tokens of a 40-token cache: an empty row instead, else a new one.
+    assert choose(rows((other, 1), ([], 0), ([], 0)), mine) == 1
+    assert choose(rows((other, 1)), mine, grow=True) is None
+    # Neither: the least recently used.
+    assert choose(rows((other, 1), (other[:20], 2)), mine) == 0
+    assert choose(rows((other, 5), (other, 2), (other, 9)), mine) == 1
+    assert choose(rows((other, 5), (other, 2), (other, 9)), mine, busy={1}) == 0
+    # Every row busy, or no prompt to match (the prefix cache off): as before.
+    assert choose(rows((other, 1)), mine, busy={0}) is None
+    assert choose(rows((other, 1), ([], 0)), []) == 0
 
 
 def test_blocking_and_streaming_requests_share_steps(folder, demo_package, alone) -> None:  # type: ignore[no-untyped-def]

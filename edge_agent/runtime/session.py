@@ -169,12 +169,15 @@ class OnnxCausalLM:
             keep = self._concat_cache.reusable(prompt_ids)
             return _ConcatDecoder(self, self._concat_cache, keep)
         b = self._buffers
-        if b is not None and len(busy) < b.rows:
-            row = b.choose_row(prompt_ids, busy)
+        chosen = b.choose_row(prompt_ids, busy, can_grow=b.rows < rows) if b is not None else None
+        if chosen is not None:
+            row = chosen
         else:
-            row = b.rows if b is not None else 0  # every row is taken: one more
+            # Every row is taken, or every free one holds another prompt's cache that this one
+            # would overwrite for little: one more row (the scheduler admits no more than ``rows``).
+            row = b.rows if b is not None else 0
             if row >= rows:
-                raise RuntimeError(f"all {rows} KV rows are taken")  # the scheduler admits no more
+                raise RuntimeError(f"all {rows} KV rows are taken")
         want = max(2, row + 1 + (row + 1) % 2) if invariant and self.batches else row + 1
         if b is None or b.capacity < capacity or b.rows < want:
             size = min(self.io.context_length, -(-capacity // _KV_GRANULE) * _KV_GRANULE)
@@ -229,6 +232,9 @@ class _PrefixCache:
     def __init__(self) -> None:
         self.tokens: list[int] = []
         self.past: dict[str, np.ndarray] = {}
+        # When a sequence last started on it (its buffers' count of starts): the least recently
+        # used cache is the one given up when every choice loses one.
+        self.last_used = 0
 
     def reusable(self, prompt_ids: Sequence[int]) -> int:
         """How many leading positions a sequence starting with ``prompt_ids`` can keep: the
@@ -323,6 +329,7 @@ class _SharedBuffers:
             for r in range(rows)
         ]
         self._steps: dict[int, _BatchBinding] = {}
+        self._starts: int = old._starts if old is not None else 0
         # Bindings of adjacent rows (first row, how many) for prompt pieces read together.
         self._prefills: dict[tuple[int, int], ort.IOBinding] = {}
 
@@ -340,18 +347,43 @@ class _SharedBuffers:
             binding.bind_ortvalue_input(name_in, value)
             binding.bind_ortvalue_output(name_out, value)
 
-    def choose_row(self, prompt_ids: Sequence[int], busy: frozenset[int]) -> int:
-        """The free row whose cache shares the longest prefix with ``prompt_ids`` (the lowest on a
-        tie, so that batched steps stay narrow)."""
+    def choose_row(
+        self, prompt_ids: Sequence[int], busy: frozenset[int], *, can_grow: bool = False
+    ) -> int | None:
+        """The free row for a sequence starting with ``prompt_ids``; None for a new row (when
+        every row is busy, or ``can_grow`` and each free row holds a cache worth keeping).
+
+        Taking a row keeps the prefix its cache shares with the prompt and overwrites the rest.
+        A row worth taking keeps at least half of the prompt (the next turn of its conversation,
+        the same system prompt; llama.cpp's server takes a slot at the same similarity) or at
+        least as much as it overwrites; of those, the one that keeps most (the lowest on a tie,
+        so that batched steps stay narrow). Otherwise the prompt would overwrite another prompt's
+        cache for a few shared tokens (a chat template's opening): it goes to an empty row or a
+        new one, so that two apps taking turns each keep their cache, and only when there is
+        neither to the least recently used row (as llama.cpp's server picks a slot then)."""
         free = [r for r in range(self.rows) if r not in busy]
         if not free:
-            raise RuntimeError("no free KV row")  # the scheduler never admits more than it has
-        return max(free, key=lambda r: (self.by_row[r].cache.reusable(prompt_ids), -r))
+            return None
+        if not prompt_ids:  # nothing to match (the prefix cache is off)
+            return free[0]
+        kept = {r: self.by_row[r].cache.reusable(prompt_ids) for r in free}
+        lost = {r: len(self.by_row[r].cache.tokens) - kept[r] for r in free}
+        worth = [r for r in free if kept[r] > 0 and (2 * kept[r] >= len(prompt_ids) or kept[r] >= lost[r])]
+        if worth:
+            return max(worth, key=lambda r: (kept[r], -r))
+        empty = [r for r in free if not self.by_row[r].cache.tokens]
+        if empty:
+            return empty[0]
+        if can_grow:
+            return None
+        return min(free, key=lambda r: (self.by_row[r].cache.last_used, r))
 
     def start(self, row: int, prompt_ids: Sequence[int] = ()) -> _SharedDecoder:
         cache = self.by_row[row].cache
         keep = cache.reusable(prompt_ids)
         cache.keep(keep)
+        self._starts += 1
+        cache.last_used = self._starts
         return _SharedDecoder(self.model, row, keep)
 
     def step_rows(
