@@ -20,7 +20,8 @@ non-embedding weights once, so
 Usage: python bench/edge_decode.py [--model llama-134m|smollm2|glm-135m|qwen2-0.5b ...] [--threads 2] [--runs 5]
        [--new-tokens 64] [--chat-tokens 300] [--workdir DIR] [--skip-plain]
        python bench/edge_decode.py --model smollm2 --structured   (json_schema grammar vs none)
-       python bench/edge_decode.py --model smollm2 --prefix-cache (second-turn TTFT, cache vs none)
+       python bench/edge_decode.py --model smollm2 --prefix-cache (second-turn TTFT, cache vs none;
+           two apps taking turns on 4 slots: the row choice now vs before)
        python bench/edge_decode.py --model smollm2 --prefill-logits (lm_head on all positions vs last;
            pieces of PREFILL_CHUNK vs the prompt in one step)
 """
@@ -525,7 +526,7 @@ def main() -> None:
     ap.add_argument(
         "--prefix-cache",
         action="store_true",
-        help="Instead: second-turn time to first token with the prefix cache vs without (--model smollm2).",
+        help="Instead: second-turn time to first token with the prefix cache vs without, and two apps taking turns (--model smollm2).",
     )
     ap.add_argument(
         "--skip-plain", action="store_true", help="Skip the generic-export int8 row (the foundation's loop)."
@@ -849,6 +850,12 @@ AGENT_SYSTEM = " ".join(
     "and never switch the irrigation valves without a confirmation from the operator."
     for i in range(1, 15)
 )
+# A second app on the same device (a maintenance assistant), with instructions of its own.
+MAINTENANCE_SYSTEM = " ".join(
+    f"Step {i}: list the pumps that reported a fault since the last shift, give each one's last "
+    "pressure reading in bar, and ask the technician before scheduling any replacement part."
+    for i in range(1, 14)
+)
 
 
 def prefix_cache_bench(src: Path, graph: Path, io: IOSignature, args: argparse.Namespace) -> None:
@@ -908,6 +915,77 @@ def prefix_cache_bench(src: Path, graph: Path, io: IOSignature, args: argparse.N
     print(f"{'without prefix cache':<22}{cold * 1000:>9.1f} ms to first token")
     print(f"{'with prefix cache':<22}{warm * 1000:>9.1f} ms to first token   {cold / warm:.1f}x lower")
     print(f"answers identical: {same}")
+    print()
+    apps_taking_turns(graph, io, tokenizer, template, args)
+
+
+def apps_taking_turns(
+    graph: Path, io: IOSignature, tokenizer: Any, template: Any, args: argparse.Namespace
+) -> None:
+    """Two apps with different system prompts send requests in turn, one at a time, to an agent
+    with 4 parallel slots (its default): time to first token of every request after each app's
+    first, with the KV row chosen as the edge chooses it, and as it was chosen before (the free
+    row sharing the longest prefix, the lowest on a tie: the other app's cache was overwritten)."""
+    from edge_agent.runtime.session import OnnxCausalLM, _SharedBuffers
+
+    slots, answer = 4, 24
+    ours = _SharedBuffers.choose_row
+
+    def lowest_free(
+        self: _SharedBuffers, prompt_ids: Any, busy: frozenset[int], *, can_grow: bool = False
+    ) -> int | None:
+        free = [r for r in range(self.rows) if r not in busy]
+        return max(free, key=lambda r: (self.by_row[r].cache.reusable(prompt_ids), -r)) if free else None
+
+    questions = (
+        "Is it warm enough for tomatoes?",
+        "And for basil?",
+        "Should I open the vents?",
+        "Any faults?",
+    )
+    systems = {"greenhouse": AGENT_SYSTEM, "maintenance": MAINTENANCE_SYSTEM}
+    prompts = [
+        template.prompt([{"role": "system", "content": system}, {"role": "user", "content": q}]).encode(
+            tokenizer
+        )
+        for q in questions
+        for system in systems.values()
+    ]
+    policies = {"as chosen now": ours, "lowest free row (before)": lowest_free}
+    engines = {
+        label: OnnxCausalLM(graph, io, threads=args.threads, custom_ops=edge_kernels()) for label in policies
+    }
+    ttft: dict[str, list[float]] = {label: [] for label in policies}
+    cached: dict[str, list[int]] = {label: [] for label in policies}
+    for r in range(args.runs):
+        for label in list(policies)[r % 2 :] + list(policies)[: r % 2]:
+            lm = engines[label]
+            _SharedBuffers.choose_row = policies[label]  # type: ignore[method-assign]
+            try:
+                for i, ids in enumerate(prompts):
+                    time.sleep(SETTLE_S / 10)
+                    d = lm.decoder(len(ids) + answer + 1, ids, rows=slots)
+                    reused = d.past_len
+                    t0 = time.perf_counter()
+                    logits = d.step(list(ids[reused:]), last_only=True)
+                    elapsed = time.perf_counter() - t0
+                    if r > 0 or i >= len(systems):  # each app's first request of the bench fills its cache
+                        ttft[label].append(elapsed)
+                        cached[label].append(reused)
+                    for _ in range(answer):
+                        logits = d.step([int(logits[-1].argmax())])
+            finally:
+                _SharedBuffers.choose_row = ours  # type: ignore[method-assign]
+    print(
+        f"two apps taking turns ({', '.join(f'{len(tokenizer.encode(s).ids)}-token' for s in systems.values())} "
+        f"system prompts, a different question each time, {answer}-token answers), one request at a time, "
+        f"{slots} slots; medians of {len(ttft[next(iter(ttft))])} requests"
+    )
+    for label in policies:
+        print(
+            f"{label:<26}{statistics.median(ttft[label]) * 1000:>9.1f} ms to first token, "
+            f"{statistics.median(cached[label]):>5.0f} prompt tokens from the cache"
+        )
     print()
 
 

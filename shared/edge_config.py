@@ -33,7 +33,8 @@ class RuntimeTuning(WireModel):
     # Requests allowed to wait while others generate; beyond it the API answers 429.
     queue_size: Annotated[int, Field(strict=True, ge=0, le=4096)] | None = None
     # Requests decoded together in one batched step (parallel slots); 1: one at a time. Each
-    # takes its own KV-cache row (memory grows with it); applies to the next request admitted.
+    # takes its own KV-cache row (memory grows with it; rows also keep the prefix caches of
+    # prompts taking turns); applies to the next request admitted.
     parallel: Annotated[int, Field(strict=True, ge=1, le=64)] | None = None
     # Decode even a lone request as a batch of two, so that no answer depends on what else is
     # decoding (quantized graphs; a lone stream decodes slower). Off: answers are as good, and
