@@ -98,10 +98,23 @@ def test_batched_answers_equal_the_answers_alone(folder, demo_package, alone) ->
     assert again.cached_tokens >= len(model.generator.tokenizer.encode(PROMPTS[0]).ids) - 1
 
 
-def test_apps_taking_turns_each_keep_their_prompt_cache(folder, demo_package) -> None:  # type: ignore[no-untyped-def]
+def test_apps_taking_turns_each_keep_their_prompt_cache(
+    folder, demo_package, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     """Two apps with different long prompts, one request at a time: each request goes to a row
     of its own instead of overwriting the other app's cache (the lowest free row before), so every
-    later request of either app reads only what follows its cached prefix; answers as alone."""
+    later request of either app reads only what follows its cached prefix; answers as alone. A
+    request alone decodes in one-row steps on whichever row it holds (not beside idle rows)."""
+    from edge_agent.runtime.session import _SharedBuffers
+
+    spans: list[tuple[int, int]] = []
+    original = _SharedBuffers.step_rows
+
+    def spy(self, decoders, tokens, invariant=False):  # type: ignore[no-untyped-def]
+        spans.append(self._span(decoders, invariant))
+        return original(self, decoders, tokens, invariant)
+
+    monkeypatch.setattr(_SharedBuffers, "step_rows", spy)
     model = _load(folder, demo_package)
     host = ModelHost(queue_size=4, parallel=4)
     host.swap(model)
@@ -115,6 +128,7 @@ def test_apps_taking_turns_each_keep_their_prompt_cache(folder, demo_package) ->
         assert again.text == model.generator.generate(Prompt(a + "def other():"), _params(8)).text
     buffers = model.generator.model._buffers
     assert buffers is not None and buffers.rows == 2
+    assert {lo for lo, _ in spans} == {0, 1} and {width for _, width in spans} == {1}
 
 
 def test_a_request_takes_the_row_that_serves_it_or_loses_least() -> None:
@@ -536,7 +550,7 @@ def test_batch_invariant_steps_have_even_widths(
     original = _SharedBuffers.step_rows
 
     def spy(self, decoders, tokens, invariant=False):  # type: ignore[no-untyped-def]
-        widths.append(self._width(decoders, invariant))
+        widths.append(self._span(decoders, invariant)[1])
         return original(self, decoders, tokens, invariant)
 
     monkeypatch.setattr(_SharedBuffers, "step_rows", spy)

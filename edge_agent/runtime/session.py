@@ -328,7 +328,7 @@ class _SharedBuffers:
             )
             for r in range(rows)
         ]
-        self._steps: dict[int, _BatchBinding] = {}
+        self._steps: dict[tuple[int, int], _BatchBinding] = {}
         self._starts: int = old._starts if old is not None else 0
         # Bindings of adjacent rows (first row, how many) for prompt pieces read together.
         self._prefills: dict[tuple[int, int], ort.IOBinding] = {}
@@ -393,12 +393,12 @@ class _SharedBuffers:
 
         Rows between them that are not decoding ride along on a dummy token; what it writes lands
         just past their cached prefix, which nothing reads."""
-        width = self._width(decoders, invariant)
-        step = self._steps.get(width)
+        lo, width = self._span(decoders, invariant)
+        step = self._steps.get((lo, width))
         if step is None:
-            step = self._steps[width] = _BatchBinding(self, width)
+            step = self._steps[(lo, width)] = _BatchBinding(self, lo, width)
         for r in range(width):
-            cache = self.by_row[r].cache
+            cache = self.by_row[lo + r].cache
             if len(cache.tokens) >= self.capacity:
                 cache.keep(self.capacity - 1)
             step.seqlens[r] = len(cache.tokens)
@@ -407,8 +407,8 @@ class _SharedBuffers:
             if d.past_len + 1 > self.capacity:
                 raise ContextTooLong(f"sequence exceeds the KV buffer of {self.capacity}")
             self.by_row[d.row].cache.keep(d.past_len)
-            step.seqlens[d.row] = d.past_len
-            step.ids[d.row, 0] = token
+            step.seqlens[d.row - lo] = d.past_len
+            step.ids[d.row - lo, 0] = token
         step.total[()] = int(step.seqlens.max()) + 1
         try:
             self.model.session.run_with_iobinding(step.binding)
@@ -419,7 +419,7 @@ class _SharedBuffers:
         for d, token in zip(decoders, tokens, strict=True):
             self.by_row[d.row].cache.tokens.append(token)
             d.past_len += 1
-        rows = [d.row for d in decoders]
+        rows = [d.row - lo for d in decoders]
         if rows == list(range(width)):
             # The binding's own array, not a copy of it (786 KB a step for 4 rows of SmolLM2's
             # vocabulary): the caller samples from it before the next step.
@@ -481,10 +481,16 @@ class _SharedBuffers:
             d.past_len += len(piece)
         return out
 
-    def _width(self, decoders: Sequence[_SharedDecoder], invariant: bool) -> int:
-        """Rows in a batched step: up to the highest decoding row (an even count if ``invariant``)."""
-        width = max(d.row for d in decoders) + 1
-        return min(self.rows, width + width % 2) if invariant else width
+    def _span(self, decoders: Sequence[_SharedDecoder], invariant: bool) -> tuple[int, int]:
+        """The rows a batched step binds, [lo, lo + width): the lowest decoding row to the highest,
+        so that a sequence alone steps alone on whichever row it holds (the rows it takes move
+        with the prompts it serves, :meth:`choose_row`). ``invariant``: an even count (as many as
+        the buffers hold at most), moved down where it would run past the last row."""
+        lo, hi = min(d.row for d in decoders), max(d.row for d in decoders) + 1
+        if not invariant:
+            return lo, hi - lo
+        width = min(self.rows, hi - lo + (hi - lo) % 2)
+        return max(0, min(lo, self.rows - width)), width
 
 
 class _RowBinding:
@@ -514,9 +520,9 @@ class _RowBinding:
 
 
 class _BatchBinding:
-    """Rows [0, width) of the KV buffers bound for one batched decode step."""
+    """Rows [lo, lo + width) of the KV buffers bound for one batched decode step."""
 
-    def __init__(self, buffers: _SharedBuffers, width: int) -> None:
+    def __init__(self, buffers: _SharedBuffers, lo: int, width: int) -> None:
         model = buffers.model
         self.binding = model.session.io_binding()
         self.ids = np.zeros((width, 1), dtype=np.int64)
@@ -524,7 +530,7 @@ class _BatchBinding:
         self.total = np.zeros((), dtype=np.int32)
         self.logits = np.zeros((width, 1, model.io.vocab_size), dtype=np.float32)
         self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
-        buffers.bind_kv(self.binding, buffers.values(0, width))
+        buffers.bind_kv(self.binding, buffers.values(lo, lo + width))
         self.binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self.ids))
         self.binding.bind_ortvalue_input("seqlens_k", ort.OrtValue.ortvalue_from_numpy(self.seqlens))
         self.binding.bind_ortvalue_input(
