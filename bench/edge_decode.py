@@ -21,7 +21,7 @@ Usage: python bench/edge_decode.py [--model llama-134m|smollm2|glm-135m|qwen2-0.
        [--new-tokens 64] [--chat-tokens 300] [--workdir DIR] [--skip-plain]
        python bench/edge_decode.py --model smollm2 --structured   (json_schema grammar vs none)
        python bench/edge_decode.py --model smollm2 --prefix-cache (second-turn TTFT, cache vs none;
-           two apps taking turns on 4 slots: the row choice now vs before)
+           requests one at a time on 4 slots, two apps or one: the row choice now vs before)
        python bench/edge_decode.py --model smollm2 --prefill-logits (lm_head on all positions vs last;
            pieces of PREFILL_CHUNK vs the prompt in one step)
 """
@@ -922,11 +922,12 @@ def prefix_cache_bench(src: Path, graph: Path, io: IOSignature, args: argparse.N
 def apps_taking_turns(
     graph: Path, io: IOSignature, tokenizer: Any, template: Any, args: argparse.Namespace
 ) -> None:
-    """Two apps with different system prompts send requests in turn, one at a time, to an agent
-    with 4 parallel slots (its default): time to first token and decode rate (stepped as the
-    scheduler steps) of every request after each app's first, with the KV row chosen as the edge
-    chooses it, and as it was chosen before (the free row sharing the longest prefix, the lowest
-    on a tie: the other app's cache was overwritten)."""
+    """Requests one at a time to an agent with 4 parallel slots (its default): two apps with
+    different system prompts taking turns, then one app asking a new question each time. Time to
+    first token and decode rate (stepped as the scheduler steps) of every request after each
+    app's first, with the KV row chosen as the edge chooses it, and as it was chosen before (the
+    free row sharing the longest prefix, the lowest on a tie: the other app's cache was
+    overwritten)."""
     from edge_agent.runtime.session import OnnxCausalLM, _SharedBuffers
 
     slots, answer = 4, 24
@@ -944,54 +945,63 @@ def apps_taking_turns(
         "Should I open the vents?",
         "Any faults?",
     )
-    systems = {"greenhouse": AGENT_SYSTEM, "maintenance": MAINTENANCE_SYSTEM}
-    prompts = [
-        template.prompt([{"role": "system", "content": system}, {"role": "user", "content": q}]).encode(
-            tokenizer
-        )
-        for q in questions
-        for system in systems.values()
-    ]
     policies = {"as chosen now": ours, "lowest free row (before)": lowest_free}
-    engines = {
-        label: OnnxCausalLM(graph, io, threads=args.threads, custom_ops=edge_kernels()) for label in policies
+    scenarios = {
+        "two apps taking turns": {"greenhouse": AGENT_SYSTEM, "maintenance": MAINTENANCE_SYSTEM},
+        "one app, a new question each time": {"greenhouse": AGENT_SYSTEM},
     }
-    ttft: dict[str, list[float]] = {label: [] for label in policies}
-    cached: dict[str, list[int]] = {label: [] for label in policies}
-    decode: dict[str, list[float]] = {label: [] for label in policies}
-    for r in range(args.runs):
-        for label in list(policies)[r % 2 :] + list(policies)[: r % 2]:
-            lm = engines[label]
-            _SharedBuffers.choose_row = policies[label]  # type: ignore[method-assign]
-            try:
-                for i, ids in enumerate(prompts):
-                    time.sleep(SETTLE_S / 10)
-                    d = lm.decoder(len(ids) + answer + 1, ids, rows=slots)
-                    reused = d.past_len
-                    t0 = time.perf_counter()
-                    logits = d.step(list(ids[reused:]), last_only=True)
-                    elapsed = time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    for _ in range(answer):
-                        logits = lm.step_together([d], [int(logits[-1].argmax())])  # as the scheduler steps
-                    if r > 0 or i >= len(systems):  # each app's first request of the bench fills its cache
-                        ttft[label].append(elapsed)
-                        cached[label].append(reused)
-                        decode[label].append(answer / (time.perf_counter() - t0))
-            finally:
-                _SharedBuffers.choose_row = ours  # type: ignore[method-assign]
-    print(
-        f"two apps taking turns ({', '.join(f'{len(tokenizer.encode(s).ids)}-token' for s in systems.values())} "
-        f"system prompts, a different question each time, {answer}-token answers), one request at a time, "
-        f"{slots} slots; medians of {len(ttft[next(iter(ttft))])} requests"
-    )
-    for label in policies:
+    for title, systems in scenarios.items():
+        prompts = [
+            template.prompt([{"role": "system", "content": system}, {"role": "user", "content": q}]).encode(
+                tokenizer
+            )
+            for q in questions
+            for system in systems.values()
+        ]
+        engines = {
+            label: OnnxCausalLM(graph, io, threads=args.threads, custom_ops=edge_kernels())
+            for label in policies
+        }
+        ttft: dict[str, list[float]] = {label: [] for label in policies}
+        cached: dict[str, list[int]] = {label: [] for label in policies}
+        decode: dict[str, list[float]] = {label: [] for label in policies}
+        for r in range(args.runs):
+            for label in list(policies)[r % 2 :] + list(policies)[: r % 2]:
+                lm = engines[label]
+                _SharedBuffers.choose_row = policies[label]  # type: ignore[method-assign]
+                try:
+                    for i, ids in enumerate(prompts):
+                        time.sleep(SETTLE_S / 10)
+                        d = lm.decoder(len(ids) + answer + 1, ids, rows=slots)
+                        reused = d.past_len
+                        t0 = time.perf_counter()
+                        logits = d.step(list(ids[reused:]), last_only=True)
+                        elapsed = time.perf_counter() - t0
+                        t0 = time.perf_counter()
+                        for _ in range(answer):
+                            logits = lm.step_together(
+                                [d], [int(logits[-1].argmax())]
+                            )  # as the scheduler steps
+                        if r > 0 or i >= len(
+                            systems
+                        ):  # each app's first request of the bench fills its cache
+                            ttft[label].append(elapsed)
+                            cached[label].append(reused)
+                            decode[label].append(answer / (time.perf_counter() - t0))
+                finally:
+                    _SharedBuffers.choose_row = ours  # type: ignore[method-assign]
         print(
-            f"{label:<26}{statistics.median(ttft[label]) * 1000:>9.1f} ms to first token, "
-            f"{statistics.median(cached[label]):>5.0f} prompt tokens from the cache, "
-            f"{statistics.median(decode[label]):>6.1f} decode tok/s"
+            f"{title} ({', '.join(f'{len(tokenizer.encode(s).ids)}-token' for s in systems.values())} system "
+            f"prompt(s), a different question each time, {answer}-token answers), one request at a time, "
+            f"{slots} slots; medians of {len(ttft[next(iter(ttft))])} requests"
         )
-    print()
+        for label in policies:
+            print(
+                f"{label:<26}{statistics.median(ttft[label]) * 1000:>9.1f} ms to first token, "
+                f"{statistics.median(cached[label]):>5.0f} prompt tokens from the cache, "
+                f"{statistics.median(decode[label]):>6.1f} decode tok/s"
+            )
+        print()
 
 
 def prefill_logits_bench(

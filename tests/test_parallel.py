@@ -132,9 +132,9 @@ def test_apps_taking_turns_each_keep_their_prompt_cache(
 
 
 def test_a_request_takes_the_row_that_serves_it_or_loses_least() -> None:
-    """The choice of a KV row, on stand-in rows: a row that keeps half the prompt or as much as
-    it overwrites; else an empty row, else a new one (when allowed), else the least recently
-    used."""
+    """The choice of a KV row, on stand-in rows: the row that keeps most, if that is at least a
+    quarter of what it overwrites; else an empty row, else a new one (when allowed), else the
+    least recently used."""
     from types import SimpleNamespace
 
     from edge_agent.runtime.session import _PrefixCache, _SharedBuffers
@@ -152,9 +152,13 @@ def test_a_request_takes_the_row_that_serves_it_or_loses_least() -> None:
 
     other = [1, 2, *range(100, 140)]  # another app: shares a template's two opening tokens
     mine = [1, 2, *range(200, 230)]
-    # The next turn of a conversation, and a prompt sharing half of itself: taken.
+    # The next turn of a conversation; the same system prompt after another question and answer
+    # (keeps 10, overwrites 40: taken; 41: not).
     assert choose(rows((other, 1), (mine + [7] * 50, 2)), [*mine, 9]) == 1
-    assert choose(rows((list(range(10)) + [5] * 40, 1)), list(range(10)) + [6] * 9) == 0
+    assert choose(rows((list(range(10)) + [5] * 40, 1), ([], 0)), list(range(10)) + [6] * 9) == 0
+    assert choose(rows((list(range(10)) + [5] * 41, 1), ([], 0)), list(range(10)) + [6] * 9) == 1
+    # A short question sharing a default system prompt with a long conversation: not taken.
+    assert choose(rows(([*range(25), *range(300, 1300)], 1), ([], 0)), [*range(25), 7, 8, 9]) == 1
     # Two shared tokens of a 40-token cache: an empty row instead, else a new one.
     assert choose(rows((other, 1), ([], 0), ([], 0)), mine) == 1
     assert choose(rows((other, 1)), mine, grow=True) is None

@@ -354,13 +354,14 @@ class _SharedBuffers:
         every row is busy, or ``can_grow`` and each free row holds a cache worth keeping).
 
         Taking a row keeps the prefix its cache shares with the prompt and overwrites the rest.
-        A row worth taking keeps at least half of the prompt (the next turn of its conversation,
-        the same system prompt; llama.cpp's server takes a slot at the same similarity) or at
-        least as much as it overwrites; of those, the one that keeps most (the lowest on a tie,
-        so that batched steps stay narrow). Otherwise the prompt would overwrite another prompt's
-        cache for a few shared tokens (a chat template's opening): it goes to an empty row or a
-        new one, so that two apps taking turns each keep their cache, and only when there is
-        neither to the least recently used row (as llama.cpp's server picks a slot then)."""
+        A row worth taking keeps at least a quarter of what it overwrites: the next turn of its
+        conversation, or the same long system prompt after another question and answer (what is
+        kept is prefill saved now, what is overwritten only maybe wanted later); of those, the
+        one that keeps most (the lowest on a tie, so that batched steps stay narrow). Otherwise
+        the prompt would overwrite another conversation for a few shared tokens (a chat
+        template's opening, a default system prompt): it goes to an empty row or a new one, so
+        that two apps taking turns each keep their cache, and only when there is neither to the
+        least recently used row (as llama.cpp's server picks a slot then)."""
         free = [r for r in range(self.rows) if r not in busy]
         if not free:
             return None
@@ -368,7 +369,7 @@ class _SharedBuffers:
             return free[0]
         kept = {r: self.by_row[r].cache.reusable(prompt_ids) for r in free}
         lost = {r: len(self.by_row[r].cache.tokens) - kept[r] for r in free}
-        worth = [r for r in free if kept[r] > 0 and (2 * kept[r] >= len(prompt_ids) or kept[r] >= lost[r])]
+        worth = [r for r in free if kept[r] > 0 and 4 * kept[r] >= lost[r]]
         if worth:
             return max(worth, key=lambda r: (kept[r], -r))
         empty = [r for r in free if not self.by_row[r].cache.tokens]
