@@ -129,6 +129,10 @@ def test_apps_taking_turns_each_keep_their_prompt_cache(
     buffers = model.generator.model._buffers
     assert buffers is not None and buffers.rows == 2
     assert {lo for lo, _ in spans} == {0, 1} and {width for _, width in spans} == {1}
+    # Each span's step binding writes its logits into one array the buffers hold: with up to
+    # rows x (rows + 1) / 2 spans, a vocabulary-wide array apiece would add up.
+    assert len(buffers._steps) == 2 and buffers._step_logits is not None
+    assert all(np.shares_memory(step.logits, buffers._step_logits) for step in buffers._steps.values())
 
 
 def test_a_request_takes_the_row_that_serves_it_or_loses_least() -> None:

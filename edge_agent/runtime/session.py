@@ -328,7 +328,10 @@ class _SharedBuffers:
             )
             for r in range(rows)
         ]
+        # Bindings of the spans stepped so far, keyed by (first row, width): up to rows x (rows + 1)
+        # / 2 of them, so their logits share one array (each span's are its leading rows).
         self._steps: dict[tuple[int, int], _BatchBinding] = {}
+        self._step_logits: np.ndarray | None = None
         self._starts: int = old._starts if old is not None else 0
         # Bindings of adjacent rows (first row, how many) for prompt pieces read together.
         self._prefills: dict[tuple[int, int], ort.IOBinding] = {}
@@ -529,7 +532,10 @@ class _BatchBinding:
         self.ids = np.zeros((width, 1), dtype=np.int64)
         self.seqlens = np.zeros((width,), dtype=np.int32)
         self.total = np.zeros((), dtype=np.int32)
-        self.logits = np.zeros((width, 1, model.io.vocab_size), dtype=np.float32)
+        if buffers._step_logits is None:
+            buffers._step_logits = np.zeros((buffers.rows, 1, model.io.vocab_size), dtype=np.float32)
+        # A leading slice of a C-contiguous array is contiguous: the output is written in place.
+        self.logits = buffers._step_logits[:width]
         self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
         buffers.bind_kv(self.binding, buffers.values(lo, lo + width))
         self.binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self.ids))
