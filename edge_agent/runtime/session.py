@@ -400,7 +400,7 @@ class _SharedBuffers:
         lo, width = self._span(decoders, invariant)
         step = self._steps.get((lo, width))
         if step is None:
-            step = self._steps[(lo, width)] = _BatchBinding(self, lo, width)
+            step = self._steps[(lo, width)] = _BatchBinding(self, lo, width, self._step_logits_rows(width))
         for r in range(width):
             cache = self.by_row[lo + r].cache
             if len(cache.tokens) >= self.capacity:
@@ -485,6 +485,13 @@ class _SharedBuffers:
             d.past_len += len(piece)
         return out
 
+    def _step_logits_rows(self, width: int) -> np.ndarray:
+        """The first ``width`` rows of the logits array every step binding writes into (a leading
+        slice of a C-contiguous array is contiguous: ONNX Runtime writes it in place)."""
+        if self._step_logits is None:
+            self._step_logits = np.zeros((self.rows, 1, self.model.io.vocab_size), dtype=np.float32)
+        return self._step_logits[:width]
+
     def _span(self, decoders: Sequence[_SharedDecoder], invariant: bool) -> tuple[int, int]:
         """The rows a batched step binds, [lo, lo + width): the lowest decoding row to the highest,
         so that a sequence alone steps alone on whichever row it holds (the rows it takes move
@@ -526,16 +533,13 @@ class _RowBinding:
 class _BatchBinding:
     """Rows [lo, lo + width) of the KV buffers bound for one batched decode step."""
 
-    def __init__(self, buffers: _SharedBuffers, lo: int, width: int) -> None:
+    def __init__(self, buffers: _SharedBuffers, lo: int, width: int, logits: np.ndarray) -> None:
         model = buffers.model
         self.binding = model.session.io_binding()
         self.ids = np.zeros((width, 1), dtype=np.int64)
         self.seqlens = np.zeros((width,), dtype=np.int32)
         self.total = np.zeros((), dtype=np.int32)
-        if buffers._step_logits is None:
-            buffers._step_logits = np.zeros((buffers.rows, 1, model.io.vocab_size), dtype=np.float32)
-        # A leading slice of a C-contiguous array is contiguous: the output is written in place.
-        self.logits = buffers._step_logits[:width]
+        self.logits = logits
         self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
         buffers.bind_kv(self.binding, buffers.values(lo, lo + width))
         self.binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self.ids))
