@@ -137,8 +137,8 @@ def test_apps_taking_turns_each_keep_their_prompt_cache(
 
 def test_a_request_takes_the_row_that_serves_it_or_loses_least() -> None:
     """The choice of a KV row, on stand-in rows: the row that keeps most, if that is at least a
-    quarter of what it overwrites; else an empty row, else a new one (when allowed), else the
-    least recently used."""
+    quarter of what it overwrites; else an empty row, else a new one (when allowed), else the row
+    that keeps most anyway, the least recently used on a tie."""
     from types import SimpleNamespace
 
     from edge_agent.runtime.session import _PrefixCache, _SharedBuffers
@@ -166,7 +166,8 @@ def test_a_request_takes_the_row_that_serves_it_or_loses_least() -> None:
     # Two shared tokens of a 40-token cache: an empty row instead, else a new one.
     assert choose(rows((other, 1), ([], 0), ([], 0)), mine) == 1
     assert choose(rows((other, 1)), mine, grow=True) is None
-    # Neither: the least recently used.
+    # Neither: the row sharing most, then the least recently used.
+    assert choose(rows(([1, 2, 3, 4, *[9] * 40], 5), (other, 1)), [1, 2, 3, 4, 5, 6]) == 0
     assert choose(rows((other, 1), (other[:20], 2)), mine) == 0
     assert choose(rows((other, 5), (other, 2), (other, 9)), mine) == 1
     assert choose(rows((other, 5), (other, 2), (other, 9)), mine, busy={1}) == 0

@@ -363,8 +363,10 @@ class _SharedBuffers:
         one that keeps most (the lowest on a tie, so that batched steps stay narrow). Otherwise
         the prompt would overwrite another conversation for a few shared tokens (a chat
         template's opening, a default system prompt): it goes to an empty row or a new one, so
-        that two apps taking turns each keep their cache, and only when there is neither to the
-        least recently used row (as llama.cpp's server picks a slot then)."""
+        that two apps taking turns each keep their cache. When there is neither, some cache is
+        overwritten anyway: the one sharing most with the prompt, the least recently used on a tie
+        (requests that arrive together then each still find the row of their earlier turn, which
+        taking the least recently used one outright could hand to another of them)."""
         free = [r for r in range(self.rows) if r not in busy]
         if not free:
             return None
@@ -380,7 +382,7 @@ class _SharedBuffers:
             return empty[0]
         if can_grow:
             return None
-        return min(free, key=lambda r: (self.by_row[r].cache.last_used, r))
+        return max(free, key=lambda r: (kept[r], -self.by_row[r].cache.last_used, -r))
 
     def start(self, row: int, prompt_ids: Sequence[int] = ()) -> _SharedDecoder:
         cache = self.by_row[row].cache
