@@ -4,7 +4,7 @@ Packages, each importing only those below it (import-linter contracts in pyproje
 
 - ``cli``        the ``autoglm`` command line (it also mounts ``autoglm edge``).
 - ``plane``      the control plane: REST API, app, auth, fleet, rollouts, database, metrics.
-- ``gateway``    the fallback gateway over the pool replicas, and per-tenant rate limits.
+- ``gateway``    the fallback gateway over the pool replicas.
 - ``mqtt``       the cloud's MQTT session, the blob server, broker PKI, a private mosquitto.
 - ``pool``       one replica of the cloud GPU pool (continuous batching, PyTorch).
 - ``packaging``  Hugging Face or GGUF → ONNX → quantized, measured, signed packages.

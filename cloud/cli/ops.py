@@ -749,7 +749,7 @@ def register_cloud_commands(cloud_app: typer.Typer) -> None:
         config: ConfigOpt,
         tenant: KeyTenantOpt = "default",
     ) -> None:
-        """Revoke a key: it stops working at once, on every replica."""
+        """Revoke a key: it stops working on every replica within 2 s (their key caches)."""
         if not _key_store(config, tenant).revoke(tenant, key_id):
             console.print(f"no key {key_id} in tenant {tenant}", style="red")
             raise typer.Exit(1)
