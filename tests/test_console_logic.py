@@ -4,6 +4,7 @@ pages, telemetry series and charts, and the device history the fleet records."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from urllib.parse import unquote
 
 import pytest
@@ -242,6 +243,25 @@ def test_verified_keys_are_remembered_briefly_and_revocation_ends_them(plane_db:
     assert elsewhere.cached(key) == (True, principal)  # the others trust it at most verify_ttl_s
     time.sleep(0.35)
     assert elsewhere.cached(key) == (False, None) and elsewhere.verify_and_remember(key) is None
+
+
+def test_a_check_that_read_a_key_before_its_revocation_is_not_remembered(plane_db: Engine) -> None:
+    """A check in a worker thread reads the key, the key is revoked on this replica before the
+    check stores its answer: the stale answer must not be trusted for another verify_ttl_s."""
+    keys = ApiKeys(plane_db, verify_ttl_s=60)
+    key_id, key = keys.create("acme", "app", "inference")
+    read = keys.verify
+
+    def read_then_revoked(k: str) -> Any:
+        answer = read(k)
+        assert keys.revoke("acme", key_id)  # lands between the read and the remembering
+        return answer
+
+    keys.verify = read_then_revoked  # type: ignore[method-assign]
+    assert keys.verify_and_remember(key) is not None  # this request was checked before it
+    keys.verify = read  # type: ignore[method-assign]
+    assert keys.cached(key) == (False, None)
+    assert keys.verify_and_remember(key) is None and keys.cached(key) == (True, None)
 
 
 # -- notices ---------------------------------------------------------------------------------------

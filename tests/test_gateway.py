@@ -299,7 +299,10 @@ def test_a_replicas_own_500_or_non_json_answer_is_a_502_that_keeps_its_text_in_t
         async with replica(["m"], broken) as a, replica(["m"], broken) as b:
             gateway = _gateway([a, b])
             try:
-                for prompt, says in (("crash", "HTTP 500"), ("html", "text/html, not JSON")):
+                for prompt, says in (
+                    ("crash", "HTTP 500"),
+                    ("html", "(text/html) that is not a JSON object"),
+                ):
                     with pytest.raises(RequestError) as err:
                         await gateway.forward("/completions", {"model": "m", "prompt": prompt})
                     assert err.value.status == 502 and err.value.code == "upstream_error"
@@ -316,6 +319,146 @@ def test_a_replicas_own_500_or_non_json_answer_is_a_502_that_keeps_its_text_in_t
     with caplog.at_level("WARNING", logger="cloud.gateway.balancer"):
         asyncio.run(scenario())
     assert "secret=upstream-internal" in caplog.text
+
+
+async def _play(response: Any) -> tuple[int, dict[str, str], bytes]:
+    """An answer the gateway made, sent as uvicorn would send it to a client that stays."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(60)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
+    start = sent[0]
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start["headers"]}
+    return start["status"], headers, b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def test_a_model_id_no_header_can_carry_is_left_out_and_every_answer_releases_its_replica() -> None:
+    """A replica that answers any model name echoes the client's: a name outside printable ASCII
+    (or too long) cannot be an answer header, so it is left out, not a 500 after the work was
+    done, and a stream's connection and count still go back. Content types are case-blind."""
+
+    async def answers(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if not body.get("stream"):
+            return web.json_response({"choices": [{"text": "ok"}]})
+        response = web.StreamResponse(headers={"Content-Type": "Text/Event-Stream; charset=utf-8"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": [{"text": "ok"}]}\n\n')
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def scenario() -> None:
+        async with replica(["m"], answers) as a:  # answers any model (llama.cpp's server)
+            gateway = _gateway([a])
+            try:
+                for model in ("\u6a21\u578b", "m\r\nx-injected: 1", "m" * 300, "m:1"):
+                    for stream in (False, True):
+                        r = await gateway.forward(
+                            "/completions", {"model": model, "prompt": "hi", "stream": stream}
+                        )
+                        status, headers, body = await _play(r)
+                        assert status == 200, (model, stream, body)
+                        assert headers.get("x-autoglm-model") == (model if model == "m:1" else None)
+                        assert "x-injected" not in headers
+                        if stream:
+                            assert body.endswith(b"data: [DONE]\n\n") and b"error" not in body
+                        else:
+                            assert body == b'{"choices": [{"text": "ok"}]}'
+                assert all(r.up and r.outstanding == 0 for r in gateway.replicas)
+                assert gateway.stream_breaks == 0
+                # One connection for all eight: a stream read to [DONE] still ends its answer whole.
+                assert [len(kept) for kept in gateway._upstream._idle.values()] == [1]
+            finally:
+                await gateway.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_that_stalls_mid_answer_ends_with_an_error_event_and_its_replica_stays_up() -> None:
+    """Silent past request_timeout_s after its first event: busy, as a replica slow to start
+    answering is (a 504 there), not down; the client learns the answer is incomplete."""
+
+    async def stalls(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": [{"text": "o"}]}\n\n')
+        await asyncio.sleep(3)
+        return response
+
+    async def scenario() -> None:
+        async with replica(["m"], stalls) as a:
+            gateway = _gateway([a], request_timeout_s=0.3)
+            try:
+                r = await gateway.forward("/completions", {"model": "m", "prompt": "hi", "stream": True})
+                status, _, body = await _play(r)
+                assert status == 200 and body.startswith(b'data: {"choices"')
+                assert b'"error"' in body and b"[DONE]" not in body
+                assert gateway.stream_breaks == 1 and gateway.timeouts == 1
+                assert all(r.up and r.outstanding == 0 for r in gateway.replicas)
+            finally:
+                await gateway.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_ends_at_done_even_when_the_replica_never_ends_its_answer() -> None:
+    """Nothing after [DONE] is the client's: a replica that keeps its chunked body open after it
+    does not hold the client until the read timeout."""
+
+    async def never_ends(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": [{"text": "o"}]}\n\ndata: [DONE]\n\ndata: {"late": 1}\n\n')
+        await asyncio.sleep(4)
+        return response
+
+    async def scenario() -> None:
+        async with replica(["m"], never_ends) as a:
+            gateway = _gateway([a], request_timeout_s=5)
+            try:
+                started = time.monotonic()
+                r = await gateway.forward("/completions", {"model": "m", "prompt": "hi", "stream": True})
+                status, _, body = await _play(r)
+                assert time.monotonic() - started < 2
+                assert status == 200 and body == b'data: {"choices": [{"text": "o"}]}\n\ndata: [DONE]\n\n'
+                assert gateway.stream_breaks == 0
+                assert all(r.up and r.outstanding == 0 for r in gateway.replicas)
+                assert not any(gateway._upstream._idle.values())  # its answer never ended: closed
+            finally:
+                await gateway.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_2xx_that_is_empty_cut_short_or_nested_too_deep_is_a_502() -> None:
+    """Whatever its content type says, a 2xx must be a JSON object; a body the parser cannot
+    take (nesting deeper than its recursion limit) is no answer either, not a 500."""
+    bodies = {"empty": b"", "cut": b'{"choices": [{"text": "o', "deep": b"[" * 100_000 + b"]" * 100_000}
+
+    async def odd(request: web.Request) -> web.Response:
+        body = await request.json()
+        return web.Response(body=bodies[body["prompt"]], content_type="application/json")
+
+    async def scenario() -> None:
+        async with replica(["m"], odd) as a:
+            gateway = _gateway([a])
+            try:
+                for prompt in bodies:
+                    with pytest.raises(RequestError) as err:
+                        await gateway.forward("/completions", {"model": "m", "prompt": prompt})
+                    assert err.value.status == 502 and err.value.code == "upstream_error", prompt
+                assert all(r.up and r.outstanding == 0 for r in gateway.replicas)
+            finally:
+                await gateway.aclose()
+
+    asyncio.run(scenario())
 
 
 # -- load from the replicas' own gauges ------------------------------------------------------------

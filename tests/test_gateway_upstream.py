@@ -248,6 +248,43 @@ def test_an_interim_answer_is_not_taken_for_the_answer(run: Run) -> None:
     run(main())
 
 
+def test_bytes_after_a_whole_answer_are_not_its_body_and_the_connection_is_not_kept(run: Run) -> None:
+    """A replica that writes a second answer behind the first (in the same packet or later,
+    unasked): the client gets the first answer's body alone, and the next request a fresh
+    connection rather than one whose next answer may be anybody's."""
+    later = asyncio.Event()
+
+    async def two_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer(b'{"ok": 1}') + answer(b'{"evil": 1}'))
+        await writer.drain()
+        await read_request(reader)  # never comes: the client does not keep this connection
+        writer.write(answer(b'{"evil": 2}'))
+
+    async def then_unasked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer(b'{"ok": 2}'))
+        await writer.drain()
+        await later.wait()
+        writer.write(answer(b'{"evil": 3}'))  # while the connection waits for its next request
+        await writer.drain()
+        await reader.read()
+
+    async def main() -> None:
+        for handler, body in ((two_answers, b'{"ok": 1}'), (then_unasked, b'{"ok": 2}')):
+            async with server(handler) as (url, peers):
+                c = client()
+                r = await c.post(url, b"{}", {})
+                assert r.status == 200 and await r.read() == body
+                later.set()
+                await asyncio.sleep(0.1)
+                assert c._kept(split_url(url)[0]) is None
+                c.close()
+                assert len(peers) == 1
+
+    run(main())
+
+
 def test_urls_are_split_into_origin_and_target() -> None:
     origin, target = split_url("https://pool.example:8443/v1/chat/completions?x=1")
     assert (origin.scheme, origin.host, origin.port, origin.authority) == (

@@ -16,7 +16,8 @@
   or reset, the answer cut off, 502/503/504) is sent to another replica, up to ``max_attempts``.
   Completions have no side effects, so sending one again is safe. A stream that breaks after its
   first bytes reached the client cannot be retried: it ends with an OpenAI-style error event (no
-  ``[DONE]``), the replica is marked down and the break counted.
+  ``[DONE]``), the replica is marked down and the break counted (one that falls silent past
+  ``request_timeout_s`` mid-answer ends the same way but stays up: busy, as below).
 * A replica's own error: a 5xx that is not an OpenAI error envelope (``{"error": {...}}``, which
   an OpenAI-compatible server writes for clients and which passes as it is), or a 2xx that is
   not JSON, is answered 502 ``upstream_error``; what it said goes to the log, not to the client
@@ -33,7 +34,8 @@
   asked for, else the lowest above (versions compare as numbers where they are numbers), else
   the bare name where replicas serve it without a version. Every
   successful answer names the model id it was made by in ``X-AutoGLM-Model`` (for a bare name,
-  the replica's one ``name:version`` when it lists one).
+  the replica's one ``name:version`` when it lists one; left out for an id no header can carry,
+  which a replica that answers any name may be asked for).
 * Discovery: an upstream with ``discover`` is a name whose every address is a replica (a
   Kubernetes headless Service: one per pod), named ``NAME@ADDRESS``; the name is looked up again
   before every health poll, replicas of addresses that came keep their counts, those of addresses
@@ -469,20 +471,30 @@ class PoolGateway:
             raise
         headers = cloud_answer_headers(upstream.headers)
         headers[REPLICA_HEADER] = replica.name
-        if upstream.status < 300 and (served := replica.served_as(model)) is not None:
+        if upstream.status < 300 and (served := _header_value(replica.served_as(model))) is not None:
             headers[MODEL_HEADER] = served
-        if upstream.status == 200 and upstream.headers.get("content-type", "").startswith(
+        if upstream.status == 200 and upstream.headers.get("content-type", "").lower().startswith(
             "text/event-stream"
         ):
             replica.served += 1
 
-            def broke(why: str) -> None:
+            def broke(why: str, exc: BaseException | None) -> None:
                 self.stream_breaks += 1
+                if isinstance(exc, _GENERATION_TIMEOUTS):
+                    # Silent past the timeout mid-answer: busy, as a replica that has not started
+                    # answering in time is (see Timeouts above), not down.
+                    self.timeouts += 1
+                    log.warning("a stream from pool replica %s stalled: %s; it stays up", replica.name, why)
+                    return
                 log.warning("a stream from pool replica %s broke off: %s", replica.name, why)
                 self._mark_down(replica, f"stream broke off: {why}")
 
             done = _Done(upstream, replica)
-            return EventStream(_relay(upstream, broke), headers=headers, on_close=done)
+            try:
+                return EventStream(_relay(upstream, broke), headers=headers, on_close=done)
+            except BaseException:
+                done()  # no response owns the stream: its connection and count go back here
+                raise
         try:
             content = await upstream.read()
         except _GENERATION_TIMEOUTS as exc:
@@ -497,8 +509,10 @@ class PoolGateway:
             self._mark_down(replica, f"HTTP {upstream.status}")
             raise _ReplicaFailed(f"HTTP {upstream.status}: {content[:200].decode(errors='replace')}")
         kind = upstream.headers.get("content-type", "").split(";")[0].strip().lower()
+        # A 2xx is parsed whatever its content type says: an empty body, or one the replica cut
+        # short by closing a connection that delimits it, is no answer.
         if (upstream.status >= 500 and not _error_envelope(content)) or (
-            upstream.status < 300 and kind != "application/json" and not _json_object(content)
+            upstream.status < 300 and _json_object(content) is None
         ):
             self.upstream_errors += 1
             log.warning(
@@ -510,7 +524,11 @@ class PoolGateway:
             )
             raise UpstreamError(
                 f"pool replica {replica.name} answered HTTP {upstream.status}"
-                + ("" if upstream.status >= 500 else f" with {kind or 'no content-type'}, not JSON")
+                + (
+                    ""
+                    if upstream.status >= 500
+                    else f" ({kind or 'no content-type'}) that is not a JSON object"
+                )
                 + "; its answer is in the gateway's log"
             )
         response = Response(content, status_code=upstream.status, headers=headers)
@@ -520,10 +538,20 @@ class PoolGateway:
         return response
 
 
+# What an answer header can carry of a model id: printable ASCII, bounded (ids are names and
+# versions); anything else (a client's own name echoed back by a replica that accepts any) is
+# left out rather than failing the answer after the replica did the work.
+_HEADER_SAFE = re.compile(r"[!-~](?:[ -~]{0,254}[!-~])?")
+
+
+def _header_value(value: str | None) -> str | None:
+    return value if value is not None and _HEADER_SAFE.fullmatch(value) else None
+
+
 def _json_object(content: bytes) -> dict[str, Any] | None:
     try:
         parsed = json.loads(content)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
         return None
     return parsed if isinstance(parsed, dict) else None
 
@@ -558,7 +586,7 @@ def closest_version(wanted: str, available: set[str]) -> str | None:
 def _parse_models(raw: bytes) -> frozenset[str] | None:
     try:
         return _model_ids(json.loads(raw))
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
@@ -577,10 +605,25 @@ class _Done:
             self.replica.outstanding -= 1
 
 
-async def _relay(upstream: UpstreamResponse, on_break: Callable[[str], None]) -> AsyncIterator[bytes]:
+async def _relay(
+    upstream: UpstreamResponse, on_break: Callable[[str, BaseException | None], None]
+) -> AsyncIterator[bytes]:
     """The replica's stream, whole events at a time; a break ends it with an error event (see
-    edge_agent/serving/sse.py). How it ends is EventStream's ``on_close`` (``_Done``)."""
+    edge_agent/serving/sse.py). How it ends is EventStream's ``on_close`` (``_Done``).
+    ``on_break`` hears why and what failed (None: the replica ended without ``[DONE]``)."""
+    failed: list[BaseException] = []
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in upstream.iter_chunks():
+                yield chunk
+        except BaseException as exc:
+            failed.append(exc)
+            raise
+
     async for event in relay_events(
-        upstream.iter_chunks(), errors=(*_TRANSPORT_ERRORS, *_GENERATION_TIMEOUTS), on_break=on_break
+        chunks(),
+        errors=(*_TRANSPORT_ERRORS, *_GENERATION_TIMEOUTS),
+        on_break=lambda why: on_break(why, failed[0] if failed else None),
     ):
         yield event

@@ -91,6 +91,7 @@ class _Connection(asyncio.Protocol):
         self.error: Exception | None = None
         self.received = False
         self._interim = False
+        self._beyond = False
         self._body: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._paused = False
@@ -102,12 +103,23 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.complete:
+            # Bytes after a whole answer (none was asked for): not this answer's, and the
+            # connection can no longer be trusted to start the next one cleanly.
+            self._beyond_answer()
+            return
         self.received = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamBroken(f"not an HTTP answer: {exc}"))
             self.close()
+        if self._beyond:
+            self._beyond_answer()
+
+    def _beyond_answer(self) -> None:
+        self.keep_alive = False
+        self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -126,10 +138,18 @@ class _Connection(asyncio.Protocol):
         pass
 
     # -- httptools callbacks -------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self._beyond = True  # a second answer in the same bytes: ignored, see data_received
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._beyond:
+            return
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        if self._beyond:
+            return
         status = self._parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             # An interim answer (100 Continue, 103 Early Hints): the real one follows on the
@@ -142,6 +162,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self._beyond:
+            return
         self._body.append(body)
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
@@ -150,6 +172,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._beyond:
+            return
         if self._interim:
             self._interim = False
             return

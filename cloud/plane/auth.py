@@ -79,6 +79,8 @@ class ApiKeys:
         # Read on the event loop without the lock (one dict lookup), written under it from threads.
         self._verified: dict[str, tuple[Principal | None, float]] = {}
         self._lock = threading.Lock()
+        # Revocations so far: an answer read before one is not remembered after it.
+        self._revocations = 0
 
     def cached(self, key: str) -> tuple[bool, Principal | None]:
         """(found, principal) from the answers of the last ``verify_ttl_s`` seconds, without the
@@ -104,8 +106,12 @@ class ApiKeys:
 
     def verify_and_remember(self, key: str) -> Principal | None:
         """``verify``, and remember the answer for ``verify_ttl_s``."""
+        with self._lock:
+            generation = self._revocations
         principal = self.verify(key)
         with self._lock:
+            if generation != self._revocations:
+                return principal  # a key was revoked meanwhile: this answer may predate it
             if len(self._verified) >= VERIFY_CACHE_SIZE:
                 self._verified.pop(next(iter(self._verified)))
             self._verified[_digest(key)] = (principal, time.monotonic() + self.verify_ttl_s)
@@ -197,9 +203,6 @@ class ApiKeys:
         return out
 
     def revoke(self, tenant: str, key_id: str) -> bool:
-        # This replica forgets every remembered answer now; the others within verify_ttl_s.
-        with self._lock:
-            self._verified.clear()
         if not _KEY_ID.fullmatch(key_id):
             return False
         with self.engine.begin() as conn:
@@ -208,4 +211,10 @@ class ApiKeys:
                 .where(and_(api_keys.c.tenant == tenant, api_keys.c.key_id == key_id))
                 .values(revoked=True)
             )
+        # This replica forgets every remembered answer now, after the commit, and a check that
+        # read the key before it is not remembered (verify_and_remember); the others within
+        # verify_ttl_s.
+        with self._lock:
+            self._verified.clear()
+            self._revocations += 1
         return bool(result.rowcount)

@@ -8,6 +8,8 @@ with an OpenAI-style error event (no ``[DONE]``), which the ``openai`` client ra
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +19,12 @@ DONE = b"data: [DONE]"
 # wherever they stand in a run of events; the space after "data:" is optional in SSE.
 _ENDS = re.compile(rb'^data: ?(\[DONE\]|\{"error")', re.MULTILINE)
 _DONE_LINE = re.compile(rb"^data: ?\[DONE\]\s*$")
+# The end marker as a whole event in a run of normalised events.
+_DONE_EVENT = re.compile(rb"^data: ?\[DONE\][ \t]*\n\n", re.MULTILINE)
+# After the end marker, how long the rest of the upstream's answer (the end of its chunked body)
+# is waited for, so its connection can be used again; a server that never ends its answer after
+# [DONE] would otherwise hold the client until the read timeout.
+AFTER_DONE_S = 0.25
 
 
 def is_done(event: bytes) -> bool:
@@ -53,7 +61,8 @@ async def relay_events(
     errors: tuple[type[BaseException], ...],
     on_break: Callable[[str], None],
 ) -> AsyncIterator[bytes]:
-    """Whole events from ``chunks``; ``on_break(why)`` is called once if the stream broke."""
+    """Whole events from ``chunks``, up to ``[DONE]`` (nothing after it is the client's);
+    ``on_break(why)`` is called once if the stream broke."""
     pending = b""
     done = False
     why: str | None = None
@@ -66,6 +75,13 @@ async def relay_events(
             events, pending = pending[: cut + 2], pending[cut + 2 :]
             if ends_stream(events):
                 done = True
+                if (end := _DONE_EVENT.search(events)) is not None:
+                    yield events[: end.end()]
+                    with contextlib.suppress(TimeoutError, *errors):
+                        async with asyncio.timeout(AFTER_DONE_S):
+                            async for _ in chunks:
+                                pass
+                    return
             yield events
     except errors as exc:
         why = describe_error(exc)
