@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 
 
 class _Tolerant(BaseModel):
@@ -316,7 +324,23 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
-class CompletionChoice(BaseModel):
+class _NullsKept(BaseModel):
+    """Fields written as null when they are None, even where None is otherwise left out (stream
+    chunks are written with ``exclude_none``): OpenAI sends ``finish_reason: null`` on every chunk
+    before the last, and strictly typed clients expect the key."""
+
+    _KEEP: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _keep_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        for name in self._KEEP:
+            out.setdefault(name, None)
+        return out
+
+
+class CompletionChoice(_NullsKept):
+    _KEEP = ("logprobs", "finish_reason")
     index: int = 0
     text: str
     logprobs: CompletionLogprobs | None = None
@@ -338,7 +362,25 @@ class ChoiceLogprobs(BaseModel):
     refusal: None = None
 
 
-class CompletionResponse(BaseModel):
+class _UsageOnEveryChunk(BaseModel):
+    """A stream chunk: with ``stream_options.include_usage``, every chunk carries ``usage``, null
+    but on the last (OpenAI's format); ``usage_null`` says so. Subclasses declare ``usage``."""
+
+    _usage_null: bool = PrivateAttr(False)
+
+    def usage_null(self, keep: bool = True) -> Self:
+        self._usage_null = keep
+        return self
+
+    @model_serializer(mode="wrap")
+    def _keep_usage(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if self._usage_null:
+            out.setdefault("usage", None)
+        return out
+
+
+class CompletionResponse(_UsageOnEveryChunk):
     id: str = Field(default_factory=lambda: new_id("cmpl"))
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -389,7 +431,8 @@ class ChatDelta(BaseModel):
     tool_calls: list[ToolCallDelta] | None = None
 
 
-class ChatChunkChoice(BaseModel):
+class ChatChunkChoice(_NullsKept):
+    _KEEP = ("logprobs", "finish_reason")
     index: int = 0
     delta: ChatDelta
     logprobs: ChoiceLogprobs | None = None
@@ -398,7 +441,7 @@ class ChatChunkChoice(BaseModel):
     token_ids: list[int] | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_UsageOnEveryChunk):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int = Field(default_factory=lambda: int(time.time()))

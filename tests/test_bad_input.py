@@ -51,6 +51,9 @@ BAD_COMPLETIONS: list[tuple[dict[str, Any], int, str | None]] = [
     ({"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
     ({"prompt": "hi", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),  # outside the vocabulary
     ({"prompt": "hi", "max_tokens": 5, "max_completion_tokens": 6}, 400, "max_completion_tokens"),
+    # A usage chunk promised for a stream that is not one (OpenAI refuses it too), or asked oddly.
+    ({"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"prompt": "hi", "stream": True, "stream_options": "usage"}, 400, "stream_options"),
 ]
 
 
@@ -85,6 +88,7 @@ BAD_CHAT: list[tuple[dict[str, Any], str]] = [
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"logprobs": 1}, "logprobs"),
     ({"messages": [{"role": "tool", "content": "24 C"}]}, "messages"),  # answers no call
+    ({"messages": [{"role": "user", "content": "hi " * 20_000}]}, "messages"),  # longer than the context
     ({"messages": [{"role": "assistant", "content": None, "tool_calls": [_CALLED]}]}, "messages"),
 ]
 
@@ -183,13 +187,19 @@ def _check_usage_chunk(base: str, model: str) -> None:
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
     plain = _events(base, body)
     assert all("usage" not in e for e in plain) and plain[-1]["choices"][0]["finish_reason"]
+    # Every chunk before the last says finish_reason (null) and logprobs (null), as OpenAI's do:
+    # strictly typed clients expect the keys.
+    assert all(
+        e["choices"][0]["finish_reason"] is None and e["choices"][0]["logprobs"] is None for e in plain[:-1]
+    )
     counted = _events(base, {**body, "stream_options": {"include_usage": True}})
     last = counted[-1]
     assert last["choices"] == [] and last["usage"]["completion_tokens"] >= 1, last
     assert (
         last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + last["usage"]["completion_tokens"]
     )
-    assert all("usage" not in e for e in counted[:-1])
+    # With include_usage, every other chunk carries usage: null (OpenAI's format).
+    assert all("usage" in e and e["usage"] is None for e in counted[:-1]), counted[:-1]
 
 
 def _check_honoured(base: str, model: str) -> None:

@@ -142,3 +142,26 @@ def test_text_held_back_for_a_stop_sequence_never_leaks_its_start() -> None:
     # An empty stop sequence would match at once: it stops nothing.
     empty = IncrementalText(_Letters(), ("",))  # type: ignore[arg-type]
     assert "".join(empty.push(i) for i in range(3)) + empty.finish() == "abc" and not empty.stopped
+
+
+def test_legacy_logprobs_keep_byte_tokens_apart_and_offsets_in_the_text() -> None:
+    """Legacy completions name a token whose bytes are not whole characters ``bytes:\\xNN``, as
+    OpenAI does (decoded with replacement, the pieces of an emoji were all "\ufffd" and its
+    alternatives overwrote each other); offsets count the text's characters, a token inside a
+    character starting where the character does."""
+    from edge_agent.runtime.logprobs import TokenLogprob
+    from edge_agent.serving.service import _completion_logprobs
+
+    smile = "\U0001f642".encode()  # four bytes, in two tokens
+    scored = [
+        TokenLogprob(b"A", -0.1, ((b"A", -0.1), (b"B", -2.5))),
+        TokenLogprob(smile[:2], -0.2, ((smile[:2], -0.2), (b"\xf0\x9f\x98", -1.5), (b"\xe4\xbd", -3.0))),
+        TokenLogprob(smile[2:], -0.3, ((smile[2:], -0.3), (b"\x98\x80", -2.0))),
+        TokenLogprob(" é".encode(), -0.4, ()),
+    ]
+    lp = _completion_logprobs(scored)
+    assert lp.tokens == ["A", "bytes:\\xf0\\x9f", "bytes:\\x99\\x82", " é"]
+    assert [len(alts) for alts in lp.top_logprobs] == [2, 3, 2, 1]  # none lost to a shared key
+    assert lp.top_logprobs[1]["bytes:\\xe4\\xbd"] == -3.0
+    text = "A\U0001f642 é"
+    assert lp.text_offset == [0, 1, 1, 2] and text[2:] == " é"

@@ -13,6 +13,7 @@ from cloud.registry import ModelRegistry, RegistryEntry
 from edge_agent.runtime.generator import GenerationParams, GenerationResult, Resume, Tokens
 from edge_agent.runtime.host import LoadedModel
 from edge_agent.runtime.kernels import library
+from edge_agent.runtime.logprobs import Scored
 from edge_agent.runtime.sampling import SamplingConfig
 from edge_agent.runtime.session import OnnxCausalLM, perplexity
 from edge_agent.runtime.text import Prompt
@@ -111,6 +112,36 @@ def test_stop_sequence_cuts_the_text(loaded: LoadedModel) -> None:
     # An empty stop sequence stops nothing.
     same = GenerationParams(max_tokens=40, sampling=GREEDY, stop=("",))
     assert loaded.generator.generate(Prompt("def f(x):\n"), same).text == free
+
+
+def test_a_stop_sequences_own_tokens_have_no_logprobs(loaded: LoadedModel) -> None:
+    """The logprobs follow the answer's text: tokens that spell the stop sequence (cut from the
+    text) are not reported, streamed or not, though their text was generated."""
+    prompt = Prompt("def f(x):\n")
+    free = loaded.generator.generate(prompt, GenerationParams(max_tokens=40, sampling=GREEDY, logprobs=1))
+    assert free.logprobs is not None
+    tokens = [t.token for t in free.logprobs]
+    # A stop of three whole tokens, starting at a token boundary, found nowhere earlier.
+    start = next(
+        i
+        for i in range(2, len(tokens) - 3)
+        if all(b.decode("utf-8", "ignore") == b.decode("utf-8", "replace") for b in tokens[: i + 3])
+        and b"".join(tokens[i : i + 3]).decode() not in b"".join(tokens[: i + 2]).decode()
+        and b"".join(tokens[i : i + 3]).strip()
+    )
+    stop = b"".join(tokens[start : start + 3]).decode()
+    params = GenerationParams(max_tokens=40, sampling=GREEDY, logprobs=1, stop=(stop,))
+    cut = loaded.generator.generate(prompt, params)
+    assert cut.finish_reason == "stop" and cut.text == b"".join(tokens[:start]).decode()
+    assert cut.logprobs is not None and [t.token for t in cut.logprobs] == tokens[:start]
+    assert cut.completion_tokens == start + 3  # they were generated (and are billed) all the same
+    streamed = [
+        t.token
+        for item in loaded.generator.stream(prompt, params)
+        if isinstance(item, Scored)
+        for t in item.tokens
+    ]
+    assert streamed == tokens[:start]
 
 
 def test_streamed_pieces_add_up_to_the_full_text(loaded: LoadedModel) -> None:

@@ -34,6 +34,7 @@ from edge_agent.runtime.generator import (
     GenerationParams,
     GenerationResult,
     StreamItem,
+    answer_logprobs,
     check_logit_bias,
     scored_delta,
     token_budget,
@@ -220,8 +221,8 @@ class BatchEngine:
         engine thread, where a failure would fail the whole batch."""
         ids = prompt.encode(self.tokenizer)
         if not ids:
-            raise InvalidRequest("prompt encodes to zero tokens", param="prompt")
-        token_budget(len(ids), self.info.context_length, params, "model's")
+            raise InvalidRequest("prompt encodes to zero tokens", param=prompt.param)
+        token_budget(len(ids), self.info.context_length, params, "model's", prompt.param)
         check_logit_bias(params, self.vocab_size)
         grammar = params.grammar
         return Admitted(
@@ -395,7 +396,7 @@ class BatchEngine:
         row.last_token = token
         delta = row.text.push(token)
         if delta:
-            for item in scored_delta(row.scorer, delta, _ids(row)):
+            for item in scored_delta(row.scorer, delta, _ids(row), row.text.covered()):
                 row.req.emit(item)
         if row.text.stopped or (row.constraint is not None and row.constraint.complete):
             row.done, row.finish = True, "stop"
@@ -432,7 +433,7 @@ class BatchEngine:
             for item in scored_delta(row.scorer, tail, _ids(row)):
                 row.req.emit(item)
         reason: FinishReason = "length" if row.finish == "length" else "stop"
-        logprobs = row.scorer.scored if row.scorer is not None else None
+        logprobs = answer_logprobs(row.scorer, row.text)
         row.req.emit(
             GenerationResult(
                 row.text.emitted,

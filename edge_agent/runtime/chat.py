@@ -114,7 +114,7 @@ class ChatTemplate:
         ends right after its text, its turn left open (transformers' continue_final_message)."""
         if not continue_final:
             text = self.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
-            return Prompt(text, add_special_tokens=False)
+            return Prompt(text, add_special_tokens=False, param="messages")
         final = str(messages[-1].get("content") or "")
         # Rendered with a marker for the text, so the cut cannot land inside the template's own
         # tokens (a short answer "e" would match in "<|im_end|>").
@@ -122,7 +122,7 @@ class ChatTemplate:
         text = self.render(marked, add_generation_prompt=False, tools=tools)
         before, found, _ = text.rpartition(_SENTINEL)
         if found:
-            return Prompt(before + final, add_special_tokens=False)
+            return Prompt(before + final, add_special_tokens=False, param="messages")
         raise InvalidRequest(
             "the chat template does not write the final message's text as given; it cannot be continued",
             param="continue_final_message",

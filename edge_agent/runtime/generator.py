@@ -57,13 +57,20 @@ class Resume:
     tokens: tuple[int, ...] | None = None
 
 
-def token_budget(prompt_tokens: int, context_length: int, params: GenerationParams, where: str) -> int:
-    """How many tokens may be generated; RequestError when the prompt (or the asked-for
-    max_tokens with it) does not fit ``where``'s context."""
+def token_budget(
+    prompt_tokens: int,
+    context_length: int,
+    params: GenerationParams,
+    where: str,
+    prompt_param: str = "prompt",
+) -> int:
+    """How many tokens may be generated; RequestError when the prompt (the request field
+    ``prompt_param``), or the asked-for max_tokens with it, does not fit ``where``'s context."""
     room = context_length - prompt_tokens
     if room <= 0:
         raise ContextTooLong(
-            f"prompt has {prompt_tokens} tokens; the {where} context holds {context_length}", param="prompt"
+            f"prompt has {prompt_tokens} tokens; the {where} context holds {context_length}",
+            param=prompt_param,
         )
     if params.max_tokens_requested and params.max_tokens > room:
         raise ContextTooLong(
@@ -130,8 +137,8 @@ class TextGenerator:
         max_tokens) does not fit the context. CPU work: call it off the event loop."""
         prompt_ids = prompt.encode(self.tokenizer)
         if not prompt_ids:
-            raise InvalidRequest("prompt encodes to zero tokens", param="prompt")
-        token_budget(len(prompt_ids), self.context_length, params, "local")
+            raise InvalidRequest("prompt encodes to zero tokens", param=prompt.param)
+        token_budget(len(prompt_ids), self.context_length, params, "local", prompt.param)
         check_logit_bias(params, self.vocab_size)
         return prompt_ids
 
@@ -296,7 +303,7 @@ class Sequence:
         if self.text is not None:
             delta = self.text.push(token)
             if delta:
-                items.extend(scored_delta(self.scorer, delta, self._ids()))
+                items.extend(scored_delta(self.scorer, delta, self._ids(), self.text.covered()))
             stopped = self.text.stopped
         if (
             stopped
@@ -321,7 +328,7 @@ class Sequence:
             self.prompt_tokens,
             len(text.tokens),
             reason,
-            self.scorer.scored if self.scorer else None,
+            answer_logprobs(self.scorer, text),
             self.cached_tokens,
             list(text.tokens),
             context_full=reason == "length" and self.budget < self.params.max_tokens,
@@ -333,12 +340,22 @@ class Sequence:
         return tuple(self.text.take_ids()) if self.text is not None and self.params.token_ids else None
 
 
+def answer_logprobs(scorer: Scorer | None, text: IncrementalText) -> list[TokenLogprob] | None:
+    """The logprobs of the answer's tokens: after a stop sequence, without the tokens that are the
+    stop's (whose text the answer does not hold), as its text is without them."""
+    if scorer is None:
+        return None
+    return scorer.scored[: text.covered()] if text.stopped else scorer.scored
+
+
 def scored_delta(
-    scorer: Scorer | None, delta: str, ids: tuple[int, ...] | None = None
+    scorer: Scorer | None, delta: str, ids: tuple[int, ...] | None = None, upto: int | None = None
 ) -> Iterator[str | Scored | Tokens]:
     """A text delta, after the logprobs and the ids of the tokens that made it when they are
-    being kept."""
-    if scorer is not None and (scored := scorer.flush()) is not None:
+    being kept. ``upto``: the tokens with text in what was emitted (``IncrementalText.covered``):
+    the logprobs of tokens whose text is held back wait with it, so that a stop sequence's own
+    tokens are never sent."""
+    if scorer is not None and (scored := scorer.flush(upto)) is not None:
         yield scored
     if ids:
         yield Tokens(ids)

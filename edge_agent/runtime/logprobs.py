@@ -60,12 +60,14 @@ class Scorer:
             top = tuple((self.token_bytes(int(t)), _finite(float(row[t]) - logz)) for t in best)
         self.scored.append(TokenLogprob(self.token_bytes(token), _finite(float(row[token]) - logz), top))
 
-    def flush(self) -> Scored | None:
-        """The tokens scored since the last flush, to go out with the text delta they made."""
-        if self._sent == len(self.scored):
+    def flush(self, upto: int | None = None) -> Scored | None:
+        """The tokens scored since the last flush (up to the first ``upto``), to go out with the
+        text delta they made."""
+        end = len(self.scored) if upto is None else min(upto, len(self.scored))
+        if self._sent >= end:
             return None
-        fresh = Scored(tuple(self.scored[self._sent :]))
-        self._sent = len(self.scored)
+        fresh = Scored(tuple(self.scored[self._sent : end]))
+        self._sent = end
         return fresh
 
 

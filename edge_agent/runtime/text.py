@@ -7,6 +7,7 @@ multi-byte character behaves the same wherever a request is served.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer
@@ -18,6 +19,8 @@ class Prompt:
 
     text: str
     add_special_tokens: bool = True
+    # The request field it was made from, which an error about it names ("messages" for a chat).
+    param: str = "prompt"
 
     def encode(self, tokenizer: Tokenizer) -> list[int]:
         ids: list[int] = tokenizer.encode(self.text, add_special_tokens=self.add_special_tokens).ids
@@ -45,6 +48,9 @@ class IncrementalText:
         # Text that could still become the start of a stop sequence is not sent yet.
         self._holdback = max((len(s) for s in self.stop), default=1) - 1
         self._ids_sent = 0  # tokens before this index went out with a delta (token_ids)
+        # Where each token's text starts in _text (a token inside a multi-byte character: where
+        # that character starts); nondecreasing.
+        self._starts: list[int] = []
 
     def resume(self, tokens: list[int], emitted: str) -> bool:
         """Continue an answer another server began: ``tokens`` were generated and the client has
@@ -69,6 +75,7 @@ class IncrementalText:
     def push(self, token: int) -> str:
         """The new final text after ``token``; sets ``stopped`` when a stop sequence appeared."""
         self.tokens.append(token)
+        self._starts.append(len(self._text))
         new = self._pending()
         if new and not new.endswith("\ufffd"):
             self._text += new
@@ -82,6 +89,12 @@ class IncrementalText:
         # max(0, …): while the text is shorter than the hold-back, nothing goes out (a negative
         # end would slice from the back and send the start of a stop sequence).
         return self._advance(self._text[: max(0, len(self._text) - self._holdback)])
+
+    def covered(self) -> int:
+        """How many of the tokens have text in what was emitted: the rest are held back with
+        their text, and once a stop sequence ended the answer, they are the stop's (or after
+        it), not the answer's."""
+        return bisect.bisect_left(self._starts, len(self.emitted))
 
     def finish(self) -> str:
         """Whatever was held back, once generation ended without a stop sequence."""

@@ -10,6 +10,7 @@ per model even for offline periods.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import logging
 import re
@@ -218,6 +219,11 @@ class CompletionService:
             raise InvalidRequest(str(exc), param="max_completion_tokens") from exc
         cfg = self.serving()
         extra = req.model_extra or {}
+        options = extra.get("stream_options")
+        if options is not None and (not req.stream or not isinstance(options, dict)):
+            # As OpenAI answers: accepted silently, it would promise a usage chunk never sent.
+            why = "an object" if req.stream else "only allowed when stream is true"
+            raise InvalidRequest(f"stream_options is {why}", param="stream_options")
         grammars = {
             "response_format": grammar_for(extra.get("response_format")),
             next((n for n in GUIDED if extra.get(n) is not None), "guided"): guided_grammar(extra),
@@ -392,12 +398,13 @@ class CompletionService:
 
         async def render(loaded: ServedModel, items: AsyncIterator[StreamItem]) -> AsyncIterator[BaseModel]:
             def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
-                return CompletionResponse(id=cid, model=loaded.model_id, choices=choices, usage=usage)
+                answer = CompletionResponse(id=cid, model=loaded.model_id, choices=choices, usage=usage)
+                return answer.usage_null(wants_usage)
 
             if echoed:  # the prompt first, as the whole answer starts with it (logprobs refuse echo)
                 yield chunk([CompletionChoice(text=echoed, finish_reason=None)])
             scored: list[TokenLogprob] = []
-            offset = 0
+            offsets = _TextOffsets()
             async for item in items:
                 if isinstance(item, Scored):
                     scored.extend(item.tokens)
@@ -408,8 +415,7 @@ class CompletionService:
                     if wants_usage:
                         yield chunk([], _usage(item))
                 else:
-                    logprobs = _completion_logprobs(scored, offset) if req.logprobs is not None else None
-                    offset += sum(len(_token_text(t.token)) for t in scored)
+                    logprobs = _completion_logprobs(scored, offsets) if req.logprobs is not None else None
                     scored = []
                     yield chunk([CompletionChoice(text=item, logprobs=logprobs, finish_reason=None)])
 
@@ -474,7 +480,7 @@ class CompletionService:
                     created=created,
                     choices=[choice],
                     served_by=chunk_served_by(served_by, [finish]),
-                )
+                ).usage_null(wants_usage)
 
             calls = prep.tools.stream() if prep.tools is not None else None
             scored: list[TokenLogprob] = []
@@ -579,18 +585,40 @@ def _chat_logprobs(scored: list[TokenLogprob]) -> ChoiceLogprobs:
     )
 
 
-def _completion_logprobs(scored: list[TokenLogprob], offset: int = 0) -> CompletionLogprobs:
-    tokens = [_token_text(t.token) for t in scored]
-    offsets = []
-    for text in tokens:
-        offsets.append(offset)
-        offset += len(text)
+def _legacy_token(raw: bytes) -> str:
+    """A token as legacy completions name it: its text, or where its bytes are not whole UTF-8
+    characters, ``bytes:\\xNN…`` as OpenAI writes them (decoded with replacement, the pieces of
+    one emoji were all "\ufffd": alternatives overwrote each other as keys)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+class _TextOffsets:
+    """Where each token starts in the answer's text, in characters, from the tokens' bytes: a
+    token inside a multi-byte character starts where that character does."""
+
+    def __init__(self) -> None:
+        self.chars = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def take(self, raw: bytes) -> int:
+        at = self.chars
+        self.chars += len(self._decoder.decode(raw))
+        return at
+
+
+def _completion_logprobs(
+    scored: list[TokenLogprob], offsets: _TextOffsets | None = None
+) -> CompletionLogprobs:
+    offsets = offsets or _TextOffsets()
     return CompletionLogprobs(
-        tokens=tokens,
+        tokens=[_legacy_token(t.token) for t in scored],
         token_logprobs=[t.logprob for t in scored],
         # The chosen token is always among its step's alternatives, as OpenAI lists them.
-        top_logprobs=[{_token_text(b): lp for b, lp in (*t.top, (t.token, t.logprob))} for t in scored],
-        text_offset=offsets,
+        top_logprobs=[{_legacy_token(b): lp for b, lp in (*t.top, (t.token, t.logprob))} for t in scored],
+        text_offset=[offsets.take(t.token) for t in scored],
     )
 
 
