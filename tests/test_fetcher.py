@@ -510,6 +510,34 @@ def test_the_next_window_is_asked_for_while_the_last_one_still_arrives(tmp_path:
     assert max(len(a) for a in asked) <= 4
 
 
+def test_a_cancel_that_lands_as_a_chunk_does_ends_the_fetch(tmp_path: Path) -> None:
+    """A newer revision cancels the download in progress (the reconciler's supersede): a cancel
+    delivered in the same loop turn as a landed chunk's wake-up must still end the fetch. With
+    asyncio.wait_for on Python 3.11 it was swallowed, and the superseded download went on until
+    it stalled out (tests/test_trust.py: 22 s instead of < 10)."""
+    data = random.Random(4).randbytes(6 * CHUNK)
+    ref = describe_bytes(data, CHUNK)
+    asked = asyncio.Event()
+
+    class Silent:
+        async def subscribe_blob(self, digest: str) -> None: ...
+        async def unsubscribe_blob(self, digest: str) -> None: ...
+        async def send_fetch(self, request: FetchRequest) -> None:
+            asked.set()
+
+    async def scenario() -> None:
+        fetcher = ShardFetcher("d", BlobStore(tmp_path / "c"), tmp_path / "p", Silent(), request_timeout_s=30)
+        task = asyncio.create_task(fetcher.fetch_blobs([ref]))
+        await asked.wait()
+        await asyncio.sleep(0.05)  # the fetch waits for chunks now
+        fetcher._active[ref.digest].changed.set()  # a chunk's verdict wakes it ...
+        task.cancel()  # ... as the cancel arrives
+        done, _ = await asyncio.wait([task], timeout=5)
+        assert done and task.cancelled(), "the cancel was lost: the fetch went on"
+
+    asyncio.run(scenario())
+
+
 def test_the_blob_server_refuses_chunk_indexes_past_the_end_and_rereads_the_registry(tmp_path: Path) -> None:
     from types import SimpleNamespace
 

@@ -381,19 +381,25 @@ def test_a_model_id_no_header_can_carry_is_left_out_and_every_answer_releases_it
     asyncio.run(scenario())
 
 
+def _writes_then_hangs(events: bytes, seconds: float) -> Handler:
+    """A replica that streams ``events``, then holds its answer open for ``seconds``."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(events)
+        await asyncio.sleep(seconds)
+        return response
+
+    return handler
+
+
 def test_a_stream_that_stalls_mid_answer_ends_with_an_error_event_and_its_replica_stays_up() -> None:
     """Silent past request_timeout_s after its first event: busy, as a replica slow to start
     answering is (a 504 there), not down; the client learns the answer is incomplete."""
 
-    async def stalls(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(b'data: {"choices": [{"text": "o"}]}\n\n')
-        await asyncio.sleep(3)
-        return response
-
     async def scenario() -> None:
-        async with replica(["m"], stalls) as a:
+        async with replica(["m"], _writes_then_hangs(b'data: {"choices": [{"text": "o"}]}\n\n', 3)) as a:
             gateway = _gateway([a], request_timeout_s=0.3)
             try:
                 r = await gateway.forward("/completions", {"model": "m", "prompt": "hi", "stream": True})
@@ -412,12 +418,9 @@ def test_a_stream_ends_at_done_even_when_the_replica_never_ends_its_answer() -> 
     """Nothing after [DONE] is the client's: a replica that keeps its chunked body open after it
     does not hold the client until the read timeout."""
 
-    async def never_ends(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(b'data: {"choices": [{"text": "o"}]}\n\ndata: [DONE]\n\ndata: {"late": 1}\n\n')
-        await asyncio.sleep(4)
-        return response
+    never_ends = _writes_then_hangs(
+        b'data: {"choices": [{"text": "o"}]}\n\ndata: [DONE]\n\ndata: {"late": 1}\n\n', 4
+    )
 
     async def scenario() -> None:
         async with replica(["m"], never_ends) as a:

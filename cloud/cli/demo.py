@@ -254,7 +254,8 @@ async def _ship_and_ask(
     console.print(f"{EDGE}  starting agent {DEVICE_ID} (empty data folder, API on 127.0.0.1:{api_port})")
     edge = _EdgeProcess(console, config)
     try:
-        await asyncio.wait_for(link.connected.wait(), 10)
+        async with asyncio.timeout(10):
+            await link.connected.wait()
         await link.set_desired(DEVICE_ID, DesiredState(revision=1, model=entry.ref))
         console.print(
             f"{CLOUD} desired state for {DEVICE_ID}: {entry.name}:{entry.version} "

@@ -246,8 +246,11 @@ class ControlLink:
                 ) from None
             assert self._client is not None
             await self._client.publish(self.topics.commands(device_id), signed.to_json(), qos=QOS)
+            if wait_s <= 0:
+                return None
             try:
-                return await asyncio.wait_for(asyncio.shield(waiting), wait_s) if wait_s > 0 else None
+                async with asyncio.timeout(wait_s):  # not wait_for: it can swallow a cancel on 3.11
+                    return await asyncio.shield(waiting)
             except TimeoutError:
                 return None
         finally:

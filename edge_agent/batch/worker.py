@@ -99,7 +99,8 @@ class BatchWorker:
                 delay = ERROR_PAUSE_S
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), delay)
+                    async with asyncio.timeout(delay):  # not wait_for: it can swallow a cancel on 3.11
+                        await event.wait()
 
     def _pending_lane(self, policy: RouterPolicy) -> Lane | None:
         return lane_for_pending(

@@ -19,6 +19,7 @@ the WAL); an OS crash may lose the last moments of telemetry, never corrupt the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
@@ -180,10 +181,9 @@ class Outbox:
     async def wait_for_change(self, at_most_s: float) -> None:
         """Until something is added or acknowledged, or ``at_most_s`` seconds."""
         self.changed.clear()
-        try:
-            await asyncio.wait_for(self.changed.wait(), at_most_s)
-        except TimeoutError:
-            pass
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(at_most_s):  # not wait_for: it can swallow a cancel on 3.11
+                await self.changed.wait()
 
     def _drop_oldest_records(self) -> None:
         excess = self._depth - self.max_records
