@@ -331,10 +331,13 @@ class _NullsKept(BaseModel):
 
     _KEEP: ClassVar[tuple[str, ...]] = ()
 
+    def _kept(self) -> tuple[str, ...]:
+        return self._KEEP
+
     @model_serializer(mode="wrap")
     def _keep_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         out: dict[str, Any] = handler(self)
-        for name in self._KEEP:
+        for name in self._kept():
             out.setdefault(name, None)
         return out
 
@@ -362,7 +365,7 @@ class ChoiceLogprobs(BaseModel):
     refusal: None = None
 
 
-class _UsageOnEveryChunk(BaseModel):
+class _UsageOnEveryChunk(_NullsKept):
     """A stream chunk: with ``stream_options.include_usage``, every chunk carries ``usage``, null
     but on the last (OpenAI's format); ``usage_null`` says so. Subclasses declare ``usage``."""
 
@@ -372,12 +375,8 @@ class _UsageOnEveryChunk(BaseModel):
         self._usage_null = keep
         return self
 
-    @model_serializer(mode="wrap")
-    def _keep_usage(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        out: dict[str, Any] = handler(self)
-        if self._usage_null:
-            out.setdefault("usage", None)
-        return out
+    def _kept(self) -> tuple[str, ...]:
+        return ("usage",) if self._usage_null else ()
 
 
 class CompletionResponse(_UsageOnEveryChunk):

@@ -146,7 +146,9 @@ def _relay(data: bytes, size: int) -> tuple[bytes, list[str]]:
     async def go() -> bytes:
         out = b""
         async for part in relay_events(
-            _pieces(data, size), errors=(aiohttp.ClientError,), on_break=breaks.append
+            _pieces(data, size),
+            errors=(aiohttp.ClientError,),
+            on_break=lambda why, _failure: breaks.append(why),
         ):
             out += part
         return out

@@ -611,19 +611,7 @@ async def _relay(
     """The replica's stream, whole events at a time; a break ends it with an error event (see
     edge_agent/serving/sse.py). How it ends is EventStream's ``on_close`` (``_Done``).
     ``on_break`` hears why and what failed (None: the replica ended without ``[DONE]``)."""
-    failed: list[BaseException] = []
-
-    async def chunks() -> AsyncIterator[bytes]:
-        try:
-            async for chunk in upstream.iter_chunks():
-                yield chunk
-        except BaseException as exc:
-            failed.append(exc)
-            raise
-
     async for event in relay_events(
-        chunks(),
-        errors=(*_TRANSPORT_ERRORS, *_GENERATION_TIMEOUTS),
-        on_break=lambda why: on_break(why, failed[0] if failed else None),
+        upstream.iter_chunks(), errors=(*_TRANSPORT_ERRORS, *_GENERATION_TIMEOUTS), on_break=on_break
     ):
         yield event

@@ -113,8 +113,9 @@ class CloudFallback:
         log.warning("cloud fallback %s failed: %s (breaker %s)", url, why, self.breaker.state)
         return CloudUnavailable(f"the cloud fallback failed: {why}", url=url)
 
-    def _broke(self, why: str) -> None:
-        """A stream from the cloud broke off mid-answer: counted, and a failure to the breaker."""
+    def _broke(self, why: str, failure: BaseException | None = None) -> None:
+        """A stream from the cloud broke off mid-answer: counted, and a failure to the breaker
+        whatever failed (a stalled cloud is as unusable to this request as a cut one)."""
         self.stream_breaks += 1
         self.breaker.failure()
         log.warning("a stream from the cloud broke off: %s", why)
@@ -231,7 +232,7 @@ async def _released(upstream: aiohttp.ClientResponse, events: AsyncIterator[byte
 
 
 async def _passthrough(
-    upstream: aiohttp.ClientResponse, on_break: Callable[[str], None]
+    upstream: aiohttp.ClientResponse, on_break: Callable[[str, BaseException | None], None]
 ) -> AsyncIterator[bytes]:
     """The cloud's stream, whole events at a time; one that breaks off ends with an error event
     (edge_agent/serving/sse.py), never as if the answer were complete."""

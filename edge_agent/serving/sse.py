@@ -59,13 +59,15 @@ async def relay_events(
     chunks: AsyncIterator[bytes],
     *,
     errors: tuple[type[BaseException], ...],
-    on_break: Callable[[str], None],
+    on_break: Callable[[str, BaseException | None], None],
 ) -> AsyncIterator[bytes]:
     """Whole events from ``chunks``, up to ``[DONE]`` (nothing after it is the client's);
-    ``on_break(why)`` is called once if the stream broke."""
+    ``on_break(why, failure)`` is called once if the stream broke (``failure`` None: it ended
+    without ``[DONE]``)."""
     pending = b""
     done = False
     why: str | None = None
+    failure: BaseException | None = None
     try:
         async for chunk in chunks:
             pending = normalised(pending, chunk)
@@ -84,8 +86,8 @@ async def relay_events(
                     return
             yield events
     except errors as exc:
-        why = describe_error(exc)
+        why, failure = describe_error(exc), exc
     if not done:
         why = why or "the upstream ended the stream without [DONE]"
-        on_break(why)
+        on_break(why, failure)
         yield error_event(f"the answer broke off upstream ({why}); it is incomplete")
